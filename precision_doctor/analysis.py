@@ -1,0 +1,336 @@
+"""The analysis engine: one instrumented fwd+bwd pass, then statistics into a Report."""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import __version__
+from .capture import LOSS_UNIT, OpRecord, Policy, ShadowCapture, UnitRecord, capture_pass, relative_loss_error
+from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from .flags import unit_flags
+from .formats import LIMITS, TORCH_DTYPES
+from .model_spec import LossFn, resolve_loss, run_model
+from .model_state import ModelStateGuard
+from .options import CapturePath, LowDtype, Phase, Thresholds, parse_enum
+from .report import (
+    Environment,
+    ErrorStats,
+    FormatTails,
+    Histogram,
+    Losses,
+    LossScalePoint,
+    OpStats,
+    Report,
+    TensorStats,
+    Unit,
+    UnitBackward,
+    UnitEdge,
+    UnitForward,
+)
+from .statistics import EXP_BIAS, ErrorAccumulator, TensorSummary, summarize
+
+Progress = Callable[[str], None]
+LOSS_SCALES = range(25)
+
+
+def fx_check(model: torch.nn.Module) -> tuple[bool, str | None]:
+    """Whether torch.fx.symbolic_trace can trace the model (it cannot trace most
+    transformers models); the dispatch capture is used either way."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.fx.symbolic_trace(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, f"{type(e).__name__}: {msg}"[:300]
+    return True, None
+
+
+def analyze(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    dtype: str | LowDtype = LowDtype.FP16,
+    *,
+    thresholds: Thresholds | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Analyze one training step of `model` on `batch` in fp32 and in `dtype`.
+
+    >>> import torch, precision_doctor as pd
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    >>> report = pd.analyze(net, torch.randn(8, 4), loss_fn=lambda out, b: out.pow(2).mean())
+    >>> bool(report)  # no unit flagged
+    True
+    """
+    low = parse_enum(LowDtype, dtype, "dtype")
+    th = thresholds or Thresholds()
+    step = progress or (lambda _msg: None)
+    if not isinstance(model, torch.nn.Module):
+        raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+
+    step("checking whether torch.fx can trace the model")
+    fx_ok, fx_error = fx_check(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    step("fp32 forward with low-precision shadows")
+    with ModelStateGuard(model) as guard:
+        mode: ShadowCapture | None = None
+        try:
+            with capture_pass(model, TORCH_DTYPES[low], Policy({"": True}), on_mutation=guard.before_mutation) as mode:
+                try:
+                    output = run_model(model, batch)
+                except Exception as e:
+                    raise PrecisionDoctorError(
+                        f"the model's forward raised {type(e).__name__}: {e}"
+                        + (f" (at {mode.failed_at})" if mode.failed_at else "")
+                    ) from e
+                mode.tracker.outside = LOSS_UNIT
+                try:
+                    loss = resolve_loss(output, batch, loss_fn)
+                except PrecisionDoctorError:
+                    raise
+                except Exception as e:
+                    raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
+                loss_fp32 = float(loss.detach())
+                low_shadow = mode.global_shadow(loss)
+                loss_low = float(low_shadow) if low_shadow is not None else loss_fp32
+                if not math.isfinite(loss_fp32):
+                    first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
+                    where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
+                    raise PrecisionDoctorError(
+                        f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
+                        f"change (NONFINITE_FP32{where})"
+                    )
+                step("fp32 backward with gradient statistics")
+                try:
+                    loss.backward()
+                except Exception as e:
+                    raise PrecisionDoctorError(
+                        f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
+                    ) from e
+                del loss, output
+            grads = guard.analysis_grads()
+        except PrecisionDoctorError:
+            raise
+        except Exception as e:
+            where = f" at {mode.failed_at}" if mode and mode.failed_at else ""
+            raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
+
+        step("statistics and flags")
+        param_stats = {n: summarize(g, with_sumsq=True) for n, g in grads.items()}
+        del grads
+    assert mode is not None
+    return build_report(
+        mode,
+        param_stats,
+        low=low,
+        th=th,
+        losses=Losses(fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low)),
+        env=Environment(
+            tool_version=__version__,
+            torch_version=torch.__version__,
+            python_version=sys.version.split()[0],
+            platform=platform.platform(),
+            device=str(device),
+            dtype=low,
+            emulated=device.type == "cpu",
+            capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
+            fx_traceable=fx_ok,
+            fx_error=fx_error,
+        ),
+        name=name or type(model).__name__,
+    )
+
+
+# --- from capture records to the report ------------------------------------------------------
+
+
+def tensor_stats(s: TensorSummary) -> TensorStats:
+    hist = s.hist.copy()
+    hist[0] -= s.zero_count
+    hist[255] = 0
+    nz = hist.nonzero()[0]
+    lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (EXP_BIAS, EXP_BIAS)
+    tails = {}
+    for name, t in s.tails.items():
+        tails[name] = FormatTails(
+            overflow_count=t.overflow,
+            overflow_fraction=s.fraction(t.overflow),
+            underflow_count=t.flushed,
+            underflow_fraction=s.fraction(t.flushed),
+            subnormal_count=t.subnormal,
+            subnormal_fraction=s.fraction(t.subnormal),
+        )
+    return TensorStats(
+        numel=s.numel,
+        zero_count=s.zero_count,
+        nan_count=s.nan_count,
+        inf_count=s.inf_count,
+        max_abs=s.max_abs,
+        min_nonzero_abs=s.min_nonzero_abs if math.isfinite(s.min_nonzero_abs) else None,
+        fp16=tails["fp16"],
+        bf16=tails["bf16"],
+        histogram=Histogram(
+            log2_lo=lo - EXP_BIAS,
+            counts=[int(c) for c in hist[lo:hi]],
+            sum_squares=[float(v) for v in s.sumsq[lo:hi]] if s.sumsq is not None else None,
+        ),
+    )
+
+
+def loss_scale_curve(s: TensorSummary) -> list[LossScalePoint]:
+    points = []
+    for k in LOSS_SCALES:
+        lost, over, norm = s.scaled_lost_fractions(k)
+        points.append(
+            LossScalePoint(
+                scale_log2=k,
+                underflow_fraction=lost,
+                overflow_fraction=over,
+                underflow_norm_fraction=norm if s.sumsq is not None else None,
+            )
+        )
+    return points
+
+
+def _error(acc: ErrorAccumulator, nonfinite: int) -> ErrorStats:
+    return ErrorStats(rel_l2_error=acc.rel_l2, sqnr_db=acc.sqnr_db, nonfinite_count=nonfinite)
+
+
+def _op_stats(ops: list[OpRecord]) -> list[OpStats]:
+    groups: dict[tuple[str, Phase], list[OpRecord]] = defaultdict(list)
+    for r in ops:
+        groups[(r.op, r.phase)].append(r)
+    out = []
+    for (op, phase), rs in groups.items():
+        sums = [r.summary for r in rs if r.summary is not None]
+        errs = [r.local_rel_error for r in rs if r.local_rel_error is not None]
+        out.append(
+            OpStats(
+                op=op,
+                phase=phase,
+                calls=len(rs),
+                flops=sum(r.flops for r in rs),
+                max_abs=max((s.max_abs for s in sums), default=0.0),
+                nonfinite_count=sum(s.nonfinite_count for s in sums),
+                fp16_overflow_count=sum(s.tails["fp16"].overflow for s in sums),
+                fp16_underflow_count=sum(s.tails["fp16"].flushed for s in sums),
+                local_rel_l2_error=max(errs) if errs else None,
+            )
+        )
+    return out
+
+
+def build_report(
+    mode: ShadowCapture,
+    param_stats: dict[str, TensorSummary],
+    *,
+    low: LowDtype,
+    th: Thresholds,
+    losses: Losses,
+    env: Environment,
+    name: str,
+) -> Report:
+    records = mode.records
+    fmt = LIMITS[low]
+    by_unit: dict[str, list[OpRecord]] = defaultdict(list)
+    for r in records:
+        by_unit[r.unit].append(r)
+    for pname in param_stats:
+        owner = pname.rpartition(".")[0] or "<root>"
+        mode.unit(owner).param_names.append(pname)
+
+    # Forward dataflow between units, each produced tensor counted once per consumer unit.
+    edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
+    seen: set[tuple[int, str]] = set()
+    input_error: dict[str, float] = defaultdict(float)
+    for r in records:
+        if r.phase != Phase.FORWARD:
+            continue
+        for i in r.inputs:
+            if i < 0:
+                continue
+            src = records[i]
+            if src.unit == r.unit or (i, r.unit) in seen:
+                continue
+            seen.add((i, r.unit))
+            edge_bytes[(src.unit, r.unit)] += src.output_bytes
+            src_err = mode.units[src.unit].prop_error.rel_l2
+            if math.isfinite(src_err):
+                input_error[r.unit] = max(input_error[r.unit], src_err)
+
+    first_op = {u: ops[0].index for u, ops in by_unit.items()}
+    units: list[Unit] = []
+    params = dict(param_stats)
+    for uname, urec in sorted(mode.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
+        ops = by_unit.get(uname, [])
+        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, fmt, th, input_error[uname]))
+
+    all_grads = TensorSummary()
+    for urec in mode.units.values():
+        all_grads.merge(urec.backward)
+
+    return Report(
+        model=name,
+        environment=env,
+        losses=losses,
+        thresholds={k: float(v) for k, v in vars(th).items()},
+        op_count_forward=sum(1 for r in records if r.phase == Phase.FORWARD),
+        op_count_backward=sum(1 for r in records if r.phase == Phase.BACKWARD),
+        units=units,
+        edges=[UnitEdge(src=s, dst=d, bytes=b) for (s, d), b in edge_bytes.items()],
+        loss_scale=loss_scale_curve(all_grads) if all_grads.numel else [],
+    )
+
+
+def _unit(
+    urec: UnitRecord,
+    ops: list[OpRecord],
+    param_stats: dict[str, TensorSummary],
+    order: int,
+    low: LowDtype,
+    fmt: Any,
+    th: Thresholds,
+    input_error: float,
+) -> Unit:
+    fwd_ops = [r for r in ops if r.phase == Phase.FORWARD]
+    bwd_ops = [r for r in ops if r.phase == Phase.BACKWARD]
+    has_local = urec.local_error.sum_sq_ref > 0 or urec.local_error.nonfinite_mismatch > 0
+    has_prop = urec.prop_error.sum_sq_ref > 0 or urec.prop_error.nonfinite_mismatch > 0
+    return Unit(
+        name=urec.name,
+        kind=urec.kind,
+        order=order,
+        flops_forward=sum(r.flops for r in fwd_ops),
+        flops_backward=sum(r.flops for r in bwd_ops),
+        bytes_forward=sum(r.input_bytes + r.output_bytes for r in fwd_ops if r.summary is not None),
+        activation_bytes=sum(r.output_bytes for r in fwd_ops if r.summary is not None),
+        param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
+        op_count=len(ops),
+        flags=unit_flags(urec, ops, low, fmt, th, input_error),
+        forward=UnitForward(
+            stats=tensor_stats(urec.forward) if urec.forward.numel else None,
+            local=_error(urec.local_error, urec.local_error.nonfinite_mismatch) if has_local else None,
+            propagated=_error(urec.prop_error, urec.prop_nonfinite) if has_prop else None,
+        ),
+        backward=UnitBackward(
+            stats=tensor_stats(urec.backward) if urec.backward.numel else None,
+            loss_scale=loss_scale_curve(urec.backward) if urec.backward.numel else [],
+            param_grads={p: tensor_stats(param_stats[p]) for p in urec.param_names if p in param_stats},
+        ),
+        ops=_op_stats(ops),
+    )
+
+
+def _internal(msg: str) -> PrecisionDoctorInternalError:
+    return PrecisionDoctorInternalError(msg)

@@ -1,0 +1,536 @@
+"""Capture: run the real model under a TorchDispatchMode that sees every aten op of forward
+and backward, attributes it to a unit (the innermost module that ran it), records the
+dataflow graph, and computes low-precision *shadows* beside the fp32 values.
+
+Two shadows ride along each forward op of the fp32 run, so one fwd+bwd pass yields both
+error views without keeping a second copy of the run:
+- the *global* shadow is the whole model run low (every op on shadow inputs): the
+  propagated error;
+- the *local* shadow restarts at each unit from the fp32 run's inputs, rounded to the low
+  dtype: the unit's own error, so downstream units are not blamed for inherited damage.
+Shadows of low units are stored in the low dtype itself (their values are representable),
+which halves what they cost in memory.
+
+Backward ops are attributed through autograd's sequence numbers: a forward op records the
+number of the autograd node it created, and the backward op reads the node being executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn.modules import module as nn_module
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .options import Phase
+from .statistics import ErrorAccumulator, TensorSummary, summarize
+
+ROOT_UNIT = "<root>"
+LOSS_UNIT = "<loss>"
+UNATTRIBUTED_UNIT = "<backward>"
+
+aten = torch.ops.aten
+# Ops whose outputs hold the same values as their inputs: no statistics, no rounding.
+_COPY_OPS = frozenset(
+    {
+        aten.detach.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten.copy_.default,
+        aten.lift_fresh.default,
+        aten._to_copy.default,
+        aten.contiguous.default if hasattr(aten, "contiguous") else aten.clone.default,
+    }
+)
+_NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
+# Allocations hold whatever was in memory: their values are no statistic of the model.
+_UNINITIALIZED_OPS = frozenset(
+    {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default,
+     aten.new_empty_strided.default}
+)
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    name: str
+    preserves_values: bool
+    mutates: tuple[int, ...]  # positional args written in place
+    random: bool
+    packet: Any
+
+
+_OP_INFO: dict[Any, _OpInfo] = {}
+
+
+def op_info(func: Any) -> _OpInfo:
+    info = _OP_INFO.get(func)
+    if info is None:
+        schema = func._schema
+        mutates = tuple(
+            i
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only
+        )
+        info = _OpInfo(
+            name=str(func).removeprefix("aten."),
+            preserves_values=bool(func.is_view) or func in _COPY_OPS or func in _UNINITIALIZED_OPS,
+            mutates=mutates,
+            random=torch.Tag.nondeterministic_seeded in func.tags,
+            packet=func.overloadpacket,
+        )
+        _OP_INFO[func] = info
+    return info
+
+
+@dataclass
+class OpRecord:
+    """One aten op of the captured pass: a node of the dataflow graph."""
+
+    index: int
+    op: str
+    unit: str
+    phase: Phase
+    inputs: tuple[int, ...]  # producing op index per tensor input; -1: a parameter or model input
+    input_bytes: int
+    output_shapes: tuple[tuple[int, ...], ...]
+    output_dtypes: tuple[str, ...]
+    output_bytes: int
+    flops: int
+    summary: TensorSummary | None = None
+    local_rel_error: float | None = None
+    prop_rel_error: float | None = None
+    local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
+    fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
+
+
+@dataclass
+class UnitRecord:
+    """What one unit did across the pass: summaries and error accumulators."""
+
+    name: str
+    kind: str
+    op_indices: list[int] = field(default_factory=list)
+    forward: TensorSummary = field(default_factory=TensorSummary)
+    backward: TensorSummary = field(default_factory=TensorSummary)
+    local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
+    prop_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
+    prop_nonfinite: int = 0
+    param_names: list[str] = field(default_factory=list)
+    param_bytes: int = 0
+
+
+class UnitTracker:
+    """Which unit is running: a stack of module paths kept by global module hooks."""
+
+    def __init__(self, model: torch.nn.Module, on_exit: Callable[[str], None]) -> None:
+        self.paths: dict[int, str] = {}
+        self.kinds: dict[str, str] = {}
+        for name, mod in model.named_modules(remove_duplicate=True):
+            path = name or ROOT_UNIT
+            self.paths[id(mod)] = path
+            self.kinds[path] = type(mod).__name__
+        self.stack: list[str] = []
+        self.outside = ROOT_UNIT
+        self._on_exit = on_exit
+        self._handles: list[Any] = []
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else self.outside
+
+    def _pre(self, mod: torch.nn.Module, args: Any) -> None:
+        path = self.paths.get(id(mod))
+        if path is not None:
+            self.stack.append(path)
+
+    def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
+        path = self.paths.get(id(mod))
+        if path is not None and self.stack and self.stack[-1] == path:
+            self.stack.pop()
+            self._on_exit(path)
+
+    def __enter__(self) -> UnitTracker:
+        self._handles = [
+            nn_module.register_module_forward_pre_hook(self._pre),
+            nn_module.register_module_forward_hook(self._post, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.stack.clear()
+
+
+def _is_f32(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float32
+
+
+def _tensor_leaves(args: Any, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _map_args(args: Any, kwargs: Mapping[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, dict[str, Any]]:
+    def m(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return fn(a)
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
+            return type(a)(fn(t) if isinstance(t, torch.Tensor) else t for t in a)
+        return a
+
+    return tuple(m(a) for a in args), {k: m(v) for k, v in kwargs.items()}
+
+
+def _fills_nonfinite(args: Any, kwargs: Mapping[str, Any]) -> bool:
+    """An op given a non-finite Python scalar (`masked_fill(mask, -inf)`) puts it there on
+    purpose: attention masks do this. That is not a NaN finding."""
+    return any(isinstance(a, float) and not math.isfinite(a) for a in (*args, *kwargs.values()))
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Policy:
+    """Which units run low. A dict with a `""` default key, as Polygraphy's per-unit options:
+    `{"": True, "lm_head": False}` runs everything low except `lm_head`."""
+
+    def __init__(self, low: Mapping[str, bool]) -> None:
+        self._low = dict(low)
+        self._default = self._low.get("", True)
+
+    def is_low(self, unit: str) -> bool:
+        return self._low.get(unit, self._default)
+
+
+class ShadowCapture(TorchDispatchMode):
+    """The analysis mode. Use through `capture_pass`, which also tracks units."""
+
+    def __init__(
+        self,
+        tracker: UnitTracker,
+        low_dtype: torch.dtype,
+        policy: Policy,
+        *,
+        collect: bool,
+        local: bool,
+        on_mutation: Callable[[torch.Tensor], None],
+    ) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.low = low_dtype
+        self.policy = policy
+        self.collect = collect
+        self.local = local
+        self.on_mutation = on_mutation
+        self.records: list[OpRecord] = []
+        self.units: dict[str, UnitRecord] = {}
+        self.op_count = 0
+        self.seq_start = torch.autograd._get_sequence_nr()
+        self.seq_units: dict[int, str] = {}
+        self.param_units: dict[int, str] = {}
+        self._producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._global: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._locals: dict[str, WeakIdKeyDictionary] = {}
+        self._rounded: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._finite_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.failed_at: str | None = None
+
+    # --- units -------------------------------------------------------------------------
+    def unit(self, name: str) -> UnitRecord:
+        rec = self.units.get(name)
+        if rec is None:
+            rec = UnitRecord(name=name, kind=self.tracker.kinds.get(name, name))
+            self.units[name] = rec
+        return rec
+
+    def unit_exited(self, path: str) -> None:
+        local = self._locals.get(path)
+        if local is not None:
+            local.clear()
+
+    def _backward_unit(self) -> str:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return UNATTRIBUTED_UNIT
+        unit = self.seq_units.get(node._sequence_nr())
+        if unit is not None:
+            return unit
+        variable = getattr(node, "variable", None)  # AccumulateGrad holds its parameter
+        if variable is not None:
+            return self.param_units.get(id(variable), UNATTRIBUTED_UNIT)
+        return UNATTRIBUTED_UNIT
+
+    # --- shadows -----------------------------------------------------------------------
+    def _round(self, t: torch.Tensor) -> torch.Tensor:
+        r = self._rounded.get(t)
+        if r is None:
+            r = t.detach().to(self.low)
+            self._rounded[t] = r
+        return r
+
+    def _shadow_input(self, t: torch.Tensor, store: WeakIdKeyDictionary | None, low: bool) -> torch.Tensor:
+        """The shadow value standing for fp32 tensor `t` (possibly stored in the low dtype)."""
+        if t.dtype != torch.float32:
+            return t
+        s = store.get(t) if store is not None else None
+        if s is None:
+            s = self._round(t) if low else t.detach()
+        return s
+
+    def _run_shadow(
+        self,
+        func: Any,
+        info: _OpInfo,
+        args: Any,
+        kwargs: Mapping[str, Any],
+        store: WeakIdKeyDictionary | None,
+        low: bool,
+    ) -> tuple[Any, Any]:
+        """Shadow args (taken before the fp32 op can mutate anything) and a thunk-free result
+        holder; returns (shadow_args, shadow_kwargs)."""
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            s = self._shadow_input(t, store, low)
+            if not info.preserves_values and s.dtype != t.dtype and t.dtype == torch.float32:
+                s = s.float()
+            return s
+
+        sargs, skwargs = _map_args(args, kwargs, pick)
+        if info.mutates:
+            sargs = list(sargs)
+            for i in info.mutates:
+                if i < len(sargs) and isinstance(sargs[i], torch.Tensor) and (
+                    sargs[i].untyped_storage().data_ptr() == args[i].untyped_storage().data_ptr()
+                ):
+                    sargs[i] = sargs[i].clone()  # never mutate the fp32 tensor twice
+            sargs = tuple(sargs)
+        return sargs, skwargs
+
+    def _store_shadow(
+        self, info: _OpInfo, args: Any, out: Any, sout: Any, store: WeakIdKeyDictionary, low: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Map each fp32 output to its shadow; returns the (ref, shadow) pairs for error."""
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        refs = _outputs(out)
+        shadows = _outputs(sout)
+        for ref, sh in zip(refs, shadows, strict=False):
+            if ref.dtype != torch.float32 or sh.dtype not in (torch.float32, self.low):
+                continue
+            if low and sh.dtype == torch.float32 and not info.preserves_values:
+                sh = sh.to(self.low)
+            existing = store.get(ref)
+            if existing is not None and existing is not sh and info.mutates:
+                existing.copy_(sh)  # write through views of a mutated shadow
+                sh = existing
+            store[ref] = sh
+            pairs.append((ref, sh))
+        return pairs
+
+    def _finite(self, t: torch.Tensor) -> bool:
+        ok = self._finite_inputs.get(t)
+        if ok is None:
+            ok = bool(torch.isfinite(t).all())
+            self._finite_inputs[t] = ok
+        return ok
+
+    # --- the op handler ----------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        info = op_info(func)
+        self.op_count += 1
+        backward = torch._C._current_graph_task_id() != -1
+        unit = self._backward_unit() if backward else self.tracker.current
+        if not backward:
+            seq = torch.autograd._get_sequence_nr() - 1
+            if seq >= self.seq_start and seq not in self.seq_units:
+                self.seq_units[seq] = unit
+        low = self.policy.is_low(unit)
+
+        for i in info.mutates:
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                self.on_mutation(args[i])
+                self._rounded.pop(args[i], None)
+                self._finite_inputs.pop(args[i], None)
+
+        shadows = not backward and func not in _NO_SHADOW_OPS
+        if shadows:
+            floats_in = any(_is_f32(t) for t in _tensor_leaves(args, kwargs))
+            shadows = floats_in and not info.random
+        local_store: WeakIdKeyDictionary | None = None
+        if shadows:
+            gargs = self._run_shadow(func, info, args, kwargs, self._global, low)
+            if self.local and low:
+                local_store = self._locals.setdefault(unit, WeakIdKeyDictionary())
+                largs = self._run_shadow(func, info, args, kwargs, local_store, True)
+
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            self.failed_at = f"{info.name} in unit {unit!r} ({'backward' if backward else 'forward'})"
+            raise
+
+        outs = _outputs(out)
+        if info.random:
+            for t in outs:  # consumers of random values round the fp32 ones
+                self._global.pop(t, None)
+            for i in info.mutates:
+                self._global.pop(args[i], None)
+
+        gpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        lpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if shadows:
+            if func is aten.native_dropout.default:
+                gout = self._dropout_shadow(gargs[0], out)
+            else:
+                gout = func(*gargs[0], **gargs[1])
+            gpairs = self._store_shadow(info, args, out, gout, self._global, low)
+            if local_store is not None:
+                lout = (
+                    self._dropout_shadow(largs[0], out)
+                    if func is aten.native_dropout.default
+                    else func(*largs[0], **largs[1])
+                )
+                lpairs = self._store_shadow(info, args, out, lout, local_store, True)
+
+        if not self.collect:
+            return out
+
+        tensors_in = _tensor_leaves(args, kwargs)
+        rec = OpRecord(
+            index=len(self.records),
+            op=info.name,
+            unit=unit,
+            phase=Phase.BACKWARD if backward else Phase.FORWARD,
+            inputs=tuple(self._producer.get(t, -1) for t in tensors_in),
+            input_bytes=sum(_nbytes(t) for t in tensors_in),
+            output_shapes=tuple(tuple(t.shape) for t in outs),
+            output_dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in outs),
+            output_bytes=sum(_nbytes(t) for t in outs),
+            flops=self._flops(info, args, kwargs, out),
+        )
+        self.records.append(rec)
+        urec = self.unit(unit)
+        urec.op_indices.append(rec.index)
+        for t in outs:
+            self._producer[t] = rec.index
+
+        if info.preserves_values:
+            return out
+        ref_outs = [t for t in outs if t.dtype == torch.float32 and t.numel()]
+        if not ref_outs:
+            return out
+        summary = TensorSummary()
+        for t in ref_outs:
+            summary.merge(summarize(t, with_sumsq=backward))
+        rec.summary = summary
+        if summary.nonfinite_count and not _fills_nonfinite(args, kwargs):
+            rec.fp32_nonfinite_root = all(self._finite(t) for t in tensors_in if _is_f32(t) and self._producer.get(t, -1) < 0) and all(
+                (s := self.records[i].summary) is None or not s.nonfinite_count for i in rec.inputs if i >= 0
+            )
+        if backward:
+            urec.backward.merge(summary)
+            return out
+        urec.forward.merge(summary)
+
+        if gpairs:
+            acc = ErrorAccumulator()
+            for ref, sh in gpairs:
+                acc.add(ref, sh)
+            rec.prop_rel_error = acc.rel_l2
+            urec.prop_error.merge(acc)
+            urec.prop_nonfinite += acc.nonfinite_mismatch
+        if lpairs:
+            acc = ErrorAccumulator()
+            for ref, sh in lpairs:
+                acc.add(ref, sh)
+            rec.local_rel_error = acc.rel_l2
+            if acc.nonfinite_mismatch:
+                # Only a root cause if this op's own low-precision inputs were finite.
+                inputs_ok = all(
+                    bool(torch.isfinite(t).all())
+                    for t in _tensor_leaves(*largs)
+                    if t.dtype in (torch.float32, self.low)
+                )
+                if inputs_ok:
+                    rec.local_nonfinite_root = acc.nonfinite_mismatch
+                else:
+                    acc.nonfinite_mismatch = 0
+                    acc.sum_sq_err = acc.sum_sq_ref = 0.0
+            urec.local_error.merge(acc)
+        return out
+
+    @staticmethod
+    def _dropout_shadow(sargs: Any, out: Any) -> Any:
+        # Reuse the fp32 run's mask: a second draw would compare two different dropouts.
+        shadow_in, p = sargs[0], float(sargs[1])
+        train = sargs[2] if len(sargs) > 2 else True
+        mask = out[1]
+        if not train or p == 0.0:
+            return (shadow_in.float(), mask)
+        return (shadow_in.float() * mask * (1.0 / (1.0 - p)), mask)
+
+    @staticmethod
+    def _flops(info: _OpInfo, args: Any, kwargs: Mapping[str, Any], out: Any) -> int:
+        formula = flop_registry.get(info.packet)
+        if formula is None:
+            return 0
+        try:
+            return int(formula(*args, **kwargs, out_val=out))
+        except Exception:  # a formula that does not fit this overload: cost it as 0 FLOPs
+            return 0
+
+    def global_shadow(self, t: torch.Tensor) -> torch.Tensor | None:
+        s = self._global.get(t)
+        return None if s is None else s.float()
+
+
+@contextlib.contextmanager
+def capture_pass(
+    model: torch.nn.Module,
+    low_dtype: torch.dtype,
+    policy: Policy,
+    *,
+    collect: bool = True,
+    local: bool = True,
+    on_mutation: Callable[[torch.Tensor], None] = lambda t: None,
+) -> Iterator[ShadowCapture]:
+    """Unit tracking plus the shadow mode; both removed on exit, whatever happened."""
+    mode: ShadowCapture | None = None
+    tracker = UnitTracker(model, on_exit=lambda path: mode.unit_exited(path) if mode else None)
+    mode = ShadowCapture(tracker, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation)
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0] or ROOT_UNIT
+        mode.param_units[id(p)] = owner
+    with tracker, mode:
+        yield mode
+
+
+def relative_loss_error(ref: float, low: float) -> float:
+    if not math.isfinite(low):
+        return math.inf
+    if ref == 0:
+        return abs(low)
+    return abs(low - ref) / abs(ref)

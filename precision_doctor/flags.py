@@ -1,0 +1,147 @@
+"""Flag rules: from a unit's statistics to findings, each with its evidence.
+
+Units are judged on what they do themselves: forward range flags look at the values each op
+of the unit produces in fp32 (what the low dtype would have to hold), and error flags at the
+*local* shadow, which feeds the unit the fp32 run's inputs. A unit downstream of an
+overflow that merely receives Inf is therefore not flagged; the propagated error shows the
+spread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .capture import OpRecord, UnitRecord
+from .formats import FormatLimits
+from .options import Flag, LowDtype, Phase, Thresholds
+from .report import Evidence, FlagRecord
+
+
+def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phase) -> OpRecord | None:
+    best: OpRecord | None = None
+    best_v = 0.0
+    for r in records:
+        if r.phase != phase or r.summary is None:
+            continue
+        s = r.summary
+        v: float
+        if key == "overflow":
+            v = s.tails[fmt.name].overflow
+        elif key == "flushed":
+            v = s.tails[fmt.name].flushed
+        elif key == "max_abs":
+            v = s.max_abs
+        else:
+            v = r.local_rel_error or 0.0
+        if v > best_v:
+            best, best_v = r, v
+    return best
+
+
+def unit_flags(
+    unit: UnitRecord,
+    ops: Sequence[OpRecord],
+    dtype: LowDtype,
+    fmt: FormatLimits,
+    th: Thresholds,
+    input_prop_error: float,
+) -> list[FlagRecord]:
+    flags: list[FlagRecord] = []
+
+    def add(flag: Flag, op: OpRecord | None, phase: Phase, message: str, **values: float) -> None:
+        flags.append(
+            FlagRecord(
+                flag=flag,
+                unit=unit.name,
+                evidence=Evidence(op=op.op if op else None, phase=phase, message=message, values=values),
+            )
+        )
+
+    fwd, bwd = unit.forward, unit.backward
+
+    roots = [r for r in ops if r.fp32_nonfinite_root]
+    if roots:
+        r = roots[0]
+        s = r.summary
+        add(
+            Flag.NONFINITE_FP32, r, r.phase,
+            f"{r.op} produces Inf/NaN already in fp32 ({r.phase}); not a precision problem",
+            nan_count=s.nan_count if s else 0, inf_count=s.inf_count if s else 0,
+        )
+
+    over = fwd.tails[fmt.name].overflow
+    if over and fwd.fraction(over) > th.overflow_fraction:
+        r = _worst(ops, "overflow", fmt, Phase.FORWARD)
+        add(
+            Flag.OVERFLOW, r, Phase.FORWARD,
+            f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {fwd.max_abs:.4g})",
+            overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=fwd.max_abs,
+            dtype_max=fmt.max_value,
+        )
+
+    flushed = fwd.tails[fmt.name].flushed
+    if flushed and fwd.fraction(flushed) > th.underflow_fraction:
+        r = _worst(ops, "flushed", fmt, Phase.FORWARD)
+        add(
+            Flag.UNDERFLOW, r, Phase.FORWARD,
+            f"{fwd.fraction(flushed):.1%} of nonzero values flush to 0 in {fmt.name} "
+            f"(below {fmt.smallest_subnormal:.3g})",
+            underflow_count=flushed, underflow_fraction=fwd.fraction(flushed),
+            min_nonzero_abs=fwd.min_nonzero_abs,
+        )
+
+    # Inf/NaN that the low run makes from finite inputs and that no range flag explains:
+    # 0/0 after underflow, inf - inf after an intermediate overflow.
+    nan_roots = [r for r in ops if r.local_nonfinite_root]
+    if nan_roots and not any(f.flag is Flag.OVERFLOW for f in flags):
+        r = nan_roots[0]
+        flag = Flag.UNDERFLOW if flushed else Flag.DIVERGENCE
+        add(
+            flag, r, Phase.FORWARD,
+            f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {fmt.name} where fp32 is finite",
+            nonfinite_count=r.local_nonfinite_root,
+        )
+
+    local = unit.local_error.rel_l2
+    if math.isfinite(local) and local > th.divergence_rel_error:
+        r = _worst(ops, "local", fmt, Phase.FORWARD)
+        add(
+            Flag.DIVERGENCE, r, Phase.FORWARD,
+            f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
+            rel_l2_error=local, sqnr_db=unit.local_error.sqnr_db,
+        )
+
+    prop = unit.prop_error.rel_l2
+    if math.isfinite(prop) and prop >= th.error_growth_min_rel_error:
+        base = input_prop_error if input_prop_error > 0 else 0.0
+        growth = prop / base if base > 0 else math.inf
+        if growth >= th.error_growth_factor:
+            add(
+                Flag.ERROR_GROWTH, None, Phase.FORWARD,
+                f"propagated error grows from {base:.3g} at the inputs to {prop:.3g}",
+                rel_l2_error=prop, input_rel_l2_error=base,
+                growth_factor=growth if math.isfinite(growth) else 1e30,
+            )
+
+    if bwd.numel:
+        scale = th.grad_scale_log2 if dtype is LowDtype.FP16 else 0
+        lost, overflow, norm_lost = bwd.scaled_lost_fractions(scale, fmt)
+        if overflow > th.grad_overflow_fraction:
+            r = _worst(ops, "max_abs", fmt, Phase.BACKWARD)
+            add(
+                Flag.GRAD_OVERFLOW, r, Phase.BACKWARD,
+                f"{overflow:.2%} of gradients overflow {fmt.name} at loss scale 2^{scale} "
+                f"(largest |g| {bwd.max_abs:.3g})",
+                overflow_fraction=overflow, max_abs=bwd.max_abs, scale_log2=scale,
+            )
+        if norm_lost > th.grad_underflow_norm_fraction:
+            r = _worst(ops, "flushed", fmt, Phase.BACKWARD)
+            add(
+                Flag.GRAD_UNDERFLOW, r, Phase.BACKWARD,
+                f"at loss scale 2^{scale}, {lost:.1%} of nonzero gradients and {norm_lost:.1%} "
+                "of the gradient L2 norm flush to 0",
+                underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
+                max_abs=bwd.max_abs,
+            )
+    return flags

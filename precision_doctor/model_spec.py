@@ -1,0 +1,123 @@
+"""The model spec: what a user's model file provides, and how a batch becomes a loss.
+
+A model file defines `build_model()` (or a module-level `model`), `make_batch()` (or
+`example_inputs`: a tensor, a tuple of positional args or a dict of kwargs) and optionally
+`loss_fn(output, batch)`, `build_optimizer(model)` and `make_batches()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PrecisionDoctorError
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model: torch.nn.Module
+    batch: Any
+    loss_fn: LossFn | None
+    build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
+    make_batches: Callable[[], Iterator[Any]] | None = None
+
+
+def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except PrecisionDoctorError:
+        raise
+    except Exception as e:
+        raise PrecisionDoctorError(f"{what} raised {type(e).__name__}: {e}") from e
+
+
+def load_model_file(path: str | Path) -> ModelSpec:
+    """Import a model file by path and collect what it defines."""
+    p = Path(path)
+    if not p.exists():
+        raise PrecisionDoctorError(f"model file {p} does not exist")
+    if p.suffix != ".py":
+        raise PrecisionDoctorError(f"model file {p} is not a .py file")
+    module_name = f"_precision_doctor_model_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(module_name, p)
+    if spec is None or spec.loader is None:
+        raise PrecisionDoctorError(f"cannot import {p}")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(p.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise PrecisionDoctorError(f"{p}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:
+        raise PrecisionDoctorError(f"importing {p} raised {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.pop(0)
+
+    ns = vars(module)
+    if callable(ns.get("build_model")):
+        model = _call(f"{p.name}: build_model()", ns["build_model"])
+    elif "model" in ns:
+        model = ns["model"]
+    else:
+        raise PrecisionDoctorError(f"{p} defines neither build_model() nor a module-level `model`")
+    if not isinstance(model, torch.nn.Module):
+        raise PrecisionDoctorError(f"{p}: the model is a {type(model).__name__}, not a torch.nn.Module")
+
+    if callable(ns.get("make_batch")):
+        batch = _call(f"{p.name}: make_batch()", ns["make_batch"])
+    elif "example_inputs" in ns:
+        batch = ns["example_inputs"]
+    else:
+        raise PrecisionDoctorError(f"{p} defines neither make_batch() nor `example_inputs`")
+    loss_fn = ns.get("loss_fn")
+    if loss_fn is not None and not callable(loss_fn):
+        raise PrecisionDoctorError(f"{p}: loss_fn is not callable")
+    return ModelSpec(
+        name=p.stem,
+        model=model,
+        batch=batch,
+        loss_fn=loss_fn,
+        build_optimizer=ns.get("build_optimizer") if callable(ns.get("build_optimizer")) else None,
+        make_batches=ns.get("make_batches") if callable(ns.get("make_batches")) else None,
+    )
+
+
+def run_model(model: torch.nn.Module, batch: Any) -> Any:
+    """Call the model on a batch: a tensor, a tuple/list of args or a dict of kwargs."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def resolve_loss(output: Any, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    """The scalar loss: `loss_fn(output, batch)`, else a scalar output, else `.loss`/`["loss"]`."""
+    if loss_fn is not None:
+        loss = loss_fn(output, batch)
+    elif isinstance(output, torch.Tensor) and output.numel() == 1:
+        loss = output
+    elif getattr(output, "loss", None) is not None:
+        loss = output.loss
+    elif isinstance(output, Mapping) and output.get("loss") is not None:
+        loss = output["loss"]
+    else:
+        raise PrecisionDoctorError(
+            "cannot find the loss: the output is not a scalar and has no `.loss`; "
+            "define loss_fn(output, batch) in the model file (or pass loss_fn=)"
+        )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise PrecisionDoctorError("the loss must be a scalar tensor")
+    if not loss.requires_grad:
+        raise PrecisionDoctorError("the loss does not require grad: no parameter reaches it")
+    return loss.reshape(())

@@ -1,0 +1,70 @@
+"""Hand the user's model back exactly as it came in, also when the analysis fails halfway."""
+
+from __future__ import annotations
+
+import random
+from types import TracebackType
+
+import numpy as np
+import torch
+
+
+class ModelStateGuard:
+    """Snapshot on enter, restore on exit: `.grad`, buffers, train/eval mode,
+    `requires_grad`, RNG states. Parameters are copied only if an op is about to write to
+    one (`before_mutation`), so the common case costs no parameter copy."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._param_ids = {id(p) for p in self._params.values()}
+        self._param_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __enter__(self) -> ModelStateGuard:
+        m = self.model
+        self._grads = {n: p.grad for n, p in self._params.items()}
+        self._requires_grad = {n: p.requires_grad for n, p in self._params.items()}
+        self._training = {n: mod.training for n, mod in m.named_modules(remove_duplicate=False)}
+        self._buffers = {
+            n: (b, b.detach().clone()) for n, b in m.named_buffers(remove_duplicate=False)
+        }
+        self._buffer_ids = {id(b) for b, _ in self._buffers.values()}
+        self._cpu_rng = torch.get_rng_state()
+        self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._py_rng = random.getstate()
+        self._np_rng = np.random.get_state()
+        for p in self._params.values():
+            p.grad = None  # the analysis' backward must not add into the user's gradients
+        return self
+
+    def before_mutation(self, t: torch.Tensor) -> None:
+        """Called by the capture before an in-place op writes to `t`."""
+        if id(t) in self._param_ids and id(t) not in self._param_copies:
+            self._param_copies[id(t)] = (t, t.detach().clone())
+
+    def analysis_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad for n, p in self._params.items() if p.grad is not None}
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with torch.no_grad():
+            for t, saved in self._param_copies.values():
+                t.copy_(saved)
+            for b, saved in self._buffers.values():
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for n, p in self._params.items():
+            p.grad = self._grads[n]
+            p.requires_grad_(self._requires_grad[n])
+        for n, mod in self.model.named_modules(remove_duplicate=False):
+            if n in self._training:
+                mod.training = self._training[n]
+        torch.set_rng_state(self._cpu_rng)
+        if self._cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self._cuda_rng)
+        random.setstate(self._py_rng)
+        np.random.set_state(self._np_rng)

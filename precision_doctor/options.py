@@ -1,0 +1,102 @@
+"""String options as enums, validated before any work starts, and the flag thresholds."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+from .errors import PrecisionDoctorError
+
+
+class StrEnum(str, enum.Enum):
+    """`enum.StrEnum` exists only from 3.11; this keeps 3.10 working."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class LowDtype(StrEnum):
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Flag(StrEnum):
+    """The fixed flag vocabulary. Order here is severity order, worst first."""
+
+    NONFINITE_FP32 = "NONFINITE_FP32"
+    OVERFLOW = "OVERFLOW"
+    GRAD_OVERFLOW = "GRAD_OVERFLOW"
+    DIVERGENCE = "DIVERGENCE"
+    ERROR_GROWTH = "ERROR_GROWTH"
+    GRAD_UNDERFLOW = "GRAD_UNDERFLOW"
+    UNDERFLOW = "UNDERFLOW"
+
+
+FLAG_SEVERITY = {flag: rank for rank, flag in enumerate(Flag)}
+
+
+class CapturePath(StrEnum):
+    """How ops were captured. `dispatch` runs the real module under a TorchDispatchMode and
+    works for every nn.Module; `fx` means symbolic_trace also succeeded and its graph was kept."""
+
+    DISPATCH = "dispatch"
+    FX = "fx"
+
+
+class Phase(StrEnum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def parse_enum(cls: type[E], value: str | E, what: str) -> E:
+    """Validate a string option up front, naming the choices in the error."""
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise PrecisionDoctorError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a statistic becomes a flag. Every field is a CLI option (`--threshold NAME=VALUE`).
+
+    Fractions are of the unit's nonzero values (or of its gradient's L2 norm where the name
+    says so); errors are relative L2 errors against the fp32 run.
+    """
+
+    overflow_fraction: float = 0.0
+    """OVERFLOW when more than this fraction of a unit's forward values exceed the dtype's max."""
+    underflow_fraction: float = 0.10
+    """UNDERFLOW when more than this fraction of a unit's nonzero forward values flush to zero."""
+    divergence_rel_error: float = 0.05
+    """DIVERGENCE when the unit's local error (fed fp32 inputs) exceeds this."""
+    error_growth_factor: float = 8.0
+    """ERROR_GROWTH when the propagated error at a unit is this many times its inputs' error..."""
+    error_growth_min_rel_error: float = 0.02
+    """...and at least this large, so noise-level errors never count as growth."""
+    grad_overflow_fraction: float = 0.0
+    """GRAD_OVERFLOW when more than this fraction of gradients overflow at the default scale."""
+    grad_underflow_norm_fraction: float = 0.05
+    """GRAD_UNDERFLOW when more than this fraction of a unit's gradient L2 norm is lost."""
+    grad_scale_log2: int = 16
+    """The loss scale the gradient flags are judged at: GradScaler's default 2^16."""
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, float | int] = {}
+        for name, raw in overrides.items():
+            if name not in known:
+                raise PrecisionDoctorError(
+                    f"unknown threshold {name!r}; known: {', '.join(sorted(known))}"
+                )
+            try:
+                values[name] = int(raw) if name == "grad_scale_log2" else float(raw)
+            except ValueError:
+                raise PrecisionDoctorError(f"threshold {name}={raw!r} is not a number") from None
+        return cls(**values)  # type: ignore[arg-type]

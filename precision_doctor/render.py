@@ -1,0 +1,63 @@
+"""Terminal rendering of a report (rich): flagged units worst first, then one verdict line."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .report import Report
+
+_STYLE = {
+    "NONFINITE_FP32": "bold magenta",
+    "OVERFLOW": "bold red",
+    "GRAD_OVERFLOW": "red",
+    "DIVERGENCE": "yellow",
+    "ERROR_GROWTH": "yellow",
+    "GRAD_UNDERFLOW": "cyan",
+    "UNDERFLOW": "cyan",
+}
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}"
+
+
+def render_report(report: Report, console: Console, *, max_rows: int = 30) -> None:
+    env = report.environment
+    console.print(
+        Text(
+            f"{report.model}: {len(report.units)} units, {report.op_count_forward} forward + "
+            f"{report.op_count_backward} backward ops, {env.dtype} "
+            f"({'emulated' if env.emulated else 'native'}) on {env.device}, capture: {env.capture_path}"
+        )
+    )
+    console.print(
+        Text(f"final loss: fp32 {report.losses.fp32:.6g}, {env.dtype} {report.losses.low:.6g} "
+             f"(relative error {_num(report.losses.rel_error)})")
+    )
+    flags = report.flags()
+    if flags:
+        table = Table(title="Flagged units (worst first)", show_lines=False)
+        table.add_column("flag")
+        table.add_column("unit", overflow="fold")
+        table.add_column("op")
+        table.add_column("evidence", overflow="fold")
+        for f in flags[:max_rows]:
+            # Text() so that markup-like unit names are shown, not interpreted.
+            table.add_row(
+                Text(f.flag.value, style=_STYLE.get(f.flag.value, "")),
+                Text(f.unit),
+                Text(f.evidence.op or "-"),
+                Text(f.evidence.message),
+            )
+        console.print(table)
+        if len(flags) > max_rows:
+            console.print(Text(f"... and {len(flags) - max_rows} more flags (see --out report.json)"))
+    console.print(Text(report.verdict, style="bold green" if report else "bold red"))

@@ -1,0 +1,301 @@
+"""The report: a versioned, JSON-serializable result with query helpers.
+
+Every model is a frozen pydantic model, so a report saved and loaded compares equal. Infinite
+values are written as the strings "Infinity"/"-Infinity" (strict JSON has no literal for
+them) and read back as floats. Reports are only ever read as JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PrecisionDoctorError
+from .options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase
+
+SCHEMA_VERSION = 1
+"""Bumped on any change that an older reader would misread."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings", extra="forbid")
+
+
+class Histogram(_Frozen):
+    """Counts of floor(log2|x|): `counts[i]` holds |x| in [2^(log2_lo+i), 2^(log2_lo+i+1)).
+    Zeros and non-finite values are counted apart. Values below 2^-126 (fp32 subnormals)
+    are folded into the lowest fp32 bin, log2 = -127."""
+
+    log2_lo: int
+    counts: list[int]
+    sum_squares: list[float] | None = None
+    """Per bin, the sum of x^2 (gradients only): what fraction of the L2 norm a bin holds."""
+
+
+class FormatTails(_Frozen):
+    """Values out of one format's range. Fractions are of the nonzero finite values."""
+
+    overflow_count: int
+    overflow_fraction: float
+    underflow_count: int
+    underflow_fraction: float
+    subnormal_count: int
+    subnormal_fraction: float
+
+
+class TensorStats(_Frozen):
+    numel: int
+    zero_count: int
+    nan_count: int
+    inf_count: int
+    max_abs: float
+    min_nonzero_abs: float | None
+    fp16: FormatTails
+    bf16: FormatTails
+    histogram: Histogram
+
+
+class LossScalePoint(_Frozen):
+    scale_log2: int
+    underflow_fraction: float
+    """Fraction of nonzero gradients that flush to zero in fp16 at scale 2^k."""
+    overflow_fraction: float
+    """Fraction of nonzero gradients with |g| * 2^k >= 2^16 (one power-of-two resolution)."""
+    underflow_norm_fraction: float | None = None
+    """Fraction of the gradients' L2 norm lost to underflow at scale 2^k."""
+
+
+class ErrorStats(_Frozen):
+    rel_l2_error: float
+    sqnr_db: float
+    nonfinite_count: int = 0
+    """Low-precision Inf/NaN where the fp32 value is finite."""
+
+
+class OpStats(_Frozen):
+    """One op (aten overload) inside a unit, aggregated over its calls in one phase."""
+
+    op: str
+    phase: Phase
+    calls: int
+    flops: int
+    max_abs: float
+    nonfinite_count: int
+    fp16_overflow_count: int
+    fp16_underflow_count: int
+    local_rel_l2_error: float | None = None
+
+
+class Evidence(_Frozen):
+    op: str | None
+    phase: Phase
+    message: str
+    values: dict[str, float] = Field(default_factory=dict)
+
+
+class FlagRecord(_Frozen):
+    flag: Flag
+    unit: str
+    evidence: Evidence
+
+    @property
+    def severity(self) -> int:
+        return FLAG_SEVERITY[self.flag]
+
+
+class UnitForward(_Frozen):
+    stats: TensorStats | None
+    local: ErrorStats | None
+    """The unit fed the fp32 run's inputs, rounded to the low dtype."""
+    propagated: ErrorStats | None
+    """The unit's values in the run where every unit is low."""
+
+
+class UnitBackward(_Frozen):
+    stats: TensorStats | None
+    loss_scale: list[LossScalePoint] = Field(default_factory=list)
+    param_grads: dict[str, TensorStats] = Field(default_factory=dict)
+
+
+class Unit(_Frozen):
+    name: str
+    kind: str
+    order: int
+    """Position in execution order (first forward op)."""
+    flops_forward: int
+    flops_backward: int
+    bytes_forward: int
+    """Bytes read and written by the unit's forward ops."""
+    activation_bytes: int
+    """Bytes of the unit's forward outputs (what autograd may keep for backward)."""
+    param_bytes: int
+    op_count: int
+    flags: list[FlagRecord]
+    forward: UnitForward
+    backward: UnitBackward
+    ops: list[OpStats]
+
+
+class UnitEdge(_Frozen):
+    """Forward dataflow between units: tensors `src` produced and `dst` consumed."""
+
+    src: str
+    dst: str
+    bytes: int
+
+
+class Environment(_Frozen):
+    tool_version: str
+    torch_version: str
+    python_version: str
+    platform: str
+    device: str
+    dtype: LowDtype
+    emulated: bool
+    """True: low precision emulated by rounding around fp32 kernels (CPU)."""
+    capture_path: CapturePath
+    fx_traceable: bool
+    fx_error: str | None = None
+
+
+class Losses(_Frozen):
+    fp32: float
+    low: float
+    rel_error: float
+
+
+class Report(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    environment: Environment
+    losses: Losses
+    thresholds: dict[str, float]
+    op_count_forward: int
+    op_count_backward: int
+    units: list[Unit]
+    edges: list[UnitEdge]
+    loss_scale: list[LossScalePoint]
+    """Over all gradients of the backward pass."""
+    extras: dict[str, object] = Field(default_factory=dict)
+    """Results of later stages (plan, loss-scale recommendation), keyed by stage name."""
+
+    # --- queries ----------------------------------------------------------------------------
+    def by_module(self) -> dict[str, Unit]:
+        return {u.name: u for u in self.units}
+
+    def by_op(self) -> dict[str, OpStats]:
+        """Ops merged over all units, per op name and phase ("mm/forward")."""
+        merged: dict[str, list[OpStats]] = defaultdict(list)
+        for unit in self.units:
+            for op in unit.ops:
+                merged[f"{op.op}/{op.phase}"].append(op)
+        out: dict[str, OpStats] = {}
+        for key, ops in merged.items():
+            errs = [o.local_rel_l2_error for o in ops if o.local_rel_l2_error is not None]
+            out[key] = OpStats(
+                op=ops[0].op,
+                phase=ops[0].phase,
+                calls=sum(o.calls for o in ops),
+                flops=sum(o.flops for o in ops),
+                max_abs=max(o.max_abs for o in ops),
+                nonfinite_count=sum(o.nonfinite_count for o in ops),
+                fp16_overflow_count=sum(o.fp16_overflow_count for o in ops),
+                fp16_underflow_count=sum(o.fp16_underflow_count for o in ops),
+                local_rel_l2_error=max(errs) if errs else None,
+            )
+        return out
+
+    def flags(self) -> list[FlagRecord]:
+        """Every flag, worst first."""
+        return sorted(
+            (f for u in self.units for f in u.flags),
+            key=lambda f: (f.severity, -_magnitude(f)),
+        )
+
+    def flagged_units(self) -> list[Unit]:
+        order = {f.unit: i for i, f in reversed(list(enumerate(self.flags())))}
+        return sorted((u for u in self.units if u.flags), key=lambda u: order[u.name])
+
+    def __bool__(self) -> bool:
+        """True when no unit is flagged: the model is safe to run in the low dtype as-is."""
+        return not any(u.flags for u in self.units)
+
+    @property
+    def verdict(self) -> str:
+        dtype = self.environment.dtype
+        if self:
+            return (
+                f"{dtype}: no unit flagged; final-loss error {self.losses.rel_error:.2e} "
+                "against fp32. Safe to train in this dtype."
+            )
+        counts: dict[Flag, int] = defaultdict(int)
+        for f in self.flags():
+            counts[f.flag] += 1
+        parts = ", ".join(f"{n} {flag}" for flag, n in sorted(counts.items(), key=lambda kv: FLAG_SEVERITY[kv[0]]))
+        units = sum(1 for u in self.units if u.flags)
+        return f"{dtype}: {units} unit(s) flagged ({parts}); final-loss error {self.losses.rel_error:.2e}. Not safe as-is."
+
+    # --- files -------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Report:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PrecisionDoctorError(f"report {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PrecisionDoctorError(f"report {p} cannot be read: {e}") from None
+        return cls.from_json(text, source=str(p))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "report") -> Report:
+        import json
+
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PrecisionDoctorError(f"{source} is not valid JSON (truncated or corrupt?): {e}") from None
+        if not isinstance(raw, dict) or "schema_version" not in raw:
+            raise PrecisionDoctorError(f"{source} is not a precision-doctor report (no schema_version)")
+        if raw["schema_version"] != SCHEMA_VERSION:
+            raise PrecisionDoctorError(
+                f"{source} has schema_version {raw['schema_version']!r}; this version reads {SCHEMA_VERSION}"
+            )
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PrecisionDoctorError(f"{source} does not match the report schema at {where}: {first['msg']}") from None
+
+
+def _magnitude(f: FlagRecord) -> float:
+    v = f.evidence.values
+    for key in ("overflow_fraction", "rel_l2_error", "norm_fraction_lost", "growth_factor", "underflow_fraction", "nonfinite_count"):
+        if key in v:
+            return float(v[key])
+    return 0.0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with __import__("contextlib").suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,243 @@
+"""Fixed-size tensor summaries: log2-magnitude histograms and what follows from them.
+
+Every float32 tensor is summarized from its bit pattern: `bits & 0x7FFFFFFF` is |x| as an
+int (monotone in |x|, NaN above Inf), and `>> 23` is its biased exponent, so one
+`bincount` gives a 256-bin histogram of floor(log2|x|). Bin `i` holds |x| in
+[2^(i-127), 2^(i-126)); bin 0 holds zeros and fp32 subnormals; bin 255 Inf and NaN.
+Thresholds that are powers of two (fp16's 2^-24 and 2^-14) are read off the histogram
+exactly; the others (65504, bf16's max and its subnormal 2^-133) get one exact compare, and
+only when the bin they fall in is not empty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .formats import BF16, FP16, FormatLimits
+
+HIST_BINS = 256
+EXP_BIAS = 127
+_ABS_MASK = 0x7FFFFFFF
+_INF_BITS = 0x7F800000
+_FORMATS: tuple[FormatLimits, ...] = (FP16, BF16)
+
+
+def bin_of(value: float) -> int:
+    """The histogram bin holding a positive finite fp32 value."""
+    return max(0, min(254, math.frexp(value)[1] - 1 + EXP_BIAS))
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+
+
+@dataclass
+class TailCounts:
+    """Counts of one tensor (or many) against one format's limits."""
+
+    overflow: int = 0  # |x| > max, finite in fp32
+    flushed: int = 0  # 0 < |x| < smallest subnormal: becomes 0
+    subnormal: int = 0  # smallest subnormal <= |x| < smallest normal: loses precision
+
+    def add(self, other: TailCounts) -> None:
+        self.overflow += other.overflow
+        self.flushed += other.flushed
+        self.subnormal += other.subnormal
+
+
+@dataclass
+class TensorSummary:
+    """Mergeable summary of the values of one or more float32 tensors."""
+
+    numel: int = 0
+    zero_count: int = 0
+    nan_count: int = 0
+    inf_count: int = 0
+    max_abs: float = 0.0  # over finite values
+    min_nonzero_abs: float = math.inf
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, dtype=np.int64))
+    # Sum of x^2 per bin, for "what fraction of the L2 norm is lost". Only for gradients.
+    sumsq: np.ndarray | None = None
+    tails: dict[str, TailCounts] = field(default_factory=lambda: {f.name: TailCounts() for f in _FORMATS})
+
+    @property
+    def nonzero_count(self) -> int:
+        return self.numel - self.zero_count - self.nan_count - self.inf_count
+
+    @property
+    def nonfinite_count(self) -> int:
+        return self.nan_count + self.inf_count
+
+    def merge(self, other: TensorSummary) -> None:
+        self.numel += other.numel
+        self.zero_count += other.zero_count
+        self.nan_count += other.nan_count
+        self.inf_count += other.inf_count
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.min_nonzero_abs = min(self.min_nonzero_abs, other.min_nonzero_abs)
+        self.hist += other.hist
+        if other.sumsq is not None:
+            self.sumsq = other.sumsq.copy() if self.sumsq is None else self.sumsq + other.sumsq
+        for name, counts in other.tails.items():
+            self.tails[name].add(counts)
+
+    # --- scaled views (loss scaling) -------------------------------------------------------
+    def scaled_lost_fractions(self, scale_log2: int, fmt: FormatLimits = FP16) -> tuple[float, float, float]:
+        """At loss scale 2^k: (fraction of nonzero values flushed, fraction overflowing,
+        fraction of the L2 norm flushed). Resolution is one power of two: a value counts as
+        overflowing when |x| * 2^k >= 2^ceil(log2(max)) (65536 for fp16)."""
+        nonzero = self.nonzero_count
+        if nonzero <= 0:
+            return 0.0, 0.0, 0.0
+        under_top = bin_of(fmt.smallest_subnormal) - scale_log2  # bins below this flush
+        over_bottom = math.ceil(fmt.max_log2) + EXP_BIAS - scale_log2  # bins from here overflow
+        hist = self.hist.astype(np.float64)
+        hist_nz = hist.copy()
+        hist_nz[0] -= self.zero_count
+        hist_nz[255] = 0
+        lo = max(0, min(under_top, 255))
+        hi = max(0, min(over_bottom, 255))
+        lost = float(hist_nz[:lo].sum())
+        over = float(hist_nz[hi:].sum())
+        norm_lost = 0.0
+        if self.sumsq is not None:
+            total = float(self.sumsq[:255].sum())
+            if total > 0:
+                norm_lost = math.sqrt(float(self.sumsq[:lo].sum()) / total)
+        return lost / nonzero, over / nonzero, norm_lost
+
+    def fraction(self, count: int) -> float:
+        nonzero = self.nonzero_count
+        return count / nonzero if nonzero > 0 else 0.0
+
+
+def summarize(x: torch.Tensor, *, with_sumsq: bool = False) -> TensorSummary:
+    """Summarize one float32 tensor's values. Runs a handful of integer kernels and one sync."""
+    flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    bits = flat.view(torch.int32) & _ABS_MASK
+    exps = bits >> 23
+    hist_t = torch.bincount(exps, minlength=HIST_BINS)
+    max_bits = int(bits.max()) if bits.numel() else 0
+    nonzero = int(torch.count_nonzero(bits))
+    hist = hist_t.cpu().numpy().astype(np.int64)
+    summary = TensorSummary(numel=flat.numel(), zero_count=flat.numel() - nonzero, hist=hist)
+
+    if hist[255]:
+        summary.nan_count = int((bits > _INF_BITS).sum())
+        summary.inf_count = int(hist[255]) - summary.nan_count
+        finite_max = bits.masked_fill(bits >= _INF_BITS, 0).max()
+        max_bits = int(finite_max)
+    summary.max_abs = _bits_to_float(max_bits)
+    if nonzero > summary.nan_count + summary.inf_count:
+        masked = torch.where(bits == 0, _ABS_MASK, bits)
+        summary.min_nonzero_abs = _bits_to_float(int(masked.min()))
+
+    for fmt in _FORMATS:
+        summary.tails[fmt.name] = _tail_counts(bits, hist, summary, fmt)
+
+    if with_sumsq:
+        finite = flat if not hist[255] else flat.masked_fill(bits >= _INF_BITS, 0.0)
+        weights = finite.double().square() if summary.max_abs > 1e18 else finite.square()
+        summary.sumsq = torch.bincount(exps, weights=weights, minlength=HIST_BINS).double().cpu().numpy()
+    return summary
+
+
+def _count_in_bin(
+    bits: torch.Tensor, hist: np.ndarray, zero_count: int, threshold: float, *, above: bool
+) -> int:
+    """Exact count of |x| > threshold (above) or 0 < |x| < threshold (below), using the
+    histogram for whole bins and one compare for the bin the threshold falls in."""
+    b = bin_of(threshold)
+    thr_bits = int(np.array([threshold], dtype=np.float32).view(np.int32)[0])
+    on_edge = thr_bits == b << 23  # a power of two: the histogram alone is exact
+    if above:
+        count = int(hist[b + 1 : 255].sum())
+        if hist[b] and not (on_edge and b > 0):
+            count += int(((bits > thr_bits) & (bits < (b + 1) << 23)).sum())
+        return count
+    if b == 0:  # below fp32's normal range: only a compare can tell
+        return int(((bits < thr_bits) & (bits > 0)).sum())
+    count = int(hist[1:b].sum()) + int(hist[0]) - zero_count
+    if hist[b] and not on_edge:
+        count += int(((bits < thr_bits) & (bits >= b << 23)).sum())
+    return count
+
+
+def _tail_counts(bits: torch.Tensor, hist: np.ndarray, s: TensorSummary, fmt: FormatLimits) -> TailCounts:
+    if s.max_abs > fmt.max_value:
+        overflow = _count_in_bin(bits, hist, s.zero_count, fmt.max_value, above=True)
+    else:
+        overflow = 0
+    if s.min_nonzero_abs < fmt.smallest_normal:
+        flushed = _count_in_bin(bits, hist, s.zero_count, fmt.smallest_subnormal, above=False)
+        below_normal = _count_in_bin(bits, hist, s.zero_count, fmt.smallest_normal, above=False)
+    else:
+        flushed = below_normal = 0
+    return TailCounts(overflow=overflow, flushed=flushed, subnormal=below_normal - flushed)
+
+
+@dataclass
+class ErrorAccumulator:
+    """Relative L2 error of a low-precision shadow against the fp32 values, over many tensors."""
+
+    sum_sq_ref: float = 0.0
+    sum_sq_err: float = 0.0
+    nonfinite_mismatch: int = 0  # shadow non-finite where fp32 is finite
+
+    def add(self, ref: torch.Tensor, shadow: torch.Tensor) -> float:
+        """Add one tensor pair; returns that pair's own relative error (inf if non-finite)."""
+        ref_norm_sq = float(torch.linalg.vector_norm(ref, dtype=torch.float64)) ** 2
+        err = float(torch.dist(shadow.to(ref.dtype), ref))
+        if not math.isfinite(err) or not math.isfinite(ref_norm_sq):
+            ref_finite = torch.isfinite(ref)
+            mismatch = int((~torch.isfinite(shadow) & ref_finite).sum())
+            self.nonfinite_mismatch += mismatch
+            # Error over the positions finite in both, so one Inf does not hide the rest.
+            both = ref_finite & torch.isfinite(shadow)
+            r = torch.where(both, ref, 0.0)
+            ref_norm_sq = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+            err = float(torch.dist(torch.where(both, shadow.to(ref.dtype), 0.0), r))
+            own = math.inf if mismatch else rel_error(err * err, ref_norm_sq)
+        else:
+            own = rel_error(err * err, ref_norm_sq)
+        self.sum_sq_ref += ref_norm_sq
+        self.sum_sq_err += err * err
+        return own
+
+    def merge(self, other: ErrorAccumulator) -> None:
+        self.sum_sq_ref += other.sum_sq_ref
+        self.sum_sq_err += other.sum_sq_err
+        self.nonfinite_mismatch += other.nonfinite_mismatch
+
+    @property
+    def rel_l2(self) -> float:
+        if self.nonfinite_mismatch:
+            return math.inf
+        return rel_error(self.sum_sq_err, self.sum_sq_ref)
+
+    @property
+    def sqnr_db(self) -> float:
+        """20 log10(||x|| / ||x - y||), as torch.ao.ns defines it; inf when exact."""
+        if self.nonfinite_mismatch:
+            return -math.inf
+        if self.sum_sq_err == 0:
+            return math.inf
+        if self.sum_sq_ref == 0:
+            return -math.inf
+        return 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
+
+
+def rel_error(sum_sq_err: float, sum_sq_ref: float) -> float:
+    if sum_sq_err == 0:
+        return 0.0
+    if sum_sq_ref == 0:
+        return math.inf
+    return math.sqrt(sum_sq_err / sum_sq_ref)
