@@ -112,12 +112,16 @@ def analyze(
                         f"change (NONFINITE_FP32{where})"
                     )
                 step("fp32 backward with gradient statistics")
+                handles = mode.instrument_backward(loss)
                 try:
                     loss.backward()
                 except Exception as e:
                     raise PrecisionDoctorError(
                         f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
                     ) from e
+                finally:
+                    for h in handles:
+                        h.remove()
                 del loss, output
             grads = guard.analysis_grads()
         except PrecisionDoctorError:
@@ -265,9 +269,8 @@ def build_report(
                 continue
             seen.add((i, r.unit))
             edge_bytes[(src.unit, r.unit)] += src.output_bytes
-            src_err = mode.units[src.unit].prop_error.rel_l2
-            if math.isfinite(src_err):
-                input_error[r.unit] = max(input_error[r.unit], src_err)
+            # An input already non-finite makes growth meaningless: that is inherited damage.
+            input_error[r.unit] = max(input_error[r.unit], mode.units[src.unit].prop_error.rel_l2)
 
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
     units: list[Unit] = []
@@ -278,7 +281,8 @@ def build_report(
 
     all_grads = TensorSummary()
     for urec in mode.units.values():
-        all_grads.merge(urec.backward)
+        if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
+            all_grads.merge(urec.backward)
 
     return Report(
         model=name,

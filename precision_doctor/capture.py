@@ -106,6 +106,8 @@ class OpRecord:
     summary: TensorSummary | None = None
     local_rel_error: float | None = None
     prop_rel_error: float | None = None
+    input_max_abs: float = 0.0  # largest |x| over its float inputs (inf if any is non-finite)
+    out_max_abs: float = 0.0  # the same over its outputs
     local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
     fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
 
@@ -122,6 +124,8 @@ class UnitRecord:
     local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_nonfinite: int = 0
+    grad_nodes: list[tuple[str, TensorSummary]] = field(default_factory=list)
+    grad_nonfinite_root: str | None = None
     param_names: list[str] = field(default_factory=list)
     param_bytes: int = 0
 
@@ -255,7 +259,7 @@ class ShadowCapture(TorchDispatchMode):
         self._global: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._locals: dict[str, WeakIdKeyDictionary] = {}
         self._rounded: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._finite_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._finite_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
         self.failed_at: str | None = None
 
     # --- units -------------------------------------------------------------------------
@@ -349,12 +353,60 @@ class ShadowCapture(TorchDispatchMode):
             pairs.append((ref, sh))
         return pairs
 
-    def _finite(self, t: torch.Tensor) -> bool:
-        ok = self._finite_inputs.get(t)
-        if ok is None:
-            ok = bool(torch.isfinite(t).all())
-            self._finite_inputs[t] = ok
-        return ok
+    def _external_max(self, t: torch.Tensor) -> float:
+        """Largest |x| of a tensor no recorded op produced (a parameter, the batch)."""
+        m = self._finite_inputs.get(t)
+        if m is None:
+            m = float(t.detach().abs().max()) if t.numel() else 0.0
+            m = m if m == m else math.inf  # NaN -> inf: "not finite"
+            self._finite_inputs[t] = m
+        return float(m)
+
+    # --- gradients ---------------------------------------------------------------------
+    def instrument_backward(self, loss: torch.Tensor) -> list[Any]:
+        """Hook every autograd node that leads to `loss`: each gradient that flows between
+        nodes (what fp16 training would store) is summarized once and attributed to the
+        unit whose forward op made the node. Returns the hook handles."""
+        handles: list[Any] = []
+        root = loss.grad_fn
+        if root is None:
+            return handles
+        seen: set[int] = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            handles.append(node.register_hook(self._gradient_hook(node)))
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+        return handles
+
+    def _gradient_hook(self, node: Any) -> Callable[[Any, Any], None]:
+        def hook(grad_inputs: Any, grad_outputs: Any) -> None:
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            unit = self.seq_units.get(node._sequence_nr())
+            if unit is None:
+                return  # AccumulateGrad and friends: parameter gradients are summarized apart
+            grads = [g for g in grad_inputs if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.numel()]
+            if not grads:
+                return
+            with _disable_current_modes():
+                summary = TensorSummary()
+                for g in grads:
+                    summary.merge(summarize(g, with_sumsq=True))
+                urec = self.unit(unit)
+                urec.backward.merge(summary)
+                urec.grad_nodes.append((node.name(), summary))
+                if summary.nonfinite_count and urec.grad_nonfinite_root is None:
+                    upstream_ok = all(
+                        bool(torch.isfinite(g).all()) for g in grad_outputs if isinstance(g, torch.Tensor)
+                    )
+                    if upstream_ok:
+                        urec.grad_nonfinite_root = node.name()
+
+        return hook
 
     # --- the op handler ----------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -437,22 +489,25 @@ class ShadowCapture(TorchDispatchMode):
         for t in outs:
             self._producer[t] = rec.index
 
-        if info.preserves_values:
+        in_max = 0.0
+        for t, i in zip(tensors_in, rec.inputs, strict=True):
+            if t.dtype == torch.float32:
+                in_max = max(in_max, self.records[i].out_max_abs if i >= 0 else self._external_max(t))
+        rec.input_max_abs = rec.out_max_abs = in_max
+        # Backward ops get no per-op statistics: gradients are summarized once per autograd
+        # node (see instrument_backward), which skips the backward formulas' intermediates.
+        if backward or info.preserves_values:
             return out
         ref_outs = [t for t in outs if t.dtype == torch.float32 and t.numel()]
         if not ref_outs:
             return out
         summary = TensorSummary()
         for t in ref_outs:
-            summary.merge(summarize(t, with_sumsq=backward))
+            summary.merge(summarize(t))
         rec.summary = summary
-        if summary.nonfinite_count and not _fills_nonfinite(args, kwargs):
-            rec.fp32_nonfinite_root = all(self._finite(t) for t in tensors_in if _is_f32(t) and self._producer.get(t, -1) < 0) and all(
-                (s := self.records[i].summary) is None or not s.nonfinite_count for i in rec.inputs if i >= 0
-            )
-        if backward:
-            urec.backward.merge(summary)
-            return out
+        rec.out_max_abs = math.inf if summary.nonfinite_count else summary.max_abs
+        if summary.nonfinite_count and math.isfinite(in_max) and not _fills_nonfinite(args, kwargs):
+            rec.fp32_nonfinite_root = True
         urec.forward.merge(summary)
 
         if gpairs:

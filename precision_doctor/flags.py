@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .capture import OpRecord, UnitRecord
+from .capture import LOSS_UNIT, OpRecord, UnitRecord
 from .formats import FormatLimits
 from .options import Flag, LowDtype, Phase, Thresholds
 from .report import Evidence, FlagRecord
@@ -61,22 +61,39 @@ def unit_flags(
     fwd, bwd = unit.forward, unit.backward
 
     roots = [r for r in ops if r.fp32_nonfinite_root]
-    if roots:
-        r = roots[0]
-        s = r.summary
-        add(
-            Flag.NONFINITE_FP32, r, r.phase,
-            f"{r.op} produces Inf/NaN already in fp32 ({r.phase}); not a precision problem",
-            nan_count=s.nan_count if s else 0, inf_count=s.inf_count if s else 0,
+    if roots or unit.grad_nonfinite_root:
+        r = roots[0] if roots else None
+        phase = Phase.FORWARD if roots else Phase.BACKWARD
+        op_name = r.op if r else unit.grad_nonfinite_root
+        s = r.summary if r else None
+        flags.append(
+            FlagRecord(
+                flag=Flag.NONFINITE_FP32,
+                unit=unit.name,
+                evidence=Evidence(
+                    op=op_name, phase=phase,
+                    message=f"{op_name} produces Inf/NaN already in fp32 ({phase}) from finite inputs; "
+                    "not a precision problem",
+                    values={"nan_count": s.nan_count if s else 0, "inf_count": s.inf_count if s else 0},
+                ),
+            )
         )
 
-    over = fwd.tails[fmt.name].overflow
+    # Overflow is charged to the op whose inputs fit the format but whose output does not:
+    # a ReLU or a residual add passing on an upstream overflow is not a root cause.
+    over_ops = [
+        r for r in ops
+        if r.phase == Phase.FORWARD and r.summary is not None and r.input_max_abs <= fmt.max_value
+        and r.summary.tails[fmt.name].overflow
+    ]
+    over = sum(r.summary.tails[fmt.name].overflow for r in over_ops if r.summary is not None)
     if over and fwd.fraction(over) > th.overflow_fraction:
-        r = _worst(ops, "overflow", fmt, Phase.FORWARD)
+        r = max(over_ops, key=lambda o: o.summary.tails[fmt.name].overflow if o.summary else 0)
+        largest = max(o.out_max_abs for o in over_ops)
         add(
             Flag.OVERFLOW, r, Phase.FORWARD,
-            f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {fwd.max_abs:.4g})",
-            overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=fwd.max_abs,
+            f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {largest:.4g})",
+            overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=largest,
             dtype_max=fmt.max_value,
         )
 
@@ -124,24 +141,36 @@ def unit_flags(
                 growth_factor=growth if math.isfinite(growth) else 1e30,
             )
 
-    if bwd.numel:
+    # The loss itself runs in fp32 under autocast and GradScaler scales the fp32 loss, so its
+    # own gradients (the seed 1 among them) are not judged against the low dtype.
+    if bwd.numel and unit.name != LOSS_UNIT:
+        # A unit fed values that already overflowed gets huge weight gradients from them:
+        # inherited, like its forward Inf.
+        fed_overflow = any(r.phase == Phase.FORWARD and r.input_max_abs > fmt.max_value for r in ops)
         scale = th.grad_scale_log2 if dtype is LowDtype.FP16 else 0
         lost, overflow, norm_lost = bwd.scaled_lost_fractions(scale, fmt)
-        if overflow > th.grad_overflow_fraction:
-            r = _worst(ops, "max_abs", fmt, Phase.BACKWARD)
-            add(
-                Flag.GRAD_OVERFLOW, r, Phase.BACKWARD,
+        if overflow > th.grad_overflow_fraction and not fed_overflow:
+            node = max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0]
+            flags.append(_grad_flag(
+                Flag.GRAD_OVERFLOW, unit.name, node,
                 f"{overflow:.2%} of gradients overflow {fmt.name} at loss scale 2^{scale} "
                 f"(largest |g| {bwd.max_abs:.3g})",
                 overflow_fraction=overflow, max_abs=bwd.max_abs, scale_log2=scale,
-            )
+            ))
         if norm_lost > th.grad_underflow_norm_fraction:
-            r = _worst(ops, "flushed", fmt, Phase.BACKWARD)
-            add(
-                Flag.GRAD_UNDERFLOW, r, Phase.BACKWARD,
+            node = min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0]
+            flags.append(_grad_flag(
+                Flag.GRAD_UNDERFLOW, unit.name, node,
                 f"at loss scale 2^{scale}, {lost:.1%} of nonzero gradients and {norm_lost:.1%} "
                 "of the gradient L2 norm flush to 0",
                 underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
                 max_abs=bwd.max_abs,
-            )
+            ))
     return flags
+
+
+def _grad_flag(flag: Flag, unit: str, node: str, message: str, **values: float) -> FlagRecord:
+    return FlagRecord(
+        flag=flag, unit=unit,
+        evidence=Evidence(op=node, phase=Phase.BACKWARD, message=message, values=values),
+    )
