@@ -1,0 +1,80 @@
+"""Each sample model's planted fault is flagged with the right flag, and nothing else is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import precision_doctor as pd
+from precision_doctor.model_spec import load_model_file
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+# model file -> {unit: flag} expected under fp16; every other unit must carry no flag.
+EXPECTED: dict[str, dict[str, pd.Flag]] = {
+    "tiny_transformer": {},
+    "control_flow": {},
+    "ffn_overflow": {"block.ff.wi": pd.Flag.OVERFLOW},
+    "attention_unscaled": {"attn": pd.Flag.OVERFLOW},
+    "reduction_overflow": {"norm": pd.Flag.OVERFLOW},
+    "deep_narrow_underflow": {f"layers.{i}": pd.Flag.GRAD_UNDERFLOW for i in range(6)},
+}
+
+
+def _analyze(name: str, dtype: str = "fp16") -> pd.Report:
+    spec = load_model_file(SAMPLES / f"{name}.py")
+    return pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype, name=name)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED), ids=str)
+def test_planted_faults_flagged_and_healthy_units_clean(name: str) -> None:
+    report = _analyze(name)
+    expected = EXPECTED[name]
+    units = report.by_module()
+    for unit, flag in expected.items():
+        assert flag in {f.flag for f in units[unit].flags}, (unit, units[unit].flags)
+    planted_region = set(expected)
+    if name == "deep_narrow_underflow":
+        # The first layers are planted; the vanishing gradient fades out somewhere in the middle.
+        planted_region |= {f"layers.{i}" for i in range(16) if i < 12}
+    stray = {u.name: [f.flag for f in u.flags] for u in report.units if u.flags and u.name not in planted_region}
+    assert not stray, stray
+    assert bool(report) == (not expected)
+
+
+def test_deep_narrow_last_layers_keep_their_gradients() -> None:
+    units = _analyze("deep_narrow_underflow").by_module()
+    for name in ("layers.15", "head"):
+        assert not units[name].flags
+    lost_early = units["layers.0"].flags[0].evidence.values["norm_fraction_lost"]
+    assert lost_early > 0.99
+
+
+def test_overflow_evidence_names_the_op_and_counts() -> None:
+    report = _analyze("reduction_overflow")
+    flag = report.by_module()["norm"].flags[0]
+    assert flag.evidence.op is not None and flag.evidence.op.startswith("sum")
+    # 8 rows, each a sum of 1024 squares of ~30: all 8 sums exceed 65504.
+    assert flag.evidence.values["overflow_count"] == 8
+    assert flag.evidence.values["max_abs"] > 65504
+
+
+def test_downstream_of_overflow_is_not_blamed_but_shows_propagated_damage() -> None:
+    report = _analyze("ffn_overflow")
+    wo = report.by_module()["block.ff.wo"]
+    assert not wo.flags
+    assert wo.forward.propagated is not None and wo.forward.propagated.nonfinite_count > 0
+    assert report.losses.low != report.losses.low or report.losses.rel_error == float("inf")
+
+
+@pytest.mark.parametrize("name", ["ffn_overflow", "attention_unscaled", "reduction_overflow"], ids=str)
+def test_bf16_range_holds_where_fp16_overflows(name: str) -> None:
+    report = _analyze(name, "bf16")
+    assert not any(f.flag is pd.Flag.OVERFLOW for f in report.flags())
+
+
+def test_control_flow_model_uses_dispatch_path() -> None:
+    report = _analyze("control_flow")
+    assert report.environment.capture_path is pd.CapturePath.DISPATCH
+    assert not report.environment.fx_traceable and report.environment.fx_error
