@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .options import Phase
-from .statistics import ErrorAccumulator, TensorSummary, summarize
+from .statistics import ErrorAccumulator, TensorSummary, squared_norm, summarize
 
 ROOT_UNIT = "<root>"
 LOSS_UNIT = "<loss>"
@@ -427,7 +427,7 @@ class ShadowCapture(TorchDispatchMode):
                 self._rounded.pop(args[i], None)
                 self._finite_inputs.pop(args[i], None)
 
-        shadows = not backward and func not in _NO_SHADOW_OPS
+        shadows = not backward and func not in _NO_SHADOW_OPS and func not in _UNINITIALIZED_OPS
         if shadows:
             floats_in = any(_is_f32(t) for t in _tensor_leaves(args, kwargs))
             shadows = floats_in and not info.random
@@ -446,10 +446,12 @@ class ShadowCapture(TorchDispatchMode):
 
         outs = _outputs(out)
         if info.random:
-            for t in outs:  # consumers of random values round the fp32 ones
-                self._global.pop(t, None)
-            for i in info.mutates:
-                self._global.pop(args[i], None)
+            # Consumers of random values round the fp32 ones: a second draw would compare
+            # two different samples.
+            stores = [self._global, *self._locals.values()]
+            for t in [*outs, *(args[i] for i in info.mutates)]:
+                for store in stores:
+                    store.pop(t, None)
 
         gpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         lpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -510,17 +512,18 @@ class ShadowCapture(TorchDispatchMode):
             rec.fp32_nonfinite_root = True
         urec.forward.merge(summary)
 
+        ref_norms = {id(ref): squared_norm(ref) for ref, _ in (gpairs or lpairs)}
         if gpairs:
             acc = ErrorAccumulator()
             for ref, sh in gpairs:
-                acc.add(ref, sh)
+                acc.add(ref, sh, ref_norms.get(id(ref)))
             rec.prop_rel_error = acc.rel_l2
             urec.prop_error.merge(acc)
             urec.prop_nonfinite += acc.nonfinite_mismatch
         if lpairs:
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
-                acc.add(ref, sh)
+                acc.add(ref, sh, ref_norms.get(id(ref)))
             rec.local_rel_error = acc.rel_l2
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
