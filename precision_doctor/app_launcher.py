@@ -1,0 +1,46 @@
+"""Start the Streamlit app (`app/streamlit_app.py`) on a saved report. The report is validated
+here first, so a bad file is one line and exit code 2 rather than a page that fails later."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import PrecisionDoctorError
+from .report import Report
+
+APP_DIR = Path(__file__).resolve().parents[1] / "app"
+APP_SCRIPT = APP_DIR / "streamlit_app.py"
+ENV_VAR = "PRECISION_DOCTOR_REPORT"
+
+
+def streamlit_command(report_path: Path, *, port: int | None = None, headless: bool = False) -> list[str]:
+    """The `streamlit run` command line for a report (already validated)."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
+           # No usage telemetry and no file watcher: the app only reads one report.
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--server.address", "127.0.0.1"]  # never listen beyond this machine
+    if port is not None:
+        cmd += ["--server.port", str(port)]
+    if headless:
+        cmd += ["--server.headless", "true"]
+    return [*cmd, "--", str(report_path)]
+
+
+def launch_app(report_path: str | os.PathLike[str], *, port: int | None = None, headless: bool = False) -> int:
+    """Validate the report, then run the app until it exits; returns its exit code."""
+    path = Path(report_path).resolve()
+    if path.is_dir():
+        raise PrecisionDoctorError(f"report {path} is a directory, not a JSON report")
+    Report.load(path)  # raises PrecisionDoctorError with a one-line message
+    if port is not None and not 0 < port < 65536:
+        raise PrecisionDoctorError(f"--port must be in 1..65535, got {port}")
+    if importlib.util.find_spec("streamlit") is None:
+        raise PrecisionDoctorError("the app needs streamlit: pip install 'precision-doctor[app]'")
+    if not APP_SCRIPT.is_file():
+        raise PrecisionDoctorError(f"the app is not installed beside the package (no {APP_SCRIPT})")
+    env = {**os.environ, ENV_VAR: str(path)}
+    return subprocess.call(streamlit_command(path, port=port, headless=headless), env=env)

@@ -1,0 +1,404 @@
+"""Plotly figures and table rows built from a saved `Report`; shared by the Streamlit app and
+the standalone HTML report, so both show the same thing. Nothing here reruns the analysis.
+
+Plotly renders a subset of HTML inside text (ticks, hovers, titles), so every unit name that
+goes into a figure is passed through `html.escape` first: names are shown, never interpreted.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import PrecisionDoctorError
+from .formats import LIMITS, FormatLimits
+from .options import Flag, LowDtype
+from .report import ErrorStats, Report, TensorStats, Unit
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+_OVERFLOW_COLOR = "rgba(214, 39, 40, 0.15)"
+_UNDERFLOW_COLOR = "rgba(31, 119, 180, 0.15)"
+_SUBNORMAL_COLOR = "rgba(255, 187, 0, 0.22)"
+
+
+# --- extras written by later stages ------------------------------------------------------------
+class _Extra(BaseModel):
+    # Later stages may add fields; reading them must not break on what we do not show.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class FP32Reason(_Extra):
+    unit: str
+    reason: str
+
+
+class PlanView(_Extra):
+    """`report.extras["plan"]`: the per-unit dtype plan and its estimated costs."""
+
+    target: str
+    dtype: Literal["fp16", "bf16"]
+    units: dict[str, Literal["fp32", "fp16", "bf16"]]
+    fp32_units: list[FP32Reason]
+    estimated_step_time_s: dict[str, float]
+    activation_bytes: dict[str, int]
+    verified_loss_rel_error: float | None = None
+    verification_passes: int | None = None
+    exports: dict[str, str] = {}
+
+    @property
+    def speedup(self) -> float | None:
+        """Estimated step-time speed-up of the plan over fp32."""
+        t = self.estimated_step_time_s
+        if t.get("plan", 0.0) > 0 and "fp32" in t:
+            return t["fp32"] / t["plan"]
+        return None
+
+    @property
+    def memory_saving(self) -> float | None:
+        """Fraction of fp32 activation memory the plan saves."""
+        a = self.activation_bytes
+        if a.get("fp32", 0) > 0 and "plan" in a:
+            return 1.0 - a["plan"] / a["fp32"]
+        return None
+
+
+class LossScaleView(_Extra):
+    """`report.extras["loss_scale"]`: the loss-scale recommendation."""
+
+    recommended_scale_log2: int
+    default_scale_log2: int = 16
+    underflow_fraction_at_recommended: float | None = None
+    underflow_fraction_at_default: float | None = None
+    skipped_steps_from_default: int | None = None
+    scaler_needed: bool | None = None
+
+
+def _extra(report: Report, key: str, model: type[Any]) -> Any:
+    raw = report.extras.get(key)
+    if raw is None:
+        return None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or key
+        raise PrecisionDoctorError(f"report extras[{key!r}] is malformed at {where}: {first['msg']}") from None
+
+
+def plan_of(report: Report) -> PlanView | None:
+    """The plan, or None when the report has none; PrecisionDoctorError when malformed."""
+    plan: PlanView | None = _extra(report, "plan", PlanView)
+    return plan
+
+
+def loss_scale_of(report: Report) -> LossScaleView | None:
+    """The loss-scale recommendation, or None; PrecisionDoctorError when malformed."""
+    ls: LossScaleView | None = _extra(report, "loss_scale", LossScaleView)
+    return ls
+
+
+# --- numbers and rows --------------------------------------------------------------------------
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    """A number for display: None as '-', infinities spelled out."""
+    if x is None:
+        return "-"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable; keeps mypy happy about the return
+
+
+def ordered_units(report: Report) -> list[Unit]:
+    """Units in execution order."""
+    return sorted(report.units, key=lambda u: u.order)
+
+
+def flag_counts(report: Report) -> dict[str, int]:
+    """Units carrying each flag (a unit counts once per flag), in severity order."""
+    c: Counter[str] = Counter()
+    for u in report.units:
+        for flag in {f.flag for f in u.flags}:
+            c[flag.value] += 1
+    return {f.value: c[f.value] for f in Flag if c[f.value]}
+
+
+def _err(e: ErrorStats | None) -> float | None:
+    return None if e is None else e.rel_l2_error
+
+
+def layer_rows(report: Report, plan: PlanView | None = None) -> list[dict[str, Any]]:
+    """One row per unit, execution order: flags and key numbers (floats stay floats, so the
+    table sorts numerically; infinities stay inf)."""
+    dtype = report.environment.dtype
+    rows = []
+    for u in ordered_units(report):
+        fwd, grad = u.forward.stats, u.backward.stats
+        tails = None if fwd is None else (fwd.fp16 if dtype == LowDtype.FP16 else fwd.bf16)
+        row: dict[str, Any] = {
+            "order": u.order,
+            "unit": u.name,
+            "kind": u.kind,
+            "flags": ", ".join(dict.fromkeys(f.flag.value for f in u.flags)),
+            "max |x|": None if fwd is None else fwd.max_abs,
+            "overflow frac": None if tails is None else tails.overflow_fraction,
+            "underflow frac": None if tails is None else tails.underflow_fraction,
+            "local rel err": _err(u.forward.local),
+            "propagated rel err": _err(u.forward.propagated),
+            "SQNR dB": None if u.forward.propagated is None else u.forward.propagated.sqnr_db,
+            "max |grad|": None if grad is None else grad.max_abs,
+            "GFLOP fwd": u.flops_forward / 1e9,
+            "activation MiB": u.activation_bytes / 2**20,
+        }
+        if plan is not None:
+            row["plan dtype"] = plan.units.get(u.name, "")
+        rows.append(row)
+    return rows
+
+
+def flag_rows(report: Report, unit: Unit | None = None) -> list[dict[str, Any]]:
+    """Every flag (of one unit, or all worst first) with the op that triggered it."""
+    flags = unit.flags if unit is not None else report.flags()
+    return [
+        {
+            "flag": f.flag.value,
+            "unit": f.unit,
+            "phase": f.evidence.phase.value,
+            "op": f.evidence.op or "-",
+            "evidence": f.evidence.message,
+        }
+        for f in flags
+    ]
+
+
+def error_rows(unit: Unit) -> list[dict[str, Any]]:
+    """Local (fed fp32 inputs) against propagated (everything low) error of one unit."""
+    rows = []
+    for label, e in (("local", unit.forward.local), ("propagated", unit.forward.propagated)):
+        rows.append(
+            {
+                "error": label,
+                "rel L2 error": None if e is None else e.rel_l2_error,
+                "SQNR dB": None if e is None else e.sqnr_db,
+                "non-finite": None if e is None else e.nonfinite_count,
+            }
+        )
+    return rows
+
+
+def overview_items(report: Report, plan: PlanView | None = None) -> list[tuple[str, str]]:
+    """(label, value) pairs for the overview."""
+    env = report.environment
+    items = [
+        ("dtype", env.dtype.value),
+        ("precision", "emulated" if env.emulated else "native"),
+        ("device", env.device or "-"),
+        ("capture path", env.capture_path.value),
+        ("units", str(len(report.units))),
+        ("flagged units", str(sum(1 for u in report.units if u.flags))),
+        ("final-loss rel error", fmt(report.losses.rel_error, ".2e")),
+    ]
+    if plan is not None:
+        if plan.speedup is not None:
+            items.append(("plan speed-up (est.)", f"{plan.speedup:.2f}x"))
+        if plan.memory_saving is not None:
+            items.append(("plan activation saving (est.)", f"{plan.memory_saving:.0%}"))
+    return items
+
+
+def takeoff_unit(report: Report) -> Unit | None:
+    """The first unit, in execution order, whose propagated error exceeds the divergence
+    threshold or turns non-finite: where the error takes off."""
+    limit = report.thresholds.get("divergence_rel_error", 0.05)
+    for u in ordered_units(report):
+        p = u.forward.propagated
+        if p is not None and (p.nonfinite_count > 0 or not math.isfinite(p.rel_l2_error) or p.rel_l2_error > limit):
+            return u
+    return None
+
+
+# --- figures -----------------------------------------------------------------------------------
+def _go() -> Any:
+    import plotly.graph_objects as go  # lazy: plotly is heavy and only needed for figures
+
+    return go
+
+
+def limits_for(dtype: LowDtype | str) -> FormatLimits:
+    return LIMITS[LowDtype(dtype)]
+
+
+def histogram_figure(stats: TensorStats, dtype: LowDtype | str, title: str) -> go.Figure:
+    """Counts of log2|x| drawn against the dtype's range: overflow region (red), subnormal
+    band (amber) and flush-to-zero region (blue) shaded, both limits marked."""
+    go = _go()
+    lim = limits_for(dtype)
+    h = stats.histogram
+    # counts[i] covers [2^(lo+i), 2^(lo+i+1)): centre each bar on its interval.
+    x = [h.log2_lo + i + 0.5 for i in range(len(h.counts))]
+    hover = [f"|x| in [2^{h.log2_lo + i}, 2^{h.log2_lo + i + 1}): {c}" for i, c in enumerate(h.counts)]
+    over = lim.max_log2
+    normal = math.log2(lim.smallest_normal)
+    sub = math.log2(lim.smallest_subnormal)
+    lo = min([h.log2_lo, sub]) - 3
+    hi = max([h.log2_lo + len(h.counts), over]) + 3
+    fig = go.Figure(
+        go.Bar(x=x, y=h.counts, width=[1.0] * len(x), hovertext=hover, hoverinfo="text",
+               name="values", marker_color="#4c78a8")
+    )
+    fig.add_vrect(x0=over, x1=hi, fillcolor=_OVERFLOW_COLOR, line_width=0, layer="below",
+                  annotation_text=f"overflow > {lim.max_value:.4g}", annotation_position="top right")
+    fig.add_vrect(x0=sub, x1=normal, fillcolor=_SUBNORMAL_COLOR, line_width=0, layer="below",
+                  annotation_text="subnormal", annotation_position="top left")
+    fig.add_vrect(x0=lo, x1=sub, fillcolor=_UNDERFLOW_COLOR, line_width=0, layer="below",
+                  annotation_text="flush to 0", annotation_position="bottom left")
+    fig.add_vline(x=over, line_color="#d62728", line_dash="dash")
+    fig.add_vline(x=sub, line_color="#1f77b4", line_dash="dash")
+    extra = []
+    if stats.zero_count:
+        extra.append(f"{stats.zero_count} zeros")
+    if stats.nan_count or stats.inf_count:
+        extra.append(f"{stats.nan_count} NaN, {stats.inf_count} Inf")
+    fig.update_layout(
+        title=html.escape(title) + (f" ({', '.join(extra)} not shown)" if extra else ""),
+        xaxis_title=f"log2|x| against the {lim.name} range",
+        yaxis_title="count",
+        xaxis_range=[lo, hi],
+        bargap=0.05,
+        showlegend=False,
+        height=320,
+        margin={"t": 60, "b": 40, "l": 50, "r": 20},
+    )
+    return fig
+
+
+def _capped(values: list[float | None], *, up: bool) -> tuple[list[float | None], list[float | None], float]:
+    """Split values into finite ones and a marker row where they are non-finite, drawn at a
+    cap just beyond the finite range (plotly cannot draw inf)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    cap = max([*finite, 1.0]) * 10 if up else min([*finite, 0.0]) - 10
+    shown = [v if v is not None and math.isfinite(v) else None for v in values]
+    marks = [cap if v is not None and not math.isfinite(v) else None for v in values]
+    return shown, marks, cap
+
+
+def depth_figure(report: Report) -> go.Figure:
+    """Propagated (and local) relative error, and SQNR, along execution order; the unit where
+    the error takes off is marked."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    units = ordered_units(report)
+    names = [html.escape(u.name) for u in units]
+    x = list(range(len(units)))
+    prop = [_err(u.forward.propagated) for u in units]
+    local = [_err(u.forward.local) for u in units]
+    sqnr = [None if u.forward.propagated is None else u.forward.propagated.sqnr_db for u in units]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("relative L2 error vs fp32", "SQNR (dB), propagated"))
+    p_shown, p_marks, _ = _capped(prop, up=True)
+    l_shown, _, _ = _capped(local, up=True)
+    s_shown, s_marks, _ = _capped(sqnr, up=False)
+    # Log axes cannot show 0; a perfect unit is drawn at the floor instead of vanishing.
+    floor = 1e-12
+    fig.add_trace(go.Scatter(x=x, y=[None if v is None else max(v, floor) for v in p_shown], mode="lines+markers",
+                             name="propagated", text=names, hovertemplate="%{text}<br>propagated %{y:.3g}<extra></extra>"),
+                  row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=[None if v is None else max(v, floor) for v in l_shown], mode="markers",
+                             name="local", text=names, marker_symbol="circle-open",
+                             hovertemplate="%{text}<br>local %{y:.3g}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=p_marks, mode="markers", name="non-finite", text=names,
+                             marker={"symbol": "x", "size": 11, "color": "#d62728"},
+                             hovertemplate="%{text}<br>non-finite<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=s_shown, mode="lines+markers", name="SQNR", text=names,
+                             hovertemplate="%{text}<br>%{y:.1f} dB<extra></extra>"), row=2, col=1)
+    fig.add_trace(go.Scatter(x=x, y=s_marks, mode="markers", name="SQNR -inf", text=names, showlegend=False,
+                             marker={"symbol": "x", "size": 11, "color": "#d62728"},
+                             hovertemplate="%{text}<br>-inf dB<extra></extra>"), row=2, col=1)
+    limit = report.thresholds.get("divergence_rel_error")
+    if limit:
+        fig.add_hline(y=limit, line_dash="dot", line_color="gray", row=1, col=1,
+                      annotation_text=f"divergence threshold {limit:g}")
+    start = takeoff_unit(report)
+    if start is not None:
+        i = units.index(start)
+        fig.add_vline(x=i, line_color="#d62728", line_dash="dash")
+        fig.add_annotation(x=i, y=1.0, yref="paper", text=f"error takes off: {html.escape(start.name)}",
+                           showarrow=False, xanchor="left", yanchor="bottom", font={"color": "#d62728"})
+    tickvals = x if len(x) <= 60 else x[:: max(1, len(x) // 60)]
+    fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
+    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(title_text="dB", row=2, col=1)
+    fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
+    return fig
+
+
+def loss_scale_figure(report: Report, recommended: LossScaleView | None = None) -> go.Figure:
+    """Fraction of gradients lost to underflow and to overflow in fp16 against the scale 2^k,
+    with the 2^16 default and (when known) the recommended initial scale marked."""
+    go = _go()
+    pts = sorted(report.loss_scale, key=lambda p: p.scale_log2)
+    k = [p.scale_log2 for p in pts]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=k, y=[p.underflow_fraction for p in pts], mode="lines+markers",
+                             name="underflow (values)", line_color="#1f77b4"))
+    if any(p.underflow_norm_fraction is not None for p in pts):
+        fig.add_trace(go.Scatter(x=k, y=[p.underflow_norm_fraction for p in pts], mode="lines",
+                                 name="underflow (L2 norm)", line={"color": "#1f77b4", "dash": "dot"}))
+    fig.add_trace(go.Scatter(x=k, y=[p.overflow_fraction for p in pts], mode="lines+markers",
+                             name="overflow", line_color="#d62728"))
+    default = recommended.default_scale_log2 if recommended is not None else 16
+    fig.add_vline(x=default, line_dash="dash", line_color="gray",
+                  annotation_text=f"default 2^{default}", annotation_position="top left")
+    if recommended is not None:
+        fig.add_vline(x=recommended.recommended_scale_log2, line_color="#2ca02c", line_width=3,
+                      annotation_text=f"recommended 2^{recommended.recommended_scale_log2}",
+                      annotation_position="top right")
+    fig.update_layout(
+        xaxis_title="loss scale 2^k (k)", yaxis_title="fraction of nonzero gradients",
+        yaxis_range=[-0.02, 1.05], height=380, margin={"t": 50, "b": 40, "l": 60, "r": 20},
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def plan_cost_figure(plan: PlanView) -> go.Figure:
+    """Estimated step time and activation memory: fp32, plain autocast and the plan."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("est. step time (ms)", "activation memory (MiB)"))
+    t: Mapping[str, float] = plan.estimated_step_time_s
+    a: Mapping[str, int] = plan.activation_bytes
+    fig.add_trace(go.Bar(x=list(t), y=[v * 1e3 for v in t.values()], name="step time", marker_color="#4c78a8"), row=1, col=1)
+    fig.add_trace(go.Bar(x=list(a), y=[v / 2**20 for v in a.values()], name="activations", marker_color="#f58518"), row=1, col=2)
+    fig.update_layout(showlegend=False, height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20})
+    return fig
+
+
+EXPORT_FILES: dict[str, tuple[str, str]] = {
+    "json": ("precision_plan.json", "application/json"),
+    "python": ("precision_plan.py", "text/x-python"),
+    "deepspeed": ("ds_config.json", "application/json"),
+    "hf": ("hf_precision.json", "application/json"),
+}
+"""Export format -> (download file name, MIME type)."""
+
+
+def export_file(fmt_name: str) -> tuple[str, str]:
+    return EXPORT_FILES.get(fmt_name, (f"precision_plan.{fmt_name}.txt", "text/plain"))

@@ -1,0 +1,225 @@
+"""A standalone HTML report: the app's plotly figures and tables in one file that opens
+without a server or network (plotly.js is embedded). Every report string is HTML-escaped."""
+
+from __future__ import annotations
+
+import html
+import os
+from base64 import b64encode
+from pathlib import Path
+from typing import Any
+
+from .errors import PrecisionDoctorError
+from .figures import (
+    LossScaleView,
+    PlanView,
+    depth_figure,
+    error_rows,
+    export_file,
+    flag_counts,
+    flag_rows,
+    fmt,
+    fmt_bytes,
+    histogram_figure,
+    layer_rows,
+    loss_scale_figure,
+    loss_scale_of,
+    ordered_units,
+    overview_items,
+    plan_cost_figure,
+    plan_of,
+    takeoff_unit,
+)
+from .report import Report, Unit, write_atomic
+
+MAX_DETAIL_UNITS = 30
+"""Units given histograms: the flagged ones first. Each costs two figures of file size."""
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .85em; margin: .5em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; cursor: pointer; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.verdict { font-size: 1.15em; font-weight: bold; padding: .6em; border-radius: 4px; }
+.bad { background: #fde8e8; color: #9b1c1c; } .ok { background: #e6f6ea; color: #1b5e20; }
+.warn { background: #fff4e0; padding: .5em; }
+.pair { display: flex; flex-wrap: wrap; gap: 1em; } .pair > div { flex: 1 1 480px; min-width: 0; }
+pre { background: #f7f7f7; padding: .6em; overflow-x: auto; max-height: 20em; }
+"""
+
+# Click a header to sort; the filter box matches unit names and flags. Plain DOM, no network.
+_JS = """
+function pdSort(th) {
+  const table = th.closest('table'), idx = [...th.parentNode.children].indexOf(th);
+  const body = table.tBodies[0], rows = [...body.rows];
+  const asc = th.dataset.asc !== '1'; th.dataset.asc = asc ? '1' : '0';
+  const key = r => { const c = r.cells[idx]; const v = c.dataset.v;
+    return v !== undefined ? parseFloat(v) : c.textContent; };
+  rows.sort((a, b) => { const x = key(a), y = key(b);
+    const c = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
+    return asc ? c : -c; });
+  rows.forEach(r => body.appendChild(r));
+}
+function pdFilter(input) {
+  const q = input.value.toLowerCase();
+  for (const r of document.getElementById('layers').tBodies[0].rows)
+    r.style.display = r.textContent.toLowerCase().includes(q) ? '' : 'none';
+}
+"""
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return f"<td>{_e('-' if v is None else v)}</td>"
+    if isinstance(v, int):
+        return f'<td class="num" data-v="{v}">{v}</td>'
+    if isinstance(v, float):
+        # data-v keeps sorting numeric; inf/nan sort as JS parses them.
+        sort = "Infinity" if v == float("inf") else "-Infinity" if v == float("-inf") else repr(v)
+        return f'<td class="num" data-v="{sort}">{_e(fmt(v))}</td>'
+    return f"<td>{_e(v)}</td>"
+
+
+def _table(rows: list[dict[str, Any]], table_id: str | None = None) -> str:
+    if not rows:
+        return "<p>none</p>"
+    cols = list(rows[0])
+    ident = f' id="{_e(table_id)}"' if table_id else ""
+    head = "".join(f'<th onclick="pdSort(this)">{_e(c)}</th>' for c in cols)
+    body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class _Figures:
+    """Turns figures into <div>s; plotly.js goes into the first one only."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def __call__(self, fig: Any) -> str:
+        out: str = fig.to_html(full_html=False, include_plotlyjs=self.first, config={"displaylogo": False})
+        self.first = False
+        return out
+
+
+def _detail_units(report: Report) -> list[Unit]:
+    flagged = report.flagged_units()
+    rest = [u for u in ordered_units(report) if not u.flags and u.forward.stats is not None]
+    return (flagged + rest)[:MAX_DETAIL_UNITS] if flagged else rest[: min(5, MAX_DETAIL_UNITS)]
+
+
+def render_html(report: Report) -> str:
+    """The whole report as one HTML document."""
+    fig = _Figures()
+    parts: list[str] = []
+    warnings: list[str] = []
+    plan: PlanView | None = None
+    ls: LossScaleView | None = None
+    # A malformed later-stage section is reported in the page; the rest still renders.
+    try:
+        plan = plan_of(report)
+    except PrecisionDoctorError as e:
+        warnings.append(str(e))
+    try:
+        ls = loss_scale_of(report)
+    except PrecisionDoctorError as e:
+        warnings.append(str(e))
+    dtype = report.environment.dtype
+
+    parts.append(f"<h1>precision-doctor: {_e(report.model)}</h1>")
+    parts.append(f'<p class="verdict {"ok" if report else "bad"}" id="verdict">{_e(report.verdict)}</p>')
+    parts.extend(f'<p class="warn">{_e(w)}</p>' for w in warnings)
+
+    parts.append("<h2>Overview</h2>")
+    parts.append(_table([{k: v for k, v in overview_items(report, plan)}]))
+    counts = flag_counts(report)
+    parts.append("<p>Flagged units by flag:</p>" + _table([counts]) if counts else "<p>No flags.</p>")
+
+    parts.append("<h2>Layers</h2>")
+    parts.append('<p><input type="search" placeholder="filter by name or flag" oninput="pdFilter(this)"> '
+                 "(click a column header to sort)</p>")
+    parts.append(_table(layer_rows(report, plan), "layers"))
+    if report.flags():
+        parts.append("<h3>Flags, worst first</h3>" + _table(flag_rows(report)))
+
+    parts.append("<h2>Depth</h2>")
+    start = takeoff_unit(report)
+    if start is not None:
+        parts.append(f"<p>Error takes off at <code>{_e(start.name)}</code> (execution order {start.order}).</p>")
+    parts.append(fig(depth_figure(report)))
+
+    parts.append("<h2>Loss scale</h2>")
+    if ls is not None:
+        parts.append(
+            f'<p id="recommended-scale">Recommended initial loss scale: 2^{ls.recommended_scale_log2} '
+            f"(default 2^{ls.default_scale_log2}); gradients underflowing: "
+            f"{_e(fmt(ls.underflow_fraction_at_recommended))} at the recommended scale, "
+            f"{_e(fmt(ls.underflow_fraction_at_default))} at the default; steps skipped starting "
+            f"from the default: {_e(fmt(ls.skipped_steps_from_default, 'd') if ls.skipped_steps_from_default is not None else '-')}; "
+            f"scaler needed: {_e('-' if ls.scaler_needed is None else ('yes' if ls.scaler_needed else 'no'))}.</p>"
+        )
+    if report.loss_scale:
+        parts.append(fig(loss_scale_figure(report, ls)))
+    else:
+        parts.append("<p>No gradient statistics in this report.</p>")
+
+    if plan is not None:
+        parts.append("<h2>Plan</h2>")
+        parts.append(f"<p>Target {_e(plan.target)}, low dtype {_e(plan.dtype)}; "
+                     f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>")
+        parts.append("<h3>Units kept in fp32</h3>" + _table([r.model_dump() for r in plan.fp32_units]))
+        cost = [
+            {"config": k, "est. step time (ms)": plan.estimated_step_time_s.get(k, float("nan")) * 1e3,
+             "activations": fmt_bytes(plan.activation_bytes[k]) if k in plan.activation_bytes else "-"}
+            for k in dict.fromkeys([*plan.estimated_step_time_s, *plan.activation_bytes])
+        ]
+        parts.append("<h3>Cost</h3>" + _table(cost) + fig(plan_cost_figure(plan)))
+        if plan.verified_loss_rel_error is not None:
+            parts.append(f"<p>Verified final-loss error {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
+                         f"in {_e(plan.verification_passes if plan.verification_passes is not None else '-')} pass(es).</p>")
+        for name, text in plan.exports.items():
+            fname, mime = export_file(name)
+            # A data: URI keeps the download working with no server.
+            uri = f"data:{mime};base64,{b64encode(text.encode()).decode()}"
+            parts.append(f'<details><summary>{_e(name)} export: <a download="{_e(fname)}" href="{uri}">'
+                         f"{_e(fname)}</a></summary><pre>{_e(text)}</pre></details>")
+
+    parts.append("<h2>Unit detail</h2>")
+    units = _detail_units(report)
+    if len(units) < len(report.units):
+        parts.append(f"<p>Histograms for {len(units)} of {len(report.units)} units "
+                     f"({'flagged first' if report.flagged_units() else 'first in execution order'}); "
+                     "the app shows every unit.</p>")
+    for u in units:
+        parts.append(f'<h3 class="unit"><code>{_e(u.name)}</code> ({_e(u.kind)})</h3>')
+        if u.flags:
+            parts.append(_table(flag_rows(report, u)))
+        parts.append(_table(error_rows(u)))
+        figs = []
+        if u.forward.stats is not None:
+            figs.append(fig(histogram_figure(u.forward.stats, dtype, f"{u.name}: forward")))
+        if u.backward.stats is not None:
+            figs.append(fig(histogram_figure(u.backward.stats, dtype, f"{u.name}: gradient")))
+        if figs:
+            parts.append('<div class="pair">' + "".join(f"<div>{f}</div>" for f in figs) + "</div>")
+
+    env = report.environment
+    parts.append(f"<p><small>precision-doctor {_e(env.tool_version)}, torch {_e(env.torch_version)}, "
+                 f"python {_e(env.python_version)}, {_e(env.platform)}</small></p>")
+    body = "\n".join(parts)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>precision-doctor: {_e(report.model)}</title>"
+        f"<style>{_CSS}</style><script>{_JS}</script></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def write_html(report: Report, path: str | os.PathLike[str]) -> None:
+    """Write the standalone HTML report atomically."""
+    write_atomic(Path(path), render_html(report))

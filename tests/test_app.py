@@ -1,0 +1,295 @@
+"""The Streamlit app, driven by streamlit.testing.v1.AppTest on real reports (a sample model
+and a planted fault), the bad-input pages, the launcher and the `app` command."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor.app_launcher import APP_SCRIPT, launch_app, streamlit_command
+from precision_doctor.report import Report
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIL = '<img src=x onerror="__pwned=1">'
+MARKDOWN_NAME = "**md** [x](javascript:alert(1))"
+
+
+def faulty_report() -> Report:
+    """A hidden Linear scaled by 1e5 overflows fp16; names carry HTML and markdown."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("inp", nn.Linear(16, 32)), ("act", nn.ReLU()), (EVIL, nn.Linear(32, 32)),
+        (MARKDOWN_NAME, nn.ReLU()), ("out", nn.Linear(32, 4)),
+    ]))
+    with torch.no_grad():
+        model[2].weight.mul_(1e5)
+    return pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty")
+
+
+def sample_report() -> Report:
+    from precision_doctor.model_spec import load_model_file
+
+    spec = load_model_file(ROOT / "sample_models" / "tiny_transformer.py")
+    return pd.analyze(spec.model, spec.batch, spec.loss_fn, name=spec.name)
+
+
+def with_extras(report: Report, scale_log2: int = 9) -> Report:
+    """The plan and loss-scale sections as the later stages write them."""
+    units = {u.name: ("fp32" if u.flags else "fp16") for u in report.units}
+    extras: dict[str, Any] = {
+        "loss_scale": {
+            "recommended_scale_log2": scale_log2, "default_scale_log2": 16,
+            "underflow_fraction_at_recommended": 0.001, "underflow_fraction_at_default": 0.0,
+            "skipped_steps_from_default": 7, "scaler_needed": True,
+        },
+        "plan": {
+            "target": "a100", "dtype": "fp16", "units": units,
+            "fp32_units": [{"unit": u.name, "reason": f"{u.flags[0].flag.value} at <b>op</b>"}
+                           for u in report.units if u.flags],
+            "estimated_step_time_s": {"fp32": 0.10, "autocast": 0.05, "plan": 0.0625},
+            "activation_bytes": {"fp32": 1_000_000, "autocast": 500_000, "plan": 600_000},
+            "verified_loss_rel_error": 1e-4, "verification_passes": 3,
+            "exports": {"json": "{}", "python": "PLAN = {}\n", "deepspeed": '{"fp16": {}}', "hf": "{}"},
+        },
+    }
+    return report.model_copy(update={"extras": extras})
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Report, Path]]:
+    d = tmp_path_factory.mktemp("reports")
+    out = {}
+    for name, report in {
+        "sample": sample_report(),
+        "faulty": with_extras(faulty_report()),
+    }.items():
+        path = d / f"{name}.json"
+        report.save(path)
+        out[name] = (report, path)
+    return out
+
+
+def unescape(text: str) -> str:
+    """Undo the app's markdown escaping."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def run_app(monkeypatch: pytest.MonkeyPatch, path: Path | str | None, *, env: str | None = None) -> AppTest:
+    # AppTest runs the script in this process: the "argv after --" is sys.argv[1:].
+    monkeypatch.setattr(sys, "argv", ["streamlit_app.py", *([str(path)] if path is not None else [])])
+    if env is None:
+        monkeypatch.delenv("PRECISION_DOCTOR_REPORT", raising=False)
+    else:
+        monkeypatch.setenv("PRECISION_DOCTOR_REPORT", env)
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def all_frames(at: AppTest) -> list[Any]:
+    return [d.value for d in at.dataframe]
+
+
+def test_sample_report_verdict_and_sections(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = reports["sample"]
+    at = run_app(monkeypatch, path)
+    shown = [unescape(e.value) for e in (*at.success, *at.error)]
+    assert report.verdict in shown
+    assert [t.label for t in at.tabs] == ["Overview", "Layers", "Unit detail", "Depth", "Loss scale"]
+    metrics = {unescape(m.label): m.value for m in at.metric}
+    assert metrics["capture path"] == report.environment.capture_path.value
+    assert metrics["device"] == report.environment.device
+    assert metrics["units"] == str(len(report.units))
+    # The layer table lists every unit, in execution order.
+    layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
+    assert list(layers["unit"]) == [u.name for u in sorted(report.units, key=lambda u: u.order)]
+    # No recommendation in a plain report: the loss-scale tab says so instead of inventing one.
+    assert any("No loss-scale recommendation" in i.value for i in at.info)
+
+
+def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = reports["faulty"]
+    assert not report
+    at = run_app(monkeypatch, path)
+    assert report.verdict in [unescape(e.value) for e in at.error]
+    frames = all_frames(at)
+    counts = next(df for df in frames if list(df.columns) == ["flag", "units"])
+    assert dict(zip(counts["flag"], counts["units"], strict=True)) == {
+        flag: sum(1 for u in report.units if any(f.flag.value == flag for f in u.flags))
+        for flag in counts["flag"]
+    }
+    worst = next(df for df in frames if "evidence" in df.columns)
+    assert list(worst["unit"]) == [f.unit for f in report.flags()]
+    assert list(worst["op"]) == [f.evidence.op or "-" for f in report.flags()]
+    layers = next(df for df in frames if "propagated rel err" in df.columns)
+    flagged = {n for n, fl in zip(layers["unit"], layers["flags"], strict=True) if fl}
+    assert flagged == {u.name for u in report.flagged_units()}
+    assert EVIL in flagged  # shown verbatim, as data
+
+    ls = report.extras["loss_scale"]
+    assert isinstance(ls, dict)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Recommended initial scale"] == f"2^{ls['recommended_scale_log2']}"
+    assert metrics["Default scale"] == "2^16"
+    assert unescape(next(k for k in metrics if "speed" in k)) == "plan speed-up (est.)"
+    assert "1.60x" in metrics.values()  # 0.10 s / 0.0625 s
+
+    assert [t.label for t in at.tabs][-1] == "Plan"
+    assert [unescape(b.label) for b in at.get("download_button")] == [
+        "Download json", "Download python", "Download deepspeed", "Download hf"]
+    fp32 = next(df for df in frames if list(df.columns) == ["unit", "reason"])
+    assert set(fp32["unit"]) == {u.name for u in report.flagged_units()}
+
+
+def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = reports["faulty"]
+    at = run_app(monkeypatch, path)
+    worst = report.flagged_units()[0]
+    assert at.text[0].value.startswith(f"{worst.name}  ({worst.kind})")
+    units = sorted(report.units, key=lambda u: u.order)
+    i = next(i for i, u in enumerate(units) if u.name == EVIL)
+    at.selectbox(key="unit_pick").set_value(i).run()
+    assert not at.exception
+    assert at.text[0].value.startswith(EVIL)  # st.text: plain text, never HTML
+    errors = next(df for df in all_frames(at) if list(df.columns)[:2] == ["error", "rel L2 error"])
+    assert list(errors["error"]) == ["local", "propagated"]
+    ops = next(df for df in all_frames(at) if list(df.columns) == ["flag", "unit", "phase", "op", "evidence"]
+               and set(df["unit"]) == {EVIL})
+    assert set(ops["op"]) == {f.evidence.op or "-" for f in units[i].flags}
+    # Histograms against the other dtype's range still render.
+    at.sidebar.radio(key="range_dtype").set_value("bf16").run()
+    assert not at.exception
+
+
+def test_layer_filters(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = reports["faulty"]
+    at = run_app(monkeypatch, path)
+    at.multiselect(key="flag_filter").set_value(["OVERFLOW"]).run()
+    layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
+    assert set(layers["unit"]) == {u.name for u in report.units if any(f.flag.value == "OVERFLOW" for f in u.flags)}
+    at.multiselect(key="flag_filter").set_value([]).run()
+    at.text_input(key="name_filter").set_value("IMG").run()
+    layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
+    assert list(layers["unit"]) == [EVIL]
+
+
+def test_names_never_rendered_as_markup(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path = reports["faulty"]
+    at = run_app(monkeypatch, path)
+    markdown_like = [*at.markdown, *at.title, *at.caption, *at.error, *at.success, *at.warning, *at.info]
+    for el in markdown_like:
+        assert "<img" not in el.value and "**md**" not in el.value, el.value
+    assert not [m for m in at.markdown if getattr(m.proto, "allow_html", False)]
+
+
+def test_env_variable_names_the_report(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = reports["sample"]
+    at = run_app(monkeypatch, None, env=str(path))
+    assert report.verdict in [unescape(e.value) for e in at.success]
+
+
+def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    text = good.read_text()
+    raw = json.loads(text)
+    cases = {
+        "missing": (tmp / "nope.json", "does not exist"),
+        "directory": (tmp, "is a directory"),
+        "empty": (tmp / "empty.json", "not valid JSON"),
+        "truncated": (tmp / "truncated.json", "not valid JSON"),
+        "corrupt": (tmp / "corrupt.json", "cannot be read"),
+        "not a report": (tmp / "list.json", "not a precision-doctor report"),
+        "future schema": (tmp / "v99.json", "schema_version 99"),
+        "wrong schema": (tmp / "wrong.json", "does not match the report schema"),
+    }
+    (tmp / "empty.json").write_text("")
+    (tmp / "truncated.json").write_text(text[: len(text) // 2])
+    (tmp / "corrupt.json").write_bytes(b"\xff\xfe\x00garbage\x89PNG")
+    (tmp / "list.json").write_text("[1, 2, 3]")
+    (tmp / "v99.json").write_text(json.dumps({**raw, "schema_version": 99}))
+    (tmp / "wrong.json").write_text(json.dumps({**raw, "units": [{"name": 3}]}))
+    return cases
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "truncated", "corrupt", "not a report",
+                                  "future schema", "wrong schema"])
+def test_bad_report_shows_a_message(case: str, reports: dict[str, tuple[Report, Path]], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path, phrase = _bad_inputs(tmp_path, reports["sample"][1])[case]
+    at = run_app(monkeypatch, path)
+    assert len(at.error) == 1
+    assert phrase in unescape(at.error[0].value)
+    assert "Traceback" not in unescape(at.error[0].value)
+    assert not at.tabs  # nothing else rendered
+
+
+def test_malformed_extras_warn_and_still_render(reports: dict[str, tuple[Report, Path]], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    report, _ = reports["sample"]
+    bad = report.model_copy(update={"extras": {"plan": {"target": "x"}, "loss_scale": "2^16"}})
+    path = tmp_path / "bad_extras.json"
+    bad.save(path)
+    at = run_app(monkeypatch, path)
+    warnings = [unescape(w.value) for w in at.warning]
+    assert any("extras['plan'] is malformed" in w for w in warnings)
+    assert any("extras['loss_scale'] is malformed" in w for w in warnings)
+    assert report.verdict in [unescape(e.value) for e in at.success]
+    assert [t.label for t in at.tabs][-1] == "Loss scale"
+
+
+def test_no_report_offers_an_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    at = run_app(monkeypatch, None)
+    assert any("precision-doctor app report.json" in i.value for i in at.info)
+    assert not at.tabs
+
+
+# --- launcher and CLI --------------------------------------------------------------------------
+def test_launcher_validates_before_starting(reports: dict[str, tuple[Report, Path]], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_call(cmd: list[str], env: dict[str, str]) -> int:
+        calls.append(cmd)
+        assert env["PRECISION_DOCTOR_REPORT"] == str(path.resolve())
+        return 0
+
+    monkeypatch.setattr("precision_doctor.app_launcher.subprocess.call", fake_call)
+    for case, (bad, phrase) in _bad_inputs(tmp_path, reports["sample"][1]).items():
+        with pytest.raises(pd.PrecisionDoctorError, match=re.escape(phrase)):
+            launch_app(bad)
+        assert not calls, case
+    _, path = reports["sample"]
+    assert launch_app(path, port=8765, headless=True) == 0
+    (cmd,) = calls
+    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT)]
+    assert cmd[cmd.index("--server.port") + 1] == "8765"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[-2:] == ["--", str(path.resolve())]
+    assert streamlit_command(path)[-2:] == ["--", str(path)]
+
+
+def test_cli_app_bad_report_is_one_line_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    bad = tmp_path / "truncated.json"
+    bad.write_text('{"schema_version": 1, "mod')
+    for path in (bad, tmp_path / "missing.json"):
+        result = CliRunner().invoke(app, ["app", str(path)])
+        assert result.exit_code == 2
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("precision-doctor: error:"), result.output
+        assert "Traceback" not in result.output

@@ -1,0 +1,170 @@
+"""End to end in a real browser: `precision-doctor app report.json` served on a loopback port
+and opened in headless Chromium (Debian's package, driven by playwright; no browser download),
+and the standalone HTML report opened from disk with the network blocked.
+
+Needs `.ci/install_browser.sh`; skipped only when /usr/bin/chromium is absent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor.html_report import write_html
+from precision_doctor.report import Report
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: run .ci/install_browser.sh")
+EVIL = '<img src=x onerror="__pwned=1">'
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report() -> Report:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("inp", nn.Linear(16, 32)), ("act", nn.ReLU()),
+                                       (EVIL, nn.Linear(32, 32)), ("out", nn.Linear(32, 4))]))
+    with torch.no_grad():
+        model[2].weight.mul_(1e5)
+    r = pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty")
+    return r.model_copy(update={"extras": {"loss_scale": {
+        "recommended_scale_log2": 9, "default_scale_log2": 16, "underflow_fraction_at_recommended": 0.0,
+        "underflow_fraction_at_default": 0.0, "skipped_steps_from_default": 7, "scaler_needed": True}}})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    w, h = struct.unpack(">II", data[16:24])
+    return int(w), int(h)
+
+
+@contextmanager
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),  # a fresh --user-data-dir
+            executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"the app did not answer {url} in {timeout}s:\n{log.read_text(errors='replace')}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """The CLI runs streamlit as a child: signal the whole session we started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_app_in_chromium(report: Report, tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    report.save(path)
+    port = free_port()
+    log = tmp_path / "app.log"
+    env = {**os.environ, "STREAMLIT_SERVER_ADDRESS": "127.0.0.1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from precision_doctor.cli import main; main()",
+             "app", str(path), "--port", str(port), "--headless"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(proc, f"{base}/_stcore/health", log)
+        with browser(tmp_path) as ctx:
+            page = ctx.new_page()
+            page.goto(base, wait_until="domcontentloaded")
+            page.get_by_text(report.verdict).wait_for(timeout=90_000)
+            assert report.verdict in page.inner_text("body")
+            page.get_by_role("tab", name="Loss scale").click()
+            page.get_by_text("Recommended initial scale").wait_for(timeout=30_000)
+            page.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(timeout=30_000)
+            page.get_by_role("tab", name="Overview").click()
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert page.evaluate("typeof window.__pwned") == "undefined"
+        w, h = png_size(shot)
+        assert w >= 800 and h >= 400 and shot.stat().st_size > 10_000
+    finally:
+        stop(proc)
+
+
+def test_standalone_html_in_chromium(report: Report, tmp_path: Path) -> None:
+    path = tmp_path / "report.html"
+    write_html(report, path)
+    expected = path.read_text(encoding="utf-8").count('class="plotly-graph-div"')
+    assert expected >= 4
+    fetched: list[str] = []
+    with browser(tmp_path) as ctx:
+        def block(route: Any) -> None:
+            # Standalone means no network at all: record and refuse anything but the file.
+            url = route.request.url
+            if url.startswith(("file:", "data:")):
+                route.continue_()
+            else:
+                fetched.append(url)
+                route.abort()
+
+        ctx.route("**/*", block)
+        page = ctx.new_page()
+        page.goto(path.as_uri())
+        page.wait_for_function(
+            f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}", timeout=60_000)
+        plots = page.locator(".js-plotly-plot")
+        assert plots.count() == expected
+        assert page.locator("#verdict").inner_text() == report.verdict
+        assert page.locator(".js-plotly-plot .bars").count() >= 1  # histograms drew their bars
+        assert EVIL in page.inner_text("#layers")  # the name shown as text
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        shot = tmp_path / "html.png"
+        page.screenshot(path=str(shot), full_page=True)
+    assert not fetched, fetched
+    w, h = png_size(shot)
+    assert w >= 800 and h >= 2000 and shot.stat().st_size > 10_000

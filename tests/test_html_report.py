@@ -1,0 +1,149 @@
+"""The standalone HTML report and the figure builders it shares with the app."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor import figures as F
+from precision_doctor.formats import BF16, FP16
+from precision_doctor.html_report import render_html, write_html
+from precision_doctor.report import Report
+
+EVIL = '<img src=x onerror="__pwned=1">'
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Report:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("inp", nn.Linear(16, 32)), ("act", nn.ReLU()), (EVIL, nn.Linear(32, 32)), ("out", nn.Linear(32, 4)),
+    ]))
+    with torch.no_grad():
+        model[2].weight.mul_(1e5)
+    report = pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty<b>")
+    return report.model_copy(update={"extras": {
+        "loss_scale": {"recommended_scale_log2": 9, "default_scale_log2": 16,
+                       "underflow_fraction_at_recommended": 0.0, "underflow_fraction_at_default": 0.0,
+                       "skipped_steps_from_default": 7, "scaler_needed": True},
+        "plan": {"target": "a100", "dtype": "fp16", "units": {u.name: "fp32" for u in report.units},
+                 "fp32_units": [{"unit": EVIL, "reason": "OVERFLOW at addmm"}],
+                 "estimated_step_time_s": {"fp32": 0.1, "autocast": 0.05, "plan": 0.08},
+                 "activation_bytes": {"fp32": 2048, "autocast": 1024, "plan": 1536},
+                 "verified_loss_rel_error": 1e-4, "verification_passes": 2,
+                 "exports": {"json": "{}", "python": "PLAN = {'<b>': 1}\n", "deepspeed": "{}", "hf": "{}"}},
+    }})
+
+
+@pytest.fixture(scope="module")
+def healthy() -> Report:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    return pd.analyze(net, torch.randn(4, 8), loss_fn=lambda o, b: o.pow(2).mean())
+
+
+def test_standalone_html(faulty: Report, tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "report.html"
+    write_html(faulty, path)
+    text = path.read_text(encoding="utf-8")
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # atomic: no temp left behind
+    assert text.startswith("<!DOCTYPE html>")
+    # plotly.js embedded once, nothing loaded from elsewhere. (Plain booleans below: pytest
+    # would otherwise diff the megabytes of plotly.js on a failure.)
+    scripts = re.findall(r"<script[^>]*>(.*?)</script>", text, flags=re.S)
+    external = re.search(r"<(script|link|img)[^>]*\b(src|href)=", text) is not None
+    assert not external
+    assert sum("Plotly.newPlot" in s for s in scripts) >= 4
+    assert len(text) > 1_000_000  # plotly.js itself is megabytes
+    # The verdict, escaped; the recommended scale and the plan's exports.
+    has_verdict = html.escape(faulty.verdict) in text
+    assert has_verdict
+    assert "Recommended initial loss scale: 2^9" in text[-200_000:]
+    for name in ("precision_plan.json", "precision_plan.py", "ds_config.json", "hf_precision.json"):
+        assert f'download="{name}"' in text[-200_000:]
+    # Names and other report strings never become markup: not in the page's markup, and not in
+    # the figures' data (plotly draws a subset of HTML in its text).
+    markup = re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
+    figures = "".join(s for s in scripts if "Plotly.newPlot" in s)
+    raw_in_markup = EVIL in markup or "<b>" in markup
+    raw_in_figures = EVIL in figures or "<b>" in figures
+    assert not raw_in_markup and not raw_in_figures
+    assert html.escape(EVIL) in markup and "faulty&lt;b&gt;" in markup
+
+
+def test_html_without_extras(healthy: Report) -> None:
+    text = render_html(healthy)
+    assert healthy.verdict in text
+    assert "<h2>Plan</h2>" not in text and "Recommended initial loss scale" not in text
+
+
+def test_html_with_malformed_extras(healthy: Report) -> None:
+    text = render_html(healthy.model_copy(update={"extras": {"plan": [1, 2]}}))
+    assert "extras[&#x27;plan&#x27;] is malformed" in text
+    assert healthy.verdict in text
+
+
+def test_histogram_against_dtype_range(faulty: Report) -> None:
+    unit = faulty.by_module()[EVIL]
+    stats = unit.forward.stats
+    assert stats is not None
+    fig = F.histogram_figure(stats, "fp16", unit.name)
+    bar = fig.data[0]
+    h = stats.histogram
+    # counts[i] is floor(log2|x|) = log2_lo + i: bars sit on [lo+i, lo+i+1).
+    assert list(bar.x) == [h.log2_lo + i + 0.5 for i in range(len(h.counts))]
+    assert list(bar.y) == h.counts
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert any(math.isclose(s.x0, FP16.max_log2) for s in rects)  # overflow region
+    assert any(math.isclose(s.x0, math.log2(FP16.smallest_subnormal))
+               and math.isclose(s.x1, math.log2(FP16.smallest_normal)) for s in rects)  # subnormal band
+    assert EVIL not in fig.layout.title.text
+    bf = F.histogram_figure(stats, pd.LowDtype.BF16, unit.name)
+    assert any(math.isclose(s.x0, BF16.max_log2) for s in bf.layout.shapes if s.type == "rect")
+
+
+def test_depth_view_marks_takeoff(faulty: Report, healthy: Report) -> None:
+    start = F.takeoff_unit(faulty)
+    assert start is not None and start.name == EVIL
+    fig = F.depth_figure(faulty)
+    order = sorted(faulty.units, key=lambda u: u.order)
+    prop = fig.data[0]
+    assert len(prop.x) == len(order)
+    lines = [s for s in fig.layout.shapes if s.type == "line" and s.x0 == s.x1]
+    assert {s.x0 for s in lines} == {order.index(start)}  # on both panels
+    # Non-finite errors are drawn as markers at a cap, never dropped silently.
+    nonfinite = fig.data[2]
+    assert sum(v is not None for v in nonfinite.y) == sum(
+        1 for u in order if u.forward.propagated and not math.isfinite(u.forward.propagated.rel_l2_error))
+    assert F.takeoff_unit(healthy) is None
+
+
+def test_loss_scale_curve_marks_default_and_recommended(faulty: Report) -> None:
+    ls = F.loss_scale_of(faulty)
+    assert ls is not None
+    fig = F.loss_scale_figure(faulty, ls)
+    xs = sorted(s.x0 for s in fig.layout.shapes if s.type == "line")
+    assert xs == [9, 16]
+    assert list(fig.data[0].x) == [p.scale_log2 for p in faulty.loss_scale]
+    assert [s.x0 for s in F.loss_scale_figure(faulty).layout.shapes] == [16]
+
+
+def test_overview_and_rows(faulty: Report) -> None:
+    plan = F.plan_of(faulty)
+    assert plan is not None and plan.speedup == pytest.approx(1.25) and plan.memory_saving == pytest.approx(0.25)
+    items = dict(F.overview_items(faulty, plan))
+    assert items["capture path"] == faulty.environment.capture_path.value
+    assert items["plan speed-up (est.)"] == "1.25x"
+    counts = F.flag_counts(faulty)
+    assert sum(counts.values()) == sum(len({f.flag for f in u.flags}) for u in faulty.units)
+    rows = F.layer_rows(faulty, plan)
+    assert [r["unit"] for r in rows] == [u.name for u in sorted(faulty.units, key=lambda u: u.order)]
+    assert all(r["plan dtype"] == "fp32" for r in rows)
