@@ -13,7 +13,11 @@ __version__ = "0.1.0"
 
 from .analysis import analyze
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from .loss_scale import recommend_loss_scale
+from .monitor import ScalerMonitor
 from .options import CapturePath, Flag, LowDtype, Thresholds
+from .plan import Plan, apply_plan, plan_model
+from .preflight import PreflightResult, preflight
 from .report import SCHEMA_VERSION, Report
 
 __all__ = [
@@ -21,10 +25,17 @@ __all__ = [
     "CapturePath",
     "Flag",
     "LowDtype",
+    "Plan",
     "PrecisionDoctorError",
     "PrecisionDoctorInternalError",
+    "PreflightResult",
     "Report",
+    "ScalerMonitor",
     "Thresholds",
     "__version__",
     "analyze",
+    "apply_plan",
+    "plan_model",
+    "preflight",
+    "recommend_loss_scale",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__
 from .capture import LOSS_UNIT, OpRecord, Policy, ShadowCapture, UnitRecord, capture_pass, relative_loss_error
@@ -78,17 +79,19 @@ def analyze(
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
 
-    step("checking whether torch.fx can trace the model")
-    fx_ok, fx_error = fx_check(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-
-    step("fp32 forward with low-precision shadows")
     with ModelStateGuard(model) as guard:
+        # Inside the guard: tracing runs forward(), whose side effects must be undone too.
+        step("checking whether torch.fx can trace the model")
+        fx_ok, fx_error = fx_check(model)
+        step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
         try:
             with capture_pass(model, TORCH_DTYPES[low], Policy({"": True}), on_mutation=guard.before_mutation) as mode:
                 try:
                     output = run_model(model, batch)
+                except PrecisionDoctorInternalError:
+                    raise
                 except Exception as e:
                     raise PrecisionDoctorError(
                         f"the model's forward raised {type(e).__name__}: {e}"
@@ -97,13 +100,14 @@ def analyze(
                 mode.tracker.outside = LOSS_UNIT
                 try:
                     loss = resolve_loss(output, batch, loss_fn)
-                except PrecisionDoctorError:
+                except (PrecisionDoctorError, PrecisionDoctorInternalError):
                     raise
                 except Exception as e:
                     raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
-                loss_fp32 = float(loss.detach())
                 low_shadow = mode.global_shadow(loss)
-                loss_low = float(low_shadow) if low_shadow is not None else loss_fp32
+                with _disable_current_modes():  # reading the loss is no op of the model
+                    loss_fp32 = float(loss.detach())
+                    loss_low = float(low_shadow) if low_shadow is not None else loss_fp32
                 if not math.isfinite(loss_fp32):
                     first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
                     where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
@@ -115,6 +119,8 @@ def analyze(
                 handles = mode.instrument_backward(loss)
                 try:
                     loss.backward()
+                except PrecisionDoctorInternalError:
+                    raise
                 except Exception as e:
                     raise PrecisionDoctorError(
                         f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
@@ -124,7 +130,7 @@ def analyze(
                         h.remove()
                 del loss, output
             grads = guard.analysis_grads()
-        except PrecisionDoctorError:
+        except (PrecisionDoctorError, PrecisionDoctorInternalError):
             raise
         except Exception as e:
             where = f" at {mode.failed_at}" if mode and mode.failed_at else ""

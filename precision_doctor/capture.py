@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 from torch.nn.modules import module as nn_module
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .errors import PrecisionDoctorInternalError
 from .options import Phase
 from .statistics import ErrorAccumulator, TensorSummary, squared_norm, summarize
 
@@ -217,6 +218,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _ModelOpError(Exception):
+    """Carries an exception raised by the model's own op out of our handler untouched."""
+
+    def __init__(self, original: Exception) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
 class Policy:
     """Which units run low. A dict with a `""` default key, as Polygraphy's per-unit options:
     `{"": True, "lm_head": False}` runs everything low except `lm_head`."""
@@ -384,8 +393,6 @@ class ShadowCapture(TorchDispatchMode):
 
     def _gradient_hook(self, node: Any) -> Callable[[Any, Any], None]:
         def hook(grad_inputs: Any, grad_outputs: Any) -> None:
-            from torch.utils._python_dispatch import _disable_current_modes
-
             unit = self.seq_units.get(node._sequence_nr())
             if unit is None:
                 return  # AccumulateGrad and friends: parameter gradients are summarized apart
@@ -410,7 +417,20 @@ class ShadowCapture(TorchDispatchMode):
 
     # --- the op handler ----------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        except _ModelOpError as e:
+            raise e.original  # the model's own op failed: the caller reports it as such
+        except PrecisionDoctorInternalError:
+            raise
+        except Exception as e:
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            raise PrecisionDoctorInternalError(
+                f"capture failed at op {func} ({phase}, unit {self.tracker.current!r}, "
+                f"low dtype {self.low}): {type(e).__name__}: {e}"
+            ) from e
+
+    def _dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
         info = op_info(func)
         self.op_count += 1
         backward = torch._C._current_graph_task_id() != -1
@@ -440,9 +460,9 @@ class ShadowCapture(TorchDispatchMode):
 
         try:
             out = func(*args, **kwargs)
-        except Exception:
+        except Exception as e:
             self.failed_at = f"{info.name} in unit {unit!r} ({'backward' if backward else 'forward'})"
-            raise
+            raise _ModelOpError(e) from e
 
         outs = _outputs(out)
         if info.random:
@@ -562,7 +582,10 @@ class ShadowCapture(TorchDispatchMode):
 
     def global_shadow(self, t: torch.Tensor) -> torch.Tensor | None:
         s = self._global.get(t)
-        return None if s is None else s.float()
+        if s is None:
+            return None
+        with _disable_current_modes():  # our own readout is no op of the model
+            return s.float()
 
 
 @contextlib.contextmanager

@@ -13,8 +13,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .cost import Target
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from .export import ExportFormat
 from .options import LowDtype, Thresholds
+from .plan import DEFAULT_TOLERANCE
+from .report import write_atomic
 
 app = typer.Typer(
     add_completion=False,
@@ -81,15 +85,38 @@ def analyze(
         typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (repeatable)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="Plan the per-module dtypes and write the plan export here.")
+    ] = None,
+    export_format: Annotated[
+        ExportFormat | None,
+        typer.Option("--export-format", help="json (the plan), python (standalone snippet), deepspeed, hf. Default: from the --export suffix (.py: python), else json."),
+    ] = None,
+    target: Annotated[
+        Target | None, typer.Option("--target", help="Device the plan's cost model targets (default h100).")
+    ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option("--tolerance", help=f"Relative final-loss error the plan may cost against fp32 (default {DEFAULT_TOLERANCE:g})."),
+    ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a standalone HTML report here.")] = None,
+    open_app: Annotated[
+        bool, typer.Option("--app", help="Open the interactive app on the report afterwards (needs --out).")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
-    that overflow, underflow or diverge. Exit 0 when the analysis ran, flags or not."""
+    that overflow, underflow or diverge. Exit 0 when the analysis ran, flags or not.
+
+    With --out or any plan option (--export, --export-format, --target, --tolerance) it also
+    searches the per-module dtype plan and the initial loss scale and stores them in the report."""
     from .analysis import analyze as run_analysis
     from .model_spec import load_model_file
     from .render import render_report
 
     thresholds = parse_thresholds(threshold or [])
+    if open_app and out is None:
+        raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
     console = Console(stderr=False, highlight=False)
     err_console = Console(stderr=True)
     spec = load_model_file(model_file)
@@ -105,10 +132,135 @@ def analyze(
             progress.advance(task)
 
         report = run_analysis(spec.model, spec.batch, spec.loss_fn, dtype, thresholds=thresholds, name=spec.name, progress=step)
+    plan_wanted = out is not None or any(o is not None for o in (export, export_format, target, tolerance))
+    plan = None
+    if plan_wanted:
+        from .export import render
+        from .plan import plan_and_advise
+
+        # The plan's search is only as good as its cost model's units; keep it off the plain
+        # analysis path (it adds verification passes, each a forward of the model).
+        plan, advice = plan_and_advise(
+            spec.model, spec.batch, spec.loss_fn, report,
+            target=(target or Target.H100).value,
+            tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
+        )
+        report = report.model_copy(update={"extras": {**report.extras, "plan": plan.to_extras(), "loss_scale": advice.to_extras()}})
     render_report(report, console)
+    if plan is not None:
+        console.print(plan.summary(), markup=False)
+        console.print(advice.summary(), markup=False)
+    if export is not None and plan is not None:
+        fmt = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+        write_atomic(export, render(plan, fmt))
+        console.print(f"{fmt} plan export written to {export}")
     if out is not None:
         report.save(out)
         console.print(f"report written to {out}")
+    if html is not None:
+        from .html_report import write_html
+
+        write_html(report, html)
+        console.print(f"HTML report written to {html}")
+    if open_app and out is not None:
+        from .app_launcher import launch_app
+
+        raise typer.Exit(launch_app(out))
+
+
+@app.command("app")
+@_one_line_errors
+def app_command(
+    report: Annotated[Path, typer.Argument(help="A report written by `analyze --out`.")],
+    port: Annotated[int | None, typer.Option("--port", help="Serve on this port (default: streamlit's 8501).")] = None,
+    headless: Annotated[bool, typer.Option("--headless", help="Do not open a browser.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Open the interactive report (Streamlit) on a saved report. Never reruns the analysis."""
+    from .app_launcher import launch_app
+
+    code = launch_app(report, port=port, headless=headless)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("preflight")
+@_one_line_errors
+def preflight_command(
+    model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
+    dtype: Annotated[LowDtype, typer.Option(help="The low-precision dtype to test.")] = LowDtype.FP16,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per run (fp32, low, planned).")] = 8,
+    fail_on: Annotated[
+        str,
+        typer.Option(
+            "--fail-on",
+            help="Comma list of risks that make it no-go (exit 1): flag names (OVERFLOW, "
+            "GRAD_UNDERFLOW, ...), DIVERGENT_LOSS, SKIPPED_STEPS, NONFINITE_STEPS; ALL or NONE. "
+            "Default: ALL.",
+        ),
+    ] = "ALL",
+    judge: Annotated[
+        str, typer.Option(help="The configuration judged: 'low' (every unit low, default GradScaler) or 'planned'.")
+    ] = "low",
+    plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Also run the recommended plan.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for CI).")] = False,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (repeatable)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Go / no-go before a long run: the analysis, then a short emulated training run in fp32,
+    plain low precision and the recommended plan (on copies of the model). Default: 8 steps,
+    the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
+    Exit 0 = go, 1 = a risk named in --fail-on was found, 2 = bad input."""
+    from .model_spec import load_model_file
+    from .preflight import parse_fail_on
+    from .preflight import preflight as run_preflight
+
+    risks = parse_fail_on(fail_on)  # validated before any work
+    if steps < 1:
+        raise PrecisionDoctorError(f"--steps must be at least 1, not {steps}")
+    if judge not in ("low", "planned"):
+        raise PrecisionDoctorError(f"unknown --judge {judge!r}; choose one of: low, planned")
+    thresholds = parse_thresholds(threshold or [])
+    spec = load_model_file(model_file)
+    err_console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("pre-flight", total=5)
+
+        def step(msg: str) -> None:
+            progress.update(task, description=msg)
+            progress.advance(task)
+
+        result = run_preflight(
+            spec.model, spec.batch, spec.loss_fn, dtype=dtype, steps=steps, fail_on=risks,
+            build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judge,
+            plan=plan, thresholds=thresholds, name=spec.name, progress=step,
+        )
+    if json_out:
+        typer.echo(result.to_json())
+    else:
+        console = Console(highlight=False, markup=False, soft_wrap=True)
+        console.print(result.verdict)
+        for r in result.reasons:
+            console.print(f"  - {r.line()}")
+        for r in result.notes:
+            console.print(f"  (note) {r.line()}")
+        for run in result.runs.values():
+            div = "" if run.max_divergence is None else f", loss divergence {run.max_divergence:.2e}"
+            console.print(
+                f"  {run.mode:8s} {run.description}: skipped {len(run.skipped_steps)}, "
+                f"non-finite {len(run.nonfinite_steps)}{div}; losses "
+                + " ".join(f"{v:.4g}" for v in run.losses)
+            )
+        for m in result.messages:
+            console.print(f"  {m}")
+    raise typer.Exit(0 if result.go else 1)
 
 
 def main() -> None:

@@ -120,4 +120,4 @@ def resolve_loss(output: Any, batch: Any, loss_fn: LossFn | None) -> torch.Tenso
         raise PrecisionDoctorError("the loss must be a scalar tensor")
     if not loss.requires_grad:
         raise PrecisionDoctorError("the loss does not require grad: no parameter reaches it")
-    return loss.reshape(())
+    return loss  # no reshape: every op here would run inside the capture and be counted

@@ -18,6 +18,13 @@ class ModelStateGuard:
         self.model = model
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._param_ids = {id(p) for p in self._params.values()}
+        # Writes through `.data` or a view reach a parameter via another tensor object:
+        # recognise those by the storage they write to.
+        self._param_storages: dict[int, list[torch.Tensor]] = {}
+        for p in {id(p): p for p in self._params.values()}.values():
+            ptr = p.untyped_storage().data_ptr()
+            if ptr:
+                self._param_storages.setdefault(ptr, []).append(p)
         self._param_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __enter__(self) -> ModelStateGuard:
@@ -39,8 +46,17 @@ class ModelStateGuard:
 
     def before_mutation(self, t: torch.Tensor) -> None:
         """Called by the capture before an in-place op writes to `t`."""
-        if id(t) in self._param_ids and id(t) not in self._param_copies:
-            self._param_copies[id(t)] = (t, t.detach().clone())
+        if id(t) in self._param_ids:
+            targets = [t]
+        else:
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):  # tensors without storage
+                return
+            targets = self._param_storages.get(ptr, []) if ptr else []
+        for p in targets:
+            if id(p) not in self._param_copies:
+                self._param_copies[id(p)] = (p, p.detach().clone())
 
     def analysis_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for n, p in self._params.items() if p.grad is not None}

@@ -288,14 +288,21 @@ def _magnitude(f: FlagRecord) -> float:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write to a temp file beside `path`, then rename: readers never see half a file.
+    A path that cannot be written (its folder is a file, no permission, a full disk) is the
+    user's input: PrecisionDoctorError, one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise PrecisionDoctorError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with __import__("contextlib").suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise PrecisionDoctorError(f"cannot write {path}: {e.strerror or e}") from None
         raise

@@ -1,0 +1,253 @@
+"""The cost model: estimated step time and activation memory of a per-unit dtype plan.
+
+Each unit costs a roofline, max(FLOPs / peak for its dtype, bytes / bandwidth), for its
+forward and for its backward, from the FLOPs and bytes the capture recorded (FLOPs from
+`torch.utils.flop_counter`'s formulas). The report keeps per-unit sums, so the roofline is
+taken per unit and phase, not per op. Backward bytes are estimated as twice the forward
+bytes (it reads the saved activations and the output gradients, and writes the input
+gradients). A unit that runs low moves half the bytes, and pays for casting its weights
+(read fp32, write low; autocast caches the cast for the step).
+
+A cast costs its bytes at every forward dataflow edge whose producer and consumer run in
+different dtypes, once forward (the activation) and once backward (its gradient): read one
+dtype, write the other. This is what makes an isolated fp32 island inside a low region
+expensive, and what the search trades against the islands' error.
+
+Device profiles are published dense datasheet figures (no sparsity); `cpu` is measured
+on this machine once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .capture import LOSS_UNIT
+from .errors import PrecisionDoctorError
+from .options import LowDtype, StrEnum
+from .report import Report
+
+BACKWARD_BYTES_FACTOR = 2.0
+"""Backward bytes per forward byte (reads saved activations and output grads, writes input grads)."""
+CAST_BYTES_FACTOR = 1.5
+"""A cast reads the tensor in one dtype and writes it in the other: 4 + 2 bytes per fp32 4."""
+
+
+class Target(StrEnum):
+    H100 = "h100"
+    A100 = "a100"
+    RTX4090 = "4090"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Peak dense throughput per dtype and memory bandwidth of one device."""
+
+    name: str
+    fp32_flops_per_s: float
+    tf32_flops_per_s: float
+    fp16_flops_per_s: float
+    bf16_flops_per_s: float
+    bandwidth_bytes_per_s: float
+    source: str
+
+    def peak_flops_per_s(self, dtype: str) -> float:
+        """fp32 units run without TF32: PyTorch's default matmul precision is "highest"."""
+        return {
+            "fp32": self.fp32_flops_per_s,
+            "tf32": self.tf32_flops_per_s,
+            "fp16": self.fp16_flops_per_s,
+            "bf16": self.bf16_flops_per_s,
+        }[dtype]
+
+
+TERA = 1e12
+PROFILES: dict[Target, DeviceProfile] = {
+    Target.H100: DeviceProfile(
+        "NVIDIA H100 SXM", 67 * TERA, 495 * TERA, 989 * TERA, 989 * TERA, 3.35 * TERA,
+        "NVIDIA H100 datasheet, dense tensor-core figures",
+    ),
+    Target.A100: DeviceProfile(
+        "NVIDIA A100 SXM 80GB", 19.5 * TERA, 156 * TERA, 312 * TERA, 312 * TERA, 2.039 * TERA,
+        "NVIDIA A100 datasheet, dense tensor-core figures",
+    ),
+    Target.RTX4090: DeviceProfile(
+        # 165 TFLOP/s is fp16/bf16 with fp32 accumulate (330 with fp16 accumulate).
+        "NVIDIA RTX 4090", 82.6 * TERA, 82.6 * TERA, 165 * TERA, 165 * TERA, 1.008 * TERA,
+        "NVIDIA Ada architecture whitepaper, dense, fp32 accumulate",
+    ),
+}
+
+
+def _time_it(fn: object, reps: int) -> float:
+    assert callable(fn)
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+@functools.cache
+def local_cpu_profile() -> DeviceProfile:
+    """This CPU, measured: a 256^3 matmul per dtype and a 32 MB copy (~0.2 s, once)."""
+    n = 256
+    flops = 2 * n**3
+    peaks: dict[str, float] = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        a = torch.randn(n, n).to(dt)
+        peaks[name] = flops / _time_it(lambda a=a: a @ a, 5)
+    src = torch.empty(8 * 2**20)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5)
+    return DeviceProfile(
+        "local CPU", peaks["fp32"], peaks["fp32"], peaks["fp16"], peaks["bf16"], bw,
+        "measured on this machine (matmul 256^3, 32 MB copy)",
+    )
+
+
+def profile_for(target: str | Target) -> DeviceProfile:
+    try:
+        t = Target(target)
+    except ValueError:
+        choices = ", ".join(m.value for m in Target)
+        raise PrecisionDoctorError(f"unknown target {target!r}; choose one of: {choices}") from None
+    return local_cpu_profile() if t is Target.CPU else PROFILES[t]
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """One unit's step time (forward + backward) and saved activations in each dtype."""
+
+    name: str
+    fp32_time_s: float
+    low_time_s: float
+    fp32_activation_bytes: int
+    low_activation_bytes: int
+
+
+@dataclass(frozen=True)
+class EdgeCost:
+    src: str
+    dst: str
+    bytes: int
+    cast_time_s: float
+    """Forward cast of the activation plus backward cast of its gradient."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Unit and edge costs of one report on one device, for one low dtype."""
+
+    profile: DeviceProfile
+    dtype: LowDtype
+    units: tuple[UnitCost, ...]
+    edges: tuple[EdgeCost, ...]
+
+    def step_time_s(self, low: Mapping[str, bool]) -> float:
+        """Estimated step time of a plan (unit -> runs low; missing units run fp32)."""
+        t = sum(u.low_time_s if low.get(u.name, False) else u.fp32_time_s for u in self.units)
+        t += sum(e.cast_time_s for e in self.edges if low.get(e.src, False) != low.get(e.dst, False))
+        return t
+
+    def activation_bytes(self, low: Mapping[str, bool]) -> int:
+        return sum(
+            u.low_activation_bytes if low.get(u.name, False) else u.fp32_activation_bytes
+            for u in self.units
+        )
+
+
+def _roofline(flops: float, bytes_: float, peak: float, bw: float) -> float:
+    return max(flops / peak, bytes_ / bw)
+
+
+def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | str | None = None) -> CostModel:
+    low = LowDtype(dtype) if dtype is not None else report.environment.dtype
+    bw = profile.bandwidth_bytes_per_s
+    p32 = profile.peak_flops_per_s("fp32")
+    plow = profile.peak_flops_per_s(low.value)
+    units = []
+    for u in report.units:
+        b_fwd = float(u.bytes_forward)
+        b_bwd = BACKWARD_BYTES_FACTOR * b_fwd
+        t32 = _roofline(u.flops_forward, b_fwd, p32, bw) + _roofline(u.flops_backward, b_bwd, p32, bw)
+        weight_cast = CAST_BYTES_FACTOR * u.param_bytes / bw
+        tlow = (
+            _roofline(u.flops_forward, b_fwd / 2, plow, bw)
+            + _roofline(u.flops_backward, b_bwd / 2, plow, bw)
+            + weight_cast
+        )
+        units.append(UnitCost(u.name, t32, tlow, u.activation_bytes, u.activation_bytes // 2))
+    edges = tuple(
+        EdgeCost(e.src, e.dst, e.bytes, 2 * CAST_BYTES_FACTOR * e.bytes / bw) for e in report.edges
+    )
+    return CostModel(profile, low, tuple(units), edges)
+
+
+# --- what plain autocast would do --------------------------------------------------------
+# aten-level names (what the dispatch capture records) of torch.autocast's op lists.
+AUTOCAST_LOW_OPS = frozenset(
+    {
+        "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "addr", "matmul", "linear",
+        "einsum", "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "prelu", "_prelu_kernel",
+        "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc",
+        "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "cudnn_convolution",
+        "mkldnn_convolution", "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
+        "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell",
+        "_thnn_fused_gru_cell", "mkldnn_rnn_layer",
+    }
+)
+AUTOCAST_FP32_OPS = frozenset(
+    {
+        "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
+        "reciprocal", "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm",
+        "native_layer_norm", "group_norm", "native_group_norm", "frobenius_norm",
+        "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss",
+        "nll_loss", "nll_loss_forward", "nll_loss2d", "nll_loss2d_forward",
+        "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+        "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss",
+        "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist",
+        "pdist", "_pdist_forward", "cdist", "_cdist_forward", "renorm", "logsumexp",
+        # fp32 unless a dtype is passed
+        "prod", "softmax", "_softmax", "log_softmax", "_log_softmax", "cumprod", "cumsum",
+        "linalg_vector_norm", "linalg_matrix_norm", "norm", "sum",
+    }
+)
+
+
+def _base(op: str) -> str:
+    return op.split(".", 1)[0]
+
+
+def autocast_assignment(report: Report) -> dict[str, bool]:
+    """Which units plain autocast runs low, judged per unit from its forward ops: a unit with
+    an op from autocast's low list runs low; else one from its fp32 list runs fp32; else the
+    unit runs in its inputs' dtype (low only if every producer is low, as type promotion
+    widens mixed inputs; fp32 with no producing unit, as model inputs are fp32)."""
+    producers: dict[str, list[str]] = {}
+    for e in report.edges:
+        producers.setdefault(e.dst, []).append(e.src)
+    low: dict[str, bool] = {}
+    for u in sorted(report.units, key=lambda u: u.order):
+        ops = {_base(o.op) for o in u.ops if o.phase == "forward"}
+        if u.name == LOSS_UNIT:
+            low[u.name] = False
+        elif ops & AUTOCAST_LOW_OPS:
+            low[u.name] = True
+        elif ops & AUTOCAST_FP32_OPS:
+            low[u.name] = False
+        else:
+            srcs = producers.get(u.name, [])
+            low[u.name] = bool(srcs) and all(low.get(s, False) for s in srcs)
+    return low
+
+
+def estimate_step_time_s(report: Report, target: str | Target, low: Mapping[str, bool]) -> float:
+    return build_cost_model(report, profile_for(target)).step_time_s(low)

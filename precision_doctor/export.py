@@ -1,0 +1,220 @@
+"""Exports of a plan: each renderer returns text to write to a file.
+
+- `json`: the plan itself, versioned (read back by `Plan.load` / `apply_plan`).
+- `python`: a standalone snippet (torch only, no precision-doctor) installing the same
+  per-module overrides as `apply_plan`.
+- `deepspeed`: DeepSpeed's config block. Up to DeepSpeed 0.17.1 (and when DeepSpeed is not
+  installed) the `fp16` block with the recommended `initial_scale_power`, or `bf16`. From
+  0.17.2 the `torch_autocast` block with `lower_precision_safe_modules` (DeepSpeed refuses
+  `torch_autocast` together with `fp16`/`bf16`, so it is one or the other).
+- `hf`: transformers `TrainingArguments` keyword arguments and how to attach the overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+from .options import LowDtype, StrEnum
+from .plan import Plan
+
+DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
+# Documented DeepSpeed keys (deepspeed.ai/docs/config-json).
+DEEPSPEED_FP16_KEYS = frozenset(
+    {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+     "consecutive_hysteresis", "min_loss_scale"}
+)
+DEEPSPEED_BF16_KEYS = frozenset({"enabled"})
+DEEPSPEED_TORCH_AUTOCAST_KEYS = frozenset({"enabled", "dtype", "lower_precision_safe_modules"})
+LOSS_SCALE_WINDOW = 1000
+HYSTERESIS = 2
+MIN_LOSS_SCALE = 1
+
+
+class ExportFormat(StrEnum):
+    JSON = "json"
+    PYTHON = "python"
+    DEEPSPEED = "deepspeed"
+    HF = "hf"
+
+
+def render_json(plan: Plan) -> str:
+    return plan.to_json() + "\n"
+
+
+_SNIPPET = '''"""Per-module dtype plan for {model} ({dtype}), exported by precision-doctor.
+Standalone: needs only torch. Inside your torch.autocast region, fp32 modules run with
+autocast disabled and inputs cast to fp32, low modules in {dtype}; outside it nothing changes.
+
+    remove = install_precision_plan(model)
+    with torch.autocast("cuda", dtype=LOW_DTYPE):
+        loss = loss_fn(model(batch), batch)
+    remove()  # takes the overrides off again
+"""
+import functools
+
+import torch
+
+LOW_DTYPE = torch.{torch_dtype}
+PLAN = {units}
+
+
+def _cast(obj, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {{k: _cast(v, dtype) for k, v in obj.items()}}
+    return obj
+
+
+def install_precision_plan(model):
+    """Install the plan's overrides on `model`; returns a function that removes them."""
+    modules = {{name or "<root>": m for name, m in model.named_modules()}}
+    unknown = [u for u in PLAN if u != "<loss>" and u not in modules]
+    if unknown:
+        raise ValueError(f"this plan does not match the model: unknown modules {{unknown[:3]}}")
+    depth = [0]
+    installed = []
+
+    def wrap(module, low):
+        had = "forward" in module.__dict__
+        orig = module.forward
+
+        @functools.wraps(orig)
+        def forward(*args, **kwargs):
+            dev = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if dev is None:
+                p = next(module.parameters(), None)
+                dev = p.device.type if p is not None else "cpu"
+            if depth[0] == 0 and not torch.is_autocast_enabled(dev):
+                return orig(*args, **kwargs)
+            depth[0] += 1
+            try:
+                dtype = LOW_DTYPE if low else torch.float32
+                args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+                ctx = torch.autocast(dev, dtype=LOW_DTYPE) if low else torch.autocast(dev, enabled=False)
+                with ctx:
+                    return orig(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        module.forward = forward
+        installed.append((module, had, orig))
+
+    for unit, dtype in PLAN.items():
+        if unit != "<loss>":
+            wrap(modules[unit], dtype != "fp32")
+
+    def remove():
+        for module, had, orig in reversed(installed):
+            if had:
+                module.forward = orig
+            else:
+                module.__dict__.pop("forward", None)
+        installed.clear()
+
+    return remove
+'''
+
+
+def render_python(plan: Plan) -> str:
+    torch_dtype = "float16" if plan.dtype is LowDtype.FP16 else "bfloat16"
+    units = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in plan.units.items()) + "}"
+    return _SNIPPET.format(model=plan.model, dtype=plan.dtype, torch_dtype=torch_dtype, units=units)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def installed_deepspeed_version() -> str | None:
+    try:
+        return metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def safe_module_classes(plan: Plan) -> list[str]:
+    """Module classes every instance of which the plan runs low (a class listed in DeepSpeed
+    runs low everywhere, so a class with any fp32 instance is left out)."""
+    by_class: dict[str, list[bool]] = {}
+    for unit, cls in plan.module_classes.items():
+        if unit in plan.units:
+            by_class.setdefault(cls, []).append(plan.units[unit] != "fp32")
+    return sorted(c for c, lows in by_class.items() if all(lows))
+
+
+def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[str, object]:
+    version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
+    if version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE:
+        return {
+            "torch_autocast": {
+                "enabled": True,
+                "dtype": "float16" if plan.dtype is LowDtype.FP16 else "bfloat16",
+                "lower_precision_safe_modules": safe_module_classes(plan),
+            }
+        }
+    if plan.dtype is LowDtype.BF16:
+        return {"bf16": {"enabled": True}}
+    power = plan.loss_scale.recommended_scale_log2 if plan.loss_scale is not None else 16
+    return {
+        "fp16": {
+            "enabled": True,
+            "loss_scale": 0,  # 0: dynamic loss scaling, starting at 2^initial_scale_power
+            "initial_scale_power": power,
+            "loss_scale_window": LOSS_SCALE_WINDOW,
+            "hysteresis": HYSTERESIS,
+            "min_loss_scale": MIN_LOSS_SCALE,
+        }
+    }
+
+
+def render_deepspeed(plan: Plan, deepspeed_version: str | None = None) -> str:
+    return json.dumps(deepspeed_config(plan, deepspeed_version), indent=2) + "\n"
+
+
+def hf_training_args(plan: Plan) -> dict[str, object]:
+    return {"bf16": True} if plan.dtype is LowDtype.BF16 else {"fp16": True}
+
+
+def render_hf(plan: Plan) -> str:
+    kwargs = hf_training_args(plan)
+    scale = plan.loss_scale.recommended_scale_log2 if plan.loss_scale is not None else 16
+    return f'''# transformers Trainer setup for the precision-doctor plan of {plan.model} ({plan.dtype}).
+TRAINING_ARGS_KWARGS = {kwargs!r}
+INIT_SCALE_LOG2 = {scale}  # recommended initial loss scale (fp16): 2**{scale}
+
+# How to attach the per-module overrides (Trainer runs the model under torch.autocast):
+#   from transformers import Trainer, TrainingArguments
+#   import precision_doctor
+#   handle = precision_doctor.apply_plan(model, "plan.json")   # or the --export-format python snippet
+#   args = TrainingArguments(output_dir="out", **TRAINING_ARGS_KWARGS)
+#   trainer = Trainer(model=model, args=args, ...)
+#   # fp16 only: start the scaler at the recommended scale instead of 2**16
+#   if trainer.accelerator.scaler is not None:
+#       trainer.accelerator.scaler = torch.amp.GradScaler(init_scale=2.0**INIT_SCALE_LOG2)
+#   trainer.train()
+#   handle.remove()
+'''
+
+
+def render(plan: Plan, fmt: ExportFormat | str) -> str:
+    f = ExportFormat(fmt)
+    return {
+        ExportFormat.JSON: render_json,
+        ExportFormat.PYTHON: render_python,
+        ExportFormat.DEEPSPEED: render_deepspeed,
+        ExportFormat.HF: render_hf,
+    }[f](plan)
+
+
+def render_all(plan: Plan) -> dict[str, str]:
+    return {f.value: render(plan, f) for f in ExportFormat}

@@ -1,0 +1,89 @@
+"""Training-loop integrations, imported lazily: the core package never needs transformers
+or Lightning.
+
+- `PreflightCallback` (`precision_doctor.integrations.transformers`): a transformers
+  `TrainerCallback` that runs the pre-flight on the first training batch in `on_train_begin`.
+- `LightningPreflightCallback` (`precision_doctor.integrations.lightning`): the same for a
+  PyTorch Lightning `Trainer`, on the first `on_train_batch_start`.
+
+On no-go both log the reasons and, with `mode="stop"` (default), stop the run after its
+first step (the earliest point either trainer checks its stop flag); `mode="warn"` only
+logs; `mode="raise"` raises `PreflightFailed` before any optimizer step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import PrecisionDoctorError
+
+if TYPE_CHECKING:
+    from ..preflight import PreflightResult
+
+logger = logging.getLogger("precision_doctor")
+
+__all__ = ["LightningPreflightCallback", "PreflightCallback", "PreflightFailed"]
+
+MODES = ("stop", "warn", "raise")
+
+
+class PreflightFailed(PrecisionDoctorError):
+    """Raised by the callbacks in mode="raise" on a no-go verdict; `.result` holds it."""
+
+    def __init__(self, message: str, result: Any) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise PrecisionDoctorError(f"unknown callback mode {mode!r}; choose one of: {', '.join(MODES)}")
+    return mode
+
+
+def optimizer_factory(optimizer: Any, source: str = "trainer's") -> Callable[[torch.nn.Module], torch.optim.Optimizer] | None:
+    """A fresh optimizer of the same class and defaults as `optimizer` (unwrapping
+    accelerate's AcceleratedOptimizer), or None (then the pre-flight's default is used)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        return None
+    cls = type(inner)
+    try:  # defaults may hold keys the constructor does not take (AdamW's decoupled_weight_decay)
+        accepted = inspect.signature(cls.__init__).parameters
+        defaults = {k: v for k, v in inner.defaults.items() if k in accepted}
+    except (TypeError, ValueError):
+        defaults = dict(inner.defaults)
+
+    def build(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return cls([p for p in model.parameters() if p.requires_grad], **defaults)
+
+    build.__name__ = f"{cls.__name__}({source} hyperparameters)"
+    return build
+
+
+def log_result(result: PreflightResult, mode: str, log: logging.Logger = logger) -> None:
+    """Log the verdict: info on go, a warning with every reason on no-go."""
+    if result.go:
+        log.info("precision-doctor pre-flight: %s", result.verdict)
+        return
+    lines = [f"precision-doctor pre-flight: {result.verdict}"] + [f"  - {r.line()}" for r in result.reasons]
+    if mode == "stop":
+        lines.append("  stopping the run (mode='stop'; use mode='warn' to only log)")
+    log.warning("\n".join(lines))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PreflightCallback":
+        from .transformers import PreflightCallback
+
+        return PreflightCallback
+    if name == "LightningPreflightCallback":
+        from .lightning import LightningPreflightCallback
+
+        return LightningPreflightCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,658 @@
+"""The pre-flight gate: a go / no-go verdict before a long low-precision run.
+
+`preflight(model, batch)` runs the analysis (one fp32 step with low-precision shadows), then a
+short training run of `steps` optimizer steps three ways, each on deep copies of the model
+and optimizer (the objects passed in are never touched):
+
+- `fp32`: the reference;
+- `low`: the plain AMP recipe: every unit runs in the low dtype (emulated on the CPU by
+  `precision_doctor.emulation`), with `torch.amp.GradScaler`'s defaults (init scale 2^16)
+  for fp16 and no scaler for bf16;
+- `planned`: the recommended per-unit plan (`precision_doctor.plan`) and, for fp16, a
+  GradScaler started at the recommended initial loss scale (`precision_doctor.loss_scale`).
+
+Each run records its loss curve, the steps GradScaler skipped and the non-finite steps (a
+non-finite loss, or non-finite gradients that no scaler caught). The risks found are
+named with the analysis' flag names (`OVERFLOW`, `GRAD_UNDERFLOW`, ...) plus:
+
+- `DIVERGENT_LOSS`: the run's loss differs from the fp32 run's at the same step by more than
+  `loss_tolerance` (relative to the fp32 loss), at some step;
+- `SKIPPED_STEPS`: GradScaler skipped more than `max_skipped_steps` (default 2) steps, or
+  was still skipping at the last step (a scale that never settles);
+- `NONFINITE_STEPS`: a step had a non-finite loss, or non-finite gradients applied unscaled.
+
+The verdict judges one configuration (`judge`, default `"low"`: the plain low-precision run
+the user is about to launch; `"planned"`: the plan): it is no-go when a risk named in
+`fail_on` (default: every risk) is found in that run, or flagged by the analysis on a unit
+that runs low in it. The other configuration's outcome is reported beside it
+(`planned_go`, `notes`). A non-finite fp32 run (`NONFINITE_FP32`) fails every judgment.
+
+Defaults: 8 steps (`DEFAULT_STEPS`); the optimizer is the model file's
+`build_optimizer(model)` when given, else `torch.optim.AdamW(params, lr=1e-4)` with torch's
+other defaults; the batches are `make_batches()`'s first `steps` (cycled when fewer), else
+the one `batch` every step. Every run starts from the same RNG seed, so dropout masks match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import PrecisionDoctorError
+from .model_spec import LossFn, resolve_loss, run_model
+from .monitor import ScalerMonitor
+from .options import Flag, LowDtype, StrEnum, Thresholds, parse_enum
+from .report import Report
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "RISK_NAMES",
+    "ModeRun",
+    "PreflightResult",
+    "Reason",
+    "Risk",
+    "StepRecord",
+    "parse_fail_on",
+    "preflight",
+]
+
+PREFLIGHT_SCHEMA_VERSION = 1
+DEFAULT_STEPS = 8
+"""Optimizer steps per mode: enough to see GradScaler back off a few powers of two."""
+DEFAULT_LOSS_TOLERANCE = 0.05
+DEFAULT_LR = 1e-4
+DEFAULT_MAX_SKIPPED_STEPS = 2
+"""GradScaler backs off one power of two per skipped step; a couple at the start is normal."""
+SEED = 0
+
+
+class Risk(StrEnum):
+    """Risks found by the short training runs (beside the analysis' flags)."""
+
+    DIVERGENT_LOSS = "DIVERGENT_LOSS"
+    SKIPPED_STEPS = "SKIPPED_STEPS"
+    NONFINITE_STEPS = "NONFINITE_STEPS"
+
+
+RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r in Risk)
+"""Every name `fail_on` accepts (plus the keywords ALL and NONE)."""
+
+MODES = ("fp32", "low", "planned")
+
+Progress = Callable[[str], None]
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Validate `fail_on`: a comma list (or iterable) of risk names, `ALL` or `NONE`.
+    None means ALL."""
+    if value is None:
+        return RISK_NAMES
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(i).strip().upper() for i in items if str(i).strip()]
+    if isinstance(value, str) and not names:
+        raise PrecisionDoctorError("--fail-on is empty; give risk names, ALL or NONE")
+    out: list[str] = []
+    for n in names:
+        if n == "ALL":
+            out.extend(RISK_NAMES)
+        elif n == "NONE":
+            continue
+        elif n in RISK_NAMES:
+            out.append(n)
+        else:
+            raise PrecisionDoctorError(
+                f"unknown risk {n!r} in fail_on; choose from: {', '.join(RISK_NAMES)}, ALL, NONE"
+            )
+    return tuple(dict.fromkeys(out))
+
+
+# --- the result -----------------------------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings", extra="forbid")
+
+
+class StepRecord(_Frozen):
+    step: int
+    loss: float
+    grads_finite: bool
+    scale: float | None = None
+    """The loss scale this step used (None: no scaler)."""
+    skipped: bool = False
+    """GradScaler skipped the optimizer step."""
+
+
+class ModeRun(_Frozen):
+    mode: str
+    """"fp32", "low" or "planned"."""
+    description: str
+    units: dict[str, str] = Field(default_factory=dict)
+    """Per unit: "fp32", "fp16" or "bf16" where the run differs from its default ("" key)."""
+    init_scale_log2: int | None = None
+    """The GradScaler's initial scale (None: no scaler)."""
+    steps: list[StepRecord]
+    skipped_steps: list[int]
+    nonfinite_steps: list[int]
+    max_divergence: float | None = None
+    """Largest |loss - fp32 loss| / |fp32 loss| over the steps (None for the fp32 run)."""
+    divergence_step: int | None = None
+    seconds: float
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.steps]
+
+
+class Reason(_Frozen):
+    risk: str
+    mode: str
+    """"analysis" for a flag of the one-step analysis, else the run that showed it."""
+    unit: str | None = None
+    message: str
+
+    def line(self) -> str:
+        where = f" [{self.unit}]" if self.unit else ""
+        return f"{self.risk} ({self.mode}){where}: {self.message}"
+
+
+class PreflightResult(_Frozen):
+    """The verdict and its evidence. `bool(result)` is `result.go`."""
+
+    schema_version: int = PREFLIGHT_SCHEMA_VERSION
+    model: str
+    dtype: LowDtype
+    steps: int
+    optimizer: str
+    judge: str
+    fail_on: list[str]
+    loss_tolerance: float
+    max_skipped_steps: int
+    go: bool
+    reasons: list[Reason]
+    """The risks that make it no-go: found in the judged run and named in `fail_on`."""
+    notes: list[Reason] = Field(default_factory=list)
+    """Risks found but not failing: not in `fail_on`, or in the configuration not judged."""
+    planned_go: bool | None = None
+    """The same judgment for the planned configuration (None: no plan was available)."""
+    analysis_verdict: str
+    flagged_units: dict[str, list[str]]
+    runs: dict[str, ModeRun]
+    loss_scale: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    messages: list[str] = Field(default_factory=list)
+    report: Report | None = Field(default=None, exclude=True, repr=False)
+    """The full analysis report (Python API only; not in the JSON)."""
+
+    def __bool__(self) -> bool:
+        return self.go
+
+    @property
+    def verdict(self) -> str:
+        head = f"{'GO' if self.go else 'NO-GO'}: {self.model} in {self.dtype} ({self.judge} configuration)"
+        if self.go:
+            body = f"no risk among {len(self.fail_on)} checked in {self.steps} steps"
+        else:
+            risks = sorted({r.risk for r in self.reasons})
+            body = f"{len(self.reasons)} reason(s): {', '.join(risks)}"
+        tail = ""
+        if self.judge == "low" and self.planned_go is not None and not self.go:
+            tail = "; with the plan and recommended loss scale: " + ("go" if self.planned_go else "still no-go")
+        return f"{head}: {body}{tail}"
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    def prediction(self) -> dict[str, Any]:
+        """What the pre-flight predicts for the run the verdict judged: for `ScalerMonitor`
+        (`prediction=`) and `Report.extras["preflight"]`."""
+        run = self.runs.get(self.judge) or self.runs["low"]
+        return {
+            "go": self.go,
+            "dtype": str(self.dtype),
+            "judge": self.judge,
+            "steps": self.steps,
+            "init_scale_log2": run.init_scale_log2,
+            "skipped_steps": list(run.skipped_steps),
+            "nonfinite_steps": list(run.nonfinite_steps),
+            "max_divergence": run.max_divergence,
+            "reasons": [r.line() for r in self.reasons],
+            "recommended_scale_log2": (self.loss_scale or {}).get("recommended_scale_log2"),
+        }
+
+    def annotated_report(self) -> Report | None:
+        """The analysis report with the pre-flight (and plan, loss scale) in `extras`."""
+        if self.report is None:
+            return None
+        extras = dict(self.report.extras)
+        extras["preflight"] = self.model_dump(mode="json")
+        if self.loss_scale is not None:
+            extras.setdefault("loss_scale", self.loss_scale)
+        if self.plan is not None:
+            extras.setdefault("plan", self.plan)
+        return self.report.model_copy(update={"extras": extras})
+
+
+# --- the runs -------------------------------------------------------------------------------
+
+
+def _default_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR)
+
+
+def _copy(obj: Any, what: str) -> Any:
+    try:
+        return copy.deepcopy(obj)
+    except Exception as e:
+        raise PrecisionDoctorError(
+            f"the pre-flight works on copies and cannot deep-copy the {what}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
+@contextlib.contextmanager
+def _precision(model: torch.nn.Module, units: Mapping[str, str] | None, dtype: torch.dtype | None) -> Iterator[None]:
+    """Emulate the low dtype: all units (`units` None) or per unit (mixed fp16/bf16 plans
+    nest one emulation per dtype; each rounds only its own units)."""
+    if dtype is None:
+        yield
+        return
+    from .emulation import emulated_precision
+
+    if units is None:
+        with emulated_precision(model, dtype):
+            yield
+        return
+    default = units.get("", "fp32")
+    with contextlib.ExitStack() as stack:
+        for name, tdtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            low = {u: d == name for u, d in units.items() if u != ""}
+            low[""] = default == name
+            if any(low.values()):
+                stack.enter_context(emulated_precision(model, tdtype, low))
+        yield
+
+
+def _run(
+    mode: str,
+    description: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    build_optimizer: OptimizerFactory,
+    batches: Sequence[Any],
+    loss_fn: LossFn | None,
+    *,
+    emulate: torch.dtype | None,
+    units: Mapping[str, str] | None,
+    init_scale_log2: int | None,
+) -> ModeRun:
+    """`len(batches)` optimizer steps on deep copies of the model (and optimizer)."""
+    t0 = time.perf_counter()
+    if optimizer is not None:
+        # One deepcopy call for both: the copied optimizer then holds the copied parameters.
+        m, opt = _copy((model, optimizer), "model and optimizer")
+    else:
+        m = _copy(model, "model")
+        try:
+            opt = build_optimizer(m)
+        except PrecisionDoctorError:
+            raise
+        except Exception as e:
+            raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
+    params = [p for p in m.parameters() if p.requires_grad]
+    monitor: ScalerMonitor | None = None
+    if init_scale_log2 is not None:
+        monitor = ScalerMonitor(torch.amp.GradScaler(_device_type(m), init_scale=2.0**init_scale_log2))
+    records: list[StepRecord] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        for i, b in enumerate(batches):
+            opt.zero_grad(set_to_none=True)
+            scale = monitor.get_scale() if monitor is not None else None
+            try:
+                with _precision(m, units, emulate):
+                    loss = resolve_loss(run_model(m, b), b, loss_fn)
+                    (monitor.scale(loss) if monitor is not None else loss).backward()
+            except PrecisionDoctorError:
+                raise
+            except Exception as e:
+                raise PrecisionDoctorError(
+                    f"the {mode} training step {i} raised {type(e).__name__}: {e}"
+                ) from e
+            loss_v = float(loss.detach())
+            finite = _grads_finite(params)
+            skipped = False
+            if monitor is not None:
+                monitor.step(opt)
+                monitor.update()
+                skipped = bool(monitor.skipped_steps) and monitor.skipped_steps[-1] == i
+            else:
+                opt.step()  # as a real run would: non-finite gradients reach the weights
+            records.append(StepRecord(step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped))
+    del m, opt
+    return ModeRun(
+        mode=mode,
+        description=description,
+        units=dict(units) if units is not None else {},
+        init_scale_log2=init_scale_log2,
+        steps=records,
+        skipped_steps=[r.step for r in records if r.skipped],
+        nonfinite_steps=[
+            r.step for r in records if not math.isfinite(r.loss) or (not r.grads_finite and not r.skipped)
+        ],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _with_divergence(run: ModeRun, ref: ModeRun) -> ModeRun:
+    worst, at = 0.0, None
+    for s, r in zip(run.steps, ref.steps, strict=True):
+        if not math.isfinite(r.loss):
+            continue  # the fp32 run itself broke: reported as NONFINITE_FP32
+        if not math.isfinite(s.loss):
+            d = math.inf
+        else:
+            d = abs(s.loss - r.loss) / max(abs(r.loss), 1e-30)
+        if at is None or d > worst:
+            worst, at = d, s.step
+    return run.model_copy(update={"max_divergence": worst, "divergence_step": at})
+
+
+def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reason]:
+    out: list[Reason] = []
+    n = len(run.steps)
+    if run.nonfinite_steps:
+        first = run.nonfinite_steps[0]
+        what = "loss" if not math.isfinite(run.steps[first].loss) else "gradients (no scaler)"
+        out.append(
+            Reason(
+                risk=Risk.NONFINITE_STEPS.value,
+                mode=run.mode,
+                message=f"{len(run.nonfinite_steps)}/{n} steps non-finite; first at step {first} (non-finite {what})",
+            )
+        )
+    # GradScaler skipping a few early steps while it backs off is by design; more than
+    # `max_skipped` skips, or a last step still skipped (it never settled), is the risk.
+    unsettled = bool(run.skipped_steps) and run.skipped_steps[-1] == n - 1
+    if len(run.skipped_steps) > max_skipped or unsettled:
+        out.append(
+            Reason(
+                risk=Risk.SKIPPED_STEPS.value,
+                mode=run.mode,
+                message=(
+                    f"GradScaler skipped {len(run.skipped_steps)}/{n} steps "
+                    f"(steps {_ranges(run.skipped_steps)}) starting at scale 2^{run.init_scale_log2}"
+                ),
+            )
+        )
+    if run.max_divergence is not None and run.max_divergence > tolerance:
+        out.append(
+            Reason(
+                risk=Risk.DIVERGENT_LOSS.value,
+                mode=run.mode,
+                message=(
+                    f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
+                    f"(tolerance {_pct(tolerance)})"
+                ),
+            )
+        )
+    return out
+
+
+def _pct(x: float) -> str:
+    return "inf" if not math.isfinite(x) else f"{x:.2%}"
+
+
+def _ranges(steps: Sequence[int]) -> str:
+    parts: list[str] = []
+    for _, grp in itertools.groupby(enumerate(steps), key=lambda t: t[1] - t[0]):
+        g = [s for _, s in grp]
+        parts.append(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}")
+    return ",".join(parts)
+
+
+def _batches(batch: Any, make_batches: Callable[[], Iterable[Any]] | None, steps: int) -> list[Any]:
+    if make_batches is None:
+        return [batch] * steps
+    try:
+        first = list(itertools.islice(iter(make_batches()), steps))
+    except PrecisionDoctorError:
+        raise
+    except Exception as e:
+        raise PrecisionDoctorError(f"make_batches() raised {type(e).__name__}: {e}") from e
+    if not first:
+        raise PrecisionDoctorError("make_batches() yielded no batch")
+    return list(itertools.islice(itertools.cycle(first), steps))
+
+
+def _optimizer_name(optimizer: torch.optim.Optimizer | None, build: OptimizerFactory | None, model: torch.nn.Module) -> str:
+    if optimizer is not None:
+        return f"{type(optimizer).__name__} (copied)"
+    if build is not None:
+        return f"build_optimizer: {getattr(build, '__name__', type(build).__name__)}"
+    return f"AdamW(lr={DEFAULT_LR:g}) (default)"
+
+
+def preflight(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    dtype: str | LowDtype = LowDtype.FP16,
+    steps: int = DEFAULT_STEPS,
+    fail_on: str | Iterable[str] | None = None,
+    build_optimizer: OptimizerFactory | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    make_batches: Callable[[], Iterable[Any]] | None = None,
+    judge: str = "low",
+    loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
+    max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS,
+    thresholds: Thresholds | None = None,
+    plan: bool = True,
+    target: str = "h100",
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> PreflightResult:
+    """Analyze, then train `steps` steps in fp32, plain `dtype` and the planned mix (each on
+    deep copies), and judge whether the run is safe to launch. See the module docstring.
+
+    `optimizer`: an existing optimizer over `model`'s parameters, deep-copied together with
+    the model for each run (its state and hyperparameters carry over); otherwise
+    `build_optimizer(model_copy)`, else AdamW(lr=1e-4). `plan=False` skips the planned run.
+
+    >>> import torch, precision_doctor as pd
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> result = pd.preflight(net, torch.randn(8, 4), lambda out, b: out.pow(2).mean(), steps=2, plan=False)
+    >>> bool(result), result.runs["low"].skipped_steps
+    (True, [])
+    """
+    low = parse_enum(LowDtype, dtype, "dtype")
+    risks = parse_fail_on(fail_on)
+    if judge not in ("low", "planned"):
+        raise PrecisionDoctorError(f"unknown judge {judge!r}; choose one of: low, planned")
+    if judge == "planned" and not plan:
+        raise PrecisionDoctorError("judge='planned' needs plan=True")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrecisionDoctorError(f"steps must be a positive integer, not {steps!r}")
+    if isinstance(max_skipped_steps, bool) or not isinstance(max_skipped_steps, int) or max_skipped_steps < 0:
+        raise PrecisionDoctorError(f"max_skipped_steps must be a non-negative integer, not {max_skipped_steps!r}")
+    if not (loss_tolerance >= 0):
+        raise PrecisionDoctorError(f"loss_tolerance must be >= 0, not {loss_tolerance!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if optimizer is not None and build_optimizer is not None:
+        raise PrecisionDoctorError("pass optimizer= or build_optimizer=, not both")
+    if optimizer is not None:
+        own = {id(p) for p in model.parameters()}
+        if not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
+            raise PrecisionDoctorError("the optimizer holds none of the model's parameters")
+    say = progress or (lambda _msg: None)
+    build = build_optimizer or _default_optimizer
+    tdtype = torch.float16 if low is LowDtype.FP16 else torch.bfloat16
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+
+    from .analysis import analyze
+
+    batches = _batches(batch, make_batches, steps)
+    say("analysis")
+    t = time.perf_counter()
+    # The analysis restores the model it is given; a copy keeps even that out of the user's way.
+    report = analyze(_copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__)
+    timings["analysis"] = time.perf_counter() - t
+
+    plan_units: dict[str, str] | None = None
+    plan_extras: dict[str, Any] | None = None
+    scale_extras: dict[str, Any] | None = None
+    planned_scale: int | None = None
+    if plan:
+        say("plan and loss scale")
+        t = time.perf_counter()
+        plan_units, plan_extras, scale_extras, planned_scale, note = _plan(model, batch, loss_fn, report, low, target)
+        if note:
+            messages.append(note)
+        timings["plan"] = time.perf_counter() - t
+
+    default_scale = 16 if low is LowDtype.FP16 else None
+    args = (optimizer, build, batches, loss_fn)
+    runs: dict[str, ModeRun] = {}
+    say("fp32 run")
+    runs["fp32"] = _run("fp32", "fp32 reference", model, *args, emulate=None, units=None, init_scale_log2=None)
+    say(f"{low} run")
+    scaler_txt = f", GradScaler from 2^{default_scale}" if default_scale is not None else ", no loss scaler"
+    runs["low"] = _run(
+        "low", f"every unit in {low}{scaler_txt}", model, *args, emulate=tdtype, units=None, init_scale_log2=default_scale
+    )
+    if plan_units is not None:
+        say("planned run")
+        any_fp16 = any(d == "fp16" for d in plan_units.values())
+        s = planned_scale if any_fp16 else None
+        n_low = sum(1 for u, d in plan_units.items() if u and d != "fp32")
+        desc = f"plan: {n_low} unit(s) low" + (f", GradScaler from 2^{s}" if s is not None else ", no loss scaler")
+        runs["planned"] = _run(
+            "planned", desc, model, *args, emulate=tdtype, units=plan_units, init_scale_log2=s
+        )
+    for k in ("fp32", "low", "planned"):
+        if k in runs:
+            timings[f"run_{k}"] = runs[k].seconds
+    runs = {k: (_with_divergence(r, runs["fp32"]) if k != "fp32" else r) for k, r in runs.items()}
+
+    # --- judging ---------------------------------------------------------------------------
+    fp32_reasons: list[Reason] = []
+    if runs["fp32"].nonfinite_steps:
+        first = runs["fp32"].nonfinite_steps[0]
+        fp32_reasons.append(
+            Reason(
+                risk=Flag.NONFINITE_FP32.value,
+                mode="fp32",
+                message=(
+                    f"the fp32 run itself goes non-finite at step {first}: the model or optimizer "
+                    "diverges before any precision change (learning rate?)"
+                ),
+            )
+        )
+    flagged: dict[str, list[str]] = {}
+    for f in report.flags():
+        flagged.setdefault(f.unit, [])
+        if f.flag.value not in flagged[f.unit]:
+            flagged[f.unit].append(f.flag.value)
+
+    def analysis_reasons(units: Mapping[str, str] | None) -> list[Reason]:
+        out = []
+        for f in report.flags():
+            runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
+            if runs_low or f.flag is Flag.NONFINITE_FP32:
+                out.append(Reason(risk=f.flag.value, mode="analysis", unit=f.unit, message=f.evidence.message))
+        return out
+
+    def found_for(config: str) -> list[Reason]:
+        units = None if config == "low" else plan_units
+        return (
+            fp32_reasons
+            + analysis_reasons(units)
+            + _run_reasons(runs[config], loss_tolerance, max_skipped_steps)
+        )
+
+    judged = found_for(judge)
+    reasons = [r for r in judged if r.risk in risks]
+    notes = [r for r in judged if r.risk not in risks]
+    planned_go: bool | None = None
+    if "planned" in runs:
+        planned_found = found_for("planned")
+        planned_go = not any(r.risk in risks for r in planned_found)
+        if judge == "low":
+            notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
+
+    return PreflightResult(
+        model=report.model,
+        dtype=low,
+        steps=steps,
+        optimizer=_optimizer_name(optimizer, build_optimizer, model),
+        judge=judge,
+        fail_on=list(risks),
+        loss_tolerance=loss_tolerance,
+        max_skipped_steps=max_skipped_steps,
+        go=not reasons,
+        reasons=reasons,
+        notes=notes,
+        planned_go=planned_go,
+        analysis_verdict=report.verdict,
+        flagged_units=flagged,
+        runs=runs,
+        loss_scale=scale_extras,
+        plan=plan_extras,
+        timings_s={k: round(v, 4) for k, v in timings.items()},
+        messages=messages,
+        report=report,
+    )
+
+
+def _plan(
+    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, report: Report, low: LowDtype, target: str
+) -> tuple[dict[str, str] | None, dict[str, Any] | None, dict[str, Any] | None, int | None, str | None]:
+    """(units, plan extras, loss-scale extras, initial scale log2, note). A missing plan or
+    loss-scale module (partial installs, development) skips the planned run with a note."""
+    try:
+        from .plan import plan_model
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.plan":
+            raise
+        return None, None, None, None, "planned run skipped: precision_doctor.plan is not available"
+    from .loss_scale import recommend_loss_scale
+
+    p = plan_model(_copy(model, "model"), batch, loss_fn, report, target=target)
+    units = {str(k): str(v) for k, v in p.units.items()}
+    bad = {v for v in units.values() if v not in ("fp32", "fp16", "bf16")}
+    if bad:
+        raise PrecisionDoctorError(f"the plan names unknown dtypes: {sorted(bad)}")
+    units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
+    plan_extras = p.model_dump(mode="json")  # the plan document itself (no rendered exports)
+    ls = getattr(p, "loss_scale", None)
+    if ls is not None:
+        scale_extras: dict[str, Any] = dict(ls.model_dump(mode="json"))
+    else:
+        low_units = {u: d != "fp32" for u, d in units.items() if u}
+        scale_extras = dict(recommend_loss_scale(report, low_units, dtype=low).to_extras())
+    scale = int(scale_extras["recommended_scale_log2"]) if low is LowDtype.FP16 else None
+    return units, plan_extras, scale_extras, scale, None

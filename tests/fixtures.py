@@ -1,0 +1,200 @@
+"""Shared toy models for the tests: each builder returns a `Case` (model, batch, loss_fn).
+
+Everything is built from code or configs with random weights (no downloads); transformers
+is imported lazily inside its builders so the rest of the suite runs without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    batch: Any
+    loss_fn: LossFn | None
+
+
+# --- plain torch models -------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 8, d_hidden: int = 16, d_out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def mlp_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    return out.pow(2).mean()
+
+
+def build_mlp(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    model = MLP()
+    g = torch.Generator().manual_seed(seed + 1)
+    return Case("mlp", model, torch.randn(6, 8, generator=g), mlp_loss)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.25)
+        self.head = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.act(self.bn(self.conv(x))))
+        return self.head(h.flatten(1))
+
+
+def cnn_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    _, labels = batch
+    return F.cross_entropy(out, labels)
+
+
+class CNNWithLabels(nn.Module):
+    """Takes (images, labels) as the batch but only uses the images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallCNN()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_cnn(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    model = CNNWithLabels().train()
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = (torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g))
+    return Case("cnn", model, batch, cnn_loss)
+
+
+class Functional(nn.Module):
+    """softmax / exp / sum / @ called as functions in the module's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.inner = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        scores = torch.softmax(h, dim=-1)
+        e = torch.exp(scores)
+        m = e @ self.w
+        return self.inner(m).sum(dim=-1)
+
+
+def functional_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    return out.pow(2).mean()
+
+
+def build_functional(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return Case("functional", Functional(), torch.randn(5, 8, generator=g), functional_loss)
+
+
+# --- transformers models (random weights, built from configs) -----------------------------
+
+VOCAB = 100
+
+
+def _tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, seq), generator=g)
+
+
+def build_gpt2(seed: int = 0) -> Case:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+    )
+    cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
+    model = GPT2LMHeadModel(cfg).train()
+    ids = _tokens(2, 8, seed + 1)
+    return Case("gpt2", model, {"input_ids": ids, "labels": ids}, None)
+
+
+def build_bert(seed: int = 0) -> Case:
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = BertForMaskedLM(cfg).train()
+    ids = _tokens(2, 8, seed + 1)
+    return Case("bert", model, {"input_ids": ids, "labels": ids}, None)
+
+
+def build_t5(seed: int = 0) -> Case:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )
+    model = T5ForConditionalGeneration(cfg).train()
+    ids = _tokens(2, 8, seed + 1)
+    labels = _tokens(2, 6, seed + 2)
+    return Case("t5", model, {"input_ids": ids, "labels": labels}, None)
+
+
+BUILDERS: dict[str, Callable[..., Case]] = {
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+    "functional": build_functional,
+    "gpt2": build_gpt2,
+    "bert": build_bert,
+    "t5": build_t5,
+}
+TRANSFORMERS = ("gpt2", "bert", "t5")
+
+
+def build(name: str, seed: int = 0) -> Case:
+    return BUILDERS[name](seed)
+
+
+# --- model files for the CLI --------------------------------------------------------------
+
+HEALTHY_FILE = '''
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+def make_batch():
+    return torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+
+def loss_fn(out, batch):
+    return out.pow(2).mean()
+'''

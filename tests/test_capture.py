@@ -1,0 +1,243 @@
+"""The capture on real models: attribution, parameter gradients, op counts and losses, each
+checked against an independent run (a deep copy of the model, our own dispatch mode)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import precision_doctor as pd
+from precision_doctor.options import CapturePath
+
+from .fixtures import TRANSFORMERS, Case, build
+
+ALL = ("mlp", "cnn", "functional", *TRANSFORMERS)
+SEED = 1234
+
+
+class OpCounter(TorchDispatchMode):
+    """A bare mode: counts every aten op, split by whether autograd is executing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward: list[str] = []
+        self.backward: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        in_backward = torch._C._current_graph_task_id() != -1
+        (self.backward if in_backward else self.forward).append(str(func).removeprefix("aten."))
+        return func(*args, **(kwargs or {}))
+
+
+def call(model: torch.nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple):
+        return model(*batch)
+    return model(batch)
+
+
+def loss_of(case: Case, out: Any) -> torch.Tensor:
+    return case.loss_fn(out, case.batch) if case.loss_fn is not None else out.loss
+
+
+def plain_run(case: Case, *, count: bool = False) -> tuple[float, dict[str, torch.Tensor], OpCounter | None]:
+    """fp32 forward + loss + backward of a deep copy, optionally under a bare counting mode."""
+    model = copy.deepcopy(case.model)
+    counter = OpCounter() if count else None
+    torch.manual_seed(SEED)
+    if counter is not None:
+        with counter:
+            loss = loss_of(case, call(model, case.batch))
+            loss.backward()
+    else:
+        loss = loss_of(case, call(model, case.batch))
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+    return float(loss.detach()), grads, counter
+
+
+_reports: dict[str, tuple[Case, pd.Report]] = {}
+
+
+def analyzed(name: str) -> tuple[Case, pd.Report]:
+    """One analysis per model for the whole module (the model itself is left untouched)."""
+    if name not in _reports:
+        case = build(name)
+        torch.manual_seed(SEED)
+        report = pd.analyze(case.model, case.batch, case.loss_fn, "fp16")
+        _reports[name] = (case, report)
+    return _reports[name]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_analysis_runs(name: str) -> None:
+    _, report = analyzed(name)
+    assert report.units
+    assert report.op_count_forward > 0 and report.op_count_backward > 0
+    assert report.environment.dtype == pd.LowDtype.FP16
+    assert report.loss_scale  # gradients were summarized
+
+
+def test_functional_ops_attributed_to_the_module_that_ran_them() -> None:
+    _, report = analyzed("functional")
+    units = report.by_module()
+    root_fwd = {o.op for o in units["<root>"].ops if o.phase == "forward"}
+    # torch.softmax, torch.exp, @ and .sum in Functional.forward itself
+    assert {"_softmax.default", "exp.default", "mm.default", "sum.dim_IntList"} <= root_fwd
+    # ... and not in the submodules that ran before and after them
+    for sub in ("proj", "inner"):
+        sub_ops = {o.op for o in units[sub].ops if o.phase == "forward"}
+        assert not sub_ops & {"_softmax.default", "exp.default", "sum.dim_IntList"}
+        assert "addmm.default" in sub_ops
+    # the loss_fn's ops belong to <loss>
+    loss_ops = {o.op for o in units["<loss>"].ops if o.phase == "forward"}
+    assert {"pow.Tensor_Scalar", "mean.default"} <= loss_ops
+    # backward of the functional ops lands on the same unit
+    root_bwd = {o.op for o in units["<root>"].ops if o.phase == "backward"}
+    assert "_softmax_backward_data.default" in root_bwd
+
+
+def test_gpt2_attention_ops_attributed_to_attention_module() -> None:
+    _, report = analyzed("gpt2")
+    units = report.by_module()
+    attn = {o.op for o in units["transformer.h.0.attn"].ops}
+    assert {"_softmax.default", "bmm.default", "_softmax_backward_data.default"} <= attn
+    # the qkv projection (a Conv1D child) keeps its own addmm
+    assert "addmm.default" in {o.op for o in units["transformer.h.0.attn.c_attn"].ops}
+    assert "_softmax.default" not in {o.op for o in units["transformer.h.0.mlp.c_fc"].ops}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_parameter_gradient_is_summarized(name: str) -> None:
+    case, report = analyzed(name)
+    _, grads, _ = plain_run(case)
+    assert grads
+    param_grads: dict[str, Any] = {}
+    for unit in report.units:
+        param_grads.update(unit.backward.param_grads)
+    assert set(param_grads) == set(grads)
+    for pname, g in grads.items():
+        stats = param_grads[pname]
+        assert stats.numel == g.numel()
+        assert stats.max_abs == pytest.approx(float(g.abs().max()), rel=1e-5)
+        assert stats.zero_count == int((g == 0).sum())
+        owner = pname.rpartition(".")[0] or "<root>"
+        assert pname in report.by_module()[owner].backward.param_grads
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fp32_loss_equals_plain_run(name: str) -> None:
+    case, report = analyzed(name)
+    loss, _, _ = plain_run(case)
+    assert report.losses.fp32 == pytest.approx(loss, rel=1e-6, abs=0)
+    assert report.losses.low != report.losses.fp32  # fp16 rounding changed something
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_op_count_equals_independent_count(name: str) -> None:
+    case, report = analyzed(name)
+    _, _, counter = plain_run(case, count=True)
+    assert counter is not None
+    assert report.op_count_forward + report.op_count_backward == len(counter.forward) + len(counter.backward)
+
+
+_TOOL_OPS = {"view.default", "detach.default", "_local_scalar_dense.default", "_to_copy.default"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_op_count_differs_only_by_loss_bookkeeping(name: str) -> None:
+    """Every op the model, loss_fn and backward ran is counted, once, in the right phase;
+    nothing else is counted (the loss readout runs outside the capture)."""
+    case, report = analyzed(name)
+    _, _, counter = plain_run(case, count=True)
+    assert counter is not None
+    n_fwd, n_bwd = len(counter.forward), len(counter.backward)
+    assert report.op_count_forward >= n_fwd
+    assert report.op_count_backward >= n_bwd
+    ops: collections.Counter[str] = collections.Counter()
+    for unit in report.units:
+        for o in unit.ops:
+            ops[f"{o.op}/{o.phase}"] += o.calls
+    expected = collections.Counter([f"{o}/forward" for o in counter.forward] + [f"{o}/backward" for o in counter.backward])
+    assert not expected - ops  # nothing missing
+    extra = ops - expected
+    assert sum(extra.values()) <= 6
+    assert {k.partition("/")[0] for k in extra} <= _TOOL_OPS
+    by_op_calls = sum(o.calls for o in report.by_op().values())
+    assert by_op_calls == report.op_count_forward + report.op_count_backward
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "functional"])
+def test_capture_path_fx_for_traceable_models(name: str) -> None:
+    _, report = analyzed(name)
+    if name == "mlp":
+        assert report.environment.capture_path == CapturePath.FX
+    assert report.environment.fx_traceable == (report.environment.capture_path == CapturePath.FX)
+    assert report.environment.fx_error is None or not report.environment.fx_traceable
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_capture_path_dispatch_for_transformers(name: str) -> None:
+    _, report = analyzed(name)
+    env = report.environment
+    assert env.capture_path == CapturePath.DISPATCH
+    assert env.fx_traceable is False
+    assert env.fx_error
+
+
+# --- fp16 emulation, by hand -----------------------------------------------------------------
+
+
+def _r(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float16).float()
+
+
+def test_mlp_fp16_loss_matches_hand_emulation() -> None:
+    """Every op runs on fp16-rounded inputs in fp32 and its output is rounded to fp16."""
+    case, report = analyzed("mlp")
+    m = case.model
+    x = case.batch
+    with torch.no_grad():
+        h = _r(torch.addmm(_r(m.fc1.bias), _r(x), _r(m.fc1.weight).t()))
+        h = _r(torch.relu(h))
+        y = _r(torch.addmm(_r(m.fc2.bias), h, _r(m.fc2.weight).t()))
+        loss = _r(_r(y.pow(2)).mean())
+        fp32 = m(x).pow(2).mean()
+    assert float(loss) != float(fp32)
+    assert report.losses.low == pytest.approx(float(loss), rel=1e-6)
+    assert report.losses.rel_error == pytest.approx(abs(float(loss) - float(fp32)) / abs(float(fp32)), rel=1e-5)
+
+
+def test_mlp_bf16_loss_matches_hand_emulation() -> None:
+    case = build("mlp")
+    m = case.model
+    report = pd.analyze(m, case.batch, case.loss_fn, "bf16")
+
+    def r(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(torch.bfloat16).float()
+
+    with torch.no_grad():
+        h = r(torch.relu(r(torch.addmm(r(m.fc1.bias), r(case.batch), r(m.fc1.weight).t()))))
+        y = r(torch.addmm(r(m.fc2.bias), h, r(m.fc2.weight).t()))
+        loss = r(r(y.pow(2)).mean())
+    assert report.environment.dtype == pd.LowDtype.BF16
+    assert report.losses.low == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_mlp_local_error_of_first_layer_matches_hand_computation() -> None:
+    """fc1's local error: its fp16 output (inputs rounded) against the fp32 output."""
+    case, report = analyzed("mlp")
+    m = case.model
+    with torch.no_grad():
+        ref = m.fc1(case.batch)
+        low = _r(torch.addmm(_r(m.fc1.bias), _r(case.batch), _r(m.fc1.weight).t()))
+        expected = float(torch.linalg.vector_norm((low - ref).double()) / torch.linalg.vector_norm(ref.double()))
+    local = report.by_module()["fc1"].forward.local
+    assert local is not None
+    assert local.rel_l2_error == pytest.approx(expected, rel=1e-4)

@@ -1,0 +1,217 @@
+"""The CLI: exit codes, one-line errors, --debug, --out and the golden output.
+
+In-process through typer's CliRunner; a few runs as a real subprocess for the true exit code
+and stderr. Model files are written to tmp_path."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from precision_doctor.cli import app
+from precision_doctor.report import Report
+
+from .fixtures import HEALTHY_FILE
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "sample_models" / "tiny_transformer.py"
+GOLDEN = Path(__file__).parent / "golden" / "analyze_tiny_transformer.txt"
+ENV = {"COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"}
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, ["analyze", *args], env=ENV)
+
+
+def subprocess_run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **ENV}
+    return subprocess.run(
+        [sys.executable, "-m", "precision_doctor.cli", "analyze", *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )
+
+
+def write(tmp_path: Path, body: str, name: str = "model.py") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+_MODEL_OK = """
+import torch
+from torch import nn
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+def make_batch():
+    return torch.randn(8, 4)
+"""
+
+BAD_FILES = {
+    "syntax-error": ("def build_model(:\n    pass\n", "syntax error"),
+    "no-build-model": ("import torch\ndef make_batch():\n    return torch.randn(2, 2)\n", "neither build_model"),
+    "build-model-raises": (
+        "def build_model():\n    raise RuntimeError('cannot build')\ndef make_batch():\n    return 1\n",
+        "build_model() raised RuntimeError: cannot build",
+    ),
+    "make-batch-raises": (
+        _MODEL_OK.replace("return torch.randn(8, 4)", "raise ValueError('no data')")
+        + "def loss_fn(o, b):\n    return o.mean()\n",
+        "make_batch() raised ValueError: no data",
+    ),
+    "forward-raises": (
+        "import torch\nfrom torch import nn\n"
+        "class M(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.l = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n        raise IndexError('bad index in forward')\n"
+        "def build_model():\n    return M()\ndef make_batch():\n    return torch.randn(2, 4)\n"
+        "def loss_fn(o, b):\n    return o.mean()\n",
+        "forward raised IndexError: bad index in forward",
+    ),
+    "no-loss": (_MODEL_OK, "cannot find the loss"),
+    "nonfinite-loss": (
+        _MODEL_OK + "def loss_fn(o, b):\n    return (o * float('inf')).sum() * 0.0\n",
+        "fp32 loss is nan",
+    ),
+}
+
+
+def _assert_one_line_error(stderr: str, expected: str) -> None:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("precision-doctor: error: "), stderr
+    assert expected in lines[0]
+    assert "Traceback" not in stderr
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = invoke(str(tmp_path / "nope.py"), "--quiet")
+    assert result.exit_code == 2
+    _assert_one_line_error(result.stderr, "does not exist")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_model_file_exit_2(tmp_path: Path, kind: str) -> None:
+    body, expected = BAD_FILES[kind]
+    path = write(tmp_path, body)
+    result = invoke(str(path), "--quiet")
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, expected)
+
+
+def test_bad_model_file_subprocess(tmp_path: Path) -> None:
+    """The real process: exit code 2 and one line on stderr, no traceback."""
+    body, expected = BAD_FILES["forward-raises"]
+    path = write(tmp_path, body)
+    proc = subprocess_run(str(path), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    _assert_one_line_error(proc.stderr, expected)
+    assert proc.stdout == ""
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    body, expected = BAD_FILES["forward-raises"]
+    path = write(tmp_path, body)
+    result = invoke(str(path), "--quiet", "--debug")
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "PrecisionDoctorError"
+    proc = subprocess_run(str(path), "--quiet", "--debug")
+    assert proc.returncode not in (0, 2)
+    assert "Traceback" in proc.stderr
+    assert expected in proc.stderr
+    assert "IndexError" in proc.stderr
+
+
+def test_threshold_bogus(tmp_path: Path) -> None:
+    path = write(tmp_path, HEALTHY_FILE)
+    result = invoke(str(path), "--quiet", "--threshold", "bogus=1")
+    assert result.exit_code == 2
+    _assert_one_line_error(result.stderr, "unknown threshold 'bogus'")
+    result = invoke(str(path), "--quiet", "--threshold", "underflow_fraction=lots")
+    assert result.exit_code == 2
+    _assert_one_line_error(result.stderr, "is not a number")
+    result = invoke(str(path), "--quiet", "--threshold", "no_equals_sign")
+    assert result.exit_code == 2
+    _assert_one_line_error(result.stderr, "NAME=VALUE")
+
+
+_healthy: list = []
+
+
+def healthy_run():  # type: ignore[no-untyped-def]
+    """One in-process run on the healthy sample, shared by the verdict and golden tests."""
+    if not _healthy:
+        _healthy.append(invoke(str(TINY), "--quiet"))
+    return _healthy[0]
+
+
+def test_healthy_sample_exit_0_and_verdict() -> None:
+    result = healthy_run()
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"^fp16: no unit flagged; final-loss error \S+ against fp32\. Safe to train", result.stdout, re.M)
+    assert result.stderr == ""
+
+
+def test_out_writes_report_round_trip(tmp_path: Path) -> None:
+    model = write(tmp_path, HEALTHY_FILE)
+    out = tmp_path / "reports" / "r.json"
+    result = invoke(str(model), "--quiet", "--out", str(out))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert f"report written to {out}" in result.stdout.replace("\n", "")
+    saved = out.read_text()
+    loaded = Report.load(out)
+    assert loaded.to_json() == saved  # what --out saved is exactly what loads
+    again = tmp_path / "again.json"
+    loaded.save(again)
+    assert Report.load(again) == loaded
+    # atomic: nothing but the report next to it
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_out_to_unwritable_target_exit_2(tmp_path: Path) -> None:
+    """--out under a path whose 'folder' is a regular file: a user error, not a crash.
+    (The tests run as root in CI, so chmod cannot make a folder unwritable.)"""
+    model = write(tmp_path, HEALTHY_FILE)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = invoke(str(model), "--quiet", "--out", str(blocker / "r.json"))
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, "cannot write")
+    assert blocker.read_text() == "x"
+    # --out naming an existing folder
+    result = invoke(str(model), "--quiet", "--out", str(tmp_path))
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, "cannot write")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --- golden --------------------------------------------------------------------------------
+
+_MASKS: list[tuple[str, str]] = []  # (pattern, replacement) for run-dependent numbers; none so far
+
+
+def _mask(text: str) -> str:
+    for pat, rep in _MASKS:
+        text = re.sub(pat, rep, text)
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+def test_golden_output_tiny_transformer() -> None:
+    result = healthy_run()
+    assert result.exit_code == 0, result.stderr
+    got = _mask(result.stdout)
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(got)
+    assert GOLDEN.exists(), "run with UPDATE_GOLDEN=1 to create the golden file"
+    assert got == GOLDEN.read_text()

@@ -1,0 +1,111 @@
+"""Initial loss scale: hand-built histograms with known answers, and GradScaler training proofs
+in emulated fp16 on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import precision_doctor as pd
+from precision_doctor.emulation import emulated_precision
+from precision_doctor.loss_scale import HEADROOM_LOG2, advise_from_histogram, underflow_fraction
+from precision_doctor.options import LowDtype
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_sample_{name}", SAMPLES / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hand_built_histogram() -> None:
+    # 10 gradients in [2^-30, 2^-29), 30 in [2^-10, 2^-9), 60 in [2^0, 2^1); max |g| = 1.5.
+    hist = {-30: 10, -10: 30, 0: 60}
+    a = advise_from_histogram(hist, 1.5, "fp16")
+    # 1.5 * 2^k * 2^2 <= 65504  ->  k <= log2(65504 / 6) = 13.4  ->  13
+    assert a.recommended_scale_log2 == math.floor(math.log2(65504 / (1.5 * 2**HEADROOM_LOG2))) == 13
+    assert a.underflow_fraction_at_recommended == 0.0  # -30 + 13 = -17 >= -24: kept
+    assert a.underflow_fraction_at_default == 0.0
+    assert underflow_fraction(hist, 0, LowDtype.FP16) == 0.1  # the 2^-30 bin flushes unscaled
+    assert a.skipped_steps_from_default == 3
+    assert a.scaler_needed
+    assert a.to_extras() == {
+        "recommended_scale_log2": 13,
+        "default_scale_log2": 16,
+        "underflow_fraction_at_recommended": 0.0,
+        "underflow_fraction_at_default": 0.0,
+        "skipped_steps_from_default": 3,
+        "scaler_needed": True,
+    }
+
+
+def test_small_gradients_get_a_scale_above_the_default() -> None:
+    hist = {-45: 25, -35: 25, -20: 50}
+    a = advise_from_histogram(hist, 2.0**-19, "fp16")
+    assert a.recommended_scale_log2 > 16
+    assert a.skipped_steps_from_default == 0
+    assert a.underflow_fraction_at_default == 0.25  # only -45 + 16 < -24
+    assert a.underflow_fraction_at_recommended < a.underflow_fraction_at_default
+
+
+def test_bf16_needs_no_scaler() -> None:
+    a = advise_from_histogram({-40: 10, 3: 5}, 10.0, "bf16", unscaled_underflow_fraction=0.0)
+    assert not a.scaler_needed and a.recommended_scale_log2 == 0
+
+
+def train_skips(mod: ModuleType, init_scale: float, steps: int = 100, lr: float = 1e-3) -> tuple[int, list[float]]:
+    """Steps GradScaler skipped training `mod`'s model in emulated fp16 on the CPU."""
+    model = mod.build_model()
+    batch = mod.make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    skipped = 0
+    losses = []
+    with emulated_precision(model, torch.float16):
+        for _ in range(steps):
+            out = model(*batch) if isinstance(batch, tuple) else model(batch)
+            loss = mod.loss_fn(out, batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped += scaler.get_scale() < before
+            losses.append(float(loss.detach()))
+    return skipped, losses
+
+
+def advice_for(mod: ModuleType) -> pd.loss_scale.LossScaleAdvice:  # type: ignore[name-defined]
+    report = pd.analyze(mod.build_model(), mod.make_batch(), mod.loss_fn)
+    return pd.recommend_loss_scale(report)
+
+
+@pytest.mark.slow  # 16 layers x 100 emulated steps: ~10-25 s on 2 cores
+def test_small_gradients_train_without_skips_at_the_recommended_scale() -> None:
+    mod = load("deep_narrow_underflow")
+    advice = advice_for(mod)
+    assert advice.recommended_scale_log2 > 16
+    skipped, losses = train_skips(mod, 2.0**advice.recommended_scale_log2)
+    assert skipped == 0
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_overflowing_gradients_skip_at_the_default_but_not_at_the_recommended_scale() -> None:
+    mod = load("grad_overflow")
+    advice = advice_for(mod)
+    assert advice.recommended_scale_log2 < 16 and advice.skipped_steps_from_default > 0
+    # A summed loss: the gradients are large, so is the learning rate's effect.
+    skipped_default, _ = train_skips(mod, 2.0**16, lr=1e-6)
+    assert skipped_default >= 1
+    skipped, losses = train_skips(mod, 2.0**advice.recommended_scale_log2, lr=1e-6)
+    assert skipped == 0
+    assert losses[-1] < losses[0]

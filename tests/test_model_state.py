@@ -1,0 +1,299 @@
+"""`analyze` hands the model back exactly as it came in: parameters, buffers, `.grad`,
+train/eval mode, `requires_grad`, RNG states, hooks and the dispatch-mode stack, also when
+the analysis fails halfway."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+import precision_doctor as pd
+
+from .fixtures import build
+
+_GLOBAL_HOOK_DICTS = [
+    name
+    for name in dir(nn_module)
+    if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)
+]
+
+
+@dataclass
+class Snapshot:
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor | None]
+    grad_values: dict[str, torch.Tensor | None]
+    requires_grad: dict[str, bool]
+    training: dict[str, bool]
+    torch_rng: torch.Tensor
+    py_rng: Any
+    np_rng: Any
+    global_hooks: dict[str, list[int]]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    return Snapshot(
+        params={n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+        buffers={n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)},
+        grads={n: p.grad for n, p in model.named_parameters(remove_duplicate=False)},
+        grad_values={
+            n: None if p.grad is None else p.grad.detach().clone()
+            for n, p in model.named_parameters(remove_duplicate=False)
+        },
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+        training={n: m.training for n, m in model.named_modules(remove_duplicate=False)},
+        torch_rng=torch.get_rng_state(),
+        py_rng=random.getstate(),
+        np_rng=np.random.get_state(),
+        global_hooks={name: list(getattr(nn_module, name)) for name in _GLOBAL_HOOK_DICTS},
+    )
+
+
+def assert_restored(model: nn.Module, before: Snapshot) -> None:
+    for n, p in model.named_parameters(remove_duplicate=False):
+        assert torch.equal(p.detach(), before.params[n]), f"parameter {n} changed"
+        assert p.requires_grad == before.requires_grad[n], f"requires_grad of {n} changed"
+        assert p.grad is before.grads[n], f".grad of {n} is another object"
+        if before.grad_values[n] is not None:
+            assert torch.equal(p.grad, before.grad_values[n]), f".grad of {n} changed values"
+    for n, b in model.named_buffers(remove_duplicate=False):
+        assert torch.equal(b, before.buffers[n]), f"buffer {n} changed"
+    assert set(dict(model.named_buffers(remove_duplicate=False))) == set(before.buffers)
+    for n, m in model.named_modules(remove_duplicate=False):
+        assert m.training == before.training[n], f"train/eval mode of {n!r} changed"
+        assert not m._forward_hooks, f"forward hook left on {n!r}"
+        assert not m._forward_pre_hooks, f"forward pre-hook left on {n!r}"
+        assert not m._backward_hooks, f"backward hook left on {n!r}"
+        assert not m._backward_pre_hooks, f"backward pre-hook left on {n!r}"
+    assert torch.equal(torch.get_rng_state(), before.torch_rng)
+    assert random.getstate() == before.py_rng
+    after_np = np.random.get_state()
+    assert after_np[0] == before.np_rng[0]
+    np.testing.assert_array_equal(after_np[1], before.np_rng[1])
+    assert after_np[2:] == before.np_rng[2:]
+    for name in _GLOBAL_HOOK_DICTS:
+        assert list(getattr(nn_module, name)) == before.global_hooks[name], f"{name} changed"
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+def prepare(model: nn.Module) -> None:
+    """Set some .grad, freeze one parameter, put one module in eval mode."""
+    params = list(model.named_parameters())
+    g = torch.Generator().manual_seed(7)
+    for _, p in params[::2]:
+        p.grad = torch.randn(p.shape, generator=g)
+    params[-1][1].requires_grad_(False)
+
+
+def run_and_check(model: nn.Module, batch: Any, loss_fn: Any, *, raises: type[BaseException] | tuple[type[BaseException], ...] | None, match: str = "") -> None:
+    torch.manual_seed(99)
+    random.seed(5)
+    np.random.seed(6)
+    before = snapshot(model)
+    if raises is None:
+        report = pd.analyze(model, batch, loss_fn)
+        assert report.units
+    else:
+        with pytest.raises(raises, match=match or None):
+            pd.analyze(model, batch, loss_fn)
+    assert_restored(model, before)
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+class Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom in the third module")
+
+
+class UsesAllRngs(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + 0.0 * random.random() + 0.0 * float(np.random.rand()))
+
+
+def stateful_seq(third: nn.Module) -> nn.Sequential:
+    """BatchNorm (train mode: updates running stats) and Dropout (draws RNG) before `third`."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), third, nn.Dropout(0.3), nn.Linear(6, 2))
+
+
+class MutatesParam(nn.Module):
+    """Writes to its own parameters during forward, several ways."""
+
+    def __init__(self, how: str, then_raise: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.how = how
+        self.then_raise = then_raise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.how == "inplace":
+                self.scale.mul_(2.0)
+                self.lin.weight.add_(0.5)
+            elif self.how == "data":
+                self.scale.data.mul_(2.0)
+                self.lin.weight.data.add_(0.5)
+            elif self.how == "view":
+                self.scale[0].fill_(7.0)
+                self.lin.weight[:, 0].zero_()
+            elif self.how == "copy":
+                self.lin.weight.copy_(torch.zeros(4, 4))
+        out = self.lin(x) * self.scale
+        if self.then_raise:
+            raise ValueError("after mutation")
+        return out
+
+
+def sq_loss(out: Any, batch: Any) -> torch.Tensor:
+    return out.pow(2).mean()
+
+
+BATCH6 = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+BATCH4 = torch.randn(8, 4, generator=torch.Generator().manual_seed(4))
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "functional", "gpt2"])
+def test_state_restored_after_success(name: str) -> None:
+    case = build(name)
+    case.model.train()
+    prepare(case.model)
+    mods = list(case.model.modules())
+    mods[1].eval()  # a mix of modes
+    run_and_check(case.model, case.batch, case.loss_fn, raises=None)
+
+
+def test_batchnorm_running_stats_restored_in_train_mode() -> None:
+    model = stateful_seq(nn.ReLU()).train()
+    prepare(model)
+    bn = model[1]
+    before_mean = bn.running_mean.clone()
+    run_and_check(model, BATCH6, sq_loss, raises=None)
+    assert torch.equal(bn.running_mean, before_mean)
+    assert int(bn.num_batches_tracked) == 0
+    # ... and a plain forward does change them (so the check above can fail).
+    model(BATCH6)
+    assert not torch.equal(bn.running_mean, before_mean)
+
+
+def test_state_restored_when_forward_raises_in_third_module() -> None:
+    model = stateful_seq(Boom()).train()
+    prepare(model)
+    run_and_check(model, BATCH6, sq_loss, raises=pd.PrecisionDoctorError, match="boom in the third module")
+
+
+def test_state_restored_when_loss_fn_raises() -> None:
+    model = stateful_seq(nn.ReLU()).train()
+    prepare(model)
+
+    def bad_loss(out: Any, batch: Any) -> torch.Tensor:
+        raise KeyError("no such key")
+
+    run_and_check(model, BATCH6, bad_loss, raises=pd.PrecisionDoctorError, match="loss_fn raised KeyError")
+
+
+def test_state_restored_when_fp32_loss_is_not_finite() -> None:
+    model = stateful_seq(nn.ReLU()).train()
+    prepare(model)
+
+    def inf_loss(out: Any, batch: Any) -> torch.Tensor:
+        return (out * float("inf")).pow(2).mean()
+
+    run_and_check(model, BATCH6, inf_loss, raises=pd.PrecisionDoctorError, match="fp32 loss is")
+
+
+class RaisesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("backward boom")
+
+
+class BackwardBoom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RaisesInBackward.apply(x)
+
+
+def test_state_restored_when_backward_raises() -> None:
+    model = stateful_seq(BackwardBoom()).train()
+    prepare(model)
+    run_and_check(model, BATCH6, sq_loss, raises=pd.PrecisionDoctorError, match="backward raised")
+
+
+@pytest.mark.parametrize("how", ["inplace", "copy"])
+@pytest.mark.parametrize("then_raise", [False, True], ids=["ok", "raises"])
+def test_param_mutated_in_forward_is_restored(how: str, then_raise: bool) -> None:
+    torch.manual_seed(0)
+    model = MutatesParam(how, then_raise)
+    prepare(model)
+    run_and_check(model, BATCH4, sq_loss, raises=pd.PrecisionDoctorError if then_raise else None)
+
+
+@pytest.mark.parametrize("how", ["data", "view"])
+@pytest.mark.parametrize("then_raise", [False, True], ids=["ok", "raises"])
+def test_param_mutated_through_alias_is_restored(how: str, then_raise: bool) -> None:
+    """Writes through `.data` or a view reach the parameter's storage through another tensor
+    object."""
+    torch.manual_seed(0)
+    model = MutatesParam(how, then_raise)
+    prepare(model)
+    run_and_check(model, BATCH4, sq_loss, raises=pd.PrecisionDoctorError if then_raise else None)
+
+
+def test_python_and_numpy_rng_restored_when_forward_draws_from_them() -> None:
+    """Python's and numpy's RNGs restored even when the model's forward uses them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), UsesAllRngs(), nn.Linear(6, 2))
+    run_and_check(model, BATCH6, sq_loss, raises=None)
+
+
+def test_mutation_test_can_fail() -> None:
+    """Sanity: the mutating model does change its parameters when run plainly."""
+    torch.manual_seed(0)
+    model = MutatesParam("view")
+    before = snapshot(model)
+    model(BATCH4)
+    assert not torch.equal(model.scale.detach(), before.params["scale"])
+
+
+def test_no_mode_or_hook_left_after_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure inside the capture machinery itself still unwinds everything."""
+    import precision_doctor.capture as capture
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise ZeroDivisionError("flop formula exploded")
+
+    monkeypatch.setattr(capture.ShadowCapture, "_flops", staticmethod(broken))
+    model = stateful_seq(nn.ReLU()).train()
+    prepare(model)
+    run_and_check(
+        model, BATCH6, sq_loss, raises=(pd.PrecisionDoctorError, pd.PrecisionDoctorInternalError), match="flop formula"
+    )
+
+
+def test_capture_bug_during_forward_is_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import precision_doctor.capture as capture
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise ZeroDivisionError("flop formula exploded")
+
+    monkeypatch.setattr(capture.ShadowCapture, "_flops", staticmethod(broken))
+    with pytest.raises(pd.PrecisionDoctorInternalError):
+        pd.analyze(nn.Linear(3, 1), torch.randn(2, 3), sq_loss)
+

@@ -1,0 +1,193 @@
+"""apply_plan and the exports, tested by using them."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import precision_doctor as pd
+from precision_doctor.capture import UnitTracker
+from precision_doctor.emulation import emulated_precision
+from precision_doctor.export import (
+    DEEPSPEED_BF16_KEYS,
+    DEEPSPEED_FP16_KEYS,
+    DEEPSPEED_TORCH_AUTOCAST_KEYS,
+    deepspeed_config,
+    hf_training_args,
+    render_python,
+)
+from precision_doctor.plan import Plan, apply_plan, plan_model
+from tests.test_loss_scale import load
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+
+
+class DtypeCounter(TorchDispatchMode):
+    """Per module: the dtypes of float outputs of matmul ops, and of all float outputs."""
+
+    def __init__(self, tracker: UnitTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.matmul: dict[str, Counter[torch.dtype]] = defaultdict(Counter)
+        self.all: dict[str, Counter[torch.dtype]] = defaultdict(Counter)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if torch._C._current_graph_task_id() == -1:
+            unit = self.tracker.current
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.all[unit][t.dtype] += 1
+                    if str(func.overloadpacket).split(".")[-1] in MATMULS:
+                        self.matmul[unit][t.dtype] += 1
+        return out
+
+
+def count_dtypes(model: torch.nn.Module, batch: Any) -> DtypeCounter:
+    with UnitTracker(model, on_exit=lambda p: None) as tracker, DtypeCounter(tracker) as counter, torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):
+        model(*batch)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def rescue() -> tuple[Any, Plan]:
+    mod = load("plan_rescue")
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn, dtype="bf16")
+    plan = plan_model(model, batch, mod.loss_fn, report)
+    # A non-contiguous plan for the dtype test: norm and fc2 fp32, the rest low.
+    units = {u: ("fp32" if u in ("norm", "fc2", "<loss>") else "bf16") for u in plan.units}
+    return mod, plan.model_copy(update={"units": units})
+
+
+def check_counts(counter: DtypeCounter, plan: Plan) -> None:
+    for unit, dtype in plan.units.items():
+        if unit == "<loss>" or not counter.all.get(unit):
+            continue
+        if dtype == "fp32":
+            assert set(counter.all[unit]) == {torch.float32}, (unit, counter.all[unit])
+        elif counter.matmul.get(unit):
+            assert set(counter.matmul[unit]) == {torch.bfloat16}, (unit, counter.matmul[unit])
+
+
+def test_apply_plan_runs_the_planned_dtypes_and_is_removable(rescue: tuple[Any, Plan]) -> None:
+    mod, plan = rescue
+    model, batch = mod.build_model(), mod.make_batch()
+    plain = count_dtypes(model, batch)
+    assert plain.all["norm"][torch.bfloat16] > 0  # plain autocast runs norm's input low
+    with apply_plan(model, plan):
+        counter = count_dtypes(model, batch)
+        check_counts(counter, plan)
+        assert counter.matmul["fc1"] and counter.matmul["fc2"]
+        with torch.no_grad():  # outside an autocast region: the model as written
+            assert model(*batch).dtype == torch.float32
+    assert "forward" not in vars(model.norm)
+    after = count_dtypes(model, batch)
+    assert after.all == plain.all
+
+
+def test_python_snippet_installs_the_same_overrides(rescue: tuple[Any, Plan]) -> None:
+    mod, plan = rescue
+    ns: dict[str, Any] = {}
+    exec(compile(render_python(plan), "<plan snippet>", "exec"), ns)  # a fresh namespace
+    model, batch = mod.build_model(), mod.make_batch()
+    remove = ns["install_precision_plan"](model)
+    snippet_counts = count_dtypes(model, batch)
+    remove()
+    with apply_plan(model, plan):
+        ours = count_dtypes(model, batch)
+    assert snippet_counts.all == ours.all
+    check_counts(snippet_counts, plan)
+    assert "precision_doctor" not in render_python(plan)
+
+
+def test_wrong_module_names_are_refused(rescue: tuple[Any, Plan]) -> None:
+    _, plan = rescue
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(pd.PrecisionDoctorError, match="does not match this model"):
+        apply_plan(other, plan)
+
+
+def test_json_roundtrip_and_version(rescue: tuple[Any, Plan], tmp_path: Any) -> None:
+    _, plan = rescue
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+    raw = json.loads(plan.to_json())
+    raw["schema_version"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(pd.PrecisionDoctorError, match="schema_version"):
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_deepspeed_keys_are_documented(rescue: tuple[Any, Plan]) -> None:
+    _, plan = rescue
+    fp16_plan = plan.model_copy(update={"dtype": pd.LowDtype.FP16})
+    old = deepspeed_config(fp16_plan, "0.14.0")
+    assert set(old) == {"fp16"} and set(old["fp16"]) <= DEEPSPEED_FP16_KEYS  # type: ignore[arg-type]
+    assert old["fp16"]["initial_scale_power"] == plan.loss_scale.recommended_scale_log2  # type: ignore[index,union-attr]
+    assert set(deepspeed_config(plan, "0.14.0")["bf16"]) <= DEEPSPEED_BF16_KEYS  # type: ignore[arg-type]
+    new = deepspeed_config(plan, "0.17.2")["torch_autocast"]
+    assert set(new) <= DEEPSPEED_TORCH_AUTOCAST_KEYS  # type: ignore[arg-type]
+    assert "torch.nn.modules.linear.Linear" not in new["lower_precision_safe_modules"]  # fc2 is fp32  # type: ignore[index]
+    assert "torch.nn.modules.activation.GELU" in new["lower_precision_safe_modules"]  # type: ignore[index]
+
+
+def test_hf_kwargs_are_training_arguments(rescue: tuple[Any, Plan]) -> None:
+    import dataclasses
+
+    transformers = pytest.importorskip("transformers")
+    _, plan = rescue
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    assert set(hf_training_args(plan)) <= fields
+
+
+def test_plan_extras_shape(rescue: tuple[Any, Plan]) -> None:
+    _, plan = rescue
+    extras = plan.to_extras()
+    assert set(extras) == {
+        "target", "dtype", "units", "fp32_units", "estimated_step_time_s", "activation_bytes",
+        "verified_loss_rel_error", "verification_passes", "exports",
+    }
+    assert set(extras["exports"]) == {"json", "python", "deepspeed", "hf"}  # type: ignore[arg-type]
+
+
+def curve(mod: Any, low_units: dict[str, bool] | None, steps: int = 100) -> list[float]:
+    model, batch = mod.build_model(), mod.make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    losses = []
+    ctx = emulated_precision(model, torch.float16, low_units) if low_units != {} else torch.enable_grad()
+    with ctx:
+        for _ in range(steps):
+            loss = mod.loss_fn(model(*batch), batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.slow  # three 100-step emulated training runs: ~10-17 s on 2 cores
+def test_plan_tracks_fp32_where_all_low_does_not() -> None:
+    mod = load("plan_rescue")
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn)
+    plan = plan_model(model, batch, mod.loss_fn, report)
+    assert plan.units["norm"] == "fp32" and plan.verification_passes >= 1
+    assert plan.verified_loss_rel_error <= plan.tolerance
+    fp32 = curve(mod, {})
+    planned = curve(mod, plan.low_units)
+    all_low = curve(mod, None)
+    rel = [abs(p - f) / abs(f) for p, f in zip(planned, fp32, strict=True)]
+    assert max(rel) <= plan.tolerance
+    bad = [not math.isfinite(a) or abs(a - f) / abs(f) > plan.tolerance for a, f in zip(all_low, fp32, strict=True)]
+    assert any(bad)

@@ -1,0 +1,186 @@
+"""The pre-flight gate: verdicts on the sample models, untouched user objects, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import precision_doctor as pd
+from precision_doctor.cli import app
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model_spec import load_model_file
+from precision_doctor.preflight import RISK_NAMES, parse_fail_on
+
+from .fixtures import HEALTHY_FILE, build_mlp
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+STEPS = 3
+
+
+def run_sample(name: str, **kw: Any) -> pd.PreflightResult:
+    spec = load_model_file(SAMPLES / f"{name}.py")
+    kw.setdefault("plan", False)
+    return pd.preflight(spec.model, spec.batch, spec.loss_fn, steps=STEPS, name=name, **kw)
+
+
+def test_healthy_sample_model_is_go() -> None:
+    result = run_sample("tiny_transformer")
+    assert result.go and bool(result), [r.line() for r in result.reasons]
+    assert result.reasons == []
+    low = result.runs["low"]
+    assert low.skipped_steps == [] and low.nonfinite_steps == []
+    assert low.max_divergence is not None and low.max_divergence < 1e-3
+    assert len(result.runs["fp32"].losses) == STEPS
+
+
+@pytest.mark.parametrize(
+    ("name", "risk", "unit"),
+    [
+        ("ffn_overflow", "OVERFLOW", "block.ff.wi"),
+        ("attention_unscaled", "OVERFLOW", "attn"),
+        ("deep_narrow_underflow", "GRAD_UNDERFLOW", "layers.0"),
+        ("reduction_overflow", "OVERFLOW", "norm"),
+    ],
+)
+def test_faulty_sample_models_are_no_go_with_the_right_reason(name: str, risk: str, unit: str) -> None:
+    result = run_sample(name)
+    assert not result.go
+    assert any(r.risk == risk and r.unit == unit and r.mode == "analysis" for r in result.reasons), [
+        r.line() for r in result.reasons
+    ]
+    if name in ("ffn_overflow", "attention_unscaled"):  # Inf in the forward: every step breaks
+        low = result.runs["low"]
+        assert low.nonfinite_steps == list(range(STEPS))
+        assert low.skipped_steps == list(range(STEPS))
+        assert {"NONFINITE_STEPS", "SKIPPED_STEPS", "DIVERGENT_LOSS"} <= {r.risk for r in result.reasons}
+
+
+def test_planned_run_uses_the_plan_and_recommended_scale() -> None:
+    result = run_sample("attention_unscaled", plan=True)
+    planned = result.runs["planned"]
+    assert planned.units["attn"] == "fp32"
+    assert result.loss_scale is not None
+    assert planned.init_scale_log2 == result.loss_scale["recommended_scale_log2"]
+    assert planned.nonfinite_steps == [] and result.planned_go is True
+    assert not result.go  # judged on the plain fp16 run
+    judged = run_sample("attention_unscaled", plan=True, judge="planned")
+    assert judged.go, [r.line() for r in judged.reasons]
+
+
+def test_fail_on_selects_the_risks_that_fail() -> None:
+    result = run_sample("deep_narrow_underflow", fail_on="DIVERGENT_LOSS,NONFINITE_STEPS")
+    assert result.go
+    assert any(r.risk == "GRAD_UNDERFLOW" for r in result.notes)
+    assert parse_fail_on("ALL") == RISK_NAMES
+    assert parse_fail_on("NONE") == ()
+    with pytest.raises(PrecisionDoctorError, match="unknown risk 'BOGUS'"):
+        parse_fail_on("OVERFLOW,BOGUS")
+
+
+def test_user_model_and_optimizer_are_untouched() -> None:
+    case = build_mlp()
+    model = case.model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    case.loss_fn(model(case.batch), case.batch).backward()
+    opt.step()  # the optimizer has state now; the grads stay set
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    state = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+    rng = torch.get_rng_state()
+    result = pd.preflight(model, case.batch, case.loss_fn, optimizer=opt, steps=2, plan=False)
+    assert result.optimizer.startswith("Adam")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state[k][n], after[k][n]) for k in state for n in state[k])
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], model.parameters(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_make_batches_and_build_optimizer_are_used() -> None:
+    case = build_mlp()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(6, 8, generator=g) for _ in range(2)]
+    built: list[Any] = []
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        built.append(m)
+        return torch.optim.SGD(m.parameters(), lr=0.1)
+
+    result = pd.preflight(
+        case.model, case.batch, case.loss_fn, steps=3, plan=False,
+        make_batches=lambda: iter(data), build_optimizer=build,
+    )
+    assert len(built) == 2 and all(m is not case.model for m in built)  # fp32 and low copies
+    fp32 = result.runs["fp32"].losses
+    assert fp32[0] != fp32[1]  # the batches change
+    assert result.optimizer == "build_optimizer: build"
+
+
+def test_bad_arguments_are_rejected_up_front() -> None:
+    case = build_mlp()
+    for kw, msg in [
+        ({"steps": 0}, "steps"),
+        ({"dtype": "fp8"}, "unknown dtype"),
+        ({"judge": "nope"}, "unknown judge"),
+        ({"fail_on": "OVERFLOWS"}, "unknown risk"),
+        ({"make_batches": lambda: iter([])}, "yielded no batch"),
+    ]:
+        with pytest.raises(PrecisionDoctorError, match=msg):
+            pd.preflight(case.model, case.batch, case.loss_fn, plan=False, **kw)
+
+
+def test_json_round_trip_and_report_extras() -> None:
+    result = run_sample("ffn_overflow")
+    doc = json.loads(result.to_json())
+    assert doc["go"] is False and doc["runs"]["low"]["steps"][0]["loss"] == "NaN"
+    assert {r["risk"] for r in doc["reasons"]} >= {"OVERFLOW", "NONFINITE_STEPS"}
+    assert "report" not in doc
+    assert pd.PreflightResult.model_validate_json(result.to_json()).go is False
+    annotated = result.annotated_report()
+    assert annotated is not None and annotated.extras["preflight"]["go"] is False
+    assert result.prediction()["skipped_steps"] == list(range(STEPS))
+
+
+# --- the command --------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_go_exit_0_with_json(tmp_path: Path) -> None:
+    f = tmp_path / "healthy.py"
+    f.write_text(HEALTHY_FILE)
+    res = runner.invoke(app, ["preflight", str(f), "--steps", "2", "--no-plan", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["go"] is True and doc["steps"] == 2 and set(doc["runs"]) == {"fp32", "low"}
+
+
+def test_cli_no_go_exit_1_text_and_json() -> None:
+    path = str(SAMPLES / "ffn_overflow.py")
+    res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan"])
+    assert res.exit_code == 1, res.output
+    assert "NO-GO" in res.stdout and "OVERFLOW (analysis) [block.ff.wi]" in res.stdout
+    res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--json"])
+    assert res.exit_code == 1
+    assert json.loads(res.stdout)["go"] is False
+    # Only the named risks fail: GRAD_UNDERFLOW alone is not found here.
+    res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--fail-on", "GRAD_UNDERFLOW"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_bad_input_exit_2(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["preflight", str(tmp_path / "missing.py")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    # --fail-on is validated before the model file is even loaded.
+    res = runner.invoke(app, ["preflight", str(tmp_path / "missing.py"), "--fail-on", "OVERFLOW,NOPE"])
+    assert res.exit_code == 2 and "unknown risk 'NOPE'" in res.output
+    res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--steps", "0"])
+    assert res.exit_code == 2 and "--steps" in res.output
+    res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--dtype", "fp8"])
+    assert res.exit_code == 2
