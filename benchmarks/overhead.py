@@ -338,7 +338,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print()
     print(
         "columns: step = plain fp32 fwd+loss+bwd+SGD.step; bare-mode = the same step under a pass-through "
-        "TorchDispatchMode; time x = analyze/step; peak step/anlz = ru_maxrss of a fresh process; "
+        "TorchDispatchMode; time x = analyze/step; peak step/anlz = RSS high-water (VmHWM, reset after model build) of a fresh process; "
         "+step/+anlz = peak minus RSS after model construction; mem x = +anlz/+step (the target ratio); "
         "raw x = peak anlz/peak step"
     )

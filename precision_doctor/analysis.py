@@ -14,7 +14,15 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__
-from .capture import LOSS_UNIT, OpRecord, Policy, ShadowCapture, UnitRecord, capture_pass, relative_loss_error
+from .capture import (
+    LOSS_UNIT,
+    OpRecord,
+    Policy,
+    ShadowCapture,
+    UnitRecord,
+    capture_pass,
+    relative_loss_error,
+)
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .flags import unit_flags
 from .formats import LIMITS, TORCH_DTYPES

@@ -109,6 +109,7 @@ class OpRecord:
     prop_rel_error: float | None = None
     input_max_abs: float = 0.0  # largest |x| over its float inputs (inf if any is non-finite)
     out_max_abs: float = 0.0  # the same over its outputs
+    external_max_abs: float = 0.0  # largest |x| of parameters/batch reached through views
     local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
     fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
 
@@ -420,7 +421,7 @@ class ShadowCapture(TorchDispatchMode):
         try:
             return self._dispatch(func, args, kwargs or {})
         except _ModelOpError as e:
-            raise e.original  # the model's own op failed: the caller reports it as such
+            raise e.original from None  # the model's own op failed: the caller reports it
         except PrecisionDoctorInternalError:
             raise
         except Exception as e:
@@ -511,11 +512,18 @@ class ShadowCapture(TorchDispatchMode):
         for t in outs:
             self._producer[t] = rec.index
 
-        in_max = 0.0
+        # Only inputs other ops produced count as "already out of range": a parameter or
+        # batch value beyond the format's max is this op's problem to report, not inherited.
+        in_max = ext_max = 0.0
         for t, i in zip(tensors_in, rec.inputs, strict=True):
             if t.dtype == torch.float32:
-                in_max = max(in_max, self.records[i].out_max_abs if i >= 0 else self._external_max(t))
+                if i >= 0:
+                    in_max = max(in_max, self.records[i].out_max_abs)
+                    ext_max = max(ext_max, self.records[i].external_max_abs)
+                else:
+                    ext_max = max(ext_max, self._external_max(t))
         rec.input_max_abs = rec.out_max_abs = in_max
+        rec.external_max_abs = ext_max  # carried through views of parameters
         # Backward ops get no per-op statistics: gradients are summarized once per autograd
         # node (see instrument_backward), which skips the backward formulas' intermediates.
         if backward or info.preserves_values:

@@ -78,3 +78,14 @@ def test_control_flow_model_uses_dispatch_path() -> None:
     report = _analyze("control_flow")
     assert report.environment.capture_path is pd.CapturePath.DISPATCH
     assert not report.environment.fx_traceable and report.environment.fx_error
+
+
+def test_parameter_beyond_fp16_max_is_charged_to_its_unit() -> None:
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(7e4)  # > 65504: the weight itself cannot be held in fp16
+    report = pd.analyze(net, torch.randn(8, 4), loss_fn=lambda o, b: o.pow(2).mean())
+    assert pd.Flag.OVERFLOW in {f.flag for f in report.by_module()["0"].flags}
+    assert not report.by_module()["1"].flags
