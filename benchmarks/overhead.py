@@ -246,11 +246,13 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
         reports[:] = [precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16")]
 
     a_reps = analyze_repeats or (repeats if model_name == "demo" else 2)
-    analyze_times, analyze_cpu = timed(one_analysis, a_reps, warmup=1 if model_name == "demo" else 0)
+    analyze_times, analyze_cpu = timed(
+        one_analysis, a_reps, warmup=1 if model_name == "demo" else 0
+    )
     report = reports[0]
     params = n_params(model)
-    del model, batch, step, reports
-    gc.collect()
+    reports.clear()
+    gc.collect()  # the parent's memory is not measured: the children below build their own
 
     mem_step = run_child("step", model_name)
     mem_analyze = run_child("analyze", model_name)
@@ -348,7 +350,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["demo", "gpt2", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=10, help="timed training steps (median)")
-    ap.add_argument("--analyze-repeats", type=int, default=None, help="timed analyses (default: repeats for demo, 2 for gpt2)")
+    ap.add_argument(
+        "--analyze-repeats",
+        type=int,
+        default=None,
+        help="timed analyses (default: repeats for demo, 2 for gpt2)",
+    )
     ap.add_argument("--child", choices=["step", "analyze"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
