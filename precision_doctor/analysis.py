@@ -348,7 +348,3 @@ def _unit(
         ),
         ops=_op_stats(ops),
     )
-
-
-def _internal(msg: str) -> PrecisionDoctorInternalError:
-    return PrecisionDoctorInternalError(msg)

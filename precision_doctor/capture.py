@@ -47,7 +47,6 @@ _COPY_OPS = frozenset(
         aten.copy_.default,
         aten.lift_fresh.default,
         aten._to_copy.default,
-        aten.contiguous.default if hasattr(aten, "contiguous") else aten.clone.default,
     }
 )
 _NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
@@ -269,7 +268,7 @@ class ShadowCapture(TorchDispatchMode):
         self._global: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._locals: dict[str, WeakIdKeyDictionary] = {}
         self._rounded: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._finite_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
+        self._external_maxes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
         self.failed_at: str | None = None
 
     # --- units -------------------------------------------------------------------------
@@ -323,8 +322,7 @@ class ShadowCapture(TorchDispatchMode):
         store: WeakIdKeyDictionary | None,
         low: bool,
     ) -> tuple[Any, Any]:
-        """Shadow args (taken before the fp32 op can mutate anything) and a thunk-free result
-        holder; returns (shadow_args, shadow_kwargs)."""
+        """The shadow (args, kwargs) for one op, taken before the fp32 op can mutate anything."""
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             s = self._shadow_input(t, store, low)
@@ -365,11 +363,11 @@ class ShadowCapture(TorchDispatchMode):
 
     def _external_max(self, t: torch.Tensor) -> float:
         """Largest |x| of a tensor no recorded op produced (a parameter, the batch)."""
-        m = self._finite_inputs.get(t)
+        m = self._external_maxes.get(t)
         if m is None:
             m = float(t.detach().abs().max()) if t.numel() else 0.0
             m = m if m == m else math.inf  # NaN -> inf: "not finite"
-            self._finite_inputs[t] = m
+            self._external_maxes[t] = m
         return float(m)
 
     # --- gradients ---------------------------------------------------------------------
@@ -446,7 +444,7 @@ class ShadowCapture(TorchDispatchMode):
             if i < len(args) and isinstance(args[i], torch.Tensor):
                 self.on_mutation(args[i])
                 self._rounded.pop(args[i], None)
-                self._finite_inputs.pop(args[i], None)
+                self._external_maxes.pop(args[i], None)
 
         shadows = not backward and func not in _NO_SHADOW_OPS and func not in _UNINITIALIZED_OPS
         if shadows:
