@@ -44,7 +44,7 @@ from .report import (
     UnitEdge,
     UnitForward,
 )
-from .statistics import EXP_BIAS, ErrorAccumulator, TensorSummary, summarize
+from .statistics import EXP_BIAS, SUMSQ_BINS, ErrorAccumulator, TensorSummary, summarize
 
 Progress = Callable[[str], None]
 LOSS_SCALES = range(25)
@@ -201,8 +201,9 @@ def tensor_stats(s: TensorSummary) -> TensorStats:
         histogram=Histogram(
             log2_lo=lo - EXP_BIAS,
             counts=[int(c) for c in hist[lo:hi]],
-            sum_squares=[float(v) for v in s.sumsq[lo:hi]] if s.sumsq is not None else None,
+            sum_squares=[float(v) for v in s.sumsq[lo:min(hi, SUMSQ_BINS)]] if s.sumsq is not None else None,
         ),
+        sum_squares_total=s.sumsq_total if s.sumsq is not None else None,
     )
 
 

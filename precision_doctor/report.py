@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import PrecisionDoctorError
 from .options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped on any change that an older reader would misread."""
 
 
@@ -33,7 +33,9 @@ class Histogram(_Frozen):
     log2_lo: int
     counts: list[int]
     sum_squares: list[float] | None = None
-    """Per bin, the sum of x^2 (gradients only): what fraction of the L2 norm a bin holds."""
+    """Gradients only: the sum of x^2 of the bins below 2^-24 (the only values a loss scale
+    of 2^0..2^24 can flush), starting at `log2_lo`; with `TensorStats.sum_squares_total`, the
+    fraction of the L2 norm those bins hold. Shorter than `counts` when values reach 2^-24."""
 
 
 class FormatTails(_Frozen):
@@ -57,6 +59,8 @@ class TensorStats(_Frozen):
     fp16: FormatTails
     bf16: FormatTails
     histogram: Histogram
+    sum_squares_total: float | None = None
+    """Gradients only: the sum of x^2 over the finite values."""
 
 
 class LossScalePoint(_Frozen):

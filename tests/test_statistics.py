@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from precision_doctor.statistics import ErrorAccumulator, summarize
+from precision_doctor import statistics
+from precision_doctor.statistics import SUMSQ_BINS, ErrorAccumulator, summarize
 
 F32 = np.float32
 
@@ -250,15 +251,38 @@ def test_merge_equals_summary_of_concatenation() -> None:
     assert merged.tails == whole.tails
     assert merged.sumsq is not None and whole.sumsq is not None
     np.testing.assert_allclose(merged.sumsq, whole.sumsq, rtol=1e-6)
+    assert merged.sumsq_total == pytest.approx(whole.sumsq_total, rel=1e-6)
 
 
 def test_sumsq_matches_numpy() -> None:
-    x = np.array([3.0, -2.5, 0.5, 2.0**-30, np.inf, np.nan, 0.0], dtype=np.float32)
+    x = np.array([3.0, -2.5, 0.5, 2.0**-30, -1.5 * 2.0**-30, 2.0**-25, 2.0**-24, 2.0**-140, np.inf, np.nan, 0.0],
+                 dtype=np.float32)
     s = summarize(torch.from_numpy(x), with_sumsq=True)
-    assert s.sumsq is not None
+    assert s.sumsq is not None and len(s.sumsq) == SUMSQ_BINS
     f = x[np.isfinite(x)].astype(np.float64)
-    assert s.sumsq[:255].sum() == pytest.approx(float((f**2).sum()), rel=1e-7)
-    assert s.sumsq[127 + 1] == pytest.approx(9.0 + 6.25)  # |3| and |2.5| are in [2, 4): bin 128
+    assert s.sumsq_total == pytest.approx(float((f**2).sum()), rel=1e-7)
+    # Per bin only below 2^-24 (bin 103), where some loss scale 2^0..2^24 can flush values.
+    small = f[(f != 0) & (np.abs(f) < 2.0**-24)]
+    bins = np.maximum(np.floor(np.log2(np.abs(small))).astype(np.int64) + 127, 0)
+    expected = np.bincount(bins, weights=small**2, minlength=SUMSQ_BINS)
+    np.testing.assert_allclose(s.sumsq, expected, rtol=1e-12)
+    assert s.sumsq[127 - 30] == pytest.approx(2.0**-60 * (1 + 2.25))
+
+
+def test_chunked_summary_equals_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = np.random.default_rng(3)
+    x = (g.standard_normal(10_000) * np.exp2(g.integers(-50, 20, 10_000))).astype(np.float32)
+    x[[5, 77, 9000]] = [np.nan, np.inf, 0.0]
+    whole = summarize(torch.from_numpy(x), with_sumsq=True)
+    monkeypatch.setattr(statistics, "CHUNK_ELEMENTS", 1000)
+    chunked = summarize(torch.from_numpy(x), with_sumsq=True)
+    for name in ("numel", "zero_count", "nan_count", "inf_count", "max_abs", "min_nonzero_abs"):
+        assert getattr(chunked, name) == getattr(whole, name), name
+    np.testing.assert_array_equal(chunked.hist, whole.hist)
+    assert chunked.tails == whole.tails
+    assert chunked.sumsq is not None and whole.sumsq is not None
+    np.testing.assert_allclose(chunked.sumsq, whole.sumsq, rtol=1e-12)
+    assert chunked.sumsq_total == pytest.approx(whole.sumsq_total, rel=1e-6)
 
 
 def _grad_tensor() -> np.ndarray:
