@@ -265,9 +265,13 @@ def build_report(
     by_unit: dict[str, list[OpRecord]] = defaultdict(list)
     for r in records:
         by_unit[r.unit].append(r)
-    for pname in param_stats:
-        owner = pname.rpartition(".")[0] or "<root>"
-        mode.unit(owner).param_names.append(pname)
+    for pname, pstats in param_stats.items():
+        owner = mode.unit(pname.rpartition(".")[0] or "<root>")
+        owner.param_names.append(pname)
+        # Gradients flowing into AccumulateGrad are not hooked (see instrument_backward):
+        # a unit's gradients are its nodes' plus its parameters'.
+        owner.backward.merge(pstats)
+        owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
     # Forward dataflow between units, each produced tensor counted once per consumer unit.
     edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
