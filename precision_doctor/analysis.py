@@ -145,7 +145,7 @@ def analyze(
             raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
 
         step("statistics and flags")
-        param_stats = {n: summarize(g, with_sumsq=True) for n, g in grads.items()}
+        param_stats = {n: summarize(g, with_sumsq=True, workspace=mode.workspace) for n, g in grads.items()}
         del grads
     assert mode is not None
     return build_report(

@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import PrecisionDoctorInternalError
 from .options import Phase
-from .statistics import ErrorAccumulator, TensorSummary, squared_norm, summarize
+from .statistics import ErrorAccumulator, TensorSummary, Workspace, squared_norm, summarize
 
 ROOT_UNIT = "<root>"
 LOSS_UNIT = "<loss>"
@@ -305,6 +305,7 @@ class ShadowCapture(TorchDispatchMode):
         self._op_rounded: dict[int, torch.Tensor] = {}
         self._external_maxes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
         self.failed_at: str | None = None
+        self.workspace = Workspace()
 
     # --- units -------------------------------------------------------------------------
     def unit(self, name: str) -> UnitRecord:
@@ -450,7 +451,7 @@ class ShadowCapture(TorchDispatchMode):
             with _disable_current_modes():
                 summary = TensorSummary()
                 for g in grads:
-                    summary.merge(summarize(g, with_sumsq=True))
+                    summary.merge(summarize(g, with_sumsq=True, workspace=self.workspace))
                 urec = self.unit(unit)
                 urec.backward.merge(summary)
                 urec.grad_nodes.append((node.name(), summary))
@@ -580,7 +581,7 @@ class ShadowCapture(TorchDispatchMode):
             return out
         summary = TensorSummary()
         for t in ref_outs:
-            summary.merge(summarize(t))
+            summary.merge(summarize(t, workspace=self.workspace))
         rec.summary = summary
         rec.out_max_abs = math.inf if summary.nonfinite_count else summary.max_abs
         if summary.nonfinite_count and math.isfinite(in_max) and not _fills_nonfinite(args, kwargs):
@@ -591,14 +592,14 @@ class ShadowCapture(TorchDispatchMode):
         if gpairs:
             acc = ErrorAccumulator()
             for ref, sh in gpairs:
-                acc.add(ref, sh, ref_norms.get(id(ref)))
+                acc.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
             rec.prop_rel_error = acc.rel_l2
             urec.prop_error.merge(acc)
             urec.prop_nonfinite += acc.nonfinite_mismatch
         if lpairs:
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
-                acc.add(ref, sh, ref_norms.get(id(ref)))
+                acc.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
             rec.local_rel_error = acc.rel_l2
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
