@@ -49,6 +49,8 @@ _COPY_OPS = frozenset(
         aten._to_copy.default,
     }
 )
+# Upcasts at least this large (16 MiB in fp32) go to reused buffers (see _pooled_float).
+_POOLED_UPCAST_ELEMENTS = 1 << 22
 _NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
 # Allocations hold whatever was in memory: their values are no statistic of the model.
 _UNINITIALIZED_OPS = frozenset(
@@ -214,6 +216,17 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t` covers its memory exactly once in some order (a permuted contiguous
+    tensor), so a buffer of `numel` elements can take its strides."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -303,6 +316,7 @@ class ShadowCapture(TorchDispatchMode):
         # global and local shadow of one op only: a cache across ops would keep an fp16 copy
         # of every parameter alive (250 MiB on GPT-2 small) for a conversion that is cheap.
         self._op_rounded: dict[int, torch.Tensor] = {}
+        self._op_upcast: dict[tuple[Any, ...], torch.Tensor] = {}
         self._external_maxes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
         self.failed_at: str | None = None
         self.workspace = Workspace()
@@ -340,6 +354,29 @@ class ShadowCapture(TorchDispatchMode):
             self._op_rounded[id(t)] = r
         return r
 
+    def _upcast(self, s: torch.Tensor, *, shareable: bool) -> torch.Tensor:
+        """`s.float()`, shared by the global and local shadow of one op when both read the
+        same low-precision values (a parameter, a view of one): on GPT-2 the tied 38.6M
+        embedding is upcast once instead of twice for the logits matmul. Not for ops that
+        write their inputs, which would change the other shadow's input."""
+        if not shareable:
+            return s.float()
+        key = (s.data_ptr(), s.dtype, tuple(s.shape), tuple(s.stride()))
+        up = self._op_upcast.get(key)
+        if up is None:
+            up = self._pooled_float(s) if s.numel() >= _POOLED_UPCAST_ELEMENTS else s.float()
+            self._op_upcast[key] = up
+        return up
+
+    def _pooled_float(self, s: torch.Tensor) -> torch.Tensor:
+        """`s.float()` into a buffer reused from op to op. Large fresh CPU tensors are fresh
+        mmaps whose pages fault in on first touch, ~5x the cost of the conversion itself;
+        the buffers are released before backward, where they would only add to the peak."""
+        if not _dense(s):
+            return s.float()
+        buf = self.workspace.get(f"upcast{len(self._op_upcast)}", s.numel(), torch.float32, s.device)
+        return torch.as_strided(buf, s.shape, s.stride()).copy_(s)
+
     def _shadow_input(self, t: torch.Tensor, store: WeakIdKeyDictionary | None, low: bool) -> torch.Tensor:
         """The shadow value standing for fp32 tensor `t` (possibly stored in the low dtype)."""
         if t.dtype != torch.float32:
@@ -363,7 +400,7 @@ class ShadowCapture(TorchDispatchMode):
         def pick(t: torch.Tensor) -> torch.Tensor:
             s = self._shadow_input(t, store, low)
             if not info.preserves_values and s.dtype != t.dtype and t.dtype == torch.float32:
-                s = s.float()
+                s = self._upcast(s, shareable=not info.mutates)
             return s
 
         sargs, skwargs = _map_args(args, kwargs, pick)
@@ -389,6 +426,8 @@ class ShadowCapture(TorchDispatchMode):
                 continue
             if low and sh.dtype == torch.float32 and not info.preserves_values:
                 sh = sh.to(self.low)
+            elif sh.dtype == torch.float32 and not info.preserves_values and self.workspace.owns(sh):
+                sh = sh.clone()  # an op that handed back its pooled input
             existing = store.get(ref)
             if existing is not None and existing is not sh and info.mutates:
                 existing.copy_(sh)  # write through views of a mutated shadow
@@ -417,6 +456,7 @@ class ShadowCapture(TorchDispatchMode):
         summarized where they were made; and what flows into a parameter's AccumulateGrad
         is that parameter's gradient, summarized once after backward. On GPT-2 this halves
         the hooks and spares three passes over the 38.6M-element tied embedding gradient."""
+        self.workspace.release("upcast")
         handles: list[Any] = []
         root = loss.grad_fn
         if root is None:
@@ -442,15 +482,16 @@ class ShadowCapture(TorchDispatchMode):
             unit = self.seq_units.get(node._sequence_nr())
             if unit is None:
                 return  # made outside the captured forward
-            grads = [
-                g for g, k in zip(grad_inputs, keep, strict=False)
+            # An add passes one gradient tensor to both its inputs: summarize it once.
+            grads = {
+                (g.data_ptr(), g.shape, g.stride()): g for g, k in zip(grad_inputs, keep, strict=False)
                 if k and isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.numel()
-            ]
+            }
             if not grads:
                 return
             with _disable_current_modes():
                 summary = TensorSummary()
-                for g in grads:
+                for g in grads.values():
                     summary.merge(summarize(g, with_sumsq=True, workspace=self.workspace))
                 urec = self.unit(unit)
                 urec.backward.merge(summary)
@@ -506,6 +547,7 @@ class ShadowCapture(TorchDispatchMode):
                 local_store = self._locals.setdefault(unit, WeakIdKeyDictionary())
                 largs = self._run_shadow(func, info, args, kwargs, local_store, True)
             self._op_rounded.clear()
+            self._op_upcast.clear()
 
         try:
             out = func(*args, **kwargs)

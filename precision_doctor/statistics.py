@@ -144,6 +144,15 @@ class Workspace:
             self._buffers[key] = buf
         return buf[:n]
 
+    def owns(self, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
+
+    def release(self, prefix: str) -> None:
+        """Drop the buffers whose slot starts with `prefix`."""
+        for key in [k for k in self._buffers if k[0].startswith(prefix)]:
+            del self._buffers[key]
+
 
 def summarize(x: torch.Tensor, *, with_sumsq: bool = False, workspace: Workspace | None = None) -> TensorSummary:
     """Summarize one float32 tensor's values, chunk by chunk: a handful of integer kernels
@@ -181,6 +190,7 @@ def _summarize_chunk(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> Ten
     # Zeros and fp32 subnormals share bin 0. `(b - 1) & MASK` sends 0 to the top of the
     # range and keeps the order of the rest, so one min finds the smallest nonzero; it also
     # tells whether any subnormal is there (rare), so the zero count needs no extra pass.
+    shifted: torch.Tensor | None = None
     if hist[0]:
         shifted = torch.sub(nonzero_bits, 1, out=ws.get("tmp", n, torch.int32, flat.device))
         min_nz = int(shifted.bitwise_and_(_ABS_MASK).min()) + 1
@@ -198,10 +208,18 @@ def _summarize_chunk(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> Ten
     if with_sumsq:
         summary.sumsq = np.zeros(SUMSQ_BINS)
         if hist[:SUMSQ_BINS].sum() > summary.zero_count:
-            small = (bits < SUMSQ_BINS << 23) & (bits > 0)
-            sq = flat[small].double().square()
+            mask = ws.get("mask", n, torch.bool, flat.device)
+            # `shifted` is bits - 1 with zeros sent to the top: one compare drops them too.
+            small = (
+                torch.lt(shifted, (SUMSQ_BINS << 23) - 1, out=mask)
+                if shifted is not None
+                else torch.lt(bits, SUMSQ_BINS << 23, out=mask)
+            )
+            # nonzero + take is ~2.5x faster than masked_select here; bins follow from values.
+            values = flat.take(small.nonzero().squeeze(1))
+            bins = (values.view(torch.int32) & _ABS_MASK) >> 23
             sums = torch.zeros(SUMSQ_BINS, dtype=torch.float64, device=flat.device)
-            summary.sumsq = sums.index_add_(0, (bits[small] >> 23).long(), sq).cpu().numpy()
+            summary.sumsq = sums.index_add_(0, bins.long(), values.double().square()).cpu().numpy()
         finite = flat if not hist[255] else flat.masked_fill(bits >= _INF_BITS, 0.0)
         summary.sumsq_total = squared_norm(finite)
     return summary
