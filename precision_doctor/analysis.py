@@ -36,6 +36,7 @@ from .report import (
     Histogram,
     Losses,
     LossScalePoint,
+    OpCost,
     OpStats,
     Report,
     TensorStats,
@@ -250,6 +251,14 @@ def _op_stats(ops: list[OpRecord]) -> list[OpStats]:
     return out
 
 
+def _op_costs(ops: list[OpRecord]) -> list[OpCost]:
+    calls: dict[tuple[str, Phase, int, int], int] = defaultdict(int)
+    for r in ops:
+        if r.flops or r.moved_bytes:
+            calls[(r.op, r.phase, r.flops, r.moved_bytes)] += 1
+    return [OpCost(op=o, phase=ph, flops=f, bytes=b, calls=n) for (o, ph, f, b), n in calls.items()]
+
+
 def build_report(
     mode: ShadowCapture,
     param_stats: dict[str, TensorSummary],
@@ -352,4 +361,5 @@ def _unit(
             param_grads={p: tensor_stats(param_stats[p]) for p in urec.param_names if p in param_stats},
         ),
         ops=_op_stats(ops),
+        op_costs=_op_costs(ops),
     )

@@ -63,6 +63,7 @@ _UNINITIALIZED_OPS = frozenset(
 class _OpInfo:
     name: str
     preserves_values: bool
+    is_view: bool
     mutates: tuple[int, ...]  # positional args written in place
     random: bool
     packet: Any
@@ -83,6 +84,7 @@ def op_info(func: Any) -> _OpInfo:
         info = _OpInfo(
             name=str(func).removeprefix("aten."),
             preserves_values=bool(func.is_view) or func in _COPY_OPS or func in _UNINITIALIZED_OPS,
+            is_view=bool(func.is_view),
             mutates=mutates,
             random=torch.Tag.nondeterministic_seeded in func.tags,
             packet=func.overloadpacket,
@@ -105,6 +107,7 @@ class OpRecord:
     output_dtypes: tuple[str, ...]
     output_bytes: int
     flops: int
+    moved_bytes: int  # what the op reads and writes: 0 for a view
     summary: TensorSummary | None = None
     local_rel_error: float | None = None
     prop_rel_error: float | None = None
@@ -595,6 +598,7 @@ class ShadowCapture(TorchDispatchMode):
             output_dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in outs),
             output_bytes=sum(_nbytes(t) for t in outs),
             flops=self._flops(info, args, kwargs, out),
+            moved_bytes=0 if info.is_view else sum(_nbytes(t) for t in tensors_in) + sum(_nbytes(t) for t in outs),
         )
         self.records.append(rec)
         urec = self.unit(unit)

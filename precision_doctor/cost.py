@@ -1,12 +1,11 @@
 """The cost model: estimated step time and activation memory of a per-unit dtype plan.
 
-Each unit costs a roofline, max(FLOPs / peak for its dtype, bytes / bandwidth), for its
-forward and for its backward, from the FLOPs and bytes the capture recorded (FLOPs from
-`torch.utils.flop_counter`'s formulas). The report keeps per-unit sums, so the roofline is
-taken per unit and phase, not per op. Backward bytes are estimated as twice the forward
-bytes (it reads the saved activations and the output gradients, and writes the input
-gradients). A unit that runs low moves half the bytes, and pays for casting its weights
-(read fp32, write low; autocast caches the cast for the step).
+Each op the capture recorded, forward and backward, costs a roofline, max(FLOPs / peak for
+its dtype, bytes / bandwidth) (FLOPs from `torch.utils.flop_counter`'s formulas, bytes
+read and written from the recorded shapes; views move none); a unit costs the sum over its
+ops. A unit that runs low moves half the bytes (integer tensors such as indices are halved
+too, a small overestimate of the saving), and pays for casting its weights (read fp32,
+write low; autocast caches the cast for the step).
 
 A cast costs its bytes at every forward dataflow edge whose producer and consumer run in
 different dtypes, once forward (the activation) and once backward (its gradient): read one
@@ -14,7 +13,8 @@ dtype, write the other. This is what makes an isolated fp32 island inside a low 
 expensive, and what the search trades against the islands' error.
 
 Device profiles are published dense datasheet figures (no sparsity); `cpu` is measured
-on this machine once per process.
+on this machine once per process. `timing.measure_cost_model` replaces the rooflines by
+times measured on the model's own device.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ import torch
 from .capture import LOSS_UNIT
 from .errors import PrecisionDoctorError
 from .options import LowDtype, StrEnum
-from .report import Report
+from .report import Report, Unit
 
-BACKWARD_BYTES_FACTOR = 2.0
-"""Backward bytes per forward byte (reads saved activations and output grads, writes input grads)."""
 CAST_BYTES_FACTOR = 1.5
 """A cast reads the tensor in one dtype and writes it in the other: 4 + 2 bytes per fp32 4."""
 
@@ -166,6 +164,14 @@ def _roofline(flops: float, bytes_: float, peak: float, bw: float) -> float:
     return max(flops / peak, bytes_ / bw)
 
 
+def unit_roofline_s(unit: Unit, peak_flops_per_s: float, bandwidth_bytes_per_s: float, *, bytes_scale: float = 1.0) -> float:
+    """Sum of the per-op rooflines of one unit's forward and backward ops."""
+    return sum(
+        c.calls * _roofline(c.flops, c.bytes * bytes_scale, peak_flops_per_s, bandwidth_bytes_per_s)
+        for c in unit.op_costs
+    )
+
+
 def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | str | None = None) -> CostModel:
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
     bw = profile.bandwidth_bytes_per_s
@@ -173,20 +179,20 @@ def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | s
     plow = profile.peak_flops_per_s(low.value)
     units = []
     for u in report.units:
-        b_fwd = float(u.bytes_forward)
-        b_bwd = BACKWARD_BYTES_FACTOR * b_fwd
-        t32 = _roofline(u.flops_forward, b_fwd, p32, bw) + _roofline(u.flops_backward, b_bwd, p32, bw)
-        weight_cast = CAST_BYTES_FACTOR * u.param_bytes / bw
-        tlow = (
-            _roofline(u.flops_forward, b_fwd / 2, plow, bw)
-            + _roofline(u.flops_backward, b_bwd / 2, plow, bw)
-            + weight_cast
-        )
+        t32 = unit_roofline_s(u, p32, bw)
+        tlow = unit_roofline_s(u, plow, bw, bytes_scale=0.5) + weight_cast_s(u, bw)
         units.append(UnitCost(u.name, t32, tlow, u.activation_bytes, u.activation_bytes // 2))
-    edges = tuple(
-        EdgeCost(e.src, e.dst, e.bytes, 2 * CAST_BYTES_FACTOR * e.bytes / bw) for e in report.edges
+    return CostModel(profile, low, tuple(units), cast_edges(report, bw))
+
+
+def weight_cast_s(unit: Unit, bandwidth_bytes_per_s: float) -> float:
+    return CAST_BYTES_FACTOR * unit.param_bytes / bandwidth_bytes_per_s
+
+
+def cast_edges(report: Report, bandwidth_bytes_per_s: float) -> tuple[EdgeCost, ...]:
+    return tuple(
+        EdgeCost(e.src, e.dst, e.bytes, 2 * CAST_BYTES_FACTOR * e.bytes / bandwidth_bytes_per_s) for e in report.edges
     )
-    return CostModel(profile, low, tuple(units), edges)
 
 
 # --- what plain autocast would do --------------------------------------------------------

@@ -94,6 +94,18 @@ class OpStats(_Frozen):
     local_rel_l2_error: float | None = None
 
 
+class OpCost(_Frozen):
+    """The work of identical calls of one op in one unit: what the cost model's per-op
+    roofline reads. FLOPs from torch.utils.flop_counter's formulas (0 where it has none)."""
+
+    op: str
+    phase: Phase
+    flops: int
+    bytes: int
+    """Read and written per call, in the captured (fp32) dtypes; 0 for views."""
+    calls: int
+
+
 class Evidence(_Frozen):
     op: str | None
     phase: Phase
@@ -142,6 +154,7 @@ class Unit(_Frozen):
     forward: UnitForward
     backward: UnitBackward
     ops: list[OpStats]
+    op_costs: list[OpCost] = Field(default_factory=list)
 
 
 class UnitEdge(_Frozen):
