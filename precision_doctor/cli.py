@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from .cost import Target
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .export import ExportFormat
-from .options import LowDtype, Thresholds
+from .options import CostSource, LowDtype, Thresholds
 from .plan import DEFAULT_TOLERANCE
 from .report import write_atomic
 
@@ -95,6 +96,14 @@ def analyze(
     target: Annotated[
         Target | None, typer.Option("--target", help="Device the plan's cost model targets (default h100).")
     ] = None,
+    cost: Annotated[
+        CostSource,
+        typer.Option(
+            "--cost",
+            help="roofline: per-op rooflines on the --target profile. measured: time each unit in "
+            "fp32 and the low dtype on the model's own device (meant for CUDA; excludes --target).",
+        ),
+    ] = CostSource.ROOFLINE,
     tolerance: Annotated[
         float | None,
         typer.Option("--tolerance", help=f"Relative final-loss error the plan may cost against fp32 (default {DEFAULT_TOLERANCE:g})."),
@@ -108,7 +117,8 @@ def analyze(
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
     that overflow, underflow or diverge. Exit 0 when the analysis ran, flags or not.
 
-    With --out or any plan option (--export, --export-format, --target, --tolerance) it also
+    With --out or any plan option (--export, --export-format, --target, --cost measured,
+    --tolerance) it also
     searches the per-module dtype plan and the initial loss scale and stores them in the report."""
     from .analysis import analyze as run_analysis
     from .model_spec import load_model_file
@@ -117,6 +127,8 @@ def analyze(
     thresholds = parse_thresholds(threshold or [])
     if open_app and out is None:
         raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
+    if cost is CostSource.MEASURED and target is not None:
+        raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
     console = Console(stderr=False, highlight=False)
     err_console = Console(stderr=True)
     spec = load_model_file(model_file)
@@ -132,7 +144,9 @@ def analyze(
             progress.advance(task)
 
         report = run_analysis(spec.model, spec.batch, spec.loss_fn, dtype, thresholds=thresholds, name=spec.name, progress=step)
-    plan_wanted = out is not None or any(o is not None for o in (export, export_format, target, tolerance))
+    plan_wanted = out is not None or cost is CostSource.MEASURED or any(
+        o is not None for o in (export, export_format, target, tolerance)
+    )
     plan = None
     if plan_wanted:
         from .export import render
@@ -140,10 +154,19 @@ def analyze(
 
         # The plan's search is only as good as its cost model's units; keep it off the plain
         # analysis path (it adds verification passes, each a forward of the model).
+        costs = None
+        target_name = (target or Target.H100).value
+        if cost is CostSource.MEASURED:
+            from .timing import measure_cost_model
+
+            with err_console.status("timing each unit in fp32 and " + str(dtype)) if not quiet else nullcontext():
+                costs = measure_cost_model(spec.model, spec.batch, spec.loss_fn, report)
+            target_name = costs.profile.name
         plan, advice = plan_and_advise(
             spec.model, spec.batch, spec.loss_fn, report,
-            target=(target or Target.H100).value,
+            target=target_name,
             tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
+            costs=costs,
         )
         report = report.model_copy(update={"extras": {**report.extras, "plan": plan.to_extras(), "loss_scale": advice.to_extras()}})
     render_report(report, console)

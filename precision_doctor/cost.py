@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -82,31 +82,42 @@ PROFILES: dict[Target, DeviceProfile] = {
 }
 
 
-def _time_it(fn: object, reps: int) -> float:
-    assert callable(fn)
+def _time_it(fn: Callable[[], object], reps: int, device: torch.device) -> float:
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / reps
+
+
+def measure_device_profile(device: torch.device | str) -> DeviceProfile:
+    """A device, measured: a matmul per dtype (256^3 on a CPU, 4096^3 on a GPU) and a
+    copy of 32 MiB (256 MiB on a GPU). ~0.2 s."""
+    dev = torch.device(device)
+    gpu = dev.type != "cpu"
+    n = 4096 if gpu else 256
+    flops = 2 * n**3
+    peaks: dict[str, float] = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        a = torch.full((n, n), 0.5, device=dev, dtype=dt)  # no draw from the user's RNG
+        peaks[name] = flops / _time_it(functools.partial(torch.matmul, a, a), 5, dev)
+    src = torch.empty((64 if gpu else 8) * 2**20, device=dev)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5, dev)
+    return DeviceProfile(
+        f"measured {dev}", peaks["fp32"], peaks["fp32"], peaks["fp16"], peaks["bf16"], bw,
+        f"measured on this machine's {dev} (matmul {n}^3, {src.numel() * 4 // 2**20} MiB copy)",
+    )
 
 
 @functools.cache
 def local_cpu_profile() -> DeviceProfile:
-    """This CPU, measured: a 256^3 matmul per dtype and a 32 MB copy (~0.2 s, once)."""
-    n = 256
-    flops = 2 * n**3
-    peaks: dict[str, float] = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        a = torch.randn(n, n).to(dt)
-        peaks[name] = flops / _time_it(lambda a=a: a @ a, 5)
-    src = torch.empty(8 * 2**20)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5)
-    return DeviceProfile(
-        "local CPU", peaks["fp32"], peaks["fp32"], peaks["fp16"], peaks["bf16"], bw,
-        "measured on this machine (matmul 256^3, 32 MB copy)",
-    )
+    """This CPU, measured once per process."""
+    return measure_device_profile("cpu")
 
 
 def profile_for(target: str | Target) -> DeviceProfile:

@@ -36,6 +36,13 @@ class Flag(StrEnum):
 FLAG_SEVERITY = {flag: rank for rank, flag in enumerate(Flag)}
 
 
+class CostSource(StrEnum):
+    """Where the plan's unit times come from."""
+
+    ROOFLINE = "roofline"  # per-op rooflines on a device profile (--target)
+    MEASURED = "measured"  # each unit timed in each dtype on the model's device
+
+
 class CapturePath(StrEnum):
     """How ops were captured. `dispatch` runs the real module under a TorchDispatchMode and
     works for every nn.Module; `fx` means symbolic_trace also succeeded and its graph was kept."""

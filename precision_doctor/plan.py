@@ -299,12 +299,14 @@ def plan_model(
     memory_weight_s_per_byte: float | None = None,
     costs: CostModel | None = None,
 ) -> Plan:
-    """The cheapest verified per-unit plan for `report`'s model on `target`."""
+    """The cheapest verified per-unit plan for `report`'s model on `target`, or under
+    `costs` when given (measured ones, `timing.measure_cost_model`; `target` then only
+    names them in the plan)."""
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
     low_dtype = report.environment.dtype
-    profile = profile_for(target)
-    costs = costs or build_cost_model(report, profile, low_dtype)
+    if costs is None:
+        costs = build_cost_model(report, profile_for(target), low_dtype)
     all_fp32 = {u.name: False for u in report.units}
     base_time = costs.step_time_s(all_fp32)
     base_bytes = max(costs.activation_bytes(all_fp32), 1)
@@ -537,7 +539,8 @@ def plan_and_advise(
     *,
     target: str = "h100",
     tolerance: float = DEFAULT_TOLERANCE,
+    costs: CostModel | None = None,
 ) -> tuple[Plan, LossScaleAdvice]:
     """The plan and the loss-scale advice for its low units (what the CLI stores in extras)."""
-    plan = plan_model(model, batch, loss_fn, report, target=target, tolerance=tolerance)
+    plan = plan_model(model, batch, loss_fn, report, target=target, tolerance=tolerance, costs=costs)
     return plan, recommend_loss_scale(report, plan.low_units)

@@ -30,7 +30,7 @@ from . import PreflightFailed, check_mode, log_result, optimizer_factory
 try:
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - the older package name
-    from pytorch_lightning import Callback
+    from pytorch_lightning import Callback  # type: ignore[assignment]
 
 __all__ = ["LightningPreflightCallback", "training_step_model"]
 
@@ -74,7 +74,7 @@ def _optimizer_from(module: Any) -> Any:
     return optimizer_factory(conf, "configure_optimizers'")
 
 
-class LightningPreflightCallback(Callback):  # type: ignore[misc]
+class LightningPreflightCallback(Callback):
     """The pre-flight gate for a Lightning `Trainer`; `self.result` holds the verdict."""
 
     def __init__(

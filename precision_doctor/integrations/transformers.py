@@ -36,7 +36,7 @@ def first_batch(dataloader: Iterable[Any]) -> Any:
         return next(iter(dataloader))
 
 
-class PreflightCallback(TrainerCallback):  # type: ignore[misc]
+class PreflightCallback(TrainerCallback):
     """Runs `precision_doctor.preflight` on the first training batch; on no-go logs the
     reasons and stops (`mode="stop"`), only logs (`"warn"`) or raises (`"raise"`).
     `self.result` holds the `PreflightResult` afterwards. Other keyword arguments go to
