@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as nn_module
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.flop_counter import flop_registry
@@ -134,6 +135,7 @@ class UnitRecord:
     grad_nonfinite_root: str | None = None
     param_names: list[str] = field(default_factory=list)
     param_bytes: int = 0
+    saved_bytes: int = 0  # what autograd saved for backward from this unit's forward ops
 
 
 class UnitTracker:
@@ -323,6 +325,11 @@ class ShadowCapture(TorchDispatchMode):
         self._external_maxes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
         self.failed_at: str | None = None
         self.workspace = Workspace()
+        self.external_storages: set[int] = set()  # parameters' and buffers' memory
+        self._saved_storages: set[int] = set()
+        # Memory recorded ops allocated -> their unit; the weak reference tells a live storage
+        # from a later one at the same (freed and reused) address.
+        self._produced_storages: dict[int, tuple[str, StorageWeakRef]] = {}
 
     # --- units -------------------------------------------------------------------------
     def unit(self, name: str) -> UnitRecord:
@@ -448,6 +455,34 @@ class ShadowCapture(TorchDispatchMode):
             self._external_maxes[t] = m
         return float(m)
 
+    # --- activations saved for backward --------------------------------------------------
+    def _count_saved(self, node: Any) -> None:
+        """Charge the tensors `node` saved for backward to the unit that produced them (its
+        dtype decides their size), each storage once. Only memory a recorded op allocated
+        counts: parameters, buffers and the batch are not activations. Read off the graph,
+        so the run itself is untouched."""
+        saved: list[Any] = []
+        for attr in dir(node):
+            if attr.startswith("_saved_") and not attr.startswith("_saved_raw"):
+                try:
+                    saved.append(getattr(node, attr))
+                except RuntimeError:  # already freed
+                    continue
+        if isinstance(node, torch.autograd.function.BackwardCFunction):  # custom autograd.Function
+            with contextlib.suppress(RuntimeError):
+                saved.append(node.saved_tensors)
+        for value in saved:
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                ptr = t.untyped_storage().data_ptr()
+                produced = self._produced_storages.get(ptr)
+                if produced is None or produced[1].expired() or ptr in self._saved_storages:
+                    continue
+                if ptr not in self.external_storages:
+                    self._saved_storages.add(ptr)
+                    self.unit(produced[0]).saved_bytes += t.untyped_storage().nbytes()
+
     # --- gradients ---------------------------------------------------------------------
     def instrument_backward(self, loss: torch.Tensor) -> list[Any]:
         """Hook the autograd nodes that lead to `loss`: each gradient that flows between
@@ -472,6 +507,9 @@ class ShadowCapture(TorchDispatchMode):
             if id(node) in seen:
                 continue
             seen.add(id(node))
+            if self.collect:
+                with _disable_current_modes():  # unpacking a saved tensor is no op of the model
+                    self._count_saved(node)
             nexts = [n for n, _ in node.next_functions]
             if not _rearranges(node) and not hasattr(node, "variable"):
                 keep = tuple(n is not None and not _feeds_param(n, to_param) for n in nexts)
@@ -605,6 +643,9 @@ class ShadowCapture(TorchDispatchMode):
         urec.op_indices.append(rec.index)
         for t in outs:
             self._producer[t] = rec.index
+            if not info.is_view and not info.mutates:
+                storage = t.untyped_storage()
+                self._produced_storages[storage.data_ptr()] = (unit, StorageWeakRef(storage))
 
         # Only inputs other ops produced count as "already out of range": a parameter or
         # batch value beyond the format's max is this op's problem to report, not inherited.
@@ -707,6 +748,7 @@ def capture_pass(
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0] or ROOT_UNIT
         mode.param_units[id(p)] = owner
+    mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     with tracker, mode:
         yield mode
 

@@ -147,7 +147,8 @@ class Unit(_Frozen):
     bytes_forward: int
     """Bytes read and written by the unit's forward ops."""
     activation_bytes: int
-    """Bytes of the unit's forward outputs (what autograd may keep for backward)."""
+    """Bytes of this unit's forward outputs that autograd saved for backward (by any op; each
+    storage once; parameters, buffers and the batch are not activations)."""
     param_bytes: int
     op_count: int
     flags: list[FlagRecord]

@@ -241,3 +241,64 @@ def test_mlp_local_error_of_first_layer_matches_hand_computation() -> None:
     local = report.by_module()["fc1"].forward.local
     assert local is not None
     assert local.rel_l2_error == pytest.approx(expected, rel=1e-4)
+
+
+def _saved_activation_bytes(case: Case) -> int:
+    """Independent count: storages autograd saves in a plain run (pack hook), less the
+    parameters', buffers' and batch's memory."""
+    model = copy.deepcopy(case.model)
+    external = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    external |= {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(case.batch) if isinstance(t, torch.Tensor)}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr and ptr not in external:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(SEED)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(case, call(model, case.batch))
+    del loss
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "functional", "gpt2"])
+def test_activation_bytes_are_what_autograd_saves(name: str) -> None:
+    case, report = analyzed(name)
+    assert sum(u.activation_bytes for u in report.units) == _saved_activation_bytes(case)
+
+
+def test_activation_bytes_go_to_the_producing_unit() -> None:
+    _, report = analyzed("mlp")  # Linear(8,16) -> ReLU -> Linear(16,4) on 6 rows, loss out^2
+    units = report.by_module()
+    assert units["fc1"].activation_bytes == 0  # relu saves its own output, not its input
+    assert units["act"].activation_bytes == 6 * 16 * 4  # saved by relu and by fc2's addmm: once
+    assert units["fc2"].activation_bytes == 6 * 4 * 4  # saved by the loss's pow
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _CustomFunctionNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Square.apply(self.fc(x)).sum()
+
+
+def test_activation_bytes_of_custom_autograd_functions() -> None:
+    report = pd.analyze(_CustomFunctionNet(), torch.randn(3, 4))
+    assert report.by_module()["fc"].activation_bytes == 3 * 5 * 4  # ctx.save_for_backward(fc's output)
