@@ -450,7 +450,13 @@ class ShadowCapture(TorchDispatchMode):
         """Largest |x| of a tensor no recorded op produced (a parameter, the batch)."""
         m = self._external_maxes.get(t)
         if m is None:
-            m = float(t.detach().abs().max()) if t.numel() else 0.0
+            if t.numel() == 0:
+                m = 0.0
+            elif t.is_floating_point():
+                lo, hi = torch.aminmax(t.detach())  # no |t| temporary (154 MiB for GPT-2's embedding)
+                m = max(-float(lo), float(hi))
+            else:
+                m = float(t.detach().abs().max())
             m = m if m == m else math.inf  # NaN -> inf: "not finite"
             self._external_maxes[t] = m
         return float(m)
