@@ -16,7 +16,8 @@ For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-
 2. the wall time of the same step under a bare pass-through `TorchDispatchMode` (for
    context: the cost of Python dispatch alone, and the number of aten ops in a step);
 3. the wall time of a full `precision_doctor.analyze(model, batch, loss_fn, "fp16")` on
-   the same batch (median of a few repeats, fewer for GPT-2);
+   the same batch (median of a few repeats after a warm-up one, fewer for GPT-2, each
+   followed by two more timed steps that join the step median);
 4. peak memory of a step and of an analysis. RSS high-water (`ru_maxrss`) is
    process-wide and never goes down, so each is measured in a fresh subprocess
    (`--child step|analyze`) that builds the model, records its baseline, runs, and reports
@@ -247,8 +248,18 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
 
     # One warm-up analysis, as the step gets one: the first call in a process pays one-time
     # costs (op schema parsing, first-touch of the allocator's pages) a user pays once.
+    # Analyses are interleaved with steps, so a slow spell on a shared machine hits both
+    # sides of the ratio alike; those steps join the step median.
     a_reps = analyze_repeats or (repeats if model_name == "demo" else 3)
-    analyze_times, analyze_cpu = timed(one_analysis, a_reps, warmup=1)
+    one_analysis()
+    analyze_times, analyze_cpu = [], []
+    for _ in range(a_reps):
+        walls, cpus = timed(one_analysis, 1, warmup=0)
+        analyze_times += walls
+        analyze_cpu += cpus
+        walls, cpus = timed(step, 2, warmup=0)
+        step_times += walls
+        step_cpu += cpus
     report = reports[0]
     params = n_params(model)
     reports.clear()

@@ -147,6 +147,11 @@ def analyze(
 
         step("statistics and flags")
         param_stats = {n: summarize(g, with_sumsq=True, workspace=mode.workspace) for n, g in grads.items()}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for n, st in param_stats.items():
+            if st.nonfinite_count:
+                mode.param_grad_nonfinite(params[n])
+        mode.forget_graph()
         del grads
     assert mode is not None
     return build_report(

@@ -302,3 +302,46 @@ class _CustomFunctionNet(torch.nn.Module):
 def test_activation_bytes_of_custom_autograd_functions() -> None:
     report = pd.analyze(_CustomFunctionNet(), torch.randn(3, 4))
     assert report.by_module()["fc"].activation_bytes == 3 * 5 * 4  # ctx.save_for_backward(fc's output)
+
+
+class _SqrtAtZero(torch.nn.Module):
+    """Finite forward; the backward of sqrt at 0 is Inf: made in fp32 by the root unit's
+    sqrt, inherited by `act` (whose ReLU backward receives it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(3, 4)
+        self.act = torch.nn.ReLU()
+        self.scale = torch.nn.Parameter(torch.zeros(4))  # sqrt of a parameter at 0 too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.pre(x) - 100.0)  # all zeros
+        return (torch.sqrt(h) + torch.sqrt(self.scale)).sum()
+
+
+def test_nonfinite_gradient_is_blamed_on_the_node_that_made_it() -> None:
+    model = _SqrtAtZero()
+    report = pd.analyze(model, torch.randn(5, 3))
+    flagged = {f.unit: f for u in report.units for f in u.flags if f.flag == "NONFINITE_FP32"}
+    assert set(flagged) == {"<root>"}, flagged  # the sqrt ops ran in the root unit
+    assert flagged["<root>"].evidence.op == "SqrtBackward0"
+    assert flagged["<root>"].evidence.phase == "backward"
+    inherited = report.by_module()["act"].backward.stats
+    assert inherited is not None and inherited.inf_count > 0  # seen, but not act's doing
+    assert report.by_module()["<root>"].backward.param_grads["scale"].inf_count == 4
+
+
+class _SqrtOfParameter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 1)
+        self.gain = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).sum() + torch.sqrt(self.gain).sum()
+
+
+def test_nonfinite_parameter_gradient_is_blamed_through_accumulate_grad() -> None:
+    report = pd.analyze(_SqrtOfParameter(), torch.randn(4, 3))
+    flags = [f for u in report.units for f in u.flags if f.flag == "NONFINITE_FP32"]
+    assert [(f.unit, f.evidence.op) for f in flags] == [("<root>", "SqrtBackward0")]
