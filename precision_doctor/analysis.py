@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__
@@ -97,6 +98,9 @@ def analyze(
         mode: ShadowCapture | None = None
         try:
             with capture_pass(model, TORCH_DTYPES[low], Policy({"": True}), on_mutation=guard.before_mutation) as mode:
+                mode.external_storages |= {
+                    t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
+                }
                 try:
                     output = run_model(model, batch)
                 except PrecisionDoctorInternalError:

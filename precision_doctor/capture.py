@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as nn_module
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.flop_counter import flop_registry
@@ -248,6 +247,9 @@ _REARRANGING_NODES = frozenset(
 )
 
 
+_WRAPPED_SCALAR_DTYPES = frozenset({torch.float64, torch.int64, torch.complex128, torch.bool})
+
+
 def _rearranges(node: Any) -> bool:
     return bool(node.name().rstrip("0123456789") in _REARRANGING_NODES)
 
@@ -309,16 +311,13 @@ class ShadowCapture(TorchDispatchMode):
         self._external_maxes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # external tensor -> max |x|
         self.failed_at: str | None = None
         self.workspace = Workspace()
-        self.external_storages: set[int] = set()  # parameters' and buffers' memory
+        self.external_storages: set[int] = set()  # parameters', buffers' and the batch's memory
         self._saved_storages: set[int] = set()
         # Backward graph, by node id: who consumes a node's output, and whether the gradient
         # that reached a hooked node was finite (for blaming the node that made an Inf/NaN).
         self._consumers: dict[int, list[Any]] = {}
         self._grad_finite: dict[int, bool] = {}
         self._accumulate_nodes: dict[int, Any] = {}
-        # Memory recorded ops allocated -> their unit; the weak reference tells a live storage
-        # from a later one at the same (freed and reused) address.
-        self._produced_storages: dict[int, tuple[str, StorageWeakRef]] = {}
 
     # --- units -------------------------------------------------------------------------
     def unit(self, name: str) -> UnitRecord:
@@ -453,9 +452,11 @@ class ShadowCapture(TorchDispatchMode):
     # --- activations saved for backward --------------------------------------------------
     def _count_saved(self, node: Any) -> None:
         """Charge the tensors `node` saved for backward to the unit that produced them (its
-        dtype decides their size), each storage once. Only memory a recorded op allocated
-        counts: parameters, buffers and the batch are not activations. Read off the graph,
-        so the run itself is untouched."""
+        dtype decides their size): the unit of the tensor's (or its base's) grad_fn, else,
+        for tensors without one (masks, indices), the unit of the op that saved it. Each
+        storage once; parameters, buffers and the batch are not activations. Read off the
+        graph, so the run itself is untouched."""
+        saver = self.seq_units.get(node._sequence_nr())
         saved: list[Any] = []
         for attr in dir(node):
             if attr.startswith("_saved_") and not attr.startswith("_saved_raw"):
@@ -468,15 +469,17 @@ class ShadowCapture(TorchDispatchMode):
                 saved.append(node.saved_tensors)
         for value in saved:
             for t in value if isinstance(value, (list, tuple)) else (value,):
-                if not isinstance(t, torch.Tensor):
-                    continue
+                if not isinstance(t, torch.Tensor) or (t.dim() == 0 and t.dtype in _WRAPPED_SCALAR_DTYPES):
+                    continue  # `x * 2.5` saves the Python number as a 0-dim double: not memory
                 ptr = t.untyped_storage().data_ptr()
-                produced = self._produced_storages.get(ptr)
-                if produced is None or produced[1].expired() or ptr in self._saved_storages:
+                if not ptr or ptr in self._saved_storages or ptr in self.external_storages:
                     continue
-                if ptr not in self.external_storages:
-                    self._saved_storages.add(ptr)
-                    self.unit(produced[0]).saved_bytes += t.untyped_storage().nbytes()
+                self._saved_storages.add(ptr)
+                base = t._base if t._is_view() and t._base is not None else t
+                maker = base.grad_fn
+                unit = self.seq_units.get(maker._sequence_nr()) if maker is not None else saver
+                if unit is not None:
+                    self.unit(unit).saved_bytes += t.untyped_storage().nbytes()
 
     # --- gradients ---------------------------------------------------------------------
     def instrument_backward(self, loss: torch.Tensor) -> list[Any]:
@@ -663,9 +666,6 @@ class ShadowCapture(TorchDispatchMode):
         urec.op_indices.append(rec.index)
         for t in outs:
             self._producer[t] = rec.index
-            if not info.is_view and not info.mutates:
-                storage = t.untyped_storage()
-                self._produced_storages[storage.data_ptr()] = (unit, StorageWeakRef(storage))
 
         # Only inputs other ops produced count as "already out of range": a parameter or
         # batch value beyond the format's max is this op's problem to report, not inherited.
