@@ -286,8 +286,8 @@ def build_report(
     for pname, pstats in param_stats.items():
         owner = mode.unit(pname.rpartition(".")[0] or "<root>")
         owner.param_names.append(pname)
-        # Gradients flowing into AccumulateGrad are not hooked (see instrument_backward):
-        # a unit's gradients are its nodes' plus its parameters'.
+        # Parameters' gradients are summarized after backward (see instrument_backward): a
+        # unit's gradients are those w.r.t. its ops' outputs plus its parameters'.
         owner.backward.merge(pstats)
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 

@@ -47,8 +47,15 @@ _COPY_OPS = frozenset(
         aten.copy_.default,
         aten.lift_fresh.default,
         aten._to_copy.default,
+        # Not views by schema, but their outputs hold their inputs' values (matmul's reshape
+        # of its result, concatenation): summarized where those values were made.
+        aten._unsafe_view.default,
+        aten.cat.default,
+        aten.stack.default,
     }
 )
+# Ops whose outputs are values picked from a float input (rows of a table).
+_SELECT_OPS = frozenset({aten.embedding.default, aten.index_select.default, aten.gather.default})
 # Upcasts at least this large (16 MiB in fp32) go to reused buffers (see _pooled_float).
 _POOLED_UPCAST_ELEMENTS = 1 << 22
 _NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
@@ -247,11 +254,12 @@ _REARRANGING_NODES = frozenset(
 )
 
 
-_WRAPPED_SCALAR_DTYPES = frozenset({torch.float64, torch.int64, torch.complex128, torch.bool})
-
-
 def _rearranges(node: Any) -> bool:
     return bool(node.name().rstrip("0123456789") in _REARRANGING_NODES)
+
+
+# A Python number in a tensor op (`x * 2.5`) becomes a 0-dim tensor of one of these dtypes.
+_WRAPPED_SCALAR_DTYPES = frozenset({torch.float64, torch.int64, torch.complex128, torch.bool})
 
 
 class _ModelOpError(Exception):
@@ -605,11 +613,22 @@ class ShadowCapture(TorchDispatchMode):
             floats_in = any(_is_f32(t) for t in _tensor_leaves(args, kwargs))
             shadows = floats_in and not info.random
         local_store: WeakIdKeyDictionary | None = None
+        # A lookup into a table no op produced (an embedding of its weight): the shadows are
+        # the fp32 rows rounded, without rounding and upcasting the whole table.
+        rounded_rows = False
         if shadows:
-            gargs = self._run_shadow(func, info, args, kwargs, self._global, low)
             if self.local and low:
                 local_store = self._locals.setdefault(unit, WeakIdKeyDictionary())
-                largs = self._run_shadow(func, info, args, kwargs, local_store, True)
+            if low and func in _SELECT_OPS:
+                rounded_rows = all(
+                    t not in self._global and (local_store is None or t not in local_store)
+                    for t in _tensor_leaves(args, kwargs)
+                    if t.dtype == torch.float32
+                )
+            if not rounded_rows:
+                gargs = self._run_shadow(func, info, args, kwargs, self._global, low)
+                if local_store is not None:
+                    largs = self._run_shadow(func, info, args, kwargs, local_store, True)
             self._op_rounded.clear()
             self._op_upcast.clear()
 
@@ -630,7 +649,11 @@ class ShadowCapture(TorchDispatchMode):
 
         gpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         lpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if shadows:
+        if shadows and rounded_rows:
+            gpairs = self._store_shadow(info, args, out, out.detach(), self._global, low)
+            if local_store is not None:
+                lpairs = self._store_shadow(info, args, out, out.detach(), local_store, True)
+        elif shadows:
             if func is aten.native_dropout.default:
                 gout = self._dropout_shadow(gargs[0], out)
             else:
@@ -710,7 +733,8 @@ class ShadowCapture(TorchDispatchMode):
             rec.local_rel_error = acc.rel_l2
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
-                inputs_ok = all(
+                # Rounded rows that overflow came out of the table itself: its rounding made them.
+                inputs_ok = not rounded_rows and all(
                     bool(torch.isfinite(t).all())
                     for t in _tensor_leaves(*largs)
                     if t.dtype in (torch.float32, self.low)

@@ -7,6 +7,7 @@ import collections
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -345,3 +346,32 @@ def test_nonfinite_parameter_gradient_is_blamed_through_accumulate_grad() -> Non
     report = pd.analyze(_SqrtOfParameter(), torch.randn(4, 3))
     flags = [f for u in report.units for f in u.flags if f.flag == "NONFINITE_FP32"]
     assert [(f.unit, f.evidence.op) for f in flags] == [("<root>", "SqrtBackward0")]
+
+
+class _Lookup(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(50, 6)
+        self.head = torch.nn.Linear(6, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids)).pow(2).mean()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_embedding_shadow_is_the_rounded_rows(dtype: str) -> None:
+    model, ids = _Lookup(), torch.tensor([[3, 7, 7, 41], [0, 49, 12, 3]])
+    report = pd.analyze(model, ids, dtype=dtype)
+    rows = model.table.weight.detach()[ids].numpy().astype(np.float64)
+    low = np.float16 if dtype == "fp16" else None
+    rounded = (
+        rows.astype(np.float32).astype(low).astype(np.float64)
+        if low is not None
+        else torch.from_numpy(rows).float().bfloat16().double().numpy()
+    )
+    expected = float(np.linalg.norm(rounded - rows) / np.linalg.norm(rows))
+    unit = report.by_module()["table"]
+    assert unit.forward.local is not None and unit.forward.propagated is not None
+    assert unit.forward.local.rel_l2_error == pytest.approx(expected, rel=1e-5)
+    assert unit.forward.propagated.rel_l2_error == pytest.approx(expected, rel=1e-5)
