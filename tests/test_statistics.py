@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from precision_doctor import statistics
-from precision_doctor.statistics import SUMSQ_BINS, ErrorAccumulator, summarize
+from precision_doctor.statistics import SUMSQ_BINS, ErrorAccumulator, TensorSummary, summarize
 
 F32 = np.float32
 
@@ -245,13 +245,17 @@ def test_merge_equals_summary_of_concatenation() -> None:
     merged = summarize(torch.from_numpy(a), with_sumsq=True)
     merged.merge(summarize(torch.from_numpy(b), with_sumsq=True))
     whole = summarize(torch.from_numpy(np.concatenate([a, b])), with_sumsq=True)
-    for field in ("numel", "zero_count", "nan_count", "inf_count", "max_abs", "min_nonzero_abs"):
-        assert getattr(merged, field) == getattr(whole, field), field
-    np.testing.assert_array_equal(merged.hist, whole.hist)
-    assert merged.tails == whole.tails
-    assert merged.sumsq is not None and whole.sumsq is not None
-    np.testing.assert_allclose(merged.sumsq, whole.sumsq, rtol=1e-6)
-    assert merged.sumsq_total == pytest.approx(whole.sumsq_total, rel=1e-6)
+    assert_same_summary(merged, whole)
+
+
+def assert_same_summary(got: TensorSummary, expected: TensorSummary) -> None:
+    for name in ("numel", "zero_count", "nan_count", "inf_count", "max_abs", "min_nonzero_abs"):
+        assert getattr(got, name) == getattr(expected, name), name
+    np.testing.assert_array_equal(got.hist, expected.hist)
+    assert got.tails == expected.tails
+    assert got.sumsq is not None and expected.sumsq is not None
+    np.testing.assert_allclose(got.sumsq, expected.sumsq, rtol=1e-6)
+    assert got.sumsq_total == pytest.approx(expected.sumsq_total, rel=1e-6)
 
 
 def test_sumsq_matches_numpy() -> None:
@@ -276,13 +280,7 @@ def test_chunked_summary_equals_one_chunk(monkeypatch: pytest.MonkeyPatch) -> No
     whole = summarize(torch.from_numpy(x), with_sumsq=True)
     monkeypatch.setattr(statistics, "CHUNK_ELEMENTS", 1000)
     chunked = summarize(torch.from_numpy(x), with_sumsq=True)
-    for name in ("numel", "zero_count", "nan_count", "inf_count", "max_abs", "min_nonzero_abs"):
-        assert getattr(chunked, name) == getattr(whole, name), name
-    np.testing.assert_array_equal(chunked.hist, whole.hist)
-    assert chunked.tails == whole.tails
-    assert chunked.sumsq is not None and whole.sumsq is not None
-    np.testing.assert_allclose(chunked.sumsq, whole.sumsq, rtol=1e-12)
-    assert chunked.sumsq_total == pytest.approx(whole.sumsq_total, rel=1e-6)
+    assert_same_summary(chunked, whole)
 
 
 def _grad_tensor() -> np.ndarray:
