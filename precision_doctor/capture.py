@@ -242,6 +242,17 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _moved_bytes(func: Any, info: _OpInfo, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+    """What one op reads and writes: nothing for a view; a lookup reads the rows it picks
+    (as many bytes as it writes) and its indices, not the whole table."""
+    if info.is_view:
+        return 0
+    out = sum(_nbytes(t) for t in outputs)
+    if func in _SELECT_OPS:
+        return 2 * out + sum(_nbytes(t) for t in inputs if not t.is_floating_point())
+    return sum(_nbytes(t) for t in inputs) + out
+
+
 # Backward nodes whose gradient w.r.t. their input is the incoming gradient rearranged
 # (or zero-padded): no new values. Names without the trailing overload number.
 _REARRANGING_NODES = frozenset(
@@ -258,6 +269,8 @@ def _rearranges(node: Any) -> bool:
     return bool(node.name().rstrip("0123456789") in _REARRANGING_NODES)
 
 
+# Per autograd node class, the attributes holding what it saved for backward.
+_SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
 # A Python number in a tensor op (`x * 2.5`) becomes a 0-dim tensor of one of these dtypes.
 _WRAPPED_SCALAR_DTYPES = frozenset({torch.float64, torch.int64, torch.complex128, torch.bool})
 
@@ -465,13 +478,17 @@ class ShadowCapture(TorchDispatchMode):
         storage once; parameters, buffers and the batch are not activations. Read off the
         graph, so the run itself is untouched."""
         saver = self.seq_units.get(node._sequence_nr())
+        attrs = _SAVED_ATTRS.get(type(node))
+        if attrs is None:
+            attrs = _SAVED_ATTRS[type(node)] = tuple(
+                a for a in dir(node) if a.startswith("_saved_") and not a.startswith("_saved_raw")
+            )
         saved: list[Any] = []
-        for attr in dir(node):
-            if attr.startswith("_saved_") and not attr.startswith("_saved_raw"):
-                try:
-                    saved.append(getattr(node, attr))
-                except RuntimeError:  # already freed
-                    continue
+        for attr in attrs:
+            try:
+                saved.append(getattr(node, attr))
+            except RuntimeError:  # already freed
+                continue
         if isinstance(node, torch.autograd.function.BackwardCFunction):  # custom autograd.Function
             with contextlib.suppress(RuntimeError):
                 saved.append(node.saved_tensors)
@@ -682,7 +699,7 @@ class ShadowCapture(TorchDispatchMode):
             output_dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in outs),
             output_bytes=sum(_nbytes(t) for t in outs),
             flops=self._flops(info, args, kwargs, out),
-            moved_bytes=0 if info.is_view else sum(_nbytes(t) for t in tensors_in) + sum(_nbytes(t) for t in outs),
+            moved_bytes=_moved_bytes(func, info, tensors_in, outs),
         )
         self.records.append(rec)
         urec = self.unit(unit)

@@ -375,3 +375,11 @@ def test_embedding_shadow_is_the_rounded_rows(dtype: str) -> None:
     assert unit.forward.local is not None and unit.forward.propagated is not None
     assert unit.forward.local.rel_l2_error == pytest.approx(expected, rel=1e-5)
     assert unit.forward.propagated.rel_l2_error == pytest.approx(expected, rel=1e-5)
+
+
+def test_lookup_moves_its_rows_not_the_table() -> None:
+    model, ids = _Lookup(), torch.tensor([[3, 7, 7, 41], [0, 49, 12, 3]])
+    report = pd.analyze(model, ids)
+    (lookup,) = [c for c in report.by_module()["table"].op_costs if c.op.startswith("embedding.")]
+    rows_bytes = ids.numel() * 6 * 4
+    assert lookup.bytes == 2 * rows_bytes + ids.numel() * 8  # not the 50x6 table
