@@ -97,70 +97,66 @@ def analyze(
         step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
         try:
-            try:
-                with capture_pass(model, TORCH_DTYPES[low], Policy({"": True}), on_mutation=guard.before_mutation) as mode:
-                    mode.external_storages |= {
-                        t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
-                    }
-                    try:
-                        output = run_model(model, batch)
-                    except PrecisionDoctorInternalError:
-                        raise
-                    except Exception as e:
-                        raise PrecisionDoctorError(
-                            f"the model's forward raised {type(e).__name__}: {e}"
-                            + (f" (at {mode.failed_at})" if mode.failed_at else "")
-                        ) from e
-                    mode.tracker.outside = LOSS_UNIT
-                    try:
-                        loss = resolve_loss(output, batch, loss_fn)
-                    except (PrecisionDoctorError, PrecisionDoctorInternalError):
-                        raise
-                    except Exception as e:
-                        raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
-                    low_shadow = mode.global_shadow(loss)
-                    with _disable_current_modes():  # reading the loss is no op of the model
-                        loss_fp32 = float(loss.detach())
-                        loss_low = float(low_shadow) if low_shadow is not None else loss_fp32
-                    if not math.isfinite(loss_fp32):
-                        first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
-                        where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
-                        raise PrecisionDoctorError(
-                            f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
-                            f"change (NONFINITE_FP32{where})"
-                        )
-                    step("fp32 backward with gradient statistics")
-                    handles = mode.instrument_backward(loss)
-                    try:
-                        loss.backward()
-                    except PrecisionDoctorInternalError:
-                        raise
-                    except Exception as e:
-                        raise PrecisionDoctorError(
-                            f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
-                        ) from e
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    del loss, output
-                grads = guard.analysis_grads()
-            except (PrecisionDoctorError, PrecisionDoctorInternalError):
-                raise
-            except Exception as e:
-                where = f" at {mode.failed_at}" if mode and mode.failed_at else ""
-                raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
+            with capture_pass(model, TORCH_DTYPES[low], Policy({"": True}), on_mutation=guard.before_mutation) as mode:
+                mode.external_storages |= {
+                    t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
+                }
+                try:
+                    output = run_model(model, batch)
+                except PrecisionDoctorInternalError:
+                    raise
+                except Exception as e:
+                    raise PrecisionDoctorError(
+                        f"the model's forward raised {type(e).__name__}: {e}"
+                        + (f" (at {mode.failed_at})" if mode.failed_at else "")
+                    ) from e
+                mode.tracker.outside = LOSS_UNIT
+                try:
+                    loss = resolve_loss(output, batch, loss_fn)
+                except (PrecisionDoctorError, PrecisionDoctorInternalError):
+                    raise
+                except Exception as e:
+                    raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
+                low_shadow = mode.global_shadow(loss)
+                with _disable_current_modes():  # reading the loss is no op of the model
+                    loss_fp32 = float(loss.detach())
+                    loss_low = float(low_shadow) if low_shadow is not None else loss_fp32
+                if not math.isfinite(loss_fp32):
+                    first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
+                    where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
+                    raise PrecisionDoctorError(
+                        f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
+                        f"change (NONFINITE_FP32{where})"
+                    )
+                step("fp32 backward with gradient statistics")
+                handles = mode.instrument_backward(loss)
+                try:
+                    loss.backward()
+                except PrecisionDoctorInternalError:
+                    raise
+                except Exception as e:
+                    raise PrecisionDoctorError(
+                        f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
+                    ) from e
+                finally:
+                    for h in handles:
+                        h.remove()
+                del loss, output
+            grads = guard.analysis_grads()
+        except (PrecisionDoctorError, PrecisionDoctorInternalError):
+            raise
+        except Exception as e:
+            where = f" at {mode.failed_at}" if mode and mode.failed_at else ""
+            raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
 
-            step("statistics and flags")
-            param_stats = {n: summarize(g, with_sumsq=True, workspace=mode.workspace) for n, g in grads.items()}
-            params = dict(model.named_parameters(remove_duplicate=False))
-            for n, st in param_stats.items():
-                if st.nonfinite_count:
-                    mode.param_grad_nonfinite(params[n])
-            mode.forget_graph()
-            del grads
-        finally:
-            if mode is not None:
-                mode.workspace.close()  # its helper thread
+        step("statistics and flags")
+        param_stats = {n: summarize(g, with_sumsq=True, workspace=mode.workspace) for n, g in grads.items()}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for n, st in param_stats.items():
+            if st.nonfinite_count:
+                mode.param_grad_nonfinite(params[n])
+        mode.forget_graph()
+        del grads
     assert mode is not None
     return build_report(
         mode,

@@ -810,11 +810,8 @@ def capture_pass(
         owner = name.rpartition(".")[0] or ROOT_UNIT
         mode.param_units[id(p)] = owner
     mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    try:
-        with tracker, mode:
-            yield mode
-    finally:
-        mode.workspace.close()
+    with tracker, mode:
+        yield mode
 
 
 def relative_loss_error(ref: float, low: float) -> float:
