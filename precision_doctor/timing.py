@@ -24,6 +24,7 @@ CPU's own kernels (fp16 ones are slow there), so plans made with it fit CPU trai
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -61,8 +62,14 @@ class _Call:
     calls: int = 1
 
 
-def _clone_inputs(value: Any) -> Any:
-    return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+def _snapshot(value: Any) -> Any:
+    """A deep copy of a module's inputs: tensors cloned, and stateful objects too (a
+    transformers `Cache` the forward goes on appending to), so replays see the first call."""
+    detached = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+    try:
+        return copy.deepcopy(detached)
+    except Exception:  # an object that cannot be copied: share it, clone the tensors
+        return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, detached)
 
 
 def record_module_calls(model: torch.nn.Module, batch: Any) -> dict[str, _Call]:
@@ -77,7 +84,7 @@ def record_module_calls(model: torch.nn.Module, batch: Any) -> dict[str, _Call]:
         if path in calls:
             calls[path].calls += 1
         else:
-            calls[path] = _Call(_clone_inputs(args), _clone_inputs(kwargs))
+            calls[path] = _Call(_snapshot(args), _snapshot(kwargs))
 
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules()]
     try:
@@ -105,11 +112,14 @@ def time_module_s(
     (`low=None`) or under autocast to `low`."""
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def once() -> None:
-        args, kwargs = pytree.tree_map(
-            lambda v: v.detach().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v,
-            (call.args, call.kwargs),
-        )
+    def fresh_inputs() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = _snapshot((call.args, call.kwargs))
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.requires_grad_(True)
+        return args, kwargs
+
+    def once(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
         with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
             out = module(*args, **kwargs)
@@ -118,12 +128,13 @@ def time_module_s(
         if outs and wrt:
             torch.autograd.grad(outs, wrt, grad_outputs=[torch.ones_like(t) for t in outs], allow_unused=True)
 
-    once()  # warm-up: lazy initialization, autotuning, allocator growth
+    once(*fresh_inputs())  # warm-up: lazy initialization, autotuning, allocator growth
     times = []
     for _ in range(max(1, repeats)):
+        args, kwargs = fresh_inputs()  # not timed
         _sync(device)
         t0 = time.perf_counter()
-        once()
+        once(args, kwargs)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)

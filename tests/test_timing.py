@@ -117,3 +117,18 @@ def test_cli_measured_cost_excludes_target(tmp_path) -> None:  # type: ignore[no
     res = CliRunner().invoke(app, ["analyze", "sample_models/tiny_transformer.py", "--cost", "measured", "--target", "a100"])
     assert res.exit_code == 2
     assert "--cost measured" in res.output and "Traceback" not in res.output
+
+
+def test_transformers_modules_with_a_growing_cache_replay_from_their_first_call() -> None:
+    # GPT-2's attention appends to a Cache passed in its kwargs: each replay gets a copy of
+    # the cache as the first call saw it, or the second replay's mask would not fit.
+    from tests.fixtures import build
+
+    case = build("gpt2")
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16")
+    before = snapshot(case.model)
+    costs = measure_cost_model(case.model, case.batch, case.loss_fn, report, repeats=2)
+    assert_restored(case.model, before)
+    by_name = {u.name: u for u in costs.units}
+    assert by_name["transformer.h.1.attn.c_attn"].fp32_time_s > 0
+    assert by_name["transformer.h.1.attn"].low_time_s > 0
