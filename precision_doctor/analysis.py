@@ -354,7 +354,6 @@ def _unit(
         order=order,
         flops_forward=sum(r.flops for r in fwd_ops),
         flops_backward=sum(r.flops for r in bwd_ops),
-        bytes_forward=sum(r.input_bytes + r.output_bytes for r in fwd_ops if r.summary is not None),
         activation_bytes=urec.saved_bytes,
         param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
         op_count=len(ops),

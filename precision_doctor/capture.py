@@ -109,7 +109,6 @@ class OpRecord:
     unit: str
     phase: Phase
     inputs: tuple[int, ...]  # producing op index per tensor input; -1: a parameter or model input
-    input_bytes: int
     output_shapes: tuple[tuple[int, ...], ...]
     output_dtypes: tuple[str, ...]
     output_bytes: int
@@ -694,7 +693,6 @@ class ShadowCapture(TorchDispatchMode):
             unit=unit,
             phase=Phase.BACKWARD if backward else Phase.FORWARD,
             inputs=tuple(self._producer.get(t, -1) for t in tensors_in),
-            input_bytes=sum(_nbytes(t) for t in tensors_in),
             output_shapes=tuple(tuple(t.shape) for t in outs),
             output_dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in outs),
             output_bytes=sum(_nbytes(t) for t in outs),

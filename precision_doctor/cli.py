@@ -118,8 +118,8 @@ def analyze(
     that overflow, underflow or diverge. Exit 0 when the analysis ran, flags or not.
 
     With --out or any plan option (--export, --export-format, --target, --cost measured,
-    --tolerance) it also
-    searches the per-module dtype plan and the initial loss scale and stores them in the report."""
+    --tolerance) it also searches the per-module dtype plan and the initial loss scale and
+    stores them in the report."""
     from .analysis import analyze as run_analysis
     from .model_spec import load_model_file
     from .render import render_report

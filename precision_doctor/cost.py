@@ -82,15 +82,19 @@ PROFILES: dict[Target, DeviceProfile] = {
 }
 
 
-def _time_it(fn: Callable[[], object], reps: int, device: torch.device) -> float:
-    fn()
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU), so a timer sees them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _time_it(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    fn()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - t0) / reps
 
 

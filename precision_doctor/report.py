@@ -144,8 +144,6 @@ class Unit(_Frozen):
     """Position in execution order (first forward op)."""
     flops_forward: int
     flops_backward: int
-    bytes_forward: int
-    """Bytes read and written by the unit's forward ops."""
     activation_bytes: int
     """Bytes of this unit's forward outputs that autograd saved for backward (by any op; each
     storage once; parameters, buffers and the batch are not activations)."""

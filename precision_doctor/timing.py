@@ -40,6 +40,7 @@ from .cost import (
     UnitCost,
     cast_edges,
     measure_device_profile,
+    synchronize,
     unit_roofline_s,
     weight_cast_s,
 )
@@ -96,11 +97,6 @@ def record_module_calls(model: torch.nn.Module, batch: Any) -> dict[str, _Call]:
     return calls
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_module_s(
     module: torch.nn.Module,
     call: _Call,
@@ -132,10 +128,10 @@ def time_module_s(
     times = []
     for _ in range(max(1, repeats)):
         args, kwargs = fresh_inputs()  # not timed
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         once(args, kwargs)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

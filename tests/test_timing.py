@@ -113,7 +113,7 @@ def test_plan_with_measured_costs_names_them() -> None:
     assert plan.estimated_step_time_s.plan <= plan.estimated_step_time_s.fp32
 
 
-def test_cli_measured_cost_excludes_target(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_measured_cost_excludes_target() -> None:
     res = CliRunner().invoke(app, ["analyze", "sample_models/tiny_transformer.py", "--cost", "measured", "--target", "a100"])
     assert res.exit_code == 2
     assert "--cost measured" in res.output and "Traceback" not in res.output
