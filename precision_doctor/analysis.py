@@ -150,7 +150,15 @@ def analyze(
             raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
 
         step("statistics and flags")
-        param_stats = {n: summarize(g, with_sumsq=True, workspace=mode.workspace) for n, g in grads.items()}
+        # A tied weight (GPT-2's embedding and lm_head) is one gradient under two names: one
+        # summary (38.6M values on GPT-2), attributed to both owners.
+        by_tensor: dict[int, TensorSummary] = {}
+        param_stats: dict[str, TensorSummary] = {}
+        for n, g in grads.items():
+            if id(g) not in by_tensor:
+                by_tensor[id(g)] = summarize(g, with_sumsq=True, workspace=mode.workspace)
+            param_stats[n] = by_tensor[id(g)]
+        del by_tensor
         params = dict(model.named_parameters(remove_duplicate=False))
         for n, st in param_stats.items():
             if st.nonfinite_count:

@@ -252,6 +252,30 @@ def _moved_bytes(func: Any, info: _OpInfo, inputs: list[torch.Tensor], outputs: 
     return sum(_nbytes(t) for t in inputs) + out
 
 
+_OUT_OVERLOADS: dict[Any, Any] = {}
+
+
+def _out_overload(func: Any) -> Any:
+    """The `out=` overload of a single-output functional op (`mm.out` for `mm.default`):
+    the overload whose arguments are `func`'s plus one keyword `out`. None if there is none."""
+    if func in _OUT_OVERLOADS:
+        return _OUT_OVERLOADS[func]
+    found = None
+    schema = func._schema
+    if len(schema.returns) == 1 and not any(a.alias_info is not None for a in schema.arguments):
+        signature = [(a.name, str(a.type)) for a in schema.arguments]
+        for name in func.overloadpacket.overloads():
+            candidate = getattr(func.overloadpacket, name)
+            args = candidate._schema.arguments
+            outs = [a for a in args if a.alias_info is not None and a.alias_info.is_write]
+            rest = [(a.name, str(a.type)) for a in args if a not in outs]
+            if len(outs) == 1 and outs[0].name == "out" and outs[0].kwarg_only and rest == signature:
+                found = candidate
+                break
+    _OUT_OVERLOADS[func] = found
+    return found
+
+
 # Backward nodes whose gradient w.r.t. their input is the incoming gradient rearranged
 # (or zero-padded): no new values. Names without the trailing overload number.
 _REARRANGING_NODES = frozenset(
@@ -670,17 +694,10 @@ class ShadowCapture(TorchDispatchMode):
             if local_store is not None:
                 lpairs = self._store_shadow(info, args, out, out.detach(), local_store, True)
         elif shadows:
-            if func is aten.native_dropout.default:
-                gout = self._dropout_shadow(gargs[0], out)
-            else:
-                gout = func(*gargs[0], **gargs[1])
+            gout = self._call_shadow(func, info, gargs, out, stored_low=low)
             gpairs = self._store_shadow(info, args, out, gout, self._global, low)
             if local_store is not None:
-                lout = (
-                    self._dropout_shadow(largs[0], out)
-                    if func is aten.native_dropout.default
-                    else func(*largs[0], **largs[1])
-                )
+                lout = self._call_shadow(func, info, largs, out, stored_low=True)
                 lpairs = self._store_shadow(info, args, out, lout, local_store, True)
 
         if not self.collect:
@@ -761,6 +778,28 @@ class ShadowCapture(TorchDispatchMode):
                     acc.sum_sq_err = acc.sum_sq_ref = 0.0
             urec.local_error.merge(acc)
         return out
+
+    def _call_shadow(self, func: Any, info: _OpInfo, sargs: tuple[Any, dict[str, Any]], out: Any, *, stored_low: bool) -> Any:
+        """Run one shadow of an op. A large fp32 result that is only rounded to the low dtype
+        and dropped (a shadow of GPT-2's 12.9M logits) is written into a reused buffer
+        through the op's `out=` overload: a fresh 51 MiB tensor costs more in page faults
+        than the rounding itself."""
+        if func is aten.native_dropout.default:
+            return self._dropout_shadow(sargs[0], out)
+        if (
+            stored_low
+            and not info.preserves_values
+            and isinstance(out, torch.Tensor)
+            and out.dtype == torch.float32
+            and out.numel() >= _POOLED_UPCAST_ELEMENTS
+            and _dense(out)
+        ):
+            out_op = _out_overload(func)
+            if out_op is not None:
+                buf = self.workspace.get("upcast_result", out.numel(), torch.float32, out.device)
+                result = torch.as_strided(buf, out.shape, out.stride())
+                return out_op(*sargs[0], **sargs[1], out=result)
+        return func(*sargs[0], **sargs[1])
 
     @staticmethod
     def _dropout_shadow(sargs: Any, out: Any) -> Any:

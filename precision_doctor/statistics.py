@@ -144,6 +144,14 @@ class Workspace:
             self._buffers[key] = buf
         return buf[:n]
 
+    def ones(self, n: int, device: torch.device) -> torch.Tensor:
+        """`n` int64 ones, filled once."""
+        buf = self._buffers.get(("ones", torch.int64, device))
+        if buf is None or buf.numel() < n:
+            buf = torch.ones(max(n, min(CHUNK_ELEMENTS, 1 << 16)), dtype=torch.int64, device=device)
+            self._buffers[("ones", torch.int64, device)] = buf
+        return buf[:n]
+
     def owns(self, t: torch.Tensor) -> bool:
         ptr = t.untyped_storage().data_ptr()
         return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
@@ -171,11 +179,35 @@ def summarize(x: torch.Tensor, *, with_sumsq: bool = False, workspace: Workspace
     return summary
 
 
+# Below this many values a chunk's histogram is one serial bincount; above, one row per thread.
+_PARALLEL_HIST_ELEMENTS = 1 << 16
+
+
+def _histogram(bits: torch.Tensor, ws: Workspace) -> np.ndarray:
+    """Counts of the biased exponents `bits >> 23`. `bincount` is one serial loop on the
+    CPU (~0.45 ms per 1M values, the largest cost of a summary); a `scatter_add_` into one
+    histogram row per thread runs on torch's own thread pool and takes half that on 2 cores."""
+    n = bits.numel()
+    rows = torch.get_num_threads()
+    if bits.device.type != "cpu" or rows < 2 or n < _PARALLEL_HIST_ELEMENTS:
+        exps = torch.bitwise_right_shift(bits, 23, out=ws.get("tmp", n, torch.int32, bits.device))
+        return torch.bincount(exps, minlength=HIST_BINS).cpu().numpy().astype(np.int64)
+    width = n // rows
+    body = rows * width
+    exps = torch.bitwise_right_shift(bits, 23, out=ws.get("exps", n, torch.int64, bits.device))
+    ones = ws.ones(body, bits.device)
+    hist2d = torch.zeros(rows, HIST_BINS, dtype=torch.int64)
+    hist2d.scatter_add_(1, exps[:body].view(rows, width), ones.view(rows, width))
+    hist = hist2d.sum(0)
+    if body < n:
+        hist += torch.bincount(exps[body:], minlength=HIST_BINS)
+    return hist.numpy()
+
+
 def _summarize_chunk(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> TensorSummary:
     n = flat.numel()
     bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK, out=ws.get("bits", n, torch.int32, flat.device))
-    exps = torch.bitwise_right_shift(bits, 23, out=ws.get("tmp", n, torch.int32, flat.device))
-    hist = torch.bincount(exps, minlength=HIST_BINS).cpu().numpy().astype(np.int64)
+    hist = _histogram(bits, ws)
     summary = TensorSummary(numel=n, hist=hist)
     if hist[255]:
         summary.nan_count = int((bits > _INF_BITS).sum())
@@ -207,22 +239,34 @@ def _summarize_chunk(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> Ten
 
     if with_sumsq:
         summary.sumsq = np.zeros(SUMSQ_BINS)
-        if hist[:SUMSQ_BINS].sum() > summary.zero_count:
-            mask = ws.get("mask", n, torch.bool, flat.device)
+        small_count = int(hist[:SUMSQ_BINS].sum()) - summary.zero_count
+        if small_count:
+            padded = -(-n // 8) * 8
+            mask = ws.get("mask", padded, torch.bool, flat.device)
+            mask[n:].zero_()
             # `shifted` is bits - 1 with zeros sent to the top: one compare drops them too.
-            small = (
-                torch.lt(shifted, (SUMSQ_BINS << 23) - 1, out=mask)
-                if shifted is not None
-                else torch.lt(bits, SUMSQ_BINS << 23, out=mask)
-            )
-            # nonzero + take is ~2.5x faster than masked_select here; bins follow from values.
-            values = flat.take(small.nonzero().squeeze(1))
+            if shifted is not None:
+                torch.lt(shifted, (SUMSQ_BINS << 23) - 1, out=mask[:n])
+            else:
+                torch.lt(bits, SUMSQ_BINS << 23, out=mask[:n])
+            values = flat.take(_true_indices(mask, small_count))
             bins = (values.view(torch.int32) & _ABS_MASK) >> 23
             sums = torch.zeros(SUMSQ_BINS, dtype=torch.float64, device=flat.device)
             summary.sumsq = sums.index_add_(0, bins.long(), values.double().square()).cpu().numpy()
         finite = flat if not hist[255] else flat.masked_fill(bits >= _INF_BITS, 0.0)
         summary.sumsq_total = squared_norm(finite)
     return summary
+
+
+def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` True entries of a bool mask whose length is a multiple of 8.
+    Few of them (the usual case: a median 0.1% of a gradient lies below 2^-24) are found
+    8 at a time, through the mask read as int64 words: ~4x faster than `nonzero`."""
+    if count * 64 > mask.numel():
+        return mask.nonzero().squeeze(1)
+    words = mask.view(torch.int64).nonzero().squeeze(1)
+    candidates = (words.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    return candidates[mask[candidates]]
 
 
 def _count_in_bin(

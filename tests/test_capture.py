@@ -383,3 +383,35 @@ def test_lookup_moves_its_rows_not_the_table() -> None:
     (lookup,) = [c for c in report.by_module()["table"].op_costs if c.op.startswith("embedding.")]
     rows_bytes = ids.numel() * 6 * 4
     assert lookup.bytes == 2 * rows_bytes + ids.numel() * 8  # not the 50x6 table
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
+def test_pooled_buffers_change_no_result(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large upcasts and large shadow results go through reused buffers (the results via
+    the op's `out=` overload). Pooling every tensor must give the same losses and errors
+    as pooling none."""
+    from precision_doctor import capture
+
+    def run() -> pd.Report:
+        case = build(name)
+        torch.manual_seed(SEED)
+        return pd.analyze(case.model, case.batch, case.loss_fn)
+
+    monkeypatch.setattr(capture, "_POOLED_UPCAST_ELEMENTS", 1 << 62)
+    plain = run()
+    monkeypatch.setattr(capture, "_POOLED_UPCAST_ELEMENTS", 1)
+    calls: list[str] = []
+    real = capture._out_overload
+
+    def spy(func: Any) -> Any:
+        calls.append(str(func))
+        return real(func)
+
+    monkeypatch.setattr(capture, "_out_overload", spy)
+    pooled = run()
+    assert calls  # results did go through out= overloads
+    assert pooled.losses == plain.losses
+    for a, b in zip(plain.units, pooled.units, strict=True):
+        assert a.name == b.name
+        assert a.forward.local == b.forward.local, a.name
+        assert a.forward.propagated == b.forward.propagated, a.name

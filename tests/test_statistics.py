@@ -16,6 +16,7 @@ Definitions checked, and how they differ from what a cast does:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -216,9 +217,23 @@ def test_all_zero_and_all_nonfinite() -> None:
     assert s.tails["fp16"].overflow == 0  # Inf is not counted as overflow of a finite value
 
 
-def test_histogram_matches_numpy_log2() -> None:
+@pytest.fixture(params=["bincount", "scatter-rows"])
+def histogram_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Both ways a chunk's histogram is counted: one serial bincount, or one row per thread."""
+    threads = torch.get_num_threads()
+    if request.param == "bincount":
+        monkeypatch.setattr(statistics, "_PARALLEL_HIST_ELEMENTS", 1 << 62)
+    else:
+        monkeypatch.setattr(statistics, "_PARALLEL_HIST_ELEMENTS", 0)
+        torch.set_num_threads(max(threads, 2))
+    yield request.param
+    torch.set_num_threads(threads)
+
+
+def test_histogram_matches_numpy_log2(histogram_path: str) -> None:
     g = np.random.default_rng(0)
-    x = (g.standard_normal(4000) * np.exp2(g.integers(-60, 60, 4000))).astype(np.float32)
+    # An odd size: the rows of the threaded path leave a remainder.
+    x = (g.standard_normal(4001) * np.exp2(g.integers(-60, 60, 4001))).astype(np.float32)
     x[:10] = 0.0
     x[10:15] = np.array([2.0**-149, 2.0**-130, 2.0**-126, 2.0**127, 3.0e38], dtype=np.float32)
     x[15] = np.inf
@@ -271,6 +286,23 @@ def test_sumsq_matches_numpy() -> None:
     expected = np.bincount(bins, weights=small**2, minlength=SUMSQ_BINS)
     np.testing.assert_allclose(s.sumsq, expected, rtol=1e-12)
     assert s.sumsq[127 - 30] == pytest.approx(2.0**-60 * (1 + 2.25))
+
+
+@pytest.mark.parametrize("n_small", [3, 400], ids=["sparse", "dense"])
+def test_sumsq_of_few_or_many_small_values(n_small: int) -> None:
+    """Values below 2^-24 are gathered 8 at a time when few (through the mask's int64
+    words) and by `nonzero` when many; both give numpy's sums. The size is no multiple of 8
+    and a small value sits last, where the padding of the words begins."""
+    g = np.random.default_rng(5)
+    x = g.uniform(0.5, 2.0, 10_003).astype(np.float32)
+    where = [*(5 + g.choice(9_997, n_small - 1, replace=False)).tolist(), 10_002]
+    x[where] = (g.uniform(1.0, 2.0, n_small) * np.exp2(g.integers(-60, -25, n_small))).astype(np.float32)
+    x[:5] = 0.0
+    s = summarize(torch.from_numpy(x), with_sumsq=True)
+    small = x[(x != 0) & (x < 2.0**-24)].astype(np.float64)
+    assert len(small) == n_small
+    bins = np.floor(np.log2(small)).astype(np.int64) + 127
+    np.testing.assert_allclose(s.sumsq, np.bincount(bins, weights=small**2, minlength=SUMSQ_BINS), rtol=1e-12)
 
 
 def test_chunked_summary_equals_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
