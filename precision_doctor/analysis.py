@@ -97,7 +97,10 @@ def analyze(
         step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
         try:
-            with capture_pass(model, TORCH_DTYPES[low], Policy({"": True}), on_mutation=guard.before_mutation) as mode:
+            # Every unit runs low but the loss function, which autocast keeps in fp32 (and
+            # GradScaler scales): the low loss is the fp32 loss of the low run's output.
+            policy = Policy({"": True, LOSS_UNIT: False})
+            with capture_pass(model, TORCH_DTYPES[low], policy, on_mutation=guard.before_mutation) as mode:
                 mode.external_storages |= {
                     t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
                 }
