@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -362,6 +363,9 @@ class ShadowCapture(TorchDispatchMode):
         self._consumers: dict[int, list[Any]] = {}
         self._grad_finite: dict[int, bool] = {}
         self._accumulate_nodes: dict[int, Any] = {}
+        # Gradient summaries by tensor (see _grad_summary): (data_ptr, dtype, shape, stride) ->
+        # (weak reference to the tensor, its version, summary).
+        self._grad_summaries: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], int, TensorSummary]] = {}
 
     # --- units -------------------------------------------------------------------------
     def unit(self, name: str) -> UnitRecord:
@@ -579,7 +583,7 @@ class ShadowCapture(TorchDispatchMode):
             with _disable_current_modes():
                 summary = TensorSummary()
                 for g in grads:
-                    summary.merge(summarize(g, with_sumsq=True, workspace=self.workspace))
+                    summary.merge(self._grad_summary(g))
                 urec = self.unit(unit)
                 urec.backward.merge(summary)
                 urec.grad_nodes.append((node.name(), summary))
@@ -588,6 +592,23 @@ class ShadowCapture(TorchDispatchMode):
                     self._blame_nonfinite(node)
 
         return hook
+
+    def _grad_summary(self, g: torch.Tensor) -> TensorSummary:
+        """The summary of one gradient tensor, computed once. Autograd hands the same tensor
+        on without a copy where a backward formula is the identity (an add passes its
+        gradient to both inputs): on GPT-2 half of the 175M gradient values that reach the
+        hooks are tensors already summarized. A cached summary is reused only while the tensor
+        it was computed from is alive (so the memory cannot hold another tensor) and
+        unchanged since (its version counter)."""
+        key = (g.data_ptr(), g.dtype, tuple(g.shape), tuple(g.stride()))
+        hit = self._grad_summaries.get(key)
+        if hit is not None:
+            ref, version, cached = hit
+            if ref() is not None and version == g._version:
+                return cached
+        summary = summarize(g, with_sumsq=True, workspace=self.workspace)
+        self._grad_summaries[key] = (weakref.ref(g), g._version, summary)
+        return summary
 
     def _blame_nonfinite(self, node: Any) -> None:
         """A non-finite gradient reached `node`: the consumer node (through rearranging ones)
@@ -613,6 +634,7 @@ class ShadowCapture(TorchDispatchMode):
             self._blame_nonfinite(node)
 
     def forget_graph(self) -> None:
+        self._grad_summaries.clear()
         self._consumers.clear()
         self._grad_finite.clear()
         self._accumulate_nodes.clear()

@@ -416,3 +416,48 @@ def test_pooled_buffers_change_no_result(name: str, monkeypatch: pytest.MonkeyPa
         assert a.name == b.name
         assert a.forward.local == b.forward.local, a.name
         assert a.forward.propagated == b.forward.propagated, a.name
+
+
+def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An add hands its output's gradient to both inputs as the same tensor: one summary,
+    merged wherever that gradient reaches, with the same unit statistics as summarizing
+    every time."""
+    from precision_doctor import capture
+
+    counted: list[int] = []
+    real = capture.summarize
+
+    def counting(t: torch.Tensor, **kw: Any) -> Any:
+        if kw.get("with_sumsq"):
+            counted.append(t.numel())
+        return real(t, **kw)
+
+    def run() -> pd.Report:
+        case = build("gpt2")  # residual adds, NewGELU's adds
+        torch.manual_seed(SEED)
+        return pd.analyze(case.model, case.batch, case.loss_fn)
+
+    monkeypatch.setattr(capture, "summarize", counting)
+    cached = run()
+    n_cached = len(counted)
+    counted.clear()
+    monkeypatch.setattr(capture.ShadowCapture, "_grad_summary", lambda self, g: counting(g, with_sumsq=True))
+    every = run()
+    assert n_cached < len(counted)
+    for a, b in zip(cached.units, every.units, strict=True):
+        assert a.backward.stats == b.backward.stats, a.name
+
+
+def test_cached_gradient_summary_follows_in_place_changes() -> None:
+    from precision_doctor import capture
+
+    model = torch.nn.Linear(2, 2)
+    with capture.capture_pass(model, torch.float16, capture.Policy({"": True})) as mode:
+        pass
+    g = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    first = mode._grad_summary(g)
+    assert mode._grad_summary(g) is first
+    assert mode._grad_summary(g.view(2, 2)) is not first  # another layout: its own summary
+    g.mul_(1e6)  # bumps the version counter
+    changed = mode._grad_summary(g)
+    assert changed is not first and changed.max_abs == 3e6
