@@ -18,11 +18,13 @@ number of the autograd node it created, and the backward op reads the node being
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.modules import module as nn_module
@@ -299,6 +301,29 @@ _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
 _WRAPPED_SCALAR_DTYPES = frozenset({torch.float64, torch.int64, torch.complex128, torch.bool})
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)  # glibc
+    except (OSError, AttributeError):  # musl and others: no malloc_trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _return_free_heap() -> None:
+    """Hand the memory the forward freed (shadows, upcasts) back to the kernel before the
+    backward allocates gradients. Under free page reporting (virtio-balloon, as in
+    Firecracker VMs) the kernel reuses recently freed pages first, while pages idle for a
+    few seconds have gone back to the host and fault in at ~5 us per 4 KiB page (a fresh
+    51 MiB tensor: 70 ms instead of 8). On GPT-2 small the backward went from 1.4-1.8 s to
+    1.3-1.4 s (A/B, 4 runs each); the call itself takes ~20 ms."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class _ModelOpError(Exception):
     """Carries an exception raised by the model's own op out of our handler untouched."""
 
@@ -545,6 +570,7 @@ class ShadowCapture(TorchDispatchMode):
         once after backward. On GPT-2 this is one summary per gradient tensor instead of
         one per node input, and no pass over the 38.6M-element tied embedding gradient."""
         self.workspace.release("upcast")
+        _return_free_heap()
         handles: list[Any] = []
         root = loss.grad_fn
         if root is None:
