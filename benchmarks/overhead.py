@@ -250,7 +250,7 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
     # costs (op schema parsing, first-touch of the allocator's pages) a user pays once.
     # Analyses are interleaved with steps, so a slow spell on a shared machine hits both
     # sides of the ratio alike; those steps join the step median.
-    a_reps = analyze_repeats or (repeats if model_name == "demo" else 3)
+    a_reps = analyze_repeats or (repeats if model_name == "demo" else 5)
     one_analysis()
     analyze_times, analyze_cpu = [], []
     for _ in range(a_reps):
@@ -365,7 +365,7 @@ def main() -> None:
         "--analyze-repeats",
         type=int,
         default=None,
-        help="timed analyses after one warm-up (default: repeats for demo, 3 for gpt2)",
+        help="timed analyses after one warm-up (default: repeats for demo, 5 for gpt2)",
     )
     ap.add_argument("--child", choices=["step", "analyze"], help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -461,3 +461,17 @@ def test_cached_gradient_summary_follows_in_place_changes() -> None:
     g.mul_(1e6)  # bumps the version counter
     changed = mode._grad_summary(g)
     assert changed is not first and changed.max_abs == 3e6
+
+
+@pytest.mark.parametrize("threshold, trims", [(0, 1), (1 << 62, 0)], ids=["large-forward", "small-forward"])
+def test_heap_returned_before_backward_only_after_a_large_forward(
+    threshold: int, trims: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from precision_doctor import capture
+
+    calls: list[int] = []
+    monkeypatch.setattr(capture, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(capture, "_TRIM_AFTER_FORWARD_BYTES", threshold)
+    case = build("mlp")
+    pd.analyze(case.model, case.batch, case.loss_fn)
+    assert calls == [0] * trims
