@@ -161,7 +161,6 @@ def analyze(
             if id(g) not in by_tensor:
                 by_tensor[id(g)] = summarize(g, with_sumsq=True, workspace=mode.workspace)
             param_stats[n] = by_tensor[id(g)]
-        del by_tensor
         params = dict(model.named_parameters(remove_duplicate=False))
         for n, st in param_stats.items():
             if st.nonfinite_count:

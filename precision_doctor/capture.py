@@ -59,8 +59,11 @@ _COPY_OPS = frozenset(
 )
 # Ops whose outputs are values picked from a float input (rows of a table).
 _SELECT_OPS = frozenset({aten.embedding.default, aten.index_select.default, aten.gather.default})
-# Upcasts at least this large (16 MiB in fp32) go to reused buffers (see _pooled_float).
-_POOLED_UPCAST_ELEMENTS = 1 << 22
+# Transient fp32 tensors at least this large (16 MiB) - upcast shadow inputs, shadow results
+# that are only rounded - go to reused buffers (see _pooled_like).
+_POOLED_ELEMENTS = 1 << 22
+# Workspace slots of those buffers, released together before backward.
+_POOL_SLOT = "pooled"
 _NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
 # Allocations hold whatever was in memory: their values are no statistic of the model.
 _UNINITIALIZED_OPS = frozenset(
@@ -240,6 +243,11 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _layout_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Tensors with equal keys read the same memory the same way."""
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -321,7 +329,7 @@ def _return_free_heap() -> None:
     Firecracker VMs) the kernel reuses recently freed pages first, while pages idle for a
     few seconds have gone back to the host and fault in at ~5 us per 4 KiB page (a fresh
     51 MiB tensor: 70 ms instead of 8). On GPT-2 small the backward went from 1.4-1.8 s to
-    1.3-1.4 s (A/B, 4 runs each); the call itself takes ~20 ms."""
+    1.3-1.4 s (A/B, 4 runs each); the call itself takes ~24 ms."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -434,21 +442,23 @@ class ShadowCapture(TorchDispatchMode):
         write their inputs, which would change the other shadow's input."""
         if not shareable:
             return s.float()
-        key = (s.data_ptr(), s.dtype, tuple(s.shape), tuple(s.stride()))
+        key = _layout_key(s)
         up = self._op_upcast.get(key)
         if up is None:
-            up = self._pooled_float(s) if s.numel() >= _POOLED_UPCAST_ELEMENTS else s.float()
+            pooled = self._pooled_like(s, f"{_POOL_SLOT}.upcast{len(self._op_upcast)}")
+            up = pooled.copy_(s) if pooled is not None else s.float()
             self._op_upcast[key] = up
         return up
 
-    def _pooled_float(self, s: torch.Tensor) -> torch.Tensor:
-        """`s.float()` into a buffer reused from op to op. Large fresh CPU tensors are fresh
-        mmaps whose pages fault in on first touch, ~5x the cost of the conversion itself;
-        the buffers are released before backward, where they would only add to the peak."""
-        if not _dense(s):
-            return s.float()
-        buf = self.workspace.get(f"upcast{len(self._op_upcast)}", s.numel(), torch.float32, s.device)
-        return torch.as_strided(buf, s.shape, s.stride()).copy_(s)
+    def _pooled_like(self, t: torch.Tensor, slot: str) -> torch.Tensor | None:
+        """An fp32 tensor with `t`'s shape and strides in a buffer reused from op to op, for
+        a large dense `t`; None otherwise. Large fresh CPU tensors are fresh mmaps whose
+        pages fault in on first touch, ~5x the cost of a conversion into them; the buffers
+        are released before backward, where they would only add to the peak."""
+        if t.numel() < _POOLED_ELEMENTS or not _dense(t):
+            return None
+        buf = self.workspace.get(slot, t.numel(), torch.float32, t.device)
+        return torch.as_strided(buf, t.shape, t.stride())
 
     def _shadow_input(self, t: torch.Tensor, store: WeakIdKeyDictionary | None, low: bool) -> torch.Tensor:
         """The shadow value standing for fp32 tensor `t` (possibly stored in the low dtype)."""
@@ -571,7 +581,7 @@ class ShadowCapture(TorchDispatchMode):
         the values their input's producer receives. Parameters' gradients are summarized
         once after backward. On GPT-2 this is one summary per gradient tensor instead of
         one per node input, and no pass over the 38.6M-element tied embedding gradient."""
-        self.workspace.release("upcast")
+        self.workspace.release(_POOL_SLOT)
         if sum(r.output_bytes for r in self.records) >= _TRIM_AFTER_FORWARD_BYTES:
             _return_free_heap()
         handles: list[Any] = []
@@ -629,7 +639,7 @@ class ShadowCapture(TorchDispatchMode):
         hooks are tensors already summarized. A cached summary is reused only while the tensor
         it was computed from is alive (so the memory cannot hold another tensor) and
         unchanged since (its version counter)."""
-        key = (g.data_ptr(), g.dtype, tuple(g.shape), tuple(g.stride()))
+        key = _layout_key(g)
         hit = self._grad_summaries.get(key)
         if hit is not None:
             ref, version, cached = hit
@@ -837,18 +847,10 @@ class ShadowCapture(TorchDispatchMode):
         than the rounding itself."""
         if func is aten.native_dropout.default:
             return self._dropout_shadow(sargs[0], out)
-        if (
-            stored_low
-            and not info.preserves_values
-            and isinstance(out, torch.Tensor)
-            and out.dtype == torch.float32
-            and out.numel() >= _POOLED_UPCAST_ELEMENTS
-            and _dense(out)
-        ):
-            out_op = _out_overload(func)
+        if stored_low and not info.preserves_values and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+            result = self._pooled_like(out, f"{_POOL_SLOT}.result")
+            out_op = _out_overload(func) if result is not None else None
             if out_op is not None:
-                buf = self.workspace.get("upcast_result", out.numel(), torch.float32, out.device)
-                result = torch.as_strided(buf, out.shape, out.stride())
                 return out_op(*sargs[0], **sargs[1], out=result)
         return func(*sargs[0], **sargs[1])
 

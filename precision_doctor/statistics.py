@@ -136,20 +136,19 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
-    def get(self, slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, slot: str, n: int, dtype: torch.dtype, device: torch.device, *, fill: int | None = None
+    ) -> torch.Tensor:
+        """`n` elements of the slot's buffer; with `fill`, filled with that value when it is
+        allocated (a constant buffer: one slot per value)."""
         key = (slot, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, min(CHUNK_ELEMENTS, 1 << 16)), dtype=dtype, device=device)
+            size = max(n, min(CHUNK_ELEMENTS, 1 << 16))
+            buf = torch.empty(size, dtype=dtype, device=device)
+            if fill is not None:
+                buf.fill_(fill)
             self._buffers[key] = buf
-        return buf[:n]
-
-    def ones(self, n: int, device: torch.device) -> torch.Tensor:
-        """`n` int64 ones, filled once."""
-        buf = self._buffers.get(("ones", torch.int64, device))
-        if buf is None or buf.numel() < n:
-            buf = torch.ones(max(n, min(CHUNK_ELEMENTS, 1 << 16)), dtype=torch.int64, device=device)
-            self._buffers[("ones", torch.int64, device)] = buf
         return buf[:n]
 
     def owns(self, t: torch.Tensor) -> bool:
@@ -195,7 +194,7 @@ def _histogram(bits: torch.Tensor, ws: Workspace) -> np.ndarray:
     width = n // rows
     body = rows * width
     exps = torch.bitwise_right_shift(bits, 23, out=ws.get("exps", n, torch.int64, bits.device))
-    ones = ws.ones(body, bits.device)
+    ones = ws.get("ones", body, torch.int64, bits.device, fill=1)
     hist2d = torch.zeros(rows, HIST_BINS, dtype=torch.int64)
     hist2d.scatter_add_(1, exps[:body].view(rows, width), ones.view(rows, width))
     hist = hist2d.sum(0)

@@ -398,9 +398,9 @@ def test_pooled_buffers_change_no_result(name: str, monkeypatch: pytest.MonkeyPa
         torch.manual_seed(SEED)
         return pd.analyze(case.model, case.batch, case.loss_fn)
 
-    monkeypatch.setattr(capture, "_POOLED_UPCAST_ELEMENTS", 1 << 62)
+    monkeypatch.setattr(capture, "_POOLED_ELEMENTS", 1 << 62)
     plain = run()
-    monkeypatch.setattr(capture, "_POOLED_UPCAST_ELEMENTS", 1)
+    monkeypatch.setattr(capture, "_POOLED_ELEMENTS", 1)
     calls: list[str] = []
     real = capture._out_overload
 
