@@ -228,18 +228,17 @@ def tensor_stats(s: TensorSummary) -> TensorStats:
 
 
 def loss_scale_curve(s: TensorSummary) -> list[LossScalePoint]:
-    points = []
-    for k in LOSS_SCALES:
-        lost, over, norm = s.scaled_lost_fractions(k)
-        points.append(
-            LossScalePoint(
-                scale_log2=k,
-                underflow_fraction=lost,
-                overflow_fraction=over,
-                underflow_norm_fraction=norm if s.sumsq is not None else None,
-            )
+    lost, over, norm = s.loss_scale_fractions(LOSS_SCALES)
+    with_norm = s.sumsq is not None
+    return [
+        LossScalePoint(
+            scale_log2=k,
+            underflow_fraction=float(lost[i]),
+            overflow_fraction=float(over[i]),
+            underflow_norm_fraction=float(norm[i]) if with_norm else None,
         )
-    return points
+        for i, k in enumerate(LOSS_SCALES)
+    ]
 
 
 def _error(acc: ErrorAccumulator, nonfinite: int) -> ErrorStats:

@@ -12,6 +12,7 @@ only when the bin they fall in is not empty.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,25 +103,34 @@ class TensorSummary:
         """At loss scale 2^k: (fraction of nonzero values flushed, fraction overflowing,
         fraction of the L2 norm flushed). Resolution is one power of two: a value counts as
         overflowing when |x| * 2^k >= 2^ceil(log2(max)) (65536 for fp16)."""
+        lost, over, norm = self.loss_scale_fractions([scale_log2], fmt)
+        return float(lost[0]), float(over[0]), float(norm[0])
+
+    def loss_scale_fractions(
+        self, scales_log2: Sequence[int], fmt: FormatLimits = FP16
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`scaled_lost_fractions` for many scales at once, as three arrays: one cumulative
+        sum of the histogram answers every scale (a report asks for 25 per unit)."""
+        k = np.asarray(scales_log2, dtype=np.int64)
+        zeros = np.zeros(len(k))
         nonzero = self.nonzero_count
         if nonzero <= 0:
-            return 0.0, 0.0, 0.0
-        under_top = bin_of(fmt.smallest_subnormal) - scale_log2  # bins below this flush
-        over_bottom = math.ceil(fmt.max_log2) + EXP_BIAS - scale_log2  # bins from here overflow
+            return zeros, zeros.copy(), zeros.copy()
         hist = self.hist.astype(np.float64)
-        hist_nz = hist.copy()
-        hist_nz[0] -= self.zero_count
-        hist_nz[255] = 0
-        lo = max(0, min(under_top, 255))
-        hi = max(0, min(over_bottom, 255))
-        lost = float(hist_nz[:lo].sum())
-        over = float(hist_nz[hi:].sum())
-        norm_lost = 0.0
+        hist[0] -= self.zero_count
+        hist[255] = 0
+        below = np.concatenate(([0.0], np.cumsum(hist)))  # below[i]: values in bins < i
+        lo = np.clip(bin_of(fmt.smallest_subnormal) - k, 0, 255)  # bins below lo flush
+        hi = np.clip(math.ceil(fmt.max_log2) + EXP_BIAS - k, 0, 255)  # bins from hi overflow
+        lost = below[lo] / nonzero
+        over = (below[-1] - below[hi]) / nonzero
+        norm = zeros
         if self.sumsq is not None and self.sumsq_total > 0:
-            if lo > SUMSQ_BINS:
-                raise PrecisionDoctorInternalError(f"norm fraction below bin {lo} was not collected")
-            norm_lost = math.sqrt(min(1.0, float(self.sumsq[:lo].sum()) / self.sumsq_total))
-        return lost / nonzero, over / nonzero, norm_lost
+            if lo.max() > SUMSQ_BINS:
+                raise PrecisionDoctorInternalError(f"norm fraction below bin {lo.max()} was not collected")
+            sq_below = np.concatenate(([0.0], np.cumsum(self.sumsq)))
+            norm = np.sqrt(np.minimum(1.0, sq_below[lo] / self.sumsq_total))
+        return lost, over, norm
 
     def fraction(self, count: int) -> float:
         nonzero = self.nonzero_count

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import precision_doctor as pd
 from precision_doctor.options import CapturePath
@@ -172,6 +173,23 @@ def test_op_count_differs_only_by_loss_bookkeeping(name: str) -> None:
     assert {k.partition("/")[0] for k in extra} <= _TOOL_OPS
     by_op_calls = sum(o.calls for o in report.by_op().values())
     assert by_op_calls == report.op_count_forward + report.op_count_backward
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2", "t5"])
+def test_flops_equal_torch_flop_counter(name: str) -> None:
+    """FLOPs per phase against torch's own FlopCounterMode over a plain run (the capture
+    calls the same formulas, but with shapes it maps itself)."""
+    case, report = analyzed(name)
+    model = copy.deepcopy(case.model)
+    torch.manual_seed(SEED)
+    with FlopCounterMode(display=False) as forward_counter:
+        loss = loss_of(case, call(model, case.batch))
+    with FlopCounterMode(display=False) as backward_counter:
+        loss.backward()
+    expected = (forward_counter.get_total_flops(), backward_counter.get_total_flops())
+    got = (sum(u.flops_forward for u in report.units), sum(u.flops_backward for u in report.units))
+    assert expected[0] > 0 and expected[1] > 0
+    assert got == expected
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "functional"])

@@ -347,6 +347,22 @@ def test_scaled_lost_fractions_against_numpy(k: int) -> None:
     assert 0 < exp_lost < 1 and (k > 4 or exp_over > 0)  # the data does straddle both ends
 
 
+def test_loss_scale_fractions_for_all_scales_against_numpy() -> None:
+    """The vectorized curve (all 25 scales from one cumulative sum) against numpy per scale."""
+    x = _grad_tensor()
+    s = summarize(torch.from_numpy(x), with_sumsq=True)
+    scales = list(range(25))
+    lost, over, norm = s.loss_scale_fractions(scales)
+    nz = x[np.isfinite(x) & (x != 0)].astype(np.float64)
+    for k in scales:
+        scaled = np.abs(nz) * 2.0**k
+        assert lost[k] == pytest.approx(float((scaled < 2.0**-24).mean()), abs=1e-12), k
+        assert over[k] == pytest.approx(float((scaled >= 2.0**16).mean()), abs=1e-12), k
+        exp_norm = math.sqrt(float((nz[scaled < 2.0**-24] ** 2).sum()) / float((nz**2).sum()))
+        assert norm[k] == pytest.approx(exp_norm, rel=1e-5, abs=1e-12), k
+    assert np.all(np.diff(lost) <= 0) and np.all(np.diff(over) >= 0)  # monotone in the scale
+
+
 def test_scaled_lost_fractions_without_sumsq_and_empty() -> None:
     s = summarize(torch.tensor([2.0**-30, 1.0, 0.0]))
     assert s.scaled_lost_fractions(0) == (0.5, 0.0, 0.0)
