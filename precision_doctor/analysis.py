@@ -46,7 +46,15 @@ from .report import (
     UnitEdge,
     UnitForward,
 )
-from .statistics import EXP_BIAS, SUMSQ_BINS, ErrorAccumulator, TensorSummary, summarize
+from .statistics import (
+    BATCH_TENSOR_ELEMENTS,
+    EXP_BIAS,
+    SUMSQ_BINS,
+    ErrorAccumulator,
+    SummaryBatch,
+    TensorSummary,
+    summarize,
+)
 
 Progress = Callable[[str], None]
 LOSS_SCALES = range(25)
@@ -120,6 +128,7 @@ def analyze(
                     raise
                 except Exception as e:
                     raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
+                mode.settle()
                 low_shadow = mode.global_shadow(loss)
                 with _disable_current_modes():  # reading the loss is no op of the model
                     loss_fp32 = float(loss.detach())
@@ -144,6 +153,7 @@ def analyze(
                 finally:
                     for h in handles:
                         h.remove()
+                mode.settle()
                 del loss, output
             grads = guard.analysis_grads()
         except (PrecisionDoctorError, PrecisionDoctorInternalError):
@@ -157,10 +167,15 @@ def analyze(
         # summary (38.6M values on GPT-2), attributed to both owners.
         by_tensor: dict[int, TensorSummary] = {}
         param_stats: dict[str, TensorSummary] = {}
+        small = SummaryBatch(mode.workspace, with_sumsq=True)
         for n, g in grads.items():
             if id(g) not in by_tensor:
-                by_tensor[id(g)] = summarize(g, with_sumsq=True, workspace=mode.workspace)
+                by_tensor[id(g)] = (
+                    small.add(g) if g.numel() <= BATCH_TENSOR_ELEMENTS
+                    else summarize(g, with_sumsq=True, workspace=mode.workspace)
+                )
             param_stats[n] = by_tensor[id(g)]
+        small.compute()
         params = dict(model.named_parameters(remove_duplicate=False))
         for n, st in param_stats.items():
             if st.nonfinite_count:

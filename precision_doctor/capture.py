@@ -33,7 +33,15 @@ from torch.utils.flop_counter import flop_registry
 
 from .errors import PrecisionDoctorInternalError
 from .options import Phase
-from .statistics import ErrorAccumulator, TensorSummary, Workspace, squared_norm, summarize
+from .statistics import (
+    BATCH_TENSOR_ELEMENTS,
+    ErrorAccumulator,
+    SummaryBatch,
+    TensorSummary,
+    Workspace,
+    squared_norm,
+    summarize,
+)
 
 ROOT_UNIT = "<root>"
 LOSS_UNIT = "<loss>"
@@ -63,6 +71,9 @@ _SELECT_OPS = frozenset({aten.embedding.default, aten.index_select.default, aten
 _POOLED_ELEMENTS = 1 << 22
 # Workspace slots of those buffers, released together before backward.
 _POOL_SLOT = "pooled"
+# Small gradients waiting in a batch before it is computed (values): bounds the batch's
+# buffers and the gradients it keeps alive (1 MiB of fp32 each).
+_BATCH_PENDING_ELEMENTS = 1 << 18
 _NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
 # Allocations hold whatever was in memory: their values are no statistic of the model.
 _UNINITIALIZED_OPS = frozenset(
@@ -455,6 +466,11 @@ class ShadowCapture(TorchDispatchMode):
         # Gradient summaries by tensor (see _grad_summary): (data_ptr, dtype, shape, stride) ->
         # (weak reference to the tensor, its version, summary).
         self._grad_summaries: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], int, TensorSummary]] = {}
+        # Small gradients wait in a batch (see SummaryBatch); the autograd nodes that need
+        # their summaries are finished, in the order they ran, by `settle()`.
+        self._grad_batch = SummaryBatch(self.workspace, with_sumsq=True)
+        self._pending_storages: set[int] = set()  # memory the batch reads: computed before a write
+        self._unfinished_grads: list[tuple[Any, str, list[TensorSummary]]] = []
 
     # --- units -------------------------------------------------------------------------
     def unit(self, name: str) -> UnitRecord:
@@ -620,6 +636,7 @@ class ShadowCapture(TorchDispatchMode):
         the values their input's producer receives. Parameters' gradients are summarized
         once after backward. On GPT-2 this is one summary per gradient tensor instead of
         one per node input, and no pass over the 38.6M-element tied embedding gradient."""
+        self.settle()
         self.workspace.release(_POOL_SLOT)
         if sum(r.output_bytes for r in self.records) >= _TRIM_AFTER_FORWARD_BYTES:
             _return_free_heap()
@@ -659,17 +676,21 @@ class ShadowCapture(TorchDispatchMode):
             if not grads:
                 return
             with _disable_current_modes():
-                summary = TensorSummary()
-                for g in grads:
-                    summary.merge(self._grad_summary(g))
-                urec = self.unit(unit)
-                urec.backward.merge(summary)
-                urec.grad_nodes.append((node.name(), summary))
-                self._grad_finite[id(node)] = not summary.nonfinite_count
-                if summary.nonfinite_count:
-                    self._blame_nonfinite(node)
+                self._unfinished_grads.append((node, unit, [self._grad_summary(g) for g in grads]))
+                self._settle_if_full()
 
         return hook
+
+    def _finish_gradient(self, node: Any, unit: str, summaries: list[TensorSummary]) -> None:
+        summary = TensorSummary()
+        for s in summaries:
+            summary.merge(s)
+        urec = self.unit(unit)
+        urec.backward.merge(summary)
+        urec.grad_nodes.append((node.name(), summary))
+        self._grad_finite[id(node)] = not summary.nonfinite_count
+        if summary.nonfinite_count:
+            self._blame_nonfinite(node)
 
     def _grad_summary(self, g: torch.Tensor) -> TensorSummary:
         """The summary of one gradient tensor, computed once. Autograd hands the same tensor
@@ -684,7 +705,11 @@ class ShadowCapture(TorchDispatchMode):
             ref, version, cached = hit
             if ref() is not None and version == g._version:
                 return cached
-        summary = summarize(g, with_sumsq=True, workspace=self.workspace)
+        if g.numel() <= BATCH_TENSOR_ELEMENTS:
+            summary = self._grad_batch.add(g)
+            self._pending_storages.add(g.untyped_storage().data_ptr())
+        else:
+            summary = summarize(g, with_sumsq=True, workspace=self.workspace)
         self._grad_summaries[key] = (weakref.ref(g), g._version, summary)
         return summary
 
@@ -746,6 +771,8 @@ class ShadowCapture(TorchDispatchMode):
         for i in info.mutates:
             if i < len(args) and isinstance(args[i], torch.Tensor):
                 self.on_mutation(args[i])
+                if self._pending_storages and args[i].untyped_storage().data_ptr() in self._pending_storages:
+                    self.settle()  # the batch must read the gradient before this write
 
         tensors_in = _tensor_leaves(args, kwargs)
         shadows = not backward and func not in _NO_SHADOW_OPS and func not in _UNINITIALIZED_OPS
@@ -873,6 +900,21 @@ class ShadowCapture(TorchDispatchMode):
                     acc.sum_sq_err = acc.sum_sq_ref = 0.0
             urec.local_error.merge(acc)
         return out
+
+
+    def _settle_if_full(self) -> None:
+        if self._grad_batch.pending_elements >= _BATCH_PENDING_ELEMENTS:
+            self.settle()
+
+    def settle(self) -> None:
+        """Compute the pending batch, then finish the gradient nodes waiting on it, in the
+        order they ran (blaming a non-finite gradient reads what its consumers got)."""
+        with _disable_current_modes():
+            self._grad_batch.compute()
+        self._pending_storages.clear()
+        grads, self._unfinished_grads = self._unfinished_grads, []
+        for node, unit, summaries in grads:
+            self._finish_gradient(node, unit, summaries)
 
     def _call_shadow(self, func: Any, info: _OpInfo, sargs: tuple[Any, dict[str, Any]], out: Any, *, stored_low: bool) -> Any:
         """Run one shadow of an op. A large fp32 result that is only rounded to the low dtype

@@ -443,12 +443,17 @@ def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.Mon
     from precision_doctor import capture
 
     counted: list[int] = []
-    real = capture.summarize
+    real, real_add = capture.summarize, capture.SummaryBatch.add
 
     def counting(t: torch.Tensor, **kw: Any) -> Any:
         if kw.get("with_sumsq"):
             counted.append(t.numel())
         return real(t, **kw)
+
+    def counting_add(batch: Any, t: torch.Tensor) -> Any:
+        if batch.with_sumsq:  # small gradients go to a batch
+            counted.append(t.numel())
+        return real_add(batch, t)
 
     def run() -> pd.Report:
         case = build("gpt2")  # residual adds, NewGELU's adds
@@ -456,6 +461,7 @@ def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.Mon
         return pd.analyze(case.model, case.batch, case.loss_fn)
 
     monkeypatch.setattr(capture, "summarize", counting)
+    monkeypatch.setattr(capture.SummaryBatch, "add", counting_add)
     cached = run()
     n_cached = len(counted)
     counted.clear()
@@ -476,9 +482,42 @@ def test_cached_gradient_summary_follows_in_place_changes() -> None:
     first = mode._grad_summary(g)
     assert mode._grad_summary(g) is first
     assert mode._grad_summary(g.view(2, 2)) is not first  # another layout: its own summary
+    mode.settle()  # small gradients wait in a batch until then
     g.mul_(1e6)  # bumps the version counter
     changed = mode._grad_summary(g)
+    mode.settle()
+    assert first.max_abs == 3.0
     assert changed is not first and changed.max_abs == 3e6
+
+
+class _ScaleGradInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.mul_(1e3)  # writes the gradient it was handed
+
+
+class _GradWriter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (_ScaleGradInPlace.apply(self.lin(x)) * 2.0).sum()
+
+
+def test_in_place_write_waits_for_the_gradient_batch() -> None:
+    """Small gradients wait in a batch; a backward op writing one in place first has the
+    batch computed, so the gradient is summarized as it arrived (2.0), not as rewritten."""
+    model, x = _GradWriter(), torch.randn(3, 4)
+    report = pd.analyze(model, x)
+    root = report.by_module()["<root>"].backward.stats
+    assert root is not None and root.max_abs == 2.0
+    lin = report.by_module()["lin"].backward.stats
+    assert lin is not None and lin.max_abs >= 2000.0  # downstream of the rewrite
 
 
 @pytest.mark.parametrize("threshold, trims", [(0, 1), (1 << 62, 0)], ids=["large-forward", "small-forward"])

@@ -16,16 +16,43 @@ Definitions checked, and how they differ from what a cast does:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from precision_doctor import statistics
-from precision_doctor.statistics import SUMSQ_BINS, ErrorAccumulator, TensorSummary, summarize
+from precision_doctor.statistics import (
+    SUMSQ_BINS,
+    ErrorAccumulator,
+    SummaryBatch,
+    TensorSummary,
+    Workspace,
+    summarize,
+)
 
 F32 = np.float32
+
+
+SummarizeFn = Callable[..., TensorSummary]
+
+
+def summarize_in_batch(x: torch.Tensor, *, with_sumsq: bool = False) -> TensorSummary:
+    """`x` summarized in a SummaryBatch between two other tensors, one with a NaN and
+    fp32 subnormals, so its slice starts and ends inside the batch's buffers."""
+    batch = SummaryBatch(Workspace(), with_sumsq=with_sumsq)
+    batch.add(torch.randn(37, generator=torch.Generator().manual_seed(0)))
+    s = batch.add(x)
+    batch.add(torch.tensor([math.nan, 1e-40, 0.0, 2.0**-30, 3.0]))
+    batch.compute()
+    return s
+
+
+@pytest.fixture(params=["single", "batched"])
+def summarize_fn(request: pytest.FixtureRequest) -> SummarizeFn:
+    """Both ways a tensor is summarized: on its own, or in a batch of small tensors."""
+    return summarize if request.param == "single" else summarize_in_batch
 
 
 def f32_from_bits(*bits: int) -> list[float]:
@@ -89,21 +116,21 @@ def _x(spec: dict) -> np.ndarray:
     return np.array(spec["values"], dtype=np.float32)
 
 
-def test_overflow_count_matches_definition(fmt: tuple[str, dict]) -> None:
+def test_overflow_count_matches_definition(fmt: tuple[str, dict], summarize_fn: SummarizeFn) -> None:
     name, spec = fmt
     x = _x(spec)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     expected = int((np.abs(x.astype(np.float64)) > spec["max"]).sum())
     assert expected >= 4  # the hand-built values do exercise the tail
     assert s.tails[name].overflow == expected
 
 
-def test_overflow_vs_cast_differs_only_below_midpoint(fmt: tuple[str, dict]) -> None:
+def test_overflow_vs_cast_differs_only_below_midpoint(fmt: tuple[str, dict], summarize_fn: SummarizeFn) -> None:
     """The cast turns fewer values into Inf than the definition counts: exactly those in
     (max, rounding midpoint), which the cast rounds down to max."""
     name, spec = fmt
     x = _x(spec)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     cast = spec["cast"](x)
     cast_inf = int((np.isinf(cast) & np.isfinite(x)).sum())
     rounds_to_max = int(((np.abs(x) > spec["max"]) & (np.abs(cast) == spec["max"])).sum())
@@ -111,28 +138,28 @@ def test_overflow_vs_cast_differs_only_below_midpoint(fmt: tuple[str, dict]) -> 
     assert s.tails[name].overflow == cast_inf + rounds_to_max
 
 
-def test_fp16_overflow_cast_threshold_is_65520() -> None:
+def test_fp16_overflow_cast_threshold_is_65520(summarize_fn: SummarizeFn) -> None:
     x = np.array([65504, 65505, 65519, 65519.996, 65520, 65536], dtype=np.float32)
     assert np.isinf(fp16_cast(x)).tolist() == [False, False, False, False, True, True]
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     assert s.tails["fp16"].overflow == 5  # everything > 65504
 
 
-def test_flush_count_matches_definition(fmt: tuple[str, dict]) -> None:
+def test_flush_count_matches_definition(fmt: tuple[str, dict], summarize_fn: SummarizeFn) -> None:
     name, spec = fmt
     x = _x(spec)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     ax = np.abs(x.astype(np.float64))
     expected = int(((ax > 0) & (ax < spec["sub"])).sum())
     assert expected >= 4
     assert s.tails[name].flushed == expected
 
 
-def test_flush_vs_cast_differs_only_in_round_up_band(fmt: tuple[str, dict]) -> None:
+def test_flush_vs_cast_differs_only_in_round_up_band(fmt: tuple[str, dict], summarize_fn: SummarizeFn) -> None:
     """`(x != 0) & (cast(x) == 0)` misses the values in (sub/2, sub), which round up."""
     name, spec = fmt
     x = _x(spec)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     cast = spec["cast"](x)
     cast_flushed = int(((x != 0) & (cast == 0)).sum())
     ax = np.abs(x.astype(np.float64))
@@ -156,19 +183,19 @@ def test_flush_vs_cast_differs_only_in_round_up_band(fmt: tuple[str, dict]) -> N
     ],
     ids=["2^-26", "2^-25", "1.5*2^-25", "below-2^-24", "2^-24", "2^-15", "below-2^-14", "2^-14"],
 )
-def test_fp16_flush_boundaries(value: float, flushed: int, subnormal: int) -> None:
+def test_fp16_flush_boundaries(value: float, flushed: int, subnormal: int, summarize_fn: SummarizeFn) -> None:
     for sign in (1.0, -1.0):
-        s = summarize(torch.tensor([sign * value, 1.0], dtype=torch.float32))
+        s = summarize_fn(torch.tensor([sign * value, 1.0], dtype=torch.float32))
         assert (s.tails["fp16"].flushed, s.tails["fp16"].subnormal) == (flushed, subnormal)
     cast = fp16_cast(np.array([value], dtype=np.float32))[0]
     # Document the cast's behaviour at the same points.
     assert (cast == 0) == (value <= 2.0**-25)
 
 
-def test_subnormal_count_matches_definition(fmt: tuple[str, dict]) -> None:
+def test_subnormal_count_matches_definition(fmt: tuple[str, dict], summarize_fn: SummarizeFn) -> None:
     name, spec = fmt
     x = _x(spec)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     ax = np.abs(x.astype(np.float64))
     expected = int(((ax >= spec["sub"]) & (ax < spec["normal"])).sum())
     assert expected >= 3
@@ -183,20 +210,20 @@ def test_subnormal_count_matches_definition(fmt: tuple[str, dict]) -> None:
     assert s.tails[name].subnormal == int(cast_sub.sum()) - int(from_flush_band.sum()) + int(up_to_normal.sum())
 
 
-def test_bf16_flush_uses_fp32_subnormals() -> None:
+def test_bf16_flush_uses_fp32_subnormals(summarize_fn: SummarizeFn) -> None:
     # bf16's smallest subnormal 2^-133 is itself an fp32 subnormal: exercised exactly.
     x = np.array([2.0**-149, 2.0**-134, 2.0**-133, 2.0**-132, 0.0], dtype=np.float32)
     assert bf16_cast(x).tolist() == [0.0, 0.0, 2.0**-133, 2.0**-132, 0.0]
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     assert s.tails["bf16"].flushed == 2
     assert s.tails["bf16"].subnormal == 2
     # For fp16 all four nonzero values flush.
     assert s.tails["fp16"].flushed == 4
 
 
-def test_nan_inf_zero_counts_and_extremes() -> None:
+def test_nan_inf_zero_counts_and_extremes(summarize_fn: SummarizeFn) -> None:
     x = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, np.inf, 3.0, -7.5, 1e-30, 2.0**-140], dtype=np.float32)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
     assert s.numel == x.size
     assert s.zero_count == int((x == 0).sum()) == 2
     assert s.nan_count == int(np.isnan(x).sum()) == 2
@@ -209,10 +236,10 @@ def test_nan_inf_zero_counts_and_extremes() -> None:
     assert s.nonfinite_count == 5
 
 
-def test_all_zero_and_all_nonfinite() -> None:
-    s = summarize(torch.zeros(5))
+def test_all_zero_and_all_nonfinite(summarize_fn: SummarizeFn) -> None:
+    s = summarize_fn(torch.zeros(5))
     assert (s.zero_count, s.max_abs, s.min_nonzero_abs) == (5, 0.0, math.inf)
-    s = summarize(torch.tensor([math.inf, math.nan]))
+    s = summarize_fn(torch.tensor([math.inf, math.nan]))
     assert (s.inf_count, s.nan_count, s.max_abs, s.min_nonzero_abs) == (1, 1, 0.0, math.inf)
     assert s.tails["fp16"].overflow == 0  # Inf is not counted as overflow of a finite value
 
@@ -230,7 +257,7 @@ def histogram_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     torch.set_num_threads(threads)
 
 
-def test_histogram_matches_numpy_log2(histogram_path: str) -> None:
+def test_histogram_matches_numpy_log2(histogram_path: str, summarize_fn: SummarizeFn) -> None:
     g = np.random.default_rng(0)
     # An odd size: the rows of the threaded path leave a remainder.
     x = (g.standard_normal(4001) * np.exp2(g.integers(-60, 60, 4001))).astype(np.float32)
@@ -240,7 +267,7 @@ def test_histogram_matches_numpy_log2(histogram_path: str) -> None:
     x[16] = np.nan
     # exact powers of two and their neighbours below
     x[17:21] = np.array([1.0, np.nextafter(F32(1.0), F32(0)), 2.0**-24, np.nextafter(F32(2.0**-24), F32(0))], dtype=np.float32)
-    s = summarize(torch.from_numpy(x))
+    s = summarize_fn(torch.from_numpy(x))
 
     finite_nz = x[np.isfinite(x) & (x != 0)].astype(np.float64)
     exps = np.floor(np.log2(np.abs(finite_nz))).astype(np.int64)
@@ -273,10 +300,10 @@ def assert_same_summary(got: TensorSummary, expected: TensorSummary) -> None:
     assert got.sumsq_total == pytest.approx(expected.sumsq_total, rel=1e-6)
 
 
-def test_sumsq_matches_numpy() -> None:
+def test_sumsq_matches_numpy(summarize_fn: SummarizeFn) -> None:
     x = np.array([3.0, -2.5, 0.5, 2.0**-30, -1.5 * 2.0**-30, 2.0**-25, 2.0**-24, 2.0**-140, np.inf, np.nan, 0.0],
                  dtype=np.float32)
-    s = summarize(torch.from_numpy(x), with_sumsq=True)
+    s = summarize_fn(torch.from_numpy(x), with_sumsq=True)
     assert s.sumsq is not None and len(s.sumsq) == SUMSQ_BINS
     f = x[np.isfinite(x)].astype(np.float64)
     assert s.sumsq_total == pytest.approx(float((f**2).sum()), rel=1e-7)
@@ -289,7 +316,7 @@ def test_sumsq_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("n_small", [3, 400], ids=["sparse", "dense"])
-def test_sumsq_of_few_or_many_small_values(n_small: int) -> None:
+def test_sumsq_of_few_or_many_small_values(n_small: int, summarize_fn: SummarizeFn) -> None:
     """Values below 2^-24 are gathered 8 at a time when few (through the mask's int64
     words) and by `nonzero` when many; both give numpy's sums. The size is no multiple of 8
     and a small value sits last, where the padding of the words begins."""
@@ -298,7 +325,7 @@ def test_sumsq_of_few_or_many_small_values(n_small: int) -> None:
     where = [*(5 + g.choice(9_997, n_small - 1, replace=False)).tolist(), 10_002]
     x[where] = (g.uniform(1.0, 2.0, n_small) * np.exp2(g.integers(-60, -25, n_small))).astype(np.float32)
     x[:5] = 0.0
-    s = summarize(torch.from_numpy(x), with_sumsq=True)
+    s = summarize_fn(torch.from_numpy(x), with_sumsq=True)
     small = x[(x != 0) & (x < 2.0**-24)].astype(np.float64)
     assert len(small) == n_small
     bins = np.floor(np.log2(small)).astype(np.int64) + 127
@@ -330,9 +357,9 @@ def _grad_tensor() -> np.ndarray:
 
 
 @pytest.mark.parametrize("k", [0, 4, 8, 16, 24])
-def test_scaled_lost_fractions_against_numpy(k: int) -> None:
+def test_scaled_lost_fractions_against_numpy(k: int, summarize_fn: SummarizeFn) -> None:
     x = _grad_tensor()
-    s = summarize(torch.from_numpy(x), with_sumsq=True)
+    s = summarize_fn(torch.from_numpy(x), with_sumsq=True)
     lost, over, norm = s.scaled_lost_fractions(k)
 
     f = x[np.isfinite(x)].astype(np.float64)
@@ -347,10 +374,10 @@ def test_scaled_lost_fractions_against_numpy(k: int) -> None:
     assert 0 < exp_lost < 1 and (k > 4 or exp_over > 0)  # the data does straddle both ends
 
 
-def test_loss_scale_fractions_for_all_scales_against_numpy() -> None:
+def test_loss_scale_fractions_for_all_scales_against_numpy(summarize_fn: SummarizeFn) -> None:
     """The vectorized curve (all 25 scales from one cumulative sum) against numpy per scale."""
     x = _grad_tensor()
-    s = summarize(torch.from_numpy(x), with_sumsq=True)
+    s = summarize_fn(torch.from_numpy(x), with_sumsq=True)
     scales = list(range(25))
     lost, over, norm = s.loss_scale_fractions(scales)
     nz = x[np.isfinite(x) & (x != 0)].astype(np.float64)
@@ -363,10 +390,10 @@ def test_loss_scale_fractions_for_all_scales_against_numpy() -> None:
     assert np.all(np.diff(lost) <= 0) and np.all(np.diff(over) >= 0)  # monotone in the scale
 
 
-def test_scaled_lost_fractions_without_sumsq_and_empty() -> None:
-    s = summarize(torch.tensor([2.0**-30, 1.0, 0.0]))
+def test_scaled_lost_fractions_without_sumsq_and_empty(summarize_fn: SummarizeFn) -> None:
+    s = summarize_fn(torch.tensor([2.0**-30, 1.0, 0.0]))
     assert s.scaled_lost_fractions(0) == (0.5, 0.0, 0.0)
-    assert summarize(torch.zeros(3)).scaled_lost_fractions(0) == (0.0, 0.0, 0.0)
+    assert summarize_fn(torch.zeros(3)).scaled_lost_fractions(0) == (0.0, 0.0, 0.0)
 
 
 # --- ErrorAccumulator -----------------------------------------------------------------------
@@ -436,3 +463,60 @@ def test_error_accumulator_exact_and_nonfinite() -> None:
     own = acc.add(ref, sh)
     assert acc.nonfinite_mismatch == 0
     assert own == pytest.approx(0.5 / math.sqrt(5.0), rel=1e-6)
+
+
+# --- batches of small tensors -----------------------------------------------------------------
+
+
+def _batch_tensors() -> list[np.ndarray]:
+    """Tensors of many sizes, most finite (the batched path proper), with zeros, fp32
+    subnormals, values below 2^-24 and above 65504; one with a NaN (its own path)."""
+    g = np.random.default_rng(7)
+    out = []
+    for i, n in enumerate([1, 7, 64, 300, 1001, 4096, 33, 2, 8000, 129]):
+        x = (g.standard_normal(n) * np.exp2(g.integers(-40, 20, n))).astype(np.float32)
+        if i % 3 == 0:
+            x[: max(1, n // 10)] = 0.0
+        if i == 4:
+            x[-3:] = [2.0**-140, -(2.0**-130), 70000.0]
+        if i == 6:
+            x[5] = np.nan
+        out.append(x)
+    out.append(np.zeros(5, dtype=np.float32))
+    return out
+
+
+@pytest.mark.parametrize("with_sumsq", [False, True], ids=["forward", "gradient"])
+def test_summary_batch_matches_numpy_per_tensor(with_sumsq: bool) -> None:
+    xs = _batch_tensors()
+    batch = SummaryBatch(Workspace(), with_sumsq=with_sumsq)
+    summaries = [batch.add(torch.from_numpy(x)) for x in xs]
+    assert len(batch) == len(xs) and batch.pending_elements == sum(x.size for x in xs)
+    batch.compute()
+    assert len(batch) == 0
+    for x, s in zip(xs, summaries, strict=True):
+        finite = x[np.isfinite(x)]
+        a = np.abs(finite.astype(np.float64))
+        nz = a[a != 0]
+        assert s.numel == x.size
+        assert s.zero_count == int((finite == 0).sum())
+        assert s.nan_count == int(np.isnan(x).sum())
+        assert s.max_abs == (float(a.max()) if a.size else 0.0)
+        assert s.min_nonzero_abs == (float(nz.min()) if nz.size else math.inf)
+        exps = np.maximum(np.floor(np.log2(nz)).astype(np.int64), -127) + 127
+        expected = np.bincount(exps, minlength=256)
+        expected[0] += int((finite == 0).sum())
+        expected[255] += int((~np.isfinite(x)).sum())
+        np.testing.assert_array_equal(s.hist, expected)
+        assert s.tails["fp16"].overflow == int((a > 65504).sum())
+        assert s.tails["fp16"].flushed == int(((nz < 2.0**-24)).sum())
+        assert s.tails["fp16"].subnormal == int(((nz >= 2.0**-24) & (nz < 2.0**-14)).sum())
+        assert s.tails["bf16"].subnormal == int(((nz >= 2.0**-133) & (nz < 2.0**-126)).sum())
+        if with_sumsq:
+            assert s.sumsq is not None
+            assert s.sumsq_total == pytest.approx(float((a**2).sum()), rel=1e-5)
+            small = nz[nz < 2.0**-24]
+            bins = np.maximum(np.floor(np.log2(small)).astype(np.int64) + 127, 0)
+            np.testing.assert_allclose(s.sumsq, np.bincount(bins, weights=small**2, minlength=SUMSQ_BINS), rtol=1e-12)
+        else:
+            assert s.sumsq is None
