@@ -45,7 +45,8 @@ class CostSource(StrEnum):
 
 class CapturePath(StrEnum):
     """How ops were captured. `dispatch` runs the real module under a TorchDispatchMode and
-    works for every nn.Module; `fx` means symbolic_trace also succeeded and its graph was kept."""
+    works for every nn.Module; `fx` means torch.fx.symbolic_trace traced the model too (the
+    op-level capture is the same dispatch capture either way)."""
 
     DISPATCH = "dispatch"
     FX = "fx"

@@ -460,11 +460,12 @@ class SummaryBatch:
         n = bounds[-1][1]
         flat = torch.cat([t.reshape(-1) for t, _ in items], out=ws.get("batch.values", n, torch.float32, device))
         bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK, out=ws.get("batch.bits", n, torch.int32, device))
-        exps = torch.bitwise_right_shift(bits, 23, out=ws.get("batch.exps", n, torch.int32, device))
+        scratch = ws.get("batch.scratch", n, torch.int32, device)
+        exps = torch.bitwise_right_shift(bits, 23, out=scratch)
+        hists = torch.stack([torch.bincount(exps[a:b], minlength=HIST_BINS) for a, b in bounds]).numpy()
         # `(b - 1) & MASK` sends zeros to the top and keeps the order of the rest: its
         # minimum + 1 is the smallest nonzero (as in _summarize_chunk).
-        shifted = torch.sub(bits, 1, out=ws.get("batch.shifted", n, torch.int32, device)).bitwise_and_(_ABS_MASK)
-        hists = torch.stack([torch.bincount(exps[a:b], minlength=HIST_BINS) for a, b in bounds]).numpy()
+        shifted = torch.sub(bits, 1, out=scratch).bitwise_and_(_ABS_MASK)
         max_bits = torch.stack([bits[a:b].max() for a, b in bounds]).tolist()
         min_nz = [m + 1 for m in torch.stack([shifted[a:b].min() for a, b in bounds]).tolist()]
         sumsq = self._sums_of_squares(flat, shifted, hists, bounds) if self.with_sumsq else None
