@@ -532,3 +532,25 @@ def test_heap_returned_before_backward_only_after_a_large_forward(
     case = build("mlp")
     pd.analyze(case.model, case.batch, case.loss_fn)
     assert calls == [0] * trims
+
+
+def test_weak_id_map_follows_tensor_lifetimes() -> None:
+    """Entries by identity (equal values are different keys), gone when the tensor dies, and
+    a later tensor that reuses a dead one's id is not taken for it."""
+    import gc
+
+    from precision_doctor.capture import WeakIdMap
+
+    store = WeakIdMap()
+    a, b = torch.ones(3), torch.ones(3)
+    store[a] = "a"
+    assert a in store and b not in store
+    assert store.get(a) == "a" and store.get(b, "none") == "none"
+    store[b] = "b"
+    old_id = id(b)
+    del b
+    gc.collect()
+    assert len(store._data) == 1  # b's entry dropped with b
+    reborn = [torch.zeros(3) for _ in range(50)]  # likely to reuse freed ids
+    assert all(store.get(t) is None for t in reborn if id(t) == old_id) and all(t not in store for t in reborn)
+    assert store.pop(a) == "a" and a not in store and store.pop(a, 7) == 7
