@@ -47,13 +47,11 @@ from .report import (
     UnitForward,
 )
 from .statistics import (
-    BATCH_TENSOR_ELEMENTS,
     EXP_BIAS,
     SUMSQ_BINS,
     ErrorAccumulator,
     SummaryBatch,
     TensorSummary,
-    summarize,
 )
 
 Progress = Callable[[str], None]
@@ -128,7 +126,6 @@ def analyze(
                     raise
                 except Exception as e:
                     raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
-                mode.settle()
                 low_shadow = mode.global_shadow(loss)
                 with _disable_current_modes():  # reading the loss is no op of the model
                     loss_fp32 = float(loss.detach())
@@ -170,10 +167,7 @@ def analyze(
         small = SummaryBatch(mode.workspace, with_sumsq=True)
         for n, g in grads.items():
             if id(g) not in by_tensor:
-                by_tensor[id(g)] = (
-                    small.add(g) if g.numel() <= BATCH_TENSOR_ELEMENTS
-                    else summarize(g, with_sumsq=True, workspace=mode.workspace)
-                )
+                by_tensor[id(g)] = small.add(g)
             param_stats[n] = by_tensor[id(g)]
         small.compute()
         params = dict(model.named_parameters(remove_duplicate=False))

@@ -12,7 +12,7 @@ only when the bin they fall in is not empty.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -409,8 +409,8 @@ def rel_error(sum_sq_err: float, sum_sq_ref: float) -> float:
 # --- batches of small tensors ----------------------------------------------------------------
 
 # Gradients up to this many values are summarized in batches. On its own a gradient summary
-# is ~25 torch calls (the values below 2^-24 gathered, binned and squared, a norm): ~110 us
-# for a 16K-value gradient. In a batch the bit-level work and the gather run once over one
+# is ~25 torch calls (the values below 2^-24 gathered, binned and squared, a norm): 7.2 ms
+# for the demo model's 66 gradients (16K values or fewer), ~110 us each. In a batch the bit-level work and the gather run once over one
 # buffer and a tensor costs 3-4 reductions of its slice: the demo model's backward went from
 # ~15 to ~13 ms. Forward outputs (no sums of squares) measured no gain - their summaries are
 # bound by passes over the values, which the batch's copy only adds to - so they are
@@ -427,9 +427,10 @@ def _bounds(lengths: list[int]) -> list[tuple[int, int]]:
 
 
 class SummaryBatch:
-    """Summaries of small float32 tensors, computed together by `compute()`. `add` returns
-    the tensor's `TensorSummary`, which holds its values only after `compute()`: until then
-    the batch keeps a reference to the tensor, so do not change it in place meanwhile.
+    """Summaries of float32 tensors: a large one is summarized at once, small ones together
+    by `compute()`. `add` returns the tensor's `TensorSummary`, which for a small tensor holds
+    its values only after `compute()`: until then the batch keeps a reference to the tensor,
+    so do not change it in place meanwhile (`reads` tells whether it waits on some memory).
 
     >>> batch = SummaryBatch(Workspace())
     >>> s = batch.add(torch.tensor([0.0, 1e5, 2.0**-30]))
@@ -441,22 +442,28 @@ class SummaryBatch:
         self._ws = workspace
         self.with_sumsq = with_sumsq
         self._items: list[tuple[torch.Tensor, TensorSummary]] = []
+        self._storages: set[int] = set()  # memory the waiting tensors read
         self.pending_elements = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, t: torch.Tensor) -> TensorSummary:
+        if t.numel() > BATCH_TENSOR_ELEMENTS:
+            return summarize(t, with_sumsq=self.with_sumsq, workspace=self._ws)
         target = TensorSummary()
         self._items.append((t.detach(), target))
+        self._storages.add(t.untyped_storage().data_ptr())
         self.pending_elements += t.numel()
         return target
 
-    def tensors(self) -> Iterator[torch.Tensor]:
-        return (t for t, _ in self._items)
+    def reads(self, t: torch.Tensor) -> bool:
+        """Whether a waiting tensor shares `t`'s memory."""
+        return bool(self._storages) and t.untyped_storage().data_ptr() in self._storages
 
     def compute(self) -> None:
         items, self._items, self.pending_elements = self._items, [], 0
+        self._storages.clear()
         if not items:
             return
         ws, device = self._ws, items[0][0].device

@@ -451,7 +451,7 @@ def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.Mon
         return real(t, **kw)
 
     def counting_add(batch: Any, t: torch.Tensor) -> Any:
-        if batch.with_sumsq:  # small gradients go to a batch
+        if batch.with_sumsq:  # gradients go through the batch (large ones summarized at once)
             counted.append(t.numel())
         return real_add(batch, t)
 
