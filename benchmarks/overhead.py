@@ -14,14 +14,18 @@ For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-
    passes per step (and 2x parameter memory of state), which would flatter the ratios.
    Median of `--repeats` steps after a warm-up step;
 2. the wall time of the same step under a bare pass-through `TorchDispatchMode` (for
-   context: the cost of Python dispatch alone, and the number of aten ops in a step);
+   context: the cost of Python dispatch alone, and the number of aten ops in a step), and
+   under a mode that also reruns each forward float op once on fp16-rounded inputs and
+   rounds the result (`ShadowFloor`): the least any per-op shadow can cost, before the
+   second (local) shadow, statistics, records and the report that the analysis adds;
 3. the wall time of a full `precision_doctor.analyze(model, batch, loss_fn, "fp16")` on
    the same batch (median of a few repeats after a warm-up one, fewer for GPT-2, each
    followed by two more timed steps that join the step median);
 4. peak memory of a step and of an analysis. RSS high-water (`ru_maxrss`) is
    process-wide and never goes down, so each is measured in a fresh subprocess
    (`--child step|analyze`) that builds the model, records its baseline, runs, and reports
-   `ru_maxrss` back as JSON.
+   `ru_maxrss` back as JSON, with how much of the increment is file-backed (library code
+   paged in on first use, shared and clean) rather than anonymous memory.
 
 Targets: time ratio (analysis / step) <= 3, memory ratio <= 1.5.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -106,6 +111,24 @@ class PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class ShadowFloor(PassThrough):
+    """PassThrough plus one low-precision shadow of every forward float op: inputs rounded to
+    fp16 and back, the op run again, its result rounded. No statistics, no records."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        forward = torch._C._current_graph_task_id() == -1
+        if forward and not func.is_view and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+
+            def rounded(a: Any) -> Any:
+                is_float = isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                return a.to(torch.float16).float() if is_float else a
+
+            func(*[rounded(a) for a in args], **kwargs).to(torch.float16)
+        return out
+
+
 # --- measurements --------------------------------------------------------------------------
 
 
@@ -130,6 +153,17 @@ def rss_now_mib() -> float:
 
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rss_split_mib() -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory now."""
+    found = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                found[key] = int(value.split()[0]) / 1024
+    return found.get("RssAnon", math.nan), found.get("RssFile", math.nan)
 
 
 def vm_hwm_mib() -> float:
@@ -198,6 +232,7 @@ def child(kind: str, model_name: str) -> None:
     except OSError:  # not Linux >= 4.0, or not allowed: the baseline is the high-water mark
         reset = False
     base = vm_hwm_mib()
+    anon0, file0 = rss_split_mib()
     with RssSampler() as sampler:
         if kind == "step":
             assert step is not None
@@ -205,7 +240,12 @@ def child(kind: str, model_name: str) -> None:
             step()  # the second step runs with the allocator warm; the peak is a max anyway
         else:
             precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16")
+    anon1, file1 = rss_split_mib()
     out = {
+        # Library code pages stay resident once touched, so the file-backed part of the
+        # increment at the end is what it was at the peak.
+        "file_increment": file1 - file0,
+        "anon_increment": anon1 - anon0,
         "rss_import": rss_import,
         "build_hwm": build_hwm,
         "base": base,
@@ -236,6 +276,12 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
             step()
 
     bare_times, bare_cpu = timed(bare_step, max(1, repeats // 2))
+
+    def floor_step() -> None:
+        with ShadowFloor():
+            step()
+
+    floor_times, _ = timed(floor_step, max(1, repeats // 2))
     with PassThrough() as counter:
         step()
     bare_ops = counter.ops
@@ -276,6 +322,7 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
         "bare_cpu": statistics.median(bare_cpu),
         "analyze_cpu": statistics.median(analyze_cpu),
         "bare": statistics.median(bare_times),
+        "floor": statistics.median(floor_times),
         "bare_ops": bare_ops,
         "analyze": statistics.median(analyze_times),
         "analyze_all": analyze_times,
@@ -338,6 +385,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['ops_bwd']} backward ops, {1e3 * r['analyze'] / max(1, r['ops_fwd'] + r['ops_bwd']):.2f} ms per op"
         )
         print(
+            f"  {r['model']}: shadow floor (bare mode + one fp16-rounded rerun of each forward float op, nothing "
+            f"else) {r['floor']:.3f} s = {r['floor'] / r['step']:.2f}x step"
+        )
+        print(
             f"  {r['model']}: process CPU time (robust to other load on the machine): step {r['step_cpu']:.3f} s, "
             f"bare-mode {r['bare_cpu']:.3f} s, analyze {r['analyze_cpu']:.3f} s, ratio {r['analyze_cpu'] / r['step_cpu']:.1f}x"
         )
@@ -347,6 +398,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{ms['rss_import']:.0f} MiB; ru_maxrss step/analyze {ms['ru_maxrss']:.0f}/{ma['ru_maxrss']:.0f} MiB); "
             f"increment ratio incl. weights (peak - RSS before the model): "
             f"{(ma['peak'] - ma['rss_import']) / (ms['peak'] - ms['rss_import']):.2f}"
+        )
+        print(
+            f"  {r['model']}: file-backed part of the increment (library code paged in): step "
+            f"{ms['file_increment']:.1f} MiB, analyze {ma['file_increment']:.1f} MiB; anonymous at the end: step "
+            f"{ms['anon_increment']:.1f} MiB, analyze {ma['anon_increment']:.1f} MiB"
         )
     print()
     print(

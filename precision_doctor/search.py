@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .errors import PrecisionDoctorError
 
@@ -66,6 +65,9 @@ class Solution:
 
 
 def solve_milp(problem: PlanProblem) -> Solution:
+    # Imported here: scipy.optimize takes ~0.2 s to import, which `analyze` never needs.
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     n, m = len(problem.names), len(problem.edges)
     if n == 0:
         return Solution((), 0.0)

@@ -554,3 +554,48 @@ def test_weak_id_map_follows_tensor_lifetimes() -> None:
     reborn = [torch.zeros(3) for _ in range(50)]  # likely to reuse freed ids
     assert all(store.get(t) is None for t in reborn if id(t) == old_id) and all(t not in store for t in reborn)
     assert store.pop(a) == "a" and a not in store and store.pop(a, 7) == 7
+
+
+def test_analysis_does_not_import_dynamo() -> None:
+    """torch wraps a dispatch mode's handler in `torch._dynamo.disable` by default, and the
+    wrapper's first call imports torch._dynamo (most of a CLI run's first analysis). Without
+    dynamo imported nothing is compiled, so the capture opts out: checked in a fresh
+    interpreter, as this one has imported dynamo through other modes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, precision_doctor as pd\n"
+        "pd.analyze(torch.nn.Linear(3, 2), torch.ones(4, 3), loss_fn=lambda out, b: out.sum())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False", res.stderr
+
+
+def test_compiled_submodule_is_analyzed_without_tracing_the_capture() -> None:
+    """With torch._dynamo imported, the handler is wrapped as torch would wrap it: a model
+    with a torch.compile'd part is analyzed, and no graph dynamo captures holds the capture's
+    own statistics ops (without the wrap it compiles the summaries: bitwise ops, bincount)."""
+    graphs: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(gm.code)
+        return gm.forward
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.compile(torch.nn.Linear(4, 4), backend=recording_backend)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    with pytest.warns(UserWarning, match="global hooks"):  # torch's note on the unit tracker's hooks
+        report = pd.analyze(net, torch.randn(2, 4), loss_fn=lambda out, b: out.sum())
+    assert {"a", "b._orig_mod"} <= set(report.by_module())
+    assert report.by_module()["b._orig_mod"].forward.stats.numel == 8
+    assert not any(op in code for code in graphs for op in ("bitwise", "bincount"))
