@@ -94,6 +94,15 @@ def analyze(
     step = progress or (lambda _msg: None)
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    # Only float32 values get shadows: a model already in bf16 would be its own "reference"
+    # and show no error at all.
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for pname, t in named:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                raise PrecisionDoctorError(
+                    f"{kind} {pname!r} is {str(t.dtype).removeprefix('torch.')}: the analysis needs the "
+                    "fp32 model as its reference (call model.float() first)"
+                )
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with ModelStateGuard(model) as guard:

@@ -129,6 +129,13 @@ def analyze(
         raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
     if cost is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
+    outputs = [(opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None]
+    for i, (opt, p) in enumerate(outputs):
+        for other, q in outputs[:i]:
+            if p == q:
+                raise PrecisionDoctorError(f"{other} and {opt} both name {p}: one would overwrite the other")
+        if p.is_dir():
+            raise PrecisionDoctorError(f"{opt} {p} is a directory; give a file path")
     console = Console(stderr=False, highlight=False)
     err_console = Console(stderr=True)
     spec = load_model_file(model_file)

@@ -68,6 +68,8 @@ class LossScaleAdvice:
         if self.dtype is LowDtype.BF16:
             need = "needed" if self.scaler_needed else "not needed"
             return f"bf16: a loss scaler is {need} (gradients fit bf16's fp32-sized range)"
+        if self.max_grad_abs <= 0:
+            return "fp16: no loss scaler needed (no nonzero gradient runs in fp16)"
         return (
             f"initial loss scale 2^{self.recommended_scale_log2} "
             f"(underflow {self.underflow_fraction_at_recommended:.2%}; at the default 2^16: "
@@ -112,6 +114,18 @@ def advise_from_histogram(
         if unscaled_underflow_fraction is not None
         else underflow_fraction(counts_by_log2, 0, low)
     )
+    if max_abs <= 0:
+        # No nonzero gradient runs low (no unit does, or its gradients are exactly 0): there is
+        # nothing to scale, and nothing a scaler would skip a step for.
+        return LossScaleAdvice(
+            dtype=low,
+            recommended_scale_log2=0,
+            underflow_fraction_at_recommended=0.0,
+            underflow_fraction_at_default=0.0,
+            skipped_steps_from_default=0,
+            scaler_needed=False,
+            max_grad_abs=max_abs,
+        )
     if low is LowDtype.BF16:
         # bf16 has fp32's exponent range: scaling only helps when something is lost unscaled.
         needed = at_one > 0 or max_abs > LIMITS[low].max_value

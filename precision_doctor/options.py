@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
@@ -108,3 +109,15 @@ class Thresholds:
             except ValueError:
                 raise PrecisionDoctorError(f"threshold {name}={raw!r} is not a number") from None
         return cls(**values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        # A NaN threshold compares false with everything: it would switch its flag off silently.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "grad_scale_log2":
+                if not 0 <= value <= 24:
+                    raise PrecisionDoctorError(f"threshold grad_scale_log2={value} is outside 0..24")
+            elif not math.isfinite(value) or value < 0:
+                raise PrecisionDoctorError(f"threshold {f.name}={value} must be a finite number >= 0")
+            elif f.name.endswith("_fraction") and value > 1:
+                raise PrecisionDoctorError(f"threshold {f.name}={value} is a fraction: at most 1")

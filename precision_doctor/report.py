@@ -313,6 +313,10 @@ def write_atomic(path: Path, text: str) -> None:
     except OSError as e:
         raise PrecisionDoctorError(f"cannot write {path}: {e.strerror or e}") from None
     try:
+        # mkstemp makes the file 0600; give it what a plain open() would (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

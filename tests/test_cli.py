@@ -81,6 +81,12 @@ BAD_FILES = {
         _MODEL_OK + "def loss_fn(o, b):\n    return (o * float('inf')).sum() * 0.0\n",
         "fp32 loss is nan",
     ),
+    # A model already in bf16 would be its own reference: no error anywhere, silently.
+    "bf16-model": (
+        _MODEL_OK.replace("nn.Linear(8, 1))", "nn.Linear(8, 1)).to(torch.bfloat16)")
+        + "def loss_fn(o, b):\n    return o.float().mean()\n",
+        "parameter '0.weight' is bfloat16: the analysis needs the fp32 model",
+    ),
 }
 
 
@@ -142,6 +148,16 @@ def test_threshold_bogus(tmp_path: Path) -> None:
     result = invoke(str(path), "--quiet", "--threshold", "no_equals_sign")
     assert result.exit_code == 2
     _assert_one_line_error(result.stderr, "NAME=VALUE")
+    # NaN compares false with everything: it would switch the flag off without a word.
+    for bad, expected in (
+        ("divergence_rel_error=nan", "finite number >= 0"),
+        ("divergence_rel_error=-1", "finite number >= 0"),
+        ("underflow_fraction=1.5", "at most 1"),
+        ("grad_scale_log2=30", "outside 0..24"),
+    ):
+        result = invoke(str(path), "--quiet", "--threshold", bad)
+        assert result.exit_code == 2, bad
+        _assert_one_line_error(result.stderr, expected)
 
 
 _healthy: list = []
@@ -168,6 +184,10 @@ def test_out_writes_report_round_trip(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert f"report written to {out}" in result.stdout.replace("\n", "")
     saved = out.read_text()
+    # The temp file's 0600 is not what the user gets: a plain open()'s mode under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     loaded = Report.load(out)
     assert loaded.to_json() == saved  # what --out saved is exactly what loads
     again = tmp_path / "again.json"
@@ -188,11 +208,21 @@ def test_out_to_unwritable_target_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2, (result.stderr, result.exception)
     _assert_one_line_error(result.stderr, "cannot write")
     assert blocker.read_text() == "x"
-    # --out naming an existing folder
+    # --out naming an existing folder: refused before the analysis runs
     result = invoke(str(model), "--quiet", "--out", str(tmp_path))
     assert result.exit_code == 2, (result.stderr, result.exception)
-    _assert_one_line_error(result.stderr, "cannot write")
+    _assert_one_line_error(result.stderr, "is a directory")
+    assert result.stdout == ""  # no report printed: nothing ran
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_two_outputs_on_one_path_exit_2(tmp_path: Path) -> None:
+    model = write(tmp_path, HEALTHY_FILE)
+    same = tmp_path / "r.json"
+    result = invoke(str(model), "--quiet", "--out", str(same), "--export", str(tmp_path / "." / "r.json"))
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, "--out and --export both name")
+    assert not same.exists()
 
 
 # --- golden --------------------------------------------------------------------------------

@@ -62,6 +62,18 @@ def test_bf16_needs_no_scaler() -> None:
     assert not a.scaler_needed and a.recommended_scale_log2 == 0
 
 
+def test_no_low_gradient_needs_no_scaler() -> None:
+    """A plan that runs no unit low (or gradients that are exactly 0) has nothing to scale:
+    not the largest scale, which an export would write as DeepSpeed's initial_scale_power."""
+    a = advise_from_histogram({}, 0.0, "fp16")
+    assert not a.scaler_needed and a.recommended_scale_log2 == 0 and a.skipped_steps_from_default == 0
+    assert "no loss scaler needed" in a.summary()
+    report = pd.analyze(torch.nn.Linear(3, 2), torch.ones(4, 3), loss_fn=lambda out, b: out.pow(2).mean())
+    assert pd.recommend_loss_scale(report).scaler_needed  # every unit low: its gradients count
+    none_low = pd.recommend_loss_scale(report, low_units={"": False})
+    assert not none_low.scaler_needed and none_low.recommended_scale_log2 == 0
+
+
 def train_skips(mod: ModuleType, init_scale: float, steps: int = 100, lr: float = 1e-3) -> tuple[int, list[float]]:
     """Steps GradScaler skipped training `mod`'s model in emulated fp16 on the CPU."""
     model = mod.build_model()
