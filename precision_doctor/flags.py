@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .capture import LOSS_UNIT, OpRecord, UnitRecord
 from .formats import FormatLimits
 from .options import Flag, LowDtype, Phase, Thresholds
-from .report import Evidence, FlagRecord
+from .report import Evidence, FlagRecord, Unit
 
 
 def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phase) -> OpRecord | None:
@@ -152,27 +152,54 @@ def unit_flags(
         fed_overflow = any(r.phase == Phase.FORWARD and r.input_max_abs > fmt.max_value for r in ops)
         scale = th.grad_scale_log2 if dtype is LowDtype.FP16 else 0
         lost, overflow, norm_lost = bwd.scaled_lost_fractions(scale, fmt)
-        if overflow > th.grad_overflow_fraction and not fed_overflow:
-            node = max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0]
-            flags.append(_grad_flag(
-                Flag.GRAD_OVERFLOW, unit.name, node,
-                f"{overflow:.2%} of gradients overflow {fmt.name} at loss scale 2^{scale} "
-                f"(largest |g| {bwd.max_abs:.3g})",
-                overflow_fraction=overflow, max_abs=bwd.max_abs, scale_log2=scale,
-            ))
-        if norm_lost > th.grad_underflow_norm_fraction:
-            node = min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0]
-            flags.append(_grad_flag(
-                Flag.GRAD_UNDERFLOW, unit.name, node,
-                f"at loss scale 2^{scale}, {lost:.1%} of nonzero gradients and {norm_lost:.1%} "
-                "of the gradient L2 norm flush to 0",
-                underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
-                max_abs=bwd.max_abs,
-            ))
+        flags += _gradient_flags(
+            unit.name, fmt, th, scale,
+            lost=lost, overflow=0.0 if fed_overflow else overflow, norm_lost=norm_lost, max_abs=bwd.max_abs,
+            overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
+            underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
+        )
     return flags
 
 
-def _grad_flag(flag: Flag, unit: str, node: str, message: str, **values: float) -> FlagRecord:
+def _gradient_flags(
+    unit: str, fmt: FormatLimits, th: Thresholds, scale: int, *, lost: float, overflow: float,
+    norm_lost: float, max_abs: float, overflow_op: str | None, underflow_op: str | None,
+) -> list[FlagRecord]:
+    flags = []
+    if overflow > th.grad_overflow_fraction:
+        flags.append(_grad_flag(
+            Flag.GRAD_OVERFLOW, unit, overflow_op,
+            f"{overflow:.2%} of gradients overflow {fmt.name} at loss scale 2^{scale} "
+            f"(largest |g| {max_abs:.3g})",
+            overflow_fraction=overflow, max_abs=max_abs, scale_log2=scale,
+        ))
+    if norm_lost > th.grad_underflow_norm_fraction:
+        flags.append(_grad_flag(
+            Flag.GRAD_UNDERFLOW, unit, underflow_op,
+            f"at loss scale 2^{scale}, {lost:.1%} of nonzero gradients and {norm_lost:.1%} "
+            "of the gradient L2 norm flush to 0",
+            underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
+            max_abs=max_abs,
+        ))
+    return flags
+
+
+def gradient_flags_at_scale(unit: Unit, scale_log2: int, fmt: FormatLimits, th: Thresholds) -> list[FlagRecord]:
+    """A reported unit's fp16 gradient flags judged again at loss scale 2^k (a plan's
+    recommended scale instead of the default), from its gradient histogram."""
+    stats = unit.backward.stats
+    if stats is None or unit.name == LOSS_UNIT:
+        return []
+    lost, overflow, norm_lost = stats.loss_scale_fractions(scale_log2)
+    ops = {f.flag: f.evidence.op for f in unit.flags}
+    return _gradient_flags(
+        unit.name, fmt, th, scale_log2,
+        lost=lost, overflow=overflow, norm_lost=norm_lost, max_abs=stats.max_abs,
+        overflow_op=ops.get(Flag.GRAD_OVERFLOW), underflow_op=ops.get(Flag.GRAD_UNDERFLOW),
+    )
+
+
+def _grad_flag(flag: Flag, unit: str, node: str | None, message: str, **values: float) -> FlagRecord:
     return FlagRecord(
         flag=flag, unit=unit,
         evidence=Evidence(op=node, phase=Phase.BACKWARD, message=message, values=values),

@@ -47,6 +47,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import PrecisionDoctorError
+from .flags import gradient_flags_at_scale
+from .formats import LIMITS
 from .model_spec import LossFn, resolve_loss, run_model
 from .monitor import ScalerMonitor
 from .options import Flag, LowDtype, StrEnum, Thresholds, parse_enum
@@ -203,7 +205,10 @@ class PreflightResult(_Frozen):
         if self.go:
             body = f"no risk among {len(self.fail_on)} checked in {self.steps} steps"
         else:
-            risks = sorted({r.risk for r in self.reasons})
+            counts: dict[str, int] = {}
+            for r in self.reasons:
+                counts[r.risk] = counts.get(r.risk, 0) + 1
+            risks = [f"{k} x{n}" if n > 1 else k for k, n in sorted(counts.items())]
             body = f"{len(self.reasons)} reason(s): {', '.join(risks)}"
         tail = ""
         if self.judge == "low" and self.planned_go is not None and not self.go:
@@ -578,19 +583,33 @@ def preflight(
         if f.flag.value not in flagged[f.unit]:
             flagged[f.unit].append(f.flag.value)
 
-    def analysis_reasons(units: Mapping[str, str] | None) -> list[Reason]:
+    th = thresholds or Thresholds()
+    grad_flags = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
+
+    def analysis_reasons(units: Mapping[str, str] | None, scale_log2: int | None) -> list[Reason]:
+        """The analysis' flags that apply to a configuration: those of the units it runs low
+        (and NONFINITE_FP32 anywhere), with the gradient flags judged at its loss scale."""
+        flags = report.flags()
+        if scale_log2 is not None and scale_log2 != th.grad_scale_log2:
+            flags = [f for f in flags if f.flag not in grad_flags] + [
+                f for u in report.units for f in gradient_flags_at_scale(u, scale_log2, LIMITS[low], th)
+            ]
+            flags.sort(key=report.flag_order)
         out = []
-        for f in report.flags():
+        for f in flags:
             runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
             if runs_low or f.flag is Flag.NONFINITE_FP32:
                 out.append(Reason(risk=f.flag.value, mode="analysis", unit=f.unit, message=f.evidence.message))
         return out
 
     def found_for(config: str) -> list[Reason]:
-        units = None if config == "low" else plan_units
+        if config == "low":
+            units, scale = None, None
+        else:  # the plan's units at the plan's recommended scale (fp16 only: bf16 has no scaler)
+            units, scale = plan_units, planned_scale if low is LowDtype.FP16 else None
         return (
             fp32_reasons
-            + analysis_reasons(units)
+            + analysis_reasons(units, scale)
             + _run_reasons(runs[config], loss_tolerance, max_skipped_steps)
         )
 

@@ -7,6 +7,7 @@ them) and read back as floats. Reports are only ever read as JSON: nothing is un
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -61,6 +62,31 @@ class TensorStats(_Frozen):
     histogram: Histogram
     sum_squares_total: float | None = None
     """Gradients only: the sum of x^2 over the finite values."""
+
+    def loss_scale_fractions(self, scale_log2: int) -> tuple[float, float, float]:
+        """At fp16 loss scale 2^k, as the report's loss-scale curves count (one power of two
+        resolution), for any k: (fraction of nonzero values flushed, fraction overflowing,
+        fraction of the L2 norm flushed). The norm is exact for k >= 0; below, the bins
+        between 2^-24 and the flush point have no sums of squares and count 4^bin per value
+        (a lower bound)."""
+        h = self.histogram
+        nonzero = sum(h.counts)
+        if nonzero == 0:
+            return 0.0, 0.0, 0.0
+        flush_below = -24 - scale_log2  # fp16's smallest subnormal is 2^-24
+        overflow_from = 16 - scale_log2  # |g| * 2^k >= 2^16 = 2^ceil(log2(65504))
+        lost = sum(c for i, c in enumerate(h.counts) if h.log2_lo + i < flush_below)
+        over = sum(c for i, c in enumerate(h.counts) if h.log2_lo + i >= overflow_from)
+        norm = 0.0
+        if h.sum_squares is not None and self.sum_squares_total:
+            sq = 0.0
+            for i, c in enumerate(h.counts):
+                b = h.log2_lo + i
+                if b >= flush_below:
+                    break
+                sq += h.sum_squares[i] if i < len(h.sum_squares) else c * 4.0**b
+            norm = math.sqrt(min(1.0, sq / self.sum_squares_total))
+        return lost / nonzero, over / nonzero, norm
 
 
 class LossScalePoint(_Frozen):
@@ -227,10 +253,12 @@ class Report(_Frozen):
 
     def flags(self) -> list[FlagRecord]:
         """Every flag, worst first."""
-        return sorted(
-            (f for u in self.units for f in u.flags),
-            key=lambda f: (f.severity, -_magnitude(f)),
-        )
+        return sorted((f for u in self.units for f in u.flags), key=self.flag_order)
+
+    @staticmethod
+    def flag_order(f: FlagRecord) -> tuple[int, float]:
+        """Sort key of `flags()`: severity, then magnitude, largest first."""
+        return (f.severity, -_magnitude(f))
 
     def flagged_units(self) -> list[Unit]:
         order = {f.unit: i for i, f in reversed(list(enumerate(self.flags())))}

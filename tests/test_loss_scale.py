@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,38 @@ def test_small_gradients_get_a_scale_above_the_default() -> None:
 def test_bf16_needs_no_scaler() -> None:
     a = advise_from_histogram({-40: 10, 3: 5}, 10.0, "bf16", unscaled_underflow_fraction=0.0)
     assert not a.scaler_needed and a.recommended_scale_log2 == 0
+
+
+@pytest.mark.parametrize("scale_log2", [-3, 0, 9, 16, 24, 29, 32], ids=lambda k: f"2^{k}")
+def test_report_fractions_at_any_scale_match_numpy(scale_log2: int) -> None:
+    """What preflight judges a plan's scale by (a saved report's histogram at 2^k, beyond the
+    2^0..2^24 curve too) against numpy on hand-built gradients spanning 2^-60..2^14."""
+    from precision_doctor.analysis import loss_scale_curve, tensor_stats
+    from precision_doctor.statistics import summarize
+
+    rng = np.random.default_rng(0)
+    exps = rng.integers(-60, 15, 4000)
+    g = (rng.uniform(1, 2, 4000) * 2.0**exps * rng.choice([-1, 1], 4000)).astype(np.float32)
+    g[:100] = 0.0
+    summary = summarize(torch.from_numpy(g), with_sumsq=True)
+    stats = tensor_stats(summary)
+    lost, over, norm = stats.loss_scale_fractions(scale_log2)
+
+    a = np.abs(g[g != 0]).astype(np.float64)
+    b = np.floor(np.log2(a))
+    flushed = b < -24 - scale_log2
+    assert lost == pytest.approx(flushed.mean())
+    assert over == pytest.approx((b >= 16 - scale_log2).mean())
+    truth = math.sqrt((a[flushed] ** 2).sum() / (a**2).sum())
+    if scale_log2 >= 0:
+        assert norm == pytest.approx(truth, rel=1e-5)
+    else:  # bins above 2^-24 count 4^bin per value: within 2x below the truth
+        assert truth / 2 <= norm <= truth * (1 + 1e-6)
+    if 0 <= scale_log2 <= 24:  # the report's own curve says the same
+        point = loss_scale_curve(summary)[scale_log2]
+        assert point.scale_log2 == scale_log2
+        curve = (point.underflow_fraction, point.overflow_fraction, point.underflow_norm_fraction)
+        assert curve == pytest.approx((lost, over, norm))
 
 
 def test_no_low_gradient_needs_no_scaler() -> None:

@@ -72,6 +72,21 @@ def test_planned_run_uses_the_plan_and_recommended_scale() -> None:
     assert judged.go, [r.line() for r in judged.reasons]
 
 
+def test_planned_gradient_risks_are_judged_at_the_planned_scale() -> None:
+    """grad_overflow's gradients overflow at GradScaler's 2^16, not at the plan's lower
+    scale: the planned configuration is go, although the plain one (judged at 2^16) is not."""
+    result = run_sample("grad_overflow", plan=True, judge="planned")
+    scale = result.runs["planned"].init_scale_log2
+    assert scale is not None and scale < 16
+    assert result.go and result.planned_go, [r.line() for r in result.reasons]
+    low = run_sample("grad_overflow", plan=True)
+    assert not low.go and low.planned_go
+    assert {r.risk for r in low.reasons if r.mode == "analysis"} == {"GRAD_OVERFLOW"}
+    assert all("2^16" in r.message for r in low.reasons if r.risk == "GRAD_OVERFLOW")
+    n = sum(r.risk == "GRAD_OVERFLOW" for r in low.reasons)
+    assert n > 1 and f"GRAD_OVERFLOW x{n}" in low.verdict
+
+
 def test_fail_on_selects_the_risks_that_fail() -> None:
     result = run_sample("deep_narrow_underflow", fail_on="DIVERGENT_LOSS,NONFINITE_STEPS")
     assert result.go
