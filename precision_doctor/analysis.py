@@ -23,6 +23,7 @@ from .capture import (
     UnitRecord,
     capture_pass,
     relative_loss_error,
+    unit_output_errors,
 )
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .flags import unit_flags
@@ -318,6 +319,7 @@ def build_report(
         owner.backward.merge(pstats)
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
+    unit_output_errors(records, mode.units)
     # Forward dataflow between units, each produced tensor counted once per consumer unit.
     edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
     seen: set[tuple[int, str]] = set()
@@ -333,8 +335,11 @@ def build_report(
                 continue
             seen.add((i, r.unit))
             edge_bytes[(src.unit, r.unit)] += src.output_bytes
-            # An input already non-finite makes growth meaningless: that is inherited damage.
-            input_error[r.unit] = max(input_error[r.unit], mode.units[src.unit].prop_error.rel_l2)
+            # The error of the values read (an input already non-finite makes growth
+            # meaningless: that is inherited damage).
+            made = records[src.value_source] if src.value_source >= 0 else None
+            if made is not None and made.prop_error is not None:
+                input_error[r.unit] = max(input_error[r.unit], made.prop_error.rel_l2)
 
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
     units: list[Unit] = []

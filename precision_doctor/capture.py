@@ -131,12 +131,21 @@ class OpRecord:
     flops: int
     moved_bytes: int  # what the op reads and writes: 0 for a view
     summary: TensorSummary | None = None
-    local_rel_error: float | None = None
-    prop_rel_error: float | None = None
+    value_source: int = -1  # the op that made this op's output values (itself, or what a view/copy passes on)
+    local_error: ErrorAccumulator | None = None
+    prop_error: ErrorAccumulator | None = None
     input_max_abs: float = 0.0  # largest |x| over its float inputs (inf if any is non-finite)
     out_max_abs: float = 0.0  # the same over its outputs
     local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
     fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
+
+    @property
+    def local_rel_error(self) -> float | None:
+        return self.local_error.rel_l2 if self.local_error is not None else None
+
+    @property
+    def prop_rel_error(self) -> float | None:
+        return self.prop_error.rel_l2 if self.prop_error is not None else None
 
 
 @dataclass
@@ -148,6 +157,7 @@ class UnitRecord:
     op_indices: list[int] = field(default_factory=list)
     forward: TensorSummary = field(default_factory=TensorSummary)
     backward: TensorSummary = field(default_factory=TensorSummary)
+    # Errors of the unit's outputs (see `unit_output_errors`), set once the pass is over.
     local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_nonfinite: int = 0
@@ -863,6 +873,11 @@ class ShadowCapture(TorchDispatchMode):
             flops=self._flops(info, args, kwargs, out),
             moved_bytes=_moved_bytes(func, info, tensors_in, outs),
         )
+        if info.preserves_values:
+            src = next((i for t, i in zip(tensors_in, rec.inputs, strict=True) if i >= 0 and t.is_floating_point()), -1)
+            rec.value_source = self.records[src].value_source if src >= 0 else -1
+        else:
+            rec.value_source = rec.index
         self.records.append(rec)
         urec = self.unit(unit)
         urec.op_indices.append(rec.index)
@@ -897,14 +912,11 @@ class ShadowCapture(TorchDispatchMode):
             acc = ErrorAccumulator()
             for ref, sh in gpairs:
                 acc.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
-            rec.prop_rel_error = acc.rel_l2
-            urec.prop_error.merge(acc)
-            urec.prop_nonfinite += acc.nonfinite_mismatch
+            rec.prop_error = acc
         if lpairs:
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
                 acc.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
-            rec.local_rel_error = acc.rel_l2
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
                 # Rounded rows that overflow came out of the table itself: its rounding made them.
@@ -918,7 +930,7 @@ class ShadowCapture(TorchDispatchMode):
                 else:
                     acc.nonfinite_mismatch = 0
                     acc.sum_sq_err = acc.sum_sq_ref = 0.0
-            urec.local_error.merge(acc)
+            rec.local_error = acc
         return out
 
 
@@ -1019,6 +1031,37 @@ def capture_pass(
     mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     with tracker, mode:
         yield mode
+
+
+def unit_output_errors(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> None:
+    """Set each unit's local and propagated error to those of its *outputs*: the values its
+    ops made that an op of another unit reads (through views and copies). A unit's internals
+    can be far larger than what it hands on - `(x + 3000) - 3000` - and pooling them would
+    drown the output's error. A unit whose values no other unit reads (the loss) pools all
+    its ops."""
+    outputs: dict[str, set[int]] = {}
+    for r in records:
+        if r.phase != Phase.FORWARD:
+            continue
+        for i in r.inputs:
+            v = records[i].value_source if i >= 0 else -1
+            if v >= 0 and records[v].unit != r.unit:
+                outputs.setdefault(records[v].unit, set()).add(v)
+    by_unit: dict[str, list[OpRecord]] = {}
+    for r in records:
+        if r.phase == Phase.FORWARD and (r.local_error is not None or r.prop_error is not None):
+            by_unit.setdefault(r.unit, []).append(r)
+    for name, urec in units.items():
+        ops = by_unit.get(name, [])
+        out = outputs.get(name, set())
+        chosen = [r for r in ops if r.index in out] or ops
+        urec.local_error, urec.prop_error = ErrorAccumulator(), ErrorAccumulator()
+        for r in chosen:
+            if r.local_error is not None:
+                urec.local_error.merge(r.local_error)
+            if r.prop_error is not None:
+                urec.prop_error.merge(r.prop_error)
+        urec.prop_nonfinite = urec.prop_error.nonfinite_mismatch
 
 
 def relative_loss_error(ref: float, low: float) -> float:

@@ -263,6 +263,37 @@ def test_mlp_local_error_of_first_layer_matches_hand_computation() -> None:
     assert local.rel_l2_error == pytest.approx(expected, rel=1e-4)
 
 
+class Cancel(torch.nn.Module):
+    """Hands on x, by way of an intermediate 3000x larger: in fp16 the intermediate's
+    rounding (step 2 near 3000) wipes x out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 3000.0) - 3000.0
+
+
+def test_unit_error_is_its_outputs_error_not_its_internals() -> None:
+    """A unit's local error is that of the values it hands on, checked against numpy fp16
+    casts: pooled with the large intermediate it was 2e-4, and the next unit took the blame
+    (ERROR_GROWTH from an input error understated 4000x)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Cancel(), torch.nn.Linear(8, 1))
+    x = torch.randn(16, 8)
+    report = pd.analyze(net, x, loss_fn=lambda out, b: out.pow(2).mean())
+
+    f16, f32 = np.float16, np.float32
+    xn = x.numpy()
+    low = ((xn.astype(f16).astype(f32) + f32(3000)).astype(f16).astype(f32) - f32(3000)).astype(f16).astype(np.float64)
+    ref = ((xn + f32(3000)) - f32(3000)).astype(np.float64)
+    expected = np.linalg.norm(low - ref) / np.linalg.norm(ref)
+    cancel = report.by_module()["0"]
+    assert cancel.forward.local is not None and cancel.forward.propagated is not None
+    assert cancel.forward.local.rel_l2_error == pytest.approx(expected, rel=1e-5)
+    assert cancel.forward.propagated.rel_l2_error == pytest.approx(expected, rel=1e-5)  # the first unit
+    assert expected > 0.5
+    assert {f.flag for f in cancel.flags} >= {pd.Flag.DIVERGENCE}
+    assert not report.by_module()["1"].flags  # the Linear only passes the error on
+
+
 def _saved_activation_bytes(case: Case) -> int:
     """Independent count: storages autograd saves in a plain run (pack hook), less the
     parameters', buffers' and batch's memory."""
