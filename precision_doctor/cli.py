@@ -156,7 +156,7 @@ def analyze(
     )
     plan = None
     if plan_wanted:
-        from .export import render
+        from .export import export_caveats, render
         from .plan import plan_and_advise
 
         # The plan's search is only as good as its cost model's units; keep it off the plain
@@ -184,6 +184,8 @@ def analyze(
         fmt = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
         write_atomic(export, render(plan, fmt))
         console.print(f"{fmt} plan export written to {export}")
+        for caveat in export_caveats(plan, fmt):
+            console.print(f"note: {caveat}", markup=False)
     if out is not None:
         report.save(out)
         console.print(f"report written to {out}")

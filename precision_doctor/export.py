@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from importlib import metadata
 
+from .capture import LOSS_UNIT
 from .options import LowDtype, StrEnum
 from .plan import Plan
 
@@ -175,6 +176,22 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
             "min_loss_scale": MIN_LOSS_SCALE,
         }
     }
+
+
+def export_caveats(plan: Plan, fmt: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
+    """What an export cannot carry of the plan, one line each (the CLI prints them)."""
+    if ExportFormat(fmt) is not ExportFormat.DEEPSPEED:
+        return []
+    version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
+    kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
+    if not kept or (version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE):
+        return []
+    since = ".".join(map(str, DEEPSPEED_TORCH_AUTOCAST_SINCE))
+    shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+    return [
+        f"DeepSpeed {version or '(not installed)'} < {since} has no per-module dtypes: this config runs "
+        f"every module in {plan.dtype}; the plan keeps {shown} in fp32 (apply the python export too)"
+    ]
 
 
 def render_deepspeed(plan: Plan, deepspeed_version: str | None = None) -> str:

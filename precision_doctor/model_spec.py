@@ -48,7 +48,9 @@ def load_model_file(path: str | Path) -> ModelSpec:
         raise PrecisionDoctorError(f"model file {p} does not exist")
     if p.suffix != ".py":
         raise PrecisionDoctorError(f"model file {p} is not a .py file")
-    module_name = f"_precision_doctor_model_{uuid.uuid4().hex}"
+    # The file's own name, as the user's training code imports it: its classes appear in plan
+    # exports (`my_model.MyBlock`). It is not put in sys.modules, so it shadows nothing.
+    module_name = p.stem if p.stem.isidentifier() else f"_precision_doctor_model_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(module_name, p)
     if spec is None or spec.loader is None:
         raise PrecisionDoctorError(f"cannot import {p}")

@@ -98,6 +98,23 @@ def _assert_one_line_error(stderr: str, expected: str) -> None:
     assert "Traceback" not in stderr
 
 
+def test_model_file_classes_are_named_by_the_file(tmp_path: Path) -> None:
+    """Plan exports name module classes (DeepSpeed's lower_precision_safe_modules): as the
+    user's code imports them (`my_blocks.Net`), not by a random name, and without putting the
+    file in sys.modules, where it could shadow a module of the same name."""
+    import sys
+
+    from precision_doctor.model_spec import load_model_file
+
+    body = "import torch\nclass Net(torch.nn.Linear):\n    pass\ndef build_model():\n    return Net(2, 1)\n"
+    body += "def make_batch():\n    return torch.ones(1, 2)\n"
+    spec = load_model_file(write(tmp_path, body, "my_blocks.py"))
+    assert f"{type(spec.model).__module__}.{type(spec.model).__qualname__}" == "my_blocks.Net"
+    assert "my_blocks" not in sys.modules
+    odd = load_model_file(write(tmp_path, body, "my-blocks.py"))  # not an identifier
+    assert type(odd.model).__module__.startswith("_precision_doctor_model_")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     result = invoke(str(tmp_path / "nope.py"), "--quiet")
     assert result.exit_code == 2

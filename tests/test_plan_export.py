@@ -19,6 +19,7 @@ from precision_doctor.export import (
     DEEPSPEED_FP16_KEYS,
     DEEPSPEED_TORCH_AUTOCAST_KEYS,
     deepspeed_config,
+    export_caveats,
     hf_training_args,
     render_python,
 )
@@ -138,6 +139,16 @@ def test_deepspeed_keys_are_documented(rescue: tuple[Any, Plan]) -> None:
     assert set(new) <= DEEPSPEED_TORCH_AUTOCAST_KEYS  # type: ignore[arg-type]
     assert "torch.nn.modules.linear.Linear" not in new["lower_precision_safe_modules"]  # fc2 is fp32  # type: ignore[index]
     assert "torch.nn.modules.activation.GELU" in new["lower_precision_safe_modules"]  # type: ignore[index]
+
+
+def test_deepspeed_export_says_what_old_versions_cannot_carry(rescue: tuple[Any, Plan]) -> None:
+    _, plan = rescue
+    kept = sorted(u for u, d in plan.units.items() if u and not u.startswith("<") and d == "fp32")
+    assert kept  # plan_rescue keeps units in fp32
+    (line,) = export_caveats(plan, "deepspeed", "0.14.0")
+    assert "no per-module dtypes" in line and all(u in line for u in kept) and "<loss>" not in line
+    assert export_caveats(plan, "deepspeed", "0.17.2") == []  # torch_autocast lists the safe classes
+    assert export_caveats(plan, "python", "0.14.0") == []
 
 
 def test_hf_kwargs_are_training_arguments(rescue: tuple[Any, Plan]) -> None:
