@@ -37,6 +37,8 @@ def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except PrecisionDoctorError:
         raise
+    except SystemExit as e:  # a model file's own sys.exit() would end the tool without a word
+        raise PrecisionDoctorError(f"{what} called sys.exit({e.code!r})") from e
     except Exception as e:
         raise PrecisionDoctorError(f"{what} raised {type(e).__name__}: {e}") from e
 
@@ -60,6 +62,8 @@ def load_model_file(path: str | Path) -> ModelSpec:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise PrecisionDoctorError(f"{p}:{e.lineno}: syntax error: {e.msg}") from e
+    except SystemExit as e:
+        raise PrecisionDoctorError(f"importing {p} called sys.exit({e.code!r})") from e
     except Exception as e:
         raise PrecisionDoctorError(f"importing {p} raised {type(e).__name__}: {e}") from e
     finally:

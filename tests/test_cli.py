@@ -81,6 +81,10 @@ BAD_FILES = {
         _MODEL_OK + "def loss_fn(o, b):\n    return (o * float('inf')).sum() * 0.0\n",
         "fp32 loss is nan",
     ),
+    "make-batch-exits": (
+        _MODEL_OK.replace("return torch.randn(8, 4)", "raise SystemExit(3)"),
+        "make_batch() called sys.exit(3)",
+    ),
     # A model already in bf16 would be its own reference: no error anywhere, silently.
     "bf16-model": (
         _MODEL_OK.replace("nn.Linear(8, 1))", "nn.Linear(8, 1)).to(torch.bfloat16)")
