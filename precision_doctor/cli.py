@@ -19,7 +19,7 @@ from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .export import ExportFormat
 from .options import CostSource, LowDtype, Thresholds
 from .plan import DEFAULT_TOLERANCE
-from .report import write_atomic
+from .report import check_writable, write_atomic
 
 app = typer.Typer(
     add_completion=False,
@@ -134,8 +134,7 @@ def analyze(
         for other, q in outputs[:i]:
             if p == q:
                 raise PrecisionDoctorError(f"{other} and {opt} both name {p}: one would overwrite the other")
-        if p.is_dir():
-            raise PrecisionDoctorError(f"{opt} {p} is a directory; give a file path")
+        check_writable(p)
     console = Console(stderr=False, highlight=False)
     err_console = Console(stderr=True)
     spec = load_model_file(model_file)

@@ -331,6 +331,21 @@ def _magnitude(f: FlagRecord) -> float:
     return 0.0
 
 
+def check_writable(path: Path) -> None:
+    """Fail now, one line, if `write_atomic(path, ...)` cannot succeed for a reason visible
+    before any work: `path` is a folder, or the nearest existing folder above it is a file
+    or not writable. (A full disk still shows only at the write.)"""
+    if path.is_dir():
+        raise PrecisionDoctorError(f"cannot write {path}: it is a directory; give a file path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PrecisionDoctorError(f"cannot write {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PrecisionDoctorError(f"cannot write {path}: {folder} is not writable")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: readers never see half a file.
     A path that cannot be written (its folder is a file, no permission, a full disk) is the

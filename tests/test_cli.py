@@ -225,14 +225,15 @@ def test_out_to_unwritable_target_exit_2(tmp_path: Path) -> None:
     model = write(tmp_path, HEALTHY_FILE)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    result = invoke(str(model), "--quiet", "--out", str(blocker / "r.json"))
+    result = invoke(str(model), "--quiet", "--out", str(blocker / "deeper" / "r.json"))
     assert result.exit_code == 2, (result.stderr, result.exception)
-    _assert_one_line_error(result.stderr, "cannot write")
+    _assert_one_line_error(result.stderr, "is not a directory")
+    assert result.stdout == ""  # refused before the analysis ran
     assert blocker.read_text() == "x"
     # --out naming an existing folder: refused before the analysis runs
     result = invoke(str(model), "--quiet", "--out", str(tmp_path))
     assert result.exit_code == 2, (result.stderr, result.exception)
-    _assert_one_line_error(result.stderr, "is a directory")
+    _assert_one_line_error(result.stderr, "it is a directory")
     assert result.stdout == ""  # no report printed: nothing ran
     assert not list(tmp_path.glob(".*.tmp"))
 

@@ -87,6 +87,18 @@ def test_save_leaves_no_temp_file(report: Report, tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
 
 
+def test_save_to_an_unwritable_place_is_a_user_error(report: Report, tmp_path: Path) -> None:
+    """The write itself (what `check_writable` cannot foresee, or a caller that skipped it)
+    fails with one line and leaves the old file and no temp file behind."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(pd.PrecisionDoctorError, match="cannot write"):
+        report.save(blocker / "r.json")
+    with pytest.raises(pd.PrecisionDoctorError, match="cannot write"):
+        report.save(tmp_path)  # a folder: the rename fails after the temp file was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and blocker.read_text() == "x"
+
+
 # --- bad files ---------------------------------------------------------------------------
 
 
