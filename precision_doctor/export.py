@@ -204,10 +204,14 @@ def hf_training_args(plan: Plan) -> dict[str, object]:
 
 def render_hf(plan: Plan) -> str:
     kwargs = hf_training_args(plan)
-    scale = plan.loss_scale.recommended_scale_log2 if plan.loss_scale is not None else 16
+    if plan.dtype is LowDtype.BF16:
+        scale_line = "INIT_SCALE_LOG2 = None  # bf16 trains without a loss scaler"
+    else:
+        scale = plan.loss_scale.recommended_scale_log2 if plan.loss_scale is not None else 16
+        scale_line = f"INIT_SCALE_LOG2 = {scale}  # recommended initial loss scale (fp16): 2**{scale}"
     return f'''# transformers Trainer setup for the precision-doctor plan of {plan.model} ({plan.dtype}).
 TRAINING_ARGS_KWARGS = {kwargs!r}
-INIT_SCALE_LOG2 = {scale}  # recommended initial loss scale (fp16): 2**{scale}
+{scale_line}
 
 # How to attach the per-module overrides (Trainer runs the model under torch.autocast):
 #   from transformers import Trainer, TrainingArguments

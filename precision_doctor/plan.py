@@ -182,7 +182,8 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
     dtype = report.environment.dtype
     for u in report.units:
         if u.name == LOSS_UNIT:
-            reasons[u.name] = "the loss runs in fp32 under autocast (GradScaler scales an fp32 loss)"
+            why = "GradScaler scales an fp32 loss" if dtype is LowDtype.FP16 else "as autocast runs it"
+            reasons[u.name] = f"the loss runs in fp32 under autocast ({why})"
             continue
         for f in u.flags:
             if f.flag in _HARD_FLAGS:

@@ -21,6 +21,7 @@ from precision_doctor.export import (
     deepspeed_config,
     export_caveats,
     hf_training_args,
+    render_hf,
     render_python,
 )
 from precision_doctor.plan import Plan, apply_plan, plan_model
@@ -158,6 +159,13 @@ def test_hf_kwargs_are_training_arguments(rescue: tuple[Any, Plan]) -> None:
     _, plan = rescue
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     assert set(hf_training_args(plan)) <= fields
+    # The snippet runs, and its scale is fp16's recommendation or none at all for bf16.
+    for dtype in (pd.LowDtype.FP16, pd.LowDtype.BF16):
+        namespace: dict[str, Any] = {}
+        exec(render_hf(plan.model_copy(update={"dtype": dtype})), namespace)  # our own export
+        expected = plan.loss_scale.recommended_scale_log2 if dtype is pd.LowDtype.FP16 else None  # type: ignore[union-attr]
+        assert namespace["INIT_SCALE_LOG2"] == expected
+        assert namespace["TRAINING_ARGS_KWARGS"] == {str(dtype): True}
 
 
 def test_plan_extras_shape(rescue: tuple[Any, Plan]) -> None:
