@@ -24,6 +24,7 @@ from .capture import (
     capture_pass,
     relative_loss_error,
     unit_output_errors,
+    value_sources,
 )
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .flags import unit_flags
@@ -327,19 +328,21 @@ def build_report(
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
-        for i in r.inputs:
+        for i, slot in zip(r.inputs, r.input_slots, strict=True):
             if i < 0:
                 continue
             src = records[i]
-            if src.unit == r.unit or (i, r.unit) in seen:
+            if src.unit == r.unit:
                 continue
-            seen.add((i, r.unit))
-            edge_bytes[(src.unit, r.unit)] += src.output_bytes
             # The error of the values read (an input already non-finite makes growth
             # meaningless: that is inherited damage).
-            made = records[src.value_source] if src.value_source >= 0 else None
-            if made is not None and made.prop_error is not None:
-                input_error[r.unit] = max(input_error[r.unit], made.prop_error.rel_l2)
+            for v, k in value_sources(records, i, slot):
+                prop = records[v].output_errors.get(k, (None, None))[1]
+                if prop is not None:
+                    input_error[r.unit] = max(input_error[r.unit], prop.rel_l2)
+            if (i, r.unit) not in seen:
+                seen.add((i, r.unit))
+                edge_bytes[(src.unit, r.unit)] += src.output_bytes
 
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
     units: list[Unit] = []

@@ -131,9 +131,14 @@ class OpRecord:
     flops: int
     moved_bytes: int  # what the op reads and writes: 0 for a view
     summary: TensorSummary | None = None
-    value_source: int = -1  # the op that made this op's output values (itself, or what a view/copy passes on)
-    local_error: ErrorAccumulator | None = None
+    input_slots: tuple[int, ...] = ()  # which output of its producer each tensor input is
+    # Where this op's output values were made, as (op, output) pairs: None when the op made
+    # them itself; for a view or copy (cat too) those of the inputs it passes on.
+    value_sources: tuple[tuple[int, int], ...] | None = None
+    local_error: ErrorAccumulator | None = None  # over all its outputs
     prop_error: ErrorAccumulator | None = None
+    # Per output position: (local, propagated) errors of that output alone.
+    output_errors: dict[int, tuple[ErrorAccumulator | None, ErrorAccumulator | None]] = field(default_factory=dict)
     input_max_abs: float = 0.0  # largest |x| over its float inputs (inf if any is non-finite)
     out_max_abs: float = 0.0  # the same over its outputs
     local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
@@ -861,28 +866,37 @@ class ShadowCapture(TorchDispatchMode):
         if not self.collect:
             return out
 
+        producers = [self._producer.get(t) for t in tensors_in]
         rec = OpRecord(
             index=len(self.records),
             op=info.name,
             unit=unit,
             phase=Phase.BACKWARD if backward else Phase.FORWARD,
-            inputs=tuple(self._producer.get(t, -1) for t in tensors_in),
+            inputs=tuple(p[0] if p is not None else -1 for p in producers),
             output_shapes=tuple(tuple(t.shape) for t in outs),
             output_dtypes=tuple(_dtype_name(t.dtype) for t in outs),
             output_bytes=sum(_nbytes(t) for t in outs),
             flops=self._flops(info, args, kwargs, out),
             moved_bytes=_moved_bytes(func, info, tensors_in, outs),
         )
+        rec.input_slots = tuple(p[1] if p is not None else -1 for p in producers)
         if info.preserves_values:
-            src = next((i for t, i in zip(tensors_in, rec.inputs, strict=True) if i >= 0 and t.is_floating_point()), -1)
-            rec.value_source = self.records[src].value_source if src >= 0 else -1
-        else:
-            rec.value_source = rec.index
+            rec.value_sources = self._passed_on(func, info, args, tensors_in, producers)
+        # Writing into a view (`out[:8] = y`) changes its base, which consumers read: the base
+        # now holds this op's values beside those it held before.
+        bases = [args[i]._base for i in info.mutates if i < len(args) and isinstance(args[i], torch.Tensor)]
+        bases = [b for b in bases if b is not None]
+        if bases:
+            own = rec.value_sources if rec.value_sources is not None else tuple((rec.index, k) for k in range(len(outs)))
+            before = [src for b in bases if (p := self._producer.get(b)) is not None for src in value_sources(self.records, *p)]
+            rec.value_sources = tuple(dict.fromkeys((*own, *before)))
         self.records.append(rec)
         urec = self.unit(unit)
         urec.op_indices.append(rec.index)
-        for t in outs:
-            self._producer[t] = rec.index
+        for k, t in enumerate(outs):
+            self._producer[t] = (rec.index, k)
+        for b in bases:
+            self._producer[b] = (rec.index, 0)
 
         # Only inputs other ops produced count as "already out of range": a parameter or
         # batch value beyond the format's max is this op's problem to report, not inherited.
@@ -908,15 +922,22 @@ class ShadowCapture(TorchDispatchMode):
         urec.forward.merge(summary)
 
         ref_norms = {id(ref): squared_norm(ref) for ref, _ in (gpairs or lpairs)}
+        position = {id(t): k for k, t in enumerate(outs)}
+        prop_by_output: dict[int, ErrorAccumulator] = {}
+        local_by_output: dict[int, ErrorAccumulator] = {}
         if gpairs:
             acc = ErrorAccumulator()
             for ref, sh in gpairs:
-                acc.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
+                one = prop_by_output[position[id(ref)]] = ErrorAccumulator()
+                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
+                acc.merge(one)
             rec.prop_error = acc
         if lpairs:
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
-                acc.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
+                one = local_by_output[position[id(ref)]] = ErrorAccumulator()
+                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
+                acc.merge(one)
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
                 # Rounded rows that overflow came out of the table itself: its rounding made them.
@@ -928,10 +949,28 @@ class ShadowCapture(TorchDispatchMode):
                 if inputs_ok:
                     rec.local_nonfinite_root = acc.nonfinite_mismatch
                 else:
-                    acc.nonfinite_mismatch = 0
-                    acc.sum_sq_err = acc.sum_sq_ref = 0.0
+                    for a in (acc, *local_by_output.values()):
+                        a.nonfinite_mismatch = 0
+                        a.sum_sq_err = a.sum_sq_ref = 0.0
             rec.local_error = acc
+        for k in prop_by_output.keys() | local_by_output.keys():
+            rec.output_errors[k] = (local_by_output.get(k), prop_by_output.get(k))
         return out
+
+    def _passed_on(
+        self, func: Any, info: _OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
+    ) -> tuple[tuple[int, int], ...]:
+        """The (op, output) pairs whose values a view or copy passes on: those of every float
+        input it reads (all parts of a `cat`), not of the tensor a `copy_` writes into."""
+        if func in _UNINITIALIZED_OPS:
+            return ()
+        written = {id(args[i]) for i in info.mutates if i < len(args)}
+        found: dict[tuple[int, int], None] = {}
+        for t, p in zip(tensors_in, producers, strict=True):
+            if p is not None and t.is_floating_point() and id(t) not in written:
+                for src in value_sources(self.records, p[0], p[1]):
+                    found[src] = None
+        return tuple(found)
 
 
     def _settle_if_full(self) -> None:
@@ -1033,34 +1072,43 @@ def capture_pass(
         yield mode
 
 
+def value_sources(records: list[OpRecord], op: int, slot: int) -> tuple[tuple[int, int], ...]:
+    """The (op, output) pairs that made the values of output `slot` of record `op`."""
+    sources = records[op].value_sources
+    return ((op, slot),) if sources is None else sources
+
+
 def unit_output_errors(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> None:
     """Set each unit's local and propagated error to those of its *outputs*: the values its
-    ops made that an op of another unit reads (through views and copies). A unit's internals
-    can be far larger than what it hands on - `(x + 3000) - 3000` - and pooling them would
-    drown the output's error. A unit whose values no other unit reads (the loss) pools all
-    its ops."""
-    outputs: dict[str, set[int]] = {}
+    ops made that an op of another unit reads (through views, copies and concatenations; of
+    a multi-output op, only the outputs read - not a LayerNorm's saved statistics). A unit's
+    internals can be far larger than what it hands on - `(x + 3000) - 3000` - and pooling them
+    would drown the output's error. A unit whose values no other unit reads (the loss) pools
+    all its ops."""
+    outputs: dict[str, set[tuple[int, int]]] = {}
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
-        for i in r.inputs:
-            v = records[i].value_source if i >= 0 else -1
-            if v >= 0 and records[v].unit != r.unit:
-                outputs.setdefault(records[v].unit, set()).add(v)
+        for i, slot in zip(r.inputs, r.input_slots, strict=True):
+            if i < 0:
+                continue
+            for v, k in value_sources(records, i, slot):
+                if records[v].unit != r.unit:
+                    outputs.setdefault(records[v].unit, set()).add((v, k))
     by_unit: dict[str, list[OpRecord]] = {}
     for r in records:
-        if r.phase == Phase.FORWARD and (r.local_error is not None or r.prop_error is not None):
+        if r.phase == Phase.FORWARD and r.output_errors:
             by_unit.setdefault(r.unit, []).append(r)
     for name, urec in units.items():
-        ops = by_unit.get(name, [])
-        out = outputs.get(name, set())
-        chosen = [r for r in ops if r.index in out] or ops
+        pairs = [
+            errs for v, k in sorted(outputs.get(name, ())) if (errs := records[v].output_errors.get(k)) is not None
+        ] or [(r.local_error, r.prop_error) for r in by_unit.get(name, [])]
         urec.local_error, urec.prop_error = ErrorAccumulator(), ErrorAccumulator()
-        for r in chosen:
-            if r.local_error is not None:
-                urec.local_error.merge(r.local_error)
-            if r.prop_error is not None:
-                urec.prop_error.merge(r.prop_error)
+        for local, prop in pairs:
+            if local is not None:
+                urec.local_error.merge(local)
+            if prop is not None:
+                urec.prop_error.merge(prop)
         urec.prop_nonfinite = urec.prop_error.nonfinite_mismatch
 
 
