@@ -27,7 +27,7 @@ from .capture import (
     value_sources,
 )
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from .flags import unit_flags
+from .flags import reads_overflow, unit_flags
 from .formats import LIMITS, TORCH_DTYPES
 from .model_spec import LossFn, resolve_loss, run_model
 from .model_state import ModelStateGuard
@@ -97,10 +97,10 @@ def analyze(
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     # Only float32 values get shadows: a model already in bf16 would be its own "reference"
-    # and show no error at all.
+    # and show no error at all. (A float64 buffer, a constant, is no low-precision model.)
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for pname, t in named:
-            if t.is_floating_point() and t.dtype != torch.float32:
+            if t.is_floating_point() and t.dtype != torch.float32 and (kind == "parameter" or t.element_size() < 4):
                 raise PrecisionDoctorError(
                     f"{kind} {pname!r} is {str(t.dtype).removeprefix('torch.')}: the analysis needs the "
                     "fp32 model as its reference (call model.float() first)"
@@ -125,7 +125,7 @@ def analyze(
                     output = run_model(model, batch)
                 except PrecisionDoctorInternalError:
                     raise
-                except Exception as e:
+                except (Exception, SystemExit) as e:  # sys.exit() in forward: not a silent end
                     raise PrecisionDoctorError(
                         f"the model's forward raised {type(e).__name__}: {e}"
                         + (f" (at {mode.failed_at})" if mode.failed_at else "")
@@ -135,7 +135,7 @@ def analyze(
                     loss = resolve_loss(output, batch, loss_fn)
                 except (PrecisionDoctorError, PrecisionDoctorInternalError):
                     raise
-                except Exception as e:
+                except (Exception, SystemExit) as e:
                     raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
                 low_shadow = mode.global_shadow(loss)
                 with _disable_current_modes():  # reading the loss is no op of the model
@@ -402,6 +402,7 @@ def _unit(
             stats=tensor_stats(urec.backward) if urec.backward.numel else None,
             loss_scale=loss_scale_curve(urec.backward) if urec.backward.numel else [],
             param_grads={p: tensor_stats(param_stats[p]) for p in urec.param_names if p in param_stats},
+            reads_overflow=reads_overflow(ops, fmt),
         ),
         ops=_op_stats(ops),
         op_costs=_op_costs(ops),

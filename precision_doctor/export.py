@@ -165,7 +165,10 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
         }
     if plan.dtype is LowDtype.BF16:
         return {"bf16": {"enabled": True}}
-    power = plan.loss_scale.recommended_scale_log2 if plan.loss_scale is not None else 16
+    # This config runs every module in fp16, whatever the plan: where the plan's own low
+    # units need no scaler (none run low), start where DeepSpeed does by default, not at 2^0.
+    advice = plan.loss_scale
+    power = advice.recommended_scale_log2 if advice is not None and advice.scaler_needed else 16
     return {
         "fp16": {
             "enabled": True,

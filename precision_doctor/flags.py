@@ -147,9 +147,7 @@ def unit_flags(
     # The loss itself runs in fp32 under autocast and GradScaler scales the fp32 loss, so its
     # own gradients (the seed 1 among them) are not judged against the low dtype.
     if bwd.numel and unit.name != LOSS_UNIT:
-        # A unit fed values that already overflowed gets huge weight gradients from them:
-        # inherited, like its forward Inf.
-        fed_overflow = any(r.phase == Phase.FORWARD and r.input_max_abs > fmt.max_value for r in ops)
+        fed_overflow = reads_overflow(ops, fmt)
         scale = th.grad_scale_log2 if dtype is LowDtype.FP16 else 0
         lost, overflow, norm_lost = bwd.scaled_lost_fractions(scale, fmt)
         flags += _gradient_flags(
@@ -184,6 +182,12 @@ def _gradient_flags(
     return flags
 
 
+def reads_overflow(ops: Sequence[OpRecord], fmt: FormatLimits) -> bool:
+    """Whether the unit reads values that already overflowed `fmt` elsewhere: it then gets
+    huge weight gradients from them, inherited like its forward Inf, not flagged."""
+    return any(r.phase == Phase.FORWARD and r.input_max_abs > fmt.max_value for r in ops)
+
+
 def gradient_flags_at_scale(unit: Unit, scale_log2: int, fmt: FormatLimits, th: Thresholds) -> list[FlagRecord]:
     """A reported unit's fp16 gradient flags judged again at loss scale 2^k (a plan's
     recommended scale instead of the default), from its gradient histogram."""
@@ -194,7 +198,8 @@ def gradient_flags_at_scale(unit: Unit, scale_log2: int, fmt: FormatLimits, th: 
     ops = {f.flag: f.evidence.op for f in unit.flags}
     return _gradient_flags(
         unit.name, fmt, th, scale_log2,
-        lost=lost, overflow=overflow, norm_lost=norm_lost, max_abs=stats.max_abs,
+        lost=lost, overflow=0.0 if unit.backward.reads_overflow else overflow, norm_lost=norm_lost,
+        max_abs=stats.max_abs,
         overflow_op=ops.get(Flag.GRAD_OVERFLOW), underflow_op=ops.get(Flag.GRAD_UNDERFLOW),
     )
 

@@ -105,7 +105,8 @@ class Thresholds:
                     f"unknown threshold {name!r}; known: {', '.join(sorted(known))}"
                 )
             try:
-                values[name] = int(raw) if name == "grad_scale_log2" else float(raw)
+                value = float(raw)
+                values[name] = int(value) if name == "grad_scale_log2" and value.is_integer() else value
             except ValueError:
                 raise PrecisionDoctorError(f"threshold {name}={raw!r} is not a number") from None
         return cls(**values)  # type: ignore[arg-type]
@@ -115,8 +116,9 @@ class Thresholds:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "grad_scale_log2":
-                if not 0 <= value <= 24:
-                    raise PrecisionDoctorError(f"threshold grad_scale_log2={value} is outside 0..24")
+                # Whole powers of two (a saved report holds 16.0); the curve spans 2^0..2^24.
+                if isinstance(value, bool) or not float(value).is_integer() or not 0 <= value <= 24:
+                    raise PrecisionDoctorError(f"threshold grad_scale_log2={value} is not a whole number in 0..24")
             elif not math.isfinite(value) or value < 0:
                 raise PrecisionDoctorError(f"threshold {f.name}={value} must be a finite number >= 0")
             elif f.name.endswith("_fraction") and value > 1:

@@ -7,9 +7,10 @@ them) and read back as floats. Reports are only ever read as JSON: nothing is un
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import tempfile
+import secrets
 from collections import defaultdict
 from pathlib import Path
 
@@ -161,6 +162,9 @@ class UnitBackward(_Frozen):
     stats: TensorStats | None
     loss_scale: list[LossScalePoint] = Field(default_factory=list)
     param_grads: dict[str, TensorStats] = Field(default_factory=dict)
+    reads_overflow: bool = False
+    """The unit reads values that overflowed the low dtype elsewhere: its gradients' overflow
+    is inherited from there, and not flagged here at any loss scale."""
 
 
 class Unit(_Frozen):
@@ -350,21 +354,20 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: readers never see half a file.
     A path that cannot be written (its folder is a file, no permission, a full disk) is the
     user's input: PrecisionDoctorError, one line."""
+    # Not mkstemp, which makes the file 0600: created like a plain open() (0666, less the
+    # umask, which the kernel applies), exclusively under a random name.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise PrecisionDoctorError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        # mkstemp makes the file 0600; give it what a plain open() would (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException as e:
-        with __import__("contextlib").suppress(OSError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise PrecisionDoctorError(f"cannot write {path}: {e.strerror or e}") from None

@@ -85,6 +85,10 @@ BAD_FILES = {
         _MODEL_OK.replace("return torch.randn(8, 4)", "raise SystemExit(3)"),
         "make_batch() called sys.exit(3)",
     ),
+    "loss-fn-exits": (
+        _MODEL_OK + "import sys\ndef loss_fn(o, b):\n    sys.exit(0)\n",
+        "loss_fn raised SystemExit",
+    ),
     # A model already in bf16 would be its own reference: no error anywhere, silently.
     "bf16-model": (
         _MODEL_OK.replace("nn.Linear(8, 1))", "nn.Linear(8, 1)).to(torch.bfloat16)")
@@ -174,7 +178,8 @@ def test_threshold_bogus(tmp_path: Path) -> None:
         ("divergence_rel_error=nan", "finite number >= 0"),
         ("divergence_rel_error=-1", "finite number >= 0"),
         ("underflow_fraction=1.5", "at most 1"),
-        ("grad_scale_log2=30", "outside 0..24"),
+        ("grad_scale_log2=30", "not a whole number in 0..24"),
+        ("grad_scale_log2=16.5", "not a whole number in 0..24"),
     ):
         result = invoke(str(path), "--quiet", "--threshold", bad)
         assert result.exit_code == 2, bad
@@ -201,14 +206,15 @@ def test_healthy_sample_exit_0_and_verdict() -> None:
 def test_out_writes_report_round_trip(tmp_path: Path) -> None:
     model = write(tmp_path, HEALTHY_FILE)
     out = tmp_path / "reports" / "r.json"
-    result = invoke(str(model), "--quiet", "--out", str(out))
+    umask = os.umask(0o022)  # where a 0600 temp file would show (under 077 the two agree)
+    try:
+        result = invoke(str(model), "--quiet", "--out", str(out))
+    finally:
+        os.umask(umask)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert f"report written to {out}" in result.stdout.replace("\n", "")
     saved = out.read_text()
-    # The temp file's 0600 is not what the user gets: a plain open()'s mode under the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o644  # a plain open()'s mode under that umask
     loaded = Report.load(out)
     assert loaded.to_json() == saved  # what --out saved is exactly what loads
     again = tmp_path / "again.json"

@@ -95,6 +95,28 @@ def test_report_fractions_at_any_scale_match_numpy(scale_log2: int) -> None:
         assert curve == pytest.approx((lost, over, norm))
 
 
+@pytest.mark.parametrize("name", ["ffn_overflow", "grad_overflow", "deep_narrow_underflow"], ids=str)
+def test_rejudging_at_the_reports_own_scale_gives_its_flags(name: str) -> None:
+    """What preflight uses for a plan's scale, run at the analysis' own 2^16, reproduces the
+    analysis' gradient flags: values, and the exemption of a unit fed overflowed values
+    (ffn_overflow's `block.ff.wo`, whose huge gradients come from `wi`'s overflow)."""
+    from precision_doctor.flags import gradient_flags_at_scale
+    from precision_doctor.formats import FP16
+    from precision_doctor.options import Flag, Thresholds
+
+    mod = load(name)
+    report = pd.analyze(mod.build_model(), mod.make_batch(), mod.loss_fn)
+    th = Thresholds()
+    grad = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
+    for u in report.units:
+        again = gradient_flags_at_scale(u, th.grad_scale_log2, FP16, th)
+        assert [(f.flag, f.evidence.values) for f in again] == [
+            (f.flag, f.evidence.values) for f in u.flags if f.flag in grad
+        ], u.name
+    if name == "ffn_overflow":
+        assert report.by_module()["block.ff.wo"].backward.reads_overflow
+
+
 def test_no_low_gradient_needs_no_scaler() -> None:
     """A plan that runs no unit low (or gradients that are exactly 0) has nothing to scale:
     not the largest scale, which an export would write as DeepSpeed's initial_scale_power."""

@@ -131,10 +131,15 @@ def test_json_roundtrip_and_version(rescue: tuple[Any, Plan], tmp_path: Any) -> 
 
 def test_deepspeed_keys_are_documented(rescue: tuple[Any, Plan]) -> None:
     _, plan = rescue
-    fp16_plan = plan.model_copy(update={"dtype": pd.LowDtype.FP16})
+    assert plan.loss_scale is not None
+    scaled = plan.loss_scale.model_copy(update={"scaler_needed": True, "recommended_scale_log2": 12})
+    fp16_plan = plan.model_copy(update={"dtype": pd.LowDtype.FP16, "loss_scale": scaled})
     old = deepspeed_config(fp16_plan, "0.14.0")
     assert set(old) == {"fp16"} and set(old["fp16"]) <= DEEPSPEED_FP16_KEYS  # type: ignore[arg-type]
-    assert old["fp16"]["initial_scale_power"] == plan.loss_scale.recommended_scale_log2  # type: ignore[index,union-attr]
+    assert old["fp16"]["initial_scale_power"] == 12  # type: ignore[index]
+    # No scaler for the plan's low units (none run low): this config still runs all in fp16.
+    unscaled = fp16_plan.model_copy(update={"loss_scale": scaled.model_copy(update={"scaler_needed": False})})
+    assert deepspeed_config(unscaled, "0.14.0")["fp16"]["initial_scale_power"] == 16  # type: ignore[index]
     assert set(deepspeed_config(plan, "0.14.0")["bf16"]) <= DEEPSPEED_BF16_KEYS  # type: ignore[arg-type]
     new = deepspeed_config(plan, "0.17.2")["torch_autocast"]
     assert set(new) <= DEEPSPEED_TORCH_AUTOCAST_KEYS  # type: ignore[arg-type]

@@ -89,7 +89,7 @@ def test_save_leaves_no_temp_file(report: Report, tmp_path: Path) -> None:
 
 def test_save_to_an_unwritable_place_is_a_user_error(report: Report, tmp_path: Path) -> None:
     """The write itself (what `check_writable` cannot foresee, or a caller that skipped it)
-    fails with one line and leaves the old file and no temp file behind."""
+    fails with one line, leaves no temp file and does not touch what is there."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(pd.PrecisionDoctorError, match="cannot write"):
