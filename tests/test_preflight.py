@@ -87,6 +87,18 @@ def test_planned_gradient_risks_are_judged_at_the_planned_scale() -> None:
     assert n > 1 and f"GRAD_OVERFLOW x{n}" in low.verdict
 
 
+def test_planned_scale_that_cannot_rescue_underflow_stays_no_go() -> None:
+    """deep_narrow_underflow's early layers' gradients sit below 2^-53: even the plan's scale
+    (above 2^24, past the report's curve: judged from the histograms) loses them all."""
+    result = run_sample("deep_narrow_underflow", plan=True, judge="planned")
+    scale = result.runs["planned"].init_scale_log2
+    assert scale is not None and scale > 24
+    under = [r for r in result.reasons if r.risk == "GRAD_UNDERFLOW"]
+    assert under and not result.go
+    assert all(f"loss scale 2^{scale}," in r.message for r in under)
+    assert "layers.0" in {r.unit for r in under}
+
+
 def test_fail_on_selects_the_risks_that_fail() -> None:
     result = run_sample("deep_narrow_underflow", fail_on="DIVERGENT_LOSS,NONFINITE_STEPS")
     assert result.go
