@@ -75,7 +75,7 @@ def parse_thresholds(items: list[str]) -> Thresholds:
     return Thresholds.from_overrides(overrides)
 
 
-@app.command()
+@app.command(short_help="Shadow fp32 and low-precision passes; flag the units that overflow, underflow or diverge.")
 @_one_line_errors
 def analyze(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
@@ -215,7 +215,7 @@ def app_command(
         raise typer.Exit(code)
 
 
-@app.command("preflight")
+@app.command("preflight", short_help="Go / no-go before a long run (exit 0 go, 1 no-go, 2 bad input).")
 @_one_line_errors
 def preflight_command(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
