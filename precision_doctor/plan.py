@@ -29,11 +29,12 @@ from torch.nn.modules import module as nn_module
 from .capture import LOSS_UNIT, ROOT_UNIT, Policy, capture_pass, relative_loss_error
 from .cost import CostModel, autocast_assignment, build_cost_model, profile_for
 from .errors import PrecisionDoctorError
-from .formats import TORCH_DTYPES
+from .flags import gradient_flags_at_scale
+from .formats import LIMITS, TORCH_DTYPES
 from .loss_scale import LossScaleAdvice, recommend_loss_scale
 from .model_spec import LossFn, resolve_loss, run_model
 from .model_state import ModelStateGuard
-from .options import Flag, LowDtype
+from .options import Flag, LowDtype, Thresholds
 from .report import Report, write_atomic
 from .search import PlanProblem, solve_milp
 
@@ -365,8 +366,9 @@ def plan_model(
             problem = build_problem(report, costs, contributions, forced, tolerance, weight)
 
     reasons = _fp32_reasons(problem, low, hard, promoted, contributions, tolerance)
+    advice, kept_for_gradients = _keep_vanishing_gradients(report, low)
+    reasons.update(kept_for_gradients)
     auto = autocast_assignment(report)
-    advice = recommend_loss_scale(report, low)
     return Plan(
         model=report.model,
         dtype=low_dtype,
@@ -383,6 +385,36 @@ def plan_model(
         verification_passes=passes,
         loss_scale=LossScaleFields(**advice.to_extras()),  # type: ignore[arg-type]
     )
+
+
+def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[LossScaleAdvice, dict[str, str]]:
+    """fp16 only: the loss scale for the plan's low units, and the units moved to fp32 (in
+    `low`, with their reasons) because their gradients flush to zero even at that scale (one
+    scale cannot cover gradients spread wider than fp16's range, as in a deep narrow net).
+    Each move can only raise the scale (the largest low gradient can only shrink), so the
+    loop ends. (The plan's verified loss error was measured with them low: fp32 adds no
+    rounding there.)"""
+    advice = recommend_loss_scale(report, low)
+    moved: dict[str, str] = {}
+    if report.environment.dtype is not LowDtype.FP16:
+        return advice, moved
+    th = Thresholds(**report.thresholds)  # type: ignore[arg-type]
+    fmt = LIMITS[LowDtype.FP16]
+    while True:
+        k = advice.recommended_scale_log2
+        vanishing = [
+            (u.name, f)
+            for u in report.units
+            if low.get(u.name, False)
+            for f in gradient_flags_at_scale(u, k, fmt, th)
+            if f.flag is Flag.GRAD_UNDERFLOW
+        ]
+        if not vanishing:
+            return advice, moved
+        for name, f in vanishing:
+            low[name] = False
+            moved[name] = f"its gradients flush to 0 in fp16 even at the plan's loss scale: {f.evidence.message}"
+        advice = recommend_loss_scale(report, low)
 
 
 def _fp32_reasons(

@@ -201,6 +201,29 @@ def curve(mod: Any, low_units: dict[str, bool] | None, steps: int = 100) -> list
 
 
 @pytest.mark.slow  # three 100-step emulated training runs: ~10-17 s on 2 cores
+def test_plan_keeps_units_whose_gradients_no_scale_keeps() -> None:
+    """At the plan's own loss scale no low unit loses its gradient (GRAD_UNDERFLOW judged as
+    the analysis judges it); those that would are fp32, with that reason, and no more."""
+    from precision_doctor.flags import gradient_flags_at_scale
+    from precision_doctor.formats import FP16
+
+    mod = load("deep_narrow_underflow")
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn)
+    plan = plan_model(model, batch, mod.loss_fn, report)
+    assert plan.loss_scale is not None
+    k = plan.loss_scale.recommended_scale_log2
+    th = pd.Thresholds()
+    units = report.by_module()
+    for name, dtype in plan.units.items():
+        lost = [f for f in gradient_flags_at_scale(units[name], k, FP16, th) if f.flag is pd.Flag.GRAD_UNDERFLOW]
+        if dtype != "fp32":
+            assert not lost, name
+    kept = {u.unit: u.reason for u in plan.fp32_units if "flush to 0" in u.reason}
+    assert "layers.0" in kept and f"2^{k}" in kept["layers.0"]
+    assert sum(d == "fp16" for d in plan.units.values()) > len(plan.units) // 2
+
+
 def test_plan_tracks_fp32_where_all_low_does_not() -> None:
     mod = load("plan_rescue")
     model, batch = mod.build_model(), mod.make_batch()
