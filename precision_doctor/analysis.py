@@ -279,7 +279,7 @@ def _op_stats(ops: list[OpRecord]) -> list[OpStats]:
                 phase=phase,
                 calls=len(rs),
                 flops=sum(r.flops for r in rs),
-                max_abs=max((s.max_abs for s in sums), default=0.0),
+                max_abs=max((s.max_abs for s in sums), default=None),
                 nonfinite_count=sum(s.nonfinite_count for s in sums),
                 fp16_overflow_count=sum(s.tails["fp16"].overflow for s in sums),
                 fp16_underflow_count=sum(s.tails["fp16"].flushed for s in sums),

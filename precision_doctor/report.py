@@ -114,7 +114,9 @@ class OpStats(_Frozen):
     phase: Phase
     calls: int
     flops: int
-    max_abs: float
+    max_abs: float | None
+    """Largest |x| of its outputs; None where they are not summarized (views and copies of
+    values summarized where they were made; backward ops, summarized per autograd node)."""
     nonfinite_count: int
     fp16_overflow_count: int
     fp16_underflow_count: int
@@ -247,7 +249,7 @@ class Report(_Frozen):
                 phase=ops[0].phase,
                 calls=sum(o.calls for o in ops),
                 flops=sum(o.flops for o in ops),
-                max_abs=max(o.max_abs for o in ops),
+                max_abs=max((o.max_abs for o in ops if o.max_abs is not None), default=None),
                 nonfinite_count=sum(o.nonfinite_count for o in ops),
                 fp16_overflow_count=sum(o.fp16_overflow_count for o in ops),
                 fp16_underflow_count=sum(o.fp16_underflow_count for o in ops),

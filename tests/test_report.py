@@ -178,6 +178,16 @@ def test_by_op_merges_units(report: Report) -> None:
     )
     assert merged["addmm.default/forward"].flops == 2 * 6 * 4 * 8 + 2 * 6 * 8 * 2
     assert sum(v.calls for v in merged.values()) == report.op_count_forward + report.op_count_backward
+    # The largest |x| of both Linear layers' outputs, from a plain run; none for the
+    # weight transposes (views) or backward ops, which are not summarized.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    batch = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = net[0](batch)
+        expected = max(float(hidden.abs().max()), float(net[2](net[1](hidden)).abs().max()))
+    assert merged["addmm.default/forward"].max_abs == pytest.approx(expected)
+    assert merged["t.default/forward"].max_abs is None and merged["mm.default/backward"].max_abs is None
 
 
 def test_flags_worst_first(report: Report) -> None:
