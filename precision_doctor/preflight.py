@@ -325,7 +325,9 @@ def _run(
             raise
         except Exception as e:
             raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
-    params = [p for p in m.parameters() if p.requires_grad]
+    # The optimizer's parameters only, as GradScaler checks them: a gradient it never applies
+    # (a parameter it does not hold) cannot reach the weights.
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     monitor: ScalerMonitor | None = None
     if init_scale_log2 is not None:
         monitor = ScalerMonitor(torch.amp.GradScaler(_device_type(m), init_scale=2.0**init_scale_log2))

@@ -100,6 +100,28 @@ def test_plan_keeps_vanishing_gradients_fp32_and_is_go() -> None:
     assert not low.go and low.planned_go  # all-fp16 at 2^16 loses them
 
 
+class _InfGradOutsideOptimizer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 1)
+        self.gain = torch.nn.Parameter(torch.zeros(3))  # d sqrt(x)/dx at 0: Inf, in fp32 too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).pow(2).mean() + torch.sqrt(self.gain).sum()
+
+
+def test_steps_judge_only_the_gradients_the_optimizer_applies() -> None:
+    """GradScaler and the update see the optimizer's parameters only: an Inf gradient of one
+    it does not hold is no non-finite step (the analysis still reports it, as NONFINITE_FP32)."""
+    torch.manual_seed(0)
+    model = _InfGradOutsideOptimizer()
+    opt = torch.optim.SGD(model.fc.parameters(), lr=1e-3)
+    result = pd.preflight(model, torch.randn(8, 4), optimizer=opt, steps=2, plan=False)
+    assert all(run.nonfinite_steps == [] for run in result.runs.values()), result.runs
+    assert "NONFINITE_FP32" in {r.risk for r in result.reasons}
+    assert all(r.mode == "analysis" for r in result.reasons)  # no run went non-finite
+
+
 def test_fail_on_selects_the_risks_that_fail() -> None:
     result = run_sample("deep_narrow_underflow", fail_on="DIVERGENT_LOSS,NONFINITE_STEPS")
     assert result.go
