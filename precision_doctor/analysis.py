@@ -23,7 +23,7 @@ from .capture import (
     UnitRecord,
     capture_pass,
     relative_loss_error,
-    unit_output_errors,
+    unit_outputs,
     value_sources,
 )
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
@@ -320,7 +320,7 @@ def build_report(
         owner.backward.merge(pstats)
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
-    unit_output_errors(records, mode.units)
+    unit_outputs(records, mode.units)
     # Forward dataflow between units, each produced tensor counted once per consumer unit.
     edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
     seen: set[tuple[int, str]] = set()

@@ -143,6 +143,9 @@ class OpRecord:
     out_max_abs: float = 0.0  # the same over its outputs
     local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
     fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
+    # Its fp32 Inf/NaN are a mask's: an op put them there on purpose (`full(-inf)`) and ops
+    # since passed them on (`where`, an add to the scores), all with non-finite outputs.
+    mask_nonfinite: bool = False
 
     @property
     def local_rel_error(self) -> float | None:
@@ -162,10 +165,12 @@ class UnitRecord:
     op_indices: list[int] = field(default_factory=list)
     forward: TensorSummary = field(default_factory=TensorSummary)
     backward: TensorSummary = field(default_factory=TensorSummary)
-    # Errors of the unit's outputs (see `unit_output_errors`), set once the pass is over.
+    # Errors of the unit's outputs (see `unit_outputs`), set once the pass is over.
     local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_nonfinite: int = 0
+    # Whether what it hands on holds fp32 Inf/NaN (True where no other unit reads it).
+    outputs_nonfinite: bool = True
     grad_nodes: list[tuple[str, TensorSummary]] = field(default_factory=list)
     grad_nonfinite_root: str | None = None
     param_names: list[str] = field(default_factory=list)
@@ -901,10 +906,13 @@ class ShadowCapture(TorchDispatchMode):
         # Only inputs other ops produced count as "already out of range": a parameter or
         # batch value beyond the format's max is this op's problem to report, not inherited.
         in_max = 0.0
+        masked_in = False
         for t, i in zip(tensors_in, rec.inputs, strict=True):
             if i >= 0 and t.dtype == torch.float32:
                 in_max = max(in_max, self.records[i].out_max_abs)
+                masked_in = masked_in or self.records[i].mask_nonfinite
         rec.input_max_abs = rec.out_max_abs = in_max
+        rec.mask_nonfinite = masked_in  # a view or copy passes the mask on
         # Backward ops get no per-op statistics: gradients are summarized once per autograd
         # node (see instrument_backward), which skips the backward formulas' intermediates.
         if backward or info.preserves_values:
@@ -916,12 +924,17 @@ class ShadowCapture(TorchDispatchMode):
         for t in ref_outs:
             summary.merge(summarize(t, workspace=self.workspace))
         rec.summary = summary
-        rec.out_max_abs = math.inf if summary.nonfinite_count else summary.max_abs
-        if summary.nonfinite_count and math.isfinite(in_max) and not _fills_nonfinite(args, kwargs):
+        # Inf/NaN are out of range, but a mask's -inf and mask constants are no overflowed
+        # values for a consumer to inherit, nor a finding.
+        rec.mask_nonfinite = bool(summary.nonfinite_count) and (masked_in or _fills_nonfinite(args, kwargs))
+        nonfinite = bool(summary.nonfinite_count) and not rec.mask_nonfinite
+        rec.out_max_abs = math.inf if nonfinite else summary.max_abs_below_sentinels
+        if nonfinite and math.isfinite(in_max):
             rec.fp32_nonfinite_root = True
         urec.forward.merge(summary)
+        masks = summary.sentinel_count > 0
 
-        ref_norms = {id(ref): squared_norm(ref) for ref, _ in (gpairs or lpairs)}
+        ref_norms = {} if masks else {id(ref): squared_norm(ref) for ref, _ in (gpairs or lpairs)}
         position = {id(t): k for k, t in enumerate(outs)}
         prop_by_output: dict[int, ErrorAccumulator] = {}
         local_by_output: dict[int, ErrorAccumulator] = {}
@@ -929,14 +942,14 @@ class ShadowCapture(TorchDispatchMode):
             acc = ErrorAccumulator()
             for ref, sh in gpairs:
                 one = prop_by_output[position[id(ref)]] = ErrorAccumulator()
-                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
+                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace, masks=masks)
                 acc.merge(one)
             rec.prop_error = acc
         if lpairs:
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
                 one = local_by_output[position[id(ref)]] = ErrorAccumulator()
-                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace)
+                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace, masks=masks)
                 acc.merge(one)
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
@@ -1078,13 +1091,15 @@ def value_sources(records: list[OpRecord], op: int, slot: int) -> tuple[tuple[in
     return ((op, slot),) if sources is None else sources
 
 
-def unit_output_errors(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> None:
-    """Set each unit's local and propagated error to those of its *outputs*: the values its
-    ops made that an op of another unit reads (through views, copies and concatenations; of
-    a multi-output op, only the outputs read - not a LayerNorm's saved statistics). A unit's
-    internals can be far larger than what it hands on - `(x + 3000) - 3000` - and pooling them
-    would drown the output's error. A unit whose values no other unit reads (the loss) pools
-    all its ops."""
+def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> None:
+    """Set what each unit hands on: the values its ops made that an op of another unit reads
+    (through views, copies and concatenations; of a multi-output op, only the outputs read -
+    not a LayerNorm's saved statistics). Its local and propagated errors are those of these
+    outputs: a unit's internals can be far larger than what it hands on - `(x + 3000) - 3000`
+    - and pooling them would drown the output's error. `outputs_nonfinite` says whether they
+    hold fp32 Inf/NaN: T5 takes `log(0)` on the way to its position buckets and drops the
+    -inf, which is no finding. A unit whose values no other unit reads (the loss) pools all
+    its ops."""
     outputs: dict[str, set[tuple[int, int]]] = {}
     for r in records:
         if r.phase != Phase.FORWARD:
@@ -1100,8 +1115,13 @@ def unit_output_errors(records: list[OpRecord], units: Mapping[str, UnitRecord])
         if r.phase == Phase.FORWARD and r.output_errors:
             by_unit.setdefault(r.unit, []).append(r)
     for name, urec in units.items():
+        read = sorted(outputs.get(name, ()))
+        if read:
+            urec.outputs_nonfinite = any(
+                (summary := records[v].summary) is not None and summary.nonfinite_count > 0 for v, _ in read
+            )
         pairs = [
-            errs for v, k in sorted(outputs.get(name, ())) if (errs := records[v].output_errors.get(k)) is not None
+            errs for v, k in read if (errs := records[v].output_errors.get(k)) is not None
         ] or [(r.local_error, r.prop_error) for r in by_unit.get(name, [])]
         urec.local_error, urec.prop_error = ErrorAccumulator(), ErrorAccumulator()
         for local, prop in pairs:

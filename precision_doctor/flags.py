@@ -60,7 +60,9 @@ def unit_flags(
 
     fwd, bwd = unit.forward, unit.backward
 
-    roots = [r for r in ops if r.fp32_nonfinite_root]
+    # An fp32 Inf/NaN the unit drops before handing its values on (a `where` that discards
+    # T5's log(0)) breaks nothing.
+    roots = [r for r in ops if r.fp32_nonfinite_root] if unit.outputs_nonfinite else []
     if roots or unit.grad_nonfinite_root:
         r = roots[0] if roots else None
         phase = Phase.FORWARD if roots else Phase.BACKWARD
@@ -84,14 +86,17 @@ def unit_flags(
 
     # Overflow is charged to the op whose inputs fit the format but whose output does not:
     # a ReLU or a residual add passing on an upstream overflow is not a root cause.
+    # Mask constants (finfo.min, see statistics.SENTINEL_LOG2) overflow on purpose.
+    def overflow_of(r: OpRecord) -> int:
+        s = r.summary
+        return 0 if s is None else max(0, s.tails[fmt.name].overflow - s.sentinel_count)
+
     over_ops = [
-        r for r in ops
-        if r.phase == Phase.FORWARD and r.summary is not None and r.input_max_abs <= fmt.max_value
-        and r.summary.tails[fmt.name].overflow
+        r for r in ops if r.phase == Phase.FORWARD and r.input_max_abs <= fmt.max_value and overflow_of(r)
     ]
-    over = sum(r.summary.tails[fmt.name].overflow for r in over_ops if r.summary is not None)
+    over = sum(overflow_of(r) for r in over_ops)
     if over and fwd.fraction(over) > th.overflow_fraction:
-        r = max(over_ops, key=lambda o: o.summary.tails[fmt.name].overflow if o.summary else 0)
+        r = max(over_ops, key=overflow_of)
         largest = max(o.out_max_abs for o in over_ops)
         add(
             Flag.OVERFLOW, r, Phase.FORWARD,

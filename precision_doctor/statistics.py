@@ -51,6 +51,13 @@ class TailCounts:
         self.subnormal += other.subnormal
 
 
+# Finite values this large are mask constants (`torch.finfo(torch.float32).min` added to
+# attention scores), not activations: no model computes 1e30 on purpose. The statistics
+# count them as what they are; the flags do not take them for overflow, nor a consumer for
+# overflowed input, and errors leave their positions out.
+SENTINEL_LOG2 = 100
+SENTINEL = 2.0**SENTINEL_LOG2
+
 # Loss scales are 2^0..2^24, so only values below fp16's 2^-24 can ever be flushed: the
 # per-bin sums of squares (for "what fraction of the L2 norm is lost") are kept for the bins
 # below it alone, which are rarely populated, plus one total.
@@ -83,6 +90,19 @@ class TensorSummary:
     @property
     def nonfinite_count(self) -> int:
         return self.nan_count + self.inf_count
+
+    @property
+    def sentinel_count(self) -> int:
+        """Finite values of at least 2^100: mask constants (see SENTINEL_LOG2)."""
+        return int(self.hist[EXP_BIAS + SENTINEL_LOG2 : 255].sum())
+
+    @property
+    def max_abs_below_sentinels(self) -> float:
+        """`max_abs`; with mask constants present, the top of the highest bin below them."""
+        if not self.sentinel_count:
+            return self.max_abs
+        below = np.nonzero(self.hist[1 : EXP_BIAS + SENTINEL_LOG2])[0]
+        return 2.0 ** (int(below[-1]) + 1 - (EXP_BIAS - 1)) if len(below) else 0.0
 
     def merge(self, other: TensorSummary) -> None:
         self.numel += other.numel
@@ -326,9 +346,16 @@ class ErrorAccumulator:
         shadow: torch.Tensor,
         ref_norm_sq: float | None = None,
         workspace: Workspace | None = None,
+        *,
+        masks: bool = False,
     ) -> float:
         """Add one tensor pair; returns that pair's own relative error (inf if non-finite).
-        Pass `ref_norm_sq` when several shadows are compared with the same fp32 tensor."""
+        Pass `ref_norm_sq` when several shadows are compared with the same fp32 tensor;
+        `masks` when `ref` holds mask constants (|x| >= 2^100), whose positions are left out:
+        fp16 turns them into -inf, which masks just as well."""
+        if masks:
+            keep = ref.detach().abs() < SENTINEL
+            ref, shadow, ref_norm_sq = ref.detach()[keep], shadow.detach()[keep], None
         if ref_norm_sq is None:
             ref_norm_sq = squared_norm(ref)
         err_sq = _squared_distance(ref, shadow, workspace or Workspace())

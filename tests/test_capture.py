@@ -346,6 +346,51 @@ def test_unit_error_counts_only_the_outputs_read() -> None:
     assert local is not None and local.rel_l2_error == pytest.approx(expected, rel=1e-5)
 
 
+class MaskedAttention(torch.nn.Module):
+    """Causal attention scores masked the two ways transformers does: an additive
+    `finfo(float32).min` constant, or `where(mask, scores, -inf)` from a filled tensor."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.q = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ x.transpose(-2, -1)
+        causal = torch.ones(x.shape[-2], x.shape[-2], dtype=torch.bool).tril()
+        if self.how == "finfo-min":
+            scores = scores + torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+        else:
+            scores = torch.where(causal, scores, torch.full(causal.shape, float("-inf")))
+        return torch.softmax(scores, -1) @ x
+
+
+@pytest.mark.parametrize("how", ["finfo-min", "inf-fill"])
+def test_attention_masks_are_no_finding(how: str) -> None:
+    """A mask's -inf and finfo.min constants (-inf in fp16, which masks as well) are not
+    OVERFLOW, not NONFINITE_FP32 and no error; and the unit reading them is not taken as fed
+    overflowed values, so its gradients are still judged (GRAD_OVERFLOW with the loss scaled
+    up; before, the mask hid it)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(MaskedAttention(how), torch.nn.Linear(8, 1))
+    x = torch.randn(2, 6, 8)
+    report = pd.analyze(net, x, loss_fn=lambda out, b: out.pow(2).mean())
+    attn = report.by_module()["0"]
+    assert not [f for f in report.flags() if f.flag not in (pd.Flag.GRAD_OVERFLOW,)], report.flags()
+    assert attn.forward.local is not None and attn.forward.local.rel_l2_error < 1e-2
+    assert not attn.backward.reads_overflow
+    scaled = pd.analyze(net, x, loss_fn=lambda out, b: out.pow(2).mean() * 3e4)
+    assert pd.Flag.GRAD_OVERFLOW in {f.flag for f in scaled.by_module()["0"].flags}
+
+
+def test_t5_is_not_flagged_for_its_masks_and_position_buckets() -> None:
+    """Stock T5: `log(0)` on the way to the relative-position buckets (dropped by a `where`)
+    and the decoder's finfo.min causal mask were NONFINITE_FP32 and OVERFLOW findings."""
+    case = build("t5")
+    report = pd.analyze(case.model, case.batch, case.loss_fn)
+    assert not {f.flag for f in report.flags()} & {pd.Flag.NONFINITE_FP32, pd.Flag.OVERFLOW}, report.flags()
+
+
 def _saved_activation_bytes(case: Case) -> int:
     """Independent count: storages autograd saves in a plain run (pack hook), less the
     parameters', buffers' and batch's memory."""
