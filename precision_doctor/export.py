@@ -91,8 +91,8 @@ def install_precision_plan(model):
             if dev is None:
                 p = next(module.parameters(), None)
                 dev = p.device.type if p is not None else "cpu"
-            if depth[0] == 0 and not torch.is_autocast_enabled(dev):
-                return orig(*args, **kwargs)
+            if not installed or (depth[0] == 0 and not torch.is_autocast_enabled(dev)):
+                return orig(*args, **kwargs)  # removed, or outside autocast: as written
             depth[0] += 1
             try:
                 dtype = LOW_DTYPE if low else torch.float32
@@ -104,19 +104,22 @@ def install_precision_plan(model):
                 depth[0] -= 1
 
         module.forward = forward
-        installed.append((module, had, orig))
+        installed.append((module, had, orig, forward))
 
     for unit, dtype in PLAN.items():
         if unit != "<loss>":
             wrap(modules[unit], dtype != "fp32")
 
     def remove():
-        for module, had, orig in reversed(installed):
+        done = list(installed)
+        installed.clear()
+        for module, had, orig, ours in reversed(done):
+            if module.__dict__.get("forward") is not ours:
+                continue  # wrapped again on top (Accelerate): ours now only passes calls through
             if had:
                 module.forward = orig
             else:
                 module.__dict__.pop("forward", None)
-        installed.clear()
 
     return remove
 '''
@@ -217,6 +220,7 @@ TRAINING_ARGS_KWARGS = {kwargs!r}
 {scale_line}
 
 # How to attach the per-module overrides (Trainer runs the model under torch.autocast):
+#   import torch
 #   from transformers import Trainer, TrainingArguments
 #   import precision_doctor
 #   handle = precision_doctor.apply_plan(model, "plan.json")   # or the --export-format python snippet

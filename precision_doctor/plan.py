@@ -479,7 +479,7 @@ class PlanHandle:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self._installed: list[tuple[torch.nn.Module, bool, Any]] = []
+        self._installed: list[tuple[torch.nn.Module, bool, Any, Any]] = []
         self._depth = 0  # >0 while inside a planned module entered in an autocast region
 
     def _wrap(self, module: torch.nn.Module, low: bool, low_dtype: torch.dtype) -> None:
@@ -489,8 +489,10 @@ class PlanHandle:
         @functools.wraps(orig)
         def forward(*args: Any, **kwargs: Any) -> Any:
             dev = _device_type(module, args, kwargs)
-            if self._depth == 0 and not torch.is_autocast_enabled(dev):
-                return orig(*args, **kwargs)  # not in an autocast region: the model as written
+            if not self._installed or (self._depth == 0 and not torch.is_autocast_enabled(dev)):
+                # Removed (but still called by a wrapper installed on top of it), or not in
+                # an autocast region: the model as written.
+                return orig(*args, **kwargs)
             self._depth += 1
             try:
                 dtype = low_dtype if low else torch.float32
@@ -501,20 +503,28 @@ class PlanHandle:
             finally:
                 self._depth -= 1
 
+        forward._precision_doctor_unwrap = (self, had, orig)  # type: ignore[attr-defined]
         module.forward = forward
-        self._installed.append((module, had, orig))
+        self._installed.append((module, had, orig, forward))
 
     @property
     def active(self) -> bool:
         return bool(self._installed)
 
     def remove(self) -> None:
-        for module, had, orig in reversed(self._installed):
+        """Take the overrides off. Where something wrapped a module's forward on top of ours
+        (another handle, Accelerate), its wrapper stays and ours only passes calls through;
+        restoring a forward also drops removed handles' wrappers below it."""
+        installed, self._installed = self._installed, []
+        for module, had, orig, ours in reversed(installed):
+            if module.__dict__.get("forward") is not ours:
+                continue
+            while (unwrap := getattr(orig, "_precision_doctor_unwrap", None)) is not None and not unwrap[0].active:
+                _, had, orig = unwrap
             if had:
                 module.forward = orig
             else:
                 module.__dict__.pop("forward", None)
-        self._installed.clear()
 
     def __enter__(self) -> PlanHandle:
         return self

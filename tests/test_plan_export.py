@@ -96,6 +96,29 @@ def test_apply_plan_runs_the_planned_dtypes_and_is_removable(rescue: tuple[Any, 
     assert after.all == plain.all
 
 
+def test_plan_handles_come_off_in_any_order(rescue: tuple[Any, Plan]) -> None:
+    """Two handles on one model, removed first-in first-out, and a wrapper installed over
+    the plan's (as Accelerate does): each removal leaves the others working, and the model
+    ends as written."""
+    mod, plan = rescue
+    model, batch = mod.build_model(), mod.make_batch()
+    plain = count_dtypes(model, batch)
+    first, second = apply_plan(model, plan), apply_plan(model, plan)
+    first.remove()
+    check_counts(count_dtypes(model, batch), plan)  # the second still applies the plan
+    second.remove()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert count_dtypes(model, batch).all == plain.all
+
+    handle = apply_plan(model, plan)
+    planned = model.norm.forward
+    model.norm.forward = lambda *a, **k: planned(*a, **k)  # someone else's wrapper on top
+    outer = model.norm.forward
+    handle.remove()
+    assert model.norm.forward is outer  # not torn out from under its owner
+    assert count_dtypes(model, batch).all == plain.all  # ours below it only passes through
+
+
 def test_python_snippet_installs_the_same_overrides(rescue: tuple[Any, Plan]) -> None:
     mod, plan = rescue
     ns: dict[str, Any] = {}
@@ -109,6 +132,14 @@ def test_python_snippet_installs_the_same_overrides(rescue: tuple[Any, Plan]) ->
     assert snippet_counts.all == ours.all
     check_counts(snippet_counts, plan)
     assert "precision_doctor" not in render_python(plan)
+    # Its removal, too, leaves a wrapper installed over it in place, and inert below it.
+    plain = count_dtypes(model, batch)
+    remove = ns["install_precision_plan"](model)
+    planned = model.norm.forward
+    model.norm.forward = lambda *a, **k: planned(*a, **k)
+    outer = model.norm.forward
+    remove()
+    assert model.norm.forward is outer and count_dtypes(model, batch).all == plain.all
 
 
 def test_wrong_module_names_are_refused(rescue: tuple[Any, Plan]) -> None:
