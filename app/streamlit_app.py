@@ -181,6 +181,22 @@ def loss_scale(report: Report, ls: F.LossScaleView | None) -> None:
         st.info("No gradient statistics in this report.")
 
 
+def training_section(pre: F.PreflightView | None, mon: F.MonitorView | None) -> None:
+    if pre is not None:
+        planned = "" if pre.planned_go is None else f"; with the plan: {'go' if pre.planned_go else 'no-go'}"
+        text = f"Pre-flight: {'GO' if pre.go else 'NO-GO'} ({pre.judge} configuration, {pre.steps} steps){planned}"
+        (st.success if pre.go else st.error)(md(text))
+        if pre.reasons:
+            st.dataframe(_df([r.model_dump() for r in pre.reasons]), hide_index=True)
+        st.dataframe(_df(F.preflight_run_rows(pre)), hide_index=True)
+    if mon is not None:
+        st.markdown("**The real run's GradScaler**")
+        items = F.monitor_items(mon)
+        for col, (name, value) in zip(st.columns(len(items)), items.items(), strict=True):
+            col.metric(name, value)
+    _chart(F.training_figure(pre, mon), "training")
+
+
 def plan_section(plan: F.PlanView) -> None:
     n32 = sum(1 for d in plan.units.values() if d == "fp32")
     st.text(f"Target {plan.target}, low dtype {plan.dtype}: {n32} of {len(plan.units)} units stay fp32.")
@@ -237,6 +253,16 @@ def render(report: Report) -> None:
         ls = F.loss_scale_of(report)
     except PrecisionDoctorError as e:
         warnings.append(str(e))
+    pre: F.PreflightView | None = None
+    mon: F.MonitorView | None = None
+    try:
+        pre = F.preflight_of(report)
+    except PrecisionDoctorError as e:
+        warnings.append(str(e))
+    try:
+        mon = F.monitor_of(report)
+    except PrecisionDoctorError as e:
+        warnings.append(str(e))
 
     st.title(f"precision-doctor: {md(report.model)}")
     (st.success if report else st.error)(md(report.verdict))
@@ -249,7 +275,9 @@ def render(report: Report) -> None:
         dtype = LowDtype(choice or report.environment.dtype.value)
         st.caption("This app only reads the saved report; it never reruns the analysis.")
 
+    training = pre is not None or mon is not None
     names = ["Overview", "Layers", "Unit detail", "Depth", "Loss scale"] + (["Plan"] if plan else [])
+    names += ["Training"] if training else []
     tabs = st.tabs(names)
     with tabs[0]:
         overview(report, plan)
@@ -264,6 +292,9 @@ def render(report: Report) -> None:
     if plan is not None:
         with tabs[5]:
             plan_section(plan)
+    if training:
+        with tabs[-1]:
+            training_section(pre, mon)
 
 
 def main() -> None:

@@ -80,6 +80,51 @@ class LossScaleView(_Extra):
     scaler_needed: bool | None = None
 
 
+class PreflightReasonView(_Extra):
+    risk: str
+    mode: str
+    unit: str | None = None
+    message: str
+
+
+class PreflightRunView(_Extra):
+    mode: str
+    description: str
+    skipped_steps: list[int] = []
+    nonfinite_steps: list[int] = []
+    max_divergence: float | None = None
+    steps: list[dict[str, Any]] = []
+
+    @property
+    def losses(self) -> list[float]:
+        # JSON spells non-finite losses "NaN" / "Infinity": float() reads both.
+        return [float(s["loss"]) for s in self.steps if "loss" in s]
+
+
+class PreflightView(_Extra):
+    """`report.extras["preflight"]`: the pre-flight's verdict and its short training runs
+    (`PreflightResult.annotated_report()`)."""
+
+    go: bool
+    judge: str
+    steps: int
+    reasons: list[PreflightReasonView] = []
+    planned_go: bool | None = None
+    runs: dict[str, PreflightRunView] = {}
+
+
+class MonitorView(_Extra):
+    """`report.extras["scaler_monitor"]`: what a real run's GradScaler did
+    (`ScalerMonitor.to_extras()`), with the pre-flight's prediction when it was given one."""
+
+    enabled: bool = True
+    steps: int
+    current_scale: float
+    scale_history: list[tuple[int, float]] = []
+    skipped_steps: list[int] = []
+    prediction: dict[str, Any] | None = None
+
+
 def _extra(report: Report, key: str, model: type[Any]) -> Any:
     raw = report.extras.get(key)
     if raw is None:
@@ -102,6 +147,74 @@ def loss_scale_of(report: Report) -> LossScaleView | None:
     """The loss-scale recommendation, or None; PrecisionDoctorError when malformed."""
     ls: LossScaleView | None = _extra(report, "loss_scale", LossScaleView)
     return ls
+
+
+def preflight_of(report: Report) -> PreflightView | None:
+    """The pre-flight section, or None; PrecisionDoctorError when malformed."""
+    view: PreflightView | None = _extra(report, "preflight", PreflightView)
+    return view
+
+
+def monitor_of(report: Report) -> MonitorView | None:
+    """The scaler monitor section, or None; PrecisionDoctorError when malformed."""
+    view: MonitorView | None = _extra(report, "scaler_monitor", MonitorView)
+    return view
+
+
+def preflight_run_rows(pre: PreflightView) -> list[dict[str, Any]]:
+    return [
+        {"run": name, "configuration": r.description, "steps": len(r.steps),
+         "skipped": len(r.skipped_steps), "non-finite": len(r.nonfinite_steps),
+         "max loss divergence": fmt(r.max_divergence)}
+        for name, r in pre.runs.items()
+    ]
+
+
+def monitor_items(mon: MonitorView) -> dict[str, str]:
+    """The real run against the pre-flight's prediction, where there is one."""
+    items = {"steps": str(mon.steps), "skipped steps": str(len(mon.skipped_steps)),
+             "current scale": f"2^{math.log2(mon.current_scale):g}" if mon.current_scale > 0 else fmt(mon.current_scale)}
+    p = mon.prediction or {}
+    if "skipped_steps" in p:
+        items["predicted skipped"] = f"{len(p['skipped_steps'])} in {p.get('steps', '?')} steps"
+    if "go" in p:
+        items["pre-flight"] = "go" if p["go"] else "no-go"
+    return items
+
+
+def training_figure(pre: PreflightView | None, mon: MonitorView | None) -> go.Figure:
+    """Left: each pre-flight run's loss per step. Right: the real run's loss scale (log2)
+    over its steps, skipped steps marked."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("pre-flight loss per step", "GradScaler scale (log2)"))
+    for name, run in (pre.runs if pre is not None else {}).items():
+        losses = run.losses
+        fig.add_trace(go.Scatter(x=list(range(len(losses))), y=[v if math.isfinite(v) else None for v in losses],
+                                 mode="lines+markers", name=name), row=1, col=1)
+    if mon is not None and mon.scale_history:
+        xs, ys = [], []
+        for i, (step, scale) in enumerate(mon.scale_history):
+            end = mon.scale_history[i + 1][0] if i + 1 < len(mon.scale_history) else max(mon.steps, step + 1)
+            xs += [step, end]
+            ys += [math.log2(scale) if scale > 0 else None] * 2
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="scale", line={"color": "#4c78a8"}), row=1, col=2)
+        if mon.skipped_steps:
+            fig.add_trace(go.Scatter(x=mon.skipped_steps, y=[_scale_at(mon, s) for s in mon.skipped_steps],
+                                     mode="markers", name="skipped", marker={"color": "#d62728", "symbol": "x"}),
+                          row=1, col=2)
+    fig.update_layout(height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def _scale_at(mon: MonitorView, step: int) -> float | None:
+    scale = None
+    for s, v in mon.scale_history:
+        if s > step:
+            break
+        scale = v
+    return math.log2(scale) if scale else None
 
 
 # --- numbers and rows --------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from typing import Any
 from .errors import PrecisionDoctorError
 from .figures import (
     LossScaleView,
+    MonitorView,
     PlanView,
+    PreflightView,
     depth_figure,
     error_rows,
     export_file,
@@ -24,11 +26,16 @@ from .figures import (
     layer_rows,
     loss_scale_figure,
     loss_scale_of,
+    monitor_items,
+    monitor_of,
     ordered_units,
     overview_items,
     plan_cost_figure,
     plan_of,
+    preflight_of,
+    preflight_run_rows,
     takeoff_unit,
+    training_figure,
 )
 from .report import Report, Unit, write_atomic
 
@@ -130,6 +137,16 @@ def render_html(report: Report) -> str:
         ls = loss_scale_of(report)
     except PrecisionDoctorError as e:
         warnings.append(str(e))
+    pre: PreflightView | None = None
+    mon: MonitorView | None = None
+    try:
+        pre = preflight_of(report)
+    except PrecisionDoctorError as e:
+        warnings.append(str(e))
+    try:
+        mon = monitor_of(report)
+    except PrecisionDoctorError as e:
+        warnings.append(str(e))
     dtype = report.environment.dtype
 
     parts.append(f"<h1>precision-doctor: {_e(report.model)}</h1>")
@@ -189,6 +206,20 @@ def render_html(report: Report) -> str:
             uri = f"data:{mime};base64,{b64encode(text.encode()).decode()}"
             parts.append(f'<details><summary>{_e(name)} export: <a download="{_e(fname)}" href="{uri}">'
                          f"{_e(fname)}</a></summary><pre>{_e(text)}</pre></details>")
+
+    if pre is not None or mon is not None:
+        parts.append('<h2 id="training">Training</h2>')
+        if pre is not None:
+            verdict = "GO" if pre.go else "NO-GO"
+            planned = "" if pre.planned_go is None else f"; with the plan: {'go' if pre.planned_go else 'no-go'}"
+            parts.append(f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">Pre-flight: {verdict} '
+                         f"({_e(pre.judge)} configuration, {pre.steps} steps){_e(planned)}</p>")
+            if pre.reasons:
+                parts.append(_table([r.model_dump() for r in pre.reasons]))
+            parts.append(_table(preflight_run_rows(pre)))
+        if mon is not None:
+            parts.append("<h3>The real run's GradScaler</h3>" + _table([monitor_items(mon)]))
+        parts.append(fig(training_figure(pre, mon)))
 
     parts.append("<h2>Unit detail</h2>")
     units = _detail_units(report)

@@ -6,6 +6,7 @@ is imported lazily inside its builders so the rest of the suite runs without it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -198,3 +199,25 @@ def make_batch():
 def loss_fn(out, batch):
     return out.pow(2).mean()
 '''
+
+
+def trained_report() -> Any:
+    """A healthy MLP's report with what later stages add: a real pre-flight (2 steps, no
+    plan) and a real GradScaler monitor of 5 steps, the first two skipped (an Inf input)."""
+    import precision_doctor as pd
+
+    case = build_mlp()
+    result = pd.preflight(case.model, case.batch, case.loss_fn, steps=2, plan=False)
+    report = result.annotated_report()
+    net = copy.deepcopy(case.model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    monitor = pd.ScalerMonitor(torch.amp.GradScaler("cpu", init_scale=2.0**16), prediction=result.prediction())
+    bad = torch.full_like(case.batch, float("inf"))
+    for x in (bad, bad, case.batch, case.batch, case.batch):
+        opt.zero_grad()
+        assert case.loss_fn is not None
+        monitor.scale(case.loss_fn(net(x), x)).backward()
+        monitor.step(opt)
+        monitor.update()
+    assert report is not None and monitor.skipped_steps == [0, 1]
+    return report.model_copy(update={"extras": {**report.extras, "scaler_monitor": monitor.to_extras()}})

@@ -154,6 +154,26 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
     assert set(fp32["unit"]) == {u.name for u in report.flagged_units()}
 
 
+def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report annotated by a real pre-flight and a real GradScaler monitor gets a Training
+    tab: the verdict, each run, and the real run's skipped steps against the prediction."""
+    from .fixtures import trained_report
+
+    report = trained_report()
+    path = tmp_path / "trained.json"
+    report.save(path)
+    at = run_app(monkeypatch, path)
+    assert [t.label for t in at.tabs][-1] == "Training"
+    pre = report.extras["preflight"]
+    assert isinstance(pre, dict)
+    shown = [unescape(e.value) for e in (*at.success, *at.error)]
+    assert any(s.startswith("Pre-flight: GO" if pre["go"] else "Pre-flight: NO-GO") for s in shown)
+    runs = next(df for df in all_frames(at) if "configuration" in df.columns)
+    assert list(runs["run"]) == list(pre["runs"])
+    metrics = {unescape(m.label): m.value for m in at.metric}
+    assert metrics["skipped steps"] == "2" and metrics["steps"] == "5" and metrics["current scale"] == "2^14"
+
+
 def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
     report, path = reports["faulty"]
     at = run_app(monkeypatch, path)

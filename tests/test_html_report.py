@@ -147,3 +147,21 @@ def test_overview_and_rows(faulty: Report) -> None:
     rows = F.layer_rows(faulty, plan)
     assert [r["unit"] for r in rows] == [u.name for u in sorted(faulty.units, key=lambda u: u.order)]
     assert all(r["plan dtype"] == "fp32" for r in rows)
+
+
+def test_training_section_shows_preflight_and_monitor(tmp_path: Path) -> None:
+    """A report annotated by a real pre-flight and a real GradScaler monitor: the verdict,
+    each run, and the real run's skipped steps against the prediction."""
+    from .fixtures import trained_report
+
+    report = trained_report()
+    text = render_html(report)
+    assert 'id="training"' in text and 'id="preflight"' in text
+    pre = report.extras["preflight"]
+    assert ("Pre-flight: GO" if pre["go"] else "Pre-flight: NO-GO") in text
+    for run in pre["runs"].values():
+        assert html.escape(run["description"]) in text
+    # 5 real steps, 2 skipped, the scale halved twice from 2^16; the pre-flight predicted none
+    assert "<tr><td>5</td><td>2</td><td>2^14</td><td>0 in 2 steps</td><td>go</td></tr>" in text
+    plain = render_html(report.model_copy(update={"extras": {}}))
+    assert 'id="training"' not in plain
