@@ -123,6 +123,8 @@ class Plan(_Frozen):
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise PrecisionDoctorError(f"{source} is not valid JSON: {e}") from None
+        if isinstance(raw, dict) and isinstance(raw.get("units"), list) and "environment" in raw:
+            raise PrecisionDoctorError(f"{source} is an analysis report, not a plan (`analyze --export` writes plans)")
         if not isinstance(raw, dict) or raw.get("schema_version") != PLAN_SCHEMA_VERSION:
             got = raw.get("schema_version") if isinstance(raw, dict) else None
             raise PrecisionDoctorError(

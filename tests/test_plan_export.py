@@ -158,6 +158,10 @@ def test_json_roundtrip_and_version(rescue: tuple[Any, Plan], tmp_path: Any) -> 
     (tmp_path / "bad.json").write_text(json.dumps(raw))
     with pytest.raises(pd.PrecisionDoctorError, match="schema_version"):
         Plan.load(tmp_path / "bad.json")
+    report = pd.analyze(torch.nn.Linear(2, 1), torch.ones(1, 2), loss_fn=lambda o, b: o.sum())
+    report.save(tmp_path / "report.json")
+    with pytest.raises(pd.PrecisionDoctorError, match="is an analysis report, not a plan"):
+        Plan.load(tmp_path / "report.json")
 
 
 def test_deepspeed_keys_are_documented(rescue: tuple[Any, Plan]) -> None:
