@@ -58,6 +58,7 @@ import torch
 
 LOW_DTYPE = torch.{torch_dtype}
 PLAN = {units}
+MODULE_COUNT = {module_count}  # of the planned model: another count is another model
 
 
 def _cast(obj, dtype):
@@ -78,6 +79,8 @@ def install_precision_plan(model):
     unknown = [u for u in PLAN if u != "<loss>" and u not in modules]
     if unknown:
         raise ValueError(f"this plan does not match the model: unknown modules {{unknown[:3]}}")
+    if MODULE_COUNT is not None and len(modules) != MODULE_COUNT:
+        raise ValueError(f"this plan does not match the model: {{len(modules)}} modules, the plan's had {{MODULE_COUNT}}")
     depth = [0]
     installed = []
 
@@ -128,7 +131,9 @@ def install_precision_plan(model):
 def render_python(plan: Plan) -> str:
     torch_dtype = "float16" if plan.dtype is LowDtype.FP16 else "bfloat16"
     units = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in plan.units.items()) + "}"
-    return _SNIPPET.format(model=plan.model, dtype=plan.dtype, torch_dtype=torch_dtype, units=units)
+    return _SNIPPET.format(
+        model=plan.model, dtype=plan.dtype, torch_dtype=torch_dtype, units=units, module_count=plan.module_count
+    )
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

@@ -94,6 +94,9 @@ class Plan(_Frozen):
     """Unit (module path, `<root>`, `<loss>`) -> the dtype it runs in."""
     module_classes: dict[str, str] = Field(default_factory=dict)
     """Unit -> qualified class name of its module (for DeepSpeed's module-class lists)."""
+    module_count: int | None = None
+    """How many modules the planned model had (`named_modules()`): a model with more (an
+    extra layer) is another model, whose extra modules the plan would leave alone."""
     fp32_units: list[Fp32Unit]
     estimated_step_time_s: PlanCosts
     activation_bytes: PlanBytes
@@ -378,6 +381,7 @@ def plan_model(
         tolerance=tolerance,
         units={n: (low_dtype.value if v else "fp32") for n, v in low.items()},
         module_classes={n: c for n, c in _module_classes(model).items() if n in low},
+        module_count=sum(1 for _ in model.named_modules()),
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],
         estimated_step_time_s=PlanCosts(fp32=base_time, autocast=costs.step_time_s(auto), plan=costs.step_time_s(low)),
         activation_bytes=PlanBytes(
@@ -546,6 +550,11 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
         raise PrecisionDoctorError(
             f"the plan does not match this model: it names module(s) {shown} that the model "
             f"({type(model).__name__}) does not have; was the plan made for {plan.model!r}?"
+        )
+    if plan.module_count is not None and len(modules) != plan.module_count:
+        raise PrecisionDoctorError(
+            f"the plan does not match this model: it was made for a model of {plan.module_count} modules, "
+            f"this {type(model).__name__} has {len(modules)}; was the plan made for {plan.model!r}?"
         )
     return {u: modules[u] for u in plan.units if u != LOSS_UNIT}
 

@@ -149,6 +149,22 @@ def test_wrong_module_names_are_refused(rescue: tuple[Any, Plan]) -> None:
         apply_plan(other, plan)
 
 
+def test_a_larger_model_is_refused_too(rescue: tuple[Any, Plan]) -> None:
+    """Every module the plan names exists, but the model has one more (another layer): the
+    plan would leave it alone, so it is another model's plan."""
+    mod, plan = rescue
+    model = mod.build_model()
+    model.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(pd.PrecisionDoctorError, match=r"made for a model of \d+ modules"):
+        apply_plan(model, plan)
+    ns: dict[str, Any] = {}
+    exec(compile(render_python(plan), "<plan snippet>", "exec"), ns)
+    with pytest.raises(ValueError, match="does not match the model"):
+        ns["install_precision_plan"](model)
+    del model.extra
+    apply_plan(model, plan).remove()  # the model it was made for
+
+
 def test_json_roundtrip_and_version(rescue: tuple[Any, Plan], tmp_path: Any) -> None:
     _, plan = rescue
     plan.save(tmp_path / "plan.json")
