@@ -30,7 +30,7 @@ from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .flags import reads_overflow, unit_flags
 from .formats import LIMITS, TORCH_DTYPES
 from .model_spec import LossFn, resolve_loss, run_model
-from .model_state import ModelStateGuard
+from .model_state import ModelStateGuard, ModuleAttributes
 from .options import CapturePath, LowDtype, Phase, Thresholds, parse_enum
 from .report import (
     Environment,
@@ -63,13 +63,18 @@ LOSS_SCALES = range(25)
 def fx_check(model: torch.nn.Module) -> tuple[bool, str | None]:
     """Whether torch.fx.symbolic_trace can trace the model (it cannot trace most
     transformers models); the dispatch capture is used either way."""
+    # Tracing runs `forward` on Proxy objects: whatever it binds on the modules (a lazy
+    # cache, a reassigned buffer) must not reach the real run.
+    attributes = ModuleAttributes(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.fx.symbolic_trace(model)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in forward: the real run reports it
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return False, f"{type(e).__name__}: {msg}"[:300]
+    finally:
+        attributes.restore()
     return True, None
 
 

@@ -82,6 +82,13 @@ _UNINITIALIZED_OPS = frozenset(
 )
 
 
+# In-place ops that change a tensor's shape or strides, not its values (`nn.GRU(batch_first=
+# True)` calls `transpose_`): the same op is applied to the tensor's shadows.
+_RESTRIDE_PACKETS = frozenset(
+    {aten.transpose_, aten.t_, aten.unsqueeze_, aten.squeeze_, aten.as_strided_, aten.swapdims_, aten.swapaxes_}
+)
+
+
 @dataclass(frozen=True)
 class _OpInfo:
     name: str
@@ -90,6 +97,8 @@ class _OpInfo:
     mutates: tuple[int, ...]  # positional args written in place
     random: bool
     packet: Any
+    writes_kwargs: tuple[str, ...] = ()  # keyword-only args written (`out=`)
+    restrides: bool = False  # an in-place view op (see _RESTRIDE_PACKETS)
 
 
 _OP_INFO: dict[Any, _OpInfo] = {}
@@ -99,18 +108,18 @@ def op_info(func: Any) -> _OpInfo:
     info = _OP_INFO.get(func)
     if info is None:
         schema = func._schema
-        mutates = tuple(
-            i
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only
-        )
+        written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        mutates = tuple(i for i, a in enumerate(schema.arguments) if a in written and not a.kwarg_only)
+        restrides = func.overloadpacket in _RESTRIDE_PACKETS
         info = _OpInfo(
             name=str(func).removeprefix("aten."),
-            preserves_values=bool(func.is_view) or func in _COPY_OPS or func in _UNINITIALIZED_OPS,
+            preserves_values=bool(func.is_view) or func in _COPY_OPS or func in _UNINITIALIZED_OPS or restrides,
             is_view=bool(func.is_view),
             mutates=mutates,
             random=torch.Tag.nondeterministic_seeded in func.tags,
             packet=func.overloadpacket,
+            writes_kwargs=tuple(a.name for a in written if a.kwarg_only),
+            restrides=restrides,
         )
         _OP_INFO[func] = info
     return info
@@ -581,10 +590,16 @@ class ShadowCapture(TorchDispatchMode):
         def pick(t: torch.Tensor) -> torch.Tensor:
             s = self._shadow_input(t, store, low)
             if not info.preserves_values and s.dtype != t.dtype and t.dtype == torch.float32:
-                s = self._upcast(s, shareable=not info.mutates)
+                s = self._upcast(s, shareable=not (info.mutates or info.writes_kwargs))
             return s
 
         sargs, skwargs = _map_args(args, kwargs, pick)
+        for name in info.writes_kwargs:  # never write the fp32 tensor from a shadow (`out=`)
+            t, st = kwargs.get(name), skwargs.get(name)
+            if isinstance(t, torch.Tensor) and isinstance(st, torch.Tensor) and (
+                st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            ):
+                skwargs[name] = st.clone()
         if info.mutates:
             sargs = list(sargs)
             for i in info.mutates:
@@ -796,14 +811,15 @@ class ShadowCapture(TorchDispatchMode):
                 self.seq_units[seq] = unit
         low = self.policy.is_low(unit)
 
-        for i in info.mutates:
-            if i < len(args) and isinstance(args[i], torch.Tensor):
-                self.on_mutation(args[i])
-                if self._grad_batch.reads(args[i]):
+        written = [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
+        for t in written:
+            if isinstance(t, torch.Tensor):
+                self.on_mutation(t)  # `out=` too: `torch.mul(w, 0.5, out=w)` writes a parameter
+                if self._grad_batch.reads(t):
                     self.settle()  # the batch must read the gradient before this write
 
         tensors_in = _tensor_leaves(args, kwargs)
-        shadows = not backward and func not in _NO_SHADOW_OPS and func not in _UNINITIALIZED_OPS
+        shadows = not backward and func not in _NO_SHADOW_OPS and func not in _UNINITIALIZED_OPS and not info.restrides
         if shadows:
             shadows = not info.random and any(t.dtype == torch.float32 for t in tensors_in)
         local_store: WeakIdMap | None = None
@@ -846,6 +862,11 @@ class ShadowCapture(TorchDispatchMode):
             raise _ModelOpError(e) from e
 
         outs = _outputs(out)
+        if info.restrides and not backward:
+            for store in (self._global, *self._locals.values()):
+                shadow = store.get(args[0])
+                if shadow is not None:
+                    func(shadow, *args[1:], **kwargs)
         if info.random:
             # Consumers of random values round the fp32 ones: a second draw would compare
             # two different samples.
@@ -977,7 +998,7 @@ class ShadowCapture(TorchDispatchMode):
         input it reads (all parts of a `cat`), not of the tensor a `copy_` writes into."""
         if func in _UNINITIALIZED_OPS:
             return ()
-        written = {id(args[i]) for i in info.mutates if i < len(args)}
+        written = set() if info.restrides else {id(args[i]) for i in info.mutates if i < len(args)}
         found: dict[tuple[int, int], None] = {}
         for t, p in zip(tensors_in, producers, strict=True):
             if p is not None and t.is_floating_point() and id(t) not in written:

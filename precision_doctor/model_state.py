@@ -9,6 +9,27 @@ import numpy as np
 import torch
 
 
+class ModuleAttributes:
+    """The attribute bindings of every module (plain attributes, parameters, buffers,
+    children): `restore()` puts back the objects bound at snapshot time. Running `forward`
+    can rebind them - a lazy cache (`self.mask = ...`), a reassigned buffer, a counter - and
+    torch.fx's tracing leaves its Proxy objects there. Values changed in place are not
+    covered (the guard copies what in-place ops write)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._saved = [
+            (d, dict(d))
+            for mod in model.modules()
+            for d in (vars(mod), mod._parameters, mod._buffers, mod._modules)
+        ]
+
+    def restore(self) -> None:
+        for d, saved in self._saved:
+            if d.keys() != saved.keys() or any(d[k] is not v for k, v in saved.items()):
+                d.clear()
+                d.update(saved)
+
+
 class ModelStateGuard:
     """Snapshot on enter, restore on exit: `.grad`, buffers, train/eval mode,
     `requires_grad`, RNG states. Parameters are copied only if an op is about to write to
@@ -29,6 +50,10 @@ class ModelStateGuard:
 
     def __enter__(self) -> ModelStateGuard:
         m = self.model
+        self._attributes = ModuleAttributes(m)
+        # `p.data = other` rebinds a parameter's memory without an op the capture sees; an
+        # alias of the original keeps it (no copy) for `__exit__` to bind back.
+        self._param_data = [(p, p.detach()) for p in {id(p): p for p in self._params.values()}.values()]
         self._grads = {n: p.grad for n, p in self._params.items()}
         self._requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         self._training = {n: mod.training for n, mod in m.named_modules(remove_duplicate=False)}
@@ -67,6 +92,10 @@ class ModelStateGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._attributes.restore()
+        for p, data in self._param_data:
+            if p.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
+                p.data = data
         with torch.no_grad():
             for t, saved in self._param_copies.values():
                 t.copy_(saved)

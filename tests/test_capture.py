@@ -391,6 +391,52 @@ def test_t5_is_not_flagged_for_its_masks_and_position_buckets() -> None:
     assert not {f.flag for f in report.flags()} & {pd.Flag.NONFINITE_FP32, pd.Flag.OVERFLOW}, report.flags()
 
 
+class InPlaceViews(torch.nn.Module):
+    """In-place view ops on activations, and the module that made them common: `nn.GRU`
+    with batch_first=True calls `transpose_`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+        self.gru = torch.nn.GRU(6, 5, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)  # (4, 3, 6)
+        h.transpose_(0, 1).transpose_(0, 1)
+        h.unsqueeze_(0).squeeze_(0)
+        return self.gru(h)[0]
+
+
+def test_in_place_view_ops_move_their_shadows_too() -> None:
+    torch.manual_seed(0)
+    net = InPlaceViews()
+    x = torch.randn(4, 3, 6)
+    report = pd.analyze(net, x, loss_fn=lambda out, b: out.pow(2).mean())
+    with torch.no_grad():
+        ref = float(net(x).pow(2).mean())
+    assert report.losses.fp32 == pytest.approx(ref, rel=1e-6)
+    assert report.losses.rel_error < 1e-2  # the low run followed the reshaped shadows
+    assert {"lin", "gru"} <= set(report.by_module())
+
+
+def test_out_keyword_in_the_loss_leaves_the_fp32_loss_alone() -> None:
+    """A shadow of an `out=` op writes into its own tensor, not into the fp32 one."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        weights = torch.empty_like(out)  # per-element weights computed into a buffer
+        torch.mul(out.detach(), 1000.0, out=weights)
+        torch.add(weights, 0.123456, out=weights)
+        return (weights * out).mean() * 1e-3
+
+    report = pd.analyze(net, x, loss_fn=loss_fn)
+    with torch.no_grad():
+        ref = float(loss_fn(net(x), x))
+    assert report.losses.fp32 == ref
+
+
 def _saved_activation_bytes(case: Case) -> int:
     """Independent count: storages autograd saves in a plain run (pack hook), less the
     parameters', buffers' and batch's memory."""

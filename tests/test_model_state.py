@@ -149,6 +149,11 @@ class MutatesParam(nn.Module):
                 self.lin.weight[:, 0].zero_()
             elif self.how == "copy":
                 self.lin.weight.copy_(torch.zeros(4, 4))
+            elif self.how == "out":  # an out= keyword writes, not a positional argument
+                torch.mul(self.scale, 2.0, out=self.scale)
+                torch.clamp(self.lin.weight, -0.1, 0.1, out=self.lin.weight)
+            elif self.how == "rebind":  # new memory bound under the parameter: no op sees it
+                self.scale.data = torch.full((4,), 3.0)
         out = self.lin(x) * self.scale
         if self.then_raise:
             raise ValueError("after mutation")
@@ -236,7 +241,7 @@ def test_state_restored_when_backward_raises() -> None:
     run_and_check(model, BATCH6, sq_loss, raises=pd.PrecisionDoctorError, match="backward raised")
 
 
-@pytest.mark.parametrize("how", ["inplace", "copy"])
+@pytest.mark.parametrize("how", ["inplace", "copy", "out", "rebind"])
 @pytest.mark.parametrize("then_raise", [False, True], ids=["ok", "raises"])
 def test_param_mutated_in_forward_is_restored(how: str, then_raise: bool) -> None:
     torch.manual_seed(0)
@@ -254,6 +259,46 @@ def test_param_mutated_through_alias_is_restored(how: str, then_raise: bool) -> 
     model = MutatesParam(how, then_raise)
     prepare(model)
     run_and_check(model, BATCH4, sq_loss, raises=pd.PrecisionDoctorError if then_raise else None)
+
+
+class RebindsInForward(nn.Module):
+    """Binds things on itself in forward: a lazy cache, a reassigned buffer, a counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("ema", torch.zeros(4))
+        self.cache: torch.Tensor | None = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = torch.ones(4) * 2.0
+        self.ema = 0.9 * self.ema + 0.1 * x.detach().mean(0)
+        self.calls += 1
+        return self.lin(x) * self.cache
+
+
+def test_attributes_bound_in_forward_are_restored() -> None:
+    """torch.fx's trace and the real run both bind on the modules; what they bound must not
+    reach the real run (the trace left Proxy objects: the cache was a Proxy, the loss 'not a
+    scalar') nor the user's model afterwards."""
+    torch.manual_seed(0)
+    model = RebindsInForward()
+    ema = model.ema
+    run_and_check(model, BATCH4, sq_loss, raises=None)
+    assert model.cache is None and model.calls == 0 and model.ema is ema
+    assert isinstance(model(BATCH4), torch.Tensor)
+
+
+class ExitsInForward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise SystemExit(3)
+
+
+def test_sys_exit_in_forward_is_a_user_error() -> None:
+    run_and_check(nn.Sequential(nn.Linear(4, 4), ExitsInForward()), BATCH4, sq_loss,
+                  raises=pd.PrecisionDoctorError, match="forward raised SystemExit: 3")
 
 
 def test_python_and_numpy_rng_restored_when_forward_draws_from_them() -> None:
