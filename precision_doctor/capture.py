@@ -719,7 +719,13 @@ class ShadowCapture(TorchDispatchMode):
             unit = self.seq_units.get(node._sequence_nr())
             if unit is None:
                 return  # made outside the captured forward
-            grads = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.numel()]
+            # A 0-dim gradient is the loss's own tail (d loss / d term = 1, times the scale):
+            # a model returning `recon + kl` from forward reduces in fp32 under autocast, and
+            # GradScaler scales that fp32 loss; judging its 1.0 at 2^16 would flag every such model.
+            grads = [
+                g for g in grad_outputs
+                if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.dim() > 0 and g.numel()
+            ]
             if not grads:
                 return
             with _disable_current_modes():

@@ -437,6 +437,28 @@ def test_out_keyword_in_the_loss_leaves_the_fp32_loss_alone() -> None:
     assert report.losses.fp32 == ref
 
 
+class LossInForward(torch.nn.Module):
+    """Returns its own loss, a sum of two terms (a VAE's recon + KL, auxiliary losses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h.pow(2).mean() * 1e-3 + h.abs().mean() * 1e-3
+
+
+def test_loss_terms_in_forward_are_not_judged_as_gradients() -> None:
+    """d loss / d term = 1 reaches each term: 1.0 x 2^16 overflows fp16, but that is the
+    (fp32, scaled) loss itself, as when the same sum is written in loss_fn."""
+    torch.manual_seed(0)
+    report = pd.analyze(LossInForward(), torch.randn(32, 8))
+    assert not report.flags(), report.flags()
+    root = report.by_module()["<root>"].backward.stats
+    assert root is not None and root.max_abs < 1.0  # the elementwise gradients, not the 1.0s
+
+
 def _saved_activation_bytes(case: Case) -> int:
     """Independent count: storages autograd saves in a plain run (pack hook), less the
     parameters', buffers' and batch's memory."""
