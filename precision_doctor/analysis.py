@@ -101,6 +101,11 @@ def analyze(
     step = progress or (lambda _msg: None)
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise PrecisionDoctorError(
+            f"parameter {lazy[0]!r} is not initialized yet (a lazy module): run the model once before analyzing it"
+        )
     # Only float32 values get shadows: a model already in bf16 would be its own "reference"
     # and show no error at all. (A float64 buffer, a constant, is no low-precision model.)
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
@@ -176,20 +181,12 @@ def analyze(
             raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
 
         step("statistics and flags")
-        # A tied weight (GPT-2's embedding and lm_head) is one gradient under two names: one
-        # summary (38.6M values on GPT-2), attributed to both owners.
-        by_tensor: dict[int, TensorSummary] = {}
-        param_stats: dict[str, TensorSummary] = {}
-        small = SummaryBatch(mode.workspace, with_sumsq=True)
-        for n, g in grads.items():
-            if id(g) not in by_tensor:
-                by_tensor[id(g)] = small.add(g)
-            param_stats[n] = by_tensor[id(g)]
-        small.compute()
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for n, st in param_stats.items():
-            if st.nonfinite_count:
-                mode.param_grad_nonfinite(params[n])
+        try:
+            param_stats = _param_grad_stats(mode, model, grads)
+        except Exception as e:
+            raise PrecisionDoctorInternalError(
+                f"parameter gradient statistics failed: {type(e).__name__}: {e}"
+            ) from e
         mode.forget_graph()
         del grads
     assert mode is not None
@@ -213,6 +210,31 @@ def analyze(
         ),
         name=name or type(model).__name__,
     )
+
+
+def _param_grad_stats(
+    mode: ShadowCapture, model: torch.nn.Module, grads: dict[str, torch.Tensor]
+) -> dict[str, TensorSummary]:
+    """Summaries of the parameters' gradients. A tied weight (GPT-2's embedding and lm_head)
+    is one gradient under two names: one summary (38.6M values on GPT-2), attributed to both
+    owners. A sparse gradient (`Embedding(sparse=True)`) is summarized over the rows it has;
+    a complex one gets none (nothing here rounds complex values)."""
+    by_tensor: dict[int, TensorSummary] = {}
+    param_stats: dict[str, TensorSummary] = {}
+    small = SummaryBatch(mode.workspace, with_sumsq=True)
+    for n, g in grads.items():
+        if id(g) not in by_tensor:
+            values = g.coalesce().values() if g.is_sparse else g
+            if values.dtype != torch.float32:
+                continue
+            by_tensor[id(g)] = small.add(values)
+        param_stats[n] = by_tensor[id(g)]
+    small.compute()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for n, st in param_stats.items():
+        if st.nonfinite_count:
+            mode.param_grad_nonfinite(params[n])
+    return param_stats
 
 
 # --- from capture records to the report ------------------------------------------------------

@@ -459,6 +459,35 @@ def test_loss_terms_in_forward_are_not_judged_as_gradients() -> None:
     assert root is not None and root.max_abs < 1.0  # the elementwise gradients, not the 1.0s
 
 
+class ComplexGain(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.gain = torch.nn.Parameter(torch.randn(8, dtype=torch.cfloat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) * self.gain).abs()
+
+
+def test_sparse_and_complex_parameter_gradients() -> None:
+    """A sparse embedding gradient is summarized over the rows it holds; a complex one gets
+    no summary; neither ends the analysis (both did, with raw torch errors)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    ids = torch.tensor([[1, 2, 2], [7, 1, 9]])
+    report = pd.analyze(emb, ids, loss_fn=lambda o, b: o.pow(2).mean())
+    stats = report.by_module()["<root>"].backward.param_grads["weight"]
+    assert stats.numel == 4 * 8  # rows 1, 2, 7, 9 (coalesced)
+    report = pd.analyze(ComplexGain(), torch.randn(4, 8), loss_fn=lambda o, b: o.pow(2).mean())
+    grads = report.by_module()["<root>"].backward.param_grads
+    assert "gain" not in grads and "lin.weight" in report.by_module()["lin"].backward.param_grads
+
+
+def test_lazy_module_not_yet_run_is_a_user_error() -> None:
+    with pytest.raises(pd.PrecisionDoctorError, match="not initialized yet"):
+        pd.analyze(torch.nn.Sequential(torch.nn.LazyLinear(4)), torch.randn(2, 3), loss_fn=lambda o, b: o.sum())
+
+
 def _saved_activation_bytes(case: Case) -> int:
     """Independent count: storages autograd saves in a plain run (pack hook), less the
     parameters', buffers' and batch's memory."""
