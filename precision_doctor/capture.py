@@ -178,8 +178,10 @@ class UnitRecord:
     local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
     prop_nonfinite: int = 0
-    # Whether what it hands on holds fp32 Inf/NaN (True where no other unit reads it).
+    # Whether what it hands on holds fp32 Inf/NaN (True where no other unit reads it), or it
+    # wrote Inf/NaN into the model's state (a buffer updated in place).
     outputs_nonfinite: bool = True
+    wrote_nonfinite_state: bool = False
     grad_nodes: list[tuple[str, TensorSummary]] = field(default_factory=list)
     grad_nonfinite_root: str | None = None
     param_names: list[str] = field(default_factory=list)
@@ -507,7 +509,7 @@ class ShadowCapture(TorchDispatchMode):
         # Small gradients wait in a batch (see SummaryBatch); the autograd nodes that need
         # their summaries are finished, in the order they ran, by `settle()`.
         self._grad_batch = SummaryBatch(self.workspace, with_sumsq=True)
-        self._unfinished_grads: list[tuple[Any, str, list[TensorSummary]]] = []
+        self._unfinished_grads: list[tuple[Any, str, list[TensorSummary], bool]] = []
 
     # --- units -------------------------------------------------------------------------
     def unit(self, name: str) -> UnitRecord:
@@ -719,30 +721,33 @@ class ShadowCapture(TorchDispatchMode):
             unit = self.seq_units.get(node._sequence_nr())
             if unit is None:
                 return  # made outside the captured forward
-            # A 0-dim gradient is the loss's own tail (d loss / d term = 1, times the scale):
-            # a model returning `recon + kl` from forward reduces in fp32 under autocast, and
-            # GradScaler scales that fp32 loss; judging its 1.0 at 2^16 would flag every such model.
-            grads = [
-                g for g in grad_outputs
-                if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.dim() > 0 and g.numel()
-            ]
-            if not grads:
+            floats = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.numel()]
+            # A 0-dim gradient is not summarized: it is the loss's own tail (d loss / d term = 1,
+            # times the scale) - a model returning `recon + kl` from forward reduces in fp32
+            # under autocast and GradScaler scales that fp32 loss; judged at 2^16 its 1.0 would
+            # flag every such model. Its finiteness still counts for blaming an Inf/NaN.
+            grads = [g for g in floats if g.dim() > 0]
+            if not floats:
                 return
             with _disable_current_modes():
-                self._unfinished_grads.append((node, unit, [self._grad_summary(g) for g in grads]))
+                scalars_finite = all(bool(torch.isfinite(g)) for g in floats if g.dim() == 0)
+                self._unfinished_grads.append((node, unit, [self._grad_summary(g) for g in grads], scalars_finite))
                 self._settle_if_full()
 
         return hook
 
-    def _finish_gradient(self, node: Any, unit: str, summaries: list[TensorSummary]) -> None:
-        summary = TensorSummary()
-        for s in summaries:
-            summary.merge(s)
-        urec = self.unit(unit)
-        urec.backward.merge(summary)
-        urec.grad_nodes.append((node.name(), summary))
-        self._grad_finite[id(node)] = not summary.nonfinite_count
-        if summary.nonfinite_count:
+    def _finish_gradient(self, node: Any, unit: str, summaries: list[TensorSummary], scalars_finite: bool) -> None:
+        finite = scalars_finite
+        if summaries:
+            summary = TensorSummary()
+            for s in summaries:
+                summary.merge(s)
+            urec = self.unit(unit)
+            urec.backward.merge(summary)
+            urec.grad_nodes.append((node.name(), summary))
+            finite = finite and not summary.nonfinite_count
+        self._grad_finite[id(node)] = finite
+        if not finite:
             self._blame_nonfinite(node)
 
     def _grad_summary(self, g: torch.Tensor) -> TensorSummary:
@@ -959,6 +964,10 @@ class ShadowCapture(TorchDispatchMode):
         if nonfinite and math.isfinite(in_max):
             rec.fp32_nonfinite_root = True
         urec.forward.merge(summary)
+        if nonfinite and any(
+            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.external_storages for t in written
+        ):
+            urec.wrote_nonfinite_state = True
         masks = summary.sentinel_count > 0
 
         ref_norms = {} if masks else {id(ref): squared_norm(ref) for ref, _ in (gpairs or lpairs)}
@@ -1023,8 +1032,8 @@ class ShadowCapture(TorchDispatchMode):
         with _disable_current_modes():
             self._grad_batch.compute()
         grads, self._unfinished_grads = self._unfinished_grads, []
-        for node, unit, summaries in grads:
-            self._finish_gradient(node, unit, summaries)
+        for node, unit, summaries, scalars_finite in grads:
+            self._finish_gradient(node, unit, summaries, scalars_finite)
 
     def _call_shadow(self, func: Any, info: _OpInfo, sargs: tuple[Any, dict[str, Any]], out: Any, *, stored_low: bool) -> Any:
         """Run one shadow of an op. A large fp32 result that is only rounded to the low dtype

@@ -87,18 +87,21 @@ class PreflightReasonView(_Extra):
     message: str
 
 
+class PreflightStepView(_Extra):
+    loss: float  # JSON spells a non-finite loss "NaN" / "Infinity": validation reads both
+
+
 class PreflightRunView(_Extra):
     mode: str
     description: str
     skipped_steps: list[int] = []
     nonfinite_steps: list[int] = []
     max_divergence: float | None = None
-    steps: list[dict[str, Any]] = []
+    steps: list[PreflightStepView] = []
 
     @property
     def losses(self) -> list[float]:
-        # JSON spells non-finite losses "NaN" / "Infinity": float() reads both.
-        return [float(s["loss"]) for s in self.steps if "loss" in s]
+        return [s.loss for s in self.steps]
 
 
 class PreflightView(_Extra):
@@ -113,6 +116,12 @@ class PreflightView(_Extra):
     runs: dict[str, PreflightRunView] = {}
 
 
+class PredictionView(_Extra):
+    go: bool | None = None
+    steps: int | None = None
+    skipped_steps: list[int] = []
+
+
 class MonitorView(_Extra):
     """`report.extras["scaler_monitor"]`: what a real run's GradScaler did
     (`ScalerMonitor.to_extras()`), with the pre-flight's prediction when it was given one."""
@@ -122,7 +131,7 @@ class MonitorView(_Extra):
     current_scale: float
     scale_history: list[tuple[int, float]] = []
     skipped_steps: list[int] = []
-    prediction: dict[str, Any] | None = None
+    prediction: PredictionView | None = None
 
 
 def _extra(report: Report, key: str, model: type[Any]) -> Any:
@@ -174,11 +183,11 @@ def monitor_items(mon: MonitorView) -> dict[str, str]:
     """The real run against the pre-flight's prediction, where there is one."""
     items = {"steps": str(mon.steps), "skipped steps": str(len(mon.skipped_steps)),
              "current scale": f"2^{math.log2(mon.current_scale):g}" if mon.current_scale > 0 else fmt(mon.current_scale)}
-    p = mon.prediction or {}
-    if "skipped_steps" in p:
-        items["predicted skipped"] = f"{len(p['skipped_steps'])} in {p.get('steps', '?')} steps"
-    if "go" in p:
-        items["pre-flight"] = "go" if p["go"] else "no-go"
+    p = mon.prediction
+    if p is not None:
+        items["predicted skipped"] = f"{len(p.skipped_steps)} in {p.steps if p.steps is not None else '?'} steps"
+        if p.go is not None:
+            items["pre-flight"] = "go" if p.go else "no-go"
     return items
 
 
@@ -214,7 +223,7 @@ def _scale_at(mon: MonitorView, step: int) -> float | None:
         if s > step:
             break
         scale = v
-    return math.log2(scale) if scale else None
+    return math.log2(scale) if scale is not None and scale > 0 else None
 
 
 # --- numbers and rows --------------------------------------------------------------------------

@@ -61,8 +61,9 @@ def unit_flags(
     fwd, bwd = unit.forward, unit.backward
 
     # An fp32 Inf/NaN the unit drops before handing its values on (a `where` that discards
-    # T5's log(0)) breaks nothing.
-    roots = [r for r in ops if r.fp32_nonfinite_root] if unit.outputs_nonfinite else []
+    # T5's log(0)) breaks nothing; one it hands on or keeps in a buffer does.
+    kept = unit.outputs_nonfinite or unit.wrote_nonfinite_state
+    roots = [r for r in ops if r.fp32_nonfinite_root] if kept else []
     if roots or unit.grad_nonfinite_root:
         r = roots[0] if roots else None
         phase = Phase.FORWARD if roots else Phase.BACKWARD

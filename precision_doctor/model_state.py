@@ -38,7 +38,6 @@ class ModelStateGuard:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self._params = dict(model.named_parameters(remove_duplicate=False))
-        self._param_ids = {id(p) for p in self._params.values()}
         # Writes through `.data` or a view reach a parameter via another tensor object:
         # recognise those by the storage they write to.
         self._param_storages: dict[int, list[torch.Tensor]] = {}
@@ -47,13 +46,13 @@ class ModelStateGuard:
             if ptr:
                 self._param_storages.setdefault(ptr, []).append(p)
         self._param_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Aliases of each parameter's memory (no copy): `p.data = other` rebinds a parameter
+        # without an op the capture sees, and `__exit__` binds this memory back.
+        self._original = {id(p): p.detach() for p in self._params.values()}
 
     def __enter__(self) -> ModelStateGuard:
         m = self.model
         self._attributes = ModuleAttributes(m)
-        # `p.data = other` rebinds a parameter's memory without an op the capture sees; an
-        # alias of the original keeps it (no copy) for `__exit__` to bind back.
-        self._param_data = [(p, p.detach()) for p in {id(p): p for p in self._params.values()}.values()]
         self._grads = {n: p.grad for n, p in self._params.items()}
         self._requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         self._training = {n: mod.training for n, mod in m.named_modules(remove_duplicate=False)}
@@ -70,18 +69,18 @@ class ModelStateGuard:
         return self
 
     def before_mutation(self, t: torch.Tensor) -> None:
-        """Called by the capture before an in-place op writes to `t`."""
-        if id(t) in self._param_ids:
-            targets = [t]
-        else:
-            try:
-                ptr = t.untyped_storage().data_ptr()
-            except (RuntimeError, NotImplementedError):  # tensors without storage
-                return
-            targets = self._param_storages.get(ptr, []) if ptr else []
+        """Called by the capture before an in-place op writes to `t`. What is copied is the
+        parameter's original memory: a write into memory that `p.data = ...` bound under it
+        needs no copy, as `__exit__` binds the original back."""
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage
+            return
+        targets = self._param_storages.get(ptr, []) if ptr else []
         for p in targets:
             if id(p) not in self._param_copies:
-                self._param_copies[id(p)] = (p, p.detach().clone())
+                original = self._original[id(p)]
+                self._param_copies[id(p)] = (original, original.clone())
 
     def analysis_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for n, p in self._params.items() if p.grad is not None}
@@ -93,12 +92,13 @@ class ModelStateGuard:
         tb: TracebackType | None,
     ) -> None:
         self._attributes.restore()
-        for p, data in self._param_data:
-            if p.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
-                p.data = data
+        for p in {id(p): p for p in self._params.values()}.values():
+            original = self._original[id(p)]
+            if p.untyped_storage().data_ptr() != original.untyped_storage().data_ptr() or p.shape != original.shape:
+                p.data = original
         with torch.no_grad():
-            for t, saved in self._param_copies.values():
-                t.copy_(saved)
+            for original, saved in self._param_copies.values():
+                original.copy_(saved)
             for b, saved in self._buffers.values():
                 if b.shape == saved.shape:
                     b.copy_(saved)

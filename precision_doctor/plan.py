@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -480,6 +481,12 @@ def _device_type(module: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping
     return p.device.type if p is not None else "cpu"
 
 
+# Each installed override -> (its handle, whether the module had its own `forward`, the
+# forward it wrapped). Looked up by identity: `functools.wraps` copies a wrapper's attributes
+# onto whatever wraps it (Accelerate's hooks), so a marker attribute would be inherited.
+_WRAPPERS: weakref.WeakKeyDictionary[Any, tuple[PlanHandle, bool, Any]] = weakref.WeakKeyDictionary()
+
+
 class PlanHandle:
     """The installed overrides; `remove()` (or leaving the `with` block) takes them off."""
 
@@ -509,7 +516,7 @@ class PlanHandle:
             finally:
                 self._depth -= 1
 
-        forward._precision_doctor_unwrap = (self, had, orig)  # type: ignore[attr-defined]
+        _WRAPPERS[forward] = (self, had, orig)
         module.forward = forward
         self._installed.append((module, had, orig, forward))
 
@@ -525,7 +532,7 @@ class PlanHandle:
         for module, had, orig, ours in reversed(installed):
             if module.__dict__.get("forward") is not ours:
                 continue
-            while (unwrap := getattr(orig, "_precision_doctor_unwrap", None)) is not None and not unwrap[0].active:
+            while (unwrap := _WRAPPERS.get(orig)) is not None and not unwrap[0].active:
                 _, had, orig = unwrap
             if had:
                 module.forward = orig

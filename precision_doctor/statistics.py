@@ -51,11 +51,12 @@ class TailCounts:
         self.subnormal += other.subnormal
 
 
-# Finite values this large are mask constants (`torch.finfo(torch.float32).min` added to
-# attention scores), not activations: no model computes 1e30 on purpose. The statistics
-# count them as what they are; the flags do not take them for overflow, nor a consumer for
-# overflowed input, and errors leave their positions out.
-SENTINEL_LOG2 = 100
+# Finite values in fp32's top binade, [2^127, 3.4e38], are mask constants
+# (`torch.finfo(torch.float32).min`, and scores plus it), not activations: a model blowing up
+# passes 1e32 on its way to Inf, but a value this close to fp32's max is put there. The
+# statistics count them as what they are; the flags do not take them for overflow, nor a
+# consumer for overflowed input, and errors leave their positions out.
+SENTINEL_LOG2 = 127
 SENTINEL = 2.0**SENTINEL_LOG2
 
 # Loss scales are 2^0..2^24, so only values below fp16's 2^-24 can ever be flushed: the
@@ -93,7 +94,7 @@ class TensorSummary:
 
     @property
     def sentinel_count(self) -> int:
-        """Finite values of at least 2^100: mask constants (see SENTINEL_LOG2)."""
+        """Finite values of at least 2^127: mask constants (see SENTINEL_LOG2)."""
         return int(self.hist[EXP_BIAS + SENTINEL_LOG2 : 255].sum())
 
     @property
@@ -351,7 +352,7 @@ class ErrorAccumulator:
     ) -> float:
         """Add one tensor pair; returns that pair's own relative error (inf if non-finite).
         Pass `ref_norm_sq` when several shadows are compared with the same fp32 tensor;
-        `masks` when `ref` holds mask constants (|x| >= 2^100), whose positions are left out:
+        `masks` when `ref` holds mask constants (|x| >= 2^127), whose positions are left out:
         fp16 turns them into -inf, which masks just as well."""
         if masks:
             keep = ref.detach().abs() < SENTINEL

@@ -488,6 +488,32 @@ def test_lazy_module_not_yet_run_is_a_user_error() -> None:
         pd.analyze(torch.nn.Sequential(torch.nn.LazyLinear(4)), torch.randn(2, 3), loss_fn=lambda o, b: o.sum())
 
 
+class ScalarNorm(torch.nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return (y * y).sum().sqrt()  # 0-dim; d sqrt / d x at 0 is Inf
+
+
+class ScaledByNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.norm = ScalarNorm()
+        self.head = torch.nn.Linear(8, 1)
+        torch.nn.init.zeros_(self.lin.weight)
+        torch.nn.init.zeros_(self.lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x * (1 + self.norm(self.lin(x)))).mean()
+
+
+def test_inf_made_by_a_scalar_node_is_blamed_on_it() -> None:
+    """0-dim gradients are not summarized, but their finiteness still decides which node made
+    an Inf: the sqrt at 0, not the node past it."""
+    report = pd.analyze(ScaledByNorm(), torch.randn(4, 8))
+    roots = [(f.unit, f.evidence.op) for f in report.flags() if f.flag is pd.Flag.NONFINITE_FP32]
+    assert roots == [("norm", "SqrtBackward0")]
+
+
 def _saved_activation_bytes(case: Case) -> int:
     """Independent count: storages autograd saves in a plain run (pack hook), less the
     parameters', buffers' and batch's memory."""

@@ -89,6 +89,17 @@ def test_html_with_malformed_extras(healthy: Report) -> None:
     text = render_html(healthy.model_copy(update={"extras": {"plan": [1, 2]}}))
     assert "extras[&#x27;plan&#x27;] is malformed" in text
     assert healthy.verdict in text
+    # Training sections with values of the wrong kind: a warning each, the page still renders.
+    run = {"mode": "low", "description": "d", "steps": [{"loss": None}]}
+    bad = {
+        "preflight": {"go": True, "judge": "low", "steps": 1, "runs": {"low": run}},
+        "scaler_monitor": {"steps": 3, "current_scale": 2.0, "prediction": {"skipped_steps": 4}},
+    }
+    text = render_html(healthy.model_copy(update={"extras": bad}))
+    assert "extras[&#x27;preflight&#x27;] is malformed" in text
+    assert "extras[&#x27;scaler_monitor&#x27;] is malformed" in text
+    odd = {"scaler_monitor": {"steps": 3, "current_scale": -1.0, "scale_history": [[0, -1.0]], "skipped_steps": [1]}}
+    assert 'id="training"' in render_html(healthy.model_copy(update={"extras": odd}))  # no log2 of a negative
 
 
 def test_histogram_against_dtype_range(faulty: Report) -> None:

@@ -154,6 +154,9 @@ class MutatesParam(nn.Module):
                 torch.clamp(self.lin.weight, -0.1, 0.1, out=self.lin.weight)
             elif self.how == "rebind":  # new memory bound under the parameter: no op sees it
                 self.scale.data = torch.full((4,), 3.0)
+            elif self.how == "rebind-write":  # then written in place: the copy must be the original's
+                self.lin.weight.data = self.lin.weight.data.clamp(-0.1, 0.1)
+                self.lin.weight.mul_(0.5)
         out = self.lin(x) * self.scale
         if self.then_raise:
             raise ValueError("after mutation")
@@ -241,7 +244,7 @@ def test_state_restored_when_backward_raises() -> None:
     run_and_check(model, BATCH6, sq_loss, raises=pd.PrecisionDoctorError, match="backward raised")
 
 
-@pytest.mark.parametrize("how", ["inplace", "copy", "out", "rebind"])
+@pytest.mark.parametrize("how", ["inplace", "copy", "out", "rebind", "rebind-write"])
 @pytest.mark.parametrize("then_raise", [False, True], ids=["ok", "raises"])
 def test_param_mutated_in_forward_is_restored(how: str, then_raise: bool) -> None:
     torch.manual_seed(0)

@@ -118,6 +118,20 @@ def test_plan_handles_come_off_in_any_order(rescue: tuple[Any, Plan]) -> None:
     assert model.norm.forward is outer  # not torn out from under its owner
     assert count_dtypes(model, batch).all == plain.all  # ours below it only passes through
 
+    # A wrapper made with functools.wraps (as Accelerate's are) copies our wrapper's
+    # attributes: a later handle's removal must still not take it for ours.
+    import functools
+
+    model = mod.build_model()
+    first = apply_plan(model, plan)
+    inner = model.norm.forward
+    model.norm.forward = functools.wraps(inner)(lambda *a, **k: inner(*a, **k))
+    wrapped = model.norm.forward
+    first.remove()
+    second = apply_plan(model, plan)
+    second.remove()
+    assert model.norm.forward is wrapped
+
 
 def test_python_snippet_installs_the_same_overrides(rescue: tuple[Any, Plan]) -> None:
     mod, plan = rescue
