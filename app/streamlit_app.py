@@ -242,27 +242,8 @@ def get_report() -> Report:
 
 
 def render(report: Report) -> None:
-    warnings = []
-    plan: F.PlanView | None = None
-    ls: F.LossScaleView | None = None
-    try:
-        plan = F.plan_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
-    try:
-        ls = F.loss_scale_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
-    pre: F.PreflightView | None = None
-    mon: F.MonitorView | None = None
-    try:
-        pre = F.preflight_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
-    try:
-        mon = F.monitor_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
+    extras = F.extras_of(report)
+    plan, ls, pre, mon, warnings = extras.plan, extras.loss_scale, extras.preflight, extras.monitor, extras.warnings
 
     st.title(f"precision-doctor: {md(report.model)}")
     (st.success if report else st.error)(md(report.verdict))

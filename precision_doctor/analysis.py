@@ -24,7 +24,6 @@ from .capture import (
     capture_pass,
     relative_loss_error,
     unit_outputs,
-    value_sources,
 )
 from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from .flags import reads_overflow, unit_flags
@@ -351,23 +350,14 @@ def build_report(
     # Forward dataflow between units, each produced tensor counted once per consumer unit.
     edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
     seen: set[tuple[int, str]] = set()
-    input_error: dict[str, float] = defaultdict(float)
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
-        for i, slot in zip(r.inputs, r.input_slots, strict=True):
+        for i in r.inputs:
             if i < 0:
                 continue
             src = records[i]
-            if src.unit == r.unit:
-                continue
-            # The error of the values read (an input already non-finite makes growth
-            # meaningless: that is inherited damage).
-            for v, k in value_sources(records, i, slot):
-                prop = records[v].output_errors.get(k, (None, None))[1]
-                if prop is not None:
-                    input_error[r.unit] = max(input_error[r.unit], prop.rel_l2)
-            if (i, r.unit) not in seen:
+            if src.unit != r.unit and (i, r.unit) not in seen:
                 seen.add((i, r.unit))
                 edge_bytes[(src.unit, r.unit)] += src.output_bytes
 
@@ -376,7 +366,7 @@ def build_report(
     params = dict(param_stats)
     for uname, urec in sorted(mode.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
-        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, fmt, th, input_error[uname]))
+        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, fmt, th))
 
     all_grads = TensorSummary()
     for urec in mode.units.values():
@@ -404,7 +394,6 @@ def _unit(
     low: LowDtype,
     fmt: Any,
     th: Thresholds,
-    input_error: float,
 ) -> Unit:
     fwd_ops = [r for r in ops if r.phase == Phase.FORWARD]
     bwd_ops = [r for r in ops if r.phase == Phase.BACKWARD]
@@ -419,7 +408,7 @@ def _unit(
         activation_bytes=urec.saved_bytes,
         param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
         op_count=len(ops),
-        flags=unit_flags(urec, ops, low, fmt, th, input_error),
+        flags=unit_flags(urec, ops, low, fmt, th),
         forward=UnitForward(
             stats=tensor_stats(urec.forward) if urec.forward.numel else None,
             local=_error(urec.local_error, urec.local_error.nonfinite_mismatch) if has_local else None,

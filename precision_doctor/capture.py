@@ -182,6 +182,7 @@ class UnitRecord:
     # wrote Inf/NaN into the model's state (a buffer updated in place).
     outputs_nonfinite: bool = True
     wrote_nonfinite_state: bool = False
+    input_prop_error: float = 0.0  # of the values it reads from other units
     grad_nodes: list[tuple[str, TensorSummary]] = field(default_factory=list)
     grad_nonfinite_root: str | None = None
     param_names: list[str] = field(default_factory=list)
@@ -1135,8 +1136,10 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
     - and pooling them would drown the output's error. `outputs_nonfinite` says whether they
     hold fp32 Inf/NaN: T5 takes `log(0)` on the way to its position buckets and drops the
     -inf, which is no finding. A unit whose values no other unit reads (the loss) pools all
-    its ops."""
+    its ops. `input_prop_error` is the largest propagated error of the values it reads from
+    other units (what ERROR_GROWTH compares with)."""
     outputs: dict[str, set[tuple[int, int]]] = {}
+    input_error: dict[str, float] = {}
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
@@ -1146,11 +1149,17 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
             for v, k in value_sources(records, i, slot):
                 if records[v].unit != r.unit:
                     outputs.setdefault(records[v].unit, set()).add((v, k))
+                    # The error of the values read (an input already non-finite makes growth
+                    # meaningless: that is inherited damage).
+                    prop = records[v].output_errors.get(k, (None, None))[1]
+                    if prop is not None:
+                        input_error[r.unit] = max(input_error.get(r.unit, 0.0), prop.rel_l2)
     by_unit: dict[str, list[OpRecord]] = {}
     for r in records:
         if r.phase == Phase.FORWARD and r.output_errors:
             by_unit.setdefault(r.unit, []).append(r)
     for name, urec in units.items():
+        urec.input_prop_error = input_error.get(name, 0.0)
         read = sorted(outputs.get(name, ()))
         if read:
             urec.outputs_nonfinite = any(

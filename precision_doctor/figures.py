@@ -11,6 +11,7 @@ import html
 import math
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -158,16 +159,36 @@ def loss_scale_of(report: Report) -> LossScaleView | None:
     return ls
 
 
-def preflight_of(report: Report) -> PreflightView | None:
-    """The pre-flight section, or None; PrecisionDoctorError when malformed."""
-    view: PreflightView | None = _extra(report, "preflight", PreflightView)
-    return view
+@dataclass(frozen=True)
+class Extras:
+    """What later stages added to a report, for rendering: each section None when absent
+    or malformed; a malformed one is a line in `warnings`, and the rest still renders."""
+
+    plan: PlanView | None
+    loss_scale: LossScaleView | None
+    preflight: PreflightView | None
+    monitor: MonitorView | None
+    warnings: tuple[str, ...]
 
 
-def monitor_of(report: Report) -> MonitorView | None:
-    """The scaler monitor section, or None; PrecisionDoctorError when malformed."""
-    view: MonitorView | None = _extra(report, "scaler_monitor", MonitorView)
-    return view
+_SECTIONS: tuple[tuple[str, str, type[_Extra]], ...] = (
+    ("plan", "plan", PlanView),
+    ("loss_scale", "loss_scale", LossScaleView),
+    ("preflight", "preflight", PreflightView),
+    ("monitor", "scaler_monitor", MonitorView),
+)
+
+
+def extras_of(report: Report) -> Extras:
+    found: dict[str, Any] = {}
+    warnings: list[str] = []
+    for field_name, key, view in _SECTIONS:
+        try:
+            found[field_name] = _extra(report, key, view)
+        except PrecisionDoctorError as e:
+            found[field_name] = None
+            warnings.append(str(e))
+    return Extras(**found, warnings=tuple(warnings))
 
 
 def preflight_run_rows(pre: PreflightView) -> list[dict[str, Any]]:

@@ -45,7 +45,6 @@ def unit_flags(
     dtype: LowDtype,
     fmt: FormatLimits,
     th: Thresholds,
-    input_prop_error: float,
 ) -> list[FlagRecord]:
     flags: list[FlagRecord] = []
 
@@ -140,7 +139,7 @@ def unit_flags(
 
     prop = unit.prop_error.rel_l2
     if math.isfinite(prop) and prop >= th.error_growth_min_rel_error:
-        base = input_prop_error if input_prop_error > 0 else 0.0
+        base = unit.input_prop_error
         growth = prop / base if base > 0 else math.inf
         if growth >= th.error_growth_factor:
             add(

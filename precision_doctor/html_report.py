@@ -9,15 +9,11 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from .errors import PrecisionDoctorError
 from .figures import (
-    LossScaleView,
-    MonitorView,
-    PlanView,
-    PreflightView,
     depth_figure,
     error_rows,
     export_file,
+    extras_of,
     flag_counts,
     flag_rows,
     fmt,
@@ -25,14 +21,10 @@ from .figures import (
     histogram_figure,
     layer_rows,
     loss_scale_figure,
-    loss_scale_of,
     monitor_items,
-    monitor_of,
     ordered_units,
     overview_items,
     plan_cost_figure,
-    plan_of,
-    preflight_of,
     preflight_run_rows,
     takeoff_unit,
     training_figure,
@@ -125,28 +117,8 @@ def render_html(report: Report) -> str:
     """The whole report as one HTML document."""
     fig = _Figures()
     parts: list[str] = []
-    warnings: list[str] = []
-    plan: PlanView | None = None
-    ls: LossScaleView | None = None
-    # A malformed later-stage section is reported in the page; the rest still renders.
-    try:
-        plan = plan_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
-    try:
-        ls = loss_scale_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
-    pre: PreflightView | None = None
-    mon: MonitorView | None = None
-    try:
-        pre = preflight_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
-    try:
-        mon = monitor_of(report)
-    except PrecisionDoctorError as e:
-        warnings.append(str(e))
+    extras = extras_of(report)
+    plan, ls, pre, mon, warnings = extras.plan, extras.loss_scale, extras.preflight, extras.monitor, extras.warnings
     dtype = report.environment.dtype
 
     parts.append(f"<h1>precision-doctor: {_e(report.model)}</h1>")
