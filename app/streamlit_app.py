@@ -183,9 +183,7 @@ def loss_scale(report: Report, ls: F.LossScaleView | None) -> None:
 
 def training_section(pre: F.PreflightView | None, mon: F.MonitorView | None) -> None:
     if pre is not None:
-        planned = "" if pre.planned_go is None else f"; with the plan: {'go' if pre.planned_go else 'no-go'}"
-        text = f"Pre-flight: {'GO' if pre.go else 'NO-GO'} ({pre.judge} configuration, {pre.steps} steps){planned}"
-        (st.success if pre.go else st.error)(md(text))
+        (st.success if pre.go else st.error)(md(F.preflight_verdict(pre)))
         if pre.reasons:
             st.dataframe(_df([r.model_dump() for r in pre.reasons]), hide_index=True)
         st.dataframe(_df(F.preflight_run_rows(pre)), hide_index=True)

@@ -823,7 +823,9 @@ class ShadowCapture(TorchDispatchMode):
                 self.seq_units[seq] = unit
         low = self.policy.is_low(unit)
 
-        written = [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
+        written: list[Any] = []  # most ops write nothing: no list work for them
+        if info.mutates or info.writes_kwargs:
+            written = [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
         for t in written:
             if isinstance(t, torch.Tensor):
                 self.on_mutation(t)  # `out=` too: `torch.mul(w, 0.5, out=w)` writes a parameter
@@ -922,8 +924,9 @@ class ShadowCapture(TorchDispatchMode):
             rec.value_sources = self._passed_on(func, info, args, tensors_in, producers)
         # Writing into a view (`out[:8] = y`) changes its base, which consumers read: the base
         # now holds this op's values beside those it held before.
-        bases = [args[i]._base for i in info.mutates if i < len(args) and isinstance(args[i], torch.Tensor)]
-        bases = [b for b in bases if b is not None]
+        bases = [
+            b for i in info.mutates if i < len(args) and isinstance(args[i], torch.Tensor) and (b := args[i]._base) is not None
+        ]
         if bases:
             own = rec.value_sources if rec.value_sources is not None else tuple((rec.index, k) for k in range(len(outs)))
             before = [src for b in bases if (p := self._producer.get(b)) is not None for src in value_sources(self.records, *p)]

@@ -191,6 +191,11 @@ def extras_of(report: Report) -> Extras:
     return Extras(**found, warnings=tuple(warnings))
 
 
+def preflight_verdict(pre: PreflightView) -> str:
+    planned = "" if pre.planned_go is None else f"; with the plan: {'go' if pre.planned_go else 'no-go'}"
+    return f"Pre-flight: {'GO' if pre.go else 'NO-GO'} ({pre.judge} configuration, {pre.steps} steps){planned}"
+
+
 def preflight_run_rows(pre: PreflightView) -> list[dict[str, Any]]:
     return [
         {"run": name, "configuration": r.description, "steps": len(r.steps),

@@ -26,6 +26,7 @@ from .figures import (
     overview_items,
     plan_cost_figure,
     preflight_run_rows,
+    preflight_verdict,
     takeoff_unit,
     training_figure,
 )
@@ -182,10 +183,8 @@ def render_html(report: Report) -> str:
     if pre is not None or mon is not None:
         parts.append('<h2 id="training">Training</h2>')
         if pre is not None:
-            verdict = "GO" if pre.go else "NO-GO"
-            planned = "" if pre.planned_go is None else f"; with the plan: {'go' if pre.planned_go else 'no-go'}"
-            parts.append(f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">Pre-flight: {verdict} '
-                         f"({_e(pre.judge)} configuration, {pre.steps} steps){_e(planned)}</p>")
+            parts.append(f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">'
+                         f"{_e(preflight_verdict(pre))}</p>")
             if pre.reasons:
                 parts.append(_table([r.model_dump() for r in pre.reasons]))
             parts.append(_table(preflight_run_rows(pre)))
