@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import precision_doctor  # noqa: E402
-from precision_doctor.model_spec import load_model_file, resolve_loss, run_model  # noqa: E402
+from precision_doctor.model.spec import load_model_file, resolve_loss, run_model  # noqa: E402
 
 DEMO_FILE = ROOT / "sample_models" / "tiny_transformer.py"
 TIME_TARGET = 3.0

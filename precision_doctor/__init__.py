@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .analysis import analyze
-from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from .loss_scale import recommend_loss_scale
-from .monitor import ScalerMonitor
-from .options import CapturePath, Flag, LowDtype, Thresholds
-from .plan import Plan, apply_plan, plan_model
-from .preflight import PreflightResult, preflight
-from .report import SCHEMA_VERSION, Report
+from precision_doctor.analysis.engine import analyze
+from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from precision_doctor.options import CapturePath, Flag, LowDtype, Thresholds
+from precision_doctor.planning.loss_scale import recommend_loss_scale
+from precision_doctor.planning.plan import Plan, apply_plan, plan_model
+from precision_doctor.report import SCHEMA_VERSION, Report
+from precision_doctor.training.monitor import ScalerMonitor
+from precision_doctor.training.preflight import PreflightResult, preflight
+from precision_doctor.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -14,12 +14,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cost import Target
-from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from .export import ExportFormat
-from .options import CostSource, LowDtype, Thresholds
-from .plan import DEFAULT_TOLERANCE
-from .report import check_writable, write_atomic
+from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from precision_doctor.options import CostSource, LowDtype, Thresholds
+from precision_doctor.planning.cost import Target
+from precision_doctor.planning.export import ExportFormat
+from precision_doctor.planning.plan import DEFAULT_TOLERANCE
+from precision_doctor.report import check_writable, write_atomic
 
 app = typer.Typer(
     add_completion=False,
@@ -120,9 +120,9 @@ def analyze(
     With --out or any plan option (--export, --export-format, --target, --cost measured,
     --tolerance) it also searches the per-module dtype plan and the initial loss scale and
     stores them in the report."""
-    from .analysis import analyze as run_analysis
-    from .model_spec import load_model_file
-    from .render import render_report
+    from precision_doctor.analysis.engine import analyze as run_analysis
+    from precision_doctor.model.spec import load_model_file
+    from precision_doctor.views.terminal import render_report
 
     thresholds = parse_thresholds(threshold or [])
     if open_app and out is None:
@@ -155,15 +155,15 @@ def analyze(
     )
     plan = None
     if plan_wanted:
-        from .export import export_caveats, render
-        from .plan import plan_and_advise
+        from precision_doctor.planning.export import export_caveats, render
+        from precision_doctor.planning.plan import plan_and_advise
 
         # The plan's search is only as good as its cost model's units; keep it off the plain
         # analysis path (it adds verification passes, each a forward of the model).
         costs = None
         target_name = (target or Target.H100).value
         if cost is CostSource.MEASURED:
-            from .timing import measure_cost_model
+            from precision_doctor.planning.timing import measure_cost_model
 
             with err_console.status("timing each unit in fp32 and " + str(dtype)) if not quiet else nullcontext():
                 costs = measure_cost_model(spec.model, spec.batch, spec.loss_fn, report)
@@ -189,12 +189,12 @@ def analyze(
         report.save(out)
         console.print(f"report written to {out}")
     if html is not None:
-        from .html_report import write_html
+        from precision_doctor.views.html_report import write_html
 
         write_html(report, html)
         console.print(f"HTML report written to {html}")
     if open_app and out is not None:
-        from .app_launcher import launch_app
+        from precision_doctor.views.launcher import launch_app
 
         raise typer.Exit(launch_app(out))
 
@@ -208,7 +208,7 @@ def app_command(
     debug: DebugOpt = False,
 ) -> None:
     """Open the interactive report (Streamlit) on a saved report. Never reruns the analysis."""
-    from .app_launcher import launch_app
+    from precision_doctor.views.launcher import launch_app
 
     code = launch_app(report, port=port, headless=headless)
     if code:
@@ -246,9 +246,9 @@ def preflight_command(
     plain low precision and the recommended plan (on copies of the model). Default: 8 steps,
     the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
     Exit 0 = go, 1 = a risk named in --fail-on was found, 2 = bad input."""
-    from .model_spec import load_model_file
-    from .preflight import parse_fail_on
-    from .preflight import preflight as run_preflight
+    from precision_doctor.model.spec import load_model_file
+    from precision_doctor.training.preflight import parse_fail_on
+    from precision_doctor.training.preflight import preflight as run_preflight
 
     risks = parse_fail_on(fail_on)  # validated before any work
     if steps < 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import LowDtype
+from precision_doctor.options import LowDtype
 
 TORCH_DTYPES: dict[LowDtype, torch.dtype] = {
     LowDtype.FP16: torch.float16,

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
-from .errors import PrecisionDoctorError
+from precision_doctor.errors import PrecisionDoctorError
 
 
 class StrEnum(str, enum.Enum):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import PrecisionDoctorError
-from .options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase
 
 SCHEMA_VERSION = 2
 """Bumped on any change that an older reader would misread."""

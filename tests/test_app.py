@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor.app_launcher import APP_SCRIPT, launch_app, streamlit_command
 from precision_doctor.report import Report
+from precision_doctor.views.launcher import APP_SCRIPT, launch_app, streamlit_command
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
@@ -39,7 +39,7 @@ def faulty_report() -> Report:
 
 
 def sample_report() -> Report:
-    from precision_doctor.model_spec import load_model_file
+    from precision_doctor.model.spec import load_model_file
 
     spec = load_model_file(ROOT / "sample_models" / "tiny_transformer.py")
     return pd.analyze(spec.model, spec.batch, spec.loss_fn, name=spec.name)
@@ -285,7 +285,7 @@ def test_launcher_validates_before_starting(reports: dict[str, tuple[Report, Pat
         assert env["PRECISION_DOCTOR_REPORT"] == str(path.resolve())
         return 0
 
-    monkeypatch.setattr("precision_doctor.app_launcher.subprocess.call", fake_call)
+    monkeypatch.setattr("precision_doctor.views.launcher.subprocess.call", fake_call)
     for case, (bad, phrase) in _bad_inputs(tmp_path, reports["sample"][1]).items():
         with pytest.raises(pd.PrecisionDoctorError, match=re.escape(phrase)):
             launch_app(bad)

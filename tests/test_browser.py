@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor.html_report import write_html
 from precision_doctor.report import Report
+from precision_doctor.views.html_report import write_html
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: run .ci/install_browser.sh")

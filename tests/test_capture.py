@@ -660,24 +660,24 @@ def test_pooled_buffers_change_no_result(name: str, monkeypatch: pytest.MonkeyPa
     """Large upcasts and large shadow results go through reused buffers (the results via
     the op's `out=` overload). Pooling every tensor must give the same losses and errors
     as pooling none."""
-    from precision_doctor import capture
+    import precision_doctor.capture.shadow as capture
 
     def run() -> pd.Report:
         case = build(name)
         torch.manual_seed(SEED)
         return pd.analyze(case.model, case.batch, case.loss_fn)
 
-    monkeypatch.setattr(capture, "_POOLED_ELEMENTS", 1 << 62)
+    monkeypatch.setattr(capture, "POOLED_ELEMENTS", 1 << 62)
     plain = run()
-    monkeypatch.setattr(capture, "_POOLED_ELEMENTS", 1)
+    monkeypatch.setattr(capture, "POOLED_ELEMENTS", 1)
     calls: list[str] = []
-    real = capture._out_overload
+    real = capture.out_overload
 
     def spy(func: Any) -> Any:
         calls.append(str(func))
         return real(func)
 
-    monkeypatch.setattr(capture, "_out_overload", spy)
+    monkeypatch.setattr(capture, "out_overload", spy)
     pooled = run()
     assert calls  # results did go through out= overloads
     assert pooled.losses == plain.losses
@@ -691,7 +691,7 @@ def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.Mon
     """An add hands its output's gradient to both inputs as the same tensor: one summary,
     merged wherever that gradient reaches, with the same unit statistics as summarizing
     every time."""
-    from precision_doctor import capture
+    import precision_doctor.capture.shadow as capture
 
     counted: list[int] = []
     real, real_add = capture.summarize, capture.SummaryBatch.add
@@ -724,7 +724,7 @@ def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.Mon
 
 
 def test_cached_gradient_summary_follows_in_place_changes() -> None:
-    from precision_doctor import capture
+    import precision_doctor.capture.shadow as capture
 
     model = torch.nn.Linear(2, 2)
     with capture.capture_pass(model, torch.float16, capture.Policy({"": True})) as mode:
@@ -775,11 +775,12 @@ def test_in_place_write_waits_for_the_gradient_batch() -> None:
 def test_heap_returned_before_backward_only_after_a_large_forward(
     threshold: int, trims: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from precision_doctor import capture
+    import precision_doctor.capture.memory as memory
+    import precision_doctor.capture.shadow as capture
 
     calls: list[int] = []
-    monkeypatch.setattr(capture, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
-    monkeypatch.setattr(capture, "_TRIM_AFTER_FORWARD_BYTES", threshold)
+    monkeypatch.setattr(memory, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(capture, "TRIM_AFTER_FORWARD_BYTES", threshold)
     case = build("mlp")
     pd.analyze(case.model, case.batch, case.loss_fn)
     assert calls == [0] * trims
@@ -790,7 +791,7 @@ def test_weak_id_map_follows_tensor_lifetimes() -> None:
     a later tensor that reuses a dead one's id is not taken for it."""
     import gc
 
-    from precision_doctor.capture import WeakIdMap
+    from precision_doctor.capture.memory import WeakIdMap
 
     store = WeakIdMap()
     a, b = torch.ones(3), torch.ones(3)

@@ -112,7 +112,7 @@ def test_model_file_classes_are_named_by_the_file(tmp_path: Path) -> None:
     file in sys.modules, where it could shadow a module of the same name."""
     import sys
 
-    from precision_doctor.model_spec import load_model_file
+    from precision_doctor.model.spec import load_model_file
 
     body = "import torch\nclass Net(torch.nn.Linear):\n    pass\ndef build_model():\n    return Net(2, 1)\n"
     body += "def make_batch():\n    return torch.ones(1, 2)\n"

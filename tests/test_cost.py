@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 import precision_doctor as pd
-from precision_doctor.cost import (
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.options import Phase
+from precision_doctor.planning.cost import (
     PROFILES,
     Target,
     autocast_assignment,
     build_cost_model,
     profile_for,
 )
-from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import Phase
 from precision_doctor.report import OpCost
 from tests import fixtures
 

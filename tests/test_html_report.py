@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor import figures as F
+import precision_doctor.views.figures as F
 from precision_doctor.formats import BF16, FP16
-from precision_doctor.html_report import render_html, write_html
 from precision_doctor.report import Report
+from precision_doctor.views.html_report import render_html, write_html
 
 EVIL = '<img src=x onerror="__pwned=1">'
 

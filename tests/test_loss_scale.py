@@ -13,9 +13,13 @@ import pytest
 import torch
 
 import precision_doctor as pd
-from precision_doctor.emulation import emulated_precision
-from precision_doctor.loss_scale import HEADROOM_LOG2, advise_from_histogram, underflow_fraction
+from precision_doctor.capture.emulation import emulated_precision
 from precision_doctor.options import LowDtype
+from precision_doctor.planning.loss_scale import (
+    HEADROOM_LOG2,
+    advise_from_histogram,
+    underflow_fraction,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -67,8 +71,8 @@ def test_bf16_needs_no_scaler() -> None:
 def test_report_fractions_at_any_scale_match_numpy(scale_log2: int) -> None:
     """What preflight judges a plan's scale by (a saved report's histogram at 2^k, beyond the
     2^0..2^24 curve too) against numpy on hand-built gradients spanning 2^-60..2^14."""
-    from precision_doctor.analysis import loss_scale_curve, tensor_stats
-    from precision_doctor.statistics import summarize
+    from precision_doctor.analysis.engine import loss_scale_curve, tensor_stats
+    from precision_doctor.capture.statistics import summarize
 
     rng = np.random.default_rng(0)
     exps = rng.integers(-60, 15, 4000)
@@ -100,7 +104,7 @@ def test_rejudging_at_the_reports_own_scale_gives_its_flags(name: str) -> None:
     """What preflight uses for a plan's scale, run at the analysis' own 2^16, reproduces the
     analysis' gradient flags: values, and the exemption of a unit fed overflowed values
     (ffn_overflow's `block.ff.wo`, whose huge gradients come from `wi`'s overflow)."""
-    from precision_doctor.flags import gradient_flags_at_scale
+    from precision_doctor.analysis.flags import gradient_flags_at_scale
     from precision_doctor.formats import FP16
     from precision_doctor.options import Flag, Thresholds
 

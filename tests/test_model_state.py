@@ -322,12 +322,12 @@ def test_mutation_test_can_fail() -> None:
 
 def test_no_mode_or_hook_left_after_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure inside the capture machinery itself still unwinds everything."""
-    import precision_doctor.capture as capture
+    import precision_doctor.capture.shadow as capture
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise ZeroDivisionError("flop formula exploded")
 
-    monkeypatch.setattr(capture.ShadowCapture, "_flops", staticmethod(broken))
+    monkeypatch.setattr(capture, "op_flops", broken)
     model = stateful_seq(nn.ReLU()).train()
     prepare(model)
     run_and_check(
@@ -336,12 +336,12 @@ def test_no_mode_or_hook_left_after_internal_error(monkeypatch: pytest.MonkeyPat
 
 
 def test_capture_bug_during_forward_is_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import precision_doctor.capture as capture
+    import precision_doctor.capture.shadow as capture
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise ZeroDivisionError("flop formula exploded")
 
-    monkeypatch.setattr(capture.ShadowCapture, "_flops", staticmethod(broken))
+    monkeypatch.setattr(capture, "op_flops", broken)
     with pytest.raises(pd.PrecisionDoctorInternalError):
         pd.analyze(nn.Linear(3, 1), torch.randn(2, 3), sq_loss)
 

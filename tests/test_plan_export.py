@@ -12,9 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import precision_doctor as pd
-from precision_doctor.capture import UnitTracker
-from precision_doctor.emulation import emulated_precision
-from precision_doctor.export import (
+from precision_doctor.capture.emulation import emulated_precision
+from precision_doctor.capture.units import UnitTracker
+from precision_doctor.planning.export import (
     DEEPSPEED_BF16_KEYS,
     DEEPSPEED_FP16_KEYS,
     DEEPSPEED_TORCH_AUTOCAST_KEYS,
@@ -24,7 +24,7 @@ from precision_doctor.export import (
     render_hf,
     render_python,
 )
-from precision_doctor.plan import Plan, apply_plan, plan_model
+from precision_doctor.planning.plan import Plan, apply_plan, plan_model
 from tests.test_loss_scale import load
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
@@ -269,7 +269,7 @@ def curve(mod: Any, low_units: dict[str, bool] | None, steps: int = 100) -> list
 def test_plan_keeps_units_whose_gradients_no_scale_keeps() -> None:
     """At the plan's own loss scale no low unit loses its gradient (GRAD_UNDERFLOW judged as
     the analysis judges it); those that would are fp32, with that reason, and no more."""
-    from precision_doctor.flags import gradient_flags_at_scale
+    from precision_doctor.analysis.flags import gradient_flags_at_scale
     from precision_doctor.formats import FP16
 
     mod = load("deep_narrow_underflow")

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import precision_doctor as pd
 from precision_doctor.cli import app
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.model_spec import load_model_file
-from precision_doctor.preflight import RISK_NAMES, parse_fail_on
+from precision_doctor.model.spec import load_model_file
+from precision_doctor.training.preflight import RISK_NAMES, parse_fail_on
 
 from .fixtures import HEALTHY_FILE, build_mlp
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import precision_doctor as pd
-from precision_doctor.model_spec import load_model_file
+from precision_doctor.model.spec import load_model_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

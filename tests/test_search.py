@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from precision_doctor.search import PlanProblem, solve_exhaustive, solve_milp
+from precision_doctor.planning.search import PlanProblem, solve_exhaustive, solve_milp
 
 
 def random_problem(seed: int, n: int) -> PlanProblem:

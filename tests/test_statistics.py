@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from precision_doctor import statistics
-from precision_doctor.statistics import (
+import precision_doctor.capture.statistics as statistics
+from precision_doctor.capture.statistics import (
     SUMSQ_BINS,
     ErrorAccumulator,
     SummaryBatch,

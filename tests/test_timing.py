@@ -8,9 +8,14 @@ from typer.testing import CliRunner
 
 import precision_doctor as pd
 from precision_doctor.cli import app
-from precision_doctor.cost import unit_roofline_s
-from precision_doctor.plan import plan_model
-from precision_doctor.timing import _Call, measure_cost_model, record_module_calls, time_module_s
+from precision_doctor.planning.cost import unit_roofline_s
+from precision_doctor.planning.plan import plan_model
+from precision_doctor.planning.timing import (
+    _Call,
+    measure_cost_model,
+    record_module_calls,
+    time_module_s,
+)
 from tests.test_model_state import assert_restored, prepare, snapshot, stateful_seq
 
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import PrecisionDoctorError
+from precision_doctor.errors import PrecisionDoctorError
 
 if TYPE_CHECKING:
-    from ..preflight import PreflightResult
+    from precision_doctor.training.preflight import PreflightResult
 
 logger = logging.getLogger("precision_doctor")
 
@@ -79,11 +79,11 @@ def log_result(result: PreflightResult, mode: str, log: logging.Logger = logger)
 
 def __getattr__(name: str) -> Any:
     if name == "PreflightCallback":
-        from .transformers import PreflightCallback
+        from precision_doctor.integrations.transformers import PreflightCallback
 
         return PreflightCallback
     if name == "LightningPreflightCallback":
-        from .lightning import LightningPreflightCallback
+        from precision_doctor.integrations.lightning import LightningPreflightCallback
 
         return LightningPreflightCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

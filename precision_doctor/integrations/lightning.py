@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ..errors import PrecisionDoctorError
-from ..preflight import DEFAULT_STEPS, PreflightResult, preflight
-from . import PreflightFailed, check_mode, log_result, optimizer_factory
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.integrations import PreflightFailed, check_mode, log_result, optimizer_factory
+from precision_doctor.training.preflight import DEFAULT_STEPS, PreflightResult, preflight
 
 try:
     from lightning.pytorch import Callback

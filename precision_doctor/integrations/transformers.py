@@ -23,9 +23,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..model_spec import LossFn
-from ..preflight import DEFAULT_STEPS, PreflightResult, preflight
-from . import PreflightFailed, check_mode, log_result, logger, optimizer_factory
+from precision_doctor.integrations import (
+    PreflightFailed,
+    check_mode,
+    log_result,
+    logger,
+    optimizer_factory,
+)
+from precision_doctor.model.spec import LossFn
+from precision_doctor.training.preflight import DEFAULT_STEPS, PreflightResult, preflight
 
 __all__ = ["PreflightCallback"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import PrecisionDoctorError
+from precision_doctor.errors import PrecisionDoctorError
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 

@@ -1,4 +1,4 @@
-"""Start the Streamlit app (`app/streamlit_app.py`) on a saved report. The report is validated
+"""Start the Streamlit app (the packaged `streamlit_app.py` beside this module) on a saved report. The report is validated
 here first, so a bad file is one line and exit code 2 rather than a page that fails later."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import PrecisionDoctorError
-from .report import Report
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.report import Report
 
-APP_DIR = Path(__file__).resolve().parents[1] / "app"
-APP_SCRIPT = APP_DIR / "streamlit_app.py"
+APP_SCRIPT = Path(__file__).resolve().parent / "streamlit_app.py"
 ENV_VAR = "PRECISION_DOCTOR_REPORT"
 
 
@@ -41,6 +40,6 @@ def launch_app(report_path: str | os.PathLike[str], *, port: int | None = None, 
     if importlib.util.find_spec("streamlit") is None:
         raise PrecisionDoctorError("the app needs streamlit: pip install 'precision-doctor[app]'")
     if not APP_SCRIPT.is_file():
-        raise PrecisionDoctorError(f"the app is not installed beside the package (no {APP_SCRIPT})")
+        raise PrecisionDoctorError(f"the app script is missing from the installed package (no {APP_SCRIPT})")
     env = {**os.environ, ENV_VAR: str(path)}
     return subprocess.call(streamlit_command(path, port=port, headless=headless), env=env)

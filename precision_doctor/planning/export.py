@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from importlib import metadata
 
-from .capture import LOSS_UNIT
-from .options import LowDtype, StrEnum
-from .plan import Plan
+from precision_doctor.capture.units import LOSS_UNIT
+from precision_doctor.options import LowDtype, StrEnum
+from precision_doctor.planning.plan import Plan
 
 DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
 # Documented DeepSpeed keys (deepspeed.ai/docs/config-json).

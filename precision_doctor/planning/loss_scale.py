@@ -19,10 +19,10 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .capture import LOSS_UNIT, UNATTRIBUTED_UNIT
-from .formats import LIMITS
-from .options import LowDtype
-from .report import Report
+from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
+from precision_doctor.formats import LIMITS
+from precision_doctor.options import LowDtype
+from precision_doctor.report import Report
 
 HEADROOM_LOG2 = 2
 """Gradients often grow several-fold in the first steps; 4x headroom keeps those steps."""

@@ -9,7 +9,8 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from .figures import (
+from precision_doctor.report import Report, Unit, write_atomic
+from precision_doctor.views.figures import (
     depth_figure,
     error_rows,
     export_file,
@@ -30,7 +31,6 @@ from .figures import (
     takeoff_unit,
     training_figure,
 )
-from .report import Report, Unit, write_atomic
 
 MAX_DETAIL_UNITS = 30
 """Units given histograms: the flagged ones first. Each costs two figures of file size."""

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import PrecisionDoctorError
-from .formats import LIMITS, FormatLimits
-from .options import Flag, LowDtype
-from .report import ErrorStats, Report, TensorStats, Unit
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.formats import LIMITS, FormatLimits
+from precision_doctor.options import Flag, LowDtype
+from precision_doctor.report import ErrorStats, Report, TensorStats, Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go

@@ -14,24 +14,24 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import __version__
-from .capture import (
-    LOSS_UNIT,
-    OpRecord,
-    Policy,
-    ShadowCapture,
-    UnitRecord,
-    capture_pass,
+from precision_doctor.analysis.flags import reads_overflow, unit_flags
+from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
+from precision_doctor.capture.shadow import ShadowCapture, capture_pass
+from precision_doctor.capture.statistics import (
+    EXP_BIAS,
+    SUMSQ_BINS,
+    ErrorAccumulator,
+    SummaryBatch,
+    TensorSummary,
     relative_loss_error,
-    unit_outputs,
 )
-from .errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from .flags import reads_overflow, unit_flags
-from .formats import LIMITS, TORCH_DTYPES
-from .model_spec import LossFn, resolve_loss, run_model
-from .model_state import ModelStateGuard, ModuleAttributes
-from .options import CapturePath, LowDtype, Phase, Thresholds, parse_enum
-from .report import (
+from precision_doctor.capture.units import LOSS_UNIT, Policy
+from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from precision_doctor.formats import LIMITS, TORCH_DTYPES
+from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
+from precision_doctor.options import CapturePath, LowDtype, Phase, Thresholds, parse_enum
+from precision_doctor.report import (
     Environment,
     ErrorStats,
     FormatTails,
@@ -47,13 +47,7 @@ from .report import (
     UnitEdge,
     UnitForward,
 )
-from .statistics import (
-    EXP_BIAS,
-    SUMSQ_BINS,
-    ErrorAccumulator,
-    SummaryBatch,
-    TensorSummary,
-)
+from precision_doctor.version import __version__
 
 Progress = Callable[[str], None]
 LOSS_SCALES = range(25)

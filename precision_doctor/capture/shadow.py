@@ -18,22 +18,43 @@ number of the autograd node it created, and the backward op reads the node being
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.nn.modules import module as nn_module
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils.flop_counter import flop_registry
 
-from .errors import PrecisionDoctorInternalError
-from .options import Phase
-from .statistics import (
+from precision_doctor.capture.memory import (
+    TRIM_AFTER_FORWARD_BYTES,
+    WeakIdMap,
+    dense,
+    layout_key,
+    return_free_heap,
+)
+from precision_doctor.capture.ops import (
+    NO_SHADOW_OPS,
+    SELECT_OPS,
+    UNINITIALIZED_OPS,
+    WRAPPED_SCALAR_DTYPES,
+    OpInfo,
+    aten,
+    dtype_name,
+    fills_nonfinite,
+    map_args,
+    moved_bytes,
+    nbytes,
+    op_flops,
+    op_info,
+    out_overload,
+    outputs_of,
+    rearranges,
+    tensor_leaves,
+)
+from precision_doctor.capture.records import OpRecord, UnitRecord, value_sources
+from precision_doctor.capture.statistics import (
     ErrorAccumulator,
     SummaryBatch,
     TensorSummary,
@@ -41,395 +62,21 @@ from .statistics import (
     squared_norm,
     summarize,
 )
+from precision_doctor.capture.units import Policy, UnitAttribution
+from precision_doctor.errors import PrecisionDoctorInternalError
+from precision_doctor.options import Phase
 
-ROOT_UNIT = "<root>"
-LOSS_UNIT = "<loss>"
-UNATTRIBUTED_UNIT = "<backward>"
-
-aten = torch.ops.aten
-# Ops whose outputs hold the same values as their inputs: no statistics, no rounding.
-_COPY_OPS = frozenset(
-    {
-        aten.detach.default,
-        aten.clone.default,
-        aten.alias.default,
-        aten.copy_.default,
-        aten.lift_fresh.default,
-        aten._to_copy.default,
-        # Not views by schema, but their outputs hold their inputs' values (matmul's reshape
-        # of its result, concatenation): summarized where those values were made.
-        aten._unsafe_view.default,
-        aten.cat.default,
-        aten.stack.default,
-    }
-)
-# Ops whose outputs are values picked from a float input (rows of a table).
-_SELECT_OPS = frozenset({aten.embedding.default, aten.index_select.default, aten.gather.default})
 # Transient fp32 tensors at least this large (16 MiB) - upcast shadow inputs, shadow results
 # that are only rounded - go to reused buffers (see _pooled_like).
-_POOLED_ELEMENTS = 1 << 22
+POOLED_ELEMENTS = 1 << 22
 # Workspace slots of those buffers, released together before backward.
-_POOL_SLOT = "pooled"
+POOL_SLOT = "pooled"
 # Small gradients waiting in a batch before it is computed (values): bounds the batch's
 # buffers and the gradients it keeps alive (256 KiB of fp32 each; at 1 << 18 the demo
 # model's analysis peaked 4 MiB higher for 1 ms less).
 _BATCH_PENDING_ELEMENTS = 1 << 16
-_NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
-# Allocations hold whatever was in memory: their values are no statistic of the model.
-_UNINITIALIZED_OPS = frozenset(
-    {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default,
-     aten.new_empty_strided.default}
-)
-
-
-# In-place ops that change a tensor's shape or strides, not its values (`nn.GRU(batch_first=
-# True)` calls `transpose_`): the same op is applied to the tensor's shadows.
-_RESTRIDE_PACKETS = frozenset(
-    {aten.transpose_, aten.t_, aten.unsqueeze_, aten.squeeze_, aten.as_strided_, aten.swapdims_, aten.swapaxes_}
-)
-
-
-@dataclass(frozen=True)
-class _OpInfo:
-    name: str
-    preserves_values: bool
-    is_view: bool
-    mutates: tuple[int, ...]  # positional args written in place
-    random: bool
-    packet: Any
-    writes_kwargs: tuple[str, ...] = ()  # keyword-only args written (`out=`)
-    restrides: bool = False  # an in-place view op (see _RESTRIDE_PACKETS)
-
-
-_OP_INFO: dict[Any, _OpInfo] = {}
-
-
-def op_info(func: Any) -> _OpInfo:
-    info = _OP_INFO.get(func)
-    if info is None:
-        schema = func._schema
-        written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        mutates = tuple(i for i, a in enumerate(schema.arguments) if a in written and not a.kwarg_only)
-        restrides = func.overloadpacket in _RESTRIDE_PACKETS
-        info = _OpInfo(
-            name=str(func).removeprefix("aten."),
-            preserves_values=bool(func.is_view) or func in _COPY_OPS or func in _UNINITIALIZED_OPS or restrides,
-            is_view=bool(func.is_view),
-            mutates=mutates,
-            random=torch.Tag.nondeterministic_seeded in func.tags,
-            packet=func.overloadpacket,
-            writes_kwargs=tuple(a.name for a in written if a.kwarg_only),
-            restrides=restrides,
-        )
-        _OP_INFO[func] = info
-    return info
-
-
-@dataclass
-class OpRecord:
-    """One aten op of the captured pass: a node of the dataflow graph."""
-
-    index: int
-    op: str
-    unit: str
-    phase: Phase
-    inputs: tuple[int, ...]  # producing op index per tensor input; -1: a parameter or model input
-    output_shapes: tuple[tuple[int, ...], ...]
-    output_dtypes: tuple[str, ...]
-    output_bytes: int
-    flops: int
-    moved_bytes: int  # what the op reads and writes: 0 for a view
-    summary: TensorSummary | None = None
-    input_slots: tuple[int, ...] = ()  # which output of its producer each tensor input is
-    # Where this op's output values were made, as (op, output) pairs: None when the op made
-    # them itself; for a view or copy (cat too) those of the inputs it passes on.
-    value_sources: tuple[tuple[int, int], ...] | None = None
-    local_error: ErrorAccumulator | None = None  # over all its outputs
-    prop_error: ErrorAccumulator | None = None
-    # Per output position: (local, propagated) errors of that output alone.
-    output_errors: dict[int, tuple[ErrorAccumulator | None, ErrorAccumulator | None]] = field(default_factory=dict)
-    input_max_abs: float = 0.0  # largest |x| over its float inputs (inf if any is non-finite)
-    out_max_abs: float = 0.0  # the same over its outputs
-    local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
-    fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
-    # Its fp32 Inf/NaN are a mask's: an op put them there on purpose (`full(-inf)`) and ops
-    # since passed them on (`where`, an add to the scores), all with non-finite outputs.
-    mask_nonfinite: bool = False
-
-    @property
-    def local_rel_error(self) -> float | None:
-        return self.local_error.rel_l2 if self.local_error is not None else None
-
-    @property
-    def prop_rel_error(self) -> float | None:
-        return self.prop_error.rel_l2 if self.prop_error is not None else None
-
-
-@dataclass
-class UnitRecord:
-    """What one unit did across the pass: summaries and error accumulators."""
-
-    name: str
-    kind: str
-    op_indices: list[int] = field(default_factory=list)
-    forward: TensorSummary = field(default_factory=TensorSummary)
-    backward: TensorSummary = field(default_factory=TensorSummary)
-    # Errors of the unit's outputs (see `unit_outputs`), set once the pass is over.
-    local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
-    prop_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)
-    prop_nonfinite: int = 0
-    # Whether what it hands on holds fp32 Inf/NaN (True where no other unit reads it), or it
-    # wrote Inf/NaN into the model's state (a buffer updated in place).
-    outputs_nonfinite: bool = True
-    wrote_nonfinite_state: bool = False
-    input_prop_error: float = 0.0  # of the values it reads from other units
-    grad_nodes: list[tuple[str, TensorSummary]] = field(default_factory=list)
-    grad_nonfinite_root: str | None = None
-    param_names: list[str] = field(default_factory=list)
-    param_bytes: int = 0
-    saved_bytes: int = 0  # what autograd saved for backward from this unit's forward ops
-
-
-class UnitTracker:
-    """Which unit is running: a stack of module paths kept by global module hooks."""
-
-    def __init__(self, model: torch.nn.Module, on_exit: Callable[[str], None]) -> None:
-        self.paths: dict[int, str] = {}
-        self.kinds: dict[str, str] = {}
-        for name, mod in model.named_modules(remove_duplicate=True):
-            path = name or ROOT_UNIT
-            self.paths[id(mod)] = path
-            self.kinds[path] = type(mod).__name__
-        self.stack: list[str] = []
-        self.outside = ROOT_UNIT
-        self._on_exit = on_exit
-        self._handles: list[Any] = []
-
-    @property
-    def current(self) -> str:
-        return self.stack[-1] if self.stack else self.outside
-
-    def _pre(self, mod: torch.nn.Module, args: Any) -> None:
-        path = self.paths.get(id(mod))
-        if path is not None:
-            self.stack.append(path)
-
-    def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
-        path = self.paths.get(id(mod))
-        if path is not None and self.stack and self.stack[-1] == path:
-            self.stack.pop()
-            self._on_exit(path)
-
-    def __enter__(self) -> UnitTracker:
-        self._handles = [
-            nn_module.register_module_forward_pre_hook(self._pre),
-            nn_module.register_module_forward_hook(self._post, always_call=True),
-        ]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.stack.clear()
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
-def _tensor_leaves(args: Any, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            out.extend(t for t in a if isinstance(t, torch.Tensor))
-    return out
-
-
-def _map_args(args: Any, kwargs: Mapping[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, dict[str, Any]]:
-    def m(a: Any) -> Any:
-        if isinstance(a, torch.Tensor):
-            return fn(a)
-        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
-            return type(a)(fn(t) if isinstance(t, torch.Tensor) else t for t in a)
-        return a
-
-    return tuple(m(a) for a in args), {k: m(v) for k, v in kwargs.items()}
-
-
-def _fills_nonfinite(args: Any, kwargs: Mapping[str, Any]) -> bool:
-    """An op given a non-finite Python scalar (`masked_fill(mask, -inf)`) puts it there on
-    purpose: attention masks do this. That is not a NaN finding."""
-    return any(isinstance(a, float) and not math.isfinite(a) for a in (*args, *kwargs.values()))
-
-
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor)]
-    return []
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether `t` covers its memory exactly once in some order (a permuted contiguous
-    tensor), so a buffer of `numel` elements can take its strides."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _layout_key(t: torch.Tensor) -> tuple[Any, ...]:
-    """Tensors with equal keys read the same memory the same way."""
-    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-
-
-def _shapes(x: Any) -> Any:
-    """Tensors replaced by their shapes, through lists and tuples: what torch's FLOP
-    formulas take."""
-    if isinstance(x, torch.Tensor):
-        return x.shape
-    if isinstance(x, list):
-        return [_shapes(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_shapes(v) for v in x)
-    return x
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _moved_bytes(func: Any, info: _OpInfo, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
-    """What one op reads and writes: nothing for a view; a lookup reads the rows it picks
-    (as many bytes as it writes) and its indices, not the whole table."""
-    if info.is_view:
-        return 0
-    out = sum(_nbytes(t) for t in outputs)
-    if func in _SELECT_OPS:
-        return 2 * out + sum(_nbytes(t) for t in inputs if not t.is_floating_point())
-    return sum(_nbytes(t) for t in inputs) + out
-
-
-_OUT_OVERLOADS: dict[Any, Any] = {}
-
-
-def _out_overload(func: Any) -> Any:
-    """The `out=` overload of a single-output functional op (`mm.out` for `mm.default`):
-    the overload whose arguments are `func`'s plus one keyword `out`. None if there is none."""
-    if func in _OUT_OVERLOADS:
-        return _OUT_OVERLOADS[func]
-    found = None
-    schema = func._schema
-    if len(schema.returns) == 1 and not any(a.alias_info is not None for a in schema.arguments):
-        signature = [(a.name, str(a.type)) for a in schema.arguments]
-        for name in func.overloadpacket.overloads():
-            candidate = getattr(func.overloadpacket, name)
-            args = candidate._schema.arguments
-            outs = [a for a in args if a.alias_info is not None and a.alias_info.is_write]
-            rest = [(a.name, str(a.type)) for a in args if a not in outs]
-            if len(outs) == 1 and outs[0].name == "out" and outs[0].kwarg_only and rest == signature:
-                found = candidate
-                break
-    _OUT_OVERLOADS[func] = found
-    return found
-
-
-# Backward nodes whose gradient w.r.t. their input is the incoming gradient rearranged
-# (or zero-padded): no new values. Names without the trailing overload number.
-_REARRANGING_NODES = frozenset(
-    {
-        "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "AliasBackward", "TBackward",
-        "TransposeBackward", "PermuteBackward", "CloneBackward", "SqueezeBackward", "UnsqueezeBackward",
-        "SplitBackward", "SplitWithSizesBackward", "CatBackward", "SliceBackward", "SelectBackward",
-        "UnbindBackward", "StackBackward", "AsStridedBackward", "ToCopyBackward",
-    }
-)
-
-
-def _rearranges(node: Any) -> bool:
-    return bool(node.name().rstrip("0123456789") in _REARRANGING_NODES)
-
-
 # Per autograd node class, the attributes holding what it saved for backward.
 _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
-# A Python number in a tensor op (`x * 2.5`) becomes a 0-dim tensor of one of these dtypes.
-_WRAPPED_SCALAR_DTYPES = frozenset({torch.float64, torch.int64, torch.complex128, torch.bool})
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)  # glibc
-    except (OSError, AttributeError):  # musl and others: no malloc_trim
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-# Below this much forward output the trim (~1.6 ms on the demo model) costs more than it saves.
-_TRIM_AFTER_FORWARD_BYTES = 256 << 20
-
-
-def _return_free_heap() -> None:
-    """Hand the memory the forward freed (shadows, upcasts) back to the kernel before the
-    backward allocates gradients. Under free page reporting (virtio-balloon, as in
-    Firecracker VMs) the kernel reuses recently freed pages first, while pages idle for a
-    few seconds have gone back to the host and fault in at ~5 us per 4 KiB page (a fresh
-    51 MiB tensor: 70 ms instead of 8). On GPT-2 small the backward went from 1.4-1.8 s to
-    1.3-1.4 s (A/B, 4 runs each); the call itself takes ~24 ms."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-class WeakIdMap:
-    """Tensor -> value by identity, an entry dropped when its tensor dies: what torch's
-    `WeakIdKeyDictionary` does, with a lookup that builds no key object (0.08 us against
-    0.76 us; the capture looks up several per op)."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self) -> None:
-        self._data: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
-
-    def get(self, t: torch.Tensor, default: Any = None) -> Any:
-        entry = self._data.get(id(t))
-        return entry[1] if entry is not None and entry[0]() is t else default
-
-    def __contains__(self, t: torch.Tensor) -> bool:
-        entry = self._data.get(id(t))
-        return entry is not None and entry[0]() is t
-
-    def __setitem__(self, t: torch.Tensor, value: Any) -> None:
-        key, data = id(t), self._data
-
-        def drop(ref: weakref.ref[torch.Tensor]) -> None:
-            entry = data.get(key)
-            if entry is not None and entry[0] is ref:  # not a newer tensor with the same id
-                del data[key]
-
-        data[key] = (weakref.ref(t, drop), value)
-
-    def pop(self, t: torch.Tensor, default: Any = None) -> Any:
-        entry = self._data.get(id(t))
-        if entry is None or entry[0]() is not t:
-            return default
-        del self._data[id(t)]
-        return entry[1]
-
-    def clear(self) -> None:
-        self._data.clear()
 
 
 class _ModelOpError(Exception):
@@ -438,18 +85,6 @@ class _ModelOpError(Exception):
     def __init__(self, original: Exception) -> None:
         super().__init__(str(original))
         self.original = original
-
-
-class Policy:
-    """Which units run low. A dict with a `""` default key, as Polygraphy's per-unit options:
-    `{"": True, "lm_head": False}` runs everything low except `lm_head`."""
-
-    def __init__(self, low: Mapping[str, bool]) -> None:
-        self._low = dict(low)
-        self._default = self._low.get("", True)
-
-    def is_low(self, unit: str) -> bool:
-        return self._low.get(unit, self._default)
 
 
 class ShadowCapture(TorchDispatchMode):
@@ -466,7 +101,7 @@ class ShadowCapture(TorchDispatchMode):
 
     def __init__(
         self,
-        tracker: UnitTracker,
+        attribution: UnitAttribution,
         low_dtype: torch.dtype,
         policy: Policy,
         *,
@@ -475,7 +110,8 @@ class ShadowCapture(TorchDispatchMode):
         on_mutation: Callable[[torch.Tensor], None],
     ) -> None:
         super().__init__()
-        self.tracker = tracker
+        self.attribution = attribution
+        self.tracker = attribution.tracker
         self.low = low_dtype
         self.policy = policy
         self.collect = collect
@@ -484,9 +120,7 @@ class ShadowCapture(TorchDispatchMode):
         self.records: list[OpRecord] = []
         self.units: dict[str, UnitRecord] = {}
         self.op_count = 0
-        self.seq_start = torch.autograd._get_sequence_nr()
-        self.seq_units: dict[int, str] = {}
-        self.param_units: dict[int, str] = {}
+        self.seq_units = attribution.seq_units
         self._producer: WeakIdMap = WeakIdMap()
         self._global: WeakIdMap = WeakIdMap()
         self._locals: dict[str, WeakIdMap] = {}
@@ -525,18 +159,6 @@ class ShadowCapture(TorchDispatchMode):
         if local is not None:
             local.clear()
 
-    def _backward_unit(self) -> str:
-        node = torch._C._current_autograd_node()
-        if node is None:
-            return UNATTRIBUTED_UNIT
-        unit = self.seq_units.get(node._sequence_nr())
-        if unit is not None:
-            return unit
-        variable = getattr(node, "variable", None)  # AccumulateGrad holds its parameter
-        if variable is not None:
-            return self.param_units.get(id(variable), UNATTRIBUTED_UNIT)
-        return UNATTRIBUTED_UNIT
-
     # --- shadows -----------------------------------------------------------------------
     def _round(self, t: torch.Tensor) -> torch.Tensor:
         r = self._op_rounded.get(id(t))
@@ -552,10 +174,10 @@ class ShadowCapture(TorchDispatchMode):
         write their inputs, which would change the other shadow's input."""
         if not shareable:
             return s.float()
-        key = _layout_key(s)
+        key = layout_key(s)
         up = self._op_upcast.get(key)
         if up is None:
-            pooled = self._pooled_like(s, f"{_POOL_SLOT}.upcast{len(self._op_upcast)}")
+            pooled = self._pooled_like(s, f"{POOL_SLOT}.upcast{len(self._op_upcast)}")
             up = pooled.copy_(s) if pooled is not None else s.float()
             self._op_upcast[key] = up
         return up
@@ -565,7 +187,7 @@ class ShadowCapture(TorchDispatchMode):
         a large dense `t`; None otherwise. Large fresh CPU tensors are fresh mmaps whose
         pages fault in on first touch, ~5x the cost of a conversion into them; the buffers
         are released before backward, where they would only add to the peak."""
-        if t.numel() < _POOLED_ELEMENTS or not _dense(t):
+        if t.numel() < POOLED_ELEMENTS or not dense(t):
             return None
         buf = self.workspace.get(slot, t.numel(), torch.float32, t.device)
         return torch.as_strided(buf, t.shape, t.stride())
@@ -582,7 +204,7 @@ class ShadowCapture(TorchDispatchMode):
     def _run_shadow(
         self,
         func: Any,
-        info: _OpInfo,
+        info: OpInfo,
         args: Any,
         kwargs: Mapping[str, Any],
         store: WeakIdMap | None,
@@ -596,7 +218,7 @@ class ShadowCapture(TorchDispatchMode):
                 s = self._upcast(s, shareable=not (info.mutates or info.writes_kwargs))
             return s
 
-        sargs, skwargs = _map_args(args, kwargs, pick)
+        sargs, skwargs = map_args(args, kwargs, pick)
         for name in info.writes_kwargs:  # never write the fp32 tensor from a shadow (`out=`)
             t, st = kwargs.get(name), skwargs.get(name)
             if isinstance(t, torch.Tensor) and isinstance(st, torch.Tensor) and (
@@ -614,12 +236,12 @@ class ShadowCapture(TorchDispatchMode):
         return sargs, skwargs
 
     def _store_shadow(
-        self, info: _OpInfo, args: Any, out: Any, sout: Any, store: WeakIdMap, low: bool
+        self, info: OpInfo, args: Any, out: Any, sout: Any, store: WeakIdMap, low: bool
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Map each fp32 output to its shadow; returns the (ref, shadow) pairs for error."""
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        refs = _outputs(out)
-        shadows = _outputs(sout)
+        refs = outputs_of(out)
+        shadows = outputs_of(sout)
         for ref, sh in zip(refs, shadows, strict=False):
             if ref.dtype != torch.float32 or sh.dtype not in (torch.float32, self.low):
                 continue
@@ -659,7 +281,7 @@ class ShadowCapture(TorchDispatchMode):
                 saved.append(node.saved_tensors)
         for value in saved:
             for t in value if isinstance(value, (list, tuple)) else (value,):
-                if not isinstance(t, torch.Tensor) or (t.dim() == 0 and t.dtype in _WRAPPED_SCALAR_DTYPES):
+                if not isinstance(t, torch.Tensor) or (t.dim() == 0 and t.dtype in WRAPPED_SCALAR_DTYPES):
                     continue  # `x * 2.5` saves the Python number as a 0-dim double: not memory
                 ptr = t.untyped_storage().data_ptr()
                 if not ptr or ptr in self._saved_storages or ptr in self.external_storages:
@@ -687,9 +309,9 @@ class ShadowCapture(TorchDispatchMode):
         self._global.clear()
         for store in self._locals.values():
             store.clear()
-        self.workspace.release(_POOL_SLOT)
-        if sum(r.output_bytes for r in self.records) >= _TRIM_AFTER_FORWARD_BYTES:
-            _return_free_heap()
+        self.workspace.release(POOL_SLOT)
+        if sum(r.output_bytes for r in self.records) >= TRIM_AFTER_FORWARD_BYTES:
+            return_free_heap()
         handles: list[Any] = []
         root = loss.grad_fn
         if root is None:
@@ -712,7 +334,7 @@ class ShadowCapture(TorchDispatchMode):
                     self._accumulate_nodes[id(variable)] = node
                 elif node is root:
                     self._grad_finite[id(node)] = True  # the seed, d loss / d loss = 1: no gradient to judge
-                elif not _rearranges(node):
+                elif not rearranges(node):
                     handles.append(node.register_prehook(self._gradient_hook(node)))
                 stack.extend(nexts)
         return handles
@@ -758,7 +380,7 @@ class ShadowCapture(TorchDispatchMode):
         hooks are tensors already summarized. A cached summary is reused only while the tensor
         it was computed from is alive (so the memory cannot hold another tensor) and
         unchanged since (its version counter)."""
-        key = _layout_key(g)
+        key = layout_key(g)
         hit = self._grad_summaries.get(key)
         if hit is not None:
             ref, version, cached = hit
@@ -816,11 +438,11 @@ class ShadowCapture(TorchDispatchMode):
         info = op_info(func)
         self.op_count += 1
         backward = torch._C._current_graph_task_id() != -1
-        unit = self._backward_unit() if backward else self.tracker.current
-        if not backward:
-            seq = torch.autograd._get_sequence_nr() - 1
-            if seq >= self.seq_start and seq not in self.seq_units:
-                self.seq_units[seq] = unit
+        if backward:
+            unit = self.attribution.backward_unit()[0]
+        else:
+            unit = self.tracker.current
+            self.attribution.record_forward(unit)
         low = self.policy.is_low(unit)
 
         written: list[Any] = []  # most ops write nothing: no list work for them
@@ -832,8 +454,8 @@ class ShadowCapture(TorchDispatchMode):
                 if self._grad_batch.reads(t):
                     self.settle()  # the batch must read the gradient before this write
 
-        tensors_in = _tensor_leaves(args, kwargs)
-        shadows = not backward and func not in _NO_SHADOW_OPS and func not in _UNINITIALIZED_OPS and not info.restrides
+        tensors_in = tensor_leaves(args, kwargs)
+        shadows = not backward and func not in NO_SHADOW_OPS and func not in UNINITIALIZED_OPS and not info.restrides
         if shadows:
             shadows = not info.random and any(t.dtype == torch.float32 for t in tensors_in)
         local_store: WeakIdMap | None = None
@@ -846,7 +468,7 @@ class ShadowCapture(TorchDispatchMode):
                 local_store = self._locals.get(unit)
                 if local_store is None:
                     local_store = self._locals[unit] = WeakIdMap()
-            if low and func in _SELECT_OPS:
+            if low and func in SELECT_OPS:
                 rounded_rows = all(
                     t not in self._global and (local_store is None or t not in local_store)
                     for t in tensors_in
@@ -875,7 +497,7 @@ class ShadowCapture(TorchDispatchMode):
             self.failed_at = f"{info.name} in unit {unit!r} ({'backward' if backward else 'forward'})"
             raise _ModelOpError(e) from e
 
-        outs = _outputs(out)
+        outs = outputs_of(out)
         if info.restrides and not backward:
             for store in (self._global, *self._locals.values()):
                 shadow = store.get(args[0])
@@ -914,10 +536,10 @@ class ShadowCapture(TorchDispatchMode):
             phase=Phase.BACKWARD if backward else Phase.FORWARD,
             inputs=tuple(p[0] if p is not None else -1 for p in producers),
             output_shapes=tuple(tuple(t.shape) for t in outs),
-            output_dtypes=tuple(_dtype_name(t.dtype) for t in outs),
-            output_bytes=sum(_nbytes(t) for t in outs),
-            flops=self._flops(info, args, kwargs, out),
-            moved_bytes=_moved_bytes(func, info, tensors_in, outs),
+            output_dtypes=tuple(dtype_name(t.dtype) for t in outs),
+            output_bytes=sum(nbytes(t) for t in outs),
+            flops=op_flops(info, args, kwargs, out),
+            moved_bytes=moved_bytes(func, info, tensors_in, outs),
         )
         rec.input_slots = tuple(p[1] if p is not None else -1 for p in producers)
         if info.preserves_values:
@@ -962,7 +584,7 @@ class ShadowCapture(TorchDispatchMode):
         rec.summary = summary
         # Inf/NaN are out of range, but a mask's -inf and mask constants are no overflowed
         # values for a consumer to inherit, nor a finding.
-        rec.mask_nonfinite = bool(summary.nonfinite_count) and (masked_in or _fills_nonfinite(args, kwargs))
+        rec.mask_nonfinite = bool(summary.nonfinite_count) and (masked_in or fills_nonfinite(args, kwargs))
         nonfinite = bool(summary.nonfinite_count) and not rec.mask_nonfinite
         rec.out_max_abs = math.inf if nonfinite else summary.max_abs_below_sentinels
         if nonfinite and math.isfinite(in_max):
@@ -996,7 +618,7 @@ class ShadowCapture(TorchDispatchMode):
                 # Rounded rows that overflow came out of the table itself: its rounding made them.
                 inputs_ok = not rounded_rows and all(
                     bool(torch.isfinite(t).all())
-                    for t in _tensor_leaves(*largs)
+                    for t in tensor_leaves(*largs)
                     if t.dtype in (torch.float32, self.low)
                 )
                 if inputs_ok:
@@ -1011,11 +633,11 @@ class ShadowCapture(TorchDispatchMode):
         return out
 
     def _passed_on(
-        self, func: Any, info: _OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
+        self, func: Any, info: OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
     ) -> tuple[tuple[int, int], ...]:
         """The (op, output) pairs whose values a view or copy passes on: those of every float
         input it reads (all parts of a `cat`), not of the tensor a `copy_` writes into."""
-        if func in _UNINITIALIZED_OPS:
+        if func in UNINITIALIZED_OPS:
             return ()
         written = set() if info.restrides else {id(args[i]) for i in info.mutates if i < len(args)}
         found: dict[tuple[int, int], None] = {}
@@ -1039,7 +661,7 @@ class ShadowCapture(TorchDispatchMode):
         for node, unit, summaries, scalars_finite in grads:
             self._finish_gradient(node, unit, summaries, scalars_finite)
 
-    def _call_shadow(self, func: Any, info: _OpInfo, sargs: tuple[Any, dict[str, Any]], out: Any, *, stored_low: bool) -> Any:
+    def _call_shadow(self, func: Any, info: OpInfo, sargs: tuple[Any, dict[str, Any]], out: Any, *, stored_low: bool) -> Any:
         """Run one shadow of an op. A large fp32 result that is only rounded to the low dtype
         and dropped (a shadow of GPT-2's 12.9M logits) is written into a reused buffer
         through the op's `out=` overload: a fresh 51 MiB tensor costs more in page faults
@@ -1047,8 +669,8 @@ class ShadowCapture(TorchDispatchMode):
         if func is aten.native_dropout.default:
             return self._dropout_shadow(sargs[0], out)
         if stored_low and not info.preserves_values and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
-            result = self._pooled_like(out, f"{_POOL_SLOT}.result")
-            out_op = _out_overload(func) if result is not None else None
+            result = self._pooled_like(out, f"{POOL_SLOT}.result")
+            out_op = out_overload(func) if result is not None else None
             if out_op is not None:
                 return out_op(*sargs[0], **sargs[1], out=result)
         return func(*sargs[0], **sargs[1])
@@ -1062,21 +684,6 @@ class ShadowCapture(TorchDispatchMode):
         if not train or p == 0.0:
             return (shadow_in.float(), mask)
         return (shadow_in.float() * mask * (1.0 / (1.0 - p)), mask)
-
-    @staticmethod
-    def _flops(info: _OpInfo, args: Any, kwargs: Mapping[str, Any], out: Any) -> int:
-        formula = flop_registry.get(info.packet)
-        if formula is None:
-            return 0
-        try:
-            # torch's formulas take shapes; its wrapper maps them with pytree (~10 us a call)
-            raw = getattr(formula, "__wrapped__", None)
-            if raw is None:
-                return int(formula(*args, **kwargs, out_val=out))
-            shapes = [_shapes(a) for a in args]
-            return int(raw(*shapes, out_shape=_shapes(out), **{k: _shapes(v) for k, v in kwargs.items()}))
-        except Exception:  # a formula that does not fit this overload: cost it as 0 FLOPs
-            return 0
 
     def global_shadow(self, t: torch.Tensor) -> torch.Tensor | None:
         s = self._global.get(t)
@@ -1113,76 +720,11 @@ def capture_pass(
 ) -> Iterator[ShadowCapture]:
     """Unit tracking plus the shadow mode; both removed on exit, whatever happened."""
     mode: ShadowCapture | None = None
-    tracker = UnitTracker(model, on_exit=lambda path: mode.unit_exited(path) if mode else None)
+    attribution = UnitAttribution(model, on_exit=lambda path: mode.unit_exited(path) if mode else None)
     mode = _dynamo_safe(ShadowCapture)(
-        tracker, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation
+        attribution, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation
     )
-    for name, p in model.named_parameters():
-        owner = name.rpartition(".")[0] or ROOT_UNIT
-        mode.param_units[id(p)] = owner
     mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    with tracker, mode:
+    with attribution.tracker, mode:
         yield mode
 
-
-def value_sources(records: list[OpRecord], op: int, slot: int) -> tuple[tuple[int, int], ...]:
-    """The (op, output) pairs that made the values of output `slot` of record `op`."""
-    sources = records[op].value_sources
-    return ((op, slot),) if sources is None else sources
-
-
-def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> None:
-    """Set what each unit hands on: the values its ops made that an op of another unit reads
-    (through views, copies and concatenations; of a multi-output op, only the outputs read -
-    not a LayerNorm's saved statistics). Its local and propagated errors are those of these
-    outputs: a unit's internals can be far larger than what it hands on - `(x + 3000) - 3000`
-    - and pooling them would drown the output's error. `outputs_nonfinite` says whether they
-    hold fp32 Inf/NaN: T5 takes `log(0)` on the way to its position buckets and drops the
-    -inf, which is no finding. A unit whose values no other unit reads (the loss) pools all
-    its ops. `input_prop_error` is the largest propagated error of the values it reads from
-    other units (what ERROR_GROWTH compares with)."""
-    outputs: dict[str, set[tuple[int, int]]] = {}
-    input_error: dict[str, float] = {}
-    for r in records:
-        if r.phase != Phase.FORWARD:
-            continue
-        for i, slot in zip(r.inputs, r.input_slots, strict=True):
-            if i < 0:
-                continue
-            for v, k in value_sources(records, i, slot):
-                if records[v].unit != r.unit:
-                    outputs.setdefault(records[v].unit, set()).add((v, k))
-                    # The error of the values read (an input already non-finite makes growth
-                    # meaningless: that is inherited damage).
-                    prop = records[v].output_errors.get(k, (None, None))[1]
-                    if prop is not None:
-                        input_error[r.unit] = max(input_error.get(r.unit, 0.0), prop.rel_l2)
-    by_unit: dict[str, list[OpRecord]] = {}
-    for r in records:
-        if r.phase == Phase.FORWARD and r.output_errors:
-            by_unit.setdefault(r.unit, []).append(r)
-    for name, urec in units.items():
-        urec.input_prop_error = input_error.get(name, 0.0)
-        read = sorted(outputs.get(name, ()))
-        if read:
-            urec.outputs_nonfinite = any(
-                (summary := records[v].summary) is not None and summary.nonfinite_count > 0 for v, _ in read
-            )
-        pairs = [
-            errs for v, k in read if (errs := records[v].output_errors.get(k)) is not None
-        ] or [(r.local_error, r.prop_error) for r in by_unit.get(name, [])]
-        urec.local_error, urec.prop_error = ErrorAccumulator(), ErrorAccumulator()
-        for local, prop in pairs:
-            if local is not None:
-                urec.local_error.merge(local)
-            if prop is not None:
-                urec.prop_error.merge(prop)
-        urec.prop_nonfinite = urec.prop_error.nonfinite_mismatch
-
-
-def relative_loss_error(ref: float, low: float) -> float:
-    if not math.isfinite(low):
-        return math.inf
-    if ref == 0:
-        return abs(low)
-    return abs(low - ref) / abs(ref)

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report
+from precision_doctor.report import Report
 
 _STYLE = {
     "NONFINITE_FP32": "bold magenta",

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import PrecisionDoctorInternalError
-from .formats import BF16, FP16, FormatLimits
+from precision_doctor.errors import PrecisionDoctorInternalError
+from precision_doctor.formats import BF16, FP16, FormatLimits
 
 HIST_BINS = 256
 EXP_BIAS = 127
@@ -553,3 +553,9 @@ class SummaryBatch:
             sums = torch.zeros(len(bounds) * SUMSQ_BINS, dtype=torch.float64, device=flat.device)
             per_bin = sums.index_add_(0, key, values.double().square()).view(len(bounds), SUMSQ_BINS).cpu().numpy()
         return per_bin, totals
+def relative_loss_error(ref: float, low: float) -> float:
+    if not math.isfinite(low):
+        return math.inf
+    if ref == 0:
+        return abs(low)
+    return abs(low - ref) / abs(ref)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PrecisionDoctorError
+from precision_doctor.errors import PrecisionDoctorError
 
 EXHAUSTIVE_MAX_UNITS = 20
 _BUDGET_SLACK = 1e-9  # relative: float sums in two summation orders must agree on feasibility

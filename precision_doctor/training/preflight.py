@@ -46,13 +46,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import PrecisionDoctorError
-from .flags import gradient_flags_at_scale
-from .formats import LIMITS
-from .model_spec import LossFn, resolve_loss, run_model
-from .monitor import ScalerMonitor
-from .options import Flag, LowDtype, StrEnum, Thresholds, parse_enum
-from .report import Report
+from precision_doctor.analysis.flags import gradient_flags_at_scale
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.formats import LIMITS
+from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.options import Flag, LowDtype, StrEnum, Thresholds, parse_enum
+from precision_doctor.report import Report
+from precision_doctor.training.monitor import ScalerMonitor
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -283,7 +283,7 @@ def _precision(model: torch.nn.Module, units: Mapping[str, str] | None, dtype: t
     if dtype is None:
         yield
         return
-    from .emulation import emulated_precision
+    from precision_doctor.capture.emulation import emulated_precision
 
     if units is None:
         with emulated_precision(model, dtype):
@@ -520,7 +520,7 @@ def preflight(
     timings: dict[str, float] = {}
     messages: list[str] = []
 
-    from .analysis import analyze
+    from precision_doctor.analysis.engine import analyze
 
     batches = _batches(batch, make_batches, steps)
     say("analysis")
@@ -655,12 +655,12 @@ def _plan(
     """(units, plan extras, loss-scale extras, initial scale log2, note). A missing plan or
     loss-scale module (partial installs, development) skips the planned run with a note."""
     try:
-        from .plan import plan_model
+        from precision_doctor.planning.plan import plan_model
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.plan":
             raise
         return None, None, None, None, "planned run skipped: precision_doctor.plan is not available"
-    from .loss_scale import recommend_loss_scale
+    from precision_doctor.planning.loss_scale import recommend_loss_scale
 
     p = plan_model(_copy(model, "model"), batch, loss_fn, report, target=target)
     units = {str(k): str(v) for k, v in p.units.items()}

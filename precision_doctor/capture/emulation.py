@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .capture import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT, Policy, UnitTracker, op_info
+from precision_doctor.capture.ops import op_info
+from precision_doctor.capture.units import (
+    LOSS_UNIT,
+    ROOT_UNIT,
+    UNATTRIBUTED_UNIT,
+    Policy,
+    UnitTracker,
+)
 
 __all__ = ["EmulatedPrecisionMode", "emulated_precision"]
 

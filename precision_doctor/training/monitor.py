@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .errors import PrecisionDoctorError
-from .report import write_atomic
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.report import write_atomic
 
 MONITOR_KIND = "precision-doctor-scaler-monitor"
 MONITOR_SCHEMA_VERSION = 1

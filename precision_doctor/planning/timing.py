@@ -34,8 +34,13 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import ROOT_UNIT
-from .cost import (
+from precision_doctor.capture.units import ROOT_UNIT
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.formats import TORCH_DTYPES
+from precision_doctor.model.spec import LossFn, run_model
+from precision_doctor.model.state import ModelStateGuard
+from precision_doctor.options import LowDtype
+from precision_doctor.planning.cost import (
     CostModel,
     UnitCost,
     cast_edges,
@@ -44,12 +49,7 @@ from .cost import (
     unit_roofline_s,
     weight_cast_s,
 )
-from .errors import PrecisionDoctorError
-from .formats import TORCH_DTYPES
-from .model_spec import LossFn, run_model
-from .model_state import ModelStateGuard
-from .options import LowDtype
-from .report import Report
+from precision_doctor.report import Report
 
 DEFAULT_REPEATS = 5
 

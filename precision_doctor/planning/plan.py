@@ -27,17 +27,24 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.nn.modules import module as nn_module
 
-from .capture import LOSS_UNIT, ROOT_UNIT, Policy, capture_pass, relative_loss_error
-from .cost import CostModel, autocast_assignment, build_cost_model, profile_for
-from .errors import PrecisionDoctorError
-from .flags import gradient_flags_at_scale
-from .formats import LIMITS, TORCH_DTYPES
-from .loss_scale import LossScaleAdvice, recommend_loss_scale
-from .model_spec import LossFn, resolve_loss, run_model
-from .model_state import ModelStateGuard
-from .options import Flag, LowDtype, Thresholds
-from .report import Report, write_atomic
-from .search import PlanProblem, solve_milp
+from precision_doctor.analysis.flags import gradient_flags_at_scale
+from precision_doctor.capture.shadow import capture_pass
+from precision_doctor.capture.statistics import relative_loss_error
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, Policy
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.formats import LIMITS, TORCH_DTYPES
+from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.state import ModelStateGuard
+from precision_doctor.options import Flag, LowDtype, Thresholds
+from precision_doctor.planning.cost import (
+    CostModel,
+    autocast_assignment,
+    build_cost_model,
+    profile_for,
+)
+from precision_doctor.planning.loss_scale import LossScaleAdvice, recommend_loss_scale
+from precision_doctor.planning.search import PlanProblem, solve_milp
+from precision_doctor.report import Report, write_atomic
 
 PLAN_SCHEMA_VERSION = 1
 DEFAULT_TOLERANCE = 1e-2
@@ -165,7 +172,7 @@ class Plan(_Frozen):
         return "\n".join(lines)
 
     def to_extras(self) -> dict[str, object]:
-        from .export import render_all
+        from precision_doctor.planning.export import render_all
 
         return {
             "target": self.target,

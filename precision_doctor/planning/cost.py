@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import LOSS_UNIT
-from .errors import PrecisionDoctorError
-from .options import LowDtype, StrEnum
-from .report import Report, Unit
+from precision_doctor.capture.units import LOSS_UNIT
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.options import LowDtype, StrEnum
+from precision_doctor.report import Report, Unit
 
 CAST_BYTES_FACTOR = 1.5
 """A cast reads the tensor in one dtype and writes it in the other: 4 + 2 bytes per fp32 4."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .capture import LOSS_UNIT, OpRecord, UnitRecord
-from .formats import FormatLimits
-from .options import Flag, LowDtype, Phase, Thresholds
-from .report import Evidence, FlagRecord, Unit
+from precision_doctor.capture.records import OpRecord, UnitRecord
+from precision_doctor.capture.units import LOSS_UNIT
+from precision_doctor.formats import FormatLimits
+from precision_doctor.options import Flag, LowDtype, Phase, Thresholds
+from precision_doctor.report import Evidence, FlagRecord, Unit
 
 
 def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phase) -> OpRecord | None:
