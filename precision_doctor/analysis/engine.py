@@ -25,7 +25,7 @@ from precision_doctor.capture.statistics import (
     TensorSummary,
     relative_loss_error,
 )
-from precision_doctor.capture.units import LOSS_UNIT, Policy
+from precision_doctor.capture.units import LOSS_UNIT, Policy, owner_of
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
@@ -333,7 +333,7 @@ def build_report(
     for r in records:
         by_unit[r.unit].append(r)
     for pname, pstats in param_stats.items():
-        owner = mode.unit(pname.rpartition(".")[0] or "<root>")
+        owner = mode.unit(owner_of(pname))
         owner.param_names.append(pname)
         # Parameters' gradients are summarized after backward (see instrument_backward): a
         # unit's gradients are those w.r.t. its ops' outputs plus its parameters'.

@@ -15,9 +15,7 @@ What stays fp32, as under torch.autocast:
   `scaler.scale(loss)` must not overflow the loss it scales;
 - gradient accumulation into `.grad` (AccumulateGrad): AMP accumulates in fp32.
 
-Backward ops are attributed to units as in the capture (`ShadowCapture._backward_unit`):
-a forward op records the autograd sequence number of the node it created; the backward op
-reads the node being executed.
+Units are attributed, forward and backward, by the capture's `UnitAttribution`.
 """
 
 from __future__ import annotations
@@ -30,13 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precision_doctor.capture.ops import op_info
-from precision_doctor.capture.units import (
-    LOSS_UNIT,
-    ROOT_UNIT,
-    UNATTRIBUTED_UNIT,
-    Policy,
-    UnitTracker,
-)
+from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT, Policy, UnitAttribution
 
 __all__ = ["EmulatedPrecisionMode", "emulated_precision"]
 
@@ -46,35 +38,19 @@ class EmulatedPrecisionMode(TorchDispatchMode):
 
     def __init__(
         self,
-        tracker: UnitTracker,
+        attribution: UnitAttribution,
         low_dtype: torch.dtype,
         policy: Policy,
-        param_units: dict[int, str],
         loss_low: bool,
     ) -> None:
         super().__init__()
-        self.tracker = tracker
+        self.attribution = attribution
+        self.tracker = attribution.tracker
         self.low = low_dtype
         self.policy = policy
-        self.param_units = param_units
         self.loss_low = loss_low
-        self.seq_start = torch.autograd._get_sequence_nr()
-        self.seq_units: dict[int, str] = {}
         self.rounded_ops = 0
         self.fp32_ops = 0
-
-    def _backward_unit(self) -> tuple[str, bool]:
-        """(unit, is AccumulateGrad), attributed as `ShadowCapture._backward_unit` does."""
-        node = torch._C._current_autograd_node()
-        if node is None:
-            return UNATTRIBUTED_UNIT, False
-        unit = self.seq_units.get(node._sequence_nr())
-        if unit is not None:
-            return unit, False
-        variable = getattr(node, "variable", None)  # AccumulateGrad holds its parameter
-        if variable is not None:
-            return self.param_units.get(id(variable), UNATTRIBUTED_UNIT), True
-        return UNATTRIBUTED_UNIT, False
 
     def _is_low(self, unit: str) -> bool:
         if unit == UNATTRIBUTED_UNIT:
@@ -92,16 +68,14 @@ class EmulatedPrecisionMode(TorchDispatchMode):
         backward = torch._C._current_graph_task_id() != -1
         accumulate = False
         if backward:
-            unit, accumulate = self._backward_unit()
+            unit, accumulate = self.attribution.backward_unit()
         elif self.tracker.stack:
             unit = self.tracker.current
         else:
             # Outside the model's forward: the loss (grad on) or the optimizer (grad off).
             unit = LOSS_UNIT if torch.is_grad_enabled() else UNATTRIBUTED_UNIT
         if not backward:
-            seq = torch.autograd._get_sequence_nr() - 1
-            if seq >= self.seq_start and seq not in self.seq_units:
-                self.seq_units[seq] = unit
+            self.attribution.record_forward(unit)
 
         if info.preserves_values or accumulate or not self._is_low(unit):
             self.fp32_ops += 1
@@ -163,10 +137,7 @@ def emulated_precision(
     policy_dict = dict(low_units) if low_units is not None else {"": True}
     loss_low = bool(policy_dict.get(LOSS_UNIT, False))
     policy = Policy(policy_dict)
-    param_units: dict[int, str] = {}
-    for name, p in model.named_parameters():
-        param_units[id(p)] = name.rpartition(".")[0] or ROOT_UNIT
-    tracker = UnitTracker(model, on_exit=lambda path: None)
-    mode = EmulatedPrecisionMode(tracker, dtype, policy, param_units, loss_low)
-    with tracker, mode:
+    attribution = UnitAttribution(model)
+    mode = EmulatedPrecisionMode(attribution, dtype, policy, loss_low)
+    with attribution.tracker, mode:
         yield mode

@@ -78,12 +78,17 @@ class Policy:
 
 
 
+def owner_of(param_name: str) -> str:
+    """The unit owning a parameter by its qualified name (`blocks.0.attn.weight`)."""
+    return param_name.rpartition(".")[0] or ROOT_UNIT
+
+
 def param_owners(model: torch.nn.Module) -> dict[int, str]:
     """id(parameter) -> the unit (module path) that owns it; a tied parameter belongs to its
     first owner."""
     owners: dict[int, str] = {}
     for name, p in model.named_parameters():
-        owners.setdefault(id(p), name.rpartition(".")[0] or ROOT_UNIT)
+        owners.setdefault(id(p), owner_of(name))
     return owners
 
 
