@@ -13,6 +13,7 @@ from precision_doctor.analysis.engine import analyze
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.options import CapturePath, Flag, LowDtype, Thresholds
 from precision_doctor.planning.loss_scale import recommend_loss_scale
+from precision_doctor.planning.pipeline import plan_report
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model
 from precision_doctor.report import SCHEMA_VERSION, Report
 from precision_doctor.training.monitor import ScalerMonitor
@@ -35,6 +36,7 @@ __all__ = [
     "analyze",
     "apply_plan",
     "plan_model",
+    "plan_report",
     "preflight",
     "recommend_loss_scale",
 ]

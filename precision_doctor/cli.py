@@ -15,9 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.options import CostSource, LowDtype, Thresholds
+from precision_doctor.options import CostSource, ExportFormat, LowDtype, Thresholds
 from precision_doctor.planning.cost import Target
-from precision_doctor.planning.export import ExportFormat
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
 from precision_doctor.report import check_writable, write_atomic
 
@@ -153,38 +152,35 @@ def analyze(
     plan_wanted = out is not None or cost is CostSource.MEASURED or any(
         o is not None for o in (export, export_format, target, tolerance)
     )
-    plan = None
     if plan_wanted:
-        from precision_doctor.planning.export import export_caveats, render
-        from precision_doctor.planning.plan import plan_and_advise
+        from precision_doctor.planning.pipeline import plan_report
 
         # The plan's search is only as good as its cost model's units; keep it off the plain
         # analysis path (it adds verification passes, each a forward of the model).
-        costs = None
-        target_name = (target or Target.H100).value
-        if cost is CostSource.MEASURED:
-            from precision_doctor.planning.timing import measure_cost_model
-
-            with err_console.status("timing each unit in fp32 and " + str(dtype)) if not quiet else nullcontext():
-                costs = measure_cost_model(spec.model, spec.batch, spec.loss_fn, report)
-            target_name = costs.profile.name
-        plan, advice = plan_and_advise(
-            spec.model, spec.batch, spec.loss_fn, report,
-            target=target_name,
-            tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
-            costs=costs,
-        )
-        report = report.model_copy(update={"extras": {**report.extras, "plan": plan.to_extras(), "loss_scale": advice.to_extras()}})
+        timing = cost is CostSource.MEASURED and not quiet
+        with err_console.status(f"timing each unit in fp32 and {dtype}, then planning") if timing else nullcontext():
+            report = plan_report(
+                spec.model, spec.batch, spec.loss_fn, report,
+                target=target.value if target is not None else None,
+                tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
+                cost_source=cost,
+            )
     render_report(report, console)
-    if plan is not None:
+    section, advice = report.extras.plan, report.extras.loss_scale
+    if section is not None:
+        from precision_doctor.planning.export import export_caveats
+        from precision_doctor.planning.plan import Plan
+
+        plan = Plan.from_json(section.exports[ExportFormat.JSON])  # the json export is the plan itself
         console.print(plan.summary(), markup=False)
-        console.print(advice.summary(), markup=False)
-    if export is not None and plan is not None:
-        fmt = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
-        write_atomic(export, render(plan, fmt))
-        console.print(f"{fmt} plan export written to {export}")
-        for caveat in export_caveats(plan, fmt):
-            console.print(f"note: {caveat}", markup=False)
+        if advice is not None:
+            console.print(advice.describe(report.environment.dtype), markup=False)
+        if export is not None:
+            fmt = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+            write_atomic(export, section.exports[fmt])
+            console.print(f"{fmt} plan export written to {export}")
+            for caveat in export_caveats(plan, fmt):
+                console.print(f"note: {caveat}", markup=False)
     if out is not None:
         report.save(out)
         console.print(f"report written to {out}")

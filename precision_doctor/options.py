@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, fields
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from precision_doctor.errors import PrecisionDoctorError
 
@@ -20,6 +20,11 @@ class StrEnum(str, enum.Enum):
 class LowDtype(StrEnum):
     FP16 = "fp16"
     BF16 = "bf16"
+
+
+UnitDtype = Literal["fp32", "fp16", "bf16"]
+"""The dtype one unit runs in: fp32, or a `LowDtype` by its value. The one spelling of a
+dtype in every saved document; `formats.TORCH_DTYPES` maps the low ones to torch."""
 
 
 class Flag(StrEnum):
@@ -42,6 +47,15 @@ class CostSource(StrEnum):
 
     ROOFLINE = "roofline"  # per-op rooflines on a device profile (--target)
     MEASURED = "measured"  # each unit timed in each dtype on the model's device
+
+
+class ExportFormat(StrEnum):
+    """What `analyze --export` writes (see `planning.export`)."""
+
+    JSON = "json"
+    PYTHON = "python"
+    DEEPSPEED = "deepspeed"
+    HF = "hf"
 
 
 class CapturePath(StrEnum):
@@ -119,6 +133,7 @@ class Thresholds:
                 # Whole powers of two (a saved report holds 16.0); the curve spans 2^0..2^24.
                 if isinstance(value, bool) or not float(value).is_integer() or not 0 <= value <= 24:
                     raise PrecisionDoctorError(f"threshold grad_scale_log2={value} is not a whole number in 0..24")
+                object.__setattr__(self, f.name, int(value))  # 16.0 -> 16: the report stores an int
             elif not math.isfinite(value) or value < 0:
                 raise PrecisionDoctorError(f"threshold {f.name}={value} must be a finite number >= 0")
             elif f.name.endswith("_fraction") and value > 1:

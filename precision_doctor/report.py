@@ -14,17 +14,17 @@ import secrets
 from collections import defaultdict
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase
+from precision_doctor.extras import ReportExtras
+from precision_doctor.options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase, Thresholds
+from precision_doctor.schema import Frozen as _Frozen
+from precision_doctor.schema import parse_json, read_text, validated
 
-SCHEMA_VERSION = 2
-"""Bumped on any change that an older reader would misread."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings", extra="forbid")
+SCHEMA_VERSION = 3
+"""Bumped on any change that an older reader would misread (3: typed `extras` sections and
+`thresholds`)."""
 
 
 class Histogram(_Frozen):
@@ -221,15 +221,15 @@ class Report(_Frozen):
     model: str
     environment: Environment
     losses: Losses
-    thresholds: dict[str, float]
+    thresholds: Thresholds
     op_count_forward: int
     op_count_backward: int
     units: list[Unit]
     edges: list[UnitEdge]
     loss_scale: list[LossScalePoint]
     """Over all gradients of the backward pass."""
-    extras: dict[str, object] = Field(default_factory=dict)
-    """Results of later stages (plan, loss-scale recommendation), keyed by stage name."""
+    extras: ReportExtras = Field(default_factory=ReportExtras)
+    """Results of later stages (plan, loss scale, pre-flight, a real run's GradScaler)."""
 
     # --- queries ----------------------------------------------------------------------------
     def by_module(self) -> dict[str, Unit]:
@@ -289,6 +289,14 @@ class Report(_Frozen):
         units = sum(1 for u in self.units if u.flags)
         return f"{dtype}: {units} unit(s) flagged ({parts}); final-loss error {self.losses.rel_error:.2e}. Not safe as-is."
 
+    def with_extras(self, **sections: object) -> Report:
+        """A copy with these `extras` sections set (`plan=`, `loss_scale=`, `preflight=`,
+        `scaler_monitor=`), each a section model or its JSON form, validated: a section that
+        does not fit is a one-line PrecisionDoctorError naming the field."""
+        current = {name: getattr(self.extras, name) for name in ReportExtras.model_fields}
+        extras = validated(ReportExtras, {**current, **sections}, "report extras")
+        return self.model_copy(update={"extras": extras})
+
     # --- files -------------------------------------------------------------------------------
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
@@ -298,35 +306,18 @@ class Report(_Frozen):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Report:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PrecisionDoctorError(f"report {p} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PrecisionDoctorError(f"report {p} cannot be read: {e}") from None
-        return cls.from_json(text, source=str(p))
+        return cls.from_json(read_text(path, "report"), source=str(Path(path)))
 
     @classmethod
     def from_json(cls, text: str, source: str = "report") -> Report:
-        import json
-
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrecisionDoctorError(f"{source} is not valid JSON (truncated or corrupt?): {e}") from None
+        raw = parse_json(text, source)
         if not isinstance(raw, dict) or "schema_version" not in raw:
             raise PrecisionDoctorError(f"{source} is not a precision-doctor report (no schema_version)")
         if raw["schema_version"] != SCHEMA_VERSION:
             raise PrecisionDoctorError(
                 f"{source} has schema_version {raw['schema_version']!r}; this version reads {SCHEMA_VERSION}"
             )
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise PrecisionDoctorError(f"{source} does not match the report schema at {where}: {first['msg']}") from None
+        return validated(cls, text, f"{source} does not match the report schema")
 
 
 def _magnitude(f: FlagRecord) -> float:

@@ -220,4 +220,4 @@ def trained_report() -> Any:
         monitor.step(opt)
         monitor.update()
     assert report is not None and monitor.skipped_steps == [0, 1]
-    return report.model_copy(update={"extras": {**report.extras, "scaler_monitor": monitor.to_extras()}})
+    return report.with_extras(scaler_monitor=monitor.to_extras())

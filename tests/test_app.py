@@ -64,7 +64,7 @@ def with_extras(report: Report, scale_log2: int = 9) -> Report:
             "exports": {"json": "{}", "python": "PLAN = {}\n", "deepspeed": '{"fp16": {}}', "hf": "{}"},
         },
     }
-    return report.model_copy(update={"extras": extras})
+    return report.with_extras(**extras)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,10 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
     assert flagged == {u.name for u in report.flagged_units()}
     assert EVIL in flagged  # shown verbatim, as data
 
-    ls = report.extras["loss_scale"]
-    assert isinstance(ls, dict)
+    ls = report.extras.loss_scale
+    assert ls is not None
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Recommended initial scale"] == f"2^{ls['recommended_scale_log2']}"
+    assert metrics["Recommended initial scale"] == f"2^{ls.recommended_scale_log2}"
     assert metrics["Default scale"] == "2^16"
     assert unescape(next(k for k in metrics if "speed" in k)) == "plan speed-up (est.)"
     assert "1.60x" in metrics.values()  # 0.10 s / 0.0625 s
@@ -164,12 +164,12 @@ def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: p
     report.save(path)
     at = run_app(monkeypatch, path)
     assert [t.label for t in at.tabs][-1] == "Training"
-    pre = report.extras["preflight"]
-    assert isinstance(pre, dict)
+    pre = report.extras.preflight
+    assert pre is not None
     shown = [unescape(e.value) for e in (*at.success, *at.error)]
-    assert any(s.startswith("Pre-flight: GO" if pre["go"] else "Pre-flight: NO-GO") for s in shown)
+    assert any(s.startswith("Pre-flight: GO" if pre.go else "Pre-flight: NO-GO") for s in shown)
     runs = next(df for df in all_frames(at) if "configuration" in df.columns)
-    assert list(runs["run"]) == list(pre["runs"])
+    assert list(runs["run"]) == list(pre.runs)
     metrics = {unescape(m.label): m.value for m in at.metric}
     assert metrics["skipped steps"] == "2" and metrics["steps"] == "5" and metrics["current scale"] == "2^14"
 
@@ -255,18 +255,18 @@ def test_bad_report_shows_a_message(case: str, reports: dict[str, tuple[Report, 
     assert not at.tabs  # nothing else rendered
 
 
-def test_malformed_extras_warn_and_still_render(reports: dict[str, tuple[Report, Path]], tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    report, _ = reports["sample"]
-    bad = report.model_copy(update={"extras": {"plan": {"target": "x"}, "loss_scale": "2^16"}})
+def test_malformed_extras_show_one_message(reports: dict[str, tuple[Report, Path]], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extras are validated with the report: a section that does not fit is one message
+    naming the field, like any report that does not match the schema."""
+    _, good = reports["sample"]
+    raw = json.loads(good.read_text())
     path = tmp_path / "bad_extras.json"
-    bad.save(path)
+    path.write_text(json.dumps({**raw, "extras": {"plan": {"target": "x"}, "loss_scale": "2^16"}}))
     at = run_app(monkeypatch, path)
-    warnings = [unescape(w.value) for w in at.warning]
-    assert any("extras['plan'] is malformed" in w for w in warnings)
-    assert any("extras['loss_scale'] is malformed" in w for w in warnings)
-    assert report.verdict in [unescape(e.value) for e in at.success]
-    assert [t.label for t in at.tabs][-1] == "Loss scale"
+    assert len(at.error) == 1
+    assert "does not match the report schema at extras.plan" in unescape(at.error[0].value)
+    assert not at.tabs
 
 
 def test_no_report_offers_an_upload(monkeypatch: pytest.MonkeyPatch) -> None:

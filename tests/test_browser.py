@@ -43,9 +43,9 @@ def report() -> Report:
     with torch.no_grad():
         model[2].weight.mul_(1e5)
     r = pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty")
-    return r.model_copy(update={"extras": {"loss_scale": {
+    return r.with_extras(loss_scale={
         "recommended_scale_log2": 9, "default_scale_log2": 16, "underflow_fraction_at_recommended": 0.0,
-        "underflow_fraction_at_default": 0.0, "skipped_steps_from_default": 7, "scaler_needed": True}}})
+        "underflow_fraction_at_default": 0.0, "skipped_steps_from_default": 7, "scaler_needed": True})
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 from collections import OrderedDict
@@ -14,6 +15,7 @@ from torch import nn
 
 import precision_doctor as pd
 import precision_doctor.views.figures as F
+from precision_doctor.extras import MonitorSection, ReportExtras
 from precision_doctor.formats import BF16, FP16
 from precision_doctor.report import Report
 from precision_doctor.views.html_report import render_html, write_html
@@ -30,7 +32,7 @@ def faulty() -> Report:
     with torch.no_grad():
         model[2].weight.mul_(1e5)
     report = pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty<b>")
-    return report.model_copy(update={"extras": {
+    return report.with_extras(**{
         "loss_scale": {"recommended_scale_log2": 9, "default_scale_log2": 16,
                        "underflow_fraction_at_recommended": 0.0, "underflow_fraction_at_default": 0.0,
                        "skipped_steps_from_default": 7, "scaler_needed": True},
@@ -40,7 +42,7 @@ def faulty() -> Report:
                  "activation_bytes": {"fp32": 2048, "autocast": 1024, "plan": 1536},
                  "verified_loss_rel_error": 1e-4, "verification_passes": 2,
                  "exports": {"json": "{}", "python": "PLAN = {'<b>': 1}\n", "deepspeed": "{}", "hf": "{}"}},
-    }})
+    })
 
 
 @pytest.fixture(scope="module")
@@ -85,21 +87,26 @@ def test_html_without_extras(healthy: Report) -> None:
     assert "<h2>Plan</h2>" not in text and "Recommended initial loss scale" not in text
 
 
-def test_html_with_malformed_extras(healthy: Report) -> None:
-    text = render_html(healthy.model_copy(update={"extras": {"plan": [1, 2]}}))
-    assert "extras[&#x27;plan&#x27;] is malformed" in text
-    assert healthy.verdict in text
-    # Training sections with values of the wrong kind: a warning each, the page still renders.
+def test_malformed_extras_do_not_load(healthy: Report, tmp_path: Path) -> None:
+    """Extras are typed: a section that does not fit is a one-line error naming the field,
+    when a report is loaded and when a section is set; never a page half rendered."""
+    raw = json.loads(healthy.to_json())
     run = {"mode": "low", "description": "d", "steps": [{"loss": None}]}
-    bad = {
-        "preflight": {"go": True, "judge": "low", "steps": 1, "runs": {"low": run}},
-        "scaler_monitor": {"steps": 3, "current_scale": 2.0, "prediction": {"skipped_steps": 4}},
-    }
-    text = render_html(healthy.model_copy(update={"extras": bad}))
-    assert "extras[&#x27;preflight&#x27;] is malformed" in text
-    assert "extras[&#x27;scaler_monitor&#x27;] is malformed" in text
-    odd = {"scaler_monitor": {"steps": 3, "current_scale": -1.0, "scale_history": [[0, -1.0]], "skipped_steps": [1]}}
-    assert 'id="training"' in render_html(healthy.model_copy(update={"extras": odd}))  # no log2 of a negative
+    for key, section in [
+        ("plan", [1, 2]),
+        ("preflight", {"go": True, "judge": "low", "steps": 1, "runs": {"low": run}}),
+        ("scaler_monitor", {"steps": 3, "current_scale": 2.0, "prediction": {"skipped_steps": 4}}),
+    ]:
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({**raw, "extras": {key: section}}))
+        with pytest.raises(pd.PrecisionDoctorError) as info:
+            Report.load(path)
+        assert "\n" not in str(info.value) and f"at extras.{key}" in str(info.value), str(info.value)
+        with pytest.raises(pd.PrecisionDoctorError, match=f"report extras at {key}"):
+            healthy.with_extras(**{key: section})
+    odd = MonitorSection(enabled=True, init_scale=1.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2,
+                         steps=3, current_scale=-1.0, scale_history=[(0, -1.0)], skipped_steps=[1], skipped_count=1)
+    assert 'id="training"' in render_html(healthy.with_extras(scaler_monitor=odd))  # no log2 of a negative
 
 
 def test_histogram_against_dtype_range(faulty: Report) -> None:
@@ -138,7 +145,7 @@ def test_depth_view_marks_takeoff(faulty: Report, healthy: Report) -> None:
 
 
 def test_loss_scale_curve_marks_default_and_recommended(faulty: Report) -> None:
-    ls = F.loss_scale_of(faulty)
+    ls = faulty.extras.loss_scale
     assert ls is not None
     fig = F.loss_scale_figure(faulty, ls)
     xs = sorted(s.x0 for s in fig.layout.shapes if s.type == "line")
@@ -148,7 +155,7 @@ def test_loss_scale_curve_marks_default_and_recommended(faulty: Report) -> None:
 
 
 def test_overview_and_rows(faulty: Report) -> None:
-    plan = F.plan_of(faulty)
+    plan = faulty.extras.plan
     assert plan is not None and plan.speedup == pytest.approx(1.25) and plan.memory_saving == pytest.approx(0.25)
     items = dict(F.overview_items(faulty, plan))
     assert items["capture path"] == faulty.environment.capture_path.value
@@ -168,11 +175,12 @@ def test_training_section_shows_preflight_and_monitor(tmp_path: Path) -> None:
     report = trained_report()
     text = render_html(report)
     assert 'id="training"' in text and 'id="preflight"' in text
-    pre = report.extras["preflight"]
-    assert ("Pre-flight: GO" if pre["go"] else "Pre-flight: NO-GO") in text
-    for run in pre["runs"].values():
-        assert html.escape(run["description"]) in text
+    pre = report.extras.preflight
+    assert pre is not None
+    assert ("Pre-flight: GO" if pre.go else "Pre-flight: NO-GO") in text
+    for run in pre.runs.values():
+        assert html.escape(run.description) in text
     # 5 real steps, 2 skipped, the scale halved twice from 2^16; the pre-flight predicted none
     assert "<tr><td>5</td><td>2</td><td>2^14</td><td>0 in 2 steps</td><td>go</td></tr>" in text
-    plain = render_html(report.model_copy(update={"extras": {}}))
+    plain = render_html(report.model_copy(update={"extras": ReportExtras()}))
     assert 'id="training"' not in plain

@@ -43,7 +43,7 @@ def test_hand_built_histogram() -> None:
     assert underflow_fraction(hist, 0, LowDtype.FP16) == 0.1  # the 2^-30 bin flushes unscaled
     assert a.skipped_steps_from_default == 3
     assert a.scaler_needed
-    assert a.to_extras() == {
+    assert a.to_extras().model_dump() == {
         "recommended_scale_log2": 13,
         "default_scale_log2": 16,
         "underflow_fraction_at_recommended": 0.0,

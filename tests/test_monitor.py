@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import precision_doctor as pd
 from precision_doctor import ScalerMonitor
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.extras import PreflightPrediction
 
 
 def _step(mon: ScalerMonitor, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -40,7 +42,7 @@ def test_records_skipped_steps_and_scale_history(tmp_path: Path) -> None:
     path = mon.save(tmp_path / "run" / "scaler.json")
     doc = json.loads(path.read_text())
     assert doc["skipped_steps"] == [0, 1] and doc["steps"] == 5 and doc["init_scale"] == 65536.0
-    assert ScalerMonitor.load(path)["scale_history"][-1] == [4, 32768.0]
+    assert ScalerMonitor.load(path).scale_history[-1] == (4, 32768.0)
     assert not list(path.parent.glob("*.tmp"))  # atomic: no temp file left
 
 
@@ -48,12 +50,16 @@ def test_autosave_and_prediction(tmp_path: Path) -> None:
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     path = tmp_path / "m.json"
-    mon = ScalerMonitor(torch.amp.GradScaler("cpu"), path=path, save_every=2, prediction={"go": True})
+    prediction = PreflightPrediction(
+        go=True, dtype=pd.LowDtype.FP16, judge="low", steps=2, init_scale_log2=16, skipped_steps=[],
+        nonfinite_steps=[], max_divergence=0.0, reasons=[], recommended_scale_log2=None,
+    )
+    mon = ScalerMonitor(torch.amp.GradScaler("cpu"), path=path, save_every=2, prediction=prediction)
     _step(mon, net, opt, torch.randn(2, 2))
     assert not path.exists()
     _step(mon, net, opt, torch.randn(2, 2))
     doc = ScalerMonitor.load(path)
-    assert doc["steps"] == 2 and doc["prediction"] == {"go": True} and doc["skipped_steps"] == []
+    assert doc.steps == 2 and doc.prediction == prediction and doc.skipped_steps == []
 
 
 def test_disabled_scaler_and_bad_input(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from precision_doctor.planning.export import (
     deepspeed_config,
     export_caveats,
     hf_training_args,
+    plan_section,
     render_hf,
     render_python,
 )
@@ -240,12 +241,12 @@ def test_hf_kwargs_are_training_arguments(rescue: tuple[Any, Plan]) -> None:
 
 def test_plan_extras_shape(rescue: tuple[Any, Plan]) -> None:
     _, plan = rescue
-    extras = plan.to_extras()
+    extras = plan_section(plan).model_dump(mode="json")
     assert set(extras) == {
         "target", "dtype", "units", "fp32_units", "estimated_step_time_s", "activation_bytes",
         "verified_loss_rel_error", "verification_passes", "exports",
     }
-    assert set(extras["exports"]) == {"json", "python", "deepspeed", "hf"}  # type: ignore[arg-type]
+    assert set(extras["exports"]) == {"json", "python", "deepspeed", "hf"}
 
 
 def curve(mod: Any, low_units: dict[str, bool] | None, steps: int = 100) -> list[float]:

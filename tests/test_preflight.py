@@ -65,7 +65,7 @@ def test_planned_run_uses_the_plan_and_recommended_scale() -> None:
     planned = result.runs["planned"]
     assert planned.units["attn"] == "fp32"
     assert result.loss_scale is not None
-    assert planned.init_scale_log2 == result.loss_scale["recommended_scale_log2"]
+    assert planned.init_scale_log2 == result.loss_scale.recommended_scale_log2
     assert planned.nonfinite_steps == [] and result.planned_go is True
     assert not result.go  # judged on the plain fp16 run
     judged = run_sample("attention_unscaled", plan=True, judge="planned")
@@ -193,8 +193,9 @@ def test_json_round_trip_and_report_extras() -> None:
     assert "report" not in doc
     assert pd.PreflightResult.model_validate_json(result.to_json()).go is False
     annotated = result.annotated_report()
-    assert annotated is not None and annotated.extras["preflight"]["go"] is False
-    assert result.prediction()["skipped_steps"] == list(range(STEPS))
+    assert annotated is not None and annotated.extras.preflight is not None
+    assert annotated.extras.preflight.go is False
+    assert result.prediction().skipped_steps == list(range(STEPS))
 
 
 # --- the command --------------------------------------------------------------------------

@@ -371,7 +371,7 @@ def build_report(
         model=name,
         environment=env,
         losses=losses,
-        thresholds={k: float(v) for k, v in vars(th).items()},
+        thresholds=th,
         op_count_forward=sum(1 for r in records if r.phase == Phase.FORWARD),
         op_count_backward=sum(1 for r in records if r.phase == Phase.BACKWARD),
         units=units,

@@ -8,6 +8,8 @@
   0.17.2 the `torch_autocast` block with `lower_precision_safe_modules` (DeepSpeed refuses
   `torch_autocast` together with `fp16`/`bf16`, so it is one or the other).
 - `hf`: transformers `TrainingArguments` keyword arguments and how to attach the overrides.
+
+`plan_section` is the one writer of a report's `extras.plan`: the plan with every export.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import json
 from importlib import metadata
 
 from precision_doctor.capture.units import LOSS_UNIT
-from precision_doctor.options import LowDtype, StrEnum
+from precision_doctor.extras import PlanSection
+from precision_doctor.formats import TORCH_DTYPES
+from precision_doctor.options import ExportFormat, LowDtype
 from precision_doctor.planning.plan import Plan
 
 DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
@@ -32,11 +36,9 @@ HYSTERESIS = 2
 MIN_LOSS_SCALE = 1
 
 
-class ExportFormat(StrEnum):
-    JSON = "json"
-    PYTHON = "python"
-    DEEPSPEED = "deepspeed"
-    HF = "hf"
+def _torch_dtype_name(dtype: LowDtype) -> str:
+    """"float16" / "bfloat16": torch's own name, as the snippet and DeepSpeed spell it."""
+    return str(TORCH_DTYPES[dtype]).removeprefix("torch.")
 
 
 def render_json(plan: Plan) -> str:
@@ -129,7 +131,7 @@ def install_precision_plan(model):
 
 
 def render_python(plan: Plan) -> str:
-    torch_dtype = "float16" if plan.dtype is LowDtype.FP16 else "bfloat16"
+    torch_dtype = _torch_dtype_name(plan.dtype)
     units = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in plan.units.items()) + "}"
     return _SNIPPET.format(
         model=plan.model, dtype=plan.dtype, torch_dtype=torch_dtype, units=units, module_count=plan.module_count
@@ -167,7 +169,7 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
         return {
             "torch_autocast": {
                 "enabled": True,
-                "dtype": "float16" if plan.dtype is LowDtype.FP16 else "bfloat16",
+                "dtype": _torch_dtype_name(plan.dtype),
                 "lower_precision_safe_modules": safe_module_classes(plan),
             }
         }
@@ -249,5 +251,20 @@ def render(plan: Plan, fmt: ExportFormat | str) -> str:
     }[f](plan)
 
 
-def render_all(plan: Plan) -> dict[str, str]:
-    return {f.value: render(plan, f) for f in ExportFormat}
+def render_all(plan: Plan) -> dict[ExportFormat, str]:
+    return {f: render(plan, f) for f in ExportFormat}
+
+
+def plan_section(plan: Plan) -> PlanSection:
+    """The report's `extras.plan`: the plan's units and costs, and every export rendered."""
+    return PlanSection(
+        target=plan.target,
+        dtype=plan.dtype,
+        units=dict(plan.units),
+        fp32_units=list(plan.fp32_units),
+        estimated_step_time_s=plan.estimated_step_time_s,
+        activation_bytes=plan.activation_bytes,
+        verified_loss_rel_error=plan.verified_loss_rel_error,
+        verification_passes=plan.verification_passes,
+        exports=render_all(plan),
+    )

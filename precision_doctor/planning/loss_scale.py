@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
+from precision_doctor.extras import LossScaleSection
 from precision_doctor.formats import LIMITS
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report
@@ -38,44 +38,23 @@ BACKOFF_FACTOR = 0.5
 _FLUSH_LOG2 = {LowDtype.FP16: -24, LowDtype.BF16: -133}
 
 
-@dataclass(frozen=True)
-class LossScaleAdvice:
+class LossScaleAdvice(LossScaleSection):
+    """The recommendation (the report's `loss_scale` section, `to_extras()`) and what it was
+    read off."""
+
     dtype: LowDtype
-    recommended_scale_log2: int
-    underflow_fraction_at_recommended: float
-    underflow_fraction_at_default: float
-    skipped_steps_from_default: int
-    scaler_needed: bool
     max_grad_abs: float
     headroom_log2: int = HEADROOM_LOG2
-    default_scale_log2: int = DEFAULT_SCALE_LOG2
 
     @property
     def recommended_scale(self) -> float:
         return 2.0**self.recommended_scale_log2
 
-    def to_extras(self) -> dict[str, object]:
-        return {
-            "recommended_scale_log2": self.recommended_scale_log2,
-            "default_scale_log2": self.default_scale_log2,
-            "underflow_fraction_at_recommended": self.underflow_fraction_at_recommended,
-            "underflow_fraction_at_default": self.underflow_fraction_at_default,
-            "skipped_steps_from_default": self.skipped_steps_from_default,
-            "scaler_needed": self.scaler_needed,
-        }
+    def to_extras(self) -> LossScaleSection:
+        return LossScaleSection(**{name: getattr(self, name) for name in LossScaleSection.model_fields})
 
     def summary(self) -> str:
-        if self.dtype is LowDtype.BF16:
-            need = "needed" if self.scaler_needed else "not needed"
-            return f"bf16: a loss scaler is {need} (gradients fit bf16's fp32-sized range)"
-        if self.max_grad_abs <= 0:
-            return "fp16: no loss scaler needed (no nonzero gradient runs in fp16)"
-        return (
-            f"initial loss scale 2^{self.recommended_scale_log2} "
-            f"(underflow {self.underflow_fraction_at_recommended:.2%}; at the default 2^16: "
-            f"{self.underflow_fraction_at_default:.2%}, {self.skipped_steps_from_default} skipped "
-            "step(s) to back off)"
-        )
+        return self.describe(self.dtype)
 
 
 def underflow_fraction(counts_by_log2: Mapping[int, int], scale_log2: int, dtype: LowDtype) -> float:
@@ -123,6 +102,7 @@ def advise_from_histogram(
             underflow_fraction_at_recommended=0.0,
             underflow_fraction_at_default=0.0,
             skipped_steps_from_default=0,
+            default_scale_log2=DEFAULT_SCALE_LOG2,
             scaler_needed=False,
             max_grad_abs=max_abs,
         )
@@ -140,6 +120,7 @@ def advise_from_histogram(
         underflow_fraction_at_recommended=at_one if k == 0 else underflow_fraction(counts_by_log2, k, low),
         underflow_fraction_at_default=underflow_fraction(counts_by_log2, DEFAULT_SCALE_LOG2, low),
         skipped_steps_from_default=max(0, DEFAULT_SCALE_LOG2 - k),
+        default_scale_log2=DEFAULT_SCALE_LOG2,
         scaler_needed=needed,
         max_grad_abs=max_abs,
     )

@@ -17,14 +17,14 @@ import functools
 import math
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from torch.nn.modules import module as nn_module
 
 from precision_doctor.analysis.flags import gradient_flags_at_scale
@@ -32,10 +32,11 @@ from precision_doctor.capture.shadow import capture_pass
 from precision_doctor.capture.statistics import relative_loss_error
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, Policy
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
-from precision_doctor.options import Flag, LowDtype, Thresholds
+from precision_doctor.options import Flag, LowDtype, UnitDtype
 from precision_doctor.planning.cost import (
     CostModel,
     autocast_assignment,
@@ -45,6 +46,7 @@ from precision_doctor.planning.cost import (
 from precision_doctor.planning.loss_scale import LossScaleAdvice, recommend_loss_scale
 from precision_doctor.planning.search import PlanProblem, solve_milp
 from precision_doctor.report import Report, write_atomic
+from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
 PLAN_SCHEMA_VERSION = 1
 DEFAULT_TOLERANCE = 1e-2
@@ -57,40 +59,8 @@ MEMORY_TIE_BREAK = 1e-6
 step time, so memory only breaks ties between plans of equal time."""
 _HARD_FLAGS = {Flag.OVERFLOW: "overflows", Flag.NONFINITE_FP32: "is non-finite even in fp32"}
 
-DtypeName = Literal["fp32", "fp16", "bf16"]
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Fp32Unit(_Frozen):
-    unit: str
-    reason: str
-
-
-class PlanCosts(_Frozen):
-    fp32: float
-    autocast: float
-    plan: float
-
-
-class PlanBytes(_Frozen):
-    fp32: int
-    autocast: int
-    plan: int
-
-
-class LossScaleFields(_Frozen):
-    recommended_scale_log2: int
-    default_scale_log2: int
-    underflow_fraction_at_recommended: float
-    underflow_fraction_at_default: float
-    skipped_steps_from_default: int
-    scaler_needed: bool
-
-
-class Plan(_Frozen):
+class Plan(Frozen):
     """A per-module dtype plan. Saved as versioned JSON (`--export-format json`)."""
 
     schema_version: int = PLAN_SCHEMA_VERSION
@@ -98,7 +68,7 @@ class Plan(_Frozen):
     dtype: LowDtype
     target: str
     tolerance: float
-    units: dict[str, DtypeName]
+    units: dict[str, UnitDtype]
     """Unit (module path, `<root>`, `<loss>`) -> the dtype it runs in."""
     module_classes: dict[str, str] = Field(default_factory=dict)
     """Unit -> qualified class name of its module (for DeepSpeed's module-class lists)."""
@@ -110,7 +80,8 @@ class Plan(_Frozen):
     activation_bytes: PlanBytes
     verified_loss_rel_error: float
     verification_passes: int
-    loss_scale: LossScaleFields | None = None
+    loss_scale: LossScaleSection | None = None
+    """The initial loss scale for the plan's low units (the report's `loss_scale` section)."""
 
     @property
     def low_units(self) -> dict[str, bool]:
@@ -128,12 +99,7 @@ class Plan(_Frozen):
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> Plan:
-        import json
-
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrecisionDoctorError(f"{source} is not valid JSON: {e}") from None
+        raw = parse_json(text, source)
         if isinstance(raw, dict) and isinstance(raw.get("units"), list) and "environment" in raw:
             raise PrecisionDoctorError(f"{source} is an analysis report, not a plan (`analyze --export` writes plans)")
         if not isinstance(raw, dict) or raw.get("schema_version") != PLAN_SCHEMA_VERSION:
@@ -141,20 +107,11 @@ class Plan(_Frozen):
             raise PrecisionDoctorError(
                 f"{source} is not a precision-doctor plan of schema_version {PLAN_SCHEMA_VERSION} (got {got!r})"
             )
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise PrecisionDoctorError(f"{source} does not match the plan schema at {where}: {first['msg']}") from None
+        return validated(cls, raw, f"{source} does not match the plan schema")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        p = Path(path)
-        try:
-            return cls.from_json(p.read_text(encoding="utf-8"), source=str(p))
-        except OSError as e:
-            raise PrecisionDoctorError(f"plan {p} cannot be read: {e}") from None
+        return cls.from_json(read_text(path, "plan"), source=str(Path(path)))
 
     def summary(self) -> str:
         n_low = sum(1 for d in self.units.values() if d != "fp32")
@@ -170,21 +127,6 @@ class Plan(_Frozen):
         ]
         lines += [f"  fp32: {f.unit}: {f.reason}" for f in self.fp32_units]
         return "\n".join(lines)
-
-    def to_extras(self) -> dict[str, object]:
-        from precision_doctor.planning.export import render_all
-
-        return {
-            "target": self.target,
-            "dtype": str(self.dtype),
-            "units": dict(self.units),
-            "fp32_units": [{"unit": f.unit, "reason": f.reason} for f in self.fp32_units],
-            "estimated_step_time_s": self.estimated_step_time_s.model_dump(),
-            "activation_bytes": self.activation_bytes.model_dump(),
-            "verified_loss_rel_error": self.verified_loss_rel_error,
-            "verification_passes": self.verification_passes,
-            "exports": render_all(self),
-        }
 
 
 # --- search + verification ------------------------------------------------------------------
@@ -397,7 +339,7 @@ def plan_model(
         ),
         verified_loss_rel_error=verified,
         verification_passes=passes,
-        loss_scale=LossScaleFields(**advice.to_extras()),  # type: ignore[arg-type]
+        loss_scale=advice.to_extras(),
     )
 
 
@@ -412,7 +354,7 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
     moved: dict[str, str] = {}
     if report.environment.dtype is not LowDtype.FP16:
         return advice, moved
-    th = Thresholds(**report.thresholds)  # type: ignore[arg-type]
+    th = report.thresholds
     fmt = LIMITS[LowDtype.FP16]
     while True:
         k = advice.recommended_scale_log2
@@ -582,10 +524,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Map
     >>> handle.remove()                           # doctest: +SKIP
     """
     if isinstance(plan, Mapping):
-        try:
-            plan = Plan.model_validate(dict(plan))
-        except ValidationError as e:
-            raise PrecisionDoctorError(f"not a precision-doctor plan: {e.errors()[0]['msg']}") from None
+        plan = validated(Plan, dict(plan), "not a precision-doctor plan")
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     modules = check_plan_matches(model, plan)
@@ -595,20 +534,3 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Map
         handle._wrap(module, plan.units[unit] != "fp32", low_dtype)
     return handle
 
-
-ProgressFn = Callable[[str], None]
-
-
-def plan_and_advise(
-    model: torch.nn.Module,
-    batch: Any,
-    loss_fn: LossFn | None,
-    report: Report,
-    *,
-    target: str = "h100",
-    tolerance: float = DEFAULT_TOLERANCE,
-    costs: CostModel | None = None,
-) -> tuple[Plan, LossScaleAdvice]:
-    """The plan and the loss-scale advice for its low units (what the CLI stores in extras)."""
-    plan = plan_model(model, batch, loss_fn, report, target=target, tolerance=tolerance, costs=costs)
-    return plan, recommend_loss_scale(report, plan.low_units)

@@ -9,8 +9,9 @@ step (one `update()` call ends a step):
 - the steps the scaler skipped: the optimizer step was skipped because the unscaled
   gradients held inf/NaN, or the scale decreased in `update()`.
 
-`save(path)` writes a JSON document (atomically) that the report and the app show beside
-the pre-flight's prediction (`PreflightResult.prediction()`):
+`save(path)` writes a JSON document (atomically; the `MonitorSection` schema, which is also
+the report's `extras.scaler_monitor`) that the report and the app show beside the
+pre-flight's prediction (`PreflightResult.prediction()`):
 
     scaler = torch.amp.GradScaler("cuda")
     monitor = ScalerMonitor(scaler, path="run/scaler.json", save_every=100)
@@ -26,7 +27,6 @@ the pre-flight's prediction (`PreflightResult.prediction()`):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,14 @@ from typing import Any
 import torch
 
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.extras import (
+    MONITOR_KIND,
+    MONITOR_SCHEMA_VERSION,
+    MonitorSection,
+    PreflightPrediction,
+)
 from precision_doctor.report import write_atomic
-
-MONITOR_KIND = "precision-doctor-scaler-monitor"
-MONITOR_SCHEMA_VERSION = 1
+from precision_doctor.schema import parse_json, read_text, validated
 
 
 class ScalerMonitor:
@@ -59,7 +63,7 @@ class ScalerMonitor:
         *,
         path: str | os.PathLike[str] | None = None,
         save_every: int | None = None,
-        prediction: dict[str, Any] | None = None,
+        prediction: PreflightPrediction | None = None,
     ) -> None:
         if scaler is None:
             scaler = torch.amp.GradScaler("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,50 +144,44 @@ class ScalerMonitor:
                 value = float(v)
         return value
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_extras(self) -> MonitorSection:
+        """The record so far: the report's `extras.scaler_monitor`, and what `save` writes."""
         s = self.scaler
         enabled = s.is_enabled()
-        return {
-            "kind": MONITOR_KIND,
-            "schema_version": MONITOR_SCHEMA_VERSION,
-            "enabled": enabled,
-            "init_scale": float(getattr(s, "_init_scale", 1.0)) if enabled else 1.0,
-            "growth_factor": float(s.get_growth_factor()) if enabled else 1.0,
-            "backoff_factor": float(s.get_backoff_factor()) if enabled else 1.0,
-            "growth_interval": int(s.get_growth_interval()) if enabled else 0,
-            "steps": self.step_count,
-            "current_scale": float(s.get_scale()) if enabled else 1.0,
-            "scale_history": [[int(a), float(b)] for a, b in self.scale_history],
-            "skipped_steps": list(self.skipped_steps),
-            "skipped_count": len(self.skipped_steps),
-            "prediction": self.prediction,
-        }
+        return MonitorSection(
+            enabled=enabled,
+            init_scale=float(getattr(s, "_init_scale", 1.0)) if enabled else 1.0,
+            growth_factor=float(s.get_growth_factor()) if enabled else 1.0,
+            backoff_factor=float(s.get_backoff_factor()) if enabled else 1.0,
+            growth_interval=int(s.get_growth_interval()) if enabled else 0,
+            steps=self.step_count,
+            current_scale=float(s.get_scale()) if enabled else 1.0,
+            scale_history=[(int(a), float(b)) for a, b in self.scale_history],
+            skipped_steps=list(self.skipped_steps),
+            skipped_count=len(self.skipped_steps),
+            prediction=self.prediction,
+        )
 
-    def to_extras(self) -> dict[str, Any]:
-        """The same as `to_dict()`, for `Report.extras["scaler_monitor"]`."""
-        return self.to_dict()
+    def to_dict(self) -> dict[str, Any]:
+        """`to_extras()` as plain JSON values."""
+        return self.to_extras().model_dump(mode="json")
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise PrecisionDoctorError("ScalerMonitor.save() needs a path (none was given to the monitor)")
-        write_atomic(target, json.dumps(self.to_dict(), indent=1))
+        write_atomic(target, self.to_extras().model_dump_json(indent=1))
         return target
 
     @staticmethod
-    def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Read a saved monitor file back as a dict (validated kind and version)."""
-        p = Path(path)
-        try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PrecisionDoctorError(f"monitor file {p} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PrecisionDoctorError(f"monitor file {p} cannot be read: {e}") from None
+    def load(path: str | os.PathLike[str]) -> MonitorSection:
+        """Read a saved monitor file back (kind, version and schema validated)."""
+        source = f"monitor file {Path(path)}"
+        raw = parse_json(read_text(path, "monitor file"), source)
         if not isinstance(raw, dict) or raw.get("kind") != MONITOR_KIND:
-            raise PrecisionDoctorError(f"{p} is not a precision-doctor scaler monitor file")
+            raise PrecisionDoctorError(f"{Path(path)} is not a precision-doctor scaler monitor file")
         if raw.get("schema_version") != MONITOR_SCHEMA_VERSION:
             raise PrecisionDoctorError(
-                f"{p} has schema_version {raw.get('schema_version')!r}; this version reads {MONITOR_SCHEMA_VERSION}"
+                f"{Path(path)} has schema_version {raw.get('schema_version')!r}; this version reads {MONITOR_SCHEMA_VERSION}"
             )
-        return raw
+        return validated(MonitorSection, raw, f"{source} does not match the monitor schema")

@@ -44,14 +44,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from precision_doctor.analysis.flags import gradient_flags_at_scale
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.formats import LIMITS
+from precision_doctor.extras import (
+    LossScaleSection,
+    ModeRun,
+    PlanSection,
+    PreflightPrediction,
+    PreflightSection,
+    Reason,
+    StepRecord,
+)
+from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
-from precision_doctor.options import Flag, LowDtype, StrEnum, Thresholds, parse_enum
+from precision_doctor.options import Flag, LowDtype, StrEnum, Thresholds, UnitDtype, parse_enum
 from precision_doctor.report import Report
+from precision_doctor.schema import validated
 from precision_doctor.training.monitor import ScalerMonitor
 
 __all__ = [
@@ -66,7 +76,6 @@ __all__ = [
     "preflight",
 ]
 
-PREFLIGHT_SCHEMA_VERSION = 1
 DEFAULT_STEPS = 8
 """Optimizer steps per mode: enough to see GradScaler back off a few powers of two."""
 DEFAULT_LOSS_TOLERANCE = 0.05
@@ -120,81 +129,15 @@ def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
 # --- the result -----------------------------------------------------------------------------
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings", extra="forbid")
+class PreflightResult(PreflightSection):
+    """The verdict and its evidence (the report's `preflight` section) with the plan and loss
+    scale the planned run used. `bool(result)` is `result.go`."""
 
-
-class StepRecord(_Frozen):
-    step: int
-    loss: float
-    grads_finite: bool
-    scale: float | None = None
-    """The loss scale this step used (None: no scaler)."""
-    skipped: bool = False
-    """GradScaler skipped the optimizer step."""
-
-
-class ModeRun(_Frozen):
-    mode: str
-    """"fp32", "low" or "planned"."""
-    description: str
-    units: dict[str, str] = Field(default_factory=dict)
-    """Per unit: "fp32", "fp16" or "bf16" where the run differs from its default ("" key)."""
-    init_scale_log2: int | None = None
-    """The GradScaler's initial scale (None: no scaler)."""
-    steps: list[StepRecord]
-    skipped_steps: list[int]
-    nonfinite_steps: list[int]
-    max_divergence: float | None = None
-    """Largest |loss - fp32 loss| / |fp32 loss| over the steps (None for the fp32 run)."""
-    divergence_step: int | None = None
-    seconds: float
-
-    @property
-    def losses(self) -> list[float]:
-        return [s.loss for s in self.steps]
-
-
-class Reason(_Frozen):
-    risk: str
-    mode: str
-    """"analysis" for a flag of the one-step analysis, else the run that showed it."""
-    unit: str | None = None
-    message: str
-
-    def line(self) -> str:
-        where = f" [{self.unit}]" if self.unit else ""
-        return f"{self.risk} ({self.mode}){where}: {self.message}"
-
-
-class PreflightResult(_Frozen):
-    """The verdict and its evidence. `bool(result)` is `result.go`."""
-
-    schema_version: int = PREFLIGHT_SCHEMA_VERSION
-    model: str
-    dtype: LowDtype
-    steps: int
-    optimizer: str
-    judge: str
-    fail_on: list[str]
-    loss_tolerance: float
-    max_skipped_steps: int
-    go: bool
-    reasons: list[Reason]
-    """The risks that make it no-go: found in the judged run and named in `fail_on`."""
-    notes: list[Reason] = Field(default_factory=list)
-    """Risks found but not failing: not in `fail_on`, or in the configuration not judged."""
-    planned_go: bool | None = None
-    """The same judgment for the planned configuration (None: no plan was available)."""
-    analysis_verdict: str
-    flagged_units: dict[str, list[str]]
-    runs: dict[str, ModeRun]
-    loss_scale: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
-    timings_s: dict[str, float] = Field(default_factory=dict)
-    messages: list[str] = Field(default_factory=list)
+    loss_scale: LossScaleSection | None = None
+    plan: PlanSection | None = None
     report: Report | None = Field(default=None, exclude=True, repr=False)
-    """The full analysis report (Python API only; not in the JSON)."""
+    """The analysis report, with the plan's `plan` and `loss_scale` sections (Python API
+    only; not in the JSON)."""
 
     def __bool__(self) -> bool:
         return self.go
@@ -218,34 +161,38 @@ class PreflightResult(_Frozen):
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
 
-    def prediction(self) -> dict[str, Any]:
-        """What the pre-flight predicts for the run the verdict judged: for `ScalerMonitor`
-        (`prediction=`) and `Report.extras["preflight"]`."""
+    @classmethod
+    def from_json(cls, text: str, source: str = "pre-flight result") -> PreflightResult:
+        """A result read back from `to_json()` (`preflight --json`); without its `report`."""
+        return validated(cls, text, f"{source} does not match the pre-flight schema")
+
+    def prediction(self) -> PreflightPrediction:
+        """What the pre-flight predicts for the run the verdict judged, for `ScalerMonitor`
+        (`prediction=`)."""
         run = self.runs.get(self.judge) or self.runs["low"]
-        return {
-            "go": self.go,
-            "dtype": str(self.dtype),
-            "judge": self.judge,
-            "steps": self.steps,
-            "init_scale_log2": run.init_scale_log2,
-            "skipped_steps": list(run.skipped_steps),
-            "nonfinite_steps": list(run.nonfinite_steps),
-            "max_divergence": run.max_divergence,
-            "reasons": [r.line() for r in self.reasons],
-            "recommended_scale_log2": (self.loss_scale or {}).get("recommended_scale_log2"),
-        }
+        return PreflightPrediction(
+            go=self.go,
+            dtype=self.dtype,
+            judge=self.judge,
+            steps=self.steps,
+            init_scale_log2=run.init_scale_log2,
+            skipped_steps=list(run.skipped_steps),
+            nonfinite_steps=list(run.nonfinite_steps),
+            max_divergence=run.max_divergence,
+            reasons=[r.line() for r in self.reasons],
+            recommended_scale_log2=self.loss_scale.recommended_scale_log2 if self.loss_scale is not None else None,
+        )
+
+    def section(self) -> PreflightSection:
+        """The report's `extras.preflight`."""
+        return PreflightSection(**{name: getattr(self, name) for name in PreflightSection.model_fields})
 
     def annotated_report(self) -> Report | None:
-        """The analysis report with the pre-flight (and plan, loss scale) in `extras`."""
+        """The analysis report with the pre-flight in `extras` (beside the plan and loss
+        scale, which it already carries when the pre-flight planned)."""
         if self.report is None:
             return None
-        extras = dict(self.report.extras)
-        extras["preflight"] = self.model_dump(mode="json")
-        if self.loss_scale is not None:
-            extras.setdefault("loss_scale", self.loss_scale)
-        if self.plan is not None:
-            extras.setdefault("plan", self.plan)
-        return self.report.model_copy(update={"extras": extras})
+        return self.report.with_extras(preflight=self.section())
 
 
 # --- the runs -------------------------------------------------------------------------------
@@ -277,7 +224,7 @@ def _device_type(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _precision(model: torch.nn.Module, units: Mapping[str, str] | None, dtype: torch.dtype | None) -> Iterator[None]:
+def _precision(model: torch.nn.Module, units: Mapping[str, UnitDtype] | None, dtype: torch.dtype | None) -> Iterator[None]:
     """Emulate the low dtype: all units (`units` None) or per unit (mixed fp16/bf16 plans
     nest one emulation per dtype; each rounds only its own units)."""
     if dtype is None:
@@ -291,7 +238,7 @@ def _precision(model: torch.nn.Module, units: Mapping[str, str] | None, dtype: t
         return
     default = units.get("", "fp32")
     with contextlib.ExitStack() as stack:
-        for name, tdtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        for name, tdtype in TORCH_DTYPES.items():
             low = {u: d == name for u, d in units.items() if u != ""}
             low[""] = default == name
             if any(low.values()):
@@ -309,7 +256,7 @@ def _run(
     loss_fn: LossFn | None,
     *,
     emulate: torch.dtype | None,
-    units: Mapping[str, str] | None,
+    units: Mapping[str, UnitDtype] | None,
     init_scale_log2: int | None,
 ) -> ModeRun:
     """`len(batches)` optimizer steps on deep copies of the model (and optimizer)."""
@@ -516,7 +463,7 @@ def preflight(
             raise PrecisionDoctorError("the optimizer holds none of the model's parameters")
     say = progress or (lambda _msg: None)
     build = build_optimizer or _default_optimizer
-    tdtype = torch.float16 if low is LowDtype.FP16 else torch.bfloat16
+    tdtype = TORCH_DTYPES[low]
     timings: dict[str, float] = {}
     messages: list[str] = []
 
@@ -529,16 +476,19 @@ def preflight(
     report = analyze(_copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__)
     timings["analysis"] = time.perf_counter() - t
 
-    plan_units: dict[str, str] | None = None
-    plan_extras: dict[str, Any] | None = None
-    scale_extras: dict[str, Any] | None = None
+    plan_units: dict[str, UnitDtype] | None = None
     planned_scale: int | None = None
     if plan:
         say("plan and loss scale")
         t = time.perf_counter()
-        plan_units, plan_extras, scale_extras, planned_scale, note = _plan(model, batch, loss_fn, report, low, target)
-        if note:
-            messages.append(note)
+        from precision_doctor.planning.pipeline import plan_report
+
+        report = plan_report(_copy(model, "model"), batch, loss_fn, report, target=target)
+        if report.extras.plan is not None:
+            plan_units = dict(report.extras.plan.units)
+            plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
+        ls = report.extras.loss_scale
+        planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None
         timings["plan"] = time.perf_counter() - t
 
     default_scale = 16 if low is LowDtype.FP16 else None
@@ -641,39 +591,10 @@ def preflight(
         analysis_verdict=report.verdict,
         flagged_units=flagged,
         runs=runs,
-        loss_scale=scale_extras,
-        plan=plan_extras,
+        loss_scale=report.extras.loss_scale,
+        plan=report.extras.plan,
         timings_s={k: round(v, 4) for k, v in timings.items()},
         messages=messages,
         report=report,
     )
 
-
-def _plan(
-    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, report: Report, low: LowDtype, target: str
-) -> tuple[dict[str, str] | None, dict[str, Any] | None, dict[str, Any] | None, int | None, str | None]:
-    """(units, plan extras, loss-scale extras, initial scale log2, note). A missing plan or
-    loss-scale module (partial installs, development) skips the planned run with a note."""
-    try:
-        from precision_doctor.planning.plan import plan_model
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.plan":
-            raise
-        return None, None, None, None, "planned run skipped: precision_doctor.plan is not available"
-    from precision_doctor.planning.loss_scale import recommend_loss_scale
-
-    p = plan_model(_copy(model, "model"), batch, loss_fn, report, target=target)
-    units = {str(k): str(v) for k, v in p.units.items()}
-    bad = {v for v in units.values() if v not in ("fp32", "fp16", "bf16")}
-    if bad:
-        raise PrecisionDoctorError(f"the plan names unknown dtypes: {sorted(bad)}")
-    units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
-    plan_extras = p.model_dump(mode="json")  # the plan document itself (no rendered exports)
-    ls = getattr(p, "loss_scale", None)
-    if ls is not None:
-        scale_extras: dict[str, Any] = dict(ls.model_dump(mode="json"))
-    else:
-        low_units = {u: d != "fp32" for u, d in units.items() if u}
-        scale_extras = dict(recommend_loss_scale(report, low_units, dtype=low).to_extras())
-    scale = int(scale_extras["recommended_scale_log2"]) if low is LowDtype.FP16 else None
-    return units, plan_extras, scale_extras, scale, None

@@ -10,13 +10,9 @@ from __future__ import annotations
 import html
 import math
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.extras import LossScaleSection, MonitorSection, PlanSection, PreflightSection
 from precision_doctor.formats import LIMITS, FormatLimits
 from precision_doctor.options import Flag, LowDtype
 from precision_doctor.report import ErrorStats, Report, TensorStats, Unit
@@ -29,174 +25,13 @@ _UNDERFLOW_COLOR = "rgba(31, 119, 180, 0.15)"
 _SUBNORMAL_COLOR = "rgba(255, 187, 0, 0.22)"
 
 
-# --- extras written by later stages ------------------------------------------------------------
-class _Extra(BaseModel):
-    # Later stages may add fields; reading them must not break on what we do not show.
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-
-class FP32Reason(_Extra):
-    unit: str
-    reason: str
-
-
-class PlanView(_Extra):
-    """`report.extras["plan"]`: the per-unit dtype plan and its estimated costs."""
-
-    target: str
-    dtype: Literal["fp16", "bf16"]
-    units: dict[str, Literal["fp32", "fp16", "bf16"]]
-    fp32_units: list[FP32Reason]
-    estimated_step_time_s: dict[str, float]
-    activation_bytes: dict[str, int]
-    verified_loss_rel_error: float | None = None
-    verification_passes: int | None = None
-    exports: dict[str, str] = {}
-
-    @property
-    def speedup(self) -> float | None:
-        """Estimated step-time speed-up of the plan over fp32."""
-        t = self.estimated_step_time_s
-        if t.get("plan", 0.0) > 0 and "fp32" in t:
-            return t["fp32"] / t["plan"]
-        return None
-
-    @property
-    def memory_saving(self) -> float | None:
-        """Fraction of fp32 activation memory the plan saves."""
-        a = self.activation_bytes
-        if a.get("fp32", 0) > 0 and "plan" in a:
-            return 1.0 - a["plan"] / a["fp32"]
-        return None
-
-
-class LossScaleView(_Extra):
-    """`report.extras["loss_scale"]`: the loss-scale recommendation."""
-
-    recommended_scale_log2: int
-    default_scale_log2: int = 16
-    underflow_fraction_at_recommended: float | None = None
-    underflow_fraction_at_default: float | None = None
-    skipped_steps_from_default: int | None = None
-    scaler_needed: bool | None = None
-
-
-class PreflightReasonView(_Extra):
-    risk: str
-    mode: str
-    unit: str | None = None
-    message: str
-
-
-class PreflightStepView(_Extra):
-    loss: float  # JSON spells a non-finite loss "NaN" / "Infinity": validation reads both
-
-
-class PreflightRunView(_Extra):
-    mode: str
-    description: str
-    skipped_steps: list[int] = []
-    nonfinite_steps: list[int] = []
-    max_divergence: float | None = None
-    steps: list[PreflightStepView] = []
-
-    @property
-    def losses(self) -> list[float]:
-        return [s.loss for s in self.steps]
-
-
-class PreflightView(_Extra):
-    """`report.extras["preflight"]`: the pre-flight's verdict and its short training runs
-    (`PreflightResult.annotated_report()`)."""
-
-    go: bool
-    judge: str
-    steps: int
-    reasons: list[PreflightReasonView] = []
-    planned_go: bool | None = None
-    runs: dict[str, PreflightRunView] = {}
-
-
-class PredictionView(_Extra):
-    go: bool | None = None
-    steps: int | None = None
-    skipped_steps: list[int] = []
-
-
-class MonitorView(_Extra):
-    """`report.extras["scaler_monitor"]`: what a real run's GradScaler did
-    (`ScalerMonitor.to_extras()`), with the pre-flight's prediction when it was given one."""
-
-    enabled: bool = True
-    steps: int
-    current_scale: float
-    scale_history: list[tuple[int, float]] = []
-    skipped_steps: list[int] = []
-    prediction: PredictionView | None = None
-
-
-def _extra(report: Report, key: str, model: type[Any]) -> Any:
-    raw = report.extras.get(key)
-    if raw is None:
-        return None
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or key
-        raise PrecisionDoctorError(f"report extras[{key!r}] is malformed at {where}: {first['msg']}") from None
-
-
-def plan_of(report: Report) -> PlanView | None:
-    """The plan, or None when the report has none; PrecisionDoctorError when malformed."""
-    plan: PlanView | None = _extra(report, "plan", PlanView)
-    return plan
-
-
-def loss_scale_of(report: Report) -> LossScaleView | None:
-    """The loss-scale recommendation, or None; PrecisionDoctorError when malformed."""
-    ls: LossScaleView | None = _extra(report, "loss_scale", LossScaleView)
-    return ls
-
-
-@dataclass(frozen=True)
-class Extras:
-    """What later stages added to a report, for rendering: each section None when absent
-    or malformed; a malformed one is a line in `warnings`, and the rest still renders."""
-
-    plan: PlanView | None
-    loss_scale: LossScaleView | None
-    preflight: PreflightView | None
-    monitor: MonitorView | None
-    warnings: tuple[str, ...]
-
-
-_SECTIONS: tuple[tuple[str, str, type[_Extra]], ...] = (
-    ("plan", "plan", PlanView),
-    ("loss_scale", "loss_scale", LossScaleView),
-    ("preflight", "preflight", PreflightView),
-    ("monitor", "scaler_monitor", MonitorView),
-)
-
-
-def extras_of(report: Report) -> Extras:
-    found: dict[str, Any] = {}
-    warnings: list[str] = []
-    for field_name, key, view in _SECTIONS:
-        try:
-            found[field_name] = _extra(report, key, view)
-        except PrecisionDoctorError as e:
-            found[field_name] = None
-            warnings.append(str(e))
-    return Extras(**found, warnings=tuple(warnings))
-
-
-def preflight_verdict(pre: PreflightView) -> str:
+# --- the report's extras (typed sections, `report.extras`) -------------------------------------
+def preflight_verdict(pre: PreflightSection) -> str:
     planned = "" if pre.planned_go is None else f"; with the plan: {'go' if pre.planned_go else 'no-go'}"
     return f"Pre-flight: {'GO' if pre.go else 'NO-GO'} ({pre.judge} configuration, {pre.steps} steps){planned}"
 
 
-def preflight_run_rows(pre: PreflightView) -> list[dict[str, Any]]:
+def preflight_run_rows(pre: PreflightSection) -> list[dict[str, Any]]:
     return [
         {"run": name, "configuration": r.description, "steps": len(r.steps),
          "skipped": len(r.skipped_steps), "non-finite": len(r.nonfinite_steps),
@@ -205,19 +40,18 @@ def preflight_run_rows(pre: PreflightView) -> list[dict[str, Any]]:
     ]
 
 
-def monitor_items(mon: MonitorView) -> dict[str, str]:
+def monitor_items(mon: MonitorSection) -> dict[str, str]:
     """The real run against the pre-flight's prediction, where there is one."""
     items = {"steps": str(mon.steps), "skipped steps": str(len(mon.skipped_steps)),
              "current scale": f"2^{math.log2(mon.current_scale):g}" if mon.current_scale > 0 else fmt(mon.current_scale)}
     p = mon.prediction
     if p is not None:
-        items["predicted skipped"] = f"{len(p.skipped_steps)} in {p.steps if p.steps is not None else '?'} steps"
-        if p.go is not None:
-            items["pre-flight"] = "go" if p.go else "no-go"
+        items["predicted skipped"] = f"{len(p.skipped_steps)} in {p.steps} steps"
+        items["pre-flight"] = "go" if p.go else "no-go"
     return items
 
 
-def training_figure(pre: PreflightView | None, mon: MonitorView | None) -> go.Figure:
+def training_figure(pre: PreflightSection | None, mon: MonitorSection | None) -> go.Figure:
     """Left: each pre-flight run's loss per step. Right: the real run's loss scale (log2)
     over its steps, skipped steps marked."""
     go = _go()
@@ -243,7 +77,7 @@ def training_figure(pre: PreflightView | None, mon: MonitorView | None) -> go.Fi
     return fig
 
 
-def _scale_at(mon: MonitorView, step: int) -> float | None:
+def _scale_at(mon: MonitorSection, step: int) -> float | None:
     scale = None
     for s, v in mon.scale_history:
         if s > step:
@@ -290,7 +124,7 @@ def _err(e: ErrorStats | None) -> float | None:
     return None if e is None else e.rel_l2_error
 
 
-def layer_rows(report: Report, plan: PlanView | None = None) -> list[dict[str, Any]]:
+def layer_rows(report: Report, plan: PlanSection | None = None) -> list[dict[str, Any]]:
     """One row per unit, execution order: flags and key numbers (floats stay floats, so the
     table sorts numerically; infinities stay inf)."""
     dtype = report.environment.dtype
@@ -349,7 +183,7 @@ def error_rows(unit: Unit) -> list[dict[str, Any]]:
     return rows
 
 
-def overview_items(report: Report, plan: PlanView | None = None) -> list[tuple[str, str]]:
+def overview_items(report: Report, plan: PlanSection | None = None) -> list[tuple[str, str]]:
     """(label, value) pairs for the overview."""
     env = report.environment
     items = [
@@ -372,7 +206,7 @@ def overview_items(report: Report, plan: PlanView | None = None) -> list[tuple[s
 def takeoff_unit(report: Report) -> Unit | None:
     """The first unit, in execution order, whose propagated error exceeds the divergence
     threshold or turns non-finite: where the error takes off."""
-    limit = report.thresholds.get("divergence_rel_error", 0.05)
+    limit = report.thresholds.divergence_rel_error
     for u in ordered_units(report):
         p = u.forward.propagated
         if p is not None and (p.nonfinite_count > 0 or not math.isfinite(p.rel_l2_error) or p.rel_l2_error > limit):
@@ -478,7 +312,7 @@ def depth_figure(report: Report) -> go.Figure:
     fig.add_trace(go.Scatter(x=x, y=s_marks, mode="markers", name="SQNR -inf", text=names, showlegend=False,
                              marker={"symbol": "x", "size": 11, "color": "#d62728"},
                              hovertemplate="%{text}<br>-inf dB<extra></extra>"), row=2, col=1)
-    limit = report.thresholds.get("divergence_rel_error")
+    limit = report.thresholds.divergence_rel_error
     if limit:
         fig.add_hline(y=limit, line_dash="dot", line_color="gray", row=1, col=1,
                       annotation_text=f"divergence threshold {limit:g}")
@@ -496,7 +330,7 @@ def depth_figure(report: Report) -> go.Figure:
     return fig
 
 
-def loss_scale_figure(report: Report, recommended: LossScaleView | None = None) -> go.Figure:
+def loss_scale_figure(report: Report, recommended: LossScaleSection | None = None) -> go.Figure:
     """Fraction of gradients lost to underflow and to overflow in fp16 against the scale 2^k,
     with the 2^16 default and (when known) the recommended initial scale marked."""
     go = _go()
@@ -525,14 +359,20 @@ def loss_scale_figure(report: Report, recommended: LossScaleView | None = None) 
     return fig
 
 
-def plan_cost_figure(plan: PlanView) -> go.Figure:
+def plan_cost_rows(plan: PlanSection) -> list[dict[str, Any]]:
+    """Estimated step time and activation memory of fp32, plain autocast and the plan."""
+    t, a = plan.estimated_step_time_s.model_dump(), plan.activation_bytes.model_dump()
+    return [{"config": k, "est. step time (ms)": t[k] * 1e3, "activations": fmt_bytes(a[k])} for k in t]
+
+
+def plan_cost_figure(plan: PlanSection) -> go.Figure:
     """Estimated step time and activation memory: fp32, plain autocast and the plan."""
     go = _go()
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("est. step time (ms)", "activation memory (MiB)"))
-    t: Mapping[str, float] = plan.estimated_step_time_s
-    a: Mapping[str, int] = plan.activation_bytes
+    t: dict[str, float] = plan.estimated_step_time_s.model_dump()
+    a: dict[str, int] = plan.activation_bytes.model_dump()
     fig.add_trace(go.Bar(x=list(t), y=[v * 1e3 for v in t.values()], name="step time", marker_color="#4c78a8"), row=1, col=1)
     fig.add_trace(go.Bar(x=list(a), y=[v / 2**20 for v in a.values()], name="activations", marker_color="#f58518"), row=1, col=2)
     fig.update_layout(showlegend=False, height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20})

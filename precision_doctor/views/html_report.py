@@ -14,11 +14,9 @@ from precision_doctor.views.figures import (
     depth_figure,
     error_rows,
     export_file,
-    extras_of,
     flag_counts,
     flag_rows,
     fmt,
-    fmt_bytes,
     histogram_figure,
     layer_rows,
     loss_scale_figure,
@@ -26,6 +24,7 @@ from precision_doctor.views.figures import (
     ordered_units,
     overview_items,
     plan_cost_figure,
+    plan_cost_rows,
     preflight_run_rows,
     preflight_verdict,
     takeoff_unit,
@@ -118,13 +117,12 @@ def render_html(report: Report) -> str:
     """The whole report as one HTML document."""
     fig = _Figures()
     parts: list[str] = []
-    extras = extras_of(report)
-    plan, ls, pre, mon, warnings = extras.plan, extras.loss_scale, extras.preflight, extras.monitor, extras.warnings
+    extras = report.extras
+    plan, ls, pre, mon = extras.plan, extras.loss_scale, extras.preflight, extras.scaler_monitor
     dtype = report.environment.dtype
 
     parts.append(f"<h1>precision-doctor: {_e(report.model)}</h1>")
     parts.append(f'<p class="verdict {"ok" if report else "bad"}" id="verdict">{_e(report.verdict)}</p>')
-    parts.extend(f'<p class="warn">{_e(w)}</p>' for w in warnings)
 
     parts.append("<h2>Overview</h2>")
     parts.append(_table([{k: v for k, v in overview_items(report, plan)}]))
@@ -151,8 +149,8 @@ def render_html(report: Report) -> str:
             f"(default 2^{ls.default_scale_log2}); gradients underflowing: "
             f"{_e(fmt(ls.underflow_fraction_at_recommended))} at the recommended scale, "
             f"{_e(fmt(ls.underflow_fraction_at_default))} at the default; steps skipped starting "
-            f"from the default: {_e(fmt(ls.skipped_steps_from_default, 'd') if ls.skipped_steps_from_default is not None else '-')}; "
-            f"scaler needed: {_e('-' if ls.scaler_needed is None else ('yes' if ls.scaler_needed else 'no'))}.</p>"
+            f"from the default: {_e(fmt(ls.skipped_steps_from_default, 'd'))}; "
+            f"scaler needed: {_e('yes' if ls.scaler_needed else 'no')}.</p>"
         )
     if report.loss_scale:
         parts.append(fig(loss_scale_figure(report, ls)))
@@ -164,15 +162,9 @@ def render_html(report: Report) -> str:
         parts.append(f"<p>Target {_e(plan.target)}, low dtype {_e(plan.dtype)}; "
                      f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>")
         parts.append("<h3>Units kept in fp32</h3>" + _table([r.model_dump() for r in plan.fp32_units]))
-        cost = [
-            {"config": k, "est. step time (ms)": plan.estimated_step_time_s.get(k, float("nan")) * 1e3,
-             "activations": fmt_bytes(plan.activation_bytes[k]) if k in plan.activation_bytes else "-"}
-            for k in dict.fromkeys([*plan.estimated_step_time_s, *plan.activation_bytes])
-        ]
-        parts.append("<h3>Cost</h3>" + _table(cost) + fig(plan_cost_figure(plan)))
-        if plan.verified_loss_rel_error is not None:
-            parts.append(f"<p>Verified final-loss error {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
-                         f"in {_e(plan.verification_passes if plan.verification_passes is not None else '-')} pass(es).</p>")
+        parts.append("<h3>Cost</h3>" + _table(plan_cost_rows(plan)) + fig(plan_cost_figure(plan)))
+        parts.append(f"<p>Verified final-loss error {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
+                     f"in {_e(plan.verification_passes)} pass(es).</p>")
         for name, text in plan.exports.items():
             fname, mime = export_file(name)
             # A data: URI keeps the download working with no server.

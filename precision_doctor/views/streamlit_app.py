@@ -19,6 +19,7 @@ import streamlit as st
 
 import precision_doctor.views.figures as F
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.extras import LossScaleSection, MonitorSection, PlanSection, PreflightSection
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report, Unit
 
@@ -70,7 +71,7 @@ def _chart(fig: Any, key: str) -> None:
 
 
 # --- sections ----------------------------------------------------------------------------------
-def overview(report: Report, plan: F.PlanView | None) -> None:
+def overview(report: Report, plan: PlanSection | None) -> None:
     items = F.overview_items(report, plan)
     for row in range(0, len(items), 4):
         cols = st.columns(4)
@@ -86,7 +87,7 @@ def overview(report: Report, plan: F.PlanView | None) -> None:
         st.success("No unit flagged.")
 
 
-def layer_table(report: Report, plan: F.PlanView | None) -> None:
+def layer_table(report: Report, plan: PlanSection | None) -> None:
     rows = F.layer_rows(report, plan)
     present = list(F.flag_counts(report))
     c1, c2 = st.columns([2, 1])
@@ -161,7 +162,7 @@ def depth(report: Report) -> None:
     _chart(F.depth_figure(report), "depth")
 
 
-def loss_scale(report: Report, ls: F.LossScaleView | None) -> None:
+def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
     if ls is not None:
         cols = st.columns(4)
         cols[0].metric("Recommended initial scale", f"2^{ls.recommended_scale_log2}")
@@ -169,10 +170,8 @@ def loss_scale(report: Report, ls: F.LossScaleView | None) -> None:
         cols[2].metric("Underflow at recommended", F.fmt(ls.underflow_fraction_at_recommended))
         cols[3].metric("Underflow at default", F.fmt(ls.underflow_fraction_at_default))
         cols = st.columns(4)
-        if ls.skipped_steps_from_default is not None:
-            cols[0].metric("Steps skipped from the default", str(ls.skipped_steps_from_default))
-        if ls.scaler_needed is not None:
-            cols[1].metric("GradScaler needed", "yes" if ls.scaler_needed else "no")
+        cols[0].metric("Steps skipped from the default", str(ls.skipped_steps_from_default))
+        cols[1].metric("GradScaler needed", "yes" if ls.scaler_needed else "no")
     else:
         st.info("No loss-scale recommendation in this report; the curve is shown with the 2^16 default.")
     if report.loss_scale:
@@ -181,7 +180,7 @@ def loss_scale(report: Report, ls: F.LossScaleView | None) -> None:
         st.info("No gradient statistics in this report.")
 
 
-def training_section(pre: F.PreflightView | None, mon: F.MonitorView | None) -> None:
+def training_section(pre: PreflightSection | None, mon: MonitorSection | None) -> None:
     if pre is not None:
         (st.success if pre.go else st.error)(md(F.preflight_verdict(pre)))
         if pre.reasons:
@@ -195,7 +194,7 @@ def training_section(pre: F.PreflightView | None, mon: F.MonitorView | None) -> 
     _chart(F.training_figure(pre, mon), "training")
 
 
-def plan_section(plan: F.PlanView) -> None:
+def plan_section(plan: PlanSection) -> None:
     n32 = sum(1 for d in plan.units.values() if d == "fp32")
     st.text(f"Target {plan.target}, low dtype {plan.dtype}: {n32} of {len(plan.units)} units stay fp32.")
     st.markdown("**Units kept in fp32, and why**")
@@ -204,23 +203,16 @@ def plan_section(plan: F.PlanView) -> None:
     else:
         st.text("none")
     st.markdown("**Cost**")
-    keys = list(dict.fromkeys([*plan.estimated_step_time_s, *plan.activation_bytes]))
-    st.dataframe(_df([
-        {"config": k,
-         "est. step time (ms)": plan.estimated_step_time_s.get(k, float("nan")) * 1e3,
-         "activations": F.fmt_bytes(plan.activation_bytes[k]) if k in plan.activation_bytes else "-"}
-        for k in keys
-    ]), hide_index=True, width="content")
+    st.dataframe(_df(F.plan_cost_rows(plan)), hide_index=True, width="content")
     _chart(F.plan_cost_figure(plan), "plan_cost")
-    if plan.verified_loss_rel_error is not None:
-        st.metric("Verified final-loss error", F.fmt(plan.verified_loss_rel_error, ".2e"),
-                  help=f"{plan.verification_passes} verification pass(es)")
+    st.metric("Verified final-loss error", F.fmt(plan.verified_loss_rel_error, ".2e"),
+              help=f"{plan.verification_passes} verification pass(es)")
     if plan.exports:
         st.markdown("**Exports**")
         cols = st.columns(max(1, len(plan.exports)))
         for col, (name, text) in zip(cols, plan.exports.items(), strict=False):
             fname, mime = F.export_file(name)
-            col.download_button(f"Download {md(name)}", text, file_name=fname, mime=mime, key=f"export_{name}")
+            col.download_button(f"Download {md(name.value)}", text, file_name=fname, mime=mime, key=f"export_{name.value}")
 
 
 # --- page --------------------------------------------------------------------------------------
@@ -240,13 +232,11 @@ def get_report() -> Report:
 
 
 def render(report: Report) -> None:
-    extras = F.extras_of(report)
-    plan, ls, pre, mon, warnings = extras.plan, extras.loss_scale, extras.preflight, extras.monitor, extras.warnings
+    extras = report.extras
+    plan, ls, pre, mon = extras.plan, extras.loss_scale, extras.preflight, extras.scaler_monitor
 
     st.title(f"precision-doctor: {md(report.model)}")
     (st.success if report else st.error)(md(report.verdict))
-    for w in warnings:
-        st.warning(md(w))
     with st.sidebar:
         dtypes = [d.value for d in LowDtype]
         choice = st.radio("Histogram range of", dtypes, index=dtypes.index(report.environment.dtype.value),

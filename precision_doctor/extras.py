@@ -1,0 +1,239 @@
+"""What later stages add to a report (`Report.extras`): one typed section each, one writer each.
+
+- `plan` (`PlanSection`): the per-unit dtype plan with its rendered exports; written by
+  `planning.export.plan_section` (through `planning.pipeline.plan_report`, which the CLI and
+  the pre-flight both call).
+- `loss_scale` (`LossScaleSection`): the initial loss-scale recommendation for the plan's low
+  units; `planning.loss_scale.LossScaleAdvice.to_extras`.
+- `preflight` (`PreflightSection`): the pre-flight's verdict and short training runs;
+  `training.preflight.PreflightResult.annotated_report`.
+- `scaler_monitor` (`MonitorSection`): a real run's GradScaler history;
+  `training.monitor.ScalerMonitor.to_extras`.
+
+Sections are validated with the report: a report whose section does not fit does not load
+(one line naming the field). Writers live in the planning and training stages and readers in
+the views, so the models live here, below both.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from pydantic import Field
+
+from precision_doctor.options import ExportFormat, LowDtype, UnitDtype
+from precision_doctor.schema import Frozen
+
+MONITOR_KIND: Final = "precision-doctor-scaler-monitor"
+MONITOR_SCHEMA_VERSION: Final = 1
+PREFLIGHT_SCHEMA_VERSION = 1
+
+
+# --- plan -----------------------------------------------------------------------------------
+
+
+class Fp32Unit(Frozen):
+    unit: str
+    reason: str
+
+
+class PlanCosts(Frozen):
+    """Estimated step time, in seconds, of each configuration."""
+
+    fp32: float
+    autocast: float
+    plan: float
+
+
+class PlanBytes(Frozen):
+    """Activation memory, in bytes, of each configuration."""
+
+    fp32: int
+    autocast: int
+    plan: int
+
+
+class PlanSection(Frozen):
+    """`extras.plan`: the per-unit dtype plan, its estimated costs and its exports."""
+
+    target: str
+    dtype: LowDtype
+    units: dict[str, UnitDtype]
+    """Unit -> the dtype it runs in."""
+    fp32_units: list[Fp32Unit]
+    estimated_step_time_s: PlanCosts
+    activation_bytes: PlanBytes
+    verified_loss_rel_error: float
+    verification_passes: int
+    exports: dict[ExportFormat, str] = Field(default_factory=dict)
+    """Each export format's text, as `analyze --export` writes it."""
+
+    @property
+    def speedup(self) -> float | None:
+        """Estimated step-time speed-up of the plan over fp32."""
+        t = self.estimated_step_time_s
+        return t.fp32 / t.plan if t.plan > 0 else None
+
+    @property
+    def memory_saving(self) -> float | None:
+        """Fraction of fp32 activation memory the plan saves."""
+        a = self.activation_bytes
+        return 1.0 - a.plan / a.fp32 if a.fp32 > 0 else None
+
+
+# --- loss scale -----------------------------------------------------------------------------
+
+
+class LossScaleSection(Frozen):
+    """`extras.loss_scale` (and `Plan.loss_scale`): the initial fp16 loss scale, as powers of two."""
+
+    recommended_scale_log2: int
+    default_scale_log2: int
+    underflow_fraction_at_recommended: float
+    """Fraction of the nonzero gradients that flush to zero at the recommended scale."""
+    underflow_fraction_at_default: float
+    skipped_steps_from_default: int
+    """Steps GradScaler skips backing off from the default to the recommended scale."""
+    scaler_needed: bool
+
+    def describe(self, dtype: LowDtype) -> str:
+        """One line for a person (the CLI prints it)."""
+        if dtype is LowDtype.BF16:
+            need = "needed" if self.scaler_needed else "not needed"
+            return f"bf16: a loss scaler is {need} (gradients fit bf16's fp32-sized range)"
+        if not self.scaler_needed and self.recommended_scale_log2 == 0 and self.skipped_steps_from_default == 0:
+            # Only an advice over no nonzero gradient reads so: any gradient scales to k >= 16
+            # (nothing skipped) or k < 16 (skipped steps).
+            return "fp16: no loss scaler needed (no nonzero gradient runs in fp16)"
+        return (
+            f"initial loss scale 2^{self.recommended_scale_log2} "
+            f"(underflow {self.underflow_fraction_at_recommended:.2%}; at the default "
+            f"2^{self.default_scale_log2}: {self.underflow_fraction_at_default:.2%}, "
+            f"{self.skipped_steps_from_default} skipped step(s) to back off)"
+        )
+
+
+# --- pre-flight -----------------------------------------------------------------------------
+
+
+class StepRecord(Frozen):
+    step: int
+    loss: float
+    grads_finite: bool
+    scale: float | None = None
+    """The loss scale this step used (None: no scaler)."""
+    skipped: bool = False
+    """GradScaler skipped the optimizer step."""
+
+
+class ModeRun(Frozen):
+    mode: str
+    """"fp32", "low" or "planned"."""
+    description: str
+    units: dict[str, UnitDtype] = Field(default_factory=dict)
+    """Per unit, where the run differs from its default ("" key)."""
+    init_scale_log2: int | None = None
+    """The GradScaler's initial scale (None: no scaler)."""
+    steps: list[StepRecord]
+    skipped_steps: list[int]
+    nonfinite_steps: list[int]
+    max_divergence: float | None = None
+    """Largest |loss - fp32 loss| / |fp32 loss| over the steps (None for the fp32 run)."""
+    divergence_step: int | None = None
+    seconds: float
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.steps]
+
+
+class Reason(Frozen):
+    risk: str
+    mode: str
+    """"analysis" for a flag of the one-step analysis, else the run that showed it."""
+    unit: str | None = None
+    message: str
+
+    def line(self) -> str:
+        where = f" [{self.unit}]" if self.unit else ""
+        return f"{self.risk} ({self.mode}){where}: {self.message}"
+
+
+class PreflightSection(Frozen):
+    """`extras.preflight`: the pre-flight's verdict and its short training runs (the plan
+    and loss scale it ran with are the report's `plan` and `loss_scale` sections)."""
+
+    schema_version: int = PREFLIGHT_SCHEMA_VERSION
+    model: str
+    dtype: LowDtype
+    steps: int
+    optimizer: str
+    judge: str
+    """"low" or "planned": the configuration the verdict judges."""
+    fail_on: list[str]
+    loss_tolerance: float
+    max_skipped_steps: int
+    go: bool
+    reasons: list[Reason]
+    """The risks that make it no-go: found in the judged run and named in `fail_on`."""
+    notes: list[Reason] = Field(default_factory=list)
+    """Risks found but not failing: not in `fail_on`, or in the configuration not judged."""
+    planned_go: bool | None = None
+    """The same judgment for the planned configuration (None: no plan was available)."""
+    analysis_verdict: str
+    flagged_units: dict[str, list[str]]
+    runs: dict[str, ModeRun]
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    messages: list[str] = Field(default_factory=list)
+
+
+class PreflightPrediction(Frozen):
+    """What a pre-flight predicts for the run its verdict judged
+    (`PreflightResult.prediction()`), kept beside a real run's monitor to compare."""
+
+    go: bool
+    dtype: LowDtype
+    judge: str
+    steps: int
+    init_scale_log2: int | None
+    skipped_steps: list[int]
+    nonfinite_steps: list[int]
+    max_divergence: float | None
+    reasons: list[str]
+    recommended_scale_log2: int | None
+
+
+# --- a real run's GradScaler ----------------------------------------------------------------
+
+
+class MonitorSection(Frozen):
+    """`extras.scaler_monitor` and the file `ScalerMonitor.save` writes: what a real run's
+    GradScaler did, with the pre-flight's prediction when it was given one."""
+
+    kind: Literal["precision-doctor-scaler-monitor"] = MONITOR_KIND
+    schema_version: Literal[1] = MONITOR_SCHEMA_VERSION
+    enabled: bool
+    init_scale: float
+    growth_factor: float
+    backoff_factor: float
+    growth_interval: int
+    """Clean steps between growths."""
+    steps: int
+    current_scale: float
+    scale_history: list[tuple[int, float]]
+    """Change points (step, scale): from this step on, the scale was this."""
+    skipped_steps: list[int]
+    skipped_count: int
+    prediction: PreflightPrediction | None = None
+
+
+# --- the report's extras --------------------------------------------------------------------
+
+
+class ReportExtras(Frozen):
+    """`Report.extras`: each later stage's section, None where that stage did not run."""
+
+    plan: PlanSection | None = None
+    loss_scale: LossScaleSection | None = None
+    preflight: PreflightSection | None = None
+    scaler_monitor: MonitorSection | None = None

@@ -1,0 +1,48 @@
+"""The planning stage on an analysis report, end to end: the unit costs (per-op rooflines on a
+device profile, or each unit timed on the model's own device), the verified per-unit dtype
+plan, and the report with its `plan` and `loss_scale` sections filled. The CLI's `analyze`
+and the pre-flight both plan through here, so both write the same sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model.spec import LossFn
+from precision_doctor.options import CostSource, parse_enum
+from precision_doctor.planning.cost import Target
+from precision_doctor.planning.export import plan_section
+from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
+from precision_doctor.report import Report
+
+
+def plan_report(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    report: Report,
+    *,
+    target: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    cost_source: CostSource | str = CostSource.ROOFLINE,
+) -> Report:
+    """`report` with `extras.plan` (the plan and its exports) and `extras.loss_scale` (the
+    initial loss scale for the plan's low units) set.
+
+    `cost_source="roofline"` costs each op on the `target` profile (default h100);
+    `"measured"` times each unit on the model's own device (no `target` then). The plan is
+    verified by emulated runs of `model` (restored afterwards)."""
+    source = parse_enum(CostSource, cost_source, "cost source")
+    if source is CostSource.MEASURED and target is not None:
+        raise PrecisionDoctorError("measured costs time the model's own device; they take no target")
+    costs = None
+    target_name = str(target) if target is not None else Target.H100.value
+    if source is CostSource.MEASURED:
+        from precision_doctor.planning.timing import measure_cost_model
+
+        costs = measure_cost_model(model, batch, loss_fn, report)
+        target_name = costs.profile.name
+    plan = plan_model(model, batch, loss_fn, report, target=target_name, tolerance=tolerance, costs=costs)
+    return report.with_extras(plan=plan_section(plan), loss_scale=plan.loss_scale)
