@@ -18,7 +18,16 @@ from pydantic import Field
 
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import ReportExtras
-from precision_doctor.options import FLAG_SEVERITY, CapturePath, Flag, LowDtype, Phase, Thresholds
+from precision_doctor.options import (
+    FLAG_SEVERITY,
+    AutocastPolicy,
+    CapturePath,
+    Flag,
+    LowDtype,
+    Phase,
+    Regime,
+    Thresholds,
+)
 from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 
@@ -208,6 +217,11 @@ class Environment(_Frozen):
     capture_path: CapturePath
     fx_traceable: bool
     fx_error: str | None = None
+    regime: Regime = Regime.AUTOCAST
+    """What the low-precision run executed: `autocast` (torch.autocast's op policy) or `pure`
+    (`model.to(dtype)`)."""
+    policy: AutocastPolicy | None = AutocastPolicy.CUDA
+    """Whose autocast op lists (`cuda` or `cpu`); None in the pure regime."""
 
 
 class Losses(_Frozen):

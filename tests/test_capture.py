@@ -299,7 +299,9 @@ def test_unit_error_is_its_outputs_error_not_its_internals(module: type[torch.nn
     torch.manual_seed(0)
     net = torch.nn.Sequential(module(), torch.nn.Linear(8, 1))
     x = torch.randn(16, 8)
-    report = pd.analyze(net, x, loss_fn=lambda out, b: out.pow(2).mean())
+    # Pure fp16: every op of the numpy reference runs in fp16 (under autocast the batch and
+    # the adds stay fp32, and there is no error to hand on).
+    report = pd.analyze(net, x, loss_fn=lambda out, b: out.pow(2).mean(), regime="pure")
     expected = _cancel_error(x, rows)
     cancel = report.by_module()["0"]
     assert cancel.forward.local is not None and cancel.forward.propagated is not None
@@ -324,7 +326,7 @@ def test_concatenation_passes_on_the_error_of_every_part() -> None:
     """The Linear after a cat reads b's large error too, not only a's (the first part)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(CatOfTwo(), torch.nn.Linear(16, 1))
-    report = pd.analyze(net, torch.randn(16, 8), loss_fn=lambda out, b: out.pow(2).mean())
+    report = pd.analyze(net, torch.randn(16, 8), loss_fn=lambda out, b: out.pow(2).mean(), regime="pure")
     units = report.by_module()
     assert pd.Flag.DIVERGENCE in {f.flag for f in units["0.b"].flags}
     assert pd.Flag.ERROR_GROWTH not in {f.flag for f in units["1"].flags}
@@ -336,7 +338,7 @@ def test_unit_error_counts_only_the_outputs_read() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
     y = 5 + 0.01 * torch.randn(16, 8)  # fp16 rounding of 5.00x moves the statistics
-    report = pd.analyze(net, y, loss_fn=lambda out, b: out.pow(2).mean())
+    report = pd.analyze(net, y, loss_fn=lambda out, b: out.pow(2).mean(), regime="pure")
     ln = net[0]
     with torch.no_grad():
         ref = ln(y)
@@ -632,7 +634,7 @@ class _Lookup(torch.nn.Module):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_embedding_shadow_is_the_rounded_rows(dtype: str) -> None:
     model, ids = _Lookup(), torch.tensor([[3, 7, 7, 41], [0, 49, 12, 3]])
-    report = pd.analyze(model, ids, dtype=dtype)
+    report = pd.analyze(model, ids, dtype=dtype, regime="pure")  # the table itself low
     rows = model.table.weight.detach()[ids].numpy().astype(np.float64)
     low = np.float16 if dtype == "fp16" else None
     rounded = (
@@ -707,9 +709,9 @@ def test_gradient_passed_on_unchanged_is_summarized_once(monkeypatch: pytest.Mon
         return real_add(batch, t)
 
     def run() -> pd.Report:
-        case = build("gpt2")  # residual adds, NewGELU's adds
+        case = build("gpt2")  # residual adds, NewGELU's adds (fp16 only in the pure regime)
         torch.manual_seed(SEED)
-        return pd.analyze(case.model, case.batch, case.loss_fn)
+        return pd.analyze(case.model, case.batch, case.loss_fn, regime="pure")
 
     monkeypatch.setattr(capture, "summarize", counting)
     monkeypatch.setattr(capture.SummaryBatch, "add", counting_add)

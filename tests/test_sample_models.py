@@ -11,7 +11,8 @@ from precision_doctor.model.spec import load_model_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
-# model file -> {unit: flag} expected under fp16; every other unit must carry no flag.
+# model file -> {unit: flag} expected under fp16 in every regime; every other unit must carry
+# no flag. Regime-specific expectations (as each sample's docstring says) in BY_REGIME.
 EXPECTED: dict[str, dict[str, pd.Flag]] = {
     "tiny_transformer": {},
     "control_flow": {},
@@ -19,18 +20,32 @@ EXPECTED: dict[str, dict[str, pd.Flag]] = {
     "attention_unscaled": {"attn": pd.Flag.OVERFLOW},
     "reduction_overflow": {"norm": pd.Flag.OVERFLOW},
     "deep_narrow_underflow": {f"layers.{i}": pd.Flag.GRAD_UNDERFLOW for i in range(6)},
+    "rmsnorm_upcast": {},
+    "rmsnorm_no_upcast": {"norm": pd.Flag.OVERFLOW},
+    "pure_only_overflow": {},
+}
+# (regime, policy) as the CLI's --regime/--policy take them.
+REGIMES = {"autocast-cuda": ("autocast", "cuda"), "autocast-cpu": ("autocast", "cpu"), "pure": ("pure", "cuda")}
+BY_REGIME: dict[tuple[str, str], dict[str, pd.Flag]] = {
+    # CUDA's autocast runs pow and sum in fp32: the squares are never summed in fp16 there.
+    ("reduction_overflow", "autocast-cuda"): {},
+    # Under autocast the residual stream stays fp32; after model.half() it does not.
+    ("pure_only_overflow", "pure"): {"blocks.2": pd.Flag.OVERFLOW},
 }
 
 
-def _analyze(name: str, dtype: str = "fp16") -> pd.Report:
+def _analyze(name: str, dtype: str = "fp16", regime: str = "autocast-cuda") -> pd.Report:
     spec = load_model_file(SAMPLES / f"{name}.py")
-    return pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype, name=name)
+    run_regime, policy = REGIMES[regime]
+    return pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype, name=name, regime=run_regime, policy=policy)
 
 
+@pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)
 @pytest.mark.parametrize("name", sorted(EXPECTED), ids=str)
-def test_planted_faults_flagged_and_healthy_units_clean(name: str) -> None:
-    report = _analyze(name)
-    expected = EXPECTED[name]
+def test_planted_faults_flagged_and_healthy_units_clean(name: str, regime: str) -> None:
+    report = _analyze(name, regime=regime)
+    assert report.environment.regime.value == REGIMES[regime][0]
+    expected = BY_REGIME.get((name, regime), EXPECTED[name])
     units = report.by_module()
     for unit, flag in expected.items():
         assert flag in {f.flag for f in units[unit].flags}, (unit, units[unit].flags)
@@ -52,7 +67,7 @@ def test_deep_narrow_last_layers_keep_their_gradients() -> None:
 
 
 def test_overflow_evidence_names_the_op_and_counts() -> None:
-    report = _analyze("reduction_overflow")
+    report = _analyze("reduction_overflow", regime="pure")
     flag = report.by_module()["norm"].flags[0]
     assert flag.evidence.op is not None and flag.evidence.op.startswith("sum")
     # 8 rows, each a sum of 1024 squares of ~30: all 8 sums exceed 65504.
@@ -68,10 +83,18 @@ def test_downstream_of_overflow_is_not_blamed_but_shows_propagated_damage() -> N
     assert report.losses.low != report.losses.low or report.losses.rel_error == float("inf")
 
 
-@pytest.mark.parametrize("name", ["ffn_overflow", "attention_unscaled", "reduction_overflow"], ids=str)
-def test_bf16_range_holds_where_fp16_overflows(name: str) -> None:
-    report = _analyze(name, "bf16")
+@pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)
+@pytest.mark.parametrize(
+    "name", ["ffn_overflow", "attention_unscaled", "reduction_overflow", "rmsnorm_no_upcast", "pure_only_overflow"], ids=str
+)
+def test_bf16_range_holds_where_fp16_overflows(name: str, regime: str) -> None:
+    report = _analyze(name, "bf16", regime)
     assert not any(f.flag is pd.Flag.OVERFLOW for f in report.flags())
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)
+def test_upcast_rmsnorm_is_healthy_in_bf16_too(regime: str) -> None:
+    assert not _analyze("rmsnorm_upcast", "bf16", regime).flags()
 
 
 def test_control_flow_model_uses_dispatch_path() -> None:

@@ -30,7 +30,15 @@ from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInterna
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
-from precision_doctor.options import CapturePath, LowDtype, Phase, Thresholds, parse_enum
+from precision_doctor.options import (
+    AutocastPolicy,
+    CapturePath,
+    LowDtype,
+    Phase,
+    Regime,
+    Thresholds,
+    parse_enum,
+)
 from precision_doctor.report import (
     Environment,
     ErrorStats,
@@ -80,8 +88,14 @@ def analyze(
     thresholds: Thresholds | None = None,
     name: str | None = None,
     progress: Progress | None = None,
+    regime: str | Regime = Regime.AUTOCAST,
+    policy: str | AutocastPolicy = AutocastPolicy.CUDA,
 ) -> Report:
     """Analyze one training step of `model` on `batch` in fp32 and in `dtype`.
+
+    `regime` says what the low-precision run executes: `autocast` (what
+    `torch.autocast(device_type, dtype)` runs, with `policy`'s op lists: `cuda` or `cpu`) or
+    `pure` (`model.to(dtype)` with float inputs cast).
 
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
@@ -90,6 +104,8 @@ def analyze(
     True
     """
     low = parse_enum(LowDtype, dtype, "dtype")
+    run_regime = parse_enum(Regime, regime, "regime")
+    op_policy = parse_enum(AutocastPolicy, policy, "policy")
     th = thresholds or Thresholds()
     step = progress or (lambda _msg: None)
     if not isinstance(model, torch.nn.Module):
@@ -114,13 +130,19 @@ def analyze(
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
         step("checking whether torch.fx can trace the model")
         fx_ok, fx_error = fx_check(model)
+        step(f"{low} forward as {run_regime} training runs it")
+        real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy)
         step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
         try:
-            # Every unit runs low but the loss function, which autocast keeps in fp32 (and
-            # GradScaler scales): the low loss is the fp32 loss of the low run's output.
-            policy = Policy({"": True, LOSS_UNIT: False})
-            with capture_pass(model, TORCH_DTYPES[low], policy, on_mutation=guard.before_mutation) as mode:
+            # The shadows follow the real low run op by op (its dtypes); every unit but the
+            # loss function also gets a local shadow.
+            units_policy = Policy({"": True, LOSS_UNIT: False})
+            with capture_pass(
+                model, TORCH_DTYPES[low], units_policy, on_mutation=guard.before_mutation,
+                op_dtypes=real_low.op_dtypes, module_outputs=real_low.module_outputs,
+                default_low=run_regime is Regime.PURE,
+            ) as mode:
                 mode.external_storages |= {
                     t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
                 }
@@ -140,10 +162,10 @@ def analyze(
                     raise
                 except (Exception, SystemExit) as e:
                     raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
-                low_shadow = mode.global_shadow(loss)
+                real_low.module_outputs.clear()  # those no module call consumed
                 with _disable_current_modes():  # reading the loss is no op of the model
                     loss_fp32 = float(loss.detach())
-                    loss_low = float(low_shadow) if low_shadow is not None else loss_fp32
+                    loss_low = real_low.loss
                 if not math.isfinite(loss_fp32):
                     first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
                     where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
@@ -154,7 +176,7 @@ def analyze(
                 step("fp32 backward with gradient statistics")
                 handles = mode.instrument_backward(loss)
                 try:
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
                 except PrecisionDoctorInternalError:
                     raise
                 except Exception as e:
@@ -182,6 +204,7 @@ def analyze(
             ) from e
         mode.forget_graph()
         del grads
+        low_params = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mode.low_reads}
     assert mode is not None
     return build_report(
         mode,
@@ -200,9 +223,29 @@ def analyze(
             capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
             fx_traceable=fx_ok,
             fx_error=fx_error,
+            regime=run_regime,
+            policy=op_policy if run_regime is Regime.AUTOCAST else None,
         ),
         name=name or type(model).__name__,
+        low_params=low_params,
     )
+
+
+def _low_run(
+    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, low: LowDtype, regime: Regime, policy: AutocastPolicy
+) -> Any:
+    """The real low-precision forward, as `regime` training executes it. Its failure is the
+    model failing in that precision (real training would fail the same way), or a bug here."""
+    from precision_doctor.capture.lowrun import low_run  # TEMP until the module lands
+
+    try:
+        return low_run(model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False)
+    except (PrecisionDoctorError, PrecisionDoctorInternalError):
+        raise
+    except (Exception, SystemExit) as e:
+        raise PrecisionDoctorError(
+            f"the model fails in {low} ({regime} regime, {policy} op policy): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _param_grad_stats(
@@ -326,7 +369,10 @@ def build_report(
     losses: Losses,
     env: Environment,
     name: str,
+    low_params: set[str] | None = None,
 ) -> Report:
+    """`low_params`: the parameters the real low run reads in the low dtype (their gradients
+    are low there too); None: all of them."""
     records = mode.records
     fmt = LIMITS[low]
     by_unit: dict[str, list[OpRecord]] = defaultdict(list)
@@ -335,12 +381,21 @@ def build_report(
     for pname, pstats in param_stats.items():
         owner = mode.unit(owner_of(pname))
         owner.param_names.append(pname)
+        if low_params is not None and pname not in low_params:
+            continue  # an fp32 gradient in the real run (a LayerNorm weight under autocast)
         # Parameters' gradients are summarized after backward (see instrument_backward): a
-        # unit's gradients are those w.r.t. its ops' outputs plus its parameters'.
+        # unit's gradients are those w.r.t. its ops' outputs plus its parameters' (those the
+        # low run reads low: autocast's cast copy of a weight gets its gradient in fp16).
         owner.backward.merge(pstats)
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
     unit_outputs(records, mode.units)
+    # A module's outputs are compared with the real low run's (see ShadowCapture.module_output).
+    for uname, acc in mode.module_errors.items():
+        urec = mode.units.get(uname)
+        if urec is not None and (acc.sum_sq_ref > 0 or acc.nonfinite_mismatch):
+            urec.prop_error = acc
+            urec.prop_nonfinite = acc.nonfinite_mismatch
     # Forward dataflow between units, each produced tensor counted once per consumer unit.
     edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
     seen: set[tuple[int, str]] = set()

@@ -23,7 +23,7 @@ def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phas
     best: OpRecord | None = None
     best_v = 0.0
     for r in records:
-        if r.phase != phase or r.summary is None:
+        if r.phase != phase or r.summary is None or (key in ("overflow", "flushed") and not r.stored_low):
             continue
         s = r.summary
         v: float
@@ -58,7 +58,9 @@ def unit_flags(
             )
         )
 
-    fwd, bwd = unit.forward, unit.backward
+    # Range flags judge only the values the real low-precision run holds in the low dtype
+    # (under autocast a LayerNorm, a residual add or an upcast RMSNorm runs in fp32).
+    fwd, bwd = unit.forward_low, unit.backward
 
     # An fp32 Inf/NaN the unit drops before handing its values on (a `where` that discards
     # T5's log(0)) breaks nothing; one it hands on or keeps in a buffer does.
@@ -90,7 +92,8 @@ def unit_flags(
     # Mask constants (finfo.min, see statistics.SENTINEL_LOG2) overflow on purpose.
     def overflow_of(r: OpRecord) -> int:
         s = r.summary
-        return 0 if s is None else max(0, s.tails[fmt.name].overflow - s.sentinel_count)
+        own = 0 if s is None or not r.stored_low else max(0, s.tails[fmt.name].overflow - s.sentinel_count)
+        return own + r.cast_overflow
 
     over_ops = [
         r for r in ops if r.phase == Phase.FORWARD and r.input_max_abs <= fmt.max_value and overflow_of(r)

@@ -38,6 +38,15 @@ class OpRecord:
     out_max_abs: float = 0.0  # the same over its outputs
     local_nonfinite_root: int = 0  # low-precision Inf/NaN this op made from finite inputs
     fp32_nonfinite_root: bool = False  # fp32 Inf/NaN this op made from finite inputs
+    # Whether the real low-precision run holds this op's outputs in the low dtype (their
+    # dtypes there: `low_dtypes`, None where the op has no counterpart in that run).
+    stored_low: bool = True
+    # Values above the low dtype's max it reads in fp32 and casts low itself (autocast's cast
+    # of an fp32 input): an overflow of this op's. `overflow_inherited`: it reads values that
+    # overflowed upstream (held low there, or carried on in fp32 since).
+    cast_overflow: int = 0
+    overflow_inherited: bool = False
+    low_dtypes: tuple[str, ...] | None = None
     # Its fp32 Inf/NaN are a mask's: an op put them there on purpose (`full(-inf)`) and ops
     # since passed them on (`where`, an add to the scores), all with non-finite outputs.
     mask_nonfinite: bool = False
@@ -59,6 +68,8 @@ class UnitRecord:
     kind: str
     op_indices: list[int] = field(default_factory=list)
     forward: TensorSummary = field(default_factory=TensorSummary)
+    # The forward values the real low-precision run holds in the low dtype: what range flags judge.
+    forward_low: TensorSummary = field(default_factory=TensorSummary)
     backward: TensorSummary = field(default_factory=TensorSummary)
     # Errors of the unit's outputs (see `unit_outputs`), set once the pass is over.
     local_error: ErrorAccumulator = field(default_factory=ErrorAccumulator)

@@ -21,10 +21,11 @@ import contextlib
 import math
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from precision_doctor.capture.memory import (
@@ -62,8 +63,9 @@ from precision_doctor.capture.statistics import (
     squared_norm,
     summarize,
 )
-from precision_doctor.capture.units import Policy, UnitAttribution
+from precision_doctor.capture.units import OpDtypes, OpKey, OpKeyer, Policy, UnitAttribution
 from precision_doctor.errors import PrecisionDoctorInternalError
+from precision_doctor.formats import BF16, FP16
 from precision_doctor.options import Phase
 
 # Transient fp32 tensors at least this large (16 MiB) - upcast shadow inputs, shadow results
@@ -79,6 +81,10 @@ _BATCH_PENDING_ELEMENTS = 1 << 16
 _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
 
 
+def _any(low: bool | Sequence[bool]) -> bool:
+    return low if isinstance(low, bool) else any(low)
+
+
 class _ModelOpError(Exception):
     """Carries an exception raised by the model's own op out of our handler untouched."""
 
@@ -87,7 +93,7 @@ class _ModelOpError(Exception):
         self.original = original
 
 
-class ShadowCapture(TorchDispatchMode):
+class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
     """The analysis mode. Use through `capture_pass`, which also tracks units."""
 
     @classmethod
@@ -108,11 +114,14 @@ class ShadowCapture(TorchDispatchMode):
         collect: bool,
         local: bool,
         on_mutation: Callable[[torch.Tensor], None],
+        op_dtypes: Mapping[OpKey, OpDtypes] | None = None,
+        default_low: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
         self.attribution = attribution
         self.tracker = attribution.tracker
         self.low = low_dtype
+        self.low_format = FP16 if low_dtype == torch.float16 else BF16
         self.policy = policy
         self.collect = collect
         self.local = local
@@ -121,6 +130,22 @@ class ShadowCapture(TorchDispatchMode):
         self.units: dict[str, UnitRecord] = {}
         self.op_count = 0
         self.seq_units = attribution.seq_units
+        # The real low-precision run's dtypes, op by op (see lowrun.low_run): each shadow
+        # rounds an input or output to the low dtype only where that run holds it there. None:
+        # every op of a low unit rounds (the policy's units, as plan verification ran them).
+        self.op_dtypes = op_dtypes
+        self.keyer = OpKeyer(attribution.tracker)
+        # Whether a tensor no op made (a parameter, the batch) is low in the real run: in the
+        # pure regime it is; under autocast it is fp32 and each op casts it.
+        self.default_low = default_low
+        # Autograd nodes (by sequence number) whose output gradient the real run holds in the
+        # low dtype: the node's forward op made a low output, or a consumer cast it low.
+        self._low_grad_seqs: set[int] = set()
+        self._op_seq: dict[int, int] = {}  # op record index -> sequence number of its node
+        self._read_low: dict[bool, list[bool]] = {True: [], False: []}
+        self.low_reads: set[int] = set()  # ids of tensors no op made that an op reads low
+        self.module_outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.module_errors: dict[str, ErrorAccumulator] = {}  # unit -> its module outputs' error
         self._producer: WeakIdMap = WeakIdMap()
         self._global: WeakIdMap = WeakIdMap()
         self._locals: dict[str, WeakIdMap] = {}
@@ -153,6 +178,28 @@ class ShadowCapture(TorchDispatchMode):
             rec = UnitRecord(name=name, kind=self.tracker.kinds.get(name, name))
             self.units[name] = rec
         return rec
+
+    def module_output(self, path: str, call: int, out: Any) -> None:
+        """A module call returned: its outputs' error is that of the real low-precision run's
+        outputs of the same call (which dtype-dependent code - T5's fp16 clamp - shaped), and
+        from here on the global shadow carries those values."""
+        low = self.module_outputs.pop((path, call), None)
+        if low is None:
+            return
+        refs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if len(refs) != len(low):
+            return
+        with _disable_current_modes():
+            acc = self.module_errors.setdefault(path, ErrorAccumulator())
+            for ref, sh in zip(refs, low, strict=True):
+                if ref.dtype != torch.float32 or sh.shape != ref.shape or not ref.numel():
+                    continue
+                if sh.dtype not in (torch.float32, self.low):
+                    continue
+                # fp16 turns mask constants (finfo(fp32).min) into -inf: leave their positions out.
+                masks = not bool(torch.isfinite(sh).all())
+                acc.add(ref.detach(), sh, None, self.workspace, masks=masks)
+                self._global[ref] = sh
 
     def unit_exited(self, path: str) -> None:
         local = self._locals.get(path)
@@ -192,13 +239,17 @@ class ShadowCapture(TorchDispatchMode):
         buf = self.workspace.get(slot, t.numel(), torch.float32, t.device)
         return torch.as_strided(buf, t.shape, t.stride())
 
-    def _shadow_input(self, t: torch.Tensor, store: WeakIdMap | None, low: bool) -> torch.Tensor:
-        """The shadow value standing for fp32 tensor `t` (possibly stored in the low dtype)."""
+    def _shadow_input(self, t: torch.Tensor, store: WeakIdMap | None, low: bool, cast: bool) -> torch.Tensor:
+        """The shadow value standing for fp32 tensor `t` (possibly stored in the low dtype).
+        `low`: what a tensor without a shadow is; `cast`: the op reads it in the low dtype
+        even where the run holds it in fp32 (autocast's cast of a low-precision op's input)."""
         if t.dtype != torch.float32:
             return t
         s = store.get(t) if store is not None else None
         if s is None:
-            s = self._round(t) if low else t.detach()
+            return self._round(t) if low else t.detach()
+        if cast and s.dtype == torch.float32:
+            return self._round(s)
         return s
 
     def _run_shadow(
@@ -209,11 +260,22 @@ class ShadowCapture(TorchDispatchMode):
         kwargs: Mapping[str, Any],
         store: WeakIdMap | None,
         low: bool,
+        wanted: Sequence[bool | None] | None = None,
     ) -> tuple[Any, Any]:
-        """The shadow (args, kwargs) for one op, taken before the fp32 op can mutate anything."""
+        """The shadow (args, kwargs) for one op, taken before the fp32 op can mutate anything.
+        `wanted[i]`: whether tensor input i (in `tensor_leaves` order) is low in the real run
+        (None: as stored, `low` where nothing is)."""
+        position = iter(range(1 << 30))
+        # Type promotion over what the op reads: dimensioned inputs decide, 0-dim ones only
+        # when there are none (a wrapped Python number never makes fp16 fp32).
+        self._read_low = {True: [], False: []}
 
         def pick(t: torch.Tensor) -> torch.Tensor:
-            s = self._shadow_input(t, store, low)
+            i = next(position)
+            want = wanted[i] if wanted is not None and i < len(wanted) else None
+            s = self._shadow_input(t, store, low if want is None else want, bool(want))
+            if t.is_floating_point():
+                self._read_low[t.dim() > 0].append(s.dtype == self.low)
             if not info.preserves_values and s.dtype != t.dtype and t.dtype == torch.float32:
                 s = self._upcast(s, shareable=not (info.mutates or info.writes_kwargs))
             return s
@@ -235,17 +297,47 @@ class ShadowCapture(TorchDispatchMode):
             sargs = tuple(sargs)
         return sargs, skwargs
 
+    def _note_low_reads(
+        self, tensors: list[torch.Tensor], producers: list[Any], wanted: Sequence[bool | None] | None, low: bool
+    ) -> None:
+        """Tensors this op reads in the low dtype (autocast's cast of an fp32 input): their
+        gradient from this op is low in the real run too - the node that made them gets its
+        gradient judged, a parameter or input is recorded in `low_reads`."""
+        for i, t in enumerate(tensors):
+            if not t.is_floating_point():
+                continue
+            want = wanted[i] if wanted is not None and i < len(wanted) else None
+            if not (low if want is None else want):
+                continue
+            p = producers[i]
+            if p is None:
+                self.low_reads.add(id(t))
+            else:  # through views and copies, to the ops that made the values
+                for op, _ in value_sources(self.records, p[0], p[1]):
+                    if (seq := self._op_seq.get(op)) is not None:
+                        self._low_grad_seqs.add(seq)
+
+    def _promotes_low(self, picked: Any, low: bool) -> bool:
+        """Whether an op without a counterpart in the real run (it runs in its inputs' dtype)
+        makes a low output: all the inputs that decide promotion are low."""
+        if picked is None:
+            return low
+        reads = self._read_low[True] or self._read_low[False]
+        return bool(reads) and all(reads)
+
     def _store_shadow(
-        self, info: OpInfo, args: Any, out: Any, sout: Any, store: WeakIdMap, low: bool
+        self, info: OpInfo, args: Any, out: Any, sout: Any, store: WeakIdMap, low: bool | Sequence[bool]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Map each fp32 output to its shadow; returns the (ref, shadow) pairs for error."""
+        """Map each fp32 output to its shadow, rounded where `low` (per output) says the real
+        run holds it in the low dtype; returns the (ref, shadow) pairs for error."""
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         refs = outputs_of(out)
         shadows = outputs_of(sout)
-        for ref, sh in zip(refs, shadows, strict=False):
+        for k, (ref, sh) in enumerate(zip(refs, shadows, strict=False)):
             if ref.dtype != torch.float32 or sh.dtype not in (torch.float32, self.low):
                 continue
-            if low and sh.dtype == torch.float32 and not info.preserves_values:
+            low_k = low if isinstance(low, bool) else (k < len(low) and low[k])
+            if low_k and sh.dtype == torch.float32 and not info.preserves_values:
                 sh = sh.to(self.low)
             elif sh.dtype == torch.float32 and not info.preserves_values and self.workspace.owns(sh):
                 sh = sh.clone()  # an op that handed back its pooled input
@@ -341,10 +433,18 @@ class ShadowCapture(TorchDispatchMode):
 
     def _gradient_hook(self, node: Any) -> Callable[[Any], None]:
         def hook(grad_outputs: Any) -> None:
-            unit = self.seq_units.get(node._sequence_nr())
+            seq = node._sequence_nr()
+            unit = self.seq_units.get(seq)
             if unit is None:
                 return  # made outside the captured forward
             floats = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.numel()]
+            if self.op_dtypes is not None and seq not in self._low_grad_seqs:
+                # The real run holds this gradient in fp32: nothing to judge against the low
+                # dtype, but its finiteness still decides which node made an Inf/NaN.
+                with _disable_current_modes():
+                    finite = all(bool(torch.isfinite(g).all()) for g in floats)
+                self._unfinished_grads.append((node, unit, [], finite))
+                return
             # A 0-dim gradient is not summarized: it is the loss's own tail (d loss / d term = 1,
             # times the scale) - a model returning `recon + kl` from forward reduces in fp32
             # under autocast and GradScaler scales that fp32 loss; judged at 2^16 its 1.0 would
@@ -438,12 +538,27 @@ class ShadowCapture(TorchDispatchMode):
         info = op_info(func)
         self.op_count += 1
         backward = torch._C._current_graph_task_id() != -1
+        new_seq: int | None = None
         if backward:
             unit = self.attribution.backward_unit()[0]
         else:
             unit = self.tracker.current
-            self.attribution.record_forward(unit)
-        low = self.policy.is_low(unit)
+            new_seq = self.attribution.record_forward(unit)
+        unit_low = self.policy.is_low(unit)
+        # What the real low-precision run holds low around this op: per tensor input and per
+        # output (None: the op has no counterpart there, so it runs in its inputs' dtype).
+        wanted_in: Sequence[bool | None] | None = None
+        wanted_out: Sequence[bool] | None = None
+        low_dtypes: tuple[str, ...] | None = None
+        low: bool = unit_low
+        if self.op_dtypes is not None:
+            low = self.default_low
+            if not backward and not info.preserves_values:
+                found = self.op_dtypes.get(self.keyer.key(unit, info.name))
+                if found is not None:
+                    wanted_in = [d == self.low if d is not None else None for d in found[0]]
+                    wanted_out = [d == self.low for d in found[1]]
+                    low_dtypes = tuple(dtype_name(d) for d in found[1] if d is not None)
 
         written: list[Any] = []  # most ops write nothing: no list work for them
         if info.mutates or info.writes_kwargs:
@@ -464,11 +579,11 @@ class ShadowCapture(TorchDispatchMode):
         # the fp32 rows rounded, without rounding and upcasting the whole table.
         rounded_rows = False
         if shadows:
-            if self.local and low:
+            if self.local and unit_low:
                 local_store = self._locals.get(unit)
                 if local_store is None:
                     local_store = self._locals[unit] = WeakIdMap()
-            if low and func in SELECT_OPS:
+            if (low or self.op_dtypes is not None) and func in SELECT_OPS:
                 rounded_rows = all(
                     t not in self._global and (local_store is None or t not in local_store)
                     for t in tensors_in
@@ -485,9 +600,10 @@ class ShadowCapture(TorchDispatchMode):
                     local_store = None
             if not rounded_rows:
                 if run_global:
-                    gargs = self._run_shadow(func, info, args, kwargs, self._global, low)
+                    gargs = self._run_shadow(func, info, args, kwargs, self._global, low, wanted_in)
                 if local_store is not None:
-                    largs = self._run_shadow(func, info, args, kwargs, local_store, True)
+                    local_low = low if self.op_dtypes is not None else True
+                    largs = self._run_shadow(func, info, args, kwargs, local_store, local_low, wanted_in)
             self._op_rounded.clear()
             self._op_upcast.clear()
 
@@ -513,17 +629,27 @@ class ShadowCapture(TorchDispatchMode):
 
         gpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         lpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Which outputs the real run holds low: as recorded there; else the policy's unit
+        # (no low run), else the dtype its inputs promote to (low only if all were low).
+        out_low: bool | Sequence[bool]
+        local_out_low: bool | Sequence[bool]
+        if wanted_out is not None:
+            out_low = local_out_low = wanted_out
+        elif self.op_dtypes is None:
+            out_low, local_out_low = low, True
+        else:
+            out_low = local_out_low = shadows and self._promotes_low(gargs if run_global and not rounded_rows else None, low)
         if shadows and rounded_rows:
-            gpairs = self._store_shadow(info, args, out, out.detach(), self._global, low)
+            gpairs = self._store_shadow(info, args, out, out.detach(), self._global, out_low)
             if local_store is not None:
-                lpairs = self._store_shadow(info, args, out, out.detach(), local_store, True)
+                lpairs = self._store_shadow(info, args, out, out.detach(), local_store, local_out_low)
         elif shadows:
             if run_global:
-                gout = self._call_shadow(func, info, gargs, out, stored_low=low)
-                gpairs = self._store_shadow(info, args, out, gout, self._global, low)
+                gout = self._call_shadow(func, info, gargs, out, stored_low=_any(out_low))
+                gpairs = self._store_shadow(info, args, out, gout, self._global, out_low)
             if local_store is not None:
-                lout = self._call_shadow(func, info, largs, out, stored_low=True)
-                lpairs = self._store_shadow(info, args, out, lout, local_store, True)
+                lout = self._call_shadow(func, info, largs, out, stored_low=_any(local_out_low))
+                lpairs = self._store_shadow(info, args, out, lout, local_store, local_out_low)
 
         if not self.collect:
             return out
@@ -542,6 +668,15 @@ class ShadowCapture(TorchDispatchMode):
             moved_bytes=moved_bytes(func, info, tensors_in, outs),
         )
         rec.input_slots = tuple(p[1] if p is not None else -1 for p in producers)
+        if not backward:
+            rec.stored_low = _any(out_low) if shadows else low
+            rec.low_dtypes = low_dtypes
+            if new_seq is not None:
+                self._op_seq[rec.index] = new_seq
+                if rec.stored_low:
+                    self._low_grad_seqs.add(new_seq)
+            if self.op_dtypes is not None and not info.preserves_values:  # a view or copy reads nothing low itself
+                self._note_low_reads(tensors_in, producers, wanted_in, low)
         if info.preserves_values:
             rec.value_sources = self._passed_on(func, info, args, tensors_in, producers)
         # Writing into a view (`out[:8] = y`) changes its base, which consumers read: the base
@@ -565,11 +700,23 @@ class ShadowCapture(TorchDispatchMode):
         # batch value beyond the format's max is this op's problem to report, not inherited.
         in_max = 0.0
         masked_in = False
-        for t, i in zip(tensors_in, rec.inputs, strict=True):
+        for k, (t, i) in enumerate(zip(tensors_in, rec.inputs, strict=True)):
             if i >= 0 and t.dtype == torch.float32:
-                in_max = max(in_max, self.records[i].out_max_abs)
-                masked_in = masked_in or self.records[i].mask_nonfinite
+                src = self.records[i]
+                masked_in = masked_in or src.mask_nonfinite
+                if self.op_dtypes is None or src.stored_low:
+                    in_max = max(in_max, src.out_max_abs)
+                elif src.overflow_inherited:
+                    in_max = math.inf  # an overflow upstream, carried on in fp32
+                elif (
+                    not backward and wanted_in is not None and k < len(wanted_in) and wanted_in[k]
+                    and src.summary is not None and self.low_format.max_value < src.out_max_abs < math.inf
+                ):
+                    # This op reads an fp32 value low (autocast's cast of its input): the cast
+                    # overflows here, in this op, not where the value was made.
+                    rec.cast_overflow += max(0, src.summary.tails[self.low_format.name].overflow - src.summary.sentinel_count)
         rec.input_max_abs = rec.out_max_abs = in_max
+        rec.overflow_inherited = in_max > self.low_format.max_value
         rec.mask_nonfinite = masked_in  # a view or copy passes the mask on
         # Backward ops get no per-op statistics: gradients are summarized once per autograd
         # node (see instrument_backward), which skips the backward formulas' intermediates.
@@ -590,6 +737,8 @@ class ShadowCapture(TorchDispatchMode):
         if nonfinite and math.isfinite(in_max):
             rec.fp32_nonfinite_root = True
         urec.forward.merge(summary)
+        if rec.stored_low:
+            urec.forward_low.merge(summary)
         if nonfinite and any(
             isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.external_storages for t in written
         ):
@@ -686,7 +835,7 @@ class ShadowCapture(TorchDispatchMode):
         return (shadow_in.float() * mask * (1.0 / (1.0 - p)), mask)
 
     def global_shadow(self, t: torch.Tensor) -> torch.Tensor | None:
-        s = self._global.get(t)
+        s: torch.Tensor | None = self._global.get(t)
         if s is None:
             return None
         with _disable_current_modes():  # our own readout is no op of the model
@@ -703,7 +852,8 @@ def _dynamo_safe(cls: type[ShadowCapture]) -> type[ShadowCapture]:
         return cls
     safe = _DYNAMO_SAFE.get(cls)
     if safe is None:
-        handler = torch.compiler.disable(cls.__torch_dispatch__, recursive=True)
+        disable = cast(Callable[..., Any], torch.compiler.disable)  # unannotated in torch
+        handler = disable(cls.__torch_dispatch__, recursive=True)
         safe = _DYNAMO_SAFE[cls] = type(cls.__name__, (cls,), {"__torch_dispatch__": handler})
     return safe
 
@@ -717,13 +867,27 @@ def capture_pass(
     collect: bool = True,
     local: bool = True,
     on_mutation: Callable[[torch.Tensor], None] = lambda t: None,
+    op_dtypes: Mapping[OpKey, OpDtypes] | None = None,
+    module_outputs: dict[tuple[str, int], list[torch.Tensor]] | None = None,
+    default_low: bool = False,
 ) -> Iterator[ShadowCapture]:
-    """Unit tracking plus the shadow mode; both removed on exit, whatever happened."""
+    """Unit tracking plus the shadow mode; both removed on exit, whatever happened.
+
+    With the real low-precision run's `op_dtypes` and `module_outputs` (see
+    `lowrun.low_run`), the shadows hold values low exactly where that run does, and each
+    module's outputs in the global shadow are that run's own (dtype-dependent code included)."""
     mode: ShadowCapture | None = None
-    attribution = UnitAttribution(model, on_exit=lambda path: mode.unit_exited(path) if mode else None)
-    mode = _dynamo_safe(ShadowCapture)(
-        attribution, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation
+    attribution = UnitAttribution(
+        model,
+        on_exit=lambda path: mode.unit_exited(path) if mode else None,
+        on_output=(lambda path, call, out: mode.module_output(path, call, out) if mode else None)
+        if module_outputs is not None else None,
     )
+    mode = _dynamo_safe(ShadowCapture)(
+        attribution, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation,
+        op_dtypes=op_dtypes, default_low=default_low,
+    )
+    mode.module_outputs = module_outputs or {}
     mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     with attribution.tracker, mode:
         yield mode

@@ -21,10 +21,31 @@ LOSS_UNIT = "<loss>"
 UNATTRIBUTED_UNIT = "<backward>"
 
 
+# torch's private autograd internals, typed in this one place (the rest of the package calls
+# these). Both are stable since torch 2.0 and carry stubs in torch._C, but `torch.autograd`
+# re-exports `_get_sequence_nr` without listing it (mypy strict: attr-defined), and the stub
+# of `_current_autograd_node` omits the None it returns outside a backward pass. Autograd
+# nodes are handled as `Any` (their `_sequence_nr()`, hooks and saved tensors read by name).
+def sequence_nr() -> int:
+    """The sequence number the next autograd node made on this thread will get."""
+    return torch._C._autograd._get_sequence_nr()
+
+
+def current_autograd_node() -> Any | None:
+    """The autograd node being executed on this thread, None outside a backward pass."""
+    node: Any | None = torch._C._current_autograd_node()
+    return node
+
+
 class UnitTracker:
     """Which unit is running: a stack of module paths kept by global module hooks."""
 
-    def __init__(self, model: torch.nn.Module, on_exit: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        on_exit: Callable[[str], None],
+        on_output: Callable[[str, int, Any], None] | None = None,
+    ) -> None:
         self.paths: dict[int, str] = {}
         self.kinds: dict[str, str] = {}
         for name, mod in model.named_modules(remove_duplicate=True):
@@ -32,8 +53,13 @@ class UnitTracker:
             self.paths[id(mod)] = path
             self.kinds[path] = type(mod).__name__
         self.stack: list[str] = []
+        # Which call of its module each entry of `stack` is (0 for the first): names ops
+        # alike in two runs of one model (see `OpKeyer`).
+        self.call_stack: list[int] = []
+        self.calls: dict[str, int] = {}
         self.outside = ROOT_UNIT
         self._on_exit = on_exit
+        self._on_output = on_output  # (path, call, output) of each module call that returns
         self._handles: list[Any] = []
 
     @property
@@ -43,13 +69,19 @@ class UnitTracker:
     def _pre(self, mod: torch.nn.Module, args: Any) -> None:
         path = self.paths.get(id(mod))
         if path is not None:
+            call = self.calls.get(path, 0)
+            self.calls[path] = call + 1
             self.stack.append(path)
+            self.call_stack.append(call)
 
     def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
         path = self.paths.get(id(mod))
         if path is not None and self.stack and self.stack[-1] == path:
             self.stack.pop()
+            call = self.call_stack.pop()
             self._on_exit(path)
+            if self._on_output is not None:
+                self._on_output(path, call, out)
 
     def __enter__(self) -> UnitTracker:
         self._handles = [
@@ -63,6 +95,7 @@ class UnitTracker:
             h.remove()
         self._handles.clear()
         self.stack.clear()
+        self.call_stack.clear()
 
 
 class Policy:
@@ -95,25 +128,33 @@ def param_owners(model: torch.nn.Module) -> dict[int, str]:
 class UnitAttribution:
     """Forward tracking, backward lookup by autograd sequence number, parameter ownership."""
 
-    def __init__(self, model: torch.nn.Module, on_exit: Callable[[str], None] = lambda path: None) -> None:
-        self.tracker = UnitTracker(model, on_exit)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        on_exit: Callable[[str], None] = lambda path: None,
+        on_output: Callable[[str, int, Any], None] | None = None,
+    ) -> None:
+        self.tracker = UnitTracker(model, on_exit, on_output)
         self.param_units = param_owners(model)
-        self.seq_start = torch.autograd._get_sequence_nr()
+        self.seq_start = sequence_nr()
         self.seq_units: dict[int, str] = {}
 
-    def record_forward(self, unit: str) -> None:
+    def record_forward(self, unit: str) -> int | None:
         """Called by a forward op: the autograd node it created (if any) belongs to `unit`.
-        Autograd makes the node before the op reaches a dispatch mode."""
-        seq = torch.autograd._get_sequence_nr() - 1
+        Autograd makes the node before the op reaches a dispatch mode. Returns that node's
+        sequence number, None if the op made no node."""
+        seq = sequence_nr() - 1
         if seq >= self.seq_start and seq not in self.seq_units:
             self.seq_units[seq] = unit
+            return seq
+        return None
 
     def node_unit(self, node: Any) -> str | None:
         return self.seq_units.get(node._sequence_nr())
 
     def backward_unit(self) -> tuple[str, bool]:
         """(unit of the autograd node being executed, whether it is an AccumulateGrad)."""
-        node = torch._C._current_autograd_node()
+        node = current_autograd_node()
         if node is None:
             return UNATTRIBUTED_UNIT, False
         unit = self.seq_units.get(node._sequence_nr())
@@ -123,3 +164,27 @@ class UnitAttribution:
         if variable is not None:
             return self.param_units.get(id(variable), UNATTRIBUTED_UNIT), True
         return UNATTRIBUTED_UNIT, False
+
+
+OpKey = tuple[str, int, str, int]
+"""(unit, which call of the unit's module, aten op, which such op in that call)."""
+OpDtypes = tuple[tuple[torch.dtype | None, ...], tuple[torch.dtype | None, ...]]
+"""An op's tensor input dtypes (in `ops.tensor_leaves` order) and output dtypes in one run."""
+
+
+class OpKeyer:
+    """Names the value-making forward ops of one run so that the same op of another run of
+    the same model gets the same name: the fp32 run and the low-precision run differ in casts
+    (autocast's, the model's own `.float()`), which are no value-making ops, and in ops that
+    dtype-dependent code adds (T5's fp16 clamp), which get names the other run lacks."""
+
+    def __init__(self, tracker: UnitTracker) -> None:
+        self.tracker = tracker
+        self._counts: dict[tuple[str, int, str], int] = {}
+
+    def key(self, unit: str, op: str) -> OpKey:
+        call = self.tracker.call_stack[-1] if self.tracker.stack else 0
+        head = (unit, call, op)
+        n = self._counts.get(head, 0)
+        self._counts[head] = n + 1
+        return (unit, call, op, n)
