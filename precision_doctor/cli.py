@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.options import CostSource, ExportFormat, LowDtype, Thresholds
+from precision_doctor.options import (
+    AutocastPolicy,
+    CostSource,
+    ExportFormat,
+    LowDtype,
+    Regime,
+    Thresholds,
+)
 from precision_doctor.planning.cost import Target
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
 from precision_doctor.report import check_writable, write_atomic
@@ -33,6 +40,20 @@ def _commands() -> None:
     """Precision diagnostics for PyTorch mixed-precision training."""
 
 
+RegimeOpt = Annotated[
+    Regime,
+    typer.Option(
+        help="What the low-precision run executes: autocast (torch.autocast's op policy, parameters "
+        "fp32) or pure (model.to(dtype), inputs cast).",
+    ),
+]
+PolicyOpt = Annotated[
+    AutocastPolicy,
+    typer.Option(
+        help="Whose autocast op lists: cuda (where training runs) or cpu (torch.autocast('cpu'), "
+        "for comparing with a real CPU run). Ignored with --regime pure.",
+    ),
+]
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,6 +100,8 @@ def parse_thresholds(items: list[str]) -> Thresholds:
 def analyze(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
     dtype: Annotated[LowDtype, typer.Option(help="The low-precision dtype to test.")] = LowDtype.FP16,
+    regime: RegimeOpt = Regime.AUTOCAST,
+    policy: PolicyOpt = AutocastPolicy.CUDA,
     out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
     threshold: Annotated[
         list[str] | None,
@@ -137,7 +160,7 @@ def analyze(
     console = Console(stderr=False, highlight=False)
     err_console = Console(stderr=True)
     spec = load_model_file(model_file)
-    steps = ["fx", "forward", "backward", "stats"]
+    steps = ["fx", "low", "forward", "backward", "stats"]
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
         console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
@@ -148,7 +171,10 @@ def analyze(
             progress.update(task, description=msg)
             progress.advance(task)
 
-        report = run_analysis(spec.model, spec.batch, spec.loss_fn, dtype, thresholds=thresholds, name=spec.name, progress=step)
+        report = run_analysis(
+            spec.model, spec.batch, spec.loss_fn, dtype, thresholds=thresholds, name=spec.name, progress=step,
+            regime=regime, policy=policy,
+        )
     plan_wanted = out is not None or cost is CostSource.MEASURED or any(
         o is not None for o in (export, export_format, target, tolerance)
     )

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from precision_doctor.analysis.flags import reads_overflow, unit_flags
+from precision_doctor.capture.lowrun import LowRun, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
 from precision_doctor.capture.statistics import (
@@ -131,7 +132,7 @@ def analyze(
         step("checking whether torch.fx can trace the model")
         fx_ok, fx_error = fx_check(model)
         step(f"{low} forward as {run_regime} training runs it")
-        real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy)
+        real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy, guard)
         step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
         try:
@@ -232,20 +233,47 @@ def analyze(
 
 
 def _low_run(
-    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, low: LowDtype, regime: Regime, policy: AutocastPolicy
-) -> Any:
-    """The real low-precision forward, as `regime` training executes it. Its failure is the
-    model failing in that precision (real training would fail the same way), or a bug here."""
-    from precision_doctor.capture.lowrun import low_run  # TEMP until the module lands
-
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    low: LowDtype,
+    regime: Regime,
+    policy: AutocastPolicy,
+    guard: ModelStateGuard,
+) -> LowRun:
+    """The real low-precision forward, as `regime` training executes it. If it fails, the
+    model is run once in fp32 to tell a broken model or loss function (reported as such) from
+    a model that fails only in the low precision, as real training would."""
     try:
         return low_run(model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False)
-    except (PrecisionDoctorError, PrecisionDoctorInternalError):
+    except PrecisionDoctorInternalError:
         raise
-    except (Exception, SystemExit) as e:
+    except (Exception, SystemExit) as low_error:
+        state = torch.random.get_rng_state()
+        try:
+            # Under a capture that only reports writes, so the guard restores what it changes.
+            with torch.no_grad(), capture_pass(
+                model, TORCH_DTYPES[low], Policy({"": False}), collect=False, local=False,
+                on_mutation=guard.before_mutation,
+            ):
+                try:
+                    output = run_model(model, batch)
+                except (Exception, SystemExit) as e:
+                    raise PrecisionDoctorError(f"the model's forward raised {type(e).__name__}: {e}") from e
+                try:
+                    resolve_loss(output, batch, loss_fn)
+                except PrecisionDoctorError:
+                    raise
+                except (Exception, SystemExit) as e:
+                    raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
+        finally:
+            torch.random.set_rng_state(state)
+        if isinstance(low_error, PrecisionDoctorError):
+            raise
         raise PrecisionDoctorError(
-            f"the model fails in {low} ({regime} regime, {policy} op policy): {type(e).__name__}: {e}"
-        ) from e
+            f"the model fails in {low} ({regime} regime, {policy} op policy), not in fp32: "
+            f"{type(low_error).__name__}: {low_error}"
+        ) from low_error
 
 
 def _param_grad_stats(
@@ -347,6 +375,7 @@ def _op_stats(ops: list[OpRecord]) -> list[OpStats]:
                 fp16_overflow_count=sum(s.tails["fp16"].overflow for s in sums),
                 fp16_underflow_count=sum(s.tails["fp16"].flushed for s in sums),
                 local_rel_l2_error=max(errs) if errs else None,
+                low_dtypes=sorted({d for r in rs for d in (r.low_dtypes or ())}),
             )
         )
     return out

@@ -189,6 +189,7 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
     items = [
         ("dtype", env.dtype.value),
         ("precision", "emulated" if env.emulated else "native"),
+        ("regime", f"{env.regime}" + (f" ({env.policy} op lists)" if env.policy is not None else "")),
         ("device", env.device or "-"),
         ("capture path", env.capture_path.value),
         ("units", str(len(report.units))),

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from precision_doctor.report import Report
+from precision_doctor.report import Environment, Report
 
 _STYLE = {
     "NONFINITE_FP32": "bold magenta",
@@ -29,13 +29,19 @@ def _num(x: float | None) -> str:
     return f"{x:.3g}"
 
 
+def regime_text(env: Environment) -> str:
+    """`autocast (cuda op lists)` or `pure`."""
+    return f"{env.regime} ({env.policy} op lists)" if env.policy is not None else str(env.regime)
+
+
 def render_report(report: Report, console: Console, *, max_rows: int = 30) -> None:
     env = report.environment
     console.print(
         Text(
             f"{report.model}: {len(report.units)} units, {report.op_count_forward} forward + "
             f"{report.op_count_backward} backward ops, {env.dtype} "
-            f"({'emulated' if env.emulated else 'native'}) on {env.device}, capture: {env.capture_path}"
+            f"({'emulated' if env.emulated else 'native'}) on {env.device}, {regime_text(env)}, "
+            f"capture: {env.capture_path}"
         )
     )
     console.print(
