@@ -33,7 +33,7 @@ from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT, Policy,
 __all__ = ["EmulatedPrecisionMode", "emulated_precision"]
 
 
-class EmulatedPrecisionMode(TorchDispatchMode):
+class EmulatedPrecisionMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
     """Rounds inputs and outputs of every value-changing op of the low units."""
 
     def __init__(
@@ -43,7 +43,7 @@ class EmulatedPrecisionMode(TorchDispatchMode):
         policy: Policy,
         loss_low: bool,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
         self.attribution = attribution
         self.tracker = attribution.tracker
         self.low = low_dtype

@@ -245,7 +245,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         even where the run holds it in fp32 (autocast's cast of a low-precision op's input)."""
         if t.dtype != torch.float32:
             return t
-        s = store.get(t) if store is not None else None
+        s: torch.Tensor | None = store.get(t) if store is not None else None
         if s is None:
             return self._round(t) if low else t.detach()
         if cast and s.dtype == torch.float32:

@@ -107,6 +107,16 @@ def run_model(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def device_type(model: torch.nn.Module, *values: Any) -> str:
+    """The device type `model` runs on (for `torch.autocast` and `GradScaler`): that of the
+    first tensor among `values` (a call's arguments), else of its first parameter, else "cpu"."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device.type
+    p = next(model.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
 def resolve_loss(output: Any, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
     """The scalar loss: `loss_fn(output, batch)`, else a scalar output, else `.loss`/`["loss"]`."""
     if loss_fn is not None:

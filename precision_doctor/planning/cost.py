@@ -268,7 +268,3 @@ def autocast_assignment(report: Report) -> dict[str, bool]:
             srcs = producers.get(u.name, [])
             low[u.name] = bool(srcs) and all(low.get(s, False) for s in srcs)
     return low
-
-
-def estimate_step_time_s(report: Report, target: str | Target, low: Mapping[str, bool]) -> float:
-    return build_cost_model(report, profile_for(target)).step_time_s(low)

@@ -34,7 +34,7 @@ from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, Policy
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
-from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import Flag, LowDtype, UnitDtype
 from precision_doctor.planning.cost import (
@@ -422,14 +422,6 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     return obj
 
 
-def _device_type(module: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-    p = next(module.parameters(), None)
-    return p.device.type if p is not None else "cpu"
-
-
 # Each installed override -> (its handle, whether the module had its own `forward`, the
 # forward it wrapped). Looked up by identity: `functools.wraps` copies a wrapper's attributes
 # onto whatever wraps it (Accelerate's hooks), so a marker attribute would be inherited.
@@ -450,7 +442,7 @@ class PlanHandle:
 
         @functools.wraps(orig)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            dev = _device_type(module, args, kwargs)
+            dev = device_type(module, *args, *kwargs.values())
             if not self._installed or (self._depth == 0 and not torch.is_autocast_enabled(dev)):
                 # Removed (but still called by a wrapper installed on top of it), or not in
                 # an autocast region: the model as written.
@@ -518,10 +510,14 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
 def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:
     """Install `plan`'s per-module dtypes; they take effect inside `torch.autocast` regions.
 
-    >>> handle = apply_plan(model, plan)          # doctest: +SKIP
-    >>> with torch.autocast("cuda", dtype=torch.float16):
-    ...     loss = loss_fn(model(batch), batch)   # doctest: +SKIP
-    >>> handle.remove()                           # doctest: +SKIP
+    >>> import torch, precision_doctor as pd
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    >>> x, loss_fn = torch.randn(8, 4), (lambda out, b: out.pow(2).mean())
+    >>> plan = pd.plan_model(net, x, loss_fn, pd.analyze(net, x, loss_fn=loss_fn, dtype="bf16"))
+    >>> handle = apply_plan(net, plan)
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):  # on a GPU: "cuda" and the plan's dtype
+    ...     loss = loss_fn(net(x), x)
+    >>> handle.remove()
     """
     if isinstance(plan, Mapping):
         plan = validated(Plan, dict(plan), "not a precision-doctor plan")

@@ -14,12 +14,14 @@ Meant for CUDA, where it sees real kernels and launch overheads. On a CPU it mea
 CPU's own kernels (fp16 ones are slow there), so plans made with it fit CPU training only.
 
 >>> import torch, precision_doctor as pd
->>> from precision_doctor.timing import measure_cost_model
+>>> from precision_doctor.planning.timing import measure_cost_model
 >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 >>> x, loss = torch.randn(4, 8), (lambda out, b: out.pow(2).mean())
 >>> costs = measure_cost_model(net, x, loss, pd.analyze(net, x, loss_fn=loss, dtype="bf16"), repeats=1)
->>> sorted(u.name for u in costs.units if u.fp32_time_s > 0)[:2]
-['0', '2']
+>>> [u.name for u in costs.units]  # the modules timed; `<loss>` (no module) keeps its roofline
+['0', '1', '2', '<loss>']
+>>> all(u.fp32_time_s > 0 and u.low_time_s > 0 for u in costs.units)
+True
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from precision_doctor.extras import (
     StepRecord,
 )
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
-from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.options import Flag, LowDtype, StrEnum, Thresholds, UnitDtype, parse_enum
 from precision_doctor.report import Report
 from precision_doctor.schema import validated
@@ -95,8 +95,6 @@ class Risk(StrEnum):
 
 RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r in Risk)
 """Every name `fail_on` accepts (plus the keywords ALL and NONE)."""
-
-MODES = ("fp32", "low", "planned")
 
 Progress = Callable[[str], None]
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
@@ -218,11 +216,6 @@ def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def _device_type(model: torch.nn.Module) -> str:
-    p = next(model.parameters(), None)
-    return p.device.type if p is not None else "cpu"
-
-
 @contextlib.contextmanager
 def _precision(model: torch.nn.Module, units: Mapping[str, UnitDtype] | None, dtype: torch.dtype | None) -> Iterator[None]:
     """Emulate the low dtype: all units (`units` None) or per unit (mixed fp16/bf16 plans
@@ -277,7 +270,7 @@ def _run(
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     monitor: ScalerMonitor | None = None
     if init_scale_log2 is not None:
-        monitor = ScalerMonitor(torch.amp.GradScaler(_device_type(m), init_scale=2.0**init_scale_log2))
+        monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
     records: list[StepRecord] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
