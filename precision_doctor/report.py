@@ -31,9 +31,9 @@ from precision_doctor.options import (
 from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped on any change that an older reader would misread (3: typed `extras` sections and
-`thresholds`)."""
+`thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`)."""
 
 
 class Histogram(_Frozen):
