@@ -853,3 +853,46 @@ def test_compiled_submodule_is_analyzed_without_tracing_the_capture() -> None:
     assert {"a", "b._orig_mod"} <= set(report.by_module())
     assert report.by_module()["b._orig_mod"].forward.stats.numel == 8
     assert not any(op in code for code in graphs for op in ("bitwise", "bincount"))
+
+
+class ComplexRotary(torch.nn.Module):
+    """Meta-style rotary embedding: `torch.view_as_complex(q.float()...)`, which has no bf16
+    kernel; the real run's `.float()` is a no-op on the fp32 reference."""
+
+    def __init__(self, d: int = 16, seq: int = 8) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(d, d)
+        freqs = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+        angles = torch.outer(torch.arange(seq).float(), freqs)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones(seq, d // 2), angles), persistent=False)
+        self.out = torch.nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        qc = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+        return self.out(torch.view_as_real(qc * self.freqs_cis).flatten(-2).type_as(x))
+
+
+@pytest.mark.parametrize("regime", ["autocast", "pure"])
+def test_complex_rotary_embedding_in_bf16(regime: str) -> None:
+    """It used to end in an internal error (exit 3); the final-loss error now agrees with a
+    real bf16 run of the same regime."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = ComplexRotary(), torch.randn(2, 8, 16)
+
+    def loss_fn(out: torch.Tensor, b: Any) -> torch.Tensor:
+        return out.pow(2).mean()
+
+    report = pd.analyze(model, x, loss_fn, "bf16", regime=regime, policy="cpu")
+    with torch.no_grad():
+        ref = float(loss_fn(model(x), x))
+        if regime == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = float(loss_fn(model(x), x))
+        else:
+            low = float(loss_fn(copy.deepcopy(model).bfloat16()(x.bfloat16()), x))
+    real_error = abs(low - ref) / abs(ref)
+    assert real_error > 1e-4  # bf16 does cost something here
+    assert real_error / 4 <= report.losses.rel_error <= real_error * 4

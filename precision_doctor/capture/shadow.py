@@ -822,7 +822,15 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             out_op = out_overload(func) if result is not None else None
             if out_op is not None:
                 return out_op(*sargs[0], **sargs[1], out=result)
-        return func(*sargs[0], **sargs[1])
+        if not info.preserves_values:
+            return func(*sargs[0], **sargs[1])
+        try:
+            return func(*sargs[0], **sargs[1])
+        except RuntimeError:
+            # A view the low dtype has no kernel for (`view_as_complex` of bf16): the real run
+            # cast its input up first (`x.float()`, a no-op this fp32 run never sees).
+            up = map_args(sargs[0], sargs[1], lambda t: t.float() if t.dtype == self.low else t)
+            return func(*up[0], **up[1])
 
     @staticmethod
     def _dropout_shadow(sargs: Any, out: Any) -> Any:
