@@ -58,6 +58,24 @@ class ExportFormat(StrEnum):
     HF = "hf"
 
 
+class Regime(StrEnum):
+    """How the real low-precision run holds the model (`capture.lowrun`)."""
+
+    AUTOCAST = "autocast"
+    """What `torch.autocast(device_type, low)` executes: fp32 parameters, each op cast by the
+    chosen device type's op lists (`AutocastPolicy`)."""
+    PURE = "pure"
+    """`model.to(low)`: parameters and floating buffers low, floating inputs cast to low."""
+
+
+class AutocastPolicy(StrEnum):
+    """Whose autocast op lists decide which ops run low and which in fp32. They differ: CUDA
+    runs softmax, layer_norm, exp and sums in fp32, CPU runs them in the low dtype."""
+
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
 class CapturePath(StrEnum):
     """How ops were captured. `dispatch` runs the real module under a TorchDispatchMode and
     works for every nn.Module; `fx` means torch.fx.symbolic_trace traced the model too (the

@@ -168,6 +168,21 @@ def build_t5(seed: int = 0) -> Case:
     return Case("t5", model, {"input_ids": ids, "labels": labels}, None)
 
 
+def build_llama(seed: int = 0) -> Case:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
+    )
+    cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
+    model = LlamaForCausalLM(cfg).train()
+    ids = _tokens(2, 8, seed + 1)
+    return Case("llama", model, {"input_ids": ids, "labels": ids}, None)
+
+
 BUILDERS: dict[str, Callable[..., Case]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -175,8 +190,9 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "gpt2": build_gpt2,
     "bert": build_bert,
     "t5": build_t5,
+    "llama": build_llama,
 }
-TRANSFORMERS = ("gpt2", "bert", "t5")
+TRANSFORMERS = ("gpt2", "bert", "t5", "llama")
 
 
 def build(name: str, seed: int = 0) -> Case:

@@ -1,0 +1,520 @@
+"""The real low-precision run: real dtypes, emulated kernels.
+
+The model runs for real with real low dtypes - under `torch.autocast`, or with a low copy of
+its parameters (`model.to(low)`) - so everything that depends on dtypes is exactly what real
+low-precision training executes: which ops autocast casts (with CUDA's or the CPU's op
+lists, see `autocast_policy`), the model's own `.float()` casts and `if x.dtype ==
+torch.float16` branches (T5's clamp, Llama's RMSNorm upcast), type promotion, and the dtypes
+of backward. Only the arithmetic of fp16 on the CPU is emulated (CPU fp16 kernels are ~30x
+slower than fp32 ones): `EmulateLowMode` runs each op that reads fp16 tensors as an fp32
+kernel on upcast inputs and rounds each output to the dtype the real op makes - low inputs,
+fp32 accumulate, low outputs, which is what tensor cores compute.
+
+`low_precision` is the context for real training loops (pre-flight); `low_run` is the one
+forward the analysis compares its fp32 run with, op by op (`LowRun.op_dtypes`) and module by
+module (`LowRun.module_outputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from precision_doctor.capture.autocast_policy import autocast_policy
+from precision_doctor.capture.ops import COPY_OPS, aten, op_info, outputs_of, tensor_leaves
+from precision_doctor.capture.units import LOSS_UNIT, OpDtypes, OpKey, OpKeyer, UnitTracker
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.spec import device_type as model_device_type
+from precision_doctor.model.state import ModelStateGuard
+from precision_doctor.options import AutocastPolicy, Regime
+
+__all__ = ["EmulateLowMode", "LowRun", "low_precision", "low_run"]
+
+# Ops that run as the real low-precision kernel even on emulated inputs: their results do not
+# depend on arithmetic (they move, pick, fill or compare values), so the real kernel is exact
+# and costs no upcast; `nan_to_num`'s defaults are the dtype's own limits, which an fp32 kernel
+# would get wrong. Views, copies and random ops (`op_info`) run as they are too; a random op
+# must, to draw what the real one draws.
+_REAL_KERNEL_OPS = frozenset(
+    {
+        *COPY_OPS,
+        aten._local_scalar_dense.default, aten.contiguous.default, aten._copy_from.default,
+        aten._copy_from_and_resize.default, aten.zeros_like.default, aten.ones_like.default,
+        aten.full_like.default, aten.new_zeros.default, aten.new_ones.default,
+        aten.new_full.default, aten.fill_.Scalar, aten.zero_.default, aten.resize_.default,
+        aten.set_.source_Storage_storage_offset, aten.index_select.default, aten.embedding.default,
+        aten.gather.default, aten.constant_pad_nd.default, aten.slice_scatter.default,
+        aten.select_scatter.default, aten.masked_fill.Scalar, aten.masked_fill_.Scalar,
+        aten.repeat.default, aten.flip.default, aten.roll.default, aten.tril.default,
+        aten.triu.default, aten.tril_.default, aten.triu_.default, aten.where.self,
+        aten.index.Tensor, aten.nan_to_num.default, aten.nan_to_num_.default,
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the emulation does with one op, decided once per op."""
+
+    real: bool  # always the real kernel
+    written: tuple[int, ...]  # positional arguments the op writes
+    written_kwargs: tuple[str, ...]  # keyword arguments it writes (`out=`)
+
+
+_PLANS: dict[Any, _Plan] = {}
+
+
+def _plan(func: Any) -> _Plan:
+    plan = _PLANS.get(func)
+    if plan is None:
+        info = op_info(func)
+        plan = _PLANS[func] = _Plan(
+            real=info.preserves_values or info.random or func in _REAL_KERNEL_OPS,
+            written=info.mutates,
+            written_kwargs=info.writes_kwargs,
+        )
+    return plan
+
+
+def _signature_of(a: Any) -> Any:
+    # What decides an op's output dtypes: tensor dtypes (and whether 0-dim, which type
+    # promotion ranks lower), dtype arguments, and the types of Python numbers.
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.dim() == 0)
+    if isinstance(a, (list, tuple)):
+        return tuple(_signature_of(x) for x in a)
+    if isinstance(a, torch.dtype):
+        return a
+    if isinstance(a, (bool, int, float, complex)):
+        return type(a)
+    return None
+
+
+def _signature(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The cache key of an op's output dtypes (one pass over the top level: the hot path)."""
+    key = [func]
+    for a in args:
+        key.append((a.dtype, a.dim() == 0) if isinstance(a, torch.Tensor) else _signature_of(a))
+    for k, v in kwargs.items():
+        key.append(k)
+        key.append(_signature_of(v))
+    return tuple(key)
+
+
+def _to_meta(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_to_meta(x) for x in a)
+    return a
+
+
+def _flat(out: Any) -> list[Any]:
+    """An op's results as a list: one tensor, or the items of its tuple/list."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+# (op, signature) -> the dtypes of the real op's results (None: not a tensor). Process-wide:
+# they depend on nothing else.
+_OUT_DTYPES: dict[tuple[Any, ...], tuple[torch.dtype | None, ...]] = {}
+
+
+def _real_dtypes(func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch.dtype | None, ...]:
+    key = _signature(func, args, kwargs)
+    found = _OUT_DTYPES.get(key)
+    if found is None:
+        found = _OUT_DTYPES[key] = _probe(func, plan, args, kwargs)
+    return found
+
+
+def _clone_tensors(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return a.clone()
+    if isinstance(a, (list, tuple)):
+        return type(a)(_clone_tensors(x) for x in a)
+    return a
+
+
+def _probe(func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch.dtype | None, ...]:
+    """The dtypes of `func`'s results, from the real low-precision kernel run once on the real
+    inputs (the arguments it writes cloned): the CPU's own dtypes by construction (CPU norm
+    kernels keep fp16 statistics where meta kernels say fp32), and what real training hits
+    where the CPU kernel refuses a dtype mix. Meta kernels would need no compute, but many are
+    Python decompositions whose first call imports torch._dynamo (~0.7 s a process); they
+    answer only where the CPU has no kernel for these dtypes (then CUDA's dtypes, which the
+    CPU-less op would have there)."""
+    if plan.written or plan.written_kwargs:
+        args = tuple(_clone_tensors(a) if i in plan.written else a for i, a in enumerate(args))
+        kwargs = {k: _clone_tensors(v) if k in plan.written_kwargs else v for k, v in kwargs.items()}
+    try:
+        out = func(*args, **kwargs)
+    except Exception as error:
+        try:
+            out = func(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+        except Exception:
+            raise error from None
+    return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in _flat(out))
+
+
+class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
+    """Ops reading tensors of the `emulate` dtypes run as fp32 kernels on upcast inputs, their
+    outputs rounded to the dtypes the real op makes (found once per op and input dtypes and
+    kept for the process: `_probe`). Dtypes, aliasing and in-place writes are those of the
+    real op; values are what an fp32-accumulating low-precision kernel computes. Ops that
+    only move values, and random ops, run the real kernel.
+
+    bf16 is not emulated by default: the CPU's bf16 kernels are fast."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # As ShadowCapture: torch would wrap the handler in `torch._dynamo.disable`, whose first
+        # call imports torch._dynamo (~0.7 s) and each op would pay the wrapper. `_dynamo_safe`
+        # wraps it when torch._dynamo is already imported.
+        return False
+
+    def __init__(self, emulate: tuple[torch.dtype, ...] = (torch.float16,)) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
+        self.emulate = tuple(emulate)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return self.run(func, args, kwargs or {})
+
+    def run(self, func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """`func(*args, **kwargs)` with the emulation (called with this mode off the stack)."""
+        plan = _PLANS.get(func) or _plan(func)
+        if plan.real or not self._reads_low(args, kwargs):
+            return func(*args, **kwargs)
+        return self._emulated(func, plan, _real_dtypes(func, plan, args, kwargs), args, kwargs)
+
+    def _reads_low(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+        low = self.emulate
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                if a.dtype in low:
+                    return True
+            elif isinstance(a, (list, tuple)):
+                for t in a:
+                    if isinstance(t, torch.Tensor) and t.dtype in low:
+                        return True
+        return False
+
+    def _up(self, a: Any, upcast: dict[int, torch.Tensor]) -> Any:
+        if isinstance(a, torch.Tensor):
+            if a.dtype not in self.emulate:
+                return a
+            u = upcast.get(id(a))
+            if u is None:
+                u = upcast[id(a)] = a.float()
+            return u
+        if isinstance(a, torch.dtype):
+            # A dtype argument in the low dtype (`sum(dtype=)`, the softmax backward's
+            # input_dtype) follows the upcast; the result is rounded to the real dtype.
+            return torch.float32 if a in self.emulate else a
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._up(x, upcast) for x in a)
+        return a
+
+    def _emulated(
+        self,
+        func: Any,
+        plan: _Plan,
+        dtypes: tuple[torch.dtype | None, ...],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        upcast: dict[int, torch.Tensor] = {}  # one copy per tensor: `x * x` stays one input
+        try:
+            out = func(*[self._up(a, upcast) for a in args], **{k: self._up(v, upcast) for k, v in kwargs.items()})
+        except Exception:
+            # The fp32 kernel refused what the low one takes: the real kernel decides (and
+            # raises the model's own error where it fails too).
+            return func(*args, **kwargs)
+
+        # Written arguments get the rounded result, and the op returns them as the real op
+        # returns its written arguments, so aliasing is kept.
+        written_by_upcast: dict[int, torch.Tensor] = {}
+        if plan.written or plan.written_kwargs:
+            targets = [args[i] for i in plan.written if i < len(args)]
+            targets += [kwargs[n] for n in plan.written_kwargs if n in kwargs]
+            for target in targets:
+                for t in target if isinstance(target, (list, tuple)) else (target,):
+                    if isinstance(t, torch.Tensor) and id(t) in upcast:
+                        u = upcast[id(t)]
+                        if t.shape != u.shape:  # an `out=` the op resized
+                            t.resize_(u.shape)
+                        t.copy_(u)
+                        written_by_upcast[id(u)] = t
+
+        def fix(t: Any, dtype: torch.dtype | None) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            original = written_by_upcast.get(id(t))
+            if original is not None:
+                return original
+            return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+        if isinstance(out, (list, tuple)):
+            fixed = [fix(t, d) for t, d in zip(out, dtypes, strict=False)]
+            return fixed if isinstance(out, list) else tuple(fixed)
+        return fix(out, dtypes[0] if dtypes else None)
+
+
+M = TypeVar("M", bound=EmulateLowMode)
+_DYNAMO_SAFE: dict[type[Any], type[Any]] = {}
+
+
+def _dynamo_safe(cls: type[M]) -> type[M]:
+    """`cls` while torch._dynamo is not imported; else a subclass whose handler dynamo never
+    traces, wrapped as torch would (a model with torch.compile'd parts)."""
+    if "torch._dynamo" not in sys.modules:
+        return cls
+    safe = _DYNAMO_SAFE.get(cls)
+    if safe is None:
+        disable = cast(Callable[..., Any], torch.compiler.disable)  # unannotated in torch
+        handler = disable(cls.__torch_dispatch__, recursive=True)
+        safe = _DYNAMO_SAFE[cls] = type(cls.__name__, (cls,), {"__torch_dispatch__": handler})
+    return cast(type[M], safe)
+
+
+def _emulated_dtypes(dtype: torch.dtype, device: str, emulate: bool | None) -> tuple[torch.dtype, ...]:
+    if emulate is None:
+        # Some CPU fp16 kernels are very slow (convolution backward ~100x fp32), CPU bf16 ones
+        # are not; a GPU runs its own.
+        emulate = device == "cpu" and dtype == torch.float16
+    if emulate and device != "cpu":
+        raise PrecisionDoctorError(f"low precision is emulated on the CPU only, not on {device!r}: its kernels are real")
+    return (dtype,) if emulate else ()
+
+
+@contextlib.contextmanager
+def low_precision(
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    *,
+    regime: Regime | str,
+    policy: AutocastPolicy | str,
+    device_type: str | None = None,
+    emulate: bool | None = None,
+) -> Iterator[None]:
+    """Run `model` in `dtype` as real low-precision training does, for training loops.
+
+    `regime=autocast`: `torch.autocast(device_type, dtype)` with `policy`'s op lists (CUDA's
+    on the CPU: see `autocast_policy`). `regime=pure`: the caller has cast the model
+    (`model.to(dtype)`) and casts floating inputs; this context adds only the emulation, and
+    `policy` does not apply. A loss computed inside runs under the same autocast (as in
+    `with torch.autocast(...): loss = loss_fn(model(x), y)`).
+
+    `emulate` (default: fp16 on the CPU) runs low-precision ops as fp32 kernels with rounded
+    results (`EmulateLowMode`), backward included; on the CPU only (a GPU's kernels are
+    real). The device type defaults to that of the model's parameters.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> with low_precision(net, torch.float16, regime="autocast", policy="cuda"):
+    ...     y = net(torch.tensor([[70000.0, 0.0]]))
+    >>> y.dtype, bool(torch.isinf(y).all())
+    (torch.float16, True)
+    """
+    regime = Regime(regime)
+    policy = AutocastPolicy(policy)
+    device = device_type or model_device_type(model)
+    emulated = _emulated_dtypes(dtype, device, emulate)
+    with contextlib.ExitStack() as stack:
+        if regime == Regime.AUTOCAST:
+            stack.enter_context(autocast_policy(policy, device))
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        if emulated:
+            stack.enter_context(_dynamo_safe(EmulateLowMode)(emulated))
+        yield
+
+
+@dataclass
+class LowRun:
+    """What one real low-precision forward (and loss) computed."""
+
+    loss: float
+    op_dtypes: dict[OpKey, OpDtypes]
+    """Per value-making op (`OpKeyer`'s name): the dtypes of its tensor inputs
+    (`ops.tensor_leaves` order) and of its outputs (`ops.outputs_of` order)."""
+    module_outputs: dict[tuple[str, int], list[torch.Tensor]]
+    """(module path, `<root>` for the root; which call of it) -> the floating tensors of the
+    call's output (pytree order), detached, in their own dtype."""
+    op_log: list[tuple[str, tuple[torch.dtype, ...]]] = field(default_factory=list)
+    """Every aten op (`mm.default`) with its output dtypes, in order (`record_ops`)."""
+
+
+class _LowRunMode(EmulateLowMode):  # type: ignore[no-untyped-call]  # as EmulateLowMode
+    """The emulation plus what `LowRun` records: keyed op dtypes and the op log."""
+
+    def __init__(
+        self,
+        emulate: tuple[torch.dtype, ...],
+        tracker: UnitTracker,
+        on_write: Callable[[torch.Tensor], None],
+        log: list[tuple[str, tuple[torch.dtype, ...]]] | None,
+    ) -> None:
+        super().__init__(emulate)
+        self.tracker = tracker
+        self.keyer = OpKeyer(tracker)
+        self.on_write = on_write
+        self.log = log
+        self.op_dtypes: dict[OpKey, OpDtypes] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        info = op_info(func)
+        if info.mutates or info.writes_kwargs:
+            for i in info.mutates:
+                if i < len(args):
+                    self._before_write(args[i])
+            for name in info.writes_kwargs:
+                self._before_write(kwargs.get(name))
+        out = self.run(func, args, kwargs)
+        if not info.preserves_values:
+            key = self.keyer.key(self.tracker.current, info.name)
+            self.op_dtypes[key] = (
+                tuple(t.dtype for t in tensor_leaves(args, kwargs)),
+                tuple(t.dtype for t in outputs_of(out)),
+            )
+        if self.log is not None:
+            self.log.append((info.name, tuple(t.dtype for t in outputs_of(out))))
+        return out
+
+    def _before_write(self, target: Any) -> None:
+        for t in target if isinstance(target, (list, tuple)) else (target,):
+            if isinstance(t, torch.Tensor):
+                self.on_write(t)
+
+
+class _ModuleOutputs:
+    """Each module call's floating outputs. An output written in place later (a ReLU with
+    inplace=True on a Linear's output) is copied first, so each entry keeps what the call
+    returned."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._by_storage: dict[int, list[tuple[tuple[str, int], int]]] = {}
+
+    def record(self, path: str, call: int, out: Any) -> None:
+        floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        self.outputs[(path, call)] = floats
+        for i, t in enumerate(floats):
+            ptr = _storage_ptr(t)
+            if ptr:
+                self._by_storage.setdefault(ptr, []).append(((path, call), i))
+
+    def before_write(self, t: torch.Tensor) -> None:
+        """Called from the mode's handler (the mode is off the stack: the clone is no op of
+        the run), before an op writes `t`."""
+        if not self._by_storage:
+            return
+        entries = self._by_storage.pop(_storage_ptr(t), None)
+        for key, i in entries or ():
+            self.outputs[key][i] = self.outputs[key][i].detach().clone()
+
+    def detached(self) -> dict[tuple[str, int], list[torch.Tensor]]:
+        return {k: [t.detach() for t in v] for k, v in self.outputs.items()}
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return 0
+
+
+@contextlib.contextmanager
+def _low_copy(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The model's floating parameters and buffers swapped for `dtype` copies, as
+    `model.to(dtype)` makes them (tied parameters stay tied), and swapped back on exit."""
+    copies: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for mod in model.modules():
+                stores: tuple[tuple[dict[str, Any], bool], ...] = ((mod._parameters, True), (mod._buffers, False))
+                for store, is_param in stores:
+                    for name, t in list(store.items()):
+                        if t is None or not t.is_floating_point() or t.dtype == dtype:
+                            continue
+                        low = copies.get(id(t))
+                        if low is None:
+                            low = t.detach().to(dtype)
+                            if is_param:
+                                low = torch.nn.Parameter(low, requires_grad=t.requires_grad)
+                            copies[id(t)] = low
+                        swapped.append((store, name, t))
+                        store[name] = low
+        yield
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    def cast_one(x: Any) -> Any:
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return pytree.tree_map(cast_one, batch)
+
+
+def low_run(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    dtype: torch.dtype,
+    *,
+    regime: Regime | str,
+    policy: AutocastPolicy | str,
+    record_ops: bool = True,
+) -> LowRun:
+    """One forward (and loss) of the real low-precision run of `model` on `batch`; no backward.
+
+    `regime=autocast` runs it under `torch.autocast(device, dtype)` with `policy`'s op lists;
+    `regime=pure` swaps the parameters and floating buffers for `dtype` copies for the call
+    and casts the batch's floating tensors. fp16 on the CPU is emulated (`EmulateLowMode`).
+
+    The model comes out as it went in (parameters, buffers, `.grad`, modes, RNG states: a
+    later run draws the same dropout masks), also when the forward raises; the model's and
+    the loss function's own exceptions propagate unchanged.
+    """
+    regime = Regime(regime)
+    policy = AutocastPolicy(policy)
+    device = model_device_type(model, *pytree.tree_leaves(batch))
+    log: list[tuple[str, tuple[torch.dtype, ...]]] | None = [] if record_ops else None
+    outputs = _ModuleOutputs()
+    tracker = UnitTracker(model, on_exit=lambda path: None, on_output=outputs.record)
+    with ModelStateGuard(model) as guard, contextlib.ExitStack() as stack:
+
+        def before_write(t: torch.Tensor) -> None:
+            guard.before_mutation(t)
+            outputs.before_write(t)
+
+        if regime == Regime.PURE:
+            stack.enter_context(_low_copy(model, dtype))
+            batch = _cast_floats(batch, dtype)
+        else:
+            stack.enter_context(autocast_policy(policy, device))
+        mode = _dynamo_safe(_LowRunMode)(_emulated_dtypes(dtype, device, None), tracker, before_write, log)
+        autocast = torch.autocast(device, dtype=dtype) if regime == Regime.AUTOCAST else contextlib.nullcontext()
+        with tracker, mode, autocast:
+            output = run_model(model, batch)
+            tracker.outside = LOSS_UNIT
+            loss = resolve_loss(output, batch, loss_fn)
+        del output
+        value = float(loss.detach())
+        del loss
+        return LowRun(
+            loss=value,
+            op_dtypes=mode.op_dtypes,
+            module_outputs=outputs.detached(),
+            op_log=log if log is not None else [],
+        )
