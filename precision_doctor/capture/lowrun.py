@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -143,6 +144,17 @@ def _clone_tensors(a: Any) -> Any:
     return a
 
 
+def _tiny(a: Any) -> Any:
+    """A one-element tensor of `a`'s dtype and rank (a copy: probes may write it)."""
+    if isinstance(a, torch.Tensor):
+        if a.numel() <= 1:
+            return a.detach().clone()
+        return a.detach().reshape(-1)[:1].reshape((1,) * a.dim()).clone()
+    if isinstance(a, (list, tuple)):
+        return type(a)(_tiny(x) for x in a)
+    return a
+
+
 def _probe(func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch.dtype | None, ...]:
     """The dtypes of `func`'s results, from the real low-precision kernel run once on the real
     inputs (the arguments it writes cloned): the CPU's own dtypes by construction (CPU norm
@@ -151,6 +163,17 @@ def _probe(func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, A
     Python decompositions whose first call imports torch._dynamo (~0.7 s a process); they
     answer only where the CPU has no kernel for these dtypes (then CUDA's dtypes, which the
     CPU-less op would have there)."""
+    # First on one-element stand-ins of the same dtypes and ranks (an fp16 CPU matmul of
+    # GPT-2's logits takes seconds; a 1x1 one answers the same): broadcasting, reductions over
+    # a dim and matmuls take them; ops whose size arguments must match (a layer norm's
+    # normalized_shape, a grouped convolution) refuse them and get the real inputs.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # out= tensors of another size are resized
+            out = func(*_tiny(args), **{k: _tiny(v) for k, v in kwargs.items()})
+        return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in _flat(out))
+    except Exception:
+        pass
     if plan.written or plan.written_kwargs:
         args = tuple(_clone_tensors(a) if i in plan.written else a for i, a in enumerate(args))
         kwargs = {k: _clone_tensors(v) if k in plan.written_kwargs else v for k, v in kwargs.items()}
