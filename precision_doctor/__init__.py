@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from precision_doctor.analysis.engine import analyze
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.options import CapturePath, Flag, LowDtype, Thresholds
+from precision_doctor.options import AutocastPolicy, CapturePath, Flag, LowDtype, Regime, Thresholds
 from precision_doctor.planning.loss_scale import recommend_loss_scale
 from precision_doctor.planning.pipeline import plan_report
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model
+from precision_doctor.planning.timing import measure_cost_model
 from precision_doctor.report import SCHEMA_VERSION, Report
 from precision_doctor.training.monitor import ScalerMonitor
 from precision_doctor.training.preflight import PreflightResult, preflight
@@ -22,6 +23,7 @@ from precision_doctor.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AutocastPolicy",
     "CapturePath",
     "Flag",
     "LowDtype",
@@ -29,12 +31,14 @@ __all__ = [
     "PrecisionDoctorError",
     "PrecisionDoctorInternalError",
     "PreflightResult",
+    "Regime",
     "Report",
     "ScalerMonitor",
     "Thresholds",
     "__version__",
     "analyze",
     "apply_plan",
+    "measure_cost_model",
     "plan_model",
     "plan_report",
     "preflight",
