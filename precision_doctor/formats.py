@@ -18,6 +18,13 @@ TORCH_DTYPES: dict[LowDtype, torch.dtype] = {
     LowDtype.FP16: torch.float16,
     LowDtype.BF16: torch.bfloat16,
 }
+_SPELLING = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def dtype_spelling(name: str) -> str:
+    """The report's spelling of a torch dtype name (`float16` -> `fp16`); other dtypes
+    (`int64`, `bool`) keep torch's name."""
+    return _SPELLING.get(name, name)
 
 
 @dataclass(frozen=True)

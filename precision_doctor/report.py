@@ -131,7 +131,7 @@ class OpStats(_Frozen):
     fp16_underflow_count: int
     local_rel_l2_error: float | None = None
     low_dtypes: list[str] = Field(default_factory=list)
-    """The dtypes the real low-precision run gave its outputs (`float16`, or `float32` where
+    """The dtypes the real low-precision run gave its outputs (`fp16`, or `fp32` where
     autocast runs it in fp32 or an upcast precedes it); empty where it has no counterpart
     there (views, copies, backward ops)."""
 

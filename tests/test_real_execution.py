@@ -62,6 +62,7 @@ import precision_doctor as pd
 from precision_doctor.capture.lowrun import low_run
 from precision_doctor.capture.ops import op_info
 from precision_doctor.capture.units import LOSS_UNIT, OpKey, OpKeyer, UnitTracker
+from precision_doctor.formats import dtype_spelling
 from precision_doctor.model.spec import load_model_file
 from precision_doctor.options import Phase
 
@@ -340,7 +341,7 @@ def test_report_low_dtypes_match_real_run(name: str, dtype: str, regime: str) ->
     r = result(name, dtype, regime)
     expected: dict[tuple[str, str], set[str]] = defaultdict(set)
     for key in r.real.ops.keys() & r.fp32.ops.keys():
-        expected[(key[0], key[2])] |= {_dtype_name(d) for d in r.real.ops[key][1]}
+        expected[(key[0], key[2])] |= {dtype_spelling(_dtype_name(d)) for d in r.real.ops[key][1]}
     found = {
         (u.name, o.op): set(o.low_dtypes)
         for u in r.report.units
@@ -398,16 +399,11 @@ def test_harness_draws_the_same_dropout_masks(name: str, dtype: str, regime: str
         assert torch.equal((y32 == 0)[both], (ylo == 0)[both]), key
 
 
-# --- the loss unit: known disagreements (strict: they must keep failing until fixed) --------
+# --- the loss unit ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="analyze() calls loss.backward() with the tracker still on <loss>: autograd's "
-    "gradient seed `ones_like(loss)` is recorded as a forward op of the loss function, "
-    "which the real run (forward and loss only) never executes",
-)
 def test_loss_unit_forward_ops_are_the_loss_functions() -> None:
+    """Autograd's gradient seed (`ones_like(loss)`) is no forward op of the loss function."""
     r = result("deep_narrow_underflow", "fp16", "autocast-cpu")
     real = {k[2] for k in r.real.ops if k[0] == LOSS_UNIT}  # pow, mean, mul (1e-4 * ...)
     unit = r.report.by_module()[LOSS_UNIT]
@@ -415,13 +411,9 @@ def test_loss_unit_forward_ops_are_the_loss_functions() -> None:
     assert found == real, found - real
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="<loss> pools the errors of all its ops (nobody reads its values): the loss's own "
-    "error (8.8e-3 here: 1e-4 * mean is an fp16 subnormal) is drowned by the squares it is "
-    "made of (5.6e-4) and by the backward seed ones_like (value 1, error 0): 4.3e-5",
-)
 def test_loss_unit_error_is_the_final_loss_error() -> None:
+    """What `<loss>` hands on is the loss: its propagated error is the final-loss error, not
+    the pooled error of the squares it is made of (here 1e-4 * mean is an fp16 subnormal)."""
     r = result("deep_narrow_underflow", "fp16", "autocast-cpu")
     real_loss = loss_error(r.fp32.loss, r.real.loss)
     assert agree(r.report.losses.rel_error, real_loss)  # the report's loss error is right

@@ -28,7 +28,7 @@ from precision_doctor.capture.statistics import (
 )
 from precision_doctor.capture.units import LOSS_UNIT, Policy, owner_of
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.formats import LIMITS, TORCH_DTYPES
+from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
 from precision_doctor.options import (
@@ -177,7 +177,9 @@ def analyze(
                 step("fp32 backward with gradient statistics")
                 handles = mode.instrument_backward(loss)
                 try:
-                    loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
+                    with _disable_current_modes():  # the seed is no forward op of the loss
+                        seed = torch.ones_like(loss)
+                    loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
                 except PrecisionDoctorInternalError:
                     raise
                 except Exception as e:
@@ -375,7 +377,7 @@ def _op_stats(ops: list[OpRecord]) -> list[OpStats]:
                 fp16_overflow_count=sum(s.tails["fp16"].overflow for s in sums),
                 fp16_underflow_count=sum(s.tails["fp16"].flushed for s in sums),
                 local_rel_l2_error=max(errs) if errs else None,
-                low_dtypes=sorted({d for r in rs for d in (r.low_dtypes or ())}),
+                low_dtypes=sorted({dtype_spelling(d) for r in rs for d in (r.low_dtypes or ())}),
             )
         )
     return out
@@ -419,6 +421,11 @@ def build_report(
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
     unit_outputs(records, mode.units)
+    loss_unit = mode.units.get(LOSS_UNIT)
+    if loss_unit is not None:  # what it hands on is the loss itself
+        loss_unit.prop_error = ErrorAccumulator()
+        loss_unit.prop_error.add(torch.tensor([losses.fp32]), torch.tensor([losses.low]), None, mode.workspace)
+        loss_unit.prop_nonfinite = loss_unit.prop_error.nonfinite_mismatch
     # A module's outputs are compared with the real low run's (see ShadowCapture.module_output).
     for uname, acc in mode.module_errors.items():
         urec = mode.units.get(uname)
