@@ -56,7 +56,9 @@ def plain_run(case: Case, *, count: bool = False) -> tuple[float, dict[str, torc
     if counter is not None:
         with counter:
             loss = loss_of(case, call(model, case.batch))
-            loss.backward()
+        seed = torch.ones_like(loss)  # autograd's gradient seed: no op of the model or the loss
+        with counter:
+            loss.backward(seed)
     else:
         loss = loss_of(case, call(model, case.batch))
         loss.backward()

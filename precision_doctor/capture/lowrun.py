@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -167,13 +166,15 @@ def _probe(func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, A
     # GPT-2's logits takes seconds; a 1x1 one answers the same): broadcasting, reductions over
     # a dim and matmuls take them; ops whose size arguments must match (a layer norm's
     # normalized_shape, a grouped convolution) refuse them and get the real inputs.
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # out= tensors of another size are resized
+    # Only ops that return one tensor and write none: how many tensors a split returns, and
+    # what a kernel does with a written argument of the wrong size, depend on the sizes.
+    returns = func._schema.returns
+    if len(returns) == 1 and str(returns[0].type) == "Tensor" and not (plan.written or plan.written_kwargs):
+        try:
             out = func(*_tiny(args), **{k: _tiny(v) for k, v in kwargs.items()})
-        return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in _flat(out))
-    except Exception:
-        pass
+            return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in _flat(out))
+        except Exception:
+            pass
     if plan.written or plan.written_kwargs:
         args = tuple(_clone_tensors(a) if i in plan.written else a for i, a in enumerate(args))
         kwargs = {k: _clone_tensors(v) if k in plan.written_kwargs else v for k, v in kwargs.items()}

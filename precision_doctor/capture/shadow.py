@@ -145,7 +145,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self._read_low: dict[bool, list[bool]] = {True: [], False: []}
         self.low_reads: set[int] = set()  # ids of tensors no op made that an op reads low
         self.module_outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.module_outputs_given = False
         self.module_errors: dict[str, ErrorAccumulator] = {}  # unit -> its module outputs' error
+        self._value_errors: WeakIdMap = WeakIdMap()  # fp32 module output -> its error
         self._producer: WeakIdMap = WeakIdMap()
         self._global: WeakIdMap = WeakIdMap()
         self._locals: dict[str, WeakIdMap] = {}
@@ -180,9 +182,10 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         return rec
 
     def module_output(self, path: str, call: int, out: Any) -> None:
-        """A module call returned: its outputs' error is that of the real low-precision run's
-        outputs of the same call (which dtype-dependent code - T5's fp16 clamp - shaped), and
-        from here on the global shadow carries those values."""
+        """A module call returned: its outputs' propagated error is that of the real
+        low-precision run's outputs of the same call (which dtype-dependent code - T5's fp16
+        clamp - shaped), kept per module and per output value (what `unit_outputs` reads for
+        the values other units read; a parent handing on its child's output reuses it)."""
         low = self.module_outputs.pop((path, call), None)
         if low is None:
             return
@@ -196,10 +199,19 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     continue
                 if sh.dtype not in (torch.float32, self.low):
                     continue
-                # fp16 turns mask constants (finfo(fp32).min) into -inf: leave their positions out.
-                masks = not bool(torch.isfinite(sh).all())
-                acc.add(ref.detach(), sh, None, self.workspace, masks=masks)
-                self._global[ref] = sh
+                one = self._value_errors.get(ref)
+                if one is None:
+                    # fp16 turns mask constants (finfo(fp32).min) into -inf: leave their positions out.
+                    masks = not bool(torch.isfinite(sh).all())
+                    one = ErrorAccumulator()
+                    one.add(ref.detach(), sh, None, self.workspace, masks=masks)
+                    self._value_errors[ref] = one
+                    made = self._producer.get(ref)
+                    if made is not None:
+                        for v, k in value_sources(self.records, made[0], made[1]):
+                            local_k = self.records[v].output_errors.get(k, (None, None))[0]
+                            self.records[v].output_errors[k] = (local_k, one)
+                acc.merge(one)
 
     def unit_exited(self, path: str) -> None:
         local = self._locals.get(path)
@@ -261,10 +273,12 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         store: WeakIdMap | None,
         low: bool,
         wanted: Sequence[bool | None] | None = None,
+        held: Sequence[bool | None] | None = None,
     ) -> tuple[Any, Any]:
         """The shadow (args, kwargs) for one op, taken before the fp32 op can mutate anything.
-        `wanted[i]`: whether tensor input i (in `tensor_leaves` order) is low in the real run
-        (None: as stored, `low` where nothing is)."""
+        `wanted[i]`: whether this op reads tensor input i (in `tensor_leaves` order) low in the
+        real run (None: as stored); `held[i]`: whether the run holds it low where this store
+        has no shadow of it (None: `low`)."""
         position = iter(range(1 << 30))
         # Type promotion over what the op reads: dimensioned inputs decide, 0-dim ones only
         # when there are none (a wrapped Python number never makes fp16 fp32).
@@ -273,7 +287,11 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         def pick(t: torch.Tensor) -> torch.Tensor:
             i = next(position)
             want = wanted[i] if wanted is not None and i < len(wanted) else None
-            s = self._shadow_input(t, store, low if want is None else want, bool(want))
+            if want is None:
+                kept = held[i] if held is not None and i < len(held) else None
+                s = self._shadow_input(t, store, low if kept is None else kept, False)
+            else:
+                s = self._shadow_input(t, store, want, want)
             if t.is_floating_point():
                 self._read_low[t.dim() > 0].append(s.dtype == self.low)
             if not info.preserves_values and s.dtype != t.dtype and t.dtype == torch.float32:
@@ -307,9 +325,16 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             if not t.is_floating_point():
                 continue
             want = wanted[i] if wanted is not None and i < len(wanted) else None
+            p = producers[i]
+            if want is None and p is not None:
+                want = self.records[p[0]].stored_low
             if not (low if want is None else want):
                 continue
-            p = producers[i]
+            # The node that made it gets its gradient low: autograd has wrapped the input by
+            # now (a custom Function's node, made after its forward ran, included).
+            for node in (t.grad_fn, t._base.grad_fn if t._is_view() and t._base is not None else None):
+                if node is not None:
+                    self._low_grad_seqs.add(node._sequence_nr())
             if p is None:
                 self.low_reads.add(id(t))
             else:  # through views and copies, to the ops that made the values
@@ -570,11 +595,21 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     self.settle()  # the batch must read the gradient before this write
 
         tensors_in = tensor_leaves(args, kwargs)
+        # Whether the real run holds each input low, as far as the op that made it knows: a
+        # shadow that restarts here (a unit's local one) starts from the values it holds.
+        held_in: list[bool | None] | None = None
+        if self.op_dtypes is not None and self.collect and not backward:
+            held_in = []
+            for t in tensors_in:
+                made = self._producer.get(t)
+                held_in.append(self.records[made[0]].stored_low if made is not None else None)
         shadows = not backward and func not in NO_SHADOW_OPS and func not in UNINITIALIZED_OPS and not info.restrides
         if shadows:
             shadows = not info.random and any(t.dtype == torch.float32 for t in tensors_in)
         local_store: WeakIdMap | None = None
-        run_global = True
+        # With the real low run's module outputs the propagated errors are theirs: no global
+        # shadow to run (it cost a third forward of every op).
+        run_global = not self.module_outputs_given
         # A lookup into a table no op produced (an embedding of its weight): the shadows are
         # the fp32 rows rounded, without rounding and upcasting the whole table.
         rounded_rows = False
@@ -595,15 +630,15 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             # to 14.9 ms.
             if info.preserves_values and not info.mutates:
                 floats = [t for t in tensors_in if t.dtype == torch.float32]
-                run_global = any(t in self._global for t in floats)
+                run_global = run_global and any(t in self._global for t in floats)
                 if local_store is not None and not any(t in local_store for t in floats):
                     local_store = None
             if not rounded_rows:
                 if run_global:
-                    gargs = self._run_shadow(func, info, args, kwargs, self._global, low, wanted_in)
+                    gargs = self._run_shadow(func, info, args, kwargs, self._global, low, wanted_in, held_in)
                 if local_store is not None:
                     local_low = low if self.op_dtypes is not None else True
-                    largs = self._run_shadow(func, info, args, kwargs, local_store, local_low, wanted_in)
+                    largs = self._run_shadow(func, info, args, kwargs, local_store, local_low, wanted_in, held_in)
             self._op_rounded.clear()
             self._op_upcast.clear()
 
@@ -638,9 +673,11 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         elif self.op_dtypes is None:
             out_low, local_out_low = low, True
         else:
-            out_low = local_out_low = shadows and self._promotes_low(gargs if run_global and not rounded_rows else None, low)
+            picked = None if rounded_rows or not (run_global or local_store is not None) else True
+            out_low = local_out_low = shadows and self._promotes_low(picked, low)
         if shadows and rounded_rows:
-            gpairs = self._store_shadow(info, args, out, out.detach(), self._global, out_low)
+            if run_global:
+                gpairs = self._store_shadow(info, args, out, out.detach(), self._global, out_low)
             if local_store is not None:
                 lpairs = self._store_shadow(info, args, out, out.detach(), local_store, local_out_low)
         elif shadows:
@@ -896,6 +933,7 @@ def capture_pass(
         op_dtypes=op_dtypes, default_low=default_low,
     )
     mode.module_outputs = module_outputs or {}
+    mode.module_outputs_given = module_outputs is not None
     mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     with attribution.tracker, mode:
         yield mode
