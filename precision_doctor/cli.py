@@ -242,6 +242,8 @@ def app_command(
 def preflight_command(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
     dtype: Annotated[LowDtype, typer.Option(help="The low-precision dtype to test.")] = LowDtype.FP16,
+    regime: RegimeOpt = Regime.AUTOCAST,
+    policy: PolicyOpt = AutocastPolicy.CUDA,
     steps: Annotated[int, typer.Option(help="Optimizer steps per run (fp32, low, planned).")] = 8,
     fail_on: Annotated[
         str,
@@ -264,8 +266,10 @@ def preflight_command(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Go / no-go before a long run: the analysis, then a short emulated training run in fp32,
-    plain low precision and the recommended plan (on copies of the model). Default: 8 steps,
+    """Go / no-go before a long run: the analysis, then a short real training run in fp32,
+    plain low precision as --regime runs it (fp16 kernels emulated on the CPU) and the
+    recommended plan under autocast (on copies of the model). Pure fp16 runs without a loss
+    scaler (GradScaler does not unscale fp16 gradients). Default: 8 steps,
     the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
     Exit 0 = go, 1 = a risk named in --fail-on was found, 2 = bad input."""
     from precision_doctor.model.spec import load_model_file
@@ -291,7 +295,7 @@ def preflight_command(
             progress.advance(task)
 
         result = run_preflight(
-            spec.model, spec.batch, spec.loss_fn, dtype=dtype, steps=steps, fail_on=risks,
+            spec.model, spec.batch, spec.loss_fn, dtype=dtype, regime=regime, policy=policy, steps=steps, fail_on=risks,
             build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judge,
             plan=plan, thresholds=thresholds, name=spec.name, progress=step,
         )

@@ -21,7 +21,7 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from precision_doctor.options import ExportFormat, LowDtype, UnitDtype
+from precision_doctor.options import AutocastPolicy, ExportFormat, LowDtype, Regime, UnitDtype
 from precision_doctor.schema import Frozen
 
 MONITOR_KIND: Final = "precision-doctor-scaler-monitor"
@@ -166,6 +166,10 @@ class PreflightSection(Frozen):
     schema_version: int = PREFLIGHT_SCHEMA_VERSION
     model: str
     dtype: LowDtype
+    regime: Regime = Regime.AUTOCAST
+    """How the plain low-precision run held the model (the planned run is always autocast)."""
+    policy: AutocastPolicy | None = AutocastPolicy.CUDA
+    """Whose autocast op lists the runs under autocast followed (None: no run was)."""
     steps: int
     optimizer: str
     judge: str

@@ -183,6 +183,36 @@ def build_llama(seed: int = 0) -> Case:
     return Case("llama", model, {"input_ids": ids, "labels": ids}, None)
 
 
+def build_qwen2(seed: int = 0) -> Case:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
+    )
+    cfg._attn_implementation = "eager"
+    model = Qwen2ForCausalLM(cfg).train()
+    ids = _tokens(2, 8, seed + 1)
+    return Case("qwen2", model, {"input_ids": ids, "labels": ids}, None)
+
+
+def build_mistral(seed: int = 0) -> Case:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
+    )
+    cfg._attn_implementation = "eager"
+    model = MistralForCausalLM(cfg).train()
+    ids = _tokens(2, 8, seed + 1)
+    return Case("mistral", model, {"input_ids": ids, "labels": ids}, None)
+
+
 BUILDERS: dict[str, Callable[..., Case]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -191,6 +221,8 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "bert": build_bert,
     "t5": build_t5,
     "llama": build_llama,
+    "qwen2": build_qwen2,
+    "mistral": build_mistral,
 }
 TRANSFORMERS = ("gpt2", "bert", "t5", "llama")
 

@@ -1,116 +1,179 @@
-"""Emulated low precision for real training loops on the CPU.
+"""Per-unit dtype overrides, and low precision for real training loops.
 
-`emulated_precision(model, torch.float16)` runs the model's REAL forward and backward ops in
-fp32 kernels, but every op of a unit that runs low takes inputs rounded to the low dtype and
-produces outputs rounded to it (`x.to(low).float()`): what a tensor-core kernel with fp32
-accumulate computes, at CPU fp32 speed (CPU fp16 kernels are ~30x slower). Overflow becomes
-inf and underflow becomes 0 exactly as in fp16, so `torch.amp.GradScaler` sees the same
-non-finite gradients it would see on a GPU and skips the same steps.
+`unit_overrides(model, low_units, dtype)` installs what a plan installs (`apply_plan` is built
+on it): inside a `torch.autocast` region, a unit that runs low runs its forward under
+`torch.autocast(device, dtype)` with its floating inputs cast to `dtype`, a unit that runs in
+fp32 runs with autocast disabled and its floating inputs cast to fp32, and a low unit called
+by an fp32 one hands its floating results back in fp32; modules the mapping does not name run
+as their caller does. Outside an autocast region the model is untouched.
+The plan's verification (`planning.plan.verify_plan`) runs these same overrides inside the real
+low-precision run (`lowrun.low_run`), so a verified plan is what `apply_plan` executes.
 
-What stays fp32, as under torch.autocast:
-- ops outside the model's forward with grad disabled (the optimizer, GradScaler's unscale
-  and inf checks, zero_grad): master weights and their updates are fp32 in AMP;
-- the loss (ops outside the model's forward with grad enabled, unit `<loss>`) unless
-  `low_units` names `<loss>` explicitly: autocast runs nearly every loss in fp32, and
-  `scaler.scale(loss)` must not overflow the loss it scales;
-- gradient accumulation into `.grad` (AccumulateGrad): AMP accumulates in fp32.
-
-Units are attributed, forward and backward, by the capture's `UnitAttribution`.
+`emulated_precision(model, dtype, low_units)` is the context for training loops: the autocast
+regime of `lowrun.low_precision` (real autocast with CUDA's op lists, fp16 kernels emulated on
+the CPU) plus `low_units`' overrides. There is one emulation, `lowrun.EmulateLowMode`; this
+module only adds which units run low.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar, overload
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from precision_doctor.capture.ops import op_info
-from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT, Policy, UnitAttribution
+from precision_doctor.capture.lowrun import low_precision
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model.spec import device_type
+from precision_doctor.options import AutocastPolicy, Regime
 
-__all__ = ["EmulatedPrecisionMode", "emulated_precision"]
+__all__ = ["UnitOverrides", "cast_floats", "emulated_precision", "results_to", "unit_overrides"]
 
 
-class EmulatedPrecisionMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
-    """Rounds inputs and outputs of every value-changing op of the low units."""
+def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """`obj`'s floating tensors cast to `dtype`, through tuples (not named ones), lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [cast_floats(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
 
-    def __init__(
-        self,
-        attribution: UnitAttribution,
-        low_dtype: torch.dtype,
-        policy: Policy,
-        loss_low: bool,
+
+def results_to(out: Any, dtype: torch.dtype) -> Any:
+    """A module's results with their floating tensors cast to `dtype`, containers kept as
+    their own type (a named tuple, a `ModelOutput`)."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() and out.dtype != dtype else out
+    if isinstance(out, tuple):
+        items = [results_to(o, dtype) for o in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    if isinstance(out, list):
+        return type(out)(results_to(o, dtype) for o in out)
+    if isinstance(out, dict):
+        cast = {k: results_to(v, dtype) for k, v in out.items()}
+        if type(out) is dict:
+            return cast
+        copied = copy.copy(out)  # an OrderedDict subclass (ModelOutput): items set in place
+        for k, v in cast.items():
+            if v is not out[k]:
+                copied[k] = v
+        return copied
+    return out
+
+
+# Each installed override -> (its handle, whether the module had its own `forward`, the
+# forward it wrapped). Looked up by identity: `functools.wraps` copies a wrapper's attributes
+# onto whatever wraps it (Accelerate's hooks), so a marker attribute would be inherited.
+_WRAPPERS: weakref.WeakKeyDictionary[Any, tuple[UnitOverrides, bool, Any]] = weakref.WeakKeyDictionary()
+
+
+class UnitOverrides:
+    """Installed per-unit overrides; `remove()` (or leaving the `with` block) takes them off."""
+
+    def __init__(self) -> None:
+        self._installed: list[tuple[torch.nn.Module, bool, Any, Any]] = []
+        self._depth = 0  # >0 while inside an overridden module entered in an autocast region
+
+    def _wrap(self, module: torch.nn.Module, low: bool, low_dtype: torch.dtype) -> None:
+        had = "forward" in module.__dict__
+        orig = module.forward
+
+        @functools.wraps(orig)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            dev = device_type(module, *args, *kwargs.values())
+            if not self._installed or (self._depth == 0 and not torch.is_autocast_enabled(dev)):
+                # Removed (but still called by a wrapper installed on top of it), or not in
+                # an autocast region: the model as written.
+                return orig(*args, **kwargs)
+            # Called by a unit that runs in fp32 (autocast disabled): that unit computes in
+            # fp32, so a low unit hands its results back in fp32 (its matmul could not take
+            # an fp16 operand beside an fp32 one outside autocast).
+            in_fp32 = not torch.is_autocast_enabled(dev)
+            self._depth += 1
+            try:
+                dtype = low_dtype if low else torch.float32
+                args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
+                ctx = torch.autocast(dev, dtype=low_dtype) if low else torch.autocast(dev, enabled=False)
+                with ctx:
+                    out = orig(*args, **kwargs)
+                return results_to(out, torch.float32) if low and in_fp32 else out
+            finally:
+                self._depth -= 1
+
+        _WRAPPERS[forward] = (self, had, orig)
+        module.forward = forward
+        self._installed.append((module, had, orig, forward))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._installed)
+
+    def remove(self) -> None:
+        """Take the overrides off. Where something wrapped a module's forward on top of ours
+        (another handle, Accelerate), its wrapper stays and ours only passes calls through;
+        restoring a forward also drops removed handles' wrappers below it."""
+        installed, self._installed = self._installed, []
+        for module, had, orig, ours in reversed(installed):
+            if module.__dict__.get("forward") is not ours:
+                continue
+            while (unwrap := _WRAPPERS.get(orig)) is not None and not unwrap[0].active:
+                _, had, orig = unwrap
+            if had:
+                module.forward = orig
+            else:
+                module.__dict__.pop("forward", None)
+
+    def __enter__(self) -> UnitOverrides:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
-        self.attribution = attribution
-        self.tracker = attribution.tracker
-        self.low = low_dtype
-        self.policy = policy
-        self.loss_low = loss_low
-        self.rounded_ops = 0
-        self.fp32_ops = 0
+        self.remove()
 
-    def _is_low(self, unit: str) -> bool:
-        if unit == UNATTRIBUTED_UNIT:
-            return False
-        if unit == LOSS_UNIT:
-            return self.loss_low
-        return self.policy.is_low(unit)
 
-    def _round(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.low).float() if t.dtype == torch.float32 else t
+H = TypeVar("H", bound=UnitOverrides)
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        info = op_info(func)
-        backward = torch._C._current_graph_task_id() != -1
-        accumulate = False
-        if backward:
-            unit, accumulate = self.attribution.backward_unit()
-        elif self.tracker.stack:
-            unit = self.tracker.current
-        else:
-            # Outside the model's forward: the loss (grad on) or the optimizer (grad off).
-            unit = LOSS_UNIT if torch.is_grad_enabled() else UNATTRIBUTED_UNIT
-        if not backward:
-            self.attribution.record_forward(unit)
 
-        if info.preserves_values or accumulate or not self._is_low(unit):
-            self.fp32_ops += 1
-            return func(*args, **kwargs)
+@overload
+def unit_overrides(model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype) -> UnitOverrides: ...
+@overload
+def unit_overrides(model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype, handle: H) -> H: ...
+def unit_overrides(
+    model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype, handle: UnitOverrides | None = None
+) -> UnitOverrides:
+    """Install per-unit overrides on `model` (see the module docstring), on `handle` (a new
+    one by default). `low_units` maps units (module paths, `<root>` for the model itself) to
+    whether they run in `low_dtype`; `<loss>` names no module and is skipped (the loss runs
+    as the autocast region runs it). A unit the model does not have is an error.
 
-        # In place ops write their first argument: round it in place after the fp32 kernel.
-        # Other mutated arguments (batch norm's running stats) are fp32 state in AMP too.
-        inplace = 0 in info.mutates and info.name.split(".")[0].endswith("_")
-        mutated = set(info.mutates)
-
-        def round_arg(i: int, a: Any) -> Any:
-            if i in mutated:
-                return a
-            if isinstance(a, torch.Tensor):
-                return self._round(a)
-            if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
-                return type(a)(self._round(t) if isinstance(t, torch.Tensor) else t for t in a)
-            return a
-
-        rargs = tuple(round_arg(i, a) for i, a in enumerate(args))
-        rkwargs = {k: round_arg(-1, v) for k, v in kwargs.items()}
-        out = func(*rargs, **rkwargs)
-        self.rounded_ops += 1
-        if inplace:
-            target = args[0]
-            if isinstance(target, torch.Tensor) and target.dtype == torch.float32:
-                target.copy_(target.to(self.low))
-            return out
-        if info.mutates:
-            return out  # out= style results alias their arguments: leave them be
-        if isinstance(out, torch.Tensor):
-            return self._round(out)
-        if isinstance(out, (list, tuple)):
-            return type(out)(self._round(t) if isinstance(t, torch.Tensor) else t for t in out)
-        return out
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> with unit_overrides(net, {"1": False}, torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     net[0](torch.ones(1, 2)).dtype, net(torch.ones(1, 2)).dtype
+    (torch.bfloat16, torch.float32)
+    """
+    modules = {name or ROOT_UNIT: m for name, m in model.named_modules()}
+    unknown = [u for u in low_units if u not in modules and u != LOSS_UNIT]
+    if unknown:
+        raise PrecisionDoctorError(
+            f"{type(model).__name__} has no module {unknown[0]!r} ({len(unknown)} unit(s) it does not have)"
+        )
+    handle = handle if handle is not None else UnitOverrides()
+    for unit, low in low_units.items():
+        if unit != LOSS_UNIT:
+            handle._wrap(modules[unit], bool(low), low_dtype)
+    return handle
 
 
 @contextlib.contextmanager
@@ -118,12 +181,15 @@ def emulated_precision(
     model: torch.nn.Module,
     dtype: torch.dtype,
     low_units: Mapping[str, bool] | None = None,
-) -> Iterator[EmulatedPrecisionMode]:
-    """Run `model` (forward, backward, a whole training loop) in emulated `dtype`.
-
-    `low_units` is a `Policy` dict: unit name -> runs low, with a `""` default key (default:
-    every unit low). Units are module paths plus `<root>` and `<loss>`; `<loss>` runs low
-    only when named explicitly.
+    *,
+    policy: AutocastPolicy | str = AutocastPolicy.CUDA,
+) -> Iterator[None]:
+    """Run `model` (forward, backward, a whole training loop) as mixed-precision training
+    runs it: `torch.autocast` in `dtype` with `policy`'s op lists and, with `low_units`, those
+    units overridden as a plan overrides them (`unit_overrides`; the `""` key, if any, is the
+    default of the modules not named). fp16 kernels are emulated on the CPU
+    (`lowrun.low_precision`). Compute the loss inside, as under `torch.autocast`. For the
+    pure regime (`model.to(dtype)`) use `low_precision`.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
@@ -133,11 +199,11 @@ def emulated_precision(
     True
     """
     if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"emulated_precision emulates float16 or bfloat16, not {dtype}")
-    policy_dict = dict(low_units) if low_units is not None else {"": True}
-    loss_low = bool(policy_dict.get(LOSS_UNIT, False))
-    policy = Policy(policy_dict)
-    attribution = UnitAttribution(model)
-    mode = EmulatedPrecisionMode(attribution, dtype, policy, loss_low)
-    with attribution.tracker, mode:
-        yield mode
+        raise ValueError(f"emulated_precision runs float16 or bfloat16, not {dtype}")
+    units = dict(low_units or {})
+    if "" in units:
+        default = bool(units.pop(""))
+        for name, _ in model.named_modules():
+            units.setdefault(name or ROOT_UNIT, default)
+    with low_precision(model, dtype, regime=Regime.AUTOCAST, policy=policy), unit_overrides(model, units, dtype):
+        yield

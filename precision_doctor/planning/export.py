@@ -47,13 +47,15 @@ def render_json(plan: Plan) -> str:
 
 _SNIPPET = '''"""Per-module dtype plan for {model} ({dtype}), exported by precision-doctor.
 Standalone: needs only torch. Inside your torch.autocast region, fp32 modules run with
-autocast disabled and inputs cast to fp32, low modules in {dtype}; outside it nothing changes.
+autocast disabled and inputs cast to fp32, low modules in {dtype} (results handed back in fp32
+to an fp32 module calling them); outside it nothing changes.
 
     remove = install_precision_plan(model)
     with torch.autocast("cuda", dtype=LOW_DTYPE):
         loss = loss_fn(model(batch), batch)
     remove()  # takes the overrides off again
 """
+import copy
 import functools
 
 import torch
@@ -73,6 +75,27 @@ def _cast(obj, dtype):
     if isinstance(obj, dict):
         return {{k: _cast(v, dtype) for k, v in obj.items()}}
     return obj
+
+
+def _results_to(out, dtype):
+    # A module's results in `dtype`, containers kept as their own type (a ModelOutput).
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() and out.dtype != dtype else out
+    if isinstance(out, tuple):
+        items = [_results_to(o, dtype) for o in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    if isinstance(out, list):
+        return type(out)(_results_to(o, dtype) for o in out)
+    if isinstance(out, dict):
+        cast = {{k: _results_to(v, dtype) for k, v in out.items()}}
+        if type(out) is dict:
+            return cast
+        copied = copy.copy(out)
+        for k, v in cast.items():
+            if v is not out[k]:
+                copied[k] = v
+        return copied
+    return out
 
 
 def install_precision_plan(model):
@@ -98,13 +121,16 @@ def install_precision_plan(model):
                 dev = p.device.type if p is not None else "cpu"
             if not installed or (depth[0] == 0 and not torch.is_autocast_enabled(dev)):
                 return orig(*args, **kwargs)  # removed, or outside autocast: as written
+            in_fp32 = not torch.is_autocast_enabled(dev)  # called by an fp32 module
             depth[0] += 1
             try:
                 dtype = LOW_DTYPE if low else torch.float32
                 args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
                 ctx = torch.autocast(dev, dtype=LOW_DTYPE) if low else torch.autocast(dev, enabled=False)
                 with ctx:
-                    return orig(*args, **kwargs)
+                    out = orig(*args, **kwargs)
+                # An fp32 module computes in fp32: a low one it calls hands its results back so.
+                return _results_to(out, torch.float32) if low and in_fp32 else out
             finally:
                 depth[0] -= 1
 

@@ -33,7 +33,7 @@ def plan_report(
 
     `cost_source="roofline"` costs each op on the `target` profile (default h100);
     `"measured"` times each unit on the model's own device (no `target` then). The plan is
-    verified by emulated runs of `model` (restored afterwards)."""
+    verified by real low-precision runs of `model` under the plan (restored afterwards)."""
     source = parse_enum(CostSource, cost_source, "cost source")
     if source is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("measured costs time the model's own device; they take no target")

@@ -1,42 +1,46 @@
 """The per-unit dtype plan: search, end-to-end verification, and applying it to a model.
 
 `plan_model` turns a report into a plan: the cheapest assignment of fp32 / low dtype per unit
-(module path) on a target device under an error budget (see `search`), verified by an
-emulated run of the whole model under the plan. When the verified final-loss error exceeds
+(module path) on a target device under an error budget (see `search`), verified by running
+the plan for real: `apply_plan`'s overrides inside the real low-precision run of the autocast
+regime (`verify_plan`; fp16 kernels emulated on the CPU). When the verified final-loss error exceeds
 the tolerance, the worst low contributor is promoted to fp32 and the search re-solved, for a
 bounded number of rounds.
 
 `apply_plan` installs the plan inside the user's own `torch.autocast` region: fp32 units run
 with autocast disabled and floating inputs cast to fp32; low units run under autocast in the
-low dtype with floating inputs cast to it. Outside an autocast region the model is untouched.
+low dtype with floating inputs cast to it, and hand their results back in fp32 to an fp32 unit
+calling them. Outside an autocast region the model is untouched
+(`capture.emulation.unit_overrides`, which the verification installs too).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import weakref
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.utils._pytree as pytree
 from pydantic import Field
-from torch.nn.modules import module as nn_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from precision_doctor.analysis.flags import gradient_flags_at_scale
-from precision_doctor.capture.shadow import capture_pass
+from precision_doctor.capture.emulation import UnitOverrides, unit_overrides
+from precision_doctor.capture.lowrun import low_run
+from precision_doctor.capture.ops import op_info
 from precision_doctor.capture.statistics import relative_loss_error
-from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, Policy
-from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UnitTracker
+from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
-from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
-from precision_doctor.options import Flag, LowDtype, UnitDtype
+from precision_doctor.options import AutocastPolicy, Flag, LowDtype, Regime, UnitDtype
 from precision_doctor.planning.cost import (
     CostModel,
     autocast_assignment,
@@ -192,48 +196,152 @@ def build_problem(
 
 
 @dataclass(frozen=True)
+class Reference:
+    """The fp32 run a plan's verification compares with."""
+
+    loss: float
+    finite: dict[tuple[str, int], bool]
+    """(module path, `<root>` for the root; which call of it) -> whether the call's floating
+    outputs were all finite."""
+
+
+@dataclass(frozen=True)
 class Verification:
     loss_rel_error: float
     first_nonfinite_unit: str | None
-    """The first unit (in execution order) whose output went non-finite in the emulated run."""
+    """Where the plan's run first went non-finite: the first module (in the order module calls
+    returned) whose outputs were non-finite where the fp32 run's were finite, from finite
+    inputs (else the first with such outputs)."""
 
 
-def verify_plan(
-    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, low_dtype: torch.dtype, low: Mapping[str, bool]
-) -> Verification:
-    """Final-loss relative error of an emulated run of the whole model under the plan (the
-    capture's global shadow with this policy), and where it first went non-finite."""
-    policy = Policy({"": False, **{u: bool(v) for u, v in low.items()}})
-    first_bad: list[str] = []
-    with ModelStateGuard(model) as guard, capture_pass(
-        model, low_dtype, policy, collect=False, local=False, on_mutation=guard.before_mutation
-    ) as mode:
+class _WriteWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
+    """Runs every op as it is, reporting each tensor an op is about to write (for
+    `ModelStateGuard.before_mutation`, which copies a parameter before it changes)."""
 
-        def watch(mod: torch.nn.Module, args: Any, out: Any) -> None:
-            if first_bad:
-                return
-            outs = [out] if isinstance(out, torch.Tensor) else [t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
-            for t in outs:
-                sh = mode.global_shadow(t)
-                if sh is not None and not bool(torch.isfinite(sh).all()) and bool(torch.isfinite(t).all()):
-                    first_bad.append(mode.tracker.paths.get(id(mod), ROOT_UNIT))
-                    return
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # As the capture's modes: torch would wrap the handler in `torch._dynamo.disable`,
+        # whose first call imports torch._dynamo (~0.7 s); `_write_watch` wraps it when
+        # torch._dynamo is already imported.
+        return False
 
-        hook = nn_module.register_module_forward_hook(watch)
+    def __init__(self, on_write: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
+        self.on_write = on_write
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        info = op_info(func)
+        targets = [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
+        for target in targets:
+            for t in target if isinstance(target, (list, tuple)) else (target,):
+                if isinstance(t, torch.Tensor):
+                    self.on_write(t)
+        return func(*args, **kwargs)
+
+
+_SAFE_WRITE_WATCH: list[type[_WriteWatch]] = []
+
+
+def _write_watch(on_write: Callable[[torch.Tensor], None]) -> _WriteWatch:
+    """A `_WriteWatch`; with torch._dynamo imported (a model with compiled parts), one whose
+    handler dynamo never traces, wrapped as torch would wrap it."""
+    if "torch._dynamo" not in sys.modules:
+        return _WriteWatch(on_write)
+    if not _SAFE_WRITE_WATCH:
+        disable = cast(Callable[..., Any], torch.compiler.disable)  # unannotated in torch
+        handler = disable(_WriteWatch.__torch_dispatch__, recursive=True)
+        _SAFE_WRITE_WATCH.append(type("_WriteWatch", (_WriteWatch,), {"__torch_dispatch__": handler}))
+    return _SAFE_WRITE_WATCH[0](on_write)
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _floats(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def fp32_reference(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None) -> Reference:
+    """The fp32 forward and loss of `model` on `batch`, with which module calls made finite
+    outputs. The model comes out as it went in, RNG states included: a run after this one
+    draws the same dropout masks."""
+    finite: dict[tuple[str, int], bool] = {}
+
+    def record(path: str, call: int, out: Any) -> None:
+        finite[(path, call)] = _all_finite(_floats(out))
+
+    with ModelStateGuard(model) as guard, UnitTracker(model, on_exit=lambda path: None, on_output=record) as tracker:
         try:
-            output = run_model(model, batch)
-            mode.tracker.outside = LOSS_UNIT
-            loss = resolve_loss(output, batch, loss_fn)
+            with _write_watch(guard.before_mutation):
+                output = run_model(model, batch)
+                tracker.outside = LOSS_UNIT
+                loss = resolve_loss(output, batch, loss_fn)
         except PrecisionDoctorError:
             raise
         except Exception as e:
-            raise PrecisionDoctorError(f"the verification run raised {type(e).__name__}: {e}") from e
-        finally:
-            hook.remove()
-        ref = float(loss.detach())
-        shadow = mode.global_shadow(loss)
-        low_loss = float(shadow) if shadow is not None else ref
-    return Verification(relative_loss_error(ref, low_loss), first_bad[0] if first_bad else None)
+            raise PrecisionDoctorError(f"the verification's fp32 run raised {type(e).__name__}: {e}") from e
+        value = float(loss.detach())
+        del output, loss
+    return Reference(value, finite)
+
+
+def verify_plan(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    low_dtype: torch.dtype,
+    low: Mapping[str, bool],
+    *,
+    policy: AutocastPolicy | str = AutocastPolicy.CUDA,
+    reference: Reference | None = None,
+) -> Verification:
+    """Final-loss relative error of the plan's real low-precision run against fp32, and the
+    first module whose outputs went non-finite in it.
+
+    The plan's run is what `apply_plan` executes: its overrides (`unit_overrides` with `low`,
+    unit -> runs low) installed on the model, inside the autocast regime's real run
+    (`lowrun.low_run`: `torch.autocast` in `low_dtype` with `policy`'s op lists, fp16 kernels
+    emulated on the CPU). Plans are autocast override configurations - `apply_plan` installs
+    them inside the user's `torch.autocast` region - so verification always runs the autocast
+    regime, whatever regime the report was made in. The fp32 reference (`reference`, else
+    `fp32_reference` here) and the plan's run start from the same RNG state, so dropout draws
+    alike. The model comes out as it went in."""
+    ref = reference if reference is not None else fp32_reference(model, batch, loss_fn)
+    inputs_finite: dict[tuple[str, int], bool] = {}
+    calls: dict[str, int] = {}
+
+    def watch_inputs(path: str) -> Callable[[torch.nn.Module, Any, Any], None]:
+        def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            call = calls.get(path, 0)  # counted as `UnitTracker` counts the calls
+            calls[path] = call + 1
+            inputs_finite[(path, call)] = _all_finite(_floats((args, kwargs)))
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(watch_inputs(name or ROOT_UNIT), with_kwargs=True)
+        for name, m in model.named_modules()
+    ]
+    try:
+        with unit_overrides(model, low, low_dtype):
+            run = low_run(model, batch, loss_fn, low_dtype, regime=Regime.AUTOCAST, policy=policy, record_ops=False)
+    except (PrecisionDoctorError, PrecisionDoctorInternalError):
+        raise
+    except Exception as e:
+        raise PrecisionDoctorError(f"the verification run raised {type(e).__name__}: {e}") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    # Module calls in the order they returned: the first whose outputs went non-finite where
+    # fp32's did not, from finite inputs (the modules after it only inherit its inf/NaN; an
+    # fp32 input that overflows in the cast to a low unit counts as that unit's doing).
+    broken = [
+        key for key, outs in run.module_outputs.items() if ref.finite.get(key, True) and not _all_finite(outs)
+    ]
+    first_bad = next((k for k in broken if inputs_finite.get(k, True)), broken[0] if broken else None)
+    return Verification(relative_loss_error(ref.loss, run.loss), first_bad[0] if first_bad else None)
 
 
 def _module_classes(model: torch.nn.Module) -> dict[str, str]:
@@ -258,10 +366,14 @@ def plan_model(
 ) -> Plan:
     """The cheapest verified per-unit plan for `report`'s model on `target`, or under
     `costs` when given (measured ones, `timing.measure_cost_model`; `target` then only
-    names them in the plan)."""
+    names them in the plan). Each candidate is verified as `apply_plan` runs it, under
+    autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report)."""
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
     low_dtype = report.environment.dtype
+    # Plans run under autocast (see `verify_plan`): a report of the pure regime has no policy.
+    policy = report.environment.policy or AutocastPolicy.CUDA
+    reference: Reference | None = None
     if costs is None:
         costs = build_cost_model(report, profile_for(target), low_dtype)
     all_fp32 = {u.name: False for u in report.units}
@@ -291,7 +403,9 @@ def plan_model(
         if not any(low.values()):
             verified = 0.0
             break
-        check = verify_plan(model, batch, loss_fn, TORCH_DTYPES[low_dtype], low)
+        if reference is None:
+            reference = fp32_reference(model, batch, loss_fn)
+        check = verify_plan(model, batch, loss_fn, TORCH_DTYPES[low_dtype], low, policy=policy, reference=reference)
         verified = check.loss_rel_error
         passes += 1
         bad = check.first_nonfinite_unit
@@ -410,83 +524,15 @@ def _fp32_reasons(
 # --- applying a plan -------------------------------------------------------------------------
 
 
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast_floats(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    return obj
-
-
-# Each installed override -> (its handle, whether the module had its own `forward`, the
-# forward it wrapped). Looked up by identity: `functools.wraps` copies a wrapper's attributes
-# onto whatever wraps it (Accelerate's hooks), so a marker attribute would be inherited.
-_WRAPPERS: weakref.WeakKeyDictionary[Any, tuple[PlanHandle, bool, Any]] = weakref.WeakKeyDictionary()
-
-
-class PlanHandle:
-    """The installed overrides; `remove()` (or leaving the `with` block) takes them off."""
+class PlanHandle(UnitOverrides):
+    """The installed overrides of `plan`; `remove()` (or leaving the `with` block) takes them off."""
 
     def __init__(self, plan: Plan) -> None:
+        super().__init__()
         self.plan = plan
-        self._installed: list[tuple[torch.nn.Module, bool, Any, Any]] = []
-        self._depth = 0  # >0 while inside a planned module entered in an autocast region
-
-    def _wrap(self, module: torch.nn.Module, low: bool, low_dtype: torch.dtype) -> None:
-        had = "forward" in module.__dict__
-        orig = module.forward
-
-        @functools.wraps(orig)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            dev = device_type(module, *args, *kwargs.values())
-            if not self._installed or (self._depth == 0 and not torch.is_autocast_enabled(dev)):
-                # Removed (but still called by a wrapper installed on top of it), or not in
-                # an autocast region: the model as written.
-                return orig(*args, **kwargs)
-            self._depth += 1
-            try:
-                dtype = low_dtype if low else torch.float32
-                args, kwargs = _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
-                ctx = torch.autocast(dev, dtype=low_dtype) if low else torch.autocast(dev, enabled=False)
-                with ctx:
-                    return orig(*args, **kwargs)
-            finally:
-                self._depth -= 1
-
-        _WRAPPERS[forward] = (self, had, orig)
-        module.forward = forward
-        self._installed.append((module, had, orig, forward))
-
-    @property
-    def active(self) -> bool:
-        return bool(self._installed)
-
-    def remove(self) -> None:
-        """Take the overrides off. Where something wrapped a module's forward on top of ours
-        (another handle, Accelerate), its wrapper stays and ours only passes calls through;
-        restoring a forward also drops removed handles' wrappers below it."""
-        installed, self._installed = self._installed, []
-        for module, had, orig, ours in reversed(installed):
-            if module.__dict__.get("forward") is not ours:
-                continue
-            while (unwrap := _WRAPPERS.get(orig)) is not None and not unwrap[0].active:
-                _, had, orig = unwrap
-            if had:
-                module.forward = orig
-            else:
-                module.__dict__.pop("forward", None)
 
     def __enter__(self) -> PlanHandle:
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.remove()
 
 
 def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn.Module]:
@@ -523,10 +569,6 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Map
         plan = validated(Plan, dict(plan), "not a precision-doctor plan")
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    modules = check_plan_matches(model, plan)
-    handle = PlanHandle(plan)
-    low_dtype = TORCH_DTYPES[plan.dtype]
-    for unit, module in modules.items():
-        handle._wrap(module, plan.units[unit] != "fp32", low_dtype)
-    return handle
+    check_plan_matches(model, plan)
+    return unit_overrides(model, plan.low_units, TORCH_DTYPES[plan.dtype], PlanHandle(plan))
 

@@ -5,11 +5,17 @@ short training run of `steps` optimizer steps three ways, each on deep copies of
 and optimizer (the objects passed in are never touched):
 
 - `fp32`: the reference;
-- `low`: the plain AMP recipe: every unit runs in the low dtype (emulated on the CPU by
-  `precision_doctor.emulation`), with `torch.amp.GradScaler`'s defaults (init scale 2^16)
-  for fp16 and no scaler for bf16;
-- `planned`: the recommended per-unit plan (`precision_doctor.plan`) and, for fp16, a
-  GradScaler started at the recommended initial loss scale (`precision_doctor.loss_scale`).
+- `low`: the plain low-precision recipe of `regime`, run for real (`capture.lowrun.low_precision`:
+  real dtypes, fp16 kernels emulated on the CPU). `autocast` (default): `torch.autocast` in
+  the low dtype with `policy`'s op lists (CUDA's by default, also on the CPU), with
+  `torch.amp.GradScaler`'s defaults (init scale 2^16) for fp16 and no scaler for bf16.
+  `pure`: `model.to(dtype)` with floating batch tensors cast, built (or copied) optimizer
+  over the low parameters, and no scaler: GradScaler does not support fp16 parameters
+  (`unscale_` refuses fp16 gradients), so pure fp16 runs unscaled, as its users run it;
+- `planned`: the recommended per-unit plan (`planning.plan`) as `apply_plan` installs it,
+  inside `torch.autocast` (plans are autocast override configurations, whatever `regime`
+  the analysis ran) and, for fp16, a GradScaler started at the recommended initial loss scale
+  (`planning.loss_scale`).
 
 Each run records its loss curve, the steps GradScaler skipped and the non-finite steps (a
 non-finite loss, or non-finite gradients that no scaler caught). The risks found are
@@ -37,16 +43,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from pydantic import Field
 
 from precision_doctor.analysis.flags import gradient_flags_at_scale
+from precision_doctor.capture.emulation import unit_overrides
+from precision_doctor.capture.lowrun import low_precision
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import (
     LossScaleSection,
@@ -59,7 +69,16 @@ from precision_doctor.extras import (
 )
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
-from precision_doctor.options import Flag, LowDtype, StrEnum, Thresholds, UnitDtype, parse_enum
+from precision_doctor.options import (
+    AutocastPolicy,
+    Flag,
+    LowDtype,
+    Regime,
+    StrEnum,
+    Thresholds,
+    UnitDtype,
+    parse_enum,
+)
 from precision_doctor.report import Report
 from precision_doctor.schema import validated
 from precision_doctor.training.monitor import ScalerMonitor
@@ -142,7 +161,9 @@ class PreflightResult(PreflightSection):
 
     @property
     def verdict(self) -> str:
-        head = f"{'GO' if self.go else 'NO-GO'}: {self.model} in {self.dtype} ({self.judge} configuration)"
+        regime = Regime.AUTOCAST if self.judge == "planned" else self.regime
+        how = f"{regime}, {self.policy} op lists" if regime is Regime.AUTOCAST and self.policy else str(regime)
+        head = f"{'GO' if self.go else 'NO-GO'}: {self.model} in {self.dtype} ({self.judge} configuration; {how})"
         if self.go:
             body = f"no risk among {len(self.fail_on)} checked in {self.steps} steps"
         else:
@@ -216,27 +237,30 @@ def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-@contextlib.contextmanager
-def _precision(model: torch.nn.Module, units: Mapping[str, UnitDtype] | None, dtype: torch.dtype | None) -> Iterator[None]:
-    """Emulate the low dtype: all units (`units` None) or per unit (mixed fp16/bf16 plans
-    nest one emulation per dtype; each rounds only its own units)."""
-    if dtype is None:
-        yield
-        return
-    from precision_doctor.capture.emulation import emulated_precision
+def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:
+    """The batch with its floating tensors in `dtype` (the pure regime's inputs)."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        batch = dict(batch)  # a BatchEncoding: its tensors, as `run_model` passes them
 
-    if units is None:
-        with emulated_precision(model, dtype):
-            yield
+    def cast_one(x: Any) -> Any:
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return pytree.tree_map(cast_one, batch)
+
+
+def _to_low(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` (the parameters stay the same objects, so an optimizer over them
+    still holds them) and a copied optimizer's per-parameter state in the parameter's dtype,
+    as an optimizer built over the low model would keep it."""
+    model.to(dtype)
+    if optimizer is None:
         return
-    default = units.get("", "fp32")
-    with contextlib.ExitStack() as stack:
-        for name, tdtype in TORCH_DTYPES.items():
-            low = {u: d == name for u, d in units.items() if u != ""}
-            low[""] = default == name
-            if any(low.values()):
-                stack.enter_context(emulated_precision(model, tdtype, low))
-        yield
+    for p, state in optimizer.state.items():
+        if not isinstance(p, torch.Tensor):
+            continue
+        for k, v in list(state.items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
+                state[k] = v.to(p.dtype)
 
 
 def _run(
@@ -248,17 +272,30 @@ def _run(
     batches: Sequence[Any],
     loss_fn: LossFn | None,
     *,
-    emulate: torch.dtype | None,
+    dtype: torch.dtype | None,
+    regime: Regime = Regime.AUTOCAST,
+    policy: AutocastPolicy = AutocastPolicy.CUDA,
     units: Mapping[str, UnitDtype] | None,
     init_scale_log2: int | None,
 ) -> ModeRun:
-    """`len(batches)` optimizer steps on deep copies of the model (and optimizer)."""
+    """`len(batches)` optimizer steps on deep copies of the model (and optimizer): in fp32
+    (`dtype` None), or in `dtype` as `regime` runs it (`low_precision`), with `units`' overrides
+    (a plan's, autocast regime only) installed as `apply_plan` installs them."""
     t0 = time.perf_counter()
+    pure = dtype is not None and regime is Regime.PURE
+    if pure and units is not None:
+        raise PrecisionDoctorError("a plan's per-unit dtypes run under autocast, not in the pure regime")
     if optimizer is not None:
         # One deepcopy call for both: the copied optimizer then holds the copied parameters.
         m, opt = _copy((model, optimizer), "model and optimizer")
+        if pure:
+            assert dtype is not None
+            _to_low(m, opt, dtype)
     else:
         m = _copy(model, "model")
+        if pure:
+            assert dtype is not None
+            _to_low(m, None, dtype)  # the optimizer is built over the low parameters
         try:
             opt = build_optimizer(m)
         except PrecisionDoctorError:
@@ -272,13 +309,31 @@ def _run(
     if init_scale_log2 is not None:
         monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
     records: list[StepRecord] = []
-    with torch.random.fork_rng(devices=[]):
+
+    # Forward, loss and backward, as `with torch.autocast(...): loss = ...; loss.backward()`;
+    # the update: fp32 master weights under autocast (no context), the low parameters' update
+    # in the pure regime (its fp16 arithmetic emulated on the CPU as the forward's).
+    no_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    precision, optimizer_precision = no_context, no_context
+    if dtype is not None:
+        precision = functools.partial(low_precision, m, dtype, regime=regime, policy=policy)
+        if pure:
+            optimizer_precision = precision
+
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
+        if dtype is not None and units is not None:
+            # The plan's units ("" is the default of those it does not name: fp32, so none).
+            low = {u: d != "fp32" for u, d in units.items() if u != ""}
+            installed.enter_context(unit_overrides(m, low, dtype))
         torch.manual_seed(SEED)
         for i, b in enumerate(batches):
+            if pure:
+                assert dtype is not None
+                b = _cast_batch(b, dtype)
             opt.zero_grad(set_to_none=True)
             scale = monitor.get_scale() if monitor is not None else None
             try:
-                with _precision(m, units, emulate):
+                with precision():
                     loss = resolve_loss(run_model(m, b), b, loss_fn)
                     (monitor.scale(loss) if monitor is not None else loss).backward()
             except PrecisionDoctorError:
@@ -290,14 +345,15 @@ def _run(
             loss_v = float(loss.detach())
             finite = _grads_finite(params)
             skipped = False
-            if monitor is not None:
-                monitor.step(opt)
-                monitor.update()
-                skipped = bool(monitor.skipped_steps) and monitor.skipped_steps[-1] == i
-            else:
-                opt.step()  # as a real run would: non-finite gradients reach the weights
+            with optimizer_precision():
+                if monitor is not None:
+                    monitor.step(opt)
+                    monitor.update()
+                    skipped = bool(monitor.skipped_steps) and monitor.skipped_steps[-1] == i
+                else:
+                    opt.step()  # as a real run would: non-finite gradients reach the weights
             records.append(StepRecord(step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped))
-    del m, opt
+    del m, opt, precision, optimizer_precision
     return ModeRun(
         mode=mode,
         description=description,
@@ -407,6 +463,8 @@ def preflight(
     loss_fn: LossFn | None = None,
     *,
     dtype: str | LowDtype = LowDtype.FP16,
+    regime: str | Regime = Regime.AUTOCAST,
+    policy: str | AutocastPolicy = AutocastPolicy.CUDA,
     steps: int = DEFAULT_STEPS,
     fail_on: str | Iterable[str] | None = None,
     build_optimizer: OptimizerFactory | None = None,
@@ -424,6 +482,11 @@ def preflight(
     """Analyze, then train `steps` steps in fp32, plain `dtype` and the planned mix (each on
     deep copies), and judge whether the run is safe to launch. See the module docstring.
 
+    `regime` (`autocast` or `pure`) and `policy` (`cuda` or `cpu`: whose autocast op lists)
+    say what the analysis and the plain low run execute, as `analyze` takes them; the planned
+    run is always autocast, with the op lists the plan was verified with (the report's
+    policy; CUDA's after a pure analysis).
+
     `optimizer`: an existing optimizer over `model`'s parameters, deep-copied together with
     the model for each run (its state and hyperparameters carry over); otherwise
     `build_optimizer(model_copy)`, else AdamW(lr=1e-4). `plan=False` skips the planned run.
@@ -435,6 +498,8 @@ def preflight(
     (True, [])
     """
     low = parse_enum(LowDtype, dtype, "dtype")
+    run_regime = parse_enum(Regime, regime, "regime")
+    op_policy = parse_enum(AutocastPolicy, policy, "policy")
     risks = parse_fail_on(fail_on)
     if judge not in ("low", "planned"):
         raise PrecisionDoctorError(f"unknown judge {judge!r}; choose one of: low, planned")
@@ -466,7 +531,10 @@ def preflight(
     say("analysis")
     t = time.perf_counter()
     # The analysis restores the model it is given; a copy keeps even that out of the user's way.
-    report = analyze(_copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__)
+    report = analyze(
+        _copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__,
+        regime=run_regime, policy=op_policy,
+    )
     timings["analysis"] = time.perf_counter() - t
 
     plan_units: dict[str, UnitDtype] | None = None
@@ -484,24 +552,42 @@ def preflight(
         planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None
         timings["plan"] = time.perf_counter() - t
 
-    default_scale = 16 if low is LowDtype.FP16 else None
+    pure = run_regime is Regime.PURE
+    # GradScaler is for fp32 master weights: on a pure fp16 model its `step` raises
+    # "Attempting to unscale FP16 gradients", so pure fp16 trains without one.
+    default_scale = 16 if low is LowDtype.FP16 and not pure else None
+    # The planned run runs the plan as it was verified: autocast with the report's op lists.
+    plan_policy = report.environment.policy or AutocastPolicy.CUDA
     args = (optimizer, build, batches, loss_fn)
     runs: dict[str, ModeRun] = {}
     say("fp32 run")
-    runs["fp32"] = _run("fp32", "fp32 reference", model, *args, emulate=None, units=None, init_scale_log2=None)
+    runs["fp32"] = _run("fp32", "fp32 reference", model, *args, dtype=None, units=None, init_scale_log2=None)
     say(f"{low} run")
     scaler_txt = f", GradScaler from 2^{default_scale}" if default_scale is not None else ", no loss scaler"
+    if pure:
+        low_desc = f"model.to({low}), inputs cast{scaler_txt}"
+        if low is LowDtype.FP16:
+            messages.append(
+                "the pure fp16 run has no loss scaler: GradScaler does not unscale fp16 gradients "
+                "(torch refuses them), so pure fp16 trains unscaled; gradients below fp16's range flush to 0"
+            )
+    else:
+        low_desc = f"torch.autocast({low}, {op_policy} op lists){scaler_txt}"
     runs["low"] = _run(
-        "low", f"every unit in {low}{scaler_txt}", model, *args, emulate=tdtype, units=None, init_scale_log2=default_scale
+        "low", low_desc, model, *args, dtype=tdtype, regime=run_regime, policy=op_policy, units=None,
+        init_scale_log2=default_scale,
     )
     if plan_units is not None:
         say("planned run")
         any_fp16 = any(d == "fp16" for d in plan_units.values())
         s = planned_scale if any_fp16 else None
         n_low = sum(1 for u, d in plan_units.items() if u and d != "fp32")
-        desc = f"plan: {n_low} unit(s) low" + (f", GradScaler from 2^{s}" if s is not None else ", no loss scaler")
+        desc = f"plan: {n_low} unit(s) low under torch.autocast({low}, {plan_policy} op lists)" + (
+            f", GradScaler from 2^{s}" if s is not None else ", no loss scaler"
+        )
         runs["planned"] = _run(
-            "planned", desc, model, *args, emulate=tdtype, units=plan_units, init_scale_log2=s
+            "planned", desc, model, *args, dtype=tdtype, regime=Regime.AUTOCAST, policy=plan_policy,
+            units=plan_units, init_scale_log2=s,
         )
     for k in ("fp32", "low", "planned"):
         if k in runs:
@@ -549,7 +635,8 @@ def preflight(
 
     def found_for(config: str) -> list[Reason]:
         if config == "low":
-            units, scale = None, None
+            # Pure fp16 trains unscaled: its gradients are judged at 2^0, not GradScaler's.
+            units, scale = None, (0 if pure and low is LowDtype.FP16 else None)
         else:  # the plan's units at the plan's recommended scale (fp16 only: bf16 has no scaler)
             units, scale = plan_units, planned_scale if low is LowDtype.FP16 else None
         return (
@@ -571,6 +658,8 @@ def preflight(
     return PreflightResult(
         model=report.model,
         dtype=low,
+        regime=run_regime,
+        policy=plan_policy if "planned" in runs else (None if pure else op_policy),
         steps=steps,
         optimizer=_optimizer_name(optimizer, build_optimizer, model),
         judge=judge,
