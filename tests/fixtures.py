@@ -168,49 +168,32 @@ def build_t5(seed: int = 0) -> Case:
     return Case("t5", model, {"input_ids": ids, "labels": labels}, None)
 
 
-def build_llama(seed: int = 0) -> Case:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _decoder(name: str, config_cls: str, model_cls: str, seed: int, kv_heads: int) -> Case:
+    """A tiny stock decoder-only transformers model (Llama family: RMSNorm that upcasts)."""
+    import transformers
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = getattr(transformers, config_cls)(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+        num_key_value_heads=kv_heads, intermediate_size=64, max_position_embeddings=32,
         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
     )
     cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
-    model = LlamaForCausalLM(cfg).train()
+    model = getattr(transformers, model_cls)(cfg).train()
     ids = _tokens(2, 8, seed + 1)
-    return Case("llama", model, {"input_ids": ids, "labels": ids}, None)
+    return Case(name, model, {"input_ids": ids, "labels": ids}, None)
+
+
+def build_llama(seed: int = 0) -> Case:
+    return _decoder("llama", "LlamaConfig", "LlamaForCausalLM", seed, kv_heads=2)
 
 
 def build_qwen2(seed: int = 0) -> Case:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32,
-        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
-    )
-    cfg._attn_implementation = "eager"
-    model = Qwen2ForCausalLM(cfg).train()
-    ids = _tokens(2, 8, seed + 1)
-    return Case("qwen2", model, {"input_ids": ids, "labels": ids}, None)
+    return _decoder("qwen2", "Qwen2Config", "Qwen2ForCausalLM", seed, kv_heads=1)
 
 
 def build_mistral(seed: int = 0) -> Case:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32,
-        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
-    )
-    cfg._attn_implementation = "eager"
-    model = MistralForCausalLM(cfg).train()
-    ids = _tokens(2, 8, seed + 1)
-    return Case("mistral", model, {"input_ids": ids, "labels": ids}, None)
+    return _decoder("mistral", "MistralConfig", "MistralForCausalLM", seed, kv_heads=1)
 
 
 BUILDERS: dict[str, Callable[..., Case]] = {

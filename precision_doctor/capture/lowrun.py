@@ -18,16 +18,16 @@ module (`LowRun.module_outputs`).
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precision_doctor.capture.autocast_policy import autocast_policy
+from precision_doctor.capture.dispatch import dynamo_safe
 from precision_doctor.capture.ops import COPY_OPS, aten, op_info, outputs_of, tensor_leaves
 from precision_doctor.capture.units import LOSS_UNIT, OpDtypes, OpKey, OpKeyer, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError
@@ -200,7 +200,7 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         # As ShadowCapture: torch would wrap the handler in `torch._dynamo.disable`, whose first
-        # call imports torch._dynamo (~0.7 s) and each op would pay the wrapper. `_dynamo_safe`
+        # call imports torch._dynamo (~0.7 s) and each op would pay the wrapper. `dynamo_safe`
         # wraps it when torch._dynamo is already imported.
         return False
 
@@ -291,23 +291,6 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
         return fix(out, dtypes[0] if dtypes else None)
 
 
-M = TypeVar("M", bound=EmulateLowMode)
-_DYNAMO_SAFE: dict[type[Any], type[Any]] = {}
-
-
-def _dynamo_safe(cls: type[M]) -> type[M]:
-    """`cls` while torch._dynamo is not imported; else a subclass whose handler dynamo never
-    traces, wrapped as torch would (a model with torch.compile'd parts)."""
-    if "torch._dynamo" not in sys.modules:
-        return cls
-    safe = _DYNAMO_SAFE.get(cls)
-    if safe is None:
-        disable = cast(Callable[..., Any], torch.compiler.disable)  # unannotated in torch
-        handler = disable(cls.__torch_dispatch__, recursive=True)
-        safe = _DYNAMO_SAFE[cls] = type(cls.__name__, (cls,), {"__torch_dispatch__": handler})
-    return cast(type[M], safe)
-
-
 def _emulated_dtypes(dtype: torch.dtype, device: str, emulate: bool | None) -> tuple[torch.dtype, ...]:
     if emulate is None:
         # Some CPU fp16 kernels are very slow (convolution backward ~100x fp32), CPU bf16 ones
@@ -356,7 +339,7 @@ def low_precision(
             stack.enter_context(autocast_policy(policy, device))
             stack.enter_context(torch.autocast(device, dtype=dtype))
         if emulated:
-            stack.enter_context(_dynamo_safe(EmulateLowMode)(emulated))
+            stack.enter_context(dynamo_safe(EmulateLowMode)(emulated))
         yield
 
 
@@ -527,7 +510,7 @@ def low_run(
             batch = _cast_floats(batch, dtype)
         else:
             stack.enter_context(autocast_policy(policy, device))
-        mode = _dynamo_safe(_LowRunMode)(_emulated_dtypes(dtype, device, None), tracker, before_write, log)
+        mode = dynamo_safe(_LowRunMode)(_emulated_dtypes(dtype, device, None), tracker, before_write, log)
         autocast = torch.autocast(device, dtype=dtype) if regime == Regime.AUTOCAST else contextlib.nullcontext()
         with tracker, mode, autocast:
             output = run_model(model, batch)

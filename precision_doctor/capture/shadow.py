@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from precision_doctor.capture.dispatch import dynamo_safe
 from precision_doctor.capture.memory import (
     TRIM_AFTER_FORWARD_BYTES,
     WeakIdMap,
@@ -81,6 +81,14 @@ _BATCH_PENDING_ELEMENTS = 1 << 16
 _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no Inf/NaN, from one fp32-accumulated sum (Inf and NaN carry into
+    it): a reduction, where `isfinite(t).all()` writes a mask as large as `t` first. A sum of
+    finite values beyond fp32's range (~3e38) would read as non-finite: no gradient or
+    activation here comes near it."""
+    return bool(torch.isfinite(torch.sum(t, dtype=torch.float32)))
+
+
 def _any(low: bool | Sequence[bool]) -> bool:
     return low if isinstance(low, bool) else any(low)
 
@@ -102,7 +110,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         # the wrapper's first call imports torch._dynamo (0.7 s of a 0.75 s first demo
         # analysis; a CLI run pays it every time) and each op pays the wrapper. Without
         # torch._dynamo imported nothing can be compiled, so nothing needs disabling; when it
-        # is, `capture_pass` uses `_dynamo_safe(ShadowCapture)`, wrapped as torch would.
+        # is, `capture_pass` uses `dynamo_safe(ShadowCapture)`, wrapped as torch would.
         return False
 
     def __init__(
@@ -202,7 +210,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 one = self._value_errors.get(ref)
                 if one is None:
                     # fp16 turns mask constants (finfo(fp32).min) into -inf: leave their positions out.
-                    masks = not bool(torch.isfinite(sh).all())
+                    masks = not _all_finite(sh)
                     one = ErrorAccumulator()
                     one.add(ref.detach(), sh, None, self.workspace, masks=masks)
                     self._value_errors[ref] = one
@@ -467,7 +475,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 # The real run holds this gradient in fp32: nothing to judge against the low
                 # dtype, but its finiteness still decides which node made an Inf/NaN.
                 with _disable_current_modes():
-                    finite = all(bool(torch.isfinite(g).all()) for g in floats)
+                    finite = all(_all_finite(g) for g in floats)
                 self._unfinished_grads.append((node, unit, [], finite))
                 return
             # A 0-dim gradient is not summarized: it is the loss's own tail (d loss / d term = 1,
@@ -887,22 +895,6 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             return s.float()
 
 
-_DYNAMO_SAFE: dict[type[ShadowCapture], type[ShadowCapture]] = {}
-
-
-def _dynamo_safe(cls: type[ShadowCapture]) -> type[ShadowCapture]:
-    """`cls` while torch._dynamo is not imported; else a subclass whose handler dynamo never
-    traces (a model with torch.compile'd parts runs compiled frames around it)."""
-    if "torch._dynamo" not in sys.modules:
-        return cls
-    safe = _DYNAMO_SAFE.get(cls)
-    if safe is None:
-        disable = cast(Callable[..., Any], torch.compiler.disable)  # unannotated in torch
-        handler = disable(cls.__torch_dispatch__, recursive=True)
-        safe = _DYNAMO_SAFE[cls] = type(cls.__name__, (cls,), {"__torch_dispatch__": handler})
-    return safe
-
-
 @contextlib.contextmanager
 def capture_pass(
     model: torch.nn.Module,
@@ -928,7 +920,7 @@ def capture_pass(
         on_output=(lambda path, call, out: mode.module_output(path, call, out) if mode else None)
         if module_outputs is not None else None,
     )
-    mode = _dynamo_safe(ShadowCapture)(
+    mode = dynamo_safe(ShadowCapture)(
         attribution, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation,
         op_dtypes=op_dtypes, default_low=default_low,
     )
