@@ -350,6 +350,24 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     if (seq := self._op_seq.get(op)) is not None:
                         self._low_grad_seqs.add(seq)
 
+    @staticmethod
+    def _exact_inputs(
+        tensors: list[torch.Tensor],
+        store: WeakIdMap,
+        wanted: Sequence[bool | None] | None,
+        held: Sequence[bool | None] | None,
+    ) -> bool:
+        """Whether every float input of an op reads, in `store`'s shadow, exactly the fp32
+        run's values: no shadow of it there, not held low, not cast low by this op."""
+        for i, t in enumerate(tensors):
+            if t.dtype != torch.float32:
+                continue
+            if t in store or (wanted is not None and i < len(wanted) and wanted[i]):
+                return False
+            if held is not None and i < len(held) and held[i]:
+                return False
+        return True
+
     def _promotes_low(self, picked: Any, low: bool) -> bool:
         """Whether an op without a counterpart in the real run (it runs in its inputs' dtype)
         makes a low output: all the inputs that decide promotion are low."""
@@ -626,6 +644,13 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 local_store = self._locals.get(unit)
                 if local_store is None:
                     local_store = self._locals[unit] = WeakIdMap()
+                if wanted_out is not None and not any(wanted_out) and self._exact_inputs(
+                    tensors_in, local_store, wanted_in, held_in
+                ):
+                    # An fp32 op of the real run on values it holds exactly (autocast's layer
+                    # norm of the fp32 residual stream): its local shadow would be its own
+                    # fp32 result, with error 0; consumers read the fp32 values instead.
+                    local_store = None
             if (low or self.op_dtypes is not None) and func in SELECT_OPS:
                 rounded_rows = all(
                     t not in self._global and (local_store is None or t not in local_store)
