@@ -250,8 +250,9 @@ def preflight_command(
         typer.Option(
             "--fail-on",
             help="Comma list of risks that make it no-go (exit 1): flag names (OVERFLOW, "
-            "GRAD_UNDERFLOW, ...), DIVERGENT_LOSS, SKIPPED_STEPS, NONFINITE_STEPS; ALL or NONE. "
-            "Default: ALL.",
+            "GRAD_UNDERFLOW, ...), DIVERGENT_LOSS, SKIPPED_STEPS, NONFINITE_STEPS; severities "
+            "(error; warning: warnings and errors; info); ALL or NONE. Default: ALL (every risk, "
+            "whatever its severity).",
         ),
     ] = "ALL",
     judge: Annotated[

@@ -21,7 +21,15 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from precision_doctor.options import AutocastPolicy, ExportFormat, LowDtype, Regime, UnitDtype
+from precision_doctor.options import (
+    AutocastPolicy,
+    ExportFormat,
+    LowDtype,
+    Regime,
+    Severity,
+    UnitDtype,
+    percent,
+)
 from precision_doctor.schema import Frozen
 
 MONITOR_KIND: Final = "precision-doctor-scaler-monitor"
@@ -107,8 +115,8 @@ class LossScaleSection(Frozen):
             return "fp16: no loss scaler needed (no nonzero gradient runs in fp16)"
         return (
             f"initial loss scale 2^{self.recommended_scale_log2} "
-            f"(underflow {self.underflow_fraction_at_recommended:.2%}; at the default "
-            f"2^{self.default_scale_log2}: {self.underflow_fraction_at_default:.2%}, "
+            f"(underflow {percent(self.underflow_fraction_at_recommended)}; at the default "
+            f"2^{self.default_scale_log2}: {percent(self.underflow_fraction_at_default)}, "
             f"{self.skipped_steps_from_default} skipped step(s) to back off)"
         )
 
@@ -153,6 +161,9 @@ class Reason(Frozen):
     """"analysis" for a flag of the one-step analysis, else the run that showed it."""
     unit: str | None = None
     message: str
+    severity: Severity = Severity.ERROR
+    """The analysis flag's severity; for a run's risk: `warning` for SKIPPED_STEPS unless
+    GradScaler was still skipping at the last step, `error` otherwise."""
 
     def line(self) -> str:
         where = f" [{self.unit}]" if self.unit else ""

@@ -27,8 +27,26 @@ UnitDtype = Literal["fp32", "fp16", "bf16"]
 dtype in every saved document; `formats.TORCH_DTYPES` maps the low ones to torch."""
 
 
+class Severity(StrEnum):
+    """How bad one finding is (`FlagRecord.severity`; the rules are in `analysis/flags.py`).
+
+    `error`: training breaks or silently loses accuracy (non-finite values GradScaler cannot
+    fix, divergence over the tolerance, gradients lost at every scale); a report with one is
+    "Not safe as-is". `warning`: a cost that GradScaler or the user absorbs (GradScaler backs
+    off a few steps). `info`: worth knowing, costs nothing."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+SEVERITY_RANK = {severity: rank for rank, severity in enumerate(Severity)}
+"""Worst first: the first key of `Report.flags()`'s order."""
+
+
 class Flag(StrEnum):
-    """The fixed flag vocabulary. Order here is severity order, worst first."""
+    """The fixed flag vocabulary. Order here is the order of flags of one severity, worst
+    first."""
 
     NONFINITE_FP32 = "NONFINITE_FP32"
     OVERFLOW = "OVERFLOW"
@@ -39,7 +57,32 @@ class Flag(StrEnum):
     UNDERFLOW = "UNDERFLOW"
 
 
-FLAG_SEVERITY = {flag: rank for rank, flag in enumerate(Flag)}
+FLAG_RANK = {flag: rank for rank, flag in enumerate(Flag)}
+"""The order of flags within one severity (a flag's severity itself is per finding)."""
+FLAG_SEVERITY = FLAG_RANK  # the name before severities existed
+
+
+def percent(fraction: float, spec: str = ".2%") -> str:
+    """A fraction as a percentage that never reads as 0 or 100 when it is not: a nonzero
+    fraction below the last printed digit is `<0.01%`, one just short of 1 is `>99.99%`.
+
+    >>> percent(3e-7), percent(0.0), percent(0.25), percent(0.999999), percent(float("inf"))
+    ('<0.01%', '0%', '25.00%', '>99.99%', 'inf')
+    """
+    if math.isnan(fraction):
+        return "nan"
+    if math.isinf(fraction):
+        return "inf" if fraction > 0 else "-inf"
+    if fraction == 0:
+        return "0%"
+    text = format(fraction, spec)
+    digits = int(spec[1:-1]) if spec[1:-1].isdigit() else 6
+    step = 10.0 ** -digits  # the last printed digit, in percent
+    if float(text[:-1]) == 0:
+        return f"<{step:.{digits}f}%"
+    if fraction < 1 and float(text[:-1]) >= 100:
+        return f">{100 - step:.{digits}f}%"
+    return text
 
 
 class CostSource(StrEnum):
@@ -126,6 +169,9 @@ class Thresholds:
     """GRAD_UNDERFLOW when more than this fraction of a unit's gradient L2 norm is lost."""
     grad_scale_log2: int = 16
     """The loss scale the gradient flags are judged at: GradScaler's default 2^16."""
+    loss_rel_error: float = 0.01
+    """The final-loss relative error a "Safe to train" verdict allows (the plan's default
+    tolerance)."""
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:

@@ -19,21 +19,25 @@ from pydantic import Field
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import ReportExtras
 from precision_doctor.options import (
-    FLAG_SEVERITY,
+    FLAG_RANK,
+    SEVERITY_RANK,
     AutocastPolicy,
     CapturePath,
     Flag,
     LowDtype,
     Phase,
     Regime,
+    Severity,
     Thresholds,
 )
 from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped on any change that an older reader would misread (3: typed `extras` sections and
-`thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`)."""
+`thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`; 5: `flags[].severity`,
+`thresholds.loss_rel_error` (the verdict's final-loss tolerance),
+`forward.input_rel_l2_error`)."""
 
 
 class Histogram(_Frozen):
@@ -45,7 +49,7 @@ class Histogram(_Frozen):
     counts: list[int]
     sum_squares: list[float] | None = None
     """Gradients only: the sum of x^2 of the bins below 2^-24 (the only values a loss scale
-    of 2^0..2^24 can flush), starting at `log2_lo`; with `TensorStats.sum_squares_total`, the
+    of 2^0..2^127 can flush), starting at `log2_lo`; with `TensorStats.sum_squares_total`, the
     fraction of the L2 norm those bins hold. Shorter than `counts` when values reach 2^-24."""
 
 
@@ -159,10 +163,9 @@ class FlagRecord(_Frozen):
     flag: Flag
     unit: str
     evidence: Evidence
-
-    @property
-    def severity(self) -> int:
-        return FLAG_SEVERITY[self.flag]
+    severity: Severity
+    """`error`, `warning` or `info`: the rules per flag are in `analysis/flags.py` (and the
+    README's Flags table)."""
 
 
 class UnitForward(_Frozen):
@@ -171,6 +174,9 @@ class UnitForward(_Frozen):
     """The unit fed the fp32 run's inputs, rounded to the low dtype."""
     propagated: ErrorStats | None
     """The unit's values in the run where every unit is low."""
+    input_rel_l2_error: float | None = None
+    """The largest propagated error of the values it reads from other units (0 where it reads
+    only the batch and parameters): `propagated` over this is the error growth in the unit."""
 
 
 class UnitBackward(_Frozen):
@@ -280,32 +286,104 @@ class Report(_Frozen):
         return sorted((f for u in self.units for f in u.flags), key=self.flag_order)
 
     @staticmethod
-    def flag_order(f: FlagRecord) -> tuple[int, float]:
-        """Sort key of `flags()`: severity, then magnitude, largest first."""
-        return (f.severity, -_magnitude(f))
+    def flag_order(f: FlagRecord) -> tuple[int, int, float]:
+        """Sort key of `flags()`: severity, then the flag (`options.Flag`'s order), then
+        magnitude, largest first."""
+        return (SEVERITY_RANK[f.severity], FLAG_RANK[f.flag], -_magnitude(f))
 
     def flagged_units(self) -> list[Unit]:
         order = {f.unit: i for i, f in reversed(list(enumerate(self.flags())))}
         return sorted((u for u in self.units if u.flags), key=lambda u: order[u.name])
 
+    def severity_counts(self) -> dict[Severity, int]:
+        """Findings per severity, worst first (severities without a finding left out)."""
+        counts = {s: 0 for s in Severity}
+        for f in self.flags():
+            counts[f.severity] += 1
+        return {s: n for s, n in counts.items() if n}
+
+    @property
+    def loss_within_tolerance(self) -> bool:
+        """The final-loss error is finite and at most `thresholds.loss_rel_error`."""
+        e = self.losses.rel_error
+        return math.isfinite(e) and e <= self.thresholds.loss_rel_error
+
+    def error_growth(self) -> list[tuple[str, float]]:
+        """Where the propagated error grows on its way to the loss: per unit whose outputs
+        reach the loss (through `edges`; every unit when there is no `<loss>` unit), the
+        factor propagated error / input error, the input error floored at the low dtype's
+        rounding error (2^-11 fp16, 2^-8 bf16: a unit reading exact inputs and rounding its
+        output grows nothing). Along a path these factors multiply up to the final-loss
+        error, so the largest ones are the units most responsible for it. Largest first,
+        factors > 1 only; a unit that makes Inf/NaN from finite inputs has factor inf, one
+        reading non-finite inputs none (inherited)."""
+        floor = _ROUNDING[self.environment.dtype]
+        names = {u.name for u in self.units}
+        reach = names
+        if LOSS_UNIT in names:
+            into: dict[str, set[str]] = defaultdict(set)
+            for e in self.edges:
+                into[e.dst].add(e.src)
+            reach, todo = {LOSS_UNIT}, [LOSS_UNIT]
+            while todo:
+                for src in into[todo.pop()] - reach:
+                    reach.add(src)
+                    todo.append(src)
+        out = []
+        for u in self.units:
+            prop, base = u.forward.propagated, u.forward.input_rel_l2_error
+            if u.name not in reach or prop is None or (base is not None and not math.isfinite(base)):
+                continue
+            err = prop.rel_l2_error if prop.nonfinite_count == 0 else math.inf
+            if math.isnan(err):
+                err = math.inf
+            factor = err / max(base or 0.0, floor)
+            if factor > 1:
+                out.append((u.name, factor))
+        return sorted(out, key=lambda kv: -kv[1])
+
     def __bool__(self) -> bool:
-        """True when no unit is flagged: the model is safe to run in the low dtype as-is."""
-        return not any(u.flags for u in self.units)
+        """True when the model is safe to train in the low dtype as-is: no error-severity
+        finding and the final-loss error within `thresholds.loss_rel_error`."""
+        return Severity.ERROR not in self.severity_counts() and self.loss_within_tolerance
 
     @property
     def verdict(self) -> str:
+        """One line: "Safe to train in this dtype" only when `bool(self)`; otherwise "Not
+        safe as-is", with the findings counted by severity, and, when the final-loss error is
+        over the tolerance, the units where the error grows most (`error_growth`)."""
         dtype = self.environment.dtype
-        if self:
-            return (
-                f"{dtype}: no unit flagged; final-loss error {self.losses.rel_error:.2e} "
-                "against fp32. Safe to train in this dtype."
-            )
-        counts: dict[Flag, int] = defaultdict(int)
-        for f in self.flags():
-            counts[f.flag] += 1
-        parts = ", ".join(f"{n} {flag}" for flag, n in sorted(counts.items(), key=lambda kv: FLAG_SEVERITY[kv[0]]))
+        err, tol = self.losses.rel_error, self.thresholds.loss_rel_error
+        flags = self.flags()
         units = sum(1 for u in self.units if u.flags)
-        return f"{dtype}: {units} unit(s) flagged ({parts}); final-loss error {self.losses.rel_error:.2e}. Not safe as-is."
+        if not flags and self:
+            return f"{dtype}: no unit flagged; final-loss error {err:.2e} against fp32. Safe to train in this dtype."
+        by_severity: dict[Severity, dict[Flag, int]] = {}
+        for f in flags:
+            per_flag = by_severity.setdefault(f.severity, {})
+            per_flag[f.flag] = per_flag.get(f.flag, 0) + 1
+        counts = "; ".join(
+            f"{sum(per_flag.values())} {severity}(s) ({', '.join(f'{n} {flag}' for flag, n in per_flag.items())})"
+            for severity, per_flag in by_severity.items()
+        )
+        found = f"{units} unit(s) flagged: {counts}" if flags else "no unit flagged"
+        if self:
+            warnings = sum(by_severity.get(Severity.WARNING, {}).values())
+            return (
+                f"{dtype}: {found}; final-loss error {err:.2e} within tolerance {tol:g}. "
+                f"Safe to train in this dtype with {warnings} warning(s)."
+            )
+        if self.loss_within_tolerance:
+            loss = f"final-loss error {err:.2e} (tolerance {tol:g})"
+        else:
+            loss = f"final-loss error {err:.2e} over the tolerance {tol:g}"
+            worst = self.error_growth()[:3]
+            if worst:
+                loss += "; the error grows most in " + ", ".join(
+                    f"{name} (x{factor:.3g})" if math.isfinite(factor) else f"{name} (Inf/NaN)"
+                    for name, factor in worst
+                )
+        return f"{dtype}: {found}; {loss}. Not safe as-is."
 
     def with_extras(self, **sections: object) -> Report:
         """A copy with these `extras` sections set (`plan=`, `loss_scale=`, `preflight=`,
@@ -336,6 +414,12 @@ class Report(_Frozen):
                 f"{source} has schema_version {raw['schema_version']!r}; this version reads {SCHEMA_VERSION}"
             )
         return validated(cls, text, f"{source} does not match the report schema")
+
+
+LOSS_UNIT = "<loss>"
+"""The loss function's unit (`capture.units.LOSS_UNIT`, which the base cannot import)."""
+_ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8}
+"""Unit roundoff of each low dtype: the error rounding alone gives a value."""
 
 
 def _magnitude(f: FlagRecord) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor.options import Flag, Phase
+from precision_doctor.options import Flag, Phase, Severity
 from precision_doctor.report import SCHEMA_VERSION, Evidence, FlagRecord, Report
 
 
@@ -23,8 +23,15 @@ def report() -> Report:
     return pd.analyze(net, batch, lambda out, b: out.pow(2).mean())
 
 
-def flag(kind: Flag, unit: str, **values: float) -> FlagRecord:
-    return FlagRecord(flag=kind, unit=unit, evidence=Evidence(op="mm", phase=Phase.FORWARD, message=f"{kind} here", values=values))
+WARNINGS = {Flag.GRAD_UNDERFLOW, Flag.UNDERFLOW, Flag.ERROR_GROWTH, Flag.GRAD_OVERFLOW}
+
+
+def flag(kind: Flag, unit: str, severity: Severity | None = None, **values: float) -> FlagRecord:
+    """A hand-made finding; its severity by default the flag's usual one (warnings for the
+    flags that can be warnings)."""
+    severity = severity or (Severity.WARNING if kind in WARNINGS else Severity.ERROR)
+    evidence = Evidence(op="mm", phase=Phase.FORWARD, message=f"{kind} here", values=values)
+    return FlagRecord(flag=kind, unit=unit, severity=severity, evidence=evidence)
 
 
 def with_flags(report: Report, flags_by_unit: dict[str, list[FlagRecord]]) -> Report:
@@ -218,5 +225,10 @@ def test_bool_true_without_flags(report: Report) -> None:
     assert bool(clean) is True
     assert clean.flags() == []
     assert "Safe to train" in clean.verdict
+    # A warning alone is safe, with the warning counted; an error is not.
     one = with_flags(report, {"1": [flag(Flag.UNDERFLOW, "1", underflow_fraction=0.5)]})
-    assert bool(one) is False
+    assert bool(one) is True
+    assert one.verdict.endswith("Safe to train in this dtype with 1 warning(s).")
+    bad = with_flags(report, {"1": [flag(Flag.UNDERFLOW, "1", Severity.ERROR, underflow_fraction=0.5)]})
+    assert bool(bad) is False
+    assert "1 error(s) (1 UNDERFLOW)" in bad.verdict and bad.verdict.endswith("Not safe as-is.")

@@ -14,7 +14,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from precision_doctor.analysis.flags import reads_overflow, unit_flags
+from precision_doctor.analysis.flags import (
+    MAX_SCALE_LOG2,
+    reads_overflow,
+    scale_ceiling,
+    unit_flags,
+)
 from precision_doctor.capture.lowrun import LowRun, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
@@ -101,7 +106,7 @@ def analyze(
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     >>> report = pd.analyze(net, torch.randn(8, 4), loss_fn=lambda out, b: out.pow(2).mean())
-    >>> bool(report)  # no unit flagged
+    >>> bool(report)  # no error-severity finding, final-loss error within tolerance
     True
     """
     low = parse_enum(LowDtype, dtype, "dtype")
@@ -446,17 +451,20 @@ def build_report(
                 seen.add((i, r.unit))
                 edge_bytes[(src.unit, r.unit)] += src.output_bytes
 
+    all_grads = TensorSummary()
+    for urec in mode.units.values():
+        if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
+            all_grads.merge(urec.backward)
+    # The highest scale GradScaler can settle at: what the gradient flags' severities read.
+    over = all_grads.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), fmt)[1] if all_grads.numel else None
+    ceiling = scale_ceiling(lambda k: float(over[k]), th) if over is not None else MAX_SCALE_LOG2
+
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
     units: list[Unit] = []
     params = dict(param_stats)
     for uname, urec in sorted(mode.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
-        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, fmt, th))
-
-    all_grads = TensorSummary()
-    for urec in mode.units.values():
-        if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
-            all_grads.merge(urec.backward)
+        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, fmt, th, ceiling))
 
     return Report(
         model=name,
@@ -479,6 +487,7 @@ def _unit(
     low: LowDtype,
     fmt: Any,
     th: Thresholds,
+    scale_ceiling_log2: int = 24,
 ) -> Unit:
     fwd_ops = [r for r in ops if r.phase == Phase.FORWARD]
     bwd_ops = [r for r in ops if r.phase == Phase.BACKWARD]
@@ -493,11 +502,12 @@ def _unit(
         activation_bytes=urec.saved_bytes,
         param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
         op_count=len(ops),
-        flags=unit_flags(urec, ops, low, fmt, th),
+        flags=unit_flags(urec, ops, low, fmt, th, scale_ceiling_log2),
         forward=UnitForward(
             stats=tensor_stats(urec.forward) if urec.forward.numel else None,
             local=_error(urec.local_error, urec.local_error.nonfinite_mismatch) if has_local else None,
             propagated=_error(urec.prop_error, urec.prop_nonfinite) if has_prop else None,
+            input_rel_l2_error=urec.input_prop_error,
         ),
         backward=UnitBackward(
             stats=tensor_stats(urec.backward) if urec.backward.numel else None,

@@ -5,18 +5,34 @@ of the unit produces in fp32 (what the low dtype would have to hold), and error 
 *local* shadow, which feeds the unit the fp32 run's inputs. A unit downstream of an
 overflow that merely receives Inf is therefore not flagged; the propagated error shows the
 spread.
+
+Each finding has a severity (`options.Severity`), by a few fixed rules:
+
+- `error`: OVERFLOW, NONFINITE_FP32, DIVERGENCE; UNDERFLOW and ERROR_GROWTH when the unit's
+  error is over `divergence_rel_error` (UNDERFLOW's local error, ERROR_GROWTH's propagated
+  one) or the low run makes Inf/NaN there; GRAD_OVERFLOW when no smaller power-of-two loss
+  scale down to 2^0 removes it (or there is no loss scaler: bf16, pure fp16); GRAD_UNDERFLOW
+  when no loss scale GradScaler can reach (2^0..2^24, below the smallest scale at which any
+  gradient of the model overflows) keeps the norm, or there is no loss scaler.
+- `warning`: otherwise. GRAD_OVERFLOW then says how many times GradScaler halves its scale
+  (skipping a step each time) before the unit's gradients fit (`backoff_steps`), read off the
+  unit's gradient histogram; GRAD_UNDERFLOW the nearest scale that keeps the norm
+  (`fixing_scale_log2`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from precision_doctor.capture.records import OpRecord, UnitRecord
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.formats import FormatLimits
-from precision_doctor.options import Flag, LowDtype, Phase, Thresholds
-from precision_doctor.report import Evidence, FlagRecord, Unit
+from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
+from precision_doctor.report import Evidence, FlagRecord, Report, Unit
+
+MAX_SCALE_LOG2 = 24
+"""The largest loss scale the report's curves (and the gradient severities) consider."""
 
 
 def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phase) -> OpRecord | None:
@@ -46,14 +62,20 @@ def unit_flags(
     dtype: LowDtype,
     fmt: FormatLimits,
     th: Thresholds,
+    scale_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
+    """The unit's findings. `scale_ceiling_log2`: the largest loss scale at which no gradient
+    of the model overflows (`scale_ceiling`), the highest GradScaler can settle at."""
     flags: list[FlagRecord] = []
 
-    def add(flag: Flag, op: OpRecord | None, phase: Phase, message: str, **values: float) -> None:
+    def add(
+        flag: Flag, severity: Severity, op: OpRecord | None, phase: Phase, message: str, **values: float
+    ) -> None:
         flags.append(
             FlagRecord(
                 flag=flag,
                 unit=unit.name,
+                severity=severity,
                 evidence=Evidence(op=op.op if op else None, phase=phase, message=message, values=values),
             )
         )
@@ -75,6 +97,7 @@ def unit_flags(
             FlagRecord(
                 flag=Flag.NONFINITE_FP32,
                 unit=unit.name,
+                severity=Severity.ERROR,
                 evidence=Evidence(
                     op=op_name, phase=phase,
                     message=f"{op_name} produces Inf/NaN already in fp32 ({phase}) from finite inputs; "
@@ -103,19 +126,21 @@ def unit_flags(
         r = max(over_ops, key=overflow_of)
         largest = max(o.out_max_abs for o in over_ops)
         add(
-            Flag.OVERFLOW, r, Phase.FORWARD,
+            Flag.OVERFLOW, Severity.ERROR, r, Phase.FORWARD,
             f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {largest:.4g})",
             overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=largest,
             dtype_max=fmt.max_value,
         )
 
+    local = unit.local_error.rel_l2
     flushed = fwd.tails[fmt.name].flushed
     if flushed and fwd.fraction(flushed) > th.underflow_fraction:
         r = _worst(ops, "flushed", fmt, Phase.FORWARD)
+        costly = not math.isfinite(local) or local > th.divergence_rel_error
         add(
-            Flag.UNDERFLOW, r, Phase.FORWARD,
-            f"{fwd.fraction(flushed):.1%} of nonzero values flush to 0 in {fmt.name} "
-            f"(below {fmt.smallest_subnormal:.3g})",
+            Flag.UNDERFLOW, Severity.ERROR if costly else Severity.WARNING, r, Phase.FORWARD,
+            f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {fmt.name} "
+            f"(below {fmt.smallest_subnormal:.3g}); local error {local:.3g}",
             underflow_count=flushed, underflow_fraction=fwd.fraction(flushed),
             min_nonzero_abs=fwd.min_nonzero_abs,
         )
@@ -127,16 +152,15 @@ def unit_flags(
         r = nan_roots[0]
         flag = Flag.UNDERFLOW if flushed else Flag.DIVERGENCE
         add(
-            flag, r, Phase.FORWARD,
+            flag, Severity.ERROR, r, Phase.FORWARD,
             f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {fmt.name} where fp32 is finite",
             nonfinite_count=r.local_nonfinite_root,
         )
 
-    local = unit.local_error.rel_l2
     if math.isfinite(local) and local > th.divergence_rel_error:
         r = _worst(ops, "local", fmt, Phase.FORWARD)
         add(
-            Flag.DIVERGENCE, r, Phase.FORWARD,
+            Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
             f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
             rel_l2_error=local, sqnr_db=unit.local_error.sqnr_db,
         )
@@ -147,7 +171,8 @@ def unit_flags(
         growth = prop / base if base > 0 else math.inf
         if growth >= th.error_growth_factor:
             add(
-                Flag.ERROR_GROWTH, None, Phase.FORWARD,
+                Flag.ERROR_GROWTH, Severity.ERROR if prop > th.divergence_rel_error else Severity.WARNING,
+                None, Phase.FORWARD,
                 f"propagated error grows from {base:.3g} at the inputs to {prop:.3g}",
                 rel_l2_error=prop, input_rel_l2_error=base,
                 growth_factor=growth if math.isfinite(growth) else 1e30,
@@ -156,38 +181,88 @@ def unit_flags(
     # The loss itself runs in fp32 under autocast and GradScaler scales the fp32 loss, so its
     # own gradients (the seed 1 among them) are not judged against the low dtype.
     if bwd.numel and unit.name != LOSS_UNIT:
-        fed_overflow = reads_overflow(ops, fmt)
-        scale = th.grad_scale_log2 if dtype is LowDtype.FP16 else 0
-        lost, overflow, norm_lost = bwd.scaled_lost_fractions(scale, fmt)
+        fp16 = dtype is LowDtype.FP16
+        scale = th.grad_scale_log2 if fp16 else 0
+        curves = bwd.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), fmt)
+
+        def at_scale(k: int) -> tuple[float, float, float]:
+            return float(curves[0][k]), float(curves[1][k]), float(curves[2][k])
+
         flags += _gradient_flags(
-            unit.name, fmt, th, scale,
-            lost=lost, overflow=0.0 if fed_overflow else overflow, norm_lost=norm_lost, max_abs=bwd.max_abs,
+            unit.name, fmt, th, scale, at_scale,
+            inherited_overflow=reads_overflow(ops, fmt), max_abs=bwd.max_abs, scaler=fp16,
+            ceiling_log2=scale_ceiling_log2,
             overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
             underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
         )
     return flags
 
 
+def scale_ceiling(overflow_at: Callable[[int], float], th: Thresholds) -> int:
+    """The largest loss scale 2^k (k <= 24) at which the model's gradients do not overflow
+    (`overflow_at(k)`: the fraction overflowing at 2^k): GradScaler backs off from any scale
+    above it, so it cannot settle higher. 0 when they overflow even at 2^0."""
+    return max((k for k in range(MAX_SCALE_LOG2 + 1) if overflow_at(k) <= th.grad_overflow_fraction), default=0)
+
+
 def _gradient_flags(
-    unit: str, fmt: FormatLimits, th: Thresholds, scale: int, *, lost: float, overflow: float,
-    norm_lost: float, max_abs: float, overflow_op: str | None, underflow_op: str | None,
+    unit: str, fmt: FormatLimits, th: Thresholds, scale: int,
+    at_scale: Callable[[int], tuple[float, float, float]], *, inherited_overflow: bool, max_abs: float,
+    scaler: bool, ceiling_log2: int, overflow_op: str | None, underflow_op: str | None,
 ) -> list[FlagRecord]:
+    """GRAD_OVERFLOW and GRAD_UNDERFLOW at loss scale 2^`scale`, with their severities (see
+    the module docstring). `at_scale(k)`: (fraction of nonzero gradients flushed, fraction
+    overflowing, fraction of the L2 norm flushed) at 2^k, k in 0..24. `scaler`: a GradScaler
+    moves the scale (fp16 under autocast); without one the scale is fixed."""
     flags = []
+    lost, overflow, norm_lost = at_scale(scale)
+    if inherited_overflow:
+        overflow = 0.0
+
+    def overflows(k: int) -> bool:
+        return not inherited_overflow and at_scale(k)[1] > th.grad_overflow_fraction
+
     if overflow > th.grad_overflow_fraction:
-        flags.append(_grad_flag(
-            Flag.GRAD_OVERFLOW, unit, overflow_op,
-            f"{overflow:.2%} of gradients overflow {fmt.name} at loss scale 2^{scale} "
-            f"(largest |g| {max_abs:.3g})",
-            overflow_fraction=overflow, max_abs=max_abs, scale_log2=scale,
-        ))
+        backoff = next((j for j in range(1, scale + 1) if not overflows(scale - j)), None) if scaler else None
+        what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {fmt.name} at 2^{scale}"
+        if backoff is not None:
+            flags.append(_grad_flag(
+                Flag.GRAD_OVERFLOW, Severity.WARNING, unit, overflow_op,
+                f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}",
+                overflow_fraction=overflow, max_abs=max_abs, scale_log2=scale, backoff_steps=backoff,
+            ))
+        else:
+            why = "at every loss scale down to 2^0" if scaler else "beyond the format (no loss scaler)"
+            flags.append(_grad_flag(
+                Flag.GRAD_OVERFLOW, Severity.ERROR, unit, overflow_op, f"{what}: {why}",
+                overflow_fraction=overflow, max_abs=max_abs, scale_log2=scale,
+            ))
     if norm_lost > th.grad_underflow_norm_fraction:
-        flags.append(_grad_flag(
-            Flag.GRAD_UNDERFLOW, unit, underflow_op,
-            f"at loss scale 2^{scale}, {lost:.1%} of nonzero gradients and {norm_lost:.1%} "
-            "of the gradient L2 norm flush to 0",
-            underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
-            max_abs=max_abs,
-        ))
+        what = (
+            f"at loss scale 2^{scale}, {percent(lost, '.1%')} of nonzero gradients and "
+            f"{percent(norm_lost, '.1%')} of the gradient L2 norm flush to 0"
+        )
+        # A larger scale keeps more: GradScaler grows to it unless some gradient of the
+        # model overflows on the way (the ceiling) or this unit's do.
+        fix = next(
+            (k for k in range(scale + 1, ceiling_log2 + 1)
+             if at_scale(k)[2] <= th.grad_underflow_norm_fraction and not overflows(k)),
+            None,
+        ) if scaler else None
+        if fix is not None:
+            flags.append(_grad_flag(
+                Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, underflow_op,
+                f"{what}; GradScaler can grow to 2^{fix}, which keeps them",
+                underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
+                max_abs=max_abs, fixing_scale_log2=fix,
+            ))
+        else:
+            above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
+            why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
+            flags.append(_grad_flag(
+                Flag.GRAD_UNDERFLOW, Severity.ERROR, unit, underflow_op, f"{what}; {why}",
+                underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale, max_abs=max_abs,
+            ))
     return flags
 
 
@@ -197,24 +272,36 @@ def reads_overflow(ops: Sequence[OpRecord], fmt: FormatLimits) -> bool:
     return any(r.phase == Phase.FORWARD and r.input_max_abs > fmt.max_value for r in ops)
 
 
-def gradient_flags_at_scale(unit: Unit, scale_log2: int, fmt: FormatLimits, th: Thresholds) -> list[FlagRecord]:
+def gradient_flags_at_scale(
+    unit: Unit, scale_log2: int, fmt: FormatLimits, th: Thresholds, *, scaler: bool = True,
+    ceiling_log2: int = MAX_SCALE_LOG2,
+) -> list[FlagRecord]:
     """A reported unit's fp16 gradient flags judged again at loss scale 2^k (a plan's
-    recommended scale instead of the default), from its gradient histogram."""
+    recommended scale instead of the default), from its gradient histogram. `scaler`: False
+    where the run has no GradScaler (pure fp16): every gradient flag is then an error.
+    `ceiling_log2`: `scale_ceiling` of the report's loss-scale curve."""
     stats = unit.backward.stats
     if stats is None or unit.name == LOSS_UNIT:
         return []
-    lost, overflow, norm_lost = stats.loss_scale_fractions(scale_log2)
     ops = {f.flag: f.evidence.op for f in unit.flags}
     return _gradient_flags(
-        unit.name, fmt, th, scale_log2,
-        lost=lost, overflow=0.0 if unit.backward.reads_overflow else overflow, norm_lost=norm_lost,
-        max_abs=stats.max_abs,
+        unit.name, fmt, th, scale_log2, stats.loss_scale_fractions,
+        inherited_overflow=unit.backward.reads_overflow, max_abs=stats.max_abs, scaler=scaler,
+        ceiling_log2=ceiling_log2,
         overflow_op=ops.get(Flag.GRAD_OVERFLOW), underflow_op=ops.get(Flag.GRAD_UNDERFLOW),
     )
 
 
-def _grad_flag(flag: Flag, unit: str, node: str | None, message: str, **values: float) -> FlagRecord:
+def report_scale_ceiling(report: Report) -> int:
+    """`scale_ceiling` of a report's model-wide loss-scale curve."""
+    over = {p.scale_log2: p.overflow_fraction for p in report.loss_scale}
+    return scale_ceiling(lambda k: over.get(k, 0.0), report.thresholds)
+
+
+def _grad_flag(
+    flag: Flag, severity: Severity, unit: str, node: str | None, message: str, **values: float
+) -> FlagRecord:
     return FlagRecord(
-        flag=flag, unit=unit,
+        flag=flag, unit=unit, severity=severity,
         evidence=Evidence(op=node, phase=Phase.BACKWARD, message=message, values=values),
     )

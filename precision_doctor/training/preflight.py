@@ -27,10 +27,17 @@ named with the analysis' flag names (`OVERFLOW`, `GRAD_UNDERFLOW`, ...) plus:
   was still skipping at the last step (a scale that never settles);
 - `NONFINITE_STEPS`: a step had a non-finite loss, or non-finite gradients applied unscaled.
 
+Each risk found has a severity (`Reason.severity`): an analysis flag's own (see
+`analysis/flags.py`), `error` for NONFINITE_STEPS, DIVERGENT_LOSS and NONFINITE_FP32, and
+`warning` for SKIPPED_STEPS unless GradScaler was still skipping at the last step.
+
 The verdict judges one configuration (`judge`, default `"low"`: the plain low-precision run
-the user is about to launch; `"planned"`: the plan): it is no-go when a risk named in
-`fail_on` (default: every risk) is found in that run, or flagged by the analysis on a unit
-that runs low in it. The other configuration's outcome is reported beside it
+the user is about to launch; `"planned"`: the plan): it is no-go when a risk selected by
+`fail_on` is found in that run, or flagged by the analysis on a unit that runs low in it.
+`fail_on` names risks, or severities: `error` selects every error-severity risk, `warning`
+warnings and errors, `info` all. The default is every risk name (`ALL`), whatever its
+severity, as before severities existed: a conservative gate; `fail_on="error"` fails only on
+what breaks training or costs accuracy. The other configuration's outcome is reported beside it
 (`planned_go`, `notes`). A non-finite fp32 run (`NONFINITE_FP32`) fails every judgment.
 
 Defaults: 8 steps (`DEFAULT_STEPS`); the optimizer is the model file's
@@ -54,7 +61,7 @@ import torch
 import torch.utils._pytree as pytree
 from pydantic import Field
 
-from precision_doctor.analysis.flags import gradient_flags_at_scale
+from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import low_precision
 from precision_doctor.errors import PrecisionDoctorError
@@ -70,14 +77,17 @@ from precision_doctor.extras import (
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.options import (
+    SEVERITY_RANK,
     AutocastPolicy,
     Flag,
     LowDtype,
     Regime,
+    Severity,
     StrEnum,
     Thresholds,
     UnitDtype,
     parse_enum,
+    percent,
 )
 from precision_doctor.report import Report
 from precision_doctor.schema import validated
@@ -113,21 +123,26 @@ class Risk(StrEnum):
 
 
 RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r in Risk)
-"""Every name `fail_on` accepts (plus the keywords ALL and NONE)."""
+"""Every risk name `fail_on` accepts (plus the severities and the keywords ALL and NONE)."""
 
 Progress = Callable[[str], None]
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
 def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Validate `fail_on`: a comma list (or iterable) of risk names, `ALL` or `NONE`.
-    None means ALL."""
+    """Validate `fail_on`: a comma list (or iterable) of risk names, severities (`error`,
+    `warning`, `info`: that severity or worse; kept lowercase), `ALL` or `NONE`.
+    None means ALL.
+
+    >>> parse_fail_on("error,SKIPPED_STEPS")
+    ('error', 'SKIPPED_STEPS')
+    """
     if value is None:
         return RISK_NAMES
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [str(i).strip().upper() for i in items if str(i).strip()]
     if isinstance(value, str) and not names:
-        raise PrecisionDoctorError("--fail-on is empty; give risk names, ALL or NONE")
+        raise PrecisionDoctorError("--fail-on is empty; give risk names, severities, ALL or NONE")
     out: list[str] = []
     for n in names:
         if n == "ALL":
@@ -136,11 +151,20 @@ def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
             continue
         elif n in RISK_NAMES:
             out.append(n)
+        elif n.lower() in SEVERITY_RANK:
+            out.append(n.lower())
         else:
+            severities = ", ".join(s.value for s in Severity)
             raise PrecisionDoctorError(
-                f"unknown risk {n!r} in fail_on; choose from: {', '.join(RISK_NAMES)}, ALL, NONE"
+                f"unknown risk {n!r} in fail_on; choose from: {', '.join(RISK_NAMES)}, {severities}, ALL, NONE"
             )
     return tuple(dict.fromkeys(out))
+
+
+def _selected(reason: Reason, fail_on: Sequence[str]) -> bool:
+    """Whether `fail_on` selects this risk: by its name, or by a severity it meets."""
+    rank = SEVERITY_RANK[reason.severity]
+    return reason.risk in fail_on or any(s in SEVERITY_RANK and rank <= SEVERITY_RANK[Severity(s)] for s in fail_on)
 
 
 # --- the result -----------------------------------------------------------------------------
@@ -414,6 +438,7 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
             Reason(
                 risk=Risk.DIVERGENT_LOSS.value,
                 mode=run.mode,
+                severity=Severity.ERROR if unsettled else Severity.WARNING,
                 message=(
                     f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
                     f"(tolerance {_pct(tolerance)})"
@@ -424,7 +449,7 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
 
 
 def _pct(x: float) -> str:
-    return "inf" if not math.isfinite(x) else f"{x:.2%}"
+    return percent(x)
 
 
 def _ranges(steps: Sequence[int]) -> str:
@@ -622,15 +647,20 @@ def preflight(
         (and NONFINITE_FP32 anywhere), with the gradient flags judged at its loss scale."""
         flags = report.flags()
         if scale_log2 is not None and scale_log2 != th.grad_scale_log2:
+            # Pure fp16 (judged at 2^0) has no GradScaler to back off or grow.
+            scaler, ceiling = not pure or units is not None, report_scale_ceiling(report)
             flags = [f for f in flags if f.flag not in grad_flags] + [
-                f for u in report.units for f in gradient_flags_at_scale(u, scale_log2, LIMITS[low], th)
+                f for u in report.units
+                for f in gradient_flags_at_scale(u, scale_log2, LIMITS[low], th, scaler=scaler, ceiling_log2=ceiling)
             ]
             flags.sort(key=report.flag_order)
         out = []
         for f in flags:
             runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
             if runs_low or f.flag is Flag.NONFINITE_FP32:
-                out.append(Reason(risk=f.flag.value, mode="analysis", unit=f.unit, message=f.evidence.message))
+                out.append(Reason(
+                    risk=f.flag.value, mode="analysis", unit=f.unit, message=f.evidence.message, severity=f.severity,
+                ))
         return out
 
     def found_for(config: str) -> list[Reason]:
@@ -646,12 +676,12 @@ def preflight(
         )
 
     judged = found_for(judge)
-    reasons = [r for r in judged if r.risk in risks]
-    notes = [r for r in judged if r.risk not in risks]
+    reasons = [r for r in judged if _selected(r, risks)]
+    notes = [r for r in judged if not _selected(r, risks)]
     planned_go: bool | None = None
     if "planned" in runs:
         planned_found = found_for("planned")
-        planned_go = not any(r.risk in risks for r in planned_found)
+        planned_go = not any(_selected(r, risks) for r in planned_found)
         if judge == "low":
             notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
 

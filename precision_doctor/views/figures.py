@@ -158,6 +158,7 @@ def flag_rows(report: Report, unit: Unit | None = None) -> list[dict[str, Any]]:
     flags = unit.flags if unit is not None else report.flags()
     return [
         {
+            "severity": f.severity.value,
             "flag": f.flag.value,
             "unit": f.unit,
             "phase": f.evidence.phase.value,
@@ -194,7 +195,10 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
         ("capture path", env.capture_path.value),
         ("units", str(len(report.units))),
         ("flagged units", str(sum(1 for u in report.units if u.flags))),
+        ("findings", ", ".join(f"{n} {s}(s)" for s, n in report.severity_counts().items()) or "none"),
         ("final-loss rel error", fmt(report.losses.rel_error, ".2e")),
+        ("loss tolerance", f"{report.thresholds.loss_rel_error:g}"
+         + ("" if report.loss_within_tolerance else " (over)")),
     ]
     if plan is not None:
         if plan.speedup is not None:

@@ -19,6 +19,7 @@ _STYLE = {
     "GRAD_UNDERFLOW": "cyan",
     "UNDERFLOW": "cyan",
 }
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
 def _num(x: float | None) -> str:
@@ -51,6 +52,7 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
     flags = report.flags()
     if flags:
         table = Table(title="Flagged units (worst first)", show_lines=False)
+        table.add_column("severity")
         table.add_column("flag")
         table.add_column("unit", overflow="fold")
         table.add_column("op")
@@ -58,6 +60,7 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         for f in flags[:max_rows]:
             # Text() so that markup-like unit names are shown, not interpreted.
             table.add_row(
+                Text(f.severity.value, style=_SEVERITY_STYLE.get(f.severity.value, "")),
                 Text(f.flag.value, style=_STYLE.get(f.flag.value, "")),
                 Text(f.unit),
                 Text(f.evidence.op or "-"),

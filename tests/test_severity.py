@@ -1,0 +1,185 @@
+"""Severities and verdicts: each finding's severity from rules with known answers on small
+hand-built models, and a verdict that never contradicts the report's numbers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor.model.spec import load_model_file
+from precision_doctor.options import Flag, Severity, Thresholds
+from precision_doctor.planning.plan import DEFAULT_TOLERANCE
+from precision_doctor.report import Report
+from precision_doctor.training.preflight import RISK_NAMES, parse_fail_on
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _zero_linear() -> nn.Linear:
+    model = nn.Linear(1, 1)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    return model
+
+
+def _grad_flags(report: Report, flag: Flag) -> list[pd.report.FlagRecord]:
+    return [f for f in report.flags() if f.flag is flag]
+
+
+def test_gradient_overflowing_only_at_2_16_is_a_warning_with_one_backoff() -> None:
+    """(w x + b - 0.75)^2 at w = b = 0, x = 1: gradients of magnitude 1.5, which overflow fp16
+    at GradScaler's 2^16 (98304) and fit at 2^15: one halving, one skipped step."""
+    model = _zero_linear()
+
+    def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(out, torch.full_like(out, 0.75))
+
+    report = pd.analyze(model, torch.ones(1, 1), loss_fn, "fp16")
+    flags = _grad_flags(report, Flag.GRAD_OVERFLOW)
+    assert flags, report.flags()
+    for f in flags:
+        assert f.severity is Severity.WARNING
+        assert f.evidence.values["backoff_steps"] == 1
+        assert "overflow fp16 at 2^16: GradScaler backs off in 1 step(s)" in f.evidence.message
+    assert bool(report), report.verdict
+    assert report.verdict.endswith(f"Safe to train in this dtype with {len(flags)} warning(s).")
+
+
+def test_gradient_overflowing_at_every_scale_is_an_error() -> None:
+    """A loss weight of 1e5: gradients of 1e5 exceed fp16's 65504 before any scaling."""
+    model = _zero_linear()
+    report = pd.analyze(model, torch.ones(4, 1), lambda out, b: 1e5 * out.sum(), "fp16")
+    flags = _grad_flags(report, Flag.GRAD_OVERFLOW)
+    assert flags, report.flags()
+    for f in flags:
+        assert f.severity is Severity.ERROR
+        assert "backoff_steps" not in f.evidence.values
+        assert "at every loss scale down to 2^0" in f.evidence.message
+    assert not report and report.verdict.endswith("Not safe as-is.")
+    assert f"{len(flags)} error(s)" in report.verdict
+
+
+@pytest.mark.parametrize(
+    ("weight_log2", "severity"),
+    [(-44, Severity.WARNING), (-62, Severity.ERROR)],
+    ids=["a-larger-scale-keeps-them", "no-scale-keeps-them"],
+)
+def test_gradient_underflow_severity_follows_the_scales_gradscaler_can_reach(weight_log2: int, severity: Severity) -> None:
+    """Gradients of ~2^-44 flush at 2^16 but fit from 2^21 (GradScaler grows there: a
+    warning); gradients of ~2^-62 need 2^39, beyond what it reaches (an error)."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    batch = torch.rand(16, 8) + 0.5
+    report = pd.analyze(model, batch, lambda out, b: 2.0**weight_log2 * out.sum(), "fp16")
+    flags = _grad_flags(report, Flag.GRAD_UNDERFLOW)
+    assert flags, report.flags()
+    assert {f.severity for f in flags} == {severity}
+    if severity is Severity.WARNING:
+        assert all(17 <= f.evidence.values["fixing_scale_log2"] <= 24 for f in flags)
+    assert bool(report) == (severity is Severity.WARNING), report.verdict
+
+
+def _well_fit_regressor() -> tuple[nn.Module, torch.Tensor, Any]:
+    """A linear regressor at its optimum: the fp32 loss is the tiny noise; fp16's rounding of
+    the predictions (~1e-3 relative) is far larger than the residuals."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    model = nn.Linear(8, 1)
+    with torch.no_grad():
+        y = model(x) + 1e-5 * torch.randn(256, 1)
+
+    def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(out, y)
+
+    return model, x, loss_fn
+
+
+def test_loss_far_over_tolerance_is_never_safe() -> None:
+    model, x, loss_fn = _well_fit_regressor()
+    report = pd.analyze(model, x, loss_fn, "fp16")
+    assert report.losses.rel_error > 100 * report.thresholds.loss_rel_error
+    assert not report
+    assert "Safe to train" not in report.verdict and report.verdict.endswith("Not safe as-is.")
+    assert "over the tolerance 0.01" in report.verdict
+    # The units most responsible are named: where the error grows most on its way to the loss.
+    growth = report.error_growth()
+    assert growth and all(factor > 1 for _, factor in growth)
+    names = [name for name, _ in growth[:3]]
+    assert "the error grows most in " + names[0] in report.verdict
+    assert set(names) <= {u.name for u in report.units}
+
+
+def test_loss_tolerance_is_a_threshold() -> None:
+    assert Thresholds().loss_rel_error == DEFAULT_TOLERANCE
+    loose = Thresholds.from_overrides({"loss_rel_error": "1e9"})
+    model, x, loss_fn = _well_fit_regressor()
+    report = pd.analyze(model, x, loss_fn, "fp16", thresholds=loose)
+    assert report.thresholds.loss_rel_error == 1e9
+    assert bool(report) == (not any(f.severity is Severity.ERROR for f in report.flags()))
+
+
+def test_error_growth_multiplies_along_the_path() -> None:
+    """The growth factors of the units on the path multiply to (about) the final-loss error
+    over the rounding floor: cumulated, not only one large jump."""
+    model, x, loss_fn = _well_fit_regressor()
+    report = pd.analyze(model, x, loss_fn, "fp16")
+    product = 1.0
+    for _, factor in report.error_growth():
+        product *= factor
+    assert product >= report.losses.rel_error / 2.0**-11 / 10
+
+
+def test_fail_on_takes_severities() -> None:
+    assert parse_fail_on("error") == ("error",)
+    assert parse_fail_on("Warning,SKIPPED_STEPS") == ("warning", "SKIPPED_STEPS")
+    assert parse_fail_on(None) == RISK_NAMES  # the default: every risk, whatever its severity
+    with pytest.raises(pd.PrecisionDoctorError, match="error, warning, info"):
+        parse_fail_on("fatal")
+
+
+def test_preflight_fail_on_error_leaves_warnings_as_notes() -> None:
+    """grad_overflow's gradients overflow at 2^16 and fit a few halvings lower: warnings.
+    `fail_on="error"` keeps them as notes; the default (every risk) fails on them."""
+    spec = load_model_file(SAMPLES / "grad_overflow.py")
+    result = pd.preflight(spec.model, spec.batch, spec.loss_fn, steps=4, plan=False, fail_on="error")
+    warned = [r for r in result.notes if r.risk == "GRAD_OVERFLOW"]
+    assert warned and all(r.severity is Severity.WARNING for r in warned)
+    assert all(r.severity is Severity.ERROR for r in result.reasons)
+    assert not any(r.risk == "GRAD_OVERFLOW" for r in result.reasons)
+
+
+# --- the verdict never contradicts the numbers ---------------------------------------------
+
+_PERCENT = re.compile(r"(?<![<>\d.])0\.0+%")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLES.glob("*.py")), ids=str)
+def test_verdict_agrees_with_the_numbers(name: str, dtype: str) -> None:
+    spec = load_model_file(SAMPLES / f"{name}.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype, name=name)
+    errors = [f for f in report.flags() if f.severity is Severity.ERROR]
+    err, tol = report.losses.rel_error, report.thresholds.loss_rel_error
+    within = err <= tol  # False for NaN
+    safe = "Safe to train in this dtype" in report.verdict
+    assert safe != ("Not safe as-is" in report.verdict), report.verdict
+    assert bool(report) == safe
+    if safe:
+        assert not errors and within, report.verdict
+    else:
+        assert errors or not within, report.verdict
+    if not within:
+        assert f"over the tolerance {tol:g}" in report.verdict
+    counts = report.severity_counts()
+    for severity, n in counts.items():
+        assert f"{n} {severity}(s)" in report.verdict, report.verdict
+    for f in report.flags():
+        assert not _PERCENT.search(f.evidence.message), f.evidence.message
+        if f.flag is Flag.GRAD_OVERFLOW and f.severity is Severity.WARNING:
+            assert f.evidence.values["backoff_steps"] >= 1
