@@ -146,7 +146,9 @@ class ModeRun(Frozen):
     skipped_steps: list[int]
     nonfinite_steps: list[int]
     max_divergence: float | None = None
-    """Largest |loss - fp32 loss| / |fp32 loss| over the steps (None for the fp32 run)."""
+    """Largest |loss - fp32 loss| / |fp32 loss| over the steps (None for the fp32 run), the
+    fp32 loss after the same optimizer steps applied: from an fp32 run that skipped the steps
+    this run's GradScaler skipped."""
     divergence_step: int | None = None
     seconds: float
 

@@ -1,4 +1,5 @@
-"""Number-format limits, derived from `torch.finfo`, and the rounding that emulates them.
+"""Number-format limits, derived from `torch.finfo`, and the rounding that emulates them; times
+and sizes for people, in the unit that fits (`format_seconds`, `format_bytes`).
 
 Emulation follows what tensor cores do: low-precision inputs, fp32 accumulate, a
 low-precision output. On the CPU that is `x.to(low).float()` around fp32 kernels, which is
@@ -57,3 +58,75 @@ class FormatLimits:
 FP16 = FormatLimits.of(torch.float16, "fp16")
 BF16 = FormatLimits.of(torch.bfloat16, "bf16")
 LIMITS: dict[LowDtype, FormatLimits] = {LowDtype.FP16: FP16, LowDtype.BF16: BF16}
+
+
+# --- numbers for people: times and sizes in the unit that fits ----------------------------------
+
+_TIME_UNITS = (("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0))
+_BYTE_UNITS = tuple((u, 1024.0**i) for i, u in enumerate(("B", "KiB", "MiB", "GiB", "TiB", "PiB")))
+
+
+def _scaled(value: float, units: tuple[tuple[str, float], ...], sign: bool, zero: str) -> str:
+    """`value` (in the first unit's base: seconds, bytes) in the largest of `units` (name,
+    factor; ascending) it reaches, 3 significant digits."""
+    plus = "+" if sign else ""
+    if not math.isfinite(value):
+        return f"{value:{plus}} {units[-1][0]}"
+    if value == 0:
+        return f"0 {zero}"
+    i = max((k for k, (_, factor) in enumerate(units) if factor <= abs(value)), default=0)
+    text = f"{value / units[i][1]:{plus}.3g}"
+    if abs(float(text)) >= 1000 and i + 1 < len(units):  # rounded up to the next unit: 999.96 µs is 1 ms
+        i += 1
+        text = f"{value / units[i][1]:{plus}.3g}"
+    if "e" in text:  # past the largest unit's 3 digits: whole units, no exponent
+        text = f"{value / units[i][1]:{plus},.0f}"
+    return f"{text} {units[i][0]}"
+
+
+def _unit(value: float, units: tuple[tuple[str, float], ...]) -> tuple[str, float]:
+    text = _scaled(value, units, False, units[0][0]) if math.isfinite(value) and value else f"0 {units[0][0]}"
+    name = text.rsplit(" ", 1)[1]
+    return name, dict(units)[name]
+
+
+def seconds_unit(seconds: float) -> tuple[str, float]:
+    """The unit `format_seconds` shows `seconds` in, and its size in seconds (an axis's unit,
+    from its largest value).
+
+    >>> seconds_unit(0.0042), seconds_unit(0.0)
+    (('ms', 0.001), ('ns', 1e-09))
+    """
+    return _unit(seconds, _TIME_UNITS)
+
+
+def bytes_unit(n: float) -> tuple[str, float]:
+    """The unit `format_bytes` shows `n` in, and its size in bytes.
+
+    >>> bytes_unit(3 * 2**20)
+    ('MiB', 1048576.0)
+    """
+    return _unit(n, _BYTE_UNITS)
+
+
+def format_seconds(seconds: float, *, sign: bool = False) -> str:
+    """A duration with 3 significant digits in the unit that fits: ns, µs, ms or s (`sign`:
+    with a leading + on positive values, for differences).
+
+    >>> format_seconds(3e-7), format_seconds(0.0003), format_seconds(2.5), format_seconds(36.04)
+    ('300 ns', '300 µs', '2.5 s', '36 s')
+    >>> format_seconds(0.00099996), format_seconds(-2.4e-5, sign=True), format_seconds(1.5e-6, sign=True)
+    ('1 ms', '-24 µs', '+1.5 µs')
+    """
+    return _scaled(seconds, _TIME_UNITS, sign, "s")
+
+
+def format_bytes(n: float) -> str:
+    """A size with 3 significant digits in the binary unit that fits (B, KiB, MiB, GiB, ...).
+
+    >>> format_bytes(512), format_bytes(1536), format_bytes(3 * 2**20), format_bytes(1023.9 * 2**20)
+    ('512 B', '1.5 KiB', '3 MiB', '1 GiB')
+    >>> format_bytes(0), format_bytes(1023)
+    ('0 B', '0.999 KiB')
+    """
+    return _scaled(n, _BYTE_UNITS, False, "B")

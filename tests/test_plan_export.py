@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import precision_doctor as pd
 from precision_doctor.capture.emulation import emulated_precision
 from precision_doctor.capture.units import UnitTracker
+from precision_doctor.extras import PlanBytes, PlanCosts
 from precision_doctor.planning.export import (
     DEEPSPEED_BF16_KEYS,
     DEEPSPEED_FP16_KEYS,
@@ -180,6 +182,49 @@ def test_a_larger_model_is_refused_too(rescue: tuple[Any, Plan]) -> None:
     apply_plan(model, plan).remove()  # the model it was made for
 
 
+def _fp16(plan: Plan) -> Plan:
+    units = {u: ("fp16" if d != "fp32" else d) for u, d in plan.units.items()}
+    return plan.model_copy(update={"dtype": pd.LowDtype.FP16, "units": units})
+
+
+def test_a_plan_refuses_an_autocast_region_of_another_dtype(rescue: tuple[Any, Plan]) -> None:
+    """An fp16 plan inside a bf16 region would switch the region to fp16, with no scaler:
+    apply_plan and the python snippet refuse it, in one line naming both dtypes and how to
+    re-plan. In an fp16 region it runs; outside autocast the model is as written."""
+    mod, bf16_plan = rescue
+    plan = _fp16(bf16_plan)
+    batch = mod.make_batch()
+    ns: dict[str, Any] = {}
+    exec(compile(render_python(plan), "<plan snippet>", "exec"), ns)
+    for install, error in ((lambda m: apply_plan(m, plan).remove, pd.PrecisionDoctorError),
+                           (ns["install_precision_plan"], RuntimeError)):
+        model = mod.build_model()
+        remove = install(model)
+        with pytest.raises(error) as info, torch.autocast("cpu", dtype=torch.bfloat16):
+            model(*batch)
+        msg = str(info.value)
+        assert "\n" not in msg and "made for fp16" in msg and "bf16 (torch.bfloat16) autocast region" in msg
+        assert "--dtype bf16" in msg
+        with torch.autocast("cpu", dtype=torch.float16):  # the plan's own dtype: runs
+            out = model(*batch)
+        assert torch.isfinite(out).all()
+        with torch.no_grad():  # no autocast: untouched
+            assert model(*batch).dtype == torch.float32
+        remove()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # removed: the region as it is
+            model(*batch)
+        # Applied inside the wrong region: refused at once.
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(error, match="made for fp16"):
+            install(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    # The bf16 plan in an fp16 region, likewise.
+    model = mod.build_model()
+    with apply_plan(model, bf16_plan), torch.autocast("cpu", dtype=torch.float16), pytest.raises(
+        pd.PrecisionDoctorError, match=r"made for bf16 .* --dtype fp16"
+    ):
+        model(*batch)
+
+
 def test_json_roundtrip_and_version(rescue: tuple[Any, Plan], tmp_path: Any) -> None:
     _, plan = rescue
     plan.save(tmp_path / "plan.json")
@@ -237,6 +282,31 @@ def test_hf_kwargs_are_training_arguments(rescue: tuple[Any, Plan]) -> None:
         expected = plan.loss_scale.recommended_scale_log2 if dtype is pd.LowDtype.FP16 else None  # type: ignore[union-attr]
         assert namespace["INIT_SCALE_LOG2"] == expected
         assert namespace["TRAINING_ARGS_KWARGS"] == {str(dtype): True}
+        code = [line for line in render_hf(plan).splitlines() if not line.lstrip().startswith("#")]
+        assert not any("precision_doctor" in line for line in code)  # only in the comments
+        # Its guard takes TrainingArguments of the plan's precision and refuses the others.
+        check = namespace["check_training_args"]
+        check(transformers.TrainingArguments(output_dir="out", use_cpu=True, **namespace["TRAINING_ARGS_KWARGS"]))
+        other = "bf16" if dtype is pd.LowDtype.FP16 else "fp16"
+        for wrong in ({other: True}, {}):
+            args = types.SimpleNamespace(**{"fp16": False, "bf16": False, **wrong})
+            with pytest.raises(ValueError, match=f"made for {dtype} but the TrainingArguments run") as info:
+                check(args)
+            assert "\n" not in str(info.value) and f"--dtype {other}" in str(info.value)
+
+
+def test_plan_summary_prints_times_and_sizes_in_units_that_fit(rescue: tuple[Any, Plan]) -> None:
+    import re
+
+    _, plan = rescue
+    tiny = plan.model_copy(update={
+        "estimated_step_time_s": PlanCosts(fp32=3e-4, autocast=2.5e-4, plan=3e-7),
+        "activation_bytes": PlanBytes(fp32=3 * 2**20, autocast=1536, plan=512),
+    })
+    head = tiny.summary().splitlines()[0]
+    assert "estimated step 300 ns vs fp32 300 µs" in head and "autocast 250 µs" in head, head
+    assert "activations 512 B vs 3 MiB fp32" in head, head
+    assert not re.search(r"\b0\.0+\d* (ms|MiB)", head)
 
 
 def test_plan_extras_shape(rescue: tuple[Any, Plan]) -> None:

@@ -124,6 +124,36 @@ def test_steps_judge_only_the_gradients_the_optimizer_applies() -> None:
     assert all(r.mode == "analysis" for r in result.reasons)  # no run went non-finite
 
 
+def test_a_skipped_first_step_is_a_skipped_step_not_divergence() -> None:
+    """w starts at 0 and the loss is (w - 0.75)^2: its gradient 1.5 overflows fp16 at
+    GradScaler's 2^16 (98304) and fits at 2^15, so the fp16 run skips exactly its first step
+    and then trains as fp32 does. Compared on the optimizer steps really applied, it does not
+    diverge (step by step it would differ by ~50%: each SGD step moves the loss ~36%)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+
+    def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(out, torch.full_like(out, 0.75))
+
+    result = pd.preflight(
+        model, torch.ones(1, 1), loss_fn, steps=4, plan=False,
+        build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+    )
+    low, fp32 = result.runs["low"], result.runs["fp32"].losses
+    assert low.skipped_steps == [0] and low.nonfinite_steps == []
+    assert abs(fp32[1] - fp32[0]) / fp32[0] > 0.3  # a one-step shift would be divergence
+    assert low.max_divergence is not None and low.max_divergence < 1e-3, low
+    assert "DIVERGENT_LOSS" not in {r.risk for r in result.reasons + result.notes}
+    assert "SKIPPED_STEPS" not in {r.risk for r in result.reasons + result.notes}  # 1 <= 2 allowed
+    assert low.steps[0].skipped and low.steps[0].scale == 2.0**16 and low.steps[1].scale == 2.0**15
+    strict = pd.preflight(
+        model, torch.ones(1, 1), loss_fn, steps=4, plan=False, max_skipped_steps=0,
+        build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), fail_on="DIVERGENT_LOSS,SKIPPED_STEPS",
+    )
+    assert [r.risk for r in strict.reasons] == ["SKIPPED_STEPS"], [r.line() for r in strict.reasons]
+    assert "skipped 1/4 steps (steps 0)" in strict.reasons[0].message
+
+
 def test_fail_on_selects_the_risks_that_fail() -> None:
     result = run_sample("deep_narrow_underflow", fail_on="DIVERGENT_LOSS,NONFINITE_STEPS")
     assert result.go

@@ -5,7 +5,10 @@ on it): inside a `torch.autocast` region, a unit that runs low runs its forward 
 `torch.autocast(device, dtype)` with its floating inputs cast to `dtype`, a unit that runs in
 fp32 runs with autocast disabled and its floating inputs cast to fp32, and a low unit called
 by an fp32 one hands its floating results back in fp32; modules the mapping does not name run
-as their caller does. Outside an autocast region the model is untouched.
+as their caller does. Outside an autocast region the model is untouched. Inside a region of
+another dtype than the overrides' (a bf16 region, an fp16 plan) entering an overridden module
+raises `PrecisionDoctorError`: running it would switch the region to the plan's dtype, with no
+loss scaler where the region's own dtype needs none.
 The plan's verification (`planning.plan.verify_plan`) runs these same overrides inside the real
 low-precision run (`lowrun.low_run`), so a verified plan is what `apply_plan` executes.
 
@@ -30,10 +33,19 @@ import torch
 from precision_doctor.capture.lowrun import low_precision
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.formats import dtype_spelling
 from precision_doctor.model.spec import device_type
 from precision_doctor.options import AutocastPolicy, Regime
 
-__all__ = ["UnitOverrides", "cast_floats", "emulated_precision", "results_to", "unit_overrides"]
+__all__ = [
+    "UnitOverrides",
+    "cast_floats",
+    "check_region_dtype",
+    "emulated_precision",
+    "region_mismatch",
+    "results_to",
+    "unit_overrides",
+]
 
 
 def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
@@ -71,6 +83,32 @@ def results_to(out: Any, dtype: torch.dtype) -> Any:
     return out
 
 
+def region_mismatch(device: str, low_dtype: torch.dtype) -> str | None:
+    """Why per-unit overrides in `low_dtype` must not run in the current autocast region of
+    `device` (one line), or None: outside a region, or in one of `low_dtype`."""
+    if not torch.is_autocast_enabled(device):
+        return None
+    region = torch.get_autocast_dtype(device)
+    if region == low_dtype:
+        return None
+    plan, there = (dtype_spelling(str(d).removeprefix("torch.")) for d in (low_dtype, region))
+    replan = f"re-plan with `precision-doctor analyze model.py --dtype {there} --export ...`, or " if there in (
+        "fp16", "bf16"
+    ) else ""
+    return (
+        f"this plan was made for {plan} but runs inside a {there} ({region}) autocast region: "
+        f"{replan}run it under torch.autocast({device!r}, dtype={low_dtype})"
+    )
+
+
+def check_region_dtype(device: str, low_dtype: torch.dtype) -> None:
+    """Refuse (`PrecisionDoctorError`, one line) to run `low_dtype` overrides inside an
+    autocast region of another dtype (see `region_mismatch`)."""
+    why = region_mismatch(device, low_dtype)
+    if why is not None:
+        raise PrecisionDoctorError(why)
+
+
 # Each installed override -> (its handle, whether the module had its own `forward`, the
 # forward it wrapped). Looked up by identity: `functools.wraps` copies a wrapper's attributes
 # onto whatever wraps it (Accelerate's hooks), so a marker attribute would be inherited.
@@ -95,6 +133,10 @@ class UnitOverrides:
                 # Removed (but still called by a wrapper installed on top of it), or not in
                 # an autocast region: the model as written.
                 return orig(*args, **kwargs)
+            if self._depth == 0:
+                # Entered from the caller's own autocast region: it must be the plan's dtype
+                # (an fp16 plan in a bf16 region would switch that region to fp16, unscaled).
+                check_region_dtype(dev, low_dtype)
             # Called by a unit that runs in fp32 (autocast disabled): that unit computes in
             # fp32, so a low unit hands its results back in fp32 (its matmul could not take
             # an fp16 operand beside an fp32 one outside autocast).

@@ -7,7 +7,9 @@
   installed) the `fp16` block with the recommended `initial_scale_power`, or `bf16`. From
   0.17.2 the `torch_autocast` block with `lower_precision_safe_modules` (DeepSpeed refuses
   `torch_autocast` together with `fp16`/`bf16`, so it is one or the other).
-- `hf`: transformers `TrainingArguments` keyword arguments and how to attach the overrides.
+- `hf`: transformers `TrainingArguments` keyword arguments (`fp16`/`bf16`: the plan's dtype),
+  `check_training_args(args)` refusing arguments of another precision, and how to attach the
+  overrides (apply_plan / the python snippet refuse an autocast region of another dtype).
 
 `plan_section` is the one writer of a report's `extras.plan`: the plan with every export.
 """
@@ -48,7 +50,8 @@ def render_json(plan: Plan) -> str:
 _SNIPPET = '''"""Per-module dtype plan for {model} ({dtype}), exported by precision-doctor.
 Standalone: needs only torch. Inside your torch.autocast region, fp32 modules run with
 autocast disabled and inputs cast to fp32, low modules in {dtype} (results handed back in fp32
-to an fp32 module calling them); outside it nothing changes.
+to an fp32 module calling them); outside it nothing changes. Inside an autocast region of
+another dtype it raises RuntimeError: re-plan for that dtype.
 
     remove = install_precision_plan(model)
     with torch.autocast("cuda", dtype=LOW_DTYPE):
@@ -63,6 +66,26 @@ import torch
 LOW_DTYPE = torch.{torch_dtype}
 PLAN = {units}
 MODULE_COUNT = {module_count}  # of the planned model: another count is another model
+_SPELLING = {{torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}}
+
+
+def _check_region(dev):
+    # An fp16 plan inside a bf16 autocast region would switch that region to fp16, with no
+    # loss scaler: refused (the same one line as apply_plan gives).
+    if not torch.is_autocast_enabled(dev):
+        return
+    region = torch.get_autocast_dtype(dev)
+    if region == LOW_DTYPE:
+        return
+    plan, there = _SPELLING[LOW_DTYPE], _SPELLING.get(region, str(region).replace("torch.", ""))
+    replan = (
+        f"re-plan with `precision-doctor analyze model.py --dtype {{there}} --export ...`, or "
+        if there in ("fp16", "bf16") else ""
+    )
+    raise RuntimeError(
+        f"this plan was made for {{plan}} but runs inside a {{there}} ({{region}}) autocast region: "
+        f"{{replan}}run it under torch.autocast({{dev!r}}, dtype={{LOW_DTYPE}})"
+    )
 
 
 def _cast(obj, dtype):
@@ -106,6 +129,8 @@ def install_precision_plan(model):
         raise ValueError(f"this plan does not match the model: unknown modules {{unknown[:3]}}")
     if MODULE_COUNT is not None and len(modules) != MODULE_COUNT:
         raise ValueError(f"this plan does not match the model: {{len(modules)}} modules, the plan's had {{MODULE_COUNT}}")
+    p = next(model.parameters(), None)
+    _check_region(p.device.type if p is not None else "cpu")
     depth = [0]
     installed = []
 
@@ -121,6 +146,8 @@ def install_precision_plan(model):
                 dev = p.device.type if p is not None else "cpu"
             if not installed or (depth[0] == 0 and not torch.is_autocast_enabled(dev)):
                 return orig(*args, **kwargs)  # removed, or outside autocast: as written
+            if depth[0] == 0:
+                _check_region(dev)  # entered from the caller's region: the plan's dtype only
             in_fp32 = not torch.is_autocast_enabled(dev)  # called by an fp32 module
             depth[0] += 1
             try:
@@ -248,9 +275,25 @@ def render_hf(plan: Plan) -> str:
     else:
         scale = plan.loss_scale.recommended_scale_log2 if plan.loss_scale is not None else 16
         scale_line = f"INIT_SCALE_LOG2 = {scale}  # recommended initial loss scale (fp16): 2**{scale}"
+    other = "bf16" if plan.dtype is LowDtype.FP16 else "fp16"
     return f'''# transformers Trainer setup for the precision-doctor plan of {plan.model} ({plan.dtype}).
+PLAN_DTYPE = {str(plan.dtype)!r}
 TRAINING_ARGS_KWARGS = {kwargs!r}
 {scale_line}
+
+
+def check_training_args(args):
+    """Refuse TrainingArguments whose mixed precision is not the plan's: Trainer runs the
+    model under torch.autocast in the dtype of `fp16=`/`bf16=`, and the plan's overrides
+    only hold inside a region of the plan's dtype ({plan.dtype})."""
+    flags = [k for k in ("fp16", "bf16") if getattr(args, k, False)]
+    if flags != [PLAN_DTYPE]:
+        runs = "+".join(flags) if flags else "fp32 (neither fp16 nor bf16 set)"
+        raise ValueError(
+            f"this plan was made for {{PLAN_DTYPE}} but the TrainingArguments run {{runs}}: "
+            f"pass **TRAINING_ARGS_KWARGS, or re-plan with `precision-doctor analyze model.py --dtype {other} --export ...`"
+        )
+
 
 # How to attach the per-module overrides (Trainer runs the model under torch.autocast):
 #   import torch
@@ -258,12 +301,19 @@ TRAINING_ARGS_KWARGS = {kwargs!r}
 #   import precision_doctor
 #   handle = precision_doctor.apply_plan(model, "plan.json")   # or the --export-format python snippet
 #   args = TrainingArguments(output_dir="out", **TRAINING_ARGS_KWARGS)
+#   check_training_args(args)
 #   trainer = Trainer(model=model, args=args, ...)
 #   # fp16 only: start the scaler at the recommended scale instead of 2**16
 #   if trainer.accelerator.scaler is not None:
 #       trainer.accelerator.scaler = torch.amp.GradScaler(init_scale=2.0**INIT_SCALE_LOG2)
 #   trainer.train()
 #   handle.remove()
+#
+# What check_training_args cannot see: mixed precision set outside TrainingArguments (an
+# Accelerate config's mixed_precision, a DeepSpeed config's fp16/bf16 block), and
+# fp16_full_eval/bf16_full_eval (evaluation with model.half(): no autocast, the plan inert).
+# A training region of another dtype is still refused when it runs: apply_plan and the python
+# snippet raise on entering a planned module inside an autocast region not of {plan.dtype}.
 '''
 
 

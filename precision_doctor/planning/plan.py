@@ -10,8 +10,9 @@ bounded number of rounds.
 `apply_plan` installs the plan inside the user's own `torch.autocast` region: fp32 units run
 with autocast disabled and floating inputs cast to fp32; low units run under autocast in the
 low dtype with floating inputs cast to it, and hand their results back in fp32 to an fp32 unit
-calling them. Outside an autocast region the model is untouched
-(`capture.emulation.unit_overrides`, which the verification installs too).
+calling them. Outside an autocast region the model is untouched; inside one of another dtype
+than the plan's it is refused (`capture.emulation.unit_overrides`, which the verification
+installs too).
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ from pydantic import Field
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precision_doctor.analysis.flags import gradient_flags_at_scale
-from precision_doctor.capture.emulation import UnitOverrides, unit_overrides
+from precision_doctor.capture.emulation import UnitOverrides, check_region_dtype, unit_overrides
 from precision_doctor.capture.lowrun import low_run
 from precision_doctor.capture.ops import op_info
 from precision_doctor.capture.statistics import relative_loss_error
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
-from precision_doctor.formats import LIMITS, TORCH_DTYPES
-from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_seconds
+from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import AutocastPolicy, Flag, LowDtype, Regime, UnitDtype
 from precision_doctor.planning.cost import (
@@ -122,10 +123,10 @@ class Plan(Frozen):
         t = self.estimated_step_time_s
         lines = [
             f"plan ({self.dtype} on {self.target}): {n_low} of {len(self.units)} units low; "
-            f"estimated step {t.plan * 1e3:.3g} ms vs fp32 {t.fp32 * 1e3:.3g} ms "
-            f"({self.speedup_vs_fp32:.2f}x) and autocast {t.autocast * 1e3:.3g} ms; "
-            f"activations {self.activation_bytes.plan / 2**20:.3g} MiB vs "
-            f"{self.activation_bytes.fp32 / 2**20:.3g} MiB fp32",
+            f"estimated step {format_seconds(t.plan)} vs fp32 {format_seconds(t.fp32)} "
+            f"({self.speedup_vs_fp32:.2f}x) and autocast {format_seconds(t.autocast)}; "
+            f"activations {format_bytes(self.activation_bytes.plan)} vs "
+            f"{format_bytes(self.activation_bytes.fp32)} fp32",
             f"verified final-loss error {self.verified_loss_rel_error:.2e} "
             f"(tolerance {self.tolerance:.0e}, {self.verification_passes} verification pass(es))",
         ]
@@ -517,7 +518,7 @@ def _fp32_reasons(
                 )
             else:
                 dt = problem.objective(flipped) - base
-                reasons[n] = f"cheaper in fp32: low would cost {dt * 1e6:+.3g} us per step (casts around it)"
+                reasons[n] = f"cheaper in fp32: low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
     return reasons
 
 
@@ -554,7 +555,10 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
 
 
 def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:
-    """Install `plan`'s per-module dtypes; they take effect inside `torch.autocast` regions.
+    """Install `plan`'s per-module dtypes; they take effect inside `torch.autocast` regions
+    of the plan's dtype. Inside a region of another dtype (an fp16 plan in a bf16 region) it,
+    and every planned module entered there, raises `PrecisionDoctorError`: re-plan for that
+    dtype.
 
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
@@ -570,5 +574,9 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Map
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     check_plan_matches(model, plan)
-    return unit_overrides(model, plan.low_units, TORCH_DTYPES[plan.dtype], PlanHandle(plan))
+    low_dtype = TORCH_DTYPES[plan.dtype]
+    # Refused here when applied inside an autocast region of another dtype, and on entering a
+    # planned module inside one (the overrides check each time).
+    check_region_dtype(device_type(model), low_dtype)
+    return unit_overrides(model, plan.low_units, low_dtype, PlanHandle(plan))
 

@@ -21,8 +21,11 @@ Each run records its loss curve, the steps GradScaler skipped and the non-finite
 non-finite loss, or non-finite gradients that no scaler caught). The risks found are
 named with the analysis' flag names (`OVERFLOW`, `GRAD_UNDERFLOW`, ...) plus:
 
-- `DIVERGENT_LOSS`: the run's loss differs from the fp32 run's at the same step by more than
-  `loss_tolerance` (relative to the fp32 loss), at some step;
+- `DIVERGENT_LOSS`: the run's loss differs from the fp32 run's after the same optimizer steps
+  applied by more than `loss_tolerance` (relative to the fp32 loss), at some step. A step
+  GradScaler skipped applied no update, so a run that skipped steps is compared with an fp32
+  run skipping the same steps (same batches, same dropout draws): a skipped first step is one
+  skipped step, not a curve shifted by one;
 - `SKIPPED_STEPS`: GradScaler skipped more than `max_skipped_steps` (default 2) steps, or
   was still skipping at the last step (a scale that never settles);
 - `NONFINITE_STEPS`: a step had a non-finite loss, or non-finite gradients applied unscaled.
@@ -301,10 +304,13 @@ def _run(
     policy: AutocastPolicy = AutocastPolicy.CUDA,
     units: Mapping[str, UnitDtype] | None,
     init_scale_log2: int | None,
+    skip: frozenset[int] = frozenset(),
 ) -> ModeRun:
     """`len(batches)` optimizer steps on deep copies of the model (and optimizer): in fp32
     (`dtype` None), or in `dtype` as `regime` runs it (`low_precision`), with `units`' overrides
-    (a plan's, autocast regime only) installed as `apply_plan` installs them."""
+    (a plan's, autocast regime only) installed as `apply_plan` installs them. Without a
+    scaler, the steps in `skip` compute their loss and gradients but apply no update (as
+    another run's GradScaler skipped them: the reference that run is compared with)."""
     t0 = time.perf_counter()
     pure = dtype is not None and regime is Regime.PURE
     if pure and units is not None:
@@ -374,6 +380,8 @@ def _run(
                     monitor.step(opt)
                     monitor.update()
                     skipped = bool(monitor.skipped_steps) and monitor.skipped_steps[-1] == i
+                elif i in skip:
+                    skipped = True
                 else:
                     opt.step()  # as a real run would: non-finite gradients reach the weights
             records.append(StepRecord(step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped))
@@ -393,6 +401,10 @@ def _run(
 
 
 def _with_divergence(run: ModeRun, ref: ModeRun) -> ModeRun:
+    """`run` with its largest loss divergence from `ref`, step by step: `ref` is the fp32 run
+    that skipped the steps `run` skipped, so both losses at a step come after the same
+    optimizer steps applied, on the same batch."""
+    assert ref.skipped_steps == run.skipped_steps, (ref.skipped_steps, run.skipped_steps)
     worst, at = 0.0, None
     for s, r in zip(run.steps, ref.steps, strict=True):
         if not math.isfinite(r.loss):
@@ -442,6 +454,7 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
                 message=(
                     f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
                     f"(tolerance {_pct(tolerance)})"
+                    + ("; fp32 skipping the same steps" if run.skipped_steps else "")
                 ),
             )
         )
@@ -617,7 +630,25 @@ def preflight(
     for k in ("fp32", "low", "planned"):
         if k in runs:
             timings[f"run_{k}"] = runs[k].seconds
-    runs = {k: (_with_divergence(r, runs["fp32"]) if k != "fp32" else r) for k, r in runs.items()}
+    # Like with like: a step GradScaler skipped applied no update, so the run's later losses
+    # come one update behind the fp32 run's at the same step. Each run is compared with an
+    # fp32 run that skipped the same steps (on the same batches, with the same dropout
+    # draws); its skipped steps are reported as such (SKIPPED_STEPS), not as divergence.
+    references: dict[frozenset[int], ModeRun] = {frozenset(): runs["fp32"]}
+
+    def reference(run: ModeRun) -> ModeRun:
+        skipped = frozenset(run.skipped_steps)
+        if skipped not in references:
+            say(f"fp32 run skipping steps {_ranges(sorted(skipped))}")
+            ref = _run(
+                "fp32", "fp32 reference, skipping the same steps", model, *args, dtype=None, units=None,
+                init_scale_log2=None, skip=skipped,
+            )
+            references[skipped] = ref
+            timings["run_fp32_skipping"] = timings.get("run_fp32_skipping", 0.0) + ref.seconds
+        return references[skipped]
+
+    runs = {k: (_with_divergence(r, reference(r)) if k != "fp32" else r) for k, r in runs.items()}
 
     # --- judging ---------------------------------------------------------------------------
     fp32_reasons: list[Reason] = []

@@ -13,7 +13,14 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from precision_doctor.extras import LossScaleSection, MonitorSection, PlanSection, PreflightSection
-from precision_doctor.formats import LIMITS, FormatLimits
+from precision_doctor.formats import (
+    LIMITS,
+    FormatLimits,
+    bytes_unit,
+    format_bytes,
+    format_seconds,
+    seconds_unit,
+)
 from precision_doctor.options import Flag, LowDtype
 from precision_doctor.report import ErrorStats, Report, TensorStats, Unit
 
@@ -98,12 +105,8 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # unreachable; keeps mypy happy about the return
+fmt_bytes = format_bytes  # sizes and times in the unit that fits, as the plan summary prints them
+fmt_seconds = format_seconds
 
 
 def ordered_units(report: Report) -> list[Unit]:
@@ -367,7 +370,7 @@ def loss_scale_figure(report: Report, recommended: LossScaleSection | None = Non
 def plan_cost_rows(plan: PlanSection) -> list[dict[str, Any]]:
     """Estimated step time and activation memory of fp32, plain autocast and the plan."""
     t, a = plan.estimated_step_time_s.model_dump(), plan.activation_bytes.model_dump()
-    return [{"config": k, "est. step time (ms)": t[k] * 1e3, "activations": fmt_bytes(a[k])} for k in t]
+    return [{"config": k, "est. step time": fmt_seconds(t[k]), "activations": fmt_bytes(a[k])} for k in t]
 
 
 def plan_cost_figure(plan: PlanSection) -> go.Figure:
@@ -375,11 +378,16 @@ def plan_cost_figure(plan: PlanSection) -> go.Figure:
     go = _go()
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("est. step time (ms)", "activation memory (MiB)"))
     t: dict[str, float] = plan.estimated_step_time_s.model_dump()
     a: dict[str, int] = plan.activation_bytes.model_dump()
-    fig.add_trace(go.Bar(x=list(t), y=[v * 1e3 for v in t.values()], name="step time", marker_color="#4c78a8"), row=1, col=1)
-    fig.add_trace(go.Bar(x=list(a), y=[v / 2**20 for v in a.values()], name="activations", marker_color="#f58518"), row=1, col=2)
+    # Each axis in the unit that fits its largest bar (what fmt_seconds / fmt_bytes would pick).
+    t_unit, t_factor = seconds_unit(max(t.values(), default=0.0))
+    a_unit, a_factor = bytes_unit(max(a.values(), default=0))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"est. step time ({t_unit})", f"activation memory ({a_unit})"))
+    fig.add_trace(go.Bar(x=list(t), y=[v / t_factor for v in t.values()], name="step time",
+                         text=[fmt_seconds(v) for v in t.values()], marker_color="#4c78a8"), row=1, col=1)
+    fig.add_trace(go.Bar(x=list(a), y=[v / a_factor for v in a.values()], name="activations",
+                         text=[fmt_bytes(v) for v in a.values()], marker_color="#f58518"), row=1, col=2)
     fig.update_layout(showlegend=False, height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20})
     return fig
 
