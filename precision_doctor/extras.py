@@ -101,7 +101,9 @@ class LossScaleSection(Frozen):
     """Fraction of the nonzero gradients that flush to zero at the recommended scale."""
     underflow_fraction_at_default: float
     skipped_steps_from_default: int
-    """Steps GradScaler skips backing off from the default to the recommended scale."""
+    """Steps `torch.amp.GradScaler` skips backing off from the default scale on these
+    gradients: one per halving until the scaled gradients are finite (not down to the
+    recommended scale, which keeps a headroom below that)."""
     scaler_needed: bool
 
     def describe(self, dtype: LowDtype) -> str:
@@ -110,8 +112,8 @@ class LossScaleSection(Frozen):
             need = "needed" if self.scaler_needed else "not needed"
             return f"bf16: a loss scaler is {need} (gradients fit bf16's fp32-sized range)"
         if not self.scaler_needed and self.recommended_scale_log2 == 0 and self.skipped_steps_from_default == 0:
-            # Only an advice over no nonzero gradient reads so: any gradient scales to k >= 16
-            # (nothing skipped) or k < 16 (skipped steps).
+            # Only an advice over no nonzero gradient reads so: a nonzero gradient that fits at
+            # 2^16 gets k >= 14 (headroom 2^2), one that does not makes skipped steps.
             return "fp16: no loss scaler needed (no nonzero gradient runs in fp16)"
         return (
             f"initial loss scale 2^{self.recommended_scale_log2} "

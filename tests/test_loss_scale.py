@@ -41,14 +41,16 @@ def test_hand_built_histogram() -> None:
     assert a.underflow_fraction_at_recommended == 0.0  # -30 + 13 = -17 >= -24: kept
     assert a.underflow_fraction_at_default == 0.0
     assert underflow_fraction(hist, 0, LowDtype.FP16) == 0.1  # the 2^-30 bin flushes unscaled
-    assert a.skipped_steps_from_default == 3
+    # GradScaler backs off from 2^16 only until the scaled gradients are finite: 1.5 * 2^15 =
+    # 49152 fits, so one skipped step (not 16 - 13: the headroom is no overflow).
+    assert a.finite_scale_log2 == 15 and a.skipped_steps_from_default == 1
     assert a.scaler_needed
     assert a.to_extras().model_dump() == {
         "recommended_scale_log2": 13,
         "default_scale_log2": 16,
         "underflow_fraction_at_recommended": 0.0,
         "underflow_fraction_at_default": 0.0,
-        "skipped_steps_from_default": 3,
+        "skipped_steps_from_default": 1,
         "scaler_needed": True,
     }
 

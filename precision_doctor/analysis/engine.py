@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
 from precision_doctor.analysis.flags import (
@@ -64,7 +65,11 @@ from precision_doctor.report import (
 from precision_doctor.version import __version__
 
 Progress = Callable[[str], None]
-LOSS_SCALES = range(25)
+LOSS_SCALES = range(128)
+"""The loss-scale curves' scales, 2^0..2^127: every power of two GradScaler's fp32 scale can
+hold (and the recommendation searches). Gradients below 2^-24 carry per-bin sums of squares,
+and every value a scale 2^k >= 1 flushes (below 2^(-24-k)) lies there: the norm fractions are
+exact over the whole range."""
 
 
 def fx_check(model: torch.nn.Module) -> tuple[bool, str | None]:
@@ -345,18 +350,18 @@ def tensor_stats(s: TensorSummary) -> TensorStats:
     )
 
 
+_CURVE = TypeAdapter(list[LossScalePoint])
+
+
 def loss_scale_curve(s: TensorSummary) -> list[LossScalePoint]:
+    """The summary's fractions at every scale of LOSS_SCALES. 128 points per unit: validated
+    as one list (one pydantic-core call, ~25% less than a constructor call per point)."""
     lost, over, norm = s.loss_scale_fractions(LOSS_SCALES)
-    with_norm = s.sumsq is not None
-    return [
-        LossScalePoint(
-            scale_log2=k,
-            underflow_fraction=float(lost[i]),
-            overflow_fraction=float(over[i]),
-            underflow_norm_fraction=float(norm[i]) if with_norm else None,
-        )
-        for i, k in enumerate(LOSS_SCALES)
-    ]
+    norms = norm.tolist() if s.sumsq is not None else [None] * len(LOSS_SCALES)
+    return _CURVE.validate_python([
+        {"scale_log2": k, "underflow_fraction": a, "overflow_fraction": b, "underflow_norm_fraction": c}
+        for k, a, b, c in zip(LOSS_SCALES, lost.tolist(), over.tolist(), norms, strict=True)
+    ])
 
 
 def _error(acc: ErrorAccumulator, nonfinite: int) -> ErrorStats:

@@ -59,9 +59,10 @@ class TailCounts:
 SENTINEL_LOG2 = 127
 SENTINEL = 2.0**SENTINEL_LOG2
 
-# Loss scales are 2^0..2^24, so only values below fp16's 2^-24 can ever be flushed: the
-# per-bin sums of squares (for "what fraction of the L2 norm is lost") are kept for the bins
-# below it alone, which are rarely populated, plus one total.
+# Loss scales are 2^0 and up (to fp32's 2^127, GradScaler's largest), so only values below
+# fp16's 2^-24 can ever be flushed (a scale 2^k flushes those below 2^(-24-k)): the per-bin
+# sums of squares (for "what fraction of the L2 norm is lost") are kept for the bins below it
+# alone, which are rarely populated, plus one total. That is exact for every k >= 0.
 SUMSQ_BINS = 103  # bin_of(2^-24) == 103
 # Tensors are summarized in chunks: the temporaries of a 38.6M-element embedding gradient
 # would otherwise be fresh 150 MiB allocations, page-fault bound (~10x slower per element).
@@ -131,7 +132,9 @@ class TensorSummary:
         self, scales_log2: Sequence[int], fmt: FormatLimits = FP16
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`scaled_lost_fractions` for many scales at once, as three arrays: one cumulative
-        sum of the histogram answers every scale (a report asks for 25 per unit)."""
+        sum of the histogram answers every scale (a report asks for 128 per unit, 2^0..2^127).
+        The norm fraction needs k >= 0 (sums of squares exist below 2^-24 only). fp32
+        subnormals are one bin (below 2^-126), all kept from 2^103 on."""
         k = np.asarray(scales_log2, dtype=np.int64)
         zeros = np.zeros(len(k))
         nonzero = self.nonzero_count

@@ -36,6 +36,12 @@ DEEPSPEED_TORCH_AUTOCAST_KEYS = frozenset({"enabled", "dtype", "lower_precision_
 LOSS_SCALE_WINDOW = 1000
 HYSTERESIS = 2
 MIN_LOSS_SCALE = 1
+DEEPSPEED_USUAL_MAX_SCALE_POWER = 32
+"""The top of `initial_scale_power`'s usual range: DeepSpeed's config default is 16, and 2^32
+is the highest start in common use (the `init_scale` default of DeepSpeed's and Megatron's
+`DynamicLossScaler`). Above it the low units' largest gradient is below ~2^-20 (a tiny loss
+weight, say). Such a scale is still right - a Python float, it can go to fp32's 2^127 - so the
+export writes it, and `export_caveats` says it is unusual."""
 
 
 def _torch_dtype_name(dtype: LowDtype) -> str:
@@ -245,19 +251,32 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
 
 
 def export_caveats(plan: Plan, fmt: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
-    """What an export cannot carry of the plan, one line each (the CLI prints them)."""
+    """What an export cannot carry of the plan, or what in it is unusual, one line each (the
+    CLI prints them)."""
     if ExportFormat(fmt) is not ExportFormat.DEEPSPEED:
         return []
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
-    kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
-    if not kept or (version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE):
+    if version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE:
         return []
-    since = ".".join(map(str, DEEPSPEED_TORCH_AUTOCAST_SINCE))
-    shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
-    return [
-        f"DeepSpeed {version or '(not installed)'} < {since} has no per-module dtypes: this config runs "
-        f"every module in {plan.dtype}; the plan keeps {shown} in fp32 (apply the python export too)"
-    ]
+    caveats = []
+    kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
+    if kept:
+        since = ".".join(map(str, DEEPSPEED_TORCH_AUTOCAST_SINCE))
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        caveats.append(
+            f"DeepSpeed {version or '(not installed)'} < {since} has no per-module dtypes: this config runs "
+            f"every module in {plan.dtype}; the plan keeps {shown} in fp32 (apply the python export too)"
+        )
+    fp16 = deepspeed_config(plan, version).get("fp16")
+    power = fp16.get("initial_scale_power") if isinstance(fp16, dict) else None
+    if isinstance(power, int) and power > DEEPSPEED_USUAL_MAX_SCALE_POWER:
+        caveats.append(
+            f"initial_scale_power {power} is above its usual range (DeepSpeed's default 16, configs up to "
+            f"{DEEPSPEED_USUAL_MAX_SCALE_POWER}): the low units' gradients are that small (a tiny loss weight?); "
+            f"2^{power} keeps them in fp16 and is what this config starts at; dividing the loss weight "
+            "out of the loss would let the default do"
+        )
+    return caveats
 
 
 def render_deepspeed(plan: Plan, deepspeed_version: str | None = None) -> str:

@@ -7,9 +7,18 @@ below fp16's max (65504). That is the published heuristic (Fast-LLM: scale * max
 headroom < fp16 max); the histograms also give, exactly per power of two, the fraction of
 nonzero gradients that flush to zero (below 2^-24) at any scale.
 
-Only the gradients of units that run low count: the loss, `<backward>` leftovers and fp32
-units keep fp32 gradients under AMP. GradScaler halves its scale on every step it skips
-(backoff 0.5), so starting at 2^16 above a safe 2^k costs 16 - k skipped steps.
+The search covers every power of two GradScaler can hold: its scale is an fp32 tensor (it
+grows only while the product stays finite), so 2^0..2^127, and down to 2^-16 for gradients
+that overflow fp16 unscaled. Above ~2^100 the fp32 values of the backward (the scaled loss
+itself, fp32 units' and parameters' gradients) bound the scale too: they must stay below
+fp32's max with the same headroom.
+
+Only the gradients of units that run low count for fp16's range: the loss, `<backward>`
+leftovers and fp32 units keep fp32 gradients under AMP. GradScaler halves its scale on every
+step whose gradients hold an Inf or NaN (backoff 0.5) and skips that step, so from 2^16 it
+skips one step per halving until the scaled gradients fit: 16 - k_fit steps, where k_fit is
+the largest k whose scaled gradients all round to finite values (no headroom: that is the
+scaler's own test), not 16 - the recommended k.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+
+import torch
 
 from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.extras import LossScaleSection
@@ -28,10 +39,13 @@ HEADROOM_LOG2 = 2
 """Gradients often grow several-fold in the first steps; 4x headroom keeps those steps."""
 DEFAULT_SCALE_LOG2 = 16
 """torch.amp.GradScaler's init_scale, 2^16."""
-MAX_SCALE_LOG2 = 32
-"""DeepSpeed's usual ceiling (initial_scale_power 32); fractions above 2^24 come from the
-histograms, not from the report's loss-scale curve (which stops at 2^24)."""
+MAX_SCALE_LOG2 = 127
+"""fp32's largest power of two: the largest scale GradScaler holds (its scale is an fp32
+tensor, grown only while the product is finite). The report's loss-scale curves cover
+2^0..2^127 too (`analysis.engine.LOSS_SCALES`)."""
 MIN_SCALE_LOG2 = -16
+"""For gradients that overflow fp16 unscaled (above 16376 with the headroom)."""
+FP32_MAX = float(torch.finfo(torch.float32).max)
 BACKOFF_FACTOR = 0.5
 # Smallest fp16 subnormal is 2^-24: a bin b (|g| in [2^b, 2^(b+1))) flushes at scale 2^k
 # when b + k < -24 (the statistics count |g| < smallest subnormal as flushed).
@@ -45,6 +59,12 @@ class LossScaleAdvice(LossScaleSection):
     dtype: LowDtype
     max_grad_abs: float
     headroom_log2: int = HEADROOM_LOG2
+    finite_scale_log2: int = MAX_SCALE_LOG2
+    """The largest scale at which every scaled gradient stays finite (no headroom): where
+    GradScaler, started above it, backs off to; above it no scale is usable."""
+    fp32_max_abs: float = 0.0
+    """The largest fp32 backward magnitude (the loss, parameter gradients, fp32 units): the
+    scale must keep it below fp32's max too."""
 
     @property
     def recommended_scale(self) -> float:
@@ -67,14 +87,46 @@ def underflow_fraction(counts_by_log2: Mapping[int, int], scale_log2: int, dtype
     return lost / total
 
 
-def safe_scale_log2(max_abs: float, dtype: LowDtype, headroom_log2: int = HEADROOM_LOG2) -> int:
-    """Largest k with max_abs * 2^k * 2^headroom <= the dtype's max, clipped to the range."""
+def overflow_threshold(dtype: LowDtype) -> float:
+    """The smallest magnitude that rounds to Inf in `dtype` (round to nearest even: the max
+    plus half its ulp; 65520 for fp16)."""
+    limits = LIMITS[dtype]
+    ulp = 2.0 ** math.floor(limits.max_log2) * limits.eps
+    return limits.max_value + ulp / 2
+
+
+def _largest_k(max_abs: float, bound: float, *, strict: bool) -> int:
+    """The largest integer k with max_abs * 2^k <= bound (< bound when `strict`); max_abs > 0.
+    Powers of two scale an fp32 value exactly, so the compare is exact."""
+    k = math.floor(math.log2(bound / max_abs)) + 1
+    while max_abs * 2.0**k > bound or (strict and max_abs * 2.0**k == bound):
+        k -= 1  # log2 rounding at exact powers of two
+    return k
+
+
+def safe_scale_log2(
+    max_abs: float, dtype: LowDtype, headroom_log2: int = HEADROOM_LOG2, fp32_max_abs: float = 0.0
+) -> int:
+    """Largest k with max_abs * 2^k * 2^headroom <= the dtype's max (and fp32_max_abs * 2^k *
+    2^headroom <= fp32's max), clipped to MIN_SCALE_LOG2..MAX_SCALE_LOG2."""
     if max_abs <= 0 or not math.isfinite(max_abs):
         return MAX_SCALE_LOG2
-    k = math.floor(math.log2(LIMITS[dtype].max_value / max_abs)) - headroom_log2
-    while k > MIN_SCALE_LOG2 and max_abs * 2.0 ** (k + headroom_log2) > LIMITS[dtype].max_value:
-        k -= 1  # log2 rounding at exact powers of two
+    k = _largest_k(max_abs, LIMITS[dtype].max_value, strict=False) - headroom_log2
+    if fp32_max_abs > 0 and math.isfinite(fp32_max_abs):
+        k = min(k, _largest_k(fp32_max_abs, FP32_MAX, strict=False) - headroom_log2)
     return max(MIN_SCALE_LOG2, min(MAX_SCALE_LOG2, k))
+
+
+def finite_scale_log2(max_abs: float, dtype: LowDtype, fp32_max_abs: float = 0.0) -> int:
+    """The largest k at which every scaled gradient is finite: max_abs * 2^k rounds to a
+    finite `dtype` value (below `overflow_threshold`), and fp32_max_abs * 2^k stays finite in
+    fp32; at most MAX_SCALE_LOG2. Not clipped below: GradScaler backs off as far as it must."""
+    k = MAX_SCALE_LOG2
+    if max_abs > 0 and math.isfinite(max_abs):
+        k = min(k, _largest_k(max_abs, overflow_threshold(dtype), strict=True))
+    if fp32_max_abs > 0 and math.isfinite(fp32_max_abs):
+        k = min(k, _largest_k(fp32_max_abs, FP32_MAX, strict=False))
+    return k
 
 
 def advise_from_histogram(
@@ -83,16 +135,21 @@ def advise_from_histogram(
     dtype: LowDtype | str = LowDtype.FP16,
     *,
     unscaled_underflow_fraction: float | None = None,
+    fp32_max_abs: float = 0.0,
+    scale_log2: int | None = None,
 ) -> LossScaleAdvice:
     """The advice from a log2-magnitude histogram of the gradients (`{floor(log2|g|): count}`)
     and their largest magnitude. `unscaled_underflow_fraction` overrides the histogram's
-    fraction lost at scale 1 (bf16's flush point lies below the histogram's lowest bin)."""
+    fraction lost at scale 1 (bf16's flush point lies below the histogram's lowest bin);
+    `fp32_max_abs` is the largest fp32 backward magnitude (see `LossScaleAdvice`);
+    `scale_log2` advises that scale instead of the largest safe one (fp16 only)."""
     low = LowDtype(dtype)
     at_one = (
         unscaled_underflow_fraction
         if unscaled_underflow_fraction is not None
         else underflow_fraction(counts_by_log2, 0, low)
     )
+    finite = finite_scale_log2(max_abs, low, fp32_max_abs)
     if max_abs <= 0:
         # No nonzero gradient runs low (no unit does, or its gradients are exactly 0): there is
         # nothing to scale, and nothing a scaler would skip a step for.
@@ -105,24 +162,29 @@ def advise_from_histogram(
             default_scale_log2=DEFAULT_SCALE_LOG2,
             scaler_needed=False,
             max_grad_abs=max_abs,
+            finite_scale_log2=finite,
+            fp32_max_abs=fp32_max_abs,
         )
     if low is LowDtype.BF16:
         # bf16 has fp32's exponent range: scaling only helps when something is lost unscaled.
         needed = at_one > 0 or max_abs > LIMITS[low].max_value
-        k = safe_scale_log2(max_abs, low) if needed else 0
+        k = safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs) if needed else 0
         k = min(k, DEFAULT_SCALE_LOG2) if needed else 0
     else:
-        k = safe_scale_log2(max_abs, low)
+        k = safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs) if scale_log2 is None else scale_log2
         needed = True if at_one > 0 or k != 0 else max_abs > LIMITS[low].max_value
     return LossScaleAdvice(
         dtype=low,
         recommended_scale_log2=k,
         underflow_fraction_at_recommended=at_one if k == 0 else underflow_fraction(counts_by_log2, k, low),
         underflow_fraction_at_default=underflow_fraction(counts_by_log2, DEFAULT_SCALE_LOG2, low),
-        skipped_steps_from_default=max(0, DEFAULT_SCALE_LOG2 - k),
+        # GradScaler from 2^16: one skipped step per halving until the scaled gradients fit.
+        skipped_steps_from_default=max(0, DEFAULT_SCALE_LOG2 - finite),
         default_scale_log2=DEFAULT_SCALE_LOG2,
         scaler_needed=needed,
         max_grad_abs=max_abs,
+        finite_scale_log2=finite,
+        fp32_max_abs=fp32_max_abs,
     )
 
 
@@ -130,15 +192,25 @@ def recommend_loss_scale(
     report: Report,
     low_units: Mapping[str, bool] | None = None,
     dtype: LowDtype | str | None = None,
+    *,
+    scale_log2: int | None = None,
 ) -> LossScaleAdvice:
     """The initial loss scale for `report`'s model, over the backward values of the units
-    that run low (all units but the loss when `low_units` is None)."""
+    that run low (all units but the loss when `low_units` is None); `scale_log2` advises that
+    scale instead of the largest safe one (what it loses, what GradScaler skips from 2^16)."""
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
     counts: dict[int, int] = defaultdict(int)
     max_abs = 0.0
     nonzero = 0
     lost_unscaled = 0
+    # What stays fp32 under the scale: the scaled loss and the parameters' gradients (fp32
+    # tensors under AMP), and any unit's gradients (those of fp32 units are fp32).
+    fp32_max_abs = max((abs(v) for v in (report.losses.fp32, report.losses.low) if math.isfinite(v)), default=0.0)
     for u in report.units:
+        for p in u.backward.param_grads.values():
+            fp32_max_abs = max(fp32_max_abs, p.max_abs)
+        if u.backward.stats is not None:
+            fp32_max_abs = max(fp32_max_abs, u.backward.stats.max_abs)
         if u.name in (LOSS_UNIT, UNATTRIBUTED_UNIT) or u.backward.stats is None:
             continue
         if low_units is not None and not low_units.get(u.name, False):
@@ -152,5 +224,10 @@ def recommend_loss_scale(
         tails = s.bf16 if low is LowDtype.BF16 else s.fp16
         lost_unscaled += tails.underflow_count
     return advise_from_histogram(
-        counts, max_abs, low, unscaled_underflow_fraction=lost_unscaled / nonzero if nonzero else 0.0
+        counts,
+        max_abs,
+        low,
+        unscaled_underflow_fraction=lost_unscaled / nonzero if nonzero else 0.0,
+        fp32_max_abs=fp32_max_abs,
+        scale_log2=scale_log2,
     )

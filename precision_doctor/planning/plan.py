@@ -50,7 +50,7 @@ from precision_doctor.planning.cost import (
 )
 from precision_doctor.planning.loss_scale import LossScaleAdvice, recommend_loss_scale
 from precision_doctor.planning.search import PlanProblem, solve_milp
-from precision_doctor.report import Report, write_atomic
+from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
 PLAN_SCHEMA_VERSION = 1
@@ -460,32 +460,73 @@ def plan_model(
 
 def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[LossScaleAdvice, dict[str, str]]:
     """fp16 only: the loss scale for the plan's low units, and the units moved to fp32 (in
-    `low`, with their reasons) because their gradients flush to zero even at that scale (one
-    scale cannot cover gradients spread wider than fp16's range, as in a deep narrow net).
-    Each move can only raise the scale (the largest low gradient can only shrink), so the
-    loop ends. (The plan's verified loss error was measured with them low: fp32 adds no
-    rounding there.)"""
+    `low`, with their reasons) because their gradients flush to zero at every usable scale:
+    even at the largest one that keeps the low units' gradients finite (`finite_scale_log2`;
+    one scale cannot cover gradients spread wider than fp16's range, as in a deep narrow
+    net). A unit that some usable scale saves stays low: the recommendation is then raised to
+    the smallest scale at which no low unit's gradients vanish, into the headroom if it must.
+
+    Moves go one at a time, the unit with the largest gradients first (they are what limits
+    the scale, and moving them raises it for the rest); afterwards each moved unit is tried
+    low again at the scale the later moves allowed. Each move can only raise the largest
+    usable scale, so the loop ends. (The plan's verified loss error was measured with them
+    low: fp32 adds no rounding there.)"""
     advice = recommend_loss_scale(report, low)
     moved: dict[str, str] = {}
     if report.environment.dtype is not LowDtype.FP16:
         return advice, moved
     th = report.thresholds
     fmt = LIMITS[LowDtype.FP16]
-    while True:
-        k = advice.recommended_scale_log2
-        vanishing = [
+    units = report.by_module()
+
+    def vanishing(k: int) -> list[tuple[str, FlagRecord]]:
+        return [
             (u.name, f)
             for u in report.units
             if low.get(u.name, False)
             for f in gradient_flags_at_scale(u, k, fmt, th)
             if f.flag is Flag.GRAD_UNDERFLOW
         ]
-        if not vanishing:
-            return advice, moved
-        for name, f in vanishing:
-            low[name] = False
-            moved[name] = f"its gradients flush to 0 in fp16 even at the plan's loss scale: {f.evidence.message}"
+
+    def reason(k: int, f: FlagRecord) -> str:
+        return (
+            f"its gradients flush to 0 in fp16 at every usable loss scale, even at 2^{k}, the largest "
+            f"that keeps the low units' gradients finite: {f.evidence.message}"
+        )
+
+    while found := vanishing(advice.finite_scale_log2):
+        name, f = max(found, key=lambda nf: (_grad_max_abs(units[nf[0]]), nf[0]))
+        low[name] = False
+        moved[name] = reason(advice.finite_scale_log2, f)
         advice = recommend_loss_scale(report, low)
+    for name in reversed(list(moved)):
+        low[name] = True
+        trial = recommend_loss_scale(report, low)
+        found = vanishing(trial.finite_scale_log2)
+        own = [f for n, f in found if n == name]
+        if not found:
+            del moved[name]
+            advice = trial
+            continue
+        low[name] = False
+        if own:
+            moved[name] = reason(trial.finite_scale_log2, own[0])
+        else:  # its own gradients fit, but they hold the scale down for another unit's
+            other, f = found[0]
+            moved[name] = (
+                f"low, its gradients (largest |g| {_grad_max_abs(units[name]):.3g}) cap the fp16 loss scale "
+                f"at 2^{trial.finite_scale_log2}, where {other}'s gradients flush to 0: {f.evidence.message}"
+            )
+    k = advice.recommended_scale_log2
+    if vanishing(k):
+        # Saved by a larger scale, below the one that overflows: the smallest such scale.
+        k = next(j for j in range(k + 1, advice.finite_scale_log2 + 1) if not vanishing(j))
+        advice = recommend_loss_scale(report, low, scale_log2=k)
+    return advice, moved
+
+
+def _grad_max_abs(unit: Unit) -> float:
+    return unit.backward.stats.max_abs if unit.backward.stats is not None else 0.0
 
 
 def _fp32_reasons(

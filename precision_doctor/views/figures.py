@@ -8,6 +8,7 @@ goes into a figure is passed through `html.escape` first: names are shown, never
 from __future__ import annotations
 
 import html
+import itertools
 import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -340,7 +341,8 @@ def depth_figure(report: Report) -> go.Figure:
 
 def loss_scale_figure(report: Report, recommended: LossScaleSection | None = None) -> go.Figure:
     """Fraction of gradients lost to underflow and to overflow in fp16 against the scale 2^k,
-    with the 2^16 default and (when known) the recommended initial scale marked."""
+    with the 2^16 default and (when known) the recommended initial scale marked. The curve
+    spans 2^0..2^127; the axis shows where it changes, the marks, and a little beyond."""
     go = _go()
     pts = sorted(report.loss_scale, key=lambda p: p.scale_log2)
     k = [p.scale_log2 for p in pts]
@@ -359,8 +361,16 @@ def loss_scale_figure(report: Report, recommended: LossScaleSection | None = Non
         fig.add_vline(x=recommended.recommended_scale_log2, line_color="#2ca02c", line_width=3,
                       annotation_text=f"recommended 2^{recommended.recommended_scale_log2}",
                       annotation_position="top right")
+    changing = [
+        a.scale_log2 for a, b in itertools.pairwise(pts)
+        if (a.underflow_fraction, a.overflow_fraction, a.underflow_norm_fraction)
+        != (b.underflow_fraction, b.overflow_fraction, b.underflow_norm_fraction)
+    ]
+    marks = [default] + ([recommended.recommended_scale_log2] if recommended is not None else [])
+    shown = [*k[:1], *changing, *marks]
+    x_range = [min(shown) - 1, max(shown) + 3] if k else None
     fig.update_layout(
-        xaxis_title="loss scale 2^k (k)", yaxis_title="fraction of nonzero gradients",
+        xaxis_title="loss scale 2^k (k)", xaxis_range=x_range, yaxis_title="fraction of nonzero gradients",
         yaxis_range=[-0.02, 1.05], height=380, margin={"t": 50, "b": 40, "l": 60, "r": 20},
         legend={"orientation": "h", "y": -0.2},
     )
