@@ -439,6 +439,7 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
             Reason(
                 risk=Risk.SKIPPED_STEPS.value,
                 mode=run.mode,
+                severity=Severity.ERROR if unsettled else Severity.WARNING,
                 message=(
                     f"GradScaler skipped {len(run.skipped_steps)}/{n} steps "
                     f"(steps {_ranges(run.skipped_steps)}) starting at scale 2^{run.init_scale_log2}"
@@ -450,7 +451,6 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
             Reason(
                 risk=Risk.DIVERGENT_LOSS.value,
                 mode=run.mode,
-                severity=Severity.ERROR if unsettled else Severity.WARNING,
                 message=(
                     f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
                     f"(tolerance {_pct(tolerance)})"
