@@ -130,3 +130,9 @@ def format_bytes(n: float) -> str:
     ('0 B', '0.999 KiB')
     """
     return _scaled(n, _BYTE_UNITS, False, "B")
+
+
+MAX_LOSS_SCALE_LOG2 = 127
+"""fp32's largest power of two: the largest loss scale GradScaler holds (its scale is an fp32
+tensor, grown only while the product is finite). The report's loss-scale curves, the
+recommendation and the gradient flags' severities all cover 2^0..2^127."""

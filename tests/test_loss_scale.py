@@ -106,7 +106,7 @@ def test_rejudging_at_the_reports_own_scale_gives_its_flags(name: str) -> None:
     """What preflight uses for a plan's scale, run at the analysis' own 2^16, reproduces the
     analysis' gradient flags: values, and the exemption of a unit fed overflowed values
     (ffn_overflow's `block.ff.wo`, whose huge gradients come from `wi`'s overflow)."""
-    from precision_doctor.analysis.flags import gradient_flags_at_scale
+    from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
     from precision_doctor.formats import FP16
     from precision_doctor.options import Flag, Thresholds
 
@@ -115,7 +115,9 @@ def test_rejudging_at_the_reports_own_scale_gives_its_flags(name: str) -> None:
     th = Thresholds()
     grad = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
     for u in report.units:
-        again = gradient_flags_at_scale(u, th.grad_scale_log2, FP16, th)
+        # As the analysis judges: no larger scale counts as a fix above the one where the
+        # model's other gradients overflow.
+        again = gradient_flags_at_scale(u, th.grad_scale_log2, FP16, th, ceiling_log2=report_scale_ceiling(report))
         assert [(f.flag, f.evidence.values) for f in again] == [
             (f.flag, f.evidence.values) for f in u.flags if f.flag in grad
         ], u.name

@@ -66,23 +66,47 @@ def test_gradient_overflowing_at_every_scale_is_an_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("weight_log2", "severity"),
-    [(-44, Severity.WARNING), (-62, Severity.ERROR)],
-    ids=["a-larger-scale-keeps-them", "no-scale-keeps-them"],
+    ("weight_log2", "fixing"),
+    [(-44, (17, 24)), (-62, (35, 45))],
+    ids=["a-larger-scale-keeps-them", "a-scale-past-2^24-keeps-them"],
 )
-def test_gradient_underflow_severity_follows_the_scales_gradscaler_can_reach(weight_log2: int, severity: Severity) -> None:
-    """Gradients of ~2^-44 flush at 2^16 but fit from 2^21 (GradScaler grows there: a
-    warning); gradients of ~2^-62 need 2^39, beyond what it reaches (an error)."""
+def test_gradient_underflow_fixed_by_a_larger_scale_is_a_warning(weight_log2: int, fixing: tuple[int, int]) -> None:
+    """Gradients of ~2^-44 flush at 2^16 but fit from ~2^21; gradients of ~2^-62 need ~2^39,
+    which GradScaler's fp32 scale holds too (the plan recommends such a start): warnings."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8)
     batch = torch.rand(16, 8) + 0.5
     report = pd.analyze(model, batch, lambda out, b: 2.0**weight_log2 * out.sum(), "fp16")
     flags = _grad_flags(report, Flag.GRAD_UNDERFLOW)
     assert flags, report.flags()
-    assert {f.severity for f in flags} == {severity}
-    if severity is Severity.WARNING:
-        assert all(17 <= f.evidence.values["fixing_scale_log2"] <= 24 for f in flags)
-    assert bool(report) == (severity is Severity.WARNING), report.verdict
+    assert {f.severity for f in flags} == {Severity.WARNING}
+    assert all(fixing[0] <= f.evidence.values["fixing_scale_log2"] <= fixing[1] for f in flags)
+    assert bool(report), report.verdict
+
+
+class _TwoRanges(nn.Module):
+    """Two branches whose gradients lie ~2^54 apart: the scale that keeps `small`'s
+    gradients overflows `big`'s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.small = nn.Linear(8, 1), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.big(x) * 2.0**4 + self.small(x) * 2.0**-50
+
+
+def test_gradient_underflow_no_usable_scale_fixes_is_an_error() -> None:
+    """GradScaler settles below the scale where any gradient overflows (`big`'s, ~2^11): at
+    that scale `small`'s gradients (~2^-50) still flush, so no scale it can settle at keeps
+    them: an error."""
+    torch.manual_seed(0)
+    model, batch = _TwoRanges(), torch.rand(16, 8) + 0.5
+    report = pd.analyze(model, batch, lambda out, b: out.sum(), "fp16")
+    flags = [f for f in _grad_flags(report, Flag.GRAD_UNDERFLOW) if f.unit == "small"]
+    assert flags, report.flags()
+    assert {f.severity for f in flags} == {Severity.ERROR}
+    assert not report, report.verdict
 
 
 def _well_fit_regressor() -> tuple[nn.Module, torch.Tensor, Any]:

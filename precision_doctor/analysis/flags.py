@@ -12,7 +12,7 @@ Each finding has a severity (`options.Severity`), by a few fixed rules:
   error is over `divergence_rel_error` (UNDERFLOW's local error, ERROR_GROWTH's propagated
   one) or the low run makes Inf/NaN there; GRAD_OVERFLOW when no smaller power-of-two loss
   scale down to 2^0 removes it (or there is no loss scaler: bf16, pure fp16); GRAD_UNDERFLOW
-  when no loss scale GradScaler can reach (2^0..2^24, below the smallest scale at which any
+  when no loss scale GradScaler can hold (2^0..2^127, below the smallest scale at which any
   gradient of the model overflows) keeps the norm, or there is no loss scaler.
 - `warning`: otherwise. GRAD_OVERFLOW then says how many times GradScaler halves its scale
   (skipping a step each time) before the unit's gradients fit (`backoff_steps`), read off the
@@ -27,12 +27,12 @@ from collections.abc import Callable, Sequence
 
 from precision_doctor.capture.records import OpRecord, UnitRecord
 from precision_doctor.capture.units import LOSS_UNIT
-from precision_doctor.formats import FormatLimits
+from precision_doctor.formats import MAX_LOSS_SCALE_LOG2, FormatLimits
 from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, Report, Unit
 
-MAX_SCALE_LOG2 = 24
-"""The largest loss scale the report's curves (and the gradient severities) consider."""
+MAX_SCALE_LOG2 = MAX_LOSS_SCALE_LOG2
+"""The largest loss scale the gradient severities consider: GradScaler's whole range."""
 
 
 def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phase) -> OpRecord | None:

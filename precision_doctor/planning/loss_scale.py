@@ -31,7 +31,7 @@ import torch
 
 from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.extras import LossScaleSection
-from precision_doctor.formats import LIMITS
+from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report
 
@@ -39,10 +39,8 @@ HEADROOM_LOG2 = 2
 """Gradients often grow several-fold in the first steps; 4x headroom keeps those steps."""
 DEFAULT_SCALE_LOG2 = 16
 """torch.amp.GradScaler's init_scale, 2^16."""
-MAX_SCALE_LOG2 = 127
-"""fp32's largest power of two: the largest scale GradScaler holds (its scale is an fp32
-tensor, grown only while the product is finite). The report's loss-scale curves cover
-2^0..2^127 too (`analysis.engine.LOSS_SCALES`)."""
+MAX_SCALE_LOG2 = MAX_LOSS_SCALE_LOG2
+"""The largest scale GradScaler holds (`formats.MAX_LOSS_SCALE_LOG2`)."""
 MIN_SCALE_LOG2 = -16
 """For gradients that overflow fp16 unscaled (above 16376 with the headroom)."""
 FP32_MAX = float(torch.finfo(torch.float32).max)
