@@ -33,9 +33,10 @@ class Block(nn.Module):
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.small = nn.Linear(4, 384)
-        self.block = Block(384)
-        self.head = nn.Linear(384, 1)
+        # A block ~1000x the head's work, so a busy machine's noise cannot swap their order.
+        self.small = nn.Linear(4, 768)
+        self.block = Block(768)
+        self.head = nn.Linear(768, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block(self.small(x)))
@@ -49,9 +50,9 @@ def test_measured_units_scale_with_work_and_subtract_children() -> None:
     torch.manual_seed(0)
     net, x = Net(), torch.randn(256, 4)
     report = pd.analyze(net, x, _loss, dtype="bf16")
-    costs = measure_cost_model(net, x, _loss, report, repeats=3)
+    costs = measure_cost_model(net, x, _loss, report, repeats=5)
     by_name = {u.name: u for u in costs.units}
-    # 2*256*384*384 MACs fwd, twice that bwd, against a 384x1 head.
+    # 2*256*768*768 MACs fwd, twice that bwd, against a 768x1 head.
     assert by_name["block.fc"].fp32_time_s > 3 * by_name["head"].fp32_time_s
     # The block's own ops are elementwise: its own time excludes the child's matmul.
     assert by_name["block"].fp32_time_s < by_name["block.fc"].fp32_time_s
