@@ -178,6 +178,20 @@ def unit_flags(
                 growth_factor=growth if math.isfinite(growth) else 1e30,
             )
 
+    # Growth inside the unit: an op whose local error is far above that of what it reads
+    # (cancellation, `(x + c) - c`, a small update lost against a large value) is charged here
+    # with the op named, even when the unit's own output error stays small.
+    if not any(f.flag is Flag.ERROR_GROWTH for f in flags):
+        inner = op_error_growth(ops, fmt, th)
+        if inner is not None:
+            r, op_err, in_err = inner
+            add(
+                Flag.ERROR_GROWTH, Severity.ERROR if op_err > th.divergence_rel_error else Severity.WARNING,
+                r, Phase.FORWARD,
+                f"{r.op} inside the unit: local error grows from {in_err:.3g} in what it reads to {op_err:.3g}",
+                rel_l2_error=op_err, input_rel_l2_error=in_err, growth_factor=op_err / in_err,
+            )
+
     # The loss itself runs in fp32 under autocast and GradScaler scales the fp32 loss, so its
     # own gradients (the seed 1 among them) are not judged against the low dtype.
     if bwd.numel and unit.name != LOSS_UNIT:
@@ -264,6 +278,35 @@ def _gradient_flags(
                 underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale, max_abs=max_abs,
             ))
     return flags
+
+
+def op_error_growth(
+    ops: Sequence[OpRecord], fmt: FormatLimits, th: Thresholds
+) -> tuple[OpRecord, float, float] | None:
+    """The op of a unit whose local error grows most over that of the values it reads, if it
+    grows by `error_growth_factor` to at least `error_growth_min_rel_error`: (op, its error,
+    its inputs' error). What it reads from another unit, a parameter or the batch enters the
+    local shadow rounded once: its error is taken as the format's rounding error (eps / 2)."""
+    by_index = {r.index: r for r in ops}
+    floor = fmt.eps / 2
+    best: tuple[OpRecord, float, float] | None = None
+    for r in ops:
+        if r.phase != Phase.FORWARD or r.local_error is None:
+            continue
+        err = r.local_error.rel_l2
+        if not math.isfinite(err) or err < th.error_growth_min_rel_error:
+            continue
+        read = floor
+        for i, slot in zip(r.inputs, r.input_slots, strict=False):
+            src = by_index.get(i)
+            if src is None:
+                continue
+            local = src.output_errors.get(slot, (None, None))[0]
+            if local is not None:
+                read = max(read, local.rel_l2)
+        if math.isfinite(read) and err >= th.error_growth_factor * read and (best is None or err / read > best[1] / best[2]):
+            best = (r, err, read)
+    return best
 
 
 def reads_overflow(ops: Sequence[OpRecord], fmt: FormatLimits) -> bool:

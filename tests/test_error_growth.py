@@ -1,0 +1,83 @@
+"""Error growth inside a unit: an op whose output error is far above its inputs' (a small
+update lost against a large value, then the large value taken away again) is charged to its
+unit with the op named, even when the unit's own output error is small."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor.options import Flag
+
+
+class LostUpdate(nn.Module):
+    """Hands on `base + ((u + 512) - 512)`: bf16 holds u + 512 in steps of 4, so the update u
+    (~0.1) is lost inside, while the output (~100) carries only a small error."""
+
+    def forward(self, base: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return base + ((u + 512.0) - 512.0)
+
+
+class Net(nn.Module):
+    """The update comes from a parameter (a gain on the batch's update), so the loss has a
+    gradient; the gain is 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+        self.step = LostUpdate()
+
+    def forward(self, base: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.step(base, self.gain * u)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return 100.0 + torch.rand(64, generator=g), 0.1 * torch.randn(64, generator=g)
+
+
+def _loss(out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return (out - batch[0]).pow(2).mean()  # what the update changed
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).bfloat16().double().numpy()
+
+
+def test_lost_update_is_charged_to_its_unit_with_the_op() -> None:
+    """Pure bf16: the sub's local error is that of numpy's bf16 casts, its unit is charged
+    with the op named though the unit's output error is small, and the verdict agrees."""
+    base, u = _batch()
+    report = pd.analyze(Net(), (base, u), _loss, "bf16", regime="pure")
+    unit = report.by_module()["step"]
+    growth = [f for f in unit.flags if f.flag is Flag.ERROR_GROWTH]
+    assert growth, unit.flags
+    assert growth[0].evidence.op == "sub.Tensor"
+    un = u.double().numpy()
+    lost = _bf16(_bf16(_bf16(un) + 512.0) - 512.0)
+    expected = float(np.linalg.norm(lost - un) / np.linalg.norm(un))
+    assert expected > 0.5
+    assert growth[0].evidence.values["rel_l2_error"] == pytest.approx(expected, rel=1e-3)
+    prop = unit.forward.propagated
+    assert prop is not None and prop.rel_l2_error < 0.05 < growth[0].evidence.values["rel_l2_error"]
+    assert not report
+
+
+def test_lost_update_under_autocast_is_no_finding() -> None:
+    """Under autocast the adds of fp32 values stay fp32 (no autocast op touches them): the
+    real run loses nothing, and the analysis says so."""
+    base, u = _batch()
+    report = pd.analyze(Net(), (base, u), _loss, "bf16", regime="autocast")
+    assert report.losses.rel_error == 0.0
+    assert not report.flags() and report
+
+
+def test_matmul_accumulation_is_no_growth() -> None:
+    """A healthy Linear in bf16: its output error is a few roundings of its inputs', not growth."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    report = pd.analyze(net, torch.randn(32, 64), lambda o, b: o.pow(2).mean(), "bf16", regime="pure")
+    assert not any(f.flag is Flag.ERROR_GROWTH for f in report.flags()), report.flags()
