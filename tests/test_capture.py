@@ -898,3 +898,42 @@ def test_complex_rotary_embedding_in_bf16(regime: str) -> None:
     real_error = abs(low - ref) / abs(ref)
     assert real_error > 1e-4  # bf16 does cost something here
     assert real_error / 4 <= report.losses.rel_error <= real_error * 4
+
+
+class _AddThousand(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + 1000.0
+
+
+class _TakeThousand(torch.nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(1000.0) if self.inplace else x - 1000.0
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "in-place"])
+def test_module_writing_its_input_in_place_gets_its_own_error(inplace: bool) -> None:
+    """A module that returns its input written in place hands on other values than its
+    producer did: its propagated error is that of what it returns, as out of place, and the
+    next unit is not blamed for the growth."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_AddThousand(), _TakeThousand(inplace), torch.nn.Linear(8, 8))
+    report = pd.analyze(net, torch.randn(4, 8), lambda o, b: o.pow(2).mean())
+    torch.manual_seed(0)
+    plain = pd.analyze(
+        torch.nn.Sequential(_AddThousand(), _TakeThousand(False), torch.nn.Linear(8, 8)),
+        torch.randn(4, 8), lambda o, b: o.pow(2).mean(),
+    )
+    for name in ("1", "2"):
+        got, want = report.by_module()[name].forward.propagated, plain.by_module()[name].forward.propagated
+        assert got is not None and want is not None
+        assert got.rel_l2_error == pytest.approx(want.rel_l2_error, rel=1e-6), name
+    assert report.by_module()["1"].forward.propagated.rel_l2_error > 0.1  # the cancellation's
+    assert not any(f.flag is pd.Flag.ERROR_GROWTH for f in report.by_module()["2"].flags)

@@ -301,9 +301,12 @@ def op_error_growth(
             src = by_index.get(i)
             if src is None:
                 continue
-            local = src.output_errors.get(slot, (None, None))[0]
-            if local is not None:
-                read = max(read, local.rel_l2)
+            # Through views and copies, to the ops that made the values.
+            for v, k in src.value_sources if src.value_sources is not None else ((i, slot),):
+                maker = by_index.get(v)
+                local = maker.output_errors.get(k, (None, None))[0] if maker is not None else None
+                if local is not None:
+                    read = max(read, local.rel_l2)
         if math.isfinite(read) and err >= th.error_growth_factor * read and (best is None or err / read > best[1] / best[2]):
             best = (r, err, read)
     return best

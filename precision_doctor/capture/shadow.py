@@ -155,7 +155,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self.module_outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.module_outputs_given = False
         self.module_errors: dict[str, ErrorAccumulator] = {}  # unit -> its module outputs' error
-        self._value_errors: WeakIdMap = WeakIdMap()  # fp32 module output -> its error
+        self._value_errors: WeakIdMap = WeakIdMap()  # fp32 module output -> (its version, its error)
         self._producer: WeakIdMap = WeakIdMap()
         self._global: WeakIdMap = WeakIdMap()
         self._locals: dict[str, WeakIdMap] = {}
@@ -207,13 +207,16 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     continue
                 if sh.dtype not in (torch.float32, self.low):
                     continue
-                one = self._value_errors.get(ref)
+                cached = self._value_errors.get(ref)
+                # A parent handing on its child's output reuses its error; a module that wrote
+                # the tensor in place since (`x.sub_(c)`, ReLU(inplace=True)) gets its own.
+                one = cached[1] if cached is not None and cached[0] == ref._version else None
                 if one is None:
                     # fp16 turns mask constants (finfo(fp32).min) into -inf: leave their positions out.
                     masks = not _all_finite(sh)
                     one = ErrorAccumulator()
                     one.add(ref.detach(), sh, None, self.workspace, masks=masks)
-                    self._value_errors[ref] = one
+                    self._value_errors[ref] = (ref._version, one)
                     made = self._producer.get(ref)
                     if made is not None:
                         for v, k in value_sources(self.records, made[0], made[1]):
