@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from precision_doctor.analysis.engine import analyze
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.options import AutocastPolicy, CapturePath, Flag, LowDtype, Regime, Thresholds
+from precision_doctor.options import (
+    AutocastPolicy,
+    CapturePath,
+    Flag,
+    LowDtype,
+    Regime,
+    Severity,
+    Thresholds,
+)
 from precision_doctor.planning.loss_scale import recommend_loss_scale
 from precision_doctor.planning.pipeline import plan_report
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model
@@ -34,6 +42,7 @@ __all__ = [
     "Regime",
     "Report",
     "ScalerMonitor",
+    "Severity",
     "Thresholds",
     "__version__",
     "analyze",
