@@ -4,43 +4,27 @@ unit with the op named, even when the unit's own output error is small."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import precision_doctor as pd
+from precision_doctor.model.spec import load_model_file
 from precision_doctor.options import Flag
 
-
-class LostUpdate(nn.Module):
-    """Hands on `base + ((u + 512) - 512)`: bf16 holds u + 512 in steps of 4, so the update u
-    (~0.1) is lost inside, while the output (~100) carries only a small error."""
-
-    def forward(self, base: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return base + ((u + 512.0) - 512.0)
+LOST_UPDATE = Path(__file__).resolve().parents[1] / "sample_models" / "lost_update.py"
 
 
-class Net(nn.Module):
-    """The update comes from a parameter (a gain on the batch's update), so the loss has a
-    gradient; the gain is 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(()))
-        self.step = LostUpdate()
-
-    def forward(self, base: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self.step(base, self.gain * u)
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return 100.0 + torch.rand(64, generator=g), 0.1 * torch.randn(64, generator=g)
-
-
-def _loss(out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return (out - batch[0]).pow(2).mean()  # what the update changed
+def _analyze(regime: str) -> tuple[pd.Report, torch.Tensor]:
+    """sample_models/lost_update.py, `base + ((u + 512) - 512)`, in bf16: held in bf16, u + 512
+    moves in steps of 4, so the update u (~0.1) is lost inside `step` while its output (~100)
+    carries only a small error. Returns the report and u."""
+    spec = load_model_file(LOST_UPDATE)
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "bf16", regime=regime)
+    return report, spec.batch[1]
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -50,8 +34,7 @@ def _bf16(x: np.ndarray) -> np.ndarray:
 def test_lost_update_is_charged_to_its_unit_with_the_op() -> None:
     """Pure bf16: the sub's local error is that of numpy's bf16 casts, its unit is charged
     with the op named though the unit's output error is small, and the verdict agrees."""
-    base, u = _batch()
-    report = pd.analyze(Net(), (base, u), _loss, "bf16", regime="pure")
+    report, u = _analyze("pure")
     unit = report.by_module()["step"]
     growth = [f for f in unit.flags if f.flag is Flag.ERROR_GROWTH]
     assert growth, unit.flags
@@ -69,8 +52,7 @@ def test_lost_update_is_charged_to_its_unit_with_the_op() -> None:
 def test_lost_update_under_autocast_is_no_finding() -> None:
     """Under autocast the adds of fp32 values stay fp32 (no autocast op touches them): the
     real run loses nothing, and the analysis says so."""
-    base, u = _batch()
-    report = pd.analyze(Net(), (base, u), _loss, "bf16", regime="autocast")
+    report, _ = _analyze("autocast")
     assert report.losses.rel_error == 0.0
     assert not report.flags() and report
 

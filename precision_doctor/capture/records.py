@@ -31,7 +31,6 @@ class OpRecord:
     # them itself; for a view or copy (cat too) those of the inputs it passes on.
     value_sources: tuple[tuple[int, int], ...] | None = None
     local_error: ErrorAccumulator | None = None  # over all its outputs
-    prop_error: ErrorAccumulator | None = None
     # Per output position: (local, propagated) errors of that output alone.
     output_errors: dict[int, tuple[ErrorAccumulator | None, ErrorAccumulator | None]] = field(default_factory=dict)
     input_max_abs: float = 0.0  # largest |x| over its float inputs (inf if any is non-finite)
@@ -54,10 +53,6 @@ class OpRecord:
     @property
     def local_rel_error(self) -> float | None:
         return self.local_error.rel_l2 if self.local_error is not None else None
-
-    @property
-    def prop_rel_error(self) -> float | None:
-        return self.prop_error.rel_l2 if self.prop_error is not None else None
 
 
 @dataclass
@@ -132,7 +127,7 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
             )
         pairs = [
             errs for v, k in read if (errs := records[v].output_errors.get(k)) is not None
-        ] or [(r.local_error, r.prop_error) for r in by_unit.get(name, [])]
+        ] or [(r.local_error, None) for r in by_unit.get(name, [])]
         urec.local_error, urec.prop_error = ErrorAccumulator(), ErrorAccumulator()
         for local, prop in pairs:
             if local is not None:

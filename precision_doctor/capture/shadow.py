@@ -2,14 +2,12 @@
 and backward, attributes it to a unit (the innermost module that ran it), records the
 dataflow graph, and computes low-precision *shadows* beside the fp32 values.
 
-Two shadows ride along each forward op of the fp32 run, so one fwd+bwd pass yields both
-error views without keeping a second copy of the run:
-- the *global* shadow is the whole model run low (every op on shadow inputs): the
-  propagated error;
-- the *local* shadow restarts at each unit from the fp32 run's inputs, rounded to the low
-  dtype: the unit's own error, so downstream units are not blamed for inherited damage.
-Shadows of low units are stored in the low dtype itself (their values are representable),
-which halves what they cost in memory.
+A *local* shadow rides along each forward op of the fp32 run: it restarts at each unit from
+the fp32 run's inputs, rounded where the real low-precision run holds them low, and gives the
+unit's own error, so downstream units are not blamed for inherited damage. The propagated
+error is the real low run's own (`lowrun.low_run`), compared module output by module output
+(`module_output`). Shadows held low are stored in the low dtype itself (their values are
+representable), which halves what they cost in memory.
 
 Backward ops are attributed through autograd's sequence numbers: a forward op records the
 number of the autograd node it created, and the backward op reads the node being executed.
@@ -60,7 +58,6 @@ from precision_doctor.capture.statistics import (
     SummaryBatch,
     TensorSummary,
     Workspace,
-    squared_norm,
     summarize,
 )
 from precision_doctor.capture.units import OpDtypes, OpKey, OpKeyer, Policy, UnitAttribution
@@ -153,11 +150,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self._read_low: dict[bool, list[bool]] = {True: [], False: []}
         self.low_reads: set[int] = set()  # ids of tensors no op made that an op reads low
         self.module_outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
-        self.module_outputs_given = False
         self.module_errors: dict[str, ErrorAccumulator] = {}  # unit -> its module outputs' error
         self._value_errors: WeakIdMap = WeakIdMap()  # fp32 module output -> (its version, its error)
         self._producer: WeakIdMap = WeakIdMap()
-        self._global: WeakIdMap = WeakIdMap()
         self._locals: dict[str, WeakIdMap] = {}
         # Rounded copies of tensors without a shadow (parameters, the batch), shared by the
         # global and local shadow of one op only: a cache across ops would keep an fp16 copy
@@ -371,10 +366,10 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 return False
         return True
 
-    def _promotes_low(self, picked: Any, low: bool) -> bool:
+    def _promotes_low(self, picked: bool, low: bool) -> bool:
         """Whether an op without a counterpart in the real run (it runs in its inputs' dtype)
         makes a low output: all the inputs that decide promotion are low."""
-        if picked is None:
+        if not picked:
             return low
         reads = self._read_low[True] or self._read_low[False]
         return bool(reads) and all(reads)
@@ -452,7 +447,6 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         one per node input, and no pass over the 38.6M-element tied embedding gradient."""
         # Shadows are forward-only; those of activations saved for backward would otherwise
         # live as long as the activations (~half their memory again, in fp16).
-        self._global.clear()
         for store in self._locals.values():
             store.clear()
         self.workspace.release(POOL_SLOT)
@@ -636,9 +630,6 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         if shadows:
             shadows = not info.random and any(t.dtype == torch.float32 for t in tensors_in)
         local_store: WeakIdMap | None = None
-        # With the real low run's module outputs the propagated errors are theirs: no global
-        # shadow to run (it cost a third forward of every op).
-        run_global = not self.module_outputs_given
         # A lookup into a table no op produced (an embedding of its weight): the shadows are
         # the fp32 rows rounded, without rounding and upcasting the whole table.
         rounded_rows = False
@@ -655,26 +646,21 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     # fp32 result, with error 0; consumers read the fp32 values instead.
                     local_store = None
             if (low or self.op_dtypes is not None) and func in SELECT_OPS:
-                rounded_rows = all(
-                    t not in self._global and (local_store is None or t not in local_store)
-                    for t in tensors_in
-                    if t.dtype == torch.float32
+                rounded_rows = local_store is not None and all(
+                    t not in local_store for t in tensors_in if t.dtype == torch.float32
                 )
             # A view or copy of tensors without a shadow in a store (a parameter's `t()`)
             # needs no entry there either: a consumer rounds the fp32 view itself, the same
             # values. Skipping it (every Linear's weight) took the demo's forward from 15.6
             # to 14.9 ms.
-            if info.preserves_values and not info.mutates:
-                floats = [t for t in tensors_in if t.dtype == torch.float32]
-                run_global = run_global and any(t in self._global for t in floats)
-                if local_store is not None and not any(t in local_store for t in floats):
-                    local_store = None
-            if not rounded_rows:
-                if run_global:
-                    gargs = self._run_shadow(func, info, args, kwargs, self._global, low, wanted_in, held_in)
-                if local_store is not None:
-                    local_low = low if self.op_dtypes is not None else True
-                    largs = self._run_shadow(func, info, args, kwargs, local_store, local_low, wanted_in, held_in)
+            if (
+                info.preserves_values and not info.mutates and local_store is not None
+                and not any(t in local_store for t in tensors_in if t.dtype == torch.float32)
+            ):
+                local_store = None
+            if not rounded_rows and local_store is not None:
+                local_low = low if self.op_dtypes is not None else True
+                largs = self._run_shadow(func, info, args, kwargs, local_store, local_low, wanted_in, held_in)
             self._op_rounded.clear()
             self._op_upcast.clear()
 
@@ -686,19 +672,17 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
 
         outs = outputs_of(out)
         if info.restrides and not backward:
-            for store in (self._global, *self._locals.values()):
+            for store in self._locals.values():
                 shadow = store.get(args[0])
                 if shadow is not None:
                     func(shadow, *args[1:], **kwargs)
         if info.random:
             # Consumers of random values round the fp32 ones: a second draw would compare
             # two different samples.
-            stores = [self._global, *self._locals.values()]
             for t in [*outs, *(args[i] for i in info.mutates)]:
-                for store in stores:
+                for store in self._locals.values():
                     store.pop(t, None)
 
-        gpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         lpairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Which outputs the real run holds low: as recorded there; else the policy's unit
         # (no low run), else the dtype its inputs promote to (low only if all were low).
@@ -709,20 +693,13 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         elif self.op_dtypes is None:
             out_low, local_out_low = low, True
         else:
-            picked = None if rounded_rows or not (run_global or local_store is not None) else True
+            picked = not rounded_rows and local_store is not None
             out_low = local_out_low = shadows and self._promotes_low(picked, low)
-        if shadows and rounded_rows:
-            if run_global:
-                gpairs = self._store_shadow(info, args, out, out.detach(), self._global, out_low)
-            if local_store is not None:
-                lpairs = self._store_shadow(info, args, out, out.detach(), local_store, local_out_low)
-        elif shadows:
-            if run_global:
-                gout = self._call_shadow(func, info, gargs, out, stored_low=_any(out_low))
-                gpairs = self._store_shadow(info, args, out, gout, self._global, out_low)
-            if local_store is not None:
-                lout = self._call_shadow(func, info, largs, out, stored_low=_any(local_out_low))
-                lpairs = self._store_shadow(info, args, out, lout, local_store, local_out_low)
+        if shadows and local_store is not None:
+            sout = out.detach() if rounded_rows else self._call_shadow(
+                func, info, largs, out, stored_low=_any(local_out_low)
+            )
+            lpairs = self._store_shadow(info, args, out, sout, local_store, local_out_low)
 
         if not self.collect:
             return out
@@ -818,22 +795,13 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             urec.wrote_nonfinite_state = True
         masks = summary.sentinel_count > 0
 
-        ref_norms = {} if masks else {id(ref): squared_norm(ref) for ref, _ in (gpairs or lpairs)}
         position = {id(t): k for k, t in enumerate(outs)}
-        prop_by_output: dict[int, ErrorAccumulator] = {}
         local_by_output: dict[int, ErrorAccumulator] = {}
-        if gpairs:
-            acc = ErrorAccumulator()
-            for ref, sh in gpairs:
-                one = prop_by_output[position[id(ref)]] = ErrorAccumulator()
-                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace, masks=masks)
-                acc.merge(one)
-            rec.prop_error = acc
         if lpairs:
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
                 one = local_by_output[position[id(ref)]] = ErrorAccumulator()
-                one.add(ref, sh, ref_norms.get(id(ref)), self.workspace, masks=masks)
+                one.add(ref, sh, None, self.workspace, masks=masks)
                 acc.merge(one)
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
@@ -850,8 +818,8 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                         a.nonfinite_mismatch = 0
                         a.sum_sq_err = a.sum_sq_ref = 0.0
             rec.local_error = acc
-        for k in prop_by_output.keys() | local_by_output.keys():
-            rec.output_errors[k] = (local_by_output.get(k), prop_by_output.get(k))
+        for k, local in local_by_output.items():
+            rec.output_errors[k] = (local, None)
         return out
 
     def _passed_on(
@@ -915,13 +883,6 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             return (shadow_in.float(), mask)
         return (shadow_in.float() * mask * (1.0 / (1.0 - p)), mask)
 
-    def global_shadow(self, t: torch.Tensor) -> torch.Tensor | None:
-        s: torch.Tensor | None = self._global.get(t)
-        if s is None:
-            return None
-        with _disable_current_modes():  # our own readout is no op of the model
-            return s.float()
-
 
 @contextlib.contextmanager
 def capture_pass(
@@ -953,7 +914,6 @@ def capture_pass(
         op_dtypes=op_dtypes, default_low=default_low,
     )
     mode.module_outputs = module_outputs or {}
-    mode.module_outputs_given = module_outputs is not None
     mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     with attribution.tracker, mode:
         yield mode
