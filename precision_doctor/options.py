@@ -132,6 +132,18 @@ class Phase(StrEnum):
     FORWARD = "forward"
     BACKWARD = "backward"
 
+class Wrapper(StrEnum):
+    """How torch.distributed runs the model across the job's ranks (`environment.distributed`)."""
+
+    NONE = "none"
+    """A plain module on every rank: each rank's gradients are its own."""
+    DDP = "ddp"
+    """`DistributedDataParallel`: every rank a full replica, gradients averaged across ranks."""
+    FSDP2 = "fsdp2"
+    """`fully_shard`: parameters sharded across ranks (DTensors)."""
+    TP = "tp"
+    """Tensor parallel (`parallelize_module`): DTensor parameters without FSDP2."""
+
 
 E = TypeVar("E", bound=StrEnum)
 

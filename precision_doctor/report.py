@@ -29,15 +29,16 @@ from precision_doctor.options import (
     Regime,
     Severity,
     Thresholds,
+    Wrapper,
 )
 from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped on any change that an older reader would misread (3: typed `extras` sections and
 `thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`; 5: `flags[].severity`,
 `thresholds.loss_rel_error` (the verdict's final-loss tolerance),
-`forward.input_rel_l2_error`)."""
+`forward.input_rel_l2_error`; 6: `environment.distributed` and `ranks`)."""
 
 
 class Histogram(_Frozen):
@@ -215,6 +216,18 @@ class UnitEdge(_Frozen):
     bytes: int
 
 
+class DistributedJob(_Frozen):
+    """A job of `world_size` ranks analyzed as one (`analysis.distributed`)."""
+
+    world_size: int
+    backend: str
+    """The process group's backend: `gloo`, `nccl`, ..."""
+    wrapper: Wrapper
+    mesh_shape: list[int]
+    """Ranks per dimension of the device mesh the model is laid out on (`[world_size]` for
+    data parallel)."""
+
+
 class Environment(_Frozen):
     tool_version: str
     torch_version: str
@@ -232,12 +245,29 @@ class Environment(_Frozen):
     (`model.to(dtype)`)."""
     policy: AutocastPolicy | None = AutocastPolicy.CUDA
     """Whose autocast op lists (`cuda` or `cpu`); None in the pure regime."""
+    distributed: DistributedJob | None = None
+    """The torch.distributed job the report covers (every rank's statistics combined); None
+    for one process."""
 
 
 class Losses(_Frozen):
     fp32: float
+    """For a distributed job, the mean of the ranks' losses (what a data-parallel run logs
+    when it averages them); each rank's own is in `Report.ranks`."""
     low: float
     rel_error: float
+
+
+class RankResult(_Frozen):
+    """One rank of a distributed job, judged on its own statistics before they were
+    combined: a fault in one rank's data shard shows here."""
+
+    rank: int
+    loss_fp32: float
+    loss_low: float
+    loss_rel_error: float
+    flags: list[FlagRecord]
+    """The findings this rank's own statistics raise (its gradients before they are averaged)."""
 
 
 class Report(_Frozen):
@@ -252,6 +282,9 @@ class Report(_Frozen):
     edges: list[UnitEdge]
     loss_scale: list[LossScalePoint]
     """Over all gradients of the backward pass."""
+    ranks: list[RankResult] = Field(default_factory=list)
+    """Per rank of a distributed job (`environment.distributed`), in rank order; empty for
+    one process. The units and flags above are the job's: combined statistics, judged once."""
     extras: ReportExtras = Field(default_factory=ReportExtras)
     """Results of later stages (plan, loss scale, pre-flight, a real run's GradScaler)."""
 

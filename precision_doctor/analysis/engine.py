@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
+from precision_doctor.analysis.distributed import Job, same_outcome, unwrap
 from precision_doctor.analysis.flags import (
     MAX_SCALE_LOG2,
     reads_overflow,
@@ -90,6 +91,7 @@ def fx_check(model: torch.nn.Module) -> tuple[bool, str | None]:
     return True, None
 
 
+@same_outcome
 def analyze(
     model: torch.nn.Module,
     batch: Any,
@@ -121,6 +123,10 @@ def analyze(
     step = progress or (lambda _msg: None)
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    # One rank of a torch.distributed job: this rank's part is captured, the report is the
+    # job's (`analysis.distributed`); DDP's wrapper is set aside (`unwrap`).
+    model, wrapper = unwrap(model)
+    job = Job.of(model, wrapper)
     lazy = [n for n, p in model.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
     if lazy:
         raise PrecisionDoctorError(
@@ -216,10 +222,11 @@ def analyze(
                 f"parameter gradient statistics failed: {type(e).__name__}: {e}"
             ) from e
         mode.forget_graph()
+        kept_grads = grads if job is not None else {}  # the job averages them (DDP)
         del grads
         low_params = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mode.low_reads}
     assert mode is not None
-    return build_report(
+    return (build_report if job is None else job.reporter(build_report, model, kept_grads))(
         mode,
         param_stats,
         low=low,

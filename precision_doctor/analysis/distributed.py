@@ -1,0 +1,630 @@
+"""Distributed analysis: one report for a torch.distributed job (`torchrun`).
+
+Every rank captures its own part of the step (its data shard, its shard of the parameters);
+the statistics are then combined across ranks *before* any flag is computed, so the flags are
+the job's, judged once on the combined statistics (never one rank's flags OR-ed with
+another's):
+
+- histograms, counts and format tails summed; maxima reduced with max, minima with min; error
+  sums of squares summed (a relative error is recomputed from the sums); loss-scale fractions
+  follow from the summed histograms;
+- activations and their gradients are each rank's own data: summed;
+- parameter gradients are counted once per element: under `DistributedDataParallel` they are
+  averaged across ranks (as DDP's reducer does: each divided by the world size, then summed)
+  and each rank summarizes a 1/world_size slice of the result; a plain module's gradients are
+  each rank's own (summed). DTensor gradients (FSDP2, tensor parallel) are counted by
+  placement (`Shard`: each shard; `Replicate`: one copy; `Partial`: after the reduction);
+- losses: each rank's own (`Report.ranks`), and the job's, their mean.
+
+Control flow is the same on every rank: a failure on one rank (a non-finite loss, an exception
+in forward) is raised on every rank with the failing rank named (`same_outcome`,
+`exchange`), so no rank waits in a collective for a partner that is gone. The statistics are
+combined with a handful of batched collectives (`StatsReducer`): three `all_reduce`s of flat
+int64/float64 tensors, keyed by a deterministic order of ops and units that every rank checks
+against rank 0's first.
+
+Nothing here runs (and nothing is imported from torch.distributed) unless a process group of
+more than one rank is initialized.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar, cast
+
+import numpy as np
+import torch
+
+from precision_doctor.capture.records import UnitRecord
+from precision_doctor.capture.statistics import (
+    HIST_BINS,
+    SUMSQ_BINS,
+    ErrorAccumulator,
+    SummaryBatch,
+    TailCounts,
+    TensorSummary,
+    Workspace,
+    relative_loss_error,
+)
+from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from precision_doctor.options import Phase, Wrapper
+from precision_doctor.report import DistributedJob, Losses, RankResult, Report
+
+__all__ = [
+    "Job",
+    "RanksFailedError",
+    "RanksFailedInternalError",
+    "StatsReducer",
+    "active",
+    "exchange",
+    "rank",
+    "same_outcome",
+    "unwrap",
+    "world_size",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+# Elements per all_reduce of averaged gradients (DDP's default bucket is 25 MiB).
+GRAD_BUCKET_ELEMENTS = 1 << 22
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def active() -> bool:
+    """Whether this process is one rank of a torch.distributed job of more than one rank."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    return torch.distributed.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 outside a job)."""
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def _is_ddp(model: torch.nn.Module) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # DTensor exists only once torch.distributed.tensor is imported (~0.4 s): read sys.modules.
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    import sys
+
+    module = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(module, "FSDPModule", None) if module is not None else None
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Wrapper]:
+    """The module the analysis runs, and how the job wraps it. `DistributedDataParallel` is
+    unwrapped: its `module` runs as each rank runs it, without DDP's forward (which broadcasts
+    buffers) or its gradient hooks (its reducer is left as it was, so a training step after the
+    analysis runs as before), and its units are named as the user names them, without DDP's
+    `module.` prefix; the analysis averages the gradients itself, as DDP would."""
+    if _is_ddp(model):
+        return cast(torch.nn.Module, model.module), Wrapper.DDP
+    if not active():
+        return model, Wrapper.NONE
+    if _is_fsdp2(model):
+        return model, Wrapper.FSDP2
+    if any(_is_dtensor(p) for p in model.parameters()):
+        return model, Wrapper.TP
+    return model, Wrapper.NONE
+
+
+def _mesh_shape(model: torch.nn.Module, world: int) -> list[int]:
+    for p in model.parameters():
+        if _is_dtensor(p):
+            mesh = p.device_mesh  # type: ignore[attr-defined]  # DTensor's field
+            return [int(n) for n in mesh.shape]
+    return [world]
+
+
+# --- the same outcome on every rank ---------------------------------------------------------
+
+
+class RanksFailedError(PrecisionDoctorError):
+    """A user error on one or more ranks, raised on every rank with the ranks named."""
+
+
+class RanksFailedInternalError(PrecisionDoctorInternalError):
+    """An internal error on one or more ranks, raised on every rank with the ranks named."""
+
+
+_OK = "ok"
+_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    rank: int
+    user_error: bool
+    message: str
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if not isinstance(e, (PrecisionDoctorError, PrecisionDoctorInternalError)):
+        line = f"{type(e).__name__}: {line}"
+    return line
+
+
+def _raise_failures(failures: Sequence[_Failure]) -> NoReturn:
+    """One error on every rank: the failing ranks with their messages (ranks that failed with
+    the same message named together), a user error unless every failure was internal."""
+    by_message: dict[str, list[int]] = {}
+    for f in failures:
+        by_message.setdefault(f.message, []).append(f.rank)
+    parts = [
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {message}"
+        for message, ranks in by_message.items()
+    ]
+    text = "; ".join(parts)
+    if any(f.user_error for f in failures):
+        raise RanksFailedError(text)
+    raise RanksFailedInternalError(text)
+
+
+def _gather(item: Any) -> list[Any]:
+    got: list[Any] = [None] * torch.distributed.get_world_size()
+    try:
+        torch.distributed.all_gather_object(got, item)
+    except RuntimeError as e:  # a rank crashed, or missed the process group's timeout
+        raise RanksFailedError(
+            f"rank {rank()} lost the other ranks of the job (a rank crashed or stopped answering): {_first_line(e)}"
+        ) from e
+    return got
+
+
+def exchange(payload: T) -> list[T]:
+    """Every rank's `payload`, in rank order ([payload] outside a job). A checkpoint: a rank
+    that failed since the last one arrives here with its error instead (see `same_outcome`),
+    and then every rank raises the same error, naming it. Call it where every rank calls it,
+    before any collective that a failed rank would never join."""
+    if not active():
+        return [payload]
+    got = _gather((_OK, payload))
+    failures = [item[1] for item in got if item[0] == _FAILED]
+    if failures:
+        _raise_failures(failures)
+    return [cast(T, item[1]) for item in got]
+
+
+_SCOPE: contextvars.ContextVar[bool] = contextvars.ContextVar("precision_doctor_scope", default=False)
+
+
+def same_outcome(fn: F) -> F:
+    """Run `fn` so that every rank of a job ends it the same way: when it raises on one rank,
+    that rank joins the next `exchange` the others reach (inside `fn`, or the one every rank
+    makes when `fn` ends) with its error, and all of them raise it, the rank named. Outside a
+    job `fn` runs as it is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not active():
+            return fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except (RanksFailedError, RanksFailedInternalError):
+            raise  # every rank raises it already
+        except Exception as e:
+            failure = _Failure(rank(), isinstance(e, PrecisionDoctorError), _first_line(e))
+            got = _gather((_FAILED, failure))
+            _raise_failures([item[1] for item in got if item[0] == _FAILED])
+        exchange(None)  # a rank failing after the last checkpoint inside `fn` meets the others here
+        return result
+
+    return cast(F, wrapper)
+
+
+# --- combining statistics across ranks ------------------------------------------------------
+
+_TAIL_NAMES = tuple(TensorSummary().tails)
+_SUMMARY_HEAD = 5 + 3 * len(_TAIL_NAMES) + 1  # present, numel, zeros, nans, infs, tails, has sumsq
+_EMPTY = TensorSummary()
+
+
+@dataclass
+class _Slot:
+    ints: tuple[int, int]
+    sums: tuple[int, int]
+    maxs: tuple[int, int]
+    decode: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+@dataclass
+class StatsReducer:
+    """Statistics of this rank, registered under keys, then combined across the job's ranks
+    by `reduce()`: each registered value is replaced (through its `assign` callback) by the
+    job's. Every rank must register the same keys in the same order (the same ops and units):
+    `reduce()` checks that first, and names the ranks that differ.
+
+    Values are packed into three flat tensors (int64 sums, float64 sums, float64 maxima; a
+    minimum is the maximum of its negation), each one `all_reduce`.
+
+    `replicated=True` (a value every rank holds the same copy of) counts rank 0's only.
+
+    >>> r = StatsReducer(); out = {}
+    >>> r.maximum("m", 2.5, lambda v: out.update(m=v)); r.total("n", 3, lambda v: out.update(n=v))
+    >>> r.reduce(); out  # one process: its own values
+    {'m': 2.5, 'n': 3}
+    """
+
+    _ints: list[np.ndarray] = field(default_factory=list)
+    _sums: list[np.ndarray] = field(default_factory=list)
+    _maxs: list[np.ndarray] = field(default_factory=list)
+    _sizes: list[int] = field(default_factory=lambda: [0, 0, 0])
+    _keys: list[str] = field(default_factory=list)
+    _slots: list[_Slot] = field(default_factory=list)
+    _texts: list[tuple[str | None, Callable[[str | None], None]]] = field(default_factory=list)
+    _rank: int = field(default_factory=rank)
+
+    def _add(
+        self, key: str, ints: np.ndarray, sums: np.ndarray, maxs: np.ndarray,
+        decode: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+    ) -> None:
+        spans = []
+        for i, (part, store) in enumerate(((ints, self._ints), (sums, self._sums), (maxs, self._maxs))):
+            spans.append((self._sizes[i], self._sizes[i] + len(part)))
+            self._sizes[i] += len(part)
+            if len(part):
+                store.append(part)
+        self._keys.append(key)
+        self._slots.append(_Slot(spans[0], spans[1], spans[2], decode))
+
+    def summary(
+        self, key: str, s: TensorSummary | None, assign: Callable[[TensorSummary | None], None], *,
+        grad: bool = False, replicated: bool = False,
+    ) -> None:
+        """A `TensorSummary` (None: this rank has none; the job's is None only if no rank has
+        one). `grad`: it may carry sums of squares (gradients)."""
+        own = s is not None and not (replicated and self._rank != 0)
+        src = s if own and s is not None else _EMPTY
+        ints = np.empty(_SUMMARY_HEAD + HIST_BINS, dtype=np.int64)
+        head = [int(own), src.numel, src.zero_count, src.nan_count, src.inf_count]
+        for name in _TAIL_NAMES:
+            t = src.tails[name]
+            head += [t.overflow, t.flushed, t.subnormal]
+        head.append(int(src.sumsq is not None))
+        ints[:_SUMMARY_HEAD] = head
+        ints[_SUMMARY_HEAD:] = src.hist
+        sums = np.zeros(SUMSQ_BINS + 1 if grad else 0)
+        if grad and src.sumsq is not None:
+            sums[:SUMSQ_BINS] = src.sumsq
+            sums[SUMSQ_BINS] = src.sumsq_total
+        maxs = np.array([src.max_abs, -src.min_nonzero_abs])
+
+        def decode(i: np.ndarray, f: np.ndarray, m: np.ndarray) -> None:
+            if not i[0]:
+                assign(None)
+                return
+            tails = {}
+            for k, name in enumerate(_TAIL_NAMES):
+                o = 5 + 3 * k
+                tails[name] = TailCounts(overflow=int(i[o]), flushed=int(i[o + 1]), subnormal=int(i[o + 2]))
+            has_sumsq = grad and bool(i[_SUMMARY_HEAD - 1])
+            assign(TensorSummary(
+                numel=int(i[1]), zero_count=int(i[2]), nan_count=int(i[3]), inf_count=int(i[4]),
+                max_abs=float(m[0]), min_nonzero_abs=float(-m[1]), hist=i[_SUMMARY_HEAD:].copy(),
+                sumsq=f[:SUMSQ_BINS].copy() if has_sumsq else None,
+                sumsq_total=float(f[SUMSQ_BINS]) if has_sumsq else 0.0,
+                tails=tails,
+            ))
+
+        self._add(key, ints, sums, maxs, decode)
+
+    def error(self, key: str, acc: ErrorAccumulator | None, assign: Callable[[ErrorAccumulator | None], None]) -> None:
+        """An `ErrorAccumulator`: its sums of squares and mismatch count summed."""
+        src = acc if acc is not None else ErrorAccumulator()
+        ints = np.array([int(acc is not None), src.nonfinite_mismatch], dtype=np.int64)
+        sums = np.array([src.sum_sq_ref, src.sum_sq_err])
+
+        def decode(i: np.ndarray, f: np.ndarray, m: np.ndarray) -> None:
+            assign(ErrorAccumulator(float(f[0]), float(f[1]), int(i[1])) if i[0] else None)
+
+        self._add(key, ints, sums, np.zeros(0), decode)
+
+    def maximum(self, key: str, value: float, assign: Callable[[float], None]) -> None:
+        self._add(key, np.zeros(0, np.int64), np.zeros(0), np.array([value]), lambda i, f, m: assign(float(m[0])))
+
+    def minimum(self, key: str, value: float, assign: Callable[[float], None]) -> None:
+        self._add(key, np.zeros(0, np.int64), np.zeros(0), np.array([-value]), lambda i, f, m: assign(float(-m[0])))
+
+    def total(self, key: str, value: int, assign: Callable[[int], None]) -> None:
+        self._add(key, np.array([value], np.int64), np.zeros(0), np.zeros(0), lambda i, f, m: assign(int(i[0])))
+
+    def any(self, key: str, value: bool, assign: Callable[[bool], None]) -> None:
+        """True on any rank."""
+        self._add(key, np.zeros(0, np.int64), np.zeros(0), np.array([float(value)]), lambda i, f, m: assign(bool(m[0])))
+
+    def text(self, key: str, value: str | None, assign: Callable[[str | None], None]) -> None:
+        """A name (the op that made an Inf/NaN): the lowest rank's that has one."""
+        self._keys.append(key)
+        self._texts.append((value, assign))
+
+    def reduce(self) -> None:
+        """Combine every registered value across ranks and hand each back to its `assign`."""
+        parts = [self._ints, self._sums, self._maxs]
+        dtypes = [np.int64, np.float64, np.float64]
+        arrays = [np.concatenate(p) if p else np.zeros(0, d) for p, d in zip(parts, dtypes, strict=True)]
+        texts = [v for v, _ in self._texts]
+        if active():
+            digest = hashlib.sha256("\n".join(self._keys).encode()).hexdigest()
+            got = exchange((digest, len(self._keys), texts))
+            differ = [r for r, (d, _, _) in enumerate(got) if d != got[0][0]]
+            if differ:
+                self._mismatch(differ)
+            texts = [next((t[2][k] for t in got if t[2][k] is not None), None) for k in range(len(texts))]
+            ops = [torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX]
+            for k, op in enumerate(ops):
+                if len(arrays[k]):
+                    t = torch.from_numpy(arrays[k])
+                    torch.distributed.all_reduce(t, op=op)
+                    arrays[k] = t.numpy()
+        ints, sums, maxs = arrays
+        for slot in self._slots:
+            slot.decode(ints[slot.ints[0] : slot.ints[1]], sums[slot.sums[0] : slot.sums[1]], maxs[slot.maxs[0] : slot.maxs[1]])
+        for (_, assign), value in zip(self._texts, texts, strict=True):
+            assign(value)
+
+    def _mismatch(self, differ: list[int]) -> NoReturn:
+        keys = exchange(self._keys)
+        lines = []
+        for r in differ:
+            at = next((k for k, (a, b) in enumerate(zip(keys[0], keys[r], strict=False)) if a != b), None)
+            if at is None:
+                lines.append(f"rank {r} has {len(keys[r])} entries where rank 0 has {len(keys[0])}")
+            else:
+                lines.append(f"rank {r} has {keys[r][at]!r} where rank 0 has {keys[0][at]!r}")
+        raise RanksFailedError(  # every rank found the same difference: already agreed
+            "the ranks ran different computations, so their statistics cannot be combined "
+            f"(ranks 0 and {', '.join(map(str, differ))} differ: {'; '.join(lines)}): every rank must run the "
+            "same modules and ops (data-dependent control flow, or a different model on some rank?)"
+        )
+
+
+# --- the capture ----------------------------------------------------------------------------
+
+
+def _setter(obj: object, name: str) -> Callable[[Any], None]:
+    return lambda v: setattr(obj, name, v)
+
+
+def reduce_capture(mode: Any, param_stats: Mapping[str, TensorSummary | None]) -> dict[str, TensorSummary]:
+    """Combine a finished capture (`capture.shadow.ShadowCapture`: its op records, units and
+    module errors) across the job's ranks in place, and `param_stats` (each rank's part of
+    every parameter's gradient, counted once per element by the caller: see the module
+    docstring) into the job's. What only describes this rank's device (FLOPs, bytes, saved
+    activations) stays this rank's. Then `build_report` on `mode` judges the job."""
+    red = StatsReducer()
+    per_output: list[tuple[Any, dict[int, list[ErrorAccumulator | None]]]] = []
+    for r in mode.records:
+        if r.phase is not Phase.FORWARD:
+            continue  # backward ops carry no statistics (gradients are per autograd node)
+        key = f"op {r.index}: {r.op} in {r.unit}"
+        red.summary(key, r.summary, _setter(r, "summary"))
+        red.error(key + " local", r.local_error, _setter(r, "local_error"))
+        outputs: dict[int, list[ErrorAccumulator | None]] = {}
+        for k in range(len(r.output_shapes)):
+            local, prop = r.output_errors.get(k, (None, None))
+            pair = outputs.setdefault(k, [None, None])
+            red.error(f"{key} out {k} local", local, functools.partial(pair.__setitem__, 0))
+            red.error(f"{key} out {k} prop", prop, functools.partial(pair.__setitem__, 1))
+        red.maximum(key + " in max", r.input_max_abs, _setter(r, "input_max_abs"))
+        red.maximum(key + " out max", r.out_max_abs, _setter(r, "out_max_abs"))
+        red.total(key + " nan roots", r.local_nonfinite_root, _setter(r, "local_nonfinite_root"))
+        red.total(key + " cast overflow", r.cast_overflow, _setter(r, "cast_overflow"))
+        red.any(key + " fp32 root", r.fp32_nonfinite_root, _setter(r, "fp32_nonfinite_root"))
+        red.any(key + " inherited", r.overflow_inherited, _setter(r, "overflow_inherited"))
+        red.any(key + " mask", r.mask_nonfinite, _setter(r, "mask_nonfinite"))
+        per_output.append((r, outputs))
+    units: dict[str, UnitRecord] = mode.units
+    for name in sorted(units):
+        u = units[name]
+        key = f"unit {name}"
+        red.summary(key + " forward", u.forward, _setter(u, "forward"))
+        red.summary(key + " forward_low", u.forward_low, _setter(u, "forward_low"))
+        red.summary(key + " backward", u.backward, _setter(u, "backward"), grad=True)
+        nodes: list[tuple[str, TensorSummary]] = list(u.grad_nodes)
+        for i, (node, s) in enumerate(nodes):
+            red.summary(f"{key} grad {i} {node}", s, functools.partial(_set_node, u, i, node), grad=True)
+        red.any(key + " wrote nonfinite", u.wrote_nonfinite_state, _setter(u, "wrote_nonfinite_state"))
+        red.text(key + " grad root", u.grad_nonfinite_root, _setter(u, "grad_nonfinite_root"))
+    module_errors: dict[str, ErrorAccumulator] = mode.module_errors
+    for name in sorted(module_errors):
+        red.error(f"module {name}", module_errors[name], functools.partial(_set_item, module_errors, name))
+    stats: dict[str, TensorSummary] = {}
+    for name in sorted(param_stats):
+        red.summary(f"param {name}", param_stats[name], functools.partial(_set_item, stats, name), grad=True)
+    red.reduce()
+    for r, outputs in per_output:
+        r.output_errors = {k: (v[0], v[1]) for k, v in outputs.items() if v[0] is not None or v[1] is not None}
+    return stats
+
+
+def _set_node(u: UnitRecord, i: int, node: str, s: TensorSummary | None) -> None:
+    u.grad_nodes[i] = (node, s if s is not None else TensorSummary())
+
+
+def _set_item(d: dict[str, Any], key: str, v: Any) -> None:
+    if v is None:
+        d.pop(key, None)
+    else:
+        d[key] = v
+
+
+# --- gradients ------------------------------------------------------------------------------
+
+
+def _dense_float(g: torch.Tensor) -> bool:
+    return g.dtype == torch.float32 and g.layout == torch.strided and not _is_dtensor(g)
+
+
+def average_gradients(grads: Mapping[str, torch.Tensor]) -> None:
+    """Average `grads` across ranks in place, as DDP's reducer does (each divided by the world
+    size, then summed), in buckets of `GRAD_BUCKET_ELEMENTS`. Every rank must pass the same
+    names (`Job.report` makes them the union, zeros where a rank has none)."""
+    if not active():
+        return
+    world = world_size()
+    unique = list({id(g): g for _, g in sorted(grads.items()) if _dense_float(g)}.values())
+    bucket: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([g.reshape(-1) for g in bucket]).div_(world)
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        bucket.clear()
+
+    size = 0
+    for g in unique:
+        if size + g.numel() > GRAD_BUCKET_ELEMENTS:
+            flush()
+            size = 0
+        bucket.append(g)
+        size += g.numel()
+    flush()
+
+
+def sharded_summaries(grads: Mapping[str, torch.Tensor], workspace: Workspace) -> dict[str, TensorSummary]:
+    """Summaries of this rank's 1/world_size slice of each gradient that every rank holds the
+    same copy of (averaged ones): summed across ranks (`reduce_capture`) they are the whole
+    gradient's, each rank doing its share of the work. A tied gradient is summarized once."""
+    world, me = world_size(), rank()
+    batch = SummaryBatch(workspace, with_sumsq=True)
+    by_tensor: dict[int, TensorSummary] = {}
+    out: dict[str, TensorSummary] = {}
+    for name, g in grads.items():
+        if not _dense_float(g):
+            continue
+        if id(g) not in by_tensor:
+            flat = g.detach().reshape(-1)
+            chunk = -(-flat.numel() // world)
+            part = flat[me * chunk : min(flat.numel(), (me + 1) * chunk)]
+            by_tensor[id(g)] = batch.add(part) if part.numel() else TensorSummary(sumsq=np.zeros(SUMSQ_BINS))
+        out[name] = by_tensor[id(g)]
+    batch.compute()
+    return out
+
+
+# --- one report for the job -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """This process's part of a torch.distributed job of more than one rank."""
+
+    rank: int
+    world_size: int
+    backend: str
+    wrapper: Wrapper
+    mesh_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, wrapper: Wrapper) -> Job | None:
+        """The job `model` (already unwrapped, see `unwrap`) runs in; None outside one."""
+        if not active():
+            return None
+        world = world_size()
+        return cls(rank(), world, str(torch.distributed.get_backend()), wrapper, tuple(_mesh_shape(model, world)))
+
+    def info(self) -> DistributedJob:
+        return DistributedJob(
+            world_size=self.world_size, backend=self.backend, wrapper=self.wrapper, mesh_shape=list(self.mesh_shape)
+        )
+
+    def reporter(
+        self, build: Callable[..., Report], model: torch.nn.Module, grads: dict[str, torch.Tensor]
+    ) -> Callable[..., Report]:
+        """`build` (`engine.build_report`, same arguments) for the job: see `report`."""
+
+        def report(mode: Any, param_stats: dict[str, TensorSummary], **kwargs: Any) -> Report:
+            return self.report(build, mode, param_stats, model, grads, **kwargs)
+
+        return report
+
+    def report(
+        self,
+        build: Callable[..., Report],
+        mode: Any,
+        param_stats: dict[str, TensorSummary],
+        model: torch.nn.Module,
+        grads: dict[str, torch.Tensor],
+        *,
+        losses: Losses,
+        env: Any,
+        **kwargs: Any,
+    ) -> Report:
+        """The job's report from this rank's capture: this rank's own report first (its flags
+        go to `Report.ranks`), then, once every rank got there (`exchange`), the capture and
+        the parameter gradients combined across ranks and judged once. Under DDP `grads` (the
+        analysis' gradient tensors) are averaged in place, as DDP's reducer would."""
+        kept = mode.units
+        mode.units = copy.deepcopy(kept)  # `build` merges the parameter gradients into the units
+        try:
+            own = build(mode, param_stats, losses=losses, env=env, **kwargs)
+        finally:
+            mode.units = kept
+        mine = RankResult(
+            rank=self.rank, loss_fp32=losses.fp32, loss_low=losses.low, loss_rel_error=losses.rel_error,
+            flags=own.flags(),
+        )
+        got = exchange((mine, sorted(grads)))
+        ranks = [r for r, _ in got]
+        if self.wrapper is Wrapper.DDP:
+            self.average_gradients(model, grads, [names for _, names in got])
+            job_stats: Mapping[str, TensorSummary | None] = sharded_summaries(grads, mode.workspace)
+        else:
+            job_stats = param_stats
+        combined = reduce_capture(mode, job_stats)
+        fp32 = math.fsum(r.loss_fp32 for r in ranks) / len(ranks)
+        low = math.fsum(r.loss_low for r in ranks) / len(ranks)
+        job_losses = losses.model_copy(update={"fp32": fp32, "low": low, "rel_error": relative_loss_error(fp32, low)})
+        job_env = env.model_copy(update={"distributed": self.info()})
+        report = build(mode, combined, losses=job_losses, env=job_env, **kwargs)
+        return report.model_copy(update={"ranks": ranks})
+
+    def average_gradients(
+        self, model: torch.nn.Module, grads: dict[str, torch.Tensor], names: Sequence[Sequence[str]] | None = None
+    ) -> None:
+        """Under DDP, `grads` averaged across ranks in place, as DDP's reducer averages them;
+        a gradient another rank has and this one does not (a parameter this rank's data did not
+        reach) is added as zeros, what DDP reduces for it. `names`: every rank's gradient names,
+        when already exchanged (else a checkpoint exchanges them). Other wrappers: nothing."""
+        if self.wrapper is not Wrapper.DDP:
+            return
+        if names is None:
+            names = exchange(sorted(grads))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for n in sorted(set().union(*names)):
+            if n not in grads and n in params:
+                grads[n] = torch.zeros_like(params[n], memory_format=torch.contiguous_format)
+        average_gradients(grads)
+
