@@ -62,27 +62,63 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead
 
 
 def _one_line_errors(fn: F) -> F:
+    """One line per error, and under torchrun one outcome for the job: a failure on any rank
+    is raised on every rank (naming it) and printed once, by rank 0; every rank exits with the
+    same code (`analysis.distributed.agreed`)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from precision_doctor.analysis import distributed
+
+        def say(text: str, e: BaseException) -> None:
+            # Every rank raises an agreed failure alike: one of them says it.
+            agreed = isinstance(e, (distributed.RanksFailedError, distributed.RanksFailedInternalError))
+            if not agreed or distributed.rank() == 0:
+                prefix = f"rank {distributed.rank()}: " if distributed.active() and not agreed else ""
+                typer.echo(f"precision-doctor: {prefix}{text}", err=True)
+
         try:
-            return fn(*args, **kwargs)
+            ended: typer.Exit | typer.Abort | None = None
+            with distributed.agreed():
+                try:
+                    result = fn(*args, **kwargs)
+                except (typer.Exit, typer.Abort) as e:  # an exit code, not a failure
+                    ended = e
+            if ended is not None:
+                raise ended
+            return result
         except (typer.Exit, typer.Abort):
             raise
         except PrecisionDoctorError as e:
             if kwargs.get("debug"):
                 raise
-            typer.echo(f"precision-doctor: error: {e}", err=True)
+            say(f"error: {e}", e)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except PrecisionDoctorInternalError as e:
             if kwargs.get("debug"):
                 raise
-            typer.echo(f"precision-doctor: internal error (please report; rerun with --debug): {e}", err=True)
+            say(f"internal error (please report; rerun with --debug): {e}", e)
             raise typer.Exit(EXIT_INTERNAL) from None
         except KeyboardInterrupt:
             typer.echo("precision-doctor: interrupted", err=True)
             raise typer.Exit(130) from None
+        finally:
+            distributed.release()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _join_job(model: Any, *consoles: Console) -> bool:
+    """Under torchrun, this rank's place in the job (the process group initialized here unless
+    the model file did): whether it is rank 0, the one that prints and writes. The other ranks'
+    consoles go quiet."""
+    from precision_doctor.analysis import distributed
+
+    distributed.init_from_env(model)
+    main_rank = distributed.rank() == 0
+    for c in consoles:
+        c.quiet = not main_rank
+    return main_rank
 
 
 def parse_thresholds(items: list[str]) -> Thresholds:
@@ -160,10 +196,11 @@ def analyze(
     console = Console(stderr=False, highlight=False)
     err_console = Console(stderr=True)
     spec = load_model_file(model_file)
+    main_rank = _join_job(spec.model, console, err_console)
     steps = ["fx", "low", "forward", "backward", "stats"]
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
+        console=err_console, transient=True, disable=quiet or not main_rank or not err_console.is_terminal,
     ) as progress:
         task = progress.add_task("analyzing", total=len(steps))
 
@@ -201,21 +238,21 @@ def analyze(
         console.print(plan.summary(), markup=False)
         if advice is not None:
             console.print(advice.describe(report.environment.dtype), markup=False)
-        if export is not None:
+        if export is not None and main_rank:
             fmt = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
             write_atomic(export, section.exports[fmt])
             console.print(f"{fmt} plan export written to {export}")
             for caveat in export_caveats(plan, fmt):
                 console.print(f"note: {caveat}", markup=False)
-    if out is not None:
+    if out is not None and main_rank:
         report.save(out)
         console.print(f"report written to {out}")
-    if html is not None:
+    if html is not None and main_rank:
         from precision_doctor.views.html_report import write_html
 
         write_html(report, html)
         console.print(f"HTML report written to {html}")
-    if open_app and out is not None:
+    if open_app and out is not None and main_rank:
         from precision_doctor.views.launcher import launch_app
 
         raise typer.Exit(launch_app(out))
@@ -285,9 +322,10 @@ def preflight_command(
     thresholds = parse_thresholds(threshold or [])
     spec = load_model_file(model_file)
     err_console = Console(stderr=True)
+    main_rank = _join_job(spec.model, err_console)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
+        console=err_console, transient=True, disable=quiet or not main_rank or not err_console.is_terminal,
     ) as progress:
         task = progress.add_task("pre-flight", total=5)
 
@@ -300,9 +338,9 @@ def preflight_command(
             build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judge,
             plan=plan, thresholds=thresholds, name=spec.name, progress=step,
         )
-    if json_out:
+    if json_out and main_rank:
         typer.echo(result.to_json())
-    else:
+    elif main_rank:
         console = Console(highlight=False, markup=False, soft_wrap=True)
         console.print(result.verdict)
         for r in result.reasons:

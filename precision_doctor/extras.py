@@ -134,6 +134,9 @@ class StepRecord(Frozen):
     """The loss scale this step used (None: no scaler)."""
     skipped: bool = False
     """GradScaler skipped the optimizer step."""
+    rank_losses: list[float] = Field(default_factory=list)
+    """Each rank's loss in a torch.distributed job (`loss` is their mean); empty for one
+    process."""
 
 
 class ModeRun(Frozen):

@@ -10,7 +10,8 @@ Scenarios (rank r gets rows [3r, 3r+3) of `fixtures.build_mlp`'s 6-row batch, sc
 - `nonfinite`: rank 1's shard holds a NaN (the fp32 loss is NaN there only);
 - `mismatch`: rank 1's data takes a branch rank 0's does not (a different computation);
 - `state`: the DDP model before and after the analysis, and a DDP training step after it
-  against a replica that was never analyzed.
+  against a replica that was never analyzed;
+- `preflight`: the pre-flight of the DDP model on the shards.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 SCALES = {"healthy": 1.0, "overflow": 6e4}
 FAULT_SCALE = 1e5
 ROWS = 3
+PREFLIGHT_STEPS = 3
 
 
 def shard(batch: torch.Tensor, rank: int) -> torch.Tensor:
@@ -120,6 +122,9 @@ def main(out_dir: Path) -> None:
         opt.step()
         sums.append(checksum(m.module))
     results["state"] = {"before": before, "after": after, "stepped": sums[0], "replica_stepped": sums[1]}
+
+    model, x = ddp_of(1.0)
+    results["preflight"] = json.loads(pd.preflight(model, x, case.loss_fn, steps=PREFLIGHT_STEPS).to_json())
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()

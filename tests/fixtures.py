@@ -252,3 +252,20 @@ def trained_report() -> Any:
         monitor.update()
     assert report is not None and monitor.skipped_steps == [0, 1]
     return report.with_extras(scaler_monitor=monitor.to_extras())
+
+
+def as_job_report(report: Any) -> Any:
+    """`report` dressed as a 2-rank DDP job's (for the views, which only render what a
+    report holds): rank 1 alone raised the report's flags, rank 0 none."""
+    from precision_doctor.options import Wrapper
+    from precision_doctor.report import DistributedJob, RankResult
+
+    env = report.environment.model_copy(update={"distributed": DistributedJob(
+        world_size=2, backend="gloo", wrapper=Wrapper.DDP, mesh_shape=[2])})
+    losses = report.losses
+    ranks = [
+        RankResult(rank=r, loss_fp32=losses.fp32, loss_low=losses.low, loss_rel_error=losses.rel_error,
+                   flags=report.flags() if r == 1 else [])
+        for r in range(2)
+    ]
+    return report.model_copy(update={"environment": env, "ranks": ranks})

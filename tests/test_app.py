@@ -314,3 +314,21 @@ def test_cli_app_bad_report_is_one_line_exit_2(tmp_path: Path) -> None:
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("precision-doctor: error:"), result.output
         assert "Traceback" not in result.output
+
+
+def test_a_distributed_jobs_ranks(reports: dict[str, tuple[Report, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .fixtures import as_job_report
+
+    job = as_job_report(reports["faulty"][0])
+    path = tmp_path / "job.json"
+    job.save(path)
+    at = run_app(monkeypatch, path)
+    assert "Ranks" in [unescape(s.value) for s in at.subheader]
+    ranks = next(df for df in all_frames(at) if "findings" in df.columns)
+    assert list(ranks["rank"]) == [0, 1]
+    assert list(ranks["flags"]) == [0, len(job.flags())]
+    assert EVIL in ranks["findings"][1]  # shown verbatim, as data
+    metrics = {unescape(m.label): m.value for m in at.metric}
+    assert metrics["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
+    sample = run_app(monkeypatch, reports["sample"][1])
+    assert "Ranks" not in [unescape(s.value) for s in sample.subheader]

@@ -1,16 +1,20 @@
 """Distributed analysis on 2 gloo ranks on the CPU: one job (`tests/dist_job.py`) runs every
 API scenario once, launched as torchrun launches it (RANK, WORLD_SIZE, MASTER_ADDR/PORT), and
-the tests read what each rank wrote. The reference is one process analyzing the whole batch."""
+the tests read what each rank wrote. The reference is one process analyzing the whole batch.
+The CLI runs under a real torchrun, and with torchrun's environment for exact per-rank exit codes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ import precision_doctor as pd
 from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.capture.statistics import ErrorAccumulator, TensorSummary, summarize
 from precision_doctor.report import Report
-from tests.dist_job import FAULT_SCALE, SCALES
+from tests.dist_job import FAULT_SCALE, PREFLIGHT_STEPS, SCALES
 from tests.fixtures import build_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +39,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(argv: Sequence[str], world: int = 2, cwd: Path = ROOT) -> list[subprocess.CompletedProcess[str]]:
-    """`argv` on `world` ranks with the environment torchrun gives each rank; every rank's
-    exit code and output."""
+def start(argv: Sequence[str], world: int = 2) -> list[subprocess.Popen[str]]:
+    """`argv` on `world` ranks with the environment torchrun gives each rank."""
     port = str(free_port())
     procs = []
     for r in range(world):
@@ -46,7 +49,12 @@ def launch(argv: Sequence[str], world: int = 2, cwd: Path = ROOT) -> list[subpro
             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
         }
-        procs.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs: Sequence[subprocess.Popen[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """Every process's exit code and output; a hang fails the test (`JOB_TIMEOUT_S`)."""
     done = []
     try:
         for p in procs:
@@ -59,13 +67,79 @@ def launch(argv: Sequence[str], world: int = 2, cwd: Path = ROOT) -> list[subpro
     return done
 
 
+# Model files for the CLI: each rank takes its half of the batch (torchrun's RANK). The plain
+# one leaves the process group to the CLI; the DDP one initializes it itself (with a short
+# timeout), and its rank 1 has a NaN in its shard.
+PLAIN_FILE = """
+import os
+from tests.fixtures import build_mlp, mlp_loss
+
+def build_model():
+    return build_mlp().model
+
+def make_batch():
+    r = int(os.environ["RANK"])
+    return build_mlp().batch[3 * r : 3 * r + 3]
+
+loss_fn = mlp_loss
+"""
+DDP_NAN_FILE = """
+import datetime, os
+import torch
+import torch.distributed as dist
+from tests.fixtures import build_mlp, mlp_loss
+
+def build_model():
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    return torch.nn.parallel.DistributedDataParallel(build_mlp().model)
+
+def make_batch():
+    r = int(os.environ["RANK"])
+    x = build_mlp().batch[3 * r : 3 * r + 3].clone()
+    if r == 1:
+        x[0, 0] = float("nan")
+    return x
+
+loss_fn = mlp_loss
+"""
+
+
+@dataclass
+class Jobs:
+    api: list[dict[str, Any]]
+    out_dir: Path
+    cli: subprocess.CompletedProcess[str]
+    nan: list[subprocess.CompletedProcess[str]]
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist_job")
-    procs = launch([sys.executable, "-m", "tests.dist_job", str(out)])
-    for r, p in enumerate(procs):
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
+    """Three jobs, run at once: the API scenarios; `precision-doctor analyze` under a real
+    torchrun; and, with torchrun's environment, the CLI on a DDP file whose rank 1 has a NaN."""
+    d = tmp_path_factory.mktemp("dist")
+    (d / "plain.py").write_text(PLAIN_FILE)
+    (d / "ddp_nan.py").write_text(DDP_NAN_FILE)
+    cli = shutil.which("precision-doctor")
+    assert cli is not None
+    api = start([sys.executable, "-m", "tests.dist_job", str(d)])
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--log-dir", str(d / "logs"), "--redirects", "3", "--no-python",
+         cli, "analyze", str(d / "plain.py"), "--out", str(d / "r.json"), "--quiet"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    nan = start([cli, "analyze", str(d / "ddp_nan.py"), "--out", str(d / "nan.json"), "--quiet"])
+    api_done, (cli_done,), nan_done = finish(api), finish([torchrun]), finish(nan)
+    for r, p in enumerate(api_done):
         assert p.returncode == 0, f"rank {r} failed:\n{p.stderr[-3000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
+    return Jobs(results, d, cli_done, nan_done)
+
+
+@pytest.fixture(scope="module")
+def ranks(jobs: Jobs) -> list[dict[str, Any]]:
+    return jobs.api
 
 
 def report_of(ranks: list[dict[str, Any]], scenario: str) -> Report:
@@ -147,6 +221,60 @@ def test_the_ddp_model_comes_out_unchanged_and_trains(ranks: list[dict[str, Any]
         assert state["before"] == state["after"]
         assert state["stepped"] == state["replica_stepped"] != state["before"]
     assert ranks[0]["state"]["stepped"] == ranks[1]["state"]["stepped"]  # DDP kept the replicas equal
+
+
+def test_preflight_under_ddp_trains_data_parallel_and_agrees(ranks: list[dict[str, Any]]) -> None:
+    job = pd.PreflightResult.from_json(json.dumps(ranks[0]["preflight"]))
+    result = [copy.deepcopy(r["preflight"]) for r in ranks]
+    for r in result:  # each rank's own clock
+        r.pop("timings_s")
+        for run in r["runs"].values():
+            run.pop("seconds")
+    assert result[0] == result[1]  # one verdict, the same runs, on every rank
+    case = build_mlp()
+    whole = pd.preflight(case.model, case.batch, case.loss_fn, steps=PREFLIGHT_STEPS)
+    assert job.go == whole.go
+    assert set(job.runs) == set(whole.runs)
+    for mode, run in job.runs.items():
+        for s, w in zip(run.steps, whole.runs[mode].steps, strict=True):
+            # Averaged gradients train the copies as one process trains on the whole batch.
+            assert len(s.rank_losses) == 2 and s.loss == pytest.approx(sum(s.rank_losses) / 2)
+            assert s.loss == pytest.approx(w.loss, rel=1e-5), (mode, s.step)
+        assert run.skipped_steps == whole.runs[mode].skipped_steps
+
+
+def rank_logs(logs: Path) -> dict[int, tuple[str, str]]:
+    """torchrun's per-rank stdout and stderr (`--log-dir`, `--redirects 3`)."""
+    return {
+        int(d.name): ((d / "stdout.log").read_text(), (d / "stderr.log").read_text())
+        for d in logs.glob("*/attempt_0/*")
+    }
+
+
+def test_cli_under_torchrun_writes_one_report_from_rank_0(jobs: Jobs) -> None:
+    assert jobs.cli.returncode == 0, jobs.cli.stderr[-3000:]
+    logs = rank_logs(jobs.out_dir / "logs")
+    assert set(logs) == {0, 1}
+    assert "report written to" in logs[0][0] and "distributed: 2 ranks (gloo, none)" in logs[0][0]
+    assert logs[1] == ("", "")  # the other rank stays silent
+    report = Report.load(jobs.out_dir / "r.json")
+    assert report.environment.distributed is not None
+    assert (report.environment.distributed.world_size, report.environment.distributed.backend) == (2, "gloo")
+    assert [r.rank for r in report.ranks] == [0, 1]
+    # Each rank's half of the batch: the forward statistics of one process on the whole batch.
+    case = build_mlp()
+    whole = pd.analyze(case.model, case.batch, case.loss_fn)
+    for u in whole.units:
+        if u.name != "<loss>":
+            assert report.by_module()[u.name].forward.stats == u.forward.stats, u.name
+    assert report.extras.plan is not None  # planned alike on every rank
+
+
+def test_cli_a_nonfinite_loss_on_one_rank_exits_alike_everywhere(jobs: Jobs) -> None:
+    assert [p.returncode for p in jobs.nan] == [2, 2]
+    assert jobs.nan[0].stderr.startswith("precision-doctor: error: rank 1: the fp32 loss is nan"), jobs.nan[0].stderr
+    assert jobs.nan[1].stderr == "" and jobs.nan[1].stdout == ""  # said once, by rank 0
+    assert not (jobs.out_dir / "nan.json").exists()
 
 
 # --- the reducer alone, one process ---------------------------------------------------------

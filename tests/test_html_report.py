@@ -184,3 +184,18 @@ def test_training_section_shows_preflight_and_monitor(tmp_path: Path) -> None:
     assert "<tr><td>5</td><td>2</td><td>2^14</td><td>0 in 2 steps</td><td>go</td></tr>" in text
     plain = render_html(report.model_copy(update={"extras": ReportExtras()}))
     assert 'id="training"' not in plain
+
+
+def test_a_distributed_jobs_ranks_section(faulty: Report, healthy: Report) -> None:
+    from .fixtures import as_job_report
+
+    job = as_job_report(faulty)
+    text = render_html(job)
+    section = text[text.index('<h2 id="ranks">') : text.index("<h2>Layers</h2>")]
+    assert "2 ranks (gloo, ddp, mesh 2)" in section
+    rows = re.findall(r"<tr>(.*?)</tr>", section.split("<tbody>")[1])
+    assert len(rows) == 2  # one per rank
+    assert ">none<" in rows[0] and "OVERFLOW at " + html.escape(EVIL) in rows[1]  # escaped, as data
+    assert EVIL not in section
+    assert dict(F.overview_items(job))["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
+    assert 'id="ranks"' not in render_html(healthy)  # one process: no section

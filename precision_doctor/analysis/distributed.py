@@ -29,12 +29,13 @@ more than one rank is initialized.
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import copy
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -62,11 +63,15 @@ __all__ = [
     "RanksFailedInternalError",
     "StatsReducer",
     "active",
+    "agreed",
     "exchange",
+    "init_from_env",
     "rank",
+    "release",
     "same_outcome",
     "unwrap",
     "world_size",
+    "worst",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -198,6 +203,13 @@ def _gather(item: Any) -> list[Any]:
     return got
 
 
+def _collective_device() -> torch.device:
+    """Where the statistics' tensors go for a collective: NCCL reduces CUDA tensors only."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def exchange(payload: T) -> list[T]:
     """Every rank's `payload`, in rank order ([payload] outside a job). A checkpoint: a rank
     that failed since the last one arrives here with its error instead (see `same_outcome`),
@@ -212,31 +224,78 @@ def exchange(payload: T) -> list[T]:
     return [cast(T, item[1]) for item in got]
 
 
-_SCOPE: contextvars.ContextVar[bool] = contextvars.ContextVar("precision_doctor_scope", default=False)
+def worst(value: T, error: Callable[[T], float]) -> T:
+    """The value of the rank where `error(value)` is largest (NaN counts as the largest; the
+    lowest such rank), from every rank (`exchange`): a decision every rank then takes alike,
+    on the worst rank's evidence. Outside a job, `value`."""
+    got = exchange(value)
+
+    def badness(v: T) -> float:
+        e = error(v)
+        return math.inf if math.isnan(e) else e
+
+    return max(got, key=badness)  # max keeps the first of equal ones: the lowest rank
+
+
+@contextlib.contextmanager
+def agreed() -> Iterator[None]:
+    """Run the body so that every rank of a job ends it the same way: when it raises on one
+    rank, that rank joins the next `exchange` the others reach (inside the body, or the one
+    every rank makes when the body ends) with its error, and all of them raise it, the rank
+    named. Outside a job (checked when the body ends: the body may start one) it does nothing."""
+    try:
+        yield
+    except (RanksFailedError, RanksFailedInternalError):
+        raise  # every rank raises it already
+    except Exception as e:
+        if not active():
+            raise
+        failure = _Failure(rank(), isinstance(e, PrecisionDoctorError), _first_line(e))
+        got = _gather((_FAILED, failure))
+        _raise_failures([item[1] for item in got if item[0] == _FAILED])
+    if active():
+        exchange(None)  # a rank failing after the body's last checkpoint meets the others here
 
 
 def same_outcome(fn: F) -> F:
-    """Run `fn` so that every rank of a job ends it the same way: when it raises on one rank,
-    that rank joins the next `exchange` the others reach (inside `fn`, or the one every rank
-    makes when `fn` ends) with its error, and all of them raise it, the rank named. Outside a
-    job `fn` runs as it is."""
+    """`fn` run inside `agreed()`: a failure on one rank is raised on every rank."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not active():
             return fn(*args, **kwargs)
-        try:
-            result = fn(*args, **kwargs)
-        except (RanksFailedError, RanksFailedInternalError):
-            raise  # every rank raises it already
-        except Exception as e:
-            failure = _Failure(rank(), isinstance(e, PrecisionDoctorError), _first_line(e))
-            got = _gather((_FAILED, failure))
-            _raise_failures([item[1] for item in got if item[0] == _FAILED])
-        exchange(None)  # a rank failing after the last checkpoint inside `fn` meets the others here
-        return result
+        with agreed():
+            return fn(*args, **kwargs)
 
     return cast(F, wrapper)
+
+
+_CREATED_GROUP: list[bool] = []
+
+
+def init_from_env(model: torch.nn.Module) -> bool:
+    """Join the job torchrun launched this process into (its environment names RANK and
+    WORLD_SIZE > 1) when nothing initialized the process group yet (a model file may, to
+    build a DDP or FSDP2 model): NCCL for a CUDA model, else gloo. Returns whether it
+    initialized one (`release()` destroys it)."""
+    if not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cuda = device.type == "cuda" and torch.distributed.is_nccl_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    _CREATED_GROUP.append(True)
+    return True
+
+
+def release() -> None:
+    """Destroy the process group `init_from_env` initialized, if it did."""
+    if _CREATED_GROUP and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _CREATED_GROUP.clear()
 
 
 # --- combining statistics across ranks ------------------------------------------------------
@@ -378,11 +437,12 @@ class StatsReducer:
                 self._mismatch(differ)
             texts = [next((t[2][k] for t in got if t[2][k] is not None), None) for k in range(len(texts))]
             ops = [torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX]
+            device = _collective_device()
             for k, op in enumerate(ops):
                 if len(arrays[k]):
-                    t = torch.from_numpy(arrays[k])
+                    t = torch.from_numpy(arrays[k]).to(device)
                     torch.distributed.all_reduce(t, op=op)
-                    arrays[k] = t.numpy()
+                    arrays[k] = t.cpu().numpy()
         ints, sums, maxs = arrays
         for slot in self._slots:
             slot.decode(ints[slot.ints[0] : slot.ints[1]], sums[slot.sums[0] : slot.sums[1]], maxs[slot.maxs[0] : slot.maxs[1]])
@@ -618,8 +678,15 @@ class Job:
         a gradient another rank has and this one does not (a parameter this rank's data did not
         reach) is added as zeros, what DDP reduces for it. `names`: every rank's gradient names,
         when already exchanged (else a checkpoint exchanges them). Other wrappers: nothing."""
-        if self.wrapper is not Wrapper.DDP:
-            return
+        if self.wrapper is Wrapper.DDP:
+            self.average_data_parallel(model, grads, names)
+
+    def average_data_parallel(
+        self, model: torch.nn.Module, grads: dict[str, torch.Tensor], names: Sequence[Sequence[str]] | None = None
+    ) -> None:
+        """`average_gradients` whatever the wrapper: plain gradients averaged across ranks as
+        DDP averages them (DTensor ones, which FSDP2 and tensor parallel reduce themselves, are
+        left as they are)."""
         if names is None:
             names = exchange(sorted(grads))
         params = dict(model.named_parameters(remove_duplicate=False))

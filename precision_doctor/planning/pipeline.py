@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from precision_doctor.analysis.distributed import exchange, same_outcome, unwrap
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn
 from precision_doctor.options import CostSource, parse_enum
@@ -18,6 +19,7 @@ from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
 from precision_doctor.report import Report
 
 
+@same_outcome
 def plan_report(
     model: torch.nn.Module,
     batch: Any,
@@ -33,7 +35,12 @@ def plan_report(
 
     `cost_source="roofline"` costs each op on the `target` profile (default h100);
     `"measured"` times each unit on the model's own device (no `target` then). The plan is
-    verified by real low-precision runs of `model` under the plan (restored afterwards)."""
+    verified by real low-precision runs of `model` under the plan (restored afterwards).
+
+    In a torch.distributed job every rank calls it (with its own shard of the data) and gets
+    the same plan: each verification pass decides on the worst rank's error, and measured
+    costs are rank 0's. A `DistributedDataParallel` model is planned as its `module`."""
+    model = unwrap(model)[0]
     source = parse_enum(CostSource, cost_source, "cost source")
     if source is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("measured costs time the model's own device; they take no target")
@@ -42,7 +49,7 @@ def plan_report(
     if source is CostSource.MEASURED:
         from precision_doctor.planning.timing import measure_cost_model
 
-        costs = measure_cost_model(model, batch, loss_fn, report)
+        costs = exchange(measure_cost_model(model, batch, loss_fn, report))[0]
         target_name = costs.profile.name
     plan = plan_model(model, batch, loss_fn, report, target=target_name, tolerance=tolerance, costs=costs)
     return report.with_extras(plan=plan_section(plan), loss_scale=plan.loss_scale)

@@ -30,6 +30,7 @@ import torch.utils._pytree as pytree
 from pydantic import Field
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from precision_doctor.analysis import distributed
 from precision_doctor.analysis.flags import gradient_flags_at_scale
 from precision_doctor.capture.emulation import UnitOverrides, check_region_dtype, unit_overrides
 from precision_doctor.capture.lowrun import low_run
@@ -406,7 +407,12 @@ def plan_model(
             break
         if reference is None:
             reference = fp32_reference(model, batch, loss_fn)
-        check = verify_plan(model, batch, loss_fn, TORCH_DTYPES[low_dtype], low, policy=policy, reference=reference)
+        # In a torch.distributed job each rank verifies on its own data and all decide on the
+        # worst rank's error, so every rank runs the same passes.
+        check = distributed.worst(
+            verify_plan(model, batch, loss_fn, TORCH_DTYPES[low_dtype], low, policy=policy, reference=reference),
+            lambda c: c.loss_rel_error,
+        )
         verified = check.loss_rel_error
         passes += 1
         bad = check.first_nonfinite_unit

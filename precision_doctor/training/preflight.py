@@ -64,6 +64,7 @@ import torch
 import torch.utils._pytree as pytree
 from pydantic import Field
 
+from precision_doctor.analysis.distributed import Job, exchange, same_outcome, unwrap
 from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import low_precision
@@ -305,12 +306,18 @@ def _run(
     units: Mapping[str, UnitDtype] | None,
     init_scale_log2: int | None,
     skip: frozenset[int] = frozenset(),
+    job: Job | None = None,
 ) -> ModeRun:
     """`len(batches)` optimizer steps on deep copies of the model (and optimizer): in fp32
     (`dtype` None), or in `dtype` as `regime` runs it (`low_precision`), with `units`' overrides
     (a plan's, autocast regime only) installed as `apply_plan` installs them. Without a
     scaler, the steps in `skip` compute their loss and gradients but apply no update (as
-    another run's GradScaler skipped them: the reference that run is compared with)."""
+    another run's GradScaler skipped them: the reference that run is compared with).
+
+    In a torch.distributed `job` every rank trains its copy on its own batches, data
+    parallel: the gradients are averaged across ranks before each update, as DDP averages
+    them, so the copies stay equal and GradScaler decides alike on every rank; each step's
+    loss is the ranks' mean (each rank's in `rank_losses`)."""
     t0 = time.perf_counter()
     pure = dtype is not None and regime is Regime.PURE
     if pure and units is not None:
@@ -373,6 +380,10 @@ def _run(
                     f"the {mode} training step {i} raised {type(e).__name__}: {e}"
                 ) from e
             loss_v = float(loss.detach())
+            rank_losses: list[float] = []
+            if job is not None:
+                rank_losses = _average_step(job, m, loss_v)
+                loss_v = math.fsum(rank_losses) / len(rank_losses)
             finite = _grads_finite(params)
             skipped = False
             with optimizer_precision():
@@ -384,7 +395,9 @@ def _run(
                     skipped = True
                 else:
                     opt.step()  # as a real run would: non-finite gradients reach the weights
-            records.append(StepRecord(step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped))
+            records.append(StepRecord(
+                step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped, rank_losses=rank_losses,
+            ))
     del m, opt, precision, optimizer_precision
     return ModeRun(
         mode=mode,
@@ -400,6 +413,33 @@ def _run(
     )
 
 
+def _average_step(job: Job, model: torch.nn.Module, loss: float) -> list[float]:
+    """One data-parallel step's exchange: every rank's loss (a checkpoint: a rank whose step
+    failed is named on every rank), then the model's gradients averaged across ranks, zeros
+    where a rank has none and another has one."""
+    named = dict(model.named_parameters())
+    got = exchange((loss, sorted(n for n, p in named.items() if p.grad is not None)))
+    grads = {n: p.grad for n, p in named.items() if p.grad is not None}
+    job.average_data_parallel(model, grads, [names for _, names in got])
+    for n, g in grads.items():
+        if named[n].grad is None:  # a gradient only another rank's data reached
+            named[n].grad = g
+    return [v for v, _ in got]
+
+
+def _step_divergence(s: StepRecord, r: StepRecord) -> float:
+    """The relative loss difference of a step from the reference's; in a distributed job the
+    worst rank's (each rank's loss against its own reference loss, on the same batch)."""
+    pairs = list(zip(s.rank_losses, r.rank_losses, strict=True)) if s.rank_losses and r.rank_losses else [(s.loss, r.loss)]
+    worst = 0.0
+    for low, ref in pairs:
+        if not math.isfinite(low):
+            return math.inf
+        if math.isfinite(ref):
+            worst = max(worst, abs(low - ref) / max(abs(ref), 1e-30))
+    return worst
+
+
 def _with_divergence(run: ModeRun, ref: ModeRun) -> ModeRun:
     """`run` with its largest loss divergence from `ref`, step by step: `ref` is the fp32 run
     that skipped the steps `run` skipped, so both losses at a step come after the same
@@ -409,10 +449,7 @@ def _with_divergence(run: ModeRun, ref: ModeRun) -> ModeRun:
     for s, r in zip(run.steps, ref.steps, strict=True):
         if not math.isfinite(r.loss):
             continue  # the fp32 run itself broke: reported as NONFINITE_FP32
-        if not math.isfinite(s.loss):
-            d = math.inf
-        else:
-            d = abs(s.loss - r.loss) / max(abs(r.loss), 1e-30)
+        d = _step_divergence(s, r)
         if at is None or d > worst:
             worst, at = d, s.step
     return run.model_copy(update={"max_divergence": worst, "divergence_step": at})
@@ -495,6 +532,7 @@ def _optimizer_name(optimizer: torch.optim.Optimizer | None, build: OptimizerFac
     return f"AdamW(lr={DEFAULT_LR:g}) (default)"
 
 
+@same_outcome
 def preflight(
     model: torch.nn.Module,
     batch: Any,
@@ -557,6 +595,12 @@ def preflight(
         own = {id(p) for p in model.parameters()}
         if not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
             raise PrecisionDoctorError("the optimizer holds none of the model's parameters")
+    # In a torch.distributed job each rank runs the pre-flight on its own batches: the analysis
+    # and plan are the job's, the short runs train data parallel (see `_run`), and every rank
+    # reaches the same verdict. A DDP model's copies are copies of its `module`.
+    wrapped = model
+    model, wrapper = unwrap(model)
+    job = Job.of(model, wrapper)
     say = progress or (lambda _msg: None)
     build = build_optimizer or _default_optimizer
     tdtype = TORCH_DTYPES[low]
@@ -570,7 +614,7 @@ def preflight(
     t = time.perf_counter()
     # The analysis restores the model it is given; a copy keeps even that out of the user's way.
     report = analyze(
-        _copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__,
+        wrapped if wrapped is not model else _copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__,
         regime=run_regime, policy=op_policy,
     )
     timings["analysis"] = time.perf_counter() - t
@@ -599,7 +643,7 @@ def preflight(
     args = (optimizer, build, batches, loss_fn)
     runs: dict[str, ModeRun] = {}
     say("fp32 run")
-    runs["fp32"] = _run("fp32", "fp32 reference", model, *args, dtype=None, units=None, init_scale_log2=None)
+    runs["fp32"] = _run("fp32", "fp32 reference", model, *args, dtype=None, units=None, init_scale_log2=None, job=job)
     say(f"{low} run")
     scaler_txt = f", GradScaler from 2^{default_scale}" if default_scale is not None else ", no loss scaler"
     if pure:
@@ -613,7 +657,7 @@ def preflight(
         low_desc = f"torch.autocast({low}, {op_policy} op lists){scaler_txt}"
     runs["low"] = _run(
         "low", low_desc, model, *args, dtype=tdtype, regime=run_regime, policy=op_policy, units=None,
-        init_scale_log2=default_scale,
+        init_scale_log2=default_scale, job=job,
     )
     if plan_units is not None:
         say("planned run")
@@ -625,7 +669,7 @@ def preflight(
         )
         runs["planned"] = _run(
             "planned", desc, model, *args, dtype=tdtype, regime=Regime.AUTOCAST, policy=plan_policy,
-            units=plan_units, init_scale_log2=s,
+            units=plan_units, init_scale_log2=s, job=job,
         )
     for k in ("fp32", "low", "planned"):
         if k in runs:
@@ -642,7 +686,7 @@ def preflight(
             say(f"fp32 run skipping steps {_ranges(sorted(skipped))}")
             ref = _run(
                 "fp32", "fp32 reference, skipping the same steps", model, *args, dtype=None, units=None,
-                init_scale_log2=None, skip=skipped,
+                init_scale_log2=None, skip=skipped, job=job,
             )
             references[skipped] = ref
             timings["run_fp32_skipping"] = timings.get("run_fp32_skipping", 0.0) + ref.seconds

@@ -204,12 +204,37 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
         ("loss tolerance", f"{report.thresholds.loss_rel_error:g}"
          + ("" if report.loss_within_tolerance else " (over)")),
     ]
+    job = distributed_text(report)
+    if job is not None:
+        items.append(("distributed", job))
     if plan is not None:
         if plan.speedup is not None:
             items.append(("plan speed-up (est.)", f"{plan.speedup:.2f}x"))
         if plan.memory_saving is not None:
             items.append(("plan activation saving (est.)", f"{plan.memory_saving:.0%}"))
     return items
+
+
+def distributed_text(report: Report) -> str | None:
+    """"2 ranks (gloo, ddp, mesh 2)" for a torch.distributed job's report, None for one
+    process."""
+    job = report.environment.distributed
+    if job is None:
+        return None
+    mesh = "x".join(map(str, job.mesh_shape))
+    return f"{job.world_size} ranks ({job.backend}, {job.wrapper}, mesh {mesh})"
+
+
+def rank_rows(report: Report) -> list[dict[str, Any]]:
+    """Each rank of a distributed job on its own statistics: its losses and the findings it
+    alone raises (the job's flags, in the units above, combine every rank's statistics)."""
+    dtype = report.environment.dtype.value
+    return [
+        {"rank": r.rank, "fp32 loss": r.loss_fp32, f"{dtype} loss": r.loss_low,
+         "loss rel error": r.loss_rel_error, "flags": len(r.flags),
+         "findings": "; ".join(f"{f.flag.value} at {f.unit} ({f.severity.value})" for f in r.flags) or "none"}
+        for r in report.ranks
+    ]
 
 
 def takeoff_unit(report: Report) -> Unit | None:

@@ -12,6 +12,7 @@ from typing import Any
 from precision_doctor.report import Report, Unit, write_atomic
 from precision_doctor.views.figures import (
     depth_figure,
+    distributed_text,
     error_rows,
     export_file,
     flag_counts,
@@ -27,6 +28,7 @@ from precision_doctor.views.figures import (
     plan_cost_rows,
     preflight_run_rows,
     preflight_verdict,
+    rank_rows,
     takeoff_unit,
     training_figure,
 )
@@ -128,6 +130,11 @@ def render_html(report: Report) -> str:
     parts.append(_table([{k: v for k, v in overview_items(report, plan)}]))
     counts = flag_counts(report)
     parts.append("<p>Flagged units by flag:</p>" + _table([counts]) if counts else "<p>No flags.</p>")
+    if report.ranks:
+        parts.append('<h2 id="ranks">Ranks</h2>')
+        parts.append(f"<p>{_e(distributed_text(report))}: the units and flags above combine every rank's "
+                     "statistics; below, each rank judged on its own.</p>")
+        parts.append(_table(rank_rows(report)))
 
     parts.append("<h2>Layers</h2>")
     parts.append('<p><input type="search" placeholder="filter by name or flag" oninput="pdFilter(this)"> '

@@ -85,6 +85,11 @@ def overview(report: Report, plan: PlanSection | None) -> None:
         st.dataframe(_df(F.flag_rows(report)), hide_index=True)
     else:
         st.success("No unit flagged.")
+    if report.ranks:
+        st.subheader("Ranks")
+        st.caption(md(f"{F.distributed_text(report)}: the units and flags combine every rank's statistics; "
+                      "here each rank is judged on its own."))
+        st.dataframe(_df(F.rank_rows(report)), hide_index=True)
 
 
 def layer_table(report: Report, plan: PlanSection | None) -> None:

@@ -49,6 +49,8 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         Text(f"final loss: fp32 {report.losses.fp32:.6g}, {env.dtype} {report.losses.low:.6g} "
              f"(relative error {_num(report.losses.rel_error)})")
     )
+    if report.ranks:
+        _render_ranks(report, console)
     flags = report.flags()
     if flags:
         table = Table(title="Flagged units (worst first)", show_lines=False)
@@ -70,3 +72,24 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         if len(flags) > max_rows:
             console.print(Text(f"... and {len(flags) - max_rows} more flags (see --out report.json)"))
     console.print(Text(report.verdict, style="bold green" if report else "bold red"))
+
+MAX_RANK_LINES = 8
+
+
+def _render_ranks(report: Report, console: Console) -> None:
+    """One line per rank of a distributed job (those with findings first when there are many):
+    what each rank's own statistics say, beside the job's combined ones."""
+    job = report.environment.distributed
+    head = f"{job.world_size} ranks ({job.backend}, {job.wrapper})" if job is not None else f"{len(report.ranks)} ranks"
+    console.print(Text(f"distributed: {head}; units and flags combine every rank's statistics"))
+    ranks = sorted(report.ranks, key=lambda r: (not r.flags, r.rank))
+    dtype = report.environment.dtype
+    for r in ranks[:MAX_RANK_LINES]:
+        found = ", ".join(f"{f.flag.value} at {f.unit}" for f in r.flags) or "no flag"
+        console.print(Text(
+            f"  rank {r.rank}: loss fp32 {r.loss_fp32:.6g}, {dtype} {r.loss_low:.6g} "
+            f"(relative error {_num(r.loss_rel_error)}); on its own: {found}"
+        ))
+    if len(ranks) > MAX_RANK_LINES:
+        console.print(Text(f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s) without findings"
+                           if not ranks[MAX_RANK_LINES].flags else f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s)"))
