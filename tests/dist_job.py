@@ -6,7 +6,8 @@ OUT_DIR/rank{r}.json, so the process start-up (~2 s a rank) is paid once for all
 Scenarios (rank r gets rows [3r, 3r+3) of `fixtures.build_mlp`'s 6-row batch, scaled):
 - `healthy`, `overflow`: DDP on the batch halves (the test compares with one process on the
   whole batch);
-- `fault`: rank 1's shard alone scaled past fp16's range;
+- `fault`: rank 1's shard alone scaled past fp16's range; `diluted`: the same, with an
+  overflow threshold above the job's overflow fraction and below rank 1's own;
 - `nonfinite`: rank 1's shard holds a NaN (the fp32 loss is NaN there only);
 - `mismatch`: rank 1's data takes a branch rank 0's does not (a different computation);
 - `state`: the DDP model before and after the analysis, and a DDP training step after it
@@ -29,6 +30,7 @@ from torch import nn
 
 SCALES = {"healthy": 1.0, "overflow": 6e4}
 FAULT_SCALE = 1e5
+DILUTED_THRESHOLD = 0.15
 ROWS = 3
 PREFLIGHT_STEPS = 3
 
@@ -86,6 +88,14 @@ def main(out_dir: Path) -> None:
     if rank == 1:
         x = x * FAULT_SCALE
     results["fault"] = json.loads(pd.analyze(model, x, case.loss_fn).to_json())
+
+    # The same fault judged at a threshold between rank 1's own overflow fraction and the
+    # job's: a flag is judged on the combined statistics, not OR-ed from a rank's.
+    model, x = ddp_of(1.0)
+    if rank == 1:
+        x = x * FAULT_SCALE
+    th = pd.Thresholds(overflow_fraction=DILUTED_THRESHOLD)
+    results["diluted"] = json.loads(pd.analyze(model, x, case.loss_fn, thresholds=th).to_json())
 
     model, x = ddp_of(1.0)
     if rank == 1:

@@ -26,7 +26,7 @@ import precision_doctor as pd
 from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.capture.statistics import ErrorAccumulator, TensorSummary, summarize
 from precision_doctor.report import Report
-from tests.dist_job import FAULT_SCALE, PREFLIGHT_STEPS, SCALES
+from tests.dist_job import DILUTED_THRESHOLD, FAULT_SCALE, PREFLIGHT_STEPS, SCALES
 from tests.fixtures import build_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +199,19 @@ def test_a_fault_in_one_ranks_shard_is_the_jobs_and_named_by_rank(ranks: list[di
     assert job.by_module()["fc1"].forward.stats is not None
     assert job.by_module()["fc1"].forward.stats.numel == 2 * 3 * 16
     assert not job  # not safe as-is
+
+
+def test_flags_are_judged_on_the_combined_statistics_not_or_ed(ranks: list[dict[str, Any]]) -> None:
+    job = report_of(ranks, "diluted")
+    fc1 = job.by_module()["fc1"].forward.stats
+    assert fc1 is not None
+    over, values = fc1.fp16.overflow_count, fc1.numel
+    rank1 = next(r for r in job.ranks if r.rank == 1)
+    # Rank 1 alone overflows in over / (values / 2) of its values, above the threshold; the job
+    # in over / values, below it: rank 1 raises OVERFLOW on its own, the job does not.
+    assert over / values < DILUTED_THRESHOLD < over / (values / 2)
+    assert ("OVERFLOW", "fc1") in {(f.flag.value, f.unit) for f in rank1.flags}
+    assert "OVERFLOW" not in {f.flag.value for f in job.flags()}
 
 
 def test_a_nonfinite_loss_on_one_rank_fails_every_rank_naming_it(ranks: list[dict[str, Any]]) -> None:

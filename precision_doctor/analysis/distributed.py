@@ -36,7 +36,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
 
 import numpy as np
@@ -305,15 +305,42 @@ _SUMMARY_HEAD = 5 + 3 * len(_TAIL_NAMES) + 1  # present, numel, zeros, nans, inf
 _EMPTY = TensorSummary()
 
 
-@dataclass
-class _Slot:
-    ints: tuple[int, int]
-    sums: tuple[int, int]
-    maxs: tuple[int, int]
-    decode: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+class _Stream:
+    """One flat array being packed: runs of scalars kept as a Python list until an array comes
+    (one `np.array` per run, not per value: the capture of GPT-2 small is ~10^4 values)."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = dtype
+        self.chunks: list[np.ndarray] = []
+        self.pending: list[float] = []
+        self.size = 0
+
+    def scalars(self, *values: float) -> int:
+        start = self.size
+        self.pending.extend(values)
+        self.size += len(values)
+        return start
+
+    def array(self, a: np.ndarray) -> int:
+        start = self.size
+        self._flush()
+        self.chunks.append(a)
+        self.size += len(a)
+        return start
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.chunks.append(np.array(self.pending, dtype=self.dtype))
+            self.pending = []
+
+    def packed(self) -> np.ndarray:
+        self._flush()
+        return np.concatenate(self.chunks).astype(self.dtype, copy=False) if self.chunks else np.zeros(0, self.dtype)
 
 
-@dataclass
+Decoder = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
 class StatsReducer:
     """Statistics of this rank, registered under keys, then combined across the job's ranks
     by `reduce()`: each registered value is replaced (through its `assign` callback) by the
@@ -331,27 +358,14 @@ class StatsReducer:
     {'m': 2.5, 'n': 3}
     """
 
-    _ints: list[np.ndarray] = field(default_factory=list)
-    _sums: list[np.ndarray] = field(default_factory=list)
-    _maxs: list[np.ndarray] = field(default_factory=list)
-    _sizes: list[int] = field(default_factory=lambda: [0, 0, 0])
-    _keys: list[str] = field(default_factory=list)
-    _slots: list[_Slot] = field(default_factory=list)
-    _texts: list[tuple[str | None, Callable[[str | None], None]]] = field(default_factory=list)
-    _rank: int = field(default_factory=rank)
-
-    def _add(
-        self, key: str, ints: np.ndarray, sums: np.ndarray, maxs: np.ndarray,
-        decode: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
-    ) -> None:
-        spans = []
-        for i, (part, store) in enumerate(((ints, self._ints), (sums, self._sums), (maxs, self._maxs))):
-            spans.append((self._sizes[i], self._sizes[i] + len(part)))
-            self._sizes[i] += len(part)
-            if len(part):
-                store.append(part)
-        self._keys.append(key)
-        self._slots.append(_Slot(spans[0], spans[1], spans[2], decode))
+    def __init__(self) -> None:
+        self._ints = _Stream(np.int64)
+        self._sums = _Stream(np.float64)
+        self._maxs = _Stream(np.float64)
+        self._keys: list[str] = []
+        self._decoders: list[Decoder] = []
+        self._texts: list[tuple[str | None, Callable[[str | None], None]]] = []
+        self._rank = rank()
 
     def summary(
         self, key: str, s: TensorSummary | None, assign: Callable[[TensorSummary | None], None], *,
@@ -361,62 +375,72 @@ class StatsReducer:
         one). `grad`: it may carry sums of squares (gradients)."""
         own = s is not None and not (replicated and self._rank != 0)
         src = s if own and s is not None else _EMPTY
-        ints = np.empty(_SUMMARY_HEAD + HIST_BINS, dtype=np.int64)
         head = [int(own), src.numel, src.zero_count, src.nan_count, src.inf_count]
         for name in _TAIL_NAMES:
             t = src.tails[name]
             head += [t.overflow, t.flushed, t.subnormal]
         head.append(int(src.sumsq is not None))
-        ints[:_SUMMARY_HEAD] = head
-        ints[_SUMMARY_HEAD:] = src.hist
-        sums = np.zeros(SUMSQ_BINS + 1 if grad else 0)
-        if grad and src.sumsq is not None:
-            sums[:SUMSQ_BINS] = src.sumsq
-            sums[SUMSQ_BINS] = src.sumsq_total
-        maxs = np.array([src.max_abs, -src.min_nonzero_abs])
+        i0 = self._ints.scalars(*head)
+        self._ints.array(src.hist)
+        s0 = 0
+        if grad:
+            s0 = self._sums.array(src.sumsq if src.sumsq is not None else np.zeros(SUMSQ_BINS))
+            self._sums.scalars(src.sumsq_total if src.sumsq is not None else 0.0)
+        m0 = self._maxs.scalars(src.max_abs, -src.min_nonzero_abs)
 
         def decode(i: np.ndarray, f: np.ndarray, m: np.ndarray) -> None:
-            if not i[0]:
+            if not i[i0]:
                 assign(None)
                 return
             tails = {}
             for k, name in enumerate(_TAIL_NAMES):
-                o = 5 + 3 * k
+                o = i0 + 5 + 3 * k
                 tails[name] = TailCounts(overflow=int(i[o]), flushed=int(i[o + 1]), subnormal=int(i[o + 2]))
-            has_sumsq = grad and bool(i[_SUMMARY_HEAD - 1])
+            has_sumsq = grad and bool(i[i0 + _SUMMARY_HEAD - 1])
             assign(TensorSummary(
-                numel=int(i[1]), zero_count=int(i[2]), nan_count=int(i[3]), inf_count=int(i[4]),
-                max_abs=float(m[0]), min_nonzero_abs=float(-m[1]), hist=i[_SUMMARY_HEAD:].copy(),
-                sumsq=f[:SUMSQ_BINS].copy() if has_sumsq else None,
-                sumsq_total=float(f[SUMSQ_BINS]) if has_sumsq else 0.0,
+                numel=int(i[i0 + 1]), zero_count=int(i[i0 + 2]), nan_count=int(i[i0 + 3]), inf_count=int(i[i0 + 4]),
+                max_abs=float(m[m0]), min_nonzero_abs=float(-m[m0 + 1]),
+                hist=i[i0 + _SUMMARY_HEAD : i0 + _SUMMARY_HEAD + HIST_BINS].copy(),
+                sumsq=f[s0 : s0 + SUMSQ_BINS].copy() if has_sumsq else None,
+                sumsq_total=float(f[s0 + SUMSQ_BINS]) if has_sumsq else 0.0,
                 tails=tails,
             ))
 
-        self._add(key, ints, sums, maxs, decode)
+        self._keys.append(key)
+        self._decoders.append(decode)
 
     def error(self, key: str, acc: ErrorAccumulator | None, assign: Callable[[ErrorAccumulator | None], None]) -> None:
         """An `ErrorAccumulator`: its sums of squares and mismatch count summed."""
         src = acc if acc is not None else ErrorAccumulator()
-        ints = np.array([int(acc is not None), src.nonfinite_mismatch], dtype=np.int64)
-        sums = np.array([src.sum_sq_ref, src.sum_sq_err])
+        i0 = self._ints.scalars(int(acc is not None), src.nonfinite_mismatch)
+        s0 = self._sums.scalars(src.sum_sq_ref, src.sum_sq_err)
 
         def decode(i: np.ndarray, f: np.ndarray, m: np.ndarray) -> None:
-            assign(ErrorAccumulator(float(f[0]), float(f[1]), int(i[1])) if i[0] else None)
+            assign(ErrorAccumulator(float(f[s0]), float(f[s0 + 1]), int(i[i0 + 1])) if i[i0] else None)
 
-        self._add(key, ints, sums, np.zeros(0), decode)
+        self._keys.append(key)
+        self._decoders.append(decode)
 
     def maximum(self, key: str, value: float, assign: Callable[[float], None]) -> None:
-        self._add(key, np.zeros(0, np.int64), np.zeros(0), np.array([value]), lambda i, f, m: assign(float(m[0])))
+        m0 = self._maxs.scalars(value)
+        self._keys.append(key)
+        self._decoders.append(lambda i, f, m: assign(float(m[m0])))
 
     def minimum(self, key: str, value: float, assign: Callable[[float], None]) -> None:
-        self._add(key, np.zeros(0, np.int64), np.zeros(0), np.array([-value]), lambda i, f, m: assign(float(-m[0])))
+        m0 = self._maxs.scalars(-value)
+        self._keys.append(key)
+        self._decoders.append(lambda i, f, m: assign(float(-m[m0])))
 
     def total(self, key: str, value: int, assign: Callable[[int], None]) -> None:
-        self._add(key, np.array([value], np.int64), np.zeros(0), np.zeros(0), lambda i, f, m: assign(int(i[0])))
+        i0 = self._ints.scalars(value)
+        self._keys.append(key)
+        self._decoders.append(lambda i, f, m: assign(int(i[i0])))
 
     def any(self, key: str, value: bool, assign: Callable[[bool], None]) -> None:
         """True on any rank."""
-        self._add(key, np.zeros(0, np.int64), np.zeros(0), np.array([float(value)]), lambda i, f, m: assign(bool(m[0])))
+        m0 = self._maxs.scalars(float(value))
+        self._keys.append(key)
+        self._decoders.append(lambda i, f, m: assign(bool(m[m0])))
 
     def text(self, key: str, value: str | None, assign: Callable[[str | None], None]) -> None:
         """A name (the op that made an Inf/NaN): the lowest rank's that has one."""
@@ -425,9 +449,7 @@ class StatsReducer:
 
     def reduce(self) -> None:
         """Combine every registered value across ranks and hand each back to its `assign`."""
-        parts = [self._ints, self._sums, self._maxs]
-        dtypes = [np.int64, np.float64, np.float64]
-        arrays = [np.concatenate(p) if p else np.zeros(0, d) for p, d in zip(parts, dtypes, strict=True)]
+        arrays = [self._ints.packed(), self._sums.packed(), self._maxs.packed()]
         texts = [v for v, _ in self._texts]
         if active():
             digest = hashlib.sha256("\n".join(self._keys).encode()).hexdigest()
@@ -444,8 +466,8 @@ class StatsReducer:
                     torch.distributed.all_reduce(t, op=op)
                     arrays[k] = t.cpu().numpy()
         ints, sums, maxs = arrays
-        for slot in self._slots:
-            slot.decode(ints[slot.ints[0] : slot.ints[1]], sums[slot.sums[0] : slot.sums[1]], maxs[slot.maxs[0] : slot.maxs[1]])
+        for decode in self._decoders:
+            decode(ints, sums, maxs)
         for (_, assign), value in zip(self._texts, texts, strict=True):
             assign(value)
 
