@@ -10,6 +10,7 @@ Scenarios (rank r gets rows [3r, 3r+3) of `fixtures.build_mlp`'s 6-row batch, sc
   overflow threshold above the job's overflow fraction and below rank 1's own;
 - `nonfinite`: rank 1's shard holds a NaN (the fp32 loss is NaN there only);
 - `mismatch`: rank 1's data takes a branch rank 0's does not (a different computation);
+- `buffers`: a DDP model with buffers (which DDP's own forward broadcasts);
 - `state`: the DDP model before and after the analysis, and a DDP training step after it
   against a replica that was never analyzed;
 - `preflight`: the pre-flight of the DDP model on the shards.
@@ -114,6 +115,14 @@ def main(out_dir: Path) -> None:
         results["mismatch"] = None
     except Exception as e:
         results["mismatch"] = failure(e)
+
+    # DDP broadcasts buffers at every forward of its own: the analysis runs the module, so no
+    # collective is captured (nor re-run by a shadow), and the buffers come out as they went in.
+    torch.manual_seed(0)
+    with_buffers = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
+    buffers = checksum(with_buffers.module)
+    report = pd.analyze(with_buffers, shard(case.batch, rank), lambda out, b: out.pow(2).mean())
+    results["buffers"] = {"ops": sorted(report.by_op()), "same": checksum(with_buffers.module) == buffers}
 
     # The model comes out as it went in (a gradient of the user's own included), and DDP's
     # reducer still works: a step of the analyzed model equals one of a replica never analyzed.

@@ -228,6 +228,14 @@ def test_ranks_that_run_different_ops_are_refused(ranks: list[dict[str, Any]]) -
     assert "ranks 0 and 1 differ" in errors[0]["message"] and "mul.Tensor" in errors[0]["message"]
 
 
+def test_no_collective_of_ddp_is_captured(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        ops = r["buffers"]["ops"]
+        assert any(op.startswith("native_batch_norm") for op in ops)  # the module ran, captured
+        assert not [op for op in ops if "c10d" in op]  # DDP's buffer broadcast did not
+        assert r["buffers"]["same"]
+
+
 def test_the_ddp_model_comes_out_unchanged_and_trains(ranks: list[dict[str, Any]]) -> None:
     for r in ranks:
         state = r["state"]
