@@ -111,12 +111,14 @@ class Jobs:
     out_dir: Path
     cli: subprocess.CompletedProcess[str]
     nan: list[subprocess.CompletedProcess[str]]
+    preflight: list[subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
-    """Three jobs, run at once: the API scenarios; `precision-doctor analyze` under a real
-    torchrun; and, with torchrun's environment, the CLI on a DDP file whose rank 1 has a NaN."""
+    """The jobs, run at once: the API scenarios; `precision-doctor analyze` under a real
+    torchrun; and, with torchrun's environment, the CLI on a DDP file whose rank 1 has a NaN
+    and `precision-doctor preflight`."""
     d = tmp_path_factory.mktemp("dist")
     (d / "plain.py").write_text(PLAIN_FILE)
     (d / "ddp_nan.py").write_text(DDP_NAN_FILE)
@@ -130,11 +132,12 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     nan = start([cli, "analyze", str(d / "ddp_nan.py"), "--out", str(d / "nan.json"), "--quiet"])
-    api_done, (cli_done,), nan_done = finish(api), finish([torchrun]), finish(nan)
+    pre = start([cli, "preflight", str(d / "plain.py"), "--steps", "2", "--no-plan", "--json", "--quiet"])
+    api_done, (cli_done,), nan_done, pre_done = finish(api), finish([torchrun]), finish(nan), finish(pre)
     for r, p in enumerate(api_done):
         assert p.returncode == 0, f"rank {r} failed:\n{p.stderr[-3000:]}"
     results = [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
-    return Jobs(results, d, cli_done, nan_done)
+    return Jobs(results, d, cli_done, nan_done, pre_done)
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +299,13 @@ def test_cli_a_nonfinite_loss_on_one_rank_exits_alike_everywhere(jobs: Jobs) -> 
     assert jobs.nan[0].stderr.startswith("precision-doctor: error: rank 1: the fp32 loss is nan"), jobs.nan[0].stderr
     assert jobs.nan[1].stderr == "" and jobs.nan[1].stdout == ""  # said once, by rank 0
     assert not (jobs.out_dir / "nan.json").exists()
+
+
+def test_cli_preflight_under_torchrun_one_verdict(jobs: Jobs) -> None:
+    assert [p.returncode for p in jobs.preflight] == [0, 0], jobs.preflight[0].stderr[-2000:]
+    result = pd.PreflightResult.from_json(jobs.preflight[0].stdout)
+    assert result.go and all(len(s.rank_losses) == 2 for run in result.runs.values() for s in run.steps)
+    assert jobs.preflight[1].stdout == ""  # printed once, by rank 0
 
 
 # --- the reducer alone, one process ---------------------------------------------------------
