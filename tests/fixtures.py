@@ -51,6 +51,28 @@ def build_mlp(seed: int = 0) -> Case:
     return Case("mlp", model, torch.randn(6, 8, generator=g), mlp_loss)
 
 
+class HeadMLP(nn.Module):
+    """An MLP ending in a one-output head: sharded over 2 ranks by rows (FSDP2's Shard(0)),
+    the head's weight (1 row) and bias leave rank 1 an empty shard."""
+
+    def __init__(self, d_in: int = 8, d_hidden: int = 32, d_mid: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(d_hidden, d_mid)
+        self.head = nn.Linear(d_mid, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc2(self.act(self.fc1(x))))
+
+
+def build_head_mlp(seed: int = 0, rows: int = 8) -> Case:
+    torch.manual_seed(seed)
+    model = HeadMLP()
+    g = torch.Generator().manual_seed(seed + 1)
+    return Case("head_mlp", model, torch.randn(rows, 8, generator=g), mlp_loss)
+
+
 class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -36,6 +36,18 @@ from precision_doctor.capture.statistics import (
 from precision_doctor.capture.units import LOSS_UNIT, Policy, owner_of
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
+from precision_doctor.model.parallel import (
+    check_fsdp_precision,
+    counted_part,
+    fsdp_modules,
+    gathered_params,
+    is_sharded,
+    is_tensor_parallel,
+    local_tensor,
+    reduced,
+    reset_fsdp_iteration,
+    storage_ptr,
+)
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
 from precision_doctor.options import (
@@ -76,6 +88,11 @@ exact over the whole range."""
 def fx_check(model: torch.nn.Module) -> tuple[bool, str | None]:
     """Whether torch.fx.symbolic_trace can trace the model (it cannot trace most
     transformers models); the dispatch capture is used either way."""
+    if is_sharded(model):
+        # Tracing would run FSDP2's and tensor parallel's hooks on Proxy objects (a child's
+        # pre-forward hook lazily initializes it as a root and gathers its parameters, and
+        # nothing reshards them): the model would come out broken.
+        return False, "not traced: FSDP2/tensor-parallel hooks run collectives (the dispatch capture is used)"
     # Tracing runs `forward` on Proxy objects: whatever it binds on the modules (a lazy
     # cache, a reassigned buffer) must not reach the real run.
     attributes = ModuleAttributes(model)
@@ -142,6 +159,13 @@ def analyze(
                     "fp32 model as its reference (call model.float() first)"
                 )
 
+    check_fsdp_precision(model)
+    if run_regime is Regime.PURE and fsdp_modules(model):
+        raise PrecisionDoctorError(
+            "the pure regime swaps in low copies of the parameters, which FSDP2 replaces with its own "
+            "gathered ones: analyze an FSDP2 model with --regime autocast"
+        )
+
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with ModelStateGuard(model) as guard:
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
@@ -149,6 +173,7 @@ def analyze(
         fx_ok, fx_error = fx_check(model)
         step(f"{low} forward as {run_regime} training runs it")
         real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy, guard)
+        reset_fsdp_iteration(model)  # a forward without its backward (yet)
         step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
         try:
@@ -191,6 +216,9 @@ def analyze(
                         f"change (NONFINITE_FP32{where})"
                     )
                 step("fp32 backward with gradient statistics")
+                # The parameters FSDP2 gathered and keeps for backward are parameters, not
+                # activations (their storage exists only while gathered).
+                mode.external_storages |= {storage_ptr(t) for t, _ in gathered_params(model)}
                 handles = mode.instrument_backward(loss)
                 try:
                     with _disable_current_modes():  # the seed is no forward op of the loss
@@ -224,7 +252,7 @@ def analyze(
         mode.forget_graph()
         kept_grads = grads if job is not None else {}  # the job averages them (DDP)
         del grads
-        low_params = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mode.low_reads}
+        low_params = _low_params(model, mode.low_reads)
     assert mode is not None
     return (build_report if job is None else job.reporter(build_report, model, kept_grads))(
         mode,
@@ -295,6 +323,19 @@ def _low_run(
         ) from low_error
 
 
+def _low_params(model: torch.nn.Module, low_reads: set[int]) -> set[str]:
+    """The parameters an op of the real low run reads low (`low_reads`: ids of the tensors
+    read). The ops read a DTensor parameter's local shard, and FSDP2's gathered copy of a
+    sharded one."""
+    readers: dict[int, list[int]] = {}
+    for unsharded, sharded in gathered_params(model):
+        readers.setdefault(id(sharded), []).append(id(unsharded))
+    return {
+        n for n, p in model.named_parameters(remove_duplicate=False)
+        if any(i in low_reads for i in (id(p), id(local_tensor(p)), *readers.get(id(p), ())))
+    }
+
+
 def _param_grad_stats(
     mode: ShadowCapture, model: torch.nn.Module, grads: dict[str, torch.Tensor]
 ) -> dict[str, TensorSummary]:
@@ -305,12 +346,17 @@ def _param_grad_stats(
     by_tensor: dict[int, TensorSummary] = {}
     param_stats: dict[str, TensorSummary] = {}
     small = SummaryBatch(mode.workspace, with_sumsq=True)
+    replicated = is_tensor_parallel(model)
     for n, g in grads.items():
         if id(g) not in by_tensor:
             values = g.coalesce().values() if g.is_sparse else g
             if values.dtype != torch.float32:
                 continue
-            by_tensor[id(g)] = small.add(values)
+            # A DTensor gradient (FSDP2, tensor parallel) counts once per element in the job:
+            # this rank's shard, a replica on one rank only, a partial sum once reduced; so
+            # does a plain parameter's under tensor parallel (every rank holds it).
+            part = counted_part(reduced(values), replicated=replicated)
+            by_tensor[id(g)] = small.add(part) if part is not None and part.numel() else TensorSummary()
         param_stats[n] = by_tensor[id(g)]
     small.compute()
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -29,3 +29,13 @@ def dynamo_safe(cls: type[M]) -> type[M]:
         handler = disable(cls.__torch_dispatch__, recursive=True)
         safe = _DYNAMO_SAFE[cls] = type(cls.__name__, (cls,), {"__torch_dispatch__": handler})
     return cast(type[M], safe)
+
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def faking() -> bool:
+    """Whether a FakeTensorMode is running: DTensor's sharding propagation runs ops on fake
+    tensors (on a cache miss, so in one run and not the next), and they reach a user mode
+    first. They are no ops of the model: a mode runs them as they are."""
+    return torch._C._get_dispatch_mode(_FAKE) is not None

@@ -27,10 +27,11 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precision_doctor.capture.autocast_policy import autocast_policy
-from precision_doctor.capture.dispatch import dynamo_safe
+from precision_doctor.capture.dispatch import dynamo_safe, faking
 from precision_doctor.capture.ops import COPY_OPS, aten, op_info, outputs_of, tensor_leaves
 from precision_doctor.capture.units import LOSS_UNIT, OpDtypes, OpKey, OpKeyer, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model.parallel import storage_ptr, wrapper_types
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
 from precision_doctor.model.spec import device_type as model_device_type
 from precision_doctor.model.state import ModelStateGuard
@@ -77,7 +78,9 @@ def _plan(func: Any) -> _Plan:
     if plan is None:
         info = op_info(func)
         plan = _PLANS[func] = _Plan(
-            real=info.preserves_values or info.random or func in _REAL_KERNEL_OPS,
+            # A collective moves values (in the dtype it is given, as a real run's does) and
+            # must run exactly once: an fp32 copy of its input would be reduced instead.
+            real=info.preserves_values or info.random or info.communicates or func in _REAL_KERNEL_OPS,
             written=info.mutates,
             written_kwargs=info.writes_kwargs,
         )
@@ -207,8 +210,13 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
     def __init__(self, emulate: tuple[torch.dtype, ...] = (torch.float16,)) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
         self.emulate = tuple(emulate)
+        self._wrappers = wrapper_types()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if types and not self._wrappers.isdisjoint(types):
+            return NotImplemented  # a DTensor's ops reach this mode on its local tensors
+        if self._wrappers and faking():
+            return func(*args, **(kwargs or {}))
         return self.run(func, args, kwargs or {})
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -376,6 +384,10 @@ class _LowRunMode(EmulateLowMode):  # type: ignore[no-untyped-call]  # as Emulat
         self.op_dtypes: dict[OpKey, OpDtypes] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if types and not self._wrappers.isdisjoint(types):
+            return NotImplemented  # a DTensor's ops reach this mode on its local tensors
+        if self._wrappers and faking():
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         info = op_info(func)
         if info.mutates or info.writes_kwargs:
@@ -385,7 +397,7 @@ class _LowRunMode(EmulateLowMode):  # type: ignore[no-untyped-call]  # as Emulat
             for name in info.writes_kwargs:
                 self._before_write(kwargs.get(name))
         out = self.run(func, args, kwargs)
-        if not info.preserves_values:
+        if not (info.preserves_values or info.communicates or info.bookkeeping):  # as the capture keys them
             key = self.keyer.key(self.tracker.current, info.name)
             self.op_dtypes[key] = (
                 tuple(t.dtype for t in tensor_leaves(args, kwargs)),
@@ -414,7 +426,7 @@ class _ModuleOutputs:
         floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.outputs[(path, call)] = floats
         for i, t in enumerate(floats):
-            ptr = _storage_ptr(t)
+            ptr = storage_ptr(t)
             if ptr:
                 self._by_storage.setdefault(ptr, []).append(((path, call), i))
 
@@ -423,19 +435,12 @@ class _ModuleOutputs:
         the run), before an op writes `t`."""
         if not self._by_storage:
             return
-        entries = self._by_storage.pop(_storage_ptr(t), None)
+        entries = self._by_storage.pop(storage_ptr(t), None)
         for key, i in entries or ():
             self.outputs[key][i] = self.outputs[key][i].detach().clone()
 
     def detached(self) -> dict[tuple[str, int], list[torch.Tensor]]:
         return {k: [t.detach() for t in v] for k, v in self.outputs.items()}
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return int(t.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):  # tensors without storage
-        return 0
 
 
 @contextlib.contextmanager

@@ -39,6 +39,17 @@ UNINITIALIZED_OPS = frozenset(
 )
 
 
+# Namespaces of communication ops: torch.distributed's collectives (c10d's, the functional
+# ones DTensor and tensor parallel issue, with their waits) and FSDP2's all-gather and
+# reduce-scatter buffer ops. Their buffers are no activations of the model (FSDP's
+# all-gather output is uninitialized where other ranks' shards go until the collective
+# lands), and a shadow must never run one again: every rank would have to join it.
+COMM_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "fsdp"})
+# Of those, the ones that move no bytes: the wait on a functional collective's result, and
+# its wrapping for autograd.
+COMM_HANDLE_OPS = frozenset({"wait_tensor", "_wrap_tensor_autograd"})
+
+
 # In-place ops that change a tensor's shape or strides, not its values (`nn.GRU(batch_first=
 # True)` calls `transpose_`): the same op is applied to the tensor's shadows.
 RESTRIDE_PACKETS = frozenset(
@@ -57,6 +68,8 @@ class OpInfo:
     packet: Any
     writes_kwargs: tuple[str, ...] = ()  # keyword-only args written (`out=`)
     restrides: bool = False  # an in-place view op (see RESTRIDE_PACKETS)
+    communicates: bool = False  # a collective or a collective's buffer op (COMM_NAMESPACES)
+    bookkeeping: bool = False  # no values at all: the profiler's record_function marks (FSDP2's)
 
 
 _OP_INFO: dict[Any, OpInfo] = {}
@@ -78,6 +91,8 @@ def op_info(func: Any) -> OpInfo:
             packet=func.overloadpacket,
             writes_kwargs=tuple(a.name for a in written if a.kwarg_only),
             restrides=restrides,
+            communicates=func.namespace in COMM_NAMESPACES,
+            bookkeeping=func.namespace == "profiler",
         )
         _OP_INFO[func] = info
     return info

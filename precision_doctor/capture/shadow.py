@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from precision_doctor.capture.dispatch import dynamo_safe
+from precision_doctor.capture.dispatch import dynamo_safe, faking
 from precision_doctor.capture.memory import (
     TRIM_AFTER_FORWARD_BYTES,
     WeakIdMap,
@@ -34,6 +34,7 @@ from precision_doctor.capture.memory import (
     return_free_heap,
 )
 from precision_doctor.capture.ops import (
+    COMM_HANDLE_OPS,
     NO_SHADOW_OPS,
     SELECT_OPS,
     UNINITIALIZED_OPS,
@@ -60,9 +61,25 @@ from precision_doctor.capture.statistics import (
     Workspace,
     summarize,
 )
-from precision_doctor.capture.units import OpDtypes, OpKey, OpKeyer, Policy, UnitAttribution
+from precision_doctor.capture.units import (
+    UNATTRIBUTED_UNIT,
+    OpDtypes,
+    OpKey,
+    OpKeyer,
+    Policy,
+    UnitAttribution,
+)
 from precision_doctor.errors import PrecisionDoctorInternalError
 from precision_doctor.formats import BF16, FP16
+from precision_doctor.model.parallel import (
+    gathered_params,
+    local_parts,
+    local_tensor,
+    memory_of,
+    storage_ptr,
+    waited,
+    wrapper_types,
+)
 from precision_doctor.options import Phase
 
 # Transient fp32 tensors at least this large (16 MiB) - upcast shadow inputs, shadow results
@@ -160,6 +177,12 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self._op_rounded: dict[int, torch.Tensor] = {}
         self._op_upcast: dict[tuple[Any, ...], torch.Tensor] = {}
         self.failed_at: str | None = None
+        self._wrappers = wrapper_types()
+        # Which unit a collective's buffers belong to (see _communicate), and the owners of
+        # the parameters' memory (a DTensor's local shard: what FSDP2 gathers from).
+        self._comm_units: WeakIdMap = WeakIdMap()
+        self._communicated = False
+        self.param_storage_units: dict[int, str] = {}
         self.workspace = Workspace()
         self.external_storages: set[int] = set()  # parameters', buffers' and the batch's memory
         self._saved_storages: set[int] = set()
@@ -196,6 +219,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         if len(refs) != len(low):
             return
         with _disable_current_modes():
+            if self._wrappers:  # DTensor outputs (tensor parallel): this rank's local values
+                refs = [local_tensor(waited(t)) for t in refs]
+                low = [local_tensor(waited(t)) for t in low]
             acc = self.module_errors.setdefault(path, ErrorAccumulator())
             for ref, sh in zip(refs, low, strict=True):
                 if ref.dtype != torch.float32 or sh.shape != ref.shape or not ref.numel():
@@ -424,7 +450,8 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             for t in value if isinstance(value, (list, tuple)) else (value,):
                 if not isinstance(t, torch.Tensor) or (t.dim() == 0 and t.dtype in WRAPPED_SCALAR_DTYPES):
                     continue  # `x * 2.5` saves the Python number as a 0-dim double: not memory
-                ptr = t.untyped_storage().data_ptr()
+                held = memory_of(t) if self._wrappers else t  # a DTensor's local shard
+                ptr = held.untyped_storage().data_ptr()
                 if not ptr or ptr in self._saved_storages or ptr in self.external_storages:
                     continue
                 self._saved_storages.add(ptr)
@@ -432,7 +459,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 maker = base.grad_fn
                 unit = self.seq_units.get(maker._sequence_nr()) if maker is not None else saver
                 if unit is not None:
-                    self.unit(unit).saved_bytes += t.untyped_storage().nbytes()
+                    self.unit(unit).saved_bytes += held.untyped_storage().nbytes()
 
     # --- gradients ---------------------------------------------------------------------
     def instrument_backward(self, loss: torch.Tensor) -> list[Any]:
@@ -486,6 +513,15 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             if unit is None:
                 return  # made outside the captured forward
             floats = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.numel()]
+            counted = floats
+            # DTensor gradients: this rank's shard, a replica on one rank only. A rank that
+            # counts none of a gradient still records the node, empty, as the others do: the
+            # job's statistics are combined node by node.
+            aligned = False
+            if self._wrappers:
+                aligned = any(g.dim() > 0 for g in floats)
+                with _disable_current_modes():
+                    floats, counted = local_parts(floats)
             if self.op_dtypes is not None and seq not in self._low_grad_seqs:
                 # The real run holds this gradient in fp32: nothing to judge against the low
                 # dtype, but its finiteness still decides which node made an Inf/NaN.
@@ -497,12 +533,13 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             # times the scale) - a model returning `recon + kl` from forward reduces in fp32
             # under autocast and GradScaler scales that fp32 loss; judged at 2^16 its 1.0 would
             # flag every such model. Its finiteness still counts for blaming an Inf/NaN.
-            grads = [g for g in floats if g.dim() > 0]
-            if not floats:
+            grads = [g for g in counted if g.dim() > 0]
+            if not floats and not aligned:
                 return
             with _disable_current_modes():
                 scalars_finite = all(bool(torch.isfinite(g)) for g in floats if g.dim() == 0)
-                self._unfinished_grads.append((node, unit, [self._grad_summary(g) for g in grads], scalars_finite))
+                summaries = [self._grad_summary(g) for g in grads] or ([TensorSummary()] if aligned else [])
+                self._unfinished_grads.append((node, unit, summaries, scalars_finite))
                 self._settle_if_full()
 
         return hook
@@ -569,6 +606,12 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
 
     # --- the op handler ----------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if types and not self._wrappers.isdisjoint(types):
+            # A DTensor (or a functional collective's unwaited result): its own dispatch runs
+            # the ops on this rank's local tensors, and the collectives, under this mode.
+            return NotImplemented
+        if self._wrappers and faking():
+            return func(*args, **(kwargs or {}))
         try:
             return self._dispatch(func, args, kwargs or {})
         except _ModelOpError as e:
@@ -586,9 +629,20 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         info = op_info(func)
         self.op_count += 1
         backward = torch._C._current_graph_task_id() != -1
+        if info.communicates:
+            return self._communicate(func, info, args, kwargs, backward)
+        if info.bookkeeping:
+            return func(*args, **kwargs)
+        comm_buffer: str | None = None
         new_seq: int | None = None
         if backward:
             unit = self.attribution.backward_unit()[0]
+            if unit == UNATTRIBUTED_UNIT and self._communicated:
+                # Outside any autograd node (FSDP2's last reduce-scatter, in autograd's final
+                # callback): the buffer ops of a collective belong to its unit.
+                comm_buffer = self._comm_unit(tensor_leaves(args, kwargs))
+                if comm_buffer is not None:
+                    unit = comm_buffer
         else:
             unit = self.tracker.current
             new_seq = self.attribution.record_forward(unit)
@@ -671,6 +725,8 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             raise _ModelOpError(e) from e
 
         outs = outputs_of(out)
+        if comm_buffer is not None:
+            self._note_comm_buffers(outs, comm_buffer)
         if info.restrides and not backward:
             for store in self._locals.values():
                 shadow = store.get(args[0])
@@ -822,6 +878,88 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             rec.output_errors[k] = (local, None)
         return out
 
+    def _communicate(self, func: Any, info: OpInfo, args: Any, kwargs: Any, backward: bool) -> Any:
+        """A collective or a collective's buffer op: run once, as the model runs it (no shadow:
+        every rank would have to join a second one), and recorded for its cost only. Its
+        buffers get no statistics and no producer: the parameters FSDP2 gathers read as
+        parameters, a tensor-parallel all-reduce's result as a value no op of this rank made.
+        It is charged to the unit whose values it moves: the owner of the parameter it reads
+        (FSDP2's all-gather, also when prefetched while another unit runs), that of the
+        collective whose buffer it reads, that of the op that made its input (a tensor-
+        parallel all-reduce), else the unit running."""
+        self._communicated = True
+        tensors_in = tensor_leaves(args, kwargs)
+        unit = None
+        for t in tensors_in:
+            if (unit := self.param_storage_units.get(storage_ptr(t))) is not None:
+                break
+        if unit is None:
+            unit = self._comm_unit(tensors_in)
+        if unit is None:
+            for t in tensors_in:
+                if (made := self._producer.get(t)) is not None and self.records[made[0]].unit != UNATTRIBUTED_UNIT:
+                    unit = self.records[made[0]].unit
+                    break
+        if unit is None:
+            unit = self.attribution.backward_unit()[0] if backward else self.tracker.current
+        # c10d's ops write their first argument (their schemas do not say so).
+        written = [args[0]] if func.namespace == "c10d" and args else []
+        written += [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
+        written_tensors = [
+            t for w in written for t in pytree.tree_leaves(w) if isinstance(t, torch.Tensor)
+        ]
+        for t in written_tensors:
+            self.on_mutation(t)
+            if self._grad_batch.reads(t):
+                self.settle()
+            # What it wrote (an in-place all-reduce of a partial sum) is no longer what the
+            # op that made the tensor computed, nor what that op's shadow holds.
+            self._producer.pop(t, None)
+            for store in self._locals.values():
+                store.pop(t, None)
+        try:
+            out = func(*args, **kwargs)
+        except Exception as e:
+            self.failed_at = f"{info.name} in unit {unit!r} ({'backward' if backward else 'forward'})"
+            raise _ModelOpError(e) from e
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self._note_comm_buffers([*outs, *written_tensors], unit)
+        if self.collect:
+            producers = [self._producer.get(t) for t in tensors_in]
+            rec = OpRecord(
+                index=len(self.records),
+                op=info.name,
+                unit=unit,
+                phase=Phase.BACKWARD if backward else Phase.FORWARD,
+                inputs=tuple(p[0] if p is not None else -1 for p in producers),
+                output_shapes=tuple(tuple(t.shape) for t in outs),
+                output_dtypes=tuple(dtype_name(t.dtype) for t in outs),
+                output_bytes=sum(nbytes(t) for t in outs),
+                flops=0,
+                moved_bytes=0 if info.packet.__name__ in COMM_HANDLE_OPS else sum(nbytes(t) for t in (*tensors_in, *outs)),
+                stored_low=False,
+            )
+            rec.input_slots = tuple(p[1] if p is not None else -1 for p in producers)
+            self.records.append(rec)
+            self.unit(unit).op_indices.append(rec.index)
+        return out
+
+    def _note_comm_buffers(self, tensors: list[torch.Tensor], unit: str) -> None:
+        # A view's base too: FSDP2 writes a buffer through a view and hands on the buffer.
+        for t in tensors:
+            self._comm_units[t] = unit
+            if t._base is not None:
+                self._comm_units[t._base] = unit
+
+    def _comm_unit(self, tensors: list[torch.Tensor]) -> str | None:
+        for t in tensors:
+            unit: str | None = self._comm_units.get(t)
+            if unit is None and t._base is not None:
+                unit = self._comm_units.get(t._base)
+            if unit is not None:
+                return unit
+        return None
+
     def _passed_on(
         self, func: Any, info: OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
     ) -> tuple[tuple[int, int], ...]:
@@ -914,7 +1052,15 @@ def capture_pass(
         op_dtypes=op_dtypes, default_low=default_low,
     )
     mode.module_outputs = module_outputs or {}
-    mode.external_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    mode.external_storages = {storage_ptr(t) for t in (*model.parameters(), *model.buffers())}
+    for p, owner in ((p, attribution.param_units.get(id(p))) for p in model.parameters()):
+        if owner is not None:
+            mode.param_storage_units.setdefault(storage_ptr(p), owner)
+    # FSDP2's gathered parameters (made by an earlier forward) get their gradients as the
+    # registered ones would: owned by the same unit.
+    for unsharded, sharded in gathered_params(model):
+        if (owner := attribution.param_units.get(id(sharded))) is not None:
+            attribution.param_units.setdefault(id(unsharded), owner)
     with attribution.tracker, mode:
         yield mode
 

@@ -8,6 +8,8 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from precision_doctor.model.parallel import reset_fsdp_iteration, storage_ptr
+
 
 class ModuleAttributes:
     """The attribute bindings of every module (plain attributes, parameters, buffers,
@@ -41,8 +43,9 @@ class ModelStateGuard:
         # Writes through `.data` or a view reach a parameter via another tensor object:
         # recognise those by the storage they write to.
         self._param_storages: dict[int, list[torch.Tensor]] = {}
+        # A DTensor parameter (FSDP2, tensor parallel) is recognised by its local shard's memory.
         for p in {id(p): p for p in self._params.values()}.values():
-            ptr = p.untyped_storage().data_ptr()
+            ptr = storage_ptr(p)
             if ptr:
                 self._param_storages.setdefault(ptr, []).append(p)
         self._param_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -72,10 +75,7 @@ class ModelStateGuard:
         """Called by the capture before an in-place op writes to `t`. What is copied is the
         parameter's original memory: a write into memory that `p.data = ...` bound under it
         needs no copy, as `__exit__` binds the original back."""
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # tensors without storage
-            return
+        ptr = storage_ptr(t)
         targets = self._param_storages.get(ptr, []) if ptr else []
         for p in targets:
             if id(p) not in self._param_copies:
@@ -91,10 +91,12 @@ class ModelStateGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is not None:
+            reset_fsdp_iteration(self.model)  # FSDP2's recovery from a pass that raised midway
         self._attributes.restore()
         for p in {id(p): p for p in self._params.values()}.values():
             original = self._original[id(p)]
-            if p.untyped_storage().data_ptr() != original.untyped_storage().data_ptr() or p.shape != original.shape:
+            if storage_ptr(p) != storage_ptr(original) or p.shape != original.shape:
                 p.data = original
         with torch.no_grad():
             for original, saved in self._param_copies.values():
