@@ -12,6 +12,9 @@ Scenarios (`fixtures.build_head_mlp`: an MLP whose 1-row head leaves rank 1 an e
 - `fsdp_mixed`: `MixedPrecisionPolicy(param_dtype=bf16)`;
 - `fsdp_state`, `tp_state`: the sharded parameters before and after the analysis, and a
   training step after it against a replica that was never analyzed;
+- `fsdp_failed`: rank 1's shard holds a NaN (the analysis fails on both ranks midway): the
+  collectives of a training step after it, and the step against a replica's;
+- `placements`: what each rank counts of a DTensor by placement (`model.parallel`);
 - `tp/<dtype>`: tensor parallel (fc1 column-wise, fc2 row-wise), the whole batch on both
   ranks: the report, a real `torch.autocast("cpu")` run's loss, the collectives issued and
   any left unwaited.
@@ -164,6 +167,31 @@ def main(out_dir: Path) -> None:
             "stepped": step(model, x),
             "replica_stepped": step(replica, x),
         }
+
+    # A failure midway (after the fp32 forward, before its backward) leaves FSDP2 ready to train.
+    model, replica = fsdp_of(), fsdp_of()
+    bad = half.clone()
+    if rank == 1:
+        bad[0, 0] = float("nan")
+    try:
+        pd.analyze(model, bad, loss_fn, "bf16")
+        error = None
+    except Exception as e:
+        error = failure(e)
+    counted = passes(model, lambda: step(model, half), wrappers)
+    results["fsdp_failed"] = {"error": error, "step": counted, "stepped": checksum(model), "replica_stepped": step(replica, half)}
+
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from precision_doctor.model.parallel import counted_part, reduced
+
+    base = torch.arange(4.0) + 10 * rank
+    placements = {}
+    for name, placement in (("shard", Shard(0)), ("replicate", Replicate()), ("partial", Partial())):
+        dt = DTensor.from_local(base, mesh, [placement], run_check=False)
+        part = counted_part(reduced(dt))
+        placements[name] = None if part is None else part.tolist()
+    results["placements"] = placements
 
     # Tensor parallel: the whole batch on both ranks.
     for dtype in ("bf16", "fp16"):

@@ -156,6 +156,24 @@ def test_the_model_comes_out_as_it_went_in_and_trains(ranks: list[dict[str, Any]
         assert state["stepped"] == state["replica_stepped"]  # a step after it: a replica's, bitwise
 
 
+def test_fsdp_trains_after_an_analysis_that_failed_midway(ranks: list[dict[str, Any]]) -> None:
+    plain = ranks[0]["fsdp_counts"]
+    for rank in ranks:
+        failed = rank["fsdp_failed"]
+        assert failed["error"] is not None and "rank 1" in failed["error"]["message"]
+        # FSDP2's iteration state was reset: the step gathers each module once per pass.
+        assert failed["step"]["_allgather_base_"] == plain["forward"]["_allgather_base_"] + plain["backward"]["_allgather_base_"]
+        assert failed["stepped"] == failed["replica_stepped"]
+
+
+def test_dtensors_are_counted_once_per_element_by_placement(ranks: list[dict[str, Any]]) -> None:
+    # Rank r holds arange(4) + 10 r as its local tensor.
+    got = [rank["placements"] for rank in ranks]
+    assert [g["shard"] for g in got] == [[0, 1, 2, 3], [10, 11, 12, 13]]  # each its shard
+    assert [g["replicate"] for g in got] == [[0, 1, 2, 3], None]  # one copy: rank 0's
+    assert [g["partial"] for g in got] == [[10, 12, 14, 16], None]  # the sum, once
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_tensor_parallel_low_loss_is_a_real_autocast_runs(ranks: list[dict[str, Any]], dtype: str) -> None:
     tp = ranks[0][f"tp/{dtype}"]

@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
-from precision_doctor.analysis.distributed import Job, same_outcome, unwrap
+from precision_doctor.analysis.distributed import Job, exchange, same_outcome, unwrap
 from precision_doctor.analysis.flags import (
     MAX_SCALE_LOG2,
     reads_overflow,
@@ -57,6 +57,7 @@ from precision_doctor.options import (
     Phase,
     Regime,
     Thresholds,
+    Wrapper,
     parse_enum,
 )
 from precision_doctor.report import (
@@ -215,6 +216,11 @@ def analyze(
                         f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
                         f"change (NONFINITE_FP32{where})"
                     )
+                if job is not None and job.wrapper in (Wrapper.FSDP2, Wrapper.TP):
+                    # The backward runs the model's own collectives: a rank whose loss failed
+                    # above says so first, or the others would wait in them for it.
+                    with _disable_current_modes():
+                        exchange(None)
                 step("fp32 backward with gradient statistics")
                 # The parameters FSDP2 gathered and keeps for backward are parameters, not
                 # activations (their storage exists only while gathered).
