@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from precision_doctor.analysis.engine import analyze
+from precision_doctor.analysis.loss_scale import recommend_loss_scale
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.options import (
     AutocastPolicy,
@@ -20,7 +21,6 @@ from precision_doctor.options import (
     Severity,
     Thresholds,
 )
-from precision_doctor.planning.loss_scale import recommend_loss_scale
 from precision_doctor.planning.pipeline import plan_report
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model
 from precision_doctor.planning.timing import measure_cost_model

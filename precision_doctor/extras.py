@@ -4,7 +4,7 @@
   `planning.export.plan_section` (through `planning.pipeline.plan_report`, which the CLI and
   the pre-flight both call).
 - `loss_scale` (`LossScaleSection`): the initial loss-scale recommendation for the plan's low
-  units; `planning.loss_scale.LossScaleAdvice.to_extras`.
+  units; `analysis.loss_scale.LossScaleAdvice.to_extras`.
 - `preflight` (`PreflightSection`): the pre-flight's verdict and short training runs;
   `training.preflight.PreflightResult.annotated_report`.
 - `scaler_monitor` (`MonitorSection`): a real run's GradScaler history;

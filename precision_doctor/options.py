@@ -52,6 +52,7 @@ class Flag(StrEnum):
     OVERFLOW = "OVERFLOW"
     GRAD_OVERFLOW = "GRAD_OVERFLOW"
     DIVERGENCE = "DIVERGENCE"
+    GRAD_DIVERGENCE = "GRAD_DIVERGENCE"
     ERROR_GROWTH = "ERROR_GROWTH"
     GRAD_UNDERFLOW = "GRAD_UNDERFLOW"
     UNDERFLOW = "UNDERFLOW"
@@ -184,6 +185,13 @@ class Thresholds:
     loss_rel_error: float = 0.01
     """The final-loss relative error a "Safe to train" verdict allows (the plan's default
     tolerance)."""
+    grad_rel_error: float = 0.25
+    """GRAD_DIVERGENCE (a warning) when a unit's parameter gradients in the low run differ
+    from fp32's by more than this relative L2 error (healthy models measure ~1e-3 in fp16
+    and up to ~0.08 in bf16; a minibatch's own noise is far larger)..."""
+    grad_cosine_min: float = 0.9
+    """...and an error when their cosine with fp32's falls below this: the update no longer
+    points the way fp32's does."""
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:
@@ -212,5 +220,6 @@ class Thresholds:
                 object.__setattr__(self, f.name, int(value))  # 16.0 -> 16: the report stores an int
             elif not math.isfinite(value) or value < 0:
                 raise PrecisionDoctorError(f"threshold {f.name}={value} must be a finite number >= 0")
-            elif f.name.endswith("_fraction") and value > 1:
-                raise PrecisionDoctorError(f"threshold {f.name}={value} is a fraction: at most 1")
+            elif (f.name.endswith("_fraction") or f.name == "grad_cosine_min") and value > 1:
+                what = "a cosine" if f.name == "grad_cosine_min" else "a fraction"
+                raise PrecisionDoctorError(f"threshold {f.name}={value} is {what}: at most 1")

@@ -29,6 +29,7 @@ from precision_doctor.options import (
     Regime,
     Severity,
     Thresholds,
+    UnitDtype,
     Wrapper,
 )
 from precision_doctor.schema import Frozen as _Frozen
@@ -38,7 +39,9 @@ SCHEMA_VERSION = 6
 """Bumped on any change that an older reader would misread (3: typed `extras` sections and
 `thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`; 5: `flags[].severity`,
 `thresholds.loss_rel_error` (the verdict's final-loss tolerance),
-`forward.input_rel_l2_error`; 6: `environment.distributed` and `ranks`)."""
+`forward.input_rel_l2_error`; 6: gradient fidelity: `grad_fidelity`,
+`backward.grad_fidelity`/`param_grad_fidelity`, `thresholds.grad_rel_error`/
+`grad_cosine_min`, `losses.low_dtype`, the GRAD_DIVERGENCE flag; `environment.distributed` and `ranks`)."""
 
 
 class Histogram(_Frozen):
@@ -180,6 +183,36 @@ class UnitForward(_Frozen):
     only the batch and parameters): `propagated` over this is the error growth in the unit."""
 
 
+class GradFidelity(_Frozen):
+    """Parameter gradients of the real low-precision run (its backward at the loss scale of
+    `Report.grad_fidelity`, unscaled in fp32 as GradScaler unscales them) against the fp32
+    run's, over one parameter or all of a unit's. Sums in float64 over the values where the
+    fp32 gradient is finite."""
+
+    rel_l2_error: float
+    """||g_low - g_fp32|| / ||g_fp32||; inf where the low gradients hold Inf/NaN the fp32
+    ones do not (or fp32's are all 0 and the low ones are not)."""
+    cosine: float | None
+    """g_low . g_fp32 / (||g_low|| ||g_fp32||): 1 when the update points the same way; None
+    where either norm is 0 or the low gradients are not finite."""
+    nonfinite_count: int
+    """Low-precision Inf/NaN gradients where the fp32 gradient is finite."""
+    numel: int
+    fp32_l2_norm: float
+    """||g_fp32||: how much this gradient weighs in the model's."""
+
+
+class ModelGradFidelity(GradFidelity):
+    """`GradFidelity` over every parameter of the model (a tied one once)."""
+
+    scale_log2: int
+    """The loss scale 2^k of the low backward: the recommended initial scale
+    (`analysis.loss_scale.recommend_loss_scale`: what GradScaler should start at, and the
+    scale it keeps when started there) under autocast and in bf16; 2^0 in pure fp16, which
+    trains without a loss scaler (GradScaler refuses fp16 gradients, and a scaled fp16 loss
+    overflows from 2^16)."""
+
+
 class UnitBackward(_Frozen):
     stats: TensorStats | None
     loss_scale: list[LossScalePoint] = Field(default_factory=list)
@@ -187,6 +220,10 @@ class UnitBackward(_Frozen):
     reads_overflow: bool = False
     """The unit reads values that overflowed the low dtype elsewhere: its gradients' overflow
     is inherited from there, and not flagged here at any loss scale."""
+    grad_fidelity: GradFidelity | None = None
+    """Its parameters' gradients in the low run against fp32 (None: no parameter gradient)."""
+    param_grad_fidelity: dict[str, GradFidelity] = Field(default_factory=dict)
+    """The same per parameter (as `param_grads`)."""
 
 
 class Unit(_Frozen):
@@ -256,6 +293,9 @@ class Losses(_Frozen):
     when it averages them); each rank's own is in `Report.ranks`."""
     low: float
     rel_error: float
+    low_dtype: UnitDtype = "fp32"
+    """The dtype of the low run's loss: a loss scale reaches a low loss as its gradient, in
+    this dtype (an fp16 loss holds at most 2^15; see `analysis.loss_scale`)."""
 
 
 class RankResult(_Frozen):
@@ -282,6 +322,9 @@ class Report(_Frozen):
     edges: list[UnitEdge]
     loss_scale: list[LossScalePoint]
     """Over all gradients of the backward pass."""
+    grad_fidelity: ModelGradFidelity | None = None
+    """The low run's parameter gradients against fp32's, over the model (per unit:
+    `backward.grad_fidelity`); None where no parameter gets a gradient."""
     ranks: list[RankResult] = Field(default_factory=list)
     """Per rank of a distributed job (`environment.distributed`), in rank order; empty for
     one process. The units and flags above are the job's: combined statistics, judged once."""
@@ -313,6 +356,12 @@ class Report(_Frozen):
                 local_rel_l2_error=max(errs) if errs else None,
             )
         return out
+
+    def grad_fidelity_by_unit(self) -> dict[str, GradFidelity]:
+        """Each unit's parameter-gradient fidelity (`backward.grad_fidelity`), worst first:
+        by relative L2 error, non-finite ones first."""
+        found = [(u.name, u.backward.grad_fidelity) for u in self.units if u.backward.grad_fidelity is not None]
+        return dict(sorted(found, key=lambda kv: -_sortable(kv[1].rel_l2_error)))
 
     def flags(self) -> list[FlagRecord]:
         """Every flag, worst first."""
@@ -461,6 +510,10 @@ def _magnitude(f: FlagRecord) -> float:
         if key in v:
             return float(v[key])
     return 0.0
+
+
+def _sortable(x: float) -> float:
+    return math.inf if math.isnan(x) else x
 
 
 def check_writable(path: Path) -> None:

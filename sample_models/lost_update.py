@@ -7,7 +7,9 @@ what the update changed, so the final-loss error is ~100%.
 
 Expected: `--regime pure` in bf16: `step` flagged ERROR_GROWTH (severity error) naming the
 `sub` op; in fp16 (steps of 0.5 at 512: part of the update survives, final-loss error ~0.5%)
-the same flag. Under `--regime autocast` the adds of fp32 values stay fp32 (no autocast op
+the same flag. The gain's gradient goes with the update: `<root>` (which owns `gain`) flagged
+GRAD_DIVERGENCE, an error in bf16 (the gradient is 0), a warning in fp16 (a third of it lost,
+the sign kept). Under `--regime autocast` the adds of fp32 values stay fp32 (no autocast op
 touches them): no loss, no flag, in either dtype.
 """
 

@@ -6,8 +6,9 @@ Expected in fp16, in every regime: `fc1`, `act` and `fc2` flagged GRAD_UNDERFLOW
 plan recommends a scale near 2^64 and moves no unit to fp32 for underflow). Under
 `--policy cuda` the loss is computed in fp32 (pow and mean run fp32 there): "Safe to train ...
 with 3 warning(s)". Under `--policy cpu` and `--regime pure` the loss itself is computed in
-fp16, where 1e-14 x mean flushes to 0: final-loss error 100%, "Not safe as-is". bf16: no flag
-(bf16 has fp32's range).
+fp16, where 1e-14 x mean flushes to 0: final-loss error 100%, "Not safe as-is", and with the
+loss the gradients: `fc1` and `fc2` GRAD_DIVERGENCE (error). bf16: no flag (bf16 has fp32's
+range).
 """
 
 import torch

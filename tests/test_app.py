@@ -108,7 +108,7 @@ def test_sample_report_verdict_and_sections(reports: dict[str, tuple[Report, Pat
     at = run_app(monkeypatch, path)
     shown = [unescape(e.value) for e in (*at.success, *at.error)]
     assert report.verdict in shown
-    assert [t.label for t in at.tabs] == ["Overview", "Layers", "Unit detail", "Depth", "Loss scale"]
+    assert [t.label for t in at.tabs] == ["Overview", "Layers", "Unit detail", "Depth", "Gradients", "Loss scale"]
     metrics = {unescape(m.label): m.value for m in at.metric}
     assert metrics["capture path"] == report.environment.capture_path.value
     assert metrics["device"] == report.environment.device
@@ -152,6 +152,29 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
         "Download json", "Download python", "Download deepspeed", "Download hf"]
     fp32 = next(df for df in frames if list(df.columns) == ["unit", "reason"])
     assert set(fp32["unit"]) == {u.name for u in report.flagged_units()}
+
+
+def test_gradients_tab(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The low run's parameter gradients against fp32's: the model-wide line, the units worst
+    first, the figure; the layer table's gradient columns."""
+    import precision_doctor.views.figures as F
+
+    report, path = reports["sample"]
+    at = run_app(monkeypatch, path)
+    line = F.grad_fidelity_text(report)
+    assert line is not None and line in [t.value for t in at.text]
+    frames = all_frames(at)
+    worst = next(df for df in frames if list(df.columns)[:3] == ["unit", "rel L2 error", "cosine"])
+    expected = report.grad_fidelity_by_unit()
+    assert list(worst["unit"]) == list(expected)
+    assert list(worst["rel L2 error"]) == [f.rel_l2_error for f in expected.values()]
+    layers = next(df for df in frames if "grad rel err" in df.columns)
+    by_name = report.by_module()
+    for name, err in zip(layers["unit"], layers["grad rel err"], strict=True):
+        fid = by_name[name].backward.grad_fidelity
+        assert (err != err) if fid is None else err == fid.rel_l2_error  # NaN where a unit has no parameters
+    charts = [c for c in at.get("plotly_chart") if c.proto.id.endswith("-grad_fidelity")]
+    assert len(charts) == 1 and '"rel L2 error"' in charts[0].proto.spec
 
 
 def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

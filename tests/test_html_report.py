@@ -199,3 +199,34 @@ def test_a_distributed_jobs_ranks_section(faulty: Report, healthy: Report) -> No
     assert EVIL not in section
     assert dict(F.overview_items(job))["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
     assert 'id="ranks"' not in render_html(healthy)  # one process: no section
+
+
+def test_gradient_fidelity_view(faulty: Report, healthy: Report) -> None:
+    """The Gradients section: the model-wide line, a bar per unit with parameters (its
+    relative L2 error, execution order) and its cosine, both thresholds drawn; non-finite
+    errors as markers; per-parameter tables in the unit detail."""
+    g = healthy.grad_fidelity
+    assert g is not None
+    line = F.grad_fidelity_text(healthy)
+    assert line is not None and f"loss scale 2^{g.scale_log2}" in line and F.fmt(g.rel_l2_error) in line
+    text = render_html(healthy)
+    assert f'<p id="grad-fidelity">{html.escape(line)}.</p>' in text
+    units = [u for u in sorted(healthy.units, key=lambda u: u.order) if u.backward.grad_fidelity is not None]
+    fig = F.grad_fidelity_figure(healthy)
+    bars, _, cosines = fig.data
+    assert list(bars.y) == [u.backward.grad_fidelity.rel_l2_error for u in units]  # type: ignore[union-attr]
+    assert list(cosines.y) == [u.backward.grad_fidelity.cosine for u in units]  # type: ignore[union-attr]
+    assert sorted(s.y0 for s in fig.layout.shapes) == [healthy.thresholds.grad_rel_error, healthy.thresholds.grad_cosine_min]
+    rows = F.grad_fidelity_rows(units[0])
+    assert [r["parameter"] for r in rows] == list(units[0].backward.param_grad_fidelity)
+    assert "Parameter gradients in the low run against fp32" in text
+    # The overflowing model's gradients are non-finite: marked at a cap, never dropped.
+    marks = F.grad_fidelity_figure(faulty).data[1]
+    nonfinite = [u for u in sorted(faulty.units, key=lambda u: u.order)
+                 if u.backward.grad_fidelity is not None and not math.isfinite(u.backward.grad_fidelity.rel_l2_error)]
+    assert nonfinite and sum(v is not None for v in marks.y) == len(nonfinite)
+    rows = F.layer_rows(healthy)
+    assert [r["grad rel err"] for r in rows] == [
+        None if u.backward.grad_fidelity is None else u.backward.grad_fidelity.rel_l2_error
+        for u in sorted(healthy.units, key=lambda u: u.order)
+    ]

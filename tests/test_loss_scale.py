@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import precision_doctor as pd
-from precision_doctor.capture.emulation import emulated_precision
-from precision_doctor.options import LowDtype
-from precision_doctor.planning.loss_scale import (
+from precision_doctor.analysis.loss_scale import (
     HEADROOM_LOG2,
     advise_from_histogram,
     underflow_fraction,
 )
+from precision_doctor.capture.emulation import emulated_precision
+from precision_doctor.options import LowDtype
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -13,6 +13,11 @@ import torch
 
 import precision_doctor as pd
 from precision_doctor.analysis.engine import LOSS_SCALES, loss_scale_curve, tensor_stats
+from precision_doctor.analysis.loss_scale import (
+    MAX_SCALE_LOG2,
+    finite_scale_log2,
+    overflow_threshold,
+)
 from precision_doctor.capture.lowrun import low_precision
 from precision_doctor.capture.statistics import SummaryBatch, Workspace, summarize
 from precision_doctor.options import LowDtype
@@ -20,11 +25,6 @@ from precision_doctor.planning.export import (
     DEEPSPEED_USUAL_MAX_SCALE_POWER,
     deepspeed_config,
     export_caveats,
-)
-from precision_doctor.planning.loss_scale import (
-    MAX_SCALE_LOG2,
-    finite_scale_log2,
-    overflow_threshold,
 )
 
 LARGE_SCALES = [25, 40, 60, 90, 101, 102, 103, 110, 127]

@@ -22,7 +22,8 @@ from precision_doctor.analysis.flags import (
     scale_ceiling,
     unit_flags,
 )
-from precision_doctor.capture.lowrun import LowRun, low_run
+from precision_doctor.analysis.gradients import GradComparer, grad_scale_log2, with_grad_fidelity
+from precision_doctor.capture.lowrun import GradientSink, LowRun, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
 from precision_doctor.capture.statistics import (
@@ -39,6 +40,7 @@ from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
 from precision_doctor.model.parallel import (
     check_fsdp_precision,
     counted_part,
+    counted_parts,
     fsdp_modules,
     gathered_params,
     is_sharded,
@@ -256,33 +258,60 @@ def analyze(
                 f"parameter gradient statistics failed: {type(e).__name__}: {e}"
             ) from e
         mode.forget_graph()
-        kept_grads = grads if job is not None else {}  # the job averages them (DDP)
-        del grads
         low_params = _low_params(model, mode.low_reads)
-    assert mode is not None
-    return (build_report if job is None else job.reporter(build_report, model, kept_grads))(
-        mode,
-        param_stats,
-        low=low,
-        th=th,
-        losses=Losses(fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low)),
-        env=Environment(
-            tool_version=__version__,
-            torch_version=torch.__version__,
-            python_version=sys.version.split()[0],
-            platform=platform.platform(),
-            device=str(device),
-            dtype=low,
-            emulated=device.type == "cpu",
-            capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
-            fx_traceable=fx_ok,
-            fx_error=fx_error,
-            regime=run_regime,
-            policy=op_policy if run_regime is Regime.AUTOCAST else None,
-        ),
-        name=name or type(model).__name__,
-        low_params=low_params,
-    )
+        loss_dtype = real_low.loss_dtype
+        report = (build_report if job is None else job.reporter(build_report, model, grads))(
+            mode,
+            param_stats,
+            low=low,
+            th=th,
+            losses=Losses(
+                fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low),
+                low_dtype="fp16" if loss_dtype == torch.float16 else "bf16" if loss_dtype == torch.bfloat16 else "fp32",
+            ),
+            env=Environment(
+                tool_version=__version__,
+                torch_version=torch.__version__,
+                python_version=sys.version.split()[0],
+                platform=platform.platform(),
+                device=str(device),
+                dtype=low,
+                emulated=device.type == "cpu",
+                capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
+                fx_traceable=fx_ok,
+                fx_error=fx_error,
+                regime=run_regime,
+                policy=op_policy if run_regime is Regime.AUTOCAST else None,
+            ),
+            name=name or type(model).__name__,
+            low_params=low_params,
+        )
+        if real_low.graph is not None:
+            # The scale comes from the fp32 run's gradients, hence the low backward last.
+            scale_log2 = grad_scale_log2(report)
+            step(f"{low} backward at loss scale 2^{scale_log2}")
+            if job is None and not is_sharded(model):
+                # Each low gradient compared as it arrives and dropped: never all at once.
+                comparer = GradComparer(grads, mode.workspace)
+                _low_backward(real_low, model, batch, loss_fn, scale_log2, comparer.add, low, run_regime, op_policy)
+                report = comparer.with_fidelity(report, scale_log2)
+            else:
+                low_grads: dict[str, torch.Tensor] = {}
+
+                def keep(names: list[str], g: torch.Tensor) -> None:
+                    low_grads.update(dict.fromkeys(names, g))
+
+                _low_backward(real_low, model, batch, loss_fn, scale_log2, keep, low, run_regime, op_policy)
+                if job is not None:
+                    job.average_gradients(model, low_grads)  # compared with the averaged fp32 ones
+                if is_sharded(model):  # DTensor gradients: the parts this rank counts, as local tensors
+                    replicated = is_tensor_parallel(model)
+                    grads = counted_parts(grads, replicated=replicated)
+                    low_grads = counted_parts(low_grads, replicated=replicated)
+                report = with_grad_fidelity(report, grads, low_grads, scale_log2, mode.workspace)
+                del low_grads
+        del grads
+    return report
 
 
 def _low_run(
@@ -298,7 +327,9 @@ def _low_run(
     model is run once in fp32 to tell a broken model or loss function (reported as such) from
     a model that fails only in the low precision, as real training would."""
     try:
-        return low_run(model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False)
+        return low_run(
+            model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False, keep_graph=True
+        )
     except PrecisionDoctorInternalError:
         raise
     except (Exception, SystemExit) as low_error:
@@ -327,6 +358,46 @@ def _low_run(
             f"the model fails in {low} ({regime} regime, {policy} op policy), not in fp32: "
             f"{type(low_error).__name__}: {low_error}"
         ) from low_error
+
+
+def _low_backward(
+    real_low: LowRun,
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    scale_log2: int,
+    sink: GradientSink,
+    low: LowDtype,
+    regime: Regime,
+    policy: AutocastPolicy,
+) -> None:
+    """The low run's backward at loss scale 2^k, its unscaled parameter gradients into
+    `sink` (`LowGraph.backward`). A graph the model's own writes invalidated since (a
+    parameter written in place in forward, restored in place after it) is run again, forward
+    and backward at once (same RNG draws: the gradients that reached the sink before the
+    failure reach it again, the same values). The fp32 backward of the same model succeeded:
+    a failure of that run is the low precision's."""
+    assert real_low.graph is not None
+    try:
+        real_low.graph.backward(scale_log2, sink)
+        return
+    except PrecisionDoctorInternalError:
+        raise
+    except Exception:
+        pass
+    try:
+        low_run(
+            model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False,
+            gradients_at=(scale_log2, sink),
+        )
+    except PrecisionDoctorInternalError:
+        raise
+    except Exception as e:
+        raise PrecisionDoctorError(
+            f"the model's backward fails in {low} ({regime} regime"
+            + (f", {policy} op policy" if regime is Regime.AUTOCAST else "")
+            + f"), not in fp32: {type(e).__name__}: {e}"
+        ) from e
 
 
 def _low_params(model: torch.nn.Module, low_reads: set[int]) -> set[str]:

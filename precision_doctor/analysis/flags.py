@@ -23,13 +23,13 @@ Each finding has a severity (`options.Severity`), by a few fixed rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from precision_doctor.capture.records import OpRecord, UnitRecord
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.formats import MAX_LOSS_SCALE_LOG2, FormatLimits
 from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
-from precision_doctor.report import Evidence, FlagRecord, Report, Unit
+from precision_doctor.report import Evidence, FlagRecord, GradFidelity, Report, Unit
 
 MAX_SCALE_LOG2 = MAX_LOSS_SCALE_LOG2
 """The largest loss scale the gradient severities consider: GradScaler's whole range."""
@@ -351,3 +351,85 @@ def _grad_flag(
         flag=flag, unit=unit, severity=severity,
         evidence=Evidence(op=node, phase=Phase.BACKWARD, message=message, values=values),
     )
+
+
+def grad_divergence_flags(
+    report: Report, fidelity: Mapping[str, GradFidelity], th: Thresholds, scale_log2: int
+) -> dict[str, list[FlagRecord]]:
+    """GRAD_DIVERGENCE findings by unit, from each unit's parameter-gradient fidelity
+    (`analysis.gradients`) at loss scale 2^`scale_log2`: its relative L2 error over `grad_rel_error` is a warning (the
+    update's size is off; Adam-like optimizers mostly absorb that), its cosine below
+    `grad_cosine_min` an error (the update no longer points the way fp32's does: gradients
+    lost, or their direction), as are Inf/NaN gradients where fp32's are finite (unless the
+    unit's GRAD_OVERFLOW already says so).
+
+    Gradients computed from a broken forward are inherited, not flagged, as a forward unit
+    that receives Inf is not: a unit's parameter gradients read its inputs, its own values
+    and those of every unit between it and the loss, so when one of those already carries a
+    propagated error over `divergence_rel_error` (or Inf/NaN), or the low loss is not finite,
+    that forward finding is the cause. A unit whose fp32 gradients are all zero has nothing
+    to compare with."""
+    if not math.isfinite(report.losses.low):
+        return {}
+    units = report.by_module()
+    into: dict[str, set[str]] = {}
+    for e in report.edges:
+        into.setdefault(e.src, set()).add(e.dst)
+
+    def broken(name: str) -> bool:
+        u = units.get(name)
+        if u is None or name == LOSS_UNIT:
+            return False  # the loss's own error is the verdict's (`loss_rel_error`)
+        prop = u.forward.propagated
+        if prop is not None and (prop.nonfinite_count or not prop.rel_l2_error <= th.divergence_rel_error):
+            return True
+        base = u.forward.input_rel_l2_error
+        return base is not None and not base <= th.divergence_rel_error
+
+    def forward_explains(name: str) -> bool:
+        seen, todo = {name}, [name]
+        while todo:
+            current = todo.pop()
+            if broken(current):
+                return True
+            for nxt in into.get(current, ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    out: dict[str, list[FlagRecord]] = {}
+    for name, f in fidelity.items():
+        if f.fp32_l2_norm == 0:
+            continue
+        lost_direction = f.cosine is None or f.cosine < th.grad_cosine_min
+        if not (f.nonfinite_count or lost_direction or f.rel_l2_error > th.grad_rel_error):
+            continue
+        unit = units.get(name)
+        if unit is None or forward_explains(name):
+            continue
+        if f.nonfinite_count and any(x.flag is Flag.GRAD_OVERFLOW for x in unit.flags):
+            continue
+        fmt = report.environment.dtype
+        values: dict[str, float] = {"rel_l2_error": f.rel_l2_error, "scale_log2": scale_log2}
+        at = f"in {fmt} at loss scale 2^{scale_log2}"
+        if f.nonfinite_count:
+            values["nonfinite_count"] = f.nonfinite_count
+            message = f"{f.nonfinite_count} parameter gradient(s) Inf/NaN {at} where fp32's are finite"
+        elif f.cosine is None:
+            message = f"every parameter gradient is 0 {at} where fp32's are not: the unit does not learn"
+        else:
+            values["cosine"] = f.cosine
+            if lost_direction:
+                message = (
+                    f"parameter gradients {at}: cosine {f.cosine:.3g} with fp32's (below {th.grad_cosine_min:g}: "
+                    f"the update no longer points the way fp32's does), relative L2 error {f.rel_l2_error:.3g}"
+                )
+            else:
+                message = (
+                    f"parameter gradients {at}: relative L2 error {f.rel_l2_error:.3g} against fp32's "
+                    f"(threshold {th.grad_rel_error:g}); cosine {f.cosine:.4g}: the direction holds"
+                )
+        severity = Severity.ERROR if f.nonfinite_count or lost_direction else Severity.WARNING
+        out[name] = [_grad_flag(Flag.GRAD_DIVERGENCE, severity, name, None, message, **values)]
+    return out

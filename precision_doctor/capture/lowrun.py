@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from precision_doctor.capture.autocast_policy import autocast_policy
 from precision_doctor.capture.dispatch import dynamo_safe, faking
@@ -37,7 +37,7 @@ from precision_doctor.model.spec import device_type as model_device_type
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import AutocastPolicy, Regime
 
-__all__ = ["EmulateLowMode", "LowRun", "low_precision", "low_run"]
+__all__ = ["EmulateLowMode", "GradientSink", "LowGraph", "LowRun", "low_precision", "low_run"]
 
 # Ops that run as the real low-precision kernel even on emulated inputs: their results do not
 # depend on arithmetic (they move, pick, fill or compare values), so the real kernel is exact
@@ -89,14 +89,17 @@ def _plan(func: Any) -> _Plan:
 
 def _signature_of(a: Any) -> Any:
     # What decides an op's output dtypes: tensor dtypes (and whether 0-dim, which type
-    # promotion ranks lower), dtype arguments, and the types of Python numbers.
+    # promotion ranks lower), dtype arguments, the types of Python numbers, and booleans by
+    # value: an output mask (`native_layer_norm_backward`'s) decides which outputs exist.
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.dim() == 0)
     if isinstance(a, (list, tuple)):
         return tuple(_signature_of(x) for x in a)
     if isinstance(a, torch.dtype):
         return a
-    if isinstance(a, (bool, int, float, complex)):
+    if isinstance(a, bool):
+        return a
+    if isinstance(a, (int, float, complex)):
         return type(a)
     return None
 
@@ -356,6 +359,7 @@ class LowRun:
     """What one real low-precision forward (and loss) computed."""
 
     loss: float
+    loss_dtype: torch.dtype
     op_dtypes: dict[OpKey, OpDtypes]
     """Per value-making op (`OpKeyer`'s name): the dtypes of its tensor inputs
     (`ops.tensor_leaves` order) and of its outputs (`ops.outputs_of` order)."""
@@ -364,6 +368,73 @@ class LowRun:
     call's output (pytree order), detached, in their own dtype."""
     op_log: list[tuple[str, tuple[torch.dtype, ...]]] = field(default_factory=list)
     """Every aten op (`mm.default`) with its output dtypes, in order (`record_ops`)."""
+    graph: LowGraph | None = None
+    """The loss with its autograd graph, for one backward later (`keep_graph`)."""
+
+
+GradientSink = Callable[[list[str], torch.Tensor], None]
+"""Takes one parameter's low-precision gradient, unscaled, as the backward makes it: the
+names the parameter goes by (a tied one has several) and the fp32 tensor."""
+
+
+class LowGraph:
+    """The low run's loss with its autograd graph, kept for one backward at a loss scale
+    chosen after it (the analysis picks the scale from the fp32 run's gradients, which come
+    later). The graph holds the low run's activations until `backward`."""
+
+    def __init__(self, loss: torch.Tensor, params: Mapping[str, torch.Tensor], emulate: tuple[torch.dtype, ...]) -> None:
+        self._loss: torch.Tensor | None = loss
+        self._params = dict(params)  # by name: the low copies in the pure regime
+        self._emulate = emulate
+
+    def backward(self, scale_log2: int, sink: GradientSink) -> None:
+        """Backward of the loss scaled by 2^k, as `GradScaler.scale` multiplies it (by an
+        fp32 scale: the product is fp32, and its gradient reaches a low loss in the loss's
+        dtype), outside autocast with fp16 emulated as in the forward. Each parameter's
+        gradient goes to `sink` as soon as it is accumulated, unscaled as
+        `GradScaler.unscale_` does it, in fp32 (`grad.float() * 2^-k`), and is dropped from
+        the parameter: a sink that compares and forgets holds one gradient at a time, not a
+        second copy of every one (GPT-2's are 0.5 GB). Parameters that get none are not
+        sunk. The parameters' `.grad` are as before afterwards; the graph is freed. The
+        model's own backward exceptions propagate, and the sink's."""
+        loss = self._loss
+        if loss is None:
+            raise RuntimeError("the low run's graph was already used")
+        self._loss = None
+        names: dict[int, list[str]] = {}
+        for n, p in self._params.items():
+            names.setdefault(id(p), []).append(n)
+        unique = {id(p): p for p in self._params.values()}
+        saved = {i: p.grad for i, p in unique.items()}
+
+        def arrived(p: torch.Tensor) -> None:
+            g = p.grad
+            p.grad = None
+            if g is None:
+                return
+            with _disable_current_modes():  # the sink's work is no op of the run
+                g = (g.to_dense() if g.is_sparse else g).detach().float()
+                # In place, as unscale_ does: this backward made the tensor (or `.float()`
+                # copied it).
+                sink(names[id(p)], g.mul_(2.0**-scale_log2) if scale_log2 else g)
+
+        handles = []
+        try:
+            for p in unique.values():
+                p.grad = None
+                if p.requires_grad:
+                    handles.append(p.register_post_accumulate_grad_hook(arrived))  # type: ignore[no-untyped-call]  # unannotated in torch
+            with contextlib.ExitStack() as stack:
+                if self._emulate:
+                    stack.enter_context(dynamo_safe(EmulateLowMode)(self._emulate))
+                scaled = loss * torch.tensor(2.0**scale_log2, dtype=torch.float32, device=loss.device)
+                del loss
+                scaled.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
+        finally:
+            for h in handles:
+                h.remove()
+            for i, p in unique.items():
+                p.grad = saved[i]
 
 
 class _LowRunMode(EmulateLowMode):  # type: ignore[no-untyped-call]  # as EmulateLowMode
@@ -444,9 +515,11 @@ class _ModuleOutputs:
 
 
 @contextlib.contextmanager
-def _low_copy(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+def _low_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[dict[int, torch.Tensor]]:
     """The model's floating parameters and buffers swapped for `dtype` copies, as
-    `model.to(dtype)` makes them (tied parameters stay tied), and swapped back on exit."""
+    `model.to(dtype)` makes them (tied parameters stay tied), and swapped back on exit;
+    yields id(original) -> copy. `dtype` None: only the buffers, every one swapped for a
+    clone (see `low_run`'s `keep_graph`)."""
     copies: dict[int, torch.Tensor] = {}
     swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     try:
@@ -454,18 +527,20 @@ def _low_copy(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
             for mod in model.modules():
                 stores: tuple[tuple[dict[str, Any], bool], ...] = ((mod._parameters, True), (mod._buffers, False))
                 for store, is_param in stores:
+                    if dtype is None and is_param:
+                        continue
                     for name, t in list(store.items()):
-                        if t is None or not t.is_floating_point() or t.dtype == dtype:
+                        if t is None or (dtype is not None and (not t.is_floating_point() or t.dtype == dtype)):
                             continue
                         low = copies.get(id(t))
                         if low is None:
-                            low = t.detach().to(dtype)
+                            low = t.detach().to(dtype) if dtype is not None else t.detach().clone()
                             if is_param:
                                 low = torch.nn.Parameter(low, requires_grad=t.requires_grad)
                             copies[id(t)] = low
                         swapped.append((store, name, t))
                         store[name] = low
-        yield
+        yield copies
     finally:
         for store, name, t in reversed(swapped):
             store[name] = t
@@ -487,12 +562,22 @@ def low_run(
     regime: Regime | str,
     policy: AutocastPolicy | str,
     record_ops: bool = True,
+    keep_graph: bool = False,
+    gradients_at: tuple[int, GradientSink] | None = None,
 ) -> LowRun:
     """One forward (and loss) of the real low-precision run of `model` on `batch`; no backward.
 
     `regime=autocast` runs it under `torch.autocast(device, dtype)` with `policy`'s op lists;
     `regime=pure` swaps the parameters and floating buffers for `dtype` copies for the call
     and casts the batch's floating tensors. fp16 on the CPU is emulated (`EmulateLowMode`).
+
+    `keep_graph`: the loss keeps its autograd graph (`LowRun.graph`) for one backward later.
+    The run then reads clones of the buffers, so what the graph saved is neither the buffers
+    restored here in place nor those a later run updates (BatchNorm's running statistics and
+    BERT's `position_ids` are saved for their backward). `gradients_at=(k, sink)` runs that
+    backward at once, before the model is restored, at loss scale 2^k (`LowGraph.backward`):
+    where a kept graph cannot run any more (the model writes a parameter in place in its
+    forward, which restoring it undoes in place).
 
     The model comes out as it went in (parameters, buffers, `.grad`, modes, RNG states: a
     later run draws the same dropout masks), also when the forward raises; the model's and
@@ -510,12 +595,17 @@ def low_run(
             guard.before_mutation(t)
             outputs.before_write(t)
 
+        named: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
         if regime == Regime.PURE:
-            stack.enter_context(_low_copy(model, dtype))
+            copies = stack.enter_context(_low_copy(model, dtype))
+            named = {n: copies.get(id(p), p) for n, p in named.items()}
             batch = _cast_floats(batch, dtype)
         else:
             stack.enter_context(autocast_policy(policy, device))
-        mode = dynamo_safe(_LowRunMode)(_emulated_dtypes(dtype, device, None), tracker, before_write, log)
+        if keep_graph or gradients_at is not None:
+            stack.enter_context(_low_copy(model, None))
+        emulated = _emulated_dtypes(dtype, device, None)
+        mode = dynamo_safe(_LowRunMode)(emulated, tracker, before_write, log)
         autocast = torch.autocast(device, dtype=dtype) if regime == Regime.AUTOCAST else contextlib.nullcontext()
         with tracker, mode, autocast:
             output = run_model(model, batch)
@@ -523,10 +613,14 @@ def low_run(
             loss = resolve_loss(output, batch, loss_fn)
         del output
         value = float(loss.detach())
-        del loss
+        graph = LowGraph(loss, named, emulated) if (keep_graph or gradients_at is not None) and loss.requires_grad else None
+        if gradients_at is not None and graph is not None:
+            graph.backward(*gradients_at)
         return LowRun(
             loss=value,
+            loss_dtype=loss.dtype,
             op_dtypes=mode.op_dtypes,
             module_outputs=outputs.detached(),
             op_log=log if log is not None else [],
+            graph=graph if keep_graph and gradients_at is None else None,
         )

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from precision_doctor.analysis import distributed
 from precision_doctor.analysis.flags import gradient_flags_at_scale
+from precision_doctor.analysis.loss_scale import LossScaleAdvice, recommend_loss_scale
 from precision_doctor.capture.emulation import UnitOverrides, check_region_dtype, unit_overrides
 from precision_doctor.capture.lowrun import low_run
 from precision_doctor.capture.ops import op_info
@@ -49,7 +50,6 @@ from precision_doctor.planning.cost import (
     build_cost_model,
     profile_for,
 )
-from precision_doctor.planning.loss_scale import LossScaleAdvice, recommend_loss_scale
 from precision_doctor.planning.search import PlanProblem, solve_milp
 from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.schema import Frozen, parse_json, read_text, validated

@@ -15,7 +15,7 @@ and optimizer (the objects passed in are never touched):
 - `planned`: the recommended per-unit plan (`planning.plan`) as `apply_plan` installs it,
   inside `torch.autocast` (plans are autocast override configurations, whatever `regime`
   the analysis ran) and, for fp16, a GradScaler started at the recommended initial loss scale
-  (`planning.loss_scale`).
+  (`analysis.loss_scale`).
 
 Each run records its loss curve, the steps GradScaler skipped and the non-finite steps (a
 non-finite loss, or non-finite gradients that no scaler caught). The risks found are
@@ -721,6 +721,10 @@ def preflight(
         """The analysis' flags that apply to a configuration: those of the units it runs low
         (and NONFINITE_FP32 anywhere), with the gradient flags judged at its loss scale."""
         flags = report.flags()
+        if units is not None:
+            # Measured on the all-low run at its own loss scale: a plan changes both (its own
+            # training run says how its gradients fare).
+            flags = [f for f in flags if f.flag is not Flag.GRAD_DIVERGENCE]
         if scale_log2 is not None and scale_log2 != th.grad_scale_log2:
             # Pure fp16 (judged at 2^0) has no GradScaler to back off or grow.
             scaler, ceiling = not pure or units is not None, report_scale_ceiling(report)

@@ -148,6 +148,8 @@ def layer_rows(report: Report, plan: PlanSection | None = None) -> list[dict[str
             "propagated rel err": _err(u.forward.propagated),
             "SQNR dB": None if u.forward.propagated is None else u.forward.propagated.sqnr_db,
             "max |grad|": None if grad is None else grad.max_abs,
+            "grad rel err": None if u.backward.grad_fidelity is None else u.backward.grad_fidelity.rel_l2_error,
+            "grad cosine": None if u.backward.grad_fidelity is None else u.backward.grad_fidelity.cosine,
             "GFLOP fwd": u.flops_forward / 1e9,
             "activation MiB": u.activation_bytes / 2**20,
         }
@@ -188,6 +190,32 @@ def error_rows(unit: Unit) -> list[dict[str, Any]]:
     return rows
 
 
+def grad_fidelity_text(report: Report) -> str | None:
+    """One line on the low run's parameter gradients against fp32's, model-wide and the
+    worst unit; None where the report has none."""
+    g = report.grad_fidelity
+    if g is None:
+        return None
+    line = (
+        f"parameter gradients: {report.environment.dtype} backward at loss scale 2^{g.scale_log2}, "
+        f"relative L2 error {fmt(g.rel_l2_error)}, cosine {fmt(g.cosine, '.7g')} against fp32"
+    )
+    worst = next(iter(report.grad_fidelity_by_unit().items()), None)
+    if worst is not None:
+        name, f = worst
+        line += f"; worst unit {name}: {fmt(f.rel_l2_error)}, cosine {fmt(f.cosine, '.7g')}"
+    return line
+
+
+def grad_fidelity_rows(unit: Unit) -> list[dict[str, Any]]:
+    """One row per parameter of a unit: its gradient in the low run against fp32's."""
+    return [
+        {"parameter": name, "rel L2 error": f.rel_l2_error, "cosine": f.cosine,
+         "non-finite": f.nonfinite_count, "values": f.numel, "fp32 L2 norm": f.fp32_l2_norm}
+        for name, f in unit.backward.param_grad_fidelity.items()
+    ]
+
+
 def overview_items(report: Report, plan: PlanSection | None = None) -> list[tuple[str, str]]:
     """(label, value) pairs for the overview."""
     env = report.environment
@@ -204,6 +232,9 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
         ("loss tolerance", f"{report.thresholds.loss_rel_error:g}"
          + ("" if report.loss_within_tolerance else " (over)")),
     ]
+    g = report.grad_fidelity
+    if g is not None:
+        items.append(("gradient rel error", f"{fmt(g.rel_l2_error)} at 2^{g.scale_log2}"))
     job = distributed_text(report)
     if job is not None:
         items.append(("distributed", job))
@@ -360,6 +391,44 @@ def depth_figure(report: Report) -> go.Figure:
     fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
     fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
     fig.update_yaxes(title_text="dB", row=2, col=1)
+    fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
+    return fig
+
+
+def grad_fidelity_figure(report: Report) -> go.Figure:
+    """Per unit with parameters, in execution order: the relative L2 error of its parameter
+    gradients in the low run against fp32's, and their cosine, with GRAD_DIVERGENCE's
+    thresholds; non-finite gradients marked."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    units = [u for u in ordered_units(report) if u.backward.grad_fidelity is not None]
+    names = [html.escape(u.name) for u in units]
+    x = list(range(len(units)))
+    fid = [u.backward.grad_fidelity for u in units]
+    scale = report.grad_fidelity.scale_log2 if report.grad_fidelity is not None else 0
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=(
+        f"parameter-gradient relative L2 error vs fp32 (loss scale 2^{scale})", "cosine with fp32's gradient"))
+    err_shown, err_marks, _ = _capped([f.rel_l2_error if f is not None else None for f in fid], up=True)
+    floor = 1e-12  # log axes cannot show 0
+    fig.add_trace(go.Bar(x=x, y=[None if v is None else max(v, floor) for v in err_shown], name="rel L2 error",
+                         text=names, marker_color="#4c78a8", hovertemplate="%{text}<br>%{y:.3g}<extra></extra>"),
+                  row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=err_marks, mode="markers", name="non-finite", text=names,
+                             marker={"symbol": "x", "size": 11, "color": "#d62728"},
+                             hovertemplate="%{text}<br>non-finite<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=[f.cosine if f is not None else None for f in fid], mode="markers",
+                             name="cosine", text=names, marker_color="#2ca02c",
+                             hovertemplate="%{text}<br>cosine %{y:.6g}<extra></extra>"), row=2, col=1)
+    th = report.thresholds
+    fig.add_hline(y=th.grad_rel_error, line_dash="dot", line_color="gray", row=1, col=1,
+                  annotation_text=f"warning above {th.grad_rel_error:g}")
+    fig.add_hline(y=th.grad_cosine_min, line_dash="dot", line_color="#d62728", row=2, col=1,
+                  annotation_text=f"error below {th.grad_cosine_min:g}")
+    tickvals = x if len(x) <= 60 else x[:: max(1, len(x) // 60)]
+    fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
+    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(title_text="cosine", row=2, col=1)
     fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
     return fig
 

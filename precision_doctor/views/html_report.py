@@ -18,6 +18,9 @@ from precision_doctor.views.figures import (
     flag_counts,
     flag_rows,
     fmt,
+    grad_fidelity_figure,
+    grad_fidelity_rows,
+    grad_fidelity_text,
     histogram_figure,
     layer_rows,
     loss_scale_figure,
@@ -149,6 +152,12 @@ def render_html(report: Report) -> str:
         parts.append(f"<p>Error takes off at <code>{_e(start.name)}</code> (execution order {start.order}).</p>")
     parts.append(fig(depth_figure(report)))
 
+    gradients = grad_fidelity_text(report)
+    if gradients is not None:
+        parts.append('<h2 id="gradients">Gradients</h2>')
+        parts.append(f'<p id="grad-fidelity">{_e(gradients)}.</p>')
+        parts.append(fig(grad_fidelity_figure(report)))
+
     parts.append("<h2>Loss scale</h2>")
     if ls is not None:
         parts.append(
@@ -202,6 +211,8 @@ def render_html(report: Report) -> str:
         if u.flags:
             parts.append(_table(flag_rows(report, u)))
         parts.append(_table(error_rows(u)))
+        if u.backward.param_grad_fidelity:
+            parts.append("<p>Parameter gradients in the low run against fp32's:</p>" + _table(grad_fidelity_rows(u)))
         figs = []
         if u.forward.stats is not None:
             figs.append(fig(histogram_figure(u.forward.stats, dtype, f"{u.name}: forward")))

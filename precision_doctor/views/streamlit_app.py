@@ -115,6 +115,8 @@ def layer_table(report: Report, plan: PlanSection | None) -> None:
             "propagated rel err": st.column_config.NumberColumn(format="%.3g"),
             "SQNR dB": st.column_config.NumberColumn(format="%.1f"),
             "max |grad|": st.column_config.NumberColumn(format="%.3g"),
+            "grad rel err": st.column_config.NumberColumn(format="%.3g"),
+            "grad cosine": st.column_config.NumberColumn(format="%.6g"),
             "GFLOP fwd": st.column_config.NumberColumn(format="%.3g"),
             "activation MiB": st.column_config.NumberColumn(format="%.3g"),
         })
@@ -142,6 +144,9 @@ def unit_detail(report: Report, dtype: LowDtype) -> None:
         st.dataframe(_df(F.flag_rows(report, unit)), hide_index=True)
     st.markdown("**Local error (fed fp32 inputs) against propagated error (everything low)**")
     st.dataframe(_df(F.error_rows(unit)), hide_index=True, width="content")
+    if unit.backward.param_grad_fidelity:
+        st.markdown("**Parameter gradients in the low run against fp32's**")
+        st.dataframe(_df(F.grad_fidelity_rows(unit)), hide_index=True, width="content")
     c1, c2 = st.columns(2)
     with c1:
         if unit.forward.stats is not None:
@@ -165,6 +170,22 @@ def depth(report: Report) -> None:
     else:
         st.text("Propagated error stays under the divergence threshold through the whole model.")
     _chart(F.depth_figure(report), "depth")
+
+
+def gradients(report: Report) -> None:
+    text = F.grad_fidelity_text(report)
+    if text is None:
+        st.info("No parameter-gradient comparison in this report.")
+        return
+    st.text(text)
+    _chart(F.grad_fidelity_figure(report), "grad_fidelity")
+    rows = [{"unit": name, "rel L2 error": f.rel_l2_error, "cosine": f.cosine, "non-finite": f.nonfinite_count,
+             "values": f.numel} for name, f in report.grad_fidelity_by_unit().items()]
+    st.markdown("**Units, worst first**")
+    st.dataframe(_df(rows), hide_index=True, column_config={
+        "rel L2 error": st.column_config.NumberColumn(format="%.3g"),
+        "cosine": st.column_config.NumberColumn(format="%.6g"),
+    })
 
 
 def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
@@ -250,7 +271,7 @@ def render(report: Report) -> None:
         st.caption("This app only reads the saved report; it never reruns the analysis.")
 
     training = pre is not None or mon is not None
-    names = ["Overview", "Layers", "Unit detail", "Depth", "Loss scale"] + (["Plan"] if plan else [])
+    names = ["Overview", "Layers", "Unit detail", "Depth", "Gradients", "Loss scale"] + (["Plan"] if plan else [])
     names += ["Training"] if training else []
     tabs = st.tabs(names)
     with tabs[0]:
@@ -262,9 +283,11 @@ def render(report: Report) -> None:
     with tabs[3]:
         depth(report)
     with tabs[4]:
+        gradients(report)
+    with tabs[5]:
         loss_scale(report, ls)
     if plan is not None:
-        with tabs[5]:
+        with tabs[6]:
             plan_section(plan)
     if training:
         with tabs[-1]:

@@ -9,12 +9,14 @@ from rich.table import Table
 from rich.text import Text
 
 from precision_doctor.report import Environment, Report
+from precision_doctor.views.figures import grad_fidelity_text
 
 _STYLE = {
     "NONFINITE_FP32": "bold magenta",
     "OVERFLOW": "bold red",
     "GRAD_OVERFLOW": "red",
     "DIVERGENCE": "yellow",
+    "GRAD_DIVERGENCE": "yellow",
     "ERROR_GROWTH": "yellow",
     "GRAD_UNDERFLOW": "cyan",
     "UNDERFLOW": "cyan",
@@ -49,6 +51,9 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         Text(f"final loss: fp32 {report.losses.fp32:.6g}, {env.dtype} {report.losses.low:.6g} "
              f"(relative error {_num(report.losses.rel_error)})")
     )
+    gradients = grad_fidelity_text(report)
+    if gradients is not None:
+        console.print(Text(gradients))
     if report.ranks:
         _render_ranks(report, console)
     flags = report.flags()

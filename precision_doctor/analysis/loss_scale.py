@@ -14,7 +14,9 @@ itself, fp32 units' and parameters' gradients) bound the scale too: they must st
 fp32's max with the same headroom.
 
 Only the gradients of units that run low count for fp16's range: the loss, `<backward>`
-leftovers and fp32 units keep fp32 gradients under AMP. GradScaler halves its scale on every
+leftovers and fp32 units keep fp32 gradients under AMP. Where the run holds the loss itself in
+fp16 (CPU autocast's `mean`, pure fp16), the scale reaches it as its gradient, in fp16: the
+scale is then 2^15 at most, and GradScaler skips a step at its default 2^16. GradScaler halves its scale on every
 step whose gradients hold an Inf or NaN (backoff 0.5) and skips that step, so from 2^16 it
 skips one step per halving until the scaled gradients fit: 16 - k_fit steps, where k_fit is
 the largest k whose scaled gradients all round to finite values (no headroom: that is the
@@ -135,19 +137,24 @@ def advise_from_histogram(
     unscaled_underflow_fraction: float | None = None,
     fp32_max_abs: float = 0.0,
     scale_log2: int | None = None,
+    loss_held_low: bool = False,
 ) -> LossScaleAdvice:
     """The advice from a log2-magnitude histogram of the gradients (`{floor(log2|g|): count}`)
     and their largest magnitude. `unscaled_underflow_fraction` overrides the histogram's
     fraction lost at scale 1 (bf16's flush point lies below the histogram's lowest bin);
     `fp32_max_abs` is the largest fp32 backward magnitude (see `LossScaleAdvice`);
-    `scale_log2` advises that scale instead of the largest safe one (fp16 only)."""
+    `scale_log2` advises that scale instead of the largest safe one (fp16 only);
+    `loss_held_low`: the loss itself is a `dtype` value (CPU autocast's fp16 `mean`, pure
+    fp16), so the scale reaches it as its gradient in `dtype`: 2^15 at most in fp16, with no
+    headroom (that gradient is the scale itself at every step)."""
     low = LowDtype(dtype)
     at_one = (
         unscaled_underflow_fraction
         if unscaled_underflow_fraction is not None
         else underflow_fraction(counts_by_log2, 0, low)
     )
-    finite = finite_scale_log2(max_abs, low, fp32_max_abs)
+    seed_max = finite_scale_log2(1.0, low) if loss_held_low else MAX_SCALE_LOG2
+    finite = min(finite_scale_log2(max_abs, low, fp32_max_abs), seed_max)
     if max_abs <= 0:
         # No nonzero gradient runs low (no unit does, or its gradients are exactly 0): there is
         # nothing to scale, and nothing a scaler would skip a step for.
@@ -167,9 +174,9 @@ def advise_from_histogram(
         # bf16 has fp32's exponent range: scaling only helps when something is lost unscaled.
         needed = at_one > 0 or max_abs > LIMITS[low].max_value
         k = safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs) if needed else 0
-        k = min(k, DEFAULT_SCALE_LOG2) if needed else 0
+        k = min(k, DEFAULT_SCALE_LOG2, seed_max) if needed else 0
     else:
-        k = safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs) if scale_log2 is None else scale_log2
+        k = min(safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs), seed_max) if scale_log2 is None else scale_log2
         needed = True if at_one > 0 or k != 0 else max_abs > LIMITS[low].max_value
     return LossScaleAdvice(
         dtype=low,
@@ -228,4 +235,6 @@ def recommend_loss_scale(
         unscaled_underflow_fraction=lost_unscaled / nonzero if nonzero else 0.0,
         fp32_max_abs=fp32_max_abs,
         scale_log2=scale_log2,
+        # A plan keeps the loss fp32 (`plan.hard_fp32_reasons`); the all-low run may not.
+        loss_held_low=low_units is None and report.losses.low_dtype == low.value,
     )

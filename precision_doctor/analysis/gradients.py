@@ -1,0 +1,198 @@
+"""Gradient fidelity: the real low-precision run's parameter gradients against the fp32 run's.
+
+The low run's backward (`capture.lowrun.LowGraph`) runs at the loss scale real training would
+use (`grad_scale_log2`) and its gradients are unscaled in fp32, as GradScaler unscales them;
+what is left is what low precision costs the update itself: rounding in the backward,
+gradients flushed at that scale, errors of the forward carried into the backward. Each
+parameter's gradient is compared with fp32's (relative L2 error, cosine, non-finite values),
+then per unit over the parameters it owns (`owner_of`) and over the model; GRAD_DIVERGENCE
+is judged on the units (`flags.grad_divergence_flags`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from precision_doctor.analysis.flags import grad_divergence_flags
+from precision_doctor.analysis.loss_scale import recommend_loss_scale
+from precision_doctor.capture.statistics import ErrorAccumulator, Workspace, squared_norm
+from precision_doctor.capture.units import owner_of
+from precision_doctor.options import LowDtype, Regime
+from precision_doctor.report import GradFidelity, ModelGradFidelity, Report
+
+
+def grad_scale_log2(report: Report) -> int:
+    """The loss scale 2^k the low backward runs at: the recommended initial scale, which
+    GradScaler keeps when started there (its headroom keeps the gradients finite); 2^0 in
+    pure fp16, which trains without a scaler (GradScaler refuses to unscale fp16 gradients,
+    and a scaled fp16 loss would overflow from 2^16: its gradient reaches it in fp16)."""
+    env = report.environment
+    if env.regime is Regime.PURE and env.dtype is LowDtype.FP16:
+        return 0
+    return recommend_loss_scale(report).recommended_scale_log2
+
+
+@dataclass
+class GradComparison:
+    """Sums over one or more gradient pairs (fp32, low), in float64: where the fp32 gradient
+    is finite, its squared norm, the low one's and their squared distance, and the count of
+    low Inf/NaN there."""
+
+    sum_sq_ref: float = 0.0
+    sum_sq_low: float = 0.0
+    sum_sq_err: float = 0.0
+    nonfinite: int = 0
+    numel: int = 0
+
+    def add(self, ref: torch.Tensor, low: torch.Tensor, workspace: Workspace) -> None:
+        ref, low = ref.detach(), low.detach()
+        self.numel += ref.numel()
+        a, b = squared_norm(ref), squared_norm(low)
+        if math.isfinite(a) and math.isfinite(b):
+            acc = ErrorAccumulator()
+            acc.add(ref, low, a, workspace)
+            self.sum_sq_ref += a
+            self.sum_sq_low += b
+            self.sum_sq_err += acc.sum_sq_err
+            return
+        # Inf/NaN somewhere (rare): the three sums over the positions where both are finite.
+        ref_finite, low_finite = torch.isfinite(ref), torch.isfinite(low)
+        self.nonfinite += int((ref_finite & ~low_finite).sum())
+        keep = ref_finite & low_finite
+        r, lo = ref[keep], low[keep]
+        self.sum_sq_ref += squared_norm(r)
+        self.sum_sq_low += squared_norm(lo)
+        self.sum_sq_err += squared_norm(lo - r)
+
+    def merge(self, other: GradComparison) -> None:
+        self.sum_sq_ref += other.sum_sq_ref
+        self.sum_sq_low += other.sum_sq_low
+        self.sum_sq_err += other.sum_sq_err
+        self.nonfinite += other.nonfinite
+        self.numel += other.numel
+
+    @property
+    def rel_l2_error(self) -> float:
+        if self.nonfinite:
+            return math.inf
+        if self.sum_sq_err == 0:
+            return 0.0
+        return math.sqrt(self.sum_sq_err / self.sum_sq_ref) if self.sum_sq_ref > 0 else math.inf
+
+    @property
+    def cosine(self) -> float | None:
+        a, b = self.sum_sq_ref, self.sum_sq_low
+        if self.nonfinite or a <= 0 or b <= 0:
+            return None
+        # a.b from the norms: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b (no fourth pass over
+        # the values; accurate to the sums' own relative precision).
+        return max(-1.0, min(1.0, (a + b - self.sum_sq_err) / (2.0 * math.sqrt(a * b))))
+
+    def fidelity(self) -> GradFidelity:
+        return GradFidelity(
+            rel_l2_error=self.rel_l2_error,
+            cosine=self.cosine,
+            nonfinite_count=self.nonfinite,
+            numel=self.numel,
+            fp32_l2_norm=math.sqrt(self.sum_sq_ref),
+        )
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g.to_dense() if g.is_sparse else g
+
+
+class GradComparer:
+    """Compares the low run's parameter gradients with fp32's one by one, as they arrive
+    (`add`, a `LowGraph.backward` sink): only the sums are kept, so the low gradients never
+    all exist at once. `fp32_grads`: by parameter name (every name of a tied parameter, one
+    tensor)."""
+
+    def __init__(self, fp32_grads: Mapping[str, torch.Tensor], workspace: Workspace | None = None) -> None:
+        self._fp32 = fp32_grads
+        self._ws = workspace or Workspace()
+        self._by_name: dict[str, GradComparison] = {}
+        self._by_tensor: dict[int | str, GradComparison] = {}  # fp32 tensor (else name) -> its comparison
+        self._model = GradComparison()
+
+    def add(self, names: list[str], low: torch.Tensor) -> None:
+        """One low gradient (unscaled, fp32) under every name of its parameter. A parameter
+        already compared is left as it is: a low run rerun after its kept graph failed
+        (`engine._low_backward`) sends the gradients made before the failure again."""
+        if names[0] in self._by_name:
+            return
+        ref = next((self._fp32[n] for n in names if n in self._fp32), None)
+        key: int | str = id(ref) if ref is not None else names[0]
+        comparison = self._by_tensor.get(key)
+        if comparison is None:
+            # A gradient only one run has is compared with zeros: the other run's optimizer
+            # leaves that parameter alone.
+            ref = _dense(ref) if ref is not None else torch.zeros_like(low)
+            comparison = self._by_tensor[key] = GradComparison()
+            if not (ref.is_complex() or low.is_complex()):  # nothing here rounds complex values
+                comparison.add(ref.float(), low, self._ws)
+                self._model.merge(comparison)
+        for n in names:
+            self._by_name[n] = comparison
+
+    def add_all(self, low_grads: Mapping[str, torch.Tensor]) -> None:
+        """`add` for gradients by name (tied names sharing one tensor)."""
+        names: dict[int, list[str]] = {}
+        for n, g in low_grads.items():
+            names.setdefault(id(g), []).append(n)
+        for n, g in low_grads.items():
+            if names[id(g)][0] == n:
+                self.add(names[id(g)], _dense(g).float())
+
+    def with_fidelity(self, report: Report, scale_log2: int) -> Report:
+        """`report` with the comparison: per parameter and unit (`backward.param_grad_fidelity`,
+        `backward.grad_fidelity`), over the model (`grad_fidelity`), and GRAD_DIVERGENCE
+        findings. A parameter with an fp32 gradient that the low run did not give one is
+        compared with zeros."""
+        missing: dict[int, list[str]] = {}
+        for n, g in self._fp32.items():
+            if n not in self._by_name:
+                missing.setdefault(id(g), []).append(n)
+        for group in missing.values():
+            ref = self._fp32[group[0]]
+            self.add(group, torch.zeros_like(_dense(ref), dtype=torch.float32))
+        per_param = {n: c for n, c in self._by_name.items() if c.numel}
+
+        units: dict[str, GradComparison] = {}
+        for name, comparison in per_param.items():
+            units.setdefault(owner_of(name), GradComparison()).merge(comparison)
+        fidelity = {u: c.fidelity() for u, c in units.items()}
+        flags = grad_divergence_flags(report, fidelity, report.thresholds, scale_log2)
+
+        new_units = []
+        for u in report.units:
+            if u.name not in fidelity:
+                new_units.append(u)
+                continue
+            backward = u.backward.model_copy(update={
+                "grad_fidelity": fidelity[u.name],
+                "param_grad_fidelity": {p: per_param[p].fidelity() for p in u.backward.param_grads if p in per_param},
+            })
+            new_units.append(u.model_copy(update={"backward": backward, "flags": [*u.flags, *flags.get(u.name, [])]}))
+        model = self._model
+        return report.model_copy(update={
+            "units": new_units,
+            "grad_fidelity": ModelGradFidelity(**model.fidelity().model_dump(), scale_log2=scale_log2) if model.numel else None,
+        })
+
+
+def with_grad_fidelity(
+    report: Report,
+    fp32_grads: Mapping[str, torch.Tensor],
+    low_grads: Mapping[str, torch.Tensor],
+    scale_log2: int,
+    workspace: Workspace | None = None,
+) -> Report:
+    """`GradComparer.with_fidelity` for gradients all at hand, by parameter name."""
+    comparer = GradComparer(fp32_grads, workspace)
+    comparer.add_all(low_grads)
+    return comparer.with_fidelity(report, scale_log2)

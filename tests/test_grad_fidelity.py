@@ -1,0 +1,330 @@
+"""Gradient fidelity: the report's per-unit parameter-gradient error and cosine against an
+independent computation (a real `torch.autocast("cpu", low)` run or a real `model.to(low)`
+run and a plain fp32 run, backward at the report's loss scale, compared by hand in float64
+numpy), GRAD_DIVERGENCE on the planted cases only, and the model handed back as it came."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor.analysis.loss_scale import recommend_loss_scale
+from precision_doctor.model.spec import LossFn, load_model_file, resolve_loss, run_model
+
+from .fixtures import build
+from .test_model_state import assert_restored, snapshot
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+LOW = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def real_gradients(
+    model: nn.Module, batch: Any, loss_fn: LossFn | None, dtype: str | None, regime: str, scale_log2: int,
+    rng: torch.Tensor,
+) -> dict[str, np.ndarray]:
+    """Parameter gradients of a real run on a copy: fp32 (`dtype` None), `torch.autocast("cpu",
+    low)` (real CPU kernels) or `model.to(low)` with float inputs cast; the loss scaled by
+    2^k as GradScaler scales it (an fp32 scale), the gradients unscaled in float64."""
+    m = copy.deepcopy(model)
+    torch.set_rng_state(rng)  # the analysis starts from this state: same dropout masks
+    if dtype is not None and regime == "pure":
+        m.to(LOW[dtype])
+        batch = pytree.tree_map(lambda t: t.to(LOW[dtype]) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, batch)
+    ctx = torch.autocast("cpu", dtype=LOW[dtype]) if dtype is not None and regime == "autocast" else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = resolve_loss(run_model(m, batch), batch, loss_fn)
+    (loss * torch.tensor(2.0**scale_log2)).backward()
+    return {
+        n: p.grad.detach().double().numpy() * 2.0**-scale_log2
+        for n, p in m.named_parameters(remove_duplicate=False) if p.grad is not None
+    }
+
+
+def by_hand(ref: dict[str, np.ndarray], low: dict[str, np.ndarray]) -> dict[str, tuple[float, float | None]]:
+    """Per unit (the module owning each parameter): relative L2 error and cosine, in float64."""
+    sums: dict[str, list[float]] = {}
+    for name, r in ref.items():
+        lo = low.get(name, np.zeros_like(r))
+        s = sums.setdefault(name.rpartition(".")[0] or "<root>", [0.0, 0.0, 0.0, 0.0])
+        s[0] += float(((lo - r) ** 2).sum())
+        s[1] += float((r * r).sum())
+        s[2] += float((lo * lo).sum())
+        s[3] += float((lo * r).sum())
+    return {
+        u: (math.sqrt(err / ref_sq), dot / math.sqrt(ref_sq * low_sq) if low_sq > 0 else None)
+        for u, (err, ref_sq, low_sq, dot) in sums.items()
+    }
+
+
+def compare(case_model: nn.Module, batch: Any, loss_fn: LossFn | None, dtype: str, regime: str) -> tuple[pd.Report, dict[str, tuple[float, float | None]]]:
+    rng = torch.get_rng_state()
+    report = pd.analyze(case_model, batch, loss_fn, dtype, regime=regime, policy="cpu")
+    assert report.grad_fidelity is not None
+    k = report.grad_fidelity.scale_log2
+    ref = real_gradients(case_model, batch, loss_fn, None, regime, 0, rng)
+    low = real_gradients(case_model, batch, loss_fn, dtype, regime, k, rng)
+    return report, by_hand(ref, low)
+
+
+@pytest.mark.parametrize("regime", ["autocast", "pure"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "functional", "gpt2"])
+def test_bf16_gradients_equal_a_real_run(name: str, regime: str) -> None:
+    """bf16 runs on the CPU's real kernels in the analysis too: the per-unit numbers are the
+    real run's (float64 sums against the report's fp32-accumulated norms)."""
+    case = build(name)
+    report, expected = compare(case.model, case.batch, case.loss_fn, "bf16", regime)
+    got = report.grad_fidelity_by_unit()
+    assert set(got) == set(expected)
+    for unit, (rel, cos) in expected.items():
+        assert got[unit].rel_l2_error == pytest.approx(rel, rel=1e-4, abs=1e-9), unit
+        assert rel > 1e-4  # bf16 rounding shows: the comparison is not of a run with itself
+        assert cos is not None and got[unit].cosine is not None
+        assert 1 - got[unit].cosine == pytest.approx(1 - cos, rel=1e-3, abs=1e-9), unit
+
+
+@pytest.mark.parametrize("regime", ["autocast", "pure"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "functional"])
+def test_fp16_gradients_match_a_real_run(name: str, regime: str) -> None:
+    """fp16 is emulated (fp32 kernels, results rounded to fp16); the CPU's real fp16 kernels
+    round the same values, so the errors agree closely, not to the bit."""
+    case = build(name)
+    report, expected = compare(case.model, case.batch, case.loss_fn, "fp16", regime)
+    got = report.grad_fidelity_by_unit()
+    assert set(got) == set(expected)
+    for unit, (rel, cos) in expected.items():
+        assert 1e-5 < got[unit].rel_l2_error < 1e-2
+        assert got[unit].rel_l2_error == pytest.approx(rel, rel=0.25), unit
+        assert cos is not None and got[unit].cosine == pytest.approx(cos, abs=1e-5), unit
+
+
+def test_model_wide_numbers_count_a_tied_weight_once() -> None:
+    """GPT-2's embedding and head share one weight: both units see its gradient, the model's
+    sums count it once."""
+    case = build("gpt2")
+    rng = torch.get_rng_state()
+    report = pd.analyze(case.model, case.batch, case.loss_fn, "bf16", policy="cpu")
+    assert report.grad_fidelity is not None
+    ref = real_gradients(case.model, case.batch, case.loss_fn, None, "autocast", 0, rng)
+    low = real_gradients(case.model, case.batch, case.loss_fn, "bf16", "autocast", 0, rng)
+    unique = {id(p): n for n, p in case.model.named_parameters()}.values()
+    err = sum(float(((low[n] - ref[n]) ** 2).sum()) for n in unique)
+    ref_sq = sum(float((ref[n] ** 2).sum()) for n in unique)
+    assert report.grad_fidelity.rel_l2_error == pytest.approx(math.sqrt(err / ref_sq), rel=1e-4)
+    assert report.grad_fidelity.numel == sum(ref[n].size for n in unique)
+    units = report.by_module()
+    tied = units["lm_head"].backward.param_grad_fidelity["lm_head.weight"]
+    assert tied == units["transformer.wte"].backward.param_grad_fidelity["transformer.wte.weight"]
+
+
+def _sample(name: str) -> Any:
+    return load_model_file(SAMPLES / f"{name}.py")
+
+
+def test_planted_unscaled_gradients_are_lost_in_pure_fp16() -> None:
+    """Pure fp16 has no loss scaler: embed's ~1e-9 gradients are all 0 at 2^0 in a real
+    `model.half()` run too; under autocast the recommended scale keeps them."""
+    spec = _sample("unscaled_gradients")
+    rng = torch.get_rng_state()
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16", regime="pure")
+    assert report.grad_fidelity is not None and report.grad_fidelity.scale_log2 == 0
+    real = by_hand(
+        real_gradients(spec.model, spec.batch, spec.loss_fn, None, "pure", 0, rng),
+        real_gradients(spec.model, spec.batch, spec.loss_fn, "fp16", "pure", 0, rng),
+    )
+    assert real["embed"] == (1.0, None)  # every gradient flushed in the real run
+    embed = report.by_module()["embed"]
+    assert embed.backward.grad_fidelity is not None
+    assert (embed.backward.grad_fidelity.rel_l2_error, embed.backward.grad_fidelity.cosine) == (1.0, None)
+    [flag] = embed.flags
+    assert (flag.flag, flag.severity) == (pd.Flag.GRAD_DIVERGENCE, pd.Severity.ERROR)
+    assert flag.evidence.values["scale_log2"] == 0 and "every parameter gradient is 0" in flag.evidence.message
+    assert [f.unit for f in report.flags()] == ["embed"] and report.losses.rel_error < 1e-6
+    assert not report and "GRAD_DIVERGENCE" in report.verdict
+
+    scaled = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16", regime="autocast")
+    assert scaled.grad_fidelity is not None and scaled.grad_fidelity.scale_log2 > 16
+    assert not scaled.flags() and scaled.by_module()["embed"].backward.grad_fidelity.rel_l2_error < 1e-3  # type: ignore[union-attr]
+
+
+def test_deep_narrow_early_layers_diverge_at_the_recommended_scale() -> None:
+    """At the recommended 2^29 the first layers' gradients still flush (GRAD_UNDERFLOW says no
+    scale keeps them): GRAD_DIVERGENCE errors there; the last layers are exact to fp16."""
+    report = pd.analyze(*_args("deep_narrow_underflow"), "fp16")
+    assert report.grad_fidelity is not None
+    assert report.grad_fidelity.scale_log2 == recommend_loss_scale(report).recommended_scale_log2 == 29
+    units = report.by_module()
+    for i in range(5):
+        fid = units[f"layers.{i}"].backward.grad_fidelity
+        assert fid is not None and fid.rel_l2_error == 1.0 and fid.cosine is None
+        assert any(f.flag is pd.Flag.GRAD_DIVERGENCE and f.severity is pd.Severity.ERROR for f in units[f"layers.{i}"].flags)
+    for name in ("layers.13", "layers.14", "layers.15", "head"):
+        fid = units[name].backward.grad_fidelity
+        assert fid is not None and fid.rel_l2_error < 2e-3 and not units[name].flags
+
+
+def test_sample_docstrings_grad_divergence() -> None:
+    """What deep_narrow_underflow, lost_update and tiny_loss_gradients state about it."""
+    def divergent(name: str, dtype: str, regime: str, policy: str = "cuda") -> dict[str, pd.Severity]:
+        report = pd.analyze(*_args(name), dtype, regime=regime, policy=policy)
+        return {f.unit: f.severity for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE}
+
+    assert divergent("deep_narrow_underflow", "fp16", "pure") == {f"layers.{i}": pd.Severity.ERROR for i in range(16)}
+    assert divergent("deep_narrow_underflow", "bf16", "autocast") == {}
+    assert divergent("lost_update", "fp16", "pure") == {"<root>": pd.Severity.WARNING}
+    assert divergent("lost_update", "bf16", "pure") == {"<root>": pd.Severity.ERROR}
+    assert divergent("lost_update", "bf16", "autocast") == {}
+    assert divergent("tiny_loss_gradients", "fp16", "autocast") == {}
+    for regime, policy in (("autocast", "cpu"), ("pure", "cuda")):
+        assert divergent("tiny_loss_gradients", "fp16", regime, policy) == {"fc1": pd.Severity.ERROR, "fc2": pd.Severity.ERROR}
+
+
+def _args(name: str) -> tuple[Any, Any, Any]:
+    spec = _sample(name)
+    return spec.model, spec.batch, spec.loss_fn
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "functional", "gpt2", "bert", "t5", "llama"])
+def test_healthy_models_get_no_grad_divergence(name: str, dtype: str) -> None:
+    case = build(name)
+    for regime, policy in (("autocast", "cuda"), ("autocast", "cpu"), ("pure", "cuda")):
+        report = pd.analyze(case.model, case.batch, case.loss_fn, dtype, regime=regime, policy=policy)
+        assert report.grad_fidelity is not None and report.grad_fidelity.rel_l2_error < 0.05
+        assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE], (regime, policy)
+
+
+def test_thresholds_are_overridable() -> None:
+    """A warning over grad_rel_error with the direction kept; an error below grad_cosine_min."""
+    case = build("mlp")
+    strict = pd.analyze(case.model, case.batch, case.loss_fn, "bf16", thresholds=pd.Thresholds(grad_rel_error=1e-6))
+    flags = [f for f in strict.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
+    assert {f.unit for f in flags} == {"fc1", "fc2"} and {f.severity for f in flags} == {pd.Severity.WARNING}
+    assert all("the direction holds" in f.evidence.message for f in flags)
+    assert strict  # warnings only: still safe
+    direction = pd.analyze(case.model, case.batch, case.loss_fn, "bf16", thresholds=pd.Thresholds(grad_cosine_min=1.0))
+    assert {f.severity for f in direction.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE} == {pd.Severity.ERROR}
+    assert not direction
+    with pytest.raises(pd.PrecisionDoctorError, match=r"grad_cosine_min=1\.5 is a cosine"):
+        pd.Thresholds(grad_cosine_min=1.5)
+
+
+def test_forward_breakage_is_not_blamed_on_the_gradients() -> None:
+    """plan_rescue overflows in its forward: every gradient is off, but the forward flags say
+    why; no GRAD_DIVERGENCE (as a unit that receives Inf is not flagged OVERFLOW)."""
+    report = pd.analyze(*_args("plan_rescue"), "fp16")
+    worst = next(iter(report.grad_fidelity_by_unit().values()))
+    assert worst.rel_l2_error > 0.5
+    assert pd.Flag.OVERFLOW in {f.flag for f in report.flags()}
+    assert pd.Flag.GRAD_DIVERGENCE not in {f.flag for f in report.flags()}
+
+
+def test_scale_is_the_recommendation_and_an_fp16_loss_caps_it() -> None:
+    """Autocast fp16: the backward runs at the recommended initial scale. Under the CPU's op
+    lists the mlp's loss (pow, mean) is an fp16 value, which the scale reaches as its gradient:
+    2^15 at most, and a real GradScaler started at 2^16 skips one step there."""
+    case = build("mlp")
+    cuda = pd.analyze(case.model, case.batch, case.loss_fn, "fp16")
+    assert cuda.losses.low_dtype == "fp32"
+    assert cuda.grad_fidelity is not None and cuda.grad_fidelity.scale_log2 == recommend_loss_scale(cuda).recommended_scale_log2 == 16
+    cpu = pd.analyze(case.model, case.batch, case.loss_fn, "fp16", policy="cpu")
+    advice = recommend_loss_scale(cpu)
+    assert cpu.losses.low_dtype == "fp16"
+    assert cpu.grad_fidelity is not None and cpu.grad_fidelity.scale_log2 == advice.recommended_scale_log2 == 15
+    assert advice.skipped_steps_from_default == 1
+    assert cpu.grad_fidelity.nonfinite_count == 0
+
+    net = copy.deepcopy(case.model)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    skipped = 0
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = case.loss_fn(net(case.batch), case.batch)  # type: ignore[misc]
+        assert loss.dtype == torch.float16
+        scaler.scale(loss).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped += scaler.get_scale() < before
+    assert skipped == advice.skipped_steps_from_default
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
+def test_model_comes_back_as_it_went_in(name: str) -> None:
+    """Parameters, user gradients (set before), buffers, modes, requires_grad and RNG: the
+    low backward's gradients are collected and the user's `.grad` put back."""
+    case = build(name)
+    for p in case.model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    next(case.model.parameters()).requires_grad_(False)
+    before = snapshot(case.model)
+    for regime in ("autocast", "pure"):
+        pd.analyze(case.model, case.batch, case.loss_fn, "fp16", regime=regime)
+        assert_restored(case.model, before)
+
+
+def test_parameter_written_in_forward_still_gets_a_comparison() -> None:
+    """A forward that writes a parameter in place invalidates the kept graph when the model
+    is restored: the low run is rerun with its backward at once, the same numbers."""
+
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.fc.weight.clamp_(-0.4, 0.4)  # a max-norm constraint applied in forward
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = Clamped()
+    x = torch.randn(8, 4)
+    before = snapshot(model)
+    report = pd.analyze(model, x, lambda o, b: o.pow(2).mean(), "bf16", policy="cpu")
+    assert_restored(model, before)
+    fid = report.by_module()["fc"].backward.grad_fidelity
+    assert fid is not None and 1e-4 < fid.rel_l2_error < 0.05
+    rng = torch.get_rng_state()
+    expected = by_hand(
+        real_gradients(model, x, lambda o, b: o.pow(2).mean(), None, "autocast", 0, rng),
+        real_gradients(model, x, lambda o, b: o.pow(2).mean(), "bf16", "autocast", 0, rng),
+    )
+    assert fid.rel_l2_error == pytest.approx(expected["fc"][0], rel=1e-4)
+
+
+def test_report_round_trips_and_queries() -> None:
+    spec = _sample("unscaled_gradients")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16", regime="pure")
+    again = pd.Report.from_json(report.to_json())
+    assert again == report
+    assert list(again.grad_fidelity_by_unit()) == ["embed", "head"]  # worst first
+    assert set(again.by_module()["embed"].backward.param_grad_fidelity) == {"embed.weight"}
+
+
+def test_emulated_backward_dtypes_follow_the_output_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulation caches each op's output dtypes by its argument dtypes; a layer norm's
+    backward returns no input gradient under mask [False, ...]: that answer must not stand
+    for a call that asks for one (it left GPT-2's input gradient unrounded, fp32)."""
+    from precision_doctor.capture import lowrun
+
+    monkeypatch.setattr(lowrun, "_OUT_DTYPES", {})
+    mode = lowrun.EmulateLowMode()
+    h = torch.float16
+    args = [torch.randn(4, 8, dtype=h), torch.randn(4, 8, dtype=h), [8], torch.zeros(4, 1, dtype=h),
+            torch.ones(4, 1, dtype=h), torch.ones(8, dtype=h), torch.zeros(8, dtype=h)]
+    op = torch.ops.aten.native_layer_norm_backward.default
+    none_first = mode.run(op, (*args, [False, True, True]), {})
+    assert none_first[0] is None
+    full = mode.run(op, (*args, [True, True, True]), {})
+    assert [t.dtype for t in full] == [h, h, h]
