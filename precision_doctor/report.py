@@ -80,6 +80,11 @@ class TensorStats(_Frozen):
     histogram: Histogram
     sum_squares_total: float | None = None
     """Gradients only: the sum of x^2 over the finite values."""
+    masked_count: int = 0
+    """Values recognised from the dataflow as mask values (a -1e38 or -100 a fill wrote into
+    the scores, a probability such a mask zeroes; a constant mask only where it lies beyond
+    the low formats), counted as the zeros they stand for: in `zero_count`, in no overflow or
+    underflow."""
 
     def loss_scale_fractions(self, scale_log2: int) -> tuple[float, float, float]:
         """At fp16 loss scale 2^k, as the report's loss-scale curves count (one power of two

@@ -218,6 +218,24 @@ def build_mistral(seed: int = 0) -> Case:
     return _decoder("mistral", "MistralConfig", "MistralForCausalLM", seed, kv_heads=1)
 
 
+def build_swin(seed: int = 0) -> Case:
+    """A tiny stock Swin classifier: its second block per stage shifts the windows and adds
+    transformers' -100 mask (built in forward) to the attention scores."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = SwinConfig(
+        image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+        window_size=4, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    )
+    cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
+    model = SwinForImageClassification(cfg).train()
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "labels": torch.tensor([1, 3])}
+    return Case("swin", model, batch, None)
+
+
 BUILDERS: dict[str, Callable[..., Case]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -228,6 +246,7 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "llama": build_llama,
     "qwen2": build_qwen2,
     "mistral": build_mistral,
+    "swin": build_swin,
 }
 TRANSFORMERS = ("gpt2", "bert", "t5", "llama")
 

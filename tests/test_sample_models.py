@@ -26,6 +26,8 @@ EXPECTED: dict[str, dict[str, pd.Flag]] = {
     "skip_one_step": {"head": pd.Flag.GRAD_OVERFLOW},
     "tiny_loss_gradients": {u: pd.Flag.GRAD_UNDERFLOW for u in ("fc1", "act", "fc2")},
     "lost_update": {},
+    "masked_softmax": {},
+    "sentinel_fill": {},
 }
 # Samples whose findings are warnings (GradScaler absorbs them) and whose loss error is within
 # tolerance: "Safe to train ... with warnings". Others with findings are not safe.
@@ -85,6 +87,21 @@ def test_samples_the_verdict_issue_names() -> None:
         assert f.severity is pd.Severity.WARNING and f.evidence.values["fixing_scale_log2"] > 24
     lost = _analyze("lost_update", "bf16", "pure").by_module()["step"].flags
     assert [(f.flag, f.severity, f.evidence.op) for f in lost] == [(pd.Flag.ERROR_GROWTH, pd.Severity.ERROR, "sub.Tensor")]
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize(("name", "unit"), [("masked_softmax", "attn"), ("sentinel_fill", "wkv")], ids=str)
+def test_masks_and_sentinels_are_no_finding(name: str, unit: str, dtype: str, regime: str) -> None:
+    """Swin's -100 mask and RWKV's -1e38 sentinel, recognised from the dataflow: no finding and
+    "Safe to train" without warnings in every regime and dtype, as their docstrings say, with
+    the mask values counted apart (the masked probabilities; the sentinel, beyond fp16)."""
+    report = _analyze(name, dtype, regime)
+    assert not report.flags(), report.flags()
+    assert bool(report) and report.verdict.endswith("Safe to train in this dtype."), report.verdict
+    stats = report.by_module()[unit].forward.stats
+    assert stats is not None and stats.masked_count > 0
+    assert stats.fp16.underflow_count == stats.fp16.overflow_count == 0
 
 
 def test_deep_narrow_last_layers_keep_their_gradients() -> None:

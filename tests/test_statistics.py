@@ -30,6 +30,7 @@ from precision_doctor.capture.statistics import (
     TensorSummary,
     Workspace,
     summarize,
+    summarize_unmasked,
 )
 
 F32 = np.float32
@@ -116,16 +117,36 @@ def _x(spec: dict) -> np.ndarray:
     return np.array(spec["values"], dtype=np.float32)
 
 
-def test_mask_constants_are_counted_apart(summarize_fn: SummarizeFn) -> None:
-    """finfo(float32).min is a mask constant: counted (and overflowing, as it does), and
-    the largest value below such constants is bounded by its histogram bin."""
-    x = torch.tensor([0.0, 1.5, 3.0, torch.finfo(torch.float32).min, 1e32])  # 1e32: a blow-up, no mask
-    s = summarize_fn(x)
-    assert s.sentinel_count == 1 and s.tails["fp16"].overflow == 2
-    assert s.max_abs == torch.finfo(torch.float32).max
-    assert s.max_abs_below_sentinels == 2.0**107  # 1e32 lies in [2^106, 2^107)
-    plain = summarize_fn(torch.tensor([1.5, 3.0]))
-    assert plain.sentinel_count == 0 and plain.max_abs_below_sentinels == 3.0
+def test_masked_positions_count_as_zeros() -> None:
+    """Positions holding mask values (a -1e38 sentinel, a -inf, a probability of 4e-44 a mask
+    zeroes) count as zeros; the computed values beside them (a 1e32 blow-up, a 1e-10 that
+    flushes) as usual; a NaN at a masked position is still a NaN (no mask makes one)."""
+    values = [-1e38, -math.inf, 4e-44, math.nan, 1.5, 1e32, 1e-10]
+    masked = [True, True, True, True, False, False, False]
+    s = summarize_unmasked(torch.tensor(values), torch.tensor(masked))
+    kept = np.array([v for v, m in zip(values, masked, strict=True) if not m], dtype=np.float64)
+    assert s.masked_count == 3 and s.numel == len(values)
+    assert s.zero_count == 3 and s.nan_count == 1 and s.inf_count == 0
+    assert s.tails["fp16"].overflow == int((np.abs(kept) > 65504).sum()) == 1
+    assert s.tails["fp16"].flushed == int(((kept != 0) & (np.abs(kept) < 2.0**-24)).sum()) == 1
+    assert s.max_abs == float(np.float32(1e32))
+    # broadcast: a (1, 3) mask over (2, 3) values
+    wide = summarize_unmasked(torch.tensor([[-1e38, 2.0, 3.0], [-1e38, 5.0, 6.0]]), torch.tensor([[True, False, False]]))
+    assert wide.masked_count == 2 and wide.tails["bf16"].overflow == 0 and wide.max_abs == 6.0
+
+
+def test_error_leaves_masked_positions_out_unless_nan() -> None:
+    """-1e38 held as -inf in fp16 is no error where it is a mask; a NaN there (a fully masked
+    row's softmax) still is."""
+    ref = torch.tensor([-1e38, 1.0, 2.0])
+    masked = torch.tensor([True, False, False])
+    acc = ErrorAccumulator()
+    assert acc.add(ref, torch.tensor([-math.inf, 1.0, 2.5]), masked=masked) == pytest.approx(0.5 / math.sqrt(5))
+    assert acc.nonfinite_mismatch == 0
+    nan = ErrorAccumulator()
+    assert nan.add(ref, torch.tensor([math.nan, 1.0, 2.0]), masked=masked) == math.inf
+    unmasked = ErrorAccumulator()
+    assert unmasked.add(ref, torch.tensor([-math.inf, 1.0, 2.0])) == math.inf
 
 
 def test_overflow_count_matches_definition(fmt: tuple[str, dict], summarize_fn: SummarizeFn) -> None:

@@ -335,8 +335,9 @@ def _low_run(
     except (Exception, SystemExit) as low_error:
         state = torch.random.get_rng_state()
         try:
-            # Under a capture that only reports writes, so the guard restores what it changes.
-            with torch.no_grad(), capture_pass(
+            # Under a capture that only reports writes, so the guard restores what it changes;
+            # with autograd on, or every loss would read as "does not require grad".
+            with capture_pass(
                 model, TORCH_DTYPES[low], Policy({"": False}), collect=False, local=False,
                 on_mutation=guard.before_mutation,
             ):
@@ -477,6 +478,7 @@ def tensor_stats(s: TensorSummary) -> TensorStats:
             sum_squares=[float(v) for v in s.sumsq[lo:min(hi, SUMSQ_BINS)]] if s.sumsq is not None else None,
         ),
         sum_squares_total=s.sumsq_total if s.sumsq is not None else None,
+        masked_count=s.masked_count,
     )
 
 

@@ -112,10 +112,11 @@ def unit_flags(
 
     # Overflow is charged to the op whose inputs fit the format but whose output does not:
     # a ReLU or a residual add passing on an upstream overflow is not a root cause.
-    # Mask constants (finfo.min, see statistics.SENTINEL_LOG2) overflow on purpose.
+    # Mask values (-1e38, finfo.min) overflow on purpose: the summaries count them apart
+    # (capture/masks.py).
     def overflow_of(r: OpRecord) -> int:
         s = r.summary
-        own = 0 if s is None or not r.stored_low else max(0, s.tails[fmt.name].overflow - s.sentinel_count)
+        own = 0 if s is None or not r.stored_low else s.tails[fmt.name].overflow
         return own + r.cast_overflow
 
     over_ops = [

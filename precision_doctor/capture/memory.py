@@ -90,3 +90,6 @@ class WeakIdMap:
 
     def clear(self) -> None:
         self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -49,6 +49,10 @@ class OpRecord:
     # Its fp32 Inf/NaN are a mask's: an op put them there on purpose (`full(-inf)`) and ops
     # since passed them on (`where`, an add to the scores), all with non-finite outputs.
     mask_nonfinite: bool = False
+    # Its outputs are constants of the program (fills, literals, buffers and ops on them
+    # alone); `masked`: data outputs holding mask values somewhere (see capture/masks.py).
+    constant: bool = False
+    masked: bool = False
 
     @property
     def local_rel_error(self) -> float | None:

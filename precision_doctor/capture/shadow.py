@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from precision_doctor.capture.dispatch import dynamo_safe, faking
+from precision_doctor.capture.masks import MaskTracker
 from precision_doctor.capture.memory import (
     TRIM_AFTER_FORWARD_BYTES,
     WeakIdMap,
@@ -60,6 +61,7 @@ from precision_doctor.capture.statistics import (
     TensorSummary,
     Workspace,
     summarize,
+    summarize_unmasked,
 )
 from precision_doctor.capture.units import (
     UNATTRIBUTED_UNIT,
@@ -101,6 +103,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     finite values beyond fp32's range (~3e38) would read as non-finite: no gradient or
     activation here comes near it."""
     return bool(torch.isfinite(torch.sum(t, dtype=torch.float32)))
+
+
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    """Exact, in one fp32 sum where `t` is finite; where that sum is not (an Inf, a NaN, or
+    -1e38 sentinels adding up past fp32's max), in an fp64 one, which no fp32 values overflow."""
+    return not _all_finite(t) and not math.isfinite(float(torch.sum(t, dtype=torch.float64)))
+
+
+def _out_of_range(s: TensorSummary) -> bool:
+    """Whether a summary holds values a low format cannot (what mask values can explain)."""
+    return bool(s.nonfinite_count) or any(t.overflow or t.flushed for t in s.tails.values())
 
 
 def _any(low: bool | Sequence[bool]) -> bool:
@@ -184,6 +197,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self._communicated = False
         self.param_storage_units: dict[int, str] = {}
         self.workspace = Workspace()
+        self.masks = MaskTracker()  # values meant to be masked, from the dataflow
         self.external_storages: set[int] = set()  # parameters', buffers' and the batch's memory
         self._saved_storages: set[int] = set()
         # Backward graph, by node id: who consumes a node's output, and whether the gradient
@@ -233,10 +247,11 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 # the tensor in place since (`x.sub_(c)`, ReLU(inplace=True)) gets its own.
                 one = cached[1] if cached is not None and cached[0] == ref._version else None
                 if one is None:
-                    # fp16 turns mask constants (finfo(fp32).min) into -inf: leave their positions out.
-                    masks = not _all_finite(sh)
+                    # Mask values (-1e38 turns into -inf in fp16, which masks as well) are no error.
+                    made = self._producer.get(ref)
+                    masked = self.masks.positions(ref, self.records[made[0]] if made is not None else None)
                     one = ErrorAccumulator()
-                    one.add(ref.detach(), sh, None, self.workspace, masks=masks)
+                    one.add(ref.detach(), sh, None, self.workspace, masked=masked)
                     self._value_errors[ref] = (ref._version, one)
                     made = self._producer.get(ref)
                     if made is not None:
@@ -801,6 +816,11 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             self._producer[t] = (rec.index, k)
         for b in bases:
             self._producer[b] = (rec.index, 0)
+        if not backward:
+            self.masks.op(
+                func, info, args, kwargs, tensors_in, [self.records[p[0]] if p is not None else None for p in producers],
+                outs, rec,
+            )
 
         # Only inputs other ops produced count as "already out of range": a parameter or
         # batch value beyond the format's max is this op's problem to report, not inherited.
@@ -820,7 +840,7 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 ):
                     # This op reads an fp32 value low (autocast's cast of its input): the cast
                     # overflows here, in this op, not where the value was made.
-                    rec.cast_overflow += max(0, src.summary.tails[self.low_format.name].overflow - src.summary.sentinel_count)
+                    rec.cast_overflow += src.summary.tails[self.low_format.name].overflow
         rec.input_max_abs = rec.out_max_abs = in_max
         rec.overflow_inherited = in_max > self.low_format.max_value
         rec.mask_nonfinite = masked_in  # a view or copy passes the mask on
@@ -832,14 +852,31 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         if not ref_outs:
             return out
         summary = TensorSummary()
+        masked: dict[int, torch.Tensor] = {}  # output position -> where it holds mask values
+        raw_nonfinite = False
         for t in ref_outs:
-            summary.merge(summarize(t, workspace=self.workspace))
+            # Mask values count as the zeros they stand for: looked up where a mask reached
+            # the op, and in a constant only if its values hold something a mask would explain.
+            where = self.masks.positions(t, rec) if rec.masked else None
+            if where is None:
+                part = summarize(t, workspace=self.workspace)
+                raw_nonfinite = raw_nonfinite or bool(part.nonfinite_count)
+                if rec.constant and _out_of_range(part):
+                    where = self.masks.positions(t, rec)
+            if where is not None:
+                masked[id(t)] = where
+                part = summarize_unmasked(t, where, workspace=self.workspace)
+                # Whether the mask itself held Inf (what its consumers' mask_nonfinite reads).
+                raw_nonfinite = raw_nonfinite or bool(part.nonfinite_count) or _has_nonfinite(t)
+            summary.merge(part)
         rec.summary = summary
-        # Inf/NaN are out of range, but a mask's -inf and mask constants are no overflowed
-        # values for a consumer to inherit, nor a finding.
-        rec.mask_nonfinite = bool(summary.nonfinite_count) and (masked_in or fills_nonfinite(args, kwargs))
+        # Inf/NaN are out of range, but a mask's -inf is no overflowed value for a consumer to
+        # inherit, nor a finding; nor is what ops make of it (a fully -inf row's softmax).
+        rec.mask_nonfinite = raw_nonfinite and (
+            masked_in or fills_nonfinite(args, kwargs) or not summary.nonfinite_count
+        )
         nonfinite = bool(summary.nonfinite_count) and not rec.mask_nonfinite
-        rec.out_max_abs = math.inf if nonfinite else summary.max_abs_below_sentinels
+        rec.out_max_abs = math.inf if nonfinite else summary.max_abs
         if nonfinite and math.isfinite(in_max):
             rec.fp32_nonfinite_root = True
         urec.forward.merge(summary)
@@ -849,7 +886,6 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.external_storages for t in written
         ):
             urec.wrote_nonfinite_state = True
-        masks = summary.sentinel_count > 0
 
         position = {id(t): k for k, t in enumerate(outs)}
         local_by_output: dict[int, ErrorAccumulator] = {}
@@ -857,15 +893,15 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             acc = ErrorAccumulator()
             for ref, sh in lpairs:
                 one = local_by_output[position[id(ref)]] = ErrorAccumulator()
-                one.add(ref, sh, None, self.workspace, masks=masks)
+                one.add(ref, sh, None, self.workspace, masked=masked.get(id(ref)))
                 acc.merge(one)
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
                 # Rounded rows that overflow came out of the table itself: its rounding made them.
                 inputs_ok = not rounded_rows and all(
-                    bool(torch.isfinite(t).all())
-                    for t in tensor_leaves(*largs)
-                    if t.dtype in (torch.float32, self.low)
+                    self._finite_but_masks(t, s)
+                    for t, s in zip(tensors_in, tensor_leaves(*largs), strict=False)
+                    if s.dtype in (torch.float32, self.low)
                 )
                 if inputs_ok:
                     rec.local_nonfinite_root = acc.nonfinite_mismatch
@@ -960,6 +996,16 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 return unit
         return None
 
+    def _finite_but_masks(self, t: torch.Tensor, s: torch.Tensor) -> bool:
+        """Whether shadow input `s` (standing for fp32 `t`) is finite, or non-finite only
+        where `t` holds mask values (-1e38 as -inf in fp16): not what made an Inf/NaN here."""
+        finite = torch.isfinite(s)
+        if bool(finite.all()):
+            return True
+        made = self._producer.get(t)
+        where = self.masks.positions(t, self.records[made[0]] if made is not None else None)
+        return where is not None and bool((finite | (where & ~torch.isnan(s))).all())
+
     def _passed_on(
         self, func: Any, info: OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
     ) -> tuple[tuple[int, int], ...]:
@@ -1052,6 +1098,11 @@ def capture_pass(
         op_dtypes=op_dtypes, default_low=default_low,
     )
     mode.module_outputs = module_outputs or {}
+    # Constants of the model: its buffers and plain tensor attributes (a mask kept as one).
+    mode.masks.constant_ids = {id(b) for b in model.buffers()} | {
+        id(v) for m in model.modules() for v in vars(m).values()
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)
+    }
     mode.external_storages = {storage_ptr(t) for t in (*model.parameters(), *model.buffers())}
     for p, owner in ((p, attribution.param_units.get(id(p))) for p in model.parameters()):
         if owner is not None:

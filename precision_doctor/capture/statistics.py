@@ -51,14 +51,6 @@ class TailCounts:
         self.subnormal += other.subnormal
 
 
-# Finite values in fp32's top binade, [2^127, 3.4e38], are mask constants
-# (`torch.finfo(torch.float32).min`, and scores plus it), not activations: a model blowing up
-# passes 1e32 on its way to Inf, but a value this close to fp32's max is put there. The
-# statistics count them as what they are; the flags do not take them for overflow, nor a
-# consumer for overflowed input, and errors leave their positions out.
-SENTINEL_LOG2 = 127
-SENTINEL = 2.0**SENTINEL_LOG2
-
 # Loss scales are 2^0 and up (to fp32's 2^127, GradScaler's largest), so only values below
 # fp16's 2^-24 can ever be flushed (a scale 2^k flushes those below 2^(-24-k)): the per-bin
 # sums of squares (for "what fraction of the L2 norm is lost") are kept for the bins below it
@@ -84,6 +76,8 @@ class TensorSummary:
     sumsq: np.ndarray | None = None
     sumsq_total: float = 0.0
     tails: dict[str, TailCounts] = field(default_factory=lambda: {f.name: TailCounts() for f in _FORMATS})
+    # Positions holding mask values (capture/masks.py), counted as the zeros they stand for.
+    masked_count: int = 0
 
     @property
     def nonzero_count(self) -> int:
@@ -93,19 +87,6 @@ class TensorSummary:
     def nonfinite_count(self) -> int:
         return self.nan_count + self.inf_count
 
-    @property
-    def sentinel_count(self) -> int:
-        """Finite values of at least 2^127: mask constants (see SENTINEL_LOG2)."""
-        return int(self.hist[EXP_BIAS + SENTINEL_LOG2 : 255].sum())
-
-    @property
-    def max_abs_below_sentinels(self) -> float:
-        """`max_abs`; with mask constants present, the top of the highest bin below them."""
-        if not self.sentinel_count:
-            return self.max_abs
-        below = np.nonzero(self.hist[1 : EXP_BIAS + SENTINEL_LOG2])[0]
-        return 2.0 ** (int(below[-1]) + 1 - (EXP_BIAS - 1)) if len(below) else 0.0
-
     def merge(self, other: TensorSummary) -> None:
         self.numel += other.numel
         self.zero_count += other.zero_count
@@ -113,6 +94,7 @@ class TensorSummary:
         self.inf_count += other.inf_count
         self.max_abs = max(self.max_abs, other.max_abs)
         self.min_nonzero_abs = min(self.min_nonzero_abs, other.min_nonzero_abs)
+        self.masked_count += other.masked_count
         self.hist += other.hist
         if other.sumsq is not None:
             self.sumsq = other.sumsq.copy() if self.sumsq is None else self.sumsq + other.sumsq
@@ -210,6 +192,38 @@ def summarize(x: torch.Tensor, *, with_sumsq: bool = False, workspace: Workspace
     if with_sumsq and summary.sumsq is None:  # an empty tensor
         summary.sumsq = np.zeros(SUMSQ_BINS)
     return summary
+
+
+def summarize_unmasked(x: torch.Tensor, masked: torch.Tensor, *, workspace: Workspace | None = None) -> TensorSummary:
+    """`summarize(x)` with the positions `masked` says hold mask values (a bool tensor that
+    broadcasts to `x`) counted as zeros - what a mask constant or a probability it zeroes
+    stands for - and counted in `masked_count`. A NaN there is kept: no mask makes one.
+
+    >>> s = summarize_unmasked(torch.tensor([-1e38, 2.0, 4e-44]), torch.tensor([True, False, True]))
+    >>> (s.masked_count, s.zero_count, s.tails["fp16"].overflow, s.tails["fp16"].flushed)
+    (2, 2, 0, 0)
+    """
+    x = x.detach()
+    clear = masked
+    if math.isnan(float(torch.sum(x, dtype=torch.float32))):  # a NaN (or infinities of both signs)
+        clear = masked & ~torch.isnan(x)
+    summary = summarize(x.masked_fill(clear, 0.0), workspace=workspace)
+    summary.masked_count = true_count(clear, x.shape)
+    return summary
+
+
+def compact(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`t` without its broadcast (stride-0) dimensions, each kept once, and how many times
+    each remaining value stands in `t`: reductions over an expanded mask read it once."""
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())
+    repeat = math.prod(n for n, st in zip(t.shape, t.stride(), strict=True) if st == 0)
+    return t[index], repeat
+
+
+def true_count(mask: torch.Tensor, shape: Sequence[int]) -> int:
+    """How many True values `mask` has once broadcast to `shape`."""
+    values, repeat = compact(mask.expand(tuple(shape)))
+    return int(values.sum()) * repeat
 
 
 # Below this many values a chunk's histogram is one serial bincount; above, one row per thread.
@@ -351,14 +365,16 @@ class ErrorAccumulator:
         ref_norm_sq: float | None = None,
         workspace: Workspace | None = None,
         *,
-        masks: bool = False,
+        masked: torch.Tensor | None = None,
     ) -> float:
         """Add one tensor pair; returns that pair's own relative error (inf if non-finite).
         Pass `ref_norm_sq` when several shadows are compared with the same fp32 tensor;
-        `masks` when `ref` holds mask constants (|x| >= 2^127), whose positions are left out:
-        fp16 turns them into -inf, which masks just as well."""
-        if masks:
-            keep = ref.detach().abs() < SENTINEL
+        `masked` (a bool tensor broadcasting to `ref`) where `ref` holds mask values
+        (capture/masks.py): those positions are left out wherever the shadow is no NaN -
+        -1e38 turned into -inf in fp16 masks just as well, a probability meant to be zero is
+        no error to charge - while a NaN there (a fully masked row in fp16) still counts."""
+        if masked is not None:
+            keep = ~(masked.expand(ref.shape) & ~torch.isnan(shadow))
             ref, shadow, ref_norm_sq = ref.detach()[keep], shadow.detach()[keep], None
         if ref_norm_sq is None:
             ref_norm_sq = squared_norm(ref)
