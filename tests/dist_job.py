@@ -6,6 +6,9 @@ OUT_DIR/rank{r}.json, so the process start-up (~2 s a rank) is paid once for all
 Scenarios (rank r gets rows [3r, 3r+3) of `fixtures.build_mlp`'s 6-row batch, scaled):
 - `healthy`, `overflow`: DDP on the batch halves (the test compares with one process on the
   whole batch);
+- `grads`: DDP on the batch halves in bf16 with CPU autocast's op lists (real kernels, which
+  the test redoes by hand), and a `grad_rel_error` threshold between fc1's and fc2's gradient
+  errors: the job's gradient fidelity and GRAD_DIVERGENCE;
 - `fault`: rank 1's shard alone scaled past fp16's range; `diluted`: the same, with an
   overflow threshold above the job's overflow fraction and below rank 1's own;
 - `nonfinite`: rank 1's shard holds a NaN (the fp32 loss is NaN there only);
@@ -32,6 +35,7 @@ from torch import nn
 SCALES = {"healthy": 1.0, "overflow": 6e4}
 FAULT_SCALE = 1e5
 DILUTED_THRESHOLD = 0.15
+GRAD_THRESHOLD = 0.006  # fc1's bf16 gradients are off by ~0.0071 (relative L2), fc2's by ~0.0048
 ROWS = 3
 PREFLIGHT_STEPS = 3
 
@@ -84,6 +88,10 @@ def main(out_dir: Path) -> None:
     for name, scale in SCALES.items():
         model, x = ddp_of(scale)
         results[name] = json.loads(pd.analyze(model, x, case.loss_fn).to_json())
+
+    model, x = ddp_of(1.0)
+    th = pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+    results["grads"] = json.loads(pd.analyze(model, x, case.loss_fn, "bf16", policy="cpu", thresholds=th).to_json())
 
     model, x = ddp_of(1.0)
     if rank == 1:

@@ -7,6 +7,9 @@ Scenarios (`fixtures.build_head_mlp`: an MLP whose 1-row head leaves rank 1 an e
 - `fsdp/<dtype>`: FSDP2 (`fully_shard` on every Linear and the root), rank r analyzing rows
   [4r, 4r+4) of the 8-row batch (scaled past fp16's range in `fsdp/fp16`), three times in a
   row; the test compares with one process analyzing the whole batch;
+- `fsdp_grads`: FSDP2 on the halves in bf16 with CPU autocast's op lists (real kernels, which
+  the test redoes by hand) and a `grad_rel_error` threshold between the units' gradient
+  errors: the job's gradient fidelity and GRAD_DIVERGENCE;
 - `fsdp_counts`: the collectives a plain forward and backward issue, and those an analysis
   issues (with how many forward and backward passes it ran);
 - `fsdp_mixed`: `MixedPrecisionPolicy(param_dtype=bf16)`;
@@ -15,6 +18,15 @@ Scenarios (`fixtures.build_head_mlp`: an MLP whose 1-row head leaves rank 1 an e
 - `fsdp_failed`: rank 1's shard holds a NaN (the analysis fails on both ranks midway): the
   collectives of a training step after it, and the step against a replica's;
 - `placements`: what each rank counts of a DTensor by placement (`model.parallel`);
+- `fsdp_preflight`, `tp_preflight`: the pre-flight (its analysis, plan search with verification
+  and short training runs) of the FSDP2 model on the halves (fp16) and of the tensor-parallel
+  one on the whole batch (bf16), then a plan search on the model itself (FSDP2's at a
+  tolerance below the all-low run's error, which promotes units; the pre-flight plans a copy
+  of a tensor-parallel model, and an FSDP2 one, which torch cannot copy, itself): the results,
+  the model before and after, and a training step after them (its collectives, and against a
+  replica's);
+- `tp_fp16_preflight`: the fp16 pre-flight of the tensor-parallel model (GradScaler cannot
+  unscale its mix of DTensor and plain gradients);
 - `tp/<dtype>`: tensor parallel (fc1 column-wise, fc2 row-wise), the whole batch on both
   ranks: the report, a real `torch.autocast("cpu")` run's loss, the collectives issued and
   any left unwaited.
@@ -38,6 +50,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROWS = 4
 FP16_SCALE = 1e5  # fc1's outputs overflow fp16: flags to compare
+GRAD_THRESHOLD = 0.0025  # bf16 gradient errors (relative L2) on the halves: fc1 ~0.0037, fc2 ~0.0029, head ~0.0019
+PREFLIGHT_STEPS = 2
 COLLECTIVES = ("_allgather_base_", "_reduce_scatter_base_", "all_reduce", "wait_tensor", "allreduce_")
 
 
@@ -138,6 +152,9 @@ def main(out_dir: Path) -> None:
         model = fsdp_of()
         results[f"fsdp/{dtype}"] = [json.loads(pd.analyze(model, half * scale, loss_fn, dtype).to_json()) for _ in range(3)]
 
+    th = pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+    results["fsdp_grads"] = json.loads(pd.analyze(fsdp_of(), half, loss_fn, "bf16", policy="cpu", thresholds=th).to_json())
+
     # Collectives: a plain step's forward and backward, then an analysis.
     model = fsdp_of()
     out: list[torch.Tensor] = []
@@ -192,6 +209,40 @@ def main(out_dir: Path) -> None:
         part = counted_part(reduced(dt))
         placements[name] = None if part is None else part.tolist()
     results["placements"] = placements
+
+    # Pre-flight and plan search on the sharded models; a training step after them.
+    from precision_doctor.planning.pipeline import plan_report
+    from precision_doctor.planning.plan import DEFAULT_TOLERANCE
+
+    for name, make, x, dtype in (("fsdp", fsdp_of, half, "fp16"), ("tp", tp_of, case.batch, "bf16")):
+        model, replica = make(), make()
+        before = checksum(model)
+        params_before = [id(p) for p in model.parameters()]
+        result = pd.preflight(model, x, loss_fn, dtype=dtype, steps=PREFLIGHT_STEPS)
+        assert result.report is not None
+        # FSDP2: a tolerance below the all-low run's error, so units are promoted between
+        # verification passes, each decided on the worst rank's error (the halves differ).
+        # Tensor parallel (one batch): the default one (below it, fp32 costs least here).
+        tolerance = result.report.losses.rel_error / 2 if name == "fsdp" else DEFAULT_TOLERANCE
+        plan = plan_report(model, x, loss_fn, result.report, tolerance=tolerance).extras.plan
+        after = checksum(model)
+        stepped: list[str] = []
+        counted = passes(model, lambda model=model, x=x, stepped=stepped: stepped.append(step(model, x)), wrappers)
+        results[f"{name}_preflight"] = {
+            "result": json.loads(result.to_json()),
+            "plan": plan.model_dump(mode="json") if plan is not None else None,
+            "before": before,
+            "after": after,
+            "same_parameters": params_before == [id(p) for p in model.parameters()],
+            "step": counted,
+            "stepped": stepped[0],
+            "replica_stepped": step(replica, x),
+        }
+    try:
+        pd.preflight(tp_of(), case.batch, loss_fn, dtype="fp16", steps=1)
+        results["tp_fp16_preflight"] = None
+    except Exception as e:
+        results["tp_fp16_preflight"] = failure(e)
 
     # Tensor parallel: the whole batch on both ranks.
     for dtype in ("bf16", "fp16"):

@@ -10,10 +10,8 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,46 +24,16 @@ import precision_doctor as pd
 from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.capture.statistics import ErrorAccumulator, TensorSummary, summarize
 from precision_doctor.report import Report
-from tests.dist_job import DILUTED_THRESHOLD, FAULT_SCALE, PREFLIGHT_STEPS, SCALES
+from tests.dist_job import (
+    DILUTED_THRESHOLD,
+    FAULT_SCALE,
+    GRAD_THRESHOLD,
+    PREFLIGHT_STEPS,
+    SCALES,
+    shard,
+)
 from tests.fixtures import build_mlp
-
-ROOT = Path(__file__).resolve().parent.parent
-JOB_TIMEOUT_S = 120  # a hang fails the test instead of the suite (each rank's own timeout is 30 s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(argv: Sequence[str], world: int = 2) -> list[subprocess.Popen[str]]:
-    """`argv` on `world` ranks with the environment torchrun gives each rank."""
-    port = str(free_port())
-    procs = []
-    for r in range(world):
-        env = {
-            **os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-        }
-        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def finish(procs: Sequence[subprocess.Popen[str]]) -> list[subprocess.CompletedProcess[str]]:
-    """Every process's exit code and output; a hang fails the test (`JOB_TIMEOUT_S`)."""
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=JOB_TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
-
+from tests.multiprocess import ROOT, data_parallel_fidelity, finish, rank_results, start
 
 # Model files for the CLI: each rank takes its half of the batch (torchrun's RANK). The plain
 # one leaves the process group to the CLI; the DDP one initializes it itself (with a short
@@ -134,10 +102,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
     nan = start([cli, "analyze", str(d / "ddp_nan.py"), "--out", str(d / "nan.json"), "--quiet"])
     pre = start([cli, "preflight", str(d / "plain.py"), "--steps", "2", "--no-plan", "--json", "--quiet"])
     api_done, (cli_done,), nan_done, pre_done = finish(api), finish([torchrun]), finish(nan), finish(pre)
-    for r, p in enumerate(api_done):
-        assert p.returncode == 0, f"rank {r} failed:\n{p.stderr[-3000:]}"
-    results = [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
-    return Jobs(results, d, cli_done, nan_done, pre_done)
+    return Jobs(rank_results(api_done, d), d, cli_done, nan_done, pre_done)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +151,40 @@ def test_ddp_on_batch_halves_equals_one_process_on_the_batch(ranks: list[dict[st
     assert job.losses.fp32 == pytest.approx(whole.losses.fp32, rel=1e-6)
     assert [r.rank for r in job.ranks] == [0, 1]
     assert job.losses.fp32 == pytest.approx(sum(r.loss_fp32 for r in job.ranks) / 2)
+
+
+def test_ddp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
+    """The low gradients' error and cosine against fp32's are summed over the ranks' slices
+    of the averaged gradients before GRAD_DIVERGENCE is judged: a job's numbers, redone by
+    hand from real runs on each half averaged as DDP averages them. 1e-5 (relative L2 error)
+    and 1e-8 (cosine) are the sums' own rounding: the report's squared norms are fp32
+    reductions (~1e-7 relative at these sizes: `capture.statistics.squared_norm`) added in
+    float64 in another order (per rank slice); the reference sums in float64."""
+    job = report_of(ranks, "grads")
+    assert job.grad_fidelity is not None
+    case = build_mlp()
+    expected = data_parallel_fidelity(case, [shard(case.batch, r) for r in range(2)], "bf16", job.grad_fidelity.scale_log2)
+    got = job.grad_fidelity_by_unit()
+    assert set(got) == set(expected) == {"fc1", "fc2"}
+    for unit, (rel, cos) in expected.items():
+        assert rel > 1e-3  # bf16 rounding shows: not a run compared with itself
+        assert got[unit].rel_l2_error == pytest.approx(rel, rel=1e-5), unit
+        assert cos is not None and got[unit].cosine == pytest.approx(cos, abs=1e-8), unit
+    # Every element compared once in the job (each rank its slice of the averaged gradient).
+    numel = {n: p.numel() for n, p in case.model.named_parameters()}
+    assert job.grad_fidelity.numel == sum(numel.values())
+    for u in job.units:
+        for pname, f in u.backward.param_grad_fidelity.items():
+            assert f.numel == numel[pname], pname
+    # GRAD_DIVERGENCE judged on the job's sums: fc1 over the threshold, fc2 under it, as for
+    # one process on the whole batch (whose numbers differ: its low gradients are rounded
+    # after the whole batch's sum, not per half).
+    whole = pd.analyze(
+        case.model, case.batch, case.loss_fn, "bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+    )
+    grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
+    assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning")}
+    assert flag_set(job) == flag_set(whole)
 
 
 def test_a_fault_in_one_ranks_shard_is_the_jobs_and_named_by_rank(ranks: list[dict[str, Any]]) -> None:
@@ -292,6 +291,11 @@ def test_cli_under_torchrun_writes_one_report_from_rank_0(jobs: Jobs) -> None:
         if u.name != "<loss>":
             assert report.by_module()[u.name].forward.stats == u.forward.stats, u.name
     assert report.extras.plan is not None  # planned alike on every rank
+    # A plain module's gradients are each rank's own: compared on each rank and summed, as
+    # their statistics are (both ranks' values counted).
+    assert report.grad_fidelity is not None
+    stats = {n: g.numel for u in report.units for n, g in u.backward.param_grads.items()}
+    assert report.grad_fidelity.numel == sum(stats.values()) == 2 * sum(p.numel() for p in case.model.parameters())
 
 
 def test_cli_a_nonfinite_loss_on_one_rank_exits_alike_everywhere(jobs: Jobs) -> None:

@@ -5,12 +5,9 @@ training step's collectives, a real `torch.autocast("cpu")` run."""
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,60 +16,26 @@ import pytest
 import precision_doctor as pd
 from precision_doctor.report import Report
 from tests.fixtures import build_head_mlp
-from tests.sharded_job import FP16_SCALE
+from tests.multiprocess import data_parallel_fidelity, finish, rank_results, start
+from tests.sharded_job import FP16_SCALE, GRAD_THRESHOLD, PREFLIGHT_STEPS, ROWS
 
-ROOT = Path(__file__).resolve().parent.parent
-JOB_TIMEOUT_S = 120  # a hang fails the tests instead of the suite (each rank's own timeout is 30 s)
 FSDP_SCALES = {"bf16": 1.0, "fp16": FP16_SCALE}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("sharded_job")
-    port = str(_free_port())
-    procs = []
-    for r in range(2):
-        env = {
-            **os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-        }
-        argv = [sys.executable, "-m", "tests.sharded_job", str(out)]
-        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        for r, p in enumerate(procs):
-            _, err = p.communicate(timeout=JOB_TIMEOUT_S)
-            assert p.returncode == 0, f"rank {r} failed:\n{err[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return rank_results(finish(start([sys.executable, "-m", "tests.sharded_job", str(out)])), out)
 
 
 def flag_set(report: Report) -> set[tuple[str, str, str]]:
     return {(f.flag.value, f.unit, f.severity.value) for f in report.flags()}
 
 
-def _rank_own(report: dict[str, Any]) -> dict[str, Any]:
-    """`report` without what is still each rank's own under sharding: the gradient fidelity
-    compares each rank's shards (its sums are not combined across ranks yet)."""
-    out = {k: v for k, v in report.items() if k != "grad_fidelity"}
-    out["units"] = [
-        {**u, "backward": {k: v for k, v in u["backward"].items() if "fidelity" not in k}} for u in report["units"]
-    ]
-    return out
-
-
 def fsdp_reports(ranks: list[dict[str, Any]], dtype: str) -> list[Report]:
     runs = ranks[0][f"fsdp/{dtype}"]
-    # Every rank returns the job's report.
-    assert [_rank_own(r) for r in runs] == [_rank_own(r) for r in ranks[1][f"fsdp/{dtype}"]]
+    # Every rank returns the job's report, gradient fidelity included.
+    assert runs == ranks[1][f"fsdp/{dtype}"]
     return [Report.from_json(json.dumps(r)) for r in runs]
 
 
@@ -104,6 +67,34 @@ def test_fsdp_on_batch_halves_equals_one_process_on_the_batch(ranks: list[dict[s
     if dtype == "fp16":
         assert ("OVERFLOW", "fc1", "error") in flag_set(job)  # the comparison is not vacuous
     assert job.losses.fp32 == pytest.approx(whole.losses.fp32, rel=1e-6)
+
+
+def test_fsdp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
+    """The low gradients' error and cosine are summed over the ranks' shards (the head's
+    1-row weight and its bias all on rank 0, an empty shard on rank 1) before GRAD_DIVERGENCE
+    is judged: the job's numbers, redone by hand from real runs on each half averaged as FSDP2
+    averages them. Tolerances: the sums' own rounding (see test_distributed's DDP twin)."""
+    assert ranks[0]["fsdp_grads"] == ranks[1]["fsdp_grads"]
+    job = Report.from_json(json.dumps(ranks[0]["fsdp_grads"]))
+    assert job.grad_fidelity is not None
+    case = build_head_mlp()
+    halves = [case.batch[ROWS * r : ROWS * (r + 1)] for r in range(2)]
+    expected = data_parallel_fidelity(case, halves, "bf16", job.grad_fidelity.scale_log2)
+    got = job.grad_fidelity_by_unit()
+    assert set(got) == set(expected) == {"fc1", "fc2", "head"}
+    for unit, (rel, cos) in expected.items():
+        assert rel > 1e-3  # bf16 rounding shows: not a run compared with itself
+        assert got[unit].rel_l2_error == pytest.approx(rel, rel=1e-5), unit
+        assert cos is not None and got[unit].cosine == pytest.approx(cos, abs=1e-8), unit
+    numel = {n: p.numel() for n, p in case.model.named_parameters()}
+    assert job.grad_fidelity.numel == sum(numel.values())
+    assert {n: f.numel for u in job.units for n, f in u.backward.param_grad_fidelity.items()} == numel
+    whole = pd.analyze(
+        case.model, case.batch, case.loss_fn, "bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+    )
+    grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
+    assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning"), ("GRAD_DIVERGENCE", "fc2", "warning")}
+    assert flag_set(job) == flag_set(whole)
 
 
 def test_fsdp_communication_buffers_get_no_statistics(ranks: list[dict[str, Any]]) -> None:
@@ -201,6 +192,7 @@ def test_tensor_parallel_issues_no_extra_collective_and_waits_for_all(ranks: lis
 
 
 def test_tensor_parallel_parameters_are_counted_once_per_element(ranks: list[dict[str, Any]]) -> None:
+    assert ranks[0]["tp/bf16"]["report"] == ranks[1]["tp/bf16"]["report"]  # the job's, gradient fidelity included
     report = Report.from_json(json.dumps(ranks[0]["tp/bf16"]["report"]))
     model = build_head_mlp().model
     numel = {n: p.numel() for n, p in model.named_parameters()}
@@ -209,3 +201,66 @@ def test_tensor_parallel_parameters_are_counted_once_per_element(ranks: list[dic
     # plain module every rank holds a copy of.
     assert grads == numel
     assert sum(u.param_bytes for u in report.units) == 4 * sum(numel.values())
+    # The gradient comparison counts the same parts: each element once in the job.
+    assert {n: f.numel for u in report.units for n, f in u.backward.param_grad_fidelity.items()} == numel
+    assert report.grad_fidelity is not None and report.grad_fidelity.numel == sum(numel.values())
+
+
+def _same_on_every_rank(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pre-flight result every rank returned, less each rank's own clock."""
+    stripped = []
+    for r in results:
+        r = copy.deepcopy(r)
+        r.pop("timings_s")
+        for run in r["runs"].values():
+            run.pop("seconds")
+        stripped.append(r)
+    assert stripped[0] == stripped[1]
+    return results[0]
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp", "tp"])
+def test_preflight_and_plan_search_on_a_sharded_model(ranks: list[dict[str, Any]], wrapper: str) -> None:
+    """The pre-flight (analysis, plan search with verification passes decided on the worst
+    rank's error, short training runs) reaches one verdict and one plan on every rank, and
+    the model comes out as it went in: a training step after it issues a plain step's
+    collectives and equals a replica's that was never analyzed."""
+    got = [r[f"{wrapper}_preflight"] for r in ranks]
+    job = pd.PreflightResult.from_json(json.dumps(_same_on_every_rank([g["result"] for g in got])))
+    assert job.plan is not None and job.plan.verification_passes >= 1
+    assert got[0]["plan"] == got[1]["plan"] and got[0]["plan"] is not None
+    assert got[0]["plan"]["verification_passes"] >= (2 if wrapper == "fsdp" else 1)
+    if wrapper == "fsdp":
+        # FSDP2's last gradient reduction runs outside any module: no module to plan for.
+        assert job.plan.units["<backward>"] == "fp32"
+    plain = ranks[0][f"{wrapper}_counts"]
+    for g in got:
+        assert g["after"] == g["before"] and g["same_parameters"]
+        assert g["stepped"] == g["replica_stepped"]
+        for name, n in g["step"].items():
+            if name != "forwards":
+                assert n == plain["forward"][name] + plain["backward"][name], name
+    # Against one process on the whole batch: FSDP2 trains data parallel on the halves (its
+    # averaged gradients, the ranks' mean loss), tensor parallel on the batch itself.
+    case = build_head_mlp()
+    dtype = "fp16" if wrapper == "fsdp" else "bf16"
+    whole = pd.preflight(case.model, case.batch, case.loss_fn, dtype=dtype, steps=PREFLIGHT_STEPS)
+    assert job.go and whole.go
+    assert set(job.runs) == set(whole.runs) == {"fp32", "low", "planned"}
+    assert whole.plan is not None
+    for module in ("fc1", "fc2", "head"):  # FSDP2's root runs no op of its own: no unit there
+        assert job.plan.units[module] == whole.plan.units[module], module
+    for mode, run in job.runs.items():
+        if wrapper == "tp" and mode != "fp32":
+            continue  # its low runs all-reduce low partial sums: another rounding than one process's
+        for s, w in zip(run.steps, whole.runs[mode].steps, strict=True):
+            assert len(s.rank_losses) == 2
+            assert s.loss == pytest.approx(w.loss, rel=1e-5), (mode, s.step)
+
+
+def test_fp16_preflight_of_a_model_with_plain_and_dtensor_parameters_is_refused(ranks: list[dict[str, Any]]) -> None:
+    errors = [r["tp_fp16_preflight"] for r in ranks]
+    assert errors[0] is not None and errors[0] == errors[1]
+    assert "PrecisionDoctorError" in errors[0]["bases"] and "\n" not in errors[0]["message"]
+    assert "GradScaler cannot unscale DTensor and plain gradients" in errors[0]["message"]
+    assert "'head.weight'" in errors[0]["message"] and "--dtype bf16" in errors[0]["message"]

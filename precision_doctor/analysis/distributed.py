@@ -54,6 +54,7 @@ from precision_doctor.capture.statistics import (
     relative_loss_error,
 )
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from precision_doctor.model.parallel import counted_parts
 from precision_doctor.options import Phase, Wrapper
 from precision_doctor.report import DistributedJob, Losses, RankResult, Report
 
@@ -436,6 +437,12 @@ class StatsReducer:
         self._keys.append(key)
         self._decoders.append(lambda i, f, m: assign(int(i[i0])))
 
+    def float_total(self, key: str, value: float, assign: Callable[[float], None]) -> None:
+        """A float summed over ranks (in float64)."""
+        s0 = self._sums.scalars(value)
+        self._keys.append(key)
+        self._decoders.append(lambda i, f, m: assign(float(f[s0])))
+
     def any(self, key: str, value: bool, assign: Callable[[bool], None]) -> None:
         """True on any rank."""
         m0 = self._maxs.scalars(float(value))
@@ -595,23 +602,36 @@ def average_gradients(grads: Mapping[str, torch.Tensor]) -> None:
     flush()
 
 
-def sharded_summaries(grads: Mapping[str, torch.Tensor], workspace: Workspace) -> dict[str, TensorSummary]:
-    """Summaries of this rank's 1/world_size slice of each gradient that every rank holds the
-    same copy of (averaged ones): summed across ranks (`reduce_capture`) they are the whole
-    gradient's, each rank doing its share of the work. A tied gradient is summarized once."""
+def rank_slices(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's 1/world_size slice (a flat view, maybe empty) of each dense fp32 gradient
+    that every rank holds the same copy of (averaged ones), one slice for all the names of a
+    tied gradient; other gradients are left out. Over the ranks the slices cover each
+    gradient once."""
     world, me = world_size(), rank()
-    batch = SummaryBatch(workspace, with_sumsq=True)
-    by_tensor: dict[int, TensorSummary] = {}
-    out: dict[str, TensorSummary] = {}
+    by_tensor: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for name, g in grads.items():
         if not _dense_float(g):
             continue
         if id(g) not in by_tensor:
             flat = g.detach().reshape(-1)
             chunk = -(-flat.numel() // world)
-            part = flat[me * chunk : min(flat.numel(), (me + 1) * chunk)]
-            by_tensor[id(g)] = batch.add(part) if part.numel() else TensorSummary(sumsq=np.zeros(SUMSQ_BINS))
+            by_tensor[id(g)] = flat[min(flat.numel(), me * chunk) : min(flat.numel(), (me + 1) * chunk)]
         out[name] = by_tensor[id(g)]
+    return out
+
+
+def sharded_summaries(grads: Mapping[str, torch.Tensor], workspace: Workspace) -> dict[str, TensorSummary]:
+    """Summaries of this rank's slice (`rank_slices`) of each gradient that every rank holds
+    the same copy of (averaged ones): summed across ranks (`reduce_capture`) they are the
+    whole gradient's, each rank doing its share of the work. A tied gradient is summarized once."""
+    batch = SummaryBatch(workspace, with_sumsq=True)
+    by_tensor: dict[int, TensorSummary] = {}
+    out: dict[str, TensorSummary] = {}
+    for name, part in rank_slices(grads).items():
+        if id(part) not in by_tensor:
+            by_tensor[id(part)] = batch.add(part) if part.numel() else TensorSummary(sumsq=np.zeros(SUMSQ_BINS))
+        out[name] = by_tensor[id(part)]
     batch.compute()
     return out
 
@@ -702,6 +722,22 @@ class Job:
         when already exchanged (else a checkpoint exchanges them). Other wrappers: nothing."""
         if self.wrapper is Wrapper.DDP:
             self.average_data_parallel(model, grads, names)
+
+    def counted_gradients(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this rank counts of each gradient when the job counts every element once, as
+        the gradient statistics count them: under DDP (the gradients averaged: every rank
+        holds the same) its slice (`rank_slices`); DTensor ones (FSDP2, tensor parallel) by
+        placement, and under tensor parallel a plain one (every rank holds the same copy) on
+        rank 0 (`model.parallel.counted_parts`); a plain module's, all of its own. Names this
+        rank does not count are left out; sums over the parts, added across ranks, are the
+        job's."""
+        if self.wrapper is Wrapper.DDP:
+            # Gradients the analysis does not average (sparse ones) stay each rank's own.
+            slices = rank_slices(grads)
+            return {n: slices.get(n, g) for n, g in grads.items()}
+        if self.wrapper in (Wrapper.FSDP2, Wrapper.TP):
+            return counted_parts(dict(grads), replicated=self.wrapper is Wrapper.TP)
+        return dict(grads)
 
     def average_data_parallel(
         self, model: torch.nn.Module, grads: dict[str, torch.Tensor], names: Sequence[Sequence[str]] | None = None

@@ -302,13 +302,21 @@ def analyze(
                     low_grads.update(dict.fromkeys(names, g))
 
                 _low_backward(real_low, model, batch, loss_fn, scale_log2, keep, low, run_regime, op_policy)
+                job_params: list[list[str]] | None = None
                 if job is not None:
                     job.average_gradients(model, low_grads)  # compared with the averaged fp32 ones
-                if is_sharded(model):  # DTensor gradients: the parts this rank counts, as local tensors
+                    # Each element compared on one rank, as the gradient statistics count it;
+                    # the sums are the job's before GRAD_DIVERGENCE is judged.
+                    grads, low_grads = job.counted_gradients(grads), job.counted_gradients(low_grads)
+                    tied: dict[int, list[str]] = {}
+                    for pname, p in model.named_parameters(remove_duplicate=False):
+                        tied.setdefault(id(p), []).append(pname)
+                    job_params = list(tied.values())
+                elif is_sharded(model):  # DTensor gradients: the parts this rank counts, as local tensors
                     replicated = is_tensor_parallel(model)
                     grads = counted_parts(grads, replicated=replicated)
                     low_grads = counted_parts(low_grads, replicated=replicated)
-                report = with_grad_fidelity(report, grads, low_grads, scale_log2, mode.workspace)
+                report = with_grad_fidelity(report, grads, low_grads, scale_log2, mode.workspace, job_params=job_params)
                 del low_grads
         del grads
     return report

@@ -11,12 +11,14 @@ is judged on the units (`flags.grad_divergence_flags`).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.analysis.flags import grad_divergence_flags
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
 from precision_doctor.capture.statistics import ErrorAccumulator, Workspace, squared_norm
@@ -148,11 +150,36 @@ class GradComparer:
             if names[id(g)][0] == n:
                 self.add(names[id(g)], _dense(g).float())
 
-    def with_fidelity(self, report: Report, scale_log2: int) -> Report:
+    def combine_ranks(self, params: Sequence[Sequence[str]]) -> None:
+        """Replace this rank's sums by the job's: each parameter's summed across the ranks of
+        a torch.distributed job (`distributed.StatsReducer`: one checkpoint and batched
+        all_reduces, not one per parameter), the model's recomputed from those, each tied
+        parameter once. `params`: every parameter's names (a tied one's together), the same
+        on every rank; each rank's gradients must be the parts it counts (see
+        `distributed.Job.counted_gradients`). Outside a job the sums stay as they are."""
+        red = StatsReducer()
+        combined: list[tuple[Sequence[str], GradComparison]] = []
+        for names in params:
+            mine = next((self._by_name[n] for n in names if n in self._by_name), GradComparison())
+            job = GradComparison()
+            key = f"grad fidelity {names[0]}"
+            for field in ("sum_sq_ref", "sum_sq_low", "sum_sq_err"):
+                red.float_total(f"{key} {field}", getattr(mine, field), functools.partial(setattr, job, field))
+            for field in ("nonfinite", "numel"):
+                red.total(f"{key} {field}", getattr(mine, field), functools.partial(setattr, job, field))
+            combined.append((names, job))
+        red.reduce()
+        self._by_name = {n: c for names, c in combined for n in names}
+        self._model = GradComparison()
+        for _, c in combined:
+            self._model.merge(c)
+
+    def with_fidelity(self, report: Report, scale_log2: int, *, job_params: Sequence[Sequence[str]] | None = None) -> Report:
         """`report` with the comparison: per parameter and unit (`backward.param_grad_fidelity`,
         `backward.grad_fidelity`), over the model (`grad_fidelity`), and GRAD_DIVERGENCE
         findings. A parameter with an fp32 gradient that the low run did not give one is
-        compared with zeros."""
+        compared with zeros. `job_params`: in a torch.distributed job, every parameter's
+        names (see `combine_ranks`): the sums are the job's before anything is judged."""
         missing: dict[int, list[str]] = {}
         for n, g in self._fp32.items():
             if n not in self._by_name:
@@ -160,6 +187,8 @@ class GradComparer:
         for group in missing.values():
             ref = self._fp32[group[0]]
             self.add(group, torch.zeros_like(_dense(ref), dtype=torch.float32))
+        if job_params is not None:
+            self.combine_ranks(job_params)
         per_param = {n: c for n, c in self._by_name.items() if c.numel}
 
         units: dict[str, GradComparison] = {}
@@ -191,8 +220,10 @@ def with_grad_fidelity(
     low_grads: Mapping[str, torch.Tensor],
     scale_log2: int,
     workspace: Workspace | None = None,
+    *,
+    job_params: Sequence[Sequence[str]] | None = None,
 ) -> Report:
     """`GradComparer.with_fidelity` for gradients all at hand, by parameter name."""
     comparer = GradComparer(fp32_grads, workspace)
     comparer.add_all(low_grads)
-    return comparer.with_fidelity(report, scale_log2)
+    return comparer.with_fidelity(report, scale_log2, job_params=job_params)

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, overload
 import torch
 
 from precision_doctor.capture.lowrun import low_precision
-from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.formats import dtype_spelling
 from precision_doctor.model.spec import device_type
@@ -186,6 +186,10 @@ class UnitOverrides:
 
 H = TypeVar("H", bound=UnitOverrides)
 
+_NO_MODULE = (LOSS_UNIT, UNATTRIBUTED_UNIT)
+"""Units of a report that name no module: the loss function, and backward ops outside any
+module's autograd node (FSDP2's last gradient reduction)."""
+
 
 @overload
 def unit_overrides(model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype) -> UnitOverrides: ...
@@ -196,8 +200,8 @@ def unit_overrides(
 ) -> UnitOverrides:
     """Install per-unit overrides on `model` (see the module docstring), on `handle` (a new
     one by default). `low_units` maps units (module paths, `<root>` for the model itself) to
-    whether they run in `low_dtype`; `<loss>` names no module and is skipped (the loss runs
-    as the autocast region runs it). A unit the model does not have is an error.
+    whether they run in `low_dtype`; `<loss>` and `<backward>` name no module and are skipped
+    (they run as the autocast region runs them). A unit the model does not have is an error.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -206,14 +210,14 @@ def unit_overrides(
     (torch.bfloat16, torch.float32)
     """
     modules = {name or ROOT_UNIT: m for name, m in model.named_modules()}
-    unknown = [u for u in low_units if u not in modules and u != LOSS_UNIT]
+    unknown = [u for u in low_units if u not in modules and u not in _NO_MODULE]
     if unknown:
         raise PrecisionDoctorError(
             f"{type(model).__name__} has no module {unknown[0]!r} ({len(unknown)} unit(s) it does not have)"
         )
     handle = handle if handle is not None else UnitOverrides()
     for unit, low in low_units.items():
-        if unit != LOSS_UNIT:
+        if unit not in _NO_MODULE:
             handle._wrap(modules[unit], bool(low), low_dtype)
     return handle
 

@@ -163,6 +163,21 @@ def is_tensor_parallel(model: torch.nn.Module) -> bool:
     return not fsdp_modules(model) and any(is_dtensor(p) for p in model.parameters())
 
 
+def mixed_parameters(model: torch.nn.Module) -> tuple[str, str] | None:
+    """(a DTensor parameter, a plain one) of a model that trains both, else None. torch's
+    GradScaler unscales the gradients of one device and dtype in one call, which DTensor
+    refuses for a mix of DTensors and plain tensors: fp16 training of such a model (tensor
+    parallel with some modules left unsharded) fails at its first `scaler.step`."""
+    dtensor = plain = None
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point():
+            if is_dtensor(p):
+                dtensor = dtensor or name
+            else:
+                plain = plain or name
+    return (dtensor, plain) if dtensor is not None and plain is not None else None
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether torch.distributed shards the model: FSDP2 modules or DTensor parameters."""
     return bool(fsdp_modules(model)) or any(is_dtensor(p) for p in model.parameters())

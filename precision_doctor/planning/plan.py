@@ -37,10 +37,11 @@ from precision_doctor.capture.emulation import UnitOverrides, check_region_dtype
 from precision_doctor.capture.lowrun import low_run
 from precision_doctor.capture.ops import op_info
 from precision_doctor.capture.statistics import relative_loss_error
-from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UnitTracker
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_seconds
+from precision_doctor.model.parallel import reset_fsdp_iteration
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import AutocastPolicy, Flag, LowDtype, Regime, UnitDtype
@@ -146,6 +147,10 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
         if u.name == LOSS_UNIT:
             why = "GradScaler scales an fp32 loss" if dtype is LowDtype.FP16 else "as autocast runs it"
             reasons[u.name] = f"the loss runs in fp32 under autocast ({why})"
+            continue
+        if u.name == UNATTRIBUTED_UNIT:
+            # No module to override: a dtype here would only count a saving nothing makes.
+            reasons[u.name] = "backward ops outside any module (FSDP2's gradient reduction): no module to run low"
             continue
         for f in u.flags:
             if f.flag in _HARD_FLAGS:
@@ -286,6 +291,7 @@ def fp32_reference(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None) -
             raise PrecisionDoctorError(f"the verification's fp32 run raised {type(e).__name__}: {e}") from e
         value = float(loss.detach())
         del output, loss
+        reset_fsdp_iteration(model)  # a forward without its backward (FSDP2 would prefetch twice)
     return Reference(value, finite)
 
 
@@ -336,6 +342,7 @@ def verify_plan(
     finally:
         for h in hooks:
             h.remove()
+    reset_fsdp_iteration(model)  # a forward without its backward (FSDP2 would prefetch twice)
     # Module calls in the order they returned: the first whose outputs went non-finite where
     # fp32's did not, from finite inputs (the modules after it only inherit its inf/NaN; an
     # fp32 input that overflows in the cast to a low unit counts as that unit's doing).
@@ -388,7 +395,7 @@ def plan_model(
     # Contributions are calibrated on the all-low run's final-loss error; when that run went
     # through a unit that must stay fp32 (its error says nothing about the others), the first
     # pass runs everything low but the hard units, to calibrate on.
-    calibrated = math.isfinite(report.losses.rel_error) and all(n == LOSS_UNIT for n in hard)
+    calibrated = math.isfinite(report.losses.rel_error) and all(n in (LOSS_UNIT, UNATTRIBUTED_UNIT) for n in hard)
     forced = set(hard)
     promoted: dict[str, str] = {}
     passes = 0
@@ -586,7 +593,7 @@ class PlanHandle(UnitOverrides):
 def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn.Module]:
     """The modules the plan names; refuses a plan made for another model."""
     modules = {name or ROOT_UNIT: m for name, m in model.named_modules()}
-    unknown = [u for u in plan.units if u != LOSS_UNIT and u not in modules]
+    unknown = [u for u in plan.units if u not in (LOSS_UNIT, UNATTRIBUTED_UNIT) and u not in modules]
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise PrecisionDoctorError(
@@ -598,7 +605,7 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
             f"the plan does not match this model: it was made for a model of {plan.module_count} modules, "
             f"this {type(model).__name__} has {len(modules)}; was the plan made for {plan.model!r}?"
         )
-    return {u: modules[u] for u in plan.units if u != LOSS_UNIT}
+    return {u: modules[u] for u in plan.units if u not in (LOSS_UNIT, UNATTRIBUTED_UNIT)}
 
 
 def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:

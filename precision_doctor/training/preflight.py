@@ -79,7 +79,9 @@ from precision_doctor.extras import (
     StepRecord,
 )
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
+from precision_doctor.model.parallel import fsdp_modules, local_tensor, mixed_parameters
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
+from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import (
     SEVERITY_RANK,
     AutocastPolicy,
@@ -259,7 +261,8 @@ def _copy(obj: Any, what: str) -> Any:
 
 
 def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
+    """Whether this rank's gradients are finite (of a DTensor, its local shard)."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads:
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -322,17 +325,22 @@ def _run(
     pure = dtype is not None and regime is Regime.PURE
     if pure and units is not None:
         raise PrecisionDoctorError("a plan's per-unit dtypes run under autocast, not in the pure regime")
-    if optimizer is not None:
+    # torch cannot deep-copy an FSDP2 model: the run trains the model itself, and a guard
+    # entered below puts it back (every parameter's local shard, gradients, buffers).
+    in_place = bool(fsdp_modules(model))
+    opt: torch.optim.Optimizer | None
+    if in_place:
+        m = model
+        opt = copy.deepcopy(optimizer, {id(p): p for p in model.parameters()}) if optimizer is not None else None
+    elif optimizer is not None:
         # One deepcopy call for both: the copied optimizer then holds the copied parameters.
         m, opt = _copy((model, optimizer), "model and optimizer")
-        if pure:
-            assert dtype is not None
-            _to_low(m, opt, dtype)
     else:
-        m = _copy(model, "model")
-        if pure:
-            assert dtype is not None
-            _to_low(m, None, dtype)  # the optimizer is built over the low parameters
+        m, opt = _copy(model, "model"), None
+    if pure:
+        assert dtype is not None
+        _to_low(m, opt, dtype)  # without an optimizer, it is built over the low parameters
+    if opt is None:
         try:
             opt = build_optimizer(m)
         except PrecisionDoctorError:
@@ -358,6 +366,10 @@ def _run(
             optimizer_precision = precision
 
     with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
+        if in_place:
+            guard = installed.enter_context(ModelStateGuard(m))
+            for p in m.parameters():
+                guard.before_mutation(p)
         if dtype is not None and units is not None:
             # The plan's units ("" is the default of those it does not name: fp32, so none).
             low = {u: d != "fp32" for u, d in units.items() if u != ""}
@@ -381,10 +393,10 @@ def _run(
                 ) from e
             loss_v = float(loss.detach())
             rank_losses: list[float] = []
-            if job is not None:
-                rank_losses = _average_step(job, m, loss_v)
-                loss_v = math.fsum(rank_losses) / len(rank_losses)
             finite = _grads_finite(params)
+            if job is not None:
+                rank_losses, finite = _average_step(job, m, loss_v, finite)
+                loss_v = math.fsum(rank_losses) / len(rank_losses)
             skipped = False
             with optimizer_precision():
                 if monitor is not None:
@@ -413,18 +425,21 @@ def _run(
     )
 
 
-def _average_step(job: Job, model: torch.nn.Module, loss: float) -> list[float]:
+def _average_step(job: Job, model: torch.nn.Module, loss: float, finite: bool) -> tuple[list[float], bool]:
     """One data-parallel step's exchange: every rank's loss (a checkpoint: a rank whose step
     failed is named on every rank), then the model's gradients averaged across ranks, zeros
-    where a rank has none and another has one."""
+    where a rank has none and another has one. Also whether the job's gradients are finite
+    (`finite`: this rank's, before averaging): an average of finite halves is finite, and
+    a non-finite value on any rank makes its average non-finite; sharded gradients (FSDP2,
+    tensor parallel) are finite where every rank's shard is."""
     named = dict(model.named_parameters())
-    got = exchange((loss, sorted(n for n, p in named.items() if p.grad is not None)))
+    got = exchange((loss, sorted(n for n, p in named.items() if p.grad is not None), finite))
     grads = {n: p.grad for n, p in named.items() if p.grad is not None}
-    job.average_data_parallel(model, grads, [names for _, names in got])
+    job.average_data_parallel(model, grads, [names for _, names, _ in got])
     for n, g in grads.items():
         if named[n].grad is None:  # a gradient only another rank's data reached
             named[n].grad = g
-    return [v for v, _ in got]
+    return [v for v, _, _ in got], all(f for _, _, f in got)
 
 
 def _step_divergence(s: StepRecord, r: StepRecord) -> float:
@@ -595,6 +610,13 @@ def preflight(
         own = {id(p) for p in model.parameters()}
         if not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
             raise PrecisionDoctorError("the optimizer holds none of the model's parameters")
+    mixed = mixed_parameters(unwrap(model)[0]) if low is LowDtype.FP16 and run_regime is Regime.AUTOCAST else None
+    if mixed is not None:
+        raise PrecisionDoctorError(
+            f"fp16 training of this model fails in torch: GradScaler cannot unscale DTensor and plain gradients "
+            f"together ({mixed[0]!r} is a DTensor, {mixed[1]!r} is not); distribute every trained parameter "
+            "(parallelize_module/distribute_module), or pre-flight it with --dtype bf16 (no loss scaler)"
+        )
     # In a torch.distributed job each rank runs the pre-flight on its own batches: the analysis
     # and plan are the job's, the short runs train data parallel (see `_run`), and every rank
     # reaches the same verdict. A DDP model's copies are copies of its `module`.
@@ -613,8 +635,10 @@ def preflight(
     say("analysis")
     t = time.perf_counter()
     # The analysis restores the model it is given; a copy keeps even that out of the user's way.
+    # torch cannot copy an FSDP2 model: the analysis and the plan get it itself (they put it back).
+    sharded = bool(fsdp_modules(model))
     report = analyze(
-        wrapped if wrapped is not model else _copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__,
+        wrapped if wrapped is not model or sharded else _copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__,
         regime=run_regime, policy=op_policy,
     )
     timings["analysis"] = time.perf_counter() - t
@@ -626,7 +650,7 @@ def preflight(
         t = time.perf_counter()
         from precision_doctor.planning.pipeline import plan_report
 
-        report = plan_report(_copy(model, "model"), batch, loss_fn, report, target=target)
+        report = plan_report(model if sharded else _copy(model, "model"), batch, loss_fn, report, target=target)
         if report.extras.plan is not None:
             plan_units = dict(report.extras.plan.units)
             plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
