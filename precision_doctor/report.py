@@ -191,8 +191,9 @@ class UnitForward(_Frozen):
 class GradFidelity(_Frozen):
     """Parameter gradients of the real low-precision run (its backward at the loss scale of
     `Report.grad_fidelity`, unscaled in fp32 as GradScaler unscales them) against the fp32
-    run's, over one parameter or all of a unit's. Sums in float64 over the values where the
-    fp32 gradient is finite."""
+    run's, over one parameter or all of a unit's, where the fp32 gradient is finite: each
+    tensor's squared norms to fp32's relative precision (`capture.statistics.squared_norm`),
+    summed over tensors in float64."""
 
     rel_l2_error: float
     """||g_low - g_fp32|| / ||g_fp32||; inf where the low gradients hold Inf/NaN the fp32

@@ -28,6 +28,7 @@ EXPECTED: dict[str, dict[str, pd.Flag]] = {
     "lost_update": {},
     "masked_softmax": {},
     "sentinel_fill": {},
+    "unscaled_gradients": {},
 }
 # Samples whose findings are warnings (GradScaler absorbs them) and whose loss error is within
 # tolerance: "Safe to train ... with warnings". Others with findings are not safe.

@@ -40,9 +40,10 @@ def grad_scale_log2(report: Report) -> int:
 
 @dataclass
 class GradComparison:
-    """Sums over one or more gradient pairs (fp32, low), in float64: where the fp32 gradient
-    is finite, its squared norm, the low one's and their squared distance, and the count of
-    low Inf/NaN there."""
+    """Sums over one or more gradient pairs (fp32, low), where the fp32 gradient is finite:
+    its squared norm, the low one's and their squared distance (each tensor's to fp32's
+    relative precision, `squared_norm`; summed in float64), and the count of low Inf/NaN
+    there."""
 
     sum_sq_ref: float = 0.0
     sum_sq_low: float = 0.0
