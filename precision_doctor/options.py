@@ -133,6 +133,7 @@ class Phase(StrEnum):
     FORWARD = "forward"
     BACKWARD = "backward"
 
+
 class Wrapper(StrEnum):
     """How torch.distributed runs the model across the job's ranks (`environment.distributed`)."""
 

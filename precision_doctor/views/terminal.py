@@ -78,6 +78,7 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
             console.print(Text(f"... and {len(flags) - max_rows} more flags (see --out report.json)"))
     console.print(Text(report.verdict, style="bold green" if report else "bold red"))
 
+
 MAX_RANK_LINES = 8
 
 
