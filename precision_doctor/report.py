@@ -313,7 +313,8 @@ class RankResult(_Frozen):
     loss_low: float
     loss_rel_error: float
     flags: list[FlagRecord]
-    """The findings this rank's own statistics raise (its gradients before they are averaged)."""
+    """The findings this rank's own statistics raise (its gradients before they are averaged;
+    GRAD_DIVERGENCE from its own low gradients against its own fp32 ones)."""
 
 
 class Report(_Frozen):

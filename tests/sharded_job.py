@@ -29,7 +29,10 @@ Scenarios (`fixtures.build_head_mlp`: an MLP whose 1-row head leaves rank 1 an e
   unscale its mix of DTensor and plain gradients);
 - `tp/<dtype>`: tensor parallel (fc1 column-wise, fc2 row-wise), the whole batch on both
   ranks: the report, a real `torch.autocast("cpu")` run's loss, the collectives issued and
-  any left unwaited.
+  any left unwaited;
+- `fsdp_raises` (last: the process group is aborted): rank 1's fp32 forward raises inside
+  the FSDP2 model while rank 0 waits in its all-gather: the error on each rank, and how long
+  it took.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import datetime
 import hashlib
 import json
 import sys
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -267,8 +271,25 @@ def main(out_dir: Path) -> None:
     backward = passes(model, lambda: out.pop().backward(), wrappers)
     results["tp_counts"] = {"forward": forward, "backward": backward}
 
+    # Last: it aborts the process group. Rank 1's fp32 forward raises in fc2 while rank 0 is in
+    # an FSDP2 all-gather; both must fail at once (not after the 30 s timeout), rank 1 named.
+    model = fsdp_of()
+
+    def boom(module: nn.Module, args: Any) -> None:
+        if rank == 1 and not torch.is_autocast_enabled("cpu"):  # the fp32 pass, not the low run
+            raise ValueError("planted in fc2")
+
+    model.fc2.register_forward_pre_hook(boom)
+    began = time.monotonic()
+    try:
+        pd.analyze(model, half, loss_fn, "bf16")
+        results["fsdp_raises"] = None
+    except Exception as e:
+        results["fsdp_raises"] = {**failure(e), "seconds": time.monotonic() - began, "group": dist.is_initialized()}
+
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

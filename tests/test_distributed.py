@@ -185,6 +185,14 @@ def test_ddp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
     grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
     assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning")}
     assert flag_set(job) == flag_set(whole)
+    # Each rank's own GRAD_DIVERGENCE (`ranks[]`): its own gradients against its own fp32 ones,
+    # before the average, judged with the same threshold; redone by hand on its half alone.
+    for r in job.ranks:
+        alone = data_parallel_fidelity(case, [shard(case.batch, r.rank)], "bf16", job.grad_fidelity.scale_log2)
+        own = {f.unit for f in r.flags if f.flag == "GRAD_DIVERGENCE"}
+        assert own == {u for u, (rel, _) in alone.items() if rel > GRAD_THRESHOLD}, (r.rank, alone)
+        if r.rank == 1:  # its half's fc2 gradients are off by more than the job's
+            assert own == {"fc1", "fc2"}
 
 
 def test_a_fault_in_one_ranks_shard_is_the_jobs_and_named_by_rank(ranks: list[dict[str, Any]]) -> None:

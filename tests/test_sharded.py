@@ -264,3 +264,20 @@ def test_fp16_preflight_of_a_model_with_plain_and_dtensor_parameters_is_refused(
     assert "PrecisionDoctorError" in errors[0]["bases"] and "\n" not in errors[0]["message"]
     assert "GradScaler cannot unscale DTensor and plain gradients" in errors[0]["message"]
     assert "'head.weight'" in errors[0]["message"] and "--dtype bf16" in errors[0]["message"]
+
+
+def test_an_exception_in_one_ranks_sharded_forward_fails_every_rank_naming_it(ranks: list[dict[str, Any]]) -> None:
+    """Rank 0 waits in an FSDP2 all-gather when rank 1's forward raises: rank 1 posts its
+    failure to the store, aborts its process group and raises at once; when its process exits
+    (right after, as the CLI's would) rank 0's collective fails, and rank 0 raises rank 1's
+    error (a user error: exit code 2 from the CLI on both) instead of waiting out the 30 s
+    process-group timeout."""
+    errors = [r["fsdp_raises"] for r in ranks]
+    assert errors[0] is not None and errors[1] is not None
+    assert errors[0]["type"] == errors[1]["type"] == "RanksFailedError"
+    assert "PrecisionDoctorError" in errors[0]["bases"]
+    assert errors[0]["message"] == errors[1]["message"]
+    assert errors[0]["message"].startswith("rank 1: the model's forward raised ValueError: planted in fc2")
+    assert not errors[0]["group"] and not errors[1]["group"]  # aborted: the job can only end
+    # Rank 0 is released by rank 1's exit, not by the process group's timeout (30 s).
+    assert errors[1]["seconds"] < errors[0]["seconds"] < 15, errors

@@ -18,7 +18,8 @@ another's):
 
 Control flow is the same on every rank: a failure on one rank (a non-finite loss, an exception
 in forward) is raised on every rank with the failing rank named (`same_outcome`,
-`exchange`), so no rank waits in a collective for a partner that is gone. The statistics are
+`exchange`; inside a sharded model's forward, whose own collectives the others wait in,
+`fail_fast`), so no rank waits in a collective for a partner that is gone. The statistics are
 combined with a handful of batched collectives (`StatsReducer`): three `all_reduce`s of flat
 int64/float64 tensors, keyed by a deterministic order of ops and units that every rank checks
 against rank 0's first.
@@ -33,6 +34,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +68,7 @@ __all__ = [
     "active",
     "agreed",
     "exchange",
+    "fail_fast",
     "init_from_env",
     "rank",
     "release",
@@ -195,9 +198,15 @@ def _raise_failures(failures: Sequence[_Failure]) -> NoReturn:
 
 def _gather(item: Any) -> list[Any]:
     got: list[Any] = [None] * torch.distributed.get_world_size()
+    store = _store()
     try:
         torch.distributed.all_gather_object(got, item)
     except RuntimeError as e:  # a rank crashed, or missed the process group's timeout
+        with contextlib.suppress(RuntimeError):
+            failed = _failure_posted(store)
+            if failed is not None:  # a rank that failed inside a sharded model's pass (`fail_fast`)
+                _abort()
+                _raise_failures([failed])
         raise RanksFailedError(
             f"rank {rank()} lost the other ranks of the job (a rank crashed or stopped answering): {_first_line(e)}"
         ) from e
@@ -256,6 +265,73 @@ def agreed() -> Iterator[None]:
         _raise_failures([item[1] for item in got if item[0] == _FAILED])
     if active():
         exchange(None)  # a rank failing after the body's last checkpoint meets the others here
+
+
+# A failure inside a pass of a sharded model (`fail_fast`), posted to the job's store.
+_FAILED_KEY = "precision_doctor/failed"
+
+
+def _store() -> Any:
+    try:
+        return torch.distributed.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _failure_posted(store: Any) -> _Failure | None:
+    """The failure a rank posted before aborting (`fail_fast`), if one did. Raises
+    RuntimeError when the store is gone (the failing rank hosted it and has exited)."""
+    if store is None or not store.check([_FAILED_KEY]):
+        return None
+    failed_rank, user_error, message = json.loads(store.get(_FAILED_KEY))
+    return _Failure(int(failed_rank), bool(user_error), str(message))
+
+
+def _abort() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.distributed_c10d._abort_process_group()
+
+
+@contextlib.contextmanager
+def fail_fast(enabled: bool = True) -> Iterator[None]:
+    """Around a pass of a sharded model (FSDP2, tensor parallel), where a rank that fails
+    cannot meet the others at a checkpoint: they wait in the model's own next collective (an
+    all-gather, an all-reduce). So the failing rank posts its failure to the job's store,
+    aborts its process group (it joins no collective again) and raises at once. gloo's abort
+    closes no connection (torch 2.13): the others' pending collective fails when the failing
+    process exits (the CLI exits at once; gloo: connection closed by peer), not after the
+    process group's timeout; they read the failure from the store, abort theirs too (a rank
+    waiting on one of them is released alike) and raise the same error, the failing rank
+    named. A failing rank that hosts the store (rank 0 outside torchrun, whose agent hosts it)
+    takes it along: the others then say they lost a rank, unnamed. The process group is gone
+    afterwards (as after NCCL's watchdog aborts a job): the job can only end. Outside a job,
+    or not `enabled`, it does nothing."""
+    if not enabled or not active():
+        yield
+        return
+    store = _store()
+    try:
+        yield
+    except (RanksFailedError, RanksFailedInternalError):
+        raise
+    except Exception as e:
+        me = rank()
+        try:
+            failed = _failure_posted(store)
+        except (RuntimeError, ValueError):  # the store went with the failing rank
+            _abort()
+            raise RanksFailedError(
+                f"rank {me} lost the other ranks of the job (a rank crashed or stopped answering): {_first_line(e)}"
+            ) from e
+        if failed is not None:  # another rank failed first: its exit reached this collective
+            _abort()
+            _raise_failures([failed])
+        failed = _Failure(me, isinstance(e, PrecisionDoctorError), _first_line(e))
+        if store is not None:
+            with contextlib.suppress(RuntimeError):
+                store.set(_FAILED_KEY, json.dumps([failed.rank, failed.user_error, failed.message]))
+        _abort()
+        _raise_failures([failed])
 
 
 def same_outcome(fn: F) -> F:
@@ -366,6 +442,7 @@ class StatsReducer:
         self._keys: list[str] = []
         self._decoders: list[Decoder] = []
         self._texts: list[tuple[str | None, Callable[[str | None], None]]] = []
+        self._gathers: list[tuple[Any, Callable[[list[Any]], None]]] = []
         self._rank = rank()
 
     def summary(
@@ -454,17 +531,25 @@ class StatsReducer:
         self._keys.append(key)
         self._texts.append((value, assign))
 
+    def gather(self, value: Any, assign: Callable[[list[Any]], None]) -> None:
+        """Every rank's `value` (picklable), in rank order: carried by the checkpoint
+        `reduce` makes anyway, no collective of its own. Not keyed: each rank may send a
+        different one (a rank's own findings)."""
+        self._gathers.append((value, assign))
+
     def reduce(self) -> None:
         """Combine every registered value across ranks and hand each back to its `assign`."""
         arrays = [self._ints.packed(), self._sums.packed(), self._maxs.packed()]
         texts = [v for v, _ in self._texts]
+        gathered: list[list[Any]] = [[v] for v, _ in self._gathers]
         if active():
             digest = hashlib.sha256("\n".join(self._keys).encode()).hexdigest()
-            got = exchange((digest, len(self._keys), texts))
-            differ = [r for r, (d, _, _) in enumerate(got) if d != got[0][0]]
+            got = exchange((digest, len(self._keys), texts, [v for v, _ in self._gathers]))
+            differ = [r for r, (d, _, _, _) in enumerate(got) if d != got[0][0]]
             if differ:
                 self._mismatch(differ)
             texts = [next((t[2][k] for t in got if t[2][k] is not None), None) for k in range(len(texts))]
+            gathered = [[t[3][k] for t in got] for k in range(len(self._gathers))]
             ops = [torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX]
             device = _collective_device()
             for k, op in enumerate(ops):
@@ -477,6 +562,8 @@ class StatsReducer:
             decode(ints, sums, maxs)
         for (_, assign), value in zip(self._texts, texts, strict=True):
             assign(value)
+        for (_, assign_all), values in zip(self._gathers, gathered, strict=True):
+            assign_all(values)
 
     def _mismatch(self, differ: list[int]) -> NoReturn:
         keys = exchange(self._keys)
@@ -663,12 +750,16 @@ class Job:
         )
 
     def reporter(
-        self, build: Callable[..., Report], model: torch.nn.Module, grads: dict[str, torch.Tensor]
+        self,
+        build: Callable[..., Report],
+        model: torch.nn.Module,
+        grads: dict[str, torch.Tensor],
+        keep_own: list[Report] | None = None,
     ) -> Callable[..., Report]:
         """`build` (`engine.build_report`, same arguments) for the job: see `report`."""
 
         def report(mode: Any, param_stats: dict[str, TensorSummary], **kwargs: Any) -> Report:
-            return self.report(build, mode, param_stats, model, grads, **kwargs)
+            return self.report(build, mode, param_stats, model, grads, keep_own=keep_own, **kwargs)
 
         return report
 
@@ -682,18 +773,23 @@ class Job:
         *,
         losses: Losses,
         env: Any,
+        keep_own: list[Report] | None = None,
         **kwargs: Any,
     ) -> Report:
         """The job's report from this rank's capture: this rank's own report first (its flags
         go to `Report.ranks`), then, once every rank got there (`exchange`), the capture and
         the parameter gradients combined across ranks and judged once. Under DDP `grads` (the
-        analysis' gradient tensors) are averaged in place, as DDP's reducer would."""
+        analysis' gradient tensors) are averaged in place, as DDP's reducer would. `keep_own`
+        receives this rank's own report (the gradient fidelity judges its GRAD_DIVERGENCE for
+        `Report.ranks` on it)."""
         kept = mode.units
         mode.units = copy.deepcopy(kept)  # `build` merges the parameter gradients into the units
         try:
             own = build(mode, param_stats, losses=losses, env=env, **kwargs)
         finally:
             mode.units = kept
+        if keep_own is not None:
+            keep_own.append(own)
         mine = RankResult(
             rank=self.rank, loss_fp32=losses.fp32, loss_low=losses.low, loss_rel_error=losses.rel_error,
             flags=own.flags(),

@@ -15,14 +15,27 @@ import torch.utils._pytree as pytree
 from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
-from precision_doctor.analysis.distributed import Job, exchange, same_outcome, unwrap
+from precision_doctor.analysis.distributed import (
+    Job,
+    RanksFailedError,
+    RanksFailedInternalError,
+    exchange,
+    fail_fast,
+    same_outcome,
+    unwrap,
+)
 from precision_doctor.analysis.flags import (
     MAX_SCALE_LOG2,
     reads_overflow,
     scale_ceiling,
     unit_flags,
 )
-from precision_doctor.analysis.gradients import GradComparer, grad_scale_log2, with_grad_fidelity
+from precision_doctor.analysis.gradients import (
+    GradComparer,
+    grad_scale_log2,
+    rank_grad_divergence,
+    with_grad_fidelity,
+)
 from precision_doctor.capture.lowrun import GradientSink, LowRun, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
@@ -65,6 +78,7 @@ from precision_doctor.options import (
 from precision_doctor.report import (
     Environment,
     ErrorStats,
+    FlagRecord,
     FormatTails,
     Histogram,
     Losses,
@@ -170,12 +184,15 @@ def analyze(
         )
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # The other ranks of a sharded model wait in its own collectives for a rank that fails in
+    # its forward: that rank aborts the job's process group, naming itself (`fail_fast`).
+    sharded_job = job is not None and job.wrapper in (Wrapper.FSDP2, Wrapper.TP)
     with ModelStateGuard(model) as guard:
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
         step("checking whether torch.fx can trace the model")
         fx_ok, fx_error = fx_check(model)
         step(f"{low} forward as {run_regime} training runs it")
-        real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy, guard)
+        real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy, guard, sharded_job)
         reset_fsdp_iteration(model)  # a forward without its backward (yet)
         step("fp32 forward with low-precision shadows")
         mode: ShadowCapture | None = None
@@ -191,15 +208,16 @@ def analyze(
                 mode.external_storages |= {
                     t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
                 }
-                try:
-                    output = run_model(model, batch)
-                except PrecisionDoctorInternalError:
-                    raise
-                except (Exception, SystemExit) as e:  # sys.exit() in forward: not a silent end
-                    raise PrecisionDoctorError(
-                        f"the model's forward raised {type(e).__name__}: {e}"
-                        + (f" (at {mode.failed_at})" if mode.failed_at else "")
-                    ) from e
+                with fail_fast(sharded_job):
+                    try:
+                        output = run_model(model, batch)
+                    except PrecisionDoctorInternalError:
+                        raise
+                    except (Exception, SystemExit) as e:  # sys.exit() in forward: not a silent end
+                        raise PrecisionDoctorError(
+                            f"the model's forward raised {type(e).__name__}: {e}"
+                            + (f" (at {mode.failed_at})" if mode.failed_at else "")
+                        ) from e
                 mode.tracker.outside = LOSS_UNIT
                 try:
                     loss = resolve_loss(output, batch, loss_fn)
@@ -260,7 +278,14 @@ def analyze(
         mode.forget_graph()
         low_params = _low_params(model, mode.low_reads)
         loss_dtype = real_low.loss_dtype
-        report = (build_report if job is None else job.reporter(build_report, model, grads))(
+        own_reports: list[Report] = []  # this rank's own report, in a job
+        own_fp32 = grads
+        if job is not None and job.wrapper is Wrapper.DDP and real_low.graph is not None:
+            # The job's report averages `grads` in place; a rank's own GRAD_DIVERGENCE
+            # (`Report.ranks`) compares its gradients before that: a copy, one per tied tensor.
+            copies: dict[int, torch.Tensor] = {}
+            own_fp32 = {n: copies.setdefault(id(g), g.clone()) for n, g in grads.items()}
+        report = (build_report if job is None else job.reporter(build_report, model, grads, own_reports))(
             mode,
             param_stats,
             low=low,
@@ -303,11 +328,18 @@ def analyze(
 
                 _low_backward(real_low, model, batch, loss_fn, scale_log2, keep, low, run_regime, op_policy)
                 job_params: list[list[str]] | None = None
+                rank_flags: list[FlagRecord] = []
                 if job is not None:
+                    ddp = job.wrapper is Wrapper.DDP
+                    if ddp:  # this rank's own gradients, before they are averaged
+                        rank_flags = rank_grad_divergence(own_reports[0], own_fp32, low_grads, scale_log2, mode.workspace)
+                    del own_fp32
                     job.average_gradients(model, low_grads)  # compared with the averaged fp32 ones
                     # Each element compared on one rank, as the gradient statistics count it;
                     # the sums are the job's before GRAD_DIVERGENCE is judged.
                     grads, low_grads = job.counted_gradients(grads), job.counted_gradients(low_grads)
+                    if not ddp:  # the parts this rank holds: its own already (DTensor shards)
+                        rank_flags = rank_grad_divergence(own_reports[0], grads, low_grads, scale_log2, mode.workspace)
                     tied: dict[int, list[str]] = {}
                     for pname, p in model.named_parameters(remove_duplicate=False):
                         tied.setdefault(id(p), []).append(pname)
@@ -316,7 +348,9 @@ def analyze(
                     replicated = is_tensor_parallel(model)
                     grads = counted_parts(grads, replicated=replicated)
                     low_grads = counted_parts(low_grads, replicated=replicated)
-                report = with_grad_fidelity(report, grads, low_grads, scale_log2, mode.workspace, job_params=job_params)
+                report = with_grad_fidelity(
+                    report, grads, low_grads, scale_log2, mode.workspace, job_params=job_params, rank_flags=rank_flags
+                )
                 del low_grads
         del grads
     return report
@@ -330,15 +364,27 @@ def _low_run(
     regime: Regime,
     policy: AutocastPolicy,
     guard: ModelStateGuard,
+    sharded_job: bool = False,
 ) -> LowRun:
     """The real low-precision forward, as `regime` training executes it. If it fails, the
     model is run once in fp32 to tell a broken model or loss function (reported as such) from
-    a model that fails only in the low precision, as real training would."""
+    a model that fails only in the low precision, as real training would. In a sharded job
+    (`sharded_job`) a failure aborts the job at once (`fail_fast`), with no fp32 rerun: the
+    other ranks are in the model's collectives, not in a rerun's."""
     try:
-        return low_run(
-            model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False, keep_graph=True
-        )
-    except PrecisionDoctorInternalError:
+        with fail_fast(sharded_job):
+            try:
+                return low_run(
+                    model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False,
+                    keep_graph=True,
+                )
+            except (PrecisionDoctorError, PrecisionDoctorInternalError):
+                raise
+            except (Exception, SystemExit) as e:
+                if not sharded_job:
+                    raise
+                raise PrecisionDoctorError(f"the model's {low} forward raised {type(e).__name__}: {e}") from e
+    except (PrecisionDoctorInternalError, RanksFailedError, RanksFailedInternalError):
         raise
     except (Exception, SystemExit) as low_error:
         state = torch.random.get_rng_state()

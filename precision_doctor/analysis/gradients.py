@@ -15,6 +15,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,8 +24,8 @@ from precision_doctor.analysis.flags import grad_divergence_flags
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
 from precision_doctor.capture.statistics import ErrorAccumulator, Workspace, squared_norm
 from precision_doctor.capture.units import owner_of
-from precision_doctor.options import LowDtype, Regime
-from precision_doctor.report import GradFidelity, ModelGradFidelity, Report
+from precision_doctor.options import Flag, LowDtype, Regime
+from precision_doctor.report import FlagRecord, GradFidelity, ModelGradFidelity, Report
 
 
 def grad_scale_log2(report: Report) -> int:
@@ -151,14 +152,24 @@ class GradComparer:
             if names[id(g)][0] == n:
                 self.add(names[id(g)], _dense(g).float())
 
-    def combine_ranks(self, params: Sequence[Sequence[str]]) -> None:
+    def combine_ranks(
+        self, params: Sequence[Sequence[str]], rank_flags: Sequence[FlagRecord] = ()
+    ) -> list[list[FlagRecord]]:
         """Replace this rank's sums by the job's: each parameter's summed across the ranks of
         a torch.distributed job (`distributed.StatsReducer`: one checkpoint and batched
         all_reduces, not one per parameter), the model's recomputed from those, each tied
         parameter once. `params`: every parameter's names (a tied one's together), the same
         on every rank; each rank's gradients must be the parts it counts (see
-        `distributed.Job.counted_gradients`). Outside a job the sums stay as they are."""
+        `distributed.Job.counted_gradients`). Outside a job the sums stay as they are.
+        Returns every rank's `rank_flags` (its own GRAD_DIVERGENCE findings), in rank order,
+        carried by the same checkpoint."""
         red = StatsReducer()
+        every_rank: list[list[FlagRecord]] = [list(rank_flags)]
+
+        def gathered(values: list[Any]) -> None:
+            every_rank[:] = [list(v) for v in values]
+
+        red.gather(list(rank_flags), gathered)
         combined: list[tuple[Sequence[str], GradComparison]] = []
         for names in params:
             mine = next((self._by_name[n] for n in names if n in self._by_name), GradComparison())
@@ -174,13 +185,23 @@ class GradComparer:
         self._model = GradComparison()
         for _, c in combined:
             self._model.merge(c)
+        return every_rank
 
-    def with_fidelity(self, report: Report, scale_log2: int, *, job_params: Sequence[Sequence[str]] | None = None) -> Report:
+    def with_fidelity(
+        self,
+        report: Report,
+        scale_log2: int,
+        *,
+        job_params: Sequence[Sequence[str]] | None = None,
+        rank_flags: Sequence[FlagRecord] = (),
+    ) -> Report:
         """`report` with the comparison: per parameter and unit (`backward.param_grad_fidelity`,
         `backward.grad_fidelity`), over the model (`grad_fidelity`), and GRAD_DIVERGENCE
         findings. A parameter with an fp32 gradient that the low run did not give one is
         compared with zeros. `job_params`: in a torch.distributed job, every parameter's
-        names (see `combine_ranks`): the sums are the job's before anything is judged."""
+        names (see `combine_ranks`): the sums are the job's before anything is judged, and
+        `rank_flags` (this rank's own GRAD_DIVERGENCE, `rank_grad_divergence`) join this
+        rank's entry of `report.ranks`."""
         missing: dict[int, list[str]] = {}
         for n, g in self._fp32.items():
             if n not in self._by_name:
@@ -188,8 +209,11 @@ class GradComparer:
         for group in missing.values():
             ref = self._fp32[group[0]]
             self.add(group, torch.zeros_like(_dense(ref), dtype=torch.float32))
+        ranks = report.ranks
         if job_params is not None:
-            self.combine_ranks(job_params)
+            every_rank = self.combine_ranks(job_params, rank_flags)
+            if ranks:
+                ranks = [r.model_copy(update={"flags": [*r.flags, *every_rank[r.rank]]}) for r in ranks]
         per_param = {n: c for n, c in self._by_name.items() if c.numel}
 
         units: dict[str, GradComparison] = {}
@@ -211,6 +235,7 @@ class GradComparer:
         model = self._model
         return report.model_copy(update={
             "units": new_units,
+            "ranks": ranks,
             "grad_fidelity": ModelGradFidelity(**model.fidelity().model_dump(), scale_log2=scale_log2) if model.numel else None,
         })
 
@@ -223,8 +248,23 @@ def with_grad_fidelity(
     workspace: Workspace | None = None,
     *,
     job_params: Sequence[Sequence[str]] | None = None,
+    rank_flags: Sequence[FlagRecord] = (),
 ) -> Report:
     """`GradComparer.with_fidelity` for gradients all at hand, by parameter name."""
     comparer = GradComparer(fp32_grads, workspace)
     comparer.add_all(low_grads)
-    return comparer.with_fidelity(report, scale_log2, job_params=job_params)
+    return comparer.with_fidelity(report, scale_log2, job_params=job_params, rank_flags=rank_flags)
+
+
+def rank_grad_divergence(
+    own: Report,
+    fp32_grads: Mapping[str, torch.Tensor],
+    low_grads: Mapping[str, torch.Tensor],
+    scale_log2: int,
+    workspace: Workspace | None = None,
+) -> list[FlagRecord]:
+    """The GRAD_DIVERGENCE one rank of a job raises alone (`Report.ranks`): its own gradients
+    (not averaged or summed with the others': no collective), judged with the same thresholds
+    on `own`, its own report."""
+    judged = with_grad_fidelity(own, fp32_grads, low_grads, scale_log2, workspace)
+    return [f for f in judged.flags() if f.flag is Flag.GRAD_DIVERGENCE]
