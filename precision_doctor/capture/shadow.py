@@ -253,7 +253,6 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     one = ErrorAccumulator()
                     one.add(ref.detach(), sh, None, self.workspace, masked=masked)
                     self._value_errors[ref] = (ref._version, one)
-                    made = self._producer.get(ref)
                     if made is not None:
                         for v, k in value_sources(self.records, made[0], made[1]):
                             local_k = self.records[v].output_errors.get(k, (None, None))[0]
@@ -776,19 +775,10 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
             return out
 
         producers = [self._producer.get(t) for t in tensors_in]
-        rec = OpRecord(
-            index=len(self.records),
-            op=info.name,
-            unit=unit,
-            phase=Phase.BACKWARD if backward else Phase.FORWARD,
-            inputs=tuple(p[0] if p is not None else -1 for p in producers),
-            output_shapes=tuple(tuple(t.shape) for t in outs),
-            output_dtypes=tuple(dtype_name(t.dtype) for t in outs),
-            output_bytes=sum(nbytes(t) for t in outs),
-            flops=op_flops(info, args, kwargs, out),
-            moved_bytes=moved_bytes(func, info, tensors_in, outs),
+        rec = self._new_record(
+            info, unit, backward, producers, outs,
+            flops=op_flops(info, args, kwargs, out), moved=moved_bytes(func, info, tensors_in, outs),
         )
-        rec.input_slots = tuple(p[1] if p is not None else -1 for p in producers)
         if not backward:
             rec.stored_low = _any(out_low) if shadows else low
             rec.low_dtypes = low_dtypes
@@ -961,24 +951,33 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         self._note_comm_buffers([*outs, *written_tensors], unit)
         if self.collect:
-            producers = [self._producer.get(t) for t in tensors_in]
-            rec = OpRecord(
-                index=len(self.records),
-                op=info.name,
-                unit=unit,
-                phase=Phase.BACKWARD if backward else Phase.FORWARD,
-                inputs=tuple(p[0] if p is not None else -1 for p in producers),
-                output_shapes=tuple(tuple(t.shape) for t in outs),
-                output_dtypes=tuple(dtype_name(t.dtype) for t in outs),
-                output_bytes=sum(nbytes(t) for t in outs),
-                flops=0,
-                moved_bytes=0 if info.packet.__name__ in COMM_HANDLE_OPS else sum(nbytes(t) for t in (*tensors_in, *outs)),
-                stored_low=False,
+            moved = 0 if info.packet.__name__ in COMM_HANDLE_OPS else sum(nbytes(t) for t in (*tensors_in, *outs))
+            rec = self._new_record(
+                info, unit, backward, [self._producer.get(t) for t in tensors_in], outs, flops=0, moved=moved,
             )
-            rec.input_slots = tuple(p[1] if p is not None else -1 for p in producers)
+            rec.stored_low = False
             self.records.append(rec)
             self.unit(unit).op_indices.append(rec.index)
         return out
+
+    def _new_record(
+        self, info: OpInfo, unit: str, backward: bool, producers: list[tuple[int, int] | None],
+        outs: Sequence[torch.Tensor], *, flops: int, moved: int,
+    ) -> OpRecord:
+        """The next op's record, its inputs read off their producers (None: no op made it)."""
+        return OpRecord(
+            index=len(self.records),
+            op=info.name,
+            unit=unit,
+            phase=Phase.BACKWARD if backward else Phase.FORWARD,
+            inputs=tuple(p[0] if p is not None else -1 for p in producers),
+            output_shapes=tuple(tuple(t.shape) for t in outs),
+            output_dtypes=tuple(dtype_name(t.dtype) for t in outs),
+            output_bytes=sum(nbytes(t) for t in outs),
+            flops=flops,
+            moved_bytes=moved,
+            input_slots=tuple(p[1] if p is not None else -1 for p in producers),
+        )
 
     def _note_comm_buffers(self, tensors: list[torch.Tensor], unit: str) -> None:
         # A view's base too: FSDP2 writes a buffer through a view and hands on the buffer.
