@@ -1,7 +1,7 @@
 """Multi-process jobs for the distributed tests (`test_distributed.py`, `test_sharded.py`): each
 rank launched with the environment torchrun gives it (RANK, WORLD_SIZE, MASTER_ADDR/PORT), a
 hang turned into a test failure; and the by-hand reference of a data-parallel job's gradient
-fidelity."""
+fidelity, with the check of a job's numbers against it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
+from precision_doctor.report import Report
 from tests.fixtures import Case
 from tests.test_grad_fidelity import by_hand, real_gradients
 
@@ -87,3 +89,16 @@ def data_parallel_fidelity(
         }
 
     return by_hand(averaged(None, 0), averaged(dtype, scale_log2))
+
+
+def assert_job_fidelity(job: Report, expected: Mapping[str, tuple[float, float | None]]) -> None:
+    """The job's per-unit gradient fidelity equals `data_parallel_fidelity`'s. 1e-5 (relative
+    L2 error) and 1e-8 (cosine) are the sums' own rounding: the report's squared norms are fp32
+    reductions (~1e-7 relative at these sizes: `capture.statistics.squared_norm`) added in
+    float64 in another order (per rank slice or shard); the reference sums in float64."""
+    got = job.grad_fidelity_by_unit()
+    assert set(got) == set(expected)
+    for unit, (rel, cos) in expected.items():
+        assert rel > 1e-3  # bf16 rounding shows: not a run compared with itself
+        assert got[unit].rel_l2_error == pytest.approx(rel, rel=1e-5), unit
+        assert cos is not None and got[unit].cosine == pytest.approx(cos, abs=1e-8), unit

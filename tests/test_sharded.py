@@ -16,7 +16,13 @@ import pytest
 import precision_doctor as pd
 from precision_doctor.report import Report
 from tests.fixtures import build_head_mlp
-from tests.multiprocess import data_parallel_fidelity, finish, rank_results, start
+from tests.multiprocess import (
+    assert_job_fidelity,
+    data_parallel_fidelity,
+    finish,
+    rank_results,
+    start,
+)
 from tests.sharded_job import FP16_SCALE, GRAD_THRESHOLD, PREFLIGHT_STEPS, ROWS
 
 FSDP_SCALES = {"bf16": 1.0, "fp16": FP16_SCALE}
@@ -73,19 +79,15 @@ def test_fsdp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None
     """The low gradients' error and cosine are summed over the ranks' shards (the head's
     1-row weight and its bias all on rank 0, an empty shard on rank 1) before GRAD_DIVERGENCE
     is judged: the job's numbers, redone by hand from real runs on each half averaged as FSDP2
-    averages them. Tolerances: the sums' own rounding (see test_distributed's DDP twin)."""
+    averages them. Tolerances: the sums' own rounding (`multiprocess.assert_job_fidelity`)."""
     assert ranks[0]["fsdp_grads"] == ranks[1]["fsdp_grads"]
     job = Report.from_json(json.dumps(ranks[0]["fsdp_grads"]))
     assert job.grad_fidelity is not None
     case = build_head_mlp()
     halves = [case.batch[ROWS * r : ROWS * (r + 1)] for r in range(2)]
     expected = data_parallel_fidelity(case, halves, "bf16", job.grad_fidelity.scale_log2)
-    got = job.grad_fidelity_by_unit()
-    assert set(got) == set(expected) == {"fc1", "fc2", "head"}
-    for unit, (rel, cos) in expected.items():
-        assert rel > 1e-3  # bf16 rounding shows: not a run compared with itself
-        assert got[unit].rel_l2_error == pytest.approx(rel, rel=1e-5), unit
-        assert cos is not None and got[unit].cosine == pytest.approx(cos, abs=1e-8), unit
+    assert set(expected) == {"fc1", "fc2", "head"}
+    assert_job_fidelity(job, expected)
     numel = {n: p.numel() for n, p in case.model.named_parameters()}
     assert job.grad_fidelity.numel == sum(numel.values())
     assert {n: f.numel for u in job.units for n, f in u.backward.param_grad_fidelity.items()} == numel

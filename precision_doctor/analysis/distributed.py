@@ -56,7 +56,7 @@ from precision_doctor.capture.statistics import (
     relative_loss_error,
 )
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.model.parallel import counted_parts
+from precision_doctor.model.parallel import counted_parts, fsdp_modules, is_dtensor
 from precision_doctor.options import Phase, Wrapper
 from precision_doctor.report import DistributedJob, Losses, RankResult, Report
 
@@ -108,23 +108,6 @@ def _is_ddp(model: torch.nn.Module) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # DTensor exists only once torch.distributed.tensor is imported (~0.4 s): read sys.modules.
-    import sys
-
-    module = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(module, "DTensor", None) if module is not None else None
-    return cls is not None and isinstance(t, cls)
-
-
-def _is_fsdp2(model: torch.nn.Module) -> bool:
-    import sys
-
-    module = sys.modules.get("torch.distributed.fsdp")
-    cls = getattr(module, "FSDPModule", None) if module is not None else None
-    return cls is not None and any(isinstance(m, cls) for m in model.modules())
-
-
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Wrapper]:
     """The module the analysis runs, and how the job wraps it. `DistributedDataParallel` is
     unwrapped: its `module` runs as each rank runs it, without DDP's forward (which broadcasts
@@ -135,16 +118,16 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Wrapper]:
         return cast(torch.nn.Module, model.module), Wrapper.DDP
     if not active():
         return model, Wrapper.NONE
-    if _is_fsdp2(model):
+    if fsdp_modules(model):
         return model, Wrapper.FSDP2
-    if any(_is_dtensor(p) for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         return model, Wrapper.TP
     return model, Wrapper.NONE
 
 
 def _mesh_shape(model: torch.nn.Module, world: int) -> list[int]:
     for p in model.parameters():
-        if _is_dtensor(p):
+        if is_dtensor(p):
             mesh = p.device_mesh  # type: ignore[attr-defined]  # DTensor's field
             return [int(n) for n in mesh.shape]
     return [world]
@@ -655,7 +638,7 @@ def _set_item(d: dict[str, Any], key: str, v: Any) -> None:
 
 
 def _dense_float(g: torch.Tensor) -> bool:
-    return g.dtype == torch.float32 and g.layout == torch.strided and not _is_dtensor(g)
+    return g.dtype == torch.float32 and g.layout == torch.strided and not is_dtensor(g)
 
 
 def average_gradients(grads: Mapping[str, torch.Tensor]) -> None:
