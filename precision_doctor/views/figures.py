@@ -344,6 +344,18 @@ def _capped(values: list[float | None], *, up: bool) -> tuple[list[float | None]
     return shown, marks, cap
 
 
+def _per_unit_layout(fig: go.Figure, names: list[str], lower_title: str) -> go.Figure:
+    """The layout shared by the two-row per-unit figures: a relative-error log axis above,
+    `lower_title` below, the units' names (at most ~60) along the shared x axis."""
+    x = list(range(len(names)))
+    tickvals = x if len(x) <= 60 else x[:: max(1, len(x) // 60)]
+    fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
+    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(title_text=lower_title, row=2, col=1)
+    fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
+    return fig
+
+
 def depth_figure(report: Report) -> go.Figure:
     """Propagated (and local) relative error, and SQNR, along execution order; the unit where
     the error takes off is marked."""
@@ -387,12 +399,7 @@ def depth_figure(report: Report) -> go.Figure:
         fig.add_vline(x=i, line_color="#d62728", line_dash="dash")
         fig.add_annotation(x=i, y=1.0, yref="paper", text=f"error takes off: {html.escape(start.name)}",
                            showarrow=False, xanchor="left", yanchor="bottom", font={"color": "#d62728"})
-    tickvals = x if len(x) <= 60 else x[:: max(1, len(x) // 60)]
-    fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
-    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
-    fig.update_yaxes(title_text="dB", row=2, col=1)
-    fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
-    return fig
+    return _per_unit_layout(fig, names, "dB")
 
 
 def grad_fidelity_figure(report: Report) -> go.Figure:
@@ -425,12 +432,7 @@ def grad_fidelity_figure(report: Report) -> go.Figure:
                   annotation_text=f"warning above {th.grad_rel_error:g}")
     fig.add_hline(y=th.grad_cosine_min, line_dash="dot", line_color="#d62728", row=2, col=1,
                   annotation_text=f"error below {th.grad_cosine_min:g}")
-    tickvals = x if len(x) <= 60 else x[:: max(1, len(x) // 60)]
-    fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
-    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
-    fig.update_yaxes(title_text="cosine", row=2, col=1)
-    fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
-    return fig
+    return _per_unit_layout(fig, names, "cosine")
 
 
 def loss_scale_figure(report: Report, recommended: LossScaleSection | None = None) -> go.Figure:
