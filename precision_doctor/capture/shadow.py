@@ -179,6 +179,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self._op_seq: dict[int, int] = {}  # op record index -> sequence number of its node
         self._read_low: dict[bool, list[bool]] = {True: [], False: []}
         self.low_reads: set[int] = set()  # ids of tensors no op made that an op reads low
+        # View or copy record index -> ids of the tensors no op made whose values it passes on
+        # (a Linear's `t(weight)`): an op reading it low reads the parameter low.
+        self._passed_leaves: dict[int, tuple[int, ...]] = {}
         self.module_outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.module_errors: dict[str, ErrorAccumulator] = {}  # unit -> its module outputs' error
         self._value_errors: WeakIdMap = WeakIdMap()  # fp32 module output -> (its version, its error)
@@ -387,6 +390,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 for op, _ in value_sources(self.records, p[0], p[1]):
                     if (seq := self._op_seq.get(op)) is not None:
                         self._low_grad_seqs.add(seq)
+                # ... and to the parameter a view of it passes on: autocast casts the weight
+                # of `mm(x, t(weight))`, so the weight's gradient is first held low.
+                self.low_reads.update(self._passed_leaves.get(p[0], ()))
 
     @staticmethod
     def _exact_inputs(
@@ -790,6 +796,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 self._note_low_reads(tensors_in, producers, wanted_in, low)
         if info.preserves_values:
             rec.value_sources = self._passed_on(func, info, args, tensors_in, producers)
+            leaves = self._leaves_passed_on(info, args, tensors_in, producers)
+            if leaves:
+                self._passed_leaves[rec.index] = leaves
         # Writing into a view (`out[:8] = y`) changes its base, which consumers read: the base
         # now holds this op's values beside those it held before.
         bases = [
@@ -1020,6 +1029,22 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     found[src] = None
         return tuple(found)
 
+
+    def _leaves_passed_on(
+        self, info: OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
+    ) -> tuple[int, ...]:
+        """Ids of the float tensors no op made (parameters, the batch) whose values a view or
+        copy passes on, directly or through earlier views and copies."""
+        written = set() if info.restrides else {id(args[i]) for i in info.mutates if i < len(args)}
+        found: dict[int, None] = {}
+        for t, p in zip(tensors_in, producers, strict=True):
+            if not t.is_floating_point() or id(t) in written:
+                continue
+            if p is None:
+                found[id(t)] = None
+            else:
+                found.update(dict.fromkeys(self._passed_leaves.get(p[0], ())))
+        return tuple(found)
 
     def _settle_if_full(self) -> None:
         if self._grad_batch.pending_elements >= _BATCH_PENDING_ELEMENTS:
