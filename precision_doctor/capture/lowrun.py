@@ -328,7 +328,8 @@ def low_precision(
     on the CPU: see `autocast_policy`). `regime=pure`: the caller has cast the model
     (`model.to(dtype)`) and casts floating inputs; this context adds only the emulation, and
     `policy` does not apply. A loss computed inside runs under the same autocast (as in
-    `with torch.autocast(...): loss = loss_fn(model(x), y)`).
+    `with torch.autocast(...): loss = loss_fn(model(x), y)`); run its backward outside, in
+    `low_precision_backward`.
 
     `emulate` (default: fp16 on the CPU) runs low-precision ops as fp32 kernels with rounded
     results (`EmulateLowMode`), backward included; on the CPU only (a GPU's kernels are
@@ -351,6 +352,28 @@ def low_precision(
             stack.enter_context(torch.autocast(device, dtype=dtype))
         if emulated:
             stack.enter_context(dynamo_safe(EmulateLowMode)(emulated))
+        yield
+
+
+@contextlib.contextmanager
+def low_precision_backward(model: torch.nn.Module, dtype: torch.dtype, *, emulate: bool | None = None) -> Iterator[None]:
+    """The backward of a step whose forward and loss ran in `low_precision`: outside autocast,
+    as PyTorch prescribes (each backward op runs in the dtypes its forward op left it; inside
+    an autocast region the region casts the backward's matmuls too, so a unit a plan keeps in
+    fp32 would get its weight gradient computed in fp16), with fp16 kernels emulated on the
+    CPU as in the forward (`emulate` as in `low_precision`).
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> with low_precision(net, torch.float16, regime="autocast", policy="cuda"):
+    ...     loss = net(torch.ones(1, 2)).float().sum()
+    >>> with low_precision_backward(net, torch.float16):
+    ...     loss.backward()
+    >>> net.weight.grad.dtype
+    torch.float32
+    """
+    emulated = _emulated_dtypes(dtype, model_device_type(model), emulate)
+    with dynamo_safe(EmulateLowMode)(emulated) if emulated else contextlib.nullcontext():
         yield
 
 

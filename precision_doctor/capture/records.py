@@ -104,20 +104,28 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
     other units (what ERROR_GROWTH compares with)."""
     outputs: dict[str, set[tuple[int, int]]] = {}
     input_error: dict[str, float] = {}
+    # The propagated error each op reads: measured where the value is a module's output, else
+    # the largest its own inputs carry. A parent's functional op between two children (SE's
+    # `x.mean(2)`, a `torch.relu`) hands on its input's error: read as 0, the next child's
+    # ordinary propagated error would look like growth from nothing.
+    reads_error: dict[int, float] = {}
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
+        read = 0.0
         for i, slot in zip(r.inputs, r.input_slots, strict=True):
             if i < 0:
                 continue
             for v, k in value_sources(records, i, slot):
+                prop = records[v].output_errors.get(k, (None, None))[1]
+                err = prop.rel_l2 if prop is not None else reads_error.get(v, 0.0)
+                read = max(read, err)
                 if records[v].unit != r.unit:
                     outputs.setdefault(records[v].unit, set()).add((v, k))
                     # The error of the values read (an input already non-finite makes growth
                     # meaningless: that is inherited damage).
-                    prop = records[v].output_errors.get(k, (None, None))[1]
-                    if prop is not None:
-                        input_error[r.unit] = max(input_error.get(r.unit, 0.0), prop.rel_l2)
+                    input_error[r.unit] = max(input_error.get(r.unit, 0.0), err)
+        reads_error[r.index] = read
     by_unit: dict[str, list[OpRecord]] = {}
     for r in records:
         if r.phase == Phase.FORWARD and r.output_errors:

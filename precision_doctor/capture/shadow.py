@@ -227,8 +227,11 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
     def module_output(self, path: str, call: int, out: Any) -> None:
         """A module call returned: its outputs' propagated error is that of the real
         low-precision run's outputs of the same call (which dtype-dependent code - T5's fp16
-        clamp - shaped), kept per module and per output value (what `unit_outputs` reads for
-        the values other units read; a parent handing on its child's output reuses it)."""
+        clamp - shaped), kept per output value (what `unit_outputs` reads for the values other
+        units read). The module's own propagated error counts only the outputs its own ops
+        made: a parent handing on its child's output (the root returning the head's logits)
+        did not make that error, and charged with it, it would be blamed for the child's
+        overflow."""
         low = self.module_outputs.pop((path, call), None)
         if low is None:
             return
@@ -245,22 +248,23 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     continue
                 if sh.dtype not in (torch.float32, self.low):
                     continue
+                made = self._producer.get(ref)
+                sources = value_sources(self.records, made[0], made[1]) if made is not None else ()
                 cached = self._value_errors.get(ref)
                 # A parent handing on its child's output reuses its error; a module that wrote
                 # the tensor in place since (`x.sub_(c)`, ReLU(inplace=True)) gets its own.
                 one = cached[1] if cached is not None and cached[0] == ref._version else None
                 if one is None:
                     # Mask values (-1e38 turns into -inf in fp16, which masks as well) are no error.
-                    made = self._producer.get(ref)
                     masked = self.masks.positions(ref, self.records[made[0]] if made is not None else None)
                     one = ErrorAccumulator()
                     one.add(ref.detach(), sh, None, self.workspace, masked=masked)
                     self._value_errors[ref] = (ref._version, one)
-                    if made is not None:
-                        for v, k in value_sources(self.records, made[0], made[1]):
-                            local_k = self.records[v].output_errors.get(k, (None, None))[0]
-                            self.records[v].output_errors[k] = (local_k, one)
-                acc.merge(one)
+                    for v, k in sources:
+                        local_k = self.records[v].output_errors.get(k, (None, None))[0]
+                        self.records[v].output_errors[k] = (local_k, one)
+                if any(self.records[v].unit == path for v, _ in sources):
+                    acc.merge(one)
 
     def unit_exited(self, path: str) -> None:
         local = self._locals.get(path)

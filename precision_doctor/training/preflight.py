@@ -67,7 +67,7 @@ from pydantic import Field
 from precision_doctor.analysis.distributed import Job, exchange, same_outcome, unwrap
 from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.capture.emulation import unit_overrides
-from precision_doctor.capture.lowrun import low_precision
+from precision_doctor.capture.lowrun import low_precision, low_precision_backward
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import (
     LossScaleSection,
@@ -355,13 +355,15 @@ def _run(
         monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
     records: list[StepRecord] = []
 
-    # Forward, loss and backward, as `with torch.autocast(...): loss = ...; loss.backward()`;
-    # the update: fp32 master weights under autocast (no context), the low parameters' update
-    # in the pure regime (its fp16 arithmetic emulated on the CPU as the forward's).
+    # Forward and loss as `with torch.autocast(...): loss = ...`, the backward outside it as
+    # PyTorch prescribes (`low_precision_backward`); the update: fp32 master weights under
+    # autocast (no context), the low parameters' update in the pure regime (its fp16
+    # arithmetic emulated on the CPU as the forward's).
     no_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
-    precision, optimizer_precision = no_context, no_context
+    precision, backward_precision, optimizer_precision = no_context, no_context, no_context
     if dtype is not None:
         precision = functools.partial(low_precision, m, dtype, regime=regime, policy=policy)
+        backward_precision = functools.partial(low_precision_backward, m, dtype)
         if pure:
             optimizer_precision = precision
 
@@ -384,6 +386,7 @@ def _run(
             try:
                 with precision():
                     loss = resolve_loss(run_model(m, b), b, loss_fn)
+                with backward_precision():
                     (monitor.scale(loss) if monitor is not None else loss).backward()
             except PrecisionDoctorError:
                 raise
