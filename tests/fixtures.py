@@ -251,6 +251,111 @@ BUILDERS: dict[str, Callable[..., Case]] = {
 TRANSFORMERS = ("gpt2", "bert", "t5", "llama")
 
 
+# --- the headline-output cases (issue 23) -------------------------------------------------
+
+
+class OneTokenLM(nn.Module):
+    """embedding -> Linear -> LayerNorm (bias 3.0) -> bias-free LM head. Every labelled
+    position names one token, so the head's weight gradient is ~100x any other gradient, and
+    under autocast it is first held in fp16 (the gradient of the weight's fp16 copy)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        with torch.no_grad():
+            self.norm.bias.fill_(3.0)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.norm(self.proj(self.embed(ids))))
+
+
+def one_token_lm_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[1].reshape(-1), ignore_index=-100)
+
+
+def build_one_token_lm(seed: int = 0, tokens: int = 2000) -> Case:
+    torch.manual_seed(seed)
+    model = OneTokenLM()
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, model.vocab, (1, tokens), generator=g)
+    labels = torch.full((1, tokens), -100)
+    labels[0, ::2] = 5
+    return Case("one_token_lm", model, (ids, labels), one_token_lm_loss)
+
+
+class Amplifier(nn.Module):
+    """inp -> relu (the root's own functional op) -> amplifier (weights x `gain`) -> GELU ->
+    squash (weights x1e-5) -> head: at gain 2e5 `amplifier` overflows fp16 from finite
+    inputs; at 3e4 `squash`'s weight gradient overflows fp16 at GradScaler's 2^16."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.amplifier = nn.Linear(64, 64)
+        self.act = nn.GELU()
+        self.squash = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 1)
+        with torch.no_grad():
+            self.amplifier.weight.mul_(gain)
+            self.squash.weight.mul_(1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.squash(self.act(self.amplifier(torch.relu(self.inp(x))))))
+
+
+def build_amplifier(seed: int = 0, gain: float = 3e4) -> Case:
+    torch.manual_seed(seed)
+    model = Amplifier(gain)
+    return Case("amplifier", model, torch.randn(64, 32, generator=torch.Generator().manual_seed(seed + 1)), mlp_loss)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm1d(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet's SE: its convs read the mean its own forward computes."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv1d(c, c // 4, 1)
+        self.expand = nn.Conv1d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(2, keepdim=True)
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+
+
+class DeepSE(nn.Module):
+    """`depth` Conv1d+BatchNorm+SiLU blocks (bf16 error accumulates), an SE block, a head."""
+
+    def __init__(self, c: int = 32, depth: int = 32) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[ConvBlock(c) for _ in range(depth)])
+        self.se = SqueezeExcite(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.se(self.blocks(x)).mean(2))
+
+
+def build_deep_se(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    model = DeepSE()
+    return Case("deep_se", model, torch.randn(8, 32, 64, generator=torch.Generator().manual_seed(seed + 1)), mlp_loss)
+
+
 def build(name: str, seed: int = 0) -> Case:
     return BUILDERS[name](seed)
 

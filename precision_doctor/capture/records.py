@@ -79,6 +79,9 @@ class UnitRecord:
     outputs_nonfinite: bool = True
     wrote_nonfinite_state: bool = False
     input_prop_error: float = 0.0  # of the values it reads from other units
+    # The largest propagated error of the outputs it returns that another unit made (a
+    # parent returning its child's output): read, not made, by this unit.
+    handed_on_error: float = 0.0
     grad_nodes: list[tuple[str, TensorSummary]] = field(default_factory=list)
     grad_nonfinite_root: str | None = None
     param_names: list[str] = field(default_factory=list)
@@ -101,7 +104,8 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
     hold fp32 Inf/NaN: T5 takes `log(0)` on the way to its position buckets and drops the
     -inf, which is no finding. A unit whose values no other unit reads (the loss) pools all
     its ops. `input_prop_error` is the largest propagated error of the values it reads from
-    other units (what ERROR_GROWTH compares with)."""
+    other units, and of those it returns that another unit made (what ERROR_GROWTH compares
+    with)."""
     outputs: dict[str, set[tuple[int, int]]] = {}
     input_error: dict[str, float] = {}
     # The propagated error each op reads: measured where the value is a module's output, else
@@ -131,7 +135,7 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
         if r.phase == Phase.FORWARD and r.output_errors:
             by_unit.setdefault(r.unit, []).append(r)
     for name, urec in units.items():
-        urec.input_prop_error = input_error.get(name, 0.0)
+        urec.input_prop_error = max(input_error.get(name, 0.0), urec.handed_on_error)
         read = sorted(outputs.get(name, ()))
         if read:
             urec.outputs_nonfinite = any(

@@ -227,11 +227,11 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
     def module_output(self, path: str, call: int, out: Any) -> None:
         """A module call returned: its outputs' propagated error is that of the real
         low-precision run's outputs of the same call (which dtype-dependent code - T5's fp16
-        clamp - shaped), kept per output value (what `unit_outputs` reads for the values other
-        units read). The module's own propagated error counts only the outputs its own ops
-        made: a parent handing on its child's output (the root returning the head's logits)
-        did not make that error, and charged with it, it would be blamed for the child's
-        overflow."""
+        clamp - shaped), kept per module and per output value (what `unit_outputs` reads for
+        the values other units read; a parent handing on its child's output reuses it). An
+        output another unit made is also something the module reads: the root returning the
+        head's logits hands on the head's error (`UnitRecord.handed_on_error`), it did not
+        make it."""
         low = self.module_outputs.pop((path, call), None)
         if low is None:
             return
@@ -263,8 +263,10 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                     for v, k in sources:
                         local_k = self.records[v].output_errors.get(k, (None, None))[0]
                         self.records[v].output_errors[k] = (local_k, one)
-                if any(self.records[v].unit == path for v, _ in sources):
-                    acc.merge(one)
+                acc.merge(one)
+                if not any(self.records[v].unit == path for v, _ in sources):
+                    urec = self.unit(path)
+                    urec.handed_on_error = max(urec.handed_on_error, one.rel_l2)
 
     def unit_exited(self, path: str) -> None:
         local = self._locals.get(path)

@@ -270,11 +270,18 @@ def rank_rows(report: Report) -> list[dict[str, Any]]:
 
 def takeoff_unit(report: Report) -> Unit | None:
     """The first unit, in execution order, whose propagated error exceeds the divergence
-    threshold or turns non-finite: where the error takes off."""
+    threshold or turns non-finite from what it reads within it: where the error takes off (a
+    parent returning its child's non-finite output read it, the child made it)."""
     limit = report.thresholds.divergence_rel_error
+
+    def bad(err: float) -> bool:
+        return not math.isfinite(err) or err > limit
+
     for u in ordered_units(report):
         p = u.forward.propagated
-        if p is not None and (p.nonfinite_count > 0 or not math.isfinite(p.rel_l2_error) or p.rel_l2_error > limit):
+        if p is None or bad(u.forward.input_rel_l2_error or 0.0):
+            continue
+        if p.nonfinite_count > 0 or bad(p.rel_l2_error):
             return u
     return None
 
