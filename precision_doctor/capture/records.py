@@ -116,20 +116,20 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
-        read = 0.0
+        carried = 0.0
         for i, slot in zip(r.inputs, r.input_slots, strict=True):
             if i < 0:
                 continue
             for v, k in value_sources(records, i, slot):
                 prop = records[v].output_errors.get(k, (None, None))[1]
                 err = prop.rel_l2 if prop is not None else reads_error.get(v, 0.0)
-                read = max(read, err)
+                carried = max(carried, err)
                 if records[v].unit != r.unit:
                     outputs.setdefault(records[v].unit, set()).add((v, k))
                     # The error of the values read (an input already non-finite makes growth
                     # meaningless: that is inherited damage).
                     input_error[r.unit] = max(input_error.get(r.unit, 0.0), err)
-        reads_error[r.index] = read
+        reads_error[r.index] = carried
     by_unit: dict[str, list[OpRecord]] = {}
     for r in records:
         if r.phase == Phase.FORWARD and r.output_errors:
