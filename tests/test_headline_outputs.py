@@ -24,20 +24,26 @@ from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import low_precision, low_precision_backward
 from precision_doctor.options import Flag, Severity
 from precision_doctor.views import figures
-from tests.fixtures import Case, build_amplifier, build_deep_se, build_one_token_lm
+from tests.fixtures import Case, build, build_amplifier, build_deep_se, build_one_token_lm
 
 
 def _call(model: torch.nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
     return model(*batch) if isinstance(batch, tuple) else model(batch)
+
+
+def _loss(case: Case, model: torch.nn.Module) -> torch.Tensor:
+    out = _call(model, case.batch)
+    return case.loss_fn(out, case.batch) if case.loss_fn is not None else out.loss
 
 
 def real_grads_finite(case: Case, scale_log2: int) -> bool:
     """Whether a real fp16 autocast step (CPU kernels) at loss scale 2^k leaves every
     parameter gradient finite: what GradScaler's `unscale_` checks before it steps."""
     model = copy.deepcopy(case.model)
-    assert case.loss_fn is not None
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = case.loss_fn(_call(model, case.batch), case.batch)
+        loss = _loss(case, model)
     (loss.float() * 2.0**scale_log2).backward()
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
@@ -69,13 +75,25 @@ def test_weight_gradients_held_in_fp16_set_the_loss_scale(build: Callable[[], Ca
     worst = max(overflow, key=lambda f: f.evidence.values["backoff_steps"])
     assert worst.evidence.values["backoff_steps"] == DEFAULT_SCALE_LOG2 - k_fit
     fp32_model = copy.deepcopy(case.model)
-    assert case.loss_fn is not None
-    case.loss_fn(_call(fp32_model, case.batch), case.batch).backward()
+    _loss(case, fp32_model).backward()
     largest = max(fp32_model.named_parameters(), key=lambda np_: float(np_[1].grad.abs().max()))
     assert worst.evidence.op is not None and largest[0] in worst.evidence.op
     # The gradient-fidelity backward runs at the recommended scale: finite, no divergence.
     assert report.grad_fidelity is not None and report.grad_fidelity.nonfinite_count == 0
     assert not [f for f in report.flags() if f.flag == Flag.GRAD_DIVERGENCE and f.severity == Severity.ERROR]
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"], ids=str)
+def test_stock_models_recommended_scale_keeps_real_gradients_finite(name: str) -> None:
+    """Stock transformers MLM and causal LM heads: the recommendation is one at which real
+    autocast fp16 keeps every gradient finite, and the back-off it predicts from 2^16 is the
+    real one."""
+    pytest.importorskip("transformers")
+    case = build(name)
+    report = pd.analyze(case.model, case.batch, loss_fn=case.loss_fn, dtype="fp16", policy="cpu")
+    advice = pd.recommend_loss_scale(report)
+    assert real_grads_finite(case, advice.recommended_scale_log2)
+    assert advice.skipped_steps_from_default == DEFAULT_SCALE_LOG2 - largest_finite_scale(case)
 
 
 def first_nonfinite_module(case: Case) -> str:
