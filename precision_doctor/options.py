@@ -193,6 +193,17 @@ class Thresholds:
     grad_cosine_min: float = 0.9
     """...and an error when their cosine with fp32's falls below this: the update no longer
     points the way fp32's does."""
+    grad_error_share_min: float = 1e-6
+    """GRAD_DIVERGENCE weighs a unit by its share of the model's gradient: only where the
+    unit's gradient error ||g_low - g_fp32|| is at least this fraction of the model's fp32
+    gradient norm, or the low format's range flushes its gradients (more than
+    `grad_underflow_norm_fraction` of the norm of those it holds low), or they are Inf/NaN.
+    Below it the difference is rounding of a gradient that carries nothing: attention's
+    query/key projections, whose gradient softmax's shift invariance makes ~0, are
+    cancellation residue in fp32 itself, their error 2e-9..1.2e-8 of the model's norm (a
+    tiny CLIP, fp16 and bf16). 1e-6 is ~16 of fp32's own rounding steps (2^-24) of the
+    model's norm, and 13x below the smallest share a sample model flags for rounding or
+    loss rather than a flush (`unscaled_gradients`' `embed`, 1.3e-5)."""
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:

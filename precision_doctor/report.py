@@ -41,7 +41,7 @@ SCHEMA_VERSION = 6
 `thresholds.loss_rel_error` (the verdict's final-loss tolerance),
 `forward.input_rel_l2_error`; 6: gradient fidelity: `grad_fidelity`,
 `backward.grad_fidelity`/`param_grad_fidelity`, `thresholds.grad_rel_error`/
-`grad_cosine_min`, `losses.low_dtype`, the GRAD_DIVERGENCE flag; `environment.distributed` and `ranks`)."""
+`grad_cosine_min`/`grad_error_share_min`, `losses.low_dtype`, the GRAD_DIVERGENCE flag; `environment.distributed` and `ranks`)."""
 
 
 class Histogram(_Frozen):

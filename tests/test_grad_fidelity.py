@@ -328,3 +328,193 @@ def test_emulated_backward_dtypes_follow_the_output_mask(monkeypatch: pytest.Mon
     assert none_first[0] is None
     full = mode.run(op, (*args, [True, True, True]), {})
     assert [t.dtype for t in full] == [h, h, h]
+
+
+class ShiftedScores(nn.Module):
+    """`shift` adds one value per row to the scores of an fp32 softmax (as attention's key
+    bias adds one per query): the softmax ignores it, so its gradient is 0 in exact
+    arithmetic and cancellation residue in fp32 (the row sum of softmax's backward); the
+    low run leaves a residue of its own. The scores are upcast before the shift is added,
+    so both residues are fp32 sums, as in a fused attention kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(16, 32)
+        self.shift = nn.Linear(16, 1)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.softmax(self.score(x).float() + self.shift(x).float(), dim=-1))
+
+
+def _shifted_case() -> tuple[nn.Module, torch.Tensor, LossFn]:
+    torch.manual_seed(0)
+    target = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    return ShiftedScores(), torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), lambda o, b: (o - target).pow(2).mean()
+
+
+def _unit_norms(grads: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
+    """Each unit's gradient L2 norm and the model's, in float64."""
+    sq: dict[str, float] = {}
+    for name, g in grads.items():
+        unit = name.rpartition(".")[0] or "<root>"
+        sq[unit] = sq.get(unit, 0.0) + float((g * g).sum())
+    return {u: math.sqrt(v) for u, v in sq.items()}, math.sqrt(sum(sq.values()))
+
+
+def _model_cosine(ref: dict[str, np.ndarray], low: dict[str, np.ndarray]) -> float:
+    r = np.concatenate([g.ravel() for g in ref.values()])
+    lo = np.concatenate([low[n].ravel() for n in ref])
+    return float(r @ lo / (np.linalg.norm(r) * np.linalg.norm(lo)))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_gradient_that_carries_nothing_is_not_a_divergence(dtype: str) -> None:
+    """`shift`'s gradient is ~1e-8 of the model's and lost to rounding in a real
+    `torch.autocast("cpu")` run (cosine with fp32's far below 0.9) while the model's gradient
+    keeps its direction: its error weighs nothing in the model's gradient
+    (`grad_error_share_min`), and no flush explains it, so no GRAD_DIVERGENCE."""
+    model, x, loss_fn = _shifted_case()
+    report, real = compare(model, x, loss_fn, dtype, "autocast")
+    assert report.grad_fidelity is not None
+    rng = torch.get_rng_state()
+    ref = real_gradients(model, x, loss_fn, None, "autocast", 0, rng)
+    low = real_gradients(model, x, loss_fn, dtype, "autocast", report.grad_fidelity.scale_log2, rng)
+    norms, model_norm = _unit_norms(ref)
+    th = report.thresholds
+    # The real run: shift's direction is lost, its share tiny, the model's direction kept.
+    rel, cosine = real["shift"]
+    assert cosine is None or cosine < th.grad_cosine_min
+    assert rel * norms["shift"] / model_norm < th.grad_error_share_min / 10
+    assert _model_cosine(ref, low) > 0.9999
+    # The report sees the same: shift over the per-unit thresholds, at that share.
+    shift = report.by_module()["shift"].backward.grad_fidelity
+    assert shift is not None and shift.rel_l2_error > th.grad_rel_error
+    assert shift.fp32_l2_norm / report.grad_fidelity.fp32_l2_norm == pytest.approx(norms["shift"] / model_norm, rel=1e-2)
+    assert report.grad_fidelity.cosine is not None and report.grad_fidelity.cosine > 0.9999
+    assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
+    assert report  # safe to train
+
+    # The threshold is what spares it: at 0 the same residue is a finding.
+    strict = pd.analyze(model, x, loss_fn, dtype, policy="cpu", thresholds=pd.Thresholds(grad_error_share_min=0.0))
+    assert {f.unit for f in strict.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE} == {"shift"}
+
+
+def test_the_same_gradient_carrying_the_models_share_is_a_divergence() -> None:
+    """Control: with `score` and `head` frozen, `shift`'s residue is the model's whole
+    gradient (share 1 by hand), and its direction lost in a real autocast run is the model's:
+    GRAD_DIVERGENCE, an error, with the error's share in the evidence."""
+    model, x, loss_fn = _shifted_case()
+    for p in (*model.score.parameters(), *model.head.parameters()):  # type: ignore[union-attr]
+        p.requires_grad_(False)
+    report, real = compare(model, x, loss_fn, "fp16", "autocast")
+    assert report.grad_fidelity is not None
+    rng = torch.get_rng_state()
+    ref = real_gradients(model, x, loss_fn, None, "autocast", 0, rng)
+    low = real_gradients(model, x, loss_fn, "fp16", "autocast", report.grad_fidelity.scale_log2, rng)
+    norms, model_norm = _unit_norms(ref)
+    assert set(norms) == {"shift"} and norms["shift"] == model_norm
+    rel, cosine = real["shift"]
+    th = report.thresholds
+    assert rel > th.grad_rel_error and (cosine is None or cosine < th.grad_cosine_min) and _model_cosine(ref, low) < 0.9
+    [flag] = [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
+    assert (flag.unit, flag.severity) == ("shift", pd.Severity.ERROR)
+    assert flag.evidence.values["error_norm_share"] == pytest.approx(flag.evidence.values["rel_l2_error"], rel=1e-6)
+    assert not report
+
+
+def test_fp32_norm_is_fp32s_own_where_every_low_gradient_overflows() -> None:
+    """Pure fp16: `big.weight`'s gradient (~1e5 per entry) is Inf everywhere in a real
+    `model.half()` run. The fp32 gradient norms the report gives - the parameter's, its
+    unit's and the model's - are still fp32's own, as `torch.linalg.vector_norm` of a real
+    fp32 run's gradients gives them."""
+
+    class Overflowing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.big = nn.Linear(4, 1)
+            self.other = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.big(x) + self.other(x / 100)
+
+    torch.manual_seed(0)
+    model = Overflowing()
+    x = 100 + torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return 1000 * out.float().mean()  # d loss / d big.weight = 1000 * mean(x) ~ 1e5 > 65504
+
+    rng = torch.get_rng_state()
+    report = pd.analyze(model, x, loss_fn, "fp16", regime="pure")
+    assert report.grad_fidelity is not None and report.grad_fidelity.scale_log2 == 0
+    low = real_gradients(model, x, loss_fn, "fp16", "pure", 0, rng)
+    assert np.isinf(low["big.weight"]).all() and np.isfinite(low["big.bias"]).all()
+
+    m = copy.deepcopy(model)
+    loss_fn(m(x), x).backward()
+    norm = {n: float(torch.linalg.vector_norm(p.grad.double())) for n, p in m.named_parameters() if p.grad is not None}
+    units = report.by_module()
+    big = units["big"].backward
+    assert big.param_grad_fidelity["big.weight"].fp32_l2_norm == pytest.approx(norm["big.weight"], rel=1e-6)
+    assert big.param_grad_fidelity["big.weight"].nonfinite_count == 4
+    assert big.grad_fidelity is not None
+    assert big.grad_fidelity.fp32_l2_norm == pytest.approx(math.hypot(norm["big.weight"], norm["big.bias"]), rel=1e-6)
+    assert (big.grad_fidelity.rel_l2_error, big.grad_fidelity.cosine) == (math.inf, None)
+    assert report.grad_fidelity.fp32_l2_norm == pytest.approx(math.sqrt(sum(v * v for v in norm.values())), rel=1e-6)
+    assert report.grad_fidelity.nonfinite_count == 4
+
+
+def _tiny_clip() -> tuple[nn.Module, dict[str, Any]]:
+    """A stock CLIPModel from a tiny config, random weights, its contrastive loss. The text
+    tower pools its first token (no token is the config's EOS id), which the causal mask
+    lets attend only to itself: the text query/key projections' gradients are 0 in exact
+    arithmetic, and what fp32's SDPA backward leaves there is residue."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()  # the default EOS/BOS ids lie outside the tiny vocabulary
+    text = transformers.CLIPTextConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16,
+    )
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    ).train()
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(0, 99, (4, 8), generator=g),
+        "pixel_values": torch.randn(4, 3, 16, 16, generator=g),
+        "return_loss": True,
+    }
+    return model, batch
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_stock_clip_query_key_residue_is_not_a_divergence(dtype: str) -> None:
+    """Issue 23's stock case: CLIP's text q_proj/k_proj lose their direction in a real
+    `torch.autocast("cpu")` run, but weigh ~1e-8 of the model's gradient, whose own direction
+    holds: no GRAD_DIVERGENCE, safe to train."""
+    model, batch = _tiny_clip()
+    report, real = compare(model, batch, None, dtype, "autocast")
+    assert report.grad_fidelity is not None
+    rng = torch.get_rng_state()
+    ref = real_gradients(model, batch, None, None, "autocast", 0, rng)
+    low = real_gradients(model, batch, None, dtype, "autocast", report.grad_fidelity.scale_log2, rng)
+    norms, model_norm = _unit_norms(ref)
+    qk = [u for u in norms if u.startswith("text_model.") and u.endswith(("q_proj", "k_proj"))]
+    assert len(qk) == 4
+    if not any(norms[u] for u in qk):
+        pytest.skip("this CPU's SDPA backward leaves no residue: nothing to weigh")
+    th = report.thresholds
+    assert all(norms[u] / model_norm < th.grad_error_share_min / 10 for u in qk)
+    assert any(real[u][1] is None or real[u][1] < th.grad_cosine_min for u in qk)  # lost in the real run
+    assert _model_cosine(ref, low) > 0.999
+    units = report.by_module()
+    assert any(  # ...and in the report: the old per-unit rule would flag them
+        (f := units[u].backward.grad_fidelity) is not None and f.rel_l2_error > th.grad_rel_error for u in qk
+    )
+    assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
+    assert report

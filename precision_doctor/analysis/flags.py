@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from precision_doctor.capture.records import OpRecord, UnitRecord
 from precision_doctor.capture.units import LOSS_UNIT
-from precision_doctor.formats import MAX_LOSS_SCALE_LOG2, FormatLimits
+from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2, FormatLimits
 from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, GradFidelity, Report, Unit
 
@@ -354,22 +354,56 @@ def _grad_flag(
     )
 
 
+def grad_norm_flushed(unit: Unit, fmt: FormatLimits, scale_log2: int) -> float:
+    """The fraction of the L2 norm of the gradients the unit holds low (`backward.stats`,
+    what GRAD_UNDERFLOW reads) that lies below `fmt`'s smallest subnormal at loss scale
+    2^`scale_log2`, and so flushes to 0: read off their histogram at one power of two
+    resolution, as the loss-scale curves are. The unit's output gradients count: the
+    parameters' are computed from them (a weight gradient sums a batch of output gradients
+    that each flush). bf16's subnormals lie below fp32's normal range: none flush there."""
+    stats = unit.backward.stats
+    sq = stats.histogram.sum_squares if stats is not None else None
+    if stats is None or sq is None or not stats.sum_squares_total:
+        return 0.0
+    h = stats.histogram
+    flush_below = math.floor(math.log2(fmt.smallest_subnormal)) - scale_log2
+    lost = 0.0
+    for i, c in enumerate(h.counts):
+        b = h.log2_lo + i
+        if b >= flush_below:
+            break
+        lost += sq[i] if i < len(sq) else c * 4.0**b
+    return math.sqrt(min(1.0, lost / stats.sum_squares_total))
+
+
 def grad_divergence_flags(
-    report: Report, fidelity: Mapping[str, GradFidelity], th: Thresholds, scale_log2: int
+    report: Report, fidelity: Mapping[str, GradFidelity], th: Thresholds, scale_log2: int,
+    model_fp32_l2_norm: float,
 ) -> dict[str, list[FlagRecord]]:
     """GRAD_DIVERGENCE findings by unit, from each unit's parameter-gradient fidelity
-    (`analysis.gradients`) at loss scale 2^`scale_log2`: its relative L2 error over `grad_rel_error` is a warning (the
-    update's size is off; Adam-like optimizers mostly absorb that), its cosine below
-    `grad_cosine_min` an error (the update no longer points the way fp32's does: gradients
-    lost, or their direction), as are Inf/NaN gradients where fp32's are finite (unless the
-    unit's GRAD_OVERFLOW already says so).
+    (`analysis.gradients`) at loss scale 2^`scale_log2`: its relative L2 error over
+    `grad_rel_error` is a warning (the update's size is off; Adam-like optimizers mostly
+    absorb that), its cosine below `grad_cosine_min` an error (the update no longer points
+    the way fp32's does: gradients lost, or their direction), as are Inf/NaN gradients where
+    fp32's are finite (unless the unit's GRAD_OVERFLOW already says so).
 
     Gradients computed from a broken forward are inherited, not flagged, as a forward unit
     that receives Inf is not: a unit's parameter gradients read its inputs, its own values
     and those of every unit between it and the loss, so when one of those already carries a
     propagated error over `divergence_rel_error` (or Inf/NaN), or the low loss is not finite,
     that forward finding is the cause. A unit whose fp32 gradients are all zero has nothing
-    to compare with."""
+    to compare with.
+
+    A unit is weighed by its share of the model's gradient (`model_fp32_l2_norm`, fp32's
+    over every parameter): an error ||g_low - g_fp32|| below `grad_error_share_min` of that
+    norm is not a finding, unless the low format's range flushes more than
+    `grad_underflow_norm_fraction` of the norm of the gradients the unit holds low
+    (`grad_norm_flushed`: GRAD_UNDERFLOW's measure, at the backward's scale) or the
+    gradients are Inf/NaN. At that size a real gradient and cancellation residue that fp32
+    makes as well (attention's query/key projections, whose gradient softmax's shift
+    invariance makes ~0: ~1e-8 of the model's norm) look alike; rounding tells them apart
+    no better, but a flush takes the gradient whatever it holds and stops the unit learning
+    (a deep sigmoid stack's first layers)."""
     if not math.isfinite(report.losses.low):
         return {}
     units = report.by_module()
@@ -399,6 +433,7 @@ def grad_divergence_flags(
                     todo.append(nxt)
         return False
 
+    limits = LIMITS[report.environment.dtype]
     out: dict[str, list[FlagRecord]] = {}
     for name, f in fidelity.items():
         if f.fp32_l2_norm == 0:
@@ -411,8 +446,17 @@ def grad_divergence_flags(
             continue
         if f.nonfinite_count and any(x.flag is Flag.GRAD_OVERFLOW for x in unit.flags):
             continue
+        # rel_l2_error * ||g_fp32|| is ||g_low - g_fp32||; inf (non-finite) is always weighed in.
+        share = f.rel_l2_error * f.fp32_l2_norm / model_fp32_l2_norm if model_fp32_l2_norm > 0 else math.inf
+        if (
+            share < th.grad_error_share_min
+            and grad_norm_flushed(unit, limits, scale_log2) <= th.grad_underflow_norm_fraction
+        ):
+            continue
         fmt = report.environment.dtype
         values: dict[str, float] = {"rel_l2_error": f.rel_l2_error, "scale_log2": scale_log2}
+        if math.isfinite(share):
+            values["error_norm_share"] = share
         at = f"in {fmt} at loss scale 2^{scale_log2}"
         if f.nonfinite_count:
             values["nonfinite_count"] = f.nonfinite_count

@@ -42,9 +42,9 @@ def grad_scale_log2(report: Report) -> int:
 @dataclass
 class GradComparison:
     """Sums over one or more gradient pairs (fp32, low), where the fp32 gradient is finite:
-    its squared norm, the low one's and their squared distance (each tensor's to fp32's
-    relative precision, `squared_norm`; summed in float64), and the count of low Inf/NaN
-    there."""
+    its squared norm, the low one's and their squared distance (the last two where the low
+    one is finite too; each tensor's to fp32's relative precision, `squared_norm`; summed in
+    float64), and the count of low Inf/NaN there."""
 
     sum_sq_ref: float = 0.0
     sum_sq_low: float = 0.0
@@ -63,12 +63,16 @@ class GradComparison:
             self.sum_sq_low += b
             self.sum_sq_err += acc.sum_sq_err
             return
-        # Inf/NaN somewhere (rare): the three sums over the positions where both are finite.
+        # Inf/NaN somewhere (rare): the low and error sums over the positions where both are
+        # finite, fp32's norm over all of its own finite values: it is what the gradient
+        # weighs in the model's (a low gradient that is Inf everywhere does not make fp32's
+        # 0). Where the low values are finite wherever fp32's are, the two sets are one and
+        # the cosine's identity holds; elsewhere `nonfinite` leaves no cosine to compute.
         ref_finite, low_finite = torch.isfinite(ref), torch.isfinite(low)
         self.nonfinite += int((ref_finite & ~low_finite).sum())
         keep = ref_finite & low_finite
         r, lo = ref[keep], low[keep]
-        self.sum_sq_ref += squared_norm(r)
+        self.sum_sq_ref += squared_norm(ref[ref_finite])
         self.sum_sq_low += squared_norm(lo)
         self.sum_sq_err += squared_norm(lo - r)
 
@@ -220,7 +224,8 @@ class GradComparer:
         for name, comparison in per_param.items():
             units.setdefault(owner_of(name), GradComparison()).merge(comparison)
         fidelity = {u: c.fidelity() for u, c in units.items()}
-        flags = grad_divergence_flags(report, fidelity, report.thresholds, scale_log2)
+        model = self._model
+        flags = grad_divergence_flags(report, fidelity, report.thresholds, scale_log2, math.sqrt(model.sum_sq_ref))
 
         new_units = []
         for u in report.units:
@@ -232,7 +237,6 @@ class GradComparer:
                 "param_grad_fidelity": {p: per_param[p].fidelity() for p in u.backward.param_grads if p in per_param},
             })
             new_units.append(u.model_copy(update={"backward": backward, "flags": [*u.flags, *flags.get(u.name, [])]}))
-        model = self._model
         return report.model_copy(update={
             "units": new_units,
             "ranks": ranks,
