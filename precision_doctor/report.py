@@ -35,13 +35,18 @@ from precision_doctor.options import (
 from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped on any change that an older reader would misread (3: typed `extras` sections and
 `thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`; 5: `flags[].severity`,
 `thresholds.loss_rel_error` (the verdict's final-loss tolerance),
 `forward.input_rel_l2_error`; 6: gradient fidelity: `grad_fidelity`,
 `backward.grad_fidelity`/`param_grad_fidelity`, `thresholds.grad_rel_error`/
-`grad_cosine_min`/`grad_error_share_min`, `losses.low_dtype`, the GRAD_DIVERGENCE flag; `environment.distributed` and `ranks`)."""
+`grad_cosine_min`, `losses.low_dtype`, the GRAD_DIVERGENCE flag; `environment.distributed`
+and `ranks`; 7: `thresholds.grad_error_share_min`, `environment.emulated` true only where
+the low run's arithmetic is emulated)."""
+READABLE_SCHEMA_VERSIONS = (6, SCHEMA_VERSION)
+"""Versions `Report.load` reads: a version-6 report has every field 7 has but the new
+threshold, which takes its default."""
 
 
 class Histogram(_Frozen):
@@ -498,9 +503,10 @@ class Report(_Frozen):
         raw = parse_json(text, source)
         if not isinstance(raw, dict) or "schema_version" not in raw:
             raise PrecisionDoctorError(f"{source} is not a precision-doctor report (no schema_version)")
-        if raw["schema_version"] != SCHEMA_VERSION:
+        if raw["schema_version"] not in READABLE_SCHEMA_VERSIONS:
+            older = ", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS if v != SCHEMA_VERSION)
             raise PrecisionDoctorError(
-                f"{source} has schema_version {raw['schema_version']!r}; this version reads {SCHEMA_VERSION}"
+                f"{source} has schema_version {raw['schema_version']!r}; this version reads {SCHEMA_VERSION} (and {older})"
             )
         return validated(cls, text, f"{source} does not match the report schema")
 
