@@ -2,15 +2,19 @@
 into a fresh virtual environment, and run from outside the repository - `analyze` writes a
 report and `app` serves it.
 
-The environment sees the system site-packages (torch and streamlit are not downloaded
-again), where this checkout may be installed in editable mode; the test asserts that the
-package is imported from the environment's own site-packages, not from the source tree."""
+The environment sees the running interpreter's site-packages (torch and streamlit are not
+downloaded again) - those of the venv the suite runs in, if any, which `--system-site-packages`
+would not give: it exposes the *base* interpreter's. They are listed in a `.pth` file, so
+their own `.pth` files (an editable install of this checkout) are not run; the test asserts
+that the package is imported from the environment's own site-packages, not from the source
+tree."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import urllib.request
@@ -59,11 +63,14 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     assert "precision_doctor/py.typed" in names
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=work, env=env)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=work, env=env)
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
-    # The system pip (visible through --system-site-packages) installs into the venv it runs in;
-    # --ignore-installed: the editable install of this checkout must not count as installed.
+    outer = [p for p in (*site.getsitepackages(), site.getusersitepackages()) if Path(p).is_dir()]
+    own = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work, env=env)
+    (Path(own.strip()) / "_outer_site_packages.pth").write_text("\n".join(outer) + "\n", encoding="utf-8")
+    # The outer pip installs into the venv it runs in; --ignore-installed: the editable
+    # install of this checkout must not count as installed.
     run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], cwd=work, env=env)
     where = run([str(python), "-c", "import precision_doctor, sysconfig; "
                  "print(precision_doctor.__file__); print(sysconfig.get_paths()['purelib'])"], cwd=work, env=env)
