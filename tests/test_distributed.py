@@ -143,7 +143,10 @@ def test_ddp_on_batch_halves_equals_one_process_on_the_batch(ranks: list[dict[st
         assert a is not None and b is not None
         assert a.histogram == b.histogram, unit.name
         assert (a.numel, a.zero_count, a.fp16, a.bf16) == (b.numel, b.zero_count, b.fp16, b.bf16)
-        assert a.max_abs == pytest.approx(b.max_abs, rel=2**-23, abs=0), unit.name
+        # A half batch's matmuls may block, and so sum, in another order than the whole
+        # batch's: reordering a k-term fp32 sum moves it by up to ~k * 2^-24 of its terms'
+        # magnitudes, and the MLP's longest reduction has 16 terms (measured: 1-2 ulp).
+        assert a.max_abs == pytest.approx(b.max_abs, rel=16 * 2**-24, abs=0), unit.name
         # DDP averages the gradients: the same parameter gradients as the whole batch's mean loss.
         for pname, g in unit.backward.param_grads.items():
             assert mine.backward.param_grads[pname].max_abs == pytest.approx(g.max_abs, rel=1e-6)

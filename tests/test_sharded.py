@@ -10,7 +10,6 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
 import pytest
 
 import precision_doctor as pd
@@ -61,7 +60,9 @@ def test_fsdp_on_batch_halves_equals_one_process_on_the_batch(ranks: list[dict[s
         assert a is not None and b is not None
         assert a.histogram == b.histogram, unit.name
         assert (a.numel, a.zero_count, a.fp16, a.bf16) == (b.numel, b.zero_count, b.fp16, b.bf16), unit.name
-        assert abs(a.max_abs - b.max_abs) <= np.spacing(np.float32(b.max_abs)), unit.name
+        # Another summation order on a half batch (see test_distributed): up to ~k * 2^-24 of
+        # the sum for a k-term reduction, k = 32 in HeadMLP.
+        assert a.max_abs == pytest.approx(b.max_abs, rel=32 * 2**-24, abs=0), unit.name
         # FSDP2 averages the sharded gradients: the whole batch's mean-loss gradients, each
         # element counted once (the head's 1-row weight and its bias are empty on rank 1).
         assert set(mine[unit.name].backward.param_grads) == set(unit.backward.param_grads)
