@@ -297,7 +297,13 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
             return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
         if isinstance(out, (list, tuple)):
-            fixed = [fix(t, d) for t, d in zip(out, dtypes, strict=False)]
+            if len(dtypes) != len(out):
+                # A `Tensor[]` result (`unsafe_split`): its length depends on sizes, which the
+                # cache key leaves out (a GRU's gates split in 3, an LSTM's in 4), its dtype
+                # does not. Zipped with the cached entry, the result lost tensors, and torch's
+                # C++ caller read past the list's end (a segfault).
+                dtypes = (dtypes[0] if dtypes else None,) * len(out)
+            fixed = [fix(t, d) for t, d in zip(out, dtypes, strict=True)]
             return fixed if isinstance(out, list) else tuple(fixed)
         return fix(out, dtypes[0] if dtypes else None)
 
