@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.options import (
+    DEFAULT_FAIL_ON,
     AutocastPolicy,
     CostSource,
     ExportFormat,
@@ -288,10 +289,11 @@ def preflight_command(
             "--fail-on",
             help="Comma list of risks that make it no-go (exit 1): flag names (OVERFLOW, "
             "GRAD_UNDERFLOW, ...), DIVERGENT_LOSS, SKIPPED_STEPS, NONFINITE_STEPS; severities "
-            "(error; warning: warnings and errors; info); ALL or NONE. Default: ALL (every risk, "
-            "whatever its severity).",
+            "(error; warning: warnings and errors; info); ALL or NONE. Default: error (what "
+            "breaks training or costs accuracy, a diverging loss included; warnings are printed "
+            "as notes, --fail-on warning makes them fail).",
         ),
-    ] = "ALL",
+    ] = DEFAULT_FAIL_ON,
     judge: Annotated[
         str, typer.Option(help="The configuration judged: 'low' (every unit low, default GradScaler) or 'planned'.")
     ] = "low",
@@ -309,7 +311,7 @@ def preflight_command(
     recommended plan under autocast (on copies of the model). Pure fp16 runs without a loss
     scaler (GradScaler does not unscale fp16 gradients). Default: 8 steps,
     the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
-    Exit 0 = go, 1 = a risk named in --fail-on was found, 2 = bad input."""
+    Exit 0 = go, 1 = a risk --fail-on selects was found, 2 = bad input."""
     from precision_doctor.model.spec import load_model_file
     from precision_doctor.training.preflight import parse_fail_on
     from precision_doctor.training.preflight import preflight as run_preflight
@@ -346,7 +348,7 @@ def preflight_command(
         for r in result.reasons:
             console.print(f"  - {r.line()}")
         for r in result.notes:
-            console.print(f"  (note) {r.line()}")
+            console.print(f"  (note, {r.severity}) {r.line()}")
         for run in result.runs.values():
             div = "" if run.max_divergence is None else f", loss divergence {run.max_divergence:.2e}"
             console.print(

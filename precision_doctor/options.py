@@ -43,6 +43,11 @@ class Severity(StrEnum):
 SEVERITY_RANK = {severity: rank for rank, severity in enumerate(Severity)}
 """Worst first: the first key of `Report.flags()`'s order."""
 
+DEFAULT_FAIL_ON: str = Severity.ERROR.value
+"""The pre-flight's default gate (`--fail-on`, `preflight(fail_on=None)`): error-severity
+risks fail, a diverging loss among them; a warning (one GradScaler back-off, which GradScaler
+absorbs by design) is a note, not a reason to stop a launch."""
+
 
 class Flag(StrEnum):
     """The fixed flag vocabulary. Order here is the order of flags of one severity, worst

@@ -284,7 +284,11 @@ class Environment(_Frozen):
     device: str
     dtype: LowDtype
     emulated: bool
-    """True: low precision emulated by rounding around fp32 kernels (CPU)."""
+    """True where the low run's arithmetic is emulated: fp16 on the CPU, whose ops run as
+    fp32 kernels on the fp16 inputs with each result rounded to the dtype the real op returns
+    (`capture.lowrun.EmulateLowMode`). False for bf16, which runs the CPU's real bf16
+    kernels, and on a GPU. (Reports written before this distinction say True for every CPU
+    run, bf16 too.)"""
     capture_path: CapturePath
     fx_traceable: bool
     fx_error: str | None = None
@@ -296,6 +300,13 @@ class Environment(_Frozen):
     distributed: DistributedJob | None = None
     """The torch.distributed job the report covers (every rank's statistics combined); None
     for one process."""
+
+    def precision_text(self) -> str:
+        """How the low run computed its dtype, as the views say it: what is emulated, or
+        that the dtype's own kernels ran."""
+        if self.emulated:
+            return f"emulated: fp32 kernels, results rounded to {self.dtype}"
+        return f"native {self.dtype} kernels"
 
 
 class Losses(_Frozen):

@@ -14,6 +14,7 @@ import precision_doctor as pd
 from precision_doctor.cli import app
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import load_model_file
+from precision_doctor.options import Severity
 from precision_doctor.training.preflight import RISK_NAMES, parse_fail_on
 
 from .fixtures import HEALTHY_FILE, build_mlp
@@ -76,12 +77,13 @@ def test_planned_run_uses_the_plan_and_recommended_scale() -> None:
 
 def test_planned_gradient_risks_are_judged_at_the_planned_scale() -> None:
     """grad_overflow's gradients overflow at GradScaler's 2^16, not at the plan's lower
-    scale: the planned configuration is go, although the plain one (judged at 2^16) is not."""
-    result = run_sample("grad_overflow", plan=True, judge="planned")
+    scale: the planned configuration is go, although the plain one (judged at 2^16) is not,
+    with warnings failing (GRAD_OVERFLOW is one: GradScaler backs off)."""
+    result = run_sample("grad_overflow", plan=True, judge="planned", fail_on="warning")
     scale = result.runs["planned"].init_scale_log2
     assert scale is not None and scale < 16
     assert result.go and result.planned_go, [r.line() for r in result.reasons]
-    low = run_sample("grad_overflow", plan=True)
+    low = run_sample("grad_overflow", plan=True, fail_on="warning")
     assert not low.go and low.planned_go
     assert {r.risk for r in low.reasons if r.mode == "analysis"} == {"GRAD_OVERFLOW"}
     assert all("2^16" in r.message for r in low.reasons if r.risk == "GRAD_OVERFLOW")
@@ -152,6 +154,24 @@ def test_a_skipped_first_step_is_a_skipped_step_not_divergence() -> None:
     )
     assert [r.risk for r in strict.reasons] == ["SKIPPED_STEPS"], [r.line() for r in strict.reasons]
     assert "skipped 1/4 steps (steps 0)" in strict.reasons[0].message
+
+
+def test_the_default_gate_fails_on_errors_not_on_a_gradscaler_back_off() -> None:
+    """skip_one_step's only finding is a GRAD_OVERFLOW warning: GradScaler skips its first step
+    and trains on at 2^15, as designed. The default (`error`) is go with it as a note;
+    `fail_on="warning"` makes it fail. An error-severity finding fails by default."""
+    result = run_sample("skip_one_step")
+    assert result.fail_on == ["error"]
+    assert result.go, [r.line() for r in result.reasons]
+    assert [(r.risk, r.unit, r.severity) for r in result.notes] == [("GRAD_OVERFLOW", "head", Severity.WARNING)]
+    assert result.runs["low"].skipped_steps == [0]  # the real GradScaler's one back-off
+    assert "no error-severity risk in" in result.verdict
+    strict = run_sample("skip_one_step", fail_on="warning")
+    assert not strict.go and [r.risk for r in strict.reasons] == ["GRAD_OVERFLOW"]
+    assert run_sample("skip_one_step", fail_on="ALL").go is False
+    broken = run_sample("rmsnorm_no_upcast")
+    assert not broken.go
+    assert any(r.risk == "OVERFLOW" and r.severity is Severity.ERROR for r in broken.reasons)
 
 
 def test_fail_on_selects_the_risks_that_fail() -> None:
@@ -255,6 +275,22 @@ def test_cli_no_go_exit_1_text_and_json() -> None:
     # Only the named risks fail: GRAD_UNDERFLOW alone is not found here.
     res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--fail-on", "GRAD_UNDERFLOW"])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_default_gate_exits_0_on_a_warning_and_1_on_an_error() -> None:
+    """`preflight` gates error-severity risks by default: skip_one_step's one GradScaler
+    back-off (a GRAD_OVERFLOW warning) is printed as a note and exits 0; `--fail-on warning`
+    exits 1 on it; ffn_overflow's OVERFLOW (an error) exits 1 by default."""
+    path = str(SAMPLES / "skip_one_step.py")
+    res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("GO") and "(note, warning) GRAD_OVERFLOW (analysis) [head]" in res.stdout
+    res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--quiet", "--fail-on", "warning"])
+    assert res.exit_code == 1, res.output
+    assert res.stdout.startswith("NO-GO") and "  - GRAD_OVERFLOW (analysis) [head]" in res.stdout
+    res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--steps", "2", "--no-plan", "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert "  - OVERFLOW (analysis) [block.ff.wi]" in res.stdout
 
 
 def test_cli_bad_input_exit_2(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ mixed precision never computes."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 import precision_doctor as pd
+from precision_doctor.capture.lowrun import EmulateLowMode, low_precision
 from precision_doctor.capture.statistics import relative_loss_error
 from precision_doctor.cli import app
+from precision_doctor.formats import dtype_spelling
 from precision_doctor.model.spec import load_model_file
 from precision_doctor.planning.export import render_python
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model, verify_plan
 from tests.test_loss_scale import load
+from tests.test_lowrun import Recorder
 
 from .fixtures import Case, build
 
@@ -61,6 +65,166 @@ def test_preflight_says_go_for_a_stock_llama_in_fp16() -> None:
     assert low.skipped_steps == [] and low.nonfinite_steps == [] and low.init_scale_log2 == 16
     assert low.max_divergence is not None and low.max_divergence < 1e-4
     assert result.planned_go is True and "planned" in result.runs
+
+
+# --- recurrent layers ---------------------------------------------------------------------------
+
+
+class _Recurrent(torch.nn.Module):
+    """A recurrent layer reading the batch, an fp32 tensor under autocast; an optional
+    Linear before it hands it a low one instead."""
+
+    def __init__(self, kind: str, linear_first: bool = False) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 6) if linear_first else torch.nn.Identity()
+        self.rnn = getattr(torch.nn, kind)(6, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.rnn(self.inp(x))[0]
+        return out
+
+
+def _rnn_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def _rnn_case(kind: str, linear_first: bool = False) -> tuple[_Recurrent, torch.Tensor]:
+    torch.manual_seed(0)
+    return _Recurrent(kind, linear_first), torch.randn(4, 5, 6)
+
+
+def _forward_low_dtypes(report: pd.Report, unit: str) -> dict[str, set[str]]:
+    """Op -> the dtypes the real low run gave its outputs, for the unit's value-making
+    forward ops."""
+    ops = report.by_module()[unit].ops
+    return {o.op: set(o.low_dtypes) for o in ops if o.phase is pd.options.Phase.FORWARD and o.low_dtypes}
+
+
+def _by_hand_fp16(net: _Recurrent, x: torch.Tensor, kind: str) -> float:
+    """The loss of the recurrent layer run as cuDNN runs it under CUDA autocast: input, hidden
+    state and weights in fp16, the layer in fp16, its output fp16. No autocast here: the LSTM
+    as fp32 oneDNN (what it runs on the CPU) on fp16-rounded input and weights with its
+    output rounded, which is what an fp32-accumulating fp16 kernel computes; the GRU's
+    decomposition on fp16 weights and input, each op emulated so."""
+    rnn = copy.deepcopy(net.rnn)
+    with torch.no_grad():
+        if kind == "LSTM":
+            for p in rnn.parameters():
+                p.copy_(p.half().float())
+            out = rnn(x.half().float())[0].half()
+        else:
+            with EmulateLowMode():
+                out = rnn.half()(x.half())[0]
+    return float(_rnn_loss(out, x))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_layers_run_low_under_cudas_policy(kind: str) -> None:
+    """CUDA autocasts nn.LSTM/GRU/RNN whole (`_cudnn_rnn`'s autocast kernel casts input,
+    hidden state and weights to fp16); before the CUDA policy modelled it, an LSTM reading an
+    fp32 tensor ran fp32 (local error 0) and a GRU its gates in fp32."""
+    net, x = _rnn_case(kind)
+    report = pd.analyze(net, x, _rnn_loss, "fp16")
+    assert report.environment.policy is pd.options.AutocastPolicy.CUDA
+    low = _forward_low_dtypes(report, "rnn")
+    # The recurrent op: oneDNN's fused layer (uint8: its workspace), or the GRU's gates.
+    recurrent = "mkldnn_rnn_layer.default" if kind == "LSTM" else "sigmoid_.default"
+    assert "fp16" in low[recurrent]
+    # Nothing computed in fp32 (uint8: oneDNN's workspace). `zeros` is the fp32 initial state
+    # the module makes for an fp32 input, before the layer casts it.
+    assert all(d <= {"fp16", "uint8"} for n, d in low.items() if n != "zeros.default"), low
+    unit = report.by_module()["rnn"]
+    assert unit.forward.local.rel_l2_error > 0 and unit.forward.propagated.rel_l2_error > 0
+    assert report.losses.low == pytest.approx(_by_hand_fp16(net, x, kind), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cudas_policy_runs_every_recurrent_layer_low(dtype: torch.dtype) -> None:
+    """LSTM, GRU, RNN (tanh and relu), on tensors and on packed sequences: every output and
+    hidden state in the low dtype under CUDA's policy, with fp32 weights and an fp32 initial
+    state given; the CPU's own policy leaves a GRU's fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2])
+    h0 = torch.zeros(1, 3, 6)
+    layers: list[tuple[torch.nn.Module, Any]] = [
+        (torch.nn.LSTM(4, 6), (h0, h0)), (torch.nn.GRU(4, 6), h0), (torch.nn.RNN(4, 6), h0),
+        (torch.nn.RNN(4, 6, nonlinearity="relu"), h0),
+    ]  # fmt: skip
+    for layer, hx in layers:
+        for inp in (x, packed):
+            # fp16 emulated: oneDNN trains no fp16 LSTM on this CPU.
+            with low_precision(layer, dtype, regime="autocast", policy="cuda"):
+                out, state = layer(inp, hx)
+            values = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+            states = state if isinstance(state, tuple) else (state,)
+            assert {values.dtype, *(t.dtype for t in states)} == {dtype}, (layer, type(inp))
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.nn.GRU(4, 6)(x, h0)[0].dtype == torch.float32
+
+
+def test_an_lstm_fed_a_low_tensor_runs_the_fp32_runs_ops() -> None:
+    """Fed an fp16 Linear output, torch's CPU LSTM would decompose into matmuls and gates
+    (no oneDNN LSTM trains in fp16), ops the fp32 run lacks: the layer would have no op to
+    compare. The CUDA policy runs it as oneDNN's layer, as in fp32."""
+    net, x = _rnn_case("LSTM", linear_first=True)
+    report = pd.analyze(net, x, _rnn_loss, "fp16")
+    low = _forward_low_dtypes(report, "rnn")
+    assert "fp16" in low["mkldnn_rnn_layer.default"] and "addmm.default" not in low
+    assert report.by_module()["rnn"].forward.local.rel_l2_error > 0
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_layers_under_the_cpus_policy_are_the_real_cpu_runs(kind: str) -> None:
+    """`--policy cpu` keeps torch.autocast("cpu")'s own behaviour: oneDNN's LSTM layer on its
+    list (fp16), a GRU's matmuls fp16 and its hidden state fp32 (the fp32 zeros it starts
+    from promote the update). Every op's dtypes are the real run's."""
+    net, x = _rnn_case(kind)
+    report = pd.analyze(net, x, _rnn_loss, "fp16", policy="cpu")
+    real = Recorder()
+    # Without grad: oneDNN trains an fp16 LSTM only on CPUs with fp16 arithmetic (this one
+    # refuses); the dtypes autocast gives do not depend on grad mode.
+    with torch.no_grad(), real, torch.autocast("cpu", dtype=torch.float16):
+        out = net(x)
+    expected: dict[str, set[str]] = {}
+    for name, dtypes in real.log:
+        expected.setdefault(name, set()).update(dtype_spelling(str(d).removeprefix("torch.")) for d in dtypes)
+    floats = {"fp16", "bf16", "fp32"}  # oneDNN returns its workspace only when it trains
+    low = {n: d & floats for n, d in _forward_low_dtypes(report, "rnn").items()}
+    assert low and {n: expected.get(n, set()) & floats for n in low} == low
+    if kind == "LSTM":
+        assert out.dtype == torch.float16 and "fp16" in low["mkldnn_rnn_layer.default"]
+    else:
+        assert out.dtype == torch.float32 and low["sub.Tensor"] == {"fp32"}
+
+
+def test_a_gru_then_an_lstm_in_emulated_fp16() -> None:
+    """A GRU splits its gates in 3, an LSTM in 4, with the same input dtypes: the emulation's
+    cached output dtypes (keyed without sizes) once cut the LSTM's split to 3 tensors, and
+    torch read past the list (a segfault)."""
+
+    class Both(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(6, 6)
+            self.gru = torch.nn.GRU(6, 6, batch_first=True)
+            self.lstm = torch.nn.LSTM(6, 8, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lstm(self.gru(self.inp(x))[0])[0]
+            return out
+
+    torch.manual_seed(0)
+    net, x = Both(), torch.randn(4, 5, 6)
+    # The CPU's policy: both fed fp16 tensors, both decomposed into `unsafe_split`s.
+    splits = Recorder()
+    with low_precision(net, torch.float16, regime="autocast", policy="cpu"), splits:
+        out = net(x)
+    assert {len(dtypes) for name, dtypes in splits.log if name == "unsafe_split.Tensor"} == {3, 4}
+    with torch.no_grad():
+        assert relative_loss_error(float(_rnn_loss(net(x), x)), float(_rnn_loss(out, x))) < 1e-2
+    report = pd.analyze(net, x, _rnn_loss, "fp16", policy="cpu")
+    assert math.isfinite(report.losses.low) and report.losses.rel_error < 1e-2
 
 
 # --- the plan's verification ------------------------------------------------------------------

@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 import precision_doctor as pd
+from precision_doctor.capture.lowrun import EmulateLowMode
 from precision_doctor.options import Flag, Phase, Severity
 from precision_doctor.report import SCHEMA_VERSION, Evidence, FlagRecord, Report
+from precision_doctor.views.figures import overview_items
+from precision_doctor.views.html_report import render_html
+from precision_doctor.views.terminal import render_report
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,45 @@ def with_infinities(report: Report) -> Report:
     fwd = u0.forward.model_copy(update={"local": local.model_copy(update={"rel_l2_error": math.inf, "sqnr_db": -math.inf})})
     units[0] = u0.model_copy(update={"forward": fwd, "flags": [flag(Flag.OVERFLOW, u0.name, overflow_fraction=math.inf)]})
     return report.model_copy(update={"losses": losses, "units": units})
+
+
+# --- what is emulated ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "emulated"), [("fp16", True), ("bf16", False)])
+def test_emulated_says_whether_the_low_run_emulated_its_arithmetic(
+    dtype: str, emulated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU only fp16's kernels are emulated (fp32 kernels, results rounded); bf16 runs
+    the CPU's own kernels. Watched in the run itself: the ops the emulation computed."""
+    computed: list[str] = []
+    real = EmulateLowMode._emulated
+
+    def spy(self: EmulateLowMode, func: Any, *args: Any) -> Any:
+        computed.append(str(func))
+        return real(self, func, *args)
+
+    monkeypatch.setattr(EmulateLowMode, "_emulated", spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    batch = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    report = pd.analyze(net, batch, lambda out, b: out.pow(2).mean(), dtype)
+    assert report.environment.emulated is emulated
+    assert bool(computed) is emulated, computed[:5]
+    assert Report.model_validate_json(report.model_dump_json()).environment.emulated is emulated
+    # The views say what is emulated, and nothing of the kind for bf16.
+    console = Console(record=True, width=200)
+    render_report(report, console)
+    first = console.export_text().splitlines()[0]
+    precision = dict(overview_items(report))["precision"]
+    html = render_html(report)
+    if emulated:
+        assert "fp16 (emulated: fp32 kernels, results rounded to fp16) on cpu" in first
+        assert precision == "emulated: fp32 kernels, results rounded to fp16"
+    else:
+        assert "bf16 (native bf16 kernels) on cpu" in first and "emulated" not in first
+        assert precision == "native bf16 kernels"
+    assert precision in html
 
 
 # --- round trip --------------------------------------------------------------------------

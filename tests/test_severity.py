@@ -162,14 +162,15 @@ def test_error_growth_multiplies_along_the_path() -> None:
 def test_fail_on_takes_severities() -> None:
     assert parse_fail_on("error") == ("error",)
     assert parse_fail_on("Warning,SKIPPED_STEPS") == ("warning", "SKIPPED_STEPS")
-    assert parse_fail_on(None) == RISK_NAMES  # the default: every risk, whatever its severity
+    assert parse_fail_on(None) == ("error",)  # the default: error-severity risks
+    assert parse_fail_on("ALL") == RISK_NAMES  # every risk, whatever its severity
     with pytest.raises(pd.PrecisionDoctorError, match="error, warning, info"):
         parse_fail_on("fatal")
 
 
 def test_preflight_fail_on_error_leaves_warnings_as_notes() -> None:
     """grad_overflow's gradients overflow at 2^16 and fit a few halvings lower: warnings.
-    `fail_on="error"` keeps them as notes; the default (every risk) fails on them."""
+    `fail_on="error"` (the default) keeps them as notes."""
     spec = load_model_file(SAMPLES / "grad_overflow.py")
     result = pd.preflight(spec.model, spec.batch, spec.loss_fn, steps=4, plan=False, fail_on="error")
     warned = [r for r in result.notes if r.risk == "GRAD_OVERFLOW"]

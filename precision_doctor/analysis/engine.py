@@ -36,7 +36,7 @@ from precision_doctor.analysis.gradients import (
     rank_grad_divergence,
     with_grad_fidelity,
 )
-from precision_doctor.capture.lowrun import GradientSink, LowRun, low_run
+from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
 from precision_doctor.capture.statistics import (
@@ -301,7 +301,7 @@ def analyze(
                 platform=platform.platform(),
                 device=str(device),
                 dtype=low,
-                emulated=device.type == "cpu",
+                emulated=emulates(TORCH_DTYPES[low], device.type),
                 capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
                 fx_traceable=fx_ok,
                 fx_error=fx_error,

@@ -5,8 +5,10 @@ fp32 where CPU runs them in the low dtype, and casts fewer ops overall. A low-pr
 the CPU that is to stand for GPU training must follow CUDA's lists. `autocast_policy(CUDA)`
 replaces the AutocastCPU kernels of aten ops with Python kernels implementing CUDA's lists
 (copied from torch's `ATen/autocast_mode.h`) and lets every other op fall through, so that
-`torch.autocast("cpu", low)` casts exactly as `torch.autocast("cuda", low)` would. Leaving the
-context destroys the registrations, which brings torch's own CPU kernels back.
+`torch.autocast("cpu", low)` casts exactly as `torch.autocast("cuda", low)` would. Recurrent
+layers are the exception: CUDA casts them in a kernel of its own, which `RECURRENT` models (see
+there). Leaving the context destroys the registrations, which brings torch's own CPU kernels
+back.
 
 The override is process-wide (the dispatcher has one kernel table): while it is installed,
 every thread's CPU autocast follows CUDA's lists. Only aten ops are overridden; an extension's
@@ -35,6 +37,7 @@ __all__ = [
     "FP32_SET_OPT_DTYPE",
     "LOWER_PRECISION_FP",
     "PROMOTE",
+    "RECURRENT",
     "autocast_policy",
 ]
 
@@ -84,6 +87,25 @@ PROMOTE: tuple[str, ...] = (
     "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler",
     "index_put", "tensordot", "scatter_add",
 )  # fmt: skip
+# Modelled, not copied from a list: CUDA runs nn.LSTM/GRU/RNN through `_cudnn_rnn`, whose
+# autocast kernel (ATen/cudnn/AutocastRNN.cpp, `_cudnn_rnn_cast_reflatten`) casts the input,
+# the hidden states and the flattened weights to fp16 and returns fp16: the whole layer runs
+# low. The CPU has no `_cudnn_rnn`. These composite ops, whose CPU decompositions (oneDNN's
+# `mkldnn_rnn_layer` per layer, or matmuls and pointwise gates) do its work, get every
+# floating input cast low and run their decomposition without autocast. Left to fall
+# through, an LSTM ran fp32 (`mkldnn_rnn_layer` is on the CPU's list only) and a GRU its gates
+# in fp32 beside fp16 matmuls. One difference is kept: CUDA casts to fp16 even under bf16
+# autocast; here they run in the autocast dtype, as the analysis holds one low dtype.
+RECURRENT: tuple[str, ...] = (
+    "lstm.input", "lstm.data", "gru.input", "gru.data", "rnn_tanh.input", "rnn_tanh.data",
+    "rnn_relu.input", "rnn_relu.data",
+)  # fmt: skip
+# An LSTM on an fp32 input runs oneDNN's fused layers on the CPU, the counterpart of
+# `_cudnn_rnn`: cast low by the same rule. `lstm.input` lets them run (its input upcast where
+# it is low: exact, and cast back), because cast low before its decomposition an LSTM that
+# trains runs matmuls and gates instead (torch's `use_mkldnn` takes fp16 only without grad):
+# other ops than the fp32 run's, which the analysis compares op by op.
+_FUSED_RNN = "mkldnn_rnn_layer"
 # Registered in autocast_mode.cpp, not in the header's lists: an error under CUDA autocast.
 BANNED: tuple[str, ...] = ("binary_cross_entropy",)
 
@@ -98,7 +120,8 @@ _BANNED_MESSAGE = (
 _KEY = "AutocastCPU"
 # Our kernels call the op again: without the AutocastCPU key, as the C++ kernels redispatch.
 _EXCLUDE_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-_LOWER, _FP32, _SET_OPT_DTYPE, _APPEND_DTYPE, _PROMOTE, _BANNED = range(6)
+_LOWER, _FP32, _SET_OPT_DTYPE, _APPEND_DTYPE, _PROMOTE, _BANNED, _RECURRENT = range(7)
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _NATIVE: Mapping[str, AutocastPolicy] = {"cpu": AutocastPolicy.CPU, "cuda": AutocastPolicy.CUDA}
 
 
@@ -148,6 +171,18 @@ def _overload(name: str) -> Any:
     return getattr(packet, overload or "default", None) if packet is not None else None
 
 
+def _fusable_lstm(args: tuple[Any, ...]) -> bool:
+    """Whether torch runs `lstm.input` on these arguments as oneDNN layers once its input is
+    fp32 (`use_mkldnn` in ATen's RNN.cpp, and no projections: a cell state wider than the
+    hidden one)."""
+    x, hx = (args[0], args[1]) if len(args) > 1 else (None, None)
+    return (
+        isinstance(x, torch.Tensor) and _eligible(x) and x.numel() > 0
+        and isinstance(hx, (list, tuple)) and len(hx) == 2 and hx[0].size(-1) == hx[1].size(-1)
+        and torch._C._has_mkldnn and torch._C._get_mkldnn_enabled()
+    )
+
+
 def _make_kernel(op: Any, category: int, cache: _CastCache, target: Any = None) -> Callable[..., Any]:
     arguments = op._schema.arguments
     dtype_arg = next((i for i, a in enumerate(arguments) if a.name == "dtype"), None)
@@ -159,9 +194,16 @@ def _make_kernel(op: Any, category: int, cache: _CastCache, target: Any = None) 
 
     def kernel(*args: Any, **kwargs: Any) -> Any:
         low = torch.get_autocast_dtype("cpu")
+        if category == _RECURRENT and op is torch.ops.aten.lstm.input and _fusable_lstm(args):
+            # torch's own decomposition (not the Python one in `py_kernels`), autocast on, so
+            # that it calls `mkldnn_rnn_layer`, whose kernel casts everything low. A low input
+            # is upcast for it (exactly: it is cast back): on a low input torch decomposes
+            # into matmuls and gates instead, other ops than the fp32 run's (`_FUSED_RNN`).
+            x = args[0] if args[0].dtype == torch.float32 else args[0].float()
+            return op._op_dk(_COMPOSITE, x, *args[1:], **kwargs)
         with torch._C._ExcludeDispatchKeyGuard(_EXCLUDE_AUTOCAST):
-            if category in (_LOWER, _FP32):
-                to = low if category == _LOWER else torch.float32
+            if category in (_LOWER, _FP32, _RECURRENT):
+                to = torch.float32 if category == _FP32 else low
                 cargs, ckwargs = map_args(args, kwargs, lambda t: cache.cast(t, to))
                 return op(*cargs, **ckwargs)
             if category == _SET_OPT_DTYPE:
@@ -226,7 +268,8 @@ def _install(cache: _CastCache) -> Any:
             done: set[str] = set()
             lists = (
                 (_LOWER, LOWER_PRECISION_FP), (_FP32, FP32), (_SET_OPT_DTYPE, FP32_SET_OPT_DTYPE),
-                (_PROMOTE, PROMOTE), (_BANNED, BANNED),
+                (_PROMOTE, PROMOTE), (_BANNED, BANNED), (_RECURRENT, RECURRENT),
+                (_LOWER, (_FUSED_RNN,)),
             )  # fmt: skip
             for category, names in lists:
                 for name in names:

@@ -37,7 +37,7 @@ from precision_doctor.model.spec import device_type as model_device_type
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import AutocastPolicy, Regime
 
-__all__ = ["EmulateLowMode", "GradientSink", "LowGraph", "LowRun", "low_precision", "low_run"]
+__all__ = ["EmulateLowMode", "GradientSink", "LowGraph", "LowRun", "emulates", "low_precision", "low_run"]
 
 # Ops that run as the real low-precision kernel even on emulated inputs: their results do not
 # depend on arithmetic (they move, pick, fill or compare values), so the real kernel is exact
@@ -297,9 +297,25 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
             return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
         if isinstance(out, (list, tuple)):
-            fixed = [fix(t, d) for t, d in zip(out, dtypes, strict=False)]
+            if len(dtypes) != len(out):
+                # A `Tensor[]` result (`unsafe_split`): its length depends on sizes, which the
+                # cache key leaves out (a GRU's gates split in 3, an LSTM's in 4), its dtype
+                # does not. Zipped with the cached entry, the result lost tensors, and torch's
+                # C++ caller read past the list's end (a segfault).
+                dtypes = (dtypes[0] if dtypes else None,) * len(out)
+            fixed = [fix(t, d) for t, d in zip(out, dtypes, strict=True)]
             return fixed if isinstance(out, list) else tuple(fixed)
         return fix(out, dtypes[0] if dtypes else None)
+
+
+def emulates(dtype: torch.dtype, device: str) -> bool:
+    """Whether a low run in `dtype` on `device` emulates its arithmetic (`low_run`,
+    `low_precision` by default): fp16 on the CPU; bf16 runs the CPU's real kernels.
+
+    >>> emulates(torch.float16, "cpu"), emulates(torch.bfloat16, "cpu"), emulates(torch.float16, "cuda")
+    (True, False, False)
+    """
+    return bool(_emulated_dtypes(dtype, device, None))
 
 
 def _emulated_dtypes(dtype: torch.dtype, device: str, emulate: bool | None) -> tuple[torch.dtype, ...]:

@@ -38,10 +38,12 @@ The verdict judges one configuration (`judge`, default `"low"`: the plain low-pr
 the user is about to launch; `"planned"`: the plan): it is no-go when a risk selected by
 `fail_on` is found in that run, or flagged by the analysis on a unit that runs low in it.
 `fail_on` names risks, or severities: `error` selects every error-severity risk, `warning`
-warnings and errors, `info` all. The default is every risk name (`ALL`), whatever its
-severity, as before severities existed: a conservative gate; `fail_on="error"` fails only on
-what breaks training or costs accuracy. The other configuration's outcome is reported beside it
-(`planned_go`, `notes`). A non-finite fp32 run (`NONFINITE_FP32`) fails every judgment.
+warnings and errors, `info` all. The default is `error` (`DEFAULT_FAIL_ON`): what breaks
+training or costs accuracy, a diverging loss included; warnings (a GradScaler back-off, which
+GradScaler absorbs by design) are kept as notes, and `fail_on="warning"` makes them fail too
+(`ALL`: every risk by name, whatever its severity). The other configuration's outcome is
+reported beside it (`planned_go`, `notes`). A non-finite fp32 run (`NONFINITE_FP32`) fails
+every judgment.
 
 Defaults: 8 steps (`DEFAULT_STEPS`); the optimizer is the model file's
 `build_optimizer(model)` when given, else `torch.optim.AdamW(params, lr=1e-4)` with torch's
@@ -83,6 +85,7 @@ from precision_doctor.model.parallel import fsdp_modules, local_tensor, mixed_pa
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import (
+    DEFAULT_FAIL_ON,
     SEVERITY_RANK,
     AutocastPolicy,
     Flag,
@@ -100,6 +103,7 @@ from precision_doctor.schema import validated
 from precision_doctor.training.monitor import ScalerMonitor
 
 __all__ = [
+    "DEFAULT_FAIL_ON",
     "DEFAULT_STEPS",
     "RISK_NAMES",
     "ModeRun",
@@ -107,6 +111,7 @@ __all__ = [
     "Reason",
     "Risk",
     "StepRecord",
+    "describe_fail_on",
     "parse_fail_on",
     "preflight",
 ]
@@ -138,13 +143,15 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """Validate `fail_on`: a comma list (or iterable) of risk names, severities (`error`,
     `warning`, `info`: that severity or worse; kept lowercase), `ALL` or `NONE`.
-    None means ALL.
+    None means the default, `DEFAULT_FAIL_ON`.
 
     >>> parse_fail_on("error,SKIPPED_STEPS")
     ('error', 'SKIPPED_STEPS')
+    >>> parse_fail_on(None)
+    ('error',)
     """
     if value is None:
-        return RISK_NAMES
+        value = DEFAULT_FAIL_ON
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [str(i).strip().upper() for i in items if str(i).strip()]
     if isinstance(value, str) and not names:
@@ -165,6 +172,27 @@ def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
                 f"unknown risk {n!r} in fail_on; choose from: {', '.join(RISK_NAMES)}, {severities}, ALL, NONE"
             )
     return tuple(dict.fromkeys(out))
+
+
+def describe_fail_on(fail_on: Sequence[str]) -> str:
+    """What `fail_on` makes fail, in words, for the verdict.
+
+    >>> describe_fail_on(["error"]), describe_fail_on(["warning", "SKIPPED_STEPS"])
+    ('error-severity risk', 'warning- or error-severity risk nor 1 named risk')
+    >>> describe_fail_on(["OVERFLOW", "DIVERGENT_LOSS"])
+    'risk among 2 checked'
+    """
+    severities = [Severity(s) for s in fail_on if s in SEVERITY_RANK]
+    names = [n for n in fail_on if n not in SEVERITY_RANK]
+    if not severities:
+        return f"risk among {len(names)} checked"
+    loosest = max(severities, key=SEVERITY_RANK.__getitem__)
+    gated = {
+        Severity.ERROR: "error-severity risk",
+        Severity.WARNING: "warning- or error-severity risk",
+        Severity.INFO: "risk of any severity",
+    }[loosest]
+    return f"{gated} nor {len(names)} named risk{'s' if len(names) > 1 else ''}" if names else gated
 
 
 def _selected(reason: Reason, fail_on: Sequence[str]) -> bool:
@@ -195,7 +223,7 @@ class PreflightResult(PreflightSection):
         how = f"{regime}, {self.policy} op lists" if regime is Regime.AUTOCAST and self.policy else str(regime)
         head = f"{'GO' if self.go else 'NO-GO'}: {self.model} in {self.dtype} ({self.judge} configuration; {how})"
         if self.go:
-            body = f"no risk among {len(self.fail_on)} checked in {self.steps} steps"
+            body = f"no {describe_fail_on(self.fail_on)} in {self.steps} steps"
         else:
             counts: dict[str, int] = {}
             for r in self.reasons:

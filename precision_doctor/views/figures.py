@@ -221,7 +221,7 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
     env = report.environment
     items = [
         ("dtype", env.dtype.value),
-        ("precision", "emulated" if env.emulated else "native"),
+        ("precision", env.precision_text()),
         ("regime", f"{env.regime}" + (f" ({env.policy} op lists)" if env.policy is not None else "")),
         ("device", env.device or "-"),
         ("capture path", env.capture_path.value),

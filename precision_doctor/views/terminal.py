@@ -43,7 +43,7 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         Text(
             f"{report.model}: {len(report.units)} units, {report.op_count_forward} forward + "
             f"{report.op_count_backward} backward ops, {env.dtype} "
-            f"({'emulated' if env.emulated else 'native'}) on {env.device}, {regime_text(env)}, "
+            f"({env.precision_text()}) on {env.device}, {regime_text(env)}, "
             f"capture: {env.capture_path}"
         )
     )
