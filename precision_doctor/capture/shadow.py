@@ -264,8 +264,9 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                         local_k = self.records[v].output_errors.get(k, (None, None))[0]
                         self.records[v].output_errors[k] = (local_k, one)
                 acc.merge(one)
-                if not any(self.records[v].unit == path for v, _ in sources):
-                    urec = self.unit(path)
+                # (A container with no op of its own is no unit: nothing to record.)
+                urec = self.units.get(path)
+                if urec is not None and not any(self.records[v].unit == path for v, _ in sources):
                     urec.handed_on_error = max(urec.handed_on_error, one.rel_l2)
 
     def unit_exited(self, path: str) -> None:
