@@ -318,6 +318,10 @@ class Losses(_Frozen):
     low_dtype: UnitDtype = "fp32"
     """The dtype of the low run's loss: a loss scale reaches a low loss as its gradient, in
     this dtype (an fp16 loss holds at most 2^15; see `analysis.loss_scale`)."""
+    low_term_grad_max_abs: float = 0.0
+    """The largest |d loss / d term| over the 0-dim values the low run holds low (a loss term
+    a model reduces in fp16 inside its forward, `h.abs().mean() * 1e-3`): the scale times it
+    reaches that term in the low dtype, so it bounds the scale as a low loss does. 0: none."""
 
 
 class RankResult(_Frozen):

@@ -459,6 +459,11 @@ def test_loss_terms_in_forward_are_not_judged_as_gradients() -> None:
     torch.manual_seed(0)
     report = pd.analyze(LossInForward(), torch.randn(32, 8))
     assert not report.flags(), report.flags()
+    # Under CUDA's lists `h.abs().mean() * 1e-3` stays fp16 (mean is on no fp32 list): its
+    # gradient, d loss / d term = 1 times the scale, is an fp16 value, so the scale is 2^15
+    # at most, as for an fp16 loss (before, 2^26 made every low gradient Inf).
+    assert report.losses.low_term_grad_max_abs == 1.0
+    assert pd.recommend_loss_scale(report).recommended_scale_log2 <= 15
     root = report.by_module()["<root>"].backward.stats
     assert root is not None and root.max_abs < 1.0  # the elementwise gradients, not the 1.0s
 

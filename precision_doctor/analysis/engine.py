@@ -293,6 +293,7 @@ def analyze(
             losses=Losses(
                 fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low),
                 low_dtype="fp16" if loss_dtype == torch.float16 else "bf16" if loss_dtype == torch.bfloat16 else "fp32",
+                low_term_grad_max_abs=mode.low_term_grad_max_abs,
             ),
             env=Environment(
                 tool_version=__version__,

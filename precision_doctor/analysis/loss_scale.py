@@ -138,6 +138,7 @@ def advise_from_histogram(
     fp32_max_abs: float = 0.0,
     scale_log2: int | None = None,
     loss_held_low: bool = False,
+    low_term_grad_max_abs: float = 0.0,
 ) -> LossScaleAdvice:
     """The advice from a log2-magnitude histogram of the gradients (`{floor(log2|g|): count}`)
     and their largest magnitude. `unscaled_underflow_fraction` overrides the histogram's
@@ -146,7 +147,8 @@ def advise_from_histogram(
     `scale_log2` advises that scale instead of the largest safe one (fp16 only);
     `loss_held_low`: the loss itself is a `dtype` value (CPU autocast's fp16 `mean`, pure
     fp16), so the scale reaches it as its gradient in `dtype`: 2^15 at most in fp16, with no
-    headroom (that gradient is the scale itself at every step)."""
+    headroom (that gradient is the scale itself at every step); `low_term_grad_max_abs`
+    likewise for a loss term held in `dtype` (`Losses.low_term_grad_max_abs`)."""
     low = LowDtype(dtype)
     at_one = (
         unscaled_underflow_fraction
@@ -154,6 +156,8 @@ def advise_from_histogram(
         else underflow_fraction(counts_by_log2, 0, low)
     )
     seed_max = finite_scale_log2(1.0, low) if loss_held_low else MAX_SCALE_LOG2
+    if low_term_grad_max_abs > 0:
+        seed_max = min(seed_max, finite_scale_log2(low_term_grad_max_abs, low))
     finite = min(finite_scale_log2(max_abs, low, fp32_max_abs), seed_max)
     if max_abs <= 0:
         # No nonzero gradient runs low (no unit does, or its gradients are exactly 0): there is
@@ -237,4 +241,7 @@ def recommend_loss_scale(
         scale_log2=scale_log2,
         # A plan keeps the loss fp32 (`plan.hard_fp32_reasons`); the all-low run may not.
         loss_held_low=low_units is None and report.losses.low_dtype == low.value,
+        # A term the model reduces in its own forward stays low under a plan that runs its
+        # unit low; kept whatever the plan (a bound that only lowers the scale).
+        low_term_grad_max_abs=report.losses.low_term_grad_max_abs if low is LowDtype.FP16 else 0.0,
     )

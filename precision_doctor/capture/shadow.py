@@ -179,6 +179,10 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
         self._op_seq: dict[int, int] = {}  # op record index -> sequence number of its node
         self._read_low: dict[bool, list[bool]] = {True: [], False: []}
         self.low_reads: set[int] = set()  # ids of tensors no op made that an op reads low
+        # The largest |d loss / d term| of a 0-dim value the real run holds low (a loss term
+        # reduced in fp16 inside forward): the loss scale times it reaches that term in the
+        # low dtype, so it bounds the scale as an fp16 loss does (`Losses.low_term_grad_max_abs`).
+        self.low_term_grad_max_abs = 0.0
         # View or copy record index -> ids of the tensors no op made whose values it passes on
         # (a Linear's `t(weight)`): an op reading it low reads the parameter low.
         self._passed_leaves: dict[int, tuple[int, ...]] = {}
@@ -565,6 +569,10 @@ class ShadowCapture(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torc
                 return
             with _disable_current_modes():
                 scalars_finite = all(bool(torch.isfinite(g)) for g in floats if g.dim() == 0)
+                if scalars_finite:
+                    for g in floats:
+                        if g.dim() == 0:
+                            self.low_term_grad_max_abs = max(self.low_term_grad_max_abs, abs(float(g)))
                 summaries = [self._grad_summary(g) for g in grads] or ([TensorSummary()] if aligned else [])
                 self._unfinished_grads.append((node, unit, summaries, scalars_finite))
                 self._settle_if_full()
