@@ -230,12 +230,13 @@ def emulated_precision(
     *,
     policy: AutocastPolicy | str = AutocastPolicy.CUDA,
 ) -> Iterator[None]:
-    """Run `model` (forward, backward, a whole training loop) as mixed-precision training
-    runs it: `torch.autocast` in `dtype` with `policy`'s op lists and, with `low_units`, those
-    units overridden as a plan overrides them (`unit_overrides`; the `""` key, if any, is the
-    default of the modules not named). fp16 kernels are emulated on the CPU
-    (`lowrun.low_precision`). Compute the loss inside, as under `torch.autocast`. For the
-    pure regime (`model.to(dtype)`) use `low_precision`.
+    """Run `model`'s forward as mixed-precision training runs it: `torch.autocast` in `dtype`
+    with `policy`'s op lists and, with `low_units`, those units overridden as a plan
+    overrides them (`unit_overrides`; the `""` key, if any, is the default of the modules not
+    named). fp16 kernels are emulated on the CPU (`lowrun.low_precision`). Compute the loss
+    inside, as under `torch.autocast`, and run the backward outside, in
+    `lowrun.low_precision_backward` (inside, autocast would cast the backward's matmuls too,
+    an fp32 unit's included). For the pure regime (`model.to(dtype)`) use `low_precision`.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
