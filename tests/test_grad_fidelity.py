@@ -368,6 +368,15 @@ def _model_cosine(ref: dict[str, np.ndarray], low: dict[str, np.ndarray]) -> flo
     return float(r @ lo / (np.linalg.norm(r) * np.linalg.norm(lo)))
 
 
+def _real_pair(model: Any, batch: Any, loss_fn: Any, dtype: str, scale_log2: int) -> tuple[Any, Any, Any, float]:
+    """Real fp32 and low autocast gradients (same RNG draws) and fp32's per-unit and model norms."""
+    rng = torch.get_rng_state()
+    ref = real_gradients(model, batch, loss_fn, None, "autocast", 0, rng)
+    low = real_gradients(model, batch, loss_fn, dtype, "autocast", scale_log2, rng)
+    norms, model_norm = _unit_norms(ref)
+    return ref, low, norms, model_norm
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_a_gradient_that_carries_nothing_is_not_a_divergence(dtype: str) -> None:
     """`shift`'s gradient is ~1e-8 of the model's and lost to rounding in a real
@@ -377,10 +386,7 @@ def test_a_gradient_that_carries_nothing_is_not_a_divergence(dtype: str) -> None
     model, x, loss_fn = _shifted_case()
     report, real = compare(model, x, loss_fn, dtype, "autocast")
     assert report.grad_fidelity is not None
-    rng = torch.get_rng_state()
-    ref = real_gradients(model, x, loss_fn, None, "autocast", 0, rng)
-    low = real_gradients(model, x, loss_fn, dtype, "autocast", report.grad_fidelity.scale_log2, rng)
-    norms, model_norm = _unit_norms(ref)
+    ref, low, norms, model_norm = _real_pair(model, x, loss_fn, dtype, report.grad_fidelity.scale_log2)
     th = report.thresholds
     # The real run: shift's direction is lost, its share tiny, the model's direction kept.
     rel, cosine = real["shift"]
@@ -500,10 +506,7 @@ def test_stock_clip_query_key_residue_is_not_a_divergence(dtype: str) -> None:
     model, batch = _tiny_clip()
     report, real = compare(model, batch, None, dtype, "autocast")
     assert report.grad_fidelity is not None
-    rng = torch.get_rng_state()
-    ref = real_gradients(model, batch, None, None, "autocast", 0, rng)
-    low = real_gradients(model, batch, None, dtype, "autocast", report.grad_fidelity.scale_log2, rng)
-    norms, model_norm = _unit_norms(ref)
+    ref, low, norms, model_norm = _real_pair(model, batch, None, dtype, report.grad_fidelity.scale_log2)
     qk = [u for u in norms if u.startswith("text_model.") and u.endswith(("q_proj", "k_proj"))]
     assert len(qk) == 4
     if not any(norms[u] for u in qk):
