@@ -36,14 +36,7 @@ from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 
 SCHEMA_VERSION = 7
-"""Bumped on any change that an older reader would misread (3: typed `extras` sections and
-`thresholds`; 4: `environment.regime`/`policy`, `ops[].low_dtypes`; 5: `flags[].severity`,
-`thresholds.loss_rel_error` (the verdict's final-loss tolerance),
-`forward.input_rel_l2_error`; 6: gradient fidelity: `grad_fidelity`,
-`backward.grad_fidelity`/`param_grad_fidelity`, `thresholds.grad_rel_error`/
-`grad_cosine_min`, `losses.low_dtype`, the GRAD_DIVERGENCE flag; `environment.distributed`
-and `ranks`; 7: `thresholds.grad_error_share_min`, `environment.emulated` true only where
-the low run's arithmetic is emulated)."""
+"""Bumped on any change that an older reader would misread; the history is in CHANGELOG.md."""
 READABLE_SCHEMA_VERSIONS = (6, SCHEMA_VERSION)
 """Versions `Report.load` reads: a version-6 report has every field 7 has but the new
 threshold, which takes its default."""
