@@ -78,6 +78,21 @@ def test_api_page_covers_the_public_surface() -> None:
     assert documented - public == set(), "docs/api.md documents names outside precision_doctor.__all__"
 
 
+def test_doctest_fences() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        pytest.importorskip("griffe", reason="pip install -e '.[docs]'")
+        from griffe_doctest import fence_doctests
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    text = "Text.\n\n>>> x = 1\n>>> x + 1\n2\n\nMore:\n\n    >>> f()\n    ...\n"
+    assert fence_doctests(text) == (
+        "Text.\n\n```pycon\n>>> x = 1\n>>> x + 1\n2\n```\n\nMore:\n\n"
+        "    ```pycon\n    >>> f()\n    ...\n    ```\n"
+    )
+    assert fence_doctests("no examples") == "no examples"
+
+
 @pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs", reason="pip install -e '.[docs]'")
@@ -97,4 +112,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     # mkdocstrings rendered the docstrings, not just the headings.
     assert "Analyze one training step" in api
     assert "When a statistic becomes a flag" in api
+    # Docstring examples are highlighted console code (scripts/griffe_doctest.py), not quotes.
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in api
+    assert "<blockquote>" not in api
     assert (site / "images" / "app.png").exists()
