@@ -15,15 +15,7 @@ import torch.utils._pytree as pytree
 from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
-from precision_doctor.analysis.distributed import (
-    Job,
-    RanksFailedError,
-    RanksFailedInternalError,
-    exchange,
-    fail_fast,
-    same_outcome,
-    unwrap,
-)
+from precision_doctor.analysis.distributed import Job
 from precision_doctor.analysis.flags import (
     MAX_SCALE_LOG2,
     reads_overflow,
@@ -91,6 +83,14 @@ from precision_doctor.report import (
     UnitBackward,
     UnitEdge,
     UnitForward,
+)
+from precision_doctor.runtime.distributed import (
+    RanksFailedError,
+    RanksFailedInternalError,
+    exchange,
+    fail_fast,
+    same_outcome,
+    unwrap,
 )
 from precision_doctor.version import __version__
 
@@ -285,7 +285,7 @@ def analyze(
             # (`Report.ranks`) compares its gradients before that: a copy, one per tied tensor.
             copies: dict[int, torch.Tensor] = {}
             own_fp32 = {n: copies.setdefault(id(g), g.clone()) for n, g in grads.items()}
-        report = (build_report if job is None else job.reporter(build_report, model, grads, own_reports))(
+        report = (build_report if job is None else _job_reporter(job, model, grads, own_reports))(
             mode,
             param_stats,
             low=low,
@@ -355,6 +355,10 @@ def analyze(
                 del low_grads
         del grads
     return report
+
+
+def _job_reporter(job: Job, model: torch.nn.Module, grads: dict[str, torch.Tensor], own: list[Report]) -> Any:
+    return lambda mode, param_stats, **kwargs: job.report(build_report, mode, param_stats, model, grads, keep_own=own, **kwargs)
 
 
 def _low_run(

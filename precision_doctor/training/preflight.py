@@ -66,7 +66,7 @@ import torch
 import torch.utils._pytree as pytree
 from pydantic import Field
 
-from precision_doctor.analysis.distributed import Job, exchange, same_outcome, unwrap
+from precision_doctor.analysis.distributed import Job
 from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import low_precision, low_precision_backward
@@ -99,6 +99,7 @@ from precision_doctor.options import (
     percent,
 )
 from precision_doctor.report import Report
+from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 from precision_doctor.schema import validated
 from precision_doctor.training.monitor import ScalerMonitor
 
