@@ -25,7 +25,7 @@ from precision_doctor.analysis.flags import (
 from precision_doctor.analysis.gradients import (
     grad_scale_log2,
 )
-from precision_doctor.analysis.jobs import SingleProcess, analysis_job
+from precision_doctor.analysis.jobs import AnalysisJob, analysis_job
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
@@ -185,7 +185,7 @@ class _Request:
     name: str
     say: Progress
     device: torch.device
-    job: SingleProcess
+    job: AnalysisJob
 
 
 def _validate(
@@ -335,7 +335,7 @@ def _report(
     fx: tuple[bool, str | None],
 ) -> Report:
     """The capture's statistics judged into the report: this process's, or the job's
-    (`SingleProcess.report`)."""
+    (`AnalysisJob.report`)."""
     try:
         param_stats = _param_grad_stats(mode, req.model, grads)
     except Exception as e:
@@ -381,7 +381,7 @@ def _gradient_fidelity(
     req: _Request, mode: ShadowCapture, real_low: LowRun, grads: dict[str, torch.Tensor], report: Report
 ) -> Report:
     """The real low run's backward, its parameter gradients compared with fp32's
-    (`SingleProcess.gradient_fidelity`). The loss scale comes from the fp32 run's gradients,
+    (`AnalysisJob.gradient_fidelity`). The loss scale comes from the fp32 run's gradients,
     in the report: hence the low backward last."""
     scale_log2 = grad_scale_log2(report)
     req.say(f"{req.low} backward at loss scale 2^{scale_log2}")

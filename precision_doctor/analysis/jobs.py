@@ -10,7 +10,7 @@ three things that differ (`engine.analyze`):
   (`gradient_fidelity`), streamed in one process, gathered, averaged and counted once per
   element in a job.
 
-The kinds, as classes (each a `SingleProcess`):
+The kinds, as classes (each an `AnalysisJob`):
 
 - `SingleProcess`: a plain model, no job;
 - `ShardedSingleProcess`: DTensor parameters (FSDP2, tensor parallel) on a process group of
@@ -44,6 +44,7 @@ from precision_doctor.report import FlagRecord, Report
 from precision_doctor.runtime.distributed import exchange
 
 __all__ = [
+    "AnalysisJob",
     "DataParallelRank",
     "RankOfJob",
     "ShardedRank",
@@ -59,7 +60,7 @@ BuildReport = Callable[..., Report]
 """`engine.build_report`: a capture and its parameter gradients' summaries judged."""
 
 
-def analysis_job(model: torch.nn.Module, wrapper: Wrapper) -> SingleProcess:
+def analysis_job(model: torch.nn.Module, wrapper: Wrapper) -> AnalysisJob:
     """The kind of run for `model` (already unwrapped: `runtime.distributed.unwrap`)."""
     job = Job.of(model, wrapper)
     if job is None:
@@ -83,9 +84,8 @@ def _gathered(low_backward: LowBackward) -> Grads:
     return low_grads
 
 
-class SingleProcess:
-    """One process, a plain model: the report is this capture's, and each low gradient is
-    compared as it arrives and dropped, never all at once (`GradComparer`)."""
+class AnalysisJob:
+    """Where the analysis runs; by default in one process, whose report is its own capture's."""
 
     fail_fast = False
     """Whether a failure in the model's passes aborts the job at once (`runtime.distributed.fail_fast`)."""
@@ -119,12 +119,28 @@ class SingleProcess:
         low_backward: LowBackward,
     ) -> Report:
         """`report` with the low backward's gradients at 2^`scale_log2` compared with `grads`."""
+        raise NotImplementedError
+
+
+class SingleProcess(AnalysisJob):
+    """One process, a plain model: each low gradient is compared as it arrives and dropped,
+    never all at once (`GradComparer`)."""
+
+    def gradient_fidelity(
+        self,
+        report: Report,
+        model: torch.nn.Module,
+        grads: Grads,
+        scale_log2: int,
+        workspace: Workspace,
+        low_backward: LowBackward,
+    ) -> Report:
         comparer = GradComparer(grads, workspace)
         low_backward(comparer.add)
         return comparer.with_fidelity(report, scale_log2)
 
 
-class ShardedSingleProcess(SingleProcess):
+class ShardedSingleProcess(AnalysisJob):
     """DTensor gradients outside a job: the parts this process counts, as local tensors
     (`model.parallel.counted_parts`), which a streamed comparison could not pick."""
 
@@ -144,7 +160,7 @@ class ShardedSingleProcess(SingleProcess):
         return with_grad_fidelity(report, grads, low_grads, scale_log2, workspace, job_params=None, rank_flags=[])
 
 
-class RankOfJob(SingleProcess):
+class RankOfJob(AnalysisJob):
     """One rank of a job of more than one rank: the report is the job's (`Job.report`), and
     the gradient fidelity is judged on the job's gradients, each element counted on one rank,
     with each rank's own GRAD_DIVERGENCE kept for `Report.ranks`."""
