@@ -69,7 +69,7 @@ def _one_line_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from precision_doctor.analysis import distributed
+        from precision_doctor.runtime import distributed
 
         def say(text: str, e: BaseException) -> None:
             # Every rank raises an agreed failure alike: one of them says it.
@@ -113,7 +113,7 @@ def _join_job(model: Any, *consoles: Console) -> bool:
     """Under torchrun, this rank's place in the job (the process group initialized here unless
     the model file did): whether it is rank 0, the one that prints and writes. The other ranks'
     consoles go quiet."""
-    from precision_doctor.analysis import distributed
+    from precision_doctor.runtime import distributed
 
     distributed.init_from_env(model)
     main_rank = distributed.rank() == 0

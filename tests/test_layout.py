@@ -2,8 +2,9 @@
 (module level and inside functions) goes from a stage to the same or a lower one, and the
 module-level imports form no cycle.
 
-Stages, lowest first: the base modules, then model < capture < analysis < planning <
-training < views < integrations. `cli.py` and the package `__init__` sit on top and may
+Stages, lowest first: the base modules, then model < runtime < capture < analysis <
+planning < training < views < integrations (`runtime`: the torch.distributed job this process
+is a rank of, which the analysis, planning, training and the CLI share). `cli.py` and the package `__init__` sit on top and may
 import anything; nothing imports them. A new top-level module must be given a stage here."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 PACKAGE = "precision_doctor"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 BASE_MODULES = {"errors", "options", "formats", "report", "version", "extras", "schema"}
-STAGES = ["base", "model", "capture", "analysis", "planning", "training", "views", "integrations"]
+STAGES = ["base", "model", "runtime", "capture", "analysis", "planning", "training", "views", "integrations"]
 TOP_MODULES = {PACKAGE, f"{PACKAGE}.cli"}
 TOP = len(STAGES)  # above every stage
 
@@ -133,6 +134,7 @@ def test_the_parser_sees_the_package(imports: list[Import]) -> None:
     assert (f"{PACKAGE}.analysis.engine", f"{PACKAGE}.capture.shadow", False) in pairs
     assert (f"{PACKAGE}.cli", f"{PACKAGE}.analysis.engine", True) in pairs
     assert (f"{PACKAGE}.views.streamlit_app", f"{PACKAGE}.views.figures", False) in pairs  # `import a.b as F`
+    assert (f"{PACKAGE}.cli", f"{PACKAGE}.runtime.distributed", True) in pairs  # `from a import b`, b a module
     for m in modules:
         stage_of(m)  # every module has a stage
 

@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,15 +16,6 @@ import torch.utils._pytree as pytree
 from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
-from precision_doctor.analysis.distributed import (
-    Job,
-    RanksFailedError,
-    RanksFailedInternalError,
-    exchange,
-    fail_fast,
-    same_outcome,
-    unwrap,
-)
 from precision_doctor.analysis.flags import (
     MAX_SCALE_LOG2,
     reads_overflow,
@@ -31,11 +23,9 @@ from precision_doctor.analysis.flags import (
     unit_flags,
 )
 from precision_doctor.analysis.gradients import (
-    GradComparer,
     grad_scale_log2,
-    rank_grad_divergence,
-    with_grad_fidelity,
 )
+from precision_doctor.analysis.jobs import AnalysisJob, analysis_job
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
@@ -53,7 +43,6 @@ from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
 from precision_doctor.model.parallel import (
     check_fsdp_precision,
     counted_part,
-    counted_parts,
     fsdp_modules,
     gathered_params,
     is_sharded,
@@ -72,13 +61,11 @@ from precision_doctor.options import (
     Phase,
     Regime,
     Thresholds,
-    Wrapper,
     parse_enum,
 )
 from precision_doctor.report import (
     Environment,
     ErrorStats,
-    FlagRecord,
     FormatTails,
     Histogram,
     Losses,
@@ -91,6 +78,13 @@ from precision_doctor.report import (
     UnitBackward,
     UnitEdge,
     UnitForward,
+)
+from precision_doctor.runtime.distributed import (
+    RanksFailedError,
+    RanksFailedInternalError,
+    fail_fast,
+    same_outcome,
+    unwrap,
 )
 from precision_doctor.version import __version__
 
@@ -144,23 +138,78 @@ def analyze(
     `torch.autocast(device_type, dtype)` runs, with `policy`'s op lists: `cuda` or `cpu`) or
     `pure` (`model.to(dtype)` with float inputs cast).
 
+    The phases, in order: validate the model and options (`_validate`, which also picks where
+    the analysis runs: `jobs.analysis_job`); the real low run (`_low_run`); the fp32 capture
+    with low-precision shadows, forward and backward (`_fp32_capture`); statistics and the
+    report (`_report`); the gradient fidelity (`_gradient_fidelity`). All but the first run
+    inside one `ModelStateGuard`, which puts the model back however they end.
+
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     >>> report = pd.analyze(net, torch.randn(8, 4), loss_fn=lambda out, b: out.pow(2).mean())
     >>> bool(report)  # no error-severity finding, final-loss error within tolerance
     True
     """
+    req = _validate(model, batch, loss_fn, dtype, regime, policy, thresholds, name, progress)
+    with ModelStateGuard(req.model) as guard:
+        # Inside the guard: tracing runs forward(), whose side effects must be undone too.
+        req.say("checking whether torch.fx can trace the model")
+        fx = fx_check(req.model)
+        req.say(f"{req.low} forward as {req.regime} training runs it")
+        real_low = _low_run(
+            req.model, req.batch, req.loss_fn, req.low, req.regime, req.policy, guard, req.job.fail_fast
+        )
+        reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
+        req.say("fp32 forward with low-precision shadows")
+        mode, loss_fp32, grads = _fp32_capture(req, real_low, guard)
+        req.say("statistics and flags")
+        report = _report(req, mode, real_low, loss_fp32, grads, fx)
+        if real_low.graph is not None:
+            report = _gradient_fidelity(req, mode, real_low, grads, report)
+        del grads
+    return report
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `analyze` was asked, validated: the model unwrapped (`unwrap`), the options parsed,
+    and where the analysis runs (`job`)."""
+
+    model: torch.nn.Module
+    batch: Any
+    loss_fn: LossFn | None
+    low: LowDtype
+    regime: Regime
+    policy: AutocastPolicy
+    th: Thresholds
+    name: str
+    say: Progress
+    device: torch.device
+    job: AnalysisJob
+
+
+def _validate(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    dtype: str | LowDtype,
+    regime: str | Regime,
+    policy: str | AutocastPolicy,
+    thresholds: Thresholds | None,
+    name: str | None,
+    progress: Progress | None,
+) -> _Request:
+    """The options parsed and the model checked before anything runs: an fp32 model with
+    every parameter initialized, a precision FSDP2 can run, a regime it allows."""
     low = parse_enum(LowDtype, dtype, "dtype")
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
-    th = thresholds or Thresholds()
-    step = progress or (lambda _msg: None)
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     # One rank of a torch.distributed job: this rank's part is captured, the report is the
     # job's (`analysis.distributed`); DDP's wrapper is set aside (`unwrap`).
     model, wrapper = unwrap(model)
-    job = Job.of(model, wrapper)
+    job = analysis_job(model, wrapper)
     lazy = [n for n, p in model.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
     if lazy:
         raise PrecisionDoctorError(
@@ -175,186 +224,174 @@ def analyze(
                     f"{kind} {pname!r} is {str(t.dtype).removeprefix('torch.')}: the analysis needs the "
                     "fp32 model as its reference (call model.float() first)"
                 )
-
     check_fsdp_precision(model)
     if run_regime is Regime.PURE and fsdp_modules(model):
         raise PrecisionDoctorError(
             "the pure regime swaps in low copies of the parameters, which FSDP2 replaces with its own "
             "gathered ones: analyze an FSDP2 model with --regime autocast"
         )
+    return _Request(
+        model=model, batch=batch, loss_fn=loss_fn, low=low, regime=run_regime, policy=op_policy,
+        th=thresholds or Thresholds(), name=name or type(model).__name__, say=progress or (lambda _msg: None),
+        device=next((p.device for p in model.parameters()), torch.device("cpu")), job=job,
+    )
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    # The other ranks of a sharded model wait in its own collectives for a rank that fails in
-    # its forward: that rank aborts the job's process group, naming itself (`fail_fast`).
-    sharded_job = job is not None and job.wrapper in (Wrapper.FSDP2, Wrapper.TP)
-    with ModelStateGuard(model) as guard:
-        # Inside the guard: tracing runs forward(), whose side effects must be undone too.
-        step("checking whether torch.fx can trace the model")
-        fx_ok, fx_error = fx_check(model)
-        step(f"{low} forward as {run_regime} training runs it")
-        real_low = _low_run(model, batch, loss_fn, low, run_regime, op_policy, guard, sharded_job)
-        reset_fsdp_iteration(model)  # a forward without its backward (yet)
-        step("fp32 forward with low-precision shadows")
-        mode: ShadowCapture | None = None
+
+def _fp32_capture(
+    req: _Request, real_low: LowRun, guard: ModelStateGuard
+) -> tuple[ShadowCapture, float, dict[str, torch.Tensor]]:
+    """The fp32 step with low-precision shadows: forward and loss (`_fp32_forward`), then
+    backward with gradient statistics (`_fp32_backward`). Returns the capture, the fp32 loss
+    and the analysis' fp32 parameter gradients. A failure that is not the model's or the
+    user's is the tool's: raised as an internal error, naming the op it happened at."""
+    mode: ShadowCapture | None = None
+    try:
+        # The shadows follow the real low run op by op (its dtypes); every unit but the
+        # loss function also gets a local shadow.
+        units_policy = Policy({"": True, LOSS_UNIT: False})
+        with capture_pass(
+            req.model, TORCH_DTYPES[req.low], units_policy, on_mutation=guard.before_mutation,
+            op_dtypes=real_low.op_dtypes, module_outputs=real_low.module_outputs,
+            default_low=req.regime is Regime.PURE,
+        ) as mode:
+            output, loss, loss_fp32 = _fp32_forward(req, mode, real_low)
+            req.job.before_backward()
+            req.say("fp32 backward with gradient statistics")
+            _fp32_backward(req.model, mode, loss)
+            del loss, output
+        return mode, loss_fp32, guard.analysis_grads()
+    except (PrecisionDoctorError, PrecisionDoctorInternalError):
+        raise
+    except Exception as e:
+        where = f" at {mode.failed_at}" if mode and mode.failed_at else ""
+        raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
+
+
+def _fp32_forward(req: _Request, mode: ShadowCapture, real_low: LowRun) -> tuple[Any, torch.Tensor, float]:
+    """The model's forward and the loss under the capture: the output (alive through the
+    backward, as in a training step), the loss tensor and its value, which must be finite (a
+    model broken in fp32 has no precision to diagnose)."""
+    mode.external_storages |= {
+        t.untyped_storage().data_ptr() for t in pytree.tree_leaves(req.batch) if isinstance(t, torch.Tensor)
+    }
+    with fail_fast(req.job.fail_fast):
         try:
-            # The shadows follow the real low run op by op (its dtypes); every unit but the
-            # loss function also gets a local shadow.
-            units_policy = Policy({"": True, LOSS_UNIT: False})
-            with capture_pass(
-                model, TORCH_DTYPES[low], units_policy, on_mutation=guard.before_mutation,
-                op_dtypes=real_low.op_dtypes, module_outputs=real_low.module_outputs,
-                default_low=run_regime is Regime.PURE,
-            ) as mode:
-                mode.external_storages |= {
-                    t.untyped_storage().data_ptr() for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)
-                }
-                with fail_fast(sharded_job):
-                    try:
-                        output = run_model(model, batch)
-                    except PrecisionDoctorInternalError:
-                        raise
-                    except (Exception, SystemExit) as e:  # sys.exit() in forward: not a silent end
-                        raise PrecisionDoctorError(
-                            f"the model's forward raised {type(e).__name__}: {e}"
-                            + (f" (at {mode.failed_at})" if mode.failed_at else "")
-                        ) from e
-                mode.tracker.outside = LOSS_UNIT
-                try:
-                    loss = resolve_loss(output, batch, loss_fn)
-                except (PrecisionDoctorError, PrecisionDoctorInternalError):
-                    raise
-                except (Exception, SystemExit) as e:
-                    raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
-                real_low.module_outputs.clear()  # those no module call consumed
-                with _disable_current_modes():  # reading the loss is no op of the model
-                    loss_fp32 = float(loss.detach())
-                    loss_low = real_low.loss
-                if not math.isfinite(loss_fp32):
-                    first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
-                    where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
-                    raise PrecisionDoctorError(
-                        f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
-                        f"change (NONFINITE_FP32{where})"
-                    )
-                if job is not None and job.wrapper in (Wrapper.FSDP2, Wrapper.TP):
-                    # The backward runs the model's own collectives: a rank whose loss failed
-                    # above says so first, or the others would wait in them for it.
-                    with _disable_current_modes():
-                        exchange(None)
-                step("fp32 backward with gradient statistics")
-                # The parameters FSDP2 gathered and keeps for backward are parameters, not
-                # activations (their storage exists only while gathered).
-                mode.external_storages |= {storage_ptr(t) for t, _ in gathered_params(model)}
-                handles = mode.instrument_backward(loss)
-                try:
-                    with _disable_current_modes():  # the seed is no forward op of the loss
-                        seed = torch.ones_like(loss)
-                    loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
-                except PrecisionDoctorInternalError:
-                    raise
-                except Exception as e:
-                    raise PrecisionDoctorError(
-                        f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
-                    ) from e
-                finally:
-                    for h in handles:
-                        h.remove()
-                mode.settle()
-                del loss, output
-            grads = guard.analysis_grads()
-        except (PrecisionDoctorError, PrecisionDoctorInternalError):
+            output = run_model(req.model, req.batch)
+        except PrecisionDoctorInternalError:
             raise
-        except Exception as e:
-            where = f" at {mode.failed_at}" if mode and mode.failed_at else ""
-            raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
-
-        step("statistics and flags")
-        try:
-            param_stats = _param_grad_stats(mode, model, grads)
-        except Exception as e:
-            raise PrecisionDoctorInternalError(
-                f"parameter gradient statistics failed: {type(e).__name__}: {e}"
+        except (Exception, SystemExit) as e:  # sys.exit() in forward: not a silent end
+            raise PrecisionDoctorError(
+                f"the model's forward raised {type(e).__name__}: {e}"
+                + (f" (at {mode.failed_at})" if mode.failed_at else "")
             ) from e
-        mode.forget_graph()
-        low_params = _low_params(model, mode.low_reads)
-        loss_dtype = real_low.loss_dtype
-        own_reports: list[Report] = []  # this rank's own report, in a job
-        own_fp32 = grads
-        if job is not None and job.wrapper is Wrapper.DDP and real_low.graph is not None:
-            # The job's report averages `grads` in place; a rank's own GRAD_DIVERGENCE
-            # (`Report.ranks`) compares its gradients before that: a copy, one per tied tensor.
-            copies: dict[int, torch.Tensor] = {}
-            own_fp32 = {n: copies.setdefault(id(g), g.clone()) for n, g in grads.items()}
-        report = (build_report if job is None else job.reporter(build_report, model, grads, own_reports))(
-            mode,
-            param_stats,
-            low=low,
-            th=th,
-            losses=Losses(
-                fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low),
-                low_dtype="fp16" if loss_dtype == torch.float16 else "bf16" if loss_dtype == torch.bfloat16 else "fp32",
-                low_term_grad_max_abs=mode.low_term_grad_max_abs,
-            ),
-            env=Environment(
-                tool_version=__version__,
-                torch_version=torch.__version__,
-                python_version=sys.version.split()[0],
-                platform=platform.platform(),
-                device=str(device),
-                dtype=low,
-                emulated=emulates(TORCH_DTYPES[low], device.type),
-                capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
-                fx_traceable=fx_ok,
-                fx_error=fx_error,
-                regime=run_regime,
-                policy=op_policy if run_regime is Regime.AUTOCAST else None,
-            ),
-            name=name or type(model).__name__,
-            low_params=low_params,
+    mode.tracker.outside = LOSS_UNIT
+    try:
+        loss = resolve_loss(output, req.batch, req.loss_fn)
+    except (PrecisionDoctorError, PrecisionDoctorInternalError):
+        raise
+    except (Exception, SystemExit) as e:
+        raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
+    real_low.module_outputs.clear()  # those no module call consumed
+    with _disable_current_modes():  # reading the loss is no op of the model
+        loss_fp32 = float(loss.detach())
+    if not math.isfinite(loss_fp32):
+        first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
+        where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
+        raise PrecisionDoctorError(
+            f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
+            f"change (NONFINITE_FP32{where})"
         )
-        if real_low.graph is not None:
-            # The scale comes from the fp32 run's gradients, hence the low backward last.
-            scale_log2 = grad_scale_log2(report)
-            step(f"{low} backward at loss scale 2^{scale_log2}")
-            if job is None and not is_sharded(model):
-                # Each low gradient compared as it arrives and dropped: never all at once.
-                comparer = GradComparer(grads, mode.workspace)
-                _low_backward(real_low, model, batch, loss_fn, scale_log2, comparer.add, low, run_regime, op_policy)
-                report = comparer.with_fidelity(report, scale_log2)
-            else:
-                low_grads: dict[str, torch.Tensor] = {}
+    return output, loss, loss_fp32
 
-                def keep(names: list[str], g: torch.Tensor) -> None:
-                    low_grads.update(dict.fromkeys(names, g))
 
-                _low_backward(real_low, model, batch, loss_fn, scale_log2, keep, low, run_regime, op_policy)
-                job_params: list[list[str]] | None = None
-                rank_flags: list[FlagRecord] = []
-                if job is not None:
-                    ddp = job.wrapper is Wrapper.DDP
-                    if ddp:  # this rank's own gradients, before they are averaged
-                        rank_flags = rank_grad_divergence(own_reports[0], own_fp32, low_grads, scale_log2, mode.workspace)
-                    del own_fp32
-                    job.average_gradients(model, low_grads)  # compared with the averaged fp32 ones
-                    # Each element compared on one rank, as the gradient statistics count it;
-                    # the sums are the job's before GRAD_DIVERGENCE is judged.
-                    grads, low_grads = job.counted_gradients(grads), job.counted_gradients(low_grads)
-                    if not ddp:  # the parts this rank holds: its own already (DTensor shards)
-                        rank_flags = rank_grad_divergence(own_reports[0], grads, low_grads, scale_log2, mode.workspace)
-                    tied: dict[int, list[str]] = {}
-                    for pname, p in model.named_parameters(remove_duplicate=False):
-                        tied.setdefault(id(p), []).append(pname)
-                    job_params = list(tied.values())
-                elif is_sharded(model):  # DTensor gradients: the parts this rank counts, as local tensors
-                    replicated = is_tensor_parallel(model)
-                    grads = counted_parts(grads, replicated=replicated)
-                    low_grads = counted_parts(low_grads, replicated=replicated)
-                report = with_grad_fidelity(
-                    report, grads, low_grads, scale_log2, mode.workspace, job_params=job_params, rank_flags=rank_flags
-                )
-                del low_grads
-        del grads
-    return report
+def _fp32_backward(model: torch.nn.Module, mode: ShadowCapture, loss: torch.Tensor) -> None:
+    """The fp32 backward from `loss`, its gradients summarized as they pass (`instrument_backward`)."""
+    # The parameters FSDP2 gathered and keeps for backward are parameters, not activations
+    # (their storage exists only while gathered).
+    mode.external_storages |= {storage_ptr(t) for t, _ in gathered_params(model)}
+    handles = mode.instrument_backward(loss)
+    try:
+        with _disable_current_modes():  # the seed is no forward op of the loss
+            seed = torch.ones_like(loss)
+        loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
+    except PrecisionDoctorInternalError:
+        raise
+    except Exception as e:
+        raise PrecisionDoctorError(
+            f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    mode.settle()
+
+
+def _report(
+    req: _Request,
+    mode: ShadowCapture,
+    real_low: LowRun,
+    loss_fp32: float,
+    grads: dict[str, torch.Tensor],
+    fx: tuple[bool, str | None],
+) -> Report:
+    """The capture's statistics judged into the report: this process's, or the job's
+    (`AnalysisJob.report`)."""
+    try:
+        param_stats = _param_grad_stats(mode, req.model, grads)
+    except Exception as e:
+        raise PrecisionDoctorInternalError(f"parameter gradient statistics failed: {type(e).__name__}: {e}") from e
+    mode.forget_graph()
+    low_params = _low_params(req.model, mode.low_reads)
+    loss_low, loss_dtype = real_low.loss, real_low.loss_dtype
+    fx_ok, fx_error = fx
+    return req.job.report(
+        build_report,
+        mode,
+        param_stats,
+        req.model,
+        grads,
+        fidelity_follows=real_low.graph is not None,
+        low=req.low,
+        th=req.th,
+        losses=Losses(
+            fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low),
+            low_dtype="fp16" if loss_dtype == torch.float16 else "bf16" if loss_dtype == torch.bfloat16 else "fp32",
+            low_term_grad_max_abs=mode.low_term_grad_max_abs,
+        ),
+        env=Environment(
+            tool_version=__version__,
+            torch_version=torch.__version__,
+            python_version=sys.version.split()[0],
+            platform=platform.platform(),
+            device=str(req.device),
+            dtype=req.low,
+            emulated=emulates(TORCH_DTYPES[req.low], req.device.type),
+            capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
+            fx_traceable=fx_ok,
+            fx_error=fx_error,
+            regime=req.regime,
+            policy=req.policy if req.regime is Regime.AUTOCAST else None,
+        ),
+        name=req.name,
+        low_params=low_params,
+    )
+
+
+def _gradient_fidelity(
+    req: _Request, mode: ShadowCapture, real_low: LowRun, grads: dict[str, torch.Tensor], report: Report
+) -> Report:
+    """The real low run's backward, its parameter gradients compared with fp32's
+    (`AnalysisJob.gradient_fidelity`). The loss scale comes from the fp32 run's gradients,
+    in the report: hence the low backward last."""
+    scale_log2 = grad_scale_log2(report)
+    req.say(f"{req.low} backward at loss scale 2^{scale_log2}")
+
+    def low_backward(sink: GradientSink) -> None:
+        _low_backward(
+            real_low, req.model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy
+        )
+
+    return req.job.gradient_fidelity(report, req.model, grads, scale_log2, mode.workspace, low_backward)
 
 
 def _low_run(

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from precision_doctor.capture.records import OpRecord, UnitRecord
+from precision_doctor.capture.statistics import TensorSummary
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2, FormatLimits
 from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
@@ -56,6 +58,213 @@ def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phas
     return best
 
 
+@dataclass(frozen=True)
+class _UnitCase:
+    """What the flag rules read of one unit: its records, the low format and the thresholds.
+    `fwd`, `bwd`: the values the real low-precision run holds in the low dtype (under
+    autocast a LayerNorm, a residual add or an upcast RMSNorm runs in fp32), forward, and the
+    unit's gradients."""
+
+    unit: UnitRecord
+    ops: Sequence[OpRecord]
+    dtype: LowDtype
+    fmt: FormatLimits
+    th: Thresholds
+    scale_ceiling_log2: int
+
+    @property
+    def fwd(self) -> TensorSummary:
+        return self.unit.forward_low
+
+    @property
+    def bwd(self) -> TensorSummary:
+        return self.unit.backward
+
+    @property
+    def local(self) -> float:
+        return self.unit.local_error.rel_l2
+
+    @property
+    def flushed(self) -> int:
+        return self.fwd.tails[self.fmt.name].flushed
+
+    def flag(
+        self, flag: Flag, severity: Severity, op: OpRecord | None, phase: Phase, message: str, **values: float
+    ) -> FlagRecord:
+        return FlagRecord(
+            flag=flag,
+            unit=self.unit.name,
+            severity=severity,
+            evidence=Evidence(op=op.op if op else None, phase=phase, message=message, values=values),
+        )
+
+
+_Rule = Callable[[_UnitCase, Sequence[FlagRecord]], Sequence[FlagRecord]]
+"""One flag's rule: the findings it adds for a unit, given those the rules before it found."""
+
+
+def _nonfinite_fp32(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """NONFINITE_FP32: an fp32 Inf/NaN the unit hands on or keeps in a buffer (one it drops
+    before handing its values on, a `where` that discards T5's log(0), breaks nothing), or
+    one its backward makes."""
+    unit = case.unit
+    kept = unit.outputs_nonfinite or unit.wrote_nonfinite_state
+    roots = [r for r in case.ops if r.fp32_nonfinite_root] if kept else []
+    if not roots and not unit.grad_nonfinite_root:
+        return []
+    r = roots[0] if roots else None
+    phase = Phase.FORWARD if roots else Phase.BACKWARD
+    op_name = r.op if r else unit.grad_nonfinite_root
+    s = r.summary if r else None
+    return [
+        FlagRecord(
+            flag=Flag.NONFINITE_FP32,
+            unit=unit.name,
+            severity=Severity.ERROR,
+            evidence=Evidence(
+                op=op_name, phase=phase,
+                message=f"{op_name} produces Inf/NaN already in fp32 ({phase}) from finite inputs; "
+                "not a precision problem",
+                values={"nan_count": s.nan_count if s else 0, "inf_count": s.inf_count if s else 0},
+            ),
+        )
+    ]
+
+
+def _overflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """OVERFLOW, charged to the op whose inputs fit the format but whose output does not: a
+    ReLU or a residual add passing on an upstream overflow is not a root cause. Mask values
+    (-1e38, finfo.min) overflow on purpose: the summaries count them apart (capture/masks.py)."""
+    fmt, fwd = case.fmt, case.fwd
+
+    def overflow_of(r: OpRecord) -> int:
+        s = r.summary
+        own = 0 if s is None or not r.stored_low else s.tails[fmt.name].overflow
+        return own + r.cast_overflow
+
+    over_ops = [
+        r for r in case.ops if r.phase == Phase.FORWARD and r.input_max_abs <= fmt.max_value and overflow_of(r)
+    ]
+    over = sum(overflow_of(r) for r in over_ops)
+    if not over or fwd.fraction(over) <= case.th.overflow_fraction:
+        return []
+    r = max(over_ops, key=overflow_of)
+    largest = max(o.out_max_abs for o in over_ops)
+    return [case.flag(
+        Flag.OVERFLOW, Severity.ERROR, r, Phase.FORWARD,
+        f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {largest:.4g})",
+        overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=largest,
+        dtype_max=fmt.max_value,
+    )]
+
+
+def _underflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """UNDERFLOW: nonzero values flushing to 0; an error when the unit's local error shows it."""
+    fmt, fwd, th, local, flushed = case.fmt, case.fwd, case.th, case.local, case.flushed
+    if not flushed or fwd.fraction(flushed) <= th.underflow_fraction:
+        return []
+    r = _worst(case.ops, "flushed", fmt, Phase.FORWARD)
+    costly = not math.isfinite(local) or local > th.divergence_rel_error
+    return [case.flag(
+        Flag.UNDERFLOW, Severity.ERROR if costly else Severity.WARNING, r, Phase.FORWARD,
+        f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {fmt.name} "
+        f"(below {fmt.smallest_subnormal:.3g}); local error {local:.3g}",
+        underflow_count=flushed, underflow_fraction=fwd.fraction(flushed),
+        min_nonzero_abs=fwd.min_nonzero_abs,
+    )]
+
+
+def _low_nonfinite(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """Inf/NaN that the low run makes from finite inputs and that no range flag explains
+    (0/0 after underflow: UNDERFLOW; inf - inf after an intermediate overflow: DIVERGENCE)."""
+    nan_roots = [r for r in case.ops if r.local_nonfinite_root]
+    if not nan_roots or any(f.flag is Flag.OVERFLOW for f in found):
+        return []
+    r = nan_roots[0]
+    return [case.flag(
+        Flag.UNDERFLOW if case.flushed else Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
+        f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {case.fmt.name} where fp32 is finite",
+        nonfinite_count=r.local_nonfinite_root,
+    )]
+
+
+def _divergence(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """DIVERGENCE: the unit's local error, fed fp32 inputs, over the threshold."""
+    local, th = case.local, case.th
+    if not (math.isfinite(local) and local > th.divergence_rel_error):
+        return []
+    r = _worst(case.ops, "local", case.fmt, Phase.FORWARD)
+    return [case.flag(
+        Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
+        f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
+        rel_l2_error=local, sqnr_db=case.unit.local_error.sqnr_db,
+    )]
+
+
+def _error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """ERROR_GROWTH across the unit: its propagated error far above its inputs'."""
+    unit, th = case.unit, case.th
+    prop = unit.prop_error.rel_l2
+    if not (math.isfinite(prop) and prop >= th.error_growth_min_rel_error):
+        return []
+    base = unit.input_prop_error
+    growth = prop / base if base > 0 else math.inf
+    if growth < th.error_growth_factor:
+        return []
+    return [case.flag(
+        Flag.ERROR_GROWTH, Severity.ERROR if prop > th.divergence_rel_error else Severity.WARNING,
+        None, Phase.FORWARD,
+        f"propagated error grows from {base:.3g} at the inputs to {prop:.3g}",
+        rel_l2_error=prop, input_rel_l2_error=base,
+        growth_factor=growth if math.isfinite(growth) else 1e30,
+    )]
+
+
+def _inner_error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """ERROR_GROWTH inside the unit, where the unit's own is not flagged: an op whose local
+    error is far above that of what it reads (cancellation, `(x + c) - c`, a small update
+    lost against a large value), charged here with the op named, even when the unit's own
+    output error stays small."""
+    th = case.th
+    inner = op_error_growth(case.ops, case.fmt, th) if not any(f.flag is Flag.ERROR_GROWTH for f in found) else None
+    if inner is None:
+        return []
+    r, op_err, in_err = inner
+    return [case.flag(
+        Flag.ERROR_GROWTH, Severity.ERROR if op_err > th.divergence_rel_error else Severity.WARNING,
+        r, Phase.FORWARD,
+        f"{r.op} inside the unit: local error grows from {in_err:.3g} in what it reads to {op_err:.3g}",
+        rel_l2_error=op_err, input_rel_l2_error=in_err, growth_factor=op_err / in_err,
+    )]
+
+
+def _gradients(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
+    """GRAD_OVERFLOW and GRAD_UNDERFLOW at the loss scale the run trains at (`_gradient_flags`)."""
+    unit, bwd, fmt = case.unit, case.bwd, case.fmt
+    if not bwd.numel:
+        return []
+    fp16 = case.dtype is LowDtype.FP16
+    scale = case.th.grad_scale_log2 if fp16 else 0
+    curves = bwd.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), fmt)
+
+    def at_scale(k: int) -> tuple[float, float, float]:
+        return float(curves[0][k]), float(curves[1][k]), float(curves[2][k])
+
+    return _gradient_flags(
+        unit.name, fmt, case.th, scale, at_scale,
+        inherited_overflow=reads_overflow(case.ops, fmt), max_abs=bwd.max_abs, scaler=fp16,
+        ceiling_log2=case.scale_ceiling_log2,
+        overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
+        underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
+    )
+
+
+_RULES: tuple[_Rule, ...] = (
+    _overflow, _underflow, _low_nonfinite, _divergence, _error_growth, _inner_error_growth, _gradients,
+)
+"""The range, error and gradient rules, in the order their findings are listed."""
+
+
 def unit_flags(
     unit: UnitRecord,
     ops: Sequence[OpRecord],
@@ -64,152 +273,18 @@ def unit_flags(
     th: Thresholds,
     scale_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
-    """The unit's findings. `scale_ceiling_log2`: the largest loss scale at which no gradient
-    of the model overflows (`scale_ceiling`), the highest GradScaler can settle at."""
-    flags: list[FlagRecord] = []
-
-    def add(
-        flag: Flag, severity: Severity, op: OpRecord | None, phase: Phase, message: str, **values: float
-    ) -> None:
-        flags.append(
-            FlagRecord(
-                flag=flag,
-                unit=unit.name,
-                severity=severity,
-                evidence=Evidence(op=op.op if op else None, phase=phase, message=message, values=values),
-            )
-        )
-
-    # Range flags judge only the values the real low-precision run holds in the low dtype
-    # (under autocast a LayerNorm, a residual add or an upcast RMSNorm runs in fp32).
-    fwd, bwd = unit.forward_low, unit.backward
-
-    # An fp32 Inf/NaN the unit drops before handing its values on (a `where` that discards
-    # T5's log(0)) breaks nothing; one it hands on or keeps in a buffer does.
-    kept = unit.outputs_nonfinite or unit.wrote_nonfinite_state
-    roots = [r for r in ops if r.fp32_nonfinite_root] if kept else []
-    if roots or unit.grad_nonfinite_root:
-        r = roots[0] if roots else None
-        phase = Phase.FORWARD if roots else Phase.BACKWARD
-        op_name = r.op if r else unit.grad_nonfinite_root
-        s = r.summary if r else None
-        flags.append(
-            FlagRecord(
-                flag=Flag.NONFINITE_FP32,
-                unit=unit.name,
-                severity=Severity.ERROR,
-                evidence=Evidence(
-                    op=op_name, phase=phase,
-                    message=f"{op_name} produces Inf/NaN already in fp32 ({phase}) from finite inputs; "
-                    "not a precision problem",
-                    values={"nan_count": s.nan_count if s else 0, "inf_count": s.inf_count if s else 0},
-                ),
-            )
-        )
-
+    """The unit's findings, one rule per flag (`_RULES`), each seeing what the rules before
+    it found. `scale_ceiling_log2`: the largest loss scale at which no gradient of the model
+    overflows (`scale_ceiling`), the highest GradScaler can settle at."""
+    case = _UnitCase(unit, ops, dtype, fmt, th, scale_ceiling_log2)
+    flags = _nonfinite_fp32(case, [])
+    # The loss runs in fp32 under autocast and GradScaler scales the fp32 loss: no range,
+    # error or gradient finding applies to it (its gradients, the seed 1 among them, are not
+    # the low dtype's).
     if unit.name == LOSS_UNIT:
-        return flags  # it runs in fp32 under autocast: no range or error finding applies
-
-    # Overflow is charged to the op whose inputs fit the format but whose output does not:
-    # a ReLU or a residual add passing on an upstream overflow is not a root cause.
-    # Mask values (-1e38, finfo.min) overflow on purpose: the summaries count them apart
-    # (capture/masks.py).
-    def overflow_of(r: OpRecord) -> int:
-        s = r.summary
-        own = 0 if s is None or not r.stored_low else s.tails[fmt.name].overflow
-        return own + r.cast_overflow
-
-    over_ops = [
-        r for r in ops if r.phase == Phase.FORWARD and r.input_max_abs <= fmt.max_value and overflow_of(r)
-    ]
-    over = sum(overflow_of(r) for r in over_ops)
-    if over and fwd.fraction(over) > th.overflow_fraction:
-        r = max(over_ops, key=overflow_of)
-        largest = max(o.out_max_abs for o in over_ops)
-        add(
-            Flag.OVERFLOW, Severity.ERROR, r, Phase.FORWARD,
-            f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {largest:.4g})",
-            overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=largest,
-            dtype_max=fmt.max_value,
-        )
-
-    local = unit.local_error.rel_l2
-    flushed = fwd.tails[fmt.name].flushed
-    if flushed and fwd.fraction(flushed) > th.underflow_fraction:
-        r = _worst(ops, "flushed", fmt, Phase.FORWARD)
-        costly = not math.isfinite(local) or local > th.divergence_rel_error
-        add(
-            Flag.UNDERFLOW, Severity.ERROR if costly else Severity.WARNING, r, Phase.FORWARD,
-            f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {fmt.name} "
-            f"(below {fmt.smallest_subnormal:.3g}); local error {local:.3g}",
-            underflow_count=flushed, underflow_fraction=fwd.fraction(flushed),
-            min_nonzero_abs=fwd.min_nonzero_abs,
-        )
-
-    # Inf/NaN that the low run makes from finite inputs and that no range flag explains:
-    # 0/0 after underflow, inf - inf after an intermediate overflow.
-    nan_roots = [r for r in ops if r.local_nonfinite_root]
-    if nan_roots and not any(f.flag is Flag.OVERFLOW for f in flags):
-        r = nan_roots[0]
-        flag = Flag.UNDERFLOW if flushed else Flag.DIVERGENCE
-        add(
-            flag, Severity.ERROR, r, Phase.FORWARD,
-            f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {fmt.name} where fp32 is finite",
-            nonfinite_count=r.local_nonfinite_root,
-        )
-
-    if math.isfinite(local) and local > th.divergence_rel_error:
-        r = _worst(ops, "local", fmt, Phase.FORWARD)
-        add(
-            Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
-            f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
-            rel_l2_error=local, sqnr_db=unit.local_error.sqnr_db,
-        )
-
-    prop = unit.prop_error.rel_l2
-    if math.isfinite(prop) and prop >= th.error_growth_min_rel_error:
-        base = unit.input_prop_error
-        growth = prop / base if base > 0 else math.inf
-        if growth >= th.error_growth_factor:
-            add(
-                Flag.ERROR_GROWTH, Severity.ERROR if prop > th.divergence_rel_error else Severity.WARNING,
-                None, Phase.FORWARD,
-                f"propagated error grows from {base:.3g} at the inputs to {prop:.3g}",
-                rel_l2_error=prop, input_rel_l2_error=base,
-                growth_factor=growth if math.isfinite(growth) else 1e30,
-            )
-
-    # Growth inside the unit: an op whose local error is far above that of what it reads
-    # (cancellation, `(x + c) - c`, a small update lost against a large value) is charged here
-    # with the op named, even when the unit's own output error stays small.
-    if not any(f.flag is Flag.ERROR_GROWTH for f in flags):
-        inner = op_error_growth(ops, fmt, th)
-        if inner is not None:
-            r, op_err, in_err = inner
-            add(
-                Flag.ERROR_GROWTH, Severity.ERROR if op_err > th.divergence_rel_error else Severity.WARNING,
-                r, Phase.FORWARD,
-                f"{r.op} inside the unit: local error grows from {in_err:.3g} in what it reads to {op_err:.3g}",
-                rel_l2_error=op_err, input_rel_l2_error=in_err, growth_factor=op_err / in_err,
-            )
-
-    # The loss itself runs in fp32 under autocast and GradScaler scales the fp32 loss, so its
-    # own gradients (the seed 1 among them) are not judged against the low dtype.
-    if bwd.numel and unit.name != LOSS_UNIT:
-        fp16 = dtype is LowDtype.FP16
-        scale = th.grad_scale_log2 if fp16 else 0
-        curves = bwd.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), fmt)
-
-        def at_scale(k: int) -> tuple[float, float, float]:
-            return float(curves[0][k]), float(curves[1][k]), float(curves[2][k])
-
-        flags += _gradient_flags(
-            unit.name, fmt, th, scale, at_scale,
-            inherited_overflow=reads_overflow(ops, fmt), max_abs=bwd.max_abs, scaler=fp16,
-            ceiling_log2=scale_ceiling_log2,
-            overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
-            underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
-        )
+        return flags
+    for rule in _RULES:
+        flags += rule(case, flags)
     return flags
 
 

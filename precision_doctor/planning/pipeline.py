@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from precision_doctor.analysis.distributed import exchange, same_outcome, unwrap
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn
 from precision_doctor.options import CostSource, parse_enum
@@ -17,6 +16,7 @@ from precision_doctor.planning.cost import Target
 from precision_doctor.planning.export import plan_section
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
 from precision_doctor.report import Report
+from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 
 
 @same_outcome

@@ -30,7 +30,6 @@ import torch.utils._pytree as pytree
 from pydantic import Field
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from precision_doctor.analysis import distributed
 from precision_doctor.analysis.flags import gradient_flags_at_scale
 from precision_doctor.analysis.loss_scale import LossScaleAdvice, recommend_loss_scale
 from precision_doctor.capture.emulation import UnitOverrides, check_region_dtype, unit_overrides
@@ -53,6 +52,7 @@ from precision_doctor.planning.cost import (
 )
 from precision_doctor.planning.search import PlanProblem, solve_milp
 from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
+from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
 PLAN_SCHEMA_VERSION = 1

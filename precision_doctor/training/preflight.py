@@ -60,13 +60,14 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from pydantic import Field
 
-from precision_doctor.analysis.distributed import Job, exchange, same_outcome, unwrap
+from precision_doctor.analysis.distributed import Job
 from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import low_precision, low_precision_backward
@@ -99,6 +100,7 @@ from precision_doctor.options import (
     percent,
 )
 from precision_doctor.report import Report
+from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 from precision_doctor.schema import validated
 from precision_doctor.training.monitor import ScalerMonitor
 
@@ -322,138 +324,204 @@ def _to_low(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dty
                 state[k] = v.to(p.dtype)
 
 
-def _run(
-    mode: str,
-    description: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    build_optimizer: OptimizerFactory,
-    batches: Sequence[Any],
-    loss_fn: LossFn | None,
-    *,
-    dtype: torch.dtype | None,
-    regime: Regime = Regime.AUTOCAST,
-    policy: AutocastPolicy = AutocastPolicy.CUDA,
-    units: Mapping[str, UnitDtype] | None,
-    init_scale_log2: int | None,
-    skip: frozenset[int] = frozenset(),
-    job: Job | None = None,
-) -> ModeRun:
-    """`len(batches)` optimizer steps on deep copies of the model (and optimizer): in fp32
-    (`dtype` None), or in `dtype` as `regime` runs it (`low_precision`), with `units`' overrides
-    (a plan's, autocast regime only) installed as `apply_plan` installs them. Without a
-    scaler, the steps in `skip` compute their loss and gradients but apply no update (as
-    another run's GradScaler skipped them: the reference that run is compared with).
+@dataclass(frozen=True)
+class _Place:
+    """Where the pre-flight runs, decided once from the model it is given (`of`).
 
-    In a torch.distributed `job` every rank trains its copy on its own batches, data
-    parallel: the gradients are averaged across ranks before each update, as DDP averages
-    them, so the copies stay equal and GradScaler decides alike on every rank; each step's
-    loss is the ranks' mean (each rank's in `rank_losses`)."""
-    t0 = time.perf_counter()
-    pure = dtype is not None and regime is Regime.PURE
-    if pure and units is not None:
-        raise PrecisionDoctorError("a plan's per-unit dtypes run under autocast, not in the pure regime")
-    # torch cannot deep-copy an FSDP2 model: the run trains the model itself, and a guard
-    # entered below puts it back (every parameter's local shard, gradients, buffers).
-    in_place = bool(fsdp_modules(model))
-    opt: torch.optim.Optimizer | None
-    if in_place:
-        m = model
-        opt = copy.deepcopy(optimizer, {id(p): p for p in model.parameters()}) if optimizer is not None else None
-    elif optimizer is not None:
-        # One deepcopy call for both: the copied optimizer then holds the copied parameters.
-        m, opt = _copy((model, optimizer), "model and optimizer")
-    else:
-        m, opt = _copy(model, "model"), None
-    if pure:
-        assert dtype is not None
-        _to_low(m, opt, dtype)  # without an optimizer, it is built over the low parameters
-    if opt is None:
-        try:
-            opt = build_optimizer(m)
-        except PrecisionDoctorError:
-            raise
-        except Exception as e:
-            raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
-    # The optimizer's parameters only, as GradScaler checks them: a gradient it never applies
-    # (a parameter it does not hold) cannot reach the weights.
-    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-    monitor: ScalerMonitor | None = None
-    if init_scale_log2 is not None:
-        monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
-    records: list[StepRecord] = []
+    torch cannot deep-copy an FSDP2 model (`sharded`): the analysis, the plan and each run
+    get the model itself, and put it back (a run under a `ModelStateGuard`). In a
+    torch.distributed `job` each rank runs the pre-flight on its own batches: the analysis
+    and plan are the job's, the short runs train data parallel (`step_loss`), and every rank
+    reaches the same verdict. A DDP model's copies are copies of its `module` (`model`); the
+    analysis gets the wrapper as given (`wrapped`) and sets it aside itself."""
 
-    # Forward and loss as `with torch.autocast(...): loss = ...`, the backward outside it as
-    # PyTorch prescribes (`low_precision_backward`); the update: fp32 master weights under
-    # autocast (no context), the low parameters' update in the pure regime (its fp16
-    # arithmetic emulated on the CPU as the forward's).
-    no_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
-    precision, backward_precision, optimizer_precision = no_context, no_context, no_context
-    if dtype is not None:
-        precision = functools.partial(low_precision, m, dtype, regime=regime, policy=policy)
-        backward_precision = functools.partial(low_precision_backward, m, dtype)
-        if pure:
-            optimizer_precision = precision
+    wrapped: torch.nn.Module
+    model: torch.nn.Module
+    job: Job | None
+    sharded: bool
 
-    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
-        if in_place:
-            guard = installed.enter_context(ModelStateGuard(m))
-            for p in m.parameters():
-                guard.before_mutation(p)
-        if dtype is not None and units is not None:
-            # The plan's units ("" is the default of those it does not name: fp32, so none).
-            low = {u: d != "fp32" for u, d in units.items() if u != ""}
-            installed.enter_context(unit_overrides(m, low, dtype))
-        torch.manual_seed(SEED)
-        for i, b in enumerate(batches):
-            if pure:
-                assert dtype is not None
-                b = _cast_batch(b, dtype)
-            opt.zero_grad(set_to_none=True)
-            scale = monitor.get_scale() if monitor is not None else None
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> _Place:
+        unwrapped, wrapper = unwrap(model)
+        return cls(model, unwrapped, Job.of(unwrapped, wrapper), bool(fsdp_modules(unwrapped)))
+
+    def for_analysis(self) -> torch.nn.Module:
+        # The analysis restores the model it is given; a copy keeps even that out of the
+        # user's way.
+        return self.wrapped if self.wrapped is not self.model or self.sharded else _copy(self.model, "model")
+
+    def for_plan(self) -> torch.nn.Module:
+        return self.model if self.sharded else _copy(self.model, "model")
+
+    def for_training(
+        self, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
+        """The model a run trains, and the optimizer's copy over it (None: none given)."""
+        if self.sharded:
+            memo = {id(p): p for p in self.model.parameters()}
+            return self.model, copy.deepcopy(optimizer, memo) if optimizer is not None else None
+        if optimizer is not None:
+            # One deepcopy call for both: the copied optimizer then holds the copied parameters.
+            m, opt = _copy((self.model, optimizer), "model and optimizer")
+            return m, opt
+        return _copy(self.model, "model"), None
+
+    def step_loss(self, model: torch.nn.Module, loss: float, finite: bool) -> tuple[float, list[float], bool]:
+        """A step's loss, each rank's (none outside a job), and whether the gradients are
+        finite: the job's, its gradients averaged across ranks (`_average_step`), or this
+        process's own."""
+        if self.job is None:
+            return loss, [], finite
+        rank_losses, finite = _average_step(self.job, model, loss, finite)
+        return math.fsum(rank_losses) / len(rank_losses), rank_losses, finite
+
+
+class _TrainingRun:
+    """One configuration's model and optimizer (copies, or the FSDP2 model itself), trained
+    one step at a time (`step`): in fp32 (`dtype` None), or in `dtype` as `regime` runs it
+    (`low_precision`). With a GradScaler from 2^`init_scale_log2`; without one, the steps in
+    `skip` compute their loss and gradients but apply no update (as another run's GradScaler
+    skipped them: the reference that run is compared with)."""
+
+    def __init__(
+        self,
+        place: _Place,
+        optimizer: torch.optim.Optimizer | None,
+        build_optimizer: OptimizerFactory,
+        loss_fn: LossFn | None,
+        *,
+        mode: str,
+        dtype: torch.dtype | None,
+        regime: Regime,
+        policy: AutocastPolicy,
+        init_scale_log2: int | None,
+        skip: frozenset[int],
+    ) -> None:
+        self.place, self.loss_fn, self.mode, self.skip = place, loss_fn, mode, skip
+        self.pure = dtype is not None and regime is Regime.PURE
+        self.dtype = dtype
+        m, opt = place.for_training(optimizer)
+        if self.pure:
+            assert dtype is not None
+            _to_low(m, opt, dtype)  # without an optimizer, it is built over the low parameters
+        if opt is None:
             try:
-                with precision():
-                    loss = resolve_loss(run_model(m, b), b, loss_fn)
-                with backward_precision():
-                    (monitor.scale(loss) if monitor is not None else loss).backward()
+                opt = build_optimizer(m)
             except PrecisionDoctorError:
                 raise
             except Exception as e:
-                raise PrecisionDoctorError(
-                    f"the {mode} training step {i} raised {type(e).__name__}: {e}"
-                ) from e
-            loss_v = float(loss.detach())
-            rank_losses: list[float] = []
-            finite = _grads_finite(params)
-            if job is not None:
-                rank_losses, finite = _average_step(job, m, loss_v, finite)
-                loss_v = math.fsum(rank_losses) / len(rank_losses)
-            skipped = False
-            with optimizer_precision():
-                if monitor is not None:
-                    monitor.step(opt)
-                    monitor.update()
-                    skipped = bool(monitor.skipped_steps) and monitor.skipped_steps[-1] == i
-                elif i in skip:
-                    skipped = True
-                else:
-                    opt.step()  # as a real run would: non-finite gradients reach the weights
-            records.append(StepRecord(
-                step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped, rank_losses=rank_losses,
-            ))
-    del m, opt, precision, optimizer_precision
-    return ModeRun(
-        mode=mode,
-        description=description,
-        units=dict(units) if units is not None else {},
-        init_scale_log2=init_scale_log2,
-        steps=records,
-        skipped_steps=[r.step for r in records if r.skipped],
-        nonfinite_steps=[
-            r.step for r in records if not math.isfinite(r.loss) or (not r.grads_finite and not r.skipped)
-        ],
-        seconds=time.perf_counter() - t0,
-    )
+                raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
+        self.model, self.opt = m, opt
+        # The optimizer's parameters only, as GradScaler checks them: a gradient it never
+        # applies (a parameter it does not hold) cannot reach the weights.
+        self.params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        self.monitor: ScalerMonitor | None = None
+        if init_scale_log2 is not None:
+            self.monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
+        # Forward and loss as `with torch.autocast(...): loss = ...`, the backward outside it
+        # as PyTorch prescribes (`low_precision_backward`); the update: fp32 master weights
+        # under autocast (no context), the low parameters' update in the pure regime (its
+        # fp16 arithmetic emulated on the CPU as the forward's).
+        no_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+        self.precision, self.backward_precision, self.optimizer_precision = no_context, no_context, no_context
+        if dtype is not None:
+            self.precision = functools.partial(low_precision, m, dtype, regime=regime, policy=policy)
+            self.backward_precision = functools.partial(low_precision_backward, m, dtype)
+            if self.pure:
+                self.optimizer_precision = self.precision
+
+    def step(self, i: int, b: Any) -> StepRecord:
+        """Optimizer step `i` on batch `b`."""
+        if self.pure:
+            assert self.dtype is not None
+            b = _cast_batch(b, self.dtype)
+        self.opt.zero_grad(set_to_none=True)
+        monitor = self.monitor
+        scale = monitor.get_scale() if monitor is not None else None
+        try:
+            with self.precision():
+                loss = resolve_loss(run_model(self.model, b), b, self.loss_fn)
+            with self.backward_precision():
+                (monitor.scale(loss) if monitor is not None else loss).backward()
+        except PrecisionDoctorError:
+            raise
+        except Exception as e:
+            raise PrecisionDoctorError(f"the {self.mode} training step {i} raised {type(e).__name__}: {e}") from e
+        loss_v, rank_losses, finite = self.place.step_loss(self.model, float(loss.detach()), _grads_finite(self.params))
+        skipped = False
+        with self.optimizer_precision():
+            if monitor is not None:
+                monitor.step(self.opt)
+                monitor.update()
+                skipped = bool(monitor.skipped_steps) and monitor.skipped_steps[-1] == i
+            elif i in self.skip:
+                skipped = True
+            else:
+                self.opt.step()  # as a real run would: non-finite gradients reach the weights
+        return StepRecord(step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped, rank_losses=rank_losses)
+
+
+@dataclass(frozen=True)
+class _Trainer:
+    """What every short training run shares: where it runs, the optimizer (or how one is
+    built) and the batches."""
+
+    place: _Place
+    optimizer: torch.optim.Optimizer | None
+    build_optimizer: OptimizerFactory
+    batches: Sequence[Any]
+    loss_fn: LossFn | None
+
+    def run(
+        self,
+        mode: str,
+        description: str,
+        *,
+        dtype: torch.dtype | None,
+        regime: Regime = Regime.AUTOCAST,
+        policy: AutocastPolicy = AutocastPolicy.CUDA,
+        units: Mapping[str, UnitDtype] | None,
+        init_scale_log2: int | None,
+        skip: frozenset[int] = frozenset(),
+    ) -> ModeRun:
+        """`len(batches)` optimizer steps of one configuration (`_TrainingRun`), with `units`'
+        overrides (a plan's, autocast regime only) installed as `apply_plan` installs them.
+
+        In a torch.distributed job every rank trains its copy on its own batches, data
+        parallel: the gradients are averaged across ranks before each update, as DDP averages
+        them, so the copies stay equal and GradScaler decides alike on every rank; each step's
+        loss is the ranks' mean (each rank's in `rank_losses`)."""
+        t0 = time.perf_counter()
+        if dtype is not None and regime is Regime.PURE and units is not None:
+            raise PrecisionDoctorError("a plan's per-unit dtypes run under autocast, not in the pure regime")
+        run = _TrainingRun(
+            self.place, self.optimizer, self.build_optimizer, self.loss_fn, mode=mode, dtype=dtype, regime=regime,
+            policy=policy, init_scale_log2=init_scale_log2, skip=skip,
+        )
+        with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
+            if self.place.sharded:  # the model itself: put back afterwards
+                guard = installed.enter_context(ModelStateGuard(run.model))
+                for p in run.model.parameters():
+                    guard.before_mutation(p)
+            if dtype is not None and units is not None:
+                # The plan's units ("" is the default of those it does not name: fp32, so none).
+                low = {u: d != "fp32" for u, d in units.items() if u != ""}
+                installed.enter_context(unit_overrides(run.model, low, dtype))
+            torch.manual_seed(SEED)
+            records = [run.step(i, b) for i, b in enumerate(self.batches)]
+        del run
+        return ModeRun(
+            mode=mode,
+            description=description,
+            units=dict(units) if units is not None else {},
+            init_scale_log2=init_scale_log2,
+            steps=records,
+            skipped_steps=[r.step for r in records if r.skipped],
+            nonfinite_steps=[
+                r.step for r in records if not math.isfinite(r.loss) or (not r.grads_finite and not r.skipped)
+            ],
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _average_step(job: Job, model: torch.nn.Module, loss: float, finite: bool) -> tuple[list[float], bool]:
@@ -613,12 +681,94 @@ def preflight(
     the model for each run (its state and hyperparameters carry over); otherwise
     `build_optimizer(model_copy)`, else AdamW(lr=1e-4). `plan=False` skips the planned run.
 
+    The phases, in order: validate the options (`_validate`) and decide where the pre-flight
+    runs (`_Place`: copies or the FSDP2 model itself, one process or a job's rank); the
+    analysis and plan (`_analyze_and_plan`); the short training runs (`_training_runs`); each
+    compared with an fp32 run skipping the same steps (`_compared`); the judgment (`_Judge`).
+
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     >>> result = pd.preflight(net, torch.randn(8, 4), lambda out, b: out.pow(2).mean(), steps=2, plan=False)
     >>> bool(result), result.runs["low"].skipped_steps
     (True, [])
     """
+    low, run_regime, op_policy, risks = _validate(
+        model, dtype, regime, policy, fail_on, judge, plan, steps, max_skipped_steps, loss_tolerance, optimizer,
+        build_optimizer,
+    )
+    place = _Place.of(model)
+    say = progress or (lambda _msg: None)
+    timings: dict[str, float] = {}
+    batches = _batches(batch, make_batches, steps)
+    report, plan_units, planned_scale = _analyze_and_plan(
+        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings
+    )
+    pure = run_regime is Regime.PURE
+    # The planned run runs the plan as it was verified: autocast with the report's op lists.
+    plan_policy = report.environment.policy or AutocastPolicy.CUDA
+    trainer = _Trainer(place, optimizer, build_optimizer or _default_optimizer, batches, loss_fn)
+    messages: list[str] = []
+    runs = _training_runs(trainer, low, run_regime, op_policy, plan_policy, plan_units, planned_scale, say, messages)
+    for k in ("fp32", "low", "planned"):
+        if k in runs:
+            timings[f"run_{k}"] = runs[k].seconds
+    runs = _compared(trainer, runs, say, timings)
+
+    judging = _Judge(
+        report, runs, low, pure, thresholds or Thresholds(), plan_units, planned_scale, loss_tolerance,
+        max_skipped_steps,
+    )
+    judged = judging.found(judge)
+    reasons = [r for r in judged if _selected(r, risks)]
+    notes = [r for r in judged if not _selected(r, risks)]
+    planned_go: bool | None = None
+    if "planned" in runs:
+        planned_go = not any(_selected(r, risks) for r in judging.found("planned"))
+        if judge == "low":
+            notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
+
+    return PreflightResult(
+        model=report.model,
+        dtype=low,
+        regime=run_regime,
+        policy=plan_policy if "planned" in runs else (None if pure else op_policy),
+        steps=steps,
+        optimizer=_optimizer_name(optimizer, build_optimizer, place.model),
+        judge=judge,
+        fail_on=list(risks),
+        loss_tolerance=loss_tolerance,
+        max_skipped_steps=max_skipped_steps,
+        go=not reasons,
+        reasons=reasons,
+        notes=notes,
+        planned_go=planned_go,
+        analysis_verdict=report.verdict,
+        flagged_units=_flagged_units(report),
+        runs=runs,
+        loss_scale=report.extras.loss_scale,
+        plan=report.extras.plan,
+        timings_s={k: round(v, 4) for k, v in timings.items()},
+        messages=messages,
+        report=report,
+    )
+
+
+def _validate(
+    model: torch.nn.Module,
+    dtype: str | LowDtype,
+    regime: str | Regime,
+    policy: str | AutocastPolicy,
+    fail_on: str | Iterable[str] | None,
+    judge: str,
+    plan: bool,
+    steps: int,
+    max_skipped_steps: int,
+    loss_tolerance: float,
+    optimizer: torch.optim.Optimizer | None,
+    build_optimizer: OptimizerFactory | None,
+) -> tuple[LowDtype, Regime, AutocastPolicy, tuple[str, ...]]:
+    """The options parsed (the dtype, regime, op policy and `fail_on`'s risks) and checked
+    before anything runs, with the one model that torch's fp16 training cannot train."""
     low = parse_enum(LowDtype, dtype, "dtype")
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
@@ -648,58 +798,72 @@ def preflight(
             f"together ({mixed[0]!r} is a DTensor, {mixed[1]!r} is not); distribute every trained parameter "
             "(parallelize_module/distribute_module), or pre-flight it with --dtype bf16 (no loss scaler)"
         )
-    # In a torch.distributed job each rank runs the pre-flight on its own batches: the analysis
-    # and plan are the job's, the short runs train data parallel (see `_run`), and every rank
-    # reaches the same verdict. A DDP model's copies are copies of its `module`.
-    wrapped = model
-    model, wrapper = unwrap(model)
-    job = Job.of(model, wrapper)
-    say = progress or (lambda _msg: None)
-    build = build_optimizer or _default_optimizer
-    tdtype = TORCH_DTYPES[low]
-    timings: dict[str, float] = {}
-    messages: list[str] = []
+    return low, run_regime, op_policy, risks
 
+
+def _analyze_and_plan(
+    place: _Place,
+    batch: Any,
+    loss_fn: LossFn | None,
+    low: LowDtype,
+    regime: Regime,
+    policy: AutocastPolicy,
+    thresholds: Thresholds | None,
+    name: str | None,
+    plan: bool,
+    target: str,
+    say: Progress,
+    timings: dict[str, float],
+) -> tuple[Report, dict[str, UnitDtype] | None, int | None]:
+    """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
+    units (None: no plan) and the recommended initial loss scale (fp16 only)."""
     from precision_doctor.analysis.engine import analyze
 
-    batches = _batches(batch, make_batches, steps)
     say("analysis")
     t = time.perf_counter()
-    # The analysis restores the model it is given; a copy keeps even that out of the user's way.
-    # torch cannot copy an FSDP2 model: the analysis and the plan get it itself (they put it back).
-    sharded = bool(fsdp_modules(model))
     report = analyze(
-        wrapped if wrapped is not model or sharded else _copy(model, "model"), batch, loss_fn, low, thresholds=thresholds, name=name or type(model).__name__,
-        regime=run_regime, policy=op_policy,
+        place.for_analysis(), batch, loss_fn, low, thresholds=thresholds, name=name or type(place.model).__name__,
+        regime=regime, policy=policy,
     )
     timings["analysis"] = time.perf_counter() - t
+    if not plan:
+        return report, None, None
+    say("plan and loss scale")
+    t = time.perf_counter()
+    from precision_doctor.planning.pipeline import plan_report
 
+    report = plan_report(place.for_plan(), batch, loss_fn, report, target=target)
     plan_units: dict[str, UnitDtype] | None = None
-    planned_scale: int | None = None
-    if plan:
-        say("plan and loss scale")
-        t = time.perf_counter()
-        from precision_doctor.planning.pipeline import plan_report
+    if report.extras.plan is not None:
+        plan_units = dict(report.extras.plan.units)
+        plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
+    ls = report.extras.loss_scale
+    planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None
+    timings["plan"] = time.perf_counter() - t
+    return report, plan_units, planned_scale
 
-        report = plan_report(model if sharded else _copy(model, "model"), batch, loss_fn, report, target=target)
-        if report.extras.plan is not None:
-            plan_units = dict(report.extras.plan.units)
-            plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
-        ls = report.extras.loss_scale
-        planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None
-        timings["plan"] = time.perf_counter() - t
 
-    pure = run_regime is Regime.PURE
+def _training_runs(
+    trainer: _Trainer,
+    low: LowDtype,
+    regime: Regime,
+    policy: AutocastPolicy,
+    plan_policy: AutocastPolicy,
+    plan_units: Mapping[str, UnitDtype] | None,
+    planned_scale: int | None,
+    say: Progress,
+    messages: list[str],
+) -> dict[str, ModeRun]:
+    """The fp32 reference, the plain low-precision recipe of `regime` and, with a plan, the
+    planned mix (`plan_policy`'s autocast op lists)."""
+    runs: dict[str, ModeRun] = {}
+    say("fp32 run")
+    runs["fp32"] = trainer.run("fp32", "fp32 reference", dtype=None, units=None, init_scale_log2=None)
+    say(f"{low} run")
+    pure = regime is Regime.PURE
     # GradScaler is for fp32 master weights: on a pure fp16 model its `step` raises
     # "Attempting to unscale FP16 gradients", so pure fp16 trains without one.
     default_scale = 16 if low is LowDtype.FP16 and not pure else None
-    # The planned run runs the plan as it was verified: autocast with the report's op lists.
-    plan_policy = report.environment.policy or AutocastPolicy.CUDA
-    args = (optimizer, build, batches, loss_fn)
-    runs: dict[str, ModeRun] = {}
-    say("fp32 run")
-    runs["fp32"] = _run("fp32", "fp32 reference", model, *args, dtype=None, units=None, init_scale_log2=None, job=job)
-    say(f"{low} run")
     scaler_txt = f", GradScaler from 2^{default_scale}" if default_scale is not None else ", no loss scaler"
     if pure:
         low_desc = f"model.to({low}), inputs cast{scaler_txt}"
@@ -709,10 +873,10 @@ def preflight(
                 "(torch refuses them), so pure fp16 trains unscaled; gradients below fp16's range flush to 0"
             )
     else:
-        low_desc = f"torch.autocast({low}, {op_policy} op lists){scaler_txt}"
-    runs["low"] = _run(
-        "low", low_desc, model, *args, dtype=tdtype, regime=run_regime, policy=op_policy, units=None,
-        init_scale_log2=default_scale, job=job,
+        low_desc = f"torch.autocast({low}, {policy} op lists){scaler_txt}"
+    tdtype = TORCH_DTYPES[low]
+    runs["low"] = trainer.run(
+        "low", low_desc, dtype=tdtype, regime=regime, policy=policy, units=None, init_scale_log2=default_scale
     )
     if plan_units is not None:
         say("planned run")
@@ -722,59 +886,100 @@ def preflight(
         desc = f"plan: {n_low} unit(s) low under torch.autocast({low}, {plan_policy} op lists)" + (
             f", GradScaler from 2^{s}" if s is not None else ", no loss scaler"
         )
-        runs["planned"] = _run(
-            "planned", desc, model, *args, dtype=tdtype, regime=Regime.AUTOCAST, policy=plan_policy,
-            units=plan_units, init_scale_log2=s, job=job,
+        runs["planned"] = trainer.run(
+            "planned", desc, dtype=tdtype, regime=Regime.AUTOCAST, policy=plan_policy, units=plan_units,
+            init_scale_log2=s,
         )
-    for k in ("fp32", "low", "planned"):
-        if k in runs:
-            timings[f"run_{k}"] = runs[k].seconds
-    # Like with like: a step GradScaler skipped applied no update, so the run's later losses
-    # come one update behind the fp32 run's at the same step. Each run is compared with an
-    # fp32 run that skipped the same steps (on the same batches, with the same dropout
-    # draws); its skipped steps are reported as such (SKIPPED_STEPS), not as divergence.
-    references: dict[frozenset[int], ModeRun] = {frozenset(): runs["fp32"]}
+    return runs
 
-    def reference(run: ModeRun) -> ModeRun:
+
+def _compared(
+    trainer: _Trainer, runs: Mapping[str, ModeRun], say: Progress, timings: dict[str, float]
+) -> dict[str, ModeRun]:
+    """Each low run with its divergence from fp32 (`_with_divergence`). Like with like: a step
+    GradScaler skipped applied no update, so the run's later losses come one update behind
+    the fp32 run's at the same step. Each run is compared with an fp32 run that skipped the
+    same steps (on the same batches, with the same dropout draws), one per set of skipped
+    steps; its skipped steps are reported as such (SKIPPED_STEPS), not as divergence."""
+    references: dict[frozenset[int], ModeRun] = {frozenset(): runs["fp32"]}
+    out: dict[str, ModeRun] = {}
+    for k, run in runs.items():
+        if k == "fp32":
+            out[k] = run
+            continue
         skipped = frozenset(run.skipped_steps)
         if skipped not in references:
             say(f"fp32 run skipping steps {_ranges(sorted(skipped))}")
-            ref = _run(
-                "fp32", "fp32 reference, skipping the same steps", model, *args, dtype=None, units=None,
-                init_scale_log2=None, skip=skipped, job=job,
+            ref = trainer.run(
+                "fp32", "fp32 reference, skipping the same steps", dtype=None, units=None, init_scale_log2=None,
+                skip=skipped,
             )
             references[skipped] = ref
             timings["run_fp32_skipping"] = timings.get("run_fp32_skipping", 0.0) + ref.seconds
-        return references[skipped]
+        out[k] = _with_divergence(run, references[skipped])
+    return out
 
-    runs = {k: (_with_divergence(r, reference(r)) if k != "fp32" else r) for k, r in runs.items()}
 
-    # --- judging ---------------------------------------------------------------------------
-    fp32_reasons: list[Reason] = []
-    if runs["fp32"].nonfinite_steps:
-        first = runs["fp32"].nonfinite_steps[0]
-        fp32_reasons.append(
-            Reason(
-                risk=Flag.NONFINITE_FP32.value,
-                mode="fp32",
-                message=(
-                    f"the fp32 run itself goes non-finite at step {first}: the model or optimizer "
-                    "diverges before any precision change (learning rate?)"
-                ),
-            )
-        )
+# --- judging ---------------------------------------------------------------------------------
+
+
+def _flagged_units(report: Report) -> dict[str, list[str]]:
+    """The analysis' flag names by unit, each once."""
     flagged: dict[str, list[str]] = {}
     for f in report.flags():
         flagged.setdefault(f.unit, [])
         if f.flag.value not in flagged[f.unit]:
             flagged[f.unit].append(f.flag.value)
+    return flagged
 
-    th = thresholds or Thresholds()
-    grad_flags = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
 
-    def analysis_reasons(units: Mapping[str, str] | None, scale_log2: int | None) -> list[Reason]:
+@dataclass(frozen=True)
+class _Judge:
+    """The risks found for a configuration (`found`): the low recipe (`"low"`) or the plan
+    (`"planned"`), from the fp32 run, the analysis' flags that apply to it and its own run."""
+
+    report: Report
+    runs: Mapping[str, ModeRun]
+    low: LowDtype
+    pure: bool
+    th: Thresholds
+    plan_units: Mapping[str, UnitDtype] | None
+    planned_scale: int | None
+    loss_tolerance: float
+    max_skipped_steps: int
+
+    def found(self, config: str) -> list[Reason]:
+        if config == "low":
+            # Pure fp16 trains unscaled: its gradients are judged at 2^0, not GradScaler's.
+            units, scale = None, (0 if self.pure and self.low is LowDtype.FP16 else None)
+        else:  # the plan's units at the plan's recommended scale (fp16 only: bf16 has no scaler)
+            units, scale = self.plan_units, self.planned_scale if self.low is LowDtype.FP16 else None
+        return (
+            self.fp32_reasons()
+            + self.analysis_reasons(units, scale)
+            + _run_reasons(self.runs[config], self.loss_tolerance, self.max_skipped_steps)
+        )
+
+    def fp32_reasons(self) -> list[Reason]:
+        """NONFINITE_FP32 when the fp32 run itself broke: it fails every judgment."""
+        fp32 = self.runs["fp32"]
+        if not fp32.nonfinite_steps:
+            return []
+        return [
+            Reason(
+                risk=Flag.NONFINITE_FP32.value,
+                mode="fp32",
+                message=(
+                    f"the fp32 run itself goes non-finite at step {fp32.nonfinite_steps[0]}: the model or optimizer "
+                    "diverges before any precision change (learning rate?)"
+                ),
+            )
+        ]
+
+    def analysis_reasons(self, units: Mapping[str, str] | None, scale_log2: int | None) -> list[Reason]:
         """The analysis' flags that apply to a configuration: those of the units it runs low
         (and NONFINITE_FP32 anywhere), with the gradient flags judged at its loss scale."""
+        report, th = self.report, self.th
         flags = report.flags()
         if units is not None:
             # Measured on the all-low run at its own loss scale: a plan changes both (its own
@@ -782,10 +987,13 @@ def preflight(
             flags = [f for f in flags if f.flag is not Flag.GRAD_DIVERGENCE]
         if scale_log2 is not None and scale_log2 != th.grad_scale_log2:
             # Pure fp16 (judged at 2^0) has no GradScaler to back off or grow.
-            scaler, ceiling = not pure or units is not None, report_scale_ceiling(report)
+            scaler, ceiling = not self.pure or units is not None, report_scale_ceiling(report)
+            grad_flags = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
             flags = [f for f in flags if f.flag not in grad_flags] + [
                 f for u in report.units
-                for f in gradient_flags_at_scale(u, scale_log2, LIMITS[low], th, scaler=scaler, ceiling_log2=ceiling)
+                for f in gradient_flags_at_scale(
+                    u, scale_log2, LIMITS[self.low], th, scaler=scaler, ceiling_log2=ceiling
+                )
             ]
             flags.sort(key=report.flag_order)
         out = []
@@ -796,51 +1004,3 @@ def preflight(
                     risk=f.flag.value, mode="analysis", unit=f.unit, message=f.evidence.message, severity=f.severity,
                 ))
         return out
-
-    def found_for(config: str) -> list[Reason]:
-        if config == "low":
-            # Pure fp16 trains unscaled: its gradients are judged at 2^0, not GradScaler's.
-            units, scale = None, (0 if pure and low is LowDtype.FP16 else None)
-        else:  # the plan's units at the plan's recommended scale (fp16 only: bf16 has no scaler)
-            units, scale = plan_units, planned_scale if low is LowDtype.FP16 else None
-        return (
-            fp32_reasons
-            + analysis_reasons(units, scale)
-            + _run_reasons(runs[config], loss_tolerance, max_skipped_steps)
-        )
-
-    judged = found_for(judge)
-    reasons = [r for r in judged if _selected(r, risks)]
-    notes = [r for r in judged if not _selected(r, risks)]
-    planned_go: bool | None = None
-    if "planned" in runs:
-        planned_found = found_for("planned")
-        planned_go = not any(_selected(r, risks) for r in planned_found)
-        if judge == "low":
-            notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
-
-    return PreflightResult(
-        model=report.model,
-        dtype=low,
-        regime=run_regime,
-        policy=plan_policy if "planned" in runs else (None if pure else op_policy),
-        steps=steps,
-        optimizer=_optimizer_name(optimizer, build_optimizer, model),
-        judge=judge,
-        fail_on=list(risks),
-        loss_tolerance=loss_tolerance,
-        max_skipped_steps=max_skipped_steps,
-        go=not reasons,
-        reasons=reasons,
-        notes=notes,
-        planned_go=planned_go,
-        analysis_verdict=report.verdict,
-        flagged_units=flagged,
-        runs=runs,
-        loss_scale=report.extras.loss_scale,
-        plan=report.extras.plan,
-        timings_s={k: round(v, 4) for k, v in timings.items()},
-        messages=messages,
-        report=report,
-    )
-

@@ -1,0 +1,1 @@
+"""The runtime stage: how this process takes part in a torch.distributed job (`runtime.distributed`)."""
