@@ -22,7 +22,7 @@ from precision_doctor.options import (
     Thresholds,
 )
 from precision_doctor.planning.pipeline import plan_report
-from precision_doctor.planning.plan import Plan, apply_plan, plan_model
+from precision_doctor.planning.plan import Plan, apply_plan
 from precision_doctor.planning.timing import measure_cost_model
 from precision_doctor.report import SCHEMA_VERSION, Report
 from precision_doctor.training.monitor import ScalerMonitor
@@ -48,8 +48,25 @@ __all__ = [
     "analyze",
     "apply_plan",
     "measure_cost_model",
-    "plan_model",
     "plan_report",
     "preflight",
     "recommend_loss_scale",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Old spellings kept for users' scripts; not in __all__.
+    if name == "plan_model":
+        import warnings
+
+        from precision_doctor.planning import plan
+
+        warnings.warn(
+            "precision_doctor.plan_model is deprecated: plan a report with plan_report(model, batch, loss_fn, "
+            "report) and take its plan with Plan.from_report(planned) (or pass the planned report to apply_plan)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return plan.plan_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

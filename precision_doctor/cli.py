@@ -210,7 +210,7 @@ def analyze(
             progress.advance(task)
 
         report = run_analysis(
-            spec.model, spec.batch, spec.loss_fn, dtype, thresholds=thresholds, name=spec.name, progress=step,
+            spec.model, spec.batch, spec.loss_fn, dtype=dtype, thresholds=thresholds, name=spec.name, progress=step,
             regime=regime, policy=policy,
         )
     plan_wanted = out is not None or cost is CostSource.MEASURED or any(

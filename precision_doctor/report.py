@@ -444,10 +444,15 @@ class Report(_Frozen):
                 out.append((u.name, factor))
         return sorted(out, key=lambda kv: -kv[1])
 
-    def __bool__(self) -> bool:
+    @property
+    def safe(self) -> bool:
         """True when the model is safe to train in the low dtype as-is: no error-severity
         finding and the final-loss error within `thresholds.loss_rel_error`."""
         return Severity.ERROR not in self.severity_counts() and self.loss_within_tolerance
+
+    def __bool__(self) -> bool:
+        """`self.safe`: a report passes as a comparison result does."""
+        return self.safe
 
     @property
     def verdict(self) -> str:

@@ -51,7 +51,7 @@ def cases() -> Iterator[tuple[str, Any]]:
                 def run(path: Path = path, regime: str = regime, policy: str = policy, dtype: str = dtype) -> Any:
                     spec = load_model_file(path)
                     return pd.analyze(
-                        spec.model, spec.batch, spec.loss_fn, dtype, regime=regime, policy=policy, name=spec.name
+                        spec.model, spec.batch, spec.loss_fn, dtype=dtype, regime=regime, policy=policy, name=spec.name
                     )
 
                 yield name, run
@@ -62,7 +62,7 @@ def cases() -> Iterator[tuple[str, Any]]:
 
             def run_fixture(fixture: str = fixture, dtype: str = dtype) -> Any:
                 case = getattr(fixtures, f"build_{fixture}")()
-                return pd.analyze(case.model, case.batch, case.loss_fn, dtype, name=fixture)
+                return pd.analyze(case.model, case.batch, case.loss_fn, dtype=dtype, name=fixture)
 
             yield f"fixture-{fixture}-{dtype}", run_fixture
 

@@ -154,10 +154,10 @@ def main(out_dir: Path) -> None:
     half = case.batch[ROWS * rank : ROWS * (rank + 1)].clone()
     for dtype, scale in (("bf16", 1.0), ("fp16", FP16_SCALE)):
         model = fsdp_of()
-        results[f"fsdp/{dtype}"] = [json.loads(pd.analyze(model, half * scale, loss_fn, dtype).to_json()) for _ in range(3)]
+        results[f"fsdp/{dtype}"] = [json.loads(pd.analyze(model, half * scale, loss_fn, dtype=dtype).to_json()) for _ in range(3)]
 
     th = pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
-    results["fsdp_grads"] = json.loads(pd.analyze(fsdp_of(), half, loss_fn, "bf16", policy="cpu", thresholds=th).to_json())
+    results["fsdp_grads"] = json.loads(pd.analyze(fsdp_of(), half, loss_fn, dtype="bf16", policy="cpu", thresholds=th).to_json())
 
     # Collectives: a plain step's forward and backward, then an analysis.
     model = fsdp_of()
@@ -165,11 +165,11 @@ def main(out_dir: Path) -> None:
     forward = passes(model, lambda: out.append(loss_fn(model(half), half)), wrappers)
     backward = passes(model, lambda: out.pop().backward(), wrappers)
     model = fsdp_of()
-    analysis = passes(model, lambda: pd.analyze(model, half, loss_fn, "bf16"), wrappers)
+    analysis = passes(model, lambda: pd.analyze(model, half, loss_fn, dtype="bf16"), wrappers)
     results["fsdp_counts"] = {"forward": forward, "backward": backward, "analysis": analysis}
 
     try:
-        pd.analyze(fsdp_of(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)), half, loss_fn, "bf16")
+        pd.analyze(fsdp_of(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)), half, loss_fn, dtype="bf16")
         results["fsdp_mixed"] = None
     except Exception as e:
         results["fsdp_mixed"] = failure(e)
@@ -180,7 +180,7 @@ def main(out_dir: Path) -> None:
         model, replica = make(), make()
         before = checksum(model)
         params_before = [id(p) for p in model.parameters()]
-        pd.analyze(model, x, loss_fn, "bf16")
+        pd.analyze(model, x, loss_fn, dtype="bf16")
         results[name] = {
             "before": before,
             "after": checksum(model),
@@ -195,7 +195,7 @@ def main(out_dir: Path) -> None:
     if rank == 1:
         bad[0, 0] = float("nan")
     try:
-        pd.analyze(model, bad, loss_fn, "bf16")
+        pd.analyze(model, bad, loss_fn, dtype="bf16")
         error = None
     except Exception as e:
         error = failure(e)
@@ -256,7 +256,7 @@ def main(out_dir: Path) -> None:
         reports: list[Any] = []
 
         def analyze(model: nn.Module = model, dtype: str = dtype, reports: list[Any] = reports) -> None:
-            reports.append(pd.analyze(model, case.batch, loss_fn, dtype, policy="cpu"))
+            reports.append(pd.analyze(model, case.batch, loss_fn, dtype=dtype, policy="cpu"))
 
         counts = passes(model, analyze, wrappers)
         results[f"tp/{dtype}"] = {
@@ -282,7 +282,7 @@ def main(out_dir: Path) -> None:
     model.fc2.register_forward_pre_hook(boom)
     began = time.monotonic()
     try:
-        pd.analyze(model, half, loss_fn, "bf16")
+        pd.analyze(model, half, loss_fn, dtype="bf16")
         results["fsdp_raises"] = None
     except Exception as e:
         results["fsdp_raises"] = {**failure(e), "seconds": time.monotonic() - began, "group": dist.is_initialized()}

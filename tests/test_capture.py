@@ -74,7 +74,7 @@ def analyzed(name: str) -> tuple[Case, pd.Report]:
     if name not in _reports:
         case = build(name)
         torch.manual_seed(SEED)
-        report = pd.analyze(case.model, case.batch, case.loss_fn, "fp16")
+        report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16")
         _reports[name] = (case, report)
     return _reports[name]
 
@@ -239,7 +239,7 @@ def test_mlp_fp16_loss_matches_hand_emulation() -> None:
 def test_mlp_bf16_loss_matches_hand_emulation() -> None:
     case = build("mlp")
     m = case.model
-    report = pd.analyze(m, case.batch, case.loss_fn, "bf16")
+    report = pd.analyze(m, case.batch, case.loss_fn, dtype="bf16")
 
     def r(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(torch.bfloat16).float()
@@ -892,7 +892,7 @@ def test_complex_rotary_embedding_in_bf16(regime: str) -> None:
     def loss_fn(out: torch.Tensor, b: Any) -> torch.Tensor:
         return out.pow(2).mean()
 
-    report = pd.analyze(model, x, loss_fn, "bf16", regime=regime, policy="cpu")
+    report = pd.analyze(model, x, loss_fn, dtype="bf16", regime=regime, policy="cpu")
     with torch.no_grad():
         ref = float(loss_fn(model(x), x))
         if regime == "autocast":

@@ -184,7 +184,7 @@ def test_ddp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
     # one process on the whole batch (whose numbers differ: its low gradients are rounded
     # after the whole batch's sum, not per half).
     whole = pd.analyze(
-        case.model, case.batch, case.loss_fn, "bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+        case.model, case.batch, case.loss_fn, dtype="bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
     )
     grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
     assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning")}

@@ -23,7 +23,7 @@ def _analyze(regime: str) -> tuple[pd.Report, torch.Tensor]:
     moves in steps of 4, so the update u (~0.1) is lost inside `step` while its output (~100)
     carries only a small error. Returns the report and u."""
     spec = load_model_file(LOST_UPDATE)
-    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "bf16", regime=regime)
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16", regime=regime)
     return report, spec.batch[1]
 
 
@@ -61,5 +61,5 @@ def test_matmul_accumulation_is_no_growth() -> None:
     """A healthy Linear in bf16: its output error is a few roundings of its inputs', not growth."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    report = pd.analyze(net, torch.randn(32, 64), lambda o, b: o.pow(2).mean(), "bf16", regime="pure")
+    report = pd.analyze(net, torch.randn(32, 64), lambda o, b: o.pow(2).mean(), dtype="bf16", regime="pure")
     assert not any(f.flag is Flag.ERROR_GROWTH for f in report.flags()), report.flags()

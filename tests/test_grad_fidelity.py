@@ -67,7 +67,7 @@ def by_hand(ref: dict[str, np.ndarray], low: dict[str, np.ndarray]) -> dict[str,
 
 def compare(case_model: nn.Module, batch: Any, loss_fn: LossFn | None, dtype: str, regime: str) -> tuple[pd.Report, dict[str, tuple[float, float | None]]]:
     rng = torch.get_rng_state()
-    report = pd.analyze(case_model, batch, loss_fn, dtype, regime=regime, policy="cpu")
+    report = pd.analyze(case_model, batch, loss_fn, dtype=dtype, regime=regime, policy="cpu")
     assert report.grad_fidelity is not None
     k = report.grad_fidelity.scale_log2
     ref = real_gradients(case_model, batch, loss_fn, None, regime, 0, rng)
@@ -111,7 +111,7 @@ def test_model_wide_numbers_count_a_tied_weight_once() -> None:
     sums count it once."""
     case = build("gpt2")
     rng = torch.get_rng_state()
-    report = pd.analyze(case.model, case.batch, case.loss_fn, "bf16", policy="cpu")
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", policy="cpu")
     assert report.grad_fidelity is not None
     ref = real_gradients(case.model, case.batch, case.loss_fn, None, "autocast", 0, rng)
     low = real_gradients(case.model, case.batch, case.loss_fn, "bf16", "autocast", 0, rng)
@@ -134,7 +134,7 @@ def test_planted_unscaled_gradients_are_lost_in_pure_fp16() -> None:
     `model.half()` run too; under autocast the recommended scale keeps them."""
     spec = _sample("unscaled_gradients")
     rng = torch.get_rng_state()
-    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16", regime="pure")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="fp16", regime="pure")
     assert report.grad_fidelity is not None and report.grad_fidelity.scale_log2 == 0
     real = by_hand(
         real_gradients(spec.model, spec.batch, spec.loss_fn, None, "pure", 0, rng),
@@ -150,7 +150,7 @@ def test_planted_unscaled_gradients_are_lost_in_pure_fp16() -> None:
     assert [f.unit for f in report.flags()] == ["embed"] and report.losses.rel_error < 1e-6
     assert not report and "GRAD_DIVERGENCE" in report.verdict
 
-    scaled = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16", regime="autocast")
+    scaled = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="fp16", regime="autocast")
     assert scaled.grad_fidelity is not None and scaled.grad_fidelity.scale_log2 > 16
     assert not scaled.flags() and scaled.by_module()["embed"].backward.grad_fidelity.rel_l2_error < 1e-3  # type: ignore[union-attr]
 
@@ -197,7 +197,7 @@ def _args(name: str) -> tuple[Any, Any, Any]:
 def test_healthy_models_get_no_grad_divergence(name: str, dtype: str) -> None:
     case = build(name)
     for regime, policy in (("autocast", "cuda"), ("autocast", "cpu"), ("pure", "cuda")):
-        report = pd.analyze(case.model, case.batch, case.loss_fn, dtype, regime=regime, policy=policy)
+        report = pd.analyze(case.model, case.batch, case.loss_fn, dtype=dtype, regime=regime, policy=policy)
         assert report.grad_fidelity is not None and report.grad_fidelity.rel_l2_error < 0.05
         assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE], (regime, policy)
 
@@ -205,12 +205,12 @@ def test_healthy_models_get_no_grad_divergence(name: str, dtype: str) -> None:
 def test_thresholds_are_overridable() -> None:
     """A warning over grad_rel_error with the direction kept; an error below grad_cosine_min."""
     case = build("mlp")
-    strict = pd.analyze(case.model, case.batch, case.loss_fn, "bf16", thresholds=pd.Thresholds(grad_rel_error=1e-6))
+    strict = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", thresholds=pd.Thresholds(grad_rel_error=1e-6))
     flags = [f for f in strict.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
     assert {f.unit for f in flags} == {"fc1", "fc2"} and {f.severity for f in flags} == {pd.Severity.WARNING}
     assert all("the direction holds" in f.evidence.message for f in flags)
     assert strict  # warnings only: still safe
-    direction = pd.analyze(case.model, case.batch, case.loss_fn, "bf16", thresholds=pd.Thresholds(grad_cosine_min=1.0))
+    direction = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", thresholds=pd.Thresholds(grad_cosine_min=1.0))
     assert {f.severity for f in direction.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE} == {pd.Severity.ERROR}
     assert not direction
     with pytest.raises(pd.PrecisionDoctorError, match=r"grad_cosine_min=1\.5 is a cosine"):
@@ -232,10 +232,10 @@ def test_scale_is_the_recommendation_and_an_fp16_loss_caps_it() -> None:
     lists the mlp's loss (pow, mean) is an fp16 value, which the scale reaches as its gradient:
     2^15 at most, and a real GradScaler started at 2^16 skips one step there."""
     case = build("mlp")
-    cuda = pd.analyze(case.model, case.batch, case.loss_fn, "fp16")
+    cuda = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16")
     assert cuda.losses.low_dtype == "fp32"
     assert cuda.grad_fidelity is not None and cuda.grad_fidelity.scale_log2 == recommend_loss_scale(cuda).recommended_scale_log2 == 16
-    cpu = pd.analyze(case.model, case.batch, case.loss_fn, "fp16", policy="cpu")
+    cpu = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16", policy="cpu")
     advice = recommend_loss_scale(cpu)
     assert cpu.losses.low_dtype == "fp16"
     assert cpu.grad_fidelity is not None and cpu.grad_fidelity.scale_log2 == advice.recommended_scale_log2 == 15
@@ -269,7 +269,7 @@ def test_model_comes_back_as_it_went_in(name: str) -> None:
     next(case.model.parameters()).requires_grad_(False)
     before = snapshot(case.model)
     for regime in ("autocast", "pure"):
-        pd.analyze(case.model, case.batch, case.loss_fn, "fp16", regime=regime)
+        pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16", regime=regime)
         assert_restored(case.model, before)
 
 
@@ -291,7 +291,7 @@ def test_parameter_written_in_forward_still_gets_a_comparison() -> None:
     model = Clamped()
     x = torch.randn(8, 4)
     before = snapshot(model)
-    report = pd.analyze(model, x, lambda o, b: o.pow(2).mean(), "bf16", policy="cpu")
+    report = pd.analyze(model, x, lambda o, b: o.pow(2).mean(), dtype="bf16", policy="cpu")
     assert_restored(model, before)
     fid = report.by_module()["fc"].backward.grad_fidelity
     assert fid is not None and 1e-4 < fid.rel_l2_error < 0.05
@@ -305,7 +305,7 @@ def test_parameter_written_in_forward_still_gets_a_comparison() -> None:
 
 def test_report_round_trips_and_queries() -> None:
     spec = _sample("unscaled_gradients")
-    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16", regime="pure")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="fp16", regime="pure")
     again = pd.Report.from_json(report.to_json())
     assert again == report
     assert list(again.grad_fidelity_by_unit()) == ["embed", "head"]  # worst first
@@ -402,7 +402,7 @@ def test_a_gradient_that_carries_nothing_is_not_a_divergence(dtype: str) -> None
     assert report  # safe to train
 
     # The threshold is what spares it: at 0 the same residue is a finding.
-    strict = pd.analyze(model, x, loss_fn, dtype, policy="cpu", thresholds=pd.Thresholds(grad_error_share_min=0.0))
+    strict = pd.analyze(model, x, loss_fn, dtype=dtype, policy="cpu", thresholds=pd.Thresholds(grad_error_share_min=0.0))
     assert {f.unit for f in strict.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE} == {"shift"}
 
 
@@ -452,7 +452,7 @@ def test_fp32_norm_is_fp32s_own_where_every_low_gradient_overflows() -> None:
         return 1000 * out.float().mean()  # d loss / d big.weight = 1000 * mean(x) ~ 1e5 > 65504
 
     rng = torch.get_rng_state()
-    report = pd.analyze(model, x, loss_fn, "fp16", regime="pure")
+    report = pd.analyze(model, x, loss_fn, dtype="fp16", regime="pure")
     assert report.grad_fidelity is not None and report.grad_fidelity.scale_log2 == 0
     low = real_gradients(model, x, loss_fn, "fp16", "pure", 0, rng)
     assert np.isinf(low["big.weight"]).all() and np.isfinite(low["big.bias"]).all()

@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = "precision_doctor"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
-BASE_MODULES = {"errors", "options", "formats", "report", "version", "extras", "schema"}
+BASE_MODULES = {"errors", "options", "formats", "report", "version", "extras", "schema", "deprecation"}
 STAGES = ["base", "model", "runtime", "capture", "analysis", "planning", "training", "views", "integrations"]
 TOP_MODULES = {PACKAGE, f"{PACKAGE}.cli"}
 TOP = len(STAGES)  # above every stage

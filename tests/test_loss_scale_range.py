@@ -26,6 +26,7 @@ from precision_doctor.planning.export import (
     deepspeed_config,
     export_caveats,
 )
+from precision_doctor.planning.plan import plan_model
 
 LARGE_SCALES = [25, 40, 60, 90, 101, 102, 103, 110, 127]
 
@@ -168,7 +169,7 @@ def test_tiny_loss_gets_a_scale_above_2_to_the_32_and_no_fp32_unit() -> None:
     assert all(f.flag is pd.Flag.GRAD_UNDERFLOW for u in report.units for f in u.flags)
     assert {u.name for u in report.units if u.flags} == {"0", "1", "2"}
     # ... and the plan keeps them all low at 2^k (datasheet costs: `cpu`'s are measured)
-    plan = pd.plan_model(model, batch, loss_fn, report, target="h100")
+    plan = plan_model(model, batch, loss_fn, report, target="h100")
     assert plan.loss_scale is not None and plan.loss_scale.recommended_scale_log2 == k
     flushed = [f for f in plan.fp32_units if "flush" in f.reason]
     assert flushed == [], flushed

@@ -93,7 +93,7 @@ BATCH = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1))
 
 def _analyze(net: nn.Module, dtype: str, regime: str) -> Report:
     run_regime, policy = REGIMES[regime]
-    return pd.analyze(net, BATCH, _loss, dtype, regime=run_regime, policy=policy)
+    return pd.analyze(net, BATCH, _loss, dtype=dtype, regime=run_regime, policy=policy)
 
 
 def _blocked(full_row: bool = False) -> torch.Tensor:
@@ -283,7 +283,7 @@ def test_stock_swin_shifted_window_masks_are_not_underflow() -> None:
     `masked_fill(mask != 0, -100.0)`) is recognised in every shifted block; the probabilities it
     zeroes were counted as fp16 underflow before."""
     case = build_swin()
-    report = pd.analyze(case.model, case.batch, case.loss_fn, "fp16", regime="pure")
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16", regime="pure")
     shifted = [u for u in report.units if u.name.endswith("blocks.1.attention")]
     assert len(shifted) == 2
     for unit in shifted:

@@ -299,7 +299,7 @@ def result(name: str, dtype: str, regime: str) -> Result:
         recorded = low_run(copy.deepcopy(model), batch, loss_fn, low, regime=run_regime, policy=policy, record_ops=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        report = pd.analyze(copy.deepcopy(model), batch, loss_fn, dtype, regime=run_regime, policy=policy)
+        report = pd.analyze(copy.deepcopy(model), batch, loss_fn, dtype=dtype, regime=run_regime, policy=policy)
     return Result(fp32, real, report, recorded.op_dtypes)
 
 

@@ -48,7 +48,7 @@ def test_stock_decoder_norms_are_not_flagged_in_fp16(name: str) -> None:
     and flagged OVERFLOW, DIVERGENCE and ERROR_GROWTH on all five norms of each of these models
     (variance ~1.5e7); the real run squares in fp32 and nothing overflows."""
     case = loud_decoder(name)
-    report = pd.analyze(case.model, case.batch, case.loss_fn, "fp16")
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16")
     assert report.environment.regime is pd.options.Regime.AUTOCAST
     norms = [u for u in report.units if "norm" in u.name]
     assert len(norms) == 5  # two per layer and the final one
@@ -124,7 +124,7 @@ def test_recurrent_layers_run_low_under_cudas_policy(kind: str) -> None:
     hidden state and weights to fp16); before the CUDA policy modelled it, an LSTM reading an
     fp32 tensor ran fp32 (local error 0) and a GRU its gates in fp32."""
     net, x = _rnn_case(kind)
-    report = pd.analyze(net, x, _rnn_loss, "fp16")
+    report = pd.analyze(net, x, _rnn_loss, dtype="fp16")
     assert report.environment.policy is pd.options.AutocastPolicy.CUDA
     low = _forward_low_dtypes(report, "rnn")
     # The recurrent op: oneDNN's fused layer (uint8: its workspace), or the GRU's gates.
@@ -168,7 +168,7 @@ def test_an_lstm_fed_a_low_tensor_runs_the_fp32_runs_ops() -> None:
     (no oneDNN LSTM trains in fp16), ops the fp32 run lacks: the layer would have no op to
     compare. The CUDA policy runs it as oneDNN's layer, as in fp32."""
     net, x = _rnn_case("LSTM", linear_first=True)
-    report = pd.analyze(net, x, _rnn_loss, "fp16")
+    report = pd.analyze(net, x, _rnn_loss, dtype="fp16")
     low = _forward_low_dtypes(report, "rnn")
     assert "fp16" in low["mkldnn_rnn_layer.default"] and "addmm.default" not in low
     assert report.by_module()["rnn"].forward.local.rel_l2_error > 0
@@ -180,7 +180,7 @@ def test_recurrent_layers_under_the_cpus_policy_are_the_real_cpu_runs(kind: str)
     list (fp16), a GRU's matmuls fp16 and its hidden state fp32 (the fp32 zeros it starts
     from promote the update). Every op's dtypes are the real run's."""
     net, x = _rnn_case(kind)
-    report = pd.analyze(net, x, _rnn_loss, "fp16", policy="cpu")
+    report = pd.analyze(net, x, _rnn_loss, dtype="fp16", policy="cpu")
     real = Recorder()
     # Without grad: oneDNN trains an fp16 LSTM only on CPUs with fp16 arithmetic (this one
     # refuses); the dtypes autocast gives do not depend on grad mode.
@@ -223,7 +223,7 @@ def test_a_gru_then_an_lstm_in_emulated_fp16() -> None:
     assert {len(dtypes) for name, dtypes in splits.log if name == "unsafe_split.Tensor"} == {3, 4}
     with torch.no_grad():
         assert relative_loss_error(float(_rnn_loss(net(x), x)), float(_rnn_loss(out, x))) < 1e-2
-    report = pd.analyze(net, x, _rnn_loss, "fp16", policy="cpu")
+    report = pd.analyze(net, x, _rnn_loss, dtype="fp16", policy="cpu")
     assert math.isfinite(report.losses.low) and report.losses.rel_error < 1e-2
 
 

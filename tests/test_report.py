@@ -76,7 +76,7 @@ def test_emulated_says_whether_the_low_run_emulated_its_arithmetic(
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     batch = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
-    report = pd.analyze(net, batch, lambda out, b: out.pow(2).mean(), dtype)
+    report = pd.analyze(net, batch, lambda out, b: out.pow(2).mean(), dtype=dtype)
     assert report.environment.emulated is emulated
     assert bool(computed) is emulated, computed[:5]
     assert Report.model_validate_json(report.model_dump_json()).environment.emulated is emulated

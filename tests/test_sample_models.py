@@ -54,7 +54,7 @@ BY_REGIME: dict[tuple[str, str], dict[str, pd.Flag]] = {
 def _analyze(name: str, dtype: str = "fp16", regime: str = "autocast-cuda") -> pd.Report:
     spec = load_model_file(SAMPLES / f"{name}.py")
     run_regime, policy = REGIMES[regime]
-    return pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype, name=name, regime=run_regime, policy=policy)
+    return pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype=dtype, name=name, regime=run_regime, policy=policy)
 
 
 @pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)

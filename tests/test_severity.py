@@ -40,7 +40,7 @@ def test_gradient_overflowing_only_at_2_16_is_a_warning_with_one_backoff() -> No
     def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
         return torch.nn.functional.mse_loss(out, torch.full_like(out, 0.75))
 
-    report = pd.analyze(model, torch.ones(1, 1), loss_fn, "fp16")
+    report = pd.analyze(model, torch.ones(1, 1), loss_fn, dtype="fp16")
     flags = _grad_flags(report, Flag.GRAD_OVERFLOW)
     assert flags, report.flags()
     for f in flags:
@@ -54,7 +54,7 @@ def test_gradient_overflowing_only_at_2_16_is_a_warning_with_one_backoff() -> No
 def test_gradient_overflowing_at_every_scale_is_an_error() -> None:
     """A loss weight of 1e5: gradients of 1e5 exceed fp16's 65504 before any scaling."""
     model = _zero_linear()
-    report = pd.analyze(model, torch.ones(4, 1), lambda out, b: 1e5 * out.sum(), "fp16")
+    report = pd.analyze(model, torch.ones(4, 1), lambda out, b: 1e5 * out.sum(), dtype="fp16")
     flags = _grad_flags(report, Flag.GRAD_OVERFLOW)
     assert flags, report.flags()
     for f in flags:
@@ -76,7 +76,7 @@ def test_gradient_underflow_fixed_by_a_larger_scale_is_a_warning(weight_log2: in
     torch.manual_seed(0)
     model = nn.Linear(8, 8)
     batch = torch.rand(16, 8) + 0.5
-    report = pd.analyze(model, batch, lambda out, b: 2.0**weight_log2 * out.sum(), "fp16")
+    report = pd.analyze(model, batch, lambda out, b: 2.0**weight_log2 * out.sum(), dtype="fp16")
     flags = _grad_flags(report, Flag.GRAD_UNDERFLOW)
     assert flags, report.flags()
     assert {f.severity for f in flags} == {Severity.WARNING}
@@ -102,7 +102,7 @@ def test_gradient_underflow_no_usable_scale_fixes_is_an_error() -> None:
     them: an error."""
     torch.manual_seed(0)
     model, batch = _TwoRanges(), torch.rand(16, 8) + 0.5
-    report = pd.analyze(model, batch, lambda out, b: out.sum(), "fp16")
+    report = pd.analyze(model, batch, lambda out, b: out.sum(), dtype="fp16")
     flags = [f for f in _grad_flags(report, Flag.GRAD_UNDERFLOW) if f.unit == "small"]
     assert flags, report.flags()
     assert {f.severity for f in flags} == {Severity.ERROR}
@@ -126,7 +126,7 @@ def _well_fit_regressor() -> tuple[nn.Module, torch.Tensor, Any]:
 
 def test_loss_far_over_tolerance_is_never_safe() -> None:
     model, x, loss_fn = _well_fit_regressor()
-    report = pd.analyze(model, x, loss_fn, "fp16")
+    report = pd.analyze(model, x, loss_fn, dtype="fp16")
     assert report.losses.rel_error > 100 * report.thresholds.loss_rel_error
     assert not report
     assert "Safe to train" not in report.verdict and report.verdict.endswith("Not safe as-is.")
@@ -143,7 +143,7 @@ def test_loss_tolerance_is_a_threshold() -> None:
     assert Thresholds().loss_rel_error == DEFAULT_TOLERANCE
     loose = Thresholds.from_overrides({"loss_rel_error": "1e9"})
     model, x, loss_fn = _well_fit_regressor()
-    report = pd.analyze(model, x, loss_fn, "fp16", thresholds=loose)
+    report = pd.analyze(model, x, loss_fn, dtype="fp16", thresholds=loose)
     assert report.thresholds.loss_rel_error == 1e9
     assert bool(report) == (not any(f.severity is Severity.ERROR for f in report.flags()))
 
@@ -152,7 +152,7 @@ def test_error_growth_multiplies_along_the_path() -> None:
     """The growth factors of the units on the path multiply to (about) the final-loss error
     over the rounding floor: cumulated, not only one large jump."""
     model, x, loss_fn = _well_fit_regressor()
-    report = pd.analyze(model, x, loss_fn, "fp16")
+    report = pd.analyze(model, x, loss_fn, dtype="fp16")
     product = 1.0
     for _, factor in report.error_growth():
         product *= factor
@@ -188,7 +188,7 @@ _PERCENT = re.compile(r"(?<![<>\d.])0\.0+%")
 @pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLES.glob("*.py")), ids=str)
 def test_verdict_agrees_with_the_numbers(name: str, dtype: str) -> None:
     spec = load_model_file(SAMPLES / f"{name}.py")
-    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype, name=name)
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype=dtype, name=name)
     errors = [f for f in report.flags() if f.severity is Severity.ERROR]
     err, tol = report.losses.rel_error, report.thresholds.loss_rel_error
     within = err <= tol  # False for NaN

@@ -48,7 +48,7 @@ def fsdp_reports(ranks: list[dict[str, Any]], dtype: str) -> list[Report]:
 def test_fsdp_on_batch_halves_equals_one_process_on_the_batch(ranks: list[dict[str, Any]], dtype: str) -> None:
     job = fsdp_reports(ranks, dtype)[0]
     case = build_head_mlp()
-    whole = pd.analyze(case.model, case.batch * FSDP_SCALES[dtype], case.loss_fn, dtype)
+    whole = pd.analyze(case.model, case.batch * FSDP_SCALES[dtype], case.loss_fn, dtype=dtype)
     assert job.environment.distributed is not None
     assert job.environment.distributed.wrapper == "fsdp2"
     assert job.environment.capture_path == "dispatch" and not job.environment.fx_traceable
@@ -93,7 +93,7 @@ def test_fsdp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None
     assert job.grad_fidelity.numel == sum(numel.values())
     assert {n: f.numel for u in job.units for n, f in u.backward.param_grad_fidelity.items()} == numel
     whole = pd.analyze(
-        case.model, case.batch, case.loss_fn, "bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+        case.model, case.batch, case.loss_fn, dtype="bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
     )
     grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
     assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning"), ("GRAD_DIVERGENCE", "fc2", "warning")}

@@ -50,7 +50,7 @@ def test_measured_units_scale_with_work_and_subtract_children() -> None:
     torch.manual_seed(0)
     net, x = Net(), torch.randn(256, 4)
     report = pd.analyze(net, x, _loss, dtype="bf16")
-    costs = measure_cost_model(net, x, _loss, report, repeats=5)
+    costs = measure_cost_model(net, x, report, repeats=5)
     by_name = {u.name: u for u in costs.units}
     # 2*256*768*768 MACs fwd, twice that bwd, against a 768x1 head.
     assert by_name["block.fc"].fp32_time_s > 3 * by_name["head"].fp32_time_s
@@ -103,7 +103,7 @@ def test_measuring_leaves_the_model_as_it_was() -> None:
     prepare(model)
     torch.manual_seed(3)
     before = snapshot(model)
-    measure_cost_model(model, x, _loss, report, repeats=1)
+    measure_cost_model(model, x, report, repeats=1)
     assert_restored(model, before)
 
 
@@ -111,7 +111,7 @@ def test_plan_with_measured_costs_names_them() -> None:
     torch.manual_seed(0)
     net, x = Net(), torch.randn(64, 4)
     report = pd.analyze(net, x, _loss, dtype="bf16")
-    costs = measure_cost_model(net, x, _loss, report, repeats=1)
+    costs = measure_cost_model(net, x, report, repeats=1)
     plan = plan_model(net, x, _loss, report, target=costs.profile.name, costs=costs)
     assert plan.target == "measured cpu"
     all32 = {u: False for u in plan.units}
@@ -133,7 +133,7 @@ def test_transformers_modules_with_a_growing_cache_replay_from_their_first_call(
     case = build("gpt2")
     report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16")
     before = snapshot(case.model)
-    costs = measure_cost_model(case.model, case.batch, case.loss_fn, report, repeats=2)
+    costs = measure_cost_model(case.model, case.batch, report, repeats=2)
     assert_restored(case.model, before)
     by_name = {u.name: u for u in costs.units}
     assert by_name["transformer.h.1.attn.c_attn"].fp32_time_s > 0

@@ -38,6 +38,7 @@ from precision_doctor.capture.statistics import (
     relative_loss_error,
 )
 from precision_doctor.capture.units import LOSS_UNIT, Policy, owner_of
+from precision_doctor.deprecation import positional_deprecated
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
 from precision_doctor.model.parallel import (
@@ -120,12 +121,13 @@ def fx_check(model: torch.nn.Module) -> tuple[bool, str | None]:
 
 
 @same_outcome
+@positional_deprecated("dtype")
 def analyze(
     model: torch.nn.Module,
     batch: Any,
     loss_fn: LossFn | None = None,
-    dtype: str | LowDtype = LowDtype.FP16,
     *,
+    dtype: str | LowDtype = LowDtype.FP16,
     thresholds: Thresholds | None = None,
     name: str | None = None,
     progress: Progress | None = None,

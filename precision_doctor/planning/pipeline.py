@@ -49,7 +49,7 @@ def plan_report(
     if source is CostSource.MEASURED:
         from precision_doctor.planning.timing import measure_cost_model
 
-        costs = exchange(measure_cost_model(model, batch, loss_fn, report))[0]
+        costs = exchange(measure_cost_model(model, batch, report))[0]
         target_name = costs.profile.name
     plan = plan_model(model, batch, loss_fn, report, target=target_name, tolerance=tolerance, costs=costs)
     return report.with_extras(plan=plan_section(plan), loss_scale=plan.loss_scale)

@@ -43,7 +43,7 @@ from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_
 from precision_doctor.model.parallel import reset_fsdp_iteration
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
-from precision_doctor.options import AutocastPolicy, Flag, LowDtype, Regime, UnitDtype
+from precision_doctor.options import AutocastPolicy, ExportFormat, Flag, LowDtype, Regime, UnitDtype
 from precision_doctor.planning.cost import (
     CostModel,
     autocast_assignment,
@@ -119,6 +119,17 @@ class Plan(Frozen):
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         return cls.from_json(read_text(path, "plan"), source=str(Path(path)))
+
+    @classmethod
+    def from_report(cls, report: Report) -> Plan:
+        """The plan a planned report carries (`plan_report`, `analyze` with a plan): its
+        `extras.plan` section holds the plan's JSON export, the plan itself."""
+        section = report.extras.plan
+        if section is None or ExportFormat.JSON not in section.exports:
+            raise PrecisionDoctorError(
+                f"report of {report.model!r} has no plan: plan it with plan_report(model, batch, loss_fn, report)"
+            )
+        return cls.from_json(section.exports[ExportFormat.JSON], source=f"the plan in {report.model!r}'s report")
 
     def summary(self) -> str:
         n_low = sum(1 for d in self.units.values() if d != "fp32")
@@ -608,22 +619,26 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
     return {u: modules[u] for u in plan.units if u not in (LOSS_UNIT, UNATTRIBUTED_UNIT)}
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:
-    """Install `plan`'s per-module dtypes; they take effect inside `torch.autocast` regions
-    of the plan's dtype. Inside a region of another dtype (an fp16 plan in a bf16 region) it,
-    and every planned module entered there, raises `PrecisionDoctorError`: re-plan for that
-    dtype.
+def apply_plan(
+    model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[str] | Mapping[str, Any]
+) -> PlanHandle:
+    """Install `plan`'s per-module dtypes (a `Plan`, a planned `Report`, a plan file or its
+    JSON as a mapping); they take effect inside `torch.autocast` regions of the plan's dtype.
+    Inside a region of another dtype (an fp16 plan in a bf16 region) it, and every planned
+    module entered there, raises `PrecisionDoctorError`: re-plan for that dtype.
 
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     >>> x, loss_fn = torch.randn(8, 4), (lambda out, b: out.pow(2).mean())
-    >>> plan = pd.plan_model(net, x, loss_fn, pd.analyze(net, x, loss_fn=loss_fn, dtype="bf16"))
-    >>> handle = apply_plan(net, plan)
+    >>> planned = pd.plan_report(net, x, loss_fn, pd.analyze(net, x, loss_fn=loss_fn, dtype="bf16"))
+    >>> handle = apply_plan(net, planned)
     >>> with torch.autocast("cpu", dtype=torch.bfloat16):  # on a GPU: "cuda" and the plan's dtype
     ...     loss = loss_fn(net(x), x)
     >>> handle.remove()
     """
-    if isinstance(plan, Mapping):
+    if isinstance(plan, Report):
+        plan = Plan.from_report(plan)
+    elif isinstance(plan, Mapping):
         plan = validated(Plan, dict(plan), "not a precision-doctor plan")
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)

@@ -17,7 +17,7 @@ CPU's own kernels (fp16 ones are slow there), so plans made with it fit CPU trai
 >>> from precision_doctor.planning.timing import measure_cost_model
 >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 >>> x, loss = torch.randn(4, 8), (lambda out, b: out.pow(2).mean())
->>> costs = measure_cost_model(net, x, loss, pd.analyze(net, x, loss_fn=loss, dtype="bf16"), repeats=1)
+>>> costs = measure_cost_model(net, x, pd.analyze(net, x, loss_fn=loss, dtype="bf16"), repeats=1)
 >>> [u.name for u in costs.units]  # the modules timed; `<loss>` (no module) keeps its roofline
 ['0', '1', '2', '<loss>']
 >>> all(u.fp32_time_s > 0 and u.low_time_s > 0 for u in costs.units)
@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ import torch.utils._pytree as pytree
 from precision_doctor.capture.units import ROOT_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.model.spec import LossFn, run_model
+from precision_doctor.model.spec import run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import LowDtype
 from precision_doctor.planning.cost import (
@@ -148,15 +149,22 @@ def _children(path: str, called: Mapping[str, _Call]) -> list[str]:
 def measure_cost_model(
     model: torch.nn.Module,
     batch: Any,
-    loss_fn: LossFn | None,
     report: Report,
-    *,
+    *old_spelling: Report,
     repeats: int = DEFAULT_REPEATS,
     progress: Callable[[str], None] | None = None,
 ) -> CostModel:
-    """A cost model whose unit times are measured on the model's device. `loss_fn` is
-    accepted for symmetry with `analyze`; the loss unit keeps its roofline."""
-    del loss_fn
+    """A cost model whose unit times are measured on the model's device (the loss unit keeps
+    its roofline: a loss is not timed alone)."""
+    if old_spelling:
+        # (model, batch, loss_fn, report): a loss_fn that was never used.
+        warnings.warn(
+            "measure_cost_model(model, batch, loss_fn, report) is deprecated: it takes no loss_fn; "
+            "call measure_cost_model(model, batch, report)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        report = old_spelling[0]
     low = report.environment.dtype
     low_dtype = TORCH_DTYPES[LowDtype(low)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

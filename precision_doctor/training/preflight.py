@@ -822,7 +822,7 @@ def _analyze_and_plan(
     say("analysis")
     t = time.perf_counter()
     report = analyze(
-        place.for_analysis(), batch, loss_fn, low, thresholds=thresholds, name=name or type(place.model).__name__,
+        place.for_analysis(), batch, loss_fn, dtype=low, thresholds=thresholds, name=name or type(place.model).__name__,
         regime=regime, policy=policy,
     )
     timings["analysis"] = time.perf_counter() - t
