@@ -134,13 +134,13 @@ def next_steps(
         elif plan is not None and export is not None:
             lines.append(f"apply the plan written to {export}: it keeps {n_fp32} of {len(plan.units)} units in fp32")
         else:
-            scaled = " (with the loss scale for the units that stay low)" if _scaled(env) else ""
+            scaled = "; it gives the loss scale for the units that stay low too" if _scaled(env) else ""
             lines.append(
-                f"plan which units stay in fp32 and write it as a Python snippet{scaled}: "
-                f"{_shell([*run, '--export', 'plan.py'])}"
+                f"plan which units stay in fp32 and write it as a Python snippet: "
+                f"{_shell([*run, '--export', 'plan.py'])}{scaled}"
             )
     # Not safe as-is, every unit's loss scale is the scale of a configuration that fails: the
-    # plan's low units' (`extras.loss_scale`) where there is a plan, else the export gives it.
+    # plan's low units' (`extras.loss_scale`) where there is a plan, else planning gives it.
     scale = _loss_scale_line(report) if report or report.extras.loss_scale is not None else None
     if scale is not None:
         lines.append(scale)
