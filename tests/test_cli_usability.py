@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import precision_doctor as pd
 from precision_doctor.cli import app
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model.spec import ModelSpec, load_model_file
 from precision_doctor.options import LowDtype, parse_enum
 from precision_doctor.report import Report
 from precision_doctor.version import __version__
@@ -124,12 +125,12 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], phrase: str)
 
 def test_dtype_aliases_in_the_api() -> None:
     for name in ("float16", "half", "torch.float16", "FP16", torch.float16, torch.half):
-        assert LowDtype(name) is LowDtype.FP16, name  # type: ignore[arg-type]
+        assert LowDtype(name) is LowDtype.FP16, name
     for name in ("bfloat16", "torch.bfloat16", torch.bfloat16):
-        assert LowDtype(name) is LowDtype.BF16, name  # type: ignore[arg-type]
+        assert LowDtype(name) is LowDtype.BF16, name
     for bad in ("float32", "fp8", torch.float32, "torch.float64"):
         with pytest.raises(ValueError):
-            LowDtype(bad)  # type: ignore[arg-type]
+            LowDtype(bad)
     with pytest.raises(PrecisionDoctorError, match=r"unknown dtype 'float32'; choose one of: fp16, bf16"):
         parse_enum(LowDtype, "float32", "dtype")
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
@@ -249,7 +250,8 @@ def test_healthy_model_next_step_is_the_loss_scale_without_bf16() -> None:
     assert not any("bf16" in s for s in steps) and "bf16" not in result.stderr
     assert not any("--export" in s for s in steps)
     (scale,) = steps
-    report = pd.analyze(*_spec("tiny_transformer"), dtype="fp16")
+    spec = _spec("tiny_transformer")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16")
     k = pd.recommend_loss_scale(report).recommended_scale_log2
     assert scale.startswith(f"start the loss scale at 2^{k}: torch.amp.GradScaler(init_scale=2**{k})")
 
@@ -263,7 +265,8 @@ def test_export_written_is_the_next_step(tmp_path: Path) -> None:
     assert steps[0].startswith(f"apply the plan written to {plan}: it keeps ")
     assert plan.is_file()
     # with a plan, the scale is the plan's low units' (extras.loss_scale), as the export has it
-    report = pd.plan_report(*_spec("ffn_overflow"), pd.analyze(*_spec("ffn_overflow")))
+    spec = _spec("ffn_overflow")
+    report = pd.plan_report(spec.model, spec.batch, spec.loss_fn, pd.analyze(spec.model, spec.batch, spec.loss_fn))
     assert report.extras.loss_scale is not None
     k = report.extras.loss_scale.recommended_scale_log2
     assert any(s.startswith(f"start the loss scale at 2^{k}:") for s in steps), steps
@@ -277,11 +280,8 @@ def test_bf16_analysis_has_no_bf16_or_scale_step() -> None:
     assert result.stdout.rstrip().endswith("Safe to train in this dtype.")
 
 
-def _spec(name: str) -> tuple[object, ...]:
-    from precision_doctor.model.spec import load_model_file
-
-    spec = load_model_file(SAMPLES / f"{name}.py")
-    return spec.model, spec.batch, spec.loss_fn
+def _spec(name: str) -> ModelSpec:
+    return load_model_file(SAMPLES / f"{name}.py")
 
 
 # --- a report another version wrote ---------------------------------------------------------
@@ -308,7 +308,7 @@ def _with_version(saved: Path, tmp_path: Path, version: str, schema: int | None 
     return path
 
 
-def _app(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, list[list[str]]]:
+def _app(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Result, list[list[str]]]:
     started: list[list[str]] = []
 
     def fake(cmd: list[str], env: dict[str, str]) -> int:
@@ -323,13 +323,13 @@ def test_report_from_another_version_warns(saved_report: Path, tmp_path: Path, m
     assert Report.load(saved_report).environment.tool_version == __version__
     assert Report.load(saved_report).version_warning() is None
     result, started = _app(saved_report, monkeypatch)
-    assert result.exit_code == 0 and started and result.stderr == ""  # type: ignore[attr-defined]
+    assert result.exit_code == 0 and started and result.stderr == ""
 
     old = _with_version(saved_report, tmp_path, "0.0.1")
     result, started = _app(old, monkeypatch)
-    assert result.exit_code == 0, result.stderr  # type: ignore[attr-defined]
+    assert result.exit_code == 0, result.stderr
     assert len(started) == 1  # served all the same
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]  # type: ignore[attr-defined]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("precision-doctor: warning: "), lines
     assert "precision-doctor 0.0.1" in lines[0] and f"this is {__version__}" in lines[0]
     assert Report.load(old).version_warning() is not None
@@ -340,7 +340,7 @@ def test_unreadable_schema_is_an_error_naming_the_writer(saved_report: Path, tmp
     future = _with_version(saved_report, tmp_path, "9.0.0", schema=99)
     result, started = _app(future, monkeypatch)
     assert result.exit_code == 2 and not started
-    line = _one_line(result.stderr)  # type: ignore[attr-defined]
+    line = _one_line(result.stderr)
     assert "schema_version 99 (written by precision-doctor 9.0.0)" in line and __version__ in line
 
 
