@@ -150,11 +150,12 @@ PolicyOpt = Annotated[
         "for comparing with a real CPU run). Ignored with --regime pure.",
     ),
 ]
-
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 F = TypeVar("F", bound=Callable[..., Any])
 E = TypeVar("E", bound=StrEnum)
+
+
 def parse_option(cls: type[E], value: str | None, option: str) -> E:
     """A string option's enum, or one line naming the option and its accepted values."""
     return parse_enum(cls, "" if value is None else value, option)
