@@ -407,3 +407,15 @@ def test_sigterm_to_the_launcher_stops_the_server(saved_report: Path, tmp_path: 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_pure_fp16_next_steps_keep_the_regime_and_no_scaler() -> None:
+    """Pure fp16 trains without GradScaler (its gradients are fp16): no loss-scale step, and
+    the commands it suggests keep --regime pure."""
+    result = runner.invoke(app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--regime", "pure", "--quiet"], env=ENV)
+    assert result.exit_code == 0, result.stderr
+    steps = _next_steps(result.stdout)
+    assert not any("loss scale" in s for s in steps), steps
+    assert f"analyze {SAMPLES / 'ffn_overflow.py'} --regime pure --export plan.py" in steps[0]
+    (bf16,) = [s for s in steps if s.startswith("bf16")]
+    assert bf16.endswith("--regime pure --dtype bf16"), bf16

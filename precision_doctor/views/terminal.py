@@ -154,9 +154,9 @@ def next_steps(
                     f"against fp32): {base}"
                 )
             elif bf16:
-                warnings = len(bf16.flags())
+                found = ", ".join(f"{n} {severity}(s)" for severity, n in bf16.severity_counts().items())
                 lines.append(
-                    f"bf16 is safe to train for this model with {warnings} warning(s) (checked: final-loss "
+                    f"bf16 is safe to train for this model with {found} (checked: final-loss "
                     f"error {err:.2e} against fp32): {base}"
                 )
             else:
@@ -180,9 +180,11 @@ def _loss_scale_line(report: Report) -> str | None:
         return None
     k, default = advice.recommended_scale_log2, advice.default_scale_log2
     line = f"start the loss scale at 2^{k}: torch.amp.GradScaler(init_scale=2**{k})"
-    if advice.skipped_steps_from_default:
+    if k == default:
+        line += " (GradScaler's default)"
+    elif advice.skipped_steps_from_default:
         line += f" (from the default 2^{default} it skips {advice.skipped_steps_from_default} step(s) backing off)"
-    elif k != default and advice.underflow_fraction_at_default > advice.underflow_fraction_at_recommended:
+    elif advice.underflow_fraction_at_default > advice.underflow_fraction_at_recommended:
         line += (
             f" (at the default 2^{default}, {percent(advice.underflow_fraction_at_default)} of the "
             f"gradients flush to zero; {percent(advice.underflow_fraction_at_recommended)} at 2^{k})"
