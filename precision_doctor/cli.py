@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperCommand, TyperGroup
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.options import (
@@ -22,13 +24,90 @@ from precision_doctor.options import (
     ExportFormat,
     LowDtype,
     Regime,
+    StrEnum,
     Thresholds,
+    parse_enum,
 )
 from precision_doctor.planning.cost import Target
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
 from precision_doctor.report import check_writable, write_atomic
 
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Click's UsageError: typer's vendored copy (typer >= 0.2x) and/or click's own."""
+    found: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).UsageError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+_USAGE_ERRORS = _usage_error_types()
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """A bad option, a missing argument, an unknown command: one line on stderr and exit 2,
+    like every other bad input, instead of click's usage box. (`no_args_is_help` still shows
+    the help.)"""
+    try:
+        yield
+    except _USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            raise
+        message = " ".join(str(e.format_message()).split())  # type: ignore[attr-defined]
+        typer.echo(f"precision-doctor: error: {message}", err=True)
+        raise typer.Exit(getattr(e, "exit_code", EXIT_BAD_INPUT)) from None
+
+
+def _no_flag_placeholders(params: list[Any]) -> list[Any]:
+    """A switch (`--quiet`, `--plan/--no-plan`, `--help`) takes no value: no `<bool>` in the help."""
+    for p in params:
+        if getattr(p, "is_flag", False) and getattr(p, "metavar", None) is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def get_params(self, *args: Any, **kwargs: Any) -> Any:
+        return _no_flag_placeholders(super().get_params(*args, **kwargs))
+
+
+class _Group(TyperGroup):
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():  # an unknown command
+            return super().invoke(*args, **kwargs)
+
+    def get_params(self, *args: Any, **kwargs: Any) -> Any:
+        return _no_flag_placeholders(super().get_params(*args, **kwargs))
+
+
+PIPE_WIDTH = 10_000
+"""Columns of stdout when it is not a terminal: a CI log or a file gets each line whole."""
+
+
+def output_console(*, stderr: bool = False, markup: bool = True) -> Console:
+    """The console for the results on stdout (or the progress on stderr): wrapped to the
+    terminal's width on a terminal; piped or redirected, never wrapped (a CI log that breaks
+    "on\ncpu" cannot be grepped)."""
+    console = Console(stderr=stderr, highlight=False, markup=markup)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, highlight=False, markup=markup, soft_wrap=True, width=PIPE_WIDTH)
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="Precision diagnostics for PyTorch mixed-precision training.",
@@ -41,16 +120,32 @@ def _commands() -> None:
     """Precision diagnostics for PyTorch mixed-precision training."""
 
 
-RegimeOpt = Annotated[
-    Regime,
+def _metavar(cls: type[StrEnum]) -> str:
+    return "<" + "|".join(m.value for m in cls) + ">"
+
+
+# String options are typed str and parsed by `options.parse_enum` at the top of each command
+# (before any work): one line naming the option and its values, and the enums' aliases
+# (`--dtype float16`) on the command line as in the Python API.
+DtypeOpt = Annotated[
+    str,
     typer.Option(
+        "--dtype", metavar=_metavar(LowDtype),
+        help="The low-precision dtype to test (torch's names work too: float16, half, bfloat16).",
+    ),
+]
+RegimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--regime", metavar=_metavar(Regime),
         help="What the low-precision run executes: autocast (torch.autocast's op policy, parameters "
         "fp32) or pure (model.to(dtype), inputs cast).",
     ),
 ]
 PolicyOpt = Annotated[
-    AutocastPolicy,
+    str,
     typer.Option(
+        "--policy", metavar=_metavar(AutocastPolicy),
         help="Whose autocast op lists: cuda (where training runs) or cpu (torch.autocast('cpu'), "
         "for comparing with a real CPU run). Ignored with --regime pure.",
     ),
@@ -58,6 +153,13 @@ PolicyOpt = Annotated[
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", bound=StrEnum)
+
+
+def parse_option(cls: type[E], value: str | None, option: str) -> E:
+    """A string option's enum, or one line naming the option and its accepted values."""
+    return parse_enum(cls, "" if value is None else value, option)
+
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 
@@ -132,13 +234,13 @@ def parse_thresholds(items: list[str]) -> Thresholds:
     return Thresholds.from_overrides(overrides)
 
 
-@app.command(short_help="Shadow fp32 and low-precision passes; flag the units that overflow, underflow or diverge.")
+@app.command(cls=_Command, short_help="Shadow fp32 and low-precision passes; flag the units that overflow, underflow or diverge.")
 @_one_line_errors
 def analyze(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
-    dtype: Annotated[LowDtype, typer.Option(help="The low-precision dtype to test.")] = LowDtype.FP16,
-    regime: RegimeOpt = Regime.AUTOCAST,
-    policy: PolicyOpt = AutocastPolicy.CUDA,
+    dtype: DtypeOpt = LowDtype.FP16.value,
+    regime: RegimeOpt = Regime.AUTOCAST.value,
+    policy: PolicyOpt = AutocastPolicy.CUDA.value,
     out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
     threshold: Annotated[
         list[str] | None,
@@ -149,20 +251,25 @@ def analyze(
         Path | None, typer.Option("--export", help="Plan the per-module dtypes and write the plan export here.")
     ] = None,
     export_format: Annotated[
-        ExportFormat | None,
-        typer.Option("--export-format", help="json (the plan), python (standalone snippet), deepspeed, hf. Default: from the --export suffix (.py: python), else json."),
+        str | None,
+        typer.Option(
+            "--export-format", metavar=_metavar(ExportFormat),
+            help="json (the plan), python (standalone snippet), deepspeed, hf. Default: from the "
+            "--export suffix (.py: python), else json.",
+        ),
     ] = None,
     target: Annotated[
-        Target | None, typer.Option("--target", help="Device the plan's cost model targets (default h100).")
+        str | None,
+        typer.Option("--target", metavar=_metavar(Target), help="Device the plan's cost model targets (default h100)."),
     ] = None,
     cost: Annotated[
-        CostSource,
+        str,
         typer.Option(
-            "--cost",
+            "--cost", metavar=_metavar(CostSource),
             help="roofline: per-op rooflines on the --target profile. measured: time each unit in "
             "fp32 and the low dtype on the model's own device (meant for CUDA; excludes --target).",
         ),
-    ] = CostSource.ROOFLINE,
+    ] = CostSource.ROOFLINE.value,
     tolerance: Annotated[
         float | None,
         typer.Option("--tolerance", help=f"Relative final-loss error the plan may cost against fp32 (default {DEFAULT_TOLERANCE:g})."),
@@ -171,6 +278,14 @@ def analyze(
     open_app: Annotated[
         bool, typer.Option("--app", help="Open the interactive app on the report afterwards (needs --out).")
     ] = False,
+    bf16_check: Annotated[
+        bool,
+        typer.Option(
+            "--bf16-check/--no-bf16-check",
+            help="When an fp16 analysis finds the model not safe, analyze it in bf16 too (as long "
+            "again) and say whether bf16 is clean for it.",
+        ),
+    ] = True,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
@@ -181,12 +296,18 @@ def analyze(
     stores them in the report."""
     from precision_doctor.analysis.engine import analyze as run_analysis
     from precision_doctor.model.spec import load_model_file
-    from precision_doctor.views.terminal import render_report
+    from precision_doctor.views.terminal import next_steps, render_next_steps, render_report
 
+    low = parse_option(LowDtype, dtype, "--dtype")  # every option checked before any work
+    run_regime = parse_option(Regime, regime, "--regime")
+    op_policy = parse_option(AutocastPolicy, policy, "--policy")
+    fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
+    target_opt = parse_option(Target, target, "--target") if target is not None else None
+    cost_opt = parse_option(CostSource, cost, "--cost")
     thresholds = parse_thresholds(threshold or [])
     if open_app and out is None:
         raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
-    if cost is CostSource.MEASURED and target is not None:
+    if cost_opt is CostSource.MEASURED and target_opt is not None:
         raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
     outputs = [(opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None]
     for i, (opt, p) in enumerate(outputs):
@@ -194,8 +315,8 @@ def analyze(
             if p == q:
                 raise PrecisionDoctorError(f"{other} and {opt} both name {p}: one would overwrite the other")
         check_writable(p)
-    console = Console(stderr=False, highlight=False)
-    err_console = Console(stderr=True)
+    console = output_console()
+    err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
     steps = ["fx", "low", "forward", "backward", "stats"]
@@ -210,24 +331,24 @@ def analyze(
             progress.advance(task)
 
         report = run_analysis(
-            spec.model, spec.batch, spec.loss_fn, dtype=dtype, thresholds=thresholds, name=spec.name, progress=step,
-            regime=regime, policy=policy,
+            spec.model, spec.batch, spec.loss_fn, dtype=low, thresholds=thresholds, name=spec.name, progress=step,
+            regime=run_regime, policy=op_policy,
         )
-    plan_wanted = out is not None or cost is CostSource.MEASURED or any(
-        o is not None for o in (export, export_format, target, tolerance)
+    plan_wanted = out is not None or cost_opt is CostSource.MEASURED or any(
+        o is not None for o in (export, fmt_opt, target_opt, tolerance)
     )
     if plan_wanted:
         from precision_doctor.planning.pipeline import plan_report
 
         # The plan's search is only as good as its cost model's units; keep it off the plain
         # analysis path (it adds verification passes, each a forward of the model).
-        timing = cost is CostSource.MEASURED and not quiet
-        with err_console.status(f"timing each unit in fp32 and {dtype}, then planning") if timing else nullcontext():
+        timing = cost_opt is CostSource.MEASURED and not quiet
+        with err_console.status(f"timing each unit in fp32 and {low}, then planning") if timing else nullcontext():
             report = plan_report(
                 spec.model, spec.batch, spec.loss_fn, report,
-                target=target.value if target is not None else None,
+                target=target_opt.value if target_opt is not None else None,
                 tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
-                cost_source=cost,
+                cost_source=cost_opt,
             )
     render_report(report, console)
     section, advice = report.extras.plan, report.extras.loss_scale
@@ -240,7 +361,7 @@ def analyze(
         if advice is not None:
             console.print(advice.describe(report.environment.dtype), markup=False)
         if export is not None and main_rank:
-            fmt = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+            fmt = fmt_opt or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
             write_atomic(export, section.exports[fmt])
             console.print(f"{fmt} plan export written to {export}")
             for caveat in export_caveats(plan, fmt):
@@ -253,13 +374,33 @@ def analyze(
 
         write_html(report, html)
         console.print(f"HTML report written to {html}")
+    bf16_report = None
+    if bf16_check and low is LowDtype.FP16 and not report:
+        # "bf16 is clean" is said only from a bf16 analysis of the same model, never guessed:
+        # one more analysis, as long as the first (the plan is not searched again).
+        if not quiet and main_rank:
+            err_console.print(
+                "fp16 is not safe as-is: analyzing the same model in bf16 too (--no-bf16-check skips it)",
+                highlight=False, markup=False,
+            )
+        bf16_report = run_analysis(
+            spec.model, spec.batch, spec.loss_fn, dtype=LowDtype.BF16, thresholds=thresholds, name=spec.name,
+            regime=run_regime, policy=op_policy,
+        )
+    command = ["precision-doctor", "analyze", str(model_file)]
+    command += ["--regime", run_regime.value] if run_regime is not Regime.AUTOCAST else []
+    command += ["--policy", op_policy.value] if op_policy is not AutocastPolicy.CUDA and run_regime is Regime.AUTOCAST else []
+    written_export = export if export is not None and report.extras.plan is not None else None
+    render_next_steps(
+        next_steps(report, command, bf16=bf16_report, bf16_skipped=not bf16_check, export=written_export), console
+    )
     if open_app and out is not None and main_rank:
         from precision_doctor.views.launcher import launch_app
 
         raise typer.Exit(launch_app(out))
 
 
-@app.command("app")
+@app.command("app", cls=_Command)
 @_one_line_errors
 def app_command(
     report: Annotated[Path, typer.Argument(help="A report written by `analyze --out`.")],
@@ -275,13 +416,13 @@ def app_command(
         raise typer.Exit(code)
 
 
-@app.command("preflight", short_help="Go / no-go before a long run (exit 0 go, 1 no-go, 2 bad input).")
+@app.command("preflight", cls=_Command, short_help="Go / no-go before a long run (exit 0 go, 1 no-go, 2 bad input).")
 @_one_line_errors
 def preflight_command(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
-    dtype: Annotated[LowDtype, typer.Option(help="The low-precision dtype to test.")] = LowDtype.FP16,
-    regime: RegimeOpt = Regime.AUTOCAST,
-    policy: PolicyOpt = AutocastPolicy.CUDA,
+    dtype: DtypeOpt = LowDtype.FP16.value,
+    regime: RegimeOpt = Regime.AUTOCAST.value,
+    policy: PolicyOpt = AutocastPolicy.CUDA.value,
     steps: Annotated[int, typer.Option(help="Optimizer steps per run (fp32, low, planned).")] = 8,
     fail_on: Annotated[
         str,
@@ -316,7 +457,10 @@ def preflight_command(
     from precision_doctor.training.preflight import parse_fail_on
     from precision_doctor.training.preflight import preflight as run_preflight
 
-    risks = parse_fail_on(fail_on)  # validated before any work
+    low = parse_option(LowDtype, dtype, "--dtype")  # every option validated before any work
+    run_regime = parse_option(Regime, regime, "--regime")
+    op_policy = parse_option(AutocastPolicy, policy, "--policy")
+    risks = parse_fail_on(fail_on)
     if steps < 1:
         raise PrecisionDoctorError(f"--steps must be at least 1, not {steps}")
     if judge not in ("low", "planned"):
@@ -336,14 +480,14 @@ def preflight_command(
             progress.advance(task)
 
         result = run_preflight(
-            spec.model, spec.batch, spec.loss_fn, dtype=dtype, regime=regime, policy=policy, steps=steps, fail_on=risks,
+            spec.model, spec.batch, spec.loss_fn, dtype=low, regime=run_regime, policy=op_policy, steps=steps, fail_on=risks,
             build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judge,
             plan=plan, thresholds=thresholds, name=spec.name, progress=step,
         )
     if json_out and main_rank:
         typer.echo(result.to_json())
     elif main_rank:
-        console = Console(highlight=False, markup=False, soft_wrap=True)
+        console = output_console(markup=False)
         console.print(result.verdict)
         for r in result.reasons:
             console.print(f"  - {r.line()}")

@@ -11,15 +11,50 @@ from precision_doctor.errors import PrecisionDoctorError
 
 
 class StrEnum(str, enum.Enum):
-    """`enum.StrEnum` exists only from 3.11; this keeps 3.10 working."""
+    """`enum.StrEnum` exists only from 3.11; this keeps 3.10 working. A value is matched
+    case-insensitively, and by the aliases `aliases()` names (`LowDtype("float16")`)."""
 
     def __str__(self) -> str:
         return str(self.value)
 
+    @classmethod
+    def aliases(cls) -> dict[str, str]:
+        """Other spellings of the values, lower case -> value (none but for `LowDtype`)."""
+        return {}
+
+    @classmethod
+    def _missing_(cls, value: object) -> StrEnum | None:
+        if not isinstance(value, str):
+            return None
+        key = value.strip().lower()
+        key = cls.aliases().get(key, key)
+        found = cls._value2member_map_.get(key)
+        return found if isinstance(found, cls) else None
+
 
 class LowDtype(StrEnum):
+    """A low-precision dtype. torch's names are aliases: `float16`, `half`, `bfloat16`, with
+    or without `torch.` (and a `torch.dtype` itself, `LowDtype(torch.float16)`)."""
+
     FP16 = "fp16"
     BF16 = "bf16"
+
+    @classmethod
+    def aliases(cls) -> dict[str, str]:
+        return _DTYPE_ALIASES
+
+    @classmethod
+    def _missing_(cls, value: object) -> StrEnum | None:
+        if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+            value = str(value)  # torch.float16 -> "torch.float16"
+        return super()._missing_(value)
+
+
+_DTYPE_ALIASES = {
+    **{name: "fp16" for name in ("float16", "half", "torch.float16", "torch.half")},
+    **{name: "bf16" for name in ("bfloat16", "torch.bfloat16")},
+}
+"""torch's names of the low dtypes (`str(torch.float16)` is `torch.float16`)."""
 
 
 UnitDtype = Literal["fp32", "fp16", "bf16"]
@@ -156,12 +191,21 @@ E = TypeVar("E", bound=StrEnum)
 
 
 def parse_enum(cls: type[E], value: str | E, what: str) -> E:
-    """Validate a string option up front, naming the choices in the error."""
+    """Validate a string option up front, naming the choices (and the aliases) in the error:
+    one line, `unknown --dtype 'fp8'; choose one of: fp16, bf16 (also: float16, ...)`."""
     try:
         return cls(value)
     except ValueError:
-        choices = ", ".join(m.value for m in cls)
-        raise PrecisionDoctorError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+        raise PrecisionDoctorError(f"unknown {what} {value!r}; choose one of: {choices_text(cls)}") from None
+
+
+def choices_text(cls: type[StrEnum]) -> str:
+    """`fp16, bf16 (also: float16, half, ...)`: the values, then the aliases, if any."""
+    text = ", ".join(m.value for m in cls)
+    aliases = [a for a in cls.aliases() if not a.startswith("torch.")]
+    if aliases:
+        text += f" (also torch's names: {', '.join(aliases)}, with or without 'torch.')"
+    return text
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from precision_doctor.options import (
 )
 from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
+from precision_doctor.version import __version__
 
 SCHEMA_VERSION = 7
 """Bumped on any change that an older reader would misread; the history is in CHANGELOG.md."""
@@ -518,10 +519,31 @@ class Report(_Frozen):
             raise PrecisionDoctorError(f"{source} is not a precision-doctor report (no schema_version)")
         if raw["schema_version"] not in READABLE_SCHEMA_VERSIONS:
             older = ", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS if v != SCHEMA_VERSION)
+            written = _written_by(raw)
+            by = f" (written by precision-doctor {written})" if written is not None else ""
             raise PrecisionDoctorError(
-                f"{source} has schema_version {raw['schema_version']!r}; this version reads {SCHEMA_VERSION} (and {older})"
+                f"{source} has schema_version {raw['schema_version']!r}{by}; precision-doctor "
+                f"{__version__} reads {SCHEMA_VERSION} (and {older})"
             )
         return validated(cls, text, f"{source} does not match the report schema")
+
+    def version_warning(self, source: str = "report") -> str | None:
+        """One line when another version of precision-doctor wrote this report
+        (`environment.tool_version`): its schema reads, but its findings are that version's
+        (thresholds, flag rules and fixes since); None when this version wrote it."""
+        written = self.environment.tool_version
+        if written == __version__:
+            return None
+        return (
+            f"{source} was written by precision-doctor {written}, this is {__version__}: its findings "
+            f"are {written}'s; analyze the model again for this version's"
+        )
+
+
+def _written_by(raw: dict[str, object]) -> str | None:
+    env = raw.get("environment")
+    version = env.get("tool_version") if isinstance(env, dict) else None
+    return version if isinstance(version, str) else None
 
 
 LOSS_UNIT = "<loss>"

@@ -309,7 +309,7 @@ def test_launcher_validates_before_starting(reports: dict[str, tuple[Report, Pat
         assert env["PRECISION_DOCTOR_REPORT"] == str(path.resolve())
         return 0
 
-    monkeypatch.setattr("precision_doctor.views.launcher.subprocess.call", fake_call)
+    monkeypatch.setattr("precision_doctor.views.launcher.run_streamlit", fake_call)
     for case, (bad, phrase) in _bad_inputs(tmp_path, reports["sample"][1]).items():
         with pytest.raises(pd.PrecisionDoctorError, match=re.escape(phrase)):
             launch_app(bad)

@@ -1,13 +1,19 @@
-"""Terminal rendering of a report (rich): flagged units worst first, then one verdict line."""
+"""Terminal rendering of a report (rich): flagged units worst first, then one verdict line;
+`next_steps` says what to do about it."""
 
 from __future__ import annotations
 
 import math
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from precision_doctor.extras import LossScaleSection
+from precision_doctor.options import LowDtype, Regime, percent
 from precision_doctor.report import Environment, Report
 from precision_doctor.views.figures import grad_fidelity_text
 
@@ -99,3 +105,105 @@ def _render_ranks(report: Report, console: Console) -> None:
     if len(ranks) > MAX_RANK_LINES:
         console.print(Text(f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s) without findings"
                            if not ranks[MAX_RANK_LINES].flags else f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s)"))
+
+
+def next_steps(
+    report: Report,
+    command: Sequence[str],
+    *,
+    bf16: Report | None = None,
+    bf16_skipped: bool = False,
+    export: Path | None = None,
+) -> list[str]:
+    """What to do next, one line each, from the findings: where the model is not safe as-is,
+    the plan that keeps its failing units in fp32 (the `--export` command, or the export
+    already written); in fp16 under autocast, the loss scale GradScaler should start at; and
+    where an fp16 model is not safe, what `bf16` - the bf16 analysis of the same model, run by
+    the caller - found ("bf16 is clean for this model" only from that report, never guessed).
+    `command` re-runs the analysis (`precision-doctor analyze model.py` with its regime
+    options, without --dtype)."""
+    env = report.environment
+    dtype = env.dtype
+    run = [*command, *(["--dtype", dtype.value] if dtype is not LowDtype.FP16 else [])]
+    lines: list[str] = []
+    if not report:
+        plan = report.extras.plan
+        n_fp32 = sum(1 for d in plan.units.values() if d == "fp32") if plan is not None else 0
+        if plan is not None and n_fp32 == len(plan.units):
+            lines.append(f"the plan keeps every unit in fp32: no unit of this model runs safely in {dtype}")
+        elif plan is not None and export is not None:
+            lines.append(f"apply the plan written to {export}: it keeps {n_fp32} of {len(plan.units)} units in fp32")
+        else:
+            scaled = "; it gives the loss scale for the units that stay low too" if _scaled(env) else ""
+            lines.append(
+                f"plan which units stay in fp32 and write it as a Python snippet: "
+                f"{_shell([*run, '--export', 'plan.py'])}{scaled}"
+            )
+    # Not safe as-is, every unit's loss scale is the scale of a configuration that fails: the
+    # plan's low units' (`extras.loss_scale`) where there is a plan, else planning gives it.
+    scale = _loss_scale_line(report) if report or report.extras.loss_scale is not None else None
+    if scale is not None:
+        lines.append(scale)
+    if dtype is LowDtype.FP16 and not report:
+        base = _shell([*command, "--dtype", "bf16"])
+        if bf16 is not None:
+            err = bf16.losses.rel_error
+            if bf16 and not bf16.flags():
+                lines.append(
+                    f"bf16 is clean for this model (checked: no unit flagged, final-loss error {err:.2e} "
+                    f"against fp32): {base}"
+                )
+            elif bf16:
+                found = ", ".join(f"{n} {severity}(s)" for severity, n in bf16.severity_counts().items())
+                lines.append(
+                    f"bf16 is safe to train for this model with {found} (checked: final-loss "
+                    f"error {err:.2e} against fp32): {base}"
+                )
+            else:
+                lines.append(f"bf16 is not safe either (checked): {bf16.verdict}")
+        elif bf16_skipped:
+            lines.append(f"bf16 not checked (--no-bf16-check): {base}")
+    return lines
+
+
+def _loss_scale_line(report: Report) -> str | None:
+    """fp16 under autocast trains with GradScaler: the scale to start it at (the plan's low
+    units' advice where there is a plan, else every unit's)."""
+    if not _scaled(report.environment):
+        return None
+    advice: LossScaleSection | None = report.extras.loss_scale
+    if advice is None:
+        from precision_doctor.analysis.loss_scale import recommend_loss_scale
+
+        advice = recommend_loss_scale(report).to_extras()
+    if not advice.scaler_needed:
+        return None
+    k, default = advice.recommended_scale_log2, advice.default_scale_log2
+    line = f"start the loss scale at 2^{k}: torch.amp.GradScaler(init_scale=2**{k})"
+    if k == default:
+        line += " (GradScaler's default)"
+    elif advice.skipped_steps_from_default:
+        line += f" (from the default 2^{default} it skips {advice.skipped_steps_from_default} step(s) backing off)"
+    elif advice.underflow_fraction_at_default > advice.underflow_fraction_at_recommended:
+        line += (
+            f" (at the default 2^{default}, {percent(advice.underflow_fraction_at_default)} of the "
+            f"gradients flush to zero; {percent(advice.underflow_fraction_at_recommended)} at 2^{k})"
+        )
+    return line
+
+
+def _scaled(env: Environment) -> bool:
+    """fp16 under autocast trains with GradScaler; bf16 needs no scaler, and pure fp16's
+    gradients are fp16, which GradScaler refuses to unscale."""
+    return env.dtype is LowDtype.FP16 and env.regime is Regime.AUTOCAST
+
+
+def render_next_steps(lines: Sequence[str], console: Console) -> None:
+    if lines:
+        console.print(Text("Next steps:", style="bold"))
+        for line in lines:
+            console.print(Text(f"  - {line}"))
+
+
+def _shell(words: Sequence[str]) -> str:
+    return " ".join(shlex.quote(w) for w in words)
