@@ -251,7 +251,7 @@ def test_healthy_model_next_step_is_the_loss_scale_without_bf16() -> None:
     assert not any("--export" in s for s in steps)
     (scale,) = steps
     spec = _spec("tiny_transformer")
-    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, "fp16")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="fp16")
     k = pd.recommend_loss_scale(report).recommended_scale_log2
     assert scale.startswith(f"start the loss scale at 2^{k}: torch.amp.GradScaler(init_scale=2**{k})")
 
