@@ -22,13 +22,14 @@ from precision_doctor.options import (
     AutocastPolicy,
     CostSource,
     ExportFormat,
+    Judge,
     LowDtype,
     Regime,
     StrEnum,
+    Target,
     Thresholds,
     parse_enum,
 )
-from precision_doctor.planning.cost import Target
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
 from precision_doctor.report import check_writable, write_atomic
 
@@ -463,8 +464,7 @@ def preflight_command(
     risks = parse_fail_on(fail_on)
     if steps < 1:
         raise PrecisionDoctorError(f"--steps must be at least 1, not {steps}")
-    if judge not in ("low", "planned"):
-        raise PrecisionDoctorError(f"unknown --judge {judge!r}; choose one of: low, planned")
+    judged = parse_option(Judge, judge, "--judge")
     thresholds = parse_thresholds(threshold or [])
     spec = load_model_file(model_file)
     err_console = Console(stderr=True)
@@ -481,7 +481,7 @@ def preflight_command(
 
         result = run_preflight(
             spec.model, spec.batch, spec.loss_fn, dtype=low, regime=run_regime, policy=op_policy, steps=steps, fail_on=risks,
-            build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judge,
+            build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judged,
             plan=plan, thresholds=thresholds, name=spec.name, progress=step,
         )
     if json_out and main_rank:

@@ -24,6 +24,7 @@ from pydantic import Field
 from precision_doctor.options import (
     AutocastPolicy,
     ExportFormat,
+    Judge,
     LowDtype,
     Regime,
     Severity,
@@ -190,7 +191,7 @@ class PreflightSection(Frozen):
     """Whose autocast op lists the runs under autocast followed (None: no run was)."""
     steps: int
     optimizer: str
-    judge: str
+    judge: Judge
     """"low" or "planned": the configuration the verdict judges."""
     fail_on: list[str]
     loss_tolerance: float
@@ -215,7 +216,7 @@ class PreflightPrediction(Frozen):
 
     go: bool
     dtype: LowDtype
-    judge: str
+    judge: Judge
     steps: int
     init_scale_log2: int | None
     skipped_steps: list[int]

@@ -100,7 +100,24 @@ class Flag(StrEnum):
 
 FLAG_RANK = {flag: rank for rank, flag in enumerate(Flag)}
 """The order of flags within one severity (a flag's severity itself is per finding)."""
-FLAG_SEVERITY = FLAG_RANK  # the name before severities existed
+
+
+class Target(StrEnum):
+    """The device a plan's roofline costs are for (`planning.cost.PROFILES`); `cpu` is the
+    machine the analysis runs on, its peaks measured."""
+
+    H100 = "h100"
+    A100 = "a100"
+    RTX4090 = "4090"
+    CPU = "cpu"
+
+
+class Judge(StrEnum):
+    """The configuration a pre-flight's verdict judges: `low` (every unit low, GradScaler at
+    its default) or `planned` (the plan's dtypes and recommended loss scale)."""
+
+    LOW = "low"
+    PLANNED = "planned"
 
 
 def percent(fraction: float, spec: str = ".2%") -> str:

@@ -28,18 +28,11 @@ import torch
 
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import LowDtype, StrEnum
+from precision_doctor.options import LowDtype, Target
 from precision_doctor.report import Report, Unit
 
 CAST_BYTES_FACTOR = 1.5
 """A cast reads the tensor in one dtype and writes it in the other: 4 + 2 bytes per fp32 4."""
-
-
-class Target(StrEnum):
-    H100 = "h100"
-    A100 = "a100"
-    RTX4090 = "4090"
-    CPU = "cpu"
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ import torch
 
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn
-from precision_doctor.options import CostSource, parse_enum
-from precision_doctor.planning.cost import Target
+from precision_doctor.options import CostSource, Target, parse_enum
 from precision_doctor.planning.export import plan_section
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
 from precision_doctor.report import Report
@@ -26,7 +25,7 @@ def plan_report(
     loss_fn: LossFn | None,
     report: Report,
     *,
-    target: str | None = None,
+    target: Target | str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     cost_source: CostSource | str = CostSource.ROOFLINE,
 ) -> Report:
@@ -42,6 +41,8 @@ def plan_report(
     costs are rank 0's. A `DistributedDataParallel` model is planned as its `module`."""
     model = unwrap(model)[0]
     source = parse_enum(CostSource, cost_source, "cost source")
+    if target is not None:
+        target = parse_enum(Target, target, "target")
     if source is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("measured costs time the model's own device; they take no target")
     costs = None

@@ -43,7 +43,15 @@ from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_
 from precision_doctor.model.parallel import reset_fsdp_iteration
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
-from precision_doctor.options import AutocastPolicy, ExportFormat, Flag, LowDtype, Regime, UnitDtype
+from precision_doctor.options import (
+    AutocastPolicy,
+    ExportFormat,
+    Flag,
+    LowDtype,
+    Regime,
+    Target,
+    UnitDtype,
+)
 from precision_doctor.planning.cost import (
     CostModel,
     autocast_assignment,
@@ -378,7 +386,7 @@ def plan_model(
     loss_fn: LossFn | None,
     report: Report,
     *,
-    target: str = "h100",
+    target: Target | str = Target.H100,
     tolerance: float = DEFAULT_TOLERANCE,
     max_rounds: int = MAX_VERIFY_ROUNDS,
     memory_weight_s_per_byte: float | None = None,

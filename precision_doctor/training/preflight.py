@@ -90,10 +90,12 @@ from precision_doctor.options import (
     SEVERITY_RANK,
     AutocastPolicy,
     Flag,
+    Judge,
     LowDtype,
     Regime,
     Severity,
     StrEnum,
+    Target,
     Thresholds,
     UnitDtype,
     parse_enum,
@@ -660,12 +662,12 @@ def preflight(
     build_optimizer: OptimizerFactory | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     make_batches: Callable[[], Iterable[Any]] | None = None,
-    judge: str = "low",
+    judge: str | Judge = Judge.LOW,
     loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
     max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS,
     thresholds: Thresholds | None = None,
     plan: bool = True,
-    target: str = "h100",
+    target: Target | str = Target.H100,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> PreflightResult:
@@ -696,6 +698,8 @@ def preflight(
         model, dtype, regime, policy, fail_on, judge, plan, steps, max_skipped_steps, loss_tolerance, optimizer,
         build_optimizer,
     )
+    judge = parse_enum(Judge, judge, "judge")
+    target = parse_enum(Target, target, "target")
     place = _Place.of(model)
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -759,7 +763,7 @@ def _validate(
     regime: str | Regime,
     policy: str | AutocastPolicy,
     fail_on: str | Iterable[str] | None,
-    judge: str,
+    judge: str | Judge,
     plan: bool,
     steps: int,
     max_skipped_steps: int,
@@ -773,9 +777,7 @@ def _validate(
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
     risks = parse_fail_on(fail_on)
-    if judge not in ("low", "planned"):
-        raise PrecisionDoctorError(f"unknown judge {judge!r}; choose one of: low, planned")
-    if judge == "planned" and not plan:
+    if parse_enum(Judge, judge, "judge") is Judge.PLANNED and not plan:
         raise PrecisionDoctorError("judge='planned' needs plan=True")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrecisionDoctorError(f"steps must be a positive integer, not {steps!r}")
@@ -811,7 +813,7 @@ def _analyze_and_plan(
     thresholds: Thresholds | None,
     name: str | None,
     plan: bool,
-    target: str,
+    target: Target,
     say: Progress,
     timings: dict[str, float],
 ) -> tuple[Report, dict[str, UnitDtype] | None, int | None]:
