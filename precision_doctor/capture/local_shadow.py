@@ -20,7 +20,7 @@ from precision_doctor.capture.ops import OpInfo, aten, map_args, out_overload, o
 from precision_doctor.capture.statistics import Workspace
 
 # Transient fp32 tensors at least this large (16 MiB) - upcast shadow inputs, shadow results
-# that are only rounded - go to reused buffers (see _pooled_like).
+# that are only rounded - go to reused buffers (see `LocalShadows.pooled_like`).
 POOLED_ELEMENTS = 1 << 22
 # Workspace slots of those buffers, released together before backward.
 POOL_SLOT = "pooled"
