@@ -1,48 +1,55 @@
 """The op pipeline: what the capture does with each aten op of forward and backward, as named
 steps that a *driver* calls in order. The dispatch mode (`shadow.ShadowMode`) is one driver;
-a walk over an FX graph of aten ops is meant to be another, producing the same records.
+a walk over an FX graph of aten ops (forward and backward) is meant to be another, and gets
+the same records by calling the same steps (tests/test_pipeline.py walks a make_fx graph).
 
-Steps, in the order `OpPipeline.run` calls them (each fills in fields of the `Op`):
+A driver routes on `classify(func)` (an `OpInfo`): a collective (`info.communicates`) goes to
+`communicate(op)`, which runs it once and records its cost; a bookkeeping op
+(`info.bookkeeping`) is run as it is, outside the pipeline; any other op goes to `run(op)`,
+which calls the steps below in order. Each step reads the fields of the `Op` that the driver
+or an earlier step filled in, and fills in its own:
 
-1. `classify`      - what kind of op it is (`OpInfo`): a collective, bookkeeping, a view...
-2. `attribute`     - the unit it is charged to (a collective's buffer ops: the collective's)
-3. `plan`          - what the real low-precision run holds low around it, input by input
-4. `track_writes`  - what it writes, announced before it writes (`before_write`)
-5. `prepare_shadow` - the local shadow's inputs, taken before the op can mutate them
-6. `execute`       - the op itself, on the fp32 values
-7. `shadow`        - the local shadow run and stored beside the fp32 outputs
-8. `record`        - its `OpRecord`: the dataflow graph, FLOPs, bytes, what it inherits
-9. `track_masks`   - where mask values reach its outputs (`masks.MaskTracker`)
-10. `summarize`    - its outputs' statistics and its local error (forward ops only)
+| step             | reads                                   | fills in / does                               |
+|------------------|-----------------------------------------|-----------------------------------------------|
+| `attribute`      | unit, backward, args, kwargs            | unit (a collective's buffer op: its unit)     |
+| `plan`           | unit, backward, info                    | low, unit_low, wanted_in/out, low_dtypes      |
+| `track_writes`   | info, args, kwargs                      | written; `before_write` before the op writes  |
+| `prepare_shadow` | the above                               | tensors_in, held_in, store, shadow_args       |
+| `execute`        | func, args, kwargs                      | out, outs (the real outputs)                  |
+| `shadow`         | store, shadow_args, out                 | out_low, pairs; the local store's new entries |
+| `record`         | tensors_in, outs, out_low, seq          | producers, rec (appended to `records`)        |
+| `track_masks`    | rec, producers, outs                    | rec.constant, rec.masked                      |
+| `summarize`      | rec, outs, pairs, written               | rec's statistics and local error; the unit's  |
 
-Collectives skip 3-10 (`communicate`: run once, recorded for their cost); bookkeeping ops
-(`op_info(func).bookkeeping`) are only run.
+(`record`, `track_masks` and `summarize` run only when `collect` is set.)
 
 What a driver gives, per op (`Op`'s first fields):
-- `func`, `args`, `kwargs`: the aten overload and its real arguments, fp32 run's values, as
-  a dispatch mode sees them (`kwargs` a dict, possibly empty); `info = classify(func)`.
-- `backward`: whether it belongs to the backward pass.
+- `func`, `args`, `kwargs`: the aten overload and its real arguments, the fp32 run's tensors
+  themselves (the pipeline keys what it knows of a tensor by identity: a driver passes an
+  op the very tensor objects earlier ops returned); `kwargs` a dict, possibly empty;
+  `info = classify(func)`.
+- `backward`: whether the op belongs to the backward pass (no shadow, no statistics: the
+  gradients are summarized per autograd node, `ShadowCapture.instrument_backward`).
 - `unit`: the unit running it. Forward: the innermost module whose forward runs it (the
   tracker's `current`). Backward: the unit of the forward op whose autograd node it is part
-  of (`UnitAttribution.backward_unit`), `UNATTRIBUTED_UNIT` outside any.
-- `seq`: forward only, the sequence number of the autograd node the op created, once it is
-  registered to `unit` (`UnitAttribution.record_forward`); None if it made none. Backward
-  gradient statistics read it; a driver without autograd passes None.
-`execute` runs `func(*args, **kwargs)` itself, between `prepare_shadow` and `shadow`: an op
-that writes its inputs must not have written them when the shadow takes them. A driver
-outside the dispatch mode runs the pipeline where no capture mode is active.
+  of (`UnitAttribution.backward_unit`), `UNATTRIBUTED_UNIT` outside any. For a collective,
+  the unit running it, which `communicate` uses only where the tensors it moves name none.
+- `seq`: forward only, the sequence number of the autograd node the op created, once
+  registered to `unit` (`UnitAttribution.record_forward`); None if it made none. It ties
+  the op's record to its gradient; a driver without autograd passes None.
+The real outputs are the pipeline's own to make: `execute` runs `func(*args, **kwargs)`
+between `prepare_shadow` and `shadow`, since an op that writes its inputs must not have
+written them when the shadow takes its copies.
 
 And, around the ops:
-- `module_output(path, call, outputs)` when a module call returns (with the real low run's
+- `module_output(path, call, outputs)` when a module call returns (given the real low run's
   outputs of that call in `module_outputs`), and `unit_exited(path)` when it is left: the
-  tracker's hooks do this (`UnitAttribution(on_exit=..., on_output=...)`).
+  unit tracker's hooks do this (`UnitAttribution(on_exit=..., on_output=...)`).
 - The tracker's module call stack as the eager run has it while an op runs: `plan` names
   ops by (unit, module call, op, n) to find them in the real low run (`units.OpKeyer`).
 - `external_storages`, `masks.constant_ids`, `param_storage_units`: see `capture_pass`.
-
-Everything runs under `_disable_current_modes` semantics: the pipeline's own tensor work
-(shadows, summaries) must reach no dispatch mode, which a dispatch mode's handler gives for
-free and any other driver must arrange.
+- The pipeline's own tensor work (shadows, summaries) must reach no capture mode: inside a
+  dispatch mode's handler the mode is off; a driver outside one runs where none is active.
 """
 
 from __future__ import annotations
@@ -165,7 +172,9 @@ class Op:
 
 class OpPipeline:
     """The pipeline's steps and the state they share across ops: the records, the units,
-    which op made each live tensor, the local shadows, the masks."""
+    which op made each live tensor, the local shadows, the masks. Long as a whole because
+    every step reads and extends that one state; each step is a method of its own, and the
+    shadows' own work is `LocalShadows`'."""
 
     def __init__(
         self,
@@ -291,8 +300,8 @@ class OpPipeline:
         return op_info(func)
 
     def run(self, op: Op) -> Any:
-        """Steps 2-10 for an op that is neither a collective nor bookkeeping; returns its
-        outputs."""
+        """The steps, in order, for an op that is neither a collective nor bookkeeping;
+        returns its real outputs."""
         self.attribute(op)
         self.plan(op)
         self.track_writes(op)
