@@ -296,6 +296,7 @@ class OpPipeline:
 
     # --- the steps -------------------------------------------------------------------------
     def classify(self, func: Any) -> OpInfo:
+        """What kind of op `func` is: the driver routes on it, every step reads it."""
         self.op_count += 1
         return op_info(func)
 
@@ -315,6 +316,8 @@ class OpPipeline:
         return op.out
 
     def attribute(self, op: Op) -> None:
+        """The unit the op is charged to: the one running it, but for a collective's buffer
+        op that no autograd node runs."""
         if op.backward and op.unit == UNATTRIBUTED_UNIT and self._communicated:
             # Outside any autograd node (FSDP2's last reduce-scatter, in autograd's final
             # callback): the buffer ops of a collective belong to its unit.
@@ -323,6 +326,8 @@ class OpPipeline:
                 op.unit = op.comm_buffer
 
     def plan(self, op: Op) -> None:
+        """Which of the op's inputs and outputs the real low-precision run holds low (or, with
+        no low run, the policy's unit)."""
         op.unit_low = op.low = self.policy.is_low(op.unit)
         if self.op_dtypes is not None:
             op.low = self.default_low
@@ -334,6 +339,8 @@ class OpPipeline:
                     op.low_dtypes = tuple(dtype_name(d) for d in found[1] if d is not None)
 
     def track_writes(self, op: Op) -> None:
+        """Announce the tensors the op writes, before it writes them: the model state guard copies
+        a parameter first, the gradient batch reads a gradient first."""
         info, args, kwargs = op.info, op.args, op.kwargs
         if info.mutates or info.writes_kwargs:  # most ops write nothing: no list work for them
             op.written = [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
@@ -391,6 +398,8 @@ class OpPipeline:
         self.shadows.end_op()
 
     def execute(self, op: Op) -> None:
+        """The op on the fp32 values. A failure is the model's own: `ModelOpError` carries it
+        past the driver's handler for internal errors."""
         try:
             op.out = op.func(*op.args, **op.kwargs)
         except Exception as e:
@@ -401,6 +410,8 @@ class OpPipeline:
             self._note_comm_buffers(op.outs, op.comm_buffer)
 
     def shadow(self, op: Op) -> None:
+        """The local shadow's run and its outputs stored beside the fp32 ones; what the real
+        run holds low among the outputs."""
         info, args = op.info, op.args
         if info.restrides and not op.backward:
             self.shadows.restride(op.func, args, op.kwargs)
@@ -493,6 +504,7 @@ class OpPipeline:
         rec.mask_nonfinite = masked_in  # a view or copy passes the mask on
 
     def track_masks(self, op: Op) -> None:
+        """Where mask values reach the forward op's outputs (what `summarize` counts as zeros)."""
         if op.backward or op.rec is None:
             return
         self.masks.op(
