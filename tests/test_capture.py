@@ -669,7 +669,7 @@ def test_pooled_buffers_change_no_result(name: str, monkeypatch: pytest.MonkeyPa
     """Large upcasts and large shadow results go through reused buffers (the results via
     the op's `out=` overload). Pooling every tensor must give the same losses and errors
     as pooling none."""
-    import precision_doctor.capture.shadow as capture
+    import precision_doctor.capture.local_shadow as capture
 
     def run() -> pd.Report:
         case = build(name)

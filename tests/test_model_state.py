@@ -322,7 +322,7 @@ def test_mutation_test_can_fail() -> None:
 
 def test_no_mode_or_hook_left_after_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure inside the capture machinery itself still unwinds everything."""
-    import precision_doctor.capture.shadow as capture
+    import precision_doctor.capture.pipeline as capture
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise ZeroDivisionError("flop formula exploded")
@@ -336,7 +336,7 @@ def test_no_mode_or_hook_left_after_internal_error(monkeypatch: pytest.MonkeyPat
 
 
 def test_capture_bug_during_forward_is_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import precision_doctor.capture.shadow as capture
+    import precision_doctor.capture.pipeline as capture
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise ZeroDivisionError("flop formula exploded")

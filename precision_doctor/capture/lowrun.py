@@ -205,7 +205,7 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
-        # As ShadowCapture: torch would wrap the handler in `torch._dynamo.disable`, whose first
+        # As ShadowMode: torch would wrap the handler in `torch._dynamo.disable`, whose first
         # call imports torch._dynamo (~0.7 s) and each op would pay the wrapper. `dynamo_safe`
         # wraps it when torch._dynamo is already imported.
         return False
