@@ -295,6 +295,7 @@ def analyze(
     With --out or any plan option (--export, --export-format, --target, --cost measured,
     --tolerance) it also searches the per-module dtype plan and the initial loss scale and
     stores them in the report."""
+    from precision_doctor.analysis.engine import PROGRESS_STEPS
     from precision_doctor.analysis.engine import analyze as run_analysis
     from precision_doctor.model.spec import load_model_file
     from precision_doctor.views.terminal import next_steps, render_next_steps, render_report
@@ -320,12 +321,11 @@ def analyze(
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    steps = ["fx", "low", "forward", "backward", "stats"]
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
         console=err_console, transient=True, disable=quiet or not main_rank or not err_console.is_terminal,
     ) as progress:
-        task = progress.add_task("analyzing", total=len(steps))
+        task = progress.add_task("analyzing", total=len(PROGRESS_STEPS))
 
         def step(msg: str) -> None:
             progress.update(task, description=msg)

@@ -9,8 +9,10 @@ low-precision output. On the CPU that is `x.to(low).float()` around fp32 kernels
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from precision_doctor.options import LowDtype
@@ -58,6 +60,53 @@ class FormatLimits:
 FP16 = FormatLimits.of(torch.float16, "fp16")
 BF16 = FormatLimits.of(torch.bfloat16, "bf16")
 LIMITS: dict[LowDtype, FormatLimits] = {LowDtype.FP16: FP16, LowDtype.BF16: BF16}
+
+
+def loss_scale_fractions(
+    counts: Sequence[float] | np.ndarray,
+    log2_lo: int,
+    scales_log2: Sequence[int] | range,
+    limits: FormatLimits,
+    sum_squares: Sequence[float] | np.ndarray | None = None,
+    sum_squares_total: float | None = None,
+    nonzero: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At each loss scale 2^k, from a histogram of floor(log2|g|) of the nonzero finite
+    gradients (`counts[i]`: |g| in [2^(log2_lo+i), 2^(log2_lo+i+1))): the fraction of them
+    that flush to zero in `limits`' format, the fraction that overflow, and the fraction of
+    the L2 norm flushed, as three arrays. One power of two is the resolution: a value flushes
+    when |g| * 2^k < the smallest subnormal's power, overflows when |g| * 2^k >= 2^ceil(log2
+    max) (65536 for fp16); fractions are of `nonzero` (default: the histogram's total). The norm needs `sum_squares` (per bin, from `log2_lo`); bins past
+    its end count 4^bin per value, a lower bound. One cumulative sum answers every scale: the
+    summaries ask for 128 per unit. The one place this arithmetic lives: the capture's
+    summaries and the saved report's statistics both call it.
+
+    >>> lost, over, norm = loss_scale_fractions([1, 1], -25, [0, 1, 40], FP16)
+    >>> lost.tolist(), over.tolist()
+    ([0.5, 0.0, 0.0], [0.0, 0.0, 0.5])
+    """
+    k = np.asarray(scales_log2, dtype=np.int64)
+    hist = np.asarray(counts, dtype=np.float64)
+    zeros = np.zeros(len(k))
+    nonzero = float(hist.sum()) if nonzero is None else nonzero
+    if nonzero <= 0:
+        return zeros, zeros.copy(), zeros.copy()
+    below = np.concatenate(([0.0], np.cumsum(hist)))  # below[i]: values in bins < i
+    top = len(hist)
+    flush_log2 = math.frexp(limits.smallest_subnormal)[1] - 1
+    lo = np.clip(flush_log2 - k - log2_lo, 0, top)  # bins below lo flush
+    hi = np.clip(math.ceil(limits.max_log2) - k - log2_lo, 0, top)  # bins from hi overflow
+    lost = below[lo] / nonzero
+    over = (below[-1] - below[hi]) / nonzero
+    norm = zeros
+    if sum_squares is not None and sum_squares_total:
+        sq = np.asarray(sum_squares, dtype=np.float64)
+        bins = np.arange(top)
+        fallback = hist * np.exp2(2.0 * (bins + log2_lo))
+        per_bin = np.where(bins < len(sq), np.pad(sq, (0, max(0, top - len(sq))))[:top], fallback)
+        sq_below = np.concatenate(([0.0], np.cumsum(per_bin)))
+        norm = np.sqrt(np.minimum(1.0, sq_below[lo] / sum_squares_total))
+    return lost, over, norm
 
 
 # --- numbers for people: times and sizes in the unit that fits ----------------------------------

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import ReportExtras
+from precision_doctor.formats import FP16, loss_scale_fractions
 from precision_doctor.options import (
     FLAG_RANK,
     SEVERITY_RANK,
@@ -42,6 +43,14 @@ READABLE_SCHEMA_VERSIONS = (6, SCHEMA_VERSION)
 """Versions `Report.load` reads: a version-6 report has every field 7 has but the new
 threshold, which takes its default."""
 
+
+
+ROOT_UNIT = "<root>"
+"""The unit of the model's own forward, outside any submodule (its module path is "")."""
+LOSS_UNIT = "<loss>"
+"""The loss function's unit: what `loss_fn` computes from the model's output."""
+UNATTRIBUTED_UNIT = "<backward>"
+"""The backward's ops that no forward unit owns (autograd's own accumulation, the seed)."""
 
 class Histogram(_Frozen):
     """Counts of floor(log2|x|): `counts[i]` holds |x| in [2^(log2_lo+i), 2^(log2_lo+i+1)).
@@ -92,23 +101,10 @@ class TensorStats(_Frozen):
         between 2^-24 and the flush point have no sums of squares and count 4^bin per value
         (a lower bound)."""
         h = self.histogram
-        nonzero = sum(h.counts)
-        if nonzero == 0:
-            return 0.0, 0.0, 0.0
-        flush_below = -24 - scale_log2  # fp16's smallest subnormal is 2^-24
-        overflow_from = 16 - scale_log2  # |g| * 2^k >= 2^16 = 2^ceil(log2(65504))
-        lost = sum(c for i, c in enumerate(h.counts) if h.log2_lo + i < flush_below)
-        over = sum(c for i, c in enumerate(h.counts) if h.log2_lo + i >= overflow_from)
-        norm = 0.0
-        if h.sum_squares is not None and self.sum_squares_total:
-            sq = 0.0
-            for i, c in enumerate(h.counts):
-                b = h.log2_lo + i
-                if b >= flush_below:
-                    break
-                sq += h.sum_squares[i] if i < len(h.sum_squares) else c * 4.0**b
-            norm = math.sqrt(min(1.0, sq / self.sum_squares_total))
-        return lost / nonzero, over / nonzero, norm
+        lost, over, norm = loss_scale_fractions(
+            h.counts, h.log2_lo, [scale_log2], FP16, h.sum_squares, self.sum_squares_total
+        )
+        return float(lost[0]), float(over[0]), float(norm[0])
 
 
 class LossScalePoint(_Frozen):
@@ -546,8 +542,6 @@ def _written_by(raw: dict[str, object]) -> str | None:
     return version if isinstance(version, str) else None
 
 
-LOSS_UNIT = "<loss>"
-"""The loss function's unit (`capture.units.LOSS_UNIT`, which the base cannot import)."""
 _ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8}
 """Unit roundoff of each low dtype: the error rounding alone gives a value."""
 

@@ -86,3 +86,13 @@ def test_model_state_after_a_deprecated_call() -> None:
         pd.analyze(case.model, case.batch, case.loss_fn, "fp16")
     after = case.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_progress_reports_the_published_steps() -> None:
+    """The CLI's progress bar counts `PROGRESS_STEPS`: the engine calls `progress` once per step."""
+    from precision_doctor.analysis.engine import PROGRESS_STEPS
+
+    case = build_mlp()
+    said: list[str] = []
+    pd.analyze(case.model, case.batch, case.loss_fn, progress=said.append)
+    assert len(said) == len(PROGRESS_STEPS)

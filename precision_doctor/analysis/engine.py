@@ -53,7 +53,7 @@ from precision_doctor.model.parallel import (
     reset_fsdp_iteration,
     storage_ptr,
 )
-from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, device_of, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
 from precision_doctor.options import (
     AutocastPolicy,
@@ -90,6 +90,16 @@ from precision_doctor.runtime.distributed import (
 from precision_doctor.version import __version__
 
 Progress = Callable[[str], None]
+PROGRESS_STEPS = (
+    "torch.fx check",
+    "the real low-precision run",
+    "fp32 forward with shadows",
+    "fp32 backward",
+    "statistics and flags",
+    "low-precision backward",
+)
+"""What `analyze` reports to `progress`, one call each, in order (the last only where the
+gradient fidelity runs): the total of a progress bar."""
 LOSS_SCALES = range(128)
 """The loss-scale curves' scales, 2^0..2^127: every power of two GradScaler's fp32 scale can
 hold (and the recommendation searches). Gradients below 2^-24 carry per-bin sums of squares,
@@ -235,7 +245,7 @@ def _validate(
     return _Request(
         model=model, batch=batch, loss_fn=loss_fn, low=low, regime=run_regime, policy=op_policy,
         th=thresholds or Thresholds(), name=name or type(model).__name__, say=progress or (lambda _msg: None),
-        device=next((p.device for p in model.parameters()), torch.device("cpu")), job=job,
+        device=device_of(model), job=job,
     )
 
 

@@ -46,7 +46,6 @@ MAX_SCALE_LOG2 = MAX_LOSS_SCALE_LOG2
 MIN_SCALE_LOG2 = -16
 """For gradients that overflow fp16 unscaled (above 16376 with the headroom)."""
 FP32_MAX = float(torch.finfo(torch.float32).max)
-BACKOFF_FACTOR = 0.5
 # Smallest fp16 subnormal is 2^-24: a bin b (|g| in [2^b, 2^(b+1))) flushes at scale 2^k
 # when b + k < -24 (the statistics count |g| < smallest subnormal as flushed).
 _FLUSH_LOG2 = {LowDtype.FP16: -24, LowDtype.BF16: -133}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from precision_doctor.errors import PrecisionDoctorInternalError
-from precision_doctor.formats import BF16, FP16, FormatLimits
+from precision_doctor.formats import BF16, FP16, FormatLimits, loss_scale_fractions
 
 HIST_BINS = 256
 EXP_BIAS = 127
@@ -117,26 +117,17 @@ class TensorSummary:
         sum of the histogram answers every scale (a report asks for 128 per unit, 2^0..2^127).
         The norm fraction needs k >= 0 (sums of squares exist below 2^-24 only). fp32
         subnormals are one bin (below 2^-126), all kept from 2^103 on."""
-        k = np.asarray(scales_log2, dtype=np.int64)
-        zeros = np.zeros(len(k))
-        nonzero = self.nonzero_count
-        if nonzero <= 0:
+        if self.nonzero_count <= 0:
+            zeros = np.zeros(len(scales_log2))
             return zeros, zeros.copy(), zeros.copy()
         hist = self.hist.astype(np.float64)
         hist[0] -= self.zero_count
         hist[255] = 0
-        below = np.concatenate(([0.0], np.cumsum(hist)))  # below[i]: values in bins < i
-        lo = np.clip(bin_of(fmt.smallest_subnormal) - k, 0, 255)  # bins below lo flush
-        hi = np.clip(math.ceil(fmt.max_log2) + EXP_BIAS - k, 0, 255)  # bins from hi overflow
-        lost = below[lo] / nonzero
-        over = (below[-1] - below[hi]) / nonzero
-        norm = zeros
-        if self.sumsq is not None and self.sumsq_total > 0:
-            if lo.max() > SUMSQ_BINS:
-                raise PrecisionDoctorInternalError(f"norm fraction below bin {lo.max()} was not collected")
-            sq_below = np.concatenate(([0.0], np.cumsum(self.sumsq)))
-            norm = np.sqrt(np.minimum(1.0, sq_below[lo] / self.sumsq_total))
-        return lost, over, norm
+        if self.sumsq is not None and self.sumsq_total > 0 and bin_of(fmt.smallest_subnormal) - min(scales_log2) > SUMSQ_BINS:
+            raise PrecisionDoctorInternalError(f"norm fraction below scale 2^{min(scales_log2)} was not collected")
+        return loss_scale_fractions(
+            hist, -EXP_BIAS, scales_log2, fmt, self.sumsq, self.sumsq_total, nonzero=self.nonzero_count
+        )
 
     def fraction(self, count: int) -> float:
         nonzero = self.nonzero_count

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch.nn.modules import module as nn_module
 
-ROOT_UNIT = "<root>"
-LOSS_UNIT = "<loss>"
-UNATTRIBUTED_UNIT = "<backward>"
+# The unit names are the report's vocabulary, defined there (the base) and used here.
+from precision_doctor.report import LOSS_UNIT as LOSS_UNIT
+from precision_doctor.report import ROOT_UNIT as ROOT_UNIT
+from precision_doctor.report import UNATTRIBUTED_UNIT as UNATTRIBUTED_UNIT
 
 
 # torch's private autograd internals, typed in this one place (the rest of the package calls
@@ -148,9 +149,6 @@ class UnitAttribution:
             self.seq_units[seq] = unit
             return seq
         return None
-
-    def node_unit(self, node: Any) -> str | None:
-        return self.seq_units.get(node._sequence_nr())
 
     def backward_unit(self) -> tuple[str, bool]:
         """(unit of the autograd node being executed, whether it is an AccumulateGrad)."""

@@ -107,14 +107,19 @@ def run_model(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device `model` lives on: that of its first parameter, else the CPU."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def device_type(model: torch.nn.Module, *values: Any) -> str:
     """The device type `model` runs on (for `torch.autocast` and `GradScaler`): that of the
-    first tensor among `values` (a call's arguments), else of its first parameter, else "cpu"."""
+    first tensor among `values` (a call's arguments), else `device_of(model)`'s."""
     for v in values:
         if isinstance(v, torch.Tensor):
             return v.device.type
-    p = next(model.parameters(), None)
-    return p.device.type if p is not None else "cpu"
+    return device_of(model).type
 
 
 def resolve_loss(output: Any, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:

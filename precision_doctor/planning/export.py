@@ -130,7 +130,7 @@ def _results_to(out, dtype):
 def install_precision_plan(model):
     """Install the plan's overrides on `model`; returns a function that removes them."""
     modules = {{name or "<root>": m for name, m in model.named_modules()}}
-    unknown = [u for u in PLAN if u != "<loss>" and u not in modules]
+    unknown = [u for u in PLAN if u != LOSS_UNIT and u not in modules]
     if unknown:
         raise ValueError(f"this plan does not match the model: unknown modules {{unknown[:3]}}")
     if MODULE_COUNT is not None and len(modules) != MODULE_COUNT:
@@ -171,7 +171,7 @@ def install_precision_plan(model):
         installed.append((module, had, orig, forward))
 
     for unit, dtype in PLAN.items():
-        if unit != "<loss>":
+        if unit != LOSS_UNIT:
             wrap(modules[unit], dtype != "fp32")
 
     def remove():

@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from precision_doctor.capture.units import ROOT_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.model.spec import run_model
+from precision_doctor.model.spec import device_of, run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import LowDtype
 from precision_doctor.planning.cost import (
@@ -167,7 +167,7 @@ def measure_cost_model(
         report = old_spelling[0]
     low = report.environment.dtype
     low_dtype = TORCH_DTYPES[LowDtype(low)]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     modules = {(n or ROOT_UNIT): m for n, m in model.named_modules()}
     profile = measure_device_profile(device)
     step = progress or (lambda _msg: None)

@@ -33,6 +33,7 @@ import torch
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.model.parallel import fsdp_modules, is_dtensor
+from precision_doctor.model.spec import device_of
 from precision_doctor.options import Wrapper
 
 __all__ = [
@@ -315,7 +316,7 @@ def init_from_env(model: torch.nn.Module) -> bool:
         return False
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     cuda = device.type == "cuda" and torch.distributed.is_nccl_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
