@@ -96,3 +96,16 @@ def test_progress_reports_the_published_steps() -> None:
     said: list[str] = []
     pd.analyze(case.model, case.batch, case.loss_fn, progress=said.append)
     assert len(said) == len(PROGRESS_STEPS)
+
+
+def test_pure_regime_casts_the_floats_of_a_mapping_pytree_does_not_know() -> None:
+    """transformers' BatchEncoding/BatchFeature are UserDicts: the pure regime's inputs are
+    cast through them, by the one cast the analysis and the pre-flight share."""
+    from collections import UserDict
+
+    from precision_doctor.capture.lowrun import cast_floats
+
+    batch = UserDict({"pixel_values": torch.ones(2, 3), "input_ids": torch.ones(2, 3, dtype=torch.long)})
+    cast = cast_floats(batch, torch.bfloat16)
+    assert isinstance(cast, dict)
+    assert cast["pixel_values"].dtype is torch.bfloat16 and cast["input_ids"].dtype is torch.long

@@ -585,7 +585,14 @@ def _low_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[dic
             store[name] = t
 
 
-def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    """The batch with its floating tensors in `dtype` (the pure regime's inputs). A mapping
+    that pytree does not know (transformers' `BatchEncoding`/`BatchFeature`) becomes the dict
+    `run_model` passes as keyword arguments, so its float tensors (`pixel_values`) are cast
+    too instead of passing through as one opaque leaf."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        batch = dict(batch)
+
     def cast_one(x: Any) -> Any:
         return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
@@ -638,7 +645,7 @@ def low_run(
         if regime == Regime.PURE:
             copies = stack.enter_context(_low_copy(model, dtype))
             named = {n: copies.get(id(p), p) for n, p in named.items()}
-            batch = _cast_floats(batch, dtype)
+            batch = cast_floats(batch, dtype)
         else:
             stack.enter_context(autocast_policy(policy, device))
         if keep_graph or gradients_at is not None:

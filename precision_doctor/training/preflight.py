@@ -64,13 +64,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from pydantic import Field
 
 from precision_doctor.analysis.distributed import Job
 from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.capture.emulation import unit_overrides
-from precision_doctor.capture.lowrun import low_precision, low_precision_backward
+from precision_doctor.capture.lowrun import cast_floats, low_precision, low_precision_backward
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import (
     LossScaleSection,
@@ -300,17 +299,6 @@ def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:
-    """The batch with its floating tensors in `dtype` (the pure regime's inputs)."""
-    if isinstance(batch, Mapping) and not isinstance(batch, dict):
-        batch = dict(batch)  # a BatchEncoding: its tensors, as `run_model` passes them
-
-    def cast_one(x: Any) -> Any:
-        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-    return pytree.tree_map(cast_one, batch)
-
-
 def _to_low(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype) -> None:
     """`model.to(dtype)` (the parameters stay the same objects, so an optimizer over them
     still holds them) and a copied optimizer's per-parameter state in the parameter's dtype,
@@ -436,7 +424,7 @@ class _TrainingRun:
         """Optimizer step `i` on batch `b`."""
         if self.pure:
             assert self.dtype is not None
-            b = _cast_batch(b, self.dtype)
+            b = cast_floats(b, self.dtype)
         self.opt.zero_grad(set_to_none=True)
         monitor = self.monitor
         scale = monitor.get_scale() if monitor is not None else None
