@@ -362,10 +362,10 @@ def analyze(
         if advice is not None:
             console.print(advice.describe(report.environment.dtype), markup=False)
         if export is not None and main_rank:
-            fmt = fmt_opt or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
-            write_atomic(export, section.exports[fmt])
-            console.print(f"{fmt} plan export written to {export}")
-            for caveat in export_caveats(plan, fmt):
+            export_format = fmt_opt or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+            write_atomic(export, section.exports[export_format])
+            console.print(f"{export_format} plan export written to {export}")
+            for caveat in export_caveats(plan, export_format):
                 console.print(f"note: {caveat}", markup=False)
     if out is not None and main_rank:
         report.save(out)

@@ -651,7 +651,7 @@ def build_report(
     """`low_params`: the parameters the real low run reads in the low dtype (their gradients
     are low there too); None: all of them."""
     records = mode.records
-    fmt = LIMITS[low]
+    limits = LIMITS[low]
     by_unit: dict[str, list[OpRecord]] = defaultdict(list)
     for r in records:
         by_unit[r.unit].append(r)
@@ -697,7 +697,7 @@ def build_report(
         if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
             all_grads.merge(urec.backward)
     # The highest scale GradScaler can settle at: what the gradient flags' severities read.
-    over = all_grads.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), fmt)[1] if all_grads.numel else None
+    over = all_grads.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), limits)[1] if all_grads.numel else None
     ceiling = scale_ceiling(lambda k: float(over[k]), th) if over is not None else MAX_SCALE_LOG2
 
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
@@ -705,7 +705,7 @@ def build_report(
     params = dict(param_stats)
     for uname, urec in sorted(mode.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
-        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, fmt, th, ceiling))
+        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, limits, th, ceiling))
 
     return Report(
         model=name,
@@ -726,7 +726,7 @@ def _unit(
     param_stats: dict[str, TensorSummary],
     order: int,
     low: LowDtype,
-    fmt: Any,
+    limits: Any,
     th: Thresholds,
     scale_ceiling_log2: int = 24,
 ) -> Unit:
@@ -743,7 +743,7 @@ def _unit(
         activation_bytes=urec.saved_bytes,
         param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
         op_count=len(ops),
-        flags=unit_flags(urec, ops, low, fmt, th, scale_ceiling_log2),
+        flags=unit_flags(urec, ops, low, limits, th, scale_ceiling_log2),
         forward=UnitForward(
             stats=tensor_stats(urec.forward) if urec.forward.numel else None,
             local=_error(urec.local_error, urec.local_error.nonfinite_mismatch) if has_local else None,
@@ -754,7 +754,7 @@ def _unit(
             stats=tensor_stats(urec.backward) if urec.backward.numel else None,
             loss_scale=loss_scale_curve(urec.backward) if urec.backward.numel else [],
             param_grads={p: tensor_stats(param_stats[p]) for p in urec.param_names if p in param_stats},
-            reads_overflow=reads_overflow(ops, fmt),
+            reads_overflow=reads_overflow(ops, limits),
         ),
         ops=_op_stats(ops),
         op_costs=_op_costs(ops),

@@ -37,7 +37,7 @@ MAX_SCALE_LOG2 = MAX_LOSS_SCALE_LOG2
 """The largest loss scale the gradient severities consider: GradScaler's whole range."""
 
 
-def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phase) -> OpRecord | None:
+def _worst(records: Sequence[OpRecord], key: str, limits: FormatLimits, phase: Phase) -> OpRecord | None:
     best: OpRecord | None = None
     best_v = 0.0
     for r in records:
@@ -46,9 +46,9 @@ def _worst(records: Sequence[OpRecord], key: str, fmt: FormatLimits, phase: Phas
         s = r.summary
         v: float
         if key == "overflow":
-            v = s.tails[fmt.name].overflow
+            v = s.tails[limits.name].overflow
         elif key == "flushed":
-            v = s.tails[fmt.name].flushed
+            v = s.tails[limits.name].flushed
         elif key == "max_abs":
             v = s.max_abs
         else:
@@ -68,7 +68,7 @@ class _UnitCase:
     unit: UnitRecord
     ops: Sequence[OpRecord]
     dtype: LowDtype
-    fmt: FormatLimits
+    limits: FormatLimits
     th: Thresholds
     scale_ceiling_log2: int
 
@@ -86,7 +86,7 @@ class _UnitCase:
 
     @property
     def flushed(self) -> int:
-        return self.fwd.tails[self.fmt.name].flushed
+        return self.fwd.tails[self.limits.name].flushed
 
     def flag(
         self, flag: Flag, severity: Severity, op: OpRecord | None, phase: Phase, message: str, **values: float
@@ -135,15 +135,15 @@ def _overflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
     """OVERFLOW, charged to the op whose inputs fit the format but whose output does not: a
     ReLU or a residual add passing on an upstream overflow is not a root cause. Mask values
     (-1e38, finfo.min) overflow on purpose: the summaries count them apart (capture/masks.py)."""
-    fmt, fwd = case.fmt, case.fwd
+    limits, fwd = case.limits, case.fwd
 
     def overflow_of(r: OpRecord) -> int:
         s = r.summary
-        own = 0 if s is None or not r.stored_low else s.tails[fmt.name].overflow
+        own = 0 if s is None or not r.stored_low else s.tails[limits.name].overflow
         return own + r.cast_overflow
 
     over_ops = [
-        r for r in case.ops if r.phase == Phase.FORWARD and r.input_max_abs <= fmt.max_value and overflow_of(r)
+        r for r in case.ops if r.phase == Phase.FORWARD and r.input_max_abs <= limits.max_value and overflow_of(r)
     ]
     over = sum(overflow_of(r) for r in over_ops)
     if not over or fwd.fraction(over) <= case.th.overflow_fraction:
@@ -152,23 +152,23 @@ def _overflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
     largest = max(o.out_max_abs for o in over_ops)
     return [case.flag(
         Flag.OVERFLOW, Severity.ERROR, r, Phase.FORWARD,
-        f"{over} value(s) exceed {fmt.name} max {fmt.max_value:g} (largest |x| {largest:.4g})",
+        f"{over} value(s) exceed {limits.name} max {limits.max_value:g} (largest |x| {largest:.4g})",
         overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=largest,
-        dtype_max=fmt.max_value,
+        dtype_max=limits.max_value,
     )]
 
 
 def _underflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
     """UNDERFLOW: nonzero values flushing to 0; an error when the unit's local error shows it."""
-    fmt, fwd, th, local, flushed = case.fmt, case.fwd, case.th, case.local, case.flushed
+    limits, fwd, th, local, flushed = case.limits, case.fwd, case.th, case.local, case.flushed
     if not flushed or fwd.fraction(flushed) <= th.underflow_fraction:
         return []
-    r = _worst(case.ops, "flushed", fmt, Phase.FORWARD)
+    r = _worst(case.ops, "flushed", limits, Phase.FORWARD)
     costly = not math.isfinite(local) or local > th.divergence_rel_error
     return [case.flag(
         Flag.UNDERFLOW, Severity.ERROR if costly else Severity.WARNING, r, Phase.FORWARD,
-        f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {fmt.name} "
-        f"(below {fmt.smallest_subnormal:.3g}); local error {local:.3g}",
+        f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {limits.name} "
+        f"(below {limits.smallest_subnormal:.3g}); local error {local:.3g}",
         underflow_count=flushed, underflow_fraction=fwd.fraction(flushed),
         min_nonzero_abs=fwd.min_nonzero_abs,
     )]
@@ -183,7 +183,7 @@ def _low_nonfinite(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRec
     r = nan_roots[0]
     return [case.flag(
         Flag.UNDERFLOW if case.flushed else Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
-        f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {case.fmt.name} where fp32 is finite",
+        f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {case.limits.name} where fp32 is finite",
         nonfinite_count=r.local_nonfinite_root,
     )]
 
@@ -193,7 +193,7 @@ def _divergence(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord
     local, th = case.local, case.th
     if not (math.isfinite(local) and local > th.divergence_rel_error):
         return []
-    r = _worst(case.ops, "local", case.fmt, Phase.FORWARD)
+    r = _worst(case.ops, "local", case.limits, Phase.FORWARD)
     return [case.flag(
         Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
         f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
@@ -226,7 +226,7 @@ def _inner_error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[Fl
     lost against a large value), charged here with the op named, even when the unit's own
     output error stays small."""
     th = case.th
-    inner = op_error_growth(case.ops, case.fmt, th) if not any(f.flag is Flag.ERROR_GROWTH for f in found) else None
+    inner = op_error_growth(case.ops, case.limits, th) if not any(f.flag is Flag.ERROR_GROWTH for f in found) else None
     if inner is None:
         return []
     r, op_err, in_err = inner
@@ -240,19 +240,19 @@ def _inner_error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[Fl
 
 def _gradients(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
     """GRAD_OVERFLOW and GRAD_UNDERFLOW at the loss scale the run trains at (`_gradient_flags`)."""
-    unit, bwd, fmt = case.unit, case.bwd, case.fmt
+    unit, bwd, limits = case.unit, case.bwd, case.limits
     if not bwd.numel:
         return []
     fp16 = case.dtype is LowDtype.FP16
     scale = case.th.grad_scale_log2 if fp16 else 0
-    curves = bwd.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), fmt)
+    curves = bwd.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), limits)
 
     def at_scale(k: int) -> tuple[float, float, float]:
         return float(curves[0][k]), float(curves[1][k]), float(curves[2][k])
 
     return _gradient_flags(
-        unit.name, fmt, case.th, scale, at_scale,
-        inherited_overflow=reads_overflow(case.ops, fmt), max_abs=bwd.max_abs, scaler=fp16,
+        unit.name, limits, case.th, scale, at_scale,
+        inherited_overflow=reads_overflow(case.ops, limits), max_abs=bwd.max_abs, scaler=fp16,
         ceiling_log2=case.scale_ceiling_log2,
         overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
         underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
@@ -269,14 +269,14 @@ def unit_flags(
     unit: UnitRecord,
     ops: Sequence[OpRecord],
     dtype: LowDtype,
-    fmt: FormatLimits,
+    limits: FormatLimits,
     th: Thresholds,
     scale_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
     """The unit's findings, one rule per flag (`_RULES`), each seeing what the rules before
     it found. `scale_ceiling_log2`: the largest loss scale at which no gradient of the model
     overflows (`scale_ceiling`), the highest GradScaler can settle at."""
-    case = _UnitCase(unit, ops, dtype, fmt, th, scale_ceiling_log2)
+    case = _UnitCase(unit, ops, dtype, limits, th, scale_ceiling_log2)
     flags = _nonfinite_fp32(case, [])
     # The loss runs in fp32 under autocast and GradScaler scales the fp32 loss: no range,
     # error or gradient finding applies to it (its gradients, the seed 1 among them, are not
@@ -296,7 +296,7 @@ def scale_ceiling(overflow_at: Callable[[int], float], th: Thresholds) -> int:
 
 
 def _gradient_flags(
-    unit: str, fmt: FormatLimits, th: Thresholds, scale: int,
+    unit: str, limits: FormatLimits, th: Thresholds, scale: int,
     at_scale: Callable[[int], tuple[float, float, float]], *, inherited_overflow: bool, max_abs: float,
     scaler: bool, ceiling_log2: int, overflow_op: str | None, underflow_op: str | None,
 ) -> list[FlagRecord]:
@@ -314,7 +314,7 @@ def _gradient_flags(
 
     if overflow > th.grad_overflow_fraction:
         backoff = next((j for j in range(1, scale + 1) if not overflows(scale - j)), None) if scaler else None
-        what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {fmt.name} at 2^{scale}"
+        what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {limits.name} at 2^{scale}"
         if backoff is not None:
             flags.append(_grad_flag(
                 Flag.GRAD_OVERFLOW, Severity.WARNING, unit, overflow_op,
@@ -357,14 +357,14 @@ def _gradient_flags(
 
 
 def op_error_growth(
-    ops: Sequence[OpRecord], fmt: FormatLimits, th: Thresholds
+    ops: Sequence[OpRecord], limits: FormatLimits, th: Thresholds
 ) -> tuple[OpRecord, float, float] | None:
     """The op of a unit whose local error grows most over that of the values it reads, if it
     grows by `error_growth_factor` to at least `error_growth_min_rel_error`: (op, its error,
     its inputs' error). What it reads from another unit, a parameter or the batch enters the
     local shadow rounded once: its error is taken as the format's rounding error (eps / 2)."""
     by_index = {r.index: r for r in ops}
-    floor = fmt.eps / 2
+    floor = limits.eps / 2
     best: tuple[OpRecord, float, float] | None = None
     for r in ops:
         if r.phase != Phase.FORWARD or r.local_error is None:
@@ -388,14 +388,14 @@ def op_error_growth(
     return best
 
 
-def reads_overflow(ops: Sequence[OpRecord], fmt: FormatLimits) -> bool:
-    """Whether the unit reads values that already overflowed `fmt` elsewhere: it then gets
+def reads_overflow(ops: Sequence[OpRecord], limits: FormatLimits) -> bool:
+    """Whether the unit reads values that already overflowed `limits` elsewhere: it then gets
     huge weight gradients from them, inherited like its forward Inf, not flagged."""
-    return any(r.phase == Phase.FORWARD and r.input_max_abs > fmt.max_value for r in ops)
+    return any(r.phase == Phase.FORWARD and r.input_max_abs > limits.max_value for r in ops)
 
 
 def gradient_flags_at_scale(
-    unit: Unit, scale_log2: int, fmt: FormatLimits, th: Thresholds, *, scaler: bool = True,
+    unit: Unit, scale_log2: int, limits: FormatLimits, th: Thresholds, *, scaler: bool = True,
     ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
     """A reported unit's fp16 gradient flags judged again at loss scale 2^k (a plan's
@@ -407,7 +407,7 @@ def gradient_flags_at_scale(
         return []
     ops = {f.flag: f.evidence.op for f in unit.flags}
     return _gradient_flags(
-        unit.name, fmt, th, scale_log2, stats.loss_scale_fractions,
+        unit.name, limits, th, scale_log2, stats.loss_scale_fractions,
         inherited_overflow=unit.backward.reads_overflow, max_abs=stats.max_abs, scaler=scaler,
         ceiling_log2=ceiling_log2,
         overflow_op=ops.get(Flag.GRAD_OVERFLOW), underflow_op=ops.get(Flag.GRAD_UNDERFLOW),
@@ -429,9 +429,9 @@ def _grad_flag(
     )
 
 
-def grad_norm_flushed(unit: Unit, fmt: FormatLimits, scale_log2: int) -> float:
+def grad_norm_flushed(unit: Unit, limits: FormatLimits, scale_log2: int) -> float:
     """The fraction of the L2 norm of the gradients the unit holds low (`backward.stats`,
-    what GRAD_UNDERFLOW reads) that lies below `fmt`'s smallest subnormal at loss scale
+    what GRAD_UNDERFLOW reads) that lies below `limits`'s smallest subnormal at loss scale
     2^`scale_log2`, and so flushes to 0: read off their histogram at one power of two
     resolution, as the loss-scale curves are. The unit's output gradients count: the
     parameters' are computed from them (a weight gradient sums a batch of output gradients
@@ -441,7 +441,7 @@ def grad_norm_flushed(unit: Unit, fmt: FormatLimits, scale_log2: int) -> float:
     if stats is None or sq is None or not stats.sum_squares_total:
         return 0.0
     h = stats.histogram
-    flush_below = math.floor(math.log2(fmt.smallest_subnormal)) - scale_log2
+    flush_below = math.floor(math.log2(limits.smallest_subnormal)) - scale_log2
     lost = 0.0
     for i, c in enumerate(h.counts):
         b = h.log2_lo + i
@@ -528,11 +528,11 @@ def grad_divergence_flags(
             and grad_norm_flushed(unit, limits, scale_log2) <= th.grad_underflow_norm_fraction
         ):
             continue
-        fmt = report.environment.dtype
+        low = report.environment.dtype
         values: dict[str, float] = {"rel_l2_error": f.rel_l2_error, "scale_log2": scale_log2}
         if math.isfinite(share):
             values["error_norm_share"] = share
-        at = f"in {fmt} at loss scale 2^{scale_log2}"
+        at = f"in {low} at loss scale 2^{scale_log2}"
         if f.nonfinite_count:
             values["nonfinite_count"] = f.nonfinite_count
             message = f"{f.nonfinite_count} parameter gradient(s) Inf/NaN {at} where fp32's are finite"

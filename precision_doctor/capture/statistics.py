@@ -103,15 +103,15 @@ class TensorSummary:
             self.tails[name].add(counts)
 
     # --- scaled views (loss scaling) -------------------------------------------------------
-    def scaled_lost_fractions(self, scale_log2: int, fmt: FormatLimits = FP16) -> tuple[float, float, float]:
+    def scaled_lost_fractions(self, scale_log2: int, limits: FormatLimits = FP16) -> tuple[float, float, float]:
         """At loss scale 2^k: (fraction of nonzero values flushed, fraction overflowing,
         fraction of the L2 norm flushed). Resolution is one power of two: a value counts as
         overflowing when |x| * 2^k >= 2^ceil(log2(max)) (65536 for fp16)."""
-        lost, over, norm = self.loss_scale_fractions([scale_log2], fmt)
+        lost, over, norm = self.loss_scale_fractions([scale_log2], limits)
         return float(lost[0]), float(over[0]), float(norm[0])
 
     def loss_scale_fractions(
-        self, scales_log2: Sequence[int], fmt: FormatLimits = FP16
+        self, scales_log2: Sequence[int], limits: FormatLimits = FP16
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`scaled_lost_fractions` for many scales at once, as three arrays: one cumulative
         sum of the histogram answers every scale (a report asks for 128 per unit, 2^0..2^127).
@@ -123,10 +123,10 @@ class TensorSummary:
         hist = self.hist.astype(np.float64)
         hist[0] -= self.zero_count
         hist[255] = 0
-        if self.sumsq is not None and self.sumsq_total > 0 and bin_of(fmt.smallest_subnormal) - min(scales_log2) > SUMSQ_BINS:
+        if self.sumsq is not None and self.sumsq_total > 0 and bin_of(limits.smallest_subnormal) - min(scales_log2) > SUMSQ_BINS:
             raise PrecisionDoctorInternalError(f"norm fraction below scale 2^{min(scales_log2)} was not collected")
         return loss_scale_fractions(
-            hist, -EXP_BIAS, scales_log2, fmt, self.sumsq, self.sumsq_total, nonzero=self.nonzero_count
+            hist, -EXP_BIAS, scales_log2, limits, self.sumsq, self.sumsq_total, nonzero=self.nonzero_count
         )
 
     def fraction(self, count: int) -> float:
@@ -272,8 +272,8 @@ def _summarize_chunk(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> Ten
     if min_nz < _INF_BITS:
         summary.min_nonzero_abs = _bits_to_float(min_nz)
 
-    for fmt in _FORMATS:
-        summary.tails[fmt.name] = _tail_counts(bits, hist, summary, fmt)
+    for limits in _FORMATS:
+        summary.tails[limits.name] = _tail_counts(bits, hist, summary, limits)
 
     if with_sumsq:
         summary.sumsq = np.zeros(SUMSQ_BINS)
@@ -328,14 +328,14 @@ def _count_in_bin(
     return count
 
 
-def _tail_counts(bits: torch.Tensor, hist: np.ndarray, s: TensorSummary, fmt: FormatLimits) -> TailCounts:
-    if s.max_abs > fmt.max_value:
-        overflow = _count_in_bin(bits, hist, s.zero_count, fmt.max_value, above=True)
+def _tail_counts(bits: torch.Tensor, hist: np.ndarray, s: TensorSummary, limits: FormatLimits) -> TailCounts:
+    if s.max_abs > limits.max_value:
+        overflow = _count_in_bin(bits, hist, s.zero_count, limits.max_value, above=True)
     else:
         overflow = 0
-    if s.min_nonzero_abs < fmt.smallest_normal:
-        flushed = _count_in_bin(bits, hist, s.zero_count, fmt.smallest_subnormal, above=False)
-        below_normal = _count_in_bin(bits, hist, s.zero_count, fmt.smallest_normal, above=False)
+    if s.min_nonzero_abs < limits.smallest_normal:
+        flushed = _count_in_bin(bits, hist, s.zero_count, limits.smallest_subnormal, above=False)
+        below_normal = _count_in_bin(bits, hist, s.zero_count, limits.smallest_normal, above=False)
     else:
         flushed = below_normal = 0
     return TailCounts(overflow=overflow, flushed=flushed, subnormal=below_normal - flushed)
@@ -531,8 +531,8 @@ class SummaryBatch:
                 target.zero_count -= int(((bits[a:b] > 0) & (bits[a:b] < 1 << 23)).sum())
             if min_nz[i] < _INF_BITS:
                 target.min_nonzero_abs = _bits_to_float(min_nz[i])
-            for fmt in _FORMATS:
-                target.tails[fmt.name] = _tail_counts(bits[a:b], hist, target, fmt)
+            for limits in _FORMATS:
+                target.tails[limits.name] = _tail_counts(bits[a:b], hist, target, limits)
             if sumsq is not None:
                 target.sumsq, target.sumsq_total = sumsq[0][i], sumsq[1][i]
 

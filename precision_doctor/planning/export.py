@@ -250,10 +250,10 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
     }
 
 
-def export_caveats(plan: Plan, fmt: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
+def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
-    if ExportFormat(fmt) is not ExportFormat.DEEPSPEED:
+    if ExportFormat(export_format) is not ExportFormat.DEEPSPEED:
         return []
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
     if version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE:
@@ -336,8 +336,8 @@ def check_training_args(args):
 '''
 
 
-def render(plan: Plan, fmt: ExportFormat | str) -> str:
-    f = ExportFormat(fmt)
+def render(plan: Plan, export_format: ExportFormat | str) -> str:
+    f = ExportFormat(export_format)
     return {
         ExportFormat.JSON: render_json,
         ExportFormat.PYTHON: render_python,

@@ -508,7 +508,7 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
     if report.environment.dtype is not LowDtype.FP16:
         return advice, moved
     th = report.thresholds
-    fmt = LIMITS[LowDtype.FP16]
+    limits = LIMITS[LowDtype.FP16]
     units = report.by_module()
 
     def vanishing(k: int) -> list[tuple[str, FlagRecord]]:
@@ -516,7 +516,7 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
             (u.name, f)
             for u in report.units
             if low.get(u.name, False)
-            for f in gradient_flags_at_scale(u, k, fmt, th)
+            for f in gradient_flags_at_scale(u, k, limits, th)
             if f.flag is Flag.GRAD_UNDERFLOW
         ]
 
