@@ -233,7 +233,7 @@ def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Rep
                and set(df["unit"]) == {EVIL})
     assert set(ops["op"]) == {f.evidence.op or "-" for f in units[i].flags}
     # Histograms against the other dtype's range still render.
-    at.sidebar.radio(key="range_dtype").set_value("bf16").run()
+    at.radio(key="range_dtype").set_value("bf16").run()
     assert not at.exception
 
 

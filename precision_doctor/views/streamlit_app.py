@@ -82,9 +82,12 @@ def _kv_table(items: Sequence[tuple[str, str]]) -> None:
 
 
 def _text_width(values: Sequence[object], header: str, *, cap: int = 640) -> int:
-    """A column's width in pixels that shows its longest value and its header whole."""
-    longest = max([len(header), *(len(str(v)) for v in values)])
-    return min(cap, 24 + 8 * longest)
+    """A column's width in pixels that shows its longest value and its header whole (the
+    grid's 14 px font: ~7 px a lowercase character, ~10 px an uppercase one)."""
+    def px(text: str) -> int:
+        return sum(10 if c.isupper() or c in "MW@%" else 7 for c in text)
+
+    return min(cap, 28 + max([px(header), *(px(str(v)) for v in values)]))
 
 
 def _table_height(rows: int) -> int:
@@ -120,11 +123,22 @@ def overview(report: Report, plan: PlanSection | None) -> None:
         st.dataframe(_df(F.rank_rows(report)), hide_index=True)
 
 
-LAYER_FORMATS = {
-    "max |x|": "%.3g", "overflow frac": "%.3g", "underflow frac": "%.3g", "local rel err": "%.3g",
-    "propagated rel err": "%.3g", "SQNR dB": "%.1f", "max |grad|": "%.3g", "grad rel err": "%.3g",
-    "grad cosine": "%.6g", "GFLOP fwd": "%.3g", "activation MiB": "%.3g",
+LAYER_COLUMNS: dict[str, tuple[str, str, str]] = {
+    # row key: (header shown, number format, what it is)
+    "max |x|": ("max |x|", "%.3g", "largest |value| of the unit's forward outputs (fp32 run)"),
+    "overflow frac": ("overflow", "%.3g", "fraction of the forward outputs that overflow the low dtype"),
+    "underflow frac": ("underflow", "%.3g", "fraction of the nonzero forward outputs that flush to 0"),
+    "local rel err": ("local err", "%.3g", "relative L2 error of the unit run low on fp32 inputs"),
+    "propagated rel err": ("prop. err", "%.3g", "relative L2 error with everything before it low too"),
+    "SQNR dB": ("SQNR dB", "%.1f", "signal-to-quantization-noise ratio of the propagated output (inf: exact)"),
+    "max |grad|": ("max |grad|", "%.3g", "largest |gradient| of the unit's outputs"),
+    "grad rel err": ("grad err", "%.3g", "relative L2 error of its parameters' gradients against fp32's"),
+    "grad cosine": ("grad cos", "%.6g", "cosine of its parameters' gradients with fp32's"),
+    "GFLOP fwd": ("GFLOP", "%.3g", "forward GFLOP"),
+    "activation MiB": ("act. MiB", "%.3g", "activations saved for backward, MiB"),
 }
+# (The layer table's number columns: short headers so that every column fits a wide page. A
+# comment, not a docstring: Streamlit's "magic" would print a bare string.)
 
 
 def layer_table(report: Report, plan: PlanSection | None) -> None:
@@ -149,27 +163,34 @@ def layer_table(report: Report, plan: PlanSection | None) -> None:
     st.caption(f"{len(rows)} of {len(report.units)} units; click a column header to sort.")
     if rows:
         every = F.layer_rows(report, plan)  # widths from every row: stable while filtering
-        config: dict[str, Any] = {c: st.column_config.NumberColumn(format=f) for c, f in LAYER_FORMATS.items()}
+        config: dict[str, Any] = {c: st.column_config.NumberColumn(label, format=f, help=h)
+                                  for c, (label, f, h) in LAYER_COLUMNS.items()}
         for col, cap in (("unit", 420), ("kind", 200), ("flags", 640)):
             config[col] = st.column_config.TextColumn(width=_text_width([r[col] for r in every], col, cap=cap))
         st.dataframe(_df(rows), hide_index=True, column_config=config, height=_table_height(len(rows)))
 
 
-def unit_detail(report: Report, dtype: LowDtype) -> None:
+def unit_detail(report: Report) -> None:
     units = F.ordered_units(report)
     if not units:
         st.info("This report has no units.")
         return
     flagged = report.flagged_units()
     default = units.index(flagged[0]) if flagged else 0
+    dtypes = [d.value for d in LowDtype]
 
     def label(i: int) -> str:
         u = units[i]
         flags = ", ".join(dict.fromkeys(f.flag.value for f in u.flags))
         return f"{u.order}: {u.name}" + (f"  [{flags}]" if flags else "")
 
-    i = st.selectbox("Unit (execution order; worst flagged first selected)", range(len(units)),
+    c1, c2 = st.columns([4, 1])
+    i = c1.selectbox("Unit (execution order; worst flagged first selected)", range(len(units)),
                      index=default, format_func=label, key="unit_pick")
+    choice = c2.radio("Histogram range of", dtypes, index=dtypes.index(report.environment.dtype.value),
+                      key="range_dtype", horizontal=True,
+                      help="The format whose representable range the histograms show.")
+    dtype = LowDtype(choice or report.environment.dtype.value)
     unit: Unit = units[i if i is not None else default]
     st.text(f"{unit.name}  ({unit.kind}), execution order {unit.order}, {unit.op_count} ops")
     if unit.flags:
@@ -229,9 +250,13 @@ def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
         c1.metric(f"Recommended initial scale ({run})", f"2^{ls.recommended_scale_log2}")
         c1.metric("Default scale", f"2^{ls.default_scale_log2}")
         with c2:
-            st.markdown(md(f"Each number in the column of the run it describes: the recommendation "
-                           f"reads the {run}'s gradients; the curve below is the {F.ALL_LOW_RUN}'s "
-                           "(every unit low)."))
+            if run == F.ALL_LOW_RUN:
+                st.markdown(md(f"The recommendation and the curve below both read the {run}'s "
+                               "gradients (every unit low)."))
+            else:
+                st.markdown(md(f"Each number in the column of the run it describes: the recommendation "
+                               f"reads the {run}'s gradients (its low units only); the curve below is "
+                               f"the {F.ALL_LOW_RUN}'s (every unit low)."))
             rows = F.loss_scale_rows(report, ls)
             st.table(_df([{k: md(v) for k, v in r.items()} for r in rows]).set_index(""))
     else:
@@ -298,12 +323,7 @@ def render(report: Report) -> None:
 
     st.title(f"precision-doctor: {md(report.model)}")
     (st.success if report else st.error)(md(report.verdict))
-    with st.sidebar:
-        dtypes = [d.value for d in LowDtype]
-        choice = st.radio("Histogram range of", dtypes, index=dtypes.index(report.environment.dtype.value),
-                          key="range_dtype", help="The format whose representable range the histograms show.")
-        dtype = LowDtype(choice or report.environment.dtype.value)
-        st.caption("This app only reads the saved report; it never reruns the analysis.")
+    st.caption("This app only reads the saved report; it never reruns the analysis.")
 
     training = pre is not None or mon is not None
     names = ["Overview", "Layers", "Unit detail", "Depth", "Gradients", "Loss scale"] + (["Plan"] if plan else [])
@@ -314,7 +334,7 @@ def render(report: Report) -> None:
     with tabs[1]:
         layer_table(report, plan)
     with tabs[2]:
-        unit_detail(report, dtype)
+        unit_detail(report)
     with tabs[3]:
         depth(report)
     with tabs[4]:
@@ -329,8 +349,17 @@ def render(report: Report) -> None:
             training_section(pre, mon)
 
 
+# Wide tables and per-unit figures: a narrower margin than Streamlit's wide layout keeps.
+# Constant CSS (no report text), so st.html is safe here.
+_PAGE_CSS = """<style>
+[data-testid="stMainBlockContainer"], .block-container { padding-left: 1.5rem; padding-right: 1.5rem;
+  max-width: 100%; }
+</style>"""
+
+
 def main() -> None:
-    st.set_page_config(page_title="precision-doctor", layout="wide")
+    st.set_page_config(page_title="precision-doctor", layout="wide", initial_sidebar_state="collapsed")
+    st.html(_PAGE_CSS)
     try:
         report = get_report()
     except PrecisionDoctorError as e:
