@@ -12,6 +12,7 @@ defines the functions.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -83,11 +84,11 @@ def _kv_table(items: Sequence[tuple[str, str]]) -> None:
 
 def _text_width(values: Sequence[object], header: str, *, cap: int = 640) -> int:
     """A column's width in pixels that shows its longest value and its header whole (the
-    grid's 14 px font: ~7 px a lowercase character, ~10 px an uppercase one)."""
-    def px(text: str) -> int:
-        return sum(10 if c.isupper() or c in "MW@%" else 7 for c in text)
+    grid's 14 px font: under 6.5 px a lowercase character, under 10 px an uppercase one)."""
+    def px(text: str) -> float:
+        return sum(10 if c.isupper() or c in "MW@%" else 6.5 for c in text)
 
-    return min(cap, 28 + max([px(header), *(px(str(v)) for v in values)]))
+    return min(cap, 28 + math.ceil(max([px(header), *(px(str(v)) for v in values)])))
 
 
 def _table_height(rows: int) -> int:
