@@ -244,17 +244,27 @@ def test_app_at_1400px_with_60_units(deep: Report, tmp_path: Path) -> None:
                 assert "all-low run" in panel.inner_text()
 
 
-def test_standalone_html_in_chromium(report: Report, tmp_path: Path) -> None:
+def test_standalone_html_in_chromium(report: Report, deep: Report, tmp_path: Path) -> None:
+    """The HTML report opened from disk with every request refused: plotly.js (embedded once,
+    under 1 MB in all for a small model) draws every figure; the page is never wider than
+    the window, for a 4-unit and a 60-unit model, on a 1400 and a 900 px screen."""
     path = tmp_path / "report.html"
     write_html(report, path)
-    expected = path.read_text(encoding="utf-8").count('class="plotly-graph-div"')
+    text = path.read_text(encoding="utf-8")
+    assert len(text.encode()) < 1_000_000
+    assert text.count('id="pd-plotly"') == 1 and "* plotly.js" not in text  # one, gzipped copy
+    expected = text.count('class="pd-plot"')
     assert expected >= 4
+    deep_path = tmp_path / "deep.html"
+    write_html(deep, deep_path)
+    shots = Path(SHOTS) if SHOTS else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
     fetched: list[str] = []
-    with browser(tmp_path) as ctx:
+    with browser(tmp_path, width=1400, height=900) as ctx:
         def block(route: Any) -> None:
             # Standalone means no network at all: record and refuse anything but the file.
             url = route.request.url
-            if url.startswith(("file:", "data:")):
+            if url.startswith(("file:", "data:", "blob:")):
                 route.continue_()
             else:
                 fetched.append(url)
@@ -262,6 +272,8 @@ def test_standalone_html_in_chromium(report: Report, tmp_path: Path) -> None:
 
         ctx.route("**/*", block)
         page = ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(path.as_uri())
         page.wait_for_function(
             f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}", timeout=60_000)
@@ -271,8 +283,24 @@ def test_standalone_html_in_chromium(report: Report, tmp_path: Path) -> None:
         assert page.locator(".js-plotly-plot .bars").count() >= 1  # histograms drew their bars
         assert EVIL in page.inner_text("#layers")  # the name shown as text
         assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert page.locator("#pd-plotly-error").is_hidden()
+        # The page's own white, as the app's (the shared template's paper colour).
+        bg = page.locator(".js-plotly-plot .main-svg").first.evaluate("el => getComputedStyle(el).backgroundColor")
+        assert bg in ("rgb(255, 255, 255)", "rgba(0, 0, 0, 0)")
         shot = tmp_path / "html.png"
         page.screenshot(path=str(shot), full_page=True)
+        for width in (1400, 900):
+            page.set_viewport_size({"width": width, "height": 900})
+            for p in (path, deep_path):
+                page.goto(p.as_uri())
+                page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length"
+                                       " >= document.querySelectorAll('.pd-plot').length", timeout=60_000)
+                page.wait_for_timeout(300)
+                wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+                assert wide <= 0, (p.name, width, wide)
+                if p == deep_path and width == 1400:
+                    page.screenshot(path=str(shots / "html_1400_deep.png"), full_page=True)
+        assert not errors, errors
     assert not fetched, fetched
     w, h = png_size(shot)
     assert w >= 800 and h >= 2000 and shot.stat().st_size > 10_000
