@@ -215,7 +215,11 @@ def render_html(report: Report) -> str:
     parts.append(f'<p class="verdict {"ok" if report else "bad"}" id="verdict">{_e(report.verdict)}</p>')
 
     parts.append("<h2>Overview</h2>")
-    parts.append(_table([{k: v for k, v in overview_items(report, plan)}]))
+    items = overview_items(report, plan)
+    half = (len(items) + 1) // 2  # label/value pairs in two columns, as the app shows them
+    parts.append('<div class="pair" id="overview">' + "".join(
+        f"<div>{_table([{'': k, 'value': v} for k, v in chunk])}</div>" for chunk in (items[:half], items[half:])
+    ) + "</div>")
     counts = flag_counts(report)
     parts.append("<p>Flagged units by flag:</p>" + _table([counts]) if counts else "<p>No flags.</p>")
     if report.ranks:
