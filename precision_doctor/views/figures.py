@@ -438,7 +438,7 @@ def _per_unit_layout(fig: go.Figure, names: list[str], lower_title: str) -> go.F
     fig.update_xaxes(tickvals=tickvals, ticktext=labels, tickangle=-90 if many else -45,
                      tickfont={"size": 10 if many else 12}, automargin=True, row=2, col=1)
     fig.update_xaxes(range=[-0.7, n - 0.3] if n else None)
-    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", dtick=1, row=1, col=1)
     fig.update_yaxes(title_text=lower_title, row=2, col=1)
     fig.update_layout(height=520 + min(longest, 30) * 6, margin={"t": 70, "b": 20, "l": 60, "r": 20},
                       legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
@@ -449,8 +449,9 @@ def _per_unit_layout(fig: go.Figure, names: list[str], lower_title: str) -> go.F
 def _marker_trace(x: list[int], where: list[bool], y: float, names: list[str], name: str, hover: str,
                   marker: dict[str, Any], *, legendgroup: str, showlegend: bool = True) -> Any:
     go = _go()
+    # In the legend only where some unit has one: an empty "exact" entry would suggest one.
     return go.Scatter(x=x, y=[y if w else None for w in where], mode="markers", name=name, text=names,
-                      marker=marker, legendgroup=legendgroup, showlegend=showlegend,
+                      marker=marker, legendgroup=legendgroup, showlegend=showlegend and any(where),
                       hovertemplate="%{text}<br>" + hover + "<extra></extra>")
 
 
