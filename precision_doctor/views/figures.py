@@ -32,6 +32,10 @@ _OVERFLOW_COLOR = "rgba(214, 39, 40, 0.15)"
 _UNDERFLOW_COLOR = "rgba(31, 119, 180, 0.15)"
 _SUBNORMAL_COLOR = "rgba(255, 187, 0, 0.22)"
 
+ALL_LOW_RUN = "all-low run"
+"""The analysis's low run, every unit in the low dtype: what the report's loss-scale curve
+(`Report.loss_scale`, fp16) is measured on."""
+
 # --- the one theme: the app (st.plotly_chart(theme=None)) and the HTML report both draw
 # every figure with it, on the same white page.
 FONT = '"Source Sans Pro", "Source Sans 3", system-ui, -apple-system, "Segoe UI", sans-serif'
@@ -261,17 +265,18 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
         ("units", str(len(report.units))),
         ("flagged units", str(sum(1 for u in report.units if u.flags))),
         ("findings", ", ".join(f"{n} {s}(s)" for s, n in report.severity_counts().items()) or "none"),
-        ("final-loss rel error", fmt(report.losses.rel_error, ".2e")),
+        (f"final-loss rel error ({ALL_LOW_RUN})", fmt(report.losses.rel_error, ".2e")),
         ("loss tolerance", f"{report.thresholds.loss_rel_error:g}"
          + ("" if report.loss_within_tolerance else " (over)")),
     ]
     g = report.grad_fidelity
     if g is not None:
-        items.append(("gradient rel error", f"{fmt(g.rel_l2_error)} at 2^{g.scale_log2}"))
+        items.append((f"gradient rel error ({ALL_LOW_RUN})", f"{fmt(g.rel_l2_error)} at 2^{g.scale_log2}"))
     job = distributed_text(report)
     if job is not None:
         items.append(("distributed", job))
     if plan is not None:
+        items.append(("plan: verified final-loss rel error (planned run)", fmt(plan.verified_loss_rel_error, ".2e")))
         if plan.speedup is not None:
             items.append(("plan speed-up (est.)", f"{plan.speedup:.2f}x"))
         if plan.memory_saving is not None:
@@ -548,11 +553,6 @@ def grad_fidelity_figure(report: Report) -> go.Figure:
     fig.add_hline(y=th.grad_cosine_min, line_dash="dot", line_color="#d62728", row=2, col=1,
                   annotation_text=f"error below {th.grad_cosine_min:g}")
     return _per_unit_layout(fig, [u.name for u in units], "cosine")
-
-
-ALL_LOW_RUN = "all-low run"
-"""The analysis's low run, every unit in the low dtype: what the report's loss-scale curve
-(`Report.loss_scale`, fp16) is measured on."""
 
 
 def recommendation_run(report: Report) -> str:

@@ -266,7 +266,7 @@ def render_html(report: Report) -> str:
                      f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>")
         parts.append("<h3>Units kept in fp32</h3>" + _table([r.model_dump() for r in plan.fp32_units]))
         parts.append("<h3>Cost</h3>" + _table(plan_cost_rows(plan)) + fig(plan_cost_figure(plan)))
-        parts.append(f"<p>Verified final-loss error {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
+        parts.append(f"<p>Verified final-loss rel error (planned run) {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
                      f"in {_e(plan.verification_passes)} pass(es).</p>")
         for name, text in plan.exports.items():
             fname, mime = export_file(name)

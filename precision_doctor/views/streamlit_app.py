@@ -292,7 +292,7 @@ def plan_section(plan: PlanSection) -> None:
     st.markdown("**Cost**")
     st.dataframe(_df(F.plan_cost_rows(plan)), hide_index=True, width="content")
     _chart(F.plan_cost_figure(plan), "plan_cost")
-    _kv_table([("verified final-loss error", F.fmt(plan.verified_loss_rel_error, ".2e")),
+    _kv_table([("verified final-loss rel error (planned run)", F.fmt(plan.verified_loss_rel_error, ".2e")),
                ("verification passes", str(plan.verification_passes))])
     if plan.exports:
         st.markdown("**Exports**")
