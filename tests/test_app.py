@@ -195,6 +195,10 @@ def test_gradients_tab(reports: dict[str, tuple[Report, Path]], monkeypatch: pyt
         assert (err != err) if fid is None else err == fid.rel_l2_error  # NaN where a unit has no parameters
     charts = [c for c in at.get("plotly_chart") if c.proto.id.endswith("-grad_fidelity")]
     assert len(charts) == 1 and '"rel L2 error"' in charts[0].proto.spec
+    # Every chart on the shared template (the HTML report's), not restyled by Streamlit's theme.
+    for chart in at.get("plotly_chart"):
+        assert chart.proto.theme != "streamlit"
+        assert json.loads(chart.proto.spec)["layout"]["template"]["layout"]["paper_bgcolor"] == "#ffffff"
 
 
 def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,6 +248,13 @@ def test_layer_filters(reports: dict[str, tuple[Report, Path]], monkeypatch: pyt
     layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
     assert set(layers["unit"]) == {u.name for u in report.units if any(f.flag.value == "OVERFLOW" for f in u.flags)}
     at.multiselect(key="flag_filter").set_value([]).run()
+    severities = {f.severity.value for f in report.flags()}
+    assert severities
+    for level in severities:
+        at.multiselect(key="severity_filter").set_value([level]).run()
+        layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
+        assert set(layers["unit"]) == {u.name for u in report.units if any(f.severity.value == level for f in u.flags)}
+    at.multiselect(key="severity_filter").set_value([]).run()
     at.text_input(key="name_filter").set_value("IMG").run()
     layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
     assert list(layers["unit"]) == [EVIL]
