@@ -2,12 +2,14 @@
 without a server or network. Every report string is HTML-escaped.
 
 plotly.js is embedded once for the whole page: plotly.js's "basic" bundle (scatter and bar
-traces, all these figures use; the same plotly.js version as the plotly package's full
-bundle), shipped gzipped beside this module and inflated by the browser's own
-DecompressionStream, about 0.5 MB in the page against 4.8 MB for the full bundle inline.
-Each figure is its JSON (the shared template once, not per figure), drawn by one script
-after plotly.js loads. Where the basic bundle is missing, the plotly package's full bundle
-is inlined instead."""
+traces, all these figures use), shipped gzipped beside this module and inflated by the
+browser's own DecompressionStream: about 0.5 MB in the page against 4.8 MB for the plotly
+package's full bundle inline. Each figure is its JSON (the shared template once, not per
+figure), drawn by one script after plotly.js loads. Where the basic bundle is missing, the
+plotly package's full bundle is inlined instead.
+
+The bundle is npm's plotly.js-basic-dist-min 4.1.1 (the plotly.js that plotly 7.1 ships),
+`gzip -9 -n plotly-basic.min.js`; to update it, repack the version the pinned plotly ships."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from precision_doctor.report import Report, Unit, write_atomic
 from precision_doctor.views.figures import (
+    FONT,
     TEMPLATE_LAYOUT,
     depth_figure,
     distributed_text,
@@ -56,7 +59,7 @@ PLOTLY_BASIC = Path(__file__).resolve().parent / "assets" / "plotly-basic.min.js
 
 _CSS = """
 *, *::before, *::after { box-sizing: border-box; }
-body { font-family: "Source Sans Pro", "Source Sans 3", system-ui, -apple-system, "Segoe UI", sans-serif;
+body { font-family: __FONT__;
        margin: 0 auto; padding: 1.5em 2em; max-width: 1400px; color: #31333f; background: #fff; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #e6e6e6; padding-bottom: .2em; margin-top: 2em; }
 h3 { overflow-wrap: anywhere; }
@@ -73,7 +76,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .pair { display: flex; flex-wrap: wrap; gap: 1em; } .pair > div { flex: 1 1 420px; min-width: 0; }
 pre { background: #f7f7f7; padding: .6em; overflow-x: auto; max-height: 20em; }
 code { overflow-wrap: anywhere; }
-"""
+""".replace("__FONT__", FONT)  # the figures' font (one theme)
 
 # Click a header to sort; the filter box matches unit names and flags. Plain DOM, no network.
 _JS = """

@@ -132,7 +132,7 @@ LAYER_COLUMNS: dict[str, tuple[str, str, str]] = {
     "local rel err": ("local err", "%.3g", "relative L2 error of the unit run low on fp32 inputs"),
     "propagated rel err": ("prop. err", "%.3g", "relative L2 error with everything before it low too"),
     "SQNR dB": ("SQNR dB", "%.1f", "signal-to-quantization-noise ratio of the propagated output (inf: exact)"),
-    "max |grad|": ("max |grad|", "%.3g", "largest |gradient| of the unit's outputs"),
+    "max |grad|": ("max |grad|", "%.3g", "largest |gradient| in the unit's backward"),
     "grad rel err": ("grad err", "%.3g", "relative L2 error of its parameters' gradients against fp32's"),
     "grad cosine": ("grad cos", "%.6g", "cosine of its parameters' gradients with fp32's"),
     "GFLOP fwd": ("GFLOP", "%.3g", "forward GFLOP"),
@@ -143,7 +143,8 @@ LAYER_COLUMNS: dict[str, tuple[str, str, str]] = {
 
 
 def layer_table(report: Report, plan: PlanSection | None) -> None:
-    rows = F.layer_rows(report, plan)
+    every = F.layer_rows(report, plan)  # column widths from every row: stable while filtering
+    rows = every
     present = list(F.flag_counts(report))
     severities = list(dict.fromkeys(f.severity.value for f in report.flags()))
     c1, c2, c3 = st.columns([2, 1, 2])
@@ -163,7 +164,6 @@ def layer_table(report: Report, plan: PlanSection | None) -> None:
         rows = [r for r in rows if needle.lower() in r["unit"].lower()]
     st.caption(f"{len(rows)} of {len(report.units)} units; click a column header to sort.")
     if rows:
-        every = F.layer_rows(report, plan)  # widths from every row: stable while filtering
         config: dict[str, Any] = {c: st.column_config.NumberColumn(label, format=f, help=h)
                                   for c, (label, f, h) in LAYER_COLUMNS.items()}
         for col, cap in (("unit", 420), ("kind", 200), ("flags", 640)):
