@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
+import precision_doctor.views.figures as F
+from precision_doctor.options import percent
 from precision_doctor.report import Report
 from precision_doctor.views.launcher import APP_SCRIPT, launch_app, streamlit_command
 
@@ -103,16 +105,27 @@ def all_frames(at: AppTest) -> list[Any]:
     return [d.value for d in at.dataframe]
 
 
+def key_values(at: AppTest) -> dict[str, str]:
+    """The label/value tables (the overview, the GradScaler monitor), unescaped."""
+    out: dict[str, str] = {}
+    for t in at.table:
+        df = t.value
+        if list(df.columns) == ["value"]:
+            out.update({unescape(str(k)): unescape(str(v)) for k, v in zip(df.index, df["value"], strict=True)})
+    return out
+
+
 def test_sample_report_verdict_and_sections(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
     report, path = reports["sample"]
     at = run_app(monkeypatch, path)
     shown = [unescape(e.value) for e in (*at.success, *at.error)]
     assert report.verdict in shown
     assert [t.label for t in at.tabs] == ["Overview", "Layers", "Unit detail", "Depth", "Gradients", "Loss scale"]
-    metrics = {unescape(m.label): m.value for m in at.metric}
-    assert metrics["capture path"] == report.environment.capture_path.value
-    assert metrics["device"] == report.environment.device
-    assert metrics["units"] == str(len(report.units))
+    overview = key_values(at)
+    assert overview["capture path"] == report.environment.capture_path.value
+    assert overview["device"] == report.environment.device
+    assert overview["units"] == str(len(report.units))
+    assert overview["precision"] == report.environment.precision_text()  # in full, not cut short
     # The layer table lists every unit, in execution order.
     layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
     assert list(layers["unit"]) == [u.name for u in sorted(report.units, key=lambda u: u.order)]
@@ -142,10 +155,19 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
     ls = report.extras.loss_scale
     assert ls is not None
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Recommended initial scale"] == f"2^{ls.recommended_scale_log2}"
+    # The report has a plan: the recommendation is the planned run's, and says so.
+    assert metrics["Recommended initial scale (planned run)"] == f"2^{ls.recommended_scale_log2}"
     assert metrics["Default scale"] == "2^16"
-    assert unescape(next(k for k in metrics if "speed" in k)) == "plan speed-up (est.)"
-    assert "1.60x" in metrics.values()  # 0.10 s / 0.0625 s
+    assert key_values(at)["plan speed-up (est.)"] == "1.60x"  # 0.10 s / 0.0625 s
+    # Each loss-scale number sits in the column of the run it describes.
+    numbers = next(t.value for t in at.table if "all-low run (the curve)" in t.value.columns)
+    assert list(numbers.columns) == ["planned run (the recommendation)", "all-low run (the curve)"]
+    by_label = {unescape(str(k)): [unescape(str(v)) for v in vals] for k, vals in zip(
+        numbers.index, numbers.values.tolist(), strict=True)}
+    point = F.curve_point(report, ls.recommended_scale_log2)
+    assert point is not None
+    assert by_label[f"underflow at the recommended scale 2^{ls.recommended_scale_log2}"] == [
+        percent(ls.underflow_fraction_at_recommended), percent(point.underflow_fraction)]
 
     assert [t.label for t in at.tabs][-1] == "Plan"
     assert [unescape(b.label) for b in at.get("download_button")] == [
@@ -157,8 +179,6 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
 def test_gradients_tab(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
     """The low run's parameter gradients against fp32's: the model-wide line, the units worst
     first, the figure; the layer table's gradient columns."""
-    import precision_doctor.views.figures as F
-
     report, path = reports["sample"]
     at = run_app(monkeypatch, path)
     line = F.grad_fidelity_text(report)
@@ -175,6 +195,10 @@ def test_gradients_tab(reports: dict[str, tuple[Report, Path]], monkeypatch: pyt
         assert (err != err) if fid is None else err == fid.rel_l2_error  # NaN where a unit has no parameters
     charts = [c for c in at.get("plotly_chart") if c.proto.id.endswith("-grad_fidelity")]
     assert len(charts) == 1 and '"rel L2 error"' in charts[0].proto.spec
+    # Every chart on the shared template (the HTML report's), not restyled by Streamlit's theme.
+    for chart in at.get("plotly_chart"):
+        assert chart.proto.theme != "streamlit"
+        assert json.loads(chart.proto.spec)["layout"]["template"]["layout"]["paper_bgcolor"] == "#ffffff"
 
 
 def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,8 +217,8 @@ def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: p
     assert any(s.startswith("Pre-flight: GO" if pre.go else "Pre-flight: NO-GO") for s in shown)
     runs = next(df for df in all_frames(at) if "configuration" in df.columns)
     assert list(runs["run"]) == list(pre.runs)
-    metrics = {unescape(m.label): m.value for m in at.metric}
-    assert metrics["skipped steps"] == "2" and metrics["steps"] == "5" and metrics["current scale"] == "2^14"
+    monitor = key_values(at)
+    assert monitor["skipped steps"] == "2" and monitor["steps"] == "5" and monitor["current scale"] == "2^14"
 
 
 def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,7 +237,7 @@ def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Rep
                and set(df["unit"]) == {EVIL})
     assert set(ops["op"]) == {f.evidence.op or "-" for f in units[i].flags}
     # Histograms against the other dtype's range still render.
-    at.sidebar.radio(key="range_dtype").set_value("bf16").run()
+    at.radio(key="range_dtype").set_value("bf16").run()
     assert not at.exception
 
 
@@ -224,6 +248,13 @@ def test_layer_filters(reports: dict[str, tuple[Report, Path]], monkeypatch: pyt
     layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
     assert set(layers["unit"]) == {u.name for u in report.units if any(f.flag.value == "OVERFLOW" for f in u.flags)}
     at.multiselect(key="flag_filter").set_value([]).run()
+    severities = {f.severity.value for f in report.flags()}
+    assert severities
+    for level in severities:
+        at.multiselect(key="severity_filter").set_value([level]).run()
+        layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
+        assert set(layers["unit"]) == {u.name for u in report.units if any(f.severity.value == level for f in u.flags)}
+    at.multiselect(key="severity_filter").set_value([]).run()
     at.text_input(key="name_filter").set_value("IMG").run()
     layers = next(df for df in all_frames(at) if "propagated rel err" in df.columns)
     assert list(layers["unit"]) == [EVIL]
@@ -351,7 +382,6 @@ def test_a_distributed_jobs_ranks(reports: dict[str, tuple[Report, Path]], tmp_p
     assert list(ranks["rank"]) == [0, 1]
     assert list(ranks["flags"]) == [0, len(job.flags())]
     assert EVIL in ranks["findings"][1]  # shown verbatim, as data
-    metrics = {unescape(m.label): m.value for m in at.metric}
-    assert metrics["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
+    assert key_values(at)["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
     sample = run_app(monkeypatch, reports["sample"][1])
     assert "Ranks" not in [unescape(s.value) for s in sample.subheader]

@@ -59,22 +59,24 @@ def test_standalone_html(faulty: Report, tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # atomic: no temp left behind
     assert text.startswith("<!DOCTYPE html>")
     # plotly.js embedded once, nothing loaded from elsewhere. (Plain booleans below: pytest
-    # would otherwise diff the megabytes of plotly.js on a failure.)
-    scripts = re.findall(r"<script[^>]*>(.*?)</script>", text, flags=re.S)
+    # would otherwise diff the half megabyte of plotly.js on a failure.)
     external = re.search(r"<(script|link|img)[^>]*\b(src|href)=", text) is not None
     assert not external
-    assert sum("Plotly.newPlot" in s for s in scripts) >= 4
-    assert len(text) > 1_000_000  # plotly.js itself is megabytes
+    assert text.count('class="pd-fig"') >= 4 and text.count('id="pd-plotly"') == 1
     # The verdict, escaped; the recommended scale and the plan's exports.
     has_verdict = html.escape(faulty.verdict) in text
     assert has_verdict
-    assert "Recommended initial loss scale: 2^9" in text[-200_000:]
+    page = text.split('id="pd-plotly"')[0]  # all but plotly.js
+    has_scale = "Recommended initial loss scale: 2^9" in page
+    assert has_scale
     for name in ("precision_plan.json", "precision_plan.py", "ds_config.json", "hf_precision.json"):
-        assert f'download="{name}"' in text[-200_000:]
+        has_export = f'download="{name}"' in page
+        assert has_export
     # Names and other report strings never become markup: not in the page's markup, and not in
     # the figures' data (plotly draws a subset of HTML in its text).
     markup = re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
-    figures = "".join(s for s in scripts if "Plotly.newPlot" in s)
+    figures = "".join(re.findall(r'<script type="application/json" class="pd-fig"[^>]*>(.*?)</script>', text, flags=re.S))
+    assert figures
     raw_in_markup = EVIL in markup or "<b>" in markup
     raw_in_figures = EVIL in figures or "<b>" in figures
     assert not raw_in_markup and not raw_in_figures
@@ -138,7 +140,7 @@ def test_depth_view_marks_takeoff(faulty: Report, healthy: Report) -> None:
     lines = [s for s in fig.layout.shapes if s.type == "line" and s.x0 == s.x1]
     assert {s.x0 for s in lines} == {order.index(start)}  # on both panels
     # Non-finite errors are drawn as markers at a cap, never dropped silently.
-    nonfinite = fig.data[2]
+    nonfinite = next(t for t in fig.data if t.name == F.NONFINITE)
     assert sum(v is not None for v in nonfinite.y) == sum(
         1 for u in order if u.forward.propagated and not math.isfinite(u.forward.propagated.rel_l2_error))
     assert F.takeoff_unit(healthy) is None
@@ -213,7 +215,7 @@ def test_gradient_fidelity_view(faulty: Report, healthy: Report) -> None:
     assert f'<p id="grad-fidelity">{html.escape(line)}.</p>' in text
     units = [u for u in sorted(healthy.units, key=lambda u: u.order) if u.backward.grad_fidelity is not None]
     fig = F.grad_fidelity_figure(healthy)
-    bars, _, cosines = fig.data
+    bars, _, cosines, _ = fig.data
     assert list(bars.y) == [u.backward.grad_fidelity.rel_l2_error for u in units]  # type: ignore[union-attr]
     assert list(cosines.y) == [u.backward.grad_fidelity.cosine for u in units]  # type: ignore[union-attr]
     assert sorted(s.y0 for s in fig.layout.shapes) == [healthy.thresholds.grad_rel_error, healthy.thresholds.grad_cosine_min]
@@ -221,7 +223,7 @@ def test_gradient_fidelity_view(faulty: Report, healthy: Report) -> None:
     assert [r["parameter"] for r in rows] == list(units[0].backward.param_grad_fidelity)
     assert "Parameter gradients in the low run against fp32" in text
     # The overflowing model's gradients are non-finite: marked at a cap, never dropped.
-    marks = F.grad_fidelity_figure(faulty).data[1]
+    marks = next(t for t in F.grad_fidelity_figure(faulty).data if t.name == F.NONFINITE)
     nonfinite = [u for u in sorted(faulty.units, key=lambda u: u.order)
                  if u.backward.grad_fidelity is not None and not math.isfinite(u.backward.grad_fidelity.rel_l2_error)]
     assert nonfinite and sum(v is not None for v in marks.y) == len(nonfinite)
@@ -230,3 +232,139 @@ def test_gradient_fidelity_view(faulty: Report, healthy: Report) -> None:
         None if u.backward.grad_fidelity is None else u.backward.grad_fidelity.rel_l2_error
         for u in sorted(healthy.units, key=lambda u: u.order)
     ]
+
+
+# --- size, width, theme --------------------------------------------------------------------
+def plotly_inclusions(text: str) -> int:
+    """How many copies of plotly.js the page holds: inline bundles (their banner) and the
+    gzipped one (its element)."""
+    return text.count("* plotly.js") + text.count('id="pd-plotly"')
+
+
+def test_small_report_is_small_and_self_contained(healthy: Report, faulty: Report) -> None:
+    """Under 1 MB: plotly.js once for the page (the basic bundle, gzipped), each figure its
+    JSON; the shared template once, not in every figure."""
+    from precision_doctor.views.html_report import PLOTLY_BASIC
+
+    assert PLOTLY_BASIC.is_file()  # shipped with the package (pyproject's package-data)
+    for report in (healthy, faulty):
+        text = render_html(report)
+        size = len(text.encode("utf-8"))
+        figures = text.count('class="pd-fig"')
+        assert size < 1_000_000, size
+        assert figures >= 4 and plotly_inclusions(text) == 1
+        assert text.count('"paper_bgcolor"') == 1  # the template, once
+        assert "https://" not in text.split('id="pd-plotly"')[0]  # nothing fetched
+
+
+def test_one_theme_for_app_and_html(faulty: Report) -> None:
+    """Every figure is built on figures.TEMPLATE_LAYOUT (the app draws them with
+    theme=None); the HTML page gets that same template, white like the app."""
+    figs = [F.depth_figure(faulty), F.grad_fidelity_figure(faulty), F.loss_scale_figure(faulty),
+            F.plan_cost_figure(faulty.extras.plan),  # type: ignore[arg-type]
+            F.training_figure(None, None)]
+    unit = faulty.units[0]
+    assert unit.forward.stats is not None
+    figs.append(F.histogram_figure(unit.forward.stats, "fp16", unit.name))
+    for fig in figs:
+        assert fig.layout.template.layout.paper_bgcolor == "#ffffff"
+        assert fig.layout.template.layout.font.family == F.FONT
+    text = render_html(faulty)
+    template = json.loads(re.search(r'<script type="application/json" id="pd-template">(.*?)</script>',
+                                    text, flags=re.S).group(1))  # type: ignore[union-attr]
+    assert template == json.loads(json.dumps(F.TEMPLATE_LAYOUT))
+    src = Path(F.__file__).with_name("streamlit_app.py").read_text()
+    assert "theme=None" in src
+
+
+# --- exact against non-finite ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exact_and_inf() -> Report:
+    """A ReLU on small integers (exact in fp16: 0 error, +inf SQNR) before a Linear scaled to
+    overflow fp16 (Inf error, -inf SQNR after it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("relu0", nn.ReLU()), ("inp", nn.Linear(16, 32)), ("big", nn.Linear(32, 32)), ("out", nn.Linear(32, 4)),
+    ]))
+    with torch.no_grad():
+        model.big.weight.mul_(1e5)
+    batch = torch.randint(-4, 5, (8, 16)).float()
+    return pd.analyze(model, batch, loss_fn=lambda o, b: o.pow(2).mean(), name="exact")
+
+
+def _trace(fig: object, name: str) -> object:
+    return next(t for t in fig.data if t.name == name)  # type: ignore[attr-defined]
+
+
+def test_exact_units_are_not_non_finite(exact_and_inf: Report) -> None:
+    """0 error is "exact" (a green marker at the floor, +inf SQNR at the top), never a red
+    non-finite cross; Inf is non-finite, never exact."""
+    units = F.ordered_units(exact_and_inf)
+    errs = {u.name: u.forward.propagated for u in units}
+    assert errs["relu0"] is not None and errs["relu0"].rel_l2_error == 0 and errs["relu0"].sqnr_db == math.inf
+    assert errs["big"] is not None and errs["big"].rel_l2_error == math.inf
+    i, j = [u.name for u in units].index("relu0"), [u.name for u in units].index("big")
+    fig = F.depth_figure(exact_and_inf)
+    exact, bad = _trace(fig, F.EXACT), _trace(fig, F.NONFINITE)
+    assert exact.y[i] is not None and bad.y[i] is None  # type: ignore[attr-defined]
+    assert bad.y[j] is not None and exact.y[j] is None  # type: ignore[attr-defined]
+    assert exact.y[i] < min(v for v in _trace(fig, "propagated").y if v is not None)  # type: ignore[attr-defined]
+    assert _trace(fig, "propagated").y[i] is None  # type: ignore[attr-defined]  # not at a made-up value
+    # The SQNR row: +inf is exact (top), -inf non-finite (bottom).
+    plus, minus = _trace(fig, "SQNR +inf"), _trace(fig, "SQNR -inf")
+    assert plus.y[i] is not None and minus.y[i] is None  # type: ignore[attr-defined]
+    assert minus.y[j] is not None and plus.y[j] is None  # type: ignore[attr-defined]
+    assert plus.marker.color == exact.marker.color != bad.marker.color  # type: ignore[attr-defined]
+    assert "exact (0 error)" in exact.hovertemplate  # type: ignore[attr-defined]
+    # Every unit with exactly 0 error is exact; every Inf/NaN non-finite; nothing else either.
+    for k, u in enumerate(units):
+        e = u.forward.propagated
+        assert (exact.y[k] is not None) == (e is not None and e.rel_l2_error == 0)  # type: ignore[attr-defined]
+        assert (bad.y[k] is not None) == bool(  # type: ignore[attr-defined]
+            (e is not None and not math.isfinite(e.rel_l2_error))
+            or (u.forward.local is not None and not math.isfinite(u.forward.local.rel_l2_error)))
+
+
+def test_per_unit_axis_stays_readable(exact_and_inf: Report) -> None:
+    """Long names are cut to their tail on the axis, the full name stays in the hover; past
+    MAX_UNIT_TICKS units every k-th is labelled; the legend sits beside the plot."""
+    name = "model.decoder.layers.31.self_attention.query_key_value"
+    short = F.short_name(name)
+    assert len(short) <= 28 and short.startswith("…") and name.endswith(short[1:])
+    assert F.short_name("fc1") == "fc1"
+    fig = F.depth_figure(exact_and_inf)
+    assert fig.layout.legend.x >= 1 and fig.layout.legend.orientation == "v"
+    assert list(fig.layout.xaxis2.ticktext) == [html.escape(F.short_name(u.name)) for u in F.ordered_units(exact_and_inf)]
+    names = [f"model.layers.{i}.mlp.down_projection" for i in range(200)]
+    from plotly.subplots import make_subplots
+
+    wide = F._per_unit_layout(make_subplots(rows=2, cols=1, shared_xaxes=True), names, "dB")
+    ticks = list(wide.layout.xaxis2.tickvals)
+    assert 40 <= len(ticks) <= F.MAX_UNIT_TICKS and ticks[0] == 0
+    assert list(wide.layout.xaxis2.ticktext) == [F.short_name(names[i]) for i in ticks]
+
+
+def test_loss_scale_numbers_name_their_run(faulty: Report, healthy: Report) -> None:
+    """With a plan, the recommendation is the planned run's and the curve the all-low run's:
+    each number in its run's column, the curve's at 2^k read off the curve itself."""
+    ls = faulty.extras.loss_scale
+    assert ls is not None and faulty.extras.plan is not None
+    assert F.recommendation_run(faulty) == "planned run"
+    rows = {r[""]: r for r in F.loss_scale_rows(faulty, ls)}
+    k = ls.recommended_scale_log2
+    row = rows[f"underflow at the recommended scale 2^{k}"]
+    point = F.curve_point(faulty, k)
+    assert point is not None
+    assert row["planned run (the recommendation)"] == pd.options.percent(ls.underflow_fraction_at_recommended)
+    assert row["all-low run (the curve)"] == pd.options.percent(point.underflow_fraction)
+    fig = F.loss_scale_figure(faulty, ls)
+    curves = [t.name for t in fig.data if t.mode != "markers"]
+    assert len(curves) == 3 and all("all-low run" in n for n in curves)
+    (marker,) = [t for t in fig.data if t.mode == "markers"]
+    assert marker.name == f"underflow, planned run, at 2^{k}" and list(marker.y) == [ls.underflow_fraction_at_recommended]
+    assert "planned run" in fig.layout.annotations[-1].text
+    text = render_html(faulty)
+    assert "all-low run (the curve)" in text and "planned run (the recommendation)" in text
+    alone = healthy.with_extras(loss_scale=pd.recommend_loss_scale(healthy).to_extras())
+    assert F.recommendation_run(alone) == "all-low run"
+    assert all(list(r) == ["", "all-low run"] for r in F.loss_scale_rows(alone, alone.extras.loss_scale))  # type: ignore[arg-type]

@@ -22,8 +22,8 @@ from precision_doctor.formats import (
     format_seconds,
     seconds_unit,
 )
-from precision_doctor.options import Flag, LowDtype
-from precision_doctor.report import ErrorStats, Report, TensorStats, Unit
+from precision_doctor.options import Flag, LowDtype, percent
+from precision_doctor.report import ErrorStats, LossScalePoint, Report, TensorStats, Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -31,6 +31,43 @@ if TYPE_CHECKING:
 _OVERFLOW_COLOR = "rgba(214, 39, 40, 0.15)"
 _UNDERFLOW_COLOR = "rgba(31, 119, 180, 0.15)"
 _SUBNORMAL_COLOR = "rgba(255, 187, 0, 0.22)"
+
+ALL_LOW_RUN = "all-low run"
+"""The analysis's low run, every unit in the low dtype: what the report's loss-scale curve
+(`Report.loss_scale`, fp16) is measured on."""
+
+# --- the one theme: the app (st.plotly_chart(theme=None)) and the HTML report both draw
+# every figure with it, on the same white page.
+FONT = '"Source Sans Pro", "Source Sans 3", system-ui, -apple-system, "Segoe UI", sans-serif'
+COLORWAY = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
+            "#9d755d", "#bab0ac"]
+_AXIS: dict[str, Any] = {"showgrid": True, "gridcolor": "#ebebeb", "linecolor": "#c8c8c8", "showline": True,
+                         "zerolinecolor": "#d9d9d9", "ticks": "outside", "tickcolor": "#c8c8c8",
+                         "automargin": True, "title": {"standoff": 8}}
+TEMPLATE_LAYOUT: dict[str, Any] = {
+    "font": {"family": FONT, "size": 12, "color": "#31333f"},
+    "paper_bgcolor": "#ffffff",
+    "plot_bgcolor": "#ffffff",
+    "colorway": COLORWAY,
+    "xaxis": _AXIS,
+    "yaxis": _AXIS,
+    "hoverlabel": {"bgcolor": "#ffffff", "font": {"family": FONT, "size": 12}},
+    "title": {"font": {"size": 15}, "x": 0.01, "xanchor": "left"},
+    "legend": {"bgcolor": "rgba(255,255,255,0.85)", "font": {"size": 11}},
+}
+"""The Plotly template both views use (`template()`): white, grey grid, one font and colorway."""
+
+
+def template() -> Any:
+    """TEMPLATE_LAYOUT as a plotly Template."""
+    go = _go()
+    return go.layout.Template(layout=TEMPLATE_LAYOUT)
+
+
+def themed(fig: go.Figure) -> go.Figure:
+    """The figure on the shared template; every figure builder here returns through it."""
+    fig.update_layout(template=template())
+    return fig
 
 
 # --- the report's extras (typed sections, `report.extras`) -------------------------------------
@@ -81,8 +118,8 @@ def training_figure(pre: PreflightSection | None, mon: MonitorSection | None) ->
             fig.add_trace(go.Scatter(x=mon.skipped_steps, y=[_scale_at(mon, s) for s in mon.skipped_steps],
                                      mode="markers", name="skipped", marker={"color": "#d62728", "symbol": "x"}),
                           row=1, col=2)
-    fig.update_layout(height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20}, legend={"orientation": "h", "y": -0.2})
-    return fig
+    fig.update_layout(height=340, margin={"t": 50, "b": 40, "l": 50, "r": 20})
+    return themed(fig)
 
 
 def _scale_at(mon: MonitorSection, step: int) -> float | None:
@@ -228,17 +265,18 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
         ("units", str(len(report.units))),
         ("flagged units", str(sum(1 for u in report.units if u.flags))),
         ("findings", ", ".join(f"{n} {s}(s)" for s, n in report.severity_counts().items()) or "none"),
-        ("final-loss rel error", fmt(report.losses.rel_error, ".2e")),
+        (f"final-loss rel error ({ALL_LOW_RUN})", fmt(report.losses.rel_error, ".2e")),
         ("loss tolerance", f"{report.thresholds.loss_rel_error:g}"
          + ("" if report.loss_within_tolerance else " (over)")),
     ]
     g = report.grad_fidelity
     if g is not None:
-        items.append(("gradient rel error", f"{fmt(g.rel_l2_error)} at 2^{g.scale_log2}"))
+        items.append((f"gradient rel error ({ALL_LOW_RUN})", f"{fmt(g.rel_l2_error)} at 2^{g.scale_log2}"))
     job = distributed_text(report)
     if job is not None:
         items.append(("distributed", job))
     if plan is not None:
+        items.append(("plan: verified final-loss rel error (planned run)", fmt(plan.verified_loss_rel_error, ".2e")))
         if plan.speedup is not None:
             items.append(("plan speed-up (est.)", f"{plan.speedup:.2f}x"))
         if plan.memory_saving is not None:
@@ -338,7 +376,31 @@ def histogram_figure(stats: TensorStats, dtype: LowDtype | str, title: str) -> g
         height=320,
         margin={"t": 60, "b": 40, "l": 50, "r": 20},
     )
-    return fig
+    return themed(fig)
+
+
+# Where a per-unit value is exact, non-finite or ordinary: exactly 0 error (and so +inf SQNR)
+# is a perfect unit, drawn as "exact" at the plot's floor (or top); only Inf/NaN is
+# "non-finite". The two never share a marker.
+EXACT = "exact (0 error)"
+NONFINITE = "non-finite"
+_EXACT_MARKER = {"symbol": "diamond", "size": 9, "color": "#2ca02c"}
+_NONFINITE_MARKER = {"symbol": "x", "size": 11, "color": "#d62728"}
+
+
+def _log_floor(values: list[float | None]) -> float:
+    """A floor for a log axis, a decade below its smallest positive finite value: where
+    exact (0) values are drawn."""
+    positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-8
+
+
+def _split_errors(values: list[float | None]) -> tuple[list[float | None], list[bool], list[bool]]:
+    """(positive finite values, None elsewhere), which are exactly 0, which are Inf/NaN."""
+    shown = [v if v is not None and math.isfinite(v) and v > 0 else None for v in values]
+    exact = [v is not None and v == 0 for v in values]
+    bad = [v is not None and not math.isfinite(v) for v in values]
+    return shown, exact, bad
 
 
 def _capped(values: list[float | None], *, up: bool) -> tuple[list[float | None], list[float | None], float]:
@@ -351,21 +413,58 @@ def _capped(values: list[float | None], *, up: bool) -> tuple[list[float | None]
     return shown, marks, cap
 
 
+def short_name(name: str, limit: int = 28) -> str:
+    """A unit name short enough for an axis: its tail (the most specific part), cut at a dot
+    where one is near; the full name goes in the hover."""
+    if len(name) <= limit:
+        return name
+    tail = name[-(limit - 1):]
+    dot = tail.find(".")
+    if 0 <= dot < limit // 2:
+        tail = tail[dot + 1:]
+    return "…" + tail
+
+
+MAX_UNIT_TICKS = 80
+"""Unit names along a per-unit axis; past this, every k-th (all in the hover)."""
+
+
 def _per_unit_layout(fig: go.Figure, names: list[str], lower_title: str) -> go.Figure:
     """The layout shared by the two-row per-unit figures: a relative-error log axis above,
-    `lower_title` below, the units' names (at most ~60) along the shared x axis."""
-    x = list(range(len(names)))
-    tickvals = x if len(x) <= 60 else x[:: max(1, len(x) // 60)]
-    fig.update_xaxes(tickvals=tickvals, ticktext=[names[i] for i in tickvals], tickangle=-45, row=2, col=1)
-    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", row=1, col=1)
+    `lower_title` below, the units' names along the shared x axis: abbreviated (the full
+    name is in each point's hover), turned upright, every k-th past MAX_UNIT_TICKS, and the
+    legend on the right, out of their way."""
+    n = len(names)
+    step = max(1, math.ceil(n / MAX_UNIT_TICKS))
+    tickvals = list(range(0, n, step))
+    labels = [html.escape(short_name(names[i])) for i in tickvals]
+    longest = max((len(t) for t in labels), default=0)
+    many = n > 24
+    fig.update_xaxes(tickvals=tickvals, ticktext=labels, tickangle=-90 if many else -45,
+                     tickfont={"size": 10 if many else 12}, automargin=True, row=2, col=1)
+    fig.update_xaxes(range=[-0.7, n - 0.3] if n else None)
+    fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", dtick=1, row=1, col=1)
     fig.update_yaxes(title_text=lower_title, row=2, col=1)
-    fig.update_layout(height=560, margin={"t": 60, "b": 120, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.35})
-    return fig
+    fig.update_layout(height=520 + min(longest, 30) * 6, margin={"t": 70, "b": 20, "l": 60, "r": 20},
+                      legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
+                      hovermode="closest")
+    return themed(fig)
+
+
+def _marker_trace(x: list[int], where: list[bool], y: float, names: list[str], name: str, hover: str,
+                  marker: dict[str, Any], *, legendgroup: str, showlegend: bool = True) -> Any:
+    go = _go()
+    # In the legend only where some unit has one: an empty "exact" entry would suggest one.
+    return go.Scatter(x=x, y=[y if w else None for w in where], mode="markers", name=name, text=names,
+                      marker=marker, legendgroup=legendgroup, showlegend=showlegend and any(where),
+                      hovertemplate="%{text}<br>" + hover + "<extra></extra>")
 
 
 def depth_figure(report: Report) -> go.Figure:
     """Propagated (and local) relative error, and SQNR, along execution order; the unit where
-    the error takes off is marked."""
+    the error takes off is marked. Exactly 0 error is drawn as "exact" (a green diamond at
+    the error axis's floor, +inf SQNR at the top of the SQNR axis); only Inf/NaN is
+    "non-finite" (a red cross beyond the finite range)."""
     go = _go()
     from plotly.subplots import make_subplots
 
@@ -377,25 +476,35 @@ def depth_figure(report: Report) -> go.Figure:
     sqnr = [None if u.forward.propagated is None else u.forward.propagated.sqnr_db for u in units]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("relative L2 error vs fp32", "SQNR (dB), propagated"))
-    p_shown, p_marks, _ = _capped(prop, up=True)
-    l_shown, _, _ = _capped(local, up=True)
-    s_shown, s_marks, _ = _capped(sqnr, up=False)
-    # Log axes cannot show 0; a perfect unit is drawn at the floor instead of vanishing.
-    floor = 1e-12
-    fig.add_trace(go.Scatter(x=x, y=[None if v is None else max(v, floor) for v in p_shown], mode="lines+markers",
-                             name="propagated", text=names, hovertemplate="%{text}<br>propagated %{y:.3g}<extra></extra>"),
+    p_shown, p_exact, p_bad = _split_errors(prop)
+    l_shown, l_exact, l_bad = _split_errors(local)
+    floor = _log_floor([*prop, *local])
+    finite = [v for v in [*prop, *local] if v is not None and math.isfinite(v)]
+    cap = max([*finite, 1.0]) * 10
+    fig.add_trace(go.Scatter(x=x, y=p_shown, mode="lines+markers", name="propagated", text=names,
+                             hovertemplate="%{text}<br>propagated %{y:.3g}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=[v if v is not None else (floor if e else None) for v, e in
+                                     zip(l_shown, l_exact, strict=True)],
+                             mode="markers", name="local", text=names, marker_symbol="circle-open",
+                             hovertext=[f"{n}<br>local: {EXACT}" if e else f"{n}<br>local {fmt(v)}"
+                                        for n, v, e in zip(names, local, l_exact, strict=True)],
+                             hoverinfo="text"), row=1, col=1)
+    fig.add_trace(_marker_trace(x, [a or b for a, b in zip(p_bad, l_bad, strict=True)], cap, names, NONFINITE,
+                                "non-finite (Inf/NaN) error", _NONFINITE_MARKER, legendgroup="nonfinite"),
                   row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=[None if v is None else max(v, floor) for v in l_shown], mode="markers",
-                             name="local", text=names, marker_symbol="circle-open",
-                             hovertemplate="%{text}<br>local %{y:.3g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=p_marks, mode="markers", name="non-finite", text=names,
-                             marker={"symbol": "x", "size": 11, "color": "#d62728"},
-                             hovertemplate="%{text}<br>non-finite<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=s_shown, mode="lines+markers", name="SQNR", text=names,
+    fig.add_trace(_marker_trace(x, p_exact, floor, names, EXACT, f"propagated: {EXACT}", _EXACT_MARKER,
+                                legendgroup="exact"), row=1, col=1)
+    s_fin = [v for v in sqnr if v is not None and math.isfinite(v)]
+    top, bottom = max([*s_fin, 0.0]) + 10, min([*s_fin, 0.0]) - 10
+    fig.add_trace(go.Scatter(x=x, y=[v if v is not None and math.isfinite(v) else None for v in sqnr],
+                             mode="lines+markers", name="SQNR", text=names,
                              hovertemplate="%{text}<br>%{y:.1f} dB<extra></extra>"), row=2, col=1)
-    fig.add_trace(go.Scatter(x=x, y=s_marks, mode="markers", name="SQNR -inf", text=names, showlegend=False,
-                             marker={"symbol": "x", "size": 11, "color": "#d62728"},
-                             hovertemplate="%{text}<br>-inf dB<extra></extra>"), row=2, col=1)
+    fig.add_trace(_marker_trace(x, [v is not None and (math.isnan(v) or v == -math.inf) for v in sqnr], bottom,
+                                names, "SQNR -inf", "SQNR -inf dB (non-finite)", _NONFINITE_MARKER,
+                                legendgroup="nonfinite", showlegend=False), row=2, col=1)
+    fig.add_trace(_marker_trace(x, [v == math.inf for v in sqnr], top, names, "SQNR +inf",
+                                f"SQNR +inf dB: {EXACT}", _EXACT_MARKER, legendgroup="exact", showlegend=False),
+                  row=2, col=1)
     limit = report.thresholds.divergence_rel_error
     if limit:
         fig.add_hline(y=limit, line_dash="dot", line_color="gray", row=1, col=1,
@@ -404,15 +513,16 @@ def depth_figure(report: Report) -> go.Figure:
     if start is not None:
         i = units.index(start)
         fig.add_vline(x=i, line_color="#d62728", line_dash="dash")
-        fig.add_annotation(x=i, y=1.0, yref="paper", text=f"error takes off: {html.escape(start.name)}",
-                           showarrow=False, xanchor="left", yanchor="bottom", font={"color": "#d62728"})
-    return _per_unit_layout(fig, names, "dB")
+        fig.add_annotation(x=i, y=1.0, yref="paper", text=f"error takes off: {html.escape(short_name(start.name))}",
+                           hovertext=html.escape(start.name), showarrow=False, xanchor="left", yanchor="bottom",
+                           font={"color": "#d62728"})
+    return _per_unit_layout(fig, [u.name for u in units], "dB")
 
 
 def grad_fidelity_figure(report: Report) -> go.Figure:
     """Per unit with parameters, in execution order: the relative L2 error of its parameter
     gradients in the low run against fp32's, and their cosine, with GRAD_DIVERGENCE's
-    thresholds; non-finite gradients marked."""
+    thresholds; exactly 0 error drawn as "exact", Inf/NaN as "non-finite"."""
     go = _go()
     from plotly.subplots import make_subplots
 
@@ -423,47 +533,97 @@ def grad_fidelity_figure(report: Report) -> go.Figure:
     scale = report.grad_fidelity.scale_log2 if report.grad_fidelity is not None else 0
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=(
         f"parameter-gradient relative L2 error vs fp32 (loss scale 2^{scale})", "cosine with fp32's gradient"))
-    err_shown, err_marks, _ = _capped([f.rel_l2_error if f is not None else None for f in fid], up=True)
-    floor = 1e-12  # log axes cannot show 0
-    fig.add_trace(go.Bar(x=x, y=[None if v is None else max(v, floor) for v in err_shown], name="rel L2 error",
-                         text=names, marker_color="#4c78a8", hovertemplate="%{text}<br>%{y:.3g}<extra></extra>"),
+    errs = [f.rel_l2_error if f is not None else None for f in fid]
+    shown, exact, bad = _split_errors(errs)
+    floor = _log_floor(errs)
+    _, _, cap = _capped(errs, up=True)
+    fig.add_trace(go.Bar(x=x, y=shown, name="rel L2 error", text=names, textposition="none",
+                         marker_color="#4c78a8", hovertemplate="%{text}<br>%{y:.3g}<extra></extra>"),
                   row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=err_marks, mode="markers", name="non-finite", text=names,
-                             marker={"symbol": "x", "size": 11, "color": "#d62728"},
-                             hovertemplate="%{text}<br>non-finite<extra></extra>"), row=1, col=1)
+    fig.add_trace(_marker_trace(x, bad, cap, names, NONFINITE, "non-finite (Inf/NaN) gradient error",
+                                _NONFINITE_MARKER, legendgroup="nonfinite"), row=1, col=1)
     fig.add_trace(go.Scatter(x=x, y=[f.cosine if f is not None else None for f in fid], mode="markers",
                              name="cosine", text=names, marker_color="#2ca02c",
                              hovertemplate="%{text}<br>cosine %{y:.6g}<extra></extra>"), row=2, col=1)
+    fig.add_trace(_marker_trace(x, exact, floor, names, EXACT, EXACT, _EXACT_MARKER, legendgroup="exact"),
+                  row=1, col=1)
     th = report.thresholds
     fig.add_hline(y=th.grad_rel_error, line_dash="dot", line_color="gray", row=1, col=1,
                   annotation_text=f"warning above {th.grad_rel_error:g}")
     fig.add_hline(y=th.grad_cosine_min, line_dash="dot", line_color="#d62728", row=2, col=1,
                   annotation_text=f"error below {th.grad_cosine_min:g}")
-    return _per_unit_layout(fig, names, "cosine")
+    return _per_unit_layout(fig, [u.name for u in units], "cosine")
+
+
+def recommendation_run(report: Report) -> str:
+    """Whose gradients the loss-scale recommendation (`extras.loss_scale`) reads: the plan's
+    low units when the report has a plan (the plan sets it), else the all-low run's."""
+    return "planned run" if report.extras.plan is not None else ALL_LOW_RUN
+
+
+def curve_point(report: Report, scale_log2: int) -> LossScalePoint | None:
+    """The all-low run's curve at 2^k (None off the curve, e.g. below 2^0)."""
+    return next((p for p in report.loss_scale if p.scale_log2 == scale_log2), None)
+
+
+def loss_scale_rows(report: Report, ls: LossScaleSection) -> list[dict[str, str]]:
+    """The recommendation's numbers, each in the column of the run it describes: the run the
+    recommendation was made for (the planned run where there is a plan) and the all-low run
+    the curve is measured on."""
+    run = recommendation_run(report)
+    k, d = ls.recommended_scale_log2, ls.default_scale_log2
+    at_k, at_d = curve_point(report, k), curve_point(report, d)
+    curve = f"{ALL_LOW_RUN} (the curve)"
+    own = f"{run} (the recommendation)"
+    rows = [
+        {"": f"underflow at the recommended scale 2^{k}", own: percent(ls.underflow_fraction_at_recommended),
+         curve: "-" if at_k is None else percent(at_k.underflow_fraction)},
+        {"": f"underflow at the default scale 2^{d}", own: percent(ls.underflow_fraction_at_default),
+         curve: "-" if at_d is None else percent(at_d.underflow_fraction)},
+        {"": f"overflow at the recommended scale 2^{k}", own: "-",
+         curve: "-" if at_k is None else percent(at_k.overflow_fraction)},
+        {"": f"steps GradScaler skips backing off from 2^{d}", own: str(ls.skipped_steps_from_default), curve: "-"},
+        {"": "GradScaler needed", own: "yes" if ls.scaler_needed else "no", curve: "-"},
+    ]
+    if run == ALL_LOW_RUN:  # one run: one column
+        return [{"": r[""], ALL_LOW_RUN: r[own] if r[own] != "-" else r[curve]} for r in rows]
+    return rows
 
 
 def loss_scale_figure(report: Report, recommended: LossScaleSection | None = None) -> go.Figure:
-    """Fraction of gradients lost to underflow and to overflow in fp16 against the scale 2^k,
-    with the 2^16 default and (when known) the recommended initial scale marked. The curve
-    spans 2^0..2^127; the axis shows where it changes, the marks, and a little beyond."""
+    """The all-low run's gradients against the loss scale 2^k: the fraction lost to underflow
+    and to overflow in fp16, with the 2^16 default and (when known) the recommended initial
+    scale marked, and the recommendation's own underflow there (the planned run's, where the
+    report has a plan: its low units only). The curve spans 2^0..2^127; the axis shows where
+    it changes, the marks, and a little beyond."""
     go = _go()
     pts = sorted(report.loss_scale, key=lambda p: p.scale_log2)
     k = [p.scale_log2 for p in pts]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=k, y=[p.underflow_fraction for p in pts], mode="lines+markers",
-                             name="underflow (values)", line_color="#1f77b4"))
+                             name=f"underflow, {ALL_LOW_RUN} (values)", line_color="#1f77b4",
+                             hovertemplate="2^%{x}: %{y:.3%} of nonzero gradients flush to 0<extra></extra>"))
     if any(p.underflow_norm_fraction is not None for p in pts):
         fig.add_trace(go.Scatter(x=k, y=[p.underflow_norm_fraction for p in pts], mode="lines",
-                                 name="underflow (L2 norm)", line={"color": "#1f77b4", "dash": "dot"}))
+                                 name=f"underflow, {ALL_LOW_RUN} (L2 norm)",
+                                 line={"color": "#1f77b4", "dash": "dot"},
+                                 hovertemplate="2^%{x}: %{y:.3%} of the gradients' L2 norm lost<extra></extra>"))
     fig.add_trace(go.Scatter(x=k, y=[p.overflow_fraction for p in pts], mode="lines+markers",
-                             name="overflow", line_color="#d62728"))
+                             name=f"overflow, {ALL_LOW_RUN}", line_color="#d62728",
+                             hovertemplate="2^%{x}: %{y:.3%} overflow<extra></extra>"))
     default = recommended.default_scale_log2 if recommended is not None else 16
     fig.add_vline(x=default, line_dash="dash", line_color="gray",
                   annotation_text=f"default 2^{default}", annotation_position="top left")
     if recommended is not None:
-        fig.add_vline(x=recommended.recommended_scale_log2, line_color="#2ca02c", line_width=3,
-                      annotation_text=f"recommended 2^{recommended.recommended_scale_log2}",
-                      annotation_position="top right")
+        run = recommendation_run(report)
+        rk = recommended.recommended_scale_log2
+        fig.add_vline(x=rk, line_color="#2ca02c", line_width=3,
+                      annotation_text=f"recommended 2^{rk} ({run})", annotation_position="top right")
+        if run != ALL_LOW_RUN:
+            fig.add_trace(go.Scatter(
+                x=[rk], y=[recommended.underflow_fraction_at_recommended], mode="markers",
+                name=f"underflow, {run}, at 2^{rk}", marker={"symbol": "diamond", "size": 12, "color": "#2ca02c"},
+                hovertemplate=f"{run} at 2^{rk}: %{{y:.3%}} flush to 0<extra></extra>"))
     changing = [
         a.scale_log2 for a, b in itertools.pairwise(pts)
         if (a.underflow_fraction, a.overflow_fraction, a.underflow_norm_fraction)
@@ -473,11 +633,12 @@ def loss_scale_figure(report: Report, recommended: LossScaleSection | None = Non
     shown = [*k[:1], *changing, *marks]
     x_range = [min(shown) - 1, max(shown) + 3] if k else None
     fig.update_layout(
+        title=f"fp16 loss scale: the {ALL_LOW_RUN}'s gradients",
         xaxis_title="loss scale 2^k (k)", xaxis_range=x_range, yaxis_title="fraction of nonzero gradients",
-        yaxis_range=[-0.02, 1.05], height=380, margin={"t": 50, "b": 40, "l": 60, "r": 20},
-        legend={"orientation": "h", "y": -0.2},
+        yaxis_range=[-0.02, 1.05], yaxis_tickformat=".0%", height=400, margin={"t": 60, "b": 40, "l": 60, "r": 20},
+        legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
     )
-    return fig
+    return themed(fig)
 
 
 def plan_cost_rows(plan: PlanSection) -> list[dict[str, Any]]:
@@ -502,7 +663,7 @@ def plan_cost_figure(plan: PlanSection) -> go.Figure:
     fig.add_trace(go.Bar(x=list(a), y=[v / a_factor for v in a.values()], name="activations",
                          text=[fmt_bytes(v) for v in a.values()], marker_color="#f58518"), row=1, col=2)
     fig.update_layout(showlegend=False, height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20})
-    return fig
+    return themed(fig)
 
 
 EXPORT_FILES: dict[str, tuple[str, str]] = {

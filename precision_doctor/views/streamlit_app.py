@@ -3,11 +3,16 @@
 reruns the analysis.
 
 Unit names come from user models and may contain HTML or markdown: they are shown only in
-dataframe cells, st.text, widget options or escaped markdown, never with unsafe_allow_html.
+dataframe cells, st.text, widget options or escaped markdown (st.table's cells are markdown:
+escaped too), never with unsafe_allow_html.
+
+Streamlit runs this file as `__main__`; importing it (doctest collection, a test) only
+defines the functions.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -67,22 +72,49 @@ def _df(rows: list[dict[str, Any]]) -> Any:
 
 
 def _chart(fig: Any, key: str) -> None:
-    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+    # theme=None: the figure's own template (figures.TEMPLATE_LAYOUT, as in the HTML report),
+    # not Streamlit's restyling.
+    st.plotly_chart(fig, width="stretch", theme=None, key=key, config={"displaylogo": False})
+
+
+def _kv_table(items: Sequence[tuple[str, str]]) -> None:
+    """Label/value pairs as a table: every value in full (wrapped, never cut short)."""
+    st.table(_df([{"": md(k), "value": md(v)} for k, v in items]).set_index(""))
+
+
+def _text_width(values: Sequence[object], header: str, *, cap: int = 640) -> int:
+    """A column's width in pixels that shows its longest value and its header whole (the
+    grid's 14 px font: under 6.5 px a lowercase character, under 10 px an uppercase one)."""
+    def px(text: str) -> float:
+        return sum(10 if c.isupper() or c in "MW@%" else 6.5 for c in text)
+
+    return min(cap, 28 + math.ceil(max([px(header), *(px(str(v)) for v in values)])))
+
+
+def _table_height(rows: int) -> int:
+    """Every row of a table up to ~20, then a scroll bar."""
+    return min(35 * (rows + 1) + 3, 35 * 21 + 3)
 
 
 # --- sections ----------------------------------------------------------------------------------
 def overview(report: Report, plan: PlanSection | None) -> None:
     items = F.overview_items(report, plan)
-    for row in range(0, len(items), 4):
-        cols = st.columns(4)
-        for col, (label, value) in zip(cols, items[row : row + 4], strict=False):
-            col.metric(md(label), value)  # metric values are plain text
+    half = (len(items) + 1) // 2
+    c1, c2 = st.columns(2)
+    with c1:
+        _kv_table(items[:half])
+    with c2:
+        _kv_table(items[half:])
     counts = F.flag_counts(report)
     if counts:
         st.subheader("Flagged units by flag")
         st.dataframe(_df([{"flag": k, "units": v} for k, v in counts.items()]), hide_index=True, width="content")
         st.subheader("Flags, worst first")
-        st.dataframe(_df(F.flag_rows(report)), hide_index=True)
+        flags = F.flag_rows(report)
+        st.dataframe(_df(flags), hide_index=True, height=_table_height(len(flags)), column_config={
+            "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in flags], "unit", cap=360)),
+            "evidence": st.column_config.TextColumn(width="large"),
+        })
     else:
         st.success("No unit flagged.")
     if report.ranks:
@@ -92,51 +124,74 @@ def overview(report: Report, plan: PlanSection | None) -> None:
         st.dataframe(_df(F.rank_rows(report)), hide_index=True)
 
 
+LAYER_COLUMNS: dict[str, tuple[str, str, str]] = {
+    # row key: (header shown, number format, what it is)
+    "max |x|": ("max |x|", "%.3g", "largest |value| of the unit's forward outputs (fp32 run)"),
+    "overflow frac": ("overflow", "%.3g", "fraction of the forward outputs that overflow the low dtype"),
+    "underflow frac": ("underflow", "%.3g", "fraction of the nonzero forward outputs that flush to 0"),
+    "local rel err": ("local err", "%.3g", "relative L2 error of the unit run low on fp32 inputs"),
+    "propagated rel err": ("prop. err", "%.3g", "relative L2 error with everything before it low too"),
+    "SQNR dB": ("SQNR dB", "%.1f", "signal-to-quantization-noise ratio of the propagated output (inf: exact)"),
+    "max |grad|": ("max |grad|", "%.3g", "largest |gradient| in the unit's backward"),
+    "grad rel err": ("grad err", "%.3g", "relative L2 error of its parameters' gradients against fp32's"),
+    "grad cosine": ("grad cos", "%.6g", "cosine of its parameters' gradients with fp32's"),
+    "GFLOP fwd": ("GFLOP", "%.3g", "forward GFLOP"),
+    "activation MiB": ("act. MiB", "%.3g", "activations saved for backward, MiB"),
+}
+# (The layer table's number columns: short headers so that every column fits a wide page. A
+# comment, not a docstring: Streamlit's "magic" would print a bare string.)
+
+
 def layer_table(report: Report, plan: PlanSection | None) -> None:
-    rows = F.layer_rows(report, plan)
+    every = F.layer_rows(report, plan)  # column widths from every row: stable while filtering
+    rows = every
     present = list(F.flag_counts(report))
-    c1, c2 = st.columns([2, 1])
+    severities = list(dict.fromkeys(f.severity.value for f in report.flags()))
+    c1, c2, c3 = st.columns([2, 1, 2])
     chosen = c1.multiselect("Filter by flag", [*present, NO_FLAG], key="flag_filter",
                             help="Show only units with any of these flags.")
-    needle = c2.text_input("Filter by name", key="name_filter", placeholder="substring of the unit name")
+    levels = c2.multiselect("Filter by severity", severities, key="severity_filter",
+                            help="Show only units with a finding of any of these severities.")
+    needle = c3.text_input("Filter by name", key="name_filter", placeholder="substring of the unit name")
     if chosen:
         want = set(chosen)
         rows = [r for r in rows if (want & set(filter(None, r["flags"].split(", "))))
                 or (NO_FLAG in want and not r["flags"])]
+    if levels:
+        keep = {u.name for u in report.units if any(f.severity.value in levels for f in u.flags)}
+        rows = [r for r in rows if r["unit"] in keep]
     if needle:
         rows = [r for r in rows if needle.lower() in r["unit"].lower()]
     st.caption(f"{len(rows)} of {len(report.units)} units; click a column header to sort.")
     if rows:
-        st.dataframe(_df(rows), hide_index=True, column_config={
-            "max |x|": st.column_config.NumberColumn(format="%.3g"),
-            "overflow frac": st.column_config.NumberColumn(format="%.3g"),
-            "underflow frac": st.column_config.NumberColumn(format="%.3g"),
-            "local rel err": st.column_config.NumberColumn(format="%.3g"),
-            "propagated rel err": st.column_config.NumberColumn(format="%.3g"),
-            "SQNR dB": st.column_config.NumberColumn(format="%.1f"),
-            "max |grad|": st.column_config.NumberColumn(format="%.3g"),
-            "grad rel err": st.column_config.NumberColumn(format="%.3g"),
-            "grad cosine": st.column_config.NumberColumn(format="%.6g"),
-            "GFLOP fwd": st.column_config.NumberColumn(format="%.3g"),
-            "activation MiB": st.column_config.NumberColumn(format="%.3g"),
-        })
+        config: dict[str, Any] = {c: st.column_config.NumberColumn(label, format=f, help=h)
+                                  for c, (label, f, h) in LAYER_COLUMNS.items()}
+        for col, cap in (("unit", 420), ("kind", 200), ("flags", 640)):
+            config[col] = st.column_config.TextColumn(width=_text_width([r[col] for r in every], col, cap=cap))
+        st.dataframe(_df(rows), hide_index=True, column_config=config, height=_table_height(len(rows)))
 
 
-def unit_detail(report: Report, dtype: LowDtype) -> None:
+def unit_detail(report: Report) -> None:
     units = F.ordered_units(report)
     if not units:
         st.info("This report has no units.")
         return
     flagged = report.flagged_units()
     default = units.index(flagged[0]) if flagged else 0
+    dtypes = [d.value for d in LowDtype]
 
     def label(i: int) -> str:
         u = units[i]
         flags = ", ".join(dict.fromkeys(f.flag.value for f in u.flags))
         return f"{u.order}: {u.name}" + (f"  [{flags}]" if flags else "")
 
-    i = st.selectbox("Unit (execution order; worst flagged first selected)", range(len(units)),
+    c1, c2 = st.columns([4, 1])
+    i = c1.selectbox("Unit (execution order; worst flagged first selected)", range(len(units)),
                      index=default, format_func=label, key="unit_pick")
+    choice = c2.radio("Histogram range of", dtypes, index=dtypes.index(report.environment.dtype.value),
+                      key="range_dtype", horizontal=True,
+                      help="The format whose representable range the histograms show.")
+    dtype = LowDtype(choice or report.environment.dtype.value)
     unit: Unit = units[i if i is not None else default]
     st.text(f"{unit.name}  ({unit.kind}), execution order {unit.order}, {unit.op_count} ops")
     if unit.flags:
@@ -182,7 +237,8 @@ def gradients(report: Report) -> None:
     rows = [{"unit": name, "rel L2 error": f.rel_l2_error, "cosine": f.cosine, "non-finite": f.nonfinite_count,
              "values": f.numel} for name, f in report.grad_fidelity_by_unit().items()]
     st.markdown("**Units, worst first**")
-    st.dataframe(_df(rows), hide_index=True, column_config={
+    st.dataframe(_df(rows), hide_index=True, height=_table_height(len(rows)), column_config={
+        "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in rows], "unit", cap=420)),
         "rel L2 error": st.column_config.NumberColumn(format="%.3g"),
         "cosine": st.column_config.NumberColumn(format="%.6g"),
     })
@@ -190,16 +246,23 @@ def gradients(report: Report) -> None:
 
 def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
     if ls is not None:
-        cols = st.columns(4)
-        cols[0].metric("Recommended initial scale", f"2^{ls.recommended_scale_log2}")
-        cols[1].metric("Default scale", f"2^{ls.default_scale_log2}")
-        cols[2].metric("Underflow at recommended", F.fmt(ls.underflow_fraction_at_recommended))
-        cols[3].metric("Underflow at default", F.fmt(ls.underflow_fraction_at_default))
-        cols = st.columns(4)
-        cols[0].metric("Steps skipped from the default", str(ls.skipped_steps_from_default))
-        cols[1].metric("GradScaler needed", "yes" if ls.scaler_needed else "no")
+        run = F.recommendation_run(report)
+        c1, c2 = st.columns([1, 3])
+        c1.metric(f"Recommended initial scale ({run})", f"2^{ls.recommended_scale_log2}")
+        c1.metric("Default scale", f"2^{ls.default_scale_log2}")
+        with c2:
+            if run == F.ALL_LOW_RUN:
+                st.markdown(md(f"The recommendation and the curve below both read the {run}'s "
+                               "gradients (every unit low)."))
+            else:
+                st.markdown(md(f"Each number in the column of the run it describes: the recommendation "
+                               f"reads the {run}'s gradients (its low units only); the curve below is "
+                               f"the {F.ALL_LOW_RUN}'s (every unit low)."))
+            rows = F.loss_scale_rows(report, ls)
+            st.table(_df([{k: md(v) for k, v in r.items()} for r in rows]).set_index(""))
     else:
-        st.info("No loss-scale recommendation in this report; the curve is shown with the 2^16 default.")
+        st.info("No loss-scale recommendation in this report; the curve is the all-low run's, with the "
+                "2^16 default marked.")
     if report.loss_scale:
         _chart(F.loss_scale_figure(report, ls), "loss_scale")
     else:
@@ -214,9 +277,7 @@ def training_section(pre: PreflightSection | None, mon: MonitorSection | None) -
         st.dataframe(_df(F.preflight_run_rows(pre)), hide_index=True)
     if mon is not None:
         st.markdown("**The real run's GradScaler**")
-        items = F.monitor_items(mon)
-        for col, (name, value) in zip(st.columns(len(items)), items.items(), strict=True):
-            col.metric(name, value)
+        _kv_table(list(F.monitor_items(mon).items()))
     _chart(F.training_figure(pre, mon), "training")
 
 
@@ -231,8 +292,8 @@ def plan_section(plan: PlanSection) -> None:
     st.markdown("**Cost**")
     st.dataframe(_df(F.plan_cost_rows(plan)), hide_index=True, width="content")
     _chart(F.plan_cost_figure(plan), "plan_cost")
-    st.metric("Verified final-loss error", F.fmt(plan.verified_loss_rel_error, ".2e"),
-              help=f"{plan.verification_passes} verification pass(es)")
+    _kv_table([("verified final-loss rel error (planned run)", F.fmt(plan.verified_loss_rel_error, ".2e")),
+               ("verification passes", str(plan.verification_passes))])
     if plan.exports:
         st.markdown("**Exports**")
         cols = st.columns(max(1, len(plan.exports)))
@@ -263,12 +324,7 @@ def render(report: Report) -> None:
 
     st.title(f"precision-doctor: {md(report.model)}")
     (st.success if report else st.error)(md(report.verdict))
-    with st.sidebar:
-        dtypes = [d.value for d in LowDtype]
-        choice = st.radio("Histogram range of", dtypes, index=dtypes.index(report.environment.dtype.value),
-                          key="range_dtype", help="The format whose representable range the histograms show.")
-        dtype = LowDtype(choice or report.environment.dtype.value)
-        st.caption("This app only reads the saved report; it never reruns the analysis.")
+    st.caption("This app only reads the saved report; it never reruns the analysis.")
 
     training = pre is not None or mon is not None
     names = ["Overview", "Layers", "Unit detail", "Depth", "Gradients", "Loss scale"] + (["Plan"] if plan else [])
@@ -279,7 +335,7 @@ def render(report: Report) -> None:
     with tabs[1]:
         layer_table(report, plan)
     with tabs[2]:
-        unit_detail(report, dtype)
+        unit_detail(report)
     with tabs[3]:
         depth(report)
     with tabs[4]:
@@ -294,8 +350,17 @@ def render(report: Report) -> None:
             training_section(pre, mon)
 
 
+# Wide tables and per-unit figures: a narrower margin than Streamlit's wide layout keeps.
+# Constant CSS (no report text), so st.html is safe here.
+_PAGE_CSS = """<style>
+[data-testid="stMainBlockContainer"], .block-container { padding-left: 1.5rem; padding-right: 1.5rem;
+  max-width: 100%; }
+</style>"""
+
+
 def main() -> None:
-    st.set_page_config(page_title="precision-doctor", layout="wide")
+    st.set_page_config(page_title="precision-doctor", layout="wide", initial_sidebar_state="collapsed")
+    st.html(_PAGE_CSS)
     try:
         report = get_report()
     except PrecisionDoctorError as e:
@@ -308,4 +373,5 @@ def main() -> None:
                     f"{type(e).__name__}: {e}"))
 
 
-main()
+if __name__ == "__main__":
+    main()
