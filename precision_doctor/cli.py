@@ -153,7 +153,7 @@ PolicyOpt = Annotated[
 ]
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
-F = TypeVar("F", bound=Callable[..., Any])
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -165,7 +165,7 @@ def parse_option(cls: type[E], value: str | None, option: str) -> E:
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 
 
-def _one_line_errors(fn: F) -> F:
+def _one_line_errors(fn: Fn) -> Fn:
     """One line per error, and under torchrun one outcome for the job: a failure on any rank
     is raised on every rank (naming it) and printed once, by rank 0; every rank exits with the
     same code (`analysis.distributed.agreed`)."""

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-import precision_doctor.views.figures as F
 from precision_doctor.options import percent
 from precision_doctor.report import Report
+from precision_doctor.views import figures
 from precision_doctor.views.launcher import APP_SCRIPT, launch_app, streamlit_command
 
 pytest.importorskip("streamlit")
@@ -164,7 +164,7 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
     assert list(numbers.columns) == ["planned run (the recommendation)", "all-low run (the curve)"]
     by_label = {unescape(str(k)): [unescape(str(v)) for v in vals] for k, vals in zip(
         numbers.index, numbers.values.tolist(), strict=True)}
-    point = F.curve_point(report, ls.recommended_scale_log2)
+    point = figures.curve_point(report, ls.recommended_scale_log2)
     assert point is not None
     assert by_label[f"underflow at the recommended scale 2^{ls.recommended_scale_log2}"] == [
         percent(ls.underflow_fraction_at_recommended), percent(point.underflow_fraction)]
@@ -181,7 +181,7 @@ def test_gradients_tab(reports: dict[str, tuple[Report, Path]], monkeypatch: pyt
     first, the figure; the layer table's gradient columns."""
     report, path = reports["sample"]
     at = run_app(monkeypatch, path)
-    line = F.grad_fidelity_text(report)
+    line = figures.grad_fidelity_text(report)
     assert line is not None and line in [t.value for t in at.text]
     frames = all_frames(at)
     worst = next(df for df in frames if list(df.columns)[:3] == ["unit", "rel L2 error", "cosine"])

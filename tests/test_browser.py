@@ -197,7 +197,7 @@ def test_app_at_1400px_with_60_units(deep: Report, tmp_path: Path) -> None:
     """The wide app as a person sees it: no tab raises; the layer table shows every column
     (all headers drawn, nothing scrolled out of view); the overview's values are whole; the
     per-unit figures label their unit axis, clear of the legend."""
-    import precision_doctor.views.figures as F
+    from precision_doctor.views import figures
     from precision_doctor.views.streamlit_app import LAYER_COLUMNS
 
     shots = Path(SHOTS) if SHOTS else tmp_path
@@ -227,7 +227,7 @@ def test_app_at_1400px_with_60_units(deep: Report, tmp_path: Path) -> None:
             if tab == "Layers":
                 grid = panel.locator('[data-testid="stDataFrame"]').first
                 headers = grid.locator('th[role="columnheader"]').all_inner_texts()
-                expected = [LAYER_COLUMNS[c][0] if c in LAYER_COLUMNS else c for c in F.layer_rows(deep)[0]]
+                expected = [LAYER_COLUMNS[c][0] if c in LAYER_COLUMNS else c for c in figures.layer_rows(deep)[0]]
                 assert headers == expected  # every column drawn: the grid renders only those in view
                 overflow = grid.locator(".dvn-scroller").evaluate("el => el.scrollWidth - el.clientWidth")
                 assert overflow <= 1  # nothing to scroll to sideways
@@ -236,9 +236,9 @@ def test_app_at_1400px_with_60_units(deep: Report, tmp_path: Path) -> None:
             if tab in ("Depth", "Gradients"):
                 plot = panel.locator(".js-plotly-plot").first
                 axis = plot.evaluate(_AXIS_CHECK)
-                units = [u for u in F.ordered_units(deep)
+                units = [u for u in figures.ordered_units(deep)
                          if tab == "Depth" or u.backward.grad_fidelity is not None]
-                assert axis["labels"] == [F.short_name(u.name) for u in units]
+                assert axis["labels"] == [figures.short_name(u.name) for u in units]
                 assert axis["under_legend"] == 0
             if tab == "Loss scale":
                 assert "all-low run" in panel.inner_text()

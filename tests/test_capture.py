@@ -736,7 +736,7 @@ def test_cached_gradient_summary_follows_in_place_changes() -> None:
     import precision_doctor.capture.shadow as capture
 
     model = torch.nn.Linear(2, 2)
-    with capture.capture_pass(model, torch.float16, capture.Policy({"": True})) as mode:
+    with capture.capture_pass(model, torch.float16, capture.LowUnits({"": True})) as mode:
         pass
     g = torch.tensor([1.0, 2.0, 0.0, 3.0])
     first = mode._grad_summary(g)

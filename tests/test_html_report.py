@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-import precision_doctor.views.figures as F
 from precision_doctor.extras import MonitorSection, ReportExtras
 from precision_doctor.formats import BF16, FP16
 from precision_doctor.report import Report
+from precision_doctor.views import figures
 from precision_doctor.views.html_report import render_html, write_html
 
 EVIL = '<img src=x onerror="__pwned=1">'
@@ -115,7 +115,7 @@ def test_histogram_against_dtype_range(faulty: Report) -> None:
     unit = faulty.by_module()[EVIL]
     stats = unit.forward.stats
     assert stats is not None
-    fig = F.histogram_figure(stats, "fp16", unit.name)
+    fig = figures.histogram_figure(stats, "fp16", unit.name)
     bar = fig.data[0]
     h = stats.histogram
     # counts[i] is floor(log2|x|) = log2_lo + i: bars sit on [lo+i, lo+i+1).
@@ -126,45 +126,45 @@ def test_histogram_against_dtype_range(faulty: Report) -> None:
     assert any(math.isclose(s.x0, math.log2(FP16.smallest_subnormal))
                and math.isclose(s.x1, math.log2(FP16.smallest_normal)) for s in rects)  # subnormal band
     assert EVIL not in fig.layout.title.text
-    bf = F.histogram_figure(stats, pd.LowDtype.BF16, unit.name)
+    bf = figures.histogram_figure(stats, pd.LowDtype.BF16, unit.name)
     assert any(math.isclose(s.x0, BF16.max_log2) for s in bf.layout.shapes if s.type == "rect")
 
 
 def test_depth_view_marks_takeoff(faulty: Report, healthy: Report) -> None:
-    start = F.takeoff_unit(faulty)
+    start = figures.takeoff_unit(faulty)
     assert start is not None and start.name == EVIL
-    fig = F.depth_figure(faulty)
+    fig = figures.depth_figure(faulty)
     order = sorted(faulty.units, key=lambda u: u.order)
     prop = fig.data[0]
     assert len(prop.x) == len(order)
     lines = [s for s in fig.layout.shapes if s.type == "line" and s.x0 == s.x1]
     assert {s.x0 for s in lines} == {order.index(start)}  # on both panels
     # Non-finite errors are drawn as markers at a cap, never dropped silently.
-    nonfinite = next(t for t in fig.data if t.name == F.NONFINITE)
+    nonfinite = next(t for t in fig.data if t.name == figures.NONFINITE)
     assert sum(v is not None for v in nonfinite.y) == sum(
         1 for u in order if u.forward.propagated and not math.isfinite(u.forward.propagated.rel_l2_error))
-    assert F.takeoff_unit(healthy) is None
+    assert figures.takeoff_unit(healthy) is None
 
 
 def test_loss_scale_curve_marks_default_and_recommended(faulty: Report) -> None:
     ls = faulty.extras.loss_scale
     assert ls is not None
-    fig = F.loss_scale_figure(faulty, ls)
+    fig = figures.loss_scale_figure(faulty, ls)
     xs = sorted(s.x0 for s in fig.layout.shapes if s.type == "line")
     assert xs == [9, 16]
     assert list(fig.data[0].x) == [p.scale_log2 for p in faulty.loss_scale]
-    assert [s.x0 for s in F.loss_scale_figure(faulty).layout.shapes] == [16]
+    assert [s.x0 for s in figures.loss_scale_figure(faulty).layout.shapes] == [16]
 
 
 def test_overview_and_rows(faulty: Report) -> None:
     plan = faulty.extras.plan
     assert plan is not None and plan.speedup == pytest.approx(1.25) and plan.memory_saving == pytest.approx(0.25)
-    items = dict(F.overview_items(faulty, plan))
+    items = dict(figures.overview_items(faulty, plan))
     assert items["capture path"] == faulty.environment.capture_path.value
     assert items["plan speed-up (est.)"] == "1.25x"
-    counts = F.flag_counts(faulty)
+    counts = figures.flag_counts(faulty)
     assert sum(counts.values()) == sum(len({f.flag for f in u.flags}) for u in faulty.units)
-    rows = F.layer_rows(faulty, plan)
+    rows = figures.layer_rows(faulty, plan)
     assert [r["unit"] for r in rows] == [u.name for u in sorted(faulty.units, key=lambda u: u.order)]
     assert all(r["plan dtype"] == "fp32" for r in rows)
 
@@ -199,7 +199,7 @@ def test_a_distributed_jobs_ranks_section(faulty: Report, healthy: Report) -> No
     assert len(rows) == 2  # one per rank
     assert ">none<" in rows[0] and "OVERFLOW at " + html.escape(EVIL) in rows[1]  # escaped, as data
     assert EVIL not in section
-    assert dict(F.overview_items(job))["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
+    assert dict(figures.overview_items(job))["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
     assert 'id="ranks"' not in render_html(healthy)  # one process: no section
 
 
@@ -209,25 +209,25 @@ def test_gradient_fidelity_view(faulty: Report, healthy: Report) -> None:
     errors as markers; per-parameter tables in the unit detail."""
     g = healthy.grad_fidelity
     assert g is not None
-    line = F.grad_fidelity_text(healthy)
-    assert line is not None and f"loss scale 2^{g.scale_log2}" in line and F.fmt(g.rel_l2_error) in line
+    line = figures.grad_fidelity_text(healthy)
+    assert line is not None and f"loss scale 2^{g.scale_log2}" in line and figures.fmt(g.rel_l2_error) in line
     text = render_html(healthy)
     assert f'<p id="grad-fidelity">{html.escape(line)}.</p>' in text
     units = [u for u in sorted(healthy.units, key=lambda u: u.order) if u.backward.grad_fidelity is not None]
-    fig = F.grad_fidelity_figure(healthy)
+    fig = figures.grad_fidelity_figure(healthy)
     bars, _, cosines, _ = fig.data
     assert list(bars.y) == [u.backward.grad_fidelity.rel_l2_error for u in units]  # type: ignore[union-attr]
     assert list(cosines.y) == [u.backward.grad_fidelity.cosine for u in units]  # type: ignore[union-attr]
     assert sorted(s.y0 for s in fig.layout.shapes) == [healthy.thresholds.grad_rel_error, healthy.thresholds.grad_cosine_min]
-    rows = F.grad_fidelity_rows(units[0])
+    rows = figures.grad_fidelity_rows(units[0])
     assert [r["parameter"] for r in rows] == list(units[0].backward.param_grad_fidelity)
     assert "Parameter gradients in the low run against fp32" in text
     # The overflowing model's gradients are non-finite: marked at a cap, never dropped.
-    marks = next(t for t in F.grad_fidelity_figure(faulty).data if t.name == F.NONFINITE)
+    marks = next(t for t in figures.grad_fidelity_figure(faulty).data if t.name == figures.NONFINITE)
     nonfinite = [u for u in sorted(faulty.units, key=lambda u: u.order)
                  if u.backward.grad_fidelity is not None and not math.isfinite(u.backward.grad_fidelity.rel_l2_error)]
     assert nonfinite and sum(v is not None for v in marks.y) == len(nonfinite)
-    rows = F.layer_rows(healthy)
+    rows = figures.layer_rows(healthy)
     assert [r["grad rel err"] for r in rows] == [
         None if u.backward.grad_fidelity is None else u.backward.grad_fidelity.rel_l2_error
         for u in sorted(healthy.units, key=lambda u: u.order)
@@ -260,20 +260,20 @@ def test_small_report_is_small_and_self_contained(healthy: Report, faulty: Repor
 def test_one_theme_for_app_and_html(faulty: Report) -> None:
     """Every figure is built on figures.TEMPLATE_LAYOUT (the app draws them with
     theme=None); the HTML page gets that same template, white like the app."""
-    figs = [F.depth_figure(faulty), F.grad_fidelity_figure(faulty), F.loss_scale_figure(faulty),
-            F.plan_cost_figure(faulty.extras.plan),  # type: ignore[arg-type]
-            F.training_figure(None, None)]
+    figs = [figures.depth_figure(faulty), figures.grad_fidelity_figure(faulty), figures.loss_scale_figure(faulty),
+            figures.plan_cost_figure(faulty.extras.plan),  # type: ignore[arg-type]
+            figures.training_figure(None, None)]
     unit = faulty.units[0]
     assert unit.forward.stats is not None
-    figs.append(F.histogram_figure(unit.forward.stats, "fp16", unit.name))
+    figs.append(figures.histogram_figure(unit.forward.stats, "fp16", unit.name))
     for fig in figs:
         assert fig.layout.template.layout.paper_bgcolor == "#ffffff"
-        assert fig.layout.template.layout.font.family == F.FONT
+        assert fig.layout.template.layout.font.family == figures.FONT
     text = render_html(faulty)
     template = json.loads(re.search(r'<script type="application/json" id="pd-template">(.*?)</script>',
                                     text, flags=re.S).group(1))  # type: ignore[union-attr]
-    assert template == json.loads(json.dumps(F.TEMPLATE_LAYOUT))
-    src = Path(F.__file__).with_name("streamlit_app.py").read_text()
+    assert template == json.loads(json.dumps(figures.TEMPLATE_LAYOUT))
+    src = Path(figures.__file__).with_name("streamlit_app.py").read_text()
     assert "theme=None" in src
 
 
@@ -299,13 +299,13 @@ def _trace(fig: object, name: str) -> object:
 def test_exact_units_are_not_non_finite(exact_and_inf: Report) -> None:
     """0 error is "exact" (a green marker at the floor, +inf SQNR at the top), never a red
     non-finite cross; Inf is non-finite, never exact."""
-    units = F.ordered_units(exact_and_inf)
+    units = figures.ordered_units(exact_and_inf)
     errs = {u.name: u.forward.propagated for u in units}
     assert errs["relu0"] is not None and errs["relu0"].rel_l2_error == 0 and errs["relu0"].sqnr_db == math.inf
     assert errs["big"] is not None and errs["big"].rel_l2_error == math.inf
     i, j = [u.name for u in units].index("relu0"), [u.name for u in units].index("big")
-    fig = F.depth_figure(exact_and_inf)
-    exact, bad = _trace(fig, F.EXACT), _trace(fig, F.NONFINITE)
+    fig = figures.depth_figure(exact_and_inf)
+    exact, bad = _trace(fig, figures.EXACT), _trace(fig, figures.NONFINITE)
     assert exact.y[i] is not None and bad.y[i] is None  # type: ignore[attr-defined]
     assert bad.y[j] is not None and exact.y[j] is None  # type: ignore[attr-defined]
     assert exact.y[i] < min(v for v in _trace(fig, "propagated").y if v is not None)  # type: ignore[attr-defined]
@@ -329,19 +329,19 @@ def test_per_unit_axis_stays_readable(exact_and_inf: Report) -> None:
     """Long names are cut to their tail on the axis, the full name stays in the hover; past
     MAX_UNIT_TICKS units every k-th is labelled; the legend sits beside the plot."""
     name = "model.decoder.layers.31.self_attention.query_key_value"
-    short = F.short_name(name)
+    short = figures.short_name(name)
     assert len(short) <= 28 and short.startswith("…") and name.endswith(short[1:])
-    assert F.short_name("fc1") == "fc1"
-    fig = F.depth_figure(exact_and_inf)
+    assert figures.short_name("fc1") == "fc1"
+    fig = figures.depth_figure(exact_and_inf)
     assert fig.layout.legend.x >= 1 and fig.layout.legend.orientation == "v"
-    assert list(fig.layout.xaxis2.ticktext) == [html.escape(F.short_name(u.name)) for u in F.ordered_units(exact_and_inf)]
+    assert list(fig.layout.xaxis2.ticktext) == [html.escape(figures.short_name(u.name)) for u in figures.ordered_units(exact_and_inf)]
     names = [f"model.layers.{i}.mlp.down_projection" for i in range(200)]
     from plotly.subplots import make_subplots
 
-    wide = F._per_unit_layout(make_subplots(rows=2, cols=1, shared_xaxes=True), names, "dB")
+    wide = figures._per_unit_layout(make_subplots(rows=2, cols=1, shared_xaxes=True), names, "dB")
     ticks = list(wide.layout.xaxis2.tickvals)
-    assert 40 <= len(ticks) <= F.MAX_UNIT_TICKS and ticks[0] == 0
-    assert list(wide.layout.xaxis2.ticktext) == [F.short_name(names[i]) for i in ticks]
+    assert 40 <= len(ticks) <= figures.MAX_UNIT_TICKS and ticks[0] == 0
+    assert list(wide.layout.xaxis2.ticktext) == [figures.short_name(names[i]) for i in ticks]
 
 
 def test_loss_scale_numbers_name_their_run(faulty: Report, healthy: Report) -> None:
@@ -349,15 +349,15 @@ def test_loss_scale_numbers_name_their_run(faulty: Report, healthy: Report) -> N
     each number in its run's column, the curve's at 2^k read off the curve itself."""
     ls = faulty.extras.loss_scale
     assert ls is not None and faulty.extras.plan is not None
-    assert F.recommendation_run(faulty) == "planned run"
-    rows = {r[""]: r for r in F.loss_scale_rows(faulty, ls)}
+    assert figures.recommendation_run(faulty) == "planned run"
+    rows = {r[""]: r for r in figures.loss_scale_rows(faulty, ls)}
     k = ls.recommended_scale_log2
     row = rows[f"underflow at the recommended scale 2^{k}"]
-    point = F.curve_point(faulty, k)
+    point = figures.curve_point(faulty, k)
     assert point is not None
     assert row["planned run (the recommendation)"] == pd.options.percent(ls.underflow_fraction_at_recommended)
     assert row["all-low run (the curve)"] == pd.options.percent(point.underflow_fraction)
-    fig = F.loss_scale_figure(faulty, ls)
+    fig = figures.loss_scale_figure(faulty, ls)
     curves = [t.name for t in fig.data if t.mode != "markers"]
     assert len(curves) == 3 and all("all-low run" in n for n in curves)
     (marker,) = [t for t in fig.data if t.mode == "markers"]
@@ -366,5 +366,5 @@ def test_loss_scale_numbers_name_their_run(faulty: Report, healthy: Report) -> N
     text = render_html(faulty)
     assert "all-low run (the curve)" in text and "planned run (the recommendation)" in text
     alone = healthy.with_extras(loss_scale=pd.recommend_loss_scale(healthy).to_extras())
-    assert F.recommendation_run(alone) == "all-low run"
-    assert all(list(r) == ["", "all-low run"] for r in F.loss_scale_rows(alone, alone.extras.loss_scale))  # type: ignore[arg-type]
+    assert figures.recommendation_run(alone) == "all-low run"
+    assert all(list(r) == ["", "all-low run"] for r in figures.loss_scale_rows(alone, alone.extras.loss_scale))  # type: ignore[arg-type]

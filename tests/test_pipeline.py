@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from precision_doctor.capture.pipeline import Op, OpPipeline
 from precision_doctor.capture.records import OpRecord
 from precision_doctor.capture.shadow import capture_pass
-from precision_doctor.capture.units import Policy, UnitAttribution
+from precision_doctor.capture.units import LowUnits, UnitAttribution
 
 
 class _Block(nn.Module):
@@ -33,7 +33,7 @@ def _fx_driver(model: nn.Module, x: torch.Tensor) -> list[OpRecord]:
     with torch.no_grad():
         graph = make_fx(model)(x)
     pipeline = OpPipeline(
-        UnitAttribution(model), torch.float16, Policy({"": True}), collect=True, local=True,
+        UnitAttribution(model), torch.float16, LowUnits({"": True}), collect=True, local=True,
         on_mutation=lambda t: None,
     )
     env: dict[torch.fx.Node, Any] = {}
@@ -66,7 +66,7 @@ def _fields(r: OpRecord) -> tuple[Any, ...]:
 def test_an_fx_graph_driver_gets_the_dispatch_modes_records() -> None:
     torch.manual_seed(0)
     model, x = _Block(), torch.randn(5, 4)
-    with torch.no_grad(), capture_pass(model, torch.float16, Policy({"": True})) as capture:
+    with torch.no_grad(), capture_pass(model, torch.float16, LowUnits({"": True})) as capture:
         model(x)
     eager = capture.records
     walked = _fx_driver(model, x)
@@ -83,7 +83,7 @@ def test_execute_runs_between_the_shadows_inputs_and_its_run() -> None:
     write, and the fp32 tensor is written once."""
     model = nn.Linear(2, 2)
     pipeline = OpPipeline(
-        UnitAttribution(model), torch.float16, Policy({"": True}), collect=True, local=True,
+        UnitAttribution(model), torch.float16, LowUnits({"": True}), collect=True, local=True,
         on_mutation=lambda t: None,
     )
     aten = torch.ops.aten

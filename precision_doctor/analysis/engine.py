@@ -37,7 +37,7 @@ from precision_doctor.capture.statistics import (
     TensorSummary,
     relative_loss_error,
 )
-from precision_doctor.capture.units import LOSS_UNIT, Policy, owner_of
+from precision_doctor.capture.units import LOSS_UNIT, LowUnits, owner_of
 from precision_doctor.deprecation import positional_deprecated
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
@@ -173,11 +173,11 @@ def analyze(
         )
         reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
         req.say("fp32 forward with low-precision shadows")
-        mode, loss_fp32, grads = _fp32_capture(req, real_low, guard)
+        capture, loss_fp32, grads = _fp32_capture(req, real_low, guard)
         req.say("statistics and flags")
-        report = _report(req, mode, real_low, loss_fp32, grads, fx)
+        report = _report(req, capture, real_low, loss_fp32, grads, fx)
         if real_low.graph is not None:
-            report = _gradient_fidelity(req, mode, real_low, grads, report)
+            report = _gradient_fidelity(req, capture, real_low, grads, report)
         del grads
     return report
 
@@ -256,34 +256,34 @@ def _fp32_capture(
     backward with gradient statistics (`_fp32_backward`). Returns the capture, the fp32 loss
     and the analysis' fp32 parameter gradients. A failure that is not the model's or the
     user's is the tool's: raised as an internal error, naming the op it happened at."""
-    mode: ShadowCapture | None = None
+    capture: ShadowCapture | None = None
     try:
         # The shadows follow the real low run op by op (its dtypes); every unit but the
         # loss function also gets a local shadow.
-        units_policy = Policy({"": True, LOSS_UNIT: False})
+        low_units = LowUnits({"": True, LOSS_UNIT: False})
         with capture_pass(
-            req.model, TORCH_DTYPES[req.low], units_policy, on_mutation=guard.before_mutation,
+            req.model, TORCH_DTYPES[req.low], low_units, on_mutation=guard.before_mutation,
             op_dtypes=real_low.op_dtypes, module_outputs=real_low.module_outputs,
             default_low=req.regime is Regime.PURE,
-        ) as mode:
-            output, loss, loss_fp32 = _fp32_forward(req, mode, real_low)
+        ) as capture:
+            output, loss, loss_fp32 = _fp32_forward(req, capture, real_low)
             req.job.before_backward()
             req.say("fp32 backward with gradient statistics")
-            _fp32_backward(req.model, mode, loss)
+            _fp32_backward(req.model, capture, loss)
             del loss, output
-        return mode, loss_fp32, guard.analysis_grads()
+        return capture, loss_fp32, guard.analysis_grads()
     except (PrecisionDoctorError, PrecisionDoctorInternalError):
         raise
     except Exception as e:
-        where = f" at {mode.failed_at}" if mode and mode.failed_at else ""
+        where = f" at {capture.failed_at}" if capture and capture.failed_at else ""
         raise PrecisionDoctorInternalError(f"analysis failed{where}: {type(e).__name__}: {e}") from e
 
 
-def _fp32_forward(req: _Request, mode: ShadowCapture, real_low: LowRun) -> tuple[Any, torch.Tensor, float]:
+def _fp32_forward(req: _Request, capture: ShadowCapture, real_low: LowRun) -> tuple[Any, torch.Tensor, float]:
     """The model's forward and the loss under the capture: the output (alive through the
     backward, as in a training step), the loss tensor and its value, which must be finite (a
     model broken in fp32 has no precision to diagnose)."""
-    mode.external_storages |= {
+    capture.external_storages |= {
         t.untyped_storage().data_ptr() for t in pytree.tree_leaves(req.batch) if isinstance(t, torch.Tensor)
     }
     with fail_fast(req.job.fail_fast):
@@ -294,9 +294,9 @@ def _fp32_forward(req: _Request, mode: ShadowCapture, real_low: LowRun) -> tuple
         except (Exception, SystemExit) as e:  # sys.exit() in forward: not a silent end
             raise PrecisionDoctorError(
                 f"the model's forward raised {type(e).__name__}: {e}"
-                + (f" (at {mode.failed_at})" if mode.failed_at else "")
+                + (f" (at {capture.failed_at})" if capture.failed_at else "")
             ) from e
-    mode.tracker.outside = LOSS_UNIT
+    capture.tracker.outside = LOSS_UNIT
     try:
         loss = resolve_loss(output, req.batch, req.loss_fn)
     except (PrecisionDoctorError, PrecisionDoctorInternalError):
@@ -307,7 +307,7 @@ def _fp32_forward(req: _Request, mode: ShadowCapture, real_low: LowRun) -> tuple
     with _disable_current_modes():  # reading the loss is no op of the model
         loss_fp32 = float(loss.detach())
     if not math.isfinite(loss_fp32):
-        first = next((r for r in mode.records if r.fp32_nonfinite_root), None)
+        first = next((r for r in capture.records if r.fp32_nonfinite_root), None)
         where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
         raise PrecisionDoctorError(
             f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
@@ -316,12 +316,12 @@ def _fp32_forward(req: _Request, mode: ShadowCapture, real_low: LowRun) -> tuple
     return output, loss, loss_fp32
 
 
-def _fp32_backward(model: torch.nn.Module, mode: ShadowCapture, loss: torch.Tensor) -> None:
+def _fp32_backward(model: torch.nn.Module, capture: ShadowCapture, loss: torch.Tensor) -> None:
     """The fp32 backward from `loss`, its gradients summarized as they pass (`instrument_backward`)."""
     # The parameters FSDP2 gathered and keeps for backward are parameters, not activations
     # (their storage exists only while gathered).
-    mode.external_storages |= {storage_ptr(t) for t, _ in gathered_params(model)}
-    handles = mode.instrument_backward(loss)
+    capture.external_storages |= {storage_ptr(t) for t, _ in gathered_params(model)}
+    handles = capture.instrument_backward(loss)
     try:
         with _disable_current_modes():  # the seed is no forward op of the loss
             seed = torch.ones_like(loss)
@@ -330,17 +330,17 @@ def _fp32_backward(model: torch.nn.Module, mode: ShadowCapture, loss: torch.Tens
         raise
     except Exception as e:
         raise PrecisionDoctorError(
-            f"backward raised {type(e).__name__}: {e}" + (f" (at {mode.failed_at})" if mode.failed_at else "")
+            f"backward raised {type(e).__name__}: {e}" + (f" (at {capture.failed_at})" if capture.failed_at else "")
         ) from e
     finally:
         for h in handles:
             h.remove()
-    mode.settle()
+    capture.settle()
 
 
 def _report(
     req: _Request,
-    mode: ShadowCapture,
+    capture: ShadowCapture,
     real_low: LowRun,
     loss_fp32: float,
     grads: dict[str, torch.Tensor],
@@ -349,16 +349,16 @@ def _report(
     """The capture's statistics judged into the report: this process's, or the job's
     (`AnalysisJob.report`)."""
     try:
-        param_stats = _param_grad_stats(mode, req.model, grads)
+        param_stats = _param_grad_stats(capture, req.model, grads)
     except Exception as e:
         raise PrecisionDoctorInternalError(f"parameter gradient statistics failed: {type(e).__name__}: {e}") from e
-    mode.forget_graph()
-    low_params = _low_params(req.model, mode.low_reads)
+    capture.forget_graph()
+    low_params = _low_params(req.model, capture.low_reads)
     loss_low, loss_dtype = real_low.loss, real_low.loss_dtype
     fx_ok, fx_error = fx
     return req.job.report(
         build_report,
-        mode,
+        capture,
         param_stats,
         req.model,
         grads,
@@ -368,7 +368,7 @@ def _report(
         losses=Losses(
             fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low),
             low_dtype="fp16" if loss_dtype == torch.float16 else "bf16" if loss_dtype == torch.bfloat16 else "fp32",
-            low_term_grad_max_abs=mode.low_term_grad_max_abs,
+            low_term_grad_max_abs=capture.low_term_grad_max_abs,
         ),
         env=Environment(
             tool_version=__version__,
@@ -390,7 +390,7 @@ def _report(
 
 
 def _gradient_fidelity(
-    req: _Request, mode: ShadowCapture, real_low: LowRun, grads: dict[str, torch.Tensor], report: Report
+    req: _Request, capture: ShadowCapture, real_low: LowRun, grads: dict[str, torch.Tensor], report: Report
 ) -> Report:
     """The real low run's backward, its parameter gradients compared with fp32's
     (`AnalysisJob.gradient_fidelity`). The loss scale comes from the fp32 run's gradients,
@@ -403,7 +403,7 @@ def _gradient_fidelity(
             real_low, req.model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy
         )
 
-    return req.job.gradient_fidelity(report, req.model, grads, scale_log2, mode.workspace, low_backward)
+    return req.job.gradient_fidelity(report, req.model, grads, scale_log2, capture.workspace, low_backward)
 
 
 def _low_run(
@@ -442,7 +442,7 @@ def _low_run(
             # Under a capture that only reports writes, so the guard restores what it changes;
             # with autograd on, or every loss would read as "does not require grad".
             with capture_pass(
-                model, TORCH_DTYPES[low], Policy({"": False}), collect=False, local=False,
+                model, TORCH_DTYPES[low], LowUnits({"": False}), collect=False, local=False,
                 on_mutation=guard.before_mutation,
             ):
                 try:
@@ -519,7 +519,7 @@ def _low_params(model: torch.nn.Module, low_reads: set[int]) -> set[str]:
 
 
 def _param_grad_stats(
-    mode: ShadowCapture, model: torch.nn.Module, grads: dict[str, torch.Tensor]
+    capture: ShadowCapture, model: torch.nn.Module, grads: dict[str, torch.Tensor]
 ) -> dict[str, TensorSummary]:
     """Summaries of the parameters' gradients. A tied weight (GPT-2's embedding and lm_head)
     is one gradient under two names: one summary (38.6M values on GPT-2), attributed to both
@@ -527,7 +527,7 @@ def _param_grad_stats(
     a complex one gets none (nothing here rounds complex values)."""
     by_tensor: dict[int, TensorSummary] = {}
     param_stats: dict[str, TensorSummary] = {}
-    small = SummaryBatch(mode.workspace, with_sumsq=True)
+    small = SummaryBatch(capture.workspace, with_sumsq=True)
     replicated = is_tensor_parallel(model)
     for n, g in grads.items():
         if id(g) not in by_tensor:
@@ -544,7 +544,7 @@ def _param_grad_stats(
     params = dict(model.named_parameters(remove_duplicate=False))
     for n, st in param_stats.items():
         if st.nonfinite_count:
-            mode.param_grad_nonfinite(params[n])
+            capture.param_grad_nonfinite(params[n])
     return param_stats
 
 
@@ -638,7 +638,7 @@ def _op_costs(ops: list[OpRecord]) -> list[OpCost]:
 
 
 def build_report(
-    mode: ShadowCapture,
+    capture: ShadowCapture,
     param_stats: dict[str, TensorSummary],
     *,
     low: LowDtype,
@@ -650,13 +650,13 @@ def build_report(
 ) -> Report:
     """`low_params`: the parameters the real low run reads in the low dtype (their gradients
     are low there too); None: all of them."""
-    records = mode.records
+    records = capture.records
     limits = LIMITS[low]
     by_unit: dict[str, list[OpRecord]] = defaultdict(list)
     for r in records:
         by_unit[r.unit].append(r)
     for pname, pstats in param_stats.items():
-        owner = mode.unit(owner_of(pname))
+        owner = capture.unit(owner_of(pname))
         owner.param_names.append(pname)
         if low_params is not None and pname not in low_params:
             continue  # an fp32 gradient in the real run (a LayerNorm weight under autocast)
@@ -666,15 +666,15 @@ def build_report(
         owner.backward.merge(pstats)
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
-    unit_outputs(records, mode.units)
-    loss_unit = mode.units.get(LOSS_UNIT)
+    unit_outputs(records, capture.units)
+    loss_unit = capture.units.get(LOSS_UNIT)
     if loss_unit is not None:  # what it hands on is the loss itself
         loss_unit.prop_error = ErrorAccumulator()
-        loss_unit.prop_error.add(torch.tensor([losses.fp32]), torch.tensor([losses.low]), None, mode.workspace)
+        loss_unit.prop_error.add(torch.tensor([losses.fp32]), torch.tensor([losses.low]), None, capture.workspace)
         loss_unit.prop_nonfinite = loss_unit.prop_error.nonfinite_mismatch
     # A module's outputs are compared with the real low run's (see ShadowCapture.module_output).
-    for uname, acc in mode.module_errors.items():
-        urec = mode.units.get(uname)
+    for uname, acc in capture.module_errors.items():
+        urec = capture.units.get(uname)
         if urec is not None and (acc.sum_sq_ref > 0 or acc.nonfinite_mismatch):
             urec.prop_error = acc
             urec.prop_nonfinite = acc.nonfinite_mismatch
@@ -693,7 +693,7 @@ def build_report(
                 edge_bytes[(src.unit, r.unit)] += src.output_bytes
 
     all_grads = TensorSummary()
-    for urec in mode.units.values():
+    for urec in capture.units.values():
         if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
             all_grads.merge(urec.backward)
     # The highest scale GradScaler can settle at: what the gradient flags' severities read.
@@ -703,7 +703,7 @@ def build_report(
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
     units: list[Unit] = []
     params = dict(param_stats)
-    for uname, urec in sorted(mode.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
+    for uname, urec in sorted(capture.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
         units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, limits, th, ceiling))
 

@@ -96,7 +96,7 @@ class AnalysisJob:
     def report(
         self,
         build: BuildReport,
-        mode: ShadowCapture,
+        capture: ShadowCapture,
         param_stats: dict[str, TensorSummary],
         model: torch.nn.Module,
         grads: Grads,
@@ -107,7 +107,7 @@ class AnalysisJob:
         """The report `build` makes of the capture (`kwargs`: `build`'s own). `grads`: the
         analysis' fp32 gradients, which `gradient_fidelity` reads later if
         `fidelity_follows`."""
-        return build(mode, param_stats, **kwargs)
+        return build(capture, param_stats, **kwargs)
 
     def gradient_fidelity(
         self,
@@ -172,7 +172,7 @@ class RankOfJob(AnalysisJob):
     def report(
         self,
         build: BuildReport,
-        mode: ShadowCapture,
+        capture: ShadowCapture,
         param_stats: dict[str, TensorSummary],
         model: torch.nn.Module,
         grads: Grads,
@@ -180,7 +180,7 @@ class RankOfJob(AnalysisJob):
         fidelity_follows: bool,
         **kwargs: Any,
     ) -> Report:
-        return self.job.report(build, mode, param_stats, model, grads, keep_own=self.own, **kwargs)
+        return self.job.report(build, capture, param_stats, model, grads, keep_own=self.own, **kwargs)
 
     def gradient_fidelity(
         self,
@@ -224,7 +224,7 @@ class DataParallelRank(RankOfJob):
     def report(
         self,
         build: BuildReport,
-        mode: ShadowCapture,
+        capture: ShadowCapture,
         param_stats: dict[str, TensorSummary],
         model: torch.nn.Module,
         grads: Grads,
@@ -235,7 +235,7 @@ class DataParallelRank(RankOfJob):
         if fidelity_follows:
             copies: dict[int, torch.Tensor] = {}  # one per tied tensor
             self.own_fp32 = {n: copies.setdefault(id(g), g.clone()) for n, g in grads.items()}
-        return super().report(build, mode, param_stats, model, grads, fidelity_follows=fidelity_follows, **kwargs)
+        return super().report(build, capture, param_stats, model, grads, fidelity_follows=fidelity_follows, **kwargs)
 
     def _own_divergence(self, low_grads: Grads, scale_log2: int, workspace: Workspace) -> list[FlagRecord] | None:
         assert self.own_fp32 is not None

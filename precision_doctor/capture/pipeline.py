@@ -91,10 +91,10 @@ from precision_doctor.capture.statistics import (
 )
 from precision_doctor.capture.units import (
     UNATTRIBUTED_UNIT,
+    LowUnits,
     OpDtypes,
     OpKey,
     OpKeyer,
-    Policy,
     UnitAttribution,
 )
 from precision_doctor.formats import BF16, FP16
@@ -180,7 +180,7 @@ class OpPipeline:
         self,
         attribution: UnitAttribution,
         low_dtype: torch.dtype,
-        policy: Policy,
+        low_units: LowUnits,
         *,
         collect: bool,
         local: bool,
@@ -192,7 +192,7 @@ class OpPipeline:
         self.tracker = attribution.tracker
         self.low = low_dtype
         self.low_format = FP16 if low_dtype == torch.float16 else BF16
-        self.policy = policy
+        self.low_units = low_units
         self.collect = collect
         self.local = local
         self.on_mutation = on_mutation
@@ -202,7 +202,7 @@ class OpPipeline:
         self.seq_units = attribution.seq_units
         # The real low-precision run's dtypes, op by op (see lowrun.low_run): each shadow
         # rounds an input or output to the low dtype only where that run holds it there. None:
-        # every op of a low unit rounds (the policy's units, as plan verification ran them).
+        # every op of a low unit rounds (the low units, as plan verification ran them).
         self.op_dtypes = op_dtypes
         self.keyer = OpKeyer(attribution.tracker)
         # Whether a tensor no op made (a parameter, the batch) is low in the real run: in the
@@ -327,8 +327,8 @@ class OpPipeline:
 
     def plan(self, op: Op) -> None:
         """Which of the op's inputs and outputs the real low-precision run holds low (or, with
-        no low run, the policy's unit)."""
-        op.unit_low = op.low = self.policy.is_low(op.unit)
+        no low run, whether its unit runs low)."""
+        op.unit_low = op.low = self.low_units.is_low(op.unit)
         if self.op_dtypes is not None:
             op.low = self.default_low
             if not op.backward and not op.info.preserves_values:
@@ -420,7 +420,7 @@ class OpPipeline:
             # two different samples.
             for t in [*op.outs, *(args[i] for i in info.mutates)]:
                 self.shadows.forget(t)
-        # Which outputs the real run holds low: as recorded there; else the policy's unit
+        # Which outputs the real run holds low: as recorded there; else whether its unit runs low
         # (no low run), else the dtype its inputs promote to (low only if all were low).
         local_out_low: bool | Sequence[bool]
         if op.wanted_out is not None:

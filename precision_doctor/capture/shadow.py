@@ -26,12 +26,12 @@ from precision_doctor.capture.memory import TRIM_AFTER_FORWARD_BYTES, layout_key
 from precision_doctor.capture.ops import WRAPPED_SCALAR_DTYPES, rearranges
 from precision_doctor.capture.pipeline import ModelOpError, Op, OpPipeline, all_finite
 from precision_doctor.capture.statistics import SummaryBatch, TensorSummary, summarize
-from precision_doctor.capture.units import OpDtypes, OpKey, Policy, UnitAttribution
+from precision_doctor.capture.units import LowUnits, OpDtypes, OpKey, UnitAttribution
 from precision_doctor.errors import PrecisionDoctorInternalError
 from precision_doctor.model.parallel import gathered_params, local_parts, memory_of, storage_ptr
 
 # Names tests and callers reach through this module (`summarize`: patched to count summaries).
-__all__ = ["Policy", "ShadowCapture", "ShadowMode", "SummaryBatch", "capture_pass", "summarize"]
+__all__ = ["LowUnits", "ShadowCapture", "ShadowMode", "SummaryBatch", "capture_pass", "summarize"]
 
 # Small gradients waiting in a batch before it is computed (values): bounds the batch's
 # buffers and the gradients it keeps alive (256 KiB of fp32 each; at 1 << 18 the demo
@@ -102,7 +102,7 @@ class ShadowCapture(OpPipeline):
         self,
         attribution: UnitAttribution,
         low_dtype: torch.dtype,
-        policy: Policy,
+        low_units: LowUnits,
         *,
         collect: bool,
         local: bool,
@@ -111,7 +111,7 @@ class ShadowCapture(OpPipeline):
         default_low: bool = False,
     ) -> None:
         super().__init__(
-            attribution, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation,
+            attribution, low_dtype, low_units, collect=collect, local=local, on_mutation=on_mutation,
             op_dtypes=op_dtypes, default_low=default_low,
         )
         # The largest |d loss / d term| of a 0-dim value the real run holds low (a loss term
@@ -339,7 +339,7 @@ class ShadowCapture(OpPipeline):
 def capture_pass(
     model: torch.nn.Module,
     low_dtype: torch.dtype,
-    policy: Policy,
+    low_units: LowUnits,
     *,
     collect: bool = True,
     local: bool = True,
@@ -361,7 +361,7 @@ def capture_pass(
         if module_outputs is not None else None,
     )
     capture = ShadowCapture(
-        attribution, low_dtype, policy, collect=collect, local=local, on_mutation=on_mutation,
+        attribution, low_dtype, low_units, collect=collect, local=local, on_mutation=on_mutation,
         op_dtypes=op_dtypes, default_low=default_low,
     )
     capture.module_outputs = module_outputs or {}

@@ -99,7 +99,7 @@ class UnitTracker:
         self.call_stack.clear()
 
 
-class Policy:
+class LowUnits:
     """Which units run low. A dict with a `""` default key, as Polygraphy's per-unit options:
     `{"": True, "lm_head": False}` runs everything low except `lm_head`."""
 

@@ -398,12 +398,12 @@ def plan_model(
     autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report)."""
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
-    low_dtype = report.environment.dtype
+    dtype = report.environment.dtype
     # Plans run under autocast (see `verify_plan`): a report of the pure regime has no policy.
     policy = report.environment.policy or AutocastPolicy.CUDA
     reference: Reference | None = None
     if costs is None:
-        costs = build_cost_model(report, profile_for(target), low_dtype)
+        costs = build_cost_model(report, profile_for(target), dtype)
     all_fp32 = {u.name: False for u in report.units}
     base_time = costs.step_time_s(all_fp32)
     base_bytes = max(costs.activation_bytes(all_fp32), 1)
@@ -436,14 +436,14 @@ def plan_model(
         # In a torch.distributed job each rank verifies on its own data and all decide on the
         # worst rank's error, so every rank runs the same passes.
         check = distributed.worst(
-            verify_plan(model, batch, loss_fn, TORCH_DTYPES[low_dtype], low, policy=policy, reference=reference),
+            verify_plan(model, batch, loss_fn, TORCH_DTYPES[dtype], low, policy=policy, reference=reference),
             lambda c: c.loss_rel_error,
         )
         verified = check.loss_rel_error
         passes += 1
         bad = check.first_nonfinite_unit
         if not math.isfinite(verified) and bad is not None and low.get(bad, False):
-            promoted[bad] = f"its outputs turned non-finite in verification pass {passes} ({low_dtype} run of the plan)"
+            promoted[bad] = f"its outputs turned non-finite in verification pass {passes} ({dtype} run of the plan)"
             forced.add(bad)
             continue
         if not calibrated and math.isfinite(verified):
@@ -473,10 +473,10 @@ def plan_model(
     auto = autocast_assignment(report)
     return Plan(
         model=report.model,
-        dtype=low_dtype,
+        dtype=dtype,
         target=str(target),
         tolerance=tolerance,
-        units={n: (low_dtype.value if v else "fp32") for n, v in low.items()},
+        units={n: (dtype.value if v else "fp32") for n, v in low.items()},
         module_classes={n: c for n, c in _module_classes(model).items() if n in low},
         module_count=sum(1 for _ in model.named_modules()),
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],

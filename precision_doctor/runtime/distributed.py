@@ -54,7 +54,7 @@ __all__ = [
     "worst",
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
@@ -291,7 +291,7 @@ def fail_fast(enabled: bool = True) -> Iterator[None]:
         _raise_failures([failed])
 
 
-def same_outcome(fn: F) -> F:
+def same_outcome(fn: Fn) -> Fn:
     """`fn` run inside `agreed()`: a failure on one rank is raised on every rank."""
 
     @functools.wraps(fn)
@@ -301,7 +301,7 @@ def same_outcome(fn: F) -> F:
         with agreed():
             return fn(*args, **kwargs)
 
-    return cast(F, wrapper)
+    return cast(Fn, wrapper)
 
 
 _CREATED_GROUP: list[bool] = []

@@ -22,13 +22,13 @@ from typing import Any
 
 import streamlit as st
 
-import precision_doctor.views.figures as F
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import LossScaleSection, MonitorSection, PlanSection, PreflightSection
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report, Unit
+from precision_doctor.views import figures
+from precision_doctor.views.launcher import ENV_VAR
 
-ENV_VAR = "PRECISION_DOCTOR_REPORT"
 NO_FLAG = "(no flag)"
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=\"'])")
 
@@ -98,19 +98,19 @@ def _table_height(rows: int) -> int:
 
 # --- sections ----------------------------------------------------------------------------------
 def overview(report: Report, plan: PlanSection | None) -> None:
-    items = F.overview_items(report, plan)
+    items = figures.overview_items(report, plan)
     half = (len(items) + 1) // 2
     c1, c2 = st.columns(2)
     with c1:
         _kv_table(items[:half])
     with c2:
         _kv_table(items[half:])
-    counts = F.flag_counts(report)
+    counts = figures.flag_counts(report)
     if counts:
         st.subheader("Flagged units by flag")
         st.dataframe(_df([{"flag": k, "units": v} for k, v in counts.items()]), hide_index=True, width="content")
         st.subheader("Flags, worst first")
-        flags = F.flag_rows(report)
+        flags = figures.flag_rows(report)
         st.dataframe(_df(flags), hide_index=True, height=_table_height(len(flags)), column_config={
             "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in flags], "unit", cap=360)),
             "evidence": st.column_config.TextColumn(width="large"),
@@ -119,9 +119,9 @@ def overview(report: Report, plan: PlanSection | None) -> None:
         st.success("No unit flagged.")
     if report.ranks:
         st.subheader("Ranks")
-        st.caption(md(f"{F.distributed_text(report)}: the units and flags combine every rank's statistics; "
+        st.caption(md(f"{figures.distributed_text(report)}: the units and flags combine every rank's statistics; "
                       "here each rank is judged on its own."))
-        st.dataframe(_df(F.rank_rows(report)), hide_index=True)
+        st.dataframe(_df(figures.rank_rows(report)), hide_index=True)
 
 
 LAYER_COLUMNS: dict[str, tuple[str, str, str]] = {
@@ -143,9 +143,9 @@ LAYER_COLUMNS: dict[str, tuple[str, str, str]] = {
 
 
 def layer_table(report: Report, plan: PlanSection | None) -> None:
-    every = F.layer_rows(report, plan)  # column widths from every row: stable while filtering
+    every = figures.layer_rows(report, plan)  # column widths from every row: stable while filtering
     rows = every
-    present = list(F.flag_counts(report))
+    present = list(figures.flag_counts(report))
     severities = list(dict.fromkeys(f.severity.value for f in report.flags()))
     c1, c2, c3 = st.columns([2, 1, 2])
     chosen = c1.multiselect("Filter by flag", [*present, NO_FLAG], key="flag_filter",
@@ -172,7 +172,7 @@ def layer_table(report: Report, plan: PlanSection | None) -> None:
 
 
 def unit_detail(report: Report) -> None:
-    units = F.ordered_units(report)
+    units = figures.ordered_units(report)
     if not units:
         st.info("This report has no units.")
         return
@@ -196,21 +196,21 @@ def unit_detail(report: Report) -> None:
     st.text(f"{unit.name}  ({unit.kind}), execution order {unit.order}, {unit.op_count} ops")
     if unit.flags:
         st.markdown("**Flags and the op that triggered each**")
-        st.dataframe(_df(F.flag_rows(report, unit)), hide_index=True)
+        st.dataframe(_df(figures.flag_rows(report, unit)), hide_index=True)
     st.markdown("**Local error (fed fp32 inputs) against propagated error (everything low)**")
-    st.dataframe(_df(F.error_rows(unit)), hide_index=True, width="content")
+    st.dataframe(_df(figures.error_rows(unit)), hide_index=True, width="content")
     if unit.backward.param_grad_fidelity:
         st.markdown("**Parameter gradients in the low run against fp32's**")
-        st.dataframe(_df(F.grad_fidelity_rows(unit)), hide_index=True, width="content")
+        st.dataframe(_df(figures.grad_fidelity_rows(unit)), hide_index=True, width="content")
     c1, c2 = st.columns(2)
     with c1:
         if unit.forward.stats is not None:
-            _chart(F.histogram_figure(unit.forward.stats, dtype, f"{unit.name}: forward"), f"hist_fwd_{i}")
+            _chart(figures.histogram_figure(unit.forward.stats, dtype, f"{unit.name}: forward"), f"hist_fwd_{i}")
         else:
             st.info("No forward statistics for this unit.")
     with c2:
         if unit.backward.stats is not None:
-            _chart(F.histogram_figure(unit.backward.stats, dtype, f"{unit.name}: gradient"), f"hist_grad_{i}")
+            _chart(figures.histogram_figure(unit.backward.stats, dtype, f"{unit.name}: gradient"), f"hist_grad_{i}")
         else:
             st.info("No gradient statistics for this unit.")
     if unit.ops:
@@ -219,21 +219,21 @@ def unit_detail(report: Report) -> None:
 
 
 def depth(report: Report) -> None:
-    start = F.takeoff_unit(report)
+    start = figures.takeoff_unit(report)
     if start is not None:
         st.text(f"Error takes off at {start.name} (execution order {start.order}).")
     else:
         st.text("Propagated error stays under the divergence threshold through the whole model.")
-    _chart(F.depth_figure(report), "depth")
+    _chart(figures.depth_figure(report), "depth")
 
 
 def gradients(report: Report) -> None:
-    text = F.grad_fidelity_text(report)
+    text = figures.grad_fidelity_text(report)
     if text is None:
         st.info("No parameter-gradient comparison in this report.")
         return
     st.text(text)
-    _chart(F.grad_fidelity_figure(report), "grad_fidelity")
+    _chart(figures.grad_fidelity_figure(report), "grad_fidelity")
     rows = [{"unit": name, "rel L2 error": f.rel_l2_error, "cosine": f.cosine, "non-finite": f.nonfinite_count,
              "values": f.numel} for name, f in report.grad_fidelity_by_unit().items()]
     st.markdown("**Units, worst first**")
@@ -246,39 +246,39 @@ def gradients(report: Report) -> None:
 
 def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
     if ls is not None:
-        run = F.recommendation_run(report)
+        run = figures.recommendation_run(report)
         c1, c2 = st.columns([1, 3])
         c1.metric(f"Recommended initial scale ({run})", f"2^{ls.recommended_scale_log2}")
         c1.metric("Default scale", f"2^{ls.default_scale_log2}")
         with c2:
-            if run == F.ALL_LOW_RUN:
+            if run == figures.ALL_LOW_RUN:
                 st.markdown(md(f"The recommendation and the curve below both read the {run}'s "
                                "gradients (every unit low)."))
             else:
                 st.markdown(md(f"Each number in the column of the run it describes: the recommendation "
                                f"reads the {run}'s gradients (its low units only); the curve below is "
-                               f"the {F.ALL_LOW_RUN}'s (every unit low)."))
-            rows = F.loss_scale_rows(report, ls)
+                               f"the {figures.ALL_LOW_RUN}'s (every unit low)."))
+            rows = figures.loss_scale_rows(report, ls)
             st.table(_df([{k: md(v) for k, v in r.items()} for r in rows]).set_index(""))
     else:
         st.info("No loss-scale recommendation in this report; the curve is the all-low run's, with the "
                 "2^16 default marked.")
     if report.loss_scale:
-        _chart(F.loss_scale_figure(report, ls), "loss_scale")
+        _chart(figures.loss_scale_figure(report, ls), "loss_scale")
     else:
         st.info("No gradient statistics in this report.")
 
 
 def training_section(pre: PreflightSection | None, mon: MonitorSection | None) -> None:
     if pre is not None:
-        (st.success if pre.go else st.error)(md(F.preflight_verdict(pre)))
+        (st.success if pre.go else st.error)(md(figures.preflight_verdict(pre)))
         if pre.reasons:
             st.dataframe(_df([r.model_dump() for r in pre.reasons]), hide_index=True)
-        st.dataframe(_df(F.preflight_run_rows(pre)), hide_index=True)
+        st.dataframe(_df(figures.preflight_run_rows(pre)), hide_index=True)
     if mon is not None:
         st.markdown("**The real run's GradScaler**")
-        _kv_table(list(F.monitor_items(mon).items()))
-    _chart(F.training_figure(pre, mon), "training")
+        _kv_table(list(figures.monitor_items(mon).items()))
+    _chart(figures.training_figure(pre, mon), "training")
 
 
 def plan_section(plan: PlanSection) -> None:
@@ -290,15 +290,15 @@ def plan_section(plan: PlanSection) -> None:
     else:
         st.text("none")
     st.markdown("**Cost**")
-    st.dataframe(_df(F.plan_cost_rows(plan)), hide_index=True, width="content")
-    _chart(F.plan_cost_figure(plan), "plan_cost")
-    _kv_table([("verified final-loss rel error (planned run)", F.fmt(plan.verified_loss_rel_error, ".2e")),
+    st.dataframe(_df(figures.plan_cost_rows(plan)), hide_index=True, width="content")
+    _chart(figures.plan_cost_figure(plan), "plan_cost")
+    _kv_table([("verified final-loss rel error (planned run)", figures.fmt(plan.verified_loss_rel_error, ".2e")),
                ("verification passes", str(plan.verification_passes))])
     if plan.exports:
         st.markdown("**Exports**")
         cols = st.columns(max(1, len(plan.exports)))
         for col, (name, text) in zip(cols, plan.exports.items(), strict=False):
-            fname, mime = F.export_file(name)
+            fname, mime = figures.export_file(name)
             col.download_button(f"Download {md(name.value)}", text, file_name=fname, mime=mime, key=f"export_{name.value}")
 
 
