@@ -69,4 +69,3 @@ def __getattr__(name: str) -> object:
         )
         return plan.plan_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

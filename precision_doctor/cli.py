@@ -131,14 +131,16 @@ def _metavar(cls: type[StrEnum]) -> str:
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        "--dtype", metavar=_metavar(LowDtype),
+        "--dtype",
+        metavar=_metavar(LowDtype),
         help="The low-precision dtype to test (torch's names work too: float16, half, bfloat16).",
     ),
 ]
 RegimeOpt = Annotated[
     str,
     typer.Option(
-        "--regime", metavar=_metavar(Regime),
+        "--regime",
+        metavar=_metavar(Regime),
         help="What the low-precision run executes: autocast (torch.autocast's op policy, parameters "
         "fp32) or pure (model.to(dtype), inputs cast).",
     ),
@@ -146,7 +148,8 @@ RegimeOpt = Annotated[
 PolicyOpt = Annotated[
     str,
     typer.Option(
-        "--policy", metavar=_metavar(AutocastPolicy),
+        "--policy",
+        metavar=_metavar(AutocastPolicy),
         help="Whose autocast op lists: cuda (where training runs) or cpu (torch.autocast('cpu'), "
         "for comparing with a real CPU run). Ignored with --regime pure.",
     ),
@@ -235,7 +238,9 @@ def parse_thresholds(items: list[str]) -> Thresholds:
     return Thresholds.from_overrides(overrides)
 
 
-@app.command(cls=_Command, short_help="Shadow fp32 and low-precision passes; flag the units that overflow, underflow or diverge.")
+@app.command(
+    cls=_Command, short_help="Shadow fp32 and low-precision passes; flag the units that overflow, underflow or diverge."
+)
 @_one_line_errors
 def analyze(
     model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
@@ -254,7 +259,8 @@ def analyze(
     export_format: Annotated[
         str | None,
         typer.Option(
-            "--export-format", metavar=_metavar(ExportFormat),
+            "--export-format",
+            metavar=_metavar(ExportFormat),
             help="json (the plan), python (standalone snippet), deepspeed, hf. Default: from the "
             "--export suffix (.py: python), else json.",
         ),
@@ -266,14 +272,18 @@ def analyze(
     cost: Annotated[
         str,
         typer.Option(
-            "--cost", metavar=_metavar(CostSource),
+            "--cost",
+            metavar=_metavar(CostSource),
             help="roofline: per-op rooflines on the --target profile. measured: time each unit in "
             "fp32 and the low dtype on the model's own device (meant for CUDA; excludes --target).",
         ),
     ] = CostSource.ROOFLINE.value,
     tolerance: Annotated[
         float | None,
-        typer.Option("--tolerance", help=f"Relative final-loss error the plan may cost against fp32 (default {DEFAULT_TOLERANCE:g})."),
+        typer.Option(
+            "--tolerance",
+            help=f"Relative final-loss error the plan may cost against fp32 (default {DEFAULT_TOLERANCE:g}).",
+        ),
     ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a standalone HTML report here.")] = None,
     open_app: Annotated[
@@ -311,7 +321,9 @@ def analyze(
         raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
     if cost_opt is CostSource.MEASURED and target_opt is not None:
         raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
-    outputs = [(opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None]
+    outputs = [
+        (opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None
+    ]
     for i, (opt, p) in enumerate(outputs):
         for other, q in outputs[:i]:
             if p == q:
@@ -322,8 +334,12 @@ def analyze(
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=quiet or not main_rank or not err_console.is_terminal,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet or not main_rank or not err_console.is_terminal,
     ) as progress:
         task = progress.add_task("analyzing", total=len(PROGRESS_STEPS))
 
@@ -332,11 +348,20 @@ def analyze(
             progress.advance(task)
 
         report = run_analysis(
-            spec.model, spec.batch, spec.loss_fn, dtype=low, thresholds=thresholds, name=spec.name, progress=step,
-            regime=run_regime, policy=op_policy,
+            spec.model,
+            spec.batch,
+            spec.loss_fn,
+            dtype=low,
+            thresholds=thresholds,
+            name=spec.name,
+            progress=step,
+            regime=run_regime,
+            policy=op_policy,
         )
-    plan_wanted = out is not None or cost_opt is CostSource.MEASURED or any(
-        o is not None for o in (export, fmt_opt, target_opt, tolerance)
+    plan_wanted = (
+        out is not None
+        or cost_opt is CostSource.MEASURED
+        or any(o is not None for o in (export, fmt_opt, target_opt, tolerance))
     )
     if plan_wanted:
         from precision_doctor.planning.pipeline import plan_report
@@ -346,7 +371,10 @@ def analyze(
         timing = cost_opt is CostSource.MEASURED and not quiet
         with err_console.status(f"timing each unit in fp32 and {low}, then planning") if timing else nullcontext():
             report = plan_report(
-                spec.model, spec.batch, spec.loss_fn, report,
+                spec.model,
+                spec.batch,
+                spec.loss_fn,
+                report,
                 target=target_opt.value if target_opt is not None else None,
                 tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
                 cost_source=cost_opt,
@@ -382,15 +410,24 @@ def analyze(
         if not quiet and main_rank:
             err_console.print(
                 "fp16 is not safe as-is: analyzing the same model in bf16 too (--no-bf16-check skips it)",
-                highlight=False, markup=False,
+                highlight=False,
+                markup=False,
             )
         bf16_report = run_analysis(
-            spec.model, spec.batch, spec.loss_fn, dtype=LowDtype.BF16, thresholds=thresholds, name=spec.name,
-            regime=run_regime, policy=op_policy,
+            spec.model,
+            spec.batch,
+            spec.loss_fn,
+            dtype=LowDtype.BF16,
+            thresholds=thresholds,
+            name=spec.name,
+            regime=run_regime,
+            policy=op_policy,
         )
     command = ["precision-doctor", "analyze", str(model_file)]
     command += ["--regime", run_regime.value] if run_regime is not Regime.AUTOCAST else []
-    command += ["--policy", op_policy.value] if op_policy is not AutocastPolicy.CUDA and run_regime is Regime.AUTOCAST else []
+    command += (
+        ["--policy", op_policy.value] if op_policy is not AutocastPolicy.CUDA and run_regime is Regime.AUTOCAST else []
+    )
     written_export = export if export is not None and report.extras.plan is not None else None
     render_next_steps(
         next_steps(report, command, bf16=bf16_report, bf16_skipped=not bf16_check, export=written_export), console
@@ -470,8 +507,12 @@ def preflight_command(
     err_console = Console(stderr=True)
     main_rank = _join_job(spec.model, err_console)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=quiet or not main_rank or not err_console.is_terminal,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet or not main_rank or not err_console.is_terminal,
     ) as progress:
         task = progress.add_task("pre-flight", total=5)
 
@@ -480,9 +521,21 @@ def preflight_command(
             progress.advance(task)
 
         result = run_preflight(
-            spec.model, spec.batch, spec.loss_fn, dtype=low, regime=run_regime, policy=op_policy, steps=steps, fail_on=risks,
-            build_optimizer=spec.build_optimizer, make_batches=spec.make_batches, judge=judged,
-            plan=plan, thresholds=thresholds, name=spec.name, progress=step,
+            spec.model,
+            spec.batch,
+            spec.loss_fn,
+            dtype=low,
+            regime=run_regime,
+            policy=op_policy,
+            steps=steps,
+            fail_on=risks,
+            build_optimizer=spec.build_optimizer,
+            make_batches=spec.make_batches,
+            judge=judged,
+            plan=plan,
+            thresholds=thresholds,
+            name=spec.name,
+            progress=step,
         )
     if json_out and main_rank:
         typer.echo(result.to_json())
@@ -497,8 +550,7 @@ def preflight_command(
             div = "" if run.max_divergence is None else f", loss divergence {run.max_divergence:.2e}"
             console.print(
                 f"  {run.mode:8s} {run.description}: skipped {len(run.skipped_steps)}, "
-                f"non-finite {len(run.nonfinite_steps)}{div}; losses "
-                + " ".join(f"{v:.4g}" for v in run.losses)
+                f"non-finite {len(run.nonfinite_steps)}{div}; losses " + " ".join(f"{v:.4g}" for v in run.losses)
             )
         for m in result.messages:
             console.print(f"  {m}")

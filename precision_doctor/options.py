@@ -135,7 +135,7 @@ def percent(fraction: float, spec: str = ".2%") -> str:
         return "0%"
     text = format(fraction, spec)
     digits = int(spec[1:-1]) if spec[1:-1].isdigit() else 6
-    step = 10.0 ** -digits  # the last printed digit, in percent
+    step = 10.0**-digits  # the last printed digit, in percent
     if float(text[:-1]) == 0:
         return f"<{step:.{digits}f}%"
     if fraction < 1 and float(text[:-1]) >= 100:
@@ -277,9 +277,7 @@ class Thresholds:
         values: dict[str, float | int] = {}
         for name, raw in overrides.items():
             if name not in known:
-                raise PrecisionDoctorError(
-                    f"unknown threshold {name!r}; known: {', '.join(sorted(known))}"
-                )
+                raise PrecisionDoctorError(f"unknown threshold {name!r}; known: {', '.join(sorted(known))}")
             try:
                 value = float(raw)
                 values[name] = int(value) if name == "grad_scale_log2" and value.is_integer() else value

@@ -44,13 +44,13 @@ READABLE_SCHEMA_VERSIONS = (6, SCHEMA_VERSION)
 threshold, which takes its default."""
 
 
-
 ROOT_UNIT = "<root>"
 """The unit of the model's own forward, outside any submodule (its module path is "")."""
 LOSS_UNIT = "<loss>"
 """The loss function's unit: what `loss_fn` computes from the model's output."""
 UNATTRIBUTED_UNIT = "<backward>"
 """The backward's ops that no forward unit owns (autograd's own accumulation, the seed)."""
+
 
 class Histogram(_Frozen):
     """Counts of floor(log2|x|): `counts[i]` holds |x| in [2^(log2_lo+i), 2^(log2_lo+i+1)).
@@ -548,7 +548,14 @@ _ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8}
 
 def _magnitude(f: FlagRecord) -> float:
     v = f.evidence.values
-    for key in ("overflow_fraction", "rel_l2_error", "norm_fraction_lost", "growth_factor", "underflow_fraction", "nonfinite_count"):
+    for key in (
+        "overflow_fraction",
+        "rel_l2_error",
+        "norm_fraction_lost",
+        "growth_factor",
+        "underflow_fraction",
+        "nonfinite_count",
+    ):
         if key in v:
             return float(v[key])
     return 0.0

@@ -36,4 +36,3 @@ def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_fn(output: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return (output - batch[1]).pow(2).sum()  # the fault: a sum over the batch
-

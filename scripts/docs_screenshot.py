@@ -31,11 +31,14 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        env = {**os.environ, "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
-               "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-        proc = subprocess.Popen([*CLI, "app", str(report), "--port", str(port), "--headless"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+        env = {**os.environ, "STREAMLIT_SERVER_ADDRESS": "127.0.0.1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+        proc = subprocess.Popen(
+            [*CLI, "app", str(report), "--port", str(port), "--headless"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             for _ in range(400):
@@ -47,8 +50,9 @@ def main() -> None:
             from playwright.sync_api import sync_playwright
 
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                            args=["--no-sandbox", "--disable-gpu"])
+                browser = p.chromium.launch(
+                    executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox", "--disable-gpu"]
+                )
                 page = browser.new_page(viewport={"width": 1280, "height": 860})
                 page.goto(base, wait_until="domcontentloaded")
                 page.get_by_text("Not safe as-is").first.wait_for(timeout=90_000)

@@ -28,8 +28,20 @@ from precision_doctor.model.spec import load_model_file  # noqa: E402
 VARIANTS = [("autocast", "cuda"), ("autocast", "cpu"), ("pure", "cuda")]
 DTYPES = ["fp16", "bf16"]
 FIXTURES = [
-    "mlp", "head_mlp", "cnn", "functional", "gpt2", "bert", "t5", "llama", "qwen2", "mistral", "swin",
-    "one_token_lm", "amplifier", "deep_se",
+    "mlp",
+    "head_mlp",
+    "cnn",
+    "functional",
+    "gpt2",
+    "bert",
+    "t5",
+    "llama",
+    "qwen2",
+    "mistral",
+    "swin",
+    "one_token_lm",
+    "amplifier",
+    "deep_se",
 ]
 VOLATILE = {"wall_s", "seconds", "elapsed_s", "torch_version", "tool_version", "python_version", "created"}
 

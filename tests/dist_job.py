@@ -91,7 +91,9 @@ def main(out_dir: Path) -> None:
 
     model, x = ddp_of(1.0)
     th = pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
-    results["grads"] = json.loads(pd.analyze(model, x, case.loss_fn, dtype="bf16", policy="cpu", thresholds=th).to_json())
+    results["grads"] = json.loads(
+        pd.analyze(model, x, case.loss_fn, dtype="bf16", policy="cpu", thresholds=th).to_json()
+    )
 
     model, x = ddp_of(1.0)
     if rank == 1:

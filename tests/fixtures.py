@@ -153,8 +153,16 @@ def build_gpt2(seed: int = 0) -> Case:
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
     )
     cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
     model = GPT2LMHeadModel(cfg).train()
@@ -167,9 +175,14 @@ def build_bert(seed: int = 0) -> Case:
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = BertForMaskedLM(cfg).train()
     ids = _tokens(2, 8, seed + 1)
@@ -181,8 +194,16 @@ def build_t5(seed: int = 0) -> Case:
 
     torch.manual_seed(seed)
     cfg = T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
-        num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
     )
     model = T5ForConditionalGeneration(cfg).train()
     ids = _tokens(2, 8, seed + 1)
@@ -196,9 +217,16 @@ def _decoder(name: str, config_cls: str, model_cls: str, seed: int, kv_heads: in
 
     torch.manual_seed(seed)
     cfg = getattr(transformers, config_cls)(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=kv_heads, intermediate_size=64, max_position_embeddings=32,
-        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=kv_heads,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=0,
     )
     cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
     model = getattr(transformers, model_cls)(cfg).train()
@@ -225,8 +253,16 @@ def build_swin(seed: int = 0) -> Case:
 
     torch.manual_seed(seed)
     cfg = SwinConfig(
-        image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-        window_size=4, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        image_size=32,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
     )
     cfg._attn_implementation = "eager"  # softmax and matmul as separate ops in the attention
@@ -362,7 +398,7 @@ def build(name: str, seed: int = 0) -> Case:
 
 # --- model files for the CLI --------------------------------------------------------------
 
-HEALTHY_FILE = '''
+HEALTHY_FILE = """
 import torch
 from torch import nn
 
@@ -375,7 +411,7 @@ def make_batch():
 
 def loss_fn(out, batch):
     return out.pow(2).mean()
-'''
+"""
 
 
 def trained_report() -> Any:
@@ -406,12 +442,18 @@ def as_job_report(report: Any) -> Any:
     from precision_doctor.options import Wrapper
     from precision_doctor.report import DistributedJob, RankResult
 
-    env = report.environment.model_copy(update={"distributed": DistributedJob(
-        world_size=2, backend="gloo", wrapper=Wrapper.DDP, mesh_shape=[2])})
+    env = report.environment.model_copy(
+        update={"distributed": DistributedJob(world_size=2, backend="gloo", wrapper=Wrapper.DDP, mesh_shape=[2])}
+    )
     losses = report.losses
     ranks = [
-        RankResult(rank=r, loss_fp32=losses.fp32, loss_low=losses.low, loss_rel_error=losses.rel_error,
-                   flags=report.flags() if r == 1 else [])
+        RankResult(
+            rank=r,
+            loss_fp32=losses.fp32,
+            loss_low=losses.low,
+            loss_rel_error=losses.rel_error,
+            flags=report.flags() if r == 1 else [],
+        )
         for r in range(2)
     ]
     return report.model_copy(update={"environment": env, "ranks": ranks})

@@ -82,7 +82,11 @@ def checksum(model: nn.Module) -> str:
     """Of the parameters this rank holds (a DTensor's local shard), their gradients and the
     buffers: bitwise."""
     h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *((f"{n}.grad", p.grad) for n, p in model.named_parameters()), *model.named_buffers()]:
+    for name, t in [
+        *model.named_parameters(),
+        *((f"{n}.grad", p.grad) for n, p in model.named_parameters()),
+        *model.named_buffers(),
+    ]:
         h.update(name.encode())
         if t is not None:
             local = t.to_local() if hasattr(t, "to_local") else t
@@ -154,10 +158,14 @@ def main(out_dir: Path) -> None:
     half = case.batch[ROWS * rank : ROWS * (rank + 1)].clone()
     for dtype, scale in (("bf16", 1.0), ("fp16", FP16_SCALE)):
         model = fsdp_of()
-        results[f"fsdp/{dtype}"] = [json.loads(pd.analyze(model, half * scale, loss_fn, dtype=dtype).to_json()) for _ in range(3)]
+        results[f"fsdp/{dtype}"] = [
+            json.loads(pd.analyze(model, half * scale, loss_fn, dtype=dtype).to_json()) for _ in range(3)
+        ]
 
     th = pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
-    results["fsdp_grads"] = json.loads(pd.analyze(fsdp_of(), half, loss_fn, dtype="bf16", policy="cpu", thresholds=th).to_json())
+    results["fsdp_grads"] = json.loads(
+        pd.analyze(fsdp_of(), half, loss_fn, dtype="bf16", policy="cpu", thresholds=th).to_json()
+    )
 
     # Collectives: a plain step's forward and backward, then an analysis.
     model = fsdp_of()
@@ -200,7 +208,12 @@ def main(out_dir: Path) -> None:
     except Exception as e:
         error = failure(e)
     counted = passes(model, lambda: step(model, half), wrappers)
-    results["fsdp_failed"] = {"error": error, "step": counted, "stepped": checksum(model), "replica_stepped": step(replica, half)}
+    results["fsdp_failed"] = {
+        "error": error,
+        "step": counted,
+        "stepped": checksum(model),
+        "replica_stepped": step(replica, half),
+    }
 
     from torch.distributed.tensor import Partial, Replicate, Shard
 

@@ -31,10 +31,17 @@ MARKDOWN_NAME = "**md** [x](javascript:alert(1))"
 def faulty_report() -> Report:
     """A hidden Linear scaled by 1e5 overflows fp16; names carry HTML and markdown."""
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict([
-        ("inp", nn.Linear(16, 32)), ("act", nn.ReLU()), (EVIL, nn.Linear(32, 32)),
-        (MARKDOWN_NAME, nn.ReLU()), ("out", nn.Linear(32, 4)),
-    ]))
+    model = nn.Sequential(
+        OrderedDict(
+            [
+                ("inp", nn.Linear(16, 32)),
+                ("act", nn.ReLU()),
+                (EVIL, nn.Linear(32, 32)),
+                (MARKDOWN_NAME, nn.ReLU()),
+                ("out", nn.Linear(32, 4)),
+            ]
+        )
+    )
     with torch.no_grad():
         model[2].weight.mul_(1e5)
     return pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty")
@@ -52,17 +59,24 @@ def with_extras(report: Report, scale_log2: int = 9) -> Report:
     units = {u.name: ("fp32" if u.flags else "fp16") for u in report.units}
     extras: dict[str, Any] = {
         "loss_scale": {
-            "recommended_scale_log2": scale_log2, "default_scale_log2": 16,
-            "underflow_fraction_at_recommended": 0.001, "underflow_fraction_at_default": 0.0,
-            "skipped_steps_from_default": 7, "scaler_needed": True,
+            "recommended_scale_log2": scale_log2,
+            "default_scale_log2": 16,
+            "underflow_fraction_at_recommended": 0.001,
+            "underflow_fraction_at_default": 0.0,
+            "skipped_steps_from_default": 7,
+            "scaler_needed": True,
         },
         "plan": {
-            "target": "a100", "dtype": "fp16", "units": units,
-            "fp32_units": [{"unit": u.name, "reason": f"{u.flags[0].flag.value} at <b>op</b>"}
-                           for u in report.units if u.flags],
+            "target": "a100",
+            "dtype": "fp16",
+            "units": units,
+            "fp32_units": [
+                {"unit": u.name, "reason": f"{u.flags[0].flag.value} at <b>op</b>"} for u in report.units if u.flags
+            ],
             "estimated_step_time_s": {"fp32": 0.10, "autocast": 0.05, "plan": 0.0625},
             "activation_bytes": {"fp32": 1_000_000, "autocast": 500_000, "plan": 600_000},
-            "verified_loss_rel_error": 1e-4, "verification_passes": 3,
+            "verified_loss_rel_error": 1e-4,
+            "verification_passes": 3,
             "exports": {"json": "{}", "python": "PLAN = {}\n", "deepspeed": '{"fp16": {}}', "hf": "{}"},
         },
     }
@@ -115,7 +129,9 @@ def key_values(at: AppTest) -> dict[str, str]:
     return out
 
 
-def test_sample_report_verdict_and_sections(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sample_report_verdict_and_sections(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     report, path = reports["sample"]
     at = run_app(monkeypatch, path)
     shown = [unescape(e.value) for e in (*at.success, *at.error)]
@@ -133,7 +149,9 @@ def test_sample_report_verdict_and_sections(reports: dict[str, tuple[Report, Pat
     assert any("No loss-scale recommendation" in i.value for i in at.info)
 
 
-def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_faulty_report_flags_scale_and_plan(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     report, path = reports["faulty"]
     assert not report
     at = run_app(monkeypatch, path)
@@ -141,8 +159,7 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
     frames = all_frames(at)
     counts = next(df for df in frames if list(df.columns) == ["flag", "units"])
     assert dict(zip(counts["flag"], counts["units"], strict=True)) == {
-        flag: sum(1 for u in report.units if any(f.flag.value == flag for f in u.flags))
-        for flag in counts["flag"]
+        flag: sum(1 for u in report.units if any(f.flag.value == flag for f in u.flags)) for flag in counts["flag"]
     }
     worst = next(df for df in frames if "evidence" in df.columns)
     assert list(worst["unit"]) == [f.unit for f in report.flags()]
@@ -162,16 +179,24 @@ def test_faulty_report_flags_scale_and_plan(reports: dict[str, tuple[Report, Pat
     # Each loss-scale number sits in the column of the run it describes.
     numbers = next(t.value for t in at.table if "all-low run (the curve)" in t.value.columns)
     assert list(numbers.columns) == ["planned run (the recommendation)", "all-low run (the curve)"]
-    by_label = {unescape(str(k)): [unescape(str(v)) for v in vals] for k, vals in zip(
-        numbers.index, numbers.values.tolist(), strict=True)}
+    by_label = {
+        unescape(str(k)): [unescape(str(v)) for v in vals]
+        for k, vals in zip(numbers.index, numbers.values.tolist(), strict=True)
+    }
     point = figures.curve_point(report, ls.recommended_scale_log2)
     assert point is not None
     assert by_label[f"underflow at the recommended scale 2^{ls.recommended_scale_log2}"] == [
-        percent(ls.underflow_fraction_at_recommended), percent(point.underflow_fraction)]
+        percent(ls.underflow_fraction_at_recommended),
+        percent(point.underflow_fraction),
+    ]
 
     assert [t.label for t in at.tabs][-1] == "Plan"
     assert [unescape(b.label) for b in at.get("download_button")] == [
-        "Download json", "Download python", "Download deepspeed", "Download hf"]
+        "Download json",
+        "Download python",
+        "Download deepspeed",
+        "Download hf",
+    ]
     fp32 = next(df for df in frames if list(df.columns) == ["unit", "reason"])
     assert set(fp32["unit"]) == {u.name for u in report.flagged_units()}
 
@@ -221,7 +246,9 @@ def test_training_tab_shows_preflight_and_monitor(tmp_path: Path, monkeypatch: p
     assert monitor["skipped steps"] == "2" and monitor["steps"] == "5" and monitor["current scale"] == "2^14"
 
 
-def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unit_detail_defaults_to_worst_and_switches(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     report, path = reports["faulty"]
     at = run_app(monkeypatch, path)
     worst = report.flagged_units()[0]
@@ -233,8 +260,11 @@ def test_unit_detail_defaults_to_worst_and_switches(reports: dict[str, tuple[Rep
     assert at.text[0].value.startswith(EVIL)  # st.text: plain text, never HTML
     errors = next(df for df in all_frames(at) if list(df.columns)[:2] == ["error", "rel L2 error"])
     assert list(errors["error"]) == ["local", "propagated"]
-    ops = next(df for df in all_frames(at) if list(df.columns) == ["severity", "flag", "unit", "phase", "op", "evidence"]
-               and set(df["unit"]) == {EVIL})
+    ops = next(
+        df
+        for df in all_frames(at)
+        if list(df.columns) == ["severity", "flag", "unit", "phase", "op", "evidence"] and set(df["unit"]) == {EVIL}
+    )
     assert set(ops["op"]) == {f.evidence.op or "-" for f in units[i].flags}
     # Histograms against the other dtype's range still render.
     at.radio(key="range_dtype").set_value("bf16").run()
@@ -260,7 +290,9 @@ def test_layer_filters(reports: dict[str, tuple[Report, Path]], monkeypatch: pyt
     assert list(layers["unit"]) == [EVIL]
 
 
-def test_names_never_rendered_as_markup(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_names_never_rendered_as_markup(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, path = reports["faulty"]
     at = run_app(monkeypatch, path)
     markdown_like = [*at.markdown, *at.title, *at.caption, *at.error, *at.success, *at.warning, *at.info]
@@ -270,7 +302,9 @@ def test_names_never_rendered_as_markup(reports: dict[str, tuple[Report, Path]],
     assert not [m for m in at.markdown if getattr(m.proto, "allow_html", False)]
 
 
-def test_env_variable_names_the_report(reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_variable_names_the_report(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     report, path = reports["sample"]
     at = run_app(monkeypatch, None, env=str(path))
     assert report.verdict in [unescape(e.value) for e in at.success]
@@ -298,10 +332,12 @@ def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "empty", "truncated", "corrupt", "not a report",
-                                  "future schema", "wrong schema"])
-def test_bad_report_shows_a_message(case: str, reports: dict[str, tuple[Report, Path]], tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "case", ["missing", "directory", "empty", "truncated", "corrupt", "not a report", "future schema", "wrong schema"]
+)
+def test_bad_report_shows_a_message(
+    case: str, reports: dict[str, tuple[Report, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, phrase = _bad_inputs(tmp_path, reports["sample"][1])[case]
     at = run_app(monkeypatch, path)
     assert len(at.error) == 1
@@ -310,8 +346,9 @@ def test_bad_report_shows_a_message(case: str, reports: dict[str, tuple[Report, 
     assert not at.tabs  # nothing else rendered
 
 
-def test_malformed_extras_show_one_message(reports: dict[str, tuple[Report, Path]], tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_malformed_extras_show_one_message(
+    reports: dict[str, tuple[Report, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Extras are validated with the report: a section that does not fit is one message
     naming the field, like any report that does not match the schema."""
     _, good = reports["sample"]
@@ -331,8 +368,9 @@ def test_no_report_offers_an_upload(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --- launcher and CLI --------------------------------------------------------------------------
-def test_launcher_validates_before_starting(reports: dict[str, tuple[Report, Path]], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launcher_validates_before_starting(
+    reports: dict[str, tuple[Report, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[list[str]] = []
 
     def fake_call(cmd: list[str], env: dict[str, str]) -> int:
@@ -370,7 +408,9 @@ def test_cli_app_bad_report_is_one_line_exit_2(tmp_path: Path) -> None:
         assert "Traceback" not in result.output
 
 
-def test_a_distributed_jobs_ranks(reports: dict[str, tuple[Report, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_distributed_jobs_ranks(
+    reports: dict[str, tuple[Report, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from .fixtures import as_job_report
 
     job = as_job_report(reports["faulty"][0])

@@ -31,21 +31,39 @@ from precision_doctor.views.html_report import write_html
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: run .ci/install_browser.sh")
 EVIL = '<img src=x onerror="__pwned=1">'
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
 def report() -> Report:
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict([("inp", nn.Linear(16, 32)), ("act", nn.ReLU()),
-                                       (EVIL, nn.Linear(32, 32)), ("out", nn.Linear(32, 4))]))
+    model = nn.Sequential(
+        OrderedDict(
+            [("inp", nn.Linear(16, 32)), ("act", nn.ReLU()), (EVIL, nn.Linear(32, 32)), ("out", nn.Linear(32, 4))]
+        )
+    )
     with torch.no_grad():
         model[2].weight.mul_(1e5)
     r = pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty")
-    return r.with_extras(loss_scale={
-        "recommended_scale_log2": 9, "default_scale_log2": 16, "underflow_fraction_at_recommended": 0.0,
-        "underflow_fraction_at_default": 0.0, "skipped_steps_from_default": 7, "scaler_needed": True})
+    return r.with_extras(
+        loss_scale={
+            "recommended_scale_log2": 9,
+            "default_scale_log2": 16,
+            "underflow_fraction_at_recommended": 0.0,
+            "underflow_fraction_at_default": 0.0,
+            "skipped_steps_from_default": 7,
+            "scaler_needed": True,
+        }
+    )
 
 
 def free_port() -> int:
@@ -68,7 +86,9 @@ def browser(tmp_path: Path, width: int = 1280, height: int = 900) -> Iterator[An
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"),  # a fresh --user-data-dir
-            executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
             viewport={"width": width, "height": height},
         )
         try:
@@ -113,9 +133,20 @@ def serve_app(report: Report, tmp_path: Path) -> Iterator[str]:
     env = {**os.environ, "STREAMLIT_SERVER_ADDRESS": "127.0.0.1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from precision_doctor.cli import main; main()",
-             "app", str(path), "--port", str(port), "--headless"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-c",
+                "from precision_doctor.cli import main; main()",
+                "app",
+                str(path),
+                "--port",
+                str(port),
+                "--headless",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -236,8 +267,9 @@ def test_app_at_1400px_with_60_units(deep: Report, tmp_path: Path) -> None:
             if tab in ("Depth", "Gradients"):
                 plot = panel.locator(".js-plotly-plot").first
                 axis = plot.evaluate(_AXIS_CHECK)
-                units = [u for u in figures.ordered_units(deep)
-                         if tab == "Depth" or u.backward.grad_fidelity is not None]
+                units = [
+                    u for u in figures.ordered_units(deep) if tab == "Depth" or u.backward.grad_fidelity is not None
+                ]
                 assert axis["labels"] == [figures.short_name(u.name) for u in units]
                 assert axis["under_legend"] == 0
             if tab == "Loss scale":
@@ -261,6 +293,7 @@ def test_standalone_html_in_chromium(report: Report, deep: Report, tmp_path: Pat
     shots.mkdir(parents=True, exist_ok=True)
     fetched: list[str] = []
     with browser(tmp_path, width=1400, height=900) as ctx:
+
         def block(route: Any) -> None:
             # Standalone means no network at all: record and refuse anything but the file.
             url = route.request.url
@@ -276,7 +309,8 @@ def test_standalone_html_in_chromium(report: Report, deep: Report, tmp_path: Pat
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(path.as_uri())
         page.wait_for_function(
-            f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}", timeout=60_000)
+            f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}", timeout=60_000
+        )
         plots = page.locator(".js-plotly-plot")
         assert plots.count() == expected
         assert page.locator("#verdict").inner_text() == report.verdict
@@ -293,8 +327,11 @@ def test_standalone_html_in_chromium(report: Report, deep: Report, tmp_path: Pat
             page.set_viewport_size({"width": width, "height": 900})
             for p in (path, deep_path):
                 page.goto(p.as_uri())
-                page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length"
-                                       " >= document.querySelectorAll('.pd-plot').length", timeout=60_000)
+                page.wait_for_function(
+                    "document.querySelectorAll('.js-plotly-plot .main-svg').length"
+                    " >= document.querySelectorAll('.pd-plot').length",
+                    timeout=60_000,
+                )
                 page.wait_for_timeout(300)
                 wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
                 assert wide <= 0, (p.name, width, wide)

@@ -168,7 +168,9 @@ def test_op_count_differs_only_by_loss_bookkeeping(name: str) -> None:
     for unit in report.units:
         for o in unit.ops:
             ops[f"{o.op}/{o.phase}"] += o.calls
-    expected = collections.Counter([f"{o}/forward" for o in counter.forward] + [f"{o}/backward" for o in counter.backward])
+    expected = collections.Counter(
+        [f"{o}/forward" for o in counter.forward] + [f"{o}/backward" for o in counter.backward]
+    )
     assert not expected - ops  # nothing missing
     extra = ops - expected
     assert sum(extra.values()) <= 6
@@ -528,7 +530,11 @@ def _saved_activation_bytes(case: Case) -> int:
     parameters', buffers' and batch's memory."""
     model = copy.deepcopy(case.model)
     external = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    external |= {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(case.batch) if isinstance(t, torch.Tensor)}
+    external |= {
+        t.untyped_storage().data_ptr()
+        for t in torch.utils._pytree.tree_leaves(case.batch)
+        if isinstance(t, torch.Tensor)
+    }
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -934,7 +940,8 @@ def test_module_writing_its_input_in_place_gets_its_own_error(inplace: bool) -> 
     torch.manual_seed(0)
     plain = pd.analyze(
         torch.nn.Sequential(_AddThousand(), _TakeThousand(False), torch.nn.Linear(8, 8)),
-        torch.randn(4, 8), lambda o, b: o.pow(2).mean(),
+        torch.randn(4, 8),
+        lambda o, b: o.pow(2).mean(),
     )
     for name in ("1", "2"):
         got, want = report.by_module()[name].forward.propagated, plain.by_module()[name].forward.propagated

@@ -37,7 +37,11 @@ def subprocess_run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **ENV}
     return subprocess.run(
         [sys.executable, "-m", "precision_doctor.cli", "analyze", *args],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
     )
 
 

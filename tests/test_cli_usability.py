@@ -43,7 +43,11 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
     full.update(ENV | (env or {}))
     return subprocess.run(
         [sys.executable, "-m", "precision_doctor.cli", *args],
-        capture_output=True, text=True, env=full, cwd=REPO, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=REPO,
+        timeout=timeout,
     )
 
 
@@ -65,9 +69,7 @@ BAD_OPTIONS = {
 def _marked_model(tmp_path: Path) -> tuple[Path, Path]:
     """A model file that leaves a marker when it is built: a bad option must stop the run first."""
     marker = tmp_path / "built"
-    body = HEALTHY_FILE.replace(
-        "def build_model():\n", f"def build_model():\n    open({str(marker)!r}, 'w').close()\n"
-    )
+    body = HEALTHY_FILE.replace("def build_model():\n", f"def build_model():\n    open({str(marker)!r}, 'w').close()\n")
     path = tmp_path / "model.py"
     path.write_text(body)
     return path, marker
@@ -189,7 +191,10 @@ def test_piped_output_does_not_wrap() -> None:
     verdict = next(ln for ln in proc.stdout.splitlines() if ln.startswith("fp16: "))
     assert verdict.endswith("Not safe as-is."), proc.stdout
     # the progress note on stderr is whole too
-    assert "fp16 is not safe as-is: analyzing the same model in bf16 too (--no-bf16-check skips it)" in proc.stderr.splitlines()
+    assert (
+        "fp16 is not safe as-is: analyzing the same model in bf16 too (--no-bf16-check skips it)"
+        in proc.stderr.splitlines()
+    )
 
 
 # --- next steps after the verdict -------------------------------------------------------------
@@ -198,7 +203,7 @@ def test_piped_output_does_not_wrap() -> None:
 def _next_steps(stdout: str) -> list[str]:
     lines = stdout.splitlines()
     assert "Next steps:" in lines, stdout
-    steps = lines[lines.index("Next steps:") + 1:]
+    steps = lines[lines.index("Next steps:") + 1 :]
     assert steps and all(s.startswith("  - ") for s in steps), stdout  # the output ends with them
     return [s[4:] for s in steps]
 
@@ -258,8 +263,9 @@ def test_healthy_model_next_step_is_the_loss_scale_without_bf16() -> None:
 
 def test_export_written_is_the_next_step(tmp_path: Path) -> None:
     plan = tmp_path / "plan.py"
-    result = runner.invoke(app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check",
-                                 "--export", str(plan)], env=ENV)
+    result = runner.invoke(
+        app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check", "--export", str(plan)], env=ENV
+    )
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)
     assert steps[0].startswith(f"apply the plan written to {plan}: it keeps ")
@@ -335,8 +341,9 @@ def test_report_from_another_version_warns(saved_report: Path, tmp_path: Path, m
     assert Report.load(old).version_warning() is not None
 
 
-def test_unreadable_schema_is_an_error_naming_the_writer(saved_report: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_schema_is_an_error_naming_the_writer(
+    saved_report: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     future = _with_version(saved_report, tmp_path, "9.0.0", schema=99)
     result, started = _app(future, monkeypatch)
     assert result.exit_code == 2 and not started
@@ -374,8 +381,9 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(importlib.util.find_spec("streamlit") is None or not Path("/proc").is_dir(),
-                    reason="needs streamlit and /proc")
+@pytest.mark.skipif(
+    importlib.util.find_spec("streamlit") is None or not Path("/proc").is_dir(), reason="needs streamlit and /proc"
+)
 def test_sigterm_to_the_launcher_stops_the_server(saved_report: Path, tmp_path: Path) -> None:
     """A supervisor stops `precision-doctor app` with one SIGTERM to the pid it started: the
     port stops serving and no streamlit process is left (the launcher became streamlit)."""
@@ -385,7 +393,10 @@ def test_sigterm_to_the_launcher_stops_the_server(saved_report: Path, tmp_path: 
     url = f"http://127.0.0.1:{port}/_stcore/health"
     proc = subprocess.Popen(
         [sys.executable, "-m", "precision_doctor.cli", "app", str(path), "--port", str(port), "--headless"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120

@@ -89,15 +89,17 @@ def test_roofline_is_per_op_not_per_unit(report: pd.Report) -> None:
         assert got == pytest.approx(expected, rel=1e-12), unit.name
     # A unit mixing a compute-bound matmul with memory-bound elementwise ops costs the sum
     # of both rooflines, more than one roofline over its summed work would say.
-    mixed = report.by_module()["fc1"].model_copy(update={"op_costs": [
-        OpCost(op="mm", phase=Phase.FORWARD, flops=10**12, bytes=10**6, calls=1),
-        OpCost(op="add.Tensor", phase=Phase.FORWARD, flops=10**6, bytes=10**10, calls=2),
-    ]})
+    mixed = report.by_module()["fc1"].model_copy(
+        update={
+            "op_costs": [
+                OpCost(op="mm", phase=Phase.FORWARD, flops=10**12, bytes=10**6, calls=1),
+                OpCost(op="add.Tensor", phase=Phase.FORWARD, flops=10**6, bytes=10**10, calls=2),
+            ]
+        }
+    )
     one = build_cost_model(report.model_copy(update={"units": [mixed], "edges": []}), profile).units[0]
     assert one.fp32_time_s == pytest.approx(10**12 / peak + 2 * 10**10 / bw)
     assert one.fp32_time_s > max((10**12 + 2 * 10**6) / peak, (10**6 + 2 * 10**10) / bw)
     # Low: half the bytes, the low dtype's peak, plus the weights' cast.
     plow = profile.peak_flops_per_s("fp16")
-    assert one.low_time_s == pytest.approx(
-        10**12 / plow + 2 * 10**10 / 2 / bw + 1.5 * mixed.param_bytes / bw
-    )
+    assert one.low_time_s == pytest.approx(10**12 / plow + 2 * 10**10 / 2 / bw + 1.5 * mixed.param_bytes / bw)

@@ -101,10 +101,30 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
     assert cli is not None
     api = start([sys.executable, "-m", "tests.dist_job", str(d)])
     torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "--log-dir", str(d / "logs"), "--redirects", "3", "--no-python",
-         cli, "analyze", str(d / "plain.py"), "--out", str(d / "r.json"), "--quiet"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            str(d / "logs"),
+            "--redirects",
+            "3",
+            "--no-python",
+            cli,
+            "analyze",
+            str(d / "plain.py"),
+            "--out",
+            str(d / "r.json"),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     nan = start([cli, "analyze", str(d / "ddp_nan.py"), "--out", str(d / "nan.json"), "--quiet"])
     pre = start([cli, "preflight", str(d / "plain.py"), "--steps", "2", "--no-plan", "--json", "--quiet"])
@@ -171,7 +191,9 @@ def test_ddp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
     job = report_of(ranks, "grads")
     assert job.grad_fidelity is not None
     case = build_mlp()
-    expected = data_parallel_fidelity(case, [shard(case.batch, r) for r in range(2)], "bf16", job.grad_fidelity.scale_log2)
+    expected = data_parallel_fidelity(
+        case, [shard(case.batch, r) for r in range(2)], "bf16", job.grad_fidelity.scale_log2
+    )
     assert set(expected) == {"fc1", "fc2"}
     assert_job_fidelity(job, expected)
     # Every element compared once in the job (each rank its slice of the averaged gradient).
@@ -184,7 +206,12 @@ def test_ddp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
     # one process on the whole batch (whose numbers differ: its low gradients are rounded
     # after the whole batch's sum, not per half).
     whole = pd.analyze(
-        case.model, case.batch, case.loss_fn, dtype="bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+        case.model,
+        case.batch,
+        case.loss_fn,
+        dtype="bf16",
+        policy="cpu",
+        thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD),
     )
     grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
     assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning")}
@@ -340,12 +367,15 @@ def test_reducer_one_process_hands_back_equal_values() -> None:
     red.text("t", "MulBackward0", lambda v: got.update(t=v))
     red.reduce()
     t: TensorSummary = got["s"]
-    assert (t.numel, t.zero_count, t.max_abs, t.min_nonzero_abs) == (s.numel, s.zero_count, s.max_abs, s.min_nonzero_abs)
+    assert (t.numel, t.zero_count, t.max_abs, t.min_nonzero_abs) == (
+        s.numel,
+        s.zero_count,
+        s.max_abs,
+        s.min_nonzero_abs,
+    )
     assert np.array_equal(t.hist, s.hist) and t.tails == s.tails
     assert t.sumsq is not None and s.sumsq is not None and np.array_equal(t.sumsq, s.sumsq)
     assert t.sumsq_total == s.sumsq_total
     assert got["none"] is None and got["e"] == acc and got["lo"] == 0.25 and got["flag"] is True
     assert got["t"] == "MulBackward0"
     assert math.isclose(got["e"].rel_l2, acc.rel_l2)
-
-

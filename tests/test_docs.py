@@ -62,7 +62,9 @@ def test_readme_shows_ci_commands() -> None:
     """The README's test commands are CI's: every check `.ci/run` runs after installing."""
     readme = README.read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
-    checks = [line for line in ci if line and not line.startswith(("#", "set ", "cd ", "export ", "python -m pip", "bash "))]
+    checks = [
+        line for line in ci if line and not line.startswith(("#", "set ", "cd ", "export ", "python -m pip", "bash "))
+    ]
     assert {"ruff check .", "mypy", "python -m pytest"} <= set(checks)
     assert any(c.startswith("mkdocs build --strict") for c in checks)
     missing = [c for c in checks if c not in readme]
@@ -87,8 +89,7 @@ def test_doctest_fences() -> None:
         sys.path.remove(str(ROOT / "scripts"))
     text = "Text.\n\n>>> x = 1\n>>> x + 1\n2\n\nMore:\n\n    >>> f()\n    ...\n"
     assert fence_doctests(text) == (
-        "Text.\n\n```pycon\n>>> x = 1\n>>> x + 1\n2\n```\n\nMore:\n\n"
-        "    ```pycon\n    >>> f()\n    ...\n    ```\n"
+        "Text.\n\n```pycon\n>>> x = 1\n>>> x + 1\n2\n```\n\nMore:\n\n    ```pycon\n    >>> f()\n    ...\n    ```\n"
     )
     assert fence_doctests("no examples") == "no examples"
 
@@ -101,7 +102,10 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     site = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

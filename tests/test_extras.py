@@ -182,9 +182,9 @@ def test_plan_report_checks_its_cost_options(planned: Report) -> None:
 def test_plan_does_not_import_export() -> None:
     """The plan <-> export cycle stays broken: the plan module renders nothing."""
     tree = ast.parse((PACKAGE / "planning" / "plan.py").read_text(encoding="utf-8"))
-    imported = {
-        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-    } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     assert "precision_doctor.planning.export" not in imported
     assert "precision_doctor.planning.pipeline" not in imported
 

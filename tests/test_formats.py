@@ -34,7 +34,14 @@ def test_format_seconds_signed() -> None:
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(0, "0 B"), (512, "512 B"), (1536, "1.5 KiB"), (3 * 2**20, "3 MiB"), (1023.9 * 2**20, "1 GiB"), (5 * 2**40, "5 TiB")],
+    [
+        (0, "0 B"),
+        (512, "512 B"),
+        (1536, "1.5 KiB"),
+        (3 * 2**20, "3 MiB"),
+        (1023.9 * 2**20, "1 GiB"),
+        (5 * 2**40, "5 TiB"),
+    ],
 )
 def test_format_bytes(n: float, text: str) -> None:
     assert format_bytes(n) == text

@@ -28,7 +28,12 @@ LOW = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def real_gradients(
-    model: nn.Module, batch: Any, loss_fn: LossFn | None, dtype: str | None, regime: str, scale_log2: int,
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    dtype: str | None,
+    regime: str,
+    scale_log2: int,
     rng: torch.Tensor,
 ) -> dict[str, np.ndarray]:
     """Parameter gradients of a real run on a copy: fp32 (`dtype` None), `torch.autocast("cpu",
@@ -38,14 +43,21 @@ def real_gradients(
     torch.set_rng_state(rng)  # the analysis starts from this state: same dropout masks
     if dtype is not None and regime == "pure":
         m.to(LOW[dtype])
-        batch = pytree.tree_map(lambda t: t.to(LOW[dtype]) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, batch)
-    ctx = torch.autocast("cpu", dtype=LOW[dtype]) if dtype is not None and regime == "autocast" else torch.autocast("cpu", enabled=False)
+        batch = pytree.tree_map(
+            lambda t: t.to(LOW[dtype]) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, batch
+        )
+    ctx = (
+        torch.autocast("cpu", dtype=LOW[dtype])
+        if dtype is not None and regime == "autocast"
+        else torch.autocast("cpu", enabled=False)
+    )
     with ctx:
         loss = resolve_loss(run_model(m, batch), batch, loss_fn)
     (loss * torch.tensor(2.0**scale_log2)).backward()
     return {
         n: p.grad.detach().double().numpy() * 2.0**-scale_log2
-        for n, p in m.named_parameters(remove_duplicate=False) if p.grad is not None
+        for n, p in m.named_parameters(remove_duplicate=False)
+        if p.grad is not None
     }
 
 
@@ -65,7 +77,9 @@ def by_hand(ref: dict[str, np.ndarray], low: dict[str, np.ndarray]) -> dict[str,
     }
 
 
-def compare(case_model: nn.Module, batch: Any, loss_fn: LossFn | None, dtype: str, regime: str) -> tuple[pd.Report, dict[str, tuple[float, float | None]]]:
+def compare(
+    case_model: nn.Module, batch: Any, loss_fn: LossFn | None, dtype: str, regime: str
+) -> tuple[pd.Report, dict[str, tuple[float, float | None]]]:
     rng = torch.get_rng_state()
     report = pd.analyze(case_model, batch, loss_fn, dtype=dtype, regime=regime, policy="cpu")
     assert report.grad_fidelity is not None
@@ -165,7 +179,9 @@ def test_deep_narrow_early_layers_diverge_at_the_recommended_scale() -> None:
     for i in range(5):
         fid = units[f"layers.{i}"].backward.grad_fidelity
         assert fid is not None and fid.rel_l2_error == 1.0 and fid.cosine is None
-        assert any(f.flag is pd.Flag.GRAD_DIVERGENCE and f.severity is pd.Severity.ERROR for f in units[f"layers.{i}"].flags)
+        assert any(
+            f.flag is pd.Flag.GRAD_DIVERGENCE and f.severity is pd.Severity.ERROR for f in units[f"layers.{i}"].flags
+        )
     for name in ("layers.13", "layers.14", "layers.15", "head"):
         fid = units[name].backward.grad_fidelity
         assert fid is not None and fid.rel_l2_error < 2e-3 and not units[name].flags
@@ -173,6 +189,7 @@ def test_deep_narrow_early_layers_diverge_at_the_recommended_scale() -> None:
 
 def test_sample_docstrings_grad_divergence() -> None:
     """What deep_narrow_underflow, lost_update and tiny_loss_gradients state about it."""
+
     def divergent(name: str, dtype: str, regime: str, policy: str = "cuda") -> dict[str, pd.Severity]:
         report = pd.analyze(*_args(name), dtype, regime=regime, policy=policy)
         return {f.unit: f.severity for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE}
@@ -184,7 +201,10 @@ def test_sample_docstrings_grad_divergence() -> None:
     assert divergent("lost_update", "bf16", "autocast") == {}
     assert divergent("tiny_loss_gradients", "fp16", "autocast") == {}
     for regime, policy in (("autocast", "cpu"), ("pure", "cuda")):
-        assert divergent("tiny_loss_gradients", "fp16", regime, policy) == {"fc1": pd.Severity.ERROR, "fc2": pd.Severity.ERROR}
+        assert divergent("tiny_loss_gradients", "fp16", regime, policy) == {
+            "fc1": pd.Severity.ERROR,
+            "fc2": pd.Severity.ERROR,
+        }
 
 
 def _args(name: str) -> tuple[Any, Any, Any]:
@@ -205,12 +225,16 @@ def test_healthy_models_get_no_grad_divergence(name: str, dtype: str) -> None:
 def test_thresholds_are_overridable() -> None:
     """A warning over grad_rel_error with the direction kept; an error below grad_cosine_min."""
     case = build("mlp")
-    strict = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", thresholds=pd.Thresholds(grad_rel_error=1e-6))
+    strict = pd.analyze(
+        case.model, case.batch, case.loss_fn, dtype="bf16", thresholds=pd.Thresholds(grad_rel_error=1e-6)
+    )
     flags = [f for f in strict.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
     assert {f.unit for f in flags} == {"fc1", "fc2"} and {f.severity for f in flags} == {pd.Severity.WARNING}
     assert all("the direction holds" in f.evidence.message for f in flags)
     assert strict  # warnings only: still safe
-    direction = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", thresholds=pd.Thresholds(grad_cosine_min=1.0))
+    direction = pd.analyze(
+        case.model, case.batch, case.loss_fn, dtype="bf16", thresholds=pd.Thresholds(grad_cosine_min=1.0)
+    )
     assert {f.severity for f in direction.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE} == {pd.Severity.ERROR}
     assert not direction
     with pytest.raises(pd.PrecisionDoctorError, match=r"grad_cosine_min=1\.5 is a cosine"):
@@ -234,7 +258,10 @@ def test_scale_is_the_recommendation_and_an_fp16_loss_caps_it() -> None:
     case = build("mlp")
     cuda = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16")
     assert cuda.losses.low_dtype == "fp32"
-    assert cuda.grad_fidelity is not None and cuda.grad_fidelity.scale_log2 == recommend_loss_scale(cuda).recommended_scale_log2 == 16
+    assert (
+        cuda.grad_fidelity is not None
+        and cuda.grad_fidelity.scale_log2 == recommend_loss_scale(cuda).recommended_scale_log2 == 16
+    )
     cpu = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16", policy="cpu")
     advice = recommend_loss_scale(cpu)
     assert cpu.losses.low_dtype == "fp16"
@@ -321,8 +348,15 @@ def test_emulated_backward_dtypes_follow_the_output_mask(monkeypatch: pytest.Mon
     monkeypatch.setattr(lowrun, "_OUT_DTYPES", {})
     mode = lowrun.EmulateLowMode()
     h = torch.float16
-    args = [torch.randn(4, 8, dtype=h), torch.randn(4, 8, dtype=h), [8], torch.zeros(4, 1, dtype=h),
-            torch.ones(4, 1, dtype=h), torch.ones(8, dtype=h), torch.zeros(8, dtype=h)]
+    args = [
+        torch.randn(4, 8, dtype=h),
+        torch.randn(4, 8, dtype=h),
+        [8],
+        torch.zeros(4, 1, dtype=h),
+        torch.ones(4, 1, dtype=h),
+        torch.ones(8, dtype=h),
+        torch.zeros(8, dtype=h),
+    ]
     op = torch.ops.aten.native_layer_norm_backward.default
     none_first = mode.run(op, (*args, [False, True, True]), {})
     assert none_first[0] is None
@@ -350,7 +384,11 @@ class ShiftedScores(nn.Module):
 def _shifted_case() -> tuple[nn.Module, torch.Tensor, LossFn]:
     torch.manual_seed(0)
     target = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
-    return ShiftedScores(), torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), lambda o, b: (o - target).pow(2).mean()
+    return (
+        ShiftedScores(),
+        torch.randn(64, 16, generator=torch.Generator().manual_seed(1)),
+        lambda o, b: (o - target).pow(2).mean(),
+    )
 
 
 def _unit_norms(grads: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
@@ -396,13 +434,17 @@ def test_a_gradient_that_carries_nothing_is_not_a_divergence(dtype: str) -> None
     # The report sees the same: shift over the per-unit thresholds, at that share.
     shift = report.by_module()["shift"].backward.grad_fidelity
     assert shift is not None and shift.rel_l2_error > th.grad_rel_error
-    assert shift.fp32_l2_norm / report.grad_fidelity.fp32_l2_norm == pytest.approx(norms["shift"] / model_norm, rel=1e-2)
+    assert shift.fp32_l2_norm / report.grad_fidelity.fp32_l2_norm == pytest.approx(
+        norms["shift"] / model_norm, rel=1e-2
+    )
     assert report.grad_fidelity.cosine is not None and report.grad_fidelity.cosine > 0.9999
     assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
     assert report  # safe to train
 
     # The threshold is what spares it: at 0 the same residue is a finding.
-    strict = pd.analyze(model, x, loss_fn, dtype=dtype, policy="cpu", thresholds=pd.Thresholds(grad_error_share_min=0.0))
+    strict = pd.analyze(
+        model, x, loss_fn, dtype=dtype, policy="cpu", thresholds=pd.Thresholds(grad_error_share_min=0.0)
+    )
     assert {f.unit for f in strict.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE} == {"shift"}
 
 
@@ -479,11 +521,20 @@ def _tiny_clip() -> tuple[nn.Module, dict[str, Any]]:
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()  # the default EOS/BOS ids lie outside the tiny vocabulary
     text = transformers.CLIPTextConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
         max_position_embeddings=16,
     )
     vision = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
     )
     torch.manual_seed(0)
     model = transformers.CLIPModel(

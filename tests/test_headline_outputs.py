@@ -161,7 +161,10 @@ def test_the_planned_run_of_an_overflowing_model_has_finite_steps() -> None:
     every step: with lr 0 every step is step 0, which the plain fp16 run cannot take."""
     case = build_amplifier(gain=2e5)
     result = pd.preflight(
-        case.model, case.batch, case.loss_fn, steps=3,
+        case.model,
+        case.batch,
+        case.loss_fn,
+        steps=3,
         build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.0),
     )
     planned, low = result.runs["planned"], result.runs["low"]

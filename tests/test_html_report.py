@@ -26,23 +26,42 @@ EVIL = '<img src=x onerror="__pwned=1">'
 @pytest.fixture(scope="module")
 def faulty() -> Report:
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict([
-        ("inp", nn.Linear(16, 32)), ("act", nn.ReLU()), (EVIL, nn.Linear(32, 32)), ("out", nn.Linear(32, 4)),
-    ]))
+    model = nn.Sequential(
+        OrderedDict(
+            [
+                ("inp", nn.Linear(16, 32)),
+                ("act", nn.ReLU()),
+                (EVIL, nn.Linear(32, 32)),
+                ("out", nn.Linear(32, 4)),
+            ]
+        )
+    )
     with torch.no_grad():
         model[2].weight.mul_(1e5)
     report = pd.analyze(model, torch.randn(8, 16), loss_fn=lambda o, b: o.pow(2).mean(), name="faulty<b>")
-    return report.with_extras(**{
-        "loss_scale": {"recommended_scale_log2": 9, "default_scale_log2": 16,
-                       "underflow_fraction_at_recommended": 0.0, "underflow_fraction_at_default": 0.0,
-                       "skipped_steps_from_default": 7, "scaler_needed": True},
-        "plan": {"target": "a100", "dtype": "fp16", "units": {u.name: "fp32" for u in report.units},
-                 "fp32_units": [{"unit": EVIL, "reason": "OVERFLOW at addmm"}],
-                 "estimated_step_time_s": {"fp32": 0.1, "autocast": 0.05, "plan": 0.08},
-                 "activation_bytes": {"fp32": 2048, "autocast": 1024, "plan": 1536},
-                 "verified_loss_rel_error": 1e-4, "verification_passes": 2,
-                 "exports": {"json": "{}", "python": "PLAN = {'<b>': 1}\n", "deepspeed": "{}", "hf": "{}"}},
-    })
+    return report.with_extras(
+        **{
+            "loss_scale": {
+                "recommended_scale_log2": 9,
+                "default_scale_log2": 16,
+                "underflow_fraction_at_recommended": 0.0,
+                "underflow_fraction_at_default": 0.0,
+                "skipped_steps_from_default": 7,
+                "scaler_needed": True,
+            },
+            "plan": {
+                "target": "a100",
+                "dtype": "fp16",
+                "units": {u.name: "fp32" for u in report.units},
+                "fp32_units": [{"unit": EVIL, "reason": "OVERFLOW at addmm"}],
+                "estimated_step_time_s": {"fp32": 0.1, "autocast": 0.05, "plan": 0.08},
+                "activation_bytes": {"fp32": 2048, "autocast": 1024, "plan": 1536},
+                "verified_loss_rel_error": 1e-4,
+                "verification_passes": 2,
+                "exports": {"json": "{}", "python": "PLAN = {'<b>': 1}\n", "deepspeed": "{}", "hf": "{}"},
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +94,9 @@ def test_standalone_html(faulty: Report, tmp_path: Path) -> None:
     # Names and other report strings never become markup: not in the page's markup, and not in
     # the figures' data (plotly draws a subset of HTML in its text).
     markup = re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
-    figures = "".join(re.findall(r'<script type="application/json" class="pd-fig"[^>]*>(.*?)</script>', text, flags=re.S))
+    figures = "".join(
+        re.findall(r'<script type="application/json" class="pd-fig"[^>]*>(.*?)</script>', text, flags=re.S)
+    )
     assert figures
     raw_in_markup = EVIL in markup or "<b>" in markup
     raw_in_figures = EVIL in figures or "<b>" in figures
@@ -106,8 +127,18 @@ def test_malformed_extras_do_not_load(healthy: Report, tmp_path: Path) -> None:
         assert "\n" not in str(info.value) and f"at extras.{key}" in str(info.value), str(info.value)
         with pytest.raises(pd.PrecisionDoctorError, match=f"report extras at {key}"):
             healthy.with_extras(**{key: section})
-    odd = MonitorSection(enabled=True, init_scale=1.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2,
-                         steps=3, current_scale=-1.0, scale_history=[(0, -1.0)], skipped_steps=[1], skipped_count=1)
+    odd = MonitorSection(
+        enabled=True,
+        init_scale=1.0,
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        growth_interval=2,
+        steps=3,
+        current_scale=-1.0,
+        scale_history=[(0, -1.0)],
+        skipped_steps=[1],
+        skipped_count=1,
+    )
     assert 'id="training"' in render_html(healthy.with_extras(scaler_monitor=odd))  # no log2 of a negative
 
 
@@ -123,8 +154,10 @@ def test_histogram_against_dtype_range(faulty: Report) -> None:
     assert list(bar.y) == h.counts
     rects = [s for s in fig.layout.shapes if s.type == "rect"]
     assert any(math.isclose(s.x0, FP16.max_log2) for s in rects)  # overflow region
-    assert any(math.isclose(s.x0, math.log2(FP16.smallest_subnormal))
-               and math.isclose(s.x1, math.log2(FP16.smallest_normal)) for s in rects)  # subnormal band
+    assert any(
+        math.isclose(s.x0, math.log2(FP16.smallest_subnormal)) and math.isclose(s.x1, math.log2(FP16.smallest_normal))
+        for s in rects
+    )  # subnormal band
     assert EVIL not in fig.layout.title.text
     bf = figures.histogram_figure(stats, pd.LowDtype.BF16, unit.name)
     assert any(math.isclose(s.x0, BF16.max_log2) for s in bf.layout.shapes if s.type == "rect")
@@ -142,7 +175,8 @@ def test_depth_view_marks_takeoff(faulty: Report, healthy: Report) -> None:
     # Non-finite errors are drawn as markers at a cap, never dropped silently.
     nonfinite = next(t for t in fig.data if t.name == figures.NONFINITE)
     assert sum(v is not None for v in nonfinite.y) == sum(
-        1 for u in order if u.forward.propagated and not math.isfinite(u.forward.propagated.rel_l2_error))
+        1 for u in order if u.forward.propagated and not math.isfinite(u.forward.propagated.rel_l2_error)
+    )
     assert figures.takeoff_unit(healthy) is None
 
 
@@ -218,14 +252,20 @@ def test_gradient_fidelity_view(faulty: Report, healthy: Report) -> None:
     bars, _, cosines, _ = fig.data
     assert list(bars.y) == [u.backward.grad_fidelity.rel_l2_error for u in units]  # type: ignore[union-attr]
     assert list(cosines.y) == [u.backward.grad_fidelity.cosine for u in units]  # type: ignore[union-attr]
-    assert sorted(s.y0 for s in fig.layout.shapes) == [healthy.thresholds.grad_rel_error, healthy.thresholds.grad_cosine_min]
+    assert sorted(s.y0 for s in fig.layout.shapes) == [
+        healthy.thresholds.grad_rel_error,
+        healthy.thresholds.grad_cosine_min,
+    ]
     rows = figures.grad_fidelity_rows(units[0])
     assert [r["parameter"] for r in rows] == list(units[0].backward.param_grad_fidelity)
     assert "Parameter gradients in the low run against fp32" in text
     # The overflowing model's gradients are non-finite: marked at a cap, never dropped.
     marks = next(t for t in figures.grad_fidelity_figure(faulty).data if t.name == figures.NONFINITE)
-    nonfinite = [u for u in sorted(faulty.units, key=lambda u: u.order)
-                 if u.backward.grad_fidelity is not None and not math.isfinite(u.backward.grad_fidelity.rel_l2_error)]
+    nonfinite = [
+        u
+        for u in sorted(faulty.units, key=lambda u: u.order)
+        if u.backward.grad_fidelity is not None and not math.isfinite(u.backward.grad_fidelity.rel_l2_error)
+    ]
     assert nonfinite and sum(v is not None for v in marks.y) == len(nonfinite)
     rows = figures.layer_rows(healthy)
     assert [r["grad rel err"] for r in rows] == [
@@ -260,9 +300,13 @@ def test_small_report_is_small_and_self_contained(healthy: Report, faulty: Repor
 def test_one_theme_for_app_and_html(faulty: Report) -> None:
     """Every figure is built on figures.TEMPLATE_LAYOUT (the app draws them with
     theme=None); the HTML page gets that same template, white like the app."""
-    figs = [figures.depth_figure(faulty), figures.grad_fidelity_figure(faulty), figures.loss_scale_figure(faulty),
-            figures.plan_cost_figure(faulty.extras.plan),  # type: ignore[arg-type]
-            figures.training_figure(None, None)]
+    figs = [
+        figures.depth_figure(faulty),
+        figures.grad_fidelity_figure(faulty),
+        figures.loss_scale_figure(faulty),
+        figures.plan_cost_figure(faulty.extras.plan),  # type: ignore[arg-type]
+        figures.training_figure(None, None),
+    ]
     unit = faulty.units[0]
     assert unit.forward.stats is not None
     figs.append(figures.histogram_figure(unit.forward.stats, "fp16", unit.name))
@@ -270,8 +314,9 @@ def test_one_theme_for_app_and_html(faulty: Report) -> None:
         assert fig.layout.template.layout.paper_bgcolor == "#ffffff"
         assert fig.layout.template.layout.font.family == figures.FONT
     text = render_html(faulty)
-    template = json.loads(re.search(r'<script type="application/json" id="pd-template">(.*?)</script>',
-                                    text, flags=re.S).group(1))  # type: ignore[union-attr]
+    template = json.loads(
+        re.search(r'<script type="application/json" id="pd-template">(.*?)</script>', text, flags=re.S).group(1)
+    )  # type: ignore[union-attr]
     assert template == json.loads(json.dumps(figures.TEMPLATE_LAYOUT))
     src = Path(figures.__file__).with_name("streamlit_app.py").read_text()
     assert "theme=None" in src
@@ -283,9 +328,16 @@ def exact_and_inf() -> Report:
     """A ReLU on small integers (exact in fp16: 0 error, +inf SQNR) before a Linear scaled to
     overflow fp16 (Inf error, -inf SQNR after it)."""
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict([
-        ("relu0", nn.ReLU()), ("inp", nn.Linear(16, 32)), ("big", nn.Linear(32, 32)), ("out", nn.Linear(32, 4)),
-    ]))
+    model = nn.Sequential(
+        OrderedDict(
+            [
+                ("relu0", nn.ReLU()),
+                ("inp", nn.Linear(16, 32)),
+                ("big", nn.Linear(32, 32)),
+                ("out", nn.Linear(32, 4)),
+            ]
+        )
+    )
     with torch.no_grad():
         model.big.weight.mul_(1e5)
     batch = torch.randint(-4, 5, (8, 16)).float()
@@ -322,7 +374,8 @@ def test_exact_units_are_not_non_finite(exact_and_inf: Report) -> None:
         assert (exact.y[k] is not None) == (e is not None and e.rel_l2_error == 0)  # type: ignore[attr-defined]
         assert (bad.y[k] is not None) == bool(  # type: ignore[attr-defined]
             (e is not None and not math.isfinite(e.rel_l2_error))
-            or (u.forward.local is not None and not math.isfinite(u.forward.local.rel_l2_error)))
+            or (u.forward.local is not None and not math.isfinite(u.forward.local.rel_l2_error))
+        )
 
 
 def test_per_unit_axis_stays_readable(exact_and_inf: Report) -> None:
@@ -334,7 +387,9 @@ def test_per_unit_axis_stays_readable(exact_and_inf: Report) -> None:
     assert figures.short_name("fc1") == "fc1"
     fig = figures.depth_figure(exact_and_inf)
     assert fig.layout.legend.x >= 1 and fig.layout.legend.orientation == "v"
-    assert list(fig.layout.xaxis2.ticktext) == [html.escape(figures.short_name(u.name)) for u in figures.ordered_units(exact_and_inf)]
+    assert list(fig.layout.xaxis2.ticktext) == [
+        html.escape(figures.short_name(u.name)) for u in figures.ordered_units(exact_and_inf)
+    ]
     names = [f"model.layers.{i}.mlp.down_projection" for i in range(200)]
     from plotly.subplots import make_subplots
 
@@ -361,7 +416,9 @@ def test_loss_scale_numbers_name_their_run(faulty: Report, healthy: Report) -> N
     curves = [t.name for t in fig.data if t.mode != "markers"]
     assert len(curves) == 3 and all("all-low run" in n for n in curves)
     (marker,) = [t for t in fig.data if t.mode == "markers"]
-    assert marker.name == f"underflow, planned run, at 2^{k}" and list(marker.y) == [ls.underflow_fraction_at_recommended]
+    assert marker.name == f"underflow, planned run, at 2^{k}" and list(marker.y) == [
+        ls.underflow_fraction_at_recommended
+    ]
     assert "planned run" in fig.layout.annotations[-1].text
     text = render_html(faulty)
     assert "all-low run (the curve)" in text and "planned run (the recommendation)" in text

@@ -24,8 +24,16 @@ def tiny_gpt2(faulty: bool) -> Any:
 
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(cfg)
     if faulty:
@@ -44,8 +52,15 @@ def train_hf(tmp_path: Any, model: Any, callback: Any) -> Any:
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, report_to=[],
-        use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[callback])
     trainer.train()
@@ -81,8 +96,15 @@ def test_transformers_callback_lets_healthy_model_run(tmp_path: Any) -> None:
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, report_to=[],
-        use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[cb, Probe()])
     trainer.train()
@@ -158,8 +180,14 @@ def lightning_data() -> Any:
 def train_lightning(tmp_path: Any, module: Any, callback: Any) -> Any:
     L = _lightning()
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         callbacks=[callback],
     )
     trainer.fit(module, lightning_data())
@@ -173,7 +201,9 @@ def test_lightning_callback_stops_faulty_model(tmp_path: Any) -> None:
     cb = LightningPreflightCallback(mode="stop", dtype="fp16", steps=2, plan=False)
     trainer = train_lightning(tmp_path, lightning_module(faulty=True), cb)
     assert cb.result is not None and not cb.result.go
-    assert any(r.risk == "OVERFLOW" and r.unit == "inp" for r in cb.result.reasons), [r.line() for r in cb.result.reasons]
+    assert any(r.risk == "OVERFLOW" and r.unit == "inp" for r in cb.result.reasons), [
+        r.line() for r in cb.result.reasons
+    ]
     assert trainer.global_step <= 1
 
 

@@ -50,9 +50,7 @@ def stage_of(module: str) -> int:
         return STAGES.index("base")
     if first in STAGES:
         return STAGES.index(first)
-    raise AssertionError(
-        f"{module} has no stage: add it to BASE_MODULES or STAGES in {Path(__file__).name}"
-    )
+    raise AssertionError(f"{module} has no stage: add it to BASE_MODULES or STAGES in {Path(__file__).name}")
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str:
@@ -90,8 +88,9 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[Import
 
     def add(target: str, node: ast.AST, in_function: bool, type_checking: bool) -> None:
         if target == PACKAGE or target.startswith(PACKAGE + "."):
-            found.append(Import(module, _resolve(target, modules), getattr(node, "lineno", 0),
-                                in_function, type_checking))
+            found.append(
+                Import(module, _resolve(target, modules), getattr(node, "lineno", 0), in_function, type_checking)
+            )
 
     for node, in_function, type_checking in _walk(tree, False, False):
         if isinstance(node, ast.Import):
@@ -160,7 +159,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:

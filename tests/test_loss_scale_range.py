@@ -111,7 +111,9 @@ def _scaled_to(max_target: float) -> tuple[torch.nn.Module, Callable[[torch.Tens
     return model, _loss(max_target / first.max_grad_abs)
 
 
-def _real_skips(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps: int) -> int:
+def _real_skips(
+    model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps: int
+) -> int:
     """Steps a real GradScaler (init 2^16, backoff 0.5) skips on a fixed batch with lr=0
     (gradients repeat), the model run by the package's training-loop emulation of fp16."""
     batch = _batch()

@@ -85,7 +85,9 @@ def module_outputs(model: torch.nn.Module, rec: Recorder) -> Iterator[dict[tuple
         if paths.get(id(mod)) is not None:
             rec.paused = True
             outputs[stack.pop()] = [
-                t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                t.detach().clone()
+                for t in pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
             ]
             rec.paused = False
 
@@ -119,7 +121,9 @@ def real_run(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, dtype: 
     return RealRun(float(loss.detach()), rec.log, outputs)
 
 
-def seeded_low_run(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, dtype: torch.dtype, regime: Regime, policy: str = "cpu") -> LowRun:
+def seeded_low_run(
+    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, dtype: torch.dtype, regime: Regime, policy: str = "cpu"
+) -> LowRun:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         return low_run(model, batch, loss_fn, dtype, regime=regime, policy=policy)
@@ -321,7 +325,9 @@ def test_model_state_unchanged_when_forward_raises(dtype: torch.dtype, regime: R
 # --- low_precision: training loops ------------------------------------------------------------
 
 
-def _step(case_name: str, dtype: torch.dtype, regime: Regime, policy: str, emulate: bool) -> tuple[float, list[Any], dict[str, torch.Tensor]]:
+def _step(
+    case_name: str, dtype: torch.dtype, regime: Regime, policy: str, emulate: bool
+) -> tuple[float, list[Any], dict[str, torch.Tensor]]:
     case = build(case_name)
     model, batch = case.model, case.batch
     if regime == Regime.PURE:
@@ -341,7 +347,9 @@ def _step(case_name: str, dtype: torch.dtype, regime: Regime, policy: str, emula
 @pytest.mark.parametrize("policy", ["cpu", "cuda"])
 @pytest.mark.parametrize(("dtype", "regime"), CONFIGS)
 @pytest.mark.parametrize("name", ["cnn", "gpt2", "t5"])
-def test_low_precision_forward_and_backward_match_real_kernels(name: str, dtype: torch.dtype, regime: Regime, policy: str) -> None:
+def test_low_precision_forward_and_backward_match_real_kernels(
+    name: str, dtype: torch.dtype, regime: Regime, policy: str
+) -> None:
     """A training step under `low_precision`, emulated (bf16 too, when asked) against the
     real low-precision kernels: the same ops and dtypes, forward and backward."""
     real_loss, real_log, real_grads = _step(name, dtype, regime, policy, emulate=False)
@@ -369,7 +377,10 @@ def test_low_precision_contexts() -> None:
         assert not torch.is_autocast_enabled("cpu")
     with low_precision(net, F16, regime="pure", policy="cpu", device_type="cuda"):
         assert _get_current_dispatch_mode() is None  # never emulated on a GPU
-    with pytest.raises(PrecisionDoctorError), low_precision(net, F16, regime="pure", policy="cpu", device_type="cuda", emulate=True):
+    with (
+        pytest.raises(PrecisionDoctorError),
+        low_precision(net, F16, regime="pure", policy="cpu", device_type="cuda", emulate=True),
+    ):
         pass
     assert _get_current_dispatch_mode() is None and not torch.is_autocast_enabled("cpu")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::softmax.int", "AutocastCPU")
@@ -475,7 +486,11 @@ def test_cuda_policy_rejects_what_it_cannot_do() -> None:
         pass
     assert ap._depth == 0
     x = torch.rand(4)
-    with pytest.raises(RuntimeError, match="unsafe to autocast"), autocast_policy("cuda"), torch.autocast("cpu", dtype=F16):
+    with (
+        pytest.raises(RuntimeError, match="unsafe to autocast"),
+        autocast_policy("cuda"),
+        torch.autocast("cpu", dtype=F16),
+    ):
         torch.nn.functional.binary_cross_entropy(x, x)
 
 

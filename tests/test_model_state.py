@@ -19,9 +19,7 @@ import precision_doctor as pd
 from .fixtures import build
 
 _GLOBAL_HOOK_DICTS = [
-    name
-    for name in dir(nn_module)
-    if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)
+    name for name in dir(nn_module) if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)
 ]
 
 
@@ -93,7 +91,14 @@ def prepare(model: nn.Module) -> None:
     params[-1][1].requires_grad_(False)
 
 
-def run_and_check(model: nn.Module, batch: Any, loss_fn: Any, *, raises: type[BaseException] | tuple[type[BaseException], ...] | None, match: str = "") -> None:
+def run_and_check(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Any,
+    *,
+    raises: type[BaseException] | tuple[type[BaseException], ...] | None,
+    match: str = "",
+) -> None:
     torch.manual_seed(99)
     random.seed(5)
     np.random.seed(6)
@@ -300,8 +305,13 @@ class ExitsInForward(nn.Module):
 
 
 def test_sys_exit_in_forward_is_a_user_error() -> None:
-    run_and_check(nn.Sequential(nn.Linear(4, 4), ExitsInForward()), BATCH4, sq_loss,
-                  raises=pd.PrecisionDoctorError, match="forward raised SystemExit: 3")
+    run_and_check(
+        nn.Sequential(nn.Linear(4, 4), ExitsInForward()),
+        BATCH4,
+        sq_loss,
+        raises=pd.PrecisionDoctorError,
+        match="forward raised SystemExit: 3",
+    )
 
 
 def test_python_and_numpy_rng_restored_when_forward_draws_from_them() -> None:
@@ -344,4 +354,3 @@ def test_capture_bug_during_forward_is_an_internal_error(monkeypatch: pytest.Mon
     monkeypatch.setattr(capture, "op_flops", broken)
     with pytest.raises(pd.PrecisionDoctorInternalError):
         pd.analyze(nn.Linear(3, 1), torch.randn(2, 3), sq_loss)
-

@@ -51,8 +51,16 @@ def test_autosave_and_prediction(tmp_path: Path) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     path = tmp_path / "m.json"
     prediction = PreflightPrediction(
-        go=True, dtype=pd.LowDtype.FP16, judge="low", steps=2, init_scale_log2=16, skipped_steps=[],
-        nonfinite_steps=[], max_divergence=0.0, reasons=[], recommended_scale_log2=None,
+        go=True,
+        dtype=pd.LowDtype.FP16,
+        judge="low",
+        steps=2,
+        init_scale_log2=16,
+        skipped_steps=[],
+        nonfinite_steps=[],
+        max_divergence=0.0,
+        reasons=[],
+        recommended_scale_log2=None,
     )
     mon = ScalerMonitor(torch.amp.GradScaler("cpu"), path=path, save_every=2, prediction=prediction)
     _step(mon, net, opt, torch.randn(2, 2))

@@ -33,7 +33,11 @@ def _fx_driver(model: nn.Module, x: torch.Tensor) -> list[OpRecord]:
     with torch.no_grad():
         graph = make_fx(model)(x)
     pipeline = OpPipeline(
-        UnitAttribution(model), torch.float16, LowUnits({"": True}), collect=True, local=True,
+        UnitAttribution(model),
+        torch.float16,
+        LowUnits({"": True}),
+        collect=True,
+        local=True,
         on_mutation=lambda t: None,
     )
     env: dict[torch.fx.Node, Any] = {}
@@ -56,9 +60,22 @@ def _fx_driver(model: nn.Module, x: torch.Tensor) -> list[OpRecord]:
 def _fields(r: OpRecord) -> tuple[Any, ...]:
     s = r.summary
     return (
-        r.op, r.unit, r.phase, r.inputs, r.input_slots, r.output_shapes, r.output_dtypes, r.output_bytes,
-        r.flops, r.moved_bytes, r.stored_low, r.value_sources, r.out_max_abs, r.input_max_abs,
-        None if s is None else (s.numel, s.zero_count, s.max_abs, s.min_nonzero_abs, s.hist.tolist()), r.local_rel_error,
+        r.op,
+        r.unit,
+        r.phase,
+        r.inputs,
+        r.input_slots,
+        r.output_shapes,
+        r.output_dtypes,
+        r.output_bytes,
+        r.flops,
+        r.moved_bytes,
+        r.stored_low,
+        r.value_sources,
+        r.out_max_abs,
+        r.input_max_abs,
+        None if s is None else (s.numel, s.zero_count, s.max_abs, s.min_nonzero_abs, s.hist.tolist()),
+        r.local_rel_error,
         {k: (None if a is None else a.rel_l2) for k, (a, _) in r.output_errors.items()},
     )
 
@@ -83,7 +100,11 @@ def test_execute_runs_between_the_shadows_inputs_and_its_run() -> None:
     write, and the fp32 tensor is written once."""
     model = nn.Linear(2, 2)
     pipeline = OpPipeline(
-        UnitAttribution(model), torch.float16, LowUnits({"": True}), collect=True, local=True,
+        UnitAttribution(model),
+        torch.float16,
+        LowUnits({"": True}),
+        collect=True,
+        local=True,
         on_mutation=lambda t: None,
     )
     aten = torch.ops.aten

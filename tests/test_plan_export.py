@@ -55,8 +55,10 @@ class DtypeCounter(TorchDispatchMode):
 
 
 def count_dtypes(model: torch.nn.Module, batch: Any) -> DtypeCounter:
-    with UnitTracker(model, on_exit=lambda p: None) as tracker, DtypeCounter(tracker) as counter, torch.autocast(
-        "cpu", dtype=torch.bfloat16
+    with (
+        UnitTracker(model, on_exit=lambda p: None) as tracker,
+        DtypeCounter(tracker) as counter,
+        torch.autocast("cpu", dtype=torch.bfloat16),
     ):
         model(*batch)
     return counter
@@ -196,8 +198,10 @@ def test_a_plan_refuses_an_autocast_region_of_another_dtype(rescue: tuple[Any, P
     batch = mod.make_batch()
     ns: dict[str, Any] = {}
     exec(compile(render_python(plan), "<plan snippet>", "exec"), ns)
-    for install, error in ((lambda m: apply_plan(m, plan).remove, pd.PrecisionDoctorError),
-                           (ns["install_precision_plan"], RuntimeError)):
+    for install, error in (
+        (lambda m: apply_plan(m, plan).remove, pd.PrecisionDoctorError),
+        (ns["install_precision_plan"], RuntimeError),
+    ):
         model = mod.build_model()
         remove = install(model)
         with pytest.raises(error) as info, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -219,8 +223,10 @@ def test_a_plan_refuses_an_autocast_region_of_another_dtype(rescue: tuple[Any, P
     assert not any("forward" in vars(m) for m in model.modules())
     # The bf16 plan in an fp16 region, likewise.
     model = mod.build_model()
-    with apply_plan(model, bf16_plan), torch.autocast("cpu", dtype=torch.float16), pytest.raises(
-        pd.PrecisionDoctorError, match=r"made for bf16 .* --dtype fp16"
+    with (
+        apply_plan(model, bf16_plan),
+        torch.autocast("cpu", dtype=torch.float16),
+        pytest.raises(pd.PrecisionDoctorError, match=r"made for bf16 .* --dtype fp16"),
     ):
         model(*batch)
 
@@ -299,10 +305,12 @@ def test_plan_summary_prints_times_and_sizes_in_units_that_fit(rescue: tuple[Any
     import re
 
     _, plan = rescue
-    tiny = plan.model_copy(update={
-        "estimated_step_time_s": PlanCosts(fp32=3e-4, autocast=2.5e-4, plan=3e-7),
-        "activation_bytes": PlanBytes(fp32=3 * 2**20, autocast=1536, plan=512),
-    })
+    tiny = plan.model_copy(
+        update={
+            "estimated_step_time_s": PlanCosts(fp32=3e-4, autocast=2.5e-4, plan=3e-7),
+            "activation_bytes": PlanBytes(fp32=3 * 2**20, autocast=1536, plan=512),
+        }
+    )
     head = tiny.summary().splitlines()[0]
     assert "estimated step 300 ns vs fp32 300 µs" in head and "autocast 250 µs" in head, head
     assert "activations 512 B vs 3 MiB fp32" in head, head
@@ -313,8 +321,15 @@ def test_plan_extras_shape(rescue: tuple[Any, Plan]) -> None:
     _, plan = rescue
     extras = plan_section(plan).model_dump(mode="json")
     assert set(extras) == {
-        "target", "dtype", "units", "fp32_units", "estimated_step_time_s", "activation_bytes",
-        "verified_loss_rel_error", "verification_passes", "exports",
+        "target",
+        "dtype",
+        "units",
+        "fp32_units",
+        "estimated_step_time_s",
+        "activation_bytes",
+        "verified_loss_rel_error",
+        "verification_passes",
+        "exports",
     }
     assert set(extras["exports"]) == {"json", "python", "deepspeed", "hf"}
 

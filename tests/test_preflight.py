@@ -138,7 +138,11 @@ def test_a_skipped_first_step_is_a_skipped_step_not_divergence() -> None:
         return torch.nn.functional.mse_loss(out, torch.full_like(out, 0.75))
 
     result = pd.preflight(
-        model, torch.ones(1, 1), loss_fn, steps=4, plan=False,
+        model,
+        torch.ones(1, 1),
+        loss_fn,
+        steps=4,
+        plan=False,
         build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
     )
     low, fp32 = result.runs["low"], result.runs["fp32"].losses
@@ -149,8 +153,14 @@ def test_a_skipped_first_step_is_a_skipped_step_not_divergence() -> None:
     assert "SKIPPED_STEPS" not in {r.risk for r in result.reasons + result.notes}  # 1 <= 2 allowed
     assert low.steps[0].skipped and low.steps[0].scale == 2.0**16 and low.steps[1].scale == 2.0**15
     strict = pd.preflight(
-        model, torch.ones(1, 1), loss_fn, steps=4, plan=False, max_skipped_steps=0,
-        build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), fail_on="DIVERGENT_LOSS,SKIPPED_STEPS",
+        model,
+        torch.ones(1, 1),
+        loss_fn,
+        steps=4,
+        plan=False,
+        max_skipped_steps=0,
+        build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        fail_on="DIVERGENT_LOSS,SKIPPED_STEPS",
     )
     assert [r.risk for r in strict.reasons] == ["SKIPPED_STEPS"], [r.line() for r in strict.reasons]
     assert "skipped 1/4 steps (steps 0)" in strict.reasons[0].message
@@ -215,8 +225,13 @@ def test_make_batches_and_build_optimizer_are_used() -> None:
         return torch.optim.SGD(m.parameters(), lr=0.1)
 
     result = pd.preflight(
-        case.model, case.batch, case.loss_fn, steps=3, plan=False,
-        make_batches=lambda: iter(data), build_optimizer=build,
+        case.model,
+        case.batch,
+        case.loss_fn,
+        steps=3,
+        plan=False,
+        make_batches=lambda: iter(data),
+        build_optimizer=build,
     )
     assert len(built) == 2 and all(m is not case.model for m in built)  # fp32 and low copies
     fp32 = result.runs["fp32"].losses

@@ -187,7 +187,9 @@ def execute(model: torch.nn.Module, batch: Any, loss_fn: Any, low: torch.dtype |
     if regime == "pure":
         assert low is not None
         m.to(low)
-        batch = pytree.tree_map(lambda x: x.to(low) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch)
+        batch = pytree.tree_map(
+            lambda x: x.to(low) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch
+        )
     autocast = torch.autocast("cpu", dtype=low) if regime == "autocast" else contextlib.nullcontext()
     tracker = UnitTracker(m, on_exit=lambda path: None)
     rec = OpRecorder(tracker)
@@ -328,7 +330,8 @@ def test_op_dtypes_match_real_run(name: str, dtype: str, regime: str) -> None:
     """(a) low_run's keyed ops are the real run's, with their input and output dtypes."""
     r = result(name, dtype, regime)
     assert r.low_ops.keys() == r.real.ops.keys(), (
-        sorted(set(r.real.ops) - set(r.low_ops))[:5], sorted(set(r.low_ops) - set(r.real.ops))[:5]
+        sorted(set(r.real.ops) - set(r.low_ops))[:5],
+        sorted(set(r.low_ops) - set(r.real.ops))[:5],
     )
     wrong = {k: (r.low_ops[k], v) for k, v in r.real.ops.items() if r.low_ops[k] != v}
     assert not wrong, list(wrong.items())[:5]
@@ -376,8 +379,10 @@ def test_errors_match_real_run(name: str, dtype: str, regime: str) -> None:
     # run themselves (T5's `shared`, whose weight the embed_tokens modules use): no error
     # claimed there, no forward op of their own.
     claimed = [
-        u.name for u in r.report.units
-        if u.name in no_counterpart and u.name != LOSS_UNIT
+        u.name
+        for u in r.report.units
+        if u.name in no_counterpart
+        and u.name != LOSS_UNIT
         and (u.forward.propagated is not None or any(o.phase == Phase.FORWARD for o in u.ops))
     ]
     assert not claimed, claimed

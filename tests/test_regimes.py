@@ -362,7 +362,9 @@ def test_pure_preflight_trains_the_low_model_with_a_copied_optimizer() -> None:
     assert case.loss_fn is not None
     case.loss_fn(case.model(case.batch), case.batch).backward()
     opt.step()
-    result = pd.preflight(case.model, case.batch, case.loss_fn, dtype="bf16", regime="pure", optimizer=opt, steps=2, plan=False)
+    result = pd.preflight(
+        case.model, case.batch, case.loss_fn, dtype="bf16", regime="pure", optimizer=opt, steps=2, plan=False
+    )
     assert result, [r.line() for r in result.reasons]
     assert result.policy is None and result.runs["low"].init_scale_log2 is None
     assert all(p.dtype == torch.float32 for p in case.model.parameters())  # the user's stay fp32

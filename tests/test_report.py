@@ -51,8 +51,12 @@ def with_infinities(report: Report) -> Report:
     u0 = units[0]
     local = u0.forward.local
     assert local is not None
-    fwd = u0.forward.model_copy(update={"local": local.model_copy(update={"rel_l2_error": math.inf, "sqnr_db": -math.inf})})
-    units[0] = u0.model_copy(update={"forward": fwd, "flags": [flag(Flag.OVERFLOW, u0.name, overflow_fraction=math.inf)]})
+    fwd = u0.forward.model_copy(
+        update={"local": local.model_copy(update={"rel_l2_error": math.inf, "sqnr_db": -math.inf})}
+    )
+    units[0] = u0.model_copy(
+        update={"forward": fwd, "flags": [flag(Flag.OVERFLOW, u0.name, overflow_fraction=math.inf)]}
+    )
     return report.model_copy(update={"losses": losses, "units": units})
 
 
@@ -178,8 +182,19 @@ def _bad_files(report: Report) -> dict[str, bytes]:
 
 @pytest.mark.parametrize(
     "kind",
-    ["truncated", "empty", "garbage", "not-utf8", "list", "no-schema-version", "wrong-schema-version",
-     "string-schema-version", "missing-field", "extra-field", "bad-type"],
+    [
+        "truncated",
+        "empty",
+        "garbage",
+        "not-utf8",
+        "list",
+        "no-schema-version",
+        "wrong-schema-version",
+        "string-schema-version",
+        "missing-field",
+        "extra-field",
+        "bad-type",
+    ],
 )
 def test_bad_report_raises_one_line_error(report: Report, tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"{kind}.json"

@@ -33,7 +33,9 @@ EXPECTED: dict[str, dict[str, pd.Flag]] = {
 # Samples whose findings are warnings (GradScaler absorbs them) and whose loss error is within
 # tolerance: "Safe to train ... with warnings". Others with findings are not safe.
 SAFE_WITH_WARNINGS: set[tuple[str, str]] = {
-    ("skip_one_step", "autocast-cuda"), ("skip_one_step", "autocast-cpu"), ("skip_one_step", "pure"),
+    ("skip_one_step", "autocast-cuda"),
+    ("skip_one_step", "autocast-cpu"),
+    ("skip_one_step", "pure"),
     ("tiny_loss_gradients", "autocast-cuda"),
 }
 # (regime, policy) as the CLI's --regime/--policy take them.
@@ -87,7 +89,9 @@ def test_samples_the_verdict_issue_names() -> None:
     for f in _analyze("tiny_loss_gradients").flags():
         assert f.severity is pd.Severity.WARNING and f.evidence.values["fixing_scale_log2"] > 24
     lost = _analyze("lost_update", "bf16", "pure").by_module()["step"].flags
-    assert [(f.flag, f.severity, f.evidence.op) for f in lost] == [(pd.Flag.ERROR_GROWTH, pd.Severity.ERROR, "sub.Tensor")]
+    assert [(f.flag, f.severity, f.evidence.op) for f in lost] == [
+        (pd.Flag.ERROR_GROWTH, pd.Severity.ERROR, "sub.Tensor")
+    ]
 
 
 @pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)
@@ -132,7 +136,9 @@ def test_downstream_of_overflow_is_not_blamed_but_shows_propagated_damage() -> N
 
 @pytest.mark.parametrize("regime", sorted(REGIMES), ids=str)
 @pytest.mark.parametrize(
-    "name", ["ffn_overflow", "attention_unscaled", "reduction_overflow", "rmsnorm_no_upcast", "pure_only_overflow"], ids=str
+    "name",
+    ["ffn_overflow", "attention_unscaled", "reduction_overflow", "rmsnorm_no_upcast", "pure_only_overflow"],
+    ids=str,
 )
 def test_bf16_range_holds_where_fp16_overflows(name: str, regime: str) -> None:
     report = _analyze(name, "bf16", regime)

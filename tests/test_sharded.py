@@ -93,7 +93,12 @@ def test_fsdp_gradient_fidelity_is_the_jobs(ranks: list[dict[str, Any]]) -> None
     assert job.grad_fidelity.numel == sum(numel.values())
     assert {n: f.numel for u in job.units for n, f in u.backward.param_grad_fidelity.items()} == numel
     whole = pd.analyze(
-        case.model, case.batch, case.loss_fn, dtype="bf16", policy="cpu", thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD)
+        case.model,
+        case.batch,
+        case.loss_fn,
+        dtype="bf16",
+        policy="cpu",
+        thresholds=pd.Thresholds(grad_rel_error=GRAD_THRESHOLD),
     )
     grad_flags = {f for f in flag_set(job) if f[0] == "GRAD_DIVERGENCE"}
     assert grad_flags == {("GRAD_DIVERGENCE", "fc1", "warning"), ("GRAD_DIVERGENCE", "fc2", "warning")}
@@ -156,7 +161,10 @@ def test_fsdp_trains_after_an_analysis_that_failed_midway(ranks: list[dict[str, 
         failed = rank["fsdp_failed"]
         assert failed["error"] is not None and "rank 1" in failed["error"]["message"]
         # FSDP2's iteration state was reset: the step gathers each module once per pass.
-        assert failed["step"]["_allgather_base_"] == plain["forward"]["_allgather_base_"] + plain["backward"]["_allgather_base_"]
+        assert (
+            failed["step"]["_allgather_base_"]
+            == plain["forward"]["_allgather_base_"] + plain["backward"]["_allgather_base_"]
+        )
         assert failed["stepped"] == failed["replica_stepped"]
 
 

@@ -79,13 +79,32 @@ FORMATS = {
         cast=fp16_cast,
         values=[
             # overflow side: (max, 65520) rounds to max; >= 65520 becomes inf
-            65504.0, 65505.0, 65519.0, 65520.0, 70000.0, -1e6, 3e38,
+            65504.0,
+            65505.0,
+            65519.0,
+            65520.0,
+            70000.0,
+            -1e6,
+            3e38,
             # flush side
-            2.0**-26, -(2.0**-25), 1.5 * 2.0**-25, 3e-8, 2.0**-24, 1e-10, 1e-40,
+            2.0**-26,
+            -(2.0**-25),
+            1.5 * 2.0**-25,
+            3e-8,
+            2.0**-24,
+            1e-10,
+            1e-40,
             # subnormal side
-            1e-6, -(2.0**-15), float(np.nextafter(F32(2.0**-14), F32(0))), 2.0**-14,
+            1e-6,
+            -(2.0**-15),
+            float(np.nextafter(F32(2.0**-14), F32(0))),
+            2.0**-14,
             # ordinary values and zeros
-            1.0, -3.5, 0.0, -0.0, 0.0,
+            1.0,
+            -3.5,
+            0.0,
+            -0.0,
+            0.0,
         ],
     ),
     "bf16": dict(
@@ -96,13 +115,26 @@ FORMATS = {
         values=[
             # 0x7F7F0000 is bf16 max; 0x7F7F8000 the rounding midpoint (ties to inf)
             *f32_from_bits(0x7F7F0000, 0x7F7F0001, 0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF),
-            -1e38, 3e37,
+            -1e38,
+            3e37,
             # flush side: 2^-134 ties to 0, 1.5 * 2^-134 rounds up to 2^-133
-            2.0**-134, -1.5 * 2.0**-134, 2.0**-140, 2.0**-149, 2.0**-133,
+            2.0**-134,
+            -1.5 * 2.0**-134,
+            2.0**-140,
+            2.0**-149,
+            2.0**-133,
             # subnormal side (bf16 subnormals are fp32 subnormals too)
-            2.0**-127, -(2.0**-130), float(np.nextafter(F32(2.0**-126), F32(0))), 2.0**-126,
+            2.0**-127,
+            -(2.0**-130),
+            float(np.nextafter(F32(2.0**-126), F32(0))),
+            2.0**-126,
             # ordinary values and zeros
-            1.0, -3.5, 65505.0, 1e-10, 0.0, -0.0,
+            1.0,
+            -3.5,
+            65505.0,
+            1e-10,
+            0.0,
+            -0.0,
         ],
     ),
 }
@@ -131,7 +163,9 @@ def test_masked_positions_count_as_zeros() -> None:
     assert s.tails["fp16"].flushed == int(((kept != 0) & (np.abs(kept) < 2.0**-24)).sum()) == 1
     assert s.max_abs == float(np.float32(1e32))
     # broadcast: a (1, 3) mask over (2, 3) values
-    wide = summarize_unmasked(torch.tensor([[-1e38, 2.0, 3.0], [-1e38, 5.0, 6.0]]), torch.tensor([[True, False, False]]))
+    wide = summarize_unmasked(
+        torch.tensor([[-1e38, 2.0, 3.0], [-1e38, 5.0, 6.0]]), torch.tensor([[True, False, False]])
+    )
     assert wide.masked_count == 2 and wide.tails["bf16"].overflow == 0 and wide.max_abs == 6.0
 
 
@@ -299,7 +333,9 @@ def test_histogram_matches_numpy_log2(histogram_path: str, summarize_fn: Summari
     x[15] = np.inf
     x[16] = np.nan
     # exact powers of two and their neighbours below
-    x[17:21] = np.array([1.0, np.nextafter(F32(1.0), F32(0)), 2.0**-24, np.nextafter(F32(2.0**-24), F32(0))], dtype=np.float32)
+    x[17:21] = np.array(
+        [1.0, np.nextafter(F32(1.0), F32(0)), 2.0**-24, np.nextafter(F32(2.0**-24), F32(0))], dtype=np.float32
+    )
     s = summarize_fn(torch.from_numpy(x))
 
     finite_nz = x[np.isfinite(x) & (x != 0)].astype(np.float64)
@@ -334,8 +370,10 @@ def assert_same_summary(got: TensorSummary, expected: TensorSummary) -> None:
 
 
 def test_sumsq_matches_numpy(summarize_fn: SummarizeFn) -> None:
-    x = np.array([3.0, -2.5, 0.5, 2.0**-30, -1.5 * 2.0**-30, 2.0**-25, 2.0**-24, 2.0**-140, np.inf, np.nan, 0.0],
-                 dtype=np.float32)
+    x = np.array(
+        [3.0, -2.5, 0.5, 2.0**-30, -1.5 * 2.0**-30, 2.0**-25, 2.0**-24, 2.0**-140, np.inf, np.nan, 0.0],
+        dtype=np.float32,
+    )
     s = summarize_fn(torch.from_numpy(x), with_sumsq=True)
     assert s.sumsq is not None and len(s.sumsq) == SUMSQ_BINS
     f = x[np.isfinite(x)].astype(np.float64)
@@ -542,7 +580,7 @@ def test_summary_batch_matches_numpy_per_tensor(with_sumsq: bool) -> None:
         expected[255] += int((~np.isfinite(x)).sum())
         np.testing.assert_array_equal(s.hist, expected)
         assert s.tails["fp16"].overflow == int((a > 65504).sum())
-        assert s.tails["fp16"].flushed == int(((nz < 2.0**-24)).sum())
+        assert s.tails["fp16"].flushed == int((nz < 2.0**-24).sum())
         assert s.tails["fp16"].subnormal == int(((nz >= 2.0**-24) & (nz < 2.0**-14)).sum())
         assert s.tails["bf16"].subnormal == int(((nz >= 2.0**-133) & (nz < 2.0**-126)).sum())
         if with_sumsq:

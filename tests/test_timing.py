@@ -120,7 +120,9 @@ def test_plan_with_measured_costs_names_them() -> None:
 
 
 def test_cli_measured_cost_excludes_target() -> None:
-    res = CliRunner().invoke(app, ["analyze", "sample_models/tiny_transformer.py", "--cost", "measured", "--target", "a100"])
+    res = CliRunner().invoke(
+        app, ["analyze", "sample_models/tiny_transformer.py", "--cost", "measured", "--target", "a100"]
+    )
     assert res.exit_code == 2
     assert "--cost measured" in res.output and "Traceback" not in res.output
 

@@ -42,8 +42,7 @@ def version(python: Path, cwd: Path, env: dict[str, str]) -> str:
 def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     # Nothing of the source tree on any path: no PYTHONPATH, the cwd outside the repository.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1",
-               STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     work = tmp_path / "work"
     work.mkdir()
 
@@ -52,11 +51,15 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "precision_doctor", src / "precision_doctor",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        REPO / "precision_doctor", src / "precision_doctor", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
-        cwd=work, env=env)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+        cwd=work,
+        env=env,
+    )
     (wheel,) = dist.glob("precision_doctor-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "precision_doctor/views/streamlit_app.py" in names
@@ -72,23 +75,38 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     # The outer pip installs into the venv it runs in; --ignore-installed: the editable
     # install of this checkout must not count as installed.
     run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], cwd=work, env=env)
-    where = run([str(python), "-c", "import precision_doctor, sysconfig; "
-                 "print(precision_doctor.__file__); print(sysconfig.get_paths()['purelib'])"], cwd=work, env=env)
+    where = run(
+        [
+            str(python),
+            "-c",
+            "import precision_doctor, sysconfig; "
+            "print(precision_doctor.__file__); print(sysconfig.get_paths()['purelib'])",
+        ],
+        cwd=work,
+        env=env,
+    )
     module_file, purelib = (Path(line).resolve() for line in where.split())
     assert module_file.is_relative_to(purelib), f"imported from {module_file}, not the venv's {purelib}"
     assert purelib.is_relative_to(venv.resolve()) and not module_file.is_relative_to(REPO)
 
     cli = bindir / "precision-doctor"
-    run([str(cli), "analyze", str(REPO / "sample_models" / "tiny_transformer.py"), "--out", "r.json"],
-        cwd=work, env=env)
+    run(
+        [str(cli), "analyze", str(REPO / "sample_models" / "tiny_transformer.py"), "--out", "r.json"], cwd=work, env=env
+    )
     report = json.loads((work / "r.json").read_text(encoding="utf-8"))
     assert report["units"] and report["environment"]["tool_version"] == version(python, work, env)
 
     port = free_port()
     log = tmp_path / "app.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(cli), "app", "r.json", "--headless", "--port", str(port)],
-                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(cli), "app", "r.json", "--headless", "--port", str(port)],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         health = f"http://127.0.0.1:{port}/_stcore/health"
         wait_healthy(proc, health, log, timeout=60)

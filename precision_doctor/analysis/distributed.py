@@ -139,8 +139,13 @@ class StatsReducer:
         self._rank = rank()
 
     def summary(
-        self, key: str, s: TensorSummary | None, assign: Callable[[TensorSummary | None], None], *,
-        grad: bool = False, replicated: bool = False,
+        self,
+        key: str,
+        s: TensorSummary | None,
+        assign: Callable[[TensorSummary | None], None],
+        *,
+        grad: bool = False,
+        replicated: bool = False,
     ) -> None:
         """A `TensorSummary` (None: this rank has none; the job's is None only if no rank has
         one). `grad`: it may carry sums of squares (gradients)."""
@@ -168,14 +173,20 @@ class StatsReducer:
                 o = i0 + 5 + 3 * k
                 tails[name] = TailCounts(overflow=int(i[o]), flushed=int(i[o + 1]), subnormal=int(i[o + 2]))
             has_sumsq = grad and bool(i[i0 + _SUMMARY_HEAD - 1])
-            assign(TensorSummary(
-                numel=int(i[i0 + 1]), zero_count=int(i[i0 + 2]), nan_count=int(i[i0 + 3]), inf_count=int(i[i0 + 4]),
-                max_abs=float(m[m0]), min_nonzero_abs=float(-m[m0 + 1]),
-                hist=i[i0 + _SUMMARY_HEAD : i0 + _SUMMARY_HEAD + HIST_BINS].copy(),
-                sumsq=f[s0 : s0 + SUMSQ_BINS].copy() if has_sumsq else None,
-                sumsq_total=float(f[s0 + SUMSQ_BINS]) if has_sumsq else 0.0,
-                tails=tails,
-            ))
+            assign(
+                TensorSummary(
+                    numel=int(i[i0 + 1]),
+                    zero_count=int(i[i0 + 2]),
+                    nan_count=int(i[i0 + 3]),
+                    inf_count=int(i[i0 + 4]),
+                    max_abs=float(m[m0]),
+                    min_nonzero_abs=float(-m[m0 + 1]),
+                    hist=i[i0 + _SUMMARY_HEAD : i0 + _SUMMARY_HEAD + HIST_BINS].copy(),
+                    sumsq=f[s0 : s0 + SUMSQ_BINS].copy() if has_sumsq else None,
+                    sumsq_total=float(f[s0 + SUMSQ_BINS]) if has_sumsq else 0.0,
+                    tails=tails,
+                )
+            )
 
         self._keys.append(key)
         self._decoders.append(decode)
@@ -470,7 +481,10 @@ class Job:
         if keep_own is not None:
             keep_own.append(own)
         mine = RankResult(
-            rank=self.rank, loss_fp32=losses.fp32, loss_low=losses.low, loss_rel_error=losses.rel_error,
+            rank=self.rank,
+            loss_fp32=losses.fp32,
+            loss_low=losses.low,
+            loss_rel_error=losses.rel_error,
             flags=own.flags(),
         )
         got = exchange((mine, sorted(grads)))

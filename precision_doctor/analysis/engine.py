@@ -243,9 +243,17 @@ def _validate(
             "gathered ones: analyze an FSDP2 model with --regime autocast"
         )
     return _Request(
-        model=model, batch=batch, loss_fn=loss_fn, low=low, regime=run_regime, policy=op_policy,
-        th=thresholds or Thresholds(), name=name or type(model).__name__, say=progress or (lambda _msg: None),
-        device=device_of(model), job=job,
+        model=model,
+        batch=batch,
+        loss_fn=loss_fn,
+        low=low,
+        regime=run_regime,
+        policy=op_policy,
+        th=thresholds or Thresholds(),
+        name=name or type(model).__name__,
+        say=progress or (lambda _msg: None),
+        device=device_of(model),
+        job=job,
     )
 
 
@@ -262,8 +270,12 @@ def _fp32_capture(
         # loss function also gets a local shadow.
         low_units = LowUnits({"": True, LOSS_UNIT: False})
         with capture_pass(
-            req.model, TORCH_DTYPES[req.low], low_units, on_mutation=guard.before_mutation,
-            op_dtypes=real_low.op_dtypes, module_outputs=real_low.module_outputs,
+            req.model,
+            TORCH_DTYPES[req.low],
+            low_units,
+            on_mutation=guard.before_mutation,
+            op_dtypes=real_low.op_dtypes,
+            module_outputs=real_low.module_outputs,
             default_low=req.regime is Regime.PURE,
         ) as capture:
             output, loss, loss_fp32 = _fp32_forward(req, capture, real_low)
@@ -310,8 +322,7 @@ def _fp32_forward(req: _Request, capture: ShadowCapture, real_low: LowRun) -> tu
         first = next((r for r in capture.records if r.fp32_nonfinite_root), None)
         where = f"; first non-finite op: {first.op} in unit {first.unit!r}" if first else ""
         raise PrecisionDoctorError(
-            f"the fp32 loss is {loss_fp32}: the model is broken before any precision "
-            f"change (NONFINITE_FP32{where})"
+            f"the fp32 loss is {loss_fp32}: the model is broken before any precision change (NONFINITE_FP32{where})"
         )
     return output, loss, loss_fp32
 
@@ -366,7 +377,9 @@ def _report(
         low=req.low,
         th=req.th,
         losses=Losses(
-            fp32=loss_fp32, low=loss_low, rel_error=relative_loss_error(loss_fp32, loss_low),
+            fp32=loss_fp32,
+            low=loss_low,
+            rel_error=relative_loss_error(loss_fp32, loss_low),
             low_dtype="fp16" if loss_dtype == torch.float16 else "bf16" if loss_dtype == torch.bfloat16 else "fp32",
             low_term_grad_max_abs=capture.low_term_grad_max_abs,
         ),
@@ -399,9 +412,7 @@ def _gradient_fidelity(
     req.say(f"{req.low} backward at loss scale 2^{scale_log2}")
 
     def low_backward(sink: GradientSink) -> None:
-        _low_backward(
-            real_low, req.model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy
-        )
+        _low_backward(real_low, req.model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
 
     return req.job.gradient_fidelity(report, req.model, grads, scale_log2, capture.workspace, low_backward)
 
@@ -425,7 +436,13 @@ def _low_run(
         with fail_fast(sharded_job):
             try:
                 return low_run(
-                    model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False,
+                    model,
+                    batch,
+                    loss_fn,
+                    TORCH_DTYPES[low],
+                    regime=regime,
+                    policy=policy,
+                    record_ops=False,
                     keep_graph=True,
                 )
             except (PrecisionDoctorError, PrecisionDoctorInternalError):
@@ -442,7 +459,11 @@ def _low_run(
             # Under a capture that only reports writes, so the guard restores what it changes;
             # with autograd on, or every loss would read as "does not require grad".
             with capture_pass(
-                model, TORCH_DTYPES[low], LowUnits({"": False}), collect=False, local=False,
+                model,
+                TORCH_DTYPES[low],
+                LowUnits({"": False}),
+                collect=False,
+                local=False,
                 on_mutation=guard.before_mutation,
             ):
                 try:
@@ -492,7 +513,13 @@ def _low_backward(
         pass
     try:
         low_run(
-            model, batch, loss_fn, TORCH_DTYPES[low], regime=regime, policy=policy, record_ops=False,
+            model,
+            batch,
+            loss_fn,
+            TORCH_DTYPES[low],
+            regime=regime,
+            policy=policy,
+            record_ops=False,
             gradients_at=(scale_log2, sink),
         )
     except PrecisionDoctorInternalError:
@@ -513,7 +540,8 @@ def _low_params(model: torch.nn.Module, low_reads: set[int]) -> set[str]:
     for unsharded, sharded in gathered_params(model):
         readers.setdefault(id(sharded), []).append(id(unsharded))
     return {
-        n for n, p in model.named_parameters(remove_duplicate=False)
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
         if any(i in low_reads for i in (id(p), id(local_tensor(p)), *readers.get(id(p), ())))
     }
 
@@ -579,7 +607,7 @@ def tensor_stats(s: TensorSummary) -> TensorStats:
         histogram=Histogram(
             log2_lo=lo - EXP_BIAS,
             counts=[int(c) for c in hist[lo:hi]],
-            sum_squares=[float(v) for v in s.sumsq[lo:min(hi, SUMSQ_BINS)]] if s.sumsq is not None else None,
+            sum_squares=[float(v) for v in s.sumsq[lo : min(hi, SUMSQ_BINS)]] if s.sumsq is not None else None,
         ),
         sum_squares_total=s.sumsq_total if s.sumsq is not None else None,
         masked_count=s.masked_count,
@@ -594,10 +622,12 @@ def loss_scale_curve(s: TensorSummary) -> list[LossScalePoint]:
     as one list (one pydantic-core call, ~25% less than a constructor call per point)."""
     lost, over, norm = s.loss_scale_fractions(LOSS_SCALES)
     norms = norm.tolist() if s.sumsq is not None else [None] * len(LOSS_SCALES)
-    return _CURVE.validate_python([
-        {"scale_log2": k, "underflow_fraction": a, "overflow_fraction": b, "underflow_norm_fraction": c}
-        for k, a, b, c in zip(LOSS_SCALES, lost.tolist(), over.tolist(), norms, strict=True)
-    ])
+    return _CURVE.validate_python(
+        [
+            {"scale_log2": k, "underflow_fraction": a, "overflow_fraction": b, "underflow_norm_fraction": c}
+            for k, a, b, c in zip(LOSS_SCALES, lost.tolist(), over.tolist(), norms, strict=True)
+        ]
+    )
 
 
 def _error(acc: ErrorAccumulator, nonfinite: int) -> ErrorStats:

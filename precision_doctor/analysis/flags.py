@@ -122,7 +122,8 @@ def _nonfinite_fp32(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRe
             unit=unit.name,
             severity=Severity.ERROR,
             evidence=Evidence(
-                op=op_name, phase=phase,
+                op=op_name,
+                phase=phase,
                 message=f"{op_name} produces Inf/NaN already in fp32 ({phase}) from finite inputs; "
                 "not a precision problem",
                 values={"nan_count": s.nan_count if s else 0, "inf_count": s.inf_count if s else 0},
@@ -150,12 +151,19 @@ def _overflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
         return []
     r = max(over_ops, key=overflow_of)
     largest = max(o.out_max_abs for o in over_ops)
-    return [case.flag(
-        Flag.OVERFLOW, Severity.ERROR, r, Phase.FORWARD,
-        f"{over} value(s) exceed {limits.name} max {limits.max_value:g} (largest |x| {largest:.4g})",
-        overflow_count=over, overflow_fraction=fwd.fraction(over), max_abs=largest,
-        dtype_max=limits.max_value,
-    )]
+    return [
+        case.flag(
+            Flag.OVERFLOW,
+            Severity.ERROR,
+            r,
+            Phase.FORWARD,
+            f"{over} value(s) exceed {limits.name} max {limits.max_value:g} (largest |x| {largest:.4g})",
+            overflow_count=over,
+            overflow_fraction=fwd.fraction(over),
+            max_abs=largest,
+            dtype_max=limits.max_value,
+        )
+    ]
 
 
 def _underflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
@@ -165,13 +173,19 @@ def _underflow(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]
         return []
     r = _worst(case.ops, "flushed", limits, Phase.FORWARD)
     costly = not math.isfinite(local) or local > th.divergence_rel_error
-    return [case.flag(
-        Flag.UNDERFLOW, Severity.ERROR if costly else Severity.WARNING, r, Phase.FORWARD,
-        f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {limits.name} "
-        f"(below {limits.smallest_subnormal:.3g}); local error {local:.3g}",
-        underflow_count=flushed, underflow_fraction=fwd.fraction(flushed),
-        min_nonzero_abs=fwd.min_nonzero_abs,
-    )]
+    return [
+        case.flag(
+            Flag.UNDERFLOW,
+            Severity.ERROR if costly else Severity.WARNING,
+            r,
+            Phase.FORWARD,
+            f"{percent(fwd.fraction(flushed), '.1%')} of nonzero values flush to 0 in {limits.name} "
+            f"(below {limits.smallest_subnormal:.3g}); local error {local:.3g}",
+            underflow_count=flushed,
+            underflow_fraction=fwd.fraction(flushed),
+            min_nonzero_abs=fwd.min_nonzero_abs,
+        )
+    ]
 
 
 def _low_nonfinite(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
@@ -181,11 +195,16 @@ def _low_nonfinite(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRec
     if not nan_roots or any(f.flag is Flag.OVERFLOW for f in found):
         return []
     r = nan_roots[0]
-    return [case.flag(
-        Flag.UNDERFLOW if case.flushed else Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
-        f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {case.limits.name} where fp32 is finite",
-        nonfinite_count=r.local_nonfinite_root,
-    )]
+    return [
+        case.flag(
+            Flag.UNDERFLOW if case.flushed else Flag.DIVERGENCE,
+            Severity.ERROR,
+            r,
+            Phase.FORWARD,
+            f"{r.op} gives {r.local_nonfinite_root} Inf/NaN in {case.limits.name} where fp32 is finite",
+            nonfinite_count=r.local_nonfinite_root,
+        )
+    ]
 
 
 def _divergence(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
@@ -194,11 +213,17 @@ def _divergence(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord
     if not (math.isfinite(local) and local > th.divergence_rel_error):
         return []
     r = _worst(case.ops, "local", case.limits, Phase.FORWARD)
-    return [case.flag(
-        Flag.DIVERGENCE, Severity.ERROR, r, Phase.FORWARD,
-        f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
-        rel_l2_error=local, sqnr_db=case.unit.local_error.sqnr_db,
-    )]
+    return [
+        case.flag(
+            Flag.DIVERGENCE,
+            Severity.ERROR,
+            r,
+            Phase.FORWARD,
+            f"local relative error {local:.3g} fed fp32 inputs (threshold {th.divergence_rel_error:g})",
+            rel_l2_error=local,
+            sqnr_db=case.unit.local_error.sqnr_db,
+        )
+    ]
 
 
 def _error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
@@ -211,13 +236,18 @@ def _error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagReco
     growth = prop / base if base > 0 else math.inf
     if growth < th.error_growth_factor:
         return []
-    return [case.flag(
-        Flag.ERROR_GROWTH, Severity.ERROR if prop > th.divergence_rel_error else Severity.WARNING,
-        None, Phase.FORWARD,
-        f"propagated error grows from {base:.3g} at the inputs to {prop:.3g}",
-        rel_l2_error=prop, input_rel_l2_error=base,
-        growth_factor=growth if math.isfinite(growth) else 1e30,
-    )]
+    return [
+        case.flag(
+            Flag.ERROR_GROWTH,
+            Severity.ERROR if prop > th.divergence_rel_error else Severity.WARNING,
+            None,
+            Phase.FORWARD,
+            f"propagated error grows from {base:.3g} at the inputs to {prop:.3g}",
+            rel_l2_error=prop,
+            input_rel_l2_error=base,
+            growth_factor=growth if math.isfinite(growth) else 1e30,
+        )
+    ]
 
 
 def _inner_error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
@@ -230,12 +260,18 @@ def _inner_error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[Fl
     if inner is None:
         return []
     r, op_err, in_err = inner
-    return [case.flag(
-        Flag.ERROR_GROWTH, Severity.ERROR if op_err > th.divergence_rel_error else Severity.WARNING,
-        r, Phase.FORWARD,
-        f"{r.op} inside the unit: local error grows from {in_err:.3g} in what it reads to {op_err:.3g}",
-        rel_l2_error=op_err, input_rel_l2_error=in_err, growth_factor=op_err / in_err,
-    )]
+    return [
+        case.flag(
+            Flag.ERROR_GROWTH,
+            Severity.ERROR if op_err > th.divergence_rel_error else Severity.WARNING,
+            r,
+            Phase.FORWARD,
+            f"{r.op} inside the unit: local error grows from {in_err:.3g} in what it reads to {op_err:.3g}",
+            rel_l2_error=op_err,
+            input_rel_l2_error=in_err,
+            growth_factor=op_err / in_err,
+        )
+    ]
 
 
 def _gradients(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]:
@@ -251,8 +287,14 @@ def _gradients(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]
         return float(curves[0][k]), float(curves[1][k]), float(curves[2][k])
 
     return _gradient_flags(
-        unit.name, limits, case.th, scale, at_scale,
-        inherited_overflow=reads_overflow(case.ops, limits), max_abs=bwd.max_abs, scaler=fp16,
+        unit.name,
+        limits,
+        case.th,
+        scale,
+        at_scale,
+        inherited_overflow=reads_overflow(case.ops, limits),
+        max_abs=bwd.max_abs,
+        scaler=fp16,
         ceiling_log2=case.scale_ceiling_log2,
         overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
         underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
@@ -260,7 +302,13 @@ def _gradients(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]
 
 
 _RULES: tuple[_Rule, ...] = (
-    _overflow, _underflow, _low_nonfinite, _divergence, _error_growth, _inner_error_growth, _gradients,
+    _overflow,
+    _underflow,
+    _low_nonfinite,
+    _divergence,
+    _error_growth,
+    _inner_error_growth,
+    _gradients,
 )
 """The range, error and gradient rules, in the order their findings are listed."""
 
@@ -296,9 +344,18 @@ def scale_ceiling(overflow_at: Callable[[int], float], th: Thresholds) -> int:
 
 
 def _gradient_flags(
-    unit: str, limits: FormatLimits, th: Thresholds, scale: int,
-    at_scale: Callable[[int], tuple[float, float, float]], *, inherited_overflow: bool, max_abs: float,
-    scaler: bool, ceiling_log2: int, overflow_op: str | None, underflow_op: str | None,
+    unit: str,
+    limits: FormatLimits,
+    th: Thresholds,
+    scale: int,
+    at_scale: Callable[[int], tuple[float, float, float]],
+    *,
+    inherited_overflow: bool,
+    max_abs: float,
+    scaler: bool,
+    ceiling_log2: int,
+    overflow_op: str | None,
+    underflow_op: str | None,
 ) -> list[FlagRecord]:
     """GRAD_OVERFLOW and GRAD_UNDERFLOW at loss scale 2^`scale`, with their severities (see
     the module docstring). `at_scale(k)`: (fraction of nonzero gradients flushed, fraction
@@ -316,17 +373,33 @@ def _gradient_flags(
         backoff = next((j for j in range(1, scale + 1) if not overflows(scale - j)), None) if scaler else None
         what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {limits.name} at 2^{scale}"
         if backoff is not None:
-            flags.append(_grad_flag(
-                Flag.GRAD_OVERFLOW, Severity.WARNING, unit, overflow_op,
-                f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}",
-                overflow_fraction=overflow, max_abs=max_abs, scale_log2=scale, backoff_steps=backoff,
-            ))
+            flags.append(
+                _grad_flag(
+                    Flag.GRAD_OVERFLOW,
+                    Severity.WARNING,
+                    unit,
+                    overflow_op,
+                    f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}",
+                    overflow_fraction=overflow,
+                    max_abs=max_abs,
+                    scale_log2=scale,
+                    backoff_steps=backoff,
+                )
+            )
         else:
             why = "at every loss scale down to 2^0" if scaler else "beyond the format (no loss scaler)"
-            flags.append(_grad_flag(
-                Flag.GRAD_OVERFLOW, Severity.ERROR, unit, overflow_op, f"{what}: {why}",
-                overflow_fraction=overflow, max_abs=max_abs, scale_log2=scale,
-            ))
+            flags.append(
+                _grad_flag(
+                    Flag.GRAD_OVERFLOW,
+                    Severity.ERROR,
+                    unit,
+                    overflow_op,
+                    f"{what}: {why}",
+                    overflow_fraction=overflow,
+                    max_abs=max_abs,
+                    scale_log2=scale,
+                )
+            )
     if norm_lost > th.grad_underflow_norm_fraction:
         what = (
             f"at loss scale 2^{scale}, {percent(lost, '.1%')} of nonzero gradients and "
@@ -334,25 +407,49 @@ def _gradient_flags(
         )
         # A larger scale keeps more: GradScaler grows to it unless some gradient of the
         # model overflows on the way (the ceiling) or this unit's do.
-        fix = next(
-            (k for k in range(scale + 1, ceiling_log2 + 1)
-             if at_scale(k)[2] <= th.grad_underflow_norm_fraction and not overflows(k)),
-            None,
-        ) if scaler else None
+        fix = (
+            next(
+                (
+                    k
+                    for k in range(scale + 1, ceiling_log2 + 1)
+                    if at_scale(k)[2] <= th.grad_underflow_norm_fraction and not overflows(k)
+                ),
+                None,
+            )
+            if scaler
+            else None
+        )
         if fix is not None:
-            flags.append(_grad_flag(
-                Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, underflow_op,
-                f"{what}; GradScaler can grow to 2^{fix}, which keeps them",
-                underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale,
-                max_abs=max_abs, fixing_scale_log2=fix,
-            ))
+            flags.append(
+                _grad_flag(
+                    Flag.GRAD_UNDERFLOW,
+                    Severity.WARNING,
+                    unit,
+                    underflow_op,
+                    f"{what}; GradScaler can grow to 2^{fix}, which keeps them",
+                    underflow_fraction=lost,
+                    norm_fraction_lost=norm_lost,
+                    scale_log2=scale,
+                    max_abs=max_abs,
+                    fixing_scale_log2=fix,
+                )
+            )
         else:
             above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
             why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
-            flags.append(_grad_flag(
-                Flag.GRAD_UNDERFLOW, Severity.ERROR, unit, underflow_op, f"{what}; {why}",
-                underflow_fraction=lost, norm_fraction_lost=norm_lost, scale_log2=scale, max_abs=max_abs,
-            ))
+            flags.append(
+                _grad_flag(
+                    Flag.GRAD_UNDERFLOW,
+                    Severity.ERROR,
+                    unit,
+                    underflow_op,
+                    f"{what}; {why}",
+                    underflow_fraction=lost,
+                    norm_fraction_lost=norm_lost,
+                    scale_log2=scale,
+                    max_abs=max_abs,
+                )
+            )
     return flags
 
 
@@ -383,7 +480,11 @@ def op_error_growth(
                 local = maker.output_errors.get(k, (None, None))[0] if maker is not None else None
                 if local is not None:
                     read = max(read, local.rel_l2)
-        if math.isfinite(read) and err >= th.error_growth_factor * read and (best is None or err / read > best[1] / best[2]):
+        if (
+            math.isfinite(read)
+            and err >= th.error_growth_factor * read
+            and (best is None or err / read > best[1] / best[2])
+        ):
             best = (r, err, read)
     return best
 
@@ -395,7 +496,12 @@ def reads_overflow(ops: Sequence[OpRecord], limits: FormatLimits) -> bool:
 
 
 def gradient_flags_at_scale(
-    unit: Unit, scale_log2: int, limits: FormatLimits, th: Thresholds, *, scaler: bool = True,
+    unit: Unit,
+    scale_log2: int,
+    limits: FormatLimits,
+    th: Thresholds,
+    *,
+    scaler: bool = True,
     ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
     """A reported unit's fp16 gradient flags judged again at loss scale 2^k (a plan's
@@ -407,10 +513,17 @@ def gradient_flags_at_scale(
         return []
     ops = {f.flag: f.evidence.op for f in unit.flags}
     return _gradient_flags(
-        unit.name, limits, th, scale_log2, stats.loss_scale_fractions,
-        inherited_overflow=unit.backward.reads_overflow, max_abs=stats.max_abs, scaler=scaler,
+        unit.name,
+        limits,
+        th,
+        scale_log2,
+        stats.loss_scale_fractions,
+        inherited_overflow=unit.backward.reads_overflow,
+        max_abs=stats.max_abs,
+        scaler=scaler,
         ceiling_log2=ceiling_log2,
-        overflow_op=ops.get(Flag.GRAD_OVERFLOW), underflow_op=ops.get(Flag.GRAD_UNDERFLOW),
+        overflow_op=ops.get(Flag.GRAD_OVERFLOW),
+        underflow_op=ops.get(Flag.GRAD_UNDERFLOW),
     )
 
 
@@ -424,7 +537,9 @@ def _grad_flag(
     flag: Flag, severity: Severity, unit: str, node: str | None, message: str, **values: float
 ) -> FlagRecord:
     return FlagRecord(
-        flag=flag, unit=unit, severity=severity,
+        flag=flag,
+        unit=unit,
+        severity=severity,
         evidence=Evidence(op=node, phase=Phase.BACKWARD, message=message, values=values),
     )
 
@@ -452,7 +567,10 @@ def grad_norm_flushed(unit: Unit, limits: FormatLimits, scale_log2: int) -> floa
 
 
 def grad_divergence_flags(
-    report: Report, fidelity: Mapping[str, GradFidelity], th: Thresholds, scale_log2: int,
+    report: Report,
+    fidelity: Mapping[str, GradFidelity],
+    th: Thresholds,
+    scale_log2: int,
     model_fp32_l2_norm: float,
 ) -> dict[str, list[FlagRecord]]:
     """GRAD_DIVERGENCE findings by unit, from each unit's parameter-gradient fidelity

@@ -232,16 +232,24 @@ class GradComparer:
             if u.name not in fidelity:
                 new_units.append(u)
                 continue
-            backward = u.backward.model_copy(update={
-                "grad_fidelity": fidelity[u.name],
-                "param_grad_fidelity": {p: per_param[p].fidelity() for p in u.backward.param_grads if p in per_param},
-            })
+            backward = u.backward.model_copy(
+                update={
+                    "grad_fidelity": fidelity[u.name],
+                    "param_grad_fidelity": {
+                        p: per_param[p].fidelity() for p in u.backward.param_grads if p in per_param
+                    },
+                }
+            )
             new_units.append(u.model_copy(update={"backward": backward, "flags": [*u.flags, *flags.get(u.name, [])]}))
-        return report.model_copy(update={
-            "units": new_units,
-            "ranks": ranks,
-            "grad_fidelity": ModelGradFidelity(**model.fidelity().model_dump(), scale_log2=scale_log2) if model.numel else None,
-        })
+        return report.model_copy(
+            update={
+                "units": new_units,
+                "ranks": ranks,
+                "grad_fidelity": ModelGradFidelity(**model.fidelity().model_dump(), scale_log2=scale_log2)
+                if model.numel
+                else None,
+            }
+        )
 
 
 def with_grad_fidelity(

@@ -179,7 +179,11 @@ def advise_from_histogram(
         k = safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs) if needed else 0
         k = min(k, DEFAULT_SCALE_LOG2, seed_max) if needed else 0
     else:
-        k = min(safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs), seed_max) if scale_log2 is None else scale_log2
+        k = (
+            min(safe_scale_log2(max_abs, low, fp32_max_abs=fp32_max_abs), seed_max)
+            if scale_log2 is None
+            else scale_log2
+        )
         needed = True if at_one > 0 or k != 0 else max_abs > LIMITS[low].max_value
     return LossScaleAdvice(
         dtype=low,

@@ -177,9 +177,14 @@ def _fusable_lstm(args: tuple[Any, ...]) -> bool:
     hidden one)."""
     x, hx = (args[0], args[1]) if len(args) > 1 else (None, None)
     return (
-        isinstance(x, torch.Tensor) and _eligible(x) and x.numel() > 0
-        and isinstance(hx, (list, tuple)) and len(hx) == 2 and hx[0].size(-1) == hx[1].size(-1)
-        and torch._C._has_mkldnn and torch._C._get_mkldnn_enabled()
+        isinstance(x, torch.Tensor)
+        and _eligible(x)
+        and x.numel() > 0
+        and isinstance(hx, (list, tuple))
+        and len(hx) == 2
+        and hx[0].size(-1) == hx[1].size(-1)
+        and torch._C._has_mkldnn
+        and torch._C._get_mkldnn_enabled()
     )
 
 

@@ -92,9 +92,11 @@ def region_mismatch(device: str, low_dtype: torch.dtype) -> str | None:
     if region == low_dtype:
         return None
     plan, there = (dtype_spelling(str(d).removeprefix("torch.")) for d in (low_dtype, region))
-    replan = f"re-plan with `precision-doctor analyze model.py --dtype {there} --export ...`, or " if there in (
-        "fp16", "bf16"
-    ) else ""
+    replan = (
+        f"re-plan with `precision-doctor analyze model.py --dtype {there} --export ...`, or "
+        if there in ("fp16", "bf16")
+        else ""
+    )
     return (
         f"this plan was made for {plan} but runs inside a {there} ({region}) autocast region: "
         f"{replan}run it under torch.autocast({device!r}, dtype={low_dtype})"

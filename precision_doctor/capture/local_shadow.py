@@ -149,15 +149,19 @@ class LocalShadows:
         sargs, skwargs = map_args(args, kwargs, pick)
         for name in info.writes_kwargs:  # never write the fp32 tensor from a shadow (`out=`)
             t, st = kwargs.get(name), skwargs.get(name)
-            if isinstance(t, torch.Tensor) and isinstance(st, torch.Tensor) and (
-                st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            if (
+                isinstance(t, torch.Tensor)
+                and isinstance(st, torch.Tensor)
+                and (st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
             ):
                 skwargs[name] = st.clone()
         if info.mutates:
             sargs = list(sargs)
             for i in info.mutates:
-                if i < len(sargs) and isinstance(sargs[i], torch.Tensor) and (
-                    sargs[i].untyped_storage().data_ptr() == args[i].untyped_storage().data_ptr()
+                if (
+                    i < len(sargs)
+                    and isinstance(sargs[i], torch.Tensor)
+                    and (sargs[i].untyped_storage().data_ptr() == args[i].untyped_storage().data_ptr())
                 ):
                     sargs[i] = sargs[i].clone()  # never mutate the fp32 tensor twice
             sargs = tuple(sargs)

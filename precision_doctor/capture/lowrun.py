@@ -133,7 +133,9 @@ def _flat(out: Any) -> list[Any]:
 _OUT_DTYPES: dict[tuple[Any, ...], tuple[torch.dtype | None, ...]] = {}
 
 
-def _real_dtypes(func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch.dtype | None, ...]:
+def _real_dtypes(
+    func: Any, plan: _Plan, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[torch.dtype | None, ...]:
     key = _signature(func, args, kwargs)
     found = _OUT_DTYPES.get(key)
     if found is None:
@@ -324,7 +326,9 @@ def _emulated_dtypes(dtype: torch.dtype, device: str, emulate: bool | None) -> t
         # are not; a GPU runs its own.
         emulate = device == "cpu" and dtype == torch.float16
     if emulate and device != "cpu":
-        raise PrecisionDoctorError(f"low precision is emulated on the CPU only, not on {device!r}: its kernels are real")
+        raise PrecisionDoctorError(
+            f"low precision is emulated on the CPU only, not on {device!r}: its kernels are real"
+        )
     return (dtype,) if emulate else ()
 
 
@@ -372,7 +376,9 @@ def low_precision(
 
 
 @contextlib.contextmanager
-def low_precision_backward(model: torch.nn.Module, dtype: torch.dtype, *, emulate: bool | None = None) -> Iterator[None]:
+def low_precision_backward(
+    model: torch.nn.Module, dtype: torch.dtype, *, emulate: bool | None = None
+) -> Iterator[None]:
     """The backward of a step whose forward and loss ran in `low_precision`: outside autocast,
     as PyTorch prescribes (each backward op runs in the dtypes its forward op left it; inside
     an autocast region the region casts the backward's matmuls too, so a unit a plan keeps in
@@ -421,7 +427,9 @@ class LowGraph:
     chosen after it (the analysis picks the scale from the fp32 run's gradients, which come
     later). The graph holds the low run's activations until `backward`."""
 
-    def __init__(self, loss: torch.Tensor, params: Mapping[str, torch.Tensor], emulate: tuple[torch.dtype, ...]) -> None:
+    def __init__(
+        self, loss: torch.Tensor, params: Mapping[str, torch.Tensor], emulate: tuple[torch.dtype, ...]
+    ) -> None:
         self._loss: torch.Tensor | None = loss
         self._params = dict(params)  # by name: the low copies in the pure regime
         self._emulate = emulate
@@ -659,7 +667,9 @@ def low_run(
             loss = resolve_loss(output, batch, loss_fn)
         del output
         value = float(loss.detach())
-        graph = LowGraph(loss, named, emulated) if (keep_graph or gradients_at is not None) and loss.requires_grad else None
+        graph = (
+            LowGraph(loss, named, emulated) if (keep_graph or gradients_at is not None) and loss.requires_grad else None
+        )
         if gradients_at is not None and graph is not None:
             graph.backward(*gradients_at)
         return LowRun(

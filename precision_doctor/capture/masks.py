@@ -45,27 +45,48 @@ down that far is meant to vanish next to any other. Only constants are read this
 computed value is never a mask by its size."""
 
 # Ops that read their tensor input for its shape, dtype and device only.
-SHAPE_ONLY_OPS = frozenset({
-    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
-    aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
-    aten.new_empty_strided.default,
-})
+SHAPE_ONLY_OPS = frozenset(
+    {
+        aten.zeros_like.default,
+        aten.ones_like.default,
+        aten.full_like.default,
+        aten.empty_like.default,
+        aten.new_zeros.default,
+        aten.new_ones.default,
+        aten.new_full.default,
+        aten.new_empty.default,
+        aten.new_empty_strided.default,
+    }
+)
 # A literal the model wrote (`torch.tensor(-1e4)`): made outside the mode, lifted into it.
 LITERAL_OPS = frozenset({aten.lift_fresh.default, aten.lift_fresh_copy.default})
 # Copies whose output holds its first input's values in the same places.
-_SAME_PLACES = frozenset({
-    aten.clone.default, aten.alias.default, aten.detach.default, aten._to_copy.default,
-    aten.lift_fresh.default, aten.lift_fresh_copy.default,
-})
+_SAME_PLACES = frozenset(
+    {
+        aten.clone.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten._to_copy.default,
+        aten.lift_fresh.default,
+        aten.lift_fresh_copy.default,
+    }
+)
 # Views whose positions are not their input's logical positions.
 _NOT_LOGICAL = frozenset({aten.as_strided.default, aten.view.dtype})
 _ADDS = frozenset({aten.add, aten.add_})
 _SUBS = frozenset({aten.sub, aten.sub_})
 _SCALES = frozenset({aten.mul, aten.mul_, aten.div, aten.div_})
-_KEEPS = frozenset({
-    aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, aten.exp, aten.exp_,
-    aten.native_dropout,
-})
+_KEEPS = frozenset(
+    {
+        aten._softmax,
+        aten.softmax,
+        aten._log_softmax,
+        aten.log_softmax,
+        aten.exp,
+        aten.exp_,
+        aten.native_dropout,
+    }
+)
 _FILLS = frozenset({aten.masked_fill, aten.masked_fill_})
 _WHERE = frozenset({aten.where})
 _INDEX_PUTS = frozenset({aten.index_put, aten.index_put_})
@@ -96,8 +117,15 @@ class MaskTracker:
 
     # --- per op ---------------------------------------------------------------------------
     def op(
-        self, func: Any, info: OpInfo, args: Any, kwargs: Any, tensors_in: Sequence[torch.Tensor],
-        sources: Sequence[OpRecord | None], outs: Sequence[torch.Tensor], rec: OpRecord,
+        self,
+        func: Any,
+        info: OpInfo,
+        args: Any,
+        kwargs: Any,
+        tensors_in: Sequence[torch.Tensor],
+        sources: Sequence[OpRecord | None],
+        outs: Sequence[torch.Tensor],
+        rec: OpRecord,
     ) -> None:
         """Sets `rec.constant`, and the positions of its outputs where a mask reaches them
         (`rec.masked`). `sources[k]`: the record that made input k, None for a tensor no op
@@ -117,8 +145,11 @@ class MaskTracker:
         rec.constant = constant
         found: list[Positions | None] = []
         maybe = maybe or func.overloadpacket in _WRITES  # a number written: `masked_fill(m, -100.0)`
-        if maybe and not constant and outs and (
-            info.preserves_values or func.overloadpacket in PASSING or func is _MASKED_SOFTMAX
+        if (
+            maybe
+            and not constant
+            and outs
+            and (info.preserves_values or func.overloadpacket in PASSING or func is _MASKED_SOFTMAX)
         ):
             made = {id(t): src for t, src in zip(tensors_in, sources, strict=True)}
             found = self._pass_on(func, info, args, kwargs, outs, lambda t: self._of(t, made))
@@ -160,7 +191,12 @@ class MaskTracker:
 
     # --- the rules -----------------------------------------------------------------------
     def _pass_on(
-        self, func: Any, info: OpInfo, args: Any, kwargs: Any, outs: Sequence[torch.Tensor],
+        self,
+        func: Any,
+        info: OpInfo,
+        args: Any,
+        kwargs: Any,
+        outs: Sequence[torch.Tensor],
         of: Callable[[Any], Positions | None],
     ) -> list[Positions | None]:
         packet = func.overloadpacket
@@ -175,8 +211,10 @@ class MaskTracker:
             parts = [of(t) for t in args[0]]
             if all(p is None for p in parts):
                 return [None]
-            full = [p.expand(t.shape) if p is not None else torch.zeros(t.shape, dtype=torch.bool)
-                    for p, t in zip(parts, args[0], strict=True)]
+            full = [
+                p.expand(t.shape) if p is not None else torch.zeros(t.shape, dtype=torch.bool)
+                for p, t in zip(parts, args[0], strict=True)
+            ]
             return _attempt(lambda: [func(full, *args[1:], **kwargs)])
         if info.preserves_values:
             logical = info.is_view or func is aten._unsafe_view.default

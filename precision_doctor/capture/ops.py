@@ -34,8 +34,13 @@ SELECT_OPS = frozenset({aten.embedding.default, aten.index_select.default, aten.
 NO_SHADOW_OPS = frozenset({aten._local_scalar_dense.default})
 # Allocations hold whatever was in memory: their values are no statistic of the model.
 UNINITIALIZED_OPS = frozenset(
-    {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default,
-     aten.new_empty_strided.default}
+    {
+        aten.empty.memory_format,
+        aten.empty_like.default,
+        aten.empty_strided.default,
+        aten.new_empty.default,
+        aten.new_empty_strided.default,
+    }
 )
 
 
@@ -55,7 +60,6 @@ COMM_HANDLE_OPS = frozenset({"wait_tensor", "_wrap_tensor_autograd"})
 RESTRIDE_PACKETS = frozenset(
     {aten.transpose_, aten.t_, aten.unsqueeze_, aten.squeeze_, aten.as_strided_, aten.swapdims_, aten.swapaxes_}
 )
-
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,9 @@ def tensor_leaves(args: Any, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
     return out
 
 
-def map_args(args: Any, kwargs: Mapping[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, dict[str, Any]]:
+def map_args(
+    args: Any, kwargs: Mapping[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[Any, dict[str, Any]]:
     def m(a: Any) -> Any:
         if isinstance(a, torch.Tensor):
             return fn(a)
@@ -198,10 +204,25 @@ def out_overload(func: Any) -> Any:
 # (or zero-padded): no new values. Names without the trailing overload number.
 _REARRANGING_NODES = frozenset(
     {
-        "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "AliasBackward", "TBackward",
-        "TransposeBackward", "PermuteBackward", "CloneBackward", "SqueezeBackward", "UnsqueezeBackward",
-        "SplitBackward", "SplitWithSizesBackward", "CatBackward", "SliceBackward", "SelectBackward",
-        "UnbindBackward", "StackBackward", "AsStridedBackward", "ToCopyBackward",
+        "ViewBackward",
+        "UnsafeViewBackward",
+        "ReshapeAliasBackward",
+        "AliasBackward",
+        "TBackward",
+        "TransposeBackward",
+        "PermuteBackward",
+        "CloneBackward",
+        "SqueezeBackward",
+        "UnsqueezeBackward",
+        "SplitBackward",
+        "SplitWithSizesBackward",
+        "CatBackward",
+        "SliceBackward",
+        "SelectBackward",
+        "UnbindBackward",
+        "StackBackward",
+        "AsStridedBackward",
+        "ToCopyBackward",
     }
 )
 

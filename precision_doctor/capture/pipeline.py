@@ -369,8 +369,10 @@ class OpPipeline:
         store: WeakIdMap | None = None
         if self.local and op.unit_low:
             store = self.shadows.store(op.unit)
-            if op.wanted_out is not None and not any(op.wanted_out) and self.shadows.exact_inputs(
-                tensors_in, store, op.wanted_in, op.held_in
+            if (
+                op.wanted_out is not None
+                and not any(op.wanted_out)
+                and self.shadows.exact_inputs(tensors_in, store, op.wanted_in, op.held_in)
             ):
                 # An fp32 op of the real run on values it holds exactly (autocast's layer
                 # norm of the fp32 residual stream): its local shadow would be its own
@@ -379,15 +381,15 @@ class OpPipeline:
         # A lookup into a table no op produced (an embedding of its weight): the shadows are
         # the fp32 rows rounded, without rounding and upcasting the whole table.
         if (op.low or self.op_dtypes is not None) and func in SELECT_OPS:
-            op.rounded_rows = store is not None and all(
-                t not in store for t in tensors_in if t.dtype == torch.float32
-            )
+            op.rounded_rows = store is not None and all(t not in store for t in tensors_in if t.dtype == torch.float32)
         # A view or copy of tensors without a shadow in a store (a parameter's `t()`)
         # needs no entry there either: a consumer rounds the fp32 view itself, the same
         # values. Skipping it (every Linear's weight) took the demo's forward from 15.6
         # to 14.9 ms.
         if (
-            info.preserves_values and not info.mutates and store is not None
+            info.preserves_values
+            and not info.mutates
+            and store is not None
             and not any(t in store for t in tensors_in if t.dtype == torch.float32)
         ):
             store = None
@@ -444,8 +446,13 @@ class OpPipeline:
         info, args, backward, tensors_in, outs = op.info, op.args, op.backward, op.tensors_in, op.outs
         op.producers = producers = [self._producer.get(t) for t in tensors_in]
         op.rec = rec = self._new_record(
-            info, op.unit, backward, producers, outs,
-            flops=op_flops(info, args, op.kwargs, op.out), moved=moved_bytes(op.func, info, tensors_in, outs),
+            info,
+            op.unit,
+            backward,
+            producers,
+            outs,
+            flops=op_flops(info, args, op.kwargs, op.out),
+            moved=moved_bytes(op.func, info, tensors_in, outs),
         )
         if not backward:
             rec.stored_low = any_low(op.out_low) if op.shadows else op.low
@@ -464,11 +471,20 @@ class OpPipeline:
         # Writing into a view (`out[:8] = y`) changes its base, which consumers read: the base
         # now holds this op's values beside those it held before.
         bases = [
-            b for i in info.mutates if i < len(args) and isinstance(args[i], torch.Tensor) and (b := args[i]._base) is not None
+            b
+            for i in info.mutates
+            if i < len(args) and isinstance(args[i], torch.Tensor) and (b := args[i]._base) is not None
         ]
         if bases:
-            own = rec.value_sources if rec.value_sources is not None else tuple((rec.index, k) for k in range(len(outs)))
-            before = [src for b in bases if (p := self._producer.get(b)) is not None for src in value_sources(self.records, *p)]
+            own = (
+                rec.value_sources if rec.value_sources is not None else tuple((rec.index, k) for k in range(len(outs)))
+            )
+            before = [
+                src
+                for b in bases
+                if (p := self._producer.get(b)) is not None
+                for src in value_sources(self.records, *p)
+            ]
             rec.value_sources = tuple(dict.fromkeys((*own, *before)))
         self.records.append(rec)
         self.unit(op.unit).op_indices.append(rec.index)
@@ -493,8 +509,12 @@ class OpPipeline:
                 elif src.overflow_inherited:
                     in_max = math.inf  # an overflow upstream, carried on in fp32
                 elif (
-                    not op.backward and op.wanted_in is not None and k < len(op.wanted_in) and op.wanted_in[k]
-                    and src.summary is not None and self.low_format.max_value < src.out_max_abs < math.inf
+                    not op.backward
+                    and op.wanted_in is not None
+                    and k < len(op.wanted_in)
+                    and op.wanted_in[k]
+                    and src.summary is not None
+                    and self.low_format.max_value < src.out_max_abs < math.inf
                 ):
                     # This op reads an fp32 value low (autocast's cast of its input): the cast
                     # overflows here, in this op, not where the value was made.
@@ -508,8 +528,14 @@ class OpPipeline:
         if op.backward or op.rec is None:
             return
         self.masks.op(
-            op.func, op.info, op.args, op.kwargs, op.tensors_in,
-            [self.records[p[0]] if p is not None else None for p in op.producers], op.outs, op.rec,
+            op.func,
+            op.info,
+            op.args,
+            op.kwargs,
+            op.tensors_in,
+            [self.records[p[0]] if p is not None else None for p in op.producers],
+            op.outs,
+            op.rec,
         )
 
     def summarize(self, op: Op) -> None:
@@ -557,8 +583,7 @@ class OpPipeline:
         if rec.stored_low:
             urec.forward_low.merge(summary)
         if nonfinite and any(
-            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.external_storages
-            for t in op.written
+            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.external_storages for t in op.written
         ):
             urec.wrote_nonfinite_state = True
         self._local_error(op, rec, masked)
@@ -576,10 +601,14 @@ class OpPipeline:
             if acc.nonfinite_mismatch:
                 # Only a root cause if this op's own low-precision inputs were finite.
                 # Rounded rows that overflow came out of the table itself: its rounding made them.
-                inputs_ok = not op.rounded_rows and op.shadow_args is not None and all(
-                    self._finite_but_masks(t, s)
-                    for t, s in zip(op.tensors_in, tensor_leaves(*op.shadow_args), strict=False)
-                    if s.dtype in (torch.float32, self.low)
+                inputs_ok = (
+                    not op.rounded_rows
+                    and op.shadow_args is not None
+                    and all(
+                        self._finite_but_masks(t, s)
+                        for t, s in zip(op.tensors_in, tensor_leaves(*op.shadow_args), strict=False)
+                        if s.dtype in (torch.float32, self.low)
+                    )
                 )
                 if inputs_ok:
                     rec.local_nonfinite_root = acc.nonfinite_mismatch
@@ -621,9 +650,7 @@ class OpPipeline:
         # c10d's ops write their first argument (their schemas do not say so).
         written = [args[0]] if func.namespace == "c10d" and args else []
         written += [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
-        written_tensors = [
-            t for w in written for t in pytree.tree_leaves(w) if isinstance(t, torch.Tensor)
-        ]
+        written_tensors = [t for w in written for t in pytree.tree_leaves(w) if isinstance(t, torch.Tensor)]
         for t in written_tensors:
             self.before_write(t)
             # What it wrote (an in-place all-reduce of a partial sum) is no longer what the
@@ -640,7 +667,13 @@ class OpPipeline:
         if self.collect:
             moved = 0 if info.packet.__name__ in COMM_HANDLE_OPS else sum(nbytes(t) for t in (*tensors_in, *outs))
             rec = self._new_record(
-                info, unit, op.backward, [self._producer.get(t) for t in tensors_in], outs, flops=0, moved=moved,
+                info,
+                unit,
+                op.backward,
+                [self._producer.get(t) for t in tensors_in],
+                outs,
+                flops=0,
+                moved=moved,
             )
             rec.stored_low = False
             self.records.append(rec)
@@ -665,8 +698,15 @@ class OpPipeline:
 
     # --- what the record steps read off the graph -------------------------------------------
     def _new_record(
-        self, info: OpInfo, unit: str, backward: bool, producers: list[tuple[int, int] | None],
-        outs: Sequence[torch.Tensor], *, flops: int, moved: int,
+        self,
+        info: OpInfo,
+        unit: str,
+        backward: bool,
+        producers: list[tuple[int, int] | None],
+        outs: Sequence[torch.Tensor],
+        *,
+        flops: int,
+        moved: int,
     ) -> OpRecord:
         """The next op's record, its inputs read off their producers (None: no op made it)."""
         return OpRecord(

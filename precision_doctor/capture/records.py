@@ -141,9 +141,9 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
             urec.outputs_nonfinite = any(
                 (summary := records[v].summary) is not None and summary.nonfinite_count > 0 for v, _ in read
             )
-        pairs = [
-            errs for v, k in read if (errs := records[v].output_errors.get(k)) is not None
-        ] or [(r.local_error, None) for r in by_unit.get(name, [])]
+        pairs = [errs for v, k in read if (errs := records[v].output_errors.get(k)) is not None] or [
+            (r.local_error, None) for r in by_unit.get(name, [])
+        ]
         urec.local_error, urec.prop_error = ErrorAccumulator(), ErrorAccumulator()
         for local, prop in pairs:
             if local is not None:

@@ -111,8 +111,14 @@ class ShadowCapture(OpPipeline):
         default_low: bool = False,
     ) -> None:
         super().__init__(
-            attribution, low_dtype, low_units, collect=collect, local=local, on_mutation=on_mutation,
-            op_dtypes=op_dtypes, default_low=default_low,
+            attribution,
+            low_dtype,
+            low_units,
+            collect=collect,
+            local=local,
+            on_mutation=on_mutation,
+            op_dtypes=op_dtypes,
+            default_low=default_low,
         )
         # The largest |d loss / d term| of a 0-dim value the real run holds low (a loss term
         # reduced in fp16 inside forward): the loss scale times it reaches that term in the
@@ -358,16 +364,25 @@ def capture_pass(
         model,
         on_exit=lambda path: capture.unit_exited(path) if capture else None,
         on_output=(lambda path, call, out: capture.module_output(path, call, out) if capture else None)
-        if module_outputs is not None else None,
+        if module_outputs is not None
+        else None,
     )
     capture = ShadowCapture(
-        attribution, low_dtype, low_units, collect=collect, local=local, on_mutation=on_mutation,
-        op_dtypes=op_dtypes, default_low=default_low,
+        attribution,
+        low_dtype,
+        low_units,
+        collect=collect,
+        local=local,
+        on_mutation=on_mutation,
+        op_dtypes=op_dtypes,
+        default_low=default_low,
     )
     capture.module_outputs = module_outputs or {}
     # Constants of the model: its buffers and plain tensor attributes (a mask kept as one).
     capture.masks.constant_ids = {id(b) for b in model.buffers()} | {
-        id(v) for m in model.modules() for v in vars(m).values()
+        id(v)
+        for m in model.modules()
+        for v in vars(m).values()
         if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)
     }
     capture.external_storages = {storage_ptr(t) for t in (*model.parameters(), *model.buffers())}

@@ -123,7 +123,11 @@ class TensorSummary:
         hist = self.hist.astype(np.float64)
         hist[0] -= self.zero_count
         hist[255] = 0
-        if self.sumsq is not None and self.sumsq_total > 0 and bin_of(limits.smallest_subnormal) - min(scales_log2) > SUMSQ_BINS:
+        if (
+            self.sumsq is not None
+            and self.sumsq_total > 0
+            and bin_of(limits.smallest_subnormal) - min(scales_log2) > SUMSQ_BINS
+        ):
             raise PrecisionDoctorInternalError(f"norm fraction below scale 2^{min(scales_log2)} was not collected")
         return loss_scale_fractions(
             hist, -EXP_BIAS, scales_log2, limits, self.sumsq, self.sumsq_total, nonzero=self.nonzero_count
@@ -307,9 +311,7 @@ def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     return candidates[mask[candidates]]
 
 
-def _count_in_bin(
-    bits: torch.Tensor, hist: np.ndarray, zero_count: int, threshold: float, *, above: bool
-) -> int:
+def _count_in_bin(bits: torch.Tensor, hist: np.ndarray, zero_count: int, threshold: float, *, above: bool) -> int:
     """Exact count of |x| > threshold (above) or 0 < |x| < threshold (below), using the
     histogram for whole bins and one compare for the bin the threshold falls in."""
     b = bin_of(threshold)
@@ -563,6 +565,8 @@ class SummaryBatch:
             sums = torch.zeros(len(bounds) * SUMSQ_BINS, dtype=torch.float64, device=flat.device)
             per_bin = sums.index_add_(0, key, values.double().square()).view(len(bounds), SUMSQ_BINS).cpu().numpy()
         return per_bin, totals
+
+
 def relative_loss_error(ref: float, low: float) -> float:
     if not math.isfinite(low):
         return math.inf

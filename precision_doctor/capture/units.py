@@ -111,7 +111,6 @@ class LowUnits:
         return self._low.get(unit, self._default)
 
 
-
 def owner_of(param_name: str) -> str:
     """The unit owning a parameter by its qualified name (`blocks.0.attn.weight`)."""
     return param_name.rpartition(".")[0] or ROOT_UNIT

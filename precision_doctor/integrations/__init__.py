@@ -46,7 +46,9 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def optimizer_factory(optimizer: Any, source: str = "trainer's") -> Callable[[torch.nn.Module], torch.optim.Optimizer] | None:
+def optimizer_factory(
+    optimizer: Any, source: str = "trainer's"
+) -> Callable[[torch.nn.Module], torch.optim.Optimizer] | None:
     """A fresh optimizer of the same class and defaults as `optimizer` (unwrapping
     accelerate's AcceleratedOptimizer), or None (then the pre-flight's default is used)."""
     inner = getattr(optimizer, "optimizer", optimizer)

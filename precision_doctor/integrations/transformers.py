@@ -76,9 +76,7 @@ class PreflightCallback(TrainerCallback):
         kw = dict(self.preflight_kwargs)
         if "build_optimizer" not in kw and "optimizer" not in kw:
             kw["build_optimizer"] = optimizer_factory(kwargs.get("optimizer"))
-        self.result = preflight(
-            model, first_batch(dataloader), self.loss_fn, dtype=dtype, steps=self.steps, **kw
-        )
+        self.result = preflight(model, first_batch(dataloader), self.loss_fn, dtype=dtype, steps=self.steps, **kw)
         log_result(self.result, self.mode)
         if not self.result.go:
             if self.mode == "raise":

@@ -20,9 +20,7 @@ class ModuleAttributes:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._saved = [
-            (d, dict(d))
-            for mod in model.modules()
-            for d in (vars(mod), mod._parameters, mod._buffers, mod._modules)
+            (d, dict(d)) for mod in model.modules() for d in (vars(mod), mod._parameters, mod._buffers, mod._modules)
         ]
 
     def restore(self) -> None:
@@ -59,9 +57,7 @@ class ModelStateGuard:
         self._grads = {n: p.grad for n, p in self._params.items()}
         self._requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         self._training = {n: mod.training for n, mod in m.named_modules(remove_duplicate=False)}
-        self._buffers = {
-            n: (b, b.detach().clone()) for n, b in m.named_buffers(remove_duplicate=False)
-        }
+        self._buffers = {n: (b, b.detach().clone()) for n, b in m.named_buffers(remove_duplicate=False)}
         self._buffer_ids = {id(b) for b, _ in self._buffers.values()}
         self._cpu_rng = torch.get_rng_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

@@ -60,16 +60,31 @@ class DeviceProfile:
 TERA = 1e12
 PROFILES: dict[Target, DeviceProfile] = {
     Target.H100: DeviceProfile(
-        "NVIDIA H100 SXM", 67 * TERA, 495 * TERA, 989 * TERA, 989 * TERA, 3.35 * TERA,
+        "NVIDIA H100 SXM",
+        67 * TERA,
+        495 * TERA,
+        989 * TERA,
+        989 * TERA,
+        3.35 * TERA,
         "NVIDIA H100 datasheet, dense tensor-core figures",
     ),
     Target.A100: DeviceProfile(
-        "NVIDIA A100 SXM 80GB", 19.5 * TERA, 156 * TERA, 312 * TERA, 312 * TERA, 2.039 * TERA,
+        "NVIDIA A100 SXM 80GB",
+        19.5 * TERA,
+        156 * TERA,
+        312 * TERA,
+        312 * TERA,
+        2.039 * TERA,
         "NVIDIA A100 datasheet, dense tensor-core figures",
     ),
     Target.RTX4090: DeviceProfile(
         # 165 TFLOP/s is fp16/bf16 with fp32 accumulate (330 with fp16 accumulate).
-        "NVIDIA RTX 4090", 82.6 * TERA, 82.6 * TERA, 165 * TERA, 165 * TERA, 1.008 * TERA,
+        "NVIDIA RTX 4090",
+        82.6 * TERA,
+        82.6 * TERA,
+        165 * TERA,
+        165 * TERA,
+        1.008 * TERA,
         "NVIDIA Ada architecture whitepaper, dense, fp32 accumulate",
     ),
 }
@@ -106,7 +121,12 @@ def measure_device_profile(device: torch.device | str) -> DeviceProfile:
     dst = torch.empty_like(src)
     bw = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5, dev)
     return DeviceProfile(
-        f"measured {dev}", peaks["fp32"], peaks["fp32"], peaks["fp16"], peaks["bf16"], bw,
+        f"measured {dev}",
+        peaks["fp32"],
+        peaks["fp32"],
+        peaks["fp16"],
+        peaks["bf16"],
+        bw,
         f"measured on this machine's {dev} (matmul {n}^3, {src.numel() * 4 // 2**20} MiB copy)",
     )
 
@@ -162,17 +182,16 @@ class CostModel:
         return t
 
     def activation_bytes(self, low: Mapping[str, bool]) -> int:
-        return sum(
-            u.low_activation_bytes if low.get(u.name, False) else u.fp32_activation_bytes
-            for u in self.units
-        )
+        return sum(u.low_activation_bytes if low.get(u.name, False) else u.fp32_activation_bytes for u in self.units)
 
 
 def _roofline(flops: float, bytes_: float, peak: float, bw: float) -> float:
     return max(flops / peak, bytes_ / bw)
 
 
-def unit_roofline_s(unit: Unit, peak_flops_per_s: float, bandwidth_bytes_per_s: float, *, bytes_scale: float = 1.0) -> float:
+def unit_roofline_s(
+    unit: Unit, peak_flops_per_s: float, bandwidth_bytes_per_s: float, *, bytes_scale: float = 1.0
+) -> float:
     """Sum of the per-op rooflines of one unit's forward and backward ops."""
     return sum(
         c.calls * _roofline(c.flops, c.bytes * bytes_scale, peak_flops_per_s, bandwidth_bytes_per_s)
@@ -207,31 +226,109 @@ def cast_edges(report: Report, bandwidth_bytes_per_s: float) -> tuple[EdgeCost, 
 # aten-level names (what the dispatch capture records) of torch.autocast's op lists.
 AUTOCAST_LOW_OPS = frozenset(
     {
-        "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "addr", "matmul", "linear",
-        "einsum", "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "prelu", "_prelu_kernel",
-        "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc",
-        "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "cudnn_convolution",
-        "mkldnn_convolution", "scaled_dot_product_attention",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
-        "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell",
-        "_thnn_fused_gru_cell", "mkldnn_rnn_layer",
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "addbmm",
+        "mv",
+        "addmv",
+        "addr",
+        "matmul",
+        "linear",
+        "einsum",
+        "chain_matmul",
+        "linalg_multi_dot",
+        "linalg_vecdot",
+        "prelu",
+        "_prelu_kernel",
+        "convolution",
+        "_convolution",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_tbc",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "cudnn_convolution",
+        "mkldnn_convolution",
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+        "lstm_cell",
+        "gru_cell",
+        "rnn_tanh_cell",
+        "rnn_relu_cell",
+        "_thnn_fused_lstm_cell",
+        "_thnn_fused_gru_cell",
+        "mkldnn_rnn_layer",
     }
 )
 AUTOCAST_FP32_OPS = frozenset(
     {
-        "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
-        "reciprocal", "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm",
-        "native_layer_norm", "group_norm", "native_group_norm", "frobenius_norm",
-        "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss",
-        "nll_loss", "nll_loss_forward", "nll_loss2d", "nll_loss2d_forward",
-        "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
-        "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss",
-        "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist",
-        "pdist", "_pdist_forward", "cdist", "_cdist_forward", "renorm", "logsumexp",
+        "acos",
+        "asin",
+        "cosh",
+        "erfinv",
+        "exp",
+        "expm1",
+        "log",
+        "log10",
+        "log2",
+        "log1p",
+        "reciprocal",
+        "rsqrt",
+        "sinh",
+        "tan",
+        "pow",
+        "softplus",
+        "layer_norm",
+        "native_layer_norm",
+        "group_norm",
+        "native_group_norm",
+        "frobenius_norm",
+        "nuclear_norm",
+        "cosine_similarity",
+        "poisson_nll_loss",
+        "cosine_embedding_loss",
+        "nll_loss",
+        "nll_loss_forward",
+        "nll_loss2d",
+        "nll_loss2d_forward",
+        "hinge_embedding_loss",
+        "kl_div",
+        "l1_loss",
+        "smooth_l1_loss",
+        "huber_loss",
+        "mse_loss",
+        "margin_ranking_loss",
+        "multilabel_margin_loss",
+        "soft_margin_loss",
+        "triplet_margin_loss",
+        "multi_margin_loss",
+        "binary_cross_entropy_with_logits",
+        "dist",
+        "pdist",
+        "_pdist_forward",
+        "cdist",
+        "_cdist_forward",
+        "renorm",
+        "logsumexp",
         # fp32 unless a dtype is passed
-        "prod", "softmax", "_softmax", "log_softmax", "_log_softmax", "cumprod", "cumsum",
-        "linalg_vector_norm", "linalg_matrix_norm", "norm", "sum",
+        "prod",
+        "softmax",
+        "_softmax",
+        "log_softmax",
+        "_log_softmax",
+        "cumprod",
+        "cumsum",
+        "linalg_vector_norm",
+        "linalg_matrix_norm",
+        "norm",
+        "sum",
     }
 )
 

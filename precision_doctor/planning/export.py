@@ -28,8 +28,16 @@ from precision_doctor.planning.plan import Plan
 DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
 # Documented DeepSpeed keys (deepspeed.ai/docs/config-json).
 DEEPSPEED_FP16_KEYS = frozenset(
-    {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
-     "consecutive_hysteresis", "min_loss_scale"}
+    {
+        "enabled",
+        "auto_cast",
+        "loss_scale",
+        "initial_scale_power",
+        "loss_scale_window",
+        "hysteresis",
+        "consecutive_hysteresis",
+        "min_loss_scale",
+    }
 )
 DEEPSPEED_BF16_KEYS = frozenset({"enabled"})
 DEEPSPEED_TORCH_AUTOCAST_KEYS = frozenset({"enabled", "dtype", "lower_precision_safe_modules"})
@@ -45,7 +53,7 @@ export writes it, and `export_caveats` says it is unusual."""
 
 
 def _torch_dtype_name(dtype: LowDtype) -> str:
-    """"float16" / "bfloat16": torch's own name, as the snippet and DeepSpeed spell it."""
+    """ "float16" / "bfloat16": torch's own name, as the snippet and DeepSpeed spell it."""
     return str(TORCH_DTYPES[dtype]).removeprefix("torch.")
 
 

@@ -213,7 +213,9 @@ def build_problem(
         low_time_s=tuple(u.low_time_s for u in costs.units),
         fp32_activation_bytes=tuple(u.fp32_activation_bytes for u in costs.units),
         low_activation_bytes=tuple(u.low_activation_bytes for u in costs.units),
-        edges=tuple((index[e.src], index[e.dst], e.cast_time_s) for e in costs.edges if e.src in index and e.dst in index),
+        edges=tuple(
+            (index[e.src], index[e.dst], e.cast_time_s) for e in costs.edges if e.src in index and e.dst in index
+        ),
         error=tuple(0.0 if n in forced else contributions.get(n, 0.0) for n in names),
         error_budget=tolerance,
         forced_fp32=frozenset(index[n] for n in forced if n in index),
@@ -365,9 +367,7 @@ def verify_plan(
     # Module calls in the order they returned: the first whose outputs went non-finite where
     # fp32's did not, from finite inputs (the modules after it only inherit its inf/NaN; an
     # fp32 input that overflows in the cast to a low unit counts as that unit's doing).
-    broken = [
-        key for key, outs in run.module_outputs.items() if ref.finite.get(key, True) and not _all_finite(outs)
-    ]
+    broken = [key for key, outs in run.module_outputs.items() if ref.finite.get(key, True) and not _all_finite(outs)]
     first_bad = next((k for k in broken if inputs_finite.get(k, True)), broken[0] if broken else None)
     return Verification(relative_loss_error(ref.loss, run.loss), first_bad[0] if first_bad else None)
 
@@ -407,7 +407,9 @@ def plan_model(
     all_fp32 = {u.name: False for u in report.units}
     base_time = costs.step_time_s(all_fp32)
     base_bytes = max(costs.activation_bytes(all_fp32), 1)
-    weight = memory_weight_s_per_byte if memory_weight_s_per_byte is not None else MEMORY_TIE_BREAK * base_time / base_bytes
+    weight = (
+        memory_weight_s_per_byte if memory_weight_s_per_byte is not None else MEMORY_TIE_BREAK * base_time / base_bytes
+    )
 
     hard = hard_fp32_reasons(report)
     contributions = error_contributions(report)
@@ -482,7 +484,9 @@ def plan_model(
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],
         estimated_step_time_s=PlanCosts(fp32=base_time, autocast=costs.step_time_s(auto), plan=costs.step_time_s(low)),
         activation_bytes=PlanBytes(
-            fp32=costs.activation_bytes(all_fp32), autocast=costs.activation_bytes(auto), plan=costs.activation_bytes(low)
+            fp32=costs.activation_bytes(all_fp32),
+            autocast=costs.activation_bytes(auto),
+            plan=costs.activation_bytes(low),
         ),
         verified_loss_rel_error=verified,
         verification_passes=passes,
@@ -591,7 +595,9 @@ def _fp32_reasons(
                 )
             else:
                 dt = problem.objective(flipped) - base
-                reasons[n] = f"cheaper in fp32: low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
+                reasons[n] = (
+                    f"cheaper in fp32: low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
+                )
     return reasons
 
 
@@ -627,9 +633,7 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
     return {u: modules[u] for u in plan.units if u not in (LOSS_UNIT, UNATTRIBUTED_UNIT)}
 
 
-def apply_plan(
-    model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[str] | Mapping[str, Any]
-) -> PlanHandle:
+def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:
     """Install `plan`'s per-module dtypes (a `Plan`, a planned `Report`, a plan file or its
     JSON as a mapping); they take effect inside `torch.autocast` regions of the plan's dtype.
     Inside a region of another dtype (an fp16 plan in a bf16 region) it, and every planned
@@ -656,4 +660,3 @@ def apply_plan(
     # planned module inside one (the overrides check each time).
     check_region_dtype(device_type(model), low_dtype)
     return unit_overrides(model, plan.low_units, low_dtype, PlanHandle(plan))
-

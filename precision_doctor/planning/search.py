@@ -44,8 +44,7 @@ class PlanProblem:
         t = sum(lo if x else f for x, f, lo in zip(low, self.fp32_time_s, self.low_time_s, strict=True))
         t += sum(c for i, j, c in self.edges if low[i] != low[j])
         mem = sum(
-            lo if x else f
-            for x, f, lo in zip(low, self.fp32_activation_bytes, self.low_activation_bytes, strict=True)
+            lo if x else f for x, f, lo in zip(low, self.fp32_activation_bytes, self.low_activation_bytes, strict=True)
         )
         return t + self.memory_weight_s_per_byte * mem
 

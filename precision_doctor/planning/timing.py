@@ -176,7 +176,9 @@ def measure_cost_model(
         try:
             called = record_module_calls(model, batch)
         except Exception as e:
-            raise PrecisionDoctorError(f"the model's forward raised {type(e).__name__}: {e} (recording unit inputs)") from e
+            raise PrecisionDoctorError(
+                f"the model's forward raised {type(e).__name__}: {e} (recording unit inputs)"
+            ) from e
         totals: dict[str, tuple[float, float]] = {}
         for i, (path, call) in enumerate(called.items()):
             step(f"timing {path} ({i + 1}/{len(called)})")
@@ -184,9 +186,7 @@ def measure_cost_model(
                 t32 = time_module_s(modules[path], call, device, None, repeats)
                 tlow = time_module_s(modules[path], call, device, low_dtype, repeats)
             except Exception as e:
-                raise PrecisionDoctorError(
-                    f"timing unit {path!r} in {low} raised {type(e).__name__}: {e}"
-                ) from e
+                raise PrecisionDoctorError(f"timing unit {path!r} in {low} raised {type(e).__name__}: {e}") from e
             totals[path] = (t32 * call.calls, tlow * call.calls)
 
     units = []

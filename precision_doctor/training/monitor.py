@@ -68,9 +68,7 @@ class ScalerMonitor:
         if scaler is None:
             scaler = torch.amp.GradScaler("cuda" if torch.cuda.is_available() else "cpu")
         if not isinstance(scaler, torch.amp.GradScaler):
-            raise PrecisionDoctorError(
-                f"ScalerMonitor wraps a torch.amp.GradScaler, not {type(scaler).__name__}"
-            )
+            raise PrecisionDoctorError(f"ScalerMonitor wraps a torch.amp.GradScaler, not {type(scaler).__name__}")
         if save_every is not None and save_every < 1:
             raise PrecisionDoctorError(f"save_every must be at least 1, not {save_every}")
         self.scaler = scaler

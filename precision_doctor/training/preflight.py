@@ -448,7 +448,9 @@ class _TrainingRun:
                 skipped = True
             else:
                 self.opt.step()  # as a real run would: non-finite gradients reach the weights
-        return StepRecord(step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped, rank_losses=rank_losses)
+        return StepRecord(
+            step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped, rank_losses=rank_losses
+        )
 
 
 @dataclass(frozen=True)
@@ -485,8 +487,16 @@ class _Trainer:
         if dtype is not None and regime is Regime.PURE and units is not None:
             raise PrecisionDoctorError("a plan's per-unit dtypes run under autocast, not in the pure regime")
         run = _TrainingRun(
-            self.place, self.optimizer, self.build_optimizer, self.loss_fn, mode=mode, dtype=dtype, regime=regime,
-            policy=policy, init_scale_log2=init_scale_log2, skip=skip,
+            self.place,
+            self.optimizer,
+            self.build_optimizer,
+            self.loss_fn,
+            mode=mode,
+            dtype=dtype,
+            regime=regime,
+            policy=policy,
+            init_scale_log2=init_scale_log2,
+            skip=skip,
         )
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
             if self.place.sharded:  # the model itself: put back afterwards
@@ -534,7 +544,9 @@ def _average_step(job: Job, model: torch.nn.Module, loss: float, finite: bool) -
 def _step_divergence(s: StepRecord, r: StepRecord) -> float:
     """The relative loss difference of a step from the reference's; in a distributed job the
     worst rank's (each rank's loss against its own reference loss, on the same batch)."""
-    pairs = list(zip(s.rank_losses, r.rank_losses, strict=True)) if s.rank_losses and r.rank_losses else [(s.loss, r.loss)]
+    pairs = (
+        list(zip(s.rank_losses, r.rank_losses, strict=True)) if s.rank_losses and r.rank_losses else [(s.loss, r.loss)]
+    )
     worst = 0.0
     for low, ref in pairs:
         if not math.isfinite(low):
@@ -594,8 +606,7 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
                 mode=run.mode,
                 message=(
                     f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
-                    f"(tolerance {_pct(tolerance)})"
-                    + ("; fp32 skipping the same steps" if run.skipped_steps else "")
+                    f"(tolerance {_pct(tolerance)})" + ("; fp32 skipping the same steps" if run.skipped_steps else "")
                 ),
             )
         )
@@ -628,7 +639,9 @@ def _batches(batch: Any, make_batches: Callable[[], Iterable[Any]] | None, steps
     return list(itertools.islice(itertools.cycle(first), steps))
 
 
-def _optimizer_name(optimizer: torch.optim.Optimizer | None, build: OptimizerFactory | None, model: torch.nn.Module) -> str:
+def _optimizer_name(
+    optimizer: torch.optim.Optimizer | None, build: OptimizerFactory | None, model: torch.nn.Module
+) -> str:
     if optimizer is not None:
         return f"{type(optimizer).__name__} (copied)"
     if build is not None:
@@ -683,7 +696,17 @@ def preflight(
     (True, [])
     """
     low, run_regime, op_policy, risks = _validate(
-        model, dtype, regime, policy, fail_on, judge, plan, steps, max_skipped_steps, loss_tolerance, optimizer,
+        model,
+        dtype,
+        regime,
+        policy,
+        fail_on,
+        judge,
+        plan,
+        steps,
+        max_skipped_steps,
+        loss_tolerance,
+        optimizer,
         build_optimizer,
     )
     judge = parse_enum(Judge, judge, "judge")
@@ -707,7 +730,14 @@ def preflight(
     runs = _compared(trainer, runs, say, timings)
 
     judging = _Judge(
-        report, runs, low, pure, thresholds or Thresholds(), plan_units, planned_scale, loss_tolerance,
+        report,
+        runs,
+        low,
+        pure,
+        thresholds or Thresholds(),
+        plan_units,
+        planned_scale,
+        loss_tolerance,
         max_skipped_steps,
     )
     judged = judging.found(judge)
@@ -812,8 +842,14 @@ def _analyze_and_plan(
     say("analysis")
     t = time.perf_counter()
     report = analyze(
-        place.for_analysis(), batch, loss_fn, dtype=low, thresholds=thresholds, name=name or type(place.model).__name__,
-        regime=regime, policy=policy,
+        place.for_analysis(),
+        batch,
+        loss_fn,
+        dtype=low,
+        thresholds=thresholds,
+        name=name or type(place.model).__name__,
+        regime=regime,
+        policy=policy,
     )
     timings["analysis"] = time.perf_counter() - t
     if not plan:
@@ -877,7 +913,12 @@ def _training_runs(
             f", GradScaler from 2^{s}" if s is not None else ", no loss scaler"
         )
         runs["planned"] = trainer.run(
-            "planned", desc, dtype=tdtype, regime=Regime.AUTOCAST, policy=plan_policy, units=plan_units,
+            "planned",
+            desc,
+            dtype=tdtype,
+            regime=Regime.AUTOCAST,
+            policy=plan_policy,
+            units=plan_units,
             init_scale_log2=s,
         )
     return runs
@@ -901,7 +942,11 @@ def _compared(
         if skipped not in references:
             say(f"fp32 run skipping steps {_ranges(sorted(skipped))}")
             ref = trainer.run(
-                "fp32", "fp32 reference, skipping the same steps", dtype=None, units=None, init_scale_log2=None,
+                "fp32",
+                "fp32 reference, skipping the same steps",
+                dtype=None,
+                units=None,
+                init_scale_log2=None,
                 skip=skipped,
             )
             references[skipped] = ref
@@ -980,7 +1025,8 @@ class _Judge:
             scaler, ceiling = not self.pure or units is not None, report_scale_ceiling(report)
             grad_flags = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
             flags = [f for f in flags if f.flag not in grad_flags] + [
-                f for u in report.units
+                f
+                for u in report.units
                 for f in gradient_flags_at_scale(
                     u, scale_log2, LIMITS[self.low], th, scaler=scaler, ceiling_log2=ceiling
                 )
@@ -990,7 +1036,13 @@ class _Judge:
         for f in flags:
             runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
             if runs_low or f.flag is Flag.NONFINITE_FP32:
-                out.append(Reason(
-                    risk=f.flag.value, mode="analysis", unit=f.unit, message=f.evidence.message, severity=f.severity,
-                ))
+                out.append(
+                    Reason(
+                        risk=f.flag.value,
+                        mode="analysis",
+                        unit=f.unit,
+                        message=f.evidence.message,
+                        severity=f.severity,
+                    )
+                )
         return out

@@ -39,11 +39,29 @@ ALL_LOW_RUN = "all-low run"
 # --- the one theme: the app (st.plotly_chart(theme=None)) and the HTML report both draw
 # every figure with it, on the same white page.
 FONT = '"Source Sans Pro", "Source Sans 3", system-ui, -apple-system, "Segoe UI", sans-serif'
-COLORWAY = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
-            "#9d755d", "#bab0ac"]
-_AXIS: dict[str, Any] = {"showgrid": True, "gridcolor": "#ebebeb", "linecolor": "#c8c8c8", "showline": True,
-                         "zerolinecolor": "#d9d9d9", "ticks": "outside", "tickcolor": "#c8c8c8",
-                         "automargin": True, "title": {"standoff": 8}}
+COLORWAY = [
+    "#4c78a8",
+    "#f58518",
+    "#54a24b",
+    "#e45756",
+    "#72b7b2",
+    "#eeca3b",
+    "#b279a2",
+    "#ff9da6",
+    "#9d755d",
+    "#bab0ac",
+]
+_AXIS: dict[str, Any] = {
+    "showgrid": True,
+    "gridcolor": "#ebebeb",
+    "linecolor": "#c8c8c8",
+    "showline": True,
+    "zerolinecolor": "#d9d9d9",
+    "ticks": "outside",
+    "tickcolor": "#c8c8c8",
+    "automargin": True,
+    "title": {"standoff": 8},
+}
 TEMPLATE_LAYOUT: dict[str, Any] = {
     "font": {"family": FONT, "size": 12, "color": "#31333f"},
     "paper_bgcolor": "#ffffff",
@@ -78,17 +96,25 @@ def preflight_verdict(pre: PreflightSection) -> str:
 
 def preflight_run_rows(pre: PreflightSection) -> list[dict[str, Any]]:
     return [
-        {"run": name, "configuration": r.description, "steps": len(r.steps),
-         "skipped": len(r.skipped_steps), "non-finite": len(r.nonfinite_steps),
-         "max loss divergence": fmt(r.max_divergence)}
+        {
+            "run": name,
+            "configuration": r.description,
+            "steps": len(r.steps),
+            "skipped": len(r.skipped_steps),
+            "non-finite": len(r.nonfinite_steps),
+            "max loss divergence": fmt(r.max_divergence),
+        }
         for name, r in pre.runs.items()
     ]
 
 
 def monitor_items(mon: MonitorSection) -> dict[str, str]:
     """The real run against the pre-flight's prediction, where there is one."""
-    items = {"steps": str(mon.steps), "skipped steps": str(len(mon.skipped_steps)),
-             "current scale": f"2^{math.log2(mon.current_scale):g}" if mon.current_scale > 0 else fmt(mon.current_scale)}
+    items = {
+        "steps": str(mon.steps),
+        "skipped steps": str(len(mon.skipped_steps)),
+        "current scale": f"2^{math.log2(mon.current_scale):g}" if mon.current_scale > 0 else fmt(mon.current_scale),
+    }
     p = mon.prediction
     if p is not None:
         items["predicted skipped"] = f"{len(p.skipped_steps)} in {p.steps} steps"
@@ -105,8 +131,16 @@ def training_figure(pre: PreflightSection | None, mon: MonitorSection | None) ->
     fig = make_subplots(rows=1, cols=2, subplot_titles=("pre-flight loss per step", "GradScaler scale (log2)"))
     for name, run in (pre.runs if pre is not None else {}).items():
         losses = run.losses
-        fig.add_trace(go.Scatter(x=list(range(len(losses))), y=[v if math.isfinite(v) else None for v in losses],
-                                 mode="lines+markers", name=name), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(len(losses))),
+                y=[v if math.isfinite(v) else None for v in losses],
+                mode="lines+markers",
+                name=name,
+            ),
+            row=1,
+            col=1,
+        )
     if mon is not None and mon.scale_history:
         xs, ys = [], []
         for i, (step, scale) in enumerate(mon.scale_history):
@@ -115,9 +149,17 @@ def training_figure(pre: PreflightSection | None, mon: MonitorSection | None) ->
             ys += [math.log2(scale) if scale > 0 else None] * 2
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="scale", line={"color": "#4c78a8"}), row=1, col=2)
         if mon.skipped_steps:
-            fig.add_trace(go.Scatter(x=mon.skipped_steps, y=[_scale_at(mon, s) for s in mon.skipped_steps],
-                                     mode="markers", name="skipped", marker={"color": "#d62728", "symbol": "x"}),
-                          row=1, col=2)
+            fig.add_trace(
+                go.Scatter(
+                    x=mon.skipped_steps,
+                    y=[_scale_at(mon, s) for s in mon.skipped_steps],
+                    mode="markers",
+                    name="skipped",
+                    marker={"color": "#d62728", "symbol": "x"},
+                ),
+                row=1,
+                col=2,
+            )
     fig.update_layout(height=340, margin={"t": 50, "b": 40, "l": 50, "r": 20})
     return themed(fig)
 
@@ -247,8 +289,14 @@ def grad_fidelity_text(report: Report) -> str | None:
 def grad_fidelity_rows(unit: Unit) -> list[dict[str, Any]]:
     """One row per parameter of a unit: its gradient in the low run against fp32's."""
     return [
-        {"parameter": name, "rel L2 error": f.rel_l2_error, "cosine": f.cosine,
-         "non-finite": f.nonfinite_count, "values": f.numel, "fp32 L2 norm": f.fp32_l2_norm}
+        {
+            "parameter": name,
+            "rel L2 error": f.rel_l2_error,
+            "cosine": f.cosine,
+            "non-finite": f.nonfinite_count,
+            "values": f.numel,
+            "fp32 L2 norm": f.fp32_l2_norm,
+        }
         for name, f in unit.backward.param_grad_fidelity.items()
     ]
 
@@ -266,8 +314,10 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
         ("flagged units", str(sum(1 for u in report.units if u.flags))),
         ("findings", ", ".join(f"{n} {s}(s)" for s, n in report.severity_counts().items()) or "none"),
         (f"final-loss rel error ({ALL_LOW_RUN})", fmt(report.losses.rel_error, ".2e")),
-        ("loss tolerance", f"{report.thresholds.loss_rel_error:g}"
-         + ("" if report.loss_within_tolerance else " (over)")),
+        (
+            "loss tolerance",
+            f"{report.thresholds.loss_rel_error:g}" + ("" if report.loss_within_tolerance else " (over)"),
+        ),
     ]
     g = report.grad_fidelity
     if g is not None:
@@ -285,7 +335,7 @@ def overview_items(report: Report, plan: PlanSection | None = None) -> list[tupl
 
 
 def distributed_text(report: Report) -> str | None:
-    """"2 ranks (gloo, ddp, mesh 2)" for a torch.distributed job's report, None for one
+    """ "2 ranks (gloo, ddp, mesh 2)" for a torch.distributed job's report, None for one
     process."""
     job = report.environment.distributed
     if job is None:
@@ -299,9 +349,14 @@ def rank_rows(report: Report) -> list[dict[str, Any]]:
     alone raises (the job's flags, in the units above, combine every rank's statistics)."""
     dtype = report.environment.dtype.value
     return [
-        {"rank": r.rank, "fp32 loss": r.loss_fp32, f"{dtype} loss": r.loss_low,
-         "loss rel error": r.loss_rel_error, "flags": len(r.flags),
-         "findings": "; ".join(f"{f.flag.value} at {f.unit} ({f.severity.value})" for f in r.flags) or "none"}
+        {
+            "rank": r.rank,
+            "fp32 loss": r.loss_fp32,
+            f"{dtype} loss": r.loss_low,
+            "loss rel error": r.loss_rel_error,
+            "flags": len(r.flags),
+            "findings": "; ".join(f"{f.flag.value} at {f.unit} ({f.severity.value})" for f in r.flags) or "none",
+        }
         for r in report.ranks
     ]
 
@@ -350,15 +405,43 @@ def histogram_figure(stats: TensorStats, dtype: LowDtype | str, title: str) -> g
     lo = min([h.log2_lo, sub]) - 3
     hi = max([h.log2_lo + len(h.counts), over]) + 3
     fig = go.Figure(
-        go.Bar(x=x, y=h.counts, width=[1.0] * len(x), hovertext=hover, hoverinfo="text",
-               name="values", marker_color="#4c78a8")
+        go.Bar(
+            x=x,
+            y=h.counts,
+            width=[1.0] * len(x),
+            hovertext=hover,
+            hoverinfo="text",
+            name="values",
+            marker_color="#4c78a8",
+        )
     )
-    fig.add_vrect(x0=over, x1=hi, fillcolor=_OVERFLOW_COLOR, line_width=0, layer="below",
-                  annotation_text=f"overflow > {lim.max_value:.4g}", annotation_position="top right")
-    fig.add_vrect(x0=sub, x1=normal, fillcolor=_SUBNORMAL_COLOR, line_width=0, layer="below",
-                  annotation_text="subnormal", annotation_position="top left")
-    fig.add_vrect(x0=lo, x1=sub, fillcolor=_UNDERFLOW_COLOR, line_width=0, layer="below",
-                  annotation_text="flush to 0", annotation_position="bottom left")
+    fig.add_vrect(
+        x0=over,
+        x1=hi,
+        fillcolor=_OVERFLOW_COLOR,
+        line_width=0,
+        layer="below",
+        annotation_text=f"overflow > {lim.max_value:.4g}",
+        annotation_position="top right",
+    )
+    fig.add_vrect(
+        x0=sub,
+        x1=normal,
+        fillcolor=_SUBNORMAL_COLOR,
+        line_width=0,
+        layer="below",
+        annotation_text="subnormal",
+        annotation_position="top left",
+    )
+    fig.add_vrect(
+        x0=lo,
+        x1=sub,
+        fillcolor=_UNDERFLOW_COLOR,
+        line_width=0,
+        layer="below",
+        annotation_text="flush to 0",
+        annotation_position="bottom left",
+    )
     fig.add_vline(x=over, line_color="#d62728", line_dash="dash")
     fig.add_vline(x=sub, line_color="#1f77b4", line_dash="dash")
     extra = []
@@ -418,10 +501,10 @@ def short_name(name: str, limit: int = 28) -> str:
     where one is near; the full name goes in the hover."""
     if len(name) <= limit:
         return name
-    tail = name[-(limit - 1):]
+    tail = name[-(limit - 1) :]
     dot = tail.find(".")
     if 0 <= dot < limit // 2:
-        tail = tail[dot + 1:]
+        tail = tail[dot + 1 :]
     return "…" + tail
 
 
@@ -440,24 +523,52 @@ def _per_unit_layout(fig: go.Figure, names: list[str], lower_title: str) -> go.F
     labels = [html.escape(short_name(names[i])) for i in tickvals]
     longest = max((len(t) for t in labels), default=0)
     many = n > 24
-    fig.update_xaxes(tickvals=tickvals, ticktext=labels, tickangle=-90 if many else -45,
-                     tickfont={"size": 10 if many else 12}, automargin=True, row=2, col=1)
+    fig.update_xaxes(
+        tickvals=tickvals,
+        ticktext=labels,
+        tickangle=-90 if many else -45,
+        tickfont={"size": 10 if many else 12},
+        automargin=True,
+        row=2,
+        col=1,
+    )
     fig.update_xaxes(range=[-0.7, n - 0.3] if n else None)
     fig.update_yaxes(type="log", title_text="rel L2 error", exponentformat="power", dtick=1, row=1, col=1)
     fig.update_yaxes(title_text=lower_title, row=2, col=1)
-    fig.update_layout(height=520 + min(longest, 30) * 6, margin={"t": 70, "b": 20, "l": 60, "r": 20},
-                      legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
-                      hovermode="closest")
+    fig.update_layout(
+        height=520 + min(longest, 30) * 6,
+        margin={"t": 70, "b": 20, "l": 60, "r": 20},
+        legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
+        hovermode="closest",
+    )
     return themed(fig)
 
 
-def _marker_trace(x: list[int], where: list[bool], y: float, names: list[str], name: str, hover: str,
-                  marker: dict[str, Any], *, legendgroup: str, showlegend: bool = True) -> Any:
+def _marker_trace(
+    x: list[int],
+    where: list[bool],
+    y: float,
+    names: list[str],
+    name: str,
+    hover: str,
+    marker: dict[str, Any],
+    *,
+    legendgroup: str,
+    showlegend: bool = True,
+) -> Any:
     go = _go()
     # In the legend only where some unit has one: an empty "exact" entry would suggest one.
-    return go.Scatter(x=x, y=[y if w else None for w in where], mode="markers", name=name, text=names,
-                      marker=marker, legendgroup=legendgroup, showlegend=showlegend and any(where),
-                      hovertemplate="%{text}<br>" + hover + "<extra></extra>")
+    return go.Scatter(
+        x=x,
+        y=[y if w else None for w in where],
+        mode="markers",
+        name=name,
+        text=names,
+        marker=marker,
+        legendgroup=legendgroup,
+        showlegend=showlegend and any(where),
+        hovertemplate="%{text}<br>" + hover + "<extra></extra>",
+    )
 
 
 def depth_figure(report: Report) -> go.Figure:
@@ -474,48 +585,130 @@ def depth_figure(report: Report) -> go.Figure:
     prop = [_err(u.forward.propagated) for u in units]
     local = [_err(u.forward.local) for u in units]
     sqnr = [None if u.forward.propagated is None else u.forward.propagated.sqnr_db for u in units]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("relative L2 error vs fp32", "SQNR (dB), propagated"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=("relative L2 error vs fp32", "SQNR (dB), propagated"),
+    )
     p_shown, p_exact, p_bad = _split_errors(prop)
     l_shown, l_exact, l_bad = _split_errors(local)
     floor = _log_floor([*prop, *local])
     finite = [v for v in [*prop, *local] if v is not None and math.isfinite(v)]
     cap = max([*finite, 1.0]) * 10
-    fig.add_trace(go.Scatter(x=x, y=p_shown, mode="lines+markers", name="propagated", text=names,
-                             hovertemplate="%{text}<br>propagated %{y:.3g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=[v if v is not None else (floor if e else None) for v, e in
-                                     zip(l_shown, l_exact, strict=True)],
-                             mode="markers", name="local", text=names, marker_symbol="circle-open",
-                             hovertext=[f"{n}<br>local: {EXACT}" if e else f"{n}<br>local {fmt(v)}"
-                                        for n, v, e in zip(names, local, l_exact, strict=True)],
-                             hoverinfo="text"), row=1, col=1)
-    fig.add_trace(_marker_trace(x, [a or b for a, b in zip(p_bad, l_bad, strict=True)], cap, names, NONFINITE,
-                                "non-finite (Inf/NaN) error", _NONFINITE_MARKER, legendgroup="nonfinite"),
-                  row=1, col=1)
-    fig.add_trace(_marker_trace(x, p_exact, floor, names, EXACT, f"propagated: {EXACT}", _EXACT_MARKER,
-                                legendgroup="exact"), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=p_shown,
+            mode="lines+markers",
+            name="propagated",
+            text=names,
+            hovertemplate="%{text}<br>propagated %{y:.3g}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[v if v is not None else (floor if e else None) for v, e in zip(l_shown, l_exact, strict=True)],
+            mode="markers",
+            name="local",
+            text=names,
+            marker_symbol="circle-open",
+            hovertext=[
+                f"{n}<br>local: {EXACT}" if e else f"{n}<br>local {fmt(v)}"
+                for n, v, e in zip(names, local, l_exact, strict=True)
+            ],
+            hoverinfo="text",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        _marker_trace(
+            x,
+            [a or b for a, b in zip(p_bad, l_bad, strict=True)],
+            cap,
+            names,
+            NONFINITE,
+            "non-finite (Inf/NaN) error",
+            _NONFINITE_MARKER,
+            legendgroup="nonfinite",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        _marker_trace(x, p_exact, floor, names, EXACT, f"propagated: {EXACT}", _EXACT_MARKER, legendgroup="exact"),
+        row=1,
+        col=1,
+    )
     s_fin = [v for v in sqnr if v is not None and math.isfinite(v)]
     top, bottom = max([*s_fin, 0.0]) + 10, min([*s_fin, 0.0]) - 10
-    fig.add_trace(go.Scatter(x=x, y=[v if v is not None and math.isfinite(v) else None for v in sqnr],
-                             mode="lines+markers", name="SQNR", text=names,
-                             hovertemplate="%{text}<br>%{y:.1f} dB<extra></extra>"), row=2, col=1)
-    fig.add_trace(_marker_trace(x, [v is not None and (math.isnan(v) or v == -math.inf) for v in sqnr], bottom,
-                                names, "SQNR -inf", "SQNR -inf dB (non-finite)", _NONFINITE_MARKER,
-                                legendgroup="nonfinite", showlegend=False), row=2, col=1)
-    fig.add_trace(_marker_trace(x, [v == math.inf for v in sqnr], top, names, "SQNR +inf",
-                                f"SQNR +inf dB: {EXACT}", _EXACT_MARKER, legendgroup="exact", showlegend=False),
-                  row=2, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[v if v is not None and math.isfinite(v) else None for v in sqnr],
+            mode="lines+markers",
+            name="SQNR",
+            text=names,
+            hovertemplate="%{text}<br>%{y:.1f} dB<extra></extra>",
+        ),
+        row=2,
+        col=1,
+    )
+    fig.add_trace(
+        _marker_trace(
+            x,
+            [v is not None and (math.isnan(v) or v == -math.inf) for v in sqnr],
+            bottom,
+            names,
+            "SQNR -inf",
+            "SQNR -inf dB (non-finite)",
+            _NONFINITE_MARKER,
+            legendgroup="nonfinite",
+            showlegend=False,
+        ),
+        row=2,
+        col=1,
+    )
+    fig.add_trace(
+        _marker_trace(
+            x,
+            [v == math.inf for v in sqnr],
+            top,
+            names,
+            "SQNR +inf",
+            f"SQNR +inf dB: {EXACT}",
+            _EXACT_MARKER,
+            legendgroup="exact",
+            showlegend=False,
+        ),
+        row=2,
+        col=1,
+    )
     limit = report.thresholds.divergence_rel_error
     if limit:
-        fig.add_hline(y=limit, line_dash="dot", line_color="gray", row=1, col=1,
-                      annotation_text=f"divergence threshold {limit:g}")
+        fig.add_hline(
+            y=limit, line_dash="dot", line_color="gray", row=1, col=1, annotation_text=f"divergence threshold {limit:g}"
+        )
     start = takeoff_unit(report)
     if start is not None:
         i = units.index(start)
         fig.add_vline(x=i, line_color="#d62728", line_dash="dash")
-        fig.add_annotation(x=i, y=1.0, yref="paper", text=f"error takes off: {html.escape(short_name(start.name))}",
-                           hovertext=html.escape(start.name), showarrow=False, xanchor="left", yanchor="bottom",
-                           font={"color": "#d62728"})
+        fig.add_annotation(
+            x=i,
+            y=1.0,
+            yref="paper",
+            text=f"error takes off: {html.escape(short_name(start.name))}",
+            hovertext=html.escape(start.name),
+            showarrow=False,
+            xanchor="left",
+            yanchor="bottom",
+            font={"color": "#d62728"},
+        )
     return _per_unit_layout(fig, [u.name for u in units], "dB")
 
 
@@ -531,27 +724,78 @@ def grad_fidelity_figure(report: Report) -> go.Figure:
     x = list(range(len(units)))
     fid = [u.backward.grad_fidelity for u in units]
     scale = report.grad_fidelity.scale_log2 if report.grad_fidelity is not None else 0
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=(
-        f"parameter-gradient relative L2 error vs fp32 (loss scale 2^{scale})", "cosine with fp32's gradient"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=(
+            f"parameter-gradient relative L2 error vs fp32 (loss scale 2^{scale})",
+            "cosine with fp32's gradient",
+        ),
+    )
     errs = [f.rel_l2_error if f is not None else None for f in fid]
     shown, exact, bad = _split_errors(errs)
     floor = _log_floor(errs)
     _, _, cap = _capped(errs, up=True)
-    fig.add_trace(go.Bar(x=x, y=shown, name="rel L2 error", text=names, textposition="none",
-                         marker_color="#4c78a8", hovertemplate="%{text}<br>%{y:.3g}<extra></extra>"),
-                  row=1, col=1)
-    fig.add_trace(_marker_trace(x, bad, cap, names, NONFINITE, "non-finite (Inf/NaN) gradient error",
-                                _NONFINITE_MARKER, legendgroup="nonfinite"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=[f.cosine if f is not None else None for f in fid], mode="markers",
-                             name="cosine", text=names, marker_color="#2ca02c",
-                             hovertemplate="%{text}<br>cosine %{y:.6g}<extra></extra>"), row=2, col=1)
-    fig.add_trace(_marker_trace(x, exact, floor, names, EXACT, EXACT, _EXACT_MARKER, legendgroup="exact"),
-                  row=1, col=1)
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=shown,
+            name="rel L2 error",
+            text=names,
+            textposition="none",
+            marker_color="#4c78a8",
+            hovertemplate="%{text}<br>%{y:.3g}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        _marker_trace(
+            x,
+            bad,
+            cap,
+            names,
+            NONFINITE,
+            "non-finite (Inf/NaN) gradient error",
+            _NONFINITE_MARKER,
+            legendgroup="nonfinite",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[f.cosine if f is not None else None for f in fid],
+            mode="markers",
+            name="cosine",
+            text=names,
+            marker_color="#2ca02c",
+            hovertemplate="%{text}<br>cosine %{y:.6g}<extra></extra>",
+        ),
+        row=2,
+        col=1,
+    )
+    fig.add_trace(_marker_trace(x, exact, floor, names, EXACT, EXACT, _EXACT_MARKER, legendgroup="exact"), row=1, col=1)
     th = report.thresholds
-    fig.add_hline(y=th.grad_rel_error, line_dash="dot", line_color="gray", row=1, col=1,
-                  annotation_text=f"warning above {th.grad_rel_error:g}")
-    fig.add_hline(y=th.grad_cosine_min, line_dash="dot", line_color="#d62728", row=2, col=1,
-                  annotation_text=f"error below {th.grad_cosine_min:g}")
+    fig.add_hline(
+        y=th.grad_rel_error,
+        line_dash="dot",
+        line_color="gray",
+        row=1,
+        col=1,
+        annotation_text=f"warning above {th.grad_rel_error:g}",
+    )
+    fig.add_hline(
+        y=th.grad_cosine_min,
+        line_dash="dot",
+        line_color="#d62728",
+        row=2,
+        col=1,
+        annotation_text=f"error below {th.grad_cosine_min:g}",
+    )
     return _per_unit_layout(fig, [u.name for u in units], "cosine")
 
 
@@ -576,12 +820,21 @@ def loss_scale_rows(report: Report, ls: LossScaleSection) -> list[dict[str, str]
     curve = f"{ALL_LOW_RUN} (the curve)"
     own = f"{run} (the recommendation)"
     rows = [
-        {"": f"underflow at the recommended scale 2^{k}", own: percent(ls.underflow_fraction_at_recommended),
-         curve: "-" if at_k is None else percent(at_k.underflow_fraction)},
-        {"": f"underflow at the default scale 2^{d}", own: percent(ls.underflow_fraction_at_default),
-         curve: "-" if at_d is None else percent(at_d.underflow_fraction)},
-        {"": f"overflow at the recommended scale 2^{k}", own: "-",
-         curve: "-" if at_k is None else percent(at_k.overflow_fraction)},
+        {
+            "": f"underflow at the recommended scale 2^{k}",
+            own: percent(ls.underflow_fraction_at_recommended),
+            curve: "-" if at_k is None else percent(at_k.underflow_fraction),
+        },
+        {
+            "": f"underflow at the default scale 2^{d}",
+            own: percent(ls.underflow_fraction_at_default),
+            curve: "-" if at_d is None else percent(at_d.underflow_fraction),
+        },
+        {
+            "": f"overflow at the recommended scale 2^{k}",
+            own: "-",
+            curve: "-" if at_k is None else percent(at_k.overflow_fraction),
+        },
         {"": f"steps GradScaler skips backing off from 2^{d}", own: str(ls.skipped_steps_from_default), curve: "-"},
         {"": "GradScaler needed", own: "yes" if ls.scaler_needed else "no", curve: "-"},
     ]
@@ -600,32 +853,69 @@ def loss_scale_figure(report: Report, recommended: LossScaleSection | None = Non
     pts = sorted(report.loss_scale, key=lambda p: p.scale_log2)
     k = [p.scale_log2 for p in pts]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=k, y=[p.underflow_fraction for p in pts], mode="lines+markers",
-                             name=f"underflow, {ALL_LOW_RUN} (values)", line_color="#1f77b4",
-                             hovertemplate="2^%{x}: %{y:.3%} of nonzero gradients flush to 0<extra></extra>"))
+    fig.add_trace(
+        go.Scatter(
+            x=k,
+            y=[p.underflow_fraction for p in pts],
+            mode="lines+markers",
+            name=f"underflow, {ALL_LOW_RUN} (values)",
+            line_color="#1f77b4",
+            hovertemplate="2^%{x}: %{y:.3%} of nonzero gradients flush to 0<extra></extra>",
+        )
+    )
     if any(p.underflow_norm_fraction is not None for p in pts):
-        fig.add_trace(go.Scatter(x=k, y=[p.underflow_norm_fraction for p in pts], mode="lines",
-                                 name=f"underflow, {ALL_LOW_RUN} (L2 norm)",
-                                 line={"color": "#1f77b4", "dash": "dot"},
-                                 hovertemplate="2^%{x}: %{y:.3%} of the gradients' L2 norm lost<extra></extra>"))
-    fig.add_trace(go.Scatter(x=k, y=[p.overflow_fraction for p in pts], mode="lines+markers",
-                             name=f"overflow, {ALL_LOW_RUN}", line_color="#d62728",
-                             hovertemplate="2^%{x}: %{y:.3%} overflow<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=k,
+                y=[p.underflow_norm_fraction for p in pts],
+                mode="lines",
+                name=f"underflow, {ALL_LOW_RUN} (L2 norm)",
+                line={"color": "#1f77b4", "dash": "dot"},
+                hovertemplate="2^%{x}: %{y:.3%} of the gradients' L2 norm lost<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=k,
+            y=[p.overflow_fraction for p in pts],
+            mode="lines+markers",
+            name=f"overflow, {ALL_LOW_RUN}",
+            line_color="#d62728",
+            hovertemplate="2^%{x}: %{y:.3%} overflow<extra></extra>",
+        )
+    )
     default = recommended.default_scale_log2 if recommended is not None else 16
-    fig.add_vline(x=default, line_dash="dash", line_color="gray",
-                  annotation_text=f"default 2^{default}", annotation_position="top left")
+    fig.add_vline(
+        x=default,
+        line_dash="dash",
+        line_color="gray",
+        annotation_text=f"default 2^{default}",
+        annotation_position="top left",
+    )
     if recommended is not None:
         run = recommendation_run(report)
         rk = recommended.recommended_scale_log2
-        fig.add_vline(x=rk, line_color="#2ca02c", line_width=3,
-                      annotation_text=f"recommended 2^{rk} ({run})", annotation_position="top right")
+        fig.add_vline(
+            x=rk,
+            line_color="#2ca02c",
+            line_width=3,
+            annotation_text=f"recommended 2^{rk} ({run})",
+            annotation_position="top right",
+        )
         if run != ALL_LOW_RUN:
-            fig.add_trace(go.Scatter(
-                x=[rk], y=[recommended.underflow_fraction_at_recommended], mode="markers",
-                name=f"underflow, {run}, at 2^{rk}", marker={"symbol": "diamond", "size": 12, "color": "#2ca02c"},
-                hovertemplate=f"{run} at 2^{rk}: %{{y:.3%}} flush to 0<extra></extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[rk],
+                    y=[recommended.underflow_fraction_at_recommended],
+                    mode="markers",
+                    name=f"underflow, {run}, at 2^{rk}",
+                    marker={"symbol": "diamond", "size": 12, "color": "#2ca02c"},
+                    hovertemplate=f"{run} at 2^{rk}: %{{y:.3%}} flush to 0<extra></extra>",
+                )
+            )
     changing = [
-        a.scale_log2 for a, b in itertools.pairwise(pts)
+        a.scale_log2
+        for a, b in itertools.pairwise(pts)
         if (a.underflow_fraction, a.overflow_fraction, a.underflow_norm_fraction)
         != (b.underflow_fraction, b.overflow_fraction, b.underflow_norm_fraction)
     ]
@@ -634,8 +924,13 @@ def loss_scale_figure(report: Report, recommended: LossScaleSection | None = Non
     x_range = [min(shown) - 1, max(shown) + 3] if k else None
     fig.update_layout(
         title=f"fp16 loss scale: the {ALL_LOW_RUN}'s gradients",
-        xaxis_title="loss scale 2^k (k)", xaxis_range=x_range, yaxis_title="fraction of nonzero gradients",
-        yaxis_range=[-0.02, 1.05], yaxis_tickformat=".0%", height=400, margin={"t": 60, "b": 40, "l": 60, "r": 20},
+        xaxis_title="loss scale 2^k (k)",
+        xaxis_range=x_range,
+        yaxis_title="fraction of nonzero gradients",
+        yaxis_range=[-0.02, 1.05],
+        yaxis_tickformat=".0%",
+        height=400,
+        margin={"t": 60, "b": 40, "l": 60, "r": 20},
         legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
     )
     return themed(fig)
@@ -658,10 +953,28 @@ def plan_cost_figure(plan: PlanSection) -> go.Figure:
     t_unit, t_factor = seconds_unit(max(t.values(), default=0.0))
     a_unit, a_factor = bytes_unit(max(a.values(), default=0))
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"est. step time ({t_unit})", f"activation memory ({a_unit})"))
-    fig.add_trace(go.Bar(x=list(t), y=[v / t_factor for v in t.values()], name="step time",
-                         text=[fmt_seconds(v) for v in t.values()], marker_color="#4c78a8"), row=1, col=1)
-    fig.add_trace(go.Bar(x=list(a), y=[v / a_factor for v in a.values()], name="activations",
-                         text=[fmt_bytes(v) for v in a.values()], marker_color="#f58518"), row=1, col=2)
+    fig.add_trace(
+        go.Bar(
+            x=list(t),
+            y=[v / t_factor for v in t.values()],
+            name="step time",
+            text=[fmt_seconds(v) for v in t.values()],
+            marker_color="#4c78a8",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=list(a),
+            y=[v / a_factor for v in a.values()],
+            name="activations",
+            text=[fmt_bytes(v) for v in a.values()],
+            marker_color="#f58518",
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_layout(showlegend=False, height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20})
     return themed(fig)
 

@@ -184,20 +184,27 @@ class _Figures:
         spec["layout"].pop("template", None)
         target = f"pd-fig-{self.count}"
         self.count += 1
-        return (f'<div class="pd-plot" id="{target}"></div>'
-                f'<script type="application/json" class="pd-fig" data-target="{target}">'
-                f"{_script_json({'data': spec['data'], 'layout': spec['layout']})}</script>")
+        return (
+            f'<div class="pd-plot" id="{target}"></div>'
+            f'<script type="application/json" class="pd-fig" data-target="{target}">'
+            f"{_script_json({'data': spec['data'], 'layout': spec['layout']})}</script>"
+        )
 
     def page_scripts(self) -> str:
         if not self.count:
             return ""
         kind, code = _plotly_js()
-        plotly = (f'<script type="application/octet-stream" id="pd-plotly">{code}</script>' if kind == "gzip"
-                  else f'<script type="text/javascript">{code}</script>')
-        return (f'<p id="pd-plotly-error" class="warn" hidden>The figures could not be drawn: this browser '
-                f"cannot inflate the embedded plotly.js</p>\n"
-                f'<script type="application/json" id="pd-template">{_script_json(TEMPLATE_LAYOUT)}</script>\n'
-                f"{plotly}\n<script>{_LOADER}</script>")
+        plotly = (
+            f'<script type="application/octet-stream" id="pd-plotly">{code}</script>'
+            if kind == "gzip"
+            else f'<script type="text/javascript">{code}</script>'
+        )
+        return (
+            f'<p id="pd-plotly-error" class="warn" hidden>The figures could not be drawn: this browser '
+            f"cannot inflate the embedded plotly.js</p>\n"
+            f'<script type="application/json" id="pd-template">{_script_json(TEMPLATE_LAYOUT)}</script>\n'
+            f"{plotly}\n<script>{_LOADER}</script>"
+        )
 
 
 def _detail_units(report: Report) -> list[Unit]:
@@ -220,20 +227,28 @@ def render_html(report: Report) -> str:
     parts.append("<h2>Overview</h2>")
     items = overview_items(report, plan)
     half = (len(items) + 1) // 2  # label/value pairs in two columns, as the app shows them
-    parts.append('<div class="pair" id="overview">' + "".join(
-        f"<div>{_table([{'': k, 'value': v} for k, v in chunk])}</div>" for chunk in (items[:half], items[half:])
-    ) + "</div>")
+    parts.append(
+        '<div class="pair" id="overview">'
+        + "".join(
+            f"<div>{_table([{'': k, 'value': v} for k, v in chunk])}</div>" for chunk in (items[:half], items[half:])
+        )
+        + "</div>"
+    )
     counts = flag_counts(report)
     parts.append("<p>Flagged units by flag:</p>" + _table([counts]) if counts else "<p>No flags.</p>")
     if report.ranks:
         parts.append('<h2 id="ranks">Ranks</h2>')
-        parts.append(f"<p>{_e(distributed_text(report))}: the units and flags above combine every rank's "
-                     "statistics; below, each rank judged on its own.</p>")
+        parts.append(
+            f"<p>{_e(distributed_text(report))}: the units and flags above combine every rank's "
+            "statistics; below, each rank judged on its own.</p>"
+        )
         parts.append(_table(rank_rows(report)))
 
     parts.append("<h2>Layers</h2>")
-    parts.append('<p><input type="search" placeholder="filter by name or flag" oninput="pdFilter(this)"> '
-                 "(click a column header to sort)</p>")
+    parts.append(
+        '<p><input type="search" placeholder="filter by name or flag" oninput="pdFilter(this)"> '
+        "(click a column header to sort)</p>"
+    )
     parts.append(_table(layer_rows(report, plan), "layers"))
     if report.flags():
         parts.append("<h3>Flags, worst first</h3>" + _table(flag_rows(report)))
@@ -265,24 +280,31 @@ def render_html(report: Report) -> str:
 
     if plan is not None:
         parts.append("<h2>Plan</h2>")
-        parts.append(f"<p>Target {_e(plan.target)}, low dtype {_e(plan.dtype)}; "
-                     f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>")
+        parts.append(
+            f"<p>Target {_e(plan.target)}, low dtype {_e(plan.dtype)}; "
+            f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>"
+        )
         parts.append("<h3>Units kept in fp32</h3>" + _table([r.model_dump() for r in plan.fp32_units]))
         parts.append("<h3>Cost</h3>" + _table(plan_cost_rows(plan)) + fig(plan_cost_figure(plan)))
-        parts.append(f"<p>Verified final-loss rel error (planned run) {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
-                     f"in {_e(plan.verification_passes)} pass(es).</p>")
+        parts.append(
+            f"<p>Verified final-loss rel error (planned run) {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
+            f"in {_e(plan.verification_passes)} pass(es).</p>"
+        )
         for name, text in plan.exports.items():
             fname, mime = export_file(name)
             # A data: URI keeps the download working with no server.
             uri = f"data:{mime};base64,{b64encode(text.encode()).decode()}"
-            parts.append(f'<details><summary>{_e(name)} export: <a download="{_e(fname)}" href="{uri}">'
-                         f"{_e(fname)}</a></summary><pre>{_e(text)}</pre></details>")
+            parts.append(
+                f'<details><summary>{_e(name)} export: <a download="{_e(fname)}" href="{uri}">'
+                f"{_e(fname)}</a></summary><pre>{_e(text)}</pre></details>"
+            )
 
     if pre is not None or mon is not None:
         parts.append('<h2 id="training">Training</h2>')
         if pre is not None:
-            parts.append(f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">'
-                         f"{_e(preflight_verdict(pre))}</p>")
+            parts.append(
+                f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">{_e(preflight_verdict(pre))}</p>'
+            )
             if pre.reasons:
                 parts.append(_table([r.model_dump() for r in pre.reasons]))
             parts.append(_table(preflight_run_rows(pre)))
@@ -293,9 +315,11 @@ def render_html(report: Report) -> str:
     parts.append("<h2>Unit detail</h2>")
     units = _detail_units(report)
     if len(units) < len(report.units):
-        parts.append(f"<p>Histograms for {len(units)} of {len(report.units)} units "
-                     f"({'flagged first' if report.flagged_units() else 'first in execution order'}); "
-                     "the app shows every unit.</p>")
+        parts.append(
+            f"<p>Histograms for {len(units)} of {len(report.units)} units "
+            f"({'flagged first' if report.flagged_units() else 'first in execution order'}); "
+            "the app shows every unit.</p>"
+        )
     for u in units:
         parts.append(f'<h3 class="unit"><code>{_e(u.name)}</code> ({_e(u.kind)})</h3>')
         if u.flags:
@@ -312,8 +336,10 @@ def render_html(report: Report) -> str:
             parts.append('<div class="pair">' + "".join(f"<div>{f}</div>" for f in figs) + "</div>")
 
     env = report.environment
-    parts.append(f"<p><small>precision-doctor {_e(env.tool_version)}, torch {_e(env.torch_version)}, "
-                 f"python {_e(env.python_version)}, {_e(env.platform)}</small></p>")
+    parts.append(
+        f"<p><small>precision-doctor {_e(env.tool_version)}, torch {_e(env.torch_version)}, "
+        f"python {_e(env.python_version)}, {_e(env.platform)}</small></p>"
+    )
     body = "\n".join(parts)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -23,10 +23,20 @@ ENV_VAR = "PRECISION_DOCTOR_REPORT"
 
 def streamlit_command(report_path: Path, *, port: int | None = None, headless: bool = False) -> list[str]:
     """The `streamlit run` command line for a report (already validated)."""
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
-           # No usage telemetry and no file watcher: the app only reads one report.
-           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-           "--server.address", "127.0.0.1"]  # never listen beyond this machine
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_SCRIPT),
+        # No usage telemetry and no file watcher: the app only reads one report.
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--server.address",
+        "127.0.0.1",
+    ]  # never listen beyond this machine
     if port is not None:
         cmd += ["--server.port", str(port)]
     if headless:

@@ -85,6 +85,7 @@ def _kv_table(items: Sequence[tuple[str, str]]) -> None:
 def _text_width(values: Sequence[object], header: str, *, cap: int = 640) -> int:
     """A column's width in pixels that shows its longest value and its header whole (the
     grid's 14 px font: under 6.5 px a lowercase character, under 10 px an uppercase one)."""
+
     def px(text: str) -> float:
         return sum(10 if c.isupper() or c in "MW@%" else 6.5 for c in text)
 
@@ -111,16 +112,25 @@ def overview(report: Report, plan: PlanSection | None) -> None:
         st.dataframe(_df([{"flag": k, "units": v} for k, v in counts.items()]), hide_index=True, width="content")
         st.subheader("Flags, worst first")
         flags = figures.flag_rows(report)
-        st.dataframe(_df(flags), hide_index=True, height=_table_height(len(flags)), column_config={
-            "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in flags], "unit", cap=360)),
-            "evidence": st.column_config.TextColumn(width="large"),
-        })
+        st.dataframe(
+            _df(flags),
+            hide_index=True,
+            height=_table_height(len(flags)),
+            column_config={
+                "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in flags], "unit", cap=360)),
+                "evidence": st.column_config.TextColumn(width="large"),
+            },
+        )
     else:
         st.success("No unit flagged.")
     if report.ranks:
         st.subheader("Ranks")
-        st.caption(md(f"{figures.distributed_text(report)}: the units and flags combine every rank's statistics; "
-                      "here each rank is judged on its own."))
+        st.caption(
+            md(
+                f"{figures.distributed_text(report)}: the units and flags combine every rank's statistics; "
+                "here each rank is judged on its own."
+            )
+        )
         st.dataframe(_df(figures.rank_rows(report)), hide_index=True)
 
 
@@ -148,15 +158,23 @@ def layer_table(report: Report, plan: PlanSection | None) -> None:
     present = list(figures.flag_counts(report))
     severities = list(dict.fromkeys(f.severity.value for f in report.flags()))
     c1, c2, c3 = st.columns([2, 1, 2])
-    chosen = c1.multiselect("Filter by flag", [*present, NO_FLAG], key="flag_filter",
-                            help="Show only units with any of these flags.")
-    levels = c2.multiselect("Filter by severity", severities, key="severity_filter",
-                            help="Show only units with a finding of any of these severities.")
+    chosen = c1.multiselect(
+        "Filter by flag", [*present, NO_FLAG], key="flag_filter", help="Show only units with any of these flags."
+    )
+    levels = c2.multiselect(
+        "Filter by severity",
+        severities,
+        key="severity_filter",
+        help="Show only units with a finding of any of these severities.",
+    )
     needle = c3.text_input("Filter by name", key="name_filter", placeholder="substring of the unit name")
     if chosen:
         want = set(chosen)
-        rows = [r for r in rows if (want & set(filter(None, r["flags"].split(", "))))
-                or (NO_FLAG in want and not r["flags"])]
+        rows = [
+            r
+            for r in rows
+            if (want & set(filter(None, r["flags"].split(", ")))) or (NO_FLAG in want and not r["flags"])
+        ]
     if levels:
         keep = {u.name for u in report.units if any(f.severity.value in levels for f in u.flags)}
         rows = [r for r in rows if r["unit"] in keep]
@@ -164,8 +182,9 @@ def layer_table(report: Report, plan: PlanSection | None) -> None:
         rows = [r for r in rows if needle.lower() in r["unit"].lower()]
     st.caption(f"{len(rows)} of {len(report.units)} units; click a column header to sort.")
     if rows:
-        config: dict[str, Any] = {c: st.column_config.NumberColumn(label, format=f, help=h)
-                                  for c, (label, f, h) in LAYER_COLUMNS.items()}
+        config: dict[str, Any] = {
+            c: st.column_config.NumberColumn(label, format=f, help=h) for c, (label, f, h) in LAYER_COLUMNS.items()
+        }
         for col, cap in (("unit", 420), ("kind", 200), ("flags", 640)):
             config[col] = st.column_config.TextColumn(width=_text_width([r[col] for r in every], col, cap=cap))
         st.dataframe(_df(rows), hide_index=True, column_config=config, height=_table_height(len(rows)))
@@ -186,11 +205,21 @@ def unit_detail(report: Report) -> None:
         return f"{u.order}: {u.name}" + (f"  [{flags}]" if flags else "")
 
     c1, c2 = st.columns([4, 1])
-    i = c1.selectbox("Unit (execution order; worst flagged first selected)", range(len(units)),
-                     index=default, format_func=label, key="unit_pick")
-    choice = c2.radio("Histogram range of", dtypes, index=dtypes.index(report.environment.dtype.value),
-                      key="range_dtype", horizontal=True,
-                      help="The format whose representable range the histograms show.")
+    i = c1.selectbox(
+        "Unit (execution order; worst flagged first selected)",
+        range(len(units)),
+        index=default,
+        format_func=label,
+        key="unit_pick",
+    )
+    choice = c2.radio(
+        "Histogram range of",
+        dtypes,
+        index=dtypes.index(report.environment.dtype.value),
+        key="range_dtype",
+        horizontal=True,
+        help="The format whose representable range the histograms show.",
+    )
     dtype = LowDtype(choice or report.environment.dtype.value)
     unit: Unit = units[i if i is not None else default]
     st.text(f"{unit.name}  ({unit.kind}), execution order {unit.order}, {unit.op_count} ops")
@@ -234,14 +263,27 @@ def gradients(report: Report) -> None:
         return
     st.text(text)
     _chart(figures.grad_fidelity_figure(report), "grad_fidelity")
-    rows = [{"unit": name, "rel L2 error": f.rel_l2_error, "cosine": f.cosine, "non-finite": f.nonfinite_count,
-             "values": f.numel} for name, f in report.grad_fidelity_by_unit().items()]
+    rows = [
+        {
+            "unit": name,
+            "rel L2 error": f.rel_l2_error,
+            "cosine": f.cosine,
+            "non-finite": f.nonfinite_count,
+            "values": f.numel,
+        }
+        for name, f in report.grad_fidelity_by_unit().items()
+    ]
     st.markdown("**Units, worst first**")
-    st.dataframe(_df(rows), hide_index=True, height=_table_height(len(rows)), column_config={
-        "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in rows], "unit", cap=420)),
-        "rel L2 error": st.column_config.NumberColumn(format="%.3g"),
-        "cosine": st.column_config.NumberColumn(format="%.6g"),
-    })
+    st.dataframe(
+        _df(rows),
+        hide_index=True,
+        height=_table_height(len(rows)),
+        column_config={
+            "unit": st.column_config.TextColumn(width=_text_width([r["unit"] for r in rows], "unit", cap=420)),
+            "rel L2 error": st.column_config.NumberColumn(format="%.3g"),
+            "cosine": st.column_config.NumberColumn(format="%.6g"),
+        },
+    )
 
 
 def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
@@ -252,17 +294,23 @@ def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
         c1.metric("Default scale", f"2^{ls.default_scale_log2}")
         with c2:
             if run == figures.ALL_LOW_RUN:
-                st.markdown(md(f"The recommendation and the curve below both read the {run}'s "
-                               "gradients (every unit low)."))
+                st.markdown(
+                    md(f"The recommendation and the curve below both read the {run}'s gradients (every unit low).")
+                )
             else:
-                st.markdown(md(f"Each number in the column of the run it describes: the recommendation "
-                               f"reads the {run}'s gradients (its low units only); the curve below is "
-                               f"the {figures.ALL_LOW_RUN}'s (every unit low)."))
+                st.markdown(
+                    md(
+                        f"Each number in the column of the run it describes: the recommendation "
+                        f"reads the {run}'s gradients (its low units only); the curve below is "
+                        f"the {figures.ALL_LOW_RUN}'s (every unit low)."
+                    )
+                )
             rows = figures.loss_scale_rows(report, ls)
             st.table(_df([{k: md(v) for k, v in r.items()} for r in rows]).set_index(""))
     else:
-        st.info("No loss-scale recommendation in this report; the curve is the all-low run's, with the "
-                "2^16 default marked.")
+        st.info(
+            "No loss-scale recommendation in this report; the curve is the all-low run's, with the 2^16 default marked."
+        )
     if report.loss_scale:
         _chart(figures.loss_scale_figure(report, ls), "loss_scale")
     else:
@@ -292,14 +340,20 @@ def plan_section(plan: PlanSection) -> None:
     st.markdown("**Cost**")
     st.dataframe(_df(figures.plan_cost_rows(plan)), hide_index=True, width="content")
     _chart(figures.plan_cost_figure(plan), "plan_cost")
-    _kv_table([("verified final-loss rel error (planned run)", figures.fmt(plan.verified_loss_rel_error, ".2e")),
-               ("verification passes", str(plan.verification_passes))])
+    _kv_table(
+        [
+            ("verified final-loss rel error (planned run)", figures.fmt(plan.verified_loss_rel_error, ".2e")),
+            ("verification passes", str(plan.verification_passes)),
+        ]
+    )
     if plan.exports:
         st.markdown("**Exports**")
         cols = st.columns(max(1, len(plan.exports)))
         for col, (name, text) in zip(cols, plan.exports.items(), strict=False):
             fname, mime = figures.export_file(name)
-            col.download_button(f"Download {md(name.value)}", text, file_name=fname, mime=mime, key=f"export_{name.value}")
+            col.download_button(
+                f"Download {md(name.value)}", text, file_name=fname, mime=mime, key=f"export_{name.value}"
+            )
 
 
 # --- page --------------------------------------------------------------------------------------
@@ -369,8 +423,12 @@ def main() -> None:
     try:
         render(report)
     except Exception as e:  # a page, never a traceback, even on our own bug
-        st.error(md(f"precision-doctor could not render this report (internal error, please report): "
-                    f"{type(e).__name__}: {e}"))
+        st.error(
+            md(
+                f"precision-doctor could not render this report (internal error, please report): "
+                f"{type(e).__name__}: {e}"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         )
     )
     console.print(
-        Text(f"final loss: fp32 {report.losses.fp32:.6g}, {env.dtype} {report.losses.low:.6g} "
-             f"(relative error {_num(report.losses.rel_error)})")
+        Text(
+            f"final loss: fp32 {report.losses.fp32:.6g}, {env.dtype} {report.losses.low:.6g} "
+            f"(relative error {_num(report.losses.rel_error)})"
+        )
     )
     gradients = grad_fidelity_text(report)
     if gradients is not None:
@@ -98,13 +100,20 @@ def _render_ranks(report: Report, console: Console) -> None:
     dtype = report.environment.dtype
     for r in ranks[:MAX_RANK_LINES]:
         found = ", ".join(f"{f.flag.value} at {f.unit}" for f in r.flags) or "no flag"
-        console.print(Text(
-            f"  rank {r.rank}: loss fp32 {r.loss_fp32:.6g}, {dtype} {r.loss_low:.6g} "
-            f"(relative error {_num(r.loss_rel_error)}); on its own: {found}"
-        ))
+        console.print(
+            Text(
+                f"  rank {r.rank}: loss fp32 {r.loss_fp32:.6g}, {dtype} {r.loss_low:.6g} "
+                f"(relative error {_num(r.loss_rel_error)}); on its own: {found}"
+            )
+        )
     if len(ranks) > MAX_RANK_LINES:
-        console.print(Text(f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s) without findings"
-                           if not ranks[MAX_RANK_LINES].flags else f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s)"))
+        console.print(
+            Text(
+                f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s) without findings"
+                if not ranks[MAX_RANK_LINES].flags
+                else f"  ... and {len(ranks) - MAX_RANK_LINES} more rank(s)"
+            )
+        )
 
 
 def next_steps(
