@@ -248,7 +248,9 @@ class Thresholds:
     grad_underflow_norm_fraction: float = 0.05
     """GRAD_UNDERFLOW when more than this fraction of a unit's gradient L2 norm is lost."""
     grad_scale_log2: int = 16
-    """The loss scale the gradient flags are judged at: GradScaler's default 2^16."""
+    """The loss scale 2^k the fp16 gradient flags are judged at: GradScaler's default 2^16. A
+    whole number in 0..24, while the report's loss-scale curves cover 2^0..2^127
+    (`analysis.engine.LOSS_SCALES`)."""
     loss_rel_error: float = 0.01
     """The final-loss relative error a "Safe to train" verdict allows (the plan's default
     tolerance)."""
@@ -290,7 +292,8 @@ class Thresholds:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "grad_scale_log2":
-                # Whole powers of two (a saved report holds 16.0); the curve spans 2^0..2^24.
+                # Whole powers of two (a saved report holds 16.0), k in 0..24; the curves it is
+                # read from span 2^0..2^127 (engine.LOSS_SCALES).
                 if isinstance(value, bool) or not float(value).is_integer() or not 0 <= value <= 24:
                     raise PrecisionDoctorError(f"threshold grad_scale_log2={value} is not a whole number in 0..24")
                 object.__setattr__(self, f.name, int(value))  # 16.0 -> 16: the report stores an int

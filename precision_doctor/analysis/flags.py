@@ -11,13 +11,20 @@ Each finding has a severity (`options.Severity`), by a few fixed rules:
 - `error`: OVERFLOW, NONFINITE_FP32, DIVERGENCE; UNDERFLOW and ERROR_GROWTH when the unit's
   error is over `divergence_rel_error` (UNDERFLOW's local error, ERROR_GROWTH's propagated
   one) or the low run makes Inf/NaN there; GRAD_OVERFLOW when no smaller power-of-two loss
-  scale down to 2^0 removes it (or there is no loss scaler: bf16, pure fp16); GRAD_UNDERFLOW
-  when no loss scale GradScaler can hold (2^0..2^127, below the smallest scale at which any
-  gradient of the model overflows) keeps the norm, or there is no loss scaler.
+  scale down to 2^0 removes it, or there is no loss scaler; GRAD_UNDERFLOW when no loss scale
+  GradScaler can hold (2^0..2^127, below the smallest scale at which any gradient of the
+  model overflows) keeps the norm, or there is no loss scaler.
 - `warning`: otherwise. GRAD_OVERFLOW then says how many times GradScaler halves its scale
   (skipping a step each time) before the unit's gradients fit (`backoff_steps`), read off the
   unit's gradient histogram; GRAD_UNDERFLOW the nearest scale that keeps the norm
   (`fixing_scale_log2`).
+
+The scale the gradient flags are judged at: in fp16, `analyze` judges them at
+2^`Thresholds.grad_scale_log2` (GradScaler's default 2^16) with a GradScaler that backs off
+and grows, in both regimes (pure fp16 included; `unit_flags`); in bf16 at 2^0 with no loss
+scaler (bf16's range needs none). Only the pre-flight judges a pure fp16 run at 2^0 without
+a scaler (`gradient_flags_at_scale(..., scaler=False)`), as it trains: there every gradient
+flag is an error.
 """
 
 from __future__ import annotations
@@ -337,9 +344,10 @@ def unit_flags(
 
 
 def scale_ceiling(overflow_at: Callable[[int], float], th: Thresholds) -> int:
-    """The largest loss scale 2^k (k <= 24) at which the model's gradients do not overflow
-    (`overflow_at(k)`: the fraction overflowing at 2^k): GradScaler backs off from any scale
-    above it, so it cannot settle higher. 0 when they overflow even at 2^0."""
+    """The largest loss scale 2^k (k <= 127, `MAX_SCALE_LOG2`: the curves' whole range) at
+    which the model's gradients do not overflow (`overflow_at(k)`: the fraction overflowing at
+    2^k): GradScaler backs off from any scale above it, so it cannot settle higher. 0 when they
+    overflow even at 2^0."""
     return max((k for k in range(MAX_SCALE_LOG2 + 1) if overflow_at(k) <= th.grad_overflow_fraction), default=0)
 
 
@@ -359,8 +367,9 @@ def _gradient_flags(
 ) -> list[FlagRecord]:
     """GRAD_OVERFLOW and GRAD_UNDERFLOW at loss scale 2^`scale`, with their severities (see
     the module docstring). `at_scale(k)`: (fraction of nonzero gradients flushed, fraction
-    overflowing, fraction of the L2 norm flushed) at 2^k, k in 0..24. `scaler`: a GradScaler
-    moves the scale (fp16 under autocast); without one the scale is fixed."""
+    overflowing, fraction of the L2 norm flushed) at 2^k, k in 0..127 (`MAX_SCALE_LOG2`).
+    `scaler`: a GradScaler moves the scale (fp16 in `analyze`, pure fp16 included; in the
+    pre-flight, fp16 under autocast); without one the scale is fixed."""
     flags = []
     lost, overflow, norm_lost = at_scale(scale)
     if inherited_overflow:
