@@ -16,9 +16,11 @@ from precision_doctor.options import (
     AutocastPolicy,
     CapturePath,
     Flag,
+    Judge,
     LowDtype,
     Regime,
     Severity,
+    Target,
     Thresholds,
 )
 from precision_doctor.planning.pipeline import plan_report
@@ -34,6 +36,7 @@ __all__ = [
     "AutocastPolicy",
     "CapturePath",
     "Flag",
+    "Judge",
     "LowDtype",
     "Plan",
     "PrecisionDoctorError",
@@ -43,6 +46,7 @@ __all__ = [
     "Report",
     "ScalerMonitor",
     "Severity",
+    "Target",
     "Thresholds",
     "__version__",
     "analyze",

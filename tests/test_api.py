@@ -109,3 +109,23 @@ def test_pure_regime_casts_the_floats_of_a_mapping_pytree_does_not_know() -> Non
     cast = cast_floats(batch, torch.bfloat16)
     assert isinstance(cast, dict)
     assert cast["pixel_values"].dtype is torch.bfloat16 and cast["input_ids"].dtype is torch.long
+
+
+def test_recommend_loss_scale_takes_its_choices_by_name() -> None:
+    case = build_mlp()
+    report = pd.analyze(case.model, case.batch, case.loss_fn)
+    low = {"": True, "fc2": False}
+    keyword = pd.recommend_loss_scale(report, low_units=low)
+    with pytest.warns(DeprecationWarning, match="low_units"):
+        positional = pd.recommend_loss_scale(report, low)
+    assert positional == keyword
+
+
+def test_judge_and_target_are_enums_checked_before_any_work() -> None:
+    assert pd.Judge("Planned") is pd.Judge.PLANNED and pd.Target("H100") is pd.Target.H100
+    case = build_mlp()
+    report = pd.analyze(case.model, case.batch, case.loss_fn)
+    with pytest.raises(pd.PrecisionDoctorError, match=r"unknown target 'v100'; choose one of: h100, a100, 4090, cpu"):
+        pd.plan_report(case.model, case.batch, case.loss_fn, report, target="v100")
+    with pytest.raises(pd.PrecisionDoctorError, match=r"unknown judge 'best'; choose one of: low, planned"):
+        pd.preflight(case.model, case.batch, case.loss_fn, judge="best")

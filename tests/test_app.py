@@ -425,3 +425,16 @@ def test_a_distributed_jobs_ranks(
     assert key_values(at)["distributed"] == "2 ranks (gloo, ddp, mesh 2)"
     sample = run_app(monkeypatch, reports["sample"][1])
     assert "Ranks" not in [unescape(s.value) for s in sample.subheader]
+
+
+def test_a_report_from_another_version_is_shown_with_a_warning(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _, path = reports["sample"]
+    assert not run_app(monkeypatch, path).warning  # this version's own report: no warning
+    raw = json.loads(path.read_text())
+    raw["environment"]["tool_version"] = "0.0.1"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(raw))
+    warnings = [unescape(w.value) for w in run_app(monkeypatch, old).warning]
+    assert len(warnings) == 1 and "precision-doctor 0.0.1" in warnings[0], warnings

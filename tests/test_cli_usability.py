@@ -279,6 +279,23 @@ def test_export_written_is_the_next_step(tmp_path: Path) -> None:
     assert f"\ninitial loss scale 2^{k} " in result.stdout  # the plan's advice line says the same
 
 
+def test_a_planned_report_is_not_told_to_plan_again(tmp_path: Path) -> None:
+    """--out plans the report: the next step writes that plan, with the plan's own count, and
+    the loss scale is the plan's."""
+    out = tmp_path / "report.json"
+    result = runner.invoke(
+        app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check", "--out", str(out)], env=ENV
+    )
+    assert result.exit_code == 0, result.stderr
+    steps = _next_steps(result.stdout)
+    plan = pd.Plan.from_report(Report.load(out))
+    kept = sum(d == "fp32" for d in plan.units.values())
+    assert steps[0].startswith(f"write the plan above (it keeps {kept} of {len(plan.units)} units in fp32)"), steps
+    assert steps[0].endswith("--export plan.py") and not any(s.startswith("plan which units") for s in steps)
+    assert plan.loss_scale is not None
+    assert any(s.startswith(f"start the loss scale at 2^{plan.loss_scale.recommended_scale_log2}:") for s in steps)
+
+
 def test_bf16_analysis_has_no_bf16_or_scale_step() -> None:
     result = runner.invoke(app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--dtype", "bf16", "--quiet"], env=ENV)
     assert result.exit_code == 0, result.stderr

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
+from precision_doctor.deprecation import positional_deprecated
 from precision_doctor.extras import LossScaleSection
 from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2
 from precision_doctor.options import LowDtype
@@ -200,11 +201,12 @@ def advise_from_histogram(
     )
 
 
+@positional_deprecated("low_units", "dtype")
 def recommend_loss_scale(
     report: Report,
+    *,
     low_units: Mapping[str, bool] | None = None,
     dtype: LowDtype | str | None = None,
-    *,
     scale_log2: int | None = None,
 ) -> LossScaleAdvice:
     """The initial loss scale for `report`'s model, over the backward values of the units

@@ -507,7 +507,7 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
     low again at the scale the later moves allowed. Each move can only raise the largest
     usable scale, so the loop ends. (The plan's verified loss error was measured with them
     low: fp32 adds no rounding there.)"""
-    advice = recommend_loss_scale(report, low)
+    advice = recommend_loss_scale(report, low_units=low)
     moved: dict[str, str] = {}
     if report.environment.dtype is not LowDtype.FP16:
         return advice, moved
@@ -534,10 +534,10 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
         name, f = max(found, key=lambda nf: (_grad_max_abs(units[nf[0]]), nf[0]))
         low[name] = False
         moved[name] = reason(advice.finite_scale_log2, f)
-        advice = recommend_loss_scale(report, low)
+        advice = recommend_loss_scale(report, low_units=low)
     for name in reversed(list(moved)):
         low[name] = True
-        trial = recommend_loss_scale(report, low)
+        trial = recommend_loss_scale(report, low_units=low)
         found = vanishing(trial.finite_scale_log2)
         own = [f for n, f in found if n == name]
         if not found:
@@ -557,7 +557,7 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
     if vanishing(k):
         # Saved by a larger scale, below the one that overflows: the smallest such scale.
         k = next(j for j in range(k + 1, advice.finite_scale_log2 + 1) if not vanishing(j))
-        advice = recommend_loss_scale(report, low, scale_log2=k)
+        advice = recommend_loss_scale(report, low_units=low, scale_log2=k)
     return advice, moved
 
 

@@ -377,6 +377,9 @@ def render(report: Report) -> None:
     plan, ls, pre, mon = extras.plan, extras.loss_scale, extras.preflight, extras.scaler_monitor
 
     st.title(f"precision-doctor: {md(report.model)}")
+    stale = report.version_warning()
+    if stale is not None:
+        st.warning(md(stale))
     (st.success if report else st.error)(md(report.verdict))
     st.caption("This app only reads the saved report; it never reruns the analysis.")
 

@@ -142,6 +142,12 @@ def next_steps(
             lines.append(f"the plan keeps every unit in fp32: no unit of this model runs safely in {dtype}")
         elif plan is not None and export is not None:
             lines.append(f"apply the plan written to {export}: it keeps {n_fp32} of {len(plan.units)} units in fp32")
+        elif plan is not None:
+            # Planned already (--out plans): what is left is writing it where training reads it.
+            lines.append(
+                f"write the plan above (it keeps {n_fp32} of {len(plan.units)} units in fp32) as a Python "
+                f"snippet for your training script: {_shell([*run, '--export', 'plan.py'])}"
+            )
         else:
             scaled = "; it gives the loss scale for the units that stay low too" if _scaled(env) else ""
             lines.append(
