@@ -26,6 +26,9 @@ from precision_doctor.options import Flag, Severity
 from precision_doctor.views import figures
 from tests.fixtures import Case, build, build_amplifier, build_deep_se, build_one_token_lm
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 
 def _call(model: torch.nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):

@@ -21,6 +21,9 @@ from precision_doctor.analysis.loss_scale import (
 from precision_doctor.capture.emulation import emulated_precision
 from precision_doctor.options import LowDtype
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 

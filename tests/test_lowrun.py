@@ -35,6 +35,9 @@ from precision_doctor.options import AutocastPolicy, Regime
 
 from .fixtures import TRANSFORMERS, build
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 SEED = 1234
 F16, B16 = torch.float16, torch.bfloat16
 DTYPES = {"fp16": F16, "bf16": B16}

@@ -68,6 +68,9 @@ from precision_doctor.options import Phase
 
 from .fixtures import TRANSFORMERS, build
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 SEED = 1234
 ROOT = "<root>"
 MASK = 2.0**127  # fp32's top binade: mask constants (finfo(float32).min), not values

@@ -33,6 +33,9 @@ from precision_doctor.capture.statistics import (
     summarize_unmasked,
 )
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 F32 = np.float32
 
 
