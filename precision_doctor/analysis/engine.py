@@ -25,7 +25,7 @@ from precision_doctor.analysis.flags import (
 from precision_doctor.analysis.gradients import (
     grad_scale_log2,
 )
-from precision_doctor.analysis.jobs import AnalysisJob, analysis_job
+from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, analysis_job
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
@@ -368,12 +368,7 @@ def _report(
     loss_low, loss_dtype = real_low.loss, real_low.loss_dtype
     fx_ok, fx_error = fx
     return req.job.report(
-        build_report,
-        capture,
-        param_stats,
-        req.model,
-        grads,
-        fidelity_follows=real_low.graph is not None,
+        CapturedStep(build_report, capture, param_stats, req.model, grads, fidelity_follows=real_low.graph is not None),
         low=req.low,
         th=req.th,
         losses=Losses(
@@ -414,7 +409,9 @@ def _gradient_fidelity(
     def low_backward(sink: GradientSink) -> None:
         _low_backward(real_low, req.model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
 
-    return req.job.gradient_fidelity(report, req.model, grads, scale_log2, capture.workspace, low_backward)
+    return req.job.gradient_fidelity(
+        LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward)
+    )
 
 
 def _low_run(

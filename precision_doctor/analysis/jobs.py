@@ -24,6 +24,7 @@ The kinds, as classes (each an `AnalysisJob`):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,6 +58,35 @@ Grads = dict[str, torch.Tensor]
 LowBackward = Callable[[GradientSink], None]
 """Runs the low backward at the fidelity's loss scale, each unscaled gradient into the sink."""
 BuildReport = Callable[..., Report]
+
+
+@dataclass(frozen=True)
+class CapturedStep:
+    """What the report phase hands a job: the capture of the fp32 step, its parameter
+    gradients' statistics, and the build that makes a report of them. `grads` are the
+    analysis' fp32 gradients, which `gradient_fidelity` reads later if `fidelity_follows`."""
+
+    build: BuildReport
+    capture: ShadowCapture
+    param_stats: dict[str, TensorSummary]
+    model: torch.nn.Module
+    grads: Grads
+    fidelity_follows: bool
+
+
+@dataclass(frozen=True)
+class LowGradients:
+    """What the gradient-fidelity phase hands a job: the report so far, the fp32 gradients,
+    and the low backward at 2^`scale_log2`, which hands each low gradient to a sink."""
+
+    report: Report
+    model: torch.nn.Module
+    grads: Grads
+    scale_log2: int
+    workspace: Workspace
+    low_backward: LowBackward
+
+
 """`engine.build_report`: a capture and its parameter gradients' summaries judged."""
 
 
@@ -93,32 +123,13 @@ class AnalysisJob:
     def before_backward(self) -> None:
         """The moment before the fp32 backward, once this rank's loss is known to be sound."""
 
-    def report(
-        self,
-        build: BuildReport,
-        capture: ShadowCapture,
-        param_stats: dict[str, TensorSummary],
-        model: torch.nn.Module,
-        grads: Grads,
-        *,
-        fidelity_follows: bool,
-        **kwargs: Any,
-    ) -> Report:
-        """The report `build` makes of the capture (`kwargs`: `build`'s own). `grads`: the
-        analysis' fp32 gradients, which `gradient_fidelity` reads later if
-        `fidelity_follows`."""
-        return build(capture, param_stats, **kwargs)
+    def report(self, step: CapturedStep, **kwargs: Any) -> Report:
+        """The report `step.build` makes of the capture (`kwargs`: `build`'s own)."""
+        return step.build(step.capture, step.param_stats, **kwargs)
 
-    def gradient_fidelity(
-        self,
-        report: Report,
-        model: torch.nn.Module,
-        grads: Grads,
-        scale_log2: int,
-        workspace: Workspace,
-        low_backward: LowBackward,
-    ) -> Report:
-        """`report` with the low backward's gradients at 2^`scale_log2` compared with `grads`."""
+    def gradient_fidelity(self, low: LowGradients) -> Report:
+        """`low.report` with the low backward's gradients at 2^`low.scale_log2` compared with
+        the fp32 ones (`low.grads`)."""
         raise NotImplementedError
 
 
@@ -126,38 +137,23 @@ class SingleProcess(AnalysisJob):
     """One process, a plain model: each low gradient is compared as it arrives and dropped,
     never all at once (`GradComparer`)."""
 
-    def gradient_fidelity(
-        self,
-        report: Report,
-        model: torch.nn.Module,
-        grads: Grads,
-        scale_log2: int,
-        workspace: Workspace,
-        low_backward: LowBackward,
-    ) -> Report:
-        comparer = GradComparer(grads, workspace)
-        low_backward(comparer.add)
-        return comparer.with_fidelity(report, scale_log2)
+    def gradient_fidelity(self, low: LowGradients) -> Report:
+        comparer = GradComparer(low.grads, low.workspace)
+        low.low_backward(comparer.add)
+        return comparer.with_fidelity(low.report, low.scale_log2)
 
 
 class ShardedSingleProcess(AnalysisJob):
     """DTensor gradients outside a job: the parts this process counts, as local tensors
     (`model.parallel.counted_parts`), which a streamed comparison could not pick."""
 
-    def gradient_fidelity(
-        self,
-        report: Report,
-        model: torch.nn.Module,
-        grads: Grads,
-        scale_log2: int,
-        workspace: Workspace,
-        low_backward: LowBackward,
-    ) -> Report:
-        low_grads = _gathered(low_backward)
-        replicated = is_tensor_parallel(model)
-        grads = counted_parts(grads, replicated=replicated)
-        low_grads = counted_parts(low_grads, replicated=replicated)
-        return with_grad_fidelity(report, grads, low_grads, scale_log2, workspace, job_params=None, rank_flags=[])
+    def gradient_fidelity(self, low: LowGradients) -> Report:
+        replicated = is_tensor_parallel(low.model)
+        grads = counted_parts(low.grads, replicated=replicated)
+        low_grads = counted_parts(_gathered(low.low_backward), replicated=replicated)
+        return with_grad_fidelity(
+            low.report, grads, low_grads, low.scale_log2, low.workspace, job_params=None, rank_flags=[]
+        )
 
 
 class RankOfJob(AnalysisJob):
@@ -169,34 +165,19 @@ class RankOfJob(AnalysisJob):
         self.job = job
         self.own: list[Report] = []  # this rank's own report (`Job.report` appends it)
 
-    def report(
-        self,
-        build: BuildReport,
-        capture: ShadowCapture,
-        param_stats: dict[str, TensorSummary],
-        model: torch.nn.Module,
-        grads: Grads,
-        *,
-        fidelity_follows: bool,
-        **kwargs: Any,
-    ) -> Report:
-        return self.job.report(build, capture, param_stats, model, grads, keep_own=self.own, **kwargs)
+    def report(self, step: CapturedStep, **kwargs: Any) -> Report:
+        return self.job.report(
+            step.build, step.capture, step.param_stats, step.model, step.grads, keep_own=self.own, **kwargs
+        )
 
-    def gradient_fidelity(
-        self,
-        report: Report,
-        model: torch.nn.Module,
-        grads: Grads,
-        scale_log2: int,
-        workspace: Workspace,
-        low_backward: LowBackward,
-    ) -> Report:
-        low_grads = _gathered(low_backward)
+    def gradient_fidelity(self, low: LowGradients) -> Report:
+        report, model, scale_log2, workspace = low.report, low.model, low.scale_log2, low.workspace
+        low_grads = _gathered(low.low_backward)
         own_flags = self._own_divergence(low_grads, scale_log2, workspace)
         self.job.average_gradients(model, low_grads)  # compared with the averaged fp32 ones
         # Each element compared on one rank, as the gradient statistics count it; the sums
         # are the job's before GRAD_DIVERGENCE is judged.
-        grads, low_grads = self.job.counted_gradients(grads), self.job.counted_gradients(low_grads)
+        grads, low_grads = self.job.counted_gradients(low.grads), self.job.counted_gradients(low_grads)
         if own_flags is None:  # the parts this rank holds: its own already
             own_flags = rank_grad_divergence(self.own[0], grads, low_grads, scale_log2, workspace)
         tied: dict[int, list[str]] = {}
@@ -221,21 +202,11 @@ class DataParallelRank(RankOfJob):
         super().__init__(job)
         self.own_fp32: Grads | None = None
 
-    def report(
-        self,
-        build: BuildReport,
-        capture: ShadowCapture,
-        param_stats: dict[str, TensorSummary],
-        model: torch.nn.Module,
-        grads: Grads,
-        *,
-        fidelity_follows: bool,
-        **kwargs: Any,
-    ) -> Report:
-        if fidelity_follows:
+    def report(self, step: CapturedStep, **kwargs: Any) -> Report:
+        if step.fidelity_follows:
             copies: dict[int, torch.Tensor] = {}  # one per tied tensor
-            self.own_fp32 = {n: copies.setdefault(id(g), g.clone()) for n, g in grads.items()}
-        return super().report(build, capture, param_stats, model, grads, fidelity_follows=fidelity_follows, **kwargs)
+            self.own_fp32 = {n: copies.setdefault(id(g), g.clone()) for n, g in step.grads.items()}
+        return super().report(step, **kwargs)
 
     def _own_divergence(self, low_grads: Grads, scale_log2: int, workspace: Workspace) -> list[FlagRecord] | None:
         assert self.own_fp32 is not None
