@@ -415,33 +415,21 @@ def histogram_figure(stats: TensorStats, dtype: LowDtype | str, title: str) -> g
             marker_color="#4c78a8",
         )
     )
-    fig.add_vrect(
-        x0=over,
-        x1=hi,
-        fillcolor=_OVERFLOW_COLOR,
-        line_width=0,
-        layer="below",
-        annotation_text=f"overflow > {lim.max_value:.4g}",
-        annotation_position="top right",
+    bands = (
+        (over, hi, _OVERFLOW_COLOR, f"overflow > {lim.max_value:.4g}", "top right"),
+        (sub, normal, _SUBNORMAL_COLOR, "subnormal", "top left"),
+        (lo, sub, _UNDERFLOW_COLOR, "flush to 0", "bottom left"),
     )
-    fig.add_vrect(
-        x0=sub,
-        x1=normal,
-        fillcolor=_SUBNORMAL_COLOR,
-        line_width=0,
-        layer="below",
-        annotation_text="subnormal",
-        annotation_position="top left",
-    )
-    fig.add_vrect(
-        x0=lo,
-        x1=sub,
-        fillcolor=_UNDERFLOW_COLOR,
-        line_width=0,
-        layer="below",
-        annotation_text="flush to 0",
-        annotation_position="bottom left",
-    )
+    for x0, x1, color, text, position in bands:
+        fig.add_vrect(
+            x0=x0,
+            x1=x1,
+            fillcolor=color,
+            line_width=0,
+            layer="below",
+            annotation_text=text,
+            annotation_position=position,
+        )
     fig.add_vline(x=over, line_color="#d62728", line_dash="dash")
     fig.add_vline(x=sub, line_color="#1f77b4", line_dash="dash")
     extra = []
@@ -953,28 +941,12 @@ def plan_cost_figure(plan: PlanSection) -> go.Figure:
     t_unit, t_factor = seconds_unit(max(t.values(), default=0.0))
     a_unit, a_factor = bytes_unit(max(a.values(), default=0))
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"est. step time ({t_unit})", f"activation memory ({a_unit})"))
-    fig.add_trace(
-        go.Bar(
-            x=list(t),
-            y=[v / t_factor for v in t.values()],
-            name="step time",
-            text=[fmt_seconds(v) for v in t.values()],
-            marker_color="#4c78a8",
-        ),
-        row=1,
-        col=1,
+    panels = (
+        (list(t), [v / t_factor for v in t.values()], "step time", [fmt_seconds(v) for v in t.values()], "#4c78a8"),
+        (list(a), [v / a_factor for v in a.values()], "activations", [fmt_bytes(v) for v in a.values()], "#f58518"),
     )
-    fig.add_trace(
-        go.Bar(
-            x=list(a),
-            y=[v / a_factor for v in a.values()],
-            name="activations",
-            text=[fmt_bytes(v) for v in a.values()],
-            marker_color="#f58518",
-        ),
-        row=1,
-        col=2,
-    )
+    for col, (x, y, name, text, color) in enumerate(panels, start=1):
+        fig.add_trace(go.Bar(x=x, y=y, name=name, text=text, marker_color=color), row=1, col=col)
     fig.update_layout(showlegend=False, height=320, margin={"t": 50, "b": 40, "l": 50, "r": 20})
     return themed(fig)
 
