@@ -172,7 +172,7 @@ def test_planted_unscaled_gradients_are_lost_in_pure_fp16() -> None:
 def test_deep_narrow_early_layers_diverge_at_the_recommended_scale() -> None:
     """At the recommended 2^29 the first layers' gradients still flush (GRAD_UNDERFLOW says no
     scale keeps them): GRAD_DIVERGENCE errors there; the last layers are exact to fp16."""
-    report = pd.analyze(*_args("deep_narrow_underflow"), "fp16")
+    report = pd.analyze(*_args("deep_narrow_underflow"), dtype="fp16")
     assert report.grad_fidelity is not None
     assert report.grad_fidelity.scale_log2 == recommend_loss_scale(report).recommended_scale_log2 == 29
     units = report.by_module()
@@ -191,7 +191,7 @@ def test_sample_docstrings_grad_divergence() -> None:
     """What deep_narrow_underflow, lost_update and tiny_loss_gradients state about it."""
 
     def divergent(name: str, dtype: str, regime: str, policy: str = "cuda") -> dict[str, pd.Severity]:
-        report = pd.analyze(*_args(name), dtype, regime=regime, policy=policy)
+        report = pd.analyze(*_args(name), dtype=dtype, regime=regime, policy=policy)
         return {f.unit: f.severity for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE}
 
     assert divergent("deep_narrow_underflow", "fp16", "pure") == {f"layers.{i}": pd.Severity.ERROR for i in range(16)}
@@ -244,7 +244,7 @@ def test_thresholds_are_overridable() -> None:
 def test_forward_breakage_is_not_blamed_on_the_gradients() -> None:
     """plan_rescue overflows in its forward: every gradient is off, but the forward flags say
     why; no GRAD_DIVERGENCE (as a unit that receives Inf is not flagged OVERFLOW)."""
-    report = pd.analyze(*_args("plan_rescue"), "fp16")
+    report = pd.analyze(*_args("plan_rescue"), dtype="fp16")
     worst = next(iter(report.grad_fidelity_by_unit().values()))
     assert worst.rel_l2_error > 0.5
     assert pd.Flag.OVERFLOW in {f.flag for f in report.flags()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from importlib import metadata
 
-from precision_doctor.capture.units import LOSS_UNIT
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
 from precision_doctor.options import ExportFormat, LowDtype
@@ -137,8 +137,8 @@ def _results_to(out, dtype):
 
 def install_precision_plan(model):
     """Install the plan's overrides on `model`; returns a function that removes them."""
-    modules = {{name or "<root>": m for name, m in model.named_modules()}}
-    unknown = [u for u in PLAN if u != LOSS_UNIT and u not in modules]
+    modules = {{name or "{ROOT_UNIT}": m for name, m in model.named_modules()}}
+    unknown = [u for u in PLAN if u != "{LOSS_UNIT}" and u not in modules]
     if unknown:
         raise ValueError(f"this plan does not match the model: unknown modules {{unknown[:3]}}")
     if MODULE_COUNT is not None and len(modules) != MODULE_COUNT:
@@ -179,7 +179,7 @@ def install_precision_plan(model):
         installed.append((module, had, orig, forward))
 
     for unit, dtype in PLAN.items():
-        if unit != LOSS_UNIT:
+        if unit != "{LOSS_UNIT}":
             wrap(modules[unit], dtype != "fp32")
 
     def remove():
@@ -201,7 +201,13 @@ def render_python(plan: Plan) -> str:
     torch_dtype = _torch_dtype_name(plan.dtype)
     units = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in plan.units.items()) + "}"
     return _SNIPPET.format(
-        model=plan.model, dtype=plan.dtype, torch_dtype=torch_dtype, units=units, module_count=plan.module_count
+        model=plan.model,
+        dtype=plan.dtype,
+        torch_dtype=torch_dtype,
+        units=units,
+        module_count=plan.module_count,
+        ROOT_UNIT=ROOT_UNIT,
+        LOSS_UNIT=LOSS_UNIT,
     )
 
 
