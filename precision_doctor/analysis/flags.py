@@ -361,7 +361,6 @@ def _gradient_flags(
     the module docstring). `at_scale(k)`: (fraction of nonzero gradients flushed, fraction
     overflowing, fraction of the L2 norm flushed) at 2^k, k in 0..24. `scaler`: a GradScaler
     moves the scale (fp16 under autocast); without one the scale is fixed."""
-    flags = []
     lost, overflow, norm_lost = at_scale(scale)
     if inherited_overflow:
         overflow = 0.0
@@ -369,42 +368,11 @@ def _gradient_flags(
     def overflows(k: int) -> bool:
         return not inherited_overflow and at_scale(k)[1] > th.grad_overflow_fraction
 
+    flags = []
     if overflow > th.grad_overflow_fraction:
         backoff = next((j for j in range(1, scale + 1) if not overflows(scale - j)), None) if scaler else None
-        what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {limits.name} at 2^{scale}"
-        if backoff is not None:
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_OVERFLOW,
-                    Severity.WARNING,
-                    unit,
-                    overflow_op,
-                    f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}",
-                    overflow_fraction=overflow,
-                    max_abs=max_abs,
-                    scale_log2=scale,
-                    backoff_steps=backoff,
-                )
-            )
-        else:
-            why = "at every loss scale down to 2^0" if scaler else "beyond the format (no loss scaler)"
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_OVERFLOW,
-                    Severity.ERROR,
-                    unit,
-                    overflow_op,
-                    f"{what}: {why}",
-                    overflow_fraction=overflow,
-                    max_abs=max_abs,
-                    scale_log2=scale,
-                )
-            )
+        flags.append(_grad_overflow(unit, overflow_op, limits, scale, overflow, max_abs, backoff, scaler=scaler))
     if norm_lost > th.grad_underflow_norm_fraction:
-        what = (
-            f"at loss scale 2^{scale}, {percent(lost, '.1%')} of nonzero gradients and "
-            f"{percent(norm_lost, '.1%')} of the gradient L2 norm flush to 0"
-        )
         # A larger scale keeps more: GradScaler grows to it unless some gradient of the
         # model overflows on the way (the ceiling) or this unit's do.
         fix = (
@@ -419,38 +387,62 @@ def _gradient_flags(
             if scaler
             else None
         )
-        if fix is not None:
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_UNDERFLOW,
-                    Severity.WARNING,
-                    unit,
-                    underflow_op,
-                    f"{what}; GradScaler can grow to 2^{fix}, which keeps them",
-                    underflow_fraction=lost,
-                    norm_fraction_lost=norm_lost,
-                    scale_log2=scale,
-                    max_abs=max_abs,
-                    fixing_scale_log2=fix,
-                )
+        flags.append(
+            _grad_underflow(
+                unit, underflow_op, scale, (lost, norm_lost), max_abs, fix, scaler=scaler, ceiling_log2=ceiling_log2
             )
-        else:
-            above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
-            why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_UNDERFLOW,
-                    Severity.ERROR,
-                    unit,
-                    underflow_op,
-                    f"{what}; {why}",
-                    underflow_fraction=lost,
-                    norm_fraction_lost=norm_lost,
-                    scale_log2=scale,
-                    max_abs=max_abs,
-                )
-            )
+        )
     return flags
+
+
+def _grad_overflow(
+    unit: str,
+    op: str | None,
+    limits: FormatLimits,
+    scale: int,
+    overflow: float,
+    max_abs: float,
+    backoff: int | None,
+    *,
+    scaler: bool,
+) -> FlagRecord:
+    """GRAD_OVERFLOW at 2^`scale`: a warning when GradScaler backs off from it in `backoff`
+    halvings, else an error."""
+    what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {limits.name} at 2^{scale}"
+    values = {"overflow_fraction": overflow, "max_abs": max_abs, "scale_log2": scale}
+    if backoff is not None:
+        message = f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}"
+        return _grad_flag(Flag.GRAD_OVERFLOW, Severity.WARNING, unit, op, message, **values, backoff_steps=backoff)
+    why = "at every loss scale down to 2^0" if scaler else "beyond the format (no loss scaler)"
+    return _grad_flag(Flag.GRAD_OVERFLOW, Severity.ERROR, unit, op, f"{what}: {why}", **values)
+
+
+def _grad_underflow(
+    unit: str,
+    op: str | None,
+    scale: int,
+    flushed: tuple[float, float],
+    max_abs: float,
+    fix: int | None,
+    *,
+    scaler: bool,
+    ceiling_log2: int,
+) -> FlagRecord:
+    """GRAD_UNDERFLOW at 2^`scale` (`flushed`: the fractions of the nonzero gradients and of
+    their L2 norm that flush to 0): a warning when GradScaler can grow to 2^`fix`, which
+    keeps them, else an error."""
+    lost, norm_lost = flushed
+    what = (
+        f"at loss scale 2^{scale}, {percent(lost, '.1%')} of nonzero gradients and "
+        f"{percent(norm_lost, '.1%')} of the gradient L2 norm flush to 0"
+    )
+    values = {"underflow_fraction": lost, "norm_fraction_lost": norm_lost, "scale_log2": scale, "max_abs": max_abs}
+    if fix is not None:
+        message = f"{what}; GradScaler can grow to 2^{fix}, which keeps them"
+        return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, op, message, **values, fixing_scale_log2=fix)
+    above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
+    why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
+    return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.ERROR, unit, op, f"{what}; {why}", **values)
 
 
 def op_error_growth(
