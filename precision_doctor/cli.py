@@ -338,7 +338,7 @@ def _planned(
     from precision_doctor.planning.pipeline import plan_report
 
     spec = analysis.spec
-    with status.status(f"timing each unit in fp32 and {low}, then planning") if status else nullcontext():
+    with status.status(f"timing each unit in fp32 and {low}, then planning") if status is not None else nullcontext():
         return plan_report(
             spec.model,
             spec.batch,
@@ -353,12 +353,12 @@ def _planned(
 def _print_plan(report: Report, console: Console, *, export: Path | None, export_format: ExportFormat | None) -> None:
     """The plan's summary and loss-scale advice, and the plan export written to `export`
     (in `export_format`, or the one its suffix says) with the caveats of that format."""
-    from precision_doctor.planning.export import export_caveats
-    from precision_doctor.planning.plan import Plan
-
     section, advice = report.extras.plan, report.extras.loss_scale
     if section is None:
         return
+    from precision_doctor.planning.export import export_caveats
+    from precision_doctor.planning.plan import Plan
+
     plan = Plan.from_json(section.exports[ExportFormat.JSON])  # the json export is the plan itself
     console.print(plan.summary(), markup=False)
     if advice is not None:
@@ -490,13 +490,14 @@ def analyze(
     analysis = _Analysis(spec, run_regime, op_policy, thresholds)
     with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
         report = analysis.run(low, progress=step)
-    if (
+    # The plan's search is only as good as its cost model's units; keep it off the plain
+    # analysis path (it adds verification passes, each a forward of the model).
+    plan_wanted = (
         out is not None
         or cost_opt is CostSource.MEASURED
         or any(o is not None for o in (export, fmt_opt, target_opt, tolerance))
-    ):
-        # The plan's search is only as good as its cost model's units; keep it off the plain
-        # analysis path (it adds verification passes, each a forward of the model).
+    )
+    if plan_wanted:
         timing = cost_opt is CostSource.MEASURED and not quiet
         report = _planned(
             analysis,
