@@ -8,8 +8,9 @@ import importlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -31,7 +32,11 @@ from precision_doctor.options import (
     parse_enum,
 )
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
-from precision_doctor.report import check_writable, write_atomic
+from precision_doctor.report import Report, check_writable, write_atomic
+
+if TYPE_CHECKING:
+    from precision_doctor.model.spec import ModelSpec
+    from precision_doctor.training.preflight import PreflightResult
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:
@@ -228,6 +233,14 @@ def _join_job(model: Any, *consoles: Console) -> bool:
     return main_rank
 
 
+ModelFileArg = Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")]
+ThresholdOpt = Annotated[
+    list[str] | None,
+    typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (repeatable)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
 def parse_thresholds(items: list[str]) -> Thresholds:
     overrides: dict[str, str] = {}
     for item in items:
@@ -238,21 +251,173 @@ def parse_thresholds(items: list[str]) -> Thresholds:
     return Thresholds.from_overrides(overrides)
 
 
+@contextmanager
+def _progress(console: Console, description: str, total: int, *, hidden: bool) -> Iterator[Callable[[str], None]]:
+    """A transient progress bar of `total` steps on `console`, shown only on a terminal and
+    unless `hidden`; yields the callback each step calls with its own description."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=hidden or not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+
+        def step(msg: str) -> None:
+            progress.update(task, description=msg)
+            progress.advance(task)
+
+        yield step
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """What analyze's analyses share: the model file's spec and the parsed options that say
+    how it runs (a second analysis, the bf16 check, differs only in its dtype)."""
+
+    spec: ModelSpec
+    regime: Regime
+    policy: AutocastPolicy
+    thresholds: Thresholds
+
+    def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
+        from precision_doctor.analysis.engine import analyze as run_analysis
+
+        return run_analysis(
+            self.spec.model,
+            self.spec.batch,
+            self.spec.loss_fn,
+            dtype=low,
+            thresholds=self.thresholds,
+            name=self.spec.name,
+            progress=progress,
+            regime=self.regime,
+            policy=self.policy,
+        )
+
+
+def _check_analyze_options(
+    *,
+    out: Path | None,
+    export: Path | None,
+    html: Path | None,
+    open_app: bool,
+    cost: CostSource,
+    target: Target | None,
+) -> None:
+    """The option combinations analyze refuses, and the output files: two options naming one
+    file, or a file that cannot be written, fail before the analysis rather than after it."""
+    if open_app and out is None:
+        raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
+    if cost is CostSource.MEASURED and target is not None:
+        raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
+    outputs = [
+        (opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None
+    ]
+    for i, (opt, p) in enumerate(outputs):
+        for other, q in outputs[:i]:
+            if p == q:
+                raise PrecisionDoctorError(f"{other} and {opt} both name {p}: one would overwrite the other")
+        check_writable(p)
+
+
+def _planned(
+    analysis: _Analysis,
+    report: Report,
+    *,
+    target: Target | None,
+    tolerance: float | None,
+    cost: CostSource,
+    low: LowDtype,
+    status: Console | None,
+) -> Report:
+    """`report` with its plan and loss-scale advice; with a `status` console, a spinner there
+    while each unit is timed in fp32 and `low`."""
+    from precision_doctor.planning.pipeline import plan_report
+
+    spec = analysis.spec
+    with status.status(f"timing each unit in fp32 and {low}, then planning") if status is not None else nullcontext():
+        return plan_report(
+            spec.model,
+            spec.batch,
+            spec.loss_fn,
+            report,
+            target=target.value if target is not None else None,
+            tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
+            cost_source=cost,
+        )
+
+
+def _print_plan(report: Report, console: Console, *, export: Path | None, export_format: ExportFormat | None) -> None:
+    """The plan's summary and loss-scale advice, and the plan export written to `export`
+    (in `export_format`, or the one its suffix says) with the caveats of that format."""
+    section, advice = report.extras.plan, report.extras.loss_scale
+    if section is None:
+        return
+    from precision_doctor.planning.export import export_caveats
+    from precision_doctor.planning.plan import Plan
+
+    plan = Plan.from_json(section.exports[ExportFormat.JSON])  # the json export is the plan itself
+    console.print(plan.summary(), markup=False)
+    if advice is not None:
+        console.print(advice.describe(report.environment.dtype), markup=False)
+    if export is not None:
+        export_format = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+        write_atomic(export, section.exports[export_format])
+        console.print(f"{export_format} plan export written to {export}")
+        for caveat in export_caveats(plan, export_format):
+            console.print(f"note: {caveat}", markup=False)
+
+
+def _write_report(report: Report, console: Console, *, out: Path | None, html: Path | None) -> None:
+    """The JSON report to `out` and the HTML report to `html`, each where asked."""
+    if out is not None:
+        report.save(out)
+        console.print(f"report written to {out}")
+    if html is not None:
+        from precision_doctor.views.html_report import write_html
+
+        write_html(report, html)
+        console.print(f"HTML report written to {html}")
+
+
+def _bf16_check(analysis: _Analysis, err_console: Console, *, say: bool) -> Report:
+    """The same model analyzed in bf16, after an fp16 analysis found it not safe; `say`: tell
+    stderr why the command takes twice as long."""
+    # "bf16 is clean" is said only from a bf16 analysis of the same model, never guessed:
+    # one more analysis, as long as the first (the plan is not searched again).
+    if say:
+        err_console.print(
+            "fp16 is not safe as-is: analyzing the same model in bf16 too (--no-bf16-check skips it)",
+            highlight=False,
+            markup=False,
+        )
+    return analysis.run(LowDtype.BF16)
+
+
+def _rerun_command(model_file: Path, regime: Regime, policy: AutocastPolicy) -> list[str]:
+    """The analyze command line the next steps suggest variations of: the options that were
+    not their defaults."""
+    command = ["precision-doctor", "analyze", str(model_file)]
+    command += ["--regime", regime.value] if regime is not Regime.AUTOCAST else []
+    command += ["--policy", policy.value] if policy is not AutocastPolicy.CUDA and regime is Regime.AUTOCAST else []
+    return command
+
+
 @app.command(
     cls=_Command, short_help="Shadow fp32 and low-precision passes; flag the units that overflow, underflow or diverge."
 )
 @_one_line_errors
 def analyze(
-    model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
+    model_file: ModelFileArg,
     dtype: DtypeOpt = LowDtype.FP16.value,
     regime: RegimeOpt = Regime.AUTOCAST.value,
     policy: PolicyOpt = AutocastPolicy.CUDA.value,
     out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
-    threshold: Annotated[
-        list[str] | None,
-        typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (repeatable)."),
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    threshold: ThresholdOpt = None,
+    quiet: QuietOpt = False,
     export: Annotated[
         Path | None, typer.Option("--export", help="Plan the per-module dtypes and write the plan export here.")
     ] = None,
@@ -305,8 +470,8 @@ def analyze(
     With --out or any plan option (--export, --export-format, --target, --cost measured,
     --tolerance) it also searches the per-module dtype plan and the initial loss scale and
     stores them in the report."""
+    # Long for its options, which typer reads from the signature; the body is the steps.
     from precision_doctor.analysis.engine import PROGRESS_STEPS
-    from precision_doctor.analysis.engine import analyze as run_analysis
     from precision_doctor.model.spec import load_model_file
     from precision_doctor.views.terminal import next_steps, render_next_steps, render_report
 
@@ -317,118 +482,41 @@ def analyze(
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
     thresholds = parse_thresholds(threshold or [])
-    if open_app and out is None:
-        raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
-    if cost_opt is CostSource.MEASURED and target_opt is not None:
-        raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
-    outputs = [
-        (opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None
-    ]
-    for i, (opt, p) in enumerate(outputs):
-        for other, q in outputs[:i]:
-            if p == q:
-                raise PrecisionDoctorError(f"{other} and {opt} both name {p}: one would overwrite the other")
-        check_writable(p)
+    _check_analyze_options(out=out, export=export, html=html, open_app=open_app, cost=cost_opt, target=target_opt)
     console = output_console()
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=quiet or not main_rank or not err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task("analyzing", total=len(PROGRESS_STEPS))
-
-        def step(msg: str) -> None:
-            progress.update(task, description=msg)
-            progress.advance(task)
-
-        report = run_analysis(
-            spec.model,
-            spec.batch,
-            spec.loss_fn,
-            dtype=low,
-            thresholds=thresholds,
-            name=spec.name,
-            progress=step,
-            regime=run_regime,
-            policy=op_policy,
-        )
+    analysis = _Analysis(spec, run_regime, op_policy, thresholds)
+    with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
+        report = analysis.run(low, progress=step)
+    # The plan's search is only as good as its cost model's units; keep it off the plain
+    # analysis path (it adds verification passes, each a forward of the model).
     plan_wanted = (
         out is not None
         or cost_opt is CostSource.MEASURED
         or any(o is not None for o in (export, fmt_opt, target_opt, tolerance))
     )
     if plan_wanted:
-        from precision_doctor.planning.pipeline import plan_report
-
-        # The plan's search is only as good as its cost model's units; keep it off the plain
-        # analysis path (it adds verification passes, each a forward of the model).
         timing = cost_opt is CostSource.MEASURED and not quiet
-        with err_console.status(f"timing each unit in fp32 and {low}, then planning") if timing else nullcontext():
-            report = plan_report(
-                spec.model,
-                spec.batch,
-                spec.loss_fn,
-                report,
-                target=target_opt.value if target_opt is not None else None,
-                tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
-                cost_source=cost_opt,
-            )
+        report = _planned(
+            analysis,
+            report,
+            target=target_opt,
+            tolerance=tolerance,
+            cost=cost_opt,
+            low=low,
+            status=err_console if timing else None,
+        )
     render_report(report, console)
-    section, advice = report.extras.plan, report.extras.loss_scale
-    if section is not None:
-        from precision_doctor.planning.export import export_caveats
-        from precision_doctor.planning.plan import Plan
-
-        plan = Plan.from_json(section.exports[ExportFormat.JSON])  # the json export is the plan itself
-        console.print(plan.summary(), markup=False)
-        if advice is not None:
-            console.print(advice.describe(report.environment.dtype), markup=False)
-        if export is not None and main_rank:
-            export_format = fmt_opt or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
-            write_atomic(export, section.exports[export_format])
-            console.print(f"{export_format} plan export written to {export}")
-            for caveat in export_caveats(plan, export_format):
-                console.print(f"note: {caveat}", markup=False)
-    if out is not None and main_rank:
-        report.save(out)
-        console.print(f"report written to {out}")
-    if html is not None and main_rank:
-        from precision_doctor.views.html_report import write_html
-
-        write_html(report, html)
-        console.print(f"HTML report written to {html}")
+    _print_plan(report, console, export=export if main_rank else None, export_format=fmt_opt)
+    if main_rank:
+        _write_report(report, console, out=out, html=html)
     bf16_report = None
     if bf16_check and low is LowDtype.FP16 and not report:
-        # "bf16 is clean" is said only from a bf16 analysis of the same model, never guessed:
-        # one more analysis, as long as the first (the plan is not searched again).
-        if not quiet and main_rank:
-            err_console.print(
-                "fp16 is not safe as-is: analyzing the same model in bf16 too (--no-bf16-check skips it)",
-                highlight=False,
-                markup=False,
-            )
-        bf16_report = run_analysis(
-            spec.model,
-            spec.batch,
-            spec.loss_fn,
-            dtype=LowDtype.BF16,
-            thresholds=thresholds,
-            name=spec.name,
-            regime=run_regime,
-            policy=op_policy,
-        )
-    command = ["precision-doctor", "analyze", str(model_file)]
-    command += ["--regime", run_regime.value] if run_regime is not Regime.AUTOCAST else []
-    command += (
-        ["--policy", op_policy.value] if op_policy is not AutocastPolicy.CUDA and run_regime is Regime.AUTOCAST else []
-    )
+        bf16_report = _bf16_check(analysis, err_console, say=not quiet and main_rank)
     written_export = export if export is not None and report.extras.plan is not None else None
+    command = _rerun_command(model_file, run_regime, op_policy)
     render_next_steps(
         next_steps(report, command, bf16=bf16_report, bf16_skipped=not bf16_check, export=written_export), console
     )
@@ -454,10 +542,32 @@ def app_command(
         raise typer.Exit(code)
 
 
+def _print_preflight(result: PreflightResult, *, as_json: bool) -> None:
+    """The verdict on stdout: the result's JSON, or the verdict with its reasons, notes, one
+    line per training run and the messages."""
+    if as_json:
+        typer.echo(result.to_json())
+        return
+    console = output_console(markup=False)
+    console.print(result.verdict)
+    for r in result.reasons:
+        console.print(f"  - {r.line()}")
+    for r in result.notes:
+        console.print(f"  (note, {r.severity}) {r.line()}")
+    for run in result.runs.values():
+        div = "" if run.max_divergence is None else f", loss divergence {run.max_divergence:.2e}"
+        console.print(
+            f"  {run.mode:8s} {run.description}: skipped {len(run.skipped_steps)}, "
+            f"non-finite {len(run.nonfinite_steps)}{div}; losses " + " ".join(f"{v:.4g}" for v in run.losses)
+        )
+    for m in result.messages:
+        console.print(f"  {m}")
+
+
 @app.command("preflight", cls=_Command, short_help="Go / no-go before a long run (exit 0 go, 1 no-go, 2 bad input).")
 @_one_line_errors
 def preflight_command(
-    model_file: Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")],
+    model_file: ModelFileArg,
     dtype: DtypeOpt = LowDtype.FP16.value,
     regime: RegimeOpt = Regime.AUTOCAST.value,
     policy: PolicyOpt = AutocastPolicy.CUDA.value,
@@ -478,11 +588,8 @@ def preflight_command(
     ] = "low",
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Also run the recommended plan.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for CI).")] = False,
-    threshold: Annotated[
-        list[str] | None,
-        typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (repeatable)."),
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    threshold: ThresholdOpt = None,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Go / no-go before a long run: the analysis, then a short real training run in fp32,
@@ -506,20 +613,7 @@ def preflight_command(
     spec = load_model_file(model_file)
     err_console = Console(stderr=True)
     main_rank = _join_job(spec.model, err_console)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=quiet or not main_rank or not err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task("pre-flight", total=5)
-
-        def step(msg: str) -> None:
-            progress.update(task, description=msg)
-            progress.advance(task)
-
+    with _progress(err_console, "pre-flight", 5, hidden=quiet or not main_rank) as step:
         result = run_preflight(
             spec.model,
             spec.batch,
@@ -537,23 +631,8 @@ def preflight_command(
             name=spec.name,
             progress=step,
         )
-    if json_out and main_rank:
-        typer.echo(result.to_json())
-    elif main_rank:
-        console = output_console(markup=False)
-        console.print(result.verdict)
-        for r in result.reasons:
-            console.print(f"  - {r.line()}")
-        for r in result.notes:
-            console.print(f"  (note, {r.severity}) {r.line()}")
-        for run in result.runs.values():
-            div = "" if run.max_divergence is None else f", loss divergence {run.max_divergence:.2e}"
-            console.print(
-                f"  {run.mode:8s} {run.description}: skipped {len(run.skipped_steps)}, "
-                f"non-finite {len(run.nonfinite_steps)}{div}; losses " + " ".join(f"{v:.4g}" for v in run.losses)
-            )
-        for m in result.messages:
-            console.print(f"  {m}")
+    if main_rank:
+        _print_preflight(result, as_json=json_out)
     raise typer.Exit(0 if result.go else 1)
 
 

@@ -40,7 +40,7 @@ from precision_doctor.capture.statistics import (
 from precision_doctor.capture.units import LOSS_UNIT, LowUnits, owner_of
 from precision_doctor.deprecation import positional_deprecated
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.formats import LIMITS, TORCH_DTYPES, dtype_spelling
+from precision_doctor.formats import LIMITS, TORCH_DTYPES, FormatLimits, dtype_spelling
 from precision_doctor.model.parallel import (
     check_fsdp_precision,
     counted_part,
@@ -676,12 +676,40 @@ def build_report(
     low_params: set[str] | None = None,
 ) -> Report:
     """`low_params`: the parameters the real low run reads in the low dtype (their gradients
-    are low there too); None: all of them."""
+    are low there too); None: all of them.
+
+    The capture's unit records are completed first (parameter gradients, outputs, propagated
+    errors), then judged unit by unit at the model's loss-scale ceiling."""
     records = capture.records
     limits = LIMITS[low]
-    by_unit: dict[str, list[OpRecord]] = defaultdict(list)
-    for r in records:
-        by_unit[r.unit].append(r)
+    _add_param_grads(capture, param_stats, low_params)
+    unit_outputs(records, capture.units)
+    _add_propagated_errors(capture, losses)
+    all_grads = TensorSummary()
+    for urec in capture.units.values():
+        if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
+            all_grads.merge(urec.backward)
+    # The highest scale GradScaler can settle at: what the gradient flags' severities read.
+    over = all_grads.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), limits)[1] if all_grads.numel else None
+    ceiling = scale_ceiling(lambda k: float(over[k]), th) if over is not None else MAX_SCALE_LOG2
+    return Report(
+        model=name,
+        environment=env,
+        losses=losses,
+        thresholds=th,
+        op_count_forward=sum(1 for r in records if r.phase == Phase.FORWARD),
+        op_count_backward=sum(1 for r in records if r.phase == Phase.BACKWARD),
+        units=_units(capture, param_stats, low, limits, th, ceiling),
+        edges=_edges(records),
+        loss_scale=loss_scale_curve(all_grads) if all_grads.numel else [],
+    )
+
+
+def _add_param_grads(
+    capture: ShadowCapture, param_stats: dict[str, TensorSummary], low_params: set[str] | None
+) -> None:
+    """Each parameter named on its unit, and its gradient's statistics merged into the unit's
+    backward where the real low run's gradient is low."""
     for pname, pstats in param_stats.items():
         owner = capture.unit(owner_of(pname))
         owner.param_names.append(pname)
@@ -693,7 +721,9 @@ def build_report(
         owner.backward.merge(pstats)
         owner.grad_nodes.append((f"AccumulateGrad({pname})", pstats))
 
-    unit_outputs(records, capture.units)
+
+def _add_propagated_errors(capture: ShadowCapture, losses: Losses) -> None:
+    """Each unit's propagated error: what its outputs hand on against the real low run's."""
     loss_unit = capture.units.get(LOSS_UNIT)
     if loss_unit is not None:  # what it hands on is the loss itself
         loss_unit.prop_error = ErrorAccumulator()
@@ -705,7 +735,10 @@ def build_report(
         if urec is not None and (acc.sum_sq_ref > 0 or acc.nonfinite_mismatch):
             urec.prop_error = acc
             urec.prop_nonfinite = acc.nonfinite_mismatch
-    # Forward dataflow between units, each produced tensor counted once per consumer unit.
+
+
+def _edges(records: list[OpRecord]) -> list[UnitEdge]:
+    """Forward dataflow between units, each produced tensor counted once per consumer unit."""
     edge_bytes: dict[tuple[str, str], int] = defaultdict(int)
     seen: set[tuple[int, str]] = set()
     for r in records:
@@ -718,33 +751,29 @@ def build_report(
             if src.unit != r.unit and (i, r.unit) not in seen:
                 seen.add((i, r.unit))
                 edge_bytes[(src.unit, r.unit)] += src.output_bytes
+    return [UnitEdge(src=s, dst=d, bytes=b) for (s, d), b in edge_bytes.items()]
 
-    all_grads = TensorSummary()
-    for urec in capture.units.values():
-        if urec.name != LOSS_UNIT:  # fp32 under autocast; see flags.py
-            all_grads.merge(urec.backward)
-    # The highest scale GradScaler can settle at: what the gradient flags' severities read.
-    over = all_grads.loss_scale_fractions(range(MAX_SCALE_LOG2 + 1), limits)[1] if all_grads.numel else None
-    ceiling = scale_ceiling(lambda k: float(over[k]), th) if over is not None else MAX_SCALE_LOG2
 
+def _units(
+    capture: ShadowCapture,
+    param_stats: dict[str, TensorSummary],
+    low: LowDtype,
+    limits: FormatLimits,
+    th: Thresholds,
+    ceiling: int,
+) -> list[Unit]:
+    """Every unit judged, in the order of its first op (a unit with none last)."""
+    records = capture.records
+    by_unit: dict[str, list[OpRecord]] = defaultdict(list)
+    for r in records:
+        by_unit[r.unit].append(r)
     first_op = {u: ops[0].index for u, ops in by_unit.items()}
     units: list[Unit] = []
     params = dict(param_stats)
     for uname, urec in sorted(capture.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
         units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, limits, th, ceiling))
-
-    return Report(
-        model=name,
-        environment=env,
-        losses=losses,
-        thresholds=th,
-        op_count_forward=sum(1 for r in records if r.phase == Phase.FORWARD),
-        op_count_backward=sum(1 for r in records if r.phase == Phase.BACKWARD),
-        units=units,
-        edges=[UnitEdge(src=s, dst=d, bytes=b) for (s, d), b in edge_bytes.items()],
-        loss_scale=loss_scale_curve(all_grads) if all_grads.numel else [],
-    )
+    return units
 
 
 def _unit(

@@ -370,7 +370,6 @@ def _gradient_flags(
     overflowing, fraction of the L2 norm flushed) at 2^k, k in 0..127 (`MAX_SCALE_LOG2`).
     `scaler`: a GradScaler moves the scale (fp16 in `analyze`, pure fp16 included; in the
     pre-flight, fp16 under autocast); without one the scale is fixed."""
-    flags = []
     lost, overflow, norm_lost = at_scale(scale)
     if inherited_overflow:
         overflow = 0.0
@@ -378,42 +377,11 @@ def _gradient_flags(
     def overflows(k: int) -> bool:
         return not inherited_overflow and at_scale(k)[1] > th.grad_overflow_fraction
 
+    flags = []
     if overflow > th.grad_overflow_fraction:
         backoff = next((j for j in range(1, scale + 1) if not overflows(scale - j)), None) if scaler else None
-        what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {limits.name} at 2^{scale}"
-        if backoff is not None:
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_OVERFLOW,
-                    Severity.WARNING,
-                    unit,
-                    overflow_op,
-                    f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}",
-                    overflow_fraction=overflow,
-                    max_abs=max_abs,
-                    scale_log2=scale,
-                    backoff_steps=backoff,
-                )
-            )
-        else:
-            why = "at every loss scale down to 2^0" if scaler else "beyond the format (no loss scaler)"
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_OVERFLOW,
-                    Severity.ERROR,
-                    unit,
-                    overflow_op,
-                    f"{what}: {why}",
-                    overflow_fraction=overflow,
-                    max_abs=max_abs,
-                    scale_log2=scale,
-                )
-            )
+        flags.append(_grad_overflow(unit, overflow_op, limits, scale, overflow, max_abs, backoff, scaler=scaler))
     if norm_lost > th.grad_underflow_norm_fraction:
-        what = (
-            f"at loss scale 2^{scale}, {percent(lost, '.1%')} of nonzero gradients and "
-            f"{percent(norm_lost, '.1%')} of the gradient L2 norm flush to 0"
-        )
         # A larger scale keeps more: GradScaler grows to it unless some gradient of the
         # model overflows on the way (the ceiling) or this unit's do.
         fix = (
@@ -428,38 +396,62 @@ def _gradient_flags(
             if scaler
             else None
         )
-        if fix is not None:
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_UNDERFLOW,
-                    Severity.WARNING,
-                    unit,
-                    underflow_op,
-                    f"{what}; GradScaler can grow to 2^{fix}, which keeps them",
-                    underflow_fraction=lost,
-                    norm_fraction_lost=norm_lost,
-                    scale_log2=scale,
-                    max_abs=max_abs,
-                    fixing_scale_log2=fix,
-                )
+        flags.append(
+            _grad_underflow(
+                unit, underflow_op, scale, (lost, norm_lost), max_abs, fix, scaler=scaler, ceiling_log2=ceiling_log2
             )
-        else:
-            above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
-            why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
-            flags.append(
-                _grad_flag(
-                    Flag.GRAD_UNDERFLOW,
-                    Severity.ERROR,
-                    unit,
-                    underflow_op,
-                    f"{what}; {why}",
-                    underflow_fraction=lost,
-                    norm_fraction_lost=norm_lost,
-                    scale_log2=scale,
-                    max_abs=max_abs,
-                )
-            )
+        )
     return flags
+
+
+def _grad_overflow(
+    unit: str,
+    op: str | None,
+    limits: FormatLimits,
+    scale: int,
+    overflow: float,
+    max_abs: float,
+    backoff: int | None,
+    *,
+    scaler: bool,
+) -> FlagRecord:
+    """GRAD_OVERFLOW at 2^`scale`: a warning when GradScaler backs off from it in `backoff`
+    halvings, else an error."""
+    what = f"{percent(overflow)} of gradients (largest |g| {max_abs:.3g}) overflow {limits.name} at 2^{scale}"
+    values = {"overflow_fraction": overflow, "max_abs": max_abs, "scale_log2": scale}
+    if backoff is not None:
+        message = f"{what}: GradScaler backs off in {backoff} step(s), to 2^{scale - backoff}"
+        return _grad_flag(Flag.GRAD_OVERFLOW, Severity.WARNING, unit, op, message, **values, backoff_steps=backoff)
+    why = "at every loss scale down to 2^0" if scaler else "beyond the format (no loss scaler)"
+    return _grad_flag(Flag.GRAD_OVERFLOW, Severity.ERROR, unit, op, f"{what}: {why}", **values)
+
+
+def _grad_underflow(
+    unit: str,
+    op: str | None,
+    scale: int,
+    flushed: tuple[float, float],
+    max_abs: float,
+    fix: int | None,
+    *,
+    scaler: bool,
+    ceiling_log2: int,
+) -> FlagRecord:
+    """GRAD_UNDERFLOW at 2^`scale` (`flushed`: the fractions of the nonzero gradients and of
+    their L2 norm that flush to 0): a warning when GradScaler can grow to 2^`fix`, which
+    keeps them, else an error."""
+    lost, norm_lost = flushed
+    what = (
+        f"at loss scale 2^{scale}, {percent(lost, '.1%')} of nonzero gradients and "
+        f"{percent(norm_lost, '.1%')} of the gradient L2 norm flush to 0"
+    )
+    values = {"underflow_fraction": lost, "norm_fraction_lost": norm_lost, "scale_log2": scale, "max_abs": max_abs}
+    if fix is not None:
+        message = f"{what}; GradScaler can grow to 2^{fix}, which keeps them"
+        return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, op, message, **values, fixing_scale_log2=fix)
+    above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
+    why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
+    return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.ERROR, unit, op, f"{what}; {why}", **values)
 
 
 def op_error_growth(
@@ -612,39 +604,15 @@ def grad_divergence_flags(
     into: dict[str, set[str]] = {}
     for e in report.edges:
         into.setdefault(e.src, set()).add(e.dst)
-
-    def broken(name: str) -> bool:
-        u = units.get(name)
-        if u is None or name == LOSS_UNIT:
-            return False  # the loss's own error is the verdict's (`loss_rel_error`)
-        prop = u.forward.propagated
-        if prop is not None and (prop.nonfinite_count or not prop.rel_l2_error <= th.divergence_rel_error):
-            return True
-        base = u.forward.input_rel_l2_error
-        return base is not None and not base <= th.divergence_rel_error
-
-    def forward_explains(name: str) -> bool:
-        seen, todo = {name}, [name]
-        while todo:
-            current = todo.pop()
-            if broken(current):
-                return True
-            for nxt in into.get(current, ()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return False
-
     limits = LIMITS[report.environment.dtype]
     out: dict[str, list[FlagRecord]] = {}
     for name, f in fidelity.items():
         if f.fp32_l2_norm == 0:
             continue
-        lost_direction = f.cosine is None or f.cosine < th.grad_cosine_min
-        if not (f.nonfinite_count or lost_direction or f.rel_l2_error > th.grad_rel_error):
+        if not (f.nonfinite_count or _lost_direction(f, th) or f.rel_l2_error > th.grad_rel_error):
             continue
         unit = units.get(name)
-        if unit is None or forward_explains(name):
+        if unit is None or _forward_explains(name, units, into, th):
             continue
         if f.nonfinite_count and any(x.flag is Flag.GRAD_OVERFLOW for x in unit.flags):
             continue
@@ -655,28 +623,68 @@ def grad_divergence_flags(
             and grad_norm_flushed(unit, limits, scale_log2) <= th.grad_underflow_norm_fraction
         ):
             continue
-        low = report.environment.dtype
-        values: dict[str, float] = {"rel_l2_error": f.rel_l2_error, "scale_log2": scale_log2}
-        if math.isfinite(share):
-            values["error_norm_share"] = share
-        at = f"in {low} at loss scale 2^{scale_log2}"
-        if f.nonfinite_count:
-            values["nonfinite_count"] = f.nonfinite_count
-            message = f"{f.nonfinite_count} parameter gradient(s) Inf/NaN {at} where fp32's are finite"
-        elif f.cosine is None:
-            message = f"every parameter gradient is 0 {at} where fp32's are not: the unit does not learn"
-        else:
-            values["cosine"] = f.cosine
-            if lost_direction:
-                message = (
-                    f"parameter gradients {at}: cosine {f.cosine:.3g} with fp32's (below {th.grad_cosine_min:g}: "
-                    f"the update no longer points the way fp32's does), relative L2 error {f.rel_l2_error:.3g}"
-                )
-            else:
-                message = (
-                    f"parameter gradients {at}: relative L2 error {f.rel_l2_error:.3g} against fp32's "
-                    f"(threshold {th.grad_rel_error:g}); cosine {f.cosine:.4g}: the direction holds"
-                )
-        severity = Severity.ERROR if f.nonfinite_count or lost_direction else Severity.WARNING
-        out[name] = [_grad_flag(Flag.GRAD_DIVERGENCE, severity, name, None, message, **values)]
+        out[name] = [_grad_divergence(name, f, th, report.environment.dtype, scale_log2, share)]
     return out
+
+
+def _lost_direction(f: GradFidelity, th: Thresholds) -> bool:
+    """The low gradients no longer point the way fp32's do (or are all 0)."""
+    return f.cosine is None or f.cosine < th.grad_cosine_min
+
+
+def _forward_broken(name: str, unit: Unit | None, th: Thresholds) -> bool:
+    """Whether the unit's forward already carries an error over `divergence_rel_error` (or
+    Inf/NaN): what it hands on, or what it receives."""
+    if unit is None or name == LOSS_UNIT:
+        return False  # the loss's own error is the verdict's (`loss_rel_error`)
+    prop = unit.forward.propagated
+    if prop is not None and (prop.nonfinite_count or not prop.rel_l2_error <= th.divergence_rel_error):
+        return True
+    base = unit.forward.input_rel_l2_error
+    return base is not None and not base <= th.divergence_rel_error
+
+
+def _forward_explains(name: str, units: Mapping[str, Unit], into: Mapping[str, set[str]], th: Thresholds) -> bool:
+    """Whether a broken forward explains the unit's gradient error: its own, or that of any
+    unit between it and the loss (`into`: each unit's consumers)."""
+    seen, todo = {name}, [name]
+    while todo:
+        current = todo.pop()
+        if _forward_broken(current, units.get(current), th):
+            return True
+        for nxt in into.get(current, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
+
+
+def _grad_divergence(
+    name: str, f: GradFidelity, th: Thresholds, low: LowDtype, scale_log2: int, share: float
+) -> FlagRecord:
+    """The GRAD_DIVERGENCE finding, its severity and message by what went wrong: Inf/NaN,
+    every gradient 0, the direction lost (errors), or only the size off (a warning)."""
+    lost_direction = _lost_direction(f, th)
+    values: dict[str, float] = {"rel_l2_error": f.rel_l2_error, "scale_log2": scale_log2}
+    if math.isfinite(share):
+        values["error_norm_share"] = share
+    at = f"in {low} at loss scale 2^{scale_log2}"
+    if f.nonfinite_count:
+        values["nonfinite_count"] = f.nonfinite_count
+        message = f"{f.nonfinite_count} parameter gradient(s) Inf/NaN {at} where fp32's are finite"
+    elif f.cosine is None:
+        message = f"every parameter gradient is 0 {at} where fp32's are not: the unit does not learn"
+    else:
+        values["cosine"] = f.cosine
+        if lost_direction:
+            message = (
+                f"parameter gradients {at}: cosine {f.cosine:.3g} with fp32's (below {th.grad_cosine_min:g}: "
+                f"the update no longer points the way fp32's does), relative L2 error {f.rel_l2_error:.3g}"
+            )
+        else:
+            message = (
+                f"parameter gradients {at}: relative L2 error {f.rel_l2_error:.3g} against fp32's "
+                f"(threshold {th.grad_rel_error:g}); cosine {f.cosine:.4g}: the direction holds"
+            )
+    severity = Severity.ERROR if f.nonfinite_count or lost_direction else Severity.WARNING
+    return _grad_flag(Flag.GRAD_DIVERGENCE, severity, name, None, message, **values)

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -380,6 +380,95 @@ def _module_classes(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+@dataclass
+class _Search:
+    """The plan search across its verification rounds. Each round solves for the cheapest
+    candidate within the error budget, runs it for real (`verify_plan`) and learns from the
+    run: a unit whose outputs turned non-finite, or the worst contributor of a candidate over
+    the tolerance, is promoted to fp32; the first finite run calibrates the contributions."""
+
+    report: Report
+    costs: CostModel
+    tolerance: float
+    weight: float
+    """Memory's weight in the objective, seconds per byte."""
+    contributions: dict[str, float]
+    forced: set[str]
+    """The units kept fp32: the hard ones, then each one promoted."""
+    calibrated: bool
+    """Whether `contributions` are on the scale of a verified run's error (until then a
+    candidate is every unit low but the forced ones, run to calibrate on)."""
+    promoted: dict[str, str] = field(default_factory=dict)
+    passes: int = 0
+
+    def problem(self) -> PlanProblem:
+        return build_problem(self.report, self.costs, self.contributions, self.forced, self.tolerance, self.weight)
+
+    def candidate(self, problem: PlanProblem) -> dict[str, bool]:
+        if self.calibrated:
+            return dict(zip(problem.names, solve_milp(problem).low, strict=True))
+        return {n: n not in self.forced for n in problem.names}
+
+    def run(
+        self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, all_fp32: dict[str, bool], max_rounds: int
+    ) -> tuple[dict[str, bool], float, PlanProblem]:
+        """The plan (unit -> low), its verified final-loss error and the problem it solves;
+        all fp32 when no round found one within the tolerance."""
+        dtype = TORCH_DTYPES[self.report.environment.dtype]
+        # Plans run under autocast (see `verify_plan`): a report of the pure regime has no policy.
+        policy = self.report.environment.policy or AutocastPolicy.CUDA
+        reference: Reference | None = None
+        verified = math.inf
+        for _ in range(max(1, max_rounds)):
+            problem = self.problem()
+            low = self.candidate(problem)
+            if not any(low.values()):
+                return low, 0.0, problem
+            if reference is None:
+                reference = fp32_reference(model, batch, loss_fn)
+            # In a torch.distributed job each rank verifies on its own data and all decide on the
+            # worst rank's error, so every rank runs the same passes.
+            check = distributed.worst(
+                verify_plan(model, batch, loss_fn, dtype, low, policy=policy, reference=reference),
+                lambda c: c.loss_rel_error,
+            )
+            verified = check.loss_rel_error
+            self.passes += 1
+            if self.settled(low, check):
+                return low, verified, problem
+        if verified <= self.tolerance:  # the last round calibrated, on a run within the tolerance
+            return low, verified, problem
+        # No plan within tolerance in the allowed rounds: fall back to fp32, which is exact.
+        return dict(all_fp32), 0.0, self.problem()
+
+    def settled(self, low: dict[str, bool], check: Verification) -> bool:
+        """Whether `low`, verified by `check`, is the plan; if not, what the next round changes."""
+        verified = check.loss_rel_error
+        bad = check.first_nonfinite_unit
+        if not math.isfinite(verified) and bad is not None and low.get(bad, False):
+            self.promoted[bad] = (
+                f"its outputs turned non-finite in verification pass {self.passes} "
+                f"({self.report.environment.dtype} run of the plan)"
+            )
+            self.forced.add(bad)
+            return False
+        if not self.calibrated and math.isfinite(verified):
+            spent = sum(self.contributions.get(n, 0.0) for n, v in low.items() if v)
+            if spent > 0:
+                self.contributions = {n: e * verified / spent for n, e in self.contributions.items()}
+            self.calibrated = True
+            return False
+        if verified <= self.tolerance:
+            return True
+        worst = max((n for n, v in low.items() if v), key=lambda n: (self.contributions.get(n, 0.0), n))
+        self.promoted[worst] = (
+            f"promoted after verification pass {self.passes}: the plan's final-loss error {verified:.2e} "
+            f"exceeded the tolerance and {worst} was its worst contributor ({self.contributions.get(worst, 0.0):.2e})"
+        )
+        self.forced.add(worst)
+        return False
+
+
 def plan_model(
     model: torch.nn.Module,
     batch: Any,
@@ -399,9 +488,6 @@ def plan_model(
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
     dtype = report.environment.dtype
-    # Plans run under autocast (see `verify_plan`): a report of the pure regime has no policy.
-    policy = report.environment.policy or AutocastPolicy.CUDA
-    reference: Reference | None = None
     if costs is None:
         costs = build_cost_model(report, profile_for(target), dtype)
     all_fp32 = {u.name: False for u in report.units}
@@ -410,66 +496,15 @@ def plan_model(
     weight = (
         memory_weight_s_per_byte if memory_weight_s_per_byte is not None else MEMORY_TIE_BREAK * base_time / base_bytes
     )
-
     hard = hard_fp32_reasons(report)
-    contributions = error_contributions(report)
     # Contributions are calibrated on the all-low run's final-loss error; when that run went
     # through a unit that must stay fp32 (its error says nothing about the others), the first
     # pass runs everything low but the hard units, to calibrate on.
     calibrated = math.isfinite(report.losses.rel_error) and all(n in (LOSS_UNIT, UNATTRIBUTED_UNIT) for n in hard)
-    forced = set(hard)
-    promoted: dict[str, str] = {}
-    passes = 0
-    verified = math.inf
-    names = [u.name for u in costs.units]
-    low: dict[str, bool] = dict(all_fp32)
-    problem = build_problem(report, costs, contributions, forced, tolerance, weight)
-    for _ in range(max(1, max_rounds)):
-        problem = build_problem(report, costs, contributions, forced, tolerance, weight)
-        if calibrated:
-            low = dict(zip(problem.names, solve_milp(problem).low, strict=True))
-        else:
-            low = {n: n not in forced for n in names}
-        if not any(low.values()):
-            verified = 0.0
-            break
-        if reference is None:
-            reference = fp32_reference(model, batch, loss_fn)
-        # In a torch.distributed job each rank verifies on its own data and all decide on the
-        # worst rank's error, so every rank runs the same passes.
-        check = distributed.worst(
-            verify_plan(model, batch, loss_fn, TORCH_DTYPES[dtype], low, policy=policy, reference=reference),
-            lambda c: c.loss_rel_error,
-        )
-        verified = check.loss_rel_error
-        passes += 1
-        bad = check.first_nonfinite_unit
-        if not math.isfinite(verified) and bad is not None and low.get(bad, False):
-            promoted[bad] = f"its outputs turned non-finite in verification pass {passes} ({dtype} run of the plan)"
-            forced.add(bad)
-            continue
-        if not calibrated and math.isfinite(verified):
-            spent = sum(contributions.get(n, 0.0) for n, v in low.items() if v)
-            if spent > 0:
-                contributions = {n: e * verified / spent for n, e in contributions.items()}
-            calibrated = True
-            continue
-        if verified <= tolerance:
-            break
-        worst = max((n for n, v in low.items() if v), key=lambda n: (contributions.get(n, 0.0), n))
-        promoted[worst] = (
-            f"promoted after verification pass {passes}: the plan's final-loss error {verified:.2e} "
-            f"exceeded the tolerance and {worst} was its worst contributor ({contributions.get(worst, 0.0):.2e})"
-        )
-        forced.add(worst)
-    else:
-        if not (verified <= tolerance):
-            # No plan within tolerance in the allowed rounds: fall back to fp32, which is exact.
-            low = dict(all_fp32)
-            verified = 0.0
-            problem = build_problem(report, costs, contributions, forced, tolerance, weight)
+    search = _Search(report, costs, tolerance, weight, error_contributions(report), set(hard), calibrated)
+    low, verified, problem = search.run(model, batch, loss_fn, all_fp32, max_rounds)
 
-    reasons = _fp32_reasons(problem, low, hard, promoted, contributions, tolerance)
+    reasons = _fp32_reasons(problem, low, hard, search.promoted, search.contributions, tolerance)
     advice, kept_for_gradients = _keep_vanishing_gradients(report, low)
     reasons.update(kept_for_gradients)
     auto = autocast_assignment(report)
@@ -489,7 +524,7 @@ def plan_model(
             plan=costs.activation_bytes(low),
         ),
         verified_loss_rel_error=verified,
-        verification_passes=passes,
+        verification_passes=search.passes,
         loss_scale=advice.to_extras(),
     )
 

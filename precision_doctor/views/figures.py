@@ -564,15 +564,11 @@ def depth_figure(report: Report) -> go.Figure:
     the error takes off is marked. Exactly 0 error is drawn as "exact" (a green diamond at
     the error axis's floor, +inf SQNR at the top of the SQNR axis); only Inf/NaN is
     "non-finite" (a red cross beyond the finite range)."""
-    go = _go()
     from plotly.subplots import make_subplots
 
     units = ordered_units(report)
     names = [html.escape(u.name) for u in units]
     x = list(range(len(units)))
-    prop = [_err(u.forward.propagated) for u in units]
-    local = [_err(u.forward.local) for u in units]
-    sqnr = [None if u.forward.propagated is None else u.forward.propagated.sqnr_db for u in units]
     fig = make_subplots(
         rows=2,
         cols=1,
@@ -580,6 +576,23 @@ def depth_figure(report: Report) -> go.Figure:
         vertical_spacing=0.08,
         subplot_titles=("relative L2 error vs fp32", "SQNR (dB), propagated"),
     )
+    _error_panel(fig, x, names, units)
+    _sqnr_panel(fig, x, names, units)
+    limit = report.thresholds.divergence_rel_error
+    if limit:
+        fig.add_hline(
+            y=limit, line_dash="dot", line_color="gray", row=1, col=1, annotation_text=f"divergence threshold {limit:g}"
+        )
+    _mark_takeoff(fig, report, units)
+    return _per_unit_layout(fig, [u.name for u in units], "dB")
+
+
+def _error_panel(fig: go.Figure, x: list[int], names: list[str], units: list[Unit]) -> None:
+    """The depth figure's upper panel: each unit's propagated and local relative error, with
+    exact (0) and non-finite errors as markers at the axis's floor and beyond its top."""
+    go = _go()
+    prop = [_err(u.forward.propagated) for u in units]
+    local = [_err(u.forward.local) for u in units]
     p_shown, p_exact, p_bad = _split_errors(prop)
     l_shown, l_exact, l_bad = _split_errors(local)
     floor = _log_floor([*prop, *local])
@@ -633,6 +646,13 @@ def depth_figure(report: Report) -> go.Figure:
         row=1,
         col=1,
     )
+
+
+def _sqnr_panel(fig: go.Figure, x: list[int], names: list[str], units: list[Unit]) -> None:
+    """The depth figure's lower panel: each unit's propagated SQNR, -inf and +inf dB as
+    markers below and above the finite range."""
+    go = _go()
+    sqnr = [None if u.forward.propagated is None else u.forward.propagated.sqnr_db for u in units]
     s_fin = [v for v in sqnr if v is not None and math.isfinite(v)]
     top, bottom = max([*s_fin, 0.0]) + 10, min([*s_fin, 0.0]) - 10
     fig.add_trace(
@@ -677,27 +697,26 @@ def depth_figure(report: Report) -> go.Figure:
         row=2,
         col=1,
     )
-    limit = report.thresholds.divergence_rel_error
-    if limit:
-        fig.add_hline(
-            y=limit, line_dash="dot", line_color="gray", row=1, col=1, annotation_text=f"divergence threshold {limit:g}"
-        )
+
+
+def _mark_takeoff(fig: go.Figure, report: Report, units: list[Unit]) -> None:
+    """A line at the unit where the error takes off (`takeoff_unit`), if any."""
     start = takeoff_unit(report)
-    if start is not None:
-        i = units.index(start)
-        fig.add_vline(x=i, line_color="#d62728", line_dash="dash")
-        fig.add_annotation(
-            x=i,
-            y=1.0,
-            yref="paper",
-            text=f"error takes off: {html.escape(short_name(start.name))}",
-            hovertext=html.escape(start.name),
-            showarrow=False,
-            xanchor="left",
-            yanchor="bottom",
-            font={"color": "#d62728"},
-        )
-    return _per_unit_layout(fig, [u.name for u in units], "dB")
+    if start is None:
+        return
+    i = units.index(start)
+    fig.add_vline(x=i, line_color="#d62728", line_dash="dash")
+    fig.add_annotation(
+        x=i,
+        y=1.0,
+        yref="paper",
+        text=f"error takes off: {html.escape(short_name(start.name))}",
+        hovertext=html.escape(start.name),
+        showarrow=False,
+        xanchor="left",
+        yanchor="bottom",
+        font={"color": "#d62728"},
+    )
 
 
 def grad_fidelity_figure(report: Report) -> go.Figure:

@@ -213,59 +213,66 @@ def _detail_units(report: Report) -> list[Unit]:
     return (flagged + rest)[:MAX_DETAIL_UNITS] if flagged else rest[: min(5, MAX_DETAIL_UNITS)]
 
 
-def render_html(report: Report) -> str:
-    """The whole report as one HTML document."""
-    fig = _Figures()
-    parts: list[str] = []
-    extras = report.extras
-    plan, ls, pre, mon = extras.plan, extras.loss_scale, extras.preflight, extras.scaler_monitor
-    dtype = report.environment.dtype
-
-    parts.append(f"<h1>precision-doctor: {_e(report.model)}</h1>")
-    parts.append(f'<p class="verdict {"ok" if report else "bad"}" id="verdict">{_e(report.verdict)}</p>')
-
-    parts.append("<h2>Overview</h2>")
-    items = overview_items(report, plan)
+def _overview(report: Report) -> list[str]:
+    items = overview_items(report, report.extras.plan)
     half = (len(items) + 1) // 2  # label/value pairs in two columns, as the app shows them
-    parts.append(
-        '<div class="pair" id="overview">'
-        + "".join(
-            f"<div>{_table([{'': k, 'value': v} for k, v in chunk])}</div>" for chunk in (items[:half], items[half:])
-        )
-        + "</div>"
+    columns = "".join(
+        f"<div>{_table([{'': k, 'value': v} for k, v in chunk])}</div>" for chunk in (items[:half], items[half:])
     )
     counts = flag_counts(report)
-    parts.append("<p>Flagged units by flag:</p>" + _table([counts]) if counts else "<p>No flags.</p>")
-    if report.ranks:
-        parts.append('<h2 id="ranks">Ranks</h2>')
-        parts.append(
-            f"<p>{_e(distributed_text(report))}: the units and flags above combine every rank's "
-            "statistics; below, each rank judged on its own.</p>"
-        )
-        parts.append(_table(rank_rows(report)))
+    return [
+        "<h2>Overview</h2>",
+        f'<div class="pair" id="overview">{columns}</div>',
+        "<p>Flagged units by flag:</p>" + _table([counts]) if counts else "<p>No flags.</p>",
+    ]
 
-    parts.append("<h2>Layers</h2>")
-    parts.append(
+
+def _ranks(report: Report) -> list[str]:
+    if not report.ranks:
+        return []
+    return [
+        '<h2 id="ranks">Ranks</h2>',
+        f"<p>{_e(distributed_text(report))}: the units and flags above combine every rank's "
+        "statistics; below, each rank judged on its own.</p>",
+        _table(rank_rows(report)),
+    ]
+
+
+def _layers(report: Report) -> list[str]:
+    parts = [
+        "<h2>Layers</h2>",
         '<p><input type="search" placeholder="filter by name or flag" oninput="pdFilter(this)"> '
-        "(click a column header to sort)</p>"
-    )
-    parts.append(_table(layer_rows(report, plan), "layers"))
+        "(click a column header to sort)</p>",
+        _table(layer_rows(report, report.extras.plan), "layers"),
+    ]
     if report.flags():
         parts.append("<h3>Flags, worst first</h3>" + _table(flag_rows(report)))
+    return parts
 
-    parts.append("<h2>Depth</h2>")
+
+def _depth(report: Report, fig: _Figures) -> list[str]:
+    parts = ["<h2>Depth</h2>"]
     start = takeoff_unit(report)
     if start is not None:
         parts.append(f"<p>Error takes off at <code>{_e(start.name)}</code> (execution order {start.order}).</p>")
     parts.append(fig(depth_figure(report)))
+    return parts
 
+
+def _gradients(report: Report, fig: _Figures) -> list[str]:
     gradients = grad_fidelity_text(report)
-    if gradients is not None:
-        parts.append('<h2 id="gradients">Gradients</h2>')
-        parts.append(f'<p id="grad-fidelity">{_e(gradients)}.</p>')
-        parts.append(fig(grad_fidelity_figure(report)))
+    if gradients is None:
+        return []
+    return [
+        '<h2 id="gradients">Gradients</h2>',
+        f'<p id="grad-fidelity">{_e(gradients)}.</p>',
+        fig(grad_fidelity_figure(report)),
+    ]
 
-    parts.append("<h2>Loss scale</h2>")
+
+def _loss_scale(report: Report, fig: _Figures) -> list[str]:
+    ls = report.extras.loss_scale
+    parts = ["<h2>Loss scale</h2>"]
     if ls is not None:
         parts.append(
             f'<p id="recommended-scale">Recommended initial loss scale: 2^{ls.recommended_scale_log2} '
@@ -277,42 +284,51 @@ def render_html(report: Report) -> str:
         parts.append(fig(loss_scale_figure(report, ls)))
     else:
         parts.append("<p>No gradient statistics in this report.</p>")
+    return parts
 
-    if plan is not None:
-        parts.append("<h2>Plan</h2>")
+
+def _plan(report: Report, fig: _Figures) -> list[str]:
+    plan = report.extras.plan
+    if plan is None:
+        return []
+    parts = [
+        "<h2>Plan</h2>",
+        f"<p>Target {_e(plan.target)}, low dtype {_e(plan.dtype)}; "
+        f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>",
+        "<h3>Units kept in fp32</h3>" + _table([r.model_dump() for r in plan.fp32_units]),
+        "<h3>Cost</h3>" + _table(plan_cost_rows(plan)) + fig(plan_cost_figure(plan)),
+        f"<p>Verified final-loss rel error (planned run) {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
+        f"in {_e(plan.verification_passes)} pass(es).</p>",
+    ]
+    for name, text in plan.exports.items():
+        fname, mime = export_file(name)
+        # A data: URI keeps the download working with no server.
+        uri = f"data:{mime};base64,{b64encode(text.encode()).decode()}"
         parts.append(
-            f"<p>Target {_e(plan.target)}, low dtype {_e(plan.dtype)}; "
-            f"{sum(1 for d in plan.units.values() if d == 'fp32')} of {len(plan.units)} units stay fp32.</p>"
+            f'<details><summary>{_e(name)} export: <a download="{_e(fname)}" href="{uri}">'
+            f"{_e(fname)}</a></summary><pre>{_e(text)}</pre></details>"
         )
-        parts.append("<h3>Units kept in fp32</h3>" + _table([r.model_dump() for r in plan.fp32_units]))
-        parts.append("<h3>Cost</h3>" + _table(plan_cost_rows(plan)) + fig(plan_cost_figure(plan)))
-        parts.append(
-            f"<p>Verified final-loss rel error (planned run) {_e(fmt(plan.verified_loss_rel_error, '.2e'))} "
-            f"in {_e(plan.verification_passes)} pass(es).</p>"
-        )
-        for name, text in plan.exports.items():
-            fname, mime = export_file(name)
-            # A data: URI keeps the download working with no server.
-            uri = f"data:{mime};base64,{b64encode(text.encode()).decode()}"
-            parts.append(
-                f'<details><summary>{_e(name)} export: <a download="{_e(fname)}" href="{uri}">'
-                f"{_e(fname)}</a></summary><pre>{_e(text)}</pre></details>"
-            )
+    return parts
 
-    if pre is not None or mon is not None:
-        parts.append('<h2 id="training">Training</h2>')
-        if pre is not None:
-            parts.append(
-                f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">{_e(preflight_verdict(pre))}</p>'
-            )
-            if pre.reasons:
-                parts.append(_table([r.model_dump() for r in pre.reasons]))
-            parts.append(_table(preflight_run_rows(pre)))
-        if mon is not None:
-            parts.append("<h3>The real run's GradScaler</h3>" + _table([monitor_items(mon)]))
-        parts.append(fig(training_figure(pre, mon)))
 
-    parts.append("<h2>Unit detail</h2>")
+def _training(report: Report, fig: _Figures) -> list[str]:
+    pre, mon = report.extras.preflight, report.extras.scaler_monitor
+    if pre is None and mon is None:
+        return []
+    parts = ['<h2 id="training">Training</h2>']
+    if pre is not None:
+        parts.append(f'<p class="verdict {"ok" if pre.go else "bad"}" id="preflight">{_e(preflight_verdict(pre))}</p>')
+        if pre.reasons:
+            parts.append(_table([r.model_dump() for r in pre.reasons]))
+        parts.append(_table(preflight_run_rows(pre)))
+    if mon is not None:
+        parts.append("<h3>The real run's GradScaler</h3>" + _table([monitor_items(mon)]))
+    parts.append(fig(training_figure(pre, mon)))
+    return parts
+
+
+def _unit_detail(report: Report, fig: _Figures) -> list[str]:
+    parts = ["<h2>Unit detail</h2>"]
     units = _detail_units(report)
     if len(units) < len(report.units):
         parts.append(
@@ -321,26 +337,54 @@ def render_html(report: Report) -> str:
             "the app shows every unit.</p>"
         )
     for u in units:
-        parts.append(f'<h3 class="unit"><code>{_e(u.name)}</code> ({_e(u.kind)})</h3>')
-        if u.flags:
-            parts.append(_table(flag_rows(report, u)))
-        parts.append(_table(error_rows(u)))
-        if u.backward.param_grad_fidelity:
-            parts.append("<p>Parameter gradients in the low run against fp32's:</p>" + _table(grad_fidelity_rows(u)))
-        figs = []
-        if u.forward.stats is not None:
-            figs.append(fig(histogram_figure(u.forward.stats, dtype, f"{u.name}: forward")))
-        if u.backward.stats is not None:
-            figs.append(fig(histogram_figure(u.backward.stats, dtype, f"{u.name}: gradient")))
-        if figs:
-            parts.append('<div class="pair">' + "".join(f"<div>{f}</div>" for f in figs) + "</div>")
+        parts += _unit(report, u, fig)
+    return parts
 
+
+def _unit(report: Report, u: Unit, fig: _Figures) -> list[str]:
+    dtype = report.environment.dtype
+    parts = [f'<h3 class="unit"><code>{_e(u.name)}</code> ({_e(u.kind)})</h3>']
+    if u.flags:
+        parts.append(_table(flag_rows(report, u)))
+    parts.append(_table(error_rows(u)))
+    if u.backward.param_grad_fidelity:
+        parts.append("<p>Parameter gradients in the low run against fp32's:</p>" + _table(grad_fidelity_rows(u)))
+    figs = []
+    if u.forward.stats is not None:
+        figs.append(fig(histogram_figure(u.forward.stats, dtype, f"{u.name}: forward")))
+    if u.backward.stats is not None:
+        figs.append(fig(histogram_figure(u.backward.stats, dtype, f"{u.name}: gradient")))
+    if figs:
+        parts.append('<div class="pair">' + "".join(f"<div>{f}</div>" for f in figs) + "</div>")
+    return parts
+
+
+def _footer(report: Report) -> list[str]:
     env = report.environment
-    parts.append(
+    return [
         f"<p><small>precision-doctor {_e(env.tool_version)}, torch {_e(env.torch_version)}, "
         f"python {_e(env.python_version)}, {_e(env.platform)}</small></p>"
-    )
-    body = "\n".join(parts)
+    ]
+
+
+def render_html(report: Report) -> str:
+    """The whole report as one HTML document: its sections in the app's order."""
+    fig = _Figures()  # numbers the figures in page order: the sections are built in that order
+    sections = [
+        [f"<h1>precision-doctor: {_e(report.model)}</h1>"],
+        [f'<p class="verdict {"ok" if report else "bad"}" id="verdict">{_e(report.verdict)}</p>'],
+        _overview(report),
+        _ranks(report),
+        _layers(report),
+        _depth(report, fig),
+        _gradients(report, fig),
+        _loss_scale(report, fig),
+        _plan(report, fig),
+        _training(report, fig),
+        _unit_detail(report, fig),
+        _footer(report),
+    ]
+    body = "\n".join(part for section in sections for part in section)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
