@@ -51,12 +51,12 @@ def write(tmp_path: Path, body: str, name: str = "model.py") -> Path:
     return p
 
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 _MODEL_OK = """
 import torch
 from torch import nn
-
-# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
-pytestmark = pytest.mark.numerics
 def build_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
