@@ -542,7 +542,7 @@ def _written_by(raw: dict[str, object]) -> str | None:
     return version if isinstance(version, str) else None
 
 
-_ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8}
+_ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8, LowDtype.FP8: 2.0**-8}  # fp8: its bf16 values
 """Unit roundoff of each low dtype: the error rounding alone gives a value."""
 
 
