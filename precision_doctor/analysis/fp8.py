@@ -20,7 +20,7 @@ from precision_doctor.extras import Fp8Cast, Fp8Gemm, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, Report
 
-__all__ = ["fix_for", "fp8_flags", "fp8_section", "gemm_db", "with_fp8"]
+__all__ = ["fix_for", "fp8_flags", "fp8_section", "gemm_db", "unjudged", "with_fp8"]
 
 BF16_FIX = "bf16"
 """What `fix_for` names when no recipe passes: keep the layer out of fp8."""
@@ -72,12 +72,20 @@ def _worst_role(casts: Sequence[Fp8Cast]) -> Fp8Cast | None:
     return max(casts, key=lambda c: (c.flushed_fraction, -c.sqnr_db))
 
 
-def _advice(fix: str, recipe: str, layer: str) -> str:
-    if fix == recipe:
-        return "it passes under this recipe elsewhere"
+def unjudged(gemms: Sequence[Fp8Gemm]) -> list[str]:
+    """The matmuls this run cannot judge: exact under every recipe because an operand was all
+    0 (a gradient the forward's own fp8 error zeroed, or a loss that ignores the output)."""
+    return [g.gemm for g in gemms if all(math.isinf(v) and v > 0 for v in g.sqnr_db.values())]
+
+
+def _advice(fix: str, recipe: str, layer: str, gemms: Sequence[Fp8Gemm]) -> str:
     if fix == BF16_FIX:
         return f"no fp8 recipe passes: keep {layer!r} in bf16 (leave it out of convert_to_float8_training's module_filter_fn)"
-    return f"the {fix} recipe fixes it"
+    text = f"the {fix} recipe fixes it" if fix != recipe else f"its matmuls pass under {recipe}"
+    blind = unjudged(gemms)
+    if blind and fix != recipe:
+        text += f" (its {'/'.join(blind)} operands were all 0 in this run: confirm with --fp8-recipe {fix})"
+    return text
 
 
 def fp8_flags(section: Fp8Section, th: Thresholds) -> dict[str, list[FlagRecord]]:
@@ -109,7 +117,7 @@ def fp8_flags(section: Fp8Section, th: Thresholds) -> dict[str, list[FlagRecord]
                         phase=Phase.FORWARD if g.gemm == "fprop" else Phase.BACKWARD,
                         message=(
                             f"{g.gemm} matmul under {recipe} fp8: SQNR {db:.1f} dB < {limit:g} dB "
-                            f"(worst cast: {role}); {_advice(fix, recipe, layer)}"
+                            f"(worst cast: {role}); {_advice(fix, recipe, layer, gemms)}"
                         ),
                         values={
                             "sqnr_db": db,
@@ -137,7 +145,7 @@ def fp8_flags(section: Fp8Section, th: Thresholds) -> dict[str, list[FlagRecord]
                         message=(
                             f"{percent(c.flushed_fraction)} of the nonzero {c.role} values of the {c.gemm} matmul "
                             f"flush to 0 in {c.fp8_dtype} ({c.granularity} scale, amax {c.amax:.3g}); "
-                            f"{_advice(fix, recipe, layer)}"
+                            f"{_advice(fix, recipe, layer, gemms)}"
                         ),
                         values={
                             "flushed_fraction": c.flushed_fraction,
