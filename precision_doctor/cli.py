@@ -22,6 +22,7 @@ from precision_doctor.options import (
     AutocastPolicy,
     CostSource,
     ExportFormat,
+    Fp8Recipe,
     Judge,
     LowDtype,
     Regime,
@@ -29,6 +30,7 @@ from precision_doctor.options import (
     Target,
     Thresholds,
     parse_enum,
+    refuse_fp8,
 )
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
 from precision_doctor.report import check_writable, write_atomic
@@ -133,7 +135,8 @@ DtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         metavar=_metavar(LowDtype),
-        help="The low-precision dtype to test (torch's names work too: float16, half, bfloat16).",
+        help="The low-precision dtype to test (torch's names work too: float16, half, bfloat16). fp8: "
+        "torchao's float8 training (pip install 'precision-doctor[fp8]'), see --fp8-recipe.",
     ),
 ]
 RegimeOpt = Annotated[
@@ -297,6 +300,14 @@ def analyze(
             "again) and say whether bf16 is clean for it.",
         ),
     ] = True,
+    fp8_recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--fp8-recipe",
+            metavar=_metavar(Fp8Recipe),
+            help="With --dtype fp8: torchao's scaling recipe (default tensorwise).",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
@@ -316,6 +327,7 @@ def analyze(
     fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
+    recipe_opt = _fp8_options(low, fp8_recipe, export, fmt_opt, target_opt, cost_opt, tolerance)
     thresholds = parse_thresholds(threshold or [])
     if open_app and out is None:
         raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
@@ -357,8 +369,9 @@ def analyze(
             progress=step,
             regime=run_regime,
             policy=op_policy,
+            fp8_recipe=recipe_opt,
         )
-    plan_wanted = (
+    plan_wanted = low is not LowDtype.FP8 and (  # fp8 has no plan yet (refused above)
         out is not None
         or cost_opt is CostSource.MEASURED
         or any(o is not None for o in (export, fmt_opt, target_opt, tolerance))
@@ -438,6 +451,26 @@ def analyze(
         raise typer.Exit(launch_app(out))
 
 
+def _fp8_options(
+    low: LowDtype,
+    fp8_recipe: str | None,
+    export: Path | None,
+    fmt_opt: ExportFormat | None,
+    target_opt: Target | None,
+    cost_opt: CostSource,
+    tolerance: float | None,
+) -> Fp8Recipe | None:
+    """--fp8-recipe parsed; the plan options refused with --dtype fp8 (no plan for fp8 yet)."""
+    if low is not LowDtype.FP8:
+        if fp8_recipe is not None:
+            raise PrecisionDoctorError("--fp8-recipe needs --dtype fp8")
+        return None
+    planning = export is not None or fmt_opt is not None or target_opt is not None or tolerance is not None
+    if planning or cost_opt is CostSource.MEASURED:
+        refuse_fp8(low, "the plan search (--export, --export-format, --target, --cost, --tolerance)")
+    return parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe") if fp8_recipe is not None else Fp8Recipe.TENSORWISE
+
+
 @app.command("app", cls=_Command)
 @_one_line_errors
 def app_command(
@@ -496,6 +529,7 @@ def preflight_command(
     from precision_doctor.training.preflight import preflight as run_preflight
 
     low = parse_option(LowDtype, dtype, "--dtype")  # every option validated before any work
+    refuse_fp8(low, "the pre-flight")
     run_regime = parse_option(Regime, regime, "--regime")
     op_policy = parse_option(AutocastPolicy, policy, "--policy")
     risks = parse_fail_on(fail_on)

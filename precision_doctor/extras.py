@@ -17,9 +17,9 @@ the views, so the models live here, below both.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from precision_doctor.options import (
     AutocastPolicy,
@@ -318,3 +318,12 @@ class ReportExtras(Frozen):
     preflight: PreflightSection | None = None
     scaler_monitor: MonitorSection | None = None
     fp8: Fp8Section | None = None
+    """Only in an fp8 analysis's report; left out of the JSON where None, so that every other
+    report is written as before (a reader without the field loads it)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if self.fp8 is None and isinstance(data, dict):
+            data.pop("fp8", None)
+        return data

@@ -294,6 +294,8 @@ class Environment(_Frozen):
     def precision_text(self) -> str:
         """How the low run computed its dtype, as the views say it: what is emulated, or
         that the dtype's own kernels ran."""
+        if self.dtype is LowDtype.FP8:  # extras.fp8 says which recipe
+            return f"torchao float8 matmuls{' emulated' if self.emulated else ''}, bf16 autocast elsewhere"
         if self.emulated:
             return f"emulated: fp32 kernels, results rounded to {self.dtype}"
         return f"native {self.dtype} kernels"

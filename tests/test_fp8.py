@@ -209,3 +209,40 @@ def test_without_torchao_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails
     with pytest.raises(PrecisionDoctorError, match=r"pip install 'precision-doctor\[fp8\]'"):
         pd.analyze(_mlp(), _batch(), _loss, dtype="fp8")
+
+
+def _cli_one_line(args: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_cli_fp8(tmp_path: Path) -> None:
+    """`--dtype fp8 --fp8-recipe`: the findings on the terminal, the section in the saved
+    report (no plan); plan options, --fp8-recipe without fp8 and the pre-flight refused in
+    one line."""
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    sample = str(SAMPLES / "outlier_token.py")
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app, ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "rowwise", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
+    saved = pd.Report.load(out)
+    assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise" and saved.extras.plan is None
+    assert "--fp8-recipe needs --dtype fp8" in _cli_one_line(["analyze", sample, "--fp8-recipe", "rowwise"])
+    assert "does not support --dtype fp8" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--target", "h100"])
+    assert "pre-flight does not support --dtype fp8" in _cli_one_line(["preflight", sample, "--dtype", "fp8"])
+    assert "unknown --fp8-recipe 'delayed'" in _cli_one_line(
+        ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "delayed"]
+    )

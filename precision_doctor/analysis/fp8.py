@@ -166,4 +166,5 @@ def with_fp8(report: Report, section: Fp8Section) -> Report:
     in the section only)."""
     flags = fp8_flags(section, report.thresholds)
     units = [u.model_copy(update={"flags": [*u.flags, *flags[u.name]]}) if u.name in flags else u for u in report.units]
-    return report.model_copy(update={"units": units}).with_extras(fp8=section)
+    env = report.environment.model_copy(update={"emulated": section.emulated})
+    return report.model_copy(update={"units": units, "environment": env}).with_extras(fp8=section)

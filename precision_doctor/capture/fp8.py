@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,12 +63,21 @@ _QUANTILE_SAMPLE = 1 << 20  # |x| sampled (evenly strided) above this many value
 
 def require_torchao() -> Any:
     """torchao's float8 package, or a one-line error saying what to install."""
+    # Its import logs a warning per CUDA extension a CPU build cannot load, and torch one about
+    # its enum registration: harmless, and nothing the user can act on.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
     try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
         import torchao.float8 as float8
     except ImportError as e:
         raise PrecisionDoctorError(
             f"--dtype fp8 runs torchao's float8 training, which is not installed: {INSTALL_HINT}"
         ) from e
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     return float8
 
 
