@@ -246,3 +246,14 @@ def test_cli_fp8(tmp_path: Path) -> None:
     assert "unknown --fp8-recipe 'delayed'" in _cli_one_line(
         ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "delayed"]
     )
+
+
+def test_html_report_has_the_fp8_tables(tmp_path: Path) -> None:
+    from precision_doctor.views.html_report import write_html
+
+    s = _sample("outlier_token")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8")
+    write_html(report, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="fp8"' in html and 'id="fp8-gemms"' in html and 'id="fp8-casts"' in html
+    assert "underflows%" in html and "recipe rowwise" in html

@@ -12,7 +12,7 @@ from precision_doctor.extras import Fp8Section
 from precision_doctor.options import Flag, percent
 from precision_doctor.report import Report
 
-__all__ = ["fp8_layer_rows", "fp8_next_steps", "fp8_summary_lines"]
+__all__ = ["fp8_gemm_rows", "fp8_layer_rows", "fp8_next_steps", "fp8_summary_lines"]
 
 
 def _db(x: float) -> str:
@@ -102,4 +102,14 @@ def fp8_layer_rows(section: Fp8Section) -> list[dict[str, object]]:
             "zero_groups": f"{c.zero_groups}/{c.groups}",
         }
         for c in section.casts
+    ]
+
+
+def fp8_gemm_rows(section: Fp8Section) -> list[dict[str, object]]:
+    """One row per Float8Linear matmul: its judged SQNR (dB: the smaller of the whole output's
+    and the median row's) under each recipe, the run's own recipe first."""
+    recipes = [section.recipe, *(r for r in ("tensorwise", "rowwise", "rowwise_with_gw_hp") if r != section.recipe)]
+    return [
+        {"layer": g.layer, "gemm": g.gemm, **{r: round(gemm_db(g, r), 2) for r in recipes if r in g.sqnr_db}}
+        for g in section.gemms
     ]

@@ -50,6 +50,7 @@ from precision_doctor.views.figures import (
     takeoff_unit,
     training_figure,
 )
+from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
 
 MAX_DETAIL_UNITS = 30
 """Units given histograms: the flagged ones first. Each costs two figures of file size."""
@@ -277,6 +278,12 @@ def render_html(report: Report) -> str:
         parts.append(fig(loss_scale_figure(report, ls)))
     else:
         parts.append("<p>No gradient statistics in this report.</p>")
+
+    if report.extras.fp8 is not None:
+        parts.append('<h2 id="fp8">fp8</h2>')
+        parts.append("".join(f"<p>{_e(line.strip())}</p>" for line in fp8_summary_lines(report)))
+        parts.append("<h3>Matmuls per recipe (SQNR, dB)</h3>" + _table(fp8_gemm_rows(report.extras.fp8), "fp8-gemms"))
+        parts.append("<h3>Casts</h3>" + _table(fp8_layer_rows(report.extras.fp8), "fp8-casts"))
 
     if plan is not None:
         parts.append("<h2>Plan</h2>")
