@@ -257,3 +257,21 @@ def test_html_report_has_the_fp8_tables(tmp_path: Path) -> None:
     html = (tmp_path / "r.html").read_text()
     assert 'id="fp8"' in html and 'id="fp8-gemms"' in html and 'id="fp8-casts"' in html
     assert "underflows%" in html and "recipe rowwise" in html
+
+
+def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    import precision_doctor.views.streamlit_app as streamlit_app
+
+    s = _sample("outlier_token")
+    path = tmp_path / "r.json"
+    pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8").save(path)
+    monkeypatch.setattr(sys, "argv", ["streamlit_app.py", str(path)])
+    monkeypatch.delenv("PRECISION_DOCTOR_REPORT", raising=False)
+    at = AppTest.from_file(str(streamlit_app.__file__), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "fp8" in [t.label for t in at.tabs]
+    assert any("underflows%" in d.value.columns for d in at.dataframe)
