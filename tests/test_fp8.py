@@ -275,3 +275,66 @@ def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert not at.exception, [e.value for e in at.exception]
     assert "fp8" in [t.label for t in at.tabs]
     assert any("underflows%" in d.value.columns for d in at.dataframe)
+
+
+def _one_linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))
+
+
+def test_gradient_that_underflows_e5m2() -> None:
+    """One token's loss weight 1e7 sets grad_output's tensorwise scale: the other tokens'
+    gradients flush under e5m2's 2^-16 (FP8_UNDERFLOW on grad_output, FP8_ERROR on dgrad);
+    rowwise scales dgrad's grad_output per token and keeps them."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    weight = torch.ones(16, 1)
+    weight[0] = 1e7
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return (out.float() * weight).pow(2).mean()
+
+    tw = pd.analyze(_one_linear(), x, loss_fn, dtype="fp8", fp8_recipe="tensorwise")
+    found = {(f.flag, f.evidence.op) for f in tw.flags()}
+    assert (Flag.FP8_UNDERFLOW, "dgrad") in found and (Flag.FP8_ERROR, "dgrad") in found
+    assert tw.extras.fp8 is not None
+    go = [c for c in tw.extras.fp8.casts if c.role == "grad_output"]
+    assert go and all(c.fp8_dtype == "e5m2" and c.flushed_fraction > 0.9 for c in go)
+    rw = pd.analyze(_one_linear(), x, loss_fn, dtype="fp8", fp8_recipe="rowwise")
+    assert not any(
+        op == "dgrad" for f, op in {(f.flag, f.evidence.op) for f in rw.flags()} if f.value.startswith("FP8")
+    )
+
+
+def test_all_zero_row_under_rowwise_stays_finite() -> None:
+    """torchao 0.18 bounds the amax from below (torchao #3356): an all-zero token under rowwise
+    scaling gives no NaN; the cast records the zero group."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    x[5] = 0
+    report = pd.analyze(_one_linear(), x, _loss, dtype="fp8", fp8_recipe="rowwise")
+    assert report.extras.fp8 is not None and report.grad_fidelity is not None
+    assert torch.isfinite(torch.tensor(report.losses.low)) and report.grad_fidelity.nonfinite_count == 0
+    fprop_input = next(c for c in report.extras.fp8.casts if c.gemm == "fprop" and c.role == "input")
+    assert (fprop_input.zero_groups, fprop_input.groups) == (1, 16)
+
+
+def test_tensorwise_forward_equals_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulated tensorwise forward matmul equals torch._scaled_mm on torchao's own fp8
+    operands and scales (it runs on this CPU with per-tensor scales)."""
+    seen: list[Any] = []
+    original = fl.hp_tensor_to_float8_dynamic
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(fl, "hp_tensor_to_float8_dynamic", spy)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    run = Fp8Run.start(_one_linear(), "tensorwise")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run.model(x)
+    a, b = seen[0], seen[1]  # the input and the transposed weight
+    ref = torch._scaled_mm(
+        a._data, b._data, scale_a=a._scale.reciprocal(), scale_b=b._scale.reciprocal(), out_dtype=torch.float32
+    )
+    assert torch.equal(ref.to(y.dtype), y)
