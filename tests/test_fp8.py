@@ -338,3 +338,21 @@ def test_tensorwise_forward_equals_scaled_mm(monkeypatch: pytest.MonkeyPatch) ->
         a._data, b._data, scale_a=a._scale.reciprocal(), scale_b=b._scale.reciprocal(), out_dtype=torch.float32
     )
     assert torch.equal(ref.to(y.dtype), y)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_with_gw_hp"])
+def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
+    """An outlier channel sits in every token's row: no recipe rescues the lm_head (its fix is
+    bf16), the MLP takes fp8; the conventional exclusions are judged, not assumed."""
+    from precision_doctor.views.fp8 import conventional_lines, fp8_next_steps
+
+    s = _sample("lm_head_outlier_channel")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=recipe)
+    fp8_flags = [f for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)]
+    assert {f.unit for f in fp8_flags} == {"lm_head"}
+    error = next(f for f in fp8_flags if f.flag is Flag.FP8_ERROR)
+    assert error.evidence.op == "fprop" and "keep 'lm_head' in bf16" in error.evidence.message
+    assert conventional_lines(report) == [
+        f"conventionally kept in high precision: mlp (first): takes fp8 under {recipe}; lm_head (last): needs bf16"
+    ]
+    assert any("lm_head" in line and "module_filter_fn" in line for line in fp8_next_steps(report, ["x"]))

@@ -12,7 +12,7 @@ from precision_doctor.extras import Fp8Section
 from precision_doctor.options import Flag, percent
 from precision_doctor.report import Report
 
-__all__ = ["fp8_gemm_rows", "fp8_layer_rows", "fp8_next_steps", "fp8_summary_lines"]
+__all__ = ["conventional_lines", "fp8_gemm_rows", "fp8_layer_rows", "fp8_next_steps", "fp8_summary_lines"]
 
 
 def _db(x: float) -> str:
@@ -53,7 +53,38 @@ def fp8_summary_lines(report: Report) -> list[str]:
         fix = fixes[layer]
         to = "keep it in bf16" if fix == BF16_FIX else f"recipe {fix}"
         lines.append(f"  {layer}: {detail}, flushed up to {percent(flushed)} -> {to}")
-    return lines
+    return lines + conventional_lines(report)
+
+
+CONVENTIONAL = ("lm_head", "router", "gate", "output_layer")
+"""Name parts of the layers kept in high precision by convention (ModelOpt's default
+exclusions `*lm_head*`, `*router*`, `*mlp.gate*`, `*output_layer*`), besides the first and the
+last layer (Megatron)."""
+
+
+def conventional_lines(report: Report) -> list[str]:
+    """Whether this model needs the conventional exclusions: each conventionally excluded
+    layer (first, last, by name) with what the analysis found for it."""
+    section = report.extras.fp8
+    if section is None or not section.layers:
+        return []
+    flagged = {f.unit for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)}
+    fixes = _fixes(report, section)
+    picked: dict[str, str] = {section.layers[0]: "first", section.layers[-1]: "last"}
+    for layer in section.layers:
+        for part in CONVENTIONAL:
+            if part in layer.split(".")[-1] or part in layer:
+                picked.setdefault(layer, part)
+    said = []
+    for layer, why in picked.items():
+        if layer not in flagged:
+            verdict = f"takes fp8 under {section.recipe}"
+        elif fixes[layer] == BF16_FIX:
+            verdict = "needs bf16"
+        else:
+            verdict = f"needs the {fixes[layer]} recipe"
+        said.append(f"{layer} ({why}): {verdict}")
+    return ["conventionally kept in high precision: " + "; ".join(said)]
 
 
 def fp8_next_steps(report: Report, command: Sequence[str]) -> list[str]:
