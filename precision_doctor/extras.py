@@ -17,9 +17,9 @@ the views, so the models live here, below both.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from precision_doctor.options import (
     AutocastPolicy,
@@ -250,6 +250,63 @@ class MonitorSection(Frozen):
     prediction: PreflightPrediction | None = None
 
 
+# --- fp8 -----------------------------------------------------------------------------------
+
+
+class Fp8Cast(Frozen):
+    """One of torchao's casts to fp8 in the fp8 low run (`capture.fp8.CastRecord`)."""
+
+    layer: str
+    gemm: str
+    role: str
+    fp8_dtype: str
+    hp_dtype: str
+    granularity: str
+    numel: int
+    nonzero: int
+    amax: float
+    scale_min: float
+    scale_max: float
+    flushed: int
+    saturated: int
+    zero_groups: int
+    groups: int
+    sqnr_db: float
+    sqnr_vs_bf16_db: float
+    rel_error: float
+    mse: float
+    outlier_ratio: float
+
+    @property
+    def flushed_fraction(self) -> float:
+        """Transformer Engine's `underflows%`, as a fraction of the nonzero values."""
+        return self.flushed / self.nonzero if self.nonzero else 0.0
+
+
+class Fp8Gemm(Frozen):
+    """One Float8Linear matmul fed the low run's values, under each recipe
+    (`capture.fp8.GemmRecord`)."""
+
+    layer: str
+    gemm: str
+    sqnr_db: dict[str, float]
+    row_sqnr_db: dict[str, float]
+    rel_error: dict[str, float]
+
+
+class Fp8Section(Frozen):
+    """`extras.fp8`: the fp8 low run (torchao's `convert_to_float8_training`), its casts and
+    its matmuls per recipe; written by `analysis.fp8.with_fp8`."""
+
+    recipe: str
+    torchao_version: str
+    emulated: bool
+    layers: list[str]
+    """The Linear layers torchao converted (their paths in the model)."""
+    casts: list[Fp8Cast] = Field(default_factory=list)
+    gemms: list[Fp8Gemm] = Field(default_factory=list)
+
+
 # --- the report's extras --------------------------------------------------------------------
 
 
@@ -260,3 +317,13 @@ class ReportExtras(Frozen):
     loss_scale: LossScaleSection | None = None
     preflight: PreflightSection | None = None
     scaler_monitor: MonitorSection | None = None
+    fp8: Fp8Section | None = None
+    """Only in an fp8 analysis's report; left out of the JSON where None, so that every other
+    report is written as before (a reader without the field loads it)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if self.fp8 is None and isinstance(data, dict):
+            data.pop("fp8", None)
+        return data

@@ -20,6 +20,7 @@ from precision_doctor.options import LowDtype
 TORCH_DTYPES: dict[LowDtype, torch.dtype] = {
     LowDtype.FP16: torch.float16,
     LowDtype.BF16: torch.bfloat16,
+    LowDtype.FP8: torch.bfloat16,  # fp8's run: every op but the Float8Linear casts under bf16 autocast
 }
 _SPELLING = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -59,7 +60,11 @@ class FormatLimits:
 
 FP16 = FormatLimits.of(torch.float16, "fp16")
 BF16 = FormatLimits.of(torch.bfloat16, "bf16")
-LIMITS: dict[LowDtype, FormatLimits] = {LowDtype.FP16: FP16, LowDtype.BF16: BF16}
+E4M3 = FormatLimits.of(torch.float8_e4m3fn, "e4m3")
+E5M2 = FormatLimits.of(torch.float8_e5m2, "e5m2")
+LIMITS: dict[LowDtype, FormatLimits] = {LowDtype.FP16: FP16, LowDtype.BF16: BF16, LowDtype.FP8: BF16}
+"""The range the values a run holds low must fit (fp8: the bf16 values around the fp8 casts;
+the casts' own ranges are `E4M3`/`E5M2`, judged per cast by `analysis.fp8`)."""
 
 
 def loss_scale_fractions(

@@ -38,6 +38,10 @@ class LowDtype(StrEnum):
 
     FP16 = "fp16"
     BF16 = "bf16"
+    FP8 = "fp8"
+    """float8 matmuls as torchao's `convert_to_float8_training` runs them (`Fp8Recipe`), every
+    other op under bf16 autocast: `formats.TORCH_DTYPES` maps it to bf16, the dtype of the
+    values it holds outside the fp8 casts."""
 
     @classmethod
     def aliases(cls) -> dict[str, str]:
@@ -53,6 +57,7 @@ class LowDtype(StrEnum):
 _DTYPE_ALIASES = {
     **{name: "fp16" for name in ("float16", "half", "torch.float16", "torch.half")},
     **{name: "bf16" for name in ("bfloat16", "torch.bfloat16")},
+    **{name: "fp8" for name in ("float8",)},
 }
 """torch's names of the low dtypes (`str(torch.float16)` is `torch.float16`)."""
 
@@ -96,6 +101,28 @@ class Flag(StrEnum):
     ERROR_GROWTH = "ERROR_GROWTH"
     GRAD_UNDERFLOW = "GRAD_UNDERFLOW"
     UNDERFLOW = "UNDERFLOW"
+    FP8_ERROR = "FP8_ERROR"
+    FP8_UNDERFLOW = "FP8_UNDERFLOW"
+
+
+def refuse_fp8(dtype: object, what: str) -> None:
+    """One line instead of a wrong answer where fp8 is not supported yet (`what`: the feature)."""
+    if dtype == LowDtype.FP8 or dtype == LowDtype.FP8.value:
+        raise PrecisionDoctorError(
+            f"{what} does not support --dtype fp8 yet: analyze with --dtype fp8 for the per-layer fp8 "
+            "findings, and plan, export or pre-flight with --dtype bf16"
+        )
+
+
+class Fp8Recipe(StrEnum):
+    """torchao's float8 training recipes (`Float8LinearConfig.from_recipe_name`): `tensorwise`
+    (one dynamic scale per tensor, e4m3 forward, e5m2 gradients), `rowwise` (a power-of-two
+    scale per row, e4m3 everywhere), `rowwise_with_gw_hp` (rowwise, the weight gradient's
+    matmul in high precision)."""
+
+    TENSORWISE = "tensorwise"
+    ROWWISE = "rowwise"
+    ROWWISE_WITH_GW_HP = "rowwise_with_gw_hp"
 
 
 FLAG_RANK = {flag: rank for rank, flag in enumerate(Flag)}
@@ -272,6 +299,17 @@ class Thresholds:
     tiny CLIP, fp16 and bf16). 1e-6 is ~16 of fp32's own rounding steps (2^-24) of the
     model's norm, and 13x below the smallest share a sample model flags for rounding or
     loss rather than a flush (`unscaled_gradients`' `embed`, 1.3e-5)."""
+
+    fp8_underflow_fraction: float = 0.05
+    """FP8_UNDERFLOW when more than this fraction of the nonzero values of one fp8 cast flush
+    to zero after scaling (Transformer Engine's `underflows%`; its auto-switch falls back to
+    high precision above 5 %)."""
+    fp8_output_sqnr_db: float = 18.0
+    """FP8_ERROR when a Float8Linear's forward (fprop) or input-gradient (dgrad) matmul, fed
+    the high-precision values, is below this SQNR against the same matmul unquantized
+    (torchao's tests hold Float8Linear outputs to >= 18 dB)..."""
+    fp8_wgrad_sqnr_db: float = 17.0
+    """...and its weight-gradient (wgrad) matmul below this (torchao's tests: >= 17 dB)."""
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:

@@ -294,6 +294,8 @@ class Environment(_Frozen):
     def precision_text(self) -> str:
         """How the low run computed its dtype, as the views say it: what is emulated, or
         that the dtype's own kernels ran."""
+        if self.dtype is LowDtype.FP8:  # extras.fp8 says which recipe
+            return f"torchao float8 matmuls{' emulated' if self.emulated else ''}, bf16 autocast elsewhere"
         if self.emulated:
             return f"emulated: fp32 kernels, results rounded to {self.dtype}"
         return f"native {self.dtype} kernels"
@@ -542,7 +544,7 @@ def _written_by(raw: dict[str, object]) -> str | None:
     return version if isinstance(version, str) else None
 
 
-_ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8}
+_ROUNDING = {LowDtype.FP16: 2.0**-11, LowDtype.BF16: 2.0**-8, LowDtype.FP8: 2.0**-8}  # fp8: its bf16 values
 """Unit roundoff of each low dtype: the error rounding alone gives a value."""
 
 

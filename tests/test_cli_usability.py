@@ -54,13 +54,13 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
 # --- bad option values: one line, the option, the accepted values, before any work ---------
 
 BAD_OPTIONS = {
-    ("analyze", "--dtype", "fp8"): "fp16, bf16",
+    ("analyze", "--dtype", "fp4"): "fp16, bf16, fp8",
     ("analyze", "--regime", "wrong"): "autocast, pure",
     ("analyze", "--policy", "tpu"): "cuda, cpu",
     ("analyze", "--target", "v100"): "h100, a100, 4090, cpu",
     ("analyze", "--export-format", "xml"): "json, python, deepspeed, hf",
     ("analyze", "--cost", "guess"): "roofline, measured",
-    ("preflight", "--dtype", "float8"): "fp16, bf16",
+    ("preflight", "--dtype", "float4"): "fp16, bf16, fp8",
     ("preflight", "--regime", "wrong"): "autocast, pure",
     ("preflight", "--policy", "tpu"): "cuda, cpu",
 }
@@ -98,10 +98,10 @@ def test_bad_option_value_is_one_line(tmp_path: Path, case: tuple[str, str, str]
 
 def test_bad_option_value_real_process(tmp_path: Path) -> None:
     model, marker = _marked_model(tmp_path)
-    proc = cli("analyze", str(model), "--dtype", "fp8")
+    proc = cli("analyze", str(model), "--dtype", "fp4")
     assert proc.returncode == 2, proc.stderr
     line = _one_line(proc.stderr)
-    assert "--dtype 'fp8'" in line and "fp16, bf16" in line and "float16" in line
+    assert "--dtype 'fp4'" in line and "fp16, bf16, fp8" in line and "float16" in line
     assert proc.stdout == "" and not marker.exists()
 
 
@@ -130,7 +130,7 @@ def test_dtype_aliases_in_the_api() -> None:
         assert LowDtype(name) is LowDtype.FP16, name
     for name in ("bfloat16", "torch.bfloat16", torch.bfloat16):
         assert LowDtype(name) is LowDtype.BF16, name
-    for bad in ("float32", "fp8", torch.float32, "torch.float64"):
+    for bad in ("float32", "fp4", torch.float32, "torch.float64"):
         with pytest.raises(ValueError):
             LowDtype(bad)
     with pytest.raises(PrecisionDoctorError, match=r"unknown dtype 'float32'; choose one of: fp16, bf16"):
@@ -162,7 +162,7 @@ def test_help_has_no_bool_placeholder(command: list[str]) -> None:
     assert "--help" in result.output
     if command == ["analyze"]:
         assert "--quiet" in result.output and "--no-bf16-check" in result.output
-        assert "<fp16|bf16>" in result.output and "<autocast|pure>" in result.output  # values keep theirs
+        assert "<fp16|bf16|fp8>" in result.output and "<autocast|pure>" in result.output  # values keep theirs
     if command == ["preflight"]:
         assert "--no-plan" in result.output and "<int>" in result.output
 

@@ -243,7 +243,8 @@ def test_bad_arguments_are_rejected_up_front() -> None:
     case = build_mlp()
     for kw, msg in [
         ({"steps": 0}, "steps"),
-        ({"dtype": "fp8"}, "unknown dtype"),
+        ({"dtype": "fp4"}, "unknown dtype"),
+        ({"dtype": "fp8"}, "pre-flight does not support --dtype fp8"),
         ({"judge": "nope"}, "unknown judge"),
         ({"fail_on": "OVERFLOWS"}, "unknown risk"),
         ({"make_batches": lambda: iter([])}, "yielded no batch"),

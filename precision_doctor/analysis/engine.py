@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import sys
@@ -22,10 +23,12 @@ from precision_doctor.analysis.flags import (
     scale_ceiling,
     unit_flags,
 )
+from precision_doctor.analysis.fp8 import fp8_section, with_fp8
 from precision_doctor.analysis.gradients import (
     grad_scale_log2,
 )
-from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, analysis_job
+from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
+from precision_doctor.capture.fp8 import Fp8Run, torchao_version
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
@@ -58,6 +61,7 @@ from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
 from precision_doctor.options import (
     AutocastPolicy,
     CapturePath,
+    Fp8Recipe,
     LowDtype,
     Phase,
     Regime,
@@ -143,8 +147,14 @@ def analyze(
     progress: Progress | None = None,
     regime: str | Regime = Regime.AUTOCAST,
     policy: str | AutocastPolicy = AutocastPolicy.CUDA,
+    fp8_recipe: str | Fp8Recipe | None = None,
 ) -> Report:
     """Analyze one training step of `model` on `batch` in fp32 and in `dtype`.
+
+    `dtype="fp8"`: the low run is a copy of the model converted by torchao
+    (`convert_to_float8_training` with `fp8_recipe`, default `tensorwise`; emulated on the
+    CPU) under bf16 autocast; the report's `extras.fp8` holds its casts and matmuls, and its
+    FP8_ERROR / FP8_UNDERFLOW findings (`analysis.fp8`).
 
     `regime` says what the low-precision run executes: `autocast` (what
     `torch.autocast(device_type, dtype)` runs, with `policy`'s op lists: `cuda` or `cpu`) or
@@ -163,13 +173,15 @@ def analyze(
     True
     """
     req = _validate(model, batch, loss_fn, dtype, regime, policy, thresholds, name, progress)
-    with ModelStateGuard(req.model) as guard:
+    recipe, fp8 = _fp8_setup(req, fp8_recipe)
+    with ModelStateGuard(req.model) as guard, fp8.recording() if fp8 else contextlib.nullcontext():
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
         req.say("checking whether torch.fx can trace the model")
         fx = fx_check(req.model)
         req.say(f"{req.low} forward as {req.regime} training runs it")
+        low_model = fp8.model if fp8 else req.model
         real_low = _low_run(
-            req.model, req.batch, req.loss_fn, req.low, req.regime, req.policy, guard, req.job.fail_fast
+            low_model, req.batch, req.loss_fn, req.low, req.regime, req.policy, guard, req.job.fail_fast
         )
         reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
         req.say("fp32 forward with low-precision shadows")
@@ -177,9 +189,30 @@ def analyze(
         req.say("statistics and flags")
         report = _report(req, capture, real_low, loss_fp32, grads, fx)
         if real_low.graph is not None:
-            report = _gradient_fidelity(req, capture, real_low, grads, report)
+            report = _gradient_fidelity(req, capture, real_low, grads, report, low_model)
         del grads
+    if fp8 and recipe:
+        rec = fp8.recorder
+        section = fp8_section(recipe, torchao_version(), fp8.emulated, rec.layers, rec.casts, rec.gemms)
+        report = with_fp8(report, section)
     return report
+
+
+def _fp8_setup(req: _Request, fp8_recipe: str | Fp8Recipe | None) -> tuple[Fp8Recipe | None, Fp8Run | None]:
+    """For `dtype="fp8"`: the recipe and the torchao-converted copy of the model with its cast
+    recorder; refused where the analysis cannot run fp8 yet (one line)."""
+    if req.low is not LowDtype.FP8:
+        if fp8_recipe is not None:
+            raise PrecisionDoctorError(f"fp8_recipe={str(fp8_recipe)!r} needs dtype='fp8' (got {req.low})")
+        return None, None
+    recipe = parse_enum(Fp8Recipe, fp8_recipe if fp8_recipe is not None else Fp8Recipe.TENSORWISE, "fp8 recipe")
+    if req.regime is not Regime.AUTOCAST:
+        raise PrecisionDoctorError(
+            "fp8 runs under bf16 autocast as torchao trains: use --regime autocast with --dtype fp8"
+        )
+    if type(req.job) is not SingleProcess:
+        raise PrecisionDoctorError("--dtype fp8 analyzes one process yet, not a torch.distributed job")
+    return recipe, Fp8Run.start(req.model, recipe)
 
 
 @dataclass(frozen=True)
@@ -398,7 +431,12 @@ def _report(
 
 
 def _gradient_fidelity(
-    req: _Request, capture: ShadowCapture, real_low: LowRun, grads: dict[str, torch.Tensor], report: Report
+    req: _Request,
+    capture: ShadowCapture,
+    real_low: LowRun,
+    grads: dict[str, torch.Tensor],
+    report: Report,
+    low_model: torch.nn.Module | None = None,
 ) -> Report:
     """The real low run's backward, its parameter gradients compared with fp32's
     (`AnalysisJob.gradient_fidelity`). The loss scale comes from the fp32 run's gradients,
@@ -407,7 +445,8 @@ def _gradient_fidelity(
     req.say(f"{req.low} backward at loss scale 2^{scale_log2}")
 
     def low_backward(sink: GradientSink) -> None:
-        _low_backward(real_low, req.model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
+        model = low_model if low_model is not None else req.model
+        _low_backward(real_low, model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
 
     return req.job.gradient_fidelity(
         LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward)

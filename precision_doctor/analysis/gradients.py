@@ -36,6 +36,8 @@ def grad_scale_log2(report: Report) -> int:
     env = report.environment
     if env.regime is Regime.PURE and env.dtype is LowDtype.FP16:
         return 0
+    if env.dtype is LowDtype.FP8:
+        return 0  # fp8 training scales each cast itself: no loss scaler
     return recommend_loss_scale(report).recommended_scale_log2
 
 

@@ -35,7 +35,7 @@ from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.deprecation import positional_deprecated
 from precision_doctor.extras import LossScaleSection
 from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2
-from precision_doctor.options import LowDtype
+from precision_doctor.options import LowDtype, refuse_fp8
 from precision_doctor.report import Report
 
 HEADROOM_LOG2 = 2
@@ -49,7 +49,7 @@ MIN_SCALE_LOG2 = -16
 FP32_MAX = float(torch.finfo(torch.float32).max)
 # Smallest fp16 subnormal is 2^-24: a bin b (|g| in [2^b, 2^(b+1))) flushes at scale 2^k
 # when b + k < -24 (the statistics count |g| < smallest subnormal as flushed).
-_FLUSH_LOG2 = {LowDtype.FP16: -24, LowDtype.BF16: -133}
+_FLUSH_LOG2 = {LowDtype.FP16: -24, LowDtype.BF16: -133, LowDtype.FP8: -133}  # fp8: its bf16 gradients
 
 
 class LossScaleAdvice(LossScaleSection):
@@ -213,6 +213,7 @@ def recommend_loss_scale(
     that run low (all units but the loss when `low_units` is None); `scale_log2` advises that
     scale instead of the largest safe one (what it loses, what GradScaler skips from 2^16)."""
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
+    refuse_fp8(low, "the loss-scale recommendation")
     counts: dict[int, int] = defaultdict(int)
     max_abs = 0.0
     nonzero = 0

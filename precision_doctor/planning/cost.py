@@ -28,7 +28,7 @@ import torch
 
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import LowDtype, Target
+from precision_doctor.options import LowDtype, Target, refuse_fp8
 from precision_doctor.report import Report, Unit
 
 CAST_BYTES_FACTOR = 1.5
@@ -201,6 +201,7 @@ def unit_roofline_s(
 
 def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | str | None = None) -> CostModel:
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
+    refuse_fp8(low, "the cost model")
     bw = profile.bandwidth_bytes_per_s
     p32 = profile.peak_flops_per_s("fp32")
     plow = profile.peak_flops_per_s(low.value)

@@ -22,7 +22,7 @@ from importlib import metadata
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.options import ExportFormat, LowDtype
+from precision_doctor.options import ExportFormat, LowDtype, refuse_fp8
 from precision_doctor.planning.plan import Plan
 
 DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
@@ -351,6 +351,7 @@ def check_training_args(args):
 
 
 def render(plan: Plan, export_format: ExportFormat | str) -> str:
+    refuse_fp8(plan.dtype, "the plan exports")
     f = ExportFormat(export_format)
     return {
         ExportFormat.JSON: render_json,

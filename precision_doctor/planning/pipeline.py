@@ -11,7 +11,7 @@ import torch
 
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn
-from precision_doctor.options import CostSource, Target, parse_enum
+from precision_doctor.options import CostSource, Target, parse_enum, refuse_fp8
 from precision_doctor.planning.export import plan_section
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
 from precision_doctor.report import Report
@@ -39,6 +39,7 @@ def plan_report(
     In a torch.distributed job every rank calls it (with its own shard of the data) and gets
     the same plan: each verification pass decides on the worst rank's error, and measured
     costs are rank 0's. A `DistributedDataParallel` model is planned as its `module`."""
+    refuse_fp8(report.environment.dtype, "the plan search")
     model = unwrap(model)[0]
     source = parse_enum(CostSource, cost_source, "cost source")
     if target is not None:

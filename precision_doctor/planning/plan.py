@@ -51,6 +51,7 @@ from precision_doctor.options import (
     Regime,
     Target,
     UnitDtype,
+    refuse_fp8,
 )
 from precision_doctor.planning.cost import (
     CostModel,
@@ -485,6 +486,7 @@ def plan_model(
     `costs` when given (measured ones, `timing.measure_cost_model`; `target` then only
     names them in the plan). Each candidate is verified as `apply_plan` runs it, under
     autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report)."""
+    refuse_fp8(report.environment.dtype, "the plan search")
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
     dtype = report.environment.dtype
@@ -513,7 +515,7 @@ def plan_model(
         dtype=dtype,
         target=str(target),
         tolerance=tolerance,
-        units={n: (dtype.value if v else "fp32") for n, v in low.items()},
+        units={n: (cast(UnitDtype, dtype.value) if v else "fp32") for n, v in low.items()},  # fp8 refused above
         module_classes={n: c for n, c in _module_classes(model).items() if n in low},
         module_count=sum(1 for _ in model.named_modules()),
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],
@@ -689,6 +691,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[s
         plan = validated(Plan, dict(plan), "not a precision-doctor plan")
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    refuse_fp8(plan.dtype, "apply_plan")
     check_plan_matches(model, plan)
     low_dtype = TORCH_DTYPES[plan.dtype]
     # Refused here when applied inside an autocast region of another dtype, and on entering a

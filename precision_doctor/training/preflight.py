@@ -99,6 +99,7 @@ from precision_doctor.options import (
     UnitDtype,
     parse_enum,
     percent,
+    refuse_fp8,
 )
 from precision_doctor.report import Report
 from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
@@ -792,6 +793,7 @@ def _validate(
     """The options parsed (the dtype, regime, op policy and `fail_on`'s risks) and checked
     before anything runs, with the one model that torch's fp16 training cannot train."""
     low = parse_enum(LowDtype, dtype, "dtype")
+    refuse_fp8(low, "the pre-flight")
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
     risks = parse_fail_on(fail_on)

@@ -50,6 +50,7 @@ from precision_doctor.views.figures import (
     takeoff_unit,
     training_figure,
 )
+from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
 
 MAX_DETAIL_UNITS = 30
 """Units given histograms: the flagged ones first. Each costs two figures of file size."""
@@ -287,6 +288,18 @@ def _loss_scale(report: Report, fig: _Figures) -> list[str]:
     return parts
 
 
+def _fp8(report: Report) -> list[str]:
+    fp8 = report.extras.fp8
+    if fp8 is None:
+        return []
+    return [
+        '<h2 id="fp8">fp8</h2>',
+        "".join(f"<p>{_e(line.strip())}</p>" for line in fp8_summary_lines(report)),
+        "<h3>Matmuls per recipe (SQNR, dB)</h3>" + _table(fp8_gemm_rows(fp8), "fp8-gemms"),
+        "<h3>Casts</h3>" + _table(fp8_layer_rows(fp8), "fp8-casts"),
+    ]
+
+
 def _plan(report: Report, fig: _Figures) -> list[str]:
     plan = report.extras.plan
     if plan is None:
@@ -379,6 +392,7 @@ def render_html(report: Report) -> str:
         _depth(report, fig),
         _gradients(report, fig),
         _loss_scale(report, fig),
+        _fp8(report),
         _plan(report, fig),
         _training(report, fig),
         _unit_detail(report, fig),

@@ -23,10 +23,11 @@ from typing import Any
 import streamlit as st
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.extras import LossScaleSection, MonitorSection, PlanSection, PreflightSection
+from precision_doctor.extras import Fp8Section, LossScaleSection, MonitorSection, PlanSection, PreflightSection
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report, Unit
 from precision_doctor.views import figures
+from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
 from precision_doctor.views.launcher import ENV_VAR
 
 NO_FLAG = "(no flag)"
@@ -372,6 +373,15 @@ def get_report() -> Report:
     return Report.from_json(text, source=upload.name)
 
 
+def fp8_tab(report: Report, section: Fp8Section) -> None:
+    """The fp8 run: summary, each matmul's SQNR per recipe, each cast's statistics."""
+    st.text("\n".join(fp8_summary_lines(report)))
+    st.subheader("Matmuls per recipe (SQNR, dB)")
+    st.dataframe(_df(fp8_gemm_rows(section)), hide_index=True)
+    st.subheader("Casts")
+    st.dataframe(_df(fp8_layer_rows(section)), hide_index=True)
+
+
 def render(report: Report) -> None:
     extras = report.extras
     plan, ls, pre, mon = extras.plan, extras.loss_scale, extras.preflight, extras.scaler_monitor
@@ -385,6 +395,7 @@ def render(report: Report) -> None:
 
     training = pre is not None or mon is not None
     names = ["Overview", "Layers", "Unit detail", "Depth", "Gradients", "Loss scale"] + (["Plan"] if plan else [])
+    names += ["fp8"] if extras.fp8 is not None else []
     names += ["Training"] if training else []
     tabs = st.tabs(names)
     with tabs[0]:
@@ -402,6 +413,9 @@ def render(report: Report) -> None:
     if plan is not None:
         with tabs[6]:
             plan_section(plan)
+    if extras.fp8 is not None:
+        with tabs[names.index("fp8")]:
+            fp8_tab(report, extras.fp8)
     if training:
         with tabs[-1]:
             training_section(pre, mon)

@@ -16,6 +16,7 @@ from precision_doctor.extras import LossScaleSection
 from precision_doctor.options import LowDtype, Regime, percent
 from precision_doctor.report import Environment, Report
 from precision_doctor.views.figures import grad_fidelity_text
+from precision_doctor.views.fp8 import fp8_next_steps, fp8_summary_lines
 
 _STYLE = {
     "NONFINITE_FP32": "bold magenta",
@@ -26,6 +27,8 @@ _STYLE = {
     "ERROR_GROWTH": "yellow",
     "GRAD_UNDERFLOW": "cyan",
     "UNDERFLOW": "cyan",
+    "FP8_ERROR": "yellow",
+    "FP8_UNDERFLOW": "cyan",
 }
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -84,6 +87,8 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         console.print(table)
         if len(flags) > max_rows:
             console.print(Text(f"... and {len(flags) - max_rows} more flags (see --out report.json)"))
+    for line in fp8_summary_lines(report):
+        console.print(Text(line))
     console.print(Text(report.verdict, style="bold green" if report else "bold red"))
 
 
@@ -133,6 +138,8 @@ def next_steps(
     options, without --dtype)."""
     env = report.environment
     dtype = env.dtype
+    if dtype is LowDtype.FP8:  # no plan, no loss scale for fp8 yet
+        return fp8_next_steps(report, command)
     run = [*command, *(["--dtype", dtype.value] if dtype is not LowDtype.FP16 else [])]
     lines: list[str] = []
     if not report:

@@ -1,0 +1,358 @@
+"""fp8 as a low-precision run executed by torchao (`--dtype fp8`), against real execution."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("torchao.float8")
+
+import torchao.float8 as float8
+import torchao.float8.float8_linear as fl
+
+import precision_doctor as pd
+from precision_doctor.capture.fp8 import Fp8Run
+from precision_doctor.capture.lowrun import low_run
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.options import Flag
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models" / "fp8"
+
+
+def _sample(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"fp8_{name}", SAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 16)
+    )
+
+
+def _batch() -> torch.Tensor:
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    x[0, 3] *= 300.0  # an outlier token: some values flush under tensorwise scaling
+    return x
+
+
+def _loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def _plain_run(model: torch.nn.Module, batch: torch.Tensor, recipe: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """torchao's own conversion, emulated, under bf16 autocast, one backward: what a user runs.
+    The input cast is the one `Float8Linear.forward` does under CUDA autocast (torchao reads
+    only CUDA's autocast state)."""
+    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=True)
+    m = float8.convert_to_float8_training(copy.deepcopy(model), config=config)
+    for mod in m.modules():
+        if isinstance(mod, fl.Float8Linear):
+            mod.register_forward_pre_hook(lambda _m, args: (args[0].to(torch.bfloat16), *args[1:]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(m(batch), batch)
+    loss.backward()
+    return float(loss), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_low_run_is_torchaos_run_bit_for_bit(recipe: str) -> None:
+    """The analysis' fp8 low run (the same `Fp8Run`, `low_run` and kept-graph backward at the
+    loss scale the analysis uses, 2^0) equals the plain run: loss and every gradient."""
+    model, batch = _mlp(), _batch()
+    loss_plain, grads_plain = _plain_run(model, batch, recipe)
+
+    report = pd.analyze(model, batch, _loss, dtype="fp8", fp8_recipe=recipe, policy="cpu")
+    assert report.losses.low == loss_plain
+    assert report.grad_fidelity is not None and report.grad_fidelity.scale_log2 == 0
+    assert report.extras.fp8 is not None and report.extras.fp8.recipe == recipe
+    assert report.extras.fp8.torchao_version and report.extras.fp8.emulated
+
+    run = Fp8Run.start(model, recipe)
+    grads: dict[str, torch.Tensor] = {}
+    with run.recording():
+        low = low_run(run.model, batch, _loss, torch.bfloat16, regime="autocast", policy="cpu", keep_graph=True)
+        assert low.graph is not None
+        low.graph.backward(0, lambda names, g: grads.update(dict.fromkeys(names, g.clone())))
+    assert low.loss == loss_plain
+    assert grads.keys() == grads_plain.keys()
+    for name, g in grads_plain.items():
+        assert torch.equal(grads[name], g), name
+    # the user's model is not converted
+    assert not any(isinstance(m, fl.Float8Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_cast_counts_equal_explicit_casts(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each recorded cast's flushed and saturated counts equal those of an explicit cast to
+    torch.float8_e4m3fn / float8_e5m2 with the scale torchao used (its bits too)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    original = fl.hp_tensor_to_float8_dynamic
+
+    def spy(hp: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = original(hp, *args, **kwargs)
+        seen.append((hp.detach().clone(), out._scale.detach().clone(), out._data.detach().clone()))
+        return out
+
+    monkeypatch.setattr(fl, "hp_tensor_to_float8_dynamic", spy)
+    model, batch = _mlp(), _batch()
+    run = Fp8Run.start(model, recipe)
+    with run.recording():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(run.model(batch), batch)
+        loss.backward()
+    casts = run.recorder.casts
+    assert len(casts) == len(seen) > 0
+    assert {c.role for c in casts} == {"input", "weight", "grad_output"}
+    assert {c.gemm for c in casts} == (
+        {"fprop", "dgrad"} if recipe == "rowwise_with_gw_hp" else {"fprop", "dgrad", "wgrad"}
+    )
+    total_flushed = 0
+    for c, (hp, scale, bits) in zip(casts, seen, strict=True):
+        dtype = torch.float8_e4m3fn if c.fp8_dtype == "e4m3" else torch.float8_e5m2
+        fmax = torch.finfo(dtype).max
+        scaled = hp.float() * scale
+        explicit = scaled.clamp(-fmax, fmax).to(dtype)
+        assert torch.equal(explicit.view(torch.uint8), bits.view(torch.uint8))
+        assert c.flushed == int(((hp != 0) & (explicit.float() == 0)).sum())
+        assert c.saturated == int((scaled.abs() > fmax).sum())
+        assert c.amax == float(hp.float().abs().max())
+        total_flushed += c.flushed
+    if recipe == "tensorwise":
+        assert total_flushed > 0  # the outlier token makes some
+
+
+def test_outlier_token_flags_and_fix() -> None:
+    """Tensorwise flushes the ordinary tokens (FP8_ERROR, FP8_UNDERFLOW on `proj`'s input),
+    rowwise rescues the forward but not wgrad (the outlier token sits in every column),
+    rowwise_with_gw_hp passes: measured with torchao."""
+    s = _sample("outlier_token")
+    flags, messages = {}, {}
+    for recipe in RECIPES:
+        report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=recipe)
+        flags[recipe] = {(f.flag, f.unit, f.evidence.op) for f in report.flags() if f.flag.value.startswith("FP8")}
+        messages[recipe] = [f.evidence.message for f in report.flags() if f.flag is Flag.FP8_ERROR]
+    assert flags["tensorwise"] == {
+        (Flag.FP8_ERROR, "proj", "fprop"),
+        (Flag.FP8_UNDERFLOW, "proj", "fprop"),
+        (Flag.FP8_UNDERFLOW, "proj", "wgrad"),  # the same input, cast again for the weight gradient
+    }
+    (tw,) = messages["tensorwise"]
+    assert "worst cast: input" in tw and "the rowwise recipe fixes it" in tw
+    assert "confirm with --fp8-recipe rowwise" in tw  # its gradients were all 0: the backward is unjudged
+    assert (Flag.FP8_ERROR, "proj", "wgrad") in flags["rowwise"]
+    assert {op for _, _, op in flags["rowwise"]} == {"wgrad"}  # the forward is rescued
+    (rw,) = messages["rowwise"]
+    assert "the rowwise_with_gw_hp recipe fixes it" in rw and "confirm" not in rw
+    assert flags["rowwise_with_gw_hp"] == set()
+
+
+def test_outlier_token_relative_error_per_recipe() -> None:
+    """The ordinary tokens' output error under each recipe, from torchao's run itself."""
+    s = _sample("outlier_token")
+    model, x = s.build_model(), s.make_batch()
+    with torch.no_grad():
+        ref = model(x)[1:]
+    errors = {}
+    for recipe in RECIPES:
+        run = Fp8Run.start(model, recipe)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run.model(x)[1:].float()
+        errors[recipe] = float((out - ref).norm() / ref.norm())
+    print("outlier token, ordinary tokens' relative output error:", errors, file=sys.stderr)
+    assert errors["tensorwise"] > 0.9  # measured 1.0: every ordinary token flushed
+    assert errors["rowwise"] < 0.05  # measured 0.034
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_healthy_mlp_takes_fp8(recipe: str) -> None:
+    s = _sample("healthy_mlp")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=recipe)
+    assert not [f for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)]
+    section = report.extras.fp8
+    assert section is not None and section.layers == ["up", "down"]
+    assert all(c.flushed_fraction < 0.05 for c in section.casts)
+    # the report round-trips through its JSON
+    assert pd.Report.model_validate_json(report.model_dump_json()).extras.fp8 == section
+
+
+def test_refusals_are_one_line() -> None:
+    model, batch = _mlp(), _batch()
+    with pytest.raises(PrecisionDoctorError, match="needs dtype='fp8'"):
+        pd.analyze(model, batch, _loss, dtype="bf16", fp8_recipe="rowwise")
+    with pytest.raises(PrecisionDoctorError, match="unknown fp8 recipe"):
+        pd.analyze(model, batch, _loss, dtype="fp8", fp8_recipe="delayed")
+    with pytest.raises(PrecisionDoctorError, match="--regime autocast"):
+        pd.analyze(model, batch, _loss, dtype="fp8", regime="pure")
+    report = pd.analyze(model, batch, _loss, dtype="fp8")
+    with pytest.raises(PrecisionDoctorError, match="plan search does not support --dtype fp8"):
+        pd.plan_report(model, batch, _loss, report)
+    with pytest.raises(PrecisionDoctorError, match="loss-scale recommendation does not support"):
+        pd.recommend_loss_scale(report)
+    with pytest.raises(PrecisionDoctorError, match="pre-flight does not support"):
+        pd.preflight(model, batch, _loss, dtype="fp8")
+
+
+def test_without_torchao_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails
+    with pytest.raises(PrecisionDoctorError, match=r"pip install 'precision-doctor\[fp8\]'"):
+        pd.analyze(_mlp(), _batch(), _loss, dtype="fp8")
+
+
+def _cli_one_line(args: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_cli_fp8(tmp_path: Path) -> None:
+    """`--dtype fp8 --fp8-recipe`: the findings on the terminal, the section in the saved
+    report (no plan); plan options, --fp8-recipe without fp8 and the pre-flight refused in
+    one line."""
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    sample = str(SAMPLES / "outlier_token.py")
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app, ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "rowwise", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
+    saved = pd.Report.load(out)
+    assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise" and saved.extras.plan is None
+    assert "--fp8-recipe needs --dtype fp8" in _cli_one_line(["analyze", sample, "--fp8-recipe", "rowwise"])
+    assert "does not support --dtype fp8" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--target", "h100"])
+    assert "pre-flight does not support --dtype fp8" in _cli_one_line(["preflight", sample, "--dtype", "fp8"])
+    assert "unknown --fp8-recipe 'delayed'" in _cli_one_line(
+        ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "delayed"]
+    )
+
+
+def test_html_report_has_the_fp8_tables(tmp_path: Path) -> None:
+    from precision_doctor.views.html_report import write_html
+
+    s = _sample("outlier_token")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8")
+    write_html(report, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="fp8"' in html and 'id="fp8-gemms"' in html and 'id="fp8-casts"' in html
+    assert "underflows%" in html and "recipe rowwise" in html
+
+
+def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    import precision_doctor.views.streamlit_app as streamlit_app
+
+    s = _sample("outlier_token")
+    path = tmp_path / "r.json"
+    pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8").save(path)
+    monkeypatch.setattr(sys, "argv", ["streamlit_app.py", str(path)])
+    monkeypatch.delenv("PRECISION_DOCTOR_REPORT", raising=False)
+    at = AppTest.from_file(str(streamlit_app.__file__), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "fp8" in [t.label for t in at.tabs]
+    assert any("underflows%" in d.value.columns for d in at.dataframe)
+
+
+def _one_linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))
+
+
+def test_gradient_that_underflows_e5m2() -> None:
+    """One token's loss weight 1e7 sets grad_output's tensorwise scale: the other tokens'
+    gradients flush under e5m2's 2^-16 (FP8_UNDERFLOW on grad_output, FP8_ERROR on dgrad);
+    rowwise scales dgrad's grad_output per token and keeps them."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    weight = torch.ones(16, 1)
+    weight[0] = 1e7
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return (out.float() * weight).pow(2).mean()
+
+    tw = pd.analyze(_one_linear(), x, loss_fn, dtype="fp8", fp8_recipe="tensorwise")
+    found = {(f.flag, f.evidence.op) for f in tw.flags()}
+    assert (Flag.FP8_UNDERFLOW, "dgrad") in found and (Flag.FP8_ERROR, "dgrad") in found
+    assert tw.extras.fp8 is not None
+    go = [c for c in tw.extras.fp8.casts if c.role == "grad_output"]
+    assert go and all(c.fp8_dtype == "e5m2" and c.flushed_fraction > 0.9 for c in go)
+    rw = pd.analyze(_one_linear(), x, loss_fn, dtype="fp8", fp8_recipe="rowwise")
+    assert not any(
+        op == "dgrad" for f, op in {(f.flag, f.evidence.op) for f in rw.flags()} if f.value.startswith("FP8")
+    )
+
+
+def test_all_zero_row_under_rowwise_stays_finite() -> None:
+    """torchao 0.18 bounds the amax from below (torchao #3356): an all-zero token under rowwise
+    scaling gives no NaN; the cast records the zero group."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    x[5] = 0
+    report = pd.analyze(_one_linear(), x, _loss, dtype="fp8", fp8_recipe="rowwise")
+    assert report.extras.fp8 is not None and report.grad_fidelity is not None
+    assert torch.isfinite(torch.tensor(report.losses.low)) and report.grad_fidelity.nonfinite_count == 0
+    fprop_input = next(c for c in report.extras.fp8.casts if c.gemm == "fprop" and c.role == "input")
+    assert (fprop_input.zero_groups, fprop_input.groups) == (1, 16)
+
+
+def test_tensorwise_forward_equals_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulated tensorwise forward matmul equals torch._scaled_mm on torchao's own fp8
+    operands and scales (it runs on this CPU with per-tensor scales)."""
+    seen: list[Any] = []
+    original = fl.hp_tensor_to_float8_dynamic
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(fl, "hp_tensor_to_float8_dynamic", spy)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    run = Fp8Run.start(_one_linear(), "tensorwise")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run.model(x)
+    a, b = seen[0], seen[1]  # the input and the transposed weight
+    ref = torch._scaled_mm(
+        a._data, b._data, scale_a=a._scale.reciprocal(), scale_b=b._scale.reciprocal(), out_dtype=torch.float32
+    )
+    assert torch.equal(ref.to(y.dtype), y)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_with_gw_hp"])
+def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
+    """An outlier channel sits in every token's row: no recipe rescues the lm_head (its fix is
+    bf16), the MLP takes fp8; the conventional exclusions are judged, not assumed."""
+    from precision_doctor.views.fp8 import conventional_lines, fp8_next_steps
+
+    s = _sample("lm_head_outlier_channel")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=recipe)
+    fp8_flags = [f for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)]
+    assert {f.unit for f in fp8_flags} == {"lm_head"}
+    error = next(f for f in fp8_flags if f.flag is Flag.FP8_ERROR)
+    assert error.evidence.op == "fprop" and "keep 'lm_head' in bf16" in error.evidence.message
+    assert conventional_lines(report) == [
+        f"conventionally kept in high precision: mlp (first): takes fp8 under {recipe}; lm_head (last): needs bf16"
+    ]
+    assert any("lm_head" in line and "module_filter_fn" in line for line in fp8_next_steps(report, ["x"]))
