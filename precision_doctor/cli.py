@@ -369,7 +369,7 @@ def _print_plan(report: Report, console: Console, *, export: Path | None, export
     if advice is not None:
         console.print(advice.describe(report.environment.dtype), markup=False)
     if export is not None:
-        export_format = export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+        export_format = _chosen_export_format(export, export_format)
         write_atomic(export, section.exports[export_format])
         console.print(f"{export_format} plan export written to {export}")
         for caveat in export_caveats(plan, export_format):
@@ -530,14 +530,34 @@ def analyze(
     if bf16_check and low is LowDtype.FP16 and not report:
         bf16_report = _bf16_check(analysis, err_console, say=not quiet and main_rank)
     written_export = export if export is not None and report.extras.plan is not None else None
+    per_module = written_export is None or _export_carries_module_dtypes(written_export, fmt_opt)
     command = _rerun_command(model_file, run_regime, op_policy)
     render_next_steps(
-        next_steps(report, command, bf16=bf16_report, bf16_skipped=not bf16_check, export=written_export), console
+        next_steps(
+            report,
+            command,
+            bf16=bf16_report,
+            bf16_skipped=not bf16_check,
+            export=written_export,
+            export_per_module=per_module,
+        ),
+        console,
     )
     if open_app and out is not None and main_rank:
         from precision_doctor.views.launcher import launch_app
 
         raise typer.Exit(launch_app(out))
+
+
+def _chosen_export_format(export: Path, export_format: ExportFormat | None) -> ExportFormat:
+    """--export-format, else what the file's suffix says (.py: the python snippet; json otherwise)."""
+    return export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+
+
+def _export_carries_module_dtypes(export: Path, export_format: ExportFormat | None) -> bool:
+    from precision_doctor.planning.export import carries_module_dtypes
+
+    return carries_module_dtypes(_chosen_export_format(export, export_format))
 
 
 def _fp8_options(

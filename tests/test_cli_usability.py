@@ -447,3 +447,19 @@ def test_pure_fp16_next_steps_keep_the_regime_and_no_scaler() -> None:
     assert f"analyze {SAMPLES / 'ffn_overflow.py'} --regime pure --export plan.py" in steps[0]
     (bf16,) = [s for s in steps if s.startswith("bf16")]
     assert bf16.endswith("--regime pure --dtype bf16"), bf16
+
+
+def test_a_deepspeed_export_without_per_module_dtypes_points_at_the_python_export(tmp_path: Path) -> None:
+    """DeepSpeed without torch autocast runs every module low: the next step says so and
+    names the python export, which carries the plan's fp32 units."""
+    from precision_doctor.planning.export import carries_module_dtypes
+
+    if carries_module_dtypes("deepspeed"):
+        pytest.skip("the installed DeepSpeed applies per-module dtypes itself")
+    config = tmp_path / "ds.json"
+    args = ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check"]
+    result = runner.invoke(app, [*args, "--export", str(config), "--export-format", "deepspeed"], env=ENV)
+    assert result.exit_code == 0, result.stderr
+    steps = _next_steps(result.stdout)
+    assert steps[0].startswith(f"{config} runs every module in fp16; apply the plan's "), steps
+    assert steps[0].endswith("--export plan.py") and not steps[0].startswith("apply the plan written")

@@ -264,13 +264,23 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
     }
 
 
+def carries_module_dtypes(export_format: ExportFormat | str, deepspeed_version: str | None = None) -> bool:
+    """Whether an export of this format applies per-module dtypes: every format but a
+    DeepSpeed config for a DeepSpeed without torch autocast (its config runs every module in
+    the plan's dtype; the python export carries the per-module part)."""
+    if ExportFormat(export_format) is not ExportFormat.DEEPSPEED:
+        return True
+    version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
+    return version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE
+
+
 def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
     if ExportFormat(export_format) is not ExportFormat.DEEPSPEED:
         return []
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
-    if version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE:
+    if carries_module_dtypes(export_format, version):
         return []
     caveats = []
     kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")

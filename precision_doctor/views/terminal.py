@@ -128,6 +128,7 @@ def next_steps(
     bf16: Report | None = None,
     bf16_skipped: bool = False,
     export: Path | None = None,
+    export_per_module: bool = True,
 ) -> list[str]:
     """What to do next, one line each, from the findings: where the model is not safe as-is,
     the plan that keeps its failing units in fp32 (the `--export` command, or the export
@@ -148,7 +149,15 @@ def next_steps(
         if plan is not None and n_fp32 == len(plan.units):
             lines.append(f"the plan keeps every unit in fp32: no unit of this model runs safely in {dtype}")
         elif plan is not None and export is not None:
-            lines.append(f"apply the plan written to {export}: it keeps {n_fp32} of {len(plan.units)} units in fp32")
+            if export_per_module:
+                lines.append(
+                    f"apply the plan written to {export}: it keeps {n_fp32} of {len(plan.units)} units in fp32"
+                )
+            else:  # a DeepSpeed config without per-module dtypes: the python export carries them
+                lines.append(
+                    f"{export} runs every module in {dtype}; apply the plan's {n_fp32} fp32 unit(s) with the python "
+                    f"export too: {_shell([*run, '--export', 'plan.py'])}"
+                )
         elif plan is not None:
             # Planned already (--out plans): what is left is writing it where training reads it.
             lines.append(
