@@ -96,6 +96,7 @@ class Flag(StrEnum):
     ERROR_GROWTH = "ERROR_GROWTH"
     GRAD_UNDERFLOW = "GRAD_UNDERFLOW"
     UNDERFLOW = "UNDERFLOW"
+    LOST_UPDATE = "LOST_UPDATE"
 
 
 FLAG_RANK = {flag: rank for rank, flag in enumerate(Flag)}
@@ -270,6 +271,16 @@ class Thresholds:
     tiny CLIP, fp16 and bf16). 1e-6 is ~16 of fp32's own rounding steps (2^-24) of the
     model's norm, and 13x below the smallest share a sample model flags for rounding or
     loss rather than a flush (`unscaled_gradients`' `embed`, 1.3e-5)."""
+
+    lost_update_fraction: float = 0.5
+    """LOST_UPDATE, an error in the pure regime, when the optimizer step with the unit's
+    weights (and state) in the low dtype leaves more than this fraction of the elements the
+    fp32 step changes unchanged: most of the unit's training is rounded away..."""
+    lost_update_partial_fraction: float = 0.1
+    """...and a warning when more than this fraction of them is lost or partly lost (moved by
+    an update more than 50% off). A healthy bf16 model at lr 1e-3 loses ~1% (its few weights
+    above ~0.25); 10% is a unit that visibly trains slower. Under autocast (fp32 master
+    weights) the finding is information."""
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:

@@ -1,0 +1,138 @@
+"""The optimizer step with low-precision weights (`analysis.optimizer_step`), against real
+execution: a model really in bf16 / fp16 (`.to(dtype)`), one real optimizer step, the weights
+and state that did not change counted, and the analysis' prediction compared with that."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import precision_doctor as pd
+from precision_doctor.analysis.optimizer_step import half_spacing, optimizer_step
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.options import LowDtype
+
+Factory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+def _spread_model() -> torch.nn.Module:
+    """Weights whose magnitudes spread over three decades: at any lr some updates survive
+    the low dtype and some do not."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p).sign() * 10 ** torch.empty_like(p).uniform_(-3, 0))
+    return net
+
+
+def _loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def _small_loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Gradients ~1e-4: Adam's g^2 / 1000 is below fp16's smallest subnormal."""
+    return out.float().pow(2).mean() * 1e-2
+
+
+def _measured(
+    net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, build: Factory, loss: Callable[..., torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """One real step of `net.to(dtype)`: per parameter, the fraction of its elements (and of
+    each state tensor's, which starts at zero) that did not change."""
+    low = copy.deepcopy(net).to(dtype)
+    opt = build(low)
+    loss(low(x.to(dtype)), x).backward()
+    before = {n: p.detach().clone() for n, p in low.named_parameters()}
+    opt.step()
+    out: dict[str, dict[str, float]] = {}
+    for n, p in low.named_parameters():
+        out[n] = {"weights": (p.detach() == before[n]).float().mean().item()}
+        for key, s in opt.state[p].items():
+            if isinstance(s, torch.Tensor) and s.shape == p.shape:
+                out[n][key] = (s == 0).float().mean().item()
+    return out
+
+
+CASES = [
+    ("bf16", "adamw-1e-5", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-5), _loss),
+    ("bf16", "adamw-1e-3", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), _loss),
+    ("fp16", "sgd-1e-2", lambda m: torch.optim.SGD(m.parameters(), lr=1e-2), _loss),
+    ("fp16", "sgd-momentum", lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9), _loss),
+    # Adam's second moment underflows fp16 where g^2 / 1000 < 2^-25: its state loses elements.
+    ("fp16", "adam-state-underflow", lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), _small_loss),
+]
+
+
+@pytest.mark.parametrize(("dtype", "case", "build", "loss"), CASES, ids=[c[1] for c in CASES])
+def test_predicted_unchanged_fraction_matches_a_real_low_step(
+    dtype: str, case: str, build: Factory, loss: Callable[..., torch.Tensor]
+) -> None:
+    net = _spread_model()
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    real = _measured(net, x, pd.formats.TORCH_DTYPES[LowDtype(dtype)], build, loss)
+    report = pd.analyze(net, x, loss, dtype=dtype, regime="pure", build_optimizer=build)
+    step = report.optimizer_step
+    assert step is not None and step.optimizer == type(build(net)).__name__
+    fractions = [real[p.name]["weights"] for p in step.params]
+    assert max(fractions) > 0.05 or not case.startswith("adamw"), fractions  # the case does lose updates
+    for p in step.params:
+        assert abs(p.unchanged_fraction - real[p.name]["weights"]) <= 0.01, (p.name, p.unchanged_fraction, real[p.name])
+        assert set(p.state) == set(real[p.name]) - {"weights"}
+        for key, s in p.state.items():
+            assert abs(s.unchanged_fraction - real[p.name][key]) <= 0.01, (p.name, key)
+    if case == "adam-state-underflow":
+        # exp_avg_sq flushed to 0: Adam divides by eps alone, the weights move far too much.
+        assert all(p.state["exp_avg_sq"].lost_fraction > 0.5 for p in step.params)
+        assert step.total.nonfinite > 0 and step.total.update_norm_ratio == float("inf")  # eps is 0 in fp16
+    for p in net.parameters():  # the user's model untouched
+        assert p.dtype == torch.float32 and p.grad is None
+
+
+def test_half_spacing_is_the_smallest_update_that_survives() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        w = torch.tensor([0.02, 1.0, 3.0, 300.0]).to(dtype).float()  # weights held in dtype
+        h = half_spacing(w, dtype)
+        assert torch.equal((w + 1.01 * h).to(dtype) != w.to(dtype), torch.ones(4, dtype=torch.bool))
+        assert torch.equal((w + 0.99 * h).to(dtype), w.to(dtype))
+
+
+def test_counts_per_unit_and_effective_lr() -> None:
+    net = _spread_model()
+    net(torch.randn(4, 32)).pow(2).mean().backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    step = optimizer_step(net, grads, LowDtype.BF16, lr=1e-4)
+    assert [u.unit for u in step.units] == ["0", "2"]
+    for u in step.units:
+        assert 0 < u.lost_fraction < 1 and u.update_norm_ratio is not None and u.update_norm_ratio < 1
+        assert u.survive_lr is not None and u.survive_lr_half is not None and u.survive_lr > u.survive_lr_half
+    assert step.total.numel == sum(p.numel() for p in net.parameters())
+    assert step.total.lost == sum(u.lost for u in step.units)
+    higher = optimizer_step(net, grads, LowDtype.BF16, lr=1.0)
+    assert all(u.lost_fraction < 0.02 for u in higher.units)
+
+
+def test_no_step_without_an_optimizer_and_a_bad_lr_refused() -> None:
+    net = _spread_model()
+    x = torch.randn(4, 32)
+    assert pd.analyze(net, x, _loss).optimizer_step is None
+    with pytest.raises(PrecisionDoctorError, match="lr"):
+        pd.analyze(net, x, _loss, lr=-1.0)
+
+
+def test_a_version_7_report_reads_without_the_step() -> None:
+    """Schema 8 added `optimizer_step` and the LOST_UPDATE thresholds: a version-7 report
+    (neither) still loads, with no step and the thresholds' defaults."""
+    import json
+
+    net = _spread_model()
+    raw = json.loads(pd.analyze(net, torch.randn(4, 32), _loss, lr=1e-3).to_json())
+    raw["schema_version"] = 7
+    del raw["optimizer_step"]
+    for name in ("lost_update_fraction", "lost_update_partial_fraction"):
+        del raw["thresholds"][name]
+    old = pd.Report.from_json(json.dumps(raw))
+    assert old.optimizer_step is None and old.thresholds.lost_update_fraction == 0.5
