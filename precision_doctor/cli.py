@@ -297,6 +297,14 @@ def analyze(
             "again) and say whether bf16 is clean for it.",
         ),
     ] = True,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Measure one optimizer step with low-precision weights (LOST_UPDATE): AdamW at this "
+            "learning rate, unless the model file defines build_optimizer(model), which is used then.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
@@ -357,6 +365,8 @@ def analyze(
             progress=step,
             regime=run_regime,
             policy=op_policy,
+            build_optimizer=spec.build_optimizer,
+            lr=lr,
         )
     plan_wanted = (
         out is not None
@@ -422,6 +432,8 @@ def analyze(
             name=spec.name,
             regime=run_regime,
             policy=op_policy,
+            build_optimizer=spec.build_optimizer,
+            lr=lr,
         )
     command = ["precision-doctor", "analyze", str(model_file)]
     command += ["--regime", run_regime.value] if run_regime is not Regime.AUTOCAST else []

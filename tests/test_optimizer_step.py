@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,71 @@ def test_a_version_7_report_reads_without_the_step() -> None:
         del raw["thresholds"][name]
     old = pd.Report.from_json(json.dumps(raw))
     assert old.optimizer_step is None and old.thresholds.lost_update_fraction == 0.5
+
+
+def test_views_show_the_step() -> None:
+    """The terminal summary, the HTML report and the app's table say what the step loses."""
+    from rich.console import Console
+
+    from precision_doctor.views.figures import optimizer_step_rows
+    from precision_doctor.views.html_report import render_html
+    from precision_doctor.views.terminal import render_report
+
+    net = _spread_model()
+    report = pd.analyze(net, torch.randn(4, 32), _loss, dtype="bf16", regime="pure", lr=1e-5)
+    console = Console(record=True, width=200)
+    render_report(report, console)
+    text = console.export_text()
+    assert "optimizer step: AdamW at lr 1e-05 with bf16 weights" in text and "LOST_UPDATE" in text
+    assert 'id="optimizer-step-units"' in render_html(report)
+    rows = optimizer_step_rows(report)
+    assert [r["unit"] for r in rows] == ["0", "2"] and {"exp_avg lost", "exp_avg_sq lost"} <= set(rows[0])
+
+
+def test_app_shows_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from precision_doctor.views import figures
+    from tests.test_app import all_frames, run_app
+
+    report = pd.analyze(_spread_model(), torch.randn(4, 32), _loss, dtype="bf16", regime="pure", lr=1e-5)
+    path = tmp_path / "r.json"
+    report.save(path)
+    at = run_app(monkeypatch, path)
+    assert figures.optimizer_step_text(report) in [t.value for t in at.text]
+    table = next(df for df in all_frames(at) if "lr for 90% to survive" in df.columns)
+    assert list(table["unit"]) == ["0", "2"]
+
+
+MODEL_FILE = """
+import torch
+
+def build_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+
+def make_batch():
+    return torch.randn(8, 16)
+
+def loss_fn(out, batch):
+    return out.pow(2).mean()
+"""
+
+
+def test_cli_lr_and_the_model_files_optimizer(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    model = tmp_path / "m.py"
+    model.write_text(MODEL_FILE)
+    out = tmp_path / "r.json"
+    args = ["analyze", str(model), "--quiet", "--dtype", "bf16", "--regime", "pure", "--no-bf16-check"]
+    result = CliRunner().invoke(app, [*args, "--lr", "1e-6", "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "optimizer step: AdamW at lr 1e-06" in result.output
+    step = pd.Report.load(out).optimizer_step
+    assert step is not None and step.lr == 1e-6
+    model.write_text(MODEL_FILE + "\ndef build_optimizer(m):\n    return torch.optim.SGD(m.parameters(), lr=1e-7)\n")
+    result = CliRunner().invoke(app, [*args, "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    step = pd.Report.load(out).optimizer_step
+    assert step is not None and step.optimizer == "SGD" and step.lr == 1e-7

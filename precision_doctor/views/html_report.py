@@ -39,6 +39,8 @@ from precision_doctor.views.figures import (
     loss_scale_figure,
     loss_scale_rows,
     monitor_items,
+    optimizer_step_rows,
+    optimizer_step_text,
     ordered_units,
     overview_items,
     plan_cost_figure,
@@ -264,6 +266,11 @@ def render_html(report: Report) -> str:
         parts.append('<h2 id="gradients">Gradients</h2>')
         parts.append(f'<p id="grad-fidelity">{_e(gradients)}.</p>')
         parts.append(fig(grad_fidelity_figure(report)))
+
+    step_text = optimizer_step_text(report)
+    if step_text is not None:
+        parts.append('<h2 id="optimizer-step">Optimizer step</h2>')
+        parts.append(f"<p>{_e(step_text)}.</p>" + _table(optimizer_step_rows(report), "optimizer-step-units"))
 
     parts.append("<h2>Loss scale</h2>")
     if ls is not None:
