@@ -343,8 +343,8 @@ class StepFidelity(_Frozen):
     """Elements the fp32 step changes and the low one leaves as they were: the update is
     rounded away (below half the element's spacing in the low dtype)."""
     partly_lost: int
-    """Elements the low step changes, but by an update more than 50% off the intended one
-    (rounded to a multiple of the element's spacing)."""
+    """Elements the low step changes, but by less than half the intended update (or the other
+    way): rounded to a smaller multiple of the element's spacing."""
     nonfinite: int = 0
     """Elements the low step makes Inf/NaN (Adam's eps of 1e-8 is 0 in fp16: a second moment
     that flushes to 0 divides by 0)."""

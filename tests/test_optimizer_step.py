@@ -14,6 +14,7 @@ import torch
 import precision_doctor as pd
 from precision_doctor.analysis.optimizer_step import half_spacing, optimizer_step
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.model.spec import ModelSpec, load_model_file
 from precision_doctor.options import LowDtype
 
 Factory = Callable[[torch.nn.Module], torch.optim.Optimizer]
@@ -205,3 +206,87 @@ def test_cli_lr_and_the_model_files_optimizer(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     step = pd.Report.load(out).optimizer_step
     assert step is not None and step.optimizer == "SGD" and step.lr == 1e-7
+
+
+# --- the finding: bf16_finetune_stall, and a healthy model --------------------------------------
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _sample(name: str) -> ModelSpec:
+    return load_model_file(SAMPLES / f"{name}.py")
+
+
+def test_stalled_finetune_flagged_under_pure_with_the_remedy() -> None:
+    spec = _sample("bf16_finetune_stall")
+    report = pd.analyze(
+        spec.model, spec.batch, spec.loss_fn, dtype="bf16", regime="pure", build_optimizer=spec.build_optimizer
+    )
+    flagged = {f.unit: f for f in report.flags() if f.flag is pd.Flag.LOST_UPDATE}
+    assert set(flagged) == {"backbone", "head"}, flagged  # the zero-started adapter keeps its updates
+    for f in flagged.values():
+        assert f.severity is pd.Severity.ERROR and f.evidence.values["lost_fraction"] > 0.99
+        message = f.evidence.message
+        assert "keep fp32 master weights for " + f.unit in message
+        assert "Kahan summation" in message and "bf16_stochastic_round=True" in message
+        # The lr at which 90% survive, from the weights' magnitudes (|w| up to 0.3: 2^-10..2^-9).
+        assert 5e-4 < f.evidence.values["survive_lr"] < 2e-3 and "lr >= " in message
+    assert not report.safe
+
+
+def test_stalled_finetune_is_information_under_autocast() -> None:
+    spec = _sample("bf16_finetune_stall")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16", build_optimizer=spec.build_optimizer)
+    assert {f.severity for f in report.flags()} == {pd.Severity.INFO}
+    assert all("autocast keeps fp32 master weights" in f.evidence.message for f in report.flags())
+    assert report.safe
+
+
+def test_stalled_finetune_really_stalls_in_pure_bf16() -> None:
+    """200 real AdamW steps at lr 1e-5: fp32 and fp32 master weights (autocast) descend, pure
+    bf16 (`model.to(torch.bfloat16)`) does not move."""
+    spec = _sample("bf16_finetune_stall")
+    x, y = spec.batch
+    assert spec.build_optimizer is not None and spec.loss_fn is not None
+
+    def train(mode: str) -> tuple[float, float]:
+        net = copy.deepcopy(spec.model)
+        net = net.to(torch.bfloat16) if mode == "pure" else net
+        opt = spec.build_optimizer(net)  # type: ignore[misc]
+        losses = []
+        for _ in range(200):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "master"):
+                out = net(x.to(next(net.parameters()).dtype))
+            loss = spec.loss_fn(out, (x, y))  # type: ignore[misc]
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses[0], losses[-1]
+
+    for mode in ("fp32", "master"):
+        first, last = train(mode)
+        assert last < 0.7 * first, (mode, first, last)
+    first, last = train("pure")
+    assert abs(last - first) < 1e-3 * first, (first, last)
+
+
+@pytest.mark.parametrize("lr", [4e-3, 1e-2])
+def test_healthy_model_at_a_surviving_lr_has_no_finding(lr: float) -> None:
+    spec = _sample("tiny_transformer")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16", regime="pure", lr=lr)
+    assert report.optimizer_step is not None and not report.flags(), [f.evidence.message for f in report.flags()]
+
+
+def test_fp16_adam_step_makes_nan_and_says_so() -> None:
+    """Pure fp16 Adam: eps (1e-8) is 0 in fp16 and g^2 / 1000 flushes, so the step divides by 0:
+    every weight of the sample is NaN after one real step, as the analysis predicts."""
+    spec = _sample("bf16_finetune_stall")
+    report = pd.analyze(
+        spec.model, spec.batch, spec.loss_fn, dtype="fp16", regime="pure", build_optimizer=spec.build_optimizer
+    )
+    step = report.optimizer_step
+    assert step is not None and step.total.nonfinite == step.total.numel
+    f = report.flags()[0]
+    assert f.severity is pd.Severity.ERROR and "Inf/NaN" in f.evidence.message
+    assert "fp32 master weights and optimizer state" in f.evidence.message

@@ -693,11 +693,15 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
         ratio = f"{u.update_norm_ratio:.2g}x" if u.update_norm_ratio is not None else "none"
         what = (
             f"{step.optimizer} at lr {step.lr:g} with {dtype} weights: {percent(lost)} of the weight updates the "
-            f"fp32 step makes here are rounded away ({percent(u.partly_lost_fraction)} more move >50% off; "
+            f"fp32 step makes here are rounded away ({percent(u.partly_lost_fraction)} more move less than half of it; "
             f"update norm {ratio} the fp32 one)"
         )
         if u.nonfinite:
-            what += f"; the step makes {u.nonfinite} weight(s) Inf/NaN"
+            what = (
+                f"{step.optimizer} at lr {step.lr:g} with {dtype} weights and state makes {u.nonfinite} of this "
+                f"unit's weights Inf/NaN in one step (its state or eps underflows {dtype}: Adam's eps of 1e-8 is 0 "
+                "in fp16, and a second moment that flushes divides by 0)"
+            )
         survive = (
             f"; or lr >= {u.survive_lr:.2g} (90% of its updates survive; half at {u.survive_lr_half:.2g})"
             if u.survive_lr is not None and u.survive_lr_half is not None
@@ -714,6 +718,11 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
             message = (
                 f"{what}, held as model.to({dtype}) holds them; autocast keeps fp32 master weights, so training "
                 "here loses none of it"
+            )
+        elif u.nonfinite:
+            message = (
+                f"{what}. Remedy: keep fp32 master weights and optimizer state for {u.unit} (the fp32 optimizer "
+                "step of mixed precision)"
             )
         else:
             message = (

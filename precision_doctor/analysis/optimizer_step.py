@@ -12,7 +12,7 @@ as it does for a low model). The copies are made and dropped one parameter at a 
 extra memory is a few copies of the largest parameter, and the user's model and optimizer are
 never touched. Element by element, the applied update is compared with the intended one
 (`report.StepFidelity`): lost (the fp32 step changes the element, the low one does not),
-partly lost (moved by an update more than 50% off), and the ratio of the update norms (the
+partly lost (moved less than half the intended way), and the ratio of the update norms (the
 effective learning rate); the same for each state tensor the optimizer keeps. Per unit (the
 module owning the parameter), the learning rate at which the updates survive is read off the
 weights' magnitudes: an element survives where lr times its update per unit of lr reaches
@@ -77,8 +77,10 @@ class _Counts:
         self.changed += int(changed.sum())
         self.applied_changed += int(moved.sum())
         self.lost += int((changed & ~moved).sum())
-        off = (applied - intended).abs() > 0.5 * intended.abs()
-        self.partly_lost += int((changed & moved & off).sum())
+        # Moved less than half the intended way (or the other way): rounded down to a smaller
+        # multiple of the spacing. Rounding up (more than intended) is no loss.
+        short = applied * intended.sign() < 0.5 * intended.abs()
+        self.partly_lost += int((changed & moved & short).sum())
         self.sum_sq_intended += float(intended.double().square().sum())
         self.sum_sq_applied += float(applied.double().square().sum())
 
