@@ -290,3 +290,73 @@ def test_fp16_adam_step_makes_nan_and_says_so() -> None:
     f = report.flags()[0]
     assert f.severity is pd.Severity.ERROR and "Inf/NaN" in f.evidence.message
     assert "fp32 master weights and optimizer state" in f.evidence.message
+
+
+# --- over steps: the pre-flight in the pure regime ------------------------------------------------
+
+
+def test_preflight_pure_trains_low_weights_beside_master_weights_and_says_no_go() -> None:
+    spec = _sample("bf16_finetune_stall")
+    result = pd.preflight(
+        spec.model,
+        spec.batch,
+        spec.loss_fn,
+        dtype="bf16",
+        regime="pure",
+        build_optimizer=spec.build_optimizer,
+        plan=False,
+    )
+    assert not result.go
+    risks = {(r.risk, r.unit) for r in result.reasons}
+    assert ("STALLED_LOSS", None) in risks
+    assert {("LOST_UPDATE", "backbone"), ("LOST_UPDATE", "head")} <= risks
+    low, master, fp32 = result.runs["low"], result.runs["master"], result.runs["fp32"]
+    assert "fp32 master weights" in master.description
+    assert max(low.losses) - min(low.losses) < 1e-4 * low.losses[0]  # stalled
+    assert master.losses[-1] < 0.99 * master.losses[0] and fp32.losses[-1] < 0.99 * fp32.losses[0]
+    # Per step: backbone and head (2/3 of the weights) never move in bf16; fp32 moves every weight.
+    assert all(s.unchanged_fraction is not None and s.unchanged_fraction > 0.6 for s in low.steps)
+    assert all(s.unchanged_fraction == 0.0 for s in fp32.steps)
+    stalled = next(r for r in result.reasons if r.risk == "STALLED_LOSS")
+    assert "fp32 master weights make it fall" in stalled.message
+
+
+def test_preflight_pure_at_a_surviving_lr_does_not_stall() -> None:
+    spec = _sample("bf16_finetune_stall")
+    result = pd.preflight(
+        spec.model,
+        spec.batch,
+        spec.loss_fn,
+        dtype="bf16",
+        regime="pure",
+        build_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3),
+        plan=False,
+    )
+    assert "STALLED_LOSS" not in {r.risk for r in [*result.reasons, *result.notes]}
+    assert not any(r.risk == "LOST_UPDATE" and r.severity is pd.Severity.ERROR for r in result.reasons)
+
+
+def test_large_parameters_step_in_pieces_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An elementwise optimizer steps a large parameter in flat pieces (bounded memory): the
+    same counts as the whole tensor, the norms to rounding."""
+    import precision_doctor.analysis.optimizer_step as step_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 7))
+    net(torch.randn(16, 300)).pow(2).mean().backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    whole = optimizer_step(net, grads, LowDtype.BF16, lr=1e-4)
+    monkeypatch.setattr(step_module, "CHUNK", 1000)
+    pieces = optimizer_step(net, grads, LowDtype.BF16, lr=1e-4)
+    assert 0 < whole.total.lost < whole.total.numel
+    for a, b in zip([*whole.params, *whole.units], [*pieces.params, *pieces.units], strict=True):
+        assert (a.numel, a.changed, a.applied_changed, a.lost, a.partly_lost) == (
+            b.numel,
+            b.changed,
+            b.applied_changed,
+            b.lost,
+            b.partly_lost,
+        )
+        assert a.update_norm_ratio == pytest.approx(b.update_norm_ratio, rel=1e-9)
+        assert {k: s.lost for k, s in a.state.items()} == {k: s.lost for k, s in b.state.items()}
+    assert [u.survive_lr for u in whole.units] == [u.survive_lr for u in pieces.units]

@@ -50,6 +50,16 @@ SURVIVE_QUANTILE = 0.9
 _BINS_PER_OCTAVE = 8
 _LOG2_LO, _LOG2_HI = -80, 40  # learning rates 2^-80..2^40: far beyond any in use
 _NBINS = (_LOG2_HI - _LOG2_LO) * _BINS_PER_OCTAVE
+CHUNK = 1 << 22
+"""Elements per piece: an elementwise optimizer (`ELEMENTWISE`) steps a large parameter in
+flat pieces of this many elements, so the copies the comparison makes stay ~16 MiB each
+(GPT-2's 38.6M-element embedding would need ~2 GiB at once)."""
+ELEMENTWISE = frozenset(
+    {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "ASGD", "Adadelta", "Rprop"}
+)
+"""torch.optim's optimizers whose step treats each element on its own (no norm or
+factorization over a tensor): a piece of a parameter steps as the whole does. Others (LAMB,
+Adafactor, Muon, an unknown class) step each parameter whole."""
 
 
 @dataclass
@@ -228,20 +238,33 @@ def optimizer_step(
     params: list[ParamStep] = []
     units: dict[str, _UnitSums] = {}
     total = _Counts()
+    pieces = type(template).__name__ in ELEMENTWISE and type(template).__module__.startswith("torch.optim")
     for n, p in model.named_parameters():
         group = group_of.get(id(p))
         g = next((grads[m] for m in names[id(p)] if m in grads), None)
         if group is None or g is None or g.is_sparse or p.is_complex() or not p.is_floating_point():
             continue
-        with torch.no_grad():
-            weights, states, needed_log2 = _one_param(template, group, p, g, low_dtype)
         unit = owner_of(n)
         sums = units.setdefault(unit, _UnitSums())
+        weights, states = _Counts(), dict[str, _Counts]()
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = [(p, g)]
+        if pieces and p.numel() > CHUNK:
+            flat_p, flat_g = p.detach().reshape(-1), g.detach().reshape(-1)
+            parts = [(flat_p[k : k + CHUNK], flat_g[k : k + CHUNK]) for k in range(0, p.numel(), CHUNK)]
+        for part, grad in parts:
+            with torch.no_grad():
+                w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype)
+            weights.merge(w)
+            for key, c in s.items():
+                states.setdefault(key, _Counts()).merge(c)
+            finite = needed_log2[torch.isfinite(needed_log2)].double()
+            sums.needed_lr += torch.histc(
+                finite.clamp(_LOG2_LO, _LOG2_HI - 1e-9), bins=_NBINS, min=_LOG2_LO, max=_LOG2_HI
+            )
+            del w, s, needed_log2, finite
         sums.weights.merge(weights)
         for key, c in states.items():
             sums.state.setdefault(key, _Counts()).merge(c)
-        finite = needed_log2[torch.isfinite(needed_log2)].double()
-        sums.needed_lr += torch.histc(finite.clamp(_LOG2_LO, _LOG2_HI - 1e-9), bins=_NBINS, min=_LOG2_LO, max=_LOG2_HI)
         total.merge(weights)
         params.append(
             ParamStep(name=n, unit=unit, state={k: c.fidelity() for k, c in states.items()}, **weights._fields())
