@@ -360,3 +360,28 @@ def test_large_parameters_step_in_pieces_alike(monkeypatch: pytest.MonkeyPatch) 
         assert a.update_norm_ratio == pytest.approx(b.update_norm_ratio, rel=1e-9)
         assert {k: s.lost for k, s in a.state.items()} == {k: s.lost for k, s in b.state.items()}
     assert [u.survive_lr for u in whole.units] == [u.survive_lr for u in pieces.units]
+
+
+def test_a_large_model_is_measured_on_an_even_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the budget, every k-th element of each large parameter, small parameters whole:
+    the sample's unchanged fraction is that of the same elements after a real bf16 step."""
+    import precision_doctor.analysis.optimizer_step as step_module
+
+    net = _spread_model()
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(step_module, "SAMPLE_BUDGET", 1000)
+    monkeypatch.setattr(step_module, "WHOLE_MAX", 100)
+    build: Factory = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)  # noqa: E731
+    step = pd.analyze(net, x, _loss, dtype="bf16", regime="pure", build_optimizer=build).optimizer_step
+    assert step is not None and step.sampled_every == 4  # 3152 parameters over a budget of 1000
+    low = copy.deepcopy(net).to(torch.bfloat16)
+    opt = build(low)
+    _loss(low(x.bfloat16()), x).backward()
+    before = {n: p.detach().clone() for n, p in low.named_parameters()}
+    opt.step()
+    by_name = {p.name: p for p in step.params}
+    for n, p in low.named_parameters():
+        same = (p.detach() == before[n]).reshape(-1)
+        same = same[::4] if p.numel() > 100 else same
+        assert by_name[n].numel == same.numel()
+        assert abs(by_name[n].unchanged_fraction - same.float().mean().item()) <= 0.01, n

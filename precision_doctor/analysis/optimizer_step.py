@@ -54,6 +54,13 @@ CHUNK = 1 << 22
 """Elements per piece: an elementwise optimizer (`ELEMENTWISE`) steps a large parameter in
 flat pieces of this many elements, so the copies the comparison makes stay ~16 MiB each
 (GPT-2's 38.6M-element embedding would need ~2 GiB at once)."""
+SAMPLE_BUDGET = 1 << 23
+"""Elements an elementwise optimizer's step is measured on, at most, over the model: above
+it, every k-th element of each parameter of more than `WHOLE_MAX` elements (k =
+ceil(parameters / budget)), an even sample of independent elements (GPT-2 small: every 15th).
+The fractions are then estimates (~1e-3 on a sample of 1e6)."""
+WHOLE_MAX = 1 << 16
+"""Parameters this small are always stepped whole (a LayerNorm's 768 gains)."""
 ELEMENTWISE = frozenset(
     {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "ASGD", "Adadelta", "Rprop"}
 )
@@ -239,6 +246,8 @@ def optimizer_step(
     units: dict[str, _UnitSums] = {}
     total = _Counts()
     pieces = type(template).__name__ in ELEMENTWISE and type(template).__module__.startswith("torch.optim")
+    stepped = [p for p in model.parameters() if id(p) in group_of and p.is_floating_point()]
+    every = max(1, math.ceil(sum(p.numel() for p in stepped) / SAMPLE_BUDGET)) if pieces else 1
     for n, p in model.named_parameters():
         group = group_of.get(id(p))
         g = next((grads[m] for m in names[id(p)] if m in grads), None)
@@ -248,9 +257,12 @@ def optimizer_step(
         sums = units.setdefault(unit, _UnitSums())
         weights, states = _Counts(), dict[str, _Counts]()
         parts: list[tuple[torch.Tensor, torch.Tensor]] = [(p, g)]
-        if pieces and p.numel() > CHUNK:
+        sampled = every > 1 and p.numel() > WHOLE_MAX
+        if pieces and (p.numel() > CHUNK or sampled):
             flat_p, flat_g = p.detach().reshape(-1), g.detach().reshape(-1)
-            parts = [(flat_p[k : k + CHUNK], flat_g[k : k + CHUNK]) for k in range(0, p.numel(), CHUNK)]
+            if sampled:
+                flat_p, flat_g = flat_p[::every], flat_g[::every]
+            parts = [(flat_p[k : k + CHUNK], flat_g[k : k + CHUNK]) for k in range(0, flat_p.numel(), CHUNK)]
         for part, grad in parts:
             with torch.no_grad():
                 w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype)
@@ -284,6 +296,7 @@ def optimizer_step(
         lr=float(template.param_groups[0].get("lr", 0.0)) if template.param_groups else 0.0,
         dtype=low,
         master_weights=master_weights,
+        sampled_every=every,
         units=unit_steps,
         params=params,
         total=total.fidelity(),
