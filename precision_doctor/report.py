@@ -405,7 +405,7 @@ class OptimizerStep(_Frozen):
     the weights *would* lose held low (`model.to(dtype)`); training under autocast loses
     none of it."""
     sampled_every: int = 1
-    """1: every element was stepped. k > 1: a model over `SAMPLE_BUDGET` (2^23) parameters,
+    """1: every element was stepped. k > 1: a model over `SAMPLE_BUDGET` (2^21) parameters,
     with an elementwise optimizer, is stepped on every k-th element of each parameter over
     2^16 elements (`analysis.optimizer_step`): the counts (`numel` included) are of the
     elements stepped, the fractions estimates."""
