@@ -152,6 +152,7 @@ def half_spacing(w: torch.Tensor, low: torch.dtype) -> torch.Tensor:
     fi = torch.finfo(low)
     _, exponent = torch.frexp(w.float())
     spacing = torch.ldexp(torch.full_like(w, fi.eps, dtype=torch.float32), exponent - 1)
+    spacing = torch.where(w == 0, 0.0, spacing)  # frexp(0) has exponent 0: no spacing of its own
     return torch.clamp(spacing, min=fi.tiny * fi.eps) / 2
 
 
