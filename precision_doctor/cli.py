@@ -285,6 +285,7 @@ class _Analysis:
     policy: AutocastPolicy
     thresholds: Thresholds
     fp8_recipe: Fp8Recipe | None = None  # with --dtype fp8 only
+    lr: float | None = None  # with it (or the file's build_optimizer), the optimizer step is measured
 
     def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
         from precision_doctor.analysis.engine import analyze as run_analysis
@@ -300,6 +301,8 @@ class _Analysis:
             regime=self.regime,
             policy=self.policy,
             fp8_recipe=self.fp8_recipe,
+            build_optimizer=self.spec.build_optimizer,
+            lr=self.lr,
         )
 
 
@@ -475,6 +478,14 @@ def analyze(
             help="With --dtype fp8: torchao's scaling recipe (default tensorwise).",
         ),
     ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Measure one optimizer step with low-precision weights (LOST_UPDATE): AdamW at this "
+            "learning rate, unless the model file defines build_optimizer(model), which is used then.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
@@ -501,7 +512,7 @@ def analyze(
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt)
+    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr)
     with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
         report = analysis.run(low, progress=step)
     # The plan's search is only as good as its cost model's units; keep it off the plain

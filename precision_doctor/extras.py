@@ -135,6 +135,10 @@ class StepRecord(Frozen):
     """The loss scale this step used (None: no scaler)."""
     skipped: bool = False
     """GradScaler skipped the optimizer step."""
+    unchanged_fraction: float | None = None
+    """Fraction of the trained weights' elements this step left exactly as they were (the
+    pure regime's runs; None elsewhere): weights in bf16 keep their value where the update is
+    below half their spacing."""
     rank_losses: list[float] = Field(default_factory=list)
     """Each rank's loss in a torch.distributed job (`loss` is their mean); empty for one
     process."""

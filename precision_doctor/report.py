@@ -37,11 +37,12 @@ from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 from precision_doctor.version import __version__
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Bumped on any change that an older reader would misread; the history is in CHANGELOG.md."""
-READABLE_SCHEMA_VERSIONS = (6, SCHEMA_VERSION)
+READABLE_SCHEMA_VERSIONS = (6, 7, SCHEMA_VERSION)
 """Versions `Report.load` reads: a version-6 report has every field 7 has but the new
-threshold, which takes its default."""
+threshold, which takes its default; a version-7 report every field 8 has but
+`optimizer_step` (None) and the LOST_UPDATE thresholds (their defaults)."""
 
 
 ROOT_UNIT = "<root>"
@@ -329,6 +330,94 @@ class RankResult(_Frozen):
     GRAD_DIVERGENCE from its own low gradients against its own fp32 ones)."""
 
 
+class StepFidelity(_Frozen):
+    """One optimizer step run twice on the same gradients (`analysis.optimizer_step`): with
+    fp32 tensors (the intended step) and with the tensors in the low dtype (the applied step),
+    compared element by element over one tensor or several. An element's update is the
+    change the step makes to it."""
+
+    numel: int
+    changed: int
+    """Elements the intended (fp32) step changes."""
+    applied_changed: int
+    """Elements the applied (low-precision) step changes."""
+    lost: int
+    """Elements the fp32 step changes and the low one leaves as they were: the update is
+    rounded away (below half the element's spacing in the low dtype)."""
+    partly_lost: int
+    """Elements the low step changes, but by less than half the intended update (or the other
+    way): rounded to a smaller multiple of the element's spacing."""
+    nonfinite: int = 0
+    """Elements the low step makes Inf/NaN (Adam's eps of 1e-8 is 0 in fp16: a second moment
+    that flushes to 0 divides by 0)."""
+    update_norm_ratio: float | None = None
+    """||applied update|| / ||intended update|| over the finite updates: the effective learning
+    rate as a fraction of the set one (None where the intended update is 0; inf where the low
+    step makes Inf/NaN)."""
+
+    @property
+    def lost_fraction(self) -> float:
+        """Fraction of the elements the fp32 step changes whose update is lost."""
+        return self.lost / self.changed if self.changed else 0.0
+
+    @property
+    def partly_lost_fraction(self) -> float:
+        return self.partly_lost / self.changed if self.changed else 0.0
+
+    @property
+    def unchanged_fraction(self) -> float:
+        """Fraction of all the elements the applied step leaves as they were."""
+        return 1.0 - self.applied_changed / self.numel if self.numel else 0.0
+
+
+class ParamStep(StepFidelity):
+    """`StepFidelity` of one parameter tensor, with its optimizer state's."""
+
+    name: str
+    unit: str
+    state: dict[str, StepFidelity] = Field(default_factory=dict)
+    """Each state tensor the optimizer keeps for it (`exp_avg`, `exp_avg_sq`,
+    `momentum_buffer`): the intended (fp32) state after the step against the applied one."""
+
+
+class UnitStep(StepFidelity):
+    """`StepFidelity` over the parameters a unit owns (`owner_of`)."""
+
+    unit: str
+    state: dict[str, StepFidelity] = Field(default_factory=dict)
+    """Per state key, over the unit's parameters."""
+    survive_lr: float | None = None
+    """The learning rate at which 90% of the unit's updates survive the low dtype, from the
+    weights' magnitudes (half the spacing of each weight over its update per unit of lr);
+    None where no update is lost at any rate the step tells."""
+    survive_lr_half: float | None = None
+    """The same for 50% of the updates."""
+
+
+class OptimizerStep(_Frozen):
+    """`Report.optimizer_step`: one real optimizer step on the analysis' gradients, intended
+    (fp32 parameters and state) against applied (parameters and state in `dtype`)."""
+
+    optimizer: str
+    """The optimizer's class (`AdamW`), as `build_optimizer` made it or the default."""
+    lr: float
+    dtype: LowDtype
+    master_weights: bool
+    """True where the regime keeps fp32 master weights (autocast): the applied step is what
+    the weights *would* lose held low (`model.to(dtype)`); training under autocast loses
+    none of it."""
+    sampled_every: int = 1
+    """1: every element was stepped. k > 1: a model over `SAMPLE_BUDGET` (2^21) parameters,
+    with an elementwise optimizer, is stepped on every k-th element of each parameter over
+    2^16 elements (`analysis.optimizer_step`): the counts (`numel` included) are of the
+    elements stepped, the fractions estimates."""
+    units: list[UnitStep]
+    params: list[ParamStep]
+    total: StepFidelity
+    seconds: float
+    """Wall time of the two steps and their comparison."""
+
+
 class Report(_Frozen):
     schema_version: int = SCHEMA_VERSION
     model: str
@@ -344,6 +433,9 @@ class Report(_Frozen):
     grad_fidelity: ModelGradFidelity | None = None
     """The low run's parameter gradients against fp32's, over the model (per unit:
     `backward.grad_fidelity`); None where no parameter gets a gradient."""
+    optimizer_step: OptimizerStep | None = None
+    """The optimizer step with low-precision weights against fp32 (`analysis.optimizer_step`);
+    None where no optimizer was given (`build_optimizer`, `lr`) or the model is sharded."""
     ranks: list[RankResult] = Field(default_factory=list)
     """Per rank of a distributed job (`environment.distributed`), in rank order; empty for
     one process. The units and flags above are the job's: combined statistics, judged once."""
@@ -557,6 +649,7 @@ def _magnitude(f: FlagRecord) -> float:
         "growth_factor",
         "underflow_fraction",
         "nonfinite_count",
+        "lost_fraction",
     ):
         if key in v:
             return float(v[key])

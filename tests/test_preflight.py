@@ -233,7 +233,8 @@ def test_make_batches_and_build_optimizer_are_used() -> None:
         make_batches=lambda: iter(data),
         build_optimizer=build,
     )
-    assert len(built) == 2 and all(m is not case.model for m in built)  # fp32 and low copies
+    # The analysis' optimizer step (LOST_UPDATE), the fp32 and low runs: each over a copy.
+    assert len(built) == 3 and all(m is not case.model for m in built)
     fp32 = result.runs["fp32"].losses
     assert fp32[0] != fp32[1]  # the batches change
     assert result.optimizer == "build_optimizer: build"

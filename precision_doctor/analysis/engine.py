@@ -28,6 +28,7 @@ from precision_doctor.analysis.gradients import (
     grad_scale_log2,
 )
 from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
+from precision_doctor.analysis.optimizer_step import OptimizerFactory, optimizer_step, with_optimizer_step
 from precision_doctor.capture.fp8 import Fp8Run, torchao_version
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
@@ -148,6 +149,8 @@ def analyze(
     regime: str | Regime = Regime.AUTOCAST,
     policy: str | AutocastPolicy = AutocastPolicy.CUDA,
     fp8_recipe: str | Fp8Recipe | None = None,
+    build_optimizer: OptimizerFactory | None = None,
+    lr: float | None = None,
 ) -> Report:
     """Analyze one training step of `model` on `batch` in fp32 and in `dtype`.
 
@@ -163,8 +166,11 @@ def analyze(
     The phases, in order: validate the model and options (`_validate`, which also picks where
     the analysis runs: `jobs.analysis_job`); the real low run (`_low_run`); the fp32 capture
     with low-precision shadows, forward and backward (`_fp32_capture`); statistics and the
-    report (`_report`); the gradient fidelity (`_gradient_fidelity`). All but the first run
-    inside one `ModelStateGuard`, which puts the model back however they end.
+    report (`_report`); the gradient fidelity (`_gradient_fidelity`); the optimizer step
+    (`_optimizer_step`, where `build_optimizer` or `lr` is given: the optimizer
+    `build_optimizer(model)` makes, else AdamW at `lr`, stepped once on copies with fp32 and
+    with low-precision weights). All but the first run inside one `ModelStateGuard`, which
+    puts the model back however they end.
 
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
@@ -172,6 +178,8 @@ def analyze(
     >>> bool(report)  # no error-severity finding, final-loss error within tolerance
     True
     """
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise PrecisionDoctorError(f"lr={lr!r} must be a finite number > 0")
     req = _validate(model, batch, loss_fn, dtype, regime, policy, thresholds, name, progress)
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
     with ModelStateGuard(req.model) as guard, fp8.recording() if fp8 else contextlib.nullcontext():
@@ -190,6 +198,8 @@ def analyze(
         report = _report(req, capture, real_low, loss_fp32, grads, fx)
         if real_low.graph is not None:
             report = _gradient_fidelity(req, capture, real_low, grads, report, low_model)
+        if build_optimizer is not None or lr is not None:
+            report = _optimizer_step(req, grads, report, build_optimizer, lr)
         del grads
     if fp8 and recipe:
         rec = fp8.recorder
@@ -451,6 +461,24 @@ def _gradient_fidelity(
     return req.job.gradient_fidelity(
         LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward)
     )
+
+
+def _optimizer_step(
+    req: _Request,
+    grads: dict[str, torch.Tensor],
+    report: Report,
+    build_optimizer: OptimizerFactory | None,
+    lr: float | None,
+) -> Report:
+    """One optimizer step on copies, fp32 against the regime's dtype
+    (`analysis.optimizer_step`), with its LOST_UPDATE findings. One process with plain
+    parameters only: a sharded or distributed model's report has none."""
+    if not isinstance(req.job, SingleProcess):
+        return report
+    step = optimizer_step(
+        req.model, grads, req.low, build_optimizer=build_optimizer, lr=lr, master_weights=req.regime is Regime.AUTOCAST
+    )
+    return with_optimizer_step(report, step)
 
 
 def _low_run(

@@ -38,7 +38,7 @@ from precision_doctor.capture.statistics import TensorSummary
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2, FormatLimits
 from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
-from precision_doctor.report import Evidence, FlagRecord, GradFidelity, Report, Unit
+from precision_doctor.report import Evidence, FlagRecord, GradFidelity, OptimizerStep, Report, Unit
 
 MAX_SCALE_LOG2 = MAX_LOSS_SCALE_LOG2
 """The largest loss scale the gradient severities consider: GradScaler's whole range."""
@@ -688,3 +688,76 @@ def _grad_divergence(
             )
     severity = Severity.ERROR if f.nonfinite_count or lost_direction else Severity.WARNING
     return _grad_flag(Flag.GRAD_DIVERGENCE, severity, name, None, message, **values)
+
+
+def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[FlagRecord]]:
+    """LOST_UPDATE per unit of `step` (`analysis.optimizer_step`): an error when more than
+    `lost_update_fraction` of the elements the fp32 step changes keep their value with the
+    weights in the low dtype, a warning when more than `lost_update_partial_fraction` are lost
+    or partly lost; information only where the regime keeps fp32 master weights (autocast),
+    which lose none of it. The message names the remedies: fp32 master weights for the unit,
+    a compensating optimizer, or the learning rate at which the updates survive."""
+    out: dict[str, list[FlagRecord]] = {}
+    dtype = step.dtype
+    for u in step.units:
+        lost, partial = u.lost_fraction, u.lost_fraction + u.partly_lost_fraction
+        if lost > th.lost_update_fraction or u.nonfinite:
+            severity = Severity.ERROR
+        elif partial > th.lost_update_partial_fraction:
+            severity = Severity.WARNING
+        else:
+            continue
+        ratio = f"{u.update_norm_ratio:.2g}x" if u.update_norm_ratio is not None else "none"
+        what = (
+            f"{step.optimizer} at lr {step.lr:g} with {dtype} weights: {percent(lost)} of the weight updates the "
+            f"fp32 step makes here are rounded away ({percent(u.partly_lost_fraction)} more move less than half of it; "
+            f"update norm {ratio} the fp32 one)"
+        )
+        if u.nonfinite:
+            what = (
+                f"{step.optimizer} at lr {step.lr:g} with {dtype} weights and state makes {u.nonfinite} of this "
+                f"unit's weights Inf/NaN in one step (its state or eps underflows {dtype}: Adam's eps of 1e-8 is 0 "
+                "in fp16, and a second moment that flushes divides by 0)"
+            )
+        survive = (
+            f"; or lr >= {u.survive_lr:.2g} (90% of its updates survive; half at {u.survive_lr_half:.2g})"
+            if u.survive_lr is not None and u.survive_lr_half is not None
+            else ""
+        )
+        compensated = (
+            "torch-optimi's optimizers (Kahan summation, on for bf16 parameters) or "
+            "torchao.optim._AdamW(bf16_stochastic_round=True)"
+            if dtype is LowDtype.BF16
+            else "an optimizer with Kahan summation (torch-optimi's kahan_sum=True)"
+        )
+        if step.master_weights:
+            severity = Severity.INFO
+            message = (
+                f"{what}, held as model.to({dtype}) holds them; autocast keeps fp32 master weights, so training "
+                "here loses none of it"
+            )
+        elif u.nonfinite:
+            message = (
+                f"{what}. Remedy: keep fp32 master weights and optimizer state for {u.unit} (the fp32 optimizer "
+                "step of mixed precision)"
+            )
+        else:
+            message = (
+                f"{what}. Remedy: keep fp32 master weights for {u.unit} (an fp32 copy the optimizer steps, cast to "
+                f"{dtype} for the forward), or a compensating optimizer: {compensated}{survive}"
+            )
+        values = {
+            "lost_fraction": lost,
+            "nonfinite_weights": float(u.nonfinite),
+            "partly_lost_fraction": u.partly_lost_fraction,
+            "lr": step.lr,
+        }
+        if u.update_norm_ratio is not None:
+            values["update_norm_ratio"] = u.update_norm_ratio
+        if u.survive_lr is not None:
+            values["survive_lr"] = u.survive_lr
+        for key, s in u.state.items():
+            values[f"state_{key}_lost_fraction"] = s.lost_fraction
+        evidence = Evidence(op=None, phase=Phase.BACKWARD, message=message, values=values)
+        out[u.unit] = [FlagRecord(flag=Flag.LOST_UPDATE, unit=u.unit, evidence=evidence, severity=severity)]
+    return out

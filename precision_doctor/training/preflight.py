@@ -12,6 +12,10 @@ and optimizer (the objects passed in are never touched):
   `pure`: `model.to(dtype)` with floating batch tensors cast, built (or copied) optimizer
   over the low parameters, and no scaler: GradScaler does not support fp16 parameters
   (`unscale_` refuses fp16 gradients), so pure fp16 runs unscaled, as its users run it;
+- `master` (pure regime only): the same low model with fp32 master weights: the optimizer
+  holds fp32 copies (its state fp32 too), the low gradients are copied up before each step and
+  the stepped weights cast down after it; in the pure regime each step also records the
+  fraction of the trained weights it left unchanged (`StepRecord.unchanged_fraction`);
 - `planned`: the recommended per-unit plan (`planning.plan`) as `apply_plan` installs it,
   inside `torch.autocast` (plans are autocast override configurations, whatever `regime`
   the analysis ran) and, for fp16, a GradScaler started at the recommended initial loss scale
@@ -28,7 +32,9 @@ named with the analysis' flag names (`OVERFLOW`, `GRAD_UNDERFLOW`, ...) plus:
   skipped step, not a curve shifted by one;
 - `SKIPPED_STEPS`: GradScaler skipped more than `max_skipped_steps` (default 2) steps, or
   was still skipping at the last step (a scale that never settles);
-- `NONFINITE_STEPS`: a step had a non-finite loss, or non-finite gradients applied unscaled.
+- `NONFINITE_STEPS`: a step had a non-finite loss, or non-finite gradients applied unscaled;
+- `STALLED_LOSS` (pure regime): the low run's loss stays where the master-weight run's falls
+  (`_stalled`): the optimizer's updates are rounded away in the low weights (LOST_UPDATE).
 
 Each risk found has a severity (`Reason.severity`): an analysis flag's own (see
 `analysis/flags.py`), `error` for NONFINITE_STEPS, DIVERGENT_LOSS and NONFINITE_FP32, and
@@ -135,6 +141,7 @@ class Risk(StrEnum):
     DIVERGENT_LOSS = "DIVERGENT_LOSS"
     SKIPPED_STEPS = "SKIPPED_STEPS"
     NONFINITE_STEPS = "NONFINITE_STEPS"
+    STALLED_LOSS = "STALLED_LOSS"
 
 
 RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r in Risk)
@@ -387,14 +394,34 @@ class _TrainingRun:
         policy: AutocastPolicy,
         init_scale_log2: int | None,
         skip: frozenset[int],
+        master: bool = False,
+        track_unchanged: bool = False,
     ) -> None:
         self.place, self.loss_fn, self.mode, self.skip = place, loss_fn, mode, skip
         self.pure = dtype is not None and regime is Regime.PURE
         self.dtype = dtype
+        self.track_unchanged = track_unchanged
         m, opt = place.for_training(optimizer)
-        if self.pure:
+        # fp32 master weights (pure regime): the optimizer holds and steps the fp32 model; a
+        # low copy runs forward and backward, its gradients copied up before each step and
+        # the stepped weights cast down after it.
+        self.master: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None
+        master_model: torch.nn.Module | None = None
+        if self.pure and master:
+            assert dtype is not None
+            master_model = m
+            m = _copy(m, "model").to(dtype)
+            self.master = list(zip(master_model.parameters(), m.parameters(), strict=True))
+        elif self.pure:
             assert dtype is not None
             _to_low(m, opt, dtype)  # without an optimizer, it is built over the low parameters
+        if opt is None and master_model is not None:
+            try:
+                opt = build_optimizer(master_model)
+            except PrecisionDoctorError:
+                raise
+            except Exception as e:
+                raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
         if opt is None:
             try:
                 opt = build_optimizer(m)
@@ -406,6 +433,9 @@ class _TrainingRun:
         # The optimizer's parameters only, as GradScaler checks them: a gradient it never
         # applies (a parameter it does not hold) cannot reach the weights.
         self.params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        if self.master is not None:
+            held = {id(p) for p in self.params}
+            self.params = [low for up, low in self.master if id(up) in held]
         self.monitor: ScalerMonitor | None = None
         if init_scale_log2 is not None:
             self.monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
@@ -427,6 +457,9 @@ class _TrainingRun:
             assert self.dtype is not None
             b = cast_floats(b, self.dtype)
         self.opt.zero_grad(set_to_none=True)
+        if self.master is not None:
+            for _, low in self.master:
+                low.grad = None
         monitor = self.monitor
         scale = monitor.get_scale() if monitor is not None else None
         try:
@@ -440,6 +473,10 @@ class _TrainingRun:
             raise PrecisionDoctorError(f"the {self.mode} training step {i} raised {type(e).__name__}: {e}") from e
         loss_v, rank_losses, finite = self.place.step_loss(self.model, float(loss.detach()), _grads_finite(self.params))
         skipped = False
+        before = [p.detach().clone() for p in self.params] if self.track_unchanged else None
+        if self.master is not None:
+            for up, low in self.master:
+                up.grad = None if low.grad is None else low.grad.float()
         with self.optimizer_precision():
             if monitor is not None:
                 monitor.step(self.opt)
@@ -449,9 +486,26 @@ class _TrainingRun:
                 skipped = True
             else:
                 self.opt.step()  # as a real run would: non-finite gradients reach the weights
+        if self.master is not None:
+            with torch.no_grad():
+                for up, low in self.master:
+                    low.copy_(up)
         return StepRecord(
-            step=i, loss=loss_v, grads_finite=finite, scale=scale, skipped=skipped, rank_losses=rank_losses
+            step=i,
+            loss=loss_v,
+            grads_finite=finite,
+            scale=scale,
+            skipped=skipped,
+            rank_losses=rank_losses,
+            unchanged_fraction=_unchanged(before, self.params) if before is not None else None,
         )
+
+
+def _unchanged(before: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> float:
+    """The fraction of the trained weights' elements a step left exactly as they were."""
+    same = sum(int((b == p.detach()).sum()) for b, p in zip(before, params, strict=True))
+    total = sum(b.numel() for b in before)
+    return same / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -476,6 +530,8 @@ class _Trainer:
         units: Mapping[str, UnitDtype] | None,
         init_scale_log2: int | None,
         skip: frozenset[int] = frozenset(),
+        master: bool = False,
+        track_unchanged: bool = False,
     ) -> ModeRun:
         """`len(batches)` optimizer steps of one configuration (`_TrainingRun`), with `units`'
         overrides (a plan's, autocast regime only) installed as `apply_plan` installs them.
@@ -498,6 +554,8 @@ class _Trainer:
             policy=policy,
             init_scale_log2=init_scale_log2,
             skip=skip,
+            master=master,
+            track_unchanged=track_unchanged,
         )
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
             if self.place.sharded:  # the model itself: put back afterwards
@@ -614,6 +672,46 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
     return out
 
 
+STALL_MIN_DESCENT = 1e-3
+"""STALLED_LOSS needs the master-weight run's loss to fall by at least this fraction over the
+steps (less is noise, not descent)..."""
+STALL_RATIO = 0.25
+"""...and the pure run's to fall by less than this fraction of that."""
+
+
+def _descent(run: ModeRun) -> float | None:
+    """How much the run's loss fell: the first step's loss less the mean of the last quarter's,
+    relative to the first; None where a loss is not finite or the run is too short."""
+    losses = run.losses
+    if len(losses) < 2 or not all(math.isfinite(v) for v in losses) or losses[0] == 0:
+        return None
+    tail = losses[-max(1, len(losses) // 4) :]
+    return (losses[0] - sum(tail) / len(tail)) / abs(losses[0])
+
+
+def _stalled(low: ModeRun, master: ModeRun) -> list[Reason]:
+    """STALLED_LOSS: the pure run's loss stays where the same low model with fp32 master
+    weights descends: its optimizer step rounds the updates away (the analysis' LOST_UPDATE)."""
+    fell, moved = _descent(master), _descent(low)
+    if fell is None or moved is None or fell < STALL_MIN_DESCENT or moved >= STALL_RATIO * fell:
+        return []
+    unchanged = [s.unchanged_fraction for s in low.steps if s.unchanged_fraction is not None]
+    kept = (
+        f"; it left {percent(sum(unchanged) / len(unchanged))} of its weights unchanged per step" if unchanged else ""
+    )
+    return [
+        Reason(
+            risk=Risk.STALLED_LOSS.value,
+            mode=low.mode,
+            message=(
+                f"the loss falls {percent(moved)} over {len(low.steps)} steps where fp32 master weights make it fall "
+                f"{percent(fell)}{kept}: the updates are rounded away in the low weights (keep fp32 master weights, "
+                "use a compensating optimizer, or raise the learning rate; see LOST_UPDATE)"
+            ),
+        )
+    ]
+
+
 def _pct(x: float) -> str:
     return percent(x)
 
@@ -717,7 +815,7 @@ def preflight(
     timings: dict[str, float] = {}
     batches = _batches(batch, make_batches, steps)
     report, plan_units, planned_scale = _analyze_and_plan(
-        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings
+        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings, build_optimizer
     )
     pure = run_regime is Regime.PURE
     # The planned run runs the plan as it was verified: autocast with the report's op lists.
@@ -836,6 +934,7 @@ def _analyze_and_plan(
     target: Target,
     say: Progress,
     timings: dict[str, float],
+    build_optimizer: OptimizerFactory | None = None,
 ) -> tuple[Report, dict[str, UnitDtype] | None, int | None]:
     """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
     units (None: no plan) and the recommended initial loss scale (fp16 only)."""
@@ -852,6 +951,7 @@ def _analyze_and_plan(
         name=name or type(place.model).__name__,
         regime=regime,
         policy=policy,
+        build_optimizer=build_optimizer,  # the optimizer step (LOST_UPDATE) with the user's optimizer
     )
     timings["analysis"] = time.perf_counter() - t
     if not plan:
@@ -886,9 +986,11 @@ def _training_runs(
     planned mix (`plan_policy`'s autocast op lists)."""
     runs: dict[str, ModeRun] = {}
     say("fp32 run")
-    runs["fp32"] = trainer.run("fp32", "fp32 reference", dtype=None, units=None, init_scale_log2=None)
-    say(f"{low} run")
     pure = regime is Regime.PURE
+    runs["fp32"] = trainer.run(
+        "fp32", "fp32 reference", dtype=None, units=None, init_scale_log2=None, track_unchanged=pure
+    )
+    say(f"{low} run")
     # GradScaler is for fp32 master weights: on a pure fp16 model its `step` raises
     # "Attempting to unscale FP16 gradients", so pure fp16 trains without one.
     default_scale = 16 if low is LowDtype.FP16 and not pure else None
@@ -904,8 +1006,29 @@ def _training_runs(
         low_desc = f"torch.autocast({low}, {policy} op lists){scaler_txt}"
     tdtype = TORCH_DTYPES[low]
     runs["low"] = trainer.run(
-        "low", low_desc, dtype=tdtype, regime=regime, policy=policy, units=None, init_scale_log2=default_scale
+        "low",
+        low_desc,
+        dtype=tdtype,
+        regime=regime,
+        policy=policy,
+        units=None,
+        init_scale_log2=default_scale,
+        track_unchanged=pure,
     )
+    if pure:
+        # The same low model with fp32 master weights: what the optimizer step costs apart.
+        say(f"{low} run with fp32 master weights")
+        runs["master"] = trainer.run(
+            "master",
+            f"model.to({low}), inputs cast, fp32 master weights (the optimizer steps fp32 copies), no loss scaler",
+            dtype=tdtype,
+            regime=regime,
+            policy=policy,
+            units=None,
+            init_scale_log2=None,
+            master=True,
+            track_unchanged=True,
+        )
     if plan_units is not None:
         say("planned run")
         any_fp16 = any(d == "fp16" for d in plan_units.values())
@@ -991,10 +1114,12 @@ class _Judge:
             units, scale = None, (0 if self.pure and self.low is LowDtype.FP16 else None)
         else:  # the plan's units at the plan's recommended scale (fp16 only: bf16 has no scaler)
             units, scale = self.plan_units, self.planned_scale if self.low is LowDtype.FP16 else None
+        stalled = _stalled(self.runs["low"], self.runs["master"]) if config == "low" and "master" in self.runs else []
         return (
             self.fp32_reasons()
             + self.analysis_reasons(units, scale)
             + _run_reasons(self.runs[config], self.loss_tolerance, self.max_skipped_steps)
+            + stalled
         )
 
     def fp32_reasons(self) -> list[Reason]:

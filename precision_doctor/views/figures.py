@@ -981,3 +981,48 @@ EXPORT_FILES: dict[str, tuple[str, str]] = {
 
 def export_file(fmt_name: str) -> tuple[str, str]:
     return EXPORT_FILES.get(fmt_name, (f"precision_plan.{fmt_name}.txt", "text/plain"))
+
+
+def optimizer_step_text(report: Report) -> str | None:
+    """One line on the optimizer step with low-precision weights (`Report.optimizer_step`),
+    model-wide and the unit losing most; None where the report has none."""
+    step = report.optimizer_step
+    if step is None:
+        return None
+    t = step.total
+    line = (
+        f"optimizer step: {step.optimizer} at lr {step.lr:g} with {step.dtype} weights and state loses "
+        f"{percent(t.lost_fraction)} of the updates fp32's makes (partly {percent(t.partly_lost_fraction)}; "
+        f"update norm {fmt(t.update_norm_ratio)}x fp32's)"
+    )
+    if t.nonfinite:
+        line += f", {t.nonfinite} weight(s) made Inf/NaN"
+    worst = max(step.units, key=lambda u: u.lost_fraction, default=None)
+    if worst is not None and worst.lost:
+        line += f"; worst unit {worst.unit}: {percent(worst.lost_fraction)} lost"
+    if step.master_weights:
+        line += "; autocast keeps fp32 master weights, which lose none of it"
+    return line
+
+
+def optimizer_step_rows(report: Report) -> list[dict[str, Any]]:
+    """One row per unit with parameters: its optimizer step with low-precision weights
+    against fp32's, and its optimizer state's lost fractions."""
+    step = report.optimizer_step
+    if step is None:
+        return []
+    rows = []
+    for u in step.units:
+        row: dict[str, Any] = {
+            "unit": u.unit,
+            "elements": u.numel,
+            "lost": u.lost_fraction,
+            "partly lost": u.partly_lost_fraction,
+            "non-finite": u.nonfinite,
+            "update norm ratio": u.update_norm_ratio,
+            "lr for 90% to survive": u.survive_lr,
+        }
+        for key, s in u.state.items():
+            row[f"{key} lost"] = s.lost_fraction
+        rows.append(row)
+    return rows

@@ -39,6 +39,8 @@ from precision_doctor.views.figures import (
     loss_scale_figure,
     loss_scale_rows,
     monitor_items,
+    optimizer_step_rows,
+    optimizer_step_text,
     ordered_units,
     overview_items,
     plan_cost_figure,
@@ -271,6 +273,16 @@ def _gradients(report: Report, fig: _Figures) -> list[str]:
     ]
 
 
+def _optimizer_step(report: Report) -> list[str]:
+    step_text = optimizer_step_text(report)
+    if step_text is None:
+        return []
+    return [
+        '<h2 id="optimizer-step">Optimizer step</h2>',
+        f"<p>{_e(step_text)}.</p>" + _table(optimizer_step_rows(report), "optimizer-step-units"),
+    ]
+
+
 def _loss_scale(report: Report, fig: _Figures) -> list[str]:
     ls = report.extras.loss_scale
     parts = ["<h2>Loss scale</h2>"]
@@ -391,6 +403,7 @@ def render_html(report: Report) -> str:
         _layers(report),
         _depth(report, fig),
         _gradients(report, fig),
+        _optimizer_step(report),
         _loss_scale(report, fig),
         _fp8(report),
         _plan(report, fig),

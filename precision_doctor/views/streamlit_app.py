@@ -287,6 +287,17 @@ def gradients(report: Report) -> None:
     )
 
 
+def optimizer_step(report: Report) -> None:
+    """The optimizer step with low-precision weights against fp32's, per unit (a table)."""
+    text = figures.optimizer_step_text(report)
+    if text is None:
+        return
+    st.markdown("**Optimizer step**")
+    st.text(text)
+    rows = figures.optimizer_step_rows(report)
+    st.dataframe(_df(rows), hide_index=True, height=_table_height(len(rows)))
+
+
 def loss_scale(report: Report, ls: LossScaleSection | None) -> None:
     if ls is not None:
         run = figures.recommendation_run(report)
@@ -408,6 +419,7 @@ def render(report: Report) -> None:
         depth(report)
     with tabs[4]:
         gradients(report)
+        optimizer_step(report)
     with tabs[5]:
         loss_scale(report, ls)
     if plan is not None:

@@ -15,7 +15,7 @@ from rich.text import Text
 from precision_doctor.extras import LossScaleSection
 from precision_doctor.options import LowDtype, Regime, percent
 from precision_doctor.report import Environment, Report
-from precision_doctor.views.figures import grad_fidelity_text
+from precision_doctor.views.figures import grad_fidelity_text, optimizer_step_text
 from precision_doctor.views.fp8 import fp8_next_steps, fp8_summary_lines
 
 _STYLE = {
@@ -29,6 +29,7 @@ _STYLE = {
     "UNDERFLOW": "cyan",
     "FP8_ERROR": "yellow",
     "FP8_UNDERFLOW": "cyan",
+    "LOST_UPDATE": "magenta",
 }
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -65,6 +66,9 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
     gradients = grad_fidelity_text(report)
     if gradients is not None:
         console.print(Text(gradients))
+    step = optimizer_step_text(report)
+    if step is not None:
+        console.print(Text(step))
     if report.ranks:
         _render_ranks(report, console)
     flags = report.flags()
