@@ -296,7 +296,7 @@ class Environment(_Frozen):
         """How the low run computed its dtype, as the views say it: what is emulated, or
         that the dtype's own kernels ran."""
         if self.emulated:
-            why = " (no fast bf16 kernels on the CPU)" if self.dtype is LowDtype.BF16 and self.device == "cpu" else ""
+            why = "; the CPU has no fast bf16 kernels" if self.dtype is LowDtype.BF16 and self.device == "cpu" else ""
             return f"emulated: fp32 kernels, results rounded to {self.dtype}{why}"
         return f"native {self.dtype} kernels"
 

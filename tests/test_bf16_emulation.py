@@ -145,7 +145,7 @@ def test_the_report_says_which_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     emulated = pd.analyze(net, x, loss_fn, dtype="bf16").environment
     assert emulated.emulated
     assert (
-        emulated.precision_text() == "emulated: fp32 kernels, results rounded to bf16 (no fast bf16 kernels on the CPU)"
+        emulated.precision_text() == "emulated: fp32 kernels, results rounded to bf16; the CPU has no fast bf16 kernels"
     )
     monkeypatch.setenv(EMULATE_BF16_ENV, "0")
     real = pd.analyze(net, x, loss_fn, dtype="bf16").environment
