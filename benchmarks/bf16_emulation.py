@@ -67,8 +67,9 @@ def build(name: str) -> tuple[torch.nn.Module, Any, Any]:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--model", default="all", choices=[*MODELS, "all"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--analyze-repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
     parser.add_argument("--skip-real", action="store_true", help="skip the real bf16 step (slow without bf16 kernels)")
     args = parser.parse_args()
     names = MODELS if args.model == "all" else (args.model,)
@@ -114,9 +116,10 @@ def main() -> None:
     print(header)
     for name in names:
         model, batch, loss_fn = build(name)
-        fp32 = median_time(step(model, batch, loss_fn, "fp32"), args.repeats)
-        real = float("nan") if args.skip_real else median_time(step(model, batch, loss_fn, "real"), args.repeats)
-        emul = median_time(step(model, batch, loss_fn, "emulated"), args.repeats)
+        fp32 = median_time(step(model, batch, loss_fn, "fp32"), args.repeats, args.warmup)
+        real_step = step(model, batch, loss_fn, "real")
+        real = float("nan") if args.skip_real else median_time(real_step, args.repeats, args.warmup)
+        emul = median_time(step(model, batch, loss_fn, "emulated"), args.repeats, args.warmup)
         reports: list[precision_doctor.Report] = []
 
         def analysis(
@@ -127,7 +130,7 @@ def main() -> None:
         ) -> None:
             reports.append(precision_doctor.analyze(model, batch, loss_fn, dtype="bf16"))
 
-        analyze = median_time(analysis, args.analyze_repeats)
+        analyze = median_time(analysis, args.analyze_repeats, args.warmup)
         emulated = reports[-1].environment.emulated
         print(f"{name:14} {fp32:8.3f} {real:12.3f} {emul:12.3f} {analyze:10.2f}  {emulated}", flush=True)
 
