@@ -14,8 +14,8 @@ low-precision run (`lowrun.low_run`), so a verified plan is what `apply_plan` ex
 
 `emulated_precision(model, dtype, low_units)` is the context for training loops: the autocast
 regime of `lowrun.low_precision` (real autocast with CUDA's op lists, fp16 kernels emulated on
-the CPU, bf16 ones on a CPU without fast bf16 kernels) plus `low_units`' overrides. There is one emulation, `lowrun.EmulateLowMode`; this
-module only adds which units run low.
+the CPU, bf16 ones on a CPU without fast bf16 kernels) plus `low_units`' overrides. There is
+one emulation, `lowrun.EmulateLowMode`; this module only adds which units run low.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ low-precision training executes: which ops autocast casts (with CUDA's or the CP
 lists, see `autocast_policy`), the model's own `.float()` casts and `if x.dtype ==
 torch.float16` branches (T5's clamp, Llama's RMSNorm upcast), type promotion, and the dtypes
 of backward. Only the arithmetic of fp16 on the CPU is emulated (CPU fp16 kernels are ~30x
-slower than fp32 ones), and that of bf16 on a CPU without fast bf16 kernels (`cpu_bf16_emulated`:
-there a bf16 matmul falls back to scalar loops, a GPT-2 step 55x fp32's): `EmulateLowMode` runs
-each op that reads tensors of the emulated dtype as an fp32 kernel on upcast inputs and rounds
-each output to the dtype the real op makes - low inputs, fp32 accumulate, low outputs, which is
-what tensor cores compute, and what the CPU's own fp16 and bf16 kernels compute too.
+slower than fp32 ones), and that of bf16 on a CPU without fast bf16 kernels
+(`cpu_bf16_emulated`: there a bf16 matmul falls back to scalar loops, a GPT-2 step 55x
+fp32's): `EmulateLowMode` runs each op that reads tensors of the emulated dtype as an fp32
+kernel on upcast inputs and rounds each output to the dtype the real op makes - low inputs,
+fp32 accumulate, low outputs, which is what tensor cores compute, and what the CPU's own fp16
+and bf16 kernels compute too.
 
 `low_precision` is the context for real training loops (pre-flight); `low_run` is the one
 forward the analysis compares its fp32 run with, op by op (`LowRun.op_dtypes`) and module by
@@ -355,8 +356,9 @@ def cpu_bf16_emulated() -> bool:
     runs the real kernels.
 
     The emulation is as faithful as fp16's: the CPU's bf16 kernels compute in fp32 and round
-    each result to bf16, as the emulation does; the two differ only where fp32 accumulation
-    order makes a result round the other way (one bf16 ulp, 2^-8 relative)."""
+    each result to bf16, as the emulation does; the two differ where fp32 accumulation order
+    makes a result round the other way, and in the few kernels with their own approximation
+    (CPU bf16 `rsqrt`): one bf16 ulp, 2^-8..2^-7 relative (`tests/test_bf16_emulation.py`)."""
     forced = os.environ.get(EMULATE_BF16_ENV, "").strip().lower()
     if forced in _ON:
         return True
