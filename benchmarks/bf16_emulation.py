@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -67,15 +68,18 @@ def build(name: str) -> tuple[torch.nn.Module, Any, Any]:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds of `repeats` calls after `warmup` calls. On a
+    loaded machine the CPU time is the steadier of the two."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def step(model: torch.nn.Module, batch: Any, loss_fn: Any, mode: str) -> Callable[[], None]:
@@ -102,9 +106,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--analyze-repeats", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
     parser.add_argument("--skip-real", action="store_true", help="skip the real bf16 step (slow without bf16 kernels)")
     args = parser.parse_args()
     names = MODELS if args.model == "all" else (args.model,)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     keys = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "PRECISION_DOCTOR_EMULATE_BF16")
     caps = {k: os.environ[k] for k in keys if k in os.environ}
     print(
@@ -112,13 +119,14 @@ def main() -> None:
         f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}, threads {torch.get_num_threads()}, env {caps}; "
         f"bf16 emulated by default: {emulates(torch.bfloat16, 'cpu')}"
     )
-    header = f"{'model':14} {'fp32 s':>8} {'bf16 real s':>12} {'bf16 emul s':>12} {'analyze s':>10}  emulated"
+    print("wall seconds (process CPU seconds), medians")
+    header = f"{'model':14} {'fp32 s':>16} {'bf16 real s':>16} {'bf16 emul s':>16} {'analyze s':>16}  emulated"
     print(header)
     for name in names:
         model, batch, loss_fn = build(name)
         fp32 = median_time(step(model, batch, loss_fn, "fp32"), args.repeats, args.warmup)
         real_step = step(model, batch, loss_fn, "real")
-        real = float("nan") if args.skip_real else median_time(real_step, args.repeats, args.warmup)
+        real = (math.nan, math.nan) if args.skip_real else median_time(real_step, args.repeats, args.warmup)
         emul = median_time(step(model, batch, loss_fn, "emulated"), args.repeats, args.warmup)
         reports: list[precision_doctor.Report] = []
 
@@ -132,7 +140,8 @@ def main() -> None:
 
         analyze = median_time(analysis, args.analyze_repeats, args.warmup)
         emulated = reports[-1].environment.emulated
-        print(f"{name:14} {fp32:8.3f} {real:12.3f} {emul:12.3f} {analyze:10.2f}  {emulated}", flush=True)
+        cells = " ".join(f"{f'{w:.3f} ({c:.3f})':>16}" for w, c in (fp32, real, emul, analyze))
+        print(f"{name:14} {cells}  {emulated}", flush=True)
 
 
 if __name__ == "__main__":
