@@ -256,6 +256,18 @@ def agree(a: float, b: float) -> bool:
     return max(a, b) <= 4 * min(a, b)
 
 
+def one_ulp_apart(a: float, b: float, dtype: torch.dtype) -> bool:
+    """Whether two losses held in `dtype` are at most one ulp apart. Such a loss is quantized
+    (bf16: 2^-8..2^-7 relative), and its error with it: two bf16 runs whose roundings differ
+    by an ulp somewhere upstream (the emulation's rsqrt and the CPU's own bf16 rsqrt disagree
+    by one ulp on ~1e-4 of values) may land on neighbouring values, 4e-4 and 8e-3 from the fp32
+    loss (`rmsnorm_no_upcast`), which no factor rule calls the same error."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return False
+    top = max(abs(a), abs(b))
+    return top == 0 or abs(a - b) <= 2.0 ** math.floor(math.log2(top)) * torch.finfo(dtype).eps
+
+
 def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
@@ -380,7 +392,9 @@ def test_errors_match_real_run(name: str, dtype: str, regime: str) -> None:
     """The final-loss error and each unit's propagated output error agree with the real run's."""
     r = result(name, dtype, regime)
     real_loss = loss_error(r.fp32.loss, r.real.loss)
-    assert agree(r.report.losses.rel_error, real_loss), ("loss", r.report.losses.rel_error, real_loss)
+    losses = r.report.losses
+    quantized = losses.low_dtype == "bf16" and one_ulp_apart(losses.low, r.real.loss, torch.bfloat16)
+    assert agree(losses.rel_error, real_loss) or quantized, ("loss", losses.rel_error, real_loss)
     real = module_errors(r.fp32, r.real)
     disagree = {}
     no_counterpart = []
