@@ -275,11 +275,12 @@ class Environment(_Frozen):
     device: str
     dtype: LowDtype
     emulated: bool
-    """True where the low run's arithmetic is emulated: fp16 on the CPU, whose ops run as
-    fp32 kernels on the fp16 inputs with each result rounded to the dtype the real op returns
-    (`capture.lowrun.EmulateLowMode`). False for bf16, which runs the CPU's real bf16
-    kernels, and on a GPU. (Reports written before this distinction say True for every CPU
-    run, bf16 too.)"""
+    """True where the low run's arithmetic is emulated: its ops ran as fp32 kernels on the
+    low-precision inputs with each result rounded to the dtype the real op returns
+    (`capture.lowrun.EmulateLowMode`). fp16 on the CPU always; bf16 on a CPU without fast
+    bf16 kernels (`capture.lowrun.cpu_bf16_emulated`: no oneDNN bf16, as on an AVX2 CPU),
+    where a CPU with them runs its real bf16 kernels (False); never on a GPU. (Reports
+    written before the fp16/bf16 distinction say True for every CPU run, bf16 too.)"""
     capture_path: CapturePath
     fx_traceable: bool
     fx_error: str | None = None
@@ -298,7 +299,8 @@ class Environment(_Frozen):
         if self.dtype is LowDtype.FP8:  # extras.fp8 says which recipe
             return f"torchao float8 matmuls{' emulated' if self.emulated else ''}, bf16 autocast elsewhere"
         if self.emulated:
-            return f"emulated: fp32 kernels, results rounded to {self.dtype}"
+            why = "; the CPU has no fast bf16 kernels" if self.dtype is LowDtype.BF16 and self.device == "cpu" else ""
+            return f"emulated: fp32 kernels, results rounded to {self.dtype}{why}"
         return f"native {self.dtype} kernels"
 
 

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import precision_doctor as pd
-from precision_doctor.capture.lowrun import EmulateLowMode, low_precision
+from precision_doctor.capture.lowrun import EMULATE_BF16_ENV, EmulateLowMode, low_precision
 from precision_doctor.capture.statistics import relative_loss_error
 from precision_doctor.cli import app
 from precision_doctor.formats import dtype_spelling
@@ -242,10 +242,12 @@ def _hand_run(mod: Any, plan: Plan) -> float:
 
 
 @pytest.mark.parametrize("name", ["plan_rescue", "ffn_overflow"])
-def test_verified_plan_error_is_that_of_the_real_run(name: str) -> None:
+def test_verified_plan_error_is_that_of_the_real_run(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Verification executes exactly what `apply_plan` runs: with the report made in bf16
-    under the CPU's own autocast lists (real kernels, nothing emulated) the plan's verified
-    error is the error of a hand-run apply_plan + torch.autocast("cpu", torch.bfloat16)."""
+    under the CPU's own autocast lists (real kernels, nothing emulated, also on a CPU without
+    fast bf16 kernels) the plan's verified error is the error of a hand-run apply_plan +
+    torch.autocast("cpu", torch.bfloat16)."""
+    monkeypatch.setenv(EMULATE_BF16_ENV, "0")
     mod = load(name)
     model, batch = mod.build_model(), mod.make_batch()
     report = pd.analyze(model, batch, mod.loss_fn, dtype="bf16", policy="cpu")

@@ -13,7 +13,7 @@ from rich.console import Console
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor.capture.lowrun import EmulateLowMode
+from precision_doctor.capture.lowrun import EMULATE_BF16_ENV, EmulateLowMode
 from precision_doctor.options import Flag, Phase, Severity
 from precision_doctor.report import SCHEMA_VERSION, Evidence, FlagRecord, Report
 from precision_doctor.views.figures import overview_items
@@ -63,12 +63,14 @@ def with_infinities(report: Report) -> Report:
 # --- what is emulated ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dtype", "emulated"), [("fp16", True), ("bf16", False)])
+@pytest.mark.parametrize(("dtype", "emulated"), [("fp16", True), ("bf16", False), ("bf16", True)])
 def test_emulated_says_whether_the_low_run_emulated_its_arithmetic(
     dtype: str, emulated: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the CPU only fp16's kernels are emulated (fp32 kernels, results rounded); bf16 runs
-    the CPU's own kernels. Watched in the run itself: the ops the emulation computed."""
+    """On the CPU fp16's kernels are emulated (fp32 kernels, results rounded); bf16 runs the
+    CPU's own kernels where they are fast, and is emulated where not (forced here both ways:
+    `cpu_bf16_emulated`). Watched in the run itself: the ops the emulation computed."""
+    monkeypatch.setenv(EMULATE_BF16_ENV, "1" if emulated else "0")
     computed: list[str] = []
     real = EmulateLowMode._emulated
 
@@ -90,9 +92,13 @@ def test_emulated_says_whether_the_low_run_emulated_its_arithmetic(
     first = console.export_text().splitlines()[0]
     precision = dict(overview_items(report))["precision"]
     html = render_html(report)
-    if emulated:
+    if emulated and dtype == "fp16":
         assert "fp16 (emulated: fp32 kernels, results rounded to fp16) on cpu" in first
         assert precision == "emulated: fp32 kernels, results rounded to fp16"
+    elif emulated:
+        text = "emulated: fp32 kernels, results rounded to bf16; the CPU has no fast bf16 kernels"
+        assert f"bf16 ({text}) on cpu" in first
+        assert precision == text
     else:
         assert "bf16 (native bf16 kernels) on cpu" in first and "emulated" not in first
         assert precision == "native bf16 kernels"

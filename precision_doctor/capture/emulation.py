@@ -14,8 +14,8 @@ low-precision run (`lowrun.low_run`), so a verified plan is what `apply_plan` ex
 
 `emulated_precision(model, dtype, low_units)` is the context for training loops: the autocast
 regime of `lowrun.low_precision` (real autocast with CUDA's op lists, fp16 kernels emulated on
-the CPU) plus `low_units`' overrides. There is one emulation, `lowrun.EmulateLowMode`; this
-module only adds which units run low.
+the CPU, bf16 ones on a CPU without fast bf16 kernels) plus `low_units`' overrides. There is
+one emulation, `lowrun.EmulateLowMode`; this module only adds which units run low.
 """
 
 from __future__ import annotations
@@ -235,10 +235,11 @@ def emulated_precision(
     """Run `model`'s forward as mixed-precision training runs it: `torch.autocast` in `dtype`
     with `policy`'s op lists and, with `low_units`, those units overridden as a plan
     overrides them (`unit_overrides`; the `""` key, if any, is the default of the modules not
-    named). fp16 kernels are emulated on the CPU (`lowrun.low_precision`). Compute the loss
-    inside, as under `torch.autocast`, and run the backward outside, in
-    `lowrun.low_precision_backward` (inside, autocast would cast the backward's matmuls too,
-    an fp32 unit's included). For the pure regime (`model.to(dtype)`) use `low_precision`.
+    named). fp16 kernels are emulated on the CPU, bf16 ones on a CPU without fast bf16
+    kernels (`lowrun.low_precision`, `lowrun.emulates`). Compute the loss inside, as under
+    `torch.autocast`, and run the backward outside, in `lowrun.low_precision_backward`
+    (inside, autocast would cast the backward's matmuls too, an fp32 unit's included). For
+    the pure regime (`model.to(dtype)`) use `low_precision`.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)

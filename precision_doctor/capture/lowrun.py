@@ -6,9 +6,12 @@ low-precision training executes: which ops autocast casts (with CUDA's or the CP
 lists, see `autocast_policy`), the model's own `.float()` casts and `if x.dtype ==
 torch.float16` branches (T5's clamp, Llama's RMSNorm upcast), type promotion, and the dtypes
 of backward. Only the arithmetic of fp16 on the CPU is emulated (CPU fp16 kernels are ~30x
-slower than fp32 ones): `EmulateLowMode` runs each op that reads fp16 tensors as an fp32
+slower than fp32 ones), and that of bf16 on a CPU without fast bf16 kernels
+(`cpu_bf16_emulated`: there a bf16 matmul falls back to scalar loops, a GPT-2 step 55x
+fp32's): `EmulateLowMode` runs each op that reads tensors of the emulated dtype as an fp32
 kernel on upcast inputs and rounds each output to the dtype the real op makes - low inputs,
-fp32 accumulate, low outputs, which is what tensor cores compute.
+fp32 accumulate, low outputs, which is what tensor cores compute, and what the CPU's own fp16
+and bf16 kernels compute too.
 
 `low_precision` is the context for real training loops (pre-flight); `low_run` is the one
 forward the analysis compares its fp32 run with, op by op (`LowRun.op_dtypes`) and module by
@@ -18,6 +21,8 @@ module (`LowRun.module_outputs`).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +42,17 @@ from precision_doctor.model.spec import device_type as model_device_type
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import AutocastPolicy, Regime
 
-__all__ = ["EmulateLowMode", "GradientSink", "LowGraph", "LowRun", "emulates", "low_precision", "low_run"]
+__all__ = [
+    "EMULATE_BF16_ENV",
+    "EmulateLowMode",
+    "GradientSink",
+    "LowGraph",
+    "LowRun",
+    "cpu_bf16_emulated",
+    "emulates",
+    "low_precision",
+    "low_run",
+]
 
 # Ops that run as the real low-precision kernel even on emulated inputs: their results do not
 # depend on arithmetic (they move, pick, fill or compare values), so the real kernel is exact
@@ -203,7 +218,8 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
     real op; values are what an fp32-accumulating low-precision kernel computes. Ops that
     only move values, and random ops, run the real kernel.
 
-    bf16 is not emulated by default: the CPU's bf16 kernels are fast."""
+    `low_run` and `low_precision` emulate bf16 only where the CPU has no fast bf16 kernels
+    (`cpu_bf16_emulated`)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -310,11 +326,57 @@ class EmulateLowMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # tor
         return fix(out, dtypes[0] if dtypes else None)
 
 
+EMULATE_BF16_ENV = "PRECISION_DOCTOR_EMULATE_BF16"
+"""Forces the bf16 decision of `cpu_bf16_emulated`: `1` emulates, `0` runs the CPU's bf16
+kernels, `auto` (or unset) decides from the CPU."""
+
+_ON, _OFF = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (an x86 CPU with AVX-512 or AMX, an ARM one with
+    its BF16 extension; oneDNN's own ISA cap, `ONEDNN_MAX_CPU_ISA`, counts)."""
+    try:
+        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # unannotated in torch
+        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: assume the slow path
+        return False
+
+
+def cpu_bf16_emulated() -> bool:
+    """Whether a bf16 run on the CPU emulates its arithmetic (`EmulateLowMode`): where the CPU
+    has no fast bf16 kernels. Decided from the CPU's features, not from a timing: CPU bf16
+    matmuls and convolutions are fast only through oneDNN, which runs bf16 on CPUs with
+    AVX-512 or AMX (ARM's BF16 extension); elsewhere (an AVX2 CPU, or oneDNN switched off by
+    `torch.backends.mkldnn`) they fall back to ATen's scalar loops: a 512x512 matmul 100-150x
+    fp32's, a GPT-2 training step 55x. The features decide the same on every run, where a
+    timing on a loaded machine would not (a report should not change with the machine's
+    load). `PRECISION_DOCTOR_EMULATE_BF16` (`EMULATE_BF16_ENV`) overrides: `1` emulates, `0`
+    runs the real kernels.
+
+    The emulation is as faithful as fp16's: the CPU's bf16 kernels compute in fp32 and round
+    each result to bf16, as the emulation does; the two differ where fp32 accumulation order
+    makes a result round the other way, and in the few kernels with their own approximation
+    (CPU bf16 `rsqrt`): one bf16 ulp, 2^-8..2^-7 relative (`tests/test_bf16_emulation.py`)."""
+    forced = os.environ.get(EMULATE_BF16_ENV, "").strip().lower()
+    if forced in _ON:
+        return True
+    if forced in _OFF:
+        return False
+    if forced not in ("", "auto"):
+        raise PrecisionDoctorError(
+            f"{EMULATE_BF16_ENV}={forced!r}: use 1 (emulate bf16), 0 (real bf16 kernels) or auto"
+        )
+    return not (torch.backends.mkldnn.enabled and _onednn_bf16())
+
+
 def emulates(dtype: torch.dtype, device: str) -> bool:
     """Whether a low run in `dtype` on `device` emulates its arithmetic (`low_run`,
-    `low_precision` by default): fp16 on the CPU; bf16 runs the CPU's real kernels.
+    `low_precision` by default): fp16 on the CPU; bf16 on a CPU without fast bf16 kernels
+    (`cpu_bf16_emulated`); never on a GPU, whose kernels are real.
 
-    >>> emulates(torch.float16, "cpu"), emulates(torch.bfloat16, "cpu"), emulates(torch.float16, "cuda")
+    >>> emulates(torch.float16, "cpu"), emulates(torch.float16, "cuda"), emulates(torch.bfloat16, "cuda")
     (True, False, False)
     """
     return bool(_emulated_dtypes(dtype, device, None))
@@ -323,8 +385,8 @@ def emulates(dtype: torch.dtype, device: str) -> bool:
 def _emulated_dtypes(dtype: torch.dtype, device: str, emulate: bool | None) -> tuple[torch.dtype, ...]:
     if emulate is None:
         # Some CPU fp16 kernels are very slow (convolution backward ~100x fp32), CPU bf16 ones
-        # are not; a GPU runs its own.
-        emulate = device == "cpu" and dtype == torch.float16
+        # are where oneDNN runs them (`cpu_bf16_emulated`); a GPU runs its own.
+        emulate = device == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and cpu_bf16_emulated()))
     if emulate and device != "cpu":
         raise PrecisionDoctorError(
             f"low precision is emulated on the CPU only, not on {device!r}: its kernels are real"
@@ -351,9 +413,10 @@ def low_precision(
     `with torch.autocast(...): loss = loss_fn(model(x), y)`); run its backward outside, in
     `low_precision_backward`.
 
-    `emulate` (default: fp16 on the CPU) runs low-precision ops as fp32 kernels with rounded
-    results (`EmulateLowMode`), backward included; on the CPU only (a GPU's kernels are
-    real). The device type defaults to that of the model's parameters.
+    `emulate` (default: fp16 on the CPU, and bf16 on a CPU without fast bf16 kernels: see
+    `emulates`) runs low-precision ops as fp32 kernels with rounded results
+    (`EmulateLowMode`), backward included; on the CPU only (a GPU's kernels are real). The
+    device type defaults to that of the model's parameters.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
@@ -382,8 +445,8 @@ def low_precision_backward(
     """The backward of a step whose forward and loss ran in `low_precision`: outside autocast,
     as PyTorch prescribes (each backward op runs in the dtypes its forward op left it; inside
     an autocast region the region casts the backward's matmuls too, so a unit a plan keeps in
-    fp32 would get its weight gradient computed in fp16), with fp16 kernels emulated on the
-    CPU as in the forward (`emulate` as in `low_precision`).
+    fp32 would get its weight gradient computed in fp16), with the low dtype's kernels
+    emulated on the CPU as in the forward (`emulate` as in `low_precision`).
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
@@ -437,7 +500,7 @@ class LowGraph:
     def backward(self, scale_log2: int, sink: GradientSink) -> None:
         """Backward of the loss scaled by 2^k, as `GradScaler.scale` multiplies it (by an
         fp32 scale: the product is fp32, and its gradient reaches a low loss in the loss's
-        dtype), outside autocast with fp16 emulated as in the forward. Each parameter's
+        dtype), outside autocast, emulated as the forward was. Each parameter's
         gradient goes to `sink` as soon as it is accumulated, unscaled as
         `GradScaler.unscale_` does it, in fp32 (`grad.float() * 2^-k`), and is dropped from
         the parameter: a sink that compares and forgets holds one gradient at a time, not a
@@ -623,7 +686,8 @@ def low_run(
 
     `regime=autocast` runs it under `torch.autocast(device, dtype)` with `policy`'s op lists;
     `regime=pure` swaps the parameters and floating buffers for `dtype` copies for the call
-    and casts the batch's floating tensors. fp16 on the CPU is emulated (`EmulateLowMode`).
+    and casts the batch's floating tensors. fp16 on the CPU is emulated (`EmulateLowMode`),
+    and bf16 on a CPU without fast bf16 kernels (`emulates`).
 
     `keep_graph`: the loss keeps its autograd graph (`LowRun.graph`) for one backward later.
     The run then reads clones of the buffers, so what the graph saved is neither the buffers
