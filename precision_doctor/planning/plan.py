@@ -3,7 +3,7 @@
 `plan_model` turns a report into a plan: the cheapest assignment of fp32 / low dtype per unit
 (module path) on a target device under an error budget (see `search`), verified by running
 the plan for real: `apply_plan`'s overrides inside the real low-precision run of the autocast
-regime (`verify_plan`; fp16 kernels emulated on the CPU). When the verified final-loss error exceeds
+regime (`verify_plan`; fp16, and bf16 without fast CPU kernels, emulated on the CPU). When the verified final-loss error exceeds
 the tolerance, the worst low contributor is promoted to fp32 and the search re-solved, for a
 bounded number of rounds.
 

@@ -6,7 +6,7 @@ and optimizer (the objects passed in are never touched):
 
 - `fp32`: the reference;
 - `low`: the plain low-precision recipe of `regime`, run for real (`capture.lowrun.low_precision`:
-  real dtypes, fp16 kernels emulated on the CPU). `autocast` (default): `torch.autocast` in
+  real dtypes, fp16 (and bf16 without fast CPU kernels) emulated on the CPU). `autocast` (default): `torch.autocast` in
   the low dtype with `policy`'s op lists (CUDA's by default, also on the CPU), with
   `torch.amp.GradScaler`'s defaults (init scale 2^16) for fp16 and no scaler for bf16.
   `pure`: `model.to(dtype)` with floating batch tensors cast, built (or copied) optimizer
