@@ -258,28 +258,41 @@ class MonitorSection(Frozen):
 
 
 class Fp8Cast(Frozen):
-    """One of torchao's casts to fp8 in the fp8 low run (`capture.fp8.CastRecord`)."""
+    """One of torchao's casts to fp8 in the fp8 low run: what went in, the scale it used, what
+    came out (made by `capture.fp8.cast_record`)."""
 
     layer: str
     gemm: str
+    """`fprop`, `dgrad` or `wgrad`: the matmul this cast feeds."""
     role: str
+    """`input`, `weight` or `grad_output`."""
     fp8_dtype: str
+    """`e4m3` or `e5m2`."""
     hp_dtype: str
+    """The dtype of the value torchao cast (`fp32` or `bf16`)."""
     granularity: str
+    """`tensorwise` or `axiswise` (rowwise: one scale per row along the scaled axis)."""
     numel: int
     nonzero: int
     amax: float
     scale_min: float
     scale_max: float
     flushed: int
+    """Nonzero values that are 0 in fp8 after scaling (Transformer Engine's `underflows%`)."""
     saturated: int
+    """Values whose scaled magnitude exceeds the fp8 format's max (clamped to it by torchao)."""
     zero_groups: int
+    """Scaling groups (rows under rowwise scaling; the tensor under tensorwise) whose amax is 0."""
     groups: int
     sqnr_db: float
+    """20 log10(||x|| / ||deq(fp8) - x||) against the value torchao cast (inf: exact)."""
     sqnr_vs_bf16_db: float
+    """The same against that value rounded to bf16: how far the fp8 value is from bf16's."""
     rel_error: float
     mse: float
+    """mean((deq(fp8) - x)^2): Transformer Engine's `mse`."""
     outlier_ratio: float
+    """amax over the 99.9th percentile of |x| (inf when that percentile is 0 and amax is not)."""
 
     @property
     def flushed_fraction(self) -> float:

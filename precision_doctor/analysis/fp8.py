@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from precision_doctor.capture.fp8 import CastRecord, GemmRecord
+from precision_doctor.capture.fp8 import GemmRecord
 from precision_doctor.extras import Fp8Cast, Fp8Gemm, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, Report
@@ -31,7 +31,7 @@ def fp8_section(
     version: str,
     emulated: bool,
     layers: Iterable[str],
-    casts: Sequence[CastRecord],
+    casts: Sequence[Fp8Cast],
     gemms: Sequence[GemmRecord],
 ) -> Fp8Section:
     return Fp8Section(
@@ -39,7 +39,7 @@ def fp8_section(
         torchao_version=version,
         emulated=emulated,
         layers=list(layers),
-        casts=[Fp8Cast(**{k: getattr(c, k) for k in Fp8Cast.model_fields}) for c in casts],
+        casts=list(casts),
         gemms=[
             Fp8Gemm(layer=g.layer, gemm=g.gemm, sqnr_db=g.sqnr_db, row_sqnr_db=g.row_sqnr_db, rel_error=g.rel_error)
             for g in gemms

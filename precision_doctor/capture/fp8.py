@@ -8,7 +8,7 @@ and scales are its own.
 
 `Fp8Recorder` wraps the one function `Float8Linear`'s matmul calls for every cast,
 `torchao.float8.float8_linear.hp_tensor_to_float8_dynamic`, for the length of a run: each
-call's high-precision input, torchao's scale and its fp8 bits give one `CastRecord`. Beside
+call's high-precision input, torchao's scale and its fp8 bits give one `Fp8Cast`. Beside
 them, per layer and per GEMM (fprop, dgrad, wgrad: Transformer Engine's names), it runs
 torchao's cast of the same operands under each recipe (`GemmRecord`): the matmul's SQNR
 against the unquantized one, the layer's *local* error (fed the low run's own values).
@@ -36,11 +36,11 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.extras import Fp8Cast
 from precision_doctor.options import Fp8Recipe
 
 __all__ = [
     "GEMMS",
-    "CastRecord",
     "Fp8Recorder",
     "GemmRecord",
     "convert_fp8",
@@ -56,7 +56,7 @@ GEMMS = ("fprop", "dgrad", "wgrad")
 the weight's gradient."""
 
 OUTLIER_QUANTILE = 0.999
-"""`CastRecord.outlier_ratio` is amax over this quantile of |x|."""
+"""`Fp8Cast.outlier_ratio` is amax over this quantile of |x|."""
 
 _QUANTILE_SAMPLE = 1 << 20  # |x| sampled (evenly strided) above this many values for the quantile
 
@@ -120,48 +120,6 @@ def autocast_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any,
     if not torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return None
     return (args[0].to(torch.get_autocast_dtype("cpu")), *args[1:])
-
-
-@dataclass
-class CastRecord:
-    """One of torchao's casts to fp8: what went in, the scale it used, what came out."""
-
-    layer: str
-    gemm: str
-    """`fprop`, `dgrad` or `wgrad`: the matmul this cast feeds."""
-    role: str
-    """`input`, `weight` or `grad_output`."""
-    fp8_dtype: str
-    """`e4m3` or `e5m2`."""
-    hp_dtype: str
-    """The dtype of the value torchao cast (`fp32` or `bf16`)."""
-    granularity: str
-    """`tensorwise` or `axiswise` (rowwise: one scale per row along the scaled axis)."""
-    numel: int
-    nonzero: int
-    amax: float
-    scale_min: float
-    scale_max: float
-    flushed: int
-    """Nonzero values that are 0 in fp8 after scaling (Transformer Engine's `underflows%`)."""
-    saturated: int
-    """Values whose scaled magnitude exceeds the fp8 format's max (clamped to it by torchao)."""
-    zero_groups: int
-    """Scaling groups (rows under rowwise scaling; the tensor under tensorwise) whose amax is 0."""
-    groups: int
-    sqnr_db: float
-    """20 log10(||x|| / ||deq(fp8) - x||) against the value torchao cast (inf: exact)."""
-    sqnr_vs_bf16_db: float
-    """The same against that value rounded to bf16: how far the fp8 value is from bf16's."""
-    rel_error: float
-    mse: float
-    """mean((deq(fp8) - x)^2): Transformer Engine's `mse`."""
-    outlier_ratio: float
-    """amax over the 99.9th percentile of |x| (inf when that percentile is 0 and amax is not)."""
-
-    @property
-    def flushed_fraction(self) -> float:
-        return self.flushed / self.nonzero if self.nonzero else 0.0
 
 
 @dataclass
@@ -237,7 +195,7 @@ def dequantize(bits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return bits.float() / scale.float()
 
 
-def cast_record(layer: str, gemm: str, role: str, hp: torch.Tensor, fp8: Any, granularity: str) -> CastRecord:
+def cast_record(layer: str, gemm: str, role: str, hp: torch.Tensor, fp8: Any, granularity: str) -> Fp8Cast:
     """The statistics of one torchao cast: `hp` the value cast, `fp8` torchao's
     `Float8TrainingTensor` (its `_data` bits and `_scale`)."""
     bits: torch.Tensor = fp8._data
@@ -257,7 +215,7 @@ def cast_record(layer: str, gemm: str, role: str, hp: torch.Tensor, fp8: Any, gr
         zero_groups, groups = int((group_amax == 0).sum()), int(group_amax.numel())
     else:
         zero_groups, groups = int(amax_val == 0), 1
-    return CastRecord(
+    return Fp8Cast(
         layer=layer,
         gemm=gemm,
         role=role,
@@ -294,7 +252,7 @@ _OPERANDS = {
 
 
 class Fp8Recorder:
-    """Records torchao's casts of a converted model's Float8Linear layers (`CastRecord`) and
+    """Records torchao's casts of a converted model's Float8Linear layers (`Fp8Cast`) and
     each layer's matmuls under every recipe (`GemmRecord`) while active (`recording`).
 
     Layers are named by their path in the converted model (the same as in the original: the
@@ -312,7 +270,7 @@ class Fp8Recorder:
             emulate = bool(m.config.emulate)
             break
         self._configs = {r: fp8_config(r, emulate=emulate) for r in recipes}
-        self.casts: list[CastRecord] = []
+        self.casts: list[Fp8Cast] = []
         self.gemms: list[GemmRecord] = []
         self._last_backward_role: dict[str, str] = {}
         self._inputs: dict[str, list[torch.Tensor]] = {}
