@@ -677,7 +677,7 @@ def preflight_command(
     judged = parse_option(Judge, judge, "--judge")
     thresholds = parse_thresholds(threshold or [])
     spec = load_model_file(model_file)
-    err_console = Console(stderr=True)
+    err_console = output_console(stderr=True)
     main_rank = _join_job(spec.model, err_console)
     with _progress(err_console, "pre-flight", 5, hidden=quiet or not main_rank) as step:
         result = run_preflight(

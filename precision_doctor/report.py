@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import Field
@@ -584,6 +585,13 @@ class Report(_Frozen):
                     for name, factor in worst
                 )
         return f"{dtype}: {found}; {loss}. Not safe as-is."
+
+    def with_unit_flags(self, flags: Mapping[str, Sequence[FlagRecord]]) -> Report:
+        """This report with `flags` (unit name -> findings) added to those units' own."""
+        units = [
+            u.model_copy(update={"flags": [*u.flags, *flags[u.name]]}) if u.name in flags else u for u in self.units
+        ]
+        return self.model_copy(update={"units": units})
 
     def with_extras(self, **sections: object) -> Report:
         """A copy with these `extras` sections set (`plan=`, `loss_scale=`, `preflight=`,

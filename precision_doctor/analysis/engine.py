@@ -28,7 +28,7 @@ from precision_doctor.analysis.gradients import (
     grad_scale_log2,
 )
 from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
-from precision_doctor.analysis.optimizer_step import OptimizerFactory, optimizer_step, with_optimizer_step
+from precision_doctor.analysis.optimizer_step import optimizer_step, with_optimizer_step
 from precision_doctor.capture.fp8 import Fp8Run, torchao_version
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
@@ -57,7 +57,7 @@ from precision_doctor.model.parallel import (
     reset_fsdp_iteration,
     storage_ptr,
 )
-from precision_doctor.model.spec import LossFn, device_of, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, OptimizerFactory, device_of, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
 from precision_doctor.options import (
     AutocastPolicy,

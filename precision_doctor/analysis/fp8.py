@@ -164,7 +164,6 @@ def with_fp8(report: Report, section: Fp8Section) -> Report:
     """`report` with `extras.fp8` set and the fp8 findings added to their layers' units (a
     layer that is no unit of the report, for one the capture did not see, keeps its findings
     in the section only)."""
-    flags = fp8_flags(section, report.thresholds)
-    units = [u.model_copy(update={"flags": [*u.flags, *flags[u.name]]}) if u.name in flags else u for u in report.units]
     env = report.environment.model_copy(update={"emulated": section.emulated})
-    return report.model_copy(update={"units": units, "environment": env}).with_extras(fp8=section)
+    flagged = report.with_unit_flags(fp8_flags(section, report.thresholds))
+    return flagged.model_copy(update={"environment": env}).with_extras(fp8=section)

@@ -36,12 +36,10 @@ import torch
 
 from precision_doctor.analysis.flags import lost_update_flags
 from precision_doctor.capture.units import owner_of
-from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.formats import TORCH_DTYPES
+from precision_doctor.model.spec import OptimizerFactory, call_build_optimizer
 from precision_doctor.options import LowDtype
 from precision_doctor.report import OptimizerStep, ParamStep, Report, StepFidelity, UnitStep
-
-OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 DEFAULT_LR = 1e-3
 """AdamW's learning rate when neither `build_optimizer` nor `lr` says one (torch's default)."""
@@ -161,15 +159,7 @@ def _template(
 ) -> torch.optim.Optimizer:
     if build_optimizer is None:
         return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR if lr is None else lr)
-    try:
-        opt = build_optimizer(model)
-    except PrecisionDoctorError:
-        raise
-    except Exception as e:
-        raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise PrecisionDoctorError(f"build_optimizer(model) returned a {type(opt).__name__}, not a torch optimizer")
-    return opt
+    return call_build_optimizer(build_optimizer, model)
 
 
 def _single(template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor) -> torch.optim.Optimizer:
@@ -309,6 +299,5 @@ def optimizer_step(
 
 def with_optimizer_step(report: Report, step: OptimizerStep) -> Report:
     """`report` with `step` (`Report.optimizer_step`) and its LOST_UPDATE findings on the units."""
-    flags = lost_update_flags(step, report.thresholds)
-    units = [u.model_copy(update={"flags": [*u.flags, *flags[u.name]]}) if u.name in flags else u for u in report.units]
-    return report.model_copy(update={"units": units, "optimizer_step": step})
+    flagged = report.with_unit_flags(lost_update_flags(step, report.thresholds))
+    return flagged.model_copy(update={"optimizer_step": step})

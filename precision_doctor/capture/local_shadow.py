@@ -228,12 +228,12 @@ class LocalShadows:
         return (shadow_in.float() * mask * (1.0 / (1.0 - p)), mask)
 
     def keep(
-        self, info: OpInfo, out: Any, sout: Any, store: WeakIdMap, low: bool | Sequence[bool]
+        self, info: OpInfo, refs: Sequence[torch.Tensor], sout: Any, store: WeakIdMap, low: bool | Sequence[bool]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Map each fp32 output to its shadow, rounded where `low` (per output) says the real
-        run holds it in the low dtype; returns the (ref, shadow) pairs for error."""
+        """Map each fp32 output (`refs`: the op's outputs, `outputs_of`) to its shadow, rounded
+        where `low` (per output) says the real run holds it in the low dtype; returns the (ref,
+        shadow) pairs for error."""
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        refs = outputs_of(out)
         shadows = outputs_of(sout)
         for k, (ref, sh) in enumerate(zip(refs, shadows, strict=False)):
             if ref.dtype != torch.float32 or sh.dtype not in (torch.float32, self.low):

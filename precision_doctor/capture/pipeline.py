@@ -343,7 +343,7 @@ class OpPipeline:
         a parameter first, the gradient batch reads a gradient first."""
         info, args, kwargs = op.info, op.args, op.kwargs
         if info.mutates or info.writes_kwargs:  # most ops write nothing: no list work for them
-            op.written = [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
+            op.written = _written(info, args, kwargs)
         for t in op.written:
             if isinstance(t, torch.Tensor):
                 self.before_write(t)
@@ -399,14 +399,21 @@ class OpPipeline:
             op.shadow_args = self.shadows.args(info, op.args, op.kwargs, store, local_low, op.wanted_in, op.held_in)
         self.shadows.end_op()
 
+    def _run_model_op(
+        self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], info: OpInfo, unit: str, backward: bool
+    ) -> Any:
+        """The op on the real values. A failure is the model's own: `ModelOpError` carries it
+        past the driver's handler for internal errors, and `failed_at` names where."""
+        try:
+            return func(*args, **kwargs)
+        except Exception as e:
+            self.failed_at = f"{info.name} in unit {unit!r} ({'backward' if backward else 'forward'})"
+            raise ModelOpError(e) from e
+
     def execute(self, op: Op) -> None:
         """The op on the fp32 values. A failure is the model's own: `ModelOpError` carries it
         past the driver's handler for internal errors."""
-        try:
-            op.out = op.func(*op.args, **op.kwargs)
-        except Exception as e:
-            self.failed_at = f"{op.info.name} in unit {op.unit!r} ({'backward' if op.backward else 'forward'})"
-            raise ModelOpError(e) from e
+        op.out = self._run_model_op(op.func, op.args, op.kwargs, op.info, op.unit, op.backward)
         op.outs = outputs_of(op.out)
         if op.comm_buffer is not None:
             self._note_comm_buffers(op.outs, op.comm_buffer)
@@ -438,7 +445,7 @@ class OpPipeline:
             else:
                 assert op.shadow_args is not None  # prepare_shadow built them for this store
                 sout = self.shadows.call(op.func, info, op.shadow_args, op.out, stored_low=any_low(local_out_low))
-            op.pairs = self.shadows.keep(info, op.out, sout, op.store, local_out_low)
+            op.pairs = self.shadows.keep(info, op.outs, sout, op.store, local_out_low)
 
     def record(self, op: Op) -> None:
         """The op's record, in the graph: its inputs' producers, the values it passes on, which
@@ -583,7 +590,7 @@ class OpPipeline:
         if rec.stored_low:
             urec.forward_low.merge(summary)
         if nonfinite and any(
-            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.external_storages for t in op.written
+            isinstance(t, torch.Tensor) and storage_ptr(t) in self.external_storages for t in op.written
         ):
             urec.wrote_nonfinite_state = True
         self._local_error(op, rec, masked)
@@ -649,7 +656,7 @@ class OpPipeline:
         op.unit = unit
         # c10d's ops write their first argument (their schemas do not say so).
         written = [args[0]] if func.namespace == "c10d" and args else []
-        written += [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]
+        written += _written(info, args, kwargs)
         written_tensors = [t for w in written for t in pytree.tree_leaves(w) if isinstance(t, torch.Tensor)]
         for t in written_tensors:
             self.before_write(t)
@@ -657,11 +664,7 @@ class OpPipeline:
             # op that made the tensor computed, nor what that op's shadow holds.
             self._producer.pop(t, None)
             self.shadows.forget(t)
-        try:
-            out = func(*args, **kwargs)
-        except Exception as e:
-            self.failed_at = f"{info.name} in unit {unit!r} ({'backward' if op.backward else 'forward'})"
-            raise ModelOpError(e) from e
+        out = self._run_model_op(func, args, kwargs, info, unit, op.backward)
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         self._note_comm_buffers([*outs, *written_tensors], unit)
         if self.collect:
@@ -793,3 +796,8 @@ class OpPipeline:
         made = self._producer.get(t)
         where = self.masks.positions(t, self.records[made[0]] if made is not None else None)
         return where is not None and bool((finite | (where & ~torch.isnan(s))).all())
+
+
+def _written(info: OpInfo, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
+    """The arguments an op writes, as its schema says (in-place and out= arguments)."""
+    return [args[i] for i in info.mutates if i < len(args)] + [kwargs.get(n) for n in info.writes_kwargs]

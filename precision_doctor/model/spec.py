@@ -20,6 +20,7 @@ import torch
 from precision_doctor.errors import PrecisionDoctorError
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ModelSpec:
     model: torch.nn.Module
     batch: Any
     loss_fn: LossFn | None
-    build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
+    build_optimizer: OptimizerFactory | None = None
     make_batches: Callable[[], Iterator[Any]] | None = None
 
 
@@ -41,6 +42,14 @@ def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         raise PrecisionDoctorError(f"{what} called sys.exit({e.code!r})") from e
     except Exception as e:
         raise PrecisionDoctorError(f"{what} raised {type(e).__name__}: {e}") from e
+
+
+def call_build_optimizer(build: OptimizerFactory, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The user's `build_optimizer(model)`, its failure or a non-optimizer one line."""
+    opt = _call("build_optimizer(model)", build, model)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise PrecisionDoctorError(f"build_optimizer(model) returned a {type(opt).__name__}, not a torch optimizer")
+    return opt
 
 
 def load_model_file(path: str | Path) -> ModelSpec:

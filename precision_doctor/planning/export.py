@@ -277,11 +277,9 @@ def carries_module_dtypes(export_format: ExportFormat | str, deepspeed_version: 
 def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
-    if ExportFormat(export_format) is not ExportFormat.DEEPSPEED:
+    if carries_module_dtypes(export_format, deepspeed_version):
         return []
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
-    if carries_module_dtypes(export_format, version):
-        return []
     caveats = []
     kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
     if kept:

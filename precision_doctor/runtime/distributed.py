@@ -32,7 +32,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import torch
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.model.parallel import fsdp_modules, is_dtensor
+from precision_doctor.model.parallel import fsdp_modules, is_dtensor, is_tensor_parallel
 from precision_doctor.model.spec import device_of
 from precision_doctor.options import Wrapper
 
@@ -93,7 +93,7 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Wrapper]:
         return model, Wrapper.NONE
     if fsdp_modules(model):
         return model, Wrapper.FSDP2
-    if any(is_dtensor(p) for p in model.parameters()):
+    if is_tensor_parallel(model):
         return model, Wrapper.TP
     return model, Wrapper.NONE
 

@@ -88,7 +88,14 @@ from precision_doctor.extras import (
 )
 from precision_doctor.formats import LIMITS, TORCH_DTYPES
 from precision_doctor.model.parallel import fsdp_modules, local_tensor, mixed_parameters
-from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
+from precision_doctor.model.spec import (
+    LossFn,
+    OptimizerFactory,
+    call_build_optimizer,
+    device_type,
+    resolve_loss,
+    run_model,
+)
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import (
     DEFAULT_FAIL_ON,
@@ -148,7 +155,6 @@ RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r
 """Every risk name `fail_on` accepts (plus the severities and the keywords ALL and NONE)."""
 
 Progress = Callable[[str], None]
-OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
 def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -415,20 +421,8 @@ class _TrainingRun:
         elif self.pure:
             assert dtype is not None
             _to_low(m, opt, dtype)  # without an optimizer, it is built over the low parameters
-        if opt is None and master_model is not None:
-            try:
-                opt = build_optimizer(master_model)
-            except PrecisionDoctorError:
-                raise
-            except Exception as e:
-                raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
-        if opt is None:
-            try:
-                opt = build_optimizer(m)
-            except PrecisionDoctorError:
-                raise
-            except Exception as e:
-                raise PrecisionDoctorError(f"build_optimizer(model) raised {type(e).__name__}: {e}") from e
+        if opt is None:  # over the fp32 master copies where there are some
+            opt = call_build_optimizer(build_optimizer, master_model if master_model is not None else m)
         self.model, self.opt = m, opt
         # The optimizer's parameters only, as GradScaler checks them: a gradient it never
         # applies (a parameter it does not hold) cannot reach the weights.
@@ -794,7 +788,7 @@ def preflight(
     >>> bool(result), result.runs["low"].skipped_steps
     (True, [])
     """
-    low, run_regime, op_policy, risks = _validate(
+    low, run_regime, op_policy, risks, judge = _validate(
         model,
         dtype,
         regime,
@@ -808,7 +802,6 @@ def preflight(
         optimizer,
         build_optimizer,
     )
-    judge = parse_enum(Judge, judge, "judge")
     target = parse_enum(Target, target, "target")
     place = _Place.of(model)
     say = progress or (lambda _msg: None)
@@ -887,15 +880,16 @@ def _validate(
     loss_tolerance: float,
     optimizer: torch.optim.Optimizer | None,
     build_optimizer: OptimizerFactory | None,
-) -> tuple[LowDtype, Regime, AutocastPolicy, tuple[str, ...]]:
-    """The options parsed (the dtype, regime, op policy and `fail_on`'s risks) and checked
+) -> tuple[LowDtype, Regime, AutocastPolicy, tuple[str, ...], Judge]:
+    """The options parsed (the dtype, regime, op policy, `fail_on`'s risks, the judge) and checked
     before anything runs, with the one model that torch's fp16 training cannot train."""
     low = parse_enum(LowDtype, dtype, "dtype")
     refuse_fp8(low, "the pre-flight")
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
     risks = parse_fail_on(fail_on)
-    if parse_enum(Judge, judge, "judge") is Judge.PLANNED and not plan:
+    judged = parse_enum(Judge, judge, "judge")
+    if judged is Judge.PLANNED and not plan:
         raise PrecisionDoctorError("judge='planned' needs plan=True")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrecisionDoctorError(f"steps must be a positive integer, not {steps!r}")
@@ -918,7 +912,7 @@ def _validate(
             f"together ({mixed[0]!r} is a DTensor, {mixed[1]!r} is not); distribute every trained parameter "
             "(parallelize_module/distribute_module), or pre-flight it with --dtype bf16 (no loss scaler)"
         )
-    return low, run_regime, op_policy, risks
+    return low, run_regime, op_policy, risks, judged
 
 
 def _analyze_and_plan(

@@ -160,19 +160,19 @@ def next_steps(
             else:  # a DeepSpeed config without per-module dtypes: the python export carries them
                 lines.append(
                     f"{export} runs every module in {dtype}; apply the plan's {n_fp32} fp32 unit(s) with the python "
-                    f"export too: {_shell([*run, '--export', 'plan.py'])}"
+                    f"export too: {shlex.join([*run, '--export', 'plan.py'])}"
                 )
         elif plan is not None:
             # Planned already (--out plans): what is left is writing it where training reads it.
             lines.append(
                 f"write the plan above (it keeps {n_fp32} of {len(plan.units)} units in fp32) as a Python "
-                f"snippet for your training script: {_shell([*run, '--export', 'plan.py'])}"
+                f"snippet for your training script: {shlex.join([*run, '--export', 'plan.py'])}"
             )
         else:
             scaled = "; it gives the loss scale for the units that stay low too" if _scaled(env) else ""
             lines.append(
                 f"plan which units stay in fp32 and write it as a Python snippet: "
-                f"{_shell([*run, '--export', 'plan.py'])}{scaled}"
+                f"{shlex.join([*run, '--export', 'plan.py'])}{scaled}"
             )
     # Not safe as-is, every unit's loss scale is the scale of a configuration that fails: the
     # plan's low units' (`extras.loss_scale`) where there is a plan, else planning gives it.
@@ -180,7 +180,7 @@ def next_steps(
     if scale is not None:
         lines.append(scale)
     if dtype is LowDtype.FP16 and not report:
-        base = _shell([*command, "--dtype", "bf16"])
+        base = shlex.join([*command, "--dtype", "bf16"])
         if bf16 is not None:
             err = bf16.losses.rel_error
             if bf16 and not bf16.flags():
@@ -240,5 +240,3 @@ def render_next_steps(lines: Sequence[str], console: Console) -> None:
             console.print(Text(f"  - {line}"))
 
 
-def _shell(words: Sequence[str]) -> str:
-    return " ".join(shlex.quote(w) for w in words)
