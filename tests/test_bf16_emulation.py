@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -128,7 +129,9 @@ def test_onednn_switched_off_emulates(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_avx2_cpu_emulates() -> None:
     """oneDNN capped at AVX2 (as on an AVX2 CPU, where it has no bf16) decides the emulation."""
     code = "import torch; from precision_doctor.capture.lowrun import emulates; print(emulates(torch.bfloat16, 'cpu'))"
-    env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    # The user's environment (a conda torch needs its own variables), less our override.
+    env = {k: v for k, v in os.environ.items() if k != EMULATE_BF16_ENV} | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True", out.stderr
 

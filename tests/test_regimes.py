@@ -179,6 +179,10 @@ def test_recurrent_layers_under_the_cpus_policy_are_the_real_cpu_runs(kind: str)
     """`--policy cpu` keeps torch.autocast("cpu")'s own behaviour: oneDNN's LSTM layer on its
     list (fp16), a GRU's matmuls fp16 and its hidden state fp32 (the fp32 zeros it starts
     from promote the update). Every op's dtypes are the real run's."""
+    if kind == "LSTM" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        # Without oneDNN fp16 kernels torch runs the real fp16 LSTM another way (no fused
+        # oneDNN layer to compare with): what autocast runs here depends on the CPU.
+        pytest.skip("this CPU's oneDNN has no fp16 kernels")
     net, x = _rnn_case(kind)
     report = pd.analyze(net, x, _rnn_loss, dtype="fp16", policy="cpu")
     real = Recorder()

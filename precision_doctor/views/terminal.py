@@ -238,5 +238,3 @@ def render_next_steps(lines: Sequence[str], console: Console) -> None:
         console.print(Text("Next steps:", style="bold"))
         for line in lines:
             console.print(Text(f"  - {line}"))
-
-
