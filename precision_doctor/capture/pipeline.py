@@ -471,8 +471,7 @@ class OpPipeline:
             if self.op_dtypes is not None and not info.preserves_values:  # a view or copy reads nothing low itself
                 self._note_low_reads(tensors_in, producers, op.wanted_in, op.low)
         if info.preserves_values:
-            rec.value_sources = self._passed_on(op.func, info, args, tensors_in, producers)
-            leaves = self._leaves_passed_on(info, args, tensors_in, producers)
+            rec.value_sources, leaves = self._passed_on(op.func, info, args, tensors_in, producers)
             if leaves:
                 self._passed_leaves[rec.index] = leaves
         # Writing into a view (`out[:8] = y`) changes its base, which consumers read: the base
@@ -758,34 +757,25 @@ class OpPipeline:
 
     def _passed_on(
         self, func: Any, info: OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
-    ) -> tuple[tuple[int, int], ...]:
-        """The (op, output) pairs whose values a view or copy passes on: those of every float
-        input it reads (all parts of a `cat`), not of the tensor a `copy_` writes into."""
-        if func in UNINITIALIZED_OPS:
-            return ()
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """What a view or copy passes on, from every float input it reads (all parts of a
+        `cat`), not from the tensor a `copy_` writes into: the (op, output) pairs whose values
+        it passes on, and the ids of the float tensors no op made (parameters, the batch) whose
+        values it passes on, directly or through earlier views and copies."""
         written = set() if info.restrides else {id(args[i]) for i in info.mutates if i < len(args)}
-        found: dict[tuple[int, int], None] = {}
-        for t, p in zip(tensors_in, producers, strict=True):
-            if p is not None and t.is_floating_point() and id(t) not in written:
-                for src in value_sources(self.records, p[0], p[1]):
-                    found[src] = None
-        return tuple(found)
-
-    def _leaves_passed_on(
-        self, info: OpInfo, args: Any, tensors_in: list[torch.Tensor], producers: list[Any]
-    ) -> tuple[int, ...]:
-        """Ids of the float tensors no op made (parameters, the batch) whose values a view or
-        copy passes on, directly or through earlier views and copies."""
-        written = set() if info.restrides else {id(args[i]) for i in info.mutates if i < len(args)}
-        found: dict[int, None] = {}
+        sources: dict[tuple[int, int], None] = {}
+        leaves: dict[int, None] = {}
+        uninitialized = func in UNINITIALIZED_OPS  # an empty_like passes on no values, only leaves
         for t, p in zip(tensors_in, producers, strict=True):
             if not t.is_floating_point() or id(t) in written:
                 continue
             if p is None:
-                found[id(t)] = None
-            else:
-                found.update(dict.fromkeys(self._passed_leaves.get(p[0], ())))
-        return tuple(found)
+                leaves[id(t)] = None
+                continue
+            if not uninitialized:
+                sources.update(dict.fromkeys(value_sources(self.records, p[0], p[1])))
+            leaves.update(dict.fromkeys(self._passed_leaves.get(p[0], ())))
+        return tuple(sources), tuple(leaves)
 
     def _finite_but_masks(self, t: torch.Tensor, s: torch.Tensor) -> bool:
         """Whether shadow input `s` (standing for fp32 `t`) is finite, or non-finite only
