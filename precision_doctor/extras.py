@@ -301,13 +301,19 @@ class Fp8Cast(Frozen):
 
 
 class Fp8Gemm(Frozen):
-    """One Float8Linear matmul fed the low run's values, under each recipe
-    (`capture.fp8.GemmRecord`)."""
+    """One matmul of one Float8Linear, fed the low run's high-precision operands, under each
+    recipe (torchao's own casts): its SQNR against the same matmul unquantized, in fp32 (made
+    by `capture.fp8`)."""
 
     layer: str
     gemm: str
     sqnr_db: dict[str, float]
+    """Recipe -> SQNR (dB; inf when exact). A recipe that keeps this matmul in high precision
+    (`rowwise_with_gw_hp`'s wgrad) has inf."""
     row_sqnr_db: dict[str, float]
+    """Recipe -> the median over the output's rows (tokens for fprop and dgrad, weight rows for
+    wgrad) of each row's SQNR: what most rows get, which one outlier row's norm hides in
+    `sqnr_db` (an outlier token under tensorwise scaling)."""
     rel_error: dict[str, float]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from precision_doctor.capture.fp8 import GemmRecord
 from precision_doctor.extras import Fp8Cast, Fp8Gemm, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, Report
@@ -32,7 +31,7 @@ def fp8_section(
     emulated: bool,
     layers: Iterable[str],
     casts: Sequence[Fp8Cast],
-    gemms: Sequence[GemmRecord],
+    gemms: Sequence[Fp8Gemm],
 ) -> Fp8Section:
     return Fp8Section(
         recipe=recipe.value,
@@ -40,10 +39,7 @@ def fp8_section(
         emulated=emulated,
         layers=list(layers),
         casts=list(casts),
-        gemms=[
-            Fp8Gemm(layer=g.layer, gemm=g.gemm, sqnr_db=g.sqnr_db, row_sqnr_db=g.row_sqnr_db, rel_error=g.rel_error)
-            for g in gemms
-        ],
+        gemms=list(gemms),
     )
 
 

@@ -10,7 +10,7 @@ and scales are its own.
 `torchao.float8.float8_linear.hp_tensor_to_float8_dynamic`, for the length of a run: each
 call's high-precision input, torchao's scale and its fp8 bits give one `Fp8Cast`. Beside
 them, per layer and per GEMM (fprop, dgrad, wgrad: Transformer Engine's names), it runs
-torchao's cast of the same operands under each recipe (`GemmRecord`): the matmul's SQNR
+torchao's cast of the same operands under each recipe (`Fp8Gemm`): the matmul's SQNR
 against the unquantized one, the layer's *local* error (fed the low run's own values).
 
 `Float8Linear.forward` casts its input to the autocast dtype only under CUDA's autocast
@@ -29,20 +29,19 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.extras import Fp8Cast
+from precision_doctor.extras import Fp8Cast, Fp8Gemm
 from precision_doctor.options import Fp8Recipe
 
 __all__ = [
     "GEMMS",
     "Fp8Recorder",
-    "GemmRecord",
     "convert_fp8",
     "fp8_config",
     "require_torchao",
@@ -120,23 +119,6 @@ def autocast_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any,
     if not torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return None
     return (args[0].to(torch.get_autocast_dtype("cpu")), *args[1:])
-
-
-@dataclass
-class GemmRecord:
-    """One matmul of one Float8Linear, fed the low run's high-precision operands, under each
-    recipe (torchao's own casts): its SQNR against the same matmul unquantized, in fp32."""
-
-    layer: str
-    gemm: str
-    sqnr_db: dict[str, float] = field(default_factory=dict)
-    """Recipe -> SQNR (dB; inf when exact). A recipe that keeps this matmul in high precision
-    (`rowwise_with_gw_hp`'s wgrad) has inf."""
-    rel_error: dict[str, float] = field(default_factory=dict)
-    row_sqnr_db: dict[str, float] = field(default_factory=dict)
-    """Recipe -> the median over the output's rows (tokens for fprop and dgrad, weight rows for
-    wgrad) of each row's SQNR: what most rows get, which one outlier row's norm hides in
-    `sqnr_db` (an outlier token under tensorwise scaling)."""
 
 
 def _role_name(role: Any) -> str:
@@ -253,7 +235,7 @@ _OPERANDS = {
 
 class Fp8Recorder:
     """Records torchao's casts of a converted model's Float8Linear layers (`Fp8Cast`) and
-    each layer's matmuls under every recipe (`GemmRecord`) while active (`recording`).
+    each layer's matmuls under every recipe (`Fp8Gemm`) while active (`recording`).
 
     Layers are named by their path in the converted model (the same as in the original: the
     conversion swaps modules in place)."""
@@ -271,7 +253,7 @@ class Fp8Recorder:
             break
         self._configs = {r: fp8_config(r, emulate=emulate) for r in recipes}
         self.casts: list[Fp8Cast] = []
-        self.gemms: list[GemmRecord] = []
+        self.gemms: list[Fp8Gemm] = []
         self._last_backward_role: dict[str, str] = {}
         self._inputs: dict[str, list[torch.Tensor]] = {}
 
@@ -379,7 +361,7 @@ class Fp8Recorder:
         )
         return dequantize(fp8._data, fp8._scale)
 
-    def _gemm(self, layer: str, gemm: str, a: torch.Tensor, b: torch.Tensor) -> GemmRecord:
+    def _gemm(self, layer: str, gemm: str, a: torch.Tensor, b: torch.Tensor) -> Fp8Gemm:
         def product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             if gemm == "fprop":
                 return x @ y
@@ -388,14 +370,16 @@ class Fp8Recorder:
             return x.t() @ y
 
         ref = product(a, b)
-        record = GemmRecord(layer=layer, gemm=gemm)
+        sqnr_db: dict[str, float] = {}
+        rel_error: dict[str, float] = {}
+        row_sqnr_db: dict[str, float] = {}
         (fa, axa, ra), (fb, axb, rb) = _OPERANDS[gemm]
         for recipe, config in self._configs.items():
-            out = product(self._cast(a, config, fa, axa, ra), self._cast(b, config, fb, axb, rb))
-            record.sqnr_db[recipe.value] = _sqnr(ref, out - ref)
-            record.rel_error[recipe.value] = _rel(ref, out - ref)
-            record.row_sqnr_db[recipe.value] = _median_row_sqnr(ref, out - ref)
-        return record
+            err = product(self._cast(a, config, fa, axa, ra), self._cast(b, config, fb, axb, rb)) - ref
+            sqnr_db[recipe.value] = _sqnr(ref, err)
+            rel_error[recipe.value] = _rel(ref, err)
+            row_sqnr_db[recipe.value] = _median_row_sqnr(ref, err)
+        return Fp8Gemm(layer=layer, gemm=gemm, sqnr_db=sqnr_db, row_sqnr_db=row_sqnr_db, rel_error=rel_error)
 
 
 @dataclass
