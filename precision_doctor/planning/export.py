@@ -16,13 +16,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from importlib import metadata
 
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.options import ExportFormat, LowDtype, refuse_fp8
+from precision_doctor.options import ExportFormat, LowDtype, Regime, refuse_fp8
+from precision_doctor.planning.master import MasterWeights
 from precision_doctor.planning.plan import Plan
 
 DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
@@ -197,7 +199,66 @@ def install_precision_plan(model):
 '''
 
 
+_PURE_SNIPPET = """
+
+# --- pure {dtype} training (model.to({dtype}) planned per module) ---------------------------
+# The plan's low modules hold their own parameters in LOW_DTYPE; those of MASTER_UNITS keep an
+# fp32 master copy that the optimizer steps (their updates would round away in {dtype}), the
+# other parameters are stepped where they are. Instead of model.to(LOW_DTYPE), on the fp32 model:
+#
+#     masters = hold_plan_weights(model)
+#     opt = masters.use_in(torch.optim.AdamW(model.parameters(), lr=...))  # your optimizer
+#     remove = install_precision_plan(model)
+#     for batch in batches:
+#         with torch.autocast("cuda", dtype=LOW_DTYPE):
+#             loss = loss_fn(model(batch), batch)
+#         loss.backward()
+#         masters.step(opt)  # gradients cast up onto the fp32 copies, step, copies rounded down
+#         opt.zero_grad()
+#
+# Or, instead of the copies: an optimizer that compensates the rounding itself (torch-optimi's
+# Kahan summation, torchao.optim._AdamW(bf16_stochastic_round=True) for bf16) over model.to(LOW_DTYPE).
+from collections.abc import Collection, Iterable, Mapping  # noqa: E402
+from typing import Any  # noqa: E402
+
+MASTER_UNITS = {masters}
+"""
+
+_HOLD_SNIPPET = '''
+
+def hold_plan_weights(model):
+    """Cast the plan's low modules' own parameters to LOW_DTYPE in place, with fp32 master
+    copies (taken first) of MASTER_UNITS' parameters; returns the MasterWeights."""
+    low = {u for u, d in PLAN.items() if d != "fp32"}
+    kept, cast = [], []
+    for name, p in model.named_parameters():
+        unit = name.rpartition(".")[0] or "@ROOT@"
+        if unit not in low or not p.is_floating_point():
+            continue
+        if p.dtype != torch.float32:
+            raise ValueError(f"parameter {name} is {p.dtype}: apply the plan to the fp32 model")
+        (kept if unit in MASTER_UNITS else cast).append(p)
+    with torch.no_grad():
+        for p in cast:
+            p.data = p.data.to(LOW_DTYPE)
+    return MasterWeights(kept, LOW_DTYPE)
+'''.replace("@ROOT@", ROOT_UNIT)
+
+
+def _pure_section(plan: Plan) -> str:
+    """The pure-regime part of the python export: `MasterWeights`' own source and
+    `hold_plan_weights`, as `apply_plan` holds the plan's weights."""
+    masters = "[" + "".join(f"\n    {m.unit!r}," for m in plan.master_weights) + ("\n]" if plan.master_weights else "]")
+    head = _PURE_SNIPPET.format(dtype=plan.dtype, masters=masters)
+    return head + "\n\n" + inspect.getsource(MasterWeights) + _HOLD_SNIPPET
+
+
 def render_python(plan: Plan) -> str:
+    pure = _pure_section(plan) if plan.regime is Regime.PURE else ""
+    return _render_overrides(plan) + pure
+
+
+def _render_overrides(plan: Plan) -> str:
     torch_dtype = _torch_dtype_name(plan.dtype)
     units = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in plan.units.items()) + "}"
     return _SNIPPET.format(

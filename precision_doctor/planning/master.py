@@ -11,14 +11,19 @@ weight.
 
 `MasterWeights` is that pattern for any torch optimizer, on the parameters a plan names
 (`Plan.master_weights`). It needs only torch: the plan's Python export copies its source.
+`hold_plan_weights` holds a pure-regime plan's low units' parameters in the low dtype, with
+master copies for its master-weight units (what `apply_plan` does for such a plan).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
+
+from precision_doctor.capture.units import owner_of
+from precision_doctor.errors import PrecisionDoctorError
 
 
 class MasterWeights:
@@ -107,3 +112,27 @@ class MasterWeights:
         self.grads_to_master()
         optimizer.step()
         self.copy_to_model()
+
+
+def hold_plan_weights(
+    model: torch.nn.Module, low_units: Mapping[str, bool], master_units: Collection[str], dtype: torch.dtype
+) -> MasterWeights:
+    """Cast the parameters of `model` owned by low units (`owner_of`; a tied parameter's first
+    owner) to `dtype` in place, with fp32 master copies, taken before the cast, of those the
+    `master_units` own. The model must hold them in fp32 (the copies would not be exact)."""
+    kept: list[torch.nn.Parameter] = []
+    cast: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        unit = owner_of(name)
+        if not low_units.get(unit, False) or not p.is_floating_point():
+            continue
+        if p.dtype != torch.float32:
+            raise PrecisionDoctorError(
+                f"parameter {name} is {p.dtype}: apply a pure-regime plan to the fp32 model (before model.to(...)), "
+                "its low weights and master copies are made from the fp32 values"
+            )
+        (kept if unit in master_units else cast).append(p)
+    with torch.no_grad():
+        for p in cast:
+            p.data = p.data.to(dtype)
+    return MasterWeights(kept, dtype)

@@ -59,12 +59,16 @@ from precision_doctor.planning.cost import (
     build_cost_model,
     profile_for,
 )
+from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 from precision_doctor.planning.search import PlanProblem, solve_milp
 from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
+READABLE_PLAN_VERSIONS = (1, 2)
+"""Plans `Plan.load` reads: 1 is 2 without `regime`, `master_weights`, `state_bytes` and
+`training_check` (an autocast plan: the defaults)."""
 DEFAULT_TOLERANCE = 1e-2
 """Relative error of the final loss against fp32 that a plan may cost: 1%, well inside the
 step-to-step noise of a training loss, and far above the 1e-4..1e-3 a healthy fp16 model
@@ -74,6 +78,29 @@ MEMORY_TIE_BREAK = 1e-6
 """Memory's weight in the objective: saving all activation memory is worth 1e-6 of the fp32
 step time, so memory only breaks ties between plans of equal time."""
 _HARD_FLAGS = {Flag.OVERFLOW: "overflows", Flag.NONFINITE_FP32: "is non-finite even in fp32"}
+
+
+class MasterUnit(Frozen):
+    """A low unit of a pure-regime plan whose parameters keep fp32 master weights."""
+
+    unit: str
+    params: int
+    """Its parameters' elements: each takes 4 bytes more (the fp32 copy), and its optimizer
+    state is fp32."""
+    reason: str
+
+
+class PlanTraining(Frozen):
+    """A pure-regime plan's training check (`training_check.check_training`): real optimizer
+    steps under the plan beside the same steps in fp32."""
+
+    optimizer: str
+    lr: float
+    fp32_losses: list[float]
+    """The fp32 run's loss before each step, and after the last."""
+    plan_losses: list[float]
+    tracks: bool
+    """The plan's loss fell by at least `TRACK_FRACTION` of fp32's fall, finite throughout."""
 
 
 class Plan(Frozen):
@@ -98,6 +125,17 @@ class Plan(Frozen):
     verification_passes: int
     loss_scale: LossScaleSection | None = None
     """The initial loss scale for the plan's low units (the report's `loss_scale` section)."""
+    regime: Regime = Regime.AUTOCAST
+    """`autocast`: every parameter stays fp32 (autocast's master weights). `pure` (a report of
+    `model.to(dtype)` training): the low units' own parameters are held in `dtype`, those of
+    the `master_weights` units with an fp32 master copy the optimizer steps."""
+    master_weights: list[MasterUnit] = Field(default_factory=list)
+    """Pure regime: the low units whose parameters keep fp32 master weights, and why."""
+    state_bytes: PlanBytes | None = None
+    """Pure regime: parameters, master copies and optimizer state, in bytes (fp32 and autocast:
+    fp32 parameters and state)."""
+    training_check: PlanTraining | None = None
+    """Pure regime: the plan trained for real beside fp32."""
 
     @property
     def low_units(self) -> dict[str, bool]:
@@ -118,12 +156,16 @@ class Plan(Frozen):
         raw = parse_json(text, source)
         if isinstance(raw, dict) and isinstance(raw.get("units"), list) and "environment" in raw:
             raise PrecisionDoctorError(f"{source} is an analysis report, not a plan (`analyze --export` writes plans)")
-        if not isinstance(raw, dict) or raw.get("schema_version") != PLAN_SCHEMA_VERSION:
+        if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_PLAN_VERSIONS:
             got = raw.get("schema_version") if isinstance(raw, dict) else None
             raise PrecisionDoctorError(
-                f"{source} is not a precision-doctor plan of schema_version {PLAN_SCHEMA_VERSION} (got {got!r})"
+                f"{source} is not a precision-doctor plan of schema_version {PLAN_SCHEMA_VERSION} (got {got!r}; "
+                f"this version reads {', '.join(map(str, READABLE_PLAN_VERSIONS))})"
             )
-        return validated(cls, raw, f"{source} does not match the plan schema")
+        # An older plan is read as this version's with the new fields' defaults.
+        return validated(
+            cls, {**raw, "schema_version": PLAN_SCHEMA_VERSION}, f"{source} does not match the plan schema"
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
@@ -153,6 +195,20 @@ class Plan(Frozen):
             f"(tolerance {self.tolerance:.0e}, {self.verification_passes} verification pass(es))",
         ]
         lines += [f"  fp32: {f.unit}: {f.reason}" for f in self.fp32_units]
+        lines += [f"  {self.dtype} + fp32 master weights: {m.unit}: {m.reason}" for m in self.master_weights]
+        if self.state_bytes is not None:
+            b = self.state_bytes
+            lines.append(
+                f"weights and optimizer state {format_bytes(b.plan)} vs {format_bytes(b.fp32)} fp32 "
+                f"(pure {self.dtype}: parameters held low where planned low)"
+            )
+        if self.training_check is not None:
+            c = self.training_check
+            lines.append(
+                f"trained {len(c.fp32_losses) - 1} {c.optimizer} steps at lr {c.lr:g}: loss {c.plan_losses[0]:.6g} -> "
+                f"{c.plan_losses[-1]:.6g} under the plan, {c.fp32_losses[0]:.6g} -> {c.fp32_losses[-1]:.6g} in fp32 "
+                f"({'tracks fp32' if c.tracks else 'does NOT track fp32'})"
+            )
         return "\n".join(lines)
 
 
@@ -647,6 +703,10 @@ class PlanHandle(UnitOverrides):
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.plan = plan
+        self.master_weights = MasterWeights([])
+        """A pure-regime plan's fp32 master copies (`MasterWeights`): point the optimizer at
+        them (`handle.master_weights.use_in(optimizer)`) and step with
+        `handle.master_weights.step(optimizer)`. Empty for an autocast plan."""
 
     def __enter__(self) -> PlanHandle:
         return self
@@ -676,6 +736,12 @@ def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[s
     Inside a region of another dtype (an fp16 plan in a bf16 region) it, and every planned
     module entered there, raises `PrecisionDoctorError`: re-plan for that dtype.
 
+    A pure-regime plan (`Plan.regime`, planned from a `--regime pure` report) also holds its
+    low units' parameters in the plan's dtype, in place (instead of `model.to(dtype)`; `remove()`
+    leaves them so), those of its `master_weights` units with fp32 master copies: train with
+    `opt = handle.master_weights.use_in(build_optimizer(model))` and
+    `handle.master_weights.step(opt)` in place of `opt.step()`. Apply it to the fp32 model.
+
     >>> import torch, precision_doctor as pd
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     >>> x, loss_fn = torch.randn(8, 4), (lambda out, b: out.pow(2).mean())
@@ -697,4 +763,13 @@ def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[s
     # Refused here when applied inside an autocast region of another dtype, and on entering a
     # planned module inside one (the overrides check each time).
     check_region_dtype(device_type(model), low_dtype)
-    return unit_overrides(model, plan.low_units, low_dtype, PlanHandle(plan))
+    handle = unit_overrides(model, plan.low_units, low_dtype, PlanHandle(plan))
+    if plan.regime is Regime.PURE:
+        try:
+            handle.master_weights = hold_plan_weights(
+                model, plan.low_units, {m.unit for m in plan.master_weights}, low_dtype
+            )
+        except PrecisionDoctorError:
+            handle.remove()
+            raise
+    return handle

@@ -31,7 +31,7 @@ from precision_doctor.capture.units import owner_of
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn, OptimizerFactory, call_build_optimizer, resolve_loss, run_model
 from precision_doctor.options import AutocastPolicy
-from precision_doctor.planning.master import MasterWeights
+from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 
 TRAIN_STEPS = 8
 """Optimizer steps the check trains. On `sample_models/bf16_finetune_stall.py` (AdamW, lr 1e-5)
@@ -93,23 +93,6 @@ def build(model: torch.nn.Module, build_optimizer: OptimizerFactory | None, lr: 
     return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR if lr is None else lr)
 
 
-def store_low(
-    model: torch.nn.Module, low: Mapping[str, bool], masters: Collection[str], dtype: torch.dtype
-) -> MasterWeights:
-    """Cast the parameters of `model` owned by low units (`owner_of`) to `dtype` in place, and
-    keep fp32 master copies (taken before the cast) of those of the `masters` units."""
-    kept, cast = [], []
-    for name, p in model.named_parameters():
-        unit = owner_of(name)
-        if not low.get(unit, False) or not p.is_floating_point():
-            continue
-        (kept if unit in masters else cast).append(p)
-    with torch.no_grad():
-        for p in cast:
-            p.data = p.data.to(dtype)
-    return MasterWeights(kept, dtype)
-
-
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
     try:
         return copy.deepcopy(model)
@@ -149,7 +132,7 @@ def check_training(
         m = _copy(model)
         m.train()
         opt = build(m, build_optimizer, lr)  # over the fp32 parameters: pointed at the masters below
-        held = store_low(m, low, masters, dtype)
+        held = hold_plan_weights(m, low, masters, dtype)
         held.use_in(opt)
         tracked: dict[str, list[torch.nn.Parameter]] = {}
         for n, p in m.named_parameters():
@@ -182,10 +165,10 @@ def _train(
             if i == steps:
                 break
             if dtype is None:
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
             else:
                 with low_precision_backward(m, dtype):
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
         except PrecisionDoctorError:
             raise
         except Exception as e:

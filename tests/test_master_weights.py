@@ -1,0 +1,217 @@
+"""fp32 master weights for a pure-regime plan: `MasterWeights`, `apply_plan` of a pure plan, its
+python export, and the training check that runs the plan's optimizer steps."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import precision_doctor as pd
+from precision_doctor.extras import PlanBytes, PlanCosts
+from precision_doctor.model.spec import ModelSpec, load_model_file
+from precision_doctor.options import ExportFormat, Regime
+from precision_doctor.planning.export import render
+from precision_doctor.planning.master import MasterWeights, hold_plan_weights
+from precision_doctor.planning.plan import PLAN_SCHEMA_VERSION, MasterUnit, Plan
+from precision_doctor.planning.training_check import check_training
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest-even) and back, in numpy: the reference rounding."""
+    bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def test_master_weights_accumulate_what_bf16_weights_round_away() -> None:
+    """SGD on a bf16 parameter with a constant gradient: through `MasterWeights` the fp32 copy
+    follows m - k*lr*g exactly (lr a power of two, g a bf16 value: each product is exact) and
+    the low parameter is bf16(m); stepped in place the bf16 weight never moves."""
+    rng = np.random.default_rng(0)
+    w0 = (0.05 + 0.25 * rng.random((8, 8))).astype(np.float32) * rng.choice([-1, 1], (8, 8)).astype(np.float32)
+    g = _bf16(rng.standard_normal((8, 8)).astype(np.float32))
+    lr, steps = 2.0**-14, 40
+
+    p = nn.Parameter(torch.from_numpy(w0.copy()))
+    in_place = nn.Parameter(torch.from_numpy(w0.copy()).to(torch.bfloat16))
+    masters = MasterWeights([p], torch.bfloat16)
+    assert p.dtype == torch.bfloat16 and masters.master(p).dtype == torch.float32
+    assert torch.equal(masters.master(p).detach(), torch.from_numpy(w0))  # copied before the cast: exact
+    opt = torch.optim.SGD(masters.swap([p]), lr=lr)
+    plain = torch.optim.SGD([in_place], lr=lr)
+    m = w0.copy()
+    for _ in range(steps):
+        p.grad = torch.from_numpy(g).to(torch.bfloat16)
+        in_place.grad = torch.from_numpy(g).to(torch.bfloat16)
+        masters.step(opt)
+        plain.step()
+        m = (m - np.float32(lr) * g).astype(np.float32)
+    assert p.grad is None  # moved onto the copy
+    np.testing.assert_array_equal(masters.master(p).detach().numpy(), m)
+    np.testing.assert_array_equal(p.detach().float().numpy(), _bf16(m))
+    assert torch.equal(in_place.detach().float(), torch.from_numpy(_bf16(w0)))  # every update rounded away
+    assert (p.detach().float() != in_place.detach().float()).float().mean() > 0.5
+
+
+def test_use_in_points_a_built_optimizer_at_the_copies_and_refuses_a_stepped_one() -> None:
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = torch.optim.AdamW([{"params": net[0].parameters(), "lr": 1e-3}, {"params": net[1].parameters()}], lr=2e-3)
+    masters = hold_plan_weights(net, {"0": True, "1": False}, {"0"}, torch.bfloat16)
+    masters.use_in(opt)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert [p.dtype for p in held] == [torch.float32] * 4
+    assert held[0] is masters.master(net[0].weight) and held[2] is net[1].weight  # fp32 unit: itself
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    masters.step(opt)
+    assert opt.state[masters.master(net[0].weight)]["exp_avg"].dtype == torch.float32  # the state is fp32
+    with pytest.raises(ValueError, match="has not stepped"):
+        MasterWeights([]).use_in(opt)
+
+
+def _pure_plan(units: dict[str, str], masters: list[str], model: str = "net") -> Plan:
+    zero = PlanCosts(fp32=1.0, autocast=1.0, plan=1.0)
+    return Plan(
+        model=model,
+        dtype=pd.LowDtype.BF16,
+        target="h100",
+        tolerance=1e-2,
+        units=units,  # type: ignore[arg-type]
+        fp32_units=[],
+        estimated_step_time_s=zero,
+        activation_bytes=PlanBytes(fp32=0, autocast=0, plan=0),
+        verified_loss_rel_error=0.0,
+        verification_passes=1,
+        regime=Regime.PURE,
+        master_weights=[MasterUnit(unit=u, params=0, reason="test") for u in masters],
+    )
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _train_applied(net: nn.Module, plan: Plan, x: torch.Tensor, hold: Any, steps: int = 5) -> list[float]:
+    """Train `net` under `plan` as a user would with `hold(net)`'s master weights."""
+    masters, remove = hold(net)
+    opt = masters.use_in(torch.optim.AdamW(net.parameters(), lr=1e-2))
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(x).float().pow(2).mean()
+        loss.backward()
+        masters.step(opt)
+        opt.zero_grad()
+        losses.append(loss.item())
+    remove()
+    return losses
+
+
+def test_apply_plan_holds_pure_weights_and_the_python_export_does_the_same() -> None:
+    torch.manual_seed(0)
+    base, x = _Net(), torch.randn(16, 6)
+    plan = _pure_plan({"<root>": "bf16", "a": "bf16", "b": "bf16", "c": "fp32", "<loss>": "fp32"}, ["a"])
+
+    net = copy.deepcopy(base)
+    handle = pd.apply_plan(net, plan)
+    dtypes = {n: p.dtype for n, p in net.named_parameters()}
+    assert dtypes == {
+        "a.weight": torch.bfloat16,
+        "a.bias": torch.bfloat16,
+        "b.weight": torch.bfloat16,
+        "b.bias": torch.bfloat16,
+        "c.weight": torch.float32,
+        "c.bias": torch.float32,
+    }
+    assert len(handle.master_weights) == 2
+    assert torch.equal(handle.master_weights.master(net.a.weight).detach(), base.a.weight.detach())
+    assert handle.master_weights.master(net.b.weight) is net.b.weight  # low, stepped in place
+    handle.remove()
+
+    def by_library(m: nn.Module) -> tuple[MasterWeights, Any]:
+        h = pd.apply_plan(m, plan)
+        return h.master_weights, h.remove
+
+    snippet = render(plan, ExportFormat.PYTHON)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "plan_export.py", "exec"), namespace)  # noqa: S102 - our own export
+    assert namespace["MASTER_UNITS"] == ["a"]
+
+    def by_snippet(m: nn.Module) -> tuple[Any, Any]:
+        masters = namespace["hold_plan_weights"](m)
+        return masters, namespace["install_precision_plan"](m)
+
+    ours = _train_applied(copy.deepcopy(base), plan, x, by_library)
+    theirs = _train_applied(copy.deepcopy(base), plan, x, by_snippet)
+    assert ours == theirs and ours[-1] < ours[0]
+
+
+def test_apply_plan_of_a_pure_plan_refuses_a_model_already_low() -> None:
+    plan = _pure_plan({"<root>": "bf16", "a": "bf16", "b": "bf16", "c": "fp32", "<loss>": "fp32"}, ["a"])
+    net = _Net().to(torch.bfloat16)
+    with pytest.raises(pd.PrecisionDoctorError, match="apply a pure-regime plan to the fp32 model"):
+        pd.apply_plan(net, plan)
+    assert all("forward" not in m.__dict__ for m in net.modules())  # the overrides taken off again
+
+
+def test_a_version_1_plan_still_loads_as_an_autocast_plan(tmp_path: Path) -> None:
+    raw = json.loads(_pure_plan({"a": "bf16"}, []).to_json())
+    for key in ("regime", "master_weights", "state_bytes", "training_check"):
+        raw.pop(key)
+    raw["schema_version"] = 1
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(raw))
+    plan = Plan.load(path)
+    assert plan.regime is Regime.AUTOCAST and plan.master_weights == [] and plan.schema_version == PLAN_SCHEMA_VERSION
+    raw["schema_version"] = 0
+    path.write_text(json.dumps(raw))
+    with pytest.raises(pd.PrecisionDoctorError, match="reads 1, 2"):
+        Plan.load(path)
+
+
+def _stall() -> ModelSpec:
+    return load_model_file(SAMPLES / "bf16_finetune_stall.py")
+
+
+def test_training_check_sees_the_stall_and_master_weights_end_it() -> None:
+    """The issue's sample, AdamW at lr 1e-5: every weight low and stepped in place stays flat
+    (backbone's and head's weights unchanged at every step) where fp32 descends; with master
+    weights for the flagged units the plan's loss follows fp32's."""
+    spec = _stall()
+    low = {"<root>": True, "backbone": True, "head": True, "adapter": True, "<loss>": False}
+    stalled = check_training(
+        spec.model, spec.batch, spec.loss_fn, torch.bfloat16, low, set(), build_optimizer=spec.build_optimizer
+    )
+    assert stalled.fp32_descent > 0.01 * stalled.fp32_losses[0]
+    assert not stalled.tracks and abs(stalled.plan_descent) < 0.05 * stalled.fp32_descent
+    assert stalled.unchanged_fraction["backbone"] == 1.0 and stalled.unchanged_fraction["head"] == 1.0
+    assert stalled.unchanged_fraction["adapter"] < 0.01  # zero-started: its updates survive in bf16
+    fixed = check_training(
+        spec.model,
+        spec.batch,
+        spec.loss_fn,
+        torch.bfloat16,
+        low,
+        {"backbone", "head"},
+        build_optimizer=spec.build_optimizer,
+    )
+    assert fixed.tracks and fixed.plan_descent > 0.8 * fixed.fp32_descent
+    assert set(fixed.unchanged_fraction) == {"adapter"}  # the others are stepped as fp32 copies
+    assert fixed.fp32_losses == stalled.fp32_losses  # the same fp32 run, from the same RNG state
