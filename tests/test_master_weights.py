@@ -151,7 +151,7 @@ def test_apply_plan_holds_pure_weights_and_the_python_export_does_the_same() -> 
 
     snippet = render(plan, ExportFormat.PYTHON)
     namespace: dict[str, Any] = {}
-    exec(compile(snippet, "plan_export.py", "exec"), namespace)  # noqa: S102 - our own export
+    exec(compile(snippet, "plan_export.py", "exec"), namespace)
     assert namespace["MASTER_UNITS"] == ["a"]
 
     def by_snippet(m: nn.Module) -> tuple[Any, Any]:
