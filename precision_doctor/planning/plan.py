@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,7 +41,7 @@ from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInterna
 from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_seconds
 from precision_doctor.model.parallel import reset_fsdp_iteration
-from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, OptimizerFactory, device_type, resolve_loss, run_model
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import (
     AutocastPolicy,
@@ -61,7 +61,16 @@ from precision_doctor.planning.cost import (
     profile_for,
 )
 from precision_doctor.planning.master import MasterWeights, hold_plan_weights
+from precision_doctor.planning.pure import (
+    PureRounds,
+    lost_update_units,
+    master_label,
+    state_bytes,
+    state_tensors,
+    unit_params,
+)
 from precision_doctor.planning.search import Choice, PlanProblem, solve_milp
+from precision_doctor.planning.training_check import TRAIN_STEPS
 from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
@@ -473,13 +482,21 @@ class _Search:
     candidate is every unit low but the forced ones, run to calibrate on)."""
     promoted: dict[str, str] = field(default_factory=dict)
     passes: int = 0
+    pure: PureRounds | None = None
+    """A pure-regime report's plan: its master-weight choices and training check."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """The last solved candidate's choice per unit."""
 
     def problem(self) -> PlanProblem:
-        return build_problem(self.report, self.costs, self.contributions, self.forced, self.tolerance, self.weight)
+        problem = build_problem(self.report, self.costs, self.contributions, self.forced, self.tolerance, self.weight)
+        if self.pure is not None:
+            return replace(problem, choices=self.pure.choices(self.report, self.costs, self.contributions, self.forced))
+        return problem
 
     def candidate(self, problem: PlanProblem) -> dict[str, bool]:
         if self.calibrated:
-            return {n: label != "fp32" for n, label in problem.labels(solve_milp(problem).chosen).items()}
+            self.labels = problem.labels(solve_milp(problem).chosen)
+            return {n: label != "fp32" for n, label in self.labels.items()}
         return {n: n not in self.forced for n in problem.names}
 
     def run(
@@ -508,7 +525,18 @@ class _Search:
             verified = check.loss_rel_error
             self.passes += 1
             if self.settled(low, check):
-                return low, verified, problem
+                if self.pure is None:
+                    return low, verified, problem
+                trains = self.pure.trains(
+                    model, batch, loss_fn, self.report.environment.dtype, self.labels, self.passes
+                )
+                if trains:
+                    return low, verified, problem
+                if trains is None:  # every low unit has master weights and it still does not train
+                    break
+        if self.pure is not None and self.pure.check is not None and not self.pure.check.tracks:
+            self.pure.check = None  # the fallback below is fp32, which trains as fp32 does
+            return dict(all_fp32), 0.0, self.problem()
         if verified <= self.tolerance:  # the last round calibrated, on a run within the tolerance
             return low, verified, problem
         # No plan within tolerance in the allowed rounds: fall back to fp32, which is exact.
@@ -553,11 +581,21 @@ def plan_model(
     max_rounds: int = MAX_VERIFY_ROUNDS,
     memory_weight_s_per_byte: float | None = None,
     costs: CostModel | None = None,
+    build_optimizer: OptimizerFactory | None = None,
+    lr: float | None = None,
+    train_steps: int = TRAIN_STEPS,
 ) -> Plan:
     """The cheapest verified per-unit plan for `report`'s model on `target`, or under
     `costs` when given (measured ones, `timing.measure_cost_model`; `target` then only
     names them in the plan). Each candidate is verified as `apply_plan` runs it, under
-    autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report)."""
+    autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report).
+
+    A pure-regime report (`model.to(dtype)` training) gets a pure plan (`Plan.regime`): each
+    unit with parameters runs fp32, low with its weights held low, or low with fp32 master
+    weights (`planning.pure`), and a candidate whose forward passes is also trained for
+    `train_steps` real optimizer steps beside fp32 (`training_check`; the optimizer
+    `build_optimizer(model)` makes, else AdamW at `lr`, else at the report's optimizer-step
+    lr): a unit whose weights stall there gets master weights, and the search goes on."""
     refuse_fp8(report.environment.dtype, "the plan search")
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
@@ -575,13 +613,20 @@ def plan_model(
     # through a unit that must stay fp32 (its error says nothing about the others), the first
     # pass runs everything low but the hard units, to calibrate on.
     calibrated = math.isfinite(report.losses.rel_error) and all(n in (LOSS_UNIT, UNATTRIBUTED_UNIT) for n in hard)
-    search = _Search(report, costs, tolerance, weight, error_contributions(report), set(hard), calibrated)
+    pure = _pure_rounds(report, build_optimizer, lr, train_steps)
+    search = _Search(report, costs, tolerance, weight, error_contributions(report), set(hard), calibrated, pure=pure)
     low, verified, problem = search.run(model, batch, loss_fn, all_fp32, max_rounds)
 
-    reasons = _fp32_reasons(problem, low, hard, search.promoted, search.contributions, tolerance)
+    labels = _final_labels(low, search.labels, dtype)
+    reasons = _fp32_reasons(problem, low, hard, search.promoted, search.contributions, tolerance, labels)
     advice, kept_for_gradients = _keep_vanishing_gradients(report, low)
     reasons.update(kept_for_gradients)
     auto = autocast_assignment(report)
+    plan_time = costs.step_time_s(low)
+    pure_fields: dict[str, Any] = {}
+    if pure is not None:
+        labels = _final_labels(low, labels, dtype)  # after the fp16 gradient moves
+        plan_time, pure_fields = _pure_plan_fields(report, problem, labels, pure)
     return Plan(
         model=report.model,
         dtype=dtype,
@@ -591,7 +636,7 @@ def plan_model(
         module_classes={n: c for n, c in _module_classes(model).items() if n in low},
         module_count=sum(1 for _ in model.named_modules()),
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],
-        estimated_step_time_s=PlanCosts(fp32=base_time, autocast=costs.step_time_s(auto), plan=costs.step_time_s(low)),
+        estimated_step_time_s=PlanCosts(fp32=base_time, autocast=costs.step_time_s(auto), plan=plan_time),
         activation_bytes=PlanBytes(
             fp32=costs.activation_bytes(all_fp32),
             autocast=costs.activation_bytes(auto),
@@ -600,7 +645,80 @@ def plan_model(
         verified_loss_rel_error=verified,
         verification_passes=search.passes,
         loss_scale=advice.to_extras(),
+        **pure_fields,
     )
+
+
+# --- pure-regime plans: weights held low, fp32 master weights per unit ---------------------
+
+
+def _pure_rounds(
+    report: Report, build_optimizer: OptimizerFactory | None, lr: float | None, steps: int
+) -> PureRounds | None:
+    """The pure plan's part of the search, for a pure-regime report (else None)."""
+    if report.environment.regime is not Regime.PURE:
+        return None
+    if lr is None and build_optimizer is None and report.optimizer_step is not None:
+        lr = report.optimizer_step.lr  # the lr the analysis stepped at
+    return PureRounds(lost_update_units(report), build_optimizer, lr, steps, AutocastPolicy.CUDA)
+
+
+def _final_labels(low: Mapping[str, bool], labels: Mapping[str, str], dtype: LowDtype) -> dict[str, str]:
+    """Each unit's choice in the plan `low` (the solved `labels` where they agree with it: the
+    fallback and the fp16 gradient moves change `low` after the solve)."""
+    out = {}
+    for n, v in low.items():
+        label = labels.get(n, "fp32")
+        out[n] = "fp32" if not v else (label if label != "fp32" else dtype.value)
+    return out
+
+
+def _pure_plan_fields(
+    report: Report, problem: PlanProblem, labels: Mapping[str, str], pure: PureRounds
+) -> tuple[float, dict[str, Any]]:
+    """A pure plan's step time (its choices' times and casts: a unit held low casts no weights)
+    and its `Plan` fields: regime, master-weight units, weight and state bytes, training check."""
+    dtype = report.environment.dtype
+    chosen = _choice_indices(problem, labels)
+    plan_time = replace(problem, memory_weight_s_per_byte=0.0).objective(chosen)
+    params, tensors = unit_params(report), state_tensors(report)
+    masters = [
+        MasterUnit(
+            unit=n,
+            params=params.get(n, 0),
+            reason=pure.needs_master.get(n, "chosen by the search: held low, with no lost-update finding to keep"),
+        )
+        for n, label in labels.items()
+        if label == master_label(dtype)
+    ]
+    fp32_bytes = sum(state_bytes(params.get(n, 0), tensors, dtype, "fp32") for n in labels)
+    plan_bytes = sum(state_bytes(params.get(n, 0), tensors, dtype, label) for n, label in labels.items())
+    check = pure.check
+    return plan_time, {
+        "regime": Regime.PURE,
+        "master_weights": masters,
+        "state_bytes": PlanBytes(fp32=fp32_bytes, autocast=fp32_bytes, plan=plan_bytes),
+        "training_check": None
+        if check is None
+        else PlanTraining(
+            optimizer=check.optimizer,
+            lr=check.lr,
+            fp32_losses=list(check.fp32_losses),
+            plan_losses=list(check.plan_losses),
+            tracks=check.tracks,
+        ),
+    }
+
+
+def _choice_indices(problem: PlanProblem, labels: Mapping[str, str]) -> list[int]:
+    """Per unit of `problem`, the index of its choice labelled as in `labels` (fp32 where it
+    has no such choice)."""
+    out = []
+    for n, choices in zip(problem.names, problem.choices, strict=True):
+        names = [c.label for c in choices]
+        label = labels.get(n, "fp32")
+        out.append(names.index(label) if label in names else 0)
+    return out
 
 
 def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[LossScaleAdvice, dict[str, str]]:
@@ -681,9 +799,11 @@ def _fp32_reasons(
     promoted: Mapping[str, str],
     contributions: Mapping[str, float],
     tolerance: float,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     reasons: dict[str, str] = {}
-    x = [int(low[n]) for n in problem.names]  # choice 1 is the low dtype (`_unit_choices`)
+    # Choice 1 is the low dtype (`_unit_choices`); a pure plan's are found by their labels.
+    x = _choice_indices(problem, labels) if labels is not None else [int(low[n]) for n in problem.names]
     base = problem.objective(x)
     used = problem.error_of(x)
     for i, n in enumerate(problem.names):

@@ -52,6 +52,10 @@ class TrainingCheck:
     unchanged_fraction: dict[str, float]
     """Per unit with low parameters stepped in place (no master copy): the fraction of their
     elements the steps left as they were, averaged over the steps."""
+    optimizer: str = ""
+    """The optimizer's class."""
+    lr: float = math.nan
+    """Its (first parameter group's) learning rate."""
 
     @property
     def fp32_descent(self) -> float:
@@ -126,6 +130,8 @@ def check_training(
         ref = _copy(model)
         ref.train()
         opt = build(ref, build_optimizer, lr)
+        name = type(opt).__name__
+        first_lr = float(opt.param_groups[0].get("lr", math.nan)) if opt.param_groups else math.nan
         fp32 = _train(ref, opt, batch, loss_fn, steps, None, low, policy, MasterWeights([]))
         del ref, opt
         torch.set_rng_state(rng)
@@ -139,7 +145,7 @@ def check_training(
             if p.dtype == dtype and held.master(p) is p:
                 tracked.setdefault(owner_of(n), []).append(p)
         plan = _train(m, opt, batch, loss_fn, steps, dtype, low, policy, held, tracked)
-    return TrainingCheck(tuple(fp32[0]), tuple(plan[0]), plan[1])
+    return TrainingCheck(tuple(fp32[0]), tuple(plan[0]), plan[1], name, first_lr)
 
 
 def _train(
