@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,20 @@ import precision_doctor as pd
 from precision_doctor.extras import PlanBytes, PlanCosts
 from precision_doctor.model.spec import ModelSpec, load_model_file
 from precision_doctor.options import ExportFormat, Regime
+from precision_doctor.planning.cost import build_cost_model, profile_for
 from precision_doctor.planning.export import render
 from precision_doctor.planning.master import MasterWeights, hold_plan_weights
-from precision_doctor.planning.plan import PLAN_SCHEMA_VERSION, MasterUnit, Plan
+from precision_doctor.planning.plan import (
+    PLAN_SCHEMA_VERSION,
+    MasterUnit,
+    Plan,
+    build_problem,
+    error_contributions,
+    hard_fp32_reasons,
+    plan_model,
+)
+from precision_doctor.planning.pure import lost_update_units, pure_choices
+from precision_doctor.planning.search import solve_exhaustive, solve_milp
 from precision_doctor.planning.training_check import check_training
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -215,3 +227,128 @@ def test_training_check_sees_the_stall_and_master_weights_end_it() -> None:
     assert fixed.tracks and fixed.plan_descent > 0.8 * fixed.fp32_descent
     assert set(fixed.unchanged_fraction) == {"adapter"}  # the others are stepped as fp32 copies
     assert fixed.fp32_losses == stalled.fp32_losses  # the same fp32 run, from the same RNG state
+
+
+# --- the pure plan: master weights as a choice per unit in the exact search ----------------------
+
+
+@pytest.fixture(scope="module")
+def stall_pure() -> tuple[ModelSpec, pd.Report]:
+    spec = _stall()
+    report = pd.analyze(
+        spec.model, spec.batch, spec.loss_fn, dtype="bf16", regime="pure", build_optimizer=spec.build_optimizer
+    )
+    return spec, report
+
+
+def test_pure_choices_cost_weights_and_state_and_keep_lost_units_off_plain_low(
+    stall_pure: tuple[ModelSpec, pd.Report],
+) -> None:
+    """AdamW (two state tensors): fp32 4+8 bytes per parameter, bf16 2+4, bf16 + master
+    2+4+8; backbone and head (LOST_UPDATE errors) are offered low only with master weights;
+    the exact MILP picks what exhaustive enumeration picks on the same choices."""
+    spec, report = stall_pure
+    costs = build_cost_model(report, profile_for("h100"))
+    forced = set(hard_fp32_reasons(report))
+    needs = lost_update_units(report)
+    assert set(needs) == {"backbone", "head"} and "100.00%" in needs["head"]
+    choices = dict(
+        zip(
+            [c.name for c in costs.units],
+            pure_choices(report, costs, error_contributions(report), forced, needs),
+            strict=True,
+        )
+    )
+    n = {name: p.numel() for name, p in spec.model.named_parameters()}
+    head = n["head.weight"] + n["head.bias"]
+    assert [c.label for c in choices["head"]] == ["fp32", "bf16+fp32-master"]
+    assert [c.state_bytes for c in choices["head"]] == [12 * head, 14 * head]
+    adapter = n["adapter.weight"]
+    assert [c.label for c in choices["adapter"]] == ["fp32", "bf16", "bf16+fp32-master"]
+    assert [c.state_bytes for c in choices["adapter"]] == [12 * adapter, 6 * adapter, 14 * adapter]
+    assert choices["adapter"][1].time_s < choices["adapter"][2].time_s  # no weight cast held low
+    assert [c.label for c in choices["<root>"]] == ["fp32", "bf16"]  # no parameters of its own
+    assert [c.label for c in choices["<loss>"]] == ["fp32"]
+    base = build_problem(report, costs, error_contributions(report), forced, 1e-2, 0.0)
+    for weight, head_label in [(0.0, "bf16+fp32-master"), (1.0, "fp32")]:
+        # Time only: master weights beat fp32 (low compute). Memory dominant: fp32's 12 bytes per
+        # parameter beat the master copy's 14.
+        problem = replace(base, choices=tuple(choices[name] for name in base.names), memory_weight_s_per_byte=weight)
+        milp, exhaustive = solve_milp(problem), solve_exhaustive(problem)
+        assert problem.labels(milp.chosen) == problem.labels(exhaustive.chosen)
+        assert problem.labels(milp.chosen)["head"] == head_label
+        assert problem.labels(milp.chosen)["adapter"] == "bf16"  # the cheapest in both
+
+
+def _train(net: nn.Module, spec: ModelSpec, steps: int, mode: str, plan: Plan | None = None) -> list[float]:
+    """`steps` real steps of the sample's optimizer: `fp32`, `pure` (model.to(bf16)), or
+    `plan` (the plan applied, its master weights stepped)."""
+    x, y = spec.batch
+    assert spec.build_optimizer is not None and spec.loss_fn is not None
+    masters = MasterWeights([])
+    if mode == "pure":
+        net = net.to(torch.bfloat16)
+    opt = spec.build_optimizer(net)
+    if mode == "plan":
+        assert plan is not None
+        masters = pd.apply_plan(net, plan).master_weights
+        masters.use_in(opt)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "plan"):
+            out = net(x.to(torch.bfloat16) if mode == "pure" else x)
+            loss = spec.loss_fn(out, (x, y))
+        loss.backward()
+        masters.step(opt)
+        losses.append(loss.item())
+    return losses
+
+
+def test_pure_plan_keeps_master_weights_for_the_flagged_units_and_trains_like_fp32(
+    stall_pure: tuple[ModelSpec, pd.Report],
+) -> None:
+    """The issue's test: on the sample whose pure-bf16 fine-tuning stalls at lr 1e-5, the plan
+    keeps fp32 master weights for backbone and head (not the zero-started adapter), its
+    verification trained it beside fp32, and applied to the model it trains as fp32 does over
+    60 real AdamW steps where model.to(bf16) stays flat."""
+    spec, report = stall_pure
+    plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, build_optimizer=spec.build_optimizer)
+    assert plan.regime is Regime.PURE
+    assert {m.unit for m in plan.master_weights} == {"backbone", "head"}
+    assert all("LOST_UPDATE" in m.reason for m in plan.master_weights)
+    assert plan.units["adapter"] == "bf16" and plan.units["backbone"] == "bf16"
+    check = plan.training_check
+    assert check is not None and check.tracks and check.optimizer == "AdamW" and check.lr == 1e-5
+    assert plan.state_bytes is not None and plan.state_bytes.plan != plan.state_bytes.fp32
+    assert "tracks fp32" in plan.summary()
+
+    fp32 = _train(copy.deepcopy(spec.model), spec, 60, "fp32")
+    pure = _train(copy.deepcopy(spec.model), spec, 60, "pure")
+    planned = _train(copy.deepcopy(spec.model), spec, 60, "plan", plan)
+    fell = fp32[0] - fp32[-1]
+    assert fell > 0.1 * fp32[0]
+    assert abs(pure[-1] - pure[0]) < 0.01 * fell  # the stall
+    assert planned[0] - planned[-1] > 0.9 * fell and abs(planned[-1] - fp32[-1]) < 0.05 * fell
+
+
+def test_the_training_check_finds_the_stall_without_an_optimizer_step_in_the_report() -> None:
+    """Analyzed without an optimizer (no LOST_UPDATE): every unit is offered low held low, the
+    training check sees the weights stall and the search gives them master weights, one per
+    round, until the plan trains."""
+    spec = _stall()
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16", regime="pure")
+    assert report.optimizer_step is None
+    plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, build_optimizer=spec.build_optimizer)
+    assert {m.unit for m in plan.master_weights} == {"backbone", "head"}
+    assert all("training check" in m.reason for m in plan.master_weights)
+    assert plan.training_check is not None and plan.training_check.tracks
+    assert plan.verification_passes >= 3
+
+
+def test_an_autocast_report_still_gets_an_autocast_plan(stall_pure: tuple[ModelSpec, pd.Report]) -> None:
+    spec, _ = stall_pure
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16", build_optimizer=spec.build_optimizer)
+    plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, build_optimizer=spec.build_optimizer)
+    assert plan.regime is Regime.AUTOCAST and plan.master_weights == [] and plan.training_check is None
+    assert "hold_plan_weights" not in render(plan, ExportFormat.PYTHON)
