@@ -355,6 +355,8 @@ def _planned(
             target=target.value if target is not None else None,
             tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE,
             cost_source=cost,
+            build_optimizer=spec.build_optimizer,
+            lr=analysis.lr,
         )
 
 

@@ -385,3 +385,16 @@ def test_a_large_model_is_measured_on_an_even_sample(monkeypatch: pytest.MonkeyP
         same = same[::4] if p.numel() > 100 else same
         assert by_name[n].numel == same.numel()
         assert abs(by_name[n].unchanged_fraction - same.float().mean().item()) <= 0.01, n
+
+
+def test_preflight_steps_the_users_optimizer_instance_in_the_analysis() -> None:
+    """`preflight(optimizer=...)`: the analysis' optimizer step is that optimizer's class, groups
+    and hyperparameters (SGD at lr 1e-7, over `fc` only, another lr on its bias), not none."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD([{"params": [net[2].weight]}, {"params": [net[2].bias], "lr": 3e-7}], lr=1e-7)
+    result = pd.preflight(net, torch.randn(8, 4), lambda out, b: out.pow(2).mean(), optimizer=opt, steps=1, plan=False)
+    step = result.report.optimizer_step
+    assert step is not None and step.optimizer == "SGD" and step.lr == 1e-7
+    assert [p.name for p in step.params] == ["2.weight", "2.bias"]  # the parameters it holds, no others
+    assert opt.param_groups[1]["params"][0] is net[2].bias and not opt.state  # the user's, untouched

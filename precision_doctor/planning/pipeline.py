@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.model.spec import LossFn
+from precision_doctor.model.spec import LossFn, OptimizerFactory
 from precision_doctor.options import CostSource, Target, parse_enum, refuse_fp8
 from precision_doctor.planning.export import plan_section
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
@@ -28,6 +28,8 @@ def plan_report(
     target: Target | str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     cost_source: CostSource | str = CostSource.ROOFLINE,
+    build_optimizer: OptimizerFactory | None = None,
+    lr: float | None = None,
 ) -> Report:
     """`report` with `extras.plan` (the plan and its exports) and `extras.loss_scale` (the
     initial loss scale for the plan's low units) set.
@@ -38,7 +40,11 @@ def plan_report(
 
     In a torch.distributed job every rank calls it (with its own shard of the data) and gets
     the same plan: each verification pass decides on the worst rank's error, and measured
-    costs are rank 0's. A `DistributedDataParallel` model is planned as its `module`."""
+    costs are rank 0's. A `DistributedDataParallel` model is planned as its `module`.
+
+    A pure-regime report gets a pure plan, with fp32 master weights per unit where the updates
+    would be lost, trained for real beside fp32 with `build_optimizer(model)`'s optimizer (else
+    AdamW at `lr`, else at the lr of the report's optimizer step): see `plan.plan_model`."""
     refuse_fp8(report.environment.dtype, "the plan search")
     model = unwrap(model)[0]
     source = parse_enum(CostSource, cost_source, "cost source")
@@ -53,5 +59,15 @@ def plan_report(
 
         costs = exchange(measure_cost_model(model, batch, report))[0]
         target_name = costs.profile.name
-    plan = plan_model(model, batch, loss_fn, report, target=target_name, tolerance=tolerance, costs=costs)
+    plan = plan_model(
+        model,
+        batch,
+        loss_fn,
+        report,
+        target=target_name,
+        tolerance=tolerance,
+        costs=costs,
+        build_optimizer=build_optimizer,
+        lr=lr,
+    )
     return report.with_extras(plan=plan_section(plan), loss_scale=plan.loss_scale)

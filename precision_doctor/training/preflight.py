@@ -296,6 +296,29 @@ def _default_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR)
 
 
+def _factory_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> OptimizerFactory:
+    """`build_optimizer` for `optimizer` (over `model`'s parameters): the same class and
+    parameter groups with their hyperparameters, over another model of the same structure
+    (the analysis' copy), by parameter position. Its state (a warm Adam's moments) is not
+    carried: the analysis' step is an optimizer's first."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    groups = [
+        ([position[id(p)] for p in g["params"] if id(p) in position], {k: v for k, v in g.items() if k != "params"})
+        for g in optimizer.param_groups
+    ]
+    cls: Callable[..., torch.optim.Optimizer] = type(optimizer)
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        params = list(m.parameters())
+        spec = [{"params": [params[i] for i in idx], **hyper} for idx, hyper in groups if idx]
+        try:
+            return cls(spec)
+        except TypeError:  # a constructor with required arguments besides the parameters
+            return cls(spec, **optimizer.defaults)
+
+    return build
+
+
 def _copy(obj: Any, what: str) -> Any:
     try:
         return copy.deepcopy(obj)
@@ -807,8 +830,10 @@ def preflight(
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     batches = _batches(batch, make_batches, steps)
+    # The analysis steps the pre-flight's own optimizer (LOST_UPDATE): the one given, as a factory.
+    stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else None)
     report, plan_units, planned_scale = _analyze_and_plan(
-        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings, build_optimizer
+        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings, stepped
     )
     pure = run_regime is Regime.PURE
     # The planned run runs the plan as it was verified: autocast with the report's op lists.
@@ -954,7 +979,10 @@ def _analyze_and_plan(
     t = time.perf_counter()
     from precision_doctor.planning.pipeline import plan_report
 
-    report = plan_report(place.for_plan(), batch, loss_fn, report, target=target)
+    # A pure plan's training check trains with the pre-flight's optimizer (its default included).
+    report = plan_report(
+        place.for_plan(), batch, loss_fn, report, target=target, build_optimizer=build_optimizer or _default_optimizer
+    )
     plan_units: dict[str, UnitDtype] | None = None
     if report.extras.plan is not None:
         plan_units = dict(report.extras.plan.units)
