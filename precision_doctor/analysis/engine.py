@@ -196,11 +196,16 @@ def analyze(
         capture, loss_fp32, grads = _fp32_capture(req, real_low, guard)
         req.say("statistics and flags")
         report = _report(req, capture, real_low, loss_fp32, grads, fx)
+        stepped = build_optimizer is not None or lr is not None
+        # Pure regime: the applied optimizer step steps the low run's own gradients, kept here.
+        low_grads: dict[str, torch.Tensor] | None = (
+            {} if stepped and req.regime is Regime.PURE and isinstance(req.job, SingleProcess) else None
+        )
         if real_low.graph is not None:
-            report = _gradient_fidelity(req, capture, real_low, grads, report, low_model)
-        if build_optimizer is not None or lr is not None:
-            report = _optimizer_step(req, grads, report, build_optimizer, lr)
-        del grads
+            report = _gradient_fidelity(req, capture, real_low, grads, report, low_model, low_grads)
+        if stepped:
+            report = _optimizer_step(req, grads, report, build_optimizer, lr, low_grads or None)
+        del grads, low_grads
     if fp8 and recipe:
         rec = fp8.recorder
         section = fp8_section(recipe, torchao_version(), fp8.emulated, rec.layers, rec.casts, rec.gemms)
@@ -447,10 +452,12 @@ def _gradient_fidelity(
     grads: dict[str, torch.Tensor],
     report: Report,
     low_model: torch.nn.Module | None = None,
+    keep: dict[str, torch.Tensor] | None = None,
 ) -> Report:
     """The real low run's backward, its parameter gradients compared with fp32's
-    (`AnalysisJob.gradient_fidelity`). The loss scale comes from the fp32 run's gradients,
-    in the report: hence the low backward last."""
+    (`AnalysisJob.gradient_fidelity`), and kept in `keep` where given (in the low dtype).
+    The loss scale comes from the fp32 run's gradients, in the report: hence the low
+    backward last."""
     scale_log2 = grad_scale_log2(report)
     req.say(f"{req.low} backward at loss scale 2^{scale_log2}")
 
@@ -459,7 +466,7 @@ def _gradient_fidelity(
         _low_backward(real_low, model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
 
     return req.job.gradient_fidelity(
-        LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward)
+        LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward, keep, TORCH_DTYPES[req.low])
     )
 
 
@@ -469,14 +476,22 @@ def _optimizer_step(
     report: Report,
     build_optimizer: OptimizerFactory | None,
     lr: float | None,
+    low_grads: dict[str, torch.Tensor] | None = None,
 ) -> Report:
     """One optimizer step on copies, fp32 against the regime's dtype
-    (`analysis.optimizer_step`), with its LOST_UPDATE findings. One process with plain
-    parameters only: a sharded or distributed model's report has none."""
+    (`analysis.optimizer_step`; the applied step on `low_grads` where given), with its
+    LOST_UPDATE findings. One process with plain parameters only: a sharded or distributed
+    model's report has none."""
     if not isinstance(req.job, SingleProcess):
         return report
     step = optimizer_step(
-        req.model, grads, req.low, build_optimizer=build_optimizer, lr=lr, master_weights=req.regime is Regime.AUTOCAST
+        req.model,
+        grads,
+        req.low,
+        build_optimizer=build_optimizer,
+        lr=lr,
+        master_weights=req.regime is Regime.AUTOCAST,
+        low_grads=low_grads,
     )
     return with_optimizer_step(report, step)
 

@@ -85,6 +85,11 @@ class LowGradients:
     scale_log2: int
     workspace: Workspace
     low_backward: LowBackward
+    keep: dict[str, torch.Tensor] | None = None
+    """Where given (a pure-regime report with an optimizer step, one process): each low
+    gradient is also kept here, by every name of its parameter, in `keep_dtype` (the applied
+    optimizer step then steps the low run's own gradients)."""
+    keep_dtype: torch.dtype | None = None
 
 
 """`engine.build_report`: a capture and its parameter gradients' summaries judged."""
@@ -139,7 +144,18 @@ class SingleProcess(AnalysisJob):
 
     def gradient_fidelity(self, low: LowGradients) -> Report:
         comparer = GradComparer(low.grads, low.workspace)
-        low.low_backward(comparer.add)
+        keep, dtype = low.keep, low.keep_dtype
+        if keep is None:
+            low.low_backward(comparer.add)
+        else:
+
+            def add(names: list[str], g: torch.Tensor) -> None:
+                comparer.add(names, g)
+                kept = g.to(dtype) if dtype is not None else g
+                for n in names:
+                    keep.setdefault(n, kept)
+
+            low.low_backward(add)
         return comparer.with_fidelity(low.report, low.scale_log2)
 
 

@@ -5,10 +5,11 @@ weight is rounded away: an update below half the weight's spacing (bf16: 2^-8 of
 2^-11) leaves it as it was. `model.to(torch.bfloat16)` with a stock optimizer (Lightning's
 `bf16-true`) steps the low weights themselves, and its state (Adam's moments) in their dtype.
 
-`optimizer_step` runs the user's optimizer for real, one step on the analysis' fp32 gradients,
-twice per parameter tensor: on an fp32 copy (the intended step) and on a copy in the low dtype
-with the gradient rounded to it (the applied step: the optimizer makes its state in that dtype,
-as it does for a low model). The copies are made and dropped one parameter at a time, so the
+`optimizer_step` runs the user's optimizer for real, one step per parameter tensor twice: on an
+fp32 copy with the analysis' fp32 gradient (the intended step) and on a copy in the low dtype
+(the applied step: the optimizer makes its state in that dtype, as it does for a low model)
+with, under --regime pure, the low run's own gradient (the engine keeps it from the gradient
+fidelity's backward, in the low dtype), else the fp32 gradient rounded to the low dtype. The copies are made and dropped one parameter at a time, so the
 extra memory is a few copies of the largest parameter, and the user's model and optimizer are
 never touched. Element by element, the applied update is compared with the intended one
 (`report.StepFidelity`): lost (the fp32 step changes the element, the low one does not),
@@ -174,11 +175,17 @@ def _single(template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.
 
 
 def _one_param(
-    template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor, g: torch.Tensor, low: torch.dtype
+    template: torch.optim.Optimizer,
+    group: Mapping[str, Any],
+    p: torch.Tensor,
+    g: torch.Tensor,
+    low: torch.dtype,
+    g_low: torch.Tensor | None = None,
 ) -> tuple[_Counts, dict[str, _Counts], torch.Tensor]:
-    """One step on an fp32 copy and one on a low copy of `p` with gradient `g`. Returns the
-    weights' counts, each same-shaped state tensor's, and the lr each changed element needs
-    for its update to survive (log2)."""
+    """One step on an fp32 copy of `p` with gradient `g` and one on a low copy with gradient
+    `g_low` (the low run's own; by default `g` rounded to `low`). Returns the weights' counts,
+    each same-shaped state tensor's, and the lr each changed element needs for its update to
+    survive (log2)."""
     w32 = p.detach().float().clone()
     p32 = torch.nn.Parameter(w32.clone())
     p32.grad = g.detach().float().clone()
@@ -190,7 +197,7 @@ def _one_param(
 
     wl = w32.to(low)
     pl = torch.nn.Parameter(wl.clone())
-    pl.grad = g.detach().to(low)
+    pl.grad = (g_low if g_low is not None else g).detach().to(low)
     opt = _single(template, group, pl)
     opt.step()
     applied = pl.detach().float() - wl.float()
@@ -221,13 +228,16 @@ def optimizer_step(
     build_optimizer: OptimizerFactory | None = None,
     lr: float | None = None,
     master_weights: bool = False,
+    low_grads: Mapping[str, torch.Tensor] | None = None,
 ) -> OptimizerStep:
     """One optimizer step, intended (fp32) against applied (`low` weights and state), per
     parameter and per unit (see the module's docstring). `grads`: the fp32 gradients by
     parameter name (a tied parameter's under any of its names). `build_optimizer(model)`
     gives the optimizer (only its class and parameter groups are used: it never steps);
     otherwise AdamW at `lr`. `master_weights`: the regime keeps fp32 master weights
-    (autocast), recorded for the findings."""
+    (autocast), recorded for the findings. `low_grads`: the low run's own gradients by
+    parameter name (pure regime), which the applied step steps instead of the fp32 ones
+    rounded to `low` (a parameter without one falls back to those)."""
     start = time.perf_counter()
     template = _template(model, build_optimizer, lr)
     group_of = {id(p): g for g in template.param_groups for p in g["params"]}
@@ -244,21 +254,29 @@ def optimizer_step(
     for n, p in model.named_parameters():
         group = group_of.get(id(p))
         g = next((grads[m] for m in names[id(p)] if m in grads), None)
+        g_low = next((low_grads[m] for m in names[id(p)] if m in low_grads), None) if low_grads else None
+        if g_low is not None and (g_low.shape != p.shape or g_low.is_sparse):
+            g_low = None
         if group is None or g is None or g.is_sparse or p.is_complex() or not p.is_floating_point():
             continue
         unit = owner_of(n)
         sums = units.setdefault(unit, _UnitSums())
         weights, states = _Counts(), dict[str, _Counts]()
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = [(p, g)]
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [(p, g, g_low)]
         sampled = every > 1 and p.numel() > WHOLE_MAX
         if pieces and (p.numel() > CHUNK or sampled):
             flat_p, flat_g = p.detach().reshape(-1), g.detach().reshape(-1)
+            flat_l = g_low.detach().reshape(-1) if g_low is not None else None
             if sampled:
                 flat_p, flat_g = flat_p[::every], flat_g[::every]
-            parts = [(flat_p[k : k + CHUNK], flat_g[k : k + CHUNK]) for k in range(0, flat_p.numel(), CHUNK)]
-        for part, grad in parts:
+                flat_l = flat_l[::every] if flat_l is not None else None
+            parts = [
+                (flat_p[k : k + CHUNK], flat_g[k : k + CHUNK], flat_l[k : k + CHUNK] if flat_l is not None else None)
+                for k in range(0, flat_p.numel(), CHUNK)
+            ]
+        for part, grad, grad_low in parts:
             with torch.no_grad():
-                w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype)
+                w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype, grad_low)
             weights.merge(w)
             for key, c in s.items():
                 states.setdefault(key, _Counts()).merge(c)
