@@ -23,6 +23,7 @@ from precision_doctor.options import (
     Target,
     Thresholds,
 )
+from precision_doctor.planning.master import MasterWeights
 from precision_doctor.planning.pipeline import plan_report
 from precision_doctor.planning.plan import Plan, apply_plan
 from precision_doctor.planning.timing import measure_cost_model
@@ -38,6 +39,7 @@ __all__ = [
     "Flag",
     "Judge",
     "LowDtype",
+    "MasterWeights",
     "Plan",
     "PrecisionDoctorError",
     "PrecisionDoctorInternalError",

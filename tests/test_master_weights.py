@@ -19,7 +19,7 @@ from precision_doctor.extras import PlanBytes, PlanCosts
 from precision_doctor.model.spec import ModelSpec, load_model_file
 from precision_doctor.options import ExportFormat, Regime
 from precision_doctor.planning.cost import build_cost_model, profile_for
-from precision_doctor.planning.export import render
+from precision_doctor.planning.export import export_caveats, render
 from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 from precision_doctor.planning.plan import (
     PLAN_SCHEMA_VERSION,
@@ -352,3 +352,12 @@ def test_an_autocast_report_still_gets_an_autocast_plan(stall_pure: tuple[ModelS
     plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, build_optimizer=spec.build_optimizer)
     assert plan.regime is Regime.AUTOCAST and plan.master_weights == [] and plan.training_check is None
     assert "hold_plan_weights" not in render(plan, ExportFormat.PYTHON)
+
+
+def test_mixed_precision_exports_of_a_pure_plan_say_what_they_do_not_carry() -> None:
+    plan = _pure_plan({"<root>": "bf16", "a": "bf16", "b": "bf16", "c": "fp32", "<loss>": "fp32"}, ["a"])
+    for fmt in (ExportFormat.DEEPSPEED, ExportFormat.HF):
+        caveats = export_caveats(plan, fmt, deepspeed_version="0.18.0")
+        assert len(caveats) == 1 and "fp32 master weights for 1 unit(s)" in caveats[0], caveats
+    assert export_caveats(plan, ExportFormat.PYTHON) == []
+    assert export_caveats(plan.model_copy(update={"regime": Regime.AUTOCAST}), ExportFormat.HF) == []

@@ -338,8 +338,9 @@ def carries_module_dtypes(export_format: ExportFormat | str, deepspeed_version: 
 def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
+    pure = _pure_caveat(plan, export_format)
     if carries_module_dtypes(export_format, deepspeed_version):
-        return []
+        return pure
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
     caveats = []
     kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
@@ -350,6 +351,7 @@ def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_vers
             f"DeepSpeed {version or '(not installed)'} < {since} has no per-module dtypes: this config runs "
             f"every module in {plan.dtype}; the plan keeps {shown} in fp32 (apply the python export too)"
         )
+    caveats += pure
     fp16 = deepspeed_config(plan, version).get("fp16")
     power = fp16.get("initial_scale_power") if isinstance(fp16, dict) else None
     if isinstance(power, int) and power > DEEPSPEED_USUAL_MAX_SCALE_POWER:
@@ -360,6 +362,18 @@ def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_vers
             "out of the loss would let the default do"
         )
     return caveats
+
+
+def _pure_caveat(plan: Plan, export_format: ExportFormat | str) -> list[str]:
+    """A pure plan's weights held low and master copies per unit: the mixed-precision configs
+    (DeepSpeed's, Trainer's) keep fp32 master weights for every parameter instead."""
+    if plan.regime is not Regime.PURE or ExportFormat(export_format) not in (ExportFormat.DEEPSPEED, ExportFormat.HF):
+        return []
+    return [
+        f"this pure {plan.dtype} plan holds its low units' weights in {plan.dtype} with fp32 master weights for "
+        f"{len(plan.master_weights)} unit(s); this config trains under mixed precision, fp32 master weights for "
+        "every parameter (more memory, no update lost): for the planned weights use apply_plan or the python export"
+    ]
 
 
 def render_deepspeed(plan: Plan, deepspeed_version: str | None = None) -> str:
