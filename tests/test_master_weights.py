@@ -361,3 +361,24 @@ def test_mixed_precision_exports_of_a_pure_plan_say_what_they_do_not_carry() -> 
         assert len(caveats) == 1 and "fp32 master weights for 1 unit(s)" in caveats[0], caveats
     assert export_caveats(plan, ExportFormat.PYTHON) == []
     assert export_caveats(plan.model_copy(update={"regime": Regime.AUTOCAST}), ExportFormat.HF) == []
+
+
+def test_cli_exports_the_pure_plans_master_weights(tmp_path: Path) -> None:
+    """`analyze --regime pure --export plan.py` on the stall sample: the python export names
+    the master-weight units, and run on the fp32 model it holds the weights as planned."""
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    out = tmp_path / "plan.py"
+    args = ["analyze", str(SAMPLES / "bf16_finetune_stall.py"), "--dtype", "bf16", "--regime", "pure"]
+    result = CliRunner().invoke(app, [*args, "--export", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code in (0, 1), result.output  # 1: the analysis found errors (LOST_UPDATE)
+    assert "bf16 + fp32 master weights: head" in result.output and "tracks fp32" in result.output
+    namespace: dict[str, Any] = {}
+    exec(compile(out.read_text(), str(out), "exec"), namespace)
+    assert sorted(namespace["MASTER_UNITS"]) == ["backbone", "head"]
+    net = _stall().model
+    masters = namespace["hold_plan_weights"](net)
+    assert len(masters) == 4 and net.adapter.weight.dtype == torch.bfloat16 and net.head.weight.dtype == torch.bfloat16
+    assert masters.master(net.adapter.weight) is net.adapter.weight
