@@ -38,7 +38,7 @@ from precision_doctor.capture.ops import op_info
 from precision_doctor.capture.statistics import relative_loss_error
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
+from precision_doctor.extras import Fp32Unit, LossScaleSection, NotFp8Unit, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_seconds
 from precision_doctor.model.parallel import reset_fsdp_iteration
 from precision_doctor.model.spec import LossFn, device_type, resolve_loss, run_model
@@ -50,6 +50,7 @@ from precision_doctor.options import (
     LowDtype,
     Regime,
     Target,
+    PlanUnitDtype,
     UnitDtype,
     refuse_fp8,
 )
@@ -59,12 +60,16 @@ from precision_doctor.planning.cost import (
     build_cost_model,
     profile_for,
 )
+from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.search import PlanProblem, solve_milp
 from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
+READABLE_PLAN_SCHEMA_VERSIONS = (1, PLAN_SCHEMA_VERSION)
+"""1: fp16/bf16 plans; 2 adds fp8 plans (`fp8:<recipe>` units, `not_fp8_units`): a version-1
+plan is a version-2 plan without them."""
 DEFAULT_TOLERANCE = 1e-2
 """Relative error of the final loss against fp32 that a plan may cost: 1%, well inside the
 step-to-step noise of a training loss, and far above the 1e-4..1e-3 a healthy fp16 model
@@ -84,8 +89,9 @@ class Plan(Frozen):
     dtype: LowDtype
     target: str
     tolerance: float
-    units: dict[str, UnitDtype]
-    """Unit (module path, `<root>`, `<loss>`) -> the dtype it runs in."""
+    units: dict[str, PlanUnitDtype]
+    """Unit (module path, `<root>`, `<loss>`) -> the dtype it runs in: fp32, the plan's low
+    dtype, and in an fp8 plan bf16 or `fp8:<recipe>` (a Linear torchao converts)."""
     module_classes: dict[str, str] = Field(default_factory=dict)
     """Unit -> qualified class name of its module (for DeepSpeed's module-class lists)."""
     module_count: int | None = None
@@ -98,7 +104,8 @@ class Plan(Frozen):
     verification_passes: int
     loss_scale: LossScaleSection | None = None
     """The initial loss scale for the plan's low units (the report's `loss_scale` section)."""
-
+    not_fp8_units: list[NotFp8Unit] = Field(default_factory=list)
+    """fp8 plans: the Linear units kept out of float8 (bf16 or fp32), each with why."""
     @property
     def low_units(self) -> dict[str, bool]:
         return {u: d != "fp32" for u, d in self.units.items()}
@@ -118,11 +125,13 @@ class Plan(Frozen):
         raw = parse_json(text, source)
         if isinstance(raw, dict) and isinstance(raw.get("units"), list) and "environment" in raw:
             raise PrecisionDoctorError(f"{source} is an analysis report, not a plan (`analyze --export` writes plans)")
-        if not isinstance(raw, dict) or raw.get("schema_version") != PLAN_SCHEMA_VERSION:
+        if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_PLAN_SCHEMA_VERSIONS:
             got = raw.get("schema_version") if isinstance(raw, dict) else None
+            readable = " or ".join(str(v) for v in READABLE_PLAN_SCHEMA_VERSIONS)
             raise PrecisionDoctorError(
-                f"{source} is not a precision-doctor plan of schema_version {PLAN_SCHEMA_VERSION} (got {got!r})"
+                f"{source} is not a precision-doctor plan of schema_version {readable} (got {got!r})"
             )
+        raw = {**raw, "schema_version": PLAN_SCHEMA_VERSION}  # read as the current version
         return validated(cls, raw, f"{source} does not match the plan schema")
 
     @classmethod
@@ -152,8 +161,15 @@ class Plan(Frozen):
             f"verified final-loss error {self.verified_loss_rel_error:.2e} "
             f"(tolerance {self.tolerance:.0e}, {self.verification_passes} verification pass(es))",
         ]
-        lines += [f"  fp32: {f.unit}: {f.reason}" for f in self.fp32_units]
+        for recipe, layers in planned_recipes(self.units).items():
+            lines.append(f"  fp8 ({recipe}): {', '.join(layers)}")
+        lines += [f"  {self.units.get(f.unit, 'bf16')}, not fp8: {f.unit}: {f.reason}" for f in self.not_fp8_units]
+        lines += [f"  fp32: {f.unit}: {f.reason}" for f in self.fp32_units if f.unit not in self.not_fp8_reasons]
         return "\n".join(lines)
+
+    @property
+    def not_fp8_reasons(self) -> dict[str, str]:
+        return {f.unit: f.reason for f in self.not_fp8_units}
 
 
 # --- search + verification ------------------------------------------------------------------
