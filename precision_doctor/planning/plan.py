@@ -56,12 +56,13 @@ from precision_doctor.options import (
 )
 from precision_doctor.planning.cost import (
     CostModel,
+    UnitCost,
     autocast_assignment,
     build_cost_model,
     profile_for,
 )
 from precision_doctor.planning.fp8 import planned_recipes
-from precision_doctor.planning.search import PlanProblem, solve_milp
+from precision_doctor.planning.search import Choice, PlanProblem, solve_milp
 from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
@@ -226,17 +227,32 @@ def build_problem(
     index = {n: i for i, n in enumerate(names)}
     return PlanProblem(
         names=names,
-        fp32_time_s=tuple(u.fp32_time_s for u in costs.units),
-        low_time_s=tuple(u.low_time_s for u in costs.units),
-        fp32_activation_bytes=tuple(u.fp32_activation_bytes for u in costs.units),
-        low_activation_bytes=tuple(u.low_activation_bytes for u in costs.units),
+        choices=tuple(_unit_choices(report, u, contributions, forced) for u in costs.units),
         edges=tuple(
             (index[e.src], index[e.dst], e.cast_time_s) for e in costs.edges if e.src in index and e.dst in index
         ),
-        error=tuple(0.0 if n in forced else contributions.get(n, 0.0) for n in names),
         error_budget=tolerance,
-        forced_fp32=frozenset(index[n] for n in forced if n in index),
         memory_weight_s_per_byte=memory_weight_s_per_byte,
+    )
+
+
+def _unit_choices(
+    report: Report, cost: UnitCost, contributions: Mapping[str, float], forced: set[str]
+) -> tuple[Choice, ...]:
+    """fp32, and the report's low dtype unless the unit is kept fp32."""
+    fp32 = Choice("fp32", cost.fp32_time_s, cost.fp32_activation_bytes)
+    if cost.name in forced:
+        return (fp32,)
+    low = report.environment.dtype.value
+    return (
+        fp32,
+        Choice(
+            low,
+            cost.low_time_s,
+            cost.low_activation_bytes,
+            error=contributions.get(cost.name, 0.0),
+            boundary=low,
+        ),
     )
 
 
@@ -423,7 +439,7 @@ class _Search:
 
     def candidate(self, problem: PlanProblem) -> dict[str, bool]:
         if self.calibrated:
-            return dict(zip(problem.names, solve_milp(problem).low, strict=True))
+            return {n: label != "fp32" for n, label in problem.labels(solve_milp(problem).chosen).items()}
         return {n: n not in self.forced for n in problem.names}
 
     def run(
@@ -627,7 +643,7 @@ def _fp32_reasons(
     tolerance: float,
 ) -> dict[str, str]:
     reasons: dict[str, str] = {}
-    x = [low[n] for n in problem.names]
+    x = [int(low[n]) for n in problem.names]  # choice 1 is the low dtype (`_unit_choices`)
     base = problem.objective(x)
     used = problem.error_of(x)
     for i, n in enumerate(problem.names):
@@ -639,7 +655,7 @@ def _fp32_reasons(
             reasons[n] = promoted[n]
         else:
             flipped = list(x)
-            flipped[i] = True
+            flipped[i] = 1
             e = contributions.get(n, 0.0)
             if used + e > tolerance:
                 reasons[n] = (

@@ -1,19 +1,25 @@
-"""Plan search: which units run low, as a 0/1 integer program solved exactly.
+"""Plan search: what each unit runs as, one choice per unit, as an integer program solved exactly.
 
-Variables: x_u = 1 when unit u runs low; y_e = 1 when edge e joins units of different dtypes
-(a cast). Minimize the estimated step time (unit times, plus cast times on the y edges) plus
-an optional weighted activation-memory term, subject to
-- hard constraints: x_u = 0 for every unit where low precision overflows or goes non-finite;
-- the error budget: the units' error contributions summed over the low units stay within it;
-- y_e >= x_src - x_dst and y_e >= x_dst - x_src (minimization makes y_e = |x_src - x_dst|).
+Each unit has a list of `Choice`s (fp32 first, always allowed; then the low dtype, and where a
+plan offers them fp32 master weights or an fp8 recipe), each with its step time, the memory it
+holds and its contribution to the final-loss error. Variables: z_uk = 1 when unit u takes
+choice k (one per unit); y_e = 1 when edge e joins units whose choices exchange values in
+different dtypes (their `boundary`: a cast). Minimize the estimated step time (the chosen
+choices' times, plus cast times on the y edges) plus an optional weighted memory term, subject
+to
+- one choice per unit: sum_k z_uk = 1 (a unit that must stay fp32 has only that choice);
+- the error budget: the chosen choices' error contributions sum to at most the budget;
+- for each boundary dtype b: y_e >= [src's choice has boundary b] - [dst's choice has b]
+  (so y_e = 1 exactly when the two ends' boundaries differ; minimization keeps it 0 otherwise).
 
 `solve_milp` uses scipy.optimize.milp (HiGHS) with a zero optimality gap; `solve_exhaustive`
-enumerates all 2^n plans with the same `objective` and `feasible`, as a test reference.
+enumerates every combination with the same `objective` and `feasible`, as a test reference.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,45 +27,71 @@ import numpy as np
 
 from precision_doctor.errors import PrecisionDoctorError
 
-EXHAUSTIVE_MAX_UNITS = 20
+EXHAUSTIVE_MAX_PLANS = 2**20
 _BUDGET_SLACK = 1e-9  # relative: float sums in two summation orders must agree on feasibility
+FP32_BOUNDARY = "fp32"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One way a unit can run in a plan."""
+
+    label: str
+    """What the unit runs as, e.g. `fp32`, `bf16`, `fp16`."""
+    time_s: float
+    """Its estimated share of the step time."""
+    activation_bytes: int
+    """Activations it keeps for the backward."""
+    state_bytes: int = 0
+    """Parameters, master copies and optimizer state held for it."""
+    error: float = 0.0
+    """Its contribution to the final-loss relative error (spent from the budget)."""
+    boundary: str = FP32_BOUNDARY
+    """The dtype of the values it exchanges with neighbouring units: an edge whose two ends
+    differ here pays the edge's cast time."""
 
 
 @dataclass(frozen=True)
 class PlanProblem:
     names: tuple[str, ...]
-    fp32_time_s: tuple[float, ...]
-    low_time_s: tuple[float, ...]
-    fp32_activation_bytes: tuple[int, ...]
-    low_activation_bytes: tuple[int, ...]
+    choices: tuple[tuple[Choice, ...], ...]
+    """Per unit; `choices[u][0]` is fp32, always allowed (a unit kept fp32 has only it)."""
     edges: tuple[tuple[int, int, float], ...]
     """(producer index, consumer index, cast time in seconds)."""
-    error: tuple[float, ...]
-    """Each unit's contribution to the final-loss relative error when it runs low."""
     error_budget: float
-    forced_fp32: frozenset[int]
     memory_weight_s_per_byte: float = 0.0
+    """Weighs each choice's `activation_bytes + state_bytes` in the objective."""
 
-    def objective(self, low: Sequence[bool]) -> float:
-        t = sum(lo if x else f for x, f, lo in zip(low, self.fp32_time_s, self.low_time_s, strict=True))
-        t += sum(c for i, j, c in self.edges if low[i] != low[j])
-        mem = sum(
-            lo if x else f for x, f, lo in zip(low, self.fp32_activation_bytes, self.low_activation_bytes, strict=True)
-        )
+    def __post_init__(self) -> None:
+        if len(self.choices) != len(self.names) or any(not c for c in self.choices):
+            raise ValueError("a plan problem needs at least one choice for every unit")
+
+    def chosen_choices(self, chosen: Sequence[int]) -> list[Choice]:
+        return [cs[k] for cs, k in zip(self.choices, chosen, strict=True)]
+
+    def objective(self, chosen: Sequence[int]) -> float:
+        picked = self.chosen_choices(chosen)
+        t = sum(c.time_s for c in picked)
+        t += sum(cast for i, j, cast in self.edges if picked[i].boundary != picked[j].boundary)
+        mem = sum(c.activation_bytes + c.state_bytes for c in picked)
         return t + self.memory_weight_s_per_byte * mem
 
-    def error_of(self, low: Sequence[bool]) -> float:
-        return sum(e for x, e in zip(low, self.error, strict=True) if x)
+    def error_of(self, chosen: Sequence[int]) -> float:
+        return sum(c.error for c in self.chosen_choices(chosen))
 
-    def feasible(self, low: Sequence[bool]) -> bool:
-        if any(low[i] for i in self.forced_fp32):
+    def feasible(self, chosen: Sequence[int]) -> bool:
+        if any(not 0 <= k < len(cs) for cs, k in zip(self.choices, chosen, strict=True)):
             return False
-        return self.error_of(low) <= self.error_budget * (1 + _BUDGET_SLACK) + 1e-300
+        return self.error_of(chosen) <= self.error_budget * (1 + _BUDGET_SLACK) + 1e-300
+
+    def labels(self, chosen: Sequence[int]) -> dict[str, str]:
+        return {n: c.label for n, c in zip(self.names, self.chosen_choices(chosen), strict=True)}
 
 
 @dataclass(frozen=True)
 class Solution:
-    low: tuple[bool, ...]
+    chosen: tuple[int, ...]
+    """Per unit, the index of its choice."""
     objective: float
 
 
@@ -70,65 +102,76 @@ def solve_milp(problem: PlanProblem) -> Solution:
     n, m = len(problem.names), len(problem.edges)
     if n == 0:
         return Solution((), 0.0)
+    offsets = list(itertools.accumulate((len(cs) for cs in problem.choices), initial=0))
+    nz = offsets[-1]
+    size = nz + m
     # Scale to O(1): HiGHS' tolerances are absolute.
-    scale = max(sum(problem.fp32_time_s), 1e-30)
+    scale = max(sum(cs[0].time_s for cs in problem.choices), 1e-30)
     w = problem.memory_weight_s_per_byte
-    c = np.zeros(n + m)
-    for u in range(n):
-        c[u] = (problem.low_time_s[u] - problem.fp32_time_s[u]) + w * (
-            problem.low_activation_bytes[u] - problem.fp32_activation_bytes[u]
-        )
-    for k, (_, _, cast) in enumerate(problem.edges):
-        c[n + k] = cast
+    c = np.zeros(size)
+    for u, cs in enumerate(problem.choices):
+        for k, ch in enumerate(cs):
+            c[offsets[u] + k] = ch.time_s + w * (ch.activation_bytes + ch.state_bytes)
+    for e, (_, _, cast) in enumerate(problem.edges):
+        c[nz + e] = cast
     c /= scale
 
     rows: list[np.ndarray] = []
     lo: list[float] = []
     hi: list[float] = []
-    for k, (i, j, _) in enumerate(problem.edges):
-        for sign in (1.0, -1.0):
-            r = np.zeros(n + m)
-            r[n + k] = 1.0
-            r[i] -= sign
-            r[j] += sign
+    for u, cs in enumerate(problem.choices):
+        r = np.zeros(size)
+        r[offsets[u] : offsets[u] + len(cs)] = 1.0
+        rows.append(r)
+        lo.append(1.0)
+        hi.append(1.0)
+    boundaries = sorted({ch.boundary for cs in problem.choices for ch in cs})
+    for e, (i, j, _) in enumerate(problem.edges):
+        for b in boundaries:
+            r = np.zeros(size)
+            r[nz + e] = 1.0
+            for k, ch in enumerate(problem.choices[i]):
+                if ch.boundary == b:
+                    r[offsets[i] + k] -= 1.0
+            for k, ch in enumerate(problem.choices[j]):
+                if ch.boundary == b:
+                    r[offsets[j] + k] += 1.0
             rows.append(r)
             lo.append(0.0)
             hi.append(np.inf)
-    if problem.error_budget < float("inf"):
-        r = np.zeros(n + m)
+    if math.isfinite(problem.error_budget):
+        r = np.zeros(size)
         budget = max(problem.error_budget, 1e-300)
-        r[:n] = np.asarray(problem.error) / budget
+        for u, cs in enumerate(problem.choices):
+            for k, ch in enumerate(cs):
+                r[offsets[u] + k] = ch.error / budget
         rows.append(r)
         lo.append(-np.inf)
         hi.append(1.0 + _BUDGET_SLACK)
-    upper = np.ones(n + m)
-    for i in problem.forced_fp32:
-        upper[i] = 0.0
-    constraints = [LinearConstraint(np.vstack(rows), lo, hi)] if rows else []
     res = milp(
         c,
-        integrality=np.ones(n + m),
-        bounds=Bounds(np.zeros(n + m), upper),
-        constraints=constraints,
+        integrality=np.ones(size),
+        bounds=Bounds(np.zeros(size), np.ones(size)),
+        constraints=[LinearConstraint(np.vstack(rows), lo, hi)],
         options={"mip_rel_gap": 0.0},
     )
     if res.x is None:
         raise PrecisionDoctorError(f"the plan search found no solution: {res.message}")
-    low = tuple(bool(round(v)) for v in res.x[:n])
-    return Solution(low, problem.objective(low))
+    chosen = tuple(int(np.argmax(res.x[offsets[u] : offsets[u] + len(cs)])) for u, cs in enumerate(problem.choices))
+    return Solution(chosen, problem.objective(chosen))
 
 
 def solve_exhaustive(problem: PlanProblem) -> Solution:
-    """Every one of the 2^n plans; the reference the MILP is tested against."""
-    n = len(problem.names)
-    if n > EXHAUSTIVE_MAX_UNITS:
-        raise ValueError(f"exhaustive search over {n} units is 2^{n} plans")
+    """Every combination of choices; the reference the MILP is tested against."""
+    count = math.prod(len(cs) for cs in problem.choices)
+    if count > EXHAUSTIVE_MAX_PLANS:
+        raise ValueError(f"exhaustive search over {len(problem.names)} units is {count} plans")
     best: Solution | None = None
-    for low in itertools.product((False, True), repeat=n):
-        if not problem.feasible(low):
+    for chosen in itertools.product(*(range(len(cs)) for cs in problem.choices)):
+        if not problem.feasible(chosen):
             continue
-        obj = problem.objective(low)
+        obj = problem.objective(chosen)
         if best is None or obj < best.objective:
-            best = Solution(tuple(low), obj)
+            best = Solution(tuple(chosen), obj)
     assert best is not None  # all-fp32 is always feasible
     return best
