@@ -28,7 +28,7 @@ import torch
 
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import Fp8Recipe, LowDtype, Target, refuse_fp8
+from precision_doctor.options import Fp8Recipe, LowDtype, Phase, Target
 from precision_doctor.report import Report, Unit
 
 CAST_BYTES_FACTOR = 1.5
@@ -237,10 +237,11 @@ def unit_roofline_s(
 
 def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | str | None = None) -> CostModel:
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
-    refuse_fp8(low, "the cost model")
     bw = profile.bandwidth_bytes_per_s
     p32 = profile.peak_flops_per_s("fp32")
-    plow = profile.peak_flops_per_s(low.value)
+    # fp8: every unit's low choice here is bf16 (autocast around torchao's Float8Linears);
+    # the fp8 Linears' own times are `fp8_linear_time_s`.
+    plow = profile.peak_flops_per_s(LowDtype.BF16.value if low is LowDtype.FP8 else low.value)
     units = []
     for u in report.units:
         t32 = unit_roofline_s(u, p32, bw)
@@ -340,7 +341,7 @@ def fp8_linear_time_s(
             t += c.calls * _roofline(c.flops, c.bytes * 0.5, p16, bw)
             continue
         peak = p8
-        if c.phase == "forward":
+        if c.phase is Phase.FORWARD:
             gemm_flops_fwd += c.calls * c.flops
             weight_calls += c.calls
         elif recipe is Fp8Recipe.ROWWISE_WITH_GW_HP:

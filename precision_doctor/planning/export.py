@@ -28,9 +28,9 @@ import json
 from importlib import metadata
 
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
+from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.options import ExportFormat, LowDtype, fp8_recipe_of
 from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.plan import Plan

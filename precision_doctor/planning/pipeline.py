@@ -11,7 +11,7 @@ import torch
 
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn
-from precision_doctor.options import CostSource, Target, parse_enum, refuse_fp8
+from precision_doctor.options import CostSource, LowDtype, Target, parse_enum
 from precision_doctor.planning.export import plan_section
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
 from precision_doctor.report import Report
@@ -39,9 +39,13 @@ def plan_report(
     In a torch.distributed job every rank calls it (with its own shard of the data) and gets
     the same plan: each verification pass decides on the worst rank's error, and measured
     costs are rank 0's. A `DistributedDataParallel` model is planned as its `module`."""
-    refuse_fp8(report.environment.dtype, "the plan search")
     model = unwrap(model)[0]
     source = parse_enum(CostSource, cost_source, "cost source")
+    if source is CostSource.MEASURED and report.environment.dtype is LowDtype.FP8:
+        raise PrecisionDoctorError(
+            "measured costs time each unit in fp32 and bf16 only: plan fp8 on a device's roofline "
+            "(--target h100, h200 or b200)"
+        )
     if target is not None:
         target = parse_enum(Target, target, "target")
     if source is CostSource.MEASURED and target is not None:

@@ -48,11 +48,10 @@ from precision_doctor.options import (
     ExportFormat,
     Flag,
     LowDtype,
+    PlanUnitDtype,
     Regime,
     Target,
-    PlanUnitDtype,
     UnitDtype,
-    refuse_fp8,
 )
 from precision_doctor.planning.cost import (
     CostModel,
@@ -107,6 +106,7 @@ class Plan(Frozen):
     """The initial loss scale for the plan's low units (the report's `loss_scale` section)."""
     not_fp8_units: list[NotFp8Unit] = Field(default_factory=list)
     """fp8 plans: the Linear units kept out of float8 (bf16 or fp32), each with why."""
+
     @property
     def low_units(self) -> dict[str, bool]:
         return {u: d != "fp32" for u, d in self.units.items()}
@@ -405,7 +405,7 @@ def verify_plan(
     return Verification(relative_loss_error(ref.loss, run.loss), first_bad[0] if first_bad else None)
 
 
-def _module_classes(model: torch.nn.Module) -> dict[str, str]:
+def module_classes(model: torch.nn.Module) -> dict[str, str]:
     out = {}
     for name, mod in model.named_modules():
         cls = type(mod)
@@ -518,7 +518,6 @@ def plan_model(
     `costs` when given (measured ones, `timing.measure_cost_model`; `target` then only
     names them in the plan). Each candidate is verified as `apply_plan` runs it, under
     autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report)."""
-    refuse_fp8(report.environment.dtype, "the plan search")
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
     dtype = report.environment.dtype
@@ -530,6 +529,21 @@ def plan_model(
     weight = (
         memory_weight_s_per_byte if memory_weight_s_per_byte is not None else MEMORY_TIE_BREAK * base_time / base_bytes
     )
+    if dtype is LowDtype.FP8:
+        # Imported here: the fp8 search builds on this module's verification.
+        from precision_doctor.planning.fp8_plan import plan_fp8_model
+
+        return plan_fp8_model(
+            model,
+            batch,
+            loss_fn,
+            report,
+            costs,
+            target=str(target),
+            tolerance=tolerance,
+            max_rounds=max_rounds,
+            memory_weight_s_per_byte=weight,
+        )
     hard = hard_fp32_reasons(report)
     # Contributions are calibrated on the all-low run's final-loss error; when that run went
     # through a unit that must stay fp32 (its error says nothing about the others), the first
@@ -547,8 +561,8 @@ def plan_model(
         dtype=dtype,
         target=str(target),
         tolerance=tolerance,
-        units={n: (cast(UnitDtype, dtype.value) if v else "fp32") for n, v in low.items()},  # fp8 refused above
-        module_classes={n: c for n, c in _module_classes(model).items() if n in low},
+        units={n: (cast(UnitDtype, dtype.value) if v else "fp32") for n, v in low.items()},  # fp8 planned above
+        module_classes={n: c for n, c in module_classes(model).items() if n in low},
         module_count=sum(1 for _ in model.named_modules()),
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],
         estimated_step_time_s=PlanCosts(fp32=base_time, autocast=costs.step_time_s(auto), plan=costs.step_time_s(low)),
@@ -702,6 +716,18 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
     return {u: modules[u] for u in plan.units if u not in (LOSS_UNIT, UNATTRIBUTED_UNIT)}
 
 
+def _check_fp8_converted(modules: Mapping[str, torch.nn.Module], plan: Plan) -> None:
+    """An fp8 plan's overrides leave the fp8 layers to torchao (or Transformer Engine): refused
+    while one is still a plain Linear, which would silently run in bf16."""
+    plain = [u for u, d in plan.units.items() if d.startswith("fp8:") and type(modules.get(u)) is torch.nn.Linear]
+    if plain:
+        shown = ", ".join(plain[:3]) + (f" and {len(plain) - 3} more" if len(plain) > 3 else "")
+        raise PrecisionDoctorError(
+            f"the plan runs {shown} in fp8 but the model's are plain nn.Linear: convert them first "
+            "(the torchao export's convert_planned(model), or te.Linear from the te export), then apply_plan"
+        )
+
+
 def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:
     """Install `plan`'s per-module dtypes (a `Plan`, a planned `Report`, a plan file or its
     JSON as a mapping); they take effect inside `torch.autocast` regions of the plan's dtype.
@@ -723,9 +749,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[s
         plan = validated(Plan, dict(plan), "not a precision-doctor plan")
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    refuse_fp8(plan.dtype, "apply_plan")
-    check_plan_matches(model, plan)
-    low_dtype = TORCH_DTYPES[plan.dtype]
+    modules = check_plan_matches(model, plan)
+    if plan.dtype is LowDtype.FP8:
+        _check_fp8_converted(modules, plan)
+    low_dtype = TORCH_DTYPES[plan.dtype]  # fp8 plans: bf16 autocast around the fp8 layers
     # Refused here when applied inside an autocast region of another dtype, and on entering a
     # planned module inside one (the overrides check each time).
     check_region_dtype(device_type(model), low_dtype)
