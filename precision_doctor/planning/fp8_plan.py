@@ -95,7 +95,7 @@ def fp8_choices(
     """Per unit of `costs`: fp32; unless forced to fp32, bf16; and for a Linear, each allowed
     recipe not banned by verification."""
     units = report.by_module()
-    out = []
+    out: list[tuple[Choice, ...]] = []
     for uc in costs.units:
         fp32 = Choice(FP32, uc.fp32_time_s, uc.fp32_activation_bytes)
         if uc.name in forced:
