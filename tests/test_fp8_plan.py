@@ -255,3 +255,25 @@ def test_training_the_planned_model_tracks_bf16_where_all_linear_fp8_drifts(lm: 
     assert bf16[-1] < 0.5 * bf16[0]  # it learns
     print(f"max deviation from bf16: plan {deviation(planned):.2e}, all-Linear tensorwise {deviation(all_fp8):.2e}")
     assert deviation(planned) <= CURVE_TOLERANCE < deviation(all_fp8)
+
+
+def test_cli_writes_the_torchao_export(tmp_path: Path) -> None:
+    """`analyze --dtype fp8 --export plan.py`: the plan summary with each Linear's reason, the
+    torchao snippet written (a .py export of an fp8 plan), and its next step. On H100 (the
+    default target) the sample's 64-wide layers are too small for fp8, and its lm_head fails
+    every recipe."""
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    sample = str(Path(__file__).resolve().parents[1] / "sample_models" / "fp8" / "lm_head_outlier_channel.py")
+    export = tmp_path / "fp8_plan.py"
+    result = CliRunner().invoke(
+        app, ["analyze", sample, "--dtype", "fp8", "--export", str(export)], env={"COLUMNS": "200", "NO_COLOR": "1"}
+    )
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "plan (fp8 on h100)" in result.stdout
+    assert "bf16, not fp8: lm_head:" in result.stdout and "FP8_ERROR" in result.stdout
+    assert "convert the plan's 0 fp8 layer(s)" in result.stdout
+    ns = _exec(export.read_text())
+    assert ns["FP8_LAYERS"] == {} and set(ns["KEPT_OUT"]) == {"mlp", "lm_head"}

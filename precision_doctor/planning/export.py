@@ -287,6 +287,15 @@ def carries_module_dtypes(export_format: ExportFormat | str, deepspeed_version: 
 def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
+    if ExportFormat(export_format) in (ExportFormat.TORCHAO, ExportFormat.TE):
+        kept32 = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
+        if not kept32:
+            return []
+        shown = ", ".join(kept32[:5]) + (f" and {len(kept32) - 5} more" if len(kept32) > 5 else "")
+        return [
+            f"this export converts the fp8 layers only; the plan also keeps {shown} in fp32: "
+            "apply_plan(model, the json plan) after converting"
+        ]
     if carries_module_dtypes(export_format, deepspeed_version):
         return []
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
