@@ -25,8 +25,15 @@ from precision_doctor.options import ExportFormat, Fp8Recipe, LowDtype, Phase, T
 from precision_doctor.planning.cost import PROFILES, build_cost_model, fp8_linear_time_s
 from precision_doctor.planning.export import render
 from precision_doctor.planning.fp8 import FP8_DIM_MULTIPLE, fp8_layers, planned_recipes
-from precision_doctor.planning.fp8_plan import fp8_choices, fp8_problem, raw_errors
-from precision_doctor.planning.plan import Plan, apply_plan, plan_model
+from precision_doctor.planning.fp8_plan import (
+    _Fp8Search,
+    analysed_labels,
+    fp8_choices,
+    fp8_problem,
+    raw_errors,
+    scale_to_loss,
+)
+from precision_doctor.planning.plan import Plan, Verification, apply_plan, plan_model
 from precision_doctor.planning.search import solve_exhaustive, solve_milp
 from precision_doctor.report import OpCost, Report, Unit
 from tests.fixtures import Case, build_outlier_weight_lm
@@ -89,6 +96,7 @@ def test_small_layers_stay_bf16_on_a_real_h100(lm: tuple[Case, Report, Plan]) ->
     plan = plan_model(case.model, case.batch, case.loss_fn, report, target="h100")
     assert not planned_recipes(plan.units)
     assert plan.not_fp8_reasons["fc1"].startswith("cheaper in bf16: fp8:tensorwise would cost +")
+    assert "would add" not in plan.not_fp8_reasons["fc1"]  # cost, not the error budget
 
 
 def _gemm_unit(tokens: int, k: int, n: int) -> Unit:
@@ -277,3 +285,31 @@ def test_cli_writes_the_torchao_export(tmp_path: Path) -> None:
     assert "convert the plan's 0 fp8 layer(s)" in result.stdout
     ns = _exec(export.read_text())
     assert ns["FP8_LAYERS"] == {} and set(ns["KEPT_OUT"]) == {"mlp", "lm_head"}
+
+
+def test_a_verification_over_the_tolerance_bans_the_worst_choice_and_resolves(lm: tuple[Case, Report, Plan]) -> None:
+    """The search loop on a verification result over the tolerance (as a real run of a worse
+    model would give): the worst contributor's fp8 recipe is banned for that layer, the next
+    solve picks its next-best choice, and the plan names why; a non-finite layer loses every
+    fp8 choice."""
+    case, report, _ = lm
+    costs = build_cost_model(report, COMPUTE_BOUND)
+    layers = fp8_layers(case.model, report)
+    raw = raw_errors(report, layers)
+    k = scale_to_loss(raw, analysed_labels(report, layers), report.losses.rel_error)
+    raw = {n: {lab: e * k for lab, e in d.items()} for n, d in raw.items()}
+    search = _Fp8Search(report, costs, layers, 1e-2, 0.0, raw, {"<loss>"}, calibrated=True)
+    labels = search.candidate(search.problem())
+    worst = max((n for n, lab in labels.items() if lab != "fp32"), key=lambda n: raw[n][labels[n]])
+    assert labels[worst].startswith("fp8:")
+    assert not search.settled(labels, Verification(loss_rel_error=0.5, first_nonfinite_unit=None))
+    assert labels[worst] in search.banned[worst]
+    again = search.candidate(search.problem())
+    assert again[worst] != labels[worst] and again[worst] != "fp32"
+    assert "exceeded the tolerance" in search.why_banned[(worst, labels[worst])]
+    # a non-finite layer: no fp8 choice left for it
+    assert not search.settled(again, Verification(loss_rel_error=math.inf, first_nonfinite_unit=worst))
+    third = search.candidate(search.problem())
+    assert third[worst] == "bf16"
+    # within the tolerance: settled
+    assert search.settled(third, Verification(loss_rel_error=1e-3, first_nonfinite_unit=None))

@@ -29,7 +29,6 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -172,11 +171,3 @@ def convert_planned(
         if isinstance(m, Float8Linear) and fp8_recipe_of(units.get(name, "")) is not None:
             m.register_forward_pre_hook(autocast_input)
     return converted
-
-
-def float8_modules(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's Float8Linear modules by path, with the recipe config each runs."""
-    require_torchao()
-    from torchao.float8.float8_linear import Float8Linear
-
-    return {n: m.config for n, m in model.named_modules() if isinstance(m, Float8Linear)}

@@ -351,17 +351,21 @@ def _cheaper_or_budget(
     alternatives = [k for k, c in enumerate(problem.choices[i]) if k != chosen[i] and c.label != FP32]
     if not alternatives:
         return f"kept {here.label}: no other choice left"
-    over = []
+    costlier: list[str] = []
+    over_budget: list[str] = []
     for k in alternatives:
         c = problem.choices[i][k]
         extra = c.error - here.error
         if used + extra > search.tolerance * (1 + 1e-9):
-            over.append(
-                f"{c.label} would add {extra:.2e} to the {used:.2e} spent of the {search.tolerance:.0e} tolerance"
-            )
+            over_budget.append(f"{c.label} would add {extra:.2e} to the {used:.2e} spent")
             continue
         flipped = list(chosen)
         flipped[i] = k
         dt = problem.objective(flipped) - base
-        over.append(f"{c.label} would cost {format_seconds(dt, sign=True)} per step")
-    return f"cheaper in {here.label}: " + "; ".join(over)
+        costlier.append(f"{c.label} would cost {format_seconds(dt, sign=True)} per step")
+    budget = f"of the {search.tolerance:.0e} tolerance"
+    if not over_budget:
+        return f"cheaper in {here.label}: " + "; ".join(costlier)
+    if not costlier:
+        return "error budget: " + "; ".join(over_budget) + f" {budget}"
+    return f"kept {here.label}: " + "; ".join(costlier) + "; " + "; ".join(over_budget) + f" {budget}"
