@@ -313,3 +313,27 @@ def test_a_verification_over_the_tolerance_bans_the_worst_choice_and_resolves(lm
     assert third[worst] == "bf16"
     # within the tolerance: settled
     assert search.settled(third, Verification(loss_rel_error=1e-3, first_nonfinite_unit=None))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flagged"), [("tensorwise", True), ("rowwise", False)], ids=["tensorwise", "rowwise"]
+)
+def test_verification_judges_each_fp8_matmul_again_on_the_planned_runs_operands(recipe: str, flagged: bool) -> None:
+    """The outlier-token sample planned as fp8 under each recipe: the planned run's forward
+    matmul of `proj` is judged on that run's own operands. Tensorwise flushes the ordinary
+    tokens (SQNR far below the fprop gate) and names the layer; rowwise scales each token by
+    its own amax and passes."""
+    from precision_doctor.model.spec import load_model_file
+    from precision_doctor.planning.fp8_plan import verify_fp8_plan
+
+    spec = load_model_file(Path(__file__).parent.parent / "sample_models" / "fp8" / "outlier_token.py")
+    before = {k: v.clone() for k, v in spec.model.state_dict().items()}
+    result = verify_fp8_plan(spec.model, spec.batch, spec.loss_fn, {"proj": f"fp8:{recipe}"})
+    assert ("proj" in result.below) is flagged, result.below
+    if flagged:
+        assert "fprop matmul under tensorwise" in result.below["proj"]
+        assert result.check.loss_rel_error > 0.5  # the ordinary tokens' outputs are lost
+    else:
+        assert result.check.loss_rel_error < 0.1
+    assert all(torch.equal(v, spec.model.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, Float8Linear) for m in spec.model.modules())

@@ -10,7 +10,9 @@ bf16 values (one boundary); fp32 units pay the edge casts.
 Verification (`verify_fp8_plan`): the candidate is converted as the user's run would be
 (`planning.fp8.convert_planned`: torchao's `convert_to_float8_training` once per recipe, emulated
 on the CPU), run under bf16 autocast with the plan's fp32 units overridden as `apply_plan`
-does (`plan.verify_plan`), and its final loss compared with fp32's. A candidate over the
+does (`plan.verify_plan`), and its final loss compared with fp32's; each fp8 layer's forward
+matmul is judged again on that run's operands, and a layer below its SQNR there loses that
+recipe (the search runs again). A candidate over the
 tolerance loses its worst contributor's choice (an fp8 recipe is banned for that layer, which
 then takes its next-best choice; a bf16 unit goes to fp32) and the search is solved again; a
 layer whose outputs went non-finite loses its fp8 choices.
@@ -18,6 +20,7 @@ layer whose outputs went non-finite loses its fp8 choices.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,14 +28,23 @@ from typing import Any, cast
 
 import torch
 
+from precision_doctor.analysis.fp8 import gemm_db, sqnr_limit_db
+from precision_doctor.capture.fp8 import Fp8Recorder
 from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import Fp32Unit, NotFp8Unit, PlanBytes, PlanCosts
 from precision_doctor.formats import format_seconds
 from precision_doctor.model.spec import LossFn
-from precision_doctor.options import AutocastPolicy, Fp8Recipe, LowDtype, PlanUnitDtype, fp8_recipe_of
+from precision_doctor.options import AutocastPolicy, Fp8Recipe, LowDtype, PlanUnitDtype, Thresholds, fp8_recipe_of
 from precision_doctor.planning.cost import CostModel, autocast_assignment, fp8_linear_time_s
-from precision_doctor.planning.fp8 import BF16_MATMUL_REL_ERROR, Fp8Layer, convert_planned, fp8_error, fp8_layers
+from precision_doctor.planning.fp8 import (
+    BF16_MATMUL_REL_ERROR,
+    Fp8Layer,
+    convert_planned,
+    fp8_error,
+    fp8_layers,
+    planned_recipes,
+)
 from precision_doctor.planning.plan import (
     Plan,
     Reference,
@@ -46,7 +58,7 @@ from precision_doctor.planning.search import Choice, PlanProblem, solve_milp
 from precision_doctor.report import Report
 from precision_doctor.runtime import distributed
 
-__all__ = ["fp8_choices", "plan_fp8_model", "verify_fp8_plan"]
+__all__ = ["Fp8Verification", "fp8_choices", "plan_fp8_model", "verify_fp8_plan"]
 
 BF16 = "bf16"
 FP32 = "fp32"
@@ -139,22 +151,49 @@ def fp8_problem(
     )
 
 
+@dataclass(frozen=True)
+class Fp8Verification:
+    check: Verification
+    """The planned model's final-loss error and first non-finite module."""
+    below: dict[str, str]
+    """fp8 layer -> why its forward matmul, fed the planned run's own operands, fell below its
+    SQNR threshold under its recipe (its inputs there differ from the analysis run's)."""
+
+
 def verify_fp8_plan(
     model: torch.nn.Module,
     batch: Any,
     loss_fn: LossFn | None,
     units: Mapping[str, str],
     *,
+    thresholds: Thresholds | None = None,
     policy: AutocastPolicy | str = AutocastPolicy.CUDA,
     reference: Reference | None = None,
-) -> Verification:
-    """The final-loss relative error (against fp32) of the fp8 plan `units` as torchao runs it:
-    a copy of `model` converted by `convert_planned`, under bf16 autocast with the plan's
-    fp32 units overridden (`verify_plan`). `model` itself is not touched."""
+) -> Fp8Verification:
+    """The fp8 plan `units` as torchao runs it: a copy of `model` converted by
+    `convert_planned`, under bf16 autocast with the plan's fp32 units overridden
+    (`verify_plan`): its final-loss relative error against fp32, and each fp8 layer's forward
+    matmul judged again on the operands of this run (`capture.fp8.Fp8Recorder`). `model`
+    itself is not touched."""
+    th = thresholds or Thresholds()
     ref = reference if reference is not None else fp32_reference(model, batch, loss_fn)
     converted = convert_planned(model, units)
     low = {n: d != FP32 for n, d in units.items()}
-    return verify_plan(converted, batch, loss_fn, torch.bfloat16, low, policy=policy, reference=ref)
+    recipes = tuple(planned_recipes(units))
+    recorder = Fp8Recorder(converted, recipes=recipes) if recipes else None
+    with recorder.recording() if recorder is not None else contextlib.nullcontext():
+        check = verify_plan(converted, batch, loss_fn, torch.bfloat16, low, policy=policy, reference=ref)
+    below: dict[str, str] = {}
+    for g in recorder.gemms if recorder is not None else []:
+        recipe = fp8_recipe_of(units.get(g.layer, ""))
+        if recipe is None or g.layer in below:
+            continue
+        db, limit = gemm_db(g, recipe.value), sqnr_limit_db(g.gemm, th)
+        if db < limit:
+            below[g.layer] = (
+                f"its {g.gemm} matmul under {recipe} in the planned run has SQNR {db:.1f} dB < {limit:g} dB"
+            )
+    return Fp8Verification(check, below)
 
 
 @dataclass
@@ -207,13 +246,25 @@ class _Fp8Search:
                 return labels, 0.0, problem
             if reference is None:
                 reference = fp32_reference(model, batch, loss_fn)
-            check = distributed.worst(
-                verify_fp8_plan(model, batch, loss_fn, labels, policy=policy, reference=reference),
-                lambda c: c.loss_rel_error,
+            result = distributed.worst(
+                verify_fp8_plan(
+                    model,
+                    batch,
+                    loss_fn,
+                    labels,
+                    thresholds=self.report.thresholds,
+                    policy=policy,
+                    reference=reference,
+                ),
+                lambda c: c.check.loss_rel_error,
             )
-            verified = check.loss_rel_error
+            verified = result.check.loss_rel_error
             self.passes += 1
-            if self.settled(labels, check):
+            if result.below:
+                for layer, why in result.below.items():
+                    self.ban(layer, labels[layer], f"verification pass {self.passes}: {why}")
+                continue
+            if self.settled(labels, result.check):
                 return labels, verified, problem
         if verified <= self.tolerance and self.calibrated:
             return labels, verified, problem
