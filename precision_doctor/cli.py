@@ -374,7 +374,11 @@ def _print_plan(report: Report, console: Console, *, export: Path | None, export
     if advice is not None:
         console.print(advice.describe(report.environment.dtype), markup=False)
     if export is not None:
-        export_format = _chosen_export_format(export, export_format)
+        export_format = _chosen_export_format(export, export_format, plan.dtype)
+        if export_format not in section.exports:
+            from precision_doctor.planning.export import render
+
+            render(plan, export_format)  # one line naming the formats this plan has
         write_atomic(export, section.exports[export_format])
         console.print(f"{export_format} plan export written to {export}")
         for caveat in export_caveats(plan, export_format):
@@ -507,7 +511,7 @@ def analyze(
     fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
-    recipe_opt = _fp8_options(low, fp8_recipe, export, fmt_opt, target_opt, cost_opt, tolerance)
+    recipe_opt = _fp8_options(low, fp8_recipe, fmt_opt, target_opt, cost_opt)
     thresholds = parse_thresholds(threshold or [])
     _check_analyze_options(out=out, export=export, html=html, open_app=open_app, cost=cost_opt, target=target_opt)
     console = output_console()
@@ -519,7 +523,7 @@ def analyze(
         report = analysis.run(low, progress=step)
     # The plan's search is only as good as its cost model's units; keep it off the plain
     # analysis path (it adds verification passes, each a forward of the model).
-    plan_wanted = low is not LowDtype.FP8 and (  # fp8 has no plan yet (refused above)
+    plan_wanted = (
         out is not None
         or cost_opt is CostSource.MEASURED
         or any(o is not None for o in (export, fmt_opt, target_opt, tolerance))
@@ -543,7 +547,7 @@ def analyze(
     if bf16_check and low is LowDtype.FP16 and not report:
         bf16_report = _bf16_check(analysis, err_console, say=not quiet and main_rank)
     written_export = export if export is not None and report.extras.plan is not None else None
-    per_module = written_export is None or _export_carries_module_dtypes(written_export, fmt_opt)
+    per_module = written_export is None or _export_carries_module_dtypes(written_export, fmt_opt, low)
     command = _rerun_command(model_file, run_regime, op_policy)
     render_next_steps(
         next_steps(
@@ -562,34 +566,45 @@ def analyze(
         raise typer.Exit(launch_app(out))
 
 
-def _chosen_export_format(export: Path, export_format: ExportFormat | None) -> ExportFormat:
-    """--export-format, else what the file's suffix says (.py: the python snippet; json otherwise)."""
-    return export_format or (ExportFormat.PYTHON if export.suffix == ".py" else ExportFormat.JSON)
+def _chosen_export_format(export: Path, export_format: ExportFormat | None, low: LowDtype) -> ExportFormat:
+    """--export-format, else what the file's suffix says (.py: the python snippet, for an fp8
+    plan torchao's module_filter_fn; json otherwise)."""
+    snippet = ExportFormat.TORCHAO if low is LowDtype.FP8 else ExportFormat.PYTHON
+    return export_format or (snippet if export.suffix == ".py" else ExportFormat.JSON)
 
 
-def _export_carries_module_dtypes(export: Path, export_format: ExportFormat | None) -> bool:
+def _export_carries_module_dtypes(export: Path, export_format: ExportFormat | None, low: LowDtype) -> bool:
     from precision_doctor.planning.export import carries_module_dtypes
 
-    return carries_module_dtypes(_chosen_export_format(export, export_format))
+    return carries_module_dtypes(_chosen_export_format(export, export_format, low))
+
+
+FP8_TARGETS = (Target.H100, Target.H200, Target.B200)
 
 
 def _fp8_options(
-    low: LowDtype,
-    fp8_recipe: str | None,
-    export: Path | None,
-    fmt_opt: ExportFormat | None,
-    target_opt: Target | None,
-    cost_opt: CostSource,
-    tolerance: float | None,
+    low: LowDtype, fp8_recipe: str | None, fmt_opt: ExportFormat | None, target_opt: Target | None, cost_opt: CostSource
 ) -> Fp8Recipe | None:
-    """--fp8-recipe parsed; the plan options refused with --dtype fp8 (no plan for fp8 yet)."""
+    """--fp8-recipe parsed (the recipe of the analysis run; the plan weighs every recipe), and
+    --export-format checked against what a plan of `low` exports."""
+    if fmt_opt is not None:
+        from precision_doctor.planning.export import formats_for
+
+        if fmt_opt not in formats_for(low):
+            choices = ", ".join(formats_for(low))
+            raise PrecisionDoctorError(f"--export-format {fmt_opt} is not for {low} plans; choose one of: {choices}")
     if low is not LowDtype.FP8:
         if fp8_recipe is not None:
             raise PrecisionDoctorError("--fp8-recipe needs --dtype fp8")
         return None
-    planning = export is not None or fmt_opt is not None or target_opt is not None or tolerance is not None
-    if planning or cost_opt is CostSource.MEASURED:
-        refuse_fp8(low, "the plan search (--export, --export-format, --target, --cost, --tolerance)")
+    if cost_opt is CostSource.MEASURED:
+        raise PrecisionDoctorError(
+            "--cost measured times each unit in fp32 and bf16 only: plan fp8 on a roofline (--target h100, h200 or b200)"
+        )
+    if target_opt is not None and target_opt not in FP8_TARGETS:
+        raise PrecisionDoctorError(
+            f"--target {target_opt} has no fp8 matmul peak: plan fp8 for {', '.join(t.value for t in FP8_TARGETS)}"
+        )
     return parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe") if fp8_recipe is not None else Fp8Recipe.TENSORWISE
 
 

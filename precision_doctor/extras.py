@@ -26,6 +26,7 @@ from precision_doctor.options import (
     ExportFormat,
     Judge,
     LowDtype,
+    PlanUnitDtype,
     Regime,
     Severity,
     UnitDtype,
@@ -42,6 +43,13 @@ PREFLIGHT_SCHEMA_VERSION = 1
 
 
 class Fp32Unit(Frozen):
+    unit: str
+    reason: str
+
+
+class NotFp8Unit(Frozen):
+    """A Linear unit an fp8 plan keeps out of float8 (in bf16 or fp32), and why."""
+
     unit: str
     reason: str
 
@@ -67,8 +75,8 @@ class PlanSection(Frozen):
 
     target: str
     dtype: LowDtype
-    units: dict[str, UnitDtype]
-    """Unit -> the dtype it runs in."""
+    units: dict[str, PlanUnitDtype]
+    """Unit -> the dtype it runs in (`fp8:<recipe>` for an fp8 plan's converted Linears)."""
     fp32_units: list[Fp32Unit]
     estimated_step_time_s: PlanCosts
     activation_bytes: PlanBytes

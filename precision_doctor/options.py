@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, fields
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 from precision_doctor.errors import PrecisionDoctorError
 
@@ -66,6 +66,15 @@ UnitDtype = Literal["fp32", "fp16", "bf16"]
 """The dtype one unit runs in: fp32, or a `LowDtype` by its value. The one spelling of a
 dtype in every saved document; `formats.TORCH_DTYPES` maps the low ones to torch."""
 
+Fp8UnitDtype = Literal["fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp"]
+"""A Linear unit of an fp8 plan converted by torchao under one recipe (`Fp8Recipe`):
+`fp8:<recipe>`. The plan's other units run in a `UnitDtype` (bf16 or fp32)."""
+
+PlanUnitDtype = UnitDtype | Fp8UnitDtype
+"""What one unit of a plan runs in (`Plan.units`)."""
+
+FP8_UNIT_PREFIX = "fp8:"
+
 
 class Severity(StrEnum):
     """How bad one finding is (`FlagRecord.severity`; the rules are in `analysis/flags.py`).
@@ -125,6 +134,18 @@ class Fp8Recipe(StrEnum):
     ROWWISE = "rowwise"
     ROWWISE_WITH_GW_HP = "rowwise_with_gw_hp"
 
+    @property
+    def unit_dtype(self) -> Fp8UnitDtype:
+        """How a plan spells a Linear converted under this recipe."""
+        return cast(Fp8UnitDtype, FP8_UNIT_PREFIX + self.value)
+
+
+def fp8_recipe_of(unit_dtype: str) -> Fp8Recipe | None:
+    """The recipe of a plan's `fp8:<recipe>` unit dtype; None for any other dtype."""
+    if not unit_dtype.startswith(FP8_UNIT_PREFIX):
+        return None
+    return Fp8Recipe(unit_dtype.removeprefix(FP8_UNIT_PREFIX))
+
 
 FLAG_RANK = {flag: rank for rank, flag in enumerate(Flag)}
 """The order of flags within one severity (a flag's severity itself is per finding)."""
@@ -135,6 +156,8 @@ class Target(StrEnum):
     machine the analysis runs on, its peaks measured."""
 
     H100 = "h100"
+    H200 = "h200"
+    B200 = "b200"
     A100 = "a100"
     RTX4090 = "4090"
     CPU = "cpu"
@@ -185,6 +208,11 @@ class ExportFormat(StrEnum):
     PYTHON = "python"
     DEEPSPEED = "deepspeed"
     HF = "hf"
+    TORCHAO = "torchao"
+    """fp8 plans: a `module_filter_fn` per recipe for torchao's `convert_to_float8_training`."""
+    TE = "te"
+    """fp8 plans: the Linear modules to swap for Transformer Engine's `te.Linear` (run under
+    `fp8_autocast`), the rest kept out of it."""
 
 
 class Regime(StrEnum):

@@ -392,6 +392,42 @@ def build_deep_se(seed: int = 0) -> Case:
     return Case("deep_se", model, torch.randn(8, 32, 64, generator=torch.Generator().manual_seed(seed + 1)), mlp_loss)
 
 
+class OutlierWeightLM(nn.Module):
+    """A tiny language model whose head weight carries one outlier column (x `gain`) that its
+    input channel undoes (x 1/`gain`): fp32 logits are ordinary. Under fp8 the column sets the
+    weight's scale (per tensor, and per row for rowwise, every row holding it), and the rest
+    of the head's weights flush or keep a bit or two: no recipe passes the head. The MLP's
+    matmuls are healthy in fp8. Trains in seconds on the CPU (memorizing its one batch)."""
+
+    def __init__(self, vocab: int = 64, d: int = 64, gain: float = 1e5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        scale = torch.ones(d)
+        scale[0] = 1 / gain
+        self.register_buffer("scale", scale)
+        with torch.no_grad():
+            self.head.weight[:, 0] *= gain
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h * self.scale)
+
+
+def next_token_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    return F.cross_entropy(out[:-1].float(), batch[1:])
+
+
+def build_outlier_weight_lm(seed: int = 0, tokens: int = 64) -> Case:
+    torch.manual_seed(seed)
+    model = OutlierWeightLM()
+    batch = torch.randint(0, 64, (tokens + 1,), generator=torch.Generator().manual_seed(seed + 1))
+    return Case("outlier_weight_lm", model, batch, next_token_loss)
+
+
 def build(name: str, seed: int = 0) -> Case:
     return BUILDERS[name](seed)
 

@@ -200,9 +200,9 @@ def test_refusals_are_one_line() -> None:
     with pytest.raises(PrecisionDoctorError, match="--regime autocast"):
         pd.analyze(model, batch, _loss, dtype="fp8", regime="pure")
     report = pd.analyze(model, batch, _loss, dtype="fp8")
-    with pytest.raises(PrecisionDoctorError, match="plan search does not support --dtype fp8"):
-        pd.plan_report(model, batch, _loss, report)
-    with pytest.raises(PrecisionDoctorError, match="loss-scale recommendation does not support"):
+    with pytest.raises(PrecisionDoctorError, match="measured costs time each unit in fp32 and bf16 only"):
+        pd.plan_report(model, batch, _loss, report, cost_source="measured")
+    with pytest.raises(PrecisionDoctorError, match="fp8 training needs no loss scale"):
         pd.recommend_loss_scale(report)
     with pytest.raises(PrecisionDoctorError, match="pre-flight does not support"):
         pd.preflight(model, batch, _loss, dtype="fp8")
@@ -228,8 +228,8 @@ def _cli_one_line(args: list[str]) -> str:
 
 def test_cli_fp8(tmp_path: Path) -> None:
     """`--dtype fp8 --fp8-recipe`: the findings on the terminal, the section in the saved
-    report (no plan); plan options, --fp8-recipe without fp8 and the pre-flight refused in
-    one line."""
+    report with its fp8 plan; --fp8-recipe without fp8, a target without an fp8 peak and the
+    pre-flight refused in one line."""
     from typer.testing import CliRunner
 
     from precision_doctor.cli import app
@@ -242,9 +242,11 @@ def test_cli_fp8(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
     saved = pd.Report.load(out)
-    assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise" and saved.extras.plan is None
+    assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise"
+    assert saved.extras.plan is not None and saved.extras.plan.dtype == "fp8"  # --out plans, as for bf16
     assert "--fp8-recipe needs --dtype fp8" in _cli_one_line(["analyze", sample, "--fp8-recipe", "rowwise"])
-    assert "does not support --dtype fp8" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--target", "h100"])
+    assert "has no fp8 matmul peak" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--target", "a100"])
+    assert "is not for fp8 plans" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--export-format", "hf"])
     assert "pre-flight does not support --dtype fp8" in _cli_one_line(["preflight", sample, "--dtype", "fp8"])
     assert "unknown --fp8-recipe 'delayed'" in _cli_one_line(
         ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "delayed"]

@@ -19,7 +19,7 @@ from precision_doctor.extras import Fp8Cast, Fp8Gemm, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, Report
 
-__all__ = ["fix_for", "fp8_flags", "fp8_section", "gemm_db", "unjudged", "with_fp8"]
+__all__ = ["fix_for", "fp8_flags", "fp8_section", "gemm_db", "sqnr_limit_db", "unjudged", "with_fp8"]
 
 BF16_FIX = "bf16"
 """What `fix_for` names when no recipe passes: keep the layer out of fp8."""
@@ -49,7 +49,8 @@ def gemm_db(g: Fp8Gemm, recipe: str) -> float:
     return min(g.sqnr_db.get(recipe, math.inf), g.row_sqnr_db.get(recipe, math.inf))
 
 
-def _limit(gemm: str, th: Thresholds) -> float:
+def sqnr_limit_db(gemm: str, th: Thresholds) -> float:
+    """The SQNR (dB) a matmul must reach: the weight gradient's threshold for wgrad, the output's else."""
     return th.fp8_wgrad_sqnr_db if gemm == "wgrad" else th.fp8_output_sqnr_db
 
 
@@ -57,7 +58,7 @@ def fix_for(gemms: Sequence[Fp8Gemm], th: Thresholds) -> str:
     """The first recipe (tensorwise, rowwise, rowwise_with_gw_hp: fastest first) under which
     every one of a layer's matmuls passes, else `bf16` (the layer out of fp8)."""
     for recipe in Fp8Recipe:
-        if all(gemm_db(g, recipe.value) >= _limit(g.gemm, th) for g in gemms):
+        if all(gemm_db(g, recipe.value) >= sqnr_limit_db(g.gemm, th) for g in gemms):
             return recipe.value
     return BF16_FIX
 
@@ -97,7 +98,7 @@ def fp8_flags(section: Fp8Section, th: Thresholds) -> dict[str, list[FlagRecord]
         flags: list[FlagRecord] = []
         seen: set[str] = set()
         for g in gemms:
-            db, limit = gemm_db(g, recipe), _limit(g.gemm, th)
+            db, limit = gemm_db(g, recipe), sqnr_limit_db(g.gemm, th)
             if db >= limit or g.gemm in seen:
                 continue
             seen.add(g.gemm)

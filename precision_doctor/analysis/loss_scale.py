@@ -33,9 +33,10 @@ import torch
 
 from precision_doctor.capture.units import LOSS_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.deprecation import positional_deprecated
+from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import LossScaleSection
 from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2
-from precision_doctor.options import LowDtype, refuse_fp8
+from precision_doctor.options import LowDtype
 from precision_doctor.report import Report
 
 HEADROOM_LOG2 = 2
@@ -213,7 +214,11 @@ def recommend_loss_scale(
     that run low (all units but the loss when `low_units` is None); `scale_log2` advises that
     scale instead of the largest safe one (what it loses, what GradScaler skips from 2^16)."""
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
-    refuse_fp8(low, "the loss-scale recommendation")
+    if low is LowDtype.FP8:
+        raise PrecisionDoctorError(
+            "fp8 training needs no loss scale: it runs under bf16 autocast (bf16 has fp32's range) and torchao "
+            "scales every fp8 cast itself; the loss-scale recommendation is for fp16"
+        )
     counts: dict[int, int] = defaultdict(int)
     max_abs = 0.0
     nonzero = 0

@@ -28,7 +28,7 @@ import torch
 
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import LowDtype, Target, refuse_fp8
+from precision_doctor.options import Fp8Recipe, LowDtype, Phase, Target
 from precision_doctor.report import Report, Unit
 
 CAST_BYTES_FACTOR = 1.5
@@ -46,9 +46,16 @@ class DeviceProfile:
     bf16_flops_per_s: float
     bandwidth_bytes_per_s: float
     source: str
+    fp8_flops_per_s: float | None = None
+    """Dense fp8 (e4m3/e5m2) tensor-core peak with fp32 accumulation; None where the device
+    has no fp8 matmul (A100) or no verified figure."""
 
     def peak_flops_per_s(self, dtype: str) -> float:
         """fp32 units run without TF32: PyTorch's default matmul precision is "highest"."""
+        if dtype == "fp8":
+            if self.fp8_flops_per_s is None:
+                raise PrecisionDoctorError(f"{self.name} has no fp8 matmul peak: plan fp8 for h100, h200 or b200")
+            return self.fp8_flops_per_s
         return {
             "fp32": self.fp32_flops_per_s,
             "tf32": self.tf32_flops_per_s,
@@ -58,6 +65,14 @@ class DeviceProfile:
 
 
 TERA = 1e12
+# The datasheets print tensor-core figures with 2:4 sparsity ("* With sparsity"); the dense
+# peaks here are half of them. H100 SXM (NVIDIA H100 Tensor Core GPU datasheet): FP8 3,958*,
+# BF16/FP16 1,979*, TF32 989*, FP32 67 TFLOPS, 3.35 TB/s. H200 SXM (NVIDIA H200 datasheet):
+# the same GH100 compute (FP8 3,958*, BF16 1,979*), HBM3e at 4.8 TB/s. HGX B200 (NVIDIA HGX
+# B200 datasheet, "Individual Blackwell GPU Specifications", 1,000 W): FP8/FP6 9 PFLOPS*,
+# FP16/BF16 4.5 PFLOPS*, TF32 2.2 PFLOPS*, FP32 75 TFLOPS, 7.7 TB/s (8 TB/s is the GB200's
+# GPU). Checked against the datasheet tables as quoted at glennklockwood.com/garden/processors
+# (h100, B200) and zdszero.github.io/Computer/Artificial_Intelligence/Hardware.html (HGX B200).
 PROFILES: dict[Target, DeviceProfile] = {
     Target.H100: DeviceProfile(
         "NVIDIA H100 SXM",
@@ -67,6 +82,27 @@ PROFILES: dict[Target, DeviceProfile] = {
         989 * TERA,
         3.35 * TERA,
         "NVIDIA H100 datasheet, dense tensor-core figures",
+        fp8_flops_per_s=1979 * TERA,
+    ),
+    Target.H200: DeviceProfile(
+        "NVIDIA H200 SXM",
+        67 * TERA,
+        495 * TERA,
+        989 * TERA,
+        989 * TERA,
+        4.8 * TERA,
+        "NVIDIA H200 datasheet, dense tensor-core figures (H100 SXM compute, HBM3e)",
+        fp8_flops_per_s=1979 * TERA,
+    ),
+    Target.B200: DeviceProfile(
+        "NVIDIA B200 (HGX)",
+        75 * TERA,
+        1100 * TERA,
+        2250 * TERA,
+        2250 * TERA,
+        7.7 * TERA,
+        "NVIDIA HGX B200 datasheet, dense tensor-core figures",
+        fp8_flops_per_s=4500 * TERA,
     ),
     Target.A100: DeviceProfile(
         "NVIDIA A100 SXM 80GB",
@@ -201,10 +237,11 @@ def unit_roofline_s(
 
 def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | str | None = None) -> CostModel:
     low = LowDtype(dtype) if dtype is not None else report.environment.dtype
-    refuse_fp8(low, "the cost model")
     bw = profile.bandwidth_bytes_per_s
     p32 = profile.peak_flops_per_s("fp32")
-    plow = profile.peak_flops_per_s(low.value)
+    # fp8: every unit's low choice here is bf16 (autocast around torchao's Float8Linears);
+    # the fp8 Linears' own times are `fp8_linear_time_s`.
+    plow = profile.peak_flops_per_s(LowDtype.BF16.value if low is LowDtype.FP8 else low.value)
     units = []
     for u in report.units:
         t32 = unit_roofline_s(u, p32, bw)
@@ -221,6 +258,98 @@ def cast_edges(report: Report, bandwidth_bytes_per_s: float) -> tuple[EdgeCost, 
     return tuple(
         EdgeCost(e.src, e.dst, e.bytes, 2 * CAST_BYTES_FACTOR * e.bytes / bandwidth_bytes_per_s) for e in report.edges
     )
+
+
+# --- fp8 Linear layers ---------------------------------------------------------------------
+GEMM_OPS = frozenset({"mm", "addmm", "matmul", "linear", "bmm", "baddbmm", "addbmm"})
+"""aten names of the matmuls a Linear runs (what torchao's Float8Linear replaces)."""
+
+FP8_BYTES = 1
+BF16_BYTES = 2
+FP32_BYTES = 4
+SCALE_BYTES = 4
+"""torchao's scales are fp32: one per tensor (tensorwise), one per row (rowwise)."""
+
+
+@dataclass(frozen=True)
+class Fp8Operand:
+    """One operand torchao casts to fp8 for one matmul: its elements, the bytes each holds
+    before the cast, and how many elements share one scale."""
+
+    numel: float
+    hp_bytes: int
+    group: float
+
+
+def fp8_casts(
+    tokens: float, in_features: int, out_features: int, weight_calls: int, recipe: Fp8Recipe
+) -> list[Fp8Operand]:
+    """The casts torchao's `matmul_with_hp_or_float8_args` runs per step for one Linear, eager:
+    every matmul casts both its operands anew from the high-precision tensors it saved
+    (fprop: input, weight; dgrad: grad_output, weight; wgrad: grad_output, input), except
+    where the recipe keeps an operand in high precision (`rowwise_with_gw_hp`: wgrad's two).
+    The input and grad_output arrive in bf16 (autocast), the weight is the fp32 parameter.
+    `tokens` is the rows of all the layer's calls together; `weight_calls` how many calls
+    cast the weight."""
+    rowwise = recipe is not Fp8Recipe.TENSORWISE
+    x = tokens * in_features
+    g = tokens * out_features
+    w = float(weight_calls * in_features * out_features)
+
+    def op(numel: float, hp: int, row: float) -> Fp8Operand:
+        return Fp8Operand(numel, hp, row if rowwise else numel)
+
+    casts = [
+        op(x, BF16_BYTES, in_features),  # fprop: input, a scale per token
+        op(w, FP32_BYTES, in_features),  # fprop: weight, a scale per output row
+        op(g, BF16_BYTES, out_features),  # dgrad: grad_output, per token
+        op(w, FP32_BYTES, out_features),  # dgrad: weight, per input column
+    ]
+    if recipe is not Fp8Recipe.ROWWISE_WITH_GW_HP:
+        casts += [
+            op(g, BF16_BYTES, tokens),  # wgrad: grad_output, per output feature
+            op(x, BF16_BYTES, tokens),  # wgrad: input, per input feature
+        ]
+    return casts
+
+
+def fp8_cast_bytes(casts: list[Fp8Operand]) -> float:
+    """Bytes the casts move: each is an amax reduction (reads the operand), the scale it
+    computes (written once per group) and the cast itself (reads the operand again, writes
+    fp8): three memory-bound passes, unfused as torchao runs them eagerly."""
+    return sum(c.numel * (2 * c.hp_bytes + FP8_BYTES) + SCALE_BYTES * c.numel / max(c.group, 1.0) for c in casts)
+
+
+def fp8_linear_time_s(
+    unit: Unit, in_features: int, out_features: int, recipe: Fp8Recipe, profile: DeviceProfile
+) -> float:
+    """A Linear unit's step time converted by torchao under `recipe`: its matmuls at the
+    device's dense fp8 peak (`rowwise_with_gw_hp`'s weight-gradient matmul, a third of the
+    matmul FLOPs, at the bf16 peak), moving bf16-sized bytes (the recorded fp32 bytes halved:
+    fp8 operands and a bf16 output, an over-estimate kept on the safe side); its other ops
+    (the bias) as under bf16; plus every cast of `fp8_casts` (`fp8_cast_bytes`) at the
+    memory bandwidth. The layer's rows come from its forward matmul FLOPs (2 rows x in x out
+    each)."""
+    bw = profile.bandwidth_bytes_per_s
+    p8 = profile.peak_flops_per_s("fp8")
+    p16 = profile.peak_flops_per_s("bf16")
+    gemm_flops_fwd = 0.0
+    weight_calls = 0
+    t = 0.0
+    for c in unit.op_costs:
+        if c.op.split(".", 1)[0] not in GEMM_OPS:
+            t += c.calls * _roofline(c.flops, c.bytes * 0.5, p16, bw)
+            continue
+        peak = p8
+        if c.phase is Phase.FORWARD:
+            gemm_flops_fwd += c.calls * c.flops
+            weight_calls += c.calls
+        elif recipe is Fp8Recipe.ROWWISE_WITH_GW_HP:
+            peak = 2 / (1 / p8 + 1 / p16)  # half the backward matmuls (wgrad) in bf16
+        t += c.calls * _roofline(c.flops, c.bytes * 0.5, peak, bw)
+    tokens = gemm_flops_fwd / (2 * in_features * out_features) if in_features * out_features else 0.0
+    casts = fp8_casts(tokens, in_features, out_features, weight_calls, recipe)
+    return t + fp8_cast_bytes(casts) / bw
 
 
 # --- what plain autocast would do --------------------------------------------------------

@@ -10,6 +10,14 @@
 - `hf`: transformers `TrainingArguments` keyword arguments (`fp16`/`bf16`: the plan's dtype),
   `check_training_args(args)` refusing arguments of another precision, and how to attach the
   overrides (apply_plan / the python snippet refuse an autocast region of another dtype).
+- `torchao` (fp8 plans): `module_filter_fn(module, fqn)` for `convert_to_float8_training`,
+  True for exactly the plan's fp8 layers, one per recipe where the plan mixes recipes, and
+  `convert_planned(model)` calling torchao once per recipe.
+- `te` (fp8 plans): the Linear modules to swap for Transformer Engine's `te.Linear` (which
+  run in fp8 inside `te.fp8_autocast`), and the Linears the plan keeps out of fp8.
+
+An fp8 plan exports `json`, `torchao` and `te`; an fp16/bf16 plan the other four
+(`formats_for`).
 
 `plan_section` is the one writer of a report's `extras.plan`: the plan with every export.
 """
@@ -21,9 +29,11 @@ import json
 from importlib import metadata
 
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
+from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.options import ExportFormat, LowDtype, Regime, refuse_fp8
+from precision_doctor.options import ExportFormat, LowDtype, Regime, fp8_recipe_of
+from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.master import MasterWeights
 from precision_doctor.planning.plan import Plan
 
@@ -338,6 +348,15 @@ def carries_module_dtypes(export_format: ExportFormat | str, deepspeed_version: 
 def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_version: str | None = None) -> list[str]:
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
+    if ExportFormat(export_format) in (ExportFormat.TORCHAO, ExportFormat.TE):
+        kept32 = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
+        if not kept32:
+            return []
+        shown = ", ".join(kept32[:5]) + (f" and {len(kept32) - 5} more" if len(kept32) > 5 else "")
+        return [
+            f"this export converts the fp8 layers only; the plan also keeps {shown} in fp32: "
+            "apply_plan(model, the json plan) after converting"
+        ]
     pure = _pure_caveat(plan, export_format)
     if carries_module_dtypes(export_format, deepspeed_version):
         return pure
@@ -433,19 +452,159 @@ def check_training_args(args):
 '''
 
 
+_TORCHAO = '''"""fp8 plan for {model}, exported by precision-doctor: torchao's float8 training for the
+layers the plan runs in fp8, each under its recipe; every other Linear stays out of it.
+
+    model = convert_planned(model)            # swaps the planned Linears for Float8Linear
+    # the plan's fp32 units: precision_doctor.apply_plan(model, "plan.json")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(model(batch), batch)
+
+Or pass module_filter_fn yourself (one recipe per convert_to_float8_training call):
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                               module_filter_fn=module_filter_fn_for("tensorwise"))
+"""
+import dataclasses
+
+FP8_LAYERS = {layers}
+"""Module path -> torchao recipe (Float8LinearConfig.from_recipe_name)."""
+KEPT_OUT = {kept}
+"""The Linears the plan keeps out of fp8 -> the dtype they run in."""
+MODULE_COUNT = {module_count}  # of the planned model: another count is another model
+
+
+def module_filter_fn_for(recipe):
+    """convert_to_float8_training's module_filter_fn for the plan's layers of one recipe."""
+
+    def module_filter_fn(module, fqn):
+        return FP8_LAYERS.get(fqn) == recipe
+
+    return module_filter_fn
+
+
+def module_filter_fn(module, fqn):
+    """True for exactly the plan's fp8 layers (all recipes: use module_filter_fn_for when
+    the plan mixes them)."""
+    return fqn in FP8_LAYERS
+
+
+def convert_planned(model, emulate=False):
+    """`model` with the plan's fp8 layers converted, one convert_to_float8_training call per
+    recipe (emulate=True: torchao's CPU emulation)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    count = sum(1 for _ in model.named_modules())
+    if MODULE_COUNT is not None and count != MODULE_COUNT:
+        raise ValueError(f"this plan does not match the model: {{count}} modules, the plan's had {{MODULE_COUNT}}")
+    for recipe in sorted(set(FP8_LAYERS.values())):
+        config = Float8LinearConfig.from_recipe_name(recipe)
+        if emulate:
+            config = dataclasses.replace(config, emulate=True)
+        model = convert_to_float8_training(model, config=config, module_filter_fn=module_filter_fn_for(recipe))
+    return model
+'''
+
+_TE = '''"""fp8 plan for {model}, exported by precision-doctor, for NVIDIA Transformer Engine: swap
+the Linears of TE_LINEAR_MODULES for te.Linear and run the forward inside te.fp8_autocast;
+every other module stays as it is (bf16 under torch.autocast, the plan's fp32 units in fp32).
+
+The plan was verified with torchao's recipes (RECIPES); TE's closest: tensorwise ~
+Float8CurrentScaling (a dynamic scale per tensor), rowwise ~ Float8BlockScaling (TE scales
+1x128 blocks, torchao whole rows: not the same numbers). TE runs one recipe per fp8_autocast
+region: with mixed recipes, wrap each layer's forward in its own region.
+
+    swap_to_te(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16), te.fp8_autocast(enabled=True, fp8_recipe=recipe):
+        loss = loss_fn(model(batch), batch)
+"""
+
+TE_LINEAR_MODULES = {layers}
+"""The module paths to swap for te.Linear."""
+RECIPES = {recipes}
+"""Module path -> the torchao recipe the plan verified it under."""
+KEPT_OUT = {kept}
+"""The Linears the plan keeps out of fp8 (not swapped) -> the dtype they run in."""
+
+
+def swap_to_te(model):
+    """Replace each module of TE_LINEAR_MODULES by a te.Linear holding the same parameters."""
+    import torch
+    import transformer_engine.pytorch as te
+
+    for path in TE_LINEAR_MODULES:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, child)
+        new = te.Linear(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            params_dtype=old.weight.dtype,
+            device=old.weight.device,
+        )
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        setattr(parent, child, new)
+    return model
+'''
+
+
+def _kept_out(plan: Plan) -> dict[str, str]:
+    return {f.unit: plan.units.get(f.unit, "bf16") for f in plan.not_fp8_units}
+
+
+def render_torchao(plan: Plan) -> str:
+    layers = {u: str(fp8_recipe_of(d)) for u, d in plan.units.items() if fp8_recipe_of(d) is not None}
+    return _TORCHAO.format(
+        model=plan.model, layers=_literal(layers), kept=_literal(_kept_out(plan)), module_count=plan.module_count
+    )
+
+
+def render_te(plan: Plan) -> str:
+    recipes = {u: str(r) for r, units in planned_recipes(plan.units).items() for u in units}
+    order = [u for u in plan.units if u in recipes]
+    return _TE.format(
+        model=plan.model,
+        layers="[\n" + "".join(f"    {u!r},\n" for u in order) + "]",
+        recipes=_literal({u: recipes[u] for u in order}),
+        kept=_literal(_kept_out(plan)),
+    )
+
+
+def _literal(d: dict[str, str]) -> str:
+    return "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in d.items()) + "}"
+
+
+FP8_FORMATS = (ExportFormat.JSON, ExportFormat.TORCHAO, ExportFormat.TE)
+
+
+def formats_for(dtype: LowDtype) -> tuple[ExportFormat, ...]:
+    """The export formats of a plan of `dtype`: fp8 plans run through torchao or Transformer
+    Engine, fp16/bf16 plans through autocast overrides."""
+    if dtype is LowDtype.FP8:
+        return FP8_FORMATS
+    return tuple(f for f in ExportFormat if f not in FP8_FORMATS or f is ExportFormat.JSON)
+
+
 def render(plan: Plan, export_format: ExportFormat | str) -> str:
-    refuse_fp8(plan.dtype, "the plan exports")
     f = ExportFormat(export_format)
+    if f not in formats_for(plan.dtype):
+        choices = ", ".join(formats_for(plan.dtype))
+        raise PrecisionDoctorError(f"a {plan.dtype} plan has no {f} export; choose one of: {choices}")
     return {
         ExportFormat.JSON: render_json,
         ExportFormat.PYTHON: render_python,
         ExportFormat.DEEPSPEED: render_deepspeed,
         ExportFormat.HF: render_hf,
+        ExportFormat.TORCHAO: render_torchao,
+        ExportFormat.TE: render_te,
     }[f](plan)
 
 
 def render_all(plan: Plan) -> dict[ExportFormat, str]:
-    return {f: render(plan, f) for f in ExportFormat}
+    return {f: render(plan, f) for f in formats_for(plan.dtype)}
 
 
 def plan_section(plan: Plan) -> PlanSection:

@@ -11,7 +11,7 @@ import torch
 
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn, OptimizerFactory
-from precision_doctor.options import CostSource, Target, parse_enum, refuse_fp8
+from precision_doctor.options import CostSource, LowDtype, Target, parse_enum
 from precision_doctor.planning.export import plan_section
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE, plan_model
 from precision_doctor.report import Report
@@ -44,10 +44,15 @@ def plan_report(
 
     A pure-regime report gets a pure plan, with fp32 master weights per unit where the updates
     would be lost, trained for real beside fp32 with `build_optimizer(model)`'s optimizer (else
-    AdamW at `lr`, else at the lr of the report's optimizer step): see `plan.plan_model`."""
-    refuse_fp8(report.environment.dtype, "the plan search")
+    AdamW at `lr`, else at the lr of the report's optimizer step): see `plan.plan_model`. An
+    fp8 report gets an fp8 plan (`planning.fp8_plan`)."""
     model = unwrap(model)[0]
     source = parse_enum(CostSource, cost_source, "cost source")
+    if source is CostSource.MEASURED and report.environment.dtype is LowDtype.FP8:
+        raise PrecisionDoctorError(
+            "measured costs time each unit in fp32 and bf16 only: plan fp8 on a device's roofline "
+            "(--target h100, h200 or b200)"
+        )
     if target is not None:
         target = parse_enum(Target, target, "target")
     if source is CostSource.MEASURED and target is not None:

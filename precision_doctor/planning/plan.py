@@ -38,7 +38,7 @@ from precision_doctor.capture.ops import op_info
 from precision_doctor.capture.statistics import relative_loss_error
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
-from precision_doctor.extras import Fp32Unit, LossScaleSection, PlanBytes, PlanCosts
+from precision_doctor.extras import Fp32Unit, LossScaleSection, NotFp8Unit, PlanBytes, PlanCosts
 from precision_doctor.formats import LIMITS, TORCH_DTYPES, format_bytes, format_seconds
 from precision_doctor.model.parallel import reset_fsdp_iteration
 from precision_doctor.model.spec import LossFn, OptimizerFactory, device_type, resolve_loss, run_model
@@ -48,10 +48,10 @@ from precision_doctor.options import (
     ExportFormat,
     Flag,
     LowDtype,
+    PlanUnitDtype,
     Regime,
     Target,
     UnitDtype,
-    refuse_fp8,
 )
 from precision_doctor.planning.cost import (
     CostModel,
@@ -60,6 +60,7 @@ from precision_doctor.planning.cost import (
     build_cost_model,
     profile_for,
 )
+from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 from precision_doctor.planning.pure import (
     PureRounds,
@@ -76,9 +77,10 @@ from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
 PLAN_SCHEMA_VERSION = 2
-READABLE_PLAN_VERSIONS = (1, 2)
-"""Plans `Plan.load` reads: 1 is 2 without `regime`, `master_weights`, `state_bytes` and
-`training_check` (an autocast plan: the defaults)."""
+READABLE_PLAN_SCHEMA_VERSIONS = (1, PLAN_SCHEMA_VERSION)
+"""Plans `Plan.load` reads. 1: fp16/bf16 autocast plans; 2 adds fp8 plans (`fp8:<recipe>`
+units, `not_fp8_units`) and pure-regime plans (`regime`, `master_weights`, `state_bytes`,
+`training_check`): a version-1 plan is a version-2 plan with the new fields' defaults."""
 DEFAULT_TOLERANCE = 1e-2
 """Relative error of the final loss against fp32 that a plan may cost: 1%, well inside the
 step-to-step noise of a training loss, and far above the 1e-4..1e-3 a healthy fp16 model
@@ -121,8 +123,9 @@ class Plan(Frozen):
     dtype: LowDtype
     target: str
     tolerance: float
-    units: dict[str, UnitDtype]
-    """Unit (module path, `<root>`, `<loss>`) -> the dtype it runs in."""
+    units: dict[str, PlanUnitDtype]
+    """Unit (module path, `<root>`, `<loss>`) -> the dtype it runs in: fp32, the plan's low
+    dtype, and in an fp8 plan bf16 or `fp8:<recipe>` (a Linear torchao converts)."""
     module_classes: dict[str, str] = Field(default_factory=dict)
     """Unit -> qualified class name of its module (for DeepSpeed's module-class lists)."""
     module_count: int | None = None
@@ -146,6 +149,8 @@ class Plan(Frozen):
     fp32 parameters and state)."""
     training_check: PlanTraining | None = None
     """Pure regime: the plan trained for real beside fp32."""
+    not_fp8_units: list[NotFp8Unit] = Field(default_factory=list)
+    """fp8 plans: the Linear units kept out of float8 (bf16 or fp32), each with why."""
 
     @property
     def low_units(self) -> dict[str, bool]:
@@ -166,16 +171,14 @@ class Plan(Frozen):
         raw = parse_json(text, source)
         if isinstance(raw, dict) and isinstance(raw.get("units"), list) and "environment" in raw:
             raise PrecisionDoctorError(f"{source} is an analysis report, not a plan (`analyze --export` writes plans)")
-        if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_PLAN_VERSIONS:
+        if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_PLAN_SCHEMA_VERSIONS:
             got = raw.get("schema_version") if isinstance(raw, dict) else None
+            readable = " or ".join(str(v) for v in READABLE_PLAN_SCHEMA_VERSIONS)
             raise PrecisionDoctorError(
-                f"{source} is not a precision-doctor plan of schema_version {PLAN_SCHEMA_VERSION} (got {got!r}; "
-                f"this version reads {', '.join(map(str, READABLE_PLAN_VERSIONS))})"
+                f"{source} is not a precision-doctor plan of schema_version {readable} (got {got!r})"
             )
-        # An older plan is read as this version's with the new fields' defaults.
-        return validated(
-            cls, {**raw, "schema_version": PLAN_SCHEMA_VERSION}, f"{source} does not match the plan schema"
-        )
+        raw = {**raw, "schema_version": PLAN_SCHEMA_VERSION}  # read as the current version
+        return validated(cls, raw, f"{source} does not match the plan schema")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
@@ -204,7 +207,10 @@ class Plan(Frozen):
             f"verified final-loss error {self.verified_loss_rel_error:.2e} "
             f"(tolerance {self.tolerance:.0e}, {self.verification_passes} verification pass(es))",
         ]
-        lines += [f"  fp32: {f.unit}: {f.reason}" for f in self.fp32_units]
+        for recipe, layers in planned_recipes(self.units).items():
+            lines.append(f"  fp8 ({recipe}): {', '.join(layers)}")
+        lines += [f"  {self.units.get(f.unit, 'bf16')}, not fp8: {f.unit}: {f.reason}" for f in self.not_fp8_units]
+        lines += [f"  fp32: {f.unit}: {f.reason}" for f in self.fp32_units if f.unit not in self.not_fp8_reasons]
         lines += [f"  {self.dtype} + fp32 master weights: {m.unit}: {m.reason}" for m in self.master_weights]
         if self.state_bytes is not None:
             b = self.state_bytes
@@ -220,6 +226,10 @@ class Plan(Frozen):
                 f"({'tracks fp32' if c.tracks else 'does NOT track fp32'})"
             )
         return "\n".join(lines)
+
+    @property
+    def not_fp8_reasons(self) -> dict[str, str]:
+        return {f.unit: f.reason for f in self.not_fp8_units}
 
 
 # --- search + verification ------------------------------------------------------------------
@@ -454,7 +464,7 @@ def verify_plan(
     return Verification(relative_loss_error(ref.loss, run.loss), first_bad[0] if first_bad else None)
 
 
-def _module_classes(model: torch.nn.Module) -> dict[str, str]:
+def module_classes(model: torch.nn.Module) -> dict[str, str]:
     out = {}
     for name, mod in model.named_modules():
         cls = type(mod)
@@ -589,6 +599,7 @@ def plan_model(
     `costs` when given (measured ones, `timing.measure_cost_model`; `target` then only
     names them in the plan). Each candidate is verified as `apply_plan` runs it, under
     autocast with the report's op policy (`verify_plan`; CUDA's for a pure-regime report).
+    An fp8 report gets an fp8 plan (`planning.fp8_plan.plan_fp8_model`).
 
     A pure-regime report (`model.to(dtype)` training) gets a pure plan (`Plan.regime`): each
     unit with parameters runs fp32, low with its weights held low, or low with fp32 master
@@ -596,7 +607,6 @@ def plan_model(
     `train_steps` real optimizer steps beside fp32 (`training_check`; the optimizer
     `build_optimizer(model)` makes, else AdamW at `lr`, else at the report's optimizer-step
     lr): a unit whose weights stall there gets master weights, and the search goes on."""
-    refuse_fp8(report.environment.dtype, "the plan search")
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise PrecisionDoctorError(f"tolerance must be a positive number, got {tolerance!r}")
     dtype = report.environment.dtype
@@ -608,6 +618,21 @@ def plan_model(
     weight = (
         memory_weight_s_per_byte if memory_weight_s_per_byte is not None else MEMORY_TIE_BREAK * base_time / base_bytes
     )
+    if dtype is LowDtype.FP8:
+        # Imported here: the fp8 search builds on this module's verification.
+        from precision_doctor.planning.fp8_plan import plan_fp8_model
+
+        return plan_fp8_model(
+            model,
+            batch,
+            loss_fn,
+            report,
+            costs,
+            target=str(target),
+            tolerance=tolerance,
+            max_rounds=max_rounds,
+            memory_weight_s_per_byte=weight,
+        )
     hard = hard_fp32_reasons(report)
     # Contributions are calibrated on the all-low run's final-loss error; when that run went
     # through a unit that must stay fp32 (its error says nothing about the others), the first
@@ -632,8 +657,8 @@ def plan_model(
         dtype=dtype,
         target=str(target),
         tolerance=tolerance,
-        units={n: (cast(UnitDtype, dtype.value) if v else "fp32") for n, v in low.items()},  # fp8 refused above
-        module_classes={n: c for n, c in _module_classes(model).items() if n in low},
+        units={n: (cast(UnitDtype, dtype.value) if v else "fp32") for n, v in low.items()},  # fp8 planned above
+        module_classes={n: c for n, c in module_classes(model).items() if n in low},
         module_count=sum(1 for _ in model.named_modules()),
         fp32_units=[Fp32Unit(unit=n, reason=reasons[n]) for n in low if not low[n]],
         estimated_step_time_s=PlanCosts(fp32=base_time, autocast=costs.step_time_s(auto), plan=plan_time),
@@ -866,6 +891,18 @@ def check_plan_matches(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn
     return {u: modules[u] for u in plan.units if u not in (LOSS_UNIT, UNATTRIBUTED_UNIT)}
 
 
+def _check_fp8_converted(modules: Mapping[str, torch.nn.Module], plan: Plan) -> None:
+    """An fp8 plan's overrides leave the fp8 layers to torchao (or Transformer Engine): refused
+    while one is still a plain Linear, which would silently run in bf16."""
+    plain = [u for u, d in plan.units.items() if d.startswith("fp8:") and type(modules.get(u)) is torch.nn.Linear]
+    if plain:
+        shown = ", ".join(plain[:3]) + (f" and {len(plain) - 3} more" if len(plain) > 3 else "")
+        raise PrecisionDoctorError(
+            f"the plan runs {shown} in fp8 but the model's are plain nn.Linear: convert them first "
+            "(the torchao export's convert_planned(model), or te.Linear from the te export), then apply_plan"
+        )
+
+
 def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[str] | Mapping[str, Any]) -> PlanHandle:
     """Install `plan`'s per-module dtypes (a `Plan`, a planned `Report`, a plan file or its
     JSON as a mapping); they take effect inside `torch.autocast` regions of the plan's dtype.
@@ -893,9 +930,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[s
         plan = validated(Plan, dict(plan), "not a precision-doctor plan")
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    refuse_fp8(plan.dtype, "apply_plan")
-    check_plan_matches(model, plan)
-    low_dtype = TORCH_DTYPES[plan.dtype]
+    modules = check_plan_matches(model, plan)
+    if plan.dtype is LowDtype.FP8:
+        _check_fp8_converted(modules, plan)
+    low_dtype = TORCH_DTYPES[plan.dtype]  # fp8 plans: bf16 autocast around the fp8 layers
     # Refused here when applied inside an autocast region of another dtype, and on entering a
     # planned module inside one (the overrides check each time).
     check_region_dtype(device_type(model), low_dtype)

@@ -67,7 +67,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import Field
@@ -985,7 +985,8 @@ def _analyze_and_plan(
     )
     plan_units: dict[str, UnitDtype] | None = None
     if report.extras.plan is not None:
-        plan_units = dict(report.extras.plan.units)
+        # fp8 is refused before the analysis: an fp16/bf16 plan names fp32 and its low dtype only.
+        plan_units = {u: cast(UnitDtype, d) for u, d in report.extras.plan.units.items()}
         plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
     ls = report.extras.loss_scale
     planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None

@@ -125,6 +125,18 @@ def _render_ranks(report: Report, console: Console) -> None:
         )
 
 
+def _fp8_plan_step(report: Report, command: Sequence[str], export: Path | None) -> list[str]:
+    """After an fp8 analysis: apply the fp8 plan written, or write one."""
+    plan = report.extras.plan
+    if plan is not None and export is not None:
+        n_fp8 = sum(1 for d in plan.units.values() if d.startswith("fp8:"))
+        return [f"convert the plan's {n_fp8} fp8 layer(s) with {export} (torchao: convert_planned(model))"]
+    run = [*command, "--dtype", "fp8", "--export", "fp8_plan.py"]
+    return [
+        f"plan which Linear layers run in fp8, under which recipe, as torchao's module_filter_fn: {shlex.join(run)}"
+    ]
+
+
 def next_steps(
     report: Report,
     command: Sequence[str],
@@ -143,8 +155,8 @@ def next_steps(
     options, without --dtype)."""
     env = report.environment
     dtype = env.dtype
-    if dtype is LowDtype.FP8:  # no plan, no loss scale for fp8 yet
-        return fp8_next_steps(report, command)
+    if dtype is LowDtype.FP8:  # no loss scale for fp8: bf16 autocast, torchao scales each cast
+        return fp8_next_steps(report, command) + _fp8_plan_step(report, command, export)
     run = [*command, *(["--dtype", dtype.value] if dtype is not LowDtype.FP16 else [])]
     lines: list[str] = []
     if not report:
