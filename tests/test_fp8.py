@@ -348,7 +348,7 @@ def test_tensorwise_forward_equals_scaled_mm(monkeypatch: pytest.MonkeyPatch) ->
     torch.testing.assert_close(ref.to(y.dtype), y, rtol=2.0**-8, atol=0.0)
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_with_gw_hp"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_with_gw_hp", "mxfp8"])
 def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
     """An outlier channel sits in every token's row: no recipe rescues the lm_head (its fix is
     bf16), the MLP takes fp8; the conventional exclusions are judged, not assumed."""
@@ -364,3 +364,158 @@ def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
         f"conventionally kept in high precision: mlp (first): takes fp8 under {recipe}; lm_head (last): needs bf16"
     ]
     assert any("lm_head" in line and "module_filter_fn" in line for line in fp8_next_steps(report, ["x"]))
+
+
+# --- mxfp8: torchao 0.18's MXFP8Linear ------------------------------------------------------
+
+
+def _mx_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 32)
+    )
+
+
+def _mx_batch() -> torch.Tensor:
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))  # 32 tokens: whole blocks
+    x[0, 3] *= 300.0
+    x[1, 5] = 0  # one all-zero block of the first layer's input
+    return x
+
+
+def test_mxfp8_cast_counts_equal_explicit_casts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each recorded mxfp8 cast (torchao's `to_mx`, seen by a spy beneath the recorder): its
+    bits equal an explicit e4m3 cast with a power-of-two scale per 32 values computed here from
+    the block's amax (RCEIL: 2^ceil(log2(amax / 448))); flushed, saturated and zero-amax blocks
+    counted from that cast."""
+    import torchao.prototype.mx_formats.mx_tensor as mx_tensor
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = mx_tensor.to_mx
+    run = Fp8Run.start(_mx_mlp(), "mxfp8")
+
+    def spy(data_hp: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = original(data_hp, *args, **kwargs)
+        if run.recorder._mx_slots:  # the layer's own casts, not the recorder's per-recipe comparison
+            seen.append((data_hp.detach().float().clone(), out[1].detach().clone()))
+        return out
+
+    monkeypatch.setattr(mx_tensor, "to_mx", spy)
+    assert list(run.recorder.layers) == ["0", "3"] and run.emulated
+    with run.recording():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(run.model(_mx_batch()), _mx_batch())
+        loss.backward()
+    casts = run.recorder.casts
+    assert len(casts) == len(seen) == 12  # 2 layers x (2 fprop + 2 dgrad + 2 wgrad)
+    assert {(c.gemm, c.role) for c in casts} == {
+        ("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output"),
+        ("dgrad", "weight"), ("wgrad", "grad_output"), ("wgrad", "input"),
+    }  # fmt: skip
+    e4m3 = torch.float8_e4m3fn
+    for c, (hp, bits) in zip(casts, seen, strict=True):
+        blocks = hp.reshape(*hp.shape[:-1], -1, 32)
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        exponent = torch.ceil(torch.log2(amax / 448.0)).clamp(-127, 127)
+        scale = torch.where(amax > 0, torch.exp2(-exponent), torch.ones_like(amax))
+        scaled = (blocks * scale).reshape(hp.shape)
+        explicit = scaled.clamp(-448, 448).to(e4m3)
+        assert torch.equal(explicit.view(torch.uint8), bits.view(torch.uint8)), (c.layer, c.gemm, c.role)
+        assert c.granularity == "block32" and c.fp8_dtype == "e4m3"
+        assert c.flushed == int(((hp != 0) & (explicit.float() == 0)).sum())
+        assert c.saturated == int((scaled.abs() > 448).sum())
+        assert (c.zero_groups, c.groups) == (int((amax == 0).sum()), hp.numel() // 32)
+        assert c.amax == float(hp.abs().max())
+    first = next(c for c in casts if c.layer == "0" and c.gemm == "fprop" and c.role == "input")
+    assert first.zero_groups == 1  # the zeroed token: its scale gives no NaN either
+    assert all(torch.isfinite(p.grad).all() for p in run.model.parameters() if p.grad is not None)
+
+
+def test_mxfp8_layer_is_torchaos_mxfp8_linear() -> None:
+    """The run's layer is torchao's own MXFP8Linear: its output equals torchao's emulated fp32
+    run of the same layer rounded to bf16 (the GPU kernel's `out_dtype`), and its weight
+    gradient equals torchao's backward fed the same output gradient, rounded to bf16; the
+    user's model is not converted."""
+    from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+    from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    run = Fp8Run.start(model, "mxfp8")
+    assert isinstance(run.model[0], MXFP8Linear) and type(model[0]) is torch.nn.Linear
+    grad_out: list[torch.Tensor] = []
+    with run.recording():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run.model(x)
+        y.register_hook(lambda g: grad_out.append(g.clone()))
+        y.float().pow(2).mean().backward()
+    plain = MXFP8Linear(
+        64, 32, bias=False, kernel_preference=KernelPreference.EMULATED, scale_calculation_mode=ScaleCalculationMode.RCEIL
+    )
+    with torch.no_grad():
+        plain.weight.copy_(model[0].weight)
+    y_plain = plain(x)  # fp32 in, fp32 weight: torchao's emulated path runs as is
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_plain.to(torch.bfloat16))
+    y_plain.backward(grad_out[0].float())
+    assert plain.weight.grad is not None and run.model[0].weight.grad is not None
+    assert torch.equal(run.model[0].weight.grad, plain.weight.grad.to(torch.bfloat16).float())
+
+
+def test_mxfp8_refuses_rows_not_in_blocks() -> None:
+    """torchao's MX weight gradient casts along the tokens in blocks of 32: 33 rows are refused
+    in one line naming the layer, not an assertion from inside torchao."""
+    x = torch.randn(33, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(PrecisionDoctorError, match=r"'0' is fed 33 rows.*multiple of 32"):
+        pd.analyze(torch.nn.Sequential(torch.nn.Linear(32, 32)), x, _loss, dtype="fp8", fp8_recipe="mxfp8")
+
+
+@pytest.mark.parametrize("recipe", [*RECIPES, "mxfp8"])
+def test_outlier_channel_block_needs_mxfp8(recipe: str) -> None:
+    """An outlier channel in every row: no per-tensor or per-row recipe rescues the forward
+    (FP8_ERROR on fprop naming mxfp8), mxfp8's blocks do (no fp8 finding): torchao's casts."""
+    s = _sample("outlier_channel_block")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=recipe)
+    errors = [f for f in report.flags() if f.flag is Flag.FP8_ERROR]
+    if recipe == "mxfp8":
+        assert not [f for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)]
+        return
+    assert [(f.unit, f.evidence.op) for f in errors] == [("proj", "fprop")]
+    assert "the mxfp8 recipe fixes it" in errors[0].evidence.message
+
+
+def test_lm_head_outlier_channel_mxfp8_rescues_other_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under mxfp8 the lm_head's flushed inputs all sit in the outlier channel's block (channels
+    0-31: every other block keeps its values), fewer than under rowwise; the layer still fails,
+    and its fix stays bf16."""
+    import torchao.prototype.mx_formats.mx_tensor as mx_tensor
+
+    s = _sample("lm_head_outlier_channel")
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = mx_tensor.to_mx
+
+    def spy(data_hp: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = original(data_hp, *args, **kwargs)
+        seen.append((data_hp.detach().float().clone(), out[1].detach().clone()))
+        return out
+
+    monkeypatch.setattr(mx_tensor, "to_mx", spy)
+    mx = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe="mxfp8")
+    assert mx.extras.fp8 is not None
+    index = next(
+        i for i, c in enumerate(mx.extras.fp8.casts) if (c.layer, c.gemm, c.role) == ("lm_head", "fprop", "input")
+    )
+    # the lm_head's forward input: its first cast with the outlier channel's amax (the recorder's
+    # own per-recipe casts of the same value come after it)
+    hp, bits = next((h, b) for h, b in seen if h.shape == (32, 64) and float(h.abs().max()) == mx.extras.fp8.casts[index].amax)
+    flushed = (hp != 0) & (bits.float() == 0)
+    assert int(flushed.sum()) == mx.extras.fp8.casts[index].flushed > 0
+    assert int(flushed[:, 32:].sum()) == 0  # the blocks without the outlier keep every value
+    monkeypatch.setattr(mx_tensor, "to_mx", original)
+    rw = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe="rowwise")
+    assert rw.extras.fp8 is not None
+    rw_input = next(c for c in rw.extras.fp8.casts if (c.layer, c.gemm, c.role) == ("lm_head", "fprop", "input"))
+    assert rw_input.flushed > mx.extras.fp8.casts[index].flushed
+    error = next(f for f in mx.flags() if f.flag is Flag.FP8_ERROR)
+    assert error.unit == "lm_head" and "keep 'lm_head' in bf16" in error.evidence.message

@@ -54,10 +54,12 @@ def _limit(gemm: str, th: Thresholds) -> float:
 
 
 def fix_for(gemms: Sequence[Fp8Gemm], th: Thresholds) -> str:
-    """The first recipe (tensorwise, rowwise, rowwise_with_gw_hp: fastest first) under which
-    every one of a layer's matmuls passes, else `bf16` (the layer out of fp8)."""
+    """The first recipe (in `Fp8Recipe`'s order: tensorwise, rowwise, rowwise_with_gw_hp,
+    mxfp8) under which every one of a layer's matmuls passes, else `bf16` (the layer out of
+    fp8). A recipe a matmul was not measured under (mxfp8 where a dimension is not in whole
+    blocks of 32) does not pass."""
     for recipe in Fp8Recipe:
-        if all(gemm_db(g, recipe.value) >= _limit(g.gemm, th) for g in gemms):
+        if all(recipe.value in g.sqnr_db and gemm_db(g, recipe.value) >= _limit(g.gemm, th) for g in gemms):
             return recipe.value
     return BF16_FIX
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from precision_doctor.analysis.fp8 import BF16_FIX, fix_for, gemm_db
 from precision_doctor.extras import Fp8Section
-from precision_doctor.options import Flag, percent
+from precision_doctor.options import Flag, Fp8Recipe, percent
 from precision_doctor.report import Report
 
 __all__ = ["conventional_lines", "fp8_gemm_rows", "fp8_layer_rows", "fp8_next_steps", "fp8_summary_lines"]
@@ -103,8 +103,9 @@ def fp8_next_steps(report: Report, command: Sequence[str]) -> list[str]:
         lines.append(f"keep in bf16 (leave out of convert_to_float8_training's module_filter_fn): {', '.join(keep)}")
     recipes = [fix for fix in fixes.values() if fix not in (BF16_FIX, section.recipe)]
     if recipes:
-        # The recipes run fastest first: the slowest one any layer needs fixes them all.
-        order = ["tensorwise", "rowwise", "rowwise_with_gw_hp"]
+        # `fix_for` tries the recipes in Fp8Recipe's order: the last one any layer needs fixes
+        # the layers before it too (it passed none of the earlier ones).
+        order = [r.value for r in Fp8Recipe]
         best = max(recipes, key=order.index)
         run = [*command, "--dtype", "fp8", "--fp8-recipe", best]
         lines.append(f"check the {best} recipe: {shlex.join(run)}")
@@ -139,7 +140,7 @@ def fp8_layer_rows(section: Fp8Section) -> list[dict[str, object]]:
 def fp8_gemm_rows(section: Fp8Section) -> list[dict[str, object]]:
     """One row per Float8Linear matmul: its judged SQNR (dB: the smaller of the whole output's
     and the median row's) under each recipe, the run's own recipe first."""
-    recipes = [section.recipe, *(r for r in ("tensorwise", "rowwise", "rowwise_with_gw_hp") if r != section.recipe)]
+    recipes = [section.recipe, *(r.value for r in Fp8Recipe if r.value != section.recipe)]
     return [
         {"layer": g.layer, "gemm": g.gemm, **{r: round(gemm_db(g, r), 2) for r in recipes if r in g.sqnr_db}}
         for g in section.gemms
