@@ -286,23 +286,25 @@ class _Analysis:
     thresholds: Thresholds
     fp8_recipe: Fp8Recipe | None = None  # with --dtype fp8 only
     lr: float | None = None  # with it (or the file's build_optimizer), the optimizer step is measured
+    all_fp8_recipes: bool = False  # --fp8-recipe all: one analysis per recipe, side by side
 
     def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
         from precision_doctor.analysis.engine import analyze as run_analysis
+        from precision_doctor.analysis.fp8_recipes import compare_fp8_recipes
 
+        kwargs: dict[str, Any] = {
+            "thresholds": self.thresholds,
+            "name": self.spec.name,
+            "progress": progress,
+            "regime": self.regime,
+            "policy": self.policy,
+            "build_optimizer": self.spec.build_optimizer,
+            "lr": self.lr,
+        }
+        if low is LowDtype.FP8 and self.all_fp8_recipes:
+            return compare_fp8_recipes(self.spec.model, self.spec.batch, self.spec.loss_fn, **kwargs)
         return run_analysis(
-            self.spec.model,
-            self.spec.batch,
-            self.spec.loss_fn,
-            dtype=low,
-            thresholds=self.thresholds,
-            name=self.spec.name,
-            progress=progress,
-            regime=self.regime,
-            policy=self.policy,
-            fp8_recipe=self.fp8_recipe,
-            build_optimizer=self.spec.build_optimizer,
-            lr=self.lr,
+            self.spec.model, self.spec.batch, self.spec.loss_fn, dtype=low, fp8_recipe=self.fp8_recipe, **kwargs
         )
 
 
@@ -474,8 +476,9 @@ def analyze(
         str | None,
         typer.Option(
             "--fp8-recipe",
-            metavar=_metavar(Fp8Recipe),
-            help="With --dtype fp8: torchao's scaling recipe (default tensorwise).",
+            metavar=_metavar(Fp8Recipe).removesuffix(">") + "|all>",
+            help="With --dtype fp8: torchao's scaling recipe (default tensorwise); all: one analysis per "
+            "recipe, side by side (the report is the first recipe's, with the comparison).",
         ),
     ] = None,
     lr: Annotated[
@@ -505,14 +508,17 @@ def analyze(
     fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
-    recipe_opt = _fp8_options(low, fp8_recipe, export, fmt_opt, target_opt, cost_opt, tolerance)
+    all_recipes = low is LowDtype.FP8 and fp8_recipe is not None and fp8_recipe.strip().lower() == ALL_RECIPES
+    recipe_opt = _fp8_options(
+        low, None if all_recipes else fp8_recipe, export, fmt_opt, target_opt, cost_opt, tolerance
+    )
     thresholds = parse_thresholds(threshold or [])
     _check_analyze_options(out=out, export=export, html=html, open_app=open_app, cost=cost_opt, target=target_opt)
     console = output_console()
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr)
+    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr, all_recipes)
     with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
         report = analysis.run(low, progress=step)
     # The plan's search is only as good as its cost model's units; keep it off the plain
@@ -569,6 +575,10 @@ def _export_carries_module_dtypes(export: Path, export_format: ExportFormat | No
     from precision_doctor.planning.export import carries_module_dtypes
 
     return carries_module_dtypes(_chosen_export_format(export, export_format))
+
+
+ALL_RECIPES = "all"
+"""`--fp8-recipe all`: every recipe, compared (`analysis.fp8_recipes.compare_fp8_recipes`)."""
 
 
 def _fp8_options(

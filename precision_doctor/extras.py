@@ -9,6 +9,9 @@
   `training.preflight.PreflightResult.annotated_report`.
 - `scaler_monitor` (`MonitorSection`): a real run's GradScaler history;
   `training.monitor.ScalerMonitor.to_extras`.
+- `fp8` (`Fp8Section`): the fp8 low run's casts and matmuls; `analysis.fp8.with_fp8`.
+- `fp8_recipes` (`Fp8RecipeComparison`): the same model under each fp8 recipe;
+  `analysis.fp8_recipes.compare_fp8_recipes`.
 
 Sections are validated with the report: a report whose section does not fit does not load
 (one line naming the field). Writers live in the planning and training stages and readers in
@@ -330,6 +333,30 @@ class Fp8Section(Frozen):
     gemms: list[Fp8Gemm] = Field(default_factory=list)
 
 
+class Fp8RecipeRun(Frozen):
+    """One recipe's analysis in a recipe comparison: its final loss and its fp8 findings."""
+
+    recipe: str
+    loss_low: float
+    loss_rel_error: float
+    """|loss_low - loss_fp32| / |loss_fp32|: the report's `losses.rel_error` under this recipe."""
+    findings: dict[str, list[str]]
+    """Layer -> its FP8_ERROR / FP8_UNDERFLOW findings under this recipe (`FLAG gemm`, e.g.
+    `FP8_ERROR fprop`); a layer without any is left out."""
+    fixes: dict[str, str]
+    """Layer -> the recipe `analysis.fp8.fix_for` names for it in this run (or `bf16`)."""
+
+
+class Fp8RecipeComparison(Frozen):
+    """`extras.fp8_recipes`: the same model analyzed under each fp8 recipe, side by side;
+    written by `analysis.fp8_recipes.compare_fp8_recipes` (each run its own `analyze`)."""
+
+    loss_fp32: float
+    layers: list[str]
+    """The Linear layers any recipe converted, in the model's order."""
+    runs: list[Fp8RecipeRun]
+
+
 # --- the report's extras --------------------------------------------------------------------
 
 
@@ -343,10 +370,14 @@ class ReportExtras(Frozen):
     fp8: Fp8Section | None = None
     """Only in an fp8 analysis's report; left out of the JSON where None, so that every other
     report is written as before (a reader without the field loads it)."""
+    fp8_recipes: Fp8RecipeComparison | None = None
+    """Only in a recipe comparison's report (`--fp8-recipe all`); left out where None, as `fp8`."""
 
     @model_serializer(mode="wrap")
     def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
-        if self.fp8 is None and isinstance(data, dict):
-            data.pop("fp8", None)
+        if isinstance(data, dict):
+            for name in ("fp8", "fp8_recipes"):
+                if getattr(self, name) is None:
+                    data.pop(name, None)
         return data

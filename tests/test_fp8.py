@@ -263,6 +263,8 @@ def test_html_report_has_the_fp8_tables(tmp_path: Path) -> None:
 
 
 def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `--fp8-recipe all` report renders: the fp8 tab's tables (casts, roles, the recipes
+    side by side with the report's own numbers) and its figure."""
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
@@ -270,14 +272,23 @@ def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     s = _sample("outlier_token")
     path = tmp_path / "r.json"
-    pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8").save(path)
+    report = pd.compare_fp8_recipes(s.build_model(), s.make_batch(), s.loss_fn, recipes=["tensorwise", "rowwise"])
+    report.save(path)
     monkeypatch.setattr(sys, "argv", ["streamlit_app.py", str(path)])
     monkeypatch.delenv("PRECISION_DOCTOR_REPORT", raising=False)
     at = AppTest.from_file(str(streamlit_app.__file__), default_timeout=120)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert "fp8" in [t.label for t in at.tabs]
-    assert any("underflows%" in d.value.columns for d in at.dataframe)
+    frames = [d.value for d in at.dataframe]
+    assert any("underflows%" in f.columns for f in frames)
+    assert any("flushed%" in f.columns and "role" in f.columns for f in frames)
+    losses = next(f for f in frames if "loss_rel_error" in f.columns)
+    assert report.extras.fp8_recipes is not None
+    assert list(losses["loss_rel_error"]) == [run.loss_rel_error for run in report.extras.fp8_recipes.runs]
+    layers = next(f for f in frames if "rowwise" in f.columns and "fix" in f.columns)
+    assert list(layers["layer"]) == ["proj"] and "FP8_ERROR fprop" in layers["tensorwise"][0]
+    assert any(e.type == "plotly_chart" for e in at.get("plotly_chart"))
 
 
 def _one_linear() -> torch.nn.Module:
@@ -519,3 +530,88 @@ def test_lm_head_outlier_channel_mxfp8_rescues_other_blocks(monkeypatch: pytest.
     assert rw_input.flushed > mx.extras.fp8.casts[index].flushed
     error = next(f for f in mx.flags() if f.flag is Flag.FP8_ERROR)
     assert error.unit == "lm_head" and "keep 'lm_head' in bf16" in error.evidence.message
+
+
+# --- views: the per-layer figure and the recipe comparison ---------------------------------
+
+
+def test_fp8_role_table_and_figure_hold_the_reports_casts() -> None:
+    """The per-layer-and-role rows and the figure's points are the report's casts: the largest
+    amax, the smallest scale and the worst flushed fraction over each role's casts, recomputed
+    here from `extras.fp8.casts`."""
+    from precision_doctor.views.fp8 import fp8_figure, fp8_role_rows
+
+    s = _sample("lm_head_outlier_channel")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe="rowwise")
+    section = report.extras.fp8
+    assert section is not None
+    rows = fp8_role_rows(section)
+    assert {(r["layer"], r["role"]) for r in rows} == {
+        (layer, role) for layer in ("mlp", "lm_head") for role in ("input", "weight", "grad_output")
+    }
+    for r in rows:
+        casts = [c for c in section.casts if c.layer == r["layer"] and c.role == r["role"]]
+        assert r["amax"] == max(c.amax for c in casts)
+        assert r["scale_min"] == min(c.scale_min for c in casts)
+        assert r["flushed%"] == 100 * max(c.flushed / c.nonzero for c in casts if c.nonzero)
+    lm_input = next(r for r in rows if (r["layer"], r["role"]) == ("lm_head", "input"))
+    assert lm_input["flushed%"] > 5  # the outlier channel's flushes show
+    fig = fp8_figure(section)
+    by_panel: dict[tuple[str, str], list[float]] = {}
+    for trace in fig.data:
+        panel = {"y": "amax", "y2": "scale_min", "y3": "flushed%"}[trace.yaxis]
+        by_panel[(trace.name, panel)] = list(trace.y)
+    for role in ("input", "weight", "grad_output"):
+        mine = [r for r in rows if r["role"] == role]
+        for key in ("amax", "scale_min", "flushed%"):
+            assert by_panel[(role, key)] == [r[key] for r in mine]
+
+
+def test_recipe_comparison_equals_separate_analyses(tmp_path: Path) -> None:
+    """`compare_fp8_recipes`: each recipe's final-loss error and findings equal its own
+    `analyze`; the report is the first recipe's; the HTML report and the terminal show the
+    comparison."""
+    from precision_doctor.views.fp8 import fp8_recipe_lines
+    from precision_doctor.views.html_report import write_html
+
+    s = _sample("outlier_token")
+    report = pd.compare_fp8_recipes(s.build_model(), s.make_batch(), s.loss_fn)
+    comparison = report.extras.fp8_recipes
+    assert comparison is not None and [r.recipe for r in comparison.runs] == [*RECIPES, "mxfp8"]
+    assert report.extras.fp8 is not None and report.extras.fp8.recipe == "tensorwise"
+    for run in comparison.runs:
+        alone = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=run.recipe)
+        assert run.loss_rel_error == alone.losses.rel_error and run.loss_low == alone.losses.low
+        found = {(f.unit, f"{f.flag.value} {f.evidence.op}") for f in alone.flags() if f.flag.value.startswith("FP8")}
+        assert {(layer, text) for layer, texts in run.findings.items() for text in texts} == found
+    assert comparison.runs[0].findings["proj"][0] == "FP8_ERROR fprop"
+    assert "proj" not in comparison.runs[2].findings  # rowwise_with_gw_hp passes
+    lines = fp8_recipe_lines(report)
+    assert "rowwise_with_gw_hp" in lines[1] and f"{comparison.runs[1].loss_rel_error:.2e}" in lines[2]
+    write_html(report, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="fp8-recipe-losses"' in page and 'id="fp8-recipe-layers"' in page and 'id="fp8-roles"' in page
+    assert pd.Report.model_validate_json(report.model_dump_json()).extras.fp8_recipes == comparison
+    with pytest.raises(PrecisionDoctorError, match="sets fp8_recipe itself"):
+        pd.compare_fp8_recipes(s.build_model(), s.make_batch(), s.loss_fn, fp8_recipe="rowwise")
+
+
+def test_cli_fp8_recipe_all(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app,
+        ["analyze", str(SAMPLES / "outlier_channel_block.py"), "--dtype", "fp8", "--fp8-recipe", "all",
+         "--out", str(out), "--quiet"],
+        env={"COLUMNS": "240", "NO_COLOR": "1"},
+    )  # fmt: skip
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "fp8 recipes side by side" in result.stdout
+    saved = pd.Report.load(out)
+    assert saved.extras.fp8_recipes is not None
+    assert {r.recipe: r.fixes["proj"] for r in saved.extras.fp8_recipes.runs} == dict.fromkeys(
+        [*RECIPES, "mxfp8"], "mxfp8"
+    )

@@ -1,18 +1,39 @@
-"""The fp8 run for people: summary lines and next steps for the terminal, and the per-layer
-table (one row per Float8Linear and cast role) the HTML report and the app can show."""
+"""The fp8 run for people: summary lines and next steps for the terminal, the per-layer
+tables (one row per cast; one per layer and role) and figure (amax, scale, flushed fraction
+per role) the HTML report and the app show, and the recipe comparison (`--fp8-recipe all`)
+side by side. Nothing here reruns the analysis."""
 
 from __future__ import annotations
 
+import html
 import math
 import shlex
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from precision_doctor.analysis.fp8 import BF16_FIX, fix_for, gemm_db
-from precision_doctor.extras import Fp8Section
+from precision_doctor.extras import Fp8RecipeComparison, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, percent
 from precision_doctor.report import Report
+from precision_doctor.views.figures import short_name, themed
 
-__all__ = ["conventional_lines", "fp8_gemm_rows", "fp8_layer_rows", "fp8_next_steps", "fp8_summary_lines"]
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+__all__ = [
+    "conventional_lines",
+    "fp8_figure",
+    "fp8_gemm_rows",
+    "fp8_layer_rows",
+    "fp8_next_steps",
+    "fp8_recipe_layer_rows",
+    "fp8_recipe_lines",
+    "fp8_recipe_loss_rows",
+    "fp8_role_rows",
+    "fp8_summary_lines",
+]
+
+ROLES = ("input", "weight", "grad_output")
 
 
 def _db(x: float) -> str:
@@ -145,3 +166,129 @@ def fp8_gemm_rows(section: Fp8Section) -> list[dict[str, object]]:
         {"layer": g.layer, "gemm": g.gemm, **{r: round(gemm_db(g, r), 2) for r in recipes if r in g.sqnr_db}}
         for g in section.gemms
     ]
+
+
+def fp8_role_rows(section: Fp8Section) -> list[dict[str, Any]]:
+    """One row per layer and cast role, over that role's casts (it feeds two matmuls): the
+    largest amax, the smallest and largest scale torchao applied, the worst flushed fraction
+    (%) and the saturated count; what `fp8_figure` draws."""
+    rows = []
+    for layer in section.layers:
+        for role in ROLES:
+            casts = [c for c in section.casts if c.layer == layer and c.role == role]
+            if not casts:
+                continue
+            rows.append(
+                {
+                    "layer": layer,
+                    "role": role,
+                    "gemms": "/".join(c.gemm for c in casts),
+                    "amax": max(c.amax for c in casts),
+                    "scale_min": min(c.scale_min for c in casts),
+                    "scale_max": max(c.scale_max for c in casts),
+                    "flushed%": 100 * max(c.flushed_fraction for c in casts),
+                    "saturated": sum(c.saturated for c in casts),
+                }
+            )
+    return rows
+
+
+def fp8_figure(section: Fp8Section) -> go.Figure:
+    """Per layer (x, execution order) and cast role (one color each): amax and the scale
+    (log axes) and the worst flushed fraction, from `fp8_role_rows`."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows = fp8_role_rows(section)
+    layers = list(section.layers)
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.06,
+        subplot_titles=("amax (cast input)", "scale (smallest, per cast)", "flushed to 0 (% of nonzero, worst cast)"),
+    )
+    for i, role in enumerate(ROLES):
+        mine = [r for r in rows if r["role"] == role]
+        if not mine:
+            continue
+        x = [layers.index(r["layer"]) for r in mine]
+        text = [html.escape(f"{r['layer']} ({r['gemms']})") for r in mine]
+        for panel, key in enumerate(("amax", "scale_min", "flushed%"), start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[r[key] for r in mine],
+                    text=text,
+                    mode="markers",
+                    name=role,
+                    legendgroup=role,
+                    showlegend=panel == 1,
+                    marker={"size": 9, "symbol": ["circle", "square", "diamond"][i]},
+                    hovertemplate=f"%{{text}}<br>{role} {key} %{{y:.4g}}<extra></extra>",
+                ),
+                row=panel,
+                col=1,
+            )
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", row=2, col=1)
+    fig.update_yaxes(rangemode="tozero", row=3, col=1)
+    fig.update_xaxes(
+        tickvals=list(range(len(layers))),
+        ticktext=[html.escape(short_name(n)) for n in layers],
+        range=[-0.7, len(layers) - 0.3],
+        row=3,
+        col=1,
+    )
+    fig.update_layout(
+        title=f"fp8 casts per layer ({html.escape(section.recipe)})",
+        height=620,
+        margin={"t": 80, "b": 20, "l": 60, "r": 20},
+        hovermode="closest",
+    )
+    return themed(fig)
+
+
+def fp8_recipe_loss_rows(comparison: Fp8RecipeComparison) -> list[dict[str, Any]]:
+    """One row per recipe: its final loss, the loss's relative error against fp32, how many
+    layers it flags."""
+    return [
+        {
+            "recipe": run.recipe,
+            "loss_low": run.loss_low,
+            "loss_rel_error": run.loss_rel_error,
+            "flagged_layers": len(run.findings),
+        }
+        for run in comparison.runs
+    ]
+
+
+def fp8_recipe_layer_rows(comparison: Fp8RecipeComparison) -> list[dict[str, str]]:
+    """One row per layer, one column per recipe: its fp8 findings under that recipe (`ok`
+    where none), and the fix the analyses name for it."""
+    rows = []
+    for layer in comparison.layers:
+        row = {"layer": layer}
+        for run in comparison.runs:
+            row[run.recipe] = ", ".join(run.findings.get(layer, [])) or "ok"
+        fixes = {run.fixes[layer] for run in comparison.runs if layer in run.fixes}
+        row["fix"] = " / ".join(sorted(fixes)) if fixes else "-"
+        rows.append(row)
+    return rows
+
+
+def fp8_recipe_lines(report: Report) -> list[str]:
+    """The recipe comparison as a terminal table: the final-loss error row, then one row per
+    layer (its findings under each recipe)."""
+    comparison = report.extras.fp8_recipes
+    if comparison is None:
+        return []
+    recipes = [run.recipe for run in comparison.runs]
+    table = [["", *recipes]]
+    table.append(["final-loss rel error", *(f"{run.loss_rel_error:.2e}" for run in comparison.runs)])
+    for row in fp8_recipe_layer_rows(comparison):
+        table.append([row["layer"], *(row[r] for r in recipes)])
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [f"fp8 recipes side by side (fp32 loss {comparison.loss_fp32:.6g}):"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    return lines

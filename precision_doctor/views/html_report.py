@@ -52,7 +52,15 @@ from precision_doctor.views.figures import (
     takeoff_unit,
     training_figure,
 )
-from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
+from precision_doctor.views.fp8 import (
+    fp8_figure,
+    fp8_gemm_rows,
+    fp8_layer_rows,
+    fp8_recipe_layer_rows,
+    fp8_recipe_loss_rows,
+    fp8_role_rows,
+    fp8_summary_lines,
+)
 
 MAX_DETAIL_UNITS = 30
 """Units given histograms: the flagged ones first. Each costs two figures of file size."""
@@ -300,16 +308,25 @@ def _loss_scale(report: Report, fig: _Figures) -> list[str]:
     return parts
 
 
-def _fp8(report: Report) -> list[str]:
+def _fp8(report: Report, fig: _Figures) -> list[str]:
     fp8 = report.extras.fp8
     if fp8 is None:
         return []
-    return [
+    parts = [
         '<h2 id="fp8">fp8</h2>',
         "".join(f"<p>{_e(line.strip())}</p>" for line in fp8_summary_lines(report)),
+        "<h3>Per layer and role</h3>" + _table(fp8_role_rows(fp8), "fp8-roles") + fig(fp8_figure(fp8)),
         "<h3>Matmuls per recipe (SQNR, dB)</h3>" + _table(fp8_gemm_rows(fp8), "fp8-gemms"),
         "<h3>Casts</h3>" + _table(fp8_layer_rows(fp8), "fp8-casts"),
     ]
+    comparison = report.extras.fp8_recipes
+    if comparison is not None:
+        parts += [
+            f'<h3 id="fp8-recipes">Recipes side by side (fp32 loss {_e(fmt(comparison.loss_fp32, ".6g"))})</h3>',
+            _table(fp8_recipe_loss_rows(comparison), "fp8-recipe-losses"),
+            _table(fp8_recipe_layer_rows(comparison), "fp8-recipe-layers"),
+        ]
+    return parts
 
 
 def _plan(report: Report, fig: _Figures) -> list[str]:
@@ -405,7 +422,7 @@ def render_html(report: Report) -> str:
         _gradients(report, fig),
         _optimizer_step(report),
         _loss_scale(report, fig),
-        _fp8(report),
+        _fp8(report, fig),
         _plan(report, fig),
         _training(report, fig),
         _unit_detail(report, fig),

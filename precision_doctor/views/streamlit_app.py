@@ -27,7 +27,15 @@ from precision_doctor.extras import Fp8Section, LossScaleSection, MonitorSection
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report, Unit
 from precision_doctor.views import figures
-from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
+from precision_doctor.views.fp8 import (
+    fp8_figure,
+    fp8_gemm_rows,
+    fp8_layer_rows,
+    fp8_recipe_layer_rows,
+    fp8_recipe_loss_rows,
+    fp8_role_rows,
+    fp8_summary_lines,
+)
 from precision_doctor.views.launcher import ENV_VAR
 
 NO_FLAG = "(no flag)"
@@ -385,12 +393,21 @@ def get_report() -> Report:
 
 
 def fp8_tab(report: Report, section: Fp8Section) -> None:
-    """The fp8 run: summary, each matmul's SQNR per recipe, each cast's statistics."""
+    """The fp8 run: summary, each layer's casts per role (table and figure), each matmul's
+    SQNR per recipe, each cast's statistics, and the recipe comparison where there is one."""
     st.text("\n".join(fp8_summary_lines(report)))
+    st.subheader("Per layer and role")
+    st.dataframe(_df(fp8_role_rows(section)), hide_index=True)
+    _chart(fp8_figure(section), "fp8-figure")
     st.subheader("Matmuls per recipe (SQNR, dB)")
     st.dataframe(_df(fp8_gemm_rows(section)), hide_index=True)
     st.subheader("Casts")
     st.dataframe(_df(fp8_layer_rows(section)), hide_index=True)
+    comparison = report.extras.fp8_recipes
+    if comparison is not None:
+        st.subheader(f"Recipes side by side (fp32 loss {comparison.loss_fp32:.6g})")
+        st.dataframe(_df(fp8_recipe_loss_rows(comparison)), hide_index=True)
+        st.dataframe(_df(fp8_recipe_layer_rows(comparison)), hide_index=True)
 
 
 def render(report: Report) -> None:
