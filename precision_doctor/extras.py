@@ -185,6 +185,56 @@ class Reason(Frozen):
         return f"{self.risk} ({self.mode}){where}: {self.message}"
 
 
+class Fp8ScalingStep(Frozen):
+    """One training step of one fp8 tensor under Transformer Engine's delayed scaling, modelled
+    (`training.fp8_scaling`), beside current (per-step tensorwise) scaling."""
+
+    step: int
+    amax: float
+    """This step's amax of the tensor (what TE appends to its amax history)."""
+    delayed_scale: float
+    """The scale delayed scaling casts this step with: fp8 max / (the largest amax of the
+    previous steps in the history window) * 2^-margin; TE's initial 1 at step 0, and the
+    previous scale where that amax is 0 or not finite."""
+    current_scale: float
+    """fp8 max / this step's amax (current scaling: torchao's tensorwise, TE's
+    Float8CurrentScaling)."""
+    nonzero: int
+    flushed_delayed: int
+    saturated_delayed: int
+    flushed_current: int
+    saturated_current: int
+
+    @property
+    def flushed_delayed_fraction(self) -> float:
+        return self.flushed_delayed / self.nonzero if self.nonzero else 0.0
+
+    @property
+    def flushed_current_fraction(self) -> float:
+        return self.flushed_current / self.nonzero if self.nonzero else 0.0
+
+
+class Fp8ScalingTrack(Frozen):
+    """One fp8 tensor of one layer (its input, weight or output gradient) over the steps."""
+
+    layer: str
+    role: str
+    fp8_dtype: str
+    """`e4m3` for input and weight, `e5m2` for the output gradient (TE's HYBRID format)."""
+    steps: list[Fp8ScalingStep]
+
+
+class Fp8ScalingModel(Frozen):
+    """`PreflightSection.fp8_scaling`: the pre-flight's fp8 run replayed under Transformer
+    Engine's default `DelayedScaling` recipe: modelled on the run's own tensors, not TE's
+    kernels."""
+
+    recipe: str
+    amax_history_len: int
+    margin: int
+    tracks: list[Fp8ScalingTrack]
+
+
 class PreflightSection(Frozen):
     """`extras.preflight`: the pre-flight's verdict and its short training runs (the plan
     and loss scale it ran with are the report's `plan` and `loss_scale` sections)."""
@@ -215,6 +265,15 @@ class PreflightSection(Frozen):
     runs: dict[str, ModeRun]
     timings_s: dict[str, float] = Field(default_factory=dict)
     messages: list[str] = Field(default_factory=list)
+    fp8_scaling: Fp8ScalingModel | None = None
+    """Only in an fp8 pre-flight (left out of the JSON where None, as `ReportExtras.fp8`)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if self.fp8_scaling is None and isinstance(data, dict):
+            data.pop("fp8_scaling", None)
+        return data
 
 
 class PreflightPrediction(Frozen):

@@ -62,6 +62,8 @@ __all__ = [
     "convert_fp8",
     "convert_mx",
     "fp8_config",
+    "fp8_layers",
+    "mx_gemm_as_gpu",
     "mx_cast",
     "require_torchao",
     "torchao_version",
@@ -121,16 +123,21 @@ def _on_cpu(model: torch.nn.Module) -> bool:
     return next((p.device.type for p in model.parameters()), "cpu") != "cuda"
 
 
-def convert_fp8(model: torch.nn.Module, recipe: Fp8Recipe | str, *, emulate: bool | None = None) -> torch.nn.Module:
-    """A deep copy of `model` with its Linear layers swapped for torchao's `Float8Linear`
-    (`convert_to_float8_training` with torchao's default filter: every `nn.Linear`), emulated
-    when the model is on the CPU (`emulate=None`); for `mxfp8`, `convert_mx`."""
+def convert_fp8(
+    model: torch.nn.Module, recipe: Fp8Recipe | str, *, emulate: bool | None = None, inplace: bool = False
+) -> torch.nn.Module:
+    """A deep copy of `model` (`inplace`: `model` itself) with its Linear layers swapped for
+    torchao's `Float8Linear` (`convert_to_float8_training` with torchao's default filter: every
+    `nn.Linear`), emulated when the model is on the CPU (`emulate=None`); for `mxfp8`,
+    `convert_mx`. The swapped layers hold the same parameter objects (an optimizer over them
+    still holds them)."""
     float8 = require_torchao()
     if emulate is None:
         emulate = _on_cpu(model)
     if Fp8Recipe(recipe) is Fp8Recipe.MXFP8:
-        return convert_mx(model, emulate=emulate)
-    converted = float8.convert_to_float8_training(copy.deepcopy(model), config=fp8_config(recipe, emulate=emulate))
+        return convert_mx(model, emulate=emulate, inplace=inplace)
+    target = model if inplace else copy.deepcopy(model)
+    converted = float8.convert_to_float8_training(target, config=fp8_config(recipe, emulate=emulate))
     from torchao.float8.float8_linear import Float8Linear
 
     for m in converted.modules():
@@ -165,16 +172,18 @@ def mx_convertible(module: torch.nn.Module) -> bool:
     )
 
 
-def convert_mx(model: torch.nn.Module, *, emulate: bool | None = None) -> torch.nn.Module:
-    """A deep copy of `model` with each `mx_convertible` Linear swapped for torchao's
-    `MXFP8Linear` (RCEIL scales, EMULATED kernels on the CPU), holding the same weight and bias
-    parameters; the others stay as they are."""
+def convert_mx(model: torch.nn.Module, *, emulate: bool | None = None, inplace: bool = False) -> torch.nn.Module:
+    """A deep copy of `model` (`inplace`: `model` itself) with each `mx_convertible` Linear
+    swapped for torchao's `MXFP8Linear` (RCEIL scales, EMULATED kernels on the CPU), holding
+    the same weight and bias parameters; the others stay as they are."""
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
 
     _, mxfp8_linear, _, kernel_preference = _mx_modules()
     if emulate is None:
         emulate = _on_cpu(model)
-    converted = copy.deepcopy(model)
+    if isinstance(model, torch.nn.Linear) and mx_convertible(model):
+        raise PrecisionDoctorError("--fp8-recipe mxfp8 converts the Linear layers inside a model, not a bare nn.Linear")
+    converted = model if inplace else copy.deepcopy(model)
     for name, module in list(converted.named_modules()):
         if not mx_convertible(module):
             continue
@@ -193,8 +202,6 @@ def convert_mx(model: torch.nn.Module, *, emulate: bool | None = None) -> torch.
         new.register_forward_pre_hook(_mx_rows_check(name))
         parent_name, _, child = name.rpartition(".")
         setattr(converted.get_submodule(parent_name) if parent_name else converted, child, new)
-    if isinstance(converted, torch.nn.Linear) and mx_convertible(converted):
-        raise PrecisionDoctorError("--fp8-recipe mxfp8 converts the Linear layers inside a model, not a bare nn.Linear")
     return converted
 
 
@@ -238,6 +245,33 @@ def _gpu_mx_gemm(a: Any, b: Any, aten_op: Any, bias: torch.Tensor | None = None)
     a32, b32 = a.dequantize(torch.float32), b.dequantize(torch.float32)
     res = torch.mm(a32, b32) if bias is None else torch.addmm(bias.float(), a32, b32)
     return res.to(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def mx_gemm_as_gpu() -> Iterator[None]:
+    """While active, torchao's emulated MX matmul computes as the GPU kernel does
+    (`_gpu_mx_gemm`): what a training run of an `mxfp8` model on the CPU needs (the
+    recorder's `recording` does the same for an analysis)."""
+    mx_tensor, _, _, kernel_preference = _mx_modules()
+    dispatch = mx_tensor._addmm_mx_dispatch
+
+    def gemm(a: Any, b: Any, aten_op: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        emulated = kernel_preference.EMULATED
+        if getattr(a, "kernel_preference", None) == emulated and getattr(b, "kernel_preference", None) == emulated:
+            return _gpu_mx_gemm(a, b, aten_op, bias)
+        return dispatch(a, b, aten_op, bias)  # type: ignore[no-any-return]
+
+    mx_tensor._addmm_mx_dispatch = gemm
+    try:
+        yield
+    finally:
+        mx_tensor._addmm_mx_dispatch = dispatch
+
+
+def fp8_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers of a converted model that run fp8 (torchao's Float8Linear or MXFP8Linear),
+    by path."""
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in ("Float8Linear", "MXFP8Linear")}
 
 
 def autocast_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -465,8 +499,8 @@ class Fp8Recorder:
     def _mx_patched(self) -> Iterator[None]:
         """torchao's MX pieces wrapped for the run: `to_mx` records each cast, `mx_mm` says
         which layer and matmuls its casts feed, the emulated matmul computes as the GPU's."""
-        mx_tensor, _, mx_mm, kernel_preference = self._mx
-        to_mx, dispatch = mx_tensor.to_mx, mx_tensor._addmm_mx_dispatch
+        mx_tensor, _, mx_mm, _ = self._mx
+        to_mx = mx_tensor.to_mx
         forward, backward = mx_mm.forward, mx_mm.backward
         recorder = self
 
@@ -477,12 +511,6 @@ class Fp8Recorder:
                 with recorder._quiet():
                     recorder.casts.append(mx_cast_record(layer, gemm, role, data_hp, exponent, bits))
             return exponent, bits
-
-        def gemm(a: Any, b: Any, aten_op: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
-            emulated = kernel_preference.EMULATED
-            if getattr(a, "kernel_preference", None) == emulated and getattr(b, "kernel_preference", None) == emulated:
-                return _gpu_mx_gemm(a, b, aten_op, bias)
-            return dispatch(a, b, aten_op, bias)  # type: ignore[no-any-return]
 
         def mm_forward(ctx: Any, input_hp: torch.Tensor, weight_hp: torch.Tensor, *args: Any) -> Any:
             layer = recorder._mx_layer or "?"
@@ -504,13 +532,14 @@ class Fp8Recorder:
             finally:
                 recorder._mx_slots = []
 
-        mx_tensor.to_mx, mx_tensor._addmm_mx_dispatch = recorded_to_mx, gemm
+        mx_tensor.to_mx = recorded_to_mx
         mx_mm.forward, mx_mm.backward = staticmethod(mm_forward), staticmethod(mm_backward)
         self._to_mx = to_mx
         try:
-            yield
+            with mx_gemm_as_gpu():
+                yield
         finally:
-            mx_tensor.to_mx, mx_tensor._addmm_mx_dispatch = to_mx, dispatch
+            mx_tensor.to_mx = to_mx
             mx_mm.forward, mx_mm.backward = staticmethod(forward), staticmethod(backward)
 
     @contextlib.contextmanager
