@@ -664,13 +664,23 @@ def preflight_command(
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Also run the recommended plan.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for CI).")] = False,
     threshold: ThresholdOpt = None,
+    fp8_recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--fp8-recipe",
+            metavar=_metavar(Fp8Recipe),
+            help="With --dtype fp8: torchao's scaling recipe the fp8 run trains with (default tensorwise).",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Go / no-go before a long run: the analysis, then a short real training run in fp32,
     plain low precision as --regime runs it (fp16 kernels emulated on the CPU) and the
     recommended plan under autocast (on copies of the model). Pure fp16 runs without a loss
-    scaler (GradScaler does not unscale fp16 gradients). Default: 8 steps,
+    scaler (GradScaler does not unscale fp16 gradients). --dtype fp8: torchao's converted
+    copy (emulated) beside bf16 and fp32, judged against bf16 too, Transformer Engine's delayed
+    scaling modelled over the steps; no plan. Default: 8 steps,
     the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
     Exit 0 = go, 1 = a risk --fail-on selects was found, 2 = bad input."""
     from precision_doctor.model.spec import load_model_file
@@ -678,7 +688,9 @@ def preflight_command(
     from precision_doctor.training.preflight import preflight as run_preflight
 
     low = parse_option(LowDtype, dtype, "--dtype")  # every option validated before any work
-    refuse_fp8(low, "the pre-flight")
+    if fp8_recipe is not None and low is not LowDtype.FP8:
+        raise PrecisionDoctorError("--fp8-recipe needs --dtype fp8")
+    recipe = parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe") if fp8_recipe is not None else None
     run_regime = parse_option(Regime, regime, "--regime")
     op_policy = parse_option(AutocastPolicy, policy, "--policy")
     risks = parse_fail_on(fail_on)
@@ -706,6 +718,7 @@ def preflight_command(
             thresholds=thresholds,
             name=spec.name,
             progress=step,
+            fp8_recipe=recipe,
         )
     if main_rank:
         _print_preflight(result, as_json=json_out)

@@ -204,8 +204,6 @@ def test_refusals_are_one_line() -> None:
         pd.plan_report(model, batch, _loss, report)
     with pytest.raises(PrecisionDoctorError, match="loss-scale recommendation does not support"):
         pd.recommend_loss_scale(report)
-    with pytest.raises(PrecisionDoctorError, match="pre-flight does not support"):
-        pd.preflight(model, batch, _loss, dtype="fp8")
 
 
 def test_without_torchao_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,8 +226,7 @@ def _cli_one_line(args: list[str]) -> str:
 
 def test_cli_fp8(tmp_path: Path) -> None:
     """`--dtype fp8 --fp8-recipe`: the findings on the terminal, the section in the saved
-    report (no plan); plan options, --fp8-recipe without fp8 and the pre-flight refused in
-    one line."""
+    report (no plan); plan options and --fp8-recipe without fp8 refused in one line."""
     from typer.testing import CliRunner
 
     from precision_doctor.cli import app
@@ -245,7 +242,6 @@ def test_cli_fp8(tmp_path: Path) -> None:
     assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise" and saved.extras.plan is None
     assert "--fp8-recipe needs --dtype fp8" in _cli_one_line(["analyze", sample, "--fp8-recipe", "rowwise"])
     assert "does not support --dtype fp8" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--target", "h100"])
-    assert "pre-flight does not support --dtype fp8" in _cli_one_line(["preflight", sample, "--dtype", "fp8"])
     assert "unknown --fp8-recipe 'delayed'" in _cli_one_line(
         ["analyze", sample, "--dtype", "fp8", "--fp8-recipe", "delayed"]
     )
@@ -463,7 +459,11 @@ def test_mxfp8_layer_is_torchaos_mxfp8_linear() -> None:
         y.register_hook(lambda g: grad_out.append(g.clone()))
         y.float().pow(2).mean().backward()
     plain = MXFP8Linear(
-        64, 32, bias=False, kernel_preference=KernelPreference.EMULATED, scale_calculation_mode=ScaleCalculationMode.RCEIL
+        64,
+        32,
+        bias=False,
+        kernel_preference=KernelPreference.EMULATED,
+        scale_calculation_mode=ScaleCalculationMode.RCEIL,
     )
     with torch.no_grad():
         plain.weight.copy_(model[0].weight)
@@ -519,7 +519,9 @@ def test_lm_head_outlier_channel_mxfp8_rescues_other_blocks(monkeypatch: pytest.
     )
     # the lm_head's forward input: its first cast with the outlier channel's amax (the recorder's
     # own per-recipe casts of the same value come after it)
-    hp, bits = next((h, b) for h, b in seen if h.shape == (32, 64) and float(h.abs().max()) == mx.extras.fp8.casts[index].amax)
+    hp, bits = next(
+        (h, b) for h, b in seen if h.shape == (32, 64) and float(h.abs().max()) == mx.extras.fp8.casts[index].amax
+    )
     flushed = (hp != 0) & (bits.float() == 0)
     assert int(flushed.sum()) == mx.extras.fp8.casts[index].flushed > 0
     assert int(flushed[:, 32:].sum()) == 0  # the blocks without the outlier keep every value

@@ -77,7 +77,8 @@ def compare_fp8_recipes(
     chosen = [parse_enum(Fp8Recipe, r, "fp8 recipe") for r in (recipes if recipes is not None else Fp8Recipe)]
     if not chosen:
         raise PrecisionDoctorError("compare_fp8_recipes needs at least one recipe")
-    reports = {
-        r: analyze(model, batch, loss_fn, dtype=LowDtype.FP8, fp8_recipe=r, **analyze_kwargs) for r in dict.fromkeys(chosen)
+    reports: dict[Fp8Recipe | str, Report] = {
+        r: analyze(model, batch, loss_fn, dtype=LowDtype.FP8, fp8_recipe=r, **analyze_kwargs)
+        for r in dict.fromkeys(chosen)
     }
     return next(iter(reports.values())).with_extras(fp8_recipes=recipe_comparison(reports))

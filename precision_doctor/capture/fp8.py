@@ -63,8 +63,8 @@ __all__ = [
     "convert_mx",
     "fp8_config",
     "fp8_layers",
-    "mx_gemm_as_gpu",
     "mx_cast",
+    "mx_gemm_as_gpu",
     "require_torchao",
     "torchao_version",
 ]
@@ -166,9 +166,7 @@ def mx_convertible(module: torch.nn.Module) -> bool:
     """An `nn.Linear` whose input and output features are multiples of 32: `to_mx` casts the
     input along in_features (fprop) and the output gradient along out_features (dgrad)."""
     return (
-        type(module) is torch.nn.Linear
-        and module.in_features % MX_BLOCK == 0
-        and module.out_features % MX_BLOCK == 0
+        type(module) is torch.nn.Linear and module.in_features % MX_BLOCK == 0 and module.out_features % MX_BLOCK == 0
     )
 
 
@@ -356,7 +354,9 @@ def cast_record(layer: str, gemm: str, role: str, hp: torch.Tensor, fp8: Any, gr
     return _record(layer, gemm, role, hp.dtype, x, bits, scale, dequantize(bits, scale), granularity, group_amax)
 
 
-def mx_cast_record(layer: str, gemm: str, role: str, hp: torch.Tensor, exponent: torch.Tensor, bits: torch.Tensor) -> Fp8Cast:
+def mx_cast_record(
+    layer: str, gemm: str, role: str, hp: torch.Tensor, exponent: torch.Tensor, bits: torch.Tensor
+) -> Fp8Cast:
     """The statistics of one of torchao's mxfp8 casts (`to_mx`): `hp` the value cast (its last
     dimension in blocks of 32), `exponent` the blocks' biased e8m0 scales, `bits` the e4m3
     values. `scale_min`/`scale_max` are the multipliers applied before the cast (2^-e)."""
@@ -450,7 +450,9 @@ class Fp8Recorder:
         for m in self.layers.values():
             emulate = bool(m.config.emulate) if isinstance(m, Float8Linear) else m.kernel_preference.name == "EMULATED"
             break
-        self._configs = {r: fp8_config(r, emulate=emulate) for r in recipes if r is not Fp8Recipe.MXFP8}
+        self._configs: dict[Fp8Recipe, Any] = {
+            r: fp8_config(r, emulate=emulate) for r in recipes if r is not Fp8Recipe.MXFP8
+        }
         self._recipes = recipes
         self.casts: list[Fp8Cast] = []
         self.gemms: list[Fp8Gemm] = []

@@ -51,9 +51,7 @@ __all__ = [
 
 AMAX_HISTORY_LEN = 1024
 MARGIN = 0
-DELAYED_RECIPE = (
-    f'DelayedScaling(margin={MARGIN}, fp8_format=Format.HYBRID, amax_history_len={AMAX_HISTORY_LEN}, amax_compute_algo="max")'
-)
+DELAYED_RECIPE = f'DelayedScaling(margin={MARGIN}, fp8_format=Format.HYBRID, amax_history_len={AMAX_HISTORY_LEN}, amax_compute_algo="max")'
 """Transformer Engine's default fp8 recipe (before Blackwell), as modelled."""
 
 FP8_DTYPES = {"input": torch.float8_e4m3fn, "weight": torch.float8_e4m3fn, "grad_output": torch.float8_e5m2}

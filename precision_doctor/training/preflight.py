@@ -919,9 +919,7 @@ def preflight(
     )
 
 
-def _fp8_recipe(
-    low: LowDtype, regime: Regime, judge: Judge, fp8_recipe: str | Fp8Recipe | None
-) -> Fp8Recipe | None:
+def _fp8_recipe(low: LowDtype, regime: Regime, judge: Judge, fp8_recipe: str | Fp8Recipe | None) -> Fp8Recipe | None:
     """The fp8 pre-flight's recipe (None for another dtype), checked: fp8 trains under bf16
     autocast, and has no plan to judge."""
     if low is not LowDtype.FP8:
@@ -929,7 +927,9 @@ def _fp8_recipe(
             raise PrecisionDoctorError(f"fp8_recipe={str(fp8_recipe)!r} needs dtype='fp8' (got {low})")
         return None
     if regime is not Regime.AUTOCAST:
-        raise PrecisionDoctorError("fp8 trains under bf16 autocast as torchao does: use --regime autocast with --dtype fp8")
+        raise PrecisionDoctorError(
+            "fp8 trains under bf16 autocast as torchao does: use --regime autocast with --dtype fp8"
+        )
     if judge is Judge.PLANNED:
         raise PrecisionDoctorError("judge='planned' has no plan to judge with --dtype fp8 (no fp8 plan yet)")
     return parse_enum(Fp8Recipe, fp8_recipe if fp8_recipe is not None else Fp8Recipe.TENSORWISE, "fp8 recipe")
