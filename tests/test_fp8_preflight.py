@@ -147,7 +147,25 @@ def test_delayed_scaling_counts_equal_hand_computed_casts() -> None:
     assert tracks[("0", "grad_output")].steps[0].flushed_delayed > 0  # TE's initial scale 1 on 1e-6 gradients
 
 
-def test_preflight_fp8_notes_a_delayed_scaling_spike() -> None:
+def _app_shows(report: pd.Report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, column: str) -> None:
+    pytest.importorskip("streamlit")
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    import precision_doctor.views.streamlit_app as streamlit_app
+
+    path = tmp_path / "r.json"
+    report.save(path)
+    monkeypatch.setattr(sys, "argv", ["streamlit_app.py", str(path)])
+    monkeypatch.delenv("PRECISION_DOCTOR_REPORT", raising=False)
+    at = AppTest.from_file(str(streamlit_app.__file__), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(column in d.value.columns for d in at.dataframe)
+
+
+def test_preflight_fp8_notes_a_delayed_scaling_spike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """make_batches with an amax spike at step 2: the pre-flight notes FP8_DELAYED_SCALING for
     that layer's input (a warning: modelled, not a failed run), and fail_on=warning makes it
     no-go."""
@@ -165,6 +183,18 @@ def test_preflight_fp8_notes_a_delayed_scaling_spike() -> None:
     assert result.fp8_scaling is not None
     up_input = next(t for t in result.fp8_scaling.tracks if (t.layer, t.role) == ("up", "input"))
     assert up_input.steps[2].saturated_delayed >= 1 and up_input.steps[2].saturated_current == 0
+    # the views show the model's own numbers: the HTML report and the app (which only reads it)
+    from precision_doctor.views.fp8 import fp8_scaling_rows
+    from precision_doctor.views.html_report import write_html
+
+    row = next(r for r in fp8_scaling_rows(result.fp8_scaling) if (r["layer"], r["role"]) == ("up", "input"))
+    assert row["worst_step"] == 2 and row["saturated_delayed"] == up_input.steps[2].saturated_delayed
+    assert row["flushed%_delayed"] == 100 * up_input.steps[2].flushed_delayed_fraction
+    annotated = result.annotated_report()
+    assert annotated is not None
+    write_html(annotated, tmp_path / "r.html")
+    assert 'id="fp8-delayed-scaling"' in (tmp_path / "r.html").read_text()
+    _app_shows(annotated, tmp_path, monkeypatch, "flushed%_delayed")
     strict = pd.preflight(
         s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", steps=3, make_batches=make_batches,
         fail_on="warning",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from precision_doctor.analysis.fp8 import BF16_FIX, fix_for, gemm_db
-from precision_doctor.extras import Fp8RecipeComparison, Fp8Section
+from precision_doctor.extras import Fp8RecipeComparison, Fp8ScalingModel, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, percent
 from precision_doctor.report import Report
 from precision_doctor.views.figures import short_name, themed
@@ -30,6 +30,7 @@ __all__ = [
     "fp8_recipe_lines",
     "fp8_recipe_loss_rows",
     "fp8_role_rows",
+    "fp8_scaling_rows",
     "fp8_summary_lines",
 ]
 
@@ -292,3 +293,35 @@ def fp8_recipe_lines(report: Report) -> list[str]:
     lines = [f"fp8 recipes side by side (fp32 loss {comparison.loss_fp32:.6g}):"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
     return lines
+
+
+def fp8_scaling_rows(model: Fp8ScalingModel) -> list[dict[str, Any]]:
+    """The pre-flight's modelled delayed scaling, one row per layer and tensor: the steps, the
+    largest amax, and at its worst step after the first (by how far the amax lands past the
+    format's max, then by flushes) what the delayed and the current scale flush and saturate;
+    step 0 (TE's initial scale 1) apart."""
+    from precision_doctor.training.fp8_scaling import overshoot
+
+    rows = []
+    for t in model.tracks:
+        later = [s for s in t.steps if s.step > 0] or t.steps
+        worst = max(later, key=lambda s: (overshoot(s, t.fp8_dtype), s.flushed_delayed_fraction))
+        first = t.steps[0]
+        rows.append(
+            {
+                "layer": t.layer,
+                "role": t.role,
+                "format": t.fp8_dtype,
+                "steps": len(t.steps),
+                "max_amax": max(s.amax for s in t.steps),
+                "worst_step": worst.step,
+                "delayed_scale": worst.delayed_scale,
+                "current_scale": worst.current_scale,
+                "flushed%_delayed": 100 * worst.flushed_delayed_fraction,
+                "flushed%_current": 100 * worst.flushed_current_fraction,
+                "saturated_delayed": worst.saturated_delayed,
+                "saturated_current": worst.saturated_current,
+                "step0_flushed%": 100 * first.flushed_delayed_fraction,
+            }
+        )
+    return rows

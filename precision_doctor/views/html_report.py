@@ -59,6 +59,7 @@ from precision_doctor.views.fp8 import (
     fp8_recipe_layer_rows,
     fp8_recipe_loss_rows,
     fp8_role_rows,
+    fp8_scaling_rows,
     fp8_summary_lines,
 )
 
@@ -363,6 +364,11 @@ def _training(report: Report, fig: _Figures) -> list[str]:
         if pre.reasons:
             parts.append(_table([r.model_dump() for r in pre.reasons]))
         parts.append(_table(preflight_run_rows(pre)))
+        if pre.fp8_scaling is not None:
+            parts.append(
+                f"<h3>fp8 delayed scaling, modelled ({_e(pre.fp8_scaling.recipe)})</h3>"
+                + _table(fp8_scaling_rows(pre.fp8_scaling), "fp8-delayed-scaling")
+            )
     if mon is not None:
         parts.append("<h3>The real run's GradScaler</h3>" + _table([monitor_items(mon)]))
     parts.append(fig(training_figure(pre, mon)))

@@ -34,6 +34,7 @@ from precision_doctor.views.fp8 import (
     fp8_recipe_layer_rows,
     fp8_recipe_loss_rows,
     fp8_role_rows,
+    fp8_scaling_rows,
     fp8_summary_lines,
 )
 from precision_doctor.views.launcher import ENV_VAR
@@ -343,6 +344,9 @@ def training_section(pre: PreflightSection | None, mon: MonitorSection | None) -
         if pre.reasons:
             st.dataframe(_df([r.model_dump() for r in pre.reasons]), hide_index=True)
         st.dataframe(_df(figures.preflight_run_rows(pre)), hide_index=True)
+        if pre.fp8_scaling is not None:
+            st.markdown(f"**fp8 delayed scaling, modelled** ({md(pre.fp8_scaling.recipe)})")
+            st.dataframe(_df(fp8_scaling_rows(pre.fp8_scaling)), hide_index=True)
     if mon is not None:
         st.markdown("**The real run's GradScaler**")
         _kv_table(list(figures.monitor_items(mon).items()))
