@@ -379,6 +379,24 @@ class Fp8Gemm(Frozen):
     rel_error: dict[str, float]
 
 
+class Fp8Exclusion(Frozen):
+    """One layer that convention keeps out of fp8, judged on this model (`analysis.fp8.exclusions`)."""
+
+    layer: str
+    convention: str
+    """Why convention excludes it: `first` or `last` Linear (Megatron), or the ModelOpt default
+    pattern its name matches (`*lm_head*`, `*router*`, `*mlp.gate*`, `*output_layer*`)."""
+    flagged: bool
+    """It has an FP8_ERROR or FP8_UNDERFLOW finding under this run's recipe."""
+    fix: str
+    """The first recipe under which all its matmuls pass (`analysis.fp8.fix_for`), or `bf16`."""
+
+    @property
+    def needed(self) -> bool:
+        """This model needs the exclusion: no fp8 recipe passes the layer."""
+        return self.fix == "bf16"
+
+
 class Fp8Section(Frozen):
     """`extras.fp8`: the fp8 low run (torchao's `convert_to_float8_training`), its casts and
     its matmuls per recipe; written by `analysis.fp8.with_fp8`."""
@@ -390,6 +408,9 @@ class Fp8Section(Frozen):
     """The Linear layers torchao converted (their paths in the model)."""
     casts: list[Fp8Cast] = Field(default_factory=list)
     gemms: list[Fp8Gemm] = Field(default_factory=list)
+    exclusions: list[Fp8Exclusion] = Field(default_factory=list)
+    """The conventional exclusions (first and last Linear, lm_head, router, gate, output
+    layer), each judged on this model: whether it takes fp8, needs another recipe or bf16."""
 
 
 class Fp8RecipeRun(Frozen):

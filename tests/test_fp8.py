@@ -256,6 +256,7 @@ def test_html_report_has_the_fp8_tables(tmp_path: Path) -> None:
     html = (tmp_path / "r.html").read_text()
     assert 'id="fp8"' in html and 'id="fp8-gemms"' in html and 'id="fp8-casts"' in html
     assert "underflows%" in html and "recipe rowwise" in html
+    assert 'id="fp8-exclusions"' in html and "proj</td><td>first</td>" in html.replace(" ", "")
 
 
 def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,6 +286,13 @@ def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     layers = next(f for f in frames if "rowwise" in f.columns and "fix" in f.columns)
     assert list(layers["layer"]) == ["proj"] and "FP8_ERROR fprop" in layers["tensorwise"][0]
     assert any(e.type == "plotly_chart" for e in at.get("plotly_chart"))
+    assert report.extras.fp8 is not None
+    exclusions = next(f for f in frames if "needed" in f.columns)
+    assert (
+        [tuple(r) for r in exclusions[["layer", "convention", "needed"]].itertuples(index=False)]
+        == [(e.layer, e.convention, e.needed) for e in report.extras.fp8.exclusions]
+        == [("proj", "first", False)]
+    )  # rowwise_with_gw_hp passes the one layer: no bf16 needed
 
 
 def _one_linear() -> torch.nn.Module:
@@ -295,36 +303,50 @@ def _one_linear() -> torch.nn.Module:
 def test_gradient_that_underflows_e5m2() -> None:
     """One token's loss weight 1e7 sets grad_output's tensorwise scale: the other tokens'
     gradients flush under e5m2's 2^-16 (FP8_UNDERFLOW on grad_output, FP8_ERROR on dgrad);
-    rowwise scales dgrad's grad_output per token and keeps them."""
-    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
-    weight = torch.ones(16, 1)
-    weight[0] = 1e7
-
-    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        return (out.float() * weight).pow(2).mean()
-
-    tw = pd.analyze(_one_linear(), x, loss_fn, dtype="fp8", fp8_recipe="tensorwise")
+    rowwise scales dgrad's grad_output per token and keeps them. The flushed count is checked
+    against an explicit e5m2 cast of the fp32 output gradient with torchao's tensorwise scale."""
+    s = _sample("gradient_underflow_e5m2")
+    tw = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe="tensorwise")
     found = {(f.flag, f.evidence.op) for f in tw.flags()}
     assert (Flag.FP8_UNDERFLOW, "dgrad") in found and (Flag.FP8_ERROR, "dgrad") in found
+    error = next(f for f in tw.flags() if (f.flag, f.evidence.op) == (Flag.FP8_ERROR, "dgrad"))
+    assert "the rowwise recipe fixes it" in error.evidence.message
     assert tw.extras.fp8 is not None
     go = [c for c in tw.extras.fp8.casts if c.role == "grad_output"]
     assert go and all(c.fp8_dtype == "e5m2" and c.flushed_fraction > 0.9 for c in go)
-    rw = pd.analyze(_one_linear(), x, loss_fn, dtype="fp8", fp8_recipe="rowwise")
-    assert not any(
-        op == "dgrad" for f, op in {(f.flag, f.evidence.op) for f in rw.flags()} if f.value.startswith("FP8")
-    )
+    # the reference: the output gradient (fp32 here, bf16 in the run: near enough for the count
+    # of values 1e7 below the amax) cast to e5m2 with scale e5m2_max / amax
+    model, x = s.build_model(), s.make_batch()
+    out = model(x).detach().requires_grad_(True)
+    s.loss_fn(out, x).backward()
+    assert out.grad is not None
+    g = out.grad
+    scaled = g * (torch.finfo(torch.float8_e5m2).max / g.abs().max())
+    flushed = int(((g != 0) & (scaled.to(torch.float8_e5m2).float() == 0)).sum())
+    assert flushed / int((g != 0).sum()) > 0.9 and abs(flushed - go[0].flushed) <= 0.01 * g.numel()
+    rw = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe="rowwise")
+    assert not any(f.evidence.op == "dgrad" for f in rw.flags() if f.flag.value.startswith("FP8"))
 
 
 def test_all_zero_row_under_rowwise_stays_finite() -> None:
     """torchao 0.18 bounds the amax from below (torchao #3356): an all-zero token under rowwise
-    scaling gives no NaN; the cast records the zero group."""
-    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
-    x[5] = 0
-    report = pd.analyze(_one_linear(), x, _loss, dtype="fp8", fp8_recipe="rowwise")
+    scaling gives no NaN, in torchao's own converted model and in the analysis; the cast records
+    the zero row."""
+    s = _sample("all_zero_row")
+    model, x = s.build_model(), s.make_batch()
+    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name("rowwise"), emulate=True)
+    m = float8.convert_to_float8_training(copy.deepcopy(model), config=config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x.to(torch.bfloat16))
+    s.loss_fn(out, x).backward()
+    assert torch.isfinite(out).all() and bool((out[s.ZERO_ROW] == 0).all())
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    report = pd.analyze(model, x, s.loss_fn, dtype="fp8", fp8_recipe="rowwise")
     assert report.extras.fp8 is not None and report.grad_fidelity is not None
     assert torch.isfinite(torch.tensor(report.losses.low)) and report.grad_fidelity.nonfinite_count == 0
     fprop_input = next(c for c in report.extras.fp8.casts if c.gemm == "fprop" and c.role == "input")
-    assert (fprop_input.zero_groups, fprop_input.groups) == (1, 16)
+    assert (fprop_input.zero_groups, fprop_input.groups) == (1, s.TOKENS)
+    assert not [f for f in report.flags() if f.flag.value.startswith("FP8")]
 
 
 def test_tensorwise_forward_equals_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,8 +379,9 @@ def test_tensorwise_forward_equals_scaled_mm(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_with_gw_hp", "mxfp8"])
 def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
-    """An outlier channel sits in every token's row: no recipe rescues the lm_head (its fix is
-    bf16), the MLP takes fp8; the conventional exclusions are judged, not assumed."""
+    """A tiny transformer whose lm_head reads an outlier channel that sits in every token's
+    row: no recipe rescues the lm_head (its fix is bf16), the attention and MLP layers take fp8;
+    the conventional exclusions are judged, not assumed, and the report says which are needed."""
     from precision_doctor.views.fp8 import conventional_lines, fp8_next_steps
 
     s = _sample("lm_head_outlier_channel")
@@ -367,10 +390,41 @@ def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
     assert {f.unit for f in fp8_flags} == {"lm_head"}
     error = next(f for f in fp8_flags if f.flag is Flag.FP8_ERROR)
     assert error.evidence.op == "fprop" and "keep 'lm_head' in bf16" in error.evidence.message
+    assert report.extras.fp8 is not None
+    assert report.extras.fp8.layers == ["block.attn.qkv", "block.attn.out", "block.mlp.up", "block.mlp.down", "lm_head"]
+    verdicts = [(e.layer, e.convention, e.flagged, e.needed) for e in report.extras.fp8.exclusions]
+    assert verdicts == [("block.attn.qkv", "first", False, False), ("lm_head", "last", True, True)]
     assert conventional_lines(report) == [
-        f"conventionally kept in high precision: mlp (first): takes fp8 under {recipe}; lm_head (last): needs bf16"
+        f"conventionally kept in high precision: block.attn.qkv (first): takes fp8 under {recipe}; "
+        "lm_head (last): needs bf16",
+        "this model needs the exclusion of lm_head",
     ]
+    assert pd.Report.model_validate_json(report.model_dump_json()).extras.fp8 == report.extras.fp8
     assert any("lm_head" in line and "module_filter_fn" in line for line in fp8_next_steps(report, ["x"]))
+
+
+def test_lm_head_exclusion_is_what_torchao_needs() -> None:
+    """The verdict against torchao itself: the tiny transformer converted whole (tensorwise,
+    emulated, under bf16 autocast) gives logits below torchao's 18 dB against fp32; converted
+    with the lm_head left out by `module_filter_fn` (the analysis' advice) it gives them above."""
+    s = _sample("lm_head_outlier_channel")
+    model, ids = s.build_model(), s.make_batch()
+    with torch.no_grad():
+        ref = model(ids).float()
+
+    def logits_db(skip: set[str]) -> float:
+        config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name("tensorwise"), emulate=True)
+        m = float8.convert_to_float8_training(
+            copy.deepcopy(model), config=config, module_filter_fn=lambda _mod, name: name not in skip
+        )
+        for mod in m.modules():
+            if isinstance(mod, fl.Float8Linear):  # the input cast torchao expects of CUDA autocast
+                mod.register_forward_pre_hook(lambda _m, args: (args[0].to(torch.bfloat16), *args[1:]))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(ids).float()
+        return float(20 * torch.log10(ref.norm() / (out - ref).norm()))
+
+    assert logits_db(set()) < 18 <= logits_db({"lm_head"})
 
 
 # --- mxfp8: torchao 0.18's MXFP8Linear ------------------------------------------------------
@@ -549,7 +603,7 @@ def test_fp8_role_table_and_figure_hold_the_reports_casts() -> None:
     assert section is not None
     rows = fp8_role_rows(section)
     assert {(r["layer"], r["role"]) for r in rows} == {
-        (layer, role) for layer in ("mlp", "lm_head") for role in ("input", "weight", "grad_output")
+        (layer, role) for layer in section.layers for role in ("input", "weight", "grad_output")
     }
     for r in rows:
         casts = [c for c in section.casts if c.layer == r["layer"] and c.role == r["role"]]

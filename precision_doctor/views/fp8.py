@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "conventional_lines",
+    "fp8_exclusion_rows",
     "fp8_figure",
     "fp8_gemm_rows",
     "fp8_layer_rows",
@@ -78,35 +79,38 @@ def fp8_summary_lines(report: Report) -> list[str]:
     return lines + conventional_lines(report)
 
 
-CONVENTIONAL = ("lm_head", "router", "gate", "output_layer")
-"""Name parts of the layers kept in high precision by convention (ModelOpt's default
-exclusions `*lm_head*`, `*router*`, `*mlp.gate*`, `*output_layer*`), besides the first and the
-last layer (Megatron)."""
-
-
 def conventional_lines(report: Report) -> list[str]:
-    """Whether this model needs the conventional exclusions: each conventionally excluded
-    layer (first, last, by name) with what the analysis found for it."""
+    """Whether this model needs the conventional exclusions (`extras.fp8.exclusions`): each
+    conventionally excluded layer (first, last, by name) with what the analysis found for it,
+    then the ones this model needs."""
     section = report.extras.fp8
-    if section is None or not section.layers:
+    if section is None or not section.exclusions:
         return []
-    flagged = {f.unit for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)}
-    fixes = _fixes(report, section)
-    picked: dict[str, str] = {section.layers[0]: "first", section.layers[-1]: "last"}
-    for layer in section.layers:
-        for part in CONVENTIONAL:
-            if part in layer.split(".")[-1] or part in layer:
-                picked.setdefault(layer, part)
     said = []
-    for layer, why in picked.items():
-        if layer not in flagged:
+    for e in section.exclusions:
+        if not e.flagged:
             verdict = f"takes fp8 under {section.recipe}"
-        elif fixes[layer] == BF16_FIX:
+        elif e.needed:
             verdict = "needs bf16"
+        elif e.fix == section.recipe:
+            verdict = f"takes fp8 under {section.recipe} (an FP8_UNDERFLOW warning)"
         else:
-            verdict = f"needs the {fixes[layer]} recipe"
-        said.append(f"{layer} ({why}): {verdict}")
-    return ["conventionally kept in high precision: " + "; ".join(said)]
+            verdict = f"needs the {e.fix} recipe"
+        said.append(f"{e.layer} ({e.convention}): {verdict}")
+    needed = [e.layer for e in section.exclusions if e.needed]
+    return [
+        "conventionally kept in high precision: " + "; ".join(said),
+        f"this model needs {'the exclusion of ' + ', '.join(needed) if needed else 'none of them'}",
+    ]
+
+
+def fp8_exclusion_rows(section: Fp8Section) -> list[dict[str, object]]:
+    """One row per conventionally excluded layer: why convention excludes it, whether this run
+    flagged it, the recipe (or bf16) that passes it, and whether this model needs the exclusion."""
+    return [
+        {"layer": e.layer, "convention": e.convention, "flagged": e.flagged, "fix": e.fix, "needed": e.needed}
+        for e in section.exclusions
+    ]
 
 
 def fp8_next_steps(report: Report, command: Sequence[str]) -> list[str]:

@@ -53,6 +53,7 @@ from precision_doctor.views.figures import (
     training_figure,
 )
 from precision_doctor.views.fp8 import (
+    fp8_exclusion_rows,
     fp8_figure,
     fp8_gemm_rows,
     fp8_layer_rows,
@@ -316,6 +317,7 @@ def _fp8(report: Report, fig: _Figures) -> list[str]:
     parts = [
         '<h2 id="fp8">fp8</h2>',
         "".join(f"<p>{_e(line.strip())}</p>" for line in fp8_summary_lines(report)),
+        "<h3>Conventional exclusions, judged on this model</h3>" + _table(fp8_exclusion_rows(fp8), "fp8-exclusions"),
         "<h3>Per layer and role</h3>" + _table(fp8_role_rows(fp8), "fp8-roles") + fig(fp8_figure(fp8)),
         "<h3>Matmuls per recipe (SQNR, dB)</h3>" + _table(fp8_gemm_rows(fp8), "fp8-gemms"),
         "<h3>Casts</h3>" + _table(fp8_layer_rows(fp8), "fp8-casts"),

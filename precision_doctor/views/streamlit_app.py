@@ -28,6 +28,7 @@ from precision_doctor.options import LowDtype
 from precision_doctor.report import Report, Unit
 from precision_doctor.views import figures
 from precision_doctor.views.fp8 import (
+    fp8_exclusion_rows,
     fp8_figure,
     fp8_gemm_rows,
     fp8_layer_rows,
@@ -397,9 +398,12 @@ def get_report() -> Report:
 
 
 def fp8_tab(report: Report, section: Fp8Section) -> None:
-    """The fp8 run: summary, each layer's casts per role (table and figure), each matmul's
-    SQNR per recipe, each cast's statistics, and the recipe comparison where there is one."""
+    """The fp8 run: summary, the conventional exclusions judged, each layer's casts per role
+    (table and figure), each matmul's SQNR per recipe, each cast's statistics, and the recipe
+    comparison where there is one."""
     st.text("\n".join(fp8_summary_lines(report)))
+    st.subheader("Conventional exclusions, judged on this model")
+    st.dataframe(_df(fp8_exclusion_rows(section)), hide_index=True)
     st.subheader("Per layer and role")
     st.dataframe(_df(fp8_role_rows(section)), hide_index=True)
     _chart(fp8_figure(section), "fp8-figure")
