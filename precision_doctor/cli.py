@@ -141,7 +141,7 @@ DtypeOpt = Annotated[
         "--dtype",
         metavar=_metavar(LowDtype),
         help="The low-precision dtype to test (torch's names work too: float16, half, bfloat16). fp8: "
-        "torchao's float8 training (pip install 'precision-doctor[fp8]'), see --fp8-recipe.",
+        "torchao's float8 training (pip install 'precision-doctor\\[fp8]'), see --fp8-recipe.",
     ),
 ]
 RegimeOpt = Annotated[
