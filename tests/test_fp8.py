@@ -238,8 +238,13 @@ def test_cli_fp8(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
+    # the one layer is first and last: flagged (wgrad) under rowwise, passed by another recipe
+    assert "proj (first): needs the rowwise_with_gw_hp recipe" in result.stdout
+    assert "this model needs none of them" in result.stdout
     saved = pd.Report.load(out)
     assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise" and saved.extras.plan is None
+    exclusions = [(e.layer, e.flagged, e.fix, e.needed) for e in saved.extras.fp8.exclusions]
+    assert exclusions == [("proj", True, "rowwise_with_gw_hp", False)]
     assert "--fp8-recipe needs --dtype fp8" in _cli_one_line(["analyze", sample, "--fp8-recipe", "rowwise"])
     assert "does not support --dtype fp8" in _cli_one_line(["analyze", sample, "--dtype", "fp8", "--target", "h100"])
     assert "unknown --fp8-recipe 'delayed'" in _cli_one_line(
