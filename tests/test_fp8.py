@@ -676,3 +676,62 @@ def test_cli_fp8_recipe_all(tmp_path: Path) -> None:
     assert {r.recipe: r.fixes["proj"] for r in saved.extras.fp8_recipes.runs} == dict.fromkeys(
         [*RECIPES, "mxfp8"], "mxfp8"
     )
+
+
+def test_model_comes_back_as_it_went_in() -> None:
+    """Every recipe's analysis (`compare_fp8_recipes`) and the fp8 pre-flight leave the user's
+    model as it was: parameters, .grad objects and values, requires_grad, modes, buffers, RNG,
+    no hook (torchao converts copies)."""
+    import random
+
+    import numpy as np
+
+    from .test_model_state import assert_restored, prepare, snapshot
+
+    s = _sample("healthy_mlp")
+    model = s.build_model().train()
+    prepare(model)
+    model.act.eval()
+    torch.manual_seed(99)
+    random.seed(5)
+    np.random.seed(6)
+    before = snapshot(model)
+    report = pd.compare_fp8_recipes(model, s.make_batch(), s.loss_fn)
+    assert report.extras.fp8_recipes is not None and len(report.extras.fp8_recipes.runs) == 4
+    assert_restored(model, before)
+    result = pd.preflight(model, s.make_batch(), s.loss_fn, dtype="fp8", steps=2)
+    assert result.fp8_scaling is not None
+    assert_restored(model, before)
+
+
+def test_conventional_exclusions_are_judged_from_the_matmuls() -> None:
+    """Hand-built matmul SQNRs: the first and last Linear and the ModelOpt name patterns are
+    picked (no other layer), each with the fix its own SQNRs give; only the layer no recipe
+    passes is a needed exclusion."""
+    from precision_doctor.analysis.fp8 import exclusions, fp8_flags
+    from precision_doctor.extras import Fp8Gemm, Fp8Section
+    from precision_doctor.options import Thresholds
+
+    recipes = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mxfp8")
+    db = {
+        "in_proj": (30, 30, 30, 30),
+        "blocks.0.mlp.gate": (10, 25, 25, 25),  # rowwise rescues it
+        "blocks.0.mlp.up": (10, 10, 10, 10),  # fails, but no convention names it
+        "blocks.0.moe.router": (10, 12, 12, 12),  # nothing does
+        "lm_head": (30, 30, 30, 30),
+    }
+    by_recipe = {layer: dict(zip(recipes, v, strict=True)) for layer, v in db.items()}
+    gemms = [
+        Fp8Gemm(layer=layer, gemm=g, sqnr_db=by_recipe[layer], row_sqnr_db=by_recipe[layer], rel_error={})
+        for layer in db
+        for g in ("fprop", "dgrad", "wgrad")
+    ]
+    section = Fp8Section(recipe="tensorwise", torchao_version="x", emulated=True, layers=list(db), gemms=gemms)
+    th = Thresholds()
+    judged = exclusions(section, fp8_flags(section, th), th)
+    assert [(e.layer, e.convention, e.flagged, e.fix, e.needed) for e in judged] == [
+        ("in_proj", "first", False, "tensorwise", False),
+        ("blocks.0.mlp.gate", "*mlp.gate*", True, "rowwise", False),
+        ("blocks.0.moe.router", "*router*", True, "bf16", True),
+        ("lm_head", "last", False, "tensorwise", False),
+    ]
