@@ -64,7 +64,7 @@ def _plain_run(model: torch.nn.Module, batch: torch.Tensor, recipe: str) -> tupl
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss(m(batch), batch)
     loss.backward()
-    return float(loss), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
