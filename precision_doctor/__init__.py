@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from precision_doctor.analysis.engine import analyze
+from precision_doctor.analysis.fp8_recipes import compare_fp8_recipes
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
 from precision_doctor.options import (
@@ -53,6 +54,7 @@ __all__ = [
     "__version__",
     "analyze",
     "apply_plan",
+    "compare_fp8_recipes",
     "measure_cost_model",
     "plan_report",
     "preflight",

@@ -31,7 +31,6 @@ from precision_doctor.options import (
     Target,
     Thresholds,
     parse_enum,
-    refuse_fp8,
 )
 from precision_doctor.planning.plan import DEFAULT_TOLERANCE
 from precision_doctor.report import Report, check_writable, write_atomic
@@ -141,7 +140,7 @@ DtypeOpt = Annotated[
         "--dtype",
         metavar=_metavar(LowDtype),
         help="The low-precision dtype to test (torch's names work too: float16, half, bfloat16). fp8: "
-        "torchao's float8 training (pip install 'precision-doctor[fp8]'), see --fp8-recipe.",
+        "torchao's float8 training (pip install 'precision-doctor\\[fp8]'), see --fp8-recipe.",
     ),
 ]
 RegimeOpt = Annotated[
@@ -286,23 +285,25 @@ class _Analysis:
     thresholds: Thresholds
     fp8_recipe: Fp8Recipe | None = None  # with --dtype fp8 only
     lr: float | None = None  # with it (or the file's build_optimizer), the optimizer step is measured
+    all_fp8_recipes: bool = False  # --fp8-recipe all: one analysis per recipe, side by side
 
     def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
         from precision_doctor.analysis.engine import analyze as run_analysis
+        from precision_doctor.analysis.fp8_recipes import compare_fp8_recipes
 
+        kwargs: dict[str, Any] = {
+            "thresholds": self.thresholds,
+            "name": self.spec.name,
+            "progress": progress,
+            "regime": self.regime,
+            "policy": self.policy,
+            "build_optimizer": self.spec.build_optimizer,
+            "lr": self.lr,
+        }
+        if low is LowDtype.FP8 and self.all_fp8_recipes:
+            return compare_fp8_recipes(self.spec.model, self.spec.batch, self.spec.loss_fn, **kwargs)
         return run_analysis(
-            self.spec.model,
-            self.spec.batch,
-            self.spec.loss_fn,
-            dtype=low,
-            thresholds=self.thresholds,
-            name=self.spec.name,
-            progress=progress,
-            regime=self.regime,
-            policy=self.policy,
-            fp8_recipe=self.fp8_recipe,
-            build_optimizer=self.spec.build_optimizer,
-            lr=self.lr,
+            self.spec.model, self.spec.batch, self.spec.loss_fn, dtype=low, fp8_recipe=self.fp8_recipe, **kwargs
         )
 
 
@@ -480,8 +481,9 @@ def analyze(
         str | None,
         typer.Option(
             "--fp8-recipe",
-            metavar=_metavar(Fp8Recipe),
-            help="With --dtype fp8: torchao's scaling recipe (default tensorwise).",
+            metavar=_metavar(Fp8Recipe).removesuffix(">") + "|all>",
+            help="With --dtype fp8: torchao's scaling recipe (default tensorwise); all: one analysis per "
+            "recipe, side by side (the report is the first recipe's, with the comparison).",
         ),
     ] = None,
     lr: Annotated[
@@ -511,14 +513,15 @@ def analyze(
     fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
-    recipe_opt = _fp8_options(low, fp8_recipe, fmt_opt, target_opt, cost_opt)
+    all_recipes = low is LowDtype.FP8 and fp8_recipe is not None and fp8_recipe.strip().lower() == ALL_RECIPES
+    recipe_opt = _fp8_options(low, None if all_recipes else fp8_recipe, fmt_opt, target_opt, cost_opt)
     thresholds = parse_thresholds(threshold or [])
     _check_analyze_options(out=out, export=export, html=html, open_app=open_app, cost=cost_opt, target=target_opt)
     console = output_console()
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr)
+    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr, all_recipes)
     with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
         report = analysis.run(low, progress=step)
     # The plan's search is only as good as its cost model's units; keep it off the plain
@@ -580,6 +583,10 @@ def _export_carries_module_dtypes(export: Path, export_format: ExportFormat | No
 
 
 FP8_TARGETS = (Target.H100, Target.H200, Target.B200)
+
+
+ALL_RECIPES = "all"
+"""`--fp8-recipe all`: every recipe, compared (`analysis.fp8_recipes.compare_fp8_recipes`)."""
 
 
 def _fp8_options(
@@ -671,13 +678,23 @@ def preflight_command(
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Also run the recommended plan.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for CI).")] = False,
     threshold: ThresholdOpt = None,
+    fp8_recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--fp8-recipe",
+            metavar=_metavar(Fp8Recipe),
+            help="With --dtype fp8: torchao's scaling recipe the fp8 run trains with (default tensorwise).",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Go / no-go before a long run: the analysis, then a short real training run in fp32,
     plain low precision as --regime runs it (fp16 kernels emulated on the CPU) and the
     recommended plan under autocast (on copies of the model). Pure fp16 runs without a loss
-    scaler (GradScaler does not unscale fp16 gradients). Default: 8 steps,
+    scaler (GradScaler does not unscale fp16 gradients). --dtype fp8: torchao's converted
+    copy (emulated) beside bf16 and fp32, judged against bf16 too, Transformer Engine's delayed
+    scaling modelled over the steps; no plan. Default: 8 steps,
     the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
     Exit 0 = go, 1 = a risk --fail-on selects was found, 2 = bad input."""
     from precision_doctor.model.spec import load_model_file
@@ -685,7 +702,9 @@ def preflight_command(
     from precision_doctor.training.preflight import preflight as run_preflight
 
     low = parse_option(LowDtype, dtype, "--dtype")  # every option validated before any work
-    refuse_fp8(low, "the pre-flight")
+    if fp8_recipe is not None and low is not LowDtype.FP8:
+        raise PrecisionDoctorError("--fp8-recipe needs --dtype fp8")
+    recipe = parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe") if fp8_recipe is not None else None
     run_regime = parse_option(Regime, regime, "--regime")
     op_policy = parse_option(AutocastPolicy, policy, "--policy")
     risks = parse_fail_on(fail_on)
@@ -713,6 +732,7 @@ def preflight_command(
             thresholds=thresholds,
             name=spec.name,
             progress=step,
+            fp8_recipe=recipe,
         )
     if main_rank:
         _print_preflight(result, as_json=json_out)

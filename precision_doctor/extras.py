@@ -9,6 +9,9 @@
   `training.preflight.PreflightResult.annotated_report`.
 - `scaler_monitor` (`MonitorSection`): a real run's GradScaler history;
   `training.monitor.ScalerMonitor.to_extras`.
+- `fp8` (`Fp8Section`): the fp8 low run's casts and matmuls; `analysis.fp8.with_fp8`.
+- `fp8_recipes` (`Fp8RecipeComparison`): the same model under each fp8 recipe;
+  `analysis.fp8_recipes.compare_fp8_recipes`.
 
 Sections are validated with the report: a report whose section does not fit does not load
 (one line naming the field). Writers live in the planning and training stages and readers in
@@ -190,6 +193,56 @@ class Reason(Frozen):
         return f"{self.risk} ({self.mode}){where}: {self.message}"
 
 
+class Fp8ScalingStep(Frozen):
+    """One training step of one fp8 tensor under Transformer Engine's delayed scaling, modelled
+    (`training.fp8_scaling`), beside current (per-step tensorwise) scaling."""
+
+    step: int
+    amax: float
+    """This step's amax of the tensor (what TE appends to its amax history)."""
+    delayed_scale: float
+    """The scale delayed scaling casts this step with: fp8 max / (the largest amax of the
+    previous steps in the history window) * 2^-margin; TE's initial 1 at step 0, and the
+    previous scale where that amax is 0 or not finite."""
+    current_scale: float
+    """fp8 max / this step's amax (current scaling: torchao's tensorwise, TE's
+    Float8CurrentScaling)."""
+    nonzero: int
+    flushed_delayed: int
+    saturated_delayed: int
+    flushed_current: int
+    saturated_current: int
+
+    @property
+    def flushed_delayed_fraction(self) -> float:
+        return self.flushed_delayed / self.nonzero if self.nonzero else 0.0
+
+    @property
+    def flushed_current_fraction(self) -> float:
+        return self.flushed_current / self.nonzero if self.nonzero else 0.0
+
+
+class Fp8ScalingTrack(Frozen):
+    """One fp8 tensor of one layer (its input, weight or output gradient) over the steps."""
+
+    layer: str
+    role: str
+    fp8_dtype: str
+    """`e4m3` for input and weight, `e5m2` for the output gradient (TE's HYBRID format)."""
+    steps: list[Fp8ScalingStep]
+
+
+class Fp8ScalingModel(Frozen):
+    """`PreflightSection.fp8_scaling`: the pre-flight's fp8 run replayed under Transformer
+    Engine's default `DelayedScaling` recipe: modelled on the run's own tensors, not TE's
+    kernels."""
+
+    recipe: str
+    amax_history_len: int
+    margin: int
+    tracks: list[Fp8ScalingTrack]
+
+
 class PreflightSection(Frozen):
     """`extras.preflight`: the pre-flight's verdict and its short training runs (the plan
     and loss scale it ran with are the report's `plan` and `loss_scale` sections)."""
@@ -220,6 +273,15 @@ class PreflightSection(Frozen):
     runs: dict[str, ModeRun]
     timings_s: dict[str, float] = Field(default_factory=dict)
     messages: list[str] = Field(default_factory=list)
+    fp8_scaling: Fp8ScalingModel | None = None
+    """Only in an fp8 pre-flight (left out of the JSON where None, as `ReportExtras.fp8`)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if self.fp8_scaling is None and isinstance(data, dict):
+            data.pop("fp8_scaling", None)
+        return data
 
 
 class PreflightPrediction(Frozen):
@@ -325,6 +387,24 @@ class Fp8Gemm(Frozen):
     rel_error: dict[str, float]
 
 
+class Fp8Exclusion(Frozen):
+    """One layer that convention keeps out of fp8, judged on this model (`analysis.fp8.exclusions`)."""
+
+    layer: str
+    convention: str
+    """Why convention excludes it: `first` or `last` Linear (Megatron), or the ModelOpt default
+    pattern its name matches (`*lm_head*`, `*router*`, `*mlp.gate*`, `*output_layer*`)."""
+    flagged: bool
+    """It has an FP8_ERROR or FP8_UNDERFLOW finding under this run's recipe."""
+    fix: str
+    """The first recipe under which all its matmuls pass (`analysis.fp8.fix_for`), or `bf16`."""
+
+    @property
+    def needed(self) -> bool:
+        """This model needs the exclusion: no fp8 recipe passes the layer."""
+        return self.fix == "bf16"
+
+
 class Fp8Section(Frozen):
     """`extras.fp8`: the fp8 low run (torchao's `convert_to_float8_training`), its casts and
     its matmuls per recipe; written by `analysis.fp8.with_fp8`."""
@@ -336,6 +416,33 @@ class Fp8Section(Frozen):
     """The Linear layers torchao converted (their paths in the model)."""
     casts: list[Fp8Cast] = Field(default_factory=list)
     gemms: list[Fp8Gemm] = Field(default_factory=list)
+    exclusions: list[Fp8Exclusion] = Field(default_factory=list)
+    """The conventional exclusions (first and last Linear, lm_head, router, gate, output
+    layer), each judged on this model: whether it takes fp8, needs another recipe or bf16."""
+
+
+class Fp8RecipeRun(Frozen):
+    """One recipe's analysis in a recipe comparison: its final loss and its fp8 findings."""
+
+    recipe: str
+    loss_low: float
+    loss_rel_error: float
+    """|loss_low - loss_fp32| / |loss_fp32|: the report's `losses.rel_error` under this recipe."""
+    findings: dict[str, list[str]]
+    """Layer -> its FP8_ERROR / FP8_UNDERFLOW findings under this recipe (`FLAG gemm`, e.g.
+    `FP8_ERROR fprop`); a layer without any is left out."""
+    fixes: dict[str, str]
+    """Layer -> the recipe `analysis.fp8.fix_for` names for it in this run (or `bf16`)."""
+
+
+class Fp8RecipeComparison(Frozen):
+    """`extras.fp8_recipes`: the same model analyzed under each fp8 recipe, side by side;
+    written by `analysis.fp8_recipes.compare_fp8_recipes` (each run its own `analyze`)."""
+
+    loss_fp32: float
+    layers: list[str]
+    """The Linear layers any recipe converted, in the model's order."""
+    runs: list[Fp8RecipeRun]
 
 
 # --- the report's extras --------------------------------------------------------------------
@@ -351,10 +458,14 @@ class ReportExtras(Frozen):
     fp8: Fp8Section | None = None
     """Only in an fp8 analysis's report; left out of the JSON where None, so that every other
     report is written as before (a reader without the field loads it)."""
+    fp8_recipes: Fp8RecipeComparison | None = None
+    """Only in a recipe comparison's report (`--fp8-recipe all`); left out where None, as `fp8`."""
 
     @model_serializer(mode="wrap")
     def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
-        if self.fp8 is None and isinstance(data, dict):
-            data.pop("fp8", None)
+        if isinstance(data, dict):
+            for name in ("fp8", "fp8_recipes"):
+                if getattr(self, name) is None:
+                    data.pop(name, None)
         return data

@@ -128,11 +128,17 @@ class Fp8Recipe(StrEnum):
     """torchao's float8 training recipes (`Float8LinearConfig.from_recipe_name`): `tensorwise`
     (one dynamic scale per tensor, e4m3 forward, e5m2 gradients), `rowwise` (a power-of-two
     scale per row, e4m3 everywhere), `rowwise_with_gw_hp` (rowwise, the weight gradient's
-    matmul in high precision)."""
+    matmul in high precision); and `mxfp8`, MX block scaling (torchao's `MXFP8Linear`: an e8m0
+    power-of-two scale per 32 consecutive values along each matmul's inner dimension, e4m3
+    everywhere, scales rounded up (RCEIL); Blackwell GPUs run it natively).
+
+    The order is the order `analysis.fp8.fix_for` tries them in: the per-tensor and per-row
+    recipes every fp8 GPU runs first, mxfp8 (Blackwell only) last."""
 
     TENSORWISE = "tensorwise"
     ROWWISE = "rowwise"
     ROWWISE_WITH_GW_HP = "rowwise_with_gw_hp"
+    MXFP8 = "mxfp8"
 
     @property
     def unit_dtype(self) -> Fp8UnitDtype:

@@ -163,6 +163,7 @@ def test_help_has_no_bool_placeholder(command: list[str]) -> None:
     if command == ["analyze"]:
         assert "--quiet" in result.output and "--no-bf16-check" in result.output
         assert "<fp16|bf16|fp8>" in result.output and "<autocast|pure>" in result.output  # values keep theirs
+        assert "'precision-doctor[fp8]'" in result.output  # the extra's brackets are no markup
     if command == ["preflight"]:
         assert "--no-plan" in result.output and "<int>" in result.output
 

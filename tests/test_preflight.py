@@ -245,7 +245,7 @@ def test_bad_arguments_are_rejected_up_front() -> None:
     for kw, msg in [
         ({"steps": 0}, "steps"),
         ({"dtype": "fp4"}, "unknown dtype"),
-        ({"dtype": "fp8"}, "pre-flight does not support --dtype fp8"),
+        ({"dtype": "fp8", "regime": "pure"}, "--regime autocast with --dtype fp8"),
         ({"judge": "nope"}, "unknown judge"),
         ({"fail_on": "OVERFLOWS"}, "unknown risk"),
         ({"make_batches": lambda: iter([])}, "yielded no batch"),
@@ -318,5 +318,5 @@ def test_cli_bad_input_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "unknown risk 'NOPE'" in res.output
     res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--steps", "0"])
     assert res.exit_code == 2 and "--steps" in res.output
-    res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--dtype", "fp8"])
+    res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--dtype", "fp8", "--regime", "pure"])
     assert res.exit_code == 2

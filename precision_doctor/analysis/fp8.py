@@ -12,14 +12,25 @@ every other token's error in the first).
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from precision_doctor.extras import Fp8Cast, Fp8Gemm, Fp8Section
+from precision_doctor.extras import Fp8Cast, Fp8Exclusion, Fp8Gemm, Fp8Section
 from precision_doctor.options import Flag, Fp8Recipe, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, Report
 
-__all__ = ["fix_for", "fp8_flags", "fp8_section", "gemm_db", "sqnr_limit_db", "unjudged", "with_fp8"]
+__all__ = [
+    "CONVENTIONAL_PATTERNS",
+    "exclusions",
+    "fix_for",
+    "fp8_flags",
+    "fp8_section",
+    "gemm_db",
+    "sqnr_limit_db",
+    "unjudged",
+    "with_fp8",
+]
 
 BF16_FIX = "bf16"
 """What `fix_for` names when no recipe passes: keep the layer out of fp8."""
@@ -55,10 +66,12 @@ def sqnr_limit_db(gemm: str, th: Thresholds) -> float:
 
 
 def fix_for(gemms: Sequence[Fp8Gemm], th: Thresholds) -> str:
-    """The first recipe (tensorwise, rowwise, rowwise_with_gw_hp: fastest first) under which
-    every one of a layer's matmuls passes, else `bf16` (the layer out of fp8)."""
+    """The first recipe (in `Fp8Recipe`'s order: tensorwise, rowwise, rowwise_with_gw_hp,
+    mxfp8) under which every one of a layer's matmuls passes, else `bf16` (the layer out of
+    fp8). A recipe a matmul was not measured under (mxfp8 where a dimension is not in whole
+    blocks of 32) does not pass."""
     for recipe in Fp8Recipe:
-        if all(gemm_db(g, recipe.value) >= sqnr_limit_db(g.gemm, th) for g in gemms):
+        if all(recipe.value in g.sqnr_db and gemm_db(g, recipe.value) >= sqnr_limit_db(g.gemm, th) for g in gemms):
             return recipe.value
     return BF16_FIX
 
@@ -157,10 +170,40 @@ def fp8_flags(section: Fp8Section, th: Thresholds) -> dict[str, list[FlagRecord]
     return out
 
 
+CONVENTIONAL_PATTERNS = ("*lm_head*", "*router*", "*mlp.gate*", "*output_layer*")
+"""ModelOpt's default fp8 exclusions (module-name globs); Megatron keeps the first and the last
+layer in bf16 besides."""
+
+
+def exclusions(section: Fp8Section, flags: Mapping[str, Sequence[FlagRecord]], th: Thresholds) -> list[Fp8Exclusion]:
+    """The layers convention keeps out of fp8, in the model's order, each judged on this run
+    rather than assumed: flagged or not under its recipe, and the recipe (or bf16) that passes it."""
+    if not section.layers:
+        return []
+    picked = {section.layers[0]: "first"}
+    picked.setdefault(section.layers[-1], "last")
+    for layer in section.layers:
+        for pattern in CONVENTIONAL_PATTERNS:
+            if fnmatch.fnmatchcase(layer, pattern):
+                picked.setdefault(layer, pattern)
+    return [
+        Fp8Exclusion(
+            layer=layer,
+            convention=picked[layer],
+            flagged=bool(flags.get(layer)),
+            fix=fix_for([g for g in section.gemms if g.layer == layer], th),
+        )
+        for layer in section.layers
+        if layer in picked
+    ]
+
+
 def with_fp8(report: Report, section: Fp8Section) -> Report:
-    """`report` with `extras.fp8` set and the fp8 findings added to their layers' units (a
-    layer that is no unit of the report, for one the capture did not see, keeps its findings
-    in the section only)."""
+    """`report` with `extras.fp8` set (its conventional exclusions judged) and the fp8 findings
+    added to their layers' units (a layer that is no unit of the report, for one the capture
+    did not see, keeps its findings in the section only)."""
     env = report.environment.model_copy(update={"emulated": section.emulated})
-    flagged = report.with_unit_flags(fp8_flags(section, report.thresholds))
+    found = fp8_flags(section, report.thresholds)
+    section = section.model_copy(update={"exclusions": exclusions(section, found, report.thresholds)})
+    flagged = report.with_unit_flags(found)
     return flagged.model_copy(update={"environment": env}).with_extras(fp8=section)

@@ -102,6 +102,7 @@ from precision_doctor.options import (
     SEVERITY_RANK,
     AutocastPolicy,
     Flag,
+    Fp8Recipe,
     Judge,
     LowDtype,
     Regime,
@@ -112,11 +113,16 @@ from precision_doctor.options import (
     UnitDtype,
     parse_enum,
     percent,
-    refuse_fp8,
 )
 from precision_doctor.report import Report
 from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 from precision_doctor.schema import validated
+from precision_doctor.training.fp8_scaling import (
+    DELAYED_RISK,
+    Fp8Training,
+    bf16_divergence_reasons,
+    delayed_scaling_reasons,
+)
 from precision_doctor.training.monitor import ScalerMonitor
 
 __all__ = [
@@ -149,6 +155,7 @@ class Risk(StrEnum):
     SKIPPED_STEPS = "SKIPPED_STEPS"
     NONFINITE_STEPS = "NONFINITE_STEPS"
     STALLED_LOSS = "STALLED_LOSS"
+    FP8_DELAYED_SCALING = DELAYED_RISK
 
 
 RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r in Risk)
@@ -425,12 +432,15 @@ class _TrainingRun:
         skip: frozenset[int],
         master: bool = False,
         track_unchanged: bool = False,
+        fp8: Fp8Training | None = None,
     ) -> None:
         self.place, self.loss_fn, self.mode, self.skip = place, loss_fn, mode, skip
         self.pure = dtype is not None and regime is Regime.PURE
         self.dtype = dtype
         self.track_unchanged = track_unchanged
         m, opt = place.for_training(optimizer)
+        if fp8 is not None:  # the copy's Linear layers swapped for torchao's, same parameters
+            m = fp8.convert(m)
         # fp32 master weights (pure regime): the optimizer holds and steps the fp32 model; a
         # low copy runs forward and backward, its gradients copied up before each step and
         # the stepped weights cast down after it.
@@ -549,6 +559,7 @@ class _Trainer:
         skip: frozenset[int] = frozenset(),
         master: bool = False,
         track_unchanged: bool = False,
+        fp8: Fp8Training | None = None,
     ) -> ModeRun:
         """`len(batches)` optimizer steps of one configuration (`_TrainingRun`), with `units`'
         overrides (a plan's, autocast regime only) installed as `apply_plan` installs them.
@@ -573,6 +584,7 @@ class _Trainer:
             skip=skip,
             master=master,
             track_unchanged=track_unchanged,
+            fp8=fp8,
         )
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
             if self.place.sharded:  # the model itself: put back afterwards
@@ -583,8 +595,13 @@ class _Trainer:
                 # The plan's units ("" is the default of those it does not name: fp32, so none).
                 low = {u: d != "fp32" for u, d in units.items() if u != ""}
                 installed.enter_context(unit_overrides(run.model, low, dtype))
+            if fp8 is not None:
+                installed.enter_context(fp8.running())
             torch.manual_seed(SEED)
-            records = [run.step(i, b) for i, b in enumerate(self.batches)]
+            records = []
+            for i, b in enumerate(self.batches):
+                with fp8.step(i) if fp8 is not None else contextlib.nullcontext():
+                    records.append(run.step(i, b))
         del run
         return ModeRun(
             mode=mode,
@@ -787,6 +804,7 @@ def preflight(
     target: Target | str = Target.H100,
     name: str | None = None,
     progress: Progress | None = None,
+    fp8_recipe: str | Fp8Recipe | None = None,
 ) -> PreflightResult:
     """Analyze, then train `steps` steps in fp32, plain `dtype` and the planned mix (each on
     deep copies), and judge whether the run is safe to launch. See the module docstring.
@@ -795,6 +813,14 @@ def preflight(
     say what the analysis and the plain low run execute, as `analyze` takes them; the planned
     run is always autocast, with the op lists the plan was verified with (the report's
     policy; CUDA's after a pure analysis).
+
+    `dtype="fp8"` (`fp8_recipe`, default tensorwise; autocast regime, judge "low"): the
+    analysis and the `low` run are torchao's (`convert_fp8` on the run's copy, emulated on the
+    CPU, under bf16 autocast), a `bf16` autocast run runs beside them, and the fp8 loss is
+    judged against bf16's too (DIVERGENT_LOSS naming the layers the analysis flags); no plan
+    (there is none for fp8 yet). Transformer Engine's delayed scaling is modelled over the
+    fp8 run's steps (`training.fp8_scaling`, `fp8_scaling` in the result; FP8_DELAYED_SCALING
+    notes, warnings).
 
     `optimizer`: an existing optimizer over `model`'s parameters, deep-copied together with
     the model for each run (its state and hyperparameters carry over); otherwise
@@ -826,6 +852,11 @@ def preflight(
         build_optimizer,
     )
     target = parse_enum(Target, target, "target")
+    recipe = _fp8_recipe(low, run_regime, judge, fp8_recipe)
+    messages: list[str] = []
+    if recipe is not None and plan:
+        plan = False
+        messages.append("no plan for fp8 yet: analyze --dtype fp8 names each flagged layer's recipe or bf16")
     place = _Place.of(model)
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -833,15 +864,30 @@ def preflight(
     # The analysis steps the pre-flight's own optimizer (LOST_UPDATE): the one given, as a factory.
     stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else None)
     report, plan_units, planned_scale = _analyze_and_plan(
-        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings, stepped
+        place,
+        batch,
+        loss_fn,
+        low,
+        run_regime,
+        op_policy,
+        thresholds,
+        name,
+        plan,
+        target,
+        say,
+        timings,
+        stepped,
+        fp8_recipe=recipe,
     )
     pure = run_regime is Regime.PURE
     # The planned run runs the plan as it was verified: autocast with the report's op lists.
     plan_policy = report.environment.policy or AutocastPolicy.CUDA
     trainer = _Trainer(place, optimizer, build_optimizer or _default_optimizer, batches, loss_fn)
-    messages: list[str] = []
-    runs = _training_runs(trainer, low, run_regime, op_policy, plan_policy, plan_units, planned_scale, say, messages)
-    for k in ("fp32", "low", "planned"):
+    fp8 = Fp8Training(recipe) if recipe is not None else None
+    runs = _training_runs(
+        trainer, low, run_regime, op_policy, plan_policy, plan_units, planned_scale, say, messages, fp8=fp8
+    )
+    for k in ("fp32", "bf16", "low", "planned"):
         if k in runs:
             timings[f"run_{k}"] = runs[k].seconds
     runs = _compared(trainer, runs, say, timings)
@@ -858,6 +904,11 @@ def preflight(
         max_skipped_steps,
     )
     judged = judging.found(judge)
+    fp8_scaling = fp8.scaling.result() if fp8 is not None and fp8.scaling is not None else None
+    if fp8_scaling is not None:
+        fp8_layers = [u for u, names in _flagged_units(report).items() if any(n.startswith("FP8") for n in names)]
+        judged += bf16_divergence_reasons(runs["low"], runs["bf16"], loss_tolerance, fp8_layers)
+        judged += delayed_scaling_reasons(fp8_scaling, thresholds or Thresholds())
     reasons = [r for r in judged if _selected(r, risks)]
     notes = [r for r in judged if not _selected(r, risks)]
     planned_go: bool | None = None
@@ -889,7 +940,24 @@ def preflight(
         timings_s={k: round(v, 4) for k, v in timings.items()},
         messages=messages,
         report=report,
+        fp8_scaling=fp8_scaling,
     )
+
+
+def _fp8_recipe(low: LowDtype, regime: Regime, judge: Judge, fp8_recipe: str | Fp8Recipe | None) -> Fp8Recipe | None:
+    """The fp8 pre-flight's recipe (None for another dtype), checked: fp8 trains under bf16
+    autocast, and has no plan to judge."""
+    if low is not LowDtype.FP8:
+        if fp8_recipe is not None:
+            raise PrecisionDoctorError(f"fp8_recipe={str(fp8_recipe)!r} needs dtype='fp8' (got {low})")
+        return None
+    if regime is not Regime.AUTOCAST:
+        raise PrecisionDoctorError(
+            "fp8 trains under bf16 autocast as torchao does: use --regime autocast with --dtype fp8"
+        )
+    if judge is Judge.PLANNED:
+        raise PrecisionDoctorError("judge='planned' has no plan to judge with --dtype fp8 (no fp8 plan yet)")
+    return parse_enum(Fp8Recipe, fp8_recipe if fp8_recipe is not None else Fp8Recipe.TENSORWISE, "fp8 recipe")
 
 
 def _validate(
@@ -909,12 +977,11 @@ def _validate(
     """The options parsed (the dtype, regime, op policy, `fail_on`'s risks, the judge) and checked
     before anything runs, with the one model that torch's fp16 training cannot train."""
     low = parse_enum(LowDtype, dtype, "dtype")
-    refuse_fp8(low, "the pre-flight")
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
     risks = parse_fail_on(fail_on)
     judged = parse_enum(Judge, judge, "judge")
-    if judged is Judge.PLANNED and not plan:
+    if judged is Judge.PLANNED and not plan and low is not LowDtype.FP8:
         raise PrecisionDoctorError("judge='planned' needs plan=True")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrecisionDoctorError(f"steps must be a positive integer, not {steps!r}")
@@ -954,6 +1021,7 @@ def _analyze_and_plan(
     say: Progress,
     timings: dict[str, float],
     build_optimizer: OptimizerFactory | None = None,
+    fp8_recipe: Fp8Recipe | None = None,
 ) -> tuple[Report, dict[str, UnitDtype] | None, int | None]:
     """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
     units (None: no plan) and the recommended initial loss scale (fp16 only)."""
@@ -971,6 +1039,7 @@ def _analyze_and_plan(
         regime=regime,
         policy=policy,
         build_optimizer=build_optimizer,  # the optimizer step (LOST_UPDATE) with the user's optimizer
+        fp8_recipe=fp8_recipe,
     )
     timings["analysis"] = time.perf_counter() - t
     if not plan:
@@ -1004,15 +1073,39 @@ def _training_runs(
     planned_scale: int | None,
     say: Progress,
     messages: list[str],
+    fp8: Fp8Training | None = None,
 ) -> dict[str, ModeRun]:
     """The fp32 reference, the plain low-precision recipe of `regime` and, with a plan, the
-    planned mix (`plan_policy`'s autocast op lists)."""
+    planned mix (`plan_policy`'s autocast op lists); for fp8 (`fp8`), a bf16 autocast run and
+    the torchao-converted run (`low`) instead of the plain and planned ones."""
     runs: dict[str, ModeRun] = {}
     say("fp32 run")
     pure = regime is Regime.PURE
     runs["fp32"] = trainer.run(
         "fp32", "fp32 reference", dtype=None, units=None, init_scale_log2=None, track_unchanged=pure
     )
+    if fp8 is not None:
+        say("bf16 run")
+        runs["bf16"] = trainer.run(
+            "bf16",
+            f"torch.autocast(bf16, {policy} op lists), no loss scaler",
+            dtype=torch.bfloat16,
+            policy=policy,
+            units=None,
+            init_scale_log2=None,
+        )
+        say(f"fp8 ({fp8.recipe}) run")
+        runs["low"] = trainer.run(
+            "low",
+            f"torchao fp8 {fp8.recipe} (every converted Linear; emulated on the CPU) under "
+            f"torch.autocast(bf16, {policy} op lists), no loss scaler",
+            dtype=torch.bfloat16,
+            policy=policy,
+            units=None,
+            init_scale_log2=None,
+            fp8=fp8,
+        )
+        return runs
     say(f"{low} run")
     # GradScaler is for fp32 master weights: on a pure fp16 model its `step` raises
     # "Attempting to unscale FP16 gradients", so pure fp16 trains without one.

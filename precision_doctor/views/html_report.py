@@ -52,7 +52,17 @@ from precision_doctor.views.figures import (
     takeoff_unit,
     training_figure,
 )
-from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
+from precision_doctor.views.fp8 import (
+    fp8_exclusion_rows,
+    fp8_figure,
+    fp8_gemm_rows,
+    fp8_layer_rows,
+    fp8_recipe_layer_rows,
+    fp8_recipe_loss_rows,
+    fp8_role_rows,
+    fp8_scaling_rows,
+    fp8_summary_lines,
+)
 
 MAX_DETAIL_UNITS = 30
 """Units given histograms: the flagged ones first. Each costs two figures of file size."""
@@ -300,16 +310,26 @@ def _loss_scale(report: Report, fig: _Figures) -> list[str]:
     return parts
 
 
-def _fp8(report: Report) -> list[str]:
+def _fp8(report: Report, fig: _Figures) -> list[str]:
     fp8 = report.extras.fp8
     if fp8 is None:
         return []
-    return [
+    parts = [
         '<h2 id="fp8">fp8</h2>',
         "".join(f"<p>{_e(line.strip())}</p>" for line in fp8_summary_lines(report)),
+        "<h3>Conventional exclusions, judged on this model</h3>" + _table(fp8_exclusion_rows(fp8), "fp8-exclusions"),
+        "<h3>Per layer and role</h3>" + _table(fp8_role_rows(fp8), "fp8-roles") + fig(fp8_figure(fp8)),
         "<h3>Matmuls per recipe (SQNR, dB)</h3>" + _table(fp8_gemm_rows(fp8), "fp8-gemms"),
         "<h3>Casts</h3>" + _table(fp8_layer_rows(fp8), "fp8-casts"),
     ]
+    comparison = report.extras.fp8_recipes
+    if comparison is not None:
+        parts += [
+            f'<h3 id="fp8-recipes">Recipes side by side (fp32 loss {_e(fmt(comparison.loss_fp32, ".6g"))})</h3>',
+            _table(fp8_recipe_loss_rows(comparison), "fp8-recipe-losses"),
+            _table(fp8_recipe_layer_rows(comparison), "fp8-recipe-layers"),
+        ]
+    return parts
 
 
 def _plan(report: Report, fig: _Figures) -> list[str]:
@@ -346,6 +366,11 @@ def _training(report: Report, fig: _Figures) -> list[str]:
         if pre.reasons:
             parts.append(_table([r.model_dump() for r in pre.reasons]))
         parts.append(_table(preflight_run_rows(pre)))
+        if pre.fp8_scaling is not None:
+            parts.append(
+                f"<h3>fp8 delayed scaling, modelled ({_e(pre.fp8_scaling.recipe)})</h3>"
+                + _table(fp8_scaling_rows(pre.fp8_scaling), "fp8-delayed-scaling")
+            )
     if mon is not None:
         parts.append("<h3>The real run's GradScaler</h3>" + _table([monitor_items(mon)]))
     parts.append(fig(training_figure(pre, mon)))
@@ -405,7 +430,7 @@ def render_html(report: Report) -> str:
         _gradients(report, fig),
         _optimizer_step(report),
         _loss_scale(report, fig),
-        _fp8(report),
+        _fp8(report, fig),
         _plan(report, fig),
         _training(report, fig),
         _unit_detail(report, fig),

@@ -27,7 +27,17 @@ from precision_doctor.extras import Fp8Section, LossScaleSection, MonitorSection
 from precision_doctor.options import LowDtype
 from precision_doctor.report import Report, Unit
 from precision_doctor.views import figures
-from precision_doctor.views.fp8 import fp8_gemm_rows, fp8_layer_rows, fp8_summary_lines
+from precision_doctor.views.fp8 import (
+    fp8_exclusion_rows,
+    fp8_figure,
+    fp8_gemm_rows,
+    fp8_layer_rows,
+    fp8_recipe_layer_rows,
+    fp8_recipe_loss_rows,
+    fp8_role_rows,
+    fp8_scaling_rows,
+    fp8_summary_lines,
+)
 from precision_doctor.views.launcher import ENV_VAR
 
 NO_FLAG = "(no flag)"
@@ -335,6 +345,9 @@ def training_section(pre: PreflightSection | None, mon: MonitorSection | None) -
         if pre.reasons:
             st.dataframe(_df([r.model_dump() for r in pre.reasons]), hide_index=True)
         st.dataframe(_df(figures.preflight_run_rows(pre)), hide_index=True)
+        if pre.fp8_scaling is not None:
+            st.markdown(f"**fp8 delayed scaling, modelled** ({md(pre.fp8_scaling.recipe)})")
+            st.dataframe(_df(fp8_scaling_rows(pre.fp8_scaling)), hide_index=True)
     if mon is not None:
         st.markdown("**The real run's GradScaler**")
         _kv_table(list(figures.monitor_items(mon).items()))
@@ -385,12 +398,24 @@ def get_report() -> Report:
 
 
 def fp8_tab(report: Report, section: Fp8Section) -> None:
-    """The fp8 run: summary, each matmul's SQNR per recipe, each cast's statistics."""
+    """The fp8 run: summary, the conventional exclusions judged, each layer's casts per role
+    (table and figure), each matmul's SQNR per recipe, each cast's statistics, and the recipe
+    comparison where there is one."""
     st.text("\n".join(fp8_summary_lines(report)))
+    st.subheader("Conventional exclusions, judged on this model")
+    st.dataframe(_df(fp8_exclusion_rows(section)), hide_index=True)
+    st.subheader("Per layer and role")
+    st.dataframe(_df(fp8_role_rows(section)), hide_index=True)
+    _chart(fp8_figure(section), "fp8-figure")
     st.subheader("Matmuls per recipe (SQNR, dB)")
     st.dataframe(_df(fp8_gemm_rows(section)), hide_index=True)
     st.subheader("Casts")
     st.dataframe(_df(fp8_layer_rows(section)), hide_index=True)
+    comparison = report.extras.fp8_recipes
+    if comparison is not None:
+        st.subheader(f"Recipes side by side (fp32 loss {comparison.loss_fp32:.6g})")
+        st.dataframe(_df(fp8_recipe_loss_rows(comparison)), hide_index=True)
+        st.dataframe(_df(fp8_recipe_layer_rows(comparison)), hide_index=True)
 
 
 def render(report: Report) -> None:

@@ -16,7 +16,7 @@ from precision_doctor.extras import LossScaleSection
 from precision_doctor.options import LowDtype, Regime, percent
 from precision_doctor.report import Environment, Report
 from precision_doctor.views.figures import grad_fidelity_text, optimizer_step_text
-from precision_doctor.views.fp8 import fp8_next_steps, fp8_summary_lines
+from precision_doctor.views.fp8 import fp8_next_steps, fp8_recipe_lines, fp8_summary_lines
 
 _STYLE = {
     "NONFINITE_FP32": "bold magenta",
@@ -91,7 +91,7 @@ def render_report(report: Report, console: Console, *, max_rows: int = 30) -> No
         console.print(table)
         if len(flags) > max_rows:
             console.print(Text(f"... and {len(flags) - max_rows} more flags (see --out report.json)"))
-    for line in fp8_summary_lines(report):
+    for line in [*fp8_summary_lines(report), *fp8_recipe_lines(report)]:
         console.print(Text(line))
     console.print(Text(report.verdict, style="bold green" if report else "bold red"))
 
