@@ -238,6 +238,9 @@ class Fp8ScalingModel(Frozen):
     Engine's default `DelayedScaling` recipe: modelled on the run's own tensors, not TE's
     kernels."""
 
+    run: str = "low"
+    """The pre-flight run whose fp8 layers and tensors it replays: "low" (every Linear under the
+    recipe) or "planned" (the plan's fp8 layers), the one the verdict judges."""
     recipe: str
     amax_history_len: int
     margin: int
