@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,15 @@ def test_preflight_fp8_trains_and_judges_the_plan(monkeypatch: pytest.MonkeyPatc
     assert all(torch.equal(v, case.model.state_dict()[k]) for k, v in before.items())
     assert not any(isinstance(m, fl.Float8Linear) for m in case.model.modules())
     assert "GO:" in result.verdict and "planned configuration" in result.verdict
+    # Saved and read back (schema 9); a version-8 report (no `run`: the low run's model) still loads
+    annotated = result.annotated_report()
+    assert annotated is not None
+    assert pd.Report.from_json(annotated.model_dump_json()) == annotated
+    old = json.loads(annotated.model_dump_json())
+    old["schema_version"] = 8
+    del old["extras"]["preflight"]["fp8_scaling"]["run"]
+    scaling = pd.Report.from_json(json.dumps(old)).extras.preflight.fp8_scaling  # type: ignore[union-attr]
+    assert scaling is not None and scaling.run == "low"
 
 
 FIXTURE_FILE = """
