@@ -3,6 +3,7 @@ MX shape rule, costed, converted and verified through torchao's MXFP8Linear, and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -244,3 +245,51 @@ def test_verification_judges_an_mx_layer_on_the_planned_runs_operands() -> None:
     assert set(result.below) == {"head"} and "fprop matmul under mxfp8 in the planned run" in result.below["head"]
     assert all(torch.equal(v, case.model.state_dict()[k]) for k, v in before.items())
     assert not any(isinstance(m, MXFP8Linear) for m in case.model.modules())
+
+
+def test_the_preflights_planned_run_trains_mx_layers(channel: tuple[ModelSpec, Report]) -> None:
+    """The pre-flight's planned run (`Fp8Training` with a plan's units) on a plan mixing
+    mxfp8 and tensorwise: the copy's layers converted each under its recipe, holding the
+    copy's own parameters (the optimizer steps them), trained under bf16 autocast with the MX
+    matmul as the GPU computes it: its losses equal the torchao export's model trained the
+    same way, and the delayed-scaling model tracks both fp8 layers."""
+    from precision_doctor.training.fp8_scaling import Fp8Training
+
+    spec, report = channel
+    base = plan_model(
+        spec.model, spec.batch, spec.loss_fn, report, costs=build_cost_model(report, B200), tolerance=TOLERANCE
+    )
+    case = build_outlier_weight_lm(tokens=63)
+    units = {"embed": "bf16", "fc1": "fp8:mxfp8", "<root>": "bf16", "fc2": "fp8:tensorwise", "head": "bf16"}
+    count = sum(1 for _ in case.model.named_modules())
+    plan = Plan.model_validate({**base.model_dump(), "units": {**units, "<loss>": "fp32"}, "module_count": count})
+    assert case.loss_fn is not None
+
+    def train(m: torch.nn.Module, running: Any, step: Any = None) -> list[float]:
+        opt = torch.optim.Adam(m.parameters(), lr=5e-3)
+        losses = []
+        with running:
+            for i in range(3):
+                with step(i) if step is not None else contextlib.nullcontext():
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = case.loss_fn(m(case.batch), case.batch)  # type: ignore[misc]
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    opt.step()
+        return losses
+
+    training = Fp8Training(Fp8Recipe.TENSORWISE, units=units)
+    copied = copy.deepcopy(case.model)
+    params = {id(p) for p in copied.parameters()}
+    converted = training.convert(copied)
+    assert type(converted.fc1) is MXFP8Linear and type(converted.fc2) is Float8Linear
+    assert type(converted.head) is torch.nn.Linear and {id(p) for p in converted.parameters()} == params
+    ours = train(converted, training.running(), training.step)
+    exported = _exec(render(plan, ExportFormat.TORCHAO))["convert_planned"](copy.deepcopy(case.model), emulate=True)
+    exported.fc2.register_forward_pre_hook(autocast_input)  # the cast torchao makes under CUDA's autocast
+    assert ours == train(exported, mx_gemm_as_gpu())
+    assert training.scaling is not None and {t.layer for t in training.scaling.result("planned").tracks} == {
+        "fc1",
+        "fc2",
+    }
