@@ -129,9 +129,9 @@ def test_torchaos_mx_shape_rule() -> None:
             return True
         return False
 
-    assert to_mx_refuses(torch.randn(64, 48))  # layer 2's grad_output along out_features (dgrad)
-    assert to_mx_refuses(torch.randn(64, 48))  # layer 0's input transposed: 48 rows (wgrad)
-    assert not to_mx_refuses(torch.randn(48, 64))  # what the rule lets through: in whole blocks
+    assert to_mx_refuses(torch.randn(48, 48))  # layer 2's grad_output (48 rows x 48 out_features): dgrad's cast
+    assert to_mx_refuses(torch.randn(64, 48))  # layer 0's input transposed (64 features x 48 rows): wgrad's cast
+    assert not to_mx_refuses(torch.randn(48, 64))  # layer 0's input along in_features (fprop): whole blocks
 
 
 def test_mx_cost_by_hand() -> None:
