@@ -693,8 +693,9 @@ def preflight_command(
     plain low precision as --regime runs it (fp16 kernels emulated on the CPU) and the
     recommended plan under autocast (on copies of the model). Pure fp16 runs without a loss
     scaler (GradScaler does not unscale fp16 gradients). --dtype fp8: torchao's converted
-    copy (emulated) beside bf16 and fp32, judged against bf16 too, Transformer Engine's delayed
-    scaling modelled over the steps; no plan. Default: 8 steps,
+    copy (emulated) beside bf16 and fp32, judged against bf16 too, the fp8 plan's run (its
+    layers converted, each under its recipe; --judge planned judges it), Transformer Engine's
+    delayed scaling modelled over the judged run's steps. Default: 8 steps,
     the file's build_optimizer(model) or AdamW(lr=1e-4), make_batches() or the one batch.
     Exit 0 = go, 1 = a risk --fail-on selects was found, 2 = bad input."""
     from precision_doctor.model.spec import load_model_file

@@ -32,14 +32,14 @@ from precision_doctor.options import (
     PlanUnitDtype,
     Regime,
     Severity,
-    UnitDtype,
     percent,
 )
 from precision_doctor.schema import Frozen
 
 MONITOR_KIND: Final = "precision-doctor-scaler-monitor"
 MONITOR_SCHEMA_VERSION: Final = 1
-PREFLIGHT_SCHEMA_VERSION = 1
+PREFLIGHT_SCHEMA_VERSION = 2
+"""2: a run's units may be `fp8:<recipe>` (the fp8 pre-flight's planned run)."""
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -159,8 +159,9 @@ class ModeRun(Frozen):
     mode: str
     """"fp32", "low" or "planned"."""
     description: str
-    units: dict[str, UnitDtype] = Field(default_factory=dict)
-    """Per unit, where the run differs from its default ("" key)."""
+    units: dict[str, PlanUnitDtype] = Field(default_factory=dict)
+    """Per unit, where the run differs from its default ("" key); an fp8 plan's planned run
+    names its fp8 layers `fp8:<recipe>`."""
     init_scale_log2: int | None = None
     """The GradScaler's initial scale (None: no scaler)."""
     steps: list[StepRecord]
@@ -237,6 +238,9 @@ class Fp8ScalingModel(Frozen):
     Engine's default `DelayedScaling` recipe: modelled on the run's own tensors, not TE's
     kernels."""
 
+    run: str = "low"
+    """The pre-flight run whose fp8 layers and tensors it replays: "low" (every Linear under the
+    recipe) or "planned" (the plan's fp8 layers), the one the verdict judges."""
     recipe: str
     amax_history_len: int
     margin: int

@@ -66,7 +66,7 @@ UnitDtype = Literal["fp32", "fp16", "bf16"]
 """The dtype one unit runs in: fp32, or a `LowDtype` by its value. The one spelling of a
 dtype in every saved document; `formats.TORCH_DTYPES` maps the low ones to torch."""
 
-Fp8UnitDtype = Literal["fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp"]
+Fp8UnitDtype = Literal["fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp", "fp8:mxfp8"]
 """A Linear unit of an fp8 plan converted by torchao under one recipe (`Fp8Recipe`):
 `fp8:<recipe>`. The plan's other units run in a `UnitDtype` (bf16 or fp32)."""
 

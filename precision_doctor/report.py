@@ -38,12 +38,14 @@ from precision_doctor.schema import Frozen as _Frozen
 from precision_doctor.schema import parse_json, read_text, validated
 from precision_doctor.version import __version__
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """Bumped on any change that an older reader would misread; the history is in CHANGELOG.md."""
-READABLE_SCHEMA_VERSIONS = (6, 7, SCHEMA_VERSION)
+READABLE_SCHEMA_VERSIONS = (6, 7, 8, SCHEMA_VERSION)
 """Versions `Report.load` reads: a version-6 report has every field 7 has but the new
 threshold, which takes its default; a version-7 report every field 8 has but
-`optimizer_step` (None) and the LOST_UPDATE thresholds (their defaults)."""
+`optimizer_step` (None) and the LOST_UPDATE thresholds (their defaults); a version-8 report is
+a version-9 one without `fp8:mxfp8` plan units and fp8 planned pre-flight runs (9 only widens
+what those fields may hold)."""
 
 
 ROOT_UNIT = "<root>"

@@ -421,6 +421,22 @@ def next_token_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
     return F.cross_entropy(out[:-1].float(), batch[1:])
 
 
+def gemm_unit(tokens: int, k: int, n: int) -> Any:
+    """A Linear unit's ops as the capture records them (fp32 bytes): the fprop addmm, the
+    dgrad and wgrad mm; for the cost model's fp8 times by hand."""
+    from precision_doctor.options import Phase
+    from precision_doctor.report import OpCost, Unit
+
+    f = 2 * tokens * k * n
+    ops = [
+        OpCost(
+            op="addmm.default", phase=Phase.FORWARD, flops=f, bytes=4 * (tokens * k + k * n + 2 * tokens * n), calls=1
+        ),
+        OpCost(op="mm.default", phase=Phase.BACKWARD, flops=f, bytes=4 * (tokens * n + k * n + tokens * k), calls=2),
+    ]
+    return Unit.model_construct(name="lin", op_costs=ops, param_bytes=4 * k * n)
+
+
 def build_outlier_weight_lm(seed: int = 0, tokens: int = 64) -> Case:
     torch.manual_seed(seed)
     model = OutlierWeightLM()

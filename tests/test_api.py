@@ -125,7 +125,9 @@ def test_judge_and_target_are_enums_checked_before_any_work() -> None:
     assert pd.Judge("Planned") is pd.Judge.PLANNED and pd.Target("H100") is pd.Target.H100
     case = build_mlp()
     report = pd.analyze(case.model, case.batch, case.loss_fn)
-    with pytest.raises(pd.PrecisionDoctorError, match=r"unknown target 'v100'; choose one of: h100, a100, 4090, cpu"):
+    with pytest.raises(
+        pd.PrecisionDoctorError, match=r"unknown target 'v100'; choose one of: h100, h200, b200, a100, 4090, cpu"
+    ):
         pd.plan_report(case.model, case.batch, case.loss_fn, report, target="v100")
     with pytest.raises(pd.PrecisionDoctorError, match=r"unknown judge 'best'; choose one of: low, planned"):
         pd.preflight(case.model, case.batch, case.loss_fn, judge="best")

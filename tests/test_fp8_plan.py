@@ -21,7 +21,7 @@ from torchao.float8.float8_linear import Float8Linear
 import precision_doctor as pd
 from precision_doctor.capture.fp8 import autocast_input
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import ExportFormat, Fp8Recipe, LowDtype, Phase, Target
+from precision_doctor.options import ExportFormat, Fp8Recipe, LowDtype, Target
 from precision_doctor.planning.cost import PROFILES, build_cost_model, fp8_linear_time_s
 from precision_doctor.planning.export import render
 from precision_doctor.planning.fp8 import FP8_DIM_MULTIPLE, fp8_layers, planned_recipes
@@ -35,8 +35,8 @@ from precision_doctor.planning.fp8_plan import (
 )
 from precision_doctor.planning.plan import Plan, Verification, apply_plan, plan_model
 from precision_doctor.planning.search import solve_exhaustive, solve_milp
-from precision_doctor.report import OpCost, Report, Unit
-from tests.fixtures import Case, build_outlier_weight_lm
+from precision_doctor.report import Report
+from tests.fixtures import Case, build_outlier_weight_lm, gemm_unit
 
 H100 = PROFILES[Target.H100]
 COMPUTE_BOUND = dataclasses.replace(H100, name="H100 peaks, free memory traffic", bandwidth_bytes_per_s=1e30)
@@ -79,7 +79,9 @@ def test_the_search_is_exact_over_every_choice(lm: tuple[Case, Report, Plan]) ->
     raw = raw_errors(report, layers)
     choices = fp8_choices(costs, layers, report, raw, {"<loss>"}, {})
     labels = {c.label for cs in choices for c in cs}
-    assert {"fp32", "bf16"} | {r.unit_dtype for r in Fp8Recipe} <= labels
+    # H100 has no MX tensor cores: every recipe but mxfp8 (tests/test_fp8_plan_mx.py: on B200)
+    assert {"fp32", "bf16"} | {r.unit_dtype for r in Fp8Recipe if r is not Fp8Recipe.MXFP8} <= labels
+    assert "fp8:mxfp8" not in labels
     errors = sorted(c.error for cs in choices for c in cs if c.error > 0)
     for budget in (math.inf, sum(errors), errors[len(errors) // 2], errors[0]):
         problem = fp8_problem(costs, choices, budget, 0.0)
@@ -99,21 +101,6 @@ def test_small_layers_stay_bf16_on_a_real_h100(lm: tuple[Case, Report, Plan]) ->
     assert "would add" not in plan.not_fp8_reasons["fc1"]  # cost, not the error budget
 
 
-def _gemm_unit(tokens: int, k: int, n: int) -> Unit:
-    """A Linear's ops as the capture records them (fp32 bytes): fprop addmm, dgrad and wgrad mm."""
-    f = 2 * tokens * k * n
-    ops = [
-        OpCost(
-            op="addmm.default", phase=Phase.FORWARD, flops=f, bytes=4 * (tokens * k + k * n + 2 * tokens * n), calls=1
-        ),
-        OpCost(op="mm.default", phase=Phase.BACKWARD, flops=f, bytes=4 * (tokens * n + k * n + tokens * k), calls=2),
-    ]
-    return _A_UNIT.model_copy(update={"name": "lin", "op_costs": ops, "param_bytes": 4 * k * n})
-
-
-_A_UNIT = Unit.model_construct(name="lin", op_costs=[])
-
-
 @pytest.mark.parametrize("target", [Target.H100, Target.H200, Target.B200])
 def test_fp8_cost_against_the_roofline_by_hand(target: Target) -> None:
     """A large Linear (8192 tokens, 4096 x 4096) is compute-bound: fp8 takes its three matmuls
@@ -122,14 +109,14 @@ def test_fp8_cost_against_the_roofline_by_hand(target: Target) -> None:
     p = PROFILES[target]
     assert p.fp8_flops_per_s == pytest.approx(2 * p.bf16_flops_per_s, rel=1e-3)  # the datasheets: fp8 doubles bf16
     m, k, n = 8192, 4096, 4096
-    unit = _gemm_unit(m, k, n)
+    unit = gemm_unit(m, k, n)
     t = fp8_linear_time_s(unit, k, n, Fp8Recipe.TENSORWISE, p)
     matmuls = 3 * 2 * m * k * n / p.fp8_flops_per_s
     casts = (2 * (m * k * 5) + 2 * (m * n * 5) + 2 * (k * n * 9) + 6 * 4) / p.bandwidth_bytes_per_s
     assert t == pytest.approx(matmuls + casts, rel=1e-9)
     bf16 = 3 * 2 * m * k * n / p.bf16_flops_per_s
     assert t < bf16
-    small = _gemm_unit(64, 64, 64)
+    small = gemm_unit(64, 64, 64)
     t_small = fp8_linear_time_s(small, 64, 64, Fp8Recipe.TENSORWISE, p)
     bf16_small = sum(
         c.calls * max(c.flops / p.bf16_flops_per_s, c.bytes * 0.5 / p.bandwidth_bytes_per_s) for c in small.op_costs
@@ -206,7 +193,7 @@ def test_the_plan_json_round_trips_and_old_plans_load(lm: tuple[Case, Report, Pl
     old["dtype"] = "bf16"
     assert Plan.from_json(json.dumps(old)).units["fc1"] == "bf16"
     old["schema_version"] = 99
-    with pytest.raises(PrecisionDoctorError, match=r"schema_version 1 or 2 \(got 99\)") as info:
+    with pytest.raises(PrecisionDoctorError, match=r"schema_version 1 or 2 or 3 \(got 99\)") as info:
         Plan.from_json(json.dumps(old))
     assert "\n" not in str(info.value)
 

@@ -194,7 +194,7 @@ def test_a_version_1_plan_still_loads_as_an_autocast_plan(tmp_path: Path) -> Non
     assert plan.regime is Regime.AUTOCAST and plan.master_weights == [] and plan.schema_version == PLAN_SCHEMA_VERSION
     raw["schema_version"] = 0
     path.write_text(json.dumps(raw))
-    with pytest.raises(pd.PrecisionDoctorError, match="schema_version 1 or 2 "):
+    with pytest.raises(pd.PrecisionDoctorError, match="schema_version 1 or 2 or 3 "):
         Plan.load(path)
 
 

@@ -170,10 +170,17 @@ def mx_convertible(module: torch.nn.Module) -> bool:
     )
 
 
-def convert_mx(model: torch.nn.Module, *, emulate: bool | None = None, inplace: bool = False) -> torch.nn.Module:
+def convert_mx(
+    model: torch.nn.Module,
+    *,
+    emulate: bool | None = None,
+    inplace: bool = False,
+    only: frozenset[str] | None = None,
+) -> torch.nn.Module:
     """A deep copy of `model` (`inplace`: `model` itself) with each `mx_convertible` Linear
-    swapped for torchao's `MXFP8Linear` (RCEIL scales, EMULATED kernels on the CPU), holding
-    the same weight and bias parameters; the others stay as they are."""
+    (`only`: of those, the ones at these paths: a plan's) swapped for torchao's `MXFP8Linear`
+    (RCEIL scales, EMULATED kernels on the CPU), holding the same weight and bias parameters;
+    the others stay as they are."""
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
 
     _, mxfp8_linear, _, kernel_preference = _mx_modules()
@@ -183,7 +190,7 @@ def convert_mx(model: torch.nn.Module, *, emulate: bool | None = None, inplace: 
         raise PrecisionDoctorError("--fp8-recipe mxfp8 converts the Linear layers inside a model, not a bare nn.Linear")
     converted = model if inplace else copy.deepcopy(model)
     for name, module in list(converted.named_modules()):
-        if not mx_convertible(module):
+        if not mx_convertible(module) or (only is not None and name not in only):
             continue
         assert isinstance(module, torch.nn.Linear)
         new = mxfp8_linear(

@@ -49,6 +49,10 @@ class DeviceProfile:
     fp8_flops_per_s: float | None = None
     """Dense fp8 (e4m3/e5m2) tensor-core peak with fp32 accumulation; None where the device
     has no fp8 matmul (A100) or no verified figure."""
+    mx_fp8: bool = False
+    """Whether its tensor cores run MX block-scaled fp8 matmuls (an e8m0 scale per 32 values,
+    `_scaled_mm` with block scales): Blackwell (B200) does, at its fp8 peak; Hopper (H100,
+    H200) has per-tensor scaled fp8 only, so torchao's `MXFP8Linear` has no kernel there."""
 
     def peak_flops_per_s(self, dtype: str) -> float:
         """fp32 units run without TF32: PyTorch's default matmul precision is "highest"."""
@@ -103,6 +107,7 @@ PROFILES: dict[Target, DeviceProfile] = {
         7.7 * TERA,
         "NVIDIA HGX B200 datasheet, dense tensor-core figures",
         fp8_flops_per_s=4500 * TERA,
+        mx_fp8=True,  # MXFP8 at the FP8 rate: the datasheet prints one FP8 figure for Blackwell's tensor cores
     ),
     Target.A100: DeviceProfile(
         "NVIDIA A100 SXM 80GB",
@@ -269,6 +274,11 @@ BF16_BYTES = 2
 FP32_BYTES = 4
 SCALE_BYTES = 4
 """torchao's scales are fp32: one per tensor (tensorwise), one per row (rowwise)."""
+MX_SCALE_BYTES = 1
+"""An MX block's scale is one e8m0 byte (a power of two) per `MX_BLOCK` values."""
+MX_BLOCK = 32
+MX_NEEDS = "mxfp8 needs MX tensor cores: target b200"
+"""Why a device without `mx_fp8` gets no `fp8:mxfp8` choice (Blackwell runs MX matmuls)."""
 
 
 @dataclass(frozen=True)
@@ -297,6 +307,8 @@ def fp8_casts(
     w = float(weight_calls * in_features * out_features)
 
     def op(numel: float, hp: int, row: float) -> Fp8Operand:
+        if recipe is Fp8Recipe.MXFP8:  # a scale per 32 values along the matmul's inner dimension
+            return Fp8Operand(numel, hp, MX_BLOCK)
         return Fp8Operand(numel, hp, row if rowwise else numel)
 
     casts = [
@@ -313,10 +325,15 @@ def fp8_casts(
     return casts
 
 
-def fp8_cast_bytes(casts: list[Fp8Operand]) -> float:
-    """Bytes the casts move: each is an amax reduction (reads the operand), the scale it
-    computes (written once per group) and the cast itself (reads the operand again, writes
-    fp8): three memory-bound passes, unfused as torchao runs them eagerly."""
+def fp8_cast_bytes(casts: list[Fp8Operand], recipe: Fp8Recipe = Fp8Recipe.TENSORWISE) -> float:
+    """Bytes the casts move. torchao's Float8Linear recipes: each cast is an amax reduction
+    (reads the operand), the scale it computes (written once per group) and the cast itself
+    (reads the operand again, writes fp8): three memory-bound passes, unfused as torchao runs
+    them eagerly. `mxfp8`: a block's amax is local to its 32 values, so torchao's MX cast
+    kernels (`triton_to_mxfp8_dim0`, the CUDA dim1 cast) read the operand once and write the
+    fp8 values and one e8m0 byte per block in the same pass."""
+    if recipe is Fp8Recipe.MXFP8:
+        return sum(c.numel * (c.hp_bytes + FP8_BYTES) + MX_SCALE_BYTES * c.numel / c.group for c in casts)
     return sum(c.numel * (2 * c.hp_bytes + FP8_BYTES) + SCALE_BYTES * c.numel / max(c.group, 1.0) for c in casts)
 
 
@@ -329,7 +346,10 @@ def fp8_linear_time_s(
     fp8 operands and a bf16 output, an over-estimate kept on the safe side); its other ops
     (the bias) as under bf16; plus every cast of `fp8_casts` (`fp8_cast_bytes`) at the
     memory bandwidth. The layer's rows come from its forward matmul FLOPs (2 rows x in x out
-    each)."""
+    each). `mxfp8` (torchao's `MXFP8Linear`): its three matmuls at the fp8 peak (block-scaled
+    on a device with `mx_fp8`, an error elsewhere), its six casts one pass each."""
+    if recipe is Fp8Recipe.MXFP8 and not profile.mx_fp8:
+        raise PrecisionDoctorError(f"{profile.name} has no MX tensor cores: {MX_NEEDS}")
     bw = profile.bandwidth_bytes_per_s
     p8 = profile.peak_flops_per_s("fp8")
     p16 = profile.peak_flops_per_s("bf16")
@@ -349,7 +369,7 @@ def fp8_linear_time_s(
         t += c.calls * _roofline(c.flops, c.bytes * 0.5, peak, bw)
     tokens = gemm_flops_fwd / (2 * in_features * out_features) if in_features * out_features else 0.0
     casts = fp8_casts(tokens, in_features, out_features, weight_calls, recipe)
-    return t + fp8_cast_bytes(casts) / bw
+    return t + fp8_cast_bytes(casts, recipe) / bw
 
 
 # --- what plain autocast would do --------------------------------------------------------

@@ -11,10 +11,12 @@
   `check_training_args(args)` refusing arguments of another precision, and how to attach the
   overrides (apply_plan / the python snippet refuse an autocast region of another dtype).
 - `torchao` (fp8 plans): `module_filter_fn(module, fqn)` for `convert_to_float8_training`,
-  True for exactly the plan's fp8 layers, one per recipe where the plan mixes recipes, and
-  `convert_planned(model)` calling torchao once per recipe.
+  True for exactly the plan's Float8Linear layers, one per recipe where the plan mixes
+  recipes, and `convert_planned(model)` calling torchao once per recipe and swapping the
+  `mxfp8` layers for torchao's `MXFP8Linear` (`convert_mx`).
 - `te` (fp8 plans): the Linear modules to swap for Transformer Engine's `te.Linear` (which
-  run in fp8 inside `te.fp8_autocast`), and the Linears the plan keeps out of fp8.
+  run in fp8 inside `te.fp8_autocast`), each one's TE recipe (`MXFP8BlockScaling` for
+  `mxfp8`), and the Linears the plan keeps out of fp8.
 
 An fp8 plan exports `json`, `torchao` and `te`; an fp16/bf16 plan the other four
 (`formats_for`).
@@ -32,7 +34,7 @@ from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.options import ExportFormat, LowDtype, Regime, fp8_recipe_of
+from precision_doctor.options import ExportFormat, Fp8Recipe, LowDtype, Regime, fp8_recipe_of
 from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.master import MasterWeights
 from precision_doctor.planning.plan import Plan
@@ -455,7 +457,7 @@ def check_training_args(args):
 _TORCHAO = '''"""fp8 plan for {model}, exported by precision-doctor: torchao's float8 training for the
 layers the plan runs in fp8, each under its recipe; every other Linear stays out of it.
 
-    model = convert_planned(model)            # swaps the planned Linears for Float8Linear
+    model = convert_planned(model)            # swaps the planned Linears for torchao's modules
     # the plan's fp32 units: precision_doctor.apply_plan(model, "plan.json")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = loss_fn(model(batch), batch)
@@ -463,14 +465,19 @@ layers the plan runs in fp8, each under its recipe; every other Linear stays out
 Or pass module_filter_fn yourself (one recipe per convert_to_float8_training call):
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
                                module_filter_fn=module_filter_fn_for("tensorwise"))
+The "mxfp8" layers are not Float8Linear layers: convert_planned swaps each for torchao's
+MXFP8Linear (MX block scaling, RCEIL scales: torchao's mxfp8_rceil), which runs on Blackwell.
+(torchao 0.18's quantize_(model, MXFP8TrainingOpConfig) drops a Linear's bias, so the module
+swap is used: the same one the plan was verified with.)
 """
 import dataclasses
 
 FP8_LAYERS = {layers}
-"""Module path -> torchao recipe (Float8LinearConfig.from_recipe_name)."""
+"""Module path -> torchao recipe (Float8LinearConfig.from_recipe_name; "mxfp8": MXFP8Linear)."""
 KEPT_OUT = {kept}
 """The Linears the plan keeps out of fp8 -> the dtype they run in."""
 MODULE_COUNT = {module_count}  # of the planned model: another count is another model
+MX = "mxfp8"
 
 
 def module_filter_fn_for(recipe):
@@ -483,20 +490,50 @@ def module_filter_fn_for(recipe):
 
 
 def module_filter_fn(module, fqn):
-    """True for exactly the plan's fp8 layers (all recipes: use module_filter_fn_for when
-    the plan mixes them)."""
-    return fqn in FP8_LAYERS
+    """True for exactly the plan's Float8Linear layers (all their recipes: use
+    module_filter_fn_for when the plan mixes them); the mxfp8 layers are MXFP8Linear's."""
+    return fqn in FP8_LAYERS and FP8_LAYERS[fqn] != MX
+
+
+def convert_mx(model, emulate=False):
+    """The plan's mxfp8 layers swapped for torchao's MXFP8Linear, holding the same weight and
+    bias (emulate=True: torchao's EMULATED kernels, for a CPU)."""
+    from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+    from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+
+    for path in [p for p, r in FP8_LAYERS.items() if r == MX]:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, child)
+        new = MXFP8Linear(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            device="meta",
+            kernel_preference=KernelPreference.EMULATED if emulate else KernelPreference.AUTO,
+            scale_calculation_mode=ScaleCalculationMode.RCEIL,
+        )
+        new.weight = old.weight
+        new.bias = old.bias
+        new.train(old.training)
+        setattr(parent, child, new)
+    return model
 
 
 def convert_planned(model, emulate=False):
     """`model` with the plan's fp8 layers converted, one convert_to_float8_training call per
-    recipe (emulate=True: torchao's CPU emulation)."""
+    Float8Linear recipe, the mxfp8 layers by convert_mx (emulate=True: torchao's CPU
+    emulation)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     count = sum(1 for _ in model.named_modules())
     if MODULE_COUNT is not None and count != MODULE_COUNT:
         raise ValueError(f"this plan does not match the model: {{count}} modules, the plan's had {{MODULE_COUNT}}")
     for recipe in sorted(set(FP8_LAYERS.values())):
+        if recipe == MX:
+            model = convert_mx(model, emulate=emulate)
+            continue
         config = Float8LinearConfig.from_recipe_name(recipe)
         if emulate:
             config = dataclasses.replace(config, emulate=True)
@@ -508,10 +545,12 @@ _TE = '''"""fp8 plan for {model}, exported by precision-doctor, for NVIDIA Trans
 the Linears of TE_LINEAR_MODULES for te.Linear and run the forward inside te.fp8_autocast;
 every other module stays as it is (bf16 under torch.autocast, the plan's fp32 units in fp32).
 
-The plan was verified with torchao's recipes (RECIPES); TE's closest: tensorwise ~
-Float8CurrentScaling (a dynamic scale per tensor), rowwise ~ Float8BlockScaling (TE scales
-1x128 blocks, torchao whole rows: not the same numbers). TE runs one recipe per fp8_autocast
-region: with mixed recipes, wrap each layer's forward in its own region.
+The plan was verified with torchao's recipes (RECIPES); TE_RECIPES names TE's recipe for each:
+tensorwise ~ Float8CurrentScaling (a dynamic scale per tensor), rowwise ~ Float8BlockScaling
+(TE scales 1x128 blocks, torchao whole rows: not the same numbers), mxfp8 = MXFP8BlockScaling
+(an e8m0 scale per 32 values, as torchao's MXFP8Linear; Blackwell). TE runs one recipe per
+fp8_autocast region: with mixed recipes, wrap each layer's forward in its own region
+(te_recipe(path)).
 
     swap_to_te(model)
     with torch.autocast("cuda", dtype=torch.bfloat16), te.fp8_autocast(enabled=True, fp8_recipe=recipe):
@@ -522,8 +561,17 @@ TE_LINEAR_MODULES = {layers}
 """The module paths to swap for te.Linear."""
 RECIPES = {recipes}
 """Module path -> the torchao recipe the plan verified it under."""
+TE_RECIPES = {te_recipes}
+"""Module path -> the transformer_engine.common.recipe class to run it under."""
 KEPT_OUT = {kept}
 """The Linears the plan keeps out of fp8 (not swapped) -> the dtype they run in."""
+
+
+def te_recipe(path):
+    """The Transformer Engine recipe object for one planned module."""
+    from transformer_engine.common import recipe
+
+    return getattr(recipe, TE_RECIPES[path])()
 
 
 def swap_to_te(model):
@@ -550,6 +598,14 @@ def swap_to_te(model):
     return model
 '''
 
+TE_RECIPE_OF = {
+    Fp8Recipe.TENSORWISE: "Float8CurrentScaling",
+    Fp8Recipe.ROWWISE: "Float8BlockScaling",
+    Fp8Recipe.ROWWISE_WITH_GW_HP: "Float8BlockScaling",
+    Fp8Recipe.MXFP8: "MXFP8BlockScaling",
+}
+"""torchao's recipe -> Transformer Engine's closest (`transformer_engine.common.recipe`)."""
+
 
 def _kept_out(plan: Plan) -> dict[str, str]:
     return {f.unit: plan.units.get(f.unit, "bf16") for f in plan.not_fp8_units}
@@ -563,12 +619,13 @@ def render_torchao(plan: Plan) -> str:
 
 
 def render_te(plan: Plan) -> str:
-    recipes = {u: str(r) for r, units in planned_recipes(plan.units).items() for u in units}
+    recipes = {u: r for r, units in planned_recipes(plan.units).items() for u in units}
     order = [u for u in plan.units if u in recipes]
     return _TE.format(
         model=plan.model,
         layers="[\n" + "".join(f"    {u!r},\n" for u in order) + "]",
-        recipes=_literal({u: recipes[u] for u in order}),
+        recipes=_literal({u: str(recipes[u]) for u in order}),
+        te_recipes=_literal({u: TE_RECIPE_OF[recipes[u]] for u in order}),
         kept=_literal(_kept_out(plan)),
     )
 

@@ -6,6 +6,12 @@ per recipe (`fp8:<recipe>`) unless:
 - torchao could not run it: not an `nn.Linear`, or a weight dimension not divisible by 16
   (the fp8 matmul's hardware requirement that torchao's `_auto_filter_for_recipe` checks; its
   size cut-offs are H100 speed heuristics, which the cost model replaces);
+- `mxfp8` only: the target has no MX tensor cores (`DeviceProfile.mx_fp8`: Blackwell has them,
+  Hopper does not), or the layer is not in whole blocks of 32 - torchao's `MXTensor.to_mx`
+  (and its GPU cast kernels) need the cast dimension divisible by 32, which is in_features
+  (fprop), out_features (dgrad) and the rows fed to the layer (wgrad's casts run along the
+  tokens): the weight's two dimensions checked here, the rows by the analysis, which measured
+  no mxfp8 matmul where they are not (`capture.fp8.Fp8Recorder._gemm`);
 - the recipe fails the layer: one of its matmuls (fprop, dgrad, wgrad: the report's
   `Fp8Gemm`, each recipe's error measured on the analysis run's operands) is below the SQNR
   that torchao's own tests hold a Float8Linear to (the FP8_ERROR threshold,
@@ -19,8 +25,10 @@ local error. All are scaled together so that the analysed configuration (every c
 under the report's recipe, the rest bf16) accounts for the measured final-loss error.
 
 `convert_planned` is the planned model as a user's torchao run holds it: a copy converted by
-`convert_to_float8_training`, once per recipe, each call's `module_filter_fn` selecting that
-recipe's layers (torchao takes one config per call).
+`convert_to_float8_training`, once per Float8Linear recipe, each call's `module_filter_fn`
+selecting that recipe's layers (torchao takes one config per call); the `mxfp8` layers swapped
+for torchao's `MXFP8Linear` as the analysis swaps them (`capture.fp8.convert_mx`, filtered to
+the plan's layers).
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from dataclasses import dataclass
 import torch
 
 from precision_doctor.analysis.fp8 import gemm_db, sqnr_limit_db
-from precision_doctor.capture.fp8 import autocast_input, fp8_config, require_torchao
+from precision_doctor.capture.fp8 import MX_BLOCK, autocast_input, convert_mx, fp8_config, require_torchao
 from precision_doctor.extras import Fp8Gemm
 from precision_doctor.options import Fp8Recipe, fp8_recipe_of
+from precision_doctor.planning.cost import MX_NEEDS, DeviceProfile
 from precision_doctor.report import Report
 
 __all__ = [
@@ -86,18 +95,39 @@ def _shape_reason(module: torch.nn.Module) -> str | None:
     return None
 
 
+def _mx_reason(module: torch.nn.Module, profile: DeviceProfile | None) -> str | None:
+    if profile is None or not profile.mx_fp8:
+        where = f" ({profile.name} has none)" if profile is not None else ""
+        return MX_NEEDS + where
+    out_f, in_f = module.weight.shape if isinstance(module, torch.nn.Linear) else (0, 0)
+    if out_f % MX_BLOCK or in_f % MX_BLOCK:
+        return (
+            f"its weight is {out_f}x{in_f}: torchao's MXFP8Linear casts in blocks of {MX_BLOCK} along both "
+            "dimensions (MXTensor.to_mx)"
+        )
+    return None
+
+
 def _gate(gemms: list[Fp8Gemm], recipe: Fp8Recipe, report: Report) -> str | None:
     th = report.thresholds
     for g in gemms:
+        if recipe.value not in g.sqnr_db:
+            # The analysis measures every recipe on every matmul it can cast: only mxfp8's
+            # blocks can be missing, where the tokens are not in whole blocks of 32.
+            return (
+                f"its {g.gemm} matmul has no {recipe} measurement: its operands are not in whole blocks of "
+                f"{MX_BLOCK} (the weight gradient's MX casts run along the tokens)"
+            )
         db, limit = gemm_db(g, recipe.value), sqnr_limit_db(g.gemm, th)
         if db < limit:
             return f"its {g.gemm} matmul under {recipe} has SQNR {db:.1f} dB < {limit:g} dB (FP8_ERROR)"
     return None
 
 
-def fp8_layers(model: torch.nn.Module, report: Report) -> dict[str, Fp8Layer]:
-    """The Linear units of `report` (an fp8 analysis of `model`) with their allowed recipes;
-    empty for a report without an fp8 section."""
+def fp8_layers(model: torch.nn.Module, report: Report, profile: DeviceProfile | None = None) -> dict[str, Fp8Layer]:
+    """The Linear units of `report` (an fp8 analysis of `model`) with their allowed recipes on
+    the device `profile` (None: one without MX tensor cores); empty for a report without an
+    fp8 section."""
     section = report.extras.fp8
     if section is None:
         return {}
@@ -114,7 +144,8 @@ def fp8_layers(model: torch.nn.Module, report: Report) -> dict[str, Fp8Layer]:
         gemms = [g for g in section.gemms if g.layer == name]
         refused: dict[Fp8Recipe, str] = {}
         for recipe in Fp8Recipe:
-            why = shape or _gate(gemms, recipe, report)
+            mx = _mx_reason(module, profile) if recipe is Fp8Recipe.MXFP8 else None
+            why = shape or mx or _gate(gemms, recipe, report)
             if why is not None:
                 refused[recipe] = why
         allowed = tuple(r for r in Fp8Recipe if r not in refused)
@@ -151,7 +182,10 @@ def convert_planned(
     torchao's Float8Linear: `convert_to_float8_training` once per recipe, its module_filter_fn
     selecting that recipe's layers; emulated off CUDA (`emulate=None`). Each converted layer
     casts its input to the CPU autocast's dtype as torchao does under CUDA's
-    (`capture.fp8.autocast_input`)."""
+    (`capture.fp8.autocast_input`). The `mxfp8` layers become torchao's `MXFP8Linear` through
+    the analysis' own conversion (`capture.fp8.convert_mx`, filtered to them); on the CPU run
+    them inside `capture.fp8.mx_gemm_as_gpu` (torchao's emulated MX matmul cannot take
+    autocast's bf16 x fp32 mix). The converted layers hold the model's parameter objects."""
     float8 = require_torchao()
     from torchao.float8.float8_linear import Float8Linear
 
@@ -160,6 +194,9 @@ def convert_planned(
     converted = copy.deepcopy(model) if copy_model else model
     for recipe, layers in planned_recipes(units).items():
         chosen = frozenset(layers)
+        if recipe is Fp8Recipe.MXFP8:
+            converted = convert_mx(converted, emulate=emulate, inplace=True, only=chosen)
+            continue
 
         def keep(module: torch.nn.Module, fqn: str, chosen: frozenset[str] = chosen) -> bool:
             return fqn in chosen and not isinstance(module, Float8Linear)

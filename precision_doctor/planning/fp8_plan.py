@@ -319,7 +319,7 @@ def plan_fp8_model(
             "an fp8 plan needs an fp8 analysis (analyze with dtype='fp8'): it has no fp8 section"
         )
     costs.profile.peak_flops_per_s("fp8")  # one line where the device has no fp8 matmul
-    layers = fp8_layers(model, report)
+    layers = fp8_layers(model, report, costs.profile)
     raw = raw_errors(report, layers)
     hard = hard_fp32_reasons(report)
     measured = report.losses.rel_error

@@ -76,11 +76,13 @@ from precision_doctor.report import FlagRecord, Report, Unit, write_atomic
 from precision_doctor.runtime import distributed
 from precision_doctor.schema import Frozen, parse_json, read_text, validated
 
-PLAN_SCHEMA_VERSION = 2
-READABLE_PLAN_SCHEMA_VERSIONS = (1, PLAN_SCHEMA_VERSION)
+PLAN_SCHEMA_VERSION = 3
+READABLE_PLAN_SCHEMA_VERSIONS = (1, 2, PLAN_SCHEMA_VERSION)
 """Plans `Plan.load` reads. 1: fp16/bf16 autocast plans; 2 adds fp8 plans (`fp8:<recipe>`
 units, `not_fp8_units`) and pure-regime plans (`regime`, `master_weights`, `state_bytes`,
-`training_check`): a version-1 plan is a version-2 plan with the new fields' defaults."""
+`training_check`): a version-1 plan is a version-2 plan with the new fields' defaults; 3 adds
+`fp8:mxfp8` units (MX block scaling, Blackwell targets): a version-2 plan is a version-3 one
+without them."""
 DEFAULT_TOLERANCE = 1e-2
 """Relative error of the final loss against fp32 that a plan may cost: 1%, well inside the
 step-to-step noise of a training loss, and far above the 1e-4..1e-3 a healthy fp16 model

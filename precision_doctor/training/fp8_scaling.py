@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,8 +174,10 @@ class DelayedScalingModel:
 
         return post
 
-    def result(self) -> Fp8ScalingModel:
+    def result(self, run: str = "low") -> Fp8ScalingModel:
+        """The model over the tensors of the pre-flight run `run` ("low" or "planned")."""
         return Fp8ScalingModel(
+            run=run,
             recipe=DELAYED_RECIPE,
             amax_history_len=AMAX_HISTORY_LEN,
             margin=MARGIN,
@@ -197,12 +199,22 @@ class Fp8Training:
     by torchao under `recipe` (`convert`), the MX matmul computed as on the GPU while it trains
     (`running`), and the delayed-scaling model kept step by step (`step`)."""
 
-    def __init__(self, recipe: Fp8Recipe) -> None:
+    def __init__(self, recipe: Fp8Recipe, units: Mapping[str, str] | None = None) -> None:
         self.recipe = recipe
+        self.units = units
+        """A plan's units: convert its fp8 layers, each under its own recipe, instead of every
+        Linear under `recipe`."""
         self.scaling: DelayedScalingModel | None = None
+        self.planned: Fp8Training | None = None
+        """The pre-flight's planned run beside this one (set where there is a plan)."""
 
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
-        converted = convert_fp8(model, self.recipe, inplace=True)
+        if self.units is not None:
+            from precision_doctor.planning.fp8 import convert_planned
+
+            converted = convert_planned(model, self.units, copy_model=False)
+        else:
+            converted = convert_fp8(model, self.recipe, inplace=True)
         self.scaling = DelayedScalingModel(converted)
         return converted
 
@@ -210,7 +222,7 @@ class Fp8Training:
     def running(self) -> Iterator[None]:
         assert self.scaling is not None, "convert() first"
         with contextlib.ExitStack() as stack:
-            if self.recipe is Fp8Recipe.MXFP8:
+            if any(type(m).__name__ == "MXFP8Linear" for m in self.scaling.layers.values()):
                 stack.enter_context(mx_gemm_as_gpu())
             stack.enter_context(self.scaling.watching())
             yield
@@ -257,7 +269,7 @@ def delayed_scaling_reasons(model: Fp8ScalingModel, th: Thresholds) -> list[Reas
         out.append(
             Reason(
                 risk=DELAYED_RISK,
-                mode="low",
+                mode=model.run,
                 unit=track.layer,
                 severity=Severity.WARNING,
                 message=(

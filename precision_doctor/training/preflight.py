@@ -67,7 +67,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -105,16 +105,17 @@ from precision_doctor.options import (
     Fp8Recipe,
     Judge,
     LowDtype,
+    PlanUnitDtype,
     Regime,
     Severity,
     StrEnum,
     Target,
     Thresholds,
-    UnitDtype,
     parse_enum,
     percent,
 )
-from precision_doctor.report import Report
+from precision_doctor.planning.fp8 import planned_recipes
+from precision_doctor.report import LOSS_UNIT, Report
 from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 from precision_doctor.schema import validated
 from precision_doctor.training.fp8_scaling import (
@@ -554,7 +555,7 @@ class _Trainer:
         dtype: torch.dtype | None,
         regime: Regime = Regime.AUTOCAST,
         policy: AutocastPolicy = AutocastPolicy.CUDA,
-        units: Mapping[str, UnitDtype] | None,
+        units: Mapping[str, PlanUnitDtype] | None,
         init_scale_log2: int | None,
         skip: frozenset[int] = frozenset(),
         master: bool = False,
@@ -814,13 +815,18 @@ def preflight(
     run is always autocast, with the op lists the plan was verified with (the report's
     policy; CUDA's after a pure analysis).
 
-    `dtype="fp8"` (`fp8_recipe`, default tensorwise; autocast regime, judge "low"): the
-    analysis and the `low` run are torchao's (`convert_fp8` on the run's copy, emulated on the
-    CPU, under bf16 autocast), a `bf16` autocast run runs beside them, and the fp8 loss is
-    judged against bf16's too (DIVERGENT_LOSS naming the layers the analysis flags); no plan
-    (there is none for fp8 yet). Transformer Engine's delayed scaling is modelled over the
-    fp8 run's steps (`training.fp8_scaling`, `fp8_scaling` in the result; FP8_DELAYED_SCALING
-    notes, warnings).
+    `dtype="fp8"` (`fp8_recipe`, default tensorwise; autocast regime): the analysis and the
+    `low` run are torchao's (`convert_fp8` on the run's copy: every Linear under the recipe,
+    emulated on the CPU, under bf16 autocast), a `bf16` autocast run runs beside them, and
+    each fp8 run's loss is judged against bf16's too (DIVERGENT_LOSS naming the layers the
+    analysis flags that run fp8 in it). With `plan`, the fp8 plan (`planning.fp8_plan`, on
+    `target`) and a `planned` run: the copy converted by `planning.fp8.convert_planned` (the
+    plan's fp8 layers, each under its recipe) under bf16 autocast with the plan's fp32 units
+    overridden, as the plan was verified; `judge="planned"` judges it (the analysis' fp8
+    findings count only for layers the plan runs under the analysed recipe). Transformer
+    Engine's delayed scaling is modelled over the judged fp8 run's steps and layers
+    (`training.fp8_scaling`, `fp8_scaling` in the result, its `run` saying which;
+    FP8_DELAYED_SCALING notes, warnings).
 
     `optimizer`: an existing optimizer over `model`'s parameters, deep-copied together with
     the model for each run (its state and hyperparameters carry over); otherwise
@@ -852,11 +858,8 @@ def preflight(
         build_optimizer,
     )
     target = parse_enum(Target, target, "target")
-    recipe = _fp8_recipe(low, run_regime, judge, fp8_recipe)
+    recipe = _fp8_recipe(low, run_regime, fp8_recipe)
     messages: list[str] = []
-    if recipe is not None and plan:
-        plan = False
-        messages.append("no plan for fp8 yet: analyze --dtype fp8 names each flagged layer's recipe or bf16")
     place = _Place.of(model)
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -887,6 +890,8 @@ def preflight(
     runs = _training_runs(
         trainer, low, run_regime, op_policy, plan_policy, plan_units, planned_scale, say, messages, fp8=fp8
     )
+    # The delayed-scaling model covers the fp8 layers of the run the verdict judges.
+    judged_fp8 = fp8.planned if fp8 is not None and judge is Judge.PLANNED else fp8
     for k in ("fp32", "bf16", "low", "planned"):
         if k in runs:
             timings[f"run_{k}"] = runs[k].seconds
@@ -904,18 +909,31 @@ def preflight(
         max_skipped_steps,
     )
     judged = judging.found(judge)
-    fp8_scaling = fp8.scaling.result() if fp8 is not None and fp8.scaling is not None else None
+    fp8_scaling = (
+        judged_fp8.scaling.result(judge) if judged_fp8 is not None and judged_fp8.scaling is not None else None
+    )
+    if fp8 is not None:
+        judged += bf16_divergence_reasons(
+            runs[judge], runs["bf16"], loss_tolerance, judging.fp8_flagged(plan_units if judge == "planned" else None)
+        )
     if fp8_scaling is not None:
-        fp8_layers = [u for u, names in _flagged_units(report).items() if any(n.startswith("FP8") for n in names)]
-        judged += bf16_divergence_reasons(runs["low"], runs["bf16"], loss_tolerance, fp8_layers)
         judged += delayed_scaling_reasons(fp8_scaling, thresholds or Thresholds())
     reasons = [r for r in judged if _selected(r, risks)]
     notes = [r for r in judged if not _selected(r, risks)]
     planned_go: bool | None = None
     if "planned" in runs:
-        planned_go = not any(_selected(r, risks) for r in judging.found("planned"))
+        found = judging.found("planned")
+        if fp8 is not None:
+            found += bf16_divergence_reasons(
+                runs["planned"], runs["bf16"], loss_tolerance, judging.fp8_flagged(plan_units)
+            )
+        planned_go = not any(_selected(r, risks) for r in found)
         if judge == "low":
             notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
+            if fp8 is not None:
+                notes += [
+                    r for r in found if r.mode == "planned" and r.risk == "DIVERGENT_LOSS" and "bf16" in r.message
+                ]
 
     return PreflightResult(
         model=report.model,
@@ -944,9 +962,9 @@ def preflight(
     )
 
 
-def _fp8_recipe(low: LowDtype, regime: Regime, judge: Judge, fp8_recipe: str | Fp8Recipe | None) -> Fp8Recipe | None:
+def _fp8_recipe(low: LowDtype, regime: Regime, fp8_recipe: str | Fp8Recipe | None) -> Fp8Recipe | None:
     """The fp8 pre-flight's recipe (None for another dtype), checked: fp8 trains under bf16
-    autocast, and has no plan to judge."""
+    autocast."""
     if low is not LowDtype.FP8:
         if fp8_recipe is not None:
             raise PrecisionDoctorError(f"fp8_recipe={str(fp8_recipe)!r} needs dtype='fp8' (got {low})")
@@ -955,8 +973,6 @@ def _fp8_recipe(low: LowDtype, regime: Regime, judge: Judge, fp8_recipe: str | F
         raise PrecisionDoctorError(
             "fp8 trains under bf16 autocast as torchao does: use --regime autocast with --dtype fp8"
         )
-    if judge is Judge.PLANNED:
-        raise PrecisionDoctorError("judge='planned' has no plan to judge with --dtype fp8 (no fp8 plan yet)")
     return parse_enum(Fp8Recipe, fp8_recipe if fp8_recipe is not None else Fp8Recipe.TENSORWISE, "fp8 recipe")
 
 
@@ -981,7 +997,7 @@ def _validate(
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
     risks = parse_fail_on(fail_on)
     judged = parse_enum(Judge, judge, "judge")
-    if judged is Judge.PLANNED and not plan and low is not LowDtype.FP8:
+    if judged is Judge.PLANNED and not plan:
         raise PrecisionDoctorError("judge='planned' needs plan=True")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrecisionDoctorError(f"steps must be a positive integer, not {steps!r}")
@@ -1022,7 +1038,7 @@ def _analyze_and_plan(
     timings: dict[str, float],
     build_optimizer: OptimizerFactory | None = None,
     fp8_recipe: Fp8Recipe | None = None,
-) -> tuple[Report, dict[str, UnitDtype] | None, int | None]:
+) -> tuple[Report, dict[str, PlanUnitDtype] | None, int | None]:
     """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
     units (None: no plan) and the recommended initial loss scale (fp16 only)."""
     from precision_doctor.analysis.engine import analyze
@@ -1052,10 +1068,9 @@ def _analyze_and_plan(
     report = plan_report(
         place.for_plan(), batch, loss_fn, report, target=target, build_optimizer=build_optimizer or _default_optimizer
     )
-    plan_units: dict[str, UnitDtype] | None = None
+    plan_units: dict[str, PlanUnitDtype] | None = None
     if report.extras.plan is not None:
-        # fp8 is refused before the analysis: an fp16/bf16 plan names fp32 and its low dtype only.
-        plan_units = {u: cast(UnitDtype, d) for u, d in report.extras.plan.units.items()}
+        plan_units = dict(report.extras.plan.units)
         plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
     ls = report.extras.loss_scale
     planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None
@@ -1069,7 +1084,7 @@ def _training_runs(
     regime: Regime,
     policy: AutocastPolicy,
     plan_policy: AutocastPolicy,
-    plan_units: Mapping[str, UnitDtype] | None,
+    plan_units: Mapping[str, PlanUnitDtype] | None,
     planned_scale: int | None,
     say: Progress,
     messages: list[str],
@@ -1077,7 +1092,10 @@ def _training_runs(
 ) -> dict[str, ModeRun]:
     """The fp32 reference, the plain low-precision recipe of `regime` and, with a plan, the
     planned mix (`plan_policy`'s autocast op lists); for fp8 (`fp8`), a bf16 autocast run and
-    the torchao-converted run (`low`) instead of the plain and planned ones."""
+    the torchao-converted run (`low`: every Linear under the recipe) instead of the plain one,
+    and with a plan the planned run as `verify_fp8_plan` runs it: the copy converted by
+    `planning.fp8.convert_planned` (each planned layer under its recipe), under bf16 autocast
+    with the plan's fp32 units overridden (`fp8.planned`)."""
     runs: dict[str, ModeRun] = {}
     say("fp32 run")
     pure = regime is Regime.PURE
@@ -1105,6 +1123,22 @@ def _training_runs(
             init_scale_log2=None,
             fp8=fp8,
         )
+        if plan_units is not None:
+            say("planned run")
+            fp8.planned = Fp8Training(fp8.recipe, units=plan_units)
+            kinds = planned_recipes(plan_units)
+            fp8_desc = ", ".join(f"{len(v)} {r}" for r, v in kinds.items()) or "none"
+            n_fp32 = sum(1 for u, d in plan_units.items() if u and u != LOSS_UNIT and d == "fp32")
+            runs["planned"] = trainer.run(
+                "planned",
+                f"plan: fp8 layers converted by torchao ({fp8_desc}; emulated on the CPU), {n_fp32} unit(s) fp32, "
+                f"the rest under torch.autocast(bf16, {plan_policy} op lists), no loss scaler",
+                dtype=torch.bfloat16,
+                policy=plan_policy,
+                units=plan_units,
+                init_scale_log2=None,
+                fp8=fp8.planned,
+            )
         return runs
     say(f"{low} run")
     # GradScaler is for fp32 master weights: on a pure fp16 model its `step` raises
@@ -1198,6 +1232,8 @@ def _compared(
 
 # --- judging ---------------------------------------------------------------------------------
 
+FP8_FLAGS = frozenset({Flag.FP8_ERROR, Flag.FP8_UNDERFLOW})
+
 
 def _flagged_units(report: Report) -> dict[str, list[str]]:
     """The analysis' flag names by unit, each once."""
@@ -1219,7 +1255,7 @@ class _Judge:
     low: LowDtype
     pure: bool
     th: Thresholds
-    plan_units: Mapping[str, UnitDtype] | None
+    plan_units: Mapping[str, PlanUnitDtype] | None
     planned_scale: int | None
     loss_tolerance: float
     max_skipped_steps: int
@@ -1237,6 +1273,19 @@ class _Judge:
             + _run_reasons(self.runs[config], self.loss_tolerance, self.max_skipped_steps)
             + stalled
         )
+
+    def analysed_fp8_label(self) -> str | None:
+        """How a plan spells the recipe the fp8 analysis ran (None: not an fp8 analysis)."""
+        section = self.report.extras.fp8
+        return Fp8Recipe(section.recipe).unit_dtype if section is not None else None
+
+    def fp8_flagged(self, units: Mapping[str, str] | None) -> list[str]:
+        """The layers with an fp8 finding that run fp8 in a configuration: every one in the
+        all-Linear run (`units` None), in a plan those it converts under the analysed recipe."""
+        layers = [u for u, names in _flagged_units(self.report).items() if any(n.startswith("FP8") for n in names)]
+        if units is None:
+            return layers
+        return [u for u in layers if units.get(u) == self.analysed_fp8_label()]
 
     def fp32_reasons(self) -> list[Reason]:
         """NONFINITE_FP32 when the fp32 run itself broke: it fails every judgment."""
@@ -1278,6 +1327,10 @@ class _Judge:
         out = []
         for f in flags:
             runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
+            if f.flag in FP8_FLAGS and units is not None:
+                # Measured under the analysis' recipe: a plan running the layer in bf16, or
+                # under a recipe the plan's gate and verification passed, does not carry it.
+                runs_low = units.get(f.unit) == self.analysed_fp8_label()
             if runs_low or f.flag is Flag.NONFINITE_FP32:
                 out.append(
                     Reason(

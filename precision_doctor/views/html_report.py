@@ -368,7 +368,8 @@ def _training(report: Report, fig: _Figures) -> list[str]:
         parts.append(_table(preflight_run_rows(pre)))
         if pre.fp8_scaling is not None:
             parts.append(
-                f"<h3>fp8 delayed scaling, modelled ({_e(pre.fp8_scaling.recipe)})</h3>"
+                f"<h3>fp8 delayed scaling, modelled ({_e(pre.fp8_scaling.recipe)}; the "
+                f"{_e(pre.fp8_scaling.run)} run's fp8 layers)</h3>"
                 + _table(fp8_scaling_rows(pre.fp8_scaling), "fp8-delayed-scaling")
             )
     if mon is not None:

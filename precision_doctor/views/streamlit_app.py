@@ -346,7 +346,10 @@ def training_section(pre: PreflightSection | None, mon: MonitorSection | None) -
             st.dataframe(_df([r.model_dump() for r in pre.reasons]), hide_index=True)
         st.dataframe(_df(figures.preflight_run_rows(pre)), hide_index=True)
         if pre.fp8_scaling is not None:
-            st.markdown(f"**fp8 delayed scaling, modelled** ({md(pre.fp8_scaling.recipe)})")
+            st.markdown(
+                f"**fp8 delayed scaling, modelled** ({md(pre.fp8_scaling.recipe)}; the "
+                f"{md(pre.fp8_scaling.run)} run's fp8 layers)"
+            )
             st.dataframe(_df(fp8_scaling_rows(pre.fp8_scaling)), hide_index=True)
     if mon is not None:
         st.markdown("**The real run's GradScaler**")
