@@ -4,7 +4,7 @@
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
 >>> report = pd.analyze(net, torch.randn(8, 4), loss_fn=lambda out, b: out.pow(2).mean())
 >>> report.environment.capture_path.value
-'fx'
+'dispatch'
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInterna
 from precision_doctor.options import (
     AutocastPolicy,
     CapturePath,
+    Driver,
     Flag,
     Judge,
     LowDtype,
@@ -35,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AutocastPolicy",
     "CapturePath",
+    "Driver",
     "Flag",
     "Judge",
     "LowDtype",

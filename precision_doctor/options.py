@@ -206,12 +206,28 @@ class AutocastPolicy(StrEnum):
 
 
 class CapturePath(StrEnum):
-    """How ops were captured. `dispatch` runs the real module under a TorchDispatchMode and
-    works for every nn.Module; `fx` means torch.fx.symbolic_trace traced the model too (the
-    op-level capture is the same dispatch capture either way)."""
+    """Which driver captured the fp32 step's ops (`Driver`): `dispatch` ran the real module
+    under a TorchDispatchMode, `graph` walked the step's aten graph, traced once
+    (`capture.graph_driver`). `fx` is read in reports older than schema 9 only, where it meant
+    that torch.fx.symbolic_trace traced the model (their ops came from the dispatch capture)."""
 
     DISPATCH = "dispatch"
+    GRAPH = "graph"
     FX = "fx"
+
+
+class Driver(StrEnum):
+    """Which driver captures the fp32 step's ops (`analyze(driver=...)`, `--driver`).
+    `dispatch`: a TorchDispatchMode sees every op as the eager step runs, for every model.
+    `graph`: the step is traced once into an aten graph that the op pipeline walks
+    (`capture.graph_driver`); a step the graph cannot stand for (collectives, tensor
+    subclasses, a step its ops do not reproduce) takes the dispatch driver, and the report says
+    why (`environment.driver_reason`). `auto`: the driver that costs less for the use; one
+    analysis of a step takes the dispatch driver, as the trace costs about what it saves."""
+
+    AUTO = "auto"
+    DISPATCH = "dispatch"
+    GRAPH = "graph"
 
 
 class Phase(StrEnum):

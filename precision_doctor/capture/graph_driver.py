@@ -45,11 +45,11 @@ needs the graph kept across analyses of the same structure; that cache is not bu
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,26 +125,26 @@ class StepGraph:
     constants: dict[str, Any]
     loss: torch.fx.Node
     loss_value: float
-    grads: dict[str, torch.fx.Node | None]  # parameter name -> its gradient's value
+    grads: dict[str, torch.fx.Node]  # parameter name -> its gradient's value
     seq_units: dict[int, str]
     consumers: dict[int, list[GradNode]]  # id(GradNode) -> the nodes its gradient flows into
     accumulate: dict[int, GradNode]  # id(parameter) -> its AccumulateGrad
     root: GradNode | None
     saved_bytes: list[tuple[str, int]]  # unit -> bytes its autograd nodes saved, in count order
-    written: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (tensor, its value before)
+    written: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, its value before the trace)
+    rng: _RngState
 
     @property
     def op_count(self) -> int:
-        return sum(1 for n in self.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload))
+        return sum(
+            1 for n in self.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        )
 
     def restore(self, model: torch.nn.Module) -> None:
-        """Put back what the trace (or a walk) wrote: the tensors it wrote in place no op of it
-        made, and every parameter's `.grad`."""
-        with torch.no_grad():
-            for t, before in self.written:
-                t.copy_(before)
-        for p in model.parameters():
-            p.grad = None
+        """Put back what a walk wrote, as the trace found it: the tensors written in place that
+        no op of the step made, every parameter's `.grad`, the generator."""
+        _put_back(self.written, model)
+        self.rng.reset()
 
 
 class _Recorder(ShadowCapture):
@@ -159,7 +159,9 @@ class _Recorder(ShadowCapture):
         self.nodes = WeakIdMap()  # tensor -> the node whose value it is
         self.constants: dict[str, Any] = {}
         self._constant_nodes = WeakIdMap()
-        self.made_storages: set[int] = set()
+        # Memory op outputs live in: storage pointer -> the op outputs in it (weakly: freed
+        # memory the allocator hands to a tensor made without an op is no alias).
+        self.made_storages: dict[int, list[weakref.ref[torch.Tensor]]] = {}
         self.allowed_storages: set[int] = set()  # parameters', buffers', the batch's memory
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._written_ids: set[int] = set()
@@ -172,7 +174,7 @@ class _Recorder(ShadowCapture):
         if node is not None:
             return node
         ptr = storage_ptr(t)
-        if ptr and ptr in self.made_storages and ptr not in self.allowed_storages:
+        if ptr and ptr not in self.allowed_storages and self._aliases_made(ptr):
             raise GraphUnavailable(
                 "an op reads a tensor that aliases memory the step made without an op (`.data` of an "
                 "activation?): the graph cannot follow it"
@@ -182,6 +184,14 @@ class _Recorder(ShadowCapture):
         node = self.graph.get_attr(name)
         self._constant_nodes[t] = node
         return node
+
+    def _aliases_made(self, ptr: int) -> bool:
+        live = [r for r in self.made_storages.get(ptr, ()) if (t := r()) is not None and storage_ptr(t) == ptr]
+        if live:
+            self.made_storages[ptr] = live
+        else:
+            self.made_storages.pop(ptr, None)
+        return bool(live)
 
     def refs(self, value: Any) -> Any:
         return pytree.tree_map_only(torch.Tensor, self.ref, value)
@@ -218,7 +228,7 @@ class _Recorder(ShadowCapture):
         self.nodes[t] = node
         ptr = storage_ptr(t)
         if ptr:
-            self.made_storages.add(ptr)
+            self.made_storages.setdefault(ptr, []).append(weakref.ref(t))
 
 
 class _TraceMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode is unannotated
@@ -258,19 +268,23 @@ def _grad_seqs(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(n._sequence_nr() for n in nodes if n is not None)
 
 
-@contextlib.contextmanager
-def _rng_kept(device: torch.device) -> Iterator[Callable[[], None]]:
-    """Yields a function that puts the generator back where it was on entry (the walk draws
-    the trace's dropout masks again)."""
-    cpu = torch.get_rng_state()
-    dev = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+@dataclass(frozen=True)
+class _RngState:
+    """The generators' state where the trace began: the walk draws the trace's dropout masks
+    again from there."""
 
-    def reset() -> None:
-        torch.set_rng_state(cpu)
-        if dev is not None:
-            torch.cuda.set_rng_state(dev, device)
+    device: torch.device
+    cpu: torch.Tensor
+    accelerator: torch.Tensor | None
 
-    yield reset
+    @classmethod
+    def now(cls, device: torch.device) -> _RngState:
+        return cls(device, torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def reset(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.cuda.set_rng_state(self.accelerator, self.device)
 
 
 def trace_step(
@@ -313,45 +327,46 @@ def trace_step(
     attributes = ModuleAttributes(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handles: list[Any] = []
-    with _rng_kept(device) as reset_rng:
-        try:
-            with tracker, dynamo_safe(_TraceMode)(recorder):
-                output = run_model(model, batch)
-                tracker.outside = LOSS_UNIT
-                loss = resolve_loss(output, batch, loss_fn)
-                with _disable_current_modes():
-                    loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise GraphUnavailable(f"the fp32 loss is {loss_value}")
-                loss_node = recorder.ref(loss)
-                recorder.graph.call_function(forward_end, (loss_node,))
-                grad_graph = _hook_backward(recorder, loss, handles)
-                with _disable_current_modes():
-                    seed = torch.ones_like(loss)
-                loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
-            grads: dict[str, torch.fx.Node | None] = {}
-            for name, p in model.named_parameters(remove_duplicate=False):
-                if p.grad is not None:
-                    node = recorder.nodes.get(p.grad)
-                    if node is None:
-                        raise GraphUnavailable(f"the gradient of {name!r} is made outside the step's ops")
-                    grads[name] = node
-            del output, loss
-        except GraphUnavailable:
-            _put_back(recorder, model, attributes)
-            raise
-        except (Exception, SystemExit) as e:
-            _put_back(recorder, model, attributes)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise GraphUnavailable(f"the trace raised {type(e).__name__}: {first}"[:300]) from e
-        finally:
-            for h in handles:
-                h.remove()
-            reset_rng()
-    _put_back(recorder, model, attributes)
+    rng = _RngState.now(device)
+    try:
+        with tracker, dynamo_safe(_TraceMode)(recorder):
+            output = run_model(model, batch)
+            tracker.outside = LOSS_UNIT
+            loss = resolve_loss(output, batch, loss_fn)
+            with _disable_current_modes():
+                loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise GraphUnavailable(f"the fp32 loss is {loss_value}")
+            loss_node = recorder.ref(loss)
+            recorder.graph.call_function(forward_end, (loss_node,))
+            grad_graph = _hook_backward(recorder, loss, handles)
+            with _disable_current_modes():
+                seed = torch.ones_like(loss)
+            loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
+        grads: dict[str, torch.fx.Node] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.grad is not None:
+                node = recorder.nodes.get(p.grad)
+                if node is None:
+                    raise GraphUnavailable(f"the gradient of {name!r} is made outside the step's ops")
+                grads[name] = node
+        del output, loss
+    except GraphUnavailable:
+        raise
+    except (Exception, SystemExit) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise GraphUnavailable(f"the trace raised {type(e).__name__}: {first}"[:300]) from e
+    finally:
+        # The walk starts where the trace did: the state it wrote, the bindings its Python
+        # side made (a cached mask), the generator.
+        for h in handles:
+            h.remove()
+        attributes.restore()
+        _put_back(recorder.written, model)
+        rng.reset()
     consumers, accumulate, root = grad_graph
     graph = recorder.graph
-    graph.output((loss_node, tuple(n for n in grads.values() if n is not None)))
+    graph.output((loss_node, tuple(grads.values())))
     return StepGraph(
         graph=graph,
         constants=recorder.constants,
@@ -364,13 +379,13 @@ def trace_step(
         root=root,
         saved_bytes=[(u, r.saved_bytes) for u, r in recorder.units.items()],
         written=recorder.written,
+        rng=rng,
     )
 
 
-def _put_back(recorder: _Recorder, model: torch.nn.Module, attributes: ModuleAttributes) -> None:
-    attributes.restore()
+def _put_back(written: list[tuple[torch.Tensor, torch.Tensor]], model: torch.nn.Module) -> None:
     with torch.no_grad():
-        for t, before in recorder.written:
+        for t, before in written:
             t.copy_(before)
     for p in model.parameters():
         p.grad = None
@@ -572,8 +587,7 @@ class GraphCapture(ShadowCapture):
                     env[s] = None
         self.settle()
         loss, grad_values = result
-        names = [n for n, node in step.grads.items() if node is not None]
-        return loss, dict(zip(names, grad_values, strict=True))
+        return loss, dict(zip(step.grads, grad_values, strict=True))
 
     def _forward_end(self, step: StepGraph, loss: torch.Tensor) -> None:
         """Between forward and backward, as `engine._fp32_backward` has it: the walk's loss must
