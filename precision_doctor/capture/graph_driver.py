@@ -176,8 +176,8 @@ class _Recorder(ShadowCapture):
         ptr = storage_ptr(t)
         if ptr and ptr not in self.allowed_storages and self._aliases_made(ptr):
             raise GraphUnavailable(
-                "an op reads a tensor that aliases memory the step made without an op (`.data` of an "
-                "activation?): the graph cannot follow it"
+                "an op reads a tensor that aliases memory the step made without an op (a NumPy round "
+                "trip): the graph cannot follow it"
             )
         name = f"_const{len(self.constants)}"
         self.constants[name] = t
