@@ -22,6 +22,7 @@ from precision_doctor.options import (
     DEFAULT_FAIL_ON,
     AutocastPolicy,
     CostSource,
+    Driver,
     ExportFormat,
     Fp8Recipe,
     Judge,
@@ -162,6 +163,17 @@ PolicyOpt = Annotated[
         "for comparing with a real CPU run). Ignored with --regime pure.",
     ),
 ]
+DriverOpt = Annotated[
+    str,
+    typer.Option(
+        "--driver",
+        metavar=_metavar(Driver),
+        help="How the fp32 step's ops reach the capture: dispatch (a dispatch mode on the eager step), "
+        "graph (the step traced once into an aten graph the capture walks; falls back to dispatch, "
+        "with the reason in the report, where the graph cannot stand for the step) or auto (dispatch "
+        "for one analysis). Same report either way.",
+    ),
+]
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 Fn = TypeVar("Fn", bound=Callable[..., Any])
@@ -286,6 +298,7 @@ class _Analysis:
     thresholds: Thresholds
     fp8_recipe: Fp8Recipe | None = None  # with --dtype fp8 only
     lr: float | None = None  # with it (or the file's build_optimizer), the optimizer step is measured
+    driver: Driver = Driver.AUTO
 
     def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
         from precision_doctor.analysis.engine import analyze as run_analysis
@@ -303,6 +316,7 @@ class _Analysis:
             fp8_recipe=self.fp8_recipe,
             build_optimizer=self.spec.build_optimizer,
             lr=self.lr,
+            driver=self.driver,
         )
 
 
@@ -486,6 +500,7 @@ def analyze(
             "learning rate, unless the model file defines build_optimizer(model), which is used then.",
         ),
     ] = None,
+    driver: DriverOpt = Driver.AUTO.value,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
@@ -502,6 +517,7 @@ def analyze(
     low = parse_option(LowDtype, dtype, "--dtype")  # every option checked before any work
     run_regime = parse_option(Regime, regime, "--regime")
     op_policy = parse_option(AutocastPolicy, policy, "--policy")
+    driver_opt = parse_option(Driver, driver, "--driver")
     fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
@@ -512,7 +528,7 @@ def analyze(
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr)
+    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr, driver_opt)
     with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
         report = analysis.run(low, progress=step)
     # The plan's search is only as good as its cost model's units; keep it off the plain

@@ -69,7 +69,7 @@ def test_sections_round_trip_through_save_and_load(planned: Report, tmp_path: Pa
         assert loaded == report and loaded.extras == report.extras
         assert loaded.to_json() == report.to_json()
     raw = json.loads(both.to_json())
-    assert raw["schema_version"] == SCHEMA_VERSION == 8
+    assert raw["schema_version"] == SCHEMA_VERSION == 9
     assert set(raw["extras"]) == {"plan", "loss_scale", "preflight", "scaler_monitor"}
     assert raw["extras"]["plan"]["dtype"] == "fp16"  # one dtype spelling: LowDtype's value
 

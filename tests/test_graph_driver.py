@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import precision_doctor as pd
+from precision_doctor.cli import app
 from precision_doctor.model.spec import load_model_file
 from tests import fixtures
 
@@ -185,3 +187,15 @@ def test_an_unknown_driver_is_refused_before_the_model_runs() -> None:
     with pytest.raises(pd.PrecisionDoctorError, match="unknown driver 'fx'; choose one of: auto, dispatch, graph"):
         pd.analyze(model, torch.randn(3, 2), lambda out, b: out.sum(), driver="fx")
     assert not calls
+
+
+def test_the_cli_runs_the_driver_it_is_asked_for(tmp_path: Path) -> None:
+    model = tmp_path / "model.py"
+    model.write_text(fixtures.HEALTHY_FILE)
+    out = {d: tmp_path / f"{d}.json" for d in ("graph", "dispatch")}
+    for driver, path in out.items():
+        result = CliRunner().invoke(app, ["analyze", str(model), "--driver", driver, "--out", str(path), "--quiet"])
+        assert result.exit_code == 0, result.output
+    graph, dispatch = (pd.Report.load(out[d]) for d in ("graph", "dispatch"))
+    assert graph.environment.capture_path is pd.CapturePath.GRAPH
+    _compare(dispatch, graph)
