@@ -30,7 +30,8 @@ from precision_doctor.analysis.gradients import (
 from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
 from precision_doctor.analysis.optimizer_step import optimizer_step, with_optimizer_step
 from precision_doctor.capture.fp8 import Fp8Run, torchao_version
-from precision_doctor.capture.graph_driver import GraphUnavailable, graph_capture, trace_step
+from precision_doctor.capture.graph_cache import GRAPHS, Fingerprint, fingerprint
+from precision_doctor.capture.graph_driver import GraphUnavailable, StepGraph, graph_capture, trace_step
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.pipeline import ModelOpError
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
@@ -192,6 +193,9 @@ def analyze(
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise PrecisionDoctorError(f"lr={lr!r} must be a finite number > 0")
     req = _validate(model, batch, loss_fn, dtype, regime, policy, thresholds, name, progress, driver)
+    # The state the step starts from, before the analysis touches it: a kept graph of it is
+    # walked again (`capture.graph_cache`).
+    key = fingerprint(req.model, req.batch) if req.driver is not Driver.DISPATCH else None
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
     with ModelStateGuard(req.model) as guard, fp8.recording() if fp8 else contextlib.nullcontext():
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
@@ -204,7 +208,7 @@ def analyze(
         )
         reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
         req.say("fp32 forward with low-precision shadows")
-        captured = _fp32_capture(req, real_low, guard)
+        captured = _fp32_capture(req, real_low, guard, key)
         capture, grads = captured.capture, captured.grads
         req.say("statistics and flags")
         report = _report(req, captured, real_low, fx)
@@ -213,6 +217,11 @@ def analyze(
         if build_optimizer is not None or lr is not None:
             report = _optimizer_step(req, grads, report, build_optimizer, lr)
         del grads
+    if captured.step is not None:
+        # Fingerprinted as the guard handed the model back: where the next analysis starts.
+        GRAPHS.keep(req.model, req.loss_fn, captured.step, fingerprint(req.model, req.batch))
+    elif req.driver is Driver.GRAPH:
+        GRAPHS.drop(req.model)
     if fp8 and recipe:
         rec = fp8.recorder
         section = fp8_section(recipe, torchao_version(), fp8.emulated, rec.layers, rec.casts, rec.gemms)
@@ -327,6 +336,7 @@ class _Captured:
     grads: dict[str, torch.Tensor]
     path: CapturePath
     driver_reason: str | None
+    step: StepGraph | None = None  # the graph walked: kept for the next analysis of this step
 
 
 # The shadows follow the real low run op by op (its dtypes); every unit but the loss function
@@ -334,24 +344,26 @@ class _Captured:
 _LOW_UNITS = LowUnits({"": True, LOSS_UNIT: False})
 
 
-def _graph_refused(req: _Request) -> str | None:
-    """Why the graph driver is not tried for this request (None: it is)."""
+def _graph_refused(req: _Request, key: Fingerprint | None) -> str | None:
+    """Why the graph driver is not tried for this request (None: it is). `auto` takes it where
+    an earlier analysis in this process kept the graph of this very step (`capture.graph_cache`):
+    its walk costs less than the dispatch driver, its trace about as much (docs/architecture.md)."""
     if req.driver is Driver.DISPATCH:
         return None
-    if req.driver is Driver.AUTO:
-        return "auto: one analysis of the step, where the graph's trace costs about what its walk saves"
     if not isinstance(req.job, SingleProcess) or is_sharded(req.model):
         return "a torch.distributed job: its collectives and DTensors run once, under the dispatch driver"
+    if req.driver is Driver.AUTO and not GRAPHS.has(req.model, req.loss_fn, key):
+        return "auto: no graph of this step kept from an earlier analysis, and a trace costs what it would save"
     return None
 
 
-def _fp32_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard) -> _Captured:
+def _fp32_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard, key: Fingerprint | None) -> _Captured:
     """The fp32 step with low-precision shadows, by the driver `req.driver` asks for: the graph
     walk (`_graph_capture`) where it can stand for the step, else the dispatch mode on the
     eager step (`_dispatch_capture`)."""
-    reason = _graph_refused(req)
-    if req.driver is Driver.GRAPH and reason is None:
-        graph = _graph_capture(req, real_low, guard)
+    reason = _graph_refused(req, key)
+    if req.driver is not Driver.DISPATCH and reason is None:
+        graph = _graph_capture(req, real_low, guard, key)
         if not isinstance(graph, str):
             return graph
         reason = graph
@@ -359,15 +371,29 @@ def _fp32_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard) -> _C
     return _Captured(capture, loss_fp32, grads, CapturePath.DISPATCH, reason)
 
 
-def _graph_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard) -> _Captured | str:
-    """The step traced once into an aten graph, which the capture walks
-    (`capture.graph_driver`); the reason where the graph cannot stand for the step, the
-    model's state then as it was. A failure of the walk of a step whose trace succeeded is
-    the tool's: raised as an internal error."""
+def _graph_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard, key: Fingerprint | None) -> _Captured | str:
+    """The step's aten graph walked by the capture (`capture.graph_driver`): the graph an
+    earlier analysis kept for this step (`capture.graph_cache`), else one traced now. A kept
+    graph whose walk is not the step's (a value no key sees changed) is dropped and the step
+    traced again. Returns the reason where the graph cannot stand for the step, the model's
+    state then as it was."""
+    kept = GRAPHS.get(req.model, req.loss_fn, key)
+    if kept is not None:
+        walked = _walk(req, real_low, guard, kept.rewound())
+        if not isinstance(walked, str):
+            return walked
+    GRAPHS.drop(req.model)
     try:
         step = trace_step(req.model, req.batch, req.loss_fn, on_mutation=guard.before_mutation)
     except GraphUnavailable as e:
         return str(e)
+    return _walk(req, real_low, guard, step)
+
+
+def _walk(req: _Request, real_low: LowRun, guard: ModelStateGuard, step: StepGraph) -> _Captured | str:
+    """One walk of `step` through a fresh capture; the reason where its forward is not the
+    traced one (the state then put back). A failure of the walk of a step whose trace
+    succeeded is the tool's: raised as an internal error."""
     capture = graph_capture(
         req.model,
         TORCH_DTYPES[req.low],
@@ -398,7 +424,7 @@ def _graph_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard) -> _
     real_low.module_outputs.clear()
     for n, p in req.model.named_parameters(remove_duplicate=False):
         p.grad = grads.get(n)
-    return _Captured(capture, float(loss), guard.analysis_grads(), CapturePath.GRAPH, None)
+    return _Captured(capture, float(loss), guard.analysis_grads(), CapturePath.GRAPH, None, step)
 
 
 def _dispatch_capture(

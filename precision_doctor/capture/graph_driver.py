@@ -49,7 +49,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -133,12 +133,31 @@ class StepGraph:
     saved_bytes: list[tuple[str, int]]  # unit -> bytes its autograd nodes saved, in count order
     written: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, its value before the trace)
     rng: _RngState
+    # `compile_walk`'s program and the slots' initial values, made on the first walk and
+    # shared by every later one (a kept graph, `graph_cache`).
+    compiled: tuple[list[_Instruction], list[Any]] | None = None
 
     @property
     def op_count(self) -> int:
         return sum(
             1 for n in self.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
         )
+
+    def rewound(self) -> StepGraph:
+        """The graph for one more walk from the state the model and the generator are in now
+        (a kept graph: the analysis that traced it restored what it wrote): what `restore`
+        puts back is this state."""
+        self.program()  # compiled once, on the kept graph: the copies share it
+        with torch.no_grad():
+            written = [(t, t.detach().clone()) for t, _ in self.written]
+        return replace(self, written=written, rng=_RngState.now(self.rng.device))
+
+    def program(self) -> tuple[list[_Instruction], list[Any]]:
+        """The walk's program and a fresh environment for it (`compile_walk`, compiled once)."""
+        if self.compiled is None:
+            self.compiled = compile_walk(self)
+        program, env = self.compiled
+        return program, list(env)
 
     def restore(self, model: torch.nn.Module) -> None:
         """Put back what a walk wrote, as the trace found it: the tensors written in place that
@@ -436,7 +455,8 @@ def _grad_recorder(recorder: _Recorder, node: GradNode) -> Callable[[Any], None]
     def hook(grad_outputs: Any) -> None:
         with _disable_current_modes():
             refs = tuple(recorder.ref(g) if isinstance(g, torch.Tensor) else g for g in grad_outputs)
-        recorder.graph.call_function(gradients, (node, refs))
+        args: tuple[Any, ...] = (node, refs)  # a GradNode is no fx Argument: the walk reads it as is
+        recorder.graph.call_function(gradients, args)
 
     return hook
 
@@ -524,7 +544,7 @@ def compile_walk(step: StepGraph) -> tuple[list[_Instruction], list[Any]]:
         if n.op == "output":
             kind = _RESULT
         elif n.op == "call_function":
-            kind = kinds.get(n.target, _OP)  # type: ignore[call-overload]  # fx targets: callables
+            kind = kinds.get(n.target, _OP)
         else:
             raise GraphUnavailable(f"unexpected graph node {n.op}")
         args = tuple(_encode(a, slots) for a in n.args)
@@ -546,7 +566,7 @@ class GraphCapture(ShadowCapture):
         """Walk the step: returns the fp32 loss and each parameter's gradient. Raises
         `GraphUnavailable` where the walk's loss is not the trace's (nothing of the walk is
         undone then: `StepGraph.restore` puts the state back)."""
-        program, env = compile_walk(step)
+        program, env = step.program()
         self.seq_units.update(step.seq_units)
         tracker = self.tracker
         run, classify = self.run, self.classify
