@@ -1,6 +1,7 @@
 """Overhead of `precision_doctor.analyze` against one plain fp32 training step.
 
     python benchmarks/overhead.py [--model demo|gpt2|all] [--repeats N] [--analyze-repeats N]
+    python benchmarks/overhead.py --drivers [--model demo|gpt2|all] [--repeats N]
 
 For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-sized
 `transformers.GPT2LMHeadModel(GPT2Config())` with random weights, 124M parameters, batch of
@@ -28,6 +29,13 @@ For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-
    paged in on first use, shared and clean) rather than anonymous memory.
 
 Targets: time ratio (analysis / step) <= 3, memory ratio <= 1.5.
+
+`--drivers` measures the capture drivers instead (`analyze(driver=...)`): the fixed cost per
+captured op, in microseconds, of each driver on its own (the op pipeline replaced by running
+the op: `null_pipeline`), over a plain fp32 forward + loss + backward, for the dispatch
+driver (`ShadowMode` on the eager step), the graph driver's trace (`trace_step`) and its walk
+(`GraphCapture.replay` of the traced graph); then whole analyses by each driver: dispatch, the
+graph traced and walked, and a kept graph walked again (`capture.graph_cache`).
 """
 
 from __future__ import annotations
@@ -333,6 +341,95 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
     }
 
 
+# --- drivers -------------------------------------------------------------------------------
+
+
+def null_pipeline(capture: Any) -> Any:
+    """`capture` with the op pipeline's work taken out: each op only runs, module outputs and
+    gradients are not looked at. What is left is the driver's own cost."""
+    capture.run = lambda op: op.func(*op.args, **op.kwargs)
+    capture.module_output = lambda *a: None
+    capture._gradient_hook = lambda node: lambda grads: None
+    return capture
+
+
+def bench_drivers(model_name: str, repeats: int) -> dict[str, Any]:
+    from precision_doctor.capture.graph_cache import GRAPHS
+    from precision_doctor.capture.graph_driver import graph_capture, trace_step
+    from precision_doctor.capture.shadow import LowUnits, capture_pass
+    from precision_doctor.capture.units import LOSS_UNIT
+
+    model, batch, loss_fn = build(model_name)
+    units = LowUnits({"": True, LOSS_UNIT: False})
+
+    def eager() -> None:
+        loss = resolve_loss(run_model(model, batch), batch, loss_fn)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def dispatch() -> None:
+        with capture_pass(model, torch.float16, units) as capture:
+            null_pipeline(capture)
+            eager()
+
+    state = torch.get_rng_state()
+    step = trace_step(model, batch, loss_fn)
+
+    def trace() -> None:
+        trace_step(model, batch, loss_fn)
+
+    def walk() -> None:
+        step.restore(model)  # the generator where the trace began: the walk's loss is the trace's
+        null_pipeline(graph_capture(model, torch.float16, units)).replay(step, model)
+
+    times = {}
+    for name, fn in (("eager", eager), ("dispatch", dispatch), ("trace", trace), ("walk", walk)):
+        torch.set_rng_state(state)
+        times[name] = statistics.median(timed(fn, repeats)[0])
+    step.restore(model)
+    analyses = {}
+    for driver in ("dispatch", "graph"):
+
+        def one(driver: str = driver) -> None:
+            GRAPHS.clear()  # a first analysis: the graph driver traces
+            precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16", driver=driver)
+
+        analyses[driver] = statistics.median(timed(one, max(1, repeats // 2))[0])
+    GRAPHS.clear()
+    precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16", driver="graph")
+
+    def kept() -> None:
+        report = precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16", driver="auto")
+        assert report.environment.capture_path == "graph", report.environment.driver_reason
+
+    analyses["kept"] = statistics.median(timed(kept, max(1, repeats // 2), warmup=0)[0])
+    return {"model": model_name, "ops": step.op_count, "times": times, "analyses": analyses, "hits": GRAPHS.hits}
+
+
+def print_drivers(rows: list[dict[str, Any]]) -> None:
+    load = os.getloadavg()
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.1f}; medians")
+    hdr = (
+        f"{'model':<6} {'ops':>5} {'eager ms':>9} {'dispatch us/op':>15} {'trace us/op':>12} {'walk us/op':>11} "
+        f"{'analyze: dispatch s':>20} {'graph s':>8} {'kept graph s':>13}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        t, a, n = r["times"], r["analyses"], r["ops"]
+        per_op = {k: 1e6 * (t[k] - t["eager"]) / n for k in ("dispatch", "trace", "walk")}
+        print(
+            f"{r['model']:<6} {n:>5} {1e3 * t['eager']:>9.1f} {per_op['dispatch']:>15.1f} {per_op['trace']:>12.1f} "
+            f"{per_op['walk']:>11.1f} {a['dispatch']:>20.3f} {a['graph']:>8.3f} {a['kept']:>13.3f}"
+        )
+    print(
+        "\nus/op: (the driver's pass with the op pipeline taken out - a plain fp32 forward+loss+backward) / the "
+        "step's aten ops. analyze: fp16 by the dispatch driver, by the graph driver tracing; kept graph: the same "
+        "analysis again, which walks the graph the first one kept (driver auto)."
+    )
+
+
 # --- output --------------------------------------------------------------------------------
 
 
@@ -423,12 +520,16 @@ def main() -> None:
         default=None,
         help="timed analyses after one warm-up (default: repeats for demo, 5 for gpt2)",
     )
+    ap.add_argument("--drivers", action="store_true", help="the capture drivers' fixed cost per op instead")
     ap.add_argument("--child", choices=["step", "analyze"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child, a.model)
         return
     names = ["demo", "gpt2"] if a.model == "all" else [a.model]
+    if a.drivers:
+        print_drivers([bench_drivers(name, a.repeats) for name in names])
+        return
     rows = []
     for name in names:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)

@@ -4,8 +4,10 @@ stand for the step, and the model handed back as it came in."""
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 import precision_doctor as pd
+from precision_doctor.analysis import engine
+from precision_doctor.capture.graph_cache import GRAPHS, fingerprint
 from precision_doctor.cli import app
 from precision_doctor.model.spec import load_model_file
 from tests import fixtures
@@ -173,13 +177,6 @@ def test_the_graph_driver_hands_the_model_back_as_it_came_in() -> None:
     _same_state(before, _state(case.model))
 
 
-def test_auto_takes_the_dispatch_driver_for_one_analysis_and_says_why() -> None:
-    case = fixtures.build("mlp")
-    env = pd.analyze(case.model, case.batch, case.loss_fn).environment
-    assert env.capture_path is pd.CapturePath.DISPATCH
-    assert env.driver_reason is not None and env.driver_reason.startswith("auto:")
-
-
 def test_an_unknown_driver_is_refused_before_the_model_runs() -> None:
     calls = []
     model = torch.nn.Linear(2, 1)
@@ -199,3 +196,158 @@ def test_the_cli_runs_the_driver_it_is_asked_for(tmp_path: Path) -> None:
     graph, dispatch = (pd.Report.load(out[d]) for d in ("graph", "dispatch"))
     assert graph.environment.capture_path is pd.CapturePath.GRAPH
     _compare(dispatch, graph)
+
+
+# --- the kept graph (capture.graph_cache) ----------------------------------------------------
+
+
+@pytest.fixture
+def traces(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the engine's traces, from an empty cache."""
+    calls: list[int] = []
+    real = engine.trace_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "trace_step", counted)
+    GRAPHS.clear()
+    yield calls
+    GRAPHS.clear()
+
+
+def _graph_then_dispatch(case: fixtures.Case, **kw: Any) -> pd.Report:
+    """A graph-driver analysis checked against the dispatch driver's on the same state."""
+    graph = pd.analyze(case.model, case.batch, case.loss_fn, driver="graph", **kw)
+    assert graph.environment.capture_path is pd.CapturePath.GRAPH
+    _compare(pd.analyze(case.model, case.batch, case.loss_fn, driver="dispatch", **kw), graph)
+    return graph
+
+
+def test_a_kept_graph_is_walked_again_with_the_same_report(traces: list[int]) -> None:
+    """The second analysis of the same step walks the first one's graph (no trace), in another
+    low dtype too (the graph is the fp32 step's), and hands the model back as it came in:
+    BatchNorm statistics and dropout included."""
+    case = fixtures.build("cnn")
+    case.model.train()
+    before = _state(case.model)
+    first = _graph_then_dispatch(case)
+    assert len(traces) == 1
+    again = _graph_then_dispatch(case)
+    assert len(traces) == 1 and GRAPHS.hits == 1
+    _same(first.model_dump(), again.model_dump())
+    _graph_then_dispatch(case, dtype="bf16", regime="pure")
+    assert len(traces) == 1 and GRAPHS.hits == 2
+    _same_state(before, _state(case.model))
+
+
+def test_auto_walks_a_kept_graph_and_otherwise_takes_dispatch(traces: list[int]) -> None:
+    case = fixtures.build("mlp")
+    env = pd.analyze(case.model, case.batch, case.loss_fn).environment
+    assert env.capture_path is pd.CapturePath.DISPATCH and (env.driver_reason or "").startswith("auto: no graph")
+    pd.analyze(case.model, case.batch, case.loss_fn, driver="graph")
+    auto = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16")  # the CLI's bf16 check
+    assert auto.environment.capture_path is pd.CapturePath.GRAPH and auto.environment.driver_reason is None
+    assert len(traces) == 1
+    _compare(pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", driver="dispatch"), auto)
+    other = fixtures.build("mlp")  # the same structure, another model object: nothing kept for it
+    assert pd.analyze(other.model, other.batch, other.loss_fn).environment.capture_path is pd.CapturePath.DISPATCH
+
+
+def _new_shape(case: fixtures.Case) -> None:
+    case.batch = torch.randn(5, 8)
+
+
+def _new_batch_object(case: fixtures.Case) -> None:
+    case.batch = case.batch.clone()
+
+
+def _batch_written(case: fixtures.Case) -> None:
+    case.batch.mul_(2)
+
+
+def _dtype_round_trip(case: fixtures.Case) -> None:
+    case.model.double().float()  # the same parameter objects, new memory
+
+
+def _eval_mode(case: fixtures.Case) -> None:
+    case.model.eval()
+
+
+def _optimizer_step(case: fixtures.Case) -> None:
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.5)
+    case.loss_fn(case.model(case.batch), case.batch).backward()
+    opt.step()
+    case.model.zero_grad(set_to_none=True)
+
+
+def _new_loss_fn(case: fixtures.Case) -> None:
+    case.loss_fn = lambda out, b: out.abs().mean()
+
+
+@pytest.mark.parametrize("change", [_new_shape, _new_batch_object, _dtype_round_trip, _eval_mode, _new_loss_fn])
+def test_a_changed_step_is_traced_again(traces: list[int], change: Callable[[fixtures.Case], None]) -> None:
+    """What the key holds changed: no kept graph is walked; the new trace's report is the
+    dispatch driver's on the changed step."""
+    case = fixtures.build("mlp")
+    pd.analyze(case.model, case.batch, case.loss_fn, driver="graph")
+    change(case)
+    _graph_then_dispatch(case)
+    assert len(traces) == 2 and GRAPHS.hits == 0
+
+
+@pytest.mark.parametrize("change", [_batch_written, _optimizer_step])
+def test_new_values_are_walked_and_a_changed_loss_traces_again(
+    traces: list[int], change: Callable[[fixtures.Case], None]
+) -> None:
+    """Values are not in the key: the kept graph is walked on the new values, its loss is not
+    the traced one, so the step is traced again (`graph`) or left to the dispatch driver
+    (`auto`); either way the report is the dispatch driver's on the new values."""
+    case = fixtures.build("mlp")
+    pd.analyze(case.model, case.batch, case.loss_fn, driver="graph")
+    change(case)
+    _graph_then_dispatch(case)
+    assert len(traces) == 2 and GRAPHS.hits == 1
+    change(case)
+    auto = pd.analyze(case.model, case.batch, case.loss_fn)
+    assert GRAPHS.hits == 2 and len(traces) == 2 and len(GRAPHS) == 0
+    assert auto.environment.capture_path is pd.CapturePath.DISPATCH
+    assert "no longer stands for the step" in (auto.environment.driver_reason or "")
+    _compare(pd.analyze(case.model, case.batch, case.loss_fn, driver="dispatch"), auto, expect_graph=False)
+
+
+def test_a_kept_graph_whose_walk_is_not_the_step_is_dropped_and_traced_again(traces: list[int]) -> None:
+    """A tensor the loss function closes over is no part of the key: written in place, the
+    kept graph's walk reads it, its loss is not the traced one and the step is traced again."""
+    case = fixtures.build("mlp")
+    scale = torch.ones(())
+
+    def scaled(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return (out * scale).pow(2).mean()
+
+    case.loss_fn = scaled
+    pd.analyze(case.model, case.batch, case.loss_fn, driver="graph")
+    scale.fill_(3.0)
+    _graph_then_dispatch(case)
+    assert GRAPHS.hits == 1 and len(traces) == 2
+
+
+def test_the_kept_graph_does_not_keep_the_model_alive(traces: list[int]) -> None:
+    case = fixtures.build("mlp")
+    pd.analyze(case.model, case.batch, case.loss_fn, driver="graph")
+    assert len(GRAPHS) == 1
+    model = weakref.ref(case.model)
+    del case
+    gc.collect()
+    assert model() is None and len(GRAPHS) == 0
+
+
+def test_fingerprint_sees_shape_dtype_mode_and_objects() -> None:
+    """Direct: what `fingerprint` compares (the engine's misses above rest on it)."""
+    case = fixtures.build("mlp")
+    key = fingerprint(case.model, case.batch)
+    assert key is not None and key == fingerprint(case.model, case.batch)
+    case.model.double()
+    assert fingerprint(case.model, case.batch.double()) != key
+    assert fingerprint(case.model, {"x": object()}) is None  # an opaque leaf: never reused

@@ -218,8 +218,7 @@ def analyze(
             report = _optimizer_step(req, grads, report, build_optimizer, lr)
         del grads
     if captured.step is not None:
-        # Fingerprinted as the guard handed the model back: where the next analysis starts.
-        GRAPHS.keep(req.model, req.loss_fn, captured.step, fingerprint(req.model, req.batch))
+        GRAPHS.keep(req.model, req.loss_fn, captured.step, key)
     elif req.driver is Driver.GRAPH:
         GRAPHS.drop(req.model)
     if fp8 and recipe:
@@ -374,14 +373,18 @@ def _fp32_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard, key: 
 def _graph_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard, key: Fingerprint | None) -> _Captured | str:
     """The step's aten graph walked by the capture (`capture.graph_driver`): the graph an
     earlier analysis kept for this step (`capture.graph_cache`), else one traced now. A kept
-    graph whose walk is not the step's (a value no key sees changed) is dropped and the step
-    traced again. Returns the reason where the graph cannot stand for the step, the model's
-    state then as it was."""
+    graph whose walk is not the step's (a value it branched on changed) is dropped, and the
+    step traced again (`auto`: left to the dispatch driver, which costs less than a trace).
+    Returns the reason where the graph cannot stand for the step, the model's state then as
+    it was."""
     kept = GRAPHS.get(req.model, req.loss_fn, key)
     if kept is not None:
         walked = _walk(req, real_low, guard, kept.rewound())
         if not isinstance(walked, str):
             return walked
+        GRAPHS.drop(req.model)
+        if req.driver is Driver.AUTO:
+            return f"auto: the graph kept from an earlier analysis no longer stands for the step ({walked})"
     GRAPHS.drop(req.model)
     try:
         step = trace_step(req.model, req.batch, req.loss_fn, on_mutation=guard.before_mutation)

@@ -10,21 +10,22 @@ run took. It is reused only where the next analysis would trace the same graph:
   graph with it, and nothing here keeps the model alive) and the same loss function object
   (weakly referenced too: a closure over the model must not keep it alive);
 - the same `Fingerprint`: every module's path, class and train/eval mode; every parameter
-  and buffer by object, shape, dtype, device, memory and version counter (`requires_grad`
-  too); the batch's structure, its tensors by object, shape, dtype, device, memory and
-  version, its other leaves by value. A changed shape, weight dtype (`model.half()`), a
-  module swapped or put in eval mode, an optimizer step (it bumps the versions), a new batch
-  tensor: all miss and trace again.
+  and buffer by object, shape, dtype, device, memory and `requires_grad`; the batch's
+  structure, its tensors by object, shape, dtype, device and memory, its other leaves by
+  value. A changed shape, weight dtype (`model.double().float()` moves the memory), a module
+  swapped or put in eval mode, a new batch tensor or loss function: all miss and trace again.
+
+Values are not in the key: the walk reads the live tensors, so new values (an optimizer step,
+a batch written in place) are what it computes with. What a value can change beyond the
+values (a branch the forward takes on them, a tensor a closure reads, Python state) is caught
+where the walk's forward loss is not the traced one's, bit for bit: the engine drops the
+graph then and traces again (`driver="graph"`) or takes the dispatch driver (`auto`). Not
+version counters either: every analysis hands the buffers back by copying (a new version),
+and so do the plan's verification and timing runs between an analysis and the bf16 check.
 
 The low-precision side is not in the key: the graph is the fp32 step's, and the low dtype,
 regime and autocast policy reach the walk through the capture (`graph_capture`), not the
 graph. That is the reuse the product has: the bf16 check walks the fp16 analysis' graph.
-
-The fingerprint is taken where an analysis starts and, for the kept graph, again where it has
-handed the model back (`ModelStateGuard` copies buffers back, which bumps their versions): the
-next analysis from that state hits. What no key can see (a tensor a closure reads, Python
-state the forward branches on) is caught where the walk's forward loss is not the traced
-one's, bit for bit: the engine then drops the graph and traces again.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ Fingerprint = tuple[Any, ...]
 
 
 def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (id(t), tuple(t.shape), t.dtype, t.device, storage_ptr(t), t._version, t.requires_grad)
+    return (id(t), tuple(t.shape), t.dtype, t.device, storage_ptr(t), t.requires_grad)
 
 
 def fingerprint(model: torch.nn.Module, batch: Any) -> Fingerprint | None:
@@ -103,8 +104,7 @@ class GraphCache:
         )
 
     def keep(self, model: torch.nn.Module, loss_fn: Any, step: StepGraph, key: Fingerprint | None) -> None:
-        """Keep `step` for the next analysis of `model` whose fingerprint is `key` (taken once the
-        model is handed back). A loss function that cannot be weakly referenced (a builtin) is
+        """Keep `step` for the next analysis of `model` whose fingerprint is `key`. A loss function that cannot be weakly referenced (a builtin) is
         not kept, nor its graph: holding it could keep the model alive."""
         if key is None:
             self._entries.pop(model, None)
