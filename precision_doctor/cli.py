@@ -670,6 +670,7 @@ def preflight_command(
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Also run the recommended plan.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for CI).")] = False,
     threshold: ThresholdOpt = None,
+    driver: DriverOpt = Driver.AUTO.value,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -691,6 +692,7 @@ def preflight_command(
     if steps < 1:
         raise PrecisionDoctorError(f"--steps must be at least 1, not {steps}")
     judged = parse_option(Judge, judge, "--judge")
+    driver_opt = parse_option(Driver, driver, "--driver")
     thresholds = parse_thresholds(threshold or [])
     spec = load_model_file(model_file)
     err_console = output_console(stderr=True)
@@ -712,6 +714,7 @@ def preflight_command(
             thresholds=thresholds,
             name=spec.name,
             progress=step,
+            driver=driver_opt,
         )
     if main_rank:
         _print_preflight(result, as_json=json_out)

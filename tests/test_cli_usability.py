@@ -64,6 +64,7 @@ BAD_OPTIONS = {
     ("preflight", "--dtype", "float4"): "fp16, bf16, fp8",
     ("preflight", "--regime", "wrong"): "autocast, pure",
     ("preflight", "--policy", "tpu"): "cuda, cpu",
+    ("preflight", "--driver", "eager"): "auto, dispatch, graph",
 }
 
 

@@ -351,3 +351,13 @@ def test_fingerprint_sees_shape_dtype_mode_and_objects() -> None:
     case.model.double()
     assert fingerprint(case.model, case.batch.double()) != key
     assert fingerprint(case.model, {"x": object()}) is None  # an opaque leaf: never reused
+
+
+def test_preflight_runs_its_analysis_by_the_driver_it_is_asked_for() -> None:
+    case = fixtures.build("mlp")
+    before = _state(case.model)
+    result = pd.preflight(case.model, case.batch, case.loss_fn, steps=1, plan=False, driver="graph")
+    assert result.report is not None and result.report.environment.capture_path is pd.CapturePath.GRAPH
+    _same_state(before, _state(case.model))
+    with pytest.raises(pd.PrecisionDoctorError, match="unknown driver 'fx'"):
+        pd.preflight(case.model, case.batch, case.loss_fn, steps=1, plan=False, driver="fx")

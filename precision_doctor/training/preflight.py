@@ -101,6 +101,7 @@ from precision_doctor.options import (
     DEFAULT_FAIL_ON,
     SEVERITY_RANK,
     AutocastPolicy,
+    Driver,
     Flag,
     Judge,
     LowDtype,
@@ -764,6 +765,7 @@ def preflight(
     target: Target | str = Target.H100,
     name: str | None = None,
     progress: Progress | None = None,
+    driver: str | Driver = Driver.AUTO,
 ) -> PreflightResult:
     """Analyze, then train `steps` steps in fp32, plain `dtype` and the planned mix (each on
     deep copies), and judge whether the run is safe to launch. See the module docstring.
@@ -772,6 +774,8 @@ def preflight(
     say what the analysis and the plain low run execute, as `analyze` takes them; the planned
     run is always autocast, with the op lists the plan was verified with (the report's
     policy; CUDA's after a pure analysis).
+
+    `driver`: how the analysis captures the fp32 step's ops, as `analyze` takes it.
 
     `optimizer`: an existing optimizer over `model`'s parameters, deep-copied together with
     the model for each run (its state and hyperparameters carry over); otherwise
@@ -803,12 +807,26 @@ def preflight(
         build_optimizer,
     )
     target = parse_enum(Target, target, "target")
+    run_driver = parse_enum(Driver, driver, "driver")
     place = _Place.of(model)
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     batches = _batches(batch, make_batches, steps)
     report, plan_units, planned_scale = _analyze_and_plan(
-        place, batch, loss_fn, low, run_regime, op_policy, thresholds, name, plan, target, say, timings, build_optimizer
+        place,
+        batch,
+        loss_fn,
+        low,
+        run_regime,
+        op_policy,
+        thresholds,
+        name,
+        plan,
+        target,
+        say,
+        timings,
+        build_optimizer,
+        run_driver,
     )
     pure = run_regime is Regime.PURE
     # The planned run runs the plan as it was verified: autocast with the report's op lists.
@@ -929,6 +947,7 @@ def _analyze_and_plan(
     say: Progress,
     timings: dict[str, float],
     build_optimizer: OptimizerFactory | None = None,
+    driver: Driver = Driver.AUTO,
 ) -> tuple[Report, dict[str, UnitDtype] | None, int | None]:
     """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
     units (None: no plan) and the recommended initial loss scale (fp16 only)."""
@@ -946,6 +965,7 @@ def _analyze_and_plan(
         regime=regime,
         policy=policy,
         build_optimizer=build_optimizer,  # the optimizer step (LOST_UPDATE) with the user's optimizer
+        driver=driver,
     )
     timings["analysis"] = time.perf_counter() - t
     if not plan:
