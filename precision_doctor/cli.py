@@ -170,8 +170,9 @@ DriverOpt = Annotated[
         metavar=_metavar(Driver),
         help="How the fp32 step's ops reach the capture: dispatch (a dispatch mode on the eager step), "
         "graph (the step traced once into an aten graph the capture walks; falls back to dispatch, "
-        "with the reason in the report, where the graph cannot stand for the step) or auto (dispatch "
-        "for one analysis). Same report either way.",
+        "with the reason in the report, where the graph cannot stand for the step; kept for the next "
+        "analysis of the same step, e.g. the bf16 check) or auto (a kept graph, else dispatch). Same "
+        "report either way.",
     ),
 ]
 EXIT_BAD_INPUT = 2

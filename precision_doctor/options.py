@@ -222,8 +222,9 @@ class Driver(StrEnum):
     `graph`: the step is traced once into an aten graph that the op pipeline walks
     (`capture.graph_driver`); a step the graph cannot stand for (collectives, tensor
     subclasses, a step its ops do not reproduce) takes the dispatch driver, and the report says
-    why (`environment.driver_reason`). `auto`: the driver that costs less for the use; one
-    analysis of a step takes the dispatch driver, as the trace costs about what it saves."""
+    why (`environment.driver_reason`). `auto`: the graph where an earlier analysis in this
+    process kept the graph of this very step (`capture.graph_cache`), else the dispatch driver:
+    a trace costs more than the walk saves in one analysis."""
 
     AUTO = "auto"
     DISPATCH = "dispatch"

@@ -162,9 +162,11 @@ def analyze(
     `driver` says how the fp32 step's ops reach the capture (`options.Driver`): `dispatch`
     (a TorchDispatchMode on the eager step), `graph` (the step traced once into an aten graph
     that the capture walks, `capture.graph_driver`; a step the graph cannot stand for takes
-    the dispatch driver, `report.environment.driver_reason` says why) or `auto` (one analysis:
-    the dispatch driver, which costs less where the graph is not walked again). Both give
-    the same report.
+    the dispatch driver, `report.environment.driver_reason` says why) or `auto` (the graph an
+    earlier analysis of this step kept, `capture.graph_cache`, else the dispatch driver, as a
+    trace costs more than one walk saves). Both give the same report. A traced graph is kept
+    for the next analysis of the same model, structure, batch and loss function in this
+    process (the bf16 check after an fp16 analysis walks it).
 
     `dtype="fp8"`: the low run is a copy of the model converted by torchao
     (`convert_to_float8_training` with `fp8_recipe`, default `tensorwise`; emulated on the

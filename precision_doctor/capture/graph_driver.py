@@ -36,11 +36,11 @@ bit (a forward that reseeds the generator, or reads Python state that changed, d
 Between trace and walk the written state is put back (parameters, buffers the trace wrote,
 `.grad`, the RNG), so the walk starts where the trace did and draws the same dropout masks.
 
-Where it pays. The trace is one eager step under a dispatch mode, so a single analysis with
-the graph driver costs more than with the dispatch driver on this CPU: it pays where a graph
-is walked again (the per-op fixed cost printed by benchmarks/overhead.py --drivers), which
-needs the graph kept across analyses of the same structure; that cache is not built yet, so
-`Driver.AUTO` picks the dispatch driver (`analysis.engine`).
+Where it pays. The walk's fixed cost per op is below the dispatch mode's, the trace's several
+times above it (benchmarks/overhead.py --drivers prints each; docs/architecture.md has the
+numbers): a graph pays only where it is walked again, which `capture.graph_cache` provides
+across analyses of the same step in a process. `Driver.AUTO` walks a kept graph and never
+traces by itself (`analysis.engine`).
 """
 
 from __future__ import annotations
