@@ -317,6 +317,17 @@ def test_new_values_are_walked_and_a_changed_loss_traces_again(
     _compare(pd.analyze(case.model, case.batch, case.loss_fn, driver="dispatch"), auto, expect_graph=False)
 
 
+def test_a_kept_graph_walked_from_another_generator_state_is_traced_again(traces: list[int]) -> None:
+    """The generator is no part of the key: dropout draws other masks, the loss is not the
+    traced one, and the new trace is the dispatch driver's analysis from that state."""
+    case = fixtures.build("cnn")
+    case.model.train()
+    pd.analyze(case.model, case.batch, case.loss_fn, driver="graph")
+    torch.rand(1)
+    _graph_then_dispatch(case)
+    assert GRAPHS.hits == 1 and len(traces) == 2
+
+
 def test_a_kept_graph_whose_walk_is_not_the_step_is_dropped_and_traced_again(traces: list[int]) -> None:
     """A tensor the loss function closes over is no part of the key: written in place, the
     kept graph's walk reads it, its loss is not the traced one and the step is traced again."""
