@@ -85,23 +85,24 @@ class GraphCache:
 
     def get(self, model: torch.nn.Module, loss_fn: Any, key: Fingerprint | None) -> StepGraph | None:
         """The graph kept for this model, loss function and fingerprint; None if none is."""
-        entry = self._entries.get(model)
-        same_loss = entry is not None and (entry.loss_fn() if entry.loss_fn is not None else None) is loss_fn
-        if entry is None or key is None or not same_loss or entry.fingerprint != key:
+        step = self._match(model, loss_fn, key)
+        if step is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        return entry.step
+        else:
+            self.hits += 1
+        return step
 
     def has(self, model: torch.nn.Module, loss_fn: Any, key: Fingerprint | None) -> bool:
         """Whether `get` would find a graph (counts nothing)."""
+        return self._match(model, loss_fn, key) is not None
+
+    def _match(self, model: torch.nn.Module, loss_fn: Any, key: Fingerprint | None) -> StepGraph | None:
         entry = self._entries.get(model)
-        return (
-            entry is not None
-            and key is not None
-            and entry.fingerprint == key
-            and (entry.loss_fn() if entry.loss_fn is not None else None) is loss_fn
-        )
+        if entry is None or key is None or entry.fingerprint != key:
+            return None
+        # A loss function that died is no match, not even for `loss_fn=None`.
+        same = loss_fn is None if entry.loss_fn is None else loss_fn is not None and entry.loss_fn() is loss_fn
+        return entry.step if same else None
 
     def keep(self, model: torch.nn.Module, loss_fn: Any, step: StepGraph, key: Fingerprint | None) -> None:
         """Keep `step` for the next analysis of `model` whose fingerprint is `key`. A loss function that cannot be weakly referenced (a builtin) is
