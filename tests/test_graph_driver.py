@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import precision_doctor as pd
 from precision_doctor.analysis import engine
-from precision_doctor.capture.graph_cache import GRAPHS, fingerprint
+from precision_doctor.capture.graph_cache import GRAPHS, GraphCache, fingerprint
+from precision_doctor.capture.graph_driver import trace_step
 from precision_doctor.cli import app
 from precision_doctor.model.spec import load_model_file
 from tests import fixtures
@@ -372,3 +373,21 @@ def test_preflight_runs_its_analysis_by_the_driver_it_is_asked_for() -> None:
     _same_state(before, _state(case.model))
     with pytest.raises(pd.PrecisionDoctorError, match="unknown driver 'fx'"):
         pd.preflight(case.model, case.batch, case.loss_fn, steps=1, plan=False, driver="fx")
+
+
+def test_the_cache_matches_the_loss_function_by_object_and_none_only_to_none() -> None:
+    case = fixtures.build("mlp")
+    step = trace_step(case.model, case.batch, case.loss_fn)
+    key = fingerprint(case.model, case.batch)
+    cache = GraphCache()
+    cache.keep(case.model, None, step, key)  # the output's own loss
+    assert cache.get(case.model, None, key) is step and cache.get(case.model, case.loss_fn, key) is None
+
+    def loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return out.sum()
+
+    cache.keep(case.model, loss, step, key)
+    assert cache.get(case.model, loss, key) is step and (cache.hits, cache.misses) == (2, 1)
+    del loss
+    gc.collect()
+    assert cache.get(case.model, None, key) is None  # the kept one died: no match, not even None
