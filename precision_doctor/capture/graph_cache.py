@@ -26,6 +26,9 @@ and so do the plan's verification and timing runs between an analysis and the bf
 The low-precision side is not in the key: the graph is the fp32 step's, and the low dtype,
 regime and autocast policy reach the walk through the capture (`graph_capture`), not the
 graph. That is the reuse the product has: the bf16 check walks the fp16 analysis' graph.
+
+What a kept graph holds beyond the model: its nodes and the tensors no op made (the batch,
+the backward's seed; on the demo 505 nodes and 2 KiB), no activations.
 """
 
 from __future__ import annotations
