@@ -78,14 +78,17 @@ def build(name: str) -> tuple[torch.nn.Module, Any, Callable[[Any, Any], torch.T
     if name == "demo":
         spec = load_model_file(DEMO_FILE)
         return spec.model, spec.batch, spec.loss_fn
-    if name == "gpt2":
+    if name in ("gpt2", "gpt2-short"):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config())  # random weights, nothing downloaded
         model.train()  # a training step: dropout on, as analyze sees it
         g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, model.config.vocab_size, (GPT2_BATCH, GPT2_SEQ), generator=g)
+        # gpt2-short (`--drivers`): the same ops on 1 x 8 tokens, where the kernels are short
+        # enough for a driver's per-op cost to show.
+        shape = (GPT2_BATCH, GPT2_SEQ) if name == "gpt2" else (1, 8)
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=g)
         return model, {"input_ids": ids, "labels": ids}, None
     raise SystemExit(f"unknown model {name!r}")
 
@@ -386,10 +389,14 @@ def bench_drivers(model_name: str, repeats: int) -> dict[str, Any]:
 
     # Process CPU time at one thread, the least of the repeats: the fixed costs are Python's,
     # and a machine shared with other jobs inflates wall times by several times.
-    times = {}
-    for name, fn in (("eager", eager), ("dispatch", dispatch), ("trace", trace), ("walk", walk)):
-        torch.set_rng_state(state)
-        times[name] = min(timed(fn, repeats)[1])
+    # Interleaved, round by round: a slow spell weighs on every driver alike.
+    kinds = {"eager": eager, "dispatch": dispatch, "trace": trace, "walk": walk}
+    cpu: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, fn in kinds.items():
+            torch.set_rng_state(state)
+            cpu[name] += timed(fn, 1, warmup=0)[1]
+    times = {name: min(ts[1:]) for name, ts in cpu.items()}
     step.restore(model)
     analyses = {}
     for driver in ("dispatch", "graph"):
@@ -518,7 +525,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["demo", "gpt2", "all"], default="all")
+    ap.add_argument("--model", choices=["demo", "gpt2", "gpt2-short", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=10, help="timed training steps (median)")
     ap.add_argument(
         "--analyze-repeats",
