@@ -1,7 +1,7 @@
 """Overhead of `precision_doctor.analyze` against one plain fp32 training step.
 
     python benchmarks/overhead.py [--model demo|gpt2|all] [--repeats N] [--analyze-repeats N]
-    python benchmarks/overhead.py --drivers [--model demo|gpt2|all] [--repeats N]
+    python benchmarks/overhead.py --drivers [--model demo|gpt2|gpt2-short|all] [--repeats N]
 
 For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-sized
 `transformers.GPT2LMHeadModel(GPT2Config())` with random weights, 124M parameters, batch of
