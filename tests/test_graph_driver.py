@@ -1,6 +1,7 @@
 """The graph driver (`capture.graph_driver`) against the dispatch driver: the same report on
 every sample model and shared fixture, a fallback with its reason where the graph cannot
-stand for the step, and the model handed back as it came in."""
+stand for the step, and the model handed back as it came in; the graph kept across analyses
+(`capture.graph_cache`): walked again where the step is the same, traced again where it is not."""
 
 from __future__ import annotations
 
