@@ -1,6 +1,7 @@
 """Overhead of `precision_doctor.analyze` against one plain fp32 training step.
 
     python benchmarks/overhead.py [--model demo|gpt2|all] [--repeats N] [--analyze-repeats N]
+    python benchmarks/overhead.py --drivers [--model demo|gpt2|gpt2-short|all] [--repeats N]
 
 For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-sized
 `transformers.GPT2LMHeadModel(GPT2Config())` with random weights, 124M parameters, batch of
@@ -28,6 +29,14 @@ For each model (the demo `sample_models/tiny_transformer.py`, and a GPT-2-small-
    paged in on first use, shared and clean) rather than anonymous memory.
 
 Targets: time ratio (analysis / step) <= 3, memory ratio <= 1.5.
+
+`--drivers` measures the capture drivers instead (`analyze(driver=...)`), in process CPU time
+at one thread (the least of `--repeats`): the fixed cost per captured op, in microseconds, of
+each driver on its own (the op pipeline replaced by running
+the op: `null_pipeline`), over a plain fp32 forward + loss + backward, for the dispatch
+driver (`ShadowMode` on the eager step), the graph driver's trace (`trace_step`) and its walk
+(`GraphCapture.replay` of the traced graph); then whole analyses by each driver: dispatch, the
+graph traced and walked, and a kept graph walked again (`capture.graph_cache`).
 """
 
 from __future__ import annotations
@@ -69,14 +78,17 @@ def build(name: str) -> tuple[torch.nn.Module, Any, Callable[[Any, Any], torch.T
     if name == "demo":
         spec = load_model_file(DEMO_FILE)
         return spec.model, spec.batch, spec.loss_fn
-    if name == "gpt2":
+    if name in ("gpt2", "gpt2-short"):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config())  # random weights, nothing downloaded
         model.train()  # a training step: dropout on, as analyze sees it
         g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, model.config.vocab_size, (GPT2_BATCH, GPT2_SEQ), generator=g)
+        # gpt2-short (`--drivers`): the same ops on 1 x 8 tokens, where the kernels are short
+        # enough for a driver's per-op cost to show.
+        shape = (GPT2_BATCH, GPT2_SEQ) if name == "gpt2" else (1, 8)
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=g)
         return model, {"input_ids": ids, "labels": ids}, None
     raise SystemExit(f"unknown model {name!r}")
 
@@ -333,6 +345,104 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None) -> dict[st
     }
 
 
+# --- drivers -------------------------------------------------------------------------------
+
+
+def null_pipeline(capture: Any) -> Any:
+    """`capture` with the op pipeline's work taken out: each op only runs, module outputs and
+    gradients are not looked at. What is left is the driver's own cost."""
+    capture.run = lambda op: op.func(*op.args, **op.kwargs)
+    capture.module_output = lambda *a: None
+    capture._gradient_hook = lambda node: lambda grads: None
+    return capture
+
+
+def bench_drivers(model_name: str, repeats: int) -> dict[str, Any]:
+    from precision_doctor.capture.graph_cache import GRAPHS
+    from precision_doctor.capture.graph_driver import graph_capture, trace_step
+    from precision_doctor.capture.shadow import LowUnits, capture_pass
+    from precision_doctor.capture.units import LOSS_UNIT
+
+    model, batch, loss_fn = build(model_name)
+    units = LowUnits({"": True, LOSS_UNIT: False})
+
+    def eager() -> None:
+        loss = resolve_loss(run_model(model, batch), batch, loss_fn)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def dispatch() -> None:
+        with capture_pass(model, torch.float16, units) as capture:
+            null_pipeline(capture)
+            eager()
+
+    state = torch.get_rng_state()
+    step = trace_step(model, batch, loss_fn)
+
+    def trace() -> None:
+        trace_step(model, batch, loss_fn)
+
+    def walk() -> None:
+        step.restore(model)  # the generator where the trace began: the walk's loss is the trace's
+        null_pipeline(graph_capture(model, torch.float16, units)).replay(step, model)
+
+    # Process CPU time at one thread, the least of the repeats: the fixed costs are Python's,
+    # and a machine shared with other jobs inflates wall times by several times.
+    # Interleaved, round by round: a slow spell weighs on every driver alike.
+    kinds = {"eager": eager, "dispatch": dispatch, "trace": trace, "walk": walk}
+    cpu: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, fn in kinds.items():
+            torch.set_rng_state(state)
+            cpu[name] += timed(fn, 1, warmup=0)[1]
+    times = {name: min(ts[1:]) for name, ts in cpu.items()}
+    step.restore(model)
+    analyses = {}
+    for driver in ("dispatch", "graph"):
+
+        def one(driver: str = driver) -> None:
+            GRAPHS.clear()  # a first analysis: the graph driver traces
+            precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16", driver=driver)
+
+        analyses[driver] = min(timed(one, max(1, repeats // 2))[1])
+    GRAPHS.clear()
+    precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16", driver="graph")
+
+    def kept() -> None:
+        report = precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16", driver="auto")
+        assert report.environment.capture_path == "graph", report.environment.driver_reason
+
+    analyses["kept"] = min(timed(kept, max(1, repeats // 2), warmup=0)[1])
+    return {"model": model_name, "ops": step.op_count, "times": times, "analyses": analyses, "hits": GRAPHS.hits}
+
+
+def print_drivers(rows: list[dict[str, Any]]) -> None:
+    load = os.getloadavg()
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread, load average {load[0]:.1f}; process CPU "
+        "time, the least of the repeats"
+    )
+    hdr = (
+        f"{'model':<6} {'ops':>5} {'eager ms':>9} {'dispatch us/op':>15} {'trace us/op':>12} {'walk us/op':>11} "
+        f"{'analyze: dispatch s':>20} {'graph s':>8} {'kept graph s':>13}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        t, a, n = r["times"], r["analyses"], r["ops"]
+        per_op = {k: 1e6 * (t[k] - t["eager"]) / n for k in ("dispatch", "trace", "walk")}
+        print(
+            f"{r['model']:<6} {n:>5} {1e3 * t['eager']:>9.1f} {per_op['dispatch']:>15.1f} {per_op['trace']:>12.1f} "
+            f"{per_op['walk']:>11.1f} {a['dispatch']:>20.3f} {a['graph']:>8.3f} {a['kept']:>13.3f}"
+        )
+    print(
+        "\nus/op: (the driver's pass with the op pipeline taken out - a plain fp32 forward+loss+backward) / the "
+        "step's aten ops. analyze: fp16 by the dispatch driver, by the graph driver tracing; kept graph: the same "
+        "analysis again, which walks the graph the first one kept (driver auto)."
+    )
+
+
 # --- output --------------------------------------------------------------------------------
 
 
@@ -415,7 +525,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["demo", "gpt2", "all"], default="all")
+    ap.add_argument("--model", choices=["demo", "gpt2", "gpt2-short", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=10, help="timed training steps (median)")
     ap.add_argument(
         "--analyze-repeats",
@@ -423,12 +533,17 @@ def main() -> None:
         default=None,
         help="timed analyses after one warm-up (default: repeats for demo, 5 for gpt2)",
     )
+    ap.add_argument("--drivers", action="store_true", help="the capture drivers' fixed cost per op instead")
     ap.add_argument("--child", choices=["step", "analyze"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child, a.model)
         return
     names = ["demo", "gpt2"] if a.model == "all" else [a.model]
+    if a.drivers:
+        torch.set_num_threads(1)
+        print_drivers([bench_drivers(name, a.repeats) for name in names])
+        return
     rows = []
     for name in names:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)

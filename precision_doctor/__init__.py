@@ -4,7 +4,7 @@
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
 >>> report = pd.analyze(net, torch.randn(8, 4), loss_fn=lambda out, b: out.pow(2).mean())
 >>> report.environment.capture_path.value
-'fx'
+'dispatch'
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInterna
 from precision_doctor.options import (
     AutocastPolicy,
     CapturePath,
+    Driver,
     Flag,
     Judge,
     LowDtype,
@@ -37,6 +38,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AutocastPolicy",
     "CapturePath",
+    "Driver",
     "Flag",
     "Judge",
     "LowDtype",

@@ -22,6 +22,7 @@ from precision_doctor.options import (
     DEFAULT_FAIL_ON,
     AutocastPolicy,
     CostSource,
+    Driver,
     ExportFormat,
     Fp8Recipe,
     Judge,
@@ -161,6 +162,18 @@ PolicyOpt = Annotated[
         "for comparing with a real CPU run). Ignored with --regime pure.",
     ),
 ]
+DriverOpt = Annotated[
+    str,
+    typer.Option(
+        "--driver",
+        metavar=_metavar(Driver),
+        help="How the fp32 step's ops reach the capture: dispatch (a dispatch mode on the eager step), "
+        "graph (the step traced once into an aten graph the capture walks; falls back to dispatch, "
+        "with the reason in the report, where the graph cannot stand for the step; kept for the next "
+        "analysis of the same step, e.g. the bf16 check) or auto (a kept graph, else dispatch). Same "
+        "report either way.",
+    ),
+]
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 Fn = TypeVar("Fn", bound=Callable[..., Any])
@@ -286,6 +299,7 @@ class _Analysis:
     fp8_recipe: Fp8Recipe | None = None  # with --dtype fp8 only
     lr: float | None = None  # with it (or the file's build_optimizer), the optimizer step is measured
     all_fp8_recipes: bool = False  # --fp8-recipe all: one analysis per recipe, side by side
+    driver: Driver = Driver.AUTO
 
     def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
         from precision_doctor.analysis.engine import analyze as run_analysis
@@ -299,6 +313,7 @@ class _Analysis:
             "policy": self.policy,
             "build_optimizer": self.spec.build_optimizer,
             "lr": self.lr,
+            "driver": self.driver,
         }
         if low is LowDtype.FP8 and self.all_fp8_recipes:
             return compare_fp8_recipes(self.spec.model, self.spec.batch, self.spec.loss_fn, **kwargs)
@@ -494,6 +509,7 @@ def analyze(
             "learning rate, unless the model file defines build_optimizer(model), which is used then.",
         ),
     ] = None,
+    driver: DriverOpt = Driver.AUTO.value,
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
@@ -510,6 +526,7 @@ def analyze(
     low = parse_option(LowDtype, dtype, "--dtype")  # every option checked before any work
     run_regime = parse_option(Regime, regime, "--regime")
     op_policy = parse_option(AutocastPolicy, policy, "--policy")
+    driver_opt = parse_option(Driver, driver, "--driver")
     fmt_opt = parse_option(ExportFormat, export_format, "--export-format") if export_format is not None else None
     target_opt = parse_option(Target, target, "--target") if target is not None else None
     cost_opt = parse_option(CostSource, cost, "--cost")
@@ -521,7 +538,7 @@ def analyze(
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
     main_rank = _join_job(spec.model, console, err_console)
-    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr, all_recipes)
+    analysis = _Analysis(spec, run_regime, op_policy, thresholds, recipe_opt, lr, all_recipes, driver_opt)
     with _progress(err_console, "analyzing", len(PROGRESS_STEPS), hidden=quiet or not main_rank) as step:
         report = analysis.run(low, progress=step)
     # The plan's search is only as good as its cost model's units; keep it off the plain
@@ -686,6 +703,7 @@ def preflight_command(
             help="With --dtype fp8: torchao's scaling recipe the fp8 run trains with (default tensorwise).",
         ),
     ] = None,
+    driver: DriverOpt = Driver.AUTO.value,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -712,6 +730,7 @@ def preflight_command(
     if steps < 1:
         raise PrecisionDoctorError(f"--steps must be at least 1, not {steps}")
     judged = parse_option(Judge, judge, "--judge")
+    driver_opt = parse_option(Driver, driver, "--driver")
     thresholds = parse_thresholds(threshold or [])
     spec = load_model_file(model_file)
     err_console = output_console(stderr=True)
@@ -734,6 +753,7 @@ def preflight_command(
             name=spec.name,
             progress=step,
             fp8_recipe=recipe,
+            driver=driver_opt,
         )
     if main_rank:
         _print_preflight(result, as_json=json_out)

@@ -240,12 +240,29 @@ class AutocastPolicy(StrEnum):
 
 
 class CapturePath(StrEnum):
-    """How ops were captured. `dispatch` runs the real module under a TorchDispatchMode and
-    works for every nn.Module; `fx` means torch.fx.symbolic_trace traced the model too (the
-    op-level capture is the same dispatch capture either way)."""
+    """Which driver captured the fp32 step's ops (`Driver`): `dispatch` ran the real module
+    under a TorchDispatchMode, `graph` walked the step's aten graph, traced once
+    (`capture.graph_driver`). `fx` is read in reports older than schema 9 only, where it meant
+    that torch.fx.symbolic_trace traced the model (their ops came from the dispatch capture)."""
 
     DISPATCH = "dispatch"
+    GRAPH = "graph"
     FX = "fx"
+
+
+class Driver(StrEnum):
+    """Which driver captures the fp32 step's ops (`analyze(driver=...)`, `--driver`).
+    `dispatch`: a TorchDispatchMode sees every op as the eager step runs, for every model.
+    `graph`: the step is traced once into an aten graph that the op pipeline walks
+    (`capture.graph_driver`); a step the graph cannot stand for (collectives, tensor
+    subclasses, a step its ops do not reproduce) takes the dispatch driver, and the report says
+    why (`environment.driver_reason`). `auto`: the graph where an earlier analysis in this
+    process kept the graph of this very step (`capture.graph_cache`), else the dispatch driver:
+    a trace costs more than the walk saves in one analysis."""
+
+    AUTO = "auto"
+    DISPATCH = "dispatch"
+    GRAPH = "graph"
 
 
 class Phase(StrEnum):

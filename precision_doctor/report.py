@@ -43,9 +43,10 @@ SCHEMA_VERSION = 9
 READABLE_SCHEMA_VERSIONS = (6, 7, 8, SCHEMA_VERSION)
 """Versions `Report.load` reads: a version-6 report has every field 7 has but the new
 threshold, which takes its default; a version-7 report every field 8 has but
-`optimizer_step` (None) and the LOST_UPDATE thresholds (their defaults); a version-8 report is
-a version-9 one without `fp8:mxfp8` plan units and fp8 planned pre-flight runs (9 only widens
-what those fields may hold)."""
+`optimizer_step` (None) and the LOST_UPDATE thresholds (their defaults); a version-8 report
+every field 9 has but `environment.driver_reason` (None), its `capture_path` `dispatch` or
+the older `fx` (9 also widens what plan units and pre-flight runs may hold: `fp8:mxfp8`,
+fp8 planned runs)."""
 
 
 ROOT_UNIT = "<root>"
@@ -285,8 +286,13 @@ class Environment(_Frozen):
     where a CPU with them runs its real bf16 kernels (False); never on a GPU. (Reports
     written before the fp16/bf16 distinction say True for every CPU run, bf16 too.)"""
     capture_path: CapturePath
+    """Which driver captured the fp32 step's ops: `dispatch` or `graph` (`options.Driver`)."""
     fx_traceable: bool
     fx_error: str | None = None
+    driver_reason: str | None = None
+    """Where the graph driver was asked for (`--driver graph`) or considered (`auto`) and the
+    dispatch driver ran: why, in one line. None where the graph driver ran or dispatch was
+    asked for."""
     regime: Regime = Regime.AUTOCAST
     """What the low-precision run executed: `autocast` (torch.autocast's op policy) or `pure`
     (`model.to(dtype)`)."""

@@ -444,6 +444,48 @@ def build_outlier_weight_lm(seed: int = 0, tokens: int = 64) -> Case:
     return Case("outlier_weight_lm", model, batch, next_token_loss)
 
 
+# --- steps the graph driver cannot stand for (tests/test_graph_driver.py) --------------------
+
+
+class Reseeding(nn.Module):
+    """Reseeds the generator inside forward from a call counter, then draws dropout: the draw
+    depends on Python state and a call no aten op carries, so a graph of the step's ops,
+    walked from where the trace began, draws another mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = [0]  # counted in place: no rebinding for the analysis to put back
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls[0] += 1
+        torch.manual_seed(1000 + self.calls[0])
+        return F.dropout(self.fc(x), 0.5, training=True)
+
+
+class NumpyAlias(nn.Module):
+    """Reads an activation through a NumPy round trip: the tensor `from_numpy` makes shares
+    the activation's memory, and no aten op made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        return h * torch.from_numpy(h.detach().numpy())
+
+
+def build_reseeding(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    return Case("reseeding", Reseeding(), torch.randn(16, 8), mlp_loss)
+
+
+def build_numpy_alias(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    return Case("numpy_alias", NumpyAlias(), torch.randn(16, 8), mlp_loss)
+
+
 def build(name: str, seed: int = 0) -> Case:
     return BUILDERS[name](seed)
 

@@ -60,9 +60,11 @@ BAD_OPTIONS = {
     ("analyze", "--target", "v100"): "h100, h200, b200, a100, 4090, cpu",
     ("analyze", "--export-format", "xml"): "json, python, deepspeed, hf, torchao, te",
     ("analyze", "--cost", "guess"): "roofline, measured",
+    ("analyze", "--driver", "fx"): "auto, dispatch, graph",
     ("preflight", "--dtype", "float4"): "fp16, bf16, fp8",
     ("preflight", "--regime", "wrong"): "autocast, pure",
     ("preflight", "--policy", "tpu"): "cuda, cpu",
+    ("preflight", "--driver", "eager"): "auto, dispatch, graph",
 }
 
 
@@ -186,7 +188,7 @@ def test_piped_output_does_not_wrap() -> None:
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.splitlines()[0]
     # 130+ characters on one line: at 80 columns it broke after "results" and before "cpu"
-    assert header.startswith("ffn_overflow: ") and header.endswith("capture: fx"), proc.stdout
+    assert header.startswith("ffn_overflow: ") and header.endswith("capture: dispatch"), proc.stdout
     assert "rounded to fp16) on cpu, autocast (cuda op lists)" in header
     assert len(header) > 80
     verdict = next(ln for ln in proc.stdout.splitlines() if ln.startswith("fp16: "))

@@ -30,7 +30,10 @@ from precision_doctor.analysis.gradients import (
 from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
 from precision_doctor.analysis.optimizer_step import optimizer_step, with_optimizer_step
 from precision_doctor.capture.fp8 import Fp8Run, torchao_version
+from precision_doctor.capture.graph_cache import GRAPHS, Fingerprint, fingerprint
+from precision_doctor.capture.graph_driver import GraphUnavailable, StepGraph, graph_capture, trace_step
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
+from precision_doctor.capture.pipeline import ModelOpError
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, capture_pass
 from precision_doctor.capture.statistics import (
@@ -62,6 +65,7 @@ from precision_doctor.model.state import ModelStateGuard, ModuleAttributes
 from precision_doctor.options import (
     AutocastPolicy,
     CapturePath,
+    Driver,
     Fp8Recipe,
     LowDtype,
     Phase,
@@ -151,8 +155,18 @@ def analyze(
     fp8_recipe: str | Fp8Recipe | None = None,
     build_optimizer: OptimizerFactory | None = None,
     lr: float | None = None,
+    driver: str | Driver = Driver.AUTO,
 ) -> Report:
     """Analyze one training step of `model` on `batch` in fp32 and in `dtype`.
+
+    `driver` says how the fp32 step's ops reach the capture (`options.Driver`): `dispatch`
+    (a TorchDispatchMode on the eager step), `graph` (the step traced once into an aten graph
+    that the capture walks, `capture.graph_driver`; a step the graph cannot stand for takes
+    the dispatch driver, `report.environment.driver_reason` says why) or `auto` (the graph an
+    earlier analysis of this step kept, `capture.graph_cache`, else the dispatch driver, as a
+    trace costs more than one walk saves). Both give the same report. A traced graph is kept
+    for the next analysis of the same model, structure, batch and loss function in this
+    process (the bf16 check after an fp16 analysis walks it).
 
     `dtype="fp8"`: the low run is a copy of the model converted by torchao
     (`convert_to_float8_training` with `fp8_recipe`, default `tensorwise`; emulated on the
@@ -180,7 +194,10 @@ def analyze(
     """
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise PrecisionDoctorError(f"lr={lr!r} must be a finite number > 0")
-    req = _validate(model, batch, loss_fn, dtype, regime, policy, thresholds, name, progress)
+    req = _validate(model, batch, loss_fn, dtype, regime, policy, thresholds, name, progress, driver)
+    # The state the step starts from, before the analysis touches it: a kept graph of it is
+    # walked again (`capture.graph_cache`).
+    key = fingerprint(req.model, req.batch) if req.driver is not Driver.DISPATCH else None
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
     with ModelStateGuard(req.model) as guard, fp8.recording() if fp8 else contextlib.nullcontext():
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
@@ -193,9 +210,10 @@ def analyze(
         )
         reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
         req.say("fp32 forward with low-precision shadows")
-        capture, loss_fp32, grads = _fp32_capture(req, real_low, guard)
+        captured = _fp32_capture(req, real_low, guard, key)
+        capture, grads = captured.capture, captured.grads
         req.say("statistics and flags")
-        report = _report(req, capture, real_low, loss_fp32, grads, fx)
+        report = _report(req, captured, real_low, fx)
         stepped = build_optimizer is not None or lr is not None
         # Pure regime: the applied optimizer step steps the low run's own gradients, kept here.
         low_grads: dict[str, torch.Tensor] | None = (
@@ -206,6 +224,10 @@ def analyze(
         if stepped:
             report = _optimizer_step(req, grads, report, build_optimizer, lr, low_grads or None)
         del grads, low_grads
+    if captured.step is not None:
+        GRAPHS.keep(req.model, req.loss_fn, captured.step, key)
+    elif req.driver is Driver.GRAPH:
+        GRAPHS.drop(req.model)
     if fp8 and recipe:
         rec = fp8.recorder
         section = fp8_section(recipe, torchao_version(), fp8.emulated, rec.layers, rec.casts, rec.gemms)
@@ -246,6 +268,7 @@ class _Request:
     say: Progress
     device: torch.device
     job: AnalysisJob
+    driver: Driver = Driver.AUTO
 
 
 def _validate(
@@ -258,12 +281,14 @@ def _validate(
     thresholds: Thresholds | None,
     name: str | None,
     progress: Progress | None,
+    driver: str | Driver = Driver.AUTO,
 ) -> _Request:
     """The options parsed and the model checked before anything runs: an fp32 model with
     every parameter initialized, a precision FSDP2 can run, a regime it allows."""
     low = parse_enum(LowDtype, dtype, "dtype")
     run_regime = parse_enum(Regime, regime, "regime")
     op_policy = parse_enum(AutocastPolicy, policy, "policy")
+    run_driver = parse_enum(Driver, driver, "driver")
     if not isinstance(model, torch.nn.Module):
         raise PrecisionDoctorError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     # One rank of a torch.distributed job: this rank's part is captured, the report is the
@@ -302,21 +327,126 @@ def _validate(
         say=progress or (lambda _msg: None),
         device=device_of(model),
         job=job,
+        driver=run_driver,
     )
 
 
-def _fp32_capture(
+@dataclass(frozen=True)
+class _Captured:
+    """The fp32 step's capture: the pipeline's records and units, the fp32 loss, the analysis'
+    fp32 parameter gradients, which driver ran, and why not the graph one where it was asked
+    for or considered."""
+
+    capture: ShadowCapture
+    loss_fp32: float
+    grads: dict[str, torch.Tensor]
+    path: CapturePath
+    driver_reason: str | None
+    step: StepGraph | None = None  # the graph walked: kept for the next analysis of this step
+
+
+# The shadows follow the real low run op by op (its dtypes); every unit but the loss function
+# also gets a local shadow.
+_LOW_UNITS = LowUnits({"": True, LOSS_UNIT: False})
+
+
+def _graph_refused(req: _Request, key: Fingerprint | None) -> str | None:
+    """Why the graph driver is not tried for this request (None: it is). `auto` takes it where
+    an earlier analysis in this process kept the graph of this very step (`capture.graph_cache`):
+    its walk costs less than the dispatch driver, its trace about as much (docs/architecture.md)."""
+    if req.driver is Driver.DISPATCH:
+        return None
+    if not isinstance(req.job, SingleProcess) or is_sharded(req.model):
+        return "a torch.distributed job: its collectives and DTensors run once, under the dispatch driver"
+    if req.driver is Driver.AUTO and not GRAPHS.has(req.model, req.loss_fn, key):
+        return "auto: no graph of this step kept from an earlier analysis, and a trace costs what it would save"
+    return None
+
+
+def _fp32_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard, key: Fingerprint | None) -> _Captured:
+    """The fp32 step with low-precision shadows, by the driver `req.driver` asks for: the graph
+    walk (`_graph_capture`) where it can stand for the step, else the dispatch mode on the
+    eager step (`_dispatch_capture`)."""
+    reason = _graph_refused(req, key)
+    if req.driver is not Driver.DISPATCH and reason is None:
+        graph = _graph_capture(req, real_low, guard, key)
+        if not isinstance(graph, str):
+            return graph
+        reason = graph
+    capture, loss_fp32, grads = _dispatch_capture(req, real_low, guard)
+    return _Captured(capture, loss_fp32, grads, CapturePath.DISPATCH, reason)
+
+
+def _graph_capture(req: _Request, real_low: LowRun, guard: ModelStateGuard, key: Fingerprint | None) -> _Captured | str:
+    """The step's aten graph walked by the capture (`capture.graph_driver`): the graph an
+    earlier analysis kept for this step (`capture.graph_cache`), else one traced now. A kept
+    graph whose walk is not the step's (a value it branched on changed) is dropped, and the
+    step traced again (`auto`: left to the dispatch driver, which costs less than a trace).
+    Returns the reason where the graph cannot stand for the step, the model's state then as
+    it was."""
+    kept = GRAPHS.get(req.model, req.loss_fn, key)
+    if kept is not None:
+        walked = _walk(req, real_low, guard, kept.rewound())
+        if not isinstance(walked, str):
+            return walked
+        GRAPHS.drop(req.model)
+        if req.driver is Driver.AUTO:
+            return f"auto: the graph kept from an earlier analysis no longer stands for the step ({walked})"
+    GRAPHS.drop(req.model)
+    try:
+        step = trace_step(req.model, req.batch, req.loss_fn, on_mutation=guard.before_mutation)
+    except GraphUnavailable as e:
+        return str(e)
+    return _walk(req, real_low, guard, step)
+
+
+def _walk(req: _Request, real_low: LowRun, guard: ModelStateGuard, step: StepGraph) -> _Captured | str:
+    """One walk of `step` through a fresh capture; the reason where its forward is not the
+    traced one (the state then put back). A failure of the walk of a step whose trace
+    succeeded is the tool's: raised as an internal error."""
+    capture = graph_capture(
+        req.model,
+        TORCH_DTYPES[req.low],
+        _LOW_UNITS,
+        on_mutation=guard.before_mutation,
+        op_dtypes=real_low.op_dtypes,
+        # A copy: a walk that stops leaves the dispatch driver every module's low outputs.
+        module_outputs=dict(real_low.module_outputs),
+        default_low=req.regime is Regime.PURE,
+    )
+    capture.external_storages |= {
+        t.untyped_storage().data_ptr() for t in pytree.tree_leaves(req.batch) if isinstance(t, torch.Tensor)
+    }
+    try:
+        loss, grads = capture.replay(step, req.model)
+    except GraphUnavailable as e:
+        step.restore(req.model)
+        return str(e)
+    except (PrecisionDoctorError, PrecisionDoctorInternalError):
+        raise
+    except Exception as e:
+        cause = e.original if isinstance(e, ModelOpError) else e
+        where = f" at {capture.failed_at}" if capture.failed_at else ""
+        raise PrecisionDoctorInternalError(
+            f"the graph driver's walk failed{where}: {type(cause).__name__}: {cause}"
+        ) from e
+    req.say("fp32 backward with gradient statistics")
+    real_low.module_outputs.clear()
+    for n, p in req.model.named_parameters(remove_duplicate=False):
+        p.grad = grads.get(n)
+    return _Captured(capture, float(loss), guard.analysis_grads(), CapturePath.GRAPH, None, step)
+
+
+def _dispatch_capture(
     req: _Request, real_low: LowRun, guard: ModelStateGuard
 ) -> tuple[ShadowCapture, float, dict[str, torch.Tensor]]:
-    """The fp32 step with low-precision shadows: forward and loss (`_fp32_forward`), then
+    """The fp32 step under the dispatch mode: forward and loss (`_fp32_forward`), then
     backward with gradient statistics (`_fp32_backward`). Returns the capture, the fp32 loss
     and the analysis' fp32 parameter gradients. A failure that is not the model's or the
     user's is the tool's: raised as an internal error, naming the op it happened at."""
     capture: ShadowCapture | None = None
     try:
-        # The shadows follow the real low run op by op (its dtypes); every unit but the
-        # loss function also gets a local shadow.
-        low_units = LowUnits({"": True, LOSS_UNIT: False})
+        low_units = _LOW_UNITS
         with capture_pass(
             req.model,
             TORCH_DTYPES[req.low],
@@ -397,16 +527,10 @@ def _fp32_backward(model: torch.nn.Module, capture: ShadowCapture, loss: torch.T
     capture.settle()
 
 
-def _report(
-    req: _Request,
-    capture: ShadowCapture,
-    real_low: LowRun,
-    loss_fp32: float,
-    grads: dict[str, torch.Tensor],
-    fx: tuple[bool, str | None],
-) -> Report:
+def _report(req: _Request, captured: _Captured, real_low: LowRun, fx: tuple[bool, str | None]) -> Report:
     """The capture's statistics judged into the report: this process's, or the job's
     (`AnalysisJob.report`)."""
+    capture, loss_fp32, grads = captured.capture, captured.loss_fp32, captured.grads
     try:
         param_stats = _param_grad_stats(capture, req.model, grads)
     except Exception as e:
@@ -434,9 +558,10 @@ def _report(
             device=str(req.device),
             dtype=req.low,
             emulated=emulates(TORCH_DTYPES[req.low], req.device.type),
-            capture_path=CapturePath.FX if fx_ok else CapturePath.DISPATCH,
+            capture_path=captured.path,
             fx_traceable=fx_ok,
             fx_error=fx_error,
+            driver_reason=captured.driver_reason,
             regime=req.regime,
             policy=req.policy if req.regime is Regime.AUTOCAST else None,
         ),

@@ -141,6 +141,10 @@ class Op:
     backward: bool
     unit: str  # the unit running it; `attribute` settles the one it is charged to
     seq: int | None = None
+    # A driver without autograd (the graph walk): per tensor input (`tensors_in` order), the
+    # sequence numbers of the autograd nodes that made it and its base, as the traced run had
+    # them. None: read off the inputs' `grad_fn`.
+    input_seqs: Sequence[tuple[int, ...]] | None = None
     # attribute: the collective whose buffer this op works on, if that decided the unit
     comm_buffer: str | None = None
     # plan: what the real low run holds low. Per tensor input and per output (None: the op
@@ -469,7 +473,7 @@ class OpPipeline:
                 if rec.stored_low:
                     self._low_grad_seqs.add(op.seq)
             if self.op_dtypes is not None and not info.preserves_values:  # a view or copy reads nothing low itself
-                self._note_low_reads(tensors_in, producers, op.wanted_in, op.low)
+                self._note_low_reads(tensors_in, producers, op.wanted_in, op.low, op.input_seqs)
         if info.preserves_values:
             rec.value_sources, leaves = self._passed_on(op.func, info, args, tensors_in, producers)
             if leaves:
@@ -726,7 +730,12 @@ class OpPipeline:
         )
 
     def _note_low_reads(
-        self, tensors: list[torch.Tensor], producers: list[Any], wanted: Sequence[bool | None] | None, low: bool
+        self,
+        tensors: list[torch.Tensor],
+        producers: list[Any],
+        wanted: Sequence[bool | None] | None,
+        low: bool,
+        input_seqs: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         """Tensors this op reads in the low dtype (autocast's cast of an fp32 input): their
         gradient from this op is low in the real run too - the node that made them gets its
@@ -742,9 +751,12 @@ class OpPipeline:
                 continue
             # The node that made it gets its gradient low: autograd has wrapped the input by
             # now (a custom Function's node, made after its forward ran, included).
-            for node in (t.grad_fn, t._base.grad_fn if t._is_view() and t._base is not None else None):
-                if node is not None:
-                    self._low_grad_seqs.add(node._sequence_nr())
+            if input_seqs is not None:
+                self._low_grad_seqs.update(input_seqs[i])
+            else:
+                for node in (t.grad_fn, t._base.grad_fn if t._is_view() and t._base is not None else None):
+                    if node is not None:
+                        self._low_grad_seqs.add(node._sequence_nr())
             if p is None:
                 self.low_reads.add(id(t))
             else:  # through views and copies, to the ops that made the values

@@ -31,7 +31,7 @@ from precision_doctor.errors import PrecisionDoctorInternalError
 from precision_doctor.model.parallel import gathered_params, local_parts, memory_of, storage_ptr
 
 # Names tests and callers reach through this module (`summarize`: patched to count summaries).
-__all__ = ["LowUnits", "ShadowCapture", "ShadowMode", "SummaryBatch", "capture_pass", "summarize"]
+__all__ = ["LowUnits", "ShadowCapture", "ShadowMode", "SummaryBatch", "capture_pass", "configure_capture", "summarize"]
 
 # Small gradients waiting in a batch before it is computed (values): bounds the batch's
 # buffers and the gradients it keeps alive (256 KiB of fp32 each; at 1 << 18 the demo
@@ -378,6 +378,14 @@ def capture_pass(
         default_low=default_low,
     )
     capture.module_outputs = module_outputs or {}
+    configure_capture(capture, model, attribution)
+    with attribution.tracker, dynamo_safe(ShadowMode)(capture):
+        yield capture
+
+
+def configure_capture(capture: ShadowCapture, model: torch.nn.Module, attribution: UnitAttribution) -> None:
+    """What a capture knows of the model before its step runs, whichever driver runs it: the
+    model's constants, the memory no op makes, and who owns each parameter's memory."""
     # Constants of the model: its buffers and plain tensor attributes (a mask kept as one).
     capture.masks.constant_ids = {id(b) for b in model.buffers()} | {
         id(v)
@@ -394,5 +402,3 @@ def capture_pass(
     for unsharded, sharded in gathered_params(model):
         if (owner := attribution.param_units.get(id(sharded))) is not None:
             attribution.param_units.setdefault(id(unsharded), owner)
-    with attribution.tracker, dynamo_safe(ShadowMode)(capture):
-        yield capture

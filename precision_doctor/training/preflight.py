@@ -101,6 +101,7 @@ from precision_doctor.options import (
     DEFAULT_FAIL_ON,
     SEVERITY_RANK,
     AutocastPolicy,
+    Driver,
     Flag,
     Fp8Recipe,
     Judge,
@@ -806,6 +807,7 @@ def preflight(
     name: str | None = None,
     progress: Progress | None = None,
     fp8_recipe: str | Fp8Recipe | None = None,
+    driver: str | Driver = Driver.AUTO,
 ) -> PreflightResult:
     """Analyze, then train `steps` steps in fp32, plain `dtype` and the planned mix (each on
     deep copies), and judge whether the run is safe to launch. See the module docstring.
@@ -827,6 +829,8 @@ def preflight(
     Engine's delayed scaling is modelled over the judged fp8 run's steps and layers
     (`training.fp8_scaling`, `fp8_scaling` in the result, its `run` saying which;
     FP8_DELAYED_SCALING notes, warnings).
+
+    `driver`: how the analysis captures the fp32 step's ops, as `analyze` takes it.
 
     `optimizer`: an existing optimizer over `model`'s parameters, deep-copied together with
     the model for each run (its state and hyperparameters carry over); otherwise
@@ -860,6 +864,7 @@ def preflight(
     target = parse_enum(Target, target, "target")
     recipe = _fp8_recipe(low, run_regime, fp8_recipe)
     messages: list[str] = []
+    run_driver = parse_enum(Driver, driver, "driver")
     place = _Place.of(model)
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -881,6 +886,7 @@ def preflight(
         timings,
         stepped,
         fp8_recipe=recipe,
+        driver=run_driver,
     )
     pure = run_regime is Regime.PURE
     # The planned run runs the plan as it was verified: autocast with the report's op lists.
@@ -1038,6 +1044,7 @@ def _analyze_and_plan(
     timings: dict[str, float],
     build_optimizer: OptimizerFactory | None = None,
     fp8_recipe: Fp8Recipe | None = None,
+    driver: Driver = Driver.AUTO,
 ) -> tuple[Report, dict[str, PlanUnitDtype] | None, int | None]:
     """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
     units (None: no plan) and the recommended initial loss scale (fp16 only)."""
@@ -1056,6 +1063,7 @@ def _analyze_and_plan(
         policy=policy,
         build_optimizer=build_optimizer,  # the optimizer step (LOST_UPDATE) with the user's optimizer
         fp8_recipe=fp8_recipe,
+        driver=driver,
     )
     timings["analysis"] = time.perf_counter() - t
     if not plan:
