@@ -289,7 +289,7 @@ def bench(name: str, repeats: int, analyze_repeats: int, memory: bool) -> dict[s
         "analyze_cpu": statistics.median(an_cpu),
         "driver": driver_of(report),
     }
-    del reports, model
+    reports.clear()
     gc.collect()
     if memory:
         ms, ma = run_child("step", name), run_child("analyze", name)
@@ -312,11 +312,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         ratio, cpu_ratio = r["analyze"] / r["step"], r["analyze_cpu"] / r["step_cpu"]
         tgt = target(r["model"], r["step"])
-        mem = (
-            f"{r['mem_step']:.0f} | {r['mem_analyze']:.0f} | {r['mem_x']:.2f}"
-            if "mem_x" in r
-            else "- | - | -"
-        )
+        mem = f"{r['mem_step']:.0f} | {r['mem_analyze']:.0f} | {r['mem_x']:.2f}" if "mem_x" in r else "- | - | -"
         print(
             f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['ops']} | {r['step']:.3f} ({r['step_cpu']:.3f}) "
             f"| {r['analyze']:.2f} ({r['analyze_cpu']:.2f}) | {ratio:.1f}x | {cpu_ratio:.1f}x | <= {tgt:.1f}x "

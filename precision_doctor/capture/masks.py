@@ -36,6 +36,7 @@ import torch
 
 from precision_doctor.capture.memory import WeakIdMap
 from precision_doctor.capture.ops import OpInfo, aten
+from precision_doctor.capture.readback import Job
 from precision_doctor.capture.records import OpRecord
 from precision_doctor.capture.statistics import compact
 
@@ -188,6 +189,27 @@ class MaskTracker:
         p = below.expand(t.shape)
         self._positions[t] = p
         return p
+
+    def known(self, t: torch.Tensor, src: OpRecord | None) -> tuple[Positions | None, bool]:
+        """What `positions` gives without reading `t`'s values: the positions known from the
+        dataflow, and whether `t` is a float constant whose positions would be read off its
+        values (`constant_positions_job`)."""
+        p = self._positions.get(t)
+        if p is _NONE:
+            return None, False
+        if p is not None:
+            return p, False
+        constant = src.constant if src is not None else id(t) in self.constant_ids
+        return None, constant and t.is_floating_point()
+
+    @staticmethod
+    def constant_positions_job(t: torch.Tensor) -> Job[Positions | None]:
+        """A constant's positions read off its values, as a job (capture/readback.py)."""
+        values, _ = compact(t.detach())  # an expanded constant: compared once, expanded again
+        below = values <= MASK_LOGIT
+        if not (yield below.any()):
+            return None
+        return below.expand(t.shape)
 
     # --- the rules -----------------------------------------------------------------------
     def _pass_on(

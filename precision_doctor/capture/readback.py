@@ -159,8 +159,10 @@ class Readback:
         return self.held_bytes > HOLD_BUDGET_BYTES
 
     def hold(self, t: torch.Tensor) -> Held:
-        """Keep `t` for a pending job (see `protect`)."""
-        h = Held(t)
+        """Keep `t` for a pending job (see `protect`), as a detached alias: a mode that still
+        references the very tensor an op returns makes torch re-wrap it for the caller, a
+        `detach` the model's code would see. Call it with the capture modes off."""
+        h = Held(t.detach())
         key = _storage_key(t)
         holders = self._held.get(key)
         if holders is None:

@@ -231,6 +231,7 @@ def summarize_unmasked_job(
         [summarize_job(x.masked_fill(clear, 0.0), workspace=workspace), true_count_job(clear, x.shape)]
     )
     summary.masked_count = count
+    assert isinstance(summary, TensorSummary)
     return summary
 
 
@@ -398,7 +399,7 @@ def _tails_job(flat: torch.Tensor, hist: np.ndarray, s: TensorSummary, ws: Works
 
     counts: dict[str, list[tuple[int, torch.Tensor | None]]] = {}
     for limits in _FORMATS:
-        parts = [(0, None)] * 3
+        parts: list[tuple[int, torch.Tensor | None]] = [(0, None)] * 3
         if s.max_abs > limits.max_value:
             parts[0] = _count_in_bin(bits, hist, s.zero_count, limits.max_value, above=True)
         if s.min_nonzero_abs < limits.smallest_normal:
@@ -613,7 +614,7 @@ class SummaryBatch:
             if self._readback is None:
                 return summarize(t, with_sumsq=self.with_sumsq, workspace=self._ws)
             target = TensorSummary()
-            job = summarize_job(self._readback.hold(t.detach()), with_sumsq=self.with_sumsq, workspace=self._ws)
+            job = summarize_job(self._readback.hold(t), with_sumsq=self.with_sumsq, workspace=self._ws)
             self._readback.submit(_fill(target, job))
             return target
         target = TensorSummary()
