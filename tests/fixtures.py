@@ -386,6 +386,38 @@ class DeepSE(nn.Module):
         return self.head(self.se(self.blocks(x)).mean(2))
 
 
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+class DeepMLP(nn.Module):
+    """`depth` residual Linear+GELU blocks of one width and a head: the op count grows with
+    `depth`, the values' scale does not (the residual path keeps activations and gradients
+    near 1 at any depth)."""
+
+    def __init__(self, width: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(depth)])
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def build_deep_mlp(seed: int = 0, depth: int = 4) -> Case:
+    torch.manual_seed(seed)
+    model = DeepMLP(depth=depth)
+    return Case(
+        f"deep_mlp{depth}", model, torch.randn(6, 16, generator=torch.Generator().manual_seed(seed + 1)), mlp_loss
+    )
+
+
 def build_deep_se(seed: int = 0) -> Case:
     torch.manual_seed(seed)
     model = DeepSE()
