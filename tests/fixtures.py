@@ -148,7 +148,7 @@ def _tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=g)
 
 
-def build_gpt2(seed: int = 0) -> Case:
+def build_gpt2(seed: int = 0, layers: int = 2) -> Case:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -156,7 +156,7 @@ def build_gpt2(seed: int = 0) -> Case:
         vocab_size=VOCAB,
         n_positions=32,
         n_embd=32,
-        n_layer=2,
+        n_layer=layers,
         n_head=2,
         resid_pdrop=0.0,
         embd_pdrop=0.0,

@@ -653,11 +653,13 @@ class OpPipeline:
     ) -> Job[tuple[TensorSummary, torch.Tensor | None, bool]]:
         """One output's summary, where it holds mask values, and whether it holds Inf/NaN."""
         raw_nonfinite = False
+        if where is not None and not (yield from self.masks.any_set_job(where)):
+            where = None
         if where is None:
             part = yield from summarize_job(h.t, workspace=self.workspace)
             raw_nonfinite = bool(part.nonfinite_count)
             if rec.constant and _out_of_range(part):
-                where = self.masks.positions(h.t, rec)
+                where = yield from self.masks.constant_positions_job(h.t)
         if where is not None:
             part = yield from summarize_unmasked_job(h.t, where, workspace=self.workspace)
             # Whether the mask itself held Inf (what its consumers' mask_nonfinite reads).

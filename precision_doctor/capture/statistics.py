@@ -449,8 +449,11 @@ class ErrorAccumulator:
         *,
         masked: torch.Tensor | None = None,
     ) -> Job[float]:
-        """`add` as a job (capture/readback.py): two rounds of reads, three with Inf/NaN."""
+        """`add` as a job (capture/readback.py): two rounds of reads, one more with a mask, one
+        more with Inf/NaN."""
         ref, shadow = _held(ref).detach(), _held(shadow).detach()
+        if masked is not None and not (yield compact(masked)[0].any()):
+            masked = None  # an empty mask (capture/masks.py keeps those): the plain comparison
         if masked is not None:
             keep = ~(masked.expand(ref.shape) & ~torch.isnan(shadow))
             ref, shadow, ref_norm_sq = ref[keep], shadow[keep], None
