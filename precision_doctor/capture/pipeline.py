@@ -19,9 +19,16 @@ or an earlier step filled in, and fills in its own:
 | `shadow`         | store, shadow_args, out                 | out_low, pairs; the local store's new entries |
 | `record`         | tensors_in, outs, out_low, seq          | producers, rec (appended to `records`)        |
 | `track_masks`    | rec, producers, outs                    | rec.constant, rec.masked                      |
-| `summarize`      | rec, outs, pairs, written               | rec's statistics and local error; the unit's  |
+| `summarize`      | rec, outs, pairs, written               | queues rec's statistics and local error       |
 
 (`record`, `track_masks` and `summarize` run only when `collect` is set.)
+
+No step reads a device value back to the host. `summarize` (and `record`'s inherited ranges,
+`module_output`'s errors) queue readback jobs (`capture/readback.py`) on `readback`, holding
+the tensors they read; `flush()` runs them all, a few batched reads in all, and then fills in
+the records and units in op order. A driver calls `flush()` at the end of each pass, before
+anything reads `records` or `units` (the pipeline also flushes early when the held tensors
+pass `readback.HOLD_BUDGET_BYTES`).
 
 What a driver gives, per op (`Op`'s first fields):
 - `func`, `args`, `kwargs`: the aten overload and its real arguments, the fp32 run's tensors
