@@ -36,8 +36,11 @@ Job = Generator[Any, Any, T]
 the list of its jobs' return values), returning its result."""
 
 # Pending tensors held past this many bytes (distinct storages) flush the queue at the next
-# op boundary: what the held tensors keep alive beyond their own lifetime stays bounded.
+# op boundary: what the held tensors keep alive beyond their own lifetime stays bounded. On
+# the CPU a read waits for nothing, and memory is what holding costs (RSS that would have been
+# freed, and page faults to get it back): there the queue runs every megabyte.
 HOLD_BUDGET_BYTES = 64 << 20
+CPU_HOLD_BUDGET_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,10 @@ def _values(requests: list[torch.Tensor]) -> list[Any]:
     for i, t in enumerate(requests):
         by_device.setdefault(t.device, []).append(i)
     for idx in by_device.values():
-        parts = [requests[i].detach().reshape(-1).to(torch.float64) for i in idx]
-        flat: list[float] = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+        parts = [requests[i].detach().reshape(-1) for i in idx]
+        # One kernel: cat promotes every part to float64 (the empty first one's dtype), exact
+        # for counts below 2^53 and for fp32/fp64 values.
+        flat: list[float] = torch.cat([parts[0].new_empty(0, dtype=torch.float64), *parts]).tolist()
         start = 0
         for i in idx:
             n = requests[i].numel()
@@ -150,13 +155,14 @@ class Readback:
         self._then: list[Callable[[], None]] = []
         self._held: dict[int, list[Held]] = {}
         self.held_bytes = 0
+        self._budget = HOLD_BUDGET_BYTES
 
     def __len__(self) -> int:
         return len(self._jobs) + len(self._then)
 
     @property
     def over_budget(self) -> bool:
-        return self.held_bytes > HOLD_BUDGET_BYTES
+        return self.held_bytes > self._budget
 
     def hold(self, t: torch.Tensor) -> Held:
         """Keep `t` for a pending job (see `protect`), as a detached alias: a mode that still
@@ -168,6 +174,8 @@ class Readback:
         if holders is None:
             self._held[key] = [h]
             self.held_bytes += t.untyped_storage().nbytes()
+            if t.device.type == "cpu":
+                self._budget = CPU_HOLD_BUDGET_BYTES
         else:
             holders.append(h)
         return h
@@ -201,6 +209,7 @@ class Readback:
                     _drive(jobs)
             self._held.clear()
             self.held_bytes = 0
+            self._budget = HOLD_BUDGET_BYTES
             then, self._then = self._then, []
             for fn in then:
                 fn()
