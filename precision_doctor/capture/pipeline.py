@@ -696,8 +696,9 @@ class OpPipeline:
     def _local_inputs(self, op: Op) -> _LocalInputs | None:
         """What the op's local error needs once read back: its (fp32, shadow) output pairs,
         and its shadow inputs with where they hold mask values, to tell whether an Inf/NaN
-        the shadow made came from finite inputs. A shadow input in a reused buffer (a pooled
-        upcast) is checked now: the next op overwrites it."""
+        the shadow made came from finite inputs. A pooled upcast input is read from the low
+        tensor it was made from; any other shadow input in a reused buffer is checked now:
+        the next op overwrites it."""
         if not op.pairs:
             return None
         position = {id(t): k for k, t in enumerate(op.outs)}
@@ -711,6 +712,8 @@ class OpPipeline:
                     continue
                 src = self.records[made[0]] if (made := self._producer.get(t)) is not None else None
                 where, constant = self.masks.known(t, src)
+                if self.workspace.owns(s):  # a pooled upcast: its low source has its finiteness and NaNs
+                    s = self.shadows.upcast_sources.get(id(s), s)
                 if self.workspace.owns(s):
                     where = self.masks.positions(t, src) if constant else where
                     inputs.append((self._finite_flag(s, where), where, None))
