@@ -148,7 +148,7 @@ def _tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=g)
 
 
-def build_gpt2(seed: int = 0) -> Case:
+def build_gpt2(seed: int = 0, layers: int = 2) -> Case:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -156,7 +156,7 @@ def build_gpt2(seed: int = 0) -> Case:
         vocab_size=VOCAB,
         n_positions=32,
         n_embd=32,
-        n_layer=2,
+        n_layer=layers,
         n_head=2,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -384,6 +384,38 @@ class DeepSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.se(self.blocks(x)).mean(2))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+class DeepMLP(nn.Module):
+    """`depth` residual Linear+GELU blocks of one width and a head: the op count grows with
+    `depth`, the values' scale does not (the residual path keeps activations and gradients
+    near 1 at any depth)."""
+
+    def __init__(self, width: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(depth)])
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def build_deep_mlp(seed: int = 0, depth: int = 4) -> Case:
+    torch.manual_seed(seed)
+    model = DeepMLP(depth=depth)
+    return Case(
+        f"deep_mlp{depth}", model, torch.randn(6, 16, generator=torch.Generator().manual_seed(seed + 1)), mlp_loss
+    )
 
 
 def build_deep_se(seed: int = 0) -> Case:

@@ -54,6 +54,7 @@ def _fx_driver(model: nn.Module, x: torch.Tensor) -> list[OpRecord]:
                 # Every op of this model runs in its root module's forward.
                 op = Op(node.target, info, args, dict(kwargs), False, pipeline.tracker.outside)
                 env[node] = pipeline.run(op)
+    pipeline.flush()  # the statistics are read back once, at the end of the pass
     return pipeline.records
 
 

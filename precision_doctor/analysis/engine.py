@@ -494,6 +494,7 @@ def _fp32_forward(req: _Request, capture: ShadowCapture, real_low: LowRun) -> tu
     except (Exception, SystemExit) as e:
         raise PrecisionDoctorError(f"loss_fn raised {type(e).__name__}: {e}") from e
     real_low.module_outputs.clear()  # those no module call consumed
+    capture.flush()  # the forward's statistics, read back
     with _disable_current_modes():  # reading the loss is no op of the model
         loss_fp32 = float(loss.detach())
     if not math.isfinite(loss_fp32):
@@ -759,7 +760,7 @@ def _param_grad_stats(
     a complex one gets none (nothing here rounds complex values)."""
     by_tensor: dict[int, TensorSummary] = {}
     param_stats: dict[str, TensorSummary] = {}
-    small = SummaryBatch(capture.workspace, with_sumsq=True)
+    small = SummaryBatch(capture.workspace, with_sumsq=True, readback=capture.readback)
     replicated = is_tensor_parallel(model)
     for n, g in grads.items():
         if id(g) not in by_tensor:
@@ -773,6 +774,7 @@ def _param_grad_stats(
             by_tensor[id(g)] = small.add(part) if part is not None and part.numel() else TensorSummary()
         param_stats[n] = by_tensor[id(g)]
     small.compute()
+    capture.flush()
     params = dict(model.named_parameters(remove_duplicate=False))
     for n, st in param_stats.items():
         if st.nonfinite_count:

@@ -22,7 +22,8 @@ import torch
 from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.analysis.flags import grad_divergence_flags
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
-from precision_doctor.capture.statistics import ErrorAccumulator, Workspace, squared_norm
+from precision_doctor.capture.readback import Held, Job, Parallel, Readback
+from precision_doctor.capture.statistics import ErrorAccumulator, Workspace, squared_norm_job, true_count_job
 from precision_doctor.capture.units import owner_of
 from precision_doctor.options import Flag, LowDtype, Regime
 from precision_doctor.report import FlagRecord, GradFidelity, ModelGradFidelity, Report
@@ -54,13 +55,15 @@ class GradComparison:
     nonfinite: int = 0
     numel: int = 0
 
-    def add(self, ref: torch.Tensor, low: torch.Tensor, workspace: Workspace) -> None:
-        ref, low = ref.detach(), low.detach()
-        self.numel += ref.numel()
-        a, b = squared_norm(ref), squared_norm(low)
+    def add_job(self, ref: Held, low: Held, workspace: Workspace) -> Job[None]:
+        """Add one gradient pair, as a job (capture/readback.py): the norms in one read, the
+        distance in a second, more reads only where fp64 or an Inf/NaN is involved."""
+        r, lo = ref.t, low.t
+        self.numel += r.numel()
+        a, b = yield Parallel([squared_norm_job(r), squared_norm_job(lo)])
         if math.isfinite(a) and math.isfinite(b):
             acc = ErrorAccumulator()
-            acc.add(ref, low, a, workspace)
+            yield from acc.add_job(r, lo, a, workspace)
             self.sum_sq_ref += a
             self.sum_sq_low += b
             self.sum_sq_err += acc.sum_sq_err
@@ -70,13 +73,21 @@ class GradComparison:
         # weighs in the model's (a low gradient that is Inf everywhere does not make fp32's
         # 0). Where the low values are finite wherever fp32's are, the two sets are one and
         # the cosine's identity holds; elsewhere `nonfinite` leaves no cosine to compute.
-        ref_finite, low_finite = torch.isfinite(ref), torch.isfinite(low)
-        self.nonfinite += int((ref_finite & ~low_finite).sum())
+        ref_finite, low_finite = torch.isfinite(r), torch.isfinite(lo)
         keep = ref_finite & low_finite
-        r, lo = ref[keep], low[keep]
-        self.sum_sq_ref += squared_norm(ref[ref_finite])
-        self.sum_sq_low += squared_norm(lo)
-        self.sum_sq_err += squared_norm(lo - r)
+        kept_ref, kept_low = r[keep], lo[keep]
+        nonfinite, sq_ref, sq_low, sq_err = yield Parallel(
+            [
+                true_count_job(ref_finite & ~low_finite, r.shape),
+                squared_norm_job(r[ref_finite]),
+                squared_norm_job(kept_low),
+                squared_norm_job(kept_low - kept_ref),
+            ]
+        )
+        self.nonfinite += nonfinite
+        self.sum_sq_ref += sq_ref
+        self.sum_sq_low += sq_low
+        self.sum_sq_err += sq_err
 
     def merge(self, other: GradComparison) -> None:
         self.sum_sq_ref += other.sum_sq_ref
@@ -128,6 +139,13 @@ class GradComparer:
         self._by_name: dict[str, GradComparison] = {}
         self._by_tensor: dict[int | str, GradComparison] = {}  # fp32 tensor (else name) -> its comparison
         self._model = GradComparison()
+        # The comparisons' host reads wait here and are read back together (`_settle`), a
+        # handful of rounds for all gradients rather than a few per gradient; what the
+        # pending ones hold is bounded by `readback.HOLD_BUDGET_BYTES`.
+        self._readback = Readback()
+
+    def _settle(self) -> None:
+        self._readback.flush()
 
     def add(self, names: list[str], low: torch.Tensor) -> None:
         """One low gradient (unscaled, fp32) under every name of its parameter. A parameter
@@ -144,8 +162,11 @@ class GradComparer:
             ref = _dense(ref) if ref is not None else torch.zeros_like(low)
             comparison = self._by_tensor[key] = GradComparison()
             if not (ref.is_complex() or low.is_complex()):  # nothing here rounds complex values
-                comparison.add(ref.float(), low, self._ws)
-                self._model.merge(comparison)
+                hold = self._readback.hold
+                self._readback.submit(comparison.add_job(hold(ref.float()), hold(low), self._ws))
+                self._readback.then(functools.partial(self._model.merge, comparison))  # in arrival order
+                if self._readback.over_budget:
+                    self._settle()
         for n in names:
             self._by_name[n] = comparison
 
@@ -169,6 +190,7 @@ class GradComparer:
         `distributed.Job.counted_gradients`). Outside a job the sums stay as they are.
         Returns every rank's `rank_flags` (its own GRAD_DIVERGENCE findings), in rank order,
         carried by the same checkpoint."""
+        self._settle()
         red = StatsReducer()
         every_rank: list[list[FlagRecord]] = [list(rank_flags)]
 
@@ -215,6 +237,7 @@ class GradComparer:
         for group in missing.values():
             ref = self._fp32[group[0]]
             self.add(group, torch.zeros_like(_dense(ref), dtype=torch.float32))
+        self._settle()
         ranks = report.ranks
         if job_params is not None:
             every_rank = self.combine_ranks(job_params, rank_flags)

@@ -46,6 +46,10 @@ class LocalShadows:
         # on GPT-2 small) for a conversion that is cheap.
         self._op_rounded: dict[int, torch.Tensor] = {}
         self._op_upcast: dict[tuple[Any, ...], torch.Tensor] = {}
+        # The current op's pooled upcasts (by id) and the low tensors they were made from: the
+        # same finiteness and NaNs, and no buffer the next op reuses, so the statistics read
+        # those (`OpPipeline._local_inputs`). Set by `args`, kept until its next call.
+        self.upcast_sources: dict[int, torch.Tensor] = {}
 
     def store(self, unit: str) -> WeakIdMap:
         store = self.stores.get(unit)
@@ -90,6 +94,8 @@ class LocalShadows:
             pooled = self.pooled_like(s, f"{POOL_SLOT}.upcast{len(self._op_upcast)}")
             up = pooled.copy_(s) if pooled is not None else s.float()
             self._op_upcast[key] = up
+            if pooled is not None:
+                self.upcast_sources[id(up)] = s
         return up
 
     def pooled_like(self, t: torch.Tensor, slot: str) -> torch.Tensor | None:
@@ -129,6 +135,7 @@ class LocalShadows:
         `wanted[i]`: whether this op reads tensor input i (in `tensor_leaves` order) low in the
         real run (None: as stored); `held[i]`: whether the run holds it low where this store
         has no shadow of it (None: `low`)."""
+        self.upcast_sources.clear()
         position = iter(range(1 << 30))
         self._read_low = {True: [], False: []}
 

@@ -15,7 +15,7 @@ Where masks come from:
   (timm's Swin keeps its -100 mask as a buffer), and ops on constants alone
   (`zeros_like(k) - 1e38`, `full(-inf).triu(1)`, Swin's `masked_fill(m != 0, -100)` of a
   constant). A constant is masked where it holds at most `MASK_LOGIT` (or -inf): its
-  positions are read off its values, only when they are needed.
+  positions are computed from its values, only when they are needed, on the device.
 - **writes of such a value into data**: `masked_fill`, `where`, `index_put` (`x[m] = -inf`).
 
 Ops that hand the positions on (`PASSING`): views and copies (casts, `cat`, `expand`), an add
@@ -23,7 +23,9 @@ of the mask to the scores, a subtraction from them, a positive scaling, `maximum
 and `softmax`/`exp`/`log_softmax`/dropout, whose outputs there are the zeros (or -inf) the
 mask means. Any other op ends the mask: `p @ v` is computed from the probabilities.
 Data positions are kept per tensor (a bool tensor, weakly keyed), so an op that reads no
-masked input pays one loop over its inputs and nothing else.
+masked input pays one loop over its inputs and nothing else. Nothing here reads the device:
+positions are kept even where none may be set, and whether any is, is read back with the
+op's statistics (`MaskTracker.any_set_job`), which then treat an empty mask as none.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 
 from precision_doctor.capture.memory import WeakIdMap
 from precision_doctor.capture.ops import OpInfo, aten
+from precision_doctor.capture.readback import Job
 from precision_doctor.capture.records import OpRecord
 from precision_doctor.capture.statistics import compact
 
@@ -96,8 +99,6 @@ _WRITES = _FILLS | _WHERE | _INDEX_PUTS
 PASSING = _ADDS | _SUBS | _SCALES | _KEEPS | _FILLS | _WHERE | _INDEX_PUTS | _MAXIMA | _MINIMA
 _MASKED_SOFTMAX = aten._masked_softmax.default  # its bool mask argument says where
 
-_NONE = object()  # cached: a constant with no masked position
-
 Positions = torch.Tensor  # bool, broadcasting to the tensor it describes
 
 
@@ -113,7 +114,7 @@ class MaskTracker:
 
     def __init__(self) -> None:
         self.constant_ids: set[int] = set()
-        self._positions = WeakIdMap()  # tensor -> Positions, or _NONE for an unmasked constant
+        self._positions = WeakIdMap()  # tensor -> Positions
 
     # --- per op ---------------------------------------------------------------------------
     def op(
@@ -166,28 +167,51 @@ class MaskTracker:
             if p is None or not o.is_floating_point():
                 continue
             # Kept as small as it broadcasts: a (T, T) causal mask for (B, H, T, T) scores.
-            if _broadcasts(p.shape, o.shape) and bool(compact(p)[0].any()):
+            # Possibly none is set: whether any is, is read with the statistics (`any_set_job`).
+            if _broadcasts(p.shape, o.shape):
                 self._positions[o] = p
                 rec.masked = True
 
     def positions(self, t: torch.Tensor, src: OpRecord | None) -> Positions | None:
-        """Where `t` (made by `src`; None: no op made it) holds mask values."""
+        """Where `t` (made by `src`; None: no op made it) may hold mask values: None where it
+        holds none, as far as is known without reading the device; the positions given may
+        still all be False (`any_set_job`)."""
         p = self._positions.get(t)
-        if p is _NONE:
-            return None
         if p is not None:
             return p  # type: ignore[no-any-return]
         constant = src.constant if src is not None else id(t) in self.constant_ids
         if not constant or not t.is_floating_point():
             return None
         values, _ = compact(t.detach())  # an expanded constant: compared once, expanded again
-        below = values <= MASK_LOGIT
-        if not bool(below.any()):
-            self._positions[t] = _NONE
-            return None
-        p = below.expand(t.shape)
+        p = (values <= MASK_LOGIT).expand(t.shape)  # possibly none (see `any_set_job`)
         self._positions[t] = p
         return p
+
+    def known(self, t: torch.Tensor, src: OpRecord | None) -> tuple[Positions | None, bool]:
+        """What `positions` gives without reading `t`'s values: the positions known from the
+        dataflow, and whether `t` is a float constant whose positions would be read off its
+        values (`constant_positions_job`)."""
+        p = self._positions.get(t)
+        if p is not None:
+            return p, False
+        constant = src.constant if src is not None else id(t) in self.constant_ids
+        return None, constant and t.is_floating_point()
+
+    @staticmethod
+    def any_set_job(p: Positions) -> Job[bool]:
+        """Whether positions `p` hold any masked position, as a job (capture/readback.py):
+        `positions` sets them without reading the device, and a mask may turn out empty (a
+        padding mask with no padding, a constant with no mask value)."""
+        return bool((yield compact(p)[0].any()))
+
+    @staticmethod
+    def constant_positions_job(t: torch.Tensor) -> Job[Positions | None]:
+        """A constant's positions read off its values, as a job (capture/readback.py)."""
+        values, _ = compact(t.detach())  # an expanded constant: compared once, expanded again
+        below = values <= MASK_LOGIT
+        if not (yield below.any()):
+            return None
+        return below.expand(t.shape)
 
     # --- the rules -----------------------------------------------------------------------
     def _pass_on(

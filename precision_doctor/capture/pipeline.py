@@ -19,9 +19,16 @@ or an earlier step filled in, and fills in its own:
 | `shadow`         | store, shadow_args, out                 | out_low, pairs; the local store's new entries |
 | `record`         | tensors_in, outs, out_low, seq          | producers, rec (appended to `records`)        |
 | `track_masks`    | rec, producers, outs                    | rec.constant, rec.masked                      |
-| `summarize`      | rec, outs, pairs, written               | rec's statistics and local error; the unit's  |
+| `summarize`      | rec, outs, pairs, written               | queues rec's statistics and local error       |
 
 (`record`, `track_masks` and `summarize` run only when `collect` is set.)
+
+No step reads a device value back to the host. `summarize` (and `record`'s inherited ranges,
+`module_output`'s errors) queue readback jobs (`capture/readback.py`) on `readback`, holding
+the tensors they read; `flush()` runs them all, a few batched reads in all, and then fills in
+the records and units in op order. A driver calls `flush()` at the end of each pass, before
+anything reads `records` or `units` (the pipeline also flushes early when the held tensors
+pass `readback.HOLD_BUDGET_BYTES`).
 
 What a driver gives, per op (`Op`'s first fields):
 - `func`, `args`, `kwargs`: the aten overload and its real arguments, the fp32 run's tensors
@@ -54,6 +61,7 @@ And, around the ops:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,13 +89,14 @@ from precision_doctor.capture.ops import (
     outputs_of,
     tensor_leaves,
 )
+from precision_doctor.capture.readback import Held, Job, Parallel, Readback
 from precision_doctor.capture.records import OpRecord, UnitRecord, value_sources
 from precision_doctor.capture.statistics import (
     ErrorAccumulator,
     TensorSummary,
     Workspace,
-    summarize,
-    summarize_unmasked,
+    summarize_job,
+    summarize_unmasked_job,
 )
 from precision_doctor.capture.units import (
     UNATTRIBUTED_UNIT,
@@ -110,15 +119,30 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.sum(t, dtype=torch.float32)))
 
 
-def _has_nonfinite(t: torch.Tensor) -> bool:
+def all_finite_job(t: torch.Tensor) -> Job[bool]:
+    """`all_finite` as a job (capture/readback.py)."""
+    return bool((yield torch.isfinite(torch.sum(t, dtype=torch.float32))))
+
+
+def _has_nonfinite_job(t: torch.Tensor) -> Job[bool]:
     """Exact, in one fp32 sum where `t` is finite; where that sum is not (an Inf, a NaN, or
     -1e38 sentinels adding up past fp32's max), in an fp64 one, which no fp32 values overflow."""
-    return not all_finite(t) and not math.isfinite(float(torch.sum(t, dtype=torch.float64)))
+    if (yield from all_finite_job(t)):
+        return False
+    return not math.isfinite((yield torch.sum(t, dtype=torch.float64)))
 
 
 def _out_of_range(s: TensorSummary) -> bool:
     """Whether a summary holds values a low format cannot (what mask values can explain)."""
     return bool(s.nonfinite_count) or any(t.overflow or t.flushed for t in s.tails.values())
+
+
+# What an op's local error reads once its statistics are read back: (output position, fp32
+# output, shadow) pairs, and per float shadow input the input itself (or, for one in a reused
+# buffer, whether it was finite), where its fp32 value holds mask values as far as the dataflow
+# tells, and that value if it is a constant (whose positions are read off its values).
+_LocalInput = tuple[Held | torch.Tensor, torch.Tensor | None, Held | None]
+_LocalInputs = tuple[list[tuple[int, Held, Held]], list[_LocalInput] | None]
 
 
 class ModelOpError(Exception):
@@ -232,6 +256,9 @@ class OpPipeline:
         self._communicated = False
         self.param_storage_units: dict[int, str] = {}
         self.workspace = Workspace()
+        # What the statistics read back to the host waits here and is read once per round
+        # for all pending ops (`flush`), not op by op.
+        self.readback = Readback()
         self.shadows = LocalShadows(low_dtype, self.workspace)
         self.masks = MaskTracker()  # values meant to be masked, from the dataflow
         self.external_storages: set[int] = set()  # parameters', buffers' and the batch's memory
@@ -263,6 +290,7 @@ class OpPipeline:
                 refs = [local_tensor(waited(t)) for t in refs]
                 low = [local_tensor(waited(t)) for t in low]
             acc = self.module_errors.setdefault(path, ErrorAccumulator())
+            urec = self.units.get(path)
             for ref, sh in zip(refs, low, strict=True):
                 if ref.dtype != torch.float32 or sh.shape != ref.shape or not ref.numel():
                     continue
@@ -274,20 +302,35 @@ class OpPipeline:
                 # A parent handing on its child's output reuses its error; a module that wrote
                 # the tensor in place since (`x.sub_(c)`, ReLU(inplace=True)) gets its own.
                 one = cached[1] if cached is not None and cached[0] == ref._version else None
+                fresh = one is None
                 if one is None:
                     # Mask values (-1e38 turns into -inf in fp16, which masks as well) are no error.
                     masked = self.masks.positions(ref, self.records[made[0]] if made is not None else None)
                     one = ErrorAccumulator()
-                    one.add(ref.detach(), sh, None, self.workspace, masked=masked)
+                    held = self.readback.hold(ref)
+                    self.readback.submit(one.add_job(held, sh, None, self.workspace, masked=masked))
                     self._value_errors[ref] = (ref._version, one)
-                    for v, k in sources:
-                        local_k = self.records[v].output_errors.get(k, (None, None))[0]
-                        self.records[v].output_errors[k] = (local_k, one)
-                acc.merge(one)
-                # (A container with no op of its own is no unit: nothing to record.)
-                urec = self.units.get(path)
-                if urec is not None and not any(self.records[v].unit == path for v, _ in sources):
-                    urec.handed_on_error = max(urec.handed_on_error, one.rel_l2)
+                self.readback.then(functools.partial(self._module_output_error, path, acc, urec, one, sources, fresh))
+
+    def _module_output_error(
+        self,
+        path: str,
+        acc: ErrorAccumulator,
+        urec: UnitRecord | None,
+        one: ErrorAccumulator,
+        sources: tuple[tuple[int, int], ...],
+        fresh: bool,
+    ) -> None:
+        """One module output's error, once read: on the records that made its values, in the
+        module's total, and as what the module hands on if another unit made it."""
+        if fresh:
+            for v, k in sources:
+                local_k = self.records[v].output_errors.get(k, (None, None))[0]
+                self.records[v].output_errors[k] = (local_k, one)
+        acc.merge(one)
+        # (A container with no op of its own is no unit: nothing to record.)
+        if urec is not None and not any(self.records[v].unit == path for v, _ in sources):
+            urec.handed_on_error = max(urec.handed_on_error, one.rel_l2)
 
     def unit_exited(self, path: str) -> None:
         local = self.shadows.stores.get(path)
@@ -297,6 +340,16 @@ class OpPipeline:
     def before_write(self, t: torch.Tensor) -> None:
         """An op is about to write `t` (in place, `out=`, a collective's buffer)."""
         self.on_mutation(t)  # `out=` too: `torch.mul(w, 0.5, out=w)` writes a parameter
+        self.readback.protect(t)  # pending statistics read what it holds now
+
+    def flush(self) -> None:
+        """Read back the pending statistics and finish the records that wait on them (see
+        `readback.Readback`): at the end of each phase, before the records are read, and
+        whenever what the pending statistics hold grows past `readback.HOLD_BUDGET_BYTES`.
+        Their tensor work reaches no capture mode."""
+        if len(self.readback):
+            with _disable_current_modes():
+                self.readback.flush()
 
     # --- the steps -------------------------------------------------------------------------
     def classify(self, func: Any) -> OpInfo:
@@ -317,6 +370,8 @@ class OpPipeline:
             self.record(op)
             self.track_masks(op)
             self.summarize(op)
+            if self.readback.over_budget:
+                self.flush()
         return op.out
 
     def attribute(self, op: Op) -> None:
@@ -448,6 +503,13 @@ class OpPipeline:
                 sout = op.out.detach()
             else:
                 assert op.shadow_args is not None  # prepare_shadow built them for this store
+                if info.mutates or info.writes_kwargs:  # the shadow writes shadows pending statistics read
+                    for t in _written(info, *op.shadow_args):
+                        if isinstance(t, torch.Tensor):
+                            self.readback.protect(t)
+                    for ref in op.outs:
+                        if (existing := op.store.get(ref)) is not None:
+                            self.readback.protect(existing)  # `keep` writes through it
                 sout = self.shadows.call(op.func, info, op.shadow_args, op.out, stored_low=any_low(local_out_low))
             op.pairs = self.shadows.keep(info, op.outs, sout, op.store, local_out_low)
 
@@ -502,16 +564,20 @@ class OpPipeline:
             self._producer[t] = (rec.index, k)
         for b in bases:
             self._producer[b] = (rec.index, 0)
-        self._inherit(op, rec)
+        # Read off the producers' statistics, which are read back later (`flush`): in op order.
+        fp32_in, wanted_in = [t.dtype == torch.float32 for t in tensors_in], op.wanted_in
+        self.readback.then(lambda: self._inherit(rec, fp32_in, backward, wanted_in))
 
-    def _inherit(self, op: Op, rec: OpRecord) -> None:
-        """What out-of-range values the op reads. Only inputs other ops produced count as
-        "already out of range": a parameter or batch value beyond the format's max is this
-        op's problem to report, not inherited."""
+    def _inherit(
+        self, rec: OpRecord, fp32_in: list[bool], backward: bool, wanted_in: Sequence[bool | None] | None
+    ) -> None:
+        """What out-of-range values the op reads (`fp32_in`: which of its tensor inputs are
+        fp32). Only inputs other ops produced count as "already out of range": a parameter or
+        batch value beyond the format's max is this op's problem to report, not inherited."""
         in_max = 0.0
         masked_in = False
-        for k, (t, i) in enumerate(zip(op.tensors_in, rec.inputs, strict=True)):
-            if i >= 0 and t.dtype == torch.float32:
+        for k, (fp32, i) in enumerate(zip(fp32_in, rec.inputs, strict=True)):
+            if i >= 0 and fp32:
                 src = self.records[i]
                 masked_in = masked_in or src.mask_nonfinite
                 if self.op_dtypes is None or src.stored_low:
@@ -519,10 +585,10 @@ class OpPipeline:
                 elif src.overflow_inherited:
                     in_max = math.inf  # an overflow upstream, carried on in fp32
                 elif (
-                    not op.backward
-                    and op.wanted_in is not None
-                    and k < len(op.wanted_in)
-                    and op.wanted_in[k]
+                    not backward
+                    and wanted_in is not None
+                    and k < len(wanted_in)
+                    and wanted_in[k]
                     and src.summary is not None
                     and self.low_format.max_value < src.out_max_abs < math.inf
                 ):
@@ -549,42 +615,78 @@ class OpPipeline:
         )
 
     def summarize(self, op: Op) -> None:
-        """The forward op's output statistics and local error, for its record and unit. Backward
-        ops get none: gradients are summarized once per autograd node (see
-        `ShadowCapture.instrument_backward`), which skips the backward formulas' intermediates;
-        views and copies neither: their values are their inputs'."""
+        """The forward op's output statistics and local error, for its record and unit, read
+        back at the next `flush` (its tensors held till then). Backward ops get none: gradients
+        are summarized once per autograd node (see `ShadowCapture.instrument_backward`), which
+        skips the backward formulas' intermediates; views and copies neither: their values
+        are their inputs'."""
         rec = op.rec
         if op.backward or op.info.preserves_values or rec is None:
             return
-        ref_outs = [t for t in op.outs if t.dtype == torch.float32 and t.numel()]
+        ref_outs = [(k, t) for k, t in enumerate(op.outs) if t.dtype == torch.float32 and t.numel()]
         if not ref_outs:
             return
         urec = self.unit(op.unit)
+        hold = self.readback.hold
+        # Mask values count as the zeros they stand for: looked up where a mask reached the
+        # op, and in a constant only if its values hold something a mask would explain.
+        outs = [(k, hold(t), self.masks.positions(t, rec) if rec.masked else None) for k, t in ref_outs]
+        local = self._local_inputs(op)
+        writes_state = any(isinstance(t, torch.Tensor) and storage_ptr(t) in self.external_storages for t in op.written)
+        fills = fills_nonfinite(op.args, op.kwargs)
+        found: dict[str, Any] = {}
+        self.readback.submit(self._summary_job(outs, rec, local, found))
+        self.readback.then(lambda: self._summarized(rec, urec, found, fills, writes_state))
+
+    def _summary_job(
+        self,
+        outs: list[tuple[int, Held, torch.Tensor | None]],
+        rec: OpRecord,
+        local: _LocalInputs | None,
+        found: dict[str, Any],
+    ) -> Job[None]:
+        """The op's outputs summarized (into `found`), then its local error (onto `rec`)."""
+        parts = yield Parallel([self._output_job(h, where, rec) for _, h, where in outs])
         summary = TensorSummary()
         masked: dict[int, torch.Tensor] = {}  # output position -> where it holds mask values
         raw_nonfinite = False
-        for t in ref_outs:
-            # Mask values count as the zeros they stand for: looked up where a mask reached
-            # the op, and in a constant only if its values hold something a mask would explain.
-            where = self.masks.positions(t, rec) if rec.masked else None
-            if where is None:
-                part = summarize(t, workspace=self.workspace)
-                raw_nonfinite = raw_nonfinite or bool(part.nonfinite_count)
-                if rec.constant and _out_of_range(part):
-                    where = self.masks.positions(t, rec)
+        for (k, _, _), (part, where, raw) in zip(outs, parts, strict=True):
             if where is not None:
-                masked[id(t)] = where
-                part = summarize_unmasked(t, where, workspace=self.workspace)
-                # Whether the mask itself held Inf (what its consumers' mask_nonfinite reads).
-                raw_nonfinite = raw_nonfinite or bool(part.nonfinite_count) or _has_nonfinite(t)
+                masked[k] = where
+            raw_nonfinite = raw_nonfinite or raw
             summary.merge(part)
+        found["summary"], found["raw_nonfinite"] = summary, raw_nonfinite
+        if local is not None:
+            yield from self._local_error_job(rec, local, masked)
+
+    def _output_job(
+        self, h: Held, where: torch.Tensor | None, rec: OpRecord
+    ) -> Job[tuple[TensorSummary, torch.Tensor | None, bool]]:
+        """One output's summary, where it holds mask values, and whether it holds Inf/NaN."""
+        raw_nonfinite = False
+        if where is not None and not (yield from self.masks.any_set_job(where)):
+            where = None
+        if where is None:
+            part = yield from summarize_job(h.t, workspace=self.workspace)
+            raw_nonfinite = bool(part.nonfinite_count)
+            if rec.constant and _out_of_range(part):
+                where = yield from self.masks.constant_positions_job(h.t)
+        if where is not None:
+            part = yield from summarize_unmasked_job(h.t, where, workspace=self.workspace)
+            # Whether the mask itself held Inf (what its consumers' mask_nonfinite reads).
+            raw_nonfinite = raw_nonfinite or bool(part.nonfinite_count) or (yield from _has_nonfinite_job(h.t))
+        return part, where, raw_nonfinite
+
+    def _summarized(
+        self, rec: OpRecord, urec: UnitRecord, found: dict[str, Any], fills: bool, writes_state: bool
+    ) -> None:
+        """The op's statistics, once read, judged onto its record and unit."""
+        summary: TensorSummary = found["summary"]
         rec.summary = summary
         # Inf/NaN are out of range, but a mask's -inf is no overflowed value for a consumer to
         # inherit, nor a finding; nor is what ops make of it (a fully -inf row's softmax).
         # (`rec.mask_nonfinite` so far: whether an input held a mask's, see `_inherit`.)
-        rec.mask_nonfinite = raw_nonfinite and (
-            rec.mask_nonfinite or fills_nonfinite(op.args, op.kwargs) or not summary.nonfinite_count
-        )
+        rec.mask_nonfinite = found["raw_nonfinite"] and (rec.mask_nonfinite or fills or not summary.nonfinite_count)
         nonfinite = bool(summary.nonfinite_count) and not rec.mask_nonfinite
         rec.out_max_abs = math.inf if nonfinite else summary.max_abs
         if nonfinite and math.isfinite(rec.input_max_abs):
@@ -592,43 +694,91 @@ class OpPipeline:
         urec.forward.merge(summary)
         if rec.stored_low:
             urec.forward_low.merge(summary)
-        if nonfinite and any(
-            isinstance(t, torch.Tensor) and storage_ptr(t) in self.external_storages for t in op.written
-        ):
+        if nonfinite and writes_state:
             urec.wrote_nonfinite_state = True
-        self._local_error(op, rec, masked)
 
-    def _local_error(self, op: Op, rec: OpRecord, masked: dict[int, torch.Tensor]) -> None:
-        """The op's local shadow against its fp32 outputs, per output and over all of them."""
+    def _local_inputs(self, op: Op) -> _LocalInputs | None:
+        """What the op's local error needs once read back: its (fp32, shadow) output pairs,
+        and its shadow inputs with where they hold mask values, to tell whether an Inf/NaN
+        the shadow made came from finite inputs. A pooled upcast input is read from the low
+        tensor it was made from; any other shadow input in a reused buffer is checked now:
+        the next op overwrites it."""
+        if not op.pairs:
+            return None
         position = {id(t): k for k, t in enumerate(op.outs)}
-        local_by_output: dict[int, ErrorAccumulator] = {}
-        if op.pairs:
-            acc = ErrorAccumulator()
-            for ref, sh in op.pairs:
-                one = local_by_output[position[id(ref)]] = ErrorAccumulator()
-                one.add(ref, sh, None, self.workspace, masked=masked.get(id(ref)))
-                acc.merge(one)
-            if acc.nonfinite_mismatch:
-                # Only a root cause if this op's own low-precision inputs were finite.
-                # Rounded rows that overflow came out of the table itself: its rounding made them.
-                inputs_ok = (
-                    not op.rounded_rows
-                    and op.shadow_args is not None
-                    and all(
-                        self._finite_but_masks(t, s)
-                        for t, s in zip(op.tensors_in, tensor_leaves(*op.shadow_args), strict=False)
-                        if s.dtype in (torch.float32, self.low)
-                    )
-                )
-                if inputs_ok:
-                    rec.local_nonfinite_root = acc.nonfinite_mismatch
+        hold = self.readback.hold
+        pairs = [(position[id(ref)], hold(ref), hold(sh)) for ref, sh in op.pairs]
+        inputs: list[_LocalInput] | None = None
+        if not op.rounded_rows and op.shadow_args is not None:
+            inputs = []
+            for t, s in zip(op.tensors_in, tensor_leaves(*op.shadow_args), strict=False):
+                if s.dtype not in (torch.float32, self.low):
+                    continue
+                src = self.records[made[0]] if (made := self._producer.get(t)) is not None else None
+                where, constant = self.masks.known(t, src)
+                if self.workspace.owns(s):  # a pooled upcast: its low source has its finiteness and NaNs
+                    s = self.shadows.upcast_sources.get(id(s), s)
+                if self.workspace.owns(s):
+                    where = self.masks.positions(t, src) if constant else where
+                    inputs.append((self._finite_flag(s, where), where, None))
                 else:
-                    for a in (acc, *local_by_output.values()):
-                        a.nonfinite_mismatch = 0
-                        a.sum_sq_err = a.sum_sq_ref = 0.0
-            rec.local_error = acc
-        for k, local in local_by_output.items():
-            rec.output_errors[k] = (local, None)
+                    inputs.append((hold(s), where, hold(t) if constant else None))
+        return pairs, inputs
+
+    @staticmethod
+    def _finite_flag(s: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        """Whether shadow input `s` is finite, or non-finite only where its fp32 value holds
+        mask values (-1e38 as -inf in fp16): a device bool."""
+        finite = torch.isfinite(s)
+        if where is None:
+            return finite.all()
+        return finite.all() | (finite | (where & ~torch.isnan(s))).all()
+
+    def _local_error_job(self, rec: OpRecord, local: _LocalInputs, masked: dict[int, torch.Tensor]) -> Job[None]:
+        """The op's local shadow against its fp32 outputs, per output and over all of them."""
+        pairs, inputs = local
+        ones = [ErrorAccumulator() for _ in pairs]
+        yield Parallel(
+            [
+                one.add_job(ref, sh, None, self.workspace, masked=masked.get(k))
+                for one, (k, ref, sh) in zip(ones, pairs, strict=True)
+            ]
+        )
+        acc = ErrorAccumulator()
+        local_by_output: dict[int, ErrorAccumulator] = {}
+        for one, (k, _, _) in zip(ones, pairs, strict=True):
+            local_by_output[k] = one
+            acc.merge(one)
+        if acc.nonfinite_mismatch:
+            # Only a root cause if this op's own low-precision inputs were finite.
+            # Rounded rows that overflow came out of the table itself: its rounding made them.
+            inputs_ok = inputs is not None and all(
+                (yield Parallel([self._finite_but_masks_job(*entry) for entry in inputs]))
+            )
+            if inputs_ok:
+                rec.local_nonfinite_root = acc.nonfinite_mismatch
+            else:
+                for a in (acc, *local_by_output.values()):
+                    a.nonfinite_mismatch = 0
+                    a.sum_sq_err = a.sum_sq_ref = 0.0
+        rec.local_error = acc
+        for k, one in local_by_output.items():
+            rec.output_errors[k] = (one, None)
+
+    def _finite_but_masks_job(
+        self, s: Held | torch.Tensor, where: torch.Tensor | None, constant: Held | None
+    ) -> Job[bool]:
+        """Whether shadow input `s` is finite, or non-finite only where its fp32 value holds
+        mask values (`where`; for a `constant`, read off its values): not what made an Inf/NaN
+        here. A tensor `s` is that answer, taken before its buffer was reused."""
+        if isinstance(s, torch.Tensor):
+            return bool((yield s))
+        finite = torch.isfinite(s.t)
+        if (yield finite.all()):
+            return True
+        if where is None and constant is not None:
+            where = yield from self.masks.constant_positions_job(constant.t)
+        return where is not None and bool((yield (finite | (where & ~torch.isnan(s.t))).all()))
 
     # --- collectives -----------------------------------------------------------------------
     def communicate(self, op: Op) -> Any:
@@ -788,16 +938,6 @@ class OpPipeline:
                 sources.update(dict.fromkeys(value_sources(self.records, p[0], p[1])))
             leaves.update(dict.fromkeys(self._passed_leaves.get(p[0], ())))
         return tuple(sources), tuple(leaves)
-
-    def _finite_but_masks(self, t: torch.Tensor, s: torch.Tensor) -> bool:
-        """Whether shadow input `s` (standing for fp32 `t`) is finite, or non-finite only
-        where `t` holds mask values (-1e38 as -inf in fp16): not what made an Inf/NaN here."""
-        finite = torch.isfinite(s)
-        if bool(finite.all()):
-            return True
-        made = self._producer.get(t)
-        where = self.masks.positions(t, self.records[made[0]] if made is not None else None)
-        return where is not None and bool((finite | (where & ~torch.isnan(s))).all())
 
 
 def _written(info: OpInfo, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:

@@ -13,6 +13,7 @@ module output (`OpPipeline.module_output`).
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -24,7 +25,8 @@ from precision_doctor.capture.dispatch import dynamo_safe, faking
 from precision_doctor.capture.local_shadow import POOL_SLOT
 from precision_doctor.capture.memory import TRIM_AFTER_FORWARD_BYTES, layout_key, return_free_heap
 from precision_doctor.capture.ops import WRAPPED_SCALAR_DTYPES, rearranges
-from precision_doctor.capture.pipeline import ModelOpError, Op, OpPipeline, all_finite
+from precision_doctor.capture.pipeline import ModelOpError, Op, OpPipeline, all_finite_job
+from precision_doctor.capture.readback import Held, Job, Parallel
 from precision_doctor.capture.statistics import SummaryBatch, TensorSummary, summarize
 from precision_doctor.capture.units import LowUnits, OpDtypes, OpKey, UnitAttribution
 from precision_doctor.errors import PrecisionDoctorInternalError
@@ -135,13 +137,14 @@ class ShadowCapture(OpPipeline):
         self._grad_summaries: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], int, TensorSummary]] = {}
         # Small gradients wait in a batch (see SummaryBatch); the autograd nodes that need
         # their summaries are finished, in the order they ran, by `settle()`.
-        self._grad_batch = SummaryBatch(self.workspace, with_sumsq=True)
-        self._unfinished_grads: list[tuple[Any, str, list[TensorSummary], bool]] = []
+        self._grad_batch = SummaryBatch(self.workspace, with_sumsq=True, readback=self.readback)
+        # (node, unit, its gradients' summaries, [whether its 0-dim or fp32 gradients are finite])
+        self._unfinished_grads: list[tuple[Any, str, list[TensorSummary], list[bool]]] = []
 
     def before_write(self, t: torch.Tensor) -> None:
-        super().before_write(t)
         if self._grad_batch.reads(t):
-            self.settle()  # the batch must read the gradient before this write
+            self._settle()  # the batch takes the gradient before this write (held, protected below)
+        super().before_write(t)
 
     # --- activations saved for backward --------------------------------------------------
     def _count_saved(self, node: Any) -> None:
@@ -191,6 +194,7 @@ class ShadowCapture(OpPipeline):
         the values their input's producer receives. Parameters' gradients are summarized
         once after backward. On GPT-2 this is one summary per gradient tensor instead of
         one per node input, and no pass over the 38.6M-element tied embedding gradient."""
+        self.flush()  # the forward's statistics
         # Shadows are forward-only; those of activations saved for backward would otherwise
         # live as long as the activations (~half their memory again, in fp16).
         for store in self.shadows.stores.values():
@@ -237,37 +241,50 @@ class ShadowCapture(OpPipeline):
             # counts none of a gradient still records the node, empty, as the others do: the
             # job's statistics are combined node by node.
             aligned = False
-            if self.wrappers:
-                aligned = any(g.dim() > 0 for g in floats)
-                with _disable_current_modes():
+            with _disable_current_modes():  # holding a gradient for the readback is no op of the model
+                if self.wrappers:
+                    aligned = any(g.dim() > 0 for g in floats)
                     floats, counted = local_parts(floats)
-            if self.op_dtypes is not None and seq not in self._low_grad_seqs:
-                # The real run holds this gradient in fp32: nothing to judge against the low
-                # dtype, but its finiteness still decides which node made an Inf/NaN.
-                with _disable_current_modes():
-                    finite = all(all_finite(g) for g in floats)
-                self._unfinished_grads.append((node, unit, [], finite))
-                return
-            # A 0-dim gradient is not summarized: it is the loss's own tail (d loss / d term = 1,
-            # times the scale) - a model returning `recon + kl` from forward reduces in fp32
-            # under autocast and GradScaler scales that fp32 loss; judged at 2^16 its 1.0 would
-            # flag every such model. Its finiteness still counts for blaming an Inf/NaN.
-            grads = [g for g in counted if g.dim() > 0]
-            if not floats and not aligned:
-                return
-            with _disable_current_modes():
-                scalars_finite = all(bool(torch.isfinite(g)) for g in floats if g.dim() == 0)
-                if scalars_finite:
-                    for g in floats:
-                        if g.dim() == 0:
-                            self.low_term_grad_max_abs = max(self.low_term_grad_max_abs, abs(float(g)))
+                if self.op_dtypes is not None and seq not in self._low_grad_seqs:
+                    # The real run holds this gradient in fp32: nothing to judge against the low
+                    # dtype, but its finiteness still decides which node made an Inf/NaN.
+                    finite = [True]
+                    if floats:
+                        held = [self.readback.hold(g) for g in floats]
+                        self.readback.submit(self._finite_job(held, finite, False))
+                    self._unfinished_grads.append((node, unit, [], finite))
+                    return
+                # A 0-dim gradient is not summarized: it is the loss's own tail (d loss / d term = 1,
+                # times the scale) - a model returning `recon + kl` from forward reduces in fp32
+                # under autocast and GradScaler scales that fp32 loss; judged at 2^16 its 1.0 would
+                # flag every such model. Its finiteness still counts for blaming an Inf/NaN.
+                grads = [g for g in counted if g.dim() > 0]
+                if not floats and not aligned:
+                    return
+                scalars = [self.readback.hold(g) for g in floats if g.dim() == 0]
+                scalars_finite = [True]
+                if scalars:
+                    self.readback.submit(self._finite_job(scalars, scalars_finite, True))
                 summaries = [self._grad_summary(g) for g in grads] or ([TensorSummary()] if aligned else [])
                 self._unfinished_grads.append((node, unit, summaries, scalars_finite))
                 self._settle_if_full()
 
         return hook
 
+    def _finite_job(self, grads: list[Held], finite: list[bool], scalars: bool) -> Job[None]:
+        """Whether `grads` are all finite (into `finite[0]`); for finite 0-dim gradients (the
+        loss's own terms, `scalars`), the largest |value| too."""
+        if scalars:
+            values = yield tuple(g.t for g in grads)
+            finite[0] = all(math.isfinite(v) for v in values)
+            if finite[0]:
+                for v in values:
+                    self.low_term_grad_max_abs = max(self.low_term_grad_max_abs, abs(v))
+        else:
+            finite[0] = all((yield Parallel([all_finite_job(g.t) for g in grads])))
+
     def _finish_gradient(self, node: Any, unit: str, summaries: list[TensorSummary], scalars_finite: bool) -> None:
+        """A node's gradient statistics, once read back: onto its unit; a non-finite one blamed."""
         finite = scalars_finite
         if summaries:
             summary = TensorSummary()
@@ -329,16 +346,28 @@ class ShadowCapture(OpPipeline):
 
     def _settle_if_full(self) -> None:
         if self._grad_batch.pending_elements >= _BATCH_PENDING_ELEMENTS:
-            self.settle()
+            self._settle()
+            if self.readback.over_budget:
+                self.flush()
 
-    def settle(self) -> None:
-        """Compute the pending batch, then finish the gradient nodes waiting on it, in the
-        order they ran (blaming a non-finite gradient reads what its consumers got)."""
+    def _settle(self) -> None:
+        """Queue the pending batch, then the gradient nodes waiting on it, to be finished in
+        the order they ran (blaming a non-finite gradient reads what its consumers got)."""
         with _disable_current_modes():
             self._grad_batch.compute()
         grads, self._unfinished_grads = self._unfinished_grads, []
-        for node, unit, summaries, scalars_finite in grads:
-            self._finish_gradient(node, unit, summaries, scalars_finite)
+
+        def finish() -> None:
+            for node, unit, summaries, finite in grads:
+                self._finish_gradient(node, unit, summaries, finite[0])
+
+        self.readback.then(finish)
+
+    def settle(self) -> None:
+        """Summarize the gradients still waiting and read back everything pending: the end of
+        backward."""
+        self._settle()
+        self.flush()
 
 
 @contextlib.contextmanager
@@ -381,6 +410,7 @@ def capture_pass(
     configure_capture(capture, model, attribution)
     with attribution.tracker, dynamo_safe(ShadowMode)(capture):
         yield capture
+        capture.flush()  # whatever is still pending, before the records are read
 
 
 def configure_capture(capture: ShadowCapture, model: torch.nn.Module, attribution: UnitAttribution) -> None:

@@ -12,12 +12,14 @@ only when the bin they fall in is not empty.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from precision_doctor.capture.readback import Held, Job, Parallel, Readback, run
 from precision_doctor.errors import PrecisionDoctorInternalError
 from precision_doctor.formats import BF16, FP16, FormatLimits, loss_scale_fractions
 
@@ -174,19 +176,36 @@ class Workspace:
 
 def summarize(x: torch.Tensor, *, with_sumsq: bool = False, workspace: Workspace | None = None) -> TensorSummary:
     """Summarize one float32 tensor's values, chunk by chunk: a handful of integer kernels
-    and one sync per chunk."""
-    flat = x.detach().reshape(-1)
+    and up to three host reads (fewer for a tensor without zeros, Inf/NaN or extreme values)."""
+    return run(summarize_job(x, with_sumsq=with_sumsq, workspace=workspace))
+
+
+def summarize_job(
+    x: torch.Tensor | Held, *, with_sumsq: bool = False, workspace: Workspace | None = None
+) -> Job[TensorSummary]:
+    """`summarize` as a job (capture/readback.py): its chunks are read side by side."""
+    flat = _held(x).detach().reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
     if not flat.is_contiguous():
         flat = flat.contiguous()
     ws = workspace or Workspace()
+    parts = yield Parallel(
+        [
+            _chunk_job(flat[start : start + CHUNK_ELEMENTS], with_sumsq, ws)
+            for start in range(0, flat.numel(), CHUNK_ELEMENTS)
+        ]
+    )
     summary = TensorSummary()
-    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
-        summary.merge(_summarize_chunk(flat[start : start + CHUNK_ELEMENTS], with_sumsq, ws))
+    for part in parts:
+        summary.merge(part)
     if with_sumsq and summary.sumsq is None:  # an empty tensor
         summary.sumsq = np.zeros(SUMSQ_BINS)
     return summary
+
+
+def _held(x: torch.Tensor | Held) -> torch.Tensor:
+    return x.t if isinstance(x, Held) else x
 
 
 def summarize_unmasked(x: torch.Tensor, masked: torch.Tensor, *, workspace: Workspace | None = None) -> TensorSummary:
@@ -198,12 +217,21 @@ def summarize_unmasked(x: torch.Tensor, masked: torch.Tensor, *, workspace: Work
     >>> (s.masked_count, s.zero_count, s.tails["fp16"].overflow, s.tails["fp16"].flushed)
     (2, 2, 0, 0)
     """
-    x = x.detach()
+    return run(summarize_unmasked_job(x, masked, workspace=workspace))
+
+
+def summarize_unmasked_job(
+    x: torch.Tensor | Held, masked: torch.Tensor, *, workspace: Workspace | None = None
+) -> Job[TensorSummary]:
+    x = _held(x).detach()
     clear = masked
-    if math.isnan(float(torch.sum(x, dtype=torch.float32))):  # a NaN (or infinities of both signs)
+    if math.isnan((yield torch.sum(x, dtype=torch.float32))):  # a NaN (or infinities of both signs)
         clear = masked & ~torch.isnan(x)
-    summary = summarize(x.masked_fill(clear, 0.0), workspace=workspace)
-    summary.masked_count = true_count(clear, x.shape)
+    summary, count = yield Parallel(
+        [summarize_job(x.masked_fill(clear, 0.0), workspace=workspace), true_count_job(clear, x.shape)]
+    )
+    summary.masked_count = count
+    assert isinstance(summary, TensorSummary)
     return summary
 
 
@@ -217,23 +245,28 @@ def compact(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def true_count(mask: torch.Tensor, shape: Sequence[int]) -> int:
     """How many True values `mask` has once broadcast to `shape`."""
+    return run(true_count_job(mask, shape))
+
+
+def true_count_job(mask: torch.Tensor, shape: Sequence[int]) -> Job[int]:
     values, repeat = compact(mask.expand(tuple(shape)))
-    return int(values.sum()) * repeat
+    return int((yield values.sum())) * repeat
 
 
 # Below this many values a chunk's histogram is one serial bincount; above, one row per thread.
 _PARALLEL_HIST_ELEMENTS = 1 << 16
 
 
-def _histogram(bits: torch.Tensor, ws: Workspace) -> np.ndarray:
-    """Counts of the biased exponents `bits >> 23`. `bincount` is one serial loop on the
-    CPU (~0.45 ms per 1M values, the largest cost of a summary); a `scatter_add_` into one
-    histogram row per thread runs on torch's own thread pool and takes half that on 2 cores."""
+def _histogram(bits: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """Counts of the biased exponents `bits >> 23`, on the device. `bincount` is one serial
+    loop on the CPU (~0.45 ms per 1M values, the largest cost of a summary); a `scatter_add_`
+    into one histogram row per thread runs on torch's own thread pool and takes half that on
+    2 cores."""
     n = bits.numel()
     rows = torch.get_num_threads()
     if bits.device.type != "cpu" or rows < 2 or n < _PARALLEL_HIST_ELEMENTS:
         exps = torch.bitwise_right_shift(bits, 23, out=ws.get("tmp", n, torch.int32, bits.device))
-        return torch.bincount(exps, minlength=HIST_BINS).cpu().numpy().astype(np.int64)
+        return torch.bincount(exps, minlength=HIST_BINS)
     width = n // rows
     body = rows * width
     exps = torch.bitwise_right_shift(bits, 23, out=ws.get("exps", n, torch.int64, bits.device))
@@ -243,61 +276,80 @@ def _histogram(bits: torch.Tensor, ws: Workspace) -> np.ndarray:
     hist = hist2d.sum(0)
     if body < n:
         hist += torch.bincount(exps[body:], minlength=HIST_BINS)
-    return hist.numpy()
+    return hist
 
 
-def _summarize_chunk(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> TensorSummary:
+def _abs_bits(flat: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """|x| as int32 bit patterns, in the workspace's `bits` slot."""
     n = flat.numel()
-    bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK, out=ws.get("bits", n, torch.int32, flat.device))
-    hist = _histogram(bits, ws)
-    summary = TensorSummary(numel=n, hist=hist)
-    if hist[255]:
-        summary.nan_count = int((bits > _INF_BITS).sum())
-        summary.inf_count = int(hist[255]) - summary.nan_count
-        finite_bits = bits.masked_fill(bits >= _INF_BITS, 0)
-        max_bits = int(finite_bits.max())
-        nonzero_bits = bits.masked_fill(bits >= _INF_BITS, _ABS_MASK)
-    else:
-        max_bits = int(bits.max())
-        nonzero_bits = bits
-    summary.max_abs = _bits_to_float(max_bits)
-    # Zeros and fp32 subnormals share bin 0. `(b - 1) & MASK` sends 0 to the top of the
-    # range and keeps the order of the rest, so one min finds the smallest nonzero; it also
+    return torch.bitwise_and(flat.view(torch.int32), _ABS_MASK, out=ws.get("bits", n, torch.int32, flat.device))
+
+
+def _chunk_job(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> Job[TensorSummary]:
+    """One chunk's summary in up to three rounds of reads: the histogram with the largest
+    and the smallest nonzero bit pattern; then, where Inf/NaN or fp32 subnormals are there,
+    their counts; then the exact tail counts in the bins a threshold falls in and the sums of
+    squares. Workspace buffers are refilled after each read: other jobs use them meanwhile."""
+    n = flat.numel()
+    bits = _abs_bits(flat, ws)
+    # `(b - 1) & MASK` sends 0 to the top of the range and keeps the order of the rest, so one
+    # min finds the smallest nonzero (Inf/NaN patterns stay above every finite one); it also
     # tells whether any subnormal is there (rare), so the zero count needs no extra pass.
-    shifted: torch.Tensor | None = None
-    if hist[0]:
-        shifted = torch.sub(nonzero_bits, 1, out=ws.get("tmp", n, torch.int32, flat.device))
-        min_nz = int(shifted.bitwise_and_(_ABS_MASK).min()) + 1
+    shifted = torch.sub(bits, 1, out=ws.get("tmp", n, torch.int32, flat.device)).bitwise_and_(_ABS_MASK)
+    min_t = shifted.min()
+    max_t = bits.max()
+    hist_v, max_v, min_v = yield (_histogram(bits, ws), max_t, min_t)
+    hist = np.array(hist_v, dtype=np.int64)
+    summary = TensorSummary(numel=n, hist=hist)
+    max_bits, min_nz = int(max_v), int(min_v) + 1
+    subnormals = bool(hist[0]) and min_nz < 1 << 23
+    if hist[255] or subnormals:
+        bits = _abs_bits(flat, ws)
+        asked: list[torch.Tensor] = []
+        if hist[255]:
+            asked += [(bits > _INF_BITS).sum(), bits.masked_fill(bits >= _INF_BITS, 0).max()]
+        if subnormals:
+            asked.append(((bits > 0) & (bits < 1 << 23)).sum())
+        got = list((yield tuple(asked)))
+        if hist[255]:
+            summary.nan_count = int(got.pop(0))
+            summary.inf_count = int(hist[255]) - summary.nan_count
+            max_bits = int(got.pop(0))
+        if subnormals:
+            summary.zero_count = int(hist[0]) - int(got.pop(0))
+    if hist[0] and not subnormals:
         summary.zero_count = int(hist[0])
-        if min_nz < 1 << 23:
-            summary.zero_count -= int(((bits > 0) & (bits < 1 << 23)).sum())
-    else:
-        min_nz = int(nonzero_bits.min())
+    summary.max_abs = _bits_to_float(max_bits)
     if min_nz < _INF_BITS:
         summary.min_nonzero_abs = _bits_to_float(min_nz)
 
-    for limits in _FORMATS:
-        summary.tails[limits.name] = _tail_counts(bits, hist, summary, limits)
-
+    jobs: list[Job[Any]] = [_tails_job(flat, hist, summary, ws)]
     if with_sumsq:
-        summary.sumsq = np.zeros(SUMSQ_BINS)
-        small_count = int(hist[:SUMSQ_BINS].sum()) - summary.zero_count
-        if small_count:
-            padded = -(-n // 8) * 8
-            mask = ws.get("mask", padded, torch.bool, flat.device)
-            mask[n:].zero_()
-            # `shifted` is bits - 1 with zeros sent to the top: one compare drops them too.
-            if shifted is not None:
-                torch.lt(shifted, (SUMSQ_BINS << 23) - 1, out=mask[:n])
-            else:
-                torch.lt(bits, SUMSQ_BINS << 23, out=mask[:n])
-            values = flat.take(_true_indices(mask, small_count))
-            bins = (values.view(torch.int32) & _ABS_MASK) >> 23
-            sums = torch.zeros(SUMSQ_BINS, dtype=torch.float64, device=flat.device)
-            summary.sumsq = sums.index_add_(0, bins.long(), values.double().square()).cpu().numpy()
-        finite = flat if not hist[255] else flat.masked_fill(bits >= _INF_BITS, 0.0)
-        summary.sumsq_total = squared_norm(finite)
+        jobs += [_sumsq_job(flat, hist, summary, ws), squared_norm_job(flat, finite_only=bool(hist[255]))]
+    results = yield Parallel(jobs)
+    summary.tails = results[0]
+    if with_sumsq:
+        summary.sumsq, summary.sumsq_total = results[1], results[2]
     return summary
+
+
+def _sumsq_job(flat: torch.Tensor, hist: np.ndarray, summary: TensorSummary, ws: Workspace) -> Job[np.ndarray]:
+    """Sums of x^2 per bin below 2^-24 (gradients)."""
+    n = flat.numel()
+    small_count = int(hist[:SUMSQ_BINS].sum()) - summary.zero_count
+    if not small_count:
+        return np.zeros(SUMSQ_BINS)
+    bits = _abs_bits(flat, ws)
+    padded = -(-n // 8) * 8
+    mask = ws.get("mask", padded, torch.bool, flat.device)
+    mask[n:].zero_()
+    # nonzero and below 2^-24: `(b - 1) & MASK` sends zeros to the top, one compare drops them
+    shifted = torch.sub(bits, 1, out=ws.get("tmp", n, torch.int32, flat.device)).bitwise_and_(_ABS_MASK)
+    torch.lt(shifted, (SUMSQ_BINS << 23) - 1, out=mask[:n])
+    values = flat.take(_true_indices(mask, small_count))
+    bins = (values.view(torch.int32) & _ABS_MASK) >> 23
+    sums = torch.zeros(SUMSQ_BINS, dtype=torch.float64, device=flat.device)
+    return np.array((yield sums.index_add_(0, bins.long(), values.double().square())))
 
 
 def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -311,36 +363,56 @@ def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     return candidates[mask[candidates]]
 
 
-def _count_in_bin(bits: torch.Tensor, hist: np.ndarray, zero_count: int, threshold: float, *, above: bool) -> int:
-    """Exact count of |x| > threshold (above) or 0 < |x| < threshold (below), using the
-    histogram for whole bins and one compare for the bin the threshold falls in."""
+def _count_in_bin(
+    bits: Callable[[], torch.Tensor], hist: np.ndarray, zero_count: int, threshold: float, *, above: bool
+) -> tuple[int, torch.Tensor | None]:
+    """Exact count of |x| > threshold (above) or 0 < |x| < threshold (below): the histogram
+    for whole bins, plus (the device tensor returned beside) one compare for the bin the
+    threshold falls in. `bits()` gives the bit patterns, made only where a compare is needed."""
     b = bin_of(threshold)
     thr_bits = int(np.array([threshold], dtype=np.float32).view(np.int32)[0])
     on_edge = thr_bits == b << 23  # a power of two: the histogram alone is exact
     if above:
         count = int(hist[b + 1 : 255].sum())
         if hist[b] and not (on_edge and b > 0):
-            count += int(((bits > thr_bits) & (bits < (b + 1) << 23)).sum())
-        return count
+            v = bits()
+            return count, ((v > thr_bits) & (v < (b + 1) << 23)).sum()
+        return count, None
     if b == 0:  # below fp32's normal range: only a compare can tell
-        return int(((bits < thr_bits) & (bits > 0)).sum())
+        v = bits()
+        return 0, ((v < thr_bits) & (v > 0)).sum()
     count = int(hist[1:b].sum()) + int(hist[0]) - zero_count
     if hist[b] and not on_edge:
-        count += int(((bits < thr_bits) & (bits >= b << 23)).sum())
-    return count
+        v = bits()
+        return count, ((v < thr_bits) & (v >= b << 23)).sum()
+    return count, None
 
 
-def _tail_counts(bits: torch.Tensor, hist: np.ndarray, s: TensorSummary, limits: FormatLimits) -> TailCounts:
-    if s.max_abs > limits.max_value:
-        overflow = _count_in_bin(bits, hist, s.zero_count, limits.max_value, above=True)
-    else:
-        overflow = 0
-    if s.min_nonzero_abs < limits.smallest_normal:
-        flushed = _count_in_bin(bits, hist, s.zero_count, limits.smallest_subnormal, above=False)
-        below_normal = _count_in_bin(bits, hist, s.zero_count, limits.smallest_normal, above=False)
-    else:
-        flushed = below_normal = 0
-    return TailCounts(overflow=overflow, flushed=flushed, subnormal=below_normal - flushed)
+def _tails_job(flat: torch.Tensor, hist: np.ndarray, s: TensorSummary, ws: Workspace) -> Job[dict[str, TailCounts]]:
+    """Each format's tail counts: the histogram's, plus at most one read of the compares."""
+    made: list[torch.Tensor] = []
+
+    def bits() -> torch.Tensor:
+        if not made:
+            made.append(_abs_bits(flat, ws))
+        return made[0]
+
+    counts: dict[str, list[tuple[int, torch.Tensor | None]]] = {}
+    for limits in _FORMATS:
+        parts: list[tuple[int, torch.Tensor | None]] = [(0, None)] * 3
+        if s.max_abs > limits.max_value:
+            parts[0] = _count_in_bin(bits, hist, s.zero_count, limits.max_value, above=True)
+        if s.min_nonzero_abs < limits.smallest_normal:
+            parts[1] = _count_in_bin(bits, hist, s.zero_count, limits.smallest_subnormal, above=False)
+            parts[2] = _count_in_bin(bits, hist, s.zero_count, limits.smallest_normal, above=False)
+        counts[limits.name] = parts
+    asked = tuple(t for parts in counts.values() for _, t in parts if t is not None)
+    got = iter((yield asked) if asked else ())
+    tails = {}
+    for name, parts in counts.items():
+        overflow, flushed, below_normal = (c + (int(next(got)) if t is not None else 0) for c, t in parts)
+        tails[name] = TailCounts(overflow=overflow, flushed=flushed, subnormal=below_normal - flushed)
+    return tails
 
 
 @dataclass
@@ -366,12 +438,32 @@ class ErrorAccumulator:
         (capture/masks.py): those positions are left out wherever the shadow is no NaN -
         -1e38 turned into -inf in fp16 masks just as well, a probability meant to be zero is
         no error to charge - while a NaN there (a fully masked row in fp16) still counts."""
+        return run(self.add_job(ref, shadow, ref_norm_sq, workspace, masked=masked))
+
+    def add_job(
+        self,
+        ref: torch.Tensor | Held,
+        shadow: torch.Tensor | Held,
+        ref_norm_sq: float | None = None,
+        workspace: Workspace | None = None,
+        *,
+        masked: torch.Tensor | None = None,
+    ) -> Job[float]:
+        """`add` as a job (capture/readback.py): two rounds of reads, one more with a mask, one
+        more with Inf/NaN."""
+        ref, shadow = _held(ref).detach(), _held(shadow).detach()
+        if masked is not None and not (yield compact(masked)[0].any()):
+            masked = None  # an empty mask (capture/masks.py keeps those): the plain comparison
         if masked is not None:
             keep = ~(masked.expand(ref.shape) & ~torch.isnan(shadow))
-            ref, shadow, ref_norm_sq = ref.detach()[keep], shadow.detach()[keep], None
+            ref, shadow, ref_norm_sq = ref[keep], shadow[keep], None
+        jobs: list[Job[float]] = [_squared_distance_job(ref, shadow, workspace or Workspace())]
         if ref_norm_sq is None:
-            ref_norm_sq = squared_norm(ref)
-        err_sq = _squared_distance(ref, shadow, workspace or Workspace())
+            jobs.append(squared_norm_job(ref))
+        sums = yield Parallel(jobs)
+        err_sq = sums[0]
+        if ref_norm_sq is None:
+            ref_norm_sq = sums[1]
         if math.isfinite(err_sq) and math.isfinite(ref_norm_sq):
             own = rel_error(err_sq, ref_norm_sq)
         else:
@@ -381,10 +473,14 @@ class ErrorAccumulator:
             diff = shadow - ref
             diff = torch.where(shadow.to(ref.dtype) == ref, 0.0, diff)
             bad = ~torch.isfinite(diff)
-            mismatch = int((bad & ref_finite).sum())
+            got = yield (
+                (bad & ref_finite).sum(),
+                torch.linalg.vector_norm(diff.masked_fill(bad, 0.0), dtype=torch.float64),
+                torch.linalg.vector_norm(ref.masked_fill(~ref_finite, 0.0), dtype=torch.float64),
+            )
+            mismatch = int(got[0])
             self.nonfinite_mismatch += mismatch
-            err_sq = float(torch.linalg.vector_norm(diff.masked_fill(bad, 0.0), dtype=torch.float64)) ** 2
-            ref_norm_sq = float(torch.linalg.vector_norm(ref.masked_fill(~ref_finite, 0.0), dtype=torch.float64)) ** 2
+            err_sq, ref_norm_sq = float(got[1]) ** 2, float(got[2]) ** 2
             own = math.inf if mismatch else rel_error(err_sq, ref_norm_sq)
         self.sum_sq_ref += ref_norm_sq
         self.sum_sq_err += err_sq
@@ -417,24 +513,49 @@ def squared_norm(t: torch.Tensor) -> float:
     """||t||^2 as a Python float. An fp32 norm is ~5x faster than an fp64 one on the CPU
     and accurate to fp32's relative precision; fp64 only where fp32 would overflow or go
     below its normal range."""
-    n = float(torch.linalg.vector_norm(t))
-    if math.isfinite(n) and 1e-10 < n < 1e18:
+    return run(squared_norm_job(t))
+
+
+def squared_norm_job(t: torch.Tensor, *, finite_only: bool = False) -> Job[float]:
+    """`squared_norm` as a job; `finite_only`: over the finite values alone."""
+    if finite_only:
+        t = t.masked_fill(~torch.isfinite(t), 0.0)
+    n = float((yield torch.linalg.vector_norm(t)))
+    if _fp32_norm_ok(n):
         return n * n
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+    return float((yield torch.linalg.vector_norm(t, dtype=torch.float64))) ** 2
 
 
-def _squared_distance(ref: torch.Tensor, shadow: torch.Tensor, ws: Workspace) -> float:
-    """||shadow - ref||^2, chunk by chunk into a reused buffer (see Workspace)."""
+def _fp32_norm_ok(n: float) -> bool:
+    return math.isfinite(n) and 1e-10 < n < 1e18
+
+
+def _squared_distance_job(ref: torch.Tensor, shadow: torch.Tensor, ws: Workspace) -> Job[float]:
+    """||shadow - ref||^2, chunk by chunk into a reused buffer (see Workspace): every
+    chunk's fp32 norm in one read, fp64 ones (a second read) only where fp32's is out of range."""
     if ref.dtype != torch.float32 or ref.shape != shadow.shape or not (ref.is_contiguous() and shadow.is_contiguous()):
-        return squared_norm(shadow - ref)
-    r, sh = ref.detach().reshape(-1), shadow.detach().reshape(-1)
-    total = 0.0
-    for start in range(0, r.numel(), CHUNK_ELEMENTS):
+        return (yield from squared_norm_job(shadow - ref))
+    r, sh = ref.reshape(-1), shadow.reshape(-1)
+    starts = range(0, r.numel(), CHUNK_ELEMENTS)
+
+    def diff(start: int) -> torch.Tensor:
         rc, sc = r[start : start + CHUNK_ELEMENTS], sh[start : start + CHUNK_ELEMENTS]
         # Upcast into the buffer, then subtract in place: a mixed-dtype `sub(out=)` would
         # upcast into a hidden temporary first (~4x slower on a 1M chunk).
-        diff = ws.get("diff", rc.numel(), torch.float32, rc.device).copy_(sc)
-        total += squared_norm(diff.sub_(rc))
+        return ws.get("diff", rc.numel(), torch.float32, rc.device).copy_(sc).sub_(rc)
+
+    norms = yield tuple(torch.linalg.vector_norm(diff(start)) for start in starts)
+    redo = [start for start, n in zip(starts, norms, strict=True) if not _fp32_norm_ok(n)]
+    exact = dict(
+        zip(
+            redo,
+            (yield tuple(torch.linalg.vector_norm(diff(start), dtype=torch.float64) for start in redo)) if redo else (),
+            strict=True,
+        )
+    )
+    total = 0.0
+    for start, n in zip(starts, norms, strict=True):
+        total += n * n if start not in exact else exact[start] ** 2
     return total
 
 
@@ -471,6 +592,8 @@ class SummaryBatch:
     by `compute()`. `add` returns the tensor's `TensorSummary`, which for a small tensor holds
     its values only after `compute()`: until then the batch keeps a reference to the tensor,
     so do not change it in place meanwhile (`reads` tells whether it waits on some memory).
+    With a `readback`, summaries are filled in when it is flushed (the tensors it holds are
+    protected from writes there), not at `add` or `compute`.
 
     >>> batch = SummaryBatch(Workspace())
     >>> s = batch.add(torch.tensor([0.0, 1e5, 2.0**-30]))
@@ -478,9 +601,10 @@ class SummaryBatch:
     (1, 1, 1)
     """
 
-    def __init__(self, workspace: Workspace, *, with_sumsq: bool = False) -> None:
+    def __init__(self, workspace: Workspace, *, with_sumsq: bool = False, readback: Readback | None = None) -> None:
         self._ws = workspace
         self.with_sumsq = with_sumsq
+        self._readback = readback
         self._items: list[tuple[torch.Tensor, TensorSummary]] = []
         self._storages: set[int] = set()  # memory the waiting tensors read
         self.pending_elements = 0
@@ -490,7 +614,12 @@ class SummaryBatch:
 
     def add(self, t: torch.Tensor) -> TensorSummary:
         if t.numel() > BATCH_TENSOR_ELEMENTS:
-            return summarize(t, with_sumsq=self.with_sumsq, workspace=self._ws)
+            if self._readback is None:
+                return summarize(t, with_sumsq=self.with_sumsq, workspace=self._ws)
+            target = TensorSummary()
+            job = summarize_job(self._readback.hold(t), with_sumsq=self.with_sumsq, workspace=self._ws)
+            self._readback.submit(_fill(target, job))
+            return target
         target = TensorSummary()
         self._items.append((t.detach(), target))
         self._storages.add(t.untyped_storage().data_ptr())
@@ -506,65 +635,123 @@ class SummaryBatch:
         self._storages.clear()
         if not items:
             return
-        ws, device = self._ws, items[0][0].device
-        bounds = _bounds([t.numel() for t, _ in items])
-        n = bounds[-1][1]
-        flat = torch.cat([t.reshape(-1) for t, _ in items], out=ws.get("batch.values", n, torch.float32, device))
-        bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK, out=ws.get("batch.bits", n, torch.int32, device))
-        scratch = ws.get("batch.scratch", n, torch.int32, device)
-        exps = torch.bitwise_right_shift(bits, 23, out=scratch)
-        hists = torch.stack([torch.bincount(exps[a:b], minlength=HIST_BINS) for a, b in bounds]).numpy()
+        if self._readback is None:
+            run(self._compute_job([(t, target) for t, target in items]))
+        else:
+            self._readback.submit(self._compute_job([(self._readback.hold(t), target) for t, target in items]))
+
+    def _compute_job(self, items: list[tuple[torch.Tensor | Held, TensorSummary]]) -> Job[None]:
+        """The batch's summaries: the bit-level work over one concatenated buffer of its own
+        (other jobs run between its reads), then per tensor what its values call for."""
+        tensors = [_held(t) for t, _ in items]
+        bounds = _bounds([t.numel() for t in tensors])
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK)
+        exps = torch.bitwise_right_shift(bits, 23)
+        hists_t = torch.stack([torch.bincount(exps[a:b], minlength=HIST_BINS) for a, b in bounds])
         # `(b - 1) & MASK` sends zeros to the top and keeps the order of the rest: its
-        # minimum + 1 is the smallest nonzero (as in _summarize_chunk).
-        shifted = torch.sub(bits, 1, out=scratch).bitwise_and_(_ABS_MASK)
-        max_bits = torch.stack([bits[a:b].max() for a, b in bounds]).tolist()
-        min_nz = [m + 1 for m in torch.stack([shifted[a:b].min() for a, b in bounds]).tolist()]
-        sumsq = self._sums_of_squares(flat, shifted, hists, bounds) if self.with_sumsq else None
-
+        # minimum + 1 is the smallest nonzero (as in _chunk_job).
+        shifted = torch.sub(bits, 1).bitwise_and_(_ABS_MASK)
+        asked = [
+            hists_t,
+            torch.stack([bits[a:b].max() for a, b in bounds]),
+            torch.stack([shifted[a:b].min() for a, b in bounds]),
+        ]
+        if self.with_sumsq:
+            asked.append(torch.stack([torch.linalg.vector_norm(flat[a:b]) for a, b in bounds]))
+        got = yield tuple(asked)
+        hists = np.array(got[0], dtype=np.int64).reshape(len(bounds), HIST_BINS)
+        max_bits = [int(v) for v in got[1]]
+        min_nz = [int(v) + 1 for v in got[2]]
+        jobs: list[Job[Any]] = []
+        if self.with_sumsq:
+            jobs.append(self._sums_of_squares_job(flat, shifted, hists, bounds, got[3]))
         for i, ((a, b), (_, target)) in enumerate(zip(bounds, items, strict=True)):
-            hist = hists[i].copy()
-            if hist[255]:  # an Inf or NaN: the single-tensor path over its slice (rare)
-                vars(target).update(vars(_summarize_chunk(flat[a:b], self.with_sumsq, ws)))
-                continue
-            target.numel, target.hist = b - a, hist
-            target.max_abs = _bits_to_float(max_bits[i])
-            target.zero_count = int(hist[0])
-            if min_nz[i] < 1 << 23:  # fp32 subnormals share bin 0 with the zeros (rare)
-                target.zero_count -= int(((bits[a:b] > 0) & (bits[a:b] < 1 << 23)).sum())
-            if min_nz[i] < _INF_BITS:
-                target.min_nonzero_abs = _bits_to_float(min_nz[i])
-            for limits in _FORMATS:
-                target.tails[limits.name] = _tail_counts(bits[a:b], hist, target, limits)
-            if sumsq is not None:
-                target.sumsq, target.sumsq_total = sumsq[0][i], sumsq[1][i]
+            jobs.append(self._item_job(flat[a:b], bits[a:b], hists[i].copy(), max_bits[i], min_nz[i], target))
+        results = yield Parallel(jobs)
+        if self.with_sumsq:
+            per_bin, totals = results[0]
+            for i, (_, target) in enumerate(items):
+                if not hists[i][255]:
+                    target.sumsq, target.sumsq_total = per_bin[i], totals[i]
 
-    def _sums_of_squares(
-        self, flat: torch.Tensor, shifted: torch.Tensor, hists: np.ndarray, bounds: list[tuple[int, int]]
-    ) -> tuple[np.ndarray, list[float]]:
+    def _item_job(
+        self,
+        values: torch.Tensor,
+        bits: torch.Tensor,
+        hist: np.ndarray,
+        max_bits: int,
+        min_nz: int,
+        target: TensorSummary,
+    ) -> Job[None]:
+        """One small tensor's summary from the batch's histogram and extremes (`bits`: its
+        slice of the batch's own bit patterns)."""
+        if hist[255]:  # an Inf or NaN: the single-tensor path over its slice (rare)
+            vars(target).update(vars((yield from _chunk_job(values, self.with_sumsq, self._ws))))
+            return
+        target.numel, target.hist = values.numel(), hist
+        target.max_abs = _bits_to_float(max_bits)
+        target.zero_count = int(hist[0])
+        if min_nz < 1 << 23:  # fp32 subnormals share bin 0 with the zeros (rare)
+            target.zero_count -= int((yield ((bits > 0) & (bits < 1 << 23)).sum()))
+        if min_nz < _INF_BITS:
+            target.min_nonzero_abs = _bits_to_float(min_nz)
+        target.tails = yield from _tails_job(values, hist, target, _Fixed(bits))
+
+    def _sums_of_squares_job(
+        self,
+        flat: torch.Tensor,
+        shifted: torch.Tensor,
+        hists: np.ndarray,
+        bounds: list[tuple[int, int]],
+        norms: list[float],
+    ) -> Job[tuple[np.ndarray, list[float]]]:
         """Per tensor: sums of x^2 in the bins below 2^-24, and over all values (segments
         with an Inf or NaN are redone by the single-tensor path)."""
-        norms = torch.stack([torch.linalg.vector_norm(flat[a:b]) for a, b in bounds]).tolist()
-        totals = []
-        for (a, b), norm in zip(bounds, norms, strict=True):
-            # fp32 norms are exact enough in fp32's normal range; elsewhere redo in fp64
-            totals.append(norm * norm if math.isfinite(norm) and 1e-10 < norm < 1e18 else squared_norm(flat[a:b]))
+        redo = [i for i, n in enumerate(norms) if not _fp32_norm_ok(n)]
+        # fp32 norms are exact enough in fp32's normal range; elsewhere redo in fp64
+        exact = dict(
+            zip(
+                redo, (yield Parallel([squared_norm_job(flat[a:b]) for a, b in (bounds[i] for i in redo)])), strict=True
+            )
+        )
+        totals = [exact[i] if i in exact else n * n for i, n in enumerate(norms)]
         per_bin = np.zeros((len(bounds), SUMSQ_BINS))
         zero_counts = hists[:, 0]
         if (hists[:, :SUMSQ_BINS].sum(1) - zero_counts).any():
             n = flat.numel()
             padded = -(-n // 8) * 8
-            mask = self._ws.get("batch.mask", padded, torch.bool, flat.device)
-            mask[n:].zero_()
+            mask = torch.zeros(padded, dtype=torch.bool, device=flat.device)
             torch.lt(shifted, (SUMSQ_BINS << 23) - 1, out=mask[:n])  # nonzero and below 2^-24
-            small = int(mask.sum())
+            small = int((yield mask.sum()))
             idx = _true_indices(mask, small)
             values = flat.take(idx)
             starts = torch.tensor([a for a, _ in bounds], device=flat.device)
             segment = torch.searchsorted(starts, idx, right=True) - 1
             key = segment * SUMSQ_BINS + ((values.view(torch.int32) & _ABS_MASK) >> 23)
             sums = torch.zeros(len(bounds) * SUMSQ_BINS, dtype=torch.float64, device=flat.device)
-            per_bin = sums.index_add_(0, key, values.double().square()).view(len(bounds), SUMSQ_BINS).cpu().numpy()
+            summed = yield sums.index_add_(0, key, values.double().square())
+            per_bin = np.array(summed).reshape(len(bounds), SUMSQ_BINS)
         return per_bin, totals
+
+
+class _Fixed(Workspace):
+    """A workspace whose `bits` slot is given: `_tails_job` over a batch item's own patterns."""
+
+    def __init__(self, bits: torch.Tensor) -> None:
+        super().__init__()
+        self._bits = bits
+
+    def get(
+        self, slot: str, n: int, dtype: torch.dtype, device: torch.device, *, fill: int | None = None
+    ) -> torch.Tensor:
+        if slot == "bits":
+            return self._bits
+        return super().get(slot, n, dtype, device, fill=fill)
+
+
+def _fill(target: TensorSummary, job: Job[TensorSummary]) -> Job[None]:
+    vars(target).update(vars((yield from job)))
 
 
 def relative_loss_error(ref: float, low: float) -> float:
