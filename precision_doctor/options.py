@@ -115,15 +115,6 @@ class Flag(StrEnum):
     LOST_UPDATE = "LOST_UPDATE"
 
 
-def refuse_fp8(dtype: object, what: str) -> None:
-    """One line instead of a wrong answer where fp8 is not supported yet (`what`: the feature)."""
-    if dtype == LowDtype.FP8 or dtype == LowDtype.FP8.value:
-        raise PrecisionDoctorError(
-            f"{what} does not support --dtype fp8 yet: analyze with --dtype fp8 for the per-layer fp8 "
-            "findings, and plan, export or pre-flight with --dtype bf16"
-        )
-
-
 class Fp8Recipe(StrEnum):
     """torchao's float8 training recipes (`Float8LinearConfig.from_recipe_name`): `tensorwise`
     (one dynamic scale per tensor, e4m3 forward, e5m2 gradients), `rowwise` (a power-of-two
