@@ -572,3 +572,91 @@ def test_stock_clip_query_key_residue_is_not_a_divergence(dtype: str) -> None:
     )
     assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
     assert report
+
+
+class _DropoutBatchNorm(nn.Module):
+    """Dropout (RNG the fp32 run draws from too) and train-mode BatchNorm (running statistics
+    the fp32 run writes): what a rerun of the low forward must start from as the first did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.dropout(torch.relu(self.bn(self.fc1(x))), 0.3, training=self.training))
+
+
+class _CountsCalls(nn.Module):
+    """Scales its output by a call counter kept in a list (changed in place: nothing the
+    analysis puts back), so a rerun of its forward computes another loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = [0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls[0] += 1
+        return self.fc(x) * (1 + self.calls[0] / 10)
+
+
+def _analyses_both_ways(
+    model: nn.Module, batch: torch.Tensor, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[pd.Report, pd.Report, list[bool]]:
+    """The report with the low run re-run for its backward (the default) and with its graph
+    held through the fp32 capture instead, and which way each low run went."""
+    from precision_doctor.analysis import engine
+
+    kept: list[bool] = []
+    real_low_run = engine.low_run
+
+    def recording_low_run(*args: Any, **kwargs: Any) -> Any:
+        kept.append(bool(kwargs.get("keep_graph")))
+        return real_low_run(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "low_run", recording_low_run)
+
+    def loss(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return out.float().pow(2).mean()
+
+    rerun = pd.analyze(model, batch, loss, dtype=dtype)  # it puts the RNG states back: both start alike
+    real_phases = engine._phases
+    monkeypatch.setattr(engine, "_phases", lambda *a: real_phases(*a[:-1], True))
+    held = pd.analyze(model, batch, loss, dtype=dtype)
+    return rerun, held, kept
+
+
+def _same_numbers(a: pd.Report, b: pd.Report) -> None:
+    assert a.grad_fidelity is not None and b.grad_fidelity is not None
+    assert a.grad_fidelity.model_dump() == b.grad_fidelity.model_dump()
+    assert [u.model_dump() for u in a.units] == [u.model_dump() for u in b.units]
+    assert a.losses == b.losses and [f.model_dump() for f in a.flags()] == [f.model_dump() for f in b.flags()]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_the_low_backward_rerun_gives_the_held_graphs_report(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process does not hold the low run's graph through the fp32 capture: it runs the
+    low forward again, with its backward, from the first run's state and RNG states. Same
+    dropout masks, same BatchNorm input: the report is the held graph's, number for number."""
+    torch.manual_seed(0)
+    model = _DropoutBatchNorm()
+    before = snapshot(model)
+    batch = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    rerun, held, kept = _analyses_both_ways(model, batch, dtype, monkeypatch)
+    # the first analysis: a low run without its graph, then the rerun with the backward
+    assert kept[:2] == [False, False] and kept[2:] == [True]
+    assert rerun.grad_fidelity is not None and rerun.grad_fidelity.rel_l2_error > 0
+    _same_numbers(rerun, held)
+    assert_restored(model, before)
+
+
+def test_a_forward_whose_rerun_differs_holds_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward reading state no pass puts back computes another loss when run again: the
+    analysis then runs again holding the graph, and its gradient comparison is the first
+    low run's own (as with the graph held from the start)."""
+    torch.manual_seed(0)
+    rerun, held, kept = _analyses_both_ways(_CountsCalls(), torch.randn(8, 8), "fp16", monkeypatch)
+    assert kept[:3] == [False, False, True]  # no graph, its rerun differs, the analysis again holding
+    assert rerun.grad_fidelity is not None and held.grad_fidelity is not None
+    for a, b in zip(rerun.grad_fidelity_by_unit().values(), held.grad_fidelity_by_unit().values(), strict=True):
+        assert a.rel_l2_error == pytest.approx(b.rel_l2_error, rel=0.2)
