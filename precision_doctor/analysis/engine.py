@@ -199,38 +199,6 @@ def analyze(
     # walked again (`capture.graph_cache`).
     key = fingerprint(req.model, req.batch) if req.driver is not Driver.DISPATCH else None
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
-    # One process re-runs the low forward for its backward (`_low_backward`) instead of holding
-    # its graph through the fp32 capture: the peak holds one run's activations, not two. fp8
-    # keeps it (a rerun would record torchao's casts twice), and so does a torch.distributed
-    # job (its ranks' collectives are in the forward); so does a forward whose rerun computes
-    # another loss (it depends on state no pass puts back: the whole analysis again, holding).
-    keep_graph = fp8 is not None or type(req.job) is not SingleProcess
-    try:
-        report, captured = _phases(req, key, fp8, build_optimizer, lr, keep_graph)
-    except _LowRerunDiffers:
-        report, captured = _phases(req, key, fp8, build_optimizer, lr, True)
-    if captured.step is not None:
-        GRAPHS.keep(req.model, req.loss_fn, captured.step, key)
-    elif req.driver is Driver.GRAPH:
-        GRAPHS.drop(req.model)
-    if fp8 and recipe:
-        rec = fp8.recorder
-        section = fp8_section(recipe, torchao_version(), fp8.emulated, rec.layers, rec.casts, rec.gemms)
-        report = with_fp8(report, section)
-    return report
-
-
-def _phases(
-    req: _Request,
-    key: Fingerprint | None,
-    fp8: Fp8Run | None,
-    build_optimizer: OptimizerFactory | None,
-    lr: float | None,
-    keep_graph: bool,
-) -> tuple[Report, _Captured]:
-    """`analyze`'s phases inside one `ModelStateGuard`: the low run (holding its graph for the
-    backward where `keep_graph`), the fp32 capture, the report, the gradient fidelity and the
-    optimizer step."""
     with ModelStateGuard(req.model) as guard, fp8.recording() if fp8 else contextlib.nullcontext():
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
         req.say("checking whether torch.fx can trace the model")
@@ -238,15 +206,7 @@ def _phases(
         req.say(f"{req.low} forward as {req.regime} training runs it")
         low_model = fp8.model if fp8 else req.model
         real_low = _low_run(
-            low_model,
-            req.batch,
-            req.loss_fn,
-            req.low,
-            req.regime,
-            req.policy,
-            guard,
-            req.job.fail_fast,
-            keep_graph=keep_graph,
+            low_model, req.batch, req.loss_fn, req.low, req.regime, req.policy, guard, req.job.fail_fast
         )
         reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
         req.say("fp32 forward with low-precision shadows")
@@ -259,12 +219,20 @@ def _phases(
         low_grads: dict[str, torch.Tensor] | None = (
             {} if stepped and req.regime is Regime.PURE and isinstance(req.job, SingleProcess) else None
         )
-        if real_low.differentiable:
-            report = _gradient_fidelity(req, capture, real_low, grads, report, guard, low_model, low_grads)
+        if real_low.graph is not None:
+            report = _gradient_fidelity(req, capture, real_low, grads, report, low_model, low_grads)
         if stepped:
             report = _optimizer_step(req, grads, report, build_optimizer, lr, low_grads or None)
         del grads, low_grads
-    return report, captured
+    if captured.step is not None:
+        GRAPHS.keep(req.model, req.loss_fn, captured.step, key)
+    elif req.driver is Driver.GRAPH:
+        GRAPHS.drop(req.model)
+    if fp8 and recipe:
+        rec = fp8.recorder
+        section = fp8_section(recipe, torchao_version(), fp8.emulated, rec.layers, rec.casts, rec.gemms)
+        report = with_fp8(report, section)
+    return report
 
 
 def _fp8_setup(req: _Request, fp8_recipe: str | Fp8Recipe | None) -> tuple[Fp8Recipe | None, Fp8Run | None]:
@@ -573,7 +541,7 @@ def _report(req: _Request, captured: _Captured, real_low: LowRun, fx: tuple[bool
     loss_low, loss_dtype = real_low.loss, real_low.loss_dtype
     fx_ok, fx_error = fx
     return req.job.report(
-        CapturedStep(build_report, capture, param_stats, req.model, grads, fidelity_follows=real_low.differentiable),
+        CapturedStep(build_report, capture, param_stats, req.model, grads, fidelity_follows=real_low.graph is not None),
         low=req.low,
         th=req.th,
         losses=Losses(
@@ -609,7 +577,6 @@ def _gradient_fidelity(
     real_low: LowRun,
     grads: dict[str, torch.Tensor],
     report: Report,
-    guard: ModelStateGuard,
     low_model: torch.nn.Module | None = None,
     keep: dict[str, torch.Tensor] | None = None,
 ) -> Report:
@@ -622,7 +589,7 @@ def _gradient_fidelity(
 
     def low_backward(sink: GradientSink) -> None:
         model = low_model if low_model is not None else req.model
-        _low_backward(real_low, model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy, guard)
+        _low_backward(real_low, model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
 
     return req.job.gradient_fidelity(
         LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward, keep, TORCH_DTYPES[req.low])
@@ -664,8 +631,6 @@ def _low_run(
     policy: AutocastPolicy,
     guard: ModelStateGuard,
     sharded_job: bool = False,
-    *,
-    keep_graph: bool = True,
 ) -> LowRun:
     """The real low-precision forward, as `regime` training executes it. If it fails, the
     model is run once in fp32 to tell a broken model or loss function (reported as such) from
@@ -683,7 +648,7 @@ def _low_run(
                     regime=regime,
                     policy=policy,
                     record_ops=False,
-                    keep_graph=keep_graph,
+                    keep_graph=True,
                 )
             except (PrecisionDoctorError, PrecisionDoctorInternalError):
                 raise
@@ -736,27 +701,23 @@ def _low_backward(
     low: LowDtype,
     regime: Regime,
     policy: AutocastPolicy,
-    guard: ModelStateGuard,
 ) -> None:
     """The low run's backward at loss scale 2^k, its unscaled parameter gradients into
-    `sink` (`LowGraph.backward`). Without a kept graph, or with one the model's own writes
-    invalidated since (a parameter written in place in forward, restored in place after it),
-    the low run is run again, forward and backward at once, from the state and RNG states the
-    first run started from (`guard.rewind`: the same dropout draws, so the same values; the
-    gradients that reached the sink before a failure reach it again, the same). Its loss must
-    be the first run's, bit for bit. The fp32 backward of the same model succeeded: a failure
-    of that run is the low precision's."""
-    if real_low.graph is not None:
-        try:
-            real_low.graph.backward(scale_log2, sink)
-            return
-        except PrecisionDoctorInternalError:
-            raise
-        except Exception:
-            pass
-    guard.rewind()
+    `sink` (`LowGraph.backward`). A graph the model's own writes invalidated since (a
+    parameter written in place in forward, restored in place after it) is run again, forward
+    and backward at once (same RNG draws: the gradients that reached the sink before the
+    failure reach it again, the same values). The fp32 backward of the same model succeeded:
+    a failure of that run is the low precision's."""
+    assert real_low.graph is not None
     try:
-        again = low_run(
+        real_low.graph.backward(scale_log2, sink)
+        return
+    except PrecisionDoctorInternalError:
+        raise
+    except Exception:
+        pass
+    try:
+        low_run(
             model,
             batch,
             loss_fn,
@@ -774,14 +735,6 @@ def _low_backward(
             + (f", {policy} op policy" if regime is Regime.AUTOCAST else "")
             + f"), not in fp32: {type(e).__name__}: {e}"
         ) from e
-    same = again.loss == real_low.loss or (math.isnan(again.loss) and math.isnan(real_low.loss))
-    if real_low.graph is None and not same:
-        raise _LowRerunDiffers(f"the low run's rerun computed loss {again.loss!r}, the first {real_low.loss!r}")
-
-
-class _LowRerunDiffers(Exception):
-    """The low forward, run again for its backward from the first run's state and RNG
-    states, computed another loss: its gradients are not the first run's."""
 
 
 def _low_params(model: torch.nn.Module, low_reads: set[int]) -> set[str]:

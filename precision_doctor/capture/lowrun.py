@@ -478,8 +478,6 @@ class LowRun:
     """Every aten op (`mm.default`) with its output dtypes, in order (`record_ops`)."""
     graph: LowGraph | None = None
     """The loss with its autograd graph, for one backward later (`keep_graph`)."""
-    differentiable: bool = False
-    """Whether the loss had an autograd graph (kept or not): a backward can follow."""
 
 
 GradientSink = Callable[[list[str], torch.Tensor], None]
@@ -745,5 +743,4 @@ def low_run(
             module_outputs=outputs.detached(),
             op_log=log if log is not None else [],
             graph=graph if keep_graph and gradients_at is None else None,
-            differentiable=bool(loss.requires_grad),
         )

@@ -78,30 +78,6 @@ class ModelStateGuard:
                 original = self._original[id(p)]
                 self._param_copies[id(p)] = (original, original.clone())
 
-    def rewind(self) -> None:
-        """The parameters' and buffers' values and the RNG states back to the snapshot, the
-        guard still held: a later pass starts where the first did (`.grad`, modes and
-        `requires_grad` stay as they are now)."""
-        self._attributes.restore()
-        self._rebind_params()
-        with torch.no_grad():
-            for original, saved in self._param_copies.values():
-                original.copy_(saved)
-            for b, saved in self._buffers.values():
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-        torch.set_rng_state(self._cpu_rng)
-        if self._cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self._cuda_rng)
-        random.setstate(self._py_rng)
-        np.random.set_state(self._np_rng)
-
-    def _rebind_params(self) -> None:
-        for p in {id(p): p for p in self._params.values()}.values():
-            original = self._original[id(p)]
-            if storage_ptr(p) != storage_ptr(original) or p.shape != original.shape:
-                p.data = original
-
     def analysis_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for n, p in self._params.items() if p.grad is not None}
 
@@ -114,7 +90,10 @@ class ModelStateGuard:
         if exc_type is not None:
             reset_fsdp_iteration(self.model)  # FSDP2's recovery from a pass that raised midway
         self._attributes.restore()
-        self._rebind_params()
+        for p in {id(p): p for p in self._params.values()}.values():
+            original = self._original[id(p)]
+            if storage_ptr(p) != storage_ptr(original) or p.shape != original.shape:
+                p.data = original
         with torch.no_grad():
             for original, saved in self._param_copies.values():
                 original.copy_(saved)
