@@ -227,7 +227,7 @@ def target(name: str, step_s: float) -> float:
 
 def driver_of(report: Any) -> str:
     env = report.environment
-    return str(getattr(env, "driver", None) or "dispatch") + f" ({env.capture_path})"
+    return str(env.capture_path) + (f" ({env.driver_reason})" if env.driver_reason else "")
 
 
 def child(kind: str, name: str) -> None:

@@ -148,7 +148,16 @@ def _tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=g)
 
 
+def _needs_transformers() -> None:
+    """A test of a transformers model is skipped, not failed, where the optional extra is not
+    installed (pytest imported here: the benchmarks import these builders too)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+
+
 def build_gpt2(seed: int = 0, layers: int = 2) -> Case:
+    _needs_transformers()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -171,6 +180,7 @@ def build_gpt2(seed: int = 0, layers: int = 2) -> Case:
 
 
 def build_bert(seed: int = 0) -> Case:
+    _needs_transformers()
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
@@ -190,6 +200,7 @@ def build_bert(seed: int = 0) -> Case:
 
 
 def build_t5(seed: int = 0) -> Case:
+    _needs_transformers()
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -213,6 +224,7 @@ def build_t5(seed: int = 0) -> Case:
 
 def _decoder(name: str, config_cls: str, model_cls: str, seed: int, kv_heads: int) -> Case:
     """A tiny stock decoder-only transformers model (Llama family: RMSNorm that upcasts)."""
+    _needs_transformers()
     import transformers
 
     torch.manual_seed(seed)
@@ -249,6 +261,7 @@ def build_mistral(seed: int = 0) -> Case:
 def build_swin(seed: int = 0) -> Case:
     """A tiny stock Swin classifier: its second block per stage shifts the windows and adds
     transformers' -100 mask (built in forward) to the attention scores."""
+    _needs_transformers()
     from transformers import SwinConfig, SwinForImageClassification
 
     torch.manual_seed(seed)
@@ -408,14 +421,6 @@ class DeepMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(x))
-
-
-def build_deep_mlp(seed: int = 0, depth: int = 4) -> Case:
-    torch.manual_seed(seed)
-    model = DeepMLP(depth=depth)
-    return Case(
-        f"deep_mlp{depth}", model, torch.randn(6, 16, generator=torch.Generator().manual_seed(seed + 1)), mlp_loss
-    )
 
 
 def build_deep_se(seed: int = 0) -> Case:

@@ -155,9 +155,10 @@ def half_spacing(w: torch.Tensor, low: torch.dtype) -> torch.Tensor:
     return torch.clamp(spacing, min=fi.tiny * fi.eps) / 2
 
 
-def _template(
+def make_optimizer(
     model: torch.nn.Module, build_optimizer: OptimizerFactory | None, lr: float | None
 ) -> torch.optim.Optimizer:
+    """`build_optimizer(model)`, else AdamW over `model`'s parameters at `lr` (`DEFAULT_LR`)."""
     if build_optimizer is None:
         return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR if lr is None else lr)
     return call_build_optimizer(build_optimizer, model)
@@ -239,7 +240,7 @@ def optimizer_step(
     parameter name (pure regime), which the applied step steps instead of the fp32 ones
     rounded to `low` (a parameter without one falls back to those)."""
     start = time.perf_counter()
-    template = _template(model, build_optimizer, lr)
+    template = make_optimizer(model, build_optimizer, lr)
     group_of = {id(p): g for g in template.param_groups for p in g["params"]}
     low_dtype = TORCH_DTYPES[low]
     names: dict[int, list[str]] = {}

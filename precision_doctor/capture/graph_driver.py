@@ -113,9 +113,6 @@ def gradients(node: GradNode, grads: tuple[Any, ...]) -> None:
     raise RuntimeError("a marker node: GraphCapture.replay handles it")
 
 
-_MARKERS = (module_enter, module_exit, module_output, forward_end, gradients)
-
-
 @dataclass
 class StepGraph:
     """One traced training step: the graph, the tensors it reads that no op of it made (by
@@ -649,7 +646,6 @@ def graph_capture(
 ) -> GraphCapture:
     """A `GraphCapture` set up as `shadow.capture_pass` sets up its `ShadowCapture` (no hooks,
     no mode: the walk says which unit runs)."""
-    capture: GraphCapture | None = None
     attribution = UnitAttribution(model)
     capture = GraphCapture(
         attribution,

@@ -111,16 +111,12 @@ from precision_doctor.model.parallel import local_tensor, storage_ptr, waited, w
 from precision_doctor.options import Phase
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether `t` holds no Inf/NaN, from one fp32-accumulated sum (Inf and NaN carry into
-    it): a reduction, where `isfinite(t).all()` writes a mask as large as `t` first. A sum of
+def all_finite_job(t: torch.Tensor) -> Job[bool]:
+    """Whether `t` holds no Inf/NaN, as a job (capture/readback.py), from one fp32-accumulated
+    sum (Inf and NaN carry into it): a reduction, where `isfinite(t).all()` writes a mask as
+    large as `t` first. A sum of
     finite values beyond fp32's range (~3e38) would read as non-finite: no gradient or
     activation here comes near it."""
-    return bool(torch.isfinite(torch.sum(t, dtype=torch.float32)))
-
-
-def all_finite_job(t: torch.Tensor) -> Job[bool]:
-    """`all_finite` as a job (capture/readback.py)."""
     return bool((yield torch.isfinite(torch.sum(t, dtype=torch.float32))))
 
 
@@ -716,9 +712,11 @@ class OpPipeline:
                     continue
                 src = self.records[made[0]] if (made := self._producer.get(t)) is not None else None
                 where, constant = self.masks.known(t, src)
-                if self.workspace.owns(s):  # a pooled upcast: its low source has its finiteness and NaNs
-                    s = self.shadows.upcast_sources.get(id(s), s)
-                if self.workspace.owns(s):
+                pooled = self.workspace.owns(s)
+                if pooled and (low_source := self.shadows.upcast_sources.get(id(s))) is not None:
+                    s = low_source  # a pooled upcast: its low source has its finiteness and NaNs
+                    pooled = self.workspace.owns(s)
+                if pooled:
                     where = self.masks.positions(t, src) if constant else where
                     inputs.append((self._finite_flag(s, where), where, None))
                 else:
@@ -732,7 +730,7 @@ class OpPipeline:
         finite = torch.isfinite(s)
         if where is None:
             return finite.all()
-        return finite.all() | (finite | (where & ~torch.isnan(s))).all()
+        return (finite | (where & ~torch.isnan(s))).all()
 
     def _local_error_job(self, rec: OpRecord, local: _LocalInputs, masked: dict[int, torch.Tensor]) -> Job[None]:
         """The op's local shadow against its fp32 outputs, per output and over all of them."""

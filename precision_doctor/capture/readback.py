@@ -180,9 +180,6 @@ class Readback:
             holders.append(h)
         return h
 
-    def holds(self, t: torch.Tensor) -> bool:
-        return bool(self._held) and _storage_key(t) in self._held
-
     def protect(self, t: torch.Tensor) -> None:
         """`t` is about to be written in place: the pending jobs that read its memory get a
         copy of what it holds now."""

@@ -243,11 +243,6 @@ def compact(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t[index], repeat
 
 
-def true_count(mask: torch.Tensor, shape: Sequence[int]) -> int:
-    """How many True values `mask` has once broadcast to `shape`."""
-    return run(true_count_job(mask, shape))
-
-
 def true_count_job(mask: torch.Tensor, shape: Sequence[int]) -> Job[int]:
     values, repeat = compact(mask.expand(tuple(shape)))
     return int((yield values.sum())) * repeat

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from precision_doctor.capture.fp8 import MX_BLOCK
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.options import Fp8Recipe, LowDtype, Phase, Target
@@ -276,7 +277,6 @@ SCALE_BYTES = 4
 """torchao's scales are fp32: one per tensor (tensorwise), one per row (rowwise)."""
 MX_SCALE_BYTES = 1
 """An MX block's scale is one e8m0 byte (a power of two) per `MX_BLOCK` values."""
-MX_BLOCK = 32
 MX_NEEDS = "mxfp8 needs MX tensor cores: target b200"
 """Why a device without `mx_fp8` gets no `fp8:mxfp8` choice (Blackwell runs MX matmuls)."""
 

@@ -41,7 +41,14 @@ from dataclasses import dataclass
 import torch
 
 from precision_doctor.analysis.fp8 import gemm_db, sqnr_limit_db
-from precision_doctor.capture.fp8 import MX_BLOCK, autocast_input, convert_mx, fp8_config, require_torchao
+from precision_doctor.capture.fp8 import (
+    MX_BLOCK,
+    autocast_input,
+    convert_mx,
+    fp8_config,
+    mx_convertible,
+    require_torchao,
+)
 from precision_doctor.extras import Fp8Gemm
 from precision_doctor.options import Fp8Recipe, fp8_recipe_of
 from precision_doctor.planning.cost import MX_NEEDS, DeviceProfile
@@ -99,8 +106,10 @@ def _mx_reason(module: torch.nn.Module, profile: DeviceProfile | None) -> str | 
     if profile is None or not profile.mx_fp8:
         where = f" ({profile.name} has none)" if profile is not None else ""
         return MX_NEEDS + where
-    out_f, in_f = module.weight.shape if isinstance(module, torch.nn.Linear) else (0, 0)
-    if out_f % MX_BLOCK or in_f % MX_BLOCK:
+    if type(module) is not torch.nn.Linear:  # what the MX conversion swaps (`mx_convertible`)
+        return f"{type(module).__name__} is not a plain nn.Linear: the MX conversion swaps nn.Linear only"
+    if not mx_convertible(module):
+        out_f, in_f = module.weight.shape
         return (
             f"its weight is {out_f}x{in_f}: torchao's MXFP8Linear casts in blocks of {MX_BLOCK} along both "
             "dimensions (MXTensor.to_mx)"

@@ -263,6 +263,7 @@ class _Fp8Search:
             if result.below:
                 for layer, why in result.below.items():
                     self.ban(layer, labels[layer], f"verification pass {self.passes}: {why}")
+                verified = math.inf  # this candidate failed: never the plan returned below
                 continue
             if self.settled(labels, result.check):
                 return labels, verified, problem

@@ -826,11 +826,10 @@ def _fp32_reasons(
     promoted: Mapping[str, str],
     contributions: Mapping[str, float],
     tolerance: float,
-    labels: Mapping[str, str] | None = None,
+    labels: Mapping[str, str],
 ) -> dict[str, str]:
     reasons: dict[str, str] = {}
-    # Choice 1 is the low dtype (`_unit_choices`); a pure plan's are found by their labels.
-    x = _choice_indices(problem, labels) if labels is not None else [int(low[n]) for n in problem.names]
+    x = _choice_indices(problem, labels)
     base = problem.objective(x)
     used = problem.error_of(x)
     for i, n in enumerate(problem.names):

@@ -35,6 +35,7 @@ from precision_doctor.planning.cost import CostModel, weight_cast_s
 from precision_doctor.planning.search import Choice
 from precision_doctor.planning.training_check import TrainingCheck, check_training
 from precision_doctor.report import Report
+from precision_doctor.runtime import distributed
 
 MASTER_SUFFIX = "+fp32-master"
 DEFAULT_STATE_TENSORS = 2
@@ -176,17 +177,22 @@ class PureRounds:
         weights (the caller falls back to fp32)."""
         low = {n: label != "fp32" for n, label in labels.items()}
         masters = {n for n, label in labels.items() if label == master_label(dtype)}
-        self.check = check_training(
-            model,
-            batch,
-            loss_fn,
-            TORCH_DTYPES[dtype],
-            low,
-            masters,
-            build_optimizer=self.build_optimizer,
-            lr=self.lr,
-            steps=self.steps,
-            policy=self.policy,
+        # In a torch.distributed job every rank trains on its own shard: all decide on the
+        # worst rank's check, so they take the same next round and end with the same plan.
+        self.check = distributed.worst(
+            check_training(
+                model,
+                batch,
+                loss_fn,
+                TORCH_DTYPES[dtype],
+                low,
+                masters,
+                build_optimizer=self.build_optimizer,
+                lr=self.lr,
+                steps=self.steps,
+                policy=self.policy,
+            ),
+            lambda c: 0.0 if c.tracks else 1.0,
         )
         if self.check.tracks:
             return True

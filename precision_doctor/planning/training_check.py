@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from precision_doctor.analysis.optimizer_step import make_optimizer
 from precision_doctor.capture.emulation import emulated_precision
 from precision_doctor.capture.lowrun import low_precision_backward
 from precision_doctor.capture.units import owner_of
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.model.spec import LossFn, OptimizerFactory, call_build_optimizer, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, OptimizerFactory, resolve_loss, run_model
 from precision_doctor.options import AutocastPolicy
 from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 
@@ -38,8 +39,6 @@ TRAIN_STEPS = 8
 eight steps take fp32's loss down ~2% and leave pure bf16's where it was."""
 TRACK_FRACTION = 0.5
 """The plan's loss must fall by at least this fraction of the fp32 run's fall."""
-DEFAULT_LR = 1e-3
-"""AdamW's learning rate without `build_optimizer` or `lr` (as `analysis.optimizer_step`)."""
 
 
 @dataclass(frozen=True)
@@ -66,17 +65,6 @@ class TrainingCheck:
         return self.plan_losses[0] - self.plan_losses[-1]
 
     @property
-    def max_rel_error(self) -> float:
-        """The largest relative difference of the two runs' losses at one step."""
-        return max(
-            (
-                abs(p - f) / abs(f) if f != 0 else abs(p - f)
-                for f, p in zip(self.fp32_losses, self.plan_losses, strict=True)
-            ),
-            default=0.0,
-        )
-
-    @property
     def tracks(self) -> bool:
         if not all(math.isfinite(v) for v in self.plan_losses):
             return False
@@ -89,12 +77,6 @@ class TrainingCheck:
             f"{len(self.fp32_losses) - 1} optimizer steps: fp32 loss {self.fp32_losses[0]:.6g} -> "
             f"{self.fp32_losses[-1]:.6g}, plan {self.plan_losses[0]:.6g} -> {self.plan_losses[-1]:.6g}"
         )
-
-
-def build(model: torch.nn.Module, build_optimizer: OptimizerFactory | None, lr: float | None) -> torch.optim.Optimizer:
-    if build_optimizer is not None:
-        return call_build_optimizer(build_optimizer, model)
-    return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR if lr is None else lr)
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -129,7 +111,7 @@ def check_training(
         rng = torch.get_rng_state()
         ref = _copy(model)
         ref.train()
-        opt = build(ref, build_optimizer, lr)
+        opt = make_optimizer(ref, build_optimizer, lr)
         name = type(opt).__name__
         first_lr = float(opt.param_groups[0].get("lr", math.nan)) if opt.param_groups else math.nan
         fp32 = _train(ref, opt, batch, loss_fn, steps, None, low, policy, MasterWeights([]))
@@ -137,7 +119,7 @@ def check_training(
         torch.set_rng_state(rng)
         m = _copy(model)
         m.train()
-        opt = build(m, build_optimizer, lr)  # over the fp32 parameters: pointed at the masters below
+        opt = make_optimizer(m, build_optimizer, lr)  # over the fp32 parameters: pointed at the masters below
         held = hold_plan_weights(m, low, masters, dtype)
         held.use_in(opt)
         tracked: dict[str, list[torch.nn.Parameter]] = {}
