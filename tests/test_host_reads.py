@@ -6,7 +6,11 @@ Counted from outside the tool: a bare dispatch mode entered around `analyze` see
 `aten._local_scalar_dense` (`.item()`, `float(t)`, `bool(t)`) dispatched while the tool's own
 modes are on; the Tensor methods that read values without a dispatch (`.tolist()`,
 `.numpy()`) or that copy to the host (`.cpu()`), and the conversions that the tool runs with
-its modes off, are counted by wrapping them on `torch.Tensor`."""
+its modes off, are counted by wrapping them on `torch.Tensor`.
+
+The reads bounded are the device path's (`capture.statistics`' torch jobs): the CPU's compiled
+loops (`capture.cpu_kernels`) read a CPU tensor's memory in place, through `.numpy()`, and
+never run on a GPU, so these tests run with them off."""
 
 from __future__ import annotations
 
@@ -20,8 +24,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import precision_doctor as pd
+from precision_doctor.capture.cpu_kernels import CPU_KERNELS_ENV
 
 from .fixtures import DeepMLP, build_gpt2, mlp_loss
+
+
+@pytest.fixture(autouse=True)
+def _device_path() -> Iterator[None]:
+    # Its own patcher: the tests' `monkeypatch.undo()` would drop it after the first analysis.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CPU_KERNELS_ENV, "torch")
+        yield
+
 
 _READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 

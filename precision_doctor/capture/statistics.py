@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from precision_doctor.capture import cpu_kernels
 from precision_doctor.capture.readback import Held, Job, Parallel, Readback, run
 from precision_doctor.errors import PrecisionDoctorInternalError
 from precision_doctor.formats import BF16, FP16, FormatLimits, loss_scale_fractions
@@ -189,6 +190,8 @@ def summarize_job(
         flat = flat.float()
     if not flat.is_contiguous():
         flat = flat.contiguous()
+    if cpu_kernels.enabled(flat):
+        return _from_raw(cpu_kernels.summary(flat, _FORMATS, SUMSQ_BINS, with_sumsq), flat.numel())
     ws = workspace or Workspace()
     parts = yield Parallel(
         [
@@ -201,6 +204,24 @@ def summarize_job(
         summary.merge(part)
     if with_sumsq and summary.sumsq is None:  # an empty tensor
         summary.sumsq = np.zeros(SUMSQ_BINS)
+    return summary
+
+
+def _from_raw(raw: cpu_kernels.RawSummary, n: int) -> TensorSummary:
+    """A summary from the compiled loops' one pass (`capture.cpu_kernels`)."""
+    summary = TensorSummary(numel=n, hist=raw.hist, zero_count=raw.zero_count, nan_count=raw.nan_count)
+    summary.inf_count = int(raw.hist[255]) - raw.nan_count
+    summary.max_abs = _bits_to_float(raw.max_bits)
+    if raw.min_nonzero_bits < _INF_BITS:
+        summary.min_nonzero_abs = _bits_to_float(raw.min_nonzero_bits)
+    for i, limits in enumerate(_FORMATS):
+        summary.tails[limits.name] = TailCounts(
+            overflow=raw.above_max[i],
+            flushed=raw.below_subnormal[i],
+            subnormal=raw.below_normal[i] - raw.below_subnormal[i],
+        )
+    if raw.sumsq is not None:
+        summary.sumsq, summary.sumsq_total = raw.sumsq, raw.sumsq_total
     return summary
 
 
@@ -639,6 +660,10 @@ class SummaryBatch:
         """The batch's summaries: the bit-level work over one concatenated buffer of its own
         (other jobs run between its reads), then per tensor what its values call for."""
         tensors = [_held(t) for t, _ in items]
+        if cpu_kernels.enabled(tensors[0]):
+            for t, (_, target) in zip(tensors, items, strict=True):
+                vars(target).update(vars((yield from summarize_job(t, with_sumsq=self.with_sumsq))))
+            return
         bounds = _bounds([t.numel() for t in tensors])
         flat = torch.cat([t.reshape(-1) for t in tensors])
         bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK)

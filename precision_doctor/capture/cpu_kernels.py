@@ -1,0 +1,124 @@
+"""The statistics' per-value work on the CPU as compiled loops (numba), one pass per tensor.
+
+On the CPU the torch path of a summary (`statistics._chunk_job`) is a dozen kernels over the
+values - the bit patterns, their exponents widened to int64 for a `scatter_add_` histogram,
+a min and a max, the tail compares - and a few Python rounds per 1M-value chunk: measured
+~6 ns per value in a GPT-2 analysis, where one pass that bins, counts and compares each
+value as it reads it takes ~1 (`benchmarks/README.md`). On a GPU the torch path runs, on the
+device (`capture/readback.py`); here a host read costs nothing to save.
+
+The loops are exact where the torch path is (counts, bit patterns) and compute their sums of
+squares in float64, per fixed block of `BLOCK_ELEMENTS` values and then over the blocks in
+order: the same sums on one thread or many. `PRECISION_DOCTOR_CPU_KERNELS=torch` runs the
+torch path instead (it is also the path where numba is not installed); `tests/
+test_cpu_kernels.py` holds the two to the same summaries.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from precision_doctor.errors import PrecisionDoctorError
+from precision_doctor.formats import FormatLimits
+
+__all__ = ["CPU_KERNELS_ENV", "RawSummary", "enabled", "summary"]
+
+CPU_KERNELS_ENV = "PRECISION_DOCTOR_CPU_KERNELS"
+"""`numba` (or unset): the compiled loops where numba imports; `torch`: the torch kernels."""
+
+BLOCK_ELEMENTS = 1 << 18
+# Below this many values one thread does it all: a parallel launch costs more than it saves.
+PARALLEL_ELEMENTS = 1 << 19
+
+# numba's default threading layer aborts on launches from two threads at once.
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    try:
+        from precision_doctor.capture import _numba_kernels
+    except ImportError:
+        return None
+    return _numba_kernels
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether `t`'s statistics run through the compiled loops: a CPU tensor, numba there, and
+    not switched off by `PRECISION_DOCTOR_CPU_KERNELS=torch`."""
+    if t.device.type != "cpu":
+        return False
+    choice = os.environ.get(CPU_KERNELS_ENV, "").strip().lower()
+    if choice == "torch":
+        return False
+    if choice not in ("", "numba"):
+        raise PrecisionDoctorError(f"{CPU_KERNELS_ENV}={choice!r}: use numba (the default) or torch")
+    return _kernels() is not None
+
+
+def _bits(value: float) -> int:
+    return int(np.array([value], dtype=np.float32).view(np.int32)[0])
+
+
+@functools.cache
+def _thresholds(formats: tuple[FormatLimits, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.array([_bits(f.max_value) for f in formats], dtype=np.int64),
+        np.array([_bits(f.smallest_subnormal) for f in formats], dtype=np.int64),
+        np.array([_bits(f.smallest_normal) for f in formats], dtype=np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class RawSummary:
+    """What one pass found: the histogram, zero and NaN counts, the largest finite and the
+    smallest nonzero finite bit patterns (0 and 0x7F800000 where there is none), per format
+    the counts above its max, below its smallest subnormal and below its smallest normal
+    (nonzero, finite), and the sums of x^2 per bin and over all finite values."""
+
+    hist: np.ndarray
+    zero_count: int
+    nan_count: int
+    max_bits: int
+    min_nonzero_bits: int
+    above_max: tuple[int, ...]
+    below_subnormal: tuple[int, ...]
+    below_normal: tuple[int, ...]
+    sumsq: np.ndarray | None
+    sumsq_total: float
+
+
+def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: int, with_sumsq: bool) -> RawSummary:
+    """One pass over a contiguous 1-d float32 CPU tensor (`enabled` must hold)."""
+    k = _kernels()
+    assert k is not None and len(formats) == k.N_FORMATS
+    values = flat.detach().numpy()
+    maxes, subs, norms = _thresholds(formats)
+    args = (values.view(np.int32), values, BLOCK_ELEMENTS, maxes, subs, norms, sumsq_bins << 23, with_sumsq)
+    if values.size > PARALLEL_ELEMENTS and torch.get_num_threads() > 1:
+        with _LOCK:
+            k.nb.set_num_threads(min(torch.get_num_threads(), k.nb.config.NUMBA_NUM_THREADS))
+            hist, cnt, sums, tots = k.summary_blocks_parallel(*args)
+    else:
+        hist, cnt, sums, tots = k.summary_blocks(*args)
+    n = k.N_FORMATS
+    per_format = cnt[:, 4:].sum(0)
+    return RawSummary(
+        hist=hist.sum(0),
+        zero_count=int(cnt[:, 0].sum()),
+        nan_count=int(cnt[:, 1].sum()),
+        max_bits=int(cnt[:, 2].max()),
+        min_nonzero_bits=int(cnt[:, 3].min()),
+        above_max=tuple(int(c) for c in per_format[:n]),
+        below_subnormal=tuple(int(c) for c in per_format[n : 2 * n]),
+        below_normal=tuple(int(c) for c in per_format[2 * n :]),
+        sumsq=sums[:, :sumsq_bins].sum(0) if with_sumsq else None,
+        sumsq_total=float(tots.sum()) if with_sumsq else 0.0,
+    )

@@ -1,0 +1,152 @@
+"""The CPU's compiled summary loops (`capture.cpu_kernels`) against the torch path they replace
+on the CPU (`PRECISION_DOCTOR_CPU_KERNELS=torch`, the path a GPU runs) and against NumPy
+counts: the same histograms, counts, extremes and tail counts, exactly; sums of squares within
+fp32's precision (the loops sum in float64, the torch path's norms in fp32)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from precision_doctor.capture import cpu_kernels
+from precision_doctor.capture.statistics import SUMSQ_BINS, SummaryBatch, TensorSummary, Workspace, summarize
+from precision_doctor.errors import PrecisionDoctorError
+
+pytest.importorskip("numba")
+
+SPECIALS = [
+    0.0, -0.0, 1e5, -7e4, 65504.0, 65505.0, 65520.0, 2.0**-24, -(2.0**-25), 2.0**-14, 6e-5,
+    1e-40, math.nan, math.inf, -math.inf, 3e38, 2.0**-133, 2.0**-134, 2.0**-126, 1.0, -2.5,
+]  # fmt: skip
+
+
+def _spread(n: int, seed: int) -> torch.Tensor:
+    """Values over ~80 binades, with zeros: many histogram bins and every tail populated."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+    x[torch.randint(0, n, (n // 50,), generator=g)] = 0.0
+    return x
+
+
+CASES = {
+    "specials": lambda: torch.tensor(SPECIALS),
+    "empty": lambda: torch.empty(0),
+    "zeros": lambda: torch.zeros(1000),
+    "all-nan": lambda: torch.full((300,), math.nan),
+    "spread-small": lambda: _spread(5000, 0),
+    # past PARALLEL_ELEMENTS: the threaded loop, several blocks
+    "spread-large": lambda: _spread(3 * cpu_kernels.PARALLEL_ELEMENTS + 17, 1),
+    "specials-in-large": lambda: torch.cat([_spread(cpu_kernels.PARALLEL_ELEMENTS + 5, 2), torch.tensor(SPECIALS)]),
+}
+
+
+def _torch_path(x: torch.Tensor, with_sumsq: bool, monkeypatch: pytest.MonkeyPatch) -> TensorSummary:
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu_kernels.CPU_KERNELS_ENV, "torch")
+        return summarize(x, with_sumsq=with_sumsq, workspace=Workspace())
+
+
+def _assert_same(a: TensorSummary, b: TensorSummary) -> None:
+    assert np.array_equal(a.hist, b.hist)
+    for name in ("numel", "zero_count", "nan_count", "inf_count", "max_abs", "min_nonzero_abs"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.tails == b.tails
+    assert (a.sumsq is None) == (b.sumsq is None)
+    if a.sumsq is not None and b.sumsq is not None:
+        np.testing.assert_allclose(a.sumsq, b.sumsq, rtol=1e-12, atol=0)  # both float64 sums
+        # The torch path squares an fp32 norm, whose fp32 sums drift ~1e-5 over 1.5M values across
+        # 80 binades (the loops sum in float64: test_counts_match_numpy holds them to 1e-12).
+        assert a.sumsq_total == pytest.approx(b.sumsq_total, rel=1e-4, abs=0)
+
+
+@pytest.mark.parametrize("with_sumsq", [False, True], ids=["activations", "gradients"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_compiled_loops_summarize_as_the_torch_path(
+    case: str, with_sumsq: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = CASES[case]()
+    assert cpu_kernels.enabled(x)
+    _assert_same(summarize(x, with_sumsq=with_sumsq), _torch_path(x, with_sumsq, monkeypatch))
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_counts_match_numpy(case: str) -> None:
+    x = CASES[case]()
+    s = summarize(x, with_sumsq=True)
+    v = x.numpy().astype(np.float64)
+    a = np.abs(v)
+    finite = np.isfinite(v)
+    nonzero = finite & (a > 0)
+    assert s.zero_count == int((v == 0).sum())
+    assert s.nan_count == int(np.isnan(v).sum())
+    assert s.inf_count == int(np.isinf(v).sum())
+    assert s.max_abs == (a[finite].max() if finite.any() else 0.0)
+    assert s.min_nonzero_abs == (a[nonzero].min() if nonzero.any() else math.inf)
+    # fp16: finite beyond 65504; nonzero below 2^-24 (flushed) and in [2^-24, 2^-14) (subnormal)
+    assert s.tails["fp16"].overflow == int((finite & (a > 65504.0)).sum())
+    assert s.tails["fp16"].flushed == int((nonzero & (a < 2.0**-24)).sum())
+    assert s.tails["fp16"].subnormal == int((nonzero & (a >= 2.0**-24) & (a < 2.0**-14)).sum())
+    bf16_max = float(torch.finfo(torch.bfloat16).max)
+    assert s.tails["bf16"].overflow == int((finite & (a > bf16_max)).sum())
+    assert s.tails["bf16"].flushed == int((nonzero & (a < 2.0**-133)).sum())
+    # histogram: bin floor(log2|x|) + 127 for normal values, 0 for zeros and fp32 subnormals
+    normal = nonzero & (a >= 2.0**-126)
+    bins = np.floor(np.log2(a[normal])).astype(np.int64) + 127
+    expected = np.bincount(bins, minlength=256)
+    expected[0] += int((finite & ~normal).sum())
+    expected[255] += int((~finite).sum())
+    assert np.array_equal(s.hist, expected)
+    assert s.sumsq is not None
+    low = nonzero & (a < 2.0**-24)
+    la = a[low]
+    low_bins = np.where(la >= 2.0**-126, np.floor(np.log2(la)) + 127, 0).astype(np.int64)
+    np.testing.assert_allclose(s.sumsq, np.bincount(low_bins, weights=la**2, minlength=SUMSQ_BINS), rtol=1e-12)
+    assert s.sumsq_total == pytest.approx(float((a[finite] ** 2).sum()), rel=1e-12)
+
+
+def test_sums_do_not_depend_on_the_thread_count() -> None:
+    x = _spread(4 * cpu_kernels.PARALLEL_ELEMENTS, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = summarize(x, with_sumsq=True)
+        torch.set_num_threads(max(2, before))
+        many = summarize(x, with_sumsq=True)
+    finally:
+        torch.set_num_threads(before)
+    assert one.sumsq_total == many.sumsq_total
+    assert one.sumsq is not None and many.sumsq is not None
+    assert np.array_equal(one.sumsq, many.sumsq)
+
+
+def test_batched_small_gradients_take_the_loops_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = [_spread(n, seed) for seed, n in enumerate((10, 700, 4096))] + [torch.tensor(SPECIALS)]
+    batch = SummaryBatch(Workspace(), with_sumsq=True)
+    got = [batch.add(t) for t in tensors]
+    batch.compute()
+    for t, s in zip(tensors, got, strict=True):
+        _assert_same(s, _torch_path(t, True, monkeypatch))
+
+
+def test_strided_and_low_precision_inputs_are_summarized_as_their_fp32_values() -> None:
+    x = _spread(2000, 4)
+    _assert_same(summarize(x.view(40, 50).t()), summarize(x.view(40, 50).t().contiguous()))
+    h = x.to(torch.bfloat16)
+    _assert_same(summarize(h), summarize(h.float()))
+
+
+def test_a_bad_choice_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV, "fortran")
+    with pytest.raises(PrecisionDoctorError, match=cpu_kernels.CPU_KERNELS_ENV):
+        cpu_kernels.enabled(torch.zeros(1))
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_kernels", lambda: None)
+    x = torch.tensor(SPECIALS)
+    assert not cpu_kernels.enabled(x)
+    s = summarize(x)
+    assert (s.nan_count, s.inf_count, s.tails["fp16"].overflow) == (1, 2, 5)
