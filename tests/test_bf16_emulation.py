@@ -276,3 +276,37 @@ def test_an_emulated_matmul_is_the_real_kernels_within_an_ulp() -> None:
     assert emulated.dtype == real.dtype == B16
     ulp = torch.finfo(B16).eps * real.float().abs()  # one ulp at the value's binade top: 2^-7 |x|
     assert bool(((emulated.float() - real.float()).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("emulate", ["0", "1"], ids=["real-bf16-kernels", "emulated-bf16"])
+def test_local_shadows_run_the_kernels_the_low_run_runs(emulate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local shadow reads what the real run reads low as it is where the low run has real
+    kernels (a bf16 matmul, no fp32 upcast), and upcasts it where the low run emulates; its
+    error is the one an independent bf16 computation of the op gives either way."""
+    from precision_doctor.capture.local_shadow import LocalShadows
+
+    monkeypatch.setenv(EMULATE_BF16_ENV, emulate)
+    seen: list[tuple[torch.dtype, ...]] = []
+    original = LocalShadows.call
+
+    def call(self: LocalShadows, func: Any, info: Any, sargs: Any, out: Any, *, stored_low: bool) -> Any:
+        if func is torch.ops.aten.addmm.default:
+            seen.append(tuple(a.dtype for a in sargs[0] if isinstance(a, torch.Tensor)))
+        return original(self, func, info, sargs, out, stored_low=stored_low)
+
+    monkeypatch.setattr(LocalShadows, "call", call)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    x = torch.randn(16, 256)
+    report = pd.analyze(lin, x, lambda out, b: out.float().pow(2).mean(), dtype="bf16")
+    expected_dtype = torch.float32 if emulate == "1" else torch.bfloat16
+    assert seen == [(expected_dtype,) * 3]
+    op = next(o for u in report.units for o in u.ops if o.op.startswith("addmm") and o.phase == "forward")
+    with torch.no_grad():
+        ref = lin(x)
+        b, xb, w = lin.bias.bfloat16(), x.bfloat16(), lin.weight.bfloat16()
+        if emulate == "1":  # fp32 kernel on the rounded inputs, its result rounded
+            low = torch.addmm(b.float(), xb.float(), w.float().t()).bfloat16().float()
+        else:
+            low = torch.addmm(b, xb, w.t()).float()
+    assert op.local_rel_l2_error == pytest.approx(float((low - ref).norm() / ref.norm()), rel=1e-5)

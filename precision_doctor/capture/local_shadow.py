@@ -50,6 +50,10 @@ class LocalShadows:
         # same finiteness and NaNs, and no buffer the next op reuses, so the statistics read
         # those (`OpPipeline._local_inputs`). Set by `args`, kept until its next call.
         self.upcast_sources: dict[int, torch.Tensor] = {}
+        # Whether the current op's shadow reads low inputs as they are (`args`): its kernel is
+        # the real low-precision one, as in the real run, and its result is low already.
+        self.low_kernel = False
+        self._emulated: dict[str, bool] = {}
 
     def store(self, unit: str) -> WeakIdMap:
         store = self.stores.get(unit)
@@ -136,6 +140,7 @@ class LocalShadows:
         real run (None: as stored); `held[i]`: whether the run holds it low where this store
         has no shadow of it (None: `low`)."""
         self.upcast_sources.clear()
+        self.low_kernel = False
         position = iter(range(1 << 30))
         self._read_low = {True: [], False: []}
 
@@ -150,7 +155,12 @@ class LocalShadows:
             if t.is_floating_point():
                 self._read_low[t.dim() > 0].append(s.dtype == self.low)
             if not info.preserves_values and s.dtype != t.dtype and t.dtype == torch.float32:
-                s = self._upcast(s, shareable=not (info.mutates or info.writes_kwargs))
+                if want and s.dtype == self.low and not self.emulated(t.device.type):
+                    # The real run reads it low, with the device's real low kernels: so does
+                    # the shadow (a bf16 matmul on AMX, fp16 tensor cores), with no upcast.
+                    self.low_kernel = True
+                else:
+                    s = self._upcast(s, shareable=not (info.mutates or info.writes_kwargs))
             return s
 
         sargs, skwargs = map_args(args, kwargs, pick)
@@ -173,6 +183,16 @@ class LocalShadows:
                     sargs[i] = sargs[i].clone()  # never mutate the fp32 tensor twice
             sargs = tuple(sargs)
         return sargs, skwargs
+
+    def emulated(self, device: str) -> bool:
+        """Whether the real low run on `device` emulates this dtype's arithmetic (fp32 kernels
+        on upcast inputs, `lowrun.emulates`): the shadows then emulate it too."""
+        found = self._emulated.get(device)
+        if found is None:
+            from precision_doctor.capture.lowrun import emulates
+
+            found = self._emulated[device] = emulates(self.low, device)
+        return found
 
     @staticmethod
     def exact_inputs(
@@ -209,6 +229,13 @@ class LocalShadows:
         than the rounding itself."""
         if func is aten.native_dropout.default:
             return self._dropout(sargs[0], out)
+        if self.low_kernel and not info.preserves_values:
+            try:
+                return func(*sargs[0], **sargs[1])
+            except (RuntimeError, NotImplementedError):
+                # No low kernel for this op here (one the real run does not have): emulated.
+                up = map_args(sargs[0], sargs[1], lambda t: t.float() if t.dtype == self.low else t)
+                return func(*up[0], **up[1])
         if stored_low and not info.preserves_values and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
             result = self.pooled_like(out, f"{POOL_SLOT}.result")
             out_op = out_overload(func) if result is not None else None
