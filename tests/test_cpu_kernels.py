@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from precision_doctor.capture import cpu_kernels
-from precision_doctor.capture.statistics import SUMSQ_BINS, SummaryBatch, TensorSummary, Workspace, summarize
+from precision_doctor.capture.statistics import (
+    SUMSQ_BINS,
+    ErrorAccumulator,
+    SummaryBatch,
+    TensorSummary,
+    Workspace,
+    squared_norm,
+    summarize,
+)
 from precision_doctor.errors import PrecisionDoctorError
 
 pytest.importorskip("numba")
@@ -150,3 +158,38 @@ def test_without_numba_the_torch_path_runs(monkeypatch: pytest.MonkeyPatch) -> N
     assert not cpu_kernels.enabled(x)
     s = summarize(x)
     assert (s.nan_count, s.inf_count, s.tails["fp16"].overflow) == (1, 2, 5)
+
+
+SHADOWS = {
+    "fp32-noise": lambda r: r + 1e-3 * torch.randn(r.shape, generator=torch.Generator().manual_seed(5)),
+    "bf16": lambda r: r.to(torch.bfloat16),
+    "fp16": lambda r: r.to(torch.float16),
+    "zeros": torch.zeros_like,
+    "overflowed": lambda r: torch.where(r.abs() > 3.0, torch.inf, r).to(torch.float16),
+}
+
+
+@pytest.mark.parametrize("n", [1000, 3 * cpu_kernels.PARALLEL_ELEMENTS + 5], ids=["small", "threaded"])
+@pytest.mark.parametrize("shadow", list(SHADOWS), ids=list(SHADOWS))
+def test_errors_match_the_torch_path_and_float64(shadow: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    sh = SHADOWS[shadow](ref)
+    compiled = ErrorAccumulator()
+    own = compiled.add(ref, sh)
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu_kernels.CPU_KERNELS_ENV, "torch")
+        torch_path = ErrorAccumulator()
+        torch_own = torch_path.add(ref, sh)
+    assert compiled.nonfinite_mismatch == torch_path.nonfinite_mismatch
+    if not math.isfinite(torch_own):
+        assert own == torch_own == math.inf
+        return
+    r64, s64 = ref.double(), sh.double()
+    assert compiled.sum_sq_ref == pytest.approx(float((r64**2).sum()), rel=1e-12)
+    # the difference rounded to fp32 first, as a torch subtraction of the upcast shadow makes it
+    assert compiled.sum_sq_err == pytest.approx(float(((sh.float() - ref).double() ** 2).sum()), rel=1e-12)
+    assert own == pytest.approx(float((s64 - r64).norm() / r64.norm()), rel=1e-6)
+    assert own == pytest.approx(torch_own, rel=1e-5)
+    if shadow == "zeros":
+        assert own == 1.0  # the reference's norm and the distance from zero: one sum, both ways
+        assert squared_norm(ref) == compiled.sum_sq_err

@@ -24,7 +24,7 @@ COUNT_COLUMNS = 4 + 3 * N_FORMATS
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False)
-def _block(v, f, lo, hi, maxes, subs, norms, sumsq_limit, with_sumsq, hist, cnt, sums):  # type: ignore[no-untyped-def]
+def _block(v, f, maxes, subs, norms, sumsq_limit, with_sumsq, hist, cnt, sums):  # type: ignore[no-untyped-def]
     # Four sub-histograms: consecutive values in the same bin would otherwise wait on each
     # other's increment (a store-to-load chain), which bounds a one-histogram loop.
     h = np.zeros((4, 256), np.int64)
@@ -35,7 +35,8 @@ def _block(v, f, lo, hi, maxes, subs, norms, sumsq_limit, with_sumsq, hist, cnt,
     mx = 0
     mn = INF_BITS
     tot = 0.0
-    for i in range(lo, hi):
+    # Over whole (sliced) arrays: a loop over `range(lo, hi)` is one LLVM does not vectorize.
+    for i in range(v.shape[0]):
         b = v[i] & ABS_MASK
         h[i & 3, b >> 23] += 1
         if b >= band_lo and b <= band_hi:
@@ -86,9 +87,8 @@ def summary_blocks(v, f, block, maxes, subs, norms, sumsq_limit, with_sumsq):  #
     tots = np.zeros(nblocks, np.float64)
     for k in range(nblocks):
         lo = k * block
-        tots[k] = _block(
-            v, f, lo, min(n, lo + block), maxes, subs, norms, sumsq_limit, with_sumsq, hist[k], cnt[k], sums[k]
-        )
+        hi = min(n, lo + block)
+        tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, sumsq_limit, with_sumsq, hist[k], cnt[k], sums[k])
     return hist, cnt, sums, tots
 
 
@@ -103,7 +103,38 @@ def summary_blocks_parallel(v, f, block, maxes, subs, norms, sumsq_limit, with_s
     tots = np.zeros(nblocks, np.float64)
     for k in nb.prange(nblocks):
         lo = k * block
-        tots[k] = _block(
-            v, f, lo, min(n, lo + block), maxes, subs, norms, sumsq_limit, with_sumsq, hist[k], cnt[k], sums[k]
-        )
+        hi = min(n, lo + block)
+        tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, sumsq_limit, with_sumsq, hist[k], cnt[k], sums[k])
     return hist, cnt, sums, tots
+
+
+# Reassociation lets LLVM vectorize the sums (4-8 lanes, by the CPU's vector width); NaN and
+# Inf are not assumed away: a non-finite pair makes a non-finite sum, which the caller redoes.
+_SUM_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False, fastmath=_SUM_FLAGS)
+def _distance_block(r, s):  # type: ignore[no-untyped-def]
+    err = 0.0
+    ref = 0.0
+    for i in range(r.shape[0]):  # not `range(lo, hi)`: that loop is not vectorized
+        d = np.float64(s[i] - r[i])  # the difference as fp32 computes it
+        x = np.float64(r[i])
+        err += d * d
+        ref += x * x
+    return err, ref
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
+def distance_blocks(r, s, block):  # type: ignore[no-untyped-def]
+    """Per block: (sum of (s - r)^2, sum of r^2), in float64."""
+    n = r.shape[0]
+    nblocks = max(1, (n + block - 1) // block)
+    out = np.zeros((nblocks, 2), np.float64)
+    for k in nb.prange(nblocks):
+        lo = k * block
+        hi = min(n, lo + block)
+        e, x = _distance_block(r[lo:hi], s[lo:hi])
+        out[k, 0] = e
+        out[k, 1] = x
+    return out

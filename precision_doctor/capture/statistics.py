@@ -473,13 +473,17 @@ class ErrorAccumulator:
         if masked is not None:
             keep = ~(masked.expand(ref.shape) & ~torch.isnan(shadow))
             ref, shadow, ref_norm_sq = ref[keep], shadow[keep], None
-        jobs: list[Job[float]] = [_squared_distance_job(ref, shadow, workspace or Workspace())]
-        if ref_norm_sq is None:
-            jobs.append(squared_norm_job(ref))
-        sums = yield Parallel(jobs)
-        err_sq = sums[0]
-        if ref_norm_sq is None:
-            ref_norm_sq = sums[1]
+        if _fused_distance(ref, shadow):
+            err_sq, own_ref_sq = _cpu_squared_distance(ref, shadow, workspace or Workspace())
+            ref_norm_sq = own_ref_sq if ref_norm_sq is None else ref_norm_sq
+        else:
+            jobs: list[Job[float]] = [_squared_distance_job(ref, shadow, workspace or Workspace())]
+            if ref_norm_sq is None:
+                jobs.append(squared_norm_job(ref))
+            sums = yield Parallel(jobs)
+            err_sq = sums[0]
+            if ref_norm_sq is None:
+                ref_norm_sq = sums[1]
         if math.isfinite(err_sq) and math.isfinite(ref_norm_sq):
             own = rel_error(err_sq, ref_norm_sq)
         else:
@@ -533,9 +537,14 @@ def squared_norm(t: torch.Tensor) -> float:
 
 
 def squared_norm_job(t: torch.Tensor, *, finite_only: bool = False) -> Job[float]:
-    """`squared_norm` as a job; `finite_only`: over the finite values alone."""
+    """`squared_norm` as a job; `finite_only`: over the finite values alone. On the CPU a
+    float64 sum of the compiled loops (the one `ErrorAccumulator.add` sums a reference in: a
+    shadow that is all zeros is then exactly 100% off)."""
     if finite_only:
         t = t.masked_fill(~torch.isfinite(t), 0.0)
+    if t.dtype == torch.float32 and cpu_kernels.enabled(t):
+        flat = t.detach().reshape(-1).contiguous()
+        return cpu_kernels.squared_distance(flat, flat)[1]
     n = float((yield torch.linalg.vector_norm(t)))
     if _fp32_norm_ok(n):
         return n * n
@@ -573,6 +582,36 @@ def _squared_distance_job(ref: torch.Tensor, shadow: torch.Tensor, ws: Workspace
     for start, n in zip(starts, norms, strict=True):
         total += n * n if start not in exact else exact[start] ** 2
     return total
+
+
+def _fused_distance(ref: torch.Tensor, shadow: torch.Tensor) -> bool:
+    """Whether `_cpu_squared_distance` takes this pair: contiguous CPU tensors of one shape, an
+    fp32 reference and a float shadow."""
+    return (
+        ref.dtype == torch.float32
+        and shadow.is_floating_point()
+        and shadow.element_size() <= 4
+        and ref.shape == shadow.shape
+        and ref.is_contiguous()
+        and shadow.is_contiguous()
+        and shadow.device.type == "cpu"
+        and cpu_kernels.enabled(ref)
+    )
+
+
+def _cpu_squared_distance(ref: torch.Tensor, shadow: torch.Tensor, ws: Workspace) -> tuple[float, float]:
+    """(||shadow - ref||^2, ||ref||^2) through the compiled loops (`capture.cpu_kernels`); a
+    low-precision shadow upcast chunk by chunk into a reused buffer first."""
+    r, sh = ref.detach().reshape(-1), shadow.detach().reshape(-1)
+    if sh.dtype == torch.float32:
+        return cpu_kernels.squared_distance(r, sh)
+    err = total = 0.0
+    for start in range(0, r.numel(), CHUNK_ELEMENTS):
+        rc, sc = r[start : start + CHUNK_ELEMENTS], sh[start : start + CHUNK_ELEMENTS]
+        e, t = cpu_kernels.squared_distance(rc, ws.get("diff", rc.numel(), torch.float32, rc.device).copy_(sc))
+        err += e
+        total += t
+    return err, total
 
 
 def rel_error(sum_sq_err: float, sum_sq_ref: float) -> float:
