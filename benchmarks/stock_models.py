@@ -1,6 +1,6 @@
 """Overhead of `precision_doctor.analyze` on a fixed list of stock models, against their plain step.
 
-    python benchmarks/stock_models.py [--models gpt2,bert,...] [--repeats N] [--analyze-repeats N] [--no-memory]
+    python benchmarks/stock_models.py [--models gpt2,bert,...] [--dtype fp16|bf16] [--repeats N] [--analyze-repeats N] [--no-memory]
 
 Models are built from configs with random weights (nothing is downloaded), at small but real
 sizes, so the whole table runs in a few minutes on 2 CPU cores: transformers GPT-2, BERT, T5,
@@ -8,7 +8,8 @@ Llama and Whisper, a ResNet-50 (the torchvision layout, written out here: torchv
 dependency) and a GRU language model unrolled over time (`GRUCell`, one cell per step: the many
 small ops of a recurrent model). Per model, in one process: the median wall and process CPU
 time of a plain fp32 training step (forward + loss + backward + `SGD.step()`, as in
-`overhead.py`), of `analyze(model, batch, loss_fn, "fp16")` after one warm-up analysis, their
+`overhead.py`), of `analyze(model, batch, loss_fn, dtype)` (`--dtype`, default fp16) after one
+warm-up analysis, their
 ratio, and the driver the analysis used; and the peak-RSS increment of a step and of an
 analysis, each in a fresh subprocess (`overhead.child`'s method: high-water mark reset after
 the model is built), and their ratio.
@@ -230,7 +231,7 @@ def driver_of(report: Any) -> str:
     return str(env.capture_path) + (f" ({env.driver_reason})" if env.driver_reason else "")
 
 
-def child(kind: str, name: str) -> None:
+def child(kind: str, name: str, dtype: str = "fp16") -> None:
     """A fresh process: peak RSS increment of a step or an analysis (see `overhead.child`)."""
     tiny = torch.nn.Linear(2, 1)
     overhead.make_step(tiny, torch.ones(1, 2), lambda out, b: out.sum())()
@@ -247,13 +248,14 @@ def child(kind: str, name: str) -> None:
             step()
             step()
         else:
-            precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16")
+            precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype=dtype)
     print(json.dumps({"base": base, "peak": max(overhead.vm_hwm_mib(), sampler.peak)}))
 
 
-def run_child(kind: str, name: str) -> dict[str, float]:
+def run_child(kind: str, name: str, dtype: str = "fp16") -> dict[str, float]:
     threads = str(torch.get_num_threads())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--models", name, "--threads", threads]
+    cmd += ["--dtype", dtype]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"child {kind}/{name} failed:\n{res.stderr}")
@@ -261,14 +263,14 @@ def run_child(kind: str, name: str) -> dict[str, float]:
     return out
 
 
-def bench(name: str, repeats: int, analyze_repeats: int, memory: bool) -> dict[str, Any]:
+def bench(name: str, repeats: int, analyze_repeats: int, memory: bool, dtype: str = "fp16") -> dict[str, Any]:
     model, batch, loss_fn = build(name)
     step = overhead.make_step(model, batch, loss_fn)
     step_wall, step_cpu = overhead.timed(step, repeats)
     reports: list[Any] = []
 
     def one_analysis() -> None:
-        reports[:] = [precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype="fp16")]
+        reports[:] = [precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype=dtype)]
 
     one_analysis()  # warm-up: one-time costs a user pays once per process
     an_wall, an_cpu = [], []
@@ -293,7 +295,7 @@ def bench(name: str, repeats: int, analyze_repeats: int, memory: bool) -> dict[s
     reports.clear()
     gc.collect()
     if memory:
-        ms, ma = run_child("step", name), run_child("analyze", name)
+        ms, ma = run_child("step", name), run_child("analyze", name, dtype)
         inc_s, inc_a = ms["peak"] - ms["base"], ma["peak"] - ma["base"]
         row.update(mem_step=inc_s, mem_analyze=inc_a, mem_x=inc_a / inc_s if inc_s > 0 else float("inf"))
     return row
@@ -328,6 +330,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps before the analyses")
     ap.add_argument("--analyze-repeats", type=int, default=2, help="timed analyses, after one warm-up")
     ap.add_argument("--no-memory", action="store_true", help="skip the two subprocesses per model")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="the analysis' low dtype")
     ap.add_argument(
         "--threads",
         type=int,
@@ -343,13 +346,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     if a.child:
-        child(a.child, names[0])
+        child(a.child, names[0], a.dtype)
         return
     rows = []
     for name in names:
         t0 = time.perf_counter()
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        rows.append(bench(name, a.repeats, a.analyze_repeats, not a.no_memory))
+        rows.append(bench(name, a.repeats, a.analyze_repeats, not a.no_memory, a.dtype))
         print(f"  {name}: {time.perf_counter() - t0:.0f} s ROW {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     print_table(rows)
 

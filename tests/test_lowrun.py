@@ -579,3 +579,107 @@ def test_cuda_policy_on_cpu_matches_real_cuda_autocast(name: str, dtype: torch.d
     with autocast_policy("cuda"), ours, torch.autocast("cpu", dtype=dtype):
         resolve_loss(run_model(case.model, case.batch), case.batch, case.loss_fn)
     assert ours.log == real.log
+
+
+# --- a kept graph's parameter casts -------------------------------------------------------
+
+
+def _cast_outputs(model: torch.nn.Module, run: Any) -> list[Any]:
+    """Weak references to every cast of a parameter the low run makes (`_to_copy` of a
+    parameter), seen by a bare mode around it."""
+    import weakref
+
+    params = {id(p) for p in model.parameters()}
+    refs: list[Any] = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and id(args[0]) in params:
+                refs.append(weakref.ref(out))
+            return out
+
+    with Casts():
+        run()
+    return refs
+
+
+def _grads_sink() -> tuple[dict[str, torch.Tensor], Any]:
+    got: dict[str, torch.Tensor] = {}
+
+    def sink(names: list[str], g: torch.Tensor) -> None:
+        for n in names:
+            got[n] = g.clone()
+
+    return got, sink
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["mlp", "gpt2"], ids=["mlp", "gpt2"])
+def test_a_kept_graph_makes_its_parameter_casts_again(case: str, low: torch.dtype) -> None:
+    """The low graph kept through the fp32 capture holds no cast of a parameter: each is saved
+    as how to make it again (`lowrun._ParamCasts`), and the backward that makes them again
+    gives the gradients a backward run at once (casts saved as they are) gives, bit for bit."""
+    c = build(case)
+    runs: list[LowRun] = []
+
+    def kept() -> None:
+        runs.append(low_run(c.model, c.batch, c.loss_fn, low, regime="autocast", policy="cuda", keep_graph=True))
+
+    refs = _cast_outputs(c.model, kept)
+    assert refs and all(r() is None for r in refs)  # no cast outlives the forward
+    graph = runs[0].graph
+    assert graph is not None
+    kept_grads, sink = _grads_sink()
+    graph.backward(10, sink)
+    at_once, sink = _grads_sink()
+    low_run(c.model, c.batch, c.loss_fn, low, regime="autocast", policy="cuda", gradients_at=(10, sink))
+    assert kept_grads.keys() == at_once.keys() and kept_grads
+    for name, g in at_once.items():
+        assert torch.equal(kept_grads[name], g), name
+
+
+def test_a_parameter_written_after_the_forward_is_not_cast_again() -> None:
+    """A parameter written in place between the kept forward and its backward: its cast cannot
+    be made again; the backward raises (the analysis then runs forward and backward at once)."""
+    c = build("mlp")
+    run = low_run(c.model, c.batch, c.loss_fn, torch.float16, regime="autocast", policy="cuda", keep_graph=True)
+    assert run.graph is not None
+    # The last layer's: its cast is saved (for the gradient of its input; the first layer's
+    # input, the batch, needs none).
+    weight = [m for m in c.model.modules() if isinstance(m, torch.nn.Linear)][-1].weight
+    with torch.no_grad():
+        weight.mul_(1.0)
+    with pytest.raises(RuntimeError, match="written in place"):
+        run.graph.backward(0, lambda names, g: None)
+
+
+class _ClampsItsWeight(torch.nn.Module):
+    """Writes its last weight through `.data` in its forward (weight clipping), which the
+    weight's version does not count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x)))
+        self.b.weight.data.clamp_(-0.1, 0.1)
+        return y
+
+
+def test_a_parameter_written_through_data_in_the_forward_is_not_cast_again() -> None:
+    torch.manual_seed(0)
+    model = _ClampsItsWeight()
+    with torch.no_grad():
+        model.b.weight.mul_(10.0)  # so that the clamp changes it
+    x = torch.randn(3, 4)
+
+    def loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return out.float().pow(2).mean()
+
+    run = low_run(model, x, loss, torch.float16, regime="autocast", policy="cuda", keep_graph=True)
+    assert run.graph is not None
+    with pytest.raises(RuntimeError, match="written in place"):
+        run.graph.backward(0, lambda names, g: None)
