@@ -193,3 +193,18 @@ def test_errors_match_the_torch_path_and_float64(shadow: str, n: int, monkeypatc
     if shadow == "zeros":
         assert own == 1.0  # the reference's norm and the distance from zero: one sum, both ways
         assert squared_norm(ref) == compiled.sum_sq_err
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
+def test_the_loops_leave_torchs_thread_count_alone(threads: int) -> None:
+    """The loops run on their own threads, as many as torch may use: a threading layer that
+    shares torch's OpenMP runtime set torch's count from 1 to the number of cores."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x = _spread(4 * cpu_kernels.PARALLEL_ELEMENTS, 7)
+        summarize(x)
+        ErrorAccumulator().add(x, x.to(torch.float16))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,9 +110,7 @@ def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: i
     maxes, subs, norms = _thresholds(formats)
     args = (values.view(np.int32), values, BLOCK_ELEMENTS, maxes, subs, norms, sumsq_bins << 23, with_sumsq)
     if _threads(values.size) > 1:
-        with _LOCK:
-            k.nb.set_num_threads(_threads(values.size))
-            hist, cnt, sums, tots = k.summary_blocks_parallel(*args)
+        hist, cnt, sums, tots = _parallel(k.summary_blocks_parallel, values.size, *args)
     else:
         hist, cnt, sums, tots = k.summary_blocks(*args)
     n = k.N_FORMATS
@@ -130,7 +130,26 @@ def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: i
 
 
 def _threads(n: int) -> int:
+    """Threads for a tensor of `n` values: as many as torch may use (what the user allows)."""
     return min(torch.get_num_threads(), _kernels().nb.config.NUMBA_NUM_THREADS) if n > PARALLEL_ELEMENTS else 1  # type: ignore[union-attr]
+
+
+def _parallel(fn: Callable[..., Any], n: int, *args: Any) -> Any:
+    """`fn(*args)`, a `parallel=True` loop, on `_threads(n)` of numba's threads. numba's OpenMP
+    layer shares the runtime torch runs on, and starting it sets the runtime's thread count
+    (torch's `get_num_threads()` went from 1 to the number of cores): torch's count is put
+    back after each call. The lock: numba's fallback layer (workqueue) takes one launch at
+    a time."""
+    k = _kernels()
+    assert k is not None
+    with _LOCK:
+        before = torch.get_num_threads()
+        k.nb.set_num_threads(_threads(n))
+        try:
+            return fn(*args)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
 
 def squared_distance(ref: torch.Tensor, shadow: torch.Tensor) -> tuple[float, float]:
@@ -139,8 +158,10 @@ def squared_distance(ref: torch.Tensor, shadow: torch.Tensor) -> tuple[float, fl
     float64 per block (`enabled` must hold for both). Non-finite where either holds Inf/NaN."""
     k = _kernels()
     assert k is not None
-    with _LOCK:
-        k.nb.set_num_threads(_threads(ref.numel()))
-        out = k.distance_blocks(ref.detach().numpy(), shadow.detach().numpy(), BLOCK_ELEMENTS)
+    r, s = ref.detach().numpy(), shadow.detach().numpy()
+    if _threads(r.size) > 1:
+        out = _parallel(k.distance_blocks, r.size, r, s, BLOCK_ELEMENTS)
+    else:
+        out = k.distance_blocks_serial(r, s, BLOCK_ELEMENTS)
     err, total = out.sum(0)
     return float(err), float(total)
