@@ -25,6 +25,9 @@ from precision_doctor.errors import PrecisionDoctorError
 
 pytest.importorskip("numba")
 
+# Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
+pytestmark = pytest.mark.numerics
+
 SPECIALS = [
     0.0, -0.0, 1e5, -7e4, 65504.0, 65505.0, 65520.0, 2.0**-24, -(2.0**-25), 2.0**-14, 6e-5,
     1e-40, math.nan, math.inf, -math.inf, 3e38, 2.0**-133, 2.0**-134, 2.0**-126, 1.0, -2.5,
