@@ -76,25 +76,10 @@ def _block(v, f, maxes, subs, norms, sumsq_limit, with_sumsq, hist, cnt, sums): 
     return tot
 
 
-@nb.njit(cache=True, nogil=True, boundscheck=False)
-def summary_blocks(v, f, block, maxes, subs, norms, sumsq_limit, with_sumsq):  # type: ignore[no-untyped-def]
-    """Per block: (histograms, counts, sums of squares per low bin, total sums of squares)."""
-    n = v.shape[0]
-    nblocks = max(1, (n + block - 1) // block)
-    hist = np.zeros((nblocks, 256), np.int64)
-    cnt = np.zeros((nblocks, COUNT_COLUMNS), np.int64)
-    sums = np.zeros((nblocks, 256), np.float64)
-    tots = np.zeros(nblocks, np.float64)
-    for k in range(nblocks):
-        lo = k * block
-        hi = min(n, lo + block)
-        tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, sumsq_limit, with_sumsq, hist[k], cnt[k], sums[k])
-    return hist, cnt, sums, tots
-
-
 @nb.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
-def summary_blocks_parallel(v, f, block, maxes, subs, norms, sumsq_limit, with_sumsq):  # type: ignore[no-untyped-def]
-    """`summary_blocks`, its blocks on numba's threads (the same blocks: the same sums)."""
+def summary_blocks(v, f, block, maxes, subs, norms, sumsq_limit, with_sumsq):  # type: ignore[no-untyped-def]
+    """Per block: (histograms, counts, sums of squares per low bin, total sums of squares), the
+    blocks on numba's threads (the same blocks on any number of threads: the same sums)."""
     n = v.shape[0]
     nblocks = max(1, (n + block - 1) // block)
     hist = np.zeros((nblocks, 256), np.int64)
@@ -132,21 +117,6 @@ def distance_blocks(r, s, block):  # type: ignore[no-untyped-def]
     nblocks = max(1, (n + block - 1) // block)
     out = np.zeros((nblocks, 2), np.float64)
     for k in nb.prange(nblocks):
-        lo = k * block
-        hi = min(n, lo + block)
-        e, x = _distance_block(r[lo:hi], s[lo:hi])
-        out[k, 0] = e
-        out[k, 1] = x
-    return out
-
-
-@nb.njit(cache=True, nogil=True, boundscheck=False)
-def distance_blocks_serial(r, s, block):  # type: ignore[no-untyped-def]
-    """`distance_blocks` on the calling thread (a parallel launch costs ~10 us)."""
-    n = r.shape[0]
-    nblocks = max(1, (n + block - 1) // block)
-    out = np.zeros((nblocks, 2), np.float64)
-    for k in range(nblocks):
         lo = k * block
         hi = min(n, lo + block)
         e, x = _distance_block(r[lo:hi], s[lo:hi])

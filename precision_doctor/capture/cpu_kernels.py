@@ -41,7 +41,7 @@ CPU_KERNELS_ENV = "PRECISION_DOCTOR_CPU_KERNELS"
 """`numba` (or unset): the compiled loops where numba imports; `torch`: the torch kernels."""
 
 BLOCK_ELEMENTS = 1 << 16
-# Below this many values one thread does it all: a parallel launch costs more than it saves.
+# Below this many values one thread does it all (a launch on more costs more than it saves).
 PARALLEL_ELEMENTS = 1 << 17
 
 # numba's default threading layer aborts on launches from two threads at once.
@@ -109,10 +109,7 @@ def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: i
     values = flat.detach().numpy()
     maxes, subs, norms = _thresholds(formats)
     args = (values.view(np.int32), values, BLOCK_ELEMENTS, maxes, subs, norms, sumsq_bins << 23, with_sumsq)
-    if _threads(values.size) > 1:
-        hist, cnt, sums, tots = _parallel(k.summary_blocks_parallel, values.size, *args)
-    else:
-        hist, cnt, sums, tots = k.summary_blocks(*args)
+    hist, cnt, sums, tots = _parallel(k.summary_blocks, values.size, *args)
     n = k.N_FORMATS
     per_format = cnt[:, 4:].sum(0)
     return RawSummary(
@@ -159,9 +156,6 @@ def squared_distance(ref: torch.Tensor, shadow: torch.Tensor) -> tuple[float, fl
     k = _kernels()
     assert k is not None
     r, s = ref.detach().numpy(), shadow.detach().numpy()
-    if _threads(r.size) > 1:
-        out = _parallel(k.distance_blocks, r.size, r, s, BLOCK_ELEMENTS)
-    else:
-        out = k.distance_blocks_serial(r, s, BLOCK_ELEMENTS)
+    out = _parallel(k.distance_blocks, r.size, r, s, BLOCK_ELEMENTS)
     err, total = out.sum(0)
     return float(err), float(total)
