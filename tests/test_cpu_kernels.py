@@ -28,6 +28,14 @@ pytest.importorskip("numba")
 # Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
 pytestmark = pytest.mark.numerics
 
+
+@pytest.fixture(autouse=True)
+def _every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loops for small tensors too (an analysis gives them only tensors of MIN_ELEMENTS
+    values and more): the edge cases below are small."""
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 0)
+
+
 SPECIALS = [
     0.0, -0.0, 1e5, -7e4, 65504.0, 65505.0, 65520.0, 2.0**-24, -(2.0**-25), 2.0**-14, 6e-5,
     1e-40, math.nan, math.inf, -math.inf, 3e38, 2.0**-133, 2.0**-134, 2.0**-126, 1.0, -2.5,
@@ -211,3 +219,10 @@ def test_the_loops_leave_torchs_thread_count_alone(threads: int) -> None:
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_small_tensors_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the module's own threshold
+    small, large = torch.zeros(cpu_kernels.MIN_ELEMENTS - 1), torch.zeros(cpu_kernels.MIN_ELEMENTS)
+    assert not cpu_kernels.enabled(small)
+    assert cpu_kernels.enabled(large)

@@ -683,3 +683,62 @@ def test_a_parameter_written_through_data_in_the_forward_is_not_cast_again() -> 
     assert run.graph is not None
     with pytest.raises(RuntimeError, match="written in place"):
         run.graph.backward(0, lambda names, g: None)
+
+
+class _WritesItsCast(torch.nn.Module):
+    """Casts a weight itself and scales the cast in place (the cast's values are then no
+    `weight.to(fp16)`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        w = self.b.weight.to(torch.float16)
+        w.mul_(2.0)
+        return h.half() @ w.t()
+
+
+class _ChannelsLastCast(torch.nn.Module):
+    """Casts a convolution's weight with a memory format of its own: no cast autocast makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3)
+        self.w = torch.nn.Parameter(torch.randn(2, 4, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)).half()
+        return torch.nn.functional.conv2d(h, self.w.to(torch.float16, memory_format=torch.channels_last))
+
+
+def _square_mean(out: torch.Tensor, batch: Any) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def test_a_cast_written_in_the_forward_is_not_made_again() -> None:
+    torch.manual_seed(0)
+    model = _WritesItsCast()
+    run = low_run(
+        model, torch.randn(3, 4), _square_mean, torch.float16, regime="autocast", policy="cuda", keep_graph=True
+    )
+    assert run.graph is not None
+    with pytest.raises(RuntimeError, match="written in place"):
+        run.graph.backward(0, lambda names, g: None)
+
+
+def test_a_cast_with_a_layout_of_its_own_is_kept_as_it_is() -> None:
+    torch.manual_seed(0)
+    model = _ChannelsLastCast()
+    x = torch.randn(2, 3, 8, 8)
+    run = low_run(model, x, _square_mean, torch.float16, regime="autocast", policy="cuda", keep_graph=True)
+    assert run.graph is not None
+    kept, sink = _grads_sink()
+    run.graph.backward(0, sink)
+    at_once, sink = _grads_sink()
+    low_run(model, x, _square_mean, torch.float16, regime="autocast", policy="cuda", gradients_at=(0, sink))
+    assert kept.keys() == at_once.keys() == {"a.weight", "a.bias", "w"}
+    for name, g in at_once.items():
+        assert torch.equal(kept[name], g), name

@@ -35,12 +35,15 @@ import torch
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.formats import FormatLimits
 
-__all__ = ["CPU_KERNELS_ENV", "RawSummary", "enabled", "squared_distance", "summary"]
+__all__ = ["CPU_KERNELS_ENV", "MIN_ELEMENTS", "RawSummary", "enabled", "squared_distance", "summary"]
 
 CPU_KERNELS_ENV = "PRECISION_DOCTOR_CPU_KERNELS"
 """`numba` (or unset): the compiled loops where numba imports; `torch`: the torch kernels."""
 
 BLOCK_ELEMENTS = 1 << 16
+# Smaller tensors take the torch path: a model with none larger (the demo) never imports numba
+# and loads its compiled loops (~0.7 s a process), which its statistics would not repay.
+MIN_ELEMENTS = 1 << 15
 # Below this many values one thread does it all (a launch on more costs more than it saves).
 PARALLEL_ELEMENTS = 1 << 17
 
@@ -58,9 +61,11 @@ def _kernels() -> ModuleType | None:
 
 
 def enabled(t: torch.Tensor) -> bool:
-    """Whether `t`'s statistics run through the compiled loops: a CPU tensor, numba there, and
-    not switched off by `PRECISION_DOCTOR_CPU_KERNELS=torch`."""
-    if t.device.type != "cpu":
+    """Whether `t`'s statistics run through the compiled loops: a CPU tensor of at least
+    `MIN_ELEMENTS` values, numba there, and not switched off by
+    `PRECISION_DOCTOR_CPU_KERNELS=torch`. Decided by the tensor alone, so a tensor's norm and
+    its distance from a shadow take the same path."""
+    if t.device.type != "cpu" or t.numel() < MIN_ELEMENTS:
         return False
     choice = os.environ.get(CPU_KERNELS_ENV, "").strip().lower()
     if choice == "torch":

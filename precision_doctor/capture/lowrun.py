@@ -580,8 +580,9 @@ class _ParamCasts:
         # its version)
         self.casts: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor, int]] = {}
         self._storages = {p.untyped_storage().data_ptr() for p in self.params.values()}
-        # A write into a parameter's memory during the forward (through `.data` too, which its
-        # version does not see; restored when the run ends): no cast can be made again.
+        # A write into a parameter's memory or a cast's during the forward (through `.data`
+        # too, which a version does not see; a parameter is restored when the run ends): no
+        # cast can be made again.
         self.stale = False
 
     @staticmethod
@@ -590,14 +591,19 @@ class _ParamCasts:
         return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
 
     def written(self, t: torch.Tensor) -> None:
-        if self._storages and t.untyped_storage().data_ptr() in self._storages:
+        """An op of the forward is about to write `t`: a parameter, or a cast of one (whose
+        saved values `param.to(dtype)` would no longer make), stales every recipe."""
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self._storages or ptr in self.casts:
             self.stale = True
 
-    def saw(self, func: Any, args: tuple[Any, ...], out: Any) -> None:
-        """An op of the low run: note it if it casts a parameter."""
+    def saw(self, func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
+        """An op of the low run: note it if it casts a parameter as autocast does (a dtype and
+        nothing else: `p.to(fp16, memory_format=...)` is no cast `p.to(fp16)` makes again)."""
         if func is aten._to_copy.default and args and id(args[0]) in self.params and isinstance(out, torch.Tensor):
             p = args[0]
-            self.casts[out.untyped_storage().data_ptr()] = (weakref.ref(out), p, p._version)
+            if set(kwargs) == {"dtype"} and out.device == p.device and out.stride() == p.stride():
+                self.casts[out.untyped_storage().data_ptr()] = (weakref.ref(out), p, p._version)
 
     def pack(self, t: torch.Tensor) -> Any:
         if not self.casts or type(t) is not torch.Tensor or t.device.type == "meta":
@@ -659,7 +665,7 @@ class _LowRunMode(EmulateLowMode):  # type: ignore[no-untyped-call]  # as Emulat
                 self._before_write(kwargs.get(name))
         out = self.run(func, args, kwargs)
         if self.casts is not None:
-            self.casts.saw(func, args, out)
+            self.casts.saw(func, args, kwargs, out)
         if not (info.preserves_values or info.communicates or info.bookkeeping):  # as the capture keys them
             key = self.keyer.key(self.tracker.current, info.name)
             self.op_dtypes[key] = (
