@@ -75,9 +75,9 @@ def _assert_same(a: TensorSummary, b: TensorSummary) -> None:
     assert a.tails == b.tails
     assert (a.sumsq is None) == (b.sumsq is None)
     if a.sumsq is not None and b.sumsq is not None:
-        np.testing.assert_allclose(a.sumsq, b.sumsq, rtol=1e-12, atol=0)  # both float64 sums
+        np.testing.assert_allclose(a.sumsq, b.sumsq, rtol=1e-10, atol=0)  # both float64 sums
         # The torch path squares an fp32 norm, whose fp32 sums drift ~1e-5 over 1.5M values across
-        # 80 binades (the loops sum in float64: test_counts_match_numpy holds them to 1e-12).
+        # 80 binades (the loops sum in float64: test_counts_match_numpy holds them to 1e-10).
         assert a.sumsq_total == pytest.approx(b.sumsq_total, rel=1e-4, abs=0)
 
 
@@ -122,8 +122,9 @@ def test_counts_match_numpy(case: str) -> None:
     low = nonzero & (a < 2.0**-24)
     la = a[low]
     low_bins = np.where(la >= 2.0**-126, np.floor(np.log2(la)) + 127, 0).astype(np.int64)
-    np.testing.assert_allclose(s.sumsq, np.bincount(low_bins, weights=la**2, minlength=SUMSQ_BINS), rtol=1e-12)
-    assert s.sumsq_total == pytest.approx(float((a[finite] ** 2).sum()), rel=1e-12)
+    np.testing.assert_allclose(s.sumsq, np.bincount(low_bins, weights=la**2, minlength=SUMSQ_BINS), rtol=1e-10)
+    # float64 sums in another order (per block, vectorized by the CPU's width): ~n*eps at worst
+    assert s.sumsq_total == pytest.approx(float((a[finite] ** 2).sum()), rel=1e-10)
 
 
 def test_sums_do_not_depend_on_the_thread_count() -> None:
@@ -196,11 +197,11 @@ def test_errors_match_the_torch_path_and_float64(shadow: str, n: int, monkeypatc
         assert own == torch_own == math.inf
         return
     r64, s64 = ref.double(), sh.double()
-    assert compiled.sum_sq_ref == pytest.approx(float((r64**2).sum()), rel=1e-12)
+    assert compiled.sum_sq_ref == pytest.approx(float((r64**2).sum()), rel=1e-10)
     # the difference rounded to fp32 first, as a torch subtraction of the upcast shadow makes it
-    assert compiled.sum_sq_err == pytest.approx(float(((sh.float() - ref).double() ** 2).sum()), rel=1e-12)
+    assert compiled.sum_sq_err == pytest.approx(float(((sh.float() - ref).double() ** 2).sum()), rel=1e-10)
     assert own == pytest.approx(float((s64 - r64).norm() / r64.norm()), rel=1e-6)
-    assert own == pytest.approx(torch_own, rel=1e-5)
+    assert own == pytest.approx(torch_own, rel=1e-4)  # the torch path's fp32 norms (see above)
     if shadow == "zeros":
         assert own == 1.0  # the reference's norm and the distance from zero: one sum, both ways
         assert squared_norm(ref) == compiled.sum_sq_err
