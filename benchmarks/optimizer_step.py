@@ -38,24 +38,14 @@ def _analyze(model: Any, batch: Any, loss_fn: Any, dtype: str, regime: str, lr: 
 
 def child(model_name: str, dtype: str, regime: str, lr: float | None) -> None:
     """A fresh process: the RSS increment (MiB) of one step (lr < 0) or one analysis."""
-    tiny = torch.nn.Linear(2, 1)
-    overhead.make_step(tiny, torch.ones(1, 2), lambda out, b: out.sum())()
-    _analyze(tiny, torch.ones(1, 2), lambda out, b: out.sum(), dtype, regime, 1e-3)  # imports on both sides
-    del tiny
-    gc.collect()
+    overhead.warm_imports(lambda m, b, f: _analyze(m, b, f, dtype, regime, 1e-3))  # the step's imports too
     model, batch, loss_fn = overhead.build(model_name)
-    step = overhead.make_step(model, batch, loss_fn) if lr is not None and lr < 0 else None
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = overhead.vm_hwm_mib()
-    with overhead.RssSampler() as sampler:
-        if step is not None:
-            step()
-            step()
-        else:
-            _analyze(model, batch, loss_fn, dtype, regime, lr)
-    print(json.dumps({"increment": max(overhead.vm_hwm_mib(), sampler.peak) - base}))
+    if lr is not None and lr < 0:
+        step = overhead.make_step(model, batch, loss_fn)
+        base, peak = overhead.peak_mib(lambda: (step(), step()))
+    else:
+        base, peak = overhead.peak_mib(lambda: _analyze(model, batch, loss_fn, dtype, regime, lr))
+    print(json.dumps({"increment": peak - base}))
 
 
 def increment(model_name: str, dtype: str, regime: str, lr: float | None) -> float:

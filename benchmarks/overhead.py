@@ -246,6 +246,48 @@ class RssSampler:
         self.peak = max(self.peak, rss_now_mib())
 
 
+def warm_imports(analyze: Callable[..., Any] = precision_doctor.analyze) -> None:
+    """A step and an analysis (`analyze(model, batch, loss_fn)`) of a 2-parameter model, and
+    the statistics' compiled loops: what either side imports lazily is in the baseline of both
+    (the first `optimizer.step()` imports torch._dynamo & co., ~85 MiB)."""
+    from precision_doctor.capture import cpu_kernels
+    from precision_doctor.capture.statistics import ErrorAccumulator, summarize
+
+    tiny = torch.nn.Linear(2, 1)
+    make_step(tiny, torch.ones(1, 2), lambda out, b: out.sum())()
+    analyze(tiny, torch.ones(1, 2), lambda out, b: out.sum())
+    del tiny
+    # The statistics' compiled loops (numba and its LLVM: ~120 MiB, 80 of them file-backed)
+    # load at the first tensor of MIN_ELEMENTS values, which the tiny analysis has none of.
+    x = torch.ones(cpu_kernels.MIN_ELEMENTS)
+    summarize(x, with_sumsq=True)
+    ErrorAccumulator().add(x, x.half())
+    gc.collect()
+
+
+def reset_high_water() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (`/proc/self/clear_refs` <- 5);
+    False where that is not possible (not Linux >= 4.0, or not allowed: the baseline is then
+    the high-water mark)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_mib(run: Callable[[], Any]) -> tuple[float, float]:
+    """(baseline, peak) RSS in MiB around `run()`: the high-water mark reset to the current RSS
+    first, the peak the larger of the kernel's mark and a 2 ms sampler's (see `child`)."""
+    gc.collect()
+    reset_high_water()
+    base = vm_hwm_mib()
+    with RssSampler() as sampler:
+        run()
+    return base, max(vm_hwm_mib(), sampler.peak)
+
+
 def child(kind: str, model_name: str, dtype: str = "fp16") -> None:
     """Runs in a fresh process; prints one JSON line with the RSS figures (MiB).
 
@@ -262,22 +304,13 @@ def child(kind: str, model_name: str, dtype: str = "fp16") -> None:
     # optimizer.step() pulls in torch._dynamo & co. (~800 modules, ~85 MiB), analyze pulls
     # in torch.fx bits. A tiny model's step and analysis do that here, before the baseline,
     # so neither increment counts library code.
-    tiny = torch.nn.Linear(2, 1)
-    make_step(tiny, torch.ones(1, 2), lambda out, b: out.sum())()
-    precision_doctor.analyze(tiny, torch.ones(1, 2), loss_fn=lambda out, b: out.sum())
-    del tiny
-    gc.collect()
+    warm_imports()
     rss_import = rss_now_mib()
     model, batch, loss_fn = build(model_name)
     step = make_step(model, batch, loss_fn) if kind == "step" else None
     gc.collect()
     build_hwm = vm_hwm_mib()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:  # not Linux >= 4.0, or not allowed: the baseline is the high-water mark
-        reset = False
+    reset = reset_high_water()
     base = vm_hwm_mib()
     anon0, file0 = rss_split_mib()
     with RssSampler() as sampler:

@@ -233,23 +233,14 @@ def driver_of(report: Any) -> str:
 
 def child(kind: str, name: str, dtype: str = "fp16") -> None:
     """A fresh process: peak RSS increment of a step or an analysis (see `overhead.child`)."""
-    tiny = torch.nn.Linear(2, 1)
-    overhead.make_step(tiny, torch.ones(1, 2), lambda out, b: out.sum())()
-    precision_doctor.analyze(tiny, torch.ones(1, 2), loss_fn=lambda out, b: out.sum())
-    del tiny
+    overhead.warm_imports()
     model, batch, loss_fn = build(name)
-    step = overhead.make_step(model, batch, loss_fn) if kind == "step" else None
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = overhead.vm_hwm_mib()
-    with overhead.RssSampler() as sampler:
-        if step is not None:
-            step()
-            step()
-        else:
-            precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype=dtype)
-    print(json.dumps({"base": base, "peak": max(overhead.vm_hwm_mib(), sampler.peak)}))
+    if kind == "step":
+        step = overhead.make_step(model, batch, loss_fn)
+        base, peak = overhead.peak_mib(lambda: (step(), step()))
+    else:
+        base, peak = overhead.peak_mib(lambda: precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype=dtype))
+    print(json.dumps({"base": base, "peak": peak}))
 
 
 def run_child(kind: str, name: str, dtype: str = "fp16") -> dict[str, float]:

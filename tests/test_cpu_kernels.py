@@ -23,7 +23,8 @@ from precision_doctor.capture.statistics import (
 )
 from precision_doctor.errors import PrecisionDoctorError
 
-pytest.importorskip("numba")
+# numba is a dependency; a test that needs its loops still says so where it is missing.
+needs_numba = pytest.mark.skipif(cpu_kernels._kernels() is None, reason="numba is not installed")
 
 # Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
 pytestmark = pytest.mark.numerics
@@ -81,6 +82,7 @@ def _assert_same(a: TensorSummary, b: TensorSummary) -> None:
         assert a.sumsq_total == pytest.approx(b.sumsq_total, rel=1e-4, abs=0)
 
 
+@needs_numba
 @pytest.mark.parametrize("with_sumsq", [False, True], ids=["activations", "gradients"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_compiled_loops_summarize_as_the_torch_path(
@@ -91,6 +93,7 @@ def test_compiled_loops_summarize_as_the_torch_path(
     _assert_same(summarize(x, with_sumsq=with_sumsq), _torch_path(x, with_sumsq, monkeypatch))
 
 
+@needs_numba
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_counts_match_numpy(case: str) -> None:
     x = CASES[case]()
@@ -127,6 +130,7 @@ def test_counts_match_numpy(case: str) -> None:
     assert s.sumsq_total == pytest.approx(float((a[finite] ** 2).sum()), rel=1e-10)
 
 
+@needs_numba
 def test_sums_do_not_depend_on_the_thread_count() -> None:
     x = _spread(4 * cpu_kernels.PARALLEL_ELEMENTS, 3)
     before = torch.get_num_threads()
@@ -142,6 +146,7 @@ def test_sums_do_not_depend_on_the_thread_count() -> None:
     assert np.array_equal(one.sumsq, many.sumsq)
 
 
+@needs_numba
 def test_batched_small_gradients_take_the_loops_too(monkeypatch: pytest.MonkeyPatch) -> None:
     tensors = [_spread(n, seed) for seed, n in enumerate((10, 700, 4096))] + [torch.tensor(SPECIALS)]
     batch = SummaryBatch(Workspace(), with_sumsq=True)
@@ -151,6 +156,7 @@ def test_batched_small_gradients_take_the_loops_too(monkeypatch: pytest.MonkeyPa
         _assert_same(s, _torch_path(t, True, monkeypatch))
 
 
+@needs_numba
 def test_strided_and_low_precision_inputs_are_summarized_as_their_fp32_values() -> None:
     x = _spread(2000, 4)
     _assert_same(summarize(x.view(40, 50).t()), summarize(x.view(40, 50).t().contiguous()))
@@ -181,6 +187,7 @@ SHADOWS = {
 }
 
 
+@needs_numba
 @pytest.mark.parametrize("n", [1000, 3 * cpu_kernels.PARALLEL_ELEMENTS + 5], ids=["small", "threaded"])
 @pytest.mark.parametrize("shadow", list(SHADOWS), ids=list(SHADOWS))
 def test_errors_match_the_torch_path_and_float64(shadow: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,6 +214,7 @@ def test_errors_match_the_torch_path_and_float64(shadow: str, n: int, monkeypatc
         assert squared_norm(ref) == compiled.sum_sq_err
 
 
+@needs_numba
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
 def test_the_loops_leave_torchs_thread_count_alone(threads: int) -> None:
     """The loops run on their own threads, as many as torch may use: a threading layer that
@@ -222,6 +230,7 @@ def test_the_loops_leave_torchs_thread_count_alone(threads: int) -> None:
         torch.set_num_threads(before)
 
 
+@needs_numba
 def test_small_tensors_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the module's own threshold
     small, large = torch.zeros(cpu_kernels.MIN_ELEMENTS - 1), torch.zeros(cpu_kernels.MIN_ELEMENTS)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from pydantic import TypeAdapter
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -35,7 +34,7 @@ from precision_doctor.capture.graph_driver import GraphUnavailable, StepGraph, g
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
 from precision_doctor.capture.pipeline import ModelOpError
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
-from precision_doctor.capture.shadow import ShadowCapture, capture_pass
+from precision_doctor.capture.shadow import ShadowCapture, batch_storages, capture_pass
 from precision_doctor.capture.statistics import (
     EXP_BIAS,
     SUMSQ_BINS,
@@ -414,9 +413,7 @@ def _walk(req: _Request, real_low: LowRun, guard: ModelStateGuard, step: StepGra
         module_outputs=dict(real_low.module_outputs),
         default_low=req.regime is Regime.PURE,
     )
-    capture.external_storages |= {
-        t.untyped_storage().data_ptr() for t in pytree.tree_leaves(req.batch) if isinstance(t, torch.Tensor)
-    }
+    capture.external_storages |= batch_storages(req.batch)
     try:
         loss, grads = capture.replay(step, req.model)
     except GraphUnavailable as e:
@@ -446,11 +443,10 @@ def _dispatch_capture(
     user's is the tool's: raised as an internal error, naming the op it happened at."""
     capture: ShadowCapture | None = None
     try:
-        low_units = _LOW_UNITS
         with capture_pass(
             req.model,
             TORCH_DTYPES[req.low],
-            low_units,
+            _LOW_UNITS,
             on_mutation=guard.before_mutation,
             op_dtypes=real_low.op_dtypes,
             module_outputs=real_low.module_outputs,
@@ -473,9 +469,7 @@ def _fp32_forward(req: _Request, capture: ShadowCapture, real_low: LowRun) -> tu
     """The model's forward and the loss under the capture: the output (alive through the
     backward, as in a training step), the loss tensor and its value, which must be finite (a
     model broken in fp32 has no precision to diagnose)."""
-    capture.external_storages |= {
-        t.untyped_storage().data_ptr() for t in pytree.tree_leaves(req.batch) if isinstance(t, torch.Tensor)
-    }
+    capture.external_storages |= batch_storages(req.batch)
     with fail_fast(req.job.fail_fast):
         try:
             output = run_model(req.model, req.batch)

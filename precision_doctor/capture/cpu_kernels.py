@@ -14,9 +14,10 @@ squares in float64, per fixed block of `BLOCK_ELEMENTS` values and then over the
 order: the same sums on one thread or many (the distance's sums are vectorized, so their last
 bits follow the CPU's vector width; the torch path's fp32 norms are ~1e-5 off anyway). A
 distance of 2x128x768 values takes ~0.2 ns a value against ~0.7 for the torch path's upcast,
-subtraction and two norms; a summary ~0.6-1.4 ns, bound by its histogram's increments. `PRECISION_DOCTOR_CPU_KERNELS=torch` runs the
-torch path instead (it is also the path where numba is not installed); `tests/
-test_cpu_kernels.py` holds the two to the same summaries.
+subtraction and two norms; a summary ~0.6-1.1 ns, bound by its histogram's increments
+(`docs/benchmarks.md`, History). `PRECISION_DOCTOR_CPU_KERNELS=torch` runs the torch path
+instead (it is also the path where numba is not installed); `tests/test_cpu_kernels.py` holds
+the two to the same summaries.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from precision_doctor.capture.dispatch import dynamo_safe
 from precision_doctor.capture.memory import WeakIdMap
 from precision_doctor.capture.ops import rearranges, tensor_leaves
 from precision_doctor.capture.pipeline import Op, _written
-from precision_doctor.capture.shadow import ShadowCapture, configure_capture
+from precision_doctor.capture.shadow import ShadowCapture, batch_storages, configure_capture
 from precision_doctor.capture.units import LOSS_UNIT, LowUnits, OpDtypes, OpKey, UnitAttribution
 from precision_doctor.model.parallel import storage_ptr
 from precision_doctor.model.spec import LossFn, resolve_loss, run_model
@@ -337,8 +337,7 @@ def trace_step(
     attribution = UnitAttribution(model, on_exit=on_exit, on_output=on_output)
     recorder = _Recorder(attribution, on_mutation)
     configure_capture(recorder, model, attribution)
-    batch_storages = {storage_ptr(t) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)}
-    recorder.external_storages |= batch_storages
+    recorder.external_storages |= batch_storages(batch)
     recorder.allowed_storages = set(recorder.external_storages)
     tracker = attribution.tracker
     pre = tracker._pre

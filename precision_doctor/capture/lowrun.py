@@ -570,12 +570,8 @@ class _ParamCasts:
     and the caller runs forward and backward again at once (`LowRun.graph`'s contract)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        # Plain parameters only: a DTensor's or a wrapper subclass' casts are kept as they are.
-        self.params = {
-            id(p): p
-            for p in model.parameters()
-            if type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
-        }
+        # Plain parameters only: `low_run` takes no recipes where `applies` does not hold.
+        self.params = {id(p): p for p in model.parameters() if p.is_floating_point()}
         # storage -> (the cast, weakly: a freed cast's memory may hold another tensor; param;
         # its version)
         self.casts: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor, int]] = {}

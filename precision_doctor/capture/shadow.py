@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from precision_doctor.capture.dispatch import dynamo_safe, faking
@@ -411,6 +412,11 @@ def capture_pass(
     with attribution.tracker, dynamo_safe(ShadowMode)(capture):
         yield capture
         capture.flush()  # whatever is still pending, before the records are read
+
+
+def batch_storages(batch: Any) -> set[int]:
+    """The memory the batch's tensors hold: no op of the step makes it (`external_storages`)."""
+    return {storage_ptr(t) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)}
 
 
 def configure_capture(capture: ShadowCapture, model: torch.nn.Module, attribution: UnitAttribution) -> None:

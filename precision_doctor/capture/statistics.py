@@ -11,6 +11,7 @@ only when the bin they fall in is not empty.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -339,7 +340,7 @@ def _chunk_job(flat: torch.Tensor, with_sumsq: bool, ws: Workspace) -> Job[Tenso
     if min_nz < _INF_BITS:
         summary.min_nonzero_abs = _bits_to_float(min_nz)
 
-    jobs: list[Job[Any]] = [_tails_job(flat, hist, summary, ws)]
+    jobs: list[Job[Any]] = [_tails_job(functools.cache(lambda: _abs_bits(flat, ws)), hist, summary)]
     if with_sumsq:
         jobs += [_sumsq_job(flat, hist, summary, ws), squared_norm_job(flat, finite_only=bool(hist[255]))]
     results = yield Parallel(jobs)
@@ -404,15 +405,9 @@ def _count_in_bin(
     return count, None
 
 
-def _tails_job(flat: torch.Tensor, hist: np.ndarray, s: TensorSummary, ws: Workspace) -> Job[dict[str, TailCounts]]:
-    """Each format's tail counts: the histogram's, plus at most one read of the compares."""
-    made: list[torch.Tensor] = []
-
-    def bits() -> torch.Tensor:
-        if not made:
-            made.append(_abs_bits(flat, ws))
-        return made[0]
-
+def _tails_job(bits: Callable[[], torch.Tensor], hist: np.ndarray, s: TensorSummary) -> Job[dict[str, TailCounts]]:
+    """Each format's tail counts: the histogram's, plus at most one read of the compares
+    (`bits()`: the values' |x| bit patterns, called only where a compare is needed)."""
     counts: dict[str, list[tuple[int, torch.Tensor | None]]] = {}
     for limits in _FORMATS:
         parts: list[tuple[int, torch.Tensor | None]] = [(0, None)] * 3
@@ -755,7 +750,7 @@ class SummaryBatch:
             target.zero_count -= int((yield ((bits > 0) & (bits < 1 << 23)).sum()))
         if min_nz < _INF_BITS:
             target.min_nonzero_abs = _bits_to_float(min_nz)
-        target.tails = yield from _tails_job(values, hist, target, _Fixed(bits))
+        target.tails = yield from _tails_job(lambda: bits, hist, target)
 
     def _sums_of_squares_job(
         self,
@@ -792,21 +787,6 @@ class SummaryBatch:
             summed = yield sums.index_add_(0, key, values.double().square())
             per_bin = np.array(summed).reshape(len(bounds), SUMSQ_BINS)
         return per_bin, totals
-
-
-class _Fixed(Workspace):
-    """A workspace whose `bits` slot is given: `_tails_job` over a batch item's own patterns."""
-
-    def __init__(self, bits: torch.Tensor) -> None:
-        super().__init__()
-        self._bits = bits
-
-    def get(
-        self, slot: str, n: int, dtype: torch.dtype, device: torch.device, *, fill: int | None = None
-    ) -> torch.Tensor:
-        if slot == "bits":
-            return self._bits
-        return super().get(slot, n, dtype, device, fill=fill)
 
 
 def _fill(target: TensorSummary, job: Job[TensorSummary]) -> Job[None]:

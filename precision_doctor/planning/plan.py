@@ -645,7 +645,7 @@ def plan_model(
     low, verified, problem = search.run(model, batch, loss_fn, all_fp32, max_rounds)
 
     labels = _final_labels(low, search.labels, dtype)
-    reasons = _fp32_reasons(problem, low, hard, search.promoted, search.contributions, tolerance, labels)
+    reasons = _fp32_reasons(problem, hard, search.promoted, search.contributions, tolerance, labels)
     advice, kept_for_gradients = _keep_vanishing_gradients(report, low)
     reasons.update(kept_for_gradients)
     auto = autocast_assignment(report)
@@ -821,7 +821,6 @@ def _grad_max_abs(unit: Unit) -> float:
 
 def _fp32_reasons(
     problem: PlanProblem,
-    low: Mapping[str, bool],
     hard: Mapping[str, str],
     promoted: Mapping[str, str],
     contributions: Mapping[str, float],
