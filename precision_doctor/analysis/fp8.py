@@ -22,11 +22,13 @@ from precision_doctor.report import Evidence, FlagRecord, Report
 
 __all__ = [
     "CONVENTIONAL_PATTERNS",
+    "FP8_FLAGS",
     "exclusions",
     "fix_for",
     "fp8_flags",
     "fp8_section",
     "gemm_db",
+    "layer_fixes",
     "sqnr_limit_db",
     "unjudged",
     "with_fp8",
@@ -34,6 +36,9 @@ __all__ = [
 
 BF16_FIX = "bf16"
 """What `fix_for` names when no recipe passes: keep the layer out of fp8."""
+
+FP8_FLAGS = frozenset({Flag.FP8_ERROR, Flag.FP8_UNDERFLOW})
+"""The findings an fp8 analysis adds (`fp8_flags`)."""
 
 
 def fp8_section(
@@ -63,6 +68,15 @@ def gemm_db(g: Fp8Gemm, recipe: str) -> float:
 def sqnr_limit_db(gemm: str, th: Thresholds) -> float:
     """The SQNR (dB) a matmul must reach: the weight gradient's threshold for wgrad, the output's else."""
     return th.fp8_wgrad_sqnr_db if gemm == "wgrad" else th.fp8_output_sqnr_db
+
+
+def layer_fixes(section: Fp8Section, th: Thresholds) -> dict[str, str]:
+    """Per converted layer (in the model's order), `fix_for` its matmuls."""
+    gemms: dict[str, list[Fp8Gemm]] = {layer: [] for layer in section.layers}
+    for g in section.gemms:
+        if g.layer in gemms:
+            gemms[g.layer].append(g)
+    return {layer: fix_for(gs, th) for layer, gs in gemms.items()}
 
 
 def fix_for(gemms: Sequence[Fp8Gemm], th: Thresholds) -> str:
@@ -180,6 +194,7 @@ def exclusions(section: Fp8Section, flags: Mapping[str, Sequence[FlagRecord]], t
     rather than assumed: flagged or not under its recipe, and the recipe (or bf16) that passes it."""
     if not section.layers:
         return []
+    fixes = layer_fixes(section, th)
     picked = {section.layers[0]: "first"}
     picked.setdefault(section.layers[-1], "last")
     for layer in section.layers:
@@ -191,7 +206,7 @@ def exclusions(section: Fp8Section, flags: Mapping[str, Sequence[FlagRecord]], t
             layer=layer,
             convention=picked[layer],
             flagged=bool(flags.get(layer)),
-            fix=fix_for([g for g in section.gemms if g.layer == layer], th),
+            fix=fixes[layer],
         )
         for layer in section.layers
         if layer in picked

@@ -10,15 +10,13 @@ from typing import Any
 import torch
 
 from precision_doctor.analysis.engine import analyze
-from precision_doctor.analysis.fp8 import fix_for
+from precision_doctor.analysis.fp8 import FP8_FLAGS, layer_fixes
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import Fp8RecipeComparison, Fp8RecipeRun
-from precision_doctor.options import Flag, Fp8Recipe, LowDtype, parse_enum
+from precision_doctor.options import Fp8Recipe, LowDtype, parse_enum
 from precision_doctor.report import Report
 
 __all__ = ["compare_fp8_recipes", "recipe_comparison"]
-
-_FP8_FLAGS = (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)
 
 
 def recipe_comparison(reports: Mapping[Fp8Recipe | str, Report]) -> Fp8RecipeComparison:
@@ -35,14 +33,11 @@ def recipe_comparison(reports: Mapping[Fp8Recipe | str, Report]) -> Fp8RecipeCom
         layers += [layer for layer in section.layers if layer not in layers]
         findings: dict[str, list[str]] = {}
         for f in report.flags():
-            if f.flag in _FP8_FLAGS:
+            if f.flag in FP8_FLAGS:
                 text = f"{f.flag.value} {f.evidence.op}"
                 if text not in findings.setdefault(f.unit, []):
                     findings[f.unit].append(text)
-        fixes = {
-            layer: fix_for([g for g in section.gemms if g.layer == layer], report.thresholds)
-            for layer in section.layers
-        }
+        fixes = layer_fixes(section, report.thresholds)
         runs.append(
             Fp8RecipeRun(
                 recipe=section.recipe,

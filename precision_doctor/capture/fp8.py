@@ -428,6 +428,13 @@ _OPERANDS = {
 }
 
 
+def _emulated(layer: Any) -> bool:
+    """Whether a converted layer runs torchao's emulated kernels: a `Float8Linear` by its
+    config, an `MXFP8Linear` by its kernel preference."""
+    emulate = getattr(getattr(layer, "config", None), "emulate", None)
+    return bool(emulate) if emulate is not None else layer.kernel_preference.name == "EMULATED"
+
+
 class Fp8Recorder:
     """Records torchao's casts of a converted model's Float8Linear layers (`Fp8Cast`) and
     each layer's matmuls under every recipe (`Fp8Gemm`) while active (`recording`).
@@ -440,6 +447,10 @@ class Fp8Recorder:
         from torchao.float8.float8_linear import Float8Linear
 
         self._float8 = float8
+        # torchao's MX training modules, where an MX layer is there or mxfp8 is compared; the
+        # MX cast the recording patches out while it runs (`_mx_patched`).
+        self._mx: tuple[Any, ...] | None = None
+        self._to_mx: Any = None
         mx_types: tuple[type, ...] = ()
         if any(type(m).__name__ == "MXFP8Linear" for m in model.modules()):
             self._mx = _mx_modules()
@@ -453,10 +464,7 @@ class Fp8Recorder:
             n: m for n, m in model.named_modules() if isinstance(m, (Float8Linear, *mx_types))
         }
         self._by_config = {id(m.linear_mm_config): n for n, m in self.layers.items() if isinstance(m, Float8Linear)}
-        emulate = True
-        for m in self.layers.values():
-            emulate = bool(m.config.emulate) if isinstance(m, Float8Linear) else m.kernel_preference.name == "EMULATED"
-            break
+        emulate = next((_emulated(m) for m in self.layers.values()), True)
         self._configs: dict[Fp8Recipe, Any] = {
             r: fp8_config(r, emulate=emulate) for r in recipes if r is not Fp8Recipe.MXFP8
         }
@@ -491,7 +499,7 @@ class Fp8Recorder:
                 handles.append(m.register_forward_pre_hook(self._mx_enter(name)))
         fl.hp_tensor_to_float8_dynamic = recorded
         try:
-            with self._mx_patched() if hasattr(self, "_mx") else contextlib.nullcontext():
+            with self._mx_patched() if self._mx is not None else contextlib.nullcontext():
                 yield
         finally:
             fl.hp_tensor_to_float8_dynamic = original
@@ -508,6 +516,7 @@ class Fp8Recorder:
     def _mx_patched(self) -> Iterator[None]:
         """torchao's MX pieces wrapped for the run: `to_mx` records each cast, `mx_mm` says
         which layer and matmuls its casts feed, the emulated matmul computes as the GPU's."""
+        assert self._mx is not None
         mx_tensor, _, mx_mm, _ = self._mx
         to_mx = mx_tensor.to_mx
         forward, backward = mx_mm.forward, mx_mm.backward
@@ -617,7 +626,7 @@ class Fp8Recorder:
             x = t if axis == -1 else t.t()
             if x.shape[-1] % MX_BLOCK:
                 return None
-            deq = mx_cast(x, to_mx=getattr(self, "_to_mx", None))[2]
+            deq = mx_cast(x, to_mx=self._to_mx)[2]
             return deq if axis == -1 else deq.t()
         float8 = self._float8
         from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
@@ -674,10 +683,7 @@ class Fp8Run:
     def start(cls, model: torch.nn.Module, recipe: Fp8Recipe | str) -> Fp8Run:
         converted = convert_fp8(model, recipe)
         recorder = Fp8Recorder(converted)
-        emulated = all(
-            bool(m.config.emulate) if hasattr(m, "config") else m.kernel_preference.name == "EMULATED"
-            for m in recorder.layers.values()
-        )
+        emulated = all(_emulated(m) for m in recorder.layers.values())
         return cls(converted, recorder, emulated)
 
     def recording(self) -> contextlib.AbstractContextManager[None]:

@@ -74,6 +74,7 @@ from pydantic import Field
 
 from precision_doctor.analysis.distributed import Job
 from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
+from precision_doctor.analysis.fp8 import FP8_FLAGS
 from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import cast_floats, low_precision, low_precision_backward
 from precision_doctor.errors import PrecisionDoctorError
@@ -1240,8 +1241,6 @@ def _compared(
 
 # --- judging ---------------------------------------------------------------------------------
 
-FP8_FLAGS = frozenset({Flag.FP8_ERROR, Flag.FP8_UNDERFLOW})
-
 
 def _flagged_units(report: Report) -> dict[str, list[str]]:
     """The analysis' flag names by unit, each once."""
@@ -1290,7 +1289,7 @@ class _Judge:
     def fp8_flagged(self, units: Mapping[str, str] | None) -> list[str]:
         """The layers with an fp8 finding that run fp8 in a configuration: every one in the
         all-Linear run (`units` None), in a plan those it converts under the analysed recipe."""
-        layers = [u for u, names in _flagged_units(self.report).items() if any(n.startswith("FP8") for n in names)]
+        layers = [u for u, names in _flagged_units(self.report).items() if any(n in FP8_FLAGS for n in names)]
         if units is None:
             return layers
         return [u for u in layers if units.get(u) == self.analysed_fp8_label()]

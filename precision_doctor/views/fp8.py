@@ -11,9 +11,9 @@ import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from precision_doctor.analysis.fp8 import BF16_FIX, fix_for, gemm_db
+from precision_doctor.analysis.fp8 import BF16_FIX, FP8_FLAGS, gemm_db, layer_fixes
 from precision_doctor.extras import Fp8RecipeComparison, Fp8ScalingModel, Fp8Section
-from precision_doctor.options import Flag, Fp8Recipe, percent
+from precision_doctor.options import Fp8Recipe, percent
 from precision_doctor.report import Report
 from precision_doctor.views.figures import short_name, themed
 
@@ -42,13 +42,6 @@ def _db(x: float) -> str:
     return "exact" if math.isinf(x) and x > 0 else f"{x:.1f} dB"
 
 
-def _fixes(report: Report, section: Fp8Section) -> dict[str, str]:
-    """Per layer, the first recipe under which every one of its matmuls passes (or bf16)."""
-    return {
-        layer: fix_for([g for g in section.gemms if g.layer == layer], report.thresholds) for layer in section.layers
-    }
-
-
 def fp8_summary_lines(report: Report) -> list[str]:
     """The fp8 run in a few lines: recipe and torchao version, how many Linear layers take fp8
     as-is, and each failing layer's fix."""
@@ -56,13 +49,13 @@ def fp8_summary_lines(report: Report) -> list[str]:
     if section is None:
         return []
     how = "emulated" if section.emulated else "native"
-    flagged = {f.unit for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)}
+    flagged = {f.unit for f in report.flags() if f.flag in FP8_FLAGS}
     ok = [layer for layer in section.layers if layer not in flagged]
     lines = [
         f"fp8: torchao {section.torchao_version}, recipe {section.recipe} ({how}): {len(ok)} of "
         f"{len(section.layers)} Linear layer(s) take fp8 as-is"
     ]
-    fixes = _fixes(report, section)
+    fixes = layer_fixes(section, report.thresholds)
     for layer in section.layers:
         if layer not in flagged:
             continue
@@ -119,10 +112,10 @@ def fp8_next_steps(report: Report, command: Sequence[str]) -> list[str]:
     section = report.extras.fp8
     if section is None:
         return []
-    flagged = {f.unit for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)}
+    flagged = {f.unit for f in report.flags() if f.flag in FP8_FLAGS}
     if not flagged:
         return [f"every Linear layer takes fp8 under {section.recipe} (no FP8_ERROR, no FP8_UNDERFLOW)"]
-    fixes = {layer: fix for layer, fix in _fixes(report, section).items() if layer in flagged}
+    fixes = {layer: fix for layer, fix in layer_fixes(section, report.thresholds).items() if layer in flagged}
     lines = []
     keep = sorted(layer for layer, fix in fixes.items() if fix == BF16_FIX)
     if keep:
