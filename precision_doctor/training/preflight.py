@@ -919,9 +919,18 @@ def preflight(
     fp8_scaling = (
         judged_fp8.scaling.result(judge) if judged_fp8 is not None and judged_fp8.scaling is not None else None
     )
+    # fp8: each configuration's loss against the bf16 run's (the planned run's judged once,
+    # whether it is the one judged or the plan's verdict and notes).
+    planned_vs_bf16 = (
+        bf16_divergence_reasons(runs["planned"], runs["bf16"], loss_tolerance, judging.fp8_flagged(plan_units))
+        if fp8 is not None and "planned" in runs
+        else []
+    )
     if fp8 is not None:
-        judged += bf16_divergence_reasons(
-            runs[judge], runs["bf16"], loss_tolerance, judging.fp8_flagged(plan_units if judge == "planned" else None)
+        judged += (
+            planned_vs_bf16
+            if judge == "planned"
+            else bf16_divergence_reasons(runs[judge], runs["bf16"], loss_tolerance, judging.fp8_flagged(None))
         )
     if fp8_scaling is not None:
         judged += delayed_scaling_reasons(fp8_scaling, thresholds or Thresholds())
@@ -929,18 +938,11 @@ def preflight(
     notes = [r for r in judged if not _selected(r, risks)]
     planned_go: bool | None = None
     if "planned" in runs:
-        found = judging.found("planned")
-        if fp8 is not None:
-            found += bf16_divergence_reasons(
-                runs["planned"], runs["bf16"], loss_tolerance, judging.fp8_flagged(plan_units)
-            )
+        found = judging.found("planned") + planned_vs_bf16
         planned_go = not any(_selected(r, risks) for r in found)
         if judge == "low":
             notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
-            if fp8 is not None:
-                notes += [
-                    r for r in found if r.mode == "planned" and r.risk == "DIVERGENT_LOSS" and "bf16" in r.message
-                ]
+            notes += planned_vs_bf16
 
     return PreflightResult(
         model=report.model,
