@@ -59,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from precision_doctor.capture.dispatch import dynamo_safe
 from precision_doctor.capture.memory import WeakIdMap
 from precision_doctor.capture.ops import rearranges, tensor_leaves
-from precision_doctor.capture.pipeline import Op, _written
+from precision_doctor.capture.pipeline import Op, _written, grad_seqs
 from precision_doctor.capture.shadow import ShadowCapture, batch_storages, configure_capture
 from precision_doctor.capture.units import LOSS_UNIT, LowUnits, OpDtypes, OpKey, UnitAttribution
 from precision_doctor.model.parallel import storage_ptr
@@ -283,15 +283,8 @@ class _TraceMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's
         # The autograd node exists before the op reaches a mode: numbered now, as ShadowMode does.
         meta = {"unit": unit, "backward": False, "seq": attribution.record_forward(unit)}
         # Read off the inputs' grad_fn as the pipeline's `record` would, for a walk without autograd.
-        meta["input_seqs"] = tuple(_grad_seqs(t) for t in tensor_leaves(args, kwargs))
+        meta["input_seqs"] = tuple(grad_seqs(t) for t in tensor_leaves(args, kwargs))
         return rec.op(func, args, kwargs, meta)
-
-
-def _grad_seqs(t: torch.Tensor) -> tuple[int, ...]:
-    """The sequence numbers of the autograd nodes that made `t` and its base (what
-    `OpPipeline._note_low_reads` reads off a tensor's `grad_fn`)."""
-    nodes = (t.grad_fn, t._base.grad_fn if t._is_view() and t._base is not None else None)
-    return tuple(n._sequence_nr() for n in nodes if n is not None)
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,12 @@ _LocalInput = tuple[Held | torch.Tensor, torch.Tensor | None, Held | None]
 _LocalInputs = tuple[list[tuple[int, Held, Held]], list[_LocalInput] | None]
 
 
+def grad_seqs(t: torch.Tensor) -> tuple[int, ...]:
+    """The sequence numbers of the autograd nodes that made `t` and its base."""
+    nodes = (t.grad_fn, t._base.grad_fn if t._is_view() and t._base is not None else None)
+    return tuple(n._sequence_nr() for n in nodes if n is not None)
+
+
 class ModelOpError(Exception):
     """Carries an exception raised by the model's own op out of the pipeline untouched."""
 
@@ -899,12 +905,7 @@ class OpPipeline:
                 continue
             # The node that made it gets its gradient low: autograd has wrapped the input by
             # now (a custom Function's node, made after its forward ran, included).
-            if input_seqs is not None:
-                self._low_grad_seqs.update(input_seqs[i])
-            else:
-                for node in (t.grad_fn, t._base.grad_fn if t._is_view() and t._base is not None else None):
-                    if node is not None:
-                        self._low_grad_seqs.add(node._sequence_nr())
+            self._low_grad_seqs.update(input_seqs[i] if input_seqs is not None else grad_seqs(t))
             if p is None:
                 self.low_reads.add(id(t))
             else:  # through views and copies, to the ops that made the values
