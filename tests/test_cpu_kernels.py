@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from precision_doctor.analysis.gradients import GradComparison
 from precision_doctor.capture import cpu_kernels
+from precision_doctor.capture.readback import Held, run
 from precision_doctor.capture.statistics import (
     SUMSQ_BINS,
     ErrorAccumulator,
@@ -236,3 +238,35 @@ def test_small_tensors_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> N
     small, large = torch.zeros(cpu_kernels.MIN_ELEMENTS - 1), torch.zeros(cpu_kernels.MIN_ELEMENTS)
     assert not cpu_kernels.enabled(small)
     assert cpu_kernels.enabled(large)
+
+
+LOW_GRADS = {
+    "rounded": lambda r: r.to(torch.bfloat16).float(),
+    "flushed": torch.zeros_like,
+    "overflowed": lambda r: torch.where(r.abs() > 3.0, torch.inf, r),
+}
+
+
+@needs_numba
+@pytest.mark.parametrize("low", list(LOW_GRADS), ids=list(LOW_GRADS))
+def test_a_gradient_comparison_sums_as_float64_in_one_pass(low: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`GradComparison` takes its three sums from one compiled pass: each equal to a float64
+    sum, a flushed gradient exactly 100% off, and Inf/NaN left to the torch path's rules."""
+    ref = torch.randn(3 * cpu_kernels.PARALLEL_ELEMENTS + 5, generator=torch.Generator().manual_seed(8))
+    lo = LOW_GRADS[low](ref)
+    compiled = GradComparison()
+    run(compiled.add_job(Held(ref), Held(lo), Workspace()))
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu_kernels.CPU_KERNELS_ENV, "torch")
+        torch_path = GradComparison()
+        run(torch_path.add_job(Held(ref), Held(lo), Workspace()))
+    assert compiled.nonfinite == torch_path.nonfinite == int((~torch.isfinite(lo)).sum())
+    assert compiled.numel == ref.numel()
+    r64, l64 = ref.double(), lo.double()
+    finite = torch.isfinite(l64)
+    assert compiled.sum_sq_ref == pytest.approx(float((r64**2).sum()), rel=1e-10)
+    assert compiled.sum_sq_low == pytest.approx(float((l64[finite] ** 2).sum()), rel=1e-10)
+    assert compiled.sum_sq_err == pytest.approx(float(((l64 - r64)[finite] ** 2).sum()), rel=1e-10)
+    assert compiled.rel_l2_error == pytest.approx(torch_path.rel_l2_error, rel=1e-4)
+    if low == "flushed":
+        assert compiled.rel_l2_error == 1.0 and compiled.cosine is None

@@ -2,10 +2,10 @@
 its first compile cost ~0.5 s and ~3 s, paid only where a CPU summary runs; the compiled code
 is cached on disk, `cache=True`).
 
-`summary_blocks` makes one pass over a float32 tensor's bit patterns per block of
-`block` values: the 256-bin histogram of biased exponents, the counts and extremes a
-`TensorSummary` holds, each format's tail counts against its thresholds, and (gradients) the
-sums of x^2 in the bins below 2^-24 and over all finite values. Per block, in fixed blocks:
+`summary_blocks` reads a float32 tensor's bit patterns per block of `block` values (two
+passes, the second from cache): the 256-bin histogram of biased exponents, the counts and
+extremes a `TensorSummary` holds, each format's tail counts against its thresholds, and
+(gradients) the sums of x^2 per bin and over all finite values. Per block, in fixed blocks:
 the float sums are the same whatever the thread count.
 """
 
@@ -24,62 +24,105 @@ COUNT_COLUMNS = 4 + 3 * N_FORMATS
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False)
-def _block(v, f, maxes, subs, norms, sumsq_limit, with_sumsq, hist, cnt, sums):  # type: ignore[no-untyped-def]
-    # Four sub-histograms: consecutive values in the same bin would otherwise wait on each
-    # other's increment (a store-to-load chain), which bounds a one-histogram loop.
-    h = np.zeros((4, 256), np.int64)
-    band_hi = min(maxes[0], maxes[1])  # inside [band_lo, band_hi] no tail count applies
-    band_lo = max(norms[0], norms[1])
-    zero = 0
-    nan = 0
-    mx = 0
-    mn = INF_BITS
-    tot = 0.0
-    # Over whole (sliced) arrays: a loop over `range(lo, hi)` is one LLVM does not vectorize.
+def _count_below(v, lo, hi):  # type: ignore[no-untyped-def]
+    """How many |x| bit patterns lie in [lo, hi)."""
+    c = 0
     for i in range(v.shape[0]):
         b = v[i] & ABS_MASK
-        h[i & 3, b >> 23] += 1
-        if b >= band_lo and b <= band_hi:
-            mx = max(mx, b)
-            mn = min(mn, b)
-            if with_sumsq:
-                x = np.float64(f[i])
-                tot += x * x
-            continue
-        if b == 0:
-            zero += 1
-            continue
-        if b >= INF_BITS:
-            if b > INF_BITS:
-                nan += 1
-            continue
-        mx = max(mx, b)
-        mn = min(mn, b)
-        if with_sumsq:
+        c += (b >= lo) & (b < hi)
+    return c
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _below(v, hist, subnormals, t):  # type: ignore[no-untyped-def]
+    """Nonzero finite |x| below the bit pattern `t`: whole bins from the histogram, a pass over
+    the values only for the bin `t` falls inside (rare: a threshold's own binade)."""
+    j = t >> 23
+    if j == 0:
+        return _count_below(v, 1, t) if subnormals else 0
+    c = subnormals
+    for i in range(1, j):
+        c += hist[i]
+    if t & 0x7FFFFF and hist[j]:
+        c += _count_below(v, j << 23, t)
+    return c
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _above(v, hist, t):  # type: ignore[no-untyped-def]
+    """Finite |x| above the bit pattern `t`, as `_below` counts."""
+    j = t >> 23
+    c = 0
+    for i in range(j + 1, 255):
+        c += hist[i]
+    if hist[j]:
+        c += _count_below(v, t + 1, (j + 1) << 23)
+    return c
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _block(v, f, maxes, subs, norms, with_sumsq, hist, cnt, sums):  # type: ignore[no-untyped-def]
+    # Two passes over the block (in cache by the second), each one LLVM compiles to a short
+    # loop: the histogram (gradients: with each bin's sum of x^2), then the extremes. The
+    # counts come from the histogram; only Inf/NaN, fp32 subnormals and a threshold's own bin
+    # take a pass of their own. One pass that also branched on each value's range ran ~2x
+    # slower, ~4x on gradients below fp16's range (`docs/benchmarks.md`).
+    # Four sub-histograms: consecutive values in the same bin would otherwise wait on each
+    # other's increment (a store-to-load chain).
+    h = np.zeros((4, 256), np.int64)
+    if with_sumsq:
+        s = np.zeros((4, 256), np.float64)
+        for i in range(v.shape[0]):
+            j = (v[i] >> 23) & 0xFF
             x = np.float64(f[i])
-            tot += x * x
-            if b < sumsq_limit:
-                sums[b >> 23] += x * x
-        for k in range(N_FORMATS):
-            if b > maxes[k]:
-                cnt[4 + k] += 1
-            if b < subs[k]:
-                cnt[4 + N_FORMATS + k] += 1
-            if b < norms[k]:
-                cnt[4 + 2 * N_FORMATS + k] += 1
+            h[i & 3, j] += 1
+            s[i & 3, j] += x * x
+        for j in range(256):
+            sums[j] = s[0, j] + s[1, j] + s[2, j] + s[3, j]
+    else:
+        for i in range(v.shape[0]):
+            h[i & 3, (v[i] >> 23) & 0xFF] += 1
     for j in range(256):
         hist[j] = h[0, j] + h[1, j] + h[2, j] + h[3, j]
-    cnt[0] = zero
+    # `(b - 1) & ABS_MASK` sends 0 to the top and keeps the order of the rest: one min finds
+    # the smallest nonzero pattern (Inf/NaN ones sort above every finite one).
+    mx = 0
+    mn = ABS_MASK
+    for i in range(v.shape[0]):
+        b = v[i] & ABS_MASK
+        mx = max(mx, b)
+        mn = min(mn, (b - 1) & ABS_MASK)
+    mn = min(mn + 1, INF_BITS)
+    nan = 0
+    if hist[255]:
+        mx = 0
+        for i in range(v.shape[0]):
+            b = v[i] & ABS_MASK
+            if b < INF_BITS:
+                mx = max(mx, b)
+            elif b > INF_BITS:
+                nan += 1
+    subnormals = _count_below(v, 1, 1 << 23) if hist[0] and mn < 1 << 23 else 0
+    cnt[0] = hist[0] - subnormals
     cnt[1] = nan
     cnt[2] = mx
     cnt[3] = mn
+    for k in range(N_FORMATS):
+        cnt[4 + k] = _above(v, hist, maxes[k]) if mx > maxes[k] else 0
+        cnt[4 + N_FORMATS + k] = _below(v, hist, subnormals, subs[k]) if mn < subs[k] else 0
+        cnt[4 + 2 * N_FORMATS + k] = _below(v, hist, subnormals, norms[k]) if mn < norms[k] else 0
+    tot = 0.0
+    if with_sumsq:
+        for j in range(255):  # the finite values'
+            tot += sums[j]
     return tot
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
-def summary_blocks(v, f, block, maxes, subs, norms, sumsq_limit, with_sumsq):  # type: ignore[no-untyped-def]
-    """Per block: (histograms, counts, sums of squares per low bin, total sums of squares), the
-    blocks on numba's threads (the same blocks on any number of threads: the same sums)."""
+def summary_blocks(v, f, block, maxes, subs, norms, with_sumsq):  # type: ignore[no-untyped-def]
+    """Per block: (histograms, counts, sums of x^2 per bin, total sums of x^2 over the finite
+    values), the blocks on numba's threads (the same blocks on any number of threads: the same
+    sums)."""
     n = v.shape[0]
     nblocks = max(1, (n + block - 1) // block)
     hist = np.zeros((nblocks, 256), np.int64)
@@ -89,7 +132,7 @@ def summary_blocks(v, f, block, maxes, subs, norms, sumsq_limit, with_sumsq):  #
     for k in nb.prange(nblocks):
         lo = k * block
         hi = min(n, lo + block)
-        tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, sumsq_limit, with_sumsq, hist[k], cnt[k], sums[k])
+        tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, with_sumsq, hist[k], cnt[k], sums[k])
     return hist, cnt, sums, tots
 
 
@@ -102,24 +145,29 @@ _SUM_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
 def _distance_block(r, s):  # type: ignore[no-untyped-def]
     err = 0.0
     ref = 0.0
+    own = 0.0
     for i in range(r.shape[0]):  # not `range(lo, hi)`: that loop is not vectorized
         d = np.float64(s[i] - r[i])  # the difference as fp32 computes it
         x = np.float64(r[i])
+        y = np.float64(s[i])
         err += d * d
         ref += x * x
-    return err, ref
+        own += y * y
+    return err, ref, own
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
 def distance_blocks(r, s, block):  # type: ignore[no-untyped-def]
-    """Per block: (sum of (s - r)^2, sum of r^2), in float64."""
+    """Per block: (sum of (s - r)^2, sum of r^2, sum of s^2), in float64 (the third costs no
+    read: the pass is bound by its two)."""
     n = r.shape[0]
     nblocks = max(1, (n + block - 1) // block)
-    out = np.zeros((nblocks, 2), np.float64)
+    out = np.zeros((nblocks, 3), np.float64)
     for k in nb.prange(nblocks):
         lo = k * block
         hi = min(n, lo + block)
-        e, x = _distance_block(r[lo:hi], s[lo:hi])
+        e, x, y = _distance_block(r[lo:hi], s[lo:hi])
         out[k, 0] = e
         out[k, 1] = x
+        out[k, 2] = y
     return out

@@ -36,7 +36,15 @@ import torch
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.formats import FormatLimits
 
-__all__ = ["CPU_KERNELS_ENV", "MIN_ELEMENTS", "RawSummary", "enabled", "squared_distance", "summary"]
+__all__ = [
+    "CPU_KERNELS_ENV",
+    "MIN_ELEMENTS",
+    "RawSummary",
+    "enabled",
+    "squared_distance",
+    "squared_distances",
+    "summary",
+]
 
 CPU_KERNELS_ENV = "PRECISION_DOCTOR_CPU_KERNELS"
 """`numba` (or unset): the compiled loops where numba imports; `torch`: the torch kernels."""
@@ -114,7 +122,7 @@ def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: i
     assert k is not None and len(formats) == k.N_FORMATS
     values = flat.detach().numpy()
     maxes, subs, norms = _thresholds(formats)
-    args = (values.view(np.int32), values, BLOCK_ELEMENTS, maxes, subs, norms, sumsq_bins << 23, with_sumsq)
+    args = (values.view(np.int32), values, BLOCK_ELEMENTS, maxes, subs, norms, with_sumsq)
     hist, cnt, sums, tots = _parallel(k.summary_blocks, values.size, *args)
     n = k.N_FORMATS
     per_format = cnt[:, 4:].sum(0)
@@ -159,9 +167,16 @@ def squared_distance(ref: torch.Tensor, shadow: torch.Tensor) -> tuple[float, fl
     """(||shadow - ref||^2, ||ref||^2) of two contiguous 1-d float32 CPU tensors of one size:
     each difference rounded to fp32 as a torch subtraction makes it, the squares summed in
     float64 per block (`enabled` must hold for both). Non-finite where either holds Inf/NaN."""
+    err, total, _ = squared_distances(ref, shadow)
+    return err, total
+
+
+def squared_distances(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
+    """(||other - ref||^2, ||ref||^2, ||other||^2) in one pass, as `squared_distance` sums them
+    (a gradient comparison needs all three: `analysis.gradients.GradComparison`)."""
     k = _kernels()
     assert k is not None
-    r, s = ref.detach().numpy(), shadow.detach().numpy()
+    r, s = ref.detach().numpy(), other.detach().numpy()
     out = _parallel(k.distance_blocks, r.size, r, s, BLOCK_ELEMENTS)
-    err, total = out.sum(0)
-    return float(err), float(total)
+    err, total, own = out.sum(0)
+    return float(err), float(total), float(own)

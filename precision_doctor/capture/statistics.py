@@ -594,6 +594,14 @@ def _fused_distance(ref: torch.Tensor, shadow: torch.Tensor) -> bool:
     )
 
 
+def compiled_squared_sums(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float] | None:
+    """(||other - ref||^2, ||ref||^2, ||other||^2) of two fp32 tensors in one pass of the
+    compiled loops (`cpu_kernels.squared_distances`); None where the pair does not take them."""
+    if other.dtype != torch.float32 or not _fused_distance(ref, other):
+        return None
+    return cpu_kernels.squared_distances(ref.detach().reshape(-1), other.detach().reshape(-1))
+
+
 def _cpu_squared_distance(ref: torch.Tensor, shadow: torch.Tensor, ws: Workspace) -> tuple[float, float]:
     """(||shadow - ref||^2, ||ref||^2) through the compiled loops (`capture.cpu_kernels`); a
     low-precision shadow upcast chunk by chunk into a reused buffer first."""
