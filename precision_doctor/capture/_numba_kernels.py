@@ -118,22 +118,59 @@ def _block(v, f, maxes, subs, norms, with_sumsq, hist, cnt, sums):  # type: igno
     return tot
 
 
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _summary_parts(n, block):  # type: ignore[no-untyped-def]
+    nblocks = max(1, (n + block - 1) // block)
+    return (
+        np.zeros((nblocks, 256), np.int64),
+        np.zeros((nblocks, COUNT_COLUMNS), np.int64),
+        np.zeros((nblocks, 256), np.float64),
+        np.zeros(nblocks, np.float64),
+    )
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _summary_block(k, v, f, block, maxes, subs, norms, with_sumsq, hist, cnt, sums, tots):  # type: ignore[no-untyped-def]
+    lo = k * block
+    hi = min(v.shape[0], lo + block)
+    tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, with_sumsq, hist[k], cnt[k], sums[k])
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _summary_total(hist, cnt, sums, tots):  # type: ignore[no-untyped-def]
+    """The blocks' parts added up in block order (the same sums on any number of threads):
+    (histogram, counts as `_block` lays them out, sums of x^2 per bin, total)."""
+    total_cnt = cnt[0].copy()
+    for k in range(1, cnt.shape[0]):
+        total_cnt[0] += cnt[k, 0]
+        total_cnt[1] += cnt[k, 1]
+        total_cnt[2] = max(total_cnt[2], cnt[k, 2])
+        total_cnt[3] = min(total_cnt[3], cnt[k, 3])
+        for j in range(4, COUNT_COLUMNS):
+            total_cnt[j] += cnt[k, j]
+    tot = 0.0
+    for k in range(tots.shape[0]):
+        tot += tots[k]
+    return hist.sum(axis=0), total_cnt, sums.sum(axis=0), tot
+
+
 @nb.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
 def summary_blocks(v, f, block, maxes, subs, norms, with_sumsq):  # type: ignore[no-untyped-def]
-    """Per block: (histograms, counts, sums of x^2 per bin, total sums of x^2 over the finite
-    values), the blocks on numba's threads (the same blocks on any number of threads: the same
-    sums)."""
-    n = v.shape[0]
-    nblocks = max(1, (n + block - 1) // block)
-    hist = np.zeros((nblocks, 256), np.int64)
-    cnt = np.zeros((nblocks, COUNT_COLUMNS), np.int64)
-    sums = np.zeros((nblocks, 256), np.float64)
-    tots = np.zeros(nblocks, np.float64)
-    for k in nb.prange(nblocks):
-        lo = k * block
-        hi = min(n, lo + block)
-        tots[k] = _block(v[lo:hi], f[lo:hi], maxes, subs, norms, with_sumsq, hist[k], cnt[k], sums[k])
-    return hist, cnt, sums, tots
+    """A tensor's summary (`_summary_total`), its blocks on numba's threads."""
+    hist, cnt, sums, tots = _summary_parts(v.shape[0], block)
+    for k in nb.prange(tots.shape[0]):
+        _summary_block(k, v, f, block, maxes, subs, norms, with_sumsq, hist, cnt, sums, tots)
+    return _summary_total(hist, cnt, sums, tots)
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def summary_serial(v, f, block, maxes, subs, norms, with_sumsq):  # type: ignore[no-untyped-def]
+    """`summary_blocks` on the calling thread: a parallel loop costs a launch of ~50 us even
+    on one thread, more than a small tensor's whole pass."""
+    hist, cnt, sums, tots = _summary_parts(v.shape[0], block)
+    for k in range(tots.shape[0]):
+        _summary_block(k, v, f, block, maxes, subs, norms, with_sumsq, hist, cnt, sums, tots)
+    return _summary_total(hist, cnt, sums, tots)
 
 
 # Reassociation lets LLVM vectorize the sums (4-8 lanes, by the CPU's vector width); NaN and
@@ -156,18 +193,40 @@ def _distance_block(r, s):  # type: ignore[no-untyped-def]
     return err, ref, own
 
 
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _distance_into(k, r, s, block, out):  # type: ignore[no-untyped-def]
+    lo = k * block
+    hi = min(r.shape[0], lo + block)
+    e, x, y = _distance_block(r[lo:hi], s[lo:hi])
+    out[k, 0] = e
+    out[k, 1] = x
+    out[k, 2] = y
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def _distance_total(out):  # type: ignore[no-untyped-def]
+    e = x = y = 0.0
+    for k in range(out.shape[0]):  # in block order
+        e += out[k, 0]
+        x += out[k, 1]
+        y += out[k, 2]
+    return e, x, y
+
+
 @nb.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
 def distance_blocks(r, s, block):  # type: ignore[no-untyped-def]
-    """Per block: (sum of (s - r)^2, sum of r^2, sum of s^2), in float64 (the third costs no
-    read: the pass is bound by its two)."""
-    n = r.shape[0]
-    nblocks = max(1, (n + block - 1) // block)
-    out = np.zeros((nblocks, 3), np.float64)
-    for k in nb.prange(nblocks):
-        lo = k * block
-        hi = min(n, lo + block)
-        e, x, y = _distance_block(r[lo:hi], s[lo:hi])
-        out[k, 0] = e
-        out[k, 1] = x
-        out[k, 2] = y
-    return out
+    """(sum of (s - r)^2, sum of r^2, sum of s^2), in float64, per block on numba's threads
+    and then over the blocks in order (the third costs no read: the pass is bound by its two)."""
+    out = np.zeros((max(1, (r.shape[0] + block - 1) // block), 3), np.float64)
+    for k in nb.prange(out.shape[0]):
+        _distance_into(k, r, s, block, out)
+    return _distance_total(out)
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False)
+def distance_serial(r, s, block):  # type: ignore[no-untyped-def]
+    """`distance_blocks` on the calling thread (see `summary_serial`)."""
+    out = np.zeros((max(1, (r.shape[0] + block - 1) // block), 3), np.float64)
+    for k in range(out.shape[0]):
+        _distance_into(k, r, s, block, out)
+    return _distance_total(out)

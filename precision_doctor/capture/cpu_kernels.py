@@ -123,20 +123,20 @@ def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: i
     values = flat.detach().numpy()
     maxes, subs, norms = _thresholds(formats)
     args = (values.view(np.int32), values, BLOCK_ELEMENTS, maxes, subs, norms, with_sumsq)
-    hist, cnt, sums, tots = _parallel(k.summary_blocks, values.size, *args)
+    hist, cnt, sums, tot = _run(k.summary_blocks, k.summary_serial, values.size, *args)
     n = k.N_FORMATS
-    per_format = cnt[:, 4:].sum(0)
+    below_subnormal, below_normal = cnt[4 + n : 4 + 2 * n], cnt[4 + 2 * n :]
     return RawSummary(
-        hist=hist.sum(0),
-        zero_count=int(cnt[:, 0].sum()),
-        nan_count=int(cnt[:, 1].sum()),
-        max_bits=int(cnt[:, 2].max()),
-        min_nonzero_bits=int(cnt[:, 3].min()),
-        above_max=tuple(int(c) for c in per_format[:n]),
-        below_subnormal=tuple(int(c) for c in per_format[n : 2 * n]),
-        below_normal=tuple(int(c) for c in per_format[2 * n :]),
-        sumsq=sums[:, :sumsq_bins].sum(0) if with_sumsq else None,
-        sumsq_total=float(tots.sum()) if with_sumsq else 0.0,
+        hist=hist,
+        zero_count=int(cnt[0]),
+        nan_count=int(cnt[1]),
+        max_bits=int(cnt[2]),
+        min_nonzero_bits=int(cnt[3]),
+        above_max=tuple(cnt[4 : 4 + n].tolist()),
+        below_subnormal=tuple(below_subnormal.tolist()),
+        below_normal=tuple(below_normal.tolist()),
+        sumsq=sums[:sumsq_bins] if with_sumsq else None,
+        sumsq_total=tot if with_sumsq else 0.0,
     )
 
 
@@ -145,19 +145,22 @@ def _threads(n: int) -> int:
     return min(torch.get_num_threads(), _kernels().nb.config.NUMBA_NUM_THREADS) if n > PARALLEL_ELEMENTS else 1  # type: ignore[union-attr]
 
 
-def _parallel(fn: Callable[..., Any], n: int, *args: Any) -> Any:
-    """`fn(*args)`, a `parallel=True` loop, on `_threads(n)` of numba's threads. numba's OpenMP
-    layer shares the runtime torch runs on, and starting it sets the runtime's thread count
-    (torch's `get_num_threads()` went from 1 to the number of cores): torch's count is put
-    back after each call. The lock: numba's fallback layer (workqueue) takes one launch at
-    a time."""
+def _run(parallel: Callable[..., Any], serial: Callable[..., Any], n: int, *args: Any) -> Any:
+    """`parallel(*args)`, a `parallel=True` loop, on `_threads(n)` of numba's threads; on one,
+    `serial(*args)`, the same loop without the launch. numba's OpenMP layer shares the
+    runtime torch runs on, and starting it sets the runtime's thread count (torch's
+    `get_num_threads()` went from 1 to the number of cores): torch's count is put back after
+    each call. The lock: numba's fallback layer (workqueue) takes one launch at a time."""
+    threads = _threads(n)
+    if threads == 1:
+        return serial(*args)
     k = _kernels()
     assert k is not None
     with _LOCK:
         before = torch.get_num_threads()
-        k.nb.set_num_threads(_threads(n))
+        k.nb.set_num_threads(threads)
         try:
-            return fn(*args)
+            return parallel(*args)
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
@@ -177,6 +180,5 @@ def squared_distances(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, fl
     k = _kernels()
     assert k is not None
     r, s = ref.detach().numpy(), other.detach().numpy()
-    out = _parallel(k.distance_blocks, r.size, r, s, BLOCK_ELEMENTS)
-    err, total, own = out.sum(0)
+    err, total, own = _run(k.distance_blocks, k.distance_serial, r.size, r, s, BLOCK_ELEMENTS)
     return float(err), float(total), float(own)
