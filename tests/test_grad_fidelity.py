@@ -6,7 +6,9 @@ numpy), GRAD_DIVERGENCE on the planted cases only, and the model handed back as 
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import precision_doctor as pd
+from precision_doctor.analysis import jobs
+from precision_doctor.analysis.gradients import GradComparer
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
 from precision_doctor.model.spec import LossFn, load_model_file, resolve_loss, run_model
 
@@ -572,3 +576,61 @@ def test_stock_clip_query_key_residue_is_not_a_divergence(dtype: str) -> None:
     )
     assert not [f for f in report.flags() if f.flag is pd.Flag.GRAD_DIVERGENCE]
     assert report
+
+
+def test_compared_fp32_gradients_leave_when_dropped_and_the_sums_stay() -> None:
+    """`GradComparer(drop_compared=True)`: each fp32 gradient leaves the dict once compared
+    (every name of a tied one) and is freed; the fidelity is that of a comparer that keeps
+    them, and a gradient the low run never gave is still compared with zeros."""
+    g = torch.Generator().manual_seed(3)
+    tied = torch.randn(4096, generator=g)
+    fp32 = {"a": torch.randn(5000, generator=g), "emb": tied, "head": tied, "lost": torch.randn(70, generator=g)}
+    low = {n: t.to(torch.float16).float() for n, t in fp32.items() if n != "lost"}
+    report = pd.analyze(*_tied_model_args())
+    copy_of_tied = tied.clone()
+    kept = GradComparer({"a": fp32["a"].clone(), "emb": copy_of_tied, "head": copy_of_tied, "lost": fp32["lost"]})
+    dropping_dict = dict(fp32)
+    dropping = GradComparer(dropping_dict, drop_compared=True)
+    for comparer in (kept, dropping):
+        comparer.add(["a"], low["a"])
+        comparer.add(["emb", "head"], low["emb"])
+    assert set(dropping_dict) == {"lost"}
+    alive = weakref.ref(fp32.pop("a"))
+    a, b = kept.with_fidelity(report, 0), dropping.with_fidelity(report, 0)
+    gc.collect()
+    assert alive() is None  # the comparer, still alive, holds no compared gradient
+    assert a.grad_fidelity == b.grad_fidelity and a.grad_fidelity is not None
+    assert a.grad_fidelity.numel == 5000 + 4096 + 70
+
+
+def _tied_model_args() -> tuple[Any, ...]:
+    case = build("mlp")
+    return case.model, case.batch, case.loss_fn
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["no-step", "optimizer-step"])
+def test_the_fp32_gradients_go_during_the_low_backward_unless_a_step_reads_them(
+    stepped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an optimizer step nothing reads an fp32 gradient after its comparison: by the
+    end of the low backward none is left (the analysis' peak on GPT-2 was them, all held
+    through it); the optimizer step reads them, so they stay for it."""
+    seen: list[dict[str, torch.Tensor]] = []
+    real = jobs.SingleProcess.gradient_fidelity
+
+    def spy(self: jobs.SingleProcess, low: jobs.LowGradients) -> pd.Report:
+        seen.append(low.grads)
+        out = real(self, low)
+        assert stepped or all(p.grad is None for p in low.model.parameters())  # the model lets go of them too
+        return out
+
+    monkeypatch.setattr(jobs.SingleProcess, "gradient_fidelity", spy)
+    case = build("gpt2")
+    before = snapshot(case.model)
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp16", lr=1e-3 if stepped else None)
+    assert_restored(case.model, before)
+    [grads] = seen
+    assert (len(grads) > 0) == stepped
+    assert report.grad_fidelity is not None and report.grad_fidelity.numel == sum(
+        p.numel() for p in {id(p): p for p in case.model.parameters()}.values()
+    )

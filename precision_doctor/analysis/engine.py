@@ -219,7 +219,14 @@ def analyze(
             {} if stepped and req.regime is Regime.PURE and isinstance(req.job, SingleProcess) else None
         )
         if real_low.graph is not None:
-            report = _gradient_fidelity(req, capture, real_low, grads, report, low_model, low_grads)
+            # Without an optimizer step to take, nothing reads an fp32 gradient once it is
+            # compared: each goes then (one process; the model's `.grad` lets go of them, the
+            # guard puts the caller's back), so they do not all wait through the low backward.
+            drop = not stepped and isinstance(req.job, SingleProcess)
+            if drop:
+                for p in req.model.parameters():
+                    p.grad = None
+            report = _gradient_fidelity(req, capture, real_low, grads, report, low_model, low_grads, drop_compared=drop)
         if stepped:
             report = _optimizer_step(req, grads, report, build_optimizer, lr, low_grads or None)
         del grads, low_grads
@@ -573,9 +580,12 @@ def _gradient_fidelity(
     report: Report,
     low_model: torch.nn.Module | None = None,
     keep: dict[str, torch.Tensor] | None = None,
+    *,
+    drop_compared: bool = False,
 ) -> Report:
     """The real low run's backward, its parameter gradients compared with fp32's
-    (`AnalysisJob.gradient_fidelity`), and kept in `keep` where given (in the low dtype).
+    (`AnalysisJob.gradient_fidelity`), and kept in `keep` where given (in the low dtype);
+    `drop_compared`: each fp32 gradient leaves `grads` once compared (`GradComparer`).
     The loss scale comes from the fp32 run's gradients, in the report: hence the low
     backward last."""
     scale_log2 = grad_scale_log2(report)
@@ -586,7 +596,17 @@ def _gradient_fidelity(
         _low_backward(real_low, model, req.batch, req.loss_fn, scale_log2, sink, req.low, req.regime, req.policy)
 
     return req.job.gradient_fidelity(
-        LowGradients(report, req.model, grads, scale_log2, capture.workspace, low_backward, keep, TORCH_DTYPES[req.low])
+        LowGradients(
+            report,
+            req.model,
+            grads,
+            scale_log2,
+            capture.workspace,
+            low_backward,
+            keep,
+            TORCH_DTYPES[req.low],
+            drop_compared=drop_compared,
+        )
     )
 
 

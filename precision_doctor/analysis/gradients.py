@@ -22,6 +22,7 @@ import torch
 from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.analysis.flags import grad_divergence_flags
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
+from precision_doctor.capture.memory import TRIM_AFTER_FORWARD_BYTES, return_free_heap
 from precision_doctor.capture.readback import Held, Job, Parallel, Readback
 from precision_doctor.capture.statistics import (
     ErrorAccumulator,
@@ -143,10 +144,20 @@ class GradComparer:
     """Compares the low run's parameter gradients with fp32's one by one, as they arrive
     (`add`, a `LowGraph.backward` sink): only the sums are kept, so the low gradients never
     all exist at once. `fp32_grads`: by parameter name (every name of a tied parameter, one
-    tensor)."""
+    tensor). `drop_compared`: `fp32_grads` is a dict the caller needs no more than this
+    comparison does, and each fp32 gradient leaves it once compared, so its memory goes as the
+    low backward goes on (GPT-2 small's 0.5 GB of them were held through the whole low
+    backward, the analysis' peak)."""
 
-    def __init__(self, fp32_grads: Mapping[str, torch.Tensor], workspace: Workspace | None = None) -> None:
+    def __init__(
+        self, fp32_grads: Mapping[str, torch.Tensor], workspace: Workspace | None = None, *, drop_compared: bool = False
+    ) -> None:
         self._fp32 = fp32_grads
+        self._drop: dict[str, torch.Tensor] | None = None
+        if drop_compared:
+            assert isinstance(fp32_grads, dict)
+            self._drop = fp32_grads
+        self._dropped_bytes = 0
         self._ws = workspace or Workspace()
         self._by_name: dict[str, GradComparison] = {}
         self._by_tensor: dict[int | str, GradComparison] = {}  # fp32 tensor (else name) -> its comparison
@@ -165,13 +176,13 @@ class GradComparer:
         (`engine._low_backward`) sends the gradients made before the failure again."""
         if names[0] in self._by_name:
             return
-        ref = next((self._fp32[n] for n in names if n in self._fp32), None)
-        key: int | str = id(ref) if ref is not None else names[0]
+        found = next((self._fp32[n] for n in names if n in self._fp32), None)
+        key: int | str = id(found) if found is not None else names[0]
         comparison = self._by_tensor.get(key)
         if comparison is None:
             # A gradient only one run has is compared with zeros: the other run's optimizer
             # leaves that parameter alone.
-            ref = _dense(ref) if ref is not None else torch.zeros_like(low)
+            ref = _dense(found) if found is not None else torch.zeros_like(low)
             comparison = self._by_tensor[key] = GradComparison()
             if not (ref.is_complex() or low.is_complex()):  # nothing here rounds complex values
                 hold = self._readback.hold
@@ -179,8 +190,20 @@ class GradComparer:
                 self._readback.then(functools.partial(self._model.merge, comparison))  # in arrival order
                 if self._readback.over_budget:
                     self._settle()
+            del ref
         for n in names:
             self._by_name[n] = comparison
+        if self._drop is not None and found is not None:
+            for n in names:
+                self._drop.pop(n, None)  # the pending comparison holds it till it has run
+            self._dropped_bytes += 0 if found.is_sparse else found.untyped_storage().nbytes()
+            del found
+            if self._dropped_bytes >= TRIM_AFTER_FORWARD_BYTES:
+                # Freed gradients of a few MiB stay in the heap, where the large allocations
+                # still to come (a tied embedding's gradient, summed) cannot use them.
+                self._settle()
+                return_free_heap()
+                self._dropped_bytes = 0
 
     def add_all(self, low_grads: Mapping[str, torch.Tensor]) -> None:
         """`add` for gradients by name (tied names sharing one tensor)."""

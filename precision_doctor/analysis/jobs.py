@@ -90,6 +90,9 @@ class LowGradients:
     gradient is also kept here, by every name of its parameter, in `keep_dtype` (the applied
     optimizer step then steps the low run's own gradients)."""
     keep_dtype: torch.dtype | None = None
+    drop_compared: bool = False
+    """Whether `grads` may lose each fp32 gradient once it is compared (`GradComparer`): the
+    caller reads them no more."""
 
 
 """`engine.build_report`: a capture and its parameter gradients' summaries judged."""
@@ -143,7 +146,7 @@ class SingleProcess(AnalysisJob):
     never all at once (`GradComparer`)."""
 
     def gradient_fidelity(self, low: LowGradients) -> Report:
-        comparer = GradComparer(low.grads, low.workspace)
+        comparer = GradComparer(low.grads, low.workspace, drop_compared=low.drop_compared)
         keep, dtype = low.keep, low.keep_dtype
         if keep is None:
             low.low_backward(comparer.add)

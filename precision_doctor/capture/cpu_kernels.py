@@ -14,7 +14,9 @@ squares in float64, per fixed block of `BLOCK_ELEMENTS` values and then over the
 order: the same sums on one thread or many (the distance's sums are vectorized, so their last
 bits follow the CPU's vector width; the torch path's fp32 norms are ~1e-5 off anyway). A
 distance of 2x128x768 values takes ~0.2 ns a value against ~0.7 for the torch path's upcast,
-subtraction and two norms; a summary ~0.6-1.1 ns, bound by its histogram's increments
+subtraction and two norms. A summary is two short loops per block, a histogram and the
+extremes, with the counts read off the histogram: ~0.5 ns a value on two threads for a tensor
+timed alone, ~0.75-1 ns in an analysis, where the tensor has left the core's cache
 (`docs/benchmarks.md`, History). `PRECISION_DOCTOR_CPU_KERNELS=torch` runs the torch path
 instead (it is also the path where numba is not installed); `tests/test_cpu_kernels.py` holds
 the two to the same summaries.
