@@ -797,7 +797,7 @@ def test_heap_returned_before_backward_only_after_a_large_forward(
 
     calls: list[int] = []
     monkeypatch.setattr(memory, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
-    monkeypatch.setattr(capture, "TRIM_AFTER_FORWARD_BYTES", threshold)
+    monkeypatch.setattr(capture, "TRIM_AFTER_BYTES", threshold)
     case = build("mlp")
     pd.analyze(case.model, case.batch, case.loss_fn)
     assert calls == [0] * trims

@@ -41,7 +41,7 @@ def _every_size(monkeypatch: pytest.MonkeyPatch) -> None:
 
 SPECIALS = [
     0.0, -0.0, 1e5, -7e4, 65504.0, 65505.0, 65520.0, 2.0**-24, -(2.0**-25), 2.0**-14, 6e-5,
-    1e-40, math.nan, math.inf, -math.inf, 3e38, 2.0**-133, 2.0**-134, 2.0**-126, 1.0, -2.5,
+    1e-40, math.nan, math.inf, -math.inf, 3e38, 3.4e38, 2.0**-133, 2.0**-134, 2.0**-126, 1.0, -2.5,
 ]  # fmt: skip
 
 
@@ -149,6 +149,22 @@ def test_sums_do_not_depend_on_the_thread_count() -> None:
 
 
 @needs_numba
+def test_distances_do_not_depend_on_the_thread_count() -> None:
+    """One thread takes the serial loop, more the parallel one: the same blocks, the same sums."""
+    x = _spread(4 * cpu_kernels.PARALLEL_ELEMENTS, 9)
+    y = x.to(torch.bfloat16).float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.squared_distances(x, y)
+        torch.set_num_threads(max(2, before))
+        many = cpu_kernels.squared_distances(x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert one == many
+
+
+@needs_numba
 def test_batched_small_gradients_take_the_loops_too(monkeypatch: pytest.MonkeyPatch) -> None:
     tensors = [_spread(n, seed) for seed, n in enumerate((10, 700, 4096))] + [torch.tensor(SPECIALS)]
     batch = SummaryBatch(Workspace(), with_sumsq=True)
@@ -177,7 +193,7 @@ def test_without_numba_the_torch_path_runs(monkeypatch: pytest.MonkeyPatch) -> N
     x = torch.tensor(SPECIALS)
     assert not cpu_kernels.enabled(x)
     s = summarize(x)
-    assert (s.nan_count, s.inf_count, s.tails["fp16"].overflow) == (1, 2, 5)
+    assert (s.nan_count, s.inf_count, s.tails["fp16"].overflow, s.tails["bf16"].overflow) == (1, 2, 6, 1)
 
 
 SHADOWS = {
@@ -255,7 +271,13 @@ def test_a_gradient_comparison_sums_as_float64_in_one_pass(low: str, monkeypatch
     ref = torch.randn(3 * cpu_kernels.PARALLEL_ELEMENTS + 5, generator=torch.Generator().manual_seed(8))
     lo = LOW_GRADS[low](ref)
     compiled = GradComparison()
-    run(compiled.add_job(Held(ref), Held(lo), Workspace()))
+    passes: list[int] = []
+    one_pass = cpu_kernels.squared_distances
+    with monkeypatch.context() as mp:
+        mp.setattr(cpu_kernels, "squared_distances", lambda r, o: passes.append(r.numel()) or one_pass(r, o))
+        run(compiled.add_job(Held(ref), Held(lo), Workspace()))
+    if low != "overflowed":
+        assert passes == [ref.numel()]  # the three sums in one pass
     with monkeypatch.context() as mp:
         mp.setenv(cpu_kernels.CPU_KERNELS_ENV, "torch")
         torch_path = GradComparison()

@@ -6,9 +6,11 @@ numpy), GRAD_DIVERGENCE on the planted cases only, and the model handed back as 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor.analysis import jobs
+from precision_doctor.analysis import gradients, jobs
 from precision_doctor.analysis.gradients import GradComparer
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
 from precision_doctor.model.spec import LossFn, load_model_file, resolve_loss, run_model
@@ -578,15 +580,19 @@ def test_stock_clip_query_key_residue_is_not_a_divergence(dtype: str) -> None:
     assert report
 
 
-def test_compared_fp32_gradients_leave_when_dropped_and_the_sums_stay() -> None:
+def test_compared_fp32_gradients_leave_when_dropped_and_the_sums_stay(monkeypatch: pytest.MonkeyPatch) -> None:
     """`GradComparer(drop_compared=True)`: each fp32 gradient leaves the dict once compared
-    (every name of a tied one) and is freed; the fidelity is that of a comparer that keeps
-    them, and a gradient the low run never gave is still compared with zeros."""
+    (every name of a tied one) and is freed, the heap trimmed each time enough has gone; the
+    fidelity is that of a comparer that keeps them, and a gradient the low run never gave is
+    still compared with zeros."""
+    trims: list[int] = []
+    monkeypatch.setattr(gradients, "return_free_heap", lambda: trims.append(1))
+    monkeypatch.setattr(gradients, "TRIM_AFTER_BYTES", 4096 * 4)  # the tied gradient's bytes
     g = torch.Generator().manual_seed(3)
     tied = torch.randn(4096, generator=g)
     fp32 = {"a": torch.randn(5000, generator=g), "emb": tied, "head": tied, "lost": torch.randn(70, generator=g)}
     low = {n: t.to(torch.float16).float() for n, t in fp32.items() if n != "lost"}
-    report = pd.analyze(*_tied_model_args())
+    report = pd.analyze(*_mlp_args())
     copy_of_tied = tied.clone()
     kept = GradComparer({"a": fp32["a"].clone(), "emb": copy_of_tied, "head": copy_of_tied, "lost": fp32["lost"]})
     dropping_dict = dict(fp32)
@@ -595,6 +601,7 @@ def test_compared_fp32_gradients_leave_when_dropped_and_the_sums_stay() -> None:
         comparer.add(["a"], low["a"])
         comparer.add(["emb", "head"], low["emb"])
     assert set(dropping_dict) == {"lost"}
+    assert len(trims) == 2  # after "a" (5000 values), after the tied one (4096)
     alive = weakref.ref(fp32.pop("a"))
     a, b = kept.with_fidelity(report, 0), dropping.with_fidelity(report, 0)
     gc.collect()
@@ -603,7 +610,7 @@ def test_compared_fp32_gradients_leave_when_dropped_and_the_sums_stay() -> None:
     assert a.grad_fidelity.numel == 5000 + 4096 + 70
 
 
-def _tied_model_args() -> tuple[Any, ...]:
+def _mlp_args() -> tuple[Any, ...]:
     case = build("mlp")
     return case.model, case.batch, case.loss_fn
 
@@ -620,7 +627,19 @@ def test_the_fp32_gradients_go_during_the_low_backward_unless_a_step_reads_them(
 
     def spy(self: jobs.SingleProcess, low: jobs.LowGradients) -> pd.Report:
         seen.append(low.grads)
-        out = real(self, low)
+        compared: list[str] = []
+
+        def low_backward(sink: Callable[[list[str], torch.Tensor], None]) -> None:
+            def arrived(names: list[str], g: torch.Tensor) -> None:
+                # the ones compared before this one are gone already, not at the end
+                assert not set(compared) & set(low.grads) or stepped
+                sink(names, g)
+                compared.extend(names)
+
+            low.low_backward(arrived)
+
+        out = real(self, dataclasses.replace(low, low_backward=low_backward))
+        assert len(compared) > 1
         assert stepped or all(p.grad is None for p in low.model.parameters())  # the model lets go of them too
         return out
 

@@ -22,7 +22,7 @@ import torch
 from precision_doctor.analysis.distributed import StatsReducer
 from precision_doctor.analysis.flags import grad_divergence_flags
 from precision_doctor.analysis.loss_scale import recommend_loss_scale
-from precision_doctor.capture.memory import TRIM_AFTER_FORWARD_BYTES, return_free_heap
+from precision_doctor.capture.memory import TRIM_AFTER_BYTES, return_free_heap
 from precision_doctor.capture.readback import Held, Job, Parallel, Readback
 from precision_doctor.capture.statistics import (
     ErrorAccumulator,
@@ -63,8 +63,10 @@ class GradComparison:
     numel: int = 0
 
     def add_job(self, ref: Held, low: Held, workspace: Workspace) -> Job[None]:
-        """Add one gradient pair, as a job (capture/readback.py): the norms in one read, the
-        distance in a second, more reads only where fp64 or an Inf/NaN is involved."""
+        """Add one gradient pair, as a job (capture/readback.py). On the CPU the three sums
+        come from one compiled pass; elsewhere, or where that pass met an Inf/NaN, the norms
+        in one read, the distance in a second, more reads only where fp64 or an Inf/NaN is
+        involved."""
         r, lo = ref.t, low.t
         self.numel += r.numel()
         sums = compiled_squared_sums(r, lo)  # on the CPU, the three sums in one pass
@@ -196,9 +198,10 @@ class GradComparer:
         if self._drop is not None and found is not None:
             for n in names:
                 self._drop.pop(n, None)  # the pending comparison holds it till it has run
-            self._dropped_bytes += 0 if found.is_sparse else found.untyped_storage().nbytes()
+            if found.device.type == "cpu" and not found.is_sparse:  # the trim is the host heap's
+                self._dropped_bytes += found.numel() * found.element_size()
             del found
-            if self._dropped_bytes >= TRIM_AFTER_FORWARD_BYTES:
+            if self._dropped_bytes >= TRIM_AFTER_BYTES:
                 # Freed gradients of a few MiB stay in the heap, where the large allocations
                 # still to come (a tied embedding's gradient, summed) cannot use them.
                 self._settle()

@@ -38,8 +38,9 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _load_malloc_trim()
-# Below this much forward output the trim (~1.6 ms on the demo model) costs more than it saves.
-TRIM_AFTER_FORWARD_BYTES = 256 << 20
+# Below this much freed (a forward's outputs, fp32 gradients once compared) the trim (~1.6 ms
+# on the demo model) costs more than it saves.
+TRIM_AFTER_BYTES = 256 << 20
 
 
 def return_free_heap() -> None:

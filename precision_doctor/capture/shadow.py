@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from precision_doctor.capture.dispatch import dynamo_safe, faking
 from precision_doctor.capture.local_shadow import POOL_SLOT
-from precision_doctor.capture.memory import TRIM_AFTER_FORWARD_BYTES, layout_key, return_free_heap
+from precision_doctor.capture.memory import TRIM_AFTER_BYTES, layout_key, return_free_heap
 from precision_doctor.capture.ops import WRAPPED_SCALAR_DTYPES, rearranges
 from precision_doctor.capture.pipeline import ModelOpError, Op, OpPipeline, all_finite_job
 from precision_doctor.capture.readback import Held, Job, Parallel
@@ -201,7 +201,7 @@ class ShadowCapture(OpPipeline):
         for store in self.shadows.stores.values():
             store.clear()
         self.workspace.release(POOL_SLOT)
-        if sum(r.output_bytes for r in self.records) >= TRIM_AFTER_FORWARD_BYTES:
+        if sum(r.output_bytes for r in self.records) >= TRIM_AFTER_BYTES:
             return_free_heap()
         handles: list[Any] = []
         root = loss.grad_fn
