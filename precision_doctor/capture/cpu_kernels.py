@@ -1,12 +1,11 @@
-"""The statistics' per-value work on the CPU as compiled loops (numba), one pass per tensor:
-a summary (`summary`), and a shadow's distance from its reference with the reference's norm
-(`squared_distance`, also the squared norms of `statistics.squared_norm`).
+"""The statistics' per-value work on the CPU as compiled loops (numba), one read of a tensor
+from memory each: a summary (`summary`), and a shadow's distance from its reference with the
+squared norms (`squared_distance(s)`, also those of `statistics.squared_norm`).
 
 On the CPU the torch path of a summary (`statistics._chunk_job`) is a dozen kernels over the
 values - the bit patterns, their exponents widened to int64 for a `scatter_add_` histogram,
 a min and a max, the tail compares - and a few Python rounds per 1M-value chunk: measured
-~6 ns per value in a GPT-2 analysis, where one pass that bins, counts and compares each
-value as it reads it takes ~1 (`benchmarks/README.md`). On a GPU the torch path runs, on the
+~6 ns per value in a GPT-2 analysis, where the loops take ~1 (`benchmarks/README.md`). On a GPU the torch path runs, on the
 device (`capture/readback.py`); here a host read costs nothing to save.
 
 The loops are exact where the torch path is (counts, bit patterns) and compute their sums of
@@ -119,7 +118,7 @@ class RawSummary:
 
 
 def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: int, with_sumsq: bool) -> RawSummary:
-    """One pass over a contiguous 1-d float32 CPU tensor (`enabled` must hold)."""
+    """The summary of a contiguous 1-d float32 CPU tensor (`enabled` must hold)."""
     k = _kernels()
     assert k is not None and len(formats) == k.N_FORMATS
     values = flat.detach().numpy()

@@ -209,7 +209,7 @@ def summarize_job(
 
 
 def _from_raw(raw: cpu_kernels.RawSummary, n: int) -> TensorSummary:
-    """A summary from the compiled loops' one pass (`capture.cpu_kernels`)."""
+    """A summary from the compiled loops (`capture.cpu_kernels`)."""
     summary = TensorSummary(numel=n, hist=raw.hist, zero_count=raw.zero_count, nan_count=raw.nan_count)
     summary.inf_count = int(raw.hist[255]) - raw.nan_count
     summary.max_abs = _bits_to_float(raw.max_bits)
