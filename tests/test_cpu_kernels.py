@@ -6,11 +6,13 @@ fp32's precision (the loops sum in float64, the torch path's norms in fp32)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import precision_doctor as pd
 from precision_doctor.analysis.gradients import GradComparison
 from precision_doctor.capture import cpu_kernels
 from precision_doctor.capture.readback import Held, run
@@ -292,3 +294,81 @@ def test_a_gradient_comparison_sums_as_float64_in_one_pass(low: str, monkeypatch
     assert compiled.rel_l2_error == pytest.approx(torch_path.rel_l2_error, rel=1e-4)
     if low == "flushed":
         assert compiled.rel_l2_error == 1.0 and compiled.cosine is None
+
+
+class _WideVocab(torch.nn.Module):
+    """A language model whose embedding (2048 x 32) is past MIN_ELEMENTS, every activation under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(2048, 32)
+        self.mix = torch.nn.Linear(32, 32)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.nn.functional.gelu(self.mix(self.embed(ids))))
+        return h @ self.embed.weight.t()
+
+
+def _lm_loss(out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), ids.flatten())
+
+
+def _close(a: Any, b: Any, where: str = "report") -> None:
+    """Equal but for floats, which agree to 1e-4 (the torch path's fp32 norms against float64
+    sums); counts and histograms are ints, so identical."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-4, abs=1e-12), where
+    else:
+        assert a == b, where
+
+
+def test_every_size_is_decided_by_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the module's own threshold
+    small = torch.zeros(100)
+    assert not cpu_kernels.enabled(small)
+    with cpu_kernels.every_size(torch.nn.Linear(8, 8)):  # no parameter past MIN_ELEMENTS
+        assert not cpu_kernels.enabled(small)
+    with cpu_kernels.every_size(_WideVocab()):
+        assert cpu_kernels.enabled(small) == (cpu_kernels._kernels() is not None)
+    assert not cpu_kernels.enabled(small)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_an_analysis_of_a_model_with_a_large_parameter_summarizes_small_tensors_compiled(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within an analysis of such a model the small tensors take the loops too, and the report
+    is the torch path's: the same flags, counts and histograms, the errors to 1e-4."""
+    monkeypatch.undo()  # the module's own threshold
+    torch.manual_seed(0)
+    model, ids = _WideVocab(), torch.randint(0, 2048, (4, 16))
+    sizes: list[int] = []
+    real = cpu_kernels.summary
+
+    def counted(flat: torch.Tensor, *args: Any) -> cpu_kernels.RawSummary:
+        sizes.append(flat.numel())
+        return real(flat, *args)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cpu_kernels, "summary", counted)
+        compiled = pd.analyze(model, ids, _lm_loss, dtype=dtype)
+    assert any(n < cpu_kernels.MIN_ELEMENTS for n in sizes)
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu_kernels.CPU_KERNELS_ENV, "torch")
+        torch_path = pd.analyze(model, ids, _lm_loss, dtype=dtype)
+    a, b = compiled.model_dump(), torch_path.model_dump()
+    a.pop("environment")
+    b.pop("environment")
+    _close(a, b)
+    assert [(f.unit, f.flag) for f in compiled.flags()] == [(f.unit, f.flag) for f in torch_path.flags()]

@@ -28,6 +28,7 @@ from precision_doctor.analysis.gradients import (
 )
 from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
 from precision_doctor.analysis.optimizer_step import optimizer_step, with_optimizer_step
+from precision_doctor.capture import cpu_kernels
 from precision_doctor.capture.fp8 import Fp8Run, torchao_version
 from precision_doctor.capture.graph_cache import GRAPHS, Fingerprint, fingerprint
 from precision_doctor.capture.graph_driver import GraphUnavailable, StepGraph, graph_capture, trace_step
@@ -198,7 +199,11 @@ def analyze(
     # walked again (`capture.graph_cache`).
     key = fingerprint(req.model, req.batch) if req.driver is not Driver.DISPATCH else None
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
-    with ModelStateGuard(req.model) as guard, fp8.recording() if fp8 else contextlib.nullcontext():
+    with (
+        ModelStateGuard(req.model) as guard,
+        fp8.recording() if fp8 else contextlib.nullcontext(),
+        cpu_kernels.every_size(req.model),
+    ):
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
         req.say("checking whether torch.fx can trace the model")
         fx = fx_check(req.model)
