@@ -7,10 +7,12 @@ is imported lazily inside its builders so the rest of the suite runs without it.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -588,3 +590,21 @@ def as_job_report(report: Any) -> Any:
         for r in range(2)
     ]
     return report.model_copy(update={"environment": env, "ranks": ranks})
+
+
+def assert_same_fields(a: Any, b: Any, *, rel: float, abs_tol: float = 0.0, where: str = "report") -> None:
+    """Two reports' dumps (`model_dump()`) equal field for field: exact but for floats, which
+    agree to `rel` (and `abs_tol`), NaN to NaN; histograms and counts are ints, so identical."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_fields(a[k], b[k], rel=rel, abs_tol=abs_tol, where=f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_fields(x, y, rel=rel, abs_tol=abs_tol, where=f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel, abs=abs_tol), where
+    else:
+        assert a == b, where

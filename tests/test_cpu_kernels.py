@@ -27,6 +27,8 @@ from precision_doctor.capture.statistics import (
 )
 from precision_doctor.errors import PrecisionDoctorError
 
+from .fixtures import assert_same_fields
+
 # numba is a dependency; a test that needs its loops still says so where it is missing.
 needs_numba = pytest.mark.skipif(cpu_kernels._kernels() is None, reason="numba is not installed")
 
@@ -314,24 +316,6 @@ def _lm_loss(out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(out.flatten(0, 1), ids.flatten())
 
 
-def _close(a: Any, b: Any, where: str = "report") -> None:
-    """Equal but for floats, which agree to 1e-4 (the torch path's fp32 norms against float64
-    sums); counts and histograms are ints, so identical."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-4, abs=1e-12), where
-    else:
-        assert a == b, where
-
-
 def test_every_size_is_decided_by_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the module's own threshold
     small = torch.zeros(100)
@@ -370,5 +354,6 @@ def test_an_analysis_of_a_model_with_a_large_parameter_summarizes_small_tensors_
     a, b = compiled.model_dump(), torch_path.model_dump()
     a.pop("environment")
     b.pop("environment")
-    _close(a, b)
+    # the torch path's fp32 norms against float64 sums: floats to 1e-4, ints identical
+    assert_same_fields(a, b, rel=1e-4, abs_tol=1e-12)
     assert [(f.unit, f.flag) for f in compiled.flags()] == [(f.unit, f.flag) for f in torch_path.flags()]

@@ -6,7 +6,6 @@ stand for the step, and the model handed back as it came in; the graph kept acro
 from __future__ import annotations
 
 import gc
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,24 +43,6 @@ FIXTURES: dict[str, Callable[[], fixtures.Case]] = {
 HEAVY = {"gpt2", "bert", "t5", "llama", "qwen2", "mistral", "swin", "deep_se"}
 
 
-def _same(a: Any, b: Any, where: str = "report") -> None:
-    """Reports equal field for field: exact but for floats, equal to 1e-9 relative (NaN to
-    NaN); histograms and counts are ints, so bit-identical."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-9, abs=0.0), where
-    else:
-        assert a == b, where
-
-
 def _both(model: torch.nn.Module, batch: Any, loss_fn: Any, **kw: Any) -> tuple[pd.Report, pd.Report]:
     dispatch = pd.analyze(model, batch, loss_fn, driver="dispatch", **kw)
     graph = pd.analyze(model, batch, loss_fn, driver="graph", **kw)
@@ -77,7 +58,7 @@ def _compare(dispatch: pd.Report, graph: pd.Report, expect_graph: bool = True) -
     a, b = dispatch.model_dump(), graph.model_dump()
     a.pop("environment")
     b.pop("environment")
-    _same(a, b)
+    fixtures.assert_same_fields(a, b, rel=1e-9)  # floats to 1e-9, NaN to NaN
     # Not vacuous: both captured ops with statistics and shadows, forward and backward.
     assert graph.op_count_forward and graph.op_count_backward
     assert any(u.forward.stats is not None for u in graph.units)
@@ -240,7 +221,7 @@ def test_a_kept_graph_is_walked_again_with_the_same_report(traces: list[int]) ->
     assert len(traces) == 1
     again = _graph_then_dispatch(case)
     assert len(traces) == 1 and GRAPHS.hits == 1
-    _same(first.model_dump(), again.model_dump())
+    fixtures.assert_same_fields(first.model_dump(), again.model_dump(), rel=1e-9)
     _graph_then_dispatch(case, dtype="bf16", regime="pure")
     assert len(traces) == 1 and GRAPHS.hits == 2
     _same_state(before, _state(case.model))
