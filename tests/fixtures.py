@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -605,6 +604,6 @@ def assert_same_fields(a: Any, b: Any, *, rel: float, abs_tol: float = 0.0, wher
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_fields(x, y, rel=rel, abs_tol=abs_tol, where=f"{where}[{i}]")
     elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel, abs=abs_tol), where
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol), where
     else:
         assert a == b, where
