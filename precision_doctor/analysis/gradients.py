@@ -75,7 +75,8 @@ class GradComparison:
             self.sum_sq_ref += sums[1]
             self.sum_sq_low += sums[2]
             return
-        a, b = yield Parallel([squared_norm_job(r), squared_norm_job(lo)])
+        # The pass's norms are `squared_norm`'s (the same loop over the same blocks).
+        a, b = (sums[1], sums[2]) if sums is not None else (yield Parallel([squared_norm_job(r), squared_norm_job(lo)]))
         if math.isfinite(a) and math.isfinite(b):
             acc = ErrorAccumulator()
             yield from acc.add_job(r, lo, a, workspace)
@@ -154,11 +155,9 @@ class GradComparer:
     def __init__(
         self, fp32_grads: Mapping[str, torch.Tensor], workspace: Workspace | None = None, *, drop_compared: bool = False
     ) -> None:
+        assert not drop_compared or isinstance(fp32_grads, dict)
         self._fp32 = fp32_grads
-        self._drop: dict[str, torch.Tensor] | None = None
-        if drop_compared:
-            assert isinstance(fp32_grads, dict)
-            self._drop = fp32_grads
+        self._drop = drop_compared
         self._dropped_bytes = 0
         self._ws = workspace or Workspace()
         self._by_name: dict[str, GradComparison] = {}
@@ -195,9 +194,10 @@ class GradComparer:
             del ref
         for n in names:
             self._by_name[n] = comparison
-        if self._drop is not None and found is not None:
+        if self._drop and found is not None:
+            assert isinstance(self._fp32, dict)
             for n in names:
-                self._drop.pop(n, None)  # the pending comparison holds it till it has run
+                self._fp32.pop(n, None)  # the pending comparison holds it till it has run
             if found.device.type == "cpu" and not found.is_sparse:  # the trim is the host heap's
                 self._dropped_bytes += found.numel() * found.element_size()
             del found

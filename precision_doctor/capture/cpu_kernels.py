@@ -64,13 +64,20 @@ PARALLEL_ELEMENTS = 1 << 17
 _LOCK = threading.Lock()
 
 
+def _import_kernels() -> ModuleType:
+    from precision_doctor.capture import _numba_kernels
+
+    return _numba_kernels
+
+
 @functools.cache
 def _kernels() -> ModuleType | None:
+    """The compiled loops, or None where they cannot load: numba missing, or (`cache=True`)
+    raising that it has no writable cache directory (a read-only install and home)."""
     try:
-        from precision_doctor.capture import _numba_kernels
-    except ImportError:
+        return _import_kernels()
+    except (ImportError, RuntimeError, OSError):
         return None
-    return _numba_kernels
 
 
 # Whether tensors under MIN_ELEMENTS take the loops too (`every_size`).
@@ -82,7 +89,7 @@ def every_size(model: torch.nn.Module) -> Iterator[None]:
     """Within: tensors of any size take the compiled loops, where `model` has a parameter of
     `MIN_ELEMENTS` values or more (its gradient loads them anyway). A small tensor's summary
     is a few torch kernels and Python rounds, ~10x a serial loop's cost: a GRU unrolled over
-    32 tokens, 1982 ops of a few thousand values, analyzed in 0.36 s instead of 0.54. Decided
+    32 tokens, 1982 ops of a few thousand values, analyzed in 0.39-0.44 s instead of 0.49-0.52. Decided
     by the model, before anything runs: the same paths for every tensor of every analysis of
     it (a tensor's norm and its distance from a shadow taking one path each time)."""
     large = any(p.numel() >= MIN_ELEMENTS and p.device.type == "cpu" for p in model.parameters())
@@ -165,22 +172,18 @@ def summary(flat: torch.Tensor, formats: tuple[FormatLimits, ...], sumsq_bins: i
     )
 
 
-def _threads(n: int) -> int:
-    """Threads for a tensor of `n` values: as many as torch may use (what the user allows)."""
-    return min(torch.get_num_threads(), _kernels().nb.config.NUMBA_NUM_THREADS) if n > PARALLEL_ELEMENTS else 1  # type: ignore[union-attr]
-
-
 def _run(parallel: Callable[..., Any], serial: Callable[..., Any], n: int, *args: Any) -> Any:
-    """`parallel(*args)`, a `parallel=True` loop, on `_threads(n)` of numba's threads; on one,
-    `serial(*args)`, the same loop without the launch. numba's OpenMP layer shares the
-    runtime torch runs on, and starting it sets the runtime's thread count (torch's
-    `get_num_threads()` went from 1 to the number of cores): torch's count is put back after
-    each call. The lock: numba's fallback layer (workqueue) takes one launch at a time."""
-    threads = _threads(n)
-    if threads == 1:
-        return serial(*args)
+    """`parallel(*args)`, a `parallel=True` loop, on as many of numba's threads as torch may use
+    (what the user allows) for a tensor of `n` values past `PARALLEL_ELEMENTS`; else
+    `serial(*args)`, the same loop without the launch. numba's OpenMP layer shares the runtime
+    torch runs on, and starting it sets the runtime's thread count (torch's `get_num_threads()`
+    went from 1 to the number of cores): torch's count is put back after each call. The lock:
+    numba's fallback layer (workqueue) takes one launch at a time."""
     k = _kernels()
     assert k is not None
+    threads = min(torch.get_num_threads(), k.nb.config.NUMBA_NUM_THREADS) if n > PARALLEL_ELEMENTS else 1
+    if threads == 1:
+        return serial(*args)
     with _LOCK:
         before = torch.get_num_threads()
         k.nb.set_num_threads(threads)

@@ -671,7 +671,8 @@ class SummaryBatch:
         return len(self._items)
 
     def add(self, t: torch.Tensor) -> TensorSummary:
-        if t.numel() > BATCH_TENSOR_ELEMENTS:
+        # The compiled loops take a small tensor as cheaply alone: batching buys them nothing.
+        if t.numel() > BATCH_TENSOR_ELEMENTS or cpu_kernels.enabled(t):
             if self._readback is None:
                 return summarize(t, with_sumsq=self.with_sumsq, workspace=self._ws)
             target = TensorSummary()
@@ -702,10 +703,6 @@ class SummaryBatch:
         """The batch's summaries: the bit-level work over one concatenated buffer of its own
         (other jobs run between its reads), then per tensor what its values call for."""
         tensors = [_held(t) for t, _ in items]
-        if cpu_kernels.enabled(tensors[0]):
-            for t, (_, target) in zip(tensors, items, strict=True):
-                vars(target).update(vars((yield from summarize_job(t, with_sumsq=self.with_sumsq))))
-            return
         bounds = _bounds([t.numel() for t in tensors])
         flat = torch.cat([t.reshape(-1) for t in tensors])
         bits = torch.bitwise_and(flat.view(torch.int32), _ABS_MASK)
