@@ -4,7 +4,9 @@ the analysis fails halfway."""
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -354,3 +356,78 @@ def test_capture_bug_during_forward_is_an_internal_error(monkeypatch: pytest.Mon
     monkeypatch.setattr(capture, "op_flops", broken)
     with pytest.raises(pd.PrecisionDoctorInternalError):
         pd.analyze(nn.Linear(3, 1), torch.randn(2, 3), sq_loss)
+
+
+# --- the caller's garbage collector --------------------------------------------------------
+
+
+def _loss_seeing_freeze(seen: list[int]) -> Any:
+    def loss(out: Any, batch: Any) -> torch.Tensor:
+        seen.append(gc.get_freeze_count())
+        return out.pow(2).mean()
+
+    return loss
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["ok", "raises"])
+def test_caller_heap_frozen_during_the_analysis_only(raises: bool) -> None:
+    """The objects alive before the analysis sit out its collections (a full one walks all of
+    them), and are handed back to the collector after it, however it ends."""
+    gc.collect()
+    assert gc.get_freeze_count() == 0
+    seen: list[int] = []
+    loss = _loss_seeing_freeze(seen)
+    model = stateful_seq(Boom() if raises else nn.ReLU()).train()
+    if raises:
+        with pytest.raises(pd.PrecisionDoctorError):
+            pd.analyze(model, BATCH6, loss)
+    else:
+        pd.analyze(model, BATCH6, loss)
+        assert seen and min(seen) > 1000  # torch alone holds far more objects than this
+    assert gc.get_freeze_count() == 0
+    assert gc.isenabled()
+
+
+def test_cycle_dropped_during_the_analysis_is_collected_after() -> None:
+    """A frozen object that becomes cyclic garbage meanwhile is not leaked: the next
+    collection after the analysis frees it."""
+
+    class Node:
+        other: Any = None
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+
+    def loss(out: Any, batch: Any) -> torch.Tensor:
+        nonlocal a, b
+        a = b = None  # the cycle is garbage now, frozen: no collection sees it
+        gc.collect()
+        assert gone() is not None
+        return out.pow(2).mean()
+
+    pd.analyze(stateful_seq(nn.ReLU()).train(), BATCH6, loss)
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("state", ["frozen", "disabled"])
+def test_caller_gc_settings_left_alone(state: str) -> None:
+    """Objects the caller froze stay frozen (an unfreeze would release them too); a collector
+    the caller turned off stays off and freezes nothing."""
+    gc.collect()
+    seen: list[int] = []
+    if state == "frozen":
+        gc.freeze()
+    else:
+        gc.disable()
+    try:
+        before = gc.get_freeze_count()
+        pd.analyze(stateful_seq(nn.ReLU()).train(), BATCH6, _loss_seeing_freeze(seen))
+        # (Frozen objects that die leave the count: it may only shrink.)
+        assert seen and all(0 < c <= before for c in seen) if state == "frozen" else seen == [0] * len(seen)
+        assert 0 < gc.get_freeze_count() <= before if state == "frozen" else gc.get_freeze_count() == 0
+        assert gc.isenabled() is (state == "frozen")
+    finally:
+        gc.unfreeze()
+        gc.enable()

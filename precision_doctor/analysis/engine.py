@@ -33,6 +33,7 @@ from precision_doctor.capture.fp8 import Fp8Run, torchao_version
 from precision_doctor.capture.graph_cache import GRAPHS, Fingerprint, fingerprint
 from precision_doctor.capture.graph_driver import GraphUnavailable, StepGraph, graph_capture, trace_step
 from precision_doctor.capture.lowrun import GradientSink, LowRun, emulates, low_run
+from precision_doctor.capture.memory import caller_heap_frozen
 from precision_doctor.capture.pipeline import ModelOpError
 from precision_doctor.capture.records import OpRecord, UnitRecord, unit_outputs
 from precision_doctor.capture.shadow import ShadowCapture, batch_storages, capture_pass
@@ -200,6 +201,7 @@ def analyze(
     key = fingerprint(req.model, req.batch) if req.driver is not Driver.DISPATCH else None
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
     with (
+        caller_heap_frozen(),
         ModelStateGuard(req.model) as guard,
         fp8.recording() if fp8 else contextlib.nullcontext(),
         cpu_kernels.every_size(req.model),
