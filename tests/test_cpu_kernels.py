@@ -348,11 +348,26 @@ def test_every_size_is_decided_by_the_model(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()  # the module's own threshold
     small = torch.zeros(100)
     assert not cpu_kernels.enabled(small)
-    with cpu_kernels.every_size(torch.nn.Linear(8, 8)):  # no parameter past MIN_ELEMENTS
+    with cpu_kernels.analysis_scope(torch.nn.Linear(8, 8)):  # no parameter past MIN_ELEMENTS
         assert not cpu_kernels.enabled(small)
-    with cpu_kernels.every_size(_WideVocab()):
+    with cpu_kernels.analysis_scope(_WideVocab()):
         assert cpu_kernels.enabled(small) == (cpu_kernels._kernels() is not None)
     assert not cpu_kernels.enabled(small)
+
+
+def test_the_environment_is_read_once_per_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within an analysis the choice made at its start holds (a tensor's norm and its distance
+    take one path); a bad value stops the analysis before it runs, in one line."""
+    x = torch.zeros(10)
+    with cpu_kernels.analysis_scope(torch.nn.Linear(2, 2)):
+        monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV, "torch")
+        assert cpu_kernels.enabled(x) == (cpu_kernels._kernels() is not None)
+    assert not cpu_kernels.enabled(x)  # outside, the environment as it is now
+    monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV, "fortran")
+    calls: list[int] = []
+    with pytest.raises(PrecisionDoctorError, match=f"^{cpu_kernels.CPU_KERNELS_ENV}='fortran'"):
+        pd.analyze(torch.nn.Linear(2, 1), torch.randn(4, 2), lambda out, b: calls.append(1) or out.pow(2).mean())
+    assert not calls
 
 
 @needs_numba

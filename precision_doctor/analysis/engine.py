@@ -204,7 +204,7 @@ def analyze(
         caller_heap_frozen(),
         ModelStateGuard(req.model) as guard,
         fp8.recording() if fp8 else contextlib.nullcontext(),
-        cpu_kernels.every_size(req.model),
+        cpu_kernels.analysis_scope(req.model),
     ):
         # Inside the guard: tracing runs forward(), whose side effects must be undone too.
         req.say("checking whether torch.fx can trace the model")

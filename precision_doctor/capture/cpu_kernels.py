@@ -43,8 +43,8 @@ __all__ = [
     "CPU_KERNELS_ENV",
     "MIN_ELEMENTS",
     "RawSummary",
+    "analysis_scope",
     "enabled",
-    "every_size",
     "squared_distance",
     "squared_distances",
     "summary",
@@ -80,40 +80,56 @@ def _kernels() -> ModuleType | None:
         return None
 
 
-# Whether tensors under MIN_ELEMENTS take the loops too (`every_size`).
-_EVERY_SIZE: contextvars.ContextVar[bool] = contextvars.ContextVar("every_size", default=False)
-
-
-@contextlib.contextmanager
-def every_size(model: torch.nn.Module) -> Iterator[None]:
-    """Within: tensors of any size take the compiled loops, where `model` has a parameter of
-    `MIN_ELEMENTS` values or more (its gradient loads them anyway). A small tensor's summary
-    is a few torch kernels and Python rounds, ~10x a serial loop's cost: a GRU unrolled over
-    32 tokens, 1982 ops of a few thousand values, analyzed in 0.39-0.44 s instead of 0.49-0.52. Decided
-    by the model, before anything runs: the same paths for every tensor of every analysis of
-    it (a tensor's norm and its distance from a shadow taking one path each time)."""
-    large = any(p.numel() >= MIN_ELEMENTS and p.device.type == "cpu" for p in model.parameters())
-    token = _EVERY_SIZE.set(large)
-    try:
-        yield
-    finally:
-        _EVERY_SIZE.reset(token)
-
-
-def enabled(t: torch.Tensor) -> bool:
-    """Whether `t`'s statistics run through the compiled loops: a CPU tensor of at least
-    `MIN_ELEMENTS` values (any size within `every_size` for a model that has a large one),
-    numba there, and not switched off by `PRECISION_DOCTOR_CPU_KERNELS=torch`. Decided by the
-    tensor and that context alone, so a tensor's norm and its distance from a shadow take the
-    same path."""
-    if t.device.type != "cpu" or (t.numel() < MIN_ELEMENTS and not _EVERY_SIZE.get()):
-        return False
+def _env_allows() -> bool:
+    """Whether `PRECISION_DOCTOR_CPU_KERNELS` leaves the loops on (a bad value: one line)."""
     choice = os.environ.get(CPU_KERNELS_ENV, "").strip().lower()
     if choice == "torch":
         return False
     if choice not in ("", "numba"):
         raise PrecisionDoctorError(f"{CPU_KERNELS_ENV}={choice!r}: use numba (the default) or torch")
-    return _kernels() is not None
+    return True
+
+
+@dataclass(frozen=True)
+class _Scope:
+    env_allows: bool
+    every_size: bool
+
+
+# What `analysis_scope` decided for the analysis running in this context.
+_SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("cpu_kernels_scope", default=None)
+
+
+@contextlib.contextmanager
+def analysis_scope(model: torch.nn.Module) -> Iterator[None]:
+    """Within (an analysis of `model`), decided once before anything runs: whether the
+    environment lets the loops run (read and validated here, not per tensor: 2.3 -> 0.6 us a
+    call, a few calls a tensor), and whether tensors of any size take them, where `model` has
+    a parameter of `MIN_ELEMENTS` values or more (its gradient loads them anyway). A small
+    tensor's summary is a few torch kernels and Python rounds, ~10x a serial loop's cost: a
+    GRU unrolled over 32 tokens, 1982 ops of a few thousand values, analyzed in 0.39-0.44 s
+    instead of 0.49-0.52. The same paths for every tensor of every analysis of the model (a
+    tensor's norm and its distance from a shadow taking one path each time)."""
+    large = any(p.numel() >= MIN_ELEMENTS and p.device.type == "cpu" for p in model.parameters())
+    token = _SCOPE.set(_Scope(env_allows=_env_allows(), every_size=large))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether `t`'s statistics run through the compiled loops: a CPU tensor of at least
+    `MIN_ELEMENTS` values (any size within `analysis_scope` for a model that has a large
+    one), numba there, and not switched off by `PRECISION_DOCTOR_CPU_KERNELS=torch`. Decided
+    by the tensor and that scope alone, so a tensor's norm and its distance from a shadow take
+    the same path."""
+    if t.device.type != "cpu":
+        return False
+    scope = _SCOPE.get()
+    if scope is None:  # statistics outside an analysis: the environment as it is now
+        return t.numel() >= MIN_ELEMENTS and _env_allows() and _kernels() is not None
+    return scope.env_allows and (scope.every_size or t.numel() >= MIN_ELEMENTS) and _kernels() is not None
 
 
 def _bits(value: float) -> int:
