@@ -12,7 +12,8 @@ time of a plain fp32 training step (forward + loss + backward + `SGD.step()`, as
 warm-up analysis, their
 ratio, and the driver the analysis used; and the peak-RSS increment of a step and of an
 analysis, each in a fresh subprocess (`overhead.child`'s method: high-water mark reset after
-the model is built), and their ratio.
+the model is built), and their ratio. `--first`: instead, each model's first analysis in a
+fresh process, as the CLI runs it, with the full garbage collections inside it.
 
 Targets (issue 25): a step of 100 ms or more: <= 3x; shorter steps and recurrent models: <= 5x
 or 0.5 s, whichever is larger.
@@ -231,8 +232,40 @@ def driver_of(report: Any) -> str:
     return str(env.capture_path) + (f" ({env.driver_reason})" if env.driver_reason else "")
 
 
+def first_analysis(name: str, dtype: str) -> None:
+    """A fresh process, as `precision-doctor analyze` runs: the model built, then its first
+    analysis timed with the collector as the process left it (no `gc.collect()` first, no
+    warm-up), and the full (generation-2) collections that ran inside it, which walk every
+    object the process holds (~500K after importing transformers)."""
+    model, batch, loss_fn = build(name)
+    full = {"count": 0, "s": 0.0, "start": 0.0}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                full["start"] = time.perf_counter()
+            else:
+                full["count"] += 1
+                full["s"] += time.perf_counter() - full["start"]
+
+    gc.callbacks.append(on_gc)
+    t0 = time.perf_counter()
+    precision_doctor.analyze(model, batch, loss_fn=loss_fn, dtype=dtype)
+    elapsed = time.perf_counter() - t0
+    gc.callbacks.remove(on_gc)
+    print(
+        json.dumps(
+            {"first": elapsed, "full_gcs": full["count"], "full_gc_s": full["s"], "objects": len(gc.get_objects())}
+        )
+    )
+
+
 def child(kind: str, name: str, dtype: str = "fp16") -> None:
-    """A fresh process: peak RSS increment of a step or an analysis (see `overhead.child`)."""
+    """A fresh process: peak RSS increment of a step or an analysis (see `overhead.child`),
+    or the time of a first analysis (`first_analysis`)."""
+    if kind == "first":
+        first_analysis(name, dtype)
+        return
     overhead.warm_imports()
     model, batch, loss_fn = build(name)
     if kind == "step":
@@ -328,7 +361,12 @@ def main() -> None:
         default=0,
         help="torch threads (default: torch's own); 1 on a shared machine, where idle OpenMP workers spin",
     )
-    ap.add_argument("--child", choices=["step", "analyze"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--first",
+        action="store_true",
+        help="instead: each model's first analysis in a fresh process (what the CLI runs), with the full GCs inside it",
+    )
+    ap.add_argument("--child", choices=["step", "analyze", "first"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -338,6 +376,13 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     if a.child:
         child(a.child, names[0], a.dtype)
+        return
+    if a.first:
+        print("| model | first analysis s | full GCs in it | their time s | objects after |")
+        print("|---|---|---|---|---|")
+        for name in names:
+            r = run_child("first", name, a.dtype)
+            print(f"| {name} | {r['first']:.2f} | {r['full_gcs']:.0f} | {r['full_gc_s']:.2f} | {r['objects']:.0f} |")
         return
     rows = []
     for name in names:
