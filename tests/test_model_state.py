@@ -424,10 +424,15 @@ def test_caller_gc_settings_left_alone(state: str) -> None:
     try:
         before = gc.get_freeze_count()
         pd.analyze(stateful_seq(nn.ReLU()).train(), BATCH6, _loss_seeing_freeze(seen))
-        # (Frozen objects that die leave the count: it may only shrink.)
-        assert seen and all(0 < c <= before for c in seen) if state == "frozen" else seen == [0] * len(seen)
-        assert 0 < gc.get_freeze_count() <= before if state == "frozen" else gc.get_freeze_count() == 0
-        assert gc.isenabled() is (state == "frozen")
+        assert seen
+        if state == "frozen":  # (frozen objects that die leave the count: it may only shrink)
+            assert all(0 < c <= before for c in seen)
+            assert 0 < gc.get_freeze_count() <= before
+            assert gc.isenabled()
+        else:
+            assert seen == [0] * len(seen)
+            assert gc.get_freeze_count() == 0
+            assert not gc.isenabled()
     finally:
         gc.unfreeze()
         gc.enable()
