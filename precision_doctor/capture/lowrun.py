@@ -601,6 +601,11 @@ class _ParamCasts:
             if set(kwargs) == {"dtype"} and out.device == p.device and out.stride() == p.stride():
                 self.casts[out.untyped_storage().data_ptr()] = (weakref.ref(out), p, p._version)
 
+    def forward_done(self) -> None:
+        """The forward has ended: nothing is packed from here on, and a storage address noted
+        here may come to hold another tensor."""
+        self.casts.clear()
+
     def pack(self, t: torch.Tensor) -> Any:
         if not self.casts or type(t) is not torch.Tensor or t.device.type == "meta":
             return t
@@ -825,7 +830,7 @@ def low_run(
             loss = resolve_loss(output, batch, loss_fn)
         del output
         if casts is not None:
-            casts.casts.clear()
+            casts.forward_done()
         value = float(loss.detach())
         graph = (
             LowGraph(loss, named, emulated) if (keep_graph or gradients_at is not None) and loss.requires_grad else None
