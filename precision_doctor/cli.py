@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -188,6 +189,13 @@ def parse_option(cls: type[E], value: str | None, option: str) -> E:
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 
 
+def _traceback_then_exit(code: int) -> NoReturn:
+    """`--debug`: the traceback of the error being handled, and the exit code it has without
+    the flag (a raised exception would exit 1, which `preflight` uses for NO-GO)."""
+    traceback.print_exc()
+    raise typer.Exit(code) from None
+
+
 def _one_line_errors(fn: Fn) -> Fn:
     """One line per error, and under torchrun one outcome for the job: a failure on any rank
     is raised on every rank (naming it) and printed once, by rank 0; every rank exits with the
@@ -218,12 +226,12 @@ def _one_line_errors(fn: Fn) -> Fn:
             raise
         except PrecisionDoctorError as e:
             if kwargs.get("debug"):
-                raise
+                _traceback_then_exit(EXIT_BAD_INPUT)
             say(f"error: {e}", e)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except PrecisionDoctorInternalError as e:
             if kwargs.get("debug"):
-                raise
+                _traceback_then_exit(EXIT_INTERNAL)
             say(f"internal error (please report; rerun with --debug): {e}", e)
             raise typer.Exit(EXIT_INTERNAL) from None
         except KeyboardInterrupt:
@@ -767,8 +775,9 @@ def main() -> None:
         raise
     except Exception as e:  # last resort: never a raw traceback without --debug
         if "--debug" in sys.argv:
-            raise
-        print(f"precision-doctor: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc()
+        else:
+            print(f"precision-doctor: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
 
 

@@ -33,16 +33,21 @@ def invoke(*args: str):  # type: ignore[no-untyped-def]
     return runner.invoke(app, ["analyze", *args], env=ENV)
 
 
-def subprocess_run(*args: str) -> subprocess.CompletedProcess[str]:
+def cli_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real process, any subcommand."""
     env = {**os.environ, **ENV}
     return subprocess.run(
-        [sys.executable, "-m", "precision_doctor.cli", "analyze", *args],
+        [sys.executable, "-m", "precision_doctor.cli", *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=REPO,
         timeout=120,
     )
+
+
+def subprocess_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return cli_run("analyze", *args)
 
 
 def write(tmp_path: Path, body: str, name: str = "model.py") -> Path:
@@ -157,17 +162,21 @@ def test_bad_model_file_subprocess(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
-def test_debug_shows_traceback(tmp_path: Path) -> None:
+def test_debug_shows_traceback_with_the_same_exit_code(tmp_path: Path) -> None:
+    """`--debug` adds the traceback and keeps the exit code: bad input stays 2 (a raised
+    exception would exit 1, which is `preflight`'s NO-GO)."""
     body, expected = BAD_FILES["forward-raises"]
     path = write(tmp_path, body)
-    result = invoke(str(path), "--quiet", "--debug")
-    assert result.exit_code != 0
-    assert type(result.exception).__name__ == "PrecisionDoctorError"
+    assert invoke(str(path), "--quiet", "--debug").exit_code == 2
     proc = subprocess_run(str(path), "--quiet", "--debug")
-    assert proc.returncode not in (0, 2)
+    assert proc.returncode == 2
     assert "Traceback" in proc.stderr
     assert expected in proc.stderr
     assert "IndexError" in proc.stderr
+    for cmd in (["preflight", str(tmp_path / "missing.py")], ["app", str(path)]):
+        proc = cli_run(*cmd, "--debug")
+        assert proc.returncode == 2, (cmd, proc.stderr[-500:])
+        assert "Traceback" in proc.stderr and "PrecisionDoctorError" in proc.stderr
 
 
 def test_threshold_bogus(tmp_path: Path) -> None:
