@@ -334,6 +334,7 @@ def _check_analyze_options(
     *,
     out: Path | None,
     export: Path | None,
+    export_format: ExportFormat | None,
     html: Path | None,
     open_app: bool,
     cost: CostSource,
@@ -343,6 +344,8 @@ def _check_analyze_options(
     file, or a file that cannot be written, fail before the analysis rather than after it."""
     if open_app and out is None:
         raise PrecisionDoctorError("--app needs --out: the app reads the saved report")
+    if export_format is not None and export is None:
+        raise PrecisionDoctorError("--export-format needs --export: the file the plan is written to")
     if cost is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
     outputs = [
@@ -541,7 +544,9 @@ def analyze(
     all_recipes = low is LowDtype.FP8 and fp8_recipe is not None and fp8_recipe.strip().lower() == ALL_RECIPES
     recipe_opt = _fp8_options(low, None if all_recipes else fp8_recipe, fmt_opt, target_opt, cost_opt)
     thresholds = parse_thresholds(threshold or [])
-    _check_analyze_options(out=out, export=export, html=html, open_app=open_app, cost=cost_opt, target=target_opt)
+    _check_analyze_options(
+        out=out, export=export, export_format=fmt_opt, html=html, open_app=open_app, cost=cost_opt, target=target_opt
+    )
     console = output_console()
     err_console = output_console(stderr=True)
     spec = load_model_file(model_file)
@@ -734,7 +739,7 @@ def preflight_command(
     recipe = parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe") if fp8_recipe is not None else None
     run_regime = parse_option(Regime, regime, "--regime")
     op_policy = parse_option(AutocastPolicy, policy, "--policy")
-    risks = parse_fail_on(fail_on)
+    risks = parse_fail_on(fail_on, "--fail-on")
     if steps < 1:
         raise PrecisionDoctorError(f"--steps must be at least 1, not {steps}")
     judged = parse_option(Judge, judge, "--judge")

@@ -136,10 +136,16 @@ def test_model_file_classes_are_named_by_the_file(tmp_path: Path) -> None:
     assert type(odd.model).__module__.startswith("_precision_doctor_model_")
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    result = invoke(str(tmp_path / "nope.py"), "--quiet")
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("nope.py", "does not exist"), ("folder.py", "is a directory"), ("folder", "is a directory")],
+)
+def test_model_file_that_is_no_file(tmp_path: Path, name: str, expected: str) -> None:
+    (tmp_path / "folder.py").mkdir()
+    (tmp_path / "folder").mkdir()
+    result = invoke(str(tmp_path / name), "--quiet")
     assert result.exit_code == 2
-    _assert_one_line_error(result.stderr, "does not exist")
+    _assert_one_line_error(result.stderr, f"model file {tmp_path / name} {expected}")
     assert result.stdout == ""
 
 

@@ -110,6 +110,10 @@ def test_bad_option_value_real_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [
+        (["analyze", "{model}", "--export-format", "json"], "--export-format needs --export"),
+        (["analyze", "{model}", "--app"], "--app needs --out"),
+        (["preflight", "{model}", "--fail-on", "BOGUS"], "unknown risk 'BOGUS' in --fail-on"),
+        (["preflight", "{model}", "--fail-on", ","], "--fail-on is empty"),
         (["analyze", "{model}", "--bogus"], "No such option: --bogus"),
         (["preflight", "{model}", "--steps", "many"], "--steps"),
         (["analyze"], "Missing argument"),

@@ -57,6 +57,8 @@ def load_model_file(path: str | Path) -> ModelSpec:
     p = Path(path)
     if not p.exists():
         raise PrecisionDoctorError(f"model file {p} does not exist")
+    if p.is_dir():
+        raise PrecisionDoctorError(f"model file {p} is a directory")
     if p.suffix != ".py":
         raise PrecisionDoctorError(f"model file {p} is not a .py file")
     # The file's own name, as the user's training code imports it: its classes appear in plan

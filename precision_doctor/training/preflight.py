@@ -167,10 +167,11 @@ RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r
 Progress = Callable[[str], None]
 
 
-def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
+def parse_fail_on(value: str | Iterable[str] | None, option: str = "fail_on") -> tuple[str, ...]:
     """Validate `fail_on`: a comma list (or iterable) of risk names, severities (`error`,
     `warning`, `info`: that severity or worse; kept lowercase), `ALL` or `NONE`.
-    None means the default, `DEFAULT_FAIL_ON`.
+    None means the default, `DEFAULT_FAIL_ON`. `option`: what an error calls it (the CLI's
+    `--fail-on`).
 
     >>> parse_fail_on("error,SKIPPED_STEPS")
     ('error', 'SKIPPED_STEPS')
@@ -182,7 +183,7 @@ def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [str(i).strip().upper() for i in items if str(i).strip()]
     if isinstance(value, str) and not names:
-        raise PrecisionDoctorError("--fail-on is empty; give risk names, severities, ALL or NONE")
+        raise PrecisionDoctorError(f"{option} is empty; give risk names, severities, ALL or NONE")
     out: list[str] = []
     for n in names:
         if n == "ALL":
@@ -196,7 +197,7 @@ def parse_fail_on(value: str | Iterable[str] | None) -> tuple[str, ...]:
         else:
             severities = ", ".join(s.value for s in Severity)
             raise PrecisionDoctorError(
-                f"unknown risk {n!r} in fail_on; choose from: {', '.join(RISK_NAMES)}, {severities}, ALL, NONE"
+                f"unknown risk {n!r} in {option}; choose from: {', '.join(RISK_NAMES)}, {severities}, ALL, NONE"
             )
     return tuple(dict.fromkeys(out))
 
