@@ -57,6 +57,12 @@ UNATTRIBUTED_UNIT = "<backward>"
 """The backward's ops that no forward unit owns (autograd's own accumulation, the seed)."""
 
 
+def fp32_modules(units: Mapping[str, str]) -> list[str]:
+    """The units a plan (unit -> dtype) keeps in fp32 that a user applies to modules, sorted:
+    not `<loss>`, which autocast runs in fp32 anyway."""
+    return sorted(u for u, d in units.items() if u and u != LOSS_UNIT and d == "fp32")
+
+
 class Histogram(_Frozen):
     """Counts of floor(log2|x|): `counts[i]` holds |x| in [2^(log2_lo+i), 2^(log2_lo+i+1)).
     Zeros and non-finite values are counted apart. Values below 2^-126 (fp32 subnormals)
@@ -578,10 +584,8 @@ class Report(_Frozen):
         found = f"{units} unit(s) flagged: {counts}" if flags else "no unit flagged"
         if self:
             warnings = sum(by_severity.get(Severity.WARNING, {}).values())
-            return (
-                f"{dtype}: {found}; final-loss error {err:.2e} within tolerance {tol:g}. "
-                f"Safe to train in this dtype with {warnings} warning(s)."
-            )
+            heed = f" with {warnings} warning(s)" if warnings else ""  # info findings: counted above
+            return f"{dtype}: {found}; final-loss error {err:.2e} within tolerance {tol:g}. Safe to train in this dtype{heed}."
         if self.loss_within_tolerance:
             loss = f"final-loss error {err:.2e} (tolerance {tol:g})"
         else:

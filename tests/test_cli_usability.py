@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -470,3 +471,8 @@ def test_a_deepspeed_export_without_per_module_dtypes_points_at_the_python_expor
     steps = _next_steps(result.stdout)
     assert steps[0].startswith(f"{config} runs every module in fp16; apply the plan's "), steps
     assert steps[0].endswith("--export plan.py") and not steps[0].startswith("apply the plan written")
+    # The count is of the modules the note names (the loss unit is fp32 under autocast anyway).
+    flat = " ".join(result.stdout.split())
+    named = re.search(r"the plan keeps (.+?) in fp32", flat)
+    assert named is not None, flat
+    assert f"apply the plan's {len(named.group(1).split(', '))} fp32 module(s)" in steps[0], (named.group(1), steps)

@@ -295,6 +295,11 @@ def test_bool_true_without_flags(report: Report) -> None:
     one = with_flags(report, {"1": [flag(Flag.UNDERFLOW, "1", underflow_fraction=0.5)]})
     assert bool(one) is True
     assert one.verdict.endswith("Safe to train in this dtype with 1 warning(s).")
+    # Info findings are counted in the findings part, not called warnings ("with 0 warning(s)").
+    info = with_flags(report, {"1": [flag(Flag.UNDERFLOW, "1", Severity.INFO, underflow_fraction=0.5)]})
+    assert bool(info) is True
+    assert "1 info(s) (1 UNDERFLOW)" in info.verdict
+    assert info.verdict.endswith("within tolerance 0.01. Safe to train in this dtype."), info.verdict
     bad = with_flags(report, {"1": [flag(Flag.UNDERFLOW, "1", Severity.ERROR, underflow_fraction=0.5)]})
     assert bool(bad) is False
     assert "1 error(s) (1 UNDERFLOW)" in bad.verdict and bad.verdict.endswith("Not safe as-is.")

@@ -38,6 +38,7 @@ from precision_doctor.options import ExportFormat, Fp8Recipe, LowDtype, Regime, 
 from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.master import MasterWeights
 from precision_doctor.planning.plan import Plan
+from precision_doctor.report import fp32_modules
 
 DEEPSPEED_TORCH_AUTOCAST_SINCE = (0, 17, 2)
 # Documented DeepSpeed keys (deepspeed.ai/docs/config-json).
@@ -351,7 +352,7 @@ def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_vers
     """What an export cannot carry of the plan, or what in it is unusual, one line each (the
     CLI prints them)."""
     if ExportFormat(export_format) in (ExportFormat.TORCHAO, ExportFormat.TE):
-        kept32 = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
+        kept32 = fp32_modules(plan.units)
         if not kept32:
             return []
         shown = ", ".join(kept32[:5]) + (f" and {len(kept32) - 5} more" if len(kept32) > 5 else "")
@@ -364,7 +365,7 @@ def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_vers
         return pure
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
     caveats = []
-    kept = sorted(u for u, d in plan.units.items() if u and u != LOSS_UNIT and d == "fp32")
+    kept = fp32_modules(plan.units)
     if kept:
         since = ".".join(map(str, DEEPSPEED_TORCH_AUTOCAST_SINCE))
         shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")

@@ -117,7 +117,7 @@ from precision_doctor.options import (
     percent,
 )
 from precision_doctor.planning.fp8 import planned_recipes
-from precision_doctor.report import LOSS_UNIT, Report
+from precision_doctor.report import Report, fp32_modules
 from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 from precision_doctor.schema import validated
 from precision_doctor.training.fp8_scaling import (
@@ -1140,7 +1140,7 @@ def _training_runs(
             fp8.planned = Fp8Training(fp8.recipe, units=plan_units)
             kinds = planned_recipes(plan_units)
             fp8_desc = ", ".join(f"{len(v)} {r}" for r, v in kinds.items()) or "none"
-            n_fp32 = sum(1 for u, d in plan_units.items() if u and u != LOSS_UNIT and d == "fp32")
+            n_fp32 = len(fp32_modules(plan_units))
             runs["planned"] = trainer.run(
                 "planned",
                 f"plan: fp8 layers converted by torchao ({fp8_desc}; emulated on the CPU), {n_fp32} unit(s) fp32, "

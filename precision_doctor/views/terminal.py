@@ -14,7 +14,7 @@ from rich.text import Text
 
 from precision_doctor.extras import LossScaleSection
 from precision_doctor.options import LowDtype, Regime, percent
-from precision_doctor.report import Environment, Report
+from precision_doctor.report import Environment, Report, fp32_modules
 from precision_doctor.views.figures import grad_fidelity_text, optimizer_step_text
 from precision_doctor.views.fp8 import fp8_next_steps, fp8_recipe_lines, fp8_summary_lines
 
@@ -171,8 +171,8 @@ def next_steps(
                 )
             else:  # a DeepSpeed config without per-module dtypes: the python export carries them
                 lines.append(
-                    f"{export} runs every module in {dtype}; apply the plan's {n_fp32} fp32 unit(s) with the python "
-                    f"export too: {shlex.join([*run, '--export', 'plan.py'])}"
+                    f"{export} runs every module in {dtype}; apply the plan's {len(fp32_modules(plan.units))} fp32 "
+                    f"module(s) with the python export too: {shlex.join([*run, '--export', 'plan.py'])}"
                 )
         elif plan is not None:
             # Planned already (--out plans): what is left is writing it where training reads it.
