@@ -259,7 +259,7 @@ def _join_job(model: Any, *consoles: Console) -> bool:
 ModelFileArg = Annotated[Path, typer.Argument(help="A .py file defining build_model() and make_batch().")]
 ThresholdOpt = Annotated[
     list[str] | None,
-    typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (repeatable)."),
+    typer.Option("--threshold", metavar="NAME=VALUE", help="Override a flag threshold (repeatable)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
@@ -467,8 +467,9 @@ def analyze(
         typer.Option(
             "--export-format",
             metavar=_metavar(ExportFormat),
-            help="json (the plan), python (standalone snippet), deepspeed, hf. Default: from the "
-            "--export suffix (.py: python), else json.",
+            help="json (the plan), python (standalone snippet), deepspeed, hf; fp8 plans: torchao "
+            "(a module_filter_fn per recipe), te (the Linears for Transformer Engine). Needs --export. "
+            "Default: from the --export suffix (.py: python), else json.",
         ),
     ] = None,
     target: Annotated[
@@ -524,11 +525,9 @@ def analyze(
     debug: DebugOpt = False,
 ) -> None:
     """Run fp32 and low-precision shadow passes (forward and backward) and flag the units
-    that overflow, underflow or diverge. Exit 0 when the analysis ran, flags or not.
-
-    With --out or any plan option (--export, --export-format, --target, --cost measured,
-    --tolerance) it also searches the per-module dtype plan and the initial loss scale and
-    stores them in the report."""
+    that overflow, underflow or diverge. With --out or any plan option (--export, --target,
+    --cost measured, --tolerance) it also searches the per-module dtype plan and the initial
+    loss scale and stores them in the report. Exit 0 when the analysis ran, flags or not."""
     # Long for its options, which typer reads from the signature; the body is the steps.
     from precision_doctor.analysis.engine import PROGRESS_STEPS
     from precision_doctor.model.spec import load_model_file
