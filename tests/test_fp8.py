@@ -738,3 +738,31 @@ def test_conventional_exclusions_are_judged_from_the_matmuls() -> None:
         ("blocks.0.moe.router", "*router*", True, "bf16", True),
         ("lm_head", "last", False, "tensorwise", False),
     ]
+
+
+def test_an_fp8_analysis_logs_nothing_of_torchao_imports(tmp_path: Path) -> None:
+    """A fresh process's fp8 analysis with the MX recipe compared too: torchao's import
+    warnings (CUDA extensions a CPU build lacks, torch's note on its enum registration) are
+    nothing a user can act on, so stderr stays empty."""
+    import subprocess
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "precision_doctor.cli",
+            "analyze",
+            str(SAMPLES / "healthy_mlp.py"),
+            "--dtype",
+            "fp8",
+            "--fp8-recipe",
+            "mxfp8",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr[-2000:]

@@ -269,7 +269,10 @@ def test_cli_writes_the_torchao_export(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "plan (fp8 on h100)" in result.stdout
     assert "bf16, not fp8: lm_head:" in result.stdout and "FP8_ERROR" in result.stdout
-    assert "convert the plan's 0 fp8 layer(s)" in result.stdout
+    # No layer to convert: the next step says to train in bf16, not "convert 0 layer(s)".
+    flat = " ".join(result.stdout.split())
+    assert "train in bf16: the plan converts no layer to fp8 on h100" in flat, flat
+    assert "fp8 layer(s)" not in flat
     ns = _exec(export.read_text())
     from precision_doctor.model.spec import load_model_file
 

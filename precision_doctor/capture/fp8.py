@@ -84,23 +84,31 @@ MX_BLOCK = 32
 _QUANTILE_SAMPLE = 1 << 20  # |x| sampled (evenly strided) above this many values for the quantile
 
 
-def require_torchao() -> Any:
-    """torchao's float8 package, or a one-line error saying what to install."""
-    # Its import logs a warning per CUDA extension a CPU build cannot load, and torch one about
-    # its enum registration: harmless, and nothing the user can act on.
+@contextlib.contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    """torchao's imports log a warning per CUDA extension a CPU build cannot load, and torch one
+    per enum torchao registers with pytree (`ScaleCalculationMode`, from the MX modules):
+    harmless, and nothing the user can act on."""
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        import torchao.float8 as float8
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def require_torchao() -> Any:
+    """torchao's float8 package, or a one-line error saying what to install."""
+    try:
+        with _quiet_torchao_import():
+            import torchao.float8 as float8
     except ImportError as e:
         raise PrecisionDoctorError(
             f"--dtype fp8 runs torchao's float8 training, which is not installed: {INSTALL_HINT}"
         ) from e
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
     return float8
 
 
@@ -151,9 +159,10 @@ def _mx_modules() -> tuple[Any, Any, Any, Any]:
     `KernelPreference`; a one-line error where this torchao has none."""
     require_torchao()
     try:
-        import torchao.prototype.mx_formats.mx_tensor as mx_tensor
-        from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear, mx_mm
-        from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+        with _quiet_torchao_import():
+            import torchao.prototype.mx_formats.mx_tensor as mx_tensor
+            from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear, mx_mm
+            from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
     except ImportError as e:
         raise PrecisionDoctorError(
             f"--fp8-recipe mxfp8 runs torchao's MXFP8Linear (torchao.prototype.moe_training, torchao 0.18), "
@@ -181,9 +190,9 @@ def convert_mx(
     (`only`: of those, the ones at these paths: a plan's) swapped for torchao's `MXFP8Linear`
     (RCEIL scales, EMULATED kernels on the CPU), holding the same weight and bias parameters;
     the others stay as they are."""
+    _, mxfp8_linear, _, kernel_preference = _mx_modules()  # first: its imports, quietly
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
 
-    _, mxfp8_linear, _, kernel_preference = _mx_modules()
     if emulate is None:
         emulate = _on_cpu(model)
     if isinstance(model, torch.nn.Linear) and mx_convertible(model):
@@ -228,9 +237,9 @@ def mx_cast(t: torch.Tensor, *, to_mx: Any = None) -> tuple[torch.Tensor, torch.
     """`t` (its last dimension a multiple of 32) through torchao's mxfp8 cast (`to_mx`, e4m3,
     RCEIL): its e4m3 bits, the per-value multiplier torchao applied before the cast, and the
     dequantized values (bits times the block's e8m0 scale, as `MXTensor.dequantize`)."""
+    mx_tensor = _mx_modules()[0]  # first: its imports, quietly
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
 
-    mx_tensor = _mx_modules()[0]
     cast = to_mx if to_mx is not None else mx_tensor.to_mx
     exponent, bits = cast(t.contiguous(), torch.float8_e4m3fn, MX_BLOCK, ScaleCalculationMode.RCEIL)
     return bits, *_mx_scales(bits, exponent)

@@ -130,6 +130,11 @@ def _fp8_plan_step(report: Report, command: Sequence[str], export: Path | None) 
     plan = report.extras.plan
     if plan is not None and export is not None:
         n_fp8 = sum(1 for d in plan.units.values() if d.startswith("fp8:"))
+        if not n_fp8:
+            return [
+                f"train in bf16: the plan converts no layer to fp8 on {plan.target} (each layer's reason is "
+                f"under 'bf16, not fp8' above); {export} converts none"
+            ]
         return [f"convert the plan's {n_fp8} fp8 layer(s) with {export} (torchao: convert_planned(model))"]
     run = [*command, "--dtype", "fp8", "--export", "fp8_plan.py"]
     return [
