@@ -209,3 +209,28 @@ def test_tiny_loss_gets_a_scale_above_2_to_the_32_and_no_fp32_unit() -> None:
     capped = [float((g - r).norm() / r.norm()) for g, r in zip(at_cap, ref, strict=True) if r is not None]
     # at 2^32 the first layer's gradients are fp16 subnormals: ~27-43% error, against <0.1%
     assert max(errors) < 1e-2 < 0.1 < max(capped)
+
+
+def test_the_plans_fp32_reasons_hold_at_its_own_scale() -> None:
+    """deep_narrow_underflow: the plan keeps its early layers in fp32 because their gradients
+    flush to 0 at every scale that keeps the low units' gradients finite. The reason states
+    what flushes at that scale and no advice past it (a unit's own flag says GradScaler could
+    grow to 2^41, where the plan's low units overflow)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "sample_models" / "deep_narrow_underflow.py"
+    spec = importlib.util.spec_from_file_location("deep_narrow_underflow_range", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn)
+    plan = plan_model(model, batch, mod.loss_fn, report, target="h100")
+    low = {u: d == "fp16" for u, d in plan.units.items()}
+    finite = pd.recommend_loss_scale(report, low_units=low).finite_scale_log2
+    flushed = [f for f in plan.fp32_units if "flush to 0" in f.reason]
+    assert len(flushed) >= 3, plan.fp32_units
+    for f in flushed:
+        assert f"even at 2^{finite}," in f.reason and f.reason.endswith(f"flush to 0 at 2^{finite}"), f.reason
+        assert "GradScaler can grow" not in f.reason, f.reason

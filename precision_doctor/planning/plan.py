@@ -52,6 +52,7 @@ from precision_doctor.options import (
     Regime,
     Target,
     UnitDtype,
+    percent,
 )
 from precision_doctor.planning.cost import (
     CostModel,
@@ -778,10 +779,19 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
             if f.flag is Flag.GRAD_UNDERFLOW
         ]
 
+    def found_at(k: int, f: FlagRecord) -> str:
+        # The flag's evidence without its advice (how far GradScaler could grow for that unit
+        # alone), which does not hold here: above 2^k the low units' gradients overflow.
+        v = f.evidence.values
+        return (
+            f"{percent(v['underflow_fraction'], '.1%')} of its nonzero gradients and "
+            f"{percent(v['norm_fraction_lost'], '.1%')} of their L2 norm flush to 0 at 2^{k}"
+        )
+
     def reason(k: int, f: FlagRecord) -> str:
         return (
             f"its gradients flush to 0 in fp16 at every usable loss scale, even at 2^{k}, the largest "
-            f"that keeps the low units' gradients finite: {f.evidence.message}"
+            f"that keeps the low units' gradients finite: {found_at(k, f)}"
         )
 
     while found := vanishing(advice.finite_scale_log2):
@@ -805,7 +815,8 @@ def _keep_vanishing_gradients(report: Report, low: dict[str, bool]) -> tuple[Los
             other, f = found[0]
             moved[name] = (
                 f"low, its gradients (largest |g| {_grad_max_abs(units[name]):.3g}) cap the fp16 loss scale "
-                f"at 2^{trial.finite_scale_log2}, where {other}'s gradients flush to 0: {f.evidence.message}"
+                f"at 2^{trial.finite_scale_log2}, where {other}'s gradients flush to 0: "
+                f"{found_at(trial.finite_scale_log2, f)}"
             )
     k = advice.recommended_scale_log2
     if vanishing(k):
