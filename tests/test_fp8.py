@@ -183,7 +183,10 @@ def test_outlier_token_relative_error_per_recipe() -> None:
 def test_healthy_mlp_takes_fp8(recipe: str) -> None:
     s = _sample("healthy_mlp")
     report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe=recipe)
-    assert not [f for f in report.flags() if f.flag in (Flag.FP8_ERROR, Flag.FP8_UNDERFLOW)]
+    # No finding at all: e4m3's rounding of the batch (~3.6% at `up`, from exact inputs) is
+    # what fp8 is, no ERROR_GROWTH.
+    assert report.flags() == [], [(f.flag, f.unit, f.evidence.message) for f in report.flags()]
+    assert report.by_module()["up"].forward.propagated.rel_l2_error > 0.02  # what used to flag
     section = report.extras.fp8
     assert section is not None and section.layers == ["up", "down"]
     assert all(c.flushed_fraction < 0.05 for c in section.casts)

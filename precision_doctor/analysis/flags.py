@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from precision_doctor.capture.records import OpRecord, UnitRecord
 from precision_doctor.capture.statistics import TensorSummary
 from precision_doctor.capture.units import LOSS_UNIT
-from precision_doctor.formats import LIMITS, MAX_LOSS_SCALE_LOG2, FormatLimits
+from precision_doctor.formats import E4M3, LIMITS, MAX_LOSS_SCALE_LOG2, FormatLimits
 from precision_doctor.options import Flag, LowDtype, Phase, Severity, Thresholds, percent
 from precision_doctor.report import Evidence, FlagRecord, GradFidelity, OptimizerStep, Report, Unit
 
@@ -240,7 +240,12 @@ def _error_growth(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagReco
     if not (math.isfinite(prop) and prop >= th.error_growth_min_rel_error):
         return []
     base = unit.input_prop_error
-    growth = prop / base if base > 0 else math.inf
+    # In an fp8 run a Linear casts what it reads to e4m3, whose rounding alone (up to 6%)
+    # puts a healthy first layer at ~3.6% from the batch's exact values: an infinite growth
+    # over 0. There its inputs' error is taken as no less than that rounding (as
+    # `op_error_growth` takes the format's rounding for what an op reads from outside).
+    base_or_floor = max(base, E4M3.eps / 2 if case.dtype is LowDtype.FP8 else 0.0)
+    growth = prop / base_or_floor if base_or_floor > 0 else math.inf
     if growth < th.error_growth_factor:
         return []
     return [
