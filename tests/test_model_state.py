@@ -436,3 +436,50 @@ def test_caller_gc_settings_left_alone(state: str) -> None:
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+# --- the caller's batch ----------------------------------------------------------------------
+
+
+class _DoublesInput(nn.Module):
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            x.mul_(2.0)  # the caller's batch, written by the model
+            return self.lin(x)
+        return self.lin(x * 2.0)
+
+
+def test_a_forward_that_writes_its_input_sees_the_same_batch_in_every_run() -> None:
+    """Each run of the analysis starts from the caller's batch, and the caller gets it back:
+    a model that doubles its input in place gets the report of one that doubles a copy (it
+    got a false ERROR_GROWTH and a 0.7 final-loss error when the fp32 run read the batch the
+    low run had doubled)."""
+    reports = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        model = _DoublesInput(in_place)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        before = x.clone()
+        reports.append(pd.analyze(model, {"x": x}, sq_loss))
+        assert torch.equal(x, before)
+    in_place_report, copy_report = reports
+    assert in_place_report.losses == copy_report.losses
+    assert [(f.unit, f.flag) for f in in_place_report.flags()] == [(f.unit, f.flag) for f in copy_report.flags()]
+
+
+@pytest.mark.parametrize("had_grad", [False, True], ids=["no-grad", "grad"])
+def test_a_batch_tensor_that_requires_grad_gets_its_grad_back(had_grad: bool) -> None:
+    """The analysis' backwards (the low one loss-scaled) must not add into an input's
+    `.grad`: it held 2^15 times the fp32 gradient after one analysis."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grad = torch.full((8, 4), 3.0) if had_grad else None
+    x.grad = grad
+    pd.analyze(nn.Sequential(nn.Linear(4, 2)), x, sq_loss)
+    assert x.grad is grad
+    if grad is not None:
+        assert torch.equal(grad, torch.full((8, 4), 3.0))

@@ -202,7 +202,7 @@ def analyze(
     recipe, fp8 = _fp8_setup(req, fp8_recipe)
     with (
         caller_heap_frozen(),
-        ModelStateGuard(req.model) as guard,
+        ModelStateGuard(req.model, req.batch) as guard,
         fp8.recording() if fp8 else contextlib.nullcontext(),
         cpu_kernels.analysis_scope(req.model),
     ):

@@ -796,7 +796,7 @@ def low_run(
     log: list[tuple[str, tuple[torch.dtype, ...]]] | None = [] if record_ops else None
     outputs = _ModuleOutputs()
     tracker = UnitTracker(model, on_exit=lambda path: None, on_output=outputs.record)
-    with ModelStateGuard(model) as guard, contextlib.ExitStack() as stack:
+    with ModelStateGuard(model, batch) as guard, contextlib.ExitStack() as stack:
 
         def before_write(t: torch.Tensor) -> None:
             guard.before_mutation(t)

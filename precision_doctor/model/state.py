@@ -1,12 +1,15 @@
-"""Hand the user's model back exactly as it came in, also when the analysis fails halfway."""
+"""Hand the user's model (and batch) back exactly as they came in, also when the analysis
+fails halfway."""
 
 from __future__ import annotations
 
 import random
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from precision_doctor.model.parallel import reset_fsdp_iteration, storage_ptr
 
@@ -33,10 +36,23 @@ class ModuleAttributes:
 class ModelStateGuard:
     """Snapshot on enter, restore on exit: `.grad`, buffers, train/eval mode,
     `requires_grad`, RNG states. Parameters are copied only if an op is about to write to
-    one (`before_mutation`), so the common case costs no parameter copy."""
+    one (`before_mutation`), so the common case costs no parameter copy.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    With `batch`, its tensors too: a forward that writes its input in place (`x.mul_(2)`)
+    would otherwise hand each later run of the analysis other values than the first had
+    (the fp32 run a doubled batch after the low run), and the caller a changed batch; a
+    batch tensor that requires grad gets its `.grad` back (the analysis' backwards, one of
+    them loss-scaled, would add into it)."""
+
+    def __init__(self, model: torch.nn.Module, batch: Any = None) -> None:
         self.model = model
+        self._batch = list({id(t): t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)}.values())
+        self._batch_storages: dict[int, list[torch.Tensor]] = {}
+        for t in self._batch:
+            ptr = storage_ptr(t)
+            if ptr:
+                self._batch_storages.setdefault(ptr, []).append(t)
+        self._batch_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._params = dict(model.named_parameters(remove_duplicate=False))
         # Writes through `.data` or a view reach a parameter via another tensor object:
         # recognise those by the storage they write to.
@@ -65,6 +81,9 @@ class ModelStateGuard:
         self._np_rng = np.random.get_state()
         for p in self._params.values():
             p.grad = None  # the analysis' backward must not add into the user's gradients
+        self._batch_grads = [(t, t.grad) for t in self._batch if t.is_leaf and t.requires_grad]
+        for t, _ in self._batch_grads:
+            t.grad = None
         return self
 
     def before_mutation(self, t: torch.Tensor) -> None:
@@ -77,6 +96,9 @@ class ModelStateGuard:
             if id(p) not in self._param_copies:
                 original = self._original[id(p)]
                 self._param_copies[id(p)] = (original, original.clone())
+        for t in self._batch_storages.get(ptr, []) if ptr else []:
+            if id(t) not in self._batch_copies:
+                self._batch_copies[id(t)] = (t.detach(), t.detach().clone())
 
     def analysis_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for n, p in self._params.items() if p.grad is not None}
@@ -95,7 +117,7 @@ class ModelStateGuard:
             if storage_ptr(p) != storage_ptr(original) or p.shape != original.shape:
                 p.data = original
         with torch.no_grad():
-            for original, saved in self._param_copies.values():
+            for original, saved in (*self._param_copies.values(), *self._batch_copies.values()):
                 original.copy_(saved)
             for b, saved in self._buffers.values():
                 if b.shape == saved.shape:
@@ -103,6 +125,8 @@ class ModelStateGuard:
         for n, p in self._params.items():
             p.grad = self._grads[n]
             p.requires_grad_(self._requires_grad[n])
+        for t, g in self._batch_grads:
+            t.grad = g
         for n, mod in self.model.named_modules(remove_duplicate=False):
             if n in self._training:
                 mod.training = self._training[n]

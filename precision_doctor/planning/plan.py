@@ -395,7 +395,10 @@ def fp32_reference(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None) -
     def record(path: str, call: int, out: Any) -> None:
         finite[(path, call)] = _all_finite(_floats(out))
 
-    with ModelStateGuard(model) as guard, UnitTracker(model, on_exit=lambda path: None, on_output=record) as tracker:
+    with (
+        ModelStateGuard(model, batch) as guard,
+        UnitTracker(model, on_exit=lambda path: None, on_output=record) as tracker,
+    ):
         try:
             with _write_watch(guard.before_mutation):
                 output = run_model(model, batch)
