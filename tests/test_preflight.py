@@ -104,6 +104,20 @@ def test_plan_keeps_vanishing_gradients_fp32_and_is_go() -> None:
     assert not low.go and low.planned_go  # all-fp16 at 2^16 loses them
 
 
+def test_a_pure_regime_plan_is_not_judged_by_the_low_weights_lost_updates() -> None:
+    """bf16_finetune_stall in the pure regime: the bf16 weights round its updates away
+    (LOST_UPDATE), so the low run is no-go; the plan trains under autocast, whose optimizer
+    steps fp32 weights, and its run tracks fp32's: judged, it is go."""
+    spec = load_model_file(SAMPLES / "bf16_finetune_stall.py")
+    kw: dict[str, Any] = {"dtype": "bf16", "regime": "pure", "plan": True, "build_optimizer": spec.build_optimizer}
+    low = run_sample("bf16_finetune_stall", **kw)
+    assert not low.go and "LOST_UPDATE" in {r.risk for r in low.reasons}
+    planned = run_sample("bf16_finetune_stall", **kw, judge="planned")
+    assert planned.go, [r.line() for r in planned.reasons]
+    assert low.planned_go is True
+    assert "LOST_UPDATE" not in {r.risk for r in planned.reasons}
+
+
 class _InfGradOutsideOptimizer(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

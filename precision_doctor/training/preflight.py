@@ -1320,8 +1320,10 @@ class _Judge:
         flags = report.flags()
         if units is not None:
             # Measured on the all-low run at its own loss scale: a plan changes both (its own
-            # training run says how its gradients fare).
-            flags = [f for f in flags if f.flag is not Flag.GRAD_DIVERGENCE]
+            # training run says how its gradients fare). LOST_UPDATE is the low weights'
+            # (the pure regime's): a plan trains under autocast, its optimizer stepping the
+            # fp32 weights.
+            flags = [f for f in flags if f.flag not in (Flag.GRAD_DIVERGENCE, Flag.LOST_UPDATE)]
         if scale_log2 is not None and scale_log2 != th.grad_scale_log2:
             # Pure fp16 (judged at 2^0) has no GradScaler to back off or grow.
             scaler, ceiling = not self.pure or units is not None, report_scale_ceiling(report)
