@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal, TypeVar, cast
 
@@ -366,7 +367,9 @@ class Thresholds:
     information."""
 
     @classmethod
-    def from_overrides(cls, overrides: dict[str, str]) -> Thresholds:
+    def from_overrides(cls, overrides: Mapping[str, str | float]) -> Thresholds:
+        """The defaults with `overrides` (name -> a number, or its text) applied; an unknown
+        name or a value that is no number: one line."""
         known = {f.name: f.type for f in fields(cls)}
         values: dict[str, float | int] = {}
         for name, raw in overrides.items():
@@ -375,9 +378,23 @@ class Thresholds:
             try:
                 value = float(raw)
                 values[name] = int(value) if name == "grad_scale_log2" and value.is_integer() else value
-            except ValueError:
+            except (TypeError, ValueError):
                 raise PrecisionDoctorError(f"threshold {name}={raw!r} is not a number") from None
         return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def of(cls, value: Thresholds | Mapping[str, str | float] | None) -> Thresholds:
+        """What an API's `thresholds=` takes: None (the defaults), a `Thresholds`, or a
+        mapping of the names to override (`{"loss_rel_error": 0.05}`)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_overrides(value)
+        raise PrecisionDoctorError(
+            f"thresholds must be a Thresholds or a mapping of threshold names to numbers, not {type(value).__name__}"
+        )
 
     def __post_init__(self) -> None:
         # A NaN threshold compares false with everything: it would switch its flag off silently.

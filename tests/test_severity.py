@@ -166,6 +166,30 @@ def test_fail_on_takes_severities() -> None:
     assert parse_fail_on("ALL") == RISK_NAMES  # every risk, whatever its severity
     with pytest.raises(pd.PrecisionDoctorError, match="error, warning, info"):
         parse_fail_on("fatal")
+    assert parse_fail_on("NONE") == () == parse_fail_on(["none"])
+    # An empty choice is refused as the CLI's --fail-on '' is: "nothing fails" is NONE.
+    for empty in ([], (), "", " , "):
+        with pytest.raises(pd.PrecisionDoctorError, match="fail_on is empty"):
+            parse_fail_on(empty)
+
+
+def test_api_thresholds_take_a_mapping() -> None:
+    """`thresholds=` takes a Thresholds or a mapping of names to numbers; anything else, an
+    unknown name or a value that is no number is one line (a dict raised AttributeError)."""
+    model, batch = torch.nn.Linear(4, 1), torch.randn(2, 4)
+    report = pd.analyze(model, batch, lambda o, b: o.sum(), thresholds={"loss_rel_error": 0.1})
+    assert report.thresholds.loss_rel_error == 0.1
+    assert report.thresholds.underflow_fraction == pd.Thresholds().underflow_fraction
+    for bad, message in (
+        ({"bogus": 1}, "unknown threshold 'bogus'"),
+        ({"loss_rel_error": "x"}, "is not a number"),
+        ({"loss_rel_error": None}, "is not a number"),
+        ([("loss_rel_error", 0.1)], "must be a Thresholds or a mapping"),
+    ):
+        with pytest.raises(pd.PrecisionDoctorError, match=message):
+            pd.analyze(model, batch, lambda o, b: o.sum(), thresholds=bad)  # type: ignore[arg-type]
+        with pytest.raises(pd.PrecisionDoctorError, match=message):
+            pd.preflight(model, batch, lambda o, b: o.sum(), steps=1, plan=False, thresholds=bad)  # type: ignore[arg-type]
 
 
 def test_preflight_fail_on_error_leaves_warnings_as_notes() -> None:

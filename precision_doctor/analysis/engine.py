@@ -8,7 +8,7 @@ import platform
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,7 @@ def analyze(
     loss_fn: LossFn | None = None,
     *,
     dtype: str | LowDtype = LowDtype.FP16,
-    thresholds: Thresholds | None = None,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
     name: str | None = None,
     progress: Progress | None = None,
     regime: str | Regime = Regime.AUTOCAST,
@@ -291,7 +291,7 @@ def _validate(
     dtype: str | LowDtype,
     regime: str | Regime,
     policy: str | AutocastPolicy,
-    thresholds: Thresholds | None,
+    thresholds: Thresholds | Mapping[str, float] | None,
     name: str | None,
     progress: Progress | None,
     driver: str | Driver = Driver.AUTO,
@@ -335,7 +335,7 @@ def _validate(
         low=low,
         regime=run_regime,
         policy=op_policy,
-        th=thresholds or Thresholds(),
+        th=Thresholds.of(thresholds),
         name=name or type(model).__name__,
         say=progress or (lambda _msg: None),
         device=device_of(model),

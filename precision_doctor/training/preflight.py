@@ -182,7 +182,7 @@ def parse_fail_on(value: str | Iterable[str] | None, option: str = "fail_on") ->
         value = DEFAULT_FAIL_ON
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [str(i).strip().upper() for i in items if str(i).strip()]
-    if isinstance(value, str) and not names:
+    if not names:  # "nothing fails" is NONE, said so: an empty list is more likely a slip
         raise PrecisionDoctorError(f"{option} is empty; give risk names, severities, ALL or NONE")
     out: list[str] = []
     for n in names:
@@ -803,7 +803,7 @@ def preflight(
     judge: str | Judge = Judge.LOW,
     loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
     max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS,
-    thresholds: Thresholds | None = None,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
     plan: bool = True,
     target: Target | str = Target.H100,
     name: str | None = None,
@@ -864,6 +864,7 @@ def preflight(
         build_optimizer,
     )
     target = parse_enum(Target, target, "target")
+    th = Thresholds.of(thresholds)
     recipe = _fp8_recipe(low, run_regime, fp8_recipe)
     messages: list[str] = []
     run_driver = parse_enum(Driver, driver, "driver")
@@ -880,7 +881,7 @@ def preflight(
         low,
         run_regime,
         op_policy,
-        thresholds,
+        th,
         name,
         plan,
         target,
@@ -910,7 +911,7 @@ def preflight(
         runs,
         low,
         pure,
-        thresholds or Thresholds(),
+        th,
         plan_units,
         planned_scale,
         loss_tolerance,
@@ -934,7 +935,7 @@ def preflight(
             else bf16_divergence_reasons(runs[judge], runs["bf16"], loss_tolerance, judging.fp8_flagged(None))
         )
     if fp8_scaling is not None:
-        judged += delayed_scaling_reasons(fp8_scaling, thresholds or Thresholds())
+        judged += delayed_scaling_reasons(fp8_scaling, th)
     reasons = [r for r in judged if _selected(r, risks)]
     notes = [r for r in judged if not _selected(r, risks)]
     planned_go: bool | None = None
