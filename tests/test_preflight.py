@@ -118,6 +118,19 @@ def test_a_pure_regime_plan_is_not_judged_by_the_low_weights_lost_updates() -> N
     assert "LOST_UPDATE" not in {r.risk for r in planned.reasons}
 
 
+def test_the_default_optimizer_is_the_one_the_analysis_steps() -> None:
+    """No optimizer given: the runs train with AdamW, and the analysis steps that AdamW too,
+    so pure fp16's non-finite run comes with its cause (eps is 0 in fp16: LOST_UPDATE)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    batch = torch.randint(0, 50, (8, 4), generator=torch.Generator().manual_seed(1))
+    result = pd.preflight(model, batch, lambda out, b: out.pow(2).mean(), regime="pure", steps=2, plan=False)
+    assert result.runs["low"].nonfinite_steps
+    lost = [r for r in result.reasons if r.risk == "LOST_UPDATE"]
+    assert lost and all(r.mode == "analysis" for r in lost), [r.line() for r in result.reasons]
+    assert any("eps" in r.message and "AdamW" in r.message for r in lost), [r.message for r in lost]
+
+
 class _InfGradOutsideOptimizer(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -872,8 +872,10 @@ def preflight(
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     batches = _batches(batch, make_batches, steps)
-    # The analysis steps the pre-flight's own optimizer (LOST_UPDATE): the one given, as a factory.
-    stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else None)
+    # The analysis steps the pre-flight's own optimizer (LOST_UPDATE): the one given, as a
+    # factory, else the default the runs train with (pure fp16's AdamW, whose eps is 0 in
+    # fp16, then has its finding instead of an unexplained non-finite run).
+    stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else _default_optimizer)
     report, plan_units, planned_scale = _analyze_and_plan(
         place,
         batch,
