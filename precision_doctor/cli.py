@@ -348,9 +348,13 @@ def _check_analyze_options(
         raise PrecisionDoctorError("--export-format needs --export: the file the plan is written to")
     if cost is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
-    outputs = [
-        (opt, p.resolve()) for opt, p in (("--out", out), ("--export", export), ("--html", html)) if p is not None
-    ]
+    _check_outputs({"--out": out, "--export": export, "--html": html})
+
+
+def _check_outputs(paths: dict[str, Path | None]) -> None:
+    """Output files (option -> path) checked before any work: two options naming one file, or
+    a file that cannot be written, fail before the run rather than after it."""
+    outputs = [(opt, p.resolve()) for opt, p in paths.items() if p is not None]
     for i, (opt, p) in enumerate(outputs):
         for other, q in outputs[:i]:
             if p == q:
@@ -716,6 +720,13 @@ def preflight_command(
         ),
     ] = None,
     driver: DriverOpt = Driver.AUTO.value,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the JSON report with the pre-flight here (the app's Training tab)."),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write a standalone HTML report with the pre-flight here.")
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -744,6 +755,7 @@ def preflight_command(
     judged = parse_option(Judge, judge, "--judge")
     driver_opt = parse_option(Driver, driver, "--driver")
     thresholds = parse_thresholds(threshold or [])
+    _check_outputs({"--out": out, "--html": html})
     spec = load_model_file(model_file)
     err_console = output_console(stderr=True)
     main_rank = _join_job(spec.model, err_console)
@@ -769,6 +781,11 @@ def preflight_command(
         )
     if main_rank:
         _print_preflight(result, as_json=json_out)
+        annotated = result.annotated_report()  # a fresh result always carries its report
+        if annotated is None:
+            raise PrecisionDoctorInternalError("the pre-flight result carries no analysis report")
+        # With --json, stdout is the result alone: where the files went is said on stderr.
+        _write_report(annotated, err_console if json_out else output_console(), out=out, html=html)
     raise typer.Exit(0 if result.go else 1)
 
 

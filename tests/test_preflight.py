@@ -337,6 +337,37 @@ def test_cli_default_gate_exits_0_on_a_warning_and_1_on_an_error() -> None:
     assert "  - OVERFLOW (analysis) [block.ff.wi]" in res.stdout
 
 
+def test_cli_writes_the_report_with_the_preflight(tmp_path: Path) -> None:
+    """`--out`/`--html`: the analysis report carrying the pre-flight (the app's Training tab,
+    the HTML's Training section); with `--json`, stdout stays the result alone. Output paths
+    are checked before anything runs."""
+    out, html = tmp_path / "pf.json", tmp_path / "pf.html"
+    path = str(SAMPLES / "skip_one_step.py")
+    res = runner.invoke(
+        app, ["preflight", path, "--steps", "2", "--quiet", "--json", "--out", str(out), "--html", str(html)]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)  # nothing else on stdout
+    report = pd.Report.load(out)
+    section = report.extras.preflight
+    assert section is not None and section.go is doc["go"] and set(section.runs) == set(doc["runs"])
+    assert report.extras.plan is not None  # it planned: the plan rides along
+    text = html.read_text()
+    assert "Training" in text and "skip_one_step" in text
+    for args, message in (
+        (["--out", str(tmp_path / "same"), "--html", str(tmp_path / "same")], "both name"),
+        (["--html", str(tmp_path)], "directory"),
+    ):
+        marker = tmp_path / "ran"
+        model = tmp_path / "marked.py"
+        model.write_text(
+            HEALTHY_FILE.replace("def build_model():\n", f"def build_model():\n    open({str(marker)!r}, 'w')\n")
+        )
+        res = runner.invoke(app, ["preflight", str(model), "--steps", "1", *args])
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not marker.exists()
+
+
 def test_cli_bad_input_exit_2(tmp_path: Path) -> None:
     res = runner.invoke(app, ["preflight", str(tmp_path / "missing.py")])
     assert res.exit_code == 2 and "does not exist" in res.output

@@ -873,9 +873,12 @@ def preflight(
     timings: dict[str, float] = {}
     batches = _batches(batch, make_batches, steps)
     # The analysis steps the pre-flight's own optimizer (LOST_UPDATE): the one given, as a
-    # factory, else the default the runs train with (pure fp16's AdamW, whose eps is 0 in
-    # fp16, then has its finding instead of an unexplained non-finite run).
-    stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else _default_optimizer)
+    # factory; in the pure regime, where the weights are low, else the default the runs
+    # train with (pure fp16's AdamW, whose eps is 0 in fp16, then has its finding instead of
+    # an unexplained non-finite run; under autocast it would only add notes that fp32
+    # master weights lose nothing).
+    default = _default_optimizer if run_regime is Regime.PURE else None
+    stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else default)
     report, plan_units, planned_scale = _analyze_and_plan(
         place,
         batch,
