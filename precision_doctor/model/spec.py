@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from precision_doctor.errors import PrecisionDoctorError
 
@@ -107,6 +108,19 @@ def load_model_file(path: str | Path) -> ModelSpec:
         build_optimizer=ns.get("build_optimizer") if callable(ns.get("build_optimizer")) else None,
         make_batches=ns.get("make_batches") if callable(ns.get("make_batches")) else None,
     )
+
+
+def copy_batch(batch: Any) -> Any:
+    """The batch with each tensor pytree reaches copied (`requires_grad` kept): what a
+    training step may write in place or give a `.grad` without touching the caller's."""
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        c = x.detach().clone()
+        return c.requires_grad_() if x.requires_grad else c
+
+    return pytree.tree_map(one, batch)
 
 
 def run_model(model: torch.nn.Module, batch: Any) -> Any:

@@ -93,6 +93,7 @@ from precision_doctor.model.spec import (
     LossFn,
     OptimizerFactory,
     call_build_optimizer,
+    copy_batch,
     device_type,
     resolve_loss,
     run_model,
@@ -484,6 +485,10 @@ class _TrainingRun:
 
     def step(self, i: int, b: Any) -> StepRecord:
         """Optimizer step `i` on batch `b`."""
+        # Each step reads the batch as given, as a loader's next one: not what an earlier
+        # step's forward wrote into it in place (`x.mul_(2)` compounded over the runs' steps
+        # into a false DIVERGENT_LOSS); the caller's tensors get no write and no `.grad`.
+        b = copy_batch(b)
         if self.pure:
             assert self.dtype is not None
             b = cast_floats(b, self.dtype)
