@@ -304,6 +304,19 @@ TRANSFORMERS = ("gpt2", "bert", "t5", "llama")
 # --- the headline-output cases (issue 23) -------------------------------------------------
 
 
+class DoublesInput(nn.Module):
+    """Doubles its input, in place (writing the caller's batch) or into a copy: the two give
+    the same training, if every run and step reads the batch as given."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.mul_(2.0) if self.in_place else x * 2.0)
+
+
 class OneTokenLM(nn.Module):
     """embedding -> Linear -> LayerNorm (bias 3.0) -> bias-free LM head. Every labelled
     position names one token, so the head's weight gradient is ~100x any other gradient, and

@@ -18,7 +18,7 @@ from torch.nn.modules import module as nn_module
 
 import precision_doctor as pd
 
-from .fixtures import build
+from .fixtures import DoublesInput, build
 
 _GLOBAL_HOOK_DICTS = [
     name for name in dir(nn_module) if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)
@@ -441,19 +441,6 @@ def test_caller_gc_settings_left_alone(state: str) -> None:
 # --- the caller's batch ----------------------------------------------------------------------
 
 
-class _DoublesInput(nn.Module):
-    def __init__(self, in_place: bool) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 1)
-        self.in_place = in_place
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_place:
-            x.mul_(2.0)  # the caller's batch, written by the model
-            return self.lin(x)
-        return self.lin(x * 2.0)
-
-
 def test_a_forward_that_writes_its_input_sees_the_same_batch_in_every_run() -> None:
     """Each run of the analysis starts from the caller's batch, and the caller gets it back:
     a model that doubles its input in place gets the report of one that doubles a copy (it
@@ -462,7 +449,7 @@ def test_a_forward_that_writes_its_input_sees_the_same_batch_in_every_run() -> N
     reports = []
     for in_place in (True, False):
         torch.manual_seed(0)
-        model = _DoublesInput(in_place)
+        model = DoublesInput(in_place)
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
         before = x.clone()
         reports.append(pd.analyze(model, {"x": x}, sq_loss))

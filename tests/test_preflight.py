@@ -17,7 +17,7 @@ from precision_doctor.model.spec import load_model_file
 from precision_doctor.options import Severity
 from precision_doctor.training.preflight import RISK_NAMES, parse_fail_on
 
-from .fixtures import HEALTHY_FILE, build_mlp
+from .fixtures import HEALTHY_FILE, DoublesInput, build_mlp
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 STEPS = 3
@@ -131,16 +131,6 @@ def test_the_default_optimizer_is_the_one_the_analysis_steps() -> None:
     assert any("eps" in r.message and "AdamW" in r.message for r in lost), [r.message for r in lost]
 
 
-class _DoublesInput(torch.nn.Module):
-    def __init__(self, in_place: bool) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 1)
-        self.in_place = in_place
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x.mul_(2.0) if self.in_place else x * 2.0)
-
-
 def test_each_step_reads_the_batch_as_given() -> None:
     """A forward that writes its input in place: every step of every run reads the batch as
     the caller gave it (as a loader's next batch), and the caller gets it back. Its fp32
@@ -148,7 +138,7 @@ def test_each_step_reads_the_batch_as_given() -> None:
     runs = []
     for in_place in (True, False):
         torch.manual_seed(0)
-        model = _DoublesInput(in_place)
+        model = DoublesInput(in_place)
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
         before = x.clone()
         result = pd.preflight(model, x, lambda out, b: out.pow(2).mean(), steps=3, plan=False)
