@@ -6,6 +6,7 @@ import json
 import math
 import types
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -389,3 +390,24 @@ def test_plan_tracks_fp32_where_all_low_does_not() -> None:
     assert max(rel) <= plan.tolerance
     bad = [not math.isfinite(a) or abs(a - f) / abs(f) > plan.tolerance for a, f in zip(all_low, fp32, strict=True)]
     assert any(bad)
+
+
+def test_a_promotion_no_measured_contribution_explains_says_so() -> None:
+    """Under a tolerance below what the measured contributions account for (each low unit's
+    0), the promoted unit is the one whose values the low run changes most, and its reason
+    says the measurements do not explain the error (it read "worst contributor (0.00e+00)",
+    the unit picked by name)."""
+    from precision_doctor.model.spec import load_model_file
+
+    spec = load_model_file(Path(__file__).resolve().parents[1] / "sample_models" / "tiny_transformer.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16")
+    plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, tolerance=1e-8)
+    promoted = [u for u in plan.fp32_units if "promoted after verification" in u.reason]
+    assert promoted, plan.fp32_units
+    assert not any("worst contributor (0.00e+00)" in u.reason for u in promoted)
+    unexplained = [u for u in promoted if "no low unit's measured contribution accounts for it" in u.reason]
+    assert unexplained, [u.reason for u in promoted]
+    units = report.by_module()
+    for u in unexplained:
+        propagated = units[u.unit].forward.propagated
+        assert propagated is not None and f"({propagated.rel_l2_error:.2e})" in u.reason, u.reason

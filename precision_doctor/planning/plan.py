@@ -577,10 +577,25 @@ class _Search:
             return False
         if verified <= self.tolerance:
             return True
-        worst = max((n for n, v in low.items() if v), key=lambda n: (self.contributions.get(n, 0.0), n))
+        units = self.report.by_module()
+
+        def propagated(n: str) -> float:
+            fwd = units[n].forward.propagated if n in units else None
+            return fwd.rel_l2_error if fwd is not None and math.isfinite(fwd.rel_l2_error) else 0.0
+
+        # Where no low unit's measured contribution accounts for the error (each 0), the one
+        # whose values the low run changes most goes: name order would pick any.
+        worst = max((n for n, v in low.items() if v), key=lambda n: (self.contributions.get(n, 0.0), propagated(n), n))
+        share = self.contributions.get(worst, 0.0)
+        why = (
+            f"{worst} was its worst contributor ({share:.2e})"
+            if share > 0
+            else f"no low unit's measured contribution accounts for it: {worst} has the largest propagated "
+            f"error of the low units ({propagated(worst):.2e})"
+        )
         self.promoted[worst] = (
             f"promoted after verification pass {self.passes}: the plan's final-loss error {verified:.2e} "
-            f"exceeded the tolerance and {worst} was its worst contributor ({self.contributions.get(worst, 0.0):.2e})"
+            f"exceeded the tolerance and {why}"
         )
         self.forced.add(worst)
         return False
