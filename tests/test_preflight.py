@@ -332,9 +332,11 @@ def test_cli_no_go_exit_1_text_and_json() -> None:
     res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--json"])
     assert res.exit_code == 1
     assert json.loads(res.stdout)["go"] is False
-    # Only the named risks fail: GRAD_UNDERFLOW alone is not found here.
+    # Only the named risks fail: GRAD_UNDERFLOW alone is not found here; NONE fails nothing.
     res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--fail-on", "GRAD_UNDERFLOW"])
     assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["preflight", path, "--steps", "2", "--no-plan", "--fail-on", "NONE"])
+    assert res.exit_code == 0 and res.stdout.startswith("GO"), res.output
 
 
 def test_cli_default_gate_exits_0_on_a_warning_and_1_on_an_error() -> None:

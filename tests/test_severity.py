@@ -166,9 +166,12 @@ def test_fail_on_takes_severities() -> None:
     assert parse_fail_on("ALL") == RISK_NAMES  # every risk, whatever its severity
     with pytest.raises(pd.PrecisionDoctorError, match="error, warning, info"):
         parse_fail_on("fatal")
-    assert parse_fail_on("NONE") == () == parse_fail_on(["none"])
-    # An empty choice is refused as the CLI's --fail-on '' is: "nothing fails" is NONE.
-    for empty in ([], (), "", " , "):
+    # NONE parses to no risk, and parsed risks parse to themselves (the CLI parses --fail-on
+    # before loading the model, then hands the parsed risks on).
+    assert parse_fail_on("NONE") == () == parse_fail_on(["none"]) == parse_fail_on(parse_fail_on("NONE"))
+    assert parse_fail_on(parse_fail_on("warning,SKIPPED_STEPS")) == ("warning", "SKIPPED_STEPS")
+    # An empty string is refused (an unset CI variable), NONE said so is not.
+    for empty in ("", " , "):
         with pytest.raises(pd.PrecisionDoctorError, match="fail_on is empty"):
             parse_fail_on(empty)
 
