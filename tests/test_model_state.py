@@ -459,6 +459,69 @@ def test_a_forward_that_writes_its_input_sees_the_same_batch_in_every_run() -> N
     assert [(f.unit, f.flag) for f in in_place_report.flags()] == [(f.unit, f.flag) for f in copy_report.flags()]
 
 
+def test_a_batch_pytree_does_not_know_is_guarded_too() -> None:
+    """A mapping pytree sees as one leaf (a `UserDict`, transformers' `BatchEncoding`) is the
+    keyword arguments `run_model` unpacks: its tensors are the caller's batch too."""
+    from collections import UserDict
+
+    reports = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        before = x.clone()
+        reports.append(pd.analyze(DoublesInput(in_place), UserDict(x=x), sq_loss))
+        assert torch.equal(x, before)
+    assert reports[0].losses == reports[1].losses
+
+
+class _WritesInputAndWeight(nn.Module):
+    """Writes its input, and then its own weight (which makes the kept low graph unusable: the
+    low run is made again after the fp32 run, which must read the caller's batch too)."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 8), nn.Linear(8, 1)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mul_(2.0) if self.in_place else x * 2.0
+        h = self.out(torch.relu(self.lin(x)))
+        with torch.no_grad():
+            self.lin.weight.clamp_(-10.0, 10.0)
+        return h
+
+
+def test_the_low_run_made_again_reads_the_callers_batch() -> None:
+    reports = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        reports.append(pd.analyze(_WritesInputAndWeight(in_place), x, sq_loss))
+    fidelity = [r.grad_fidelity for r in reports]
+    assert fidelity[0] is not None and fidelity[1] is not None
+    assert fidelity[0].rel_l2_error == pytest.approx(fidelity[1].rel_l2_error, rel=1e-6, abs=1e-9)
+    assert [(f.unit, f.flag) for f in reports[0].flags()] == [(f.unit, f.flag) for f in reports[1].flags()]
+
+
+class _TakesItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w.t()
+
+
+def test_a_parameter_passed_in_the_batch_keeps_its_grad() -> None:
+    """A batch that carries one of the model's parameters: guarded as the parameter it is
+    (its `.grad` came back None when the batch's restore ran after the parameters')."""
+    model = _TakesItsWeight()
+    grad = torch.ones(4, 4)
+    model.lin.weight.grad = grad
+    pd.analyze(model, (torch.randn(2, 4), model.lin.weight), sq_loss)
+    assert model.lin.weight.grad is grad
+
+
 @pytest.mark.parametrize("had_grad", [False, True], ids=["no-grad", "grad"])
 def test_a_batch_tensor_that_requires_grad_gets_its_grad_back(had_grad: bool) -> None:
     """The analysis' backwards (the low one loss-scaled) must not add into an input's

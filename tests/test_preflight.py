@@ -396,3 +396,19 @@ def test_cli_bad_input_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--steps" in res.output
     res = runner.invoke(app, ["preflight", str(SAMPLES / "ffn_overflow.py"), "--dtype", "fp8", "--regime", "pure"])
     assert res.exit_code == 2
+
+
+def test_a_steps_batch_copy_keeps_aliases_and_the_mapping_type() -> None:
+    """`labels` that is `input_ids` stays one tensor in the copy; a mapping pytree does not
+    know (`UserDict`, like transformers' `BatchEncoding`) is copied too and keeps its type."""
+    from collections import UserDict
+
+    from precision_doctor.model.spec import copy_batch
+
+    ids = torch.arange(6).view(2, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    for batch in ({"input_ids": ids, "labels": ids, "x": x}, UserDict(input_ids=ids, labels=ids, x=x)):
+        out = copy_batch(batch)
+        assert type(out) is type(batch)
+        assert out["labels"] is out["input_ids"] and out["input_ids"] is not ids
+        assert torch.equal(out["input_ids"], ids) and out["x"] is not x and out["x"].requires_grad

@@ -217,6 +217,9 @@ def analyze(
         reset_fsdp_iteration(req.model)  # a forward without its backward (yet)
         req.say("fp32 forward with low-precision shadows")
         captured = _fp32_capture(req, real_low, guard, key)
+        # The fp32 run is done, backward included: a low run made again (the kept graph's
+        # fallback) reads the batch as the caller gave it, not as the fp32 forward wrote it.
+        guard.restore_batch()
         capture, grads = captured.capture, captured.grads
         req.say("statistics and flags")
         report = _report(req, captured, real_low, fx)

@@ -110,17 +110,40 @@ def load_model_file(path: str | Path) -> ModelSpec:
     )
 
 
+def _as_tree(batch: Any) -> Any:
+    """A mapping pytree does not know (transformers' `BatchEncoding`, a `UserDict`) as the
+    dict `run_model` unpacks it into; anything else as it is."""
+    return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
+
+
+def batch_tensors(batch: Any) -> list[torch.Tensor]:
+    """The batch's tensors, each once, as `run_model` hands them to the model."""
+    return list({id(t): t for t in pytree.tree_leaves(_as_tree(batch)) if isinstance(t, torch.Tensor)}.values())
+
+
 def copy_batch(batch: Any) -> Any:
-    """The batch with each tensor pytree reaches copied (`requires_grad` kept): what a
-    training step may write in place or give a `.grad` without touching the caller's."""
+    """The batch with each tensor copied (`requires_grad` kept; one copy for a tensor that
+    appears twice, as `labels` may be `input_ids`): what a training step may write in place
+    or give a `.grad` without touching the caller's. A mapping pytree does not know keeps
+    its type where it can be built from a dict."""
+    copies: dict[int, torch.Tensor] = {}
 
     def one(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        c = x.detach().clone()
-        return c.requires_grad_() if x.requires_grad else c
+        if id(x) not in copies:
+            c = x.detach().clone()
+            copies[id(x)] = c.requires_grad_() if x.requires_grad else c
+        return copies[id(x)]
 
-    return pytree.tree_map(one, batch)
+    tree = _as_tree(batch)
+    copied = pytree.tree_map(one, tree)
+    if tree is batch:
+        return copied
+    try:
+        return type(batch)(copied)
+    except Exception:  # a mapping type that takes no dict: the dict run_model would unpack
+        return copied
 
 
 def run_model(model: torch.nn.Module, batch: Any) -> Any:

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 
 from precision_doctor.model.parallel import reset_fsdp_iteration, storage_ptr
+from precision_doctor.model.spec import batch_tensors
 
 
 class ModuleAttributes:
@@ -46,14 +46,20 @@ class ModelStateGuard:
 
     def __init__(self, model: torch.nn.Module, batch: Any = None) -> None:
         self.model = model
-        self._batch = list({id(t): t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)}.values())
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        # (A parameter passed in the batch is guarded as a parameter.)
+        params = {id(p) for p in self._params.values()}
+        self._batch = [t for t in batch_tensors(batch) if id(t) not in params]
         self._batch_storages: dict[int, list[torch.Tensor]] = {}
         for t in self._batch:
             ptr = storage_ptr(t)
             if ptr:
                 self._batch_storages.setdefault(ptr, []).append(t)
+        # Aliases taken here, outside any dispatch mode: one taken inside a mode's handler has
+        # a version counter of its own, and a restore through it would not tell autograd that
+        # a tensor a kept graph saved has changed.
+        self._batch_aliases = {id(t): t.detach() for t in self._batch}
         self._batch_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._params = dict(model.named_parameters(remove_duplicate=False))
         # Writes through `.data` or a view reach a parameter via another tensor object:
         # recognise those by the storage they write to.
         self._param_storages: dict[int, list[torch.Tensor]] = {}
@@ -98,7 +104,16 @@ class ModelStateGuard:
                 self._param_copies[id(p)] = (original, original.clone())
         for t in self._batch_storages.get(ptr, []) if ptr else []:
             if id(t) not in self._batch_copies:
-                self._batch_copies[id(t)] = (t.detach(), t.detach().clone())
+                alias = self._batch_aliases[id(t)]
+                self._batch_copies[id(t)] = (alias, alias.clone())
+
+    def restore_batch(self) -> None:
+        """Put back the batch tensors written since the guard began (or since the last
+        restore), for the next run to read the batch as the caller gave it."""
+        with torch.no_grad():
+            for alias, saved in self._batch_copies.values():
+                alias.copy_(saved)
+        self._batch_copies.clear()
 
     def analysis_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for n, p in self._params.items() if p.grad is not None}
@@ -116,8 +131,9 @@ class ModelStateGuard:
             original = self._original[id(p)]
             if storage_ptr(p) != storage_ptr(original) or p.shape != original.shape:
                 p.data = original
+        self.restore_batch()
         with torch.no_grad():
-            for original, saved in (*self._param_copies.values(), *self._batch_copies.values()):
+            for original, saved in self._param_copies.values():
                 original.copy_(saved)
             for b, saved in self._buffers.values():
                 if b.shape == saved.shape:

@@ -172,7 +172,7 @@ def measure_cost_model(
     profile = measure_device_profile(device)
     step = progress or (lambda _msg: None)
 
-    with ModelStateGuard(model, batch):
+    with ModelStateGuard(model):
         try:
             called = record_module_calls(model, batch)
         except Exception as e:
