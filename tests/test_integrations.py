@@ -48,7 +48,7 @@ def token_dataset() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def train_hf(tmp_path: Any, model: Any, callback: Any) -> Any:
+def train_hf(tmp_path: Any, model: Any, callback: Any, **extra: Any) -> Any:
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -61,6 +61,7 @@ def train_hf(tmp_path: Any, model: Any, callback: Any) -> Any:
         logging_strategy="no",
         disable_tqdm=True,
         seed=0,
+        **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[callback])
     trainer.train()
@@ -125,6 +126,61 @@ def test_transformers_callback_warn_and_raise_modes(tmp_path: Any) -> None:
     with pytest.raises(PreflightFailed) as e:
         train_hf(tmp_path, tiny_gpt2(faulty=True), PreflightCallback(mode="raise", dtype="fp16", steps=1, plan=False))
     assert not e.value.result.go
+
+
+class _Regression(torch.nn.Module):
+    """A Trainer model: a Linear fitted to targets 1e-3 from its own outputs, whose bf16
+    error shows in the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": (self.fc(x).float() - labels).pow(2).mean()}
+
+
+def test_transformers_callback_fp32_reference_is_fp32_under_bf16_args(tmp_path: Any) -> None:
+    """`bf16=True`: Accelerate binds an autocast wrapper as the model's forward before the
+    callback runs. The pre-flight's fp32 run must not run through it (it did: its fp32 and
+    bf16 losses were the same numbers, and the bf16 error went unseen)."""
+    from transformers import Trainer, TrainingArguments
+
+    from precision_doctor.integrations.transformers import PreflightCallback
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 16, generator=g)
+    with torch.no_grad():
+        y = _Regression().fc(x) + 1e-3 * torch.randn(16, 16, generator=g)
+    data = [{"x": x[i], "labels": y[i]} for i in range(16)]
+    model = _Regression()
+    cb = PreflightCallback(mode="warn", steps=1, plan=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=16, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, bf16=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    assert cb.result is not None and cb.result.dtype == "bf16"
+    fp32, low = cb.result.runs["fp32"].losses[0], cb.result.runs["low"].losses[0]
+    with torch.no_grad():
+        exact = float(_Regression()(x, y)["loss"])
+    assert fp32 == pytest.approx(exact, rel=1e-5) and abs(low - fp32) > 0.1 * fp32, (fp32, low, exact)
+    assert "_original_forward" in vars(model)  # the trainer's wrapper is back in place
+
+
+def test_a_model_the_trainer_holds_in_bf16_is_preflown_in_the_pure_regime(tmp_path: Any) -> None:
+    """A model handed to the Trainer as `.to(torch.bfloat16)` trains pure bf16: pre-flown as an
+    fp32 copy in the pure regime (it raised "needs the fp32 model" and ended the run, in
+    mode "warn" too)."""
+    from precision_doctor.integrations.transformers import PreflightCallback
+
+    model = tiny_gpt2(faulty=False).to(torch.bfloat16)
+    cb = PreflightCallback(mode="warn", steps=1, plan=False)
+    trainer = train_hf(tmp_path, model, cb)
+    assert cb.result is not None and cb.result.dtype == "bf16" and cb.result.regime == "pure"
+    assert trainer.state.global_step == STEPS
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_callback_rejects_unknown_mode() -> None:
@@ -215,4 +271,29 @@ def test_lightning_callback_lets_healthy_model_run(tmp_path: Any) -> None:
     trainer = train_lightning(tmp_path, lightning_module(faulty=False), cb)
     assert cb.result is not None and cb.result.go, cb.result.verdict if cb.result else None
     assert cb.result.optimizer.startswith("build_optimizer: SGD")
+    assert trainer.global_step == STEPS
+
+
+def test_lightning_bf16_true_is_preflown_once_in_the_pure_regime(tmp_path: Any) -> None:
+    """precision="bf16-true": the module's weights and batch are bf16, so the pre-flight runs
+    an fp32 copy on the batch's values in the pure regime, once (a pre-flight that could not
+    run was tried again on every batch)."""
+    L = _lightning()
+    from precision_doctor.integrations.lightning import LightningPreflightCallback
+
+    cb = LightningPreflightCallback(mode="warn", steps=1, plan=False)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[cb],
+    )
+    trainer.fit(lightning_module(faulty=False), lightning_data())
+    assert cb.result is not None and cb.result.dtype == "bf16" and cb.result.regime == "pure"
     assert trainer.global_step == STEPS

@@ -13,6 +13,7 @@ logs; `mode="raise"` raises `PreflightFailed` before any optimizer step.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Callable
@@ -66,6 +67,34 @@ def optimizer_factory(
 
     build.__name__ = f"{cls.__name__}({source} hyperparameters)"
     return build
+
+
+def trained_as(
+    model: torch.nn.Module, batch: Any, dtype: str | None, kw: dict[str, Any]
+) -> tuple[torch.nn.Module, Any, str | None]:
+    """The model, batch and dtype to pre-flight, for a model the trainer already holds in a
+    low dtype (Lightning's "bf16-true", a model `.to(torch.bfloat16)` handed to a Trainer):
+    that trains in the pure regime, whose analysis needs the fp32 model as its reference.
+    Such a model is pre-flown as an fp32 copy, its batch's floats in fp32, in the pure regime
+    (`kw` gets `regime="pure"` unless the caller chose one) and its own dtype; any other
+    model as it is."""
+    found = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    if len(found) != 1 or next(iter(found)) not in low:
+        return model, batch, dtype
+    from precision_doctor.capture.lowrun import cast_floats
+
+    kw.setdefault("regime", "pure")
+    return copy.deepcopy(model).float(), cast_floats(batch, torch.float32), dtype or low[next(iter(found))]
+
+
+def could_not_run(error: PrecisionDoctorError, mode: str, log: logging.Logger = logger) -> None:
+    """Log a pre-flight that could not run: a warning in mode "warn" (training goes on), an
+    error in mode "stop" (training stops: nothing was judged)."""
+    if mode == "warn":
+        log.warning("precision-doctor pre-flight could not run (training goes on): %s", error)
+    else:
+        log.error("precision-doctor pre-flight could not run: %s; stopping the run (mode='stop')", error)
 
 
 def log_result(result: PreflightResult, mode: str, log: logging.Logger = logger) -> None:

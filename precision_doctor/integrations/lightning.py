@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.integrations import PreflightFailed, check_mode, log_result, optimizer_factory
+from precision_doctor.integrations import (
+    PreflightFailed,
+    check_mode,
+    could_not_run,
+    log_result,
+    optimizer_factory,
+    trained_as,
+)
 from precision_doctor.training.preflight import DEFAULT_STEPS, PreflightResult, preflight
 
 try:
@@ -90,22 +97,34 @@ class LightningPreflightCallback(Callback):
         self.steps = steps
         self.preflight_kwargs = preflight_kwargs
         self.result: PreflightResult | None = None
+        self.tried = False
         self.stopped = False
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.result is not None:
+        if self.tried:
             return
+        self.tried = True  # once, on the first batch, whether it can run or not
         precision = str(getattr(trainer, "precision", ""))
-        dtype = self.dtype or ("bf16" if "bf16" in precision else "fp16")
         kw = dict(self.preflight_kwargs)
         model = training_step_model(pl_module)
         if "build_optimizer" not in kw and "optimizer" not in kw:
             kw["build_optimizer"] = _optimizer_from(model)
         kw.setdefault("name", type(pl_module).__name__)
-        with warnings.catch_warnings():
-            # self.log() outside the trainer's loop only warns; the copies have no trainer.
-            warnings.filterwarnings("ignore", message=".*self.log.*")
-            self.result = preflight(model, (batch,), None, dtype=dtype, steps=self.steps, **kw)
+        model, args, dtype = trained_as(model, (batch,), self.dtype, kw)  # "bf16-true": pure bf16
+        dtype = dtype or ("bf16" if "bf16" in precision else "fp16")
+        try:
+            with warnings.catch_warnings():
+                # self.log() outside the trainer's loop only warns; the copies have no trainer.
+                warnings.filterwarnings("ignore", message=".*self.log.*")
+                self.result = preflight(model, args, None, dtype=dtype, steps=self.steps, **kw)
+        except PrecisionDoctorError as e:
+            if self.mode == "raise":
+                raise
+            could_not_run(e, self.mode)
+            if self.mode == "stop":
+                trainer.should_stop = True
+                self.stopped = True
+            return
         log_result(self.result, self.mode)
         if not self.result.go:
             if self.mode == "raise":

@@ -17,23 +17,51 @@ RNG state is restored after drawing the batch). The loss is the model output's `
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.integrations import (
     PreflightFailed,
     check_mode,
+    could_not_run,
     log_result,
     logger,
     optimizer_factory,
+    trained_as,
 )
 from precision_doctor.model.spec import LossFn
 from precision_doctor.training.preflight import DEFAULT_STEPS, PreflightResult, preflight
 
 __all__ = ["PreflightCallback"]
+
+
+@contextlib.contextmanager
+def accelerate_autocast_removed(model: torch.nn.Module) -> Iterator[None]:
+    """While within: `model` without the autocast wrapper Accelerate's mixed precision binds
+    as its forward (keeping the one it wrapped as `_original_forward`). The pre-flight copies
+    the model: with the wrapper on, its fp32 reference and analysis ran under bf16 autocast
+    too, compared bf16 with bf16, and found nothing."""
+    d = vars(model)
+    if "_original_forward" not in d or "forward" not in d:
+        yield
+        return
+    wrapper, original = d["forward"], d["_original_forward"]
+    own = getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is getattr(
+        type(model), "forward", None
+    )
+    if own:
+        del d["forward"]  # the class's forward, bound afresh in each copy
+    else:
+        d["forward"] = original
+    try:
+        yield
+    finally:
+        d["forward"] = wrapper
 
 
 def first_batch(dataloader: Iterable[Any]) -> Any:
@@ -72,11 +100,22 @@ class PreflightCallback(TrainerCallback):
         if model is None or dataloader is None:
             logger.warning("precision-doctor pre-flight skipped: the trainer passed no model or train_dataloader")
             return control
-        dtype = self.dtype or ("bf16" if getattr(args, "bf16", False) else "fp16")
         kw = dict(self.preflight_kwargs)
         if "build_optimizer" not in kw and "optimizer" not in kw:
             kw["build_optimizer"] = optimizer_factory(kwargs.get("optimizer"))
-        self.result = preflight(model, first_batch(dataloader), self.loss_fn, dtype=dtype, steps=self.steps, **kw)
+        target, batch, dtype = trained_as(model, first_batch(dataloader), self.dtype, kw)
+        dtype = dtype or ("bf16" if getattr(args, "bf16", False) else "fp16")
+        try:
+            with accelerate_autocast_removed(target):
+                self.result = preflight(target, batch, self.loss_fn, dtype=dtype, steps=self.steps, **kw)
+        except PrecisionDoctorError as e:
+            if self.mode == "raise":
+                raise
+            could_not_run(e, self.mode)
+            if self.mode == "stop":
+                control.should_training_stop = True
+                self.stopped = True
+            return control
         log_result(self.result, self.mode)
         if not self.result.go:
             if self.mode == "raise":
