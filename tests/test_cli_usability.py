@@ -476,3 +476,20 @@ def test_a_deepspeed_export_without_per_module_dtypes_points_at_the_python_expor
     named = re.search(r"the plan keeps (.+?) in fp32", flat)
     assert named is not None, flat
     assert f"apply the plan's {len(named.group(1).split(', '))} fp32 module(s)" in steps[0], (named.group(1), steps)
+
+
+def test_an_hf_export_points_at_the_python_export_for_its_fp32_modules(tmp_path: Path) -> None:
+    """The hf export is TrainingArguments (every module in the low dtype): its next step
+    names the python export for the plan's fp32 modules, as its note does ("apply the plan
+    written to hf.py" sent the user to a file that holds no plan)."""
+    export = tmp_path / "hf.py"
+    args = ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check"]
+    result = runner.invoke(app, [*args, "--export", str(export), "--export-format", "hf"], env=ENV)
+    assert result.exit_code == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    named = re.search(r"these TrainingArguments run every module in fp16; the plan keeps (.+?) in fp32", flat)
+    assert named is not None, flat
+    (step,) = [s for s in _next_steps(result.stdout) if "fp32 module(s)" in s]
+    assert step.startswith(f"{export} runs every module in fp16; apply the plan's {len(named.group(1).split(', '))} ")
+    assert step.endswith("--export plan.py")
+    assert not any(s.startswith("apply the plan written") for s in _next_steps(result.stdout))

@@ -339,10 +339,14 @@ def deepspeed_config(plan: Plan, deepspeed_version: str | None = None) -> dict[s
 
 
 def carries_module_dtypes(export_format: ExportFormat | str, deepspeed_version: str | None = None) -> bool:
-    """Whether an export of this format applies per-module dtypes: every format but a
-    DeepSpeed config for a DeepSpeed without torch autocast (its config runs every module in
-    the plan's dtype; the python export carries the per-module part)."""
-    if ExportFormat(export_format) is not ExportFormat.DEEPSPEED:
+    """Whether an export of this format applies per-module dtypes: every format but the hf
+    one (TrainingArguments, which run every module in the plan's dtype) and a DeepSpeed
+    config for a DeepSpeed without torch autocast (the same); the python export carries the
+    per-module part for both."""
+    fmt = ExportFormat(export_format)
+    if fmt is ExportFormat.HF:
+        return False
+    if fmt is not ExportFormat.DEEPSPEED:
         return True
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
     return version is not None and _version_tuple(version) >= DEEPSPEED_TORCH_AUTOCAST_SINCE
@@ -363,6 +367,16 @@ def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_vers
     pure = _pure_caveat(plan, export_format)
     if carries_module_dtypes(export_format, deepspeed_version):
         return pure
+    if ExportFormat(export_format) is ExportFormat.HF:
+        hf_kept = fp32_modules(plan.units)
+        if not hf_kept:
+            return pure
+        shown = ", ".join(hf_kept[:5]) + (f" and {len(hf_kept) - 5} more" if len(hf_kept) > 5 else "")
+        return [
+            f"these TrainingArguments run every module in {plan.dtype}; the plan keeps {shown} in fp32 "
+            "(apply the python export too)",
+            *pure,
+        ]
     version = deepspeed_version if deepspeed_version is not None else installed_deepspeed_version()
     caveats = []
     kept = fp32_modules(plan.units)
