@@ -654,9 +654,25 @@ def app_command(
     report: Annotated[Path, typer.Argument(help="A report written by `analyze --out`.")],
     port: Annotated[int | None, typer.Option("--port", help="Serve on this port (default: streamlit's 8501).")] = None,
     headless: Annotated[bool, typer.Option("--headless", help="Do not open a browser.")] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="Instead of serving: write the report as a standalone HTML file here (a report with a "
+            "pre-flight or a real run's ScalerMonitor gets its Training section), then exit.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Open the interactive report (Streamlit) on a saved report. Never reruns the analysis."""
+    """Open the interactive report (Streamlit) on a saved report, or write it as HTML
+    (--html). Never reruns the analysis."""
+    if html is not None:
+        if report.is_dir():
+            raise PrecisionDoctorError(f"report {report} is a directory, not a JSON report")
+        _check_outputs({"--html": html})
+        saved = Report.load(report)
+        _write_report(saved, output_console(), out=None, html=html)
+        return
     from precision_doctor.views.launcher import launch_app
 
     code = launch_app(report, port=port, headless=headless)

@@ -5,6 +5,7 @@ after the verdict (from real analyses of the sample models)."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import os
@@ -493,3 +494,18 @@ def test_an_hf_export_points_at_the_python_export_for_its_fp32_modules(tmp_path:
     assert step.startswith(f"{export} runs every module in fp16; apply the plan's {len(named.group(1).split(', '))} ")
     assert step.endswith("--export plan.py")
     assert not any(s.startswith("apply the plan written") for s in _next_steps(result.stdout))
+
+
+def test_app_writes_a_saved_report_as_html(saved_report: Path, tmp_path: Path) -> None:
+    """`app REPORT --html OUT`: the saved report as standalone HTML, nothing served (a report
+    with a ScalerMonitor's run had no other way to its HTML Training section); a report that
+    cannot be read writes nothing."""
+    out = tmp_path / "r.html"
+    result = runner.invoke(app, ["app", str(saved_report), "--html", str(out)], env=ENV)
+    assert result.exit_code == 0, result.stderr
+    report = Report.load(saved_report)
+    text = out.read_text()
+    assert all(html.escape(u.name) in text for u in report.units) and html.escape(report.verdict.split(";")[0]) in text
+    bad = tmp_path / "bad.html"
+    result = runner.invoke(app, ["app", str(tmp_path / "missing.json"), "--html", str(bad)], env=ENV)
+    assert result.exit_code == 2 and "does not exist" in result.stderr and not bad.exists()
