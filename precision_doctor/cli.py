@@ -797,11 +797,12 @@ def preflight_command(
         )
     if main_rank:
         _print_preflight(result, as_json=json_out)
-        annotated = result.annotated_report()  # a fresh result always carries its report
-        if annotated is None:
-            raise PrecisionDoctorInternalError("the pre-flight result carries no analysis report")
-        # With --json, stdout is the result alone: where the files went is said on stderr.
-        _write_report(annotated, err_console if json_out else output_console(), out=out, html=html)
+        if out is not None or html is not None:
+            annotated = result.annotated_report()  # a fresh result always carries its report
+            if annotated is None:
+                raise PrecisionDoctorInternalError("the pre-flight result carries no analysis report")
+            # With --json, stdout is the result alone: where the files went is said on stderr.
+            _write_report(annotated, err_console if json_out else output_console(), out=out, html=html)
     raise typer.Exit(0 if result.go else 1)
 
 
