@@ -233,7 +233,7 @@ def lightning_data() -> Any:
     return torch.utils.data.DataLoader(ds, batch_size=8)
 
 
-def train_lightning(tmp_path: Any, module: Any, callback: Any) -> Any:
+def train_lightning(tmp_path: Any, module: Any, callback: Any, **extra: Any) -> Any:
     L = _lightning()
     trainer = L.Trainer(
         max_steps=STEPS,
@@ -245,6 +245,7 @@ def train_lightning(tmp_path: Any, module: Any, callback: Any) -> Any:
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
         callbacks=[callback],
+        **extra,
     )
     trainer.fit(module, lightning_data())
     return trainer
@@ -278,22 +279,10 @@ def test_lightning_bf16_true_is_preflown_once_in_the_pure_regime(tmp_path: Any) 
     """precision="bf16-true": the module's weights and batch are bf16, so the pre-flight runs
     an fp32 copy on the batch's values in the pure regime, once (a pre-flight that could not
     run was tried again on every batch)."""
-    L = _lightning()
+    _lightning()
     from precision_doctor.integrations.lightning import LightningPreflightCallback
 
     cb = LightningPreflightCallback(mode="warn", steps=1, plan=False)
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        precision="bf16-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[cb],
-    )
-    trainer.fit(lightning_module(faulty=False), lightning_data())
+    trainer = train_lightning(tmp_path, lightning_module(faulty=False), cb, precision="bf16-true")
     assert cb.result is not None and cb.result.dtype == "bf16" and cb.result.regime == "pure"
     assert trainer.global_step == STEPS

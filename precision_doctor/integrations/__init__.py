@@ -88,6 +88,25 @@ def trained_as(
     return copy.deepcopy(model).float(), cast_floats(batch, torch.float32), dtype or low[next(iter(found))]
 
 
+def gate(run: Callable[[], PreflightResult], mode: str) -> tuple[PreflightResult | None, bool]:
+    """Run the pre-flight and act on it as `mode` says: (its result, None where it could not
+    run; whether to stop the training). Logs either way; raises in mode "raise" (the
+    pre-flight's own error, or `PreflightFailed` on no-go)."""
+    try:
+        result = run()
+    except PrecisionDoctorError as e:
+        if mode == "raise":
+            raise
+        could_not_run(e, mode)
+        return None, mode == "stop"
+    log_result(result, mode)
+    if result.go:
+        return result, False
+    if mode == "raise":
+        raise PreflightFailed(result.verdict, result)
+    return result, mode == "stop"
+
+
 def could_not_run(error: PrecisionDoctorError, mode: str, log: logging.Logger = logger) -> None:
     """Log a pre-flight that could not run: a warning in mode "warn" (training goes on), an
     error in mode "stop" (training stops: nothing was judged)."""

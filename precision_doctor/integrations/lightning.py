@@ -24,14 +24,7 @@ from typing import Any
 import torch
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.integrations import (
-    PreflightFailed,
-    check_mode,
-    could_not_run,
-    log_result,
-    optimizer_factory,
-    trained_as,
-)
+from precision_doctor.integrations import check_mode, gate, optimizer_factory, trained_as
 from precision_doctor.training.preflight import DEFAULT_STEPS, PreflightResult, preflight
 
 try:
@@ -112,23 +105,14 @@ class LightningPreflightCallback(Callback):
         kw.setdefault("name", type(pl_module).__name__)
         model, args, dtype = trained_as(model, (batch,), self.dtype, kw)  # "bf16-true": pure bf16
         dtype = dtype or ("bf16" if "bf16" in precision else "fp16")
-        try:
+
+        def run() -> PreflightResult:
             with warnings.catch_warnings():
                 # self.log() outside the trainer's loop only warns; the copies have no trainer.
                 warnings.filterwarnings("ignore", message=".*self.log.*")
-                self.result = preflight(model, args, None, dtype=dtype, steps=self.steps, **kw)
-        except PrecisionDoctorError as e:
-            if self.mode == "raise":
-                raise
-            could_not_run(e, self.mode)
-            if self.mode == "stop":
-                trainer.should_stop = True
-                self.stopped = True
-            return
-        log_result(self.result, self.mode)
-        if not self.result.go:
-            if self.mode == "raise":
-                raise PreflightFailed(self.result.verdict, self.result)
-            if self.mode == "stop":
-                trainer.should_stop = True
-                self.stopped = True
+                return preflight(model, args, None, dtype=dtype, steps=self.steps, **kw)
+
+        self.result, stop = gate(run, self.mode)
+        if stop:
+            trainer.should_stop = True
+            self.stopped = True

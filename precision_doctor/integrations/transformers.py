@@ -24,12 +24,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.integrations import (
-    PreflightFailed,
     check_mode,
-    could_not_run,
-    log_result,
+    gate,
     logger,
     optimizer_factory,
     trained_as,
@@ -105,22 +102,13 @@ class PreflightCallback(TrainerCallback):
             kw["build_optimizer"] = optimizer_factory(kwargs.get("optimizer"))
         target, batch, dtype = trained_as(model, first_batch(dataloader), self.dtype, kw)
         dtype = dtype or ("bf16" if getattr(args, "bf16", False) else "fp16")
-        try:
+
+        def run() -> PreflightResult:
             with accelerate_autocast_removed(target):
-                self.result = preflight(target, batch, self.loss_fn, dtype=dtype, steps=self.steps, **kw)
-        except PrecisionDoctorError as e:
-            if self.mode == "raise":
-                raise
-            could_not_run(e, self.mode)
-            if self.mode == "stop":
-                control.should_training_stop = True
-                self.stopped = True
-            return control
-        log_result(self.result, self.mode)
-        if not self.result.go:
-            if self.mode == "raise":
-                raise PreflightFailed(self.result.verdict, self.result)
-            if self.mode == "stop":
-                control.should_training_stop = True
-                self.stopped = True
+                return preflight(target, batch, self.loss_fn, dtype=dtype, steps=self.steps, **kw)
+
+        self.result, stop = gate(run, self.mode)
+        if stop:
+            control.should_training_stop = True
+            self.stopped = True
         return control
