@@ -102,6 +102,7 @@ def test_plan_keeps_vanishing_gradients_fp32_and_is_go() -> None:
     assert result.go, [r.line() for r in result.reasons]
     low = run_sample("deep_narrow_underflow", plan=True)
     assert not low.go and low.planned_go  # all-fp16 at 2^16 loses them
+    assert low.verdict.endswith("; with the plan and recommended loss scale: go"), low.verdict
 
 
 def test_a_pure_regime_plan_is_not_judged_by_the_low_weights_lost_updates() -> None:
@@ -115,6 +116,7 @@ def test_a_pure_regime_plan_is_not_judged_by_the_low_weights_lost_updates() -> N
     planned = run_sample("bf16_finetune_stall", **kw, judge="planned")
     assert planned.go, [r.line() for r in planned.reasons]
     assert low.planned_go is True
+    assert low.verdict.endswith("; with the plan: go"), low.verdict  # bf16: no loss scale to name
     assert "LOST_UPDATE" not in {r.risk for r in planned.reasons}
 
 

@@ -261,7 +261,9 @@ class PreflightResult(PreflightSection):
             body = f"{len(self.reasons)} reason(s): {', '.join(risks)}"
         tail = ""
         if self.judge == "low" and self.planned_go is not None and not self.go:
-            tail = "; with the plan and recommended loss scale: " + ("go" if self.planned_go else "still no-go")
+            # A loss scale is fp16's alone: bf16 and fp8 plans run without a scaler.
+            scale = " and recommended loss scale" if self.dtype is LowDtype.FP16 else ""
+            tail = f"; with the plan{scale}: " + ("go" if self.planned_go else "still no-go")
         return f"{head}: {body}{tail}"
 
     def to_json(self) -> str:
