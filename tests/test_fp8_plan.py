@@ -331,3 +331,20 @@ def test_verification_judges_each_fp8_matmul_again_on_the_planned_runs_operands(
         assert result.check.loss_rel_error < 0.1
     assert all(torch.equal(v, spec.model.state_dict()[k]) for k, v in before.items())
     assert not any(isinstance(m, Float8Linear) for m in spec.model.modules())
+
+
+def test_a_plan_no_pass_verified_says_so() -> None:
+    """outlier_token under tensorwise: the estimates keep every unit fp32, so no pass runs;
+    the summary says the plan is unverified (it read "verified final-loss error 0.00e+00 ...
+    0 verification pass(es)")."""
+    from precision_doctor.model.spec import load_model_file
+    from precision_doctor.planning.plan import plan_model
+
+    spec = load_model_file(Path(__file__).resolve().parents[1] / "sample_models" / "fp8" / "outlier_token.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="fp8")
+    plan = plan_model(spec.model, spec.batch, spec.loss_fn, report)
+    if plan.verification_passes:
+        pytest.skip("the estimates let a unit run low here: a pass ran")
+    assert all(d == "fp32" for d in plan.units.values())
+    summary = plan.summary()
+    assert "not verified: every unit stays fp32" in summary and "verification pass(es)" not in summary

@@ -208,7 +208,10 @@ class Plan(Frozen):
             f"activations {format_bytes(self.activation_bytes.plan)} vs "
             f"{format_bytes(self.activation_bytes.fp32)} fp32",
             f"verified final-loss error {self.verified_loss_rel_error:.2e} "
-            f"(tolerance {self.tolerance:.0e}, {self.verification_passes} verification pass(es))",
+            f"(tolerance {self.tolerance:.0e}, {self.verification_passes} verification pass(es))"
+            if self.verification_passes
+            # Nothing was run: every unit fp32, by the estimates alone (exact, not measured).
+            else f"not verified: every unit stays fp32 on the estimates alone (tolerance {self.tolerance:.0e})",
         ]
         for recipe, layers in planned_recipes(self.units).items():
             lines.append(f"  fp8 ({recipe}): {', '.join(layers)}")
