@@ -348,3 +348,30 @@ def test_a_plan_no_pass_verified_says_so() -> None:
     assert all(d == "fp32" for d in plan.units.values())
     summary = plan.summary()
     assert "not verified: every unit stays fp32" in summary and "verification pass(es)" not in summary
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_the_torchao_export_emulated_runs_under_cpu_autocast(tmp_path: Path, recipe: str) -> None:
+    """`convert_planned(model, emulate=True)` (for a CPU) trains under torch.autocast("cpu",
+    bf16): its layers cast their input as torchao casts it for CUDA's autocast
+    (rowwise_with_gw_hp's backward raised "expected m1 and m2 to have the same dtype")."""
+    from typer.testing import CliRunner
+
+    from precision_doctor.cli import app
+
+    sample = str(Path(__file__).resolve().parents[1] / "sample_models" / "fp8" / "healthy_mlp.py")
+    export = tmp_path / "fp8_plan.py"
+    result = CliRunner().invoke(app, ["analyze", sample, "--dtype", "fp8", "--quiet", "--export", str(export)])
+    assert result.exit_code == 0, result.output
+    ns = _exec(export.read_text())
+    ns["FP8_LAYERS"], ns["MODULE_COUNT"] = {"0": recipe, "2": recipe}, None
+    torch.manual_seed(0)
+    model = ns["convert_planned"](
+        torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)), emulate=True
+    )
+    assert type(model[0]).__name__ == "Float8Linear"
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().pow(2).mean()
+    loss.backward()
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()

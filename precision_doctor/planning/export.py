@@ -536,10 +536,24 @@ def convert_mx(model, emulate=False):
     return model
 
 
+def cpu_autocast_input(module, args):
+    """A Float8Linear's input cast to the CPU autocast's dtype, as torchao casts it to CUDA's
+    (it checks only CUDA's autocast): a forward pre-hook, which convert_planned(emulate=True)
+    adds, so that the emulated layers run under torch.autocast("cpu", dtype=torch.bfloat16)."""
+    import torch
+
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    if not torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return None
+    return (x.to(torch.get_autocast_dtype("cpu")), *args[1:])
+
+
 def convert_planned(model, emulate=False):
     """`model` with the plan's fp8 layers converted, one convert_to_float8_training call per
     Float8Linear recipe, the mxfp8 layers by convert_mx (emulate=True: torchao's CPU
-    emulation)."""
+    emulation, its Float8Linear layers given cpu_autocast_input)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     count = sum(1 for _ in model.named_modules())
@@ -553,6 +567,10 @@ def convert_planned(model, emulate=False):
         if emulate:
             config = dataclasses.replace(config, emulate=True)
         model = convert_to_float8_training(model, config=config, module_filter_fn=module_filter_fn_for(recipe))
+    if emulate:
+        for name, m in model.named_modules():
+            if type(m).__name__ == "Float8Linear" and name in FP8_LAYERS:
+                m.register_forward_pre_hook(cpu_autocast_input)
     return model
 '''
 
