@@ -667,8 +667,6 @@ def app_command(
     """Open the interactive report (Streamlit) on a saved report, or write it as HTML
     (--html). Never reruns the analysis."""
     if html is not None:
-        if report.is_dir():
-            raise PrecisionDoctorError(f"report {report} is a directory, not a JSON report")
         _check_outputs({"--html": html})
         saved = Report.load(report)
         _write_report(saved, output_console(), out=None, html=html)

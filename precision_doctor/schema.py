@@ -52,6 +52,8 @@ def parse_json(text: str, source: str) -> object:
 def read_text(path: str | os.PathLike[str], what: str) -> str:
     """The file's text; a missing or unreadable file is one line naming `what` it should be."""
     p = Path(path)
+    if p.is_dir():
+        raise PrecisionDoctorError(f"{what} {p} is a directory, not a file")
     try:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:

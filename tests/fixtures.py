@@ -317,6 +317,21 @@ class DoublesInput(nn.Module):
         return self.lin(x.mul_(2.0) if self.in_place else x * 2.0)
 
 
+def doubled_input_runs(run: Any, wrap: Any = lambda x: x) -> list[Any]:
+    """`run(model, batch)` for the in-place DoublesInput, then the copying one, each from the
+    same seed on the same values (`wrap(x)` the batch); the caller's `x` is checked to come
+    back unchanged from each."""
+    results = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        model = DoublesInput(in_place)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        before = x.clone()
+        results.append(run(model, wrap(x)))
+        assert torch.equal(x, before)
+    return results
+
+
 class OneTokenLM(nn.Module):
     """embedding -> Linear -> LayerNorm (bias 3.0) -> bias-free LM head. Every labelled
     position names one token, so the head's weight gradient is ~100x any other gradient, and

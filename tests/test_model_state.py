@@ -18,7 +18,7 @@ from torch.nn.modules import module as nn_module
 
 import precision_doctor as pd
 
-from .fixtures import DoublesInput, build
+from .fixtures import build, doubled_input_runs
 
 _GLOBAL_HOOK_DICTS = [
     name for name in dir(nn_module) if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)
@@ -446,15 +446,9 @@ def test_a_forward_that_writes_its_input_sees_the_same_batch_in_every_run() -> N
     a model that doubles its input in place gets the report of one that doubles a copy (it
     got a false ERROR_GROWTH and a 0.7 final-loss error when the fp32 run read the batch the
     low run had doubled)."""
-    reports = []
-    for in_place in (True, False):
-        torch.manual_seed(0)
-        model = DoublesInput(in_place)
-        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-        before = x.clone()
-        reports.append(pd.analyze(model, {"x": x}, sq_loss))
-        assert torch.equal(x, before)
-    in_place_report, copy_report = reports
+    in_place_report, copy_report = doubled_input_runs(
+        lambda model, batch: pd.analyze(model, batch, sq_loss), wrap=lambda x: {"x": x}
+    )
     assert in_place_report.losses == copy_report.losses
     assert [(f.unit, f.flag) for f in in_place_report.flags()] == [(f.unit, f.flag) for f in copy_report.flags()]
 
@@ -464,13 +458,7 @@ def test_a_batch_pytree_does_not_know_is_guarded_too() -> None:
     keyword arguments `run_model` unpacks: its tensors are the caller's batch too."""
     from collections import UserDict
 
-    reports = []
-    for in_place in (True, False):
-        torch.manual_seed(0)
-        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-        before = x.clone()
-        reports.append(pd.analyze(DoublesInput(in_place), UserDict(x=x), sq_loss))
-        assert torch.equal(x, before)
+    reports = doubled_input_runs(lambda model, batch: pd.analyze(model, batch, sq_loss), wrap=lambda x: UserDict(x=x))
     assert reports[0].losses == reports[1].losses
 
 

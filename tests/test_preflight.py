@@ -17,7 +17,7 @@ from precision_doctor.model.spec import load_model_file
 from precision_doctor.options import Severity
 from precision_doctor.training.preflight import RISK_NAMES, parse_fail_on
 
-from .fixtures import HEALTHY_FILE, DoublesInput, build_mlp
+from .fixtures import HEALTHY_FILE, build_mlp, doubled_input_runs
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 STEPS = 3
@@ -137,16 +137,10 @@ def test_each_step_reads_the_batch_as_given() -> None:
     """A forward that writes its input in place: every step of every run reads the batch as
     the caller gave it (as a loader's next batch), and the caller gets it back. Its fp32
     loss went x4 a step, and the low run started 70x off: a false DIVERGENT_LOSS."""
-    runs = []
-    for in_place in (True, False):
-        torch.manual_seed(0)
-        model = DoublesInput(in_place)
-        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-        before = x.clone()
-        result = pd.preflight(model, x, lambda out, b: out.pow(2).mean(), steps=3, plan=False)
-        assert torch.equal(x, before)
-        runs.append({k: r.losses for k, r in result.runs.items()})
-    assert runs[0] == runs[1]
+    in_place, copying = doubled_input_runs(
+        lambda model, x: pd.preflight(model, x, lambda out, b: out.pow(2).mean(), steps=3, plan=False)
+    )
+    assert {k: r.losses for k, r in in_place.runs.items()} == {k: r.losses for k, r in copying.runs.items()}
 
 
 class _InfGradOutsideOptimizer(torch.nn.Module):

@@ -38,7 +38,7 @@ from precision_doctor.capture.ops import COPY_OPS, aten, op_info, outputs_of, te
 from precision_doctor.capture.units import LOSS_UNIT, OpDtypes, OpKey, OpKeyer, UnitTracker
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.parallel import storage_ptr, wrapper_types
-from precision_doctor.model.spec import LossFn, resolve_loss, run_model
+from precision_doctor.model.spec import LossFn, as_tree, resolve_loss, run_model
 from precision_doctor.model.spec import device_type as model_device_type
 from precision_doctor.model.state import ModelStateGuard
 from precision_doctor.options import AutocastPolicy, Regime
@@ -750,8 +750,7 @@ def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
     that pytree does not know (transformers' `BatchEncoding`/`BatchFeature`) becomes the dict
     `run_model` passes as keyword arguments, so its float tensors (`pixel_values`) are cast
     too instead of passing through as one opaque leaf."""
-    if isinstance(batch, Mapping) and not isinstance(batch, dict):
-        batch = dict(batch)
+    batch = as_tree(batch)
 
     def cast_one(x: Any) -> Any:
         return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x

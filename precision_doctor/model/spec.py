@@ -110,7 +110,7 @@ def load_model_file(path: str | Path) -> ModelSpec:
     )
 
 
-def _as_tree(batch: Any) -> Any:
+def as_tree(batch: Any) -> Any:
     """A mapping pytree does not know (transformers' `BatchEncoding`, a `UserDict`) as the
     dict `run_model` unpacks it into; anything else as it is."""
     return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
@@ -118,7 +118,7 @@ def _as_tree(batch: Any) -> Any:
 
 def batch_tensors(batch: Any) -> list[torch.Tensor]:
     """The batch's tensors, each once, as `run_model` hands them to the model."""
-    return list({id(t): t for t in pytree.tree_leaves(_as_tree(batch)) if isinstance(t, torch.Tensor)}.values())
+    return list({id(t): t for t in pytree.tree_leaves(as_tree(batch)) if isinstance(t, torch.Tensor)}.values())
 
 
 def copy_batch(batch: Any) -> Any:
@@ -136,7 +136,7 @@ def copy_batch(batch: Any) -> Any:
             copies[id(x)] = c.requires_grad_() if x.requires_grad else c
         return copies[id(x)]
 
-    tree = _as_tree(batch)
+    tree = as_tree(batch)
     copied = pytree.tree_map(one, tree)
     if tree is batch:
         return copied
