@@ -768,7 +768,9 @@ def test_an_fp8_analysis_logs_nothing_of_torchao_imports(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stderr == "", proc.stderr[-2000:]
+    # What this is about: torchao's import notes (another setup may warn of other things).
+    noise = [ln for ln in proc.stderr.splitlines() if "torchao" in ln or "_pytree" in ln or "register_constant" in ln]
+    assert noise == [], proc.stderr[-2000:]
 
 
 def test_every_recipe_compared_leaves_out_an_mxfp8_the_shapes_do_not_fit(caplog: Any) -> None:

@@ -165,8 +165,9 @@ def test_transformers_callback_fp32_reference_is_fp32_under_bf16_args(tmp_path: 
     fp32, low = cb.result.runs["fp32"].losses[0], cb.result.runs["low"].losses[0]
     with torch.no_grad():
         exact = float(_Regression()(x, y)["loss"])
-    assert fp32 == pytest.approx(exact, rel=1e-5) and abs(low - fp32) > 0.1 * fp32, (fp32, low, exact)
-    assert "_original_forward" in vars(model)  # the trainer's wrapper is back in place
+    # (The loss cancels heavily: one ulp of the outputs moves it ~1e-5; the bug was a >10% gap.)
+    assert fp32 == pytest.approx(exact, rel=1e-3) and abs(low - fp32) > 0.1 * fp32, (fp32, low, exact)
+    assert "forward" in vars(model)  # the trainer's wrapper (an instance attribute) is back in place
 
 
 def test_a_model_the_trainer_holds_in_bf16_is_preflown_in_the_pure_regime(tmp_path: Any) -> None:
