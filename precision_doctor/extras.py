@@ -396,7 +396,8 @@ class Fp8Exclusion(Frozen):
 
     layer: str
     convention: str
-    """Why convention excludes it: `first` or `last` Linear (Megatron), or the ModelOpt default
+    """Why convention excludes it: `first` or `last` Linear (Megatron; `first and last` where the
+    model has one), or the ModelOpt default
     pattern its name matches (`*lm_head*`, `*router*`, `*mlp.gate*`, `*output_layer*`)."""
     flagged: bool
     """It has an FP8_ERROR or FP8_UNDERFLOW finding under this run's recipe."""

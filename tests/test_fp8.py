@@ -243,7 +243,7 @@ def test_cli_fp8(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
     # the one layer is first and last: flagged (wgrad) under rowwise, passed by another recipe
-    assert "proj (first): needs the rowwise_with_gw_hp recipe" in result.stdout
+    assert "proj (first and last): needs the rowwise_with_gw_hp recipe" in result.stdout
     assert "this model needs none of them" in result.stdout
     saved = pd.Report.load(out)
     assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise"
@@ -302,7 +302,7 @@ def test_app_has_the_fp8_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (
         [tuple(r) for r in exclusions[["layer", "convention", "needed"]].itertuples(index=False)]
         == [(e.layer, e.convention, e.needed) for e in report.extras.fp8.exclusions]
-        == [("proj", "first", False)]
+        == [("proj", "first and last", False)]
     )  # rowwise_with_gw_hp passes the one layer: no bf16 needed
 
 
@@ -741,6 +741,18 @@ def test_conventional_exclusions_are_judged_from_the_matmuls() -> None:
         ("blocks.0.moe.router", "*router*", True, "bf16", True),
         ("lm_head", "last", False, "tensorwise", False),
     ]
+
+
+def test_a_single_linear_is_excluded_as_first_and_last() -> None:
+    """A model with one Linear: convention keeps it out as the first layer and as the last,
+    and the report says both (it said only `first`)."""
+    from precision_doctor.analysis.fp8 import exclusions
+    from precision_doctor.extras import Fp8Section
+    from precision_doctor.options import Thresholds
+
+    section = Fp8Section(recipe="tensorwise", torchao_version="x", emulated=True, layers=["proj"])
+    judged = exclusions(section, {}, Thresholds())
+    assert [(e.layer, e.convention) for e in judged] == [("proj", "first and last")]
 
 
 def test_an_fp8_analysis_logs_nothing_of_torchao_imports(tmp_path: Path) -> None:

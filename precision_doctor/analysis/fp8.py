@@ -195,8 +195,9 @@ def exclusions(section: Fp8Section, flags: Mapping[str, Sequence[FlagRecord]], t
     if not section.layers:
         return []
     fixes = layer_fixes(section, th)
-    picked = {section.layers[0]: "first"}
-    picked.setdefault(section.layers[-1], "last")
+    # A model with one Linear: that layer is both, and convention keeps it out on both counts.
+    first, last = section.layers[0], section.layers[-1]
+    picked = {first: "first and last"} if first == last else {first: "first", last: "last"}
     for layer in section.layers:
         for pattern in CONVENTIONAL_PATTERNS:
             if fnmatch.fnmatchcase(layer, pattern):
