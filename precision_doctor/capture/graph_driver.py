@@ -328,78 +328,84 @@ def trace_step(
         floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         recorder.graph.call_function(module_output, (path, call, [recorder.ref(t) for t in floats]))
 
-    attribution = UnitAttribution(model, on_exit=on_exit, on_output=on_output)
-    recorder = _Recorder(attribution, on_mutation)
-    configure_capture(recorder, model, attribution)
-    recorder.external_storages |= batch_storages(batch)
-    recorder.allowed_storages = set(recorder.external_storages)
-    tracker = attribution.tracker
-    pre = tracker._pre
-
-    def pre_recorded(mod: torch.nn.Module, args: Any) -> None:
-        depth = len(tracker.stack)
-        pre(mod, args)
-        if len(tracker.stack) > depth:
-            recorder.graph.call_function(module_enter, (tracker.stack[-1], tracker.call_stack[-1]))
-
-    tracker._pre = pre_recorded  # type: ignore[method-assign]  # the tracker registers `self._pre` on enter
-    attributes = ModuleAttributes(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    handles: list[Any] = []
-    rng = _RngState.now(device)
     try:
-        with tracker, dynamo_safe(_TraceMode)(recorder):
-            output = run_model(model, batch)
-            tracker.outside = LOSS_UNIT
-            loss = resolve_loss(output, batch, loss_fn)
-            with _disable_current_modes():
-                loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise GraphUnavailable(f"the fp32 loss is {loss_value}")
-            loss_node = recorder.ref(loss)
-            recorder.graph.call_function(forward_end, (loss_node,))
-            grad_graph = _hook_backward(recorder, loss, handles)
-            with _disable_current_modes():
-                seed = torch.ones_like(loss)
-            loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
-        grads: dict[str, torch.fx.Node] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if p.grad is not None:
-                node = recorder.nodes.get(p.grad)
-                if node is None:
-                    raise GraphUnavailable(f"the gradient of {name!r} is made outside the step's ops")
-                grads[name] = node
-        del output, loss
-    except GraphUnavailable:
-        raise
-    except (Exception, SystemExit) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise GraphUnavailable(f"the trace raised {type(e).__name__}: {first}"[:300]) from e
+        attribution = UnitAttribution(model, on_exit=on_exit, on_output=on_output)
+        recorder = _Recorder(attribution, on_mutation)
+        configure_capture(recorder, model, attribution)
+        recorder.external_storages |= batch_storages(batch)
+        recorder.allowed_storages = set(recorder.external_storages)
+        tracker = attribution.tracker
+        pre = tracker._pre
+
+        def pre_recorded(mod: torch.nn.Module, args: Any) -> None:
+            depth = len(tracker.stack)
+            pre(mod, args)
+            if len(tracker.stack) > depth:
+                assert recorder is not None
+                recorder.graph.call_function(module_enter, (tracker.stack[-1], tracker.call_stack[-1]))
+
+        tracker._pre = pre_recorded  # type: ignore[method-assign]  # the tracker registers `self._pre` on enter
+        attributes = ModuleAttributes(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        handles: list[Any] = []
+        rng = _RngState.now(device)
+        try:
+            with tracker, dynamo_safe(_TraceMode)(recorder):
+                output = run_model(model, batch)
+                tracker.outside = LOSS_UNIT
+                loss = resolve_loss(output, batch, loss_fn)
+                with _disable_current_modes():
+                    loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise GraphUnavailable(f"the fp32 loss is {loss_value}")
+                loss_node = recorder.ref(loss)
+                recorder.graph.call_function(forward_end, (loss_node,))
+                grad_graph = _hook_backward(recorder, loss, handles)
+                with _disable_current_modes():
+                    seed = torch.ones_like(loss)
+                loss.backward(seed)  # type: ignore[no-untyped-call]  # unannotated in torch
+            grads: dict[str, torch.fx.Node] = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if p.grad is not None:
+                    node = recorder.nodes.get(p.grad)
+                    if node is None:
+                        raise GraphUnavailable(f"the gradient of {name!r} is made outside the step's ops")
+                    grads[name] = node
+            del output, loss
+        except GraphUnavailable:
+            raise
+        except (Exception, SystemExit) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise GraphUnavailable(f"the trace raised {type(e).__name__}: {first}"[:300]) from e
+        finally:
+            # The walk starts where the trace did: the state it wrote, the bindings its Python
+            # side made (a cached mask), the generator.
+            for h in handles:
+                h.remove()
+            attributes.restore()
+            _put_back(recorder.written, model)
+            rng.reset()
+        consumers, accumulate, root = grad_graph
+        graph = recorder.graph
+        graph.output((loss_node, tuple(grads.values())))
+        return StepGraph(
+            graph=graph,
+            constants=recorder.constants,
+            loss=loss_node,
+            loss_value=loss_value,
+            grads=grads,
+            seq_units=dict(attribution.seq_units),
+            consumers=consumers,
+            accumulate=accumulate,
+            root=root,
+            saved_bytes=[(u, r.saved_bytes) for u, r in recorder.units.items()],
+            written=recorder.written,
+            rng=rng,
+        )
     finally:
-        # The walk starts where the trace did: the state it wrote, the bindings its Python
-        # side made (a cached mask), the generator.
-        for h in handles:
-            h.remove()
-        attributes.restore()
-        _put_back(recorder.written, model)
-        rng.reset()
-    consumers, accumulate, root = grad_graph
-    graph = recorder.graph
-    graph.output((loss_node, tuple(grads.values())))
-    return StepGraph(
-        graph=graph,
-        constants=recorder.constants,
-        loss=loss_node,
-        loss_value=loss_value,
-        grads=grads,
-        seq_units=dict(attribution.seq_units),
-        consumers=consumers,
-        accumulate=accumulate,
-        root=root,
-        saved_bytes=[(u, r.saved_bytes) for u, r in recorder.units.items()],
-        written=recorder.written,
-        rng=rng,
-    )
+        # The tracker's hooks reach the recorder through its cell, and the recorder holds the
+        # tracker: a cycle that kept the trace's tensors alive until a full collection.
+        recorder = None
 
 
 def _put_back(written: list[tuple[torch.Tensor, torch.Tensor]], model: torch.nn.Module) -> None:

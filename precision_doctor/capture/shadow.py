@@ -409,9 +409,15 @@ def capture_pass(
     )
     capture.module_outputs = module_outputs or {}
     configure_capture(capture, model, attribution)
-    with attribution.tracker, dynamo_safe(ShadowMode)(capture):
-        yield capture
-        capture.flush()  # whatever is still pending, before the records are read
+    try:
+        with attribution.tracker, dynamo_safe(ShadowMode)(capture):
+            yield capture
+            capture.flush()  # whatever is still pending, before the records are read
+    finally:
+        # The tracker's hooks reach the capture through this cell, and the capture holds the
+        # tracker: a cycle that kept every record, summary and held tensor of the pass alive
+        # until the collector's next full pass (after the analysis: the heap is frozen in it).
+        capture = None
 
 
 def batch_storages(batch: Any) -> set[int]:
