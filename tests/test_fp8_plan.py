@@ -350,11 +350,14 @@ def test_a_plan_no_pass_verified_says_so() -> None:
     assert "not verified: every unit stays fp32" in summary and "verification pass(es)" not in summary
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp", "mxfp8"])
 def test_the_torchao_export_emulated_runs_under_cpu_autocast(tmp_path: Path, recipe: str) -> None:
     """`convert_planned(model, emulate=True)` (for a CPU) trains under torch.autocast("cpu",
-    bf16): its layers cast their input as torchao casts it for CUDA's autocast
-    (rowwise_with_gw_hp's backward raised "expected m1 and m2 to have the same dtype")."""
+    bf16): its Float8Linear layers cast their input as torchao casts it for CUDA's autocast
+    (rowwise_with_gw_hp's backward raised "expected m1 and m2 to have the same dtype");
+    MXFP8Linear runs as it is, on 32 rows (mxfp8 scales blocks of 32 along them)."""
+    if recipe == "mxfp8":
+        pytest.importorskip("torchao.prototype.moe_training.mxfp8_linear")
     from typer.testing import CliRunner
 
     from precision_doctor.cli import app
@@ -369,7 +372,7 @@ def test_the_torchao_export_emulated_runs_under_cpu_autocast(tmp_path: Path, rec
     model = ns["convert_planned"](
         torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)), emulate=True
     )
-    assert type(model[0]).__name__ == "Float8Linear"
+    assert type(model[0]).__name__ == ("MXFP8Linear" if recipe == "mxfp8" else "Float8Linear")
     x = torch.randn(32, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(x).float().pow(2).mean()
