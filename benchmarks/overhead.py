@@ -179,17 +179,22 @@ class ShadowFloor(PassThrough):
 # --- measurements --------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
-    """(wall times, process CPU times) of `repeats` calls after `warmup` calls."""
+def timed(
+    fn: Callable[[], Any], repeats: int, warmup: int = 1, kernel: list[float] | None = None
+) -> tuple[list[float], list[float]]:
+    """(wall times, process CPU times) of `repeats` calls after `warmup` calls; the CPU time
+    spent in the kernel (system time: on Linux mostly page faults) appended to `kernel`."""
     for _ in range(warmup):
         fn()
     walls, cpus = [], []
     for _ in range(repeats):
         gc.collect()
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system
         fn()
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+        if kernel is not None:
+            kernel.append(os.times().system - k0)
     return walls, cpus
 
 
@@ -349,7 +354,9 @@ def run_child(kind: str, model_name: str, dtype: str = "fp16") -> dict[str, floa
 def bench(model_name: str, repeats: int, analyze_repeats: int | None, dtype: str = "fp16") -> dict[str, Any]:
     model, batch, loss_fn = build(model_name)
     step = make_step(model, batch, loss_fn)
-    step_times, step_cpu = timed(step, repeats)
+    step_kernel: list[float] = []
+    analyze_kernel: list[float] = []
+    step_times, step_cpu = timed(step, repeats, kernel=step_kernel)
 
     def bare_step() -> None:
         with PassThrough():
@@ -381,10 +388,10 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None, dtype: str
     one_analysis()
     analyze_times, analyze_cpu = [], []
     for _ in range(a_reps):
-        walls, cpus = timed(one_analysis, 1, warmup=0)
+        walls, cpus = timed(one_analysis, 1, warmup=0, kernel=analyze_kernel)
         analyze_times += walls
         analyze_cpu += cpus
-        walls, cpus = timed(step, 2, warmup=0)
+        walls, cpus = timed(step, 2, warmup=0, kernel=step_kernel)
         step_times += walls
         step_cpu += cpus
     report = reports[0]
@@ -405,6 +412,8 @@ def bench(model_name: str, repeats: int, analyze_repeats: int | None, dtype: str
         "step_cpu": statistics.median(step_cpu),
         "bare_cpu": statistics.median(bare_cpu),
         "analyze_cpu": statistics.median(analyze_cpu),
+        "step_kernel": statistics.median(step_kernel),
+        "analyze_kernel": statistics.median(analyze_kernel),
         "bare": statistics.median(bare_times),
         "floor": statistics.median(floor_times),
         "bare_ops": bare_ops,
@@ -577,6 +586,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"  {r['model']}: process CPU time (robust to other load on the machine): step {r['step_cpu']:.3f} s, "
             f"bare-mode {r['bare_cpu']:.3f} s, analyze {r['analyze_cpu']:.3f} s, ratio {r['analyze_cpu'] / r['step_cpu']:.1f}x"
+        )
+        print(
+            f"  {r['model']}: of which in the kernel (system time; page faults of fresh memory, whose cost "
+            f"depends on the host): step {r['step_kernel']:.3f} s, analyze {r['analyze_kernel']:.3f} s"
         )
         print(
             f"  {r['model']}: baseline RSS after model construction: step child {ms['base']:.0f} MiB, "
