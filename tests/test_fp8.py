@@ -744,6 +744,20 @@ def test_conventional_exclusions_are_judged_from_the_matmuls() -> None:
     ]
 
 
+def test_a_warning_under_the_recipe_that_passes_names_no_other_recipe() -> None:
+    """e5m2 gradients under rowwise: the wgrad cast flushes (FP8_UNDERFLOW, a warning) but
+    every matmul passes under rowwise itself; the summary says so, not "-> recipe rowwise"
+    as if the run needed a change."""
+    from precision_doctor.views.fp8 import fp8_summary_lines
+
+    s = _sample("gradient_underflow_e5m2")
+    report = pd.analyze(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", fp8_recipe="rowwise")
+    assert [f.flag for f in report.flags() if f.unit == "proj"] == [pd.Flag.FP8_UNDERFLOW]
+    lines = fp8_summary_lines(report)
+    assert any(line.strip().startswith("proj:") and line.endswith("its matmuls pass under rowwise") for line in lines)
+    assert not any("-> recipe rowwise" in line for line in lines)
+
+
 def test_a_single_linear_is_excluded_as_first_and_last() -> None:
     """A model with one Linear: convention keeps it out as the first layer and as the last,
     and the report says both (it said only `first`)."""

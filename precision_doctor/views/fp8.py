@@ -67,7 +67,13 @@ def fp8_summary_lines(report: Report) -> list[str]:
         flushed = max((c.flushed_fraction for c in section.casts if c.layer == layer), default=0.0)
         detail = f"worst matmul {worst.gemm} {_db(gemm_db(worst, section.recipe))}" if worst is not None else ""
         fix = fixes[layer]
-        to = "keep it in bf16" if fix == BF16_FIX else f"recipe {fix}"
+        if fix == BF16_FIX:
+            to = "keep it in bf16"
+        elif fix == section.recipe:
+            # Flushed values the matmuls' SQNR does not miss: a warning, not a change of recipe.
+            to = f"its matmuls pass under {fix}"
+        else:
+            to = f"recipe {fix}"
         lines.append(f"  {layer}: {detail}, flushed up to {percent(flushed)} -> {to}")
     return lines + conventional_lines(report)
 
