@@ -70,6 +70,12 @@ def test_fsdp_on_batch_halves_equals_one_process_on_the_batch(ranks: list[dict[s
             assert mine[unit.name].backward.param_grads[pname].numel == g.numel, pname
             assert mine[unit.name].backward.param_grads[pname].max_abs == pytest.approx(g.max_abs, rel=1e-5), pname
         assert mine[unit.name].param_bytes == unit.param_bytes
+        # The activation gradients each unit is charged with: the same values' count (each
+        # rank's mean over its half doubles them, so not their magnitudes). FSDP2's hook on a
+        # sharded module's inputs passes the gradient of the module before it; charged to the
+        # module it sits on, it added fc1's output gradient to fc2's, and so on.
+        a_g, b_g = mine[unit.name].backward.stats, unit.backward.stats
+        assert (a_g.numel if a_g else 0) == (b_g.numel if b_g else 0), unit.name
     assert flag_set(job) == flag_set(whole)
     if dtype == "fp16":
         assert ("OVERFLOW", "fc1", "error") in flag_set(job)  # the comparison is not vacuous
@@ -200,6 +206,24 @@ def test_tensor_parallel_issues_no_extra_collective_and_waits_for_all(ranks: lis
         assert analysis["all_reduce"] == analysis["forwards"] * plain["forward"]["all_reduce"]
         assert analysis["wait_tensor"] == analysis["all_reduce"]
         assert tp["unwaited"] == 0
+
+
+def test_tensor_parallel_gradients_are_charged_as_in_one_process(ranks: list[dict[str, Any]]) -> None:
+    """The units charged with activation gradients under tensor parallel (the whole batch on
+    both ranks) are one process's: DTensor's to_local / from_local nodes pass the gradient on,
+    and charged to the unit that made them they added a copy of it to `<root>`. The sharded
+    units' gradients count each element once. (A plain tensor every rank holds, the head's,
+    is counted on each rank: `docs/distributed.md`.)"""
+    report = Report.from_json(json.dumps(ranks[0]["tp/bf16"]["report"]))
+    case = build_head_mlp()
+    whole = pd.analyze(case.model, case.batch, case.loss_fn, dtype="bf16", policy="cpu")
+
+    def numel(r: Report) -> dict[str, int]:
+        return {u.name: u.backward.stats.numel for u in r.units if u.backward.stats and u.backward.stats.numel}
+
+    mine, one = numel(report), numel(whole)
+    assert set(mine) == set(one)
+    assert {u: mine[u] for u in ("fc1", "act", "fc2")} == {u: one[u] for u in ("fc1", "act", "fc2")}
 
 
 def test_tensor_parallel_parameters_are_counted_once_per_element(ranks: list[dict[str, Any]]) -> None:

@@ -223,6 +223,12 @@ _REARRANGING_NODES = frozenset(
         "StackBackward",
         "AsStridedBackward",
         "ToCopyBackward",
+        # The parallel libraries' pass-through nodes: FSDP2's hook on a sharded module's
+        # inputs (the gradient of the module before it, which it would be charged with) and
+        # DTensor's to_local / from_local (the same values, local or wrapped).
+        "RegisterPostBackwardFunctionBackward",
+        "_ToTorchTensorBackward",
+        "_FromTorchTensorBackward",
     }
 )
 
