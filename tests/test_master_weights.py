@@ -384,3 +384,26 @@ def test_cli_exports_the_pure_plans_master_weights(tmp_path: Path) -> None:
     masters = namespace["hold_plan_weights"](net)
     assert len(masters) == 4 and net.adapter.weight.dtype == torch.bfloat16 and net.head.weight.dtype == torch.bfloat16
     assert masters.master(net.adapter.weight) is net.adapter.weight
+
+
+def test_an_all_fp32_pure_plan_carries_no_failed_candidates_training_check() -> None:
+    """reduction_overflow in the pure regime: a candidate with units held low goes NaN in its
+    training check, and the search settles on every unit fp32. That plan trains as fp32 does:
+    the failed check was the candidate's, and the plan said "loss ... -> nan under the plan
+    (does NOT track fp32)" of itself. Its next step says which units stay fp32 for their cost
+    alone, not that no unit runs safely low."""
+    from precision_doctor.views.terminal import next_steps
+
+    spec = load_model_file(SAMPLES / "reduction_overflow.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, regime="pure")
+    planned = pd.plan_report(spec.model, spec.batch, spec.loss_fn, report)
+    plan = pd.Plan.from_report(planned)
+    if any(d != "fp32" for d in plan.units.values()):
+        pytest.skip("a unit runs low in this plan")
+    assert plan.verification_passes >= 1  # a candidate ran: its training check failed
+    assert plan.training_check is None
+    assert "under the plan" not in plan.summary()
+    cost = [f.unit for f in plan.fp32_units if f.reason.startswith("cheaper in fp32")]
+    assert cost
+    line = next(s for s in next_steps(planned, ["precision-doctor", "analyze", "m.py"]) if "every unit" in s)
+    assert "no unit of this model runs safely" not in line and all(u in line for u in cost)

@@ -241,6 +241,10 @@ class Plan(Frozen):
 # --- search + verification ------------------------------------------------------------------
 
 
+CHEAPER_IN_FP32 = "cheaper in fp32"
+"""How the reason of a unit kept in fp32 for its cost alone begins (it runs safely low)."""
+
+
 def hard_fp32_reasons(report: Report) -> dict[str, str]:
     """Units that must not run low: they overflow or turn non-finite there."""
     reasons: dict[str, str] = {}
@@ -532,6 +536,7 @@ class _Search:
             problem = self.problem()
             low = self.candidate(problem)
             if not any(low.values()):
+                self._drop_failed_check()
                 return low, 0.0, problem
             if reference is None:
                 reference = fp32_reference(model, batch, loss_fn)
@@ -553,13 +558,21 @@ class _Search:
                     return low, verified, problem
                 if trains is None:  # every low unit has master weights and it still does not train
                     break
-        if self.pure is not None and self.pure.check is not None and not self.pure.check.tracks:
-            self.pure.check = None  # the fallback below is fp32, which trains as fp32 does
+        if self._drop_failed_check():
             return dict(all_fp32), 0.0, self.problem()
         if verified <= self.tolerance:  # the last round calibrated, on a run within the tolerance
             return low, verified, problem
         # No plan within tolerance in the allowed rounds: fall back to fp32, which is exact.
         return dict(all_fp32), 0.0, self.problem()
+
+    def _drop_failed_check(self) -> bool:
+        """Before an all-fp32 plan is returned: a training check that failed was an earlier
+        candidate's, not this plan's (fp32 trains as fp32 does), and is dropped. Whether there
+        was one."""
+        if self.pure is not None and self.pure.check is not None and not self.pure.check.tracks:
+            self.pure.check = None
+            return True
+        return False
 
     def settled(self, low: dict[str, bool], check: Verification) -> bool:
         """Whether `low`, verified by `check`, is the plan; if not, what the next round changes."""
@@ -882,7 +895,7 @@ def _fp32_reasons(
             else:
                 dt = problem.objective(flipped) - base
                 reasons[n] = (
-                    f"cheaper in fp32: low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
+                    f"{CHEAPER_IN_FP32}: low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
                 )
     return reasons
 

@@ -14,7 +14,8 @@ from rich.text import Text
 
 from precision_doctor.extras import LossScaleSection
 from precision_doctor.options import LowDtype, Regime, percent
-from precision_doctor.report import Environment, Report, fp32_modules
+from precision_doctor.planning.plan import CHEAPER_IN_FP32
+from precision_doctor.report import LOSS_UNIT, UNATTRIBUTED_UNIT, Environment, Report, fp32_modules
 from precision_doctor.views.figures import grad_fidelity_text, optimizer_step_text
 from precision_doctor.views.fp8 import fp8_next_steps, fp8_recipe_lines, fp8_summary_lines
 
@@ -168,7 +169,19 @@ def next_steps(
         plan = report.extras.plan
         n_fp32 = sum(1 for d in plan.units.values() if d == "fp32") if plan is not None else 0
         if plan is not None and n_fp32 == len(plan.units):
-            lines.append(f"the plan keeps every unit in fp32: no unit of this model runs safely in {dtype}")
+            # A unit kept for cost runs safely low; only the others are kept for what they do.
+            cost = [f.unit for f in plan.fp32_units if f.reason.startswith(CHEAPER_IN_FP32)]
+            flagged = [
+                f.unit for f in plan.fp32_units if f.unit not in cost and f.unit not in (LOSS_UNIT, UNATTRIBUTED_UNIT)
+            ]
+            if cost:
+                lines.append(
+                    f"the plan keeps every unit in fp32: {', '.join(cost)} only because running them in {dtype} "
+                    f"would cost more than it saves on {plan.target} at this size"
+                    + (f"; {', '.join(flagged)} for what the analysis found" if flagged else "")
+                )
+            else:
+                lines.append(f"the plan keeps every unit in fp32: no unit of this model runs safely in {dtype}")
         elif plan is not None and export is not None:
             if export_per_module:
                 lines.append(
