@@ -162,6 +162,22 @@ def test_python_snippet_installs_the_same_overrides(rescue: tuple[Any, Plan]) ->
     assert model.norm.forward is outer and count_dtypes(model, batch).all == plain.all
 
 
+def test_python_snippet_takes_a_plan_with_backward_ops_outside_any_module(rescue: tuple[Any, Plan]) -> None:
+    """A plan of a model with backward ops no module made (a GRU's: the `<backward>` unit, as
+    the loss's `<loss>`) installs on that model; the snippet refused it as an unknown module
+    where `apply_plan` took it."""
+    mod, plan = rescue
+    plan = plan.model_copy(update={"units": {**plan.units, "<backward>": "fp32"}})
+    ns: dict[str, Any] = {}
+    exec(compile(render_python(plan), "<plan snippet>", "exec"), ns)
+    model, batch = mod.build_model(), mod.make_batch()
+    remove = ns["install_precision_plan"](model)
+    snippet_counts = count_dtypes(model, batch)
+    remove()
+    with apply_plan(model, plan):
+        assert count_dtypes(model, batch).all == snippet_counts.all
+
+
 def test_wrong_module_names_are_refused(rescue: tuple[Any, Plan]) -> None:
     _, plan = rescue
     other = torch.nn.Sequential(torch.nn.Linear(2, 2))

@@ -30,7 +30,7 @@ import inspect
 import json
 from importlib import metadata
 
-from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT
+from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import PlanSection
 from precision_doctor.formats import TORCH_DTYPES
@@ -153,7 +153,8 @@ def _results_to(out, dtype):
 def install_precision_plan(model):
     """Install the plan's overrides on `model`; returns a function that removes them."""
     modules = {{name or "{ROOT_UNIT}": m for name, m in model.named_modules()}}
-    unknown = [u for u in PLAN if u != "{LOSS_UNIT}" and u not in modules]
+    # The loss and backward ops outside any module are units of the plan, not modules.
+    unknown = [u for u in PLAN if u not in ("{LOSS_UNIT}", "{UNATTRIBUTED_UNIT}") and u not in modules]
     if unknown:
         raise ValueError(f"this plan does not match the model: unknown modules {{unknown[:3]}}")
     if MODULE_COUNT is not None and len(modules) != MODULE_COUNT:
@@ -194,7 +195,7 @@ def install_precision_plan(model):
         installed.append((module, had, orig, forward))
 
     for unit, dtype in PLAN.items():
-        if unit != "{LOSS_UNIT}":
+        if unit in modules:
             wrap(modules[unit], dtype != "fp32")
 
     def remove():
@@ -282,6 +283,7 @@ def _render_overrides(plan: Plan) -> str:
         module_count=plan.module_count,
         ROOT_UNIT=ROOT_UNIT,
         LOSS_UNIT=LOSS_UNIT,
+        UNATTRIBUTED_UNIT=UNATTRIBUTED_UNIT,
     )
 
 

@@ -256,7 +256,10 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
             continue
         if u.name == UNATTRIBUTED_UNIT:
             # No module to override: a dtype here would only count a saving nothing makes.
-            reasons[u.name] = "backward ops outside any module (FSDP2's gradient reduction): no module to run low"
+            reasons[u.name] = (
+                "backward ops that no module's forward made (a recurrent layer's, FSDP2's gradient "
+                "reduction): no module to run low"
+            )
             continue
         for f in u.flags:
             if f.flag in _HARD_FLAGS:
