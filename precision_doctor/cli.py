@@ -339,6 +339,7 @@ def _check_analyze_options(
     open_app: bool,
     cost: CostSource,
     target: Target | None,
+    model_file: Path,
 ) -> None:
     """The option combinations analyze refuses, and the output files: two options naming one
     file, or a file that cannot be written, fail before the analysis rather than after it."""
@@ -348,17 +349,21 @@ def _check_analyze_options(
         raise PrecisionDoctorError("--export-format needs --export: the file the plan is written to")
     if cost is CostSource.MEASURED and target is not None:
         raise PrecisionDoctorError("--cost measured times the model's own device; it takes no --target")
-    _check_outputs({"--out": out, "--export": export, "--html": html})
+    _check_outputs({"--out": out, "--export": export, "--html": html}, reads=("the model file", model_file))
 
 
-def _check_outputs(paths: dict[str, Path | None]) -> None:
-    """Output files (option -> path) checked before any work: two options naming one file, or
-    a file that cannot be written, fail before the run rather than after it."""
+def _check_outputs(paths: dict[str, Path | None], reads: tuple[str, Path] | None = None) -> None:
+    """Output files (option -> path) checked before any work: two options naming one file, one
+    naming the file the command reads (`reads`: what it is, its path), or a file that cannot be
+    written, fail before the run rather than after it."""
     outputs = [(opt, p.resolve()) for opt, p in paths.items() if p is not None]
+    source = (reads[0], reads[1].resolve()) if reads is not None else None
     for i, (opt, p) in enumerate(outputs):
         for other, q in outputs[:i]:
             if p == q:
                 raise PrecisionDoctorError(f"{other} and {opt} both name {p}: one would overwrite the other")
+        if source is not None and p == source[1]:
+            raise PrecisionDoctorError(f"{opt} names {source[0]} {p}: it would be overwritten")
         check_writable(p)
 
 
@@ -548,7 +553,14 @@ def analyze(
     recipe_opt = _fp8_options(low, None if all_recipes else fp8_recipe, fmt_opt, target_opt, cost_opt)
     thresholds = parse_thresholds(threshold or [])
     _check_analyze_options(
-        out=out, export=export, export_format=fmt_opt, html=html, open_app=open_app, cost=cost_opt, target=target_opt
+        out=out,
+        export=export,
+        export_format=fmt_opt,
+        html=html,
+        open_app=open_app,
+        cost=cost_opt,
+        target=target_opt,
+        model_file=model_file,
     )
     console = output_console()
     err_console = output_console(stderr=True)
@@ -667,7 +679,7 @@ def app_command(
     """Open the interactive report (Streamlit) on a saved report, or write it as HTML
     (--html). Never reruns the analysis."""
     if html is not None:
-        _check_outputs({"--html": html})
+        _check_outputs({"--html": html}, reads=("the report", report))
         saved = Report.load(report)
         _write_report(saved, output_console(), out=None, html=html)
         return
@@ -769,7 +781,7 @@ def preflight_command(
     judged = parse_option(Judge, judge, "--judge")
     driver_opt = parse_option(Driver, driver, "--driver")
     thresholds = parse_thresholds(threshold or [])
-    _check_outputs({"--out": out, "--html": html})
+    _check_outputs({"--out": out, "--html": html}, reads=("the model file", model_file))
     spec = load_model_file(model_file)
     err_console = output_console(stderr=True)
     main_rank = _join_job(spec.model, err_console)

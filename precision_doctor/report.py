@@ -688,6 +688,10 @@ def check_writable(path: Path) -> None:
     or not writable. (A full disk still shows only at the write.)"""
     if path.is_dir():
         raise PrecisionDoctorError(f"cannot write {path}: it is a directory; give a file path")
+    if path.exists() and not path.is_file():
+        # A device or a pipe: the rename would replace it with a regular file.
+        raise PrecisionDoctorError(f"cannot write {path}: it is not a regular file (a device, pipe or socket)")
+    path = path.resolve()  # a link is written through, as `write_atomic` does
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -701,6 +705,8 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: readers never see half a file.
     A path that cannot be written (its folder is a file, no permission, a full disk) is the
     user's input: PrecisionDoctorError, one line."""
+    # A symbolic link is written through: the file it points to is replaced, the link kept.
+    path = path.resolve()
     # Not mkstemp, which makes the file 0600: created like a plain open() (0666, less the
     # umask, which the kernel applies), exclusively under a random name.
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")

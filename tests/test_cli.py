@@ -276,6 +276,37 @@ def test_two_outputs_on_one_path_exit_2(tmp_path: Path) -> None:
     assert not same.exists()
 
 
+def test_an_output_naming_the_model_file_exit_2(tmp_path: Path) -> None:
+    """`--export model.py` on the model file itself: refused before the analysis, the model
+    file as it was (it was replaced by the plan)."""
+    model = write(tmp_path, HEALTHY_FILE)
+    before = model.read_text()
+    result = invoke(str(model), "--quiet", "--export", str(tmp_path / "." / model.name))
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, "--export names the model file")
+    assert model.read_text() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and symbolic links")
+def test_outputs_write_through_a_link_and_refuse_a_pipe(tmp_path: Path) -> None:
+    """A symbolic link is written through (the file it names gets the report, the link stays);
+    a named pipe (or a device) is refused in one line rather than replaced by a file."""
+    model = write(tmp_path, HEALTHY_FILE)
+    target = tmp_path / "reports" / "r.json"
+    target.parent.mkdir()
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    result = invoke(str(model), "--quiet", "--out", str(link))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert link.is_symlink() and Report.load(target).model
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    result = invoke(str(model), "--quiet", "--out", str(fifo))
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, "not a regular file")
+    assert not fifo.is_file()
+
+
 # --- golden --------------------------------------------------------------------------------
 
 # Measured numbers (a decimal point or an exponent); integers - unit and op counts, the
