@@ -16,6 +16,7 @@ import precision_doctor as pd
 from precision_doctor.analysis.loss_scale import (
     HEADROOM_LOG2,
     advise_from_histogram,
+    recommend_loss_scale,
     underflow_fraction,
 )
 from precision_doctor.capture.emulation import emulated_precision
@@ -187,3 +188,25 @@ def test_overflowing_gradients_skip_at_the_default_but_not_at_the_recommended_sc
     skipped, losses = train_skips(mod, 2.0**advice.recommended_scale_log2, lr=1e-6)
     assert skipped == 0
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", ["skip_one_step", "unscaled_gradients"])
+def test_next_steps_give_plain_autocasts_scale_where_the_plan_keeps_units_fp32(name: str) -> None:
+    """A plan that keeps units in fp32 recommends the scale of the units it runs low (none:
+    "no loss scaler needed"); the verdict clears plain autocast, every unit low, and a user
+    training so gets that run's scale too (skip_one_step's plan keeps both units fp32 for their
+    cost: its next steps gave no scale at all)."""
+    from precision_doctor.views.terminal import next_steps
+
+    mod = load(name)
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn)
+    assert report  # the verdict clears plain autocast
+    planned = pd.plan_report(model, batch, mod.loss_fn, report)
+    plan_scale, all_low = planned.extras.loss_scale, recommend_loss_scale(report)
+    assert plan_scale is not None and all_low.scaler_needed
+    if (plan_scale.scaler_needed, plan_scale.recommended_scale_log2) == (True, all_low.recommended_scale_log2):
+        pytest.skip("the plan's scale is plain autocast's here")
+    lines = [s for s in next_steps(planned, ["precision-doctor", "analyze", "m.py"]) if "loss scale" in s]
+    assert len(lines) == 1 and "under plain autocast" in lines[0]
+    assert f"2^{all_low.recommended_scale_log2}" in lines[0].split("under plain autocast")[1]

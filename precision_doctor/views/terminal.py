@@ -233,15 +233,27 @@ def next_steps(
 
 def _loss_scale_line(report: Report) -> str | None:
     """fp16 under autocast trains with GradScaler: the scale to start it at (the plan's low
-    units' advice where there is a plan, else every unit's)."""
+    units' advice where there is a plan, else every unit's). Where the verdict clears plain
+    autocast (every unit low) and the plan's advice differs, that run's scale too: the plan
+    may keep units fp32 for their cost alone, and a user may train as the verdict says."""
     if not _scaled(report.environment):
         return None
-    advice: LossScaleSection | None = report.extras.loss_scale
-    if advice is None:
-        from precision_doctor.analysis.loss_scale import recommend_loss_scale
+    from precision_doctor.analysis.loss_scale import recommend_loss_scale
 
-        advice = recommend_loss_scale(report).to_extras()
-    if not advice.scaler_needed:
+    planned: LossScaleSection | None = report.extras.loss_scale
+    all_low = recommend_loss_scale(report).to_extras() if planned is None or report else None
+    line = _scale_advice(planned if planned is not None else all_low)
+    if planned is None or all_low is None or not all_low.scaler_needed:
+        return line
+    if (planned.scaler_needed, planned.recommended_scale_log2) == (True, all_low.recommended_scale_log2):
+        return line
+    if line is None:
+        return f"under plain autocast (every unit in fp16, as the verdict judges it): {_scale_advice(all_low)}"
+    return f"{line}; under plain autocast (every unit in fp16) 2^{all_low.recommended_scale_log2} instead"
+
+
+def _scale_advice(advice: LossScaleSection | None) -> str | None:
+    if advice is None or not advice.scaler_needed:
         return None
     k, default = advice.recommended_scale_log2, advice.default_scale_log2
     line = f"start the loss scale at 2^{k}: torch.amp.GradScaler(init_scale=2**{k})"
