@@ -427,3 +427,18 @@ def test_a_promotion_no_measured_contribution_explains_says_so() -> None:
     for u in unexplained:
         propagated = units[u.unit].forward.propagated
         assert propagated is not None and f"({propagated.rel_l2_error:.2e})" in u.reason, u.reason
+
+
+def test_an_all_low_run_with_no_loss_error_spends_no_error_budget() -> None:
+    """unscaled_gradients: the all-low run's final loss equals fp32's. Its units' local errors
+    scaled to that measured error are 0; unscaled, they kept `head` in fp32 on an "error
+    budget" the run contradicts (and moved the loss scale off the run's). The plan's own
+    verification pass still measures what it picks."""
+    mod = load("unscaled_gradients")
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn)
+    if report.losses.rel_error != 0:
+        pytest.skip("the fp16 loss differs from fp32's here")
+    plan = plan_model(model, batch, mod.loss_fn, report)
+    assert not [f for f in plan.fp32_units if f.reason.startswith("error budget")], plan.summary()
+    assert plan.verification_passes >= 1 and plan.verified_loss_rel_error <= plan.tolerance

@@ -274,7 +274,8 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
 
 def error_contributions(report: Report) -> dict[str, float]:
     """Each unit's share of the final-loss error when it runs low: its local error, scaled so
-    that all units together account for the all-low run's measured final-loss error. When
+    that all units together account for the all-low run's measured final-loss error (none, where
+    that error is 0: the plan's verification passes still measure whatever it picks). When
     that run is non-finite (a unit overflows), the local errors are used unscaled."""
     local: dict[str, float] = {}
     for u in report.units:
@@ -282,7 +283,7 @@ def error_contributions(report: Report) -> dict[str, float]:
         local[u.name] = e if math.isfinite(e) else 0.0
     total = sum(local.values())
     measured = report.losses.rel_error
-    if total > 0 and math.isfinite(measured) and measured > 0:
+    if total > 0 and math.isfinite(measured) and measured >= 0:
         return {n: e * measured / total for n, e in local.items()}
     return local
 
