@@ -7,7 +7,7 @@ import functools
 import importlib
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,12 +447,29 @@ def _bf16_check(analysis: _Analysis, err_console: Console, *, say: bool) -> Repo
     return analysis.run(LowDtype.BF16)
 
 
-def _rerun_command(model_file: Path, regime: Regime, policy: AutocastPolicy) -> list[str]:
+def _rerun_command(
+    model_file: Path,
+    regime: Regime,
+    policy: AutocastPolicy,
+    *,
+    lr: float | None = None,
+    tolerance: float | None = None,
+    target: Target | None = None,
+    cost: CostSource = CostSource.ROOFLINE,
+    thresholds: Sequence[str] = (),
+) -> list[str]:
     """The analyze command line the next steps suggest variations of: the options that were
-    not their defaults."""
+    not their defaults, those that shape the report and its plan included (a plan suggested
+    without the user's --lr or --tolerance is another plan)."""
     command = ["precision-doctor", "analyze", str(model_file)]
     command += ["--regime", regime.value] if regime is not Regime.AUTOCAST else []
     command += ["--policy", policy.value] if policy is not AutocastPolicy.CUDA and regime is Regime.AUTOCAST else []
+    command += ["--lr", f"{lr:g}"] if lr is not None else []
+    command += ["--tolerance", f"{tolerance:g}"] if tolerance is not None else []
+    command += ["--target", target.value] if target is not None else []
+    command += ["--cost", cost.value] if cost is not CostSource.ROOFLINE else []
+    for t in thresholds:
+        command += ["--threshold", t]
     return command
 
 
@@ -596,7 +613,16 @@ def analyze(
         bf16_report = _bf16_check(analysis, err_console, say=not quiet and main_rank)
     written_export = export if export is not None and report.extras.plan is not None else None
     per_module = written_export is None or _export_carries_module_dtypes(written_export, fmt_opt, low)
-    command = _rerun_command(model_file, run_regime, op_policy)
+    command = _rerun_command(
+        model_file,
+        run_regime,
+        op_policy,
+        lr=lr,
+        tolerance=tolerance,
+        target=target_opt,
+        cost=cost_opt,
+        thresholds=threshold or [],
+    )
     render_next_steps(
         next_steps(
             report,

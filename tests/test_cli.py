@@ -361,3 +361,18 @@ def test_golden_comparison_catches_a_changed_number() -> None:
     _, want = _split(text)
     assert not _numbers_agree(want[0] * 1.01, want[0])  # a loss 1% off
     assert _numbers_agree(0.000756, 0.000768) and not _numbers_agree(0.0015, 0.000768)
+
+
+def test_next_steps_keep_the_options_that_shaped_the_plan() -> None:
+    """The commands the next steps suggest carry --lr and --tolerance (and --target): without
+    them the suggested run plans another model of training (a pure plan checked at lr 1e-3
+    where the user trains at 1e-5 lost ~94% of its updates)."""
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "reduction_overflow.py"
+    result = invoke(
+        str(sample), "--regime", "pure", "--lr", "1e-5", "--tolerance", "0.001", "--target", "a100", "--no-bf16-check"
+    )
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    suggested = [line for line in result.stdout.splitlines() if "precision-doctor analyze" in line]
+    assert suggested
+    for line in suggested:
+        assert "--lr 1e-05" in line and "--tolerance 0.001" in line and "--target a100" in line, line
