@@ -73,6 +73,19 @@ def test_bf16_needs_no_scaler() -> None:
     assert not a.scaler_needed and a.recommended_scale_log2 == 0
 
 
+def test_bf16_needs_no_scaler_for_what_it_flushes_below_2_to_the_minus_133() -> None:
+    """Gradients below bf16's smallest subnormal (fp32 subnormals, ~1e-45) move no weight
+    under any optimizer: no scaler for them (one was asked for while the exports said bf16
+    trains without). A gradient beyond bf16's range still needs one."""
+    tiny = float(np.float32(1e-45))
+    assert np.float32(tiny).astype(np.float64) > 0 and tiny < 2.0**-133
+    a = advise_from_histogram({-149: 131, -10: 10_000}, 1.0, "bf16", unscaled_underflow_fraction=131 / 10_131)
+    assert a.underflow_fraction_at_recommended > 0
+    assert not a.scaler_needed and a.recommended_scale_log2 == 0
+    big = advise_from_histogram({-10: 10}, 1e39, "bf16", unscaled_underflow_fraction=0.0)
+    assert big.scaler_needed
+
+
 @pytest.mark.parametrize("scale_log2", [-3, 0, 9, 16, 24, 29, 32], ids=lambda k: f"2^{k}")
 def test_report_fractions_at_any_scale_match_numpy(scale_log2: int) -> None:
     """What preflight judges a plan's scale by (a saved report's histogram at 2^k, beyond the
