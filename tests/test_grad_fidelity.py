@@ -213,6 +213,23 @@ def test_sample_docstrings_grad_divergence() -> None:
         }
 
 
+def test_a_flushed_loss_gets_no_loss_scale_advice() -> None:
+    """tiny_loss_gradients under CPU autocast's op lists: the loss itself flushes to 0 in fp16.
+    Scaling 0 keeps nothing, so no GRAD_UNDERFLOW says GradScaler can grow to a scale that
+    keeps the gradients (they said 2^32); each says the loss is 0, as an error. Under CUDA's
+    lists the loss is fp32 and the warning with its scale stands."""
+    flushed = pd.analyze(*_args("tiny_loss_gradients"), policy="cpu")
+    assert flushed.losses.low == 0 and flushed.losses.fp32 != 0
+    under = [f for f in flushed.flags() if f.flag is pd.Flag.GRAD_UNDERFLOW]
+    assert under and all(f.severity is pd.Severity.ERROR for f in under)
+    assert all(
+        "loss itself is 0" in f.evidence.message and "GradScaler can grow" not in f.evidence.message for f in under
+    )
+    kept = pd.analyze(*_args("tiny_loss_gradients"))
+    assert kept.losses.low != 0
+    assert all("GradScaler can grow" in f.evidence.message for f in kept.flags() if f.flag is pd.Flag.GRAD_UNDERFLOW)
+
+
 def _args(name: str) -> tuple[Any, Any, Any]:
     spec = _sample(name)
     return spec.model, spec.batch, spec.loss_fn

@@ -932,7 +932,8 @@ def build_report(
         thresholds=th,
         op_count_forward=sum(1 for r in records if r.phase == Phase.FORWARD),
         op_count_backward=sum(1 for r in records if r.phase == Phase.BACKWARD),
-        units=_units(capture, param_stats, low, limits, th, ceiling),
+        # A loss that flushed to 0 in the low dtype leaves nothing for a loss scale to scale.
+        units=_units(capture, param_stats, low, limits, th, ceiling, losses.low == 0.0 and losses.fp32 != 0.0),
         edges=_edges(records),
         loss_scale=loss_scale_curve(all_grads) if all_grads.numel else [],
     )
@@ -994,6 +995,7 @@ def _units(
     limits: FormatLimits,
     th: Thresholds,
     ceiling: int,
+    loss_flushed: bool = False,
 ) -> list[Unit]:
     """Every unit judged, in the order of its first op (a unit with none last)."""
     records = capture.records
@@ -1005,7 +1007,8 @@ def _units(
     params = dict(param_stats)
     for uname, urec in sorted(capture.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
-        units.append(_unit(urec, ops, params, first_op.get(uname, len(records)), low, limits, th, ceiling))
+        order = first_op.get(uname, len(records))
+        units.append(_unit(urec, ops, params, order, low, limits, th, ceiling, loss_flushed=loss_flushed))
     return units
 
 
@@ -1018,6 +1021,8 @@ def _unit(
     limits: Any,
     th: Thresholds,
     scale_ceiling_log2: int = 24,
+    *,
+    loss_flushed: bool = False,
 ) -> Unit:
     fwd_ops = [r for r in ops if r.phase == Phase.FORWARD]
     bwd_ops = [r for r in ops if r.phase == Phase.BACKWARD]
@@ -1032,7 +1037,7 @@ def _unit(
         activation_bytes=urec.saved_bytes,
         param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
         op_count=len(ops),
-        flags=unit_flags(urec, ops, low, limits, th, scale_ceiling_log2),
+        flags=unit_flags(urec, ops, low, limits, th, scale_ceiling_log2, loss_flushed=loss_flushed),
         forward=UnitForward(
             stats=tensor_stats(urec.forward) if urec.forward.numel else None,
             local=_error(urec.local_error, urec.local_error.nonfinite_mismatch) if has_local else None,
