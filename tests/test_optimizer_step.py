@@ -290,6 +290,12 @@ def test_fp16_adam_step_makes_nan_and_says_so() -> None:
     f = report.flags()[0]
     assert f.severity is pd.Severity.ERROR and "Inf/NaN" in f.evidence.message
     assert "fp32 master weights and optimizer state" in f.evidence.message
+    # The summary line says so, not "loses 0% of the updates ... update norm infx fp32's".
+    from precision_doctor.views.figures import optimizer_step_text
+
+    line = optimizer_step_text(report)
+    assert line is not None and f"makes {step.total.nonfinite} weight(s) Inf/NaN" in line
+    assert "loses" not in line and "infx" not in line
 
 
 # --- over steps: the pre-flight in the pure regime ------------------------------------------------

@@ -990,13 +990,20 @@ def optimizer_step_text(report: Report) -> str | None:
     if step is None:
         return None
     t = step.total
-    line = (
-        f"optimizer step: {step.optimizer} at lr {step.lr:g} with {step.dtype} weights and state loses "
-        f"{percent(t.lost_fraction)} of the updates fp32's makes (partly {percent(t.partly_lost_fraction)}; "
-        f"update norm {fmt(t.update_norm_ratio)}x fp32's)"
-    )
     if t.nonfinite:
-        line += f", {t.nonfinite} weight(s) made Inf/NaN"
+        # Weights gone Inf/NaN: what fraction of the updates "survived" means nothing then.
+        line = (
+            f"optimizer step: {step.optimizer} at lr {step.lr:g} with {step.dtype} weights and state makes "
+            f"{t.nonfinite} weight(s) Inf/NaN in one step"
+        )
+    else:
+        ratio = t.update_norm_ratio
+        norm = f"update norm {fmt(ratio)}x fp32's" if ratio is not None and math.isfinite(ratio) else "no update norm"
+        line = (
+            f"optimizer step: {step.optimizer} at lr {step.lr:g} with {step.dtype} weights and state loses "
+            f"{percent(t.lost_fraction)} of the updates fp32's makes (partly {percent(t.partly_lost_fraction)}; "
+            f"{norm})"
+        )
     worst = max(step.units, key=lambda u: u.lost_fraction, default=None)
     if worst is not None and worst.lost:
         line += f"; worst unit {worst.unit}: {percent(worst.lost_fraction)} lost"
