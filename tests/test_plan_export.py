@@ -442,3 +442,15 @@ def test_an_all_low_run_with_no_loss_error_spends_no_error_budget() -> None:
     plan = plan_model(model, batch, mod.loss_fn, report)
     assert not [f for f in plan.fp32_units if f.reason.startswith("error budget")], plan.summary()
     assert plan.verification_passes >= 1 and plan.verified_loss_rel_error <= plan.tolerance
+
+
+def test_a_tie_kept_in_fp32_is_not_priced_at_zero() -> None:
+    """attention_unscaled: `attn.k` costs the same low or fp32 on the roofline and stays fp32;
+    its reason said "low would cost 0 s per step"."""
+    mod = load("attention_unscaled")
+    model, batch = mod.build_model(), mod.make_batch()
+    report = pd.analyze(model, batch, mod.loss_fn)
+    plan = plan_model(model, batch, mod.loss_fn, report)
+    reasons = [f.reason for f in plan.fp32_units]
+    assert not [r for r in reasons if " 0 s per step" in r], reasons
+    assert any("on a tie it stays fp32" in r for r in reasons), reasons

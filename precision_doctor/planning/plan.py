@@ -898,9 +898,13 @@ def _fp32_reasons(
                 )
             else:
                 dt = problem.objective(flipped) - base
-                reasons[n] = (
-                    f"{CHEAPER_IN_FP32}: low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
+                # Under a picosecond: a tie (the search keeps fp32 then), not a cost worth a number.
+                cost = (
+                    f"low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
+                    if dt >= 1e-12
+                    else "running it low saves no time here (on a tie it stays fp32)"
                 )
+                reasons[n] = f"{CHEAPER_IN_FP32}: {cost}"
     return reasons
 
 
