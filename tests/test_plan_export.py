@@ -257,10 +257,17 @@ def test_json_roundtrip_and_version(rescue: tuple[Any, Plan], tmp_path: Any) -> 
     (tmp_path / "bad.json").write_text(json.dumps(raw))
     with pytest.raises(pd.PrecisionDoctorError, match="schema_version"):
         Plan.load(tmp_path / "bad.json")
-    report = pd.analyze(torch.nn.Linear(2, 1), torch.ones(1, 2), loss_fn=lambda o, b: o.sum())
+    model, batch = torch.nn.Linear(2, 1), torch.ones(1, 2)
+    report = pd.analyze(model, batch, loss_fn=lambda o, b: o.sum())
     report.save(tmp_path / "report.json")
-    with pytest.raises(pd.PrecisionDoctorError, match="is an analysis report, not a plan"):
+    with pytest.raises(pd.PrecisionDoctorError, match="is an analysis report with no plan"):
         Plan.load(tmp_path / "report.json")
+    # A planned report file is read as the plan it carries, as `apply_plan(model, report)` is.
+    planned = pd.plan_report(model, batch, lambda o, b: o.sum(), report)
+    planned.save(tmp_path / "planned.json")
+    assert Plan.load(tmp_path / "planned.json") == Plan.from_report(planned)
+    with apply_plan(model, tmp_path / "planned.json"):
+        pass
 
 
 def test_deepspeed_keys_are_documented(rescue: tuple[Any, Plan]) -> None:

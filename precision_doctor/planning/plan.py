@@ -173,7 +173,13 @@ class Plan(Frozen):
     def from_json(cls, text: str, source: str = "plan") -> Plan:
         raw = parse_json(text, source)
         if isinstance(raw, dict) and isinstance(raw.get("units"), list) and "environment" in raw:
-            raise PrecisionDoctorError(f"{source} is an analysis report, not a plan (`analyze --export` writes plans)")
+            # A saved report: the plan it carries, where it was planned (`analyze --out` plans).
+            report = Report.from_json(text, source=source)
+            if report.extras.plan is None:
+                raise PrecisionDoctorError(
+                    f"{source} is an analysis report with no plan (`analyze --out` or `--export` plans it)"
+                )
+            return cls.from_report(report)
         if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_PLAN_SCHEMA_VERSIONS:
             got = raw.get("schema_version") if isinstance(raw, dict) else None
             readable = " or ".join(str(v) for v in READABLE_PLAN_SCHEMA_VERSIONS)
