@@ -443,9 +443,15 @@ def check_training_args(args):
     flags = [k for k in ("fp16", "bf16") if getattr(args, k, False)]
     if flags != [PLAN_DTYPE]:
         runs = "+".join(flags) if flags else "fp32 (neither fp16 nor bf16 set)"
+        # Re-planning helps only for the one other dtype the arguments run.
+        replan = (
+            f", or re-plan with `precision-doctor analyze model.py --dtype {other} --export ...`"
+            if flags == ["{other}"]
+            else ""
+        )
         raise ValueError(
             f"this plan was made for {{PLAN_DTYPE}} but the TrainingArguments run {{runs}}: "
-            f"pass **TRAINING_ARGS_KWARGS, or re-plan with `precision-doctor analyze model.py --dtype {other} --export ...`"
+            f"pass **TRAINING_ARGS_KWARGS{{replan}}"
         )
 
 
