@@ -245,7 +245,7 @@ def test_cli_fp8(tmp_path: Path) -> None:
     assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
     # the one layer is first and last: flagged (wgrad) under rowwise, passed by another recipe
     assert "proj (first and last): needs the rowwise_with_gw_hp recipe" in result.stdout
-    assert "this model needs none of them" in result.stdout
+    assert "this model needs none of these exclusions: an fp8 recipe passes each" in result.stdout
     saved = pd.Report.load(out)
     assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise"
     assert saved.extras.plan is not None and saved.extras.plan.dtype == "fp8"  # --out plans, as for bf16
@@ -409,7 +409,7 @@ def test_lm_head_outlier_channel_needs_bf16(recipe: str) -> None:
     assert conventional_lines(report) == [
         f"conventionally kept in high precision: block.attn.qkv (first): takes fp8 under {recipe}; "
         "lm_head (last): needs bf16",
-        "this model needs the exclusion of lm_head",
+        "this model needs the exclusion of lm_head (no fp8 recipe passes it)",
     ]
     assert pd.Report.model_validate_json(report.model_dump_json()).extras.fp8 == report.extras.fp8
     assert any("lm_head" in line and "module_filter_fn" in line for line in fp8_next_steps(report, ["x"]))

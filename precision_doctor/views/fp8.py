@@ -99,7 +99,9 @@ def conventional_lines(report: Report) -> list[str]:
     needed = [e.layer for e in section.exclusions if e.needed]
     return [
         "conventionally kept in high precision: " + "; ".join(said),
-        f"this model needs {'the exclusion of ' + ', '.join(needed) if needed else 'none of them'}",
+        f"this model needs the exclusion of {', '.join(needed)} (no fp8 recipe passes it)"
+        if needed
+        else "this model needs none of these exclusions: an fp8 recipe passes each of these layers",
     ]
 
 
