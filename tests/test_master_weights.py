@@ -407,3 +407,18 @@ def test_an_all_fp32_pure_plan_carries_no_failed_candidates_training_check() -> 
     assert cost
     line = next(s for s in next_steps(planned, ["precision-doctor", "analyze", "m.py"]) if "every unit" in s)
     assert "no unit of this model runs safely" not in line and all(u in line for u in cost)
+
+
+def test_master_weights_given_for_a_non_finite_training_check_say_so() -> None:
+    """pure_only_overflow in pure fp16: candidates' training checks go NaN, and each round
+    gives one more unit master weights. Its reason says the run went non-finite; it said the
+    check "left 0% of its weights unchanged per step", which is not what failed."""
+    spec = load_model_file(SAMPLES / "pure_only_overflow.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn, regime="pure")
+    plan = pd.Plan.from_report(pd.plan_report(spec.model, spec.batch, spec.loss_fn, report))
+    from_checks = [m.reason for m in plan.master_weights if "training check" in m.reason]
+    if not from_checks:
+        pytest.skip("no training check gave master weights here")
+    for reason in from_checks:
+        nan = "-> nan" in reason
+        assert ("went non-finite" in reason) == nan and ("unchanged per step" in reason) == (not nan), reason

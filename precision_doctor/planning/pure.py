@@ -22,6 +22,7 @@ the same share of the error budget (their forward and backward are the same comp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -200,8 +201,12 @@ class PureRounds:
         if not stuck:
             return None
         worst = max(stuck, key=lambda n: (stuck[n], n))
-        self.needs_master[worst] = (
-            f"the training check of verification pass {passes} ({self.check.summary()}) left "
-            f"{percent(stuck[worst])} of its weights unchanged per step held in {dtype} without master weights"
-        )
+        if not all(math.isfinite(x) for x in self.check.plan_losses):
+            # Unchanged weights are not what failed: the run went non-finite.
+            why = f"went non-finite with this unit's weights held in {dtype} without master weights"
+        else:
+            why = (
+                f"left {percent(stuck[worst])} of its weights unchanged per step held in {dtype} without master weights"
+            )
+        self.needs_master[worst] = f"the training check of verification pass {passes} ({self.check.summary()}) {why}"
         return False
