@@ -376,3 +376,16 @@ def test_next_steps_keep_the_options_that_shaped_the_plan() -> None:
     assert suggested
     for line in suggested:
         assert "--lr 1e-05" in line and "--tolerance 0.001" in line and "--target a100" in line, line
+
+
+def test_a_rank_failing_before_the_job_forms_names_itself(tmp_path: Path) -> None:
+    """Under torchrun, a failure before the CLI joins the process group (a model file or a
+    make_batch() that fails on one rank) names the rank torchrun gave the process; it did not,
+    so a one-rank failure read as the job's."""
+    missing = str(tmp_path / "nosuch.py")
+    result = runner.invoke(app, ["analyze", missing], env={**ENV, "RANK": "1", "WORLD_SIZE": "2"})
+    assert result.exit_code == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("precision-doctor: rank 1: error: model file"), result.stderr
+    alone = runner.invoke(app, ["analyze", missing], env={**ENV, "RANK": "0", "WORLD_SIZE": "1"})
+    assert alone.exit_code == 2 and "precision-doctor: rank" not in alone.stderr
