@@ -1,14 +1,15 @@
 """A loss weighted by 1e-14: every gradient is ~1e-15 and flushes to zero in fp16 at
 GradScaler's starting scale 2^16 - but GradScaler's fp32 scale holds far larger powers of two.
 
-Expected in fp16, in every regime: `fc1`, `act` and `fc2` flagged GRAD_UNDERFLOW with severity
+Expected in fp16 under `--policy cuda` (the default): the loss is computed in fp32 (pow and
+mean run fp32 there), and `fc1`, `act` and `fc2` are flagged GRAD_UNDERFLOW with severity
 *warning* (a larger initial scale keeps the gradients: `fixing_scale_log2` in the evidence; the
-plan recommends a scale near 2^64 and moves no unit to fp32 for underflow). Under
-`--policy cuda` the loss is computed in fp32 (pow and mean run fp32 there): "Safe to train ...
+plan recommends a scale near 2^64 and moves no unit to fp32 for underflow): "Safe to train ...
 with 3 warning(s)". Under `--policy cpu` and `--regime pure` the loss itself is computed in
 fp16, where 1e-14 x mean flushes to 0: final-loss error 100%, "Not safe as-is", and with the
-loss the gradients: `fc1` and `fc2` GRAD_DIVERGENCE (error). bf16: no flag (bf16 has fp32's
-range).
+loss the gradients: `fc1` and `fc2` GRAD_DIVERGENCE (error); the GRAD_UNDERFLOWs are errors
+there, as an fp16 loss takes no scale above 2^15 (its gradient is the scale). bf16: no flag
+(bf16 has fp32's range).
 """
 
 import torch

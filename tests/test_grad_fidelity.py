@@ -213,21 +213,26 @@ def test_sample_docstrings_grad_divergence() -> None:
         }
 
 
-def test_a_flushed_loss_gets_no_loss_scale_advice() -> None:
-    """tiny_loss_gradients under CPU autocast's op lists: the loss itself flushes to 0 in fp16.
-    Scaling 0 keeps nothing, so no GRAD_UNDERFLOW says GradScaler can grow to a scale that
-    keeps the gradients (they said 2^32); each says the loss is 0, as an error. Under CUDA's
-    lists the loss is fp32 and the warning with its scale stands."""
-    flushed = pd.analyze(*_args("tiny_loss_gradients"), policy="cpu")
-    assert flushed.losses.low == 0 and flushed.losses.fp32 != 0
-    under = [f for f in flushed.flags() if f.flag is pd.Flag.GRAD_UNDERFLOW]
+def test_a_loss_held_low_bounds_the_scale_the_flags_offer() -> None:
+    """tiny_loss_gradients under CPU autocast's op lists: the loss is an fp16 `mean`, which
+    takes the scale as its fp16 gradient, 2^15 at most. No GRAD_UNDERFLOW says GradScaler can
+    grow to a scale that keeps the gradients (they said 2^32); each is an error naming the
+    loss. A loss whose value flushes but that is reduced in fp32 (`(out * 1e-10).float()`)
+    takes any scale, and its warnings keep their scale: GradScaler scales the backward's seed,
+    not the loss' value."""
+    held = pd.analyze(*_args("tiny_loss_gradients"), policy="cpu")
+    assert held.losses.low_dtype == "fp16"
+    under = [f for f in held.flags() if f.flag is pd.Flag.GRAD_UNDERFLOW]
     assert under and all(f.severity is pd.Severity.ERROR for f in under)
-    assert all(
-        "loss itself is 0" in f.evidence.message and "GradScaler can grow" not in f.evidence.message for f in under
-    )
-    kept = pd.analyze(*_args("tiny_loss_gradients"))
-    assert kept.losses.low != 0
-    assert all("GradScaler can grow" in f.evidence.message for f in kept.flags() if f.flag is pd.Flag.GRAD_UNDERFLOW)
+    assert all("up to 2^15" in f.evidence.message and "loss itself is held low" in f.evidence.message for f in under)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    fp32_loss = pd.analyze(model, x, lambda out, b: (out * 1e-10).float().mean())
+    assert fp32_loss.losses.low == 0 and fp32_loss.losses.low_dtype == "fp32"  # its value flushed
+    kept = [f for f in fp32_loss.flags() if f.flag is pd.Flag.GRAD_UNDERFLOW]
+    assert kept and all("GradScaler can grow" in f.evidence.message for f in kept)
 
 
 def _args(name: str) -> tuple[Any, Any, Any]:

@@ -27,6 +27,7 @@ from precision_doctor.analysis.gradients import (
     grad_scale_log2,
 )
 from precision_doctor.analysis.jobs import AnalysisJob, CapturedStep, LowGradients, SingleProcess, analysis_job
+from precision_doctor.analysis.loss_scale import seed_ceiling_log2
 from precision_doctor.analysis.optimizer_step import optimizer_step, with_optimizer_step
 from precision_doctor.capture import cpu_kernels
 from precision_doctor.capture.fp8 import Fp8Run, torchao_version
@@ -932,11 +933,18 @@ def build_report(
         thresholds=th,
         op_count_forward=sum(1 for r in records if r.phase == Phase.FORWARD),
         op_count_backward=sum(1 for r in records if r.phase == Phase.BACKWARD),
-        # A loss that flushed to 0 in the low dtype leaves nothing for a loss scale to scale.
-        units=_units(capture, param_stats, low, limits, th, ceiling, losses.low == 0.0 and losses.fp32 != 0.0),
+        units=_units(capture, param_stats, low, limits, th, ceiling, _loss_ceiling_log2(losses, low)),
         edges=_edges(records),
         loss_scale=loss_scale_curve(all_grads) if all_grads.numel else [],
     )
+
+
+def _loss_ceiling_log2(losses: Losses, low: LowDtype) -> int:
+    """The largest scale the low run's loss takes (`loss_scale.seed_ceiling_log2`): a loss the
+    run holds in fp16 (CPU autocast's `mean`, pure fp16) gets the scale as its fp16 gradient."""
+    if low is not LowDtype.FP16:
+        return MAX_SCALE_LOG2
+    return seed_ceiling_log2(low, losses.low_dtype == low.value, losses.low_term_grad_max_abs)
 
 
 def _add_param_grads(
@@ -995,7 +1003,7 @@ def _units(
     limits: FormatLimits,
     th: Thresholds,
     ceiling: int,
-    loss_flushed: bool = False,
+    loss_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[Unit]:
     """Every unit judged, in the order of its first op (a unit with none last)."""
     records = capture.records
@@ -1008,7 +1016,7 @@ def _units(
     for uname, urec in sorted(capture.units.items(), key=lambda kv: first_op.get(kv[0], len(records))):
         ops = by_unit.get(uname, [])
         order = first_op.get(uname, len(records))
-        units.append(_unit(urec, ops, params, order, low, limits, th, ceiling, loss_flushed=loss_flushed))
+        units.append(_unit(urec, ops, params, order, low, limits, th, ceiling, loss_ceiling_log2=loss_ceiling_log2))
     return units
 
 
@@ -1022,7 +1030,7 @@ def _unit(
     th: Thresholds,
     scale_ceiling_log2: int = 24,
     *,
-    loss_flushed: bool = False,
+    loss_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> Unit:
     fwd_ops = [r for r in ops if r.phase == Phase.FORWARD]
     bwd_ops = [r for r in ops if r.phase == Phase.BACKWARD]
@@ -1037,7 +1045,7 @@ def _unit(
         activation_bytes=urec.saved_bytes,
         param_bytes=sum(4 * param_stats[p].numel for p in urec.param_names if p in param_stats),
         op_count=len(ops),
-        flags=unit_flags(urec, ops, low, limits, th, scale_ceiling_log2, loss_flushed=loss_flushed),
+        flags=unit_flags(urec, ops, low, limits, th, scale_ceiling_log2, loss_ceiling_log2=loss_ceiling_log2),
         forward=UnitForward(
             stats=tensor_stats(urec.forward) if urec.forward.numel else None,
             local=_error(urec.local_error, urec.local_error.nonfinite_mismatch) if has_local else None,

@@ -78,8 +78,8 @@ class _UnitCase:
     limits: FormatLimits
     th: Thresholds
     scale_ceiling_log2: int
-    loss_flushed: bool = False
-    """The low run's loss is 0 where fp32's is not: a loss scale multiplies 0."""
+    loss_ceiling_log2: int = MAX_SCALE_LOG2
+    """The largest scale the low run's loss itself takes (a loss held in fp16: 2^15)."""
 
     @property
     def fwd(self) -> TensorSummary:
@@ -310,7 +310,7 @@ def _gradients(case: _UnitCase, found: Sequence[FlagRecord]) -> list[FlagRecord]
         max_abs=bwd.max_abs,
         scaler=fp16,
         ceiling_log2=case.scale_ceiling_log2,
-        loss_flushed=case.loss_flushed,
+        loss_ceiling_log2=case.loss_ceiling_log2,
         overflow_op=max(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
         underflow_op=min(unit.grad_nodes, key=lambda n: n[1].max_abs)[0],
     )
@@ -336,13 +336,13 @@ def unit_flags(
     th: Thresholds,
     scale_ceiling_log2: int = MAX_SCALE_LOG2,
     *,
-    loss_flushed: bool = False,
+    loss_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
     """The unit's findings, one rule per flag (`_RULES`), each seeing what the rules before
     it found. `scale_ceiling_log2`: the largest loss scale at which no gradient of the model
-    overflows (`scale_ceiling`), the highest GradScaler can settle at. `loss_flushed`: the
-    low run's loss is 0 where fp32's is not, so no loss scale keeps a gradient."""
-    case = _UnitCase(unit, ops, dtype, limits, th, scale_ceiling_log2, loss_flushed)
+    overflows (`scale_ceiling`), the highest GradScaler can settle at; `loss_ceiling_log2`:
+    the largest the low run's loss takes (`loss_scale.seed_ceiling_log2`)."""
+    case = _UnitCase(unit, ops, dtype, limits, th, scale_ceiling_log2, loss_ceiling_log2)
     flags = _nonfinite_fp32(case, [])
     # The loss runs in fp32 under autocast and GradScaler scales the fp32 loss: no range,
     # error or gradient finding applies to it (its gradients, the seed 1 among them, are not
@@ -375,7 +375,7 @@ def _gradient_flags(
     ceiling_log2: int,
     overflow_op: str | None,
     underflow_op: str | None,
-    loss_flushed: bool = False,
+    loss_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> list[FlagRecord]:
     """GRAD_OVERFLOW and GRAD_UNDERFLOW at loss scale 2^`scale`, with their severities (see
     the module docstring). `at_scale(k)`: (fraction of nonzero gradients flushed, fraction
@@ -400,12 +400,12 @@ def _gradient_flags(
             next(
                 (
                     k
-                    for k in range(scale + 1, ceiling_log2 + 1)
+                    for k in range(scale + 1, min(ceiling_log2, loss_ceiling_log2) + 1)
                     if at_scale(k)[2] <= th.grad_underflow_norm_fraction and not overflows(k)
                 ),
                 None,
             )
-            if scaler and not loss_flushed
+            if scaler
             else None
         )
         flags.append(
@@ -418,7 +418,7 @@ def _gradient_flags(
                 fix,
                 scaler=scaler,
                 ceiling_log2=ceiling_log2,
-                loss_flushed=loss_flushed,
+                loss_ceiling_log2=loss_ceiling_log2,
             )
         )
     return flags
@@ -456,7 +456,7 @@ def _grad_underflow(
     *,
     scaler: bool,
     ceiling_log2: int,
-    loss_flushed: bool = False,
+    loss_ceiling_log2: int = MAX_SCALE_LOG2,
 ) -> FlagRecord:
     """GRAD_UNDERFLOW at 2^`scale` (`flushed`: the fractions of the nonzero gradients and of
     their L2 norm that flush to 0): a warning when GradScaler can grow to 2^`fix`, which
@@ -472,8 +472,12 @@ def _grad_underflow(
         return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, op, message, **values, fixing_scale_log2=fix)
     above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
     why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
-    if loss_flushed:
-        why = "no loss scale keeps them: the low run's loss itself is 0 (compute the loss in fp32)"
+    if scaler and loss_ceiling_log2 < ceiling_log2:
+        # The loss bounds the scale before the model's gradients do.
+        why = (
+            f"no loss scale up to 2^{loss_ceiling_log2} keeps them: the loss itself is held low, and a larger "
+            "scale overflows its gradient (compute the loss in fp32)"
+        )
     return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.ERROR, unit, op, f"{what}; {why}", **values)
 
 

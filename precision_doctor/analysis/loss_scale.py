@@ -118,6 +118,16 @@ def safe_scale_log2(
     return max(MIN_SCALE_LOG2, min(MAX_SCALE_LOG2, k))
 
 
+def seed_ceiling_log2(dtype: LowDtype, loss_held_low: bool, low_term_grad_max_abs: float = 0.0) -> int:
+    """The largest loss scale the loss itself takes: a loss held in `dtype` gets the scale as
+    its gradient in `dtype` (2^15 in fp16), a loss term held low the scale times its
+    |d loss / d term|; otherwise no bound of its own (`MAX_SCALE_LOG2`)."""
+    seed_max = finite_scale_log2(1.0, dtype) if loss_held_low else MAX_SCALE_LOG2
+    if low_term_grad_max_abs > 0:
+        seed_max = min(seed_max, finite_scale_log2(low_term_grad_max_abs, dtype))
+    return seed_max
+
+
 def finite_scale_log2(max_abs: float, dtype: LowDtype, fp32_max_abs: float = 0.0) -> int:
     """The largest k at which every scaled gradient is finite: max_abs * 2^k rounds to a
     finite `dtype` value (below `overflow_threshold`), and fp32_max_abs * 2^k stays finite in
@@ -156,9 +166,7 @@ def advise_from_histogram(
         if unscaled_underflow_fraction is not None
         else underflow_fraction(counts_by_log2, 0, low)
     )
-    seed_max = finite_scale_log2(1.0, low) if loss_held_low else MAX_SCALE_LOG2
-    if low_term_grad_max_abs > 0:
-        seed_max = min(seed_max, finite_scale_log2(low_term_grad_max_abs, low))
+    seed_max = seed_ceiling_log2(low, loss_held_low, low_term_grad_max_abs)
     finite = min(finite_scale_log2(max_abs, low, fp32_max_abs), seed_max)
     if max_abs <= 0:
         # No nonzero gradient runs low (no unit does, or its gradients are exactly 0): there is
