@@ -479,8 +479,9 @@ def _rerun_command(
     command = ["precision-doctor", "analyze", str(model_file)]
     command += ["--regime", regime.value] if regime is not Regime.AUTOCAST else []
     command += ["--policy", policy.value] if policy is not AutocastPolicy.CUDA and regime is Regime.AUTOCAST else []
-    command += ["--lr", f"{lr:g}"] if lr is not None else []
-    command += ["--tolerance", f"{tolerance:g}"] if tolerance is not None else []
+    # repr: the shortest text that reads back as the same float (`:g` rounds to 6 digits).
+    command += ["--lr", repr(lr)] if lr is not None else []
+    command += ["--tolerance", repr(tolerance)] if tolerance is not None else []
     command += ["--target", target.value] if target is not None else []
     command += ["--cost", cost.value] if cost is not CostSource.ROOFLINE else []
     for t in thresholds:

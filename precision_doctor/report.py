@@ -688,10 +688,7 @@ def check_writable(path: Path) -> None:
     or not writable. (A full disk still shows only at the write.)"""
     if path.is_dir():
         raise PrecisionDoctorError(f"cannot write {path}: it is a directory; give a file path")
-    if path.exists() and not path.is_file():
-        # A device or a pipe: the rename would replace it with a regular file.
-        raise PrecisionDoctorError(f"cannot write {path}: it is not a regular file (a device, pipe or socket)")
-    path = path.resolve()  # a link is written through, as `write_atomic` does
+    path = _write_target(path)
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -701,12 +698,24 @@ def check_writable(path: Path) -> None:
         raise PrecisionDoctorError(f"cannot write {path}: {folder} is not writable")
 
 
+def _write_target(path: Path) -> Path:
+    """The file a write to `path` replaces: a symbolic link's target (the link is kept), never
+    a device, pipe or socket (the rename would replace it with a regular file: /dev/null)."""
+    try:
+        target = path.resolve()
+        special = target.exists() and not target.is_file() and not target.is_dir()
+    except (OSError, RuntimeError) as e:  # a loop of links: RuntimeError before Python 3.13
+        raise PrecisionDoctorError(f"cannot write {path}: {e}") from None
+    if special:
+        raise PrecisionDoctorError(f"cannot write {path}: it is not a regular file (a device, pipe or socket)")
+    return target
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: readers never see half a file.
     A path that cannot be written (its folder is a file, no permission, a full disk) is the
     user's input: PrecisionDoctorError, one line."""
-    # A symbolic link is written through: the file it points to is replaced, the link kept.
-    path = path.resolve()
+    path = _write_target(path)
     # Not mkstemp, which makes the file 0600: created like a plain open() (0666, less the
     # umask, which the kernel applies), exclusively under a random name.
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")

@@ -369,13 +369,23 @@ def test_next_steps_keep_the_options_that_shaped_the_plan() -> None:
     where the user trains at 1e-5 lost ~94% of its updates)."""
     sample = Path(__file__).resolve().parents[1] / "sample_models" / "reduction_overflow.py"
     result = invoke(
-        str(sample), "--regime", "pure", "--lr", "1e-5", "--tolerance", "0.001", "--target", "a100", "--no-bf16-check"
+        str(sample),
+        "--regime",
+        "pure",
+        "--lr",
+        "1.2345678e-5",
+        "--tolerance",
+        "0.001",
+        "--target",
+        "a100",
+        "--no-bf16-check",
     )
     assert result.exit_code == 0, (result.stderr, result.exception)
     suggested = [line for line in result.stdout.splitlines() if "precision-doctor analyze" in line]
     assert suggested
     for line in suggested:
-        assert "--lr 1e-05" in line and "--tolerance 0.001" in line and "--target a100" in line, line
+        # Every digit kept: a rounded lr is another plan.
+        assert "--lr 1.2345678e-05" in line and "--tolerance 0.001" in line and "--target a100" in line, line
 
 
 def test_a_rank_failing_before_the_job_forms_names_itself(tmp_path: Path) -> None:

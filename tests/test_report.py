@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,27 @@ def test_save_load_round_trip_exact(report: Report, tmp_path: Path) -> None:
     loaded = Report.load(path)
     assert loaded == report
     assert loaded.to_json() == report.to_json()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and symbolic links")
+def test_save_writes_through_a_link_and_refuses_what_is_no_file(report: Report, tmp_path: Path) -> None:
+    """`Report.save` (as every writer: plans, HTML) replaces the file a link names and keeps the
+    link; a named pipe (a device likewise: /dev/null became a regular file) and a loop of links
+    are refused in one line, the pipe left as it was."""
+    target = tmp_path / "r.json"
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    report.save(link)
+    assert link.is_symlink() and Report.load(target) == report
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(pd.PrecisionDoctorError, match="not a regular file"):
+        report.save(fifo)
+    assert not fifo.is_file() and fifo.exists()
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(pd.PrecisionDoctorError, match="cannot write"):
+        report.save(loop)
 
 
 def test_round_trip_with_infinite_values(report: Report, tmp_path: Path) -> None:

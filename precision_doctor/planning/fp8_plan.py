@@ -327,8 +327,9 @@ def plan_fp8_model(
     analysed = analysed_labels(report, layers)
     k = scale_to_loss(raw, analysed, measured)
     contributions = {n: {lab: e * k for lab, e in d.items()} for n, d in raw.items()}
-    # A run under a recipe the plan refuses for some layer (a matmul below its SQNR) is no
-    # candidate the search can pick, and its final-loss error tells little of theirs: on
+    # A run under a recipe the plan refuses for some layer (a matmul below its SQNR; a shape or
+    # device that cannot run it) is no candidate the search can pick, and its final-loss error
+    # tells little of theirs: on
     # outlier_token, tensorwise flushes the ordinary tokens (loss error 1) and calibrating on
     # it inflated every estimate ~25x, keeping the layer fp32 where rowwise passes. Then the
     # first verification pass calibrates instead.

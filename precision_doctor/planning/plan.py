@@ -907,7 +907,7 @@ def _fp32_reasons(
                 # Under a picosecond: a tie (the search keeps fp32 then), not a cost worth a number.
                 cost = (
                     f"low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
-                    if dt >= 1e-12
+                    if abs(dt) >= 1e-12
                     else "running it low saves no time here (on a tie it stays fp32)"
                 )
                 reasons[n] = f"{CHEAPER_IN_FP32}: {cost}"

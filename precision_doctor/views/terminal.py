@@ -177,7 +177,7 @@ def next_steps(
             if cost:
                 lines.append(
                     f"the plan keeps every unit in fp32: {', '.join(cost)} only because running them in {dtype} "
-                    f"would cost more than it saves on {plan.target} at this size"
+                    f"saves no time on {plan.target} at this size"
                     + (f"; {', '.join(flagged)} for what the analysis found" if flagged else "")
                 )
             else:
