@@ -163,8 +163,8 @@ def test_python_snippet_installs_the_same_overrides(rescue: tuple[Any, Plan]) ->
 
 
 def test_python_snippet_takes_a_plan_with_backward_ops_outside_any_module(rescue: tuple[Any, Plan]) -> None:
-    """A plan of a model with backward ops no module made (a GRU's: the `<backward>` unit, as
-    the loss's `<loss>`) installs on that model; the snippet refused it as an unknown module
+    """A plan of a model with backward ops no module made (the `<backward>` unit: FSDP2's
+    gradient reduction; as the loss's `<loss>`) installs on that model; the snippet refused it as an unknown module
     where `apply_plan` took it."""
     mod, plan = rescue
     plan = plan.model_copy(update={"units": {**plan.units, "<backward>": "fp32"}})

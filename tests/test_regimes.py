@@ -388,3 +388,17 @@ def test_cli_preflight_takes_the_regime() -> None:
     )
     assert autocast.exit_code == 0, autocast.output
     assert "cpu op lists" in autocast.output
+
+
+def test_a_gru_layers_backward_ops_are_its_own() -> None:
+    """The CPU GRU cell writes a chunk of its gates in place (`mul_` on a view): autograd
+    rebuilds that view's history with nodes no captured op made. Their backward ops belong to
+    the GRU's unit (what they read); they made a `<backward>` unit of their own, which the
+    plan listed, and the python export refused as an unknown module."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.GRU(8, 16, num_layers=2, batch_first=True))
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1))
+    report = pd.analyze(model, ids, lambda out, b: out[0].float().pow(2).mean())
+    names = [u.name for u in report.units]
+    assert "<backward>" not in names and "1" in names, names
+    assert report.by_module()["1"].op_count > 0

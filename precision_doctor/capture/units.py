@@ -160,6 +160,17 @@ class UnitAttribution:
         variable = getattr(node, "variable", None)  # AccumulateGrad holds its parameter
         if variable is not None:
             return self.param_units.get(id(variable), UNATTRIBUTED_UNIT), True
+        # A node no captured op made: autograd rebuilds the history of a view written in place
+        # (the GRU cell's `chunk(...)[2].mul_(gate)` on the CPU) with nodes of its own. It
+        # belongs with what it reads: the unit of the first of its inputs' nodes that has one.
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            unit = self.seq_units.get(nxt._sequence_nr())
+            if unit is None and getattr(nxt, "variable", None) is not None:
+                unit = self.param_units.get(id(nxt.variable))
+            if unit is not None:
+                return unit, False
         return UNATTRIBUTED_UNIT, False
 
 

@@ -263,8 +263,8 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
         if u.name == UNATTRIBUTED_UNIT:
             # No module to override: a dtype here would only count a saving nothing makes.
             reasons[u.name] = (
-                "backward ops that no module's forward made (a recurrent layer's, FSDP2's gradient "
-                "reduction): no module to run low"
+                "backward ops that no module's forward made (FSDP2's gradient reduction, a backward "
+                "hook's): no module to run low"
             )
             continue
         for f in u.flags:
