@@ -363,6 +363,14 @@ def test_mixed_precision_exports_of_a_pure_plan_say_what_they_do_not_carry() -> 
     assert "the plan keeps c in fp32" in kept and "fp32 master weights for 1 unit(s)" in master
     assert export_caveats(plan, ExportFormat.PYTHON) == []
     assert export_caveats(plan.model_copy(update={"regime": Regime.AUTOCAST}), ExportFormat.HF) == [kept]
+    # What the mixed-precision config costs against the plan, from the plan's own bytes: it
+    # said "more memory" where the plan's master weights made it hold as much or more.
+    saves = plan.model_copy(update={"state_bytes": PlanBytes(fp32=4096, autocast=4096, plan=2048)})
+    (note,) = export_caveats(saves, ExportFormat.DEEPSPEED, deepspeed_version="0.18.0")
+    assert "4 KiB of weights and optimizer state against the plan's 2 KiB" in note, note
+    costs = plan.model_copy(update={"state_bytes": PlanBytes(fp32=4096, autocast=4096, plan=5120)})
+    (note,) = export_caveats(costs, ExportFormat.DEEPSPEED, deepspeed_version="0.18.0")
+    assert "no more memory than the plan's 5 KiB" in note and "more memory," not in note, note
 
 
 def test_cli_exports_the_pure_plans_master_weights(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from importlib import metadata
 from precision_doctor.capture.units import LOSS_UNIT, ROOT_UNIT, UNATTRIBUTED_UNIT
 from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.extras import PlanSection
-from precision_doctor.formats import TORCH_DTYPES
+from precision_doctor.formats import TORCH_DTYPES, format_bytes
 from precision_doctor.options import ExportFormat, Fp8Recipe, LowDtype, Regime, fp8_recipe_of
 from precision_doctor.planning.fp8 import planned_recipes
 from precision_doctor.planning.master import MasterWeights
@@ -407,10 +407,17 @@ def _pure_caveat(plan: Plan, export_format: ExportFormat | str) -> list[str]:
     (DeepSpeed's, Trainer's) keep fp32 master weights for every parameter instead."""
     if plan.regime is not Regime.PURE or ExportFormat(export_format) not in (ExportFormat.DEEPSPEED, ExportFormat.HF):
         return []
+    b = plan.state_bytes
+    if b is None:
+        memory = "no update lost"
+    elif b.plan < b.fp32:
+        memory = f"{format_bytes(b.fp32)} of weights and optimizer state against the plan's {format_bytes(b.plan)}"
+    else:  # master weights for most units: the plan saves nothing there
+        memory = f"no more memory than the plan's {format_bytes(b.plan)}, which its master weights cost"
     return [
         f"this pure {plan.dtype} plan holds its low units' weights in {plan.dtype} with fp32 master weights for "
         f"{len(plan.master_weights)} unit(s); this config trains under mixed precision, fp32 master weights for "
-        "every parameter (more memory, no update lost): for the planned weights use apply_plan or the python export"
+        f"every parameter ({memory}): for the planned weights use apply_plan or the python export"
     ]
 
 
