@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -197,20 +196,6 @@ def _traceback_then_exit(code: int) -> NoReturn:
     raise typer.Exit(code) from None
 
 
-def _launched_rank() -> int | None:
-    """This process's rank in a job of several: the process group's, else (a failure before
-    the CLI joined it: loading the model file, `make_batch()`) the one torchrun gave it."""
-    from precision_doctor.runtime import distributed
-
-    if distributed.active():
-        return distributed.rank()
-    try:
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        return int(os.environ["RANK"]) if several else None
-    except (KeyError, ValueError):
-        return None
-
-
 def _one_line_errors(fn: Fn) -> Fn:
     """One line per error, and under torchrun one outcome for the job: a failure on any rank
     is raised on every rank (naming it) and printed once, by rank 0; every rank exits with the
@@ -224,7 +209,8 @@ def _one_line_errors(fn: Fn) -> Fn:
             # Every rank raises an agreed failure alike: one of them says it.
             agreed = isinstance(e, (distributed.RanksFailedError, distributed.RanksFailedInternalError))
             if not agreed or distributed.rank() == 0:
-                prefix = f"rank {_launched_rank()}: " if _launched_rank() is not None and not agreed else ""
+                launched = None if agreed else distributed.launched_rank()
+                prefix = f"rank {launched}: " if launched is not None else ""
                 typer.echo(f"precision-doctor: {prefix}{text}", err=True)
 
         try:

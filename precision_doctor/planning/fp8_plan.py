@@ -329,10 +329,9 @@ def plan_fp8_model(
     contributions = {n: {lab: e * k for lab, e in d.items()} for n, d in raw.items()}
     # A run under a recipe the plan refuses for some layer (a matmul below its SQNR; a shape or
     # device that cannot run it) is no candidate the search can pick, and its final-loss error
-    # tells little of theirs: on
-    # outlier_token, tensorwise flushes the ordinary tokens (loss error 1) and calibrating on
-    # it inflated every estimate ~25x, keeping the layer fp32 where rowwise passes. Then the
-    # first verification pass calibrates instead.
+    # tells little of theirs: on outlier_token, tensorwise flushes the ordinary tokens (loss
+    # error 1) and calibrating on it inflated every estimate ~25x, keeping the layer fp32 where
+    # rowwise passes. Then the first verification pass calibrates instead.
     refused_run = any(fp8_recipe_of(label) not in layers[n].allowed for n, label in analysed.items() if n in layers)
     calibrated = math.isfinite(measured) and not refused_run and all(n in (LOSS_UNIT, UNATTRIBUTED_UNIT) for n in hard)
     search = _Fp8Search(

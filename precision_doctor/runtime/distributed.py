@@ -77,6 +77,18 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if active() else 1
 
 
+def launched_rank() -> int | None:
+    """This process's rank in a job of several: the process group's, else the one torchrun
+    gave it (RANK, with WORLD_SIZE > 1, in its environment: before the group is joined);
+    None outside a job."""
+    if active():
+        return rank()
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None
+
+
 def _is_ddp(model: torch.nn.Module) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
@@ -314,7 +326,7 @@ def init_from_env(model: torch.nn.Module) -> bool:
     initialized one (`release()` destroys it)."""
     if not torch.distributed.is_available() or torch.distributed.is_initialized():
         return False
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_rank() is None:
         return False
     device = device_of(model)
     cuda = device.type == "cuda" and torch.distributed.is_nccl_available()
