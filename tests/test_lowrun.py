@@ -614,6 +614,39 @@ def _grads_sink() -> tuple[dict[str, torch.Tensor], Any]:
     return got, sink
 
 
+class _ComplexGain(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.gain = torch.nn.Parameter(torch.randn(8, dtype=torch.cfloat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) * self.gain).abs()
+
+
+def test_a_complex_parameter_gradient_reaches_the_sink_complex() -> None:
+    """The kept graph's backward hands a complex gradient on whole: `.float()` kept its real
+    part only (and a sink that keeps gradients for the optimizer step stepped with that).
+    Reference: the same step under torch's own CPU autocast."""
+    torch.manual_seed(0)
+    model, x = _ComplexGain(), torch.randn(4, 8)
+
+    def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return out.pow(2).mean()
+
+    ref_model = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(ref_model(x), x)
+    loss.backward()
+    ref = ref_model.gain.grad
+    assert ref is not None and ref.imag.abs().max() > 0
+    got, sink = _grads_sink()
+    low_run(model, x, loss_fn, torch.bfloat16, regime="autocast", policy="cpu", gradients_at=(0, sink))
+    assert got["gain"].dtype == torch.complex64
+    torch.testing.assert_close(got["gain"], ref, rtol=1e-2, atol=1e-3)
+    assert model.gain.grad is None  # the model's own `.grad` as before
+
+
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", ["mlp", "gpt2"], ids=["mlp", "gpt2"])
 def test_a_kept_graph_makes_its_parameter_casts_again(case: str, low: torch.dtype) -> None:

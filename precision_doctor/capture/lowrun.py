@@ -524,7 +524,10 @@ class LowGraph:
             if g is None:
                 return
             with _disable_current_modes():  # the sink's work is no op of the run
-                g = (g.to_dense() if g.is_sparse else g).detach().float()
+                g = (g.to_dense() if g.is_sparse else g).detach()
+                # `.float()` of a complex gradient keeps its real part only (a sink that
+                # keeps it for the optimizer step would step with that).
+                g = g.to(torch.complex64) if g.is_complex() else g.float()
                 # In place, as unscale_ does: this backward made the tensor (or `.float()`
                 # copied it).
                 sink(names[id(p)], g.mul_(2.0**-scale_log2) if scale_log2 else g)
