@@ -313,7 +313,14 @@ class _Analysis:
     def run(self, low: LowDtype, progress: Callable[[str], None] | None = None) -> Report:
         from precision_doctor.analysis.engine import analyze as run_analysis
         from precision_doctor.analysis.fp8_recipes import compare_fp8_recipes
+        from precision_doctor.analysis.optimizer_step import DEFAULT_LR
 
+        # The pure regime holds the weights low, and its step is where such training fails
+        # (Adam's eps is 0 in fp16, small updates round away): measured by default, at the
+        # optimizer the plan's training check and the pre-flight step too.
+        lr = self.lr
+        if lr is None and self.regime is Regime.PURE and self.spec.build_optimizer is None:
+            lr = DEFAULT_LR
         kwargs: dict[str, Any] = {
             "thresholds": self.thresholds,
             "name": self.spec.name,
@@ -321,7 +328,7 @@ class _Analysis:
             "regime": self.regime,
             "policy": self.policy,
             "build_optimizer": self.spec.build_optimizer,
-            "lr": self.lr,
+            "lr": lr,
             "driver": self.driver,
         }
         if low is LowDtype.FP8 and self.all_fp8_recipes:
@@ -546,7 +553,8 @@ def analyze(
         typer.Option(
             "--lr",
             help="Measure one optimizer step with low-precision weights (LOST_UPDATE): AdamW at this "
-            "learning rate, unless the model file defines build_optimizer(model), which is used then.",
+            "learning rate, unless the model file defines build_optimizer(model), which is used then. "
+            "Under --regime pure the step is measured by default (AdamW, lr 1e-3).",
         ),
     ] = None,
     driver: DriverOpt = Driver.AUTO.value,

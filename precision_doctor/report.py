@@ -571,8 +571,17 @@ class Report(_Frozen):
         err, tol = self.losses.rel_error, self.thresholds.loss_rel_error
         flags = self.flags()
         units = sum(1 for u in self.units if u.flags)
+        # The pure regime holds the weights low: a verdict without its optimizer step says so.
+        unchecked = (
+            "; its optimizer step on low weights was not checked (--lr, or build_optimizer in the model file)"
+            if self.environment.regime is Regime.PURE and self.optimizer_step is None
+            else ""
+        )
         if not flags and self:
-            return f"{dtype}: no unit flagged; final-loss error {err:.2e} against fp32. Safe to train in this dtype."
+            return (
+                f"{dtype}: no unit flagged; final-loss error {err:.2e} against fp32. "
+                f"Safe to train in this dtype{unchecked}."
+            )
         by_severity: dict[Severity, dict[Flag, int]] = {}
         for f in flags:
             per_flag = by_severity.setdefault(f.severity, {})
@@ -585,7 +594,10 @@ class Report(_Frozen):
         if self:
             warnings = sum(by_severity.get(Severity.WARNING, {}).values())
             heed = f" with {warnings} warning(s)" if warnings else ""  # info findings: counted above
-            return f"{dtype}: {found}; final-loss error {err:.2e} within tolerance {tol:g}. Safe to train in this dtype{heed}."
+            return (
+                f"{dtype}: {found}; final-loss error {err:.2e} within tolerance {tol:g}. "
+                f"Safe to train in this dtype{heed}{unchecked}."
+            )
         if self.loss_within_tolerance:
             loss = f"final-loss error {err:.2e} (tolerance {tol:g})"
         else:

@@ -428,3 +428,35 @@ def test_master_weights_given_for_a_non_finite_training_check_say_so() -> None:
     for reason in from_checks:
         nan = "-> nan" in reason
         assert ("went non-finite" in reason) == nan and ("unchanged per step" in reason) == (not nan), reason
+
+
+def test_a_pure_plan_holds_its_low_units_buffers_low_as_model_to_does() -> None:
+    """A new user's pure bf16 plan of a CNN crashed in its training check ("expected scalar
+    type BFloat16 but found Float"): BatchNorm's weights were cast and its running statistics
+    not. `model.to(bf16)` casts both; the plan (and its python export) now does too, and the
+    planned model trains under the CPU's own bf16 autocast."""
+
+    def cnn() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2))
+
+    plan = _pure_plan(
+        {"<root>": "bf16", "0": "bf16", "1": "bf16", "2": "bf16", "3": "bf16", "4": "fp32", "<loss>": "fp32"}, []
+    )
+    x = torch.randn(4, 3, 16, 16)
+    for install in ("apply_plan", "export"):
+        model = cnn()
+        if install == "apply_plan":
+            pd.apply_plan(model, plan)
+        else:
+            ns: dict[str, Any] = {}
+            exec(compile(render(plan, ExportFormat.PYTHON), "plan.py", "exec"), ns)
+            ns["hold_plan_weights"](model)
+            ns["install_precision_plan"](model)
+        bn = model[1]
+        assert bn.weight.dtype == bn.running_mean.dtype == bn.running_var.dtype == torch.bfloat16, install
+        assert bn.num_batches_tracked.dtype == torch.int64 and model[4].weight.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x.to(torch.bfloat16)).float().pow(2).mean()
+        loss.backward()
+        assert torch.isfinite(loss) and bn.weight.grad is not None, install

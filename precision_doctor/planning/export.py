@@ -241,8 +241,9 @@ MASTER_UNITS = {masters}
 _HOLD_SNIPPET = '''
 
 def hold_plan_weights(model):
-    """Cast the plan's low modules' own parameters to LOW_DTYPE in place, with fp32 master
-    copies (taken first) of MASTER_UNITS' parameters; returns the MasterWeights."""
+    """Cast the plan's low modules' own parameters (and floating buffers, as model.to() does)
+    to LOW_DTYPE in place, with fp32 master copies (taken first) of MASTER_UNITS' parameters;
+    returns the MasterWeights."""
     low = {u for u, d in PLAN.items() if d != "fp32"}
     kept, cast = [], []
     for name, p in model.named_parameters():
@@ -255,6 +256,9 @@ def hold_plan_weights(model):
     with torch.no_grad():
         for p in cast:
             p.data = p.data.to(LOW_DTYPE)
+        for name, b in model.named_buffers():
+            if (name.rpartition(".")[0] or "@ROOT@") in low and b.is_floating_point():
+                b.data = b.data.to(LOW_DTYPE)
     return MasterWeights(kept, LOW_DTYPE)
 '''.replace("@ROOT@", ROOT_UNIT)
 

@@ -119,7 +119,9 @@ def hold_plan_weights(
 ) -> MasterWeights:
     """Cast the parameters of `model` owned by low units (`owner_of`; a tied parameter's first
     owner) to `dtype` in place, with fp32 master copies, taken before the cast, of those the
-    `master_units` own. The model must hold them in fp32 (the copies would not be exact)."""
+    `master_units` own. The model must hold them in fp32 (the copies would not be exact). The
+    low units' floating buffers are cast too, as `model.to(dtype)` casts them: a BatchNorm with
+    low weights and fp32 running statistics is refused by the CPU's kernel."""
     kept: list[torch.nn.Parameter] = []
     cast: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
@@ -135,4 +137,7 @@ def hold_plan_weights(
     with torch.no_grad():
         for p in cast:
             p.data = p.data.to(dtype)
+        for name, b in model.named_buffers():
+            if low_units.get(owner_of(name), False) and b.is_floating_point():
+                b.data = b.data.to(dtype)
     return MasterWeights(kept, dtype)
