@@ -273,14 +273,14 @@ def test_healthy_model_next_step_is_the_loss_scale_without_bf16() -> None:
 def test_export_written_is_the_next_step(tmp_path: Path) -> None:
     plan = tmp_path / "plan.py"
     result = runner.invoke(
-        app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check", "--export", str(plan)], env=ENV
+        app, ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check", "--export", str(plan)], env=ENV
     )
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)
     assert steps[0].startswith(f"apply the plan written to {plan}: it keeps ")
     assert plan.is_file()
     # with a plan, the scale is the plan's low units' (extras.loss_scale), as the export has it
-    spec = _spec("ffn_overflow")
+    spec = _spec("plan_rescue")
     report = pd.plan_report(spec.model, spec.batch, spec.loss_fn, pd.analyze(spec.model, spec.batch, spec.loss_fn))
     assert report.extras.loss_scale is not None
     k = report.extras.loss_scale.recommended_scale_log2
@@ -293,7 +293,7 @@ def test_a_planned_report_is_not_told_to_plan_again(tmp_path: Path) -> None:
     the loss scale is the plan's."""
     out = tmp_path / "report.json"
     result = runner.invoke(
-        app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check", "--out", str(out)], env=ENV
+        app, ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check", "--out", str(out)], env=ENV
     )
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)
@@ -469,7 +469,7 @@ def test_a_deepspeed_export_without_per_module_dtypes_points_at_the_python_expor
     if carries_module_dtypes("deepspeed"):
         pytest.skip("the installed DeepSpeed applies per-module dtypes itself")
     config = tmp_path / "ds.json"
-    args = ["analyze", str(SAMPLES / "ffn_overflow.py"), "--quiet", "--no-bf16-check"]
+    args = ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check"]
     result = runner.invoke(app, [*args, "--export", str(config), "--export-format", "deepspeed"], env=ENV)
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)

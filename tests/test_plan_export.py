@@ -418,14 +418,19 @@ def test_plan_tracks_fp32_where_all_low_does_not() -> None:
 
 
 def test_a_promotion_no_measured_contribution_explains_says_so() -> None:
-    """Under a tolerance below what the measured contributions account for (each low unit's
-    0), the promoted unit is the one whose values the low run changes most, and its reason
-    says the measurements do not explain the error (it read "worst contributor (0.00e+00)",
-    the unit picked by name)."""
+    """Where the measured contributions account for none of the verified error (each low
+    unit's 0: here a report whose units kept no local error), the promoted unit is the one
+    whose values the low run changes most, and its reason says the measurements do not
+    explain the error (it read "worst contributor (0.00e+00)", the unit picked by name).
+    (Such a case came from the plan's low units casting their fp32 inputs, which plain
+    autocast leaves fp32: LayerNorms with a local error of 0 then changed the loss.)"""
     from precision_doctor.model.spec import load_model_file
 
     spec = load_model_file(Path(__file__).resolve().parents[1] / "sample_models" / "tiny_transformer.py")
     report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16")
+    assert report.losses.rel_error > 1e-8  # the all-low run's error, which no unit accounts for
+    unmeasured = [u.model_copy(update={"forward": u.forward.model_copy(update={"local": None})}) for u in report.units]
+    report = report.model_copy(update={"units": unmeasured})
     plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, tolerance=1e-8)
     promoted = [u for u in plan.fp32_units if "promoted after verification" in u.reason]
     assert promoted, plan.fp32_units
@@ -468,3 +473,98 @@ def test_a_tie_kept_in_fp32_is_not_priced_at_zero() -> None:
     reasons = [f.reason for f in plan.fp32_units]
     assert not [r for r in reasons if " 0 s per step" in r], reasons
     assert any("on a tie it stays fp32" in r for r in reasons), reasons
+
+
+class _ResidualBlock(torch.nn.Module):
+    """A pre-norm residual block: under plain autocast its residual stream stays fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.ff = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.ff(self.norm(x))
+        return self.head(h + 0.5 * h)
+
+
+def _all_low_plan(model: torch.nn.Module, dtype: pd.LowDtype, regime: pd.Regime) -> Plan:
+    units = {name or "<root>": dtype.value for name, _ in model.named_modules()}
+    zero = PlanCosts(fp32=1.0, autocast=1.0, plan=1.0)
+    return Plan(
+        model=type(model).__name__,
+        dtype=dtype,
+        target="h100",
+        tolerance=1e-2,
+        units=units,  # type: ignore[arg-type]
+        fp32_units=[],
+        estimated_step_time_s=zero,
+        activation_bytes=PlanBytes(fp32=0, autocast=0, plan=0),
+        verified_loss_rel_error=0.0,
+        verification_passes=1,
+        regime=regime,
+    )
+
+
+def test_a_plan_with_every_unit_low_runs_as_plain_autocast() -> None:
+    """A plan's low unit takes its inputs as autocast does: with every unit low, the forward
+    and backward under `apply_plan` and under the python export are plain autocast's, bit for
+    bit (same kernels, same process). Low units cast their fp32 inputs to the low dtype
+    before, so the residual adds ran in bf16 where autocast keeps them fp32: the verified
+    plan was not the autocast run the analysis measured, nor what the hf/DeepSpeed exports
+    (plain autocast when no unit is fp32) run. A pure plan still casts (model.to() holds
+    every activation low)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16) * 3
+
+    def run(install: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _ResidualBlock()
+        plan = _all_low_plan(model, pd.LowDtype.BF16, pd.Regime.AUTOCAST)
+        if install == "apply_plan":
+            apply_plan(model, plan)
+        elif install == "export":
+            ns: dict[str, Any] = {}
+            exec(compile(render_python(plan), "plan.py", "exec"), ns)
+            ns["install_precision_plan"](model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        assert model.ff.weight.grad is not None
+        return out, model.ff.weight.grad
+
+    plain_out, plain_grad = run("plain")
+    assert plain_out.dtype == torch.bfloat16
+    for install in ("apply_plan", "export"):
+        out, grad = run(install)
+        assert torch.equal(out, plain_out) and torch.equal(grad, plain_grad), install
+    # The pure regime's plan casts a low unit's inputs: the residual add runs in bf16 there.
+    torch.manual_seed(0)
+    model = _ResidualBlock()
+    seen: list[torch.dtype] = []
+    model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    pure = _all_low_plan(model, pd.LowDtype.BF16, pd.Regime.PURE)
+    apply_plan(model, pure)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen == [torch.bfloat16]
+
+
+def test_a_unit_autocast_runs_in_fp32_costs_the_same_either_way() -> None:
+    """Planned low, a LayerNorm still runs in fp32 (autocast's fp32 list) and hands on fp32
+    values: the cost model gives it no saving and no casts around it, so its label changes no
+    estimate (it offered the search a saving the plan's run never makes). A pure-regime
+    report's plans cast its inputs, and there the label does change the cost."""
+    from precision_doctor.planning.cost import build_cost_model, profile_for
+
+    torch.manual_seed(0)
+    model, x = _ResidualBlock(), torch.randn(8, 16)
+    for regime, same in ((pd.Regime.AUTOCAST, True), (pd.Regime.PURE, False)):
+        report = pd.analyze(model, x, lambda out, b: out.float().square().mean(), dtype="bf16", regime=regime)
+        costs = build_cost_model(report, profile_for("h100"))
+        base = {u.name: True for u in report.units}
+        with_norm_low = costs.step_time_s(base), costs.activation_bytes(base)
+        without = costs.step_time_s({**base, "norm": False}), costs.activation_bytes({**base, "norm": False})
+        assert (with_norm_low == without) is same, regime
+        assert with_norm_low[0] < costs.step_time_s(dict.fromkeys(base, False))  # the Linears still save

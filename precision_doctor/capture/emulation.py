@@ -2,10 +2,13 @@
 
 `unit_overrides(model, low_units, dtype)` installs what a plan installs (`apply_plan` is built
 on it): inside a `torch.autocast` region, a unit that runs low runs its forward under
-`torch.autocast(device, dtype)` with its floating inputs cast to `dtype`, a unit that runs in
-fp32 runs with autocast disabled and its floating inputs cast to fp32, and a low unit called
-by an fp32 one hands its floating results back in fp32; modules the mapping does not name run
-as their caller does. Outside an autocast region the model is untouched. Inside a region of
+`torch.autocast(device, dtype)` on its inputs as they come (autocast casts what its op lists
+cast: a plan whose every unit is low runs as plain autocast does, the residual stream fp32),
+a unit that runs in fp32 runs with autocast disabled and its floating inputs cast to fp32,
+and a low unit called by an fp32 one hands its floating results back in fp32; modules the
+mapping does not name run as their caller does. A pure-regime plan (`cast_low_inputs`) also
+casts a low unit's floating inputs to `dtype`, as `model.to(dtype)` training holds every
+activation low. Outside an autocast region the model is untouched. Inside a region of
 another dtype than the overrides' (a bf16 region, an fp16 plan) entering an overridden module
 raises `PrecisionDoctorError`: running it would switch the region to the plan's dtype, with no
 loss scaler where the region's own dtype needs none.
@@ -124,7 +127,7 @@ class UnitOverrides:
         self._installed: list[tuple[torch.nn.Module, bool, Any, Any]] = []
         self._depth = 0  # >0 while inside an overridden module entered in an autocast region
 
-    def _wrap(self, module: torch.nn.Module, low: bool, low_dtype: torch.dtype) -> None:
+    def _wrap(self, module: torch.nn.Module, low: bool, low_dtype: torch.dtype, cast_low_inputs: bool) -> None:
         had = "forward" in module.__dict__
         orig = module.forward
 
@@ -145,8 +148,9 @@ class UnitOverrides:
             in_fp32 = not torch.is_autocast_enabled(dev)
             self._depth += 1
             try:
-                dtype = low_dtype if low else torch.float32
-                args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
+                if not low or cast_low_inputs:
+                    dtype = low_dtype if low else torch.float32
+                    args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
                 ctx = torch.autocast(dev, dtype=low_dtype) if low else torch.autocast(dev, enabled=False)
                 with ctx:
                     out = orig(*args, **kwargs)
@@ -194,16 +198,31 @@ module's autograd node (FSDP2's last gradient reduction)."""
 
 
 @overload
-def unit_overrides(model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype) -> UnitOverrides: ...
-@overload
-def unit_overrides(model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype, handle: H) -> H: ...
 def unit_overrides(
-    model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype, handle: UnitOverrides | None = None
+    model: torch.nn.Module, low_units: Mapping[str, bool], low_dtype: torch.dtype, *, cast_low_inputs: bool = False
+) -> UnitOverrides: ...
+@overload
+def unit_overrides(
+    model: torch.nn.Module,
+    low_units: Mapping[str, bool],
+    low_dtype: torch.dtype,
+    handle: H,
+    *,
+    cast_low_inputs: bool = False,
+) -> H: ...
+def unit_overrides(
+    model: torch.nn.Module,
+    low_units: Mapping[str, bool],
+    low_dtype: torch.dtype,
+    handle: UnitOverrides | None = None,
+    *,
+    cast_low_inputs: bool = False,
 ) -> UnitOverrides:
     """Install per-unit overrides on `model` (see the module docstring), on `handle` (a new
     one by default). `low_units` maps units (module paths, `<root>` for the model itself) to
     whether they run in `low_dtype`; `<loss>` and `<backward>` name no module and are skipped
     (they run as the autocast region runs them). A unit the model does not have is an error.
+    `cast_low_inputs`: low units cast their floating inputs to `low_dtype` (a pure-regime plan).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -220,7 +239,7 @@ def unit_overrides(
     handle = handle if handle is not None else UnitOverrides()
     for unit, low in low_units.items():
         if unit not in _NO_MODULE:
-            handle._wrap(modules[unit], bool(low), low_dtype)
+            handle._wrap(modules[unit], bool(low), low_dtype, cast_low_inputs)
     return handle
 
 
@@ -231,6 +250,7 @@ def emulated_precision(
     low_units: Mapping[str, bool] | None = None,
     *,
     policy: AutocastPolicy | str = AutocastPolicy.CUDA,
+    cast_low_inputs: bool = False,
 ) -> Iterator[None]:
     """Run `model`'s forward as mixed-precision training runs it: `torch.autocast` in `dtype`
     with `policy`'s op lists and, with `low_units`, those units overridden as a plan
@@ -239,7 +259,8 @@ def emulated_precision(
     kernels (`lowrun.low_precision`, `lowrun.emulates`). Compute the loss inside, as under
     `torch.autocast`, and run the backward outside, in `lowrun.low_precision_backward`
     (inside, autocast would cast the backward's matmuls too, an fp32 unit's included). For
-    the pure regime (`model.to(dtype)`) use `low_precision`.
+    the pure regime (`model.to(dtype)`) use `low_precision`; a pure-regime plan's units run with
+    `cast_low_inputs` (see `unit_overrides`).
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
@@ -255,5 +276,8 @@ def emulated_precision(
         default = bool(units.pop(""))
         for name, _ in model.named_modules():
             units.setdefault(name or ROOT_UNIT, default)
-    with low_precision(model, dtype, regime=Regime.AUTOCAST, policy=policy), unit_overrides(model, units, dtype):
+    with (
+        low_precision(model, dtype, regime=Regime.AUTOCAST, policy=policy),
+        unit_overrides(model, units, dtype, cast_low_inputs=cast_low_inputs),
+    ):
         yield

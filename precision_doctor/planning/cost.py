@@ -22,14 +22,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from precision_doctor.capture.fp8 import MX_BLOCK
 from precision_doctor.capture.units import LOSS_UNIT
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.options import Fp8Recipe, LowDtype, Phase, Target
+from precision_doctor.options import Fp8Recipe, LowDtype, Phase, Regime, Target
 from precision_doctor.report import Report, Unit
 
 CAST_BYTES_FACTOR = 1.5
@@ -197,6 +197,9 @@ class UnitCost:
     low_time_s: float
     fp32_activation_bytes: int
     low_activation_bytes: int
+    fp32_under_autocast: bool = False
+    """Autocast runs it in fp32 whatever the plan labels it (a LayerNorm, the loss): its low
+    choice costs its fp32 time and hands its neighbours fp32 values."""
 
 
 @dataclass(frozen=True)
@@ -218,10 +221,16 @@ class CostModel:
     edges: tuple[EdgeCost, ...]
 
     def step_time_s(self, low: Mapping[str, bool]) -> float:
-        """Estimated step time of a plan (unit -> runs low; missing units run fp32)."""
+        """Estimated step time of a plan (unit -> runs low; missing units run fp32). A unit
+        `fp32_under_autocast` costs its fp32 time either way and exchanges fp32 values."""
+        low = {n: v for n, v in low.items() if n not in self._fp32_under_autocast}
         t = sum(u.low_time_s if low.get(u.name, False) else u.fp32_time_s for u in self.units)
         t += sum(e.cast_time_s for e in self.edges if low.get(e.src, False) != low.get(e.dst, False))
         return t
+
+    @functools.cached_property
+    def _fp32_under_autocast(self) -> frozenset[str]:
+        return frozenset(u.name for u in self.units if u.fp32_under_autocast)
 
     def activation_bytes(self, low: Mapping[str, bool]) -> int:
         return sum(u.low_activation_bytes if low.get(u.name, False) else u.fp32_activation_bytes for u in self.units)
@@ -253,7 +262,24 @@ def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | s
         t32 = unit_roofline_s(u, p32, bw)
         tlow = unit_roofline_s(u, plow, bw, bytes_scale=0.5) + weight_cast_s(u, bw)
         units.append(UnitCost(u.name, t32, tlow, u.activation_bytes, u.activation_bytes // 2))
-    return CostModel(profile, low, tuple(units), cast_edges(report, bw))
+    return with_autocast_kinds(CostModel(profile, low, tuple(units), cast_edges(report, bw)), report)
+
+
+def with_autocast_kinds(costs: CostModel, report: Report) -> CostModel:
+    """`costs` for plans of `report`: outside the pure regime a plan's low unit takes its
+    inputs as autocast does, so one that autocast runs in fp32 whatever it holds (a LayerNorm,
+    the loss: `autocast_kind`) costs its fp32 time and hands on fp32 values when planned low
+    too (nothing for the search to save there, no cast to or from it)."""
+    if report.environment.regime is Regime.PURE:
+        return costs
+    fp32_only = {name for name, kind, _ in autocast_kinds(report) if kind == "fp32"}
+    units = tuple(
+        replace(u, low_time_s=u.fp32_time_s, low_activation_bytes=u.fp32_activation_bytes, fp32_under_autocast=True)
+        if u.name in fp32_only
+        else u
+        for u in costs.units
+    )
+    return replace(costs, units=units)
 
 
 def weight_cast_s(unit: Unit, bandwidth_bytes_per_s: float) -> float:
@@ -487,24 +513,49 @@ def _base(op: str) -> str:
     return op.split(".", 1)[0]
 
 
-def autocast_assignment(report: Report) -> dict[str, bool]:
-    """Which units plain autocast runs low, judged per unit from its forward ops: a unit with
-    an op from autocast's low list runs low; else one from its fp32 list runs fp32; else the
-    unit runs in its inputs' dtype (low only if every producer is low, as type promotion
-    widens mixed inputs; fp32 with no producing unit, as model inputs are fp32)."""
+def autocast_kind(unit: Unit) -> str:
+    """How autocast runs a unit, judged from its forward ops: "low" with an op from autocast's
+    low list, else "fp32" with one from its fp32 list (the loss unit too), else "inherit" (its
+    inputs' dtype)."""
+    ops = {_base(o.op) for o in unit.ops if o.phase == "forward"}
+    if unit.name == LOSS_UNIT:
+        return "fp32"
+    if ops & AUTOCAST_LOW_OPS:
+        return "low"
+    return "fp32" if ops & AUTOCAST_FP32_OPS else "inherit"
+
+
+def autocast_kinds(report: Report) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(unit, `autocast_kind`, its producing units) per unit, in run order."""
     producers: dict[str, list[str]] = {}
     for e in report.edges:
         producers.setdefault(e.dst, []).append(e.src)
+    return tuple(
+        (u.name, autocast_kind(u), tuple(producers.get(u.name, ())))
+        for u in sorted(report.units, key=lambda u: u.order)
+    )
+
+
+def autocast_runs_low(
+    kinds: tuple[tuple[str, str, tuple[str, ...]], ...], planned_low: Mapping[str, bool]
+) -> dict[str, bool]:
+    """Which units run low when those `planned_low` names run under low autocast and the
+    others in fp32: a planned-low unit runs low if autocast runs it low, fp32 if autocast runs
+    it in fp32, else in its inputs' dtype (low only if every producer runs low, as type
+    promotion widens mixed inputs; fp32 with no producing unit, as model inputs are fp32)."""
     low: dict[str, bool] = {}
-    for u in sorted(report.units, key=lambda u: u.order):
-        ops = {_base(o.op) for o in u.ops if o.phase == "forward"}
-        if u.name == LOSS_UNIT:
-            low[u.name] = False
-        elif ops & AUTOCAST_LOW_OPS:
-            low[u.name] = True
-        elif ops & AUTOCAST_FP32_OPS:
-            low[u.name] = False
+    for name, kind, srcs in kinds:
+        if not planned_low.get(name, False) or kind == "fp32":
+            low[name] = False
+        elif kind == "low":
+            low[name] = True
         else:
-            srcs = producers.get(u.name, [])
-            low[u.name] = bool(srcs) and all(low.get(s, False) for s in srcs)
+            low[name] = bool(srcs) and all(low.get(s, False) for s in srcs)
     return low
+
+
+def autocast_assignment(report: Report) -> dict[str, bool]:
+    """Which units plain autocast runs low (`autocast_runs_low` with every unit under
+    autocast)."""
+    kinds = autocast_kinds(report)
+    return autocast_runs_low(kinds, dict.fromkeys((name for name, _, _ in kinds), True))

@@ -78,8 +78,8 @@ def render_json(plan: Plan) -> str:
 
 _SNIPPET = '''"""Per-module dtype plan for {model} ({dtype}), exported by precision-doctor.
 Standalone: needs only torch. Inside your torch.autocast region, fp32 modules run with
-autocast disabled and inputs cast to fp32, low modules in {dtype} (results handed back in fp32
-to an fp32 module calling them); outside it nothing changes. Inside an autocast region of
+autocast disabled and inputs cast to fp32, low modules under {dtype} autocast (results handed
+back in fp32 to an fp32 module calling them); outside it nothing changes. Inside an autocast region of
 another dtype it raises RuntimeError: re-plan for that dtype.
 
     remove = install_precision_plan(model)
@@ -95,6 +95,9 @@ import torch
 LOW_DTYPE = torch.{torch_dtype}
 PLAN = {units}
 MODULE_COUNT = {module_count}  # of the planned model: another count is another model
+# Low modules cast their inputs to LOW_DTYPE only in a pure-regime plan (model.to() holds every
+# activation low); else they take them as autocast does (the residual stream stays fp32).
+CAST_LOW_INPUTS = {cast_low_inputs}
 _SPELLING = {{torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}}
 
 
@@ -181,8 +184,9 @@ def install_precision_plan(model):
             in_fp32 = not torch.is_autocast_enabled(dev)  # called by an fp32 module
             depth[0] += 1
             try:
-                dtype = LOW_DTYPE if low else torch.float32
-                args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+                if not low or CAST_LOW_INPUTS:
+                    dtype = LOW_DTYPE if low else torch.float32
+                    args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
                 ctx = torch.autocast(dev, dtype=LOW_DTYPE) if low else torch.autocast(dev, enabled=False)
                 with ctx:
                     out = orig(*args, **kwargs)
@@ -285,6 +289,7 @@ def _render_overrides(plan: Plan) -> str:
         torch_dtype=torch_dtype,
         units=units,
         module_count=plan.module_count,
+        cast_low_inputs=plan.regime is Regime.PURE,
         ROOT_UNIT=ROOT_UNIT,
         LOSS_UNIT=LOSS_UNIT,
         UNATTRIBUTED_UNIT=UNATTRIBUTED_UNIT,

@@ -9,8 +9,9 @@ bounded number of rounds.
 
 `apply_plan` installs the plan inside the user's own `torch.autocast` region: fp32 units run
 with autocast disabled and floating inputs cast to fp32; low units run under autocast in the
-low dtype with floating inputs cast to it, and hand their results back in fp32 to an fp32 unit
-calling them. Outside an autocast region the model is untouched; inside one of another dtype
+low dtype on their inputs as they come (a pure-regime plan's cast them to it), and hand their
+results back in fp32 to an fp32 unit calling them: a plan with every unit low is plain
+autocast. Outside an autocast region the model is untouched; inside one of another dtype
 than the plan's it is refused (`capture.emulation.unit_overrides`, which the verification
 installs too).
 """
@@ -330,7 +331,7 @@ def _unit_choices(
             cost.low_time_s,
             cost.low_activation_bytes,
             error=contributions.get(cost.name, 0.0),
-            boundary=low,
+            boundary="fp32" if cost.fp32_under_autocast else low,
         ),
     )
 
@@ -440,6 +441,7 @@ def verify_plan(
     *,
     policy: AutocastPolicy | str = AutocastPolicy.CUDA,
     reference: Reference | None = None,
+    cast_low_inputs: bool = False,
 ) -> Verification:
     """Final-loss relative error of the plan's real low-precision run against fp32, and the
     first module whose outputs went non-finite in it.
@@ -451,7 +453,8 @@ def verify_plan(
     them inside the user's `torch.autocast` region - so verification always runs the autocast
     regime, whatever regime the report was made in. The fp32 reference (`reference`, else
     `fp32_reference` here) and the plan's run start from the same RNG state, so dropout draws
-    alike. The model comes out as it went in."""
+    alike. `cast_low_inputs`: a pure-regime plan's low units cast their inputs, as `apply_plan`
+    installs such a plan. The model comes out as it went in."""
     ref = reference if reference is not None else fp32_reference(model, batch, loss_fn)
     inputs_finite: dict[tuple[str, int], bool] = {}
     calls: dict[str, int] = {}
@@ -469,7 +472,7 @@ def verify_plan(
         for name, m in model.named_modules()
     ]
     try:
-        with unit_overrides(model, low, low_dtype):
+        with unit_overrides(model, low, low_dtype, cast_low_inputs=cast_low_inputs):
             run = low_run(model, batch, loss_fn, low_dtype, regime=Regime.AUTOCAST, policy=policy, record_ops=False)
     except (PrecisionDoctorError, PrecisionDoctorInternalError):
         raise
@@ -481,7 +484,7 @@ def verify_plan(
     reset_fsdp_iteration(model)  # a forward without its backward (FSDP2 would prefetch twice)
     # Module calls in the order they returned: the first whose outputs went non-finite where
     # fp32's did not, from finite inputs (the modules after it only inherit its inf/NaN; an
-    # fp32 input that overflows in the cast to a low unit counts as that unit's doing).
+    # fp32 input that overflows in autocast's cast inside a low unit counts as that unit's doing).
     broken = [key for key, outs in run.module_outputs.items() if ref.finite.get(key, True) and not _all_finite(outs)]
     first_bad = next((k for k in broken if inputs_finite.get(k, True)), broken[0] if broken else None)
     return Verification(relative_loss_error(ref.loss, run.loss), first_bad[0] if first_bad else None)
@@ -553,7 +556,16 @@ class _Search:
             # In a torch.distributed job each rank verifies on its own data and all decide on the
             # worst rank's error, so every rank runs the same passes.
             check = distributed.worst(
-                verify_plan(model, batch, loss_fn, dtype, low, policy=policy, reference=reference),
+                verify_plan(
+                    model,
+                    batch,
+                    loss_fn,
+                    dtype,
+                    low,
+                    policy=policy,
+                    reference=reference,
+                    cast_low_inputs=self.pure is not None,
+                ),
                 lambda c: c.loss_rel_error,
             )
             verified = check.loss_rel_error
@@ -996,7 +1008,9 @@ def apply_plan(model: torch.nn.Module, plan: Plan | Report | str | os.PathLike[s
     # Refused here when applied inside an autocast region of another dtype, and on entering a
     # planned module inside one (the overrides check each time).
     check_region_dtype(device_type(model), low_dtype)
-    handle = unit_overrides(model, plan.low_units, low_dtype, PlanHandle(plan))
+    handle = unit_overrides(
+        model, plan.low_units, low_dtype, PlanHandle(plan), cast_low_inputs=plan.regime is Regime.PURE
+    )
     if plan.regime is Regime.PURE:
         try:
             handle.master_weights = hold_plan_weights(

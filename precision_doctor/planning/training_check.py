@@ -178,5 +178,5 @@ def _loss(
 ) -> torch.Tensor:
     if dtype is None:
         return resolve_loss(run_model(m, batch), batch, loss_fn)
-    with emulated_precision(m, dtype, low, policy=policy):
+    with emulated_precision(m, dtype, low, policy=policy, cast_low_inputs=True):  # a pure plan's units
         return resolve_loss(run_model(m, batch), batch, loss_fn)
