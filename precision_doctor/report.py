@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import Field
 
 from precision_doctor.errors import PrecisionDoctorError
-from precision_doctor.extras import ReportExtras
+from precision_doctor.extras import MONITOR_KIND, ReportExtras
 from precision_doctor.formats import FP16, loss_scale_fractions
 from precision_doctor.options import (
     FLAG_RANK,
@@ -641,6 +641,17 @@ class Report(_Frozen):
         raw = parse_json(text, source)
         if not isinstance(raw, dict) or "schema_version" not in raw:
             raise PrecisionDoctorError(f"{source} is not a precision-doctor report (no schema_version)")
+        if "units" not in raw and {"steps", "optimizer"} <= raw.keys():
+            # What `preflight --json` prints: its schema_version is the section's own.
+            raise PrecisionDoctorError(
+                f"{source} is a pre-flight result (`preflight --json`), not a report: "
+                "`precision-doctor preflight model.py --out report.json` writes the report with it"
+            )
+        if raw.get("kind") == MONITOR_KIND:
+            raise PrecisionDoctorError(
+                f"{source} is a GradScaler monitor file (`ScalerMonitor.save`), not a report: "
+                "`report.with_extras(scaler_monitor=ScalerMonitor.load(path))` puts it in one"
+            )
         if raw["schema_version"] not in READABLE_SCHEMA_VERSIONS:
             older = ", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS if v != SCHEMA_VERSION)
             written = _written_by(raw)

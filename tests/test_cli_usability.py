@@ -575,3 +575,26 @@ def test_a_pure_verdict_without_an_optimizer_step_says_it_was_not_checked(tmp_pa
     )
     autocast = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16")
     assert autocast.verdict.endswith("Safe to train in this dtype."), autocast.verdict
+
+
+def test_the_app_names_a_preflight_result_or_a_monitor_file_for_what_it_is(tmp_path: Path) -> None:
+    """`app pf.json` on `preflight --json`'s output said "has schema_version 2; precision-doctor
+    reads 9", which reads as a version mismatch: it names the file's kind and the command that
+    writes a report instead. The same for a GradScaler monitor file."""
+    from precision_doctor.training.monitor import ScalerMonitor
+
+    pf = tmp_path / "pf.json"
+    result = runner.invoke(
+        app, ["preflight", str(SAMPLES / "tiny_transformer.py"), "--json", "--steps", "1", "--no-plan"], env=ENV
+    )
+    assert result.exit_code in (0, 1), result.stderr
+    pf.write_text(result.stdout)
+    assert json.loads(pf.read_text())["schema_version"] != Report.model_fields["schema_version"].default
+    monitor = tmp_path / "scaler.json"
+    ScalerMonitor(torch.amp.GradScaler("cpu", enabled=False), path=monitor).save()
+    for path, kind in ((pf, "a pre-flight result"), (monitor, "a GradScaler monitor file")):
+        shown = runner.invoke(app, ["app", str(path), "--html", str(tmp_path / "r.html")], env=ENV)
+        assert shown.exit_code == 2, shown.stdout
+        (line,) = shown.stderr.strip().splitlines()
+        assert f"{path} is {kind}" in line and "schema_version" not in line, line
+        assert not (tmp_path / "r.html").exists()
