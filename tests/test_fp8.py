@@ -244,8 +244,8 @@ def test_cli_fp8(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "FP8_ERROR" in result.stdout and "fp8" in result.stdout
     # the one layer is first and last: flagged (wgrad) under rowwise, passed by another recipe
-    assert "proj (first and last): needs the rowwise_with_gw_hp recipe" in result.stdout
-    assert "this model needs none of these exclusions: an fp8 recipe passes each" in result.stdout
+    assert "proj (first and last): takes fp8 under the rowwise_with_gw_hp recipe, not rowwise" in result.stdout
+    assert "this model needs none of these exclusions: each of these layers takes fp8 under a recipe" in result.stdout
     saved = pd.Report.load(out)
     assert saved.extras.fp8 is not None and saved.extras.fp8.recipe == "rowwise"
     assert saved.extras.plan is not None and saved.extras.plan.dtype == "fp8"  # --out plans, as for bf16

@@ -94,14 +94,15 @@ def conventional_lines(report: Report) -> list[str]:
         elif e.fix == section.recipe:
             verdict = f"takes fp8 under {section.recipe} (an FP8_UNDERFLOW warning)"
         else:
-            verdict = f"needs the {e.fix} recipe"
+            # Not "needs": read beside "needs none of these exclusions" it contradicted it.
+            verdict = f"takes fp8 under the {e.fix} recipe, not {section.recipe}"
         said.append(f"{e.layer} ({e.convention}): {verdict}")
     needed = [e.layer for e in section.exclusions if e.needed]
     return [
         "conventionally kept in high precision: " + "; ".join(said),
         f"this model needs the exclusion of {', '.join(needed)} (no fp8 recipe passes it)"
         if needed
-        else "this model needs none of these exclusions: an fp8 recipe passes each of these layers",
+        else "this model needs none of these exclusions: each of these layers takes fp8 under a recipe named",
     ]
 
 
