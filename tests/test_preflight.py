@@ -26,7 +26,8 @@ STEPS = 3
 def run_sample(name: str, **kw: Any) -> pd.PreflightResult:
     spec = load_model_file(SAMPLES / f"{name}.py")
     kw.setdefault("plan", False)
-    return pd.preflight(spec.model, spec.batch, spec.loss_fn, steps=STEPS, name=name, **kw)
+    kw.setdefault("steps", STEPS)
+    return pd.preflight(spec.model, spec.batch, spec.loss_fn, name=name, **kw)
 
 
 def test_healthy_sample_model_is_go() -> None:
@@ -408,3 +409,18 @@ def test_a_steps_batch_copy_keeps_aliases_and_the_mapping_type() -> None:
         assert type(out) is type(batch)
         assert out["labels"] is out["input_ids"] and out["input_ids"] is not ids
         assert torch.equal(out["input_ids"], ids) and out["x"] is not x and out["x"].requires_grad
+
+
+def test_an_fp32_reference_that_diverges_is_said_to() -> None:
+    """ffn_overflow under the default AdamW (lr 1e-4): the fp32 run's own loss goes from 0.13
+    to ~1e4, and nothing said so, so the pre-flight's verdicts read as precision's. A note
+    says the fp32 reference diverges; `fail_on` can select it; a run that trains gets none."""
+    result = run_sample("ffn_overflow", steps=8)
+    losses = result.runs["fp32"].losses
+    assert losses[-1] > 10 * losses[0] > 0  # the precondition, from the run itself
+    (note,) = [r for r in result.notes if r.risk == "FP32_DIVERGES"]
+    assert note.mode == "fp32" and note.severity.value == "info" and f"{losses[0]:.4g}" in note.message
+    strict = run_sample("ffn_overflow", steps=8, fail_on="FP32_DIVERGES")
+    assert any(r.risk == "FP32_DIVERGES" for r in strict.reasons) and not strict.go
+    healthy = run_sample("tiny_transformer")
+    assert not any(r.risk == "FP32_DIVERGES" for r in [*healthy.reasons, *healthy.notes])

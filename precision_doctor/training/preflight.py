@@ -160,6 +160,12 @@ class Risk(StrEnum):
     NONFINITE_STEPS = "NONFINITE_STEPS"
     STALLED_LOSS = "STALLED_LOSS"
     FP8_DELAYED_SCALING = DELAYED_RISK
+    FP32_DIVERGES = "FP32_DIVERGES"
+    """The fp32 reference itself: its loss grows by more than `FP32_DIVERGES_FACTOR` over the
+    run (information: the optimizer or lr does not train, whatever the precision)."""
+
+
+FP32_DIVERGES_FACTOR = 10.0
 
 
 RISK_NAMES: tuple[str, ...] = tuple(f.value for f in Flag) + tuple(r.value for r in Risk)
@@ -675,6 +681,26 @@ def _with_divergence(run: ModeRun, ref: ModeRun) -> ModeRun:
     return run.model_copy(update={"max_divergence": worst, "divergence_step": at})
 
 
+def _fp32_diverges(run: ModeRun, optimizer: str) -> Reason | None:
+    """FP32_DIVERGES where the fp32 reference's last loss is over `FP32_DIVERGES_FACTOR` times
+    its first (both finite, the first positive): the other runs are judged against a run that
+    does not train. ffn_overflow's fp32 loss went 0.131 -> 1.6e4 under AdamW at lr 1e-4, and
+    its plan's "no-go" came from that."""
+    losses = run.losses
+    if len(losses) < 2 or not all(map(math.isfinite, losses)) or losses[0] <= 0:
+        return None
+    if losses[-1] <= FP32_DIVERGES_FACTOR * losses[0]:
+        return None
+    return Reason(
+        risk=Risk.FP32_DIVERGES.value,
+        mode=run.mode,
+        message=f"the fp32 reference's loss rises from {losses[0]:.4g} to {losses[-1]:.4g} in {len(losses)} "
+        f"steps under {optimizer}: training diverges without low precision too, so the runs are "
+        "compared where nothing trains; give the model file a build_optimizer (a lower lr) that trains",
+        severity=Severity.INFO,
+    )
+
+
 def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reason]:
     out: list[Reason] = []
     n = len(run.steps)
@@ -958,13 +984,17 @@ def preflight(
             notes += [r for r in _run_reasons(runs["planned"], loss_tolerance, max_skipped_steps)]
             notes += planned_vs_bf16
 
+    optimizer_name = _optimizer_name(optimizer, build_optimizer, place.model)
+    if (fp32_diverges := _fp32_diverges(runs["fp32"], optimizer_name)) is not None:
+        (reasons if _selected(fp32_diverges, risks) else notes).append(fp32_diverges)
+
     return PreflightResult(
         model=report.model,
         dtype=low,
         regime=run_regime,
         policy=plan_policy if "planned" in runs else (None if pure else op_policy),
         steps=steps,
-        optimizer=_optimizer_name(optimizer, build_optimizer, place.model),
+        optimizer=optimizer_name,
         judge=judge,
         fail_on=list(risks),
         loss_tolerance=loss_tolerance,
