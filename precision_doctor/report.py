@@ -573,7 +573,7 @@ class Report(_Frozen):
         units = sum(1 for u in self.units if u.flags)
         # The pure regime holds the weights low: a verdict without its optimizer step says so.
         unchecked = (
-            "; its optimizer step on low weights was not checked (--lr, or build_optimizer in the model file)"
+            "; its optimizer step on low weights was not checked (--lr or analyze(lr=...), or build_optimizer)"
             if self.environment.regime is Regime.PURE and self.optimizer_step is None
             else ""
         )

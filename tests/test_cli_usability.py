@@ -273,14 +273,16 @@ def test_healthy_model_next_step_is_the_loss_scale_without_bf16() -> None:
 def test_export_written_is_the_next_step(tmp_path: Path) -> None:
     plan = tmp_path / "plan.py"
     result = runner.invoke(
-        app, ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check", "--export", str(plan)], env=ENV
+        app,
+        ["analyze", str(SAMPLES / "attention_unscaled.py"), "--quiet", "--no-bf16-check", "--export", str(plan)],
+        env=ENV,
     )
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)
     assert steps[0].startswith(f"apply the plan written to {plan}: it keeps ")
     assert plan.is_file()
     # with a plan, the scale is the plan's low units' (extras.loss_scale), as the export has it
-    spec = _spec("plan_rescue")
+    spec = _spec("attention_unscaled")
     report = pd.plan_report(spec.model, spec.batch, spec.loss_fn, pd.analyze(spec.model, spec.batch, spec.loss_fn))
     assert report.extras.loss_scale is not None
     k = report.extras.loss_scale.recommended_scale_log2
@@ -293,7 +295,9 @@ def test_a_planned_report_is_not_told_to_plan_again(tmp_path: Path) -> None:
     the loss scale is the plan's."""
     out = tmp_path / "report.json"
     result = runner.invoke(
-        app, ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check", "--out", str(out)], env=ENV
+        app,
+        ["analyze", str(SAMPLES / "attention_unscaled.py"), "--quiet", "--no-bf16-check", "--out", str(out)],
+        env=ENV,
     )
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)
@@ -469,7 +473,7 @@ def test_a_deepspeed_export_without_per_module_dtypes_points_at_the_python_expor
     if carries_module_dtypes("deepspeed"):
         pytest.skip("the installed DeepSpeed applies per-module dtypes itself")
     config = tmp_path / "ds.json"
-    args = ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check"]
+    args = ["analyze", str(SAMPLES / "attention_unscaled.py"), "--quiet", "--no-bf16-check"]
     result = runner.invoke(app, [*args, "--export", str(config), "--export-format", "deepspeed"], env=ENV)
     assert result.exit_code == 0, result.stderr
     steps = _next_steps(result.stdout)
@@ -487,7 +491,7 @@ def test_an_hf_export_points_at_the_python_export_for_its_fp32_modules(tmp_path:
     names the python export for the plan's fp32 modules, as its note does ("apply the plan
     written to hf.py" sent the user to a file that holds no plan)."""
     export = tmp_path / "hf.py"
-    args = ["analyze", str(SAMPLES / "plan_rescue.py"), "--quiet", "--no-bf16-check"]
+    args = ["analyze", str(SAMPLES / "attention_unscaled.py"), "--quiet", "--no-bf16-check"]
     result = runner.invoke(app, [*args, "--export", str(export), "--export-format", "hf"], env=ENV)
     assert result.exit_code == 0, result.stderr
     flat = " ".join(result.stdout.split())
@@ -571,7 +575,7 @@ def test_a_pure_verdict_without_an_optimizer_step_says_it_was_not_checked(tmp_pa
     report = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16", regime="pure")
     assert report.optimizer_step is None and report.safe  # the precondition: a clean model
     assert report.verdict.endswith(
-        "its optimizer step on low weights was not checked (--lr, or build_optimizer in the model file)."
+        "its optimizer step on low weights was not checked (--lr or analyze(lr=...), or build_optimizer)."
     )
     autocast = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16")
     assert autocast.verdict.endswith("Safe to train in this dtype."), autocast.verdict

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,14 @@ def test_the_search_is_exact_over_every_choice(lm: tuple[Case, Report, Plan]) ->
 def test_small_layers_stay_bf16_on_a_real_h100(lm: tuple[Case, Report, Plan]) -> None:
     """On H100's roofline the 64-wide layers are memory-bound: the amax, scale and cast passes
     cost more than the fp8 matmul saves (what torchao's size cut-offs say too), so the plan
-    keeps them bf16 and says so."""
+    keeps them out of fp8 and says so. (fc1 reads the embedding's fp32 output, which autocast
+    casts for a bf16 fc1: at 64 wide that cast costs more than bf16 saves, and fc1 stays fp32.)"""
     case, report, _ = lm
     plan = plan_model(case.model, case.batch, case.loss_fn, report, target="h100")
     assert not planned_recipes(plan.units)
-    assert plan.not_fp8_reasons["fc1"].startswith("cheaper in bf16: fp8:tensorwise would cost +")
+    reason = plan.not_fp8_reasons["fc1"]
+    assert reason.startswith(("cheaper in bf16: fp8:tensorwise would cost +", "cheaper in fp32: bf16 would cost +"))
+    assert "fp8:tensorwise would cost +" in reason, reason
     assert "would add" not in plan.not_fp8_reasons["fc1"]  # cost, not the error budget
 
 
@@ -268,7 +272,8 @@ def test_cli_writes_the_torchao_export(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "plan (fp8 on h100)" in result.stdout
-    assert "bf16, not fp8: lm_head:" in result.stdout and "FP8_ERROR" in result.stdout
+    # (Out of fp8 in bf16, or in fp32 where the cast of ln_f's fp32 output costs more.)
+    assert re.search(r"(bf16|fp32), not fp8: lm_head:", result.stdout) and "FP8_ERROR" in result.stdout
     # No layer to convert: the next step says to train in bf16, not "convert 0 layer(s)".
     flat = " ".join(result.stdout.split())
     assert "train in bf16: the plan converts no layer to fp8 on h100" in flat, flat

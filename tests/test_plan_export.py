@@ -17,6 +17,8 @@ import precision_doctor as pd
 from precision_doctor.capture.emulation import emulated_precision
 from precision_doctor.capture.units import UnitTracker
 from precision_doctor.extras import PlanBytes, PlanCosts
+from precision_doctor.options import ExportFormat
+from precision_doctor.planning.cost import autocast_assignment
 from precision_doctor.planning.export import (
     DEEPSPEED_BF16_KEYS,
     DEEPSPEED_FP16_KEYS,
@@ -568,3 +570,24 @@ def test_a_unit_autocast_runs_in_fp32_costs_the_same_either_way() -> None:
         without = costs.step_time_s({**base, "norm": False}), costs.activation_bytes({**base, "norm": False})
         assert (with_norm_low == without) is same, regime
         assert with_norm_low[0] < costs.step_time_s(dict.fromkeys(base, False))  # the Linears still save
+        if regime is pd.Regime.AUTOCAST:
+            # Every unit low is plain autocast, and costs what autocast costs.
+            assert costs.step_time_s(base) == costs.step_time_s(autocast_assignment(report))
+
+
+def test_a_plan_lists_no_unit_autocast_runs_in_fp32_anyway() -> None:
+    """tiny_transformer's plan listed its five LayerNorms as kept in fp32 ("on a tie it stays
+    fp32"), and the hf export's caveat named them, though plain autocast runs them in fp32
+    under either label: they are labelled low, and the plan's fp32 units are ones it keeps
+    for a reason."""
+    from precision_doctor.model.spec import load_model_file
+
+    spec = load_model_file(Path(__file__).resolve().parents[1] / "sample_models" / "tiny_transformer.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn)
+    norms = [n for n, m in spec.model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) >= 3
+    plan = Plan.from_report(pd.plan_report(spec.model, spec.batch, spec.loss_fn, report))
+    assert all(plan.units[n] == "fp16" for n in norms), plan.units
+    kept = [u.unit for u in plan.fp32_units]
+    assert not set(norms) & set(kept) and all("on a tie" not in u.reason for u in plan.fp32_units), plan.fp32_units
+    assert not any(n in caveat for caveat in export_caveats(plan, ExportFormat.HF) for n in norms)

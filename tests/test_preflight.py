@@ -424,3 +424,23 @@ def test_an_fp32_reference_that_diverges_is_said_to() -> None:
     assert any(r.risk == "FP32_DIVERGES" for r in strict.reasons) and not strict.go
     healthy = run_sample("tiny_transformer")
     assert not any(r.risk == "FP32_DIVERGES" for r in [*healthy.reasons, *healthy.notes])
+
+
+def test_a_pure_plans_planned_run_casts_its_low_units_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planned run installs the plan's units as `apply_plan` does: a pure plan's low units
+    cast their inputs (it ran them without, unlike the plan's verification); an autocast
+    plan's take them as autocast does."""
+    import precision_doctor.training.preflight as pf
+
+    seen: list[bool] = []
+    real = pf.unit_overrides
+
+    def spy(*args: Any, cast_low_inputs: bool = False, **kwargs: Any) -> Any:
+        seen.append(cast_low_inputs)
+        return real(*args, cast_low_inputs=cast_low_inputs, **kwargs)
+
+    monkeypatch.setattr(pf, "unit_overrides", spy)
+    for regime, cast in (("pure", True), ("autocast", False)):
+        seen.clear()
+        run_sample("tiny_transformer", regime=regime, dtype="bf16", plan=True, steps=1)
+        assert seen and set(seen) == {cast}, (regime, seen)

@@ -78,8 +78,9 @@ def render_json(plan: Plan) -> str:
 
 _SNIPPET = '''"""Per-module dtype plan for {model} ({dtype}), exported by precision-doctor.
 Standalone: needs only torch. Inside your torch.autocast region, fp32 modules run with
-autocast disabled and inputs cast to fp32, low modules under {dtype} autocast (results handed
-back in fp32 to an fp32 module calling them); outside it nothing changes. Inside an autocast region of
+autocast disabled and inputs cast to fp32, low modules under {dtype} autocast on their inputs
+as they come (with CAST_LOW_INPUTS, a pure-regime plan's, cast to {dtype}), results handed
+back in fp32 to an fp32 module calling them; outside it nothing changes. Inside an autocast region of
 another dtype it raises RuntimeError: re-plan for that dtype.
 
     remove = install_precision_plan(model)

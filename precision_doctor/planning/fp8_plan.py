@@ -36,7 +36,7 @@ from precision_doctor.extras import Fp32Unit, NotFp8Unit, PlanBytes, PlanCosts
 from precision_doctor.formats import format_seconds
 from precision_doctor.model.spec import LossFn
 from precision_doctor.options import AutocastPolicy, Fp8Recipe, LowDtype, PlanUnitDtype, Thresholds, fp8_recipe_of
-from precision_doctor.planning.cost import CostModel, autocast_assignment, fp8_linear_time_s
+from precision_doctor.planning.cost import CostModel, autocast_assignment, autocast_requires, fp8_linear_time_s
 from precision_doctor.planning.fp8 import (
     BF16_MATMUL_REL_ERROR,
     Fp8Layer,
@@ -116,9 +116,10 @@ def fp8_choices(
         errs = contributions.get(uc.name, {})
         choices = [fp32]
         if BF16 not in banned.get(uc.name, set()):
-            choices.append(
-                Choice(BF16, uc.low_time_s, uc.low_activation_bytes, error=errs.get(BF16, 0.0), boundary=BF16)
-            )
+            # A unit autocast runs in fp32 (a LayerNorm) hands on fp32 under bf16 autocast too.
+            boundary = FP32 if uc.fp32_under_autocast else BF16
+            error = 0.0 if uc.fp32_under_autocast else errs.get(BF16, 0.0)
+            choices.append(Choice(BF16, uc.low_time_s, uc.low_activation_bytes, error=error, boundary=boundary))
         layer = layers.get(uc.name)
         if layer is not None:
             for recipe in layer.allowed:
@@ -148,6 +149,7 @@ def fp8_problem(
         ),
         error_budget=tolerance,
         memory_weight_s_per_byte=memory_weight_s_per_byte,
+        requires=autocast_requires(costs, names),
     )
 
 
@@ -210,6 +212,8 @@ class _Fp8Search:
     why_banned: dict[tuple[str, str], str] = field(default_factory=dict)
     promoted: dict[str, str] = field(default_factory=dict)
     passes: int = 0
+    relabelled: set[str] = field(default_factory=set)
+    """Units the last candidate labelled bf16 that its solution kept fp32 (see `candidate`)."""
 
     def problem(self) -> PlanProblem:
         choices = fp8_choices(self.costs, self.layers, self.report, self.contributions, self.forced, self.banned)
@@ -217,7 +221,20 @@ class _Fp8Search:
 
     def candidate(self, problem: PlanProblem) -> dict[str, str]:
         if self.calibrated:
-            return problem.labels(solve_milp(problem).chosen)
+            labels = problem.labels(solve_milp(problem).chosen)
+            # A unit the search keeps fp32 that runs in fp32 labelled bf16 too (autocast runs
+            # its ops in fp32, or it takes fp32 inputs' dtype) is labelled bf16: it runs as the
+            # bf16 autocast around the fp8 layers runs it, and no note lists it as kept fp32.
+            planned = {n: lab != FP32 for n, lab in labels.items()}
+            runs = self.costs.runs_low(planned)
+            self.relabelled = set()
+            for name, kind, srcs in self.costs.autocast_kinds:
+                if planned.get(name, True) or name in self.forced:
+                    continue
+                if kind == "fp32" or (kind == "inherit" and not (srcs and all(runs.get(s, False) for s in srcs))):
+                    labels[name] = BF16
+                    self.relabelled.add(name)
+            return labels
         # Calibration run: every unit at its lowest-precision choice left (the last one).
         return {n: cs[-1].label for n, cs in zip(problem.names, problem.choices, strict=True)}
 
@@ -242,8 +259,10 @@ class _Fp8Search:
         for _ in range(max(1, max_rounds)):
             problem = self.problem()
             labels = self.candidate(problem)
-            if all(lab == FP32 for lab in labels.values()):
-                return labels, 0.0, problem
+            if all(lab == FP32 or n in self.relabelled for n, lab in labels.items()):
+                # All fp32 as solved: no unit to label bf16 for the autocast around fp8 layers.
+                self.relabelled = set()
+                return dict.fromkeys(labels, FP32), 0.0, problem
             if reference is None:
                 reference = fp32_reference(model, batch, loss_fn)
             result = distributed.worst(
@@ -339,8 +358,10 @@ def plan_fp8_model(
     )
     labels, verified, problem = search.run(model, batch, loss_fn, max_rounds)
 
+    # Costs and reasons of the search's own solution (the relabelled units as it kept them).
+    solved = {n: FP32 if n in search.relabelled else lab for n, lab in labels.items()}
     chosen = [
-        next(i for i, c in enumerate(cs) if c.label == labels[n])
+        next(i for i, c in enumerate(cs) if c.label == solved[n])
         for n, cs in zip(problem.names, problem.choices, strict=True)
     ]
     timing = PlanProblem(problem.names, problem.choices, problem.edges, math.inf)

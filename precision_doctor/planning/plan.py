@@ -59,6 +59,7 @@ from precision_doctor.planning.cost import (
     CostModel,
     UnitCost,
     autocast_assignment,
+    autocast_requires,
     build_cost_model,
     profile_for,
 )
@@ -313,6 +314,7 @@ def build_problem(
         ),
         error_budget=tolerance,
         memory_weight_s_per_byte=memory_weight_s_per_byte,
+        requires=autocast_requires(costs, names),
     )
 
 
@@ -330,7 +332,8 @@ def _unit_choices(
             low,
             cost.low_time_s,
             cost.low_activation_bytes,
-            error=contributions.get(cost.name, 0.0),
+            # Autocast runs it in fp32 under either label: the label changes no value.
+            error=0.0 if cost.fp32_under_autocast else contributions.get(cost.name, 0.0),
             boundary="fp32" if cost.fp32_under_autocast else low,
         ),
     )
@@ -522,6 +525,9 @@ class _Search:
     """A pure-regime report's plan: its master-weight choices and training check."""
     labels: dict[str, str] = field(default_factory=dict)
     """The last solved candidate's choice per unit."""
+    relabelled: set[str] = field(default_factory=set)
+    """Units of `labels` the search kept fp32 and `_label_low_what_runs_fp32_anyway` labelled
+    low (they run in fp32 under either label)."""
 
     def problem(self) -> PlanProblem:
         problem = build_problem(self.report, self.costs, self.contributions, self.forced, self.tolerance, self.weight)
@@ -532,8 +538,27 @@ class _Search:
     def candidate(self, problem: PlanProblem) -> dict[str, bool]:
         if self.calibrated:
             self.labels = problem.labels(solve_milp(problem).chosen)
+            if self.pure is None:
+                self._label_low_what_runs_fp32_anyway()
             return {n: label != "fp32" for n, label in self.labels.items()}
         return {n: n not in self.forced for n in problem.names}
+
+    def _label_low_what_runs_fp32_anyway(self) -> None:
+        """A unit the search keeps fp32 that would run in fp32 labelled low too (autocast runs
+        its ops in fp32, or it takes fp32 inputs' dtype: `CostModel.runs_low`) is labelled low:
+        it then runs as plain autocast runs it, and no export lists it as a module kept fp32
+        (a plan listed every LayerNorm, and the blocks after an fp32 embedding). Not a unit
+        kept fp32 for a reason of its own (`forced`)."""
+        planned = {n: label != "fp32" for n, label in self.labels.items()}
+        runs = self.costs.runs_low(planned)
+        low = self.report.environment.dtype.value
+        self.relabelled = set()
+        for name, kind, srcs in self.costs.autocast_kinds:
+            if planned.get(name, True) or name in self.forced:
+                continue
+            if kind == "fp32" or (kind == "inherit" and not (srcs and all(runs.get(s, False) for s in srcs))):
+                self.labels[name] = low
+                self.relabelled.add(name)
 
     def run(
         self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, all_fp32: dict[str, bool], max_rounds: int
@@ -548,7 +573,11 @@ class _Search:
         for _ in range(max(1, max_rounds)):
             problem = self.problem()
             low = self.candidate(problem)
-            if not any(low.values()):
+            if not any(v for n, v in low.items() if n not in self.relabelled):
+                # All fp32 as solved (the relabelled units run fp32 either way): an fp32 plan.
+                self.relabelled = set()
+                low = dict.fromkeys(low, False)
+                self.labels = dict.fromkeys(self.labels, "fp32")
                 self._drop_failed_check()
                 return low, 0.0, problem
             if reference is None:
@@ -702,7 +731,11 @@ def plan_model(
     low, verified, problem = search.run(model, batch, loss_fn, all_fp32, max_rounds)
 
     labels = _final_labels(low, search.labels, dtype)
-    reasons = _fp32_reasons(problem, hard, search.promoted, search.contributions, tolerance, labels)
+    # Reasons from the search's own solution (the relabelled units as it kept them), for the
+    # units the plan keeps fp32.
+    solved = {n: "fp32" if n in search.relabelled else label for n, label in labels.items()}
+    reasons = _fp32_reasons(problem, hard, search.promoted, search.contributions, tolerance, solved)
+    reasons = {n: r for n, r in reasons.items() if labels.get(n) == "fp32"}
     advice, kept_for_gradients = _keep_vanishing_gradients(report, low)
     reasons.update(kept_for_gradients)
     auto = autocast_assignment(report)
@@ -912,7 +945,15 @@ def _fp32_reasons(
             flipped = list(x)
             flipped[i] = 1
             e = contributions.get(n, 0.0)
-            if used + e > tolerance:
+            fp32_inputs = [
+                problem.names[p] for u, p in problem.requires if u == i and problem.choices[p][x[p]].boundary == "fp32"
+            ]
+            if fp32_inputs:
+                reasons[n] = (
+                    f"it runs in its inputs' dtype under autocast, and {', '.join(fp32_inputs)} "
+                    f"hand{'s' if len(fp32_inputs) == 1 else ''} it fp32 values"
+                )
+            elif used + e > tolerance:
                 reasons[n] = (
                     f"error budget: running low would add {e:.2e} to the {used:.2e} already spent "
                     f"of the {tolerance:.0e} tolerance"

@@ -577,9 +577,11 @@ class _Trainer:
         master: bool = False,
         track_unchanged: bool = False,
         fp8: Fp8Training | None = None,
+        cast_low_inputs: bool = False,
     ) -> ModeRun:
         """`len(batches)` optimizer steps of one configuration (`_TrainingRun`), with `units`'
-        overrides (a plan's, autocast regime only) installed as `apply_plan` installs them.
+        overrides (a plan's) installed as `apply_plan` installs them (`cast_low_inputs`: a pure
+        plan's, whose low units cast their inputs; its weights are not held low here).
 
         In a torch.distributed job every rank trains its copy on its own batches, data
         parallel: the gradients are averaged across ranks before each update, as DDP averages
@@ -611,7 +613,7 @@ class _Trainer:
             if dtype is not None and units is not None:
                 # The plan's units ("" is the default of those it does not name: fp32, so none).
                 low = {u: d != "fp32" for u, d in units.items() if u != ""}
-                installed.enter_context(unit_overrides(run.model, low, dtype))
+                installed.enter_context(unit_overrides(run.model, low, dtype, cast_low_inputs=cast_low_inputs))
             if fp8 is not None:
                 installed.enter_context(fp8.running())
             torch.manual_seed(SEED)
@@ -1250,6 +1252,9 @@ def _training_runs(
             policy=plan_policy,
             units=plan_units,
             init_scale_log2=s,
+            # A pure-regime plan's low units cast their inputs, as apply_plan installs it (its
+            # weights stay fp32 here: the plan's own training check held them low).
+            cast_low_inputs=pure,
         )
     return runs
 
