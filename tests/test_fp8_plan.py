@@ -403,3 +403,56 @@ def test_the_torchao_export_emulated_runs_under_cpu_autocast(tmp_path: Path, rec
         loss = model(x).float().pow(2).mean()
     loss.backward()
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+
+
+class _Fp32Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x
+
+
+def test_an_fp8_layer_called_by_an_fp32_unit_reads_bf16_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan's fp8 layer inside a unit kept fp32: the override enters bf16 autocast for the
+    layer, and torchao on a GPU casts its input to bf16 there. The CPU emulation's cast is a
+    forward pre-hook, which ran before that region, under the fp32 caller's disabled autocast:
+    the layer quantized fp32 inputs. The override applies it again inside its region (and
+    hands the result back to the fp32 caller in fp32)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from precision_doctor.capture.emulation import unit_overrides
+    from precision_doctor.planning.fp8 import convert_planned
+
+    seen: list[torch.dtype] = []
+    forward = Float8Linear.forward
+
+    def spy(self: Float8Linear, x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.dtype)
+        return forward(self, x)
+
+    monkeypatch.setattr(Float8Linear, "forward", spy)
+    # The torchao export's own converter (its CPU cast carries the same mark).
+    plan = Plan.from_report(pd.plan_report(*_healthy_mlp(), pd.analyze(*_healthy_mlp(), dtype="fp8")))
+    ns = _exec(render(plan, ExportFormat.TORCHAO))
+    ns["FP8_LAYERS"], ns["MODULE_COUNT"] = {"0.fc": "tensorwise"}, None
+    for parent_low, exported in ((True, False), (False, False), (False, True)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(_Fp32Block(), torch.nn.Linear(32, 4))
+        if exported:
+            converted = ns["convert_planned"](model, emulate=True)
+        else:
+            converted = convert_planned(model, {"0.fc": "fp8:tensorwise"}, emulate=True)
+        low = {"<root>": True, "0": parent_low, "0.fc": True, "1": True}
+        seen.clear()
+        with unit_overrides(converted, low, torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = converted(torch.randn(64, 32))
+        assert seen == [torch.bfloat16] and torch.isfinite(out.float()).all(), (parent_low, exported)
+
+
+def _healthy_mlp() -> tuple[Any, Any, Any]:
+    from precision_doctor.model.spec import load_model_file
+
+    spec = load_model_file(Path(__file__).resolve().parents[1] / "sample_models" / "fp8" / "healthy_mlp.py")
+    return spec.model, spec.batch, spec.loss_fn

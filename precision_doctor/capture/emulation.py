@@ -114,6 +114,17 @@ def check_region_dtype(device: str, low_dtype: torch.dtype) -> None:
         raise PrecisionDoctorError(why)
 
 
+def _autocast_cast_hooks(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`args` through the module's forward pre-hooks that cast its input to the autocast region's
+    dtype (`capture.fp8.autocast_input`, the CPU emulation of torchao's own cast), again inside
+    the region the override entered: they ran before it, under an fp32 caller's disabled
+    autocast, and left an fp8 layer's input fp32 where torchao on a GPU casts it."""
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "casts_to_autocast_dtype", False):
+            args = hook(module, args) or args
+    return args
+
+
 # Each installed override -> (its handle, whether the module had its own `forward`, the
 # forward it wrapped). Looked up by identity: `functools.wraps` copies a wrapper's attributes
 # onto whatever wraps it (Accelerate's hooks), so a marker attribute would be inherited.
@@ -153,6 +164,8 @@ class UnitOverrides:
                     args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
                 ctx = torch.autocast(dev, dtype=low_dtype) if low else torch.autocast(dev, enabled=False)
                 with ctx:
+                    if low and in_fp32:
+                        args = _autocast_cast_hooks(module, args)
                     out = orig(*args, **kwargs)
                 return results_to(out, torch.float32) if low and in_fp32 else out
             finally:

@@ -299,6 +299,11 @@ def autocast_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any,
     return (args[0].to(torch.get_autocast_dtype("cpu")), *args[1:])
 
 
+# A plan's override of a unit entered from an fp32 caller applies it again inside the autocast
+# region it enters (`emulation._autocast_cast_hooks`): a pre-hook runs before that region.
+autocast_input.casts_to_autocast_dtype = True  # type: ignore[attr-defined]
+
+
 def _role_name(role: Any) -> str:
     name = str(getattr(role, "name", role)).lower()
     return name

@@ -190,6 +190,12 @@ def install_precision_plan(model):
                     args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
                 ctx = torch.autocast(dev, dtype=LOW_DTYPE) if low else torch.autocast(dev, enabled=False)
                 with ctx:
+                    if low and in_fp32:
+                        # A pre-hook casting to the autocast dtype (the fp8 export's CPU
+                        # emulation) ran before this region: again inside it.
+                        for hook in module._forward_pre_hooks.values():
+                            if getattr(hook, "casts_to_autocast_dtype", False):
+                                args = hook(module, args) or args
                     out = orig(*args, **kwargs)
                 # An fp32 module computes in fp32: a low one it calls hands its results back so.
                 return _results_to(out, torch.float32) if low and in_fp32 else out
@@ -573,6 +579,9 @@ def cpu_autocast_input(module, args):
     if not torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return None
     return (x.to(torch.get_autocast_dtype("cpu")), *args[1:])
+
+
+cpu_autocast_input.casts_to_autocast_dtype = True  # a plan's override applies it inside its region
 
 
 def convert_planned(model, emulate=False):
