@@ -144,6 +144,41 @@ def build_functional(seed: int = 0) -> Case:
 VOCAB = 100
 
 
+class ComplexGain(nn.Module):
+    """A complex parameter beside a real Linear (nothing rounds complex values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.gain = nn.Parameter(torch.randn(8, dtype=torch.cfloat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) * self.gain).abs()
+
+
+def plan_of(units: dict[str, str], *, model: str, regime: str = "autocast", masters: tuple[str, ...] = ()) -> Any:
+    """A bf16 `Plan` with these unit dtypes and nothing measured (costs 1 s, no bytes), built
+    by hand rather than searched."""
+    from precision_doctor.extras import PlanBytes, PlanCosts
+    from precision_doctor.options import LowDtype, Regime
+    from precision_doctor.planning.plan import MasterUnit, Plan
+
+    return Plan(
+        model=model,
+        dtype=LowDtype.BF16,
+        target="h100",
+        tolerance=1e-2,
+        units=units,  # type: ignore[arg-type]
+        fp32_units=[],
+        estimated_step_time_s=PlanCosts(fp32=1.0, autocast=1.0, plan=1.0),
+        activation_bytes=PlanBytes(fp32=0, autocast=0, plan=0),
+        verified_loss_rel_error=0.0,
+        verification_passes=1,
+        regime=Regime(regime),
+        master_weights=[MasterUnit(unit=u, params=0, reason="test") for u in masters],
+    )
+
+
 def _tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (batch, seq), generator=g)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import precision_doctor as pd
 from precision_doctor.options import CapturePath
 
-from .fixtures import TRANSFORMERS, Case, build
+from .fixtures import TRANSFORMERS, Case, ComplexGain, build
 
 ALL = ("mlp", "cnn", "functional", *TRANSFORMERS)
 SEED = 1234
@@ -470,16 +470,6 @@ def test_loss_terms_in_forward_are_not_judged_as_gradients() -> None:
     assert pd.recommend_loss_scale(report).recommended_scale_log2 <= 15
     root = report.by_module()["<root>"].backward.stats
     assert root is not None and root.max_abs < 1.0  # the elementwise gradients, not the 1.0s
-
-
-class ComplexGain(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 8)
-        self.gain = torch.nn.Parameter(torch.randn(8, dtype=torch.cfloat))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.lin(x) * self.gain).abs()
 
 
 def test_sparse_and_complex_parameter_gradients() -> None:

@@ -33,7 +33,7 @@ from precision_doctor.errors import PrecisionDoctorError
 from precision_doctor.model.spec import LossFn, load_model_file, resolve_loss, run_model
 from precision_doctor.options import AutocastPolicy, Regime
 
-from .fixtures import TRANSFORMERS, build
+from .fixtures import TRANSFORMERS, ComplexGain, build
 
 # Numbers compared with an independent reference: CI runs these again at one thread (.ci/run).
 pytestmark = pytest.mark.numerics
@@ -614,22 +614,12 @@ def _grads_sink() -> tuple[dict[str, torch.Tensor], Any]:
     return got, sink
 
 
-class _ComplexGain(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 8)
-        self.gain = torch.nn.Parameter(torch.randn(8, dtype=torch.cfloat))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.lin(x) * self.gain).abs()
-
-
 def test_a_complex_parameter_gradient_reaches_the_sink_complex() -> None:
     """The kept graph's backward hands a complex gradient on whole: `.float()` kept its real
     part only (and a sink that keeps gradients for the optimizer step stepped with that).
     Reference: the same step under torch's own CPU autocast."""
     torch.manual_seed(0)
-    model, x = _ComplexGain(), torch.randn(4, 8)
+    model, x = ComplexGain(), torch.randn(4, 8)
 
     def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
         return out.pow(2).mean()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import precision_doctor as pd
-from precision_doctor.extras import PlanBytes, PlanCosts
+from precision_doctor.extras import PlanBytes
 from precision_doctor.model.spec import ModelSpec, load_model_file
 from precision_doctor.options import ExportFormat, Regime
 from precision_doctor.planning.cost import build_cost_model, profile_for
@@ -23,7 +23,6 @@ from precision_doctor.planning.export import export_caveats, render
 from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 from precision_doctor.planning.plan import (
     PLAN_SCHEMA_VERSION,
-    MasterUnit,
     Plan,
     build_problem,
     error_contributions,
@@ -33,6 +32,8 @@ from precision_doctor.planning.plan import (
 from precision_doctor.planning.pure import lost_update_units, pure_choices
 from precision_doctor.planning.search import solve_exhaustive, solve_milp
 from precision_doctor.planning.training_check import check_training
+
+from .fixtures import plan_of
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -92,21 +93,8 @@ def test_use_in_points_a_built_optimizer_at_the_copies_and_refuses_a_stepped_one
 
 
 def _pure_plan(units: dict[str, str], masters: list[str], model: str = "net") -> Plan:
-    zero = PlanCosts(fp32=1.0, autocast=1.0, plan=1.0)
-    return Plan(
-        model=model,
-        dtype=pd.LowDtype.BF16,
-        target="h100",
-        tolerance=1e-2,
-        units=units,  # type: ignore[arg-type]
-        fp32_units=[],
-        estimated_step_time_s=zero,
-        activation_bytes=PlanBytes(fp32=0, autocast=0, plan=0),
-        verified_loss_rel_error=0.0,
-        verification_passes=1,
-        regime=Regime.PURE,
-        master_weights=[MasterUnit(unit=u, params=0, reason="test") for u in masters],
-    )
+    plan: Plan = plan_of(units, model=model, regime="pure", masters=tuple(masters))
+    return plan
 
 
 class _Net(nn.Module):

@@ -31,6 +31,7 @@ from precision_doctor.planning.export import (
     render_python,
 )
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model
+from tests.fixtures import plan_of
 from tests.test_loss_scale import load
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
@@ -493,20 +494,8 @@ class _ResidualBlock(torch.nn.Module):
 
 def _all_low_plan(model: torch.nn.Module, dtype: pd.LowDtype, regime: pd.Regime) -> Plan:
     units = {name or "<root>": dtype.value for name, _ in model.named_modules()}
-    zero = PlanCosts(fp32=1.0, autocast=1.0, plan=1.0)
-    return Plan(
-        model=type(model).__name__,
-        dtype=dtype,
-        target="h100",
-        tolerance=1e-2,
-        units=units,  # type: ignore[arg-type]
-        fp32_units=[],
-        estimated_step_time_s=zero,
-        activation_bytes=PlanBytes(fp32=0, autocast=0, plan=0),
-        verified_loss_rel_error=0.0,
-        verification_passes=1,
-        regime=regime,
-    )
+    plan: Plan = plan_of(units, model=type(model).__name__, regime=regime.value)
+    return plan
 
 
 def test_a_plan_with_every_unit_low_runs_as_plain_autocast() -> None:
