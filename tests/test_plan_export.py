@@ -18,7 +18,6 @@ from precision_doctor.capture.emulation import emulated_precision
 from precision_doctor.capture.units import UnitTracker
 from precision_doctor.extras import PlanBytes, PlanCosts
 from precision_doctor.options import ExportFormat
-from precision_doctor.planning.cost import autocast_assignment
 from precision_doctor.planning.export import (
     DEEPSPEED_BF16_KEYS,
     DEEPSPEED_FP16_KEYS,
@@ -437,6 +436,10 @@ def test_a_promotion_no_measured_contribution_explains_says_so() -> None:
     plan = plan_model(spec.model, spec.batch, spec.loss_fn, report, tolerance=1e-8)
     promoted = [u for u in plan.fp32_units if "promoted after verification" in u.reason]
     assert promoted, plan.fp32_units
+    # Not a LayerNorm: autocast runs it in fp32 under either label, so promoting it changes
+    # nothing (the search spent its rounds on them and fell back to all fp32).
+    norms = {n for n, m in spec.model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert norms and not norms & {u.unit for u in promoted}, promoted
     assert not any("worst contributor (0.00e+00)" in u.reason for u in promoted)
     unexplained = [u for u in promoted if "no low unit's measured contribution accounts for it" in u.reason]
     assert unexplained, [u.reason for u in promoted]
@@ -559,9 +562,6 @@ def test_a_unit_autocast_runs_in_fp32_costs_the_same_either_way() -> None:
         without = costs.step_time_s({**base, "norm": False}), costs.activation_bytes({**base, "norm": False})
         assert (with_norm_low == without) is same, regime
         assert with_norm_low[0] < costs.step_time_s(dict.fromkeys(base, False))  # the Linears still save
-        if regime is pd.Regime.AUTOCAST:
-            # Every unit low is plain autocast, and costs what autocast costs.
-            assert costs.step_time_s(base) == costs.step_time_s(autocast_assignment(report))
 
 
 def test_a_plan_lists_no_unit_autocast_runs_in_fp32_anyway() -> None:

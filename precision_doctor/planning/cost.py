@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -198,9 +198,8 @@ class UnitCost:
     fp32_activation_bytes: int
     low_activation_bytes: int
     fp32_under_autocast: bool = False
-    """Autocast runs it in fp32 whatever the plan labels it (a LayerNorm, the loss, an
-    embedding that reads no other unit): its low choice costs its fp32 time and hands its
-    neighbours fp32 values."""
+    """Autocast runs it in fp32 whatever the plan labels it (a LayerNorm, the loss): its low
+    choice costs its fp32 time and hands its neighbours fp32 values."""
 
 
 @dataclass(frozen=True)
@@ -220,14 +219,18 @@ class CostModel:
     dtype: LowDtype
     units: tuple[UnitCost, ...]
     edges: tuple[EdgeCost, ...]
-    autocast_kinds: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
-    """Outside the pure regime (a plan's low unit takes its inputs as autocast does): per unit,
-    in run order, how autocast runs it (`autocast_kind`) and its producing units. Empty in the
-    pure regime, where a low unit's inputs are cast and it runs low as labelled."""
+
+    @functools.cached_property
+    def fp32_under_autocast(self) -> frozenset[str]:
+        """The units `UnitCost.fp32_under_autocast`."""
+        return frozenset(u.name for u in self.units if u.fp32_under_autocast)
 
     def runs_low(self, low: Mapping[str, bool]) -> dict[str, bool]:
-        """Which units run low under a plan (unit -> planned low; `autocast_runs_low`)."""
-        return autocast_runs_low(self.autocast_kinds, low) if self.autocast_kinds else dict(low)
+        """Which units run low under a plan (unit -> planned low): a unit autocast runs in fp32
+        (`fp32_under_autocast`) runs fp32 under either label. (A unit that takes its inputs'
+        dtype is costed as labelled: per call it follows its own inputs, which a per-unit cost
+        cannot follow.)"""
+        return {n: v and n not in self.fp32_under_autocast for n, v in low.items()}
 
     def step_time_s(self, low: Mapping[str, bool]) -> float:
         """Estimated step time of a plan (unit -> planned low; missing units run fp32), of the
@@ -278,28 +281,14 @@ def with_autocast_kinds(costs: CostModel, report: Report) -> CostModel:
     too (nothing for the search to save there, no cast to or from it)."""
     if report.environment.regime is Regime.PURE:
         return costs
-    kinds = autocast_kinds(report)
-    fp32_only = {name for name, kind, srcs in kinds if kind == "fp32" or (kind == "inherit" and not srcs)}
+    fp32_only = {name for name, kind, _ in autocast_kinds(report) if kind == "fp32"}
     units = tuple(
         replace(u, low_time_s=u.fp32_time_s, low_activation_bytes=u.fp32_activation_bytes, fp32_under_autocast=True)
         if u.name in fp32_only
         else u
         for u in costs.units
     )
-    return replace(costs, units=units, autocast_kinds=kinds)
-
-
-def autocast_requires(costs: CostModel, names: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """(unit, producer) index pairs of `names`: a unit that takes its inputs' dtype under
-    autocast runs low only where every producer does (`PlanProblem.requires`)."""
-    index = {n: i for i, n in enumerate(names)}
-    return tuple(
-        (index[name], index[src])
-        for name, kind, srcs in costs.autocast_kinds
-        if kind == "inherit" and name in index
-        for src in srcs
-        if src in index
-    )
+    return replace(costs, units=units)
 
 
 def weight_cast_s(unit: Unit, bandwidth_bytes_per_s: float) -> float:

@@ -36,7 +36,7 @@ from precision_doctor.extras import Fp32Unit, NotFp8Unit, PlanBytes, PlanCosts
 from precision_doctor.formats import format_seconds
 from precision_doctor.model.spec import LossFn
 from precision_doctor.options import AutocastPolicy, Fp8Recipe, LowDtype, PlanUnitDtype, Thresholds, fp8_recipe_of
-from precision_doctor.planning.cost import CostModel, autocast_assignment, autocast_requires, fp8_linear_time_s
+from precision_doctor.planning.cost import CostModel, autocast_assignment, fp8_linear_time_s
 from precision_doctor.planning.fp8 import (
     BF16_MATMUL_REL_ERROR,
     Fp8Layer,
@@ -149,7 +149,6 @@ def fp8_problem(
         ),
         error_budget=tolerance,
         memory_weight_s_per_byte=memory_weight_s_per_byte,
-        requires=autocast_requires(costs, names),
     )
 
 
@@ -222,16 +221,12 @@ class _Fp8Search:
     def candidate(self, problem: PlanProblem) -> dict[str, str]:
         if self.calibrated:
             labels = problem.labels(solve_milp(problem).chosen)
-            # A unit the search keeps fp32 that runs in fp32 labelled bf16 too (autocast runs
-            # its ops in fp32, or it takes fp32 inputs' dtype) is labelled bf16: it runs as the
-            # bf16 autocast around the fp8 layers runs it, and no note lists it as kept fp32.
-            planned = {n: lab != FP32 for n, lab in labels.items()}
-            runs = self.costs.runs_low(planned)
+            # A unit the search keeps fp32 that autocast runs in fp32 under either label (a
+            # LayerNorm) is labelled bf16: it runs as the bf16 autocast around the fp8 layers
+            # runs it, and no note lists it as kept fp32.
             self.relabelled = set()
-            for name, kind, srcs in self.costs.autocast_kinds:
-                if planned.get(name, True) or name in self.forced:
-                    continue
-                if kind == "fp32" or (kind == "inherit" and not (srcs and all(runs.get(s, False) for s in srcs))):
+            for name in self.costs.fp32_under_autocast:
+                if labels.get(name) == FP32 and name not in self.forced:
                     labels[name] = BF16
                     self.relabelled.add(name)
             return labels
@@ -307,8 +302,9 @@ class _Fp8Search:
             return False
         if verified <= self.tolerance:
             return True
+        low = [n for n, lab in labels.items() if lab != FP32]
         worst = max(
-            (n for n, lab in labels.items() if lab != FP32),
+            [n for n in low if n not in self.costs.fp32_under_autocast] or low,
             key=lambda n: (self.contributions.get(n, {}).get(labels[n], 0.0), n),
         )
         self.ban(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -59,7 +59,6 @@ from precision_doctor.planning.cost import (
     CostModel,
     UnitCost,
     autocast_assignment,
-    autocast_requires,
     build_cost_model,
     profile_for,
 )
@@ -280,14 +279,16 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
     return reasons
 
 
-def error_contributions(report: Report) -> dict[str, float]:
+def error_contributions(report: Report, runs_fp32: Collection[str] = ()) -> dict[str, float]:
     """Each unit's share of the final-loss error when it runs low: its local error, scaled so
     that all units together account for the all-low run's measured final-loss error (none, where
     that error is 0: the plan's verification passes still measure whatever it picks). When
-    that run is non-finite (a unit overflows), the local errors are used unscaled."""
+    that run is non-finite (a unit overflows), the local errors are used unscaled. `runs_fp32`:
+    units that run in fp32 under either label (`CostModel.fp32_under_autocast`), whose label
+    changes no value: no share."""
     local: dict[str, float] = {}
     for u in report.units:
-        e = u.forward.local.rel_l2_error if u.forward.local is not None else 0.0
+        e = u.forward.local.rel_l2_error if u.forward.local is not None and u.name not in runs_fp32 else 0.0
         local[u.name] = e if math.isfinite(e) else 0.0
     total = sum(local.values())
     measured = report.losses.rel_error
@@ -314,7 +315,6 @@ def build_problem(
         ),
         error_budget=tolerance,
         memory_weight_s_per_byte=memory_weight_s_per_byte,
-        requires=autocast_requires(costs, names),
     )
 
 
@@ -544,19 +544,14 @@ class _Search:
         return {n: n not in self.forced for n in problem.names}
 
     def _label_low_what_runs_fp32_anyway(self) -> None:
-        """A unit the search keeps fp32 that would run in fp32 labelled low too (autocast runs
-        its ops in fp32, or it takes fp32 inputs' dtype: `CostModel.runs_low`) is labelled low:
-        it then runs as plain autocast runs it, and no export lists it as a module kept fp32
-        (a plan listed every LayerNorm, and the blocks after an fp32 embedding). Not a unit
-        kept fp32 for a reason of its own (`forced`)."""
-        planned = {n: label != "fp32" for n, label in self.labels.items()}
-        runs = self.costs.runs_low(planned)
+        """A unit the search keeps fp32 that autocast runs in fp32 under either label
+        (`CostModel.fp32_under_autocast`: a LayerNorm, a softmax) is labelled low: it then runs
+        as plain autocast runs it, and no export lists it as a module kept fp32 (a plan listed
+        every LayerNorm "on a tie"). Not a unit kept fp32 for a reason of its own (`forced`)."""
         low = self.report.environment.dtype.value
         self.relabelled = set()
-        for name, kind, srcs in self.costs.autocast_kinds:
-            if planned.get(name, True) or name in self.forced:
-                continue
-            if kind == "fp32" or (kind == "inherit" and not (srcs and all(runs.get(s, False) for s in srcs))):
+        for name in self.costs.fp32_under_autocast:
+            if self.labels.get(name) == "fp32" and name not in self.forced:
                 self.labels[name] = low
                 self.relabelled.add(name)
 
@@ -652,7 +647,12 @@ class _Search:
 
         # Where no low unit's measured contribution accounts for the error (each 0), the one
         # whose values the low run changes most goes: name order would pick any.
-        worst = max((n for n, v in low.items() if v), key=lambda n: (self.contributions.get(n, 0.0), propagated(n), n))
+        # A unit autocast runs in fp32 under either label changes nothing promoted.
+        running = [n for n, v in low.items() if v and n not in self.costs.fp32_under_autocast]
+        worst = max(
+            running or [n for n, v in low.items() if v],
+            key=lambda n: (self.contributions.get(n, 0.0), propagated(n), n),
+        )
         share = self.contributions.get(worst, 0.0)
         why = (
             f"{worst} was its worst contributor ({share:.2e})"
@@ -727,7 +727,8 @@ def plan_model(
     # pass runs everything low but the hard units, to calibrate on.
     calibrated = math.isfinite(report.losses.rel_error) and all(n in (LOSS_UNIT, UNATTRIBUTED_UNIT) for n in hard)
     pure = _pure_rounds(report, build_optimizer, lr, train_steps)
-    search = _Search(report, costs, tolerance, weight, error_contributions(report), set(hard), calibrated, pure=pure)
+    contributions = error_contributions(report, costs.fp32_under_autocast)
+    search = _Search(report, costs, tolerance, weight, contributions, set(hard), calibrated, pure=pure)
     low, verified, problem = search.run(model, batch, loss_fn, all_fp32, max_rounds)
 
     labels = _final_labels(low, search.labels, dtype)
@@ -736,7 +737,11 @@ def plan_model(
     solved = {n: "fp32" if n in search.relabelled else label for n, label in labels.items()}
     reasons = _fp32_reasons(problem, hard, search.promoted, search.contributions, tolerance, solved)
     reasons = {n: r for n, r in reasons.items() if labels.get(n) == "fp32"}
-    advice, kept_for_gradients = _keep_vanishing_gradients(report, low)
+    # Of the units as they run: one autocast runs in fp32 under a low label has fp32 gradients.
+    runs = costs.runs_low(low)
+    advice, kept_for_gradients = _keep_vanishing_gradients(report, runs)
+    for name in kept_for_gradients:
+        low[name] = False
     reasons.update(kept_for_gradients)
     auto = autocast_assignment(report)
     plan_time = costs.step_time_s(low)
@@ -945,15 +950,7 @@ def _fp32_reasons(
             flipped = list(x)
             flipped[i] = 1
             e = contributions.get(n, 0.0)
-            fp32_inputs = [
-                problem.names[p] for u, p in problem.requires if u == i and problem.choices[p][x[p]].boundary == "fp32"
-            ]
-            if fp32_inputs:
-                reasons[n] = (
-                    f"it runs in its inputs' dtype under autocast, and {', '.join(fp32_inputs)} "
-                    f"hand{'s' if len(fp32_inputs) == 1 else ''} it fp32 values"
-                )
-            elif used + e > tolerance:
+            if used + e > tolerance:
                 reasons[n] = (
                     f"error budget: running low would add {e:.2e} to the {used:.2e} already spent "
                     f"of the {tolerance:.0e} tolerance"

@@ -61,9 +61,6 @@ class PlanProblem:
     error_budget: float
     memory_weight_s_per_byte: float = 0.0
     """Weighs each choice's `activation_bytes + state_bytes` in the objective."""
-    requires: tuple[tuple[int, int], ...] = ()
-    """(unit, producer) index pairs: the unit takes a choice with a low boundary only where the
-    producer does (a unit that runs in its inputs' dtype under autocast)."""
 
     def __post_init__(self) -> None:
         if len(self.choices) != len(self.names) or any(not c for c in self.choices):
@@ -84,9 +81,6 @@ class PlanProblem:
 
     def feasible(self, chosen: Sequence[int]) -> bool:
         if any(not 0 <= k < len(cs) for cs, k in zip(self.choices, chosen, strict=True)):
-            return False
-        picked = self.chosen_choices(chosen)
-        if any(picked[u].boundary != FP32_BOUNDARY and picked[p].boundary == FP32_BOUNDARY for u, p in self.requires):
             return False
         return self.error_of(chosen) <= self.error_budget * (1 + _BUDGET_SLACK) + 1e-300
 
@@ -145,17 +139,6 @@ def solve_milp(problem: PlanProblem) -> Solution:
             rows.append(r)
             lo.append(0.0)
             hi.append(np.inf)
-    for u, p in problem.requires:
-        r = np.zeros(size)
-        for k, ch in enumerate(problem.choices[u]):
-            if ch.boundary != FP32_BOUNDARY:
-                r[offsets[u] + k] += 1.0
-        for k, ch in enumerate(problem.choices[p]):
-            if ch.boundary != FP32_BOUNDARY:
-                r[offsets[p] + k] -= 1.0
-        rows.append(r)
-        lo.append(-np.inf)
-        hi.append(0.0)
     if math.isfinite(problem.error_budget):
         r = np.zeros(size)
         budget = max(problem.error_budget, 1e-300)
