@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -240,6 +240,16 @@ class CostModel:
         t += sum(e.cast_time_s for e in self.edges if low.get(e.src, False) != low.get(e.dst, False))
         return t
 
+    def label_low_where_fp32_anyway(self, labels: dict[str, str], forced: Collection[str], low: str) -> set[str]:
+        """Relabel `low`, in `labels` (unit -> label, "fp32" kept), the units a search kept fp32
+        that autocast runs in fp32 under either label (`fp32_under_autocast`), but for those
+        kept fp32 for a reason of their own (`forced`): they then run as plain autocast runs
+        them, and no export lists them as kept fp32 (a plan listed every LayerNorm "on a
+        tie"). Returns the units relabelled."""
+        relabelled = {n for n in self.fp32_under_autocast if labels.get(n) == "fp32" and n not in forced}
+        labels.update(dict.fromkeys(relabelled, low))
+        return relabelled
+
     def activation_bytes(self, low: Mapping[str, bool]) -> int:
         low = self.runs_low(low)
         return sum(u.low_activation_bytes if low.get(u.name, False) else u.fp32_activation_bytes for u in self.units)
@@ -271,17 +281,17 @@ def build_cost_model(report: Report, profile: DeviceProfile, dtype: LowDtype | s
         t32 = unit_roofline_s(u, p32, bw)
         tlow = unit_roofline_s(u, plow, bw, bytes_scale=0.5) + weight_cast_s(u, bw)
         units.append(UnitCost(u.name, t32, tlow, u.activation_bytes, u.activation_bytes // 2))
-    return with_autocast_kinds(CostModel(profile, low, tuple(units), cast_edges(report, bw)), report)
+    return with_fp32_under_autocast(CostModel(profile, low, tuple(units), cast_edges(report, bw)), report)
 
 
-def with_autocast_kinds(costs: CostModel, report: Report) -> CostModel:
+def with_fp32_under_autocast(costs: CostModel, report: Report) -> CostModel:
     """`costs` for plans of `report`: outside the pure regime a plan's low unit takes its
     inputs as autocast does, so one that autocast runs in fp32 whatever it holds (a LayerNorm,
     the loss: `autocast_kind`) costs its fp32 time and hands on fp32 values when planned low
     too (nothing for the search to save there, no cast to or from it)."""
     if report.environment.regime is Regime.PURE:
         return costs
-    fp32_only = {name for name, kind, _ in autocast_kinds(report) if kind == "fp32"}
+    fp32_only = {u.name for u in report.units if autocast_kind(u) == "fp32"}
     units = tuple(
         replace(u, low_time_s=u.fp32_time_s, low_activation_bytes=u.fp32_activation_bytes, fp32_under_autocast=True)
         if u.name in fp32_only
@@ -534,37 +544,20 @@ def autocast_kind(unit: Unit) -> str:
     return "fp32" if ops & AUTOCAST_FP32_OPS else "inherit"
 
 
-def autocast_kinds(report: Report) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
-    """(unit, `autocast_kind`, its producing units) per unit, in run order."""
+def autocast_assignment(report: Report) -> dict[str, bool]:
+    """Which units plain autocast runs low, judged per unit (`autocast_kind`): "low" and "fp32"
+    units as their kind says; the others in their inputs' dtype (low only if every producer
+    is low, as type promotion widens mixed inputs; fp32 with no producing unit, as model inputs
+    are fp32)."""
     producers: dict[str, list[str]] = {}
     for e in report.edges:
         producers.setdefault(e.dst, []).append(e.src)
-    return tuple(
-        (u.name, autocast_kind(u), tuple(producers.get(u.name, ())))
-        for u in sorted(report.units, key=lambda u: u.order)
-    )
-
-
-def autocast_runs_low(
-    kinds: tuple[tuple[str, str, tuple[str, ...]], ...], planned_low: Mapping[str, bool]
-) -> dict[str, bool]:
-    """Which units run low when those `planned_low` names run under low autocast and the
-    others in fp32: a planned-low unit runs low if autocast runs it low, fp32 if autocast runs
-    it in fp32, else in its inputs' dtype (low only if every producer runs low, as type
-    promotion widens mixed inputs; fp32 with no producing unit, as model inputs are fp32)."""
     low: dict[str, bool] = {}
-    for name, kind, srcs in kinds:
-        if not planned_low.get(name, False) or kind == "fp32":
-            low[name] = False
-        elif kind == "low":
-            low[name] = True
+    for u in sorted(report.units, key=lambda u: u.order):
+        kind = autocast_kind(u)
+        if kind == "inherit":
+            srcs = producers.get(u.name, [])
+            low[u.name] = bool(srcs) and all(low.get(s, False) for s in srcs)
         else:
-            low[name] = bool(srcs) and all(low.get(s, False) for s in srcs)
+            low[u.name] = kind == "low"
     return low
-
-
-def autocast_assignment(report: Report) -> dict[str, bool]:
-    """Which units plain autocast runs low (`autocast_runs_low` with every unit under
-    autocast)."""
-    kinds = autocast_kinds(report)
-    return autocast_runs_low(kinds, dict.fromkeys((name for name, _, _ in kinds), True))

@@ -221,14 +221,8 @@ class _Fp8Search:
     def candidate(self, problem: PlanProblem) -> dict[str, str]:
         if self.calibrated:
             labels = problem.labels(solve_milp(problem).chosen)
-            # A unit the search keeps fp32 that autocast runs in fp32 under either label (a
-            # LayerNorm) is labelled bf16: it runs as the bf16 autocast around the fp8 layers
-            # runs it, and no note lists it as kept fp32.
-            self.relabelled = set()
-            for name in self.costs.fp32_under_autocast:
-                if labels.get(name) == FP32 and name not in self.forced:
-                    labels[name] = BF16
-                    self.relabelled.add(name)
+            # Labelled bf16, they run as the bf16 autocast around the fp8 layers runs them.
+            self.relabelled = self.costs.label_low_where_fp32_anyway(labels, self.forced, BF16)
             return labels
         # Calibration run: every unit at its lowest-precision choice left (the last one).
         return {n: cs[-1].label for n, cs in zip(problem.names, problem.choices, strict=True)}

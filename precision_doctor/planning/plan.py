@@ -526,8 +526,8 @@ class _Search:
     labels: dict[str, str] = field(default_factory=dict)
     """The last solved candidate's choice per unit."""
     relabelled: set[str] = field(default_factory=set)
-    """Units of `labels` the search kept fp32 and `_label_low_what_runs_fp32_anyway` labelled
-    low (they run in fp32 under either label)."""
+    """Units of `labels` the search kept fp32 and `CostModel.label_low_where_fp32_anyway`
+    labelled low (they run in fp32 under either label)."""
 
     def problem(self) -> PlanProblem:
         problem = build_problem(self.report, self.costs, self.contributions, self.forced, self.tolerance, self.weight)
@@ -539,21 +539,10 @@ class _Search:
         if self.calibrated:
             self.labels = problem.labels(solve_milp(problem).chosen)
             if self.pure is None:
-                self._label_low_what_runs_fp32_anyway()
+                low = self.report.environment.dtype.value
+                self.relabelled = self.costs.label_low_where_fp32_anyway(self.labels, self.forced, low)
             return {n: label != "fp32" for n, label in self.labels.items()}
         return {n: n not in self.forced for n in problem.names}
-
-    def _label_low_what_runs_fp32_anyway(self) -> None:
-        """A unit the search keeps fp32 that autocast runs in fp32 under either label
-        (`CostModel.fp32_under_autocast`: a LayerNorm, a softmax) is labelled low: it then runs
-        as plain autocast runs it, and no export lists it as a module kept fp32 (a plan listed
-        every LayerNorm "on a tie"). Not a unit kept fp32 for a reason of its own (`forced`)."""
-        low = self.report.environment.dtype.value
-        self.relabelled = set()
-        for name in self.costs.fp32_under_autocast:
-            if self.labels.get(name) == "fp32" and name not in self.forced:
-                self.labels[name] = low
-                self.relabelled.add(name)
 
     def run(
         self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None, all_fp32: dict[str, bool], max_rounds: int

@@ -51,7 +51,7 @@ from precision_doctor.planning.cost import (
     synchronize,
     unit_roofline_s,
     weight_cast_s,
-    with_autocast_kinds,
+    with_fp32_under_autocast,
 )
 from precision_doctor.report import Report
 
@@ -202,4 +202,4 @@ def measure_cost_model(
             ownlow = unit_roofline_s(u, profile.peak_flops_per_s(low.value), bw, bytes_scale=0.5) + weight_cast_s(u, bw)
         units.append(UnitCost(u.name, own32, ownlow, u.activation_bytes, u.activation_bytes // 2))
     costs = CostModel(profile, LowDtype(low), tuple(units), cast_edges(report, profile.bandwidth_bytes_per_s))
-    return with_autocast_kinds(costs, report)
+    return with_fp32_under_autocast(costs, report)
