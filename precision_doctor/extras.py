@@ -87,6 +87,14 @@ class PlanSection(Frozen):
     verification_passes: int
     exports: dict[ExportFormat, str] = Field(default_factory=dict)
     """Each export format's text, as `analyze --export` writes it."""
+    regime: Regime = Regime.AUTOCAST
+    """`pure`: the low units hold their own parameters low (`Plan.regime`)."""
+    master_units: list[str] = Field(default_factory=list)
+    """Pure regime: the low units whose parameters keep fp32 master copies."""
+
+    @property
+    def low_units(self) -> dict[str, bool]:
+        return {u: d != "fp32" for u, d in self.units.items()}
 
     @property
     def speedup(self) -> float | None:

@@ -358,8 +358,11 @@ def test_plan_extras_shape(rescue: tuple[Any, Plan]) -> None:
         "verified_loss_rel_error",
         "verification_passes",
         "exports",
+        "regime",
+        "master_units",
     }
     assert set(extras["exports"]) == {"json", "python", "deepspeed", "hf"}
+    assert extras["regime"] == "autocast" and extras["master_units"] == []
 
 
 def curve(mod: Any, low_units: dict[str, bool] | None, steps: int = 100) -> list[float]:

@@ -426,21 +426,95 @@ def test_an_fp32_reference_that_diverges_is_said_to() -> None:
     assert not any(r.risk == "FP32_DIVERGES" for r in [*healthy.reasons, *healthy.notes])
 
 
-def test_a_pure_plans_planned_run_casts_its_low_units_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pure_plans_planned_run_holds_and_casts_as_apply_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     """The planned run installs the plan's units as `apply_plan` does: a pure plan's low units
-    cast their inputs (it ran them without, unlike the plan's verification); an autocast
-    plan's take them as autocast does."""
+    cast their inputs (it ran them without, unlike the plan's verification) and hold their
+    weights low; an autocast plan's take their inputs as autocast does."""
     import precision_doctor.training.preflight as pf
 
     seen: list[bool] = []
+    weights: list[dict[str, torch.dtype]] = []
     real = pf.unit_overrides
 
-    def spy(*args: Any, cast_low_inputs: bool = False, **kwargs: Any) -> Any:
+    def spy(model: torch.nn.Module, *args: Any, cast_low_inputs: bool = False, **kwargs: Any) -> Any:
         seen.append(cast_low_inputs)
-        return real(*args, cast_low_inputs=cast_low_inputs, **kwargs)
+        weights.append({n: p.dtype for n, p in model.named_parameters()})
+        return real(model, *args, cast_low_inputs=cast_low_inputs, **kwargs)
 
     monkeypatch.setattr(pf, "unit_overrides", spy)
     for regime, cast in (("pure", True), ("autocast", False)):
         seen.clear()
-        run_sample("tiny_transformer", regime=regime, dtype="bf16", plan=True, steps=1)
+        weights.clear()
+        result = run_sample("tiny_transformer", regime=regime, dtype="bf16", plan=True, steps=1)
         assert seen and set(seen) == {cast}, (regime, seen)
+        # A pure plan's low units hold their weights in bf16 in the planned run, as the plan's
+        # export holds them (they trained fp32 there); an autocast plan's stay fp32.
+        units = result.runs["planned"].units
+        low = {n for n, dt in weights[0].items() if units.get(n.rpartition(".")[0] or "<root>", "fp32") != "fp32"}
+        assert low and {n for n, dt in weights[0].items() if dt == torch.bfloat16} == (low if cast else set())
+
+
+def test_a_pure_fp16_plan_trains_unscaled_with_its_master_copies() -> None:
+    """A pure fp16 plan's planned run trains as its export does: its low weights without
+    master copies get fp16 gradients, which GradScaler refuses to unscale, so no scaler (the
+    plan's gradients judged at 2^0, as the pure low run's are)."""
+    result = run_sample("bf16_finetune_stall", regime="pure", dtype="fp16", plan=True, steps=3)
+    planned = result.runs["planned"]
+    assert "fp32 master copies" in planned.description and "no loss scaler" in planned.description
+    assert planned.init_scale_log2 is None and not planned.nonfinite_steps, planned.description
+    assert result.planned_go, [r.line() for r in result.reasons]
+
+
+def test_a_stepped_optimizer_is_pointed_at_the_master_copies_with_its_state() -> None:
+    """The user's optimizer, copied after it has stepped: the state of a weight with a master
+    copy moves to the copy, in fp32 as it was made; a weight held low without one gets its
+    state in the low dtype, as an optimizer over the low weights keeps it."""
+    from precision_doctor.planning.master import hold_plan_weights
+    from precision_doctor.training.preflight import _point_at_masters, _to_low
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 4)).square().sum().backward()
+    opt.step()
+    before = {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+    held = hold_plan_weights(model, {"0": True, "1": True}, ["0"], torch.bfloat16)
+    _point_at_masters(opt, held)
+    _to_low(model, opt, torch.bfloat16, model_cast=False)
+    params = dict(model.named_parameters())
+    for n in ("0.weight", "0.bias"):
+        master = held.master(params[n])
+        assert master is not params[n] and master.dtype == torch.float32 and params[n] not in opt.state
+        assert torch.equal(opt.state[master]["exp_avg"], before[n])
+    for n in ("1.weight", "1.bias"):
+        assert held.master(params[n]) is params[n] and params[n].dtype == torch.bfloat16
+        assert opt.state[params[n]]["exp_avg"].dtype == torch.bfloat16
+    assert [p.dtype for g in opt.param_groups for p in g["params"]] == [torch.float32] * 2 + [torch.bfloat16] * 2
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.full_like(p, 1e-2)
+    opt.step()  # each state in its parameter's dtype: AdamW's kernels take the mix
+
+
+def test_a_pure_plans_low_weights_without_master_copies_carry_their_lost_updates() -> None:
+    """A plan's LOST_UPDATE findings count only where its optimizer steps low weights: a pure
+    plan's low units without master copies (an autocast plan's, and those with copies, step
+    fp32 weights)."""
+    from precision_doctor.options import Thresholds
+    from precision_doctor.training.preflight import HeldPlan, _Judge
+
+    result = run_sample("bf16_finetune_stall", regime="pure", dtype="bf16", plan=True, steps=2)
+    assert result.report is not None and result.report.extras.plan is not None
+    lost = {f.unit for f in result.report.flags() if f.flag.value == "LOST_UPDATE"}
+    plan = result.report.extras.plan
+    units = {**plan.units, "": "fp32"}
+    flagged_low = {u for u in lost if plan.low_units.get(u)}
+    assert flagged_low and set(plan.master_units) >= flagged_low  # the precondition: the plan copies them
+
+    def judged(held: HeldPlan | None) -> set[str]:
+        judge = _Judge(result.report, result.runs, pd.LowDtype.BF16, True, Thresholds(), units, None, 0.05, 0, held)
+        return {r.unit or "" for r in judge.analysis_reasons(units, None) if r.risk == "LOST_UPDATE"}
+
+    assert judged(None) == set()
+    assert judged(HeldPlan(plan.low_units, tuple(plan.master_units))) == set()
+    assert judged(HeldPlan(plan.low_units, ())) == flagged_low

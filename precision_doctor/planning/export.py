@@ -743,4 +743,6 @@ def plan_section(plan: Plan) -> PlanSection:
         verified_loss_rel_error=plan.verified_loss_rel_error,
         verification_passes=plan.verification_passes,
         exports=render_all(plan),
+        regime=plan.regime,
+        master_units=[m.unit for m in plan.master_weights],
     )

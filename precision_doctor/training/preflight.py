@@ -118,6 +118,7 @@ from precision_doctor.options import (
     percent,
 )
 from precision_doctor.planning.fp8 import planned_recipes
+from precision_doctor.planning.master import MasterWeights, hold_plan_weights
 from precision_doctor.report import Report, fp32_modules
 from precision_doctor.runtime.distributed import exchange, same_outcome, unwrap
 from precision_doctor.schema import validated
@@ -356,11 +357,15 @@ def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def _to_low(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype) -> None:
+def _to_low(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, *, model_cast: bool = True
+) -> None:
     """`model.to(dtype)` (the parameters stay the same objects, so an optimizer over them
-    still holds them) and a copied optimizer's per-parameter state in the parameter's dtype,
-    as an optimizer built over the low model would keep it."""
-    model.to(dtype)
+    still holds them; not with `model_cast` False: the caller cast some) and a copied
+    optimizer's per-parameter state in the parameter's dtype, as an optimizer built over the
+    low model would keep it."""
+    if model_cast:
+        model.to(dtype)
     if optimizer is None:
         return
     for p, state in optimizer.state.items():
@@ -369,6 +374,25 @@ def _to_low(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dty
         for k, v in list(state.items()):
             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
                 state[k] = v.to(p.dtype)
+
+
+def _point_at_masters(optimizer: torch.optim.Optimizer, held: MasterWeights) -> None:
+    """`held.use_in(optimizer)`, for an optimizer that may have stepped already (the user's,
+    copied): the state of a parameter with a master copy moves to the copy (it was made over
+    the fp32 values the copy holds)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if (master := held.master(p)) is not p and p in optimizer.state:
+                optimizer.state[master] = optimizer.state.pop(p)
+        group["params"] = [held.master(p) for p in group["params"]]
+
+
+@dataclass(frozen=True)
+class HeldPlan:
+    """A pure-regime plan's weights, as `planning.master.hold_plan_weights` holds them."""
+
+    low_units: Mapping[str, bool]
+    master_units: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -446,6 +470,7 @@ class _TrainingRun:
         master: bool = False,
         track_unchanged: bool = False,
         fp8: Fp8Training | None = None,
+        held: HeldPlan | None = None,
     ) -> None:
         self.place, self.loss_fn, self.mode, self.skip = place, loss_fn, mode, skip
         self.pure = dtype is not None and regime is Regime.PURE
@@ -467,6 +492,12 @@ class _TrainingRun:
         elif self.pure:
             assert dtype is not None
             _to_low(m, opt, dtype)  # without an optimizer, it is built over the low parameters
+        # A pure plan's weights, as its export holds them: the low units' own in `dtype`, its
+        # master units' with fp32 copies the optimizer steps.
+        self.held: MasterWeights | None = None
+        if held is not None:
+            assert dtype is not None
+            self.held = hold_plan_weights(m, held.low_units, held.master_units, dtype)
         if opt is None:  # over the fp32 master copies where there are some
             opt = call_build_optimizer(build_optimizer, master_model if master_model is not None else m)
         self.model, self.opt = m, opt
@@ -474,8 +505,11 @@ class _TrainingRun:
         # applies (a parameter it does not hold) cannot reach the weights.
         self.params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         if self.master is not None:
-            held = {id(p) for p in self.params}
-            self.params = [low for up, low in self.master if id(up) in held]
+            in_opt = {id(p) for p in self.params}
+            self.params = [low for up, low in self.master if id(up) in in_opt]
+        if self.held is not None and dtype is not None:
+            _point_at_masters(opt, self.held)
+            _to_low(m, opt, dtype, model_cast=False)  # the state of the low weights without copies
         self.monitor: ScalerMonitor | None = None
         if init_scale_log2 is not None:
             self.monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
@@ -521,6 +555,8 @@ class _TrainingRun:
         if self.master is not None:
             for up, low in self.master:
                 up.grad = None if low.grad is None else low.grad.float()
+        if self.held is not None:
+            self.held.grads_to_master()
         with self.optimizer_precision():
             if monitor is not None:
                 monitor.step(self.opt)
@@ -534,6 +570,8 @@ class _TrainingRun:
             with torch.no_grad():
                 for up, low in self.master:
                     low.copy_(up)
+        if self.held is not None:
+            self.held.copy_to_model()
         return StepRecord(
             step=i,
             loss=loss_v,
@@ -578,10 +616,12 @@ class _Trainer:
         track_unchanged: bool = False,
         fp8: Fp8Training | None = None,
         cast_low_inputs: bool = False,
+        held: HeldPlan | None = None,
     ) -> ModeRun:
         """`len(batches)` optimizer steps of one configuration (`_TrainingRun`), with `units`'
         overrides (a plan's) installed as `apply_plan` installs them (`cast_low_inputs`: a pure
-        plan's, whose low units cast their inputs; its weights are not held low here).
+        plan's, whose low units cast their inputs; `held`: its weights, held as its export
+        holds them).
 
         In a torch.distributed job every rank trains its copy on its own batches, data
         parallel: the gradients are averaged across ranks before each update, as DDP averages
@@ -604,6 +644,7 @@ class _Trainer:
             master=master,
             track_unchanged=track_unchanged,
             fp8=fp8,
+            held=held,
         )
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
             if self.place.sharded:  # the model itself: put back afterwards
@@ -914,7 +955,7 @@ def preflight(
     # master weights lose nothing).
     default = _default_optimizer if run_regime is Regime.PURE else None
     stepped = build_optimizer or (_factory_of(optimizer, place.model) if optimizer is not None else default)
-    report, plan_units, planned_scale = _analyze_and_plan(
+    report, plan_units, planned_scale, held = _analyze_and_plan(
         place,
         batch,
         loss_fn,
@@ -937,7 +978,7 @@ def preflight(
     trainer = _Trainer(place, optimizer, build_optimizer or _default_optimizer, batches, loss_fn)
     fp8 = Fp8Training(recipe) if recipe is not None else None
     runs = _training_runs(
-        trainer, low, run_regime, op_policy, plan_policy, plan_units, planned_scale, say, messages, fp8=fp8
+        trainer, low, run_regime, op_policy, plan_policy, plan_units, planned_scale, say, messages, fp8=fp8, held=held
     )
     # The delayed-scaling model covers the fp8 layers of the run the verdict judges.
     judged_fp8 = fp8.planned if fp8 is not None and judge is Judge.PLANNED else fp8
@@ -956,6 +997,7 @@ def preflight(
         planned_scale,
         loss_tolerance,
         max_skipped_steps,
+        held,
     )
     judged = judging.found(judge)
     fp8_scaling = (
@@ -1094,9 +1136,10 @@ def _analyze_and_plan(
     build_optimizer: OptimizerFactory | None = None,
     fp8_recipe: Fp8Recipe | None = None,
     driver: Driver = Driver.AUTO,
-) -> tuple[Report, dict[str, PlanUnitDtype] | None, int | None]:
+) -> tuple[Report, dict[str, PlanUnitDtype] | None, int | None, HeldPlan | None]:
     """The analysis report, with the plan and loss scale when `plan`: the report, the plan's
-    units (None: no plan) and the recommended initial loss scale (fp16 only)."""
+    units (None: no plan), the recommended initial loss scale (fp16 under autocast) and a pure
+    plan's weights (None: no pure plan)."""
     from precision_doctor.analysis.engine import analyze
 
     say("analysis")
@@ -1116,7 +1159,7 @@ def _analyze_and_plan(
     )
     timings["analysis"] = time.perf_counter() - t
     if not plan:
-        return report, None, None
+        return report, None, None, None
     say("plan and loss scale")
     t = time.perf_counter()
     from precision_doctor.planning.pipeline import plan_report
@@ -1126,13 +1169,18 @@ def _analyze_and_plan(
         place.for_plan(), batch, loss_fn, report, target=target, build_optimizer=build_optimizer or _default_optimizer
     )
     plan_units: dict[str, PlanUnitDtype] | None = None
-    if report.extras.plan is not None:
-        plan_units = dict(report.extras.plan.units)
+    held: HeldPlan | None = None
+    if (found := report.extras.plan) is not None:
+        plan_units = dict(found.units)
         plan_units.setdefault("", "fp32")  # a unit the plan does not name stays fp32
+        if found.regime is Regime.PURE:
+            held = HeldPlan(found.low_units, tuple(found.master_units))
     ls = report.extras.loss_scale
     planned_scale = ls.recommended_scale_log2 if ls is not None and low is LowDtype.FP16 else None
+    if held is not None and planned_scale is not None:
+        planned_scale = 0  # a pure plan trains unscaled, as its export does (GradScaler refuses fp16 gradients)
     timings["plan"] = time.perf_counter() - t
-    return report, plan_units, planned_scale
+    return report, plan_units, planned_scale, held
 
 
 def _training_runs(
@@ -1146,6 +1194,7 @@ def _training_runs(
     say: Progress,
     messages: list[str],
     fp8: Fp8Training | None = None,
+    held: HeldPlan | None = None,
 ) -> dict[str, ModeRun]:
     """The fp32 reference, the plain low-precision recipe of `regime` and, with a plan, the
     planned mix (`plan_policy`'s autocast op lists); for fp8 (`fp8`), a bf16 autocast run and
@@ -1239,11 +1288,12 @@ def _training_runs(
     if plan_units is not None:
         say("planned run")
         any_fp16 = any(d == "fp16" for d in plan_units.values())
-        s = planned_scale if any_fp16 else None
+        s = planned_scale if any_fp16 and held is None else None
         n_low = sum(1 for u, d in plan_units.items() if u and d != "fp32")
-        desc = f"plan: {n_low} unit(s) low under torch.autocast({low}, {plan_policy} op lists)" + (
-            f", GradScaler from 2^{s}" if s is not None else ", no loss scaler"
-        )
+        desc = f"plan: {n_low} unit(s) low under torch.autocast({low}, {plan_policy} op lists)"
+        if held is not None:
+            desc += f", their weights {low} ({len(held.master_units)} unit(s) with fp32 master copies)"
+        desc += f", GradScaler from 2^{s}" if s is not None else ", no loss scaler"
         runs["planned"] = trainer.run(
             "planned",
             desc,
@@ -1252,9 +1302,10 @@ def _training_runs(
             policy=plan_policy,
             units=plan_units,
             init_scale_log2=s,
-            # A pure-regime plan's low units cast their inputs, as apply_plan installs it (its
-            # weights stay fp32 here: the plan's own training check held them low).
+            # A pure-regime plan's low units cast their inputs and hold their weights low, as
+            # apply_plan installs it.
             cast_low_inputs=pure,
+            held=held,
         )
     return runs
 
@@ -1317,6 +1368,8 @@ class _Judge:
     planned_scale: int | None
     loss_tolerance: float
     max_skipped_steps: int
+    held: HeldPlan | None = None
+    """A pure plan's weights (the planned configuration's)."""
 
     def found(self, config: str) -> list[Reason]:
         if config == "low":
@@ -1369,12 +1422,19 @@ class _Judge:
         if units is not None:
             # Measured on the all-low run at its own loss scale: a plan changes both (its own
             # training run says how its gradients fare). LOST_UPDATE is the low weights'
-            # (the pure regime's): a plan trains under autocast, its optimizer stepping the
-            # fp32 weights.
-            flags = [f for f in flags if f.flag not in (Flag.GRAD_DIVERGENCE, Flag.LOST_UPDATE)]
+            # (the pure regime's): a plan's optimizer steps fp32 weights, except a pure plan's
+            # low units without master copies.
+            held = self.held
+            flags = [
+                f
+                for f in flags
+                if f.flag is not Flag.GRAD_DIVERGENCE
+                and (f.flag is not Flag.LOST_UPDATE or (held is not None and f.unit not in held.master_units))
+            ]
         if scale_log2 is not None and scale_log2 != th.grad_scale_log2:
-            # Pure fp16 (judged at 2^0) has no GradScaler to back off or grow.
-            scaler, ceiling = not self.pure or units is not None, report_scale_ceiling(report)
+            # Pure fp16 (judged at 2^0) has no GradScaler to back off or grow, nor a pure plan.
+            scaler = not self.pure if units is None else self.held is None
+            ceiling = report_scale_ceiling(report)
             grad_flags = (Flag.GRAD_OVERFLOW, Flag.GRAD_UNDERFLOW)
             flags = [f for f in flags if f.flag not in grad_flags] + [
                 f
