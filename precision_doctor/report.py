@@ -371,6 +371,11 @@ class StepFidelity(_Frozen):
     """||applied update|| / ||intended update|| over the finite updates: the effective learning
     rate as a fraction of the set one (None where the intended update is 0; inf where the low
     step makes Inf/NaN)."""
+    mean_update_ratio: float | None = None
+    """sum(applied * sign(intended)) / sum(|intended|): the share of the intended update that
+    arrives on average, 1 for a step that rounds stochastically (its moves of a whole spacing
+    average out to the update), near 0 where rounding to nearest drops the updates (None
+    where the intended update is 0 or the low step makes Inf/NaN)."""
 
     @property
     def lost_fraction(self) -> float:
@@ -409,6 +414,9 @@ class UnitStep(StepFidelity):
     None where no update is lost at any rate the step tells."""
     survive_lr_half: float | None = None
     """The same for 50% of the updates."""
+    lr: float | None = None
+    """The learning rate of the parameter group holding the unit's parameters (None where
+    they are in groups with different ones)."""
 
 
 class OptimizerStep(_Frozen):
@@ -428,6 +436,9 @@ class OptimizerStep(_Frozen):
     with an elementwise optimizer, is stepped on every k-th element of each parameter over
     2^16 elements (`analysis.optimizer_step`): the counts (`numel` included) are of the
     elements stepped, the fractions estimates."""
+    stochastic_rounding: bool = False
+    """The optimizer's step on low weights depends on the RNG (stochastic rounding): its
+    steps are judged by `mean_update_ratio`."""
     units: list[UnitStep]
     params: list[ParamStep]
     total: StepFidelity

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,112 @@ def test_pure_applied_step_steps_the_low_runs_own_gradients_as_real_training_doe
     measured = same / sum(b.numel() for b in before)
     assert 0.5 < measured < 0.99  # a step where rounding decides for many elements
     assert abs(step.total.unchanged_fraction - measured) < 0.01, (step.total.unchanged_fraction, measured)
+
+
+class _StochasticSGD(torch.optim.SGD):
+    """SGD that rounds its bf16 weights stochastically, a setting kept on the optimizer (as
+    torchao's `_AdamW.bf16_stochastic_round`), not in its parameter groups: the fp32 result
+    plus random bits below bf16's last mantissa bit, truncated."""
+
+    def __init__(self, params: Any, lr: float, stochastic_round: bool = False) -> None:
+        super().__init__(params, lr=lr)
+        self.stochastic_round = stochastic_round
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                new = p.float() - group["lr"] * p.grad.float()
+                if self.stochastic_round and p.dtype == torch.bfloat16:
+                    bits = new.view(torch.int32) + torch.randint_like(new, 0, 1 << 16, dtype=torch.int32)
+                    new = (bits & -(1 << 16)).view(torch.float32)
+                p.copy_(new)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_a_stochastically_rounding_optimizer_is_judged_by_what_arrives_on_average(stochastic: bool) -> None:
+    """Weights of 1 with updates of a fifth of bf16's half-spacing: rounded to nearest, every
+    update is lost (LOST_UPDATE); rounded stochastically, about a fifth of the weights move
+    by a whole spacing and the mean update is the intended one (no finding). The optimizer's
+    setting lives on the object: the step measured must be taken with it."""
+    net = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    x = torch.ones(8, 64)
+    lr = 0.2 * float(half_spacing(torch.tensor(1.0), torch.bfloat16))
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return _StochasticSGD(m.parameters(), lr=lr, stochastic_round=stochastic)
+
+    def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return out.float().sum() / batch.shape[0]  # every weight's gradient: 1
+
+    report = pd.analyze(net, x, loss, dtype="bf16", regime="pure", build_optimizer=build)
+    step = report.optimizer_step
+    assert step is not None and step.stochastic_rounding is stochastic
+    (unit,) = step.units
+    assert unit.mean_update_ratio is not None
+    # Independent reference: the same step of real bf16 weights over 20 draws, as a share of
+    # the intended update (-lr).
+    real = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        w = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+        w.grad = torch.ones(64, 64, dtype=torch.bfloat16)
+        _StochasticSGD([w], lr=lr, stochastic_round=stochastic).step()
+        real.append((w.detach().float() - 1.0).mean().item() / -lr)
+    expected = sum(real) / len(real)
+    lost = [f for f in report.flags() if f.flag.value == "LOST_UPDATE"]
+    if stochastic:
+        assert 0.9 < expected < 1.1 and abs(unit.mean_update_ratio - expected) < 0.15, (
+            unit.mean_update_ratio,
+            expected,
+        )
+        assert unit.lost_fraction > 0.6  # one draw leaves most weights as they were...
+        assert not lost, [f.evidence.message for f in lost]  # ...yet the updates arrive
+    else:
+        assert expected == 0.0 and unit.mean_update_ratio == 0.0 and unit.lost_fraction == 1.0
+        assert lost and lost[0].severity.value == "error" and "rounded away" in lost[0].evidence.message
+
+
+def test_torchaos_stochastic_rounding_adamw_keeps_its_setting() -> None:
+    """torchao's `_AdamW(bf16_stochastic_round=True)`, which the LOST_UPDATE remedy names, is
+    stepped with its stochastic rounding on (the per-parameter copy dropped it) and found to
+    lose nothing on average where round-to-nearest loses every update."""
+    pytest.importorskip("torchao.optim")
+    from torchao.optim import _AdamW
+
+    net = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        net.weight.uniform_(0.5, 1.0)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for sr in (False, True):
+        report = pd.analyze(
+            net, x, _loss, dtype="bf16", regime="pure",
+            build_optimizer=lambda m, sr=sr: _AdamW(m.parameters(), lr=2e-4, bf16_stochastic_round=sr),
+        )  # fmt: skip
+        assert report.optimizer_step is not None and report.optimizer_step.stochastic_rounding is sr
+        results[sr] = (report.optimizer_step.units[0], [f for f in report.flags() if f.flag.value == "LOST_UPDATE"])
+    (nearest, nearest_flags), (sr_unit, sr_flags) = results[False], results[True]
+    assert nearest.lost_fraction > 0.99 and nearest_flags  # lr 2e-4 < half of bf16's spacing below 1 (2^-9)
+    assert sr_unit.mean_update_ratio is not None and 0.8 < sr_unit.mean_update_ratio < 1.2 and not sr_flags
+
+
+def test_each_units_finding_names_its_own_groups_learning_rate() -> None:
+    """Parameter groups at lr 1e-2 and 1e-5: the finding on the second names 1e-05, not the
+    first group's rate."""
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.uniform_(0.5, 1.0)
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": m[0].parameters(), "lr": 1e-2}, {"params": m[2].parameters(), "lr": 1e-5}])
+
+    report = pd.analyze(net, torch.randn(8, 16), _loss, dtype="bf16", regime="pure", build_optimizer=build)
+    step = report.optimizer_step
+    assert step is not None and {u.unit: u.lr for u in step.units} == {"0": 1e-2, "2": 1e-5}
+    lost = {f.unit: f.evidence for f in report.flags() if f.flag.value == "LOST_UPDATE"}
+    assert set(lost) == {"2"}  # 1e-5 is below half of bf16's spacing for weights in [0.5, 1)
+    assert "at lr 1e-05 " in lost["2"].message and lost["2"].values["lr"] == 1e-5

@@ -728,27 +728,39 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
     dtype = step.dtype
     for u in step.units:
         lost, partial = u.lost_fraction, u.lost_fraction + u.partly_lost_fraction
+        stochastic = step.stochastic_rounding and u.mean_update_ratio is not None
+        if stochastic:
+            # Most elements keep their value in one draw; what counts is what arrives on average.
+            lost = partial = min(1.0, max(0.0, 1.0 - (u.mean_update_ratio or 0.0)))
         if lost > th.lost_update_fraction or u.nonfinite:
             severity = Severity.ERROR
         elif partial > th.lost_update_partial_fraction:
             severity = Severity.WARNING
         else:
             continue
+        lr = u.lr if u.lr is not None else step.lr
+        at = f"lr {lr:g}" if u.lr is not None or len({v.lr for v in step.units}) <= 1 else "its groups' lrs"
         ratio = f"{u.update_norm_ratio:.2g}x" if u.update_norm_ratio is not None else "none"
         what = (
-            f"{step.optimizer} at lr {step.lr:g} with {dtype} weights: {percent(lost)} of the weight updates the "
+            f"{step.optimizer} at {at} with {dtype} weights: {percent(lost)} of the weight updates the "
             f"fp32 step makes here are rounded away ({percent(u.partly_lost_fraction)} more move less than half of it; "
             f"update norm {ratio} the fp32 one)"
         )
+        if stochastic:
+            what = (
+                f"{step.optimizer} at {at} with {dtype} weights rounds stochastically, yet on average only "
+                f"{percent(1.0 - lost)} of the fp32 step's update arrives"
+            )
         if u.nonfinite:
             what = (
-                f"{step.optimizer} at lr {step.lr:g} with {dtype} weights and state makes {u.nonfinite} of this "
+                f"{step.optimizer} at {at} with {dtype} weights and state makes {u.nonfinite} of this "
                 f"unit's weights Inf/NaN in one step (its state or eps underflows {dtype}: Adam's eps of 1e-8 is 0 "
                 "in fp16, and a second moment that flushes divides by 0)"
             )
         survive = (
-            f"; or lr >= {u.survive_lr:.2g} (90% of its updates survive; half at {u.survive_lr_half:.2g})"
-            if u.survive_lr is not None and u.survive_lr_half is not None
+            f"; or lr >= {u.survive_lr:.2g} (90% of its updates survive this first step; half at "
+            f"{u.survive_lr_half:.2g}; Adam's later steps are smaller where gradients vary)"
+            if u.survive_lr is not None and u.survive_lr_half is not None and not stochastic
             else ""
         )
         compensated = (
@@ -777,8 +789,10 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
             "lost_fraction": lost,
             "nonfinite_weights": float(u.nonfinite),
             "partly_lost_fraction": u.partly_lost_fraction,
-            "lr": step.lr,
+            "lr": lr,
         }
+        if u.mean_update_ratio is not None:
+            values["mean_update_ratio"] = u.mean_update_ratio
         if u.update_norm_ratio is not None:
             values["update_norm_ratio"] = u.update_norm_ratio
         if u.survive_lr is not None:

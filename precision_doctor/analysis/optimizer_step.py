@@ -19,14 +19,24 @@ module owning the parameter), the learning rate at which the updates survive is 
 weights' magnitudes: an element survives where lr times its update per unit of lr reaches
 half its spacing in the low dtype.
 
-The step is each optimizer's first (its state starts fresh): Adam's first update is lr times
-about sign(g), the size of its later ones, so the weights' loss is representative; its state's
-own increments are lost later in training (`exp_avg_sq * 0.999` is `exp_avg_sq` again in
+The step is each optimizer's first (its state starts fresh). Adam's first update is lr times
+about sign(g), its largest: where the gradients vary from step to step its later updates are
+smaller (its first moment averages them away), so more of them are lost in training than in
+this step, and the learning rate at which updates survive is a lower bound; the pre-flight's
+pure-regime runs measure the later steps (`steps[].unchanged_fraction`). Its state's own
+increments are lost later in training too (`exp_avg_sq * 0.999` is `exp_avg_sq` again in
 bf16 once it is a third of g^2), which one step from a fresh state cannot show.
+
+An optimizer that rounds stochastically (torchao's `_AdamW(bf16_stochastic_round=True)`:
+`rounds_stochastically`, the same step from two seeds) moves a weight by a whole spacing with
+the probability of its update's share of it: most elements keep their value in any one step,
+yet the updates arrive on average. Its steps are judged by that mean
+(`StepFidelity.mean_update_ratio`), not by the elements one draw left unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -82,6 +92,10 @@ class _Counts:
     nonfinite: int = 0
     sum_sq_intended: float = 0.0
     sum_sq_applied: float = 0.0
+    sum_abs_intended: float = 0.0
+    sum_applied_along: float = 0.0
+    """Of the applied updates, their sum along the intended ones' signs: over the sum of the
+    intended |updates|, the mean share of the update that arrives (`mean_update_ratio`)."""
 
     def add(self, intended: torch.Tensor, applied: torch.Tensor) -> None:
         """`intended`, `applied`: the updates (fp32), element by element."""
@@ -101,6 +115,8 @@ class _Counts:
         self.partly_lost += int((changed & moved & short).sum())
         self.sum_sq_intended += float(intended.double().square().sum())
         self.sum_sq_applied += float(applied.double().square().sum())
+        self.sum_abs_intended += float(intended.double().abs().sum())
+        self.sum_applied_along += float((applied.double() * intended.sign()).sum())
 
     def merge(self, other: _Counts) -> None:
         for name in self.__dataclass_fields__:
@@ -113,7 +129,9 @@ class _Counts:
         ratio = math.sqrt(self.sum_sq_applied / self.sum_sq_intended) if self.sum_sq_intended > 0 else None
         if self.nonfinite:
             ratio = math.inf
+        along = self.sum_applied_along / self.sum_abs_intended if self.sum_abs_intended > 0 else None
         return {
+            "mean_update_ratio": along if not self.nonfinite else None,
             "numel": self.numel,
             "changed": self.changed,
             "applied_changed": self.applied_changed,
@@ -130,6 +148,8 @@ class _UnitSums:
     state: dict[str, _Counts] = field(default_factory=dict)
     needed_lr: torch.Tensor = field(default_factory=lambda: torch.zeros(_NBINS, dtype=torch.float64))
     """Histogram of log2 of the lr each changed element needs for its update to survive."""
+    lrs: set[float] = field(default_factory=set)
+    """The learning rates of the parameter groups holding the unit's parameters."""
 
     def lr_at(self, quantile: float) -> float | None:
         total = float(self.needed_lr.sum())
@@ -164,15 +184,52 @@ def make_optimizer(
     return call_build_optimizer(build_optimizer, model)
 
 
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
 def _single(template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor) -> torch.optim.Optimizer:
     """The template's optimizer class over one parameter, with the hyperparameters of the
-    group that holds it."""
+    group that holds it and the settings it keeps on itself rather than in its groups
+    (torchao's `_AdamW.bf16_stochastic_round`)."""
     hyper = {k: v for k, v in group.items() if k != "params"}
     cls: Callable[..., torch.optim.Optimizer] = type(template)
     try:
-        return cls([{"params": [p], **hyper}])
+        opt = cls([{"params": [p], **hyper}])
     except TypeError:  # a constructor with required arguments besides the parameters
-        return cls([{"params": [p], **hyper}], **template.defaults)
+        opt = cls([{"params": [p], **hyper}], **_accepted(cls, template.defaults))
+    for key, value in vars(template).items():
+        setting = not key.startswith("_") and key not in ("defaults", "state", "param_groups")
+        if setting and isinstance(value, _SETTING_TYPES) and getattr(opt, key, None) != value:
+            setattr(opt, key, value)
+    return opt
+
+
+def _accepted(cls: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Of `kwargs`, those `cls`'s constructor takes (an optimizer of one's own that requires
+    its lr need not take every default its base class keeps)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def rounds_stochastically(
+    template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor, g: torch.Tensor, low: torch.dtype
+) -> bool:
+    """Whether the optimizer's step on low weights depends on the RNG (stochastic rounding,
+    torchao's `_AdamW(bf16_stochastic_round=True)`): the same step from two seeds."""
+    results = []
+    with torch.random.fork_rng(devices=[]):
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            pl = torch.nn.Parameter(p.detach().to(low).clone())
+            pl.grad = g.detach().to(low)
+            _single(template, group, pl).step()
+            results.append(pl.detach())
+    return not torch.equal(results[0], results[1])
 
 
 def _one_param(
@@ -252,6 +309,7 @@ def optimizer_step(
     pieces = type(template).__name__ in ELEMENTWISE and type(template).__module__.startswith("torch.optim")
     stepped = [p for p in model.parameters() if id(p) in group_of and p.is_floating_point()]
     every = max(1, math.ceil(sum(p.numel() for p in stepped) / SAMPLE_BUDGET)) if pieces else 1
+    stochastic: bool | None = None  # decided on the first parameter stepped
     for n, p in model.named_parameters():
         group = group_of.get(id(p))
         g = next((grads[m] for m in names[id(p)] if m in grads), None)
@@ -262,6 +320,7 @@ def optimizer_step(
             continue
         unit = owner_of(n)
         sums = units.setdefault(unit, _UnitSums())
+        sums.lrs.add(float(group.get("lr", 0.0)))
         weights, states = _Counts(), dict[str, _Counts]()
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [(p, g, g_low)]
         sampled = every > 1 and p.numel() > WHOLE_MAX
@@ -277,6 +336,8 @@ def optimizer_step(
             ]
         for part, grad, grad_low in parts:
             with torch.no_grad():
+                if stochastic is None:
+                    stochastic = rounds_stochastically(template, group, part, grad, low_dtype)
                 w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype, grad_low)
             weights.merge(w)
             for key, c in s.items():
@@ -299,6 +360,7 @@ def optimizer_step(
             state={k: c.fidelity() for k, c in s.state.items()},
             survive_lr=s.lr_at(SURVIVE_QUANTILE),
             survive_lr_half=s.lr_at(0.5),
+            lr=next(iter(s.lrs)) if len(s.lrs) == 1 else None,
             **s.weights._fields(),
         )
         for u, s in units.items()
@@ -309,6 +371,7 @@ def optimizer_step(
         dtype=low,
         master_weights=master_weights,
         sampled_every=every,
+        stochastic_rounding=bool(stochastic),
         units=unit_steps,
         params=params,
         total=total.fidelity(),
