@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
