@@ -180,6 +180,11 @@ class ModeRun(Frozen):
     fp32 loss after the same optimizer steps applied: from an fp32 run that skipped the steps
     this run's GradScaler skipped."""
     divergence_step: int | None = None
+    noise_floor: float | None = None
+    """Where `max_divergence` is over the tolerance: the largest divergence, from the same fp32
+    reference, of an fp32 run whose initial weights were rounded once to the low dtype (same
+    batches, same steps skipped): how far the loss moves from one rounding alone. A loss
+    this sensitive (a chaotic run) makes the divergence no evidence of precision damage."""
     seconds: float
 
     @property

@@ -52,6 +52,46 @@ def build_mlp(seed: int = 0) -> Case:
     return Case("mlp", model, torch.randn(6, 8, generator=g), mlp_loss)
 
 
+class UnscaledAttention(nn.Module):
+    """Attention without 1/sqrt(d): on large inputs its own `q @ k^T` overflows fp16, and its
+    child, the output projection, reads the Inf/NaN softmax makes of it."""
+
+    def __init__(self, d: int = 32, heads: int = 1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class RawPixelViT(nn.Module):
+    """Patches of raw 0..255 pixels into an unscaled attention: its bf16 run leaves fp32's
+    loss by far more than fp32 moves from its weights rounded to bf16 once."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.patch = nn.Linear(48, d)
+        self.attn = UnscaledAttention(d, heads=2)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x)
+        return self.head((h + self.attn(h)).mean(1))
+
+
+def build_raw_pixel_vit(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    x = torch.rand(4, 16, 48) * 255.0
+    labels = torch.randint(0, 10, (4,))
+    model = RawPixelViT()
+    return Case("raw_pixel_vit", model, x, lambda out, batch: F.cross_entropy(out, labels))
+
+
 class HeadMLP(nn.Module):
     """An MLP ending in a one-output head: sharded over 2 ranks by rows (FSDP2's Shard(0)),
     the head's weight (1 row) and bias leave rank 1 an empty shard."""

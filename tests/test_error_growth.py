@@ -14,6 +14,7 @@ from torch import nn
 import precision_doctor as pd
 from precision_doctor.model.spec import load_model_file
 from precision_doctor.options import Flag
+from tests.fixtures import UnscaledAttention
 
 LOST_UPDATE = Path(__file__).resolve().parents[1] / "sample_models" / "lost_update.py"
 
@@ -63,3 +64,36 @@ def test_matmul_accumulation_is_no_growth() -> None:
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
     report = pd.analyze(net, torch.randn(32, 64), lambda o, b: o.pow(2).mean(), dtype="bf16", regime="pure")
     assert not any(f.flag is Flag.ERROR_GROWTH for f in report.flags()), report.flags()
+
+
+class _AttentionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = UnscaledAttention()
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.attn(x))
+
+
+def test_a_parents_own_overflow_is_charged_to_it_not_to_the_child_that_reads_it() -> None:
+    """The verdict named the output projection as where the error grows (Inf/NaN): it read
+    the parent's Inf/NaN, measured as its producer's (finite) inputs' error, because values no
+    module returns have no propagated error of their own. The parent made them."""
+    torch.manual_seed(0)
+    model = _AttentionModel()
+    x = torch.randn(2, 16, 32) * 300
+    # Independent check with real fp16 autocast: the projection's input is already non-finite.
+    seen: list[torch.Tensor] = []
+    hook = model.attn.proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(x)
+    hook.remove()
+    assert not torch.isfinite(seen[0]).all()  # the precondition
+    report = pd.analyze(model, x, lambda out, b: out.float().square().mean())
+    units = report.by_module()
+    assert units["attn.proj"].forward.input_rel_l2_error == float("inf")  # inherited damage
+    worst = report.error_growth()
+    assert worst and worst[0] == ("attn", float("inf")), worst
+    assert "attn.proj" not in dict(worst)
+    assert "grows most in attn (Inf/NaN)" in report.verdict, report.verdict

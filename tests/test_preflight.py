@@ -518,3 +518,67 @@ def test_a_pure_plans_low_weights_without_master_copies_carry_their_lost_updates
     assert judged(None) == set()
     assert judged(HeldPlan(plan.low_units, tuple(plan.master_units))) == set()
     assert judged(HeldPlan(plan.low_units, ())) == flagged_low
+
+
+def test_a_divergence_within_fp32s_own_sensitivity_is_information() -> None:
+    """DIVERGENT_LOSS against the noise floor (fp32 from its weights rounded once to the low
+    dtype): a run within twice it is information (a chaotic loss moves that far from any
+    rounding), one far beyond it stays an error, the floor quoted either way."""
+    from precision_doctor.extras import ModeRun, StepRecord
+    from precision_doctor.training.preflight import NOISE_FLOOR_FACTOR, _run_reasons
+
+    steps = [StepRecord(step=i, loss=1.0, grads_finite=True) for i in range(4)]
+
+    def judged(divergence: float, floor: float | None) -> list[Any]:
+        run = ModeRun(
+            mode="low", description="", steps=steps, skipped_steps=[], nonfinite_steps=[],
+            max_divergence=divergence, divergence_step=3, noise_floor=floor, seconds=0.0,
+        )  # fmt: skip
+        return _run_reasons(run, 0.05, 2)
+
+    (chaotic,) = judged(0.5, 0.5 / NOISE_FLOOR_FACTOR)
+    assert chaotic.risk == "DIVERGENT_LOSS" and chaotic.severity is Severity.INFO
+    assert "25.00%" in chaotic.message and "no evidence of precision damage" in chaotic.message
+    (damage,) = judged(0.5, 0.1)
+    assert damage.severity is Severity.ERROR and "10.00%" in damage.message and "no evidence" not in damage.message
+    (unmeasured,) = judged(0.5, None)
+    assert unmeasured.severity is Severity.ERROR and "fp32 itself" not in unmeasured.message
+
+
+def test_the_noise_floor_is_fp32_trained_from_weights_rounded_once() -> None:
+    """The floor the pre-flight measures is an fp32 run from the weights rounded to bf16 once,
+    on the same batches with the same optimizer: the same numbers as a plain training loop
+    of that (same process), measured only where a run diverges beyond the tolerance."""
+    import copy
+
+    from .fixtures import build_raw_pixel_vit
+
+    case = build_raw_pixel_vit()
+    assert case.loss_fn is not None
+    result = pd.preflight(case.model, case.batch, case.loss_fn, dtype="bf16", plan=False, steps=STEPS)
+    low = result.runs["low"]
+    assert low.max_divergence is not None and low.max_divergence > 0.05  # the precondition
+
+    def losses(model: torch.nn.Module) -> list[float]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the pre-flight's default
+        out = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss = case.loss_fn(model(case.batch), case.batch)  # type: ignore[misc]
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    rounded = copy.deepcopy(case.model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    ref, moved = losses(copy.deepcopy(case.model)), losses(rounded)
+    assert result.runs["fp32"].losses == pytest.approx(ref, rel=1e-5)
+    floor = max(abs(a - b) / abs(a) for a, b in zip(ref, moved, strict=True))
+    assert low.noise_floor == pytest.approx(floor, rel=1e-4, abs=1e-7)
+    (divergent,) = [r for r in result.reasons + result.notes if r.risk == "DIVERGENT_LOSS"]
+    chaotic = low.max_divergence <= 2 * low.noise_floor
+    assert divergent.severity is (Severity.INFO if chaotic else Severity.ERROR)
+    assert run_sample("tiny_transformer").runs["low"].noise_floor is None  # within tolerance: not measured

@@ -4,6 +4,7 @@ hands on (`unit_outputs`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -113,6 +114,10 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
     # `x.mean(2)`, a `torch.relu`) hands on its input's error: read as 0, the next child's
     # ordinary propagated error would look like growth from nothing.
     reads_error: dict[int, float] = {}
+    # Units whose own op turns finite values non-finite (its local shadow, fed fp32 values,
+    # makes Inf/NaN: an attention's `q @ k^T` over fp16's range): what they hand on is theirs,
+    # even where a child (the output projection) returns it.
+    made_nonfinite: set[str] = set()
     for r in records:
         if r.phase != Phase.FORWARD:
             continue
@@ -129,13 +134,18 @@ def unit_outputs(records: list[OpRecord], units: Mapping[str, UnitRecord]) -> No
                     # The error of the values read (an input already non-finite makes growth
                     # meaningless: that is inherited damage).
                     input_error[r.unit] = max(input_error.get(r.unit, 0.0), err)
+        if r.local_error is not None and r.local_error.nonfinite_mismatch and math.isfinite(carried):
+            # Not measured where the value is no module's output: what reads it reads Inf/NaN.
+            carried = math.inf
+            made_nonfinite.add(r.unit)
         reads_error[r.index] = carried
     by_unit: dict[str, list[OpRecord]] = {}
     for r in records:
         if r.phase == Phase.FORWARD and r.output_errors:
             by_unit.setdefault(r.unit, []).append(r)
     for name, urec in units.items():
-        urec.input_prop_error = max(input_error.get(name, 0.0), urec.handed_on_error)
+        handed_on = urec.handed_on_error if name not in made_nonfinite else 0.0
+        urec.input_prop_error = max(input_error.get(name, 0.0), handed_on)
         read = sorted(outputs.get(name, ()))
         if read:
             urec.outputs_nonfinite = any(

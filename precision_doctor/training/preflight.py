@@ -29,7 +29,10 @@ named with the analysis' flag names (`OVERFLOW`, `GRAD_UNDERFLOW`, ...) plus:
   applied by more than `loss_tolerance` (relative to the fp32 loss), at some step. A step
   GradScaler skipped applied no update, so a run that skipped steps is compared with an fp32
   run skipping the same steps (same batches, same dropout draws): a skipped first step is one
-  skipped step, not a curve shifted by one;
+  skipped step, not a curve shifted by one. Such a run's noise floor (an fp32 run from the
+  weights rounded once to the low dtype: how far the loss moves from one rounding) is
+  measured: within `NOISE_FLOOR_FACTOR` times it the finding is information only (a chaotic
+  loss, not precision damage: a raw-pixel ViT's fp32 loss moved 134% from fp16-sized noise);
 - `SKIPPED_STEPS`: GradScaler skipped more than `max_skipped_steps` (default 2) steps, or
   was still skipping at the last step (a scale that never settles);
 - `NONFINITE_STEPS`: a step had a non-finite loss, or non-finite gradients applied unscaled;
@@ -471,12 +474,18 @@ class _TrainingRun:
         track_unchanged: bool = False,
         fp8: Fp8Training | None = None,
         held: HeldPlan | None = None,
+        rounded_to: torch.dtype | None = None,
     ) -> None:
         self.place, self.loss_fn, self.mode, self.skip = place, loss_fn, mode, skip
         self.pure = dtype is not None and regime is Regime.PURE
         self.dtype = dtype
         self.track_unchanged = track_unchanged
         m, opt = place.for_training(optimizer)
+        if rounded_to is not None:  # the noise floor's start: each weight rounded once
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.is_floating_point():
+                        p.copy_(p.to(rounded_to).to(p.dtype))
         if fp8 is not None:  # the copy's Linear layers swapped for torchao's, same parameters
             m = fp8.convert(m)
         # fp32 master weights (pure regime): the optimizer holds and steps the fp32 model; a
@@ -617,6 +626,7 @@ class _Trainer:
         fp8: Fp8Training | None = None,
         cast_low_inputs: bool = False,
         held: HeldPlan | None = None,
+        rounded_to: torch.dtype | None = None,
     ) -> ModeRun:
         """`len(batches)` optimizer steps of one configuration (`_TrainingRun`), with `units`'
         overrides (a plan's) installed as `apply_plan` installs them (`cast_low_inputs`: a pure
@@ -645,6 +655,7 @@ class _Trainer:
             track_unchanged=track_unchanged,
             fp8=fp8,
             held=held,
+            rounded_to=rounded_to,
         )
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
             if self.place.sharded:  # the model itself: put back afterwards
@@ -773,18 +784,33 @@ def _run_reasons(run: ModeRun, tolerance: float, max_skipped: int) -> list[Reaso
             )
         )
     if run.max_divergence is not None and run.max_divergence > tolerance:
+        message = (
+            f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
+            f"(tolerance {_pct(tolerance)})" + ("; fp32 skipping the same steps" if run.skipped_steps else "")
+        )
+        floor = run.noise_floor
+        chaotic = floor is not None and run.max_divergence <= NOISE_FLOOR_FACTOR * floor
+        if floor is not None:
+            message += f"; fp32 itself, from its weights rounded once to the low dtype, differs by {_pct(floor)}" + (
+                ": the loss is that sensitive to any rounding here (chaotic at this lr and batch), "
+                "so the difference is no evidence of precision damage"
+                if chaotic
+                else ""
+            )
         out.append(
             Reason(
                 risk=Risk.DIVERGENT_LOSS.value,
                 mode=run.mode,
-                message=(
-                    f"loss differs from fp32 by {_pct(run.max_divergence)} at step {run.divergence_step} "
-                    f"(tolerance {_pct(tolerance)})" + ("; fp32 skipping the same steps" if run.skipped_steps else "")
-                ),
+                message=message,
+                severity=Severity.INFO if chaotic else Severity.ERROR,
             )
         )
     return out
 
+
+NOISE_FLOOR_FACTOR = 2.0
+"""DIVERGENT_LOSS is information only where the run diverges by at most this many times its
+noise floor (`ModeRun.noise_floor`): fp32 rounded once moves the loss that far already."""
 
 STALL_MIN_DESCENT = 1e-3
 """STALLED_LOSS needs the master-weight run's loss to fall by at least this fraction over the
@@ -985,7 +1011,7 @@ def preflight(
     for k in ("fp32", "bf16", "low", "planned"):
         if k in runs:
             timings[f"run_{k}"] = runs[k].seconds
-    runs = _compared(trainer, runs, say, timings)
+    runs = _compared(trainer, runs, say, timings, loss_tolerance, LowDtype.BF16 if fp8 else low)
 
     judging = _Judge(
         report,
@@ -1311,14 +1337,22 @@ def _training_runs(
 
 
 def _compared(
-    trainer: _Trainer, runs: Mapping[str, ModeRun], say: Progress, timings: dict[str, float]
+    trainer: _Trainer,
+    runs: Mapping[str, ModeRun],
+    say: Progress,
+    timings: dict[str, float],
+    tolerance: float,
+    rounding: LowDtype,
 ) -> dict[str, ModeRun]:
     """Each low run with its divergence from fp32 (`_with_divergence`). Like with like: a step
     GradScaler skipped applied no update, so the run's later losses come one update behind
     the fp32 run's at the same step. Each run is compared with an fp32 run that skipped the
     same steps (on the same batches, with the same dropout draws), one per set of skipped
-    steps; its skipped steps are reported as such (SKIPPED_STEPS), not as divergence."""
+    steps; its skipped steps are reported as such (SKIPPED_STEPS), not as divergence. A run
+    that diverges by more than `tolerance` gets its noise floor (`ModeRun.noise_floor`): the
+    divergence of an fp32 run from weights rounded once to `rounding`."""
     references: dict[frozenset[int], ModeRun] = {frozenset(): runs["fp32"]}
+    floors: dict[frozenset[int], float | None] = {}
     out: dict[str, ModeRun] = {}
     for k, run in runs.items():
         if k == "fp32":
@@ -1338,6 +1372,22 @@ def _compared(
             references[skipped] = ref
             timings["run_fp32_skipping"] = timings.get("run_fp32_skipping", 0.0) + ref.seconds
         out[k] = _with_divergence(run, references[skipped])
+        if (out[k].max_divergence or 0.0) > tolerance and math.isfinite(out[k].max_divergence or 0.0):
+            if skipped not in floors:
+                name = str(rounding)
+                say(f"fp32 run from weights rounded to {name} (the loss' own sensitivity)")
+                control = trainer.run(
+                    "fp32",
+                    f"fp32 reference from its weights rounded to {name} once",
+                    dtype=None,
+                    units=None,
+                    init_scale_log2=None,
+                    skip=skipped,
+                    rounded_to=TORCH_DTYPES[rounding],
+                )
+                floors[skipped] = _with_divergence(control, references[skipped]).max_divergence
+                timings["run_noise_floor"] = timings.get("run_noise_floor", 0.0) + control.seconds
+            out[k] = out[k].model_copy(update={"noise_floor": floors[skipped]})
     return out
 
 
