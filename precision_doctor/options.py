@@ -25,6 +25,8 @@ class StrEnum(str, enum.Enum):
 
     @classmethod
     def _missing_(cls, value: object) -> StrEnum | None:
+        if isinstance(value, enum.Enum) and isinstance(value.value, str):
+            value = value.value  # another library's member of the same name (torchao's recipes)
         if not isinstance(value, str):
             return None
         key = value.strip().lower()
@@ -131,6 +133,10 @@ class Fp8Recipe(StrEnum):
     ROWWISE = "rowwise"
     ROWWISE_WITH_GW_HP = "rowwise_with_gw_hp"
     MXFP8 = "mxfp8"
+
+    @classmethod
+    def aliases(cls) -> dict[str, str]:
+        return {"mxfp8_rceil": "mxfp8"}  # torchao's MoE recipe name for the same scaling
 
     @property
     def unit_dtype(self) -> Fp8UnitDtype:
@@ -291,8 +297,10 @@ def choices_text(cls: type[StrEnum]) -> str:
     """`fp16, bf16 (also: float16, half, ...)`: the values, then the aliases, if any."""
     text = ", ".join(m.value for m in cls)
     aliases = [a for a in cls.aliases() if not a.startswith("torch.")]
-    if aliases:
+    if aliases and issubclass(cls, LowDtype):
         text += f" (also torch's names: {', '.join(aliases)}, with or without 'torch.')"
+    elif aliases:
+        text += f" (also: {', '.join(aliases)})"
     return text
 
 

@@ -730,6 +730,15 @@ def check_writable(path: Path) -> None:
         raise PrecisionDoctorError(f"cannot write {path}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PrecisionDoctorError(f"cannot write {path}: {folder} is not writable")
+    # os.access says yes to root everywhere, and to a read-only or virtual file system
+    # (/proc): a file made and removed at once is the answer the write will get.
+    probe = folder / f".precision-doctor-probe.{secrets.token_hex(8)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise PrecisionDoctorError(f"cannot write {path}: {e.strerror or e}") from None
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def _write_target(path: Path) -> Path:

@@ -131,3 +131,27 @@ def test_judge_and_target_are_enums_checked_before_any_work() -> None:
         pd.plan_report(case.model, case.batch, case.loss_fn, report, target="v100")
     with pytest.raises(pd.PrecisionDoctorError, match=r"unknown judge 'best'; choose one of: low, planned"):
         pd.preflight(case.model, case.batch, case.loss_fn, judge="best")
+
+
+def test_another_librarys_enum_member_and_torchaos_recipe_names_are_accepted() -> None:
+    """torchao's `Float8LinearRecipeName.ROWWISE` (a plain Enum whose value is "rowwise") and
+    its MoE recipe name `mxfp8_rceil` (the scaling `mxfp8` is) parse as our recipes; an
+    unsupported variant is refused naming the choices and the alias."""
+    import enum
+
+    from precision_doctor.options import Fp8Recipe, parse_enum
+
+    class TheirRecipe(enum.Enum):  # torchao.float8.Float8LinearRecipeName's shape
+        ROWWISE = "rowwise"
+        TENSORWISE = "tensorwise"
+
+    assert parse_enum(Fp8Recipe, TheirRecipe.ROWWISE, "fp8 recipe") is Fp8Recipe.ROWWISE
+    assert parse_enum(Fp8Recipe, "MXFP8_RCEIL", "fp8 recipe") is Fp8Recipe.MXFP8
+    with pytest.raises(pd.PrecisionDoctorError, match=r"choose one of: .*mxfp8 \(also: mxfp8_rceil\)$"):
+        parse_enum(Fp8Recipe, "mxfp8_rceil_wgrad_with_hp", "fp8 recipe")
+    try:
+        from torchao.float8 import Float8LinearRecipeName
+    except ImportError:
+        return
+    for member in Float8LinearRecipeName:
+        assert parse_enum(Fp8Recipe, member, "fp8 recipe").value == member.value

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from precision_doctor.cli import app
-from precision_doctor.report import Report
+from precision_doctor.report import Report, check_writable
 
 from .fixtures import HEALTHY_FILE
 
@@ -265,6 +265,20 @@ def test_out_to_unwritable_target_exit_2(tmp_path: Path) -> None:
     _assert_one_line_error(result.stderr, "it is a directory")
     assert result.stdout == ""  # no report printed: nothing ran
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_on_a_file_system_that_takes_no_files_exit_2_before_the_analysis(tmp_path: Path) -> None:
+    """--out /proc/r.json: /proc passes os.access (as root, every folder does), so the whole
+    analysis ran before the write failed. A file made and removed at once tells first."""
+    model = write(tmp_path, HEALTHY_FILE)
+    result = invoke(str(model), "--quiet", "--out", "/proc/precision-doctor-r.json")
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    _assert_one_line_error(result.stderr, "cannot write /proc/precision-doctor-r.json")
+    assert result.stdout == ""  # refused before the analysis ran
+    out = tmp_path / "sub" / "r.json"  # a writable folder leaves no probe behind
+    check_writable(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
 
 
 def test_two_outputs_on_one_path_exit_2(tmp_path: Path) -> None:
