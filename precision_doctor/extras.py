@@ -135,9 +135,14 @@ class LossScaleSection(Frozen):
             # Only an advice over no nonzero gradient reads so: a nonzero gradient that fits at
             # 2^16 gets k >= 14 (headroom 2^2), one that does not makes skipped steps.
             return "fp16: no loss scaler needed (no nonzero gradient runs in fp16)"
+        headroom = (
+            ", 4x headroom below fp16's max for gradients growing in the first steps"
+            if self.recommended_scale_log2 < self.default_scale_log2 and self.skipped_steps_from_default == 0
+            else ""
+        )
         return (
             f"initial loss scale 2^{self.recommended_scale_log2} "
-            f"(underflow {percent(self.underflow_fraction_at_recommended)}; at the default "
+            f"(underflow {percent(self.underflow_fraction_at_recommended)}{headroom}; at the default "
             f"2^{self.default_scale_log2}: {percent(self.underflow_fraction_at_default)}, "
             f"{self.skipped_steps_from_default} skipped step(s) to back off)"
         )

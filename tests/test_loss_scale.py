@@ -222,3 +222,39 @@ def test_next_steps_give_plain_autocasts_scale_where_the_plan_keeps_units_fp32()
     lines = [s for s in next_steps(planned, ["precision-doctor", "analyze", "m.py"]) if "loss scale" in s]
     assert len(lines) == 1 and "under plain autocast" in lines[0]
     assert f"2^{all_low.recommended_scale_log2}" in lines[0].split("under plain autocast")[1]
+
+
+def test_a_recommendation_below_a_default_that_fits_says_it_keeps_headroom() -> None:
+    """A new user asked why 2^14 when the line itself says 2^16 skips nothing and loses
+    nothing: the 4x headroom for gradients that grow in the first steps. A recommendation
+    above the default, or below one that skips steps, needs no such word."""
+    from precision_doctor.extras import LossScaleSection
+
+    def line(k: int, skipped: int) -> str:
+        return LossScaleSection(
+            recommended_scale_log2=k, default_scale_log2=16, underflow_fraction_at_recommended=0.0,
+            underflow_fraction_at_default=0.0, skipped_steps_from_default=skipped, scaler_needed=True,
+        ).describe(LowDtype.FP16)  # fmt: skip
+
+    assert "4x headroom" in line(14, 0)
+    assert "headroom" not in line(20, 0) and "headroom" not in line(10, 4)
+
+
+def test_a_gradient_underflow_warning_says_how_long_gradscaler_takes_to_grow() -> None:
+    """ "GradScaler can grow to 2^25, which keeps them" left out that it doubles once per 2000
+    clean steps (its `growth_interval`): the warning gives the steps from the judged scale
+    and the scale to start at."""
+    import inspect
+
+    interval = inspect.signature(torch.amp.GradScaler.__init__).parameters["growth_interval"].default
+    from precision_doctor.model.spec import load_model_file
+
+    spec = load_model_file(SAMPLES / "tiny_loss_gradients.py")
+    report = pd.analyze(spec.model, spec.batch, spec.loss_fn)
+    warned = [f for f in report.flags() if f.flag.value == "GRAD_UNDERFLOW" and f.severity.value == "warning"]
+    assert warned, [f.evidence.message for f in report.flags()]  # the precondition
+    for f in warned:
+        fix, scale = int(f.evidence.values["fixing_scale_log2"]), int(f.evidence.values["scale_log2"])
+        assert f"after {(fix - scale) * interval:,} steps at its default growth: start it at 2^{fix}" in (
+            f.evidence.message
+        )

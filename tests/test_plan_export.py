@@ -583,3 +583,16 @@ def test_a_plan_lists_no_unit_autocast_runs_in_fp32_anyway() -> None:
     kept = [u.unit for u in plan.fp32_units]
     assert not set(norms) & set(kept) and all("on a tie" not in u.reason for u in plan.fp32_units), plan.fp32_units
     assert not any(n in caveat for caveat in export_caveats(plan, ExportFormat.HF) for n in norms)
+
+
+def test_an_error_budget_reason_says_its_numbers_are_estimates() -> None:
+    """A unit kept fp32 on the error budget: the numbers are the search's estimates (shares of
+    the all-low run's final-loss error), not the verified error the plan prints below them."""
+    from tests.fixtures import build_mlp
+
+    case = build_mlp()
+    report = pd.analyze(case.model, case.batch, case.loss_fn)
+    assert report.losses.rel_error > 1e-9  # the precondition: low costs some error
+    plan = Plan.from_report(pd.plan_report(case.model, case.batch, case.loss_fn, report, tolerance=1e-9))
+    budget = [f.reason for f in plan.fp32_units if f.reason.startswith("error budget")]
+    assert budget and all("an estimated" in r and "estimated for the plan's low units" in r for r in budget), budget

@@ -446,6 +446,11 @@ def _grad_overflow(
     return _grad_flag(Flag.GRAD_OVERFLOW, Severity.ERROR, unit, op, f"{what}: {why}", **values)
 
 
+GRADSCALER_GROWTH_INTERVAL = 2000
+"""torch.amp.GradScaler's default growth_interval: it doubles its scale after this many steps
+in a row without Inf/NaN."""
+
+
 def _grad_underflow(
     unit: str,
     op: str | None,
@@ -469,6 +474,9 @@ def _grad_underflow(
     values = {"underflow_fraction": lost, "norm_fraction_lost": norm_lost, "scale_log2": scale, "max_abs": max_abs}
     if fix is not None:
         message = f"{what}; GradScaler can grow to 2^{fix}, which keeps them"
+        if fix > scale:  # growing there takes GradScaler a doubling per growth_interval clean steps
+            steps = (fix - scale) * GRADSCALER_GROWTH_INTERVAL
+            message += f", after {steps:,} steps at its default growth: start it at 2^{fix}"
         return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, op, message, **values, fixing_scale_log2=fix)
     above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
     why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"

@@ -941,8 +941,9 @@ def _fp32_reasons(
             e = contributions.get(n, 0.0)
             if used + e > tolerance:
                 reasons[n] = (
-                    f"error budget: running low would add {e:.2e} to the {used:.2e} already spent "
-                    f"of the {tolerance:.0e} tolerance"
+                    f"error budget: running low would add an estimated {e:.2e} of final-loss error (its share of "
+                    f"the all-low run's) to the {used:.2e} estimated for the plan's low units, over the "
+                    f"{tolerance:.0e} tolerance"
                 )
             else:
                 dt = problem.objective(flipped) - base
