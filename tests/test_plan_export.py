@@ -596,3 +596,53 @@ def test_an_error_budget_reason_says_its_numbers_are_estimates() -> None:
     plan = Plan.from_report(pd.plan_report(case.model, case.batch, case.loss_fn, report, tolerance=1e-9))
     budget = [f.reason for f in plan.fp32_units if f.reason.startswith("error budget")]
     assert budget and all("an estimated" in r and "estimated for the plan's low units" in r for r in budget), budget
+
+
+class _Centered(torch.nn.Module):
+    """A Linear with a bias of 1000, centred: `y - mean(y)` cancels the 1000 and keeps its
+    rounding error, a relative error of order 1 in any low dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            self.lin.bias.fill_(1000.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return y - y.mean(-1, keepdim=True)
+
+
+class _QuietSideBranch(torch.nn.Module):
+    """The centred branch reaches the output at 1e-4: the final loss barely sees its error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = torch.nn.Linear(16, 4)
+        self.side = _Centered()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + 1e-4 * self.side(x)[:, :4]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_unit_with_an_error_finding_stays_fp32_though_the_loss_is_within_budget(dtype: str) -> None:
+    """The verdict said "not safe as-is" for a unit's own error (DIVERGENCE, ERROR_GROWTH) while
+    the final-loss error was within tolerance; the plan, judged on that error alone, ran the
+    unit low, and the pre-flight then refused the plan for the same finding. The plan keeps
+    it fp32, saying why, and the pre-flight's planned configuration carries no such error."""
+    torch.manual_seed(0)
+    model, x = _QuietSideBranch(), torch.randn(32, 16)
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return out.float().square().mean()
+
+    report = pd.analyze(model, x, loss_fn, dtype=dtype)
+    errors = {f.flag.value for f in report.by_module()["side"].flags if f.severity.value == "error"}
+    assert report.loss_within_tolerance and {"DIVERGENCE", "ERROR_GROWTH"} <= errors  # the precondition
+    plan = Plan.from_report(pd.plan_report(model, x, loss_fn, report))
+    assert plan.units["side"] == "fp32" and plan.units["main"] == dtype, plan.units
+    (side,) = [f for f in plan.fp32_units if f.unit == "side"]
+    assert side.reason.startswith(("DIVERGENCE (error)", "ERROR_GROWTH (error)")), side.reason
+    result = pd.preflight(model, x, loss_fn, dtype=dtype, steps=2, judge="planned")
+    assert not [r for r in result.reasons if r.mode == "analysis"], [r.line() for r in result.reasons]

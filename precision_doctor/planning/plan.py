@@ -51,6 +51,7 @@ from precision_doctor.options import (
     LowDtype,
     PlanUnitDtype,
     Regime,
+    Severity,
     Target,
     UnitDtype,
     percent,
@@ -94,6 +95,8 @@ MEMORY_TIE_BREAK = 1e-6
 """Memory's weight in the objective: saving all activation memory is worth 1e-6 of the fp32
 step time, so memory only breaks ties between plans of equal time."""
 _HARD_FLAGS = {Flag.OVERFLOW: "overflows", Flag.NONFINITE_FP32: "is non-finite even in fp32"}
+_ERROR_FLAGS = (Flag.DIVERGENCE, Flag.ERROR_GROWTH)
+"""Findings on a unit's own forward error: at error severity the unit stays fp32."""
 
 
 class MasterUnit(Frozen):
@@ -253,7 +256,10 @@ CHEAPER_IN_FP32 = "cheaper in fp32"
 
 
 def hard_fp32_reasons(report: Report) -> dict[str, str]:
-    """Units that must not run low: they overflow or turn non-finite there."""
+    """Units that must not run low: they overflow or turn non-finite there, or their own error
+    is an error-severity finding (DIVERGENCE, ERROR_GROWTH: the verdict's "not safe as-is",
+    which a plan within the final-loss budget would leave standing, and the pre-flight judges
+    a plan by the findings of the units it runs low)."""
     reasons: dict[str, str] = {}
     dtype = report.environment.dtype
     for u in report.units:
@@ -271,6 +277,9 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
         for f in u.flags:
             if f.flag in _HARD_FLAGS:
                 reasons[u.name] = f"{f.flag}: {u.name} {_HARD_FLAGS[f.flag]} in {dtype} ({f.evidence.message})"
+                break
+            if f.flag in _ERROR_FLAGS and f.severity is Severity.ERROR:
+                reasons[u.name] = f"{f.flag} (error) in {dtype}: {f.evidence.message}"
                 break
         else:
             local = u.forward.local
