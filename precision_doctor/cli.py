@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperCommand, TyperGroup
 
 from precision_doctor.errors import PrecisionDoctorError, PrecisionDoctorInternalError
+from precision_doctor.extras import Bf16CheckSection
 from precision_doctor.options import (
     DEFAULT_FAIL_ON,
     AutocastPolicy,
@@ -441,6 +442,17 @@ def _write_report(report: Report, console: Console, *, out: Path | None, html: P
         console.print(f"HTML report written to {html}")
 
 
+def bf16_check_section(bf16: Report) -> Bf16CheckSection:
+    """What the report keeps of the bf16 cross-check (`extras.bf16_check`)."""
+    return Bf16CheckSection(
+        safe=bool(bf16),
+        verdict=bf16.verdict,
+        final_loss_rel_error=bf16.losses.rel_error,
+        flagged_units=sorted({f.unit for f in bf16.flags()}),
+        severity_counts=bf16.severity_counts(),
+    )
+
+
 def _bf16_check(analysis: _Analysis, err_console: Console, *, say: bool) -> Report:
     """The same model analyzed in bf16, after an fp16 analysis found it not safe; `say`: tell
     stderr why the command takes twice as long."""
@@ -616,11 +628,12 @@ def analyze(
         )
     render_report(report, console)
     _print_plan(report, console, export=export if main_rank else None, export_format=fmt_opt)
-    if main_rank:
-        _write_report(report, console, out=out, html=html)
     bf16_report = None
     if bf16_check and low is LowDtype.FP16 and not report:
         bf16_report = _bf16_check(analysis, err_console, say=not quiet and main_rank)
+        report = report.with_extras(bf16_check=bf16_check_section(bf16_report))
+    if main_rank:
+        _write_report(report, console, out=out, html=html)
     written_export = export if export is not None and report.extras.plan is not None else None
     per_module = written_export is None or _export_carries_module_dtypes(written_export, fmt_opt, low)
     command = _rerun_command(

@@ -471,6 +471,17 @@ class Fp8RecipeComparison(Frozen):
 # --- the report's extras --------------------------------------------------------------------
 
 
+class Bf16CheckSection(Frozen):
+    """`extras.bf16_check`: the same model analyzed in bf16 after its fp16 analysis was found
+    not safe (the CLI's `--bf16-check`, on by default): that analysis' verdict, in short."""
+
+    safe: bool
+    verdict: str
+    final_loss_rel_error: float
+    flagged_units: list[str] = Field(default_factory=list)
+    severity_counts: dict[Severity, int] = Field(default_factory=dict)
+
+
 class ReportExtras(Frozen):
     """`Report.extras`: each later stage's section, None where that stage did not run."""
 
@@ -483,12 +494,15 @@ class ReportExtras(Frozen):
     report is written as before (a reader without the field loads it)."""
     fp8_recipes: Fp8RecipeComparison | None = None
     """Only in a recipe comparison's report (`--fp8-recipe all`); left out where None, as `fp8`."""
+    bf16_check: Bf16CheckSection | None = None
+    """Only in an fp16 report the CLI found not safe and checked in bf16 too; left out where
+    None, as `fp8`."""
 
     @model_serializer(mode="wrap")
     def _without_absent_fp8(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
         if isinstance(data, dict):
-            for name in ("fp8", "fp8_recipes"):
+            for name in ("fp8", "fp8_recipes", "bf16_check"):
                 if getattr(self, name) is None:
                     data.pop(name, None)
         return data

@@ -438,3 +438,23 @@ def test_a_report_from_another_version_is_shown_with_a_warning(
     old.write_text(json.dumps(raw))
     warnings = [unescape(w.value) for w in run_app(monkeypatch, old).warning]
     assert len(warnings) == 1 and "precision-doctor 0.0.1" in warnings[0], warnings
+
+
+def test_the_bf16_check_is_shown_beside_the_verdict(
+    reports: dict[str, tuple[Report, Path]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A report with the CLI's bf16 cross-check (`extras.bf16_check`) shows its verdict under
+    the report's own; one without shows none."""
+    from precision_doctor.cli import bf16_check_section
+
+    report, _ = reports["faulty"]
+    checked = report.with_extras(bf16_check=bf16_check_section(report))
+    path = tmp_path / "checked.json"
+    checked.save(path)
+    at = run_app(monkeypatch, path)
+    shown = [unescape(w.value) for w in (*at.warning, *at.info)]
+    assert f"Checked in bf16 too: {report.verdict}" in shown
+    _, plain = reports["faulty"]
+    assert not any(
+        s.startswith("Checked in bf16") for s in map(unescape, (w.value for w in run_app(monkeypatch, plain).warning))
+    )

@@ -247,6 +247,27 @@ def test_bf16_claim_is_checked_not_guessed() -> None:
     assert line.endswith(verdict)
 
 
+def test_the_bf16_check_is_kept_in_the_saved_report(tmp_path: Path) -> None:
+    """The bf16 cross-check's verdict was on the terminal only: `--out` keeps it
+    (`extras.bf16_check`), equal to a bf16 analysis of its own, and the app shows it; a
+    report without the check has no such section in its JSON."""
+    out = tmp_path / "r.json"
+    proc = cli("analyze", "sample_models/deep_narrow_underflow.py", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    check = Report.load(out).extras.bf16_check
+    direct = cli("analyze", "sample_models/deep_narrow_underflow.py", "--dtype", "bf16", "--quiet")
+    verdict = next(ln for ln in direct.stdout.splitlines() if ln.startswith("bf16: "))
+    assert check is not None and check.verdict == verdict and check.safe is False
+    spec = load_model_file(SAMPLES / "deep_narrow_underflow.py")
+    api = pd.analyze(spec.model, spec.batch, spec.loss_fn, dtype="bf16")
+    assert check.flagged_units == sorted({f.unit for f in api.flags()})
+    assert check.severity_counts == api.severity_counts()
+    assert check.final_loss_rel_error == pytest.approx(api.losses.rel_error, rel=1e-3)
+    plain = tmp_path / "p.json"
+    proc = cli("analyze", "sample_models/deep_narrow_underflow.py", "--quiet", "--no-bf16-check", "--out", str(plain))
+    assert proc.returncode == 0 and "bf16_check" not in json.loads(plain.read_text())["extras"]
+
+
 def test_no_bf16_check_skips_the_second_analysis() -> None:
     result = runner.invoke(app, ["analyze", str(SAMPLES / "ffn_overflow.py"), "--no-bf16-check"], env=ENV)
     assert result.exit_code == 0, result.stderr

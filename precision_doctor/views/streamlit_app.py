@@ -430,6 +430,8 @@ def render(report: Report) -> None:
     if stale is not None:
         st.warning(md(stale))
     (st.success if report else st.error)(md(report.verdict))
+    if (bf16 := extras.bf16_check) is not None:
+        (st.info if bf16.safe else st.warning)(md(f"Checked in bf16 too: {bf16.verdict}"))
     st.caption("This app only reads the saved report; it never reruns the analysis.")
 
     training = pre is not None or mon is not None
