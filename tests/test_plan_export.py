@@ -28,6 +28,7 @@ from precision_doctor.planning.export import (
     plan_section,
     render_hf,
     render_python,
+    safe_module_classes,
 )
 from precision_doctor.planning.plan import Plan, apply_plan, plan_model
 from tests.fixtures import plan_of
@@ -583,6 +584,11 @@ def test_a_plan_lists_no_unit_autocast_runs_in_fp32_anyway() -> None:
     kept = [u.unit for u in plan.fp32_units]
     assert not set(norms) & set(kept) and all("on a tie" not in u.reason for u in plan.fp32_units), plan.fp32_units
     assert not any(n in caveat for caveat in export_caveats(plan, ExportFormat.HF) for n in norms)
+    # Labelled low only because autocast runs them in fp32 anyway: DeepSpeed, which would
+    # communicate a listed class's parameters low, does not get the LayerNorm class.
+    assert set(norms) <= set(plan.fp32_under_autocast)
+    classes = safe_module_classes(plan)
+    assert classes and not [c for c in classes if c.endswith("LayerNorm")], classes
 
 
 def test_an_error_budget_reason_says_its_numbers_are_estimates() -> None:

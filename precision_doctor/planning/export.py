@@ -320,11 +320,14 @@ def installed_deepspeed_version() -> str | None:
 
 def safe_module_classes(plan: Plan) -> list[str]:
     """Module classes every instance of which the plan runs low (a class listed in DeepSpeed
-    runs low everywhere, so a class with any fp32 instance is left out)."""
+    runs low everywhere, so a class with any fp32 instance is left out, and DeepSpeed
+    communicates its parameters low: so is a class the plan labels low only because autocast
+    runs it in fp32 anyway, a LayerNorm)."""
     by_class: dict[str, list[bool]] = {}
+    anyway = set(plan.fp32_under_autocast)
     for unit, cls in plan.module_classes.items():
         if unit in plan.units:
-            by_class.setdefault(cls, []).append(plan.units[unit] != "fp32")
+            by_class.setdefault(cls, []).append(plan.units[unit] != "fp32" and unit not in anyway)
     return sorted(c for c, lows in by_class.items() if all(lows))
 
 

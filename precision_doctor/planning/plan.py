@@ -158,6 +158,11 @@ class Plan(Frozen):
     """Pure regime: the plan trained for real beside fp32."""
     not_fp8_units: list[NotFp8Unit] = Field(default_factory=list)
     """fp8 plans: the Linear units kept out of float8 (bf16 or fp32), each with why."""
+    fp32_under_autocast: list[str] = Field(default_factory=list)
+    """Units labelled low that autocast runs in fp32 whatever their label (a LayerNorm, on
+    CUDA's op lists): the label changes no compute. Exports that act per module class leave
+    their classes out (DeepSpeed's `lower_precision_safe_modules` would communicate their
+    parameters low)."""
 
     @property
     def low_units(self) -> dict[str, bool]:
@@ -765,6 +770,7 @@ def plan_model(
         verified_loss_rel_error=verified,
         verification_passes=search.passes,
         loss_scale=advice.to_extras(),
+        fp32_under_autocast=sorted(n for n in costs.fp32_under_autocast if low.get(n)) if pure is None else [],
         **pure_fields,
     )
 
