@@ -376,6 +376,10 @@ class StepFidelity(_Frozen):
     arrives on average, 1 for a step that rounds stochastically (its moves of a whole spacing
     average out to the update), near 0 where rounding to nearest drops the updates (None
     where the intended update is 0 or the low step makes Inf/NaN)."""
+    mean_update_ratio_stderr: float | None = None
+    """The standard error of `mean_update_ratio` over one draw of a step that rounds
+    stochastically (each element moving a whole spacing with the probability of its update's
+    share of it): a ratio read off few expected moves is noise."""
 
     @property
     def lost_fraction(self) -> float:

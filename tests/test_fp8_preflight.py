@@ -211,7 +211,10 @@ def test_preflight_fp8_refusals_are_one_line() -> None:
     s = _sample("healthy_mlp")
     with pytest.raises(PrecisionDoctorError, match="--regime autocast"):
         pd.preflight(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", regime="pure")
-    with pytest.raises(PrecisionDoctorError, match=r"judge='planned' needs plan=True"):
+    with pytest.raises(
+        PrecisionDoctorError,
+        match=r"judging the planned configuration needs the plan \(plan=True; the CLI without --no-plan\)",
+    ):
         pd.preflight(s.build_model(), s.make_batch(), s.loss_fn, dtype="fp8", judge="planned", plan=False)
     with pytest.raises(PrecisionDoctorError, match="needs dtype='fp8'"):
         pd.preflight(s.build_model(), s.make_batch(), s.loss_fn, dtype="bf16", fp8_recipe="rowwise")
@@ -375,4 +378,4 @@ def test_cli_preflight_fp8_judge_planned(tmp_path: Path, monkeypatch: pytest.Mon
     assert low.exit_code == 1, (low.stdout, low.stderr)
     assert "NO-GO" in low.stdout and "FP8_ERROR" in low.stdout and "head" in low.stdout
     refused = runner.invoke(app, [*args, "--judge", "planned", "--no-plan"])
-    assert refused.exit_code == 2 and "judge='planned' needs plan=True" in refused.stderr
+    assert refused.exit_code == 2 and "judging the planned configuration needs the plan" in refused.stderr

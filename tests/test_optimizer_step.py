@@ -546,3 +546,68 @@ def test_each_units_finding_names_its_own_groups_learning_rate() -> None:
     lost = {f.unit: f.evidence for f in report.flags() if f.flag.value == "LOST_UPDATE"}
     assert set(lost) == {"2"}  # 1e-5 is below half of bf16's spacing for weights in [0.5, 1)
     assert "at lr 1e-05 " in lost["2"].message and lost["2"].values["lr"] == 1e-5
+
+
+def test_stochastic_rounding_is_found_whatever_the_first_weights_and_few_moves_judge_nothing() -> None:
+    """A first layer of weights in [64, 128], whose updates no rounding moves in one draw, hid
+    the optimizer's stochastic rounding (found on the first parameter); and a unit whose few
+    expected moves all missed in the one draw read "0% of the update arrives". The probe
+    finds it on a weight of its own; a ratio within three standard errors of the draw of 1
+    is no finding; two analyses give the same report (one seed)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 64))
+    with torch.no_grad():
+        net[0].weight.uniform_(64.0, 128.0)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return _StochasticSGD(m.parameters(), lr=1e-3, stochastic_round=True)
+
+    report = pd.analyze(net, x, _loss, dtype="bf16", regime="pure", build_optimizer=build)
+    step = report.optimizer_step
+    assert step is not None and step.stochastic_rounding
+    first = next(u for u in step.units if u.unit == "0")
+    assert first.mean_update_ratio_stderr is not None and first.mean_update_ratio_stderr > 0.3  # few moves
+    assert not [f for f in report.flags() if f.flag.value == "LOST_UPDATE"]
+    again = pd.analyze(net, x, _loss, dtype="bf16", regime="pure", build_optimizer=build).optimizer_step
+    assert again is not None and [u.mean_update_ratio for u in again.units] == [u.mean_update_ratio for u in step.units]
+
+
+def test_a_unit_across_parameter_groups_names_no_single_lr() -> None:
+    """Biases at lr 1e-2, weights at 1e-6: each unit's parameters sit in two groups, and the
+    finding named the first group's lr for the weights' lost updates."""
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.uniform_(0.5, 1.0)
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        weights = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in m.named_parameters() if n.endswith("bias")]
+        return torch.optim.AdamW([{"params": biases, "lr": 1e-2}, {"params": weights, "lr": 1e-6}])
+
+    report = pd.analyze(net, torch.randn(8, 16), _loss, dtype="bf16", regime="pure", build_optimizer=build)
+    step = report.optimizer_step
+    assert step is not None and all(u.lr is None for u in step.units)
+    lost = [f for f in report.flags() if f.flag.value == "LOST_UPDATE"]
+    assert lost and all("at its parameter groups' lrs" in f.evidence.message for f in lost)
+    assert all("lr" not in f.evidence.values for f in lost)
+
+
+def test_the_preflight_steps_the_users_optimizer_with_its_own_settings() -> None:
+    """`preflight(optimizer=...)` with an optimizer class that requires its lr and keeps a
+    setting on itself: the analysis' step rebuilt it with defaults its constructor does not
+    take (a TypeError), and a deep copy of it for the runs lost the setting."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.uniform_(0.5, 1.0)
+    opt = _StochasticSGD(net.parameters(), lr=1e-3, stochastic_round=True)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    result = pd.preflight(net, x, _loss, dtype="bf16", regime="pure", optimizer=opt, steps=2, plan=False)
+    assert result.report is not None and result.report.optimizer_step is not None
+    assert result.report.optimizer_step.stochastic_rounding  # its setting, in the analysis' step
+    from precision_doctor.training.preflight import _Place
+
+    _, copied = _Place.of(net).for_training(opt)
+    assert isinstance(copied, _StochasticSGD) and copied.stochastic_round  # and in the runs' copy

@@ -476,7 +476,10 @@ def _grad_underflow(
         message = f"{what}; GradScaler can grow to 2^{fix}, which keeps them"
         if fix > scale:  # growing there takes GradScaler a doubling per growth_interval clean steps
             steps = (fix - scale) * GRADSCALER_GROWTH_INTERVAL
-            message += f", after {steps:,} steps at its default growth: start it at 2^{fix}"
+            message += (
+                f", after {steps:,} steps at its default growth: start it higher (the recommended initial loss "
+                "scale covers every unit)"
+            )
         return _grad_flag(Flag.GRAD_UNDERFLOW, Severity.WARNING, unit, op, message, **values, fixing_scale_log2=fix)
     above = " (above it the model's gradients overflow)" if ceiling_log2 < MAX_SCALE_LOG2 else ""
     why = f"no loss scale up to 2^{ceiling_log2}{above} keeps them" if scaler else "no loss scaler"
@@ -725,6 +728,11 @@ def _grad_divergence(
     return _grad_flag(Flag.GRAD_DIVERGENCE, severity, name, None, message, **values)
 
 
+ANY_LR = 1e-20
+"""A learning rate below any in use: a survive-lr under it (the spacing of a weight at 0 is
+fp16's or bf16's smallest subnormal) is said as "any lr"."""
+
+
 def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[FlagRecord]]:
     """LOST_UPDATE per unit of `step` (`analysis.optimizer_step`): an error when more than
     `lost_update_fraction` of the elements the fp32 step changes keep their value with the
@@ -738,16 +746,17 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
         lost, partial = u.lost_fraction, u.lost_fraction + u.partly_lost_fraction
         stochastic = step.stochastic_rounding and u.mean_update_ratio is not None
         if stochastic:
-            # Most elements keep their value in one draw; what counts is what arrives on average.
-            lost = partial = min(1.0, max(0.0, 1.0 - (u.mean_update_ratio or 0.0)))
+            # Most elements keep their value in one draw; what counts is what arrives on average,
+            # less three standard errors of the draw (a unit with few expected moves tells nothing).
+            margin = 3 * (u.mean_update_ratio_stderr or 0.0)
+            lost = partial = min(1.0, max(0.0, 1.0 - (u.mean_update_ratio or 0.0) - margin))
         if lost > th.lost_update_fraction or u.nonfinite:
             severity = Severity.ERROR
         elif partial > th.lost_update_partial_fraction:
             severity = Severity.WARNING
         else:
             continue
-        lr = u.lr if u.lr is not None else step.lr
-        at = f"lr {lr:g}" if u.lr is not None or len({v.lr for v in step.units}) <= 1 else "its groups' lrs"
+        at = f"lr {u.lr:g}" if u.lr is not None else "its parameter groups' lrs"
         ratio = f"{u.update_norm_ratio:.2g}x" if u.update_norm_ratio is not None else "none"
         what = (
             f"{step.optimizer} at {at} with {dtype} weights: {percent(lost)} of the weight updates the "
@@ -765,16 +774,19 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
                 f"unit's weights Inf/NaN in one step (its state or eps underflows {dtype}: Adam's eps of 1e-8 is 0 "
                 "in fp16, and a second moment that flushes divides by 0)"
             )
+        half = u.survive_lr_half
+        # Weights at 0 (a LayerNorm's biases) take any update: half of them survive at any lr.
+        half_text = f"half at {half:.2g}" if half is not None and half > ANY_LR else "half at any lr"
         survive = (
-            f"; or lr >= {u.survive_lr:.2g} (90% of its updates survive this first step; half at "
-            f"{u.survive_lr_half:.2g}; Adam's later steps are smaller where gradients vary)"
-            if u.survive_lr is not None and u.survive_lr_half is not None and not stochastic
+            f"; or lr >= {u.survive_lr:.2g} (90% of its updates survive this first step; {half_text}; "
+            "Adam's later steps are smaller where gradients vary)"
+            if u.survive_lr is not None and half is not None and not stochastic
             else ""
         )
         compensated = (
             "torch-optimi's optimizers (Kahan summation, on for bf16 parameters) or "
             "torchao.optim._AdamW(bf16_stochastic_round=True)"
-            if dtype is LowDtype.BF16
+            if dtype is LowDtype.BF16 and not step.stochastic_rounding
             else "an optimizer with Kahan summation (torch-optimi's kahan_sum=True)"
         )
         if step.master_weights:
@@ -797,8 +809,9 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
             "lost_fraction": lost,
             "nonfinite_weights": float(u.nonfinite),
             "partly_lost_fraction": u.partly_lost_fraction,
-            "lr": lr,
         }
+        if u.lr is not None:
+            values["lr"] = u.lr
         if u.mean_update_ratio is not None:
             values["mean_update_ratio"] = u.mean_update_ratio
         if u.update_norm_ratio is not None:

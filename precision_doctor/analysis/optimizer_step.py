@@ -36,10 +36,9 @@ yet the updates arrive on average. Its steps are judged by that mean
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +47,7 @@ import torch
 from precision_doctor.analysis.flags import lost_update_flags
 from precision_doctor.capture.units import owner_of
 from precision_doctor.formats import TORCH_DTYPES
-from precision_doctor.model.spec import OptimizerFactory, call_build_optimizer
+from precision_doctor.model.spec import OptimizerFactory, call_build_optimizer, rebuild_optimizer
 from precision_doctor.options import LowDtype
 from precision_doctor.report import OptimizerStep, ParamStep, Report, StepFidelity, UnitStep
 
@@ -96,9 +95,13 @@ class _Counts:
     sum_applied_along: float = 0.0
     """Of the applied updates, their sum along the intended ones' signs: over the sum of the
     intended |updates|, the mean share of the update that arrives (`mean_update_ratio`)."""
+    sum_move_var: float = 0.0
+    """The variance of that sum had each update been rounded stochastically: an element moves
+    by its spacing s with probability p = |update| / s, var p(1-p)s^2."""
 
-    def add(self, intended: torch.Tensor, applied: torch.Tensor) -> None:
-        """`intended`, `applied`: the updates (fp32), element by element."""
+    def add(self, intended: torch.Tensor, applied: torch.Tensor, spacing: torch.Tensor | None = None) -> None:
+        """`intended`, `applied`: the updates (fp32), element by element; `spacing`: the low
+        weights' spacing there (for `sum_move_var`)."""
         broken = ~torch.isfinite(applied) & torch.isfinite(intended)
         if bool(broken.any()):
             self.nonfinite += int(broken.sum())
@@ -117,6 +120,10 @@ class _Counts:
         self.sum_sq_applied += float(applied.double().square().sum())
         self.sum_abs_intended += float(intended.double().abs().sum())
         self.sum_applied_along += float((applied.double() * intended.sign()).sum())
+        if spacing is not None:
+            s = spacing.double()
+            p = (intended.double().abs() / s.clamp(min=1e-300)).clamp(max=1.0)
+            self.sum_move_var += float((p * (1 - p) * s.square()).sum())
 
     def merge(self, other: _Counts) -> None:
         for name in self.__dataclass_fields__:
@@ -130,8 +137,10 @@ class _Counts:
         if self.nonfinite:
             ratio = math.inf
         along = self.sum_applied_along / self.sum_abs_intended if self.sum_abs_intended > 0 else None
+        stderr = math.sqrt(self.sum_move_var) / self.sum_abs_intended if self.sum_abs_intended > 0 else None
         return {
             "mean_update_ratio": along if not self.nonfinite else None,
+            "mean_update_ratio_stderr": stderr if not self.nonfinite else None,
             "numel": self.numel,
             "changed": self.changed,
             "applied_changed": self.applied_changed,
@@ -184,51 +193,41 @@ def make_optimizer(
     return call_build_optimizer(build_optimizer, model)
 
 
-_SETTING_TYPES = (bool, int, float, str, type(None))
-
-
 def _single(template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor) -> torch.optim.Optimizer:
     """The template's optimizer class over one parameter, with the hyperparameters of the
-    group that holds it and the settings it keeps on itself rather than in its groups
-    (torchao's `_AdamW.bf16_stochastic_round`)."""
-    hyper = {k: v for k, v in group.items() if k != "params"}
-    cls: Callable[..., torch.optim.Optimizer] = type(template)
-    try:
-        opt = cls([{"params": [p], **hyper}])
-    except TypeError:  # a constructor with required arguments besides the parameters
-        opt = cls([{"params": [p], **hyper}], **_accepted(cls, template.defaults))
-    for key, value in vars(template).items():
-        setting = not key.startswith("_") and key not in ("defaults", "state", "param_groups")
-        if setting and isinstance(value, _SETTING_TYPES) and getattr(opt, key, None) != value:
-            setattr(opt, key, value)
-    return opt
+    group that holds it and the settings it keeps on itself (`spec.rebuild_optimizer`)."""
+    return rebuild_optimizer(template, [{"params": [p], **{k: v for k, v in group.items() if k != "params"}}])
 
 
-def _accepted(cls: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Of `kwargs`, those `cls`'s constructor takes (an optimizer of one's own that requires
-    its lr need not take every default its base class keeps)."""
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    if any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}
+PROBE_SHAPE = (32, 32)
+"""`rounds_stochastically`'s weight: 2-D, for optimizers that step matrices only (Muon)."""
 
 
-def rounds_stochastically(
-    template: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor, g: torch.Tensor, low: torch.dtype
-) -> bool:
+def rounds_stochastically(template: torch.optim.Optimizer, group: Mapping[str, Any], low: torch.dtype) -> bool:
     """Whether the optimizer's step on low weights depends on the RNG (stochastic rounding,
-    torchao's `_AdamW(bf16_stochastic_round=True)`): the same step from two seeds."""
-    results = []
-    with torch.random.fork_rng(devices=[]):
-        for seed in (1, 2):
-            torch.manual_seed(seed)
-            pl = torch.nn.Parameter(p.detach().to(low).clone())
-            pl.grad = g.detach().to(low)
-            _single(template, group, pl).step()
-            results.append(pl.detach())
+    torchao's `_AdamW(bf16_stochastic_round=True)`): the same step from two seeds, on a probe
+    whose update is a quarter of its weights' spacing in `low` (the update of a weight of 1
+    with gradient 1, measured in fp32 first), which rounding to nearest never moves and
+    stochastic rounding moves one time in four. (A model's own first weights may get updates
+    far below their spacing, which no rounding moves in one draw.)"""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            p32 = torch.nn.Parameter(torch.ones(PROBE_SHAPE))
+            p32.grad = torch.ones(PROBE_SHAPE)
+            _single(template, group, p32).step()
+            update = float((p32.detach() - 1.0).abs().max())
+            if not (update > 0 and math.isfinite(update)):
+                return False
+            weight = 2.0 ** round(math.log2(4 * update / torch.finfo(low).eps))
+            results = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                pl = torch.nn.Parameter(torch.full(PROBE_SHAPE, weight, dtype=low))
+                pl.grad = torch.ones(PROBE_SHAPE, dtype=low)
+                _single(template, group, pl).step()
+                results.append(pl.detach())
+    except Exception:  # an optimizer that cannot step this probe: judged as rounding to nearest
+        return False
     return not torch.equal(results[0], results[1])
 
 
@@ -260,7 +259,7 @@ def _one_param(
     opt.step()
     applied = pl.detach().float() - wl.float()
     weights = _Counts()
-    weights.add(intended, applied)
+    weights.add(intended, applied, 2 * half_spacing(wl.float(), low))
     del applied
     states: dict[str, _Counts] = {}
     for key, s32 in state32.items():
@@ -309,51 +308,57 @@ def optimizer_step(
     pieces = type(template).__name__ in ELEMENTWISE and type(template).__module__.startswith("torch.optim")
     stepped = [p for p in model.parameters() if id(p) in group_of and p.is_floating_point()]
     every = max(1, math.ceil(sum(p.numel() for p in stepped) / SAMPLE_BUDGET)) if pieces else 1
-    stochastic: bool | None = None  # decided on the first parameter stepped
-    for n, p in model.named_parameters():
-        group = group_of.get(id(p))
-        g = next((grads[m] for m in names[id(p)] if m in grads), None)
-        g_low = next((low_grads[m] for m in names[id(p)] if m in low_grads), None) if low_grads else None
-        if g_low is not None and (g_low.shape != p.shape or g_low.is_sparse):
-            g_low = None
-        if group is None or g is None or g.is_sparse or p.is_complex() or not p.is_floating_point():
-            continue
-        unit = owner_of(n)
-        sums = units.setdefault(unit, _UnitSums())
-        sums.lrs.add(float(group.get("lr", 0.0)))
-        weights, states = _Counts(), dict[str, _Counts]()
-        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [(p, g, g_low)]
-        sampled = every > 1 and p.numel() > WHOLE_MAX
-        if pieces and (p.numel() > CHUNK or sampled):
-            flat_p, flat_g = p.detach().reshape(-1), g.detach().reshape(-1)
-            flat_l = g_low.detach().reshape(-1) if g_low is not None else None
-            if sampled:
-                flat_p, flat_g = flat_p[::every], flat_g[::every]
-                flat_l = flat_l[::every] if flat_l is not None else None
-            parts = [
-                (flat_p[k : k + CHUNK], flat_g[k : k + CHUNK], flat_l[k : k + CHUNK] if flat_l is not None else None)
-                for k in range(0, flat_p.numel(), CHUNK)
-            ]
-        for part, grad, grad_low in parts:
-            with torch.no_grad():
-                if stochastic is None:
-                    stochastic = rounds_stochastically(template, group, part, grad, low_dtype)
-                w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype, grad_low)
-            weights.merge(w)
-            for key, c in s.items():
-                states.setdefault(key, _Counts()).merge(c)
-            finite = needed_log2[torch.isfinite(needed_log2)].double()
-            sums.needed_lr += torch.histc(
-                finite.clamp(_LOG2_LO, _LOG2_HI - 1e-9), bins=_NBINS, min=_LOG2_LO, max=_LOG2_HI
+    first = template.param_groups[0] if template.param_groups else None
+    stochastic = first is not None and rounds_stochastically(template, first, low_dtype)
+    # One seed for the steps: an optimizer that rounds stochastically gives the same report twice.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for n, p in model.named_parameters():
+            group = group_of.get(id(p))
+            g = next((grads[m] for m in names[id(p)] if m in grads), None)
+            g_low = next((low_grads[m] for m in names[id(p)] if m in low_grads), None) if low_grads else None
+            if g_low is not None and (g_low.shape != p.shape or g_low.is_sparse):
+                g_low = None
+            if group is None or g is None or g.is_sparse or p.is_complex() or not p.is_floating_point():
+                continue
+            unit = owner_of(n)
+            sums = units.setdefault(unit, _UnitSums())
+            sums.lrs.add(float(group.get("lr", 0.0)))
+            weights, states = _Counts(), dict[str, _Counts]()
+            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [(p, g, g_low)]
+            sampled = every > 1 and p.numel() > WHOLE_MAX
+            if pieces and (p.numel() > CHUNK or sampled):
+                flat_p, flat_g = p.detach().reshape(-1), g.detach().reshape(-1)
+                flat_l = g_low.detach().reshape(-1) if g_low is not None else None
+                if sampled:
+                    flat_p, flat_g = flat_p[::every], flat_g[::every]
+                    flat_l = flat_l[::every] if flat_l is not None else None
+                parts = [
+                    (
+                        flat_p[k : k + CHUNK],
+                        flat_g[k : k + CHUNK],
+                        flat_l[k : k + CHUNK] if flat_l is not None else None,
+                    )
+                    for k in range(0, flat_p.numel(), CHUNK)
+                ]
+            for part, grad, grad_low in parts:
+                with torch.no_grad():
+                    w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype, grad_low)
+                weights.merge(w)
+                for key, c in s.items():
+                    states.setdefault(key, _Counts()).merge(c)
+                finite = needed_log2[torch.isfinite(needed_log2)].double()
+                sums.needed_lr += torch.histc(
+                    finite.clamp(_LOG2_LO, _LOG2_HI - 1e-9), bins=_NBINS, min=_LOG2_LO, max=_LOG2_HI
+                )
+                del w, s, needed_log2, finite
+            sums.weights.merge(weights)
+            for key, c in states.items():
+                sums.state.setdefault(key, _Counts()).merge(c)
+            total.merge(weights)
+            params.append(
+                ParamStep(name=n, unit=unit, state={k: c.fidelity() for k, c in states.items()}, **weights._fields())
             )
-            del w, s, needed_log2, finite
-        sums.weights.merge(weights)
-        for key, c in states.items():
-            sums.state.setdefault(key, _Counts()).merge(c)
-        total.merge(weights)
-        params.append(
-            ParamStep(name=n, unit=unit, state={k: c.fidelity() for k, c in states.items()}, **weights._fields())
-        )
     unit_steps = [
         UnitStep(
             unit=u,
@@ -371,7 +376,7 @@ def optimizer_step(
         dtype=low,
         master_weights=master_weights,
         sampled_every=every,
-        stochastic_rounding=bool(stochastic),
+        stochastic_rounding=stochastic,
         units=unit_steps,
         params=params,
         total=total.fidelity(),

@@ -8,6 +8,7 @@ A model file defines `build_model()` (or a module-level `model`), `make_batch()`
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,45 @@ def call_build_optimizer(build: OptimizerFactory, model: torch.nn.Module) -> tor
     if not isinstance(opt, torch.optim.Optimizer):
         raise PrecisionDoctorError(f"build_optimizer(model) returned a {type(opt).__name__}, not a torch optimizer")
     return opt
+
+
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def rebuild_optimizer(template: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """An optimizer of `template`'s class over `groups` (parameter-group dicts with their
+    hyperparameters), with the settings `template` keeps on itself rather than in its groups
+    (`copy_optimizer_settings`). A constructor with required arguments besides the parameters
+    (an optimizer of one's own that requires its lr) gets the template's defaults it takes."""
+    cls: Callable[..., torch.optim.Optimizer] = type(template)
+    try:
+        opt = cls(groups)
+    except TypeError:
+        opt = cls(groups, **_accepted(cls, template.defaults))
+    copy_optimizer_settings(template, opt)
+    return opt
+
+
+def copy_optimizer_settings(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> None:
+    """The settings `source` keeps as plain attributes (torchao `_AdamW`'s
+    `bf16_stochastic_round` and `block_size`) onto `target`: a rebuilt optimizer gets its
+    constructor's defaults instead, and `copy.deepcopy` of an optimizer keeps only its
+    defaults, state and groups (`Optimizer.__getstate__`)."""
+    for key, value in vars(source).items():
+        setting = not key.startswith("_") and key not in ("defaults", "state", "param_groups")
+        if setting and isinstance(value, _SETTING_TYPES) and getattr(target, key, None) != value:
+            setattr(target, key, value)
+
+
+def _accepted(cls: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Of `kwargs`, those `cls`'s constructor takes."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def load_model_file(path: str | Path) -> ModelSpec:

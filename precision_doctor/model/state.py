@@ -80,6 +80,8 @@ class ModelStateGuard:
         self._requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         self._training = {n: mod.training for n, mod in m.named_modules(remove_duplicate=False)}
         self._buffers = {n: (b, b.detach().clone()) for n, b in m.named_buffers(remove_duplicate=False)}
+        # Their memory, as the parameters': `b.data = b.data.to(low)` rebinds a buffer in place.
+        self._buffer_memory = {id(b): b.detach() for b, _ in self._buffers.values()}
         self._buffer_ids = {id(b) for b, _ in self._buffers.values()}
         self._cpu_rng = torch.get_rng_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -136,6 +138,9 @@ class ModelStateGuard:
             for original, saved in self._param_copies.values():
                 original.copy_(saved)
             for b, saved in self._buffers.values():
+                memory = self._buffer_memory[id(b)]
+                if storage_ptr(b) != storage_ptr(memory) or b.dtype != memory.dtype:
+                    b.data = memory
                 if b.shape == saved.shape:
                     b.copy_(saved)
         for n, p in self._params.items():

@@ -19,7 +19,9 @@ and optimizer (the objects passed in are never touched):
 - `planned`: the recommended per-unit plan (`planning.plan`) as `apply_plan` installs it,
   inside `torch.autocast` (plans are autocast override configurations, whatever `regime`
   the analysis ran) and, for fp16, a GradScaler started at the recommended initial loss scale
-  (`analysis.loss_scale`).
+  (`analysis.loss_scale`). A pure plan trains as its export does: its low units' weights
+  held low, fp32 master copies where it gives them, and no scaler (its fp16 gradients could
+  not be unscaled): judged at 2^0.
 
 Each run records its loss curve, the steps GradScaler skipped and the non-finite steps (a
 non-finite loss, or non-finite gradients that no scaler caught). The risks found are
@@ -40,8 +42,9 @@ named with the analysis' flag names (`OVERFLOW`, `GRAD_UNDERFLOW`, ...) plus:
   (`_stalled`): the optimizer's updates are rounded away in the low weights (LOST_UPDATE).
 
 Each risk found has a severity (`Reason.severity`): an analysis flag's own (see
-`analysis/flags.py`), `error` for NONFINITE_STEPS, DIVERGENT_LOSS and NONFINITE_FP32, and
-`warning` for SKIPPED_STEPS unless GradScaler was still skipping at the last step.
+`analysis/flags.py`), `error` for NONFINITE_STEPS, DIVERGENT_LOSS (`info` within its noise
+floor) and NONFINITE_FP32, and `warning` for SKIPPED_STEPS unless GradScaler was still
+skipping at the last step.
 
 The verdict judges one configuration (`judge`, default `"low"`: the plain low-precision run
 the user is about to launch; `"planned"`: the plan): it is no-go when a risk selected by
@@ -97,7 +100,9 @@ from precision_doctor.model.spec import (
     OptimizerFactory,
     call_build_optimizer,
     copy_batch,
+    copy_optimizer_settings,
     device_type,
+    rebuild_optimizer,
     resolve_loss,
     run_model,
 )
@@ -271,8 +276,10 @@ class PreflightResult(PreflightSection):
             body = f"{len(self.reasons)} reason(s): {', '.join(risks)}"
         tail = ""
         if self.judge == "low" and self.planned_go is not None and not self.go:
-            # A loss scale is fp16's alone: bf16 and fp8 plans run without a scaler.
-            scale = " and recommended loss scale" if self.dtype is LowDtype.FP16 else ""
+            # A loss scale is fp16's alone (bf16 and fp8 plans run without a scaler), and a pure
+            # plan's run has none either.
+            planned = self.runs.get("planned")
+            scale = " and recommended loss scale" if planned is not None and planned.init_scale_log2 is not None else ""
             tail = f"; with the plan{scale}: " + ("go" if self.planned_go else "still no-go")
         return f"{head}: {body}{tail}"
 
@@ -330,15 +337,12 @@ def _factory_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Opt
         ([position[id(p)] for p in g["params"] if id(p) in position], {k: v for k, v in g.items() if k != "params"})
         for g in optimizer.param_groups
     ]
-    cls: Callable[..., torch.optim.Optimizer] = type(optimizer)
 
     def build(m: torch.nn.Module) -> torch.optim.Optimizer:
         params = list(m.parameters())
-        spec = [{"params": [params[i] for i in idx], **hyper} for idx, hyper in groups if idx]
-        try:
-            return cls(spec)
-        except TypeError:  # a constructor with required arguments besides the parameters
-            return cls(spec, **optimizer.defaults)
+        return rebuild_optimizer(
+            optimizer, [{"params": [params[i] for i in idx], **hyper} for idx, hyper in groups if idx]
+        )
 
     return build
 
@@ -375,8 +379,23 @@ def _to_low(
         if not isinstance(p, torch.Tensor):
             continue
         for k, v in list(state.items()):
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
+            # Not Adam's step count, a float scalar shaped like a scalar parameter: in bf16 it
+            # stops counting at 256.
+            if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
                 state[k] = v.to(p.dtype)
+
+
+def rounded_once(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` with each value's significand rounded (to nearest even) to `dtype`'s precision, its
+    range left as it is: the relative perturbation of one rounding to `dtype`, without the
+    Inf an fp16 cast makes of a weight above 65504 or the 0 of one below its subnormals.
+
+    >>> rounded_once(torch.tensor([1.0 + 2**-12, 7e4, 1e-9]), torch.float16).tolist()
+    [1.0, 70016.0, 1.000444171950221e-09]
+    """
+    bits = 1 - round(math.log2(torch.finfo(dtype).eps))  # significand bits: 11 in fp16, 8 in bf16
+    mantissa, exponent = torch.frexp(t.float())  # |mantissa| in [0.5, 1)
+    return torch.ldexp(torch.round(mantissa * 2.0**bits) / 2.0**bits, exponent).to(t.dtype)
 
 
 def _point_at_masters(optimizer: torch.optim.Optimizer, held: MasterWeights) -> None:
@@ -433,10 +452,15 @@ class _Place:
         """The model a run trains, and the optimizer's copy over it (None: none given)."""
         if self.sharded:
             memo = {id(p): p for p in self.model.parameters()}
-            return self.model, copy.deepcopy(optimizer, memo) if optimizer is not None else None
+            if optimizer is None:
+                return self.model, None
+            opt = copy.deepcopy(optimizer, memo)
+            copy_optimizer_settings(optimizer, opt)
+            return self.model, opt
         if optimizer is not None:
             # One deepcopy call for both: the copied optimizer then holds the copied parameters.
             m, opt = _copy((self.model, optimizer), "model and optimizer")
+            copy_optimizer_settings(optimizer, opt)  # what deepcopy leaves out
             return m, opt
         return _copy(self.model, "model"), None
 
@@ -485,7 +509,7 @@ class _TrainingRun:
             with torch.no_grad():
                 for p in m.parameters():
                     if p.is_floating_point():
-                        p.copy_(p.to(rounded_to).to(p.dtype))
+                        p.copy_(rounded_once(p, rounded_to))
         if fp8 is not None:  # the copy's Linear layers swapped for torchao's, same parameters
             m = fp8.convert(m)
         # fp32 master weights (pure regime): the optimizer holds and steps the fp32 model; a
@@ -513,6 +537,9 @@ class _TrainingRun:
         # The optimizer's parameters only, as GradScaler checks them: a gradient it never
         # applies (a parameter it does not hold) cannot reach the weights.
         self.params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        # The weights the optimizer steps, whose unchanged elements a step counts: the fp32
+        # master copies where there are some (their low copies round most small moves away).
+        self.tracked = list(self.params)
         if self.master is not None:
             in_opt = {id(p) for p in self.params}
             self.params = [low for up, low in self.master if id(up) in in_opt]
@@ -560,7 +587,7 @@ class _TrainingRun:
             raise PrecisionDoctorError(f"the {self.mode} training step {i} raised {type(e).__name__}: {e}") from e
         loss_v, rank_losses, finite = self.place.step_loss(self.model, float(loss.detach()), _grads_finite(self.params))
         skipped = False
-        before = [p.detach().clone() for p in self.params] if self.track_unchanged else None
+        before = [p.detach().clone() for p in self.tracked] if self.track_unchanged else None
         if self.master is not None:
             for up, low in self.master:
                 up.grad = None if low.grad is None else low.grad.float()
@@ -588,7 +615,7 @@ class _TrainingRun:
             scale=scale,
             skipped=skipped,
             rank_losses=rank_losses,
-            unchanged_fraction=_unchanged(before, self.params) if before is not None else None,
+            unchanged_fraction=_unchanged(before, self.tracked) if before is not None else None,
         )
 
 
@@ -640,28 +667,30 @@ class _Trainer:
         t0 = time.perf_counter()
         if dtype is not None and regime is Regime.PURE and units is not None:
             raise PrecisionDoctorError("a plan's per-unit dtypes run under autocast, not in the pure regime")
-        run = _TrainingRun(
-            self.place,
-            self.optimizer,
-            self.build_optimizer,
-            self.loss_fn,
-            mode=mode,
-            dtype=dtype,
-            regime=regime,
-            policy=policy,
-            init_scale_log2=init_scale_log2,
-            skip=skip,
-            master=master,
-            track_unchanged=track_unchanged,
-            fp8=fp8,
-            held=held,
-            rounded_to=rounded_to,
-        )
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as installed:
-            if self.place.sharded:  # the model itself: put back afterwards
-                guard = installed.enter_context(ModelStateGuard(run.model))
-                for p in run.model.parameters():
+            if self.place.sharded:
+                # The model itself: put back afterwards, from before the run changes anything
+                # (weights rounded for the noise floor, or held low for a pure plan).
+                guard = installed.enter_context(ModelStateGuard(self.place.model))
+                for p in self.place.model.parameters():
                     guard.before_mutation(p)
+            run = _TrainingRun(
+                self.place,
+                self.optimizer,
+                self.build_optimizer,
+                self.loss_fn,
+                mode=mode,
+                dtype=dtype,
+                regime=regime,
+                policy=policy,
+                init_scale_log2=init_scale_log2,
+                skip=skip,
+                master=master,
+                track_unchanged=track_unchanged,
+                fp8=fp8,
+                held=held,
+                rounded_to=rounded_to,
+            )
             if dtype is not None and units is not None:
                 # The plan's units ("" is the default of those it does not name: fp32, so none).
                 low = {u: d != "fp32" for u, d in units.items() if u != ""}
@@ -844,7 +873,8 @@ def _stalled(low: ModeRun, master: ModeRun) -> list[Reason]:
             risk=Risk.STALLED_LOSS.value,
             mode=low.mode,
             message=(
-                f"the loss falls {percent(moved)} over {len(low.steps)} steps where fp32 master weights make it fall "
+                f"the loss {'falls' if moved >= 0 else 'rises'} {percent(abs(moved))} over {len(low.steps)} steps "
+                "where fp32 master weights make it fall "
                 f"{percent(fell)}{kept}: the updates are rounded away in the low weights (keep fp32 master weights, "
                 "use a compensating optimizer, or raise the learning rate; see LOST_UPDATE)"
             ),
@@ -884,7 +914,8 @@ def _optimizer_name(
     if optimizer is not None:
         return f"{type(optimizer).__name__} (copied)"
     if build is not None:
-        return f"build_optimizer: {getattr(build, '__name__', type(build).__name__)}"
+        name = getattr(build, "__name__", type(build).__name__)
+        return "build_optimizer(model)" if name == "build_optimizer" else f"build_optimizer: {name}"
     return f"AdamW(lr={DEFAULT_LR:g}) (default)"
 
 
@@ -1121,7 +1152,9 @@ def _validate(
     risks = parse_fail_on(fail_on)
     judged = parse_enum(Judge, judge, "judge")
     if judged is Judge.PLANNED and not plan:
-        raise PrecisionDoctorError("judge='planned' needs plan=True")
+        raise PrecisionDoctorError(
+            "judging the planned configuration needs the plan (plan=True; the CLI without --no-plan)"
+        )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrecisionDoctorError(f"steps must be a positive integer, not {steps!r}")
     if isinstance(max_skipped_steps, bool) or not isinstance(max_skipped_steps, int) or max_skipped_steps < 0:
@@ -1385,7 +1418,9 @@ def _compared(
                     skip=skipped,
                     rounded_to=TORCH_DTYPES[rounding],
                 )
-                floors[skipped] = _with_divergence(control, references[skipped]).max_divergence
+                floor = _with_divergence(control, references[skipped]).max_divergence
+                # A control that broke (non-finite) measures nothing: no floor, the finding stands.
+                floors[skipped] = floor if floor is not None and math.isfinite(floor) else None
                 timings["run_noise_floor"] = timings.get("run_noise_floor", 0.0) + control.seconds
             out[k] = out[k].model_copy(update={"noise_floor": floors[skipped]})
     return out
