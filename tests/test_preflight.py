@@ -628,3 +628,36 @@ def test_a_sharded_models_runs_leave_it_as_it_was() -> None:
     assert all(torch.equal(after[k], v) for k, v in before.items()), [
         k for k, v in before.items() if not torch.equal(after[k], v)
     ]
+
+
+@pytest.mark.parametrize(("lr", "stalls"), [(3e-5, True), (1e-2, False)], ids=["lost", "healthy"])
+def test_a_stall_is_read_batch_by_batch_where_batches_vary(lr: float, stalls: bool) -> None:
+    """Batches whose losses differ more than a few steps of training move them: the descent
+    was read against the first batch's loss, and a pure bf16 run whose every update is rounded
+    away passed (a new user's fine-tune, at the default 8 steps). Each batch's loss before
+    training (the `untrained` run) is the reference now."""
+    from precision_doctor.training.preflight import _stalled
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.0) * torch.randn_like(p).sign())
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 32, generator=g) * (1 + i % 3) for i in range(8)]
+
+    def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (out.float() - b[:, :1]).square().mean()
+
+    result = pd.preflight(
+        model, batches[0], loss_fn, dtype="bf16", regime="pure", plan=False, steps=8,
+        make_batches=lambda: batches, fail_on="STALLED_LOSS",
+        build_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
+    )  # fmt: skip
+    untrained = result.runs["untrained"]
+    assert untrained.skipped_steps == list(range(8))  # no update applied: each batch's first loss
+    assert [r.risk for r in result.reasons] == (["STALLED_LOSS"] if stalls else []), [r.line() for r in result.reasons]
+    if stalls:  # against the first batch's loss, the batches' spread hid it
+        assert _stalled(result.runs["low"], result.runs["master"]) == []
+    one_batch = pd.preflight(model, batches[0], loss_fn, dtype="bf16", regime="pure", plan=False, steps=2)
+    assert "untrained" not in one_batch.runs  # one batch: its first loss is the reference

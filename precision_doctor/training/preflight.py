@@ -848,20 +848,28 @@ STALL_RATIO = 0.25
 """...and the pure run's to fall by less than this fraction of that."""
 
 
-def _descent(run: ModeRun) -> float | None:
-    """How much the run's loss fell: the first step's loss less the mean of the last quarter's,
-    relative to the first; None where a loss is not finite or the run is too short."""
+def _descent(run: ModeRun, untrained: ModeRun | None = None) -> float | None:
+    """How much the run's loss fell over its last quarter, relative: against the first step's
+    loss, or with batches that vary (`untrained`: each batch's loss before any update), batch
+    by batch against that batch's own (a batch's loss varies more than training moves it in
+    a few steps); None where a loss is not finite or the run is too short."""
     losses = run.losses
     if len(losses) < 2 or not all(math.isfinite(v) for v in losses) or losses[0] == 0:
         return None
-    tail = losses[-max(1, len(losses) // 4) :]
+    quarter = max(1, len(losses) // 4)
+    if untrained is not None and len(untrained.losses) == len(losses):
+        before = untrained.losses[-quarter:]
+        if not all(math.isfinite(v) and v != 0 for v in before):
+            return None
+        return sum((b - v) / abs(b) for b, v in zip(before, losses[-quarter:], strict=True)) / quarter
+    tail = losses[-quarter:]
     return (losses[0] - sum(tail) / len(tail)) / abs(losses[0])
 
 
-def _stalled(low: ModeRun, master: ModeRun) -> list[Reason]:
+def _stalled(low: ModeRun, master: ModeRun, untrained: ModeRun | None = None) -> list[Reason]:
     """STALLED_LOSS: the pure run's loss stays where the same low model with fp32 master
     weights descends: its optimizer step rounds the updates away (the analysis' LOST_UPDATE)."""
-    fell, moved = _descent(master), _descent(low)
+    fell, moved = _descent(master, untrained), _descent(low, untrained)
     if fell is None or moved is None or fell < STALL_MIN_DESCENT or moved >= STALL_RATIO * fell:
         return []
     unchanged = [s.unchanged_fraction for s in low.steps if s.unchanged_fraction is not None]
@@ -1344,6 +1352,20 @@ def _training_runs(
             master=True,
             track_unchanged=True,
         )
+        if len({id(b) for b in trainer.batches}) > 1:
+            # Batches that vary: each one's loss before any update, which the runs' descents are
+            # read against batch by batch (STALLED_LOSS), not against the first batch's loss.
+            say(f"{low} losses before training, batch by batch")
+            runs["untrained"] = trainer.run(
+                "untrained",
+                f"model.to({low}), inputs cast, no update applied: each batch's loss before training",
+                dtype=tdtype,
+                regime=regime,
+                policy=policy,
+                units=None,
+                init_scale_log2=None,
+                skip=frozenset(range(len(trainer.batches))),
+            )
     if plan_units is not None:
         say("planned run")
         any_fp16 = any(d == "fp16" for d in plan_units.values())
@@ -1388,7 +1410,7 @@ def _compared(
     floors: dict[frozenset[int], float | None] = {}
     out: dict[str, ModeRun] = {}
     for k, run in runs.items():
-        if k == "fp32":
+        if k in ("fp32", "untrained"):  # the reference, and losses before training: nothing to compare
             out[k] = run
             continue
         skipped = frozenset(run.skipped_steps)
@@ -1462,7 +1484,11 @@ class _Judge:
             units, scale = None, (0 if self.pure and self.low is LowDtype.FP16 else None)
         else:  # the plan's units at the plan's recommended scale (fp16 only: bf16 has no scaler)
             units, scale = self.plan_units, self.planned_scale if self.low is LowDtype.FP16 else None
-        stalled = _stalled(self.runs["low"], self.runs["master"]) if config == "low" and "master" in self.runs else []
+        stalled = (
+            _stalled(self.runs["low"], self.runs["master"], self.runs.get("untrained"))
+            if config == "low" and "master" in self.runs
+            else []
+        )
         return (
             self.fp32_reasons()
             + self.analysis_reasons(units, scale)
