@@ -611,3 +611,37 @@ def test_the_preflight_steps_the_users_optimizer_with_its_own_settings() -> None
 
     _, copied = _Place.of(net).for_training(opt)
     assert isinstance(copied, _StochasticSGD) and copied.stochastic_round  # and in the runs' copy
+
+
+def test_a_frozen_first_group_does_not_hide_stochastic_rounding() -> None:
+    """A first parameter group at lr 0 (frozen, or warming up) moves no probe: the others are
+    tried, and a stochastic step is found; the stderr is the stochastic step's alone (None for
+    a rounding-to-nearest step and for every optimizer-state record)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        net.weight.uniform_(0.5, 1.0)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+
+    def build(stochastic: bool) -> Factory:
+        return lambda m: _StochasticSGD(
+            [{"params": [m.bias], "lr": 0.0}, {"params": [m.weight]}], lr=1e-3, stochastic_round=stochastic
+        )
+
+    for stochastic in (True, False):
+        step = pd.analyze(net, x, _loss, dtype="bf16", regime="pure", build_optimizer=build(stochastic)).optimizer_step
+        assert step is not None and step.stochastic_rounding is stochastic
+        assert all((u.mean_update_ratio_stderr is not None) is stochastic for u in step.units)
+    adam = pd.analyze(net, x, _loss, dtype="bf16", regime="pure", lr=1e-3).optimizer_step
+    assert adam is not None and not adam.stochastic_rounding
+    assert all(s.mean_update_ratio_stderr is None for p in adam.params for s in p.state.values())
+
+
+def test_weights_at_zero_survive_at_any_lr() -> None:
+    """A LayerNorm (weights 1, biases 0) at an lr whose updates bf16 rounds away on the weights:
+    half its updates (the biases') survive at any lr, said so rather than "half at 9e-25"."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    report = pd.analyze(net, torch.randn(8, 16), _loss, dtype="bf16", regime="pure", lr=1e-5)
+    (norm,) = [f for f in report.flags() if f.flag.value == "LOST_UPDATE" and f.unit == "1"]
+    assert "half at any lr" in norm.evidence.message, norm.evidence.message

@@ -661,3 +661,56 @@ def test_a_stall_is_read_batch_by_batch_where_batches_vary(lr: float, stalls: bo
         assert _stalled(result.runs["low"], result.runs["master"]) == []
     one_batch = pd.preflight(model, batches[0], loss_fn, dtype="bf16", regime="pure", plan=False, steps=2)
     assert "untrained" not in one_batch.runs  # one batch: its first loss is the reference
+
+
+def test_scalar_optimizer_state_torch_keeps_in_fp32_stays_fp32() -> None:
+    """NAdam's mu_product and ASGD's eta and mu are fp32 scalars whatever the parameter's
+    dtype, as Adam's step: beside a scalar weight held low they were cast too."""
+    from precision_doctor.training.preflight import _to_low
+
+    for cls, keys in ((torch.optim.NAdam, ("step", "mu_product")), (torch.optim.ASGD, ("step", "eta", "mu"))):
+        model = torch.nn.Module()
+        model.scale = torch.nn.Parameter(torch.tensor(1.0))
+        opt = cls(model.parameters(), lr=1e-3)
+        model.scale.grad = torch.tensor(0.5)
+        opt.step()
+        _to_low(model, opt, torch.bfloat16)
+        state = opt.state[model.scale]
+        assert all(state[k].dtype == torch.float32 for k in keys), {k: v.dtype for k, v in state.items()}
+
+
+def test_the_master_run_counts_the_fp32_weights_it_steps() -> None:
+    """`unchanged_fraction` of the master run is of the fp32 master copies the optimizer steps
+    (it counted their bf16 copies, which round most small moves away: ~98% "unchanged", read as
+    a stall); the low run's, of its bf16 weights."""
+    result = run_sample("bf16_finetune_stall", regime="pure", dtype="bf16", steps=2, plan=False)
+    low = [s.unchanged_fraction for s in result.runs["low"].steps[:-1]]
+    master = [s.unchanged_fraction for s in result.runs["master"].steps[:-1]]
+    assert all(f is not None and f > 0.5 for f in low), low  # the precondition: bf16 rounds most away
+    assert all(f is not None and f < 0.1 for f in master), master  # Adam moves every fp32 weight
+
+
+def test_a_rising_loss_is_said_to_rise_and_a_broken_control_measures_no_floor() -> None:
+    """STALLED_LOSS on a low run whose loss rose said "falls -0.98%"; a noise-floor control that
+    went non-finite gave an infinite floor, which excused any divergence."""
+    from precision_doctor.extras import ModeRun, StepRecord
+    from precision_doctor.options import LowDtype
+    from precision_doctor.training.preflight import _compared, _stalled
+
+    def run(mode: str, losses: list[float], skipped: tuple[int, ...] = ()) -> ModeRun:
+        steps = [StepRecord(step=i, loss=v, grads_finite=True, skipped=i in skipped) for i, v in enumerate(losses)]
+        return ModeRun(
+            mode=mode, description="", steps=steps, skipped_steps=list(skipped), nonfinite_steps=[], seconds=0.0
+        )
+
+    (stall,) = _stalled(run("low", [1.0, 1.0, 1.01, 1.02]), run("master", [1.0, 0.9, 0.8, 0.7]))
+    assert "the loss rises 2.00%" in stall.message, stall.message
+
+    class BrokenControl:
+        def run(self, *args: Any, **kwargs: Any) -> ModeRun:
+            return run("fp32", [1.0, float("nan"), float("nan"), float("nan")])
+
+    runs = {"fp32": run("fp32", [1.0, 0.9, 0.8, 0.7]), "low": run("low", [1.0, 1.2, 1.3, 1.4])}
+    out = _compared(BrokenControl(), runs, lambda _m: None, {}, 0.05, LowDtype.BF16)  # type: ignore[arg-type]
+    assert out["low"].max_divergence is not None and out["low"].max_divergence > 0.05
+    assert out["low"].noise_floor is None

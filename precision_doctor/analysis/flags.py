@@ -729,8 +729,8 @@ def _grad_divergence(
 
 
 ANY_LR = 1e-20
-"""A learning rate below any in use: a survive-lr under it (the spacing of a weight at 0 is
-fp16's or bf16's smallest subnormal) is said as "any lr"."""
+"""A learning rate below any in use: a survive-lr under it (bf16's: the spacing of a weight at
+0 is its smallest subnormal, ~1e-40; fp16's, 6e-8, reads as a number) is said as "any lr"."""
 
 
 def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[FlagRecord]]:

@@ -96,8 +96,10 @@ class _Counts:
     """Of the applied updates, their sum along the intended ones' signs: over the sum of the
     intended |updates|, the mean share of the update that arrives (`mean_update_ratio`)."""
     sum_move_var: float = 0.0
-    """The variance of that sum had each update been rounded stochastically: an element moves
-    by its spacing s with probability p = |update| / s, var p(1-p)s^2."""
+    """The variance of that sum had each update been rounded stochastically: an update of
+    (k + f) spacings s moves k or k + 1 of them, the last with probability f: var f(1-f)s^2
+    (s the spacing above the weight, which at a power of two is twice the one below: the
+    variance errs high, towards findings)."""
 
     def add(self, intended: torch.Tensor, applied: torch.Tensor, spacing: torch.Tensor | None = None) -> None:
         """`intended`, `applied`: the updates (fp32), element by element; `spacing`: the low
@@ -122,17 +124,20 @@ class _Counts:
         self.sum_applied_along += float((applied.double() * intended.sign()).sum())
         if spacing is not None:
             s = spacing.double()
-            p = (intended.double().abs() / s.clamp(min=1e-300)).clamp(max=1.0)
-            self.sum_move_var += float((p * (1 - p) * s.square()).sum())
+            q = intended.double().abs() / s.clamp(min=1e-300)
+            f = q - q.floor()
+            self.sum_move_var += float((f * (1 - f) * s.square()).sum())
 
     def merge(self, other: _Counts) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def fidelity(self) -> StepFidelity:
-        return StepFidelity(**self._fields())
+    def fidelity(self, stochastic: bool = False) -> StepFidelity:
+        return StepFidelity(**self._fields(stochastic))
 
-    def _fields(self) -> dict[str, Any]:
+    def _fields(self, stochastic: bool = False) -> dict[str, Any]:
+        """The record's fields; `stochastic`: the step rounds stochastically, and the standard
+        error of its mean ratio means something (None otherwise)."""
         ratio = math.sqrt(self.sum_sq_applied / self.sum_sq_intended) if self.sum_sq_intended > 0 else None
         if self.nonfinite:
             ratio = math.inf
@@ -140,7 +145,7 @@ class _Counts:
         stderr = math.sqrt(self.sum_move_var) / self.sum_abs_intended if self.sum_abs_intended > 0 else None
         return {
             "mean_update_ratio": along if not self.nonfinite else None,
-            "mean_update_ratio_stderr": stderr if not self.nonfinite else None,
+            "mean_update_ratio_stderr": stderr if stochastic and not self.nonfinite else None,
             "numel": self.numel,
             "changed": self.changed,
             "applied_changed": self.applied_changed,
@@ -203,31 +208,47 @@ PROBE_SHAPE = (32, 32)
 """`rounds_stochastically`'s weight: 2-D, for optimizers that step matrices only (Muon)."""
 
 
-def rounds_stochastically(template: torch.optim.Optimizer, group: Mapping[str, Any], low: torch.dtype) -> bool:
+def rounds_stochastically(template: torch.optim.Optimizer, low: torch.dtype) -> bool:
     """Whether the optimizer's step on low weights depends on the RNG (stochastic rounding,
     torchao's `_AdamW(bf16_stochastic_round=True)`): the same step from two seeds, on a probe
-    whose update is a quarter of its weights' spacing in `low` (the update of a weight of 1
-    with gradient 1, measured in fp32 first), which rounding to nearest never moves and
-    stochastic rounding moves one time in four. (A model's own first weights may get updates
-    far below their spacing, which no rounding moves in one draw.)"""
-    try:
-        with torch.random.fork_rng(devices=[]):
-            p32 = torch.nn.Parameter(torch.ones(PROBE_SHAPE))
-            p32.grad = torch.ones(PROBE_SHAPE)
-            _single(template, group, p32).step()
-            update = float((p32.detach() - 1.0).abs().max())
-            if not (update > 0 and math.isfinite(update)):
-                return False
-            weight = 2.0 ** round(math.log2(4 * update / torch.finfo(low).eps))
-            results = []
-            for seed in (1, 2):
-                torch.manual_seed(seed)
-                pl = torch.nn.Parameter(torch.full(PROBE_SHAPE, weight, dtype=low))
-                pl.grad = torch.ones(PROBE_SHAPE, dtype=low)
-                _single(template, group, pl).step()
-                results.append(pl.detach())
-    except Exception:  # an optimizer that cannot step this probe: judged as rounding to nearest
-        return False
+    whose update is about a quarter of its weights' spacing in `low` (the update of a weight
+    of 1 with gradient 1, measured in fp32 first), which rounding to nearest moves alike from
+    any seed and stochastic rounding moves about one time in four. (A model's own first
+    weights may get updates far below their spacing, which no rounding moves in one draw.)
+    Each parameter group in turn, on its parameters' device, until one moves the probe at all
+    (a frozen group's lr of 0 does not); a group whose settings cannot step a probe (a device
+    it does not take) is passed over."""
+    for group in template.param_groups:
+        params = [p for p in group["params"] if isinstance(p, torch.Tensor)]
+        device = params[0].device if params else torch.device("cpu")
+        try:
+            moved = _probe(template, group, low, device)
+        except Exception:  # an optimizer that cannot step this probe: the next group's may
+            continue
+        if moved is not None:
+            return moved
+    return False
+
+
+def _probe(
+    template: torch.optim.Optimizer, group: Mapping[str, Any], low: torch.dtype, device: torch.device
+) -> bool | None:
+    """`rounds_stochastically` on one group: None where the group does not move the probe."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        p32 = torch.nn.Parameter(torch.ones(PROBE_SHAPE, device=device))
+        p32.grad = torch.ones(PROBE_SHAPE, device=device)
+        _single(template, group, p32).step()
+        update = float((p32.detach() - 1.0).abs().max())
+        if not (update > 0 and math.isfinite(update)):
+            return None
+        weight = 2.0 ** round(math.log2(4 * update / torch.finfo(low).eps))
+        results = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            pl = torch.nn.Parameter(torch.full(PROBE_SHAPE, weight, dtype=low, device=device))
+            pl.grad = torch.ones(PROBE_SHAPE, dtype=low, device=device)
+            _single(template, group, pl).step()
+            results.append(pl.detach())
     return not torch.equal(results[0], results[1])
 
 
@@ -308,8 +329,7 @@ def optimizer_step(
     pieces = type(template).__name__ in ELEMENTWISE and type(template).__module__.startswith("torch.optim")
     stepped = [p for p in model.parameters() if id(p) in group_of and p.is_floating_point()]
     every = max(1, math.ceil(sum(p.numel() for p in stepped) / SAMPLE_BUDGET)) if pieces else 1
-    first = template.param_groups[0] if template.param_groups else None
-    stochastic = first is not None and rounds_stochastically(template, first, low_dtype)
+    stochastic = rounds_stochastically(template, low_dtype)
     # One seed for the steps: an optimizer that rounds stochastically gives the same report twice.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -357,7 +377,9 @@ def optimizer_step(
                 sums.state.setdefault(key, _Counts()).merge(c)
             total.merge(weights)
             params.append(
-                ParamStep(name=n, unit=unit, state={k: c.fidelity() for k, c in states.items()}, **weights._fields())
+                ParamStep(
+                    name=n, unit=unit, state={k: c.fidelity() for k, c in states.items()}, **weights._fields(stochastic)
+                )
             )
     unit_steps = [
         UnitStep(
@@ -366,7 +388,7 @@ def optimizer_step(
             survive_lr=s.lr_at(SURVIVE_QUANTILE),
             survive_lr_half=s.lr_at(0.5),
             lr=next(iter(s.lrs)) if len(s.lrs) == 1 else None,
-            **s.weights._fields(),
+            **s.weights._fields(stochastic),
         )
         for u, s in units.items()
     ]
@@ -379,7 +401,7 @@ def optimizer_step(
         stochastic_rounding=stochastic,
         units=unit_steps,
         params=params,
-        total=total.fidelity(),
+        total=total.fidelity(stochastic),
         seconds=time.perf_counter() - start,
     )
 

@@ -4,7 +4,8 @@ and in the low dtype on the model's own device, in place of datasheet rooflines.
 Every module's inputs are recorded on one real forward. Each module is then replayed on
 them, in fp32 and under `torch.autocast(device, low dtype)`: forward, then backward to its
 parameters and floating-point inputs with `torch.autograd.grad` (no `.grad` is touched);
-the median of `repeats` timings after a warm-up, bracketed by synchronizations on CUDA. A
+the least of `repeats` timings after a warm-up (other work on the machine only ever adds
+time: `timeit`'s reasoning), bracketed by synchronizations on CUDA. A
 unit's own time is its module's time minus that of the child modules it called (their ops
 are their own units), never below zero. Units without a module (`<loss>`, `<backward>`)
 and modules that never ran keep their per-op rooflines, on a profile measured on the same
@@ -27,7 +28,6 @@ True
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -108,8 +108,10 @@ def time_module_s(
     low: torch.dtype | None,
     repeats: int = DEFAULT_REPEATS,
 ) -> float:
-    """Median seconds of one forward + backward of `module` on `call`'s inputs, in fp32
-    (`low=None`) or under autocast to `low`."""
+    """The least seconds of `repeats` forward + backward passes of `module` on `call`'s inputs,
+    in fp32 (`low=None`) or under autocast to `low` (on a busy machine the median of a tiny
+    unit's timings held tens of ms of waiting for a core: a 768x1 head timed as a 768x768
+    layer)."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def fresh_inputs() -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -137,7 +139,7 @@ def time_module_s(
         once(args, kwargs)
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _children(path: str, called: Mapping[str, _Call]) -> list[str]:

@@ -364,6 +364,9 @@ def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+_FP32_SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+
+
 def _to_low(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, *, model_cast: bool = True
 ) -> None:
@@ -379,9 +382,15 @@ def _to_low(
         if not isinstance(p, torch.Tensor):
             continue
         for k, v in list(state.items()):
-            # Not Adam's step count, a float scalar shaped like a scalar parameter: in bf16 it
-            # stops counting at 256.
-            if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
+            # Not the fp32 scalars torch keeps whatever the parameter's dtype (Adam's step count,
+            # which in bf16 stops at 256; NAdam's mu_product, ASGD's eta and mu), shaped like a
+            # scalar parameter.
+            if (
+                k not in _FP32_SCALAR_STATE
+                and isinstance(v, torch.Tensor)
+                and v.is_floating_point()
+                and v.shape == p.shape
+            ):
                 state[k] = v.to(p.dtype)
 
 
@@ -394,7 +403,8 @@ def rounded_once(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     [1.0, 70016.0, 1.000444171950221e-09]
     """
     bits = 1 - round(math.log2(torch.finfo(dtype).eps))  # significand bits: 11 in fp16, 8 in bf16
-    mantissa, exponent = torch.frexp(t.float())  # |mantissa| in [0.5, 1)
+    wide = t.double() if t.dtype == torch.float64 else t.float()  # fp64 weights keep their range
+    mantissa, exponent = torch.frexp(wide)  # |mantissa| in [0.5, 1)
     return torch.ldexp(torch.round(mantissa * 2.0**bits) / 2.0**bits, exponent).to(t.dtype)
 
 
