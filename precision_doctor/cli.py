@@ -706,7 +706,12 @@ def _fp8_options(
         raise PrecisionDoctorError(
             f"--target {target_opt} has no fp8 matmul peak: plan fp8 for {', '.join(t.value for t in FP8_TARGETS)}"
         )
-    return parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe") if fp8_recipe is not None else Fp8Recipe.TENSORWISE
+    if fp8_recipe is None:
+        return Fp8Recipe.TENSORWISE
+    try:
+        return parse_option(Fp8Recipe, fp8_recipe, "--fp8-recipe")
+    except PrecisionDoctorError as e:  # analyze also takes `all`: say so among the choices
+        raise PrecisionDoctorError(f"{e}; or {ALL_RECIPES} (every recipe, compared)") from None
 
 
 @app.command("app", cls=_Command)

@@ -456,3 +456,36 @@ def _healthy_mlp() -> tuple[Any, Any, Any]:
 
     spec = load_model_file(Path(__file__).resolve().parents[1] / "sample_models" / "fp8" / "healthy_mlp.py")
     return spec.model, spec.batch, spec.loss_fn
+
+
+def test_an_fp8_analysis_error_finding_leaves_the_layer_to_the_recipes(lm: tuple[Case, Report, Plan]) -> None:
+    """An error-severity ERROR_GROWTH under the analysed recipe forced an fp8 layer to fp32,
+    though another recipe or bf16 runs it well (a new user's default tensorwise plan came out
+    slower than plain bf16, and differed from the rowwise analysis' plan). Only an fp16/bf16
+    analysis' error findings pin a unit to fp32; an fp8 plan gates each recipe on its own."""
+    from precision_doctor.analysis.flags import Evidence, FlagRecord
+    from precision_doctor.options import Flag, Phase, Severity
+    from precision_doctor.planning.plan import hard_fp32_reasons
+
+    _, report, plan = lm
+    layer = next(u for u, d in plan.units.items() if d.startswith("fp8:"))
+    growth = FlagRecord(
+        flag=Flag.ERROR_GROWTH, unit=layer, severity=Severity.ERROR,
+        evidence=Evidence(op=None, phase=Phase.FORWARD, message="propagated error grows from 0.01 to 0.8"),
+    )  # fmt: skip
+    flagged = report.with_unit_flags({layer: [growth]})
+    assert layer not in hard_fp32_reasons(flagged)
+    as_bf16 = flagged.model_copy(
+        update={"environment": flagged.environment.model_copy(update={"dtype": LowDtype.BF16})}
+    )
+    assert hard_fp32_reasons(as_bf16)[layer].startswith("ERROR_GROWTH (error) in bf16")
+
+
+def test_an_fp8_analysis_optimizer_step_is_said_of_bf16_weights() -> None:
+    """The optimizer step of an fp8 analysis runs on bf16 weights (fp8 training casts weights
+    per matmul, it holds none in fp8): its findings said "with fp8 weights ... model.to(fp8)"."""
+    case = build_outlier_weight_lm()
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp8", lr=1e-6)
+    lost = [f for f in report.flags() if f.flag.value == "LOST_UPDATE"]
+    assert lost, [f.flag.value for f in report.flags()]  # the precondition: lr 1e-6 loses updates in bf16
+    assert all("with bf16 weights" in f.evidence.message and "fp8" not in f.evidence.message for f in lost)

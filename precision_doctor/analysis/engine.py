@@ -681,8 +681,8 @@ def _low_run(
                 if not sharded_job:
                     raise
                 raise PrecisionDoctorError(f"the model's {low} forward raised {type(e).__name__}: {e}") from e
-    except (PrecisionDoctorInternalError, RanksFailedError, RanksFailedInternalError):
-        raise
+    except (PrecisionDoctorError, PrecisionDoctorInternalError, RanksFailedError, RanksFailedInternalError):
+        raise  # our own (a check of the low run's setup, mxfp8's rows): said as it is
     except (Exception, SystemExit) as low_error:
         state = torch.random.get_rng_state()
         try:

@@ -741,7 +741,9 @@ def lost_update_flags(step: OptimizerStep, th: Thresholds) -> dict[str, list[Fla
     which lose none of it. The message names the remedies: fp32 master weights for the unit,
     a compensating optimizer, or the learning rate at which the updates survive."""
     out: dict[str, list[FlagRecord]] = {}
-    dtype = step.dtype
+    # fp8 training keeps its weights in bf16 at the lowest (torchao casts them per matmul):
+    # the step of an fp8 analysis is taken on bf16 weights (`formats.TORCH_DTYPES`).
+    dtype = LowDtype.BF16 if step.dtype is LowDtype.FP8 else step.dtype
     for u in step.units:
         lost, partial = u.lost_fraction, u.lost_fraction + u.partly_lost_fraction
         stochastic = step.stochastic_rounding and u.mean_update_ratio is not None

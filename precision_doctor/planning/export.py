@@ -383,7 +383,8 @@ def export_caveats(plan: Plan, export_format: ExportFormat | str, deepspeed_vers
         shown = ", ".join(kept32[:5]) + (f" and {len(kept32) - 5} more" if len(kept32) > 5 else "")
         return [
             f"this export converts the fp8 layers only; the plan also keeps {shown} in fp32: "
-            "apply_plan(model, the json plan) after converting"
+            "after converting, apply_plan(model, plan) with the plan's json (`--export plan.json`, or the "
+            "report `--out` writes)"
         ]
     pure = _pure_caveat(plan, export_format)
     if carries_module_dtypes(export_format, deepspeed_version):
@@ -622,7 +623,8 @@ tensorwise ~ Float8CurrentScaling (a dynamic scale per tensor), rowwise ~ Float8
 fp8_autocast region: with mixed recipes, wrap each layer's forward in its own region
 (te_recipe(path)).
 
-    swap_to_te(model)
+    swap_to_te(model)  # before the optimizer is made: the te.Linear weights are new parameters
+    recipe = te_recipe(next(iter(TE_LINEAR_MODULES)))  # one recipe: the plan's only one
     with torch.autocast("cuda", dtype=torch.bfloat16), te.fp8_autocast(enabled=True, fp8_recipe=recipe):
         loss = loss_fn(model(batch), batch)
 """
@@ -645,7 +647,8 @@ def te_recipe(path):
 
 
 def swap_to_te(model):
-    """Replace each module of TE_LINEAR_MODULES by a te.Linear holding the same parameters."""
+    """Replace each module of TE_LINEAR_MODULES by a te.Linear with a copy of its weights (new
+    parameter objects: make the optimizer after this)."""
     import torch
     import transformer_engine.pytorch as te
 

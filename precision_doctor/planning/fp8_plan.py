@@ -51,6 +51,7 @@ from precision_doctor.planning.plan import (
     Verification,
     fp32_reference,
     hard_fp32_reasons,
+    is_tie,
     module_classes,
     verify_plan,
 )
@@ -432,7 +433,10 @@ def _cheaper_or_budget(
         flipped = list(chosen)
         flipped[i] = k
         dt = problem.objective(flipped) - base
-        costlier.append(f"{c.label} would cost {format_seconds(dt, sign=True)} per step")
+        if is_tie(dt, base):
+            costlier.append(f"{c.label} would save no time here (on a tie it stays {here.label})")
+        else:
+            costlier.append(f"{c.label} would cost {format_seconds(dt, sign=True)} per step")
     budget = f"of the {search.tolerance:.0e} tolerance"
     if not over_budget:
         return f"cheaper in {here.label}: " + "; ".join(costlier)

@@ -260,6 +260,14 @@ CHEAPER_IN_FP32 = "cheaper in fp32"
 """How the reason of a unit kept in fp32 for its cost alone begins (it runs safely low)."""
 
 
+def is_tie(dt: float, base: float) -> bool:
+    """A change of the objective by `dt` against its value `base` that is no cost worth a
+    number: under a picosecond, or under the MILP solver's own tolerances relative to the
+    objective (HiGHS's 1e-7: a plan of 10 ms kept a unit fp32 whose low label "would cost
+    -1.15 ns per step")."""
+    return abs(dt) < max(1e-12, 1e-6 * abs(base))
+
+
 def hard_fp32_reasons(report: Report) -> dict[str, str]:
     """Units that must not run low: they overflow or turn non-finite there, or their own error
     is an error-severity finding (DIVERGENCE, ERROR_GROWTH: the verdict's "not safe as-is",
@@ -283,7 +291,9 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
             if f.flag in _HARD_FLAGS:
                 reasons[u.name] = f"{f.flag}: {u.name} {_HARD_FLAGS[f.flag]} in {dtype} ({f.evidence.message})"
                 break
-            if f.flag in _ERROR_FLAGS and f.severity is Severity.ERROR:
+            if f.flag in _ERROR_FLAGS and f.severity is Severity.ERROR and dtype is not LowDtype.FP8:
+                # (An fp8 analysis' error comes from its one recipe's matmuls: the fp8 plan
+                # weighs every recipe and bf16 for the layer, each gated on its own error.)
                 reasons[u.name] = f"{f.flag} (error) in {dtype}: {f.evidence.message}"
                 break
         else:
@@ -962,10 +972,9 @@ def _fp32_reasons(
                 )
             else:
                 dt = problem.objective(flipped) - base
-                # Under a picosecond: a tie (the search keeps fp32 then), not a cost worth a number.
                 cost = (
                     f"low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
-                    if abs(dt) >= 1e-12
+                    if not is_tie(dt, base)
                     else "running it low saves no time here (on a tie it stays fp32)"
                 )
                 reasons[n] = f"{CHEAPER_IN_FP32}: {cost}"

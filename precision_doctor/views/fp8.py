@@ -136,7 +136,10 @@ def fp8_next_steps(report: Report, command: Sequence[str]) -> list[str]:
         order = [r.value for r in Fp8Recipe]
         best = max(recipes, key=order.index)
         run = [*command, "--dtype", "fp8", "--fp8-recipe", best]
-        lines.append(f"check the {best} recipe: {shlex.join(run)}")
+        blackwell = (
+            " (Blackwell GPUs only: MX block scaling needs their tensor cores)" if best == Fp8Recipe.MXFP8 else ""
+        )
+        lines.append(f"check the {best} recipe{blackwell}: {shlex.join(run)}")
     return lines
 
 
