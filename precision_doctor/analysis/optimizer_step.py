@@ -28,10 +28,11 @@ increments are lost later in training too (`exp_avg_sq * 0.999` is `exp_avg_sq` 
 bf16 once it is a third of g^2), which one step from a fresh state cannot show.
 
 An optimizer that rounds stochastically (torchao's `_AdamW(bf16_stochastic_round=True)`:
-`rounds_stochastically`, the same step from two seeds) moves a weight by a whole spacing with
-the probability of its update's share of it: most elements keep their value in any one step,
-yet the updates arrive on average. Its steps are judged by that mean
-(`StepFidelity.mean_update_ratio`), not by the elements one draw left unchanged.
+`rounds_stochastically`, the same step on a probe weight from two seeds) moves a weight by a
+whole spacing with the probability of its update's share of it: most elements keep their
+value in any one step, yet the updates arrive on average. Its steps are judged by that mean
+(`StepFidelity.mean_update_ratio`, less three standard errors of the one draw the steps take
+under a fixed seed), not by the elements one draw left unchanged.
 """
 
 from __future__ import annotations

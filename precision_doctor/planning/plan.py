@@ -269,10 +269,10 @@ def is_tie(dt: float, base: float) -> bool:
 
 
 def hard_fp32_reasons(report: Report) -> dict[str, str]:
-    """Units that must not run low: they overflow or turn non-finite there, or their own error
-    is an error-severity finding (DIVERGENCE, ERROR_GROWTH: the verdict's "not safe as-is",
-    which a plan within the final-loss budget would leave standing, and the pre-flight judges
-    a plan by the findings of the units it runs low)."""
+    """Units that must not run low: they overflow or turn non-finite there, or (an fp16 or bf16
+    analysis) their own error is an error-severity finding (DIVERGENCE, ERROR_GROWTH: the
+    verdict's "not safe as-is", which a plan within the final-loss budget would leave
+    standing, and the pre-flight judges a plan by the findings of the units it runs low)."""
     reasons: dict[str, str] = {}
     dtype = report.environment.dtype
     for u in report.units:

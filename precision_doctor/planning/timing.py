@@ -109,9 +109,8 @@ def time_module_s(
     repeats: int = DEFAULT_REPEATS,
 ) -> float:
     """The least seconds of `repeats` forward + backward passes of `module` on `call`'s inputs,
-    in fp32 (`low=None`) or under autocast to `low` (on a busy machine the median of a tiny
-    unit's timings held tens of ms of waiting for a core: a 768x1 head timed as a 768x768
-    layer)."""
+    in fp32 (`low=None`) or under autocast to `low` (other work on the machine only adds time:
+    the least is the steadier figure)."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def fresh_inputs() -> tuple[tuple[Any, ...], dict[str, Any]]:
