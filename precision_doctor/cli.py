@@ -758,8 +758,10 @@ def _print_preflight(result: PreflightResult, *, as_json: bool) -> None:
         console.print(f"  (note, {r.severity}) {r.line()}")
     for run in result.runs.values():
         div = "" if run.max_divergence is None else f", loss divergence {run.max_divergence:.2e}"
+        # The untrained run applies no update by design: its "skips" are no GradScaler's.
+        skipped = "" if run.mode == "untrained" else f"skipped {len(run.skipped_steps)}, "
         console.print(
-            f"  {run.mode:8s} {run.description}: skipped {len(run.skipped_steps)}, "
+            f"  {run.mode:9s} {run.description}: {skipped}"
             f"non-finite {len(run.nonfinite_steps)}{div}; losses " + " ".join(f"{v:.4g}" for v in run.losses)
         )
     for m in result.messages:

@@ -170,7 +170,7 @@ class StepRecord(Frozen):
 
 class ModeRun(Frozen):
     mode: str
-    """"fp32", "low" or "planned"."""
+    """"fp32", "low", "planned"; "bf16" (fp8); "master" and "untrained" (pure regime)."""
     description: str
     units: dict[str, PlanUnitDtype] = Field(default_factory=dict)
     """Per unit, where the run differs from its default ("" key); an fp8 plan's planned run

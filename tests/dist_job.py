@@ -155,6 +155,16 @@ def main(out_dir: Path) -> None:
     model, x = ddp_of(1.0)
     results["preflight"] = json.loads(pd.preflight(model, x, case.loss_fn, steps=PREFLIGHT_STEPS).to_json())
 
+    # Pure regime, rank 0 with one batch and rank 1 with two: whether batches vary (the
+    # `untrained` run) is the job's, or rank 0 paired its planned run's collectives with rank
+    # 1's untrained run.
+    model, x = ddp_of(1.0)
+    batches = [x] if rank == 0 else [x, x * 2]
+    pure = pd.preflight(
+        model, x, case.loss_fn, dtype="bf16", regime="pure", steps=2, plan=False, make_batches=lambda: batches
+    )
+    results["pure_runs"] = sorted(pure.runs)
+
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 

@@ -305,6 +305,12 @@ def test_preflight_under_ddp_trains_data_parallel_and_agrees(ranks: list[dict[st
         assert run.skipped_steps == whole.runs[mode].skipped_steps
 
 
+def test_whether_batches_vary_is_the_jobs(ranks: list[dict[str, Any]]) -> None:
+    """Rank 0 with one batch, rank 1 with two (pure regime): both run the `untrained` run, or
+    their collectives pair different runs' steps (rank 1 died "lost the other ranks")."""
+    assert ranks[0]["pure_runs"] == ranks[1]["pure_runs"] and "untrained" in ranks[0]["pure_runs"]
+
+
 def rank_logs(logs: Path) -> dict[int, tuple[str, str]]:
     """torchrun's per-rank stdout and stderr (`--log-dir`, `--redirects 3`)."""
     return {

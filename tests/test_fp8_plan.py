@@ -476,7 +476,10 @@ def test_an_fp8_analysis_error_finding_leaves_the_layer_to_the_recipes(lm: tuple
     flagged = report.with_unit_flags({layer: [growth]})
     assert layer not in hard_fp32_reasons(flagged)
     as_bf16 = flagged.model_copy(
-        update={"environment": flagged.environment.model_copy(update={"dtype": LowDtype.BF16})}
+        update={
+            "environment": flagged.environment.model_copy(update={"dtype": LowDtype.BF16}),
+            "extras": flagged.extras.model_copy(update={"fp8": None}),
+        }
     )
     assert hard_fp32_reasons(as_bf16)[layer].startswith("ERROR_GROWTH (error) in bf16")
 
@@ -489,3 +492,41 @@ def test_an_fp8_analysis_optimizer_step_is_said_of_bf16_weights() -> None:
     lost = [f for f in report.flags() if f.flag.value == "LOST_UPDATE"]
     assert lost, [f.flag.value for f in report.flags()]  # the precondition: lr 1e-6 loses updates in bf16
     assert all("with bf16 weights" in f.evidence.message and "fp8" not in f.evidence.message for f in lost)
+
+
+def test_the_preflight_judges_an_fp8_layers_error_finding_only_under_the_analysed_recipe() -> None:
+    """The plan leaves an fp8 layer with an ERROR_GROWTH error to the recipes; the pre-flight
+    counted the finding against any plan running it low (bf16, another recipe), so that plan
+    was no-go. It counts where the plan runs the layer under the analysed recipe, as the fp8
+    findings; a unit that is no converted Linear stays pinned fp32 by such a finding."""
+    from precision_doctor.analysis.flags import Evidence, FlagRecord
+    from precision_doctor.options import Flag, Phase, Severity, Thresholds
+    from precision_doctor.planning.plan import hard_fp32_reasons
+    from precision_doctor.training.preflight import _Judge
+
+    case = build_outlier_weight_lm()
+    report = pd.analyze(case.model, case.batch, case.loss_fn, dtype="fp8")
+    assert report.extras.fp8 is not None
+    layer = report.extras.fp8.layers[0]
+    other = next(u.name for u in report.units if u.name not in report.extras.fp8.layers and u.name != "<loss>")
+
+    def growth(unit: str) -> FlagRecord:
+        return FlagRecord(
+            flag=Flag.ERROR_GROWTH, unit=unit, severity=Severity.ERROR,
+            evidence=Evidence(op=None, phase=Phase.FORWARD, message="grows"),
+        )  # fmt: skip
+
+    flagged = report.with_unit_flags({layer: [growth(layer)], other: [growth(other)]})
+    hard = hard_fp32_reasons(flagged)
+    assert layer not in hard and hard[other].startswith("ERROR_GROWTH (error) in fp8")
+    judge = _Judge(flagged, {}, LowDtype.FP8, False, Thresholds(), None, None, 0.05, 2)
+    analysed = f"fp8:{report.extras.fp8.recipe}"
+
+    def counted(label: str) -> set[str]:
+        units = {"": "fp32", layer: label, other: "fp32"}
+        return {r.unit or "" for r in judge.analysis_reasons(units, None) if r.risk == "ERROR_GROWTH"}
+
+    assert counted(analysed) == {layer}
+    assert (
+        counted("bf16") == set() and counted("fp8:rowwise" if analysed != "fp8:rowwise" else "fp8:tensorwise") == set()
+    )

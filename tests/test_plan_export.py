@@ -652,3 +652,12 @@ def test_a_unit_with_an_error_finding_stays_fp32_though_the_loss_is_within_budge
     assert side.reason.startswith(("DIVERGENCE (error)", "ERROR_GROWTH (error)")), side.reason
     result = pd.preflight(model, x, loss_fn, dtype=dtype, steps=2, judge="planned")
     assert not [r for r in result.reasons if r.mode == "analysis"], [r.line() for r in result.reasons]
+
+
+def test_a_cost_within_the_solvers_tolerance_is_a_tie() -> None:
+    """HiGHS stops within its MIP gap (1e-6 of the objective it solves, scaled by the units'
+    fp32 times): a 10 ms plan kept a unit fp32 whose low label "would cost -1.15 ns per step"."""
+    from precision_doctor.planning.plan import is_tie
+
+    assert is_tie(-1.15e-9, 10e-3) and is_tie(5e-13, 0.0)
+    assert not is_tie(1e-6, 10e-3) and not is_tie(-1e-6, 10e-3)

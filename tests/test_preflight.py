@@ -714,3 +714,21 @@ def test_a_rising_loss_is_said_to_rise_and_a_broken_control_measures_no_floor() 
     out = _compared(BrokenControl(), runs, lambda _m: None, {}, 0.05, LowDtype.BF16)  # type: ignore[arg-type]
     assert out["low"].max_divergence is not None and out["low"].max_divergence > 0.05
     assert out["low"].noise_floor is None
+
+
+def test_a_batch_with_a_loss_near_zero_does_not_outweigh_the_others() -> None:
+    """The batch-by-batch descent averaged relative changes: a last-quarter batch at 1e-4 beside
+    one at 10 made a master run that fell 5% on the real batch read as rising, and hid the
+    stall. Summed over the batches, it falls."""
+    from precision_doctor.extras import ModeRun, StepRecord
+    from precision_doctor.training.preflight import _stalled
+
+    def run(mode: str, losses: list[float]) -> ModeRun:
+        steps = [StepRecord(step=i, loss=v, grads_finite=True) for i, v in enumerate(losses)]
+        return ModeRun(mode=mode, description="", steps=steps, skipped_steps=[], nonfinite_steps=[], seconds=0.0)
+
+    untrained = run("untrained", [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 1e-4])
+    master = run("master", [10.0, 9.9, 9.8, 9.7, 9.6, 9.5, 9.5, 3e-4])
+    low = run("low", [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 1e-4])
+    (stall,) = _stalled(low, master, untrained)
+    assert stall.risk == "STALLED_LOSS" and "the loss falls 0%" in stall.message

@@ -657,9 +657,10 @@ def _low_run(
     guard: ModelStateGuard,
     sharded_job: bool = False,
 ) -> LowRun:
-    """The real low-precision forward, as `regime` training executes it. If it fails, the
-    model is run once in fp32 to tell a broken model or loss function (reported as such) from
-    a model that fails only in the low precision, as real training would. In a sharded job
+    """The real low-precision forward, as `regime` training executes it. If the model or loss
+    fails (not a check of precision-doctor's own, said as it is), the model is run once in
+    fp32 to tell a broken model or loss function (reported as such) from a model that fails
+    only in the low precision, as real training would. In a sharded job
     (`sharded_job`) a failure aborts the job at once (`fail_fast`), with no fp32 rerun: the
     other ranks are in the model's collectives, not in a rerun's."""
     try:

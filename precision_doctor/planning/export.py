@@ -624,7 +624,7 @@ fp8_autocast region: with mixed recipes, wrap each layer's forward in its own re
 (te_recipe(path)).
 
     swap_to_te(model)  # before the optimizer is made: the te.Linear weights are new parameters
-    recipe = te_recipe(next(iter(TE_LINEAR_MODULES)))  # one recipe: the plan's only one
+    recipe = te_recipe(next(iter(TE_LINEAR_MODULES)))  # a plan of one recipe (else a region per layer)
     with torch.autocast("cuda", dtype=torch.bfloat16), te.fp8_autocast(enabled=True, fp8_recipe=recipe):
         loss = loss_fn(model(batch), batch)
 """

@@ -262,19 +262,24 @@ CHEAPER_IN_FP32 = "cheaper in fp32"
 
 def is_tie(dt: float, base: float) -> bool:
     """A change of the objective by `dt` against its value `base` that is no cost worth a
-    number: under a picosecond, or under the MILP solver's own tolerances relative to the
-    objective (HiGHS's 1e-7: a plan of 10 ms kept a unit fp32 whose low label "would cost
-    -1.15 ns per step")."""
-    return abs(dt) < max(1e-12, 1e-6 * abs(base))
+    number: under a picosecond, or within the MILP solver's own tolerance (HiGHS's absolute
+    MIP gap, 1e-6 of the objective as `planning.search` scales it, by the units' fp32 times:
+    a plan of 10 ms kept a unit fp32 whose low label "would cost -1.15 ns per step"). Taken
+    as 1e-5 of the objective: fp32 is at most a few times a plan's time."""
+    return abs(dt) < max(1e-12, 1e-5 * abs(base))
 
 
 def hard_fp32_reasons(report: Report) -> dict[str, str]:
-    """Units that must not run low: they overflow or turn non-finite there, or (an fp16 or bf16
-    analysis) their own error is an error-severity finding (DIVERGENCE, ERROR_GROWTH: the
-    verdict's "not safe as-is", which a plan within the final-loss budget would leave
-    standing, and the pre-flight judges a plan by the findings of the units it runs low)."""
+    """Units that must not run low: they overflow or turn non-finite there, or their own error
+    is an error-severity finding (DIVERGENCE, ERROR_GROWTH: the verdict's "not safe as-is",
+    which a plan within the final-loss budget would leave standing, and the pre-flight judges
+    a plan by the findings of the units it runs low), but for an fp8 analysis' converted
+    Linears, which the fp8 plan gates recipe by recipe."""
     reasons: dict[str, str] = {}
     dtype = report.environment.dtype
+    # An fp8 analysis' converted Linears: their error comes from the analysed recipe's matmuls,
+    # and the fp8 plan weighs every recipe and bf16 for them, each gated on its own error.
+    recipe_gated = set(report.extras.fp8.layers) if report.extras.fp8 is not None else set()
     for u in report.units:
         if u.name == LOSS_UNIT:
             why = "GradScaler scales an fp32 loss" if dtype is LowDtype.FP16 else "as autocast runs it"
@@ -291,9 +296,7 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
             if f.flag in _HARD_FLAGS:
                 reasons[u.name] = f"{f.flag}: {u.name} {_HARD_FLAGS[f.flag]} in {dtype} ({f.evidence.message})"
                 break
-            if f.flag in _ERROR_FLAGS and f.severity is Severity.ERROR and dtype is not LowDtype.FP8:
-                # (An fp8 analysis' error comes from its one recipe's matmuls: the fp8 plan
-                # weighs every recipe and bf16 for the layer, each gated on its own error.)
+            if f.flag in _ERROR_FLAGS and f.severity is Severity.ERROR and u.name not in recipe_gated:
                 reasons[u.name] = f"{f.flag} (error) in {dtype}: {f.evidence.message}"
                 break
         else:

@@ -16,6 +16,8 @@ and optimizer (the objects passed in are never touched):
   holds fp32 copies (its state fp32 too), the low gradients are copied up before each step and
   the stepped weights cast down after it; in the pure regime each step also records the
   fraction of the trained weights it left unchanged (`StepRecord.unchanged_fraction`);
+- `untrained` (pure regime, batches that vary): the low model with no update applied, each
+  batch's loss before training, which STALLED_LOSS reads the others against;
 - `planned`: the recommended per-unit plan (`planning.plan`) as `apply_plan` installs it,
   inside `torch.autocast` (plans are autocast override configurations, whatever `regime`
   the analysis ran) and, for fp16, a GradScaler started at the recommended initial loss scale
@@ -868,10 +870,13 @@ def _descent(run: ModeRun, untrained: ModeRun | None = None) -> float | None:
         return None
     quarter = max(1, len(losses) // 4)
     if untrained is not None and len(untrained.losses) == len(losses):
+        # Summed over the batches, not averaged per batch: a batch whose loss is near 0 would
+        # outweigh the rest.
         before = untrained.losses[-quarter:]
-        if not all(math.isfinite(v) and v != 0 for v in before):
+        scale = sum(abs(b) for b in before)
+        if not all(math.isfinite(v) for v in before) or scale == 0:
             return None
-        return sum((b - v) / abs(b) for b, v in zip(before, losses[-quarter:], strict=True)) / quarter
+        return (sum(before) - sum(losses[-quarter:])) / scale
     tail = losses[-quarter:]
     return (losses[0] - sum(tail) / len(tail)) / abs(losses[0])
 
@@ -1057,7 +1062,7 @@ def preflight(
     )
     # The delayed-scaling model covers the fp8 layers of the run the verdict judges.
     judged_fp8 = fp8.planned if fp8 is not None and judge is Judge.PLANNED else fp8
-    for k in ("fp32", "bf16", "low", "planned"):
+    for k in ("fp32", "bf16", "low", "master", "untrained", "planned"):
         if k in runs:
             timings[f"run_{k}"] = runs[k].seconds
     runs = _compared(trainer, runs, say, timings, loss_tolerance, LowDtype.BF16 if fp8 else low)
@@ -1362,7 +1367,7 @@ def _training_runs(
             master=True,
             track_unchanged=True,
         )
-        if len({id(b) for b in trainer.batches}) > 1:
+        if any(exchange(len({id(b) for b in trainer.batches}) > 1)):  # every rank runs it, or none
             # Batches that vary: each one's loss before any update, which the runs' descents are
             # read against batch by batch (STALLED_LOSS), not against the first batch's loss.
             say(f"{low} losses before training, batch by batch")
@@ -1566,11 +1571,14 @@ class _Judge:
             ]
             flags.sort(key=report.flag_order)
         out = []
+        fp8_layers = set(report.extras.fp8.layers) if report.extras.fp8 is not None else set()
         for f in flags:
             runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
-            if f.flag in FP8_FLAGS and units is not None:
+            gated = f.flag in FP8_FLAGS or (f.flag in (Flag.DIVERGENCE, Flag.ERROR_GROWTH) and f.unit in fp8_layers)
+            if gated and units is not None:
                 # Measured under the analysis' recipe: a plan running the layer in bf16, or
-                # under a recipe the plan's gate and verification passed, does not carry it.
+                # under a recipe the plan's gate and verification passed, does not carry it
+                # (nor the error an fp8 layer's matmuls made under that recipe).
                 runs_low = units.get(f.unit) == self.analysed_fp8_label()
             if runs_low or f.flag is Flag.NONFINITE_FP32:
                 out.append(

@@ -100,7 +100,7 @@ def preflight_run_rows(pre: PreflightSection) -> list[dict[str, Any]]:
             "run": name,
             "configuration": r.description,
             "steps": len(r.steps),
-            "skipped": len(r.skipped_steps),
+            "skipped": len(r.skipped_steps) if name != "untrained" else None,  # no update by design
             "non-finite": len(r.nonfinite_steps),
             "max loss divergence": fmt(r.max_divergence),
         }
