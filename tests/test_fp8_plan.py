@@ -530,3 +530,32 @@ def test_the_preflight_judges_an_fp8_layers_error_finding_only_under_the_analyse
     assert (
         counted("bf16") == set() and counted("fp8:rowwise" if analysed != "fp8:rowwise" else "fp8:tensorwise") == set()
     )
+
+
+def test_the_fp8_plan_refuses_the_analysed_recipe_for_a_layer_with_an_error_finding(
+    lm: tuple[Case, Report, Plan],
+) -> None:
+    """The plan left an fp8 layer with an error-severity ERROR_GROWTH (measured under the
+    analysed recipe) under that same recipe, and its own pre-flight refused it for the finding.
+    The recipe is refused for the layer, with the finding as its reason; the plan's pre-flight
+    judgment carries no such finding."""
+    from precision_doctor.analysis.flags import Evidence, FlagRecord
+    from precision_doctor.options import Flag, Phase, Severity, Thresholds
+    from precision_doctor.training.preflight import _Judge
+
+    case, report, plan = lm
+    assert report.extras.fp8 is not None
+    analysed = f"fp8:{report.extras.fp8.recipe}"
+    layer = next(u for u, d in plan.units.items() if d == analysed)  # the precondition
+    growth = FlagRecord(
+        flag=Flag.ERROR_GROWTH, unit=layer, severity=Severity.ERROR,
+        evidence=Evidence(op=None, phase=Phase.FORWARD, message="propagated error grows from 0.01 to 0.8"),
+    )  # fmt: skip
+    flagged = report.with_unit_flags({layer: [growth]})
+    replanned = plan_model(
+        case.model, case.batch, case.loss_fn, flagged, costs=build_cost_model(flagged, COMPUTE_BOUND)
+    )
+    assert replanned.units[layer] != analysed, replanned.units
+    units = {**replanned.units, "": "fp32"}
+    judge = _Judge(flagged, {}, LowDtype.FP8, False, Thresholds(), units, None, 0.05, 2)
+    assert not [r for r in judge.analysis_reasons(units, None) if r.risk == "ERROR_GROWTH"]

@@ -656,8 +656,17 @@ def test_a_unit_with_an_error_finding_stays_fp32_though_the_loss_is_within_budge
 
 def test_a_cost_within_the_solvers_tolerance_is_a_tie() -> None:
     """HiGHS stops within its MIP gap (1e-6 of the objective it solves, scaled by the units'
-    fp32 times): a 10 ms plan kept a unit fp32 whose low label "would cost -1.15 ns per step"."""
+    fp32 times): a 10 ms plan kept a unit fp32 whose low label "would cost -1.15 ns per step".
+    The tie is read at twice that gap, on the solver's own scale."""
     from precision_doctor.planning.plan import is_tie
+    from precision_doctor.planning.search import Choice, PlanProblem
 
-    assert is_tie(-1.15e-9, 10e-3) and is_tie(5e-13, 0.0)
-    assert not is_tie(1e-6, 10e-3) and not is_tie(-1e-6, 10e-3)
+    problem = PlanProblem(
+        names=("a", "b"),
+        choices=((Choice("fp32", 0.25e-3, 0), Choice("bf16", 0.1e-3, 0)),) * 2,
+        edges=(),
+        error_budget=1.0,
+    )
+    assert problem.solver_scale == pytest.approx(0.5e-3)  # what the solver's tolerances apply to
+    assert is_tie(-0.9e-9, problem.solver_scale) and is_tie(5e-13, 0.0)
+    assert not is_tie(1.1e-9, problem.solver_scale) and not is_tie(-1e-6, problem.solver_scale)

@@ -732,3 +732,7 @@ def test_a_batch_with_a_loss_near_zero_does_not_outweigh_the_others() -> None:
     low = run("low", [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 1e-4])
     (stall,) = _stalled(low, master, untrained)
     assert stall.risk == "STALLED_LOSS" and "the loss falls 0%" in stall.message
+    # A first batch whose loss is exactly 0 does not turn the batch-by-batch reading off.
+    zero_first = [0.0, 5.0] * 4
+    (stall,) = _stalled(run("low", zero_first), run("master", [0.0, 5.0] * 3 + [0.0, 4.5]), run("u", zero_first))
+    assert stall.risk == "STALLED_LOSS"

@@ -50,7 +50,7 @@ from precision_doctor.capture.fp8 import (
     require_torchao,
 )
 from precision_doctor.extras import Fp8Gemm
-from precision_doctor.options import Fp8Recipe, fp8_recipe_of
+from precision_doctor.options import Flag, Fp8Recipe, Severity, fp8_recipe_of
 from precision_doctor.planning.cost import MX_NEEDS, DeviceProfile
 from precision_doctor.report import Report
 
@@ -154,12 +154,27 @@ def fp8_layers(model: torch.nn.Module, report: Report, profile: DeviceProfile | 
         refused: dict[Fp8Recipe, str] = {}
         for recipe in Fp8Recipe:
             mx = _mx_reason(module, profile) if recipe is Fp8Recipe.MXFP8 else None
-            why = shape or mx or _gate(gemms, recipe, report)
+            why = shape or mx or _gate(gemms, recipe, report) or _own_error(report, name, recipe)
             if why is not None:
                 refused[recipe] = why
         allowed = tuple(r for r in Fp8Recipe if r not in refused)
         out[name] = Fp8Layer(name, in_f, out_f, allowed, refused)
     return out
+
+
+def _own_error(report: Report, layer: str, recipe: Fp8Recipe) -> str | None:
+    """Why `recipe` is refused for `layer` on the layer's own error: an error-severity
+    DIVERGENCE or ERROR_GROWTH the analysis measured under that recipe (the verdict's "not
+    safe as-is", which the pre-flight counts against a plan running the layer so; under
+    another recipe, or in bf16, the finding was not measured)."""
+    section = report.extras.fp8
+    if section is None or Fp8Recipe(section.recipe) is not recipe:
+        return None
+    unit = report.by_module().get(layer)
+    for f in unit.flags if unit is not None else []:
+        if f.flag in (Flag.DIVERGENCE, Flag.ERROR_GROWTH) and f.severity is Severity.ERROR:
+            return f"{f.flag} (error) under {recipe}: {f.evidence.message}"
+    return None
 
 
 def fp8_error(report: Report, layer: str, recipe: Fp8Recipe) -> float:

@@ -433,7 +433,7 @@ def _cheaper_or_budget(
         flipped = list(chosen)
         flipped[i] = k
         dt = problem.objective(flipped) - base
-        if is_tie(dt, base):
+        if is_tie(dt, problem.solver_scale):
             costlier.append(f"{c.label} would save no time here (on a tie it stays {here.label})")
         else:
             costlier.append(f"{c.label} would cost {format_seconds(dt, sign=True)} per step")

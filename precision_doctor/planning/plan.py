@@ -260,13 +260,12 @@ CHEAPER_IN_FP32 = "cheaper in fp32"
 """How the reason of a unit kept in fp32 for its cost alone begins (it runs safely low)."""
 
 
-def is_tie(dt: float, base: float) -> bool:
-    """A change of the objective by `dt` against its value `base` that is no cost worth a
-    number: under a picosecond, or within the MILP solver's own tolerance (HiGHS's absolute
-    MIP gap, 1e-6 of the objective as `planning.search` scales it, by the units' fp32 times:
-    a plan of 10 ms kept a unit fp32 whose low label "would cost -1.15 ns per step"). Taken
-    as 1e-5 of the objective: fp32 is at most a few times a plan's time."""
-    return abs(dt) < max(1e-12, 1e-5 * abs(base))
+def is_tie(dt: float, solver_scale: float) -> bool:
+    """A change of the objective by `dt` that is no cost worth a number: under a picosecond, or
+    within the MILP solver's own tolerance, HiGHS's absolute MIP gap of 1e-6 on the objective
+    over `solver_scale` (`PlanProblem.solver_scale`: a plan of 10 ms kept a unit fp32 whose
+    low label "would cost -1.15 ns per step"), doubled for its feasibility tolerance."""
+    return abs(dt) < max(1e-12, 2e-6 * solver_scale)
 
 
 def hard_fp32_reasons(report: Report) -> dict[str, str]:
@@ -977,7 +976,7 @@ def _fp32_reasons(
                 dt = problem.objective(flipped) - base
                 cost = (
                     f"low would cost {format_seconds(dt, sign=True)} per step (casts around it)"
-                    if not is_tie(dt, base)
+                    if not is_tie(dt, problem.solver_scale)
                     else "running it low saves no time here (on a tie it stays fp32)"
                 )
                 reasons[n] = f"{CHEAPER_IN_FP32}: {cost}"

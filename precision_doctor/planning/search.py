@@ -66,6 +66,12 @@ class PlanProblem:
         if len(self.choices) != len(self.names) or any(not c for c in self.choices):
             raise ValueError("a plan problem needs at least one choice for every unit")
 
+    @property
+    def solver_scale(self) -> float:
+        """What `solve_milp` divides the objective by (the units' first choices' times, fp32's
+        for a dtype plan): HiGHS's tolerances, absolute, apply to the objective over this."""
+        return max(sum(cs[0].time_s for cs in self.choices), 1e-30)
+
     def chosen_choices(self, chosen: Sequence[int]) -> list[Choice]:
         return [cs[k] for cs, k in zip(self.choices, chosen, strict=True)]
 
@@ -106,7 +112,7 @@ def solve_milp(problem: PlanProblem) -> Solution:
     nz = offsets[-1]
     size = nz + m
     # Scale to O(1): HiGHS' tolerances are absolute.
-    scale = max(sum(cs[0].time_s for cs in problem.choices), 1e-30)
+    scale = problem.solver_scale
     w = problem.memory_weight_s_per_byte
     c = np.zeros(size)
     for u, cs in enumerate(problem.choices):

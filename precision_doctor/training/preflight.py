@@ -866,7 +866,7 @@ def _descent(run: ModeRun, untrained: ModeRun | None = None) -> float | None:
     by batch against that batch's own (a batch's loss varies more than training moves it in
     a few steps); None where a loss is not finite or the run is too short."""
     losses = run.losses
-    if len(losses) < 2 or not all(math.isfinite(v) for v in losses) or losses[0] == 0:
+    if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
         return None
     quarter = max(1, len(losses) // 4)
     if untrained is not None and len(untrained.losses) == len(losses):
@@ -877,6 +877,8 @@ def _descent(run: ModeRun, untrained: ModeRun | None = None) -> float | None:
         if not all(math.isfinite(v) for v in before) or scale == 0:
             return None
         return (sum(before) - sum(losses[-quarter:])) / scale
+    if losses[0] == 0:
+        return None
     tail = losses[-quarter:]
     return (losses[0] - sum(tail) / len(tail)) / abs(losses[0])
 
