@@ -471,7 +471,7 @@ def test_a_stepped_optimizer_is_pointed_at_the_master_copies_with_its_state() ->
     copy moves to the copy, in fp32 as it was made; a weight held low without one gets its
     state in the low dtype, as an optimizer over the low weights keeps it."""
     from precision_doctor.planning.master import hold_plan_weights
-    from precision_doctor.training.preflight import _point_at_masters, _to_low
+    from precision_doctor.training.preflight import _point_at_masters, _state_like_params
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -481,7 +481,7 @@ def test_a_stepped_optimizer_is_pointed_at_the_master_copies_with_its_state() ->
     before = {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
     held = hold_plan_weights(model, {"0": True, "1": True}, ["0"], torch.bfloat16)
     _point_at_masters(opt, held)
-    _to_low(model, opt, torch.bfloat16, model_cast=False)
+    _state_like_params(opt)
     params = dict(model.named_parameters())
     for n in ("0.weight", "0.bias"):
         master = held.master(params[n])

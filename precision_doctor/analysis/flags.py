@@ -446,6 +446,16 @@ def _grad_overflow(
     return _grad_flag(Flag.GRAD_OVERFLOW, Severity.ERROR, unit, op, f"{what}: {why}", **values)
 
 
+OWN_ERROR_FLAGS = frozenset({Flag.DIVERGENCE, Flag.ERROR_GROWTH})
+"""The findings on a unit's own forward error: at error severity, what makes the verdict "not
+safe as-is" where the final loss is within tolerance."""
+
+
+def own_error_finding(unit: Unit) -> FlagRecord | None:
+    """`unit`'s first error-severity finding on its own error (`OWN_ERROR_FLAGS`), if any."""
+    return next((f for f in unit.flags if f.flag in OWN_ERROR_FLAGS and f.severity is Severity.ERROR), None)
+
+
 GRADSCALER_GROWTH_INTERVAL = 2000
 """torch.amp.GradScaler's default growth_interval: it doubles its scale after this many steps
 in a row without Inf/NaN."""

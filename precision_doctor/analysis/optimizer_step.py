@@ -119,13 +119,14 @@ class _Counts:
         # multiple of the spacing. Rounding up (more than intended) is no loss.
         short = applied * intended.sign() < 0.5 * intended.abs()
         self.partly_lost += int((changed & moved & short).sum())
-        self.sum_sq_intended += float(intended.double().square().sum())
-        self.sum_sq_applied += float(applied.double().square().sum())
-        self.sum_abs_intended += float(intended.double().abs().sum())
-        self.sum_applied_along += float((applied.double() * intended.sign()).sum())
+        wide, applied_wide = intended.double(), applied.double()
+        self.sum_sq_intended += float(wide.square().sum())
+        self.sum_sq_applied += float(applied_wide.square().sum())
+        self.sum_abs_intended += float(wide.abs().sum())
+        self.sum_applied_along += float((applied_wide * intended.sign()).sum())
         if spacing is not None:
             s = spacing.double()
-            q = intended.double().abs() / s.clamp(min=1e-300)
+            q = wide.abs() / s.clamp(min=1e-300)
             f = q - q.floor()
             self.sum_move_var += float((f * (1 - f) * s.square()).sum())
 
@@ -260,9 +261,11 @@ def _one_param(
     g: torch.Tensor,
     low: torch.dtype,
     g_low: torch.Tensor | None = None,
+    stochastic: bool = False,
 ) -> tuple[_Counts, dict[str, _Counts], torch.Tensor]:
     """One step on an fp32 copy of `p` with gradient `g` and one on a low copy with gradient
-    `g_low` (the low run's own; by default `g` rounded to `low`). Returns the weights' counts,
+    `g_low` (the low run's own; by default `g` rounded to `low`); `stochastic`: the step rounds
+    stochastically, and its draw's variance is counted. Returns the weights' counts,
     each same-shaped state tensor's, and the lr each changed element needs for its update to
     survive (log2)."""
     w32 = p.detach().float().clone()
@@ -281,7 +284,7 @@ def _one_param(
     opt.step()
     applied = pl.detach().float() - wl.float()
     weights = _Counts()
-    weights.add(intended, applied, 2 * half_spacing(wl.float(), low))
+    weights.add(intended, applied, 2 * half_spacing(wl.float(), low) if stochastic else None)
     del applied
     states: dict[str, _Counts] = {}
     for key, s32 in state32.items():
@@ -364,7 +367,7 @@ def optimizer_step(
                 ]
             for part, grad, grad_low in parts:
                 with torch.no_grad():
-                    w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype, grad_low)
+                    w, s, needed_log2 = _one_param(template, group, part, grad, low_dtype, grad_low, stochastic)
                 weights.merge(w)
                 for key, c in s.items():
                     states.setdefault(key, _Counts()).merge(c)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from precision_doctor.analysis.flags import own_error_finding
 from precision_doctor.analysis.fp8 import gemm_db, sqnr_limit_db
 from precision_doctor.capture.fp8 import (
     MX_BLOCK,
@@ -50,7 +51,7 @@ from precision_doctor.capture.fp8 import (
     require_torchao,
 )
 from precision_doctor.extras import Fp8Gemm
-from precision_doctor.options import Flag, Fp8Recipe, Severity, fp8_recipe_of
+from precision_doctor.options import Fp8Recipe, fp8_recipe_of
 from precision_doctor.planning.cost import MX_NEEDS, DeviceProfile
 from precision_doctor.report import Report
 
@@ -141,7 +142,8 @@ def fp8_layers(model: torch.nn.Module, report: Report, profile: DeviceProfile | 
     if section is None:
         return {}
     modules = dict(model.named_modules())
-    units = {u.name for u in report.units}
+    units = report.by_module()
+    analysed = Fp8Recipe(section.recipe)
     out: dict[str, Fp8Layer] = {}
     for name in section.layers:
         module = modules.get(name)
@@ -154,27 +156,20 @@ def fp8_layers(model: torch.nn.Module, report: Report, profile: DeviceProfile | 
         refused: dict[Fp8Recipe, str] = {}
         for recipe in Fp8Recipe:
             mx = _mx_reason(module, profile) if recipe is Fp8Recipe.MXFP8 else None
-            why = shape or mx or _gate(gemms, recipe, report) or _own_error(report, name, recipe)
+            own = own_error_finding(units[name]) if recipe is analysed else None
+            # An error finding on the layer's own error was measured under the analysed recipe
+            # alone (the pre-flight counts it against a plan running the layer so).
+            why = (
+                shape
+                or mx
+                or _gate(gemms, recipe, report)
+                or (f"{own.flag} (error) under {recipe}: {own.evidence.message}" if own else None)
+            )
             if why is not None:
                 refused[recipe] = why
         allowed = tuple(r for r in Fp8Recipe if r not in refused)
         out[name] = Fp8Layer(name, in_f, out_f, allowed, refused)
     return out
-
-
-def _own_error(report: Report, layer: str, recipe: Fp8Recipe) -> str | None:
-    """Why `recipe` is refused for `layer` on the layer's own error: an error-severity
-    DIVERGENCE or ERROR_GROWTH the analysis measured under that recipe (the verdict's "not
-    safe as-is", which the pre-flight counts against a plan running the layer so; under
-    another recipe, or in bf16, the finding was not measured)."""
-    section = report.extras.fp8
-    if section is None or Fp8Recipe(section.recipe) is not recipe:
-        return None
-    unit = report.by_module().get(layer)
-    for f in unit.flags if unit is not None else []:
-        if f.flag in (Flag.DIVERGENCE, Flag.ERROR_GROWTH) and f.severity is Severity.ERROR:
-            return f"{f.flag} (error) under {recipe}: {f.evidence.message}"
-    return None
 
 
 def fp8_error(report: Report, layer: str, recipe: Fp8Recipe) -> float:

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from pydantic import Field
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from precision_doctor.analysis.flags import gradient_flags_at_scale
+from precision_doctor.analysis.flags import gradient_flags_at_scale, own_error_finding
 from precision_doctor.analysis.loss_scale import LossScaleAdvice, recommend_loss_scale
 from precision_doctor.capture.emulation import UnitOverrides, check_region_dtype, unit_overrides
 from precision_doctor.capture.lowrun import low_run
@@ -51,7 +51,6 @@ from precision_doctor.options import (
     LowDtype,
     PlanUnitDtype,
     Regime,
-    Severity,
     Target,
     UnitDtype,
     percent,
@@ -95,8 +94,6 @@ MEMORY_TIE_BREAK = 1e-6
 """Memory's weight in the objective: saving all activation memory is worth 1e-6 of the fp32
 step time, so memory only breaks ties between plans of equal time."""
 _HARD_FLAGS = {Flag.OVERFLOW: "overflows", Flag.NONFINITE_FP32: "is non-finite even in fp32"}
-_ERROR_FLAGS = (Flag.DIVERGENCE, Flag.ERROR_GROWTH)
-"""Findings on a unit's own forward error: at error severity the unit stays fp32."""
 
 
 class MasterUnit(Frozen):
@@ -291,13 +288,12 @@ def hard_fp32_reasons(report: Report) -> dict[str, str]:
                 "hook's): no module to run low"
             )
             continue
-        for f in u.flags:
-            if f.flag in _HARD_FLAGS:
-                reasons[u.name] = f"{f.flag}: {u.name} {_HARD_FLAGS[f.flag]} in {dtype} ({f.evidence.message})"
-                break
-            if f.flag in _ERROR_FLAGS and f.severity is Severity.ERROR and u.name not in recipe_gated:
-                reasons[u.name] = f"{f.flag} (error) in {dtype}: {f.evidence.message}"
-                break
+        own = own_error_finding(u) if u.name not in recipe_gated else None
+        first = next((f for f in u.flags if f.flag in _HARD_FLAGS or f is own), None)
+        if first is not None and first.flag in _HARD_FLAGS:
+            reasons[u.name] = f"{first.flag}: {u.name} {_HARD_FLAGS[first.flag]} in {dtype} ({first.evidence.message})"
+        elif first is not None:
+            reasons[u.name] = f"{first.flag} (error) in {dtype}: {first.evidence.message}"
         else:
             local = u.forward.local
             if local is not None and local.nonfinite_count > 0:

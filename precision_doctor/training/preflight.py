@@ -81,7 +81,7 @@ import torch
 from pydantic import Field
 
 from precision_doctor.analysis.distributed import Job
-from precision_doctor.analysis.flags import gradient_flags_at_scale, report_scale_ceiling
+from precision_doctor.analysis.flags import OWN_ERROR_FLAGS, gradient_flags_at_scale, report_scale_ceiling
 from precision_doctor.analysis.fp8 import FP8_FLAGS
 from precision_doctor.capture.emulation import unit_overrides
 from precision_doctor.capture.lowrun import cast_floats, low_precision, low_precision_backward
@@ -369,17 +369,17 @@ def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
 _FP32_SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
 
 
-def _to_low(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, *, model_cast: bool = True
-) -> None:
+def _to_low(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dtype: torch.dtype) -> None:
     """`model.to(dtype)` (the parameters stay the same objects, so an optimizer over them
-    still holds them; not with `model_cast` False: the caller cast some) and a copied
-    optimizer's per-parameter state in the parameter's dtype, as an optimizer built over the
-    low model would keep it."""
-    if model_cast:
-        model.to(dtype)
-    if optimizer is None:
-        return
+    still holds them) and a copied optimizer's state with it (`_state_like_params`)."""
+    model.to(dtype)
+    if optimizer is not None:
+        _state_like_params(optimizer)
+
+
+def _state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """A copied optimizer's per-parameter state in its parameter's dtype, as an optimizer built
+    over the parameters as they are now (some cast low) would keep it."""
     for p, state in optimizer.state.items():
         if not isinstance(p, torch.Tensor):
             continue
@@ -557,7 +557,7 @@ class _TrainingRun:
             self.params = [low for up, low in self.master if id(up) in in_opt]
         if self.held is not None and dtype is not None:
             _point_at_masters(opt, self.held)
-            _to_low(m, opt, dtype, model_cast=False)  # the state of the low weights without copies
+            _state_like_params(opt)  # the state of the low weights without copies
         self.monitor: ScalerMonitor | None = None
         if init_scale_log2 is not None:
             self.monitor = ScalerMonitor(torch.amp.GradScaler(device_type(m), init_scale=2.0**init_scale_log2))
@@ -1576,7 +1576,7 @@ class _Judge:
         fp8_layers = set(report.extras.fp8.layers) if report.extras.fp8 is not None else set()
         for f in flags:
             runs_low = units is None or units.get(f.unit, units.get("", "fp32")) != "fp32"
-            gated = f.flag in FP8_FLAGS or (f.flag in (Flag.DIVERGENCE, Flag.ERROR_GROWTH) and f.unit in fp8_layers)
+            gated = f.flag in FP8_FLAGS or (f.flag in OWN_ERROR_FLAGS and f.unit in fp8_layers)
             if gated and units is not None:
                 # Measured under the analysis' recipe: a plan running the layer in bf16, or
                 # under a recipe the plan's gate and verification passed, does not carry it
